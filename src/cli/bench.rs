@@ -1,0 +1,150 @@
+//! `hayloft bench speed`: prefill and decode tok/s at several context lengths, as llama-bench measures them:
+//! prefill N = N tokens from an empty cache; decode at depth N = 32 single-token steps with N tokens already cached.
+//! Tokens are random (as llama-bench's), so no tokenizer or text is involved. Reports the median of `--reps`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::ModelArgs;
+use crate::engine::Session;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Prefill and decode speed at several contexts.
+    Speed(SpeedArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SpeedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Context lengths (default: 512,2048,4096,8192, plus 16384,32768 when the model allows).
+    #[arg(long, value_delimiter = ',')]
+    pub contexts: Option<Vec<usize>>,
+    /// Tokens generated per decode measurement.
+    #[arg(long, default_value_t = 32)]
+    pub n_gen: usize,
+    /// Repetitions (median reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Skip the prefill or decode half.
+    #[arg(long)]
+    pub no_prefill: bool,
+    #[arg(long)]
+    pub no_decode: bool,
+    /// Write results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    test: &'static str,
+    ctx: usize,
+    tok_s: f64,
+    samples: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    kernel: String,
+    kv_dtype: String,
+    chunk_size: usize,
+    results: Vec<Row>,
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Speed(a) => speed(a),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn speed(a: SpeedArgs) -> Result<()> {
+    if a.reps == 0 || a.n_gen == 0 {
+        bail!("--reps and --n-gen must be at least 1");
+    }
+    let l = a.model.load()?;
+    let c = l.model.config();
+    let contexts = a.contexts.clone().unwrap_or_else(|| {
+        [512, 2048, 4096, 8192, 16384, 32768].into_iter().filter(|&n| n <= c.ctx_len).collect()
+    });
+    let mut cfg = l.session_cfg.clone();
+    cfg.max_context = contexts.iter().max().copied().unwrap_or(0).max(cfg.max_context) + a.n_gen;
+    let mut session = Session::new(&l.model, cfg.clone())?;
+    // Random tokens, fixed seed (ids below the vocabulary, skipping the low special ids).
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let max_ctx = contexts.iter().max().copied().unwrap_or(0) + a.n_gen;
+    let toks: Vec<u32> = (0..max_ctx)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (100 + rng % (c.vocab as u64 - 100)) as u32
+        })
+        .collect();
+    // Warm-up: fault in the weights and grow the scratch buffers.
+    session.feed(&toks[..cfg.chunk_size.min(64)], 0..1, |_, _| {})?;
+    session.reset();
+
+    let mut results = Vec::new();
+    eprintln!("{:>8} {:>8} {:>10}   ({} threads, kernel {}, chunk {})", "test", "ctx", "tok/s", rayon::current_num_threads(), crate::kernels::kernel_name(), cfg.chunk_size);
+    if !a.no_prefill {
+        for &n in &contexts {
+            let mut samples = Vec::new();
+            for _ in 0..a.reps {
+                session.reset();
+                let t0 = Instant::now();
+                session.feed(&toks[..n], n - 1..n, |_, _| {})?;
+                samples.push(n as f64 / t0.elapsed().as_secs_f64());
+            }
+            let m = median(&mut samples.clone());
+            eprintln!("{:>8} {:>8} {:>10.1}", "prefill", n, m);
+            results.push(Row { test: "prefill", ctx: n, tok_s: m, samples });
+        }
+    }
+    if !a.no_decode {
+        for &depth in std::iter::once(&0).chain(contexts.iter()) {
+            let mut samples = Vec::new();
+            for _ in 0..a.reps {
+                session.reset();
+                if depth > 0 {
+                    session.feed(&toks[..depth], depth - 1..depth, |_, _| {})?;
+                }
+                let t0 = Instant::now();
+                for i in 0..a.n_gen {
+                    session.feed(&toks[depth + i..depth + i + 1], 0..1, |_, _| {})?;
+                }
+                samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
+            }
+            let m = median(&mut samples.clone());
+            eprintln!("{:>8} {:>8} {:>10.1}", "decode", depth, m);
+            results.push(Row { test: "decode", ctx: depth, tok_s: m, samples });
+        }
+    }
+    let report = Report {
+        model: c.name.clone(),
+        threads: rayon::current_num_threads(),
+        kernel: crate::kernels::kernel_name().to_string(),
+        kv_dtype: a.model.kv_dtype.clone(),
+        chunk_size: cfg.chunk_size,
+        results,
+    };
+    let s = serde_json::to_string_pretty(&report)?;
+    match &a.json {
+        Some(p) => std::fs::write(p, s + "\n")?,
+        None => println!("{s}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `hayloft chat`: an interactive session with the model's own chat template. The conversation is re-rendered each
+//! turn, and only the tokens past the part already in the KV cache are prefilled: history is never re-prefilled.
+
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{ModelArgs, SamplingArgs};
+use crate::engine::{Sampler, Session};
+use crate::tokenizer::chat::{ChatMessage, ChatTemplate};
+use crate::tokenizer::StreamDecoder;
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// System message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, short = 'n', default_value_t = 512)]
+    pub max_tokens: usize,
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let sampler_cfg = a.sampling.config()?;
+    let l = a.model.load()?;
+    let tpl = ChatTemplate::from_gguf(&l.gguf)?;
+    let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    let mut sampler = Sampler::new(sampler_cfg);
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::new("system", s));
+    }
+    eprintln!("chat with {} — /reset clears the conversation, /exit or Ctrl-D quits", l.model.config().name);
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    loop {
+        write!(out, "> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            writeln!(out)?;
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", line));
+        let prompt = tpl.render(&messages, true)?;
+        let tokens = l.tokenizer.encode(&prompt, true, true)?;
+        // Reuse the cached prefix; prefill only what is new.
+        let common = session.tokens.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        let common = common.min(tokens.len() - 1);
+        session.truncate(common);
+        let new = &tokens[common..];
+        if tokens.len() >= session.cfg.max_context {
+            eprintln!(
+                "error: the conversation is {} tokens, over the context budget of {}; /reset to start over",
+                tokens.len(),
+                session.cfg.max_context
+            );
+            messages.pop();
+            continue;
+        }
+        let t0 = Instant::now();
+        let mut history = tokens.clone();
+        let logits = session.prefill(new)?;
+        let mut next = sampler.sample(logits, &history);
+        let ttft = t0.elapsed().as_secs_f64() * 1e3;
+        let mut dec = StreamDecoder::new();
+        let mut reply = String::new();
+        let room = session.cfg.max_context - session.n_past();
+        let mut n = 0;
+        let t1 = Instant::now();
+        while n < a.max_tokens.min(room) && !l.tokenizer.is_eog(next) {
+            n += 1;
+            history.push(next);
+            let piece = dec.push(&l.tokenizer, next);
+            reply.push_str(&piece);
+            write!(out, "{piece}")?;
+            out.flush()?;
+            if n == a.max_tokens.min(room) {
+                break;
+            }
+            let logits = session.decode(next)?;
+            next = sampler.sample(logits, &history);
+        }
+        let tail = dec.flush();
+        reply.push_str(&tail);
+        writeln!(out, "{tail}")?;
+        let dt = t1.elapsed().as_secs_f64();
+        eprintln!(
+            "[turn] reused {common} cached tokens, prefilled {} | ttft {ttft:.0} ms | {n} tokens at {:.1} tok/s | KV {}",
+            new.len(),
+            if dt > 0.0 { n as f64 / dt } else { 0.0 },
+            crate::engine::stats::human_bytes(session.cache.bytes())
+        );
+        messages.push(ChatMessage::new("assistant", reply.trim()));
+    }
+    session.stats.finish();
+    eprintln!("{}", session.stats.line());
+    if let Some(p) = &a.model.stats_json {
+        session.stats.write_json(p)?;
+    }
+    Ok(())
+}

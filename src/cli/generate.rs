@@ -1,0 +1,125 @@
+//! `hayloft generate`: complete one prompt, stream the tokens, end with the stats line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use super::{read_text_file, ModelArgs, SamplingArgs};
+use crate::engine::{Sampler, Session};
+use crate::tokenizer::chat::{ChatMessage, ChatTemplate};
+use crate::tokenizer::StreamDecoder;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The prompt text.
+    #[arg(long, short = 'p', conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (UTF-8).
+    #[arg(long, short = 'f')]
+    pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Do not stream the text (print it at the end).
+    #[arg(long)]
+    pub no_stream: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let sampler_cfg = a.sampling.config()?;
+    let text = match (&a.prompt, &a.prompt_file) {
+        (Some(p), None) => p.clone(),
+        (None, Some(f)) => read_text_file(f)?,
+        (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
+        (Some(_), Some(_)) => bail!("give either --prompt or --prompt-file, not both"),
+    };
+    if text.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let l = a.model.load()?;
+    let prompt = if a.chat {
+        let tpl = ChatTemplate::from_gguf(&l.gguf)?;
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &text));
+        tpl.render(&msgs, true)?
+    } else {
+        text
+    };
+    let tokens = l.tokenizer.encode(&prompt, true, true)?;
+    if tokens.is_empty() {
+        bail!("the prompt tokenized to nothing");
+    }
+    let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    if tokens.len() >= session.cfg.max_context {
+        bail!(
+            "prompt too long: {} tokens, and the context budget (--max-context) is {} tokens",
+            tokens.len(),
+            session.cfg.max_context
+        );
+    }
+    let room = session.cfg.max_context - tokens.len();
+    let max_new = a.max_tokens.min(room);
+    if max_new < a.max_tokens {
+        eprintln!("note: generating at most {max_new} tokens to stay within --max-context {}", session.cfg.max_context);
+    }
+    let mut sampler = Sampler::new(sampler_cfg);
+    let mut dec = StreamDecoder::new();
+    let mut out = std::io::stdout().lock();
+    let mut all_text = String::new();
+
+    let t0 = Instant::now();
+    let logits = session.prefill(&tokens)?;
+    let mut history = tokens.clone();
+    let mut next = sampler.sample(logits, &history);
+    session.stats.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut generated = 0;
+    while generated < max_new {
+        if l.tokenizer.is_eog(next) {
+            break;
+        }
+        generated += 1;
+        history.push(next);
+        let piece = dec.push(&l.tokenizer, next);
+        if a.no_stream {
+            all_text.push_str(&piece);
+        } else {
+            write!(out, "{piece}")?;
+            out.flush()?;
+        }
+        if generated == max_new {
+            break;
+        }
+        let logits = session.decode(next)?;
+        next = sampler.sample(logits, &history);
+    }
+    let tail = dec.flush();
+    if a.no_stream {
+        all_text.push_str(&tail);
+        writeln!(out, "{all_text}")?;
+    } else {
+        writeln!(out, "{tail}")?;
+    }
+    session.stats.generated_tokens = generated;
+    session.stats.finish();
+    eprintln!("{}", session.stats.line());
+    if let Some(p) = &a.model.stats_json {
+        session.stats.write_json(p)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The `hayloft` command line.
+
+mod bench;
+mod chat;
+mod generate;
+mod info;
+mod perplexity;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{SamplerConfig, SessionConfig};
+use crate::gguf::GgufFile;
+use crate::kv::KvDtype;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Parser)]
+#[command(name = "hayloft", version, about = "Long-context LLM inference that owns its attention, KV cache and kernels")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Complete a prompt (raw, or wrapped in the chat template with --chat) and print a stats line.
+    Generate(generate::GenerateArgs),
+    /// Interactive chat; each turn reuses the KV cache of the previous turns.
+    Chat(chat::ChatArgs),
+    /// Perplexity of a text file, following llama.cpp's llama-perplexity protocol.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Print a GGUF model's architecture, hyper-parameters, tensor types and KV cost.
+    Info(info::InfoArgs),
+    /// Download and verify a known model (smollm2-135m, gemma3-270m).
+    Fetch {
+        /// Model name.
+        name: String,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
+    },
+}
+
+/// Options shared by every command that runs a model.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// GGUF file, or a known model name (smollm2-135m, gemma3-270m). Default: smollm2-135m, fetched on first use.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Worker threads (default: available cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Most tokens a session may hold (default: the model's context length).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// Prefill chunk size in tokens: peak activation memory is bounded by it.
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
+    /// KV cache method. Only `full` (keep every entry) exists so far.
+    #[arg(long, default_value = "full")]
+    pub kv: String,
+    /// KV cache storage type: f16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub kv_dtype: String,
+    /// Write the stats line as JSON to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> Result<SamplerConfig> {
+        let c = SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// KV methods the CLI knows by name.
+pub const KV_METHODS: &[&str] = &["full"];
+
+/// A loaded model with its tokenizer and the session settings the flags ask for.
+pub struct Loaded {
+    pub gguf: GgufFile,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub session_cfg: SessionConfig,
+}
+
+impl ModelArgs {
+    /// Sets up threads, resolves/fetches the model, loads weights and tokenizer, checks the flags.
+    pub fn load(&self) -> Result<Loaded> {
+        if !KV_METHODS.contains(&self.kv.as_str()) {
+            bail!("unknown KV method '{}' (valid: {})", self.kv, KV_METHODS.join(", "));
+        }
+        let kv_dtype = KvDtype::parse(&self.kv_dtype)?;
+        init_threads(self.threads)?;
+        let path = crate::fetch::resolve_model(self.model.as_deref())?;
+        let gguf = GgufFile::open(&path)?;
+        let model = Model::from_gguf(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf).with_context(|| format!("{}: tokenizer", path.display()))?;
+        let mut session_cfg = SessionConfig::for_model(&model);
+        session_cfg.kv_dtype = kv_dtype;
+        if self.chunk_size == 0 {
+            bail!("--chunk-size must be at least 1");
+        }
+        session_cfg.chunk_size = self.chunk_size;
+        if let Some(mc) = self.max_context {
+            if mc == 0 {
+                bail!("--max-context must be at least 1");
+            }
+            if mc > model.config().ctx_len {
+                eprintln!(
+                    "warning: --max-context {mc} is past the model's trained context of {} tokens",
+                    model.config().ctx_len
+                );
+            }
+            session_cfg.max_context = mc;
+        }
+        Ok(Loaded {
+            gguf,
+            model,
+            tokenizer,
+            session_cfg,
+        })
+    }
+}
+
+pub fn init_threads(threads: Option<usize>) -> Result<()> {
+    let n = match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // A second call (tests) finds the pool already built; that is fine.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    Ok(())
+}
+
+/// Reads a prompt file: a clear error for a missing file or invalid UTF-8.
+pub fn read_text_file(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (first invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => generate::run(a),
+        Cmd::Chat(a) => chat::run(a),
+        Cmd::Perplexity(a) => perplexity::run(a),
+        Cmd::Info(a) => info::run(a),
+        Cmd::Fetch { name } => {
+            let p = crate::fetch::ensure_model(&name)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Bench { what } => bench::run(what),
+    }
+}

@@ -1,0 +1,172 @@
+//! Sessions: a model, its KV cache and activation buffers, and the token history they hold.
+//!
+//! A session prefills prompts in chunks (peak activation memory is bounded by the chunk, not the prompt), decodes one
+//! token at a time, and keeps its cache across calls, so a chat turn only prefills the new tokens.
+
+pub mod perplexity;
+pub mod sampler;
+pub mod stats;
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::kv::{KvCache, KvDtype};
+use crate::model::{Model, Scratch};
+
+pub use sampler::{Sampler, SamplerConfig};
+pub use stats::Stats;
+
+/// Tokens per KV block (page).
+pub const DEFAULT_BLOCK_TOKENS: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Most tokens the session may hold (prompt + generated); defaults to the model's context length.
+    pub max_context: usize,
+    /// Prefill chunk: tokens per forward pass.
+    pub chunk_size: usize,
+    pub kv_dtype: KvDtype,
+    pub block_tokens: usize,
+}
+
+impl SessionConfig {
+    pub fn for_model(model: &Model) -> Self {
+        Self {
+            max_context: model.config().ctx_len,
+            chunk_size: 512,
+            kv_dtype: KvDtype::F16,
+            block_tokens: DEFAULT_BLOCK_TOKENS,
+        }
+    }
+}
+
+pub struct Session<'m> {
+    pub model: &'m Model,
+    pub cfg: SessionConfig,
+    pub cache: KvCache,
+    pub scratch: Scratch,
+    /// Every token fed so far, in order.
+    pub tokens: Vec<u32>,
+    /// Position buffer for the current chunk (reused).
+    pos: Vec<u32>,
+    pub stats: Stats,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, cfg: SessionConfig) -> Result<Self> {
+        if cfg.chunk_size == 0 {
+            bail!("--chunk-size must be at least 1");
+        }
+        if cfg.max_context == 0 {
+            bail!("--max-context must be at least 1");
+        }
+        let mc = model.config();
+        let cache = KvCache::new(mc.kv_config(cfg.kv_dtype, cfg.block_tokens));
+        // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).
+        let logit_rows = (64 * 1024 * 1024 / 4 / mc.vocab.max(1)).clamp(1, cfg.chunk_size);
+        let scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
+        let stats = Stats {
+            threads: rayon::current_num_threads(),
+            ..Default::default()
+        };
+        Ok(Self {
+            model,
+            cfg,
+            cache,
+            scratch,
+            tokens: Vec::new(),
+            pos: Vec::new(),
+            stats,
+        })
+    }
+
+    /// Tokens held (= the next token's position).
+    pub fn n_past(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn check_room(&self, n_new: usize) -> Result<()> {
+        let total = self.n_past() + n_new;
+        if total > self.cfg.max_context {
+            bail!(
+                "prompt too long: {} tokens already held + {n_new} new = {total} tokens, over the context budget of {} \
+                 (raise --max-context, up to the model's {} for full quality, or shorten the prompt)",
+                self.n_past(),
+                self.cfg.max_context,
+                self.model.config().ctx_len
+            );
+        }
+        Ok(())
+    }
+
+    /// Feeds `tokens` through the model in chunks. Calls `on_logits(index_in_tokens, logits)` for every index in
+    /// `want` (a range of indices into `tokens`), chunk by chunk, without ever holding more than one chunk of logits.
+    pub fn feed<F: FnMut(usize, &[f32])>(&mut self, tokens: &[u32], want: std::ops::Range<usize>, mut on_logits: F) -> Result<()> {
+        if tokens.is_empty() {
+            bail!("nothing to feed: the prompt is empty");
+        }
+        self.check_room(tokens.len())?;
+        let vocab = self.model.config().vocab;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let chunk = self.cfg.chunk_size;
+        let mut start = 0;
+        while start < tokens.len() {
+            let end = (start + chunk).min(tokens.len());
+            let n0 = self.n_past() as u32;
+            self.pos.clear();
+            self.pos.extend(n0..n0 + (end - start) as u32);
+            self.model.forward(&tokens[start..end], &self.pos, &mut self.cache, &mut self.scratch);
+            self.tokens.extend_from_slice(&tokens[start..end]);
+            self.stats.note_kv(self.cache.peak_bytes());
+            // Logits for wanted rows inside this chunk, a bounded number of rows at a time.
+            let lo = want.start.max(start);
+            let hi = want.end.min(end);
+            let step = self.scratch.logit_rows(vocab);
+            let mut r = lo;
+            while r < hi {
+                let r_end = (r + step).min(hi);
+                self.model.logits(&mut self.scratch, r - start..r_end - start);
+                for i in r..r_end {
+                    on_logits(i, &self.scratch.logits[(i - r) * vocab..(i - r + 1) * vocab]);
+                }
+                r = r_end;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Prefills `tokens` and returns the logits after the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32]> {
+        let t0 = Instant::now();
+        let n = tokens.len();
+        let vocab = self.model.config().vocab;
+        self.feed(tokens, n.saturating_sub(1)..n, |_, _| {})?;
+        self.stats.prompt_tokens += n;
+        self.stats.prefill_s += t0.elapsed().as_secs_f64();
+        Ok(&mut self.scratch.logits[..vocab])
+    }
+
+    /// Feeds one token and returns the logits after it.
+    pub fn decode(&mut self, token: u32) -> Result<&mut [f32]> {
+        let t0 = Instant::now();
+        let vocab = self.model.config().vocab;
+        self.feed(&[token], 0..1, |_, _| {})?;
+        self.stats.decode_steps += 1;
+        self.stats.decode_s += t0.elapsed().as_secs_f64();
+        Ok(&mut self.scratch.logits[..vocab])
+    }
+
+    /// Forgets everything after the first `n` tokens (e.g. to retry a turn).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        self.cache.truncate(n);
+    }
+
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+}

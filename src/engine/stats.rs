@@ -1,0 +1,88 @@
+//! The stats line every model-running command prints, and its JSON form (`--stats-json`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Time from the start of prefill to the first generated token.
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Largest number of bytes the KV cache held (its own counter of allocated blocks).
+    pub peak_kv_bytes: usize,
+    /// Peak resident set size of the process (VmHWM), where the OS reports it.
+    pub peak_rss_bytes: usize,
+    pub threads: usize,
+    /// Which matmul kernel ran.
+    pub kernel: String,
+    #[serde(skip)]
+    pub prefill_s: f64,
+    #[serde(skip)]
+    pub decode_s: f64,
+    #[serde(skip)]
+    pub decode_steps: usize,
+}
+
+impl Stats {
+    pub fn note_kv(&mut self, bytes: usize) {
+        self.peak_kv_bytes = self.peak_kv_bytes.max(bytes);
+    }
+
+    /// Fills the derived fields (rates, peak RSS).
+    pub fn finish(&mut self) {
+        if self.prefill_s > 0.0 {
+            self.prefill_tok_s = self.prompt_tokens as f64 / self.prefill_s;
+        }
+        if self.decode_s > 0.0 {
+            self.decode_tok_s = self.decode_steps as f64 / self.decode_s;
+        }
+        self.peak_rss_bytes = peak_rss_bytes().unwrap_or(0);
+        self.kernel = crate::kernels::kernel_name().to_string();
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | peak KV {} | peak RSS {} | {} threads ({})",
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.ttft_ms,
+            self.prefill_tok_s,
+            self.decode_tok_s,
+            human_bytes(self.peak_kv_bytes),
+            human_bytes(self.peak_rss_bytes),
+            self.threads,
+            self.kernel,
+        )
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let s = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, s + "\n").with_context(|| format!("cannot write stats to {}", path.display()))
+    }
+}
+
+pub fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// Peak resident set size from /proc/self/status (Linux); None elsewhere.
+pub fn peak_rss_bytes() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,523 @@
+//! GGUF files: the container llama.cpp writes models in.
+//!
+//! Layout (little endian): magic "GGUF", version (u32, 2 or 3), tensor count (u64), metadata count (u64),
+//! metadata key/value pairs, tensor infos (name, dims, type, offset), padding to `general.alignment`,
+//! then the tensor data. We memory-map the file and hand out byte slices of tensors; nothing is copied.
+//!
+//! Every read is bounds-checked: a truncated or corrupt file is an error naming what was wrong, never a panic.
+
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// The tensor element types GGUF files use (ggml's `ggml_type` numbering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+    BF16,
+    Other(u32),
+}
+
+impl GgmlType {
+    pub fn from_u32(v: u32) -> Self {
+        match v {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            9 => Self::Q8_1,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            15 => Self::Q8K,
+            30 => Self::BF16,
+            o => Self::Other(o),
+        }
+    }
+
+    pub fn to_u32(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q8_1 => 9,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::Q8K => 15,
+            Self::BF16 => 30,
+            Self::Other(o) => o,
+        }
+    }
+
+    /// (elements per block, bytes per block); None for types we do not know the layout of.
+    pub fn block_layout(self) -> Option<(usize, usize)> {
+        Some(match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q8_0 => (32, 34),
+            Self::Q8_1 => (32, 36),
+            Self::Q2K => (256, 84),
+            Self::Q3K => (256, 110),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+            Self::Q8K => (256, 292),
+            Self::Other(_) => return None,
+        })
+    }
+
+    /// Bytes taken by `n` elements, or None if `n` is not a whole number of blocks.
+    pub fn bytes_for(self, n: u64) -> Option<u64> {
+        let (bs, bb) = self.block_layout()?;
+        if n % bs as u64 != 0 {
+            return None;
+        }
+        (n / bs as u64).checked_mul(bb as u64)
+    }
+}
+
+impl fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::F32 => write!(f, "F32"),
+            Self::F16 => write!(f, "F16"),
+            Self::BF16 => write!(f, "BF16"),
+            Self::Q4_0 => write!(f, "Q4_0"),
+            Self::Q4_1 => write!(f, "Q4_1"),
+            Self::Q5_0 => write!(f, "Q5_0"),
+            Self::Q5_1 => write!(f, "Q5_1"),
+            Self::Q8_0 => write!(f, "Q8_0"),
+            Self::Q8_1 => write!(f, "Q8_1"),
+            Self::Q2K => write!(f, "Q2_K"),
+            Self::Q3K => write!(f, "Q3_K"),
+            Self::Q4K => write!(f, "Q4_K"),
+            Self::Q5K => write!(f, "Q5_K"),
+            Self::Q6K => write!(f, "Q6_K"),
+            Self::Q8K => write!(f, "Q8_K"),
+            Self::Other(o) => write!(f, "ggml type {o}"),
+        }
+    }
+}
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            Value::Bool(b) => Some(b as u64),
+            _ => None,
+        }
+    }
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            Value::I8(v) => Some(v as i64),
+            Value::I16(v) => Some(v as i64),
+            Value::I32(v) => Some(v as i64),
+            Value::I64(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_i64().map(|v| v as f64),
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => self.as_u64().map(|v| v != 0),
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+    fn type_name(&self) -> &'static str {
+        match self {
+            Value::U8(_) => "u8",
+            Value::I8(_) => "i8",
+            Value::U16(_) => "u16",
+            Value::I16(_) => "i16",
+            Value::U32(_) => "u32",
+            Value::I32(_) => "i32",
+            Value::U64(_) => "u64",
+            Value::I64(_) => "i64",
+            Value::F32(_) => "f32",
+            Value::F64(_) => "f64",
+            Value::Bool(_) => "bool",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+        }
+    }
+}
+
+/// Where a tensor lives in the file and what it holds. `dims[0]` is the fastest-varying (row length).
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot open model file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a GGUF file (expected magic \"GGUF\", found {found:?})")]
+    NotGguf { path: PathBuf, found: String },
+    #[error("{path}: unsupported GGUF version {version} (hayloft reads versions 2 and 3)")]
+    Version { path: PathBuf, version: u32 },
+    #[error("{path}: file is truncated or corrupt: {what} at byte {offset} runs past the end of the file ({len} bytes)")]
+    Truncated {
+        path: PathBuf,
+        what: String,
+        offset: u64,
+        len: u64,
+    },
+    #[error("{path}: corrupt GGUF: {what}")]
+    Corrupt { path: PathBuf, what: String },
+}
+
+/// An open, memory-mapped GGUF file.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    index: BTreeMap<String, usize>,
+    mmap: Mmap,
+    data_offset: u64,
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        match end {
+            Some(end) => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(GgufError::Truncated {
+                path: self.path.to_path_buf(),
+                what: what.to_string(),
+                offset: self.pos as u64,
+                len: self.buf.len() as u64,
+            }),
+        }
+    }
+    fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.arr(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.arr(what)?))
+    }
+    fn corrupt(&self, what: String) -> GgufError {
+        GgufError::Corrupt {
+            path: self.path.to_path_buf(),
+            what,
+        }
+    }
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let n = self.u64(what)?;
+        if n > self.buf.len() as u64 {
+            return Err(self.corrupt(format!("{what}: string length {n} exceeds file size")));
+        }
+        let bytes = self.take(n as usize, what)?;
+        // Some converters wrote vocabularies with invalid UTF-8; keep them readable instead of refusing the file.
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value, GgufError> {
+        Ok(match ty {
+            0 => Value::U8(self.arr::<1>(key)?[0]),
+            1 => Value::I8(self.arr::<1>(key)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.arr(key)?)),
+            3 => Value::I16(i16::from_le_bytes(self.arr(key)?)),
+            4 => Value::U32(self.u32(key)?),
+            5 => Value::I32(i32::from_le_bytes(self.arr(key)?)),
+            6 => Value::F32(f32::from_le_bytes(self.arr(key)?)),
+            7 => Value::Bool(self.arr::<1>(key)?[0] != 0),
+            8 => Value::String(self.string(key)?),
+            9 => {
+                if depth > 2 {
+                    return Err(self.corrupt(format!("metadata {key}: arrays nested too deeply")));
+                }
+                let elem_ty = self.u32(key)?;
+                let n = self.u64(key)?;
+                if n > (self.buf.len() - self.pos) as u64 {
+                    return Err(self.corrupt(format!("metadata {key}: array of {n} elements exceeds file size")));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(elem_ty, key, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64(key)?),
+            11 => Value::I64(i64::from_le_bytes(self.arr(key)?)),
+            12 => Value::F64(f64::from_le_bytes(self.arr(key)?)),
+            t => return Err(self.corrupt(format!("metadata {key}: unknown value type {t}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| GgufError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the map is read-only; a model file changed under a running process is outside our contract.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            path: &path,
+        };
+        let magic = match c.take(4, "magic") {
+            Ok(m) => m,
+            Err(_) => {
+                return Err(GgufError::NotGguf {
+                    path: path.clone(),
+                    found: String::from_utf8_lossy(&mmap[..mmap.len().min(4)]).into_owned(),
+                })
+            }
+        };
+        if magic != MAGIC {
+            return Err(GgufError::NotGguf {
+                path: path.clone(),
+                found: String::from_utf8_lossy(magic).into_owned(),
+            });
+        }
+        let version = c.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(GgufError::Version { path, version });
+        }
+        let n_tensors = c.u64("tensor count")?;
+        let n_kv = c.u64("metadata count")?;
+        if n_tensors > mmap.len() as u64 || n_kv > mmap.len() as u64 {
+            return Err(c.corrupt(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string("metadata key")?;
+            let ty = c.u32(&key)?;
+            let v = c.value(ty, &key, 0)?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = c.string("tensor name")?;
+            let n_dims = c.u32(&name)?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(c.corrupt(format!("tensor {name}: {n_dims} dimensions")));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&name)?);
+            }
+            let ty = GgmlType::from_u32(c.u32(&name)?);
+            let offset = c.u64(&name)?;
+            let n_el = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| c.corrupt(format!("tensor {name}: dimensions overflow")))?;
+            // Unknown types get size 0 here; using such a tensor is refused later with a clear message.
+            let n_bytes = match ty.block_layout() {
+                Some(_) => ty.bytes_for(n_el).ok_or_else(|| {
+                    c.corrupt(format!("tensor {name}: {n_el} elements is not a whole number of {ty} blocks"))
+                })?,
+                None => 0,
+            };
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                n_bytes,
+            });
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_ALIGNMENT)
+            .max(1);
+        let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
+        let len = mmap.len() as u64;
+        for t in &tensors {
+            let end = data_offset.checked_add(t.offset).and_then(|o| o.checked_add(t.n_bytes));
+            if end.is_none_or(|e| e > len) {
+                return Err(GgufError::Truncated {
+                    path: path.clone(),
+                    what: format!("data of tensor {} ({} bytes)", t.name, t.n_bytes),
+                    offset: data_offset.saturating_add(t.offset),
+                    len,
+                });
+            }
+        }
+        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(Self {
+            path,
+            version,
+            metadata,
+            tensors,
+            index,
+            mmap,
+            data_offset,
+        })
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Raw bytes of a tensor (bounds were checked at open).
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        let start = (self.data_offset + t.offset) as usize;
+        &self.mmap[start..start + t.n_bytes as usize]
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    fn missing(&self, key: &str, want: &str) -> anyhow::Error {
+        match self.metadata.get(key) {
+            None => anyhow::anyhow!("{}: metadata key {key} is missing", self.path.display()),
+            Some(v) => anyhow::anyhow!(
+                "{}: metadata key {key} has type {}, expected {want}",
+                self.path.display(),
+                v.type_name()
+            ),
+        }
+    }
+
+    pub fn req_u64(&self, key: &str) -> anyhow::Result<u64> {
+        self.get(key).and_then(Value::as_u64).ok_or_else(|| self.missing(key, "an integer"))
+    }
+    pub fn req_f64(&self, key: &str) -> anyhow::Result<f64> {
+        self.get(key).and_then(Value::as_f64).ok_or_else(|| self.missing(key, "a number"))
+    }
+    pub fn req_str(&self, key: &str) -> anyhow::Result<&str> {
+        self.get(key).and_then(Value::as_str).ok_or_else(|| self.missing(key, "a string"))
+    }
+    pub fn opt_u64(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(Value::as_u64)
+    }
+    pub fn opt_f64(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(Value::as_f64)
+    }
+    pub fn opt_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+    pub fn opt_bool(&self, key: &str) -> Option<bool> {
+        self.get(key).and_then(Value::as_bool)
+    }
+
+    pub fn architecture(&self) -> anyhow::Result<&str> {
+        self.req_str("general.architecture")
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+}

@@ -1,0 +1,15 @@
+//! hayloft: a long-context LLM inference engine that owns its attention, KV cache and kernels.
+//!
+//! Layers, bottom up: `gguf` (the file format), `kernels` (quantized matmul, SIMD), `tokenizer`,
+//! `kv` (the paged KV cache), `attention` (tiled online-softmax attention over the cache),
+//! `model` (one forward pass per architecture), `engine` (sessions, sampling, stats), `cli`.
+
+pub mod gguf;
+pub mod kernels;
+pub mod tokenizer;
+pub mod kv;
+pub mod attention;
+pub mod model;
+pub mod engine;
+pub mod fetch;
+pub mod cli;

@@ -1,0 +1,347 @@
+//! Models: one file per architecture (`llama`, `gemma3`), each a plain struct of weights and a forward pass that reads top
+//! to bottom. This module holds what they share: the hyper-parameters, weight loading, the per-chunk scratch buffers and
+//! the small element-wise ops (RMSNorm, RoPE, activations).
+
+pub mod gemma3;
+pub mod llama;
+pub mod testutil;
+
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::attention::AttnScratch;
+use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::kernels::{matmul, MatmulScratch, QMatrix};
+use crate::kv::{KvCache, KvConfig, KvDtype};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Gemma3,
+}
+
+/// How RoPE pairs dimensions: `Norm` rotates (2i, 2i+1) (llama.cpp's GGUF Llama layout), `Neox` rotates (i, i + d/2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    Norm,
+    Neox,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub name: String,
+    pub n_layers: usize,
+    pub dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim_k: usize,
+    pub head_dim_v: usize,
+    pub ffn_dim: usize,
+    pub vocab: usize,
+    pub ctx_len: usize,
+    pub rms_eps: f32,
+    pub rope_style: RopeStyle,
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    /// RoPE base of sliding-window layers (Gemma 3 uses a different base locally).
+    pub rope_base_local: f32,
+    /// Sliding window of local layers, and which layers are local.
+    pub sliding_window: Option<u32>,
+    pub layer_is_local: Vec<bool>,
+    /// Multiplies q·k before softmax.
+    pub attn_scale: f32,
+    /// Multiplies token embeddings (Gemma: sqrt(dim)).
+    pub embed_scale: f32,
+}
+
+impl ModelConfig {
+    pub fn kv_config(&self, dtype: KvDtype, block_tokens: usize) -> KvConfig {
+        KvConfig {
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            head_dim_k: self.head_dim_k,
+            head_dim_v: self.head_dim_v,
+            block_tokens,
+            dtype,
+        }
+    }
+}
+
+/// A loaded model of any supported architecture.
+pub enum Model {
+    Llama(llama::Llama),
+    Gemma3(gemma3::Gemma3),
+}
+
+impl Model {
+    pub fn load(path: &Path) -> Result<Self> {
+        let g = GgufFile::open(path)?;
+        Self::from_gguf(&g)
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.architecture()?;
+        match arch {
+            "llama" => Ok(Model::Llama(llama::Llama::load(g)?)),
+            "gemma3" => Ok(Model::Gemma3(gemma3::Gemma3::load(g)?)),
+            other => bail!(
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, gemma3)",
+                g.path.display()
+            ),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Model::Llama(m) => &m.cfg,
+            Model::Gemma3(m) => &m.cfg,
+        }
+    }
+
+    /// Runs `tokens` (at absolute positions `pos`) through the model, appending their keys/values to `cache`.
+    /// The final residual stream stays in `s.x` for [`Model::logits`].
+    pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
+        match self {
+            Model::Llama(m) => m.forward(tokens, pos, cache, s),
+            Model::Gemma3(m) => m.forward(tokens, pos, cache, s),
+        }
+    }
+
+    /// Logits of rows `rows` (indices into the last forward's tokens) into `s.logits` (rows.len() × vocab).
+    pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
+        match self {
+            Model::Llama(m) => m.logits(s, rows),
+            Model::Gemma3(m) => m.logits(s, rows),
+        }
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.weight_bytes(),
+            Model::Gemma3(m) => m.weight_bytes(),
+        }
+    }
+}
+
+/// Activation buffers for one chunk of up to `cap` tokens: allocated once, reused for every chunk and decode step.
+#[derive(Default)]
+pub struct Scratch {
+    pub cap: usize,
+    /// cap × dim: the residual stream.
+    pub x: Vec<f32>,
+    /// cap × dim: normed input of a sub-layer.
+    pub xb: Vec<f32>,
+    /// cap × dim: output projection result.
+    pub xo: Vec<f32>,
+    /// cap × n_heads·head_dim_k
+    pub q: Vec<f32>,
+    /// cap × n_kv_heads·head_dim_k
+    pub k: Vec<f32>,
+    /// cap × n_kv_heads·head_dim_v
+    pub v: Vec<f32>,
+    /// cap × n_heads·head_dim_v: attention output.
+    pub att: Vec<f32>,
+    /// cap × ffn_dim: gate, then gate ⊙ up.
+    pub hb: Vec<f32>,
+    /// cap × ffn_dim: up.
+    pub hb2: Vec<f32>,
+    /// cap × rope_dim/2 each: cos and sin of every (token, frequency) for the two RoPE bases.
+    pub rope_cos: Vec<f32>,
+    pub rope_sin: Vec<f32>,
+    pub rope_cos_local: Vec<f32>,
+    pub rope_sin_local: Vec<f32>,
+    /// rows × vocab: logits of the requested rows.
+    pub logits: Vec<f32>,
+    pub mm: MatmulScratch,
+    pub attn: AttnScratch,
+}
+
+impl Scratch {
+    /// Buffers for chunks of up to `cap` tokens, with logits for up to `logit_rows` of them.
+    pub fn new(cfg: &ModelConfig, cap: usize, logit_rows: usize) -> Self {
+        let half = cfg.rope_dim / 2;
+        Self {
+            cap,
+            x: vec![0.0; cap * cfg.dim],
+            xb: vec![0.0; cap * cfg.dim],
+            xo: vec![0.0; cap * cfg.dim],
+            q: vec![0.0; cap * cfg.n_heads * cfg.head_dim_k],
+            k: vec![0.0; cap * cfg.n_kv_heads * cfg.head_dim_k],
+            v: vec![0.0; cap * cfg.n_kv_heads * cfg.head_dim_v],
+            att: vec![0.0; cap * cfg.n_heads * cfg.head_dim_v],
+            hb: vec![0.0; cap * cfg.ffn_dim],
+            hb2: vec![0.0; cap * cfg.ffn_dim],
+            rope_cos: vec![0.0; cap * half],
+            rope_sin: vec![0.0; cap * half],
+            rope_cos_local: vec![0.0; cap * half],
+            rope_sin_local: vec![0.0; cap * half],
+            logits: vec![0.0; logit_rows.max(1) * cfg.vocab],
+            mm: MatmulScratch::default(),
+            attn: AttnScratch::default(),
+        }
+    }
+
+    /// Bytes held by the activation buffers (for the memory report).
+    pub fn bytes(&self) -> usize {
+        4 * (self.x.len()
+            + self.xb.len()
+            + self.xo.len()
+            + self.q.len()
+            + self.k.len()
+            + self.v.len()
+            + self.att.len()
+            + self.hb.len()
+            + self.hb2.len()
+            + self.rope_cos.len() * 4
+            + self.logits.len())
+    }
+
+    /// How many rows of logits fit at once.
+    pub fn logit_rows(&self, vocab: usize) -> usize {
+        self.logits.len() / vocab.max(1)
+    }
+}
+
+/// Final norm and output projection for rows `rows` of the chunk in `s.x`.
+pub(crate) fn output_logits(norm: &[f32], out: &QMatrix, eps: f32, dim: usize, vocab: usize, s: &mut Scratch, rows: Range<usize>) {
+    let nr = rows.len();
+    assert!(rows.end <= s.cap && nr * vocab <= s.logits.len(), "logit rows {rows:?} out of range");
+    if nr == 0 {
+        return;
+    }
+    rmsnorm(&mut s.xb[..nr * dim], &s.x[rows.start * dim..rows.end * dim], norm, eps);
+    matmul(out, &s.xb[..nr * dim], nr, &mut s.logits[..nr * vocab], &mut s.mm);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Loading helpers
+
+pub(crate) fn tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
+    g.tensor_info(name)
+        .with_context(|| format!("{}: tensor {name} is missing", g.path.display()))
+}
+
+/// A 2-D weight as a quantized matrix (rows = dims[1] output features, cols = dims[0] input features).
+pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+    let t = tensor(g, name)?;
+    if t.dims.len() != 2 || t.dims[0] as usize != cols || t.dims[1] as usize != rows {
+        bail!(
+            "{}: tensor {name} has shape {:?}, expected [{cols}, {rows}]",
+            g.path.display(),
+            t.dims
+        );
+    }
+    QMatrix::from_gguf(t.ty, rows, cols, g.tensor_bytes(t))
+        .with_context(|| format!("{}: tensor {name}", g.path.display()))
+}
+
+/// A 1-D F32 (or F16) weight vector.
+pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = tensor(g, name)?;
+    if t.n_elements() as usize != len {
+        bail!("{}: tensor {name} has {} elements, expected {len}", g.path.display(), t.n_elements());
+    }
+    let b = g.tensor_bytes(t);
+    match t.ty {
+        GgmlType::F32 => Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        GgmlType::F16 => Ok(b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        ty => bail!("{}: tensor {name} has type {ty}, expected F32 or F16", g.path.display()),
+    }
+}
+
+pub(crate) fn meta_usize(g: &GgufFile, arch: &str, key: &str) -> Result<usize> {
+    Ok(g.req_u64(&format!("{arch}.{key}"))? as usize)
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Element-wise ops
+
+/// out[t] = x[t] / rms(x[t]) ⊙ w, for each row of length w.len().
+pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for (o, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((oi, xi), wi) in o.iter_mut().zip(xr).zip(w) {
+            *oi = xi * inv * wi;
+        }
+    }
+}
+
+/// In-place RMSNorm of every `w.len()`-sized piece of `x` (per-head norm).
+pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for xr in x.chunks_exact_mut(d) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for (xi, wi) in xr.iter_mut().zip(w) {
+            *xi = *xi * inv * wi;
+        }
+    }
+}
+
+/// Fills cos/sin tables (n_tok × rope_dim/2) for positions `pos` with angles pos · freq_scale · base^(−2i/rope_dim)
+/// (freq_scale < 1 is linear RoPE scaling). Angles are computed in f64 and rounded once, so there is no cap on
+/// positions and no drift at large ones.
+pub fn rope_tables(pos: &[u32], rope_dim: usize, base: f32, freq_scale: f32, cos: &mut [f32], sin: &mut [f32]) {
+    let half = rope_dim / 2;
+    for (t, &p) in pos.iter().enumerate() {
+        for i in 0..half {
+            let freq = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+            let a = p as f64 * freq * freq_scale as f64;
+            cos[t * half + i] = a.cos() as f32;
+            sin[t * half + i] = a.sin() as f32;
+        }
+    }
+}
+
+/// Rotates every head of every token. `x`: n_tok × n_heads × head_dim; the first rope_dim dims of a head rotate.
+pub fn apply_rope(x: &mut [f32], n_heads: usize, head_dim: usize, style: RopeStyle, cos: &[f32], sin: &[f32], rope_dim: usize) {
+    let half = rope_dim / 2;
+    for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
+        let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+        for head in tok.chunks_exact_mut(head_dim) {
+            match style {
+                RopeStyle::Norm => {
+                    for i in 0..half {
+                        let (a, b) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = a * c[i] - b * s[i];
+                        head[2 * i + 1] = a * s[i] + b * c[i];
+                    }
+                }
+                RopeStyle::Neox => {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * c[i] - b * s[i];
+                        head[i + half] = a * s[i] + b * c[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (what Gemma's `gelu_pytorch_tanh` and ggml's gelu compute).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+/// Warns once when a position goes past the context the model was trained for.
+pub(crate) fn warn_past_context(pos: &[u32], ctx_len: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if pos.last().is_some_and(|&p| p as usize >= ctx_len) && !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!("warning: position {} is past the model's trained context of {ctx_len} tokens", pos[pos.len() - 1]);
+    }
+}

@@ -1,0 +1,208 @@
+//! Tiny random-weight GGUF models for tests: the same tensor names, metadata and tokenizer layout as the real files,
+//! with dimensions small enough to run in milliseconds.
+
+use std::path::Path;
+
+use crate::gguf::writer::GgufWriter;
+use crate::gguf::{GgmlType, Value};
+
+/// Dimensions of a tiny model.
+#[derive(Clone, Debug)]
+pub struct TinySpec {
+    pub n_layers: usize,
+    pub dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub ctx_len: usize,
+    /// Weight type of the linear layers (F32, F16 or Q8_0).
+    pub weight_type: GgmlType,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            n_layers: 2,
+            dim: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            ffn_dim: 96,
+            ctx_len: 512,
+            weight_type: GgmlType::Q8_0,
+            seed: 1,
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+/// Encodes f32 values in `ty` (F32, F16 or Q8_0, ggml's layouts).
+pub fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        GgmlType::Q8_0 => {
+            let mut out = Vec::with_capacity(x.len() / 32 * 34);
+            for b in x.chunks(32) {
+                let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            out
+        }
+        other => panic!("testutil cannot encode {other}"),
+    }
+}
+
+/// GPT-2's byte → printable char map (what byte-level BPE vocabularies are written in).
+pub fn byte_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut map = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        map[*b as usize] = char::from_u32(c).unwrap_or(' ');
+    }
+    map
+}
+
+/// A byte-level BPE vocabulary: 256 byte tokens, a few merges, and two special tokens (ids 256, 257).
+fn gpt2_vocab(w: &mut GgufWriter) -> usize {
+    let map = byte_to_unicode();
+    let mut tokens: Vec<String> = (0..256).map(|b| map[b].to_string()).collect();
+    let mut types = vec![1i32; 256];
+    tokens.push("<|endoftext|>".into());
+    types.push(3);
+    tokens.push("<|im_end|>".into());
+    types.push(3);
+    let sp = map[b' ' as usize];
+    let merges = [format!("{sp} t"), "h e".into(), format!("{sp}t he"), "i n".into()];
+    for m in &merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    let n = tokens.len();
+    w.meta("tokenizer.ggml.model", Value::String("gpt2".into()));
+    w.meta("tokenizer.ggml.pre", Value::String("smollm".into()));
+    w.meta("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect()));
+    w.meta("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect()));
+    w.meta("tokenizer.ggml.merges", Value::Array(merges.into_iter().map(Value::String).collect()));
+    w.meta("tokenizer.ggml.bos_token_id", Value::U32(256));
+    w.meta("tokenizer.ggml.eos_token_id", Value::U32(257));
+    w.meta("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    w.meta(
+        "tokenizer.chat_template",
+        Value::String("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into()),
+    );
+    n
+}
+
+/// Writes a tiny Llama-architecture GGUF with random weights to `path`.
+pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
+    let mut w = GgufWriter::new();
+    let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let a = |k: &str| format!("llama.{k}");
+    w.meta("general.architecture", Value::String("llama".into()));
+    w.meta("general.name", Value::String("tiny-llama".into()));
+    w.meta(&a("block_count"), Value::U32(s.n_layers as u32));
+    w.meta(&a("context_length"), Value::U32(s.ctx_len as u32));
+    w.meta(&a("embedding_length"), Value::U32(s.dim as u32));
+    w.meta(&a("feed_forward_length"), Value::U32(s.ffn_dim as u32));
+    w.meta(&a("attention.head_count"), Value::U32(s.n_heads as u32));
+    w.meta(&a("attention.head_count_kv"), Value::U32(s.n_kv_heads as u32));
+    w.meta(&a("rope.freq_base"), Value::F32(10000.0));
+    w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
+    w.meta(&a("rope.dimension_count"), Value::U32(s.head_dim as u32));
+    let vocab = gpt2_vocab(&mut w);
+    let (d, hd, f) = (s.dim, s.head_dim, s.ffn_dim);
+    let wt = s.weight_type;
+    let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
+        let x = rng.vec(rows * cols, 1.0 / (cols as f32).sqrt() * 1.7);
+        w.tensor(name, &[cols as u64, rows as u64], ty, encode(ty, &x));
+    };
+    mat(&mut w, "token_embd.weight", vocab, d, GgmlType::Q8_0);
+    for i in 0..s.n_layers {
+        let n = |x: &str| format!("blk.{i}.{x}.weight");
+        mat(&mut w, &n("attn_q"), s.n_heads * hd, d, wt);
+        mat(&mut w, &n("attn_k"), s.n_kv_heads * hd, d, wt);
+        mat(&mut w, &n("attn_v"), s.n_kv_heads * hd, d, wt);
+        mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
+        mat(&mut w, &n("ffn_gate"), f, d, wt);
+        mat(&mut w, &n("ffn_up"), f, d, wt);
+        mat(&mut w, &n("ffn_down"), d, f, wt);
+        let ones: Vec<f32> = (0..d).map(|j| 1.0 + 0.1 * ((j % 7) as f32 - 3.0) / 3.0).collect();
+        w.tensor_f32(&n("attn_norm"), &[d as u64], &ones);
+        w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
+    }
+    w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
+    w.write(path)
+}
+
+/// Writes a tiny Gemma-3-architecture GGUF with random weights (sliding window `window` on 5 of 6 layers).
+pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Result<()> {
+    let mut w = GgufWriter::new();
+    let mut rng = Rng(s.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
+    let a = |k: &str| format!("gemma3.{k}");
+    w.meta("general.architecture", Value::String("gemma3".into()));
+    w.meta("general.name", Value::String("tiny-gemma3".into()));
+    w.meta(&a("block_count"), Value::U32(s.n_layers as u32));
+    w.meta(&a("context_length"), Value::U32(s.ctx_len as u32));
+    w.meta(&a("embedding_length"), Value::U32(s.dim as u32));
+    w.meta(&a("feed_forward_length"), Value::U32(s.ffn_dim as u32));
+    w.meta(&a("attention.head_count"), Value::U32(s.n_heads as u32));
+    w.meta(&a("attention.head_count_kv"), Value::U32(s.n_kv_heads as u32));
+    w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
+    w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
+    w.meta(&a("attention.sliding_window"), Value::U32(window));
+    w.meta(&a("rope.freq_base"), Value::F32(1_000_000.0));
+    w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-6));
+    let vocab = gpt2_vocab(&mut w);
+    let (d, hd, f) = (s.dim, s.head_dim, s.ffn_dim);
+    let wt = s.weight_type;
+    let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
+        let x = rng.vec(rows * cols, 1.0 / (cols as f32).sqrt() * 1.7);
+        w.tensor(name, &[cols as u64, rows as u64], ty, encode(ty, &x));
+    };
+    mat(&mut w, "token_embd.weight", vocab, d, GgmlType::Q8_0);
+    for i in 0..s.n_layers {
+        let n = |x: &str| format!("blk.{i}.{x}.weight");
+        mat(&mut w, &n("attn_q"), s.n_heads * hd, d, wt);
+        mat(&mut w, &n("attn_k"), s.n_kv_heads * hd, d, wt);
+        mat(&mut w, &n("attn_v"), s.n_kv_heads * hd, d, wt);
+        mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
+        mat(&mut w, &n("ffn_gate"), f, d, wt);
+        mat(&mut w, &n("ffn_up"), f, d, wt);
+        mat(&mut w, &n("ffn_down"), d, f, wt);
+        let ones = |n: usize| -> Vec<f32> { (0..n).map(|j| 1.0 + 0.1 * ((j % 5) as f32 - 2.0) / 2.0).collect() };
+        for norm in ["attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"] {
+            w.tensor_f32(&n(norm), &[d as u64], &ones(d));
+        }
+        w.tensor_f32(&n("attn_q_norm"), &[hd as u64], &ones(hd));
+        w.tensor_f32(&n("attn_k_norm"), &[hd as u64], &ones(hd));
+    }
+    w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
+    w.write(path)
+}

@@ -1,0 +1,220 @@
+//! Chat templates: turns a conversation into the prompt text a model was trained on.
+//!
+//! The Jinja template comes from `tokenizer.chat_template` (the Hugging Face template the converter copied)
+//! and is rendered with minijinja set up like transformers' `apply_chat_template`: `trim_blocks` and
+//! `lstrip_blocks` on, Python string methods (`.strip()`, `.startswith()`, `.split()`, ...) through
+//! minijinja-contrib's pycompat, `raise_exception(msg)` failing the render, and the variables `messages`,
+//! `add_generation_prompt`, `bos_token` and `eos_token`. Models without a template get a built-in one when their
+//! vocabulary shows the format: ChatML (`<|im_start|>`) or Gemma (`<start_of_turn>`).
+//!
+//! Like llama.cpp, `render` drops a BOS text the template put at the very start when the vocabulary adds BOS
+//! itself (`add_bos_token`), and an EOS text at the very end when it adds EOS, so that encoding the result with
+//! `Tokenizer::encode(text, true, true)` never doubles them.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Result};
+use minijinja::syntax::SyntaxConfig;
+use minijinja::{Environment, Error, ErrorKind, Value};
+
+use crate::gguf::GgufFile;
+
+/// One turn of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// ChatML, for vocabularies with `<|im_start|>` / `<|im_end|>` but no template.
+const CHATML: &str = "{%- for message in messages -%}\
+{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
+
+/// Gemma's turn format (as in the Gemma 3 instruction-tuned models' template), for vocabularies with
+/// `<start_of_turn>` / `<end_of_turn>` but no template. A system message is put in front of the first user turn.
+const GEMMA: &str = "{{- bos_token -}}\
+{%- if messages[0]['role'] == 'system' -%}\
+{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\
+{%- set loop_messages = messages[1:] -%}\
+{%- else -%}\
+{%- set first_user_prefix = '' -%}\
+{%- set loop_messages = messages -%}\
+{%- endif -%}\
+{%- for message in loop_messages -%}\
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\
+{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}\
+{%- endif -%}\
+{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}\
+{{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}";
+
+const NAME: &str = "chat_template";
+
+/// A compiled chat template plus the special-token texts it is rendered with.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    /// Which built-in template is used, if the model has none of its own.
+    builtin: Option<&'static str>,
+    bos_token: String,
+    eos_token: String,
+    strip_bos: bool,
+    strip_eos: bool,
+}
+
+fn raise_exception(msg: String) -> std::result::Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    /// The model's `tokenizer.chat_template`; if absent, ChatML when the vocabulary has `<|im_start|>`, Gemma's
+    /// format when it has `<start_of_turn>`; otherwise an error saying the model has no chat template.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let tokens = g
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .unwrap_or(&[]);
+        let text_of = |key: &str| -> String {
+            g.opt_u64(key)
+                .and_then(|id| tokens.get(id as usize))
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let has_token = |t: &str| tokens.iter().any(|v| v.as_str() == Some(t));
+        let (source, builtin) = match g.opt_str("tokenizer.chat_template") {
+            Some(s) => (s.to_string(), None),
+            None if has_token("<|im_start|>") && has_token("<|im_end|>") => (CHATML.to_string(), Some("chatml")),
+            None if has_token("<start_of_turn>") && has_token("<end_of_turn>") => (GEMMA.to_string(), Some("gemma")),
+            None => bail!(
+                "{}: the model has no chat template (tokenizer.chat_template is missing and its vocabulary has no \
+                 ChatML or Gemma turn tokens); give the prompt as plain text instead",
+                g.path.display()
+            ),
+        };
+        let is_spm = g.opt_str("tokenizer.ggml.model") == Some("llama");
+        let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("");
+        // llama.cpp's default when the key is absent (SentencePiece and llama3-style BPE add BOS).
+        let default_add_bos = is_spm
+            || matches!(
+                pre,
+                "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral"
+            );
+        let strip_bos = g
+            .opt_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(default_add_bos);
+        let strip_eos = g.opt_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        Self::new(
+            source,
+            builtin,
+            text_of("tokenizer.ggml.bos_token_id"),
+            text_of("tokenizer.ggml.eos_token_id"),
+            strip_bos,
+            strip_eos,
+        )
+    }
+
+    /// A template from its source. `strip_bos` / `strip_eos`: the tokenizer adds BOS / EOS itself, so a leading
+    /// `bos_token` / trailing `eos_token` in the output is dropped.
+    pub fn from_source(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+        strip_bos: bool,
+        strip_eos: bool,
+    ) -> Result<Self> {
+        Self::new(
+            source.to_string(),
+            None,
+            bos_token.to_string(),
+            eos_token.to_string(),
+            strip_bos,
+            strip_eos,
+        )
+    }
+
+    fn new(
+        source: String,
+        builtin: Option<&'static str>,
+        bos_token: String,
+        eos_token: String,
+        strip_bos: bool,
+        strip_eos: bool,
+    ) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_syntax(
+            SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(|e| anyhow!("chat template syntax settings: {e}"))?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned(NAME, source.clone())
+            .map_err(|e| anyhow!("cannot compile the chat template: {e}"))?;
+        Ok(ChatTemplate {
+            env,
+            source,
+            builtin,
+            bos_token,
+            eos_token,
+            strip_bos,
+            strip_eos,
+        })
+    }
+
+    /// The template source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// "chatml" or "gemma" when the model had no template of its own.
+    pub fn builtin(&self) -> Option<&'static str> {
+        self.builtin
+    }
+
+    /// Renders the conversation; `add_generation_prompt` appends the header of the assistant's turn.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let mut map = BTreeMap::new();
+                map.insert("role", Value::from(m.role.as_str()));
+                map.insert("content", Value::from(m.content.as_str()));
+                Value::from(map)
+            })
+            .collect();
+        let mut ctx = BTreeMap::new();
+        ctx.insert("messages", Value::from(msgs));
+        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        ctx.insert("bos_token", Value::from(self.bos_token.as_str()));
+        ctx.insert("eos_token", Value::from(self.eos_token.as_str()));
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| anyhow!("chat template: {e}"))?;
+        let mut out = tmpl
+            .render(Value::from(ctx))
+            .map_err(|e| anyhow!("cannot render the chat template: {e}"))?;
+        if self.strip_bos && !self.bos_token.is_empty() && out.starts_with(&self.bos_token) {
+            out.drain(..self.bos_token.len());
+        }
+        if self.strip_eos && !self.eos_token.is_empty() && out.ends_with(&self.eos_token) {
+            out.truncate(out.len() - self.eos_token.len());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,370 @@
+//! Unit tests on tiny vocabularies written with `GgufWriter` (the real models are checked against llama.cpp
+//! in tests/tokenizer_ref.rs).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::gguf::writer::GgufWriter;
+
+fn strs(v: &[&str]) -> Value {
+    Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
+}
+
+fn open(w: &GgufWriter) -> GgufFile {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path: PathBuf = std::env::temp_dir().join(format!(
+        "hayloft-tok-{}-{}.gguf",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    w.write(&path).unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    g
+}
+
+/// Byte-level BPE: the 256 byte chars, a few merges, ChatML control tokens and one user-defined token.
+fn tiny_bpe(pre: &str, add_bos: Option<bool>) -> GgufFile {
+    let chars = bpe::byte_chars();
+    let mut tokens: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+    let merges = [
+        "Ġ t", "l l", "e ll", "h ell", "hell o", "h e", "t he", "Ġt he", "1 2",
+    ];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+    }
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool>"];
+    tokens.extend(specials.iter().map(|s| s.to_string()));
+    let n = tokens.len();
+    let mut types = vec![Value::I32(1); n];
+    for t in &mut types[n - 4..n - 1] {
+        *t = Value::I32(3);
+    }
+    types[n - 1] = Value::I32(4);
+    let mut w = GgufWriter::new();
+    w.meta("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", Value::String(pre.into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", Value::Array(types))
+        .meta("tokenizer.ggml.merges", strs(&merges))
+        .meta("tokenizer.ggml.bos_token_id", Value::U32((n - 3) as u32))
+        .meta("tokenizer.ggml.eos_token_id", Value::U32((n - 4) as u32));
+    if let Some(b) = add_bos {
+        w.meta("tokenizer.ggml.add_bos_token", Value::Bool(b));
+    }
+    open(&w)
+}
+
+/// SentencePiece: <unk> <s> </s>, byte tokens, and pieces with scores; `\n` is user-defined.
+fn tiny_spm(add_space_prefix: bool) -> GgufFile {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
+    let mut scores = vec![Value::F32(0.0); 3];
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(Value::I32(6));
+        scores.push(Value::F32(0.0));
+    }
+    let pieces: &[(&str, f32)] = &[
+        ("\u{2581}", -1.0),
+        ("a", -2.0),
+        ("b", -2.0),
+        ("c", -2.0),
+        ("\u{2581}a", -3.0),
+        ("ab", -1.5),
+        ("bc", -1.0),
+        ("\u{2581}ab", -0.5),
+        ("\n", 0.0),
+    ];
+    for &(p, s) in pieces {
+        tokens.push(p.into());
+        types.push(Value::I32(if p == "\n" { 4 } else { 1 }));
+        scores.push(Value::F32(s));
+    }
+    let mut w = GgufWriter::new();
+    w.meta("tokenizer.ggml.model", Value::String("llama".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", Value::Array(types))
+        .meta("tokenizer.ggml.scores", Value::Array(scores))
+        .meta("tokenizer.ggml.bos_token_id", Value::U32(1))
+        .meta("tokenizer.ggml.eos_token_id", Value::U32(2))
+        .meta(
+            "tokenizer.ggml.add_space_prefix",
+            Value::Bool(add_space_prefix),
+        );
+    open(&w)
+}
+
+fn ids_of(tok: &Tokenizer, texts: &[&str]) -> Vec<u32> {
+    texts
+        .iter()
+        .map(|t| tok.token_id(t).unwrap_or_else(|| panic!("no token {t:?}")))
+        .collect()
+}
+
+fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
+    let mut sd = StreamDecoder::new();
+    let mut out: Vec<String> = ids.iter().map(|&i| sd.push(tok, i)).collect();
+    out.push(sd.flush());
+    out
+}
+
+const TEXTS: &[&str] = &[
+    "",
+    "hello the world",
+    "  two  spaces\n\n\ttab",
+    "digits 1234567 and ½ ٣",
+    "héllo wörld — 日本語 🦙👩‍💻",
+    "trailing   ",
+    "\u{0}\u{1}\u{7f} control",
+    "<|im_start|>user\nhi<|im_end|>\n",
+];
+
+#[test]
+fn bpe_merges_and_round_trips() {
+    let tok = Tokenizer::from_gguf(&tiny_bpe("gpt-2", None)).unwrap();
+    assert!(!tok.add_bos());
+    assert_eq!(
+        tok.encode("hello", true, false).unwrap(),
+        ids_of(&tok, &["hello"])
+    );
+    assert_eq!(
+        tok.encode(" the the", false, false).unwrap(),
+        ids_of(&tok, &["Ġthe", "Ġthe"])
+    );
+    assert_eq!(
+        tok.encode("12", false, false).unwrap(),
+        ids_of(&tok, &["12"])
+    );
+    for pre in ["gpt-2", "smollm", "llama-bpe", "qwen2"] {
+        let tok = Tokenizer::from_gguf(&tiny_bpe(pre, None)).unwrap();
+        for t in TEXTS {
+            for special in [false, true] {
+                let ids = tok.encode(t, false, special).unwrap();
+                assert_eq!(tok.decode(&ids), *t, "{pre}: {t:?}");
+                assert_eq!(stream(&tok, &ids).concat(), *t, "{pre}: {t:?}");
+            }
+        }
+    }
+    // The digit-splitting pre-tokenizer keeps "12" apart; llama3-style ignore_merges takes whole words.
+    let smol = Tokenizer::from_gguf(&tiny_bpe("smollm", None)).unwrap();
+    assert_eq!(
+        smol.encode("12", false, false).unwrap(),
+        ids_of(&smol, &["1", "2"])
+    );
+    let l3 = Tokenizer::from_gguf(&tiny_bpe("llama-bpe", None)).unwrap();
+    assert!(
+        l3.add_bos(),
+        "llama3 vocabularies add BOS unless the GGUF says otherwise"
+    );
+    assert_eq!(
+        l3.encode("hello", false, false).unwrap(),
+        ids_of(&l3, &["hello"])
+    );
+}
+
+#[test]
+fn bpe_special_tokens() {
+    let tok = Tokenizer::from_gguf(&tiny_bpe("gpt-2", Some(true))).unwrap();
+    let [eot, start, end, tool] =
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool>"].map(|t| tok.token_id(t).unwrap());
+    let text = "<|im_start|>the<|im_end|>";
+    let ids = tok.encode(text, true, true).unwrap();
+    assert_eq!(ids, vec![start, start, tok.token_id("the").unwrap(), end]);
+    assert_eq!(tok.bos_id(), Some(start));
+    // Without parse_special the control tokens are plain text; the user-defined one is always a token.
+    let plain = tok.encode("<|im_end|><tool>", false, false).unwrap();
+    assert!(!plain.contains(&end));
+    assert_eq!(*plain.last().unwrap(), tool);
+    assert_eq!(tok.decode(&plain), "<|im_end|><tool>");
+    assert!(tok.is_eog(end) && tok.is_eog(eot) && !tok.is_eog(start) && !tok.is_eog(tool));
+    assert_eq!(tok.eos_id(), Some(eot));
+    assert!(tok.is_control(start) && !tok.is_control(tool));
+    assert_eq!(tok.token_to_piece(start), "<|im_start|>");
+    assert_eq!(tok.token_bytes(tok.token_id("Ġ").unwrap()), b" ");
+    assert_eq!(tok.token_bytes(u32::MAX), b"");
+}
+
+#[test]
+fn stream_decoder_holds_partial_utf8() {
+    let tok = Tokenizer::from_gguf(&tiny_bpe("gpt-2", None)).unwrap();
+    let ids = tok.encode("é🦙", false, false).unwrap();
+    assert_eq!(ids.len(), 6, "no merges: one token per byte");
+    let parts = stream(&tok, &ids);
+    assert_eq!(parts, ["", "é", "", "", "", "🦙", ""]);
+    // A sequence cut short comes out as U+FFFD at flush; an invalid byte right away.
+    let mut sd = StreamDecoder::new();
+    assert_eq!(sd.push(&tok, ids[2]), "");
+    assert_eq!(sd.flush(), "\u{FFFD}");
+    assert_eq!(sd.push(&tok, ids[1]), "\u{FFFD}");
+    assert_eq!(tok.decode(&ids[1..]), "\u{FFFD}🦙");
+}
+
+#[test]
+fn spm_merges_by_score() {
+    let tok = Tokenizer::from_gguf(&tiny_spm(false)).unwrap();
+    assert!(tok.add_bos());
+    // "abc": bc (-1.0) beats ab (-1.5), and a + bc is not a token.
+    assert_eq!(
+        tok.encode("abc", false, false).unwrap(),
+        ids_of(&tok, &["a", "bc"])
+    );
+    // " ab": ▁a(-3) vs ab(-1.5): ab first, then ▁ + ab = ▁ab.
+    assert_eq!(
+        tok.encode(" ab", false, false).unwrap(),
+        ids_of(&tok, &["\u{2581}ab"])
+    );
+    assert_eq!(
+        tok.encode("ab", true, false).unwrap(),
+        [vec![1], ids_of(&tok, &["ab"])].concat(),
+        "BOS first"
+    );
+    // Byte fallback for characters that are not pieces.
+    assert_eq!(
+        tok.encode("é", false, false).unwrap(),
+        ids_of(&tok, &["<0xC3>", "<0xA9>"])
+    );
+    // "\n" is user-defined: cut out before merging, even without parse_special.
+    assert_eq!(
+        tok.encode("a\nb", false, false).unwrap(),
+        ids_of(&tok, &["a", "\n", "b"])
+    );
+    assert_eq!(tok.encode("<s>", false, true).unwrap(), vec![1]);
+    assert_ne!(tok.encode("<s>", false, false).unwrap(), vec![1]);
+    for t in TEXTS {
+        let ids = tok.encode(t, true, false).unwrap();
+        assert_eq!(tok.decode(&ids), format!("<s>{t}"));
+        assert_eq!(stream(&tok, &ids).concat(), format!("<s>{t}"));
+    }
+}
+
+#[test]
+fn spm_space_prefix_round_trips() {
+    let tok = Tokenizer::from_gguf(&tiny_spm(true)).unwrap();
+    // The prefix space joins the first word; decode takes it off again.
+    assert_eq!(
+        tok.encode("ab", false, false).unwrap(),
+        ids_of(&tok, &["\u{2581}ab"])
+    );
+    assert_eq!(
+        tok.encode("ab\nab", false, false).unwrap(),
+        ids_of(&tok, &["\u{2581}ab", "\n", "\u{2581}ab"])
+    );
+    for t in TEXTS.iter().chain(&[" ab", "  lead", "<s>ab</s> ab"]) {
+        for (bos, special) in [(false, false), (true, true), (true, false)] {
+            let ids = tok.encode(t, bos, special).unwrap();
+            let want = if bos {
+                format!("<s>{t}")
+            } else {
+                t.to_string()
+            };
+            assert_eq!(tok.decode(&ids), want, "{t:?} bos={bos} special={special}");
+            assert_eq!(stream(&tok, &ids).concat(), want);
+        }
+    }
+}
+
+#[test]
+fn special_tokens_longest_first() {
+    let mut w = GgufWriter::new();
+    let tokens = ["a", "b", "<x>", "<x><y>", "<y>", "y>"];
+    w.meta("tokenizer.ggml.model", Value::String("llama".into()))
+        .meta("tokenizer.ggml.tokens", strs(&tokens))
+        .meta(
+            "tokenizer.ggml.token_type",
+            Value::Array(vec![
+                Value::I32(1),
+                Value::I32(1),
+                Value::I32(3),
+                Value::I32(3),
+                Value::I32(3),
+                Value::I32(4),
+            ]),
+        )
+        .meta("tokenizer.ggml.add_space_prefix", Value::Bool(false));
+    let tok = Tokenizer::from_gguf(&open(&w)).unwrap();
+    // "<x><y>" (longest) is cut out everywhere first, then "<x>", "<y>".
+    assert_eq!(
+        tok.encode("<x><y><x>a<y>", false, true).unwrap(),
+        vec![3, 2, 0, 4]
+    );
+    // Without parse_special only the user-defined "y>" is a token; the rest falls back to... nothing here.
+    let err = tok.encode("<x>", false, false).unwrap_err().to_string();
+    assert!(err.contains("byte-fallback"), "{err}");
+}
+
+#[test]
+fn unsupported_vocabularies_are_refused() {
+    let mut w = GgufWriter::new();
+    w.meta("tokenizer.ggml.model", Value::String("t5".into()))
+        .meta("tokenizer.ggml.tokens", strs(&["a"]));
+    let err = Tokenizer::from_gguf(&open(&w)).err().unwrap().to_string();
+    assert!(err.contains("unsupported tokenizer model 't5'"), "{err}");
+    let err = Tokenizer::from_gguf(&tiny_bpe("deepseek-coder", None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("unsupported BPE pre-tokenizer 'deepseek-coder'"),
+        "{err}"
+    );
+    let err = Tokenizer::from_gguf(&open(&GgufWriter::new()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("tokenizer.ggml.model"), "{err}");
+}
+
+#[test]
+fn chat_template_fallbacks_and_errors() {
+    let g = tiny_bpe("gpt-2", None);
+    let ct = ChatTemplate::from_gguf(&g).unwrap();
+    assert_eq!(ct.builtin(), Some("chatml"));
+    let msgs = [
+        ChatMessage::new("system", "S"),
+        ChatMessage::new("user", "hi"),
+    ];
+    assert_eq!(
+        ct.render(&msgs, true).unwrap(),
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        ct.render(&msgs[1..], false).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n"
+    );
+    let err = ChatTemplate::from_gguf(&tiny_spm(false))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no chat template"), "{err}");
+
+    // HF-style templates: python string methods, trim_blocks/lstrip_blocks, raise_exception, BOS handling.
+    let src = "{{ bos_token }}{% for m in messages %}\n    {% if m.role not in ['user', 'assistant'] %}\
+               {{ raise_exception('bad role ' + m.role) }}{% endif %}\n\
+               [{{ m.role.upper() }}] {{ m.content.strip() }}{% if m.content.strip().startswith('x') %}!{% endif %}\n\n\
+               {% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}";
+    let ct = ChatTemplate::from_source(src, "<s>", "</s>", true, false).unwrap();
+    assert_eq!(
+        ct.render(&[ChatMessage::new("user", "  xy  ")], true)
+            .unwrap(),
+        "[USER] xy!\n[ASSISTANT]"
+    );
+    let ct2 = ChatTemplate::from_source(src, "<s>", "</s>", false, false).unwrap();
+    assert!(ct2
+        .render(&[ChatMessage::new("user", "a")], false)
+        .unwrap()
+        .starts_with("<s>[USER] a"));
+    let err = ct
+        .render(&[ChatMessage::new("tool", "a")], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bad role tool"), "{err}");
+    assert!(ChatTemplate::from_source("{% for %}", "", "", false, false).is_err());
+}

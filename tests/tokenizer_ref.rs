@@ -1,0 +1,305 @@
+//! The tokenizer against llama.cpp on the real models: exact ids for the texts in
+//! tests/fixtures/tokenizer_ref.json (made by tests/fixtures/gen_tokenizer_ref.py), lossless round trips,
+//! streaming decode, end-of-generation ids, every token's bytes, and the SmolLM2 chat template.
+//!
+//! Models are looked up in $HAYLOFT_MODEL_DIR, else /tmp/models, else fetched into $HAYLOFT_HOME (tests/common);
+//! a model that cannot be had skips its test with a note (a failure under HAYLOFT_REQUIRE_MODELS=1).
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use hayloft::gguf::GgufFile;
+use hayloft::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const FIXTURE: &str = include_str!("fixtures/tokenizer_ref.json");
+
+fn fixture(key: &str) -> Value {
+    let v: Value = serde_json::from_str(FIXTURE).expect("fixture is JSON");
+    v["models"][key].clone()
+}
+
+/// The model file named `file` (known to tests/common as `name`).
+fn open(file: &str, name: &str) -> Option<GgufFile> {
+    let dirs = [
+        std::env::var_os("HAYLOFT_MODEL_DIR").map(PathBuf::from),
+        Some(PathBuf::from("/tmp/models")),
+    ];
+    let path = match dirs
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(file))
+        .find(|p| p.exists())
+    {
+        Some(p) => p,
+        None => common::model(name)?,
+    };
+    Some(GgufFile::open(&path).expect("model opens"))
+}
+
+const SMOLLM2: (&str, &str) = ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m");
+const GEMMA3: (&str, &str) = ("gemma-3-270m-q4_k_m.gguf", "gemma3-270m");
+
+fn check_model(key: &str, (file, name): (&str, &str)) {
+    let fx = fixture(key);
+    assert_eq!(fx["file"].as_str().unwrap(), file);
+    let Some(g) = open(file, name) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let tok = Tokenizer::from_gguf(&g).expect("tokenizer loads");
+    eprintln!("{key}: tokenizer loaded in {:?}", t0.elapsed());
+
+    assert_eq!(tok.vocab_size() as u64, fx["n_vocab"].as_u64().unwrap());
+    assert_eq!(
+        tok.bos_id().map(i64::from),
+        fx["bos"].as_i64().filter(|&b| b >= 0)
+    );
+    assert_eq!(
+        tok.eos_id().map(i64::from),
+        fx["eos"].as_i64().filter(|&b| b >= 0)
+    );
+    assert_eq!(tok.add_bos(), fx["add_bos"].as_bool().unwrap());
+    let eog: Vec<u32> = fx["eog_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(
+        tok.eog_ids(),
+        eog,
+        "end-of-generation ids differ from llama.cpp's"
+    );
+    for &id in &eog {
+        assert!(tok.is_eog(id));
+    }
+
+    let mut h = Sha256::new();
+    for id in 0..tok.vocab_size() as u32 {
+        let b = tok.token_bytes(id);
+        h.update((b.len() as u32).to_le_bytes());
+        h.update(b);
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex,
+        fx["pieces_sha256"].as_str().unwrap(),
+        "token bytes differ from llama.cpp's pieces"
+    );
+
+    let cases = fx["cases"].as_array().unwrap();
+    let mut failures = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let add_bos = c["add_bos"].as_bool().unwrap();
+        let special = c["special"].as_bool().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text, add_bos, special).unwrap();
+        if got != want {
+            failures.push(format!(
+                "{text:?} (add_bos={add_bos}, special={special}):\n  llama.cpp {want:?}\n  hayloft   {got:?}"
+            ));
+            continue;
+        }
+        // Decoding gives back llama.cpp's detokenization, which is the text itself plus any BOS.
+        let dec = tok.decode(&got);
+        assert_eq!(dec, c["detok"].as_str().unwrap(), "decode of {text:?}");
+        let bos_text = match (add_bos && tok.add_bos(), tok.bos_id()) {
+            (true, Some(b)) => tok.token_to_piece(b),
+            _ => String::new(),
+        };
+        assert_eq!(dec, format!("{bos_text}{text}"), "round trip of {text:?}");
+        let mut sd = StreamDecoder::new();
+        let mut streamed: String = got.iter().map(|&id| sd.push(&tok, id)).collect();
+        streamed.push_str(&sd.flush());
+        assert_eq!(streamed, dec, "streamed decode of {text:?}");
+    }
+    eprintln!(
+        "{key}: {}/{} cases match llama.cpp exactly",
+        cases.len() - failures.len(),
+        cases.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{key}: {} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_matches_llama_cpp() {
+    check_model("smollm2", SMOLLM2);
+}
+
+#[test]
+fn gemma3_matches_llama_cpp() {
+    check_model("gemma3", GEMMA3);
+}
+
+#[test]
+fn smollm2_the_capital_of_france() {
+    let Some(g) = open(SMOLLM2.0, SMOLLM2.1) else {
+        return;
+    };
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let ids = tok.encode("The capital of France is", true, false).unwrap();
+    assert_eq!(ids[0], 504, "\"The\" must be 504, not \"ĠThe\" (378)");
+    assert_eq!(tok.token_text(504), Some("The"));
+    assert!(!tok.add_bos());
+    assert!(tok.is_eog(2) && tok.is_eog(0));
+}
+
+#[test]
+fn smollm2_chat_template() {
+    let Some(g) = open(SMOLLM2.0, SMOLLM2.1) else {
+        return;
+    };
+    let ct = ChatTemplate::from_gguf(&g).unwrap();
+    assert_eq!(ct.builtin(), None);
+    let s = ct.render(&[ChatMessage::new("user", "hi")], true).unwrap();
+    assert_eq!(
+        s,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let s2 = ct
+        .render(
+            &[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "hi"),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        s2,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    );
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let ids = tok.encode(&s, true, true).unwrap();
+    assert_eq!(ids[0], 1, "<|im_start|> is one token");
+    assert_eq!(tok.decode(&ids), s);
+}
+
+#[test]
+fn gemma3_builtin_chat_template() {
+    let Some(g) = open(GEMMA3.0, GEMMA3.1) else {
+        return;
+    };
+    let ct = ChatTemplate::from_gguf(&g).unwrap();
+    assert_eq!(ct.builtin(), Some("gemma"));
+    let s = ct
+        .render(
+            &[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", " hi "),
+            ],
+            true,
+        )
+        .unwrap();
+    // The template's leading <bos> is dropped because the tokenizer adds BOS itself.
+    assert_eq!(
+        s,
+        "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+    );
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let ids = tok.encode(&s, true, true).unwrap();
+    assert_eq!(&ids[..2], &[2, 105]);
+    assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1);
+    let err = ct
+        .render(&[ChatMessage::new("assistant", "x")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("alternate"), "{err}");
+}
+
+/// An 8K-token prompt must encode in well under 50 ms.
+#[test]
+fn encode_speed() {
+    let base = "The quick brown fox jumps over the lazy dog; 1234567 + 89 = ? \
+                fn main() {\n    println!(\"héllo, wörld 🦙\");\n}\n\n";
+    for (key, (file, name)) in [("smollm2", SMOLLM2), ("gemma3", GEMMA3)] {
+        let Some(g) = open(file, name) else {
+            continue;
+        };
+        let tok = Tokenizer::from_gguf(&g).unwrap();
+        let per = tok.encode(base, false, false).unwrap().len();
+        let text = base.repeat(8192 / per + 1);
+        let mut best = f64::MAX;
+        let mut n = 0;
+        for _ in 0..5 {
+            let t = Instant::now();
+            n = tok.encode(&text, true, true).unwrap().len();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!("{key}: {n} tokens encoded in {:.2} ms", best * 1e3);
+        assert!(n >= 8192);
+        assert!(best < 0.050, "{key}: {n} tokens took {:.1} ms", best * 1e3);
+    }
+}
+
+/// Optional wide check against a reference made by tests/fixtures/gen_tokenizer_extra.py
+/// (HAYLOFT_TOKENIZER_EXTRA_REF=path.json); skipped when the variable is unset.
+#[test]
+fn extra_reference() {
+    let Some(path) = std::env::var_os("HAYLOFT_TOKENIZER_EXTRA_REF") else {
+        eprintln!("SKIPPED: set HAYLOFT_TOKENIZER_EXTRA_REF to a file from tests/fixtures/gen_tokenizer_extra.py");
+        return;
+    };
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut total_bad = 0;
+    for m in v["models"].as_array().unwrap() {
+        let p = m["path"].as_str().unwrap();
+        let g = GgufFile::open(p).unwrap();
+        let tok = match Tokenizer::from_gguf(&g) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{p}: not supported: {e}");
+                continue;
+            }
+        };
+        let cases = m["cases"].as_array().unwrap();
+        let (mut bad, mut lossy) = (0, 0);
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            let add_bos = c["add_bos"].as_bool().unwrap();
+            let special = c["special"].as_bool().unwrap();
+            let want: Vec<u32> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let got = tok.encode(text, add_bos, special).unwrap();
+            if got != want {
+                if bad < 5 {
+                    eprintln!("MISMATCH {p} {text:?} add_bos={add_bos} special={special}\n  want {want:?}\n  got  {got:?}");
+                }
+                bad += 1;
+            } else if !add_bos && tok.decode(&got) != text {
+                if lossy < 3 && std::env::var_os("SHOW_LOSSY").is_some() {
+                    eprintln!("LOSSY {p} {text:?} -> {:?}", tok.decode(&got));
+                }
+                lossy += 1;
+            }
+        }
+        eprintln!(
+            "{}: {}/{} match llama.cpp; {lossy} exact-id cases do not round-trip",
+            p.rsplit('/').next().unwrap(),
+            cases.len() - bad,
+            cases.len()
+        );
+        total_bad += bad;
+    }
+    assert_eq!(total_bad, 0);
+}
