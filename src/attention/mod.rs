@@ -111,7 +111,7 @@ pub fn attend(
         scratch.bufs.resize_with(scratch.tasks.len(), TaskBuf::default);
     }
     for b in &mut scratch.bufs[..scratch.tasks.len()] {
-        if b.acc.len() < rows_max * sh.hv || b.k.len() < sh.bt * sh.hk || b.v.len() < sh.bt * sh.hv {
+        if b.acc.len() < rows_max * sh.hv || b.k.len() < sh.bt * sh.hk || b.v.len() < sh.bt * sh.hv || b.s.len() < rows_max * sh.bt {
             b.acc.resize(rows_max * sh.hv, 0.0);
             b.m.resize(rows_max, 0.0);
             b.l.resize(rows_max, 0.0);
@@ -202,21 +202,24 @@ unsafe fn run_task_avx2(
     run_task(cache, layer, q, q_pos, sh, p, task, buf)
 }
 
+/// e^x for x ≤ 0 (scores minus their running max), written so LLVM vectorizes it: range reduction to
+/// x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial (relative error < 2e-7). Inputs below −87 give 0.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.max(-87.0);
+    let n = (xc * LOG2E).round();
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_43 + r * (0.008_333_45 + r * 0.001_394_2)))));
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
     }
-    let mut s: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    for v in acc {
-        s += v;
-    }
-    s
 }
 
 /// One task: rows = (query token in tile) × (query head in the KV head's group). Leaves unnormalized output in
@@ -233,7 +236,7 @@ fn run_task(
     task: &Task,
     buf: &mut TaskBuf,
 ) {
-    let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
+    let (hk, hv, g, bt) = (sh.hk, sh.hv, sh.group, sh.bt);
     let rows = (task.t1 - task.t0) * g;
     let acc = &mut buf.acc[..rows * hv];
     acc.fill(0.0);
@@ -242,11 +245,6 @@ fn run_task(
     let tile_pos = &q_pos[task.t0..task.t1];
     let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
     let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
-    let q_row = |r: usize| {
-        let t = task.t0 + r / g;
-        let h = task.kv_head * g + r % g;
-        &q[(t * sh.n_q_heads + h) * hk..][..hk]
-    };
 
     for blk in cache.blocks(layer, task.kv_head).skip(task.blk0).take(task.blk1 - task.blk0) {
         let n = blk.n;
@@ -259,56 +257,70 @@ fn run_task(
                 continue; // the whole block is outside every row's window
             }
         }
-        let (kb, vb): (&[f32], &[f32]) = match blk.data {
+        // kt: hk × bt (keys transposed), vb: bt × hv, as f32.
+        let (kt, vb): (&[f32], &[f32]) = match blk.data {
             BlockData::F16 { k, v } => {
-                k[..n * hk].convert_to_f32_slice(&mut buf.k[..n * hk]);
+                k.convert_to_f32_slice(&mut buf.k[..hk * bt]);
                 v[..n * hv].convert_to_f32_slice(&mut buf.v[..n * hv]);
-                (&buf.k[..n * hk], &buf.v[..n * hv])
+                (&buf.k[..hk * bt], &buf.v[..n * hv])
             }
-            BlockData::F32 { k, v } => (&k[..n * hk], &v[..n * hv]),
+            BlockData::F32 { k, v } => (&k[..hk * bt], &v[..n * hv]),
         };
+        // Every key of the block visible to every row of the tile? Then skip per-key masking.
+        let all_visible =
+            blk.pos[n - 1] <= min_qpos && p.window.is_none_or(|w| max_qpos - blk.pos[0] < w);
         for r in 0..rows {
+            let t = task.t0 + r / g;
             let qpos = tile_pos[r / g];
-            let qr = q_row(r);
-            let s = &mut buf.s[r * sh.bt..][..n];
+            let qr = &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk];
+            // s[j] = scale · q·k_j, vectorized over the block's keys.
+            let s = &mut buf.s[r * bt..][..bt];
+            s.fill(0.0);
+            for (d, &qd) in qr.iter().enumerate() {
+                for (sj, kj) in s.iter_mut().zip(&kt[d * bt..(d + 1) * bt]) {
+                    *sj += qd * kj;
+                }
+            }
+            let s = &mut s[..n];
             let mut blk_max = f32::NEG_INFINITY;
-            for j in 0..n {
-                let kpos = blk.pos[j];
-                let visible = kpos <= qpos && p.window.is_none_or(|w| qpos - kpos < w);
-                s[j] = if visible {
-                    let mut x = dot(qr, &kb[j * hk..][..hk]) * p.scale;
-                    if let Some(c) = p.softcap {
-                        x = c * (x / c).tanh();
+            for (j, sj) in s.iter_mut().enumerate() {
+                let mut x = *sj * p.scale;
+                if let Some(c) = p.softcap {
+                    x = c * (x / c).tanh();
+                }
+                if !all_visible {
+                    let kpos = blk.pos[j];
+                    if kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w) {
+                        x = f32::NEG_INFINITY;
                     }
-                    blk_max = blk_max.max(x);
-                    x
-                } else {
-                    f32::NEG_INFINITY
-                };
+                }
+                *sj = x;
+                blk_max = blk_max.max(x);
             }
             if blk_max == f32::NEG_INFINITY {
                 continue;
             }
             let m_old = buf.m[r];
             let m_new = m_old.max(blk_max);
-            let alpha = (m_old - m_new).exp(); // 0 when m_old = -inf
+            let alpha = exp_neg(m_old - m_new); // 0 when m_old = −∞
+            let mut l = 0.0;
+            for sj in s.iter_mut() {
+                *sj = exp_neg(*sj - m_new);
+                l += *sj;
+            }
             let a = &mut acc[r * hv..][..hv];
             if alpha != 1.0 {
                 a.iter_mut().for_each(|x| *x *= alpha);
             }
-            let mut l = buf.l[r] * alpha;
-            for j in 0..n {
-                if s[j] == f32::NEG_INFINITY {
-                    continue;
-                }
-                let pj = (s[j] - m_new).exp();
-                l += pj;
-                for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
-                    *ad += pj * vv;
+            for (j, &pj) in s.iter().enumerate() {
+                if pj != 0.0 {
+                    for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
+                        *ad += pj * vv;
+                    }
                 }
             }
             buf.m[r] = m_new;
-            buf.l[r] = l;
+            buf.l[r] = buf.l[r] * alpha + l;
         }
     }
 }
@@ -338,13 +350,14 @@ pub fn naive_attention(
                     if kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w) {
                         continue;
                     }
+                    let bt = cfg.block_tokens;
                     let (k, v): (Vec<f64>, Vec<f64>) = match blk.data {
                         BlockData::F16 { k, v } => (
-                            k[j * hk..][..hk].iter().map(|x| x.to_f64()).collect(),
+                            (0..hk).map(|d| k[d * bt + j].to_f64()).collect(),
                             v[j * hv..][..hv].iter().map(|x| x.to_f64()).collect(),
                         ),
                         BlockData::F32 { k, v } => (
-                            k[j * hk..][..hk].iter().map(|&x| x as f64).collect(),
+                            (0..hk).map(|d| k[d * bt + j] as f64).collect(),
                             v[j * hv..][..hv].iter().map(|&x| x as f64).collect(),
                         ),
                     };
@@ -436,6 +449,23 @@ mod tests {
         for &(len, n_new, w) in &[(50, 50, 8), (200, 1, 16), (200, 40, 33), (64, 64, 1), (90, 17, 200)] {
             check(4, 1, 32, 32, len, n_new, Some(w), KvDtype::F16);
         }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let got = exp_neg(x) as f64;
+            if x >= -87.0 {
+                assert!((got - want).abs() <= 1e-6 * want, "exp({x}) = {got}, want {want}");
+            } else {
+                assert!(got < 1e-37);
+            }
+            x += 0.0137;
+        }
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

@@ -118,7 +118,10 @@ impl<'m> Session<'m> {
             let n0 = self.n_past() as u32;
             self.pos.clear();
             self.pos.extend(n0..n0 + (end - start) as u32);
-            self.model.forward(&tokens[start..end], &self.pos, &mut self.cache, &mut self.scratch);
+            // Run the forward pass on a pool worker: parallel kernels started from inside the pool skip the
+            // cross-thread hand-off that each call from an outside thread pays.
+            let (model, pos, cache, scratch) = (self.model, &self.pos, &mut self.cache, &mut self.scratch);
+            rayon::scope(|_| model.forward(&tokens[start..end], pos, cache, scratch));
             self.tokens.extend_from_slice(&tokens[start..end]);
             self.stats.note_kv(self.cache.peak_bytes());
             // Logits for wanted rows inside this chunk, a bounded number of rows at a time.
@@ -128,7 +131,8 @@ impl<'m> Session<'m> {
             let mut r = lo;
             while r < hi {
                 let r_end = (r + step).min(hi);
-                self.model.logits(&mut self.scratch, r - start..r_end - start);
+                let (model, scratch) = (self.model, &mut self.scratch);
+                rayon::scope(|_| model.logits(scratch, r - start..r_end - start));
                 for i in r..r_end {
                     on_logits(i, &self.scratch.logits[(i - r) * vocab..(i - r + 1) * vocab]);
                 }

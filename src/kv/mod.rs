@@ -59,7 +59,8 @@ impl KvConfig {
     }
 }
 
-/// Keys and values of one block, `block_tokens` rows each.
+/// Keys and values of one block. Keys are stored transposed, `k[d · block_tokens + slot]`, so attention scores a whole
+/// block with contiguous vector loads; values are row-major, `v[slot · head_dim_v + d]`.
 pub enum BlockData {
     F16 { k: Box<[f16]>, v: Box<[f16]> },
     F32 { k: Box<[f32]>, v: Box<[f32]> },
@@ -196,15 +197,17 @@ impl KvCache {
                 let vrow = &v[(t * nh + h) * hv..][..hv];
                 match &mut block.data {
                     BlockData::F16 { k: bk, v: bv } => {
-                        for (d, s) in bk[slot * hk..][..hk].iter_mut().zip(krow) {
-                            *d = f16::from_f32(*s);
+                        for (d, s) in krow.iter().enumerate() {
+                            bk[d * bt + slot] = f16::from_f32(*s);
                         }
                         for (d, s) in bv[slot * hv..][..hv].iter_mut().zip(vrow) {
                             *d = f16::from_f32(*s);
                         }
                     }
                     BlockData::F32 { k: bk, v: bv } => {
-                        bk[slot * hk..][..hk].copy_from_slice(krow);
+                        for (d, s) in krow.iter().enumerate() {
+                            bk[d * bt + slot] = *s;
+                        }
                         bv[slot * hv..][..hv].copy_from_slice(vrow);
                     }
                 }
@@ -314,8 +317,8 @@ mod tests {
                     let t = seen + i;
                     assert_eq!(b.pos[i], 10 + t as u32);
                     let (k0, v0) = match b.data {
-                        BlockData::F16 { k, v } => (k[i * 4].to_f32(), v[i * 3 + 2].to_f32()),
-                        BlockData::F32 { k, v } => (k[i * 4], v[i * 3 + 2]),
+                        BlockData::F16 { k, v } => (k[i].to_f32(), v[i * 3 + 2].to_f32()),
+                        BlockData::F32 { k, v } => (k[i], v[i * 3 + 2]),
                     };
                     assert_eq!(k0, ((t * 2 + 1) * 4) as f32 * 0.5);
                     assert_eq!(v0, -(((t * 2 + 1) * 3 + 2) as f32));

@@ -367,4 +367,29 @@ fn chat_template_fallbacks_and_errors() {
         .to_string();
     assert!(err.contains("bad role tool"), "{err}");
     assert!(ChatTemplate::from_source("{% for %}", "", "", false, false).is_err());
+    // tojson, namespace and loop controls, which tool-calling templates use.
+    let src = "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}\
+               {% set ns.n = ns.n + 1 %}{{ m | tojson }}{% endfor %}{{ ns.n }}";
+    let out = ChatTemplate::from_source(src, "", "", false, false)
+        .unwrap()
+        .render(
+            &[
+                ChatMessage::new("user", "a\"b"),
+                ChatMessage::new("user", "c"),
+            ],
+            false,
+        )
+        .unwrap();
+    assert!(
+        out.starts_with('{') && out.contains("a\\\"b") && out.ends_with("}1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn shareable_across_threads() {
+    fn check<T: Send + Sync>() {}
+    check::<Tokenizer>();
+    check::<ChatTemplate>();
+    check::<StreamDecoder>();
 }
