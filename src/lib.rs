@@ -4,12 +4,12 @@
 //! `kv` (the paged KV cache), `attention` (tiled online-softmax attention over the cache),
 //! `model` (one forward pass per architecture), `engine` (sessions, sampling, stats), `cli`.
 
-pub mod gguf;
-pub mod kernels;
-pub mod tokenizer;
-pub mod kv;
 pub mod attention;
-pub mod model;
+pub mod cli;
 pub mod engine;
 pub mod fetch;
-pub mod cli;
+pub mod gguf;
+pub mod kernels;
+pub mod kv;
+pub mod model;
+pub mod tokenizer;

@@ -14,7 +14,10 @@ fn hayloft(args: &[&str], home: &Path) -> (i32, String) {
         .output()
         .expect("run hayloft");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "hayloft panicked on {args:?}: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "hayloft panicked on {args:?}: {stderr}"
+    );
     (out.status.code().unwrap_or(-1), stderr)
 }
 
@@ -47,16 +50,28 @@ impl Fixture {
 #[test]
 fn missing_model_file() {
     let f = Fixture::new();
-    expect_error(&["generate", "--model", &f.path("nope.gguf"), "-p", "hi"], f.home(), &["nope.gguf", "does not exist"]);
+    expect_error(
+        &["generate", "--model", &f.path("nope.gguf"), "-p", "hi"],
+        f.home(),
+        &["nope.gguf", "does not exist"],
+    );
 }
 
 #[test]
 fn not_a_gguf_file() {
     let f = Fixture::new();
     std::fs::write(f.path("text.gguf"), b"hello, I am not a model").unwrap();
-    expect_error(&["generate", "--model", &f.path("text.gguf"), "-p", "hi"], f.home(), &["not a GGUF file"]);
+    expect_error(
+        &["generate", "--model", &f.path("text.gguf"), "-p", "hi"],
+        f.home(),
+        &["not a GGUF file"],
+    );
     std::fs::write(f.path("empty.gguf"), b"").unwrap();
-    expect_error(&["info", &f.path("empty.gguf")], f.home(), &["not a GGUF file"]);
+    expect_error(
+        &["info", &f.path("empty.gguf")],
+        f.home(),
+        &["not a GGUF file"],
+    );
 }
 
 #[test]
@@ -65,7 +80,11 @@ fn truncated_gguf_file() {
     let bytes = std::fs::read(f.path("tiny.gguf")).unwrap();
     for cut in [10, 200, bytes.len() / 2, bytes.len() - 7] {
         std::fs::write(f.path("cut.gguf"), &bytes[..cut]).unwrap();
-        expect_error(&["generate", "--model", &f.path("cut.gguf"), "-p", "hi"], f.home(), &["truncated"]);
+        expect_error(
+            &["generate", "--model", &f.path("cut.gguf"), "-p", "hi"],
+            f.home(),
+            &["truncated"],
+        );
     }
 }
 
@@ -76,7 +95,11 @@ fn unsupported_architecture() {
     w.meta("general.architecture", Value::String("mamba".into()));
     w.tensor_f32("x", &[4], &[0.0; 4]);
     w.write(Path::new(&f.path("mamba.gguf"))).unwrap();
-    expect_error(&["generate", "--model", &f.path("mamba.gguf"), "-p", "hi"], f.home(), &["unsupported architecture 'mamba'"]);
+    expect_error(
+        &["generate", "--model", &f.path("mamba.gguf"), "-p", "hi"],
+        f.home(),
+        &["unsupported architecture 'mamba'"],
+    );
 }
 
 #[test]
@@ -89,11 +112,19 @@ fn unsupported_tensor_type() {
         w.meta(k, v.clone());
     }
     for t in &g.tensors {
-        let ty = if t.name == "blk.0.attn_q.weight" { GgmlType::Other(99) } else { t.ty };
+        let ty = if t.name == "blk.0.attn_q.weight" {
+            GgmlType::Other(99)
+        } else {
+            t.ty
+        };
         w.tensor(&t.name, &t.dims, ty, g.tensor_bytes(t).to_vec());
     }
     w.write(Path::new(&f.path("odd.gguf"))).unwrap();
-    expect_error(&["generate", "--model", &f.path("odd.gguf"), "-p", "hi"], f.home(), &["blk.0.attn_q.weight", "99"]);
+    expect_error(
+        &["generate", "--model", &f.path("odd.gguf"), "-p", "hi"],
+        f.home(),
+        &["blk.0.attn_q.weight", "99"],
+    );
 }
 
 #[test]
@@ -101,7 +132,15 @@ fn prompt_longer_than_max_context() {
     let f = Fixture::new();
     let long = "the ".repeat(100);
     expect_error(
-        &["generate", "--model", &f.path("tiny.gguf"), "-p", &long, "--max-context", "16"],
+        &[
+            "generate",
+            "--model",
+            &f.path("tiny.gguf"),
+            "-p",
+            &long,
+            "--max-context",
+            "16",
+        ],
         f.home(),
         &["prompt too long", "16"],
     );
@@ -110,9 +149,23 @@ fn prompt_longer_than_max_context() {
 #[test]
 fn empty_prompt() {
     let f = Fixture::new();
-    expect_error(&["generate", "--model", &f.path("tiny.gguf"), "-p", ""], f.home(), &["prompt is empty"]);
+    expect_error(
+        &["generate", "--model", &f.path("tiny.gguf"), "-p", ""],
+        f.home(),
+        &["prompt is empty"],
+    );
     std::fs::write(f.path("empty.txt"), b"").unwrap();
-    expect_error(&["generate", "--model", &f.path("tiny.gguf"), "-f", &f.path("empty.txt")], f.home(), &["prompt is empty"]);
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &f.path("tiny.gguf"),
+            "-f",
+            &f.path("empty.txt"),
+        ],
+        f.home(),
+        &["prompt is empty"],
+    );
 }
 
 #[test]
@@ -120,7 +173,13 @@ fn invalid_utf8_prompt_file() {
     let f = Fixture::new();
     std::fs::write(f.path("bad.txt"), b"caf\xe9 au lait").unwrap();
     expect_error(
-        &["generate", "--model", &f.path("tiny.gguf"), "-f", &f.path("bad.txt")],
+        &[
+            "generate",
+            "--model",
+            &f.path("tiny.gguf"),
+            "-f",
+            &f.path("bad.txt"),
+        ],
         f.home(),
         &["bad.txt", "not valid UTF-8", "offset 3"],
     );
@@ -129,13 +188,29 @@ fn invalid_utf8_prompt_file() {
 #[test]
 fn unknown_kv_method_lists_valid_ones() {
     let f = Fixture::new();
-    expect_error(&["generate", "--model", &f.path("tiny.gguf"), "-p", "hi", "--kv", "magic@0.5"], f.home(), &["unknown KV method 'magic@0.5'", "full"]);
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &f.path("tiny.gguf"),
+            "-p",
+            "hi",
+            "--kv",
+            "magic@0.5",
+        ],
+        f.home(),
+        &["unknown KV method 'magic@0.5'", "full"],
+    );
 }
 
 #[test]
 fn unknown_model_name_for_fetch() {
     let f = Fixture::new();
-    expect_error(&["fetch", "llama-70b"], f.home(), &["unknown model 'llama-70b'", "smollm2-135m"]);
+    expect_error(
+        &["fetch", "llama-70b"],
+        f.home(),
+        &["unknown model 'llama-70b'", "smollm2-135m"],
+    );
 }
 
 #[test]
@@ -143,13 +218,41 @@ fn tiny_model_generates_and_writes_stats_json() {
     let f = Fixture::new();
     let stats = f.path("stats.json");
     let out = Command::new(env!("CARGO_BIN_EXE_hayloft"))
-        .args(["generate", "--model", &f.path("tiny.gguf"), "-p", "the cat", "-n", "8", "--temperature", "0", "--stats-json", &stats, "-t", "2"])
+        .args([
+            "generate",
+            "--model",
+            &f.path("tiny.gguf"),
+            "-p",
+            "the cat",
+            "-n",
+            "8",
+            "--temperature",
+            "0",
+            "--stats-json",
+            &stats,
+            "-t",
+            "2",
+        ])
         .env("HAYLOFT_HOME", f.home())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-    for key in ["prompt_tokens", "generated_tokens", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_kv_bytes", "peak_rss_bytes", "threads"] {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    for key in [
+        "prompt_tokens",
+        "generated_tokens",
+        "ttft_ms",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_kv_bytes",
+        "peak_rss_bytes",
+        "threads",
+    ] {
         assert!(j.get(key).is_some(), "stats JSON lacks {key}: {j}");
     }
     assert_eq!(j["threads"], 2);

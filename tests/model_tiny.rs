@@ -12,15 +12,24 @@ fn all_logits(model: &Model, tokens: &[u32], chunk: usize) -> Vec<f32> {
     let mut s = Session::new(model, cfg).unwrap();
     let vocab = model.config().vocab;
     let mut out = vec![0.0; tokens.len() * vocab];
-    s.feed(tokens, 0..tokens.len(), |i, l| out[i * vocab..(i + 1) * vocab].copy_from_slice(l)).unwrap();
+    s.feed(tokens, 0..tokens.len(), |i, l| {
+        out[i * vocab..(i + 1) * vocab].copy_from_slice(l)
+    })
+    .unwrap();
     out
 }
 
 fn assert_close(a: &[f32], b: &[f32], what: &str) {
     let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(scale > 0.1, "{what}: degenerate logits");
-    assert!(err <= 1e-4 * scale, "{what}: max |Δ| {err} vs scale {scale}");
+    assert!(
+        err <= 1e-4 * scale,
+        "{what}: max |Δ| {err} vs scale {scale}"
+    );
 }
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -41,7 +50,14 @@ fn llama_chunked_equals_one_shot_equals_token_by_token() {
     let dir = tempfile::tempdir().unwrap();
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0] {
         let p = dir.path().join(format!("tiny-{ty}.gguf"));
-        write_tiny_llama(&p, &TinySpec { weight_type: ty, ..Default::default() }).unwrap();
+        write_tiny_llama(
+            &p,
+            &TinySpec {
+                weight_type: ty,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let m = Model::load(&p).unwrap();
         check_model(&m, 75);
     }
@@ -52,10 +68,18 @@ fn gemma3_chunked_equals_one_shot_with_sliding_window() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny-gemma3.gguf");
     // 6 layers: 5 local (window 9) + 1 global, one KV head shared by 4 query heads.
-    let spec = TinySpec { n_layers: 6, n_kv_heads: 1, head_dim: 32, ..Default::default() };
+    let spec = TinySpec {
+        n_layers: 6,
+        n_kv_heads: 1,
+        head_dim: 32,
+        ..Default::default()
+    };
     write_tiny_gemma3(&p, &spec, 9).unwrap();
     let m = Model::load(&p).unwrap();
-    assert_eq!(m.config().layer_is_local, vec![true, true, true, true, true, false]);
+    assert_eq!(
+        m.config().layer_is_local,
+        vec![true, true, true, true, true, false]
+    );
     check_model(&m, 70);
 }
 
@@ -63,7 +87,12 @@ fn gemma3_chunked_equals_one_shot_with_sliding_window() {
 fn sliding_window_changes_the_output() {
     // The window must actually mask: the same weights with a huge window give different late logits.
     let dir = tempfile::tempdir().unwrap();
-    let spec = TinySpec { n_layers: 2, n_kv_heads: 1, head_dim: 32, ..Default::default() };
+    let spec = TinySpec {
+        n_layers: 2,
+        n_kv_heads: 1,
+        head_dim: 32,
+        ..Default::default()
+    };
     let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
     write_tiny_gemma3(&a, &spec, 4).unwrap();
     write_tiny_gemma3(&b, &spec, 4096).unwrap();
@@ -73,7 +102,10 @@ fn sliding_window_changes_the_output() {
     let v = ma.config().vocab;
     // Before the window fills (first 4 tokens) they agree; later they differ.
     assert_close(&la[..4 * v], &lb[..4 * v], "inside the window");
-    let diff = la[39 * v..].iter().zip(&lb[39 * v..]).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    let diff = la[39 * v..]
+        .iter()
+        .zip(&lb[39 * v..])
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(diff > 1e-3, "window had no effect ({diff})");
 }
 
@@ -86,8 +118,14 @@ fn context_budget_is_enforced_with_a_clear_error() {
     let mut cfg = SessionConfig::for_model(&m);
     cfg.max_context = 10;
     let mut s = Session::new(&m, cfg).unwrap();
-    let err = s.prefill(&tokens(11, m.config().vocab)).unwrap_err().to_string();
-    assert!(err.contains("prompt too long") && err.contains("10"), "{err}");
+    let err = s
+        .prefill(&tokens(11, m.config().vocab))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("prompt too long") && err.contains("10"),
+        "{err}"
+    );
     // Nothing was lost: the session is still usable.
     s.prefill(&tokens(5, m.config().vocab)).unwrap();
     assert_eq!(s.n_past(), 5);

@@ -58,8 +58,20 @@ fn score_text(model: &Model, t: &Text, chunk: usize) -> Agreement {
     cfg.max_context = cfg.max_context.max(t.tokens.len());
     let mut s = Session::new(model, cfg).unwrap();
     let want: HashSet<usize> = t.positions.iter().copied().collect();
-    let index: std::collections::HashMap<usize, usize> = t.positions.iter().enumerate().map(|(i, &p)| (p, i)).collect();
-    let mut a = Agreement { positions: 0, top1_agree: 0, decisive: 0, decisive_agree: 0, kl_sum: 0.0, max_dlogit: 0.0 };
+    let index: std::collections::HashMap<usize, usize> = t
+        .positions
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (p, i))
+        .collect();
+    let mut a = Agreement {
+        positions: 0,
+        top1_agree: 0,
+        decisive: 0,
+        decisive_agree: 0,
+        kl_sum: 0.0,
+        max_dlogit: 0.0,
+    };
     let lo = *t.positions.iter().min().unwrap();
     let hi = *t.positions.iter().max().unwrap() + 1;
     s.feed(&t.tokens, lo..hi, |p, logits| {
@@ -70,14 +82,19 @@ fn score_text(model: &Model, t: &Text, chunk: usize) -> Agreement {
         let (ids, refl, lse_ref) = (&t.top_ids[i], &t.top_logits[i], t.logsumexp[i]);
         a.positions += 1;
         let ours_top = hayloft::engine::sampler::argmax(logits);
-        let agree = ours_top == ids[0] || (logits[ours_top as usize] - logits[ids[0] as usize]).abs() < 1e-6;
+        let agree = ours_top == ids[0]
+            || (logits[ours_top as usize] - logits[ids[0] as usize]).abs() < 1e-6;
         a.top1_agree += agree as usize;
         if refl[0] - refl[1] >= DECISIVE_MARGIN {
             a.decisive += 1;
             a.decisive_agree += agree as usize;
         }
         let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse_ours = m + logits.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln();
+        let lse_ours = m + logits
+            .iter()
+            .map(|&l| (l as f64 - m).exp())
+            .sum::<f64>()
+            .ln();
         let (mut kl, mut p_head, mut q_head) = (0.0, 0.0, 0.0);
         for (&id, &l) in ids.iter().zip(refl) {
             let p = (l as f64 - lse_ref).exp();
@@ -100,12 +117,22 @@ fn score_text(model: &Model, t: &Text, chunk: usize) -> Agreement {
 }
 
 fn check(model_name: &str, fixture_file: &str) {
-    let Some(path) = common::model(model_name) else { return };
-    let fx: Fixture = serde_json::from_str(&std::fs::read_to_string(fixture_file).unwrap()).unwrap();
+    let Some(path) = common::model(model_name) else {
+        return;
+    };
+    let fx: Fixture =
+        serde_json::from_str(&std::fs::read_to_string(fixture_file).unwrap()).unwrap();
     hayloft::cli::init_threads(None).unwrap();
     let model = Model::load(&path).unwrap();
     assert_eq!(model.config().vocab, fx.n_vocab);
-    let mut total = Agreement { positions: 0, top1_agree: 0, decisive: 0, decisive_agree: 0, kl_sum: 0.0, max_dlogit: 0.0 };
+    let mut total = Agreement {
+        positions: 0,
+        top1_agree: 0,
+        decisive: 0,
+        decisive_agree: 0,
+        kl_sum: 0.0,
+        max_dlogit: 0.0,
+    };
     assert!(fx.texts.len() >= 5 && fx.texts.iter().any(|t| t.tokens.len() >= 4096));
     for t in &fx.texts {
         let a = score_text(&model, t, 512);
@@ -139,7 +166,11 @@ fn check(model_name: &str, fixture_file: &str) {
         total.decisive,
         total.max_dlogit
     );
-    assert!(decisive >= 0.99, "top-1 agreement on decisive positions {:.2} % < 99 %", 100.0 * decisive);
+    assert!(
+        decisive >= 0.99,
+        "top-1 agreement on decisive positions {:.2} % < 99 %",
+        100.0 * decisive
+    );
     assert!(top1 >= 0.95, "top-1 agreement {:.2} % < 95 %", 100.0 * top1);
     assert!(kl <= 0.01, "mean KL {kl} > 0.01");
 }

@@ -10,11 +10,12 @@ How to rebuild
 1. Build the peer (llama.cpp + llama-cpp-python in a venv, ~15-25 min on 2 cores; not for CI):
        bash ../shared/tools/llamacpp-peer.sh            # -> ~/.cache/llamacpp-peer
    (the copy used here lives at /work/shared/tools/llamacpp-peer.sh)
-2. Get the two GGUF files (sha256 are checked):
+2. Get the two GGUF files (sha256 are checked; looked up in ~/.cache/hayloft/models, where `hayloft fetch` puts
+   them, then /tmp/models; or pass --smollm2 / --gemma3, or set SMOLLM2_GGUF / GEMMA3_GGUF):
        SmolLM2-135M-Instruct.Q4_1.gguf   b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
        gemma-3-270m-q4_k_m.gguf          a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 3. From the repository root:
-       bash scripts/parity/make_fixture.sh                       # both models, default paths under /tmp/models
+       bash scripts/parity/make_fixture.sh                       # both models
        bash scripts/parity/make_fixture.sh --only smollm2 --smollm2 PATH.gguf
    or directly:  OMP_WAIT_POLICY=passive ~/.cache/llamacpp-peer/venv/bin/python scripts/parity/make_fixture.py [...]
 
@@ -125,7 +126,7 @@ LONG_PROMPT = (
 
 MODELS = {
     "smollm2": {
-        "file": "/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "name": "SmolLM2-135M-Instruct Q4_1",
         "bos": None,                      # add_bos_token = false
@@ -133,7 +134,7 @@ MODELS = {
         "out": "tests/fixtures/parity_smollm2.json",
     },
     "gemma3": {
-        "file": "/tmp/models/gemma-3-270m-q4_k_m.gguf",
+        "file": "gemma-3-270m-q4_k_m.gguf",
         "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "name": "gemma-3-270m Q4_K_M",
         "bos": 2,                         # add_bos_token = true
@@ -141,6 +142,17 @@ MODELS = {
         "out": "tests/fixtures/parity_gemma3.json",
     },
 }
+
+MODEL_DIRS = [os.path.expanduser("~/.cache/hayloft/models"), "/tmp/models"]   # where `hayloft fetch` puts them, or /tmp
+
+
+def default_path(key):
+    for d in MODEL_DIRS:
+        p = os.path.join(d, MODELS[key]["file"])
+        if os.path.exists(p):
+            return p
+    return os.path.join(MODEL_DIRS[-1], MODELS[key]["file"])
+
 
 SMOKE_PROMPT = "The capital of France is"
 SMOKE_STEPS = 16
@@ -345,8 +357,8 @@ def build(key, path, args, command):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=sorted(MODELS), action="append", help="build only this model's fixture")
-    ap.add_argument("--smollm2", default=os.environ.get("SMOLLM2_GGUF", MODELS["smollm2"]["file"]))
-    ap.add_argument("--gemma3", default=os.environ.get("GEMMA3_GGUF", MODELS["gemma3"]["file"]))
+    ap.add_argument("--smollm2", default=os.environ.get("SMOLLM2_GGUF") or default_path("smollm2"))
+    ap.add_argument("--gemma3", default=os.environ.get("GEMMA3_GGUF") or default_path("gemma3"))
     ap.add_argument("--long-tokens", type=int, default=4224, help="length of the long sequence (>= 4200)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--temp", type=float, default=0.8)
@@ -358,7 +370,10 @@ def main():
     command = os.environ.get("PARITY_COMMAND") or shlex.join(
         ["python", os.path.relpath(os.path.abspath(__file__), REPO)] + sys.argv[1:])
     for key in args.only or ["smollm2", "gemma3"]:
-        build(key, getattr(args, key), args, command)
+        path = getattr(args, key)
+        if not os.path.exists(path):
+            sys.exit(f"no {path}: pass --{key} PATH.gguf")
+        build(key, path, args, command)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ const Q_TILE: usize = 16;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AttnParams {
+    /// Query heads; each KV head serves n_q_heads / n_kv_heads of them (GQA).
+    pub n_q_heads: usize,
     /// Multiplies q·k before the softmax (usually 1/sqrt(head_dim)).
     pub scale: f32,
     /// Sliding window: a key is visible only if query_pos − key_pos < window.
@@ -69,12 +71,12 @@ pub fn attend(
     layer: usize,
     q: &[f32],
     q_pos: &[u32],
-    n_q_heads: usize,
     out: &mut [f32],
     p: &AttnParams,
     scratch: &mut AttnScratch,
 ) {
     let cfg = &cache.cfg;
+    let n_q_heads = p.n_q_heads;
     let sh = Shape {
         n_q_heads,
         group: n_q_heads / cfg.n_kv_heads,
@@ -108,10 +110,16 @@ pub fn attend(
     }
     let rows_max = Q_TILE * sh.group;
     if scratch.bufs.len() < scratch.tasks.len() {
-        scratch.bufs.resize_with(scratch.tasks.len(), TaskBuf::default);
+        scratch
+            .bufs
+            .resize_with(scratch.tasks.len(), TaskBuf::default);
     }
     for b in &mut scratch.bufs[..scratch.tasks.len()] {
-        if b.acc.len() < rows_max * sh.hv || b.k.len() < sh.bt * sh.hk || b.v.len() < sh.bt * sh.hv || b.s.len() < rows_max * sh.bt {
+        if b.acc.len() < rows_max * sh.hv
+            || b.k.len() < sh.bt * sh.hk
+            || b.v.len() < sh.bt * sh.hv
+            || b.s.len() < rows_max * sh.bt
+        {
             b.acc.resize(rows_max * sh.hv, 0.0);
             b.m.resize(rows_max, 0.0);
             b.l.resize(rows_max, 0.0);
@@ -123,17 +131,20 @@ pub fn attend(
 
     let tasks = &scratch.tasks;
     let use_avx2 = simd_available();
-    scratch.bufs[..tasks.len()].par_iter_mut().zip(tasks.par_iter()).for_each(|(buf, task)| {
-        if use_avx2 {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (checked by simd_available).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                run_task_avx2(cache, layer, q, q_pos, &sh, p, task, buf)
+    scratch.bufs[..tasks.len()]
+        .par_iter_mut()
+        .zip(tasks.par_iter())
+        .for_each(|(buf, task)| {
+            if use_avx2 {
+                // SAFETY: the CPU supports AVX2, FMA and F16C (checked by simd_available).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    run_task_avx2(cache, layer, q, q_pos, &sh, p, task, buf)
+                }
+            } else {
+                run_task(cache, layer, q, q_pos, &sh, p, task, buf)
             }
-        } else {
-            run_task(cache, layer, q, q_pos, &sh, p, task, buf)
-        }
-    });
+        });
 
     // Merge the splits of each (head, tile) and normalize into `out`.
     let mut i = 0;
@@ -145,7 +156,10 @@ pub fn attend(
         }
         let rows = (first.t1 - first.t0) * sh.group;
         for r in 0..rows {
-            let m = scratch.bufs[i..j].iter().map(|b| b.m[r]).fold(f32::NEG_INFINITY, f32::max);
+            let m = scratch.bufs[i..j]
+                .iter()
+                .map(|b| b.m[r])
+                .fold(f32::NEG_INFINITY, f32::max);
             let t = first.t0 + r / sh.group;
             let h = first.kv_head * sh.group + r % sh.group;
             let o = &mut out[(t * n_q_heads + h) * sh.hv..][..sh.hv];
@@ -176,7 +190,9 @@ fn simd_available() -> bool {
         use std::sync::OnceLock;
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| {
-            std::env::var("HAYLOFT_KERNEL").map(|v| v != "scalar").unwrap_or(true)
+            std::env::var("HAYLOFT_KERNEL")
+                .map(|v| v != "scalar")
+                .unwrap_or(true)
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
@@ -213,7 +229,9 @@ fn exp_neg(x: f32) -> f32 {
     let n = (xc * LOG2E).round();
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_43 + r * (0.008_333_45 + r * 0.001_394_2)))));
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67 + r * (0.041_666_43 + r * (0.008_333_45 + r * 0.001_394_2)))));
     let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
     if x < -87.0 {
         0.0
@@ -246,7 +264,11 @@ fn run_task(
     let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
     let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
 
-    for blk in cache.blocks(layer, task.kv_head).skip(task.blk0).take(task.blk1 - task.blk0) {
+    for blk in cache
+        .blocks(layer, task.kv_head)
+        .skip(task.blk0)
+        .take(task.blk1 - task.blk0)
+    {
         let n = blk.n;
         if n == 0 || blk.pos[0] > max_qpos {
             // Positions ascend within a stream: nothing here or later is visible to this tile.
@@ -331,9 +353,9 @@ pub fn naive_attention(
     layer: usize,
     q: &[f32],
     q_pos: &[u32],
-    n_q_heads: usize,
     p: &AttnParams,
 ) -> Vec<f32> {
+    let n_q_heads = p.n_q_heads;
     let cfg = &cache.cfg;
     let (hk, hv) = (cfg.head_dim_k, cfg.head_dim_v);
     let group = n_q_heads / cfg.n_kv_heads;
@@ -361,7 +383,8 @@ pub fn naive_attention(
                             v[j * hv..][..hv].iter().map(|&x| x as f64).collect(),
                         ),
                     };
-                    let mut s: f64 = qr.iter().zip(&k).map(|(a, b)| *a as f64 * b).sum::<f64>() * p.scale as f64;
+                    let mut s: f64 =
+                        qr.iter().zip(&k).map(|(a, b)| *a as f64 * b).sum::<f64>() * p.scale as f64;
                     if let Some(c) = p.softcap {
                         s = c as f64 * (s / c as f64).tanh();
                     }
@@ -404,7 +427,17 @@ mod tests {
         }
     }
 
-    fn check(n_q: usize, n_kv: usize, hk: usize, hv: usize, len: usize, n_new: usize, window: Option<u32>, dtype: KvDtype) {
+    #[allow(clippy::too_many_arguments)] // a test table row: every argument is one column
+    fn check(
+        n_q: usize,
+        n_kv: usize,
+        hk: usize,
+        hv: usize,
+        len: usize,
+        n_new: usize,
+        window: Option<u32>,
+        dtype: KvDtype,
+    ) {
         let mut rng = Rng(0x9E3779B97F4A7C15 ^ (len as u64 * 31 + n_new as u64));
         let cfg = KvConfig {
             n_layers: 1,
@@ -416,29 +449,47 @@ mod tests {
         };
         let mut cache = KvCache::new(cfg);
         let pos: Vec<u32> = (0..len as u32).collect();
-        cache.append(0, &pos, &rng.vec(len * n_kv * hk, 1.0), &rng.vec(len * n_kv * hv, 1.0));
+        cache.append(
+            0,
+            &pos,
+            &rng.vec(len * n_kv * hk, 1.0),
+            &rng.vec(len * n_kv * hv, 1.0),
+        );
         let q_pos: Vec<u32> = ((len - n_new) as u32..len as u32).collect();
         let q = rng.vec(n_new * n_q * hk, 2.0);
         let p = AttnParams {
+            n_q_heads: n_q,
             scale: 1.0 / (hk as f32).sqrt(),
             window,
             softcap: None,
         };
         let mut out = vec![0.0; n_new * n_q * hv];
         let mut scratch = AttnScratch::default();
-        attend(&cache, 0, &q, &q_pos, n_q, &mut out, &p, &mut scratch);
-        let want = naive_attention(&cache, 0, &q, &q_pos, n_q, &p);
-        let max_err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        attend(&cache, 0, &q, &q_pos, &mut out, &p, &mut scratch);
+        let want = naive_attention(&cache, 0, &q, &q_pos, &p);
+        let max_err = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(max_err < 1e-4, "tiled vs naive max err {max_err} (n_q {n_q} n_kv {n_kv} len {len} new {n_new} window {window:?})");
         // Run twice with the same scratch: reuse must not leak state between calls.
         let mut out2 = vec![0.0; out.len()];
-        attend(&cache, 0, &q, &q_pos, n_q, &mut out2, &p, &mut scratch);
+        attend(&cache, 0, &q, &q_pos, &mut out2, &p, &mut scratch);
         assert_eq!(out, out2);
     }
 
     #[test]
     fn tiled_matches_naive_gqa_odd_lengths() {
-        for &(len, n_new) in &[(1, 1), (7, 7), (37, 37), (37, 1), (100, 13), (300, 1), (129, 64)] {
+        for &(len, n_new) in &[
+            (1, 1),
+            (7, 7),
+            (37, 37),
+            (37, 1),
+            (100, 13),
+            (300, 1),
+            (129, 64),
+        ] {
             check(9, 3, 64, 64, len, n_new, None, KvDtype::F16);
             check(4, 4, 16, 16, len, n_new, None, KvDtype::F32);
         }
@@ -446,7 +497,13 @@ mod tests {
 
     #[test]
     fn tiled_matches_naive_sliding_window() {
-        for &(len, n_new, w) in &[(50, 50, 8), (200, 1, 16), (200, 40, 33), (64, 64, 1), (90, 17, 200)] {
+        for &(len, n_new, w) in &[
+            (50, 50, 8),
+            (200, 1, 16),
+            (200, 40, 33),
+            (64, 64, 1),
+            (90, 17, 200),
+        ] {
             check(4, 1, 32, 32, len, n_new, Some(w), KvDtype::F16);
         }
     }
@@ -458,7 +515,10 @@ mod tests {
             let want = (x as f64).exp();
             let got = exp_neg(x) as f64;
             if x >= -87.0 {
-                assert!((got - want).abs() <= 1e-6 * want, "exp({x}) = {got}, want {want}");
+                assert!(
+                    (got - want).abs() <= 1e-6 * want,
+                    "exp({x}) = {got}, want {want}"
+                );
             } else {
                 assert!(got < 1e-37);
             }
@@ -486,6 +546,7 @@ mod tests {
         let q = rng.vec(2 * 8, 1.0);
         let q_pos = [8u32, 9];
         let p = AttnParams {
+            n_q_heads: 2,
             scale: 0.3,
             window: None,
             softcap: Some(5.0),
@@ -513,7 +574,7 @@ mod tests {
             v: vec![0.0; 32],
         };
         run_task(&cache, 0, &q[..16], &q_pos[..1], &sh, &p, &task, &mut buf);
-        let want = naive_attention(&cache, 0, &q[..16], &q_pos[..1], 2, &p);
+        let want = naive_attention(&cache, 0, &q[..16], &q_pos[..1], &p);
         for r in 0..2 {
             for d in 0..8 {
                 let got = buf.acc[r * 8 + d] / buf.l[r];

@@ -68,7 +68,11 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn speed(a: SpeedArgs) -> Result<()> {
@@ -78,10 +82,19 @@ fn speed(a: SpeedArgs) -> Result<()> {
     let l = a.model.load()?;
     let c = l.model.config();
     let contexts = a.contexts.clone().unwrap_or_else(|| {
-        [512, 2048, 4096, 8192, 16384, 32768].into_iter().filter(|&n| n <= c.ctx_len).collect()
+        [512, 2048, 4096, 8192, 16384, 32768]
+            .into_iter()
+            .filter(|&n| n <= c.ctx_len)
+            .collect()
     });
     let mut cfg = l.session_cfg.clone();
-    cfg.max_context = contexts.iter().max().copied().unwrap_or(0).max(cfg.max_context) + a.n_gen;
+    cfg.max_context = contexts
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .max(cfg.max_context)
+        + a.n_gen;
     let mut session = Session::new(&l.model, cfg.clone())?;
     // Random tokens, fixed seed (ids below the vocabulary, skipping the low special ids).
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
@@ -99,7 +112,15 @@ fn speed(a: SpeedArgs) -> Result<()> {
     session.reset();
 
     let mut results = Vec::new();
-    eprintln!("{:>8} {:>8} {:>10}   ({} threads, kernel {}, chunk {})", "test", "ctx", "tok/s", rayon::current_num_threads(), crate::kernels::kernel_name(), cfg.chunk_size);
+    eprintln!(
+        "{:>8} {:>8} {:>10}   ({} threads, kernel {}, chunk {})",
+        "test",
+        "ctx",
+        "tok/s",
+        rayon::current_num_threads(),
+        crate::kernels::kernel_name(),
+        cfg.chunk_size
+    );
     if !a.no_prefill {
         for &n in &contexts {
             let mut samples = Vec::new();
@@ -111,7 +132,12 @@ fn speed(a: SpeedArgs) -> Result<()> {
             }
             let m = median(&mut samples.clone());
             eprintln!("{:>8} {:>8} {:>10.1}", "prefill", n, m);
-            results.push(Row { test: "prefill", ctx: n, tok_s: m, samples });
+            results.push(Row {
+                test: "prefill",
+                ctx: n,
+                tok_s: m,
+                samples,
+            });
         }
     }
     if !a.no_decode {
@@ -130,7 +156,12 @@ fn speed(a: SpeedArgs) -> Result<()> {
             }
             let m = median(&mut samples.clone());
             eprintln!("{:>8} {:>8} {:>10.1}", "decode", depth, m);
-            results.push(Row { test: "decode", ctx: depth, tok_s: m, samples });
+            results.push(Row {
+                test: "decode",
+                ctx: depth,
+                tok_s: m,
+                samples,
+            });
         }
     }
     let report = Report {

@@ -36,7 +36,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
     if let Some(s) = &a.system {
         messages.push(ChatMessage::new("system", s));
     }
-    eprintln!("chat with {} — /reset clears the conversation, /exit or Ctrl-D quits", l.model.config().name);
+    eprintln!(
+        "chat with {} — /reset clears the conversation, /exit or Ctrl-D quits",
+        l.model.config().name
+    );
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     loop {
@@ -63,7 +66,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
         let prompt = tpl.render(&messages, true)?;
         let tokens = l.tokenizer.encode(&prompt, true, true)?;
         // Reuse the cached prefix; prefill only what is new.
-        let common = session.tokens.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        let common = session
+            .tokens
+            .iter()
+            .zip(&tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
         let common = common.min(tokens.len() - 1);
         session.truncate(common);
         let new = &tokens[common..];

@@ -76,7 +76,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let room = session.cfg.max_context - tokens.len();
     let max_new = a.max_tokens.min(room);
     if max_new < a.max_tokens {
-        eprintln!("note: generating at most {max_new} tokens to stay within --max-context {}", session.cfg.max_context);
+        eprintln!(
+            "note: generating at most {max_new} tokens to stay within --max-context {}",
+            session.cfg.max_context
+        );
     }
     let mut sampler = Sampler::new(sampler_cfg);
     let mut dec = StreamDecoder::new();

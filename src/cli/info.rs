@@ -19,7 +19,12 @@ pub struct InfoArgs {
 pub fn run(a: InfoArgs) -> Result<()> {
     let path = crate::fetch::resolve_model(Some(&a.model))?;
     let g = GgufFile::open(&path)?;
-    println!("file:          {} ({}, GGUF v{})", path.display(), human_bytes(g.file_len() as usize), g.version);
+    println!(
+        "file:          {} ({}, GGUF v{})",
+        path.display(),
+        human_bytes(g.file_len() as usize),
+        g.version
+    );
     println!("architecture:  {}", g.architecture()?);
     if let Some(n) = g.opt_str("general.name") {
         println!("name:          {n}");
@@ -30,27 +35,59 @@ pub fn run(a: InfoArgs) -> Result<()> {
         e.0 += 1;
         e.1 += t.n_bytes;
     }
-    let types: Vec<String> = types.iter().map(|(k, (n, b))| format!("{k} ×{n} ({})", human_bytes(*b as usize))).collect();
+    let types: Vec<String> = types
+        .iter()
+        .map(|(k, (n, b))| format!("{k} ×{n} ({})", human_bytes(*b as usize)))
+        .collect();
     println!("tensors:       {} — {}", g.tensors.len(), types.join(", "));
     let model = Model::from_gguf(&g)?;
     let c = model.config();
     println!("layers:        {}", c.n_layers);
     println!("dim / ffn:     {} / {}", c.dim, c.ffn_dim);
-    println!("heads:         {} query, {} KV (GQA group {}), head dim {}", c.n_heads, c.n_kv_heads, c.n_heads / c.n_kv_heads, c.head_dim_k);
+    println!(
+        "heads:         {} query, {} KV (GQA group {}), head dim {}",
+        c.n_heads,
+        c.n_kv_heads,
+        c.n_heads / c.n_kv_heads,
+        c.head_dim_k
+    );
     println!("vocab:         {}", c.vocab);
-    println!("rope:          {:?}, base {}, dims {}{}", c.rope_style, c.rope_base, c.rope_dim,
-        if c.rope_base_local > 0.0 { format!(", local base {}", c.rope_base_local) } else { String::new() });
+    println!(
+        "rope:          {:?}, base {}, dims {}{}",
+        c.rope_style,
+        c.rope_base,
+        c.rope_dim,
+        if c.rope_base_local > 0.0 {
+            format!(", local base {}", c.rope_base_local)
+        } else {
+            String::new()
+        }
+    );
     if let Some(w) = c.sliding_window {
         let local = c.layer_is_local.iter().filter(|&&x| x).count();
-        println!("sliding window: {w} tokens on {local} of {} layers", c.n_layers);
+        println!(
+            "sliding window: {w} tokens on {local} of {} layers",
+            c.n_layers
+        );
     }
     println!("max context:   {}", c.ctx_len);
     let kv16 = c.kv_config(KvDtype::F16, 1).bytes_per_token();
     let kv32 = c.kv_config(KvDtype::F32, 1).bytes_per_token();
-    println!("KV per token:  {} (f16), {} (f32); full context at f16: {}", human_bytes(kv16), human_bytes(kv32), human_bytes(kv16 * c.ctx_len));
-    println!("weights:       {} in memory", human_bytes(model.weight_bytes()));
+    println!(
+        "KV per token:  {} (f16), {} (f32); full context at f16: {}",
+        human_bytes(kv16),
+        human_bytes(kv32),
+        human_bytes(kv16 * c.ctx_len)
+    );
+    println!(
+        "weights:       {} in memory",
+        human_bytes(model.weight_bytes())
+    );
     if let Some(t) = g.opt_str("tokenizer.ggml.model") {
-        println!("tokenizer:     {t} (pre: {})", g.opt_str("tokenizer.ggml.pre").unwrap_or("-"));
+        println!(
+            "tokenizer:     {t} (pre: {})",
+            g.opt_str("tokenizer.ggml.pre").unwrap_or("-")
+        );
     }
     println!("kernel:        {}", crate::kernels::kernel_name());
     Ok(())

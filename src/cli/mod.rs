@@ -18,7 +18,11 @@ use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Parser)]
-#[command(name = "hayloft", version, about = "Long-context LLM inference that owns its attention, KV cache and kernels")]
+#[command(
+    name = "hayloft",
+    version,
+    about = "Long-context LLM inference that owns its attention, KV cache and kernels"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -124,14 +128,19 @@ impl ModelArgs {
     /// Sets up threads, resolves/fetches the model, loads weights and tokenizer, checks the flags.
     pub fn load(&self) -> Result<Loaded> {
         if !KV_METHODS.contains(&self.kv.as_str()) {
-            bail!("unknown KV method '{}' (valid: {})", self.kv, KV_METHODS.join(", "));
+            bail!(
+                "unknown KV method '{}' (valid: {})",
+                self.kv,
+                KV_METHODS.join(", ")
+            );
         }
         let kv_dtype = KvDtype::parse(&self.kv_dtype)?;
         init_threads(self.threads)?;
         let path = crate::fetch::resolve_model(self.model.as_deref())?;
         let gguf = GgufFile::open(&path)?;
         let model = Model::from_gguf(&gguf)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf).with_context(|| format!("{}: tokenizer", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)
+            .with_context(|| format!("{}: tokenizer", path.display()))?;
         let mut session_cfg = SessionConfig::for_model(&model);
         session_cfg.kv_dtype = kv_dtype;
         if self.chunk_size == 0 {
@@ -166,7 +175,9 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     // A second call (tests) finds the pool already built; that is fine.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     Ok(())
 }
 

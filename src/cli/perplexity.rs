@@ -37,12 +37,19 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         Some(c) => &tokens[..(c * a.ctx).min(tokens.len())],
         None => &tokens[..],
     };
-    let bos = if l.tokenizer.add_bos() { l.tokenizer.bos_id() } else { None };
+    let bos = if l.tokenizer.add_bos() {
+        l.tokenizer.bos_id()
+    } else {
+        None
+    };
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
     let t0 = Instant::now();
     eprintln!("{} tokens, chunks of {}", tokens.len(), a.ctx);
     let (r, nlls) = perplexity(&mut session, tokens, a.ctx, bos, |i, n, ppl| {
-        eprintln!("[{i}/{n}] running PPL {ppl:.4}  ({:.1} s)", t0.elapsed().as_secs_f64());
+        eprintln!(
+            "[{i}/{n}] running PPL {ppl:.4}  ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
     })?;
     println!(
         "PPL = {:.4} +/- {:.4}  ({} chunks of {} tokens, {} tokens scored, {:.1} s)",
@@ -55,7 +62,8 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     );
     if let Some(p) = &a.nll_json {
         let j = serde_json::json!({ "result": r, "tokens": nlls });
-        std::fs::write(p, serde_json::to_string(&j)?).with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string(&j)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     session.stats.finish();
     eprintln!("{}", session.stats.line());

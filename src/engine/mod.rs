@@ -102,7 +102,12 @@ impl<'m> Session<'m> {
 
     /// Feeds `tokens` through the model in chunks. Calls `on_logits(index_in_tokens, logits)` for every index in
     /// `want` (a range of indices into `tokens`), chunk by chunk, without ever holding more than one chunk of logits.
-    pub fn feed<F: FnMut(usize, &[f32])>(&mut self, tokens: &[u32], want: std::ops::Range<usize>, mut on_logits: F) -> Result<()> {
+    pub fn feed<F: FnMut(usize, &[f32])>(
+        &mut self,
+        tokens: &[u32],
+        want: std::ops::Range<usize>,
+        mut on_logits: F,
+    ) -> Result<()> {
         if tokens.is_empty() {
             bail!("nothing to feed: the prompt is empty");
         }
@@ -120,7 +125,8 @@ impl<'m> Session<'m> {
             self.pos.extend(n0..n0 + (end - start) as u32);
             // Run the forward pass on a pool worker: parallel kernels started from inside the pool skip the
             // cross-thread hand-off that each call from an outside thread pays.
-            let (model, pos, cache, scratch) = (self.model, &self.pos, &mut self.cache, &mut self.scratch);
+            let (model, pos, cache, scratch) =
+                (self.model, &self.pos, &mut self.cache, &mut self.scratch);
             rayon::scope(|_| model.forward(&tokens[start..end], pos, cache, scratch));
             self.tokens.extend_from_slice(&tokens[start..end]);
             self.stats.note_kv(self.cache.peak_bytes());
@@ -134,7 +140,10 @@ impl<'m> Session<'m> {
                 let (model, scratch) = (self.model, &mut self.scratch);
                 rayon::scope(|_| model.logits(scratch, r - start..r_end - start));
                 for i in r..r_end {
-                    on_logits(i, &self.scratch.logits[(i - r) * vocab..(i - r + 1) * vocab]);
+                    on_logits(
+                        i,
+                        &self.scratch.logits[(i - r) * vocab..(i - r + 1) * vocab],
+                    );
                 }
                 r = r_end;
             }

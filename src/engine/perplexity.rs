@@ -42,7 +42,10 @@ pub fn perplexity(
     }
     let n_chunks = tokens.len() / ctx;
     if n_chunks == 0 {
-        bail!("the text has {} tokens, fewer than one chunk of --ctx {ctx}", tokens.len());
+        bail!(
+            "the text has {} tokens, fewer than one chunk of --ctx {ctx}",
+            tokens.len()
+        );
     }
     let first = ctx / 2;
     let mut nlls = Vec::with_capacity(n_chunks * (ctx - 1 - first));
@@ -74,7 +77,11 @@ pub fn perplexity(
     let mean = sum / n;
     let var = (sum2 / n - mean * mean).max(0.0);
     let ppl = mean.exp();
-    let se = if n > 1.0 { ppl * (var / (n - 1.0)).sqrt() } else { 0.0 };
+    let se = if n > 1.0 {
+        ppl * (var / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     Ok((
         PplResult {
             ctx,

@@ -30,10 +30,26 @@ impl Default for SamplerConfig {
 
 impl SamplerConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.temperature >= 0.0 && self.temperature.is_finite(), "--temperature must be ≥ 0, got {}", self.temperature);
-        anyhow::ensure!((0.0..=1.0).contains(&self.top_p), "--top-p must be in [0, 1], got {}", self.top_p);
-        anyhow::ensure!((0.0..=1.0).contains(&self.min_p), "--min-p must be in [0, 1], got {}", self.min_p);
-        anyhow::ensure!(self.repeat_penalty > 0.0, "--repeat-penalty must be > 0, got {}", self.repeat_penalty);
+        anyhow::ensure!(
+            self.temperature >= 0.0 && self.temperature.is_finite(),
+            "--temperature must be ≥ 0, got {}",
+            self.temperature
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.top_p),
+            "--top-p must be in [0, 1], got {}",
+            self.top_p
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.min_p),
+            "--min-p must be in [0, 1], got {}",
+            self.min_p
+        );
+        anyhow::ensure!(
+            self.repeat_penalty > 0.0,
+            "--repeat-penalty must be > 0, got {}",
+            self.repeat_penalty
+        );
         Ok(())
     }
 }
@@ -48,7 +64,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Self {
         let rng = cfg.seed ^ 0x9E37_79B9_7F4A_7C15;
-        Self { cfg, rng, cand: Vec::new() }
+        Self {
+            cfg,
+            rng,
+            cand: Vec::new(),
+        }
     }
 
     fn next_f32(&mut self) -> f32 {
@@ -68,7 +88,11 @@ impl Sampler {
             let start = history.len().saturating_sub(c.repeat_last_n);
             for &t in &history[start..] {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / c.repeat_penalty } else { *l * c.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / c.repeat_penalty
+                    } else {
+                        *l * c.repeat_penalty
+                    };
                 }
             }
         }
@@ -77,7 +101,8 @@ impl Sampler {
         }
         let (top_k, top_p, min_p, temp) = (c.top_k, c.top_p, c.min_p, c.temperature);
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
         let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
         if top_k > 0 && top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(top_k - 1, by_logit_desc);
@@ -191,7 +216,7 @@ mod tests {
         };
         let mut s = Sampler::new(cfg);
         for _ in 0..100 {
-            let x = s.sample(&mut vec![2.0, 2.0, -3.0, -3.0], &[]);
+            let x = s.sample(&mut [2.0, 2.0, -3.0, -3.0], &[]);
             assert!(x < 2);
         }
     }

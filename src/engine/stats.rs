@@ -62,7 +62,8 @@ impl Stats {
 
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let s = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, s + "\n").with_context(|| format!("cannot write stats to {}", path.display()))
+        std::fs::write(path, s + "\n")
+            .with_context(|| format!("cannot write stats to {}", path.display()))
     }
 }
 

@@ -106,7 +106,7 @@ impl GgmlType {
     /// Bytes taken by `n` elements, or None if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let (bs, bb) = self.block_layout()?;
-        if n % bs as u64 != 0 {
+        if !n.is_multiple_of(bs as u64) {
             return None;
         }
         (n / bs as u64).checked_mul(bb as u64)
@@ -340,7 +340,9 @@ impl<'a> Cursor<'a> {
                 let elem_ty = self.u32(key)?;
                 let n = self.u64(key)?;
                 if n > (self.buf.len() - self.pos) as u64 {
-                    return Err(self.corrupt(format!("metadata {key}: array of {n} elements exceeds file size")));
+                    return Err(self.corrupt(format!(
+                        "metadata {key}: array of {n} elements exceeds file size"
+                    )));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -395,7 +397,9 @@ impl GgufFile {
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         if n_tensors > mmap.len() as u64 || n_kv > mmap.len() as u64 {
-            return Err(c.corrupt(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
+            return Err(c.corrupt(format!(
+                "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
+            )));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -424,7 +428,9 @@ impl GgufFile {
             // Unknown types get size 0 here; using such a tensor is refused later with a clear message.
             let n_bytes = match ty.block_layout() {
                 Some(_) => ty.bytes_for(n_el).ok_or_else(|| {
-                    c.corrupt(format!("tensor {name}: {n_el} elements is not a whole number of {ty} blocks"))
+                    c.corrupt(format!(
+                        "tensor {name}: {n_el} elements is not a whole number of {ty} blocks"
+                    ))
                 })?,
                 None => 0,
             };
@@ -444,7 +450,9 @@ impl GgufFile {
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let len = mmap.len() as u64;
         for t in &tensors {
-            let end = data_offset.checked_add(t.offset).and_then(|o| o.checked_add(t.n_bytes));
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|o| o.checked_add(t.n_bytes));
             if end.is_none_or(|e| e > len) {
                 return Err(GgufError::Truncated {
                     path: path.clone(),
@@ -454,7 +462,11 @@ impl GgufFile {
                 });
             }
         }
-        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(Self {
             path,
             version,
@@ -492,13 +504,19 @@ impl GgufFile {
     }
 
     pub fn req_u64(&self, key: &str) -> anyhow::Result<u64> {
-        self.get(key).and_then(Value::as_u64).ok_or_else(|| self.missing(key, "an integer"))
+        self.get(key)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| self.missing(key, "an integer"))
     }
     pub fn req_f64(&self, key: &str) -> anyhow::Result<f64> {
-        self.get(key).and_then(Value::as_f64).ok_or_else(|| self.missing(key, "a number"))
+        self.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| self.missing(key, "a number"))
     }
     pub fn req_str(&self, key: &str) -> anyhow::Result<&str> {
-        self.get(key).and_then(Value::as_str).ok_or_else(|| self.missing(key, "a string"))
+        self.get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.missing(key, "a string"))
     }
     pub fn opt_u64(&self, key: &str) -> Option<u64> {
         self.get(key).and_then(Value::as_u64)

@@ -33,7 +33,8 @@ impl GgufWriter {
 
     /// Adds a tensor: `dims[0]` is the row length; `bytes` is already in `ty`'s block format.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, bytes: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), dims.to_vec(), ty, bytes));
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, bytes));
         self
     }
 

@@ -110,7 +110,8 @@ impl KvCache {
     /// Allocates blocks up front for `tokens` entries in every stream, so that filling them later allocates nothing.
     pub fn reserve(&mut self, tokens: usize) {
         let per_stream = tokens.div_ceil(self.cfg.block_tokens);
-        let have: usize = self.streams.iter().map(|s| s.blocks.len()).sum::<usize>() + self.free.len();
+        let have: usize =
+            self.streams.iter().map(|s| s.blocks.len()).sum::<usize>() + self.free.len();
         let want = per_stream * self.streams.len();
         for _ in have..want {
             let id = self.new_block();
@@ -177,7 +178,12 @@ impl KvCache {
     /// Appends `n` entries to every KV head of `layer`.
     /// `k`: n × (n_kv_heads · head_dim_k) row-major (the layout the K projection produces); `v` likewise.
     pub fn append(&mut self, layer: usize, pos: &[u32], k: &[f32], v: &[f32]) {
-        let (hk, hv, nh, bt) = (self.cfg.head_dim_k, self.cfg.head_dim_v, self.cfg.n_kv_heads, self.cfg.block_tokens);
+        let (hk, hv, nh, bt) = (
+            self.cfg.head_dim_k,
+            self.cfg.head_dim_v,
+            self.cfg.n_kv_heads,
+            self.cfg.block_tokens,
+        );
         let n = pos.len();
         debug_assert_eq!(k.len(), n * nh * hk);
         debug_assert_eq!(v.len(), n * nh * hv);
@@ -185,13 +191,15 @@ impl KvCache {
             let si = self.stream_index(layer, h);
             for t in 0..n {
                 let len = self.streams[si].len;
-                if len % bt == 0 && len / bt == self.streams[si].blocks.len() {
+                if len.is_multiple_of(bt) && len / bt == self.streams[si].blocks.len() {
                     let id = self.take_block();
                     self.streams[si].blocks.push(id);
                 }
                 let id = self.streams[si].blocks[len / bt] as usize;
                 let slot = len % bt;
-                let block = self.blocks[id].as_mut().expect("stream points at a live block");
+                let block = self.blocks[id]
+                    .as_mut()
+                    .expect("stream points at a live block");
                 block.pos[slot] = pos[t];
                 let krow = &k[(t * nh + h) * hk..][..hk];
                 let vrow = &v[(t * nh + h) * hv..][..hv];
@@ -221,7 +229,9 @@ impl KvCache {
         let s = &self.streams[self.stream_index(layer, head)];
         let bt = self.cfg.block_tokens;
         s.blocks.iter().enumerate().map(move |(i, &id)| {
-            let b = self.blocks[id as usize].as_ref().expect("stream points at a live block");
+            let b = self.blocks[id as usize]
+                .as_ref()
+                .expect("stream points at a live block");
             let n = (s.len - i * bt).min(bt);
             BlockView {
                 data: &b.data,

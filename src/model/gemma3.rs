@@ -11,8 +11,8 @@ use anyhow::{bail, Result};
 
 use super::llama::add_inplace;
 use super::{
-    apply_rope, gelu_tanh, load_matrix, load_vector, meta_usize, rmsnorm, rmsnorm_inplace, rope_tables,
-    warn_past_context, Arch,  ModelConfig, RopeStyle, Scratch,
+    apply_rope, gelu_tanh, load_matrix, load_vector, meta_usize, rmsnorm, rmsnorm_inplace,
+    rope_tables, warn_past_context, Arch, ModelConfig, RopeStyle, Scratch,
 };
 use crate::attention::{attend, AttnParams};
 use crate::gguf::GgufFile;
@@ -55,17 +55,34 @@ impl Gemma3 {
         let n_layers = meta_usize(g, a, "block_count")?;
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
-        let n_kv_heads = g.opt_u64("gemma3.attention.head_count_kv").map_or(n_heads, |v| v as usize);
-        let hd = g.opt_u64("gemma3.attention.key_length").map_or(dim / n_heads.max(1), |v| v as usize);
-        let hd_v = g.opt_u64("gemma3.attention.value_length").map_or(hd, |v| v as usize);
+        let n_kv_heads = g
+            .opt_u64("gemma3.attention.head_count_kv")
+            .map_or(n_heads, |v| v as usize);
+        let hd = g
+            .opt_u64("gemma3.attention.key_length")
+            .map_or(dim / n_heads.max(1), |v| v as usize);
+        let hd_v = g
+            .opt_u64("gemma3.attention.value_length")
+            .map_or(hd, |v| v as usize);
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || hd != hd_v {
             bail!("{}: unsupported head layout: {n_heads} heads, {n_kv_heads} KV heads, key {hd}, value {hd_v}", g.path.display());
         }
         let ffn_dim = meta_usize(g, a, "feed_forward_length")?;
-        let vocab = super::tensor(g, "token_embd.weight")?.dims.get(1).copied().unwrap_or(0) as usize;
-        let pattern = g.opt_u64("gemma3.attention.sliding_window_pattern").map_or(SWA_PATTERN, |v| v as usize).max(1);
-        let window = g.opt_u64("gemma3.attention.sliding_window").map(|w| w as u32);
-        let layer_is_local = (0..n_layers).map(|i| window.is_some() && i % pattern < pattern - 1).collect();
+        let vocab = super::tensor(g, "token_embd.weight")?
+            .dims
+            .get(1)
+            .copied()
+            .unwrap_or(0) as usize;
+        let pattern = g
+            .opt_u64("gemma3.attention.sliding_window_pattern")
+            .map_or(SWA_PATTERN, |v| v as usize)
+            .max(1);
+        let window = g
+            .opt_u64("gemma3.attention.sliding_window")
+            .map(|w| w as u32);
+        let layer_is_local = (0..n_layers)
+            .map(|i| window.is_some() && i % pattern < pattern - 1)
+            .collect();
         let cfg = ModelConfig {
             arch: Arch::Gemma3,
             name: g.opt_str("general.name").unwrap_or("gemma3").to_string(),
@@ -126,7 +143,10 @@ impl Gemma3 {
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.n_bytes()).sum::<usize>()
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.n_bytes())
+                    .sum::<usize>()
             })
             .sum();
         l + self.tok_embd.n_bytes()
@@ -135,7 +155,11 @@ impl Gemma3 {
     pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
         let c = &self.cfg;
         let n = tokens.len();
-        assert!(n <= s.cap, "chunk of {n} tokens exceeds scratch capacity {}", s.cap);
+        assert!(
+            n <= s.cap,
+            "chunk of {n} tokens exceeds scratch capacity {}",
+            s.cap
+        );
         warn_past_context(pos, c.ctx_len);
         let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim_k, c.n_heads, c.n_kv_heads, c.ffn_dim);
         let half = c.rope_dim / 2;
@@ -148,14 +172,29 @@ impl Gemma3 {
         }
         // Two RoPE tables: global layers (base 1e6, optionally linearly scaled) and local layers (base 1e4).
         let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]);
-        rope_tables(pos, c.rope_dim, c.rope_base, 1.0 / self.rope_scale_global, cos, sin);
-        let (cos, sin) = (&mut s.rope_cos_local[..n * half], &mut s.rope_sin_local[..n * half]);
+        rope_tables(
+            pos,
+            c.rope_dim,
+            c.rope_base,
+            1.0 / self.rope_scale_global,
+            cos,
+            sin,
+        );
+        let (cos, sin) = (
+            &mut s.rope_cos_local[..n * half],
+            &mut s.rope_sin_local[..n * half],
+        );
         rope_tables(pos, c.rope_dim, c.rope_base_local, 1.0, cos, sin);
 
         for (li, l) in self.layers.iter().enumerate() {
             let local = c.layer_is_local[li];
             // Attention block.
-            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], &l.attn_norm, c.rms_eps);
+            rmsnorm(
+                &mut s.xb[..n * dim],
+                &s.x[..n * dim],
+                &l.attn_norm,
+                c.rms_eps,
+            );
             let xb = &s.xb[..n * dim];
             matmul(&l.wq, xb, n, &mut s.q[..n * nh * hd], &mut s.mm); // q: n × nh·hd
             matmul(&l.wk, xb, n, &mut s.k[..n * nkv * hd], &mut s.mm); // k: n × nkv·hd
@@ -167,27 +206,75 @@ impl Gemma3 {
             } else {
                 (&s.rope_cos[..n * half], &s.rope_sin[..n * half])
             };
-            apply_rope(&mut s.q[..n * nh * hd], nh, hd, c.rope_style, cos, sin, c.rope_dim);
-            apply_rope(&mut s.k[..n * nkv * hd], nkv, hd, c.rope_style, cos, sin, c.rope_dim);
+            apply_rope(
+                &mut s.q[..n * nh * hd],
+                nh,
+                hd,
+                c.rope_style,
+                cos,
+                sin,
+                c.rope_dim,
+            );
+            apply_rope(
+                &mut s.k[..n * nkv * hd],
+                nkv,
+                hd,
+                c.rope_style,
+                cos,
+                sin,
+                c.rope_dim,
+            );
             cache.append(li, pos, &s.k[..n * nkv * hd], &s.v[..n * nkv * hd]);
             let params = AttnParams {
+                n_q_heads: nh,
                 scale: c.attn_scale,
                 window: if local { c.sliding_window } else { None },
                 softcap: None,
             };
-            attend(cache, li, &s.q[..n * nh * hd], pos, nh, &mut s.att[..n * nh * hd], &params, &mut s.attn);
-            matmul(&l.wo, &s.att[..n * nh * hd], n, &mut s.xo[..n * dim], &mut s.mm);
+            attend(
+                cache,
+                li,
+                &s.q[..n * nh * hd],
+                pos,
+                &mut s.att[..n * nh * hd],
+                &params,
+                &mut s.attn,
+            );
+            matmul(
+                &l.wo,
+                &s.att[..n * nh * hd],
+                n,
+                &mut s.xo[..n * dim],
+                &mut s.mm,
+            );
             rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_attn_norm, c.rms_eps);
             add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
 
             // Feed-forward block (GeGLU).
-            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], &l.ffn_norm, c.rms_eps);
-            matmul(&l.w_gate, &s.xb[..n * dim], n, &mut s.hb[..n * f], &mut s.mm); // hb: n × ffn
+            rmsnorm(
+                &mut s.xb[..n * dim],
+                &s.x[..n * dim],
+                &l.ffn_norm,
+                c.rms_eps,
+            );
+            matmul(
+                &l.w_gate,
+                &s.xb[..n * dim],
+                n,
+                &mut s.hb[..n * f],
+                &mut s.mm,
+            ); // hb: n × ffn
             matmul(&l.w_up, &s.xb[..n * dim], n, &mut s.hb2[..n * f], &mut s.mm); // hb2: n × ffn
             for (g, u) in s.hb[..n * f].iter_mut().zip(&s.hb2[..n * f]) {
                 *g = gelu_tanh(*g) * u;
             }
-            matmul(&l.w_down, &s.hb[..n * f], n, &mut s.xo[..n * dim], &mut s.mm);
+            matmul(
+                &l.w_down,
+                &s.hb[..n * f],
+                n,
+                &mut s.xo[..n * dim],
+                &mut s.mm,
+            );
             rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_ffn_norm, c.rms_eps);
             add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
         }
@@ -196,6 +283,14 @@ impl Gemma3 {
     /// Logits of rows `rows` of the last chunk (its residual stream is still in `s.x`) into `s.logits`.
     pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
         let c = &self.cfg;
-        super::output_logits(&self.out_norm, &self.tok_embd, c.rms_eps, c.dim, c.vocab, s, rows);
+        super::output_logits(
+            &self.out_norm,
+            &self.tok_embd,
+            c.rms_eps,
+            c.dim,
+            c.vocab,
+            s,
+            rows,
+        );
     }
 }

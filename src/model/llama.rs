@@ -8,8 +8,8 @@ use std::ops::Range;
 use anyhow::{bail, Result};
 
 use super::{
-    apply_rope, load_matrix, load_vector, meta_usize, rmsnorm, rope_tables, silu, warn_past_context, Arch, 
-    ModelConfig, RopeStyle, Scratch,
+    apply_rope, load_matrix, load_vector, meta_usize, rmsnorm, rope_tables, silu,
+    warn_past_context, Arch, ModelConfig, RopeStyle, Scratch,
 };
 use crate::attention::{attend, AttnParams};
 use crate::gguf::GgufFile;
@@ -43,15 +43,22 @@ impl Llama {
         let n_layers = meta_usize(g, a, "block_count")?;
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
-        let n_kv_heads = g.opt_u64("llama.attention.head_count_kv").map_or(n_heads, |v| v as usize);
+        let n_kv_heads = g
+            .opt_u64("llama.attention.head_count_kv")
+            .map_or(n_heads, |v| v as usize);
         if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
-            bail!("{}: inconsistent head counts: dim {dim}, {n_heads} heads, {n_kv_heads} KV heads", g.path.display());
+            bail!(
+                "{}: inconsistent head counts: dim {dim}, {n_heads} heads, {n_kv_heads} KV heads",
+                g.path.display()
+            );
         }
         let hd = dim / n_heads;
         let ffn_dim = meta_usize(g, a, "feed_forward_length")?;
         let emb = super::tensor(g, "token_embd.weight")?;
         let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
-        let rope_dim = g.opt_u64("llama.rope.dimension_count").map_or(hd, |v| v as usize);
+        let rope_dim = g
+            .opt_u64("llama.rope.dimension_count")
+            .map_or(hd, |v| v as usize);
         let cfg = ModelConfig {
             arch: Arch::Llama,
             name: g.opt_str("general.name").unwrap_or("llama").to_string(),
@@ -108,27 +115,45 @@ impl Llama {
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.n_bytes()).sum::<usize>()
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.n_bytes())
+                    .sum::<usize>()
                     + 4 * (l.attn_norm.len() + l.ffn_norm.len())
             })
             .sum();
-        l + self.tok_embd.n_bytes() + self.output.as_ref().map_or(0, |m| m.n_bytes()) + 4 * self.out_norm.len()
+        l + self.tok_embd.n_bytes()
+            + self.output.as_ref().map_or(0, |m| m.n_bytes())
+            + 4 * self.out_norm.len()
     }
 
     pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
         let c = &self.cfg;
         let n = tokens.len();
-        assert!(n <= s.cap, "chunk of {n} tokens exceeds scratch capacity {}", s.cap);
+        assert!(
+            n <= s.cap,
+            "chunk of {n} tokens exceeds scratch capacity {}",
+            s.cap
+        );
         warn_past_context(pos, c.ctx_len);
         let (dim, hd, nh, nkv) = (c.dim, c.head_dim_k, c.n_heads, c.n_kv_heads);
         let half = c.rope_dim / 2;
 
         // x: n × dim ← token embeddings
         for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd.dequantize_row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
+            self.tok_embd
+                .dequantize_row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
         }
-        rope_tables(pos, c.rope_dim, c.rope_base, 1.0, &mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]);
+        rope_tables(
+            pos,
+            c.rope_dim,
+            c.rope_base,
+            1.0,
+            &mut s.rope_cos[..n * half],
+            &mut s.rope_sin[..n * half],
+        );
         let params = AttnParams {
+            n_q_heads: nh,
             scale: c.attn_scale,
             window: None,
             softcap: None,
@@ -136,28 +161,80 @@ impl Llama {
 
         for (li, l) in self.layers.iter().enumerate() {
             // Attention block.
-            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], &l.attn_norm, c.rms_eps);
+            rmsnorm(
+                &mut s.xb[..n * dim],
+                &s.x[..n * dim],
+                &l.attn_norm,
+                c.rms_eps,
+            );
             let xb = &s.xb[..n * dim];
             matmul(&l.wq, xb, n, &mut s.q[..n * nh * hd], &mut s.mm); // q: n × nh·hd
             matmul(&l.wk, xb, n, &mut s.k[..n * nkv * hd], &mut s.mm); // k: n × nkv·hd
             matmul(&l.wv, xb, n, &mut s.v[..n * nkv * hd], &mut s.mm); // v: n × nkv·hd
             let (cos, sin) = (&s.rope_cos[..n * half], &s.rope_sin[..n * half]);
-            apply_rope(&mut s.q[..n * nh * hd], nh, hd, c.rope_style, cos, sin, c.rope_dim);
-            apply_rope(&mut s.k[..n * nkv * hd], nkv, hd, c.rope_style, cos, sin, c.rope_dim);
+            apply_rope(
+                &mut s.q[..n * nh * hd],
+                nh,
+                hd,
+                c.rope_style,
+                cos,
+                sin,
+                c.rope_dim,
+            );
+            apply_rope(
+                &mut s.k[..n * nkv * hd],
+                nkv,
+                hd,
+                c.rope_style,
+                cos,
+                sin,
+                c.rope_dim,
+            );
             cache.append(li, pos, &s.k[..n * nkv * hd], &s.v[..n * nkv * hd]);
-            attend(cache, li, &s.q[..n * nh * hd], pos, nh, &mut s.att[..n * nh * hd], &params, &mut s.attn);
-            matmul(&l.wo, &s.att[..n * nh * hd], n, &mut s.xo[..n * dim], &mut s.mm);
+            attend(
+                cache,
+                li,
+                &s.q[..n * nh * hd],
+                pos,
+                &mut s.att[..n * nh * hd],
+                &params,
+                &mut s.attn,
+            );
+            matmul(
+                &l.wo,
+                &s.att[..n * nh * hd],
+                n,
+                &mut s.xo[..n * dim],
+                &mut s.mm,
+            );
             add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
 
             // Feed-forward block.
-            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], &l.ffn_norm, c.rms_eps);
+            rmsnorm(
+                &mut s.xb[..n * dim],
+                &s.x[..n * dim],
+                &l.ffn_norm,
+                c.rms_eps,
+            );
             let f = c.ffn_dim;
-            matmul(&l.w_gate, &s.xb[..n * dim], n, &mut s.hb[..n * f], &mut s.mm); // hb: n × ffn
+            matmul(
+                &l.w_gate,
+                &s.xb[..n * dim],
+                n,
+                &mut s.hb[..n * f],
+                &mut s.mm,
+            ); // hb: n × ffn
             matmul(&l.w_up, &s.xb[..n * dim], n, &mut s.hb2[..n * f], &mut s.mm); // hb2: n × ffn
             for (g, u) in s.hb[..n * f].iter_mut().zip(&s.hb2[..n * f]) {
                 *g = silu(*g) * u;
             }
-            matmul(&l.w_down, &s.hb[..n * f], n, &mut s.xo[..n * dim], &mut s.mm);
+            matmul(
+                &l.w_down,
+                &s.hb[..n * f],
+                n,
+                &mut s.xo[..n * dim],
+                &mut s.mm,
+            );
             add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
         }
     }
@@ -165,7 +242,15 @@ impl Llama {
     /// Logits of rows `rows` of the last chunk (its residual stream is still in `s.x`) into `s.logits`.
     pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
         let c = &self.cfg;
-        super::output_logits(&self.out_norm, self.output.as_ref().unwrap_or(&self.tok_embd), c.rms_eps, c.dim, c.vocab, s, rows);
+        super::output_logits(
+            &self.out_norm,
+            self.output.as_ref().unwrap_or(&self.tok_embd),
+            c.rms_eps,
+            c.dim,
+            c.vocab,
+            s,
+            rows,
+        );
     }
 }
 

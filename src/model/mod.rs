@@ -206,14 +206,36 @@ impl Scratch {
 }
 
 /// Final norm and output projection for rows `rows` of the chunk in `s.x`.
-pub(crate) fn output_logits(norm: &[f32], out: &QMatrix, eps: f32, dim: usize, vocab: usize, s: &mut Scratch, rows: Range<usize>) {
+pub(crate) fn output_logits(
+    norm: &[f32],
+    out: &QMatrix,
+    eps: f32,
+    dim: usize,
+    vocab: usize,
+    s: &mut Scratch,
+    rows: Range<usize>,
+) {
     let nr = rows.len();
-    assert!(rows.end <= s.cap && nr * vocab <= s.logits.len(), "logit rows {rows:?} out of range");
+    assert!(
+        rows.end <= s.cap && nr * vocab <= s.logits.len(),
+        "logit rows {rows:?} out of range"
+    );
     if nr == 0 {
         return;
     }
-    rmsnorm(&mut s.xb[..nr * dim], &s.x[rows.start * dim..rows.end * dim], norm, eps);
-    matmul(out, &s.xb[..nr * dim], nr, &mut s.logits[..nr * vocab], &mut s.mm);
+    rmsnorm(
+        &mut s.xb[..nr * dim],
+        &s.x[rows.start * dim..rows.end * dim],
+        norm,
+        eps,
+    );
+    matmul(
+        out,
+        &s.xb[..nr * dim],
+        nr,
+        &mut s.logits[..nr * vocab],
+        &mut s.mm,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -242,16 +264,26 @@ pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) ->
 pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
     let t = tensor(g, name)?;
     if t.n_elements() as usize != len {
-        bail!("{}: tensor {name} has {} elements, expected {len}", g.path.display(), t.n_elements());
+        bail!(
+            "{}: tensor {name} has {} elements, expected {len}",
+            g.path.display(),
+            t.n_elements()
+        );
     }
     let b = g.tensor_bytes(t);
     match t.ty {
-        GgmlType::F32 => Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        GgmlType::F32 => Ok(b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
         GgmlType::F16 => Ok(b
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect()),
-        ty => bail!("{}: tensor {name} has type {ty}, expected F32 or F16", g.path.display()),
+        ty => bail!(
+            "{}: tensor {name} has type {ty}, expected F32 or F16",
+            g.path.display()
+        ),
     }
 }
 
@@ -289,7 +321,14 @@ pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
 /// Fills cos/sin tables (n_tok × rope_dim/2) for positions `pos` with angles pos · freq_scale · base^(−2i/rope_dim)
 /// (freq_scale < 1 is linear RoPE scaling). Angles are computed in f64 and rounded once, so there is no cap on
 /// positions and no drift at large ones.
-pub fn rope_tables(pos: &[u32], rope_dim: usize, base: f32, freq_scale: f32, cos: &mut [f32], sin: &mut [f32]) {
+pub fn rope_tables(
+    pos: &[u32],
+    rope_dim: usize,
+    base: f32,
+    freq_scale: f32,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
     let half = rope_dim / 2;
     for (t, &p) in pos.iter().enumerate() {
         for i in 0..half {
@@ -302,7 +341,15 @@ pub fn rope_tables(pos: &[u32], rope_dim: usize, base: f32, freq_scale: f32, cos
 }
 
 /// Rotates every head of every token. `x`: n_tok × n_heads × head_dim; the first rope_dim dims of a head rotate.
-pub fn apply_rope(x: &mut [f32], n_heads: usize, head_dim: usize, style: RopeStyle, cos: &[f32], sin: &[f32], rope_dim: usize) {
+pub fn apply_rope(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+    cos: &[f32],
+    sin: &[f32],
+    rope_dim: usize,
+) {
     let half = rope_dim / 2;
     for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
         let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
@@ -342,6 +389,9 @@ pub(crate) fn warn_past_context(pos: &[u32], ctx_len: usize) {
     use std::sync::atomic::{AtomicBool, Ordering};
     static WARNED: AtomicBool = AtomicBool::new(false);
     if pos.last().is_some_and(|&p| p as usize >= ctx_len) && !WARNED.swap(true, Ordering::Relaxed) {
-        eprintln!("warning: position {} is past the model's trained context of {ctx_len} tokens", pos[pos.len() - 1]);
+        eprintln!(
+            "warning: position {} is past the model's trained context of {ctx_len} tokens",
+            pos[pos.len() - 1]
+        );
     }
 }

@@ -54,7 +54,10 @@ impl Rng {
 pub fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     match ty {
         GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        GgmlType::F16 => x
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
         GgmlType::Q8_0 => {
             let mut out = Vec::with_capacity(x.len() / 32 * 34);
             for b in x.chunks(32) {
@@ -72,7 +75,10 @@ pub fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 
 /// GPT-2's byte → printable char map (what byte-level BPE vocabularies are written in).
 pub fn byte_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -99,7 +105,12 @@ fn gpt2_vocab(w: &mut GgufWriter) -> usize {
     tokens.push("<|im_end|>".into());
     types.push(3);
     let sp = map[b' ' as usize];
-    let merges = [format!("{sp} t"), "h e".into(), format!("{sp}t he"), "i n".into()];
+    let merges = [
+        format!("{sp} t"),
+        "h e".into(),
+        format!("{sp}t he"),
+        "i n".into(),
+    ];
     for m in &merges {
         tokens.push(m.replace(' ', ""));
         types.push(1);
@@ -107,9 +118,18 @@ fn gpt2_vocab(w: &mut GgufWriter) -> usize {
     let n = tokens.len();
     w.meta("tokenizer.ggml.model", Value::String("gpt2".into()));
     w.meta("tokenizer.ggml.pre", Value::String("smollm".into()));
-    w.meta("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect()));
-    w.meta("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect()));
-    w.meta("tokenizer.ggml.merges", Value::Array(merges.into_iter().map(Value::String).collect()));
+    w.meta(
+        "tokenizer.ggml.tokens",
+        Value::Array(tokens.into_iter().map(Value::String).collect()),
+    );
+    w.meta(
+        "tokenizer.ggml.token_type",
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    );
+    w.meta(
+        "tokenizer.ggml.merges",
+        Value::Array(merges.into_iter().map(Value::String).collect()),
+    );
     w.meta("tokenizer.ggml.bos_token_id", Value::U32(256));
     w.meta("tokenizer.ggml.eos_token_id", Value::U32(257));
     w.meta("tokenizer.ggml.add_bos_token", Value::Bool(false));
@@ -132,7 +152,10 @@ pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
     w.meta(&a("embedding_length"), Value::U32(s.dim as u32));
     w.meta(&a("feed_forward_length"), Value::U32(s.ffn_dim as u32));
     w.meta(&a("attention.head_count"), Value::U32(s.n_heads as u32));
-    w.meta(&a("attention.head_count_kv"), Value::U32(s.n_kv_heads as u32));
+    w.meta(
+        &a("attention.head_count_kv"),
+        Value::U32(s.n_kv_heads as u32),
+    );
     w.meta(&a("rope.freq_base"), Value::F32(10000.0));
     w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
     w.meta(&a("rope.dimension_count"), Value::U32(s.head_dim as u32));
@@ -153,7 +176,9 @@ pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
         mat(&mut w, &n("ffn_gate"), f, d, wt);
         mat(&mut w, &n("ffn_up"), f, d, wt);
         mat(&mut w, &n("ffn_down"), d, f, wt);
-        let ones: Vec<f32> = (0..d).map(|j| 1.0 + 0.1 * ((j % 7) as f32 - 3.0) / 3.0).collect();
+        let ones: Vec<f32> = (0..d)
+            .map(|j| 1.0 + 0.1 * ((j % 7) as f32 - 3.0) / 3.0)
+            .collect();
         w.tensor_f32(&n("attn_norm"), &[d as u64], &ones);
         w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
     }
@@ -173,7 +198,10 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
     w.meta(&a("embedding_length"), Value::U32(s.dim as u32));
     w.meta(&a("feed_forward_length"), Value::U32(s.ffn_dim as u32));
     w.meta(&a("attention.head_count"), Value::U32(s.n_heads as u32));
-    w.meta(&a("attention.head_count_kv"), Value::U32(s.n_kv_heads as u32));
+    w.meta(
+        &a("attention.head_count_kv"),
+        Value::U32(s.n_kv_heads as u32),
+    );
     w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
     w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
     w.meta(&a("attention.sliding_window"), Value::U32(window));
@@ -196,8 +224,17 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
         mat(&mut w, &n("ffn_gate"), f, d, wt);
         mat(&mut w, &n("ffn_up"), f, d, wt);
         mat(&mut w, &n("ffn_down"), d, f, wt);
-        let ones = |n: usize| -> Vec<f32> { (0..n).map(|j| 1.0 + 0.1 * ((j % 5) as f32 - 2.0) / 2.0).collect() };
-        for norm in ["attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"] {
+        let ones = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|j| 1.0 + 0.1 * ((j % 5) as f32 - 2.0) / 2.0)
+                .collect()
+        };
+        for norm in [
+            "attn_norm",
+            "post_attention_norm",
+            "ffn_norm",
+            "post_ffw_norm",
+        ] {
             w.tensor_f32(&n(norm), &[d as u64], &ones(d));
         }
         w.tensor_f32(&n("attn_q_norm"), &[hd as u64], &ones(hd));
