@@ -44,7 +44,6 @@ struct TaskBuf {
     acc: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
-    s: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
 }
@@ -115,34 +114,39 @@ pub fn attend(
             .resize_with(scratch.tasks.len(), TaskBuf::default);
     }
     for b in &mut scratch.bufs[..scratch.tasks.len()] {
-        if b.acc.len() < rows_max * sh.hv
-            || b.k.len() < sh.bt * sh.hk
-            || b.v.len() < sh.bt * sh.hv
-            || b.s.len() < rows_max * sh.bt
+        if b.acc.len() < rows_max * sh.hv || b.k.len() < sh.bt * sh.hk || b.v.len() < sh.bt * sh.hv
         {
             b.acc.resize(rows_max * sh.hv, 0.0);
             b.m.resize(rows_max, 0.0);
             b.l.resize(rows_max, 0.0);
-            b.s.resize(rows_max * sh.bt, 0.0);
             b.k.resize(sh.bt * sh.hk, 0.0);
             b.v.resize(sh.bt * sh.hv, 0.0);
         }
     }
 
     let tasks = &scratch.tasks;
-    let use_avx2 = simd_available();
+    let simd = simd_available();
+    let bt = sh.bt;
     scratch.bufs[..tasks.len()]
         .par_iter_mut()
         .zip(tasks.par_iter())
         .for_each(|(buf, task)| {
-            if use_avx2 {
-                // SAFETY: the CPU supports AVX2, FMA and F16C (checked by simd_available).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    run_task_avx2(cache, layer, q, q_pos, &sh, p, task, buf)
-                }
-            } else {
-                run_task(cache, layer, q, q_pos, &sh, p, task, buf)
+            let a = TaskArgs {
+                cache,
+                layer,
+                q,
+                q_pos,
+                sh: &sh,
+                p,
+                task,
+            };
+            match bt {
+                4 => run_dispatch::<4>(simd, &a, buf),
+                8 => run_dispatch::<8>(simd, &a, buf),
+                16 => run_dispatch::<16>(simd, &a, buf),
+                32 => run_dispatch::<32>(simd, &a, buf),
+                64 => run_dispatch::<64>(simd, &a, buf),
+                _ => unreachable!("KvCache::new accepts only block sizes in BLOCK_TOKEN_CHOICES"),
             }
         });
 
@@ -202,20 +206,33 @@ fn simd_available() -> bool {
     false
 }
 
+/// Everything a task reads.
+struct TaskArgs<'a> {
+    cache: &'a KvCache,
+    layer: usize,
+    q: &'a [f32],
+    q_pos: &'a [u32],
+    sh: &'a Shape,
+    p: &'a AttnParams,
+    task: &'a Task,
+}
+
+fn run_dispatch<const BT: usize>(simd: bool, a: &TaskArgs, buf: &mut TaskBuf) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked by simd_available).
+        unsafe { run_task_avx2::<BT>(a, buf) };
+        return;
+    }
+    let _ = simd;
+    run_task::<BT>(a, buf)
+}
+
+/// The same code as `run_task`, compiled with AVX2/FMA/F16C enabled so its loops vectorize 8 lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_task_avx2(
-    cache: &KvCache,
-    layer: usize,
-    q: &[f32],
-    q_pos: &[u32],
-    sh: &Shape,
-    p: &AttnParams,
-    task: &Task,
-    buf: &mut TaskBuf,
-) {
-    run_task(cache, layer, q, q_pos, sh, p, task, buf)
+unsafe fn run_task_avx2<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
+    run_task::<BT>(a, buf)
 }
 
 /// e^x for x ≤ 0 (scores minus their running max), written so LLVM vectorizes it: range reduction to
@@ -242,19 +259,11 @@ fn exp_neg(x: f32) -> f32 {
 
 /// One task: rows = (query token in tile) × (query head in the KV head's group). Leaves unnormalized output in
 /// `buf.acc`, the running max in `buf.m` and the running sum of exp in `buf.l` (0 when no key was visible).
+/// `BT` = tokens per KV block, a constant so the block's scores live in registers.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn run_task(
-    cache: &KvCache,
-    layer: usize,
-    q: &[f32],
-    q_pos: &[u32],
-    sh: &Shape,
-    p: &AttnParams,
-    task: &Task,
-    buf: &mut TaskBuf,
-) {
-    let (hk, hv, g, bt) = (sh.hk, sh.hv, sh.group, sh.bt);
+fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
+    let (cache, layer, q, q_pos, sh, p, task) = (a.cache, a.layer, a.q, a.q_pos, a.sh, a.p, a.task);
+    let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
     let rows = (task.t1 - task.t0) * g;
     let acc = &mut buf.acc[..rows * hv];
     acc.fill(0.0);
@@ -279,14 +288,14 @@ fn run_task(
                 continue; // the whole block is outside every row's window
             }
         }
-        // kt: hk × bt (keys transposed), vb: bt × hv, as f32.
+        // kt: hk × BT (keys transposed), vb: n × hv, as f32.
         let (kt, vb): (&[f32], &[f32]) = match blk.data {
             BlockData::F16 { k, v } => {
-                k.convert_to_f32_slice(&mut buf.k[..hk * bt]);
+                k.convert_to_f32_slice(&mut buf.k[..hk * BT]);
                 v[..n * hv].convert_to_f32_slice(&mut buf.v[..n * hv]);
-                (&buf.k[..hk * bt], &buf.v[..n * hv])
+                (&buf.k[..hk * BT], &buf.v[..n * hv])
             }
-            BlockData::F32 { k, v } => (&k[..hk * bt], &v[..n * hv]),
+            BlockData::F32 { k, v } => (&k[..hk * BT], &v[..n * hv]),
         };
         // Every key of the block visible to every row of the tile? Then skip per-key masking.
         let all_visible =
@@ -295,14 +304,14 @@ fn run_task(
             let t = task.t0 + r / g;
             let qpos = tile_pos[r / g];
             let qr = &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk];
-            // s[j] = scale · q·k_j, vectorized over the block's keys.
-            let s = &mut buf.s[r * bt..][..bt];
-            s.fill(0.0);
-            for (d, &qd) in qr.iter().enumerate() {
-                for (sj, kj) in s.iter_mut().zip(&kt[d * bt..(d + 1) * bt]) {
-                    *sj += qd * kj;
+            // s[j] = q·k_j for the block's keys: one broadcast-FMA per key column, accumulators in registers.
+            let mut sc = [0.0f32; BT];
+            for (col, &qd) in kt.chunks_exact(BT).zip(qr) {
+                for j in 0..BT {
+                    sc[j] += qd * col[j];
                 }
             }
+            let s = &mut sc[..n];
             let s = &mut s[..n];
             let mut blk_max = f32::NEG_INFINITY;
             for (j, sj) in s.iter_mut().enumerate() {
@@ -334,12 +343,24 @@ fn run_task(
             if alpha != 1.0 {
                 a.iter_mut().for_each(|x| *x *= alpha);
             }
-            for (j, &pj) in s.iter().enumerate() {
-                if pj != 0.0 {
-                    for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
-                        *ad += pj * vv;
-                    }
+            // acc += Σ_j p_j · v_j, four keys per pass over the accumulator.
+            let mut quads = s.chunks_exact(4);
+            let mut j = 0;
+            for pq in quads.by_ref() {
+                let v0 = &vb[j * hv..][..hv];
+                let v1 = &vb[(j + 1) * hv..][..hv];
+                let v2 = &vb[(j + 2) * hv..][..hv];
+                let v3 = &vb[(j + 3) * hv..][..hv];
+                for d in 0..hv {
+                    a[d] += pq[0] * v0[d] + pq[1] * v1[d] + pq[2] * v2[d] + pq[3] * v3[d];
                 }
+                j += 4;
+            }
+            for &pj in quads.remainder() {
+                for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
+                    *ad += pj * vv;
+                }
+                j += 1;
             }
             buf.m[r] = m_new;
             buf.l[r] = buf.l[r] * alpha + l;
@@ -569,11 +590,19 @@ mod tests {
             acc: vec![0.0; 16],
             m: vec![0.0; 2],
             l: vec![0.0; 2],
-            s: vec![0.0; 8],
             k: vec![0.0; 32],
             v: vec![0.0; 32],
         };
-        run_task(&cache, 0, &q[..16], &q_pos[..1], &sh, &p, &task, &mut buf);
+        let a = TaskArgs {
+            cache: &cache,
+            layer: 0,
+            q: &q[..16],
+            q_pos: &q_pos[..1],
+            sh: &sh,
+            p: &p,
+            task: &task,
+        };
+        run_task::<4>(&a, &mut buf);
         let want = naive_attention(&cache, 0, &q[..16], &q_pos[..1], &p);
         for r in 0..2 {
             for d in 0..8 {

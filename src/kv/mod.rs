@@ -94,8 +94,17 @@ pub struct KvCache {
     peak_bytes: usize,
 }
 
+/// Block sizes the attention kernel is compiled for.
+pub const BLOCK_TOKEN_CHOICES: [usize; 5] = [4, 8, 16, 32, 64];
+
 impl KvCache {
+    /// Panics if `cfg.block_tokens` is not one of [`BLOCK_TOKEN_CHOICES`] (a programming error, not user input).
     pub fn new(cfg: KvConfig) -> Self {
+        assert!(
+            BLOCK_TOKEN_CHOICES.contains(&cfg.block_tokens),
+            "block_tokens {} not in {BLOCK_TOKEN_CHOICES:?}",
+            cfg.block_tokens
+        );
         let streams = vec![Stream::default(); cfg.n_layers * cfg.n_kv_heads];
         Self {
             cfg,
