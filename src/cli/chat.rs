@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::{ModelArgs, SamplingArgs};
 use crate::engine::{Sampler, Session};
-use crate::tokenizer::chat::{ChatMessage, ChatTemplate};
+use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
 
 #[derive(Args, Debug)]
@@ -29,7 +29,7 @@ pub struct ChatArgs {
 pub fn run(a: ChatArgs) -> Result<()> {
     let sampler_cfg = a.sampling.config()?;
     let l = a.model.load()?;
-    let tpl = ChatTemplate::from_gguf(&l.gguf)?;
+    let tpl = l.chat_template()?;
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
     let mut sampler = Sampler::new(sampler_cfg);
     let mut messages: Vec<ChatMessage> = Vec::new();

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::{read_text_file, ModelArgs, SamplingArgs};
 use crate::engine::{Sampler, Session};
-use crate::tokenizer::chat::{ChatMessage, ChatTemplate};
+use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
 
 #[derive(Args, Debug)]
@@ -51,7 +51,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let l = a.model.load()?;
     let prompt = if a.chat {
-        let tpl = ChatTemplate::from_gguf(&l.gguf)?;
+        let tpl = l.chat_template()?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(ChatMessage::new("system", s));

@@ -15,6 +15,7 @@ use crate::engine::{SamplerConfig, SessionConfig};
 use crate::gguf::GgufFile;
 use crate::kv::KvDtype;
 use crate::model::Model;
+use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Parser)]
@@ -116,10 +117,12 @@ impl SamplingArgs {
 /// KV methods the CLI knows by name.
 pub const KV_METHODS: &[&str] = &["full"];
 
-/// A loaded model with its tokenizer and the session settings the flags ask for.
+/// A loaded model with its tokenizer and the session settings the flags ask for. The GGUF file itself is closed
+/// once the weights are copied out, so its mapped pages do not count twice in memory.
 pub struct Loaded {
-    pub gguf: GgufFile,
     pub model: Model,
+    /// The model's chat template, or why it has none (reported only if a command needs it).
+    pub chat_template: std::result::Result<ChatTemplate, String>,
     pub tokenizer: Tokenizer,
     pub session_cfg: SessionConfig,
 }
@@ -139,6 +142,7 @@ impl ModelArgs {
         let path = crate::fetch::resolve_model(self.model.as_deref())?;
         let gguf = GgufFile::open(&path)?;
         let model = Model::from_gguf(&gguf)?;
+        let chat_template = ChatTemplate::from_gguf(&gguf).map_err(|e| format!("{e:#}"));
         let tokenizer = Tokenizer::from_gguf(&gguf)
             .with_context(|| format!("{}: tokenizer", path.display()))?;
         let mut session_cfg = SessionConfig::for_model(&model);
@@ -159,12 +163,21 @@ impl ModelArgs {
             }
             session_cfg.max_context = mc;
         }
+        drop(gguf);
         Ok(Loaded {
-            gguf,
             model,
+            chat_template,
             tokenizer,
             session_cfg,
         })
+    }
+}
+
+impl Loaded {
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.chat_template
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 

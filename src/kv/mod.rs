@@ -270,6 +270,42 @@ impl KvCache {
         }
     }
 
+    /// Keeps only the entries of (layer, KV head) for which `keep(index, position)` is true, in order, and returns
+    /// whole blocks emptied at the end to the free list. Other heads are untouched, so heads can hold different
+    /// numbers of tokens: this is how eviction methods drop entries from one head only.
+    pub fn retain(&mut self, layer: usize, head: usize, mut keep: impl FnMut(usize, u32) -> bool) {
+        let (hk, hv, bt) = (
+            self.cfg.head_dim_k,
+            self.cfg.head_dim_v,
+            self.cfg.block_tokens,
+        );
+        let si = self.stream_index(layer, head);
+        let len = self.streams[si].len;
+        let mut kbuf = vec![0.0f32; hk];
+        let mut vbuf = vec![0.0f32; hv];
+        let mut w = 0;
+        for i in 0..len {
+            let (src_id, src_slot) = (self.streams[si].blocks[i / bt] as usize, i % bt);
+            let pos = self.blocks[src_id].as_ref().expect("live block").pos[src_slot];
+            if !keep(i, pos) {
+                continue;
+            }
+            if w != i {
+                let src = self.blocks[src_id].as_ref().expect("live block");
+                read_entry(src, src_slot, bt, &mut kbuf, &mut vbuf);
+                let dst_id = self.streams[si].blocks[w / bt] as usize;
+                let dst = self.blocks[dst_id].as_mut().expect("live block");
+                write_entry(dst, w % bt, bt, &kbuf, &vbuf);
+                dst.pos[w % bt] = pos;
+            }
+            w += 1;
+        }
+        let s = &mut self.streams[si];
+        s.len = w;
+        let freed: Vec<u32> = s.blocks.drain(w.div_ceil(bt)..).collect();
+        self.free.extend(freed);
+    }
+
     pub fn clear(&mut self) {
         self.truncate(0);
     }
@@ -298,6 +334,47 @@ impl KvCache {
 
     pub fn reset_peak(&mut self) {
         self.peak_bytes = self.bytes();
+    }
+}
+
+fn read_entry(b: &Block, slot: usize, bt: usize, k: &mut [f32], v: &mut [f32]) {
+    let hv = v.len();
+    match &b.data {
+        BlockData::F16 { k: bk, v: bv } => {
+            for (d, x) in k.iter_mut().enumerate() {
+                *x = bk[d * bt + slot].to_f32();
+            }
+            for (x, y) in v.iter_mut().zip(&bv[slot * hv..][..hv]) {
+                *x = y.to_f32();
+            }
+        }
+        BlockData::F32 { k: bk, v: bv } => {
+            for (d, x) in k.iter_mut().enumerate() {
+                *x = bk[d * bt + slot];
+            }
+            v.copy_from_slice(&bv[slot * hv..][..hv]);
+        }
+    }
+}
+
+/// Writes one entry; f16 → f32 → f16 round trips exactly, so moving entries loses nothing.
+fn write_entry(b: &mut Block, slot: usize, bt: usize, k: &[f32], v: &[f32]) {
+    let hv = v.len();
+    match &mut b.data {
+        BlockData::F16 { k: bk, v: bv } => {
+            for (d, x) in k.iter().enumerate() {
+                bk[d * bt + slot] = f16::from_f32(*x);
+            }
+            for (y, x) in bv[slot * hv..][..hv].iter_mut().zip(v) {
+                *y = f16::from_f32(*x);
+            }
+        }
+        BlockData::F32 { k: bk, v: bv } => {
+            for (d, x) in k.iter().enumerate() {
+                bk[d * bt + slot] = *x;
+            }
+            bv[slot * hv..][..hv].copy_from_slice(v);
+        }
     }
 }
 
@@ -351,6 +428,47 @@ mod tests {
             c.trim();
             assert_eq!(c.bytes(), before - 2 * c.cfg.block_bytes());
             assert!(c.peak_bytes() >= before);
+        }
+    }
+
+    #[test]
+    fn retain_drops_entries_from_one_head_only() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let mut c = KvCache::new(cfg(dtype));
+            let n = 11;
+            let pos: Vec<u32> = (0..n as u32).collect();
+            let k: Vec<f32> = (0..n * 2 * 4).map(|i| i as f32).collect();
+            let v: Vec<f32> = (0..n * 2 * 3).map(|i| 1000.0 + i as f32).collect();
+            c.append(0, &pos, &k, &v);
+            let before = c.bytes();
+            // Keep positions 0, 3, 6, 9 of head 1.
+            c.retain(0, 1, |_, p| p % 3 == 0);
+            assert_eq!(c.len(0, 1), 4);
+            assert_eq!(c.len(0, 0), 11);
+            let mut got = Vec::new();
+            for b in c.blocks(0, 1) {
+                for i in 0..b.n {
+                    let (k1, v2) = match b.data {
+                        BlockData::F16 { k, v } => (k[4 + i].to_f32(), v[i * 3 + 2].to_f32()),
+                        BlockData::F32 { k, v } => (k[4 + i], v[i * 3 + 2]),
+                    };
+                    got.push((b.pos[i], k1, v2));
+                }
+            }
+            let want: Vec<(u32, f32, f32)> = [0u32, 3, 6, 9]
+                .iter()
+                .map(|&p| {
+                    (
+                        p,
+                        ((p as usize * 2 + 1) * 4 + 1) as f32,
+                        1000.0 + ((p as usize * 2 + 1) * 3 + 2) as f32,
+                    )
+                })
+                .collect();
+            assert_eq!(got, want);
+            // Head 1 went from 3 blocks to 1: two blocks are free, and trim returns them.
+            c.trim();
+            assert_eq!(c.bytes(), before - 2 * c.cfg.block_bytes());
         }
     }
 

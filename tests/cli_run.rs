@@ -1,0 +1,203 @@
+//! The commands end to end on a tiny random-weight model the test writes itself.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use hayloft::model::testutil::{write_tiny_llama, TinySpec};
+
+fn tiny() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_llama(&p, &TinySpec::default()).unwrap();
+    let s = p.to_string_lossy().into_owned();
+    (dir, s)
+}
+
+fn hayloft() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hayloft"))
+}
+
+#[test]
+fn generate_streams_and_writes_stats_json() {
+    let (dir, model) = tiny();
+    let stats = dir.path().join("stats.json");
+    let out = hayloft()
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "-p",
+            "the cat",
+            "-n",
+            "8",
+            "--temperature",
+            "0",
+            "-t",
+            "2",
+        ])
+        .arg("--stats-json")
+        .arg(&stats)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("[stats]"), "{stderr}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    for key in [
+        "prompt_tokens",
+        "generated_tokens",
+        "ttft_ms",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_kv_bytes",
+        "peak_rss_bytes",
+        "threads",
+    ] {
+        assert!(j.get(key).is_some(), "stats JSON lacks {key}: {j}");
+    }
+    assert_eq!(j["threads"], 2);
+    assert!(j["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(j["generated_tokens"].as_u64().unwrap() <= 8);
+    assert!(j["peak_kv_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn greedy_generation_is_deterministic() {
+    let (dir, model) = tiny();
+    let run = || {
+        let out = hayloft()
+            .args([
+                "generate",
+                "--model",
+                &model,
+                "-p",
+                "in the",
+                "-n",
+                "12",
+                "--temperature",
+                "0",
+            ])
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn chat_reuses_the_cache_of_previous_turns() {
+    let (dir, model) = tiny();
+    let mut child = hayloft()
+        .args(["chat", "--model", &model, "-n", "4", "--temperature", "0"])
+        .env("HAYLOFT_HOME", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello there\nand again\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let turns: Vec<&str> = stderr.lines().filter(|l| l.starts_with("[turn]")).collect();
+    assert_eq!(turns.len(), 2, "{stderr}");
+    assert!(turns[0].contains("reused 0 cached tokens"), "{}", turns[0]);
+    // The second turn's prompt starts with the whole first exchange: that part must come from the cache.
+    let reused: usize = turns[1]
+        .split("reused ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        reused >= 10,
+        "second turn reused only {reused} tokens: {}",
+        turns[1]
+    );
+}
+
+#[test]
+fn perplexity_runs_and_writes_per_token_nll() {
+    let (dir, model) = tiny();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "the theme in the thin tin then ".repeat(20)).unwrap();
+    let nll = dir.path().join("nll.json");
+    let out = hayloft()
+        .args(["perplexity", "--model", &model, "--ctx", "64"])
+        .arg("--file")
+        .arg(&text)
+        .arg("--nll-json")
+        .arg(&nll)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("PPL = "), "{stdout}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&nll).unwrap()).unwrap();
+    let toks = j["tokens"].as_array().unwrap();
+    let chunks = j["result"]["n_chunks"].as_u64().unwrap() as usize;
+    // Each chunk scores positions ctx/2+1 .. ctx-1.
+    assert_eq!(toks.len(), chunks * 31);
+    assert_eq!(toks[0]["pos"], 33);
+}
+
+#[test]
+fn info_and_bench_speed_run() {
+    let (dir, model) = tiny();
+    let out = hayloft()
+        .args(["info", &model])
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        s.contains("architecture:  llama") && s.contains("KV per token"),
+        "{s}"
+    );
+    let json = dir.path().join("b.json");
+    let out = hayloft()
+        .args([
+            "bench",
+            "speed",
+            "--model",
+            &model,
+            "--contexts",
+            "64,128",
+            "--reps",
+            "1",
+            "--n-gen",
+            "4",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = j["results"].as_array().unwrap();
+    // prefill 64, 128; decode 0, 64, 128
+    assert_eq!(rows.len(), 5);
+    assert!(rows.iter().all(|r| r["tok_s"].as_f64().unwrap() > 0.0));
+}
