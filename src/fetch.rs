@@ -146,9 +146,18 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
     }
     fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the model cache {}", dir.display()))?;
-    let dl = dir.join(format!(".download-{}", m.name));
+    // Unique scratch names: concurrent fetches (parallel tests, two shells) each finish their own copy and the
+    // final rename is atomic, so nobody ever reads a half-written model.
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let dl = dir.join(format!(".download-{}-{nonce}", m.name));
     fs::create_dir_all(&dl)?;
-    let tmp = dir.join(format!(".{}.partial", m.file));
+    let tmp = dir.join(format!(".{}.partial-{nonce}", m.file));
     let mut out =
         fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     for (pkg, member) in m.parts {

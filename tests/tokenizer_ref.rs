@@ -2,12 +2,11 @@
 //! tests/fixtures/tokenizer_ref.json (made by tests/fixtures/gen_tokenizer_ref.py), lossless round trips,
 //! streaming decode, end-of-generation ids, every token's bytes, and the SmolLM2 chat template.
 //!
-//! Models are looked up in $HAYLOFT_MODEL_DIR, else /tmp/models, else fetched into $HAYLOFT_HOME (tests/common);
+//! Models are fetched into $HAYLOFT_HOME on first use (tests/common);
 //! a model that cannot be had skips its test with a note (a failure under HAYLOFT_REQUIRE_MODELS=1).
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use hayloft::gguf::GgufFile;
@@ -22,21 +21,10 @@ fn fixture(key: &str) -> Value {
     v["models"][key].clone()
 }
 
-/// The model file named `file` (known to tests/common as `name`).
+/// The model known to tests/common as `name` (fetched and SHA-256-verified into $HAYLOFT_HOME).
 fn open(file: &str, name: &str) -> Option<GgufFile> {
-    let dirs = [
-        std::env::var_os("HAYLOFT_MODEL_DIR").map(PathBuf::from),
-        Some(PathBuf::from("/tmp/models")),
-    ];
-    let path = match dirs
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(file))
-        .find(|p| p.exists())
-    {
-        Some(p) => p,
-        None => common::model(name)?,
-    };
+    let path = common::model(name)?;
+    assert_eq!(path.file_name().and_then(|f| f.to_str()), Some(file));
     Some(GgufFile::open(&path).expect("model opens"))
 }
 
