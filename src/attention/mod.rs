@@ -42,6 +42,8 @@ struct Task {
 #[derive(Default)]
 struct TaskBuf {
     acc: Vec<f32>,
+    /// Scores, then probabilities, of one row against one block.
+    s: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
     k: Vec<f32>,
@@ -121,6 +123,7 @@ pub fn attend(
             b.l.resize(rows_max, 0.0);
             b.k.resize(sh.bt * sh.hk, 0.0);
             b.v.resize(sh.bt * sh.hv, 0.0);
+            b.s.resize(sh.bt, 0.0);
         }
     }
 
@@ -243,7 +246,7 @@ fn exp_neg(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let xc = x.max(-87.0);
-    let n = (xc * LOG2E).round();
+    let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -255,6 +258,92 @@ fn exp_neg(x: f32) -> f32 {
     } else {
         p * scale
     }
+}
+
+/// s[j] = q · k_j for the BT keys of a block stored transposed (`kt[d · BT + j]`).
+#[inline(always)]
+fn score_block<const BT: usize>(kt: &[f32], q: &[f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if BT == 32 && simd_available() {
+        // SAFETY: simd_available() checked AVX2 and FMA; kt has q.len() · 32 elements and s has 32.
+        unsafe { score_block32_avx2(kt, q, s) };
+        return;
+    }
+    let s: &mut [f32; BT] = (&mut s[..BT]).try_into().expect("BT scores");
+    s.fill(0.0);
+    for (col, &qd) in kt.chunks_exact(BT).zip(q) {
+        for j in 0..BT {
+            s[j] += qd * col[j];
+        }
+    }
+}
+
+/// 32 keys at once: four 8-lane accumulators stay in registers, one broadcast and four FMAs per key dimension.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_block32_avx2(kt: &[f32], q: &[f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(kt.len() >= q.len() * 32 && s.len() >= 32);
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let base = kt.as_ptr();
+    for (d, &qd) in q.iter().enumerate() {
+        let qv = _mm256_set1_ps(qd);
+        let col = base.add(d * 32);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(col), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(col.add(8)), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(col.add(16)), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(col.add(24)), a3);
+    }
+    let out = s.as_mut_ptr();
+    _mm256_storeu_ps(out, a0);
+    _mm256_storeu_ps(out.add(8), a1);
+    _mm256_storeu_ps(out.add(16), a2);
+    _mm256_storeu_ps(out.add(24), a3);
+}
+
+/// One online-softmax step over a block's (masked) scores `s`, given the row's running max `m_old`: turns `s` into
+/// e^(s − m_new) in place and returns (m_new, α = e^(m_old − m_new), Σ e^(s − m_new)), or None when every score is
+/// masked. The max and the sum reduce over 8 independent lanes so the loops vectorize.
+#[inline(always)]
+fn block_softmax(s: &mut [f32], m_old: f32) -> Option<(f32, f32, f32)> {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let chunks = s.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+        }
+    }
+    let blk_max = rest
+        .iter()
+        .chain(&mx)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    if blk_max == f32::NEG_INFINITY {
+        return None;
+    }
+    let m_new = if blk_max > m_old { blk_max } else { m_old };
+    let alpha = exp_neg(m_old - m_new); // 0 when m_old = −∞
+    for x in s.iter_mut() {
+        *x = exp_neg(*x - m_new);
+    }
+    let mut acc = [0.0f32; 8];
+    let chunks = s.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    Some((
+        m_new,
+        alpha,
+        rest.iter().sum::<f32>() + acc.iter().sum::<f32>(),
+    ))
 }
 
 /// One task: rows = (query token in tile) × (query head in the KV head's group). Leaves unnormalized output in
@@ -305,40 +394,30 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             let qpos = tile_pos[r / g];
             let qr = &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk];
             // s[j] = q·k_j for the block's keys: one broadcast-FMA per key column, accumulators in registers.
-            let mut sc = [0.0f32; BT];
-            for (col, &qd) in kt.chunks_exact(BT).zip(qr) {
-                for j in 0..BT {
-                    sc[j] += qd * col[j];
-                }
-            }
-            let s = &mut sc[..n];
+            let s = &mut buf.s[..BT];
+            score_block::<BT>(kt, qr, s);
             let s = &mut s[..n];
-            let mut blk_max = f32::NEG_INFINITY;
-            for (j, sj) in s.iter_mut().enumerate() {
-                let mut x = *sj * p.scale;
-                if let Some(c) = p.softcap {
-                    x = c * (x / c).tanh();
+            // Scale, soft-cap, mask (elementwise), then the block's softmax step.
+            if all_visible && p.softcap.is_none() {
+                for sj in s.iter_mut() {
+                    *sj *= p.scale;
                 }
-                if !all_visible {
+            } else {
+                for (j, sj) in s.iter_mut().enumerate() {
+                    let mut x = *sj * p.scale;
+                    if let Some(c) = p.softcap {
+                        x = c * (x / c).tanh();
+                    }
                     let kpos = blk.pos[j];
-                    if kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w) {
+                    if !all_visible && (kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w)) {
                         x = f32::NEG_INFINITY;
                     }
+                    *sj = x;
                 }
-                *sj = x;
-                blk_max = blk_max.max(x);
             }
-            if blk_max == f32::NEG_INFINITY {
+            let Some((m_new, alpha, l)) = block_softmax(s, buf.m[r]) else {
                 continue;
-            }
-            let m_old = buf.m[r];
-            let m_new = m_old.max(blk_max);
-            let alpha = exp_neg(m_old - m_new); // 0 when m_old = −∞
-            let mut l = 0.0;
-            for sj in s.iter_mut() {
-                *sj = exp_neg(*sj - m_new);
-                l += *sj;
-            }
+            };
             let a = &mut acc[r * hv..][..hv];
             if alpha != 1.0 {
                 a.iter_mut().for_each(|x| *x *= alpha);
@@ -465,7 +544,7 @@ mod tests {
             n_kv_heads: n_kv,
             head_dim_k: hk,
             head_dim_v: hv,
-            block_tokens: 8,
+            block_tokens: if len % 2 == 0 { 32 } else { 8 },
             dtype,
         };
         let mut cache = KvCache::new(cfg);
@@ -590,6 +669,7 @@ mod tests {
             acc: vec![0.0; 16],
             m: vec![0.0; 2],
             l: vec![0.0; 2],
+            s: vec![0.0; 4],
             k: vec![0.0; 32],
             v: vec![0.0; 32],
         };
