@@ -544,7 +544,7 @@ mod tests {
             n_kv_heads: n_kv,
             head_dim_k: hk,
             head_dim_v: hv,
-            block_tokens: if len % 2 == 0 { 32 } else { 8 },
+            block_tokens: if len.is_multiple_of(2) { 32 } else { 8 },
             dtype,
         };
         let mut cache = KvCache::new(cfg);
