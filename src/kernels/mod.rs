@@ -4,7 +4,7 @@
 //! activation row is first quantized to the weight type's `vec_dot_type` (Q8_0, Q8_1, Q8_K, f16, bf16
 //! or f32, see `act.rs`), then the dot products are exact integer sums per block scaled in f32. The
 //! results therefore agree with llama.cpp up to f32 summation order (~1e-6 relative), not just up to
-//! quantization noise. `tests.rs` checks this against llama.cpp itself: `testdata/llamacpp_dots.bin`
+//! quantization noise. `tests.rs` checks this against llama.cpp itself: `testdata/llamacpp_dots.fixture`
 //! holds results of llama.cpp's own activation quantizers and `vec_dot` functions for every type.
 //!
 //! Weights are repacked at load time into row groups of 16 rows (see `layout.rs`) so that one SIMD

@@ -669,14 +669,14 @@ fn zero_tokens_is_a_no_op() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Against llama.cpp itself: testdata/llamacpp_dots.bin holds random valid blocks of every type, random
+// Against llama.cpp itself: testdata/llamacpp_dots.fixture holds random valid blocks of every type, random
 // activations and llama.cpp's results (its own activation quantizer + vec_dot, through ctypes; see
 // testdata/make_llamacpp_fixture.py). Both our kernels and this file's reference must agree with it up to
 // f32 summation order.
 
 #[test]
 fn matches_llama_cpp_fixture() {
-    let b: &[u8] = include_bytes!("testdata/llamacpp_dots.bin");
+    let b: &[u8] = include_bytes!("testdata/llamacpp_dots.fixture");
     let mut o = 0usize;
     let mut take = |n: usize| {
         o += n;

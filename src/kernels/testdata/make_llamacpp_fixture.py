@@ -7,7 +7,7 @@ llama.cpp's own `vec_dot` (both taken from `ggml_get_type_traits_cpu`, called th
 
 Run with the python of a llama-cpp-python install (e.g. the peer venv from scripts/parity):
     ~/.cache/llamacpp-peer/venv/bin/python src/kernels/testdata/make_llamacpp_fixture.py
-Output: src/kernels/testdata/llamacpp_dots.bin (little endian): u32 case count, then per case
+Output: src/kernels/testdata/llamacpp_dots.fixture (little endian): u32 case count, then per case
 u32 ggml type, u64 rows, u64 cols, u64 n_tok, u64 weight bytes, the GGUF weight bytes, n_tok*cols f32 activations,
 n_tok*rows f32 llama.cpp results.
 The stored file was made with llama-cpp-python 0.3.36 (its bundled ggml CPU backend, AVX-512 VNNI build).
@@ -69,7 +69,7 @@ for ty, rows, cols, n_tok in [(3, 20, 576, 3), (8, 20, 576, 3), (2, 17, 320, 3),
     w = rand_tensor(ty, rows, cols)
     x = act(n_tok * cols)
     cases.append((ty, rows, cols, n_tok, w, x, llama_mm(ty, rows, cols, w, x, n_tok)))
-out = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'llamacpp_dots.bin')
+out = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'llamacpp_dots.fixture')
 with open(out, 'wb') as f:
     f.write(struct.pack('<I', len(cases)))
     for ty, rows, cols, n_tok, w, x, y in cases:
