@@ -43,6 +43,7 @@ struct Text {
 /// llama.cpp's top-1 must lead its top-2 by this many logits for a position to count as decisive.
 const DECISIVE_MARGIN: f32 = 0.5;
 
+#[derive(Default)]
 struct Agreement {
     positions: usize,
     top1_agree: usize,
@@ -64,14 +65,7 @@ fn score_text(model: &Model, t: &Text, chunk: usize) -> Agreement {
         .enumerate()
         .map(|(i, &p)| (p, i))
         .collect();
-    let mut a = Agreement {
-        positions: 0,
-        top1_agree: 0,
-        decisive: 0,
-        decisive_agree: 0,
-        kl_sum: 0.0,
-        max_dlogit: 0.0,
-    };
+    let mut a = Agreement::default();
     let lo = *t.positions.iter().min().unwrap();
     let hi = *t.positions.iter().max().unwrap() + 1;
     s.feed(&t.tokens, lo..hi, |p, logits| {
@@ -125,14 +119,7 @@ fn check(model_name: &str, fixture_file: &str) {
     hayloft::cli::init_threads(None).unwrap();
     let model = Model::load(&path).unwrap();
     assert_eq!(model.config().vocab, fx.n_vocab);
-    let mut total = Agreement {
-        positions: 0,
-        top1_agree: 0,
-        decisive: 0,
-        decisive_agree: 0,
-        kl_sum: 0.0,
-        max_dlogit: 0.0,
-    };
+    let mut total = Agreement::default();
     assert!(fx.texts.len() >= 5 && fx.texts.iter().any(|t| t.tokens.len() >= 4096));
     for t in &fx.texts {
         let a = score_text(&model, t, 512);

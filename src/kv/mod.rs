@@ -212,22 +212,7 @@ impl KvCache {
                 block.pos[slot] = pos[t];
                 let krow = &k[(t * nh + h) * hk..][..hk];
                 let vrow = &v[(t * nh + h) * hv..][..hv];
-                match &mut block.data {
-                    BlockData::F16 { k: bk, v: bv } => {
-                        for (d, s) in krow.iter().enumerate() {
-                            bk[d * bt + slot] = f16::from_f32(*s);
-                        }
-                        for (d, s) in bv[slot * hv..][..hv].iter_mut().zip(vrow) {
-                            *d = f16::from_f32(*s);
-                        }
-                    }
-                    BlockData::F32 { k: bk, v: bv } => {
-                        for (d, s) in krow.iter().enumerate() {
-                            bk[d * bt + slot] = *s;
-                        }
-                        bv[slot * hv..][..hv].copy_from_slice(vrow);
-                    }
-                }
+                write_entry(block, slot, bt, krow, vrow);
                 self.streams[si].len += 1;
             }
         }
