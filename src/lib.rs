@@ -2,7 +2,7 @@
 //!
 //! Layers, bottom up: `gguf` (the file format), `kernels` (quantized matmul, SIMD), `tokenizer`,
 //! `kv` (the paged KV cache), `attention` (tiled online-softmax attention over the cache),
-//! `model` (one forward pass per architecture), `engine` (sessions, sampling, stats), `cli`.
+//! `model` (one forward pass per architecture), `methods` (KV-cache methods by name), `engine` (sessions, sampling, stats), `cli`.
 
 pub mod attention;
 pub mod cli;
@@ -11,5 +11,6 @@ pub mod fetch;
 pub mod gguf;
 pub mod kernels;
 pub mod kv;
+pub mod methods;
 pub mod model;
 pub mod tokenizer;

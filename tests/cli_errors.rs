@@ -199,7 +199,7 @@ fn unknown_kv_method_lists_valid_ones() {
             "magic@0.5",
         ],
         f.home(),
-        &["unknown KV method 'magic@0.5'", "full"],
+        &["unknown KV method 'magic'", "full"],
     );
 }
 

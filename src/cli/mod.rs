@@ -66,7 +66,7 @@ pub struct ModelArgs {
     /// Prefill chunk size in tokens: peak activation memory is bounded by it.
     #[arg(long, default_value_t = 512)]
     pub chunk_size: usize,
-    /// KV cache method. Only `full` (keep every entry) exists so far.
+    /// KV cache method: `<method>[@<budget>][,<wrapper>...]`, budget a ratio (`@0.25`) or tokens (`@1024t`).
     #[arg(long, default_value = "full")]
     pub kv: String,
     /// KV cache storage type: f16 or f32.
@@ -114,9 +114,6 @@ impl SamplingArgs {
     }
 }
 
-/// KV methods the CLI knows by name.
-pub const KV_METHODS: &[&str] = &["full"];
-
 /// A loaded model with its tokenizer and the session settings the flags ask for. The GGUF file itself is closed
 /// once the weights are copied out, so its mapped pages do not count twice in memory.
 pub struct Loaded {
@@ -130,13 +127,7 @@ pub struct Loaded {
 impl ModelArgs {
     /// Sets up threads, resolves/fetches the model, loads weights and tokenizer, checks the flags.
     pub fn load(&self) -> Result<Loaded> {
-        if !KV_METHODS.contains(&self.kv.as_str()) {
-            bail!(
-                "unknown KV method '{}' (valid: {})",
-                self.kv,
-                KV_METHODS.join(", ")
-            );
-        }
+        let kv_spec = crate::methods::KvSpec::parse(&self.kv)?;
         let kv_dtype = KvDtype::parse(&self.kv_dtype)?;
         init_threads(self.threads)?;
         let path = crate::fetch::resolve_model(self.model.as_deref())?;
@@ -147,6 +138,7 @@ impl ModelArgs {
             .with_context(|| format!("{}: tokenizer", path.display()))?;
         let mut session_cfg = SessionConfig::for_model(&model);
         session_cfg.kv_dtype = kv_dtype;
+        session_cfg.kv = kv_spec;
         if self.chunk_size == 0 {
             bail!("--chunk-size must be at least 1");
         }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::kv::{KvCache, KvDtype};
+use crate::methods::KvSpec;
 use crate::model::{Model, Scratch};
 
 pub use sampler::{Sampler, SamplerConfig};
@@ -28,6 +29,8 @@ pub struct SessionConfig {
     pub chunk_size: usize,
     pub kv_dtype: KvDtype,
     pub block_tokens: usize,
+    /// KV-cache method (`--kv`): `full` keeps every entry.
+    pub kv: KvSpec,
 }
 
 impl SessionConfig {
@@ -37,6 +40,7 @@ impl SessionConfig {
             chunk_size: 512,
             kv_dtype: KvDtype::F16,
             block_tokens: DEFAULT_BLOCK_TOKENS,
+            kv: KvSpec::full(),
         }
     }
 }
@@ -173,10 +177,11 @@ impl<'m> Session<'m> {
         Ok(&mut self.scratch.logits[..vocab])
     }
 
-    /// Forgets everything after the first `n` tokens (e.g. to retry a turn).
+    /// Forgets everything after the first `n` tokens (e.g. to retry a turn, or to answer another query against a
+    /// shared context): drops every cached entry whose position is ≥ n, so it also works after eviction.
     pub fn truncate(&mut self, n: usize) {
         self.tokens.truncate(n);
-        self.cache.truncate(n);
+        self.cache.truncate_pos(n as u32);
     }
 
     pub fn reset(&mut self) {

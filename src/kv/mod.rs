@@ -255,6 +255,32 @@ impl KvCache {
         }
     }
 
+    /// Drops every entry whose position is ≥ `pos` (entries of a stream are in position order), in every stream.
+    pub fn truncate_pos(&mut self, pos: u32) {
+        let bt = self.cfg.block_tokens;
+        for si in 0..self.streams.len() {
+            let s = &self.streams[si];
+            // Entries are sorted by position: binary search over the stream.
+            let (mut lo, mut hi) = (0usize, s.len);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                let id = s.blocks[mid / bt] as usize;
+                let p = self.blocks[id].as_ref().expect("live block").pos[mid % bt];
+                if p < pos {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            let s = &mut self.streams[si];
+            if lo < s.len {
+                s.len = lo;
+                let freed: Vec<u32> = s.blocks.drain(lo.div_ceil(bt)..).collect();
+                self.free.extend(freed);
+            }
+        }
+    }
+
     /// Keeps only the entries of (layer, KV head) for which `keep(index, position)` is true, in order, and returns
     /// whole blocks emptied at the end to the free list. Other heads are untouched, so heads can hold different
     /// numbers of tokens: this is how eviction methods drop entries from one head only.
@@ -455,6 +481,21 @@ mod tests {
             c.trim();
             assert_eq!(c.bytes(), before - 2 * c.cfg.block_bytes());
         }
+    }
+
+    #[test]
+    fn truncate_pos_cuts_each_stream_at_a_position() {
+        let mut c = KvCache::new(cfg(KvDtype::F32));
+        let pos: Vec<u32> = (0..11).collect();
+        c.append(0, &pos, &[1.0; 11 * 2 * 4], &[2.0; 11 * 2 * 3]);
+        c.retain(0, 1, |_, p| p % 2 == 0); // head 1 holds 0, 2, 4, 6, 8, 10
+        c.truncate_pos(7);
+        assert_eq!(c.len(0, 0), 7);
+        assert_eq!(c.len(0, 1), 4);
+        let kept: Vec<u32> = c.blocks(0, 1).flat_map(|b| b.pos.to_vec()).collect();
+        assert_eq!(kept, vec![0, 2, 4, 6]);
+        c.truncate_pos(0);
+        assert!(c.is_empty());
     }
 
     #[test]
