@@ -130,3 +130,32 @@ fn context_budget_is_enforced_with_a_clear_error() {
     s.prefill(&tokens(5, m.config().vocab)).unwrap();
     assert_eq!(s.n_past(), 5);
 }
+
+#[test]
+fn streaming_perplexity_with_full_cache_equals_one_shot_scoring() {
+    use hayloft::engine::perplexity::{nll_of, streaming_perplexity};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_llama(&p, &TinySpec::default()).unwrap();
+    let m = Model::load(&p).unwrap();
+    let toks = tokens(90, m.config().vocab);
+    let logits = all_logits(&m, &toks, 64);
+    let vocab = m.config().vocab;
+    let mut s = Session::new(&m, SessionConfig::for_model(&m)).unwrap();
+    let (nlls, buckets) = streaming_perplexity(&mut s, &toks, 7, 40, |_, _| {}).unwrap();
+    assert_eq!(nlls.len(), 89);
+    for t in &nlls {
+        let want = nll_of(&logits[(t.pos - 1) * vocab..t.pos * vocab], toks[t.pos]);
+        assert!(
+            (t.nll - want).abs() < 1e-3,
+            "pos {}: {} vs {want}",
+            t.pos,
+            t.nll
+        );
+    }
+    assert_eq!(
+        buckets.iter().map(|b| b.n).collect::<Vec<_>>(),
+        vec![40, 40, 9]
+    );
+    assert!(streaming_perplexity(&mut s, &toks, 0, 40, |_, _| {}).is_err());
+}

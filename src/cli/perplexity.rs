@@ -26,6 +26,72 @@ pub struct PerplexityArgs {
     /// Write per-token NLL with positions as JSON.
     #[arg(long)]
     pub nll_json: Option<PathBuf>,
+    /// Streaming mode (the StreamingLLM experiment): feed the first `--tokens` tokens as one stream, `--step` at a
+    /// time, letting the `--kv` method compress the cache as it grows; report perplexity by position.
+    #[arg(long)]
+    pub stream: bool,
+    /// Streaming: tokens of the text to stream (default: all, up to --max-context).
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Streaming: tokens fed per step (the cache is compressed after each).
+    #[arg(long, default_value_t = 64)]
+    pub step: usize,
+    /// Streaming: positions per reported perplexity bucket.
+    #[arg(long, default_value_t = 512)]
+    pub bucket: usize,
+}
+
+fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) -> Result<()> {
+    let n = a.tokens.unwrap_or(tokens.len()).min(tokens.len());
+    let mut tokens = tokens[..n].to_vec();
+    if let (true, Some(b)) = (l.tokenizer.add_bos(), l.tokenizer.bos_id()) {
+        tokens.insert(0, b);
+        tokens.pop();
+    }
+    l.session_cfg.max_context = l.session_cfg.max_context.max(tokens.len());
+    let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    let t0 = Instant::now();
+    eprintln!(
+        "streaming {} tokens, {} per step, kv {}",
+        tokens.len(),
+        a.step,
+        session.cfg.kv.label()
+    );
+    let mut last_report = 0;
+    let (nlls, buckets) = crate::engine::perplexity::streaming_perplexity(
+        &mut session,
+        &tokens,
+        a.step,
+        a.bucket,
+        |done, total| {
+            if done - last_report >= 1024 || done == total {
+                last_report = done;
+                eprintln!("[{done}/{total}] ({:.1} s)", t0.elapsed().as_secs_f64());
+            }
+        },
+    )?;
+    println!("| positions | tokens | PPL |");
+    println!("|---|---|---|");
+    for b in &buckets {
+        println!("| {}–{} | {} | {:.3} |", b.start, b.end - 1, b.n, b.ppl);
+    }
+    let mean = nlls.iter().map(|t| t.nll).sum::<f64>() / nlls.len() as f64;
+    println!(
+        "stream PPL = {:.4} over {} tokens (kv {}, peak KV {})",
+        mean.exp(),
+        nlls.len(),
+        session.cfg.kv.label(),
+        crate::engine::stats::human_bytes(session.cache.peak_bytes())
+    );
+    if let Some(p) = &a.nll_json {
+        let j =
+            serde_json::json!({ "kv": session.cfg.kv.label(), "buckets": buckets, "tokens": nlls });
+        std::fs::write(p, serde_json::to_string(&j)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    session.stats.finish();
+    eprintln!("{}", session.stats.line());
+    Ok(())
 }
 
 pub fn run(a: PerplexityArgs) -> Result<()> {
@@ -33,6 +99,9 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     let mut l = a.model.load()?;
     l.session_cfg.max_context = l.session_cfg.max_context.max(a.ctx);
     let tokens = l.tokenizer.encode(&text, false, false)?;
+    if a.stream {
+        return run_stream(&a, &mut l, &tokens);
+    }
     let tokens = match a.chunks {
         Some(c) => &tokens[..(c * a.ctx).min(tokens.len())],
         None => &tokens[..],

@@ -101,3 +101,66 @@ pub fn nll_of(logits: &[f32], target: u32) -> f64 {
     let z: f64 = logits.iter().map(|&l| (l as f64 - m).exp()).sum();
     m + z.ln() - logits[target as usize] as f64
 }
+
+/// Perplexity of one position bucket of a streaming run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PositionBucket {
+    /// Positions `start..end` of the stream.
+    pub start: usize,
+    pub end: usize,
+    pub n: usize,
+    pub ppl: f64,
+}
+
+/// Streaming perplexity (the StreamingLLM experiment): the whole token stream is fed into one session, `step` tokens
+/// at a time, so the session's KV method compresses the cache as the stream grows (each feed ends a prefill); every
+/// token after the first is scored given everything the cache still holds. Returns per-token NLLs (pos = position in
+/// the stream) and the perplexity of each `bucket` positions. Positions are the stream's own, so a stream longer than
+/// the model's trained context also tests RoPE past its range.
+pub fn streaming_perplexity(
+    session: &mut Session,
+    tokens: &[u32],
+    step: usize,
+    bucket: usize,
+    mut on_step: impl FnMut(usize, usize),
+) -> Result<(Vec<TokenNll>, Vec<PositionBucket>)> {
+    if step == 0 || bucket == 0 {
+        bail!("--step and --bucket must be at least 1");
+    }
+    if tokens.len() < 2 {
+        bail!(
+            "the text has {} tokens; streaming perplexity needs at least 2",
+            tokens.len()
+        );
+    }
+    session.reset();
+    let mut nlls = Vec::with_capacity(tokens.len() - 1);
+    let mut start = 0;
+    while start < tokens.len() - 1 {
+        let end = (start + step).min(tokens.len() - 1);
+        let piece = &tokens[start..end];
+        session.feed(piece, 0..piece.len(), |j, logits| {
+            let target = tokens[start + j + 1];
+            nlls.push(TokenNll {
+                chunk: 0,
+                pos: start + j + 1,
+                token: target,
+                nll: nll_of(logits, target),
+            });
+        })?;
+        start = end;
+        on_step(start, tokens.len() - 1);
+    }
+    let mut buckets = Vec::new();
+    for (i, group) in nlls.chunks(bucket).enumerate() {
+        let n = group.len();
+        let mean = group.iter().map(|t| t.nll).sum::<f64>() / n as f64;
+        buckets.push(PositionBucket {
+            start: 1 + i * bucket,
+            end: 1 + i * bucket + n,
+            n,
+            ppl: mean.exp(),
+        });
+    }
+    Ok((nlls, buckets))
+}
