@@ -3,6 +3,8 @@
 //! A spec is `<method>[@<budget>][,<wrapper>[@<arg>]...]`, e.g. `full`, `snapkv@0.25`, `streamingllm@1024t`,
 //! `snapkv@0.25,kivi4`. A budget is a share of the tokens seen (`@0.25` keeps 25 %) or a token count (`@1024t`).
 
+pub mod heads;
+
 use anyhow::{bail, Context, Result};
 
 /// How many entries a head may keep.
