@@ -159,3 +159,24 @@ fn streaming_perplexity_with_full_cache_equals_one_shot_scoring() {
     );
     assert!(streaming_perplexity(&mut s, &toks, 0, 40, |_, _| {}).is_err());
 }
+
+#[test]
+fn head_mask_zeroes_exactly_the_marked_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_llama(&p, &TinySpec::default()).unwrap();
+    let m = Model::load(&p).unwrap();
+    let (nl, nh) = (m.config().n_layers, m.config().n_heads);
+    let toks = tokens(20, m.config().vocab);
+    let run = |mask: Vec<bool>| {
+        let mut s = Session::new(&m, SessionConfig::for_model(&m)).unwrap();
+        s.scratch.head_mask = mask;
+        s.prefill(&toks).unwrap().to_vec()
+    };
+    let base = run(Vec::new());
+    assert_eq!(run(vec![false; nl * nh]), base, "an all-false mask must change nothing");
+    let mut one = vec![false; nl * nh];
+    one[nh + 1] = true; // layer 1, head 1
+    let masked = run(one);
+    assert_ne!(masked, base, "masking a head must change the logits");
+}

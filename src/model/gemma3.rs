@@ -11,8 +11,8 @@ use anyhow::{bail, Result};
 
 use super::llama::add_inplace;
 use super::{
-    apply_rope, gelu_tanh, load_matrix, load_vector, meta_usize, rmsnorm, rmsnorm_inplace,
-    rope_tables, warn_past_context, Arch, ModelConfig, RopeStyle, Scratch,
+    apply_rope, gelu_tanh, load_matrix, load_vector, mask_heads, meta_usize, rmsnorm,
+    rmsnorm_inplace, rope_tables, warn_past_context, Arch, ModelConfig, RopeStyle, Scratch,
 };
 use crate::attention::{attend, AttnParams};
 use crate::gguf::GgufFile;
@@ -240,6 +240,7 @@ impl Gemma3 {
                 &params,
                 &mut s.attn,
             );
+            mask_heads(&mut s.att[..n * nh * hd], nh, hd, &s.head_mask, li);
             matmul(
                 &l.wo,
                 &s.att[..n * nh * hd],

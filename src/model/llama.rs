@@ -8,7 +8,7 @@ use std::ops::Range;
 use anyhow::{bail, Result};
 
 use super::{
-    apply_rope, load_matrix, load_vector, meta_usize, rmsnorm, rope_tables, silu,
+    apply_rope, load_matrix, load_vector, mask_heads, meta_usize, rmsnorm, rope_tables, silu,
     warn_past_context, Arch, ModelConfig, RopeStyle, Scratch,
 };
 use crate::attention::{attend, AttnParams};
@@ -200,6 +200,7 @@ impl Llama {
                 &params,
                 &mut s.attn,
             );
+            mask_heads(&mut s.att[..n * nh * hd], nh, hd, &s.head_mask, li);
             matmul(
                 &l.wo,
                 &s.att[..n * nh * hd],

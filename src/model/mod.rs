@@ -157,6 +157,9 @@ pub struct Scratch {
     pub logits: Vec<f32>,
     pub mm: MatmulScratch,
     pub attn: AttnScratch,
+    /// Head ablation: `head_mask[layer · n_heads + head]` true = that query head's attention output is zeroed
+    /// (the Retrieval Head paper's masking experiment). Empty = no mask.
+    pub head_mask: Vec<bool>,
 }
 
 impl Scratch {
@@ -181,6 +184,7 @@ impl Scratch {
             logits: vec![0.0; logit_rows.max(1) * cfg.vocab],
             mm: MatmulScratch::default(),
             attn: AttnScratch::default(),
+            head_mask: Vec::new(),
         }
     }
 
@@ -393,5 +397,18 @@ pub(crate) fn warn_past_context(pos: &[u32], ctx_len: usize) {
             "warning: position {} is past the model's trained context of {ctx_len} tokens",
             pos[pos.len() - 1]
         );
+    }
+}
+
+/// Zeroes the attention output (n tokens × n_heads × head_dim) of the query heads of `layer` that `mask` marks.
+pub fn mask_heads(att: &mut [f32], n_heads: usize, head_dim: usize, mask: &[bool], layer: usize) {
+    if mask.is_empty() {
+        return;
+    }
+    let m = &mask[layer * n_heads..(layer + 1) * n_heads];
+    for row in att.chunks_exact_mut(n_heads * head_dim) {
+        for (h, _) in m.iter().enumerate().filter(|(_, &x)| x) {
+            row[h * head_dim..(h + 1) * head_dim].fill(0.0);
+        }
     }
 }
