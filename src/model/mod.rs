@@ -157,6 +157,8 @@ pub struct Scratch {
     pub logits: Vec<f32>,
     pub mm: MatmulScratch,
     pub attn: AttnScratch,
+    /// Recent query rows for KV-compression methods (capacity 0 = off: nothing recorded).
+    pub obs: crate::methods::obs::QueryWindow,
 }
 
 impl Scratch {
@@ -181,6 +183,7 @@ impl Scratch {
             logits: vec![0.0; logit_rows.max(1) * cfg.vocab],
             mm: MatmulScratch::default(),
             attn: AttnScratch::default(),
+            obs: Default::default(),
         }
     }
 

@@ -1,0 +1,32 @@
+//! TOVA — Oren et al., "Transformers are Multi-State RNNs" (2024): Token Omission Via Attention.
+//!
+//! Mechanism: treat the cache as a bounded multi-state RNN; at each compression drop the entries the *current* (last)
+//! query attends to least. The paper (and kvpress) average the last query's attention over all heads of a layer and
+//! drop the same tokens in every head; here every KV head has its own stream, so the average is over the query heads
+//! sharing that KV head, and heads may keep different tokens.
+//!
+//! Score: the last query's softmax attention, averaged over the group's query heads. No hyper-parameters.
+
+use super::snapkv::window_attention;
+use super::{HeadObs, Needs, Scorer};
+
+pub struct Tova;
+
+impl Scorer for Tova {
+    fn needs(&self) -> Needs {
+        Needs {
+            window: 1,
+            ..Needs::default()
+        }
+    }
+
+    fn score(&self, obs: &HeadObs, tmp: &mut Vec<f32>, out: &mut [f32]) {
+        let n = obs.len();
+        let nq = obs.n_queries();
+        window_attention(obs, nq.saturating_sub(1)..nq, tmp);
+        let inv = 1.0 / obs.group as f32;
+        for (o, s) in out[..n].iter_mut().zip(&tmp[..n]) {
+            *o = s * inv;
+        }
+    }
+}
