@@ -50,13 +50,13 @@ impl Ord for Cand {
 
 /// Replaces the per-head `targets` of one layer by an adaptive split of their sum: each head first gets
 /// floor(alpha · target) of its best entries, the rest of the layer's budget goes to the best remaining entries of any
-/// head. `scores[h]` are head h's scores.
+/// head. `scores[h]` are head h's scores. A head holding fewer entries than its share leaves the rest to the others.
 pub fn redistribute(alpha: f32, scores: &[&[f32]], targets: &mut [usize]) {
-    let total: usize = targets
+    // The layer's budget: a head that holds less than its share leaves the rest to the others.
+    let total = targets
         .iter()
-        .zip(scores)
-        .map(|(&t, s)| t.min(s.len()))
-        .sum();
+        .sum::<usize>()
+        .min(scores.iter().map(|s| s.len()).sum());
     // Each head's entries, best first (ties to the more recent entry, as the press breaks them).
     let sorted: Vec<Vec<u32>> = scores
         .iter()
