@@ -82,3 +82,88 @@ pub fn window_attention(obs: &HeadObs, rows: std::ops::Range<usize>, tmp: &mut V
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs<'a>(
+        keys: &'a [f32],
+        pos: &'a [u32],
+        q: &'a [f32],
+        q_pos: &'a [u32],
+        window: Option<u32>,
+    ) -> HeadObs<'a> {
+        HeadObs {
+            layer: 0,
+            n_layers: 1,
+            head: 0,
+            hk: 2,
+            hv: 2,
+            keys,
+            values: &[],
+            pos,
+            queries: q,
+            q_pos,
+            group: 2,
+            acc: &[],
+            scale: 0.5,
+            window,
+            keep: 4,
+            seen: pos.len(),
+        }
+    }
+
+    #[test]
+    fn scores_are_pooled_window_attention_and_the_window_stays() {
+        // 20 entries; entry 5 stands out for query head 0, entry 9 for query head 1.
+        let n = 20;
+        let mut keys = vec![0.1f32; 2 * n];
+        keys[10] = 8.0;
+        keys[19] = 6.0;
+        let pos: Vec<u32> = (0..n as u32).collect();
+        // 4 window queries (positions 16..20), 2 query heads each: head 0 = [1, 0], head 1 = [0, 1].
+        let q: Vec<f32> = (0..4).flat_map(|_| [1.0, 0.0, 0.0, 1.0]).collect();
+        let q_pos = [16, 17, 18, 19];
+        let o = obs(&keys, &pos, &q, &q_pos, None);
+        let mut out = vec![0.0; n];
+        SnapKv::default().score(&o, &mut Vec::new(), &mut out);
+        // Reference: plain softmax per (query, head) over the keys it can see, summed, pooled, averaged.
+        let mut sum = vec![0.0f64; n];
+        for &qp in &q_pos {
+            for g in 0..2 {
+                let s: Vec<f64> = (0..=qp as usize)
+                    .map(|j| 0.5 * keys[2 * j + g] as f64)
+                    .collect();
+                let z: f64 = s.iter().map(|x| x.exp()).sum();
+                for (j, x) in s.iter().enumerate() {
+                    sum[j] += x.exp() / z;
+                }
+            }
+        }
+        for i in 0..16usize {
+            let pooled: f64 = (i.saturating_sub(2)..(i + 3).min(16)).map(|j| sum[j]).sum();
+            let want = pooled / (5.0 * 4.0 * 2.0);
+            assert!(
+                (out[i] as f64 - want).abs() < 1e-6,
+                "entry {i}: {} vs {want}",
+                out[i]
+            );
+        }
+        assert!(out[16..].iter().all(|x| *x == f32::INFINITY));
+        // Pooling lifts the neighbours of both hits above everything else outside the window.
+        let low = out[..16]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(3..=11).contains(i))
+            .map(|(_, x)| *x);
+        assert!(out[3..=11].iter().all(|&x| low.clone().all(|y| x > y)));
+        // On a sliding-window layer (window 3) the window queries cannot see entries 5 and 9 at all.
+        let o = obs(&keys, &pos, &q, &q_pos, Some(3));
+        SnapKv::default().score(&o, &mut Vec::new(), &mut out);
+        assert!(
+            out[..12].iter().all(|&x| x == 0.0) && out[12] > 0.0,
+            "{out:?}"
+        );
+    }
+}

@@ -30,3 +30,42 @@ impl Scorer for Tova {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_last_query_counts() {
+        // Three entries; the last query (position 2) looks at entry 0, an earlier one at entry 1.
+        let keys = [4.0, 0.0, 0.0, 4.0, 0.0, 0.0];
+        let pos = [0, 1, 2];
+        let q = [0.0, 1.0, 1.0, 0.0];
+        let q_pos = [1, 2];
+        let o = HeadObs {
+            layer: 0,
+            n_layers: 1,
+            head: 0,
+            hk: 2,
+            hv: 2,
+            keys: &keys,
+            values: &[],
+            pos: &pos,
+            queries: &q,
+            q_pos: &q_pos,
+            group: 1,
+            acc: &[],
+            scale: 1.0,
+            window: None,
+            keep: 1,
+            seen: 3,
+        };
+        let mut out = [0.0; 3];
+        Tova.score(&o, &mut Vec::new(), &mut out);
+        let z = 4.0f32.exp() + 2.0;
+        assert!(
+            (out[0] - 4.0f32.exp() / z).abs() < 1e-6 && (out[1] - 1.0 / z).abs() < 1e-6,
+            "{out:?}"
+        );
+    }
+}
