@@ -141,13 +141,12 @@ mod tests {
                 }
             }
         }
-        for i in 0..16usize {
+        for (i, &got) in out[..16].iter().enumerate() {
             let pooled: f64 = (i.saturating_sub(2)..(i + 3).min(16)).map(|j| sum[j]).sum();
             let want = pooled / (5.0 * 4.0 * 2.0);
             assert!(
-                (out[i] as f64 - want).abs() < 1e-6,
-                "entry {i}: {} vs {want}",
-                out[i]
+                (got as f64 - want).abs() < 1e-6,
+                "entry {i}: {got} vs {want}"
             );
         }
         assert!(out[16..].iter().all(|x| *x == f32::INFINITY));
