@@ -212,3 +212,32 @@ fn unknown_model_name_for_fetch() {
         &["unknown model 'llama-70b'", "smollm2-135m"],
     );
 }
+
+#[test]
+fn kv_spec_errors_name_the_problem() {
+    let f = Fixture::new();
+    for (kv, want) in [
+        ("snapkv", "needs a budget"),
+        ("snapkv@2", "(0, 1]"),
+        ("snapkv@0.5,sideways", "chunked"),
+        ("duo@0.5", "heads@"),
+        (
+            "duo@0.5,heads@/nonexistent/heads.json",
+            "cannot read head scores",
+        ),
+    ] {
+        expect_error(
+            &[
+                "generate",
+                "--model",
+                &f.path("tiny.gguf"),
+                "-p",
+                "hi",
+                "--kv",
+                kv,
+            ],
+            f.home(),
+            &[want],
+        );
+    }
+}

@@ -201,3 +201,44 @@ fn info_and_bench_speed_run() {
     assert_eq!(rows.len(), 5);
     assert!(rows.iter().all(|r| r["tok_s"].as_f64().unwrap() > 0.0));
 }
+
+#[test]
+fn kv_method_shrinks_the_cache_and_reports_it() {
+    let (dir, model) = tiny();
+    let stats = dir.path().join("stats-kv.json");
+    let prompt = "the cat sat on the mat. ".repeat(15);
+    let out = hayloft()
+        .args(["generate", "--model", &model, "-p", &prompt, "-n", "4"])
+        .args([
+            "--temperature",
+            "0",
+            "--kv",
+            "snapkv@16t,chunked",
+            "--chunk-size",
+            "32",
+        ])
+        .arg("--stats-json")
+        .arg(&stats)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("| KV ") && stderr.contains("(peak "),
+        "{stderr}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let (end, peak) = (
+        j["kv_bytes"].as_u64().unwrap(),
+        j["peak_kv_bytes"].as_u64().unwrap(),
+    );
+    let prompt_tokens = j["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 100, "{j}");
+    // Tiny model: 2 layers × 2 KV heads, head_dim 16, f16, 32-token blocks: (16 + 16) · 2 + 4 bytes per entry.
+    let block = 32 * ((16 + 16) * 2 + 4);
+    assert_eq!(end, 4 * block, "{j}");
+    // Chunked: never more than budget + one chunk per head (48 entries = 2 blocks).
+    assert!(peak <= 4 * 2 * block, "{j}");
+}

@@ -174,7 +174,11 @@ fn head_mask_zeroes_exactly_the_marked_heads() {
         s.prefill(&toks).unwrap().to_vec()
     };
     let base = run(Vec::new());
-    assert_eq!(run(vec![false; nl * nh]), base, "an all-false mask must change nothing");
+    assert_eq!(
+        run(vec![false; nl * nh]),
+        base,
+        "an all-false mask must change nothing"
+    );
     let mut one = vec![false; nl * nh];
     one[nh + 1] = true; // layer 1, head 1
     let masked = run(one);

@@ -66,7 +66,10 @@ pub struct ModelArgs {
     /// Prefill chunk size in tokens: peak activation memory is bounded by it.
     #[arg(long, default_value_t = 512)]
     pub chunk_size: usize,
-    /// KV cache method: `<method>[@<budget>][,<wrapper>...]`, budget a ratio (`@0.25`) or tokens (`@1024t`).
+    /// KV cache method: `<method>[@<budget>][,<wrapper>...]`, budget a ratio (`@0.25`) or tokens per head (`@1024t`).
+    /// Methods: full, streamingllm, h2o, snapkv, pyramidkv, tova, knorm, random, adakv, duo, kvmerger.
+    /// Options: chunked (compress after every prefill chunk), every@N (every N decode steps, default 64, 0 = never),
+    /// pyramid[@beta], adakv[@alpha], heads@FILE (duo's head scores). E.g. `snapkv@0.25,chunked`.
     #[arg(long, default_value = "full")]
     pub kv: String,
     /// KV cache storage type: f16 or f32.

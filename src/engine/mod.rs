@@ -12,7 +12,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::kv::{KvCache, KvDtype};
-use crate::methods::KvSpec;
+use crate::methods::obs::{AttnAcc, QueryWindow};
+use crate::methods::press::Press;
+use crate::methods::{KvSpec, Needs};
 use crate::model::{Model, Scratch};
 
 pub use sampler::{Sampler, SamplerConfig};
@@ -31,6 +33,9 @@ pub struct SessionConfig {
     pub block_tokens: usize,
     /// KV-cache method (`--kv`): `full` keeps every entry.
     pub kv: KvSpec,
+    /// Observations to record even if the method does not need them (recent queries, accumulated attention), so that
+    /// [`Session::fork`] can later apply a method that does. Default: none.
+    pub observe: Needs,
 }
 
 impl SessionConfig {
@@ -41,6 +46,7 @@ impl SessionConfig {
             kv_dtype: KvDtype::F16,
             block_tokens: DEFAULT_BLOCK_TOKENS,
             kv: KvSpec::full(),
+            observe: Needs::default(),
         }
     }
 }
@@ -55,6 +61,19 @@ pub struct Session<'m> {
     /// Position buffer for the current chunk (reused).
     pos: Vec<u32>,
     pub stats: Stats,
+    /// The KV-compression method, None for `full`.
+    pub press: Option<Press>,
+    /// Attention accumulated per cached entry (on when the method or `cfg.observe` asks for it).
+    pub acc: AttnAcc,
+    /// Decode steps since the last compression.
+    since_compress: usize,
+}
+
+/// Where a feed stands in the prompt/answer cycle: prefill ends with a compression, decode steps compress every N.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prefill,
+    Decode,
 }
 
 impl<'m> Session<'m> {
@@ -69,7 +88,20 @@ impl<'m> Session<'m> {
         let cache = KvCache::new(mc.kv_config(cfg.kv_dtype, cfg.block_tokens));
         // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).
         let logit_rows = (64 * 1024 * 1024 / 4 / mc.vocab.max(1)).clamp(1, cfg.chunk_size);
-        let scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
+        let mut scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
+        let press = Press::new(&cfg.kv, mc)?;
+        let needs = press
+            .as_ref()
+            .map_or(Needs::default(), Press::needs)
+            .max(cfg.observe);
+        // Accumulating attention needs every query of a chunk, so the window then holds a whole chunk.
+        let window = needs
+            .window
+            .max(if needs.accumulate { cfg.chunk_size } else { 0 });
+        if window > 0 {
+            scratch.obs = QueryWindow::new(mc.n_layers, mc.n_heads * mc.head_dim_k, window);
+        }
+        let acc = AttnAcc::new(needs.accumulate, mc.n_layers * mc.n_kv_heads);
         let stats = Stats {
             threads: rayon::current_num_threads(),
             ..Default::default()
@@ -82,6 +114,9 @@ impl<'m> Session<'m> {
             tokens: Vec::new(),
             pos: Vec::new(),
             stats,
+            press,
+            acc,
+            since_compress: 0,
         })
     }
 
@@ -106,11 +141,28 @@ impl<'m> Session<'m> {
 
     /// Feeds `tokens` through the model in chunks. Calls `on_logits(index_in_tokens, logits)` for every index in
     /// `want` (a range of indices into `tokens`), chunk by chunk, without ever holding more than one chunk of logits.
+    /// More than one token is a prefill (the KV method compresses at its end, or after every chunk with `chunked`);
+    /// one token is a decode step.
     pub fn feed<F: FnMut(usize, &[f32])>(
         &mut self,
         tokens: &[u32],
         want: std::ops::Range<usize>,
+        on_logits: F,
+    ) -> Result<()> {
+        let phase = if tokens.len() > 1 {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        };
+        self.feed_as(tokens, want, on_logits, phase)
+    }
+
+    fn feed_as<F: FnMut(usize, &[f32])>(
+        &mut self,
+        tokens: &[u32],
+        want: std::ops::Range<usize>,
         mut on_logits: F,
+        phase: Phase,
     ) -> Result<()> {
         if tokens.is_empty() {
             bail!("nothing to feed: the prompt is empty");
@@ -133,6 +185,12 @@ impl<'m> Session<'m> {
                 (self.model, &self.pos, &mut self.cache, &mut self.scratch);
             rayon::scope(|_| model.forward(&tokens[start..end], pos, cache, scratch));
             self.tokens.extend_from_slice(&tokens[start..end]);
+            if self.acc.is_on() {
+                let (mc, cache, obs) = (self.model.config(), &self.cache, &self.scratch.obs);
+                let windows = layer_windows(mc);
+                let acc = &mut self.acc;
+                rayon::scope(|_| acc.accumulate(cache, obs, end - start, mc.attn_scale, &windows));
+            }
             self.stats.note_kv(self.cache.peak_bytes());
             // Logits for wanted rows inside this chunk, a bounded number of rows at a time.
             let lo = want.start.max(start);
@@ -151,9 +209,91 @@ impl<'m> Session<'m> {
                 }
                 r = r_end;
             }
+            let chunked = self.press.as_ref().is_some_and(|p| p.chunked);
+            if phase == Phase::Prefill && chunked && end < tokens.len() {
+                self.compress();
+            }
             start = end;
         }
+        match phase {
+            Phase::Prefill => self.compress(),
+            Phase::Decode => {
+                self.since_compress += 1;
+                let every = self.press.as_ref().map_or(0, |p| p.every);
+                if every > 0 && self.since_compress >= every {
+                    self.compress();
+                }
+            }
+        }
+        self.stats.kv_bytes = self.cache.bytes();
         Ok(())
+    }
+
+    /// Applies the KV method now (nothing for `full`): every head drops to its budget for the tokens seen so far, and
+    /// freed blocks go back to the allocator.
+    pub fn compress(&mut self) {
+        self.since_compress = 0;
+        let Some(press) = self.press.as_mut() else {
+            return;
+        };
+        let seen = self.tokens.len();
+        let (mc, cache, obs, acc) = (
+            self.model.config(),
+            &mut self.cache,
+            &self.scratch.obs,
+            &mut self.acc,
+        );
+        rayon::scope(|_| press.compress(cache, obs, acc, mc, seen));
+        self.stats.kv_bytes = self.cache.bytes();
+    }
+
+    /// A copy of this session — cache, token history, recorded queries and accumulated attention — under another KV
+    /// spec, whose end-of-prefill compression is applied at once. Prefill once, then compare methods on identical
+    /// caches. Fails if this session did not record what the new method reads (create it with `cfg.observe`).
+    pub fn fork(&self, spec: &KvSpec) -> Result<Session<'m>> {
+        let mut cfg = self.cfg.clone();
+        cfg.kv = spec.clone();
+        let mut s = Session::new(self.model, cfg)?;
+        let needs = s.press.as_ref().map_or(Needs::default(), Press::needs);
+        if needs.window > self.scratch.obs.capacity() {
+            bail!(
+                "cannot fork to '{}': it reads the last {} queries, and this session recorded {} \
+                 (set SessionConfig::observe.window to at least {})",
+                spec.label(),
+                needs.window,
+                self.scratch.obs.capacity(),
+                needs.window
+            );
+        }
+        if needs.accumulate && !self.acc.is_on() {
+            bail!(
+                "cannot fork to '{}': it needs accumulated attention, and this session did not record it \
+                 (set SessionConfig::observe.accumulate)",
+                spec.label()
+            );
+        }
+        s.cache = self.cache.clone();
+        s.tokens = self.tokens.clone();
+        s.stats = self.stats.clone();
+        if s.scratch.obs.capacity() == self.scratch.obs.capacity() {
+            s.scratch.obs = self.scratch.obs.clone();
+        } else {
+            // Copy the newest rows into the fork's own (smaller or equal-needs) window.
+            let mc = self.model.config();
+            let (mut q, mut p) = (Vec::new(), Vec::new());
+            for layer in 0..mc.n_layers {
+                let last = s.scratch.obs.capacity();
+                self.scratch
+                    .obs
+                    .gather(layer, 0..mc.n_heads, mc.head_dim_k, last, &mut q, &mut p);
+                s.scratch.obs.record(layer, &q, &p);
+            }
+        }
+        if s.acc.is_on() {
+            s.acc = self.acc.clone();
+        }
+        s.compress();
+        Ok(s)
     }
 
     /// Prefills `tokens` and returns the logits after the last one.
@@ -161,7 +301,7 @@ impl<'m> Session<'m> {
         let t0 = Instant::now();
         let n = tokens.len();
         let vocab = self.model.config().vocab;
-        self.feed(tokens, n.saturating_sub(1)..n, |_, _| {})?;
+        self.feed_as(tokens, n.saturating_sub(1)..n, |_, _| {}, Phase::Prefill)?;
         self.stats.prompt_tokens += n;
         self.stats.prefill_s += t0.elapsed().as_secs_f64();
         Ok(&mut self.scratch.logits[..vocab])
@@ -171,7 +311,7 @@ impl<'m> Session<'m> {
     pub fn decode(&mut self, token: u32) -> Result<&mut [f32]> {
         let t0 = Instant::now();
         let vocab = self.model.config().vocab;
-        self.feed(&[token], 0..1, |_, _| {})?;
+        self.feed_as(&[token], 0..1, |_, _| {}, Phase::Decode)?;
         self.stats.decode_steps += 1;
         self.stats.decode_s += t0.elapsed().as_secs_f64();
         Ok(&mut self.scratch.logits[..vocab])
@@ -182,9 +322,24 @@ impl<'m> Session<'m> {
     pub fn truncate(&mut self, n: usize) {
         self.tokens.truncate(n);
         self.cache.truncate_pos(n as u32);
+        self.scratch.obs.truncate_pos(n as u32);
+        self.acc.sync_len(&self.cache);
     }
 
     pub fn reset(&mut self) {
         self.truncate(0);
     }
+}
+
+/// The sliding window of every layer (None on global layers).
+fn layer_windows(mc: &crate::model::ModelConfig) -> Vec<Option<u32>> {
+    (0..mc.n_layers)
+        .map(|l| {
+            if mc.layer_is_local.get(l).copied().unwrap_or(false) {
+                mc.sliding_window
+            } else {
+                None
+            }
+        })
+        .collect()
 }

@@ -15,6 +15,8 @@ pub struct Stats {
     pub decode_tok_s: f64,
     /// Largest number of bytes the KV cache held (its own counter of allocated blocks).
     pub peak_kv_bytes: usize,
+    /// Bytes the KV cache held at the end (after any compression).
+    pub kv_bytes: usize,
     /// Peak resident set size of the process (VmHWM), where the OS reports it.
     pub peak_rss_bytes: usize,
     pub threads: usize,
@@ -47,12 +49,13 @@ impl Stats {
 
     pub fn line(&self) -> String {
         format!(
-            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | peak KV {} | peak RSS {} | {} threads ({})",
+            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}) | peak RSS {} | {} threads ({})",
             self.prompt_tokens,
             self.generated_tokens,
             self.ttft_ms,
             self.prefill_tok_s,
             self.decode_tok_s,
+            human_bytes(self.kv_bytes),
             human_bytes(self.peak_kv_bytes),
             human_bytes(self.peak_rss_bytes),
             self.threads,

@@ -61,11 +61,13 @@ impl KvConfig {
 
 /// Keys and values of one block. Keys are stored transposed, `k[d · block_tokens + slot]`, so attention scores a whole
 /// block with contiguous vector loads; values are row-major, `v[slot · head_dim_v + d]`.
+#[derive(Clone)]
 pub enum BlockData {
     F16 { k: Box<[f16]>, v: Box<[f16]> },
     F32 { k: Box<[f32]>, v: Box<[f32]> },
 }
 
+#[derive(Clone)]
 pub struct Block {
     pub data: BlockData,
     /// Absolute position of each entry (what RoPE was applied with), for masks.
@@ -85,6 +87,7 @@ struct Stream {
     len: usize,
 }
 
+#[derive(Clone)]
 pub struct KvCache {
     pub cfg: KvConfig,
     blocks: Vec<Option<Block>>,
@@ -319,6 +322,38 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         self.truncate(0);
+    }
+
+    /// Reads entry `idx` of (layer, KV head) as f32 (`k`: head_dim_k, `v`: head_dim_v) and returns its position.
+    pub fn read(&self, layer: usize, head: usize, idx: usize, k: &mut [f32], v: &mut [f32]) -> u32 {
+        let bt = self.cfg.block_tokens;
+        let s = &self.streams[self.stream_index(layer, head)];
+        assert!(
+            idx < s.len,
+            "entry {idx} past the stream's {} entries",
+            s.len
+        );
+        let b = self.blocks[s.blocks[idx / bt] as usize]
+            .as_ref()
+            .expect("live block");
+        read_entry(b, idx % bt, bt, k, v);
+        b.pos[idx % bt]
+    }
+
+    /// Overwrites the key and value of entry `idx` of (layer, KV head); its position stays. Merging methods use this
+    /// to fold dropped entries into kept ones.
+    pub fn write(&mut self, layer: usize, head: usize, idx: usize, k: &[f32], v: &[f32]) {
+        let bt = self.cfg.block_tokens;
+        let si = self.stream_index(layer, head);
+        let s = &self.streams[si];
+        assert!(
+            idx < s.len,
+            "entry {idx} past the stream's {} entries",
+            s.len
+        );
+        let id = s.blocks[idx / bt] as usize;
+        let b = self.blocks[id].as_mut().expect("live block");
+        write_entry(b, idx % bt, bt, k, v);
     }
 
     /// Gives free blocks back to the allocator (the byte counter drops accordingly).

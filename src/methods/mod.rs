@@ -1,7 +1,47 @@
 //! KV-cache methods by name: what `--kv` accepts and what the eval harness sweeps over.
 //!
 //! A spec is `<method>[@<budget>][,<wrapper>[@<arg>]...]`, e.g. `full`, `snapkv@0.25`, `streamingllm@1024t`,
-//! `snapkv@0.25,kivi4`. A budget is a share of the tokens seen (`@0.25` keeps 25 %) or a token count (`@1024t`).
+//! `h2o@0.25,chunked`, `snapkv@0.25,pyramid,every@32`, `duo@0.5,heads@heads.json`. A budget is a share of the tokens
+//! seen so far (`@0.25` keeps 25 %) or a token count per KV head (`@1024t`).
+//!
+//! # Design
+//!
+//! Most methods only decide *which* entries of one (layer, KV head) stream to keep. They implement [`Scorer`]: given a
+//! [`HeadObs`] (that head's keys after RoPE, values, positions, the recent queries of the query heads sharing it,
+//! accumulated attention if asked for), write one score per entry, higher = keep. The press ([`press::Press`]) turns
+//! scores and a budget into `KvCache::retain` calls: each head keeps its top-k entries (ties go to the more recent
+//! entry), the cache's freed blocks are trimmed, so the byte counter falls. Forced keeps (sinks, observation windows,
+//! recent windows) are scores of +∞, so "kept = top-scored" holds for every method.
+//!
+//! What a score cannot express is *how many* entries each head keeps. That is the press's allocation step, in two
+//! stages a method file provides as plain functions: per-head targets before scoring ([`pyramidkv`]: per-layer budgets
+//! decreasing with depth; [`duo`]: retrieval heads keep all, streaming heads share the rest), and a redistribution
+//! across the heads of a layer after scoring ([`adakv`]). Merging ([`kvmerger`]) needs one more hook: before the drop,
+//! fold each dropped entry into a kept one through `KvCache::write`. So there is one trait, and allocation and
+//! merging are small functions the press calls.
+//!
+//! # When compression runs
+//!
+//! - End of prefill (default): once the whole prompt is in the cache, so the observation window holds the prompt's last
+//!   queries — the question, when the prompt ends with one (question-aware, as the SnapKV paper evaluates). Peak memory
+//!   still holds the whole prompt.
+//! - `chunked`: after every prefill chunk (Locret-style), so peak memory is bounded by budget + one chunk.
+//! - During decoding, every N steps (`every@N`, default 64; `every@0` = never): the cache stays within budget + N.
+//!
+//! Prefill is `Session::prefill`, or `Session::feed` of more than one token; a single-token feed is a decode step.
+
+pub mod adakv;
+pub mod duo;
+pub mod h2o;
+pub mod knorm;
+pub mod kvmerger;
+pub mod obs;
+pub mod press;
+pub mod pyramidkv;
+pub mod random;
+pub mod snapkv;
+pub mod streamingllm;
+pub mod tova;
 
 pub mod heads;
 
@@ -68,9 +108,103 @@ pub struct KvSpec {
 }
 
 /// Methods `--kv` accepts as its first element.
-pub const METHODS: &[&str] = &["full"];
-/// Wrappers that may follow the method.
-pub const WRAPPERS: &[&str] = &[];
+pub const METHODS: &[&str] = &[
+    "full",
+    "streamingllm",
+    "h2o",
+    "snapkv",
+    "pyramidkv",
+    "tova",
+    "knorm",
+    "random",
+    "adakv",
+    "duo",
+    "kvmerger",
+];
+/// Wrappers (options) that may follow the method: `chunked` (compress after every prefill chunk), `every@N` (compress
+/// every N decode steps, 0 = never; default 64), `pyramid[@beta]` (per-layer budgets, PyramidKV), `adakv[@alpha]`
+/// (head-adaptive budgets, AdaKV), `heads@FILE` (DuoAttention head scores).
+pub const WRAPPERS: &[&str] = &["chunked", "every", "pyramid", "adakv", "heads"];
+
+/// Decode steps between compressions unless `every@N` says otherwise.
+pub const DEFAULT_EVERY: usize = 64;
+
+/// What a method reads besides the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Recent query rows per layer (0 = none).
+    pub window: usize,
+    /// Attention accumulated per cached entry (H2O).
+    pub accumulate: bool,
+    /// Cached values as well as keys.
+    pub values: bool,
+}
+
+impl Needs {
+    pub fn max(self, o: Needs) -> Needs {
+        Needs {
+            window: self.window.max(o.window),
+            accumulate: self.accumulate || o.accumulate,
+            values: self.values || o.values,
+        }
+    }
+}
+
+/// What a scorer sees of one (layer, KV head) stream. Rows are f32 and row-major.
+pub struct HeadObs<'a> {
+    pub layer: usize,
+    pub n_layers: usize,
+    pub head: usize,
+    pub hk: usize,
+    pub hv: usize,
+    /// len × hk, after RoPE.
+    pub keys: &'a [f32],
+    /// len × hv when the method asked for values, else empty.
+    pub values: &'a [f32],
+    /// Absolute position of each entry (ascending).
+    pub pos: &'a [u32],
+    /// Recent queries of the `group` query heads sharing this KV head, oldest first: n_q × group × hk, after RoPE.
+    pub queries: &'a [f32],
+    /// Position of each query row.
+    pub q_pos: &'a [u32],
+    pub group: usize,
+    /// Attention accumulated per entry when the method asked for it, else empty.
+    pub acc: &'a [f32],
+    /// q·k multiplier of the model.
+    pub scale: f32,
+    /// Sliding window of this layer (Gemma 3 local layers), for attention masks.
+    pub window: Option<u32>,
+    /// Entries this head will keep (its budget after per-layer/per-head allocation).
+    pub keep: usize,
+    /// Tokens the session has seen.
+    pub seen: usize,
+}
+
+impl HeadObs<'_> {
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+    pub fn n_queries(&self) -> usize {
+        self.q_pos.len()
+    }
+    /// Query row `r` of query head `g` of the group.
+    pub fn query(&self, r: usize, g: usize) -> &[f32] {
+        &self.queries[(r * self.group + g) * self.hk..][..self.hk]
+    }
+    pub fn key(&self, i: usize) -> &[f32] {
+        &self.keys[i * self.hk..(i + 1) * self.hk]
+    }
+}
+
+/// A method that ranks the entries of one head: write `out[i]` (one per entry), higher = keep; `f32::INFINITY` marks
+/// entries that must stay. `tmp` is scratch the scorer may resize.
+pub trait Scorer: Send + Sync {
+    fn needs(&self) -> Needs;
+    fn score(&self, obs: &HeadObs, tmp: &mut Vec<f32>, out: &mut [f32]);
+}
 
 impl Default for KvSpec {
     fn default() -> Self {
@@ -132,11 +266,82 @@ impl KvSpec {
                 arg,
             });
         }
-        Ok(Self {
+        let spec = Self {
             method: method.to_string(),
             budget,
             wrappers,
-        })
+        };
+        spec.check().with_context(|| format!("--kv '{s}'"))?;
+        Ok(spec)
+    }
+
+    /// The wrapper named `name`, if present.
+    pub fn wrapper(&self, name: &str) -> Option<&SpecPart> {
+        self.wrappers.iter().find(|w| w.name == name)
+    }
+
+    /// Checks the combination of method, budget and options (names were checked by `parse`).
+    fn check(&self) -> Result<()> {
+        let m = self.method.as_str();
+        let ours = |n: &str| ["chunked", "every", "pyramid", "adakv", "heads"].contains(&n);
+        if m == "full" {
+            if let Some(w) = self.wrappers.iter().find(|w| ours(&w.name)) {
+                bail!(
+                    "'{}' needs a compression method; 'full' keeps every entry",
+                    w.name
+                );
+            }
+            return Ok(());
+        }
+        if self.budget.is_none() {
+            bail!("KV method '{m}' needs a budget, e.g. {m}@0.25 (keep 25 %) or {m}@1024t (keep 1024 tokens per head)");
+        }
+        for (i, w) in self.wrappers.iter().enumerate() {
+            if self.wrappers[..i].iter().any(|o| o.name == w.name) {
+                bail!("option '{}' is given twice", w.name);
+            }
+            let arg = w.arg.as_deref();
+            match (w.name.as_str(), arg) {
+                ("chunked", Some(a)) => bail!("'chunked' takes no argument (got '@{a}')"),
+                ("every", None) => {
+                    bail!("'every' needs a step count, e.g. every@64 (0 = never during decoding)")
+                }
+                ("every", Some(a)) => {
+                    a.parse::<usize>().map_err(|_| {
+                        anyhow::anyhow!(
+                            "every@{a}: expected a whole number of decode steps, e.g. every@64"
+                        )
+                    })?;
+                }
+                ("pyramid", Some(a)) => {
+                    pyramidkv::parse_beta(a)?;
+                }
+                ("adakv", Some(a)) => {
+                    adakv::parse_alpha(a)?;
+                }
+                ("heads", None) => bail!("'heads' needs a file: heads@<scores.json>"),
+                _ => {}
+            }
+        }
+        let has = |n: &str| self.wrapper(n).is_some();
+        if has("heads") && m != "duo" {
+            bail!("'heads@FILE' gives DuoAttention's head roles; it only goes with duo");
+        }
+        if m == "duo" {
+            if !has("heads") {
+                bail!("duo needs head scores: add ,heads@<file.json> ({{\"layers\":L,\"kv_heads\":H,\"scores\":[[...],...]}}, e.g. from `hayloft heads`)");
+            }
+            if has("pyramid") || has("adakv") {
+                bail!("duo sets every head's budget itself; it does not combine with pyramid or adakv");
+            }
+        }
+        if m == "pyramidkv" && has("pyramid") {
+            bail!("pyramidkv already has per-layer budgets; drop ',pyramid'");
+        }
+        if m == "adakv" && has("adakv") {
+            bail!("adakv already has head-adaptive budgets; drop ',adakv'");
+        }
+        Ok(())
     }
 
     /// The canonical text of this spec (parses back to the same spec).

@@ -224,6 +224,7 @@ impl Gemma3 {
                 sin,
                 c.rope_dim,
             );
+            s.obs.record(li, &s.q[..n * nh * hd], pos);
             cache.append(li, pos, &s.k[..n * nkv * hd], &s.v[..n * nkv * hd]);
             let params = AttnParams {
                 n_q_heads: nh,

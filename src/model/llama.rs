@@ -190,6 +190,7 @@ impl Llama {
                 sin,
                 c.rope_dim,
             );
+            s.obs.record(li, &s.q[..n * nh * hd], pos);
             cache.append(li, pos, &s.k[..n * nkv * hd], &s.v[..n * nkv * hd]);
             attend(
                 cache,

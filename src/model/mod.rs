@@ -160,6 +160,8 @@ pub struct Scratch {
     /// Head ablation: `head_mask[layer · n_heads + head]` true = that query head's attention output is zeroed
     /// (the Retrieval Head paper's masking experiment). Empty = no mask.
     pub head_mask: Vec<bool>,
+    /// Recent query rows for KV-compression methods (capacity 0 = off: nothing recorded).
+    pub obs: crate::methods::obs::QueryWindow,
 }
 
 impl Scratch {
@@ -185,6 +187,7 @@ impl Scratch {
             mm: MatmulScratch::default(),
             attn: AttnScratch::default(),
             head_mask: Vec::new(),
+            obs: Default::default(),
         }
     }
 

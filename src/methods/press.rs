@@ -1,0 +1,285 @@
+//! The press: turns a [`KvSpec`] into real evictions. For each layer it gathers every KV head's entries, asks the
+//! method's [`Scorer`] for scores, decides how many entries each head keeps (uniform budget, or per-layer / per-head
+//! allocation), optionally merges dropped entries into kept ones, and calls `KvCache::retain` per head. Freed blocks
+//! are trimmed at the end, so the cache's byte counter falls by what was dropped.
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+use super::obs::{AttnAcc, GatherBuf, QueryWindow};
+use super::{
+    adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, tova, Budget,
+    HeadObs, KvSpec, Needs, Scorer, DEFAULT_EVERY,
+};
+use crate::kv::KvCache;
+use crate::model::ModelConfig;
+
+/// Per-KV-head working memory, sized once and reused by every compression.
+#[derive(Default)]
+pub struct HeadBuf {
+    pub g: GatherBuf,
+    pub scores: Vec<f32>,
+    pub tmp: Vec<f32>,
+    pub order: Vec<u32>,
+    pub keep: Vec<bool>,
+    /// Entries whose key/value a merge rewrote.
+    pub dirty: Vec<usize>,
+}
+
+pub struct Press {
+    pub spec: KvSpec,
+    budget: Budget,
+    scorer: Box<dyn Scorer>,
+    /// PyramidKV's beta when per-layer budgets are on.
+    pyramid: Option<f64>,
+    /// AdaKV's floor share when head-adaptive budgets are on.
+    ada: Option<f32>,
+    duo: Option<duo::Roles>,
+    merger: Option<kvmerger::KvMerger>,
+    /// Compress after every prefill chunk, not only at the end of prefill.
+    pub chunked: bool,
+    /// Compress every this many decode steps (0 = never).
+    pub every: usize,
+    needs: Needs,
+    bufs: Vec<HeadBuf>,
+    targets: Vec<usize>,
+}
+
+impl Press {
+    /// The press for `spec` on a model shaped like `mc`; None for `full` (nothing to compress).
+    pub fn new(spec: &KvSpec, mc: &ModelConfig) -> Result<Option<Press>> {
+        if spec.method == "full" {
+            return Ok(None);
+        }
+        let Some(budget) = spec.budget else {
+            bail!("KV method '{}' needs a budget", spec.method);
+        };
+        let mut pyramid = spec
+            .wrapper("pyramid")
+            .map(|w| {
+                w.arg
+                    .as_deref()
+                    .map_or(Ok(pyramidkv::BETA), pyramidkv::parse_beta)
+            })
+            .transpose()?;
+        let mut ada = spec
+            .wrapper("adakv")
+            .map(|w| {
+                w.arg
+                    .as_deref()
+                    .map_or(Ok(adakv::ALPHA), adakv::parse_alpha)
+            })
+            .transpose()?;
+        let (mut duo_roles, mut merger) = (None, None);
+        let scorer: Box<dyn Scorer> = match spec.method.as_str() {
+            "streamingllm" => Box::new(streamingllm::StreamingLlm::default()),
+            "h2o" => Box::new(h2o::H2o),
+            "snapkv" => Box::new(snapkv::SnapKv::default()),
+            "pyramidkv" => {
+                pyramid = Some(pyramidkv::BETA);
+                Box::new(snapkv::SnapKv::default())
+            }
+            "adakv" => {
+                ada = Some(adakv::ALPHA);
+                Box::new(snapkv::SnapKv::default())
+            }
+            "tova" => Box::new(tova::Tova),
+            "knorm" => Box::new(knorm::Knorm),
+            "random" => Box::new(random::Random::default()),
+            "duo" => {
+                let path = spec
+                    .wrapper("heads")
+                    .and_then(|w| w.arg.as_deref())
+                    .unwrap_or_default();
+                duo_roles = Some(duo::Roles::load(std::path::Path::new(path), mc)?);
+                Box::new(duo::Streaming)
+            }
+            "kvmerger" => {
+                merger = Some(kvmerger::KvMerger::default());
+                Box::new(kvmerger::KvMerger::default())
+            }
+            other => bail!("KV method '{other}' has no press"),
+        };
+        let every = match spec.wrapper("every").and_then(|w| w.arg.as_deref()) {
+            Some(a) => a.parse().map_err(|_| {
+                anyhow::anyhow!("every@{a}: expected a whole number of decode steps")
+            })?,
+            None => DEFAULT_EVERY,
+        };
+        let needs = scorer.needs();
+        Ok(Some(Press {
+            spec: spec.clone(),
+            budget,
+            scorer,
+            pyramid,
+            ada,
+            duo: duo_roles,
+            merger,
+            chunked: spec.wrapper("chunked").is_some(),
+            every,
+            needs,
+            bufs: Vec::new(),
+            targets: Vec::new(),
+        }))
+    }
+
+    pub fn needs(&self) -> Needs {
+        self.needs
+    }
+
+    /// Entries every head may keep on average after seeing `seen` tokens.
+    pub fn keep(&self, seen: usize) -> usize {
+        self.budget.keep(seen)
+    }
+
+    /// Compresses every stream of `cache` to its budget for `seen` tokens, then returns freed blocks to the allocator.
+    pub fn compress(
+        &mut self,
+        cache: &mut KvCache,
+        obs: &QueryWindow,
+        acc: &mut AttnAcc,
+        mc: &ModelConfig,
+        seen: usize,
+    ) {
+        let (nl, nkv, hk, hv) = (mc.n_layers, mc.n_kv_heads, mc.head_dim_k, mc.head_dim_v);
+        let group = mc.n_heads / nkv;
+        let k = self.budget.keep(seen);
+        self.targets.clear();
+        match &self.duo {
+            Some(roles) => roles.targets(k, seen, &mut self.targets),
+            None => {
+                for layer in 0..nl {
+                    let t = match self.pyramid {
+                        Some(beta) => {
+                            pyramidkv::layer_keep(beta, layer, nl, k, seen, snapkv::WINDOW)
+                        }
+                        None => k,
+                    };
+                    self.targets.extend(std::iter::repeat_n(t, nkv));
+                }
+            }
+        }
+        self.bufs.resize_with(nkv, HeadBuf::default);
+        let Press {
+            scorer,
+            ada,
+            merger,
+            needs,
+            bufs,
+            targets,
+            ..
+        } = self;
+        let scorer: &dyn Scorer = scorer.as_ref();
+        let (ada, needs, merger) = (*ada, *needs, merger.as_ref());
+        for layer in 0..nl {
+            let t = &mut targets[layer * nkv..(layer + 1) * nkv];
+            let lens: Vec<usize> = (0..nkv).map(|h| cache.len(layer, h)).collect();
+            let over = |h: usize, t: &[usize]| lens[h] > t[h];
+            let work = match ada {
+                Some(_) => lens.iter().sum::<usize>() > t.iter().sum::<usize>(),
+                None => (0..nkv).any(|h| over(h, t)),
+            };
+            if !work {
+                continue;
+            }
+            let window = if mc.layer_is_local.get(layer).copied().unwrap_or(false) {
+                mc.sliding_window
+            } else {
+                None
+            };
+            let cache_ro: &KvCache = cache;
+            let acc_ro: &AttnAcc = acc;
+            let t_ro: &[usize] = t;
+            bufs.par_iter_mut().enumerate().for_each(|(h, b)| {
+                if ada.is_none() && !over(h, t_ro) {
+                    return;
+                }
+                b.g.gather(cache_ro, layer, h, needs.values);
+                obs.gather(
+                    layer,
+                    h * group..(h + 1) * group,
+                    hk,
+                    needs.window,
+                    &mut b.g.q,
+                    &mut b.g.q_pos,
+                );
+                let acc_h: &[f32] = if needs.accumulate && acc_ro.is_on() {
+                    &acc_ro.acc[layer * nkv + h]
+                } else {
+                    &[]
+                };
+                let o = HeadObs {
+                    layer,
+                    n_layers: nl,
+                    head: h,
+                    hk,
+                    hv,
+                    keys: &b.g.keys,
+                    values: &b.g.values,
+                    pos: &b.g.pos,
+                    queries: &b.g.q,
+                    q_pos: &b.g.q_pos,
+                    group,
+                    acc: acc_h,
+                    scale: mc.attn_scale,
+                    window,
+                    keep: t_ro[h].min(lens[h]),
+                    seen,
+                };
+                b.scores.resize(lens[h], 0.0);
+                scorer.score(&o, &mut b.tmp, &mut b.scores);
+            });
+            if let Some(alpha) = ada {
+                let scores: Vec<&[f32]> = bufs.iter().map(|b| b.scores.as_slice()).collect();
+                adakv::redistribute(alpha, &scores, t);
+            }
+            for (h, b) in bufs.iter_mut().enumerate() {
+                if !over(h, t) {
+                    continue;
+                }
+                top_k(&b.scores, t[h], &mut b.order, &mut b.keep);
+                if let Some(m) = merger {
+                    m.merge(b, hk, hv);
+                    for &i in &b.dirty {
+                        cache.write(
+                            layer,
+                            h,
+                            i,
+                            &b.g.keys[i * hk..(i + 1) * hk],
+                            &b.g.values[i * hv..(i + 1) * hv],
+                        );
+                    }
+                }
+                let keep = &b.keep;
+                cache.retain(layer, h, |i, _| keep[i]);
+                acc.retain(layer * nkv + h, keep);
+            }
+        }
+        cache.trim();
+    }
+}
+
+/// Marks the `k` best entries of `scores` in `keep`: higher score first, ties to the higher index (the more recent
+/// entry). `order` is scratch.
+pub fn top_k(scores: &[f32], k: usize, order: &mut Vec<u32>, keep: &mut Vec<bool>) {
+    let n = scores.len();
+    keep.clear();
+    if k >= n {
+        keep.resize(n, true);
+        return;
+    }
+    keep.resize(n, false);
+    if k == 0 {
+        return;
+    }
+    order.clear();
+    order.extend(0..n as u32);
+    order.select_nth_unstable_by(k - 1, |&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(b.cmp(&a))
+    });
+    for &i in &order[..k] {
+        keep[i as usize] = true;
+    }
+}
