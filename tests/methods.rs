@@ -6,8 +6,8 @@ use hayloft::kv::{KvCache, KvDtype};
 use hayloft::methods::obs::{AttnAcc, GatherBuf, QueryWindow};
 use hayloft::methods::press::Press;
 use hayloft::methods::{
-    duo, h2o, knorm, pyramidkv, random, snapkv, streamingllm, tova, HeadObs, KvSpec, Needs, Scorer,
-    METHODS,
+    duo, h2o, knorm, pyramidkv, random, snapkv, streamingllm, tova, window, HeadObs, KvSpec, Needs,
+    Scorer, METHODS,
 };
 use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, TinySpec};
 use hayloft::model::{Arch, Model, ModelConfig, RopeStyle};
@@ -67,6 +67,7 @@ fn heads_file(dir: &std::path::Path, nl: usize, nkv: usize, rng: &mut Rng) -> st
 fn reference_scorer(method: &str) -> Box<dyn Scorer> {
     match method {
         "streamingllm" => Box::new(streamingllm::StreamingLlm::default()),
+        "window" => Box::new(window::Window),
         "h2o" => Box::new(h2o::H2o),
         "snapkv" | "pyramidkv" | "adakv" | "kvmerger" => Box::new(snapkv::SnapKv::default()),
         "tova" => Box::new(tova::Tova),

@@ -42,6 +42,7 @@ pub mod random;
 pub mod snapkv;
 pub mod streamingllm;
 pub mod tova;
+pub mod window;
 
 pub mod heads;
 
@@ -111,6 +112,7 @@ pub struct KvSpec {
 pub const METHODS: &[&str] = &[
     "full",
     "streamingllm",
+    "window",
     "h2o",
     "snapkv",
     "pyramidkv",

@@ -8,8 +8,8 @@ use rayon::prelude::*;
 
 use super::obs::{AttnAcc, GatherBuf, QueryWindow};
 use super::{
-    adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, tova, Budget,
-    HeadObs, KvSpec, Needs, Scorer, DEFAULT_EVERY,
+    adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, tova, window,
+    Budget, HeadObs, KvSpec, Needs, Scorer, DEFAULT_EVERY,
 };
 use crate::kv::KvCache;
 use crate::model::ModelConfig;
@@ -73,6 +73,7 @@ impl Press {
         let (mut duo_roles, mut merger) = (None, None);
         let scorer: Box<dyn Scorer> = match spec.method.as_str() {
             "streamingllm" => Box::new(streamingllm::StreamingLlm::default()),
+            "window" => Box::new(window::Window),
             "h2o" => Box::new(h2o::H2o),
             "snapkv" => Box::new(snapkv::SnapKv::default()),
             "pyramidkv" => {
