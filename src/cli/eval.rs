@@ -15,7 +15,7 @@ use super::ModelArgs;
 use crate::eval::haystack::{Haystacks, Source};
 use crate::eval::runner::{Plan, ResultsFile, Runner};
 use crate::eval::{self, niah, parse_lengths, ruler, scbench, tsort, CaseMeta, Mode, Prompter};
-use crate::methods::{KvSpec, METHODS};
+use crate::methods::{KvSpec, METHODS, WRAPPERS};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCmd {
@@ -187,6 +187,13 @@ pub fn parse_kv_list(s: &str) -> Result<Vec<KvSpec>> {
         let mut out: Vec<String> = Vec::new();
         for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
             let name = part.split('@').next().unwrap_or(part);
+            if !METHODS.contains(&name) && !WRAPPERS.contains(&name) {
+                bail!(
+                    "unknown KV method or wrapper '{name}' in --kv '{s}' (methods: {}; wrappers: {})",
+                    METHODS.join(", "),
+                    if WRAPPERS.is_empty() { "none yet".to_string() } else { WRAPPERS.join(", ") }
+                );
+            }
             match out.last_mut() {
                 Some(last) if !METHODS.contains(&name) => {
                     last.push(',');

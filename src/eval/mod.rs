@@ -402,7 +402,7 @@ pub fn parse_lengths(s: &str) -> Result<Vec<usize>> {
             .parse()
             .map_err(|_| anyhow::anyhow!("length '{p}': expected a token count like 4096 or 4k"))?;
         let n = (v * mul).round();
-        if !(n >= 1.0) {
+        if n.is_nan() || n < 1.0 {
             bail!("length '{p}' must be at least 1 token");
         }
         out.push(n as usize);
@@ -415,7 +415,7 @@ pub fn parse_lengths(s: &str) -> Result<Vec<usize>> {
 
 /// Short label of a length: 4096 → "4k", 1000 → "1000".
 pub fn length_label(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}k", n / 1024)
     } else {
         n.to_string()
