@@ -384,3 +384,68 @@ fn shared_context_modes() {
         assert!(r.peak_kv_bytes > first.peak_kv_bytes, "{task}");
     }
 }
+
+#[test]
+fn sweep_over_task_families_reports_per_turn_and_speed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let hay = dir.path().join("hay.txt");
+    let text: String = (0..400)
+        .map(|i| format!("Sentence number {i} talks about the weather. It was sunny on day {i}. "))
+        .collect();
+    std::fs::write(&hay, text).unwrap();
+    let out = dir.path().join("sweep");
+    let o = eval(
+        dir.path(),
+        &[
+            "sweep",
+            "--model",
+            &model,
+            "--tasks",
+            "niah,ruler:niah_single_2,ruler:vt,scbench:kv,tsort",
+            "--lengths",
+            "1000,1400",
+            "--depths",
+            "0:100:50",
+            "--samples",
+            "1",
+            "--turns",
+            "2",
+            "--haystack-file",
+            hay.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rs = ResultsFile::load(&out.join("results.jsonl")).unwrap();
+    assert_eq!(rs.len(), 6 + 4 + 2 + 2);
+    let tasks: std::collections::BTreeSet<&str> = rs.iter().map(|r| r.task.as_str()).collect();
+    assert_eq!(
+        tasks.into_iter().collect::<Vec<_>>(),
+        vec![
+            "niah_essays",
+            "ruler_niah_single_2",
+            "ruler_vt",
+            "scbench_kv_mt",
+            "tsort"
+        ]
+    );
+    assert!(rs
+        .iter()
+        .filter(|r| r.task == "scbench_kv_mt")
+        .all(|r| r.turns.len() == 2));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("## Accuracy per turn") && report.contains("turn 2"),
+        "{report}"
+    );
+    for png in [
+        "decode_speed_vs_length.png",
+        "ttft_vs_length.png",
+        "niah_niah_essays_full.png",
+    ] {
+        assert!(out.join(png).exists(), "{png} missing");
+    }
+}

@@ -531,3 +531,80 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
     written.push(sp);
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(task: &str, kv: &str, len: usize, score: f64, kv_bytes: usize) -> CaseResult {
+        CaseResult {
+            task: task.into(),
+            target_len: len,
+            length: len - 10,
+            depth: None,
+            sample: 0,
+            seed: 1,
+            kv: kv.into(),
+            method: kv.split('@').next().unwrap_or(kv).into(),
+            budget: None,
+            mode: "multi-turn".into(),
+            metric: "string_match_all".into(),
+            score,
+            output: String::new(),
+            references: vec![],
+            peak_kv_bytes: kv_bytes,
+            ttft_ms: 10.0,
+            prefill_tok_s: 100.0,
+            decode_tok_s: 20.0,
+            generated_tokens: 1,
+            model_s: 1.0,
+            gen_ms: 1.0,
+            turns: vec![],
+        }
+    }
+
+    #[test]
+    fn groups_compare_with_the_full_cache_and_sweep_plots_are_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let rs = [
+            rec("t", "full", 1024, 80.0, 1000),
+            rec("t", "full", 1024, 100.0, 1000),
+            rec("t", "snapkv@0.5", 1024, 45.0, 500),
+            rec("t", "full", 2048, 50.0, 2000),
+            rec("t", "snapkv@0.5", 2048, 50.0, 1000),
+        ];
+        let text: String = rs
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.path().join("results.jsonl"), text).unwrap();
+        let g = groups(&rs);
+        assert_eq!(g.len(), 4);
+        let s1 = g
+            .iter()
+            .find(|g| g.kv == "snapkv@0.5" && g.target_len == 1024)
+            .unwrap();
+        assert!((s1.pct_of_full.unwrap() - 50.0).abs() < 1e-9);
+        assert!((s1.kv_fraction.unwrap() - 0.5).abs() < 1e-9);
+        let f1 = g
+            .iter()
+            .find(|g| g.kv == "full" && g.target_len == 1024)
+            .unwrap();
+        assert_eq!(f1.cases, 2);
+        assert!((f1.score - 90.0).abs() < 1e-9);
+        write(dir.path(), "test").unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(
+            md.contains("% of the full cache") && md.contains("| t | snapkv@0.5 | 50% | 100% |"),
+            "{md}"
+        );
+        for f in [
+            "accuracy_vs_kv.png",
+            "decode_speed_vs_length.png",
+            "ttft_vs_length.png",
+            "summary.json",
+        ] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
+    }
+}
