@@ -62,6 +62,11 @@ fn niah_lengths_needles_and_speed() {
             let c = niah::case(&p, &mut h, &params, len, depth, 0, 7).unwrap();
             let dt = t0.elapsed().as_secs_f64();
             if len == 8192 {
+                eprintln!(
+                    "niah {} 8K case generated in {:.1} ms",
+                    source.name(),
+                    dt * 1e3
+                );
                 assert!(dt < 1.0, "generating an 8K case took {dt:.2} s");
             }
             let prompt = check_len(&p, &c);
