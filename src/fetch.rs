@@ -191,11 +191,11 @@ fn write_marker(path: &Path, sha: &str) -> Result<()> {
     Ok(())
 }
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("HAYLOFT_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
 
-fn pip_download(pkg: &str, dir: &Path) -> Result<PathBuf> {
+pub(crate) fn pip_download(pkg: &str, dir: &Path) -> Result<PathBuf> {
     let py = python();
     let before: Vec<_> = list_wheels(dir);
     let out = Command::new(&py)

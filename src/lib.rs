@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod cli;
 pub mod engine;
+pub mod eval;
 pub mod fetch;
 pub mod gguf;
 pub mod kernels;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+pub mod eval;
 mod generate;
 mod info;
 mod perplexity;
@@ -43,6 +44,12 @@ pub enum Cmd {
     Fetch {
         /// Model name.
         name: String,
+    },
+    /// Long-context benchmarks: accuracy, KV memory and speed side by side (niah, ruler, scbench, tsort, sweep,
+    /// longbench).
+    Eval {
+        #[command(subcommand)]
+        what: eval::EvalCmd,
     },
     /// Benchmarks.
     Bench {
@@ -212,6 +219,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", p.display());
             Ok(())
         }
+        Cmd::Eval { what } => eval::run(what),
         Cmd::Bench { what } => bench::run(what),
     }
 }

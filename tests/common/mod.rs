@@ -17,3 +17,18 @@ pub fn model(name: &str) -> Option<PathBuf> {
         }
     }
 }
+
+/// Path of the Paul Graham essay haystack, fetched like the models (same skip / require rules).
+#[allow(dead_code)]
+pub fn essays() -> Option<PathBuf> {
+    match hayloft::eval::haystack::ensure_essays() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            if std::env::var("HAYLOFT_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
+                panic!("the essays are required (HAYLOFT_REQUIRE_MODELS=1) but could not be fetched: {e:#}");
+            }
+            eprintln!("SKIPPED: essays unavailable: {e:#}");
+            None
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! `report.md`, `summary.json` and the PNG plots, made from every record in `results.jsonl` (so a resumed run
+//! reports the whole run).
+//!
+//! Tables: accuracy per task × KV spec × length (and as % of the full cache when `full` ran), resources per task ×
+//! spec × length (prompt tokens, peak KV bytes, TTFT, prefill and decode tok/s), the NIAH depth × length grid per
+//! spec, accuracy per turn for conversations, and the harness's own time against model time.
+//! Plots: NIAH heatmaps; with several specs, accuracy against KV memory (peak KV bytes as a share of the full
+//! cache's on the same cases) per method; with several lengths, decode speed and TTFT against context length.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::length_label;
+use super::plot;
+use super::runner::{CaseResult, ResultsFile};
+use crate::engine::stats::human_bytes;
+
+/// Means over a group of cases.
+#[derive(Clone, Debug, Serialize)]
+pub struct Group {
+    pub task: String,
+    pub kv: String,
+    pub target_len: usize,
+    pub cases: usize,
+    pub score: f64,
+    /// Score as a share of the full cache's on the same task and length (when `full` ran).
+    pub pct_of_full: Option<f64>,
+    pub prompt_tokens: f64,
+    pub peak_kv_bytes: f64,
+    /// Peak KV bytes as a share of the full cache's on the same task and length.
+    pub kv_fraction: Option<f64>,
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+}
+
+#[derive(Serialize)]
+pub struct NiahGrid {
+    pub task: String,
+    pub kv: String,
+    pub lengths: Vec<usize>,
+    pub depths: Vec<f64>,
+    /// `scores[depth][length]`, None where no case ran.
+    pub scores: Vec<Vec<Option<f64>>>,
+}
+
+#[derive(Serialize)]
+pub struct PerTurn {
+    pub task: String,
+    pub kv: String,
+    pub target_len: usize,
+    pub mode: String,
+    pub scores: Vec<f64>,
+}
+
+#[derive(Serialize)]
+pub struct Summary {
+    pub title: String,
+    pub cases: usize,
+    pub groups: Vec<Group>,
+    pub niah: Vec<NiahGrid>,
+    pub per_turn: Vec<PerTurn>,
+    /// Prompt generation time over model time, in percent.
+    pub harness_overhead_pct: f64,
+}
+
+fn mean(it: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = it.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+fn len_label(n: usize) -> String {
+    if n == 0 {
+        "data".into()
+    } else {
+        length_label(n)
+    }
+}
+
+/// Groups per (task, kv, length), in first-seen order of tasks and specs, lengths ascending.
+pub fn groups(results: &[CaseResult]) -> Vec<Group> {
+    let mut order_t: Vec<&str> = Vec::new();
+    let mut order_k: Vec<&str> = Vec::new();
+    let mut by: BTreeMap<(usize, usize, usize), Vec<&CaseResult>> = BTreeMap::new();
+    for r in results {
+        let ti = order_t
+            .iter()
+            .position(|t| *t == r.task)
+            .unwrap_or_else(|| {
+                order_t.push(&r.task);
+                order_t.len() - 1
+            });
+        let ki = order_k.iter().position(|k| *k == r.kv).unwrap_or_else(|| {
+            order_k.push(&r.kv);
+            order_k.len() - 1
+        });
+        by.entry((ti, ki, r.target_len)).or_default().push(r);
+    }
+    let mut out: Vec<Group> = by
+        .iter()
+        .map(|(&(ti, ki, len), rs)| Group {
+            task: order_t[ti].to_string(),
+            kv: order_k[ki].to_string(),
+            target_len: len,
+            cases: rs.len(),
+            score: mean(rs.iter().map(|r| r.score)),
+            pct_of_full: None,
+            prompt_tokens: mean(rs.iter().map(|r| r.length as f64)),
+            peak_kv_bytes: mean(rs.iter().map(|r| r.peak_kv_bytes as f64)),
+            kv_fraction: None,
+            ttft_ms: mean(rs.iter().map(|r| r.ttft_ms)),
+            prefill_tok_s: mean(rs.iter().map(|r| r.prefill_tok_s)),
+            decode_tok_s: mean(rs.iter().map(|r| r.decode_tok_s)),
+        })
+        .collect();
+    let full: BTreeMap<(String, usize), (f64, f64)> = out
+        .iter()
+        .filter(|g| g.kv == "full")
+        .map(|g| ((g.task.clone(), g.target_len), (g.score, g.peak_kv_bytes)))
+        .collect();
+    for g in &mut out {
+        if let Some(&(fs, fb)) = full.get(&(g.task.clone(), g.target_len)) {
+            g.pct_of_full = (fs > 0.0).then(|| 100.0 * g.score / fs);
+            g.kv_fraction = (fb > 0.0).then(|| g.peak_kv_bytes / fb);
+        }
+    }
+    out
+}
+
+fn niah_grids(results: &[CaseResult]) -> Vec<NiahGrid> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in results.iter().filter(|r| r.depth.is_some()) {
+        let k = (r.task.clone(), r.kv.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .map(|(task, kv)| {
+            let rs: Vec<&CaseResult> = results
+                .iter()
+                .filter(|r| r.task == task && r.kv == kv)
+                .collect();
+            let lengths: Vec<usize> = rs
+                .iter()
+                .map(|r| r.target_len)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let mut depths: Vec<f64> = rs.iter().filter_map(|r| r.depth).collect();
+            depths.sort_by(f64::total_cmp);
+            depths.dedup();
+            let scores = depths
+                .iter()
+                .map(|d| {
+                    lengths
+                        .iter()
+                        .map(|l| {
+                            let v: Vec<f64> = rs
+                                .iter()
+                                .filter(|r| r.target_len == *l && r.depth == Some(*d))
+                                .map(|r| r.score)
+                                .collect();
+                            (!v.is_empty()).then(|| mean(v.into_iter()))
+                        })
+                        .collect()
+                })
+                .collect();
+            NiahGrid {
+                task,
+                kv,
+                lengths,
+                depths,
+                scores,
+            }
+        })
+        .collect()
+}
+
+fn per_turn(results: &[CaseResult]) -> Vec<PerTurn> {
+    let mut by: BTreeMap<(String, String, usize, String), Vec<&CaseResult>> = BTreeMap::new();
+    for r in results.iter().filter(|r| !r.turns.is_empty()) {
+        by.entry((r.task.clone(), r.kv.clone(), r.target_len, r.mode.clone()))
+            .or_default()
+            .push(r);
+    }
+    by.into_iter()
+        .map(|((task, kv, target_len, mode), rs)| {
+            let n = rs.iter().map(|r| r.turns.len()).max().unwrap_or(0);
+            let scores = (0..n)
+                .map(|i| mean(rs.iter().filter_map(|r| r.turns.get(i)).map(|t| t.score)))
+                .collect();
+            PerTurn {
+                task,
+                kv,
+                target_len,
+                mode,
+                scores,
+            }
+        })
+        .collect()
+}
+
+fn file_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes report.md, summary.json and the plots for `dir/results.jsonl`. Returns the files written.
+pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
+    let results = ResultsFile::load(&dir.join("results.jsonl"))?;
+    let groups = groups(&results);
+    let grids = niah_grids(&results);
+    let turns = per_turn(&results);
+    let gen_s: f64 = {
+        // Generation time is paid once per case, shared by its specs.
+        let mut seen = BTreeSet::new();
+        results
+            .iter()
+            .filter(|r| {
+                seen.insert((
+                    r.task.clone(),
+                    r.target_len,
+                    r.depth.map(f64::to_bits),
+                    r.sample,
+                    r.seed,
+                ))
+            })
+            .map(|r| r.gen_ms / 1e3)
+            .sum()
+    };
+    let model_s: f64 = results.iter().map(|r| r.model_s).sum();
+    let overhead = if model_s > 0.0 {
+        100.0 * gen_s / model_s
+    } else {
+        0.0
+    };
+    let mut written = Vec::new();
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# hayloft eval: {title}\n");
+    let _ = writeln!(md, "{} cases. Scores are in [0, 100].\n", results.len());
+    let lengths: Vec<usize> = groups
+        .iter()
+        .map(|g| g.target_len)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for g in &groups {
+        let k = (g.task.clone(), g.kv.clone());
+        if !rows.contains(&k) {
+            rows.push(k);
+        }
+    }
+    let find = |t: &str, k: &str, l: usize| {
+        groups
+            .iter()
+            .find(|g| g.task == t && g.kv == k && g.target_len == l)
+    };
+    let _ = writeln!(md, "## Accuracy\n");
+    let _ = write!(md, "| task | kv |");
+    for l in &lengths {
+        let _ = write!(md, " {} |", len_label(*l));
+    }
+    let _ = writeln!(md, " mean |");
+    let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(lengths.len()));
+    for (t, k) in &rows {
+        let _ = write!(md, "| {t} | {k} |");
+        let mut v = Vec::new();
+        for l in &lengths {
+            match find(t, k, *l) {
+                Some(g) => {
+                    v.push(g.score);
+                    let _ = write!(md, " {:.1} |", g.score);
+                }
+                None => md.push_str(" |"),
+            }
+        }
+        let _ = writeln!(md, " {:.1} |", mean(v.into_iter()));
+    }
+    if groups
+        .iter()
+        .any(|g| g.kv != "full" && g.pct_of_full.is_some())
+    {
+        let _ = writeln!(md, "\n## Accuracy as % of the full cache\n");
+        let _ = write!(md, "| task | kv |");
+        for l in &lengths {
+            let _ = write!(md, " {} |", len_label(*l));
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(md, "|---|---|{}", "---|".repeat(lengths.len()));
+        for (t, k) in rows.iter().filter(|(_, k)| k != "full") {
+            let _ = write!(md, "| {t} | {k} |");
+            for l in &lengths {
+                match find(t, k, *l).and_then(|g| g.pct_of_full) {
+                    Some(p) => {
+                        let _ = write!(md, " {p:.0}% |");
+                    }
+                    None => md.push_str(" |"),
+                }
+            }
+            let _ = writeln!(md);
+        }
+    }
+    let _ = writeln!(md, "\n## Memory and speed\n");
+    let _ = writeln!(
+        md,
+        "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | TTFT ms | prefill tok/s | decode tok/s |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for g in &groups {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            g.task,
+            g.kv,
+            len_label(g.target_len),
+            g.cases,
+            g.prompt_tokens,
+            human_bytes(g.peak_kv_bytes as usize),
+            g.kv_fraction
+                .map_or("-".into(), |f| format!("{:.0}%", f * 100.0)),
+            g.ttft_ms,
+            g.prefill_tok_s,
+            g.decode_tok_s
+        );
+    }
+    for grid in &grids {
+        let _ = writeln!(md, "\n## {} depth × length ({})\n", grid.task, grid.kv);
+        let _ = write!(md, "| depth |");
+        for l in &grid.lengths {
+            let _ = write!(md, " {} |", len_label(*l));
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(md, "|---|{}", "---|".repeat(grid.lengths.len()));
+        for (d, row) in grid.depths.iter().zip(&grid.scores) {
+            let _ = write!(md, "| {d}% |");
+            for v in row {
+                match v {
+                    Some(v) => {
+                        let _ = write!(md, " {v:.0} |");
+                    }
+                    None => md.push_str(" - |"),
+                }
+            }
+            let _ = writeln!(md);
+        }
+        let png = dir.join(format!(
+            "niah_{}_{}.png",
+            file_safe(&grid.task),
+            file_safe(&grid.kv)
+        ));
+        plot::heatmap(
+            &png,
+            &format!("{} ({})", grid.task, grid.kv),
+            "context length (tokens)",
+            "needle depth",
+            &grid
+                .lengths
+                .iter()
+                .map(|l| len_label(*l))
+                .collect::<Vec<_>>(),
+            &grid
+                .depths
+                .iter()
+                .map(|d| format!("{d}%"))
+                .collect::<Vec<_>>(),
+            &grid.scores,
+        )?;
+        let _ = writeln!(
+            md,
+            "\n![{}]({})",
+            grid.task,
+            png.file_name().and_then(|f| f.to_str()).unwrap_or("")
+        );
+        written.push(png);
+    }
+    if !turns.is_empty() {
+        let n = turns.iter().map(|t| t.scores.len()).max().unwrap_or(0);
+        let _ = writeln!(md, "\n## Accuracy per turn\n");
+        let _ = write!(md, "| task | mode | kv | length |");
+        for i in 0..n {
+            let _ = write!(md, " turn {} |", i + 1);
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(md, "|---|---|---|---|{}", "---|".repeat(n));
+        for t in &turns {
+            let _ = write!(
+                md,
+                "| {} | {} | {} | {} |",
+                t.task,
+                t.mode,
+                t.kv,
+                len_label(t.target_len)
+            );
+            for s in &t.scores {
+                let _ = write!(md, " {s:.0} |");
+            }
+            let _ = writeln!(md);
+        }
+    }
+    // Sweep plots.
+    let specs: Vec<&str> = groups
+        .iter()
+        .map(|g| g.kv.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if specs.len() > 1 {
+        // Accuracy against KV memory per method, averaged over tasks and lengths at each spec.
+        let mut by_method: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for kv in &specs {
+            let gs: Vec<&Group> = groups
+                .iter()
+                .filter(|g| g.kv == *kv && g.kv_fraction.is_some())
+                .collect();
+            if gs.is_empty() {
+                continue;
+            }
+            let x = mean(gs.iter().filter_map(|g| g.kv_fraction));
+            let y = mean(gs.iter().map(|g| g.score));
+            let method = kv.split(['@', ',']).next().unwrap_or(kv).to_string();
+            let name = if *kv == "full" {
+                "full".to_string()
+            } else {
+                method
+            };
+            by_method.entry(name).or_default().push((x, y));
+        }
+        if let Some(full) = by_method.get("full").cloned() {
+            for (m, pts) in by_method.iter_mut() {
+                if m != "full" {
+                    pts.extend(full.iter().copied());
+                }
+            }
+        }
+        let series: Vec<(String, Vec<(f64, f64)>)> = by_method.into_iter().collect();
+        if !series.is_empty() {
+            let png = dir.join("accuracy_vs_kv.png");
+            plot::line_chart(
+                &png,
+                "accuracy vs KV memory",
+                "peak KV bytes / full cache",
+                "score",
+                &series,
+                false,
+            )?;
+            let _ = writeln!(md, "\n![accuracy vs KV memory](accuracy_vs_kv.png)");
+            written.push(png);
+        }
+    }
+    if lengths.iter().filter(|l| **l > 0).count() > 1 {
+        let mut dec: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        let mut ttft: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for kv in &specs {
+            let mut d = Vec::new();
+            let mut t = Vec::new();
+            for l in lengths.iter().filter(|l| **l > 0) {
+                let gs: Vec<&Group> = groups
+                    .iter()
+                    .filter(|g| g.kv == *kv && g.target_len == *l)
+                    .collect();
+                if gs.is_empty() {
+                    continue;
+                }
+                let x = mean(gs.iter().map(|g| g.prompt_tokens));
+                d.push((x, mean(gs.iter().map(|g| g.decode_tok_s))));
+                t.push((x, mean(gs.iter().map(|g| g.ttft_ms))));
+            }
+            dec.push((kv.to_string(), d));
+            ttft.push((kv.to_string(), t));
+        }
+        let p1 = dir.join("decode_speed_vs_length.png");
+        plot::line_chart(
+            &p1,
+            "decode speed vs context",
+            "prompt tokens",
+            "decode tok/s",
+            &dec,
+            true,
+        )?;
+        let p2 = dir.join("ttft_vs_length.png");
+        plot::line_chart(
+            &p2,
+            "time to first token vs context",
+            "prompt tokens",
+            "TTFT ms",
+            &ttft,
+            true,
+        )?;
+        let _ = writeln!(
+            md,
+            "\n![decode speed](decode_speed_vs_length.png)\n\n![TTFT](ttft_vs_length.png)"
+        );
+        written.push(p1);
+        written.push(p2);
+    }
+    let _ = writeln!(
+        md,
+        "\nHarness time (prompt generation, once per case) is {overhead:.2}% of model time ({gen_s:.2} s vs {model_s:.1} s)."
+    );
+    let report = dir.join("report.md");
+    std::fs::write(&report, &md)?;
+    written.push(report);
+    let summary = Summary {
+        title: title.to_string(),
+        cases: results.len(),
+        groups,
+        niah: grids,
+        per_turn: turns,
+        harness_overhead_pct: overhead,
+    };
+    let sp = dir.join("summary.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(&summary)?)?;
+    written.push(sp);
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(task: &str, kv: &str, len: usize, score: f64, kv_bytes: usize) -> CaseResult {
+        CaseResult {
+            task: task.into(),
+            target_len: len,
+            length: len - 10,
+            depth: None,
+            sample: 0,
+            seed: 1,
+            kv: kv.into(),
+            method: kv.split('@').next().unwrap_or(kv).into(),
+            budget: None,
+            mode: "multi-turn".into(),
+            metric: "string_match_all".into(),
+            score,
+            output: String::new(),
+            references: vec![],
+            peak_kv_bytes: kv_bytes,
+            ttft_ms: 10.0,
+            prefill_tok_s: 100.0,
+            decode_tok_s: 20.0,
+            generated_tokens: 1,
+            model_s: 1.0,
+            gen_ms: 1.0,
+            turns: vec![],
+        }
+    }
+
+    #[test]
+    fn groups_compare_with_the_full_cache_and_sweep_plots_are_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let rs = [
+            rec("t", "full", 1024, 80.0, 1000),
+            rec("t", "full", 1024, 100.0, 1000),
+            rec("t", "snapkv@0.5", 1024, 45.0, 500),
+            rec("t", "full", 2048, 50.0, 2000),
+            rec("t", "snapkv@0.5", 2048, 50.0, 1000),
+        ];
+        let text: String = rs
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.path().join("results.jsonl"), text).unwrap();
+        let g = groups(&rs);
+        assert_eq!(g.len(), 4);
+        let s1 = g
+            .iter()
+            .find(|g| g.kv == "snapkv@0.5" && g.target_len == 1024)
+            .unwrap();
+        assert!((s1.pct_of_full.unwrap() - 50.0).abs() < 1e-9);
+        assert!((s1.kv_fraction.unwrap() - 0.5).abs() < 1e-9);
+        let f1 = g
+            .iter()
+            .find(|g| g.kv == "full" && g.target_len == 1024)
+            .unwrap();
+        assert_eq!(f1.cases, 2);
+        assert!((f1.score - 90.0).abs() < 1e-9);
+        write(dir.path(), "test").unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(
+            md.contains("% of the full cache") && md.contains("| t | snapkv@0.5 | 50% | 100% |"),
+            "{md}"
+        );
+        for f in [
+            "accuracy_vs_kv.png",
+            "decode_speed_vs_length.png",
+            "ttft_vs_length.png",
+            "summary.json",
+        ] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
+    }
+}

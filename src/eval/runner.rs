@@ -1,0 +1,550 @@
+//! The case loop: one fresh session per case and KV spec, greedy decoding, timing, scoring, and one JSON line per
+//! finished case appended and flushed to `results.jsonl`, so a killed run loses at most the case in flight and
+//! `--resume` skips every case already there (matched on task, length, depth, sample, seed and KV spec).
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{Case, CaseMeta, Mode, Prompter};
+use crate::engine::sampler::argmax;
+use crate::engine::{Session, SessionConfig};
+use crate::methods::KvSpec;
+use crate::model::Model;
+
+/// The outcome of one turn of a conversation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TurnResult {
+    pub turn: usize,
+    pub score: f64,
+    pub output: String,
+    pub references: Vec<String>,
+    /// Tokens fed for this turn (context included for the first).
+    pub prompt_tokens: usize,
+    pub ttft_ms: f64,
+    pub generated_tokens: usize,
+}
+
+/// One line of `results.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaseResult {
+    pub task: String,
+    /// Requested length (prompt + tokens to generate); 0 where the data decides.
+    pub target_len: usize,
+    /// Actual prompt tokens of the first turn (the shared context plus the first question).
+    pub length: usize,
+    pub depth: Option<f64>,
+    pub sample: usize,
+    pub seed: u64,
+    /// The KV spec label (`full`, `snapkv@0.25`, ...), its method and budget.
+    pub kv: String,
+    pub method: String,
+    pub budget: Option<String>,
+    pub mode: String,
+    pub metric: String,
+    /// Mean over turns, in [0, 100].
+    pub score: f64,
+    /// The first turn's output.
+    pub output: String,
+    pub references: Vec<String>,
+    /// The cache's own peak byte counter over the case.
+    pub peak_kv_bytes: usize,
+    /// Time to first token of the first turn: prefill + first token.
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub generated_tokens: usize,
+    /// Model time for the case (all turns).
+    pub model_s: f64,
+    /// Time to generate the case's prompt (shared by the specs of one case).
+    pub gen_ms: f64,
+    /// Per turn, for conversations of more than one turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub turns: Vec<TurnResult>,
+}
+
+impl CaseResult {
+    pub fn key(&self) -> String {
+        CaseMeta {
+            task: self.task.clone(),
+            target_len: self.target_len,
+            depth: self.depth,
+            sample: self.sample,
+            seed: self.seed,
+        }
+        .key(&self.kv)
+    }
+}
+
+/// `results.jsonl`: read back for `--resume`, appended one flushed line per case.
+pub struct ResultsFile {
+    pub path: PathBuf,
+    file: File,
+    done: HashSet<String>,
+}
+
+impl ResultsFile {
+    /// Opens `dir/results.jsonl`. An existing non-empty file needs `resume`; a last line cut short by a kill is
+    /// dropped, any other unreadable line is an error naming it.
+    pub fn open(dir: &Path, resume: bool) -> Result<Self> {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
+        let path = dir.join("results.jsonl");
+        let mut done = HashSet::new();
+        if path.exists() && fs::metadata(&path)?.len() > 0 {
+            if !resume {
+                bail!(
+                    "{} already holds results: pass --resume to continue that run, or choose another --out",
+                    path.display()
+                );
+            }
+            let text = fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let mut good_end = 0;
+            let lines: Vec<&str> = text.split_inclusive('\n').collect();
+            for (i, line) in lines.iter().enumerate() {
+                let complete = line.ends_with('\n');
+                match serde_json::from_str::<CaseResult>(line.trim()) {
+                    Ok(r) if complete => {
+                        done.insert(r.key());
+                        good_end += line.len();
+                    }
+                    _ if line.trim().is_empty() => good_end += line.len(),
+                    _ if i + 1 == lines.len() => {
+                        eprintln!(
+                            "note: dropping the unfinished last line of {}",
+                            path.display()
+                        );
+                    }
+                    Err(e) => bail!(
+                        "{} line {}: not a result record: {e}",
+                        path.display(),
+                        i + 1
+                    ),
+                    Ok(_) => unreachable!("a complete line is handled above"),
+                }
+            }
+            if good_end < text.len() {
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(good_end as u64)?;
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(ResultsFile { path, file, done })
+    }
+
+    pub fn is_done(&self, key: &str) -> bool {
+        self.done.contains(key)
+    }
+
+    pub fn done_count(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Appends one record as a single write and flushes it.
+    pub fn append(&mut self, r: &CaseResult) -> Result<()> {
+        let mut line = serde_json::to_string(r)?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes())?;
+        self.file.flush()?;
+        self.done.insert(r.key());
+        Ok(())
+    }
+
+    /// Every record in a results file, in order.
+    pub fn load(path: &Path) -> Result<Vec<CaseResult>> {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.push(serde_json::from_str(line).with_context(|| {
+                format!("{} line {}: not a result record", path.display(), i + 1)
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+/// A progress line on stderr with the rate and the time left (redrawn in place on a terminal, every 10 s
+/// otherwise).
+pub struct Progress {
+    total: usize,
+    done: usize,
+    start: Instant,
+    last: Option<Instant>,
+    tty: bool,
+    quiet: bool,
+}
+
+impl Progress {
+    pub fn new(total: usize, quiet: bool) -> Self {
+        Progress {
+            total,
+            done: 0,
+            start: Instant::now(),
+            last: None,
+            tty: std::io::stderr().is_terminal(),
+            quiet,
+        }
+    }
+
+    pub fn tick(&mut self, what: &str, score: f64) {
+        self.done += 1;
+        if self.quiet {
+            return;
+        }
+        let el = self.start.elapsed().as_secs_f64();
+        let per = el / self.done as f64;
+        let left = per * (self.total.saturating_sub(self.done)) as f64;
+        let line = format!(
+            "[eval] {}/{} cases  {:.1} s/case  elapsed {}  ETA {}  last: {what} score {score:.0}",
+            self.done,
+            self.total,
+            per,
+            hms(el),
+            hms(left)
+        );
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+            if self.done == self.total {
+                eprintln!();
+            }
+        } else if self.last.is_none_or(|t| t.elapsed().as_secs_f64() >= 10.0)
+            || self.done == self.total
+        {
+            eprintln!("{line}");
+            self.last = Some(Instant::now());
+        }
+    }
+}
+
+fn hms(s: f64) -> String {
+    let s = s.round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// A case to run, known by its metadata before it is generated (so resumed cases are never generated).
+pub struct Plan<'g> {
+    pub meta: CaseMeta,
+    pub make: Box<dyn FnMut() -> Result<Case> + 'g>,
+}
+
+/// Runs cases against a model.
+pub struct Runner<'a> {
+    pub model: &'a Model,
+    pub prompter: Prompter<'a>,
+    pub base_cfg: SessionConfig,
+    pub results: ResultsFile,
+    /// Multi-turn: feed the model's own previous answers instead of the gold ones.
+    pub own_answers: bool,
+    pub quiet: bool,
+    /// Test hook (`HAYLOFT_EVAL_ABORT_AFTER=N`): after N cases written by this process, the next one exits
+    /// mid-case, as a kill would.
+    abort_after: Option<usize>,
+    written: usize,
+}
+
+impl<'a> Runner<'a> {
+    pub fn new(
+        model: &'a Model,
+        prompter: Prompter<'a>,
+        base_cfg: SessionConfig,
+        results: ResultsFile,
+    ) -> Self {
+        let abort_after = std::env::var("HAYLOFT_EVAL_ABORT_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        Runner {
+            model,
+            prompter,
+            base_cfg,
+            results,
+            own_answers: false,
+            quiet: false,
+            abort_after,
+            written: 0,
+        }
+    }
+
+    /// Runs every plan under every spec, all specs of one case back to back. Returns the number of cases run.
+    pub fn run_all(&mut self, plans: &mut [Plan], specs: &[KvSpec]) -> Result<usize> {
+        let todo: usize = plans
+            .iter()
+            .map(|p| {
+                specs
+                    .iter()
+                    .filter(|s| !self.results.is_done(&p.meta.key(&s.label())))
+                    .count()
+            })
+            .sum();
+        let skipped = plans.len() * specs.len() - todo;
+        if skipped > 0 && !self.quiet {
+            eprintln!(
+                "[eval] resuming: {skipped} cases already in {}",
+                self.results.path.display()
+            );
+        }
+        let mut progress = Progress::new(todo, self.quiet);
+        let mut ran = 0;
+        for plan in plans.iter_mut() {
+            let pending: Vec<&KvSpec> = specs
+                .iter()
+                .filter(|s| !self.results.is_done(&plan.meta.key(&s.label())))
+                .collect();
+            if pending.is_empty() {
+                continue;
+            }
+            let t0 = Instant::now();
+            let case = (plan.make)()?;
+            let gen_ms = t0.elapsed().as_secs_f64() * 1e3;
+            if case.meta.key("") != plan.meta.key("") {
+                bail!(
+                    "internal: case {} generated as {}",
+                    plan.meta.key(""),
+                    case.meta.key("")
+                );
+            }
+            ran += self.run_specs(&case, &pending, gen_ms, &mut progress)?;
+        }
+        Ok(ran)
+    }
+
+    /// All specs for one generated case, back to back.
+    pub fn run_specs(
+        &mut self,
+        case: &Case,
+        specs: &[&KvSpec],
+        gen_ms: f64,
+        progress: &mut Progress,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for spec in specs {
+            let r = self.run_one(case, spec, gen_ms)?;
+            self.results.append(&r)?;
+            self.written += 1;
+            n += 1;
+            progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+        }
+        Ok(n)
+    }
+
+    fn check_abort(&self) {
+        if self.abort_after.is_some_and(|n| self.written >= n) {
+            eprintln!("[eval] HAYLOFT_EVAL_ABORT_AFTER reached: exiting mid-case");
+            std::process::exit(9);
+        }
+    }
+
+    /// Feeds `toks`, then decodes greedily; returns (output ids, ttft_s, decode steps, decode_s, prefill_s).
+    fn answer(
+        &self,
+        s: &mut Session,
+        toks: &[u32],
+        max_new: usize,
+    ) -> Result<(Vec<u32>, f64, usize, f64, f64)> {
+        let room = s.cfg.max_context.saturating_sub(s.n_past());
+        if toks.len() + max_new.min(1) > room {
+            bail!(
+                "the case needs {} more tokens but the session holds {} of its {} (--max-context); use shorter \
+                 lengths or a larger --max-context",
+                toks.len(),
+                s.n_past(),
+                s.cfg.max_context
+            );
+        }
+        let t0 = Instant::now();
+        let logits = s.prefill(toks)?;
+        let mut next = argmax(logits);
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let ttft = prefill_s;
+        self.check_abort();
+        let tok = self.prompter.tok;
+        let mut out = Vec::new();
+        let mut steps = 0;
+        let mut dec_s = 0.0;
+        loop {
+            if tok.is_eog(next) {
+                break;
+            }
+            out.push(next);
+            if out.len() >= max_new || s.n_past() >= s.cfg.max_context {
+                break;
+            }
+            let t = Instant::now();
+            let logits = s.decode(next)?;
+            next = argmax(logits);
+            dec_s += t.elapsed().as_secs_f64();
+            steps += 1;
+        }
+        Ok((out, ttft, steps, dec_s, prefill_s))
+    }
+
+    /// One case under one KV spec, in a fresh session.
+    pub fn run_one(&mut self, case: &Case, spec: &KvSpec, gen_ms: f64) -> Result<CaseResult> {
+        let mut cfg = self.base_cfg.clone();
+        cfg.kv = spec.clone();
+        let mut s = Session::new(self.model, cfg)?;
+        let conv = &case.conv;
+        let p = self.prompter;
+        let mut turns = Vec::new();
+        let (mut dec_steps, mut dec_s, mut pre_tok, mut pre_s) = (0usize, 0.0f64, 0usize, 0.0f64);
+        let mut first_len = 0;
+        let mut first_ttft = 0.0;
+        let t_case = Instant::now();
+        match conv.mode {
+            Mode::MultiTurn => {
+                let mut fed = String::new();
+                let mut answers: Vec<String> = Vec::new();
+                for (i, turn) in conv.turns.iter().enumerate() {
+                    let full = p.render(conv, i, &answers, Mode::MultiTurn)?;
+                    let delta = full.strip_prefix(fed.as_str()).with_context(|| {
+                        "the chat template does not render turns append-only; cannot run this conversation \
+                         multi-turn (try --no-chat)"
+                    })?;
+                    let toks = p.encode(delta, fed.is_empty())?;
+                    let before = s.n_past();
+                    let (out, ttft, steps, ds, ps) = self.answer(&mut s, &toks, turn.max_new)?;
+                    let text = p.tok.decode(&out);
+                    // Drop the generated tokens: the answer the next turn sees is fed again from the rendered
+                    // conversation (the gold answer by default, the model's own with --own-answers).
+                    s.truncate(before + toks.len());
+                    if i == 0 {
+                        first_len = toks.len();
+                        first_ttft = ttft;
+                    }
+                    (dec_steps, dec_s, pre_tok, pre_s) = (
+                        dec_steps + steps,
+                        dec_s + ds,
+                        pre_tok + toks.len(),
+                        pre_s + ps,
+                    );
+                    turns.push(self.turn_result(i, turn, &text, toks.len(), ttft, out.len()));
+                    answers.push(if self.own_answers {
+                        text.trim().to_string()
+                    } else {
+                        turn.gold.clone()
+                    });
+                    fed = full;
+                }
+            }
+            Mode::MultiRequest => {
+                let shared = p.shared_prefix(conv)?;
+                let ctx = p.encode(&shared, true)?;
+                let t0 = Instant::now();
+                s.feed(&ctx, 0..0, |_, _| {})?;
+                let ctx_s = t0.elapsed().as_secs_f64();
+                let ctx_len = s.n_past();
+                for (i, turn) in conv.turns.iter().enumerate() {
+                    let full = p.render(conv, i, &[], Mode::MultiRequest)?;
+                    let delta = full
+                        .strip_prefix(shared.as_str())
+                        .context("a query's prompt does not start with the shared context")?;
+                    let toks = p.encode(delta, false)?;
+                    let (out, ttft, steps, ds, ps) = self.answer(&mut s, &toks, turn.max_new)?;
+                    let text = p.tok.decode(&out);
+                    s.truncate(ctx_len);
+                    let fed = if i == 0 {
+                        ctx_len + toks.len()
+                    } else {
+                        toks.len()
+                    };
+                    if i == 0 {
+                        first_len = fed;
+                        first_ttft = ctx_s + ttft;
+                        pre_s += ctx_s;
+                        pre_tok += ctx_len;
+                    }
+                    (dec_steps, dec_s, pre_tok, pre_s) = (
+                        dec_steps + steps,
+                        dec_s + ds,
+                        pre_tok + toks.len(),
+                        pre_s + ps,
+                    );
+                    turns.push(self.turn_result(
+                        i,
+                        turn,
+                        &text,
+                        fed,
+                        if i == 0 { first_ttft } else { ttft },
+                        out.len(),
+                    ));
+                }
+            }
+        }
+        let model_s = t_case.elapsed().as_secs_f64();
+        let score = turns.iter().map(|t| t.score).sum::<f64>() / turns.len().max(1) as f64;
+        let first = turns
+            .first()
+            .cloned()
+            .context("a case needs at least one turn")?;
+        let generated = turns.iter().map(|t| t.generated_tokens).sum();
+        Ok(CaseResult {
+            task: case.meta.task.clone(),
+            target_len: case.meta.target_len,
+            length: first_len,
+            depth: case.meta.depth,
+            sample: case.meta.sample,
+            seed: case.meta.seed,
+            kv: spec.label(),
+            method: spec.method.clone(),
+            budget: spec.budget.map(|b| b.label()),
+            mode: conv.mode.name().to_string(),
+            metric: conv.turns[0].metric.name(),
+            score,
+            output: first.output,
+            references: first.references,
+            peak_kv_bytes: s.cache.peak_bytes(),
+            ttft_ms: first_ttft * 1e3,
+            prefill_tok_s: if pre_s > 0.0 {
+                pre_tok as f64 / pre_s
+            } else {
+                0.0
+            },
+            decode_tok_s: if dec_s > 0.0 {
+                dec_steps as f64 / dec_s
+            } else {
+                0.0
+            },
+            generated_tokens: generated,
+            model_s,
+            gen_ms,
+            turns: if turns.len() > 1 { turns } else { Vec::new() },
+        })
+    }
+
+    fn turn_result(
+        &self,
+        i: usize,
+        turn: &super::Turn,
+        text: &str,
+        fed: usize,
+        ttft: f64,
+        gen: usize,
+    ) -> TurnResult {
+        TurnResult {
+            turn: i,
+            score: turn.metric.score(text, &turn.refs),
+            output: text.to_string(),
+            references: turn.refs.clone(),
+            prompt_tokens: fed,
+            ttft_ms: ttft * 1e3,
+            generated_tokens: gen,
+        }
+    }
+}
