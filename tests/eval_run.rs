@@ -449,3 +449,58 @@ fn sweep_over_task_families_reports_per_turn_and_speed() {
         assert!(out.join(png).exists(), "{png} missing");
     }
 }
+
+#[test]
+fn shared_prefill_sweep_equals_separate_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let hay = dir.path().join("hay.txt");
+    let text: String = (0..400)
+        .map(|i| format!("Sentence number {i} talks about the weather. It was sunny on day {i}. "))
+        .collect();
+    std::fs::write(&hay, text).unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "sweep",
+            "--model",
+            &model,
+            "--tasks",
+            "niah,ruler:vt",
+            "--lengths",
+            "900",
+            "--depths",
+            "0:100:50",
+            "--samples",
+            "1",
+            "--kv",
+            "full;snapkv@0.5;h2o@0.3;streamingllm@64t;tova@0.5,adakv;snapkv@0.5,chunked",
+            "--haystack-file",
+            hay.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let o = eval(dir.path(), &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ResultsFile::load(&out.join("results.jsonl")).unwrap()
+    };
+    let shared = run("shared", &[]);
+    let separate = run("separate", &["--no-share-prefill"]);
+    assert_eq!(shared.len(), 4 * 6);
+    assert_eq!(shared.len(), separate.len());
+    for (a, b) in shared.iter().zip(&separate) {
+        assert_eq!((&a.task, a.depth, &a.kv), (&b.task, b.depth, &b.kv));
+        assert_eq!(a.output, b.output, "{} {:?} {}", a.task, a.depth, a.kv);
+        assert_eq!(a.length, b.length);
+        assert_eq!(a.score, b.score);
+        if a.kv != "full" && !a.kv.contains("chunked") {
+            assert!(
+                a.peak_kv_bytes > 0 && a.peak_kv_bytes == b.peak_kv_bytes,
+                "{}",
+                a.kv
+            );
+        }
+    }
+}

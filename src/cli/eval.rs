@@ -56,6 +56,11 @@ pub struct EvalCommon {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// With several KV specs: run every spec from its own prefill instead of prefilling each single-turn case once
+    /// with the full cache and forking a copy per spec (same outputs, slower; TTFT then includes each spec's own
+    /// prefill).
+    #[arg(long)]
+    pub no_share_prefill: bool,
 }
 
 #[derive(Args, Debug)]
@@ -331,6 +336,7 @@ fn run_plans<'g>(
     let mut runner = Runner::new(&loaded.model, prompter, loaded.session_cfg.clone(), results);
     runner.own_answers = own_answers;
     runner.quiet = common.quiet;
+    runner.share_prefill = !common.no_share_prefill;
     runner.run_all(&mut plans, &specs)?;
     let files = eval::report::write(&out, what)?;
     let report = std::fs::read_to_string(out.join("report.md"))?;

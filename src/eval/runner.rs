@@ -254,6 +254,11 @@ pub struct Runner<'a> {
     /// Multi-turn: feed the model's own previous answers instead of the gold ones.
     pub own_answers: bool,
     pub quiet: bool,
+    /// Single-turn cases under several specs: prefill once with the full cache, then fork a session per spec
+    /// (`Session::fork` applies the spec's end-of-prefill compression to a copy), so methods are compared on identical
+    /// caches and the prompt is prefilled once. Specs that compress during prefill (`chunked`) or store the cache in
+    /// another format run on their own.
+    pub share_prefill: bool,
     /// Test hook (`HAYLOFT_EVAL_ABORT_AFTER=N`): after N cases written by this process, the next one exits
     /// mid-case, as a kill would.
     abort_after: Option<usize>,
@@ -277,6 +282,7 @@ impl<'a> Runner<'a> {
             results,
             own_answers: false,
             quiet: false,
+            share_prefill: true,
             abort_after,
             written: 0,
         }
@@ -334,7 +340,23 @@ impl<'a> Runner<'a> {
         progress: &mut Progress,
     ) -> Result<usize> {
         let mut n = 0;
-        for spec in specs {
+        let (shared, own): (Vec<&KvSpec>, Vec<&KvSpec>) = specs
+            .iter()
+            .partition(|s| self.share_prefill && single_turn(case) && forkable(s));
+        if shared.len() > 1 {
+            for r in self.run_forked(case, &shared, gen_ms)? {
+                self.results.append(&r)?;
+                self.written += 1;
+                n += 1;
+                progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+            }
+        }
+        let own: Vec<&KvSpec> = if shared.len() > 1 {
+            own
+        } else {
+            specs.to_vec()
+        };
+        for spec in own {
             let r = self.run_one(case, spec, gen_ms)?;
             self.results.append(&r)?;
             self.written += 1;
@@ -358,22 +380,24 @@ impl<'a> Runner<'a> {
         toks: &[u32],
         max_new: usize,
     ) -> Result<(Vec<u32>, f64, usize, f64, f64)> {
-        let room = s.cfg.max_context.saturating_sub(s.n_past());
-        if toks.len() + max_new.min(1) > room {
-            bail!(
-                "the case needs {} more tokens but the session holds {} of its {} (--max-context); use shorter \
-                 lengths or a larger --max-context",
-                toks.len(),
-                s.n_past(),
-                s.cfg.max_context
-            );
-        }
+        check_room(s, toks.len(), max_new)?;
         let t0 = Instant::now();
         let logits = s.prefill(toks)?;
-        let mut next = argmax(logits);
+        let next = argmax(logits);
         let prefill_s = t0.elapsed().as_secs_f64();
-        let ttft = prefill_s;
         self.check_abort();
+        let (out, steps, dec_s) = self.decode_greedy(s, next, max_new)?;
+        Ok((out, prefill_s, steps, dec_s, prefill_s))
+    }
+
+    /// Greedy decoding from `next` (the argmax after the prompt) until an end-of-generation token, `max_new` tokens or
+    /// the context budget; returns (output ids, decode steps, decode seconds).
+    fn decode_greedy(
+        &self,
+        s: &mut Session,
+        mut next: u32,
+        max_new: usize,
+    ) -> Result<(Vec<u32>, usize, f64)> {
         let tok = self.prompter.tok;
         let mut out = Vec::new();
         let mut steps = 0;
@@ -392,7 +416,64 @@ impl<'a> Runner<'a> {
             dec_s += t.elapsed().as_secs_f64();
             steps += 1;
         }
-        Ok((out, ttft, steps, dec_s, prefill_s))
+        Ok((out, steps, dec_s))
+    }
+
+    /// A single-turn case under several forkable specs: one full-cache prefill that records what every spec's method
+    /// reads, then per spec a fork (copy + that method's end-of-prefill compression) and greedy decoding. Time to first
+    /// token = the shared prefill + the fork's compression (the first token itself comes from the full-cache prefill,
+    /// as it does when the method runs on its own: compression follows the prompt's last logits).
+    fn run_forked(
+        &mut self,
+        case: &Case,
+        specs: &[&KvSpec],
+        gen_ms: f64,
+    ) -> Result<Vec<CaseResult>> {
+        let mc = self.model.config();
+        let mut cfg = self.base_cfg.clone();
+        cfg.kv = KvSpec::full();
+        for spec in specs {
+            if let Some(press) = crate::methods::press::Press::new(spec, mc)? {
+                cfg.observe = cfg.observe.max(press.needs());
+            }
+        }
+        let mut base = Session::new(self.model, cfg)?;
+        let conv = &case.conv;
+        let turn = &conv.turns[0];
+        let text = self.prompter.render(conv, 0, &[], Mode::MultiTurn)?;
+        let toks = self.prompter.encode(&text, true)?;
+        check_room(&base, toks.len(), turn.max_new)?;
+        let t0 = Instant::now();
+        let next = argmax(base.prefill(&toks)?);
+        let prefill_s = t0.elapsed().as_secs_f64();
+        self.check_abort();
+        let mut results = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let t_case = Instant::now();
+            let mut s = base.fork(spec)?;
+            let ttft = prefill_s + t_case.elapsed().as_secs_f64();
+            let (out, steps, dec_s) = self.decode_greedy(&mut s, next, turn.max_new)?;
+            let text = self.prompter.tok.decode(&out);
+            let tr = self.turn_result(0, turn, &text, toks.len(), ttft, out.len());
+            let model_s = prefill_s + t_case.elapsed().as_secs_f64();
+            results.push(self.case_result(
+                case,
+                spec,
+                vec![tr],
+                Timing {
+                    first_len: toks.len(),
+                    first_ttft: ttft,
+                    pre_tok: toks.len(),
+                    pre_s: prefill_s,
+                    dec_steps: steps,
+                    dec_s,
+                    model_s,
+                },
+                s.cache.peak_bytes(),
+                gen_ms,
+            )?);
+        }
+        Ok(results)
     }
 
     /// One case under one KV spec, in a fresh session.
@@ -488,6 +569,34 @@ impl<'a> Runner<'a> {
             }
         }
         let model_s = t_case.elapsed().as_secs_f64();
+        self.case_result(
+            case,
+            spec,
+            turns,
+            Timing {
+                first_len,
+                first_ttft,
+                pre_tok,
+                pre_s,
+                dec_steps,
+                dec_s,
+                model_s,
+            },
+            s.cache.peak_bytes(),
+            gen_ms,
+        )
+    }
+
+    fn case_result(
+        &self,
+        case: &Case,
+        spec: &KvSpec,
+        turns: Vec<TurnResult>,
+        t: Timing,
+        peak_kv_bytes: usize,
+        gen_ms: f64,
+    ) -> Result<CaseResult> {
+        let conv = &case.conv;
         let score = turns.iter().map(|t| t.score).sum::<f64>() / turns.len().max(1) as f64;
         let first = turns
             .first()
@@ -497,7 +606,7 @@ impl<'a> Runner<'a> {
         Ok(CaseResult {
             task: case.meta.task.clone(),
             target_len: case.meta.target_len,
-            length: first_len,
+            length: t.first_len,
             depth: case.meta.depth,
             sample: case.meta.sample,
             seed: case.meta.seed,
@@ -509,20 +618,20 @@ impl<'a> Runner<'a> {
             score,
             output: first.output,
             references: first.references,
-            peak_kv_bytes: s.cache.peak_bytes(),
-            ttft_ms: first_ttft * 1e3,
-            prefill_tok_s: if pre_s > 0.0 {
-                pre_tok as f64 / pre_s
+            peak_kv_bytes,
+            ttft_ms: t.first_ttft * 1e3,
+            prefill_tok_s: if t.pre_s > 0.0 {
+                t.pre_tok as f64 / t.pre_s
             } else {
                 0.0
             },
-            decode_tok_s: if dec_s > 0.0 {
-                dec_steps as f64 / dec_s
+            decode_tok_s: if t.dec_s > 0.0 {
+                t.dec_steps as f64 / t.dec_s
             } else {
                 0.0
             },
             generated_tokens: generated,
-            model_s,
+            model_s: t.model_s,
             gen_ms,
             turns: if turns.len() > 1 { turns } else { Vec::new() },
         })
@@ -547,4 +656,39 @@ impl<'a> Runner<'a> {
             generated_tokens: gen,
         }
     }
+}
+
+/// Timing and token counts of one case, gathered while it runs.
+struct Timing {
+    first_len: usize,
+    first_ttft: f64,
+    pre_tok: usize,
+    pre_s: f64,
+    dec_steps: usize,
+    dec_s: f64,
+    model_s: f64,
+}
+
+fn check_room(s: &Session, n: usize, max_new: usize) -> Result<()> {
+    let room = s.cfg.max_context.saturating_sub(s.n_past());
+    if n + max_new.min(1) > room {
+        bail!(
+            "the case needs {n} more tokens but the session holds {} of its {} (--max-context); use shorter \
+             lengths or a larger --max-context",
+            s.n_past(),
+            s.cfg.max_context
+        );
+    }
+    Ok(())
+}
+
+/// One question, one answer: what prefill sharing applies to.
+fn single_turn(case: &Case) -> bool {
+    case.conv.mode == Mode::MultiTurn && case.conv.turns.len() == 1
+}
+
+/// Whether a spec can start from a copy of a full-cache prefill: its compression must not run during the prefill
+/// (`chunked`), and its cache must be stored like the full cache's.
+fn forkable(spec: &KvSpec) -> bool {
+    spec.wrapper("chunked").is_none()
 }
