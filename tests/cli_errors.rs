@@ -241,3 +241,26 @@ fn kv_spec_errors_name_the_problem() {
         );
     }
 }
+
+#[test]
+fn bad_kv_storage_flags_name_the_problem() {
+    let f = Fixture::new();
+    let model = f.path("tiny.gguf");
+    let run = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["generate", "--model", &model, "-p", "hi", "-n", "1"];
+        args.extend_from_slice(extra);
+        expect_error(&args, f.home(), needles);
+    };
+    run(&["--kv-dtype", "q3"], &["unknown KV cache type 'q3'", "q4"]);
+    run(
+        &["--kv-residual", "64"],
+        &["--kv-residual applies to a quantized cache"],
+    );
+    run(&["--kv", "kivi4", "--kv-dtype", "q8"], &["4-bit", "q8"]);
+    run(&["--kv", "kivi4@many"], &["residual window"]);
+    run(
+        &["--kv", "kivi4@64", "--kv-residual", "32"],
+        &["both set the residual"],
+    );
+    run(&["--kv", "kivi4", "--kv-dtype", "f32"], &["f32"]);
+}

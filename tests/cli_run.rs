@@ -242,3 +242,46 @@ fn kv_method_shrinks_the_cache_and_reports_it() {
     // Chunked: never more than budget + one chunk per head (48 entries = 2 blocks).
     assert!(peak <= 4 * 2 * block, "{j}");
 }
+
+#[test]
+fn quantized_kv_flags_run_and_hold_fewer_bytes() {
+    let (dir, model) = tiny();
+    let prompt = "the theme in the thin tin then ".repeat(30);
+    let peak = |extra: &[&str]| -> u64 {
+        let stats = dir.path().join("s.json");
+        let out = hayloft()
+            .args([
+                "generate",
+                "--model",
+                &model,
+                "-p",
+                &prompt,
+                "-n",
+                "4",
+                "--temperature",
+                "0",
+            ])
+            .args(extra)
+            .arg("--stats-json")
+            .arg(&stats)
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        j["peak_kv_bytes"].as_u64().unwrap()
+    };
+    let f16 = peak(&[]);
+    let q8 = peak(&["--kv-dtype", "q8", "--kv-residual", "16"]);
+    let q4 = peak(&["--kv", "kivi4@16"]);
+    let q2 = peak(&["--kv", "kivi2", "--kv-residual", "16"]);
+    assert!(
+        q2 < q4 && q4 < q8 && q8 < f16,
+        "peak KV bytes f16 {f16} q8 {q8} q4 {q4} q2 {q2}"
+    );
+}

@@ -7,7 +7,7 @@ use hayloft::methods::obs::{AttnAcc, GatherBuf, QueryWindow};
 use hayloft::methods::press::Press;
 use hayloft::methods::{
     duo, h2o, knorm, pyramidkv, random, snapkv, streamingllm, tova, window, HeadObs, KvSpec, Needs,
-    Scorer, METHODS,
+    Scorer, METHODS, STORAGE_WRAPPERS,
 };
 use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, TinySpec};
 use hayloft::model::{Arch, Model, ModelConfig, RopeStyle};
@@ -266,7 +266,7 @@ fn check_random_case(method: &str, rng: &mut Rng, dir: &std::path::Path) {
 fn every_scoring_method_keeps_exactly_its_top_scored_entries() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x9e3779b97f4a7c15);
-    for method in METHODS.iter().filter(|&&m| m != "full") {
+    for method in scoring_methods() {
         for _ in 0..40 {
             check_random_case(method, &mut rng, dir.path());
         }
@@ -405,7 +405,16 @@ const OPTIONS: &[&str] = &[
     ",pyramid",
     ",adakv",
     ",chunked,every@5,pyramid@4",
+    ",kivi4@16",
+    ",chunked,kivi2@8",
 ];
+
+/// Methods that choose entries (every name but `full` and the storage formats, which keep everything).
+fn scoring_methods() -> impl Iterator<Item = &'static &'static str> {
+    METHODS
+        .iter()
+        .filter(|m| **m != "full" && !STORAGE_WRAPPERS.contains(m))
+}
 
 fn spec_for(method: &str, budget: &str, opts: &str, heads: &std::path::Path) -> String {
     let mut s = format!("{method}@{budget}{opts}");
@@ -423,7 +432,7 @@ fn every_method_with_every_option_runs_end_to_end() {
         let c = model.config();
         let heads = heads_file(dir.path(), c.n_layers, c.n_kv_heads, &mut rng);
         let toks = tokens(150, c.vocab, 3);
-        for method in METHODS.iter().filter(|&&m| m != "full") {
+        for method in scoring_methods() {
             for opts in OPTIONS {
                 let text = spec_for(method, "0.3", opts, &heads);
                 let spec = match KvSpec::parse(&text) {
@@ -497,7 +506,7 @@ fn full_budget_leaves_logits_unchanged() {
         let heads = heads_file(dir.path(), c.n_layers, c.n_kv_heads, &mut rng);
         let toks = tokens(100, c.vocab, 4);
         let full = run_logits(&model, "full", &toks, 8);
-        for method in METHODS.iter().filter(|&&m| m != "full") {
+        for method in scoring_methods() {
             for (budget, opts) in [
                 ("1", ""),
                 ("1", ",chunked,every@2"),

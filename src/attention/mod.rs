@@ -48,6 +48,8 @@ struct TaskBuf {
     l: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// The tile's query rows gathered to the stream's kept key channels (ThinK-pruned streams only).
+    qg: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -124,6 +126,7 @@ pub fn attend(
             b.k.resize(sh.bt * sh.hk, 0.0);
             b.v.resize(sh.bt * sh.hv, 0.0);
             b.s.resize(sh.bt, 0.0);
+            b.qg.resize(rows_max * sh.hk, 0.0);
         }
     }
 
@@ -361,6 +364,18 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     let tile_pos = &q_pos[task.t0..task.t1];
     let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
     let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
+    // A stream with pruned key channels (ThinK) stores `hs` < hk channels: gather them from each query row once.
+    let channels = cache.key_channels(layer, task.kv_head);
+    let hs = channels.map_or(hk, |c| c.len());
+    if let Some(ch) = channels {
+        for r in 0..rows {
+            let t = task.t0 + r / g;
+            let qr = &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk];
+            for (x, &c) in buf.qg[r * hs..][..hs].iter_mut().zip(ch) {
+                *x = qr[c as usize];
+            }
+        }
+    }
 
     for blk in cache
         .blocks(layer, task.kv_head)
@@ -377,14 +392,20 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 continue; // the whole block is outside every row's window
             }
         }
-        // kt: hk × BT (keys transposed), vb: n × hv, as f32.
+        // kt: hs × BT (keys transposed), vb: n × hv, as f32.
         let (kt, vb): (&[f32], &[f32]) = match blk.data {
             BlockData::F16 { k, v } => {
-                k.convert_to_f32_slice(&mut buf.k[..hk * BT]);
+                k[..hs * BT].convert_to_f32_slice(&mut buf.k[..hs * BT]);
                 v[..n * hv].convert_to_f32_slice(&mut buf.v[..n * hv]);
-                (&buf.k[..hk * BT], &buf.v[..n * hv])
+                (&buf.k[..hs * BT], &buf.v[..n * hv])
             }
-            BlockData::F32 { k, v } => (&k[..hk * BT], &v[..n * hv]),
+            BlockData::F32 { k, v } => (&k[..hs * BT], &v[..n * hv]),
+            BlockData::Quant(qb) => {
+                // KIVI block: dequantize this block only, into the task's scratch.
+                qb.keys_into::<BT>(&mut buf.k[..hs * BT]);
+                qb.values_into(n, hv, &mut buf.v[..n * hv]);
+                (&buf.k[..hs * BT], &buf.v[..n * hv])
+            }
         };
         // Every key of the block visible to every row of the tile? Then skip per-key masking.
         let all_visible =
@@ -392,7 +413,10 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
         for r in 0..rows {
             let t = task.t0 + r / g;
             let qpos = tile_pos[r / g];
-            let qr = &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk];
+            let qr = match channels {
+                None => &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk],
+                Some(_) => &buf.qg[r * hs..][..hs],
+            };
             // s[j] = q·k_j for the block's keys: one broadcast-FMA per key column, accumulators in registers.
             let s = &mut buf.s[..BT];
             score_block::<BT>(kt, qr, s);
@@ -460,6 +484,7 @@ pub fn naive_attention(
     let (hk, hv) = (cfg.head_dim_k, cfg.head_dim_v);
     let group = n_q_heads / cfg.n_kv_heads;
     let mut out = vec![0.0f32; q_pos.len() * n_q_heads * hv];
+    let (mut kbuf, mut vbuf) = (vec![0.0f32; hk], vec![0.0f32; hv]);
     for (t, &qpos) in q_pos.iter().enumerate() {
         for h in 0..n_q_heads {
             let kvh = h / group;
@@ -472,17 +497,11 @@ pub fn naive_attention(
                     if kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w) {
                         continue;
                     }
-                    let bt = cfg.block_tokens;
-                    let (k, v): (Vec<f64>, Vec<f64>) = match blk.data {
-                        BlockData::F16 { k, v } => (
-                            (0..hk).map(|d| k[d * bt + j].to_f64()).collect(),
-                            v[j * hv..][..hv].iter().map(|x| x.to_f64()).collect(),
-                        ),
-                        BlockData::F32 { k, v } => (
-                            (0..hk).map(|d| k[d * bt + j] as f64).collect(),
-                            v[j * hv..][..hv].iter().map(|&x| x as f64).collect(),
-                        ),
-                    };
+                    // Keys read with pruned channels as 0, quantized blocks dequantized.
+                    blk.read_key(j, &mut kbuf);
+                    blk.read_value(j, &mut vbuf);
+                    let k: Vec<f64> = kbuf.iter().map(|&x| x as f64).collect();
+                    let v: Vec<f64> = vbuf.iter().map(|&x| x as f64).collect();
                     let mut s: f64 =
                         qr.iter().zip(&k).map(|(a, b)| *a as f64 * b).sum::<f64>() * p.scale as f64;
                     if let Some(c) = p.softcap {
@@ -672,6 +691,7 @@ mod tests {
             s: vec![0.0; 4],
             k: vec![0.0; 32],
             v: vec![0.0; 32],
+            qg: Vec::new(),
         };
         let a = TaskArgs {
             cache: &cache,
@@ -689,6 +709,151 @@ mod tests {
                 let got = buf.acc[r * 8 + d] / buf.l[r];
                 assert!((got - want[r * 8 + d]).abs() < 1e-5);
             }
+        }
+    }
+
+    #[test]
+    fn quantized_blocks_match_naive_on_dequantized_values() {
+        for bits in [8u8, 4, 2] {
+            let dtype = KvDtype::Kivi { bits, residual: 16 };
+            for &(len, n_new) in &[(37, 37), (100, 13), (300, 1), (129, 64)] {
+                check(9, 3, 64, 64, len, n_new, None, dtype);
+            }
+            check(4, 1, 32, 32, 200, 40, Some(33), dtype);
+            check(4, 2, 16, 96, 150, 1, None, dtype);
+        }
+    }
+
+    /// Attention output of a cache with `dtype` holding fixed random keys/values, for fixed queries.
+    fn run_with(dtype: KvDtype, prune: Option<&[bool]>) -> (Vec<f32>, usize) {
+        let (n_q, n_kv, hd, len, n_new) = (6, 2, 64, 300, 8);
+        let mut rng = Rng(77);
+        let mut cache = KvCache::new(KvConfig {
+            n_layers: 1,
+            n_kv_heads: n_kv,
+            head_dim_k: hd,
+            head_dim_v: hd,
+            block_tokens: 32,
+            dtype,
+        });
+        let pos: Vec<u32> = (0..len as u32).collect();
+        cache.append(
+            0,
+            &pos,
+            &rng.vec(len * n_kv * hd, 1.0),
+            &rng.vec(len * n_kv * hd, 1.0),
+        );
+        if let Some(keep) = prune {
+            cache.prune_key_channels(0, 1, keep);
+        }
+        let q = rng.vec(n_new * n_q * hd, 2.0);
+        let q_pos: Vec<u32> = ((len - n_new) as u32..len as u32).collect();
+        let p = AttnParams {
+            n_q_heads: n_q,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: None,
+            softcap: None,
+        };
+        let mut out = vec![0.0; n_new * n_q * hd];
+        attend(
+            &cache,
+            0,
+            &q,
+            &q_pos,
+            &mut out,
+            &p,
+            &mut AttnScratch::default(),
+        );
+        (out, cache.bytes())
+    }
+
+    #[test]
+    fn quantized_attention_stays_close_to_f16() {
+        let (f16_out, f16_bytes) = run_with(KvDtype::F16, None);
+        let mut last = 0.0f32;
+        for (bits, bound) in [(8u8, 0.002f32), (4, 0.03), (2, 0.2)] {
+            let (out, bytes) = run_with(KvDtype::Kivi { bits, residual: 32 }, None);
+            let err = out
+                .iter()
+                .zip(&f16_out)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("q{bits}: max |Δ| vs f16 {err}, bytes {bytes} vs {f16_bytes}");
+            assert!(err <= bound, "q{bits}: max |Δ| {err} > {bound}");
+            assert!(
+                err > last,
+                "q{bits}: fewer bits must not be more accurate ({err} vs {last})"
+            );
+            assert!(bytes < f16_bytes);
+            last = err;
+        }
+    }
+
+    #[test]
+    fn pruned_key_channels_score_over_kept_channels_only() {
+        // Head 1 keeps 40 of 64 channels: its attention must equal full attention with those 24 channels of q zeroed.
+        let keep: Vec<bool> = (0..64).map(|c| c % 8 != 3 && c % 5 != 1).collect();
+        let n_kept = keep.iter().filter(|&&k| k).count();
+        for dtype in [
+            KvDtype::F16,
+            KvDtype::F32,
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 32,
+            },
+        ] {
+            let (out, bytes) = run_with(dtype, Some(&keep));
+            let (_, full_bytes) = run_with(dtype, None);
+            let freed = (64 - n_kept)
+                * match dtype {
+                    KvDtype::F16 => 300usize.div_ceil(32) * 32 * 2,
+                    KvDtype::F32 => 300usize.div_ceil(32) * 32 * 4,
+                    _ => 8 * (16 + 4) + 2 * 32 * 2, // 8 quantized blocks of 4-bit codes + (min, scale); 2 f16 blocks
+                };
+            assert_eq!(full_bytes - bytes, freed, "{dtype:?}");
+            // Reference: the same data unpruned, naive attention, q with the pruned channels zeroed for head 1's group.
+            let (n_q, n_kv, hd, len, n_new) = (6, 2, 64, 300, 8);
+            let mut rng = Rng(77);
+            let mut cache = KvCache::new(KvConfig {
+                n_layers: 1,
+                n_kv_heads: n_kv,
+                head_dim_k: hd,
+                head_dim_v: hd,
+                block_tokens: 32,
+                dtype,
+            });
+            let pos: Vec<u32> = (0..len as u32).collect();
+            cache.append(
+                0,
+                &pos,
+                &rng.vec(len * n_kv * hd, 1.0),
+                &rng.vec(len * n_kv * hd, 1.0),
+            );
+            let mut q = rng.vec(n_new * n_q * hd, 2.0);
+            for t in 0..n_new {
+                for h in 3..6 {
+                    for c in 0..hd {
+                        if !keep[c] {
+                            q[(t * n_q + h) * hd + c] = 0.0;
+                        }
+                    }
+                }
+            }
+            let q_pos: Vec<u32> = ((len - n_new) as u32..len as u32).collect();
+            let p = AttnParams {
+                n_q_heads: n_q,
+                scale: 1.0 / (hd as f32).sqrt(),
+                window: None,
+                softcap: None,
+            };
+            let want = naive_attention(&cache, 0, &q, &q_pos, &p);
+            let err = out
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err < 1e-4,
+                "{dtype:?}: pruned vs zeroed-q naive max err {err}"
+            );
         }
     }
 }

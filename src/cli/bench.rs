@@ -168,7 +168,7 @@ fn speed(a: SpeedArgs) -> Result<()> {
         model: c.name.clone(),
         threads: rayon::current_num_threads(),
         kernel: crate::kernels::kernel_name().to_string(),
-        kv_dtype: a.model.kv_dtype.clone(),
+        kv_dtype: crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?.label(),
         chunk_size: cfg.chunk_size,
         results,
     };

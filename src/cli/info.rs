@@ -79,6 +79,17 @@ pub fn run(a: InfoArgs) -> Result<()> {
         human_bytes(kv32),
         human_bytes(kv16 * c.ctx_len)
     );
+    let kivi = |bits| {
+        let dtype = KvDtype::Kivi { bits, residual: 0 };
+        c.kv_config(dtype, crate::engine::DEFAULT_BLOCK_TOKENS)
+            .bytes_per_token()
+    };
+    println!(
+        "KV quantized:  {} (q8), {} (q4), {} (q2) per token past the f16 residual window (KIVI, 32-token groups)",
+        human_bytes(kivi(8)),
+        human_bytes(kivi(4)),
+        human_bytes(kivi(2))
+    );
     println!(
         "weights:       {} in memory",
         human_bytes(model.weight_bytes())

@@ -79,9 +79,12 @@ pub struct ModelArgs {
     /// pyramid[@beta], adakv[@alpha], heads@FILE (duo's head scores). E.g. `snapkv@0.25,chunked`.
     #[arg(long, default_value = "full")]
     pub kv: String,
-    /// KV cache storage type: f16 or f32.
+    /// KV cache storage type: f16, f32, or KIVI quantization q8, q4, q2 (keys per channel, values per token).
     #[arg(long, default_value = "f16")]
     pub kv_dtype: String,
+    /// Quantized KV: the newest N entries of each head stay f16 (default 128). Needs --kv-dtype q* or a kivi spec.
+    #[arg(long)]
+    pub kv_residual: Option<usize>,
     /// Write the stats line as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -137,8 +140,27 @@ pub struct Loaded {
 impl ModelArgs {
     /// Sets up threads, resolves/fetches the model, loads weights and tokenizer, checks the flags.
     pub fn load(&self) -> Result<Loaded> {
-        let kv_spec = crate::methods::KvSpec::parse(&self.kv)?;
-        let kv_dtype = KvDtype::parse(&self.kv_dtype)?;
+        let mut kv_spec = crate::methods::KvSpec::parse(&self.kv)?;
+        let mut kv_dtype = KvDtype::parse(&self.kv_dtype)?;
+        if let Some(r) = self.kv_residual {
+            let kivi = kv_spec
+                .wrappers
+                .iter_mut()
+                .find(|w| crate::methods::STORAGE_WRAPPERS.contains(&w.name.as_str()));
+            match (&mut kv_dtype, kivi) {
+                (KvDtype::Kivi { residual, .. }, _) => *residual = r,
+                (_, Some(w)) if w.arg.is_none() => w.arg = Some(r.to_string()),
+                (_, Some(w)) => bail!(
+                    "--kv-residual {r} and --kv '{}' both set the residual window: give one",
+                    w.name.clone() + "@" + w.arg.as_deref().unwrap_or("")
+                ),
+                (_, None) => bail!(
+                    "--kv-residual applies to a quantized cache only (--kv-dtype q8/q4/q2, or --kv with kivi8/kivi4/kivi2)"
+                ),
+            }
+        }
+        // Check the combination now, with the other flags' errors.
+        let kv_dtype = crate::methods::storage_for(&kv_spec, kv_dtype)?;
         init_threads(self.threads)?;
         let path = crate::fetch::resolve_model(self.model.as_deref())?;
         let gguf = GgufFile::open(&path)?;

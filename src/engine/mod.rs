@@ -85,7 +85,9 @@ impl<'m> Session<'m> {
             bail!("--max-context must be at least 1");
         }
         let mc = model.config();
-        let cache = KvCache::new(mc.kv_config(cfg.kv_dtype, cfg.block_tokens));
+        // The storage format comes from the spec (a `kivi*` wrapper) or else from `kv_dtype`.
+        let dtype = crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?;
+        let cache = KvCache::new(mc.kv_config(dtype, cfg.block_tokens));
         // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).
         let logit_rows = (64 * 1024 * 1024 / 4 / mc.vocab.max(1)).clamp(1, cfg.chunk_size);
         let mut scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
@@ -254,6 +256,14 @@ impl<'m> Session<'m> {
         let mut cfg = self.cfg.clone();
         cfg.kv = spec.clone();
         let mut s = Session::new(self.model, cfg)?;
+        if s.cache.cfg.dtype != self.cache.cfg.dtype {
+            bail!(
+                "cannot fork to '{}': it stores the cache as {} and this session holds {}; run it on its own",
+                spec.label(),
+                s.cache.cfg.dtype.label(),
+                self.cache.cfg.dtype.label()
+            );
+        }
         let needs = s.press.as_ref().map_or(Needs::default(), Press::needs);
         if needs.window > self.scratch.obs.capacity() {
             bail!(

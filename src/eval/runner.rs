@@ -340,9 +340,9 @@ impl<'a> Runner<'a> {
         progress: &mut Progress,
     ) -> Result<usize> {
         let mut n = 0;
-        let (shared, own): (Vec<&KvSpec>, Vec<&KvSpec>) = specs
-            .iter()
-            .partition(|s| self.share_prefill && single_turn(case) && forkable(s));
+        let (shared, own): (Vec<&KvSpec>, Vec<&KvSpec>) = specs.iter().partition(|s| {
+            self.share_prefill && single_turn(case) && forkable(s, self.base_cfg.kv_dtype)
+        });
         if shared.len() > 1 {
             for r in self.run_forked(case, &shared, gen_ms)? {
                 self.results.append(&r)?;
@@ -689,6 +689,7 @@ fn single_turn(case: &Case) -> bool {
 
 /// Whether a spec can start from a copy of a full-cache prefill: its compression must not run during the prefill
 /// (`chunked`), and its cache must be stored like the full cache's.
-fn forkable(spec: &KvSpec) -> bool {
+fn forkable(spec: &KvSpec, base: crate::kv::KvDtype) -> bool {
     spec.wrapper("chunked").is_none()
+        && crate::methods::storage_for(spec, base).is_ok_and(|d| d == base)
 }

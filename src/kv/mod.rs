@@ -9,20 +9,43 @@
 //! Blocks come from a pool. A block is allocated the first time a stream needs one and returned to the pool's free list
 //! when a stream is truncated or cleared; [`KvCache::trim`] gives free blocks back to the allocator. The byte counter
 //! counts every block that exists (in use or free), so it is the memory this cache really holds.
+//!
+//! Two storage features change what a block holds, per stream:
+//! - **KIVI quantization** ([`KvDtype::Kivi`], [`quant`]): a stream's blocks are quantized (keys per channel, values per
+//!   token) once a whole block lies more than `residual` entries behind the stream's end; the newer entries and the
+//!   partly filled last block stay f16. Quantized blocks are always a prefix of the stream. A block is quantized right
+//!   after the append that pushed it out of the residual window, before attention runs, so a prefill chunk already reads
+//!   its own older part quantized (at least as strict as KIVI, whose prompt attention is full precision).
+//! - **Compact key channels** (ThinK, [`KvCache::prune_key_channels`]): a stream may keep only some key channels; its
+//!   blocks then store only those (the memory is freed), new entries store only those, and attention computes q·k over
+//!   them. Values keep every channel.
+
+pub mod quant;
 
 use half::f16;
+use quant::QBlock;
+
+/// KIVI's default full-precision residual: the newest 128 entries of each stream stay f16.
+pub const DEFAULT_RESIDUAL: usize = 128;
 
 /// Storage type of cached keys and values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvDtype {
     F16,
     F32,
+    /// KIVI quantization with `bits` ∈ {8, 4, 2}; the newest `residual` entries of each stream stay f16
+    /// (see [`quant`]).
+    Kivi {
+        bits: u8,
+        residual: usize,
+    },
 }
 
 impl KvDtype {
+    /// Bytes per element of full-precision blocks (f16 for KIVI's residual window).
     pub fn bytes(self) -> usize {
         match self {
-            KvDtype::F16 => 2,
+            KvDtype::F16 | KvDtype::Kivi { .. } => 2,
             KvDtype::F32 => 4,
         }
     }
@@ -30,7 +53,27 @@ impl KvDtype {
         match s {
             "f16" => Ok(KvDtype::F16),
             "f32" => Ok(KvDtype::F32),
-            _ => anyhow::bail!("unknown KV cache type '{s}' (valid: f16, f32)"),
+            "q8" | "q4" | "q2" => Ok(KvDtype::Kivi {
+                bits: s[1..].parse().expect("matched digits"),
+                residual: DEFAULT_RESIDUAL,
+            }),
+            _ => anyhow::bail!("unknown KV cache type '{s}' (valid: f16, f32, q8, q4, q2)"),
+        }
+    }
+    /// Bits of quantized blocks, if any.
+    pub fn quant_bits(self) -> Option<u8> {
+        match self {
+            KvDtype::Kivi { bits, .. } => Some(bits),
+            _ => None,
+        }
+    }
+    /// Short name: `f16`, `f32`, `q4` (with `/r<residual>` when the residual is not the default).
+    pub fn label(self) -> String {
+        match self {
+            KvDtype::F16 => "f16".into(),
+            KvDtype::F32 => "f32".into(),
+            KvDtype::Kivi { bits, residual } if residual == DEFAULT_RESIDUAL => format!("q{bits}"),
+            KvDtype::Kivi { bits, residual } => format!("q{bits}/r{residual}"),
         }
     }
 }
@@ -46,25 +89,55 @@ pub struct KvConfig {
 }
 
 impl KvConfig {
-    /// Bytes of one cached token in one stream (key + value + position).
+    /// Bytes of one full-precision cached token in one stream (key + value + position).
     pub fn entry_bytes(&self) -> usize {
         (self.head_dim_k + self.head_dim_v) * self.dtype.bytes() + 4
     }
-    /// Bytes one token costs across all layers and heads.
+    /// Bytes one token costs across all layers and heads: for KIVI, a token in a quantized block (the long-context
+    /// cost; the residual window's entries cost [`Self::entry_bytes`]).
     pub fn bytes_per_token(&self) -> usize {
-        self.entry_bytes() * self.n_layers * self.n_kv_heads
+        let per_stream = match self.dtype.quant_bits() {
+            Some(_) => {
+                return self.quant_block_bytes(self.head_dim_k) * self.n_layers * self.n_kv_heads
+                    / self.block_tokens
+            }
+            None => self.entry_bytes(),
+        };
+        per_stream * self.n_layers * self.n_kv_heads
     }
+    /// Bytes of a full-precision block.
     pub fn block_bytes(&self) -> usize {
         self.entry_bytes() * self.block_tokens
+    }
+    /// Bytes of a quantized block whose keys keep `hk` channels (codes, scales and positions).
+    pub fn quant_block_bytes(&self, hk: usize) -> usize {
+        let bits = self.dtype.quant_bits().unwrap_or(8);
+        QBlock::bytes_for(bits, hk, self.head_dim_v, self.block_tokens) + 4 * self.block_tokens
+    }
+    fn shape_bytes(&self, sh: Shape) -> usize {
+        if sh.quant {
+            self.quant_block_bytes(sh.hk)
+        } else {
+            ((sh.hk + self.head_dim_v) * self.dtype.bytes() + 4) * self.block_tokens
+        }
     }
 }
 
 /// Keys and values of one block. Keys are stored transposed, `k[d · block_tokens + slot]`, so attention scores a whole
-/// block with contiguous vector loads; values are row-major, `v[slot · head_dim_v + d]`.
+/// block with contiguous vector loads; values are row-major, `v[slot · head_dim_v + d]`. A stream with pruned key
+/// channels stores only its kept channels (`d` indexes [`BlockView::channels`]).
 #[derive(Clone)]
 pub enum BlockData {
-    F16 { k: Box<[f16]>, v: Box<[f16]> },
-    F32 { k: Box<[f32]>, v: Box<[f32]> },
+    F16 {
+        k: Box<[f16]>,
+        v: Box<[f16]>,
+    },
+    F32 {
+        k: Box<[f32]>,
+        v: Box<[f32]>,
+    },
+    /// A KIVI-quantized full block.
+    Quant(QBlock),
 }
 
 #[derive(Clone)]
@@ -74,103 +147,259 @@ pub struct Block {
     pub pos: Box<[u32]>,
 }
 
+/// What a block holds: quantized or not, and how many key channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Shape {
+    quant: bool,
+    hk: usize,
+}
+
 /// A view of one block of a stream: `n` valid entries.
 pub struct BlockView<'a> {
     pub data: &'a BlockData,
     pub pos: &'a [u32],
     pub n: usize,
+    /// Key channels stored per entry (`head_dim_k` unless the stream's key channels were pruned).
+    pub hk: usize,
+    /// Which of the model's key channels are stored, in order; None = all.
+    pub channels: Option<&'a [u16]>,
+    bt: usize,
+    hv: usize,
+}
+
+impl BlockView<'_> {
+    /// Key of entry `j` as f32, all `head_dim_k` channels (pruned channels read as 0).
+    pub fn read_key(&self, j: usize, out: &mut [f32]) {
+        let bt = self.bt;
+        let stored = |c: usize| match self.data {
+            BlockData::F16 { k, .. } => k[c * bt + j].to_f32(),
+            BlockData::F32 { k, .. } => k[c * bt + j],
+            BlockData::Quant(q) => {
+                let kb = bt * q.bits as usize / 8;
+                quant::decode_one(
+                    &q.k[c * kb..][..kb],
+                    q.bits,
+                    q.k_ms[2 * c],
+                    q.k_ms[2 * c + 1],
+                    j,
+                )
+            }
+        };
+        match self.channels {
+            None => out.iter_mut().enumerate().for_each(|(c, x)| *x = stored(c)),
+            Some(ch) => {
+                out.fill(0.0);
+                for (i, &c) in ch.iter().enumerate() {
+                    out[c as usize] = stored(i);
+                }
+            }
+        }
+    }
+
+    /// Value row of entry `j` as f32.
+    pub fn read_value(&self, j: usize, out: &mut [f32]) {
+        let hv = self.hv;
+        match self.data {
+            BlockData::F16 { v, .. } => out
+                .iter_mut()
+                .zip(&v[j * hv..][..hv])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            BlockData::F32 { v, .. } => out.copy_from_slice(&v[j * hv..][..hv]),
+            BlockData::Quant(q) => q.value(j, out),
+        }
+    }
 }
 
 #[derive(Clone, Default)]
 struct Stream {
     blocks: Vec<u32>,
     len: usize,
+    /// Blocks `[0, n_quant)` are quantized, the rest full precision.
+    n_quant: usize,
+    /// Kept key channels (ThinK), ascending; None = all.
+    channels: Option<Box<[u16]>>,
+}
+
+/// One block's entries in flux (moving between blocks or changing format): keys as f32, values as f32 rows or as
+/// the codes of a quantized row (copied unchanged into another quantized block).
+#[derive(Clone, Default)]
+struct Stage {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    vq: Vec<u8>,
+    vms: Vec<f16>,
+    coded: Vec<bool>,
+    pos: Vec<u32>,
 }
 
 #[derive(Clone)]
 pub struct KvCache {
     pub cfg: KvConfig,
     blocks: Vec<Option<Block>>,
-    free: Vec<u32>,
+    /// Indices of `blocks` left empty by trim(), reused first.
+    holes: Vec<u32>,
+    /// Free blocks by shape.
+    free: Vec<(Shape, Vec<u32>)>,
     streams: Vec<Stream>,
-    live_blocks: usize,
+    bytes: usize,
     peak_bytes: usize,
+    stage: Stage,
 }
 
 /// Block sizes the attention kernel is compiled for.
 pub const BLOCK_TOKEN_CHOICES: [usize; 5] = [4, 8, 16, 32, 64];
 
 impl KvCache {
-    /// Panics if `cfg.block_tokens` is not one of [`BLOCK_TOKEN_CHOICES`] (a programming error, not user input).
+    /// Panics if `cfg.block_tokens` is not one of [`BLOCK_TOKEN_CHOICES`], or quantization bits are not one of
+    /// [`quant::BITS_CHOICES`] (programming errors: user input is checked where it is parsed).
     pub fn new(cfg: KvConfig) -> Self {
         assert!(
             BLOCK_TOKEN_CHOICES.contains(&cfg.block_tokens),
             "block_tokens {} not in {BLOCK_TOKEN_CHOICES:?}",
             cfg.block_tokens
         );
+        if let Some(b) = cfg.dtype.quant_bits() {
+            assert!(quant::BITS_CHOICES.contains(&b), "KV quantization bits {b}");
+        }
         let streams = vec![Stream::default(); cfg.n_layers * cfg.n_kv_heads];
+        let (bt, hk, hv) = (cfg.block_tokens, cfg.head_dim_k, cfg.head_dim_v);
+        let stage = Stage {
+            k: vec![0.0; hk * bt],
+            v: vec![0.0; bt * hv],
+            vq: vec![0; bt * quant::row_bytes(hv, 8)],
+            vms: vec![f16::ZERO; 2 * bt * quant::value_groups(hv)],
+            coded: vec![false; bt],
+            pos: vec![0; bt],
+        };
         Self {
             cfg,
             blocks: Vec::new(),
+            holes: Vec::new(),
             free: Vec::new(),
             streams,
-            live_blocks: 0,
+            bytes: 0,
             peak_bytes: 0,
+            stage,
         }
     }
 
     /// Allocates blocks up front for `tokens` entries in every stream, so that filling them later allocates nothing.
     pub fn reserve(&mut self, tokens: usize) {
-        let per_stream = tokens.div_ceil(self.cfg.block_tokens);
-        let have: usize =
-            self.streams.iter().map(|s| s.blocks.len()).sum::<usize>() + self.free.len();
-        let want = per_stream * self.streams.len();
-        for _ in have..want {
-            let id = self.new_block();
-            self.free.push(id);
+        let bt = self.cfg.block_tokens;
+        let n_q = self.quant_target(tokens);
+        let n_f = tokens.div_ceil(bt) - n_q;
+        let hk = self.cfg.head_dim_k;
+        for (shape, per_stream) in [
+            (Shape { quant: false, hk }, n_f),
+            (Shape { quant: true, hk }, n_q),
+        ] {
+            let have = (0..self.blocks.len())
+                .filter(|&i| self.blocks[i].is_some() && self.shape_of(i as u32) == shape)
+                .count();
+            for _ in have..per_stream * self.streams.len() {
+                let id = self.new_block(shape);
+                self.release(id);
+            }
         }
+        let want = tokens.div_ceil(bt);
         for s in &mut self.streams {
-            s.blocks.reserve(per_stream.saturating_sub(s.blocks.len()));
+            s.blocks.reserve(want.saturating_sub(s.blocks.len()));
         }
     }
 
-    fn new_block(&mut self) -> u32 {
-        let bt = self.cfg.block_tokens;
-        let data = match self.cfg.dtype {
-            KvDtype::F16 => BlockData::F16 {
-                k: vec![f16::ZERO; bt * self.cfg.head_dim_k].into_boxed_slice(),
-                v: vec![f16::ZERO; bt * self.cfg.head_dim_v].into_boxed_slice(),
-            },
-            KvDtype::F32 => BlockData::F32 {
-                k: vec![0.0; bt * self.cfg.head_dim_k].into_boxed_slice(),
-                v: vec![0.0; bt * self.cfg.head_dim_v].into_boxed_slice(),
-            },
+    fn new_block(&mut self, shape: Shape) -> u32 {
+        let (bt, hv) = (self.cfg.block_tokens, self.cfg.head_dim_v);
+        let data = if shape.quant {
+            let bits = self
+                .cfg
+                .dtype
+                .quant_bits()
+                .expect("quantized shape needs KIVI");
+            BlockData::Quant(QBlock::new(bits, shape.hk, hv, bt))
+        } else if self.cfg.dtype == KvDtype::F32 {
+            BlockData::F32 {
+                k: vec![0.0; bt * shape.hk].into_boxed_slice(),
+                v: vec![0.0; bt * hv].into_boxed_slice(),
+            }
+        } else {
+            BlockData::F16 {
+                k: vec![f16::ZERO; bt * shape.hk].into_boxed_slice(),
+                v: vec![f16::ZERO; bt * hv].into_boxed_slice(),
+            }
         };
         let block = Block {
             data,
             pos: vec![0; bt].into_boxed_slice(),
         };
-        self.live_blocks += 1;
-        self.peak_bytes = self.peak_bytes.max(self.bytes());
-        // Reuse a hole left by trim() if any.
-        if let Some(i) = self.blocks.iter().position(Option::is_none) {
-            self.blocks[i] = Some(block);
-            i as u32
-        } else {
-            self.blocks.push(Some(block));
-            (self.blocks.len() - 1) as u32
+        self.bytes += self.cfg.shape_bytes(shape);
+        self.peak_bytes = self.peak_bytes.max(self.bytes);
+        match self.holes.pop() {
+            Some(i) => {
+                self.blocks[i as usize] = Some(block);
+                i
+            }
+            None => {
+                self.blocks.push(Some(block));
+                (self.blocks.len() - 1) as u32
+            }
         }
     }
 
-    fn take_block(&mut self) -> u32 {
-        match self.free.pop() {
-            Some(id) => id,
-            None => self.new_block(),
+    fn shape_of(&self, id: u32) -> Shape {
+        let b = self.blocks[id as usize].as_ref().expect("live block");
+        let bt = self.cfg.block_tokens;
+        match &b.data {
+            BlockData::F16 { k, .. } => Shape {
+                quant: false,
+                hk: k.len() / bt,
+            },
+            BlockData::F32 { k, .. } => Shape {
+                quant: false,
+                hk: k.len() / bt,
+            },
+            BlockData::Quant(q) => Shape {
+                quant: true,
+                hk: q.k_ms.len() / 2,
+            },
+        }
+    }
+
+    fn take_block(&mut self, shape: Shape) -> u32 {
+        if let Some((_, list)) = self.free.iter_mut().find(|(s, _)| *s == shape) {
+            if let Some(id) = list.pop() {
+                return id;
+            }
+        }
+        self.new_block(shape)
+    }
+
+    /// Puts a block on the free list of its shape.
+    fn release(&mut self, id: u32) {
+        let shape = self.shape_of(id);
+        match self.free.iter_mut().find(|(s, _)| *s == shape) {
+            Some((_, list)) => list.push(id),
+            None => self.free.push((shape, vec![id])),
         }
     }
 
     fn stream_index(&self, layer: usize, head: usize) -> usize {
         layer * self.cfg.n_kv_heads + head
+    }
+
+    /// Key channels stored by stream `si`.
+    fn stream_hk(&self, si: usize) -> usize {
+        self.streams[si]
+            .channels
+            .as_ref()
+            .map_or(self.cfg.head_dim_k, |c| c.len())
+    }
+
+    /// Quantized blocks a stream of `len` entries should have.
+    fn quant_target(&self, len: usize) -> usize {
+        match self.cfg.dtype {
+            KvDtype::Kivi { residual, .. } => len.saturating_sub(residual) / self.cfg.block_tokens,
+            _ => 0,
+        }
     }
 
     /// Number of entries cached for (layer, KV head).
@@ -187,6 +416,23 @@ impl KvCache {
         self.max_len() == 0
     }
 
+    /// Kept key channels of (layer, KV head), ascending, or None when every channel is stored.
+    pub fn key_channels(&self, layer: usize, head: usize) -> Option<&[u16]> {
+        self.streams[self.stream_index(layer, head)]
+            .channels
+            .as_deref()
+    }
+
+    /// Key channels stored per entry of (layer, KV head).
+    pub fn key_dims(&self, layer: usize, head: usize) -> usize {
+        self.stream_hk(self.stream_index(layer, head))
+    }
+
+    /// Quantized blocks at the head of (layer, KV head)'s stream.
+    pub fn quantized_blocks(&self, layer: usize, head: usize) -> usize {
+        self.streams[self.stream_index(layer, head)].n_quant
+    }
+
     /// Appends `n` entries to every KV head of `layer`.
     /// `k`: n × (n_kv_heads · head_dim_k) row-major (the layout the K projection produces); `v` likewise.
     pub fn append(&mut self, layer: usize, pos: &[u32], k: &[f32], v: &[f32]) {
@@ -201,10 +447,14 @@ impl KvCache {
         debug_assert_eq!(v.len(), n * nh * hv);
         for h in 0..nh {
             let si = self.stream_index(layer, h);
+            let shape = Shape {
+                quant: false,
+                hk: self.stream_hk(si),
+            };
             for t in 0..n {
                 let len = self.streams[si].len;
                 if len.is_multiple_of(bt) && len / bt == self.streams[si].blocks.len() {
-                    let id = self.take_block();
+                    let id = self.take_block(shape);
                     self.streams[si].blocks.push(id);
                 }
                 let id = self.streams[si].blocks[len / bt] as usize;
@@ -215,16 +465,30 @@ impl KvCache {
                 block.pos[slot] = pos[t];
                 let krow = &k[(t * nh + h) * hk..][..hk];
                 let vrow = &v[(t * nh + h) * hv..][..hv];
-                write_entry(block, slot, bt, krow, vrow);
+                let channels = self.streams[si].channels.as_deref();
+                write_entry(block, slot, bt, krow, vrow, channels);
                 self.streams[si].len += 1;
+                // Quantize a block as soon as it leaves the residual window: its f16 block goes back to the pool and
+                // is reused by the next block, so a stream holds only about residual + 2 blocks' worth of f16.
+                let target = self.quant_target(self.streams[si].len);
+                while self.streams[si].n_quant < target {
+                    let b = self.streams[si].n_quant;
+                    self.convert(si, b, true);
+                    self.streams[si].n_quant += 1;
+                }
             }
         }
     }
 
     /// The blocks of (layer, KV head), in order, each with its count of valid entries.
     pub fn blocks(&self, layer: usize, head: usize) -> impl Iterator<Item = BlockView<'_>> + '_ {
-        let s = &self.streams[self.stream_index(layer, head)];
-        let bt = self.cfg.block_tokens;
+        let si = self.stream_index(layer, head);
+        let s = &self.streams[si];
+        let (bt, hv, hk) = (
+            self.cfg.block_tokens,
+            self.cfg.head_dim_v,
+            self.stream_hk(si),
+        );
         s.blocks.iter().enumerate().map(move |(i, &id)| {
             let b = self.blocks[id as usize]
                 .as_ref()
@@ -234,6 +498,10 @@ impl KvCache {
                 data: &b.data,
                 pos: &b.pos[..n],
                 n,
+                hk,
+                channels: s.channels.as_deref(),
+                bt,
+                hv,
             }
         })
     }
@@ -243,18 +511,74 @@ impl KvCache {
         self.streams[self.stream_index(layer, head)].blocks.len()
     }
 
-    /// Keeps the first `len` entries of every stream; whole blocks past the end go back to the free list.
-    pub fn truncate(&mut self, len: usize) {
+    /// Loads entries `[0, n)` of block `b` of stream `si` into the stage.
+    fn stage_block(&mut self, si: usize, b: usize, n: usize) {
+        let id = self.streams[si].blocks[b] as usize;
+        let hk = self.stream_hk(si);
+        let block = self.blocks[id].as_ref().expect("live block");
+        for j in 0..n {
+            stage_read(&mut self.stage, &self.cfg, hk, block, j, j);
+        }
+    }
+
+    /// Writes the stage's first `n` entries into block `b` of stream `si`, quantized or not, swapping the block for one
+    /// of the right shape if needed. Every entry the stream still needs from the old block must already be staged.
+    fn store_block(&mut self, si: usize, b: usize, n: usize, quant: bool) {
+        let shape = Shape {
+            quant,
+            hk: self.stream_hk(si),
+        };
+        let cur = self.streams[si].blocks[b];
+        let id = if self.shape_of(cur) == shape {
+            cur
+        } else {
+            self.release(cur);
+            let id = self.take_block(shape);
+            self.streams[si].blocks[b] = id;
+            id
+        };
+        let block = self.blocks[id as usize].as_mut().expect("live block");
+        stage_write(&mut self.stage, &self.cfg, shape.hk, block, n);
+    }
+
+    /// Rewrites block `b` of stream `si` quantized (`to_quant`) or in full precision.
+    fn convert(&mut self, si: usize, b: usize, to_quant: bool) {
         let bt = self.cfg.block_tokens;
+        let n = (self.streams[si].len - b * bt).min(bt);
+        debug_assert!(!to_quant || n == bt, "only full blocks are quantized");
+        self.stage_block(si, b, n);
+        self.store_block(si, b, n, to_quant);
+    }
+
+    /// Cuts stream `si` to `len` entries: blocks past the end go to the free list, quantized blocks that fall back
+    /// into the residual window are stored in full precision again (their quantization error stays).
+    fn shrink(&mut self, si: usize, len: usize) {
+        let bt = self.cfg.block_tokens;
+        if self.streams[si].len <= len {
+            return;
+        }
+        self.streams[si].len = len;
+        let freed: Vec<u32> = self.streams[si].blocks.drain(len.div_ceil(bt)..).collect();
+        for id in freed {
+            self.release(id);
+        }
+        let target = self.quant_target(len);
+        let nq = self.streams[si].n_quant.min(self.streams[si].blocks.len());
+        for b in target..nq {
+            self.convert(si, b, false);
+        }
+        let s = &mut self.streams[si];
+        s.n_quant = s.n_quant.min(target);
+        if len == 0 {
+            s.channels = None;
+        }
+    }
+
+    /// Keeps the first `len` entries of every stream; whole blocks past the end go back to the free list.
+    /// A stream left empty forgets its key-channel mask.
+    pub fn truncate(&mut self, len: usize) {
         for si in 0..self.streams.len() {
-            let s = &mut self.streams[si];
-            if s.len <= len {
-                continue;
-            }
-            s.len = len;
-            let keep = len.div_ceil(bt);
-            let freed: Vec<u32> = s.blocks.drain(keep..).collect();
-            self.free.extend(freed);
+            self.shrink(si, len);
         }
     }
 
@@ -275,103 +599,195 @@ impl KvCache {
                     hi = mid;
                 }
             }
-            let s = &mut self.streams[si];
-            if lo < s.len {
-                s.len = lo;
-                let freed: Vec<u32> = s.blocks.drain(lo.div_ceil(bt)..).collect();
-                self.free.extend(freed);
-            }
+            self.shrink(si, lo);
         }
     }
 
     /// Keeps only the entries of (layer, KV head) for which `keep(index, position)` is true, in order, and returns
     /// whole blocks emptied at the end to the free list. Other heads are untouched, so heads can hold different
     /// numbers of tokens: this is how eviction methods drop entries from one head only.
+    ///
+    /// On a quantized stream, kept entries move as follows: value rows move between quantized blocks as codes
+    /// (exact); keys are dequantized and quantized again with the destination block's per-channel groups (at most
+    /// half a step of that group's grid added to each moved key); entries that land in full-precision blocks are
+    /// stored as their dequantized f16 values. Blocks before the first dropped entry are not touched.
     pub fn retain(&mut self, layer: usize, head: usize, mut keep: impl FnMut(usize, u32) -> bool) {
-        let (hk, hv, bt) = (
-            self.cfg.head_dim_k,
-            self.cfg.head_dim_v,
-            self.cfg.block_tokens,
-        );
+        let bt = self.cfg.block_tokens;
         let si = self.stream_index(layer, head);
         let len = self.streams[si].len;
-        let mut kbuf = vec![0.0f32; hk];
-        let mut vbuf = vec![0.0f32; hv];
-        let mut w = 0;
+        let mut kept: Vec<usize> = Vec::with_capacity(len);
         for i in 0..len {
-            let (src_id, src_slot) = (self.streams[si].blocks[i / bt] as usize, i % bt);
-            let pos = self.blocks[src_id].as_ref().expect("live block").pos[src_slot];
-            if !keep(i, pos) {
-                continue;
+            let id = self.streams[si].blocks[i / bt] as usize;
+            let pos = self.blocks[id].as_ref().expect("live block").pos[i % bt];
+            if keep(i, pos) {
+                kept.push(i);
             }
-            if w != i {
-                let src = self.blocks[src_id].as_ref().expect("live block");
-                read_entry(src, src_slot, bt, &mut kbuf, &mut vbuf);
-                let dst_id = self.streams[si].blocks[w / bt] as usize;
-                let dst = self.blocks[dst_id].as_mut().expect("live block");
-                write_entry(dst, w % bt, bt, &kbuf, &vbuf);
-                dst.pos[w % bt] = pos;
+        }
+        let new_len = kept.len();
+        if new_len == len {
+            return;
+        }
+        // Entries before the first dropped one stay where they are.
+        let first = kept
+            .iter()
+            .enumerate()
+            .take_while(|(w, &i)| *w == i)
+            .count();
+        let target = self.quant_target(new_len);
+        let old_nq = self.streams[si].n_quant;
+        for b in target..(first / bt).min(old_nq) {
+            self.convert(si, b, false);
+        }
+        let mut w = (first / bt) * bt;
+        while w < new_len {
+            let b = w / bt;
+            let end = ((b + 1) * bt).min(new_len);
+            let hk = self.stream_hk(si);
+            for (slot, &src) in kept[w..end].iter().enumerate() {
+                let id = self.streams[si].blocks[src / bt] as usize;
+                let block = self.blocks[id].as_ref().expect("live block");
+                stage_read(&mut self.stage, &self.cfg, hk, block, src % bt, slot);
             }
-            w += 1;
+            self.store_block(si, b, end - w, b < target);
+            w = end;
+        }
+        let freed: Vec<u32> = self.streams[si]
+            .blocks
+            .drain(new_len.div_ceil(bt)..)
+            .collect();
+        for id in freed {
+            self.release(id);
         }
         let s = &mut self.streams[si];
-        s.len = w;
-        let freed: Vec<u32> = s.blocks.drain(w.div_ceil(bt)..).collect();
-        self.free.extend(freed);
+        s.len = new_len;
+        s.n_quant = target;
+        if new_len == 0 {
+            s.channels = None;
+        }
+    }
+
+    /// ThinK: keeps only the key channels `c` of (layer, KV head) with `keep[c]` (indexed by the model's channels,
+    /// `keep.len() == head_dim_k`). Every block of the stream is rewritten with the kept channels only (the memory of
+    /// the others is freed at once, and the byte counter drops); later entries store only those channels; attention
+    /// scores q·k over them. Channels pruned earlier stay pruned. Quantized keys keep their codes and scales (per
+    /// channel), so pruning adds no error. Values are untouched.
+    ///
+    /// Panics if `keep.len() != head_dim_k` (a programming error).
+    pub fn prune_key_channels(&mut self, layer: usize, head: usize, keep: &[bool]) {
+        assert_eq!(keep.len(), self.cfg.head_dim_k, "one flag per key channel");
+        let bt = self.cfg.block_tokens;
+        let si = self.stream_index(layer, head);
+        let old: Vec<u16> = match &self.streams[si].channels {
+            Some(c) => c.to_vec(),
+            None => (0..self.cfg.head_dim_k as u16).collect(),
+        };
+        // Rows (stored channel indices) that survive.
+        let rows: Vec<usize> = (0..old.len()).filter(|&r| keep[old[r] as usize]).collect();
+        if rows.len() == old.len() {
+            return;
+        }
+        let ids = self.streams[si].blocks.clone();
+        for id in ids {
+            let before = self.cfg.shape_bytes(self.shape_of(id));
+            let block = self.blocks[id as usize].as_mut().expect("live block");
+            match &mut block.data {
+                BlockData::F16 { k, .. } => *k = gather_rows(k, &rows, bt),
+                BlockData::F32 { k, .. } => *k = gather_rows(k, &rows, bt),
+                BlockData::Quant(q) => {
+                    let kb = bt * q.bits as usize / 8;
+                    q.k = gather_rows(&q.k, &rows, kb);
+                    q.k_ms = gather_rows(&q.k_ms, &rows, 2);
+                }
+            }
+            self.bytes = self.bytes - before + self.cfg.shape_bytes(self.shape_of(id));
+        }
+        self.streams[si].channels = Some(rows.iter().map(|&r| old[r]).collect());
     }
 
     pub fn clear(&mut self) {
         self.truncate(0);
     }
 
-    /// Reads entry `idx` of (layer, KV head) as f32 (`k`: head_dim_k, `v`: head_dim_v) and returns its position.
+    /// Reads entry `idx` of (layer, KV head) as f32 (`k`: head_dim_k, pruned channels read as 0; `v`: head_dim_v) and
+    /// returns its position.
     pub fn read(&self, layer: usize, head: usize, idx: usize, k: &mut [f32], v: &mut [f32]) -> u32 {
         let bt = self.cfg.block_tokens;
-        let s = &self.streams[self.stream_index(layer, head)];
-        assert!(
-            idx < s.len,
-            "entry {idx} past the stream's {} entries",
-            s.len
-        );
-        let b = self.blocks[s.blocks[idx / bt] as usize]
-            .as_ref()
-            .expect("live block");
-        read_entry(b, idx % bt, bt, k, v);
+        let len = self.len(layer, head);
+        assert!(idx < len, "entry {idx} past the stream's {len} entries");
+        let b = self
+            .blocks(layer, head)
+            .nth(idx / bt)
+            .expect("the stream has this block");
+        b.read_key(idx % bt, k);
+        b.read_value(idx % bt, v);
         b.pos[idx % bt]
     }
 
-    /// Overwrites the key and value of entry `idx` of (layer, KV head); its position stays. Merging methods use this
-    /// to fold dropped entries into kept ones.
+    /// Overwrites the key (all head_dim_k channels given; a pruned stream stores its kept ones) and value of entry
+    /// `idx` of (layer, KV head); its position stays. Merging methods use this to fold dropped entries into kept ones.
+    /// In a quantized block the whole block is re-encoded (its per-channel key groups change with the new key).
     pub fn write(&mut self, layer: usize, head: usize, idx: usize, k: &[f32], v: &[f32]) {
-        let bt = self.cfg.block_tokens;
+        let (bt, hv) = (self.cfg.block_tokens, self.cfg.head_dim_v);
         let si = self.stream_index(layer, head);
-        let s = &self.streams[si];
-        assert!(
-            idx < s.len,
-            "entry {idx} past the stream's {} entries",
-            s.len
+        let len = self.streams[si].len;
+        assert!(idx < len, "entry {idx} past the stream's {len} entries");
+        let (b, slot) = (idx / bt, idx % bt);
+        let id = self.streams[si].blocks[b] as usize;
+        let quantized = matches!(
+            self.blocks[id].as_ref().expect("live block").data,
+            BlockData::Quant(_)
         );
-        let id = s.blocks[idx / bt] as usize;
-        let b = self.blocks[id].as_mut().expect("live block");
-        write_entry(b, idx % bt, bt, k, v);
+        if quantized {
+            let n = (len - b * bt).min(bt);
+            self.stage_block(si, b, n);
+            let st = &mut self.stage;
+            match &self.streams[si].channels {
+                None => k
+                    .iter()
+                    .enumerate()
+                    .for_each(|(c, &x)| st.k[c * bt + slot] = x),
+                Some(ch) => ch
+                    .iter()
+                    .enumerate()
+                    .for_each(|(i, &c)| st.k[i * bt + slot] = k[c as usize]),
+            }
+            st.v[slot * hv..][..hv].copy_from_slice(v);
+            st.coded[slot] = false;
+            self.store_block(si, b, n, true);
+        } else {
+            let block = self.blocks[id].as_mut().expect("live block");
+            write_entry(block, slot, bt, k, v, self.streams[si].channels.as_deref());
+        }
     }
 
     /// Gives free blocks back to the allocator (the byte counter drops accordingly).
     pub fn trim(&mut self) {
-        for id in self.free.drain(..) {
-            self.blocks[id as usize] = None;
-            self.live_blocks -= 1;
+        for (shape, list) in std::mem::take(&mut self.free) {
+            for id in list {
+                self.blocks[id as usize] = None;
+                self.holes.push(id);
+                self.bytes -= self.cfg.shape_bytes(shape);
+            }
         }
     }
 
     /// Bytes this cache holds right now (all existing blocks, used or free).
     pub fn bytes(&self) -> usize {
-        self.live_blocks * self.cfg.block_bytes()
+        self.bytes
     }
 
-    /// Bytes of the entries in use.
+    /// Bytes of the entries in use (a quantized block's bytes shared out over its entries).
     pub fn used_bytes(&self) -> usize {
-        self.streams.iter().map(|s| s.len).sum::<usize>() * self.cfg.entry_bytes()
+        let bt = self.cfg.block_tokens;
+        (0..self.streams.len())
+            .map(|si| {
+                let s = &self.streams[si];
+                let hk = self.stream_hk(si);
+                let q = s.n_quant * self.cfg.shape_bytes(Shape { quant: true, hk });
+                let f = self.cfg.shape_bytes(Shape { quant: false, hk }) / bt;
+                q + (s.len - s.n_quant * bt) * f
+            })
+            .sum()
     }
 
     pub fn peak_bytes(&self) -> usize {
@@ -383,50 +799,177 @@ impl KvCache {
     }
 }
 
-fn read_entry(b: &Block, slot: usize, bt: usize, k: &mut [f32], v: &mut [f32]) {
-    let hv = v.len();
+/// Copies rows `rows` (each `width` elements) of `src` into a new, smaller box.
+fn gather_rows<T: Copy>(src: &[T], rows: &[usize], width: usize) -> Box<[T]> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&src[r * width..][..width]);
+    }
+    out.into_boxed_slice()
+}
+
+/// Stages entry `j` of `b` (keys with `hk` stored channels) into stage slot `w`.
+fn stage_read(st: &mut Stage, cfg: &KvConfig, hk: usize, b: &Block, j: usize, w: usize) {
+    let (bt, hv) = (cfg.block_tokens, cfg.head_dim_v);
+    st.pos[w] = b.pos[j];
     match &b.data {
-        BlockData::F16 { k: bk, v: bv } => {
-            for (d, x) in k.iter_mut().enumerate() {
-                *x = bk[d * bt + slot].to_f32();
+        BlockData::F16 { k, v } => {
+            for c in 0..hk {
+                st.k[c * bt + w] = k[c * bt + j].to_f32();
             }
-            for (x, y) in v.iter_mut().zip(&bv[slot * hv..][..hv]) {
+            for (x, y) in st.v[w * hv..][..hv].iter_mut().zip(&v[j * hv..][..hv]) {
                 *x = y.to_f32();
             }
+            st.coded[w] = false;
         }
-        BlockData::F32 { k: bk, v: bv } => {
-            for (d, x) in k.iter_mut().enumerate() {
-                *x = bk[d * bt + slot];
+        BlockData::F32 { k, v } => {
+            for c in 0..hk {
+                st.k[c * bt + w] = k[c * bt + j];
             }
-            v.copy_from_slice(&bv[slot * hv..][..hv]);
+            st.v[w * hv..][..hv].copy_from_slice(&v[j * hv..][..hv]);
+            st.coded[w] = false;
+        }
+        BlockData::Quant(q) => {
+            let kb = bt * q.bits as usize / 8;
+            for c in 0..hk {
+                let (m, s) = (q.k_ms[2 * c], q.k_ms[2 * c + 1]);
+                st.k[c * bt + w] = quant::decode_one(&q.k[c * kb..][..kb], q.bits, m, s, j);
+            }
+            let rb = quant::row_bytes(hv, q.bits);
+            let ng = quant::value_groups(hv);
+            st.vq[w * rb..][..rb].copy_from_slice(&q.v[j * rb..][..rb]);
+            st.vms[2 * w * ng..][..2 * ng].copy_from_slice(&q.v_ms[2 * j * ng..][..2 * ng]);
+            st.coded[w] = true;
         }
     }
 }
 
-/// Writes one entry; f16 → f32 → f16 round trips exactly, so moving entries loses nothing.
-fn write_entry(b: &mut Block, slot: usize, bt: usize, k: &[f32], v: &[f32]) {
+/// Writes stage slots `[0, n)` into block `b` (keys with `hk` stored channels).
+fn stage_write(st: &mut Stage, cfg: &KvConfig, hk: usize, b: &mut Block, n: usize) {
+    let (bt, hv) = (cfg.block_tokens, cfg.head_dim_v);
+    b.pos[..n].copy_from_slice(&st.pos[..n]);
+    let bits = cfg.dtype.quant_bits().unwrap_or(8);
+    let (rb, ng) = (quant::row_bytes(hv, bits), quant::value_groups(hv));
+    // Coded value rows going into a full-precision block: decode them into the f32 rows first.
+    if !matches!(b.data, BlockData::Quant(_)) {
+        for w in 0..n {
+            if st.coded[w] {
+                let vq = &st.vq[w * rb..][..rb];
+                let ms = &st.vms[2 * w * ng..][..2 * ng];
+                let row = &mut st.v[w * hv..][..hv];
+                for g in 0..ng {
+                    let d0 = g * quant::VALUE_GROUP;
+                    let d1 = (d0 + quant::VALUE_GROUP).min(hv);
+                    let b0 = d0 * bits as usize / 8;
+                    quant::decode_group(
+                        &vq[b0..],
+                        bits,
+                        ms[2 * g],
+                        ms[2 * g + 1],
+                        &mut row[d0..d1],
+                    );
+                }
+            }
+        }
+    }
+    match &mut b.data {
+        BlockData::F16 { k, v } => {
+            for c in 0..hk {
+                for w in 0..n {
+                    k[c * bt + w] = f16::from_f32(st.k[c * bt + w]);
+                }
+            }
+            for (y, x) in v[..n * hv].iter_mut().zip(&st.v[..n * hv]) {
+                *y = f16::from_f32(*x);
+            }
+        }
+        BlockData::F32 { k, v } => {
+            for c in 0..hk {
+                k[c * bt..][..n].copy_from_slice(&st.k[c * bt..][..n]);
+            }
+            v[..n * hv].copy_from_slice(&st.v[..n * hv]);
+        }
+        BlockData::Quant(q) => {
+            debug_assert_eq!(n, bt, "only full blocks are quantized");
+            let kb = bt * q.bits as usize / 8;
+            for c in 0..hk {
+                let (m, s) =
+                    quant::encode_group(&st.k[c * bt..][..bt], q.bits, &mut q.k[c * kb..][..kb]);
+                q.k_ms[2 * c] = m;
+                q.k_ms[2 * c + 1] = s;
+            }
+            for w in 0..n {
+                if st.coded[w] {
+                    q.v[w * rb..][..rb].copy_from_slice(&st.vq[w * rb..][..rb]);
+                    q.v_ms[2 * w * ng..][..2 * ng].copy_from_slice(&st.vms[2 * w * ng..][..2 * ng]);
+                } else {
+                    q.encode_value(w, &st.v[w * hv..][..hv]);
+                }
+            }
+        }
+    }
+}
+
+/// Writes one full-precision entry; f16 → f32 → f16 round trips exactly, so moving entries loses nothing. `k` holds
+/// every channel; a stream with pruned channels stores only `channels`.
+fn write_entry(
+    b: &mut Block,
+    slot: usize,
+    bt: usize,
+    k: &[f32],
+    v: &[f32],
+    channels: Option<&[u16]>,
+) {
     let hv = v.len();
     match &mut b.data {
         BlockData::F16 { k: bk, v: bv } => {
-            for (d, x) in k.iter().enumerate() {
-                bk[d * bt + slot] = f16::from_f32(*x);
+            match channels {
+                None => k
+                    .iter()
+                    .enumerate()
+                    .for_each(|(d, x)| bk[d * bt + slot] = f16::from_f32(*x)),
+                Some(ch) => ch
+                    .iter()
+                    .enumerate()
+                    .for_each(|(d, &c)| bk[d * bt + slot] = f16::from_f32(k[c as usize])),
             }
             for (y, x) in bv[slot * hv..][..hv].iter_mut().zip(v) {
                 *y = f16::from_f32(*x);
             }
         }
         BlockData::F32 { k: bk, v: bv } => {
-            for (d, x) in k.iter().enumerate() {
-                bk[d * bt + slot] = *x;
+            match channels {
+                None => k
+                    .iter()
+                    .enumerate()
+                    .for_each(|(d, x)| bk[d * bt + slot] = *x),
+                Some(ch) => ch
+                    .iter()
+                    .enumerate()
+                    .for_each(|(d, &c)| bk[d * bt + slot] = k[c as usize]),
             }
             bv[slot * hv..][..hv].copy_from_slice(v);
         }
+        BlockData::Quant(_) => unreachable!("entries are appended to full-precision blocks only"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entry `j` of a block as (key, value), through the public readers.
+    fn entry(b: &BlockView, j: usize) -> (Vec<f32>, Vec<f32>) {
+        entry_hk(b, j, 4)
+    }
+
+    fn entry_hk(b: &BlockView, j: usize, hk: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut k = vec![0.0; hk];
+        let mut v = vec![0.0; b.hv];
+        b.read_key(j, &mut k);
+        b.read_value(j, &mut v);
+        (k, v)
+    }
 
     fn cfg(dtype: KvDtype) -> KvConfig {
         KvConfig {
@@ -458,10 +1001,8 @@ mod tests {
                 for i in 0..b.n {
                     let t = seen + i;
                     assert_eq!(b.pos[i], 10 + t as u32);
-                    let (k0, v0) = match b.data {
-                        BlockData::F16 { k, v } => (k[i].to_f32(), v[i * 3 + 2].to_f32()),
-                        BlockData::F32 { k, v } => (k[i], v[i * 3 + 2]),
-                    };
+                    let (k0, v0) = entry(&b, i);
+                    let (k0, v0) = (k0[0], v0[2]);
                     assert_eq!(k0, ((t * 2 + 1) * 4) as f32 * 0.5);
                     assert_eq!(v0, -(((t * 2 + 1) * 3 + 2) as f32));
                 }
@@ -494,10 +1035,8 @@ mod tests {
             let mut got = Vec::new();
             for b in c.blocks(0, 1) {
                 for i in 0..b.n {
-                    let (k1, v2) = match b.data {
-                        BlockData::F16 { k, v } => (k[4 + i].to_f32(), v[i * 3 + 2].to_f32()),
-                        BlockData::F32 { k, v } => (k[4 + i], v[i * 3 + 2]),
-                    };
+                    let (k, v) = entry(&b, i);
+                    let (k1, v2) = (k[1], v[2]);
                     got.push((b.pos[i], k1, v2));
                 }
             }
@@ -544,5 +1083,330 @@ mod tests {
             c.append(layer, &pos, &[0.0; 8 * 2 * 4], &[0.0; 8 * 2 * 3]);
         }
         assert_eq!(c.bytes(), reserved);
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn f(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f()).collect()
+        }
+    }
+
+    fn kivi(bits: u8, residual: usize, hk: usize, hv: usize, bt: usize) -> KvConfig {
+        KvConfig {
+            n_layers: 1,
+            n_kv_heads: 2,
+            head_dim_k: hk,
+            head_dim_v: hv,
+            block_tokens: bt,
+            dtype: KvDtype::Kivi { bits, residual },
+        }
+    }
+
+    /// Every entry of (0, head) as (pos, key, value).
+    fn dump(c: &KvCache, head: usize) -> Vec<(u32, Vec<f32>, Vec<f32>)> {
+        let hk = c.cfg.head_dim_k;
+        c.blocks(0, head)
+            .flat_map(|b| {
+                (0..b.n)
+                    .map(|j| {
+                        let (k, v) = entry_hk(&b, j, hk);
+                        (b.pos[j], k, v)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn f16r(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+
+    /// Half a quantization step of a group spanning [lo, hi] (with the f16 rounding of the minimum), plus slack.
+    fn half_step(lo: f32, hi: f32, bits: u8) -> f32 {
+        0.5 * ((hi - lo) + lo.abs() / 1024.0) / ((1u32 << bits) - 1) as f32 * 1.01 + 1e-6
+    }
+
+    #[test]
+    fn kivi_quantizes_old_blocks_and_keeps_the_residual_exact() {
+        for bits in quant::BITS_CHOICES {
+            let (hk, hv, bt, r) = (4, 70, 4, 9);
+            let mut c = KvCache::new(kivi(bits, r, hk, hv, bt));
+            let mut rng = Rng(bits as u64 + 5);
+            let n = 30;
+            let k = rng.vec(n * 2 * hk);
+            let v = rng.vec(n * 2 * hv);
+            let pos: Vec<u32> = (0..n as u32).collect();
+            // Two appends: quantization happens as blocks leave the window, across calls.
+            c.append(0, &pos[..13], &k[..13 * 2 * hk], &v[..13 * 2 * hv]);
+            assert_eq!(c.quantized_blocks(0, 1), 1); // (13 − 9) / 4
+            c.append(0, &pos[13..], &k[13 * 2 * hk..], &v[13 * 2 * hv..]);
+            let nq = (n - r) / bt; // 5 blocks, entries 0..20
+            assert_eq!(c.quantized_blocks(0, 1), nq);
+            let got = dump(&c, 1);
+            for (t, (p, kk, vv)) in got.iter().enumerate() {
+                assert_eq!(*p, t as u32);
+                let kin = &k[(t * 2 + 1) * hk..][..hk];
+                let vin = &v[(t * 2 + 1) * hv..][..hv];
+                if t >= nq * bt {
+                    // The residual window (and the rest of the unquantized blocks): f16, exact up to its rounding.
+                    for (a, b) in kin.iter().zip(kk).chain(vin.iter().zip(vv)) {
+                        assert_eq!(f16r(*a), *b, "entry {t}");
+                    }
+                    continue;
+                }
+                // Keys: the group is channel c over the entry's block.
+                let b0 = t / bt * bt;
+                for ch in 0..hk {
+                    let grp: Vec<f32> = (b0..b0 + bt).map(|u| k[(u * 2 + 1) * hk + ch]).collect();
+                    let (lo, hi) = grp
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                    // Keys were stored in f16 before being quantized: add its rounding.
+                    let tol = half_step(lo, hi, bits) + kin[ch].abs() / 2048.0;
+                    assert!((kk[ch] - kin[ch]).abs() <= tol, "bits {bits} key {t}.{ch}");
+                }
+                // Values: groups of 64 channels of one token.
+                for (d, (a, b)) in vin.iter().zip(vv).enumerate() {
+                    let g = &vin[d / 64 * 64..((d / 64 + 1) * 64).min(hv)];
+                    let (lo, hi) = g
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                    let tol = half_step(lo, hi, bits) + a.abs() / 2048.0;
+                    assert!((a - b).abs() <= tol, "bits {bits} value {t}.{d}");
+                }
+            }
+            // Quantization really happened (int2 cannot be exact on random data).
+            assert!(
+                nq * bt <= n - r,
+                "the newest r entries are among the exact ones"
+            );
+            if bits == 2 {
+                assert!(got[0].1.iter().zip(&k[hk..2 * hk]).any(|(a, b)| a != b));
+            }
+        }
+    }
+
+    #[test]
+    fn kivi_byte_counter_counts_packed_blocks() {
+        for (hd, want_q4) in [(64usize, 80usize), (256, 308)] {
+            // Per token and head, 32-token blocks: keys hd·(16 + 4)/32 bytes, values hd/2 + 4 per 64-channel group,
+            // position 4.
+            let f16 = kivi(4, 0, hd, hd, 32);
+            let f16 = KvConfig {
+                dtype: KvDtype::F16,
+                ..f16
+            };
+            let q4 = kivi(4, 0, hd, hd, 32);
+            assert_eq!(q4.bytes_per_token(), want_q4 * 2);
+            assert_eq!(f16.bytes_per_token(), (4 * hd + 4) * 2);
+            let ratio = f16.bytes_per_token() as f64 / q4.bytes_per_token() as f64;
+            assert!(ratio > 3.2 && ratio < 3.4, "hd {hd}: {ratio}");
+            let q8 = kivi(8, 0, hd, hd, 32).bytes_per_token();
+            let q2 = kivi(2, 0, hd, hd, 32).bytes_per_token();
+            assert!(q2 < q4.bytes_per_token() && q4.bytes_per_token() < q8);
+        }
+        // A real cache: 200 tokens, residual 40, 32-token blocks: 5 quantized blocks and 2 f16 blocks per stream.
+        let (hk, hv) = (64, 64);
+        let mut c = KvCache::new(kivi(4, 40, hk, hv, 32));
+        let mut rng = Rng(3);
+        let pos: Vec<u32> = (0..200).collect();
+        c.append(0, &pos, &rng.vec(200 * 2 * hk), &rng.vec(200 * 2 * hv));
+        assert_eq!(c.quantized_blocks(0, 0), 5);
+        c.trim();
+        let qb = c.cfg.quant_block_bytes(hk);
+        assert_eq!(qb, 80 * 32);
+        assert_eq!(c.bytes(), 2 * (5 * qb + 2 * c.cfg.block_bytes()));
+        assert_eq!(c.used_bytes(), 2 * (5 * qb + 40 * c.cfg.entry_bytes()));
+    }
+
+    #[test]
+    fn kivi_retain_and_truncate_move_quantized_entries() {
+        let (hk, hv, bt, r, bits) = (4, 6, 4, 6, 4u8);
+        let mut c = KvCache::new(kivi(bits, r, hk, hv, bt));
+        let mut rng = Rng(11);
+        let n = 41;
+        let pos: Vec<u32> = (0..n as u32).collect();
+        c.append(0, &pos, &rng.vec(n * 2 * hk), &rng.vec(n * 2 * hv));
+        let before = dump(&c, 0);
+        let other = dump(&c, 1);
+        assert_eq!(c.quantized_blocks(0, 0), (n - r) / bt);
+        // Keep entries 0..5 (an untouched prefix block) and every position ≢ 1 mod 3 after.
+        c.retain(0, 0, |i, p| i < 5 || p % 3 != 1);
+        let after = dump(&c, 0);
+        let want: Vec<&(u32, Vec<f32>, Vec<f32>)> = before
+            .iter()
+            .filter(|(p, _, _)| *p < 5 || p % 3 != 1)
+            .collect();
+        assert_eq!(after.len(), want.len());
+        let new_nq = (after.len() - r) / bt;
+        assert_eq!(c.quantized_blocks(0, 0), new_nq);
+        let src_nq = (n - r) / bt;
+        for (w, ((p, k, v), (p0, k0, v0))) in after.iter().zip(want).enumerate() {
+            assert_eq!(p, p0);
+            let src_quant = (*p0 as usize) < src_nq * bt;
+            if w < new_nq * bt || !src_quant {
+                // Into a quantized block from a quantized one: the value row moves as codes; from f16: exact f16.
+                // (A value re-quantized from f16 lies within half a step; exact when it moved as codes.)
+                if src_quant {
+                    assert_eq!(v, v0, "value of pos {p} moved as codes");
+                } else if w >= new_nq * bt {
+                    assert_eq!(v, v0, "f16 → f16 is exact");
+                }
+            } else {
+                // Quantized entries landing in the f16 window keep their dequantized values (f16-rounded).
+                let r0: Vec<f32> = v0.iter().map(|&x| f16r(x)).collect();
+                assert_eq!(*v, r0);
+            }
+            // Keys re-quantized with their new block: within one step of a 4-bit grid over [-1, 1].
+            for (a, b) in k.iter().zip(k0) {
+                assert!((a - b).abs() <= 2.0 / 15.0, "key of pos {p}: {a} vs {b}");
+            }
+            if w < 4 {
+                assert_eq!(
+                    k, k0,
+                    "the block before the first dropped entry is untouched"
+                );
+            }
+        }
+        assert_eq!(dump(&c, 1).len(), other.len(), "head 1 untouched");
+        // truncate_pos into a quantized block: it goes back to f16 (keeping its values), and appends keep working.
+        c.truncate_pos(30);
+        let t = dump(&c, 1);
+        assert_eq!(t.len(), 30);
+        assert_eq!(c.quantized_blocks(0, 1), (30 - r) / bt);
+        for ((p, k, v), (p0, k0, v0)) in t.iter().zip(&other) {
+            assert_eq!(p, p0);
+            // Still-quantized blocks are untouched; the blocks back in the window hold their dequantized values in f16.
+            let still = (*p as usize) < c.quantized_blocks(0, 1) * bt;
+            let f: Vec<f32> = k0
+                .iter()
+                .chain(v0)
+                .map(|&x| if still { x } else { f16r(x) })
+                .collect();
+            let g: Vec<f32> = k.iter().chain(v).copied().collect();
+            assert_eq!(g, f);
+        }
+        let pos2: Vec<u32> = (30..50).collect();
+        c.append(0, &pos2, &rng.vec(20 * 2 * hk), &rng.vec(20 * 2 * hv));
+        assert_eq!(c.len(0, 1), 50);
+        assert_eq!(c.quantized_blocks(0, 1), (50 - r) / bt);
+        let ps: Vec<u32> = dump(&c, 1).iter().map(|e| e.0).collect();
+        assert_eq!(ps, (0..50).collect::<Vec<_>>());
+        c.truncate_pos(0);
+        assert!(c.is_empty());
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn pruned_key_channels_are_freed_and_stay_pruned() {
+        for dtype in [
+            KvDtype::F16,
+            KvDtype::F32,
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 4,
+            },
+        ] {
+            let (hk, hv, bt) = (8, 4, 4);
+            let mut c = KvCache::new(KvConfig {
+                n_layers: 1,
+                n_kv_heads: 2,
+                head_dim_k: hk,
+                head_dim_v: hv,
+                block_tokens: bt,
+                dtype,
+            });
+            let mut rng = Rng(21);
+            let pos: Vec<u32> = (0..18).collect();
+            c.append(0, &pos, &rng.vec(18 * 2 * hk), &rng.vec(18 * 2 * hv));
+            let before = dump(&c, 0);
+            let head1 = dump(&c, 1);
+            let bytes0 = c.bytes();
+            let keep = [true, false, true, true, false, false, true, false];
+            c.prune_key_channels(0, 0, &keep);
+            assert_eq!(c.key_channels(0, 0), Some(&[0u16, 2, 3, 6][..]));
+            assert_eq!(c.key_dims(0, 0), 4);
+            // 5 blocks lose 4 channels each: f16 2 bytes, f32 4 bytes per slot; quantized: codes + (min, scale).
+            let per_block = match dtype {
+                KvDtype::F16 => 4 * bt * 2,
+                KvDtype::F32 => 4 * bt * 4,
+                KvDtype::Kivi { bits, .. } => {
+                    let nq = c.quantized_blocks(0, 0);
+                    assert_eq!(nq, 3);
+                    let q = 4 * (bt * bits as usize / 8 + 4);
+                    assert_eq!(bytes0 - c.bytes(), nq * q + 2 * 4 * bt * 2);
+                    0
+                }
+            };
+            if per_block > 0 {
+                assert_eq!(bytes0 - c.bytes(), 5 * per_block);
+            }
+            // Kept channels read back unchanged (no extra error, even quantized); pruned ones read 0.
+            let after = dump(&c, 0);
+            for ((p, k, v), (p0, k0, v0)) in after.iter().zip(&before) {
+                assert_eq!((p, v), (p0, v0));
+                for ch in 0..hk {
+                    assert_eq!(k[ch], if keep[ch] { k0[ch] } else { 0.0 });
+                }
+            }
+            assert_eq!(dump(&c, 1), head1, "other head untouched");
+            // New entries store only the kept channels; retain moves compact entries; pruning again intersects.
+            let knew = rng.vec(6 * 2 * hk);
+            c.append(
+                0,
+                &(18..24).collect::<Vec<u32>>(),
+                &knew,
+                &rng.vec(6 * 2 * hv),
+            );
+            let e = dump(&c, 0);
+            assert_eq!(e.len(), 24);
+            let nq = c.quantized_blocks(0, 0) * bt;
+            for (t, (_, k, _)) in e[18..].iter().enumerate() {
+                for ch in 0..hk {
+                    let x = knew[t * 2 * hk + ch];
+                    let want = if !keep[ch] {
+                        0.0
+                    } else if dtype == KvDtype::F32 {
+                        x
+                    } else {
+                        f16r(x)
+                    };
+                    if 18 + t < nq {
+                        assert!(
+                            (k[ch] - want).abs() <= 2.0 / 15.0,
+                            "entry {} channel {ch}",
+                            18 + t
+                        );
+                    } else {
+                        assert_eq!(k[ch], want, "entry {} channel {ch}", 18 + t);
+                    }
+                }
+            }
+            c.retain(0, 0, |_, p| p % 2 == 0);
+            assert_eq!(
+                dump(&c, 0).iter().map(|e| e.0).collect::<Vec<_>>(),
+                (0..24).step_by(2).collect::<Vec<u32>>()
+            );
+            let mut keep2 = [true; 8];
+            keep2[0] = false;
+            keep2[1] = true; // already pruned: stays pruned
+            c.prune_key_channels(0, 0, &keep2);
+            assert_eq!(c.key_channels(0, 0), Some(&[2u16, 3, 6][..]));
+            assert!(dump(&c, 0)
+                .iter()
+                .all(|(_, k, _)| k[0] == 0.0 && k[1] == 0.0));
+            // A stream cut to nothing forgets its mask.
+            c.truncate_pos(0);
+            assert_eq!(c.key_channels(0, 0), None);
+            c.append(0, &[0], &rng.vec(2 * hk), &rng.vec(2 * hv));
+            assert_eq!(c.key_dims(0, 0), hk);
+        }
     }
 }

@@ -8,10 +8,9 @@
 //! (ROUGE-1 recall > 0.5); a head's score is the mean over counted instances. The paper calls heads scoring > 0.1
 //! retrieval heads. With GQA, a KV head's score is the max over its query heads (what a KV-cache policy can act on).
 
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::kv::{BlockData, KvCache};
+use crate::kv::KvCache;
 
 /// Copy-paste tallies of one instance, per (layer, query head).
 pub struct InstanceTally {
@@ -42,15 +41,9 @@ impl InstanceTally {
 
     /// One decode step of one layer: `q` holds this step's query (n_q_heads × head_dim, after RoPE) and `generated` is
     /// the token the model produced from it. Scans every cached key of each head's KV stream for the top q·k.
-    pub fn observe(
-        &mut self,
-        cache: &KvCache,
-        layer: usize,
-        q: &[f32],
-        generated: u32,
-    ) -> Result<()> {
+    pub fn observe(&mut self, cache: &KvCache, layer: usize, q: &[f32], generated: u32) {
         let hd = cache.cfg.head_dim_k;
-        let bt = cache.cfg.block_tokens;
+        let mut key = vec![0.0f32; hd];
         let weight = 1.0 / self.span.len().max(1) as f64;
         for h in 0..self.n_q_heads {
             let qh = &q[h * hd..(h + 1) * hd];
@@ -58,12 +51,8 @@ impl InstanceTally {
             let (mut best, mut best_pos) = (f32::NEG_INFINITY, u32::MAX);
             for b in cache.blocks(layer, kv_head) {
                 for slot in 0..b.n {
-                    let s = match b.data {
-                        BlockData::F16 { k, .. } => (0..hd).map(|d| qh[d] * k[d * bt + slot].to_f32()).sum::<f32>(),
-                        BlockData::F32 { k, .. } => (0..hd).map(|d| qh[d] * k[d * bt + slot]).sum::<f32>(),
-                        #[allow(unreachable_patterns)]
-                        _ => bail!("retrieval-head detection reads an f16 or f32 KV cache (use --kv-dtype f16)"),
-                    };
+                    b.read_key(slot, &mut key);
+                    let s: f32 = qh.iter().zip(&key).map(|(a, k)| a * k).sum();
                     if s > best {
                         best = s;
                         best_pos = b.pos[slot];
@@ -75,7 +64,6 @@ impl InstanceTally {
                 self.hits[layer * self.n_q_heads + h] += weight;
             }
         }
-        Ok(())
     }
 }
 
@@ -232,8 +220,8 @@ mod tests {
         let mut t = InstanceTally::new(1, 2, 1, &prompt, 5..8);
         // Head 0 looks along +x (top key: position 6, the needle); head 1 along −x (top key: position 0).
         let q = [1.0, 0.0, -1.0, 0.0];
-        t.observe(&c, 0, &q, 106).unwrap(); // generated the needle token at position 6: head 0 copies
-        t.observe(&c, 0, &q, 999).unwrap(); // a token that is not there: nobody copies
+        t.observe(&c, 0, &q, 106); // generated the needle token at position 6: head 0 copies
+        t.observe(&c, 0, &q, 999); // a token that is not there: nobody copies
         assert_eq!(t.hits, vec![1.0 / 3.0, 0.0]);
         let mut s = HeadScorer::new(1, 2, 1);
         assert!(s.add(&t, 1.0));

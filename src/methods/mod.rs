@@ -1,8 +1,12 @@
 //! KV-cache methods by name: what `--kv` accepts and what the eval harness sweeps over.
 //!
 //! A spec is `<method>[@<budget>][,<wrapper>[@<arg>]...]`, e.g. `full`, `snapkv@0.25`, `streamingllm@1024t`,
-//! `h2o@0.25,chunked`, `snapkv@0.25,pyramid,every@32`, `duo@0.5,heads@heads.json`. A budget is a share of the tokens
+//! `h2o@0.25,chunked`, `snapkv@0.25,pyramid,every@32`, `duo@0.5,heads@heads.json`, `snapkv@0.25,kivi4`. A budget is a share of the tokens
 //! seen so far (`@0.25` keeps 25 %) or a token count per KV head (`@1024t`).
+//!
+//! Storage wrappers change how the cache stores entries rather than which it keeps: `kivi8`, `kivi4`, `kivi2` quantize
+//! the cache KIVI-style ([`crate::kv::quant`]), optionally with the residual window as argument (`kivi4@64`: the newest
+//! 64 entries stay f16; default 128). Alone (`--kv kivi4`) they mean `full,kivi4`: every entry kept, quantized.
 //!
 //! # Design
 //!
@@ -41,12 +45,15 @@ pub mod pyramidkv;
 pub mod random;
 pub mod snapkv;
 pub mod streamingllm;
+pub mod think;
 pub mod tova;
 pub mod window;
 
 pub mod heads;
 
 use anyhow::{bail, Context, Result};
+
+use crate::kv::{KvDtype, DEFAULT_RESIDUAL};
 
 /// How many entries a head may keep.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -122,11 +129,17 @@ pub const METHODS: &[&str] = &[
     "adakv",
     "duo",
     "kvmerger",
+    "kivi8",
+    "kivi4",
+    "kivi2",
 ];
 /// Wrappers (options) that may follow the method: `chunked` (compress after every prefill chunk), `every@N` (compress
 /// every N decode steps, 0 = never; default 64), `pyramid[@beta]` (per-layer budgets, PyramidKV), `adakv[@alpha]`
-/// (head-adaptive budgets, AdaKV), `heads@FILE` (DuoAttention head scores).
-pub const WRAPPERS: &[&str] = &["chunked", "every", "pyramid", "adakv", "heads"];
+/// (head-adaptive budgets, AdaKV), `heads@FILE` (DuoAttention head scores), `kivi8|kivi4|kivi2[@residual]`
+/// (KIVI-quantized storage).
+pub const WRAPPERS: &[&str] = &[
+    "chunked", "every", "pyramid", "adakv", "heads", "kivi8", "kivi4", "kivi2",
+];
 
 /// Decode steps between compressions unless `every@N` says otherwise.
 pub const DEFAULT_EVERY: usize = 64;
@@ -208,6 +221,55 @@ pub trait Scorer: Send + Sync {
     fn score(&self, obs: &HeadObs, tmp: &mut Vec<f32>, out: &mut [f32]);
 }
 
+/// Wrappers that choose the cache's storage format (see [`storage_for`]).
+pub const STORAGE_WRAPPERS: &[&str] = &["kivi8", "kivi4", "kivi2"];
+
+/// The residual window a `kivi*` argument names: a token count, `128` or `128t`.
+fn parse_residual(name: &str, arg: &str) -> Result<usize> {
+    arg.strip_suffix('t').unwrap_or(arg).parse().with_context(|| {
+        format!("'{name}@{arg}': the argument of {name} is its full-precision residual window in tokens, like {name}@128")
+    })
+}
+
+/// The cache storage a spec asks for. A `kivi<bits>[@<residual>]` wrapper selects KIVI quantization with that many
+/// bits; its residual is the wrapper's argument, else `base`'s residual when `base` is already quantized, else 128.
+/// Without one, the storage is `base` (the `--kv-dtype`). A spec and a `--kv-dtype` that ask for different
+/// quantizations, or KIVI over f32, are an error.
+pub fn storage_for(spec: &KvSpec, base: KvDtype) -> Result<KvDtype> {
+    let mut kivi = spec
+        .wrappers
+        .iter()
+        .filter(|w| STORAGE_WRAPPERS.contains(&w.name.as_str()));
+    let Some(w) = kivi.next() else {
+        return Ok(base);
+    };
+    if kivi.next().is_some() {
+        bail!(
+            "--kv '{}': at most one storage wrapper (kivi8, kivi4, kivi2)",
+            spec.label()
+        );
+    }
+    let bits: u8 = w.name["kivi".len()..].parse().expect("kivi<bits> names");
+    let arg = w
+        .arg
+        .as_deref()
+        .map(|a| parse_residual(&w.name, a))
+        .transpose()?;
+    let residual = match base {
+        KvDtype::F16 => arg.unwrap_or(DEFAULT_RESIDUAL),
+        KvDtype::Kivi { bits: b, residual } if b == bits => arg.unwrap_or(residual),
+        KvDtype::Kivi { bits: b, .. } => bail!(
+            "--kv '{}' asks for {bits}-bit KV but --kv-dtype q{b} for {b}-bit: give one of them",
+            spec.label()
+        ),
+        KvDtype::F32 => bail!(
+            "--kv '{}' quantizes the cache with an f16 residual window: it cannot be combined with --kv-dtype f32",
+            spec.label()
+        ),
+    };
+    Ok(KvDtype::Kivi { bits, residual })
+}
+
 impl Default for KvSpec {
     fn default() -> Self {
         Self::full()
@@ -231,6 +293,14 @@ impl KvSpec {
         let s = s.trim();
         let mut parts = s.split(',').map(str::trim);
         let first = parts.next().unwrap_or("");
+        // A storage wrapper alone: `kivi4[@R]` = `full,kivi4[@R]`.
+        let first_name = first.split_once('@').map_or(first, |(n, _)| n);
+        if STORAGE_WRAPPERS.contains(&first_name) {
+            let rest: Vec<&str> = parts.collect();
+            let mut full = vec!["full", first];
+            full.extend(rest);
+            return Self::parse(&full.join(","));
+        }
         let (method, budget) = match first.split_once('@') {
             Some((m, b)) => (
                 m,
@@ -262,6 +332,9 @@ impl KvSpec {
                         WRAPPERS.join(", ")
                     }
                 );
+            }
+            if let (true, Some(a)) = (STORAGE_WRAPPERS.contains(&name), &arg) {
+                parse_residual(name, a).with_context(|| format!("--kv '{s}'"))?;
             }
             wrappers.push(SpecPart {
                 name: name.to_string(),
@@ -392,5 +465,60 @@ mod tests {
             "{e}"
         );
         assert!(KvSpec::parse("full@0.5").is_err());
+    }
+
+    #[test]
+    fn kivi_specs_choose_the_storage() {
+        let q4 = KvSpec::parse("kivi4").unwrap();
+        assert_eq!(q4.label(), "full,kivi4");
+        assert!(!q4.is_full());
+        assert_eq!(
+            storage_for(&q4, KvDtype::F16).unwrap(),
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 128
+            }
+        );
+        let q2 = KvSpec::parse("kivi2@64").unwrap();
+        assert_eq!(KvSpec::parse(&q2.label()).unwrap(), q2);
+        assert_eq!(
+            storage_for(&q2, KvDtype::F16).unwrap(),
+            KvDtype::Kivi {
+                bits: 2,
+                residual: 64
+            }
+        );
+        // The residual of --kv-dtype q8 --kv-residual 32 carries over to a bare kivi8.
+        let q8 = KvSpec::parse("full,kivi8").unwrap();
+        let base = KvDtype::Kivi {
+            bits: 8,
+            residual: 32,
+        };
+        assert_eq!(storage_for(&q8, base).unwrap(), base);
+        assert_eq!(storage_for(&KvSpec::full(), base).unwrap(), base);
+        assert_eq!(
+            storage_for(&KvSpec::full(), KvDtype::F32).unwrap(),
+            KvDtype::F32
+        );
+        // Conflicts and bad arguments are errors that name the problem.
+        let e = format!(
+            "{:#}",
+            storage_for(
+                &q4,
+                KvDtype::Kivi {
+                    bits: 8,
+                    residual: 128
+                }
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("4-bit") && e.contains("q8"), "{e}");
+        assert!(storage_for(&q4, KvDtype::F32).is_err());
+        let e = format!("{:#}", KvSpec::parse("kivi4@abc").unwrap_err());
+        assert!(e.contains("residual"), "{e}");
+        assert!(KvSpec::parse("full,kivi4@x").is_err());
+        assert!(storage_for(&KvSpec::parse("full,kivi4,kivi2").unwrap(), KvDtype::F16).is_err());
+        let e = format!("{:#}", KvSpec::parse("full,kivi3").unwrap_err());
+        assert!(e.contains("kivi4"), "{e}");
     }
 }

@@ -1,0 +1,373 @@
+//! KIVI-style KV quantization (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", 2024).
+//!
+//! Mechanism: asymmetric integer quantization with a per-group minimum (zero point) and scale, `x ≈ min + q · scale`,
+//! `q ∈ [0, 2^bits − 1]`. Keys are quantized *per channel* (a group is one channel across the tokens of a block), because
+//! key outliers sit in fixed channels; values are quantized *per token* (a group is [`VALUE_GROUP`] channels of one
+//! token's value row), because the attention output mixes values per token. KIVI's defaults: group 32, 2 or 4 bits,
+//! a full-precision residual of the most recent R = 128 tokens (see [`crate::kv::KvDtype::Kivi`]).
+//!
+//! Here a key group is one cache block (`block_tokens`, 32 by default, = KIVI's group size), so a quantized block holds
+//! per channel: `block_tokens · bits / 8` bytes of codes plus an f16 minimum and an f16 scale; per token: the packed
+//! value row plus an f16 minimum and scale per value group. Codes are packed little-end first: code `j` of a group
+//! sits in bits `(j mod 8/bits) · bits` of byte `j / (8/bits)`.
+//!
+//! The minimum is rounded *down* to an f16 and the scale *up* (so every element of the group lies inside the grid and
+//! nothing is clamped), and codes are computed against the rounded pair. Error per element: at most half a step,
+//! `(max − min + δ) / (2^bits − 1) / 2`, where δ < one f16 ulp of the minimum (0.1 % of its magnitude).
+//! Re-quantizing dequantized data is not exactly idempotent, so the cache moves value rows between quantized blocks as
+//! codes (exact) and re-quantizes only keys when entries move (see `KvCache::retain`).
+
+use half::f16;
+
+/// Channels per value group (one token's value row is cut into groups of this many channels; the last may be shorter).
+pub const VALUE_GROUP: usize = 64;
+
+/// Bit widths the cache supports.
+pub const BITS_CHOICES: [u8; 3] = [8, 4, 2];
+
+/// A quantized block: `hk` key channels × `bt` tokens, `bt` value rows of `hv` channels.
+#[derive(Clone)]
+pub struct QBlock {
+    pub bits: u8,
+    /// Key codes, channel-major: channel c's `bt` codes are bytes `[c · bt·bits/8, (c+1) · bt·bits/8)`.
+    pub k: Box<[u8]>,
+    /// Per key channel: (min, scale), interleaved.
+    pub k_ms: Box<[f16]>,
+    /// Value codes, token-major: token j's row is bytes `[j · row_bytes, (j+1) · row_bytes)`.
+    pub v: Box<[u8]>,
+    /// Per token and value group: (min, scale), interleaved, `[(j · n_groups + g) · 2 ..]`.
+    pub v_ms: Box<[f16]>,
+}
+
+/// Bytes of one value row's codes.
+pub fn row_bytes(hv: usize, bits: u8) -> usize {
+    (hv * bits as usize).div_ceil(8)
+}
+
+pub fn value_groups(hv: usize) -> usize {
+    hv.div_ceil(VALUE_GROUP)
+}
+
+impl QBlock {
+    pub fn new(bits: u8, hk: usize, hv: usize, bt: usize) -> Self {
+        let b = bits as usize;
+        Self {
+            bits,
+            k: vec![0; hk * bt * b / 8].into_boxed_slice(),
+            k_ms: vec![f16::ZERO; 2 * hk].into_boxed_slice(),
+            v: vec![0; bt * row_bytes(hv, bits)].into_boxed_slice(),
+            v_ms: vec![f16::ZERO; 2 * bt * value_groups(hv)].into_boxed_slice(),
+        }
+    }
+
+    /// Bytes held by this block's data (codes and scales; positions are counted by the cache).
+    pub fn bytes(&self) -> usize {
+        self.k.len() + self.v.len() + 2 * (self.k_ms.len() + self.v_ms.len())
+    }
+
+    /// Bytes a block of this shape holds, without building one.
+    pub fn bytes_for(bits: u8, hk: usize, hv: usize, bt: usize) -> usize {
+        let b = bits as usize;
+        hk * bt * b / 8 + 4 * hk + bt * row_bytes(hv, bits) + 4 * bt * value_groups(hv)
+    }
+
+    /// Quantizes a full block: `kt` = keys transposed (`kt[c · bt + j]`, hk·bt), `v` = value rows (bt·hv).
+    pub fn encode(&mut self, kt: &[f32], v: &[f32], bt: usize) {
+        let hk = self.k_ms.len() / 2;
+        let hv = v.len() / bt;
+        let kb = bt * self.bits as usize / 8;
+        for c in 0..hk {
+            let (m, s) = encode_group(&kt[c * bt..][..bt], self.bits, &mut self.k[c * kb..][..kb]);
+            self.k_ms[2 * c] = m;
+            self.k_ms[2 * c + 1] = s;
+        }
+        for j in 0..bt {
+            self.encode_value(j, &v[j * hv..][..hv]);
+        }
+    }
+
+    /// Quantizes one token's value row into slot `j`.
+    pub fn encode_value(&mut self, j: usize, row: &[f32]) {
+        let (hv, bits) = (row.len(), self.bits);
+        let rb = row_bytes(hv, bits);
+        let ng = value_groups(hv);
+        let codes = &mut self.v[j * rb..][..rb];
+        for g in 0..ng {
+            let x = &row[g * VALUE_GROUP..((g + 1) * VALUE_GROUP).min(hv)];
+            let b0 = g * VALUE_GROUP * bits as usize / 8;
+            let nb = (x.len() * bits as usize).div_ceil(8);
+            let (m, s) = encode_group(x, bits, &mut codes[b0..][..nb]);
+            self.v_ms[2 * (j * ng + g)] = m;
+            self.v_ms[2 * (j * ng + g) + 1] = s;
+        }
+    }
+
+    /// Key of slot `j` (its `hk` stored channels).
+    pub fn key(&self, j: usize, bt: usize, out: &mut [f32]) {
+        let kb = bt * self.bits as usize / 8;
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = decode_one(
+                &self.k[c * kb..][..kb],
+                self.bits,
+                self.k_ms[2 * c],
+                self.k_ms[2 * c + 1],
+                j,
+            );
+        }
+    }
+
+    /// Value row of slot `j`.
+    pub fn value(&self, j: usize, out: &mut [f32]) {
+        let (hv, bits) = (out.len(), self.bits);
+        let rb = row_bytes(hv, bits);
+        let ng = value_groups(hv);
+        let codes = &self.v[j * rb..][..rb];
+        for (d, o) in out.iter_mut().enumerate() {
+            let g = d / VALUE_GROUP;
+            let (m, s) = (
+                self.v_ms[2 * (j * ng + g)].to_f32(),
+                self.v_ms[2 * (j * ng + g) + 1].to_f32(),
+            );
+            *o = m + s * code_at(codes, bits, d) as f32;
+        }
+    }
+
+    /// All keys of the block, transposed (`kt[c · BT + j]`, `hk` channels), for the attention kernel.
+    #[inline(always)]
+    pub fn keys_into<const BT: usize>(&self, kt: &mut [f32]) {
+        let kb = BT * self.bits as usize / 8;
+        let hk = self.k_ms.len() / 2;
+        for c in 0..hk {
+            let (m, s) = (self.k_ms[2 * c].to_f32(), self.k_ms[2 * c + 1].to_f32());
+            let out = &mut kt[c * BT..][..BT];
+            let codes = &self.k[c * kb..][..kb];
+            match self.bits {
+                8 => unpack::<8>(codes, m, s, out),
+                4 => unpack::<4>(codes, m, s, out),
+                _ => unpack::<2>(codes, m, s, out),
+            }
+        }
+    }
+
+    /// The first `n` value rows (`v[j · hv + d]`), for the attention kernel.
+    #[inline(always)]
+    pub fn values_into(&self, n: usize, hv: usize, v: &mut [f32]) {
+        let rb = row_bytes(hv, self.bits);
+        let ng = value_groups(hv);
+        for j in 0..n {
+            let codes = &self.v[j * rb..][..rb];
+            for g in 0..ng {
+                let d0 = g * VALUE_GROUP;
+                let d1 = (d0 + VALUE_GROUP).min(hv);
+                let (m, s) = (
+                    self.v_ms[2 * (j * ng + g)].to_f32(),
+                    self.v_ms[2 * (j * ng + g) + 1].to_f32(),
+                );
+                let out = &mut v[j * hv + d0..j * hv + d1];
+                let b0 = d0 * self.bits as usize / 8;
+                let cb = &codes[b0..][..((d1 - d0) * self.bits as usize).div_ceil(8)];
+                match self.bits {
+                    8 => unpack::<8>(cb, m, s, out),
+                    4 => unpack::<4>(cb, m, s, out),
+                    _ => unpack::<2>(cb, m, s, out),
+                }
+            }
+        }
+    }
+}
+
+/// Code `j` of a packed group.
+#[inline(always)]
+fn code_at(codes: &[u8], bits: u8, j: usize) -> u8 {
+    let per = 8 / bits as usize;
+    let mask = ((1u16 << bits) - 1) as u8;
+    (codes[j / per] >> ((j % per) * bits as usize)) & mask
+}
+
+/// out[j] = m + s · code_j, `out.len()` codes (a multiple of 8/B, or the group's tail).
+#[inline(always)]
+fn unpack<const B: usize>(codes: &[u8], m: f32, s: f32, out: &mut [f32]) {
+    let per = 8 / B;
+    let mask = ((1u16 << B) - 1) as u8;
+    let last = out.len() / per;
+    let mut chunks = out.chunks_exact_mut(per);
+    for (o, &byte) in chunks.by_ref().zip(codes) {
+        for (t, x) in o.iter_mut().enumerate() {
+            *x = m + s * ((byte >> (t * B)) & mask) as f32;
+        }
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let byte = codes[last];
+        for (t, x) in rest.iter_mut().enumerate() {
+            *x = m + s * ((byte >> (t * B)) & mask) as f32;
+        }
+    }
+}
+
+/// The largest f16 ≤ x (x clamped to the finite f16 range).
+fn f16_down(x: f32) -> f16 {
+    let x = x.clamp(-65504.0, 65504.0);
+    let h = f16::from_f32(x);
+    if h.to_f32() <= x {
+        h
+    } else if h.to_bits() & 0x7fff == 0 {
+        f16::from_bits(0x8001) // just below zero
+    } else if h.is_sign_negative() {
+        f16::from_bits(h.to_bits() + 1)
+    } else {
+        f16::from_bits(h.to_bits() - 1)
+    }
+}
+
+/// The smallest non-negative f16 ≥ x, for x ≥ 0 (clamped to the finite f16 range).
+fn f16_up(x: f32) -> f16 {
+    let x = x.clamp(0.0, 65504.0);
+    let h = f16::from_f32(x);
+    if h.to_f32() >= x {
+        h
+    } else {
+        f16::from_bits(h.to_bits() + 1)
+    }
+}
+
+/// Quantizes one group `x` into `codes` (`x.len() · bits / 8` bytes, rounded up) and returns its (min, scale).
+pub fn encode_group(x: &[f32], bits: u8, codes: &mut [u8]) -> (f16, f16) {
+    let levels = ((1u32 << bits) - 1) as f32;
+    let (lo, hi) = x
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let m = f16_down(lo);
+    let mf = m.to_f32();
+    let s = f16_up((hi - mf) / levels);
+    let sf = s.to_f32();
+    let inv = if sf > 0.0 { 1.0 / sf } else { 0.0 };
+    codes.fill(0);
+    let per = 8 / bits as usize;
+    for (j, &v) in x.iter().enumerate() {
+        let q = ((v - mf) * inv).round().clamp(0.0, levels) as u8;
+        codes[j / per] |= q << ((j % per) * bits as usize);
+    }
+    (m, s)
+}
+
+/// Dequantizes code `j` of a group.
+#[inline(always)]
+pub fn decode_one(codes: &[u8], bits: u8, m: f16, s: f16, j: usize) -> f32 {
+    m.to_f32() + s.to_f32() * code_at(codes, bits, j) as f32
+}
+
+/// Dequantizes one group (the reference for tests and for moving entries).
+pub fn decode_group(codes: &[u8], bits: u8, m: f16, s: f16, out: &mut [f32]) {
+    let (m, s) = (m.to_f32(), s.to_f32());
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = m + s * code_at(codes, bits, j) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn f(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// Max error over random groups, as a share of each group's range; also checks codes round-trip.
+    fn max_rel_err(bits: u8, n: usize) -> f32 {
+        let mut rng = Rng(0x1234_5678 ^ bits as u64);
+        let mut worst = 0.0f32;
+        for trial in 0..200 {
+            let scale = [0.01f32, 1.0, 30.0][trial % 3];
+            let offset = [0.0f32, 5.0, -2.0][trial % 3];
+            let x: Vec<f32> = (0..n).map(|_| rng.f() * scale + offset).collect();
+            let mut codes = vec![0u8; (n * bits as usize).div_ceil(8)];
+            let (m, s) = encode_group(&x, bits, &mut codes);
+            let mut y = vec![0.0; n];
+            decode_group(&codes, bits, m, s, &mut y);
+            let (lo, hi) = x
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            // Bound: half a (rounded-up) step, the step widened by the f16 rounding of the minimum.
+            let step = ((hi - lo) + lo.abs() / 1024.0) / ((1u32 << bits) - 1) as f32 * 1.001;
+            for (a, b) in x.iter().zip(&y) {
+                assert!(
+                    (a - b).abs() <= 0.5 * step + 1e-6 * a.abs(),
+                    "bits {bits}: |{a} - {b}| > half step {step}"
+                );
+                worst = worst.max((a - b).abs() / (hi - lo));
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn error_is_half_a_step_per_bit_width() {
+        for (bits, n) in [(8u8, 32usize), (4, 32), (2, 32), (4, 64), (2, 7), (8, 3)] {
+            let step = 1.0 / ((1u32 << bits) - 1) as f32;
+            let e = max_rel_err(bits, n);
+            // Relative to the range: half a step, widened by the f16 minimum (offset 5 on a range of 0.02 is the worst).
+            assert!(
+                e <= 0.5 * step * 1.25,
+                "bits {bits} n {n}: {e} vs half step {}",
+                0.5 * step
+            );
+            assert!(
+                e >= 0.25 * step,
+                "bits {bits}: error {e} suspiciously small for step {step}"
+            );
+        }
+        // int8: at most ~0.5 % of the range.
+        assert!(max_rel_err(8, 32) < 0.005);
+    }
+
+    #[test]
+    fn block_encode_matches_group_decode() {
+        let (hk, hv, bt) = (5, 70, 8);
+        let mut rng = Rng(99);
+        let kt: Vec<f32> = (0..hk * bt).map(|_| rng.f()).collect();
+        let v: Vec<f32> = (0..bt * hv).map(|_| rng.f() * 3.0).collect();
+        for bits in BITS_CHOICES {
+            let mut b = QBlock::new(bits, hk, hv, bt);
+            b.encode(&kt, &v, bt);
+            assert_eq!(b.bytes(), QBlock::bytes_for(bits, hk, hv, bt));
+            let mut kt2 = vec![0.0; hk * bt];
+            b.keys_into::<8>(&mut kt2);
+            let mut v2 = vec![0.0; bt * hv];
+            b.values_into(bt, hv, &mut v2);
+            let mut one = vec![0.0; hk];
+            let mut row = vec![0.0; hv];
+            for j in 0..bt {
+                b.key(j, bt, &mut one);
+                b.value(j, &mut row);
+                for c in 0..hk {
+                    assert_eq!(one[c], kt2[c * bt + j]);
+                }
+                assert_eq!(row, v2[j * hv..][..hv]);
+            }
+            let step = 2.0 / ((1u32 << bits) - 1) as f32;
+            let kerr = kt
+                .iter()
+                .zip(&kt2)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let verr = v
+                .iter()
+                .zip(&v2)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                kerr <= 0.51 * step && verr <= 0.51 * 3.0 * step,
+                "bits {bits}: {kerr} {verr}"
+            );
+        }
+    }
+}
