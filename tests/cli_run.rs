@@ -285,3 +285,108 @@ fn quantized_kv_flags_run_and_hold_fewer_bytes() {
         "peak KV bytes f16 {f16} q8 {q8} q4 {q4} q2 {q2}"
     );
 }
+
+#[test]
+fn heads_writes_scores_that_duo_and_the_mask_read() {
+    let (dir, model) = tiny();
+    let hay = dir.path().join("hay.txt");
+    let text: String = (0..300)
+        .map(|i| format!("Line {i} of a plain haystack about fields and barns. "))
+        .collect();
+    std::fs::write(&hay, text).unwrap();
+    let heads = dir.path().join("heads.json");
+    let out = hayloft()
+        .args([
+            "heads",
+            "--model",
+            &model,
+            "--lengths",
+            "500",
+            "--depths",
+            "0,50",
+        ])
+        .args(["--max-new", "4", "--haystack-file", hay.to_str().unwrap()])
+        .arg("--out")
+        .arg(&heads)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&heads).unwrap()).unwrap();
+    let (nl, nkv, nq) = (
+        j["layers"].as_u64().unwrap() as usize,
+        j["kv_heads"].as_u64().unwrap() as usize,
+        j["q_heads"].as_u64().unwrap() as usize,
+    );
+    assert_eq!(j["instances"], 2, "{j}");
+    assert_eq!(j["scores"].as_array().unwrap().len(), nl);
+    assert!(j["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r.as_array().unwrap().len() == nkv));
+    assert!(j["q_scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r.as_array().unwrap().len() == nq));
+    // DuoAttention reads the file.
+    let h = heads.to_str().unwrap();
+    let duo = hayloft()
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "-p",
+            &"a b c ".repeat(30),
+            "-n",
+            "2",
+        ])
+        .args(["--kv", &format!("duo@0.5,heads@{h}")])
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        duo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&duo.stderr)
+    );
+    // The masking experiment reads it; a bad mask size is refused.
+    for (extra, ok) in [
+        (vec!["--mask-top", "2"], true),
+        (vec!["--mask-top", "2", "--mask-random"], true),
+        (vec!["--mask-top", "100000"], false),
+    ] {
+        let o = hayloft()
+            .args([
+                "eval",
+                "niah",
+                "--model",
+                &model,
+                "--lengths",
+                "500",
+                "--depths",
+                "50",
+            ])
+            .args([
+                "--haystack-file",
+                hay.to_str().unwrap(),
+                "--quiet",
+                "--mask-heads",
+                h,
+            ])
+            .args(&extra)
+            .arg("--out")
+            .arg(dir.path().join(format!("mask-{}", extra.len())))
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.success(), ok, "{extra:?}: {e}");
+        if !ok {
+            assert!(e.contains("--mask-top must be between 1 and"), "{e}");
+        }
+    }
+}

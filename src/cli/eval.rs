@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::ModelArgs;
@@ -61,6 +61,15 @@ pub struct EvalCommon {
     /// prefill).
     #[arg(long)]
     pub no_share_prefill: bool,
+    /// Head ablation (the Retrieval Head paper's masking experiment): a scores file from `hayloft heads`. Zeroes the
+    /// attention output of the `--mask-top` best-scoring query heads, or with `--mask-random` of as many query heads
+    /// drawn at random (seeded by --seed) from the others.
+    #[arg(long)]
+    pub mask_heads: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub mask_top: usize,
+    #[arg(long)]
+    pub mask_random: bool,
 }
 
 #[derive(Args, Debug)]
@@ -354,7 +363,84 @@ fn load(common: &EvalCommon) -> Result<super::Loaded> {
     parse_kv_list(&common.model.kv)?;
     let mut m = common.model.clone();
     m.kv = "full".into();
-    m.load()
+    let mut loaded = m.load()?;
+    if let Some(path) = &common.mask_heads {
+        let mc = loaded.model.config();
+        loaded.session_cfg.head_mask = head_mask(
+            path,
+            mc.n_layers,
+            mc.n_heads,
+            common.mask_top,
+            common.mask_random,
+            common.seed,
+        )?;
+        if !common.quiet {
+            let masked: Vec<String> = loaded
+                .session_cfg
+                .head_mask
+                .iter()
+                .enumerate()
+                .filter(|(_, &m)| m)
+                .map(|(i, _)| format!("{}.{}", i / mc.n_heads, i % mc.n_heads))
+                .collect();
+            eprintln!(
+                "[eval] masking query heads (layer.head): {}",
+                masked.join(" ")
+            );
+        }
+    } else if common.mask_top > 0 || common.mask_random {
+        bail!("--mask-top and --mask-random need --mask-heads FILE (from `hayloft heads`)");
+    }
+    Ok(loaded)
+}
+
+/// The query-head mask for the masking experiment: the `top` best-scoring heads of a `hayloft heads` file, or (random)
+/// `top` heads drawn from the rest.
+fn head_mask(
+    path: &std::path::Path,
+    n_layers: usize,
+    n_heads: usize,
+    top: usize,
+    random: bool,
+    seed: u64,
+) -> Result<Vec<bool>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read head scores from {}", path.display()))?;
+    let r: crate::methods::heads::HeadScores = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a `hayloft heads` scores file", path.display()))?;
+    if r.q_scores.len() != n_layers || r.q_scores.iter().any(|row| row.len() != n_heads) {
+        bail!(
+            "{}: scores for {} layers × {} query heads, the model has {n_layers} × {n_heads}",
+            path.display(),
+            r.q_scores.len(),
+            r.q_scores.first().map_or(0, Vec::len)
+        );
+    }
+    if top == 0 || top >= n_layers * n_heads / 2 {
+        bail!(
+            "--mask-top must be between 1 and {} (half the model's query heads)",
+            n_layers * n_heads / 2 - 1
+        );
+    }
+    let mut ranked: Vec<(f64, usize)> = r
+        .q_scores
+        .iter()
+        .flatten()
+        .copied()
+        .enumerate()
+        .map(|(i, s)| (s, i))
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut mask = vec![false; n_layers * n_heads];
+    if random {
+        let mut rest: Vec<usize> = ranked[top..].iter().map(|&(_, i)| i).collect();
+        rest.sort_unstable();
+        eval::Rng::new(seed ^ 0x0068_6561_6473).shuffle(&mut rest);
+        rest[..top].iter().for_each(|&i| mask[i] = true);
+    } else {
+        ranked[..top].iter().for_each(|&(_, i)| mask[i] = true);
+    }
+    Ok(mask)
 }
 
 fn niah_plans<'g>(

@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 pub mod eval;
 mod generate;
+mod heads;
 mod info;
 mod perplexity;
 
@@ -51,6 +52,9 @@ pub enum Cmd {
         #[command(subcommand)]
         what: eval::EvalCmd,
     },
+    /// Retrieval-head detection (copy-paste criterion on NIAH instances): scores per (layer, head) as JSON, the
+    /// file `--kv duo@<budget>,heads@FILE` reads.
+    Heads(heads::HeadsArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -242,6 +246,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Eval { what } => eval::run(what),
+        Cmd::Heads(a) => heads::run(a),
         Cmd::Bench { what } => bench::run(what),
     }
 }

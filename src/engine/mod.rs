@@ -36,6 +36,8 @@ pub struct SessionConfig {
     /// Observations to record even if the method does not need them (recent queries, accumulated attention), so that
     /// [`Session::fork`] can later apply a method that does. Default: none.
     pub observe: Needs,
+    /// Head ablation: `head_mask[layer · n_heads + head]` zeroes that query head's attention output (empty = none).
+    pub head_mask: Vec<bool>,
 }
 
 impl SessionConfig {
@@ -47,6 +49,7 @@ impl SessionConfig {
             block_tokens: DEFAULT_BLOCK_TOKENS,
             kv: KvSpec::full(),
             observe: Needs::default(),
+            head_mask: Vec::new(),
         }
     }
 }
@@ -102,6 +105,17 @@ impl<'m> Session<'m> {
             .max(if needs.accumulate { cfg.chunk_size } else { 0 });
         if window > 0 {
             scratch.obs = QueryWindow::new(mc.n_layers, mc.n_heads * mc.head_dim_k, window);
+        }
+        if !cfg.head_mask.is_empty() {
+            if cfg.head_mask.len() != mc.n_layers * mc.n_heads {
+                bail!(
+                    "head mask has {} entries, the model has {} layers × {} query heads",
+                    cfg.head_mask.len(),
+                    mc.n_layers,
+                    mc.n_heads
+                );
+            }
+            scratch.head_mask = cfg.head_mask.clone();
         }
         let acc = AttnAcc::new(needs.accumulate, mc.n_layers * mc.n_kv_heads);
         let stats = Stats {
