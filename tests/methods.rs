@@ -407,13 +407,14 @@ const OPTIONS: &[&str] = &[
     ",chunked,every@5,pyramid@4",
     ",kivi4@16",
     ",chunked,kivi2@8",
+    ",think@0.25",
 ];
 
 /// Methods that choose entries (every name but `full` and the storage formats, which keep everything).
 fn scoring_methods() -> impl Iterator<Item = &'static &'static str> {
     METHODS
         .iter()
-        .filter(|m| **m != "full" && !STORAGE_WRAPPERS.contains(m))
+        .filter(|m| **m != "full" && **m != "think" && !STORAGE_WRAPPERS.contains(m))
 }
 
 fn spec_for(method: &str, budget: &str, opts: &str, heads: &std::path::Path) -> String {
@@ -645,4 +646,43 @@ fn bad_specs_are_clear_errors() {
     cfg.kv = KvSpec::parse("duo@0.5,heads@/nonexistent/h.json").unwrap();
     let e = format!("{:#}", Session::new(&m, cfg).err().unwrap());
     assert!(e.contains("cannot read head scores"), "{e}");
+}
+
+#[test]
+fn think_prunes_key_channels_once_and_frees_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_llama(dir.path());
+    let c = m.config();
+    let toks = tokens(200, c.vocab, 5);
+    let full = run_logits(&m, "full", &toks, 6);
+    // Pruning no channel changes nothing.
+    assert!(run_logits(&m, "think@0", &toks, 6) == full);
+    let mut s = session(&m, "think@0.5", 64);
+    let mut f = session(&m, "full", 64);
+    let a = s.prefill(&toks).unwrap().to_vec();
+    let b = f.prefill(&toks).unwrap().to_vec();
+    // The prompt's logits come before the end-of-prefill compression: identical.
+    assert_eq!(a, b);
+    let want = c.head_dim_k - c.head_dim_k / 2;
+    for (l, h) in all_heads(&m) {
+        assert_eq!(s.cache.len(l, h), 200, "think keeps every entry");
+        assert_eq!(s.cache.key_dims(l, h), want, "layer {l} head {h}");
+    }
+    assert!(s.cache.bytes() < f.cache.bytes(), "pruned keys must free memory");
+    // Decoding appends entries with the kept channels only; the mask is not pruned again.
+    for i in 0..70 {
+        s.decode((i * 7 % 50) as u32).unwrap();
+    }
+    for (l, h) in all_heads(&m) {
+        assert_eq!(s.cache.key_dims(l, h), want);
+    }
+    // Composition with eviction.
+    let mut e = session(&m, "snapkv@0.5,think", 64);
+    e.prefill(&toks).unwrap();
+    let keep_dims = c.head_dim_k - (c.head_dim_k as f64 * 0.4).floor() as usize;
+    for (l, h) in all_heads(&m) {
+        assert_eq!(e.cache.len(l, h), 100);
+        assert_eq!(e.cache.key_dims(l, h), keep_dims);
+    }
+    assert!(KvSpec::parse("think@1.5").is_err());
 }

@@ -132,13 +132,14 @@ pub const METHODS: &[&str] = &[
     "kivi8",
     "kivi4",
     "kivi2",
+    "think",
 ];
 /// Wrappers (options) that may follow the method: `chunked` (compress after every prefill chunk), `every@N` (compress
 /// every N decode steps, 0 = never; default 64), `pyramid[@beta]` (per-layer budgets, PyramidKV), `adakv[@alpha]`
 /// (head-adaptive budgets, AdaKV), `heads@FILE` (DuoAttention head scores), `kivi8|kivi4|kivi2[@residual]`
-/// (KIVI-quantized storage).
+/// (KIVI-quantized storage), `think[@ratio]` (ThinK: prune that share of key channels per head, default 0.4).
 pub const WRAPPERS: &[&str] = &[
-    "chunked", "every", "pyramid", "adakv", "heads", "kivi8", "kivi4", "kivi2",
+    "chunked", "every", "pyramid", "adakv", "heads", "kivi8", "kivi4", "kivi2", "think",
 ];
 
 /// Decode steps between compressions unless `every@N` says otherwise.
@@ -293,9 +294,9 @@ impl KvSpec {
         let s = s.trim();
         let mut parts = s.split(',').map(str::trim);
         let first = parts.next().unwrap_or("");
-        // A storage wrapper alone: `kivi4[@R]` = `full,kivi4[@R]`.
+        // A wrapper that keeps every entry, alone: `kivi4[@R]` = `full,kivi4[@R]`, `think` = `full,think`.
         let first_name = first.split_once('@').map_or(first, |(n, _)| n);
-        if STORAGE_WRAPPERS.contains(&first_name) {
+        if STORAGE_WRAPPERS.contains(&first_name) || first_name == "think" {
             let rest: Vec<&str> = parts.collect();
             let mut full = vec!["full", first];
             full.extend(rest);
@@ -335,6 +336,9 @@ impl KvSpec {
             }
             if let (true, Some(a)) = (STORAGE_WRAPPERS.contains(&name), &arg) {
                 parse_residual(name, a).with_context(|| format!("--kv '{s}'"))?;
+            }
+            if let ("think", Some(a)) = (name, &arg) {
+                think::parse_ratio(a).with_context(|| format!("--kv '{s}'"))?;
             }
             wrappers.push(SpecPart {
                 name: name.to_string(),

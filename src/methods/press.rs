@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::obs::{AttnAcc, GatherBuf, QueryWindow};
 use super::{
-    adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, tova, window,
+    adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, think, tova, window,
     Budget, HeadObs, KvSpec, Needs, Scorer, DEFAULT_EVERY,
 };
 use crate::kv::KvCache;
@@ -40,6 +40,9 @@ pub struct Press {
     pub chunked: bool,
     /// Compress every this many decode steps (0 = never).
     pub every: usize,
+    /// ThinK: share of key channels each head prunes, once, at its first compression (later entries store only the
+    /// kept channels).
+    pub think: Option<f64>,
     needs: Needs,
     bufs: Vec<HeadBuf>,
     targets: Vec<usize>,
@@ -48,11 +51,20 @@ pub struct Press {
 impl Press {
     /// The press for `spec` on a model shaped like `mc`; None for `full` (nothing to compress).
     pub fn new(spec: &KvSpec, mc: &ModelConfig) -> Result<Option<Press>> {
-        if spec.method == "full" {
-            return Ok(None);
-        }
-        let Some(budget) = spec.budget else {
-            bail!("KV method '{}' needs a budget", spec.method);
+        let think_ratio = spec
+            .wrapper("think")
+            .map(|w| {
+                w.arg
+                    .as_deref()
+                    .map_or(Ok(think::DEFAULT_PRUNE_RATIO), think::parse_ratio)
+            })
+            .transpose()?;
+        // `full` keeps every entry: a press only when ThinK prunes its key channels (budget 100 %: nothing evicted).
+        let budget = match (spec.method.as_str(), spec.budget, think_ratio) {
+            ("full", _, None) => return Ok(None),
+            ("full", _, Some(_)) => Budget::Ratio(1.0),
+            (_, Some(b), _) => b,
+            (m, None, _) => bail!("KV method '{m}' needs a budget"),
         };
         let mut pyramid = spec
             .wrapper("pyramid")
@@ -72,6 +84,8 @@ impl Press {
             .transpose()?;
         let (mut duo_roles, mut merger) = (None, None);
         let scorer: Box<dyn Scorer> = match spec.method.as_str() {
+            // Never asked to score: at a 100 % budget no head is over its target.
+            "full" => Box::new(streamingllm::StreamingLlm::default()),
             "streamingllm" => Box::new(streamingllm::StreamingLlm::default()),
             "window" => Box::new(window::Window),
             "h2o" => Box::new(h2o::H2o),
@@ -107,7 +121,10 @@ impl Press {
             })?,
             None => DEFAULT_EVERY,
         };
-        let needs = scorer.needs();
+        let mut needs = scorer.needs();
+        if think_ratio.is_some() {
+            needs.window = needs.window.max(think::DEFAULT_WINDOW);
+        }
         Ok(Some(Press {
             spec: spec.clone(),
             budget,
@@ -118,6 +135,7 @@ impl Press {
             merger,
             chunked: spec.wrapper("chunked").is_some(),
             every,
+            think: think_ratio,
             needs,
             bufs: Vec::new(),
             targets: Vec::new(),
@@ -254,6 +272,27 @@ impl Press {
                 let keep = &b.keep;
                 cache.retain(layer, h, |i, _| keep[i]);
                 acc.retain(layer * nkv + h, keep);
+            }
+        }
+        if let Some(ratio) = self.think {
+            let b = &mut self.bufs[0];
+            for layer in 0..nl {
+                for h in 0..nkv {
+                    if cache.key_channels(layer, h).is_some() || cache.len(layer, h) == 0 {
+                        continue;
+                    }
+                    obs.gather(
+                        layer,
+                        h * group..(h + 1) * group,
+                        hk,
+                        think::DEFAULT_WINDOW,
+                        &mut b.g.q,
+                        &mut b.g.q_pos,
+                    );
+                    if !b.g.q.is_empty() {
+                        think::prune(cache, layer, h, &b.g.q, ratio);
+                    }
+                }
             }
         }
         cache.trim();

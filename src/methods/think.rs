@@ -84,6 +84,16 @@ pub fn keep_set(scores: &[f32], ratio: f64) -> Vec<bool> {
     keep
 }
 
+/// Parses the `think@<ratio>` argument: the share of key channels to prune, in [0, 1).
+pub fn parse_ratio(a: &str) -> anyhow::Result<f64> {
+    match a.parse::<f64>() {
+        Ok(r) if (0.0..1.0).contains(&r) => Ok(r),
+        _ => anyhow::bail!(
+            "think@{a}: expected the share of key channels to prune, in [0, 1), e.g. think@0.4"
+        ),
+    }
+}
+
 /// Scores (layer, KV head)'s channels against `queries` and prunes the cache's stream to the kept set.
 pub fn prune(cache: &mut KvCache, layer: usize, head: usize, queries: &[f32], ratio: f64) {
     let scores = stream_channel_scores(cache, layer, head, queries);
