@@ -668,7 +668,10 @@ fn think_prunes_key_channels_once_and_frees_their_bytes() {
         assert_eq!(s.cache.len(l, h), 200, "think keeps every entry");
         assert_eq!(s.cache.key_dims(l, h), want, "layer {l} head {h}");
     }
-    assert!(s.cache.bytes() < f.cache.bytes(), "pruned keys must free memory");
+    assert!(
+        s.cache.bytes() < f.cache.bytes(),
+        "pruned keys must free memory"
+    );
     // Decoding appends entries with the kept channels only; the mask is not pruned again.
     for i in 0..70 {
         s.decode((i * 7 % 50) as u32).unwrap();

@@ -724,9 +724,13 @@ mod tests {
         }
     }
 
-    /// Attention output of a cache with `dtype` holding fixed random keys/values, for fixed queries.
-    fn run_with(dtype: KvDtype, prune: Option<&[bool]>) -> (Vec<f32>, usize) {
-        let (n_q, n_kv, hd, len, n_new) = (6, 2, 64, 300, 8);
+    /// Shapes of the fixed test case: query heads, KV heads, head dim, cached entries, new queries.
+    const CASE: (usize, usize, usize, usize, usize) = (6, 2, 64, 300, 8);
+
+    /// A cache with `dtype` holding fixed random keys/values, the queries that follow them (from the same generator)
+    /// and the attention parameters.
+    fn fixed_case(dtype: KvDtype) -> (KvCache, Vec<f32>, Vec<u32>, AttnParams) {
+        let (n_q, n_kv, hd, len, n_new) = CASE;
         let mut rng = Rng(77);
         let mut cache = KvCache::new(KvConfig {
             n_layers: 1,
@@ -743,9 +747,6 @@ mod tests {
             &rng.vec(len * n_kv * hd, 1.0),
             &rng.vec(len * n_kv * hd, 1.0),
         );
-        if let Some(keep) = prune {
-            cache.prune_key_channels(0, 1, keep);
-        }
         let q = rng.vec(n_new * n_q * hd, 2.0);
         let q_pos: Vec<u32> = ((len - n_new) as u32..len as u32).collect();
         let p = AttnParams {
@@ -754,7 +755,16 @@ mod tests {
             window: None,
             softcap: None,
         };
-        let mut out = vec![0.0; n_new * n_q * hd];
+        (cache, q, q_pos, p)
+    }
+
+    /// Attention output of the fixed case with `dtype` (head 1's key channels pruned to `prune`), and the cache bytes.
+    fn run_with(dtype: KvDtype, prune: Option<&[bool]>) -> (Vec<f32>, usize) {
+        let (mut cache, q, q_pos, p) = fixed_case(dtype);
+        if let Some(keep) = prune {
+            cache.prune_key_channels(0, 1, keep);
+        }
+        let mut out = vec![0.0; q.len()];
         attend(
             &cache,
             0,
@@ -811,24 +821,8 @@ mod tests {
                 };
             assert_eq!(full_bytes - bytes, freed, "{dtype:?}");
             // Reference: the same data unpruned, naive attention, q with the pruned channels zeroed for head 1's group.
-            let (n_q, n_kv, hd, len, n_new) = (6, 2, 64, 300, 8);
-            let mut rng = Rng(77);
-            let mut cache = KvCache::new(KvConfig {
-                n_layers: 1,
-                n_kv_heads: n_kv,
-                head_dim_k: hd,
-                head_dim_v: hd,
-                block_tokens: 32,
-                dtype,
-            });
-            let pos: Vec<u32> = (0..len as u32).collect();
-            cache.append(
-                0,
-                &pos,
-                &rng.vec(len * n_kv * hd, 1.0),
-                &rng.vec(len * n_kv * hd, 1.0),
-            );
-            let mut q = rng.vec(n_new * n_q * hd, 2.0);
+            let (n_q, _, hd, _, n_new) = CASE;
+            let (cache, mut q, q_pos, p) = fixed_case(dtype);
             for t in 0..n_new {
                 for h in 3..6 {
                     for c in 0..hd {
@@ -838,13 +832,6 @@ mod tests {
                     }
                 }
             }
-            let q_pos: Vec<u32> = ((len - n_new) as u32..len as u32).collect();
-            let p = AttnParams {
-                n_q_heads: n_q,
-                scale: 1.0 / (hd as f32).sqrt(),
-                window: None,
-                softcap: None,
-            };
             let want = naive_attention(&cache, 0, &q, &q_pos, &p);
             let err = out
                 .iter()

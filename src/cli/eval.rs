@@ -14,7 +14,9 @@ use clap::{Args, Subcommand};
 use super::ModelArgs;
 use crate::eval::haystack::{Haystacks, Source};
 use crate::eval::runner::{Plan, ResultsFile, Runner};
-use crate::eval::{self, niah, parse_lengths, ruler, scbench, tsort, CaseMeta, Mode, Prompter};
+use crate::eval::{
+    self, niah, parse_lengths, ruler, scbench, tsort, Case, CaseMeta, Mode, Prompter,
+};
 use crate::methods::{KvSpec, METHODS, WRAPPERS};
 
 #[derive(Subcommand, Debug)]
@@ -475,6 +477,36 @@ fn niah_plans<'g>(
     plans
 }
 
+/// Plans for every task × length × sample: `name(task)` is the recorded task name, `make(task, length, sample)`
+/// generates the case when it runs.
+fn task_plans<'g>(
+    tasks: &[String],
+    lengths: &[usize],
+    samples: usize,
+    seed: u64,
+    name: impl Fn(&str) -> String,
+    make: impl Fn(String, usize, usize) -> Box<dyn FnMut() -> Result<Case> + 'g>,
+) -> Vec<Plan<'g>> {
+    let mut plans = Vec::new();
+    for t in tasks {
+        for &len in lengths {
+            for s in 0..samples {
+                plans.push(Plan {
+                    meta: CaseMeta {
+                        task: name(t),
+                        target_len: len,
+                        depth: None,
+                        sample: s,
+                        seed,
+                    },
+                    make: make(t.clone(), len, s),
+                });
+            }
+        }
+    }
+    plans
+}
+
 fn ruler_plans<'g>(
     p: Prompter<'g>,
     hays: &'g RefCell<Haystacks>,
@@ -483,27 +515,14 @@ fn ruler_plans<'g>(
     samples: usize,
     seed: u64,
 ) -> Vec<Plan<'g>> {
-    let mut plans = Vec::new();
-    for t in tasks {
-        for &len in lengths {
-            for s in 0..samples {
-                let t = t.clone();
-                plans.push(Plan {
-                    meta: CaseMeta {
-                        task: format!("ruler_{t}"),
-                        target_len: len,
-                        depth: None,
-                        sample: s,
-                        seed,
-                    },
-                    make: Box::new(move || {
-                        ruler::case(&p, &mut hays.borrow_mut(), &t, len, s, seed)
-                    }),
-                });
-            }
-        }
-    }
-    plans
+    task_plans(
+        tasks,
+        lengths,
+        samples,
+        seed,
+        |t| format!("ruler_{t}"),
+        |t, len, s| Box::new(move || ruler::case(&p, &mut hays.borrow_mut(), &t, len, s, seed)),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -517,27 +536,18 @@ fn scbench_plans<'g>(
     samples: usize,
     seed: u64,
 ) -> Vec<Plan<'g>> {
-    let mut plans = Vec::new();
-    for t in tasks {
-        for &len in lengths {
-            for s in 0..samples {
-                let t = t.clone();
-                plans.push(Plan {
-                    meta: CaseMeta {
-                        task: scbench::task_name(&t, mode),
-                        target_len: len,
-                        depth: None,
-                        sample: s,
-                        seed,
-                    },
-                    make: Box::new(move || {
-                        scbench::case(&p, &mut hays.borrow_mut(), &t, mode, turns, len, s, seed)
-                    }),
-                });
-            }
-        }
-    }
-    plans
+    task_plans(
+        tasks,
+        lengths,
+        samples,
+        seed,
+        |t| scbench::task_name(t, mode),
+        |t, len, s| {
+            Box::new(move || {
+                scbench::case(&p, &mut hays.borrow_mut(), &t, mode, turns, len, s, seed)
+            })
+        },
+    )
 }
 
 fn tsort_plans<'g>(

@@ -78,9 +78,11 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 512)]
     pub chunk_size: usize,
     /// KV cache method: `<method>[@<budget>][,<wrapper>...]`, budget a ratio (`@0.25`) or tokens per head (`@1024t`).
-    /// Methods: full, streamingllm, h2o, snapkv, pyramidkv, tova, knorm, random, adakv, duo, kvmerger.
-    /// Options: chunked (compress after every prefill chunk), every@N (every N decode steps, default 64, 0 = never),
-    /// pyramid[@beta], adakv[@alpha], heads@FILE (duo's head scores). E.g. `snapkv@0.25,chunked`.
+    /// Methods: full, streamingllm, window, h2o, snapkv, pyramidkv, tova, knorm, random, adakv, duo, kvmerger; kivi8,
+    /// kivi4, kivi2 and think alone keep every entry. Options: chunked (compress after every prefill chunk), every@N
+    /// (every N decode steps, default 64, 0 = never), pyramid[@beta], adakv[@alpha], heads@FILE (duo's head scores),
+    /// kivi8|kivi4|kivi2[@residual] (quantized storage), think[@ratio] (prune key channels). E.g.
+    /// `snapkv@0.25,chunked,kivi4`.
     #[arg(long, default_value = "full")]
     pub kv: String,
     /// KV cache storage type: f16, f32, or KIVI quantization q8, q4, q2 (keys per channel, values per token).
