@@ -422,6 +422,27 @@ pub fn length_label(n: usize) -> String {
     }
 }
 
+/// `all` or a comma-separated list of task names, each checked against `valid` (`what` names the benchmark in errors).
+pub fn parse_task_list(s: &str, valid: &[&str], what: &str) -> Result<Vec<String>> {
+    if s.trim() == "all" {
+        return Ok(valid.iter().map(|t| t.to_string()).collect());
+    }
+    let mut out = Vec::new();
+    for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if !valid.contains(&t) {
+            bail!(
+                "unknown {what} task '{t}' (valid: all, {})",
+                valid.join(", ")
+            );
+        }
+        out.push(t.to_string());
+    }
+    if out.is_empty() {
+        bail!("no {what} task given (valid: all, {})", valid.join(", "));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

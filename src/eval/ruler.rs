@@ -44,23 +44,7 @@ pub const TASKS: &[&str] = &[
 
 /// `all` or a comma-separated list, checked against [`TASKS`].
 pub fn parse_tasks(s: &str) -> Result<Vec<String>> {
-    if s.trim() == "all" {
-        return Ok(TASKS.iter().map(|t| t.to_string()).collect());
-    }
-    let mut out = Vec::new();
-    for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        if !TASKS.contains(&t) {
-            bail!(
-                "unknown RULER task '{t}' (valid: all, {})",
-                TASKS.join(", ")
-            );
-        }
-        out.push(t.to_string());
-    }
-    if out.is_empty() {
-        bail!("no RULER task given (valid: all, {})", TASKS.join(", "));
-    }
-    Ok(out)
+    super::parse_task_list(s, TASKS, "RULER")
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -27,23 +27,7 @@ use super::{
 pub const TASKS: &[&str] = &["kv", "prefix_suffix", "vt", "mf", "many_shot"];
 
 pub fn parse_tasks(s: &str) -> Result<Vec<String>> {
-    if s.trim() == "all" {
-        return Ok(TASKS.iter().map(|t| t.to_string()).collect());
-    }
-    let mut out = Vec::new();
-    for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        if !TASKS.contains(&t) {
-            bail!(
-                "unknown SCBench task '{t}' (valid: all, {})",
-                TASKS.join(", ")
-            );
-        }
-        out.push(t.to_string());
-    }
-    if out.is_empty() {
-        bail!("no SCBench task given (valid: all, {})", TASKS.join(", "));
-    }
-    Ok(out)
+    super::parse_task_list(s, TASKS, "SCBench")
 }
 
 pub fn parse_mode(s: &str) -> Result<Mode> {
