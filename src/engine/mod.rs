@@ -269,6 +269,9 @@ impl<'m> Session<'m> {
     pub fn fork(&self, spec: &KvSpec) -> Result<Session<'m>> {
         let mut cfg = self.cfg.clone();
         cfg.kv = spec.clone();
+        // The fork records only what its own method reads: the source's extra observations (kept so that any method
+        // could be forked) would slow every decode step of the fork.
+        cfg.observe = Needs::default();
         let mut s = Session::new(self.model, cfg)?;
         if s.cache.cfg.dtype != self.cache.cfg.dtype {
             bail!(
