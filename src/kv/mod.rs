@@ -483,27 +483,26 @@ impl KvCache {
     /// The blocks of (layer, KV head), in order, each with its count of valid entries.
     pub fn blocks(&self, layer: usize, head: usize) -> impl Iterator<Item = BlockView<'_>> + '_ {
         let si = self.stream_index(layer, head);
+        (0..self.streams[si].blocks.len()).map(move |i| self.block_view(si, i))
+    }
+
+    /// Block `i` of stream `si`.
+    fn block_view(&self, si: usize, i: usize) -> BlockView<'_> {
         let s = &self.streams[si];
-        let (bt, hv, hk) = (
-            self.cfg.block_tokens,
-            self.cfg.head_dim_v,
-            self.stream_hk(si),
-        );
-        s.blocks.iter().enumerate().map(move |(i, &id)| {
-            let b = self.blocks[id as usize]
-                .as_ref()
-                .expect("stream points at a live block");
-            let n = (s.len - i * bt).min(bt);
-            BlockView {
-                data: &b.data,
-                pos: &b.pos[..n],
-                n,
-                hk,
-                channels: s.channels.as_deref(),
-                bt,
-                hv,
-            }
-        })
+        let bt = self.cfg.block_tokens;
+        let b = self.blocks[s.blocks[i] as usize]
+            .as_ref()
+            .expect("stream points at a live block");
+        let n = (s.len - i * bt).min(bt);
+        BlockView {
+            data: &b.data,
+            pos: &b.pos[..n],
+            n,
+            hk: self.stream_hk(si),
+            channels: s.channels.as_deref(),
+            bt,
+            hv: self.cfg.head_dim_v,
+        }
     }
 
     /// Number of blocks of (layer, KV head).
@@ -714,10 +713,7 @@ impl KvCache {
         let bt = self.cfg.block_tokens;
         let len = self.len(layer, head);
         assert!(idx < len, "entry {idx} past the stream's {len} entries");
-        let b = self
-            .blocks(layer, head)
-            .nth(idx / bt)
-            .expect("the stream has this block");
+        let b = self.block_view(self.stream_index(layer, head), idx / bt);
         b.read_key(idx % bt, k);
         b.read_value(idx % bt, v);
         b.pos[idx % bt]
