@@ -502,5 +502,13 @@ fn shared_prefill_sweep_equals_separate_runs() {
                 a.kv
             );
         }
+        assert_eq!(a.final_kv_bytes, b.final_kv_bytes, "{}", a.kv);
+        if a.kv != "full" {
+            assert!(
+                a.final_kv_bytes < a.peak_kv_bytes,
+                "{}: compression must free memory",
+                a.kv
+            );
+        }
     }
 }

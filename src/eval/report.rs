@@ -31,6 +31,8 @@ pub struct Group {
     pub pct_of_full: Option<f64>,
     pub prompt_tokens: f64,
     pub peak_kv_bytes: f64,
+    /// KV bytes held at the end of the case (after compression).
+    pub final_kv_bytes: f64,
     /// Peak KV bytes as a share of the full cache's on the same task and length.
     pub kv_fraction: Option<f64>,
     pub ttft_ms: f64,
@@ -115,6 +117,7 @@ pub fn groups(results: &[CaseResult]) -> Vec<Group> {
             pct_of_full: None,
             prompt_tokens: mean(rs.iter().map(|r| r.length as f64)),
             peak_kv_bytes: mean(rs.iter().map(|r| r.peak_kv_bytes as f64)),
+            final_kv_bytes: mean(rs.iter().map(|r| r.final_kv_bytes as f64)),
             kv_fraction: None,
             ttft_ms: mean(rs.iter().map(|r| r.ttft_ms)),
             prefill_tok_s: mean(rs.iter().map(|r| r.prefill_tok_s)),
@@ -321,13 +324,13 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
     let _ = writeln!(md, "\n## Memory and speed\n");
     let _ = writeln!(
         md,
-        "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | TTFT ms | prefill tok/s | decode tok/s |"
+        "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | KV at end | TTFT ms | prefill tok/s | decode tok/s |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
     for g in &groups {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
             g.task,
             g.kv,
             len_label(g.target_len),
@@ -336,6 +339,7 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
             human_bytes(g.peak_kv_bytes as usize),
             g.kv_fraction
                 .map_or("-".into(), |f| format!("{:.0}%", f * 100.0)),
+            human_bytes(g.final_kv_bytes as usize),
             g.ttft_ms,
             g.prefill_tok_s,
             g.decode_tok_s
@@ -553,6 +557,7 @@ mod tests {
             output: String::new(),
             references: vec![],
             peak_kv_bytes: kv_bytes,
+            final_kv_bytes: kv_bytes,
             ttft_ms: 10.0,
             prefill_tok_s: 100.0,
             decode_tok_s: 20.0,

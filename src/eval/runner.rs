@@ -54,6 +54,9 @@ pub struct CaseResult {
     pub references: Vec<String>,
     /// The cache's own peak byte counter over the case.
     pub peak_kv_bytes: usize,
+    /// KV bytes the cache holds when the case ends (after compression; 0 in results written before this field).
+    #[serde(default)]
+    pub final_kv_bytes: usize,
     /// Time to first token of the first turn: prefill + first token.
     pub ttft_ms: f64,
     pub prefill_tok_s: f64,
@@ -469,7 +472,7 @@ impl<'a> Runner<'a> {
                     dec_s,
                     model_s,
                 },
-                s.cache.peak_bytes(),
+                (s.cache.peak_bytes(), s.cache.bytes()),
                 gen_ms,
             )?);
         }
@@ -582,7 +585,7 @@ impl<'a> Runner<'a> {
                 dec_s,
                 model_s,
             },
-            s.cache.peak_bytes(),
+            (s.cache.peak_bytes(), s.cache.bytes()),
             gen_ms,
         )
     }
@@ -593,7 +596,7 @@ impl<'a> Runner<'a> {
         spec: &KvSpec,
         turns: Vec<TurnResult>,
         t: Timing,
-        peak_kv_bytes: usize,
+        (peak_kv_bytes, final_kv_bytes): (usize, usize),
         gen_ms: f64,
     ) -> Result<CaseResult> {
         let conv = &case.conv;
@@ -619,6 +622,7 @@ impl<'a> Runner<'a> {
             output: first.output,
             references: first.references,
             peak_kv_bytes,
+            final_kv_bytes,
             ttft_ms: t.first_ttft * 1e3,
             prefill_tok_s: if t.pre_s > 0.0 {
                 t.pre_tok as f64 / t.pre_s
