@@ -533,18 +533,7 @@ mod tests {
     use super::*;
     use crate::kv::{KvConfig, KvDtype};
 
-    struct Rng(u64);
-    impl Rng {
-        fn f(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| self.f() * scale).collect()
-        }
-    }
+    use crate::model::testutil::Rng;
 
     #[allow(clippy::too_many_arguments)] // a test table row: every argument is one column
     fn check(

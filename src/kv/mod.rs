@@ -1081,18 +1081,7 @@ mod tests {
         assert_eq!(c.bytes(), reserved);
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn f(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.f()).collect()
-        }
-    }
+    use crate::model::testutil::Rng;
 
     fn kivi(bits: u8, residual: usize, hk: usize, hv: usize, bt: usize) -> KvConfig {
         KvConfig {
@@ -1136,8 +1125,8 @@ mod tests {
             let mut c = KvCache::new(kivi(bits, r, hk, hv, bt));
             let mut rng = Rng(bits as u64 + 5);
             let n = 30;
-            let k = rng.vec(n * 2 * hk);
-            let v = rng.vec(n * 2 * hv);
+            let k = rng.vec(n * 2 * hk, 1.0);
+            let v = rng.vec(n * 2 * hv, 1.0);
             let pos: Vec<u32> = (0..n as u32).collect();
             // Two appends: quantization happens as blocks leave the window, across calls.
             c.append(0, &pos[..13], &k[..13 * 2 * hk], &v[..13 * 2 * hv]);
@@ -1213,7 +1202,12 @@ mod tests {
         let mut c = KvCache::new(kivi(4, 40, hk, hv, 32));
         let mut rng = Rng(3);
         let pos: Vec<u32> = (0..200).collect();
-        c.append(0, &pos, &rng.vec(200 * 2 * hk), &rng.vec(200 * 2 * hv));
+        c.append(
+            0,
+            &pos,
+            &rng.vec(200 * 2 * hk, 1.0),
+            &rng.vec(200 * 2 * hv, 1.0),
+        );
         assert_eq!(c.quantized_blocks(0, 0), 5);
         c.trim();
         let qb = c.cfg.quant_block_bytes(hk);
@@ -1229,7 +1223,12 @@ mod tests {
         let mut rng = Rng(11);
         let n = 41;
         let pos: Vec<u32> = (0..n as u32).collect();
-        c.append(0, &pos, &rng.vec(n * 2 * hk), &rng.vec(n * 2 * hv));
+        c.append(
+            0,
+            &pos,
+            &rng.vec(n * 2 * hk, 1.0),
+            &rng.vec(n * 2 * hv, 1.0),
+        );
         let before = dump(&c, 0);
         let other = dump(&c, 1);
         assert_eq!(c.quantized_blocks(0, 0), (n - r) / bt);
@@ -1290,7 +1289,12 @@ mod tests {
             assert_eq!(g, f);
         }
         let pos2: Vec<u32> = (30..50).collect();
-        c.append(0, &pos2, &rng.vec(20 * 2 * hk), &rng.vec(20 * 2 * hv));
+        c.append(
+            0,
+            &pos2,
+            &rng.vec(20 * 2 * hk, 1.0),
+            &rng.vec(20 * 2 * hv, 1.0),
+        );
         assert_eq!(c.len(0, 1), 50);
         assert_eq!(c.quantized_blocks(0, 1), (50 - r) / bt);
         let ps: Vec<u32> = dump(&c, 1).iter().map(|e| e.0).collect();
@@ -1321,7 +1325,12 @@ mod tests {
             });
             let mut rng = Rng(21);
             let pos: Vec<u32> = (0..18).collect();
-            c.append(0, &pos, &rng.vec(18 * 2 * hk), &rng.vec(18 * 2 * hv));
+            c.append(
+                0,
+                &pos,
+                &rng.vec(18 * 2 * hk, 1.0),
+                &rng.vec(18 * 2 * hv, 1.0),
+            );
             let before = dump(&c, 0);
             let head1 = dump(&c, 1);
             let bytes0 = c.bytes();
@@ -1354,12 +1363,12 @@ mod tests {
             }
             assert_eq!(dump(&c, 1), head1, "other head untouched");
             // New entries store only the kept channels; retain moves compact entries; pruning again intersects.
-            let knew = rng.vec(6 * 2 * hk);
+            let knew = rng.vec(6 * 2 * hk, 1.0);
             c.append(
                 0,
                 &(18..24).collect::<Vec<u32>>(),
                 &knew,
-                &rng.vec(6 * 2 * hv),
+                &rng.vec(6 * 2 * hv, 1.0),
             );
             let e = dump(&c, 0);
             assert_eq!(e.len(), 24);
@@ -1401,7 +1410,7 @@ mod tests {
             // A stream cut to nothing forgets its mask.
             c.truncate_pos(0);
             assert_eq!(c.key_channels(0, 0), None);
-            c.append(0, &[0], &rng.vec(2 * hk), &rng.vec(2 * hv));
+            c.append(0, &[0], &rng.vec(2 * hk, 1.0), &rng.vec(2 * hv, 1.0));
             assert_eq!(c.key_dims(0, 0), hk);
         }
     }

@@ -271,15 +271,7 @@ pub fn decode_group(codes: &[u8], bits: u8, m: f16, s: f16, out: &mut [f32]) {
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn f(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
+    use crate::model::testutil::Rng;
 
     /// Max error over random groups, as a share of each group's range; also checks codes round-trip.
     fn max_rel_err(bits: u8, n: usize) -> f32 {
@@ -288,7 +280,7 @@ mod tests {
         for trial in 0..200 {
             let scale = [0.01f32, 1.0, 30.0][trial % 3];
             let offset = [0.0f32, 5.0, -2.0][trial % 3];
-            let x: Vec<f32> = (0..n).map(|_| rng.f() * scale + offset).collect();
+            let x: Vec<f32> = (0..n).map(|_| rng.uniform() * scale + offset).collect();
             let mut codes = vec![0u8; (n * bits as usize).div_ceil(8)];
             let (m, s) = encode_group(&x, bits, &mut codes);
             let mut y = vec![0.0; n];
@@ -335,8 +327,8 @@ mod tests {
     fn block_encode_matches_group_decode() {
         let (hk, hv, bt) = (5, 70, 8);
         let mut rng = Rng(99);
-        let kt: Vec<f32> = (0..hk * bt).map(|_| rng.f()).collect();
-        let v: Vec<f32> = (0..bt * hv).map(|_| rng.f() * 3.0).collect();
+        let kt: Vec<f32> = (0..hk * bt).map(|_| rng.uniform()).collect();
+        let v: Vec<f32> = (0..bt * hv).map(|_| rng.uniform() * 3.0).collect();
         for bits in BITS_CHOICES {
             let mut b = QBlock::new(bits, hk, hv, bt);
             b.encode(&kt, &v, bt);
