@@ -208,7 +208,7 @@ fn bad_input_is_named() {
         out,
     ]);
     assert!(
-        e.contains("unknown KV method or wrapper 'nosuch'") && e.contains("methods: full"),
+        e.contains("unknown KV method or option 'nosuch'") && e.contains("methods: full"),
         "{e}"
     );
     let e = err(&[

@@ -7,7 +7,7 @@ use hayloft::methods::obs::{AttnAcc, GatherBuf, QueryWindow};
 use hayloft::methods::press::Press;
 use hayloft::methods::{
     duo, h2o, knorm, pyramidkv, random, snapkv, streamingllm, tova, window, HeadObs, KvSpec, Needs,
-    Scorer, METHODS, STORAGE_WRAPPERS,
+    Scorer,
 };
 use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, TinySpec};
 use hayloft::model::{Arch, Model, ModelConfig, RopeStyle};
@@ -149,7 +149,7 @@ fn check_random_case(method: &str, rng: &mut Rng, dir: &std::path::Path) {
     let mut press = Press::new(&spec, &mc).unwrap().unwrap();
     let roles = (method == "duo").then(|| {
         duo::Roles::load(
-            std::path::Path::new(spec.wrapper("heads").unwrap().arg.as_ref().unwrap()),
+            std::path::Path::new(spec.options.heads.as_ref().unwrap()),
             &mc,
         )
         .unwrap()
@@ -411,10 +411,8 @@ const OPTIONS: &[&str] = &[
 ];
 
 /// Methods that choose entries (every name but `full` and the storage formats, which keep everything).
-fn scoring_methods() -> impl Iterator<Item = &'static &'static str> {
-    METHODS
-        .iter()
-        .filter(|m| **m != "full" && **m != "think" && !STORAGE_WRAPPERS.contains(m))
+fn scoring_methods() -> impl Iterator<Item = &'static str> {
+    hayloft::methods::registry::evicting().map(|m| m.name)
 }
 
 fn spec_for(method: &str, budget: &str, opts: &str, heads: &std::path::Path) -> String {
@@ -439,13 +437,15 @@ fn every_method_with_every_option_runs_end_to_end() {
                 let spec = match KvSpec::parse(&text) {
                     Ok(s) => s,
                     Err(e) => {
-                        // The only refused combinations: duo with allocation wrappers, a method with itself.
+                        // The only refused combinations: an option the method implies or excludes (duo with
+                        // allocation options, pyramidkv with pyramid, adakv with adakv).
                         let e = format!("{e:#}");
+                        let row = hayloft::methods::registry::method(method).unwrap();
                         assert!(
-                            (*method == "duo"
-                                && (opts.contains("pyramid") || opts.contains("adakv")))
-                                || (*method == "pyramidkv" && opts.contains("pyramid"))
-                                || (*method == "adakv" && opts.contains("adakv")),
+                            row.implies
+                                .iter()
+                                .chain(row.excludes)
+                                .any(|o| opts.contains(o)),
                             "{text}: {e}"
                         );
                         continue;
@@ -612,7 +612,7 @@ fn bad_specs_are_clear_errors() {
     );
     let e = err("snapkv@0.5,chunky");
     assert!(
-        e.contains("unknown KV wrapper 'chunky'") && e.contains("chunked"),
+        e.contains("unknown KV option 'chunky'") && e.contains("chunked"),
         "{e}"
     );
     assert!(err("snapkv").contains("needs a budget"));

@@ -2,7 +2,7 @@
 //!
 //! Every command takes `--kv` as a list of KV specs. Specs are separated by `;`
 //! (`--kv "full;snapkv@0.25,kivi4"`); without a `;`, a comma starts a new spec only where a method name follows,
-//! and a wrapper name after a comma stays with the spec before it (`--kv full,snapkv@0.25,kivi4` is the same two
+//! and an option name after a comma stays with the spec before it (`--kv full,snapkv@0.25,kivi4` is the same two
 //! specs).
 
 use std::cell::RefCell;
@@ -17,7 +17,7 @@ use crate::eval::runner::{Plan, ResultsFile, Runner};
 use crate::eval::{
     self, niah, parse_lengths, ruler, scbench, tsort, Case, CaseMeta, Mode, Prompter,
 };
-use crate::methods::{KvSpec, METHODS, WRAPPERS};
+use crate::methods::KvSpec;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCmd {
@@ -194,44 +194,7 @@ pub struct LongbenchArgs {
 
 /// Splits a `--kv` list into specs (see the module doc).
 pub fn parse_kv_list(s: &str) -> Result<Vec<KvSpec>> {
-    let groups: Vec<String> = if s.contains(';') {
-        s.split(';')
-            .map(|x| x.trim().to_string())
-            .filter(|x| !x.is_empty())
-            .collect()
-    } else {
-        let mut out: Vec<String> = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-            let name = part.split('@').next().unwrap_or(part);
-            if !METHODS.contains(&name) && !WRAPPERS.contains(&name) {
-                bail!(
-                    "unknown KV method or wrapper '{name}' in --kv '{s}' (methods: {}; wrappers: {})",
-                    METHODS.join(", "),
-                    if WRAPPERS.is_empty() { "none yet".to_string() } else { WRAPPERS.join(", ") }
-                );
-            }
-            match out.last_mut() {
-                Some(last) if !METHODS.contains(&name) => {
-                    last.push(',');
-                    last.push_str(part);
-                }
-                _ => out.push(part.to_string()),
-            }
-        }
-        out
-    };
-    if groups.is_empty() {
-        bail!("--kv is empty (valid methods: {})", METHODS.join(", "));
-    }
-    let mut specs: Vec<KvSpec> = Vec::new();
-    for g in groups {
-        let spec = KvSpec::parse(&g)?;
-        if specs.iter().any(|x| x.label() == spec.label()) {
-            bail!("--kv lists '{}' twice", spec.label());
-        }
-        specs.push(spec);
-    }
-    Ok(specs)
+    KvSpec::parse_list(s)
 }
 
 /// Depths as a list (`0,50,100`) or a range (`0:100:10`).

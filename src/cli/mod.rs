@@ -41,6 +41,12 @@ pub enum Cmd {
     Perplexity(perplexity::PerplexityArgs),
     /// Print a GGUF model's architecture, hyper-parameters, tensor types and KV cost.
     Info(info::InfoArgs),
+    /// List the KV-cache methods and spec options `--kv` accepts (from the one registry).
+    Methods {
+        /// Print the README's markdown tables instead.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Download and verify a known model (smollm2-135m, gemma3-270m).
     Fetch {
         /// Model name.
@@ -77,13 +83,7 @@ pub struct ModelArgs {
     /// Prefill chunk size in tokens: peak activation memory is bounded by it.
     #[arg(long, default_value_t = 512)]
     pub chunk_size: usize,
-    /// KV cache method: `<method>[@<budget>][,<wrapper>...]`, budget a ratio (`@0.25`) or tokens per head (`@1024t`).
-    /// Methods: full, streamingllm, window, h2o, snapkv, pyramidkv, tova, knorm, random, adakv, duo, kvmerger; kivi8,
-    /// kivi4, kivi2 and think alone keep every entry. Options: chunked (compress after every prefill chunk), every@N
-    /// (every N decode steps, default 64, 0 = never), pyramid[@beta], adakv[@alpha], heads@FILE (duo's head scores),
-    /// kivi8|kivi4|kivi2[@residual] (quantized storage), think[@ratio] (prune key channels). E.g.
-    /// `snapkv@0.25,chunked,kivi4`.
-    #[arg(long, default_value = "full")]
+    #[arg(long, default_value = "full", help = crate::methods::registry::kv_help())]
     pub kv: String,
     /// KV cache storage type: f16, f32, or KIVI quantization q8, q4, q2 (keys per channel, values per token).
     #[arg(long, default_value = "f16")]
@@ -146,19 +146,16 @@ pub struct Loaded {
 impl ModelArgs {
     /// Sets up threads, resolves/fetches the model, loads weights and tokenizer, checks the flags.
     pub fn load(&self) -> Result<Loaded> {
-        let mut kv_spec = crate::methods::KvSpec::parse(&self.kv)?;
+        let mut kv_spec: crate::methods::KvSpec = self.kv.parse()?;
         let mut kv_dtype = KvDtype::parse(&self.kv_dtype)?;
         if let Some(r) = self.kv_residual {
-            let kivi = kv_spec
-                .wrappers
-                .iter_mut()
-                .find(|w| crate::methods::STORAGE_WRAPPERS.contains(&w.name.as_str()));
-            match (&mut kv_dtype, kivi) {
+            match (&mut kv_dtype, &mut kv_spec.options.kivi) {
                 (KvDtype::Kivi { residual, .. }, _) => *residual = r,
-                (_, Some(w)) if w.arg.is_none() => w.arg = Some(r.to_string()),
-                (_, Some(w)) => bail!(
-                    "--kv-residual {r} and --kv '{}' both set the residual window: give one",
-                    w.name.clone() + "@" + w.arg.as_deref().unwrap_or("")
+                (_, Some(k)) if k.residual.is_none() => k.residual = Some(r),
+                (_, Some(k)) => bail!(
+                    "--kv-residual {r} and --kv 'kivi{}@{}' both set the residual window: give one",
+                    k.bits,
+                    k.residual.unwrap_or_default()
                 ),
                 (_, None) => bail!(
                     "--kv-residual applies to a quantized cache only (--kv-dtype q8/q4/q2, or --kv with kivi8/kivi4/kivi2)"
@@ -236,6 +233,27 @@ pub fn read_text_file(path: &std::path::Path) -> Result<String> {
     })
 }
 
+/// What `hayloft methods` prints: the registry as aligned text, or as the README's markdown tables.
+pub fn methods_text(markdown: bool) -> String {
+    use crate::methods::registry::{self, METHODS, OPTIONS};
+    if markdown {
+        return format!(
+            "{}\n{}",
+            registry::methods_markdown(),
+            registry::options_markdown()
+        );
+    }
+    let mut s = String::from("KV methods (--kv <method>[@<budget>][,<option>...]):\n");
+    for m in METHODS {
+        s += &format!("  {:<14} {}\n", m.name, m.keeps);
+    }
+    s += "\nOptions:\n";
+    for o in OPTIONS {
+        s += &format!("  {:<18} {}\n", o.usage(), o.help);
+    }
+    s
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => generate::run(a),
@@ -245,6 +263,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Fetch { name } => {
             let p = crate::fetch::ensure_model(&name)?;
             println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Methods { markdown } => {
+            print!("{}", methods_text(markdown));
             Ok(())
         }
         Cmd::Eval { what } => eval::run(what),

@@ -88,7 +88,7 @@ impl<'m> Session<'m> {
             bail!("--max-context must be at least 1");
         }
         let mc = model.config();
-        // The storage format comes from the spec (a `kivi*` wrapper) or else from `kv_dtype`.
+        // The storage format comes from the spec (a `kivi*` option) or else from `kv_dtype`.
         let dtype = crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?;
         let cache = KvCache::new(mc.kv_config(dtype, cfg.block_tokens));
         // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).

@@ -614,7 +614,7 @@ impl<'a> Runner<'a> {
             sample: case.meta.sample,
             seed: case.meta.seed,
             kv: spec.label(),
-            method: spec.method.clone(),
+            method: spec.method.name.to_string(),
             budget: spec.budget.map(|b| b.label()),
             mode: conv.mode.name().to_string(),
             metric: conv.turns[0].metric.name(),
@@ -694,6 +694,5 @@ fn single_turn(case: &Case) -> bool {
 /// Whether a spec can start from a copy of a full-cache prefill: its compression must not run during the prefill
 /// (`chunked`), and its cache must be stored like the full cache's.
 fn forkable(spec: &KvSpec, base: crate::kv::KvDtype) -> bool {
-    spec.wrapper("chunked").is_none()
-        && crate::methods::storage_for(spec, base).is_ok_and(|d| d == base)
+    !spec.options.chunked && crate::methods::storage_for(spec, base).is_ok_and(|d| d == base)
 }

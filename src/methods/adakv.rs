@@ -8,7 +8,7 @@
 //!
 //! Scores are compared across heads as the scorer gives them; the attention-based ones (SnapKV, the default here; H2O;
 //! TOVA) are per-head attention distributions and so already on one scale. Each head then keeps its own top entries,
-//! which is exactly the layer-wide selection. Usable as the method `adakv` (SnapKV scores) or the wrapper `,adakv[@alpha]`.
+//! which is exactly the layer-wide selection. Usable as the method `adakv` (SnapKV scores) or the option `,adakv[@alpha]`.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;

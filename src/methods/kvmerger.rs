@@ -12,7 +12,7 @@
 //! pivots hold); σ² is the mean squared distance of the set's dropped members to the pivot (scale-free); a set with no
 //! kept member is dropped. Default threshold 0.8. At a 100 % budget nothing is dropped, so nothing is merged.
 
-use super::press::HeadBuf;
+use super::obs::HeadBuf;
 use super::snapkv::SnapKv;
 use super::{HeadObs, Needs, Scorer};
 

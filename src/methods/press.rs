@@ -6,30 +6,18 @@
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use super::obs::{AttnAcc, GatherBuf, QueryWindow};
+use super::obs::{AttnAcc, HeadBuf, QueryWindow};
 use super::{
-    adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, think, tova, window,
-    Budget, HeadObs, KvSpec, Needs, Scorer, DEFAULT_EVERY,
+    adakv, duo, kvmerger, pyramidkv, snapkv, think, Budget, HeadObs, KvSpec, Needs, Scorer,
 };
 use crate::kv::KvCache;
 use crate::model::ModelConfig;
 
-/// Per-KV-head working memory, sized once and reused by every compression.
-#[derive(Default)]
-pub struct HeadBuf {
-    pub g: GatherBuf,
-    pub scores: Vec<f32>,
-    pub tmp: Vec<f32>,
-    pub order: Vec<u32>,
-    pub keep: Vec<bool>,
-    /// Entries whose key/value a merge rewrote.
-    pub dirty: Vec<usize>,
-}
-
 pub struct Press {
     pub spec: KvSpec,
     budget: Budget,
-    scorer: Box<dyn Scorer>,
+    /// Ranks entries for eviction; None when the spec keeps every entry (a press only for ThinK's channel pruning).
+    scorer: Option<Box<dyn Scorer>>,
     /// PyramidKV's beta when per-layer budgets are on.
     pyramid: Option<f64>,
     /// AdaKV's floor share when head-adaptive budgets are on.
@@ -49,93 +37,44 @@ pub struct Press {
 }
 
 impl Press {
-    /// The press for `spec` on a model shaped like `mc`; None for `full` (nothing to compress).
+    /// The press for `spec` on a model shaped like `mc`; None when there is nothing to do (every entry kept, channels
+    /// untouched).
     pub fn new(spec: &KvSpec, mc: &ModelConfig) -> Result<Option<Press>> {
-        let think_ratio = spec
-            .wrapper("think")
-            .map(|w| {
-                w.arg
-                    .as_deref()
-                    .map_or(Ok(think::DEFAULT_PRUNE_RATIO), think::parse_ratio)
-            })
-            .transpose()?;
-        // `full` keeps every entry: a press only when ThinK prunes its key channels (budget 100 %: nothing evicted).
-        let budget = match (spec.method.as_str(), spec.budget, think_ratio) {
-            ("full", _, None) => return Ok(None),
-            ("full", _, Some(_)) => Budget::Ratio(1.0),
-            (_, Some(b), _) => b,
-            (m, None, _) => bail!("KV method '{m}' needs a budget"),
+        let o = &spec.options;
+        let (parts, budget) = match (spec.method.build, spec.budget) {
+            (None, _) if o.think.is_none() => return Ok(None),
+            // Every entry kept, ThinK prunes key channels: a press that evicts nothing.
+            (None, _) => (None, Budget::Ratio(1.0)),
+            (Some(build), Some(b)) => (Some(build(spec, mc)?), b),
+            (Some(_), None) => bail!("KV method '{}' needs a budget", spec.method.name),
         };
-        let mut pyramid = spec
-            .wrapper("pyramid")
-            .map(|w| {
-                w.arg
-                    .as_deref()
-                    .map_or(Ok(pyramidkv::BETA), pyramidkv::parse_beta)
-            })
-            .transpose()?;
-        let mut ada = spec
-            .wrapper("adakv")
-            .map(|w| {
-                w.arg
-                    .as_deref()
-                    .map_or(Ok(adakv::ALPHA), adakv::parse_alpha)
-            })
-            .transpose()?;
-        let (mut duo_roles, mut merger) = (None, None);
-        let scorer: Box<dyn Scorer> = match spec.method.as_str() {
-            // Never asked to score: at a 100 % budget no head is over its target.
-            "full" => Box::new(streamingllm::StreamingLlm::default()),
-            "streamingllm" => Box::new(streamingllm::StreamingLlm::default()),
-            "window" => Box::new(window::Window),
-            "h2o" => Box::new(h2o::H2o),
-            "snapkv" => Box::new(snapkv::SnapKv::default()),
-            "pyramidkv" => {
-                pyramid = Some(pyramidkv::BETA);
-                Box::new(snapkv::SnapKv::default())
-            }
-            "adakv" => {
-                ada = Some(adakv::ALPHA);
-                Box::new(snapkv::SnapKv::default())
-            }
-            "tova" => Box::new(tova::Tova),
-            "knorm" => Box::new(knorm::Knorm),
-            "random" => Box::new(random::Random::default()),
-            "duo" => {
-                let path = spec
-                    .wrapper("heads")
-                    .and_then(|w| w.arg.as_deref())
-                    .unwrap_or_default();
-                duo_roles = Some(duo::Roles::load(std::path::Path::new(path), mc)?);
-                Box::new(duo::Streaming)
-            }
-            "kvmerger" => {
-                merger = Some(kvmerger::KvMerger::default());
-                Box::new(kvmerger::KvMerger::default())
-            }
-            other => bail!("KV method '{other}' has no press"),
-        };
-        let every = match spec.wrapper("every").and_then(|w| w.arg.as_deref()) {
-            Some(a) => a.parse().map_err(|_| {
-                anyhow::anyhow!("every@{a}: expected a whole number of decode steps")
-            })?,
-            None => DEFAULT_EVERY,
-        };
-        let mut needs = scorer.needs();
-        if think_ratio.is_some() {
+        let mut needs = parts
+            .as_ref()
+            .map_or(Needs::default(), |p| p.scorer.needs());
+        if o.think.is_some() {
             needs.window = needs.window.max(think::DEFAULT_WINDOW);
         }
+        let (scorer, roles, merger, pyramid, ada) = match parts {
+            Some(p) => (
+                Some(p.scorer),
+                p.roles,
+                p.merger,
+                p.pyramid.or(o.pyramid),
+                p.adakv.or(o.adakv),
+            ),
+            None => (None, None, None, None, None),
+        };
         Ok(Some(Press {
             spec: spec.clone(),
             budget,
             scorer,
             pyramid,
             ada,
-            duo: duo_roles,
+            duo: roles,
             merger,
-            chunked: spec.wrapper("chunked").is_some(),
-            every,
-            think: think_ratio,
+            chunked: o.chunked,
+            every: o.every(),
+            think: o.think,
             needs,
             bufs: Vec::new(),
             targets: Vec::new(),
@@ -153,6 +92,25 @@ impl Press {
 
     /// Compresses every stream of `cache` to its budget for `seen` tokens, then returns freed blocks to the allocator.
     pub fn compress(
+        &mut self,
+        cache: &mut KvCache,
+        obs: &QueryWindow,
+        acc: &mut AttnAcc,
+        mc: &ModelConfig,
+        seen: usize,
+    ) {
+        self.bufs.resize_with(mc.n_kv_heads, HeadBuf::default);
+        if self.scorer.is_some() {
+            self.evict(cache, obs, acc, mc, seen);
+        }
+        if let Some(ratio) = self.think {
+            self.prune_channels(cache, obs, mc, ratio);
+        }
+        cache.trim();
+    }
+
+    /// Drops every head's lowest-scored entries down to its target (merging them first for KVMerger).
+    fn evict(
         &mut self,
         cache: &mut KvCache,
         obs: &QueryWindow,
@@ -178,7 +136,6 @@ impl Press {
                 }
             }
         }
-        self.bufs.resize_with(nkv, HeadBuf::default);
         let Press {
             scorer,
             ada,
@@ -188,8 +145,10 @@ impl Press {
             targets,
             ..
         } = self;
-        let scorer: &dyn Scorer = scorer.as_ref();
         let (ada, needs, merger) = (*ada, *needs, merger.as_ref());
+        let Some(scorer) = scorer.as_deref() else {
+            return;
+        };
         for layer in 0..nl {
             let t = &mut targets[layer * nkv..(layer + 1) * nkv];
             let lens: Vec<usize> = (0..nkv).map(|h| cache.len(layer, h)).collect();
@@ -274,28 +233,37 @@ impl Press {
                 acc.retain(layer * nkv + h, keep);
             }
         }
-        if let Some(ratio) = self.think {
-            let b = &mut self.bufs[0];
-            for layer in 0..nl {
-                for h in 0..nkv {
-                    if cache.key_channels(layer, h).is_some() || cache.len(layer, h) == 0 {
-                        continue;
-                    }
-                    obs.gather(
-                        layer,
-                        h * group..(h + 1) * group,
-                        hk,
-                        think::DEFAULT_WINDOW,
-                        &mut b.g.q,
-                        &mut b.g.q_pos,
-                    );
-                    if !b.g.q.is_empty() {
-                        think::prune(cache, layer, h, &b.g.q, ratio);
-                    }
+    }
+
+    /// ThinK: prunes the key channels of every head not pruned yet, scored against its recent queries.
+    fn prune_channels(
+        &mut self,
+        cache: &mut KvCache,
+        obs: &QueryWindow,
+        mc: &ModelConfig,
+        ratio: f64,
+    ) {
+        let (nkv, hk) = (mc.n_kv_heads, mc.head_dim_k);
+        let group = mc.n_heads / nkv;
+        let b = &mut self.bufs[0];
+        for layer in 0..mc.n_layers {
+            for h in 0..nkv {
+                if cache.key_channels(layer, h).is_some() || cache.len(layer, h) == 0 {
+                    continue;
+                }
+                obs.gather(
+                    layer,
+                    h * group..(h + 1) * group,
+                    hk,
+                    think::DEFAULT_WINDOW,
+                    &mut b.g.q,
+                    &mut b.g.q_pos,
+                );
+                if !b.g.q.is_empty() {
+                    think::prune(cache, layer, h, &b.g.q, ratio);
                 }
             }
         }
-        cache.trim();
     }
 }
 

@@ -8,7 +8,7 @@
 //! window w; the rest b = keep − w is spread as an arithmetic sequence from `max` (layer 0) to `min` (last layer) with
 //! min = b / beta and max = 2b − min, so the mean is b. If `max` would exceed what a layer holds (seen − w), it is capped
 //! there and `min` raised to keep the mean. Per-layer counts are rounded, so the total may differ from the uniform one
-//! by under one entry per layer. Default beta = 20. Usable as the method `pyramidkv` or as the wrapper `,pyramid[@beta]`
+//! by under one entry per layer. Default beta = 20. Usable as the method `pyramidkv` or as the option `,pyramid[@beta]`
 //! on any scoring method.
 
 use anyhow::{bail, Result};

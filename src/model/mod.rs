@@ -4,6 +4,7 @@
 
 pub mod gemma3;
 pub mod llama;
+pub mod query_window;
 pub mod testutil;
 
 use std::ops::Range;
@@ -15,6 +16,7 @@ use crate::attention::AttnScratch;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::kernels::{matmul, MatmulScratch, QMatrix};
 use crate::kv::{KvCache, KvConfig, KvDtype};
+pub use query_window::QueryWindow;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -161,7 +163,7 @@ pub struct Scratch {
     /// (the Retrieval Head paper's masking experiment). Empty = no mask.
     pub head_mask: Vec<bool>,
     /// Recent query rows for KV-compression methods (capacity 0 = off: nothing recorded).
-    pub obs: crate::methods::obs::QueryWindow,
+    pub obs: QueryWindow,
 }
 
 impl Scratch {

@@ -1,0 +1,525 @@
+//! The one table of KV-cache methods and spec options. Everything that lists, checks or documents a method reads it:
+//! the `--kv` parser ([`super::spec`]), the press that builds a method ([`super::press`]), the CLI help and error
+//! messages, `hayloft methods`, the README table (a test compares them) and the tests' every-method loops.
+//!
+//! Adding a method: one file with its [`Scorer`] (and its paper in the opening comment), one row in [`METHODS`].
+//! A method that needs more than a scorer (per-head targets, merging, an implied allocation) says so in its
+//! [`Parts`].
+
+use anyhow::{bail, Result};
+
+use super::spec::{KvSpec, Options};
+use super::{
+    adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, think, tova, window,
+    Scorer,
+};
+use crate::model::ModelConfig;
+
+/// What a method hands the press: its scorer and the allocation or merging it needs besides.
+pub struct Parts {
+    pub scorer: Box<dyn Scorer>,
+    /// Per-head budgets the method sets itself (DuoAttention's head roles).
+    pub roles: Option<duo::Roles>,
+    /// Folds each dropped entry into a kept one before the drop (KVMerger).
+    pub merger: Option<kvmerger::KvMerger>,
+    /// Per-layer budgets the method implies (PyramidKV: its beta).
+    pub pyramid: Option<f64>,
+    /// Head-adaptive budgets the method implies (AdaKV: its floor share).
+    pub adakv: Option<f32>,
+}
+
+impl Parts {
+    /// A method that is a scorer and nothing else.
+    pub fn scorer(s: impl Scorer + 'static) -> Self {
+        Self {
+            scorer: Box::new(s),
+            roles: None,
+            merger: None,
+            pyramid: None,
+            adakv: None,
+        }
+    }
+}
+
+/// Builds a method's parts for a spec on a model.
+pub type Build = fn(&KvSpec, &ModelConfig) -> Result<Parts>;
+
+/// One method: its `--kv` name, what it keeps (one line, the README's column), its file, and how to build it.
+pub struct MethodRow {
+    pub name: &'static str,
+    pub keeps: &'static str,
+    pub file: &'static str,
+    /// None for the method that keeps every entry: no press at all.
+    pub build: Option<Build>,
+    /// Options this method implies and so refuses when given (`pyramidkv` is SnapKV + `pyramid`).
+    pub implies: &'static [&'static str],
+    /// Options this method needs.
+    pub requires: &'static [&'static str],
+    /// Options this method does not combine with.
+    pub excludes: &'static [&'static str],
+}
+
+impl std::fmt::Debug for MethodRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl MethodRow {
+    const fn new(
+        name: &'static str,
+        keeps: &'static str,
+        file: &'static str,
+        build: Build,
+    ) -> Self {
+        Self {
+            name,
+            keeps,
+            file,
+            build: Some(build),
+            implies: &[],
+            requires: &[],
+            excludes: &[],
+        }
+    }
+}
+
+/// Every KV-cache method, in the order help and tables list them. The first row keeps every entry.
+pub static METHODS: &[MethodRow] = &[
+    MethodRow {
+        name: "full",
+        keeps: "everything",
+        file: "—",
+        build: None,
+        implies: &[],
+        requires: &[],
+        excludes: &[],
+    },
+    MethodRow::new(
+        "streamingllm",
+        "4 attention sinks + the most recent entries",
+        "src/methods/streamingllm.rs",
+        |_, _| Ok(Parts::scorer(streamingllm::StreamingLlm::default())),
+    ),
+    MethodRow::new(
+        "window",
+        "the most recent entries only (the baseline StreamingLLM shows failing)",
+        "src/methods/window.rs",
+        |_, _| Ok(Parts::scorer(window::Window)),
+    ),
+    MethodRow::new(
+        "h2o",
+        "heavy hitters by attention accumulated over every query so far + a recent window (1:1)",
+        "src/methods/h2o.rs",
+        |_, _| Ok(Parts::scorer(h2o::H2o)),
+    ),
+    MethodRow::new(
+        "snapkv",
+        "attention of the prompt's last 64 queries, avg-pooled (kernel 5); the window itself",
+        "src/methods/snapkv.rs",
+        |_, _| Ok(Parts::scorer(snapkv::SnapKv::default())),
+    ),
+    MethodRow {
+        implies: &["pyramid"],
+        ..MethodRow::new(
+            "pyramidkv",
+            "SnapKV scores, budgets decreasing linearly with layer depth (same total)",
+            "src/methods/pyramidkv.rs",
+            |_, _| {
+                Ok(Parts {
+                    pyramid: Some(pyramidkv::BETA),
+                    ..Parts::scorer(snapkv::SnapKv::default())
+                })
+            },
+        )
+    },
+    MethodRow::new(
+        "tova",
+        "attention of the last query, averaged over the heads of the group",
+        "src/methods/tova.rs",
+        |_, _| Ok(Parts::scorer(tova::Tova)),
+    ),
+    MethodRow::new(
+        "knorm",
+        "lowest key norm",
+        "src/methods/knorm.rs",
+        |_, _| Ok(Parts::scorer(knorm::Knorm)),
+    ),
+    MethodRow::new(
+        "random",
+        "random entries (seeded control)",
+        "src/methods/random.rs",
+        |_, _| Ok(Parts::scorer(random::Random::default())),
+    ),
+    MethodRow {
+        implies: &["adakv"],
+        ..MethodRow::new(
+            "adakv",
+            "SnapKV scores, one budget per layer spread across heads by score (floor share 0.2)",
+            "src/methods/adakv.rs",
+            |_, _| {
+                Ok(Parts {
+                    adakv: Some(adakv::ALPHA),
+                    ..Parts::scorer(snapkv::SnapKv::default())
+                })
+            },
+        )
+    },
+    MethodRow {
+        requires: &["heads"],
+        excludes: &["pyramid", "adakv"],
+        ..MethodRow::new(
+            "duo",
+            "DuoAttention head roles: retrieval heads (from `hayloft heads`) keep everything, streaming heads sinks + recent",
+            "src/methods/duo.rs",
+            |spec, mc| {
+                let path = spec.options.heads.as_deref().unwrap_or_default();
+                Ok(Parts {
+                    roles: Some(duo::Roles::load(std::path::Path::new(path), mc)?),
+                    ..Parts::scorer(duo::Streaming)
+                })
+            },
+        )
+    },
+    MethodRow::new(
+        "kvmerger",
+        "SnapKV keeps; each dropped entry is merged (Gaussian-kernel weights) into its similar kept neighbour",
+        "src/methods/kvmerger.rs",
+        |_, _| {
+            Ok(Parts {
+                merger: Some(kvmerger::KvMerger::default()),
+                ..Parts::scorer(kvmerger::KvMerger::default())
+            })
+        },
+    ),
+];
+
+/// One option that may follow the method in a spec (`,chunked`, `,every@32`, ...).
+pub struct OptionRow {
+    pub name: &'static str,
+    /// What its `@argument` is ("" when it takes none).
+    pub arg: &'static str,
+    /// The argument must be given.
+    pub arg_required: bool,
+    pub help: &'static str,
+    /// Only with a method that evicts (not with the one that keeps every entry).
+    pub evicting_only: bool,
+    /// May stand alone as a whole spec, meaning `<full>,<option>` (it keeps every entry).
+    pub alone: Option<&'static str>,
+    /// Sets the option from its argument.
+    pub set: fn(&mut Options, Option<&str>) -> Result<()>,
+    /// The option as the canonical spec text writes it, if it is set.
+    pub show: fn(&Options) -> Option<String>,
+}
+
+impl OptionRow {
+    /// How help text writes it: `chunked`, `every@N`, `pyramid[@beta]`.
+    pub fn usage(&self) -> String {
+        match (self.arg, self.arg_required) {
+            ("", _) => self.name.to_string(),
+            (a, true) => format!("{}@{a}", self.name),
+            (a, false) => format!("{}[@{a}]", self.name),
+        }
+    }
+}
+
+fn no_arg(name: &str, arg: Option<&str>) -> Result<()> {
+    match arg {
+        Some(a) => bail!("'{name}' takes no argument (got '@{a}')"),
+        None => Ok(()),
+    }
+}
+
+/// `name` or `name@arg`, the argument left out when it is the default.
+fn with_arg<T: PartialEq + std::fmt::Display>(name: &str, v: T, default: T) -> String {
+    if v == default {
+        name.to_string()
+    } else {
+        format!("{name}@{v}")
+    }
+}
+
+/// A KIVI residual window argument: a token count, `128` or `128t`.
+fn parse_residual(name: &str, arg: &str) -> Result<usize> {
+    arg.strip_suffix('t').unwrap_or(arg).parse().map_err(|_| {
+        anyhow::anyhow!("'{name}@{arg}': the argument of {name} is its full-precision residual window in tokens, like {name}@128")
+    })
+}
+
+fn set_kivi(o: &mut Options, bits: u8, name: &str, arg: Option<&str>) -> Result<()> {
+    if let Some(k) = o.kivi {
+        bail!(
+            "at most one storage option (kivi8, kivi4, kivi2): got kivi{} and {name}",
+            k.bits
+        );
+    }
+    let residual = arg.map(|a| parse_residual(name, a)).transpose()?;
+    o.kivi = Some(super::spec::Kivi { bits, residual });
+    Ok(())
+}
+
+fn show_kivi(o: &Options, bits: u8) -> Option<String> {
+    let k = o.kivi.filter(|k| k.bits == bits)?;
+    Some(match k.residual {
+        Some(r) => format!("kivi{bits}@{r}"),
+        None => format!("kivi{bits}"),
+    })
+}
+
+/// Every option, in the order the canonical spec text writes them.
+pub static OPTIONS: &[OptionRow] = &[
+    OptionRow {
+        name: "chunked",
+        arg: "",
+        arg_required: false,
+        help: "compress after every prefill chunk, so peak memory is budget + one chunk (default: once at the end of \
+               the prefill, question-aware)",
+        evicting_only: true,
+        alone: None,
+        set: |o, a| {
+            no_arg("chunked", a)?;
+            o.chunked = true;
+            Ok(())
+        },
+        show: |o| o.chunked.then(|| "chunked".to_string()),
+    },
+    OptionRow {
+        name: "every",
+        arg: "N",
+        arg_required: true,
+        help: "compress every N decode steps (default 64; 0 = never during decoding)",
+        evicting_only: true,
+        alone: None,
+        set: |o, a| {
+            let Some(a) = a else {
+                bail!("'every' needs a step count, e.g. every@64 (0 = never during decoding)")
+            };
+            o.every = Some(a.parse().map_err(|_| {
+                anyhow::anyhow!("every@{a}: expected a whole number of decode steps, e.g. every@64")
+            })?);
+            Ok(())
+        },
+        show: |o| o.every.map(|n| format!("every@{n}")),
+    },
+    OptionRow {
+        name: "pyramid",
+        arg: "beta",
+        arg_required: false,
+        help: "per-layer budgets decreasing with depth (PyramidKV, default beta 20) on top of any scoring method",
+        evicting_only: true,
+        alone: None,
+        set: |o, a| {
+            o.pyramid = Some(a.map_or(Ok(pyramidkv::BETA), pyramidkv::parse_beta)?);
+            Ok(())
+        },
+        show: |o| o.pyramid.map(|b| with_arg("pyramid", b, pyramidkv::BETA)),
+    },
+    OptionRow {
+        name: "adakv",
+        arg: "alpha",
+        arg_required: false,
+        help: "head-adaptive budgets across the heads of a layer (AdaKV, floor share alpha, default 0.2) on top of any \
+               scoring method",
+        evicting_only: true,
+        alone: None,
+        set: |o, a| {
+            o.adakv = Some(a.map_or(Ok(adakv::ALPHA), adakv::parse_alpha)?);
+            Ok(())
+        },
+        show: |o| o.adakv.map(|x| with_arg("adakv", x, adakv::ALPHA)),
+    },
+    OptionRow {
+        name: "heads",
+        arg: "FILE",
+        arg_required: true,
+        help: "DuoAttention's head scores (a `hayloft heads` file), for duo",
+        evicting_only: true,
+        alone: None,
+        set: |o, a| {
+            let Some(a) = a.filter(|a| !a.is_empty()) else {
+                bail!("'heads' needs a file: heads@<scores.json>")
+            };
+            o.heads = Some(a.to_string());
+            Ok(())
+        },
+        show: |o| o.heads.as_ref().map(|p| format!("heads@{p}")),
+    },
+    OptionRow {
+        name: "kivi8",
+        arg: "residual",
+        arg_required: false,
+        help: "KIVI-quantized storage, 8 bits (keys per channel, values per token); the newest `residual` entries \
+               (default 128) stay f16",
+        evicting_only: false,
+        alone: Some("every entry, KIVI-quantized 8-bit (keys per channel, values per token), newest 128 in f16"),
+        set: |o, a| set_kivi(o, 8, "kivi8", a),
+        show: |o| show_kivi(o, 8),
+    },
+    OptionRow {
+        name: "kivi4",
+        arg: "residual",
+        arg_required: false,
+        help: "KIVI-quantized storage, 4 bits",
+        evicting_only: false,
+        alone: Some("every entry, KIVI-quantized 4-bit"),
+        set: |o, a| set_kivi(o, 4, "kivi4", a),
+        show: |o| show_kivi(o, 4),
+    },
+    OptionRow {
+        name: "kivi2",
+        arg: "residual",
+        arg_required: false,
+        help: "KIVI-quantized storage, 2 bits",
+        evicting_only: false,
+        alone: Some("every entry, KIVI-quantized 2-bit"),
+        set: |o, a| set_kivi(o, 2, "kivi2", a),
+        show: |o| show_kivi(o, 2),
+    },
+    OptionRow {
+        name: "think",
+        arg: "ratio",
+        arg_required: false,
+        help: "ThinK: prune that share of each head's key channels (default 0.4), once, from the last 32 queries",
+        evicting_only: false,
+        alone: Some("every entry; each head's least significant key channels (40 %) are pruned and stored compactly"),
+        set: |o, a| {
+            o.think = Some(a.map_or(Ok(think::DEFAULT_PRUNE_RATIO), think::parse_ratio)?);
+            Ok(())
+        },
+        show: |o| o.think.map(|r| with_arg("think", r, think::DEFAULT_PRUNE_RATIO)),
+    },
+];
+
+/// The method that keeps every entry (the first row).
+pub fn full() -> &'static MethodRow {
+    &METHODS[0]
+}
+
+pub fn method(name: &str) -> Option<&'static MethodRow> {
+    METHODS.iter().find(|m| m.name == name)
+}
+
+pub fn option(name: &str) -> Option<&'static OptionRow> {
+    OPTIONS.iter().find(|o| o.name == name)
+}
+
+/// Method names, comma-separated (for error messages).
+pub fn method_names() -> String {
+    names(METHODS.iter().map(|m| m.name))
+}
+
+/// Option names, comma-separated (for error messages).
+pub fn option_names() -> String {
+    names(OPTIONS.iter().map(|o| o.name))
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+    it.collect::<Vec<_>>().join(", ")
+}
+
+/// Methods that choose which entries to keep (every row with a press).
+pub fn evicting() -> impl Iterator<Item = &'static MethodRow> {
+    METHODS.iter().filter(|m| m.build.is_some())
+}
+
+/// The `--kv` help of every command, from the table.
+pub fn kv_help() -> String {
+    let alone: Vec<&str> = OPTIONS
+        .iter()
+        .filter(|o| o.alone.is_some())
+        .map(|o| o.name)
+        .collect();
+    let opts: Vec<String> = OPTIONS.iter().map(OptionRow::usage).collect();
+    format!(
+        "KV cache method: `<method>[@<budget>][,<option>...]`, budget a ratio (`@0.25`) or tokens per head \
+         (`@1024t`). Methods: {}; {} alone keep every entry. Options: {}. `hayloft methods` explains each. E.g. \
+         `snapkv@0.25,chunked,kivi4`.",
+        method_names(),
+        alone.join(", "),
+        opts.join(", ")
+    )
+}
+
+/// The README's table of methods (and of options that stand alone as a spec), as markdown.
+pub fn methods_markdown() -> String {
+    let mut s = String::from("| method | keeps (per KV head) | file |\n|---|---|---|\n");
+    for m in METHODS {
+        let file = match m.file {
+            "—" => "—".to_string(),
+            f => format!("`{f}`"),
+        };
+        s += &format!("| `{}` | {} | {file} |\n", m.name, m.keeps);
+    }
+    for o in OPTIONS {
+        if let Some(keeps) = o.alone {
+            s += &format!(
+                "| `{}` | {keeps} | option (alone = `full,{}`) |\n",
+                o.name, o.name
+            );
+        }
+    }
+    s
+}
+
+/// The README's table of options, as markdown.
+pub fn options_markdown() -> String {
+    let mut s = String::from("| option | what it does |\n|---|---|\n");
+    for o in OPTIONS {
+        s += &format!("| `{}` | {} |\n", o.usage(), o.help);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_shared_only_by_what_a_method_implies() {
+        for (i, m) in METHODS.iter().enumerate() {
+            assert!(
+                METHODS[..i].iter().all(|x| x.name != m.name),
+                "{} twice",
+                m.name
+            );
+        }
+        for (i, o) in OPTIONS.iter().enumerate() {
+            assert!(
+                OPTIONS[..i].iter().all(|x| x.name != o.name),
+                "{} twice",
+                o.name
+            );
+            // `adakv` is a method (SnapKV + AdaKV allocation) and an option (AdaKV over any method): allowed only so.
+            if let Some(m) = method(o.name) {
+                assert!(
+                    m.implies.contains(&o.name),
+                    "{} is a method and an option",
+                    o.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rows_refer_to_options_that_exist() {
+        for m in METHODS {
+            for o in m.implies.iter().chain(m.requires).chain(m.excludes) {
+                assert!(option(o).is_some(), "{}: unknown option '{o}'", m.name);
+            }
+        }
+        assert!(full().build.is_none());
+        assert_eq!(METHODS.iter().filter(|m| m.build.is_none()).count(), 1);
+    }
+
+    #[test]
+    fn help_lists_every_name() {
+        let h = kv_help();
+        for n in METHODS
+            .iter()
+            .map(|m| m.name)
+            .chain(OPTIONS.iter().map(|o| o.name))
+        {
+            assert!(h.contains(n), "--kv help misses {n}");
+        }
+    }
+}
