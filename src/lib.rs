@@ -2,7 +2,9 @@
 //!
 //! Layers, bottom up: `gguf` (the file format), `kernels` (quantized matmul, SIMD), `tokenizer`,
 //! `kv` (the paged KV cache), `attention` (tiled online-softmax attention over the cache),
-//! `model` (one forward pass per architecture), `methods` (KV-cache methods by name), `engine` (sessions, sampling, stats), `cli`.
+//! `model` (one forward pass per architecture), `methods` (KV-cache methods by name), `engine` (sessions, sampling, stats),
+//! `eval` (benchmarks and reports), `cli`; `fetch` and `util` are utilities at the bottom. A module uses only the
+//! layers below it.
 
 pub mod attention;
 pub mod cli;
@@ -15,3 +17,4 @@ pub mod kv;
 pub mod methods;
 pub mod model;
 pub mod tokenizer;
+pub mod util;

@@ -5,18 +5,15 @@
 //! and an option name after a comma stays with the spec before it (`--kv full,snapkv@0.25,kivi4` is the same two
 //! specs).
 
-use std::cell::RefCell;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
 use super::ModelArgs;
-use crate::eval::haystack::{Haystacks, Source};
-use crate::eval::runner::{Plan, ResultsFile, Runner};
-use crate::eval::{
-    self, niah, parse_lengths, ruler, scbench, tsort, Case, CaseMeta, Mode, Prompter,
-};
+use crate::eval::haystack::Source;
+use crate::eval::plan::{self, Benchmark, SweepTask};
+use crate::eval::{niah, parse_depths, parse_lengths, ruler, scbench, Prompter};
 use crate::methods::KvSpec;
 
 #[derive(Subcommand, Debug)]
@@ -192,146 +189,115 @@ pub struct LongbenchArgs {
     pub limit: Option<usize>,
 }
 
-/// Splits a `--kv` list into specs (see the module doc).
-pub fn parse_kv_list(s: &str) -> Result<Vec<KvSpec>> {
-    KvSpec::parse_list(s)
-}
-
-/// Depths as a list (`0,50,100`) or a range (`0:100:10`).
-pub fn parse_depths(s: &str) -> Result<Vec<f64>> {
-    let bad = || {
-        anyhow::anyhow!("--depths '{s}': expected a list like 0,50,100 or a range like 0:100:10")
-    };
-    let mut out = Vec::new();
-    if s.contains(':') {
-        let parts: Vec<f64> = s
-            .split(':')
-            .map(|x| x.trim().parse::<f64>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad())?;
-        let [a, b, step] = parts[..] else {
-            return Err(bad());
+impl NiahArgs {
+    fn benchmark(&self) -> Result<Benchmark> {
+        let lengths = parse_lengths(&self.lengths)?;
+        let depths = parse_depths(&self.depths)?;
+        let params = niah::NiahParams {
+            haystack: Source::parse(&self.haystack)?,
+            needle: niah::Needle::parse(&self.needle)?,
+            needles: self.needles,
+            max_new: self.max_new,
         };
-        if step <= 0.0 || b < a {
-            return Err(bad());
+        if self.needles == 0 || self.samples == 0 || self.max_new == 0 {
+            bail!("--needles, --samples and --max-new must be at least 1");
         }
-        let mut d = a;
-        while d <= b + 1e-9 {
-            out.push((d * 1e6).round() / 1e6);
-            d += step;
-        }
-    } else {
-        for p in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-            out.push(p.parse::<f64>().map_err(|_| bad())?);
-        }
+        Ok(Benchmark::Niah(plan::Niah {
+            params,
+            lengths,
+            depths,
+            samples: self.samples,
+        }))
     }
-    if out.is_empty() {
-        return Err(bad());
-    }
-    if let Some(d) = out.iter().find(|d| !(0.0..=100.0).contains(*d)) {
-        bail!("depth {d} is outside 0..=100 percent");
-    }
-    Ok(out)
 }
 
-/// `./runs/<UTC time>-<what>`.
-fn default_out(what: &str) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    PathBuf::from("runs").join(format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{what}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    ))
-}
-
-fn check_lengths(lengths: &[usize], max_context: usize) -> Result<()> {
-    if let Some(l) = lengths.iter().find(|l| **l > max_context) {
-        bail!(
-            "length {l} is above this session's context of {max_context} tokens (the model's trained context, or \
-             --max-context); use shorter --lengths"
-        );
-    }
-    Ok(())
-}
-
-/// Loads the model, runs the plans under every spec, writes the report and prints it.
-fn run_plans<'g>(
-    common: &EvalCommon,
-    what: &str,
-    own_answers: bool,
-    lengths: &[usize],
-    make_plans: impl FnOnce(Prompter<'g>, &'g RefCell<Haystacks>, usize) -> Result<Vec<Plan<'g>>>,
-    loaded: &'g super::Loaded,
-    hays: &'g RefCell<Haystacks>,
-) -> Result<()> {
-    let specs = parse_kv_list(&common.model.kv)?;
-    let max_ctx = loaded.session_cfg.max_context;
-    check_lengths(lengths, max_ctx)?;
-    let prompter = Prompter::new(
-        &loaded.tokenizer,
-        loaded.chat_template.as_ref().map_err(|e| e.clone()),
-        common.no_chat,
-    );
-    let mut plans = make_plans(prompter, hays, max_ctx)?;
-    let out = common.out.clone().unwrap_or_else(|| default_out(what));
-    let results = ResultsFile::open(&out, common.resume)?;
-    if !common.quiet {
-        eprintln!(
-            "[eval] {what}: {} cases × {} KV specs ({}), prompts: {}, writing to {}",
-            plans.len(),
-            specs.len(),
-            specs
-                .iter()
-                .map(|s| s.label())
-                .collect::<Vec<_>>()
-                .join("; "),
-            if prompter.is_chat() {
-                "chat template"
-            } else {
-                "plain completion"
-            },
-            out.display()
-        );
-    }
-    let mut runner = Runner::new(&loaded.model, prompter, loaded.session_cfg.clone(), results);
-    runner.own_answers = own_answers;
-    runner.quiet = common.quiet;
-    runner.share_prefill = !common.no_share_prefill;
-    runner.run_all(&mut plans, &specs)?;
-    let files = eval::report::write(&out, what)?;
-    let report = std::fs::read_to_string(out.join("report.md"))?;
-    println!("{report}");
-    if !common.quiet {
-        for f in files {
-            eprintln!("[eval] wrote {}", f.display());
+impl RulerArgs {
+    fn benchmark(&self) -> Result<Benchmark> {
+        let tasks = ruler::parse_tasks(&self.tasks)?;
+        let lengths = parse_lengths(&self.lengths)?;
+        if self.samples == 0 {
+            bail!("--samples must be at least 1");
         }
+        Ok(Benchmark::Ruler(plan::Ruler {
+            tasks,
+            lengths,
+            samples: self.samples,
+        }))
     }
-    Ok(())
 }
 
-fn load(common: &EvalCommon) -> Result<super::Loaded> {
-    // Specs are checked before the model loads; the session's own spec is set per case.
-    parse_kv_list(&common.model.kv)?;
+impl ScbenchArgs {
+    fn benchmark(&self) -> Result<Benchmark> {
+        let tasks = scbench::parse_tasks(&self.tasks)?;
+        let mode = scbench::parse_mode(&self.mode)?;
+        let lengths = parse_lengths(&self.lengths)?;
+        if self.samples == 0 || self.turns == 0 {
+            bail!("--samples and --turns must be at least 1");
+        }
+        Ok(Benchmark::Scbench(plan::Scbench {
+            tasks,
+            mode,
+            turns: self.turns,
+            lengths,
+            samples: self.samples,
+            own_answers: self.own_answers,
+        }))
+    }
+}
+
+impl TsortArgs {
+    fn benchmark(&self) -> Result<Benchmark> {
+        let lengths = parse_lengths(&self.lengths)?;
+        let source = Source::parse(&self.haystack)?;
+        if self.samples == 0 {
+            bail!("--samples must be at least 1");
+        }
+        Ok(Benchmark::Tsort(plan::Tsort {
+            source,
+            segments: self.segments,
+            lengths,
+            samples: self.samples,
+        }))
+    }
+}
+
+impl SweepArgs {
+    fn benchmark(&self) -> Result<Benchmark> {
+        let lengths = parse_lengths(&self.lengths)?;
+        let depths = parse_depths(&self.depths)?;
+        if self.samples == 0 || self.turns == 0 {
+            bail!("--samples and --turns must be at least 1");
+        }
+        Ok(Benchmark::Sweep(plan::Sweep {
+            tasks: SweepTask::parse_list(&self.tasks)?,
+            lengths,
+            depths,
+            samples: self.samples,
+            turns: self.turns,
+        }))
+    }
+}
+
+impl LongbenchArgs {
+    fn benchmark(&self) -> Result<Benchmark> {
+        Ok(Benchmark::Longbench(plan::Longbench::load(
+            &self.data,
+            self.limit,
+            self.max_length,
+        )?))
+    }
+}
+
+/// Checks the KV specs, then loads the model (with the head mask of `--mask-heads`). The session's own spec is set
+/// per case.
+fn load(common: &EvalCommon) -> Result<(Vec<KvSpec>, super::Loaded)> {
+    let specs = KvSpec::parse_list(&common.model.kv)?;
     let mut m = common.model.clone();
     m.kv = "full".into();
     let mut loaded = m.load()?;
     if let Some(path) = &common.mask_heads {
         let mc = loaded.model.config();
-        loaded.session_cfg.head_mask = head_mask(
+        loaded.session_cfg.head_mask = crate::eval::ablation::head_mask(
             path,
             mc.n_layers,
             mc.n_heads,
@@ -356,487 +322,46 @@ fn load(common: &EvalCommon) -> Result<super::Loaded> {
     } else if common.mask_top > 0 || common.mask_random {
         bail!("--mask-top and --mask-random need --mask-heads FILE (from `hayloft heads`)");
     }
-    Ok(loaded)
+    Ok((specs, loaded))
 }
 
-/// The query-head mask for the masking experiment: the `top` best-scoring heads of a `hayloft heads` file, or (random)
-/// `top` heads drawn from the rest.
-fn head_mask(
-    path: &std::path::Path,
-    n_layers: usize,
-    n_heads: usize,
-    top: usize,
-    random: bool,
-    seed: u64,
-) -> Result<Vec<bool>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read head scores from {}", path.display()))?;
-    let r: crate::methods::heads::HeadScores = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a `hayloft heads` scores file", path.display()))?;
-    if r.q_scores.len() != n_layers || r.q_scores.iter().any(|row| row.len() != n_heads) {
-        bail!(
-            "{}: scores for {} layers × {} query heads, the model has {n_layers} × {n_heads}",
-            path.display(),
-            r.q_scores.len(),
-            r.q_scores.first().map_or(0, Vec::len)
-        );
-    }
-    if top == 0 || top >= n_layers * n_heads / 2 {
-        bail!(
-            "--mask-top must be between 1 and {} (half the model's query heads)",
-            n_layers * n_heads / 2 - 1
-        );
-    }
-    let mut ranked: Vec<(f64, usize)> = r
-        .q_scores
-        .iter()
-        .flatten()
-        .copied()
-        .enumerate()
-        .map(|(i, s)| (s, i))
-        .collect();
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut mask = vec![false; n_layers * n_heads];
-    if random {
-        let mut rest: Vec<usize> = ranked[top..].iter().map(|&(_, i)| i).collect();
-        rest.sort_unstable();
-        eval::Rng::new(seed ^ 0x0068_6561_6473).shuffle(&mut rest);
-        rest[..top].iter().for_each(|&i| mask[i] = true);
-    } else {
-        ranked[..top].iter().for_each(|&(_, i)| mask[i] = true);
-    }
-    Ok(mask)
-}
-
-fn niah_plans<'g>(
-    p: Prompter<'g>,
-    hays: &'g RefCell<Haystacks>,
-    params: niah::NiahParams,
-    lengths: &[usize],
-    depths: &[f64],
-    samples: usize,
-    seed: u64,
-) -> Vec<Plan<'g>> {
-    let mut plans = Vec::new();
-    for &len in lengths {
-        for &d in depths {
-            for s in 0..samples {
-                let params = params.clone();
-                plans.push(Plan {
-                    meta: CaseMeta {
-                        task: niah::task_name(&params),
-                        target_len: len,
-                        depth: Some(d),
-                        sample: s,
-                        seed,
-                    },
-                    make: Box::new(move || {
-                        niah::case(&p, &mut hays.borrow_mut(), &params, len, d, s, seed)
-                    }),
-                });
-            }
-        }
-    }
-    plans
-}
-
-/// Plans for every task × length × sample: `name(task)` is the recorded task name, `make(task, length, sample)`
-/// generates the case when it runs.
-fn task_plans<'g>(
-    tasks: &[String],
-    lengths: &[usize],
-    samples: usize,
-    seed: u64,
-    name: impl Fn(&str) -> String,
-    make: impl Fn(String, usize, usize) -> Box<dyn FnMut() -> Result<Case> + 'g>,
-) -> Vec<Plan<'g>> {
-    let mut plans = Vec::new();
-    for t in tasks {
-        for &len in lengths {
-            for s in 0..samples {
-                plans.push(Plan {
-                    meta: CaseMeta {
-                        task: name(t),
-                        target_len: len,
-                        depth: None,
-                        sample: s,
-                        seed,
-                    },
-                    make: make(t.clone(), len, s),
-                });
-            }
-        }
-    }
-    plans
-}
-
-fn ruler_plans<'g>(
-    p: Prompter<'g>,
-    hays: &'g RefCell<Haystacks>,
-    tasks: &[String],
-    lengths: &[usize],
-    samples: usize,
-    seed: u64,
-) -> Vec<Plan<'g>> {
-    task_plans(
-        tasks,
-        lengths,
-        samples,
-        seed,
-        |t| format!("ruler_{t}"),
-        |t, len, s| Box::new(move || ruler::case(&p, &mut hays.borrow_mut(), &t, len, s, seed)),
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn scbench_plans<'g>(
-    p: Prompter<'g>,
-    hays: &'g RefCell<Haystacks>,
-    tasks: &[String],
-    mode: Mode,
-    turns: usize,
-    lengths: &[usize],
-    samples: usize,
-    seed: u64,
-) -> Vec<Plan<'g>> {
-    task_plans(
-        tasks,
-        lengths,
-        samples,
-        seed,
-        |t| scbench::task_name(t, mode),
-        |t, len, s| {
-            Box::new(move || {
-                scbench::case(&p, &mut hays.borrow_mut(), &t, mode, turns, len, s, seed)
-            })
-        },
-    )
-}
-
-fn tsort_plans<'g>(
-    p: Prompter<'g>,
-    hays: &'g RefCell<Haystacks>,
-    source: Source,
-    k: usize,
-    lengths: &[usize],
-    samples: usize,
-    seed: u64,
-) -> Vec<Plan<'g>> {
-    let mut plans = Vec::new();
-    for &len in lengths {
-        for s in 0..samples {
-            plans.push(Plan {
-                meta: CaseMeta {
-                    task: "tsort".into(),
-                    target_len: len,
-                    depth: None,
-                    sample: s,
-                    seed,
-                },
-                make: Box::new(move || {
-                    tsort::case(&p, &mut hays.borrow_mut(), source, k, len, s, seed)
-                }),
-            });
-        }
-    }
-    plans
-}
-
+/// Checks the arguments, loads the model, runs the benchmark under every spec and prints the report.
 pub fn run(cmd: EvalCmd) -> Result<()> {
-    match cmd {
-        EvalCmd::Niah(a) => {
-            let lengths = parse_lengths(&a.lengths)?;
-            let depths = parse_depths(&a.depths)?;
-            let params = niah::NiahParams {
-                haystack: Source::parse(&a.haystack)?,
-                needle: niah::Needle::parse(&a.needle)?,
-                needles: a.needles,
-                max_new: a.max_new,
-            };
-            if a.needles == 0 || a.samples == 0 || a.max_new == 0 {
-                bail!("--needles, --samples and --max-new must be at least 1");
-            }
-            let loaded = load(&a.common)?;
-            let hays = RefCell::new(Haystacks::new(a.common.haystack_file.clone()));
-            run_plans(
-                &a.common,
-                "niah",
-                false,
-                &lengths,
-                |p, h, _| {
-                    Ok(niah_plans(
-                        p,
-                        h,
-                        params,
-                        &lengths,
-                        &depths,
-                        a.samples,
-                        a.common.seed,
-                    ))
-                },
-                &loaded,
-                &hays,
-            )
-        }
-        EvalCmd::Ruler(a) => {
-            let tasks = ruler::parse_tasks(&a.tasks)?;
-            let lengths = parse_lengths(&a.lengths)?;
-            if a.samples == 0 {
-                bail!("--samples must be at least 1");
-            }
-            let loaded = load(&a.common)?;
-            let hays = RefCell::new(Haystacks::new(a.common.haystack_file.clone()));
-            run_plans(
-                &a.common,
-                "ruler",
-                false,
-                &lengths,
-                |p, h, _| {
-                    Ok(ruler_plans(
-                        p,
-                        h,
-                        &tasks,
-                        &lengths,
-                        a.samples,
-                        a.common.seed,
-                    ))
-                },
-                &loaded,
-                &hays,
-            )
-        }
-        EvalCmd::Scbench(a) => {
-            let tasks = scbench::parse_tasks(&a.tasks)?;
-            let mode = scbench::parse_mode(&a.mode)?;
-            let lengths = parse_lengths(&a.lengths)?;
-            if a.samples == 0 || a.turns == 0 {
-                bail!("--samples and --turns must be at least 1");
-            }
-            let loaded = load(&a.common)?;
-            let hays = RefCell::new(Haystacks::new(a.common.haystack_file.clone()));
-            run_plans(
-                &a.common,
-                "scbench",
-                a.own_answers,
-                &lengths,
-                |p, h, _| {
-                    Ok(scbench_plans(
-                        p,
-                        h,
-                        &tasks,
-                        mode,
-                        a.turns,
-                        &lengths,
-                        a.samples,
-                        a.common.seed,
-                    ))
-                },
-                &loaded,
-                &hays,
-            )
-        }
-        EvalCmd::Tsort(a) => {
-            let lengths = parse_lengths(&a.lengths)?;
-            let source = Source::parse(&a.haystack)?;
-            if a.samples == 0 {
-                bail!("--samples must be at least 1");
-            }
-            let loaded = load(&a.common)?;
-            let hays = RefCell::new(Haystacks::new(a.common.haystack_file.clone()));
-            run_plans(
-                &a.common,
-                "tsort",
-                false,
-                &lengths,
-                |p, h, _| {
-                    Ok(tsort_plans(
-                        p,
-                        h,
-                        source,
-                        a.segments,
-                        &lengths,
-                        a.samples,
-                        a.common.seed,
-                    ))
-                },
-                &loaded,
-                &hays,
-            )
-        }
-        EvalCmd::Sweep(a) => {
-            let lengths = parse_lengths(&a.lengths)?;
-            let depths = parse_depths(&a.depths)?;
-            if a.samples == 0 || a.turns == 0 {
-                bail!("--samples and --turns must be at least 1");
-            }
-            // Check every task name before loading anything.
-            let mut fams: Vec<(String, Option<String>)> = Vec::new();
-            for t in a.tasks.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                let (fam, sub) = match t.split_once(':') {
-                    Some((f, s)) => (f, Some(s.to_string())),
-                    None => (t, None),
-                };
-                match (fam, &sub) {
-                    ("niah" | "tsort", None) => {}
-                    ("ruler", Some(s)) => {
-                        ruler::parse_tasks(s)?;
-                    }
-                    ("scbench", Some(s)) => {
-                        scbench::parse_tasks(s)?;
-                    }
-                    ("ruler" | "scbench", None) => {}
-                    _ => bail!(
-                        "unknown sweep task '{t}' (valid: niah, ruler, ruler:<task>, scbench, scbench:<task>, tsort; \
-                         RULER tasks: {}; SCBench tasks: {})",
-                        ruler::TASKS.join(", "),
-                        scbench::TASKS.join(", ")
-                    ),
-                }
-                fams.push((fam.to_string(), sub));
-            }
-            if fams.is_empty() {
-                bail!("--tasks is empty");
-            }
-            let loaded = load(&a.common)?;
-            let hays = RefCell::new(Haystacks::new(a.common.haystack_file.clone()));
-            let seed = a.common.seed;
-            run_plans(
-                &a.common,
-                "sweep",
-                false,
-                &lengths,
-                |p, h, _| {
-                    let mut plans = Vec::new();
-                    for (fam, sub) in &fams {
-                        match fam.as_str() {
-                            "niah" => plans.extend(niah_plans(
-                                p,
-                                h,
-                                niah::NiahParams::default(),
-                                &lengths,
-                                &depths,
-                                a.samples,
-                                seed,
-                            )),
-                            "ruler" => {
-                                let ts = ruler::parse_tasks(sub.as_deref().unwrap_or("all"))?;
-                                plans.extend(ruler_plans(p, h, &ts, &lengths, a.samples, seed));
-                            }
-                            "scbench" => {
-                                let ts = scbench::parse_tasks(sub.as_deref().unwrap_or("all"))?;
-                                plans.extend(scbench_plans(
-                                    p,
-                                    h,
-                                    &ts,
-                                    Mode::MultiTurn,
-                                    a.turns,
-                                    &lengths,
-                                    a.samples,
-                                    seed,
-                                ));
-                            }
-                            _ => plans.extend(tsort_plans(
-                                p,
-                                h,
-                                Source::Essays,
-                                4,
-                                &lengths,
-                                a.samples,
-                                seed,
-                            )),
-                        }
-                    }
-                    Ok(plans)
-                },
-                &loaded,
-                &hays,
-            )
-        }
-        EvalCmd::Longbench(a) => {
-            let mut data = Vec::new();
-            for f in &a.data {
-                let mut recs = eval::longbench::load(f)?;
-                for r in &recs {
-                    eval::longbench::dataset(&r.dataset)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
-                }
-                if let Some(n) = a.limit {
-                    recs.truncate(n);
-                }
-                data.push((f.clone(), recs));
-            }
-            let loaded = load(&a.common)?;
-            let hays = RefCell::new(Haystacks::new(None));
-            let seed = a.common.seed;
-            let data_ref = &data;
-            let max_length = a.max_length;
-            run_plans(
-                &a.common,
-                "longbench",
-                false,
-                &[],
-                |p, _, max_ctx| {
-                    let max_len = max_length.unwrap_or(max_ctx).min(max_ctx);
-                    let mut plans = Vec::new();
-                    let mut offset = 0;
-                    for (_, recs) in data_ref {
-                        for (i, r) in recs.iter().enumerate() {
-                            let idx = offset + i;
-                            plans.push(Plan {
-                                meta: CaseMeta {
-                                    task: format!("longbench_{}", r.dataset),
-                                    target_len: 0,
-                                    depth: None,
-                                    sample: idx,
-                                    seed,
-                                },
-                                make: Box::new(move || {
-                                    eval::longbench::case(&p, r, idx, max_len, seed)
-                                }),
-                            });
-                        }
-                        offset += recs.len();
-                    }
-                    Ok(plans)
-                },
-                &loaded,
-                &hays,
-            )
+    let (common, bench) = match &cmd {
+        EvalCmd::Niah(a) => (&a.common, a.benchmark()?),
+        EvalCmd::Ruler(a) => (&a.common, a.benchmark()?),
+        EvalCmd::Scbench(a) => (&a.common, a.benchmark()?),
+        EvalCmd::Tsort(a) => (&a.common, a.benchmark()?),
+        EvalCmd::Sweep(a) => (&a.common, a.benchmark()?),
+        EvalCmd::Longbench(a) => (&a.common, a.benchmark()?),
+    };
+    let (specs, loaded) = load(common)?;
+    let prompter = Prompter::new(
+        &loaded.tokenizer,
+        loaded.chat_template.as_ref().map_err(|e| e.clone()),
+        common.no_chat,
+    );
+    let opts = plan::RunOptions {
+        out: common.out.clone(),
+        resume: common.resume,
+        quiet: common.quiet,
+        share_prefill: !common.no_share_prefill,
+        haystack_file: common.haystack_file.clone(),
+        seed: common.seed,
+    };
+    let report = plan::run(
+        &bench,
+        &specs,
+        &loaded.model,
+        prompter,
+        &loaded.session_cfg,
+        &opts,
+    )?;
+    println!("{}", report.text);
+    if !common.quiet {
+        for f in report.files {
+            eprintln!("[eval] wrote {}", f.display());
         }
     }
-}
-
-/// For tests: the default output folder name pattern.
-pub fn default_out_for(what: &str) -> PathBuf {
-    default_out(what)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kv_lists_split_on_methods_and_semicolons() {
-        let v = parse_kv_list("full").unwrap();
-        assert_eq!(v.len(), 1);
-        assert!(parse_kv_list("full;full").is_err());
-        let e = format!("{:#}", parse_kv_list("full,nope@0.5").unwrap_err());
-        assert!(e.contains("nope") && e.contains("full"), "{e}");
-        assert!(parse_kv_list("").is_err());
-    }
-
-    #[test]
-    fn depths_parse() {
-        assert_eq!(
-            parse_depths("0:100:25").unwrap(),
-            vec![0.0, 25.0, 50.0, 75.0, 100.0]
-        );
-        assert_eq!(parse_depths("0:100:10").unwrap().len(), 11);
-        assert_eq!(parse_depths("0, 50,100").unwrap(), vec![0.0, 50.0, 100.0]);
-        assert!(parse_depths("0:100").is_err());
-        assert!(parse_depths("150").is_err());
-        assert!(parse_depths("x").is_err());
-        let p = default_out_for("niah");
-        assert!(p.starts_with("runs") && p.to_string_lossy().ends_with("-niah"));
-    }
+    Ok(())
 }

@@ -7,10 +7,11 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::{read_text_file, ModelArgs, SamplingArgs};
+use super::{ModelArgs, SamplingArgs};
 use crate::engine::{Sampler, Session};
 use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
+use crate::util::read_text_file;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

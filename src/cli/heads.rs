@@ -55,7 +55,7 @@ pub struct HeadsArgs {
 
 pub fn run(a: HeadsArgs) -> Result<()> {
     let lengths = parse_lengths(&a.lengths)?;
-    let depths = super::eval::parse_depths(&a.depths)?;
+    let depths = crate::eval::parse_depths(&a.depths)?;
     let needle = Needle::parse(&a.needle)?;
     let haystack = Source::parse(&a.haystack)?;
     if a.max_new == 0 {

@@ -221,18 +221,6 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Reads a prompt file: a clear error for a missing file or invalid UTF-8.
-pub fn read_text_file(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not valid UTF-8 (first invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })
-}
-
 /// What `hayloft methods` prints: the registry as aligned text, or as the README's markdown tables.
 pub fn methods_text(markdown: bool) -> String {
     use crate::methods::registry::{self, METHODS, OPTIONS};

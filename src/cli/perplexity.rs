@@ -6,9 +6,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{read_text_file, ModelArgs};
+use super::ModelArgs;
 use crate::engine::perplexity::perplexity;
 use crate::engine::Session;
+use crate::util::read_text_file;
 
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {

@@ -103,7 +103,7 @@ impl Haystack {
     /// `source` with at least `min_words` words, fetching the essays if needed (`file` overrides the essays).
     pub fn load(source: Source, file: Option<&Path>, min_words: usize) -> Result<Self> {
         if let Some(f) = file {
-            let t = crate::cli::read_text_file(f)?;
+            let t = crate::util::read_text_file(f)?;
             if t.split_whitespace().next().is_none() {
                 bail!("haystack file {} holds no words", f.display());
             }
@@ -113,7 +113,7 @@ impl Haystack {
             Source::Noise => Ok(Self::noise(min_words)),
             Source::Essays => {
                 let p = ensure_essays()?;
-                let t = crate::cli::read_text_file(&p)?;
+                let t = crate::util::read_text_file(&p)?;
                 Ok(Self::essays(&t, min_words))
             }
         }

@@ -29,7 +29,7 @@ pub struct Sample {
 
 /// Reads a LongBench JSONL file; a malformed line is an error naming it.
 pub fn load(path: &Path) -> Result<Vec<Sample>> {
-    let text = crate::cli::read_text_file(path)?;
+    let text = crate::util::read_text_file(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -4,15 +4,19 @@
 //! prefix, references, metric). Generators build conversations whose prompt length is controlled in the model's own
 //! tokens ([`fit_units`]); the [`runner`] feeds them to a fresh [`crate::engine::Session`] per case and KV spec,
 //! decodes greedily, scores, times and appends one JSON line per case; [`report`] and [`plot`] turn the lines into
-//! `report.md`, `summary.json` and PNG plots.
+//! `report.md`, `summary.json` and PNG plots. [`plan`] holds each benchmark's typed parameters, the plans (cases to
+//! run) they make, and the run from plans to report that every `hayloft eval` command goes through; [`ablation`] the
+//! head mask of the masking experiment.
 //!
 //! Tasks: [`niah`] (Kamradt's needle in a haystack), [`ruler`] (NVIDIA RULER's synthetic tasks), [`scbench`]
 //! (shared-context multi-turn / multi-request), [`tsort`] (Ada-LEval's segment ordering), [`longbench`] (LongBench's
 //! JSONL files with its metrics).
 
+pub mod ablation;
 pub mod haystack;
 pub mod longbench;
 pub mod niah;
+pub mod plan;
 pub mod plot;
 pub mod report;
 pub mod ruler;
@@ -413,6 +417,43 @@ pub fn parse_lengths(s: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Depths as a list (`0,50,100`) or a range (`0:100:10`).
+pub fn parse_depths(s: &str) -> Result<Vec<f64>> {
+    let bad = || {
+        anyhow::anyhow!("--depths '{s}': expected a list like 0,50,100 or a range like 0:100:10")
+    };
+    let mut out = Vec::new();
+    if s.contains(':') {
+        let parts: Vec<f64> = s
+            .split(':')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad())?;
+        let [a, b, step] = parts[..] else {
+            return Err(bad());
+        };
+        if step <= 0.0 || b < a {
+            return Err(bad());
+        }
+        let mut d = a;
+        while d <= b + 1e-9 {
+            out.push((d * 1e6).round() / 1e6);
+            d += step;
+        }
+    } else {
+        for p in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            out.push(p.parse::<f64>().map_err(|_| bad())?);
+        }
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    if let Some(d) = out.iter().find(|d| !(0.0..=100.0).contains(*d)) {
+        bail!("depth {d} is outside 0..=100 percent");
+    }
+    Ok(out)
+}
+
 /// Short label of a length: 4096 → "4k", 1000 → "1000".
 pub fn length_label(n: usize) -> String {
     if n >= 1024 && n.is_multiple_of(1024) {
@@ -446,6 +487,19 @@ pub fn parse_task_list(s: &str, valid: &[&str], what: &str) -> Result<Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depths_parse() {
+        assert_eq!(
+            parse_depths("0:100:25").unwrap(),
+            vec![0.0, 25.0, 50.0, 75.0, 100.0]
+        );
+        assert_eq!(parse_depths("0:100:10").unwrap().len(), 11);
+        assert_eq!(parse_depths("0, 50,100").unwrap(), vec![0.0, 50.0, 100.0]);
+        assert!(parse_depths("0:100").is_err());
+        assert!(parse_depths("150").is_err());
+        assert!(parse_depths("x").is_err());
+    }
 
     #[test]
     fn rng_is_deterministic_and_uniformish() {

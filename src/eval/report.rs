@@ -18,6 +18,7 @@ use super::length_label;
 use super::plot;
 use super::runner::{CaseResult, ResultsFile};
 use crate::engine::stats::human_bytes;
+use crate::methods::KvSpec;
 
 /// Means over a group of cases.
 #[derive(Clone, Debug, Serialize)]
@@ -230,64 +231,130 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
     let groups = groups(&results);
     let grids = niah_grids(&results);
     let turns = per_turn(&results);
-    let gen_s: f64 = {
-        // Generation time is paid once per case, shared by its specs.
-        let mut seen = BTreeSet::new();
-        results
-            .iter()
-            .filter(|r| {
-                seen.insert((
-                    r.task.clone(),
-                    r.target_len,
-                    r.depth.map(f64::to_bits),
-                    r.sample,
-                    r.seed,
-                ))
-            })
-            .map(|r| r.gen_ms / 1e3)
-            .sum()
-    };
-    let model_s: f64 = results.iter().map(|r| r.model_s).sum();
-    let overhead = if model_s > 0.0 {
-        100.0 * gen_s / model_s
-    } else {
-        0.0
-    };
+    let time = HarnessTime::of(&results);
+    let lengths = lengths(&groups);
     let mut written = Vec::new();
-
     let mut md = String::new();
     let _ = writeln!(md, "# hayloft eval: {title}\n");
     let _ = writeln!(md, "{} cases. Scores are in [0, 100].\n", results.len());
-    let lengths: Vec<usize> = groups
+    accuracy_table(&mut md, &groups, &lengths);
+    pct_of_full_table(&mut md, &groups, &lengths);
+    memory_and_speed_table(&mut md, &groups);
+    for grid in &grids {
+        written.push(niah_grid(&mut md, dir, grid)?);
+    }
+    per_turn_table(&mut md, &turns);
+    written.extend(accuracy_vs_kv_plot(&mut md, dir, &groups)?);
+    written.extend(speed_plots(&mut md, dir, &groups, &lengths)?);
+    time.write(&mut md);
+    let report = dir.join("report.md");
+    std::fs::write(&report, &md)?;
+    written.push(report);
+    let summary = Summary {
+        title: title.to_string(),
+        cases: results.len(),
+        groups,
+        niah: grids,
+        per_turn: turns,
+        harness_overhead_pct: time.overhead_pct,
+    };
+    let sp = dir.join("summary.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(&summary)?)?;
+    written.push(sp);
+    Ok(written)
+}
+
+/// The harness's own time (prompt generation) against model time.
+struct HarnessTime {
+    gen_s: f64,
+    model_s: f64,
+    /// `gen_s` over `model_s`, in percent.
+    overhead_pct: f64,
+}
+
+impl HarnessTime {
+    fn of(results: &[CaseResult]) -> Self {
+        let gen_s: f64 = {
+            // Generation time is paid once per case, shared by its specs.
+            let mut seen = BTreeSet::new();
+            results
+                .iter()
+                .filter(|r| {
+                    seen.insert((
+                        r.task.clone(),
+                        r.target_len,
+                        r.depth.map(f64::to_bits),
+                        r.sample,
+                        r.seed,
+                    ))
+                })
+                .map(|r| r.gen_ms / 1e3)
+                .sum()
+        };
+        let model_s: f64 = results.iter().map(|r| r.model_s).sum();
+        let overhead_pct = if model_s > 0.0 {
+            100.0 * gen_s / model_s
+        } else {
+            0.0
+        };
+        HarnessTime {
+            gen_s,
+            model_s,
+            overhead_pct,
+        }
+    }
+
+    fn write(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "\nHarness time (prompt generation, once per case) is {:.2}% of model time ({:.2} s vs {:.1} s).",
+            self.overhead_pct, self.gen_s, self.model_s
+        );
+    }
+}
+
+/// The target lengths of the groups, ascending.
+fn lengths(groups: &[Group]) -> Vec<usize> {
+    groups
         .iter()
         .map(|g| g.target_len)
         .collect::<BTreeSet<_>>()
         .into_iter()
-        .collect();
+        .collect()
+}
+
+/// The (task, kv) rows of the accuracy tables, in first-seen order.
+fn rows(groups: &[Group]) -> Vec<(String, String)> {
     let mut rows: Vec<(String, String)> = Vec::new();
-    for g in &groups {
+    for g in groups {
         let k = (g.task.clone(), g.kv.clone());
         if !rows.contains(&k) {
             rows.push(k);
         }
     }
-    let find = |t: &str, k: &str, l: usize| {
-        groups
-            .iter()
-            .find(|g| g.task == t && g.kv == k && g.target_len == l)
-    };
+    rows
+}
+
+fn find<'a>(groups: &'a [Group], task: &str, kv: &str, len: usize) -> Option<&'a Group> {
+    groups
+        .iter()
+        .find(|g| g.task == task && g.kv == kv && g.target_len == len)
+}
+
+/// Task × spec rows, one column per length and the mean.
+fn accuracy_table(md: &mut String, groups: &[Group], lengths: &[usize]) {
     let _ = writeln!(md, "## Accuracy\n");
     let _ = write!(md, "| task | kv |");
-    for l in &lengths {
+    for l in lengths {
         let _ = write!(md, " {} |", len_label(*l));
     }
     let _ = writeln!(md, " mean |");
     let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(lengths.len()));
-    for (t, k) in &rows {
+    for (t, k) in &rows(groups) {
         let _ = write!(md, "| {t} | {k} |");
         let mut v = Vec::new();
-        for l in &lengths {
-            match find(t, k, *l) {
+        for l in lengths {
+            match find(groups, t, k, *l) {
                 Some(g) => {
                     v.push(g.score);
                     let _ = write!(md, " {:.1} |", g.score);
@@ -297,37 +364,46 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
         }
         let _ = writeln!(md, " {:.1} |", mean(v.into_iter()));
     }
-    if groups
+}
+
+/// The other specs' accuracy as a share of the full cache's (only when `full` ran beside them).
+fn pct_of_full_table(md: &mut String, groups: &[Group], lengths: &[usize]) {
+    if !groups
         .iter()
         .any(|g| g.kv != "full" && g.pct_of_full.is_some())
     {
-        let _ = writeln!(md, "\n## Accuracy as % of the full cache\n");
-        let _ = write!(md, "| task | kv |");
-        for l in &lengths {
-            let _ = write!(md, " {} |", len_label(*l));
+        return;
+    }
+    let _ = writeln!(md, "\n## Accuracy as % of the full cache\n");
+    let _ = write!(md, "| task | kv |");
+    for l in lengths {
+        let _ = write!(md, " {} |", len_label(*l));
+    }
+    let _ = writeln!(md);
+    let _ = writeln!(md, "|---|---|{}", "---|".repeat(lengths.len()));
+    for (t, k) in rows(groups).iter().filter(|(_, k)| k != "full") {
+        let _ = write!(md, "| {t} | {k} |");
+        for l in lengths {
+            match find(groups, t, k, *l).and_then(|g| g.pct_of_full) {
+                Some(p) => {
+                    let _ = write!(md, " {p:.0}% |");
+                }
+                None => md.push_str(" |"),
+            }
         }
         let _ = writeln!(md);
-        let _ = writeln!(md, "|---|---|{}", "---|".repeat(lengths.len()));
-        for (t, k) in rows.iter().filter(|(_, k)| k != "full") {
-            let _ = write!(md, "| {t} | {k} |");
-            for l in &lengths {
-                match find(t, k, *l).and_then(|g| g.pct_of_full) {
-                    Some(p) => {
-                        let _ = write!(md, " {p:.0}% |");
-                    }
-                    None => md.push_str(" |"),
-                }
-            }
-            let _ = writeln!(md);
-        }
     }
+}
+
+/// One row per group: prompt tokens, KV bytes and speed.
+fn memory_and_speed_table(md: &mut String, groups: &[Group]) {
     let _ = writeln!(md, "\n## Memory and speed\n");
     let _ = writeln!(
         md,
         "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | KV at end | TTFT ms | prefill tok/s | decode tok/s |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
-    for g in &groups {
+    for g in groups {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
@@ -345,195 +421,206 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
             g.decode_tok_s
         );
     }
-    for grid in &grids {
-        let _ = writeln!(md, "\n## {} depth × length ({})\n", grid.task, grid.kv);
-        let _ = write!(md, "| depth |");
-        for l in &grid.lengths {
-            let _ = write!(md, " {} |", len_label(*l));
-        }
-        let _ = writeln!(md);
-        let _ = writeln!(md, "|---|{}", "---|".repeat(grid.lengths.len()));
-        for (d, row) in grid.depths.iter().zip(&grid.scores) {
-            let _ = write!(md, "| {d}% |");
-            for v in row {
-                match v {
-                    Some(v) => {
-                        let _ = write!(md, " {v:.0} |");
-                    }
-                    None => md.push_str(" - |"),
+}
+
+/// A NIAH depth × length table and its heatmap; returns the heatmap's path.
+fn niah_grid(md: &mut String, dir: &Path, grid: &NiahGrid) -> Result<PathBuf> {
+    let _ = writeln!(md, "\n## {} depth × length ({})\n", grid.task, grid.kv);
+    let _ = write!(md, "| depth |");
+    for l in &grid.lengths {
+        let _ = write!(md, " {} |", len_label(*l));
+    }
+    let _ = writeln!(md);
+    let _ = writeln!(md, "|---|{}", "---|".repeat(grid.lengths.len()));
+    for (d, row) in grid.depths.iter().zip(&grid.scores) {
+        let _ = write!(md, "| {d}% |");
+        for v in row {
+            match v {
+                Some(v) => {
+                    let _ = write!(md, " {v:.0} |");
                 }
+                None => md.push_str(" - |"),
             }
-            let _ = writeln!(md);
-        }
-        let png = dir.join(format!(
-            "niah_{}_{}.png",
-            file_safe(&grid.task),
-            file_safe(&grid.kv)
-        ));
-        plot::heatmap(
-            &png,
-            &format!("{} ({})", grid.task, grid.kv),
-            "context length (tokens)",
-            "needle depth",
-            &grid
-                .lengths
-                .iter()
-                .map(|l| len_label(*l))
-                .collect::<Vec<_>>(),
-            &grid
-                .depths
-                .iter()
-                .map(|d| format!("{d}%"))
-                .collect::<Vec<_>>(),
-            &grid.scores,
-        )?;
-        let _ = writeln!(
-            md,
-            "\n![{}]({})",
-            grid.task,
-            png.file_name().and_then(|f| f.to_str()).unwrap_or("")
-        );
-        written.push(png);
-    }
-    if !turns.is_empty() {
-        let n = turns.iter().map(|t| t.scores.len()).max().unwrap_or(0);
-        let _ = writeln!(md, "\n## Accuracy per turn\n");
-        let _ = write!(md, "| task | mode | kv | length |");
-        for i in 0..n {
-            let _ = write!(md, " turn {} |", i + 1);
         }
         let _ = writeln!(md);
-        let _ = writeln!(md, "|---|---|---|---|{}", "---|".repeat(n));
-        for t in &turns {
-            let _ = write!(
-                md,
-                "| {} | {} | {} | {} |",
-                t.task,
-                t.mode,
-                t.kv,
-                len_label(t.target_len)
-            );
-            for s in &t.scores {
-                let _ = write!(md, " {s:.0} |");
-            }
-            let _ = writeln!(md);
-        }
     }
-    // Sweep plots.
-    let specs: Vec<&str> = groups
+    let png = dir.join(format!(
+        "niah_{}_{}.png",
+        file_safe(&grid.task),
+        file_safe(&grid.kv)
+    ));
+    plot::heatmap(
+        &png,
+        &format!("{} ({})", grid.task, grid.kv),
+        "context length (tokens)",
+        "needle depth",
+        &grid
+            .lengths
+            .iter()
+            .map(|l| len_label(*l))
+            .collect::<Vec<_>>(),
+        &grid
+            .depths
+            .iter()
+            .map(|d| format!("{d}%"))
+            .collect::<Vec<_>>(),
+        &grid.scores,
+    )?;
+    let _ = writeln!(
+        md,
+        "\n![{}]({})",
+        grid.task,
+        png.file_name().and_then(|f| f.to_str()).unwrap_or("")
+    );
+    Ok(png)
+}
+
+/// Accuracy of each turn of the conversations (nothing when no case had several turns).
+fn per_turn_table(md: &mut String, turns: &[PerTurn]) {
+    if turns.is_empty() {
+        return;
+    }
+    let n = turns.iter().map(|t| t.scores.len()).max().unwrap_or(0);
+    let _ = writeln!(md, "\n## Accuracy per turn\n");
+    let _ = write!(md, "| task | mode | kv | length |");
+    for i in 0..n {
+        let _ = write!(md, " turn {} |", i + 1);
+    }
+    let _ = writeln!(md);
+    let _ = writeln!(md, "|---|---|---|---|{}", "---|".repeat(n));
+    for t in turns {
+        let _ = write!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.task,
+            t.mode,
+            t.kv,
+            len_label(t.target_len)
+        );
+        for s in &t.scores {
+            let _ = write!(md, " {s:.0} |");
+        }
+        let _ = writeln!(md);
+    }
+}
+
+/// The KV spec labels of the groups, sorted.
+fn spec_labels(groups: &[Group]) -> Vec<&str> {
+    groups
         .iter()
         .map(|g| g.kv.as_str())
         .collect::<BTreeSet<_>>()
         .into_iter()
-        .collect();
-    if specs.len() > 1 {
-        // Accuracy against KV memory per method, averaged over tasks and lengths at each spec.
-        let mut by_method: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        for kv in &specs {
+        .collect()
+}
+
+/// The plot series a spec's points belong to: its method when it evicts (one line per method across budgets), else
+/// the whole spec (`full`, `full,kivi4` are points of their own). A label that no longer parses stays as it is.
+fn series_name(kv: &str) -> String {
+    match kv.parse::<KvSpec>() {
+        Ok(s) if s.method.build.is_some() => s.method.name.to_string(),
+        Ok(s) => s.to_string(),
+        Err(_) => kv.to_string(),
+    }
+}
+
+/// With several specs: accuracy against KV memory per method, averaged over tasks and lengths at each spec.
+fn accuracy_vs_kv_plot(md: &mut String, dir: &Path, groups: &[Group]) -> Result<Option<PathBuf>> {
+    let specs = spec_labels(groups);
+    if specs.len() <= 1 {
+        return Ok(None);
+    }
+    let mut by_method: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for kv in &specs {
+        let gs: Vec<&Group> = groups
+            .iter()
+            .filter(|g| g.kv == *kv && g.kv_fraction.is_some())
+            .collect();
+        if gs.is_empty() {
+            continue;
+        }
+        let x = mean(gs.iter().filter_map(|g| g.kv_fraction));
+        let y = mean(gs.iter().map(|g| g.score));
+        by_method.entry(series_name(kv)).or_default().push((x, y));
+    }
+    let full_name = KvSpec::full().to_string();
+    if let Some(full) = by_method.get(&full_name).cloned() {
+        for (m, pts) in by_method.iter_mut() {
+            if *m != full_name {
+                pts.extend(full.iter().copied());
+            }
+        }
+    }
+    let series: Vec<(String, Vec<(f64, f64)>)> = by_method.into_iter().collect();
+    if series.is_empty() {
+        return Ok(None);
+    }
+    let png = dir.join("accuracy_vs_kv.png");
+    plot::line_chart(
+        &png,
+        "accuracy vs KV memory",
+        "peak KV bytes / full cache",
+        "score",
+        &series,
+        false,
+    )?;
+    let _ = writeln!(md, "\n![accuracy vs KV memory](accuracy_vs_kv.png)");
+    Ok(Some(png))
+}
+
+/// With several lengths: decode speed and TTFT against context length, one line per spec.
+fn speed_plots(
+    md: &mut String,
+    dir: &Path,
+    groups: &[Group],
+    lengths: &[usize],
+) -> Result<Vec<PathBuf>> {
+    if lengths.iter().filter(|l| **l > 0).count() <= 1 {
+        return Ok(Vec::new());
+    }
+    let mut dec: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut ttft: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for kv in spec_labels(groups) {
+        let mut d = Vec::new();
+        let mut t = Vec::new();
+        for l in lengths.iter().filter(|l| **l > 0) {
             let gs: Vec<&Group> = groups
                 .iter()
-                .filter(|g| g.kv == *kv && g.kv_fraction.is_some())
+                .filter(|g| g.kv == kv && g.target_len == *l)
                 .collect();
             if gs.is_empty() {
                 continue;
             }
-            let x = mean(gs.iter().filter_map(|g| g.kv_fraction));
-            let y = mean(gs.iter().map(|g| g.score));
-            let method = kv.split(['@', ',']).next().unwrap_or(kv).to_string();
-            let name = if *kv == "full" {
-                "full".to_string()
-            } else {
-                method
-            };
-            by_method.entry(name).or_default().push((x, y));
+            let x = mean(gs.iter().map(|g| g.prompt_tokens));
+            d.push((x, mean(gs.iter().map(|g| g.decode_tok_s))));
+            t.push((x, mean(gs.iter().map(|g| g.ttft_ms))));
         }
-        if let Some(full) = by_method.get("full").cloned() {
-            for (m, pts) in by_method.iter_mut() {
-                if m != "full" {
-                    pts.extend(full.iter().copied());
-                }
-            }
-        }
-        let series: Vec<(String, Vec<(f64, f64)>)> = by_method.into_iter().collect();
-        if !series.is_empty() {
-            let png = dir.join("accuracy_vs_kv.png");
-            plot::line_chart(
-                &png,
-                "accuracy vs KV memory",
-                "peak KV bytes / full cache",
-                "score",
-                &series,
-                false,
-            )?;
-            let _ = writeln!(md, "\n![accuracy vs KV memory](accuracy_vs_kv.png)");
-            written.push(png);
-        }
+        dec.push((kv.to_string(), d));
+        ttft.push((kv.to_string(), t));
     }
-    if lengths.iter().filter(|l| **l > 0).count() > 1 {
-        let mut dec: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        let mut ttft: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        for kv in &specs {
-            let mut d = Vec::new();
-            let mut t = Vec::new();
-            for l in lengths.iter().filter(|l| **l > 0) {
-                let gs: Vec<&Group> = groups
-                    .iter()
-                    .filter(|g| g.kv == *kv && g.target_len == *l)
-                    .collect();
-                if gs.is_empty() {
-                    continue;
-                }
-                let x = mean(gs.iter().map(|g| g.prompt_tokens));
-                d.push((x, mean(gs.iter().map(|g| g.decode_tok_s))));
-                t.push((x, mean(gs.iter().map(|g| g.ttft_ms))));
-            }
-            dec.push((kv.to_string(), d));
-            ttft.push((kv.to_string(), t));
-        }
-        let p1 = dir.join("decode_speed_vs_length.png");
-        plot::line_chart(
-            &p1,
-            "decode speed vs context",
-            "prompt tokens",
-            "decode tok/s",
-            &dec,
-            true,
-        )?;
-        let p2 = dir.join("ttft_vs_length.png");
-        plot::line_chart(
-            &p2,
-            "time to first token vs context",
-            "prompt tokens",
-            "TTFT ms",
-            &ttft,
-            true,
-        )?;
-        let _ = writeln!(
-            md,
-            "\n![decode speed](decode_speed_vs_length.png)\n\n![TTFT](ttft_vs_length.png)"
-        );
-        written.push(p1);
-        written.push(p2);
-    }
+    let p1 = dir.join("decode_speed_vs_length.png");
+    plot::line_chart(
+        &p1,
+        "decode speed vs context",
+        "prompt tokens",
+        "decode tok/s",
+        &dec,
+        true,
+    )?;
+    let p2 = dir.join("ttft_vs_length.png");
+    plot::line_chart(
+        &p2,
+        "time to first token vs context",
+        "prompt tokens",
+        "TTFT ms",
+        &ttft,
+        true,
+    )?;
     let _ = writeln!(
         md,
-        "\nHarness time (prompt generation, once per case) is {overhead:.2}% of model time ({gen_s:.2} s vs {model_s:.1} s)."
+        "\n![decode speed](decode_speed_vs_length.png)\n\n![TTFT](ttft_vs_length.png)"
     );
-    let report = dir.join("report.md");
-    std::fs::write(&report, &md)?;
-    written.push(report);
-    let summary = Summary {
-        title: title.to_string(),
-        cases: results.len(),
-        groups,
-        niah: grids,
-        per_turn: turns,
-        harness_overhead_pct: overhead,
-    };
-    let sp = dir.join("summary.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&summary)?)?;
-    written.push(sp);
-    Ok(written)
+    Ok(vec![p1, p2])
 }
 
 #[cfg(test)]
@@ -549,7 +636,7 @@ mod tests {
             sample: 0,
             seed: 1,
             kv: kv.into(),
-            method: kv.split('@').next().unwrap_or(kv).into(),
+            method: series_name(kv),
             budget: None,
             mode: "multi-turn".into(),
             metric: "string_match_all".into(),

@@ -376,21 +376,22 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Feeds `toks`, then decodes greedily; returns (output ids, ttft_s, decode steps, decode_s, prefill_s).
-    fn answer(
-        &self,
-        s: &mut Session,
-        toks: &[u32],
-        max_new: usize,
-    ) -> Result<(Vec<u32>, f64, usize, f64, f64)> {
+    /// Feeds `toks`, then decodes greedily.
+    fn answer(&self, s: &mut Session, toks: &[u32], max_new: usize) -> Result<Answer> {
         check_room(s, toks.len(), max_new)?;
         let t0 = Instant::now();
         let logits = s.prefill(toks)?;
         let next = argmax(logits);
         let prefill_s = t0.elapsed().as_secs_f64();
         self.check_abort();
-        let (out, steps, dec_s) = self.decode_greedy(s, next, max_new)?;
-        Ok((out, prefill_s, steps, dec_s, prefill_s))
+        let (tokens, decode_steps, decode_s) = self.decode_greedy(s, next, max_new)?;
+        Ok(Answer {
+            tokens,
+            ttft_s: prefill_s,
+            decode_steps,
+            decode_s,
+            prefill_s,
+        })
     }
 
     /// Greedy decoding from `next` (the argmax after the prompt) until an end-of-generation token, `max_new` tokens or
@@ -503,22 +504,29 @@ impl<'a> Runner<'a> {
                     })?;
                     let toks = p.encode(delta, fed.is_empty())?;
                     let before = s.n_past();
-                    let (out, ttft, steps, ds, ps) = self.answer(&mut s, &toks, turn.max_new)?;
-                    let text = p.tok.decode(&out);
+                    let a = self.answer(&mut s, &toks, turn.max_new)?;
+                    let text = p.tok.decode(&a.tokens);
                     // Drop the generated tokens: the answer the next turn sees is fed again from the rendered
                     // conversation (the gold answer by default, the model's own with --own-answers).
                     s.truncate(before + toks.len());
                     if i == 0 {
                         first_len = toks.len();
-                        first_ttft = ttft;
+                        first_ttft = a.ttft_s;
                     }
                     (dec_steps, dec_s, pre_tok, pre_s) = (
-                        dec_steps + steps,
-                        dec_s + ds,
+                        dec_steps + a.decode_steps,
+                        dec_s + a.decode_s,
                         pre_tok + toks.len(),
-                        pre_s + ps,
+                        pre_s + a.prefill_s,
                     );
-                    turns.push(self.turn_result(i, turn, &text, toks.len(), ttft, out.len()));
+                    turns.push(self.turn_result(
+                        i,
+                        turn,
+                        &text,
+                        toks.len(),
+                        a.ttft_s,
+                        a.tokens.len(),
+                    ));
                     answers.push(if self.own_answers {
                         text.trim().to_string()
                     } else {
@@ -540,8 +548,8 @@ impl<'a> Runner<'a> {
                         .strip_prefix(shared.as_str())
                         .context("a query's prompt does not start with the shared context")?;
                     let toks = p.encode(delta, false)?;
-                    let (out, ttft, steps, ds, ps) = self.answer(&mut s, &toks, turn.max_new)?;
-                    let text = p.tok.decode(&out);
+                    let a = self.answer(&mut s, &toks, turn.max_new)?;
+                    let text = p.tok.decode(&a.tokens);
                     s.truncate(ctx_len);
                     let fed = if i == 0 {
                         ctx_len + toks.len()
@@ -550,23 +558,23 @@ impl<'a> Runner<'a> {
                     };
                     if i == 0 {
                         first_len = fed;
-                        first_ttft = ctx_s + ttft;
+                        first_ttft = ctx_s + a.ttft_s;
                         pre_s += ctx_s;
                         pre_tok += ctx_len;
                     }
                     (dec_steps, dec_s, pre_tok, pre_s) = (
-                        dec_steps + steps,
-                        dec_s + ds,
+                        dec_steps + a.decode_steps,
+                        dec_s + a.decode_s,
                         pre_tok + toks.len(),
-                        pre_s + ps,
+                        pre_s + a.prefill_s,
                     );
                     turns.push(self.turn_result(
                         i,
                         turn,
                         &text,
                         fed,
-                        if i == 0 { first_ttft } else { ttft },
-                        out.len(),
+                        if i == 0 { first_ttft } else { a.ttft_s },
+                        a.tokens.len(),
                     ));
                 }
             }
@@ -660,6 +668,17 @@ impl<'a> Runner<'a> {
             generated_tokens: gen,
         }
     }
+}
+
+/// One turn's prefill and greedy decoding.
+struct Answer {
+    /// The generated token ids (without the end-of-generation token).
+    tokens: Vec<u32>,
+    /// Time to first token: the turn's prefill (the first token is the argmax of its last logits).
+    ttft_s: f64,
+    decode_steps: usize,
+    decode_s: f64,
+    prefill_s: f64,
 }
 
 /// Timing and token counts of one case, gathered while it runs.

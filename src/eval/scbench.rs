@@ -107,6 +107,41 @@ const TOPICS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// What a task's generator works from: the case's random stream (already past the turns' positions), where each
+/// turn's question points as a fraction of the list, the mode, the number of turns and the target length.
+struct Gen<'a, 'p> {
+    p: &'a Prompter<'p>,
+    rng: Rng,
+    fracs: Vec<f64>,
+    mode: Mode,
+    turns: usize,
+    target: usize,
+}
+
+impl Gen<'_, '_> {
+    fn conv(&self, preamble: &str, context: String, turns: Vec<Turn>) -> Conversation {
+        Conversation {
+            preamble: preamble.to_string(),
+            context,
+            turns,
+            mode: self.mode,
+            no_chat: false,
+        }
+    }
+}
+
+/// A task's generator: its conversation fitted to the target length.
+type TaskFn = fn(&mut Gen, &mut Haystacks) -> Result<Conversation>;
+
+/// Every task by name (the names of [`TASKS`], in order).
+const GENERATORS: &[(&str, TaskFn)] = &[
+    ("kv", kv),
+    ("prefix_suffix", prefix_suffix),
+    ("vt", vt),
+    ("mf", mf),
+    ("many_shot", many_shot),
+];
+
 /// One SCBench case of `task` with `turns` turns.
 #[allow(clippy::too_many_arguments)]
 pub fn case(
@@ -134,190 +169,19 @@ pub fn case(
     );
     let mut rng = Rng::new(cs);
     let fracs: Vec<f64> = (0..turns).map(|_| rng.unit()).collect();
-    let conv = |preamble: &str, context: String, ts: Vec<Turn>| Conversation {
-        preamble: preamble.to_string(),
-        context,
-        turns: ts,
-        mode,
-        no_chat: false,
-    };
-    let (c, _) = match task {
-        "kv" => {
-            let max = target / 30 + turns + 8;
-            let pairs: Vec<(String, String)> = (0..max).map(|_| (rng.uuid(), rng.uuid())).collect();
-            fit_conversation(p, target, max, |n| {
-                let n = n.max(turns);
-                let body: Vec<String> = pairs[..n]
-                    .iter()
-                    .map(|(k, v)| format!("\"{k}\": \"{v}\""))
-                    .collect();
-                let ts = spread(&fracs, n)
-                    .into_iter()
-                    .map(|i| {
-                        turn(
-                            format!(
-                                "Extract the value corresponding to the specified key in the JSON object above. \
-                                 Key: \"{}\"",
-                                pairs[i].0
-                            ),
-                            "The value associated with the specified key is:",
-                            pairs[i].1.clone(),
-                            50,
-                        )
-                    })
-                    .collect();
-                conv("JSON data:", format!("{{{}}}", body.join(", ")), ts)
-            })?
-        }
-        "prefix_suffix" => {
-            let max = target / 6 + turns + 8;
-            let items: Vec<String> = (0..max)
-                .map(|_| {
-                    (0..16)
-                        .map(|_| (b'a' + rng.below(26) as u8) as char)
-                        .collect()
-                })
-                .collect();
-            fit_conversation(p, target, max, |n| {
-                let n = n.max(turns);
-                let ts = spread(&fracs, n)
-                    .into_iter()
-                    .map(|i| {
-                        let s = &items[i];
-                        turn(
-                            format!(
-                                "Which string in the list above starts with \"{}\" and ends with \"{}\"?",
-                                &s[..4],
-                                &s[12..]
-                            ),
-                            "The string is:",
-                            s.clone(),
-                            24,
-                        )
-                    })
-                    .collect();
-                conv("Here is a list of strings.", items[..n].join("\n"), ts)
-            })?
-        }
-        "vt" => {
-            let mut names: Vec<String> = Vec::new();
-            while names.len() < turns * 4 {
-                let v: String = (0..5)
-                    .map(|_| (b'A' + rng.below(26) as u8) as char)
-                    .collect();
-                if !names.contains(&v) {
-                    names.push(v);
-                }
-            }
-            let mut placed: Vec<(f64, String)> = Vec::new();
-            let mut ts = Vec::new();
-            for c in 0..turns {
-                let chain = &names[c * 4..c * 4 + 4];
-                let value = rng.range(10_000, 99_999).to_string();
-                let mut depths: Vec<f64> = (0..4).map(|_| rng.unit() * 100.0).collect();
-                depths.sort_by(f64::total_cmp);
-                placed.push((depths[0], format!("VAR {} = {value}.", chain[0])));
-                for h in 1..4 {
-                    placed.push((
-                        depths[h],
-                        format!("VAR {} = VAR {}.", chain[h], chain[h - 1]),
-                    ));
-                }
-                ts.push(Turn {
-                    question: format!("Find all variables that are assigned the value {value} in the text above."),
-                    answer_prefix: format!(
-                        "According to the chains of variable assignment in the text above, the variables assigned \
-                         the value {value} are:"
-                    ),
-                    gold: chain.join(", "),
-                    refs: chain.to_vec(),
-                    metric: Metric::StringMatchAll,
-                    max_new: 30,
-                });
-            }
-            let hay = hays.get(Source::Noise, target)?;
-            fit_conversation(p, target, hay.words(), |n| {
-                conv(
-                    "Memorize and track the chains of variable assignment hidden in the following text.",
-                    insert_needles(hay.prefix(n), &placed),
-                    ts.clone(),
-                )
-            })?
-        }
-        "mf" => {
-            let max = target / 2 + 8;
-            let nums: Vec<u64> = (0..max).map(|_| rng.range(1, 99_999)).collect();
-            let labels: Vec<String> = words::distinct_keys(&mut rng, turns);
-            let wants: Vec<bool> = (0..turns).map(|_| rng.below(2) == 0).collect();
-            fit_conversation(p, target, max, |n| {
-                let per = (n / turns).max(2);
-                let mut body = String::new();
-                let mut ts = Vec::new();
-                for (i, label) in labels.iter().enumerate() {
-                    let xs = &nums[(i * per).min(max - per)..(i * per).min(max - per) + per];
-                    body.push_str(&format!(
-                        "List {label}: {}\n",
-                        xs.iter()
-                            .map(|x| x.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                    let (word, v) = if wants[i] {
-                        ("largest", xs.iter().max().copied().unwrap_or(0))
-                    } else {
-                        ("smallest", xs.iter().min().copied().unwrap_or(0))
-                    };
-                    ts.push(turn(
-                        format!("What is the {word} number in list {label}?"),
-                        &format!("The {word} number in list {label} is"),
-                        v.to_string(),
-                        16,
-                    ));
-                }
-                conv("Here are some lists of numbers.", body, ts)
-            })?
-        }
-        "many_shot" => {
-            let mut labels: Vec<String> = Vec::new();
-            while labels.len() < TOPICS.len() {
-                let l = words::coined(&mut rng, 2);
-                if !labels.contains(&l) {
-                    labels.push(l);
-                }
-            }
-            let example = |rng: &mut Rng| {
-                let t = rng.below(TOPICS.len());
-                let noun = rng.choose(TOPICS[t].1);
-                let adj = rng.choose(words::ADJECTIVES);
-                let place = rng.choose(words::NOUNS);
-                (format!("A {adj} {noun} was found near the {place}."), t)
-            };
-            let max = target / 12 + 8;
-            let shots: Vec<(String, usize)> = (0..max).map(|_| example(&mut rng)).collect();
-            let queries: Vec<(String, usize)> = (0..turns).map(|_| example(&mut rng)).collect();
-            let ts: Vec<Turn> = queries
-                .iter()
-                .map(|(q, t)| {
-                    turn(
-                        format!("Give the label of this input, using the labels of the examples above.\nInput: {q}"),
-                        "Label:",
-                        labels[*t].clone(),
-                        8,
-                    )
-                })
-                .collect();
-            fit_conversation(p, target, max, |n| {
-                let body: Vec<String> = shots[..n]
-                    .iter()
-                    .map(|(s, t)| format!("Input: {s}\nLabel: {}", labels[*t]))
-                    .collect();
-                conv("Here are labelled examples.", body.join("\n\n"), ts.clone())
-            })?
-        }
-        _ => bail!(
+    let Some(&(_, make)) = GENERATORS.iter().find(|(n, _)| *n == task) else {
+        bail!(
             "unknown SCBench task '{task}' (valid: {})",
             TASKS.join(", ")
-        ),
+        );
+    };
+    let mut g = Gen {
+        p,
+        rng,
+        fracs,
+        mode,
+        turns,
+        target,
     };
     Ok(Case {
         meta: CaseMeta {
@@ -327,6 +191,216 @@ pub fn case(
             sample,
             seed,
         },
-        conv: c,
+        conv: make(&mut g, hays)?,
     })
+}
+
+/// A JSON object of UUID keys → UUID values; each turn asks for one key's value.
+fn kv(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
+    let (target, turns) = (g.target, g.turns);
+    let max = target / 30 + turns + 8;
+    let pairs: Vec<(String, String)> = (0..max).map(|_| (g.rng.uuid(), g.rng.uuid())).collect();
+    let g = &*g;
+    let (c, _) = fit_conversation(g.p, target, max, |n| {
+        let n = n.max(turns);
+        let body: Vec<String> = pairs[..n]
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": \"{v}\""))
+            .collect();
+        let ts = spread(&g.fracs, n)
+            .into_iter()
+            .map(|i| {
+                turn(
+                    format!(
+                        "Extract the value corresponding to the specified key in the JSON object above. \
+                         Key: \"{}\"",
+                        pairs[i].0
+                    ),
+                    "The value associated with the specified key is:",
+                    pairs[i].1.clone(),
+                    50,
+                )
+            })
+            .collect();
+        g.conv("JSON data:", format!("{{{}}}", body.join(", ")), ts)
+    })?;
+    Ok(c)
+}
+
+/// A list of random strings; each turn asks for the one with a given prefix and suffix.
+fn prefix_suffix(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
+    let (target, turns) = (g.target, g.turns);
+    let max = target / 6 + turns + 8;
+    let items: Vec<String> = (0..max)
+        .map(|_| {
+            (0..16)
+                .map(|_| (b'a' + g.rng.below(26) as u8) as char)
+                .collect()
+        })
+        .collect();
+    let g = &*g;
+    let (c, _) = fit_conversation(g.p, target, max, |n| {
+        let n = n.max(turns);
+        let ts = spread(&g.fracs, n)
+            .into_iter()
+            .map(|i| {
+                let s = &items[i];
+                turn(
+                    format!(
+                        "Which string in the list above starts with \"{}\" and ends with \"{}\"?",
+                        &s[..4],
+                        &s[12..]
+                    ),
+                    "The string is:",
+                    s.clone(),
+                    24,
+                )
+            })
+            .collect();
+        g.conv("Here is a list of strings.", items[..n].join("\n"), ts)
+    })?;
+    Ok(c)
+}
+
+/// One three-hop variable chain per turn hidden in noise; each turn asks for every variable holding its value.
+fn vt(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
+    let (target, turns) = (g.target, g.turns);
+    let rng = &mut g.rng;
+    let mut names: Vec<String> = Vec::new();
+    while names.len() < turns * 4 {
+        let v: String = (0..5)
+            .map(|_| (b'A' + rng.below(26) as u8) as char)
+            .collect();
+        if !names.contains(&v) {
+            names.push(v);
+        }
+    }
+    let mut placed: Vec<(f64, String)> = Vec::new();
+    let mut ts = Vec::new();
+    for c in 0..turns {
+        let chain = &names[c * 4..c * 4 + 4];
+        let value = rng.range(10_000, 99_999).to_string();
+        let mut depths: Vec<f64> = (0..4).map(|_| rng.unit() * 100.0).collect();
+        depths.sort_by(f64::total_cmp);
+        placed.push((depths[0], format!("VAR {} = {value}.", chain[0])));
+        for h in 1..4 {
+            placed.push((
+                depths[h],
+                format!("VAR {} = VAR {}.", chain[h], chain[h - 1]),
+            ));
+        }
+        ts.push(Turn {
+            question: format!("Find all variables that are assigned the value {value} in the text above."),
+            answer_prefix: format!(
+                "According to the chains of variable assignment in the text above, the variables assigned \
+                 the value {value} are:"
+            ),
+            gold: chain.join(", "),
+            refs: chain.to_vec(),
+            metric: Metric::StringMatchAll,
+            max_new: 30,
+        });
+    }
+    let hay = hays.get(Source::Noise, target)?;
+    let g = &*g;
+    let (c, _) = fit_conversation(g.p, target, hay.words(), |n| {
+        g.conv(
+            "Memorize and track the chains of variable assignment hidden in the following text.",
+            insert_needles(hay.prefix(n), &placed),
+            ts.clone(),
+        )
+    })?;
+    Ok(c)
+}
+
+/// One named list of integers per turn; each turn asks for its largest or smallest number.
+fn mf(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
+    let (target, turns) = (g.target, g.turns);
+    let max = target / 2 + 8;
+    let nums: Vec<u64> = (0..max).map(|_| g.rng.range(1, 99_999)).collect();
+    let labels: Vec<String> = words::distinct_keys(&mut g.rng, turns);
+    let wants: Vec<bool> = (0..turns).map(|_| g.rng.below(2) == 0).collect();
+    let g = &*g;
+    let (c, _) = fit_conversation(g.p, target, max, |n| {
+        let per = (n / turns).max(2);
+        let mut body = String::new();
+        let mut ts = Vec::new();
+        for (i, label) in labels.iter().enumerate() {
+            let xs = &nums[(i * per).min(max - per)..(i * per).min(max - per) + per];
+            body.push_str(&format!(
+                "List {label}: {}\n",
+                xs.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            let (word, v) = if wants[i] {
+                ("largest", xs.iter().max().copied().unwrap_or(0))
+            } else {
+                ("smallest", xs.iter().min().copied().unwrap_or(0))
+            };
+            ts.push(turn(
+                format!("What is the {word} number in list {label}?"),
+                &format!("The {word} number in list {label} is"),
+                v.to_string(),
+                16,
+            ));
+        }
+        g.conv("Here are some lists of numbers.", body, ts)
+    })?;
+    Ok(c)
+}
+
+/// In-context classification with made-up labels, each standing for a topic; each turn classifies a new input.
+fn many_shot(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
+    let (target, turns) = (g.target, g.turns);
+    let rng = &mut g.rng;
+    let mut labels: Vec<String> = Vec::new();
+    while labels.len() < TOPICS.len() {
+        let l = words::coined(rng, 2);
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let example = |rng: &mut Rng| {
+        let t = rng.below(TOPICS.len());
+        let noun = rng.choose(TOPICS[t].1);
+        let adj = rng.choose(words::ADJECTIVES);
+        let place = rng.choose(words::NOUNS);
+        (format!("A {adj} {noun} was found near the {place}."), t)
+    };
+    let max = target / 12 + 8;
+    let shots: Vec<(String, usize)> = (0..max).map(|_| example(rng)).collect();
+    let queries: Vec<(String, usize)> = (0..turns).map(|_| example(rng)).collect();
+    let ts: Vec<Turn> = queries
+        .iter()
+        .map(|(q, t)| {
+            turn(
+                format!("Give the label of this input, using the labels of the examples above.\nInput: {q}"),
+                "Label:",
+                labels[*t].clone(),
+                8,
+            )
+        })
+        .collect();
+    let g = &*g;
+    let (c, _) = fit_conversation(g.p, target, max, |n| {
+        let body: Vec<String> = shots[..n]
+            .iter()
+            .map(|(s, t)| format!("Input: {s}\nLabel: {}", labels[*t]))
+            .collect();
+        g.conv("Here are labelled examples.", body.join("\n\n"), ts.clone())
+    })?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_has_a_generator() {
+        let names: Vec<&str> = GENERATORS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, TASKS);
+    }
 }
