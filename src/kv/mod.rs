@@ -19,13 +19,12 @@
 //! - **Compact key channels** (ThinK, [`KvCache::prune_key_channels`]): a stream may keep only some key channels; its
 //!   blocks then store only those (the memory is freed), new entries store only those, and attention computes q·k over
 //!   them. Values keep every channel.
-
 //!
 //! The code is split the way a block engine separates its allocator from its block tables:
-//! - [`pool`]: the blocks themselves, their free lists and the byte counter;
-//! - [`format`]: what a block holds (f16, f32, KIVI-quantized, compact key channels), how it is read, and how entries
+//! - `pool`: the blocks themselves, their free lists and the byte counter;
+//! - `format`: what a block holds (f16, f32, KIVI-quantized, compact key channels), how it is read, and how entries
 //!   are converted between formats ([`quant`] holds the KIVI math);
-//! - [`streams`]: [`KvCache`], the per (layer, KV head) block tables and everything callers do with them.
+//! - `streams`: [`KvCache`], the per (layer, KV head) block tables and everything callers do with them.
 //!
 //! This file holds the configuration types.
 

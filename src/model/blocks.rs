@@ -240,7 +240,7 @@ pub(crate) fn output_logits(
 // ---------------------------------------------------------------------------------------------------------------------
 // Element-wise ops
 
-/// out[t] = x[t] / rms(x[t]) ⊙ w, for each row of length w.len().
+/// `out[t] = x[t] / rms(x[t]) ⊙ w`, for each row of length `w.len()`.
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let d = w.len();
     for (o, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
