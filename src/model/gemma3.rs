@@ -9,30 +9,22 @@ use std::ops::Range;
 
 use anyhow::{bail, Result};
 
-use super::llama::add_inplace;
-use super::{
-    apply_rope, gelu_tanh, load_matrix, load_vector, mask_heads, meta_usize, rmsnorm,
-    rmsnorm_inplace, rope_tables, warn_past_context, Arch, ModelConfig, RopeStyle, Scratch,
+use super::blocks::{
+    self, add_residual, gelu_tanh, norm_input, rmsnorm_inplace, rope_tables, Attention, GatedFfn,
 };
-use crate::attention::{attend, AttnParams};
+use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch};
 use crate::gguf::GgufFile;
-use crate::kernels::{matmul, QMatrix};
+use crate::kernels::QMatrix;
 use crate::kv::KvCache;
 
 pub struct Gemma3Layer {
-    pub attn_norm: Vec<f32>,      // dim
-    pub wq: QMatrix,              // n_heads·hd × dim
-    pub wk: QMatrix,              // n_kv·hd × dim
-    pub wv: QMatrix,              // n_kv·hd × dim
-    pub q_norm: Vec<f32>,         // hd
-    pub k_norm: Vec<f32>,         // hd
-    pub wo: QMatrix,              // dim × n_heads·hd
+    pub attn_norm: Vec<f32>, // dim
+    /// With QK-norm.
+    pub attn: Attention,
     pub post_attn_norm: Vec<f32>, // dim
     pub ffn_norm: Vec<f32>,       // dim
-    pub w_gate: QMatrix,          // ffn × dim
-    pub w_up: QMatrix,            // ffn × dim
-    pub w_down: QMatrix,          // dim × ffn
-    pub post_ffn_norm: Vec<f32>,  // dim
+    pub ffn: GatedFfn,
+    pub post_ffn_norm: Vec<f32>, // dim
 }
 
 pub struct Gemma3 {
@@ -109,23 +101,15 @@ impl Gemma3 {
             Some("linear") => g.opt_f64("gemma3.rope.scaling.factor").unwrap_or(1.0) as f32,
             _ => 1.0,
         };
-        let kvd = n_kv_heads * hd;
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Gemma3Layer {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
-                wq: load_matrix(g, &n("attn_q"), n_heads * hd, dim)?,
-                wk: load_matrix(g, &n("attn_k"), kvd, dim)?,
-                wv: load_matrix(g, &n("attn_v"), kvd, dim)?,
-                q_norm: load_vector(g, &n("attn_q_norm"), hd)?,
-                k_norm: load_vector(g, &n("attn_k_norm"), hd)?,
-                wo: load_matrix(g, &n("attn_output"), dim, n_heads * hd)?,
+                attn: Attention::load(g, i, &cfg, true)?,
                 post_attn_norm: load_vector(g, &n("post_attention_norm"), dim)?,
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
-                w_gate: load_matrix(g, &n("ffn_gate"), ffn_dim, dim)?,
-                w_up: load_matrix(g, &n("ffn_up"), ffn_dim, dim)?,
-                w_down: load_matrix(g, &n("ffn_down"), dim, ffn_dim)?,
+                ffn: GatedFfn::load(g, i, &cfg)?,
                 post_ffn_norm: load_vector(g, &n("post_ffw_norm"), dim)?,
             });
         }
@@ -142,44 +126,23 @@ impl Gemma3 {
         let l: usize = self
             .layers
             .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|m| m.n_bytes())
-                    .sum::<usize>()
-            })
+            .map(|l| l.attn.n_bytes() + l.ffn.n_bytes())
             .sum();
         l + self.tok_embd.n_bytes()
     }
 
+    /// Runs the chunk `tokens` (at positions `pos`) through every layer, appending its keys and values to `cache`;
+    /// the final residual stream stays in `s.x`.
     pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
         let c = &self.cfg;
-        let n = tokens.len();
-        assert!(
-            n <= s.cap,
-            "chunk of {n} tokens exceeds scratch capacity {}",
-            s.cap
-        );
-        warn_past_context(pos, c.ctx_len);
-        let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim_k, c.n_heads, c.n_kv_heads, c.ffn_dim);
-        let half = c.rope_dim / 2;
-
+        let (n, dim, half) = (tokens.len(), c.dim, c.rope_dim / 2);
         // x: n × dim ← token embeddings · sqrt(dim)
-        for (t, &tok) in tokens.iter().enumerate() {
-            let row = &mut s.x[t * dim..(t + 1) * dim];
-            self.tok_embd.dequantize_row(tok as usize, row);
-            row.iter_mut().for_each(|v| *v *= c.embed_scale);
-        }
-        // Two RoPE tables: global layers (base 1e6, optionally linearly scaled) and local layers (base 1e4).
+        blocks::embed(&self.tok_embd, c, tokens, pos, s);
+        // Two RoPE tables (n × rope_dim/2 each): global layers (base 1e6, optionally linearly scaled) and local layers
+        // (base 1e4).
         let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]);
-        rope_tables(
-            pos,
-            c.rope_dim,
-            c.rope_base,
-            1.0 / self.rope_scale_global,
-            cos,
-            sin,
-        );
+        let scale = 1.0 / self.rope_scale_global;
+        rope_tables(pos, c.rope_dim, c.rope_base, scale, cos, sin);
         let (cos, sin) = (
             &mut s.rope_cos_local[..n * half],
             &mut s.rope_sin_local[..n * half],
@@ -188,104 +151,25 @@ impl Gemma3 {
 
         for (li, l) in self.layers.iter().enumerate() {
             let local = c.layer_is_local[li];
-            // Attention block.
-            rmsnorm(
-                &mut s.xb[..n * dim],
-                &s.x[..n * dim],
-                &l.attn_norm,
-                c.rms_eps,
-            );
-            let xb = &s.xb[..n * dim];
-            matmul(&l.wq, xb, n, &mut s.q[..n * nh * hd], &mut s.mm); // q: n × nh·hd
-            matmul(&l.wk, xb, n, &mut s.k[..n * nkv * hd], &mut s.mm); // k: n × nkv·hd
-            matmul(&l.wv, xb, n, &mut s.v[..n * nkv * hd], &mut s.mm); // v: n × nkv·hd
-            rmsnorm_inplace(&mut s.q[..n * nh * hd], &l.q_norm, c.rms_eps);
-            rmsnorm_inplace(&mut s.k[..n * nkv * hd], &l.k_norm, c.rms_eps);
-            let (cos, sin) = if local {
-                (&s.rope_cos_local[..n * half], &s.rope_sin_local[..n * half])
-            } else {
-                (&s.rope_cos[..n * half], &s.rope_sin[..n * half])
-            };
-            apply_rope(
-                &mut s.q[..n * nh * hd],
-                nh,
-                hd,
-                c.rope_style,
-                cos,
-                sin,
-                c.rope_dim,
-            );
-            apply_rope(
-                &mut s.k[..n * nkv * hd],
-                nkv,
-                hd,
-                c.rope_style,
-                cos,
-                sin,
-                c.rope_dim,
-            );
-            s.obs.record(li, &s.q[..n * nh * hd], pos);
-            cache.append(li, pos, &s.k[..n * nkv * hd], &s.v[..n * nkv * hd]);
-            let params = AttnParams {
-                n_q_heads: nh,
-                scale: c.attn_scale,
-                window: if local { c.sliding_window } else { None },
-                softcap: None,
-            };
-            attend(
-                cache,
-                li,
-                &s.q[..n * nh * hd],
-                pos,
-                &mut s.att[..n * nh * hd],
-                &params,
-                &mut s.attn,
-            );
-            mask_heads(&mut s.att[..n * nh * hd], nh, hd, &s.head_mask, li);
-            matmul(
-                &l.wo,
-                &s.att[..n * nh * hd],
-                n,
-                &mut s.xo[..n * dim],
-                &mut s.mm,
-            );
-            rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_attn_norm, c.rms_eps);
-            add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
+            // Attention block: x += RMSNorm(Wo · attention(RoPE(QKnorm(Wq·xb)), RoPE(QKnorm(Wk·xb)), Wv·xb)),
+            // xb = RMSNorm(x); local layers see the sliding window only.
+            norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
+            l.attn.forward(c, li, pos, local, cache, s); // xo: n × dim
+            rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_attn_norm, c.rms_eps); // xo ← RMSNorm(xo)
+            add_residual(s, n, dim); // x: n × dim += xo
 
-            // Feed-forward block (GeGLU).
-            rmsnorm(
-                &mut s.xb[..n * dim],
-                &s.x[..n * dim],
-                &l.ffn_norm,
-                c.rms_eps,
-            );
-            matmul(
-                &l.w_gate,
-                &s.xb[..n * dim],
-                n,
-                &mut s.hb[..n * f],
-                &mut s.mm,
-            ); // hb: n × ffn
-            matmul(&l.w_up, &s.xb[..n * dim], n, &mut s.hb2[..n * f], &mut s.mm); // hb2: n × ffn
-            for (g, u) in s.hb[..n * f].iter_mut().zip(&s.hb2[..n * f]) {
-                *g = gelu_tanh(*g) * u;
-            }
-            matmul(
-                &l.w_down,
-                &s.hb[..n * f],
-                n,
-                &mut s.xo[..n * dim],
-                &mut s.mm,
-            );
-            rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_ffn_norm, c.rms_eps);
-            add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
+            // Feed-forward block (GeGLU): x += RMSNorm(Wdown · (gelu(Wgate·xb) ⊙ Wup·xb)), xb = RMSNorm(x).
+            norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
+            l.ffn.forward(c, n, gelu_tanh, s); // xo: n × dim
+            rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_ffn_norm, c.rms_eps); // xo ← RMSNorm(xo)
+            add_residual(s, n, dim); // x: n × dim += xo
         }
     }
 
     /// Logits of rows `rows` of the last chunk (its residual stream is still in `s.x`) into `s.logits`.
     pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
         let c = &self.cfg;
-        super::output_logits(
+        blocks::output_logits(
             &self.out_norm,
             &self.tok_embd,
             c.rms_eps,

@@ -7,25 +7,17 @@ use std::ops::Range;
 
 use anyhow::{bail, Result};
 
-use super::{
-    apply_rope, load_matrix, load_vector, mask_heads, meta_usize, rmsnorm, rope_tables, silu,
-    warn_past_context, Arch, ModelConfig, RopeStyle, Scratch,
-};
-use crate::attention::{attend, AttnParams};
+use super::blocks::{self, add_residual, norm_input, rope_tables, silu, Attention, GatedFfn};
+use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch};
 use crate::gguf::GgufFile;
-use crate::kernels::{matmul, QMatrix};
+use crate::kernels::QMatrix;
 use crate::kv::KvCache;
 
 pub struct LlamaLayer {
     pub attn_norm: Vec<f32>, // dim
-    pub wq: QMatrix,         // n_heads·hd × dim
-    pub wk: QMatrix,         // n_kv·hd × dim
-    pub wv: QMatrix,         // n_kv·hd × dim
-    pub wo: QMatrix,         // dim × n_heads·hd
-    pub ffn_norm: Vec<f32>,  // dim
-    pub w_gate: QMatrix,     // ffn × dim
-    pub w_up: QMatrix,       // ffn × dim
-    pub w_down: QMatrix,     // dim × ffn
+    pub attn: Attention,
+    pub ffn_norm: Vec<f32>, // dim
+    pub ffn: GatedFfn,
 }
 
 pub struct Llama {
@@ -81,20 +73,14 @@ impl Llama {
             attn_scale: 1.0 / (hd as f32).sqrt(),
             embed_scale: 1.0,
         };
-        let kvd = n_kv_heads * hd;
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(LlamaLayer {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
-                wq: load_matrix(g, &n("attn_q"), n_heads * hd, dim)?,
-                wk: load_matrix(g, &n("attn_k"), kvd, dim)?,
-                wv: load_matrix(g, &n("attn_v"), kvd, dim)?,
-                wo: load_matrix(g, &n("attn_output"), dim, n_heads * hd)?,
+                attn: Attention::load(g, i, &cfg, false)?,
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
-                w_gate: load_matrix(g, &n("ffn_gate"), ffn_dim, dim)?,
-                w_up: load_matrix(g, &n("ffn_up"), ffn_dim, dim)?,
-                w_down: load_matrix(g, &n("ffn_down"), dim, ffn_dim)?,
+                ffn: GatedFfn::load(g, i, &cfg)?,
             });
         }
         let output = match g.tensor_info("output.weight") {
@@ -115,11 +101,7 @@ impl Llama {
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|m| m.n_bytes())
-                    .sum::<usize>()
-                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+                l.attn.n_bytes() + l.ffn.n_bytes() + 4 * (l.attn_norm.len() + l.ffn_norm.len())
             })
             .sum();
         l + self.tok_embd.n_bytes()
@@ -127,124 +109,33 @@ impl Llama {
             + 4 * self.out_norm.len()
     }
 
+    /// Runs the chunk `tokens` (at positions `pos`) through every layer, appending its keys and values to `cache`;
+    /// the final residual stream stays in `s.x`.
     pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
         let c = &self.cfg;
-        let n = tokens.len();
-        assert!(
-            n <= s.cap,
-            "chunk of {n} tokens exceeds scratch capacity {}",
-            s.cap
-        );
-        warn_past_context(pos, c.ctx_len);
-        let (dim, hd, nh, nkv) = (c.dim, c.head_dim_k, c.n_heads, c.n_kv_heads);
-        let half = c.rope_dim / 2;
-
+        let (n, dim, half) = (tokens.len(), c.dim, c.rope_dim / 2);
         // x: n × dim ← token embeddings
-        for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd
-                .dequantize_row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
-        }
-        rope_tables(
-            pos,
-            c.rope_dim,
-            c.rope_base,
-            1.0,
-            &mut s.rope_cos[..n * half],
-            &mut s.rope_sin[..n * half],
-        );
-        let params = AttnParams {
-            n_q_heads: nh,
-            scale: c.attn_scale,
-            window: None,
-            softcap: None,
-        };
+        blocks::embed(&self.tok_embd, c, tokens, pos, s);
+        let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]); // n × rope_dim/2 each
+        rope_tables(pos, c.rope_dim, c.rope_base, 1.0, cos, sin);
 
         for (li, l) in self.layers.iter().enumerate() {
-            // Attention block.
-            rmsnorm(
-                &mut s.xb[..n * dim],
-                &s.x[..n * dim],
-                &l.attn_norm,
-                c.rms_eps,
-            );
-            let xb = &s.xb[..n * dim];
-            matmul(&l.wq, xb, n, &mut s.q[..n * nh * hd], &mut s.mm); // q: n × nh·hd
-            matmul(&l.wk, xb, n, &mut s.k[..n * nkv * hd], &mut s.mm); // k: n × nkv·hd
-            matmul(&l.wv, xb, n, &mut s.v[..n * nkv * hd], &mut s.mm); // v: n × nkv·hd
-            let (cos, sin) = (&s.rope_cos[..n * half], &s.rope_sin[..n * half]);
-            apply_rope(
-                &mut s.q[..n * nh * hd],
-                nh,
-                hd,
-                c.rope_style,
-                cos,
-                sin,
-                c.rope_dim,
-            );
-            apply_rope(
-                &mut s.k[..n * nkv * hd],
-                nkv,
-                hd,
-                c.rope_style,
-                cos,
-                sin,
-                c.rope_dim,
-            );
-            s.obs.record(li, &s.q[..n * nh * hd], pos);
-            cache.append(li, pos, &s.k[..n * nkv * hd], &s.v[..n * nkv * hd]);
-            attend(
-                cache,
-                li,
-                &s.q[..n * nh * hd],
-                pos,
-                &mut s.att[..n * nh * hd],
-                &params,
-                &mut s.attn,
-            );
-            mask_heads(&mut s.att[..n * nh * hd], nh, hd, &s.head_mask, li);
-            matmul(
-                &l.wo,
-                &s.att[..n * nh * hd],
-                n,
-                &mut s.xo[..n * dim],
-                &mut s.mm,
-            );
-            add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
+            // Attention block: x += Wo · attention(RoPE(Wq·xb), RoPE(Wk·xb), Wv·xb), xb = RMSNorm(x).
+            norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
+            l.attn.forward(c, li, pos, false, cache, s); // xo: n × dim
+            add_residual(s, n, dim); // x: n × dim += xo
 
-            // Feed-forward block.
-            rmsnorm(
-                &mut s.xb[..n * dim],
-                &s.x[..n * dim],
-                &l.ffn_norm,
-                c.rms_eps,
-            );
-            let f = c.ffn_dim;
-            matmul(
-                &l.w_gate,
-                &s.xb[..n * dim],
-                n,
-                &mut s.hb[..n * f],
-                &mut s.mm,
-            ); // hb: n × ffn
-            matmul(&l.w_up, &s.xb[..n * dim], n, &mut s.hb2[..n * f], &mut s.mm); // hb2: n × ffn
-            for (g, u) in s.hb[..n * f].iter_mut().zip(&s.hb2[..n * f]) {
-                *g = silu(*g) * u;
-            }
-            matmul(
-                &l.w_down,
-                &s.hb[..n * f],
-                n,
-                &mut s.xo[..n * dim],
-                &mut s.mm,
-            );
-            add_inplace(&mut s.x[..n * dim], &s.xo[..n * dim]);
+            // Feed-forward block (SwiGLU): x += Wdown · (silu(Wgate·xb) ⊙ Wup·xb), xb = RMSNorm(x).
+            norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
+            l.ffn.forward(c, n, silu, s); // xo: n × dim
+            add_residual(s, n, dim); // x: n × dim += xo
         }
     }
 
     /// Logits of rows `rows` of the last chunk (its residual stream is still in `s.x`) into `s.logits`.
     pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
         let c = &self.cfg;
-        super::output_logits(
+        blocks::output_logits(
             &self.out_norm,
             self.output.as_ref().unwrap_or(&self.tok_embd),
             c.rms_eps,
@@ -253,11 +144,5 @@ impl Llama {
             s,
             rows,
         );
-    }
-}
-
-pub(crate) fn add_inplace(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }

@@ -1,11 +1,15 @@
 //! Models: one file per architecture (`llama`, `gemma3`), each a plain struct of weights and a forward pass that reads top
-//! to bottom. This module holds what they share: the hyper-parameters, weight loading, the per-chunk scratch buffers and
-//! the small element-wise ops (RMSNorm, RoPE, activations).
+//! to bottom. What they share: this module holds the hyper-parameters, weight loading and the per-chunk scratch buffers;
+//! [`blocks`] the layer blocks (attention, gated feed-forward, embedding, output head) and the element-wise ops
+//! (RMSNorm, RoPE, activations).
 
+pub mod blocks;
 pub mod gemma3;
 pub mod llama;
 pub mod query_window;
 pub mod testutil;
+
+pub use blocks::{apply_rope, gelu_tanh, mask_heads, rmsnorm, rmsnorm_inplace, rope_tables, silu};
 
 use std::ops::Range;
 use std::path::Path;
@@ -14,7 +18,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::attention::AttnScratch;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
-use crate::kernels::{matmul, MatmulScratch, QMatrix};
+use crate::kernels::{MatmulScratch, QMatrix};
 use crate::kv::{KvCache, KvConfig, KvDtype};
 pub use query_window::QueryWindow;
 
@@ -214,39 +218,6 @@ impl Scratch {
     }
 }
 
-/// Final norm and output projection for rows `rows` of the chunk in `s.x`.
-pub(crate) fn output_logits(
-    norm: &[f32],
-    out: &QMatrix,
-    eps: f32,
-    dim: usize,
-    vocab: usize,
-    s: &mut Scratch,
-    rows: Range<usize>,
-) {
-    let nr = rows.len();
-    assert!(
-        rows.end <= s.cap && nr * vocab <= s.logits.len(),
-        "logit rows {rows:?} out of range"
-    );
-    if nr == 0 {
-        return;
-    }
-    rmsnorm(
-        &mut s.xb[..nr * dim],
-        &s.x[rows.start * dim..rows.end * dim],
-        norm,
-        eps,
-    );
-    matmul(
-        out,
-        &s.xb[..nr * dim],
-        nr,
-        &mut s.logits[..nr * vocab],
-        &mut s.mm,
-    );
-}
-
 // ---------------------------------------------------------------------------------------------------------------------
 // Loading helpers
 
@@ -298,122 +269,4 @@ pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f3
 
 pub(crate) fn meta_usize(g: &GgufFile, arch: &str, key: &str) -> Result<usize> {
     Ok(g.req_u64(&format!("{arch}.{key}"))? as usize)
-}
-
-// ---------------------------------------------------------------------------------------------------------------------
-// Element-wise ops
-
-/// out[t] = x[t] / rms(x[t]) ⊙ w, for each row of length w.len().
-pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
-    let d = w.len();
-    for (o, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ss + eps).sqrt();
-        for ((oi, xi), wi) in o.iter_mut().zip(xr).zip(w) {
-            *oi = xi * inv * wi;
-        }
-    }
-}
-
-/// In-place RMSNorm of every `w.len()`-sized piece of `x` (per-head norm).
-pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
-    let d = w.len();
-    for xr in x.chunks_exact_mut(d) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ss + eps).sqrt();
-        for (xi, wi) in xr.iter_mut().zip(w) {
-            *xi = *xi * inv * wi;
-        }
-    }
-}
-
-/// Fills cos/sin tables (n_tok × rope_dim/2) for positions `pos` with angles pos · freq_scale · base^(−2i/rope_dim)
-/// (freq_scale < 1 is linear RoPE scaling). Angles are computed in f64 and rounded once, so there is no cap on
-/// positions and no drift at large ones.
-pub fn rope_tables(
-    pos: &[u32],
-    rope_dim: usize,
-    base: f32,
-    freq_scale: f32,
-    cos: &mut [f32],
-    sin: &mut [f32],
-) {
-    let half = rope_dim / 2;
-    for (t, &p) in pos.iter().enumerate() {
-        for i in 0..half {
-            let freq = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
-            let a = p as f64 * freq * freq_scale as f64;
-            cos[t * half + i] = a.cos() as f32;
-            sin[t * half + i] = a.sin() as f32;
-        }
-    }
-}
-
-/// Rotates every head of every token. `x`: n_tok × n_heads × head_dim; the first rope_dim dims of a head rotate.
-pub fn apply_rope(
-    x: &mut [f32],
-    n_heads: usize,
-    head_dim: usize,
-    style: RopeStyle,
-    cos: &[f32],
-    sin: &[f32],
-    rope_dim: usize,
-) {
-    let half = rope_dim / 2;
-    for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
-        let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-        for head in tok.chunks_exact_mut(head_dim) {
-            match style {
-                RopeStyle::Norm => {
-                    for i in 0..half {
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * c[i] - b * s[i];
-                        head[2 * i + 1] = a * s[i] + b * c[i];
-                    }
-                }
-                RopeStyle::Neox => {
-                    for i in 0..half {
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * c[i] - b * s[i];
-                        head[i + half] = a * s[i] + b * c[i];
-                    }
-                }
-            }
-        }
-    }
-}
-
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// GELU, tanh approximation (what Gemma's `gelu_pytorch_tanh` and ggml's gelu compute).
-pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
-}
-
-/// Warns once when a position goes past the context the model was trained for.
-pub(crate) fn warn_past_context(pos: &[u32], ctx_len: usize) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    if pos.last().is_some_and(|&p| p as usize >= ctx_len) && !WARNED.swap(true, Ordering::Relaxed) {
-        eprintln!(
-            "warning: position {} is past the model's trained context of {ctx_len} tokens",
-            pos[pos.len() - 1]
-        );
-    }
-}
-
-/// Zeroes the attention output (n tokens × n_heads × head_dim) of the query heads of `layer` that `mask` marks.
-pub fn mask_heads(att: &mut [f32], n_heads: usize, head_dim: usize, mask: &[bool], layer: usize) {
-    if mask.is_empty() {
-        return;
-    }
-    let m = &mask[layer * n_heads..(layer + 1) * n_heads];
-    for row in att.chunks_exact_mut(n_heads * head_dim) {
-        for (h, _) in m.iter().enumerate().filter(|(_, &x)| x) {
-            row[h * head_dim..(h + 1) * head_dim].fill(0.0);
-        }
-    }
 }

@@ -1,0 +1,541 @@
+//! Block formats: what one block holds, how attention and readers see it, and how entries move between formats.
+//!
+//! A block holds `block_tokens` entries of one stream in one of three formats ([`BlockData`]): f16, f32, or
+//! KIVI-quantized ([`QBlock`]; the math is in [`quant`]). Independently, its keys may keep only some channels
+//! (ThinK's compact format), which changes their row count, not their layout. The pair (quantized or not, stored key
+//! channels) is a block's [`Shape`]: blocks of the same shape are interchangeable in the pool.
+//!
+//! Entries change format through the [`Stage`]: up to one block's entries are loaded from any format (keys as f32,
+//! values as f32 rows or still-encoded rows of a quantized block) and stored into a block of any format.
+
+use half::f16;
+
+use super::quant::{self, QBlock};
+use super::{KvConfig, KvDtype};
+
+/// Keys and values of one block. Keys are stored transposed, `k[d · block_tokens + slot]`, so attention scores a whole
+/// block with contiguous vector loads; values are row-major, `v[slot · head_dim_v + d]`. A stream with pruned key
+/// channels stores only its kept channels (`d` indexes [`BlockView::channels`]).
+#[derive(Clone)]
+pub enum BlockData {
+    F16 {
+        k: Box<[f16]>,
+        v: Box<[f16]>,
+    },
+    F32 {
+        k: Box<[f32]>,
+        v: Box<[f32]>,
+    },
+    /// A KIVI-quantized full block.
+    Quant(QBlock),
+}
+
+#[derive(Clone)]
+pub struct Block {
+    pub data: BlockData,
+    /// Absolute position of each entry (what RoPE was applied with), for masks.
+    pub pos: Box<[u32]>,
+}
+
+/// What a block holds: quantized or not, and how many key channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Shape {
+    pub(super) quant: bool,
+    pub(super) hk: usize,
+}
+
+impl Shape {
+    /// Bytes of a block of this shape (keys, values and positions).
+    pub(super) fn bytes(self, cfg: &KvConfig) -> usize {
+        if self.quant {
+            cfg.quant_block_bytes(self.hk)
+        } else {
+            ((self.hk + cfg.head_dim_v) * cfg.dtype.bytes() + 4) * cfg.block_tokens
+        }
+    }
+}
+
+impl Block {
+    /// A zeroed block of `shape`, full precision in `cfg.dtype` or quantized with its bits.
+    pub(super) fn new(cfg: &KvConfig, shape: Shape) -> Self {
+        let (bt, hv) = (cfg.block_tokens, cfg.head_dim_v);
+        let data = if shape.quant {
+            let bits = cfg.dtype.quant_bits().expect("quantized shape needs KIVI");
+            BlockData::Quant(QBlock::new(bits, shape.hk, hv, bt))
+        } else if cfg.dtype == KvDtype::F32 {
+            BlockData::F32 {
+                k: vec![0.0; bt * shape.hk].into_boxed_slice(),
+                v: vec![0.0; bt * hv].into_boxed_slice(),
+            }
+        } else {
+            BlockData::F16 {
+                k: vec![f16::ZERO; bt * shape.hk].into_boxed_slice(),
+                v: vec![f16::ZERO; bt * hv].into_boxed_slice(),
+            }
+        };
+        Block {
+            data,
+            pos: vec![0; bt].into_boxed_slice(),
+        }
+    }
+
+    /// The shape this block was made with (or pruned to), for blocks of `bt` entries.
+    pub(super) fn shape(&self, bt: usize) -> Shape {
+        match &self.data {
+            BlockData::F16 { k, .. } => Shape {
+                quant: false,
+                hk: k.len() / bt,
+            },
+            BlockData::F32 { k, .. } => Shape {
+                quant: false,
+                hk: k.len() / bt,
+            },
+            BlockData::Quant(q) => Shape {
+                quant: true,
+                hk: q.k_ms.len() / 2,
+            },
+        }
+    }
+
+    /// Writes one full-precision entry at `slot` (its position is the caller's); f16 → f32 → f16 round trips exactly,
+    /// so moving entries loses nothing. `k` holds every channel; a stream with pruned channels stores only `channels`.
+    pub(super) fn write_entry(
+        &mut self,
+        slot: usize,
+        bt: usize,
+        k: &[f32],
+        v: &[f32],
+        channels: Option<&[u16]>,
+    ) {
+        let hv = v.len();
+        match &mut self.data {
+            BlockData::F16 { k: bk, v: bv } => {
+                match channels {
+                    None => k
+                        .iter()
+                        .enumerate()
+                        .for_each(|(d, x)| bk[d * bt + slot] = f16::from_f32(*x)),
+                    Some(ch) => ch
+                        .iter()
+                        .enumerate()
+                        .for_each(|(d, &c)| bk[d * bt + slot] = f16::from_f32(k[c as usize])),
+                }
+                for (y, x) in bv[slot * hv..][..hv].iter_mut().zip(v) {
+                    *y = f16::from_f32(*x);
+                }
+            }
+            BlockData::F32 { k: bk, v: bv } => {
+                match channels {
+                    None => k
+                        .iter()
+                        .enumerate()
+                        .for_each(|(d, x)| bk[d * bt + slot] = *x),
+                    Some(ch) => ch
+                        .iter()
+                        .enumerate()
+                        .for_each(|(d, &c)| bk[d * bt + slot] = k[c as usize]),
+                }
+                bv[slot * hv..][..hv].copy_from_slice(v);
+            }
+            BlockData::Quant(_) => {
+                unreachable!("entries are appended to full-precision blocks only")
+            }
+        }
+    }
+
+    /// Keeps only the stored key rows `rows` (indices into the stored channels, ascending), in a new smaller key
+    /// buffer: the memory of the others is freed. Quantized keys keep their codes and per-channel (min, scale).
+    pub(super) fn keep_key_rows(&mut self, rows: &[usize], bt: usize) {
+        match &mut self.data {
+            BlockData::F16 { k, .. } => *k = gather_rows(k, rows, bt),
+            BlockData::F32 { k, .. } => *k = gather_rows(k, rows, bt),
+            BlockData::Quant(q) => {
+                let kb = bt * q.bits as usize / 8;
+                q.k = gather_rows(&q.k, rows, kb);
+                q.k_ms = gather_rows(&q.k_ms, rows, 2);
+            }
+        }
+    }
+}
+
+/// Copies rows `rows` (each `width` elements) of `src` into a new, smaller box.
+fn gather_rows<T: Copy>(src: &[T], rows: &[usize], width: usize) -> Box<[T]> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&src[r * width..][..width]);
+    }
+    out.into_boxed_slice()
+}
+
+/// A view of one block of a stream: `n` valid entries.
+pub struct BlockView<'a> {
+    pub data: &'a BlockData,
+    pub pos: &'a [u32],
+    pub n: usize,
+    /// Key channels stored per entry (`head_dim_k` unless the stream's key channels were pruned).
+    pub hk: usize,
+    /// Which of the model's key channels are stored, in order; None = all.
+    pub channels: Option<&'a [u16]>,
+    pub(super) bt: usize,
+    pub(super) hv: usize,
+}
+
+impl BlockView<'_> {
+    /// Key of entry `j` as f32, all `head_dim_k` channels (pruned channels read as 0).
+    pub fn read_key(&self, j: usize, out: &mut [f32]) {
+        let bt = self.bt;
+        let stored = |c: usize| match self.data {
+            BlockData::F16 { k, .. } => k[c * bt + j].to_f32(),
+            BlockData::F32 { k, .. } => k[c * bt + j],
+            BlockData::Quant(q) => {
+                let kb = bt * q.bits as usize / 8;
+                quant::decode_one(
+                    &q.k[c * kb..][..kb],
+                    q.bits,
+                    q.k_ms[2 * c],
+                    q.k_ms[2 * c + 1],
+                    j,
+                )
+            }
+        };
+        match self.channels {
+            None => out.iter_mut().enumerate().for_each(|(c, x)| *x = stored(c)),
+            Some(ch) => {
+                out.fill(0.0);
+                for (i, &c) in ch.iter().enumerate() {
+                    out[c as usize] = stored(i);
+                }
+            }
+        }
+    }
+
+    /// Value row of entry `j` as f32.
+    pub fn read_value(&self, j: usize, out: &mut [f32]) {
+        let hv = self.hv;
+        match self.data {
+            BlockData::F16 { v, .. } => out
+                .iter_mut()
+                .zip(&v[j * hv..][..hv])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            BlockData::F32 { v, .. } => out.copy_from_slice(&v[j * hv..][..hv]),
+            BlockData::Quant(q) => q.value(j, out),
+        }
+    }
+}
+
+/// One block's entries in flux (moving between blocks or changing format): keys as f32 (transposed like a block's,
+/// `k[c · block_tokens + slot]`), values as f32 rows or as the codes of a quantized row (copied unchanged into another
+/// quantized block). Sized once for a whole block with every key channel, so staging allocates nothing.
+#[derive(Clone, Default)]
+pub(super) struct Stage {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    vq: Vec<u8>,
+    vms: Vec<f16>,
+    /// Slot `w` holds its value as codes (`vq`, `vms`) rather than as an f32 row.
+    coded: Vec<bool>,
+    pos: Vec<u32>,
+}
+
+impl Stage {
+    pub(super) fn new(cfg: &KvConfig) -> Self {
+        let (bt, hk, hv) = (cfg.block_tokens, cfg.head_dim_k, cfg.head_dim_v);
+        Stage {
+            k: vec![0.0; hk * bt],
+            v: vec![0.0; bt * hv],
+            vq: vec![0; bt * quant::row_bytes(hv, 8)],
+            vms: vec![f16::ZERO; 2 * bt * quant::value_groups(hv)],
+            coded: vec![false; bt],
+            pos: vec![0; bt],
+        }
+    }
+
+    /// Loads entry `j` of `b` (keys with `hk` stored channels) into slot `w`.
+    pub(super) fn load(&mut self, cfg: &KvConfig, hk: usize, b: &Block, j: usize, w: usize) {
+        let (bt, hv) = (cfg.block_tokens, cfg.head_dim_v);
+        self.pos[w] = b.pos[j];
+        match &b.data {
+            BlockData::F16 { k, v } => {
+                for c in 0..hk {
+                    self.k[c * bt + w] = k[c * bt + j].to_f32();
+                }
+                for (x, y) in self.v[w * hv..][..hv].iter_mut().zip(&v[j * hv..][..hv]) {
+                    *x = y.to_f32();
+                }
+                self.coded[w] = false;
+            }
+            BlockData::F32 { k, v } => {
+                for c in 0..hk {
+                    self.k[c * bt + w] = k[c * bt + j];
+                }
+                self.v[w * hv..][..hv].copy_from_slice(&v[j * hv..][..hv]);
+                self.coded[w] = false;
+            }
+            BlockData::Quant(q) => {
+                let kb = bt * q.bits as usize / 8;
+                for c in 0..hk {
+                    let (m, s) = (q.k_ms[2 * c], q.k_ms[2 * c + 1]);
+                    self.k[c * bt + w] = quant::decode_one(&q.k[c * kb..][..kb], q.bits, m, s, j);
+                }
+                let rb = quant::row_bytes(hv, q.bits);
+                let ng = quant::value_groups(hv);
+                self.vq[w * rb..][..rb].copy_from_slice(&q.v[j * rb..][..rb]);
+                self.vms[2 * w * ng..][..2 * ng].copy_from_slice(&q.v_ms[2 * j * ng..][..2 * ng]);
+                self.coded[w] = true;
+            }
+        }
+    }
+
+    /// Replaces slot `slot`'s key and value (its position stays) with a new entry: `k` holds every channel, of which
+    /// a stream with pruned channels keeps `channels`.
+    pub(super) fn put(
+        &mut self,
+        cfg: &KvConfig,
+        slot: usize,
+        k: &[f32],
+        v: &[f32],
+        channels: Option<&[u16]>,
+    ) {
+        let (bt, hv) = (cfg.block_tokens, cfg.head_dim_v);
+        match channels {
+            None => k
+                .iter()
+                .enumerate()
+                .for_each(|(c, &x)| self.k[c * bt + slot] = x),
+            Some(ch) => ch
+                .iter()
+                .enumerate()
+                .for_each(|(i, &c)| self.k[i * bt + slot] = k[c as usize]),
+        }
+        self.v[slot * hv..][..hv].copy_from_slice(v);
+        self.coded[slot] = false;
+    }
+
+    /// Stores slots `[0, n)` into `b` (keys with `hk` stored channels), in `b`'s format: f16/f32 blocks take the
+    /// values decoded, a quantized block (only ever a full one) quantizes the keys per channel over the block and
+    /// takes coded value rows unchanged.
+    pub(super) fn store(&mut self, cfg: &KvConfig, hk: usize, b: &mut Block, n: usize) {
+        let (bt, hv) = (cfg.block_tokens, cfg.head_dim_v);
+        b.pos[..n].copy_from_slice(&self.pos[..n]);
+        let bits = cfg.dtype.quant_bits().unwrap_or(8);
+        let (rb, ng) = (quant::row_bytes(hv, bits), quant::value_groups(hv));
+        // Coded value rows going into a full-precision block: decode them into the f32 rows first.
+        if !matches!(b.data, BlockData::Quant(_)) {
+            for w in 0..n {
+                if self.coded[w] {
+                    let vq = &self.vq[w * rb..][..rb];
+                    let ms = &self.vms[2 * w * ng..][..2 * ng];
+                    let row = &mut self.v[w * hv..][..hv];
+                    for g in 0..ng {
+                        let d0 = g * quant::VALUE_GROUP;
+                        let d1 = (d0 + quant::VALUE_GROUP).min(hv);
+                        let b0 = d0 * bits as usize / 8;
+                        quant::decode_group(
+                            &vq[b0..],
+                            bits,
+                            ms[2 * g],
+                            ms[2 * g + 1],
+                            &mut row[d0..d1],
+                        );
+                    }
+                }
+            }
+        }
+        match &mut b.data {
+            BlockData::F16 { k, v } => {
+                for c in 0..hk {
+                    for w in 0..n {
+                        k[c * bt + w] = f16::from_f32(self.k[c * bt + w]);
+                    }
+                }
+                for (y, x) in v[..n * hv].iter_mut().zip(&self.v[..n * hv]) {
+                    *y = f16::from_f32(*x);
+                }
+            }
+            BlockData::F32 { k, v } => {
+                for c in 0..hk {
+                    k[c * bt..][..n].copy_from_slice(&self.k[c * bt..][..n]);
+                }
+                v[..n * hv].copy_from_slice(&self.v[..n * hv]);
+            }
+            BlockData::Quant(q) => {
+                debug_assert_eq!(n, bt, "only full blocks are quantized");
+                let kb = bt * q.bits as usize / 8;
+                for c in 0..hk {
+                    let (m, s) = quant::encode_group(
+                        &self.k[c * bt..][..bt],
+                        q.bits,
+                        &mut q.k[c * kb..][..kb],
+                    );
+                    q.k_ms[2 * c] = m;
+                    q.k_ms[2 * c + 1] = s;
+                }
+                for w in 0..n {
+                    if self.coded[w] {
+                        q.v[w * rb..][..rb].copy_from_slice(&self.vq[w * rb..][..rb]);
+                        q.v_ms[2 * w * ng..][..2 * ng]
+                            .copy_from_slice(&self.vms[2 * w * ng..][..2 * ng]);
+                    } else {
+                        q.encode_value(w, &self.v[w * hv..][..hv]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testutil::Rng;
+
+    fn cfg(dtype: KvDtype, hk: usize, hv: usize) -> KvConfig {
+        KvConfig {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim_k: hk,
+            head_dim_v: hv,
+            block_tokens: 4,
+            dtype,
+        }
+    }
+
+    fn view<'a>(cfg: &KvConfig, b: &'a Block, channels: Option<&'a [u16]>) -> BlockView<'a> {
+        BlockView {
+            data: &b.data,
+            pos: &b.pos,
+            n: cfg.block_tokens,
+            hk: b.shape(cfg.block_tokens).hk,
+            channels,
+            bt: cfg.block_tokens,
+            hv: cfg.head_dim_v,
+        }
+    }
+
+    /// Key and value of entry `j`, all channels, through the public readers.
+    fn entry(v: &BlockView, hk: usize, j: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut k, mut x) = (vec![0.0; hk], vec![0.0; v.hv]);
+        v.read_key(j, &mut k);
+        v.read_value(j, &mut x);
+        (k, x)
+    }
+
+    #[test]
+    fn compact_key_channels_store_only_the_kept_ones() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let c = cfg(dtype, 4, 3);
+            let shape = Shape {
+                quant: false,
+                hk: 2,
+            };
+            let mut b = Block::new(&c, shape);
+            assert_eq!(b.shape(4), shape);
+            let ch = [1u16, 3];
+            b.write_entry(1, 4, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0], Some(&ch));
+            let (k, v) = entry(&view(&c, &b, Some(&ch)), 4, 1);
+            assert_eq!(k, [0.0, 2.0, 0.0, 4.0]);
+            assert_eq!(v, [5.0, 6.0, 7.0]);
+            let bytes = shape.bytes(&c);
+            assert_eq!(bytes, (2 + 3) * dtype.bytes() * 4 + 4 * 4);
+        }
+    }
+
+    #[test]
+    fn stage_converts_between_formats() {
+        let (hk, hv) = (4, 70);
+        let c = cfg(
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 0,
+            },
+            hk,
+            hv,
+        );
+        let (full, quant) = (Shape { quant: false, hk }, Shape { quant: true, hk });
+        let mut rng = Rng(7);
+        let mut f1 = Block::new(&c, full);
+        for j in 0..4 {
+            f1.pos[j] = 10 + j as u32;
+            f1.write_entry(j, 4, &rng.vec(hk, 1.0), &rng.vec(hv, 1.0), None);
+        }
+        let mut st = Stage::new(&c);
+        // f16 → quantized.
+        let mut q1 = Block::new(&c, quant);
+        (0..4).for_each(|j| st.load(&c, hk, &f1, j, j));
+        st.store(&c, hk, &mut q1, 4);
+        assert_eq!(&q1.pos[..], &f1.pos[..]);
+        // Quantized → quantized: value rows move as codes, unchanged.
+        let mut q2 = Block::new(&c, quant);
+        (0..4).for_each(|j| st.load(&c, hk, &q1, j, j));
+        st.store(&c, hk, &mut q2, 4);
+        let (BlockData::Quant(a), BlockData::Quant(b)) = (&q1.data, &q2.data) else {
+            unreachable!()
+        };
+        assert_eq!((&a.v, &a.v_ms), (&b.v, &b.v_ms));
+        // Quantized → f16: every entry reads back as its dequantized value, rounded to f16.
+        let mut f2 = Block::new(&c, full);
+        (0..4).for_each(|j| st.load(&c, hk, &q1, j, j));
+        st.store(&c, hk, &mut f2, 4);
+        let (vq, vf) = (view(&c, &q1, None), view(&c, &f2, None));
+        for j in 0..4 {
+            let (kq, xq) = entry(&vq, hk, j);
+            let (kf, xf) = entry(&vf, hk, j);
+            let r = |x: &Vec<f32>| {
+                x.iter()
+                    .map(|&y| f16::from_f32(y).to_f32())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!((r(&kq), r(&xq)), (kf, xf), "entry {j}");
+        }
+        // A new entry put into a staged slot replaces its coded value.
+        (0..4).for_each(|j| st.load(&c, hk, &q1, j, j));
+        let (k, v) = (rng.vec(hk, 1.0), rng.vec(hv, 1.0));
+        st.put(&c, 2, &k, &v, None);
+        st.store(&c, hk, &mut f2, 4);
+        let (_, x) = entry(&view(&c, &f2, None), hk, 2);
+        assert_eq!(
+            x,
+            v.iter()
+                .map(|&y| f16::from_f32(y).to_f32())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn keeping_key_rows_keeps_their_values() {
+        let (hk, hv) = (8, 4);
+        for dtype in [
+            KvDtype::F16,
+            KvDtype::Kivi {
+                bits: 2,
+                residual: 0,
+            },
+        ] {
+            let c = cfg(dtype, hk, hv);
+            let shape = Shape {
+                quant: dtype != KvDtype::F16,
+                hk,
+            };
+            let mut rng = Rng(9);
+            let mut src = Block::new(&c, Shape { quant: false, hk });
+            for j in 0..4 {
+                src.write_entry(j, 4, &rng.vec(hk, 1.0), &rng.vec(hv, 1.0), None);
+            }
+            let mut b = Block::new(&c, shape);
+            let mut st = Stage::new(&c);
+            (0..4).for_each(|j| st.load(&c, hk, &src, j, j));
+            st.store(&c, hk, &mut b, 4);
+            let before: Vec<_> = (0..4).map(|j| entry(&view(&c, &b, None), hk, j)).collect();
+            b.keep_key_rows(&[2, 5], 4);
+            assert_eq!(b.shape(4), Shape { hk: 2, ..shape });
+            let ch = [2u16, 5];
+            for (j, (k0, v0)) in before.iter().enumerate() {
+                let (k, v) = entry(&view(&c, &b, Some(&ch)), hk, j);
+                assert_eq!(&v, v0);
+                for d in 0..hk {
+                    assert_eq!(k[d], if ch.contains(&(d as u16)) { k0[d] } else { 0.0 });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,904 @@
+//! The streams API: [`KvCache`], one stream per (layer, KV head), each a block table over the [`BlockPool`].
+//!
+//! A stream is the ordered list of its blocks' ids, its length, how many of its leading blocks are quantized, and the
+//! key channels it keeps. Everything callers do to the cache happens here: append a chunk's keys and values, read or
+//! overwrite one entry, retain some entries of one head (eviction), truncate, prune key channels (ThinK). When an
+//! entry must change block or format, it goes through the [`Stage`] (see [`super::format`]).
+
+use super::format::{BlockData, BlockView, Shape, Stage};
+use super::pool::BlockPool;
+use super::quant;
+use super::{KvConfig, KvDtype, BLOCK_TOKEN_CHOICES};
+
+#[derive(Clone, Default)]
+struct Stream {
+    /// Block ids in the pool, in entry order.
+    blocks: Vec<u32>,
+    len: usize,
+    /// Blocks `[0, n_quant)` are quantized, the rest full precision.
+    n_quant: usize,
+    /// Kept key channels (ThinK), ascending; None = all.
+    channels: Option<Box<[u16]>>,
+}
+
+#[derive(Clone)]
+pub struct KvCache {
+    pub cfg: KvConfig,
+    pool: BlockPool,
+    /// Stream of (layer, KV head) at `layer · n_kv_heads + head`.
+    streams: Vec<Stream>,
+    stage: Stage,
+}
+
+impl KvCache {
+    /// Panics if `cfg.block_tokens` is not one of [`BLOCK_TOKEN_CHOICES`], or quantization bits are not one of
+    /// [`quant::BITS_CHOICES`] (programming errors: user input is checked where it is parsed).
+    pub fn new(cfg: KvConfig) -> Self {
+        assert!(
+            BLOCK_TOKEN_CHOICES.contains(&cfg.block_tokens),
+            "block_tokens {} not in {BLOCK_TOKEN_CHOICES:?}",
+            cfg.block_tokens
+        );
+        if let Some(b) = cfg.dtype.quant_bits() {
+            assert!(quant::BITS_CHOICES.contains(&b), "KV quantization bits {b}");
+        }
+        Self {
+            pool: BlockPool::new(&cfg),
+            streams: vec![Stream::default(); cfg.n_layers * cfg.n_kv_heads],
+            stage: Stage::new(&cfg),
+            cfg,
+        }
+    }
+
+    /// Allocates blocks up front for `tokens` entries in every stream, so that filling them later allocates nothing.
+    pub fn reserve(&mut self, tokens: usize) {
+        let bt = self.cfg.block_tokens;
+        let n_q = self.quant_target(tokens);
+        let n_f = tokens.div_ceil(bt) - n_q;
+        let hk = self.cfg.head_dim_k;
+        for (shape, per_stream) in [
+            (Shape { quant: false, hk }, n_f),
+            (Shape { quant: true, hk }, n_q),
+        ] {
+            self.pool.ensure(shape, per_stream * self.streams.len());
+        }
+        let want = tokens.div_ceil(bt);
+        for s in &mut self.streams {
+            s.blocks.reserve(want.saturating_sub(s.blocks.len()));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------------------------------
+    // Reading
+
+    /// Number of entries cached for (layer, KV head).
+    pub fn len(&self, layer: usize, head: usize) -> usize {
+        self.streams[self.stream_index(layer, head)].len
+    }
+
+    /// Largest stream length (= tokens seen, while nothing has been evicted).
+    pub fn max_len(&self) -> usize {
+        self.streams.iter().map(|s| s.len).max().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.max_len() == 0
+    }
+
+    /// Kept key channels of (layer, KV head), ascending, or None when every channel is stored.
+    pub fn key_channels(&self, layer: usize, head: usize) -> Option<&[u16]> {
+        self.streams[self.stream_index(layer, head)]
+            .channels
+            .as_deref()
+    }
+
+    /// Key channels stored per entry of (layer, KV head).
+    pub fn key_dims(&self, layer: usize, head: usize) -> usize {
+        self.stream_hk(self.stream_index(layer, head))
+    }
+
+    /// Quantized blocks at the head of (layer, KV head)'s stream.
+    pub fn quantized_blocks(&self, layer: usize, head: usize) -> usize {
+        self.streams[self.stream_index(layer, head)].n_quant
+    }
+
+    /// The blocks of (layer, KV head), in order, each with its count of valid entries.
+    pub fn blocks(&self, layer: usize, head: usize) -> impl Iterator<Item = BlockView<'_>> + '_ {
+        let si = self.stream_index(layer, head);
+        (0..self.streams[si].blocks.len()).map(move |i| self.block_view(si, i))
+    }
+
+    /// Number of blocks of (layer, KV head).
+    pub fn n_blocks(&self, layer: usize, head: usize) -> usize {
+        self.streams[self.stream_index(layer, head)].blocks.len()
+    }
+
+    /// Reads entry `idx` of (layer, KV head) as f32 (`k`: head_dim_k, pruned channels read as 0; `v`: head_dim_v) and
+    /// returns its position.
+    pub fn read(&self, layer: usize, head: usize, idx: usize, k: &mut [f32], v: &mut [f32]) -> u32 {
+        let bt = self.cfg.block_tokens;
+        let len = self.len(layer, head);
+        assert!(idx < len, "entry {idx} past the stream's {len} entries");
+        let b = self.block_view(self.stream_index(layer, head), idx / bt);
+        b.read_key(idx % bt, k);
+        b.read_value(idx % bt, v);
+        b.pos[idx % bt]
+    }
+
+    // -----------------------------------------------------------------------------------------------------------------
+    // Writing
+
+    /// Appends `n` entries to every KV head of `layer`.
+    /// `k`: n × (n_kv_heads · head_dim_k) row-major (the layout the K projection produces); `v` likewise.
+    pub fn append(&mut self, layer: usize, pos: &[u32], k: &[f32], v: &[f32]) {
+        let (hk, hv, nh, bt) = (
+            self.cfg.head_dim_k,
+            self.cfg.head_dim_v,
+            self.cfg.n_kv_heads,
+            self.cfg.block_tokens,
+        );
+        let n = pos.len();
+        debug_assert_eq!(k.len(), n * nh * hk);
+        debug_assert_eq!(v.len(), n * nh * hv);
+        for h in 0..nh {
+            let si = self.stream_index(layer, h);
+            let shape = Shape {
+                quant: false,
+                hk: self.stream_hk(si),
+            };
+            for t in 0..n {
+                let len = self.streams[si].len;
+                if len.is_multiple_of(bt) && len / bt == self.streams[si].blocks.len() {
+                    let id = self.pool.take(shape);
+                    self.streams[si].blocks.push(id);
+                }
+                let s = &self.streams[si];
+                let slot = len % bt;
+                let block = self.pool.get_mut(s.blocks[len / bt]);
+                block.pos[slot] = pos[t];
+                let krow = &k[(t * nh + h) * hk..][..hk];
+                let vrow = &v[(t * nh + h) * hv..][..hv];
+                block.write_entry(slot, bt, krow, vrow, s.channels.as_deref());
+                self.streams[si].len += 1;
+                // Quantize a block as soon as it leaves the residual window: its f16 block goes back to the pool and
+                // is reused by the next block, so a stream holds only about residual + 2 blocks' worth of f16.
+                let target = self.quant_target(self.streams[si].len);
+                while self.streams[si].n_quant < target {
+                    let b = self.streams[si].n_quant;
+                    self.convert(si, b, true);
+                    self.streams[si].n_quant += 1;
+                }
+            }
+        }
+    }
+
+    /// Overwrites the key (all head_dim_k channels given; a pruned stream stores its kept ones) and value of entry
+    /// `idx` of (layer, KV head); its position stays. Merging methods use this to fold dropped entries into kept ones.
+    /// In a quantized block the whole block is re-encoded (its per-channel key groups change with the new key).
+    pub fn write(&mut self, layer: usize, head: usize, idx: usize, k: &[f32], v: &[f32]) {
+        let bt = self.cfg.block_tokens;
+        let si = self.stream_index(layer, head);
+        let len = self.streams[si].len;
+        assert!(idx < len, "entry {idx} past the stream's {len} entries");
+        let (b, slot) = (idx / bt, idx % bt);
+        let id = self.streams[si].blocks[b];
+        if matches!(self.pool.get(id).data, BlockData::Quant(_)) {
+            let n = (len - b * bt).min(bt);
+            self.stage_block(si, b, n);
+            let channels = self.streams[si].channels.as_deref();
+            self.stage.put(&self.cfg, slot, k, v, channels);
+            self.store_block(si, b, n, true);
+        } else {
+            let channels = self.streams[si].channels.as_deref();
+            self.pool.get_mut(id).write_entry(slot, bt, k, v, channels);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------------------------------
+    // Dropping entries and channels
+
+    /// Keeps the first `len` entries of every stream; whole blocks past the end go back to the free list.
+    /// A stream left empty forgets its key-channel mask.
+    pub fn truncate(&mut self, len: usize) {
+        for si in 0..self.streams.len() {
+            self.shrink(si, len);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Drops every entry whose position is ≥ `pos` (entries of a stream are in position order), in every stream.
+    pub fn truncate_pos(&mut self, pos: u32) {
+        let bt = self.cfg.block_tokens;
+        for si in 0..self.streams.len() {
+            let s = &self.streams[si];
+            // Entries are sorted by position: binary search over the stream.
+            let (mut lo, mut hi) = (0usize, s.len);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if self.pool.get(s.blocks[mid / bt]).pos[mid % bt] < pos {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            self.shrink(si, lo);
+        }
+    }
+
+    /// Keeps only the entries of (layer, KV head) for which `keep(index, position)` is true, in order, and returns
+    /// whole blocks emptied at the end to the free list. Other heads are untouched, so heads can hold different
+    /// numbers of tokens: this is how eviction methods drop entries from one head only.
+    ///
+    /// On a quantized stream, kept entries move as follows: value rows move between quantized blocks as codes
+    /// (exact); keys are dequantized and quantized again with the destination block's per-channel groups (at most
+    /// half a step of that group's grid added to each moved key); entries that land in full-precision blocks are
+    /// stored as their dequantized f16 values. Blocks before the first dropped entry are not touched.
+    pub fn retain(&mut self, layer: usize, head: usize, mut keep: impl FnMut(usize, u32) -> bool) {
+        let bt = self.cfg.block_tokens;
+        let si = self.stream_index(layer, head);
+        let len = self.streams[si].len;
+        let mut kept: Vec<usize> = Vec::with_capacity(len);
+        for i in 0..len {
+            let pos = self.pool.get(self.streams[si].blocks[i / bt]).pos[i % bt];
+            if keep(i, pos) {
+                kept.push(i);
+            }
+        }
+        let new_len = kept.len();
+        if new_len == len {
+            return;
+        }
+        // Entries before the first dropped one stay where they are.
+        let first = kept
+            .iter()
+            .enumerate()
+            .take_while(|(w, &i)| *w == i)
+            .count();
+        let target = self.quant_target(new_len);
+        let old_nq = self.streams[si].n_quant;
+        for b in target..(first / bt).min(old_nq) {
+            self.convert(si, b, false);
+        }
+        // Compact the kept entries block by block. Destination block b receives entries from block b or later ones,
+        // and later destinations receive entries past block b, so b can be rewritten once its entries are staged.
+        let mut w = (first / bt) * bt;
+        while w < new_len {
+            let b = w / bt;
+            let end = ((b + 1) * bt).min(new_len);
+            let hk = self.stream_hk(si);
+            for (slot, &src) in kept[w..end].iter().enumerate() {
+                let block = self.pool.get(self.streams[si].blocks[src / bt]);
+                self.stage.load(&self.cfg, hk, block, src % bt, slot);
+            }
+            self.store_block(si, b, end - w, b < target);
+            w = end;
+        }
+        self.release_blocks_from(si, new_len.div_ceil(bt));
+        let s = &mut self.streams[si];
+        s.len = new_len;
+        s.n_quant = target;
+        if new_len == 0 {
+            s.channels = None;
+        }
+    }
+
+    /// ThinK: keeps only the key channels `c` of (layer, KV head) with `keep[c]` (indexed by the model's channels,
+    /// `keep.len() == head_dim_k`). Every block of the stream is rewritten with the kept channels only (the memory of
+    /// the others is freed at once, and the byte counter drops); later entries store only those channels; attention
+    /// scores q·k over them. Channels pruned earlier stay pruned. Quantized keys keep their codes and scales (per
+    /// channel), so pruning adds no error. Values are untouched.
+    ///
+    /// Panics if `keep.len() != head_dim_k` (a programming error).
+    pub fn prune_key_channels(&mut self, layer: usize, head: usize, keep: &[bool]) {
+        assert_eq!(keep.len(), self.cfg.head_dim_k, "one flag per key channel");
+        let si = self.stream_index(layer, head);
+        let old: Vec<u16> = match &self.streams[si].channels {
+            Some(c) => c.to_vec(),
+            None => (0..self.cfg.head_dim_k as u16).collect(),
+        };
+        // Rows (stored channel indices) that survive.
+        let rows: Vec<usize> = (0..old.len()).filter(|&r| keep[old[r] as usize]).collect();
+        if rows.len() == old.len() {
+            return;
+        }
+        for &id in &self.streams[si].blocks {
+            self.pool.keep_key_rows(id, &rows);
+        }
+        self.streams[si].channels = Some(rows.iter().map(|&r| old[r]).collect());
+    }
+
+    // -----------------------------------------------------------------------------------------------------------------
+    // Memory
+
+    /// Gives free blocks back to the allocator (the byte counter drops accordingly).
+    pub fn trim(&mut self) {
+        self.pool.trim();
+    }
+
+    /// Bytes this cache holds right now (all existing blocks, used or free).
+    pub fn bytes(&self) -> usize {
+        self.pool.bytes()
+    }
+
+    /// Bytes of the entries in use (a quantized block's bytes shared out over its entries).
+    pub fn used_bytes(&self) -> usize {
+        let bt = self.cfg.block_tokens;
+        (0..self.streams.len())
+            .map(|si| {
+                let s = &self.streams[si];
+                let hk = self.stream_hk(si);
+                let q = s.n_quant * Shape { quant: true, hk }.bytes(&self.cfg);
+                let f = Shape { quant: false, hk }.bytes(&self.cfg) / bt;
+                q + (s.len - s.n_quant * bt) * f
+            })
+            .sum()
+    }
+
+    pub fn peak_bytes(&self) -> usize {
+        self.pool.peak_bytes()
+    }
+
+    pub fn reset_peak(&mut self) {
+        self.pool.reset_peak();
+    }
+
+    // -----------------------------------------------------------------------------------------------------------------
+    // Internals
+
+    fn stream_index(&self, layer: usize, head: usize) -> usize {
+        layer * self.cfg.n_kv_heads + head
+    }
+
+    /// Key channels stored by stream `si`.
+    fn stream_hk(&self, si: usize) -> usize {
+        self.streams[si]
+            .channels
+            .as_ref()
+            .map_or(self.cfg.head_dim_k, |c| c.len())
+    }
+
+    /// Quantized blocks a stream of `len` entries should have.
+    fn quant_target(&self, len: usize) -> usize {
+        match self.cfg.dtype {
+            KvDtype::Kivi { residual, .. } => len.saturating_sub(residual) / self.cfg.block_tokens,
+            _ => 0,
+        }
+    }
+
+    /// Block `i` of stream `si`.
+    fn block_view(&self, si: usize, i: usize) -> BlockView<'_> {
+        let s = &self.streams[si];
+        let bt = self.cfg.block_tokens;
+        let b = self.pool.get(s.blocks[i]);
+        let n = (s.len - i * bt).min(bt);
+        BlockView {
+            data: &b.data,
+            pos: &b.pos[..n],
+            n,
+            hk: self.stream_hk(si),
+            channels: s.channels.as_deref(),
+            bt,
+            hv: self.cfg.head_dim_v,
+        }
+    }
+
+    /// Loads entries `[0, n)` of block `b` of stream `si` into the stage.
+    fn stage_block(&mut self, si: usize, b: usize, n: usize) {
+        let hk = self.stream_hk(si);
+        let block = self.pool.get(self.streams[si].blocks[b]);
+        for j in 0..n {
+            self.stage.load(&self.cfg, hk, block, j, j);
+        }
+    }
+
+    /// Writes the stage's first `n` entries into block `b` of stream `si`, quantized or not, swapping the block for one
+    /// of the right shape if needed. Every entry the stream still needs from the old block must already be staged.
+    fn store_block(&mut self, si: usize, b: usize, n: usize, quant: bool) {
+        let shape = Shape {
+            quant,
+            hk: self.stream_hk(si),
+        };
+        let cur = self.streams[si].blocks[b];
+        let id = if self.pool.shape(cur) == shape {
+            cur
+        } else {
+            self.pool.release(cur);
+            let id = self.pool.take(shape);
+            self.streams[si].blocks[b] = id;
+            id
+        };
+        self.stage
+            .store(&self.cfg, shape.hk, self.pool.get_mut(id), n);
+    }
+
+    /// Rewrites block `b` of stream `si` quantized (`to_quant`) or in full precision.
+    fn convert(&mut self, si: usize, b: usize, to_quant: bool) {
+        let bt = self.cfg.block_tokens;
+        let n = (self.streams[si].len - b * bt).min(bt);
+        debug_assert!(!to_quant || n == bt, "only full blocks are quantized");
+        self.stage_block(si, b, n);
+        self.store_block(si, b, n, to_quant);
+    }
+
+    /// Releases blocks `[from, ..)` of stream `si` to the pool, in order, and drops them from the stream.
+    fn release_blocks_from(&mut self, si: usize, from: usize) {
+        for i in from..self.streams[si].blocks.len() {
+            self.pool.release(self.streams[si].blocks[i]);
+        }
+        self.streams[si].blocks.truncate(from);
+    }
+
+    /// Cuts stream `si` to `len` entries: blocks past the end go to the free list, quantized blocks that fall back
+    /// into the residual window are stored in full precision again (their quantization error stays).
+    fn shrink(&mut self, si: usize, len: usize) {
+        let bt = self.cfg.block_tokens;
+        if self.streams[si].len <= len {
+            return;
+        }
+        self.streams[si].len = len;
+        self.release_blocks_from(si, len.div_ceil(bt));
+        let target = self.quant_target(len);
+        let nq = self.streams[si].n_quant.min(self.streams[si].blocks.len());
+        for b in target..nq {
+            self.convert(si, b, false);
+        }
+        let s = &mut self.streams[si];
+        s.n_quant = s.n_quant.min(target);
+        if len == 0 {
+            s.channels = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    /// Entry `j` of a block as (key, value), through the public readers.
+    fn entry(b: &BlockView, j: usize) -> (Vec<f32>, Vec<f32>) {
+        entry_hk(b, j, 4)
+    }
+
+    fn entry_hk(b: &BlockView, j: usize, hk: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut k = vec![0.0; hk];
+        let mut v = vec![0.0; b.hv];
+        b.read_key(j, &mut k);
+        b.read_value(j, &mut v);
+        (k, v)
+    }
+
+    fn cfg(dtype: KvDtype) -> KvConfig {
+        KvConfig {
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim_k: 4,
+            head_dim_v: 3,
+            block_tokens: 4,
+            dtype,
+        }
+    }
+
+    #[test]
+    fn append_read_back_and_count_bytes() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let mut c = KvCache::new(cfg(dtype));
+            assert_eq!(c.bytes(), 0);
+            let n = 6;
+            let pos: Vec<u32> = (10..10 + n as u32).collect();
+            let k: Vec<f32> = (0..n * 2 * 4).map(|i| i as f32 * 0.5).collect();
+            let v: Vec<f32> = (0..n * 2 * 3).map(|i| -(i as f32)).collect();
+            c.append(1, &pos, &k, &v);
+            assert_eq!(c.len(1, 0), 6);
+            assert_eq!(c.len(0, 0), 0);
+            // 2 heads × 2 blocks each.
+            assert_eq!(c.bytes(), 4 * c.cfg.block_bytes());
+            let mut seen = 0;
+            for b in c.blocks(1, 1) {
+                for i in 0..b.n {
+                    let t = seen + i;
+                    assert_eq!(b.pos[i], 10 + t as u32);
+                    let (k0, v0) = entry(&b, i);
+                    let (k0, v0) = (k0[0], v0[2]);
+                    assert_eq!(k0, ((t * 2 + 1) * 4) as f32 * 0.5);
+                    assert_eq!(v0, -(((t * 2 + 1) * 3 + 2) as f32));
+                }
+                seen += b.n;
+            }
+            assert_eq!(seen, 6);
+            c.truncate(3);
+            assert_eq!(c.len(1, 1), 3);
+            let before = c.bytes();
+            c.trim();
+            assert_eq!(c.bytes(), before - 2 * c.cfg.block_bytes());
+            assert!(c.peak_bytes() >= before);
+        }
+    }
+
+    #[test]
+    fn retain_drops_entries_from_one_head_only() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let mut c = KvCache::new(cfg(dtype));
+            let n = 11;
+            let pos: Vec<u32> = (0..n as u32).collect();
+            let k: Vec<f32> = (0..n * 2 * 4).map(|i| i as f32).collect();
+            let v: Vec<f32> = (0..n * 2 * 3).map(|i| 1000.0 + i as f32).collect();
+            c.append(0, &pos, &k, &v);
+            let before = c.bytes();
+            // Keep positions 0, 3, 6, 9 of head 1.
+            c.retain(0, 1, |_, p| p % 3 == 0);
+            assert_eq!(c.len(0, 1), 4);
+            assert_eq!(c.len(0, 0), 11);
+            let mut got = Vec::new();
+            for b in c.blocks(0, 1) {
+                for i in 0..b.n {
+                    let (k, v) = entry(&b, i);
+                    let (k1, v2) = (k[1], v[2]);
+                    got.push((b.pos[i], k1, v2));
+                }
+            }
+            let want: Vec<(u32, f32, f32)> = [0u32, 3, 6, 9]
+                .iter()
+                .map(|&p| {
+                    (
+                        p,
+                        ((p as usize * 2 + 1) * 4 + 1) as f32,
+                        1000.0 + ((p as usize * 2 + 1) * 3 + 2) as f32,
+                    )
+                })
+                .collect();
+            assert_eq!(got, want);
+            // Head 1 went from 3 blocks to 1: two blocks are free, and trim returns them.
+            c.trim();
+            assert_eq!(c.bytes(), before - 2 * c.cfg.block_bytes());
+        }
+    }
+
+    #[test]
+    fn truncate_pos_cuts_each_stream_at_a_position() {
+        let mut c = KvCache::new(cfg(KvDtype::F32));
+        let pos: Vec<u32> = (0..11).collect();
+        c.append(0, &pos, &[1.0; 11 * 2 * 4], &[2.0; 11 * 2 * 3]);
+        c.retain(0, 1, |_, p| p % 2 == 0); // head 1 holds 0, 2, 4, 6, 8, 10
+        c.truncate_pos(7);
+        assert_eq!(c.len(0, 0), 7);
+        assert_eq!(c.len(0, 1), 4);
+        let kept: Vec<u32> = c.blocks(0, 1).flat_map(|b| b.pos.to_vec()).collect();
+        assert_eq!(kept, vec![0, 2, 4, 6]);
+        c.truncate_pos(0);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn reserve_then_fill_allocates_nothing_more() {
+        let mut c = KvCache::new(cfg(KvDtype::F16));
+        c.reserve(8);
+        let reserved = c.bytes();
+        assert_eq!(reserved, 2 * 2 * 2 * c.cfg.block_bytes());
+        for layer in 0..2 {
+            let pos: Vec<u32> = (0..8).collect();
+            c.append(layer, &pos, &[0.0; 8 * 2 * 4], &[0.0; 8 * 2 * 3]);
+        }
+        assert_eq!(c.bytes(), reserved);
+    }
+
+    use crate::model::testutil::Rng;
+
+    fn kivi(bits: u8, residual: usize, hk: usize, hv: usize, bt: usize) -> KvConfig {
+        KvConfig {
+            n_layers: 1,
+            n_kv_heads: 2,
+            head_dim_k: hk,
+            head_dim_v: hv,
+            block_tokens: bt,
+            dtype: KvDtype::Kivi { bits, residual },
+        }
+    }
+
+    /// Every entry of (0, head) as (pos, key, value).
+    fn dump(c: &KvCache, head: usize) -> Vec<(u32, Vec<f32>, Vec<f32>)> {
+        let hk = c.cfg.head_dim_k;
+        c.blocks(0, head)
+            .flat_map(|b| {
+                (0..b.n)
+                    .map(|j| {
+                        let (k, v) = entry_hk(&b, j, hk);
+                        (b.pos[j], k, v)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn f16r(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+
+    /// Half a quantization step of a group spanning [lo, hi] (with the f16 rounding of the minimum), plus slack.
+    fn half_step(lo: f32, hi: f32, bits: u8) -> f32 {
+        0.5 * ((hi - lo) + lo.abs() / 1024.0) / ((1u32 << bits) - 1) as f32 * 1.01 + 1e-6
+    }
+
+    #[test]
+    fn kivi_quantizes_old_blocks_and_keeps_the_residual_exact() {
+        for bits in quant::BITS_CHOICES {
+            let (hk, hv, bt, r) = (4, 70, 4, 9);
+            let mut c = KvCache::new(kivi(bits, r, hk, hv, bt));
+            let mut rng = Rng(bits as u64 + 5);
+            let n = 30;
+            let k = rng.vec(n * 2 * hk, 1.0);
+            let v = rng.vec(n * 2 * hv, 1.0);
+            let pos: Vec<u32> = (0..n as u32).collect();
+            // Two appends: quantization happens as blocks leave the window, across calls.
+            c.append(0, &pos[..13], &k[..13 * 2 * hk], &v[..13 * 2 * hv]);
+            assert_eq!(c.quantized_blocks(0, 1), 1); // (13 − 9) / 4
+            c.append(0, &pos[13..], &k[13 * 2 * hk..], &v[13 * 2 * hv..]);
+            let nq = (n - r) / bt; // 5 blocks, entries 0..20
+            assert_eq!(c.quantized_blocks(0, 1), nq);
+            let got = dump(&c, 1);
+            for (t, (p, kk, vv)) in got.iter().enumerate() {
+                assert_eq!(*p, t as u32);
+                let kin = &k[(t * 2 + 1) * hk..][..hk];
+                let vin = &v[(t * 2 + 1) * hv..][..hv];
+                if t >= nq * bt {
+                    // The residual window (and the rest of the unquantized blocks): f16, exact up to its rounding.
+                    for (a, b) in kin.iter().zip(kk).chain(vin.iter().zip(vv)) {
+                        assert_eq!(f16r(*a), *b, "entry {t}");
+                    }
+                    continue;
+                }
+                // Keys: the group is channel c over the entry's block.
+                let b0 = t / bt * bt;
+                for ch in 0..hk {
+                    let grp: Vec<f32> = (b0..b0 + bt).map(|u| k[(u * 2 + 1) * hk + ch]).collect();
+                    let (lo, hi) = grp
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                    // Keys were stored in f16 before being quantized: add its rounding.
+                    let tol = half_step(lo, hi, bits) + kin[ch].abs() / 2048.0;
+                    assert!((kk[ch] - kin[ch]).abs() <= tol, "bits {bits} key {t}.{ch}");
+                }
+                // Values: groups of 64 channels of one token.
+                for (d, (a, b)) in vin.iter().zip(vv).enumerate() {
+                    let g = &vin[d / 64 * 64..((d / 64 + 1) * 64).min(hv)];
+                    let (lo, hi) = g
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                    let tol = half_step(lo, hi, bits) + a.abs() / 2048.0;
+                    assert!((a - b).abs() <= tol, "bits {bits} value {t}.{d}");
+                }
+            }
+            // Quantization really happened (int2 cannot be exact on random data).
+            assert!(
+                nq * bt <= n - r,
+                "the newest r entries are among the exact ones"
+            );
+            if bits == 2 {
+                assert!(got[0].1.iter().zip(&k[hk..2 * hk]).any(|(a, b)| a != b));
+            }
+        }
+    }
+
+    #[test]
+    fn kivi_byte_counter_counts_packed_blocks() {
+        // A real cache: 200 tokens, residual 40, 32-token blocks: 5 quantized blocks and 2 f16 blocks per stream.
+        let (hk, hv) = (64, 64);
+        let mut c = KvCache::new(kivi(4, 40, hk, hv, 32));
+        let mut rng = Rng(3);
+        let pos: Vec<u32> = (0..200).collect();
+        c.append(
+            0,
+            &pos,
+            &rng.vec(200 * 2 * hk, 1.0),
+            &rng.vec(200 * 2 * hv, 1.0),
+        );
+        assert_eq!(c.quantized_blocks(0, 0), 5);
+        c.trim();
+        let qb = c.cfg.quant_block_bytes(hk);
+        assert_eq!(qb, 80 * 32);
+        assert_eq!(c.bytes(), 2 * (5 * qb + 2 * c.cfg.block_bytes()));
+        assert_eq!(c.used_bytes(), 2 * (5 * qb + 40 * c.cfg.entry_bytes()));
+    }
+
+    #[test]
+    fn kivi_retain_and_truncate_move_quantized_entries() {
+        let (hk, hv, bt, r, bits) = (4, 6, 4, 6, 4u8);
+        let mut c = KvCache::new(kivi(bits, r, hk, hv, bt));
+        let mut rng = Rng(11);
+        let n = 41;
+        let pos: Vec<u32> = (0..n as u32).collect();
+        c.append(
+            0,
+            &pos,
+            &rng.vec(n * 2 * hk, 1.0),
+            &rng.vec(n * 2 * hv, 1.0),
+        );
+        let before = dump(&c, 0);
+        let other = dump(&c, 1);
+        assert_eq!(c.quantized_blocks(0, 0), (n - r) / bt);
+        // Keep entries 0..5 (an untouched prefix block) and every position ≢ 1 mod 3 after.
+        c.retain(0, 0, |i, p| i < 5 || p % 3 != 1);
+        let after = dump(&c, 0);
+        let want: Vec<&(u32, Vec<f32>, Vec<f32>)> = before
+            .iter()
+            .filter(|(p, _, _)| *p < 5 || p % 3 != 1)
+            .collect();
+        assert_eq!(after.len(), want.len());
+        let new_nq = (after.len() - r) / bt;
+        assert_eq!(c.quantized_blocks(0, 0), new_nq);
+        let src_nq = (n - r) / bt;
+        for (w, ((p, k, v), (p0, k0, v0))) in after.iter().zip(want).enumerate() {
+            assert_eq!(p, p0);
+            let src_quant = (*p0 as usize) < src_nq * bt;
+            if w < new_nq * bt || !src_quant {
+                // Into a quantized block from a quantized one: the value row moves as codes; from f16: exact f16.
+                // (A value re-quantized from f16 lies within half a step; exact when it moved as codes.)
+                if src_quant {
+                    assert_eq!(v, v0, "value of pos {p} moved as codes");
+                } else if w >= new_nq * bt {
+                    assert_eq!(v, v0, "f16 → f16 is exact");
+                }
+            } else {
+                // Quantized entries landing in the f16 window keep their dequantized values (f16-rounded).
+                let r0: Vec<f32> = v0.iter().map(|&x| f16r(x)).collect();
+                assert_eq!(*v, r0);
+            }
+            // Keys re-quantized with their new block: within one step of a 4-bit grid over [-1, 1].
+            for (a, b) in k.iter().zip(k0) {
+                assert!((a - b).abs() <= 2.0 / 15.0, "key of pos {p}: {a} vs {b}");
+            }
+            if w < 4 {
+                assert_eq!(
+                    k, k0,
+                    "the block before the first dropped entry is untouched"
+                );
+            }
+        }
+        assert_eq!(dump(&c, 1).len(), other.len(), "head 1 untouched");
+        // truncate_pos into a quantized block: it goes back to f16 (keeping its values), and appends keep working.
+        c.truncate_pos(30);
+        let t = dump(&c, 1);
+        assert_eq!(t.len(), 30);
+        assert_eq!(c.quantized_blocks(0, 1), (30 - r) / bt);
+        for ((p, k, v), (p0, k0, v0)) in t.iter().zip(&other) {
+            assert_eq!(p, p0);
+            // Still-quantized blocks are untouched; the blocks back in the window hold their dequantized values in f16.
+            let still = (*p as usize) < c.quantized_blocks(0, 1) * bt;
+            let f: Vec<f32> = k0
+                .iter()
+                .chain(v0)
+                .map(|&x| if still { x } else { f16r(x) })
+                .collect();
+            let g: Vec<f32> = k.iter().chain(v).copied().collect();
+            assert_eq!(g, f);
+        }
+        let pos2: Vec<u32> = (30..50).collect();
+        c.append(
+            0,
+            &pos2,
+            &rng.vec(20 * 2 * hk, 1.0),
+            &rng.vec(20 * 2 * hv, 1.0),
+        );
+        assert_eq!(c.len(0, 1), 50);
+        assert_eq!(c.quantized_blocks(0, 1), (50 - r) / bt);
+        let ps: Vec<u32> = dump(&c, 1).iter().map(|e| e.0).collect();
+        assert_eq!(ps, (0..50).collect::<Vec<_>>());
+        c.truncate_pos(0);
+        assert!(c.is_empty());
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn pruned_key_channels_are_freed_and_stay_pruned() {
+        for dtype in [
+            KvDtype::F16,
+            KvDtype::F32,
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 4,
+            },
+        ] {
+            let (hk, hv, bt) = (8, 4, 4);
+            let mut c = KvCache::new(KvConfig {
+                n_layers: 1,
+                n_kv_heads: 2,
+                head_dim_k: hk,
+                head_dim_v: hv,
+                block_tokens: bt,
+                dtype,
+            });
+            let mut rng = Rng(21);
+            let pos: Vec<u32> = (0..18).collect();
+            c.append(
+                0,
+                &pos,
+                &rng.vec(18 * 2 * hk, 1.0),
+                &rng.vec(18 * 2 * hv, 1.0),
+            );
+            let before = dump(&c, 0);
+            let head1 = dump(&c, 1);
+            let bytes0 = c.bytes();
+            let keep = [true, false, true, true, false, false, true, false];
+            c.prune_key_channels(0, 0, &keep);
+            assert_eq!(c.key_channels(0, 0), Some(&[0u16, 2, 3, 6][..]));
+            assert_eq!(c.key_dims(0, 0), 4);
+            // 5 blocks lose 4 channels each: f16 2 bytes, f32 4 bytes per slot; quantized: codes + (min, scale).
+            let per_block = match dtype {
+                KvDtype::F16 => 4 * bt * 2,
+                KvDtype::F32 => 4 * bt * 4,
+                KvDtype::Kivi { bits, .. } => {
+                    let nq = c.quantized_blocks(0, 0);
+                    assert_eq!(nq, 3);
+                    let q = 4 * (bt * bits as usize / 8 + 4);
+                    assert_eq!(bytes0 - c.bytes(), nq * q + 2 * 4 * bt * 2);
+                    0
+                }
+            };
+            if per_block > 0 {
+                assert_eq!(bytes0 - c.bytes(), 5 * per_block);
+            }
+            // Kept channels read back unchanged (no extra error, even quantized); pruned ones read 0.
+            let after = dump(&c, 0);
+            for ((p, k, v), (p0, k0, v0)) in after.iter().zip(&before) {
+                assert_eq!((p, v), (p0, v0));
+                for ch in 0..hk {
+                    assert_eq!(k[ch], if keep[ch] { k0[ch] } else { 0.0 });
+                }
+            }
+            assert_eq!(dump(&c, 1), head1, "other head untouched");
+            // New entries store only the kept channels; retain moves compact entries; pruning again intersects.
+            let knew = rng.vec(6 * 2 * hk, 1.0);
+            c.append(
+                0,
+                &(18..24).collect::<Vec<u32>>(),
+                &knew,
+                &rng.vec(6 * 2 * hv, 1.0),
+            );
+            let e = dump(&c, 0);
+            assert_eq!(e.len(), 24);
+            let nq = c.quantized_blocks(0, 0) * bt;
+            for (t, (_, k, _)) in e[18..].iter().enumerate() {
+                for ch in 0..hk {
+                    let x = knew[t * 2 * hk + ch];
+                    let want = if !keep[ch] {
+                        0.0
+                    } else if dtype == KvDtype::F32 {
+                        x
+                    } else {
+                        f16r(x)
+                    };
+                    if 18 + t < nq {
+                        assert!(
+                            (k[ch] - want).abs() <= 2.0 / 15.0,
+                            "entry {} channel {ch}",
+                            18 + t
+                        );
+                    } else {
+                        assert_eq!(k[ch], want, "entry {} channel {ch}", 18 + t);
+                    }
+                }
+            }
+            c.retain(0, 0, |_, p| p % 2 == 0);
+            assert_eq!(
+                dump(&c, 0).iter().map(|e| e.0).collect::<Vec<_>>(),
+                (0..24).step_by(2).collect::<Vec<u32>>()
+            );
+            let mut keep2 = [true; 8];
+            keep2[0] = false;
+            keep2[1] = true; // already pruned: stays pruned
+            c.prune_key_channels(0, 0, &keep2);
+            assert_eq!(c.key_channels(0, 0), Some(&[2u16, 3, 6][..]));
+            assert!(dump(&c, 0)
+                .iter()
+                .all(|(_, k, _)| k[0] == 0.0 && k[1] == 0.0));
+            // A stream cut to nothing forgets its mask.
+            c.truncate_pos(0);
+            assert_eq!(c.key_channels(0, 0), None);
+            c.append(0, &[0], &rng.vec(2 * hk, 1.0), &rng.vec(2 * hv, 1.0));
+            assert_eq!(c.key_dims(0, 0), hk);
+        }
+    }
+}

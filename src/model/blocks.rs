@@ -1,0 +1,356 @@
+//! What the forward passes are built from: the blocks of a decoder layer and the element-wise ops under them.
+//!
+//! The blocks (candle-transformers style: weights plus a forward of a few lines) are the token embedding, the
+//! attention block (Q/K/V projections, optional QK-norm, RoPE, KV-cache append, attention, output projection), the
+//! gated feed-forward block with its activation as a parameter, and the output head. Each architecture file composes
+//! them in its own order, with its own norms around them.
+//!
+//! Blocks work in the chunk's [`Scratch`] (n = tokens in the chunk): `x` (n × dim) is the residual stream; a block
+//! reads its normed input from `xb` (n × dim) and leaves its output in `xo` (n × dim) for the caller to add to `x`.
+
+use std::ops::Range;
+
+use anyhow::Result;
+
+use super::{load_matrix, load_vector, ModelConfig, RopeStyle, Scratch};
+use crate::attention::{attend, AttnParams};
+use crate::gguf::GgufFile;
+use crate::kernels::{matmul, QMatrix};
+use crate::kv::KvCache;
+
+/// Name of layer `i`'s weight `what` in a llama.cpp GGUF.
+fn layer_tensor(i: usize, what: &str) -> String {
+    format!("blk.{i}.{what}.weight")
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Blocks
+
+/// Starts a chunk: checks that it fits the scratch, warns once past the trained context, and fills
+/// x (n × dim) with the tokens' embedding rows times `c.embed_scale`.
+pub(crate) fn embed(
+    tok_embd: &QMatrix,
+    c: &ModelConfig,
+    tokens: &[u32],
+    pos: &[u32],
+    s: &mut Scratch,
+) {
+    let (n, dim) = (tokens.len(), c.dim);
+    assert!(
+        n <= s.cap,
+        "chunk of {n} tokens exceeds scratch capacity {}",
+        s.cap
+    );
+    warn_past_context(pos, c.ctx_len);
+    for (t, &tok) in tokens.iter().enumerate() {
+        let row = &mut s.x[t * dim..(t + 1) * dim];
+        tok_embd.dequantize_row(tok as usize, row);
+        if c.embed_scale != 1.0 {
+            row.iter_mut().for_each(|v| *v *= c.embed_scale);
+        }
+    }
+}
+
+/// xb (n × dim) ← RMSNorm(x) ⊙ w: the input of a block.
+pub(crate) fn norm_input(s: &mut Scratch, n: usize, w: &[f32], eps: f32) {
+    let dim = w.len();
+    rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], w, eps);
+}
+
+/// x (n × dim) += xo: a block's output joins the residual stream.
+pub(crate) fn add_residual(s: &mut Scratch, n: usize, dim: usize) {
+    for (a, b) in s.x[..n * dim].iter_mut().zip(&s.xo[..n * dim]) {
+        *a += b;
+    }
+}
+
+/// Self-attention of one layer: grouped-query attention over the KV cache, with optional per-head QK-norm.
+pub struct Attention {
+    pub wq: QMatrix, // n_heads·hd × dim
+    pub wk: QMatrix, // n_kv·hd × dim
+    pub wv: QMatrix, // n_kv·hd × dim
+    pub wo: QMatrix, // dim × n_heads·hd
+    /// RMSNorm weights (hd each) applied to every query head and every key head before RoPE (Gemma 3's QK-norm);
+    /// None = no QK-norm (Llama).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Attention {
+    /// Layer `i`'s attention weights (`blk.i.attn_*`), with the QK-norm weights when `qk_norm`.
+    pub(crate) fn load(g: &GgufFile, i: usize, c: &ModelConfig, qk_norm: bool) -> Result<Self> {
+        let (dim, hd) = (c.dim, c.head_dim_k);
+        let (qd, kvd) = (c.n_heads * hd, c.n_kv_heads * hd);
+        let n = |what: &str| layer_tensor(i, what);
+        Ok(Self {
+            wq: load_matrix(g, &n("attn_q"), qd, dim)?,
+            wk: load_matrix(g, &n("attn_k"), kvd, dim)?,
+            wv: load_matrix(g, &n("attn_v"), kvd, dim)?,
+            qk_norm: if qk_norm {
+                Some((
+                    load_vector(g, &n("attn_q_norm"), hd)?,
+                    load_vector(g, &n("attn_k_norm"), hd)?,
+                ))
+            } else {
+                None
+            },
+            wo: load_matrix(g, &n("attn_output"), dim, qd)?,
+        })
+    }
+
+    /// Bytes of the projection matrices.
+    pub(crate) fn n_bytes(&self) -> usize {
+        [&self.wq, &self.wk, &self.wv, &self.wo]
+            .iter()
+            .map(|m| m.n_bytes())
+            .sum()
+    }
+
+    /// xo ← Wo · attention(RoPE(Wq·xb), RoPE(Wk·xb), Wv·xb) for the chunk at positions `pos`, after appending its
+    /// keys and values to `cache` (layer `layer`). A `local` layer rotates with the local RoPE table and sees only
+    /// `c.sliding_window` positions back; the query rows are recorded for KV-compression methods; query heads marked in
+    /// `s.head_mask` contribute nothing.
+    pub(crate) fn forward(
+        &self,
+        c: &ModelConfig,
+        layer: usize,
+        pos: &[u32],
+        local: bool,
+        cache: &mut KvCache,
+        s: &mut Scratch,
+    ) {
+        let (n, dim, hd, nh, nkv) = (pos.len(), c.dim, c.head_dim_k, c.n_heads, c.n_kv_heads);
+        let half = c.rope_dim / 2;
+        let (q, k, v) = (
+            &mut s.q[..n * nh * hd],  // n × nh·hd
+            &mut s.k[..n * nkv * hd], // n × nkv·hd
+            &mut s.v[..n * nkv * hd], // n × nkv·hd
+        );
+        let xb = &s.xb[..n * dim]; // n × dim
+        matmul(&self.wq, xb, n, q, &mut s.mm);
+        matmul(&self.wk, xb, n, k, &mut s.mm);
+        matmul(&self.wv, xb, n, v, &mut s.mm);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            rmsnorm_inplace(q, q_norm, c.rms_eps);
+            rmsnorm_inplace(k, k_norm, c.rms_eps);
+        }
+        // cos, sin: n × rope_dim/2 each.
+        let (cos, sin) = if local {
+            (&s.rope_cos_local[..n * half], &s.rope_sin_local[..n * half])
+        } else {
+            (&s.rope_cos[..n * half], &s.rope_sin[..n * half])
+        };
+        apply_rope(q, nh, hd, c.rope_style, cos, sin, c.rope_dim);
+        apply_rope(k, nkv, hd, c.rope_style, cos, sin, c.rope_dim);
+        s.obs.record(layer, q, pos);
+        cache.append(layer, pos, k, v);
+        let params = AttnParams {
+            n_q_heads: nh,
+            scale: c.attn_scale,
+            window: if local { c.sliding_window } else { None },
+            softcap: None,
+        };
+        let att = &mut s.att[..n * nh * hd]; // n × nh·hd
+        attend(cache, layer, q, pos, att, &params, &mut s.attn);
+        mask_heads(att, nh, hd, &s.head_mask, layer);
+        matmul(&self.wo, att, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
+    }
+}
+
+/// Gated feed-forward block: Wdown · (act(Wgate·x) ⊙ Wup·x). SwiGLU with `act` = [`silu`] (Llama), GeGLU with
+/// [`gelu_tanh`] (Gemma).
+pub struct GatedFfn {
+    pub w_gate: QMatrix, // ffn × dim
+    pub w_up: QMatrix,   // ffn × dim
+    pub w_down: QMatrix, // dim × ffn
+}
+
+impl GatedFfn {
+    /// Layer `i`'s feed-forward weights (`blk.i.ffn_{gate,up,down}`).
+    pub(crate) fn load(g: &GgufFile, i: usize, c: &ModelConfig) -> Result<Self> {
+        let (dim, f) = (c.dim, c.ffn_dim);
+        let n = |what: &str| layer_tensor(i, what);
+        Ok(Self {
+            w_gate: load_matrix(g, &n("ffn_gate"), f, dim)?,
+            w_up: load_matrix(g, &n("ffn_up"), f, dim)?,
+            w_down: load_matrix(g, &n("ffn_down"), dim, f)?,
+        })
+    }
+
+    /// Bytes of the matrices.
+    pub(crate) fn n_bytes(&self) -> usize {
+        [&self.w_gate, &self.w_up, &self.w_down]
+            .iter()
+            .map(|m| m.n_bytes())
+            .sum()
+    }
+
+    /// xo ← Wdown · (act(Wgate·xb) ⊙ Wup·xb) for the chunk's n tokens.
+    pub(crate) fn forward(
+        &self,
+        c: &ModelConfig,
+        n: usize,
+        act: impl Fn(f32) -> f32,
+        s: &mut Scratch,
+    ) {
+        let (dim, f) = (c.dim, c.ffn_dim);
+        let xb = &s.xb[..n * dim]; // n × dim
+        let (gate, up) = (&mut s.hb[..n * f], &mut s.hb2[..n * f]); // n × ffn each
+        matmul(&self.w_gate, xb, n, gate, &mut s.mm);
+        matmul(&self.w_up, xb, n, up, &mut s.mm);
+        for (g, u) in gate.iter_mut().zip(up.iter()) {
+            *g = act(*g) * u;
+        }
+        matmul(&self.w_down, gate, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
+    }
+}
+
+/// Final norm and output projection for rows `rows` of the chunk in `s.x`.
+pub(crate) fn output_logits(
+    norm: &[f32],
+    out: &QMatrix,
+    eps: f32,
+    dim: usize,
+    vocab: usize,
+    s: &mut Scratch,
+    rows: Range<usize>,
+) {
+    let nr = rows.len();
+    assert!(
+        rows.end <= s.cap && nr * vocab <= s.logits.len(),
+        "logit rows {rows:?} out of range"
+    );
+    if nr == 0 {
+        return;
+    }
+    rmsnorm(
+        &mut s.xb[..nr * dim],
+        &s.x[rows.start * dim..rows.end * dim],
+        norm,
+        eps,
+    );
+    matmul(
+        out,
+        &s.xb[..nr * dim],
+        nr,
+        &mut s.logits[..nr * vocab],
+        &mut s.mm,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Element-wise ops
+
+/// `out[t] = x[t] / rms(x[t]) ⊙ w`, for each row of length `w.len()`.
+pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for (o, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((oi, xi), wi) in o.iter_mut().zip(xr).zip(w) {
+            *oi = xi * inv * wi;
+        }
+    }
+}
+
+/// In-place RMSNorm of every `w.len()`-sized piece of `x` (per-head norm).
+pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for xr in x.chunks_exact_mut(d) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for (xi, wi) in xr.iter_mut().zip(w) {
+            *xi = *xi * inv * wi;
+        }
+    }
+}
+
+/// Fills cos/sin tables (n_tok × rope_dim/2) for positions `pos` with angles pos · freq_scale · base^(−2i/rope_dim)
+/// (freq_scale < 1 is linear RoPE scaling). Angles are computed in f64 and rounded once, so there is no cap on
+/// positions and no drift at large ones.
+pub fn rope_tables(
+    pos: &[u32],
+    rope_dim: usize,
+    base: f32,
+    freq_scale: f32,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
+    let half = rope_dim / 2;
+    for (t, &p) in pos.iter().enumerate() {
+        for i in 0..half {
+            let freq = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+            let a = p as f64 * freq * freq_scale as f64;
+            cos[t * half + i] = a.cos() as f32;
+            sin[t * half + i] = a.sin() as f32;
+        }
+    }
+}
+
+/// Rotates every head of every token. `x`: n_tok × n_heads × head_dim; the first rope_dim dims of a head rotate.
+pub fn apply_rope(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+    cos: &[f32],
+    sin: &[f32],
+    rope_dim: usize,
+) {
+    let half = rope_dim / 2;
+    for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
+        let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+        for head in tok.chunks_exact_mut(head_dim) {
+            match style {
+                RopeStyle::Norm => {
+                    for i in 0..half {
+                        let (a, b) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = a * c[i] - b * s[i];
+                        head[2 * i + 1] = a * s[i] + b * c[i];
+                    }
+                }
+                RopeStyle::Neox => {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * c[i] - b * s[i];
+                        head[i + half] = a * s[i] + b * c[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (what Gemma's `gelu_pytorch_tanh` and ggml's gelu compute).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+/// Warns once when a position goes past the context the model was trained for.
+pub(crate) fn warn_past_context(pos: &[u32], ctx_len: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if pos.last().is_some_and(|&p| p as usize >= ctx_len) && !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "warning: position {} is past the model's trained context of {ctx_len} tokens",
+            pos[pos.len() - 1]
+        );
+    }
+}
+
+/// Zeroes the attention output (n tokens × n_heads × head_dim) of the query heads of `layer` that `mask` marks.
+pub fn mask_heads(att: &mut [f32], n_heads: usize, head_dim: usize, mask: &[bool], layer: usize) {
+    if mask.is_empty() {
+        return;
+    }
+    let m = &mask[layer * n_heads..(layer + 1) * n_heads];
+    for row in att.chunks_exact_mut(n_heads * head_dim) {
+        for (h, _) in m.iter().enumerate().filter(|(_, &x)| x) {
+            row[h * head_dim..(h + 1) * head_dim].fill(0.0);
+        }
+    }
+}
