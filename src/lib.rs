@@ -14,4 +14,6 @@ pub mod kernels;
 pub mod kv;
 pub mod methods;
 pub mod model;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
 pub mod tokenizer;

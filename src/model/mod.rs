@@ -4,6 +4,7 @@
 
 pub mod gemma3;
 pub mod llama;
+#[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 
 use std::ops::Range;
