@@ -105,13 +105,17 @@ fn check_random_case(method: &str, rng: &mut Rng, dir: &std::path::Path) {
             // Earlier evictions: heads hold different subsets (the newest entry always stays).
             let drop = rng.below(4) as u64;
             let mut r = Rng(rng.next_u64() | 1);
-            cache.retain(l, h, |_, p| p as usize + 1 == seen || r.next_u64() % 4 >= drop);
+            cache.retain(l, h, |_, p| {
+                p as usize + 1 == seen || r.next_u64() % 4 >= drop
+            });
         }
     }
     let w = 1 + rng.below(80.min(seen));
     let mut obs = QueryWindow::new(nl, nkv * group * hd, snapkv::WINDOW);
     for l in 0..nl {
-        let q: Vec<f32> = (0..w * nkv * group * hd).map(|_| rng.uniform() * 3.0).collect();
+        let q: Vec<f32> = (0..w * nkv * group * hd)
+            .map(|_| rng.uniform() * 3.0)
+            .collect();
         obs.record(l, &q, &pos[seen - w..]);
     }
     let mut acc = AttnAcc::new(true, nl * nkv);

@@ -1,5 +1,6 @@
 //! Forward-pass invariants on tiny random-weight models the test writes itself:
-//! chunked prefill ≡ one-shot prefill ≡ token-by-token decode, for both architectures; head ablation zeroes exactly its head.
+//! chunked prefill ≡ one-shot prefill ≡ token-by-token decode, for both architectures; head ablation zeroes exactly
+//! its head.
 
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;

@@ -58,7 +58,11 @@ fn random_tensor(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u
                 b.copy_from_slice(&bf16::from_f32(rng.uniform() * 0.1).to_bits().to_le_bytes())
             }
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
-                let s = if rng.next_u64().is_multiple_of(2) { d } else { -d };
+                let s = if rng.next_u64().is_multiple_of(2) {
+                    d
+                } else {
+                    -d
+                };
                 b[0..2].copy_from_slice(&h(s));
             }
             GgmlType::Q4_1 | GgmlType::Q5_1 => {
