@@ -16,5 +16,7 @@ pub mod kernels;
 pub mod kv;
 pub mod methods;
 pub mod model;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
 pub mod tokenizer;
 pub mod util;

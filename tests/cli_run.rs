@@ -199,7 +199,8 @@ fn info_and_bench_speed_run() {
     let rows = j["results"].as_array().unwrap();
     // prefill 64, 128; decode 0, 64, 128
     assert_eq!(rows.len(), 5);
-    assert!(rows.iter().all(|r| r["tok_s"].as_f64().unwrap() > 0.0));
+    // Speeds are reported (a number each), not judged: wall-clock checks belong to `hayloft bench speed`.
+    assert!(rows.iter().all(|r| r["tok_s"].as_f64().is_some()), "{j}");
 }
 
 #[test]

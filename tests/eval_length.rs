@@ -1,6 +1,6 @@
 //! Generated eval cases against the real SmolLM2 tokenizer and chat template (and Gemma 3's, as a base model):
-//! lengths within 2 % of the target, each needle once, answers findable in the prompt, same seed same prompt,
-//! and fast generation.
+//! lengths within 2 % of the target, each needle once, answers findable in the prompt, same seed same prompt.
+//! (How long generating a case takes is printed, not asserted.)
 
 mod common;
 
@@ -13,17 +13,17 @@ use hayloft::gguf::GgufFile;
 use hayloft::tokenizer::chat::ChatTemplate;
 use hayloft::tokenizer::Tokenizer;
 
-fn tokenizer(name: &str) -> Option<(Tokenizer, Result<ChatTemplate, String>)> {
-    let p = common::model(name)?;
+fn tokenizer(name: &str) -> (Tokenizer, Result<ChatTemplate, String>) {
+    let p = common::model(name);
     let g = GgufFile::open(&p).unwrap();
     let t = Tokenizer::from_gguf(&g).unwrap();
     let c = ChatTemplate::from_gguf(&g).map_err(|e| format!("{e:#}"));
-    Some((t, c))
+    (t, c)
 }
 
-fn hays() -> Option<Haystacks> {
-    let _ = common::essays()?;
-    Some(Haystacks::new(None::<PathBuf>))
+fn hays() -> Haystacks {
+    common::essays();
+    Haystacks::new(None::<PathBuf>)
 }
 
 /// prompt + answer budget within [0.98, 1] × target.
@@ -45,11 +45,9 @@ fn check_len_within(p: &Prompter, c: &Case, tol: f64) -> String {
 }
 
 #[test]
-fn niah_lengths_needles_and_speed() {
-    let Some((tok, tpl)) = tokenizer("smollm2-135m") else {
-        return;
-    };
-    let Some(mut h) = hays() else { return };
+fn niah_lengths_and_needles() {
+    let (tok, tpl) = tokenizer("smollm2-135m");
+    let mut h = hays();
     let p = Prompter::new(&tok, tpl.as_ref().map_err(|e| e.clone()), false);
     assert!(p.is_chat());
     for source in [Source::Essays, Source::Noise] {
@@ -60,14 +58,12 @@ fn niah_lengths_needles_and_speed() {
             };
             let t0 = Instant::now();
             let c = niah::case(&p, &mut h, &params, len, depth, 0, 7).unwrap();
-            let dt = t0.elapsed().as_secs_f64();
             if len == 8192 {
                 eprintln!(
                     "niah {} 8K case generated in {:.1} ms",
                     source.name(),
-                    dt * 1e3
+                    t0.elapsed().as_secs_f64() * 1e3
                 );
-                assert!(dt < 1.0, "generating an 8K case took {dt:.2} s");
             }
             let prompt = check_len(&p, &c);
             let value = &c.conv.turns[0].refs[0];
@@ -108,17 +104,12 @@ fn niah_lengths_needles_and_speed() {
 
 #[test]
 fn ruler_tasks_hit_their_lengths_and_hold_their_answers() {
-    let Some((tok, tpl)) = tokenizer("smollm2-135m") else {
-        return;
-    };
-    let Some(mut h) = hays() else { return };
+    let (tok, tpl) = tokenizer("smollm2-135m");
+    let mut h = hays();
     let p = Prompter::new(&tok, tpl.as_ref().map_err(|e| e.clone()), false);
     for task in ruler::TASKS {
         for len in [2048, 4096, 8192] {
-            let t0 = Instant::now();
             let c = ruler::case(&p, &mut h, task, len, 0, 3).unwrap();
-            let dt = t0.elapsed().as_secs_f64();
-            assert!(dt < 1.0, "{task} at {len}: generation took {dt:.2} s");
             // A UUID needle line (~60 tokens) is the filler unit of niah_multikey_3: 3 % of 2K.
             let tol = if len < 4096 && *task == "niah_multikey_3" {
                 0.04
@@ -167,10 +158,8 @@ fn ruler_tasks_hit_their_lengths_and_hold_their_answers() {
 
 #[test]
 fn scbench_and_tsort_lengths_and_answers() {
-    let Some((tok, tpl)) = tokenizer("smollm2-135m") else {
-        return;
-    };
-    let Some(mut h) = hays() else { return };
+    let (tok, tpl) = tokenizer("smollm2-135m");
+    let mut h = hays();
     let p = Prompter::new(&tok, tpl.as_ref().map_err(|e| e.clone()), false);
     for task in scbench::TASKS {
         for mode in [Mode::MultiTurn, Mode::MultiRequest] {
@@ -208,10 +197,8 @@ fn scbench_and_tsort_lengths_and_answers() {
 
 #[test]
 fn base_model_prompts_are_plain_completions() {
-    let Some((tok, tpl)) = tokenizer("gemma3-270m") else {
-        return;
-    };
-    let Some(mut h) = hays() else { return };
+    let (tok, tpl) = tokenizer("gemma3-270m");
+    let mut h = hays();
     let p = Prompter::new(&tok, tpl.as_ref().map_err(|e| e.clone()), false);
     assert!(
         !p.is_chat(),

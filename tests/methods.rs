@@ -11,22 +11,7 @@ use hayloft::methods::{
 };
 use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, TinySpec};
 use hayloft::model::{Arch, Model, ModelConfig, RopeStyle};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
+use hayloft::testutil::Rng;
 
 fn config(nl: usize, nh: usize, nkv: usize, hd: usize, window: Option<u32>) -> ModelConfig {
     ModelConfig {
@@ -55,9 +40,9 @@ fn config(nl: usize, nh: usize, nkv: usize, hd: usize, window: Option<u32>) -> M
 
 fn heads_file(dir: &std::path::Path, nl: usize, nkv: usize, rng: &mut Rng) -> std::path::PathBuf {
     let scores: Vec<Vec<f64>> = (0..nl)
-        .map(|_| (0..nkv).map(|_| rng.f().abs() as f64 * 0.3).collect())
+        .map(|_| (0..nkv).map(|_| rng.uniform().abs() as f64 * 0.3).collect())
         .collect();
-    let p = dir.join(format!("heads-{nl}x{nkv}-{}.json", rng.next() % 1000));
+    let p = dir.join(format!("heads-{nl}x{nkv}-{}.json", rng.next_u64() % 1000));
     let json = serde_json::json!({"layers": nl, "kv_heads": nkv, "scores": scores});
     std::fs::write(&p, json.to_string()).unwrap();
     p
@@ -113,30 +98,34 @@ fn check_random_case(method: &str, rng: &mut Rng, dir: &std::path::Path) {
     let seen = 2 + rng.below(200);
     let pos: Vec<u32> = (0..seen as u32).collect();
     for l in 0..nl {
-        let k: Vec<f32> = (0..seen * nkv * hd).map(|_| rng.f()).collect();
-        let v: Vec<f32> = (0..seen * nkv * hd).map(|_| rng.f()).collect();
+        let k: Vec<f32> = (0..seen * nkv * hd).map(|_| rng.uniform()).collect();
+        let v: Vec<f32> = (0..seen * nkv * hd).map(|_| rng.uniform()).collect();
         cache.append(l, &pos, &k, &v);
         for h in 0..nkv {
             // Earlier evictions: heads hold different subsets (the newest entry always stays).
             let drop = rng.below(4) as u64;
-            let mut r = Rng(rng.next() | 1);
-            cache.retain(l, h, |_, p| p as usize + 1 == seen || r.next() % 4 >= drop);
+            let mut r = Rng(rng.next_u64() | 1);
+            cache.retain(l, h, |_, p| {
+                p as usize + 1 == seen || r.next_u64() % 4 >= drop
+            });
         }
     }
     let w = 1 + rng.below(80.min(seen));
     let mut obs = QueryWindow::new(nl, nkv * group * hd, snapkv::WINDOW);
     for l in 0..nl {
-        let q: Vec<f32> = (0..w * nkv * group * hd).map(|_| rng.f() * 3.0).collect();
+        let q: Vec<f32> = (0..w * nkv * group * hd)
+            .map(|_| rng.uniform() * 3.0)
+            .collect();
         obs.record(l, &q, &pos[seen - w..]);
     }
     let mut acc = AttnAcc::new(true, nl * nkv);
     for l in 0..nl {
         for h in 0..nkv {
-            acc.acc[l * nkv + h] = (0..cache.len(l, h)).map(|_| rng.f().abs()).collect();
+            acc.acc[l * nkv + h] = (0..cache.len(l, h)).map(|_| rng.uniform().abs()).collect();
         }
     }
     let budget = if rng.below(2) == 0 {
-        format!("{:.3}", 0.05 + 0.9 * rng.f().abs())
+        format!("{:.3}", 0.05 + 0.9 * rng.uniform().abs())
     } else {
         format!("{}t", 1 + rng.below(seen + 10))
     };

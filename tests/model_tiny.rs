@@ -1,5 +1,6 @@
 //! Forward-pass invariants on tiny random-weight models the test writes itself:
-//! chunked prefill ≡ one-shot prefill ≡ token-by-token decode, for both architectures.
+//! chunked prefill ≡ one-shot prefill ≡ token-by-token decode, for both architectures; head ablation zeroes exactly
+//! its head.
 
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
@@ -160,27 +161,100 @@ fn streaming_perplexity_with_full_cache_equals_one_shot_scoring() {
     assert!(streaming_perplexity(&mut s, &toks, 0, 40, |_, _| {}).is_err());
 }
 
-#[test]
-fn head_mask_zeroes_exactly_the_marked_heads() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tiny.gguf");
-    write_tiny_llama(&p, &TinySpec::default()).unwrap();
-    let m = Model::load(&p).unwrap();
-    let (nl, nh) = (m.config().n_layers, m.config().n_heads);
-    let toks = tokens(20, m.config().vocab);
+/// Bits of head `h`'s slice of every row of an n × n_heads·head_dim attention output.
+fn head_bits(att: &[f32], nh: usize, hd: usize, h: usize) -> Vec<u32> {
+    att.chunks_exact(nh * hd)
+        .flat_map(|row| row[h * hd..(h + 1) * hd].iter().map(|x| x.to_bits()))
+        .collect()
+}
+
+/// Head ablation zeroes exactly the marked (layer, query head): its attention output is +0.0 in every row, prefill and
+/// decode, and every other head of that layer is bit-for-bit what an unmasked run computes. Observed in the scratch,
+/// which holds the last layer's attention output of the last chunk after a forward pass.
+fn check_head_mask(m: &Model) {
+    let c = m.config();
+    let (nl, nh, hd) = (c.n_layers, c.n_heads, c.head_dim_v);
+    assert!(nl >= 2 && nh >= 2);
+    let n = 20;
+    let toks = tokens(n + 1, c.vocab);
+    // (last layer's attention output over the prompt, over one decoded token, logits after it)
     let run = |mask: Vec<bool>| {
-        let mut s = Session::new(&m, SessionConfig::for_model(&m)).unwrap();
+        let mut s = Session::new(m, SessionConfig::for_model(m)).unwrap();
         s.scratch.head_mask = mask;
-        s.prefill(&toks).unwrap().to_vec()
+        s.prefill(&toks[..n]).unwrap();
+        let pre = s.scratch.att[..n * nh * hd].to_vec();
+        let logits = s.decode(toks[n]).unwrap().to_vec();
+        let dec = s.scratch.att[..nh * hd].to_vec();
+        (pre, dec, logits)
     };
     let base = run(Vec::new());
+    for (att, what) in [(&base.0, "prefill"), (&base.1, "decode")] {
+        for h in 0..nh {
+            assert!(
+                att.iter().all(|x| x.is_finite())
+                    && head_bits(att, nh, hd, h).iter().any(|&b| b != 0),
+                "{what}: unmasked head {h} has no output to mask"
+            );
+        }
+    }
     assert_eq!(
         run(vec![false; nl * nh]),
         base,
         "an all-false mask must change nothing"
     );
-    let mut one = vec![false; nl * nh];
-    one[nh + 1] = true; // layer 1, head 1
-    let masked = run(one);
-    assert_ne!(masked, base, "masking a head must change the logits");
+
+    let (layer, head) = (nl - 1, 1);
+    let mut mask = vec![false; nl * nh];
+    mask[layer * nh + head] = true;
+    let masked = run(mask);
+    for (att, want, what) in [
+        (&masked.0, &base.0, "prefill"),
+        (&masked.1, &base.1, "decode"),
+    ] {
+        for h in 0..nh {
+            let got = head_bits(att, nh, hd, h);
+            if h == head {
+                assert!(
+                    got.iter().all(|&b| b == 0),
+                    "{what}: masked head {h} is not exactly +0.0"
+                );
+            } else {
+                assert_eq!(
+                    got,
+                    head_bits(want, nh, hd, h),
+                    "{what}: unmasked head {h} of the masked layer changed"
+                );
+            }
+        }
+    }
+    assert_ne!(masked.2, base.2, "masking a head must change the logits");
+
+    // The mask acts at its own layer: the same head masked one layer down changes every head of the last layer.
+    let mut mask = vec![false; nl * nh];
+    mask[(layer - 1) * nh + head] = true;
+    let earlier = run(mask);
+    for h in 0..nh {
+        assert_ne!(
+            head_bits(&earlier.0, nh, hd, h),
+            head_bits(&base.0, nh, hd, h),
+            "masking layer {} left head {h} of layer {layer} unchanged",
+            layer - 1
+        );
+    }
+}
+
+#[test]
+fn head_mask_zeroes_exactly_the_marked_head_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_llama(&p, &TinySpec::default()).unwrap();
+    check_head_mask(&Model::load(&p).unwrap());
+}
+
+#[test]
+fn head_mask_zeroes_exactly_the_marked_head_gemma3() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny-gemma3.gguf");
+    write_tiny_gemma3(&p, &TinySpec::default(), 9).unwrap();
+    check_head_mask(&Model::load(&p).unwrap());
 }

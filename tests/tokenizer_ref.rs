@@ -2,8 +2,7 @@
 //! tests/fixtures/tokenizer_ref.json (made by tests/fixtures/gen_tokenizer_ref.py), lossless round trips,
 //! streaming decode, end-of-generation ids, every token's bytes, and the SmolLM2 chat template.
 //!
-//! Models are fetched into $HAYLOFT_HOME on first use (tests/common);
-//! a model that cannot be had skips its test with a note (a failure under HAYLOFT_REQUIRE_MODELS=1).
+//! Models are fetched into $HAYLOFT_HOME on first use (tests/common); a model that cannot be had fails its test.
 
 mod common;
 
@@ -22,10 +21,10 @@ fn fixture(key: &str) -> Value {
 }
 
 /// The model known to tests/common as `name` (fetched and SHA-256-verified into $HAYLOFT_HOME).
-fn open(file: &str, name: &str) -> Option<GgufFile> {
-    let path = common::model(name)?;
+fn open(file: &str, name: &str) -> GgufFile {
+    let path = common::model(name);
     assert_eq!(path.file_name().and_then(|f| f.to_str()), Some(file));
-    Some(GgufFile::open(&path).expect("model opens"))
+    GgufFile::open(&path).expect("model opens")
 }
 
 const SMOLLM2: (&str, &str) = ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m");
@@ -34,9 +33,7 @@ const GEMMA3: (&str, &str) = ("gemma-3-270m-q4_k_m.gguf", "gemma3-270m");
 fn check_model(key: &str, (file, name): (&str, &str)) {
     let fx = fixture(key);
     assert_eq!(fx["file"].as_str().unwrap(), file);
-    let Some(g) = open(file, name) else {
-        return;
-    };
+    let g = open(file, name);
     let t0 = Instant::now();
     let tok = Tokenizer::from_gguf(&g).expect("tokenizer loads");
     eprintln!("{key}: tokenizer loaded in {:?}", t0.elapsed());
@@ -136,9 +133,7 @@ fn gemma3_matches_llama_cpp() {
 
 #[test]
 fn smollm2_the_capital_of_france() {
-    let Some(g) = open(SMOLLM2.0, SMOLLM2.1) else {
-        return;
-    };
+    let g = open(SMOLLM2.0, SMOLLM2.1);
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let ids = tok.encode("The capital of France is", true, false).unwrap();
     assert_eq!(ids[0], 504, "\"The\" must be 504, not \"ĠThe\" (378)");
@@ -149,9 +144,7 @@ fn smollm2_the_capital_of_france() {
 
 #[test]
 fn smollm2_chat_template() {
-    let Some(g) = open(SMOLLM2.0, SMOLLM2.1) else {
-        return;
-    };
+    let g = open(SMOLLM2.0, SMOLLM2.1);
     let ct = ChatTemplate::from_gguf(&g).unwrap();
     assert_eq!(ct.builtin(), None);
     let s = ct.render(&[ChatMessage::new("user", "hi")], true).unwrap();
@@ -181,9 +174,7 @@ fn smollm2_chat_template() {
 
 #[test]
 fn gemma3_builtin_chat_template() {
-    let Some(g) = open(GEMMA3.0, GEMMA3.1) else {
-        return;
-    };
+    let g = open(GEMMA3.0, GEMMA3.1);
     let ct = ChatTemplate::from_gguf(&g).unwrap();
     assert_eq!(ct.builtin(), Some("gemma"));
     let s = ct
@@ -211,39 +202,41 @@ fn gemma3_builtin_chat_template() {
     assert!(err.contains("alternate"), "{err}");
 }
 
-/// An 8K-token prompt must encode in well under 50 ms.
+/// An 8K-token prompt encodes (BPE merges over a long text) and decodes back to itself. The encode time is printed, not
+/// asserted: wall-clock limits fail on loaded machines and pass on fast ones whatever the code does.
 #[test]
-fn encode_speed() {
+fn an_8k_prompt_round_trips() {
     let base = "The quick brown fox jumps over the lazy dog; 1234567 + 89 = ? \
                 fn main() {\n    println!(\"héllo, wörld 🦙\");\n}\n\n";
     for (key, (file, name)) in [("smollm2", SMOLLM2), ("gemma3", GEMMA3)] {
-        let Some(g) = open(file, name) else {
-            continue;
-        };
+        let g = open(file, name);
         let tok = Tokenizer::from_gguf(&g).unwrap();
         let per = tok.encode(base, false, false).unwrap().len();
         let text = base.repeat(8192 / per + 1);
-        let mut best = f64::MAX;
-        let mut n = 0;
-        for _ in 0..5 {
-            let t = Instant::now();
-            n = tok.encode(&text, true, true).unwrap().len();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        eprintln!("{key}: {n} tokens encoded in {:.2} ms", best * 1e3);
-        assert!(n >= 8192);
-        assert!(best < 0.050, "{key}: {n} tokens took {:.1} ms", best * 1e3);
+        let t = Instant::now();
+        let ids = tok.encode(&text, true, true).unwrap();
+        eprintln!(
+            "{key}: {} tokens encoded in {:.2} ms",
+            ids.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        assert!(ids.len() >= 8192);
+        let bos_text = match (tok.add_bos(), tok.bos_id()) {
+            (true, Some(b)) => tok.token_to_piece(b),
+            _ => String::new(),
+        };
+        assert_eq!(tok.decode(&ids), format!("{bos_text}{text}"), "{key}");
     }
 }
 
-/// Optional wide check against a reference made by tests/fixtures/gen_tokenizer_extra.py
-/// (HAYLOFT_TOKENIZER_EXTRA_REF=path.json); skipped when the variable is unset.
+/// Optional wide check against a reference made by tests/fixtures/gen_tokenizer_extra.py, run by hand:
+/// `HAYLOFT_TOKENIZER_EXTRA_REF=path.json cargo test --release --test tokenizer_ref extra_reference -- --ignored`.
 #[test]
+#[ignore = "needs HAYLOFT_TOKENIZER_EXTRA_REF=<file from tests/fixtures/gen_tokenizer_extra.py>"]
 fn extra_reference() {
-    let Some(path) = std::env::var_os("HAYLOFT_TOKENIZER_EXTRA_REF") else {
-        eprintln!("SKIPPED: set HAYLOFT_TOKENIZER_EXTRA_REF to a file from tests/fixtures/gen_tokenizer_extra.py");
-        return;
-    };
+    let path = std::env::var_os("HAYLOFT_TOKENIZER_EXTRA_REF").expect(
+        "set HAYLOFT_TOKENIZER_EXTRA_REF to a file made by tests/fixtures/gen_tokenizer_extra.py",
+    );
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut total_bad = 0;
     for m in v["models"].as_array().unwrap() {

@@ -533,7 +533,7 @@ mod tests {
     use super::*;
     use crate::kv::{KvConfig, KvDtype};
 
-    use crate::model::testutil::Rng;
+    use crate::testutil::Rng;
 
     #[allow(clippy::too_many_arguments)] // a test table row: every argument is one column
     fn check(

@@ -10,30 +10,15 @@ use half::{bf16, f16};
 // ------------------------------------------------------------------------------------------------
 // Deterministic random numbers.
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    /// Roughly normal, with occasional outliers like real activations.
-    fn act(&mut self) -> f32 {
-        let v = (self.f() + self.f() + self.f()) * 0.8;
-        if self.next().is_multiple_of(61) {
-            v * 12.0
-        } else {
-            v
-        }
+use crate::testutil::Rng;
+
+/// Roughly normal, with occasional outliers like real activations.
+fn act(rng: &mut Rng) -> f32 {
+    let v = (rng.uniform() + rng.uniform() + rng.uniform()) * 0.8;
+    if rng.next_u64().is_multiple_of(61) {
+        v * 12.0
+    } else {
+        v
     }
 }
 
@@ -65,20 +50,24 @@ fn random_tensor(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u
             *x = rng.byte();
         }
         // Scales: plausible magnitudes (random bytes would give huge or NaN f16 values).
-        let d = 0.004 + 0.02 * rng.f().abs();
+        let d = 0.004 + 0.02 * rng.uniform().abs();
         match ty {
-            GgmlType::F32 => b.copy_from_slice(&(rng.f() * 0.1).to_le_bytes()),
-            GgmlType::F16 => b.copy_from_slice(&h(rng.f() * 0.1)),
+            GgmlType::F32 => b.copy_from_slice(&(rng.uniform() * 0.1).to_le_bytes()),
+            GgmlType::F16 => b.copy_from_slice(&h(rng.uniform() * 0.1)),
             GgmlType::BF16 => {
-                b.copy_from_slice(&bf16::from_f32(rng.f() * 0.1).to_bits().to_le_bytes())
+                b.copy_from_slice(&bf16::from_f32(rng.uniform() * 0.1).to_bits().to_le_bytes())
             }
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
-                let s = if rng.next().is_multiple_of(2) { d } else { -d };
+                let s = if rng.next_u64().is_multiple_of(2) {
+                    d
+                } else {
+                    -d
+                };
                 b[0..2].copy_from_slice(&h(s));
             }
             GgmlType::Q4_1 | GgmlType::Q5_1 => {
                 b[0..2].copy_from_slice(&h(d));
-                b[2..4].copy_from_slice(&h(-8.0 * d * (0.5 + rng.f().abs())));
+                b[2..4].copy_from_slice(&h(-8.0 * d * (0.5 + rng.uniform().abs())));
             }
             GgmlType::Q4K | GgmlType::Q5K => {
                 b[0..2].copy_from_slice(&h(d / 40.0));
@@ -359,10 +348,10 @@ struct Case {
 }
 
 fn case(ty: GgmlType, rows: usize, cols: usize, n_tok: usize, seed: u64) -> Case {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded(seed);
     let raw = random_tensor(ty, rows, cols, &mut rng);
     let w = QMatrix::from_gguf(ty, rows, cols, &raw).unwrap();
-    let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.act()).collect();
+    let x: Vec<f32> = (0..n_tok * cols).map(|_| act(&mut rng)).collect();
     let row_bytes = raw.len() / rows;
     let dec: Vec<(Vec<f64>, Vec<f64>)> = (0..rows)
         .map(|r| ref_decode_row(ty, &raw[r * row_bytes..(r + 1) * row_bytes], cols))
@@ -412,7 +401,7 @@ fn dequantize_row_matches_reference_decode() {
     for (i, &ty) in ALL.iter().enumerate() {
         let cols = 2 * block_cols(ty).max(32) * if block_cols(ty) == 256 { 1 } else { 4 };
         let rows = 37;
-        let mut rng = Rng(100 + i as u64);
+        let mut rng = Rng::seeded(100 + i as u64);
         let raw = random_tensor(ty, rows, cols, &mut rng);
         let w = QMatrix::from_gguf(ty, rows, cols, &raw).unwrap();
         let rb = raw.len() / rows;
@@ -440,8 +429,8 @@ fn dequantize_row_matches_reference_decode() {
 #[test]
 fn activation_quantization_matches_ggml() {
     let cols = 512;
-    let mut rng = Rng(7);
-    let mut x: Vec<f32> = (0..cols).map(|_| rng.act()).collect();
+    let mut rng = Rng::seeded(7);
+    let mut x: Vec<f32> = (0..cols).map(|_| act(&mut rng)).collect();
     // An all-zero block and exact ties (amax = 127 makes the scale exactly 1): 2.5 -> 2, -3.5 -> -4.
     x[32..64].fill(0.0);
     // Q8_K: the first value of largest magnitude decides the sign (-127 before +127: iscale = +1).
@@ -779,8 +768,8 @@ fn unsupported_types_and_bad_sizes_are_errors() {
 
 #[test]
 fn f16_conversions_match_half() {
-    let mut rng = Rng(11);
-    let mut xs: Vec<f32> = (0..1000).map(|_| rng.f() * 70000.0).collect();
+    let mut rng = Rng::seeded(11);
+    let mut xs: Vec<f32> = (0..1000).map(|_| rng.uniform() * 70000.0).collect();
     xs.extend([
         0.0,
         -0.0,
@@ -793,7 +782,7 @@ fn f16_conversions_match_half() {
         f32::NEG_INFINITY,
         1.0 + 1.0 / 2048.0,
     ]);
-    xs.extend((0..100).map(|_| rng.f() * 1e-5));
+    xs.extend((0..100).map(|_| rng.uniform() * 1e-5));
     let mut hb = vec![0u16; xs.len()];
     f32_to_f16_slice(&xs, &mut hb);
     for (x, b) in xs.iter().zip(&hb) {
@@ -872,7 +861,7 @@ fn speed_smollm2_shapes() {
 }
 
 fn speed_run(shapes: &[(usize, usize, GgmlType, usize)]) {
-    let mut rng = Rng(1);
+    let mut rng = Rng::seeded(1);
     let mut s = MatmulScratch::default();
     for &n_tok in &[1usize, 256] {
         let mut total_t = 0f64;
@@ -880,7 +869,7 @@ fn speed_run(shapes: &[(usize, usize, GgmlType, usize)]) {
         for &(rows, cols, ty, count) in shapes {
             let raw = random_tensor(ty, rows, cols, &mut rng);
             let w = QMatrix::from_gguf(ty, rows, cols, &raw).unwrap();
-            let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.act()).collect();
+            let x: Vec<f32> = (0..n_tok * cols).map(|_| act(&mut rng)).collect();
             let mut y = vec![0f32; n_tok * rows];
             matmul(&w, &x, n_tok, &mut y, &mut s);
             let reps = ((2e8 / (rows * cols * n_tok) as f64) as usize).clamp(3, 2000);

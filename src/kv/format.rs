@@ -387,7 +387,7 @@ impl Stage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testutil::Rng;
+    use crate::testutil::Rng;
 
     fn cfg(dtype: KvDtype, hk: usize, hv: usize) -> KvConfig {
         KvConfig {

@@ -271,7 +271,7 @@ pub fn decode_group(codes: &[u8], bits: u8, m: f16, s: f16, out: &mut [f32]) {
 mod tests {
     use super::*;
 
-    use crate::model::testutil::Rng;
+    use crate::testutil::Rng;
 
     /// Max error over random groups, as a share of each group's range; also checks codes round-trip.
     fn max_rel_err(bits: u8, n: usize) -> f32 {

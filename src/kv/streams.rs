@@ -585,7 +585,7 @@ mod tests {
         assert_eq!(c.bytes(), reserved);
     }
 
-    use crate::model::testutil::Rng;
+    use crate::testutil::Rng;
 
     fn kivi(bits: u8, residual: usize, hk: usize, hv: usize, bt: usize) -> KvConfig {
         KvConfig {

@@ -38,3 +38,56 @@ impl Scorer for H2o {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::press::top_k;
+
+    fn score(acc: &[f32], keep: usize) -> Vec<f32> {
+        let n = acc.len();
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let keys = vec![1.0; 2 * n];
+        let o = HeadObs {
+            layer: 0,
+            n_layers: 1,
+            head: 0,
+            hk: 2,
+            hv: 2,
+            keys: &keys,
+            values: &[],
+            pos: &pos,
+            queries: &[],
+            q_pos: &[],
+            group: 1,
+            acc,
+            scale: 1.0,
+            window: None,
+            keep,
+            seen: n,
+        };
+        let mut out = vec![f32::NAN; n];
+        H2o.score(&o, &mut Vec::new(), &mut out);
+        out
+    }
+
+    #[test]
+    fn accumulated_attention_with_the_recent_half_forced() {
+        // Heavy hitters at 1, 4 and 5; the newest entries have little attention of their own.
+        let acc = [0.1, 2.0, 0.3, 0.2, 1.5, 3.0, 0.05, 0.01, 0.02, 0.0];
+        let out = score(&acc, 6);
+        // keep 6: the 3 newest are forced, the others score their accumulated attention exactly.
+        assert_eq!(&out[..7], &acc[..7]);
+        assert!(out[7..].iter().all(|&s| s == f32::INFINITY), "{out:?}");
+        let (mut order, mut keep) = (Vec::new(), Vec::new());
+        top_k(&out, 6, &mut order, &mut keep);
+        let kept: Vec<usize> = (0..acc.len()).filter(|&i| keep[i]).collect();
+        assert_eq!(kept, vec![1, 4, 5, 7, 8, 9]);
+        // An odd budget forces its smaller half; a budget of 1 forces nothing.
+        let out = score(&acc, 5);
+        assert_eq!(out.iter().filter(|s| s.is_infinite()).count(), 2);
+        assert_eq!(&out[..8], &acc[..8]);
+        assert_eq!(score(&acc, 1), acc.to_vec());
+        assert!(H2o.needs().accumulate);
+    }
+}

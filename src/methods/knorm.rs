@@ -21,3 +21,45 @@ impl Scorer for Knorm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::press::top_k;
+
+    #[test]
+    fn lower_key_norm_scores_higher() {
+        // Key norms 5, 1, √2, 0, 2.
+        let keys = [3.0, 4.0, 0.0, -1.0, 1.0, 1.0, 0.0, 0.0, -2.0, 0.0];
+        let pos = [0, 1, 2, 3, 4];
+        let o = HeadObs {
+            layer: 0,
+            n_layers: 1,
+            head: 0,
+            hk: 2,
+            hv: 2,
+            keys: &keys,
+            values: &[],
+            pos: &pos,
+            queries: &[],
+            q_pos: &[],
+            group: 1,
+            acc: &[],
+            scale: 1.0,
+            window: None,
+            keep: 2,
+            seen: 5,
+        };
+        let mut out = [f32::NAN; 5];
+        Knorm.score(&o, &mut Vec::new(), &mut out);
+        let want = [-5.0, -1.0, -(2.0f32.sqrt()), 0.0, -2.0];
+        for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() < 1e-6, "entry {i}: {g} vs {w}");
+        }
+        // Keeping 2: the zero key and the unit key, not the newest entry.
+        let (mut order, mut keep) = (Vec::new(), Vec::new());
+        top_k(&out, 2, &mut order, &mut keep);
+        assert_eq!(keep, vec![false, true, false, true, false]);
+        assert_eq!(Knorm.needs(), Needs::default(), "knorm reads keys only");
+    }
+}

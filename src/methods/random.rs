@@ -30,3 +30,68 @@ impl Scorer for Random {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(seed: u64, layer: usize, head: usize, keys: &[f32], pos: &[u32]) -> Vec<f32> {
+        let o = HeadObs {
+            layer,
+            n_layers: 4,
+            head,
+            hk: 2,
+            hv: 2,
+            keys,
+            values: &[],
+            pos,
+            queries: &[],
+            q_pos: &[],
+            group: 1,
+            acc: &[],
+            scale: 1.0,
+            window: None,
+            keep: 3,
+            seen: pos.len(),
+        };
+        let mut out = vec![f32::NAN; pos.len()];
+        Random { seed }.score(&o, &mut Vec::new(), &mut out);
+        out
+    }
+
+    #[test]
+    fn seeded_uniform_and_forces_nothing() {
+        let n = 64;
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let keys = vec![0.5; 2 * n];
+        let a = scores(1, 0, 0, &keys, &pos);
+        assert_eq!(a, scores(1, 0, 0, &keys, &pos), "same seed, same scores");
+        assert_ne!(
+            a,
+            scores(2, 0, 0, &keys, &pos),
+            "another seed, other scores"
+        );
+        assert_ne!(
+            a,
+            scores(1, 0, 1, &keys, &pos),
+            "another head, other scores"
+        );
+        assert_ne!(
+            a,
+            scores(1, 1, 0, &keys, &pos),
+            "another layer, other scores"
+        );
+        assert!(a.iter().all(|s| (0.0..1.0).contains(s)), "{a:?}");
+        let mean = a.iter().sum::<f32>() / n as f32;
+        assert!((0.3..0.7).contains(&mean), "mean {mean}");
+        // Not recency in disguise: the order is not monotone.
+        assert!(a.windows(2).any(|w| w[0] > w[1]) && a.windows(2).any(|w| w[0] < w[1]));
+        // Keys do not matter; an entry keeps its score when others are gone (it hashes its position).
+        let other_keys: Vec<f32> = (0..2 * n).map(|i| i as f32).collect();
+        assert_eq!(a, scores(1, 0, 0, &other_keys, &pos));
+        let some = [3u32, 17, 40];
+        let s = scores(1, 0, 0, &keys[..6], &some);
+        assert_eq!(s, vec![a[3], a[17], a[40]]);
+        assert_eq!(Random::default().needs(), Needs::default());
+    }
+}

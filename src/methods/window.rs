@@ -18,3 +18,45 @@ impl Scorer for Window {
         sinks_then_recent(0, obs.len(), out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::press::top_k;
+
+    #[test]
+    fn no_sinks_only_the_newest_entries() {
+        let n = 10;
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let keys: Vec<f32> = (0..2 * n).map(|i| (i % 3) as f32).collect();
+        let o = HeadObs {
+            layer: 0,
+            n_layers: 1,
+            head: 0,
+            hk: 2,
+            hv: 2,
+            keys: &keys,
+            values: &[],
+            pos: &pos,
+            queries: &[],
+            q_pos: &[],
+            group: 1,
+            acc: &[],
+            scale: 1.0,
+            window: None,
+            keep: 3,
+            seen: n,
+        };
+        let mut out = vec![f32::NAN; n];
+        Window.score(&o, &mut Vec::new(), &mut out);
+        assert!(
+            out.iter().all(|s| s.is_finite()),
+            "no entry is forced: {out:?}"
+        );
+        assert!(out.windows(2).all(|w| w[0] < w[1]), "{out:?}");
+        let (mut order, mut keep) = (Vec::new(), Vec::new());
+        top_k(&out, 3, &mut order, &mut keep);
+        let kept: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
+        assert_eq!(kept, vec![7, 8, 9], "the first entries (sinks) go too");
+    }
+}

@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod gemma3;
 pub mod llama;
 pub mod query_window;
+#[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 
 pub use blocks::{apply_rope, gelu_tanh, mask_heads, rmsnorm, rmsnorm_inplace, rope_tables, silu};

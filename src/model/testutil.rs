@@ -1,10 +1,11 @@
 //! Tiny random-weight GGUF models for tests: the same tensor names, metadata and tokenizer layout as the real files,
-//! with dimensions small enough to run in milliseconds.
+//! with dimensions small enough to run in milliseconds. Compiled only for tests (see `crate::testutil`).
 
 use std::path::Path;
 
 use crate::gguf::writer::GgufWriter;
 use crate::gguf::{GgmlType, Value};
+pub use crate::testutil::Rng;
 
 /// Dimensions of a tiny model.
 #[derive(Clone, Debug)]
@@ -34,20 +35,6 @@ impl Default for TinySpec {
             weight_type: GgmlType::Q8_0,
             seed: 1,
         }
-    }
-}
-
-/// A small xorshift generator for test data: uniform in [-1, 1).
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn uniform(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform() * scale).collect()
     }
 }
 

