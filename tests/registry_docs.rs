@@ -39,3 +39,50 @@ fn cli_help_and_errors_name_every_registered_method() {
         );
     }
 }
+
+/// A method or option name as a string literal (`"snapkv"`) appears in `src/` only in the registry: no second list, no
+/// match on names elsewhere. (Specs in tests, like `"snapkv@0.25"`, are not names and are not counted.)
+#[test]
+fn method_names_live_only_in_the_registry() {
+    use hayloft::methods::registry::{METHODS, OPTIONS};
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    let mut dirs = vec![src.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    let registry = src.join("methods").join("registry.rs");
+    let names: Vec<&str> = METHODS
+        .iter()
+        .map(|m| m.name)
+        .chain(OPTIONS.iter().map(|o| o.name))
+        .collect();
+    let mut found = Vec::new();
+    // eval/words.rs is a list of English words for generated keys ("window" among them), not of methods.
+    let words = src.join("eval").join("words.rs");
+    for f in files.iter().filter(|f| **f != registry && **f != words) {
+        let text = std::fs::read_to_string(f).unwrap();
+        // Unit tests parse specs written out; the code above them is what must not list names.
+        let text = text.split("#[cfg(test)]").next().unwrap_or("");
+        for n in &names {
+            if text.contains(&format!("\"{n}\"")) {
+                found.push(format!(
+                    "{}: \"{n}\"",
+                    f.strip_prefix(&src).unwrap().display()
+                ));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "method or option names outside src/methods/registry.rs:\n{}",
+        found.join("\n")
+    );
+}

@@ -293,7 +293,7 @@ impl LongbenchArgs {
 fn load(common: &EvalCommon) -> Result<(Vec<KvSpec>, super::Loaded)> {
     let specs = KvSpec::parse_list(&common.model.kv)?;
     let mut m = common.model.clone();
-    m.kv = "full".into();
+    m.kv = KvSpec::full().to_string();
     let mut loaded = m.load()?;
     if let Some(path) = &common.mask_heads {
         let mc = loaded.model.config();

@@ -83,7 +83,7 @@ pub struct ModelArgs {
     /// Prefill chunk size in tokens: peak activation memory is bounded by it.
     #[arg(long, default_value_t = 512)]
     pub chunk_size: usize,
-    #[arg(long, default_value = "full", help = crate::methods::registry::kv_help())]
+    #[arg(long, default_value_t = crate::methods::KvSpec::full().to_string(), help = crate::methods::registry::kv_help())]
     pub kv: String,
     /// KV cache storage type: f16, f32, or KIVI quantization q8, q4, q2 (keys per channel, values per token).
     #[arg(long, default_value = "f16")]

@@ -127,7 +127,7 @@ pub fn groups(results: &[CaseResult]) -> Vec<Group> {
         .collect();
     let full: BTreeMap<(String, usize), (f64, f64)> = out
         .iter()
-        .filter(|g| g.kv == "full")
+        .filter(|g| is_full(&g.kv))
         .map(|g| ((g.task.clone(), g.target_len), (g.score, g.peak_kv_bytes)))
         .collect();
     for g in &mut out {
@@ -370,7 +370,7 @@ fn accuracy_table(md: &mut String, groups: &[Group], lengths: &[usize]) {
 fn pct_of_full_table(md: &mut String, groups: &[Group], lengths: &[usize]) {
     if !groups
         .iter()
-        .any(|g| g.kv != "full" && g.pct_of_full.is_some())
+        .any(|g| !is_full(&g.kv) && g.pct_of_full.is_some())
     {
         return;
     }
@@ -381,7 +381,7 @@ fn pct_of_full_table(md: &mut String, groups: &[Group], lengths: &[usize]) {
     }
     let _ = writeln!(md);
     let _ = writeln!(md, "|---|---|{}", "---|".repeat(lengths.len()));
-    for (t, k) in rows(groups).iter().filter(|(_, k)| k != "full") {
+    for (t, k) in rows(groups).iter().filter(|(_, k)| !is_full(k)) {
         let _ = write!(md, "| {t} | {k} |");
         for l in lengths {
             match find(groups, t, k, *l).and_then(|g| g.pct_of_full) {
@@ -512,6 +512,11 @@ fn spec_labels(groups: &[Group]) -> Vec<&str> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
+}
+
+/// Whether a recorded spec label is the full cache (the reference of "% of full").
+fn is_full(kv: &str) -> bool {
+    *kv == KvSpec::full().to_string()
 }
 
 /// The plot series a spec's points belong to: its method when it evicts (one line per method across budgets), else
