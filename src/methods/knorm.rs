@@ -33,22 +33,9 @@ mod tests {
         let keys = [3.0, 4.0, 0.0, -1.0, 1.0, 1.0, 0.0, 0.0, -2.0, 0.0];
         let pos = [0, 1, 2, 3, 4];
         let o = HeadObs {
-            layer: 0,
-            n_layers: 1,
-            head: 0,
-            hk: 2,
-            hv: 2,
-            keys: &keys,
-            values: &[],
-            pos: &pos,
-            queries: &[],
-            q_pos: &[],
-            group: 1,
-            acc: &[],
-            scale: 1.0,
-            window: None,
             keep: 2,
             seen: 5,
+            ..HeadObs::single(&keys, 2, &pos)
         };
         let mut out = [f32::NAN; 5];
         Knorm.score(&o, &mut Vec::new(), &mut out);

@@ -104,7 +104,31 @@ pub struct HeadObs<'a> {
     pub seen: usize,
 }
 
-impl HeadObs<'_> {
+impl<'a> HeadObs<'a> {
+    /// One head of one layer with keys only (`hk` floats each, at positions `pos`), no queries, no accumulated
+    /// attention, group 1, scale 1, budget = every entry: what a scorer's unit test starts from.
+    #[cfg(test)]
+    pub(crate) fn single(keys: &'a [f32], hk: usize, pos: &'a [u32]) -> Self {
+        HeadObs {
+            layer: 0,
+            n_layers: 1,
+            head: 0,
+            hk,
+            hv: hk,
+            keys,
+            values: &[],
+            pos,
+            queries: &[],
+            q_pos: &[],
+            group: 1,
+            acc: &[],
+            scale: 1.0,
+            window: None,
+            keep: pos.len(),
+            seen: pos.len(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.pos.len()
     }

@@ -40,19 +40,8 @@ mod tests {
             layer,
             n_layers: 4,
             head,
-            hk: 2,
-            hv: 2,
-            keys,
-            values: &[],
-            pos,
-            queries: &[],
-            q_pos: &[],
-            group: 1,
-            acc: &[],
-            scale: 1.0,
-            window: None,
             keep: 3,
-            seen: pos.len(),
+            ..HeadObs::single(keys, 2, pos)
         };
         let mut out = vec![f32::NAN; pos.len()];
         Random { seed }.score(&o, &mut Vec::new(), &mut out);

@@ -95,22 +95,13 @@ mod tests {
         window: Option<u32>,
     ) -> HeadObs<'a> {
         HeadObs {
-            layer: 0,
-            n_layers: 1,
-            head: 0,
-            hk: 2,
-            hv: 2,
-            keys,
-            values: &[],
-            pos,
             queries: q,
             q_pos,
             group: 2,
-            acc: &[],
             scale: 0.5,
             window,
             keep: 4,
-            seen: pos.len(),
+            ..HeadObs::single(keys, 2, pos)
         }
     }
 

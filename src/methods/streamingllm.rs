@@ -47,22 +47,8 @@ mod tests {
 
     fn obs<'a>(keys: &'a [f32], pos: &'a [u32]) -> HeadObs<'a> {
         HeadObs {
-            layer: 0,
-            n_layers: 1,
-            head: 0,
-            hk: 2,
-            hv: 2,
-            keys,
-            values: &[],
-            pos,
-            queries: &[],
-            q_pos: &[],
-            group: 1,
-            acc: &[],
-            scale: 1.0,
-            window: None,
             keep: 7,
-            seen: pos.len(),
+            ..HeadObs::single(keys, 2, pos)
         }
     }
 

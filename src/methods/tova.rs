@@ -43,22 +43,11 @@ mod tests {
         let q = [0.0, 1.0, 1.0, 0.0];
         let q_pos = [1, 2];
         let o = HeadObs {
-            layer: 0,
-            n_layers: 1,
-            head: 0,
-            hk: 2,
-            hv: 2,
-            keys: &keys,
-            values: &[],
-            pos: &pos,
             queries: &q,
             q_pos: &q_pos,
-            group: 1,
-            acc: &[],
-            scale: 1.0,
-            window: None,
             keep: 1,
             seen: 3,
+            ..HeadObs::single(&keys, 2, &pos)
         };
         let mut out = [0.0; 3];
         Tova.score(&o, &mut Vec::new(), &mut out);

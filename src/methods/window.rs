@@ -30,22 +30,9 @@ mod tests {
         let pos: Vec<u32> = (0..n as u32).collect();
         let keys: Vec<f32> = (0..2 * n).map(|i| (i % 3) as f32).collect();
         let o = HeadObs {
-            layer: 0,
-            n_layers: 1,
-            head: 0,
-            hk: 2,
-            hv: 2,
-            keys: &keys,
-            values: &[],
-            pos: &pos,
-            queries: &[],
-            q_pos: &[],
-            group: 1,
-            acc: &[],
-            scale: 1.0,
-            window: None,
             keep: 3,
             seen: n,
+            ..HeadObs::single(&keys, 2, &pos)
         };
         let mut out = vec![f32::NAN; n];
         Window.score(&o, &mut Vec::new(), &mut out);
