@@ -100,6 +100,8 @@ fn niah_writes_results_report_and_heatmap() {
     assert!(stdout.contains("## Accuracy"));
     let png = std::fs::read(out.join("niah_niah_noise_full.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+    let svg = std::fs::read_to_string(out.join("niah_niah_noise_full.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("needle depth"));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["cases"], 6);
@@ -447,6 +449,8 @@ fn sweep_over_task_families_reports_per_turn_and_speed() {
         "niah_niah_essays_full.png",
     ] {
         assert!(out.join(png).exists(), "{png} missing");
+        let svg = out.join(png).with_extension("svg");
+        assert!(svg.exists(), "{} missing", svg.display());
     }
 }
 
