@@ -14,4 +14,5 @@ pub mod kernels;
 pub mod kv;
 pub mod methods;
 pub mod model;
+pub mod progress;
 pub mod tokenizer;

@@ -81,6 +81,11 @@ fn niah_writes_results_report_and_heatmap() {
     let out = dir.path().join("run");
     let o = eval(dir.path(), &niah_args(&model, out.to_str().unwrap()));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !stderr.contains("[eval]"),
+        "--quiet printed progress: {stderr}"
+    );
     let rs = ResultsFile::load(&out.join("results.jsonl")).unwrap();
     assert_eq!(rs.len(), 6);
     for r in &rs {
@@ -106,6 +111,37 @@ fn niah_writes_results_report_and_heatmap() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["cases"], 6);
     assert_eq!(summary["niah"][0]["depths"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn progress_without_a_terminal_is_plain_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let out = dir.path().join("run");
+    let mut args = niah_args(&model, out.to_str().unwrap());
+    args.retain(|a| *a != "--quiet");
+    let o = eval(dir.path(), &args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // Captured stderr is not a terminal: no bar, no cursor movement, but the first case and the last get a line
+    // with the ETA and the running mean score.
+    assert!(
+        !stderr.contains('\x1b') && !stderr.contains('\r'),
+        "{stderr:?}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("[eval] ") && l.contains("/6 cases"))
+        .collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    assert!(lines[0].starts_with("[eval] 1/6 cases"), "{stderr}");
+    let last = lines.last().unwrap();
+    assert!(
+        last.starts_with("[eval] 6/6 cases")
+            && last.contains("ETA 0m00s")
+            && last.contains("mean score "),
+        "{stderr}"
+    );
 }
 
 #[test]
