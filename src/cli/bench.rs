@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::ModelArgs;
 use crate::engine::Session;
+use crate::progress::Progress;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
@@ -112,7 +113,12 @@ fn speed(a: SpeedArgs) -> Result<()> {
     session.reset();
 
     let mut results = Vec::new();
-    eprintln!(
+    let steps = a.reps
+        * (usize::from(!a.no_prefill) * contexts.len()
+            + usize::from(!a.no_decode) * (contexts.len() + 1));
+    let progress = Progress::bar("[bench]", steps as u64, "runs", false);
+    let mut step = 0u64;
+    progress.line(&format!(
         "{:>8} {:>8} {:>10}   ({} threads, kernel {}, chunk {})",
         "test",
         "ctx",
@@ -120,7 +126,7 @@ fn speed(a: SpeedArgs) -> Result<()> {
         rayon::current_num_threads(),
         crate::kernels::kernel_name(),
         cfg.chunk_size
-    );
+    ));
     if !a.no_prefill {
         for &n in &contexts {
             let mut samples = Vec::new();
@@ -129,9 +135,11 @@ fn speed(a: SpeedArgs) -> Result<()> {
                 let t0 = Instant::now();
                 session.feed(&toks[..n], n - 1..n, |_, _| {})?;
                 samples.push(n as f64 / t0.elapsed().as_secs_f64());
+                step += 1;
+                progress.set(step, format!("prefill {n}"));
             }
             let m = median(&mut samples.clone());
-            eprintln!("{:>8} {:>8} {:>10.1}", "prefill", n, m);
+            progress.line(&format!("{:>8} {:>8} {:>10.1}", "prefill", n, m));
             results.push(Row {
                 test: "prefill",
                 ctx: n,
@@ -153,9 +161,11 @@ fn speed(a: SpeedArgs) -> Result<()> {
                     session.feed(&toks[depth + i..depth + i + 1], 0..1, |_, _| {})?;
                 }
                 samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
+                step += 1;
+                progress.set(step, format!("decode at depth {depth}"));
             }
             let m = median(&mut samples.clone());
-            eprintln!("{:>8} {:>8} {:>10.1}", "decode", depth, m);
+            progress.line(&format!("{:>8} {:>8} {:>10.1}", "decode", depth, m));
             results.push(Row {
                 test: "decode",
                 ctx: depth,
@@ -164,6 +174,7 @@ fn speed(a: SpeedArgs) -> Result<()> {
             });
         }
     }
+    progress.finish();
     let report = Report {
         model: c.name.clone(),
         threads: rayon::current_num_threads(),

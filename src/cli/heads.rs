@@ -88,7 +88,8 @@ pub fn run(a: HeadsArgs) -> Result<()> {
     let (mut q, mut qpos) = (Vec::new(), Vec::new());
     let t0 = Instant::now();
     let total = lengths.len() * depths.len();
-    let mut done = 0;
+    let (mut done, mut n_counted) = (0, 0);
+    let progress = crate::progress::Progress::bar("[heads]", total as u64, "instances", false);
     for &len in &lengths {
         for &depth in &depths {
             let case = niah::case(
@@ -142,15 +143,21 @@ pub fn run(a: HeadsArgs) -> Result<()> {
             let recall = rouge1_recall(&answer, &reference);
             let counted = scorer.add(&tally, recall);
             done += 1;
-            eprintln!(
+            n_counted += usize::from(counted);
+            progress.line(&format!(
                 "[{done}/{total}] length {} depth {depth}%: recall {recall:.2}{} ({:.0} s) {:?}",
                 toks.len(),
                 if counted { "" } else { " (not counted)" },
                 t0.elapsed().as_secs_f64(),
                 answer.chars().take(80).collect::<String>()
+            ));
+            progress.set(
+                done as u64,
+                format!("{n_counted} counted (needle recovered), last recall {recall:.2}"),
             );
         }
     }
+    progress.finish();
     let r = scorer.finish(&mc.name, a.threshold);
     if r.counted == 0 {
         eprintln!("warning: the model recovered the needle in no instance; every head scores 0");

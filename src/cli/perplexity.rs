@@ -9,6 +9,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::engine::perplexity::perplexity;
 use crate::engine::Session;
+use crate::progress::Progress;
 use crate::util::read_text_file;
 
 #[derive(Args, Debug)]
@@ -59,18 +60,24 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
         session.cfg.kv.label()
     );
     let mut last_report = 0;
+    let progress = Progress::bar("[stream]", tokens.len() as u64, "tokens", false);
     let (nlls, buckets) = crate::engine::perplexity::streaming_perplexity(
         &mut session,
         &tokens,
         a.step,
         a.bucket,
         |done, total| {
-            if done - last_report >= 1024 || done == total {
+            progress.set(done as u64, "");
+            if !progress.is_bar() && (done - last_report >= 1024 || done == total) {
                 last_report = done;
-                eprintln!("[{done}/{total}] ({:.1} s)", t0.elapsed().as_secs_f64());
+                progress.line(&format!(
+                    "[{done}/{total}] ({:.1} s)",
+                    t0.elapsed().as_secs_f64()
+                ));
             }
         },
     )?;
+    progress.finish();
     println!("| positions | tokens | PPL |");
     println!("|---|---|---|");
     for b in &buckets {
@@ -115,12 +122,19 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
     let t0 = Instant::now();
     eprintln!("{} tokens, chunks of {}", tokens.len(), a.ctx);
+    let n_chunks = tokens.len() / a.ctx.max(1);
+    let progress = Progress::bar("[ppl]", n_chunks as u64, "chunks", false);
     let (r, nlls) = perplexity(&mut session, tokens, a.ctx, bos, |i, n, ppl| {
-        eprintln!(
-            "[{i}/{n}] running PPL {ppl:.4}  ({:.1} s)",
-            t0.elapsed().as_secs_f64()
-        );
+        if progress.is_bar() {
+            progress.set(i as u64, format!("running PPL {ppl:.4}"));
+        } else {
+            progress.line(&format!(
+                "[{i}/{n}] running PPL {ppl:.4}  ({:.1} s)",
+                t0.elapsed().as_secs_f64()
+            ));
+        }
     })?;
+    progress.finish();
     println!(
         "PPL = {:.4} +/- {:.4}  ({} chunks of {} tokens, {} tokens scored, {:.1} s)",
         r.ppl,

@@ -1,16 +1,21 @@
-//! PNG plots drawn by hand: rectangles, lines and an 8×8 bitmap font (`font8x8`, public domain) on an RGB canvas,
-//! encoded with the `png` crate. No system fonts are needed.
+//! Charts drawn with `plotters`, each written twice: a PNG (encoded with the `png` crate) and an SVG twin beside it.
+//! Text is set in DejaVu Sans, embedded from the `dejavu` crate, so no system fonts (fontconfig, freetype) are needed:
+//! plotters' `ab_glyph` feature measures it for layout, and [`Raster`] draws its glyphs into the PNG (plotters 0.3.7's
+//! own `ab_glyph` drawing drops each glyph's side bearing, which spaces letters unevenly).
 
 use std::path::Path;
+use std::sync::Once;
 
-use anyhow::{Context, Result};
-use font8x8::{UnicodeFonts, BASIC_FONTS};
+use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::{register_font, FontStyle};
+use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 
 pub type Rgb = [u8; 3];
-
-pub const WHITE: Rgb = [255, 255, 255];
-pub const BLACK: Rgb = [0, 0, 0];
-pub const GREY: Rgb = [200, 200, 200];
 
 /// Colours for series in line charts.
 pub const PALETTE: &[Rgb] = &[
@@ -26,113 +31,245 @@ pub const PALETTE: &[Rgb] = &[
     [23, 190, 207],
 ];
 
-pub struct Canvas {
-    pub w: usize,
-    pub h: usize,
-    px: Vec<u8>,
+/// Cells that were not run.
+const NOT_RUN: RGBColor = RGBColor(200, 200, 200);
+const GRID: RGBColor = RGBColor(232, 232, 232);
+/// Width of a line chart's legend, to the right of the plot.
+const LEGEND_W: u32 = 240;
+/// The family every text uses; the SVG twin names it too, so a viewer picks its own sans-serif.
+const FAMILY: &str = "sans-serif";
+
+fn rgb(c: Rgb) -> RGBColor {
+    RGBColor(c[0], c[1], c[2])
 }
 
-impl Canvas {
-    pub fn new(w: usize, h: usize, bg: Rgb) -> Self {
-        let mut px = vec![0u8; w * h * 3];
-        for p in px.chunks_mut(3) {
-            p.copy_from_slice(&bg);
-        }
-        Canvas { w, h, px }
+/// Registers DejaVu Sans with plotters' `ab_glyph` text renderer (once per process).
+fn fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The bytes are a valid TrueType font, shipped by the crate.
+        let _ = register_font(FAMILY, FontStyle::Normal, dejavu::sans::regular());
+        let _ = register_font(FAMILY, FontStyle::Bold, dejavu::sans::bold());
+    });
+}
+
+/// DejaVu Sans regular and bold, parsed once.
+fn faces() -> &'static (FontRef<'static>, FontRef<'static>) {
+    static FACES: std::sync::OnceLock<(FontRef<'static>, FontRef<'static>)> =
+        std::sync::OnceLock::new();
+    FACES.get_or_init(|| {
+        let parse =
+            |b: &'static [u8]| FontRef::try_from_slice(b).expect("dejavu ships a valid font");
+        (parse(dejavu::sans::regular()), parse(dejavu::sans::bold()))
+    })
+}
+
+/// plotters' bitmap backend with text drawn by [`draw_glyphs`]; everything else is passed through.
+struct Raster<'a>(BitMapBackend<'a>);
+
+impl DrawingBackend for Raster<'_> {
+    type ErrorType = <BitMapBackend<'static> as DrawingBackend>::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.0.get_size()
     }
 
-    pub fn pixel(&self, x: usize, y: usize) -> Rgb {
-        let i = (y * self.w + x) * 3;
-        [self.px[i], self.px[i + 1], self.px[i + 2]]
+    fn ensure_prepared(&mut self) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.0.ensure_prepared()
     }
 
-    fn set(&mut self, x: i64, y: i64, c: Rgb) {
-        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
-            let i = (y as usize * self.w + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
+    fn present(&mut self) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.0.present()
     }
 
-    pub fn fill_rect(&mut self, x: i64, y: i64, w: i64, h: i64, c: Rgb) {
-        for yy in y..y + h {
-            for xx in x..x + w {
-                self.set(xx, yy, c);
+    fn draw_pixel(
+        &mut self,
+        p: BackendCoord,
+        c: BackendColor,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.0.draw_pixel(p, c)
+    }
+
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.0.draw_line(from, to, style)
+    }
+
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        a: BackendCoord,
+        b: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.0.draw_rect(a, b, style, fill)
+    }
+
+    fn blit_bitmap(
+        &mut self,
+        pos: BackendCoord,
+        size: (u32, u32),
+        src: &[u8],
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.0.blit_bitmap(pos, size, src)
+    }
+
+    fn draw_text<S: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &S,
+        pos: BackendCoord,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        let mut err = Ok(());
+        draw_glyphs(text, style, pos, |p, c| {
+            if err.is_ok() {
+                err = self.0.draw_pixel(p, c);
             }
+        });
+        err
+    }
+}
+
+/// Lays `text` out along its baseline (advances, kerning and side bearings) and calls `pixel` with each covered
+/// pixel, its colour's alpha scaled by the glyph coverage; the style's anchor and rotation apply as in plotters.
+fn draw_glyphs<S: BackendTextStyle>(
+    text: &str,
+    style: &S,
+    pos: BackendCoord,
+    mut pixel: impl FnMut(BackendCoord, BackendColor),
+) {
+    let colour = style.color();
+    if colour.alpha == 0.0 {
+        return;
+    }
+    let (regular, bold) = faces();
+    let font = match style.style() {
+        FontStyle::Bold => bold,
+        _ => regular,
+    };
+    let scale = PxScale::from(style.size() as f32);
+    let sf = font.as_scaled(scale);
+    let mut glyphs = Vec::new();
+    let mut caret = 0.0f32;
+    let mut prev = None;
+    for ch in text.chars() {
+        let id = font.glyph_id(ch);
+        if let Some(p) = prev {
+            caret += sf.kern(p, id);
         }
+        glyphs.push(id.with_scale_and_position(scale, ab_glyph::point(caret, sf.ascent())));
+        caret += sf.h_advance(id);
+        prev = Some(id);
     }
-
-    pub fn rect_outline(&mut self, x: i64, y: i64, w: i64, h: i64, c: Rgb) {
-        self.line(x, y, x + w - 1, y, c, 1);
-        self.line(x, y + h - 1, x + w - 1, y + h - 1, c, 1);
-        self.line(x, y, x, y + h - 1, c, 1);
-        self.line(x + w - 1, y, x + w - 1, y + h - 1, c, 1);
-    }
-
-    /// A line `thick` pixels wide (Bresenham, with a square brush).
-    pub fn line(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb, thick: i64) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        let r = thick / 2;
-        loop {
-            self.fill_rect(x - r, y - r, thick, thick, c);
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    pub fn text_width(s: &str, scale: i64) -> i64 {
-        s.chars().count() as i64 * 8 * scale
-    }
-
-    /// Draws `s` with its top-left corner at (x, y); unknown characters draw as '?'.
-    pub fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, c: Rgb) {
-        for (i, ch) in s.chars().enumerate() {
-            let glyph = BASIC_FONTS
-                .get(ch)
-                .or_else(|| BASIC_FONTS.get('?'))
-                .unwrap_or([0; 8]);
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..8 {
-                    if bits >> col & 1 == 1 {
-                        self.fill_rect(
-                            x + (i as i64 * 8 + col) * scale,
-                            y + row as i64 * scale,
-                            scale,
-                            scale,
-                            c,
-                        );
-                    }
+    let (w, h) = (caret.round() as i32, sf.height().round() as i32);
+    let dx = match style.anchor().h_pos {
+        HPos::Left => 0,
+        HPos::Center => -w / 2,
+        HPos::Right => -w,
+    };
+    let dy = match style.anchor().v_pos {
+        VPos::Top => 0,
+        VPos::Center => -h / 2,
+        VPos::Bottom => -h,
+    };
+    let trans = style.transform();
+    for g in glyphs {
+        if let Some(o) = font.outline_glyph(g) {
+            let b = o.px_bounds();
+            o.draw(|x, y, cov| {
+                if cov <= 0.0 {
+                    return;
                 }
-            }
+                let (x, y) = trans.transform(
+                    b.min.x as i32 + x as i32 + dx,
+                    b.min.y as i32 + y as i32 + dy,
+                );
+                let c = BackendColor {
+                    alpha: colour.alpha * cov.min(1.0) as f64,
+                    rgb: colour.rgb,
+                };
+                pixel((pos.0 + x, pos.1 + y), c);
+            });
         }
     }
+}
 
-    pub fn text_centered(&mut self, cx: i64, y: i64, s: &str, scale: i64, c: Rgb) {
-        self.text(cx - Self::text_width(s, scale) / 2, y, s, scale, c);
+type Png<'a> = DrawingArea<Raster<'a>, Shift>;
+type Svg<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// Draws a picture into a PNG at `path` and its SVG twin at `path` with the extension `svg` (the same drawing code,
+/// generic over the backend, passed once per backend).
+fn render(
+    path: &Path,
+    (w, h): (u32, u32),
+    png: impl FnOnce(&Png) -> Result<()>,
+    svg_draw: impl FnOnce(&Svg) -> Result<()>,
+) -> Result<()> {
+    fonts();
+    let mut px = vec![255u8; w as usize * h as usize * 3];
+    {
+        let root = Raster(BitMapBackend::with_buffer(&mut px, (w, h))).into_drawing_area();
+        png(&root)?;
+        root.present()
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    save_png(path, w, h, &px)?;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
+        svg_draw(&root)?;
+        root.present()
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    let sp = path.with_extension("svg");
+    std::fs::write(&sp, svg).with_context(|| format!("cannot write {}", sp.display()))
+}
+
+fn save_png(path: &Path, w: u32, h: u32, px: &[u8]) -> Result<()> {
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut wr = enc.write_header()?;
+    wr.write_image_data(px)?;
+    wr.finish()?;
+    Ok(())
+}
+
+/// A linear f64 axis whose ticks are the given values (plotters' `with_key_points` over f64 cannot be labelled in
+/// 0.3.7). `from > to` runs the axis backwards.
+struct Axis {
+    from: f64,
+    to: f64,
+    ticks: Vec<f64>,
+}
+
+impl Ranged for Axis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        let t = (v - self.from) / (self.to - self.from);
+        limit.0 + ((limit.1 - limit.0) as f64 * t).round() as i32
     }
 
-    pub fn save_png(&self, path: &Path) -> Result<()> {
-        let f = std::fs::File::create(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(f), self.w as u32, self.h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header()?;
-        wr.write_image_data(&self.px)?;
-        wr.finish()?;
-        Ok(())
+    fn key_points<H: KeyPointHint>(&self, _: H) -> Vec<f64> {
+        self.ticks.clone()
     }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.from..self.to
+    }
+}
+
+/// Plotters' drawing errors carry the backend's error type; this keeps only their message.
+fn de<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> anyhow::Error {
+    anyhow!("drawing a chart: {e}")
 }
 
 /// Score colour: red (0) → yellow (50) → green (100), the classic NIAH map.
@@ -150,8 +287,8 @@ pub fn score_colour(v: f64) -> Rgb {
     [mix(0), mix(1), mix(2)]
 }
 
-/// A heatmap: `values[row][col]` (None = not run, drawn grey), rows labelled on the left (y), columns below (x),
-/// each cell printed with its value.
+/// A heatmap: `values[row][col]` (None = not run, drawn grey), rows labelled on the left (y, first row at the top),
+/// columns below (x), each cell printed with its value, and a colour bar on the right.
 pub fn heatmap(
     path: &Path,
     title: &str,
@@ -161,53 +298,136 @@ pub fn heatmap(
     yticks: &[String],
     values: &[Vec<Option<f64>>],
 ) -> Result<()> {
-    let cell_w = 64i64;
-    let cell_h = 28i64;
-    let left = 16 + Canvas::text_width("depth 100%", 1).max(Canvas::text_width(ylabel, 1)) + 16;
-    let top = 56i64;
-    let (nc, nr) = (xticks.len() as i64, yticks.len() as i64);
-    let legend_w = 90;
-    let w = (left + nc * cell_w + legend_w).max(Canvas::text_width(title, 2) + 32);
-    let h = top + nr * cell_h + 56;
-    let mut c = Canvas::new(w as usize, h as usize, WHITE);
-    c.text_centered(w / 2, 12, title, 2, BLACK);
-    c.text(16, top - 16, ylabel, 1, BLACK);
-    for (r, row) in values.iter().enumerate() {
-        let y = top + r as i64 * cell_h;
-        c.text(
-            left - 8 - Canvas::text_width(&yticks[r], 1),
-            y + cell_h / 2 - 4,
-            &yticks[r],
-            1,
-            BLACK,
-        );
-        for (col, v) in row.iter().enumerate() {
-            let x = left + col as i64 * cell_w;
-            let colour = v.map_or(GREY, score_colour);
-            c.fill_rect(x, y, cell_w, cell_h, colour);
-            c.rect_outline(x, y, cell_w, cell_h, WHITE);
-            let label = v.map_or("-".to_string(), |v| format!("{v:.0}"));
-            c.text_centered(x + cell_w / 2, y + cell_h / 2 - 4, &label, 1, BLACK);
-        }
-    }
-    let by = top + nr * cell_h + 8;
-    for (col, t) in xticks.iter().enumerate() {
-        c.text_centered(left + col as i64 * cell_w + cell_w / 2, by, t, 1, BLACK);
-    }
-    c.text_centered(left + nc * cell_w / 2, by + 20, xlabel, 1, BLACK);
-    // Colour bar.
-    let lx = left + nc * cell_w + 24;
-    let lh = (nr * cell_h).max(60);
-    for i in 0..lh {
-        let v = 100.0 * (1.0 - i as f64 / (lh - 1).max(1) as f64);
-        c.fill_rect(lx, top + i, 16, 1, score_colour(v));
-    }
-    c.text(lx + 20, top, "100", 1, BLACK);
-    c.text(lx + 20, top + lh - 8, "0", 1, BLACK);
-    c.save_png(path)
+    let (nc, nr) = (xticks.len().max(1), yticks.len().max(1));
+    let (cell_w, cell_h) = (72u32, 34u32);
+    let bar_w = 110u32;
+    let w = (150 + nc as u32 * cell_w + bar_w).max(title.chars().count() as u32 * 12 + 40);
+    let h = 130 + nr as u32 * cell_h;
+    render(
+        path,
+        (w, h),
+        |root| draw_heatmap(root, title, xlabel, ylabel, xticks, yticks, values, bar_w),
+        |root| draw_heatmap(root, title, xlabel, ylabel, xticks, yticks, values, bar_w),
+    )
 }
 
-/// A line chart of named series of (x, y) points; `x_log` puts x on a log₂ scale.
+#[allow(clippy::too_many_arguments)]
+fn draw_heatmap<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    xticks: &[String],
+    yticks: &[String],
+    values: &[Vec<Option<f64>>],
+    bar_w: u32,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(de)?;
+    let root = root
+        .titled(title, (FAMILY, 22).into_font().style(FontStyle::Bold))
+        .map_err(de)?;
+    let (pw, _) = root.dim_in_pixel();
+    let (main, bar) = root.split_horizontally(pw.saturating_sub(bar_w));
+    let (nc, nr) = (xticks.len().max(1), yticks.len().max(1));
+    let centres = |n: usize| (0..n).map(|i| i as f64 + 0.5).collect::<Vec<_>>();
+    let label = |ticks: &[String], v: f64| {
+        let i = v.floor();
+        if i >= 0.0 {
+            ticks.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let mut chart = ChartBuilder::on(&main)
+        .margin(8)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .build_cartesian_2d(
+            Axis {
+                from: 0.0,
+                to: nc as f64,
+                ticks: centres(nc),
+            },
+            // Reversed, so the first row (depth 0 %) is at the top.
+            Axis {
+                from: nr as f64,
+                to: 0.0,
+                ticks: centres(nr),
+            },
+        )
+        .map_err(de)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc(xlabel)
+        .y_desc(ylabel)
+        .x_label_formatter(&|v| label(xticks, *v))
+        .y_label_formatter(&|v| label(yticks, *v))
+        .label_style((FAMILY, 15))
+        .axis_desc_style((FAMILY, 16))
+        .draw()
+        .map_err(de)?;
+    let cells = values.iter().enumerate().flat_map(|(r, row)| {
+        row.iter().enumerate().map(move |(c, v)| {
+            let (x, y) = (c as f64, r as f64);
+            let fill = v.map_or(NOT_RUN, |v| rgb(score_colour(v)));
+            Rectangle::new([(x, y), (x + 1.0, y + 1.0)], fill.filled())
+        })
+    });
+    chart.draw_series(cells).map_err(de)?;
+    let borders = (0..nr).flat_map(|r| {
+        (0..nc).map(move |c| {
+            let (x, y) = (c as f64, r as f64);
+            Rectangle::new([(x, y), (x + 1.0, y + 1.0)], WHITE.stroke_width(2))
+        })
+    });
+    chart.draw_series(borders).map_err(de)?;
+    let centred = (FAMILY, 15)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Center));
+    let numbers = values.iter().enumerate().flat_map(|(r, row)| {
+        let centred = centred.clone();
+        row.iter().enumerate().map(move |(c, v)| {
+            let s = v.map_or("-".to_string(), |v| format!("{v:.0}"));
+            Text::new(s, (c as f64 + 0.5, r as f64 + 0.5), centred.clone())
+        })
+    });
+    chart.draw_series(numbers).map_err(de)?;
+    // Colour bar: score 0..100, a thin rectangle per step.
+    let mut cb = ChartBuilder::on(&bar)
+        .margin_top(8)
+        .margin_bottom(56)
+        .margin_left(16)
+        .margin_right(8)
+        .y_label_area_size(0)
+        .right_y_label_area_size(40)
+        .build_cartesian_2d(0.0..1.0, 0.0..100.0)
+        .map_err(de)?;
+    cb.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_labels(6)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .label_style((FAMILY, 13))
+        .draw()
+        .map_err(de)?;
+    let steps = (0..100).map(|i| {
+        let v = i as f64;
+        Rectangle::new(
+            [(0.0, v), (1.0, v + 1.0)],
+            rgb(score_colour(v + 0.5)).filled(),
+        )
+    });
+    cb.draw_series(steps).map_err(de)?;
+    Ok(())
+}
+
+/// A line chart of named series of (x, y) points; `x_log` puts x on a log₂ scale. The x ticks sit on the data's x
+/// values; the legend is to the right of the plot.
 pub fn line_chart(
     path: &Path,
     title: &str,
@@ -216,11 +436,27 @@ pub fn line_chart(
     series: &[(String, Vec<(f64, f64)>)],
     x_log: bool,
 ) -> Result<()> {
-    let (w, h) = (720i64, 460i64);
-    let (left, right, top, bottom) = (72i64, 200i64, 48i64, 56i64);
-    let mut c = Canvas::new(w as usize, h as usize, WHITE);
-    c.text_centered(w / 2, 12, title, 2, BLACK);
+    render(
+        path,
+        (600 + LEGEND_W, 500),
+        |root| draw_line_chart(root, title, xlabel, ylabel, series, x_log),
+        |root| draw_line_chart(root, title, xlabel, ylabel, series, x_log),
+    )
+}
+
+fn draw_line_chart<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    x_log: bool,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     let fx = |x: f64| if x_log { x.max(1e-12).log2() } else { x };
+    let ix = |v: f64| if x_log { v.exp2() } else { v };
     let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).collect();
     let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
         (a.min(fx(p.0)), b.max(fx(p.0)))
@@ -233,57 +469,103 @@ pub fn line_chart(
         x0 -= 0.5;
         x1 += 0.5;
     }
-    let y0 = 0.0;
+    // A margin either side so the end points and their labels are not on the frame.
+    let pad = (x1 - x0) * 0.04;
     y1 = if y1 <= 0.0 { 1.0 } else { y1 * 1.08 };
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    let px = |x: f64| left + ((fx(x) - x0) / (x1 - x0) * pw as f64).round() as i64;
-    let py = |y: f64| top + ph - ((y - y0) / (y1 - y0) * ph as f64).round() as i64;
-    // Axes and grid.
-    for i in 0..=5 {
-        let yv = y0 + (y1 - y0) * i as f64 / 5.0;
-        let y = py(yv);
-        c.line(left, y, left + pw, y, [235, 235, 235], 1);
-        let l = fmt_tick(yv);
-        c.text(left - 8 - Canvas::text_width(&l, 1), y - 4, &l, 1, BLACK);
-    }
-    let mut xs: Vec<f64> = pts.iter().map(|p| p.0).collect();
+    let mut xs: Vec<f64> = pts.iter().map(|p| fx(p.0)).collect();
     xs.sort_by(f64::total_cmp);
     xs.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
-    let mut last_end = i64::MIN;
-    for x in &xs {
-        let l = fmt_tick(*x);
-        let cx = px(*x);
-        let tw = Canvas::text_width(&l, 1);
-        c.line(cx, top + ph, cx, top + ph + 4, BLACK, 1);
-        if cx - tw / 2 > last_end + 4 {
-            c.text_centered(cx, top + ph + 8, &l, 1, BLACK);
-            last_end = cx + tw / 2;
+    // Thin the ticks so their labels do not run into each other (about 60 px a label on a ~600 px axis).
+    let span = (x1 - x0 + 2.0 * pad).max(1e-12);
+    let mut keys: Vec<f64> = Vec::new();
+    for x in xs {
+        if keys.last().is_none_or(|l| (x - l) / span > 0.09) {
+            keys.push(x);
         }
     }
-    c.line(left, top, left, top + ph, BLACK, 1);
-    c.line(left, top + ph, left + pw, top + ph, BLACK, 1);
-    c.text_centered(left + pw / 2, h - 24, xlabel, 1, BLACK);
-    c.text(8, top - 18, ylabel, 1, BLACK);
-    // Series and legend.
-    for (i, (name, s)) in series.iter().enumerate() {
-        let col = PALETTE[i % PALETTE.len()];
-        let mut s = s.clone();
+    if keys.is_empty() {
+        keys.push(x0);
+    }
+
+    root.fill(&WHITE).map_err(de)?;
+    let root = root
+        .titled(title, (FAMILY, 22).into_font().style(FontStyle::Bold))
+        .map_err(de)?;
+    let (pw, _) = root.dim_in_pixel();
+    let (main, legend) = root.split_horizontally(pw.saturating_sub(LEGEND_W));
+    let mut chart = ChartBuilder::on(&main)
+        .margin(10)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            Axis {
+                from: x0 - pad,
+                to: x1 + pad,
+                ticks: keys,
+            },
+            0.0..y1,
+        )
+        .map_err(de)?;
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID)
+        .y_labels(6)
+        .x_desc(xlabel)
+        .y_desc(ylabel)
+        .x_label_formatter(&|v| fmt_tick(ix(*v)))
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .label_style((FAMILY, 15))
+        .axis_desc_style((FAMILY, 16))
+        .draw()
+        .map_err(de)?;
+    for (i, (_, s)) in series.iter().enumerate() {
+        let col = rgb(PALETTE[i % PALETTE.len()]);
+        let mut s: Vec<(f64, f64)> = s.iter().map(|&(x, y)| (fx(x), y)).collect();
         s.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for w2 in s.windows(2) {
-            c.line(px(w2[0].0), py(w2[0].1), px(w2[1].0), py(w2[1].1), col, 2);
-        }
-        for p in &s {
-            c.fill_rect(px(p.0) - 3, py(p.1) - 3, 7, 7, col);
-        }
-        let ly = top + 8 + i as i64 * 18;
-        c.fill_rect(left + pw + 16, ly, 14, 8, col);
-        let name: String = name.chars().take(20).collect();
-        c.text(left + pw + 36, ly, &name, 1, BLACK);
+        chart
+            .draw_series(LineSeries::new(s.iter().copied(), col.stroke_width(2)))
+            .map_err(de)?;
+        chart
+            .draw_series(s.iter().map(|&p| Circle::new(p, 4, col.filled())))
+            .map_err(de)?;
     }
-    c.save_png(path)
+    // Legend: a coloured line with a dot, then the name (cut to fit).
+    let font = (FAMILY, 14)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    for (i, (name, _)) in series.iter().enumerate() {
+        let col = rgb(PALETTE[i % PALETTE.len()]);
+        let y = 24 + i as i32 * 22;
+        legend
+            .draw(&PathElement::new(
+                vec![(4, y), (28, y)],
+                col.stroke_width(2),
+            ))
+            .map_err(de)?;
+        legend
+            .draw(&Circle::new((16, y), 4, col.filled()))
+            .map_err(de)?;
+        let name = if name.chars().count() > 26 {
+            name.chars().take(25).chain(['…']).collect()
+        } else {
+            name.clone()
+        };
+        legend
+            .draw(&Text::new(name, (36, y), font.clone()))
+            .map_err(de)?;
+    }
+    Ok(())
 }
 
 fn fmt_tick(v: f64) -> String {
+    // Powers of two read back from a log₂ axis are off by rounding: snap to the nearest integer first.
+    let v = if (v - v.round()).abs() < 1e-6 * v.abs().max(1.0) {
+        v.round()
+    } else {
+        v
+    };
     if v.abs() >= 1000.0 && (v / 1024.0).fract().abs() < 1e-9 {
         format!("{}k", v / 1024.0)
     } else if v.abs() >= 100.0 || v.fract().abs() < 1e-9 {
@@ -299,22 +581,29 @@ fn fmt_tick(v: f64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn colours_and_text_pixels() {
-        assert_eq!(score_colour(0.0), [240, 73, 110]);
-        assert_eq!(score_colour(100.0), [12, 215, 159]);
-        let mut c = Canvas::new(20, 10, WHITE);
-        c.text(0, 0, "1", 1, BLACK);
-        let dark = (0..10)
-            .flat_map(|y| (0..8).map(move |x| (x, y)))
-            .filter(|&(x, y)| c.pixel(x, y) == BLACK)
-            .count();
-        assert!(dark > 5, "the glyph drew {dark} pixels");
-        assert_eq!(c.pixel(15, 5), WHITE);
+    fn decode(path: &Path) -> (u32, u32, Vec<u8>) {
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let dec = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut r = dec.read_info().unwrap();
+        let mut buf = vec![0; r.output_buffer_size().unwrap()];
+        let info = r.next_frame(&mut buf).unwrap();
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        (info.width, info.height, buf)
     }
 
     #[test]
-    fn heatmap_writes_a_png_with_cell_colours() {
+    fn colours_and_ticks() {
+        assert_eq!(score_colour(0.0), [240, 73, 110]);
+        assert_eq!(score_colour(100.0), [12, 215, 159]);
+        assert_eq!(fmt_tick(2048.0), "2k");
+        assert_eq!(fmt_tick(11.0f64.exp2() * (1.0 + 1e-12)), "2k");
+        assert_eq!(fmt_tick(700.0), "700");
+        assert_eq!(fmt_tick(0.25), "0.25");
+    }
+
+    #[test]
+    fn heatmap_writes_a_png_with_cell_colours_and_an_svg_twin() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("h.png");
         heatmap(
@@ -327,12 +616,44 @@ mod tests {
             &[vec![Some(100.0), Some(0.0)], vec![None, Some(50.0)]],
         )
         .unwrap();
-        let bytes = std::fs::read(&p).unwrap();
-        assert_eq!(&bytes[1..4], b"PNG");
-        let dec = png::Decoder::new(std::io::Cursor::new(bytes));
-        let mut r = dec.read_info().unwrap();
-        let mut buf = vec![0; r.output_buffer_size().unwrap()];
-        let info = r.next_frame(&mut buf).unwrap();
-        assert!(info.width > 128 && info.height > 56);
+        let (w, h, px) = decode(&p);
+        assert!(w > 128 && h > 56);
+        let count = |c: Rgb| px.chunks(3).filter(|p| *p == c).count();
+        // Each cell is ~72×34 px of its colour, less its value's text and border.
+        for c in [score_colour(100.0), score_colour(0.0), score_colour(50.0)] {
+            assert!(count(c) > 1000, "{c:?} covers {} px", count(c));
+        }
+        assert!(count([200, 200, 200]) > 1000, "the not-run cell is grey");
+        // Text was drawn: dark pixels from the glyphs (title, ticks, labels, values).
+        let dark = px.chunks(3).filter(|p| p.iter().all(|&v| v < 80)).count();
+        assert!(dark > 300, "only {dark} dark pixels");
+        let svg = std::fs::read_to_string(dir.path().join("h.svg")).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<text") && svg.contains("\n1k\n"));
+    }
+
+    #[test]
+    fn line_chart_draws_every_series_in_both_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.png");
+        let series = vec![
+            ("full".to_string(), vec![(1024.0, 10.0), (4096.0, 8.0)]),
+            (
+                "snapkv@0.25".to_string(),
+                vec![(1024.0, 12.0), (4096.0, 11.0)],
+            ),
+        ];
+        line_chart(&p, "speed", "prompt tokens", "tok/s", &series, true).unwrap();
+        let (_, _, px) = decode(&p);
+        for c in &PALETTE[..2] {
+            let n = px.chunks(3).filter(|p| *p == c).count();
+            assert!(n > 100, "series colour {c:?} covers {n} px");
+        }
+        let svg = std::fs::read_to_string(dir.path().join("l.svg")).unwrap();
+        assert!(
+            svg.contains("\nsnapkv@0.25\n") && svg.contains("\n4k\n"),
+            "{svg}"
+        );
+        // Nothing to plot still draws axes.
+        line_chart(&p, "empty", "x", "y", &[], false).unwrap();
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -180,15 +180,15 @@ impl ResultsFile {
     }
 }
 
-/// A progress line on stderr with the rate and the time left (redrawn in place on a terminal, every 10 s
-/// otherwise).
+/// Eval progress on stderr: on a terminal an `indicatif` bar with the ETA, the mean score so far and the last case;
+/// otherwise a plain line every 10 s and at the end. Nothing when quiet.
 pub struct Progress {
     total: usize,
     done: usize,
+    score_sum: f64,
     start: Instant,
     last: Option<Instant>,
-    tty: bool,
-    quiet: bool,
+    out: crate::progress::Progress,
 }
 
 impl Progress {
@@ -196,49 +196,44 @@ impl Progress {
         Progress {
             total,
             done: 0,
+            score_sum: 0.0,
             start: Instant::now(),
             last: None,
-            tty: std::io::stderr().is_terminal(),
-            quiet,
+            out: crate::progress::Progress::bar("[eval]", total as u64, "cases", quiet),
         }
     }
 
     pub fn tick(&mut self, what: &str, score: f64) {
         self.done += 1;
-        if self.quiet {
+        self.score_sum += score;
+        if self.out.quiet() {
             return;
         }
-        let el = self.start.elapsed().as_secs_f64();
-        let per = el / self.done as f64;
-        let left = per * (self.total.saturating_sub(self.done)) as f64;
-        let line = format!(
-            "[eval] {}/{} cases  {:.1} s/case  elapsed {}  ETA {}  last: {what} score {score:.0}",
-            self.done,
-            self.total,
-            per,
-            hms(el),
-            hms(left)
+        let mean = self.score_sum / self.done as f64;
+        self.out.set(
+            self.done as u64,
+            format!("mean score {mean:.1}  last: {what} {score:.0}"),
         );
-        if self.tty {
-            eprint!("\r\x1b[2K{line}");
-            if self.done == self.total {
-                eprintln!();
-            }
-        } else if self.last.is_none_or(|t| t.elapsed().as_secs_f64() >= 10.0)
-            || self.done == self.total
+        let finished = self.done == self.total;
+        if finished
+            || (!self.out.is_bar() && self.last.is_none_or(|t| t.elapsed().as_secs_f64() >= 10.0))
         {
-            eprintln!("{line}");
+            let el = self.start.elapsed().as_secs_f64();
+            let per = el / self.done as f64;
+            let left = per * (self.total.saturating_sub(self.done)) as f64;
+            self.out.line(&format!(
+                "[eval] {}/{} cases  {:.1} s/case  elapsed {}  ETA {}  mean score {mean:.1}  last: {what} score {score:.0}",
+                self.done,
+                self.total,
+                per,
+                crate::progress::hms(el),
+                crate::progress::hms(left)
+            ));
             self.last = Some(Instant::now());
         }
-    }
-}
-
-fn hms(s: f64) -> String {
-    let s = s.round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else {
-        format!("{}m{:02}s", s / 60, s % 60)
+        if finished {
+            self.out.finish();
+        }
     }
 }
 
