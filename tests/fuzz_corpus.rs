@@ -69,7 +69,11 @@ fn write_fuzz_seeds() {
     };
 
     // GGUF: the harness's vocabularies, tiny models, and a file with every value type and odd tensors.
-    put("gguf", "bpe", &harness::bpe_gguf("smollm", Some(harness::SMOLLM_TEMPLATE)));
+    put(
+        "gguf",
+        "bpe",
+        &harness::bpe_gguf("smollm", Some(harness::SMOLLM_TEMPLATE)),
+    );
     put("gguf", "spm", &harness::spm_gguf(true));
     let tiny = TinySpec {
         n_layers: 1,
@@ -133,8 +137,22 @@ fn write_fuzz_seeds() {
     // Chat: byte 0 = template (>> 1) and add_generation_prompt (bit 0); NUL-separated role, content pairs.
     let convs: [&[&str]; 5] = [
         &["user", "hello"],
-        &["system", "be brief", "user", "hi", "assistant", "hello", "user", "again"],
-        &["user", "{{ 7 * 7 }}{% for x in range(3) %}x{% endfor %}", "assistant", "<|im_end|><end_of_turn>"],
+        &[
+            "system",
+            "be brief",
+            "user",
+            "hi",
+            "assistant",
+            "hello",
+            "user",
+            "again",
+        ],
+        &[
+            "user",
+            "{{ 7 * 7 }}{% for x in range(3) %}x{% endfor %}",
+            "assistant",
+            "<|im_end|><end_of_turn>",
+        ],
         &["tool", "<tool>a<tool>b", "user", "  padded  "],
         &["model", "", "", "x"],
     ];
@@ -181,4 +199,33 @@ fn write_fuzz_seeds() {
         put("longbench", &i.to_string(), format!("{l}\n").as_bytes());
     }
     put("longbench", "all", (lines.join("\n") + "\n\n").as_bytes());
+}
+
+/// Found in review for the `gguf` target (it runs Model::from_gguf on every file that parses): a huge `llama.block_count` (or `gemma3.block_count`) made the loader allocate
+/// per-layer tables of that size before looking for a single layer tensor (capacity overflow panic or OOM abort).
+#[test]
+fn huge_block_count_is_an_error_before_allocating() {
+    use hayloft::gguf::writer::GgufWriter;
+    use hayloft::gguf::{GgufFile, Value};
+    use hayloft::model::Model;
+    for arch in ["llama", "gemma3"] {
+        let mut w = GgufWriter::new();
+        w.meta("general.architecture", Value::String(arch.into()))
+            .meta(&format!("{arch}.block_count"), Value::U64(u64::MAX / 2))
+            .meta(&format!("{arch}.embedding_length"), Value::U32(32))
+            .meta(&format!("{arch}.attention.head_count"), Value::U32(2))
+            .meta(&format!("{arch}.feed_forward_length"), Value::U32(32))
+            .meta(&format!("{arch}.context_length"), Value::U32(64))
+            .meta(
+                &format!("{arch}.attention.layer_norm_rms_epsilon"),
+                Value::F32(1e-5),
+            )
+            .tensor_f32("token_embd.weight", &[32, 1], &[0.0; 32]);
+        let g = GgufFile::from_bytes(w.to_bytes(), "huge-layers.gguf").unwrap();
+        let err = format!("{:#}", Model::from_gguf(&g).err().expect("must fail"));
+        assert!(
+            err.contains("block_count") && err.contains("holds only 1 tensors"),
+            "{err}"
+        );
+    }
 }
