@@ -7,7 +7,10 @@ mod harness;
 
 use std::path::Path;
 
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A harness: one input, panics on a bug.
+type Harness = fn(&[u8]);
+
+const TARGETS: &[(&str, Harness)] = &[
     ("gguf", harness::run_gguf),
     ("tokenizer", harness::run_tokenizer),
     ("chat", harness::run_chat),
@@ -15,7 +18,7 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("longbench", harness::run_longbench),
 ];
 
-fn replay(target: &str, run: fn(&[u8])) -> usize {
+fn replay(target: &str, run: Harness) -> usize {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut n = 0;
     for dir in ["corpus", "regressions"] {
@@ -127,7 +130,7 @@ fn write_fuzz_seeds() {
         "\u{0}\u{1}\u{7f}\r\n\t",
     ];
     for (i, t) in texts.iter().enumerate() {
-        for sel in [0u8, 3, 4 * 1 + 2, 4 * 4 + 3, 4 * 5 + 1, 4 * 3] {
+        for sel in [0u8, 3, 4 + 2, 4 * 4 + 3, 4 * 5 + 1, 4 * 3] {
             let mut d = vec![sel.wrapping_add(4 * i as u8)];
             d.extend_from_slice(t.as_bytes());
             put("tokenizer", &format!("{i}-{sel}"), &d);
