@@ -29,7 +29,11 @@ pub struct Sample {
 
 /// Reads a LongBench JSONL file; a malformed line is an error naming it.
 pub fn load(path: &Path) -> Result<Vec<Sample>> {
-    let text = crate::util::read_text_file(path)?;
+    parse(&crate::util::read_text_file(path)?, path)
+}
+
+/// Parses LongBench JSONL text; `path` names it in errors.
+pub fn parse(text: &str, path: &Path) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -268,8 +268,24 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
     index: BTreeMap<String, usize>,
-    mmap: Mmap,
+    data: Data,
     data_offset: u64,
+}
+
+/// The file's bytes: memory-mapped from disk, or owned (a file read from memory, e.g. by the fuzzer).
+enum Data {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Mapped(m) => m,
+            Data::Owned(v) => v,
+        }
+    }
 }
 
 struct Cursor<'a> {
@@ -370,8 +386,17 @@ impl GgufFile {
             path: path.clone(),
             source,
         })?;
+        Self::parse(path, Data::Mapped(mmap))
+    }
+
+    /// Parses a GGUF file held in memory; `name` stands in for the path in error messages.
+    pub fn from_bytes(bytes: Vec<u8>, name: impl Into<PathBuf>) -> Result<Self, GgufError> {
+        Self::parse(name.into(), Data::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, data: Data) -> Result<Self, GgufError> {
         let mut c = Cursor {
-            buf: &mmap,
+            buf: &data,
             pos: 0,
             path: &path,
         };
@@ -380,7 +405,7 @@ impl GgufFile {
             Err(_) => {
                 return Err(GgufError::NotGguf {
                     path: path.clone(),
-                    found: String::from_utf8_lossy(&mmap[..mmap.len().min(4)]).into_owned(),
+                    found: String::from_utf8_lossy(&data[..data.len().min(4)]).into_owned(),
                 })
             }
         };
@@ -396,7 +421,7 @@ impl GgufFile {
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
-        if n_tensors > mmap.len() as u64 || n_kv > mmap.len() as u64 {
+        if n_tensors > data.len() as u64 || n_kv > data.len() as u64 {
             return Err(c.corrupt(format!(
                 "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
             )));
@@ -448,7 +473,7 @@ impl GgufFile {
             .unwrap_or(DEFAULT_ALIGNMENT)
             .max(1);
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
-        let len = mmap.len() as u64;
+        let len = data.len() as u64;
         for t in &tensors {
             let end = data_offset
                 .checked_add(t.offset)
@@ -473,7 +498,7 @@ impl GgufFile {
             metadata,
             tensors,
             index,
-            mmap,
+            data,
             data_offset,
         })
     }
@@ -485,7 +510,7 @@ impl GgufFile {
     /// Raw bytes of a tensor (bounds were checked at open).
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
-        &self.mmap[start..start + t.n_bytes as usize]
+        &self.data[start..start + t.n_bytes as usize]
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -536,6 +561,6 @@ impl GgufFile {
     }
 
     pub fn file_len(&self) -> u64 {
-        self.mmap.len() as u64
+        self.data.len() as u64
     }
 }

@@ -44,7 +44,7 @@ const ROPE_BASE_LOCAL: f32 = 10_000.0;
 impl Gemma3 {
     pub fn load(g: &GgufFile) -> Result<Self> {
         let a = "gemma3";
-        let n_layers = meta_usize(g, a, "block_count")?;
+        let n_layers = super::layer_count(g, a)?;
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g

@@ -32,7 +32,7 @@ pub struct Llama {
 impl Llama {
     pub fn load(g: &GgufFile) -> Result<Self> {
         let a = "llama";
-        let n_layers = meta_usize(g, a, "block_count")?;
+        let n_layers = super::layer_count(g, a)?;
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g

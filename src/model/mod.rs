@@ -271,3 +271,17 @@ pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f3
 pub(crate) fn meta_usize(g: &GgufFile, arch: &str, key: &str) -> Result<usize> {
     Ok(g.req_u64(&format!("{arch}.{key}"))? as usize)
 }
+
+/// `<arch>.block_count`, checked against the tensors the file holds (every layer has several), so that a corrupt
+/// count is an error before anything is allocated per layer.
+pub(crate) fn layer_count(g: &GgufFile, arch: &str) -> Result<usize> {
+    let n = g.req_u64(&format!("{arch}.block_count"))?;
+    if n > g.tensors.len() as u64 {
+        bail!(
+            "{}: {arch}.block_count is {n} but the file holds only {} tensors",
+            g.path.display(),
+            g.tensors.len()
+        );
+    }
+    Ok(n as usize)
+}
