@@ -17,6 +17,9 @@ use anyhow::{anyhow, bail, Result};
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{Environment, Error, ErrorKind, Value};
 
+/// minijinja instructions one render may execute (a 2,000-message ChatML conversation renders within it, tested).
+const RENDER_FUEL: u64 = 5_000_000;
+
 use crate::gguf::GgufFile;
 
 /// One turn of a conversation.
@@ -162,6 +165,9 @@ impl ChatTemplate {
                 .map_err(|e| anyhow!("chat template syntax settings: {e}"))?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template comes from the model file: bound the work one render may do, so a hostile one (nested loops
+        // over large ranges) is an error, not a hang. Real templates over long conversations use far less.
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| anyhow!("cannot compile the chat template: {e}"))?;

@@ -393,3 +393,29 @@ fn shareable_across_threads() {
     check::<ChatTemplate>();
     check::<StreamDecoder>();
 }
+
+#[test]
+fn a_hostile_template_runs_out_of_fuel_instead_of_hanging() {
+    let src = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let ct = ChatTemplate::from_source(src, "", "", false, false).unwrap();
+    let e = format!(
+        "{:#}",
+        ct.render(&[ChatMessage::new("user", "hi")], true)
+            .unwrap_err()
+    );
+    assert!(e.contains("fuel"), "{e}");
+    // A long real conversation renders within the bound.
+    let chatml =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+                  {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let ct = ChatTemplate::from_source(chatml, "", "", false, false).unwrap();
+    let msgs: Vec<ChatMessage> = (0..2000)
+        .map(|i| {
+            ChatMessage::new(
+                if i % 2 == 0 { "user" } else { "assistant" },
+                format!("turn {i}"),
+            )
+        })
+        .collect();
+    assert!(ct.render(&msgs, true).unwrap().contains("turn 1999"));
+}
