@@ -37,7 +37,7 @@ pub enum EvalCmd {
 pub struct EvalCommon {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Output folder (default: ./runs/<time>-<command>).
+    /// Output folder (default: `./runs/<time>-<command>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run in --out: skip the cases already in its results.jsonl.
@@ -157,8 +157,8 @@ pub struct TsortArgs {
 pub struct SweepArgs {
     #[command(flatten)]
     pub common: EvalCommon,
-    /// Task families and tasks: niah, ruler (all RULER tasks), ruler:<task>, scbench (all, multi-turn),
-    /// scbench:<task>, tsort.
+    /// Task families and tasks: niah, ruler (all RULER tasks), `ruler:<task>`, scbench (all, multi-turn),
+    /// `scbench:<task>`, tsort.
     #[arg(long, default_value = "niah,ruler")]
     pub tasks: String,
     #[arg(long, default_value = "1k,2k,4k")]

@@ -95,7 +95,7 @@ pub fn perplexity(
     ))
 }
 
-/// −log softmax(logits)[target], in f64.
+/// `−log softmax(logits)[target]`, in f64.
 pub fn nll_of(logits: &[f32], target: u32) -> f64 {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = logits.iter().map(|&l| (l as f64 - m).exp()).sum();

@@ -77,7 +77,7 @@ pub enum SweepTask {
 }
 
 impl SweepTask {
-    /// Parses a `--tasks` list: niah, ruler (all RULER tasks), ruler:<tasks>, scbench (all), scbench:<tasks>, tsort.
+    /// Parses a `--tasks` list: niah, ruler (all RULER tasks), `ruler:<tasks>`, scbench (all), `scbench:<tasks>`, tsort.
     pub fn parse_list(s: &str) -> Result<Vec<SweepTask>> {
         let mut out = Vec::new();
         for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {

@@ -1,6 +1,6 @@
 //! Charts drawn with `plotters`, each written twice: a PNG (encoded with the `png` crate) and an SVG twin beside it.
 //! Text is set in DejaVu Sans, embedded from the `dejavu` crate, so no system fonts (fontconfig, freetype) are needed:
-//! plotters' `ab_glyph` feature measures it for layout, and [`Raster`] draws its glyphs into the PNG (plotters 0.3.7's
+//! plotters' `ab_glyph` feature measures it for layout, and `Raster` draws its glyphs into the PNG (plotters 0.3.7's
 //! own `ab_glyph` drawing drops each glyph's side bearing, which spaces letters unevenly).
 
 use std::path::Path;

@@ -62,7 +62,7 @@ impl std::fmt::Debug for QMatrix {
 const SUPPORTED: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
 
 impl QMatrix {
-    /// `bytes` = the tensor's raw GGUF bytes (dims[0] = cols, dims[1] = rows).
+    /// `bytes` = the tensor's raw GGUF bytes (`dims[0]` = cols, `dims[1]` = rows).
     /// Errors if the type is unsupported or the sizes do not match.
     pub fn from_gguf(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> anyhow::Result<Self> {
         let kind = Kind::from_type(ty).ok_or_else(|| {
@@ -245,7 +245,7 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Sync for SendPtr<T> {}
 unsafe impl<T> Send for SendPtr<T> {}
 
-/// y[t][r] = sum_c W[r][c] * x[t][c] for t in 0..n_tok. x: n_tok*cols (row-major), y: n_tok*rows.
+/// `y[t][r] = sum_c W[r][c] * x[t][c]` for t in 0..n_tok. x: n_tok*cols (row-major), y: n_tok*rows.
 /// Threads via rayon's global pool.
 pub fn matmul(w: &QMatrix, x: &[f32], n_tok: usize, y: &mut [f32], scratch: &mut MatmulScratch) {
     matmul_with(kernel(), w, x, n_tok, y, scratch)
