@@ -1,11 +1,11 @@
 //! Tokenizer: text <-> token ids for the vocabularies GGUF files carry, matching llama.cpp token for token.
 //!
 //! Two vocabulary kinds are supported, read straight from the GGUF metadata:
-//! * `tokenizer.ggml.model = "gpt2"`: byte-level BPE with merges ([`bpe`]); the pre-tokenizer (word splitter)
+//! * `tokenizer.ggml.model = "gpt2"`: byte-level BPE with merges (`bpe.rs`); the pre-tokenizer (word splitter)
 //!   is chosen by `tokenizer.ggml.pre` exactly as llama.cpp chooses it: GPT-2 (`gpt-2`, `mpt`, `olmo`, ...),
 //!   digits-first GPT-2 (`smollm`, `starcoder`, `command-r`, ...), Llama-3 (`llama-bpe`, `dbrx`, ...) and
 //!   Qwen2 (`qwen2`, `stablelm2`, ...). Any other pre-tokenizer is refused rather than approximated.
-//! * `tokenizer.ggml.model = "llama"`: SentencePiece BPE with scores and byte fallback ([`spm`]) (Llama 1/2,
+//! * `tokenizer.ggml.model = "llama"`: SentencePiece BPE with scores and byte fallback (`spm.rs`) (Llama 1/2,
 //!   Mistral, Gemma 1-3, Phi-3, ...).
 //!
 //! Special tokens follow llama.cpp's rules: control and unknown tokens are matched verbatim in the text only when
