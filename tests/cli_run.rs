@@ -204,6 +204,51 @@ fn info_and_bench_speed_run() {
 }
 
 #[test]
+fn bench_tokenize_reports_encode_and_decode_speed() {
+    let (dir, model) = tiny();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat. ".repeat(200)).unwrap();
+    let json = dir.path().join("tok.json");
+    let out = hayloft()
+        .args(["bench", "tokenize", "--model", &model, "--reps", "2"])
+        .arg("--file")
+        .arg(&text)
+        .arg("--json")
+        .arg(&json)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["bytes"], 24 * 200);
+    assert!(j["tokens"].as_u64().unwrap() > 0, "{j}");
+    assert!(
+        j["encode_tok_s"].as_f64().is_some() && j["decode_tok_s"].as_f64().is_some(),
+        "{j}"
+    );
+    // A missing text file is a clear error.
+    let out = hayloft()
+        .args([
+            "bench",
+            "tokenize",
+            "--model",
+            &model,
+            "--file",
+            "/nonexistent/t.txt",
+        ])
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/t.txt"));
+}
+
+#[test]
 fn kv_method_shrinks_the_cache_and_reports_it() {
     let (dir, model) = tiny();
     let stats = dir.path().join("stats-kv.json");

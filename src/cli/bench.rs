@@ -1,6 +1,7 @@
 //! `hayloft bench speed`: prefill and decode tok/s at several context lengths, as llama-bench measures them:
 //! prefill N = N tokens from an empty cache; decode at depth N = 32 single-token steps with N tokens already cached.
 //! Tokens are random (as llama-bench's), so no tokenizer or text is involved. Reports the median of `--reps`.
+//! `hayloft bench tokenize`: the tokenizer's encode and decode speed on real text (the essay haystack, or a file).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,6 +18,24 @@ use crate::progress::Progress;
 pub enum BenchCmd {
     /// Prefill and decode speed at several contexts.
     Speed(SpeedArgs),
+    /// Tokenizer encode and decode speed on real text.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// GGUF file (its tokenizer is used), or a known model name. Default: smollm2-135m.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Text to encode (default: Paul Graham's essays, the eval haystack, fetched on first use).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Repetitions (median reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Write results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -63,7 +82,54 @@ struct Report {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Speed(a) => speed(a),
+        BenchCmd::Tokenize(a) => tokenize(a),
     }
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let path = crate::fetch::resolve_model(a.model.as_deref())?;
+    let gguf = crate::gguf::GgufFile::open(&path)?;
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&gguf)?;
+    let text = match &a.file {
+        Some(f) => crate::util::read_text_file(f)?,
+        None => crate::util::read_text_file(&crate::eval::haystack::ensure_essays()?)?,
+    };
+    let (mut enc, mut dec) = (Vec::new(), Vec::new());
+    let mut n_tokens = 0;
+    for _ in 0..a.reps {
+        let t = Instant::now();
+        let ids = tok.encode(&text, false, false)?;
+        enc.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let back = tok.decode(&ids);
+        dec.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        drop(back);
+        n_tokens = ids.len();
+    }
+    let (enc, dec) = (median(&mut enc), median(&mut dec));
+    println!(
+        "tokenizer of {}: {} bytes -> {n_tokens} tokens; encode {enc:.0} tok/s ({:.1} MB/s), decode {dec:.0} tok/s \
+         (median of {})",
+        path.display(),
+        text.len(),
+        enc * text.len() as f64 / n_tokens.max(1) as f64 / 1e6,
+        a.reps
+    );
+    if let Some(p) = &a.json {
+        let j = serde_json::json!({
+            "model": path.display().to_string(),
+            "bytes": text.len(),
+            "tokens": n_tokens,
+            "encode_tok_s": enc,
+            "decode_tok_s": dec,
+            "reps": a.reps,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&j)?)?;
+    }
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {
