@@ -312,21 +312,6 @@ impl FromStr for KvSpec {
         for (name, arg) in parts {
             set(name, arg).with_context(ctx)?;
         }
-        // Options that only make sense with eviction, given to the method that keeps everything (even at their
-        // default argument, which the typed check below cannot see).
-        if method.build.is_none() {
-            if let Some(r) = given
-                .iter()
-                .filter_map(|g| registry::option(g))
-                .find(|r| r.evicting_only)
-            {
-                bail!(
-                    "--kv '{s}': '{}' needs a compression method; '{}' keeps every entry",
-                    r.name,
-                    method.name
-                );
-            }
-        }
         let spec = KvSpec {
             method,
             budget,
