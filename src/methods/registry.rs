@@ -246,24 +246,47 @@ fn parse_residual(name: &str, arg: &str) -> Result<usize> {
     })
 }
 
-fn set_kivi(o: &mut Options, bits: u8, name: &str, arg: Option<&str>) -> Result<()> {
+/// `kivi<BITS>[@residual]`: KIVI-quantized storage, at most one per spec.
+fn set_kivi<const BITS: u8>(o: &mut Options, arg: Option<&str>) -> Result<()> {
+    let name = format!("kivi{BITS}");
     if let Some(k) = o.kivi {
         bail!(
             "at most one storage option (kivi8, kivi4, kivi2): got kivi{} and {name}",
             k.bits
         );
     }
-    let residual = arg.map(|a| parse_residual(name, a)).transpose()?;
-    o.kivi = Some(super::spec::Kivi { bits, residual });
+    let residual = arg.map(|a| parse_residual(&name, a)).transpose()?;
+    o.kivi = Some(super::spec::Kivi {
+        bits: BITS,
+        residual,
+    });
     Ok(())
 }
 
-fn show_kivi(o: &Options, bits: u8) -> Option<String> {
-    let k = o.kivi.filter(|k| k.bits == bits)?;
+fn show_kivi<const BITS: u8>(o: &Options) -> Option<String> {
+    let k = o.kivi.filter(|k| k.bits == BITS)?;
     Some(match k.residual {
-        Some(r) => format!("kivi{bits}@{r}"),
-        None => format!("kivi{bits}"),
+        Some(r) => format!("kivi{BITS}@{r}"),
+        None => format!("kivi{BITS}"),
     })
+}
+
+/// The row of a `kivi<BITS>` storage option (it may stand alone: every entry kept, quantized).
+const fn kivi_row<const BITS: u8>(
+    name: &'static str,
+    help: &'static str,
+    alone: &'static str,
+) -> OptionRow {
+    OptionRow {
+        name,
+        arg: "residual",
+        arg_required: false,
+        help,
+        evicting_only: false,
+        alone: Some(alone),
+        set: set_kivi::<BITS>,
+        show: show_kivi::<BITS>,
+    }
 }
 
 /// Every option, in the order the canonical spec text writes them.
@@ -344,37 +367,22 @@ pub static OPTIONS: &[OptionRow] = &[
         },
         show: |o| o.heads.as_ref().map(|p| format!("heads@{p}")),
     },
-    OptionRow {
-        name: "kivi8",
-        arg: "residual",
-        arg_required: false,
-        help: "KIVI-quantized storage, 8 bits (keys per channel, values per token); the newest `residual` entries \
-               (default 128) stay f16",
-        evicting_only: false,
-        alone: Some("every entry, KIVI-quantized 8-bit (keys per channel, values per token), newest 128 in f16"),
-        set: |o, a| set_kivi(o, 8, "kivi8", a),
-        show: |o| show_kivi(o, 8),
-    },
-    OptionRow {
-        name: "kivi4",
-        arg: "residual",
-        arg_required: false,
-        help: "KIVI-quantized storage, 4 bits",
-        evicting_only: false,
-        alone: Some("every entry, KIVI-quantized 4-bit"),
-        set: |o, a| set_kivi(o, 4, "kivi4", a),
-        show: |o| show_kivi(o, 4),
-    },
-    OptionRow {
-        name: "kivi2",
-        arg: "residual",
-        arg_required: false,
-        help: "KIVI-quantized storage, 2 bits",
-        evicting_only: false,
-        alone: Some("every entry, KIVI-quantized 2-bit"),
-        set: |o, a| set_kivi(o, 2, "kivi2", a),
-        show: |o| show_kivi(o, 2),
-    },
+    kivi_row::<8>(
+        "kivi8",
+        "KIVI-quantized storage, 8 bits (keys per channel, values per token); the newest `residual` entries \
+         (default 128) stay f16",
+        "every entry, KIVI-quantized 8-bit (keys per channel, values per token), newest 128 in f16",
+    ),
+    kivi_row::<4>(
+        "kivi4",
+        "KIVI-quantized storage, 4 bits",
+        "every entry, KIVI-quantized 4-bit",
+    ),
+    kivi_row::<2>(
+        "kivi2",
+        "KIVI-quantized storage, 2 bits",
+        "every entry, KIVI-quantized 2-bit",
+    ),
     OptionRow {
         name: "think",
         arg: "ratio",
