@@ -344,7 +344,7 @@ pub fn run_kvspec(data: &[u8]) {
         return;
     };
     if let Ok(spec) = KvSpec::parse(s) {
-        let label = spec.label();
+        let label = spec.to_string();
         let again = KvSpec::parse(&label)
             .unwrap_or_else(|e| panic!("label {label:?} of spec {s:?} does not parse: {e:#}"));
         assert_eq!(

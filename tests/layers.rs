@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+mod common;
+
 /// Top-level modules, bottom layer first. Modules on one line are one layer (they may use each other).
 const LAYERS: &[&[&str]] = &[
     &["util", "fetch", "progress", "testutil"],
@@ -60,22 +62,10 @@ fn crate_refs(text: &str) -> Vec<String> {
     out
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-}
-
 #[test]
 fn no_module_imports_from_a_layer_above_it() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
+    let files = common::src_files();
     let mut bad = Vec::new();
     for f in &files {
         let rel = f.strip_prefix(&src).unwrap();

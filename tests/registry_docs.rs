@@ -1,5 +1,7 @@
 //! The README's method and option tables are the registry's: every name documented, none invented.
 
+mod common;
+
 #[test]
 fn readme_tables_match_the_registry() {
     let readme =
@@ -46,18 +48,7 @@ fn cli_help_and_errors_name_every_registered_method() {
 fn method_names_live_only_in_the_registry() {
     use hayloft::methods::registry::{METHODS, OPTIONS};
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    let mut dirs = vec![src.clone()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                files.push(p);
-            }
-        }
-    }
+    let files = common::src_files();
     let registry = src.join("methods").join("registry.rs");
     let names: Vec<&str> = METHODS
         .iter()

