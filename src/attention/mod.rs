@@ -7,12 +7,19 @@
 //! time and folds them into running max / sum / output accumulators. When there are few query tiles (decode), the key
 //! blocks of each head are split over several tasks and the partial results are merged (flash-decoding), so both cores work.
 //!
+//! With a [`Selection`] ([`attend_selected`], decode-time selectors), each KV head reads only the entries chosen for
+//! it: whole selected blocks go through the same block path, partly selected blocks are gathered entry by entry into a
+//! block-sized tile first. Every path counts the bytes it reads in the cache's read counter.
+//!
 //! `naive_attention` is the plain reference the tests compare against.
+
+pub mod select;
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::kv::{BlockData, KvCache};
+use crate::kv::{BlockData, BlockView, KvCache};
+pub use select::Selection;
 
 /// Query tokens per task tile.
 const Q_TILE: usize = 16;
@@ -50,12 +57,29 @@ struct TaskBuf {
     v: Vec<f32>,
     /// The tile's query rows gathered to the stream's kept key channels (ThinK-pruned streams only).
     qg: Vec<f32>,
+    /// Entries gathered from partly selected blocks: keys transposed (hk × BT, every channel), values (BT × hv),
+    /// positions (BT).
+    gk: Vec<f32>,
+    gv: Vec<f32>,
+    gpos: Vec<u32>,
+    /// Bytes this task read.
+    read: usize,
+}
+
+/// Part of one block a selection reads: block index, entries `[j0, j1)`.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    block: u32,
+    j0: u32,
+    j1: u32,
 }
 
 #[derive(Default)]
 pub struct AttnScratch {
     tasks: Vec<Task>,
     bufs: Vec<TaskBuf>,
+    /// A selection cut at block boundaries, every head's pieces one after another; tasks index into it.
+    pieces: Vec<Piece>,
 }
 
 /// Shapes of one call, shared by all tasks.
@@ -78,6 +102,61 @@ pub fn attend(
     p: &AttnParams,
     scratch: &mut AttnScratch,
 ) {
+    attend_impl(cache, layer, q, q_pos, out, p, None, scratch)
+}
+
+/// Attention for `layer` over the entries `sel` chose for each KV head only (the causal and window masks still
+/// apply). Shapes as [`attend`].
+#[allow(clippy::too_many_arguments)] // attend's arguments plus the selection
+pub fn attend_selected(
+    cache: &KvCache,
+    layer: usize,
+    q: &[f32],
+    q_pos: &[u32],
+    out: &mut [f32],
+    p: &AttnParams,
+    sel: &Selection,
+    scratch: &mut AttnScratch,
+) {
+    attend_impl(cache, layer, q, q_pos, out, p, Some(sel), scratch)
+}
+
+/// Cuts head `kv_head`'s selected ranges at block boundaries into `pieces`.
+fn cut_pieces(
+    cache: &KvCache,
+    layer: usize,
+    kv_head: usize,
+    sel: &Selection,
+    pieces: &mut Vec<Piece>,
+) {
+    let bt = cache.cfg.block_tokens as u32;
+    let len = cache.len(layer, kv_head) as u32;
+    for &(lo, hi) in sel.ranges(kv_head) {
+        let (mut e, hi) = (lo.min(len), hi.min(len));
+        while e < hi {
+            let b = e / bt;
+            let end = hi.min((b + 1) * bt);
+            pieces.push(Piece {
+                block: b,
+                j0: e - b * bt,
+                j1: end - b * bt,
+            });
+            e = end;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_impl(
+    cache: &KvCache,
+    layer: usize,
+    q: &[f32],
+    q_pos: &[u32],
+    out: &mut [f32],
+    p: &AttnParams,
+    sel: Option<&Selection>,
+    scratch: &mut AttnScratch,
+) {
     let cfg = &cache.cfg;
     let n_q_heads = p.n_q_heads;
     let sh = Shape {
@@ -96,8 +175,17 @@ pub fn attend(
     let n_tiles = n_tok.div_ceil(Q_TILE);
     let want = 4 * rayon::current_num_threads();
     scratch.tasks.clear();
+    scratch.pieces.clear();
     for kv_head in 0..cfg.n_kv_heads {
-        let nb = cache.n_blocks(layer, kv_head);
+        // Units a task walks: blocks, or the pieces of the selection.
+        let (base, nb) = match sel {
+            None => (0, cache.n_blocks(layer, kv_head)),
+            Some(sel) => {
+                let base = scratch.pieces.len();
+                cut_pieces(cache, layer, kv_head, sel, &mut scratch.pieces);
+                (base, scratch.pieces.len() - base)
+            }
+        };
         let splits = (want.div_ceil(cfg.n_kv_heads * n_tiles)).clamp(1, nb.div_ceil(4).max(1));
         for tile in 0..n_tiles {
             for s in 0..splits {
@@ -105,8 +193,8 @@ pub fn attend(
                     kv_head,
                     t0: tile * Q_TILE,
                     t1: ((tile + 1) * Q_TILE).min(n_tok),
-                    blk0: nb * s / splits,
-                    blk1: nb * (s + 1) / splits,
+                    blk0: base + nb * s / splits,
+                    blk1: base + nb * (s + 1) / splits,
                 });
             }
         }
@@ -128,9 +216,15 @@ pub fn attend(
             b.s.resize(sh.bt, 0.0);
             b.qg.resize(rows_max * sh.hk, 0.0);
         }
+        if sel.is_some() && b.gk.len() < sh.bt * sh.hk {
+            b.gk.resize(sh.bt * sh.hk, 0.0);
+            b.gv.resize(sh.bt * sh.hv, 0.0);
+            b.gpos.resize(sh.bt, 0);
+        }
     }
 
     let tasks = &scratch.tasks;
+    let pieces = sel.map(|_| &scratch.pieces[..]);
     let simd = simd_available();
     let bt = sh.bt;
     scratch.bufs[..tasks.len()]
@@ -145,6 +239,7 @@ pub fn attend(
                 sh: &sh,
                 p,
                 task,
+                pieces,
             };
             match bt {
                 4 => run_dispatch::<4>(simd, &a, buf),
@@ -156,6 +251,7 @@ pub fn attend(
             }
         });
 
+    cache.note_read(scratch.bufs[..tasks.len()].iter().map(|b| b.read).sum());
     // Merge the splits of each (head, tile) and normalize into `out`.
     let mut i = 0;
     while i < tasks.len() {
@@ -221,6 +317,8 @@ struct TaskArgs<'a> {
     sh: &'a Shape,
     p: &'a AttnParams,
     task: &'a Task,
+    /// The selection's pieces (the task's `blk0..blk1` index them); None = every block.
+    pieces: Option<&'a [Piece]>,
 }
 
 fn run_dispatch<const BT: usize>(simd: bool, a: &TaskArgs, buf: &mut TaskBuf) {
@@ -354,20 +452,19 @@ fn block_softmax(s: &mut [f32], m_old: f32) -> Option<(f32, f32, f32)> {
 /// `BT` = tokens per KV block, a constant so the block's scores live in registers.
 #[inline(always)]
 fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
-    let (cache, layer, q, q_pos, sh, p, task) = (a.cache, a.layer, a.q, a.q_pos, a.sh, a.p, a.task);
+    let (cache, layer, q, sh, task) = (a.cache, a.layer, a.q, a.sh, a.task);
     let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
     let rows = (task.t1 - task.t0) * g;
-    let acc = &mut buf.acc[..rows * hv];
-    acc.fill(0.0);
+    buf.acc[..rows * hv].fill(0.0);
     buf.m[..rows].fill(f32::NEG_INFINITY);
     buf.l[..rows].fill(0.0);
-    let tile_pos = &q_pos[task.t0..task.t1];
+    buf.read = 0;
+    let tile_pos = &a.q_pos[task.t0..task.t1];
     let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
-    let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
     // A stream with pruned key channels (ThinK) stores `hs` < hk channels: gather them from each query row once.
     let channels = cache.key_channels(layer, task.kv_head);
-    let hs = channels.map_or(hk, |c| c.len());
     if let Some(ch) = channels {
+        let hs = ch.len();
         for r in 0..rows {
             let t = task.t0 + r / g;
             let qr = &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk];
@@ -376,98 +473,211 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             }
         }
     }
+    let Some(pieces) = a.pieces else {
+        for blk in cache
+            .blocks(layer, task.kv_head)
+            .skip(task.blk0)
+            .take(task.blk1 - task.blk0)
+        {
+            if blk.n == 0 || blk.pos[0] > max_qpos {
+                // Positions ascend within a stream: nothing here or later is visible to this tile.
+                break;
+            }
+            fold_view::<BT>(a, &blk, channels.is_some(), buf);
+        }
+        return;
+    };
+    // Selected pieces: whole blocks take the block path; parts of blocks are gathered into a tile of BT entries.
+    let mut ng = 0;
+    for pc in &pieces[task.blk0..task.blk1] {
+        let blk = cache.block(layer, task.kv_head, pc.block as usize);
+        let (j0, j1) = (pc.j0 as usize, pc.j1 as usize);
+        if j0 == 0 && j1 == blk.n {
+            fold_view::<BT>(a, &blk, channels.is_some(), buf);
+            continue;
+        }
+        for j in j0..j1 {
+            if ng == BT {
+                fold_gathered::<BT>(a, ng, buf);
+                ng = 0;
+            }
+            let TaskBuf {
+                gk, gv, gpos, k, ..
+            } = buf;
+            let key = &mut k[..hk];
+            blk.read_key(j, key);
+            for (c, &x) in key.iter().enumerate() {
+                gk[c * BT + ng] = x;
+            }
+            blk.read_value(j, &mut gv[ng * hv..][..hv]);
+            gpos[ng] = blk.pos[j];
+            buf.read += blk.entry_bytes();
+            ng += 1;
+        }
+    }
+    if ng > 0 {
+        fold_gathered::<BT>(a, ng, buf);
+    }
+}
 
-    for blk in cache
-        .blocks(layer, task.kv_head)
-        .skip(task.blk0)
-        .take(task.blk1 - task.blk0)
-    {
-        let n = blk.n;
-        if n == 0 || blk.pos[0] > max_qpos {
-            // Positions ascend within a stream: nothing here or later is visible to this tile.
-            break;
+/// Folds a whole block (any format) into the task's rows.
+#[inline(always)]
+fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: &mut TaskBuf) {
+    let (n, hs, hv) = (blk.n, blk.hk, a.sh.hv);
+    if let Some(w) = a.p.window {
+        let min_qpos = a.q_pos[a.task.t0..a.task.t1]
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(0);
+        if (blk.pos[n - 1] as u64) + (w as u64) <= min_qpos as u64 {
+            return; // the whole block is outside every row's window
         }
-        if let Some(w) = p.window {
-            if (blk.pos[n - 1] as u64) + (w as u64) <= min_qpos as u64 {
-                continue; // the whole block is outside every row's window
-            }
+    }
+    buf.read += n * blk.entry_bytes();
+    let TaskBuf {
+        k,
+        v,
+        s,
+        m,
+        l,
+        acc,
+        qg,
+        ..
+    } = buf;
+    // kt: hs × BT (keys transposed), vb: n × hv, as f32.
+    let (kt, vb): (&[f32], &[f32]) = match blk.data {
+        BlockData::F16 { k: kh, v: vh } => {
+            kh[..hs * BT].convert_to_f32_slice(&mut k[..hs * BT]);
+            vh[..n * hv].convert_to_f32_slice(&mut v[..n * hv]);
+            (&k[..hs * BT], &v[..n * hv])
         }
-        // kt: hs × BT (keys transposed), vb: n × hv, as f32.
-        let (kt, vb): (&[f32], &[f32]) = match blk.data {
-            BlockData::F16 { k, v } => {
-                k[..hs * BT].convert_to_f32_slice(&mut buf.k[..hs * BT]);
-                v[..n * hv].convert_to_f32_slice(&mut buf.v[..n * hv]);
-                (&buf.k[..hs * BT], &buf.v[..n * hv])
-            }
-            BlockData::F32 { k, v } => (&k[..hs * BT], &v[..n * hv]),
-            BlockData::Quant(qb) => {
-                // KIVI block: dequantize this block only, into the task's scratch.
-                qb.keys_into::<BT>(&mut buf.k[..hs * BT]);
-                qb.values_into(n, hv, &mut buf.v[..n * hv]);
-                (&buf.k[..hs * BT], &buf.v[..n * hv])
-            }
+        BlockData::F32 { k: kf, v: vf } => (&kf[..hs * BT], &vf[..n * hv]),
+        BlockData::Quant(qb) => {
+            // KIVI block: dequantize this block only, into the task's scratch.
+            qb.keys_into::<BT>(&mut k[..hs * BT]);
+            qb.values_into(n, hv, &mut v[..n * hv]);
+            (&k[..hs * BT], &v[..n * hv])
+        }
+    };
+    let qrows = if pruned { Some(&qg[..]) } else { None };
+    fold::<BT>(a, kt, vb, blk.pos, hs, qrows, s, m, l, acc);
+}
+
+/// Folds the `n` gathered entries (every key channel) into the task's rows.
+#[inline(always)]
+fn fold_gathered<const BT: usize>(a: &TaskArgs, n: usize, buf: &mut TaskBuf) {
+    let TaskBuf {
+        gk,
+        gv,
+        gpos,
+        s,
+        m,
+        l,
+        acc,
+        ..
+    } = buf;
+    let hk = a.sh.hk;
+    fold::<BT>(
+        a,
+        &gk[..hk * BT],
+        &gv[..n * a.sh.hv],
+        &gpos[..n],
+        hk,
+        None,
+        s,
+        m,
+        l,
+        acc,
+    );
+}
+
+/// The online-softmax step of every row of the task over one tile of keys: `kt` (hs × BT, transposed, `pos.len()`
+/// valid columns), `vb` (n × hv), `pos` (n). `qrows`: the rows' queries gathered to the stored channels (pruned
+/// streams), else the rows of `q`.
+#[allow(clippy::too_many_arguments)] // the tile and the four running accumulators
+#[inline(always)]
+fn fold<const BT: usize>(
+    a: &TaskArgs,
+    kt: &[f32],
+    vb: &[f32],
+    pos: &[u32],
+    hs: usize,
+    qrows: Option<&[f32]>,
+    s_buf: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    let (q, sh, p, task) = (a.q, a.sh, a.p, a.task);
+    let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
+    let n = pos.len();
+    let rows = (task.t1 - task.t0) * g;
+    let tile_pos = &a.q_pos[task.t0..task.t1];
+    let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
+    let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
+    let (pmin, pmax) = pos
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    // Every key of the tile visible to every row? Then skip per-key masking.
+    let all_visible = pmax <= min_qpos && p.window.is_none_or(|w| max_qpos - pmin < w);
+    for r in 0..rows {
+        let t = task.t0 + r / g;
+        let qpos = tile_pos[r / g];
+        let qr = match qrows {
+            None => &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk],
+            Some(qg) => &qg[r * hs..][..hs],
         };
-        // Every key of the block visible to every row of the tile? Then skip per-key masking.
-        let all_visible =
-            blk.pos[n - 1] <= min_qpos && p.window.is_none_or(|w| max_qpos - blk.pos[0] < w);
-        for r in 0..rows {
-            let t = task.t0 + r / g;
-            let qpos = tile_pos[r / g];
-            let qr = match channels {
-                None => &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk],
-                Some(_) => &buf.qg[r * hs..][..hs],
-            };
-            // s[j] = q·k_j for the block's keys: one broadcast-FMA per key column, accumulators in registers.
-            let s = &mut buf.s[..BT];
-            score_block::<BT>(kt, qr, s);
-            let s = &mut s[..n];
-            // Scale, soft-cap, mask (elementwise), then the block's softmax step.
-            if all_visible && p.softcap.is_none() {
-                for sj in s.iter_mut() {
-                    *sj *= p.scale;
-                }
-            } else {
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let mut x = *sj * p.scale;
-                    if let Some(c) = p.softcap {
-                        x = c * (x / c).tanh();
-                    }
-                    let kpos = blk.pos[j];
-                    if !all_visible && (kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w)) {
-                        x = f32::NEG_INFINITY;
-                    }
-                    *sj = x;
-                }
+        // s[j] = q·k_j for the tile's keys: one broadcast-FMA per key column, accumulators in registers.
+        let s = &mut s_buf[..BT];
+        score_block::<BT>(kt, qr, s);
+        let s = &mut s[..n];
+        // Scale, soft-cap, mask (elementwise), then the tile's softmax step.
+        if all_visible && p.softcap.is_none() {
+            for sj in s.iter_mut() {
+                *sj *= p.scale;
             }
-            let Some((m_new, alpha, l)) = block_softmax(s, buf.m[r]) else {
-                continue;
-            };
-            let a = &mut acc[r * hv..][..hv];
-            if alpha != 1.0 {
-                a.iter_mut().for_each(|x| *x *= alpha);
-            }
-            // acc += Σ_j p_j · v_j, four keys per pass over the accumulator.
-            let mut quads = s.chunks_exact(4);
-            let mut j = 0;
-            for pq in quads.by_ref() {
-                let v0 = &vb[j * hv..][..hv];
-                let v1 = &vb[(j + 1) * hv..][..hv];
-                let v2 = &vb[(j + 2) * hv..][..hv];
-                let v3 = &vb[(j + 3) * hv..][..hv];
-                for d in 0..hv {
-                    a[d] += pq[0] * v0[d] + pq[1] * v1[d] + pq[2] * v2[d] + pq[3] * v3[d];
+        } else {
+            for (j, sj) in s.iter_mut().enumerate() {
+                let mut x = *sj * p.scale;
+                if let Some(c) = p.softcap {
+                    x = c * (x / c).tanh();
                 }
-                j += 4;
-            }
-            for &pj in quads.remainder() {
-                for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
-                    *ad += pj * vv;
+                let kpos = pos[j];
+                if !all_visible && (kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w)) {
+                    x = f32::NEG_INFINITY;
                 }
-                j += 1;
+                *sj = x;
             }
-            buf.m[r] = m_new;
-            buf.l[r] = buf.l[r] * alpha + l;
         }
+        let Some((m_new, alpha, lsum)) = block_softmax(s, m[r]) else {
+            continue;
+        };
+        let a = &mut acc[r * hv..][..hv];
+        if alpha != 1.0 {
+            a.iter_mut().for_each(|x| *x *= alpha);
+        }
+        // acc += Σ_j p_j · v_j, four keys per pass over the accumulator.
+        let mut quads = s.chunks_exact(4);
+        let mut j = 0;
+        for pq in quads.by_ref() {
+            let v0 = &vb[j * hv..][..hv];
+            let v1 = &vb[(j + 1) * hv..][..hv];
+            let v2 = &vb[(j + 2) * hv..][..hv];
+            let v3 = &vb[(j + 3) * hv..][..hv];
+            for d in 0..hv {
+                a[d] += pq[0] * v0[d] + pq[1] * v1[d] + pq[2] * v2[d] + pq[3] * v3[d];
+            }
+            j += 4;
+        }
+        for &pj in quads.remainder() {
+            for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
+                *ad += pj * vv;
+            }
+            j += 1;
+        }
+        m[r] = m_new;
+        l[r] = l[r] * alpha + lsum;
     }
 }
 
@@ -478,6 +688,18 @@ pub fn naive_attention(
     q: &[f32],
     q_pos: &[u32],
     p: &AttnParams,
+) -> Vec<f32> {
+    naive_attention_over(cache, layer, q, q_pos, p, None)
+}
+
+/// [`naive_attention`] over the entries `sel` chose only (every entry when None).
+pub fn naive_attention_over(
+    cache: &KvCache,
+    layer: usize,
+    q: &[f32],
+    q_pos: &[u32],
+    p: &AttnParams,
+    sel: Option<&Selection>,
 ) -> Vec<f32> {
     let n_q_heads = p.n_q_heads;
     let cfg = &cache.cfg;
@@ -491,8 +713,14 @@ pub fn naive_attention(
             let qr = &q[(t * n_q_heads + h) * hk..][..hk];
             let mut scores = Vec::new();
             let mut vals: Vec<Vec<f64>> = Vec::new();
-            for blk in cache.blocks(layer, kvh) {
+            let bt = cache.cfg.block_tokens;
+            for (b, blk) in cache.blocks(layer, kvh).enumerate() {
                 for j in 0..blk.n {
+                    let e = (b * bt + j) as u32;
+                    if sel.is_some_and(|s| !s.ranges(kvh).iter().any(|&(lo, hi)| lo <= e && e < hi))
+                    {
+                        continue;
+                    }
                     let kpos = blk.pos[j];
                     if kpos > qpos || p.window.is_some_and(|w| qpos - kpos >= w) {
                         continue;
@@ -680,7 +908,7 @@ mod tests {
             s: vec![0.0; 4],
             k: vec![0.0; 32],
             v: vec![0.0; 32],
-            qg: Vec::new(),
+            ..Default::default()
         };
         let a = TaskArgs {
             cache: &cache,
@@ -690,6 +918,7 @@ mod tests {
             sh: &sh,
             p: &p,
             task: &task,
+            pieces: None,
         };
         run_task::<4>(&a, &mut buf);
         let want = naive_attention(&cache, 0, &q[..16], &q_pos[..1], &p);
@@ -831,5 +1060,103 @@ mod tests {
                 "{dtype:?}: pruned vs zeroed-q naive max err {err}"
             );
         }
+    }
+
+    /// A selection of scattered ranges: whole blocks, parts of blocks, single entries, and the newest entries.
+    fn scattered(n_heads: usize, len: usize, shift: usize) -> Selection {
+        let mut sel = Selection::default();
+        sel.reset(n_heads);
+        for h in 0..n_heads {
+            let o = (h * 7 + shift) % 13;
+            sel.add(h, 0, 3);
+            sel.add(h, 32 + o, 64 + o);
+            sel.add(h, 100 + o, 101 + o);
+            sel.add(h, 130, 140 + o);
+            sel.add(h, 64, 96);
+            sel.add(h, len - 5, len);
+        }
+        sel.finish();
+        sel
+    }
+
+    #[test]
+    fn selected_attention_equals_naive_over_the_same_entries() {
+        for dtype in [
+            KvDtype::F16,
+            KvDtype::F32,
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 32,
+            },
+        ] {
+            let (cache, q, q_pos, p) = fixed_case(dtype);
+            let len = cache.len(0, 0);
+            for shift in 0..3 {
+                let sel = scattered(2, len, shift);
+                let mut out = vec![0.0; q.len()];
+                let mut scratch = AttnScratch::default();
+                cache.take_read();
+                attend_selected(&cache, 0, &q, &q_pos, &mut out, &p, &sel, &mut scratch);
+                let read = cache.take_read();
+                let want = naive_attention_over(&cache, 0, &q, &q_pos, &p, Some(&sel));
+                let err = out
+                    .iter()
+                    .zip(&want)
+                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err < 1e-4, "{dtype:?}: selected vs naive max err {err}");
+                // Reading fewer entries reads fewer bytes than the dense pass.
+                attend(&cache, 0, &q, &q_pos, &mut out, &p, &mut scratch);
+                let dense = cache.take_read();
+                assert!(
+                    read > 0 && read < dense / 2,
+                    "{dtype:?}: read {read} of {dense}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn selecting_everything_is_dense_attention_bit_for_bit() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let (cache, q, q_pos, p) = fixed_case(dtype);
+            let mut sel = Selection::default();
+            sel.reset(2);
+            for h in 0..2 {
+                sel.add(h, 0, cache.len(0, h));
+            }
+            sel.finish();
+            let mut scratch = AttnScratch::default();
+            let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            attend(&cache, 0, &q, &q_pos, &mut a, &p, &mut scratch);
+            let dense = cache.take_read();
+            attend_selected(&cache, 0, &q, &q_pos, &mut b, &p, &sel, &mut scratch);
+            assert_eq!(a, b);
+            assert_eq!(cache.take_read(), dense);
+        }
+    }
+
+    #[test]
+    fn selected_attention_on_pruned_channels_matches_naive() {
+        let keep: Vec<bool> = (0..64).map(|c| c % 3 != 0).collect();
+        let (mut cache, q, q_pos, p) = fixed_case(KvDtype::F16);
+        cache.prune_key_channels(0, 1, &keep);
+        let sel = scattered(2, cache.len(0, 0), 1);
+        let mut out = vec![0.0; q.len()];
+        attend_selected(
+            &cache,
+            0,
+            &q,
+            &q_pos,
+            &mut out,
+            &p,
+            &sel,
+            &mut AttnScratch::default(),
+        );
+        let want = naive_attention_over(&cache, 0, &q, &q_pos, &p, Some(&sel));
+        let err = out
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-4, "pruned selected vs naive max err {err}");
     }
 }

@@ -223,12 +223,13 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
 
 /// What `hayloft methods` prints: the registry as aligned text, or as the README's markdown tables.
 pub fn methods_text(markdown: bool) -> String {
-    use crate::methods::registry::{self, METHODS, OPTIONS};
+    use crate::methods::registry::{self, METHODS, OPTIONS, SELECTORS, SELECT_OPTIONS};
     if markdown {
         return format!(
-            "{}\n{}",
+            "{}\n{}\n{}",
             registry::methods_markdown(),
-            registry::options_markdown()
+            registry::options_markdown(),
+            registry::selectors_markdown()
         );
     }
     let mut s = String::from("KV methods (--kv <method>[@<budget>][,<option>...]):\n");
@@ -238,6 +239,33 @@ pub fn methods_text(markdown: bool) -> String {
     s += "\nOptions:\n";
     for o in OPTIONS {
         s += &format!("  {:<18} {}\n", o.usage(), o.help);
+    }
+    s += "\nDecode-time selectors (keep the cache, read less; alone or after a method: \
+          [<method>...,]<selector>@<budget>[,<name>=<value>...]):\n";
+    for m in SELECTORS {
+        let d = m.defaults;
+        s += &format!(
+            "  {:<14} {} (defaults: sink={} recent={} dense={} interval={})\n",
+            m.name, m.reads, d.sink, d.recent, d.dense, d.interval
+        );
+    }
+    s += "\nSelector options:\n";
+    for o in SELECT_OPTIONS {
+        let who = if o.common {
+            "every selector".to_string()
+        } else {
+            SELECTORS
+                .iter()
+                .filter(|m| m.options.contains(&o.name))
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        s += &format!(
+            "  {:<18} {} ({who})\n",
+            format!("{}={}", o.name, o.arg),
+            o.help
+        );
     }
     s
 }

@@ -117,6 +117,27 @@ impl<'m> Session<'m> {
             }
             scratch.head_mask = cfg.head_mask.clone();
         }
+        let mut cache = cache;
+        if let Some(sel) = &cfg.kv.select {
+            let selector = (sel.row.build)(sel, mc)?;
+            if let Some(m) = selector.meta() {
+                if !cfg.block_tokens.is_multiple_of(m.page_tokens) {
+                    bail!(
+                        "--kv '{}': pages of {} tokens do not divide the cache's blocks of {} (use page= a divisor, \
+                         or another --block-tokens)",
+                        cfg.kv,
+                        m.page_tokens,
+                        cfg.block_tokens
+                    );
+                }
+                cache.enable_meta(m);
+            }
+            let w = selector.query_window();
+            if w > scratch.obs.capacity() {
+                scratch.obs = QueryWindow::new(mc.n_layers, mc.n_heads * mc.head_dim_k, w);
+            }
+            scratch.selector = Some(selector);
+        }
         let acc = AttnAcc::new(needs.accumulate, mc.n_layers * mc.n_kv_heads);
         let stats = Stats {
             threads: rayon::current_num_threads(),
@@ -232,7 +253,10 @@ impl<'m> Session<'m> {
             start = end;
         }
         match phase {
-            Phase::Prefill => self.compress(),
+            Phase::Prefill => {
+                self.compress();
+                self.end_prefill();
+            }
             Phase::Decode => {
                 self.since_compress += 1;
                 let every = self.press.as_ref().map_or(0, |p| p.every);
@@ -241,8 +265,29 @@ impl<'m> Session<'m> {
                 }
             }
         }
-        self.stats.kv_bytes = self.cache.bytes();
+        self.note_bytes();
         Ok(())
+    }
+
+    /// Bytes the cache and the selector's index hold now, into the stats.
+    fn note_bytes(&mut self) {
+        let index = self
+            .scratch
+            .selector
+            .as_ref()
+            .map_or(0, |s| s.index_bytes());
+        self.stats.kv_bytes = self.cache.bytes() + index;
+        self.stats.kv_meta_bytes = self.cache.meta_bytes() + index;
+        self.stats.note_kv(self.cache.peak_bytes() + index);
+    }
+
+    /// Lets the selector index what the prompt left in the cache.
+    fn end_prefill(&mut self) {
+        let (cache, scratch) = (&self.cache, &mut self.scratch);
+        if let Some(sel) = scratch.selector.as_mut() {
+            let obs = &scratch.obs;
+            rayon::scope(|_| sel.end_prefill(cache, obs));
+        }
     }
 
     /// Applies the KV method now (nothing for `full`): every head drops to its budget for the tokens seen so far, and
@@ -260,7 +305,7 @@ impl<'m> Session<'m> {
             &mut self.acc,
         );
         rayon::scope(|_| press.compress(cache, obs, acc, mc, seen));
-        self.stats.kv_bytes = self.cache.bytes();
+        self.note_bytes();
     }
 
     /// A copy of this session — cache, token history, recorded queries and accumulated attention — under another KV
@@ -300,6 +345,10 @@ impl<'m> Session<'m> {
             );
         }
         s.cache = self.cache.clone();
+        // The copied cache keeps the page summaries the fork's selector scores (computed now for what it holds).
+        if let Some(m) = s.scratch.selector.as_ref().and_then(|x| x.meta()) {
+            s.cache.enable_meta(m);
+        }
         s.tokens = self.tokens.clone();
         s.stats = self.stats.clone();
         if s.scratch.obs.capacity() == self.scratch.obs.capacity() {
@@ -320,6 +369,7 @@ impl<'m> Session<'m> {
             s.acc = self.acc.clone();
         }
         s.compress();
+        s.end_prefill();
         Ok(s)
     }
 
@@ -338,9 +388,13 @@ impl<'m> Session<'m> {
     pub fn decode(&mut self, token: u32) -> Result<&mut [f32]> {
         let t0 = Instant::now();
         let vocab = self.model.config().vocab;
+        self.cache.take_read();
+        self.scratch.attn_ns = 0;
         self.feed_as(&[token], 0..1, |_, _| {}, Phase::Decode)?;
         self.stats.decode_steps += 1;
         self.stats.decode_s += t0.elapsed().as_secs_f64();
+        self.stats.kv_read_total += self.cache.take_read();
+        self.stats.attention_ns_total += self.scratch.attn_ns;
         Ok(&mut self.scratch.logits[..vocab])
     }
 

@@ -15,8 +15,14 @@ pub struct Stats {
     pub decode_tok_s: f64,
     /// Largest number of bytes the KV cache held (its own counter of allocated blocks).
     pub peak_kv_bytes: usize,
-    /// Bytes the KV cache held at the end (after any compression).
+    /// Bytes the KV cache held at the end (after any compression), selection metadata and indices included.
     pub kv_bytes: usize,
+    /// Of those, the selector's page summaries and indices.
+    pub kv_meta_bytes: usize,
+    /// KV bytes read per decoded token (attention plus the selector's scoring; mean over decode steps).
+    pub kv_read_bytes_per_token: f64,
+    /// Time in attention (selection included) per decoded token.
+    pub attention_ms_per_token: f64,
     /// Peak resident set size of the process (VmHWM), where the OS reports it.
     pub peak_rss_bytes: usize,
     pub threads: usize,
@@ -28,6 +34,10 @@ pub struct Stats {
     pub decode_s: f64,
     #[serde(skip)]
     pub decode_steps: usize,
+    #[serde(skip)]
+    pub kv_read_total: u64,
+    #[serde(skip)]
+    pub attention_ns_total: u64,
 }
 
 impl Stats {
@@ -43,13 +53,18 @@ impl Stats {
         if self.decode_s > 0.0 {
             self.decode_tok_s = self.decode_steps as f64 / self.decode_s;
         }
+        if self.decode_steps > 0 {
+            let n = self.decode_steps as f64;
+            self.kv_read_bytes_per_token = self.kv_read_total as f64 / n;
+            self.attention_ms_per_token = self.attention_ns_total as f64 / 1e6 / n;
+        }
         self.peak_rss_bytes = peak_rss_bytes().unwrap_or(0);
         self.kernel = crate::kernels::kernel_name().to_string();
     }
 
     pub fn line(&self) -> String {
         format!(
-            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}) | peak RSS {} | {} threads ({})",
+            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}) | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({})",
             self.prompt_tokens,
             self.generated_tokens,
             self.ttft_ms,
@@ -57,6 +72,13 @@ impl Stats {
             self.decode_tok_s,
             human_bytes(self.kv_bytes),
             human_bytes(self.peak_kv_bytes),
+            if self.kv_meta_bytes > 0 {
+                format!(", selection metadata {}", human_bytes(self.kv_meta_bytes))
+            } else {
+                String::new()
+            },
+            human_bytes(self.kv_read_bytes_per_token as usize),
+            self.attention_ms_per_token,
             human_bytes(self.peak_rss_bytes),
             self.threads,
             self.kernel,

@@ -181,6 +181,17 @@ pub struct BlockView<'a> {
 }
 
 impl BlockView<'_> {
+    /// Bytes one entry of this block takes (its share of the block's keys, values, scales and positions): what reading
+    /// it costs.
+    pub fn entry_bytes(&self) -> usize {
+        let data = match self.data {
+            BlockData::F16 { k, v } => 2 * (k.len() + v.len()),
+            BlockData::F32 { k, v } => 4 * (k.len() + v.len()),
+            BlockData::Quant(q) => q.bytes(),
+        };
+        data / self.bt + 4
+    }
+
     /// Key of entry `j` as f32, all `head_dim_k` channels (pruned channels read as 0).
     pub fn read_key(&self, j: usize, out: &mut [f32]) {
         let bt = self.bt;

@@ -26,14 +26,21 @@
 //!   are converted between formats ([`quant`] holds the KIVI math);
 //! - `streams`: [`KvCache`], the per (layer, KV head) block tables and everything callers do with them.
 //!
+//! - `meta`: page summaries of the keys (channel min/max or mean/std) that decode-time selectors score, kept exact
+//!   as the streams change and counted in the byte counter.
+//!
+//! The cache also counts the bytes attention and selectors *read* ([`KvCache::note_read`]), next to the bytes it holds.
+//!
 //! This file holds the configuration types.
 
 mod format;
+pub mod meta;
 mod pool;
 pub mod quant;
 mod streams;
 
 pub use format::{Block, BlockData, BlockView};
+pub use meta::{MetaConfig, PageStat};
 pub use streams::KvCache;
 
 use quant::QBlock;

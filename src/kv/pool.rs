@@ -99,6 +99,12 @@ impl BlockPool {
         }
     }
 
+    /// Counts `added` bytes held beside the blocks (page summaries), or frees `removed`.
+    pub(super) fn account(&mut self, added: usize, removed: usize) {
+        self.bytes = self.bytes + added - removed;
+        self.peak_bytes = self.peak_bytes.max(self.bytes);
+    }
+
     /// Bytes of every block that exists, used or free.
     pub(super) fn bytes(&self) -> usize {
         self.bytes

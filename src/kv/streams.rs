@@ -5,7 +5,12 @@
 //! overwrite one entry, retain some entries of one head (eviction), truncate, prune key channels (ThinK). When an
 //! entry must change block or format, it goes through the [`Stage`] (see [`super::format`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use half::f16;
+
 use super::format::{BlockData, BlockView, Shape, Stage};
+use super::meta::{self, MetaConfig};
 use super::pool::BlockPool;
 use super::quant;
 use super::{KvConfig, KvDtype, BLOCK_TOKEN_CHOICES};
@@ -19,6 +24,18 @@ struct Stream {
     n_quant: usize,
     /// Kept key channels (ThinK), ascending; None = all.
     channels: Option<Box<[u16]>>,
+    /// Page summaries (see [`meta`]): page p at `[p · 2 · hk, (p + 1) · 2 · hk)`; empty when off.
+    meta: Vec<f16>,
+}
+
+/// Bytes read by attention and selectors since the cache was made (or [`KvCache::take_read`] last ran).
+#[derive(Default)]
+struct ReadCounter(AtomicU64);
+
+impl Clone for ReadCounter {
+    fn clone(&self) -> Self {
+        ReadCounter(AtomicU64::new(self.0.load(Ordering::Relaxed)))
+    }
 }
 
 #[derive(Clone)]
@@ -28,6 +45,15 @@ pub struct KvCache {
     /// Stream of (layer, KV head) at `layer · n_kv_heads + head`.
     streams: Vec<Stream>,
     stage: Stage,
+    /// Page summaries kept for selectors; None = off.
+    meta_cfg: Option<MetaConfig>,
+    /// Bytes of every stream's page summaries (also in the pool's counter).
+    meta_bytes: usize,
+    /// Keys of one page as f32 (page × hk), for recomputing its summary.
+    meta_keys: Vec<f32>,
+    read: ReadCounter,
+    /// Changes other than appends (evictions, overwrites, truncations, pruned channels): entry indices may have moved.
+    edits: u64,
 }
 
 impl KvCache {
@@ -46,8 +72,105 @@ impl KvCache {
             pool: BlockPool::new(&cfg),
             streams: vec![Stream::default(); cfg.n_layers * cfg.n_kv_heads],
             stage: Stage::new(&cfg),
+            meta_cfg: None,
+            meta_bytes: 0,
+            meta_keys: Vec::new(),
+            read: ReadCounter::default(),
+            edits: 0,
             cfg,
         }
+    }
+
+    // -----------------------------------------------------------------------------------------------------------------
+    // Page summaries and read accounting
+
+    /// Keeps page summaries of every stream from now on (computed at once for what is already cached). Asking again
+    /// with another configuration recomputes them all. Panics if the page size does not divide the block size (a
+    /// programming error: selectors choose it from the block size).
+    pub fn enable_meta(&mut self, m: MetaConfig) {
+        assert!(
+            m.page_tokens > 0 && self.cfg.block_tokens.is_multiple_of(m.page_tokens),
+            "page of {} tokens in blocks of {}",
+            m.page_tokens,
+            self.cfg.block_tokens
+        );
+        if self.meta_cfg == Some(m) {
+            return;
+        }
+        self.meta_cfg = Some(m);
+        self.meta_keys = vec![0.0; m.page_tokens * self.cfg.head_dim_k];
+        for si in 0..self.streams.len() {
+            self.refresh_meta(si, 0);
+        }
+    }
+
+    /// Counts the changes that may move entries (everything but appends): a selection remembered from before is stale
+    /// once this changes.
+    pub fn edits(&self) -> u64 {
+        self.edits
+    }
+
+    pub fn meta_config(&self) -> Option<MetaConfig> {
+        self.meta_cfg
+    }
+
+    /// Page summaries of (layer, KV head): pages × 2 × head_dim_k f16 (see [`meta`]); empty when off.
+    pub fn page_meta(&self, layer: usize, head: usize) -> &[f16] {
+        &self.streams[self.stream_index(layer, head)].meta
+    }
+
+    /// Bytes held by page summaries (part of [`Self::bytes`]).
+    pub fn meta_bytes(&self) -> usize {
+        self.meta_bytes
+    }
+
+    /// Counts `bytes` read from the cache (attention reading blocks, selectors reading summaries). Callable from
+    /// parallel tasks.
+    pub fn note_read(&self, bytes: usize) {
+        self.read.0.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes read since the last call (or since the cache was made), and resets the count.
+    pub fn take_read(&self) -> u64 {
+        self.read.0.swap(0, Ordering::Relaxed)
+    }
+
+    /// Bytes one stored entry of (layer, KV head) takes to read (key, value and position), its block's share.
+    pub fn entry_read_bytes(&self, layer: usize, head: usize, block: usize) -> usize {
+        let si = self.stream_index(layer, head);
+        let id = self.streams[si].blocks[block];
+        self.pool.shape(id).bytes(&self.cfg) / self.cfg.block_tokens
+    }
+
+    /// Recomputes the summaries of stream `si` from the page holding entry `from` to its end, and drops pages past it.
+    fn refresh_meta(&mut self, si: usize, from: usize) {
+        let Some(m) = self.meta_cfg else { return };
+        let (pt, hk, bt) = (m.page_tokens, self.cfg.head_dim_k, self.cfg.block_tokens);
+        let len = self.streams[si].len;
+        let n_pages = len.div_ceil(pt);
+        let old = self.streams[si].meta.len();
+        let mut meta = std::mem::take(&mut self.streams[si].meta);
+        let mut keys = std::mem::take(&mut self.meta_keys);
+        meta.resize(n_pages * 2 * hk, f16::ZERO);
+        for p in (from / pt).min(n_pages)..n_pages {
+            let (e0, e1) = (p * pt, ((p + 1) * pt).min(len));
+            let view = self.block_view(si, e0 / bt);
+            for (t, e) in (e0..e1).enumerate() {
+                view.read_key(e % bt, &mut keys[t * hk..][..hk]);
+            }
+            meta::summarize(
+                m.stat,
+                &keys,
+                e1 - e0,
+                hk,
+                &mut meta[p * 2 * hk..][..2 * hk],
+            );
+        }
+        let (added, removed) = (2 * meta.len(), 2 * old);
+        self.streams[si].meta = meta;
+        self.meta_keys = keys;
+        self.meta_bytes = self.meta_bytes + added - removed;
+        self.pool.account(added, removed);
     }
 
     /// Allocates blocks up front for `tokens` entries in every stream, so that filling them later allocates nothing.
@@ -108,6 +231,11 @@ impl KvCache {
         (0..self.streams[si].blocks.len()).map(move |i| self.block_view(si, i))
     }
 
+    /// Block `i` of (layer, KV head).
+    pub fn block(&self, layer: usize, head: usize, i: usize) -> BlockView<'_> {
+        self.block_view(self.stream_index(layer, head), i)
+    }
+
     /// Number of blocks of (layer, KV head).
     pub fn n_blocks(&self, layer: usize, head: usize) -> usize {
         self.streams[self.stream_index(layer, head)].blocks.len()
@@ -146,6 +274,8 @@ impl KvCache {
                 quant: false,
                 hk: self.stream_hk(si),
             };
+            // Summaries change from the first new entry, or from the first block quantized below.
+            let mut changed = self.streams[si].len;
             for t in 0..n {
                 let len = self.streams[si].len;
                 if len.is_multiple_of(bt) && len / bt == self.streams[si].blocks.len() {
@@ -167,8 +297,10 @@ impl KvCache {
                     let b = self.streams[si].n_quant;
                     self.convert(si, b, true);
                     self.streams[si].n_quant += 1;
+                    changed = changed.min(b * bt);
                 }
             }
+            self.refresh_meta(si, changed);
         }
     }
 
@@ -188,9 +320,13 @@ impl KvCache {
             let channels = self.streams[si].channels.as_deref();
             self.stage.put(&self.cfg, slot, k, v, channels);
             self.store_block(si, b, n, true);
+            self.refresh_meta(si, b * bt);
+            self.edits += 1;
         } else {
             let channels = self.streams[si].channels.as_deref();
             self.pool.get_mut(id).write_entry(slot, bt, k, v, channels);
+            self.refresh_meta(si, idx);
+            self.edits += 1;
         }
     }
 
@@ -283,6 +419,8 @@ impl KvCache {
         if new_len == 0 {
             s.channels = None;
         }
+        self.refresh_meta(si, first.min(target * bt));
+        self.edits += 1;
     }
 
     /// ThinK: keeps only the key channels `c` of (layer, KV head) with `keep[c]` (indexed by the model's channels,
@@ -308,6 +446,8 @@ impl KvCache {
             self.pool.keep_key_rows(id, &rows);
         }
         self.streams[si].channels = Some(rows.iter().map(|&r| old[r]).collect());
+        self.refresh_meta(si, 0);
+        self.edits += 1;
     }
 
     // -----------------------------------------------------------------------------------------------------------------
@@ -439,6 +579,7 @@ impl KvCache {
             return;
         }
         self.streams[si].len = len;
+        self.edits += 1;
         self.release_blocks_from(si, len.div_ceil(bt));
         let target = self.quant_target(len);
         let nq = self.streams[si].n_quant.min(self.streams[si].blocks.len());
@@ -450,6 +591,7 @@ impl KvCache {
         if len == 0 {
             s.channels = None;
         }
+        self.refresh_meta(si, len.min(target * bt));
     }
 }
 
@@ -899,6 +1041,129 @@ mod tests {
             assert_eq!(c.key_channels(0, 0), None);
             c.append(0, &[0], &rng.vec(2 * hk, 1.0), &rng.vec(2 * hv, 1.0));
             assert_eq!(c.key_dims(0, 0), hk);
+        }
+    }
+
+    /// Summaries recomputed from the stored entries, page by page.
+    fn expected_meta(c: &KvCache, layer: usize, head: usize, m: MetaConfig) -> Vec<f16> {
+        let hk = c.cfg.head_dim_k;
+        let len = c.len(layer, head);
+        let mut out = vec![f16::ZERO; len.div_ceil(m.page_tokens) * 2 * hk];
+        let (mut k, mut v) = (vec![0.0; hk], vec![0.0; c.cfg.head_dim_v]);
+        for p in 0..len.div_ceil(m.page_tokens) {
+            let e1 = ((p + 1) * m.page_tokens).min(len);
+            let mut keys = Vec::new();
+            for e in p * m.page_tokens..e1 {
+                c.read(layer, head, e, &mut k, &mut v);
+                keys.extend_from_slice(&k);
+            }
+            meta::summarize(
+                m.stat,
+                &keys,
+                e1 - p * m.page_tokens,
+                hk,
+                &mut out[p * 2 * hk..][..2 * hk],
+            );
+        }
+        out
+    }
+
+    fn assert_meta_exact(c: &KvCache, m: MetaConfig, when: &str) {
+        for layer in 0..c.cfg.n_layers {
+            for head in 0..c.cfg.n_kv_heads {
+                assert_eq!(
+                    c.page_meta(layer, head),
+                    &expected_meta(c, layer, head, m)[..],
+                    "{when}: layer {layer} head {head}"
+                );
+            }
+        }
+        let n: usize = (0..c.cfg.n_layers * c.cfg.n_kv_heads)
+            .map(|si| c.streams[si].len.div_ceil(m.page_tokens))
+            .sum();
+        assert_eq!(
+            c.meta_bytes(),
+            n * 2 * c.cfg.head_dim_k * 2,
+            "{when}: bytes"
+        );
+    }
+
+    #[test]
+    fn page_summaries_stay_exact_as_the_cache_changes() {
+        use crate::testutil::Rng;
+        for stat in [meta::PageStat::MinMax, meta::PageStat::MeanStd] {
+            for dtype in [
+                KvDtype::F16,
+                KvDtype::Kivi {
+                    bits: 4,
+                    residual: 4,
+                },
+            ] {
+                for page_tokens in [2, 4] {
+                    let m = MetaConfig { page_tokens, stat };
+                    let mut rng = Rng(11);
+                    let mut c = KvCache::new(cfg(dtype));
+                    let pos: Vec<u32> = (0..5).collect();
+                    c.append(0, &pos, &rng.vec(5 * 8, 1.0), &rng.vec(5 * 6, 1.0));
+                    // Turned on over a filled cache, then kept as it grows one entry and one chunk at a time.
+                    let bytes = c.bytes();
+                    c.enable_meta(m);
+                    assert!(c.bytes() > bytes);
+                    assert_meta_exact(&c, m, "enabled");
+                    for t in 5..9u32 {
+                        c.append(0, &[t], &rng.vec(8, 1.0), &rng.vec(6, 1.0));
+                    }
+                    let pos: Vec<u32> = (9..23).collect();
+                    c.append(0, &pos, &rng.vec(14 * 8, 2.0), &rng.vec(14 * 6, 1.0));
+                    c.append(1, &pos, &rng.vec(14 * 8, 2.0), &rng.vec(14 * 6, 1.0));
+                    assert_meta_exact(&c, m, "appended");
+                    c.retain(0, 1, |i, _| i % 3 != 1);
+                    assert_meta_exact(&c, m, "evicted");
+                    c.write(0, 0, 2, &[9.0, -9.0, 0.5, 0.25], &[1.0, 2.0, 3.0]);
+                    c.write(0, 0, 20, &[-3.0, 3.0, 0.5, 0.25], &[1.0, 2.0, 3.0]);
+                    assert_meta_exact(&c, m, "overwritten");
+                    c.prune_key_channels(0, 0, &[true, false, true, false]);
+                    assert_meta_exact(&c, m, "pruned");
+                    c.truncate_pos(13);
+                    assert_meta_exact(&c, m, "truncated");
+                    c.clear();
+                    assert_eq!(c.meta_bytes(), 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn min_max_summaries_bound_every_score_of_their_page() {
+        use crate::testutil::Rng;
+        let m = MetaConfig {
+            page_tokens: 4,
+            stat: meta::PageStat::MinMax,
+        };
+        let mut c = KvCache::new(cfg(KvDtype::Kivi {
+            bits: 2,
+            residual: 4,
+        }));
+        c.enable_meta(m);
+        let mut rng = Rng(5);
+        let pos: Vec<u32> = (0..40).collect();
+        c.append(0, &pos, &rng.vec(40 * 8, 3.0), &rng.vec(40 * 6, 1.0));
+        let (mut k, mut v) = (vec![0.0; 4], vec![0.0; 3]);
+        for _ in 0..20 {
+            let q = rng.vec(4, 2.0);
+            let meta = c.page_meta(0, 1);
+            for e in 0..40 {
+                c.read(0, 1, e, &mut k, &mut v);
+                let s: f32 = q.iter().zip(&k).map(|(a, b)| a * b).sum();
+                let page = &meta[(e / 4) * 8..][..8];
+                let bound: f32 = (0..4)
+                    .map(|d| (q[d] * page[d].to_f32()).max(q[d] * page[4 + d].to_f32()))
+                    .sum();
+                assert!(
+                    s <= bound + 1e-5,
+                    "entry {e}: q·k {s} above the page bound {bound}"
+                );
+            }
         }
     }
 }

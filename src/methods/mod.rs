@@ -49,6 +49,7 @@ pub mod window;
 pub mod heads;
 
 pub mod registry;
+pub mod select;
 pub mod spec;
 
 pub use spec::{storage_for, Budget, Kivi, KvSpec, Options, DEFAULT_EVERY};

@@ -8,12 +8,13 @@
 
 use anyhow::{bail, Result};
 
-use super::spec::{KvSpec, Options};
+use super::select::{self, lserve, quest, FrameDefaults, SelectOptions};
+use super::spec::{KvSpec, Options, SelectSpec};
 use super::{
     adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, think, tova, window,
     Scorer,
 };
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, Selector};
 
 /// What a method hands the press: its scorer and the allocation or merging it needs besides.
 pub struct Parts {
@@ -398,6 +399,194 @@ pub static OPTIONS: &[OptionRow] = &[
     },
 ];
 
+/// Builds a selector for a spec on a model.
+pub type BuildSelector = fn(&SelectSpec, &ModelConfig) -> Result<Box<dyn Selector>>;
+
+/// One decode-time selector: its `--kv` name, what each decode step reads (the README's column), its file, the
+/// defaults of the options every selector has, the options only it takes, and its constructor.
+pub struct SelectorRow {
+    pub name: &'static str,
+    pub reads: &'static str,
+    pub file: &'static str,
+    pub defaults: FrameDefaults,
+    /// Names of the [`SELECT_OPTIONS`] rows that are not `common` and that this selector takes.
+    pub options: &'static [&'static str],
+    pub build: BuildSelector,
+}
+
+impl std::fmt::Debug for SelectorRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Every decode-time selector (`--kv <name>@<budget>`, alone or after a compression method).
+pub static SELECTORS: &[SelectorRow] = &[
+    SelectorRow {
+        name: "quest",
+        reads: "top 16-token pages by the channel min/max upper bound of q·k (max over the query heads of the group), \
+                plus the newest page",
+        file: "src/methods/select/quest.rs",
+        defaults: quest::DEFAULTS,
+        options: &["score", "page"],
+        build: |s, mc| Ok(Box::new(quest::Quest::new(s.budget, &s.options, mc.n_layers))),
+    },
+    SelectorRow {
+        name: "lserve",
+        reads: "top blocks scored by their best 16-token logical page (min/max bound), reselected every 4 steps; \
+                streaming heads (`heads=FILE`) read 128 sinks + 256 recent",
+        file: "src/methods/select/lserve.rs",
+        defaults: lserve::DEFAULTS,
+        options: &["score", "page", "heads"],
+        build: |s, mc| Ok(Box::new(lserve::LServe::new(s.budget, &s.options, mc)?)),
+    },
+];
+
+/// One option of a selector (`,score=meanstd`, `,sink=128`): always written `name=value`.
+pub struct SelectOptionRow {
+    pub name: &'static str,
+    pub arg: &'static str,
+    pub help: &'static str,
+    /// Every selector takes it; otherwise only the selectors whose row lists it.
+    pub common: bool,
+    pub set: fn(&mut SelectOptions, &str) -> Result<()>,
+    pub show: fn(&SelectOptions) -> Option<String>,
+}
+
+/// Every selector option, in the order the canonical spec text writes them.
+pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
+    SelectOptionRow {
+        name: "sink",
+        arg: "N",
+        help: "leading entries every head always reads (part of the budget)",
+        common: true,
+        set: |o, v| {
+            o.sink = Some(select::parse_count("sink", v)?);
+            Ok(())
+        },
+        show: |o| o.sink.map(|n| format!("sink={n}")),
+    },
+    SelectOptionRow {
+        name: "recent",
+        arg: "N",
+        help: "newest entries every head always reads (part of the budget)",
+        common: true,
+        set: |o, v| {
+            o.recent = Some(select::parse_count("recent", v)?);
+            Ok(())
+        },
+        show: |o| o.recent.map(|n| format!("recent={n}")),
+    },
+    SelectOptionRow {
+        name: "dense",
+        arg: "N",
+        help: "the first N layers read their whole cache (default 2)",
+        common: true,
+        set: |o, v| {
+            o.dense = Some(select::parse_count("dense", v)?);
+            Ok(())
+        },
+        show: |o| o.dense.map(|n| format!("dense={n}")),
+    },
+    SelectOptionRow {
+        name: "interval",
+        arg: "N",
+        help: "reuse a layer's selection for N decode steps (1 = reselect every step)",
+        common: true,
+        set: |o, v| {
+            let n = select::parse_count("interval", v)?;
+            if n == 0 {
+                bail!("interval={v}: at least 1 (reselect every step)");
+            }
+            o.interval = Some(n);
+            Ok(())
+        },
+        show: |o| o.interval.map(|n| format!("interval={n}")),
+    },
+    SelectOptionRow {
+        name: "score",
+        arg: "minmax|meanstd",
+        help: "page score: the channel min/max upper bound (Quest) or mean + std per channel",
+        common: false,
+        set: |o, v| {
+            o.score = Some(select::parse_score(v)?);
+            Ok(())
+        },
+        show: |o| o.score.map(|s| format!("score={}", select::score_name(s))),
+    },
+    SelectOptionRow {
+        name: "page",
+        arg: "N",
+        help: "tokens per (logical) page: 4, 8, 16 or 32, dividing the block size",
+        common: false,
+        set: |o, v| {
+            let n = select::parse_count("page", v)?;
+            if ![4, 8, 16, 32, 64].contains(&n) {
+                bail!("page={v}: one of 4, 8, 16, 32, 64 (and it must divide --block-tokens)");
+            }
+            o.page = Some(n);
+            Ok(())
+        },
+        show: |o| o.page.map(|n| format!("page={n}")),
+    },
+    SelectOptionRow {
+        name: "heads",
+        arg: "FILE",
+        help: "DuoAttention head scores (`hayloft heads`): the lower-scoring half of the KV heads stream (sinks + recent)",
+        common: false,
+        set: |o, v| {
+            if v.is_empty() {
+                bail!("heads= needs a file: heads=<scores.json>");
+            }
+            o.heads = Some(v.to_string());
+            Ok(())
+        },
+        show: |o| o.heads.as_ref().map(|p| format!("heads={p}")),
+    },
+];
+
+pub fn selector(name: &str) -> Option<&'static SelectorRow> {
+    SELECTORS.iter().find(|m| m.name == name)
+}
+
+pub fn select_option(name: &str) -> Option<&'static SelectOptionRow> {
+    SELECT_OPTIONS.iter().find(|o| o.name == name)
+}
+
+/// Selector names, comma-separated.
+pub fn selector_names() -> String {
+    names(SELECTORS.iter().map(|m| m.name))
+}
+
+/// The README's table of selectors, as markdown.
+pub fn selectors_markdown() -> String {
+    let mut s = String::from(
+        "| selector | reads per decode step (per KV head) | sink / recent / dense layers / interval | file |\n|---|---|---|---|\n",
+    );
+    for m in SELECTORS {
+        let d = m.defaults;
+        s += &format!(
+            "| `{}` | {} | {} / {} / {} / {} | `{}` |\n",
+            m.name, m.reads, d.sink, d.recent, d.dense, d.interval, m.file
+        );
+    }
+    s += "\n| selector option | what it does | selectors |\n|---|---|---|\n";
+    for o in SELECT_OPTIONS {
+        let who = if o.common {
+            "all".to_string()
+        } else {
+            names(
+                SELECTORS
+                    .iter()
+                    .filter(|m| m.options.contains(&o.name))
+                    .map(|m| m.name),
+            )
+        };
+        s += &format!("| `{}={}` | {} | {who} |\n", o.name, o.arg, o.help);
+    }
+    s
+}
+
 /// The method that keeps every entry (the first row).
 pub fn full() -> &'static MethodRow {
     &METHODS[0]
@@ -438,13 +627,20 @@ pub fn kv_help() -> String {
         .map(|o| o.name)
         .collect();
     let opts: Vec<String> = OPTIONS.iter().map(OptionRow::usage).collect();
+    let sel_opts: Vec<String> = SELECT_OPTIONS
+        .iter()
+        .map(|o| format!("{}={}", o.name, o.arg))
+        .collect();
     format!(
-        "KV cache method: `<method>[@<budget>][,<option>...]`, budget a ratio (`@0.25`) or tokens per head \
-         (`@1024t`). Methods: {}; {} alone keep every entry. Options: {}. `hayloft methods` explains each. E.g. \
-         `snapkv@0.25,chunked,kivi4`.",
+        "KV cache method: `<method>[@<budget>][,<option>...][,<selector>@<budget>[,<selector option>...]]`, budget a \
+         ratio (`@0.25`) or tokens per head (`@1024t`). Methods: {}; {} alone keep every entry. Options: {}. \
+         Decode-time selectors (keep the cache, read less): {}; their options: {}. `hayloft methods` explains each. \
+         E.g. `snapkv@0.25,chunked,kivi4`, `quest@0.125,score=meanstd`, `snapkv@0.5,quest@1024t`.",
         method_names(),
         alone.join(", "),
-        opts.join(", ")
+        opts.join(", "),
+        selector_names(),
+        sel_opts.join(", ")
     )
 }
 
@@ -509,6 +705,23 @@ mod tests {
     }
 
     #[test]
+    fn selector_rows_are_unique_and_name_real_options() {
+        for (i, m) in SELECTORS.iter().enumerate() {
+            assert!(SELECTORS[..i].iter().all(|x| x.name != m.name));
+            assert!(
+                method(m.name).is_none() && option(m.name).is_none(),
+                "{}",
+                m.name
+            );
+            for o in m.options {
+                let row =
+                    select_option(o).unwrap_or_else(|| panic!("{}: unknown option {o}", m.name));
+                assert!(!row.common, "{}: {o} is common to every selector", m.name);
+            }
+        }
+    }
+
+    #[test]
     fn rows_refer_to_options_that_exist() {
         for m in METHODS {
             for o in m.implies.iter().chain(m.requires).chain(m.excludes) {
@@ -526,6 +739,8 @@ mod tests {
             .iter()
             .map(|m| m.name)
             .chain(OPTIONS.iter().map(|o| o.name))
+            .chain(SELECTORS.iter().map(|o| o.name))
+            .chain(SELECT_OPTIONS.iter().map(|o| o.name))
         {
             assert!(h.contains(n), "--kv help misses {n}");
         }

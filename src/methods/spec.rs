@@ -3,6 +3,10 @@
 //! `snapkv@0.25,kivi4`. A budget is a share of the tokens seen so far (`@0.25` keeps 25 %) or a token count per KV
 //! head (`@1024t`). Options that keep every entry may stand alone: `kivi4` means `full,kivi4`.
 //!
+//! A decode-time selector may follow (or stand alone, over the full cache): `quest@0.125`, `snapkv@0.5,quest@1024t`,
+//! `kivi4,lserve@0.125,interval=8`. Its budget is what each KV head reads per decode step; its options are written
+//! `name=value` and follow it.
+//!
 //! A spec is parsed once ([`std::str::FromStr`]) into [`KvSpec`] and written back by [`std::fmt::Display`] in a
 //! canonical form (options in the registry's order, default arguments left out) that parses to the same spec. Names
 //! and their checks come from the [`registry`].
@@ -12,7 +16,8 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 
-use super::registry::{self, MethodRow};
+use super::registry::{self, MethodRow, SelectorRow};
+use super::select::SelectOptions;
 use crate::kv::{KvDtype, DEFAULT_RESIDUAL};
 
 /// Decode steps between compressions unless `every@N` says otherwise.
@@ -112,17 +117,48 @@ impl Options {
     }
 }
 
+/// A decode-time selector with its read budget and options.
+#[derive(Clone, Debug)]
+pub struct SelectSpec {
+    pub row: &'static SelectorRow,
+    pub budget: Budget,
+    pub options: SelectOptions,
+}
+
+impl PartialEq for SelectSpec {
+    fn eq(&self, o: &Self) -> bool {
+        self.row.name == o.row.name && self.budget == o.budget && self.options == o.options
+    }
+}
+
+impl fmt::Display for SelectSpec {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}@{}", self.row.name, self.budget)?;
+        for r in registry::SELECT_OPTIONS {
+            if let Some(t) = (r.show)(&self.options) {
+                write!(f, ",{t}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A parsed `--kv` value.
 #[derive(Clone, Debug)]
 pub struct KvSpec {
     pub method: &'static MethodRow,
     pub budget: Option<Budget>,
     pub options: Options,
+    /// The decode-time selector, if any.
+    pub select: Option<SelectSpec>,
 }
 
 impl PartialEq for KvSpec {
     fn eq(&self, o: &Self) -> bool {
-        self.method.name == o.method.name && self.budget == o.budget && self.options == o.options
+        self.method.name == o.method.name
+            && self.budget == o.budget
+            && self.options == o.options
+            && self.select == o.select
     }
 }
 
@@ -139,12 +175,13 @@ impl KvSpec {
             method: registry::full(),
             budget: None,
             options: Options::default(),
+            select: None,
         }
     }
 
-    /// Every entry kept, nothing about storage or channels changed.
+    /// Every entry kept and read, nothing about storage or channels changed.
     pub fn is_full(&self) -> bool {
-        self.method.build.is_none() && self.options == Options::default()
+        self.method.build.is_none() && self.options == Options::default() && self.select.is_none()
     }
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -153,6 +190,23 @@ impl KvSpec {
 
     /// Checks the combination of method, budget and options.
     fn check(&self) -> Result<()> {
+        if let Some(sel) = &self.select {
+            for r in registry::SELECT_OPTIONS.iter().filter(|r| !r.common) {
+                if (r.show)(&sel.options).is_some() && !sel.row.options.contains(&r.name) {
+                    let who: Vec<&str> = registry::SELECTORS
+                        .iter()
+                        .filter(|x| x.options.contains(&r.name))
+                        .map(|x| x.name)
+                        .collect();
+                    bail!(
+                        "selector option '{}' goes with {}, not {}",
+                        r.name,
+                        who.join(", "),
+                        sel.row.name
+                    );
+                }
+            }
+        }
         let m = self.method;
         let o = &self.options;
         if m.build.is_none() {
@@ -214,12 +268,16 @@ impl KvSpec {
         } else {
             let mut out: Vec<String> = Vec::new();
             for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-                let name = part.split('@').next().unwrap_or(part);
-                let is_method = registry::method(name).is_some();
-                if !is_method && registry::option(name).is_none() {
+                let name = part.split(['@', '=']).next().unwrap_or(part);
+                let is_method =
+                    registry::method(name).is_some() || registry::selector(name).is_some();
+                let is_option = registry::option(name).is_some()
+                    || (part.contains('=') && registry::select_option(name).is_some());
+                if !is_method && !is_option {
                     bail!(
-                        "unknown KV method or option '{name}' in --kv '{s}' (methods: {}; options: {})",
+                        "unknown KV method or option '{name}' in --kv '{s}' (methods: {}; selectors: {}; options: {})",
                         registry::method_names(),
+                        registry::selector_names(),
                         registry::option_names()
                     );
                 }
@@ -257,14 +315,24 @@ impl FromStr for KvSpec {
     fn from_str(text: &str) -> Result<Self> {
         let s = text.trim();
         let ctx = || format!("--kv '{s}'");
-        let mut parts = s
-            .split(',')
-            .map(str::trim)
-            .map(|p| match p.split_once('@') {
-                Some((n, a)) => (n, Some(a)),
-                None => (p, None),
-            });
-        let (first, first_arg) = parts.next().unwrap_or(("", None));
+        let mut parts = s.split(',').map(str::trim).peekable();
+        // Splits `name@arg` (methods, options, selectors).
+        let split_at = |p: &str| -> (String, Option<String>) {
+            match p.split_once('@') {
+                Some((n, a)) => (n.to_string(), Some(a.to_string())),
+                None => (p.to_string(), None),
+            }
+        };
+        let first_text = parts.peek().copied().unwrap_or("");
+        let mut select: Option<SelectSpec> = None;
+        // A selector first: the compression part is `full`.
+        let (first, first_arg) = if registry::selector(split_at(first_text).0.as_str()).is_some() {
+            (registry::full().name.to_string(), None)
+        } else {
+            parts.next();
+            split_at(first_text)
+        };
+        let (first, first_arg) = (first.as_str(), first_arg.as_deref());
         let mut options = Options::default();
         let mut given: Vec<&'static str> = Vec::new();
         let mut set = |name: &str, arg: Option<&str>| -> Result<()> {
@@ -300,13 +368,53 @@ impl FromStr for KvSpec {
                 (m, budget)
             }
         };
-        for (name, arg) in parts {
-            set(name, arg).with_context(ctx)?;
+        for part in parts {
+            if let Some((name, value)) = part.split_once('=') {
+                let Some(row) = registry::select_option(name) else {
+                    bail!(
+                        "unknown selector option '{name}' in --kv '{s}' (valid: {})",
+                        registry::SELECT_OPTIONS
+                            .iter()
+                            .map(|o| o.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                };
+                let Some(sel) = select.as_mut() else {
+                    bail!("--kv '{s}': '{part}' is a selector option; name a selector before it, e.g. quest@0.125,{part}");
+                };
+                if (row.show)(&sel.options).is_some() {
+                    bail!("--kv '{s}': selector option '{name}' is given twice");
+                }
+                (row.set)(&mut sel.options, value).with_context(ctx)?;
+                continue;
+            }
+            let (name, arg) = split_at(part);
+            if let Some(row) = registry::selector(&name) {
+                if let Some(prev) = &select {
+                    bail!(
+                        "--kv '{s}': one selector per spec (got {} and {name})",
+                        prev.row.name
+                    );
+                }
+                let Some(arg) = arg else {
+                    bail!("--kv '{s}': selector '{name}' needs a read budget, e.g. {name}@0.125 (12.5 % of each head's entries) or {name}@1024t");
+                };
+                let budget: Budget = arg.parse().with_context(ctx)?;
+                select = Some(SelectSpec {
+                    row,
+                    budget,
+                    options: SelectOptions::default(),
+                });
+                continue;
+            }
+            set(&name, arg.as_deref()).with_context(ctx)?;
         }
         let spec = KvSpec {
             method,
             budget,
             options,
+            select,
         };
         spec.check().with_context(ctx)?;
         Ok(spec)
@@ -315,6 +423,11 @@ impl FromStr for KvSpec {
 
 impl fmt::Display for KvSpec {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        // A selector over the plain full cache is written alone: `quest@0.125`.
+        let bare = self.method.build.is_none() && self.options == Options::default();
+        if let (true, Some(sel)) = (bare, &self.select) {
+            return write!(f, "{sel}");
+        }
         f.write_str(self.method.name)?;
         if let Some(b) = &self.budget {
             write!(f, "@{b}")?;
@@ -323,6 +436,9 @@ impl fmt::Display for KvSpec {
             if let Some(t) = (r.show)(&self.options) {
                 write!(f, ",{t}")?;
             }
+        }
+        if let Some(sel) = &self.select {
+            write!(f, ",{sel}")?;
         }
         Ok(())
     }
@@ -483,5 +599,51 @@ mod tests {
         assert!(e.contains("at most one storage option"), "{e}");
         let e = format!("{:#}", KvSpec::parse("full,kivi3").unwrap_err());
         assert!(e.contains("kivi4"), "{e}");
+    }
+
+    #[test]
+    fn selectors_parse_compose_and_round_trip() {
+        for (given, canonical) in [
+            ("quest@0.125", "quest@0.125"),
+            ("quest@1024t,score=meanstd", "quest@1024t,score=meanstd"),
+            ("full,quest@0.125", "quest@0.125"),
+            ("snapkv@0.5,quest@1024t", "snapkv@0.5,quest@1024t"),
+            ("kivi4,quest@0.125", "full,kivi4,quest@0.125"),
+            ("quest@0.125,kivi4", "full,kivi4,quest@0.125"),
+            (
+                "lserve@0.25,interval=8,sink=4",
+                "lserve@0.25,sink=4,interval=8",
+            ),
+            (
+                "snapkv@0.5,chunked,lserve@512t,dense=0",
+                "snapkv@0.5,chunked,lserve@512t,dense=0",
+            ),
+        ] {
+            let s = KvSpec::parse(given).unwrap();
+            assert!(s.select.is_some() && !s.is_full(), "{given}");
+            assert_eq!(s.to_string(), canonical, "{given}");
+            assert_eq!(KvSpec::parse(&s.to_string()).unwrap(), s, "{given}");
+        }
+        for (bad, says) in [
+            ("quest", "needs a read budget"),
+            ("quest@0", "ratio"),
+            ("quest@0.1,lserve@0.1", "one selector"),
+            ("score=meanstd", "unknown KV method"),
+            ("snapkv@0.5,score=meanstd", "name a selector before it"),
+            ("quest@0.1,score=max", "meanstd"),
+            ("quest@0.1,bogus=1", "unknown selector option"),
+            ("quest@0.1,sink=1,sink=2", "twice"),
+            ("quest@0.1,interval=0", "at least 1"),
+            ("quest@0.1,heads=h.json", "goes with lserve"),
+        ] {
+            let e = format!("{:#}", KvSpec::parse(bad).unwrap_err());
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // In a list a selector starts a new spec; `;` composes.
+        let v = KvSpec::parse_list("full,quest@0.125,score=meanstd,snapkv@0.25").unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[1].to_string(), "quest@0.125,score=meanstd");
+        let v = KvSpec::parse_list("full;snapkv@0.5,quest@1024t").unwrap();
+        assert_eq!(v[1].to_string(), "snapkv@0.5,quest@1024t");
     }
 }

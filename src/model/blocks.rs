@@ -12,8 +12,8 @@ use std::ops::Range;
 
 use anyhow::Result;
 
-use super::{load_matrix, load_vector, ModelConfig, RopeStyle, Scratch};
-use crate::attention::{attend, AttnParams};
+use super::{load_matrix, load_vector, ModelConfig, RopeStyle, Scratch, SelectCx};
+use crate::attention::{attend, attend_selected, AttnParams};
 use crate::gguf::GgufFile;
 use crate::kernels::{matmul, QMatrix};
 use crate::kv::KvCache;
@@ -150,7 +150,26 @@ impl Attention {
             softcap: None,
         };
         let att = &mut s.att[..n * nh * hd]; // n × nh·hd
-        attend(cache, layer, q, pos, att, &params, &mut s.attn);
+        let t0 = std::time::Instant::now();
+        let cx = SelectCx {
+            cache,
+            layer,
+            q,
+            pos,
+            n_q_heads: nh,
+            local,
+        };
+        // A selector may restrict what each KV head reads (decode); otherwise the whole cache is read.
+        let selected = s
+            .selector
+            .as_mut()
+            .is_some_and(|sel| sel.select(&cx, &mut s.sel));
+        if selected {
+            attend_selected(cache, layer, q, pos, att, &params, &s.sel, &mut s.attn);
+        } else {
+            attend(cache, layer, q, pos, att, &params, &mut s.attn);
+        }
+        s.attn_ns += t0.elapsed().as_nanos() as u64;
         mask_heads(att, nh, hd, &s.head_mask, layer);
         matmul(&self.wo, att, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
     }

@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod gemma3;
 pub mod llama;
 pub mod query_window;
+pub mod select;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 
@@ -17,11 +18,12 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::attention::AttnScratch;
+use crate::attention::{AttnScratch, Selection};
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::kernels::{MatmulScratch, QMatrix};
 use crate::kv::{KvCache, KvConfig, KvDtype};
 pub use query_window::QueryWindow;
+pub use select::{SelectCx, Selector};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -169,6 +171,12 @@ pub struct Scratch {
     pub head_mask: Vec<bool>,
     /// Recent query rows for KV-compression methods (capacity 0 = off: nothing recorded).
     pub obs: QueryWindow,
+    /// The decode-time selector (None = every layer reads its whole cache).
+    pub selector: Option<Box<dyn Selector>>,
+    /// The selector's answer for the current layer.
+    pub sel: Selection,
+    /// Nanoseconds spent in attention (selection included) since the caller last reset it.
+    pub attn_ns: u64,
 }
 
 impl Scratch {
@@ -195,6 +203,9 @@ impl Scratch {
             attn: AttnScratch::default(),
             head_mask: Vec::new(),
             obs: Default::default(),
+            selector: None,
+            sel: Selection::default(),
+            attn_ns: 0,
         }
     }
 

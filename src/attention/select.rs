@@ -1,0 +1,109 @@
+//! What a decode-time selector hands the attention kernel: for each KV head of one layer, the entries to read.
+
+/// Entry ranges `[lo, hi)` (indices into each KV head's stream) that one layer's attention reads, per KV head. After
+/// [`Selection::finish`] every head's ranges are ascending, disjoint and not adjacent.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    ranges: Vec<Vec<(u32, u32)>>,
+}
+
+impl Selection {
+    /// Empties every head's list (keeping the memory) for a layer with `n_heads` KV heads.
+    pub fn reset(&mut self, n_heads: usize) {
+        self.ranges.resize_with(n_heads, Vec::new);
+        self.ranges.truncate(n_heads);
+        for r in &mut self.ranges {
+            r.clear();
+        }
+    }
+
+    /// KV heads this selection covers.
+    pub fn n_heads(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Adds entries `[lo, hi)` of `head` (any order, overlaps allowed until [`Self::finish`]).
+    pub fn add(&mut self, head: usize, lo: usize, hi: usize) {
+        if lo < hi {
+            self.ranges[head].push((lo as u32, hi as u32));
+        }
+    }
+
+    /// Empties `head`'s list.
+    pub fn clear_head(&mut self, head: usize) {
+        self.ranges[head].clear();
+    }
+
+    /// Sorts and merges every head's ranges.
+    pub fn finish(&mut self) {
+        for r in &mut self.ranges {
+            r.sort_unstable();
+            let mut w = 0;
+            for i in 0..r.len() {
+                if w > 0 && r[i].0 <= r[w - 1].1 {
+                    r[w - 1].1 = r[w - 1].1.max(r[i].1);
+                } else {
+                    r[w] = r[i];
+                    w += 1;
+                }
+            }
+            r.truncate(w);
+        }
+    }
+
+    /// The ranges of `head` (empty for a head past [`Self::n_heads`]).
+    pub fn ranges(&self, head: usize) -> &[(u32, u32)] {
+        self.ranges.get(head).map_or(&[], |r| r.as_slice())
+    }
+
+    /// Entries selected for `head`.
+    pub fn count(&self, head: usize) -> usize {
+        self.ranges(head)
+            .iter()
+            .map(|&(a, b)| (b - a) as usize)
+            .sum()
+    }
+
+    /// Whether `head`'s selection is exactly `[0, len)`.
+    pub fn covers(&self, head: usize, len: usize) -> bool {
+        match self.ranges(head) {
+            [] => len == 0,
+            [(0, hi)] => *hi as usize == len,
+            _ => false,
+        }
+    }
+
+    /// Copies `other` (reusing this selection's memory).
+    pub fn copy_from(&mut self, other: &Selection) {
+        self.reset(other.n_heads());
+        for (d, s) in self.ranges.iter_mut().zip(&other.ranges) {
+            d.extend_from_slice(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_sort_and_merge() {
+        let mut s = Selection::default();
+        s.reset(2);
+        s.add(0, 10, 20);
+        s.add(0, 0, 4);
+        s.add(0, 15, 30);
+        s.add(0, 30, 31);
+        s.add(0, 5, 5);
+        s.add(1, 0, 8);
+        s.finish();
+        assert_eq!(s.ranges(0), &[(0, 4), (10, 31)]);
+        assert_eq!(s.count(0), 25);
+        assert!(s.covers(1, 8));
+        assert!(!s.covers(0, 31));
+        assert_eq!(s.ranges(5), &[]);
+        s.reset(1);
+        assert_eq!(s.n_heads(), 1);
+        assert_eq!(s.count(0), 0);
+    }
+}

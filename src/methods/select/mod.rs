@@ -1,0 +1,263 @@
+//! Decode-time selectors: keep the whole cache, read only what each decode step needs.
+//!
+//! Each method is one file implementing [`crate::model::Selector`], built from its row in the
+//! [registry](super::registry::SELECTORS). What every selector shares is here, in [`Frame`]:
+//! - **when to select**: only for single-token (decode) steps, never on sliding-window layers, never on the first
+//!   `dense` layers (default 2), and only when some head holds more entries than its budget (below that every
+//!   selector reads everything, which is full attention exactly);
+//! - **the budget**: `B` entries read per KV head in all, a share of the head's entries (`@0.125`) or a count
+//!   (`@1024t`), always-kept parts included;
+//! - **always-kept parts**: the first `sink` entries and the newest `recent` entries of every head;
+//! - **reuse**: a layer's chosen entries are reused for `interval` decode steps (1 = reselect every step) unless the
+//!   cache was edited (eviction) in between;
+//! - page scoring over the cache's page summaries ([`page_bound`]), shared by the page-based methods.
+//!
+//! A selector's own scoring reads go into the cache's read counter, next to attention's.
+
+pub mod lserve;
+pub mod quest;
+
+use anyhow::{bail, Result};
+use half::f16;
+
+use super::spec::Budget;
+use crate::attention::Selection;
+use crate::kv::{KvCache, PageStat};
+use crate::model::SelectCx;
+
+/// Defaults of the options every selector has (each method's row states its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameDefaults {
+    pub sink: usize,
+    pub recent: usize,
+    pub dense: usize,
+    pub interval: usize,
+}
+
+/// The options every selector has, typed; None = the method's default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SelectOptions {
+    /// Leading entries every head always reads.
+    pub sink: Option<usize>,
+    /// Newest entries every head always reads.
+    pub recent: Option<usize>,
+    /// First layers that stay dense.
+    pub dense: Option<usize>,
+    /// Decode steps a selection is reused for.
+    pub interval: Option<usize>,
+    /// Page score of the page-based methods.
+    pub score: Option<PageStat>,
+    /// Tokens per page (page-based methods), per chunk (chunk-based methods).
+    pub page: Option<usize>,
+    /// DuoAttention head scores (`hayloft heads`): streaming heads read sinks + recent only (LServe).
+    pub heads: Option<String>,
+    /// Reuse threshold: a layer's previous selection is reused while the query's cosine similarity to the one it was
+    /// chosen with stays at or above this (TokenSelect's Selection Cache).
+    pub reuse: Option<f32>,
+}
+
+/// Parses a whole number option value.
+pub fn parse_count(name: &str, v: &str) -> Result<usize> {
+    let v = v.strip_suffix('t').unwrap_or(v);
+    v.parse()
+        .map_err(|_| anyhow::anyhow!("{name}={v}: expected a whole number, e.g. {name}=64"))
+}
+
+/// Parses a page score name.
+pub fn parse_score(v: &str) -> Result<PageStat> {
+    match v {
+        "minmax" => Ok(PageStat::MinMax),
+        "meanstd" => Ok(PageStat::MeanStd),
+        _ => bail!("page score '{v}': expected minmax (Quest's channel min/max bound) or meanstd (mean + std per channel)"),
+    }
+}
+
+pub fn score_name(s: PageStat) -> &'static str {
+    match s {
+        PageStat::MinMax => "minmax",
+        PageStat::MeanStd => "meanstd",
+    }
+}
+
+/// The shared part of every selector: budget, always-kept parts, dense layers and reuse.
+pub struct Frame {
+    pub budget: Budget,
+    pub sink: usize,
+    pub recent: usize,
+    pub dense: usize,
+    pub interval: usize,
+    /// Per layer: the last chosen entries (always-kept parts excluded), the decode steps since, and the cache's edit
+    /// count when chosen.
+    kept: Vec<Selection>,
+    age: Vec<usize>,
+    edits: Vec<u64>,
+}
+
+/// What a layer does this step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Read everything (prefill, dense or local layer, context within budget).
+    Dense,
+    /// Reuse the layer's last choice.
+    Reuse,
+    /// Choose again.
+    Choose,
+}
+
+/// The part of one head's stream a method chooses from, and how many entries it may choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Middle {
+    /// Entries `[lo, hi)`: after the sinks, before the recent window.
+    pub lo: usize,
+    pub hi: usize,
+    /// Entries to choose there.
+    pub k: usize,
+}
+
+impl Frame {
+    pub fn new(budget: Budget, o: &SelectOptions, d: FrameDefaults, n_layers: usize) -> Self {
+        Self {
+            budget,
+            sink: o.sink.unwrap_or(d.sink),
+            recent: o.recent.unwrap_or(d.recent),
+            dense: o.dense.unwrap_or(d.dense),
+            interval: o.interval.unwrap_or(d.interval).max(1),
+            kept: vec![Selection::default(); n_layers],
+            age: vec![usize::MAX; n_layers],
+            edits: vec![0; n_layers],
+        }
+    }
+
+    /// Decides what `cx.layer` does this step (and counts the step toward reuse).
+    pub fn step(&mut self, cx: &SelectCx) -> Step {
+        let nh = cx.cache.cfg.n_kv_heads;
+        if cx.pos.len() != 1 || cx.local || cx.layer < self.dense {
+            return Step::Dense;
+        }
+        let over = (0..nh).any(|h| {
+            let len = cx.cache.len(cx.layer, h);
+            len > self.budget.keep(len)
+        });
+        if !over {
+            return Step::Dense;
+        }
+        let l = cx.layer;
+        let fresh = self.age[l] != usize::MAX
+            && self.age[l] + 1 < self.interval
+            && self.edits[l] == cx.cache.edits()
+            && self.kept[l].n_heads() == nh;
+        if fresh {
+            self.age[l] += 1;
+            Step::Reuse
+        } else {
+            self.age[l] = 0;
+            self.edits[l] = cx.cache.edits();
+            Step::Choose
+        }
+    }
+
+    /// Head `h`'s middle region and how many entries to choose in it.
+    pub fn middle(&self, cx: &SelectCx, h: usize) -> Middle {
+        let len = cx.cache.len(cx.layer, h);
+        let total = self.budget.keep(len);
+        let sink = self.sink.min(total);
+        let recent = self.recent.min(total - sink);
+        let (lo, hi) = (sink.min(len), len.saturating_sub(recent).max(sink.min(len)));
+        Middle {
+            lo,
+            hi,
+            k: (total - sink - recent).min(hi - lo),
+        }
+    }
+
+    /// The layer's remembered choice, to be filled by a method on [`Step::Choose`].
+    pub fn kept_mut(&mut self, layer: usize) -> &mut Selection {
+        &mut self.kept[layer]
+    }
+
+    /// Writes the layer's answer: its chosen (or reused) entries plus every head's sinks and recent window.
+    pub fn finish(&self, cx: &SelectCx, out: &mut Selection) {
+        let nh = cx.cache.cfg.n_kv_heads;
+        let kept = &self.kept[cx.layer];
+        out.reset(nh);
+        for h in 0..nh {
+            let len = cx.cache.len(cx.layer, h);
+            let m = self.middle(cx, h);
+            out.add(h, 0, m.lo);
+            out.add(h, m.hi, len);
+            for &(a, b) in kept.ranges(h) {
+                out.add(h, a as usize, (b as usize).min(len));
+            }
+        }
+        out.finish();
+    }
+}
+
+/// Upper bound (min/max summaries) or mean+std estimate of q·k over one page: `meta` is the page's 2 × hk summary.
+#[inline]
+pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f16]) -> f32 {
+    let hk = q.len();
+    let (a, b) = meta.split_at(hk);
+    let mut s = 0.0f32;
+    match stat {
+        PageStat::MinMax => {
+            for c in 0..hk {
+                let (x, y) = (q[c] * a[c].to_f32(), q[c] * b[c].to_f32());
+                s += if x > y { x } else { y };
+            }
+        }
+        PageStat::MeanStd => {
+            for c in 0..hk {
+                s += q[c] * a[c].to_f32() + q[c].abs() * b[c].to_f32();
+            }
+        }
+    }
+    s
+}
+
+/// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), unordered.
+pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
+    idx.clear();
+    idx.extend(0..scores.len() as u32);
+    if k >= idx.len() {
+        return;
+    }
+    let cmp = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(b.cmp(a))
+    };
+    idx.select_nth_unstable_by(k, cmp);
+    idx.truncate(k);
+}
+
+/// Bytes of `pages` page summaries of a cache (what scoring them reads).
+pub fn meta_read_bytes(cache: &KvCache, pages: usize) -> usize {
+    pages * 2 * cache.cfg.head_dim_k * 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_keeps_the_largest_and_prefers_later_ties() {
+        let mut idx = Vec::new();
+        top_k(&[1.0, 5.0, 3.0, 5.0, 0.0], 2, &mut idx);
+        idx.sort();
+        assert_eq!(idx, [1, 3]);
+        top_k(&[2.0, 2.0, 2.0], 1, &mut idx);
+        assert_eq!(idx, [2]);
+        top_k(&[1.0], 4, &mut idx);
+        assert_eq!(idx, [0]);
+    }
+
+    #[test]
+    fn options_parse() {
+        assert_eq!(parse_count("sink", "128").unwrap(), 128);
+        assert_eq!(parse_count("sink", "128t").unwrap(), 128);
+        assert!(parse_count("sink", "x").is_err());
+        assert_eq!(parse_score("meanstd").unwrap(), PageStat::MeanStd);
+        assert!(parse_score("max").is_err());
+    }
+}

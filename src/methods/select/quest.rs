@@ -1,0 +1,104 @@
+//! Quest — Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (ICML 2024).
+//!
+//! Mechanism: the cache is cut into pages of 16 tokens; each page keeps the channel-wise maximum and minimum of its
+//! keys (kept as the cache grows). At every decode step the query scores each page by the upper bound
+//! `Σ_c max(q_c·max_c, q_c·min_c)` of any q·k inside it, and attention reads only the top-scoring pages plus the newest
+//! one. Prefill and the first two layers stay dense (Quest's `q_len > 1` and `layer_id < 2`).
+//!
+//! Defaults as in the official code (mit-han-lab/Quest): page 16, newest page always read, 2 dense layers, reselection
+//! every step. hayloft selects once per KV head (Quest's code selects per query head): a page's score is the maximum
+//! over the query heads of the group, so the bytes read are exactly the budget. `score=meanstd` scores a page by
+//! `Σ_c q_c·mean_c + |q_c|·std_c` instead (reported to keep needles on GQA models where the min/max bound loses them).
+
+use super::{meta_read_bytes, page_bound, top_k, Frame, FrameDefaults, SelectOptions, Step};
+use crate::attention::Selection;
+use crate::kv::{MetaConfig, PageStat};
+use crate::methods::spec::Budget;
+use crate::model::{SelectCx, Selector};
+
+/// Tokens per page (Quest's `page_size`).
+pub const PAGE: usize = 16;
+
+/// Quest's frame: no sinks, the newest page, 2 dense layers, reselect every step.
+pub const DEFAULTS: FrameDefaults = FrameDefaults {
+    sink: 0,
+    recent: PAGE,
+    dense: 2,
+    interval: 1,
+};
+
+pub struct Quest {
+    frame: Frame,
+    stat: PageStat,
+    page: usize,
+    /// Per candidate page: its score; the chosen page indices.
+    scores: Vec<f32>,
+    idx: Vec<u32>,
+}
+
+impl Quest {
+    pub fn new(budget: Budget, o: &SelectOptions, n_layers: usize) -> Self {
+        let page = o.page.unwrap_or(PAGE);
+        let d = FrameDefaults {
+            recent: page,
+            ..DEFAULTS
+        };
+        Self {
+            frame: Frame::new(budget, o, d, n_layers),
+            stat: o.score.unwrap_or(PageStat::MinMax),
+            page,
+            scores: Vec::new(),
+            idx: Vec::new(),
+        }
+    }
+
+    fn choose(&mut self, cx: &SelectCx) {
+        let (g, hk, pt) = (cx.group(), cx.cache.cfg.head_dim_k, self.page);
+        let nh = cx.cache.cfg.n_kv_heads;
+        let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
+        kept.reset(nh);
+        for h in 0..nh {
+            let m = self.frame.middle(cx, h);
+            if m.k == 0 {
+                continue;
+            }
+            let (p0, p1) = (m.lo / pt, m.hi.div_ceil(pt));
+            let meta = cx.cache.page_meta(cx.layer, h);
+            self.scores.clear();
+            for p in p0..p1 {
+                let pm = &meta[p * 2 * hk..][..2 * hk];
+                let s = (0..g)
+                    .map(|i| page_bound(self.stat, cx.last_query(h * g + i), pm))
+                    .fold(f32::NEG_INFINITY, f32::max);
+                self.scores.push(s);
+            }
+            cx.cache.note_read(meta_read_bytes(cx.cache, p1 - p0));
+            top_k(&self.scores, (m.k / pt).max(1), &mut self.idx);
+            for &i in &self.idx {
+                let p = p0 + i as usize;
+                kept.add(h, (p * pt).max(m.lo), ((p + 1) * pt).min(m.hi));
+            }
+        }
+        kept.finish();
+        *self.frame.kept_mut(cx.layer) = kept;
+    }
+}
+
+impl Selector for Quest {
+    fn select(&mut self, cx: &SelectCx, out: &mut Selection) -> bool {
+        match self.frame.step(cx) {
+            Step::Dense => return false,
+            Step::Reuse => {}
+            Step::Choose => self.choose(cx),
+        }
+        self.frame.finish(cx, out);
+        true
+    }
+
+    fn meta(&self) -> Option<MetaConfig> {
+        Some(MetaConfig {
+            page_tokens: self.page,
+            stat: self.stat,
+        })
+    }
+}

@@ -1,0 +1,180 @@
+//! Decode-time selectors, every row of the registry: at a budget that covers the context they are full attention bit for
+//! bit; below it they read fewer bytes and still produce finite logits; they compose with compression and KIVI
+//! storage; a fork and a direct run agree; the reselection interval reuses the choice.
+
+use hayloft::engine::{Session, SessionConfig};
+use hayloft::methods::registry::SELECTORS;
+use hayloft::methods::KvSpec;
+use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, TinySpec};
+use hayloft::model::Model;
+
+fn tiny_llama(dir: &std::path::Path) -> Model {
+    let p = dir.join("tiny-llama.gguf");
+    let spec = TinySpec {
+        n_layers: 4,
+        ctx_len: 2048,
+        ..Default::default()
+    };
+    write_tiny_llama(&p, &spec).unwrap();
+    Model::load(&p).unwrap()
+}
+
+fn tiny_gemma(dir: &std::path::Path) -> Model {
+    let p = dir.join("tiny-gemma3.gguf");
+    let spec = TinySpec {
+        n_layers: 6,
+        n_kv_heads: 1,
+        head_dim: 32,
+        ctx_len: 2048,
+        ..Default::default()
+    };
+    write_tiny_gemma3(&p, &spec, 24).unwrap();
+    Model::load(&p).unwrap()
+}
+
+fn prompt(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 200 + 3)
+        .collect()
+}
+
+/// Prefill `toks`, then greedy-decode `steps` tokens; the logits of every decode step, the KV bytes read per decoded
+/// token, and the session's stats line.
+fn run(model: &Model, spec: &str, toks: &[u32], steps: usize) -> (Vec<Vec<f32>>, f64) {
+    let mut cfg = SessionConfig::for_model(model);
+    cfg.chunk_size = 64;
+    cfg.kv = KvSpec::parse(spec).unwrap();
+    let mut s = Session::new(model, cfg).unwrap();
+    let mut last = s.prefill(toks).unwrap().to_vec();
+    let mut all = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&last);
+        last = s.decode(next).unwrap().to_vec();
+        assert!(
+            last.iter().all(|x| x.is_finite()),
+            "{spec}: non-finite logits"
+        );
+        all.push(last.clone());
+    }
+    s.stats.finish();
+    (all, s.stats.kv_read_bytes_per_token)
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    x.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
+
+/// A selector's extra options needed to run (e.g. nothing), and the spec text at `budget`.
+fn spec(name: &str, budget: &str, extra: &str) -> String {
+    format!("{name}@{budget}{extra}")
+}
+
+#[test]
+fn every_selector_at_a_covering_budget_is_full_attention_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in [tiny_llama(dir.path()), tiny_gemma(dir.path())] {
+        let toks = prompt(300, 1);
+        let (full, full_read) = run(&model, "full", &toks, 6);
+        for row in SELECTORS {
+            for budget in ["1.0", "4096t"] {
+                let s = spec(row.name, budget, "");
+                let (got, read) = run(&model, &s, &toks, 6);
+                assert_eq!(got, full, "{s}: logits differ from full attention");
+                assert_eq!(
+                    read, full_read,
+                    "{s}: bytes read differ from full attention"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_selector_reads_less_below_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let toks = prompt(600, 2);
+    let (_, full_read) = run(&model, "full", &toks, 4);
+    for row in SELECTORS {
+        for extra in ["", ",dense=0", ",interval=3,sink=8"] {
+            let s = spec(row.name, "0.125", extra);
+            let (got, read) = run(&model, &s, &toks, 4);
+            assert_eq!(got.len(), 4);
+            assert!(
+                read < 0.6 * full_read,
+                "{s}: reads {read:.0} bytes per token, full attention {full_read:.0}: a selector must read less"
+            );
+        }
+    }
+}
+
+#[test]
+fn selectors_compose_with_compression_and_quantized_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let toks = prompt(500, 3);
+    for row in SELECTORS {
+        for base in [
+            "snapkv@0.5",
+            "kivi4",
+            "snapkv@0.5,every@2,kivi8",
+            "full,think",
+        ] {
+            let s = format!("{base},{}@64t", row.name);
+            let parsed = KvSpec::parse(&s).unwrap();
+            assert_eq!(KvSpec::parse(&parsed.to_string()).unwrap(), parsed);
+            let (got, read) = run(&model, &s, &toks, 5);
+            assert_eq!(got.len(), 5, "{s}");
+            assert!(read > 0.0, "{s}");
+        }
+    }
+}
+
+#[test]
+fn a_fork_selects_as_a_direct_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let toks = prompt(400, 4);
+    for row in SELECTORS {
+        let s = spec(row.name, "0.2", "");
+        let (direct, _) = run(&model, &s, &toks, 5);
+        let mut cfg = SessionConfig::for_model(&model);
+        cfg.chunk_size = 64;
+        cfg.observe.window = 512;
+        let mut base = Session::new(&model, cfg).unwrap();
+        base.prefill(&toks).unwrap();
+        let mut f = base.fork(&KvSpec::parse(&s).unwrap()).unwrap();
+        let mut last = {
+            let mut c = SessionConfig::for_model(&model);
+            c.chunk_size = 64;
+            let mut d = Session::new(&model, c).unwrap();
+            d.prefill(&toks).unwrap().to_vec()
+        };
+        for (i, want) in direct.iter().enumerate() {
+            last = f.decode(argmax(&last)).unwrap().to_vec();
+            assert_eq!(&last, want, "{s}: fork and direct run differ at step {i}");
+        }
+    }
+}
+
+#[test]
+fn a_longer_interval_reads_fewer_summary_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let toks = prompt(900, 5);
+    for row in SELECTORS {
+        let (_, every) = run(&model, &spec(row.name, "0.1", ",interval=1"), &toks, 8);
+        let (_, reuse) = run(&model, &spec(row.name, "0.1", ",interval=8"), &toks, 8);
+        assert!(
+            reuse < every,
+            "{}: reusing the selection must read less ({reuse:.0} vs {every:.0} bytes per token)",
+            row.name
+        );
+    }
+}
