@@ -11,7 +11,7 @@ use hayloft::model::Model;
 fn tiny_llama(dir: &std::path::Path) -> Model {
     let p = dir.join("tiny-llama.gguf");
     let spec = TinySpec {
-        n_layers: 4,
+        n_layers: 8,
         ctx_len: 2048,
         ..Default::default()
     };

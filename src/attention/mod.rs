@@ -496,23 +496,54 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             fold_view::<BT>(a, &blk, channels.is_some(), buf);
             continue;
         }
-        for j in j0..j1 {
+        // Part of an f16 block: its keys are converted whole (each channel's row of the block is one or two cache
+        // lines, touched anyway) and counted whole; values and positions only for the selected entries.
+        let f16_part = blk.channels.is_none() && matches!(blk.data, BlockData::F16 { .. });
+        if let (true, BlockData::F16 { k: kh, .. }) = (f16_part, blk.data) {
+            kh[..hk * BT].convert_to_f32_slice(&mut buf.k[..hk * BT]);
+            buf.read += 2 * hk * BT + (j1 - j0) * (2 * hv + 4);
+        } else {
+            buf.read += (j1 - j0) * blk.entry_bytes();
+        }
+        let mut j = j0;
+        while j < j1 {
             if ng == BT {
                 fold_gathered::<BT>(a, ng, buf);
                 ng = 0;
             }
+            // Copy a run of entries [j, j + m) into the tile at ng: column runs of the transposed keys, value rows.
+            let m = (j1 - j).min(BT - ng);
             let TaskBuf {
                 gk, gv, gpos, k, ..
             } = buf;
-            let key = &mut k[..hk];
-            blk.read_key(j, key);
-            for (c, &x) in key.iter().enumerate() {
-                gk[c * BT + ng] = x;
+            match (blk.data, f16_part) {
+                (BlockData::F16 { v: vh, .. }, true) => {
+                    for c in 0..hk {
+                        gk[c * BT + ng..][..m].copy_from_slice(&k[c * BT + j..][..m]);
+                    }
+                    vh[j * hv..][..m * hv].convert_to_f32_slice(&mut gv[ng * hv..][..m * hv]);
+                }
+                (BlockData::F32 { k: kf, v: vf }, _) if blk.channels.is_none() => {
+                    for c in 0..hk {
+                        gk[c * BT + ng..][..m].copy_from_slice(&kf[c * BT + j..][..m]);
+                    }
+                    gv[ng * hv..][..m * hv].copy_from_slice(&vf[j * hv..][..m * hv]);
+                }
+                _ => {
+                    // Quantized or channel-pruned blocks: entry by entry, every channel (pruned ones read as 0).
+                    for i in 0..m {
+                        let key = &mut k[..hk];
+                        blk.read_key(j + i, key);
+                        for (c, &x) in key.iter().enumerate() {
+                            gk[c * BT + ng + i] = x;
+                        }
+                        blk.read_value(j + i, &mut gv[(ng + i) * hv..][..hv]);
+                    }
+                }
             }
-            blk.read_value(j, &mut gv[ng * hv..][..hv]);
-            gpos[ng] = blk.pos[j];
-            buf.read += blk.entry_bytes();
-            ng += 1;
+            gpos[ng..ng + m].copy_from_slice(&blk.pos[j..j + m]);
+            ng += m;
+            j += m;
         }
     }
     if ng > 0 {

@@ -20,6 +20,33 @@ pub enum BenchCmd {
     Speed(SpeedArgs),
     /// Tokenizer encode and decode speed on real text.
     Tokenize(TokenizeArgs),
+    /// Decode over one long context under several KV specs (decode-time selectors): KV bytes read per token,
+    /// attention time per token and decode tok/s, each against full attention, next to the bandwidth ceiling.
+    Select(SelectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SelectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Context length to decode at.
+    #[arg(long, default_value_t = 8192)]
+    pub context: usize,
+    /// KV specs to compare, `;`-separated (as eval's --kv); `full` is added first if missing.
+    #[arg(
+        long,
+        default_value = "full;quest@1024t;quest@1024t,score=meanstd;lserve@1024t"
+    )]
+    pub compare: String,
+    /// Tokens decoded per spec.
+    #[arg(long, default_value_t = 32)]
+    pub n_gen: usize,
+    /// Repetitions (median reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Write results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -83,7 +110,142 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Speed(a) => speed(a),
         BenchCmd::Tokenize(a) => tokenize(a),
+        BenchCmd::Select(a) => select(a),
     }
+}
+
+#[derive(Serialize)]
+struct SelectRow {
+    kv: String,
+    kv_read_bytes_per_token: f64,
+    attention_ms_per_token: f64,
+    decode_tok_s: f64,
+    /// (weight bytes + KV bytes read per token) / measured bandwidth, as tok/s.
+    ceiling_tok_s: f64,
+    samples: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct SelectReport {
+    model: String,
+    context: usize,
+    threads: usize,
+    kernel: String,
+    weight_bytes: usize,
+    bandwidth_bytes_s: f64,
+    results: Vec<SelectRow>,
+}
+
+/// Random token ids below the vocabulary (skipping the low special ids), fixed seed.
+fn random_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (100 + rng % (vocab as u64 - 100)) as u32
+        })
+        .collect()
+}
+
+fn select(a: SelectArgs) -> Result<()> {
+    if a.reps == 0 || a.n_gen == 0 || a.context == 0 {
+        bail!("--context, --reps and --n-gen must be at least 1");
+    }
+    let mut specs = crate::methods::KvSpec::parse_list(&a.compare)?;
+    if !specs.iter().any(|s| s.is_full()) {
+        specs.insert(0, crate::methods::KvSpec::full());
+    }
+    let l = a.model.load()?;
+    let c = l.model.config();
+    let mut cfg = l.session_cfg.clone();
+    cfg.kv = crate::methods::KvSpec::full();
+    cfg.max_context = cfg.max_context.max(a.context + a.n_gen);
+    // Record what any compression method in the list reads, so each spec is a fork of one prefill.
+    cfg.observe = crate::methods::Needs {
+        window: 64,
+        ..Default::default()
+    };
+    let toks = random_tokens(a.context + a.n_gen, c.vocab);
+    let mut base = Session::new(&l.model, cfg)?;
+    eprintln!("[bench] prefilling {} tokens ...", a.context);
+    base.feed(&toks[..a.context], a.context - 1..a.context, |_, _| {})?;
+    let bw = crate::kernels::membw::read_bandwidth(1 << 30, 5);
+    let weights = l.model.weight_bytes();
+    eprintln!(
+        "[bench] read bandwidth {:.1} GB/s ({} threads), weights {:.1} MB",
+        bw / 1e9,
+        rayon::current_num_threads(),
+        weights as f64 / 1e6
+    );
+    let mut results = Vec::new();
+    for spec in &specs {
+        let mut samples = Vec::new();
+        let (mut read, mut attn) = (Vec::new(), Vec::new());
+        for _ in 0..a.reps {
+            let mut s = base.fork(spec)?;
+            s.stats = Default::default();
+            let t0 = Instant::now();
+            for i in 0..a.n_gen {
+                s.decode(toks[a.context + i])?;
+            }
+            samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
+            s.stats.finish();
+            read.push(s.stats.kv_read_bytes_per_token);
+            attn.push(s.stats.attention_ms_per_token);
+        }
+        let row = SelectRow {
+            kv: spec.to_string(),
+            kv_read_bytes_per_token: median(&mut read),
+            attention_ms_per_token: median(&mut attn),
+            decode_tok_s: median(&mut samples.clone()),
+            ceiling_tok_s: 0.0,
+            samples,
+        };
+        let ceiling = bw / (weights as f64 + row.kv_read_bytes_per_token);
+        results.push(SelectRow {
+            ceiling_tok_s: ceiling,
+            ..row
+        });
+    }
+    let full = &results[specs.iter().position(|s| s.is_full()).unwrap_or(0)];
+    let (f_read, f_attn, f_tok) = (
+        full.kv_read_bytes_per_token,
+        full.attention_ms_per_token,
+        full.decode_tok_s,
+    );
+    println!(
+        "| kv | KV read/token | vs full | attention ms/token | vs full | decode tok/s | vs full | ceiling tok/s | of ceiling |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.1} MB | {:.2}× less | {:.2} | {:.2}× less | {:.1} | {:.2}× | {:.1} | {:.0} % |",
+            r.kv,
+            r.kv_read_bytes_per_token / 1e6,
+            f_read / r.kv_read_bytes_per_token.max(1.0),
+            r.attention_ms_per_token,
+            f_attn / r.attention_ms_per_token.max(1e-9),
+            r.decode_tok_s,
+            r.decode_tok_s / f_tok.max(1e-9),
+            r.ceiling_tok_s,
+            100.0 * r.decode_tok_s / r.ceiling_tok_s.max(1e-9)
+        );
+    }
+    let report = SelectReport {
+        model: c.name.clone(),
+        context: a.context,
+        threads: rayon::current_num_threads(),
+        kernel: crate::kernels::kernel_name().to_string(),
+        weight_bytes: weights,
+        bandwidth_bytes_s: bw,
+        results,
+    };
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
+    }
+    Ok(())
 }
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {
@@ -162,17 +324,8 @@ fn speed(a: SpeedArgs) -> Result<()> {
         .max(cfg.max_context)
         + a.n_gen;
     let mut session = Session::new(&l.model, cfg.clone())?;
-    // Random tokens, fixed seed (ids below the vocabulary, skipping the low special ids).
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let max_ctx = contexts.iter().max().copied().unwrap_or(0) + a.n_gen;
-    let toks: Vec<u32> = (0..max_ctx)
-        .map(|_| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (100 + rng % (c.vocab as u64 - 100)) as u32
-        })
-        .collect();
+    let toks = random_tokens(max_ctx, c.vocab);
     // Warm-up: fault in the weights and grow the scratch buffers.
     session.feed(&toks[..cfg.chunk_size.min(64)], 0..1, |_, _| {})?;
     session.reset();

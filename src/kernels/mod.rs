@@ -33,6 +33,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod layout;
+pub mod membw;
 mod scalar;
 #[cfg(test)]
 mod tests;

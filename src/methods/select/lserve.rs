@@ -16,7 +16,9 @@
 
 use anyhow::Result;
 
-use super::{meta_read_bytes, page_bound, top_k, Frame, FrameDefaults, SelectOptions, Step};
+use super::{
+    meta_read_bytes, page_bound, summaries_f32, top_k, Frame, FrameDefaults, SelectOptions, Step,
+};
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
 use crate::methods::duo::Roles;
@@ -45,6 +47,8 @@ pub struct LServe {
     streaming: Vec<bool>,
     scores: Vec<f32>,
     idx: Vec<u32>,
+    /// The head's page summaries as f32.
+    mf: Vec<f32>,
 }
 
 impl LServe {
@@ -69,6 +73,7 @@ impl LServe {
             streaming,
             scores: Vec::new(),
             idx: Vec::new(),
+            mf: Vec::new(),
         })
     }
 
@@ -88,12 +93,13 @@ impl LServe {
             }
             let (b0, b1) = (m.lo / bt, m.hi.div_ceil(bt));
             let n_pages = cx.cache.len(cx.layer, h).div_ceil(lp);
-            let meta = cx.cache.page_meta(cx.layer, h);
+            let (p0, p1) = (b0 * per_block, (b1 * per_block).min(n_pages));
+            summaries_f32(cx.cache.page_meta(cx.layer, h), hk, p0, p1, &mut self.mf);
             self.scores.clear();
             for b in b0..b1 {
                 let mut best = f32::NEG_INFINITY;
                 for p in b * per_block..((b + 1) * per_block).min(n_pages) {
-                    let pm = &meta[p * 2 * hk..][..2 * hk];
+                    let pm = &self.mf[(p - p0) * 2 * hk..][..2 * hk];
                     for i in 0..g {
                         best = best.max(page_bound(self.stat, cx.last_query(h * g + i), pm));
                     }

@@ -193,26 +193,37 @@ impl Frame {
     }
 }
 
-/// Upper bound (min/max summaries) or mean+std estimate of q·k over one page: `meta` is the page's 2 × hk summary.
+/// Upper bound (min/max summaries) or mean+std estimate of q·k over one page: `meta` is the page's 2 × hk summary,
+/// converted to f32 (see [`summaries_f32`]).
 #[inline]
-pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f16]) -> f32 {
+pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f32]) -> f32 {
     let hk = q.len();
     let (a, b) = meta.split_at(hk);
-    let mut s = 0.0f32;
+    let (a, b) = (&a[..hk], &b[..hk]);
+    // Eight partial sums so the loop vectorizes.
+    let mut acc = [0.0f32; 8];
     match stat {
         PageStat::MinMax => {
             for c in 0..hk {
-                let (x, y) = (q[c] * a[c].to_f32(), q[c] * b[c].to_f32());
-                s += if x > y { x } else { y };
+                let (x, y) = (q[c] * a[c], q[c] * b[c]);
+                acc[c % 8] += if x > y { x } else { y };
             }
         }
         PageStat::MeanStd => {
             for c in 0..hk {
-                s += q[c] * a[c].to_f32() + q[c].abs() * b[c].to_f32();
+                acc[c % 8] += q[c] * a[c] + q[c].abs() * b[c];
             }
         }
     }
-    s
+    acc.iter().sum()
+}
+
+/// Page summaries `[p0, p1)` of a stream (`meta`: pages × 2 × hk f16) as f32, into `out` (reused).
+pub fn summaries_f32(meta: &[f16], hk: usize, p0: usize, p1: usize, out: &mut Vec<f32>) {
+    use half::slice::HalfFloatSliceExt;
+    let src = &meta[p0 * 2 * hk..p1 * 2 * hk];
+    out.resize(src.len(), 0.0);
+    src.convert_to_f32_slice(out);
 }
 
 /// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), unordered.

@@ -10,7 +10,9 @@
 //! over the query heads of the group, so the bytes read are exactly the budget. `score=meanstd` scores a page by
 //! `Σ_c q_c·mean_c + |q_c|·std_c` instead (reported to keep needles on GQA models where the min/max bound loses them).
 
-use super::{meta_read_bytes, page_bound, top_k, Frame, FrameDefaults, SelectOptions, Step};
+use super::{
+    meta_read_bytes, page_bound, summaries_f32, top_k, Frame, FrameDefaults, SelectOptions, Step,
+};
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
 use crate::methods::spec::Budget;
@@ -34,6 +36,8 @@ pub struct Quest {
     /// Per candidate page: its score; the chosen page indices.
     scores: Vec<f32>,
     idx: Vec<u32>,
+    /// The head's page summaries as f32.
+    mf: Vec<f32>,
 }
 
 impl Quest {
@@ -49,6 +53,7 @@ impl Quest {
             page,
             scores: Vec::new(),
             idx: Vec::new(),
+            mf: Vec::new(),
         }
     }
 
@@ -63,10 +68,10 @@ impl Quest {
                 continue;
             }
             let (p0, p1) = (m.lo / pt, m.hi.div_ceil(pt));
-            let meta = cx.cache.page_meta(cx.layer, h);
+            summaries_f32(cx.cache.page_meta(cx.layer, h), hk, p0, p1, &mut self.mf);
             self.scores.clear();
             for p in p0..p1 {
-                let pm = &meta[p * 2 * hk..][..2 * hk];
+                let pm = &self.mf[(p - p0) * 2 * hk..][..2 * hk];
                 let s = (0..g)
                     .map(|i| page_bound(self.stat, cx.last_query(h * g + i), pm))
                     .fold(f32::NEG_INFINITY, f32::max);
