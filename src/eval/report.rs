@@ -34,6 +34,8 @@ pub struct Group {
     pub peak_kv_bytes: f64,
     /// KV bytes held at the end of the case (after compression).
     pub final_kv_bytes: f64,
+    /// Mean KV bytes read per decoded token.
+    pub kv_read_bytes_per_token: f64,
     /// Peak KV bytes as a share of the full cache's on the same task and length.
     pub kv_fraction: Option<f64>,
     pub ttft_ms: f64,
@@ -119,6 +121,7 @@ pub fn groups(results: &[CaseResult]) -> Vec<Group> {
             prompt_tokens: mean(rs.iter().map(|r| r.length as f64)),
             peak_kv_bytes: mean(rs.iter().map(|r| r.peak_kv_bytes as f64)),
             final_kv_bytes: mean(rs.iter().map(|r| r.final_kv_bytes as f64)),
+            kv_read_bytes_per_token: mean(rs.iter().map(|r| r.kv_read_bytes_per_token)),
             kv_fraction: None,
             ttft_ms: mean(rs.iter().map(|r| r.ttft_ms)),
             prefill_tok_s: mean(rs.iter().map(|r| r.prefill_tok_s)),
@@ -400,13 +403,13 @@ fn memory_and_speed_table(md: &mut String, groups: &[Group]) {
     let _ = writeln!(md, "\n## Memory and speed\n");
     let _ = writeln!(
         md,
-        "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | KV at end | TTFT ms | prefill tok/s | decode tok/s |"
+        "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | KV at end | KV read/token | TTFT ms | prefill tok/s | decode tok/s |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for g in groups {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
             g.task,
             g.kv,
             len_label(g.target_len),
@@ -416,6 +419,7 @@ fn memory_and_speed_table(md: &mut String, groups: &[Group]) {
             g.kv_fraction
                 .map_or("-".into(), |f| format!("{:.0}%", f * 100.0)),
             human_bytes(g.final_kv_bytes as usize),
+            human_bytes(g.kv_read_bytes_per_token as usize),
             g.ttft_ms,
             g.prefill_tok_s,
             g.decode_tok_s

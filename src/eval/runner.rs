@@ -57,6 +57,9 @@ pub struct CaseResult {
     /// KV bytes the cache holds when the case ends (after compression; 0 in results written before this field).
     #[serde(default)]
     pub final_kv_bytes: usize,
+    /// KV bytes read per decoded token (attention and selector scoring; 0 in results written before this field).
+    #[serde(default)]
+    pub kv_read_bytes_per_token: f64,
     /// Time to first token of the first turn: prefill + first token.
     pub ttft_ms: f64,
     pub prefill_tok_s: f64,
@@ -468,7 +471,7 @@ impl<'a> Runner<'a> {
                     dec_s,
                     model_s,
                 },
-                (s.cache.peak_bytes(), s.cache.bytes()),
+                (s.cache.peak_bytes(), s.cache.bytes(), read_per_token(&s)),
                 gen_ms,
             )?);
         }
@@ -588,7 +591,7 @@ impl<'a> Runner<'a> {
                 dec_s,
                 model_s,
             },
-            (s.cache.peak_bytes(), s.cache.bytes()),
+            (s.cache.peak_bytes(), s.cache.bytes(), read_per_token(&s)),
             gen_ms,
         )
     }
@@ -599,7 +602,7 @@ impl<'a> Runner<'a> {
         spec: &KvSpec,
         turns: Vec<TurnResult>,
         t: Timing,
-        (peak_kv_bytes, final_kv_bytes): (usize, usize),
+        (peak_kv_bytes, final_kv_bytes, kv_read_bytes_per_token): (usize, usize, f64),
         gen_ms: f64,
     ) -> Result<CaseResult> {
         let conv = &case.conv;
@@ -626,6 +629,7 @@ impl<'a> Runner<'a> {
             references: first.references,
             peak_kv_bytes,
             final_kv_bytes,
+            kv_read_bytes_per_token,
             ttft_ms: t.first_ttft * 1e3,
             prefill_tok_s: if t.pre_s > 0.0 {
                 t.pre_tok as f64 / t.pre_s
@@ -685,6 +689,11 @@ struct Timing {
     dec_steps: usize,
     dec_s: f64,
     model_s: f64,
+}
+
+/// KV bytes the session read per decoded token so far.
+fn read_per_token(s: &Session) -> f64 {
+    s.stats.kv_read_total as f64 / s.stats.decode_steps.max(1) as f64
 }
 
 fn check_room(s: &Session, n: usize, max_new: usize) -> Result<()> {

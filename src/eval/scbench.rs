@@ -11,6 +11,9 @@
 //! - `mf`: one named list of integers per turn; each turn asks for its largest or smallest number.
 //! - `many_shot`: in-context classification with made-up labels (each label stands for a topic: animals, fruits,
 //!   tools, vehicles, instruments); each turn classifies a new input.
+//! - `needles` (hayloft's, for models that SCBench's own tasks are beyond): one RULER-style needle per turn
+//!   ("One of the special magic numbers for {key} is: {7 digits}.") spread over an essay haystack; each turn asks for
+//!   a different needle, so a cache that kept only what the first question needed loses the later turns.
 //!
 //! The length target covers the context plus the first question and its answer budget. Score per turn:
 //! `string_match_all` (the reference contained in the output) × 100; the case's score is the mean over turns
@@ -24,7 +27,7 @@ use super::{
     Turn,
 };
 
-pub const TASKS: &[&str] = &["kv", "prefix_suffix", "vt", "mf", "many_shot"];
+pub const TASKS: &[&str] = &["kv", "prefix_suffix", "vt", "mf", "many_shot", "needles"];
 
 pub fn parse_tasks(s: &str) -> Result<Vec<String>> {
     super::parse_task_list(s, TASKS, "SCBench")
@@ -140,7 +143,52 @@ const GENERATORS: &[(&str, TaskFn)] = &[
     ("vt", vt),
     ("mf", mf),
     ("many_shot", many_shot),
+    ("needles", needles),
 ];
+
+/// One needle per turn in the essays, each turn asking for a different one.
+fn needles(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
+    let (target, turns) = (g.target, g.turns);
+    let keys = words::distinct_keys(&mut g.rng, turns);
+    let values: Vec<String> = (0..turns)
+        .map(|_| g.rng.range(1_000_000, 9_999_999).to_string())
+        .collect();
+    // Needles spread over the haystack (each turn's fraction), asked in turn order.
+    let placed: Vec<(f64, String)> = keys
+        .iter()
+        .zip(&values)
+        .zip(&g.fracs)
+        .map(|((k, v), f)| {
+            (
+                f * 100.0,
+                format!("One of the special magic numbers for {k} is: {v}."),
+            )
+        })
+        .collect();
+    let ts: Vec<Turn> = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| {
+            turn(
+                format!("What is the special magic number for {k} mentioned in the provided text?"),
+                &format!("The special magic number for {k} mentioned in the provided text is"),
+                v.clone(),
+                16,
+            )
+        })
+        .collect();
+    let hay = hays.get(Source::Essays, target)?;
+    let g = &*g;
+    let (c, _) = fit_conversation(g.p, target, hay.words(), |n| {
+        g.conv(
+            "Some special magic numbers are hidden within the following text. Make sure to memorize them. I will \
+             quiz you about the numbers afterwards.",
+            insert_needles(hay.prefix(n), &placed),
+            ts.clone(),
+        )
+    })?;
+    Ok(c)
+}
 
 /// One SCBench case of `task` with `turns` turns.
 #[allow(clippy::too_many_arguments)]
