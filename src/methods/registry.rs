@@ -8,7 +8,7 @@
 
 use anyhow::{bail, Result};
 
-use super::select::{self, lserve, quest, FrameDefaults, SelectOptions};
+use super::select::{self, hip, longheads, lserve, quest, FrameDefaults, SelectOptions};
 use super::spec::{KvSpec, Options, SelectSpec};
 use super::{
     adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, think, tova, window,
@@ -440,6 +440,26 @@ pub static SELECTORS: &[SelectorRow] = &[
         options: &["score", "page", "heads"],
         build: |s, mc| Ok(Box::new(lserve::LServe::new(s.budget, &s.options, mc)?)),
     },
+    SelectorRow {
+        name: "hip",
+        reads: "HiP's hierarchical pruning: 2K pieces, halved and cut back to the top K each round down to 8-token \
+                chunks, each piece scored by one representative key found by a binary descent (max over the group); \
+                mask refreshed every 8 steps",
+        file: "src/methods/select/hip.rs",
+        defaults: hip::DEFAULTS,
+        options: &["page"],
+        build: |s, mc| Ok(Box::new(hip::Hip::new(s.budget, &s.options, mc.n_layers))),
+    },
+    SelectorRow {
+        name: "longheads",
+        reads: "LongHeads: the first chunk, the last complete chunk and the top chunks by q · chunk representative \
+                (attention-pooled keys, built once per completed chunk), within the trained context; chunk 256, at \
+                most B/16 (sink and recent: one chunk)",
+        file: "src/methods/select/longheads.rs",
+        defaults: longheads::DEFAULTS,
+        options: &["page"],
+        build: |s, mc| Ok(Box::new(longheads::LongHeads::new(s.budget, &s.options, mc))),
+    },
 ];
 
 /// One option of a selector (`,score=meanstd`, `,sink=128`): always written `name=value`.
@@ -517,12 +537,13 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
     SelectOptionRow {
         name: "page",
         arg: "N",
-        help: "tokens per (logical) page: 4, 8, 16 or 32, dividing the block size",
+        help: "tokens per (logical) page, dividing the block size (quest, lserve); per final chunk (hip); per chunk \
+               (longheads): 4, 8, 16, 32, 64, 128 or 256",
         common: false,
         set: |o, v| {
             let n = select::parse_count("page", v)?;
-            if ![4, 8, 16, 32, 64].contains(&n) {
-                bail!("page={v}: one of 4, 8, 16, 32, 64 (and it must divide --block-tokens)");
+            if ![4, 8, 16, 32, 64, 128, 256].contains(&n) {
+                bail!("page={v}: one of 4, 8, 16, 32, 64, 128, 256 (pages of quest and lserve must divide --block-tokens)");
             }
             o.page = Some(n);
             Ok(())

@@ -14,6 +14,8 @@
 //!
 //! A selector's own scoring reads go into the cache's read counter, next to attention's.
 
+pub mod hip;
+pub mod longheads;
 pub mod lserve;
 pub mod quest;
 
@@ -22,7 +24,7 @@ use half::f16;
 
 use super::spec::Budget;
 use crate::attention::Selection;
-use crate::kv::{KvCache, PageStat};
+use crate::kv::{BlockData, BlockView, KvCache, PageStat};
 use crate::model::SelectCx;
 
 /// Defaults of the options every selector has (each method's row states its own).
@@ -245,6 +247,16 @@ pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
 /// Bytes of `pages` page summaries of a cache (what scoring them reads).
 pub fn meta_read_bytes(cache: &KvCache, pages: usize) -> usize {
     pages * 2 * cache.cfg.head_dim_k * 2
+}
+
+/// Bytes reading one key of `block` costs (its share of the block's key data and key scales, not values): what a
+/// selector that scores keys directly pays per key.
+pub fn key_read_bytes(block: &BlockView, block_tokens: usize) -> usize {
+    match block.data {
+        BlockData::F16 { k, .. } => 2 * k.len() / block_tokens,
+        BlockData::F32 { k, .. } => 4 * k.len() / block_tokens,
+        BlockData::Quant(q) => (q.k.len() + 2 * q.k_ms.len()).div_ceil(block_tokens),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,383 @@
+//! HiP attention — Lee et al., "A Training-free Sub-quadratic Cost Transformer Model Serving Framework with
+//! Hierarchically Pruned Attention" (ICLR 2025, arXiv 2406.09827); the representative key and the mask refresh follow
+//! its staged successor InfiniteHiP (Lee et al., "InfiniteHiP: Extending Language Model Context Up to 3 Million Tokens
+//! on a Single GPU", arXiv 2502.08910, 2025).
+//!
+//! Mechanism, per KV head over the middle region (between the sinks and the recent window), keeping `K` final chunks:
+//! cut the region into `2K` equal pieces; score every piece by one representative key; keep the top `K`; split each
+//! survivor in two and score the halves; keep the top `K` again; repeat until every survivor is one final chunk
+//! (8 tokens). About log2(T/K) rounds of 2K scores: no pass over every key. A piece's representative is found by a
+//! binary descent (InfiniteHiP): compare q·k at the middle of the piece's left half and of its right half, descend
+//! into the winner, a few steps; the piece scores its last winner. It relies on attention locality (scores vary
+//! smoothly with position), HiP's premise. Every key the descents read is counted as read. The mask is reused for
+//! `interval` decode steps.
+//!
+//! Defaults, and where they come from (DeepAuto-AI/hip-attention at fea42c7792):
+//! - final chunk 8 tokens: InfiniteHiP's last stage (`v1_2/hip_config.py`, chunk 8); HiP v1.0 goes down to
+//!   `block_size_k` 2 (`page=` sets it);
+//! - the representative by binary descent (InfiniteHiP `attention_extend.py`, which descends to a terminate size;
+//!   v1.0's code samples one random token, its paper the centre token). Ours stops after 3 steps (6 keys read): a
+//!   final chunk is resolved to one key, a larger piece to an eighth of it;
+//! - sinks 16 [code: `v1_1` test, `sink_token_size=16` beside `mask_k=512` at 4K]; recent 64, where HiP v1 has a
+//!   128-token sliding window and InfiniteHiP 256 sinks + 1024 recent: **scaled down** for the budgets of a few hundred
+//!   tokens our small models run at (128 would be a quarter of a 512-token budget);
+//! - reselection every 8 decode steps: InfiniteHiP's `mask_refresh_interval` of its finest stage (its coarser stages
+//!   refresh every 16 and 32; here the whole mask refreshes at once);
+//! - 2 dense layers (hayloft's default; InfiniteHiP keeps layers 0–3 and the last one dense, `dense=4` gets the first
+//!   part of that).
+//!
+//! Selection is per KV head (HiP's kernels select per query head): a key's score is the maximum over the query heads
+//! of the group of q·k, so the bytes attention reads are exactly the budget.
+
+use super::{key_read_bytes, top_k, Frame, FrameDefaults, Middle, SelectOptions, Step};
+use crate::attention::Selection;
+use crate::methods::spec::Budget;
+use crate::model::{SelectCx, Selector};
+
+/// Tokens per final chunk (InfiniteHiP's last stage).
+pub const FINAL_CHUNK: usize = 8;
+/// Most steps of a representative's binary descent (2 keys read per step).
+pub const DESCENT_STEPS: usize = 3;
+
+/// HiP's frame: 16 sinks, 64 recent (scaled down, see above), 2 dense layers, the mask refreshed every 8 steps.
+pub const DEFAULTS: FrameDefaults = FrameDefaults {
+    sink: 16,
+    recent: 64,
+    dense: 2,
+    interval: 8,
+};
+
+/// A run of final chunks `[u0, u1)` of the middle region, and its score once scored.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    u0: u32,
+    u1: u32,
+    score: Option<f32>,
+}
+
+/// Reads keys of one KV head for the descents and counts what it read.
+struct KeyReader<'a> {
+    cx: &'a SelectCx<'a>,
+    head: usize,
+    key: &'a mut Vec<f32>,
+    bytes: usize,
+    keys: u64,
+}
+
+impl KeyReader<'_> {
+    /// max over the group's query heads of q·k for entry `e`.
+    fn score(&mut self, e: usize) -> f32 {
+        let cx = self.cx;
+        let (g, bt) = (cx.group(), cx.cache.cfg.block_tokens);
+        let block = cx.cache.block(cx.layer, self.head, e / bt);
+        block.read_key(e % bt, self.key);
+        self.bytes += key_read_bytes(&block, bt);
+        self.keys += 1;
+        let mut best = f32::NEG_INFINITY;
+        for i in 0..g {
+            let q = cx.last_query(self.head * g + i);
+            let s: f32 = q.iter().zip(self.key.iter()).map(|(a, b)| a * b).sum();
+            best = best.max(s);
+        }
+        best
+    }
+
+    /// The score of entries `[a, b)` (non-empty): a binary descent to a representative key.
+    fn represent(&mut self, mut a: usize, mut b: usize) -> f32 {
+        if b - a == 1 {
+            return self.score(a);
+        }
+        let mut best = f32::NEG_INFINITY;
+        for _ in 0..DESCENT_STEPS {
+            if b - a <= 1 {
+                break;
+            }
+            let m = (a + b) / 2;
+            let (sl, sr) = (self.score((a + m) / 2), self.score((m + b) / 2));
+            if sl >= sr {
+                (b, best) = (m, sl);
+            } else {
+                (a, best) = (m, sr);
+            }
+        }
+        best
+    }
+}
+
+pub struct Hip {
+    frame: Frame,
+    /// Tokens per final chunk.
+    unit: usize,
+    /// This round's candidate pieces and the next round's.
+    pieces: Vec<Piece>,
+    next: Vec<Piece>,
+    scores: Vec<f32>,
+    idx: Vec<u32>,
+    key: Vec<f32>,
+    /// Keys the descents read, all steps together.
+    keys_read: u64,
+}
+
+impl Hip {
+    pub fn new(budget: Budget, o: &SelectOptions, n_layers: usize) -> Self {
+        Self {
+            frame: Frame::new(budget, o, DEFAULTS, n_layers),
+            unit: o.page.unwrap_or(FINAL_CHUNK).max(1),
+            pieces: Vec::new(),
+            next: Vec::new(),
+            scores: Vec::new(),
+            idx: Vec::new(),
+            key: Vec::new(),
+            keys_read: 0,
+        }
+    }
+
+    fn choose(&mut self, cx: &SelectCx) {
+        let nh = cx.cache.cfg.n_kv_heads;
+        self.key.resize(cx.cache.cfg.head_dim_k, 0.0);
+        let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
+        kept.reset(nh);
+        for h in 0..nh {
+            let m = self.frame.middle(cx, h);
+            if m.k > 0 {
+                self.prune(cx, h, m, &mut kept);
+            }
+        }
+        kept.finish();
+        *self.frame.kept_mut(cx.layer) = kept;
+    }
+
+    /// Hierarchical pruning of head `h`'s middle region down to at most `m.k` entries, into `kept`.
+    fn prune(&mut self, cx: &SelectCx, h: usize, m: Middle, kept: &mut Selection) {
+        let unit = self.unit.min(m.k);
+        let n_units = (m.hi - m.lo).div_ceil(unit);
+        let kc = m.k / unit;
+        if n_units <= kc {
+            kept.add(h, m.lo, m.hi);
+            return;
+        }
+        let mut rd = KeyReader {
+            cx,
+            head: h,
+            key: &mut self.key,
+            bytes: 0,
+            keys: 0,
+        };
+        let span = |p: &Piece| {
+            (
+                m.lo + p.u0 as usize * unit,
+                (m.lo + p.u1 as usize * unit).min(m.hi),
+            )
+        };
+        let p0 = (2 * kc).min(n_units);
+        self.pieces.clear();
+        self.pieces.extend((0..p0).map(|j| Piece {
+            u0: (j * n_units / p0) as u32,
+            u1: ((j + 1) * n_units / p0) as u32,
+            score: None,
+        }));
+        loop {
+            self.scores.clear();
+            for p in &mut self.pieces {
+                let s = match p.score {
+                    Some(s) => s,
+                    None => {
+                        let (a, b) = span(p);
+                        rd.represent(a, b)
+                    }
+                };
+                p.score = Some(s);
+                self.scores.push(s);
+            }
+            top_k(&self.scores, kc, &mut self.idx);
+            self.next.clear();
+            let mut split = false;
+            for &i in &self.idx {
+                let p = self.pieces[i as usize];
+                if p.u1 - p.u0 >= 2 {
+                    let mid = (p.u0 + p.u1) / 2;
+                    self.next.push(Piece {
+                        u1: mid,
+                        score: None,
+                        ..p
+                    });
+                    self.next.push(Piece {
+                        u0: mid,
+                        score: None,
+                        ..p
+                    });
+                    split = true;
+                } else {
+                    self.next.push(p);
+                }
+            }
+            if !split {
+                break;
+            }
+            std::mem::swap(&mut self.pieces, &mut self.next);
+        }
+        for p in &self.next {
+            let (a, b) = span(p);
+            kept.add(h, a, b);
+        }
+        cx.cache.note_read(rd.bytes);
+        self.keys_read += rd.keys;
+    }
+}
+
+impl Selector for Hip {
+    fn select(&mut self, cx: &SelectCx, out: &mut Selection) -> bool {
+        match self.frame.step(cx) {
+            Step::Dense => return false,
+            Step::Reuse => {}
+            Step::Choose => self.choose(cx),
+        }
+        self.frame.finish(cx, out);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvCache, KvConfig, KvDtype};
+    use crate::testutil::Rng;
+
+    const HK: usize = 16;
+
+    /// One layer, `nh` KV heads of `len` entries: small random keys, plus a smooth bump of keys aligned with `dir`
+    /// around entry `peak` of head 0 (scores fall off with distance, as attention locality has them).
+    fn cache(nh: usize, len: usize, peak: usize, dir: &[f32]) -> KvCache {
+        let mut c = KvCache::new(KvConfig {
+            n_layers: 1,
+            n_kv_heads: nh,
+            head_dim_k: HK,
+            head_dim_v: HK,
+            block_tokens: 32,
+            dtype: KvDtype::F16,
+        });
+        let mut rng = Rng::seeded(7);
+        let mut k = rng.vec(len * nh * HK, 0.5);
+        for t in 0..len {
+            let w = 8.0 * (-(t.abs_diff(peak) as f32) / 24.0).exp();
+            for (c, d) in dir.iter().enumerate() {
+                k[t * nh * HK + c] += w * d;
+            }
+        }
+        let v = rng.vec(len * nh * HK, 1.0);
+        let pos: Vec<u32> = (0..len as u32).collect();
+        c.append(0, &pos, &k, &v);
+        c
+    }
+
+    fn opts() -> SelectOptions {
+        SelectOptions {
+            dense: Some(0),
+            ..Default::default()
+        }
+    }
+
+    fn cx<'a>(cache: &'a KvCache, q: &'a [f32], pos: &'a [u32], nq: usize) -> SelectCx<'a> {
+        SelectCx {
+            cache,
+            layer: 0,
+            q,
+            pos,
+            n_q_heads: nq,
+            local: false,
+        }
+    }
+
+    fn contains(s: &Selection, h: usize, e: usize) -> bool {
+        s.ranges(h)
+            .iter()
+            .any(|&(a, b)| (a as usize..b as usize).contains(&e))
+    }
+
+    #[test]
+    fn finds_a_planted_peak_and_reads_within_budget() {
+        let mut rng = Rng::seeded(3);
+        let dir = rng.vec(HK, 1.0);
+        let len = 2000;
+        for peak in [300, 1111, 1800] {
+            let c = cache(2, len, peak, &dir);
+            // Two query heads per KV head; only the second one looks at the peak.
+            let mut q = rng.vec(4 * HK, 0.1);
+            q[HK..2 * HK].copy_from_slice(&dir);
+            let pos = [len as u32 - 1];
+            let mut sel = Hip::new(Budget::Tokens(200), &opts(), 1);
+            let mut out = Selection::default();
+            assert!(sel.select(&cx(&c, &q, &pos, 4), &mut out));
+            assert!(contains(&out, 0, peak), "peak {peak}: {:?}", out.ranges(0));
+            for h in 0..2 {
+                assert!(out.count(h) <= 200, "head {h} reads {}", out.count(h));
+                assert!(contains(&out, h, 0) && contains(&out, h, len - 1));
+            }
+            // Fewer keys read than the heads hold, and exactly what was counted.
+            assert!(sel.keys_read > 0 && sel.keys_read < 2 * len as u64);
+            assert_eq!(c.take_read(), sel.keys_read * 2 * HK as u64);
+        }
+    }
+
+    #[test]
+    fn chooses_whole_final_chunks_and_reuses_for_the_interval() {
+        let mut rng = Rng::seeded(4);
+        let dir = rng.vec(HK, 1.0);
+        let len = 1500;
+        let c = cache(1, len, 700, &dir);
+        let q = dir.clone();
+        let pos = [len as u32 - 1];
+        let o = SelectOptions {
+            interval: Some(3),
+            ..opts()
+        };
+        let mut sel = Hip::new(Budget::Ratio(0.1), &o, 1);
+        let mut out = Selection::default();
+        assert!(sel.select(&cx(&c, &q, &pos, 1), &mut out));
+        let m = sel.frame.middle(&cx(&c, &q, &pos, 1), 0);
+        // Kept ranges inside the middle region are unions of whole 8-token chunks counted from its start.
+        for &(a, b) in sel.frame.kept_mut(0).ranges(0) {
+            let (a, b) = (a as usize, b as usize);
+            assert!(a >= m.lo && b <= m.hi);
+            assert!((a - m.lo).is_multiple_of(FINAL_CHUNK));
+            assert!((b - m.lo).is_multiple_of(FINAL_CHUNK) || b == m.hi);
+        }
+        assert!(out.count(0) <= 150);
+        c.take_read();
+        let before = sel.keys_read;
+        let first = out.clone();
+        // The next two steps reuse the mask: no key read, the same entries.
+        for _ in 0..2 {
+            assert!(sel.select(&cx(&c, &q, &pos, 1), &mut out));
+            assert_eq!(out.ranges(0), first.ranges(0));
+        }
+        assert_eq!((sel.keys_read, c.take_read()), (before, 0));
+        assert!(sel.select(&cx(&c, &q, &pos, 1), &mut out));
+        assert!(sel.keys_read > before);
+    }
+
+    #[test]
+    fn the_descent_climbs_to_the_best_key_of_a_smooth_piece() {
+        let mut rng = Rng::seeded(5);
+        let dir = rng.vec(HK, 1.0);
+        let c = cache(1, 256, 77, &dir);
+        let q = dir.clone();
+        let pos = [255];
+        let cx = cx(&c, &q, &pos, 1);
+        let mut key = Vec::new();
+        key.resize(HK, 0.0);
+        let mut rd = KeyReader {
+            cx: &cx,
+            head: 0,
+            key: &mut key,
+            bytes: 0,
+            keys: 0,
+        };
+        let near = rd.represent(64, 96);
+        let far = rd.represent(192, 224);
+        assert!(near > far, "{near} vs {far}");
+        // 32 entries: the capped number of steps, 2 keys each.
+        assert_eq!(rd.keys, 2 * 2 * DESCENT_STEPS as u64);
+        assert_eq!(rd.represent(10, 11), rd.score(10));
+    }
+}
