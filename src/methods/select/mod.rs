@@ -16,6 +16,7 @@
 
 pub mod lserve;
 pub mod quest;
+pub mod tokenselect;
 
 use anyhow::{bail, Result};
 use half::f16;
