@@ -41,6 +41,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
@@ -128,16 +130,11 @@ pub struct TokenSelect {
     cos: Vec<f32>,
     sin: Vec<f32>,
     trig_pos: Option<u32>,
-    /// Scoring scratch: one KV head's query group (group × hk), its logits (group × candidates), a block row, a key.
-    qg: Vec<f32>,
-    logits: Vec<f32>,
-    row: Vec<f32>,
-    key: Vec<f32>,
-    /// Votes by entry index (aligned heads) or position, ABSENT where not a candidate; the keys touched this step;
-    /// every voting head's candidate keys in entry order.
+    /// Per KV head: its scoring work.
+    work: Vec<HeadWork>,
+    /// Votes by entry index (aligned heads) or position, ABSENT where not a candidate; the keys touched this step.
     vote: Vec<f32>,
     touched: Vec<u32>,
-    cand: Vec<u32>,
     scores: Vec<f32>,
     idx: Vec<u32>,
 }
@@ -180,13 +177,9 @@ impl TokenSelect {
             cos: vec![0.0; half],
             sin: vec![0.0; half],
             trig_pos: None,
-            qg: Vec::new(),
-            logits: Vec::new(),
-            row: Vec::new(),
-            key: Vec::new(),
+            work: Vec::new(),
             vote: Vec::new(),
             touched: Vec::new(),
-            cand: Vec::new(),
             scores: Vec::new(),
             idx: Vec::new(),
         }
@@ -270,92 +263,57 @@ impl TokenSelect {
         })
     }
 
-    /// Scores every candidate of every KV head that has to choose, sums the query heads' softmaxes, and keeps one
-    /// top-k for the layer.
+    /// Scores every candidate of every KV head that has to choose (the heads in parallel), sums the query heads'
+    /// softmaxes, and keeps one top-k for the layer.
     fn choose(&mut self, cx: &SelectCx) {
-        let (nh, hk, bt) = (
-            cx.cache.cfg.n_kv_heads,
-            cx.cache.cfg.head_dim_k,
-            cx.cache.cfg.block_tokens,
-        );
+        let nh = cx.cache.cfg.n_kv_heads;
         let (g, l) = (cx.group(), cx.layer);
         // Heads hold the same entries in the same order unless the cache was edited (eviction) or their lengths
         // differ: then an entry index names the same token in every head, and no position needs reading.
         let len0 = cx.cache.len(l, 0);
         let aligned = cx.cache.edits() == 0 && (0..nh).all(|h| cx.cache.len(l, h) == len0);
         // One top-k for the layer, within every choosing head's budget.
+        self.work.resize_with(nh, HeadWork::default);
         let mut k = usize::MAX;
         for h in 0..nh {
             let m = self.frame.middle(cx, h);
-            if m.k > 0 && m.k < m.hi - m.lo {
+            let w = &mut self.work[h];
+            w.m = (m.lo, m.hi, m.k);
+            w.votes = m.k > 0 && m.k < m.hi - m.lo;
+            if w.votes {
                 k = k.min(m.k);
             }
         }
         let mut kept = std::mem::take(self.frame.kept_mut(l));
         kept.reset(nh);
-        let voting = k != usize::MAX;
-        let mut key_bytes = 0usize; // × bt
-        let mut pos_bytes = 0usize;
         self.touched.clear();
-        self.cand.clear();
-        if voting {
-            self.row.resize(bt, 0.0);
-            self.key.resize(hk, 0.0);
-            for h in 0..nh {
-                let m = self.frame.middle(cx, h);
-                if !(m.k > 0 && m.k < m.hi - m.lo) {
-                    continue;
-                }
-                let n = m.hi - m.lo;
-                self.qg.clear();
-                for i in 0..g {
-                    self.qg.extend_from_slice(cx.last_query(h * g + i));
-                }
-                self.logits.clear();
-                self.logits.resize(g * n, 0.0);
-                let c0 = self.cand.len();
-                for b in m.lo / bt..m.hi.div_ceil(bt) {
-                    let view = cx.cache.block(l, h, b);
-                    let (s0, s1) = (m.lo.max(b * bt) - b * bt, m.hi.min((b + 1) * bt) - b * bt);
-                    let off = b * bt + s0 - m.lo;
-                    key_bytes += (s1 - s0) * block_key_bytes(&view);
-                    score_block(
-                        &view,
-                        bt,
-                        (s0, s1),
-                        &self.qg,
-                        g,
-                        (&mut self.logits, n, off),
-                        (&mut self.row, &mut self.key),
-                    );
-                    if aligned {
-                        self.cand.extend((b * bt + s0) as u32..(b * bt + s1) as u32);
-                    } else {
-                        self.cand.extend_from_slice(&view.pos[s0..s1]);
-                        pos_bytes += 4 * (s1 - s0);
-                    }
-                }
-                // Soft voting: each query head's softmax over its candidates, summed per token.
-                let need = self.cand[c0..].iter().max().map_or(0, |&x| x as usize + 1);
+        if k != usize::MAX {
+            self.work
+                .par_iter_mut()
+                .enumerate()
+                .filter(|(_, w)| w.votes)
+                .for_each(|(h, w)| w.score(cx, h, aligned));
+            // Soft voting: every query head's softmax over its candidates, summed per token.
+            let mut read = 0;
+            for w in self.work.iter().filter(|w| w.votes) {
+                read += w.read;
+                let need = w.cand.iter().max().map_or(0, |&x| x as usize + 1);
                 if self.vote.len() < need {
                     self.vote.resize(need, ABSENT);
                 }
+                let n = w.cand.len();
                 for i in 0..g {
-                    let z = &self.logits[i * n..][..n];
-                    let mx = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                    let sum: f32 = z.iter().map(|&x| (x - mx).exp()).sum();
-                    let inv = 1.0 / sum;
-                    for (&x, &c) in z.iter().zip(&self.cand[c0..]) {
+                    for (&p, &c) in w.probs[i * n..][..n].iter().zip(&w.cand) {
                         let v = &mut self.vote[c as usize];
                         if *v == ABSENT {
                             *v = 0.0;
                             self.touched.push(c);
                         }
-                        *v += (x - mx).exp() * inv;
+                        *v += p;
                     }
                 }
             }
-            cx.cache.note_read(key_bytes / bt + pos_bytes);
+            cx.cache.note_read(read);
             self.scores.clear();
             self.scores
                 .extend(self.touched.iter().map(|&c| self.vote[c as usize]));
@@ -365,32 +323,29 @@ impl TokenSelect {
             }
         }
         // Every head reads the chosen tokens it holds (a head whose whole middle fits reads it all).
-        let mut c0 = 0;
-        for h in 0..nh {
-            let m = self.frame.middle(cx, h);
-            if m.k == 0 {
+        for (h, w) in self.work.iter().enumerate() {
+            let (lo, hi, mk) = w.m;
+            if mk == 0 {
                 continue;
             }
-            if m.k >= m.hi - m.lo {
-                kept.add(h, m.lo, m.hi);
+            if !w.votes {
+                kept.add(h, lo, hi);
                 continue;
             }
-            let cand = &self.cand[c0..c0 + (m.hi - m.lo)];
-            c0 += m.hi - m.lo;
             let mut run: Option<usize> = None;
-            for (j, &c) in cand.iter().enumerate() {
+            for (j, &c) in w.cand.iter().enumerate() {
                 let on = self.vote[c as usize] == CHOSEN;
                 match (on, run) {
-                    (true, None) => run = Some(m.lo + j),
+                    (true, None) => run = Some(lo + j),
                     (false, Some(a)) => {
-                        kept.add(h, a, m.lo + j);
+                        kept.add(h, a, lo + j);
                         run = None;
                     }
                     _ => {}
                 }
             }
             if let Some(a) = run {
-                kept.add(h, a, m.hi);
+                kept.add(h, a, hi);
             }
         }
         for &c in &self.touched {
@@ -398,6 +353,77 @@ impl TokenSelect {
         }
         kept.finish();
         *self.frame.kept_mut(l) = kept;
+    }
+}
+
+/// One KV head's scoring: its middle (lo, hi, k), whether it votes, and its scratch.
+#[derive(Default)]
+struct HeadWork {
+    m: (usize, usize, usize),
+    votes: bool,
+    /// The group's queries (g × hk); per query head its softmax over the candidates (g × n); a block's keys as f32;
+    /// a key.
+    qg: Vec<f32>,
+    probs: Vec<f32>,
+    row: Vec<f32>,
+    key: Vec<f32>,
+    /// The candidates' vote keys (entry indices when the heads are aligned, else positions), in entry order.
+    cand: Vec<u32>,
+    /// Bytes read for it (keys, and positions when not aligned).
+    read: usize,
+}
+
+impl HeadWork {
+    fn score(&mut self, cx: &SelectCx, h: usize, aligned: bool) {
+        let (hk, bt, g, l) = (
+            cx.cache.cfg.head_dim_k,
+            cx.cache.cfg.block_tokens,
+            cx.group(),
+            cx.layer,
+        );
+        let (lo, hi, _) = self.m;
+        let n = hi - lo;
+        self.row.resize(hk * bt, 0.0);
+        self.key.resize(hk, 0.0);
+        self.qg.clear();
+        for i in 0..g {
+            self.qg.extend_from_slice(cx.last_query(h * g + i));
+        }
+        self.probs.clear();
+        self.probs.resize(g * n, 0.0);
+        self.cand.clear();
+        let (mut key_bytes, mut pos_bytes) = (0, 0); // key bytes × bt
+        for b in lo / bt..hi.div_ceil(bt) {
+            let view = cx.cache.block(l, h, b);
+            let (s0, s1) = (lo.max(b * bt) - b * bt, hi.min((b + 1) * bt) - b * bt);
+            key_bytes += (s1 - s0) * block_key_bytes(&view);
+            score_block(
+                &view,
+                bt,
+                (s0, s1),
+                &self.qg,
+                g,
+                (&mut self.probs, n, b * bt + s0 - lo),
+                (&mut self.row, &mut self.key),
+            );
+            if aligned {
+                self.cand.extend((b * bt + s0) as u32..(b * bt + s1) as u32);
+            } else {
+                self.cand.extend_from_slice(&view.pos[s0..s1]);
+                pos_bytes += 4 * (s1 - s0);
+            }
+        }
+        self.read = key_bytes / bt + pos_bytes;
+        for z in self.probs.chunks_exact_mut(n) {
+            let mx = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let mut sum = 0.0f32;
+            for x in z.iter_mut() {
+                *x = (*x - mx).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            z.iter_mut().for_each(|x| *x *= inv);
+        }
     }
 }
 
@@ -426,14 +452,15 @@ fn score_block(
     let channel = |ci: usize| view.channels.map_or(ci, |ch| ch[ci] as usize);
     match view.data {
         BlockData::F16 { k, .. } => {
+            // The block's keys at once (one conversion call, vectorized), then as the f32 case.
+            let rows = &mut row[..view.hk * bt];
+            k[..view.hk * bt].convert_to_f32_slice(rows);
             for ci in 0..view.hk {
                 let c = channel(ci);
-                for (r, x) in row[..w].iter_mut().zip(&k[ci * bt + s0..ci * bt + s1]) {
-                    *r = x.to_f32();
-                }
+                let src = &rows[ci * bt + s0..ci * bt + s1];
                 for i in 0..g {
                     let qc = qg[i * hk + c];
-                    for (o, r) in out[i * n + off..][..w].iter_mut().zip(&row[..w]) {
+                    for (o, r) in out[i * n + off..][..w].iter_mut().zip(src) {
                         *o += qc * r;
                     }
                 }
@@ -691,8 +718,9 @@ mod tests {
 
     // Selection Cache on a real model, by hand (needs the cached SmolLM2 and the essay haystack):
     //   cargo test --release --lib tokenselect::tests::selection_cache_on_smollm2 -- --ignored --nocapture
-    // Prefills ~4K tokens of essays with a needle at the middle, decodes 32 tokens greedily with each spec, and prints
-    // the Selection Cache's hits and misses (layer steps), the KV bytes read per token and the answer.
+    // Prefills ~4K tokens of essays with a needle at the middle once, then decodes 32 tokens greedily in a fork per spec;
+    // prints the Selection Cache's hits and misses (layer steps), the KV bytes read per token, the decode speed and the
+    // start of the answer.
     #[test]
     #[ignore]
     fn selection_cache_on_smollm2() {
@@ -715,6 +743,8 @@ mod tests {
         );
         let toks = tok.encode(&text, true, false).unwrap();
         println!("prompt: {} tokens", toks.len());
+        let mut base = Session::new(&model, SessionConfig::for_model(&model)).unwrap();
+        let first = base.prefill(&toks).unwrap().to_vec();
         for spec in [
             "full",
             "tokenselect@0.125",
@@ -725,16 +755,15 @@ mod tests {
             "tokenselect@0.125,sink=16,recent=64",
             "tokenselect@0.125,sink=16,recent=64,interval=4,reuse=off",
         ] {
-            let mut cfg = SessionConfig::for_model(&model);
-            cfg.kv = KvSpec::parse(spec).unwrap();
-            let mut s = Session::new(&model, cfg).unwrap();
-            let counts = s.cfg.kv.select.as_ref().map(|sel| {
+            let kv = KvSpec::parse(spec).unwrap();
+            let mut s = base.fork(&kv).unwrap();
+            let counts = kv.select.as_ref().map(|sel| {
                 let t = TokenSelect::new(sel.budget, &sel.options, model.config());
                 let c = t.counts();
                 s.scratch.selector = Some(Box::new(t));
                 c
             });
-            let mut last = s.prefill(&toks).unwrap().to_vec();
+            let mut last = first.clone();
             let mut out = Vec::new();
             for _ in 0..32 {
                 let next = last
@@ -751,9 +780,10 @@ mod tests {
             s.stats.finish();
             let (h, m) = counts.map_or((0, 0), |c| c.get());
             println!(
-                "{spec:55} hits {h:5} misses {m:5} hit rate {:5.1} %  KV read/token {:8.0} B  {:?}",
+                "{spec:57} hits {h:4} misses {m:4} ({:4.1} % hits)  KV read/token {:8.0} B  {:5.1} tok/s  {:?}",
                 100.0 * h as f64 / (h + m).max(1) as f64,
                 s.stats.kv_read_bytes_per_token,
+                s.stats.decode_tok_s,
                 tok.decode(&out).chars().take(40).collect::<String>()
             );
         }
