@@ -1,5 +1,5 @@
 //! TokenSelect — Wu et al., "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs via
-//! Dynamic Token-Level KV Cache Selection" (arXiv 2411.02886, 2024; EMNLP 2025).
+//! Dynamic Token-Level KV Cache Selection" (arXiv 2411.02886, 2024).
 //!
 //! Mechanism: token-level selection. At every decode step each query head scores **every** candidate key (the entries
 //! between the always-kept first `n_init` and last `n_local`) by raw q·k, takes a softmax over the candidates, and the
