@@ -489,19 +489,26 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     };
     // Selected pieces: whole blocks take the block path; parts of blocks are gathered into a tile of BT entries.
     let mut ng = 0;
+    // The block whose keys `buf.k` holds converted (pieces of one block follow each other).
+    let mut converted = usize::MAX;
     for pc in &pieces[task.blk0..task.blk1] {
         let blk = cache.block(layer, task.kv_head, pc.block as usize);
         let (j0, j1) = (pc.j0 as usize, pc.j1 as usize);
         if j0 == 0 && j1 == blk.n {
             fold_view::<BT>(a, &blk, channels.is_some(), buf);
+            converted = usize::MAX;
             continue;
         }
         // Part of an f16 block: its keys are converted whole (each channel's row of the block is one or two cache
         // lines, touched anyway) and counted whole; values and positions only for the selected entries.
         let f16_part = blk.channels.is_none() && matches!(blk.data, BlockData::F16 { .. });
         if let (true, BlockData::F16 { k: kh, .. }) = (f16_part, blk.data) {
-            kh[..hk * BT].convert_to_f32_slice(&mut buf.k[..hk * BT]);
-            buf.read += 2 * hk * BT + (j1 - j0) * (2 * hv + 4);
+            if converted != pc.block as usize {
+                kh[..hk * BT].convert_to_f32_slice(&mut buf.k[..hk * BT]);
+                buf.read += 2 * hk * BT;
+                converted = pc.block as usize;
+            }
+            buf.read += (j1 - j0) * (2 * hv + 4);
         } else {
             buf.read += (j1 - j0) * blk.entry_bytes();
         }

@@ -654,6 +654,7 @@ mod tests {
             references: vec![],
             peak_kv_bytes: kv_bytes,
             final_kv_bytes: kv_bytes,
+            kv_read_bytes_per_token: 0.0,
             ttft_ms: 10.0,
             prefill_tok_s: 100.0,
             decode_tok_s: 20.0,

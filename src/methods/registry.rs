@@ -8,7 +8,9 @@
 
 use anyhow::{bail, Result};
 
-use super::select::{self, hip, longheads, lserve, quest, FrameDefaults, SelectOptions};
+use super::select::{
+    self, hip, longheads, lserve, quest, tokenselect, FrameDefaults, SelectOptions,
+};
 use super::spec::{KvSpec, Options, SelectSpec};
 use super::{
     adakv, duo, h2o, knorm, kvmerger, pyramidkv, random, snapkv, streamingllm, think, tova, window,
@@ -460,6 +462,16 @@ pub static SELECTORS: &[SelectorRow] = &[
         options: &["page"],
         build: |s, mc| Ok(Box::new(longheads::LongHeads::new(s.budget, &s.options, mc))),
     },
+    SelectorRow {
+        name: "tokenselect",
+        reads: "top tokens by q·k softmaxed per query head and summed over all query heads of the layer (one top-k \
+                shared by every KV head), scoring every key each step unless the query stays within cosine 0.9 of \
+                the last scored one (Selection Cache)",
+        file: "src/methods/select/tokenselect.rs",
+        defaults: tokenselect::DEFAULTS,
+        options: &["reuse"],
+        build: |s, mc| Ok(Box::new(tokenselect::TokenSelect::new(s.budget, &s.options, mc))),
+    },
 ];
 
 /// One option of a selector (`,score=meanstd`, `,sink=128`): always written `name=value`.
@@ -563,6 +575,18 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
             Ok(())
         },
         show: |o| o.heads.as_ref().map(|p| format!("heads={p}")),
+    },
+    SelectOptionRow {
+        name: "reuse",
+        arg: "T|off",
+        help: "Selection Cache: reuse a layer's selection while the query's cosine similarity to the one it was chosen \
+               with is at least T (default 0.9); off scores every step",
+        common: false,
+        set: |o, v| {
+            o.reuse = Some(tokenselect::parse_reuse("reuse", v)?);
+            Ok(())
+        },
+        show: |o| o.reuse.map(|t| format!("reuse={}", tokenselect::reuse_text(t))),
     },
 ];
 

@@ -18,6 +18,7 @@ pub mod hip;
 pub mod longheads;
 pub mod lserve;
 pub mod quest;
+pub mod tokenselect;
 
 use anyhow::{bail, Result};
 use half::f16;
