@@ -18,7 +18,7 @@ pub mod select;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::kv::{BlockData, BlockView, KvCache};
+use crate::kv::{BlockData, BlockView, KvCache, OffloadBuf};
 pub use select::Selection;
 
 /// Query tokens per task tile.
@@ -62,6 +62,8 @@ struct TaskBuf {
     gk: Vec<f32>,
     gv: Vec<f32>,
     gpos: Vec<u32>,
+    /// The last offloaded block this task read from disk (sized on first use).
+    disk: OffloadBuf,
     /// Bytes this task read.
     read: usize,
 }
@@ -581,6 +583,7 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
         l,
         acc,
         qg,
+        disk,
         ..
     } = buf;
     // kt: hs × BT (keys transposed), vb: n × hv, as f32.
@@ -595,6 +598,13 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
             // KIVI block: dequantize this block only, into the task's scratch.
             qb.keys_into::<BT>(&mut k[..hs * BT]);
             qb.values_into(n, hv, &mut v[..n * hv]);
+            (&k[..hs * BT], &v[..n * hv])
+        }
+        BlockData::Disk(_) => {
+            // Offloaded block: read from the cache's file into this task's scratch, then as an f16 block.
+            let (kh, vh) = blk.read_offloaded(disk).expect("a disk block");
+            kh[..hs * BT].convert_to_f32_slice(&mut k[..hs * BT]);
+            vh[..n * hv].convert_to_f32_slice(&mut v[..n * hv]);
             (&k[..hs * BT], &v[..n * hv])
         }
     };
