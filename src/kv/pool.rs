@@ -94,7 +94,10 @@ impl BlockPool {
     pub(super) fn release(&mut self, id: u32) {
         if let BlockData::Disk(r) = &self.get(id).data {
             let r = *r;
-            self.off.as_mut().expect("a disk block has a store").release(&r);
+            self.off
+                .as_mut()
+                .expect("a disk block has a store")
+                .release(&r);
             self.bytes -= 4 * self.cfg.block_tokens;
             self.blocks[id as usize] = None;
             self.holes.push(id);

@@ -161,7 +161,11 @@ impl KvCache {
             .flat_map(|s| &s.blocks)
             .filter(|&&id| matches!(self.pool.get(id).data, BlockData::Disk(_)))
             .count();
-        Some(off.cfg.resident.limit(self.pool.bytes() + n_disk * self.block_data_bytes()))
+        Some(
+            off.cfg
+                .resident
+                .limit(self.pool.bytes() + n_disk * self.block_data_bytes()),
+        )
     }
 
     /// Moves blocks between RAM and the offload file so that at most the resident limit stays in RAM (never less
@@ -793,7 +797,11 @@ impl KvCache {
             s.channels = None;
         }
         // Summaries change from the first block stored in full precision again, else only in the last page.
-        let from = if nq > target { len.min(target * bt) } else { len };
+        let from = if nq > target {
+            len.min(target * bt)
+        } else {
+            len
+        };
         self.refresh_meta(si, from);
     }
 }
