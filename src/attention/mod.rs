@@ -574,6 +574,7 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
             return; // the whole block is outside every row's window
         }
     }
+    blk.mark_read();
     buf.read += n * blk.entry_bytes();
     let TaskBuf {
         k,

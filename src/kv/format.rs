@@ -189,6 +189,9 @@ pub struct BlockView<'a> {
     pub(super) hv: usize,
     /// The cache's offload store (when offload is on): where a [`BlockData::Disk`] block is read from.
     pub(super) off: Option<&'a Offload>,
+    /// The block's id in the pool, and whether reading it stamps it for offload's LRU.
+    pub(super) id: u32,
+    pub(super) lru: bool,
 }
 
 impl<'a> BlockView<'a> {
@@ -204,12 +207,26 @@ impl<'a> BlockView<'a> {
         data / self.bt + 4
     }
 
+    /// Marks the block as read in this step, for offload's LRU (nothing without offload). The per-entry readers and
+    /// [`Self::read_offloaded`] mark it themselves; a reader of the block's data in RAM calls this.
+    #[inline]
+    pub fn mark_read(&self) {
+        if self.lru {
+            if let Some(o) = self.off {
+                o.touch(self.id);
+            }
+        }
+    }
+
     /// Keys (hk × block_tokens, transposed as in an f16 block) and values (block_tokens × hv) of a block on disk,
     /// read into `buf` (nothing is read if `buf` already holds this block); None for a block in RAM. A failed read
     /// reads as zeros and is recorded in the cache, whose next [`super::KvCache::rebalance`] reports it.
     pub fn read_offloaded<'b>(&self, buf: &'b mut OffloadBuf) -> Option<(&'b [f16], &'b [f16])> {
         match self.data {
-            BlockData::Disk(r) => Some(buf.load(self.off.expect("a disk block has a store"), r)),
+            BlockData::Disk(r) => {
+                self.mark_read();
+                Some(buf.load(self.off.expect("a disk block has a store"), r))
+            }
             _ => None,
         }
     }
@@ -226,6 +243,7 @@ impl<'a> BlockView<'a> {
 
     /// Key of entry `j` as f32, all `head_dim_k` channels (pruned channels read as 0).
     pub fn read_key(&self, j: usize, out: &mut [f32]) {
+        self.mark_read();
         let bt = self.bt;
         if let BlockData::Disk(r) = self.data {
             return self.with_disk(r, |k, _| {
@@ -262,6 +280,7 @@ impl<'a> BlockView<'a> {
 
     /// Value row of entry `j` as f32.
     pub fn read_value(&self, j: usize, out: &mut [f32]) {
+        self.mark_read();
         let hv = self.hv;
         match self.data {
             BlockData::F16 { v, .. } => out
@@ -468,6 +487,8 @@ mod tests {
             bt: cfg.block_tokens,
             hv: cfg.head_dim_v,
             off: None,
+            id: 0,
+            lru: false,
         }
     }
 

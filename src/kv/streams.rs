@@ -703,16 +703,17 @@ impl KvCache {
         }
     }
 
-    /// Block `i` of stream `si`, marked as read now (offload's LRU).
+    /// Block `i` of stream `si`; reading it marks it as read now (offload's LRU).
     fn block_view(&self, si: usize, i: usize) -> BlockView<'_> {
-        if let Some(o) = &self.pool.off {
-            o.touch(self.streams[si].blocks[i]);
-        }
-        self.view(si, i)
+        self.view_as(si, i, true)
     }
 
-    /// Block `i` of stream `si`, not marked as read (the cache's own bookkeeping).
+    /// Block `i` of stream `si`, for the cache's own bookkeeping: reading it does not count for the LRU.
     fn view(&self, si: usize, i: usize) -> BlockView<'_> {
+        self.view_as(si, i, false)
+    }
+
+    fn view_as(&self, si: usize, i: usize, lru: bool) -> BlockView<'_> {
         let s = &self.streams[si];
         let bt = self.cfg.block_tokens;
         let b = self.pool.get(s.blocks[i]);
@@ -726,6 +727,8 @@ impl KvCache {
             bt,
             hv: self.cfg.head_dim_v,
             off: self.pool.off.as_ref(),
+            id: s.blocks[i],
+            lru: lru && self.pool.off.is_some(),
         }
     }
 
