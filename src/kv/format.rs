@@ -189,9 +189,8 @@ pub struct BlockView<'a> {
     pub(super) hv: usize,
     /// The cache's offload store (when offload is on): where a [`BlockData::Disk`] block is read from.
     pub(super) off: Option<&'a Offload>,
-    /// The block's id in the pool, and whether reading it stamps it for offload's LRU.
+    /// The block's id in the pool (offload's LRU stamps it).
     pub(super) id: u32,
-    pub(super) lru: bool,
 }
 
 impl<'a> BlockView<'a> {
@@ -207,14 +206,13 @@ impl<'a> BlockView<'a> {
         data / self.bt + 4
     }
 
-    /// Marks the block as read in this step, for offload's LRU (nothing without offload). The per-entry readers and
-    /// [`Self::read_offloaded`] mark it themselves; a reader of the block's data in RAM calls this.
+    /// Marks the block as read by attention in this step, for offload's LRU (nothing without offload): the attention
+    /// kernel calls it for every block it folds. Other readers (selectors scoring keys, compression) do not: the
+    /// blocks kept in RAM are the ones attention reads.
     #[inline]
     pub fn mark_read(&self) {
-        if self.lru {
-            if let Some(o) = self.off {
-                o.touch(self.id);
-            }
+        if let Some(o) = self.off {
+            o.touch(self.id);
         }
     }
 
@@ -223,10 +221,7 @@ impl<'a> BlockView<'a> {
     /// reads as zeros and is recorded in the cache, whose next [`super::KvCache::rebalance`] reports it.
     pub fn read_offloaded<'b>(&self, buf: &'b mut OffloadBuf) -> Option<(&'b [f16], &'b [f16])> {
         match self.data {
-            BlockData::Disk(r) => {
-                self.mark_read();
-                Some(buf.load(self.off.expect("a disk block has a store"), r))
-            }
+            BlockData::Disk(r) => Some(buf.load(self.off.expect("a disk block has a store"), r)),
             _ => None,
         }
     }
@@ -243,7 +238,6 @@ impl<'a> BlockView<'a> {
 
     /// Key of entry `j` as f32, all `head_dim_k` channels (pruned channels read as 0).
     pub fn read_key(&self, j: usize, out: &mut [f32]) {
-        self.mark_read();
         let bt = self.bt;
         if let BlockData::Disk(r) = self.data {
             return self.with_disk(r, |k, _| {
@@ -280,7 +274,6 @@ impl<'a> BlockView<'a> {
 
     /// Value row of entry `j` as f32.
     pub fn read_value(&self, j: usize, out: &mut [f32]) {
-        self.mark_read();
         let hv = self.hv;
         match self.data {
             BlockData::F16 { v, .. } => out
@@ -488,7 +481,6 @@ mod tests {
             hv: cfg.head_dim_v,
             off: None,
             id: 0,
-            lru: false,
         }
     }
 

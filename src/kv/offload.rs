@@ -11,9 +11,10 @@
 //! - **What stays in RAM**: every block's positions (attention masks and truncation search them), the page summaries
 //!   selectors score, the open (partly filled) last block of each stream, and as many whole f16 blocks as the limit
 //!   leaves room for. That floor cannot leave RAM: resident bytes are at most max(limit, floor).
-//! - **LRU**: every read of a block (the attention kernel folding it, [`super::BlockView::read_key`] / `read_value`,
-//!   [`super::KvCache::read`], a read from disk) stamps it with the current step; a block attention skips (outside
-//!   a sliding window, not selected) keeps its old stamp. Between steps, [`super::KvCache::rebalance`] keeps the most recently read blocks
+//! - **LRU**: every block the attention kernel folds is stamped with the current step
+//!   ([`super::BlockView::mark_read`]); a block attention skips (outside a sliding window, not selected) keeps its old
+//!   stamp, and reads by other readers (a selector scoring keys, a compression method) do not count, so what stays
+//!   in RAM is what attention reads. Between steps, [`super::KvCache::rebalance`] keeps the most recently read blocks
 //!   in RAM up to the limit (ties keep what is already resident, then newer blocks), spills the others and promotes
 //!   the disk blocks that made the cut. Full attention reads every block every step, so nothing churns; a selector's
 //!   selection becomes resident after one step.

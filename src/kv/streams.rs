@@ -339,7 +339,7 @@ impl KvCache {
         meta.resize(n_pages * 2 * hk, f16::ZERO);
         for p in (from / pt).min(n_pages)..n_pages {
             let (e0, e1) = (p * pt, ((p + 1) * pt).min(len));
-            let view = self.view(si, e0 / bt);
+            let view = self.block_view(si, e0 / bt);
             for (t, e) in (e0..e1).enumerate() {
                 view.read_key(e % bt, &mut keys[t * hk..][..hk]);
             }
@@ -703,17 +703,8 @@ impl KvCache {
         }
     }
 
-    /// Block `i` of stream `si`; reading it marks it as read now (offload's LRU).
+    /// Block `i` of stream `si`.
     fn block_view(&self, si: usize, i: usize) -> BlockView<'_> {
-        self.view_as(si, i, true)
-    }
-
-    /// Block `i` of stream `si`, for the cache's own bookkeeping: reading it does not count for the LRU.
-    fn view(&self, si: usize, i: usize) -> BlockView<'_> {
-        self.view_as(si, i, false)
-    }
-
-    fn view_as(&self, si: usize, i: usize, lru: bool) -> BlockView<'_> {
         let s = &self.streams[si];
         let bt = self.cfg.block_tokens;
         let b = self.pool.get(s.blocks[i]);
@@ -728,7 +719,6 @@ impl KvCache {
             hv: self.cfg.head_dim_v,
             off: self.pool.off.as_ref(),
             id: s.blocks[i],
-            lru: lru && self.pool.off.is_some(),
         }
     }
 
