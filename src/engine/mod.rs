@@ -430,7 +430,8 @@ impl<'m> Session<'m> {
 fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Result<()> {
     if cfg.kv.options.think.is_some() {
         bail!(
-            "--kv '{}' with --kv-offload: think prunes key channels, and offloaded blocks keep every channel;              run think without offload",
+            "--kv '{}' with --kv-offload: think prunes key channels, and offloaded blocks keep every channel; \
+             run think without offload",
             cfg.kv
         );
     }
@@ -439,7 +440,8 @@ fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Re
     if let Resident::Bytes(b) = oc.resident {
         if b < floor {
             bail!(
-                "--resident {}: below the {} that must stay in RAM (the open {}-token block of each of the cache's                  {} streams); give at least that, or a share",
+                "--resident {}: below the {} that must stay in RAM (the open {}-token block of each of the cache's \
+                 {} streams); give at least that, or a share",
                 stats::human_bytes(b),
                 stats::human_bytes(floor),
                 c.block_tokens,

@@ -27,6 +27,10 @@
 //! - **Accounting**: bytes read from the file count as KV bytes read (the cache's read counter) and, separately, as
 //!   disk reads ([`super::KvCache::disk_read_bytes`]); a block on disk costs 0 in [`super::BlockView::entry_bytes`],
 //!   its read is counted where it happens (a whole slot, even when a selection reads a few of its entries).
+//! - **Readers' buffers**: each reader keeps the last block it read from disk ([`OffloadBuf`]: one per attention task,
+//!   one per thread for the per-entry readers), scratch like the kernel's f32 tiles, outside the byte counter; a
+//!   block read again while still on disk is read again. Prefill attention reads each block on disk once per query
+//!   tile of the chunk: offload costs prefill more than decode.
 //!
 //! Offload stores f16 blocks with every key channel: KIVI-quantized and f32 storage and ThinK's pruned channels are
 //! refused when the cache is set up ([`super::KvCache::enable_offload`]). Methods that edit the cache (eviction,
