@@ -263,4 +263,23 @@ fn bad_kv_storage_flags_name_the_problem() {
         &["both set the residual"],
     );
     run(&["--kv", "kivi4", "--kv-dtype", "f32"], &["f32"]);
+    let off = f.path("off");
+    run(
+        &["--kv-offload", &off, "--resident", "64XB"],
+        &["--resident", "unknown unit 'XB'"],
+    );
+    run(
+        &["--kv-offload", &off, "--resident", "3"],
+        &["share of the cache", "(0, 1]"],
+    );
+    run(&["--resident", "0.5"], &["--kv-offload"]);
+    run(&["--kv-offload", &off], &["--resident"]);
+    run(
+        &["--kv-offload", &off, "--resident", "1KiB"],
+        &["below the", "must stay in RAM"],
+    );
+    run(
+        &["--kv-offload", &off, "--resident", "0.5", "--kv", "kivi4"],
+        &["keeps f16 blocks", "q4"],
+    );
 }

@@ -436,3 +436,55 @@ fn heads_writes_scores_that_duo_and_the_mask_read() {
         }
     }
 }
+
+#[test]
+fn kv_offload_keeps_the_output_and_reports_disk_bytes() {
+    let (dir, model) = tiny();
+    let prompt = "the theme in the thin tin then ".repeat(30);
+    let off = dir.path().join("offload");
+    let gen = |extra: &[&str]| -> (String, serde_json::Value, String) {
+        let stats = dir.path().join("s.json");
+        let out = hayloft()
+            .args([
+                "generate",
+                "--model",
+                &model,
+                "-p",
+                &prompt,
+                "-n",
+                "6",
+                "--temperature",
+                "0",
+            ])
+            .args(extra)
+            .arg("--stats-json")
+            .arg(&stats)
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        let j = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), j, stderr)
+    };
+    let (text, plain, _) = gen(&[]);
+    let (text_off, j, stderr) = gen(&["--kv-offload", off.to_str().unwrap(), "--resident", "0.25"]);
+    assert_eq!(text_off, text);
+    assert!(stderr.contains("on disk (read from disk"), "{stderr}");
+    let disk = j["kv_disk_bytes"].as_u64().unwrap();
+    assert!(
+        disk > 0 && j["kv_disk_read_bytes"].as_u64().unwrap() > 0,
+        "{j}"
+    );
+    let (ram, all) = (
+        j["kv_bytes"].as_u64().unwrap(),
+        plain["kv_bytes"].as_u64().unwrap(),
+    );
+    assert!(ram * 3 < all, "{ram} of {all} bytes in RAM");
+    assert_eq!(plain["kv_disk_bytes"], 0);
+    assert_eq!(
+        std::fs::read_dir(&off).unwrap().count(),
+        0,
+        "the file is removed at exit"
+    );
+}

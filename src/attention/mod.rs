@@ -11,6 +11,10 @@
 //! it: whole selected blocks go through the same block path, partly selected blocks are gathered entry by entry into a
 //! block-sized tile first. Every path counts the bytes it reads in the cache's read counter.
 //!
+//! A block offloaded to disk ([`crate::kv::offload`]) is read whole into the task's buffer with one explicit read
+//! (counted by the cache as a disk read) and folded like an f16 block; every block the kernel folds is marked as read
+//! for the offload LRU.
+//!
 //! `naive_attention` is the plain reference the tests compare against.
 
 pub mod select;
@@ -18,7 +22,7 @@ pub mod select;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::kv::{BlockData, BlockView, KvCache};
+use crate::kv::{BlockData, BlockView, KvCache, OffloadBuf};
 pub use select::Selection;
 
 /// Query tokens per task tile.
@@ -62,6 +66,8 @@ struct TaskBuf {
     gk: Vec<f32>,
     gv: Vec<f32>,
     gpos: Vec<u32>,
+    /// The last offloaded block this task read from disk (sized on first use).
+    disk: OffloadBuf,
     /// Bytes this task read.
     read: usize,
 }
@@ -500,15 +506,28 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             continue;
         }
         // Part of an f16 block: its keys are converted whole (each channel's row of the block is one or two cache
-        // lines, touched anyway) and counted whole; values and positions only for the selected entries.
-        let f16_part = blk.channels.is_none() && matches!(blk.data, BlockData::F16 { .. });
-        if let (true, BlockData::F16 { k: kh, .. }) = (f16_part, blk.data) {
+        // lines, touched anyway) and counted whole; values and positions only for the selected entries. A block
+        // offloaded to disk is read whole into the task's buffer (its read counted there), then taken the same way.
+        let on_disk = matches!(blk.data, BlockData::Disk(_));
+        let f16_part =
+            blk.channels.is_none() && (on_disk || matches!(blk.data, BlockData::F16 { .. }));
+        if f16_part {
+            blk.mark_read();
             if converted != pc.block as usize {
-                kh[..hk * BT].convert_to_f32_slice(&mut buf.k[..hk * BT]);
-                buf.read += 2 * hk * BT;
+                let TaskBuf { k, disk, .. } = &mut *buf;
+                let kh = match blk.data {
+                    BlockData::F16 { k: kh, .. } => &kh[..],
+                    _ => blk.read_offloaded(disk).expect("a disk block").0,
+                };
+                kh[..hk * BT].convert_to_f32_slice(&mut k[..hk * BT]);
+                if !on_disk {
+                    buf.read += 2 * hk * BT;
+                }
                 converted = pc.block as usize;
             }
-            buf.read += (j1 - j0) * (2 * hv + 4);
+            if !on_disk {
+                buf.read += (j1 - j0) * (2 * hv + 4);
+            }
         } else {
             buf.read += (j1 - j0) * blk.entry_bytes();
         }
@@ -521,10 +540,19 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             // Copy a run of entries [j, j + m) into the tile at ng: column runs of the transposed keys, value rows.
             let m = (j1 - j).min(BT - ng);
             let TaskBuf {
-                gk, gv, gpos, k, ..
+                gk,
+                gv,
+                gpos,
+                k,
+                disk,
+                ..
             } = buf;
             match (blk.data, f16_part) {
-                (BlockData::F16 { v: vh, .. }, true) => {
+                (_, true) => {
+                    let vh = match blk.data {
+                        BlockData::F16 { v: vh, .. } => &vh[..],
+                        _ => blk.read_offloaded(disk).expect("a disk block").1,
+                    };
                     for c in 0..hk {
                         gk[c * BT + ng..][..m].copy_from_slice(&k[c * BT + j..][..m]);
                     }
@@ -572,6 +600,7 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
             return; // the whole block is outside every row's window
         }
     }
+    blk.mark_read();
     buf.read += n * blk.entry_bytes();
     let TaskBuf {
         k,
@@ -581,6 +610,7 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
         l,
         acc,
         qg,
+        disk,
         ..
     } = buf;
     // kt: hs × BT (keys transposed), vb: n × hv, as f32.
@@ -595,6 +625,13 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
             // KIVI block: dequantize this block only, into the task's scratch.
             qb.keys_into::<BT>(&mut k[..hs * BT]);
             qb.values_into(n, hv, &mut v[..n * hv]);
+            (&k[..hs * BT], &v[..n * hv])
+        }
+        BlockData::Disk(_) => {
+            // Offloaded block: read from the cache's file into this task's scratch, then as an f16 block.
+            let (kh, vh) = blk.read_offloaded(disk).expect("a disk block");
+            kh[..hs * BT].convert_to_f32_slice(&mut k[..hs * BT]);
+            vh[..n * hv].convert_to_f32_slice(&mut v[..n * hv]);
             (&k[..hs * BT], &v[..n * hv])
         }
     };

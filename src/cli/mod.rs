@@ -91,6 +91,13 @@ pub struct ModelArgs {
     /// Quantized KV: the newest N entries of each head stay f16 (default 128). Needs --kv-dtype q* or a kivi spec.
     #[arg(long)]
     pub kv_residual: Option<usize>,
+    /// Keep the KV blocks beyond --resident in a file under DIR (created fresh, removed at exit), read back on demand
+    /// by the blocks attention reads. f16 storage; every method but think and kivi.
+    #[arg(long, value_name = "DIR", requires = "resident")]
+    pub kv_offload: Option<PathBuf>,
+    /// With --kv-offload: the KV bytes kept in RAM, a size (64MiB, 1.5GiB) or a share of the cache (0.25).
+    #[arg(long, value_name = "N", requires = "kv_offload")]
+    pub resident: Option<crate::kv::Resident>,
     /// Write the stats line as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -178,6 +185,12 @@ impl ModelArgs {
             bail!("--chunk-size must be at least 1");
         }
         session_cfg.chunk_size = self.chunk_size;
+        if let (Some(dir), Some(resident)) = (&self.kv_offload, self.resident) {
+            session_cfg.offload = Some(crate::kv::OffloadConfig {
+                dir: dir.clone(),
+                resident,
+            });
+        }
         if let Some(mc) = self.max_context {
             if mc == 0 {
                 bail!("--max-context must be at least 1");

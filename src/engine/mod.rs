@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use crate::kv::{KvCache, KvDtype};
+use crate::kv::{KvCache, KvDtype, OffloadConfig, Resident};
 use crate::methods::obs::{AttnAcc, QueryWindow};
 use crate::methods::press::Press;
 use crate::methods::{KvSpec, Needs};
@@ -38,6 +38,9 @@ pub struct SessionConfig {
     pub observe: Needs,
     /// Head ablation: `head_mask[layer · n_heads + head]` zeroes that query head's attention output (empty = none).
     pub head_mask: Vec<bool>,
+    /// `--kv-offload DIR --resident N`: keep at most N bytes of KV blocks in RAM, the rest in a file under DIR
+    /// (see [`crate::kv::offload`]). None = everything in RAM.
+    pub offload: Option<OffloadConfig>,
 }
 
 impl SessionConfig {
@@ -50,6 +53,7 @@ impl SessionConfig {
             kv: KvSpec::full(),
             observe: Needs::default(),
             head_mask: Vec::new(),
+            offload: None,
         }
     }
 }
@@ -90,7 +94,11 @@ impl<'m> Session<'m> {
         let mc = model.config();
         // The storage format comes from the spec (a `kivi*` option) or else from `kv_dtype`.
         let dtype = crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?;
-        let cache = KvCache::new(mc.kv_config(dtype, cfg.block_tokens));
+        let mut cache = KvCache::new(mc.kv_config(dtype, cfg.block_tokens));
+        if let Some(oc) = &cfg.offload {
+            check_offload(oc, &cfg, &cache)?;
+            cache.enable_offload(oc)?;
+        }
         // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).
         let logit_rows = (64 * 1024 * 1024 / 4 / mc.vocab.max(1)).clamp(1, cfg.chunk_size);
         let mut scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
@@ -117,7 +125,6 @@ impl<'m> Session<'m> {
             }
             scratch.head_mask = cfg.head_mask.clone();
         }
-        let mut cache = cache;
         if let Some(sel) = &cfg.kv.select {
             let selector = (sel.row.build)(sel, mc)?;
             if let Some(m) = selector.meta() {
@@ -228,6 +235,8 @@ impl<'m> Session<'m> {
                 let acc = &mut self.acc;
                 rayon::scope(|_| acc.accumulate(cache, obs, end - start, mc.attn_scale, &windows));
             }
+            // Offload: the blocks this step read come back into RAM, the least recently read go to disk.
+            self.cache.rebalance()?;
             self.stats.note_kv(self.cache.peak_bytes());
             // Logits for wanted rows inside this chunk, a bounded number of rows at a time.
             let lo = want.start.max(start);
@@ -278,6 +287,8 @@ impl<'m> Session<'m> {
             .map_or(0, |s| s.index_bytes());
         self.stats.kv_bytes = self.cache.bytes() + index;
         self.stats.kv_meta_bytes = self.cache.meta_bytes() + index;
+        self.stats.kv_disk_bytes = self.cache.disk_bytes();
+        self.stats.kv_disk_read_bytes = self.cache.disk_read_bytes();
         self.stats.note_kv(self.cache.peak_bytes() + index);
     }
 
@@ -344,7 +355,7 @@ impl<'m> Session<'m> {
                 spec
             );
         }
-        s.cache = self.cache.clone();
+        s.cache = self.cache.try_clone()?;
         // The copied cache keeps the page summaries the fork's selector scores (computed now for what it holds).
         if let Some(m) = s.scratch.selector.as_ref().and_then(|x| x.meta()) {
             s.cache.enable_meta(m);
@@ -370,6 +381,8 @@ impl<'m> Session<'m> {
         }
         s.compress();
         s.end_prefill();
+        s.cache.rebalance()?;
+        s.note_bytes();
         Ok(s)
     }
 
@@ -410,6 +423,33 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         self.truncate(0);
     }
+}
+
+/// Refuses what offload cannot do: ThinK's pruned key channels (offloaded blocks keep every channel; KIVI and f32
+/// storage are refused by the cache itself), and a byte limit below the open block of every stream.
+fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Result<()> {
+    if cfg.kv.options.think.is_some() {
+        bail!(
+            "--kv '{}' with --kv-offload: think prunes key channels, and offloaded blocks keep every channel; \
+             run think without offload",
+            cfg.kv
+        );
+    }
+    let c = &cache.cfg;
+    let floor = c.n_layers * c.n_kv_heads * c.block_bytes();
+    if let Resident::Bytes(b) = oc.resident {
+        if b < floor {
+            bail!(
+                "--resident {}: below the {} that must stay in RAM (the open {}-token block of each of the cache's \
+                 {} streams); give at least that, or a share",
+                stats::human_bytes(b),
+                stats::human_bytes(floor),
+                c.block_tokens,
+                c.n_layers * c.n_kv_heads
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The sliding window of every layer (None on global layers).

@@ -19,6 +19,12 @@ pub struct Stats {
     pub kv_bytes: usize,
     /// Of those, the selector's page summaries and indices.
     pub kv_meta_bytes: usize,
+    /// KV offload (`--kv-offload`): bytes of the blocks in the offload file at the end (`kv_bytes` is what stayed in
+    /// RAM).
+    pub kv_disk_bytes: usize,
+    /// KV offload: bytes read from the offload file over the session (prefill, decode and promotions back into RAM);
+    /// they are part of the KV bytes read.
+    pub kv_disk_read_bytes: u64,
     /// KV bytes read per decoded token (attention plus the selector's scoring; mean over decode steps).
     pub kv_read_bytes_per_token: f64,
     /// Time in attention (selection included) per decoded token.
@@ -64,7 +70,7 @@ impl Stats {
 
     pub fn line(&self) -> String {
         format!(
-            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}) | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({})",
+            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({})",
             self.prompt_tokens,
             self.generated_tokens,
             self.ttft_ms,
@@ -74,6 +80,15 @@ impl Stats {
             human_bytes(self.peak_kv_bytes),
             if self.kv_meta_bytes > 0 {
                 format!(", selection metadata {}", human_bytes(self.kv_meta_bytes))
+            } else {
+                String::new()
+            },
+            if self.kv_disk_bytes > 0 || self.kv_disk_read_bytes > 0 {
+                format!(
+                    " in RAM, {} on disk (read from disk {})",
+                    human_bytes(self.kv_disk_bytes),
+                    human_bytes(self.kv_disk_read_bytes as usize)
+                )
             } else {
                 String::new()
             },

@@ -10,6 +10,7 @@
 
 use half::f16;
 
+use super::offload::{DiskRef, Offload, OffloadBuf, THREAD_BUF};
 use super::quant::{self, QBlock};
 use super::{KvConfig, KvDtype};
 
@@ -28,6 +29,9 @@ pub enum BlockData {
     },
     /// A KIVI-quantized full block.
     Quant(QBlock),
+    /// An f16 block offloaded to the cache's file (see [`super::offload`]): read it with
+    /// [`BlockView::read_offloaded`] (or the per-entry readers). Its positions stay in RAM.
+    Disk(DiskRef),
 }
 
 #[derive(Clone)]
@@ -94,6 +98,10 @@ impl Block {
                 quant: true,
                 hk: q.k_ms.len() / 2,
             },
+            BlockData::Disk(r) => Shape {
+                quant: false,
+                hk: r.hk as usize,
+            },
         }
     }
 
@@ -137,8 +145,8 @@ impl Block {
                 }
                 bv[slot * hv..][..hv].copy_from_slice(v);
             }
-            BlockData::Quant(_) => {
-                unreachable!("entries are appended to full-precision blocks only")
+            BlockData::Quant(_) | BlockData::Disk(_) => {
+                unreachable!("entries are appended to full-precision blocks in RAM only")
             }
         }
     }
@@ -154,6 +162,7 @@ impl Block {
                 q.k = gather_rows(&q.k, rows, kb);
                 q.k_ms = gather_rows(&q.k_ms, rows, 2);
             }
+            BlockData::Disk(_) => unreachable!("blocks are edited in RAM only"),
         }
     }
 }
@@ -178,23 +187,65 @@ pub struct BlockView<'a> {
     pub channels: Option<&'a [u16]>,
     pub(super) bt: usize,
     pub(super) hv: usize,
+    /// The cache's offload store (when offload is on): where a [`BlockData::Disk`] block is read from.
+    pub(super) off: Option<&'a Offload>,
+    /// The block's id in the pool (offload's LRU stamps it).
+    pub(super) id: u32,
 }
 
-impl BlockView<'_> {
+impl<'a> BlockView<'a> {
     /// Bytes one entry of this block takes (its share of the block's keys, values, scales and positions): what reading
-    /// it costs.
+    /// it costs. 0 for a block on disk: reading it is counted where the read happens, a whole slot at a time.
     pub fn entry_bytes(&self) -> usize {
         let data = match self.data {
             BlockData::F16 { k, v } => 2 * (k.len() + v.len()),
             BlockData::F32 { k, v } => 4 * (k.len() + v.len()),
             BlockData::Quant(q) => q.bytes(),
+            BlockData::Disk(_) => return 0,
         };
         data / self.bt + 4
+    }
+
+    /// Marks the block as read by attention in this step, for offload's LRU (nothing without offload): the attention
+    /// kernel calls it for every block it folds. Other readers (selectors scoring keys, compression) do not: the
+    /// blocks kept in RAM are the ones attention reads.
+    #[inline]
+    pub fn mark_read(&self) {
+        if let Some(o) = self.off {
+            o.touch(self.id);
+        }
+    }
+
+    /// Keys (hk × block_tokens, transposed as in an f16 block) and values (block_tokens × hv) of a block on disk,
+    /// read into `buf` (nothing is read if `buf` already holds this block); None for a block in RAM. A failed read
+    /// reads as zeros and is recorded in the cache, whose next [`super::KvCache::rebalance`] reports it.
+    pub fn read_offloaded<'b>(&self, buf: &'b mut OffloadBuf) -> Option<(&'b [f16], &'b [f16])> {
+        match self.data {
+            BlockData::Disk(r) => Some(buf.load(self.off.expect("a disk block has a store"), r)),
+            _ => None,
+        }
+    }
+
+    /// Runs `f` on this disk block's (keys, values), read through this thread's one-block buffer.
+    fn with_disk<R>(&self, r: &DiskRef, f: impl FnOnce(&[f16], &[f16]) -> R) -> R {
+        let off = self.off.expect("a disk block has a store");
+        THREAD_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let (k, v) = b.load(off, r);
+            f(k, v)
+        })
     }
 
     /// Key of entry `j` as f32, all `head_dim_k` channels (pruned channels read as 0).
     pub fn read_key(&self, j: usize, out: &mut [f32]) {
         let bt = self.bt;
+        if let BlockData::Disk(r) = self.data {
+            return self.with_disk(r, |k, _| {
+                out.iter_mut()
+                    .enumerate()
+                    .for_each(|(c, x)| *x = k[c * bt + j].to_f32())
+            });
+        }
         let stored = |c: usize| match self.data {
             BlockData::F16 { k, .. } => k[c * bt + j].to_f32(),
             BlockData::F32 { k, .. } => k[c * bt + j],
@@ -208,6 +259,7 @@ impl BlockView<'_> {
                     j,
                 )
             }
+            BlockData::Disk(_) => unreachable!("read above"),
         };
         match self.channels {
             None => out.iter_mut().enumerate().for_each(|(c, x)| *x = stored(c)),
@@ -230,6 +282,11 @@ impl BlockView<'_> {
                 .for_each(|(o, x)| *o = x.to_f32()),
             BlockData::F32 { v, .. } => out.copy_from_slice(&v[j * hv..][..hv]),
             BlockData::Quant(q) => q.value(j, out),
+            BlockData::Disk(r) => self.with_disk(r, |_, v| {
+                out.iter_mut()
+                    .zip(&v[j * hv..][..hv])
+                    .for_each(|(o, x)| *o = x.to_f32())
+            }),
         }
     }
 }
@@ -294,6 +351,7 @@ impl Stage {
                 self.vms[2 * w * ng..][..2 * ng].copy_from_slice(&q.v_ms[2 * j * ng..][..2 * ng]);
                 self.coded[w] = true;
             }
+            BlockData::Disk(_) => unreachable!("blocks are staged from RAM only"),
         }
     }
 
@@ -369,6 +427,7 @@ impl Stage {
                 }
                 v[..n * hv].copy_from_slice(&self.v[..n * hv]);
             }
+            BlockData::Disk(_) => unreachable!("blocks are stored into RAM only"),
             BlockData::Quant(q) => {
                 debug_assert_eq!(n, bt, "only full blocks are quantized");
                 let kb = bt * q.bits as usize / 8;
@@ -420,6 +479,8 @@ mod tests {
             channels,
             bt: cfg.block_tokens,
             hv: cfg.head_dim_v,
+            off: None,
+            id: 0,
         }
     }
 

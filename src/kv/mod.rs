@@ -29,18 +29,23 @@
 //! - `meta`: page summaries of the keys (channel min/max or mean/std) that decode-time selectors score, kept exact
 //!   as the streams change and counted in the byte counter.
 //!
+//! - `offload`: `--kv-offload DIR --resident N`: at most N bytes of blocks stay in RAM, the others live in a file and
+//!   are read back (explicit reads, checksummed slots) by the blocks attention reads, through an LRU.
+//!
 //! The cache also counts the bytes attention and selectors *read* ([`KvCache::note_read`]), next to the bytes it holds.
 //!
 //! This file holds the configuration types.
 
 mod format;
 pub mod meta;
+pub mod offload;
 mod pool;
 pub mod quant;
 mod streams;
 
 pub use format::{Block, BlockData, BlockView};
 pub use meta::{MetaConfig, PageStat};
+pub use offload::{OffloadBuf, OffloadConfig, OffloadReader, Resident};
 pub use streams::KvCache;
 
 use quant::QBlock;

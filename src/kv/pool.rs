@@ -5,11 +5,18 @@
 //! list of its shape and is handed out again before any new block is allocated. [`trim`](BlockPool::trim) gives free
 //! blocks back to the allocator; their ids become holes, filled first by later allocations. The byte counter counts
 //! every block that exists, in use or free, so it is the memory the cache really holds.
+//!
+//! With offload on ([`super::offload`]), the pool also owns the offload store: [`spill`](BlockPool::spill) writes a
+//! block's keys and values to the file and frees them (the block keeps its positions, and counts only those),
+//! [`promote`](BlockPool::promote) reads them back; a released block on disk frees its slot and its id.
 
-use super::format::{Block, Shape};
+use anyhow::Result;
+use half::f16;
+
+use super::format::{Block, BlockData, Shape};
+use super::offload::Offload;
 use super::KvConfig;
 
-#[derive(Clone)]
 pub(super) struct BlockPool {
     cfg: KvConfig,
     blocks: Vec<Option<Block>>,
@@ -19,6 +26,16 @@ pub(super) struct BlockPool {
     free: Vec<(Shape, Vec<u32>)>,
     bytes: usize,
     peak_bytes: usize,
+    /// The offload store, when offload is on.
+    pub(super) off: Option<Offload>,
+}
+
+impl Clone for BlockPool {
+    /// Panics if the offload file cannot be copied; [`BlockPool::try_clone`] returns the error.
+    fn clone(&self) -> Self {
+        self.try_clone()
+            .unwrap_or_else(|e| panic!("cloning the KV cache: {e:#}"))
+    }
 }
 
 impl BlockPool {
@@ -31,7 +48,21 @@ impl BlockPool {
             free: Vec::new(),
             bytes: 0,
             peak_bytes: 0,
+            off: None,
         }
+    }
+
+    /// A copy; an offloaded pool gets its own file holding the same blocks.
+    pub(super) fn try_clone(&self) -> Result<Self> {
+        Ok(BlockPool {
+            cfg: self.cfg.clone(),
+            blocks: self.blocks.clone(),
+            holes: self.holes.clone(),
+            free: self.free.clone(),
+            bytes: self.bytes,
+            peak_bytes: self.peak_bytes,
+            off: self.off.as_ref().map(|o| o.try_clone()).transpose()?,
+        })
     }
 
     pub(super) fn get(&self, id: u32) -> &Block {
@@ -50,14 +81,28 @@ impl BlockPool {
     pub(super) fn take(&mut self, shape: Shape) -> u32 {
         if let Some((_, list)) = self.free.iter_mut().find(|(s, _)| *s == shape) {
             if let Some(id) = list.pop() {
+                if let Some(o) = &mut self.off {
+                    o.fresh(id);
+                }
                 return id;
             }
         }
         self.alloc(shape)
     }
 
-    /// Puts a block on the free list of its shape.
+    /// Puts a block on the free list of its shape. A block on disk frees its slot and its id instead.
     pub(super) fn release(&mut self, id: u32) {
+        if let BlockData::Disk(r) = &self.get(id).data {
+            let r = *r;
+            self.off
+                .as_mut()
+                .expect("a disk block has a store")
+                .release(&r);
+            self.bytes -= 4 * self.cfg.block_tokens;
+            self.blocks[id as usize] = None;
+            self.holes.push(id);
+            return;
+        }
         let shape = self.shape(id);
         match self.free.iter_mut().find(|(s, _)| *s == shape) {
             Some((_, list)) => list.push(id),
@@ -105,6 +150,44 @@ impl BlockPool {
         self.peak_bytes = self.peak_bytes.max(self.bytes);
     }
 
+    /// Bytes of an f16 block's keys and values with `hk` key channels (what spilling frees).
+    fn data_bytes(&self, hk: usize) -> usize {
+        2 * (hk + self.cfg.head_dim_v) * self.cfg.block_tokens
+    }
+
+    /// Writes block `id` (f16, every key channel, in RAM) to the offload file and frees its keys and values.
+    pub(super) fn spill(&mut self, id: u32) -> Result<()> {
+        let off = self.off.as_mut().expect("spilling needs offload");
+        let block = self.blocks[id as usize].as_mut().expect("live block");
+        let BlockData::F16 { k, v } = &block.data else {
+            unreachable!("only f16 blocks in RAM are spilled")
+        };
+        let hk = k.len() / self.cfg.block_tokens;
+        let r = off.write(k, v, &block.pos)?;
+        block.data = BlockData::Disk(r);
+        self.bytes -= self.data_bytes(hk);
+        Ok(())
+    }
+
+    /// Reads block `id` back from the offload file into RAM (and frees its slot). On failure the block reads as zeros
+    /// and the error is returned.
+    pub(super) fn promote(&mut self, id: u32) -> Result<()> {
+        let bt = self.cfg.block_tokens;
+        let off = self.off.as_mut().expect("promoting needs offload");
+        let block = self.blocks[id as usize].as_mut().expect("live block");
+        let BlockData::Disk(r) = block.data else {
+            return Ok(());
+        };
+        let hk = r.hk as usize;
+        let mut k = vec![f16::ZERO; hk * bt].into_boxed_slice();
+        let mut v = vec![f16::ZERO; bt * self.cfg.head_dim_v].into_boxed_slice();
+        let res = off.take(&r, &mut k, &mut v, &mut block.pos);
+        block.data = BlockData::F16 { k, v };
+        self.bytes += self.data_bytes(hk);
+        self.peak_bytes = self.peak_bytes.max(self.bytes);
+        res
+    }
+
     /// Bytes of every block that exists, used or free.
     pub(super) fn bytes(&self) -> usize {
         self.bytes
@@ -122,6 +205,14 @@ impl BlockPool {
         let block = Block::new(&self.cfg, shape);
         self.bytes += shape.bytes(&self.cfg);
         self.peak_bytes = self.peak_bytes.max(self.bytes);
+        let id = self.place(block);
+        if let Some(o) = &mut self.off {
+            o.fresh(id);
+        }
+        id
+    }
+
+    fn place(&mut self, block: Block) -> u32 {
         match self.holes.pop() {
             Some(i) => {
                 self.blocks[i as usize] = Some(block);

@@ -5,12 +5,15 @@
 //! overwrite one entry, retain some entries of one head (eviction), truncate, prune key channels (ThinK). When an
 //! entry must change block or format, it goes through the [`Stage`] (see [`super::format`]).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use anyhow::{bail, Result};
 use half::f16;
 
 use super::format::{BlockData, BlockView, Shape, Stage};
 use super::meta::{self, MetaConfig};
+use super::offload::{self, Cand, Offload, OffloadConfig};
 use super::pool::BlockPool;
 use super::quant;
 use super::{KvConfig, KvDtype, BLOCK_TOKEN_CHOICES};
@@ -38,7 +41,6 @@ impl Clone for ReadCounter {
     }
 }
 
-#[derive(Clone)]
 pub struct KvCache {
     pub cfg: KvConfig,
     pool: BlockPool,
@@ -54,6 +56,16 @@ pub struct KvCache {
     read: ReadCounter,
     /// Changes other than appends (evictions, overwrites, truncations, pruned channels): entry indices may have moved.
     edits: u64,
+    /// Offload: the blocks the last rebalance weighed (reused).
+    cands: Vec<Cand>,
+}
+
+impl Clone for KvCache {
+    /// Panics if an offloaded cache's file cannot be copied; [`KvCache::try_clone`] returns the error.
+    fn clone(&self) -> Self {
+        self.try_clone()
+            .unwrap_or_else(|e| panic!("cloning the KV cache: {e:#}"))
+    }
 }
 
 impl KvCache {
@@ -77,7 +89,178 @@ impl KvCache {
             meta_keys: Vec::new(),
             read: ReadCounter::default(),
             edits: 0,
+            cands: Vec::new(),
             cfg,
+        }
+    }
+
+    /// A copy of the cache; an offloaded cache's copy gets its own file with the same blocks.
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            pool: self.pool.try_clone()?,
+            streams: self.streams.clone(),
+            stage: self.stage.clone(),
+            meta_cfg: self.meta_cfg,
+            meta_bytes: self.meta_bytes,
+            meta_keys: self.meta_keys.clone(),
+            read: self.read.clone(),
+            edits: self.edits,
+            cands: Vec::new(),
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------------------------------
+    // Offload (see [`offload`])
+
+    /// Keeps at most `oc.resident` bytes in RAM from now on, the other blocks in a new file under `oc.dir` (removed
+    /// when the cache is dropped). Blocks move at [`Self::rebalance`]. Fails for storage other than f16 (KIVI, f32),
+    /// for streams with pruned key channels, or if the file cannot be created.
+    pub fn enable_offload(&mut self, oc: &OffloadConfig) -> Result<()> {
+        if self.pool.off.is_some() {
+            bail!("the KV cache is already offloaded");
+        }
+        if self.streams.iter().any(|s| s.channels.is_some()) {
+            bail!("--kv-offload keeps blocks with every key channel: it cannot take streams with pruned channels (think)");
+        }
+        let mut off = Offload::create(oc, &self.cfg)?;
+        for s in &self.streams {
+            s.blocks.iter().for_each(|&id| off.fresh(id));
+        }
+        self.pool.off = Some(off);
+        Ok(())
+    }
+
+    /// The offload configuration, when offload is on.
+    pub fn offload_config(&self) -> Option<&OffloadConfig> {
+        self.pool.off.as_ref().map(|o| &o.cfg)
+    }
+
+    /// The offload file and its nonce (for [`offload::OffloadReader::open`]), when offload is on.
+    pub fn offload_file(&self) -> Option<(&Path, u64)> {
+        self.pool.off.as_ref().map(|o| (o.path(), o.nonce()))
+    }
+
+    /// Bytes of the blocks on disk (0 without offload).
+    pub fn disk_bytes(&self) -> usize {
+        self.pool.off.as_ref().map_or(0, |o| o.disk_bytes())
+    }
+
+    /// Bytes read from the offload file since the cache was made (0 without offload).
+    pub fn disk_read_bytes(&self) -> u64 {
+        self.pool.off.as_ref().map_or(0, |o| o.read_total())
+    }
+
+    /// The resident limit now, in bytes: the configured size, or the share of what the cache would hold with every
+    /// block in RAM. None without offload.
+    pub fn resident_limit(&self) -> Option<usize> {
+        let off = self.pool.off.as_ref()?;
+        let n_disk: usize = self
+            .streams
+            .iter()
+            .flat_map(|s| &s.blocks)
+            .filter(|&&id| matches!(self.pool.get(id).data, BlockData::Disk(_)))
+            .count();
+        Some(
+            off.cfg
+                .resident
+                .limit(self.pool.bytes() + n_disk * self.block_data_bytes()),
+        )
+    }
+
+    /// Moves blocks between RAM and the offload file so that at most the resident limit stays in RAM (never less
+    /// than the floor that cannot move: positions, page summaries, the open block of each stream): the most recently
+    /// read blocks stay or come back, the least recently read ones go to disk. Call it between steps. Reports the
+    /// first I/O failure since the cache was made. Nothing to do without offload.
+    pub fn rebalance(&mut self) -> Result<()> {
+        self.settle();
+        match self.pool.off.as_ref().and_then(|o| o.error()) {
+            Some(e) => bail!("{e}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes of an f16 block's keys and values with every key channel (what a spill frees).
+    fn block_data_bytes(&self) -> usize {
+        2 * (self.cfg.head_dim_k + self.cfg.head_dim_v) * self.cfg.block_tokens
+    }
+
+    /// [`Self::rebalance`] without the report (failures are recorded in the store).
+    fn settle(&mut self) {
+        let Some(off) = self.pool.off.as_ref() else {
+            return;
+        };
+        if off.error().is_some() {
+            return;
+        }
+        let (bt, hk) = (self.cfg.block_tokens, self.cfg.head_dim_k);
+        let data = self.block_data_bytes();
+        let mut cands = std::mem::take(&mut self.cands);
+        cands.clear();
+        let (mut n_disk, mut resident) = (0, 0);
+        for s in &self.streams {
+            let nb = s.blocks.len();
+            for (b, &id) in s.blocks.iter().enumerate() {
+                let on_disk = match &self.pool.get(id).data {
+                    BlockData::Disk(_) => true,
+                    BlockData::F16 { k, .. } if k.len() == hk * bt => false,
+                    // Other formats (pruned channels) stay in RAM.
+                    _ => continue,
+                };
+                n_disk += on_disk as usize;
+                if !on_disk && b + 1 == nb && !s.len.is_multiple_of(bt) {
+                    continue; // the open block: the next append writes into it
+                }
+                resident += !on_disk as usize;
+                cands.push(Cand {
+                    id,
+                    stamp: off.stamp(id),
+                    on_disk,
+                    index: b as u32,
+                });
+            }
+        }
+        let resident_cfg = off.cfg.resident;
+        // Free blocks are memory held for nothing here: give them back first.
+        self.pool.trim();
+        let bytes = self.pool.bytes();
+        let limit = resident_cfg.limit(bytes + n_disk * data);
+        let fixed = bytes - resident * data;
+        let keep = limit.saturating_sub(fixed) / data;
+        offload::rank(&mut cands);
+        let mut res = Ok(());
+        for c in cands.iter().skip(keep).filter(|c| !c.on_disk) {
+            res = self.pool.spill(c.id);
+            if res.is_err() {
+                break;
+            }
+        }
+        if res.is_ok() {
+            for c in cands.iter().take(keep).filter(|c| c.on_disk) {
+                res = self.pool.promote(c.id);
+                if res.is_err() {
+                    break;
+                }
+            }
+        }
+        let off = self.pool.off.as_mut().expect("checked above");
+        if let Err(e) = res {
+            off.fail(e);
+        }
+        off.tick = off.tick.wrapping_add(1);
+        self.cands = cands;
+    }
+
+    /// Brings blocks `[from, to)` of stream `si` back into RAM if they are on disk (before they are edited).
+    fn make_resident(&mut self, si: usize, from: usize, to: usize) {
+        if self.pool.off.is_none() {
+            return;
+        }
+        for b in from..to.min(self.streams[si].blocks.len()) {
+            let id = self.streams[si].blocks[b];
+            if let Err(e) = self.pool.promote(id) {
+                self.pool.off.as_ref().expect("offload is on").fail(e);
+            }
         }
     }
 
@@ -130,9 +313,11 @@ impl KvCache {
         self.read.0.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// Bytes read since the last call (or since the cache was made), and resets the count.
+    /// Bytes read since the last call (or since the cache was made), and resets the count. Bytes read from the
+    /// offload file count too.
     pub fn take_read(&self) -> u64 {
-        self.read.0.swap(0, Ordering::Relaxed)
+        let disk = self.pool.off.as_ref().map_or(0, |o| o.take_pending());
+        self.read.0.swap(0, Ordering::Relaxed) + disk
     }
 
     /// Bytes one stored entry of (layer, KV head) takes to read (key, value and position), its block's share.
@@ -282,8 +467,12 @@ impl KvCache {
                     let id = self.pool.take(shape);
                     self.streams[si].blocks.push(id);
                 }
-                let s = &self.streams[si];
                 let slot = len % bt;
+                if slot != 0 {
+                    // The open block went to disk only if a truncation reopened it.
+                    self.make_resident(si, len / bt, len / bt + 1);
+                }
+                let s = &self.streams[si];
                 let block = self.pool.get_mut(s.blocks[len / bt]);
                 block.pos[slot] = pos[t];
                 let krow = &k[(t * nh + h) * hk..][..hk];
@@ -313,6 +502,7 @@ impl KvCache {
         let len = self.streams[si].len;
         assert!(idx < len, "entry {idx} past the stream's {len} entries");
         let (b, slot) = (idx / bt, idx % bt);
+        self.make_resident(si, b, b + 1);
         let id = self.streams[si].blocks[b];
         if matches!(self.pool.get(id).data, BlockData::Quant(_)) {
             let n = (len - b * bt).min(bt);
@@ -393,6 +583,8 @@ impl KvCache {
             .enumerate()
             .take_while(|(w, &i)| *w == i)
             .count();
+        // Every block from the first dropped entry on is rewritten or read: in RAM.
+        self.make_resident(si, first / bt, usize::MAX);
         let target = self.quant_target(new_len);
         let old_nq = self.streams[si].n_quant;
         for b in target..(first / bt).min(old_nq) {
@@ -421,6 +613,8 @@ impl KvCache {
         }
         self.refresh_meta(si, first.min(target * bt));
         self.edits += 1;
+        // The blocks brought back for the edit go back to disk now, not at the end of the whole compression.
+        self.settle();
     }
 
     /// ThinK: keeps only the key channels `c` of (layer, KV head) with `keep[c]` (indexed by the model's channels,
@@ -442,6 +636,7 @@ impl KvCache {
         if rows.len() == old.len() {
             return;
         }
+        self.make_resident(si, 0, usize::MAX);
         for &id in &self.streams[si].blocks {
             self.pool.keep_key_rows(id, &rows);
         }
@@ -522,11 +717,14 @@ impl KvCache {
             channels: s.channels.as_deref(),
             bt,
             hv: self.cfg.head_dim_v,
+            off: self.pool.off.as_ref(),
+            id: s.blocks[i],
         }
     }
 
     /// Loads entries `[0, n)` of block `b` of stream `si` into the stage.
     fn stage_block(&mut self, si: usize, b: usize, n: usize) {
+        self.make_resident(si, b, b + 1);
         let hk = self.stream_hk(si);
         let block = self.pool.get(self.streams[si].blocks[b]);
         for j in 0..n {
@@ -591,7 +789,13 @@ impl KvCache {
         if len == 0 {
             s.channels = None;
         }
-        self.refresh_meta(si, len.min(target * bt));
+        // Summaries change from the first block stored in full precision again, else only in the last page.
+        let from = if nq > target {
+            len.min(target * bt)
+        } else {
+            len
+        };
+        self.refresh_meta(si, from);
     }
 }
 

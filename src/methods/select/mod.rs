@@ -251,12 +251,14 @@ pub fn meta_read_bytes(cache: &KvCache, pages: usize) -> usize {
 }
 
 /// Bytes reading one key of `block` costs (its share of the block's key data and key scales, not values): what a
-/// selector that scores keys directly pays per key.
+/// selector that scores keys directly pays per key (0 for a block on disk, see [`BlockView::entry_bytes`]).
 pub fn key_read_bytes(block: &BlockView, block_tokens: usize) -> usize {
     match block.data {
         BlockData::F16 { k, .. } => 2 * k.len() / block_tokens,
         BlockData::F32 { k, .. } => 4 * k.len() / block_tokens,
         BlockData::Quant(q) => (q.k.len() + 2 * q.k_ms.len()).div_ceil(block_tokens),
+        // Offloaded: the read from disk is counted where it happens, a whole block at a time.
+        BlockData::Disk(_) => 0,
     }
 }
 

@@ -433,6 +433,8 @@ fn block_key_bytes(view: &BlockView) -> usize {
         BlockData::F16 { k, .. } => 2 * k.len(),
         BlockData::F32 { k, .. } => 4 * k.len(),
         BlockData::Quant(q) => q.k.len() + 2 * q.k_ms.len(),
+        // Offloaded: the read from disk is counted where it happens.
+        BlockData::Disk(_) => 0,
     }
 }
 
@@ -478,7 +480,8 @@ fn score_block(
                 }
             }
         }
-        BlockData::Quant(_) => {
+        // Quantized, or offloaded to disk (read whole once, through the per-entry reader's buffer).
+        BlockData::Quant(_) | BlockData::Disk(_) => {
             for s in s0..s1 {
                 view.read_key(s, key);
                 for i in 0..g {
