@@ -16,6 +16,7 @@
 
 pub mod lserve;
 pub mod quest;
+pub mod squeezed;
 
 use anyhow::{bail, Result};
 use half::f16;
@@ -54,6 +55,11 @@ pub struct SelectOptions {
     /// Reuse threshold: a layer's previous selection is reused while the query's cosine similarity to the one it was
     /// chosen with stays at or above this (TokenSelect's Selection Cache).
     pub reuse: Option<f32>,
+    /// Squeezed Attention's threshold mode: keep the clusters whose estimated attention reaches this quantile of the
+    /// observation window's estimates (None = fill the budget best-first).
+    pub threshold: Option<f32>,
+    /// Squeezed Attention's centroid levels: 1, or 2 for the hierarchical lookup.
+    pub levels: Option<usize>,
 }
 
 /// Parses a whole number option value.
