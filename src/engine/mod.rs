@@ -338,14 +338,18 @@ impl<'m> Session<'m> {
             );
         }
         let needs = s.press.as_ref().map_or(Needs::default(), Press::needs);
-        if needs.window > self.scratch.obs.capacity() {
+        // The selector's index reads recorded queries too (Squeezed Attention's thresholds).
+        let window = needs
+            .window
+            .max(s.scratch.selector.as_ref().map_or(0, |x| x.query_window()));
+        if window > self.scratch.obs.capacity() {
             bail!(
                 "cannot fork to '{}': it reads the last {} queries, and this session recorded {} \
                  (set SessionConfig::observe.window to at least {})",
                 spec,
-                needs.window,
+                window,
                 self.scratch.obs.capacity(),
-                needs.window
+                window
             );
         }
         if needs.accumulate && !self.acc.is_on() {

@@ -438,6 +438,11 @@ impl<'a> Runner<'a> {
             if let Some(press) = crate::methods::press::Press::new(spec, mc)? {
                 cfg.observe = cfg.observe.max(press.needs());
             }
+            // A selector that indexes from recorded queries (Squeezed Attention's thresholds) needs them too.
+            if let Some(sel) = &spec.select {
+                let w = (sel.row.build)(sel, mc)?.query_window();
+                cfg.observe.window = cfg.observe.window.max(w);
+            }
         }
         let mut base = Session::new(self.model, cfg)?;
         let conv = &case.conv;

@@ -9,7 +9,7 @@
 use anyhow::{bail, Result};
 
 use super::select::{
-    self, hip, longheads, lserve, quest, tokenselect, FrameDefaults, SelectOptions,
+    self, hip, longheads, lserve, quest, squeezed, tokenselect, FrameDefaults, SelectOptions,
 };
 use super::spec::{KvSpec, Options, SelectSpec};
 use super::{
@@ -472,6 +472,17 @@ pub static SELECTORS: &[SelectorRow] = &[
         options: &["reuse"],
         build: |s, mc| Ok(Box::new(tokenselect::TokenSelect::new(s.budget, &s.options, mc))),
     },
+    SelectorRow {
+        name: "squeezed",
+        reads: "the keys of the best k-means clusters of the prompt's keys (5 % centroids, cosine; a cluster's estimate is \
+                the size-weighted softmax over centroids, max over the query heads of the group), best-first to the \
+                budget or above a global threshold (`threshold=`); the prompt's last 100 tokens and everything after \
+                them always",
+        file: "src/methods/select/squeezed.rs",
+        defaults: squeezed::DEFAULTS,
+        options: &["threshold", "levels"],
+        build: |s, mc| Ok(Box::new(squeezed::Squeezed::new(s.budget, &s.options, mc))),
+    },
 ];
 
 /// One option of a selector (`,score=meanstd`, `,sink=128`): always written `name=value`.
@@ -587,6 +598,30 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
             Ok(())
         },
         show: |o| o.reuse.map(|t| format!("reuse={}", tokenselect::reuse_text(t))),
+    },
+    SelectOptionRow {
+        name: "threshold",
+        arg: "Q",
+        help: "keep the clusters whose estimated attention reaches one global number, the Q quantile (e.g. 0.9) of the \
+               prompt's keys' estimates under its last 100 queries, pooled over all layers and heads; the budget caps it",
+        common: false,
+        set: |o, v| {
+            o.threshold = Some(squeezed::parse_quantile("threshold", v)?);
+            Ok(())
+        },
+        show: |o| o.threshold.map(|q| format!("threshold={q}")),
+    },
+    SelectOptionRow {
+        name: "levels",
+        arg: "1|2",
+        help: "2: hierarchical lookup, 1 % L1 centroids over the L2 ones; only the L2 centroids under L1 clusters above \
+               the 0.7 quantile are read",
+        common: false,
+        set: |o, v| {
+            o.levels = Some(squeezed::parse_levels("levels", v)?);
+            Ok(())
+        },
+        show: |o| o.levels.map(|n| format!("levels={n}")),
     },
 ];
 

@@ -18,6 +18,7 @@ pub mod hip;
 pub mod longheads;
 pub mod lserve;
 pub mod quest;
+pub mod squeezed;
 pub mod tokenselect;
 
 use anyhow::{bail, Result};
@@ -57,6 +58,11 @@ pub struct SelectOptions {
     /// Reuse threshold: a layer's previous selection is reused while the query's cosine similarity to the one it was
     /// chosen with stays at or above this (TokenSelect's Selection Cache).
     pub reuse: Option<f32>,
+    /// Squeezed Attention's threshold mode: keep the clusters whose estimated attention reaches this quantile of the
+    /// observation window's estimates (None = fill the budget best-first).
+    pub threshold: Option<f32>,
+    /// Squeezed Attention's centroid levels: 1, or 2 for the hierarchical lookup.
+    pub levels: Option<usize>,
 }
 
 /// Parses a whole number option value.
@@ -94,6 +100,8 @@ pub struct Frame {
     kept: Vec<Selection>,
     age: Vec<usize>,
     edits: Vec<u64>,
+    /// Per layer, per KV head: the head's length when the layer last chose; entries appended since are always read.
+    chosen_len: Vec<Vec<usize>>,
 }
 
 /// What a layer does this step.
@@ -128,6 +136,7 @@ impl Frame {
             kept: vec![Selection::default(); n_layers],
             age: vec![usize::MAX; n_layers],
             edits: vec![0; n_layers],
+            chosen_len: vec![Vec::new(); n_layers],
         }
     }
 
@@ -155,6 +164,9 @@ impl Frame {
         } else {
             self.age[l] = 0;
             self.edits[l] = cx.cache.edits();
+            let lens = &mut self.chosen_len[l];
+            lens.clear();
+            lens.extend((0..nh).map(|h| cx.cache.len(l, h)));
             Step::Choose
         }
     }
@@ -188,6 +200,9 @@ impl Frame {
             let m = self.middle(cx, h);
             out.add(h, 0, m.lo);
             out.add(h, m.hi, len);
+            // Entries appended since the layer chose (the current token among them) are always read.
+            let since = self.chosen_len[cx.layer].get(h).copied().unwrap_or(len);
+            out.add(h, since.min(len), len);
             for &(a, b) in kept.ranges(h) {
                 out.add(h, a as usize, (b as usize).min(len));
             }
