@@ -326,7 +326,11 @@ impl<'m> Session<'m> {
                 self.cache.cfg.dtype.label()
             );
         }
-        let needs = s.press.as_ref().map_or(Needs::default(), Press::needs);
+        let mut needs = s.press.as_ref().map_or(Needs::default(), Press::needs);
+        // The selector's index is built from the recorded queries too.
+        if let Some(sel) = &s.scratch.selector {
+            needs.window = needs.window.max(sel.query_window());
+        }
         if needs.window > self.scratch.obs.capacity() {
             bail!(
                 "cannot fork to '{}': it reads the last {} queries, and this session recorded {} \

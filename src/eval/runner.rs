@@ -435,6 +435,11 @@ impl<'a> Runner<'a> {
             if let Some(press) = crate::methods::press::Press::new(spec, mc)? {
                 cfg.observe = cfg.observe.max(press.needs());
             }
+            // A selector that indexes the prompt's queries at the end of the prefill reads them from the fork's copy.
+            if let Some(sel) = &spec.select {
+                let w = (sel.row.build)(sel, mc)?.query_window();
+                cfg.observe.window = cfg.observe.window.max(w);
+            }
         }
         let mut base = Session::new(self.model, cfg)?;
         let conv = &case.conv;

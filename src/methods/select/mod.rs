@@ -16,6 +16,7 @@
 
 pub mod lserve;
 pub mod quest;
+pub mod retrieval;
 
 use anyhow::{bail, Result};
 use half::f16;
@@ -54,6 +55,8 @@ pub struct SelectOptions {
     /// Reuse threshold: a layer's previous selection is reused while the query's cosine similarity to the one it was
     /// chosen with stays at or above this (TokenSelect's Selection Cache).
     pub reuse: Option<f32>,
+    /// Candidate queue length of a graph search (RetrievalAttention).
+    pub queue: Option<usize>,
 }
 
 /// Parses a whole number option value.
