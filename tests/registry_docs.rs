@@ -65,11 +65,16 @@ fn method_names_live_only_in_the_registry() {
     let mut found = Vec::new();
     // eval/words.rs is a list of English words for generated keys ("window" among them), not of methods.
     let words = src.join("eval").join("words.rs");
+    // The same word naming something else: LongBench's passage-retrieval metric is "retrieval", like the selector.
+    let homonyms = [(src.join("eval").join("score.rs"), "retrieval")];
     for f in files.iter().filter(|f| **f != registry && **f != words) {
         let text = std::fs::read_to_string(f).unwrap();
         // Unit tests parse specs written out; the code above them is what must not list names.
         let text = text.split("#[cfg(test)]").next().unwrap_or("");
         for n in &names {
+            if homonyms.iter().any(|(hf, hn)| hf == f && hn == n) {
+                continue;
+            }
             if text.contains(&format!("\"{n}\"")) {
                 found.push(format!(
                     "{}: \"{n}\"",

@@ -263,3 +263,25 @@ fn threshold_and_two_levels_run_in_a_session_and_a_fork_needs_the_queries() {
         );
     }
 }
+
+#[test]
+fn a_fork_to_a_selector_that_indexes_queries_needs_them_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let toks = prompt(300, 6);
+    let mut cfg = SessionConfig::for_model(&model);
+    cfg.chunk_size = 64;
+    let mut base = Session::new(&model, cfg).unwrap();
+    base.prefill(&toks).unwrap();
+    for row in SELECTORS {
+        let spec = KvSpec::parse(&spec(row, "0.2", "")).unwrap();
+        let sel = spec.select.as_ref().unwrap();
+        let window = (row.build)(sel, model.config()).unwrap().query_window();
+        assert_eq!(
+            base.fork(&spec).is_err(),
+            window > 0,
+            "{}: a fork from a session that recorded no queries (the selector reads {window})",
+            row.name
+        );
+    }
+}

@@ -438,7 +438,8 @@ impl<'a> Runner<'a> {
             if let Some(press) = crate::methods::press::Press::new(spec, mc)? {
                 cfg.observe = cfg.observe.max(press.needs());
             }
-            // A selector that indexes from recorded queries (Squeezed Attention's thresholds) needs them too.
+            // A selector that indexes the prompt's recorded queries (RetrievalAttention's graph, Squeezed Attention's
+            // thresholds) reads them from the fork's copy.
             if let Some(sel) = &spec.select {
                 let w = (sel.row.build)(sel, mc)?.query_window();
                 cfg.observe.window = cfg.observe.window.max(w);

@@ -9,7 +9,8 @@
 use anyhow::{bail, Result};
 
 use super::select::{
-    self, hip, longheads, lserve, quest, squeezed, tokenselect, FrameDefaults, SelectOptions,
+    self, hip, longheads, lserve, quest, retrieval, squeezed, tokenselect, FrameDefaults,
+    SelectOptions,
 };
 use super::spec::{KvSpec, Options, SelectSpec};
 use super::{
@@ -483,6 +484,16 @@ pub static SELECTORS: &[SelectorRow] = &[
         options: &["threshold", "levels"],
         build: |s, mc| Ok(Box::new(squeezed::Squeezed::new(s.budget, &s.options, mc))),
     },
+    SelectorRow {
+        name: "retrieval",
+        reads: "keys found by a greedy search (one per query head, top keys by the maximum over the group) of an \
+                attention-aware graph built from the prompt's last queries (RoarGraph projection); keys past the graph \
+                or after a cache edit are scanned exactly; static set 128 + 512, shrunk in proportion below 2640",
+        file: "src/methods/select/retrieval.rs",
+        defaults: retrieval::DEFAULTS,
+        options: &["queue"],
+        build: |s, mc| Ok(Box::new(retrieval::Retrieval::new(s.budget, &s.options, mc))),
+    },
 ];
 
 /// One option of a selector (`,score=meanstd`, `,sink=128`): always written `name=value`.
@@ -622,6 +633,21 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
             Ok(())
         },
         show: |o| o.levels.map(|n| format!("levels={n}")),
+    },
+    SelectOptionRow {
+        name: "queue",
+        arg: "N",
+        help: "candidate queue of the graph search, per query head (more: higher recall, more keys read)",
+        common: false,
+        set: |o, v| {
+            let n = select::parse_count("queue", v)?;
+            if n == 0 {
+                bail!("queue={v}: at least 1");
+            }
+            o.queue = Some(n);
+            Ok(())
+        },
+        show: |o| o.queue.map(|n| format!("queue={n}")),
     },
 ];
 

@@ -18,6 +18,7 @@ pub mod hip;
 pub mod longheads;
 pub mod lserve;
 pub mod quest;
+pub mod retrieval;
 pub mod squeezed;
 pub mod tokenselect;
 
@@ -63,6 +64,8 @@ pub struct SelectOptions {
     pub threshold: Option<f32>,
     /// Squeezed Attention's centroid levels: 1, or 2 for the hierarchical lookup.
     pub levels: Option<usize>,
+    /// Candidate queue length of a graph search (RetrievalAttention).
+    pub queue: Option<usize>,
 }
 
 /// Parses a whole number option value.
