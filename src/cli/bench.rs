@@ -163,8 +163,15 @@ fn select(a: SelectArgs) -> Result<()> {
     cfg.kv = crate::methods::KvSpec::full();
     cfg.max_context = cfg.max_context.max(a.context + a.n_gen);
     // Record what any compression method in the list reads, so each spec is a fork of one prefill.
+    // ... and the queries any selector in the list indexes at the end of the prefill.
+    let mut window = 64;
+    for s in &specs {
+        if let Some(sel) = &s.select {
+            window = window.max((sel.row.build)(sel, c)?.query_window());
+        }
+    }
     cfg.observe = crate::methods::Needs {
-        window: 64,
+        window,
         ..Default::default()
     };
     let toks = random_tokens(a.context + a.n_gen, c.vocab);
