@@ -17,7 +17,8 @@
 use anyhow::Result;
 
 use super::{
-    meta_read_bytes, page_bound, summaries_f32, top_k, Frame, FrameDefaults, SelectOptions, Step,
+    keep_top_units, meta_read_bytes, page_bound, summaries_f32, Frame, FrameDefaults,
+    SelectOptions, Step,
 };
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
@@ -110,11 +111,7 @@ impl LServe {
                 cx.cache,
                 ((b1 - b0) * per_block).min(n_pages),
             ));
-            top_k(&self.scores, (m.k / bt).max(1), &mut self.idx);
-            for &i in &self.idx {
-                let b = b0 + i as usize;
-                kept.add(h, (b * bt).max(m.lo), ((b + 1) * bt).min(m.hi));
-            }
+            keep_top_units(&mut kept, h, m, &self.scores, (b0, bt), &mut self.idx);
         }
         kept.finish();
         *self.frame.kept_mut(cx.layer) = kept;

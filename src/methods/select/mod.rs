@@ -247,6 +247,23 @@ pub fn summaries_f32(meta: &[f16], hk: usize, p0: usize, p1: usize, out: &mut Ve
     src.convert_to_f32_slice(out);
 }
 
+/// Adds head `h`'s best units to `kept`: as many as the middle region's `k` entries fill (at least one), unit `i` of
+/// `scores` covering entries `[(u0 + i)·unit, (u0 + i + 1)·unit)` clipped to the middle region. `idx` is scratch.
+pub fn keep_top_units(
+    kept: &mut Selection,
+    h: usize,
+    m: Middle,
+    scores: &[f32],
+    (u0, unit): (usize, usize),
+    idx: &mut Vec<u32>,
+) {
+    top_k(scores, (m.k / unit).max(1), idx);
+    for &i in idx.iter() {
+        let u = u0 + i as usize;
+        kept.add(h, (u * unit).max(m.lo), ((u + 1) * unit).min(m.hi));
+    }
+}
+
 /// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), unordered.
 pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
     idx.clear();

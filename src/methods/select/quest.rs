@@ -11,7 +11,8 @@
 //! `Σ_c q_c·mean_c + |q_c|·std_c` instead (reported to keep needles on GQA models where the min/max bound loses them).
 
 use super::{
-    meta_read_bytes, page_bound, summaries_f32, top_k, Frame, FrameDefaults, SelectOptions, Step,
+    keep_top_units, meta_read_bytes, page_bound, summaries_f32, Frame, FrameDefaults,
+    SelectOptions, Step,
 };
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
@@ -78,11 +79,7 @@ impl Quest {
                 self.scores.push(s);
             }
             cx.cache.note_read(meta_read_bytes(cx.cache, p1 - p0));
-            top_k(&self.scores, (m.k / pt).max(1), &mut self.idx);
-            for &i in &self.idx {
-                let p = p0 + i as usize;
-                kept.add(h, (p * pt).max(m.lo), ((p + 1) * pt).min(m.hi));
-            }
+            keep_top_units(&mut kept, h, m, &self.scores, (p0, pt), &mut self.idx);
         }
         kept.finish();
         *self.frame.kept_mut(cx.layer) = kept;
