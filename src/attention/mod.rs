@@ -791,9 +791,8 @@ pub fn naive_attention_over(
             let bt = cache.cfg.block_tokens;
             for (b, blk) in cache.blocks(layer, kvh).enumerate() {
                 for j in 0..blk.n {
-                    let e = (b * bt + j) as u32;
-                    if sel.is_some_and(|s| !s.ranges(kvh).iter().any(|&(lo, hi)| lo <= e && e < hi))
-                    {
+                    let e = b * bt + j;
+                    if sel.is_some_and(|s| !s.contains(kvh, e)) {
                         continue;
                     }
                     let kpos = blk.pos[j];

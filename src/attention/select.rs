@@ -56,6 +56,13 @@ impl Selection {
         self.ranges.get(head).map_or(&[], |r| r.as_slice())
     }
 
+    /// Whether entry `e` of `head` is selected.
+    pub fn contains(&self, head: usize, e: usize) -> bool {
+        self.ranges(head)
+            .iter()
+            .any(|&(lo, hi)| (lo as usize..hi as usize).contains(&e))
+    }
+
     /// Entries selected for `head`.
     pub fn count(&self, head: usize) -> usize {
         self.ranges(head)

@@ -288,12 +288,6 @@ mod tests {
         }
     }
 
-    fn contains(s: &Selection, h: usize, e: usize) -> bool {
-        s.ranges(h)
-            .iter()
-            .any(|&(a, b)| (a as usize..b as usize).contains(&e))
-    }
-
     #[test]
     fn finds_a_planted_peak_and_reads_within_budget() {
         let mut rng = Rng::seeded(3);
@@ -308,10 +302,10 @@ mod tests {
             let mut sel = Hip::new(Budget::Tokens(200), &opts(), 1);
             let mut out = Selection::default();
             assert!(sel.select(&cx(&c, &q, &pos, 4), &mut out));
-            assert!(contains(&out, 0, peak), "peak {peak}: {:?}", out.ranges(0));
+            assert!(out.contains(0, peak), "peak {peak}: {:?}", out.ranges(0));
             for h in 0..2 {
                 assert!(out.count(h) <= 200, "head {h} reads {}", out.count(h));
-                assert!(contains(&out, h, 0) && contains(&out, h, len - 1));
+                assert!(out.contains(h, 0) && out.contains(h, len - 1));
             }
             // Fewer keys read than the heads hold, and exactly what was counted.
             assert!(sel.keys_read > 0 && sel.keys_read < 2 * len as u64);

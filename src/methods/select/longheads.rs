@@ -379,12 +379,6 @@ mod tests {
         }
     }
 
-    fn contains(s: &Selection, h: usize, e: usize) -> bool {
-        s.ranges(h)
-            .iter()
-            .any(|&(a, b)| (a as usize..b as usize).contains(&e))
-    }
-
     #[test]
     fn chunk_follows_the_budget() {
         assert_eq!(chunk_for(4096), 256);
@@ -411,14 +405,14 @@ mod tests {
             let mut out = Selection::default();
             c.take_read();
             assert!(sel.select(&cx(&c, &q, &pos), &mut out));
-            assert!(contains(&out, 0, planted), "{planted}: {:?}", out.ranges(0));
+            assert!(out.contains(0, planted), "{planted}: {:?}", out.ranges(0));
             let ch = planted / 16 * 16;
-            assert!(contains(&out, 0, ch) && contains(&out, 0, ch + 15));
+            assert!(out.contains(0, ch) && out.contains(0, ch + 15));
             for h in 0..2 {
                 assert!(out.count(h) <= 400, "head {h} reads {}", out.count(h));
                 // The first chunk, the last complete chunk and the tail.
-                assert!(contains(&out, h, 0) && contains(&out, h, 15));
-                assert!((len / 16 * 16 - 16..len).all(|e| contains(&out, h, e)));
+                assert!(out.contains(h, 0) && out.contains(h, 15));
+                assert!((len / 16 * 16 - 16..len).all(|e| out.contains(h, e)));
             }
             // Scoring read one representative per candidate chunk and nothing else (no chunk completed).
             let n = len / 16;
