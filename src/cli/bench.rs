@@ -250,7 +250,10 @@ fn select(a: SelectArgs) -> Result<()> {
         results,
     };
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
+        crate::util::write_atomic(
+            p,
+            (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+        )?;
     }
     Ok(())
 }
@@ -295,7 +298,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
             "decode_tok_s": dec,
             "reps": a.reps,
         });
-        std::fs::write(p, serde_json::to_string_pretty(&j)?)?;
+        crate::util::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
     }
     Ok(())
 }
@@ -410,7 +413,7 @@ fn speed(a: SpeedArgs) -> Result<()> {
     };
     let s = serde_json::to_string_pretty(&report)?;
     match &a.json {
-        Some(p) => std::fs::write(p, s + "\n")?,
+        Some(p) => crate::util::write_atomic(p, (s + "\n").as_bytes())?,
         None => println!("{s}"),
     }
     Ok(())

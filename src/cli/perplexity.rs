@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::ModelArgs;
@@ -93,8 +93,7 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
     );
     if let Some(p) = &a.nll_json {
         let j = serde_json::json!({ "kv": session.cfg.kv.to_string(), "buckets": buckets, "tokens": nlls });
-        std::fs::write(p, serde_json::to_string(&j)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        crate::util::write_atomic(p, serde_json::to_string(&j)?.as_bytes())?;
     }
     session.stats.finish();
     eprintln!("{}", session.stats.line());
@@ -145,8 +144,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     );
     if let Some(p) = &a.nll_json {
         let j = serde_json::json!({ "result": r, "tokens": nlls });
-        std::fs::write(p, serde_json::to_string(&j)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        crate::util::write_atomic(p, serde_json::to_string(&j)?.as_bytes())?;
     }
     session.stats.finish();
     eprintln!("{}", session.stats.line());

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -102,8 +102,7 @@ impl Stats {
 
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let s = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, s + "\n")
-            .with_context(|| format!("cannot write stats to {}", path.display()))
+        crate::util::write_atomic(path, (s + "\n").as_bytes())
     }
 }
 

@@ -102,7 +102,12 @@ impl ResultsFile {
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
         let path = dir.join("results.jsonl");
         let mut done = HashSet::new();
-        if path.exists() && fs::metadata(&path)?.len() > 0 {
+        if path.exists()
+            && fs::metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len()
+                > 0
+        {
             if !resume {
                 bail!(
                     "{} already holds results: pass --resume to continue that run, or choose another --out",
@@ -136,8 +141,13 @@ impl ResultsFile {
                 }
             }
             if good_end < text.len() {
-                let f = OpenOptions::new().write(true).open(&path)?;
-                f.set_len(good_end as u64)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(good_end as u64))
+                    .with_context(|| {
+                        format!("cannot cut the unfinished line off {}", path.display())
+                    })?;
             }
         }
         let file = OpenOptions::new()
@@ -160,8 +170,10 @@ impl ResultsFile {
     pub fn append(&mut self, r: &CaseResult) -> Result<()> {
         let mut line = serde_json::to_string(r)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.flush()?;
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.done.insert(r.key());
         Ok(())
     }
