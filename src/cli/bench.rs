@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::ModelArgs;
-use crate::engine::Session;
+use crate::engine::{Lengths, Session};
 use crate::progress::Progress;
 
 #[derive(Subcommand, Debug)]
@@ -176,6 +176,17 @@ fn select(a: SelectArgs) -> Result<()> {
     };
     let toks = random_tokens(a.context + a.n_gen, c.vocab);
     let mut base = Session::new(&l.model, cfg)?;
+    // The base session and one fork at a time: a copy of its cache per spec.
+    let plan = base.plan_memory(Lengths::generate(a.context, 0))?;
+    let mut fork_kv = 0;
+    for s in &specs {
+        let mut c = base.cfg.clone();
+        c.kv = s.clone();
+        c.observe = Default::default();
+        let p = crate::engine::plan_memory(&l.model, &c, Lengths::generate(a.context, a.n_gen))?;
+        fork_kv = fork_kv.max(p.kv);
+    }
+    base.check_plan(&plan, fork_kv)?;
     eprintln!("[bench] prefilling {} tokens ...", a.context);
     base.feed(&toks[..a.context], a.context - 1..a.context, |_, _| {})?;
     let bw = crate::kernels::membw::read_bandwidth(1 << 30, 5);
@@ -334,7 +345,9 @@ fn speed(a: SpeedArgs) -> Result<()> {
         .max(cfg.max_context)
         + a.n_gen;
     let mut session = Session::new(&l.model, cfg.clone())?;
-    let max_ctx = contexts.iter().max().copied().unwrap_or(0) + a.n_gen;
+    let deepest = contexts.iter().max().copied().unwrap_or(0);
+    session.check_memory(Lengths::generate(deepest, a.n_gen))?;
+    let max_ctx = deepest + a.n_gen;
     let toks = random_tokens(max_ctx, c.vocab);
     // Warm-up: fault in the weights and grow the scratch buffers.
     session.feed(&toks[..cfg.chunk_size.min(64)], 0..1, |_, _| {})?;

@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::perplexity::perplexity;
-use crate::engine::Session;
+use crate::engine::{Lengths, Session};
 use crate::progress::Progress;
 use crate::util::read_text_file;
 
@@ -52,6 +52,11 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
     }
     l.session_cfg.max_context = l.session_cfg.max_context.max(tokens.len());
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    session.check_memory(Lengths {
+        prompt: tokens.len(),
+        new: 0,
+        feed: a.step.clamp(1, tokens.len().max(1)),
+    })?;
     let t0 = Instant::now();
     eprintln!(
         "streaming {} tokens, {} per step, kv {}",
@@ -118,6 +123,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         None
     };
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    session.check_memory(Lengths::generate(a.ctx, 0))?;
     let t0 = Instant::now();
     eprintln!("{} tokens, chunks of {}", tokens.len(), a.ctx);
     let n_chunks = tokens.len() / a.ctx.max(1);

@@ -174,13 +174,7 @@ impl<'m> Session<'m> {
     /// The memory plan of a run of `len` in a session configured like this one (`len.prompt`: every token the cache
     /// holds once the prompt is in, those already cached included).
     pub fn plan_memory(&self, len: Lengths) -> Result<MemPlan> {
-        let fp = memplan::Footprint::of(self.model.config(), &self.cfg)?;
-        Ok(memplan::plan(
-            self.model.config(),
-            self.model.weight_bytes(),
-            &fp,
-            len,
-        ))
+        plan_memory(self.model, &self.cfg, len)
     }
 
     /// Refuses a run of `len` that does not fit, before any of it runs: its plan over `--max-memory`, or more than the
@@ -473,6 +467,12 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         self.truncate(0);
     }
+}
+
+/// The memory plan of a run of `len` in a session of `model` made with `cfg` (see [`memplan`]).
+pub fn plan_memory(model: &Model, cfg: &SessionConfig, len: Lengths) -> Result<MemPlan> {
+    let fp = memplan::Footprint::of(model.config(), cfg)?;
+    Ok(memplan::plan(model.config(), model.weight_bytes(), &fp, len))
 }
 
 /// Refuses what offload cannot do: ThinK's pruned key channels (offloaded blocks keep every channel; KIVI and f32
