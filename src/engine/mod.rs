@@ -472,7 +472,12 @@ impl<'m> Session<'m> {
 /// The memory plan of a run of `len` in a session of `model` made with `cfg` (see [`memplan`]).
 pub fn plan_memory(model: &Model, cfg: &SessionConfig, len: Lengths) -> Result<MemPlan> {
     let fp = memplan::Footprint::of(model.config(), cfg)?;
-    Ok(memplan::plan(model.config(), model.weight_bytes(), &fp, len))
+    Ok(memplan::plan(
+        model.config(),
+        model.weight_bytes(),
+        &fp,
+        len,
+    ))
 }
 
 /// Refuses what offload cannot do: ThinK's pruned key channels (offloaded blocks keep every channel; KIVI and f32

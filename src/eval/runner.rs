@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Case, CaseMeta, Mode, Prompter};
-use crate::engine::sampler::argmax;
 use crate::engine::memcheck::OutOfMemory;
+use crate::engine::sampler::argmax;
 use crate::engine::{Lengths, Session, SessionConfig};
 use crate::methods::KvSpec;
 use crate::model::Model;
@@ -511,7 +511,11 @@ impl<'a> Runner<'a> {
         for spec in specs {
             let mut c = self.base_cfg.clone();
             c.kv = (*spec).clone();
-            fork_kv = fork_kv.max(crate::engine::plan_memory(self.model, &c, len)?.kv.max(plan.kv));
+            fork_kv = fork_kv.max(
+                crate::engine::plan_memory(self.model, &c, len)?
+                    .kv
+                    .max(plan.kv),
+            );
         }
         base.check_plan(&plan, fork_kv)?;
         let t0 = Instant::now();
