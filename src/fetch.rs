@@ -90,7 +90,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -145,7 +147,7 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             path.display(),
             m.sha256
         );
-        fs::remove_file(&path)?;
+        fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
     }
     fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the model cache {}", dir.display()))?;
