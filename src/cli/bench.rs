@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::ModelArgs;
-use crate::engine::Session;
+use crate::engine::{Lengths, Session};
 use crate::kernels::machine::{self, Effort, MachineProfile};
 use crate::model::cost;
 use crate::progress::Progress;
@@ -255,6 +255,17 @@ fn select(a: SelectArgs) -> Result<()> {
     };
     let toks = random_tokens(a.context + a.n_gen, c.vocab);
     let mut base = Session::new(&l.model, cfg)?;
+    // The base session and one fork at a time: a copy of its cache per spec.
+    let plan = base.plan_memory(Lengths::generate(a.context, 0))?;
+    let mut fork_kv = 0;
+    for s in &specs {
+        let mut c = base.cfg.clone();
+        c.kv = s.clone();
+        c.observe = Default::default();
+        let p = crate::engine::plan_memory(&l.model, &c, Lengths::generate(a.context, a.n_gen))?;
+        fork_kv = fork_kv.max(p.kv);
+    }
+    base.check_plan(&plan, fork_kv)?;
     eprintln!("[bench] prefilling {} tokens ...", a.context);
     base.feed(&toks[..a.context], a.context - 1..a.context, |_, _| {})?;
     let bw = crate::kernels::membw::read_bandwidth(1 << 30, 5);
@@ -329,7 +340,10 @@ fn select(a: SelectArgs) -> Result<()> {
         results,
     };
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
+        crate::util::write_atomic(
+            p,
+            (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+        )?;
     }
     Ok(())
 }
@@ -374,7 +388,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
             "decode_tok_s": dec,
             "reps": a.reps,
         });
-        std::fs::write(p, serde_json::to_string_pretty(&j)?)?;
+        crate::util::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
     }
     Ok(())
 }
@@ -420,7 +434,9 @@ fn speed(a: SpeedArgs) -> Result<()> {
         bail!("the machine profile lists no kernel path");
     };
     let mut session = Session::new(&l.model, cfg.clone())?;
-    let max_ctx = contexts.iter().max().copied().unwrap_or(0) + a.n_gen;
+    let deepest = contexts.iter().max().copied().unwrap_or(0);
+    session.check_memory(Lengths::generate(deepest, a.n_gen))?;
+    let max_ctx = deepest + a.n_gen;
     let weights = l.model.streamed_weight_bytes();
     let toks = random_tokens(max_ctx, c.vocab);
     // Warm-up: fault in the weights and grow the scratch buffers.
@@ -537,7 +553,7 @@ fn speed(a: SpeedArgs) -> Result<()> {
     };
     let s = serde_json::to_string_pretty(&report)?;
     match &a.json {
-        Some(p) => std::fs::write(p, s + "\n")?,
+        Some(p) => crate::util::write_atomic(p, (s + "\n").as_bytes())?,
         None => println!("{s}"),
     }
     Ok(())

@@ -3,6 +3,8 @@
 //! A session prefills prompts in chunks (peak activation memory is bounded by the chunk, not the prompt), decodes one
 //! token at a time, and keeps its cache across calls, so a chat turn only prefills the new tokens.
 
+pub mod memcheck;
+pub mod memplan;
 pub mod perplexity;
 pub mod sampler;
 pub mod stats;
@@ -17,6 +19,7 @@ use crate::methods::press::Press;
 use crate::methods::{KvSpec, Needs};
 use crate::model::{Model, Scratch};
 
+pub use memplan::{Lengths, MemPlan};
 pub use sampler::{Sampler, SamplerConfig};
 pub use stats::Stats;
 
@@ -41,6 +44,9 @@ pub struct SessionConfig {
     /// `--kv-offload DIR --resident N`: keep at most N bytes of KV blocks in RAM, the rest in a file under DIR
     /// (see [`crate::kv::offload`]). None = everything in RAM.
     pub offload: Option<OffloadConfig>,
+    /// `--max-memory`: runs whose memory plan exceeds this many bytes are refused before they start (see
+    /// [`Session::check_memory`]). None = only the process's own limits.
+    pub max_memory: Option<usize>,
 }
 
 impl SessionConfig {
@@ -54,6 +60,7 @@ impl SessionConfig {
             observe: Needs::default(),
             head_mask: Vec::new(),
             offload: None,
+            max_memory: None,
         }
     }
 }
@@ -100,7 +107,7 @@ impl<'m> Session<'m> {
             cache.enable_offload(oc)?;
         }
         // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).
-        let logit_rows = (64 * 1024 * 1024 / 4 / mc.vocab.max(1)).clamp(1, cfg.chunk_size);
+        let logit_rows = memplan::logit_rows(mc.vocab, cfg.chunk_size);
         let mut scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
         let press = Press::new(&cfg.kv, mc)?;
         let needs = press
@@ -162,6 +169,39 @@ impl<'m> Session<'m> {
             acc,
             since_compress: 0,
         })
+    }
+
+    /// The memory plan of a run of `len` in a session configured like this one (`len.prompt`: every token the cache
+    /// holds once the prompt is in, those already cached included).
+    pub fn plan_memory(&self, len: Lengths) -> Result<MemPlan> {
+        plan_memory(self.model, &self.cfg, len)
+    }
+
+    /// Refuses a run of `len` that does not fit, before any of it runs: its plan over `--max-memory`, or more than the
+    /// process can still get (see [`memcheck`]). The error is a [`memcheck::OutOfMemory`]. Call before the prefill.
+    pub fn check_memory(&mut self, len: Lengths) -> Result<MemPlan> {
+        let plan = self.plan_memory(len)?;
+        self.check_plan(&plan, 0)?;
+        Ok(plan)
+    }
+
+    /// [`Self::check_memory`] for a plan already made, with `also` bytes the run holds beside this session (a forked
+    /// copy of its cache). The plan's KV figure goes into the stats.
+    pub fn check_plan(&mut self, plan: &MemPlan, also: usize) -> Result<()> {
+        let mut p = *plan;
+        p.kv += also;
+        memcheck::check(&p, self.held_bytes(), self.cfg.max_memory)?;
+        self.stats.planned_kv_bytes = self.stats.planned_kv_bytes.max(plan.kv);
+        Ok(())
+    }
+
+    /// Bytes this session and its model hold now: weights, activations and logits, recorded queries, the KV cache.
+    fn held_bytes(&self) -> usize {
+        let obs = &self.scratch.obs;
+        self.model.weight_bytes()
+            + self.scratch.bytes()
+            + 4 * self.model.config().n_layers * obs.capacity() * (obs.row() + 1)
+            + self.cache.bytes()
     }
 
     /// Tokens held (= the next token's position).
@@ -427,6 +467,17 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         self.truncate(0);
     }
+}
+
+/// The memory plan of a run of `len` in a session of `model` made with `cfg` (see [`memplan`]).
+pub fn plan_memory(model: &Model, cfg: &SessionConfig, len: Lengths) -> Result<MemPlan> {
+    let fp = memplan::Footprint::of(model.config(), cfg)?;
+    Ok(memplan::plan(
+        model.config(),
+        model.weight_bytes(),
+        &fp,
+        len,
+    ))
 }
 
 /// Refuses what offload cannot do: ThinK's pruned key channels (offloaded blocks keep every channel; KIVI and f32

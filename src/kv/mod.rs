@@ -139,6 +139,36 @@ impl KvConfig {
         let bits = self.dtype.quant_bits().unwrap_or(8);
         QBlock::bytes_for(bits, hk, self.head_dim_v, self.block_tokens) + 4 * self.block_tokens
     }
+    /// Quantized blocks at the head of a stream of `len` entries (KIVI: every whole block more than `residual`
+    /// entries behind the end; 0 for f16/f32 storage).
+    pub fn quant_blocks(&self, len: usize) -> usize {
+        match self.dtype {
+            KvDtype::Kivi { residual, .. } => len.saturating_sub(residual) / self.block_tokens,
+            _ => 0,
+        }
+    }
+    /// Bytes of the blocks a stream of `len` entries whose keys keep `hk` channels holds: its quantized prefix and
+    /// its full-precision blocks, the last one partly filled. This is the stream's share of the cache's byte counter
+    /// (free blocks and page summaries aside), so a memory plan built on it agrees with the counter.
+    pub fn stream_bytes(&self, len: usize, hk: usize) -> usize {
+        let n_q = self.quant_blocks(len);
+        let n_f = len.div_ceil(self.block_tokens) - n_q;
+        n_q * format::Shape { quant: true, hk }.bytes(self)
+            + n_f * format::Shape { quant: false, hk }.bytes(self)
+    }
+    /// Bytes an eviction from `len` to `kept` entries of one stream allocates beyond its blocks, at most: quantized
+    /// blocks falling back into the residual window are rewritten in full precision before the freed quantized ones
+    /// are given back (at the end of the compression), so the counter peaks above the stream's size (0 unless KIVI).
+    pub fn retain_extra_bytes(&self, len: usize, kept: usize, hk: usize) -> usize {
+        let back = self.quant_blocks(len) - self.quant_blocks(kept.min(len));
+        back * format::Shape { quant: false, hk }.bytes(self)
+    }
+    /// Entries a stream of `layer` holds after `seen` tokens when no method evicts any: every token today. A layer
+    /// that keeps only a sliding window would hold at most the window; plans ask here so such a change reaches them.
+    pub fn stream_len(&self, layer: usize, seen: usize) -> usize {
+        debug_assert!(layer < self.n_layers);
+        seen
+    }
 }
 
 /// Block sizes the attention kernel is compiled for.
