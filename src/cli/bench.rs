@@ -64,6 +64,9 @@ pub struct MachineArgs {
     /// Shorter measurements (a 256 MiB bandwidth buffer, 120 ms per figure).
     #[arg(long)]
     pub quick: bool,
+    /// Folder whose disk the swap-in rate is measured on (default: $HAYLOFT_HOME, where offload files usually go).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
     /// Write the profile as JSON to this file (default: stdout).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -164,7 +167,17 @@ fn machine(a: MachineArgs) -> Result<()> {
         "[bench] measuring bandwidth and kernel throughput on {} threads ...",
         rayon::current_num_threads()
     );
-    let p = machine::measure(effort, true)?;
+    let mut p = machine::measure(effort, true)?;
+    eprintln!("[bench] attained rates: matmuls per weight type, attention, disk ...");
+    machine::measure_weights(&mut p, effort)?;
+    crate::engine::cost::measure_attention(
+        &mut p,
+        effort.per_figure,
+        crate::engine::DEFAULT_BLOCK_TOKENS,
+    )?;
+    let dir = a.disk.clone().unwrap_or_else(crate::fetch::home_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    p.disk_read_bw = Some(machine::disk_read_bandwidth(&dir, effort.disk_bytes)?);
     eprintln!(
         "[bench] {} ({} cpus): read {:.1} GB/s ({} threads), {:.1} GB/s (1 thread)",
         p.cpu,
@@ -182,6 +195,30 @@ fn machine(a: MachineArgs) -> Result<()> {
             k.int8_ops / 1e9,
             k.int8_ops_1t / 1e9,
             if k.kernel == p.kernel { "   <- runs" } else { "" }
+        );
+    }
+    for w in &p.weights {
+        eprintln!(
+            "[bench]   {:<6} single-token {:>6.1} GB/s, 512-token batch {:>6.1} GOP/s",
+            w.ty,
+            w.gemv_bw / 1e9,
+            w.batch_ops / 1e9
+        );
+    }
+    if let Some(at) = &p.attention {
+        eprintln!(
+            "[bench]   attention: prefill {:.1} GFLOP/s, decode {:.1} GB/s + {:.1} us per call; matmul call {:.1} us",
+            at.prefill_ops / 1e9,
+            at.decode_bw / 1e9,
+            at.decode_call_s * 1e6,
+            p.matmul_call_s * 1e6
+        );
+    }
+    if let Some(d) = p.disk_read_bw {
+        eprintln!(
+            "[bench]   disk read {:.2} GB/s (under {})",
+            d / 1e9,
+            dir.display()
         );
     }
     let s = serde_json::to_string_pretty(&p)? + "\n";

@@ -7,6 +7,7 @@ mod generate;
 mod heads;
 mod info;
 mod perplexity;
+mod plan;
 
 use std::path::PathBuf;
 
@@ -66,6 +67,9 @@ pub enum Cmd {
         #[command(subcommand)]
         what: bench::BenchCmd,
     },
+    /// The cost model: KV bytes, prefill time, time per decoded token, sequences that fit the memory, swap-in time,
+    /// predicted from the model's shapes and a machine profile (`bench machine`); --validate runs it beside.
+    Plan(plan::PlanArgs),
 }
 
 impl Cli {
@@ -375,5 +379,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { what } => eval::run(what),
         Cmd::Heads(a) => heads::run(a),
         Cmd::Bench { what } => bench::run(what),
+        Cmd::Plan(a) => plan::run(a),
     }
 }

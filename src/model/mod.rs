@@ -135,6 +135,32 @@ impl Model {
         }
     }
 
+    /// Every matrix one decode step multiplies, in order: each layer's Q, K, V, O, gate, up, down, then the output
+    /// head (the token embedding when the head shares it).
+    pub fn decode_matrices(&self) -> Vec<&QMatrix> {
+        fn layer<'a>(a: &'a blocks::Attention, f: &'a blocks::GatedFfn) -> [&'a QMatrix; 7] {
+            [&a.wq, &a.wk, &a.wv, &a.wo, &f.w_gate, &f.w_up, &f.w_down]
+        }
+        let (mut v, head): (Vec<&QMatrix>, &QMatrix) = match self {
+            Model::Llama(m) => (
+                m.layers
+                    .iter()
+                    .flat_map(|l| layer(&l.attn, &l.ffn))
+                    .collect(),
+                m.output.as_ref().unwrap_or(&m.tok_embd),
+            ),
+            Model::Gemma3(m) => (
+                m.layers
+                    .iter()
+                    .flat_map(|l| layer(&l.attn, &l.ffn))
+                    .collect(),
+                &m.tok_embd,
+            ),
+        };
+        v.push(head);
+        v
+    }
+
     /// Weight bytes one decode step streams: every matrix but the token embedding, of which a step reads one row
     /// (unless the output head shares it, when the head reads it whole).
     pub fn streamed_weight_bytes(&self) -> usize {
