@@ -1,9 +1,9 @@
 //! What the forward passes are built from: the blocks of a decoder layer and the element-wise ops under them.
 //!
 //! The blocks (candle-transformers style: weights plus a forward of a few lines) are the token embedding, the
-//! attention block (Q/K/V projections with optional biases, optional QK-norm, RoPE, KV-cache append, attention, output projection), the
-//! gated feed-forward block with its activation as a parameter, and the output head. Each architecture file composes
-//! them in its own order, with its own norms around them.
+//! attention block (Q/K/V projections with optional biases, optional QK-norm, RoPE, KV-cache append, attention, output
+//! projection), the gated feed-forward block with its activation as a parameter, and the output head. Each
+//! architecture file composes them in its own order, with its own norms around them.
 //!
 //! Blocks work in the chunk's [`Scratch`] (n = tokens in the chunk): `x` (n × dim) is the residual stream; a block
 //! reads its normed input from `xb` (n × dim) and leaves its output in `xo` (n × dim) for the caller to add to `x`.
