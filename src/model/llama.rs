@@ -64,7 +64,7 @@ impl Llama {
         let rope_dim = g
             .opt_u64(&key("rope.dimension_count"))
             .map_or(hd, |v| v as usize);
-        if rope_dim == 0 || rope_dim > hd || rope_dim % 2 != 0 {
+        if rope_dim == 0 || rope_dim > hd || !rope_dim.is_multiple_of(2) {
             bail!(
                 "{}: {} is {rope_dim}; it must be even and at most the head dimension {hd}",
                 g.path.display(),
