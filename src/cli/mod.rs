@@ -48,7 +48,7 @@ pub enum Cmd {
         #[arg(long)]
         markdown: bool,
     },
-    /// Download and verify a known model (smollm2-135m, gemma3-270m).
+    /// Download and verify a known model (smollm2-135m, gemma3-270m, qwen2.5-0.5b).
     Fetch {
         /// Model name.
         name: String,
@@ -132,7 +132,8 @@ impl std::fmt::Display for MaxTokens {
 /// Options shared by every command that runs a model.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// GGUF file, or a known model name (smollm2-135m, gemma3-270m). Default: smollm2-135m, fetched on first use.
+    /// GGUF file, or a known model name (smollm2-135m, gemma3-270m, qwen2.5-0.5b). Default: smollm2-135m, fetched
+    /// on first use.
     #[arg(long, short = 'm')]
     pub model: Option<String>,
     /// Worker threads (default: available cores).

@@ -1,13 +1,15 @@
-//! Models: one file per architecture (`llama`, `gemma3`), each a plain struct of weights and a forward pass that reads top
-//! to bottom. What they share: this module holds the hyper-parameters, weight loading and the per-chunk scratch buffers;
+//! Models: one file per architecture family, each a plain struct of weights and a forward pass that reads top to
+//! bottom: `llama` (Llama, and Qwen2/2.5, which adds biases to the Q/K/V projections and rotates NeoX-style) and
+//! `gemma3`. What they share: this module holds the hyper-parameters, weight loading and the per-chunk scratch buffers;
 //! [`blocks`] the layer blocks (attention, gated feed-forward, embedding, output head) and the element-wise ops
-//! (RMSNorm, RoPE, activations).
+//! (RMSNorm, RoPE, activations); [`rope`] the RoPE scaling a GGUF may declare (linear, YaRN).
 
 pub mod blocks;
 pub mod cost;
 pub mod gemma3;
 pub mod llama;
 pub mod query_window;
+pub mod rope;
 pub mod select;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
@@ -29,6 +31,8 @@ pub use select::{SelectCx, Selector};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     Llama,
+    /// Qwen2 / Qwen2.5: Llama blocks with biased Q/K/V projections and NeoX RoPE (run by [`llama::Llama`]).
+    Qwen2,
     Gemma3,
 }
 
@@ -82,6 +86,7 @@ impl ModelConfig {
 
 /// A loaded model of any supported architecture.
 pub enum Model {
+    /// Llama or Qwen2 (`config().arch` tells which).
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
 }
@@ -95,10 +100,11 @@ impl Model {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.architecture()?;
         match arch {
-            "llama" => Ok(Model::Llama(llama::Llama::load(g)?)),
+            "llama" => Ok(Model::Llama(llama::Llama::load(g, Arch::Llama)?)),
+            "qwen2" => Ok(Model::Llama(llama::Llama::load(g, Arch::Qwen2)?)),
             "gemma3" => Ok(Model::Gemma3(gemma3::Gemma3::load(g)?)),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, gemma3)",
                 g.path.display()
             ),
         }
