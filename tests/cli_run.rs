@@ -583,3 +583,80 @@ fn bench_machine_then_plan_predicts_and_validates() {
         "{stderr}"
     );
 }
+
+/// `bench speed --threads 1,2,3` measures every count and writes a scaling table; a list where one count is meant,
+/// or a bad count in a list, is a clear error.
+#[test]
+fn bench_speed_takes_a_thread_list() {
+    let (dir, model) = tiny();
+    let json = dir.path().join("speed.json");
+    let out = hayloft()
+        .args([
+            "bench",
+            "speed",
+            "--model",
+            &model,
+            "--threads",
+            "1,2,3",
+            "--contexts",
+            "32,64",
+        ])
+        .args(["--reps", "1", "--n-gen", "2", "--json"])
+        .arg(&json)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("| test | ctx | 1 threads | 2 threads | 3 threads |"),
+        "{stderr}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["threads"], serde_json::json!([1, 2, 3]));
+    // 2 prefill + 3 decode rows per thread count, each naming its count.
+    let rows = j["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 15);
+    for t in [1, 2, 3] {
+        assert_eq!(rows.iter().filter(|r| r["threads"] == t).count(), 5);
+    }
+    let sc = j["scaling"].as_array().unwrap();
+    assert_eq!(sc.len(), 5);
+    assert!(sc.iter().all(|r| r["speedup"][0] == 1.0));
+    for (args, want) in [
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "-p",
+                "x",
+                "-n",
+                "1",
+                "--threads",
+                "1,2",
+            ],
+            "one thread count",
+        ),
+        (
+            vec!["bench", "speed", "--model", &model, "--threads", "2,0"],
+            "'0' is not a thread count",
+        ),
+        (
+            vec!["bench", "speed", "--model", &model, "--threads", "2,x"],
+            "'x' is not a thread count",
+        ),
+    ] {
+        let out = hayloft()
+            .args(&args)
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(want),
+            "{args:?}: {stderr}"
+        );
+    }
+}
