@@ -130,6 +130,11 @@ fn gpt2_vocab(w: &mut GgufWriter) -> usize {
 
 /// Writes a tiny Llama-architecture GGUF with random weights to `path`.
 pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
+    tiny_llama(s).write(path)
+}
+
+/// A tiny Llama-architecture GGUF with random weights, still open for changes (tests that build invalid files).
+pub fn tiny_llama(s: &TinySpec) -> GgufWriter {
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let a = |k: &str| format!("llama.{k}");
@@ -171,11 +176,16 @@ pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
         w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    w.write(path)
+    w
 }
 
 /// Writes a tiny Gemma-3-architecture GGUF with random weights (sliding window `window` on 5 of 6 layers).
 pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Result<()> {
+    tiny_gemma3(s, window).write(path)
+}
+
+/// A tiny Gemma-3-architecture GGUF with random weights, still open for changes.
+pub fn tiny_gemma3(s: &TinySpec, window: u32) -> GgufWriter {
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
     let a = |k: &str| format!("gemma3.{k}");
@@ -229,5 +239,5 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
         w.tensor_f32(&n("attn_k_norm"), &[hd as u64], &ones(hd));
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    w.write(path)
+    w
 }
