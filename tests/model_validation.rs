@@ -234,13 +234,13 @@ fn wrong_typed_metadata_is_refused() {
             llama(),
             "llama.attention.head_count_kv",
             Value::String("2".into()),
-            "type string, expected an integer",
+            "type string, expected a non-negative integer",
         ),
         (
             llama(),
             "llama.rope.dimension_count",
             Value::F32(16.0),
-            "type f32, expected an integer",
+            "type f32, expected a non-negative integer",
         ),
         (
             llama(),
@@ -252,7 +252,7 @@ fn wrong_typed_metadata_is_refused() {
             llama(),
             "llama.block_count",
             Value::Bool(true),
-            "type bool, expected an integer",
+            "type bool, expected a non-negative integer",
         ),
         (
             llama(),
@@ -276,7 +276,7 @@ fn wrong_typed_metadata_is_refused() {
             gemma3(),
             "gemma3.attention.sliding_window",
             Value::F64(16.0),
-            "type f64, expected an integer",
+            "type f64, expected a non-negative integer",
         ),
     ];
     for (w, key, v, what) in cases {
@@ -288,7 +288,7 @@ fn wrong_typed_metadata_is_refused() {
     // Negative where a count is meant.
     refused(
         with(llama(), "llama.attention.head_count", Value::I32(-4)),
-        &["llama.attention.head_count is -4, expected a non-negative integer"],
+        &["llama.attention.head_count has the value -4 (i32), expected a non-negative integer"],
     );
     // Another integer width, or an integer for a float, is still the declared kind.
     open_and_run(with(llama(), "llama.block_count", Value::U64(2))).unwrap();

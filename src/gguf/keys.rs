@@ -11,7 +11,7 @@ use super::Value;
 /// What a key's value must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// Any integer type (u8 … i64).
+    /// A non-negative value of any integer type (u8 … i64): every integer hayloft reads is a count, size or id.
     Int,
     /// Exactly a u32 (what the GGUF spec fixes for `general.alignment`).
     U32,
@@ -27,31 +27,47 @@ impl Kind {
     pub fn matches(self, v: &Value) -> bool {
         use Value::*;
         match self {
-            Kind::Int => matches!(
-                v,
-                U8(_) | I8(_) | U16(_) | I16(_) | U32(_) | I32(_) | U64(_) | I64(_)
-            ),
+            Kind::Int => is_integer(v) && v.as_u64().is_some(),
             Kind::U32 => matches!(v, U32(_)),
-            Kind::Float => matches!(v, F32(_) | F64(_)) || Kind::Int.matches(v),
+            Kind::Float => matches!(v, F32(_) | F64(_)) || is_integer(v),
             Kind::Bool => matches!(v, Bool(_)),
             Kind::Str => matches!(v, String(_)),
             Kind::Array(e) => matches!(v, Array(a) if a.iter().all(|x| e.matches(x))),
         }
     }
 
+    /// How `v` falls short of this kind, for errors: "type string", or "the value -4 (i32)" for a negative integer
+    /// where a non-negative one is expected.
+    pub fn shortfall(self, v: &Value) -> String {
+        match (self, v.as_i64()) {
+            (Kind::Int, Some(i)) if is_integer(v) && i < 0 => {
+                format!("the value {i} ({})", v.type_desc())
+            }
+            _ => format!("type {}", v.type_desc()),
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
-            Kind::Int => "an integer",
+            Kind::Int => "a non-negative integer",
             Kind::U32 => "u32",
             Kind::Float => "a number",
             Kind::Bool => "bool",
             Kind::Str => "a string",
             Kind::Array(Kind::Str) => "an array of strings",
-            Kind::Array(Kind::Int) => "an array of integers",
+            Kind::Array(Kind::Int) => "an array of non-negative integers",
             Kind::Array(Kind::Float) => "an array of numbers",
             Kind::Array(_) => "an array",
         }
     }
+}
+
+fn is_integer(v: &Value) -> bool {
+    use Value::*;
+    matches!(
+        v,
+        U8(_) | I8(_) | U16(_) | I16(_) | U32(_) | I32(_) | U64(_) | I64(_)
+    )
 }
 
 /// Keys named in full.
@@ -140,8 +156,13 @@ mod tests {
         assert_eq!(expected("llama.unknown_key", Some("llama")), None);
         assert_eq!(expected("general.alignment", None), Some(Kind::U32));
         assert!(Kind::Float.matches(&Value::U32(10000)));
+        assert!(Kind::Float.matches(&Value::I32(-1)));
+        assert_eq!(Kind::Int.shortfall(&Value::I32(-4)), "the value -4 (i32)");
+        assert_eq!(Kind::U32.shortfall(&Value::I32(-4)), "type i32");
         assert!(!Kind::Int.matches(&Value::F32(1.0)));
         assert!(!Kind::Int.matches(&Value::Bool(true)));
+        assert!(!Kind::Int.matches(&Value::I32(-1)));
+        assert!(Kind::Int.matches(&Value::I64(7)));
         assert!(!Kind::U32.matches(&Value::U64(32)));
         assert!(!Kind::Bool.matches(&Value::U8(1)));
         let strs = Kind::Array(&Kind::Str);

@@ -275,7 +275,7 @@ pub enum GgufError {
     },
     #[error("{path}: corrupt GGUF: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("{path}: metadata key {key} has type {found}, expected {expected}")]
+    #[error("{path}: metadata key {key} has {found}, expected {expected}")]
     WrongType {
         path: PathBuf,
         key: String,
@@ -518,7 +518,7 @@ impl GgufFile {
             return Err(GgufError::WrongType {
                 path: path.clone(),
                 key: key.to_string(),
-                found: metadata[key].type_desc(),
+                found: kind.shortfall(&metadata[key]),
                 expected: kind.describe(),
             });
         }
@@ -639,11 +639,12 @@ impl GgufFile {
     // for integers, a negative number); `req_*`: the key must be there. The keys hayloft reads are type-checked when
     // the file is opened ([`keys`]), so for them the type errors here are a second line of defence.
 
-    fn wrong_type(&self, key: &str, v: &Value, expected: &str) -> anyhow::Error {
+    fn wrong_type(&self, key: &str, v: &Value, expected: keys::Kind) -> anyhow::Error {
         anyhow::anyhow!(
-            "{}: metadata key {key} has type {}, expected {expected}",
+            "{}: metadata key {key} has {}, expected {}",
             self.path.display(),
-            v.type_desc()
+            expected.shortfall(v),
+            expected.describe()
         )
     }
 
@@ -654,35 +655,29 @@ impl GgufFile {
     pub fn get_u64(&self, key: &str) -> anyhow::Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) if keys::Kind::Int.matches(v) => v.as_u64().map(Some).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: metadata key {key} is {}, expected a non-negative integer",
-                    self.path.display(),
-                    v.as_i64().unwrap_or_default()
-                )
-            }),
-            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Int.describe())),
+            Some(v) if keys::Kind::Int.matches(v) => Ok(v.as_u64()),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Int)),
         }
     }
     pub fn get_f64(&self, key: &str) -> anyhow::Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) if keys::Kind::Float.matches(v) => Ok(v.as_f64()),
-            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Float.describe())),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Float)),
         }
     }
     pub fn get_str(&self, key: &str) -> anyhow::Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Str.describe())),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Str)),
         }
     }
     pub fn get_bool(&self, key: &str) -> anyhow::Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
             Some(&Value::Bool(b)) => Ok(Some(b)),
-            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Bool.describe())),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Bool)),
         }
     }
 

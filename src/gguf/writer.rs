@@ -99,13 +99,15 @@ impl GgufWriter {
     }
 
     /// The file, and where each field went (for tests that corrupt one field on purpose). Tensor data is aligned to
-    /// `general.alignment` when the metadata sets it to a power-of-two u32, else to 32 bytes.
+    /// `general.alignment` when the metadata sets it to a power-of-two u32 up to 64 KiB, else to 32 bytes.
     pub fn to_bytes_with_layout(&self) -> (Vec<u8>, Layout) {
         let align = self
             .metadata
             .iter()
             .find_map(|(k, v)| match v {
-                Value::U32(a) if k == "general.alignment" && a.is_power_of_two() => {
+                Value::U32(a)
+                    if k == "general.alignment" && a.is_power_of_two() && *a <= 1 << 16 =>
+                {
                     Some(*a as usize)
                 }
                 _ => None,

@@ -89,7 +89,9 @@ impl Gemma3 {
             ctx_len: meta_usize(g, a, "context_length")?,
             rms_eps: g.req_f64("gemma3.attention.layer_norm_rms_epsilon")? as f32,
             rope_style: RopeStyle::Neox,
-            rope_dim: hd,
+            rope_dim: g
+                .get_u64("gemma3.rope.dimension_count")?
+                .map_or(hd, |v| v as usize),
             rope_base: g.get_f64("gemma3.rope.freq_base")?.unwrap_or(1_000_000.0) as f32,
             rope_base_local: ROPE_BASE_LOCAL,
             sliding_window: window,
