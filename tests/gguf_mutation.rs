@@ -378,7 +378,7 @@ fn classify_offset(seed: &Seed, i: usize, off: u64) -> Expect {
     let lay = &seed.lay;
     let t = &lay.tensors[i];
     let data_len = (seed.bytes.len() - lay.data_start) as u64;
-    if off % lay.alignment as u64 != 0 {
+    if !off.is_multiple_of(lay.alignment as u64) {
         return Expect::Refuse(format!(
             "{}: data offset {off} is not a multiple of the alignment",
             t.name
@@ -414,7 +414,7 @@ fn classify_value(seed: &Seed, key: &str, v: &Value) -> Expect {
     let refuse = || Expect::Refuse(key.to_string());
     match suffix {
         "rope.dimension_count" => match int {
-            Some(r) if r > 0 && r % 2 == 0 && r <= seed.head_dim as u64 => Expect::Any,
+            Some(r) if r > 0 && r.is_multiple_of(2) && r <= seed.head_dim as u64 => Expect::Any,
             _ => refuse(),
         },
         "attention.layer_norm_rms_epsilon" | "rope.freq_base" => match float {
@@ -770,7 +770,8 @@ fn mutated_tiny_models_never_panic_and_invalid_ones_are_refused() {
             let m = mutate(&mut rng, seed, &fields);
             let len = m.bytes.len();
             LARGEST.store(0, Relaxed);
-            (SEED.store(si, Relaxed), MUTANT.store(n, Relaxed));
+            SEED.store(si, Relaxed);
+            MUTANT.store(n, Relaxed);
             let r = catch_unwind(AssertUnwindSafe(|| exercise(m.bytes)));
             let largest = LARGEST.load(Relaxed);
             largest_ratio = largest_ratio.max(largest as f64 / len.max(1) as f64);

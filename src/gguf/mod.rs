@@ -326,12 +326,7 @@ impl<'a> Cursor<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(GgufError::Truncated {
-                path: self.path.to_path_buf(),
-                what: what.to_string(),
-                offset: self.pos as u64,
-                len: self.buf.len() as u64,
-            }),
+            None => Err(self.truncated(what.to_string())),
         }
     }
     fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
@@ -350,6 +345,15 @@ impl<'a> Cursor<'a> {
     fn left(&self) -> u64 {
         (self.buf.len() - self.pos) as u64
     }
+    /// `what`, starting here, does not fit in the rest of the file.
+    fn truncated(&self, what: String) -> GgufError {
+        GgufError::Truncated {
+            path: self.path.to_path_buf(),
+            what,
+            offset: self.pos as u64,
+            len: self.buf.len() as u64,
+        }
+    }
     fn corrupt(&self, what: String) -> GgufError {
         GgufError::Corrupt {
             path: self.path.to_path_buf(),
@@ -358,8 +362,8 @@ impl<'a> Cursor<'a> {
     }
     fn string(&mut self, what: &str) -> Result<String, GgufError> {
         let n = self.u64(what)?;
-        if n > self.buf.len() as u64 {
-            return Err(self.corrupt(format!("{what}: string length {n} exceeds file size")));
+        if n > self.left() {
+            return Err(self.truncated(format!("{what} of {n} bytes")));
         }
         let bytes = self.take(n as usize, what)?;
         // Some converters wrote vocabularies with invalid UTF-8; keep them readable instead of refusing the file.
@@ -388,10 +392,9 @@ impl<'a> Cursor<'a> {
                     )));
                 };
                 if n > self.left() / min {
-                    return Err(self.corrupt(format!(
-                        "metadata {key}: array of {n} elements needs at least {} bytes, {} are left in the file",
-                        n.saturating_mul(min),
-                        self.left()
+                    return Err(self.truncated(format!(
+                        "metadata {key}: array of {n} elements (at least {} bytes)",
+                        n.saturating_mul(min)
                     )));
                 }
                 let mut v = Vec::with_capacity(n as usize);
@@ -495,9 +498,11 @@ impl GgufFile {
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         if n_tensors > c.left() / MIN_TENSOR_INFO_BYTES || n_kv > c.left() / MIN_KV_BYTES {
-            return Err(c.corrupt(format!(
-                "implausible counts: {n_tensors} tensors, {n_kv} metadata entries in a file of {} bytes",
-                data.len()
+            let need = n_tensors
+                .saturating_mul(MIN_TENSOR_INFO_BYTES)
+                .saturating_add(n_kv.saturating_mul(MIN_KV_BYTES));
+            return Err(c.truncated(format!(
+                "{n_tensors} tensor infos and {n_kv} metadata entries (at least {need} bytes)"
             )));
         }
         let mut metadata = BTreeMap::new();
@@ -567,7 +572,7 @@ impl GgufFile {
                 }
                 None => 0,
             };
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 return Err(c.corrupt(format!(
                     "tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}"
                 )));

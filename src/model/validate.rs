@@ -51,7 +51,7 @@ impl ModelConfig {
                 bail!("{file}: {what} is 0");
             }
         }
-        if c.n_heads % c.n_kv_heads != 0 {
+        if !c.n_heads.is_multiple_of(c.n_kv_heads) {
             bail!(
                 "{file}: {} = {} does not divide {} = {}",
                 key("attention.head_count_kv"),
@@ -83,7 +83,7 @@ impl ModelConfig {
 
         // RoPE rotates pairs within the first rope_dim dimensions of each key head.
         let rope_key = key("rope.dimension_count");
-        if c.rope_dim == 0 || c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim_k {
+        if c.rope_dim == 0 || !c.rope_dim.is_multiple_of(2) || c.rope_dim > c.head_dim_k {
             bail!(
                 "{file}: {rope_key} is {}, must be even, positive and at most the head dimension {}",
                 c.rope_dim,
