@@ -411,6 +411,57 @@ impl<'a> Cursor<'a> {
     }
 }
 
+impl Cursor<'_> {
+    /// One tensor info (name, dimensions, type, data offset), checked on its own: 1 to 4 dimensions whose product fits
+    /// ggml's int64, rows a whole number of the type's blocks, the offset a multiple of `alignment`.
+    fn tensor_info(&mut self, alignment: u64) -> Result<TensorInfo, GgufError> {
+        let name = self.string("tensor name")?;
+        let n_dims = self.u32(&name)?;
+        if n_dims == 0 || n_dims > 4 {
+            return Err(self.corrupt(format!("tensor {name}: {n_dims} dimensions")));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(self.u64(&name)?);
+        }
+        let ty = GgmlType::from_u32(self.u32(&name)?);
+        let offset = self.u64(&name)?;
+        // Element counts fit ggml's int64 (as llama.cpp checks), so products of them never overflow later.
+        let n_el = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or_else(|| self.corrupt(format!("tensor {name}: dimensions {dims:?} overflow")))?;
+        // Unknown types get size 0 here; using such a tensor is refused later with a clear message.
+        let n_bytes = match ty.block_layout() {
+            Some((bs, _)) => {
+                if !dims[0].is_multiple_of(bs as u64) {
+                    return Err(self.corrupt(format!(
+                        "tensor {name}: row length {} is not a multiple of the {ty} block size {bs}",
+                        dims[0]
+                    )));
+                }
+                ty.bytes_for(n_el).ok_or_else(|| {
+                    self.corrupt(format!("tensor {name}: {n_el} elements overflow"))
+                })?
+            }
+            None => 0,
+        };
+        if !offset.is_multiple_of(alignment) {
+            return Err(self.corrupt(format!(
+                "tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}"
+            )));
+        }
+        Ok(TensorInfo {
+            name,
+            dims,
+            ty,
+            offset,
+            n_bytes,
+        })
+    }
+}
+
 /// Tensors' data regions (all inside the file already) must not share a byte: sorted by offset, each ends before the
 /// next begins. (Tensors of unknown type have no known size and no region.)
 fn check_overlaps(tensors: &[TensorInfo]) -> Result<(), String> {
@@ -540,43 +591,8 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         let mut index = BTreeMap::new();
         for i in 0..n_tensors as usize {
-            let name = c.string("tensor name")?;
-            let n_dims = c.u32(&name)?;
-            if n_dims == 0 || n_dims > 4 {
-                return Err(c.corrupt(format!("tensor {name}: {n_dims} dimensions")));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(c.u64(&name)?);
-            }
-            let ty = GgmlType::from_u32(c.u32(&name)?);
-            let offset = c.u64(&name)?;
-            // Element counts fit ggml's int64 (as llama.cpp checks), so products of them never overflow later.
-            let n_el = dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .filter(|&n| n <= i64::MAX as u64)
-                .ok_or_else(|| c.corrupt(format!("tensor {name}: dimensions {dims:?} overflow")))?;
-            // Unknown types get size 0 here; using such a tensor is refused later with a clear message.
-            let n_bytes = match ty.block_layout() {
-                Some((bs, _)) => {
-                    if !dims[0].is_multiple_of(bs as u64) {
-                        return Err(c.corrupt(format!(
-                            "tensor {name}: row length {} is not a multiple of the {ty} block size {bs}",
-                            dims[0]
-                        )));
-                    }
-                    ty.bytes_for(n_el).ok_or_else(|| {
-                        c.corrupt(format!("tensor {name}: {n_el} elements overflow"))
-                    })?
-                }
-                None => 0,
-            };
-            if !offset.is_multiple_of(alignment) {
-                return Err(c.corrupt(format!(
-                    "tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}"
-                )));
-            }
+            let t = c.tensor_info(alignment)?;
+            let name = t.name.clone();
             match index.entry(name.clone()) {
                 Entry::Vacant(e) => {
                     e.insert(i);
@@ -588,13 +604,7 @@ impl GgufFile {
                     )))
                 }
             }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ty,
-                offset,
-                n_bytes,
-            });
+            tensors.push(t);
         }
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let len = data.len() as u64;
