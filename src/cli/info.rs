@@ -20,6 +20,7 @@ pub struct InfoArgs {
 pub fn run(a: InfoArgs) -> Result<()> {
     let path = crate::fetch::resolve_model(Some(&a.model))?;
     let g = GgufFile::open(&path)?;
+    let model = Model::from_gguf(&g)?; // the validation every command runs, before anything is printed
     println!(
         "file:          {} ({}, GGUF v{})",
         path.display(),
@@ -41,7 +42,6 @@ pub fn run(a: InfoArgs) -> Result<()> {
         .map(|(k, (n, b))| format!("{k} ×{n} ({})", human_bytes(*b as usize)))
         .collect();
     println!("tensors:       {} — {}", g.tensors.len(), types.join(", "));
-    let model = Model::from_gguf(&g)?;
     let c = model.config();
     println!("layers:        {}", c.n_layers);
     println!("dim / ffn:     {} / {}", c.dim, c.ffn_dim);

@@ -49,7 +49,7 @@ impl Llama {
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g
-            .opt_u64(&key("attention.head_count_kv"))
+            .get_u64(&key("attention.head_count_kv"))?
             .map_or(n_heads, |v| v as usize);
         if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
             bail!(
@@ -62,7 +62,7 @@ impl Llama {
         let emb = super::tensor(g, "token_embd.weight")?;
         let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
         let rope_dim = g
-            .opt_u64(&key("rope.dimension_count"))
+            .get_u64(&key("rope.dimension_count"))?
             .map_or(hd, |v| v as usize);
         if rope_dim == 0 || rope_dim > hd || !rope_dim.is_multiple_of(2) {
             bail!(
@@ -74,7 +74,7 @@ impl Llama {
         let ctx_len = meta_usize(g, a, "context_length")?;
         let cfg = ModelConfig {
             arch,
-            name: g.opt_str("general.name").unwrap_or(a).to_string(),
+            name: g.get_str("general.name")?.unwrap_or(a).to_string(),
             n_layers,
             dim,
             n_heads,
@@ -87,13 +87,14 @@ impl Llama {
             rms_eps: g.req_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
             rope_style,
             rope_dim,
-            rope_base: g.opt_f64(&key("rope.freq_base")).unwrap_or(10000.0) as f32,
+            rope_base: g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
             rope_base_local: 0.0,
             sliding_window: None,
             layer_is_local: vec![false; n_layers],
             attn_scale: 1.0 / (hd as f32).sqrt(),
             embed_scale: 1.0,
         };
+        cfg.validate(g)?;
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");

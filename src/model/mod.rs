@@ -13,6 +13,7 @@ pub mod rope;
 pub mod select;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
+mod validate;
 
 pub use blocks::{apply_rope, gelu_tanh, mask_heads, rmsnorm, rmsnorm_inplace, rope_tables, silu};
 
@@ -27,6 +28,7 @@ use crate::kernels::{MatmulScratch, QMatrix};
 use crate::kv::{KvCache, KvConfig, KvDtype};
 pub use query_window::QueryWindow;
 pub use select::{SelectCx, Selector};
+pub use validate::MAX_CONTEXT;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -294,14 +296,14 @@ pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) ->
         .with_context(|| format!("{}: tensor {name}", g.path.display()))
 }
 
-/// A 1-D F32 (or F16) weight vector.
+/// A 1-D F32 (or F16) weight vector (shape [len], trailing dimensions of 1 allowed as in llama.cpp).
 pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
     let t = tensor(g, name)?;
-    if t.n_elements() as usize != len {
+    if t.dims[0] != len as u64 || t.dims[1..].iter().any(|&d| d != 1) {
         bail!(
-            "{}: tensor {name} has {} elements, expected {len}",
+            "{}: tensor {name} has shape {:?}, expected [{len}]",
             g.path.display(),
-            t.n_elements()
+            t.dims
         );
     }
     let b = g.tensor_bytes(t);

@@ -44,11 +44,13 @@ impl RopeScaling {
     /// factor of 0 or 1 mean no scaling (llama.cpp's reading); a type hayloft does not implement is an error.
     pub fn from_gguf(g: &GgufFile, arch: &str, ctx_len: usize) -> Result<Self> {
         let key = |k: &str| format!("{arch}.rope.scaling.{k}");
-        let factor = g
-            .opt_f64(&key("factor"))
-            .or_else(|| g.opt_f64(&format!("{arch}.rope.scale_linear")))
-            .unwrap_or(0.0) as f32;
-        let ty = g.opt_str(&key("type")).unwrap_or("linear");
+        let factor = match g.get_f64(&key("factor"))? {
+            Some(f) => f,
+            None => g
+                .get_f64(&format!("{arch}.rope.scale_linear"))?
+                .unwrap_or(0.0),
+        } as f32;
+        let ty = g.get_str(&key("type"))?.unwrap_or("linear");
         if !(factor.is_finite() && factor >= 0.0) {
             bail!(
                 "{}: {} is {factor}, expected a positive number",
@@ -63,7 +65,7 @@ impl RopeScaling {
             "linear" => RopeScaling::Linear { factor },
             "yarn" => {
                 let orig = g
-                    .opt_u64(&key("original_context_length"))
+                    .get_u64(&key("original_context_length"))?
                     .unwrap_or(ctx_len as u64);
                 if orig == 0 || orig > u32::MAX as u64 {
                     bail!(
@@ -72,14 +74,16 @@ impl RopeScaling {
                         key("original_context_length")
                     );
                 }
-                let f = |k: &str, default: f32| g.opt_f64(&key(k)).map_or(default, |v| v as f32);
+                let f = |k: &str, default: f32| -> Result<f32> {
+                    Ok(g.get_f64(&key(k))?.map_or(default, |v| v as f32))
+                };
                 RopeScaling::Yarn(Yarn {
                     factor,
                     orig_ctx: orig as u32,
-                    beta_fast: f("yarn_beta_fast", 32.0),
-                    beta_slow: f("yarn_beta_slow", 1.0),
-                    attn_factor: f("attn_factor", 1.0),
-                    log_mul: f("yarn_log_multiplier", 0.0),
+                    beta_fast: f("yarn_beta_fast", 32.0)?,
+                    beta_slow: f("yarn_beta_slow", 1.0)?,
+                    attn_factor: f("attn_factor", 1.0)?,
+                    log_mul: f("yarn_log_multiplier", 0.0)?,
                 })
             }
             other => bail!(

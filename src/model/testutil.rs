@@ -130,7 +130,12 @@ fn gpt2_vocab(w: &mut GgufWriter, pre: &str) -> usize {
 
 /// Writes a tiny Llama-architecture GGUF with random weights to `path`.
 pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
-    write_llama_family(path, s, "llama", None)
+    tiny_llama(s).write(path)
+}
+
+/// A tiny Llama-architecture GGUF with random weights, still open for changes (tests that build invalid files).
+pub fn tiny_llama(s: &TinySpec) -> GgufWriter {
+    llama_family(s, "llama", None)
 }
 
 /// RoPE scaling metadata for a tiny Qwen2 model: (type, factor, original context length).
@@ -143,16 +148,11 @@ pub fn write_tiny_qwen2(
     s: &TinySpec,
     rope_scaling: Option<TinyRopeScaling>,
 ) -> std::io::Result<()> {
-    write_llama_family(path, s, "qwen2", rope_scaling)
+    llama_family(s, "qwen2", rope_scaling).write(path)
 }
 
 /// `arch` "llama" or "qwen2" (which adds biases and the qwen2 pre-tokenizer).
-fn write_llama_family(
-    path: &Path,
-    s: &TinySpec,
-    arch: &str,
-    rope_scaling: Option<TinyRopeScaling>,
-) -> std::io::Result<()> {
+fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>) -> GgufWriter {
     let qwen2 = arch == "qwen2";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
@@ -212,11 +212,16 @@ fn write_llama_family(
         w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    w.write(path)
+    w
 }
 
 /// Writes a tiny Gemma-3-architecture GGUF with random weights (sliding window `window` on 5 of 6 layers).
 pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Result<()> {
+    tiny_gemma3(s, window).write(path)
+}
+
+/// A tiny Gemma-3-architecture GGUF with random weights, still open for changes.
+pub fn tiny_gemma3(s: &TinySpec, window: u32) -> GgufWriter {
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
     let a = |k: &str| format!("gemma3.{k}");
@@ -270,5 +275,5 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
         w.tensor_f32(&n("attn_k_norm"), &[hd as u64], &ones(hd));
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    w.write(path)
+    w
 }
