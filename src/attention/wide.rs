@@ -1,0 +1,222 @@
+//! AVX-512 fold: the online-softmax step of a task's rows over one tile of keys, register-blocked so several query
+//! rows share every K and V load.
+//!
+//! Rows go in chunks of up to 8 (4 when a block holds 64 keys): the chunk's scores against the whole tile are one
+//! register-blocked product (8 rows × 32 keys = 16 zmm accumulators, one broadcast of q and BT/16 key loads per
+//! channel), the masks and softmax run 16 lanes wide over each row, and p·V goes 4 rows at a time with a 64-channel
+//! strip of each row's output in registers, so each value row is loaded once for 4 rows. Keys past the last one any
+//! row of the chunk can see (the masked half of a diagonal block) are left out of p·V.
+//!
+//! Chosen when `crate::kernels::kernel()` is the AVX-512 kernel, the block holds a multiple of 16 keys and the value
+//! head dim is a multiple of 16; otherwise `fold` takes the portable path.
+
+use std::arch::x86_64::*;
+
+use super::{block_softmax, TaskArgs};
+
+/// The fold of [`super::fold`] (same arguments and results) for BT ∈ {16, 32, 64} and hv % 16 == 0.
+///
+/// # Safety
+/// The CPU must support AVX-512F/VL, AVX2, FMA and F16C; `kt` holds hs × BT, `vb` pos.len() × hv, `s_buf` 8 × BT.
+#[allow(clippy::too_many_arguments)] // fold's arguments
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn fold<const BT: usize>(
+    a: &TaskArgs,
+    kt: &[f32],
+    vb: &[f32],
+    pos: &[u32],
+    hs: usize,
+    qrows: Option<&[f32]>,
+    s_buf: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    let (q, sh, p, task) = (a.q, a.sh, a.p, a.task);
+    let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
+    let n = pos.len();
+    let rows = (task.t1 - task.t0) * g;
+    assert!(BT.is_multiple_of(16) && BT <= 64 && hv.is_multiple_of(16));
+    assert!(kt.len() >= hs * BT && vb.len() >= n * hv && s_buf.len() >= 8 * BT);
+    assert!(acc.len() >= rows * hv && m.len() >= rows && l.len() >= rows);
+    let tile_pos = &a.q_pos[task.t0..task.t1];
+    let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
+    let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
+    let (pmin, pmax) = pos
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let all_visible = pmax <= min_qpos && p.window.is_none_or(|w| max_qpos - pmin < w);
+    let window = p.window.unwrap_or(u32::MAX);
+    let row_q = |r: usize| -> &[f32] {
+        match qrows {
+            None => {
+                let t = task.t0 + r / g;
+                &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk]
+            }
+            Some(qg) => &qg[r * hs..][..hs],
+        }
+    };
+    let chunk = if BT >= 64 { 4 } else { 8 };
+    let mut r0 = 0;
+    while r0 < rows {
+        let rc = (rows - r0).min(chunk);
+        // Scores of the chunk's rows (padded by repeating the last row): s_buf[i · BT + j].
+        if rc > 4 {
+            let qs: [&[f32]; 8] = std::array::from_fn(|i| row_q(r0 + i.min(rc - 1)));
+            scores::<8, BT>(kt, &qs, hs, s_buf);
+        } else {
+            let qs: [&[f32]; 4] = std::array::from_fn(|i| row_q(r0 + i.min(rc - 1)));
+            scores::<4, BT>(kt, &qs, hs, s_buf);
+        }
+        // Scale, soft-cap, mask and the softmax step of each row; `alpha` rescales its accumulator in p·V.
+        let mut alpha = [1.0f32; 8];
+        let mut cmax = 0u32;
+        for i in 0..rc {
+            let r = r0 + i;
+            let qpos = tile_pos[r / g];
+            cmax = cmax.max(qpos);
+            let s = &mut s_buf[i * BT..][..n];
+            for x in s.iter_mut() {
+                *x *= p.scale;
+            }
+            if let Some(c) = p.softcap {
+                for x in s.iter_mut() {
+                    *x = c * (*x / c).tanh();
+                }
+            }
+            if !all_visible {
+                for (x, &kpos) in s.iter_mut().zip(pos) {
+                    let visible = (kpos <= qpos) & (qpos.wrapping_sub(kpos) < window);
+                    *x = if visible { *x } else { f32::NEG_INFINITY };
+                }
+            }
+            match block_softmax(s, m[r]) {
+                Some((m_new, al, lsum)) => {
+                    alpha[i] = al;
+                    m[r] = m_new;
+                    l[r] = l[r] * al + lsum;
+                }
+                None => s.fill(0.0),
+            }
+        }
+        // Keys after the last one any row of the chunk sees carry probability 0 for every row: leave them out.
+        let n_eff = if all_visible {
+            n
+        } else {
+            pos.iter().rposition(|&k| k <= cmax).map_or(0, |j| j + 1)
+        };
+        let mut i0 = 0;
+        while i0 < rc {
+            let k = (rc - i0).min(4);
+            let pr = s_buf[i0 * BT..].as_ptr();
+            let ar = acc[(r0 + i0) * hv..].as_mut_ptr();
+            let al = &alpha[i0..];
+            match k {
+                4 => pv::<4, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                3 => pv::<3, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                2 => pv::<2, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                _ => pv::<1, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+            }
+            i0 += k;
+        }
+        r0 += rc;
+    }
+}
+
+/// s[i · BT + j] = q_i · k_j for R rows and the BT keys of `kt` (hs × BT, transposed): R · BT/16 accumulators in
+/// registers, each key channel loaded once for all R rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn scores<const R: usize, const BT: usize>(
+    kt: &[f32],
+    q: &[&[f32]; R],
+    hs: usize,
+    s: &mut [f32],
+) {
+    assert!(kt.len() >= hs * BT && s.len() >= R * BT && q.iter().all(|r| r.len() >= hs));
+    let nv = BT / 16;
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let base = kt.as_ptr();
+    for d in 0..hs {
+        let col = base.add(d * BT);
+        let mut k = [_mm512_setzero_ps(); 4];
+        for (v, kv) in k.iter_mut().enumerate().take(nv) {
+            *kv = _mm512_loadu_ps(col.add(16 * v));
+        }
+        for r in 0..R {
+            let qb = _mm512_set1_ps(*q[r].get_unchecked(d));
+            for v in 0..nv {
+                acc[r][v] = _mm512_fmadd_ps(qb, k[v], acc[r][v]);
+            }
+        }
+    }
+    let out = s.as_mut_ptr();
+    for (r, ar) in acc.iter().enumerate() {
+        for (v, av) in ar.iter().enumerate().take(nv) {
+            _mm512_storeu_ps(out.add(r * BT + 16 * v), *av);
+        }
+    }
+}
+
+/// acc_i ← alpha_i · acc_i + Σ_{j<n} p[i · BT + j] · v_j for R rows (`acc` row stride hv), in strips of up to 64
+/// channels whose R rows stay in registers while the strip of each value row is loaded once.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn pv<const R: usize, const BT: usize>(
+    p: *const f32,
+    vb: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+) {
+    let mut c0 = 0;
+    while c0 < hv {
+        match (hv - c0) / 16 {
+            1 => pv_strip::<R, 1, BT>(p, vb, n, hv, alpha, acc, c0),
+            2 => pv_strip::<R, 2, BT>(p, vb, n, hv, alpha, acc, c0),
+            3 => pv_strip::<R, 3, BT>(p, vb, n, hv, alpha, acc, c0),
+            _ => pv_strip::<R, 4, BT>(p, vb, n, hv, alpha, acc, c0),
+        }
+        c0 += 64.min(hv - c0);
+    }
+}
+
+/// One strip of [`pv`]: channels [c0, c0 + 16·W).
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize>(
+    p: *const f32,
+    vb: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+    c0: usize,
+) {
+    let mut a = [[_mm512_setzero_ps(); W]; R];
+    for (r, ar) in a.iter_mut().enumerate() {
+        let al = _mm512_set1_ps(alpha[r]);
+        for (w, aw) in ar.iter_mut().enumerate() {
+            *aw = _mm512_mul_ps(_mm512_loadu_ps(acc.add(r * hv + c0 + 16 * w)), al);
+        }
+    }
+    for j in 0..n {
+        let vrow = vb.add(j * hv + c0);
+        let mut v = [_mm512_setzero_ps(); W];
+        for (w, vw) in v.iter_mut().enumerate() {
+            *vw = _mm512_loadu_ps(vrow.add(16 * w));
+        }
+        for (r, ar) in a.iter_mut().enumerate() {
+            let pb = _mm512_set1_ps(*p.add(r * BT + j));
+            for (aw, vw) in ar.iter_mut().zip(&v) {
+                *aw = _mm512_fmadd_ps(pb, *vw, *aw);
+            }
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (w, aw) in ar.iter().enumerate() {
+            _mm512_storeu_ps(acc.add(r * hv + c0 + 16 * w), *aw);
+        }
+    }
+}
