@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{block_softmax, TaskArgs};
+use super::{block_softmax, exp_neg, TaskArgs};
 
 /// The fold of [`super::fold`] (same arguments and results) for BT ∈ {16, 32, 64} and hv % 16 == 0.
 ///
@@ -90,7 +90,12 @@ pub(super) unsafe fn fold<const BT: usize>(
                     *x = if visible { *x } else { f32::NEG_INFINITY };
                 }
             }
-            match block_softmax(s, m[r]) {
+            let step = if n == BT {
+                softmax_full::<BT>(s, m[r])
+            } else {
+                block_softmax(s, m[r])
+            };
+            match step {
                 Some((m_new, al, lsum)) => {
                     alpha[i] = al;
                     m[r] = m_new;
@@ -121,6 +126,61 @@ pub(super) unsafe fn fold<const BT: usize>(
         }
         r0 += rc;
     }
+}
+
+/// [`block_softmax`] for a full block of BT scores: the max and the sum reduce in registers, e^x 16 lanes at a time.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn softmax_full<const BT: usize>(s: &mut [f32], m_old: f32) -> Option<(f32, f32, f32)> {
+    assert!(s.len() >= BT);
+    let sp = s.as_mut_ptr();
+    let mut x = [_mm512_setzero_ps(); 4];
+    for (v, xv) in x.iter_mut().enumerate().take(BT / 16) {
+        *xv = _mm512_loadu_ps(sp.add(16 * v));
+    }
+    let mut mx = x[0];
+    for xv in x.iter().take(BT / 16).skip(1) {
+        mx = _mm512_max_ps(mx, *xv);
+    }
+    let blk_max = _mm512_reduce_max_ps(mx);
+    if blk_max == f32::NEG_INFINITY {
+        return None;
+    }
+    let m_new = if blk_max > m_old { blk_max } else { m_old };
+    let alpha = exp_neg(m_old - m_new); // 0 when m_old = −∞
+    let mv = _mm512_set1_ps(m_new);
+    let mut sum = _mm512_setzero_ps();
+    for (v, xv) in x.iter().enumerate().take(BT / 16) {
+        let e = exp_neg16(_mm512_sub_ps(*xv, mv));
+        _mm512_storeu_ps(sp.add(16 * v), e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    Some((m_new, alpha, _mm512_reduce_add_ps(sum)))
+}
+
+/// [`exp_neg`] on 16 lanes: the same range reduction and polynomial; lanes below −87 (and −∞) give 0.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn exp_neg16(x: __m512) -> __m512 {
+    let lo = _mm512_set1_ps(-87.0);
+    let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, lo);
+    let xc = _mm512_max_ps(x, lo);
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+        xc,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+        _mm512_set1_ps(0.5),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), xc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm512_set1_ps(0.001_394_2);
+    for c in [0.008_333_45, 0.041_666_43, 0.166_666_67, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvttps_epi32(n),
+        _mm512_set1_epi32(127),
+    )));
+    _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, scale))
 }
 
 /// s[i · BT + j] = q_i · k_j for R rows and the BT keys of `kt` (hs × BT, transposed): R · BT/16 accumulators in
