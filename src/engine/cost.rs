@@ -76,22 +76,41 @@ pub fn measure_attention(
     });
     let keys: f64 = (n - chunk..n).map(|p| (p + 1) as f64).sum();
     let prefill_ops = 2.0 * (Q_HEADS * 2 * HD) as f64 * keys / t;
-    // Decode: one query over 8192 entries, and over one block (the call's fixed cost).
+    // Decode: one query over 8192 entries in every layer of a cache several times the last-level cache (as a model's
+    // layers stream from memory), and over one block (the call's fixed cost).
     let q1 = query(1);
     let mut out1 = vec![0.0f32; Q_HEADS * HD]; // 1 × Q_HEADS·HD
-    let mut decode = |n: usize| {
-        let cache = fill(n);
-        let pos = [n as u32 - 1];
-        cache.take_read();
-        attend(&cache, 0, &q1, &pos, &mut out1, &params, &mut scratch);
-        let bytes = cache.take_read() as f64;
-        let t = best_of(per_figure, || {
-            attend(&cache, 0, &q1, &pos, &mut out1, &params, &mut scratch)
+    let per_layer = 8192 * KV_HEADS * cfg.entry_bytes();
+    let layers = (4 * p.llc_bytes.max(1 << 20))
+        .div_ceil(per_layer)
+        .clamp(1, 64);
+    let mut decode = |n: usize, layers: usize| {
+        let mut c = KvCache::new(KvConfig {
+            n_layers: layers,
+            ..cfg.clone()
         });
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let kv: Vec<f32> = (0..n * KV_HEADS * HD)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+            .collect(); // n × KV_HEADS·HD
+        for l in 0..layers {
+            c.append(l, &pos, &kv, &kv);
+        }
+        let qpos = [n as u32 - 1];
+        c.take_read();
+        for l in 0..layers {
+            attend(&c, l, &q1, &qpos, &mut out1, &params, &mut scratch);
+        }
+        let bytes = c.take_read() as f64 / layers as f64;
+        let t = best_of(per_figure, || {
+            for l in 0..layers {
+                attend(&c, l, &q1, &qpos, &mut out1, &params, &mut scratch);
+            }
+        }) / layers as f64;
         (bytes, t)
     };
-    let (b_small, t_small) = decode(block_tokens);
-    let (b_big, t_big) = decode(8192);
+    let (b_small, t_small) = decode(block_tokens, 1);
+    let (b_big, t_big) = decode(8192, layers);
     if b_big <= b_small {
         bail!("attention read no more bytes over 8192 entries than over one block");
     }
