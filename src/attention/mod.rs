@@ -856,6 +856,7 @@ mod tests {
             head_dim_v: hv,
             block_tokens: if len.is_multiple_of(2) { 32 } else { 8 },
             dtype,
+            windows: Vec::new(),
         };
         let mut cache = KvCache::new(cfg);
         let pos: Vec<u32> = (0..len as u32).collect();
@@ -948,6 +949,7 @@ mod tests {
             head_dim_v: 8,
             block_tokens: 4,
             dtype: KvDtype::F32,
+            windows: Vec::new(),
         };
         let mut rng = Rng(7);
         let mut cache = KvCache::new(cfg);
@@ -1031,6 +1033,7 @@ mod tests {
             head_dim_v: hd,
             block_tokens: 32,
             dtype,
+            windows: Vec::new(),
         });
         let pos: Vec<u32> = (0..len as u32).collect();
         cache.append(

@@ -29,6 +29,8 @@ struct Stream {
     channels: Option<Box<[u16]>>,
     /// Page summaries (see [`meta`]): page p at `[p · 2 · hk, (p + 1) · 2 · hk)`; empty when off.
     meta: Vec<f16>,
+    /// Sliding-window streams: one past the position of the newest entry dropped by sliding (0 = none dropped).
+    slid_to: u32,
 }
 
 /// Bytes read by attention and selectors since the cache was made (or [`KvCache::take_read`] last ran).
@@ -58,6 +60,9 @@ pub struct KvCache {
     edits: u64,
     /// Offload: the blocks the last rebalance weighed (reused).
     cands: Vec<Cand>,
+    /// Sliding-window streams keep what a query at this position reads (see [`KvCache::hold`]); None = only what the
+    /// next appended entries read.
+    hold: Option<u32>,
 }
 
 impl Clone for KvCache {
@@ -90,6 +95,7 @@ impl KvCache {
             read: ReadCounter::default(),
             edits: 0,
             cands: Vec::new(),
+            hold: None,
             cfg,
         }
     }
@@ -107,6 +113,7 @@ impl KvCache {
             read: self.read.clone(),
             edits: self.edits,
             cands: Vec::new(),
+            hold: self.hold,
         })
     }
 
@@ -453,8 +460,16 @@ impl KvCache {
         let n = pos.len();
         debug_assert_eq!(k.len(), n * nh * hk);
         debug_assert_eq!(v.len(), n * nh * hv);
+        // A sliding-window layer first drops the blocks no query from here on reads.
+        let visible_from = match (self.cfg.window(layer), pos.first()) {
+            (Some(w), Some(&p0)) => Some(self.hold.map_or(p0, |h| h.min(p0)).saturating_sub(w - 1)),
+            _ => None,
+        };
         for h in 0..nh {
             let si = self.stream_index(layer, h);
+            if let Some(lo) = visible_from {
+                self.slide(si, lo);
+            }
             let shape = Shape {
                 quant: false,
                 hk: self.stream_hk(si),
@@ -531,12 +546,18 @@ impl KvCache {
         }
     }
 
+    /// Empties every stream and forgets the [`Self::hold`].
     pub fn clear(&mut self) {
         self.truncate(0);
+        self.streams.iter_mut().for_each(|s| s.slid_to = 0);
+        self.hold = None;
     }
 
     /// Drops every entry whose position is ≥ `pos` (entries of a stream are in position order), in every stream.
-    pub fn truncate_pos(&mut self, pos: u32) {
+    /// Fails, changing nothing, if a sliding-window layer already dropped an entry that a query at `pos` reads (see
+    /// [`Self::hold`]).
+    pub fn truncate_pos(&mut self, pos: u32) -> Result<()> {
+        self.check_truncate_pos(pos)?;
         let bt = self.cfg.block_tokens;
         for si in 0..self.streams.len() {
             let s = &self.streams[si];
@@ -551,7 +572,47 @@ impl KvCache {
                 }
             }
             self.shrink(si, lo);
+            let s = &mut self.streams[si];
+            s.slid_to = s.slid_to.min(pos);
         }
+        Ok(())
+    }
+
+    /// Whether [`Self::truncate_pos`] to `pos` would leave every sliding-window stream the entries a query at `pos`
+    /// reads (positions `pos − window + 1 .. pos`): an error naming what was dropped if not.
+    pub fn check_truncate_pos(&self, pos: u32) -> Result<()> {
+        for layer in 0..self.cfg.n_layers {
+            let Some(w) = self.cfg.window(layer) else {
+                continue;
+            };
+            let need = pos.saturating_sub(w - 1);
+            let slid = (0..self.cfg.n_kv_heads)
+                .map(|h| self.streams[self.stream_index(layer, h)].slid_to)
+                .max()
+                .unwrap_or(0);
+            if need < slid.min(pos) {
+                bail!(
+                    "cannot go back to position {pos}: sliding-window layer {layer} (window {w}) keeps only what its \
+                     queries still read, and has dropped positions up to {} that a query at {pos} reads (hold the \
+                     position before feeding past it, or fork the session instead)",
+                    slid - 1
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sliding-window layers keep, from now on, every entry a query at position `pos` or later reads, so that
+    /// [`Self::truncate_pos`] to any position ≥ `pos` keeps working (a shared context answered several times, a chat
+    /// turn retried); None lets them keep only what the next appended entries read. Entries already dropped stay
+    /// dropped.
+    pub fn hold(&mut self, pos: Option<u32>) {
+        self.hold = pos;
+    }
+
+    /// The sliding window of `layer` if its streams keep only that window (see [`KvConfig::windows`]).
+    pub fn window(&self, layer: usize) -> Option<u32> {
+        self.cfg.window(layer)
     }
 
     /// Keeps only the entries of (layer, KV head) for which `keep(index, position)` is true, in order, and returns
@@ -761,6 +822,47 @@ impl KvCache {
         self.store_block(si, b, n, to_quant);
     }
 
+    /// Sliding window: drops the leading blocks of stream `si` whose entries all lie before position `lo` (the oldest
+    /// position a query still reads), and their page summaries. Entries that remain keep their order; their indices
+    /// shift down by the dropped count. This is not counted in [`Self::edits`]: selectors never select on
+    /// sliding-window layers.
+    fn slide(&mut self, si: usize, lo: u32) {
+        let bt = self.cfg.block_tokens;
+        let s = &self.streams[si];
+        let mut nb = 0;
+        while nb < s.blocks.len() {
+            let last = ((nb + 1) * bt).min(s.len) - 1;
+            if self.pool.get(s.blocks[nb]).pos[last % bt] >= lo {
+                break;
+            }
+            nb += 1;
+        }
+        if nb == 0 {
+            return;
+        }
+        let dropped = (nb * bt).min(s.len);
+        let newest = self.pool.get(s.blocks[nb - 1]).pos[(dropped - 1) % bt];
+        for i in 0..nb {
+            self.pool.release(self.streams[si].blocks[i]);
+        }
+        let s = &mut self.streams[si];
+        s.blocks.drain(..nb);
+        s.len -= dropped;
+        s.n_quant = s.n_quant.saturating_sub(nb);
+        s.slid_to = s.slid_to.max(newest + 1);
+        if s.len == 0 {
+            s.channels = None;
+        }
+        if let Some(m) = self.meta_cfg {
+            let hk = self.stream_hk(si);
+            let s = &mut self.streams[si];
+            let n = (dropped.div_ceil(m.page_tokens) * 2 * hk).min(s.meta.len());
+            s.meta.drain(..n);
+            self.meta_bytes -= 2 * n;
+            self.pool.account(0, 2 * n);
+        }
+    }
+
     /// Releases blocks `[from, ..)` of stream `si` to the pool, in order, and drops them from the stream.
     fn release_blocks_from(&mut self, si: usize, from: usize) {
         for i in from..self.streams[si].blocks.len() {
@@ -788,6 +890,7 @@ impl KvCache {
         s.n_quant = s.n_quant.min(target);
         if len == 0 {
             s.channels = None;
+            s.slid_to = 0;
         }
         // Summaries change from the first block stored in full precision again, else only in the last page.
         let from = if nq > target {
@@ -825,6 +928,7 @@ mod tests {
             head_dim_v: 3,
             block_tokens: 4,
             dtype,
+            windows: Vec::new(),
         }
     }
 
@@ -909,12 +1013,12 @@ mod tests {
         let pos: Vec<u32> = (0..11).collect();
         c.append(0, &pos, &[1.0; 11 * 2 * 4], &[2.0; 11 * 2 * 3]);
         c.retain(0, 1, |_, p| p % 2 == 0); // head 1 holds 0, 2, 4, 6, 8, 10
-        c.truncate_pos(7);
+        c.truncate_pos(7).unwrap();
         assert_eq!(c.len(0, 0), 7);
         assert_eq!(c.len(0, 1), 4);
         let kept: Vec<u32> = c.blocks(0, 1).flat_map(|b| b.pos.to_vec()).collect();
         assert_eq!(kept, vec![0, 2, 4, 6]);
-        c.truncate_pos(0);
+        c.truncate_pos(0).unwrap();
         assert!(c.is_empty());
     }
 
@@ -941,6 +1045,7 @@ mod tests {
             head_dim_v: hv,
             block_tokens: bt,
             dtype: KvDtype::Kivi { bits, residual },
+            windows: Vec::new(),
         }
     }
 
@@ -1105,7 +1210,7 @@ mod tests {
         }
         assert_eq!(dump(&c, 1).len(), other.len(), "head 1 untouched");
         // truncate_pos into a quantized block: it goes back to f16 (keeping its values), and appends keep working.
-        c.truncate_pos(30);
+        c.truncate_pos(30).unwrap();
         let t = dump(&c, 1);
         assert_eq!(t.len(), 30);
         assert_eq!(c.quantized_blocks(0, 1), (30 - r) / bt);
@@ -1132,7 +1237,7 @@ mod tests {
         assert_eq!(c.quantized_blocks(0, 1), (50 - r) / bt);
         let ps: Vec<u32> = dump(&c, 1).iter().map(|e| e.0).collect();
         assert_eq!(ps, (0..50).collect::<Vec<_>>());
-        c.truncate_pos(0);
+        c.truncate_pos(0).unwrap();
         assert!(c.is_empty());
         assert_eq!(c.used_bytes(), 0);
     }
@@ -1155,6 +1260,7 @@ mod tests {
                 head_dim_v: hv,
                 block_tokens: bt,
                 dtype,
+                windows: Vec::new(),
             });
             let mut rng = Rng(21);
             let pos: Vec<u32> = (0..18).collect();
@@ -1241,7 +1347,7 @@ mod tests {
                 .iter()
                 .all(|(_, k, _)| k[0] == 0.0 && k[1] == 0.0));
             // A stream cut to nothing forgets its mask.
-            c.truncate_pos(0);
+            c.truncate_pos(0).unwrap();
             assert_eq!(c.key_channels(0, 0), None);
             c.append(0, &[0], &rng.vec(2 * hk, 1.0), &rng.vec(2 * hv, 1.0));
             assert_eq!(c.key_dims(0, 0), hk);
@@ -1328,7 +1434,7 @@ mod tests {
                     assert_meta_exact(&c, m, "overwritten");
                     c.prune_key_channels(0, 0, &[true, false, true, false]);
                     assert_meta_exact(&c, m, "pruned");
-                    c.truncate_pos(13);
+                    c.truncate_pos(13).unwrap();
                     assert_meta_exact(&c, m, "truncated");
                     c.clear();
                     assert_eq!(c.meta_bytes(), 0);
