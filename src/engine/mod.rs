@@ -41,6 +41,9 @@ pub struct SessionConfig {
     /// `--kv-offload DIR --resident N`: keep at most N bytes of KV blocks in RAM, the rest in a file under DIR
     /// (see [`crate::kv::offload`]). None = everything in RAM.
     pub offload: Option<OffloadConfig>,
+    /// Keep every entry on sliding-window layers too (llama.cpp's `--swa-full`), as caches did before they slid:
+    /// for comparisons. Default false: those layers keep only their window.
+    pub swa_full: bool,
 }
 
 impl SessionConfig {
@@ -54,6 +57,7 @@ impl SessionConfig {
             observe: Needs::default(),
             head_mask: Vec::new(),
             offload: None,
+            swa_full: false,
         }
     }
 }
@@ -94,7 +98,11 @@ impl<'m> Session<'m> {
         let mc = model.config();
         // The storage format comes from the spec (a `kivi*` option) or else from `kv_dtype`.
         let dtype = crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?;
-        let mut cache = KvCache::new(mc.kv_config(dtype, cfg.block_tokens));
+        let mut kv_cfg = mc.kv_config(dtype, cfg.block_tokens);
+        if cfg.swa_full {
+            kv_cfg.windows.clear();
+        }
+        let mut cache = KvCache::new(kv_cfg);
         if let Some(oc) = &cfg.offload {
             check_offload(oc, &cfg, &cache)?;
             cache.enable_offload(oc)?;
@@ -416,16 +424,29 @@ impl<'m> Session<'m> {
     }
 
     /// Forgets everything after the first `n` tokens (e.g. to retry a turn, or to answer another query against a
-    /// shared context): drops every cached entry whose position is ≥ n, so it also works after eviction.
-    pub fn truncate(&mut self, n: usize) {
+    /// shared context): drops every cached entry whose position is ≥ n, so it also works after eviction. Fails,
+    /// changing nothing, if a sliding-window layer has already dropped entries the token at `n` reads: call
+    /// [`Self::hold`] before feeding past a point the session may come back to.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        self.cache.truncate_pos(n as u32)?;
         self.tokens.truncate(n);
-        self.cache.truncate_pos(n as u32);
         self.scratch.obs.truncate_pos(n as u32);
         self.acc.sync_len(&self.cache);
+        Ok(())
     }
 
+    /// Keeps, from now on, what [`Self::truncate`] back to `n` (or later) needs: sliding-window layers keep the
+    /// window before token `n` as more tokens come (they hold n − window + 1 … the newest token until the next hold).
+    pub fn hold(&mut self, n: usize) {
+        self.cache.hold(Some(n as u32));
+    }
+
+    /// Forgets everything: an empty cache (sliding windows and holds included).
     pub fn reset(&mut self) {
-        self.truncate(0);
+        self.tokens.clear();
+        self.cache.clear();
+        self.scratch.obs.truncate_pos(0);
+        self.acc.sync_len(&self.cache);
     }
 }
 
