@@ -159,19 +159,33 @@ impl KvCache {
     }
 
     /// The resident limit now, in bytes: the configured size, or the share of what the cache would hold with every
-    /// block in RAM. None without offload.
+    /// block in RAM, but never below the floor that cannot move (positions, page summaries, the open block of each
+    /// stream, blocks in other formats): what [`Self::rebalance`] keeps RAM to. A small cache (sliding-window layers
+    /// hold a few blocks each) can sit at its floor. None without offload.
     pub fn resident_limit(&self) -> Option<usize> {
         let off = self.pool.off.as_ref()?;
-        let n_disk: usize = self
-            .streams
-            .iter()
-            .flat_map(|s| &s.blocks)
-            .filter(|&&id| matches!(self.pool.get(id).data, BlockData::Disk(_)))
-            .count();
+        let (bt, hk) = (self.cfg.block_tokens, self.cfg.head_dim_k);
+        let (mut n_disk, mut movable) = (0, 0);
+        for s in &self.streams {
+            let nb = s.blocks.len();
+            for (b, &id) in s.blocks.iter().enumerate() {
+                match &self.pool.get(id).data {
+                    BlockData::Disk(_) => n_disk += 1,
+                    BlockData::F16 { k, .. } if k.len() == hk * bt => {
+                        let open = b + 1 == nb && !s.len.is_multiple_of(bt);
+                        movable += !open as usize;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let data = self.block_data_bytes();
+        let floor = self.pool.bytes() - movable * data;
         Some(
             off.cfg
                 .resident
-                .limit(self.pool.bytes() + n_disk * self.block_data_bytes()),
+                .limit(self.pool.bytes() + n_disk * data)
+                .max(floor),
         )
     }
 
