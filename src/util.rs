@@ -1,8 +1,9 @@
 //! Small helpers every layer may use (no dependency on any other module of the crate).
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// Reads a text file: a clear error for a missing file or invalid UTF-8.
 pub fn read_text_file(path: &Path) -> Result<String> {
@@ -14,4 +15,108 @@ pub fn read_text_file(path: &Path) -> Result<String> {
             e.utf8_error().valid_up_to()
         )
     })
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a temporary file beside it, flushed to disk, then renamed over
+/// `path`. A failure (a full disk, a missing folder) names the path and leaves any earlier `path` as it was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("cannot write {}", path.display()))
+    })
+}
+
+/// `dir/.name.tmp-<pid>` for `dir/name`: same folder, so the rename stays on one file system.
+fn temp_beside(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// A size in bytes: `800MiB`, `1.5GiB`, `512KiB`, `100MB`, `4096B`, or a plain number of bytes (`1048576`).
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let x: f64 = num.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "'{s}': give a size with a unit (800MiB, 1.5GiB, 512KiB, 100MB) or a number of bytes"
+        )
+    })?;
+    let mult: f64 = match unit {
+        "" | "B" => 1.0,
+        "KiB" | "K" => 1024.0,
+        "MiB" | "M" => 1024.0 * 1024.0,
+        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" | "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => bail!("'{s}': unknown unit '{unit}' (valid: B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
+    };
+    let b = x * mult;
+    if !(b >= 1.0 && b.is_finite() && b < usize::MAX as f64) {
+        bail!("'{s}': a size must be at least 1 byte");
+    }
+    Ok(b as usize)
+}
+
+/// A size flag's value (`--max-memory 800MiB`), parsed by [`parse_size`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl std::str::FromStr for ByteSize {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_size(s).map(ByteSize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_size("800MiB").unwrap(), 800 << 20);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("100MB").unwrap(), 100_000_000);
+        for bad in ["", "0", "-5MiB", "12 parsecs", "MiB", "0.1B"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(format!("{:#}", parse_size("3XB").unwrap_err()).contains("unknown unit 'XB'"));
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_or_leaves_the_old_file() {
+        let dir = std::env::temp_dir().join(format!("hayloft-util-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("report.md");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        // No temporary file is left beside it.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        // A folder that does not exist: the error names the path.
+        let missing = dir.join("no/such/dir/report.md");
+        let e = format!("{:#}", write_atomic(&missing, b"x").unwrap_err());
+        assert!(e.contains("no/such/dir/report.md"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -283,3 +283,313 @@ fn bad_kv_storage_flags_name_the_problem() {
         &["keeps f16 blocks", "q4"],
     );
 }
+
+/// Runs hayloft and returns (exit code, stdout, stderr).
+fn hayloft_out(args: &[&str], home: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hayloft"))
+        .args(args)
+        .env("HAYLOFT_HOME", home)
+        .env_remove("HAYLOFT_EVAL_ABORT_AFTER")
+        .output()
+        .expect("run hayloft");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "hayloft panicked on {args:?}: {stderr}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+#[test]
+fn a_memory_limit_below_the_plan_is_refused_before_the_prefill() {
+    let f = Fixture::new();
+    let m = f.path("tiny.gguf");
+    let stats = f.path("stats.json");
+    let base = [
+        "generate",
+        "--model",
+        &m,
+        "-p",
+        "the the the",
+        "-n",
+        "4",
+        "-t",
+        "2",
+    ];
+    // Nothing is generated: the refusal comes before the prefill, naming the parts and the limit.
+    let (code, out, err) = hayloft_out(&[&base[..], &["--max-memory", "64KiB"]].concat(), f.home());
+    assert_ne!(code, 0, "{err}");
+    for s in [
+        "not enough memory",
+        "--max-memory 64.0 KiB",
+        "weights",
+        "KV cache",
+        "--kv-dtype q4",
+    ] {
+        assert!(err.contains(s), "stderr lacks {s:?}:\n{err}");
+    }
+    assert!(
+        out.is_empty(),
+        "generated text despite the refusal: {out:?}"
+    );
+    // A limit above the plan runs, and the stats show the planned KV next to the measured peak.
+    let (code, _, err) = hayloft_out(
+        &[&base[..], &["--max-memory", "1GiB", "--stats-json", &stats]].concat(),
+        f.home(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let (planned, peak) = (
+        j["planned_kv_bytes"].as_u64().unwrap(),
+        j["peak_kv_bytes"].as_u64().unwrap(),
+    );
+    assert!(planned > 0 && planned == peak, "{j}");
+    // Perplexity too, and a size that does not parse is named.
+    std::fs::write(f.path("text.txt"), "the the the ".repeat(60)).unwrap();
+    expect_error(
+        &[
+            "perplexity",
+            "--model",
+            &m,
+            "-f",
+            &f.path("text.txt"),
+            "--ctx",
+            "64",
+            "--max-memory",
+            "100KiB",
+        ],
+        f.home(),
+        &["not enough memory", "--max-memory 100.0 KiB"],
+    );
+    expect_error(
+        &[&base[..], &["--max-memory", "12 parsecs"]].concat(),
+        f.home(),
+        &["--max-memory", "unknown unit 'parsecs'"],
+    );
+}
+
+#[test]
+fn an_eval_case_that_does_not_fit_is_skipped_and_the_others_run() {
+    use hayloft::engine::{plan_memory, Lengths, SessionConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("tiny.gguf");
+    let spec = TinySpec {
+        ctx_len: 4096,
+        ..Default::default()
+    };
+    write_tiny_llama(&m, &spec).unwrap();
+    // A limit between the plans of a 600- and a 3000-token case.
+    let model = hayloft::model::Model::load(&m).unwrap();
+    let cfg = SessionConfig::for_model(&model);
+    let total = |n: usize| {
+        plan_memory(&model, &cfg, Lengths::generate(n, 8))
+            .unwrap()
+            .total()
+    };
+    let limit = (total(600) + total(3000)) / 2;
+    let out = dir.path().join("run");
+    let (ms, os) = (m.to_string_lossy(), out.to_string_lossy());
+    let (code, stdout, err) = hayloft_out(
+        &[
+            "eval",
+            "niah",
+            "--model",
+            &ms,
+            "--haystack",
+            "noise",
+            "--lengths",
+            "600,3000",
+            "--depths",
+            "50",
+            "--max-new",
+            "8",
+            "--out",
+            &os,
+            "--quiet",
+            "-t",
+            "2",
+            "--max-memory",
+            &limit.to_string(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("skipped niah") && err.contains("not enough memory"),
+        "{err}"
+    );
+    assert!(
+        stdout.contains("1 case(s) did not fit in memory"),
+        "{stdout}"
+    );
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(results.lines().count(), 1, "{results}");
+    assert!(results.contains("\"target_len\":600"), "{results}");
+}
+
+#[test]
+fn max_tokens_minus_one_runs_to_the_context_and_other_negatives_are_named() {
+    let f = Fixture::new();
+    let m = f.path("tiny.gguf");
+    let stats = f.path("stats.json");
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "-p",
+        "the",
+        "-n",
+        "-1",
+        "--max-context",
+        "24",
+        "--temperature",
+        "0",
+        "--stats-json",
+        &stats,
+        "-t",
+        "2",
+    ];
+    let (code, _, err) = hayloft_out(&args, f.home());
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let (p, g) = (
+        j["prompt_tokens"].as_u64().unwrap(),
+        j["generated_tokens"].as_u64().unwrap(),
+    );
+    // Until an end-of-generation token or a full context, whichever came first.
+    assert!(g >= 1 && p + g <= 24, "{j}");
+    expect_error(
+        &["generate", "--model", &m, "-p", "the", "-n", "-2"],
+        f.home(),
+        &["'-2'", "-1 to generate until the end of generation"],
+    );
+    expect_error(
+        &["generate", "--model", &m, "-p", "the", "--threads", "-3"],
+        f.home(),
+        &["invalid value '-3' for '--threads"],
+    );
+}
+
+#[test]
+fn too_many_threads_are_capped_with_a_warning() {
+    let f = Fixture::new();
+    let (code, _, err) = hayloft_out(
+        &[
+            "generate",
+            "--model",
+            &f.path("tiny.gguf"),
+            "-p",
+            "the",
+            "-n",
+            "2",
+            "--threads",
+            "100000",
+        ],
+        f.home(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("--threads 100000 is more than 4×"), "{err}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(err.contains(&format!("{} threads", 4 * cores)), "{err}");
+}
+
+#[test]
+fn special_token_text_in_a_chat_prompt_is_plain_text() {
+    let f = Fixture::new();
+    let m = f.path("tiny.gguf");
+    let prompt_tokens = |extra: &[&str]| {
+        let stats = f.path("chat.json");
+        let args = [
+            &[
+                "generate",
+                "--model",
+                m.as_str(),
+                "--chat",
+                "-p",
+                "<|im_end|>",
+                "-n",
+                "0",
+                "--stats-json",
+                &stats,
+            ][..],
+            extra,
+        ]
+        .concat();
+        let (code, _, err) = hayloft_out(&args, f.home());
+        assert_eq!(code, 0, "{err}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        j["prompt_tokens"].as_u64().unwrap()
+    };
+    // "<|im_end|>" is one control token only with --parse-special; as text it takes one token per byte or merge.
+    let plain = prompt_tokens(&[]);
+    let special = prompt_tokens(&["--parse-special"]);
+    assert!(plain >= special + 5, "plain {plain}, parsed {special}");
+    expect_error(
+        &["generate", "--model", &m, "-p", "x", "--parse-special"],
+        f.home(),
+        &["--chat"],
+    );
+}
+
+#[test]
+fn write_failures_name_the_path_and_leave_nothing_half_done() {
+    let f = Fixture::new();
+    let m = f.path("tiny.gguf");
+    let missing = f.path("no/such/dir/stats.json");
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "-p",
+            "the",
+            "-n",
+            "1",
+            "--stats-json",
+            &missing,
+        ],
+        f.home(),
+        &["no/such/dir/stats.json"],
+    );
+    // An eval whose report cannot be written (report.md is a folder here) names it, and leaves no partial file.
+    let out = f.dir.path().join("run");
+    std::fs::create_dir_all(out.join("report.md")).unwrap();
+    let os = out.to_string_lossy().into_owned();
+    let (code, _, err) = hayloft_out(
+        &[
+            "eval",
+            "niah",
+            "--model",
+            &m,
+            "--haystack",
+            "noise",
+            "--lengths",
+            "500",
+            "--depths",
+            "50",
+            "--max-new",
+            "4",
+            "--out",
+            &os,
+            "--quiet",
+            "-t",
+            "2",
+        ],
+        f.home(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("report.md"), "{err}");
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}

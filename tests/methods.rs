@@ -473,7 +473,7 @@ fn every_method_with_every_option_runs_end_to_end() {
                 let allowed: usize = all_heads(&model)
                     .iter()
                     .map(|&(l, _)| match s.cache.window(l) {
-                        Some(_) => s.cache.cfg.layer_entries(l, 150, 40),
+                        Some(_) => s.cache.cfg.stream_len(l, 150, 40),
                         None => 45,
                     })
                     .sum();

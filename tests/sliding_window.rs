@@ -79,7 +79,10 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
         .zip(b)
         .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(scale > 0.1, "{what}: degenerate logits");
-    assert!(err <= 1e-5 * scale, "{what}: max |Δ| {err} vs scale {scale}");
+    assert!(
+        err <= 1e-5 * scale,
+        "{what}: max |Δ| {err} vs scale {scale}"
+    );
 }
 
 /// Entries held by every stream of `layer`.
@@ -114,11 +117,14 @@ fn a_windowed_cache_gives_the_same_logits_as_the_full_one() {
             assert_close(&a, &b, &what);
             let n = toks.len() + 12;
             for l in 0..c.n_layers {
-                let bound = win.cache.cfg.layer_entries(l, n, 1);
+                let bound = win.cache.cfg.stream_len(l, n, 1);
                 if c.layer_is_local[l] {
                     // Decoding: the window plus at most one block, and what the last query reads is there.
                     assert!(lens(&win, l).iter().all(|&x| x <= bound), "{what}");
-                    assert!(lens(&win, l).iter().all(|&x| x >= WINDOW as usize), "{what}");
+                    assert!(
+                        lens(&win, l).iter().all(|&x| x >= WINDOW as usize),
+                        "{what}"
+                    );
                     assert_eq!(bound, WINDOW as usize + bt - 1);
                 } else {
                     assert_eq!(lens(&win, l), lens(&full, l), "{what}");
@@ -158,11 +164,19 @@ fn kivi_storage_and_compression_compose_with_windows() {
         assert_close(&run(&mut win, &toks, 10), &run(&mut full, &toks, 10), kv);
         assert!(win.cache.bytes() < full.cache.bytes(), "{kv}");
         if kv.ends_with("@8") {
-            assert!(win.cache.quantized_blocks(0, 0) > 0, "{kv}: nothing quantized on a local layer");
+            assert!(
+                win.cache.quantized_blocks(0, 0) > 0,
+                "{kv}: nothing quantized on a local layer"
+            );
         }
     }
     // Compression touches the global layer only: its heads keep their budget, local layers keep their window.
-    for kv in ["snapkv@0.25", "streamingllm@64t,every@4", "snapkv@0.25,kivi4", "tova@0.2,chunked"] {
+    for kv in [
+        "snapkv@0.25",
+        "streamingllm@64t,every@4",
+        "snapkv@0.25,kivi4",
+        "tova@0.2,chunked",
+    ] {
         let mut s = session(&m, 64, 8, kv, false);
         let out = run(&mut s, &toks, 9);
         assert!(out.iter().all(|x| x.is_finite()), "{kv}");
@@ -176,7 +190,10 @@ fn kivi_storage_and_compression_compose_with_windows() {
                     assert_eq!(p, want, "{kv}: layer {l} head {h}");
                     assert!(p.len() >= WINDOW as usize);
                 } else {
-                    assert!(p.len() < seen / 3, "{kv}: the global layer was not compressed");
+                    assert!(
+                        p.len() < seen / 3,
+                        "{kv}: the global layer was not compressed"
+                    );
                 }
             }
         }
@@ -211,7 +228,10 @@ fn going_back_needs_what_the_window_read_and_a_hold_keeps_it() {
     }
     let before = (a.n_past(), a.cache.bytes(), positions(&a, 0, 1));
     let err = format!("{:#}", a.truncate(ctx.len()).unwrap_err());
-    assert!(err.contains("sliding-window layer") && err.contains("hold"), "{err}");
+    assert!(
+        err.contains("sliding-window layer") && err.contains("hold"),
+        "{err}"
+    );
     assert_eq!((a.n_past(), a.cache.bytes(), positions(&a, 0, 1)), before);
     let (la, lb) = (a.decode(7).unwrap().to_vec(), b.decode(7).unwrap().to_vec());
     assert!(la == lb, "a refused truncation changed the session");
@@ -227,6 +247,9 @@ fn going_back_needs_what_the_window_read_and_a_hold_keeps_it() {
     feed_all(&mut base, &ctx);
     let mut fork = base.fork(&KvSpec::parse("full").unwrap()).unwrap();
     assert_eq!(fork.cache.bytes(), base.cache.bytes());
-    let (x, y) = (fork.decode(9).unwrap().to_vec(), base.decode(9).unwrap().to_vec());
+    let (x, y) = (
+        fork.decode(9).unwrap().to_vec(),
+        base.decode(9).unwrap().to_vec(),
+    );
     assert!(x == y);
 }

@@ -1,17 +1,21 @@
 //! `hayloft bench speed`: prefill and decode tok/s at several context lengths, as llama-bench measures them:
 //! prefill N = N tokens from an empty cache; decode at depth N = 32 single-token steps with N tokens already cached.
 //! Tokens are random (as llama-bench's), so no tokenizer or text is involved. Reports the median of `--reps`.
+//! `hayloft bench machine`: the roofs (memory read bandwidth, f32 and int8 kernel throughput) that every `bench speed`
+//! row is then set against (its share of the roofline).
 //! `hayloft bench tokenize`: the tokenizer's encode and decode speed on real text (the essay haystack, or a file).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::ModelArgs;
-use crate::engine::Session;
+use crate::engine::{Lengths, Session};
+use crate::kernels::machine::{self, Effort, MachineProfile};
+use crate::model::cost;
 use crate::progress::Progress;
 
 #[derive(Subcommand, Debug)]
@@ -20,6 +24,9 @@ pub enum BenchCmd {
     Speed(SpeedArgs),
     /// Tokenizer encode and decode speed on real text.
     Tokenize(TokenizeArgs),
+    /// The machine's roofs: memory read bandwidth (all threads, one thread) and f32 / int8 dot-product throughput of
+    /// every kernel path the CPU has, as JSON (`bench speed --machine FILE` and `plan` read it).
+    Machine(MachineArgs),
     /// Decode over one long context under several KV specs (decode-time selectors): KV bytes read per token,
     /// attention time per token and decode tok/s, each against full attention, next to the bandwidth ceiling.
     Select(SelectArgs),
@@ -45,6 +52,19 @@ pub struct SelectArgs {
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Write results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct MachineArgs {
+    /// Worker threads of the "all threads" figures (default: available cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Shorter measurements (a 256 MiB bandwidth buffer, 120 ms per figure).
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the profile as JSON to this file (default: stdout).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -83,6 +103,9 @@ pub struct SpeedArgs {
     pub no_prefill: bool,
     #[arg(long)]
     pub no_decode: bool,
+    /// Machine profile (from `bench machine --json`) for the roofline columns; measured briefly when absent.
+    #[arg(long)]
+    pub machine: Option<PathBuf>,
     /// Write results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -94,6 +117,24 @@ struct Row {
     ctx: usize,
     tok_s: f64,
     samples: Vec<f64>,
+    /// Prefill: weight-matmul and attention operations of the whole prompt (a multiply-add counts 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ops: Option<Ops>,
+    /// Decode: bytes one step streams, weights and KV (the cache's read counter, median over the steps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_bytes_per_token: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_read_bytes_per_token: Option<f64>,
+    /// What the roofs allow (decode: bandwidth ÷ bytes per step; prefill: tokens ÷ (matmul ops ÷ int8 peak +
+    /// attention ops ÷ f32 peak)), and the measured speed's share of it.
+    roofline_tok_s: f64,
+    roofline_share: f64,
+}
+
+#[derive(Serialize)]
+struct Ops {
+    matmul: f64,
+    attention: f64,
 }
 
 #[derive(Serialize)]
@@ -103,6 +144,7 @@ struct Report {
     kernel: String,
     kv_dtype: String,
     chunk_size: usize,
+    machine: MachineProfile,
     results: Vec<Row>,
 }
 
@@ -111,7 +153,44 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Speed(a) => speed(a),
         BenchCmd::Tokenize(a) => tokenize(a),
         BenchCmd::Select(a) => select(a),
+        BenchCmd::Machine(a) => machine(a),
     }
+}
+
+fn machine(a: MachineArgs) -> Result<()> {
+    super::init_threads(a.threads)?;
+    let effort = if a.quick { Effort::QUICK } else { Effort::FULL };
+    eprintln!(
+        "[bench] measuring bandwidth and kernel throughput on {} threads ...",
+        rayon::current_num_threads()
+    );
+    let p = machine::measure(effort, true)?;
+    eprintln!(
+        "[bench] {} ({} cpus): read {:.1} GB/s ({} threads), {:.1} GB/s (1 thread)",
+        p.cpu,
+        p.cpus,
+        p.read_bw / 1e9,
+        p.threads,
+        p.read_bw_1t / 1e9
+    );
+    for k in &p.paths {
+        eprintln!(
+            "[bench]   {:<11} f32 {:>7.1} GFLOP/s ({:.1} on 1 thread)   int8 {:>7.1} GOP/s ({:.1} on 1 thread){}",
+            k.kernel,
+            k.f32_flops / 1e9,
+            k.f32_flops_1t / 1e9,
+            k.int8_ops / 1e9,
+            k.int8_ops_1t / 1e9,
+            if k.kernel == p.kernel { "   <- runs" } else { "" }
+        );
+    }
+    let s = serde_json::to_string_pretty(&p)? + "\n";
+    match &a.json {
+        Some(f) => std::fs::write(f, s)
+            .with_context(|| format!("cannot write the machine profile {}", f.display()))?,
+        None => print!("{s}"),
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -176,6 +255,17 @@ fn select(a: SelectArgs) -> Result<()> {
     };
     let toks = random_tokens(a.context + a.n_gen, c.vocab);
     let mut base = Session::new(&l.model, cfg)?;
+    // The base session and one fork at a time: a copy of its cache per spec.
+    let plan = base.plan_memory(Lengths::generate(a.context, 0))?;
+    let mut fork_kv = 0;
+    for s in &specs {
+        let mut c = base.cfg.clone();
+        c.kv = s.clone();
+        c.observe = Default::default();
+        let p = crate::engine::plan_memory(&l.model, &c, Lengths::generate(a.context, a.n_gen))?;
+        fork_kv = fork_kv.max(p.kv);
+    }
+    base.check_plan(&plan, fork_kv)?;
     eprintln!("[bench] prefilling {} tokens ...", a.context);
     base.feed(&toks[..a.context], a.context - 1..a.context, |_, _| {})?;
     let bw = crate::kernels::membw::read_bandwidth(1 << 30, 5);
@@ -250,7 +340,10 @@ fn select(a: SelectArgs) -> Result<()> {
         results,
     };
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
+        crate::util::write_atomic(
+            p,
+            (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+        )?;
     }
     Ok(())
 }
@@ -295,7 +388,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
             "decode_tok_s": dec,
             "reps": a.reps,
         });
-        std::fs::write(p, serde_json::to_string_pretty(&j)?)?;
+        crate::util::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
     }
     Ok(())
 }
@@ -330,8 +423,21 @@ fn speed(a: SpeedArgs) -> Result<()> {
         .unwrap_or(0)
         .max(cfg.max_context)
         + a.n_gen;
+    let prof = match &a.machine {
+        Some(p) => MachineProfile::load(p)?,
+        None => {
+            eprintln!("[bench] measuring the machine's roofs (pass --machine FILE from `bench machine` to skip)");
+            machine::measure(Effort::QUICK, false)?
+        }
+    };
+    let Some(peak) = prof.active().cloned() else {
+        bail!("the machine profile lists no kernel path");
+    };
     let mut session = Session::new(&l.model, cfg.clone())?;
-    let max_ctx = contexts.iter().max().copied().unwrap_or(0) + a.n_gen;
+    let deepest = contexts.iter().max().copied().unwrap_or(0);
+    session.check_memory(Lengths::generate(deepest, a.n_gen))?;
+    let max_ctx = deepest + a.n_gen;
+    let weights = l.model.streamed_weight_bytes();
     let toks = random_tokens(max_ctx, c.vocab);
     // Warm-up: fault in the weights and grow the scratch buffers.
     session.feed(&toks[..cfg.chunk_size.min(64)], 0..1, |_, _| {})?;
@@ -344,10 +450,12 @@ fn speed(a: SpeedArgs) -> Result<()> {
     let progress = Progress::bar("[bench]", steps as u64, "runs", false);
     let mut step = 0u64;
     progress.line(&format!(
-        "{:>8} {:>8} {:>10}   ({} threads, kernel {}, chunk {})",
+        "{:>8} {:>8} {:>10} {:>10} {:>9}   ({} threads, kernel {}, chunk {})",
         "test",
         "ctx",
         "tok/s",
+        "roof tok/s",
+        "of roof",
         rayon::current_num_threads(),
         crate::kernels::kernel_name(),
         cfg.chunk_size
@@ -364,38 +472,72 @@ fn speed(a: SpeedArgs) -> Result<()> {
                 progress.set(step, format!("prefill {n}"));
             }
             let m = median(&mut samples.clone());
-            progress.line(&format!("{:>8} {:>8} {:>10.1}", "prefill", n, m));
+            let ops = cost::prefill_ops(c, n);
+            let roof = n as f64 / (ops.matmul / peak.int8_ops + ops.attention / peak.f32_flops);
+            progress.line(&format!(
+                "{:>8} {:>8} {:>10.1} {:>10.1} {:>8.0}%",
+                "prefill",
+                n,
+                m,
+                roof,
+                100.0 * m / roof
+            ));
             results.push(Row {
                 test: "prefill",
                 ctx: n,
                 tok_s: m,
                 samples,
+                ops: Some(Ops {
+                    matmul: ops.matmul,
+                    attention: ops.attention,
+                }),
+                weight_bytes_per_token: None,
+                kv_read_bytes_per_token: None,
+                roofline_tok_s: roof,
+                roofline_share: m / roof,
             });
         }
     }
     if !a.no_decode {
         for &depth in std::iter::once(&0).chain(contexts.iter()) {
-            let mut samples = Vec::new();
+            let (mut samples, mut kv_read) = (Vec::new(), Vec::new());
             for _ in 0..a.reps {
                 session.reset();
                 if depth > 0 {
                     session.feed(&toks[..depth], depth - 1..depth, |_, _| {})?;
                 }
+                session.stats = Default::default();
                 let t0 = Instant::now();
                 for i in 0..a.n_gen {
-                    session.feed(&toks[depth + i..depth + i + 1], 0..1, |_, _| {})?;
+                    session.decode(toks[depth + i])?;
                 }
                 samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
+                session.stats.finish();
+                kv_read.push(session.stats.kv_read_bytes_per_token);
                 step += 1;
                 progress.set(step, format!("decode at depth {depth}"));
             }
             let m = median(&mut samples.clone());
-            progress.line(&format!("{:>8} {:>8} {:>10.1}", "decode", depth, m));
+            let kv = median(&mut kv_read);
+            let roof = prof.read_bw / (weights as f64 + kv);
+            progress.line(&format!(
+                "{:>8} {:>8} {:>10.1} {:>10.1} {:>8.0}%",
+                "decode",
+                depth,
+                m,
+                roof,
+                100.0 * m / roof
+            ));
             results.push(Row {
                 test: "decode",
                 ctx: depth,
                 tok_s: m,
                 samples,
+                ops: None,
+                weight_bytes_per_token: Some(weights),
+                kv_read_bytes_per_token: Some(kv),
+                roofline_tok_s: roof,
+                roofline_share: m / roof,
             });
         }
     }
@@ -406,11 +548,12 @@ fn speed(a: SpeedArgs) -> Result<()> {
         kernel: crate::kernels::kernel_name().to_string(),
         kv_dtype: crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?.label(),
         chunk_size: cfg.chunk_size,
+        machine: prof,
         results,
     };
     let s = serde_json::to_string_pretty(&report)?;
     match &a.json {
-        Some(p) => std::fs::write(p, s + "\n")?,
+        Some(p) => crate::util::write_atomic(p, (s + "\n").as_bytes())?,
         None => println!("{s}"),
     }
     Ok(())

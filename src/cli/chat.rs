@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 
-use super::{ModelArgs, SamplingArgs};
-use crate::engine::{Sampler, Session};
+use super::{MaxTokens, ModelArgs, SamplingArgs};
+use crate::engine::{Lengths, Sampler, Session};
 use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
 
@@ -21,9 +21,13 @@ pub struct ChatArgs {
     /// System message.
     #[arg(long)]
     pub system: Option<String>,
-    /// Most tokens per reply.
-    #[arg(long, short = 'n', default_value_t = 512)]
-    pub max_tokens: usize,
+    /// Most tokens per reply; -1 = until an end-of-generation token or a full context.
+    #[arg(long, short = 'n', default_value = "512")]
+    pub max_tokens: MaxTokens,
+    /// Parse special-token texts (`<|im_end|>`) typed in messages as control tokens. By default they are plain text,
+    /// so a message cannot close its own turn or open another; the template's own tokens are always special.
+    #[arg(long)]
+    pub parse_special: bool,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
@@ -63,8 +67,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", line));
-        let prompt = tpl.render(&messages, true)?;
-        let tokens = l.tokenizer.encode(&prompt, true, true)?;
+        let rendered = tpl.render_marked(&messages, true)?;
+        let tokens = l.tokenizer.encode_chat(&rendered, a.parse_special)?;
         // Reuse the cached prefix; prefill only what is new.
         let common = session
             .tokens
@@ -89,26 +93,38 @@ pub fn run(a: ChatArgs) -> Result<()> {
             messages.pop();
             continue;
         }
-        let t0 = Instant::now();
-        let mut history = tokens.clone();
         // The next turn usually comes back to the end of this prompt: sliding-window layers keep its window.
         session.hold(tokens.len());
+        let room = session.cfg.max_context - tokens.len();
+        let len = Lengths {
+            prompt: tokens.len(),
+            new: a.max_tokens.within(room),
+            feed: new.len(),
+        };
+        if let Err(e) = session.check_memory(len) {
+            eprintln!("error: {e:#}; /reset to start over");
+            messages.pop();
+            continue;
+        }
+        let t0 = Instant::now();
+        let mut history = tokens.clone();
         let logits = session.prefill(new)?;
         let mut next = sampler.sample(logits, &history);
         let ttft = t0.elapsed().as_secs_f64() * 1e3;
         let mut dec = StreamDecoder::new();
         let mut reply = String::new();
         let room = session.cfg.max_context - session.n_past();
+        let max_new = a.max_tokens.within(room);
         let mut n = 0;
         let t1 = Instant::now();
-        while n < a.max_tokens.min(room) && !l.tokenizer.is_eog(next) {
+        while n < max_new && !l.tokenizer.is_eog(next) {
             n += 1;
             history.push(next);
             let piece = dec.push(&l.tokenizer, next);
             reply.push_str(&piece);
             write!(out, "{piece}")?;
             out.flush()?;
-            if n == a.max_tokens.min(room) {
+            if n == max_new {
                 break;
             }
             let logits = session.decode(next)?;

@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::{ModelArgs, SamplingArgs};
-use crate::engine::{Sampler, Session};
+use super::{MaxTokens, ModelArgs, SamplingArgs};
+use crate::engine::{Lengths, Sampler, Session};
 use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
 use crate::util::read_text_file;
@@ -28,12 +28,17 @@ pub struct GenerateArgs {
     /// Wrap the prompt in the model's chat template as a user turn.
     #[arg(long)]
     pub chat: bool,
+    /// With --chat: parse special-token texts (`<|im_end|>`) inside the prompt and system message as control tokens.
+    /// By default they are plain text there, so a prompt cannot close its own turn; the template's own tokens are
+    /// always special. (Without --chat the prompt is raw and its special-token texts are always parsed.)
+    #[arg(long, requires = "chat")]
+    pub parse_special: bool,
     /// System message (with --chat).
     #[arg(long)]
     pub system: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 128)]
-    pub max_tokens: usize,
+    /// Most tokens to generate; -1 = until an end-of-generation token or a full context.
+    #[arg(long, short = 'n', default_value = "128")]
+    pub max_tokens: MaxTokens,
     /// Do not stream the text (print it at the end).
     #[arg(long)]
     pub no_stream: bool,
@@ -51,18 +56,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty");
     }
     let l = a.model.load()?;
-    let prompt = if a.chat {
+    let tokens = if a.chat {
         let tpl = l.chat_template()?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(ChatMessage::new("system", s));
         }
         msgs.push(ChatMessage::new("user", &text));
-        tpl.render(&msgs, true)?
+        let r = tpl.render_marked(&msgs, true)?;
+        l.tokenizer.encode_chat(&r, a.parse_special)?
     } else {
-        text
+        // A raw completion prompt: special-token texts become control tokens, as llama.cpp's completion does.
+        l.tokenizer.encode(&text, true, true)?
     };
-    let tokens = l.tokenizer.encode(&prompt, true, true)?;
     if tokens.is_empty() {
         bail!("the prompt tokenized to nothing");
     }
@@ -75,8 +81,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
     let room = session.cfg.max_context - tokens.len();
-    let max_new = a.max_tokens.min(room);
-    if max_new < a.max_tokens {
+    let max_new = a.max_tokens.within(room);
+    if a.max_tokens.0.is_some_and(|n| n > max_new) {
         eprintln!(
             "note: generating at most {max_new} tokens to stay within --max-context {}",
             session.cfg.max_context
@@ -87,6 +93,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut all_text = String::new();
 
+    session.check_memory(Lengths::generate(tokens.len(), max_new))?;
     let t0 = Instant::now();
     let logits = session.prefill(&tokens)?;
     let mut history = tokens.clone();

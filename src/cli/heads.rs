@@ -162,8 +162,7 @@ pub fn run(a: HeadsArgs) -> Result<()> {
     if r.counted == 0 {
         eprintln!("warning: the model recovered the needle in no instance; every head scores 0");
     }
-    std::fs::write(&a.out, serde_json::to_string_pretty(&r)?)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    crate::util::write_atomic(&a.out, serde_json::to_string_pretty(&r)?.as_bytes())?;
     let n_q = mc.n_layers * mc.n_heads;
     let q_over = r
         .q_scores

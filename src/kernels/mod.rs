@@ -33,6 +33,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod layout;
+pub mod machine;
 pub mod membw;
 mod scalar;
 #[cfg(test)]
@@ -194,9 +195,8 @@ pub(crate) fn select_kernel(request: Option<&str>) -> Kernel {
     }
 }
 
-/// The kernels available on this CPU (for tests).
-#[cfg(test)]
-pub(crate) fn available_kernels() -> Vec<Kernel> {
+/// The kernels available on this CPU, portable first.
+pub(crate) fn available() -> Vec<Kernel> {
     let mut v = vec![Kernel::Scalar];
     if has_avx2() {
         v.push(Kernel::Avx2);

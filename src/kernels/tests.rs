@@ -534,7 +534,7 @@ fn dot_products_match_reference_all_types_all_kernels() {
     for (i, &ty) in ALL.iter().enumerate() {
         let cols = if block_cols(ty) == 256 { 512 } else { 320 };
         let c = case(ty, 35, cols, 5, 1000 + i as u64);
-        for k in available_kernels() {
+        for k in available() {
             let y = run_k(k, &c.w, &c.x, c.n_tok);
             // (b) tight: same quantized activations, only f32 summation order differs.
             check_against_ref(&c, k, &y, "quantized-activation reference");
@@ -580,7 +580,7 @@ fn matmul_odd_shapes_all_types() {
                 let c = case(ty, rows, cols, n_tok, (i * 100 + rows * 10 + n_tok) as u64);
                 let ys = run_k(Kernel::Scalar, &c.w, &c.x, n_tok);
                 check_against_ref(&c, Kernel::Scalar, &ys, "odd shape");
-                for k in available_kernels() {
+                for k in available() {
                     let y = run_k(k, &c.w, &c.x, n_tok);
                     check_against_ref(&c, k, &y, "odd shape");
                     for j in 0..y.len() {
@@ -619,7 +619,7 @@ fn matmul_parallel_split_and_scratch_reuse() {
     .enumerate()
     {
         let c = case(ty, rows, cols, n_tok, 50 + i as u64);
-        for k in available_kernels() {
+        for k in available() {
             let mut y = vec![f32::NAN; n_tok * rows];
             matmul_with(k, &c.w, &c.x, n_tok, &mut y, &mut s);
             check_against_ref(&c, k, &y, "parallel");
@@ -701,7 +701,7 @@ fn matches_llama_cpp_fixture() {
                 );
             }
         }
-        for k in available_kernels() {
+        for k in available() {
             let y = run_k(k, &w, &x, n_tok);
             for t in 0..n_tok {
                 let ra = ref_quant(ty, &x[t * cols..(t + 1) * cols]);

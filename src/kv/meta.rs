@@ -28,6 +28,14 @@ pub struct MetaConfig {
     pub stat: PageStat,
 }
 
+impl MetaConfig {
+    /// Bytes of the summaries of a stream of `len` entries over `hk` key channels: two f16 vectors per page (what
+    /// the cache's byte counter adds for them).
+    pub fn stream_bytes(&self, len: usize, hk: usize) -> usize {
+        len.div_ceil(self.page_tokens) * 2 * hk * 2
+    }
+}
+
 /// `x` rounded to an f16 that is ≥ x.
 fn f16_up(x: f32) -> f16 {
     let h = f16::from_f32(x);

@@ -130,45 +130,39 @@ pub struct KvConfig {
 impl KvConfig {
     /// The sliding window of `layer`, if its streams keep only their window.
     pub fn window(&self, layer: usize) -> Option<u32> {
-        self.windows.get(layer).copied().flatten().filter(|&w| w > 0)
+        self.windows
+            .get(layer)
+            .copied()
+            .flatten()
+            .filter(|&w| w > 0)
     }
 
-    /// Most entries one stream of `layer` holds while a context of `context` tokens is fed through it in prefill
-    /// chunks of at most `chunk` tokens: every entry on a global layer; on a sliding-window layer of window w, what the
-    /// widest append needs (w − 1 older entries before its first query, at most [`WINDOW_STEP`] new ones) plus the
-    /// part of the oldest block before them (at most `block_tokens` − 1), never more than the context. Decoding
-    /// alone (`chunk` 1) holds at most w + `block_tokens` − 1: the window plus one block.
-    pub fn layer_entries(&self, layer: usize, context: usize, chunk: usize) -> usize {
+    /// Most entries one stream of `layer` holds while `seen` tokens go through it, fed in appends of at most `chunk`
+    /// tokens, when no method evicts any: every token on a global layer; on a sliding-window layer of window w, what
+    /// the widest append needs (w − 1 older entries before its first query, at most min(`chunk`, [`WINDOW_STEP`]) new
+    /// ones) plus the part of the oldest block before them (at most `block_tokens` − 1), never more than `seen`.
+    /// Decoding (`chunk` 1) holds at most w + `block_tokens` − 1: the window plus one block. (A [`KvCache::hold`]
+    /// keeps more, from the held position's window on.)
+    pub fn stream_len(&self, layer: usize, seen: usize, chunk: usize) -> usize {
         match self.window(layer) {
-            None => context,
+            None => seen,
             Some(w) => {
                 let step = chunk.clamp(1, WINDOW_STEP);
-                context.min(w as usize + step - 1 + self.block_tokens - 1)
+                seen.min(w as usize + step - 1 + self.block_tokens - 1)
             }
         }
     }
 
-    /// Bytes one stream of `layer` holds at most over `context` tokens fed in chunks of `chunk` (whole blocks, KIVI's
-    /// quantized blocks counted packed): [`Self::layer_entries`] in blocks.
-    pub fn stream_bytes(&self, layer: usize, context: usize, chunk: usize) -> usize {
-        let entries = self.layer_entries(layer, context, chunk);
-        let blocks = entries.div_ceil(self.block_tokens);
-        let quant = match self.dtype {
-            KvDtype::Kivi { residual, .. } => entries.saturating_sub(residual) / self.block_tokens,
-            _ => 0,
-        };
-        quant * self.quant_block_bytes(self.head_dim_k) + (blocks - quant) * self.block_bytes()
+    /// Bytes `layer` holds at most over `seen` tokens fed `chunk` at a time (all its KV heads; no method, every key
+    /// channel, no page summaries): what a memory plan adds up per layer.
+    pub fn layer_bytes(&self, layer: usize, seen: usize, chunk: usize) -> usize {
+        self.n_kv_heads * self.stream_bytes(self.stream_len(layer, seen, chunk), self.head_dim_k)
     }
 
-    /// Bytes `layer` holds at most over `context` tokens (all its KV heads): what a memory plan adds up per layer.
-    pub fn layer_bytes(&self, layer: usize, context: usize, chunk: usize) -> usize {
-        self.n_kv_heads * self.stream_bytes(layer, context, chunk)
-    }
-
-    /// Bytes the whole cache holds at most over `context` tokens fed in chunks of `chunk` (no compression method).
-    pub fn bytes_at(&self, context: usize, chunk: usize) -> usize {
+    /// Bytes the whole cache holds at most over `seen` tokens fed `chunk` at a time (no compression method).
+    pub fn bytes_at(&self, seen: usize, chunk: usize) -> usize {
         (0..self.n_layers)
-            .map(|l| self.layer_bytes(l, context, chunk))
+            .map(|l| self.layer_bytes(l, seen, chunk))
             .sum()
     }
 
@@ -201,6 +195,30 @@ impl KvConfig {
     pub fn quant_block_bytes(&self, hk: usize) -> usize {
         let bits = self.dtype.quant_bits().unwrap_or(8);
         QBlock::bytes_for(bits, hk, self.head_dim_v, self.block_tokens) + 4 * self.block_tokens
+    }
+    /// Quantized blocks at the head of a stream of `len` entries (KIVI: every whole block more than `residual`
+    /// entries behind the end; 0 for f16/f32 storage).
+    pub fn quant_blocks(&self, len: usize) -> usize {
+        match self.dtype {
+            KvDtype::Kivi { residual, .. } => len.saturating_sub(residual) / self.block_tokens,
+            _ => 0,
+        }
+    }
+    /// Bytes of the blocks a stream of `len` entries whose keys keep `hk` channels holds: its quantized prefix and
+    /// its full-precision blocks, the last one partly filled. This is the stream's share of the cache's byte counter
+    /// (free blocks and page summaries aside), so a memory plan built on it agrees with the counter.
+    pub fn stream_bytes(&self, len: usize, hk: usize) -> usize {
+        let n_q = self.quant_blocks(len);
+        let n_f = len.div_ceil(self.block_tokens) - n_q;
+        n_q * format::Shape { quant: true, hk }.bytes(self)
+            + n_f * format::Shape { quant: false, hk }.bytes(self)
+    }
+    /// Bytes an eviction from `len` to `kept` entries of one stream allocates beyond its blocks, at most: quantized
+    /// blocks falling back into the residual window are rewritten in full precision before the freed quantized ones
+    /// are given back (at the end of the compression), so the counter peaks above the stream's size (0 unless KIVI).
+    pub fn retain_extra_bytes(&self, len: usize, kept: usize, hk: usize) -> usize {
+        let back = self.quant_blocks(len) - self.quant_blocks(kept.min(len));
+        back * format::Shape { quant: false, hk }.bytes(self)
     }
 }
 
@@ -261,20 +279,20 @@ mod tests {
             windows: (0..18).map(|l| (l % 6 != 5).then_some(512)).collect(),
         };
         assert_eq!(cfg.global_layers(), 3);
-        assert_eq!((cfg.window(0), cfg.window(5), cfg.window(40)), (Some(512), None, None));
+        assert_eq!(
+            (cfg.window(0), cfg.window(5), cfg.window(40)),
+            (Some(512), None, None)
+        );
         // Prefill chunks of 512 go through a windowed layer 128 at a time: 511 older + 128 new + 31 of a block.
-        assert_eq!(cfg.layer_entries(0, 32768, 512), 670);
-        assert_eq!(cfg.layer_entries(0, 32768, 7), 512 + 6 + 31);
-        assert_eq!(cfg.layer_entries(0, 32768, 1), 543); // decoding: the window and one block
-        assert_eq!(cfg.layer_entries(0, 300, 512), 300);
-        assert_eq!(cfg.layer_entries(5, 32768, 512), 32768);
+        assert_eq!(cfg.stream_len(0, 32768, 512), 670);
+        assert_eq!(cfg.stream_len(0, 32768, 7), 512 + 6 + 31);
+        assert_eq!(cfg.stream_len(0, 32768, 1), 543); // decoding: the window and one block
+        assert_eq!(cfg.stream_len(0, 300, 512), 300);
+        assert_eq!(cfg.stream_len(5, 32768, 512), 32768);
         let entry = 1028; // f16 key and value of 256 channels, position
         assert_eq!(cfg.layer_bytes(0, 32768, 512), 21 * 32 * entry);
         assert_eq!(cfg.layer_bytes(5, 32768, 512), 32768 * entry);
-        assert_eq!(
-            cfg.bytes_at(32768, 512),
-            (3 * 32768 + 15 * 21 * 32) * entry
-        );
+        assert_eq!(cfg.bytes_at(32768, 512), (3 * 32768 + 15 * 21 * 32) * entry);
         // A token more costs the global layers only.
         assert_eq!(cfg.bytes_per_token(), 3 * entry);
         // KIVI: quantized blocks past the residual, on windowed layers too.

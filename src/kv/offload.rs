@@ -85,40 +85,22 @@ impl std::str::FromStr for Resident {
     /// A size with a unit (`64MiB`, `1.5GiB`, `512KiB`, `100MB`, `4096B`) or a share of the cache in (0, 1] (`0.25`).
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim();
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
-        let (num, unit) = (&t[..split], t[split..].trim());
-        let x: f64 = num.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "give a size with a unit (64MiB, 1.5GiB, 512KiB, 100MB) or a share of the cache \
-                 in (0, 1] (0.25)"
-            )
-        })?;
-        let mult: f64 = match unit {
-            "" => {
-                if !(x > 0.0 && x <= 1.0) {
-                    bail!(
-                        "a number without a unit is a share of the cache and must lie in (0, 1]; \
-                         give a size with a unit (e.g. {s}MiB) for bytes"
-                    );
-                }
-                return Ok(Resident::Share(x));
+        if t.is_empty() || t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+            let x: f64 = t.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "give a size with a unit (64MiB, 1.5GiB, 512KiB, 100MB) or a share of the cache \
+                     in (0, 1] (0.25)"
+                )
+            })?;
+            if !(x > 0.0 && x <= 1.0) {
+                bail!(
+                    "a number without a unit is a share of the cache and must lie in (0, 1]; \
+                     give a size with a unit (e.g. {s}MiB) for bytes"
+                );
             }
-            "B" => 1.0,
-            "KiB" | "K" => 1024.0,
-            "MiB" | "M" => 1024.0 * 1024.0,
-            "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
-            "KB" => 1e3,
-            "MB" => 1e6,
-            "GB" => 1e9,
-            _ => bail!("unknown unit '{unit}' (valid: B, KiB, MiB, GiB, KB, MB, GB)"),
-        };
-        let b = x * mult;
-        if !(b >= 1.0 && b.is_finite() && b < usize::MAX as f64) {
-            bail!("a size must be at least 1 byte");
+            return Ok(Resident::Share(x));
         }
-        Ok(Resident::Bytes(b as usize))
+        crate::util::parse_size(t).map(Resident::Bytes)
     }
 }
 

@@ -16,7 +16,7 @@ use super::meta::{self, MetaConfig};
 use super::offload::{self, Cand, Offload, OffloadConfig};
 use super::pool::BlockPool;
 use super::quant;
-use super::{KvConfig, KvDtype, BLOCK_TOKEN_CHOICES};
+use super::{KvConfig, BLOCK_TOKEN_CHOICES};
 
 #[derive(Clone, Default)]
 struct Stream {
@@ -624,6 +624,11 @@ impl KvCache {
         self.hold = pos;
     }
 
+    /// The position [`Self::hold`] keeps the window of, if any.
+    pub fn held(&self) -> Option<u32> {
+        self.hold
+    }
+
     /// The sliding window of `layer` if its streams keep only that window (see [`KvConfig::windows`]).
     pub fn window(&self, layer: usize) -> Option<u32> {
         self.cfg.window(layer)
@@ -772,10 +777,7 @@ impl KvCache {
 
     /// Quantized blocks a stream of `len` entries should have.
     fn quant_target(&self, len: usize) -> usize {
-        match self.cfg.dtype {
-            KvDtype::Kivi { residual, .. } => len.saturating_sub(residual) / self.cfg.block_tokens,
-            _ => 0,
-        }
+        self.cfg.quant_blocks(len)
     }
 
     /// Block `i` of stream `si`.
@@ -919,6 +921,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::KvDtype;
     use half::f16;
 
     /// Entry `j` of a block as (key, value), through the public readers.

@@ -58,7 +58,10 @@ fn feed(caches: &mut [&mut KvCache], rng: &mut Rng, p0: u32, n: usize) {
 
 /// Bytes of the blocks `c` uses (quantized ones packed), what the byte counter must equal once free blocks are trimmed.
 fn blocks_in_use(c: &KvCache) -> usize {
-    let (qb, fb) = (c.cfg.quant_block_bytes(c.cfg.head_dim_k), c.cfg.block_bytes());
+    let (qb, fb) = (
+        c.cfg.quant_block_bytes(c.cfg.head_dim_k),
+        c.cfg.block_bytes(),
+    );
     let mut total = 0;
     for layer in 0..c.cfg.n_layers {
         for h in 0..c.cfg.n_kv_heads {
@@ -96,7 +99,7 @@ fn a_windowed_layer_keeps_what_its_queries_read_and_frees_the_rest() {
                 assert!(first <= (p - n as u32).saturating_sub(W - 1), "{dtype:?}");
                 assert_eq!(&f[first as usize..], &w[..], "{dtype:?} at {p}");
                 // At most the window, the chunk and the part of the oldest block before them.
-                assert!(w.len() <= win.cfg.layer_entries(0, p as usize, n), "{dtype:?}");
+                assert!(w.len() <= win.cfg.stream_len(0, p as usize, n), "{dtype:?}");
                 assert!(w.len() <= (W as usize + n - 1 + BT - 1));
                 assert_eq!(entries(&win, 1, h), entries(&full, 1, h), "global layer");
                 if dtype == kivi {
@@ -139,7 +142,9 @@ fn freed_blocks_are_reused_so_memory_stays_flat() {
     }
     // Layer 0's two streams hold 3 or 4 blocks each (window 10 + one block), never more, however long the stream.
     let bb = c.cfg.block_bytes();
-    assert!(windowed_bytes.iter().all(|&b| (6 * bb..=8 * bb).contains(&b)));
+    assert!(windowed_bytes
+        .iter()
+        .all(|&b| (6 * bb..=8 * bb).contains(&b)));
     assert!(c.peak_bytes() < c.bytes() + 2 * 40usize.div_ceil(BT) * bb);
 }
 
@@ -160,10 +165,7 @@ fn going_back_behind_the_window_is_refused_unless_held() {
         err.contains("sliding-window layer 0") && err.contains("position 12"),
         "{err}"
     );
-    assert_eq!(
-        (entries(&c, 0, 0), entries(&c, 1, 1), c.bytes()),
-        before
-    );
+    assert_eq!((entries(&c, 0, 0), entries(&c, 1, 1), c.bytes()), before);
     // A query at 17 reads 8..16: fine.
     c.truncate_pos(17).unwrap();
     assert_eq!(c.len(1, 0), 17);

@@ -4,6 +4,7 @@
 //! (RMSNorm, RoPE, activations).
 
 pub mod blocks;
+pub mod cost;
 pub mod gemma3;
 pub mod llama;
 pub mod query_window;
@@ -142,6 +143,15 @@ impl Model {
         match self {
             Model::Llama(m) => m.weight_bytes(),
             Model::Gemma3(m) => m.weight_bytes(),
+        }
+    }
+
+    /// Weight bytes one decode step streams: every matrix but the token embedding, of which a step reads one row
+    /// (unless the output head shares it, when the head reads it whole).
+    pub fn streamed_weight_bytes(&self) -> usize {
+        match self {
+            Model::Llama(m) if m.output.is_some() => m.weight_bytes() - m.tok_embd.n_bytes(),
+            _ => self.weight_bytes(),
         }
     }
 }

@@ -12,6 +12,7 @@
 //! `Tokenizer::encode(text, true, true)` never doubles them.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use anyhow::{anyhow, bail, Result};
 use minijinja::syntax::SyntaxConfig;
@@ -65,6 +66,15 @@ const GEMMA: &str = "{{- bos_token -}}\
 
 const NAME: &str = "chat_template";
 
+/// A rendered conversation and where each message's text landed in it: the template's own text (turn markers, role
+/// headers) lies outside `content`; what the messages said lies inside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    /// Byte ranges of `text` that hold message contents, ascending, not overlapping.
+    pub content: Vec<Range<usize>>,
+}
+
 /// A compiled chat template plus the special-token texts it is rendered with.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -75,6 +85,14 @@ pub struct ChatTemplate {
     eos_token: String,
     strip_bos: bool,
     strip_eos: bool,
+}
+
+/// The error for a template whose rendering of message texts cannot be told apart from its own text.
+fn unfollowable(what: &str) -> anyhow::Error {
+    anyhow!(
+        "the chat template {what}, so hayloft cannot tell its own control tokens from the messages' text; pass \
+         --parse-special to tokenize the whole rendered prompt with special tokens parsed everywhere"
+    )
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, Error> {
@@ -192,6 +210,88 @@ impl ChatTemplate {
         self.builtin
     }
 
+    /// Renders the conversation like [`Self::render`] and finds where each message's content landed, so that the
+    /// tokenizer can read special-token texts inside messages as plain text (`Tokenizer::encode_chat`).
+    ///
+    /// The conversation is rendered twice: as is, and with every content replaced by a unique marker. The marker
+    /// render splits into the template's own text and the places contents go; the real render must then read as
+    /// those template pieces with each content in between, as given or trimmed (templates `| trim` contents). A
+    /// template that changes contents otherwise (upper-cases them, branches on their text) is an error that names
+    /// `--parse-special`, rather than a guess.
+    pub fn render_marked(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Rendered> {
+        let text = self.render(messages, add_generation_prompt)?;
+        // A marker prefix that no message contains: "\u{E000}<nonce>#".
+        let mut nonce = 0u32;
+        let prefix = loop {
+            let p = format!("\u{E000}{nonce}#");
+            if !messages.iter().any(|m| m.content.contains(&p)) {
+                break p;
+            }
+            nonce += 1;
+        };
+        let masked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage::new(m.role.clone(), format!("{prefix}{i}\u{E001}")))
+            .collect();
+        let marked = self.render(&masked, add_generation_prompt)?;
+        // Template pieces and, between them, the index of the message whose content goes there.
+        let mut pieces: Vec<&str> = Vec::new();
+        let mut slots: Vec<usize> = Vec::new();
+        let mut rest = marked.as_str();
+        while let Some(at) = rest.find(&prefix) {
+            pieces.push(&rest[..at]);
+            let after = &rest[at + prefix.len()..];
+            let end = after
+                .find('\u{E001}')
+                .ok_or_else(|| unfollowable("cut a message marker"))?;
+            let i: usize = after[..end]
+                .parse()
+                .map_err(|_| unfollowable("changed a message marker"))?;
+            if i >= messages.len() {
+                return Err(unfollowable("changed a message marker"));
+            }
+            slots.push(i);
+            rest = &after[end + '\u{E001}'.len_utf8()..];
+        }
+        pieces.push(rest);
+        // Walk the real render: template piece, content, template piece, ...
+        let mut pos = 0;
+        let mut content = Vec::with_capacity(slots.len());
+        if !text.starts_with(pieces[0]) {
+            return Err(unfollowable(
+                "renders its own text differently around different messages",
+            ));
+        }
+        pos += pieces[0].len();
+        for (k, &i) in slots.iter().enumerate() {
+            let c = messages[i].content.as_str();
+            let next = pieces[k + 1];
+            let found = [c, c.trim(), c.trim_start(), c.trim_end()]
+                .into_iter()
+                .find(|x| text[pos..].starts_with(x) && text[pos + x.len()..].starts_with(next));
+            let Some(x) = found else {
+                return Err(unfollowable(
+                    "changes message text other than by trimming it",
+                ));
+            };
+            if !x.is_empty() {
+                content.push(pos..pos + x.len());
+            }
+            pos += x.len() + next.len();
+        }
+        if pos != text.len() {
+            return Err(unfollowable(
+                "renders its own text differently around different messages",
+            ));
+        }
+        Ok(Rendered { text, content })
+    }
+
     /// Renders the conversation; `add_generation_prompt` appends the header of the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let msgs: Vec<Value> = messages
@@ -212,9 +312,18 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| anyhow!("chat template: {e}"))?;
-        let mut out = tmpl
-            .render(Value::from(ctx))
-            .map_err(|e| anyhow!("cannot render the chat template: {e}"))?;
+        let mut out = tmpl.render(Value::from(ctx)).map_err(|e| {
+            if e.kind() == ErrorKind::OutOfFuel {
+                anyhow!(
+                    "the chat template (tokenizer.chat_template{}) ran out of fuel: it did more than {RENDER_FUEL} \
+                     steps of work for one conversation, far more than any real template needs; the model file's \
+                     template is broken or hostile",
+                    self.builtin.map_or(String::new(), |b| format!(", built-in {b}"))
+                )
+            } else {
+                anyhow!("cannot render the chat template: {e}")
+            }
+        })?;
         if self.strip_bos && !self.bos_token.is_empty() && out.starts_with(&self.bos_token) {
             out.drain(..self.bos_token.len());
         }

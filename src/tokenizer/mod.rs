@@ -40,6 +40,7 @@ mod tests;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::ops::Range;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -47,7 +48,7 @@ use crate::gguf::{GgufFile, Value};
 
 use vocab::Vocab;
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, Rendered};
 
 /// "No token" in the internal u32 tables.
 pub(crate) const NONE: u32 = u32::MAX;
@@ -244,7 +245,9 @@ impl SpecialMatcher {
     /// Splits `text` into raw-text fragments and special tokens, with llama.cpp's `tokenizer_st_partition`
     /// semantics: for each special token, longest first, every leftmost non-overlapping occurrence inside the
     /// text that is still raw becomes a token.
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Frag> {
+    /// Special tokens other than user-defined ones are matched only where they lie entirely outside `plain` (byte
+    /// ranges of message text, ascending).
+    fn partition(&self, text: &str, parse_special: bool, plain: &[Range<usize>]) -> Vec<Frag> {
         let b = text.as_bytes();
         // Occurrences grouped by rank; positions come out in increasing order.
         let mut occ: FxHashMap<u32, Vec<u32>> = FxHashMap::default();
@@ -259,7 +262,11 @@ impl SpecialMatcher {
                     None => break,
                 }
                 let rank = self.term[node as usize];
-                if rank != NONE && (parse_special || self.toks[rank as usize].always) {
+                if rank == NONE {
+                    continue;
+                }
+                let t = &self.toks[rank as usize];
+                if t.always || (parse_special && !overlaps(plain, p, p + t.len as usize)) {
                     occ.entry(rank).or_default().push(p as u32);
                 }
             }
@@ -329,6 +336,13 @@ impl SpecialMatcher {
         }
         out
     }
+}
+
+/// Whether `s..e` overlaps any of the ascending, disjoint `ranges`.
+fn overlaps(ranges: &[Range<usize>], s: usize, e: usize) -> bool {
+    // The first range that ends after s is the only candidate.
+    let i = ranges.partition_point(|r| r.end <= s);
+    ranges.get(i).is_some_and(|r| r.start < e)
 }
 
 /// A GGUF vocabulary: encodes text to ids and decodes ids to text as llama.cpp does.
@@ -653,6 +667,34 @@ impl Tokenizer {
     /// `add_bos_token` (and EOS appended if it says `add_eos_token`). `parse_special`: control tokens written
     /// in the text (e.g. "<|im_start|>") become single tokens; user-defined tokens always do.
     pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>> {
+        self.encode_outside(text, add_bos, parse_special, &[])
+    }
+
+    /// A rendered conversation to ids (with BOS as [`Self::encode`] adds it): the template's control tokens are
+    /// parsed as special tokens, the messages' text is plain text, so a user who writes `<|im_end|>` cannot close
+    /// their own turn (llama.cpp's `parse_special = false` for user text). `parse_special_in_messages` parses them
+    /// inside messages too (`--parse-special`).
+    pub fn encode_chat(
+        &self,
+        r: &chat::Rendered,
+        parse_special_in_messages: bool,
+    ) -> Result<Vec<u32>> {
+        let plain: &[Range<usize>] = if parse_special_in_messages {
+            &[]
+        } else {
+            &r.content
+        };
+        self.encode_outside(&r.text, true, true, plain)
+    }
+
+    /// [`Self::encode`] with special tokens (but user-defined ones) parsed only outside the byte ranges `plain`.
+    fn encode_outside(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+        plain: &[Range<usize>],
+    ) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_bos && self.add_bos {
             out.push(
@@ -660,7 +702,7 @@ impl Tokenizer {
                     .context("the model asks for a BOS token (add_bos_token) but has no BOS id")?,
             );
         }
-        let frags = self.special.partition(text, parse_special);
+        let frags = self.special.partition(text, parse_special, plain);
         match &self.model {
             Model::Bpe(bpe) => {
                 for f in frags {

@@ -1,0 +1,140 @@
+//! What a forward pass costs, from the model's shapes alone: operations (a multiply-add counts 2) of the weight
+//! matmuls and of attention, per prompt and per decoded token. The roofline of `hayloft bench speed` and the cost
+//! model divide these by the machine's measured roofs.
+//!
+//! Attention counts the work a query must do over the keys it can see: all earlier positions on global layers, at most
+//! `window` on sliding-window layers; the masked half of a causal prefill is not counted (it is not useful work).
+//! Norms, RoPE, activations and the softmax's exponentials are left out: a few operations per element, well under 1 %
+//! of the matmuls at these shapes.
+
+use super::ModelConfig;
+
+/// Operations split by the roof that bounds them: weight matmuls run on the int8 path (activations quantized), the
+/// attention's q·k and p·v sums on the f32 path.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Ops {
+    pub matmul: f64,
+    pub attention: f64,
+}
+
+impl Ops {
+    pub fn total(&self) -> f64 {
+        self.matmul + self.attention
+    }
+}
+
+/// Weight elements one token multiplies in every layer's matmuls (Q, K, V, O projections and the gated feed-forward).
+pub fn layer_params(c: &ModelConfig) -> f64 {
+    let (d, hq, hkv) = (c.dim as f64, c.n_heads as f64, c.n_kv_heads as f64);
+    let (hk, hv) = (c.head_dim_k as f64, c.head_dim_v as f64);
+    let attn = d * hq * hk + d * hkv * (hk + hv) + hq * hv * d;
+    let ffn = 3.0 * d * c.ffn_dim as f64;
+    c.n_layers as f64 * (attn + ffn)
+}
+
+/// Weight elements of the output head (vocab × dim), multiplied once per token whose logits are computed.
+pub fn head_params(c: &ModelConfig) -> f64 {
+    c.vocab as f64 * c.dim as f64
+}
+
+/// Keys layer `l` lets the query at 0-based position `p` see.
+fn visible(c: &ModelConfig, layer: usize, p: u64) -> u64 {
+    match (c.sliding_window, c.layer_is_local.get(layer).copied()) {
+        (Some(w), Some(true)) => (p + 1).min(w as u64),
+        _ => p + 1,
+    }
+}
+
+/// Σ over query positions p in [from, to) of the keys each sees on `layer` (closed form).
+fn visible_sum(c: &ModelConfig, layer: usize, from: u64, to: u64) -> f64 {
+    let tri = |n: u64| n as f64 * (n as f64 + 1.0) / 2.0; // Σ_{p<n} (p+1)
+    let full = |a: u64, b: u64| tri(b) - tri(a);
+    match (c.sliding_window, c.layer_is_local.get(layer).copied()) {
+        (Some(w), Some(true)) => {
+            let w = w as u64;
+            let split = to.min(w).max(from); // positions below w see p+1 keys, the rest see w
+            full(from, split) + (to - split) as f64 * w as f64
+        }
+        _ => full(from, to),
+    }
+}
+
+/// Operations of attention for one query over the keys it sees, per key: q·k over head_dim_k, p·v over head_dim_v,
+/// for every query head.
+fn attn_per_key(c: &ModelConfig) -> f64 {
+    2.0 * c.n_heads as f64 * (c.head_dim_k + c.head_dim_v) as f64
+}
+
+/// Operations of reading a prompt of `n` tokens into an empty cache, logits for the last token only (as prefill does).
+pub fn prefill_ops(c: &ModelConfig, n: usize) -> Ops {
+    let keys: f64 = (0..c.n_layers)
+        .map(|l| visible_sum(c, l, 0, n as u64))
+        .sum();
+    Ops {
+        matmul: 2.0 * (layer_params(c) * n as f64 + head_params(c)),
+        attention: attn_per_key(c) * keys,
+    }
+}
+
+/// Operations of one decode step with `ctx` tokens already cached (full attention).
+pub fn decode_ops(c: &ModelConfig, ctx: usize) -> Ops {
+    let keys: u64 = (0..c.n_layers).map(|l| visible(c, l, ctx as u64)).sum();
+    Ops {
+        matmul: 2.0 * (layer_params(c) + head_params(c)),
+        attention: attn_per_key(c) * keys as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, RopeStyle};
+
+    fn cfg(window: Option<u32>) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            name: "t".into(),
+            n_layers: 2,
+            dim: 8,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim_k: 4,
+            head_dim_v: 4,
+            ffn_dim: 16,
+            vocab: 10,
+            ctx_len: 64,
+            rms_eps: 1e-6,
+            rope_style: RopeStyle::Norm,
+            rope_dim: 4,
+            rope_base: 1e4,
+            rope_base_local: 1e4,
+            sliding_window: window,
+            layer_is_local: vec![true, false],
+            attn_scale: 0.5,
+            embed_scale: 1.0,
+        }
+    }
+
+    #[test]
+    fn prefill_attention_equals_the_sum_of_decode_steps() {
+        for w in [None, Some(3), Some(100)] {
+            let c = cfg(w);
+            for n in [1usize, 2, 3, 4, 7, 20] {
+                let step: f64 = (0..n).map(|p| decode_ops(&c, p).attention).sum();
+                let pre = prefill_ops(&c, n).attention;
+                assert!((pre - step).abs() < 1e-6, "w {w:?} n {n}: {pre} vs {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn params_count_every_projection() {
+        let c = cfg(None);
+        // q 8×8, k 8×4, v 8×4, o 8×8, ffn 3×8×16 = 64+32+32+64+384 per layer.
+        assert_eq!(layer_params(&c), 2.0 * 576.0);
+        assert_eq!(head_params(&c), 80.0);
+        // A window caps what the local layer sees: decode at 10 sees 3 (local) + 11 (global) keys.
+        let w = cfg(Some(3));
+        assert_eq!(decode_ops(&w, 10).attention, 2.0 * 2.0 * 8.0 * 14.0);
+    }
+}
