@@ -253,3 +253,12 @@ fn going_back_needs_what_the_window_read_and_a_hold_keeps_it() {
     );
     assert!(x == y);
 }
+
+#[test]
+fn a_window_of_zero_tokens_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("zero-window.gguf");
+    write_tiny_gemma3(&p, &TinySpec::default(), 0).unwrap();
+    let err = format!("{:#}", Model::load(&p).err().unwrap());
+    assert!(err.contains("sliding_window is 0"), "{err}");
+}

@@ -405,7 +405,7 @@ impl KvCache {
         self.streams[self.stream_index(layer, head)].len
     }
 
-    /// Largest stream length (= tokens seen, while nothing has been evicted).
+    /// Largest stream length (= tokens seen, while nothing has been evicted from some layer without a sliding window).
     pub fn max_len(&self) -> usize {
         self.streams.iter().map(|s| s.len).max().unwrap_or(0)
     }

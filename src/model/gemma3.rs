@@ -69,9 +69,14 @@ impl Gemma3 {
             .opt_u64("gemma3.attention.sliding_window_pattern")
             .map_or(SWA_PATTERN, |v| v as usize)
             .max(1);
-        let window = g
-            .opt_u64("gemma3.attention.sliding_window")
-            .map(|w| w as u32);
+        let window = match g.opt_u64("gemma3.attention.sliding_window") {
+            None => None,
+            Some(w @ 1..=0xFFFF_FFFF) => Some(w as u32),
+            Some(w) => bail!(
+                "{}: gemma3.attention.sliding_window is {w}; a window must be between 1 and 2^32 − 1 tokens",
+                g.path.display()
+            ),
+        };
         let layer_is_local = (0..n_layers)
             .map(|i| window.is_some() && i % pattern < pattern - 1)
             .collect();
