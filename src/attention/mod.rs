@@ -127,6 +127,22 @@ pub fn attend_selected(
     attend_impl(cache, layer, q, q_pos, out, p, Some(sel), scratch)
 }
 
+/// Leading blocks of (layer, `kv_head`) whose entries all lie before position `lo`: positions ascend within a
+/// stream, so a binary search over the blocks' last positions.
+fn blocks_before(cache: &KvCache, layer: usize, kv_head: usize, n: usize, lo: u32) -> usize {
+    let (mut a, mut b) = (0, n);
+    while a < b {
+        let m = (a + b) / 2;
+        let v = cache.block(layer, kv_head, m);
+        if v.n > 0 && v.pos[v.n - 1] < lo {
+            a = m + 1;
+        } else {
+            b = m;
+        }
+    }
+    a
+}
+
 /// Cuts head `kv_head`'s selected ranges at block boundaries into `pieces`.
 fn cut_pieces(
     cache: &KvCache,
@@ -177,15 +193,30 @@ fn attend_impl(
     assert_eq!(out.len(), n_tok * n_q_heads * sh.hv);
     assert_eq!(n_q_heads % cfg.n_kv_heads, 0);
 
-    // Plan tasks: split key blocks when there are too few (head, tile) pairs to keep every thread busy.
+    // Plan tasks: split key blocks when there are too few (head, tile) pairs to keep every thread busy. With a window,
+    // the leading blocks no query of the call sees are left out of the plan, so a cache that keeps them and one that
+    // slid them out split their work alike (and add up the same partial sums).
     let n_tiles = n_tok.div_ceil(Q_TILE);
+    let visible_from = p.window.map(|w| {
+        q_pos
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(0)
+            .saturating_sub(w.saturating_sub(1))
+    });
     let want = 4 * rayon::current_num_threads();
     scratch.tasks.clear();
     scratch.pieces.clear();
     for kv_head in 0..cfg.n_kv_heads {
         // Units a task walks: blocks, or the pieces of the selection.
         let (base, nb) = match sel {
-            None => (0, cache.n_blocks(layer, kv_head)),
+            None => {
+                let n = cache.n_blocks(layer, kv_head);
+                let first =
+                    visible_from.map_or(0, |lo| blocks_before(cache, layer, kv_head, n, lo));
+                (first, n - first)
+            }
             Some(sel) => {
                 let base = scratch.pieces.len();
                 cut_pieces(cache, layer, kv_head, sel, &mut scratch.pieces);

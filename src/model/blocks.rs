@@ -148,9 +148,10 @@ impl Attention {
             window: if local { c.sliding_window } else { None },
             softcap: None,
         };
-        // A layer whose cache keeps only its window takes the chunk WINDOW_STEP tokens at a time (append, attend), so
-        // its streams never hold more than the window and one step, whatever the chunk.
-        let step = if cache.window(layer).is_some() {
+        // A sliding-window layer takes the chunk WINDOW_STEP tokens at a time (append, attend), so a cache that keeps
+        // only the window never holds more than the window and one step, whatever the chunk. (A cache that keeps
+        // every entry takes the same steps: both then add up the same partial sums, bit for bit.)
+        let step = if params.window.is_some() {
             WINDOW_STEP
         } else {
             n
