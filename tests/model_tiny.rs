@@ -1,11 +1,11 @@
 //! Forward-pass invariants on tiny random-weight models the test writes itself:
-//! chunked prefill ≡ one-shot prefill ≡ token-by-token decode, for both architectures; head ablation zeroes exactly
-//! its head.
+//! chunked prefill ≡ one-shot prefill ≡ token-by-token decode, for every architecture (Qwen2 with and without RoPE
+//! scaling); Qwen2's biases and RoPE scaling change the output; head ablation zeroes exactly its head.
 
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
-use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, TinySpec};
-use hayloft::model::Model;
+use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2, TinySpec};
+use hayloft::model::{Arch, Model, RopeStyle};
 
 fn all_logits(model: &Model, tokens: &[u32], chunk: usize) -> Vec<f32> {
     let mut cfg = SessionConfig::for_model(model);
@@ -85,8 +85,88 @@ fn gemma3_chunked_equals_one_shot_with_sliding_window() {
 }
 
 #[test]
+fn qwen2_chunked_equals_one_shot_equals_token_by_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let scalings = [None, Some(("linear", 4.0, 128)), Some(("yarn", 4.0, 4096))];
+    for (i, scaling) in scalings.into_iter().enumerate() {
+        for ty in [GgmlType::F32, GgmlType::Q8_0] {
+            let p = dir.path().join(format!("tiny-qwen2-{i}-{ty}.gguf"));
+            let spec = TinySpec {
+                weight_type: ty,
+                n_kv_heads: 1,
+                ..Default::default()
+            };
+            write_tiny_qwen2(&p, &spec, scaling).unwrap();
+            let m = Model::load(&p).unwrap();
+            let c = m.config();
+            assert_eq!((c.arch, c.rope_style), (Arch::Qwen2, RopeStyle::Neox));
+            check_model(&m, 75);
+        }
+    }
+}
+
+/// Max |Δ| between the logits of two models over the same tokens.
+fn max_diff(a: &Model, b: &Model, n: usize) -> f32 {
+    let toks = tokens(n, a.config().vocab);
+    let (la, lb) = (all_logits(a, &toks, 512), all_logits(b, &toks, 512));
+    la.iter()
+        .zip(&lb)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn qwen2_biases_change_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny-qwen2.gguf");
+    write_tiny_qwen2(&p, &TinySpec::default(), None).unwrap();
+    let with = Model::load(&p).unwrap();
+    // Each bias alone matters: dropping it from every layer changes the logits (and the weight bytes).
+    for which in 0..3 {
+        let mut without = Model::load(&p).unwrap();
+        let Model::Llama(l) = &mut without else {
+            panic!("qwen2 loads as a Llama-family model")
+        };
+        for layer in &mut l.layers {
+            assert!(layer.attn.qkv_bias[which].is_some(), "bias {which} loaded");
+            layer.attn.qkv_bias[which] = None;
+        }
+        let d = max_diff(&with, &without, 30);
+        assert!(d > 1e-3, "dropping bias {which} changed nothing ({d})");
+        assert!(without.weight_bytes() < with.weight_bytes());
+    }
+}
+
+#[test]
+fn qwen2_rope_scaling_changes_the_output_and_bad_types_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let load = |name: &str, scaling| {
+        let p = dir.path().join(name);
+        write_tiny_qwen2(&p, &spec, scaling).unwrap();
+        Model::load(&p)
+    };
+    let plain = load("plain.gguf", None).unwrap();
+    let unit = load("unit.gguf", Some(("linear", 1.0, 512))).unwrap();
+    assert_eq!(max_diff(&plain, &unit, 30), 0.0, "factor 1 is no scaling");
+    let linear = load("linear.gguf", Some(("linear", 4.0, 512))).unwrap();
+    let yarn = load("yarn.gguf", Some(("yarn", 4.0, 4096))).unwrap();
+    assert!(max_diff(&plain, &linear, 30) > 1e-3);
+    assert!(max_diff(&plain, &yarn, 30) > 1e-3);
+    assert!(max_diff(&linear, &yarn, 30) > 1e-3);
+    let err = load("bad.gguf", Some(("longrope", 4.0, 512)))
+        .err()
+        .expect("an unknown scaling type is refused")
+        .to_string();
+    assert!(
+        err.contains("qwen2.rope.scaling.type") && err.contains("longrope"),
+        "{err}"
+    );
+}
+
+#[test]
 fn sliding_window_changes_the_output() {
-    // The window must actually mask: the same weights with a huge window give different late logits.
+    // The window must actually mask: the same weights with a window of the whole context (512, more than the 40
+    // tokens run) give different late logits.
     let dir = tempfile::tempdir().unwrap();
     let spec = TinySpec {
         n_layers: 2,
@@ -96,7 +176,7 @@ fn sliding_window_changes_the_output() {
     };
     let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
     write_tiny_gemma3(&a, &spec, 4).unwrap();
-    write_tiny_gemma3(&b, &spec, 4096).unwrap();
+    write_tiny_gemma3(&b, &spec, spec.ctx_len as u32).unwrap();
     let (ma, mb) = (Model::load(&a).unwrap(), Model::load(&b).unwrap());
     let toks = tokens(40, ma.config().vocab);
     let (la, lb) = (all_logits(&ma, &toks, 512), all_logits(&mb, &toks, 512));
@@ -248,6 +328,14 @@ fn head_mask_zeroes_exactly_the_marked_head_llama() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     write_tiny_llama(&p, &TinySpec::default()).unwrap();
+    check_head_mask(&Model::load(&p).unwrap());
+}
+
+#[test]
+fn head_mask_zeroes_exactly_the_marked_head_qwen2() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny-qwen2.gguf");
+    write_tiny_qwen2(&p, &TinySpec::default(), None).unwrap();
     check_head_mask(&Model::load(&p).unwrap());
 }
 

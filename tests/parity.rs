@@ -169,3 +169,8 @@ fn smollm2_matches_llama_cpp() {
 fn gemma3_matches_llama_cpp() {
     check("gemma3-270m", "tests/fixtures/parity_gemma3.json");
 }
+
+#[test]
+fn qwen25_matches_llama_cpp() {
+    check("qwen2.5-0.5b", "tests/fixtures/parity_qwen25.json");
+}

@@ -1,6 +1,6 @@
 //! The tokenizer against llama.cpp on the real models: exact ids for the texts in
 //! tests/fixtures/tokenizer_ref.json (made by tests/fixtures/gen_tokenizer_ref.py), lossless round trips,
-//! streaming decode, end-of-generation ids, every token's bytes, and the SmolLM2 chat template.
+//! streaming decode, end-of-generation ids, every token's bytes, and the SmolLM2, Gemma 3 and Qwen2.5 chat templates.
 //!
 //! Models are fetched into $HAYLOFT_HOME on first use (tests/common); a model that cannot be had fails its test.
 
@@ -29,6 +29,7 @@ fn open(file: &str, name: &str) -> GgufFile {
 
 const SMOLLM2: (&str, &str) = ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m");
 const GEMMA3: (&str, &str) = ("gemma-3-270m-q4_k_m.gguf", "gemma3-270m");
+const QWEN25: (&str, &str) = ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-0.5b");
 
 fn check_model(key: &str, (file, name): (&str, &str)) {
     let fx = fixture(key);
@@ -132,6 +133,11 @@ fn gemma3_matches_llama_cpp() {
 }
 
 #[test]
+fn qwen25_matches_llama_cpp() {
+    check_model("qwen25", QWEN25);
+}
+
+#[test]
 fn smollm2_the_capital_of_france() {
     let g = open(SMOLLM2.0, SMOLLM2.1);
     let tok = Tokenizer::from_gguf(&g).unwrap();
@@ -202,13 +208,53 @@ fn gemma3_builtin_chat_template() {
     assert!(err.contains("alternate"), "{err}");
 }
 
+/// The GGUF's own ChatML template (rendered by minijinja): the default system prompt when none is given, the given one
+/// otherwise; `<|im_start|>` / `<|im_end|>` are single tokens; no BOS; `<|endoftext|>` and `<|im_end|>` end generation.
+#[test]
+fn qwen25_chat_template() {
+    let g = open(QWEN25.0, QWEN25.1);
+    let ct = ChatTemplate::from_gguf(&g).unwrap();
+    assert_eq!(ct.builtin(), None);
+    let s = ct.render(&[ChatMessage::new("user", "hi")], true).unwrap();
+    assert_eq!(
+        s,
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+         <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let s2 = ct
+        .render(
+            &[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "hi"),
+                ChatMessage::new("assistant", "Hello."),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        s2,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n\
+         <|im_start|>assistant\nHello.<|im_end|>\n"
+    );
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    assert!(!tok.add_bos());
+    let ids = tok.encode(&s, tok.add_bos(), true).unwrap();
+    let (im_start, im_end, eot) = (151644, 151645, 151643);
+    assert_eq!(tok.token_text(im_start), Some("<|im_start|>"));
+    assert_eq!(ids[0], im_start);
+    assert_eq!(ids.iter().filter(|&&i| i == im_end).count(), 2);
+    assert_eq!(tok.decode(&ids), s);
+    assert!(tok.is_eog(im_end) && tok.is_eog(eot));
+    assert_eq!(tok.eos_id(), Some(im_end));
+}
+
 /// An 8K-token prompt encodes (BPE merges over a long text) and decodes back to itself. The encode time is printed, not
 /// asserted: wall-clock limits fail on loaded machines and pass on fast ones whatever the code does.
 #[test]
 fn an_8k_prompt_round_trips() {
     let base = "The quick brown fox jumps over the lazy dog; 1234567 + 89 = ? \
                 fn main() {\n    println!(\"héllo, wörld 🦙\");\n}\n\n";
-    for (key, (file, name)) in [("smollm2", SMOLLM2), ("gemma3", GEMMA3)] {
+    for (key, (file, name)) in [("smollm2", SMOLLM2), ("gemma3", GEMMA3), ("qwen25", QWEN25)] {
         let g = open(file, name);
         let tok = Tokenizer::from_gguf(&g).unwrap();
         let per = tok.encode(base, false, false).unwrap().len();

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Teacher-forced reference logits from llama.cpp, for hayloft's parity tests.
 
-Writes tests/fixtures/parity_smollm2.json and tests/fixtures/parity_gemma3.json: for a few fixed token sequences,
+Writes tests/fixtures/parity_{smollm2,gemma3,qwen25}.json: for a few fixed token sequences,
 llama.cpp's logits at (many) positions, as the top-64 (token id, logit) pairs plus the logsumexp over the full
 vocabulary, so a test can compare probabilities of the top-64 and of the tail bucket (1 - their mass).
 
@@ -10,12 +10,13 @@ How to rebuild
 1. Build the peer (llama.cpp + llama-cpp-python in a venv, ~15-25 min on 2 cores; not for CI):
        bash ../shared/tools/llamacpp-peer.sh            # -> ~/.cache/llamacpp-peer
    (the copy used here lives at /work/shared/tools/llamacpp-peer.sh)
-2. Get the two GGUF files (sha256 are checked; looked up in ~/.cache/hayloft/models, where `hayloft fetch` puts
-   them, then /tmp/models; or pass --smollm2 / --gemma3, or set SMOLLM2_GGUF / GEMMA3_GGUF):
-       SmolLM2-135M-Instruct.Q4_1.gguf   b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-       gemma-3-270m-q4_k_m.gguf          a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+2. Get the GGUF files (sha256 are checked; looked up in ~/.cache/hayloft/models, where `hayloft fetch` puts
+   them, then /tmp/models; or pass --smollm2 / --gemma3 / --qwen25, or set SMOLLM2_GGUF / GEMMA3_GGUF / QWEN25_GGUF):
+       SmolLM2-135M-Instruct.Q4_1.gguf          b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+       gemma-3-270m-q4_k_m.gguf                 a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+       qwen2.5-coder-0.5b-instruct-q4_k_m.gguf  1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 3. From the repository root:
-       bash scripts/parity/make_fixture.sh                       # both models
+       bash scripts/parity/make_fixture.sh                       # every model
        bash scripts/parity/make_fixture.sh --only smollm2 --smollm2 PATH.gguf
    or directly:  OMP_WAIT_POLICY=passive ~/.cache/llamacpp-peer/venv/bin/python scripts/parity/make_fixture.py [...]
 
@@ -119,6 +120,15 @@ GEMMA3_CHAT = (
     "the species it has between about thirty and three hundred and fifty, always an odd number of pairs.<end_of_turn>\n"
 )
 
+QWEN25_CHAT = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nHow many legs does a spider have?<|im_end|>\n"
+    "<|im_start|>assistant\nA spider has eight legs. Insects, by contrast, have six.<|im_end|>\n"
+    "<|im_start|>user\nWrite a Python one-liner that counts the legs of 3 spiders and 2 ants.<|im_end|>\n"
+    "<|im_start|>assistant\n```python\nlegs = 3 * 8 + 2 * 6  # 36\n```\nSpiders have eight legs and ants, being "
+    "insects, have six, so the total is 36.<|im_end|>\n"
+)
+
 LONG_PROMPT = (
     "Chapter One\n\nThe lighthouse on the northern cape had been dark for eleven years when Ilse Varga arrived "
     "with a suitcase, a box of tools and a letter from the harbour office. "
@@ -140,6 +150,14 @@ MODELS = {
         "bos": 2,                         # add_bos_token = true
         "chat": GEMMA3_CHAT,
         "out": "tests/fixtures/parity_gemma3.json",
+    },
+    "qwen25": {
+        "file": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "name": "Qwen2.5-Coder-0.5B-Instruct Q4_K_M",
+        "bos": None,                      # add_bos_token = false
+        "chat": QWEN25_CHAT,
+        "out": "tests/fixtures/parity_qwen25.json",
     },
 }
 
@@ -359,6 +377,7 @@ def main():
     ap.add_argument("--only", choices=sorted(MODELS), action="append", help="build only this model's fixture")
     ap.add_argument("--smollm2", default=os.environ.get("SMOLLM2_GGUF") or default_path("smollm2"))
     ap.add_argument("--gemma3", default=os.environ.get("GEMMA3_GGUF") or default_path("gemma3"))
+    ap.add_argument("--qwen25", default=os.environ.get("QWEN25_GGUF") or default_path("qwen25"))
     ap.add_argument("--long-tokens", type=int, default=4224, help="length of the long sequence (>= 4200)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--temp", type=float, default=0.8)
@@ -369,7 +388,7 @@ def main():
     args = ap.parse_args()
     command = os.environ.get("PARITY_COMMAND") or shlex.join(
         ["python", os.path.relpath(os.path.abspath(__file__), REPO)] + sys.argv[1:])
-    for key in args.only or ["smollm2", "gemma3"]:
+    for key in args.only or list(MODELS):
         path = getattr(args, key)
         if not os.path.exists(path):
             sys.exit(f"no {path}: pass --{key} PATH.gguf")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Rebuilds tests/fixtures/parity_{smollm2,gemma3}.json from llama.cpp (see make_fixture.py's header).
-#   bash scripts/parity/make_fixture.sh [--only smollm2|gemma3] [--smollm2 PATH] [--gemma3 PATH] [--seed N]
+# Rebuilds tests/fixtures/parity_{smollm2,gemma3,qwen25}.json from llama.cpp (see make_fixture.py's header).
+#   bash scripts/parity/make_fixture.sh [--only smollm2|gemma3|qwen25] [--smollm2 PATH] [--gemma3 PATH]
+#                                       [--qwen25 PATH] [--seed N]
 # Needs the peer built by ../shared/tools/llamacpp-peer.sh (PEER_DIR, default ~/.cache/llamacpp-peer).
 # Takes a few minutes per model on 2 cores.
 set -euo pipefail

@@ -64,6 +64,9 @@ pub struct MachineArgs {
     /// Shorter measurements (a 256 MiB bandwidth buffer, 120 ms per figure).
     #[arg(long)]
     pub quick: bool,
+    /// Folder whose disk the swap-in rate is measured on (default: $HAYLOFT_HOME, where offload files usually go).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
     /// Write the profile as JSON to this file (default: stdout).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -113,6 +116,7 @@ pub struct SpeedArgs {
 
 #[derive(Serialize)]
 struct Row {
+    threads: usize,
     test: &'static str,
     ctx: usize,
     tok_s: f64,
@@ -140,12 +144,73 @@ struct Ops {
 #[derive(Serialize)]
 struct Report {
     model: String,
-    threads: usize,
+    /// The thread counts measured, in order.
+    threads: Vec<usize>,
     kernel: String,
     kv_dtype: String,
     chunk_size: usize,
     machine: MachineProfile,
     results: Vec<Row>,
+    /// Per test and context: tok/s at each thread count and its speed-up over the first count.
+    scaling: Vec<ScalingRow>,
+}
+
+#[derive(Serialize)]
+struct ScalingRow {
+    test: &'static str,
+    ctx: usize,
+    tok_s: Vec<f64>,
+    speedup: Vec<f64>,
+}
+
+/// The roofs at `threads` threads, from a profile measured on one and on `profile.threads`: compute scales with the
+/// cores used, bandwidth with the threads up to what all of them reached.
+struct Roofs {
+    int8_ops: f64,
+    f32_flops: f64,
+    read_bw: f64,
+}
+
+impl Roofs {
+    fn at(p: &MachineProfile, k: &machine::PathPeak, threads: usize) -> Self {
+        if threads == p.threads {
+            return Roofs {
+                int8_ops: k.int8_ops,
+                f32_flops: k.f32_flops,
+                read_bw: p.read_bw,
+            };
+        }
+        let t = threads.min(p.cpus.max(1)) as f64;
+        Roofs {
+            int8_ops: k.int8_ops_1t * t,
+            f32_flops: k.f32_flops_1t * t,
+            read_bw: (p.read_bw_1t * t).min(p.read_bw.max(p.read_bw_1t)),
+        }
+    }
+}
+
+/// Rows of the same test and context side by side over the thread counts.
+fn scaling(results: &[Row], threads: &[usize]) -> Vec<ScalingRow> {
+    let mut out: Vec<ScalingRow> = Vec::new();
+    for r in results.iter().filter(|r| r.threads == threads[0]) {
+        let tok_s: Vec<f64> = threads
+            .iter()
+            .map(|&t| {
+                results
+                    .iter()
+                    .find(|x| x.threads == t && x.test == r.test && x.ctx == r.ctx)
+                    .map_or(f64::NAN, |x| x.tok_s)
+            })
+            .collect();
+        let speedup = tok_s.iter().map(|v| v / tok_s[0]).collect();
+        out.push(ScalingRow {
+            test: r.test,
+            ctx: r.ctx,
+            tok_s,
+            speedup,
+        });
+    }
+    out
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -164,7 +229,17 @@ fn machine(a: MachineArgs) -> Result<()> {
         "[bench] measuring bandwidth and kernel throughput on {} threads ...",
         rayon::current_num_threads()
     );
-    let p = machine::measure(effort, true)?;
+    let mut p = machine::measure(effort, true)?;
+    eprintln!("[bench] attained rates: matmuls per weight type, attention, disk ...");
+    machine::measure_weights(&mut p, effort)?;
+    crate::engine::cost::measure_attention(
+        &mut p,
+        effort.per_figure,
+        crate::engine::DEFAULT_BLOCK_TOKENS,
+    )?;
+    let dir = a.disk.clone().unwrap_or_else(crate::fetch::home_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    p.disk_read_bw = Some(machine::disk_read_bandwidth(&dir, effort.disk_bytes)?);
     eprintln!(
         "[bench] {} ({} cpus): read {:.1} GB/s ({} threads), {:.1} GB/s (1 thread)",
         p.cpu,
@@ -182,6 +257,30 @@ fn machine(a: MachineArgs) -> Result<()> {
             k.int8_ops / 1e9,
             k.int8_ops_1t / 1e9,
             if k.kernel == p.kernel { "   <- runs" } else { "" }
+        );
+    }
+    for w in &p.weights {
+        eprintln!(
+            "[bench]   {:<6} single-token {:>6.1} GB/s, 512-token batch {:>6.1} GOP/s",
+            w.ty,
+            w.gemv_bw / 1e9,
+            w.batch_ops / 1e9
+        );
+    }
+    if let Some(at) = &p.attention {
+        eprintln!(
+            "[bench]   attention: prefill {:.1} GFLOP/s, decode {:.1} GB/s + {:.1} us per call; matmul call {:.1} us",
+            at.prefill_ops / 1e9,
+            at.decode_bw / 1e9,
+            at.decode_call_s * 1e6,
+            p.matmul_call_s * 1e6
+        );
+    }
+    if let Some(d) = p.disk_read_bw {
+        eprintln!(
+            "[bench]   disk read {:.2} GB/s (under {})",
+            d / 1e9,
+            dir.display()
         );
     }
     let s = serde_json::to_string_pretty(&p)? + "\n";
@@ -403,10 +502,19 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn speed(a: SpeedArgs) -> Result<()> {
+fn speed(mut a: SpeedArgs) -> Result<()> {
     if a.reps == 0 || a.n_gen == 0 {
         bail!("--reps and --n-gen must be at least 1");
     }
+    // --threads may be a list: the model loads once (the global pool sized for the largest count) and every count
+    // runs in a pool of its own.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let thread_list: Vec<usize> = match a.model.threads.take() {
+        Some(t) => t.0.iter().map(|&n| super::capped_threads(n)).collect(),
+        None => vec![cores],
+    };
+    let most = thread_list.iter().copied().max().unwrap_or(cores);
+    a.model.threads = Some(super::Threads(vec![most]));
     let l = a.model.load()?;
     let c = l.model.config();
     let contexts = a.contexts.clone().unwrap_or_else(|| {
@@ -433,123 +541,149 @@ fn speed(a: SpeedArgs) -> Result<()> {
     let Some(peak) = prof.active().cloned() else {
         bail!("the machine profile lists no kernel path");
     };
-    let mut session = Session::new(&l.model, cfg.clone())?;
-    let deepest = contexts.iter().max().copied().unwrap_or(0);
-    session.check_memory(Lengths::generate(deepest, a.n_gen))?;
-    let max_ctx = deepest + a.n_gen;
-    let weights = l.model.streamed_weight_bytes();
-    let toks = random_tokens(max_ctx, c.vocab);
-    // Warm-up: fault in the weights and grow the scratch buffers.
-    session.feed(&toks[..cfg.chunk_size.min(64)], 0..1, |_, _| {})?;
-    session.reset();
-
     let mut results = Vec::new();
-    let steps = a.reps
-        * (usize::from(!a.no_prefill) * contexts.len()
-            + usize::from(!a.no_decode) * (contexts.len() + 1));
-    let progress = Progress::bar("[bench]", steps as u64, "runs", false);
-    let mut step = 0u64;
-    progress.line(&format!(
-        "{:>8} {:>8} {:>10} {:>10} {:>9}   ({} threads, kernel {}, chunk {})",
-        "test",
-        "ctx",
-        "tok/s",
-        "roof tok/s",
-        "of roof",
-        rayon::current_num_threads(),
-        crate::kernels::kernel_name(),
-        cfg.chunk_size
-    ));
-    if !a.no_prefill {
-        for &n in &contexts {
-            let mut samples = Vec::new();
-            for _ in 0..a.reps {
-                session.reset();
-                let t0 = Instant::now();
-                session.feed(&toks[..n], n - 1..n, |_, _| {})?;
-                samples.push(n as f64 / t0.elapsed().as_secs_f64());
-                step += 1;
-                progress.set(step, format!("prefill {n}"));
-            }
-            let m = median(&mut samples.clone());
-            let ops = cost::prefill_ops(c, n);
-            let roof = n as f64 / (ops.matmul / peak.int8_ops + ops.attention / peak.f32_flops);
+    for &nt in &thread_list {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(nt).build()?;
+        let roof = Roofs::at(&prof, &peak, nt);
+        pool.install(|| -> Result<()> {
+            let mut session = Session::new(&l.model, cfg.clone())?;
+            let deepest = contexts.iter().max().copied().unwrap_or(0);
+            session.check_memory(Lengths::generate(deepest, a.n_gen))?;
+            let max_ctx = deepest + a.n_gen;
+            let weights = l.model.streamed_weight_bytes();
+            let toks = random_tokens(max_ctx, c.vocab);
+            // Warm-up: fault in the weights and grow the scratch buffers.
+            session.feed(&toks[..cfg.chunk_size.min(64)], 0..1, |_, _| {})?;
+            session.reset();
+
+            let steps = a.reps
+                * (usize::from(!a.no_prefill) * contexts.len()
+                    + usize::from(!a.no_decode) * (contexts.len() + 1));
+            let progress = Progress::bar("[bench]", steps as u64, "runs", false);
+            let mut step = 0u64;
             progress.line(&format!(
-                "{:>8} {:>8} {:>10.1} {:>10.1} {:>8.0}%",
-                "prefill",
-                n,
-                m,
-                roof,
-                100.0 * m / roof
+                "{:>8} {:>8} {:>10} {:>10} {:>9}   ({} threads, kernel {}, chunk {})",
+                "test",
+                "ctx",
+                "tok/s",
+                "roof tok/s",
+                "of roof",
+                rayon::current_num_threads(),
+                crate::kernels::kernel_name(),
+                cfg.chunk_size
             ));
-            results.push(Row {
-                test: "prefill",
-                ctx: n,
-                tok_s: m,
-                samples,
-                ops: Some(Ops {
-                    matmul: ops.matmul,
-                    attention: ops.attention,
-                }),
-                weight_bytes_per_token: None,
-                kv_read_bytes_per_token: None,
-                roofline_tok_s: roof,
-                roofline_share: m / roof,
-            });
+            if !a.no_prefill {
+                for &n in &contexts {
+                    let mut samples = Vec::new();
+                    for _ in 0..a.reps {
+                        session.reset();
+                        let t0 = Instant::now();
+                        session.feed(&toks[..n], n - 1..n, |_, _| {})?;
+                        samples.push(n as f64 / t0.elapsed().as_secs_f64());
+                        step += 1;
+                        progress.set(step, format!("prefill {n}"));
+                    }
+                    let m = median(&mut samples.clone());
+                    let ops = cost::prefill_ops(c, n);
+                    let r =
+                        n as f64 / (ops.matmul / roof.int8_ops + ops.attention / roof.f32_flops);
+                    progress.line(&format!(
+                        "{:>8} {:>8} {:>10.1} {:>10.1} {:>8.0}%",
+                        "prefill",
+                        n,
+                        m,
+                        r,
+                        100.0 * m / r
+                    ));
+                    results.push(Row {
+                        threads: nt,
+                        test: "prefill",
+                        ctx: n,
+                        tok_s: m,
+                        samples,
+                        ops: Some(Ops {
+                            matmul: ops.matmul,
+                            attention: ops.attention,
+                        }),
+                        weight_bytes_per_token: None,
+                        kv_read_bytes_per_token: None,
+                        roofline_tok_s: r,
+                        roofline_share: m / r,
+                    });
+                }
+            }
+            if !a.no_decode {
+                for &depth in std::iter::once(&0).chain(contexts.iter()) {
+                    let (mut samples, mut kv_read) = (Vec::new(), Vec::new());
+                    for _ in 0..a.reps {
+                        session.reset();
+                        if depth > 0 {
+                            session.feed(&toks[..depth], depth - 1..depth, |_, _| {})?;
+                        }
+                        session.stats = Default::default();
+                        let t0 = Instant::now();
+                        for i in 0..a.n_gen {
+                            session.decode(toks[depth + i])?;
+                        }
+                        samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
+                        session.stats.finish();
+                        kv_read.push(session.stats.kv_read_bytes_per_token);
+                        step += 1;
+                        progress.set(step, format!("decode at depth {depth}"));
+                    }
+                    let m = median(&mut samples.clone());
+                    let kv = median(&mut kv_read);
+                    let r = roof.read_bw / (weights as f64 + kv);
+                    progress.line(&format!(
+                        "{:>8} {:>8} {:>10.1} {:>10.1} {:>8.0}%",
+                        "decode",
+                        depth,
+                        m,
+                        r,
+                        100.0 * m / r
+                    ));
+                    results.push(Row {
+                        threads: nt,
+                        test: "decode",
+                        ctx: depth,
+                        tok_s: m,
+                        samples,
+                        ops: None,
+                        weight_bytes_per_token: Some(weights),
+                        kv_read_bytes_per_token: Some(kv),
+                        roofline_tok_s: r,
+                        roofline_share: m / r,
+                    });
+                }
+            }
+            progress.finish();
+            Ok(())
+        })?;
+    }
+    let scaling = scaling(&results, &thread_list);
+    if thread_list.len() > 1 {
+        let head: Vec<String> = thread_list.iter().map(|t| format!("{t} threads")).collect();
+        eprintln!("| test | ctx | {} |", head.join(" | "));
+        eprintln!("|---|---|{}", "---|".repeat(thread_list.len()));
+        for r in &scaling {
+            let cells: Vec<String> = r
+                .tok_s
+                .iter()
+                .zip(&r.speedup)
+                .map(|(v, x)| format!("{v:.1} ({x:.2}×)"))
+                .collect();
+            eprintln!("| {} | {} | {} |", r.test, r.ctx, cells.join(" | "));
         }
     }
-    if !a.no_decode {
-        for &depth in std::iter::once(&0).chain(contexts.iter()) {
-            let (mut samples, mut kv_read) = (Vec::new(), Vec::new());
-            for _ in 0..a.reps {
-                session.reset();
-                if depth > 0 {
-                    session.feed(&toks[..depth], depth - 1..depth, |_, _| {})?;
-                }
-                session.stats = Default::default();
-                let t0 = Instant::now();
-                for i in 0..a.n_gen {
-                    session.decode(toks[depth + i])?;
-                }
-                samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
-                session.stats.finish();
-                kv_read.push(session.stats.kv_read_bytes_per_token);
-                step += 1;
-                progress.set(step, format!("decode at depth {depth}"));
-            }
-            let m = median(&mut samples.clone());
-            let kv = median(&mut kv_read);
-            let roof = prof.read_bw / (weights as f64 + kv);
-            progress.line(&format!(
-                "{:>8} {:>8} {:>10.1} {:>10.1} {:>8.0}%",
-                "decode",
-                depth,
-                m,
-                roof,
-                100.0 * m / roof
-            ));
-            results.push(Row {
-                test: "decode",
-                ctx: depth,
-                tok_s: m,
-                samples,
-                ops: None,
-                weight_bytes_per_token: Some(weights),
-                kv_read_bytes_per_token: Some(kv),
-                roofline_tok_s: roof,
-                roofline_share: m / roof,
-            });
-        }
-    }
-    progress.finish();
     let report = Report {
         model: c.name.clone(),
-        threads: rayon::current_num_threads(),
+        threads: thread_list.clone(),
         kernel: crate::kernels::kernel_name().to_string(),
         kv_dtype: crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?.label(),
         chunk_size: cfg.chunk_size,
         machine: prof,
         results,
+        scaling,
     };
     let s = serde_json::to_string_pretty(&report)?;
     match &a.json {

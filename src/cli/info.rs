@@ -8,6 +8,7 @@ use clap::Args;
 use crate::engine::stats::human_bytes;
 use crate::gguf::GgufFile;
 use crate::kv::KvDtype;
+use crate::model::rope::RopeScaling;
 use crate::model::Model;
 
 #[derive(Args, Debug)]
@@ -19,6 +20,7 @@ pub struct InfoArgs {
 pub fn run(a: InfoArgs) -> Result<()> {
     let path = crate::fetch::resolve_model(Some(&a.model))?;
     let g = GgufFile::open(&path)?;
+    let model = Model::from_gguf(&g)?; // the validation every command runs, before anything is printed
     println!(
         "file:          {} ({}, GGUF v{})",
         path.display(),
@@ -40,7 +42,6 @@ pub fn run(a: InfoArgs) -> Result<()> {
         .map(|(k, (n, b))| format!("{k} ×{n} ({})", human_bytes(*b as usize)))
         .collect();
     println!("tensors:       {} — {}", g.tensors.len(), types.join(", "));
-    let model = Model::from_gguf(&g)?;
     let c = model.config();
     println!("layers:        {}", c.n_layers);
     println!("dim / ffn:     {} / {}", c.dim, c.ffn_dim);
@@ -52,8 +53,19 @@ pub fn run(a: InfoArgs) -> Result<()> {
         c.head_dim_k
     );
     println!("vocab:         {}", c.vocab);
+    let scaling = match &model {
+        Model::Llama(l) => match l.rope_scaling {
+            RopeScaling::None => String::new(),
+            RopeScaling::Linear { factor } => format!(", linear scaling ×{factor}"),
+            RopeScaling::Yarn(y) => format!(
+                ", YaRN scaling ×{} (trained at {}, β {}/{})",
+                y.factor, y.orig_ctx, y.beta_fast, y.beta_slow
+            ),
+        },
+        Model::Gemma3(_) => String::new(),
+    };
     println!(
-        "rope:          {:?}, base {}, dims {}{}",
+        "rope:          {:?}, base {}, dims {}{}{scaling}",
         c.rope_style,
         c.rope_base,
         c.rope_dim,
@@ -63,6 +75,20 @@ pub fn run(a: InfoArgs) -> Result<()> {
             String::new()
         }
     );
+    if let Some(first) = match &model {
+        Model::Llama(l) => l.layers.first(),
+        Model::Gemma3(_) => None,
+    } {
+        let biased: Vec<&str> = ["Q", "K", "V"]
+            .into_iter()
+            .zip(&first.attn.qkv_bias)
+            .filter(|(_, b)| b.is_some())
+            .map(|(n, _)| n)
+            .collect();
+        if !biased.is_empty() {
+            println!("biases:        {} projections", biased.join("/"));
+        }
+    }
     if let Some(w) = c.sliding_window {
         let local = c.layer_is_local.iter().filter(|&&x| x).count();
         println!(

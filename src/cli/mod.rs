@@ -7,6 +7,7 @@ mod generate;
 mod heads;
 mod info;
 mod perplexity;
+mod plan;
 
 use std::path::PathBuf;
 
@@ -47,7 +48,7 @@ pub enum Cmd {
         #[arg(long)]
         markdown: bool,
     },
-    /// Download and verify a known model (smollm2-135m, gemma3-270m).
+    /// Download and verify a known model (smollm2-135m, gemma3-270m, qwen2.5-0.5b).
     Fetch {
         /// Model name.
         name: String,
@@ -66,6 +67,9 @@ pub enum Cmd {
         #[command(subcommand)]
         what: bench::BenchCmd,
     },
+    /// The cost model: KV bytes, prefill time, time per decoded token, sequences that fit the memory, swap-in time,
+    /// predicted from the model's shapes and a machine profile (`bench machine`); --validate runs it beside.
+    Plan(plan::PlanArgs),
 }
 
 impl Cli {
@@ -85,6 +89,54 @@ impl Cli {
         }
         let matches = negatives(Cli::command()).get_matches();
         Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// `--threads`: a worker count, or (for `bench speed`) a comma-separated list of them, each at least 1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Threads(pub Vec<usize>);
+
+impl std::str::FromStr for Threads {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let v = s
+            .split(',')
+            .map(|x| match x.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => bail!(
+                    "'{}' is not a thread count: give a whole number of at least 1 (bench speed: a list, 1,2,4)",
+                    x.trim()
+                ),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Threads(v))
+    }
+}
+
+impl Threads {
+    /// The one count a command runs with; a list is an error naming the command that takes one.
+    pub fn one(&self) -> Result<usize> {
+        match self.0.as_slice() {
+            [n] => Ok(*n),
+            v => bail!(
+                "--threads {}: this command runs with one thread count (a list is for `hayloft bench speed`)",
+                v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+            ),
+        }
+    }
+}
+
+/// The thread count `init_threads` would use for a request of `n` (capped at a multiple of the cores, warned).
+pub fn capped_threads(n: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if n > MAX_THREADS_PER_CORE * cores {
+        let cap = MAX_THREADS_PER_CORE * cores;
+        eprintln!(
+            "warning: --threads {n} is more than {MAX_THREADS_PER_CORE}× the {cores} available cores; using {cap}"
+        );
+        cap
+    } else {
+        n
     }
 }
 
@@ -128,12 +180,13 @@ impl std::fmt::Display for MaxTokens {
 /// Options shared by every command that runs a model.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// GGUF file, or a known model name (smollm2-135m, gemma3-270m). Default: smollm2-135m, fetched on first use.
+    /// GGUF file, or a known model name (smollm2-135m, gemma3-270m, qwen2.5-0.5b). Default: smollm2-135m, fetched
+    /// on first use.
     #[arg(long, short = 'm')]
     pub model: Option<String>,
-    /// Worker threads (default: available cores).
+    /// Worker threads (default: available cores); `bench speed` also takes a list (1,2,4,8,16).
     #[arg(long, short = 't')]
-    pub threads: Option<usize>,
+    pub threads: Option<Threads>,
     /// Most tokens a session may hold (default: the model's context length).
     #[arg(long)]
     pub max_context: Option<usize>,
@@ -237,7 +290,7 @@ impl ModelArgs {
         }
         // Check the combination now, with the other flags' errors.
         let kv_dtype = crate::methods::storage_for(&kv_spec, kv_dtype)?;
-        init_threads(self.threads)?;
+        init_threads(self.threads.as_ref().map(Threads::one).transpose()?)?;
         let path = crate::fetch::resolve_model(self.model.as_deref())?;
         let gguf = GgufFile::open(&path)?;
         let model = Model::from_gguf(&gguf)?;
@@ -296,14 +349,7 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let n = match threads {
         Some(0) => bail!("--threads must be at least 1"),
-        Some(n) if n > MAX_THREADS_PER_CORE * cores => {
-            let cap = MAX_THREADS_PER_CORE * cores;
-            eprintln!(
-                "warning: --threads {n} is more than {MAX_THREADS_PER_CORE}× the {cores} available cores; using {cap}"
-            );
-            cap
-        }
-        Some(n) => n,
+        Some(n) => capped_threads(n),
         None => cores,
     };
     // A second call (tests) finds the pool already built; that is fine.
@@ -380,5 +426,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { what } => eval::run(what),
         Cmd::Heads(a) => heads::run(a),
         Cmd::Bench { what } => bench::run(what),
+        Cmd::Plan(a) => plan::run(a),
     }
 }

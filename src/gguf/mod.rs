@@ -4,10 +4,16 @@
 //! metadata key/value pairs, tensor infos (name, dims, type, offset), padding to `general.alignment`,
 //! then the tensor data. We memory-map the file and hand out byte slices of tensors; nothing is copied.
 //!
-//! Every read is bounds-checked: a truncated or corrupt file is an error naming what was wrong, never a panic.
+//! Every read is bounds-checked: a truncated or corrupt file is an error naming what was wrong, never a panic. Opening
+//! also validates the container as llama.cpp's loader does: metadata keys and tensor names unique, `general.alignment`
+//! a nonzero power of two, tensor data aligned, inside the file and not overlapping, the keys hayloft reads of the
+//! type it reads them as ([`keys`]). Counts read from the file are checked against the bytes left before anything
+//! is allocated for them.
 
+pub mod keys;
 pub mod writer;
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
@@ -203,6 +209,16 @@ impl Value {
             _ => None,
         }
     }
+    /// The value's GGUF type, with the element type for arrays ("array of u32").
+    pub fn type_desc(&self) -> String {
+        match self {
+            Value::Array(a) => match a.first() {
+                Some(e) => format!("array of {}", e.type_name()),
+                None => "empty array".to_string(),
+            },
+            v => v.type_name().to_string(),
+        }
+    }
     fn type_name(&self) -> &'static str {
         match self {
             Value::U8(_) => "u8",
@@ -259,6 +275,13 @@ pub enum GgufError {
     },
     #[error("{path}: corrupt GGUF: {what}")]
     Corrupt { path: PathBuf, what: String },
+    #[error("{path}: metadata key {key} has {found}, expected {expected}")]
+    WrongType {
+        path: PathBuf,
+        key: String,
+        found: String,
+        expected: &'static str,
+    },
 }
 
 /// An open, memory-mapped GGUF file.
@@ -303,12 +326,7 @@ impl<'a> Cursor<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(GgufError::Truncated {
-                path: self.path.to_path_buf(),
-                what: what.to_string(),
-                offset: self.pos as u64,
-                len: self.buf.len() as u64,
-            }),
+            None => Err(self.truncated(what.to_string())),
         }
     }
     fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
@@ -323,6 +341,19 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.arr(what)?))
     }
+    /// Bytes not yet read.
+    fn left(&self) -> u64 {
+        (self.buf.len() - self.pos) as u64
+    }
+    /// `what`, starting here, does not fit in the rest of the file.
+    fn truncated(&self, what: String) -> GgufError {
+        GgufError::Truncated {
+            path: self.path.to_path_buf(),
+            what,
+            offset: self.pos as u64,
+            len: self.buf.len() as u64,
+        }
+    }
     fn corrupt(&self, what: String) -> GgufError {
         GgufError::Corrupt {
             path: self.path.to_path_buf(),
@@ -331,8 +362,8 @@ impl<'a> Cursor<'a> {
     }
     fn string(&mut self, what: &str) -> Result<String, GgufError> {
         let n = self.u64(what)?;
-        if n > self.buf.len() as u64 {
-            return Err(self.corrupt(format!("{what}: string length {n} exceeds file size")));
+        if n > self.left() {
+            return Err(self.truncated(format!("{what} of {n} bytes")));
         }
         let bytes = self.take(n as usize, what)?;
         // Some converters wrote vocabularies with invalid UTF-8; keep them readable instead of refusing the file.
@@ -355,9 +386,15 @@ impl<'a> Cursor<'a> {
                 }
                 let elem_ty = self.u32(key)?;
                 let n = self.u64(key)?;
-                if n > (self.buf.len() - self.pos) as u64 {
+                let Some(min) = min_value_size(elem_ty) else {
                     return Err(self.corrupt(format!(
-                        "metadata {key}: array of {n} elements exceeds file size"
+                        "metadata {key}: unknown array element type {elem_ty}"
+                    )));
+                };
+                if n > self.left() / min {
+                    return Err(self.truncated(format!(
+                        "metadata {key}: array of {n} elements (at least {} bytes)",
+                        n.saturating_mul(min)
                     )));
                 }
                 let mut v = Vec::with_capacity(n as usize);
@@ -373,6 +410,96 @@ impl<'a> Cursor<'a> {
         })
     }
 }
+
+impl Cursor<'_> {
+    /// One tensor info (name, dimensions, type, data offset), checked on its own: 1 to 4 dimensions whose product fits
+    /// ggml's int64, rows a whole number of the type's blocks, the offset a multiple of `alignment`.
+    fn tensor_info(&mut self, alignment: u64) -> Result<TensorInfo, GgufError> {
+        let name = self.string("tensor name")?;
+        let n_dims = self.u32(&name)?;
+        if n_dims == 0 || n_dims > 4 {
+            return Err(self.corrupt(format!("tensor {name}: {n_dims} dimensions")));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(self.u64(&name)?);
+        }
+        let ty = GgmlType::from_u32(self.u32(&name)?);
+        let offset = self.u64(&name)?;
+        // Element counts fit ggml's int64 (as llama.cpp checks), so products of them never overflow later.
+        let n_el = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or_else(|| self.corrupt(format!("tensor {name}: dimensions {dims:?} overflow")))?;
+        // Unknown types get size 0 here; using such a tensor is refused later with a clear message.
+        let n_bytes = match ty.block_layout() {
+            Some((bs, _)) => {
+                if !dims[0].is_multiple_of(bs as u64) {
+                    return Err(self.corrupt(format!(
+                        "tensor {name}: row length {} is not a multiple of the {ty} block size {bs}",
+                        dims[0]
+                    )));
+                }
+                ty.bytes_for(n_el).ok_or_else(|| {
+                    self.corrupt(format!("tensor {name}: {n_el} elements overflow"))
+                })?
+            }
+            None => 0,
+        };
+        if !offset.is_multiple_of(alignment) {
+            return Err(self.corrupt(format!(
+                "tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}"
+            )));
+        }
+        Ok(TensorInfo {
+            name,
+            dims,
+            ty,
+            offset,
+            n_bytes,
+        })
+    }
+}
+
+/// Tensors' data regions (all inside the file already) must not share a byte: sorted by offset, each ends before the
+/// next begins. (Tensors of unknown type have no known size and no region.)
+fn check_overlaps(tensors: &[TensorInfo]) -> Result<(), String> {
+    let mut regions: Vec<&TensorInfo> = tensors.iter().filter(|t| t.n_bytes > 0).collect();
+    regions.sort_by_key(|t| t.offset);
+    for w in regions.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if a.offset + a.n_bytes > b.offset {
+            return Err(format!(
+                "tensors {} (data bytes {}..{}) and {} (from byte {}) overlap",
+                a.name,
+                a.offset,
+                a.offset + a.n_bytes,
+                b.name,
+                b.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Smallest encoding of a metadata value of GGUF type `ty` (u8 … string, array), or None for an unknown type. An
+/// array of n values needs at least n times this, which bounds its length by the bytes left before allocating.
+fn min_value_size(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => return None,
+    })
+}
+
+/// Smallest metadata entry (key length, type, one byte of value) and tensor info (name length, dimension count, one
+/// dimension, type, offset).
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
@@ -421,9 +548,12 @@ impl GgufFile {
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
-        if n_tensors > data.len() as u64 || n_kv > data.len() as u64 {
-            return Err(c.corrupt(format!(
-                "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
+        if n_tensors > c.left() / MIN_TENSOR_INFO_BYTES || n_kv > c.left() / MIN_KV_BYTES {
+            let need = n_tensors
+                .saturating_mul(MIN_TENSOR_INFO_BYTES)
+                .saturating_add(n_kv.saturating_mul(MIN_KV_BYTES));
+            return Err(c.truncated(format!(
+                "{n_tensors} tensor infos and {n_kv} metadata entries (at least {need} bytes)"
             )));
         }
         let mut metadata = BTreeMap::new();
@@ -431,47 +561,51 @@ impl GgufFile {
             let key = c.string("metadata key")?;
             let ty = c.u32(&key)?;
             let v = c.value(ty, &key, 0)?;
-            metadata.insert(key, v);
+            match metadata.entry(key) {
+                Entry::Vacant(e) => {
+                    e.insert(v);
+                }
+                Entry::Occupied(e) => {
+                    return Err(c.corrupt(format!("duplicate metadata key {}", e.key())))
+                }
+            }
         }
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
-        for _ in 0..n_tensors {
-            let name = c.string("tensor name")?;
-            let n_dims = c.u32(&name)?;
-            if n_dims == 0 || n_dims > 4 {
-                return Err(c.corrupt(format!("tensor {name}: {n_dims} dimensions")));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(c.u64(&name)?);
-            }
-            let ty = GgmlType::from_u32(c.u32(&name)?);
-            let offset = c.u64(&name)?;
-            let n_el = dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| c.corrupt(format!("tensor {name}: dimensions overflow")))?;
-            // Unknown types get size 0 here; using such a tensor is refused later with a clear message.
-            let n_bytes = match ty.block_layout() {
-                Some(_) => ty.bytes_for(n_el).ok_or_else(|| {
-                    c.corrupt(format!(
-                        "tensor {name}: {n_el} elements is not a whole number of {ty} blocks"
-                    ))
-                })?,
-                None => 0,
-            };
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ty,
-                offset,
-                n_bytes,
+        if let Some((key, kind)) = keys::check(&metadata) {
+            return Err(GgufError::WrongType {
+                path: path.clone(),
+                key: key.to_string(),
+                found: kind.shortfall(&metadata[key]),
+                expected: kind.describe(),
             });
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT)
-            .max(1);
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(&Value::U32(a)) if a.is_power_of_two() => a as u64,
+            Some(v) => {
+                return Err(c.corrupt(format!(
+                    "general.alignment is {v:?}, must be a nonzero power of two"
+                )))
+            }
+        };
+
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut index = BTreeMap::new();
+        for i in 0..n_tensors as usize {
+            let t = c.tensor_info(alignment)?;
+            let name = t.name.clone();
+            match index.entry(name.clone()) {
+                Entry::Vacant(e) => {
+                    e.insert(i);
+                }
+                Entry::Occupied(e) => {
+                    return Err(c.corrupt(format!(
+                        "duplicate tensor name {name} (tensor infos {} and {i})",
+                        e.get()
+                    )))
+                }
+            }
+            tensors.push(t);
+        }
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let len = data.len() as u64;
         for t in &tensors {
@@ -487,11 +621,10 @@ impl GgufFile {
                 });
             }
         }
-        let index = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        check_overlaps(&tensors).map_err(|what| GgufError::Corrupt {
+            path: path.clone(),
+            what,
+        })?;
         Ok(Self {
             path,
             version,
@@ -517,43 +650,75 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    fn missing(&self, key: &str, want: &str) -> anyhow::Error {
-        match self.metadata.get(key) {
-            None => anyhow::anyhow!("{}: metadata key {key} is missing", self.path.display()),
-            Some(v) => anyhow::anyhow!(
-                "{}: metadata key {key} has type {}, expected {want}",
-                self.path.display(),
-                v.type_name()
-            ),
+    // Typed metadata. `get_*`: None when the key is absent, an error naming the key when it holds another type (or,
+    // for integers, a negative number); `req_*`: the key must be there. The keys hayloft reads are type-checked when
+    // the file is opened ([`keys`]), so for them the type errors here are a second line of defence.
+
+    fn wrong_type(&self, key: &str, v: &Value, expected: keys::Kind) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{}: metadata key {key} has {}, expected {}",
+            self.path.display(),
+            expected.shortfall(v),
+            expected.describe()
+        )
+    }
+
+    fn missing(&self, key: &str) -> anyhow::Error {
+        anyhow::anyhow!("{}: metadata key {key} is missing", self.path.display())
+    }
+
+    pub fn get_u64(&self, key: &str) -> anyhow::Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) if keys::Kind::Int.matches(v) => Ok(v.as_u64()),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Int)),
+        }
+    }
+    pub fn get_f64(&self, key: &str) -> anyhow::Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) if keys::Kind::Float.matches(v) => Ok(v.as_f64()),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Float)),
+        }
+    }
+    pub fn get_str(&self, key: &str) -> anyhow::Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Str)),
+        }
+    }
+    pub fn get_bool(&self, key: &str) -> anyhow::Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(&Value::Bool(b)) => Ok(Some(b)),
+            Some(v) => Err(self.wrong_type(key, v, keys::Kind::Bool)),
         }
     }
 
     pub fn req_u64(&self, key: &str) -> anyhow::Result<u64> {
-        self.get(key)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| self.missing(key, "an integer"))
+        self.get_u64(key)?.ok_or_else(|| self.missing(key))
     }
     pub fn req_f64(&self, key: &str) -> anyhow::Result<f64> {
-        self.get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| self.missing(key, "a number"))
+        self.get_f64(key)?.ok_or_else(|| self.missing(key))
     }
     pub fn req_str(&self, key: &str) -> anyhow::Result<&str> {
-        self.get(key)
-            .and_then(Value::as_str)
-            .ok_or_else(|| self.missing(key, "a string"))
+        self.get_str(key)?.ok_or_else(|| self.missing(key))
     }
+
+    // `opt_*`: like `get_*` with a wrong type read as absent. Only for keys listed in [`keys`] (checked at open, so
+    // for them the two agree); anything else should use `get_*` and pass the error on.
     pub fn opt_u64(&self, key: &str) -> Option<u64> {
-        self.get(key).and_then(Value::as_u64)
+        self.get_u64(key).ok().flatten()
     }
     pub fn opt_f64(&self, key: &str) -> Option<f64> {
-        self.get(key).and_then(Value::as_f64)
+        self.get_f64(key).ok().flatten()
     }
     pub fn opt_str(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(Value::as_str)
+        self.get_str(key).ok().flatten()
     }
     pub fn opt_bool(&self, key: &str) -> Option<bool> {
-        self.get(key).and_then(Value::as_bool)
+        self.get_bool(key).ok().flatten()
     }
 
     pub fn architecture(&self) -> anyhow::Result<&str> {

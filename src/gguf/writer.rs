@@ -10,7 +10,42 @@ pub struct GgufWriter {
     tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
 }
 
+/// Alignment of tensor data when the metadata does not set `general.alignment` (the GGUF default).
 const ALIGN: usize = 32;
+
+/// Byte positions of what [`GgufWriter::to_bytes_with_layout`] wrote.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    pub metadata: Vec<MetaField>,
+    pub tensors: Vec<TensorField>,
+    /// Start of the data section (tensor offsets count from here).
+    pub data_start: usize,
+    pub alignment: usize,
+}
+
+/// One metadata entry: its key's length prefix, type id and value start at these byte positions; it ends before `end`.
+#[derive(Clone, Debug)]
+pub struct MetaField {
+    pub key: String,
+    pub value: Value,
+    pub key_at: usize,
+    pub type_at: usize,
+    pub value_at: usize,
+    pub end: usize,
+}
+
+/// One tensor info: its name's length prefix, dimension count (then the u64 dimensions), type id and data offset
+/// field start at these byte positions; its data is `n_bytes` at `offset` in the data section.
+#[derive(Clone, Debug)]
+pub struct TensorField {
+    pub name: String,
+    pub name_at: usize,
+    pub n_dims_at: usize,
+    pub type_at: usize,
+    pub offset_at: usize,
+    pub offset: usize,
+    pub n_bytes: usize,
+}
 
 impl Default for GgufWriter {
     fn default() -> Self {
@@ -26,8 +61,24 @@ impl GgufWriter {
         }
     }
 
+    /// Appends a metadata entry (a key given twice is written twice: tests use that to build invalid files).
     pub fn meta(&mut self, key: &str, v: Value) -> &mut Self {
         self.metadata.push((key.to_string(), v));
+        self
+    }
+
+    /// Sets `key` to `v`: replaces its first entry in place, or appends it.
+    pub fn set_meta(&mut self, key: &str, v: Value) -> &mut Self {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(e) => e.1 = v,
+            None => self.metadata.push((key.to_string(), v)),
+        }
+        self
+    }
+
+    /// Removes every entry of `key`.
+    pub fn remove_meta(&mut self, key: &str) -> &mut Self {
+        self.metadata.retain(|(k, _)| k != key);
         self
     }
 
@@ -44,37 +95,81 @@ impl GgufWriter {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_with_layout().0
+    }
+
+    /// The file, and where each field went (for tests that corrupt one field on purpose). Tensor data is aligned to
+    /// `general.alignment` when the metadata sets it to a power-of-two u32 up to 64 KiB, else to 32 bytes.
+    pub fn to_bytes_with_layout(&self) -> (Vec<u8>, Layout) {
+        let align = self
+            .metadata
+            .iter()
+            .find_map(|(k, v)| match v {
+                Value::U32(a)
+                    if k == "general.alignment" && a.is_power_of_two() && *a <= 1 << 16 =>
+                {
+                    Some(*a as usize)
+                }
+                _ => None,
+            })
+            .unwrap_or(ALIGN);
+        let mut lay = Layout {
+            alignment: align,
+            ..Default::default()
+        };
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
         out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
         out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
         for (k, v) in &self.metadata {
+            let key_at = out.len();
             write_str(&mut out, k);
+            let type_at = out.len();
             out.extend_from_slice(&type_id(v).to_le_bytes());
+            let value_at = out.len();
             write_value(&mut out, v);
+            lay.metadata.push(MetaField {
+                key: k.clone(),
+                value: v.clone(),
+                key_at,
+                type_at,
+                value_at,
+                end: out.len(),
+            });
         }
         let mut offset = 0usize;
-        let mut offsets = Vec::new();
         for (name, dims, ty, bytes) in &self.tensors {
+            let name_at = out.len();
             write_str(&mut out, name);
+            let n_dims_at = out.len();
             out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {
                 out.extend_from_slice(&d.to_le_bytes());
             }
+            let type_at = out.len();
             out.extend_from_slice(&ty.to_u32().to_le_bytes());
+            let offset_at = out.len();
             out.extend_from_slice(&(offset as u64).to_le_bytes());
-            offsets.push(offset);
-            offset += bytes.len().div_ceil(ALIGN) * ALIGN;
+            lay.tensors.push(TensorField {
+                name: name.clone(),
+                name_at,
+                n_dims_at,
+                type_at,
+                offset_at,
+                offset,
+                n_bytes: bytes.len(),
+            });
+            offset += bytes.len().div_ceil(align) * align;
         }
-        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
-        let base = out.len();
-        for ((_, _, _, bytes), off) in self.tensors.iter().zip(offsets) {
-            out.resize(base + off, 0);
+        out.resize(out.len().div_ceil(align) * align, 0);
+        lay.data_start = out.len();
+        for ((_, _, _, bytes), t) in self.tensors.iter().zip(&lay.tensors) {
+            out.resize(lay.data_start + t.offset, 0);
             out.extend_from_slice(bytes);
         }
-        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
-        out
+        out.resize(out.len().div_ceil(align) * align, 0);
+        (out, lay)
     }
 
     pub fn write(&self, path: &Path) -> std::io::Result<()> {

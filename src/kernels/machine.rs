@@ -44,9 +44,58 @@ pub struct MachineProfile {
     pub read_bw_1t: f64,
     /// Every kernel path the CPU can run, fastest first.
     pub paths: Vec<PathPeak>,
+    /// Last-level cache bytes (from sysfs; 32 MiB when unknown): the attained rates below stream more than it.
+    #[serde(default)]
+    pub llc_bytes: usize,
+    /// What the running kernel attains on model-shaped work, per weight type (empty unless measured).
+    #[serde(default)]
+    pub weights: Vec<WeightRate>,
+    /// Seconds of one single-token matmul on a tiny matrix: the fixed cost of a call (activation quantization, the
+    /// hand-off to the thread pool), paid by every matrix of every decode step.
+    #[serde(default)]
+    pub matmul_call_s: f64,
+    /// What attention attains (measured by the engine; None unless measured).
+    #[serde(default)]
+    pub attention: Option<AttnRates>,
+    /// Sequential read rate of a file not in the page cache (bytes per second; None unless measured).
+    #[serde(default)]
+    pub disk_read_bw: Option<f64>,
+}
+
+/// The running kernel on one weight type, over a rotation of matrices several times the last-level cache (as a
+/// model's layers are): single-token products (decode) and 512-token products (a prefill chunk).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WeightRate {
+    /// GGUF type name ("Q4_K", ...).
+    pub ty: String,
+    /// Weight bytes per second a single-token matmul streams, the call's fixed cost excluded.
+    pub gemv_bw: f64,
+    /// Operations per second of a 512-token matmul.
+    pub batch_ops: f64,
+}
+
+/// What the attention kernel attains, f16 cache, head dim 64, 4 query heads per KV head.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttnRates {
+    /// Useful operations per second of causal prefill attention (masked half not counted).
+    pub prefill_ops: f64,
+    /// KV bytes per second one decode step's attention reads, its fixed cost excluded.
+    pub decode_bw: f64,
+    /// Seconds of one layer's decode attention over a near-empty cache (the fixed cost).
+    pub decode_call_s: f64,
 }
 
 impl MachineProfile {
+    /// The attained rates of weight type `ty`: its own, or the slowest measured when `ty` was not measured.
+    pub fn weight_rate(&self, ty: GgmlType) -> Option<&WeightRate> {
+        let name = ty.to_string();
+        self.weights.iter().find(|w| w.ty == name).or_else(|| {
+            self.weights
+                .iter()
+                .min_by(|a, b| a.batch_ops.total_cmp(&b.batch_ops))
+        })
+    }
+
     /// The roofs of the kernel the model runs (the first path when that one was not measured).
     pub fn active(&self) -> Option<&PathPeak> {
         self.paths
@@ -74,16 +123,20 @@ pub struct Effort {
     pub per_figure: Duration,
     /// Bytes of the bandwidth buffer.
     pub bw_bytes: usize,
+    /// Bytes of the disk probe's file.
+    pub disk_bytes: usize,
 }
 
 impl Effort {
     pub const FULL: Effort = Effort {
         per_figure: Duration::from_millis(400),
         bw_bytes: 1 << 30,
+        disk_bytes: 512 << 20,
     };
     pub const QUICK: Effort = Effort {
         per_figure: Duration::from_millis(120),
         bw_bytes: 256 << 20,
+        disk_bytes: 64 << 20,
     };
 }
 
@@ -125,7 +178,183 @@ pub fn measure(effort: Effort, all_paths: bool) -> Result<MachineProfile> {
         read_bw,
         read_bw_1t,
         paths,
+        llc_bytes: llc_bytes(),
+        weights: Vec::new(),
+        matmul_call_s: 0.0,
+        attention: None,
+        disk_read_bw: None,
     })
+}
+
+/// The weight types whose attained rates [`measure_weights`] takes: those of the GGUF models we run.
+pub const MEASURED_TYPES: [GgmlType; 7] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+    GgmlType::Q8_0,
+    GgmlType::F16,
+];
+
+/// Fills `p.weights` and `p.matmul_call_s` for the running kernel on the current pool.
+pub fn measure_weights(p: &mut MachineProfile, effort: Effort) -> Result<()> {
+    let k = super::kernel();
+    let (rows, cols) = (1024, 2048);
+    // Enough matrices that the rotation streams several times the last-level cache, like a model's layers.
+    let target = (4 * p.llc_bytes).clamp(64 << 20, 512 << 20);
+    let mut s = MatmulScratch::default();
+    // (type, its matrix's bytes, seconds per single-token product, batch ops/s)
+    let mut per_type = Vec::new();
+    for ty in MEASURED_TYPES {
+        let Some(bytes) = ty.bytes_for((rows * cols) as u64) else {
+            continue;
+        };
+        let bytes = bytes as usize;
+        let n_mat = (target / bytes).max(2);
+        let mats = (0..n_mat)
+            .map(|i| QMatrix::from_gguf(ty, rows, cols, &sane_bytes(bytes, i)))
+            .collect::<Result<Vec<_>>>()?;
+        let x1: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect(); // 1 × cols
+        let mut y1 = vec![0.0f32; rows]; // 1 × rows
+        let gemv = best_of(effort.per_figure, || {
+            for w in &mats {
+                matmul_with(k, w, &x1, 1, &mut y1, &mut s);
+            }
+        }) / n_mat as f64;
+        let nb = 512;
+        let xb: Vec<f32> = (0..nb * cols)
+            .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+            .collect(); // nb × cols
+        let mut yb = vec![0.0f32; nb * rows]; // nb × rows
+        let few = &mats[..mats.len().min(8)];
+        let batch = best_of(effort.per_figure, || {
+            for w in few {
+                matmul_with(k, w, &xb, nb, &mut yb, &mut s);
+            }
+        });
+        per_type.push((
+            ty,
+            bytes,
+            gemv,
+            2.0 * (rows * cols * nb * few.len()) as f64 / batch,
+        ));
+    }
+    // The fixed cost of a call: a 16 × 256 Q8_0 product is a few hundred bytes of weights.
+    let tiny = QMatrix::from_gguf(GgmlType::Q8_0, 16, 256, &sane_bytes(16 * 256 / 32 * 34, 7))?;
+    let x: Vec<f32> = (0..256).map(|i| i as f32 * 0.01).collect(); // 1 × 256
+    let mut y = vec![0.0f32; 16]; // 1 × 16
+    let reps = 200;
+    let call = best_of(effort.per_figure, || {
+        for _ in 0..reps {
+            matmul_with(k, &tiny, &x, 1, &mut y, &mut s);
+        }
+    }) / reps as f64;
+    p.matmul_call_s = call;
+    p.weights = per_type
+        .into_iter()
+        .map(|(ty, bytes, gemv, batch_ops)| WeightRate {
+            ty: ty.to_string(),
+            // What is left once the fixed cost is taken out (never less than a twentieth of the product).
+            gemv_bw: bytes as f64 / (gemv - call).max(gemv * 0.05),
+            batch_ops,
+        })
+        .collect();
+    Ok(())
+}
+
+/// Sequential read rate of a `bytes`-long file written under `dir`, flushed and dropped from the page cache before
+/// it is read back (the file is removed after).
+pub fn disk_read_bandwidth(dir: &std::path::Path, bytes: usize) -> Result<f64> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(format!(".hayloft-disk-probe-{}", std::process::id()));
+    let run = || -> Result<f64> {
+        let chunk = sane_bytes(1 << 20, 3);
+        let mut f = std::fs::File::create(&path)?;
+        for _ in 0..bytes.div_ceil(1 << 20) {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+        // SAFETY: a plain advisory call on an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        drop(f);
+        let mut f = std::fs::File::open(&path)?;
+        // SAFETY: as above.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut buf = vec![0u8; 4 << 20];
+        let t0 = Instant::now();
+        let mut n = 0usize;
+        loop {
+            let r = f.read(&mut buf)?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        Ok(n as f64 / t0.elapsed().as_secs_f64())
+    };
+    let r = run().with_context(|| format!("disk read probe {}", path.display()));
+    let _ = std::fs::remove_file(&path);
+    r
+}
+
+/// The best time of `f` in seconds over repetitions filling `budget` (at least three).
+pub fn best_of(budget: Duration, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    let mut best = f64::INFINITY;
+    let mut reps = 0;
+    f(); // warm-up
+    while reps < 3 || start.elapsed() < budget {
+        let t0 = Instant::now();
+        f();
+        best = best.min(t0.elapsed().as_secs_f64());
+        reps += 1;
+    }
+    best
+}
+
+/// `n` bytes whose every byte lies in 0x10..0x3C, so any f16/bf16/f32 field read from them (scales, minimums, the
+/// values of float types) is a small positive normal number and every quantized field is valid: timing data for any
+/// weight type.
+fn sane_bytes(n: usize, seed: usize) -> Vec<u8> {
+    let mut h = 0x9E37_79B9_7F4A_7C15u64 ^ seed as u64;
+    (0..n)
+        .map(|_| {
+            h ^= h << 13;
+            h ^= h >> 7;
+            h ^= h << 17;
+            0x10 + (h % 0x2C) as u8
+        })
+        .collect()
+}
+
+/// The last-level cache's size from sysfs (the largest cache of CPU 0), or 32 MiB.
+pub fn llc_bytes() -> usize {
+    let mut best = 0usize;
+    for i in 0..8 {
+        let p = format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size");
+        let Ok(s) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let s = s.trim();
+        let (num, mul) = match s.strip_suffix('K') {
+            Some(n) => (n, 1 << 10),
+            None => match s.strip_suffix('M') {
+                Some(n) => (n, 1 << 20),
+                None => (s, 1),
+            },
+        };
+        if let Ok(v) = num.parse::<usize>() {
+            best = best.max(v * mul);
+        }
+    }
+    if best == 0 {
+        32 << 20
+    } else {
+        best
+    }
 }
 
 /// Operations per second of `matmul` on kernel `k` for an L2-resident `ty` matrix and a 64-token batch: the best
@@ -201,6 +430,7 @@ mod tests {
         let effort = Effort {
             per_figure: Duration::from_millis(5),
             bw_bytes: 4 << 20,
+            disk_bytes: 1 << 20,
         };
         let only = measure(effort, false).unwrap();
         assert_eq!(only.paths.len(), 1);

@@ -1,9 +1,9 @@
 //! What the forward passes are built from: the blocks of a decoder layer and the element-wise ops under them.
 //!
 //! The blocks (candle-transformers style: weights plus a forward of a few lines) are the token embedding, the
-//! attention block (Q/K/V projections, optional QK-norm, RoPE, KV-cache append, attention, output projection), the
-//! gated feed-forward block with its activation as a parameter, and the output head. Each architecture file composes
-//! them in its own order, with its own norms around them.
+//! attention block (Q/K/V projections with optional biases, optional QK-norm, RoPE, KV-cache append, attention, output
+//! projection), the gated feed-forward block with its activation as a parameter, and the output head. Each
+//! architecture file composes them in its own order, with its own norms around them.
 //!
 //! Blocks work in the chunk's [`Scratch`] (n = tokens in the chunk): `x` (n × dim) is the residual stream; a block
 //! reads its normed input from `xb` (n × dim) and leaves its output in `xo` (n × dim) for the caller to add to `x`.
@@ -64,7 +64,8 @@ pub(crate) fn add_residual(s: &mut Scratch, n: usize, dim: usize) {
     }
 }
 
-/// Self-attention of one layer: grouped-query attention over the KV cache, with optional per-head QK-norm.
+/// Self-attention of one layer: grouped-query attention over the KV cache, with optional Q/K/V biases and per-head
+/// QK-norm.
 pub struct Attention {
     pub wq: QMatrix, // n_heads·hd × dim
     pub wk: QMatrix, // n_kv·hd × dim
@@ -73,15 +74,31 @@ pub struct Attention {
     /// RMSNorm weights (hd each) applied to every query head and every key head before RoPE (Gemma 3's QK-norm);
     /// None = no QK-norm (Llama).
     pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Biases added to the Q, K and V projections (n_heads·hd, n_kv·hd, n_kv·hd; Qwen2 has all three), each
+    /// present only when the GGUF holds `blk.i.attn_{q,k,v}.bias`.
+    pub qkv_bias: [Option<Vec<f32>>; 3],
 }
 
 impl Attention {
-    /// Layer `i`'s attention weights (`blk.i.attn_*`), with the QK-norm weights when `qk_norm`.
+    /// Layer `i`'s attention weights (`blk.i.attn_*`), with the QK-norm weights when `qk_norm` and whichever
+    /// Q/K/V biases the file holds.
     pub(crate) fn load(g: &GgufFile, i: usize, c: &ModelConfig, qk_norm: bool) -> Result<Self> {
         let (dim, hd) = (c.dim, c.head_dim_k);
         let (qd, kvd) = (c.n_heads * hd, c.n_kv_heads * hd);
         let n = |what: &str| layer_tensor(i, what);
+        let bias = |what: &str, len: usize| -> Result<Option<Vec<f32>>> {
+            let name = format!("blk.{i}.{what}.bias");
+            match g.tensor_info(&name) {
+                Some(_) => load_vector(g, &name, len).map(Some),
+                None => Ok(None),
+            }
+        };
         Ok(Self {
+            qkv_bias: [
+                bias("attn_q", qd)?,
+                bias("attn_k", kvd)?,
+                bias("attn_v", kvd)?,
+            ],
             wq: load_matrix(g, &n("attn_q"), qd, dim)?,
             wk: load_matrix(g, &n("attn_k"), kvd, dim)?,
             wv: load_matrix(g, &n("attn_v"), kvd, dim)?,
@@ -97,12 +114,14 @@ impl Attention {
         })
     }
 
-    /// Bytes of the projection matrices.
+    /// Bytes of the projection matrices and their biases.
     pub(crate) fn n_bytes(&self) -> usize {
+        let biases: usize = self.qkv_bias.iter().flatten().map(|b| 4 * b.len()).sum();
         [&self.wq, &self.wk, &self.wv, &self.wo]
             .iter()
             .map(|m| m.n_bytes())
-            .sum()
+            .sum::<usize>()
+            + biases
     }
 
     /// xo ← Wo · attention(RoPE(Wq·xb), RoPE(Wk·xb), Wv·xb) for the chunk at positions `pos`, after appending its
@@ -129,6 +148,11 @@ impl Attention {
         matmul(&self.wq, xb, n, q, &mut s.mm);
         matmul(&self.wk, xb, n, k, &mut s.mm);
         matmul(&self.wv, xb, n, v, &mut s.mm);
+        for (out, bias) in [&mut *q, &mut *k, &mut *v].into_iter().zip(&self.qkv_bias) {
+            if let Some(b) = bias {
+                add_bias(out, b);
+            }
+        }
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             rmsnorm_inplace(q, q_norm, c.rms_eps);
             rmsnorm_inplace(k, k_norm, c.rms_eps);
@@ -192,6 +216,15 @@ impl Attention {
         let att = &mut s.att[..n * nh * hd]; // n × nh·hd
         mask_heads(att, nh, hd, &s.head_mask, layer);
         matmul(&self.wo, att, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
+    }
+}
+
+/// Adds `b` to every row (of b.len()) of `x`.
+fn add_bias(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        for (xi, bi) in row.iter_mut().zip(b) {
+            *xi += bi;
+        }
     }
 }
 

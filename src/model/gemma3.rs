@@ -48,13 +48,13 @@ impl Gemma3 {
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g
-            .opt_u64("gemma3.attention.head_count_kv")
+            .get_u64("gemma3.attention.head_count_kv")?
             .map_or(n_heads, |v| v as usize);
         let hd = g
-            .opt_u64("gemma3.attention.key_length")
+            .get_u64("gemma3.attention.key_length")?
             .map_or(dim / n_heads.max(1), |v| v as usize);
         let hd_v = g
-            .opt_u64("gemma3.attention.value_length")
+            .get_u64("gemma3.attention.value_length")?
             .map_or(hd, |v| v as usize);
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || hd != hd_v {
             bail!("{}: unsupported head layout: {n_heads} heads, {n_kv_heads} KV heads, key {hd}, value {hd_v}", g.path.display());
@@ -66,23 +66,18 @@ impl Gemma3 {
             .copied()
             .unwrap_or(0) as usize;
         let pattern = g
-            .opt_u64("gemma3.attention.sliding_window_pattern")
+            .get_u64("gemma3.attention.sliding_window_pattern")?
             .map_or(SWA_PATTERN, |v| v as usize)
             .max(1);
-        let window = match g.opt_u64("gemma3.attention.sliding_window") {
-            None => None,
-            Some(w @ 1..=0xFFFF_FFFF) => Some(w as u32),
-            Some(w) => bail!(
-                "{}: gemma3.attention.sliding_window is {w}; a window must be between 1 and 2^32 − 1 tokens",
-                g.path.display()
-            ),
-        };
+        let window = g
+            .get_u64("gemma3.attention.sliding_window")?
+            .map(|w| u32::try_from(w).unwrap_or(u32::MAX));
         let layer_is_local = (0..n_layers)
             .map(|i| window.is_some() && i % pattern < pattern - 1)
             .collect();
         let cfg = ModelConfig {
             arch: Arch::Gemma3,
-            name: g.opt_str("general.name").unwrap_or("gemma3").to_string(),
+            name: g.get_str("general.name")?.unwrap_or("gemma3").to_string(),
             n_layers,
             dim,
             n_heads,
@@ -94,16 +89,19 @@ impl Gemma3 {
             ctx_len: meta_usize(g, a, "context_length")?,
             rms_eps: g.req_f64("gemma3.attention.layer_norm_rms_epsilon")? as f32,
             rope_style: RopeStyle::Neox,
-            rope_dim: hd,
-            rope_base: g.opt_f64("gemma3.rope.freq_base").unwrap_or(1_000_000.0) as f32,
+            rope_dim: g
+                .get_u64("gemma3.rope.dimension_count")?
+                .map_or(hd, |v| v as usize),
+            rope_base: g.get_f64("gemma3.rope.freq_base")?.unwrap_or(1_000_000.0) as f32,
             rope_base_local: ROPE_BASE_LOCAL,
             sliding_window: window,
             layer_is_local,
             attn_scale: 1.0 / (hd as f32).sqrt(),
             embed_scale: (dim as f32).sqrt(),
         };
-        let rope_scale_global = match g.opt_str("gemma3.rope.scaling.type") {
-            Some("linear") => g.opt_f64("gemma3.rope.scaling.factor").unwrap_or(1.0) as f32,
+        cfg.validate(g)?;
+        let rope_scale_global = match g.get_str("gemma3.rope.scaling.type")? {
+            Some("linear") => g.get_f64("gemma3.rope.scaling.factor")?.unwrap_or(1.0) as f32,
             _ => 1.0,
         };
         let mut layers = Vec::with_capacity(n_layers);

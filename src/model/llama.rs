@@ -1,13 +1,17 @@
-//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models) as llama.cpp's GGUF lays it out.
+//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, and Qwen2/2.5) as llama.cpp's GGUF lays
+//! it out.
 //!
-//! Per layer: x += Wo · attention(RoPE(Wq·n(x)), RoPE(Wk·n(x)), Wv·n(x)); x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)),
-//! with n = RMSNorm. Keys and values go to the KV cache before attention reads them.
+//! Per layer: x += Wo · attention(RoPE(Wq·n(x) + bq), RoPE(Wk·n(x) + bk), Wv·n(x) + bv);
+//! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
+//! reads them. The biases are there when the file has them (Qwen2 always does). Llama rotates pairs (2i, 2i+1);
+//! Qwen2 rotates (i, i + d/2) (NeoX), as llama.cpp does for each. Both honour the RoPE scaling the file declares.
 
 use std::ops::Range;
 
 use anyhow::{bail, Result};
 
-use super::blocks::{self, add_residual, norm_input, rope_tables, silu, Attention, GatedFfn};
+use super::blocks::{self, add_residual, norm_input, silu, Attention, GatedFfn};
+use super::rope::RopeScaling;
 use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch};
 use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
@@ -27,16 +31,25 @@ pub struct Llama {
     pub out_norm: Vec<f32>, // dim
     /// vocab × dim; None when the output shares the token embedding.
     pub output: Option<QMatrix>,
+    /// RoPE scaling from `<arch>.rope.scaling.*`.
+    pub rope_scaling: RopeScaling,
 }
 
 impl Llama {
-    pub fn load(g: &GgufFile) -> Result<Self> {
-        let a = "llama";
+    /// Loads a model of architecture `arch` (`Llama` or `Qwen2`; their metadata keys start with "llama." and
+    /// "qwen2.").
+    pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
+        let (a, rope_style) = match arch {
+            Arch::Llama => ("llama", RopeStyle::Norm),
+            Arch::Qwen2 => ("qwen2", RopeStyle::Neox),
+            Arch::Gemma3 => bail!("{}: gemma3 is not a Llama-family model", g.path.display()),
+        };
+        let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g
-            .opt_u64("llama.attention.head_count_kv")
+            .get_u64(&key("attention.head_count_kv"))?
             .map_or(n_heads, |v| v as usize);
         if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
             bail!(
@@ -49,11 +62,19 @@ impl Llama {
         let emb = super::tensor(g, "token_embd.weight")?;
         let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
         let rope_dim = g
-            .opt_u64("llama.rope.dimension_count")
+            .get_u64(&key("rope.dimension_count"))?
             .map_or(hd, |v| v as usize);
+        if rope_dim == 0 || rope_dim > hd || !rope_dim.is_multiple_of(2) {
+            bail!(
+                "{}: {} is {rope_dim}; it must be even and at most the head dimension {hd}",
+                g.path.display(),
+                key("rope.dimension_count")
+            );
+        }
+        let ctx_len = meta_usize(g, a, "context_length")?;
         let cfg = ModelConfig {
-            arch: Arch::Llama,
-            name: g.opt_str("general.name").unwrap_or("llama").to_string(),
+            arch,
+            name: g.get_str("general.name")?.unwrap_or(a).to_string(),
             n_layers,
             dim,
             n_heads,
@@ -62,17 +83,18 @@ impl Llama {
             head_dim_v: hd,
             ffn_dim,
             vocab,
-            ctx_len: meta_usize(g, a, "context_length")?,
-            rms_eps: g.req_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
-            rope_style: RopeStyle::Norm,
+            ctx_len,
+            rms_eps: g.req_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
+            rope_style,
             rope_dim,
-            rope_base: g.opt_f64("llama.rope.freq_base").unwrap_or(10000.0) as f32,
+            rope_base: g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
             rope_base_local: 0.0,
             sliding_window: None,
             layer_is_local: vec![false; n_layers],
             attn_scale: 1.0 / (hd as f32).sqrt(),
             embed_scale: 1.0,
         };
+        cfg.validate(g)?;
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
@@ -92,6 +114,7 @@ impl Llama {
             out_norm: load_vector(g, "output_norm.weight", dim)?,
             output,
             layers,
+            rope_scaling: RopeScaling::from_gguf(g, a, cfg.ctx_len)?,
             cfg,
         })
     }
@@ -117,10 +140,11 @@ impl Llama {
         // x: n × dim ← token embeddings
         blocks::embed(&self.tok_embd, c, tokens, pos, s);
         let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]); // n × rope_dim/2 each
-        rope_tables(pos, c.rope_dim, c.rope_base, 1.0, cos, sin);
+        self.rope_scaling
+            .tables(pos, c.rope_dim, c.rope_base, cos, sin);
 
         for (li, l) in self.layers.iter().enumerate() {
-            // Attention block: x += Wo · attention(RoPE(Wq·xb), RoPE(Wk·xb), Wv·xb), xb = RMSNorm(x).
+            // Attention block: x += Wo · attention(RoPE(Wq·xb + bq), RoPE(Wk·xb + bk), Wv·xb + bv), xb = RMSNorm(x).
             norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.attn.forward(c, li, pos, false, cache, s); // xo: n × dim
             add_residual(s, n, dim); // x: n × dim += xo

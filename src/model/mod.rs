@@ -1,16 +1,19 @@
-//! Models: one file per architecture (`llama`, `gemma3`), each a plain struct of weights and a forward pass that reads top
-//! to bottom. What they share: this module holds the hyper-parameters, weight loading and the per-chunk scratch buffers;
+//! Models: one file per architecture family, each a plain struct of weights and a forward pass that reads top to
+//! bottom: `llama` (Llama, and Qwen2/2.5, which adds biases to the Q/K/V projections and rotates NeoX-style) and
+//! `gemma3`. What they share: this module holds the hyper-parameters, weight loading and the per-chunk scratch buffers;
 //! [`blocks`] the layer blocks (attention, gated feed-forward, embedding, output head) and the element-wise ops
-//! (RMSNorm, RoPE, activations).
+//! (RMSNorm, RoPE, activations); [`rope`] the RoPE scaling a GGUF may declare (linear, YaRN).
 
 pub mod blocks;
 pub mod cost;
 pub mod gemma3;
 pub mod llama;
 pub mod query_window;
+pub mod rope;
 pub mod select;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
+mod validate;
 
 pub use blocks::{apply_rope, gelu_tanh, mask_heads, rmsnorm, rmsnorm_inplace, rope_tables, silu};
 
@@ -25,10 +28,13 @@ use crate::kernels::{MatmulScratch, QMatrix};
 use crate::kv::{KvCache, KvConfig, KvDtype};
 pub use query_window::QueryWindow;
 pub use select::{SelectCx, Selector};
+pub use validate::MAX_CONTEXT;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     Llama,
+    /// Qwen2 / Qwen2.5: Llama blocks with biased Q/K/V projections and NeoX RoPE (run by [`llama::Llama`]).
+    Qwen2,
     Gemma3,
 }
 
@@ -93,6 +99,7 @@ impl ModelConfig {
 
 /// A loaded model of any supported architecture.
 pub enum Model {
+    /// Llama or Qwen2 (`config().arch` tells which).
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
 }
@@ -106,10 +113,11 @@ impl Model {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.architecture()?;
         match arch {
-            "llama" => Ok(Model::Llama(llama::Llama::load(g)?)),
+            "llama" => Ok(Model::Llama(llama::Llama::load(g, Arch::Llama)?)),
+            "qwen2" => Ok(Model::Llama(llama::Llama::load(g, Arch::Qwen2)?)),
             "gemma3" => Ok(Model::Gemma3(gemma3::Gemma3::load(g)?)),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, gemma3)",
                 g.path.display()
             ),
         }
@@ -144,6 +152,32 @@ impl Model {
             Model::Llama(m) => m.weight_bytes(),
             Model::Gemma3(m) => m.weight_bytes(),
         }
+    }
+
+    /// Every matrix one decode step multiplies, in order: each layer's Q, K, V, O, gate, up, down, then the output
+    /// head (the token embedding when the head shares it).
+    pub fn decode_matrices(&self) -> Vec<&QMatrix> {
+        fn layer<'a>(a: &'a blocks::Attention, f: &'a blocks::GatedFfn) -> [&'a QMatrix; 7] {
+            [&a.wq, &a.wk, &a.wv, &a.wo, &f.w_gate, &f.w_up, &f.w_down]
+        }
+        let (mut v, head): (Vec<&QMatrix>, &QMatrix) = match self {
+            Model::Llama(m) => (
+                m.layers
+                    .iter()
+                    .flat_map(|l| layer(&l.attn, &l.ffn))
+                    .collect(),
+                m.output.as_ref().unwrap_or(&m.tok_embd),
+            ),
+            Model::Gemma3(m) => (
+                m.layers
+                    .iter()
+                    .flat_map(|l| layer(&l.attn, &l.ffn))
+                    .collect(),
+                &m.tok_embd,
+            ),
+        };
+        v.push(head);
+        v
     }
 
     /// Weight bytes one decode step streams: every matrix but the token embedding, of which a step reads one row
@@ -273,14 +307,14 @@ pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) ->
         .with_context(|| format!("{}: tensor {name}", g.path.display()))
 }
 
-/// A 1-D F32 (or F16) weight vector.
+/// A 1-D F32 (or F16) weight vector (shape [len], trailing dimensions of 1 allowed as in llama.cpp).
 pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
     let t = tensor(g, name)?;
-    if t.n_elements() as usize != len {
+    if t.dims[0] != len as u64 || t.dims[1..].iter().any(|&d| d != 1) {
         bail!(
-            "{}: tensor {name} has {} elements, expected {len}",
+            "{}: tensor {name} has shape {:?}, expected [{len}]",
             g.path.display(),
-            t.n_elements()
+            t.dims
         );
     }
     let b = g.tensor_bytes(t);

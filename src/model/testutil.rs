@@ -84,7 +84,7 @@ pub fn byte_to_unicode() -> Vec<char> {
 }
 
 /// A byte-level BPE vocabulary: 256 byte tokens, a few merges, and two special tokens (ids 256, 257).
-fn gpt2_vocab(w: &mut GgufWriter) -> usize {
+fn gpt2_vocab(w: &mut GgufWriter, pre: &str) -> usize {
     let map = byte_to_unicode();
     let mut tokens: Vec<String> = (0..256).map(|b| map[b].to_string()).collect();
     let mut types = vec![1i32; 256];
@@ -105,7 +105,7 @@ fn gpt2_vocab(w: &mut GgufWriter) -> usize {
     }
     let n = tokens.len();
     w.meta("tokenizer.ggml.model", Value::String("gpt2".into()));
-    w.meta("tokenizer.ggml.pre", Value::String("smollm".into()));
+    w.meta("tokenizer.ggml.pre", Value::String(pre.into()));
     w.meta(
         "tokenizer.ggml.tokens",
         Value::Array(tokens.into_iter().map(Value::String).collect()),
@@ -130,11 +130,36 @@ fn gpt2_vocab(w: &mut GgufWriter) -> usize {
 
 /// Writes a tiny Llama-architecture GGUF with random weights to `path`.
 pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
+    tiny_llama(s).write(path)
+}
+
+/// A tiny Llama-architecture GGUF with random weights, still open for changes (tests that build invalid files).
+pub fn tiny_llama(s: &TinySpec) -> GgufWriter {
+    llama_family(s, "llama", None)
+}
+
+/// RoPE scaling metadata for a tiny Qwen2 model: (type, factor, original context length).
+pub type TinyRopeScaling = (&'static str, f32, u32);
+
+/// Writes a tiny Qwen2-architecture GGUF with random weights to `path`: Llama blocks plus random Q/K/V biases
+/// (`blk.i.attn_{q,k,v}.bias`, F32), the `qwen2` pre-tokenizer, and the RoPE scaling `rope_scaling` declares.
+pub fn write_tiny_qwen2(
+    path: &Path,
+    s: &TinySpec,
+    rope_scaling: Option<TinyRopeScaling>,
+) -> std::io::Result<()> {
+    llama_family(s, "qwen2", rope_scaling).write(path)
+}
+
+/// `arch` "llama" or "qwen2" (which adds biases and the qwen2 pre-tokenizer).
+fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>) -> GgufWriter {
+    let qwen2 = arch == "qwen2";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let a = |k: &str| format!("llama.{k}");
-    w.meta("general.architecture", Value::String("llama".into()));
-    w.meta("general.name", Value::String("tiny-llama".into()));
+    let mut bias_rng = Rng(s.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
+    let a = |k: &str| format!("{arch}.{k}");
+    w.meta("general.architecture", Value::String(arch.into()));
+    w.meta("general.name", Value::String(format!("tiny-{arch}")));
     w.meta(&a("block_count"), Value::U32(s.n_layers as u32));
     w.meta(&a("context_length"), Value::U32(s.ctx_len as u32));
     w.meta(&a("embedding_length"), Value::U32(s.dim as u32));
@@ -147,7 +172,12 @@ pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
     w.meta(&a("rope.freq_base"), Value::F32(10000.0));
     w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
     w.meta(&a("rope.dimension_count"), Value::U32(s.head_dim as u32));
-    let vocab = gpt2_vocab(&mut w);
+    if let Some((ty, factor, orig)) = rope_scaling {
+        w.meta(&a("rope.scaling.type"), Value::String(ty.into()));
+        w.meta(&a("rope.scaling.factor"), Value::F32(factor));
+        w.meta(&a("rope.scaling.original_context_length"), Value::U32(orig));
+    }
+    let vocab = gpt2_vocab(&mut w, if qwen2 { "qwen2" } else { "smollm" });
     let (d, hd, f) = (s.dim, s.head_dim, s.ffn_dim);
     let wt = s.weight_type;
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
@@ -160,6 +190,17 @@ pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
         mat(&mut w, &n("attn_q"), s.n_heads * hd, d, wt);
         mat(&mut w, &n("attn_k"), s.n_kv_heads * hd, d, wt);
         mat(&mut w, &n("attn_v"), s.n_kv_heads * hd, d, wt);
+        if qwen2 {
+            // Biases as large as the projections' outputs, so that they matter.
+            for (what, len) in [
+                ("attn_q", s.n_heads * hd),
+                ("attn_k", s.n_kv_heads * hd),
+                ("attn_v", s.n_kv_heads * hd),
+            ] {
+                let b = bias_rng.vec(len, 1.0);
+                w.tensor_f32(&format!("blk.{i}.{what}.bias"), &[len as u64], &b);
+            }
+        }
         mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
         mat(&mut w, &n("ffn_gate"), f, d, wt);
         mat(&mut w, &n("ffn_up"), f, d, wt);
@@ -171,11 +212,16 @@ pub fn write_tiny_llama(path: &Path, s: &TinySpec) -> std::io::Result<()> {
         w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    w.write(path)
+    w
 }
 
 /// Writes a tiny Gemma-3-architecture GGUF with random weights (sliding window `window` on 5 of 6 layers).
 pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Result<()> {
+    tiny_gemma3(s, window).write(path)
+}
+
+/// A tiny Gemma-3-architecture GGUF with random weights, still open for changes.
+pub fn tiny_gemma3(s: &TinySpec, window: u32) -> GgufWriter {
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
     let a = |k: &str| format!("gemma3.{k}");
@@ -195,7 +241,7 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
     w.meta(&a("attention.sliding_window"), Value::U32(window));
     w.meta(&a("rope.freq_base"), Value::F32(1_000_000.0));
     w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-6));
-    let vocab = gpt2_vocab(&mut w);
+    let vocab = gpt2_vocab(&mut w, "smollm");
     let (d, hd, f) = (s.dim, s.head_dim, s.ffn_dim);
     let wt = s.weight_type;
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
@@ -229,5 +275,5 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
         w.tensor_f32(&n("attn_k_norm"), &[hd as u64], &ones(hd));
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    w.write(path)
+    w
 }

@@ -567,4 +567,60 @@ mod tests {
         );
         assert_eq!(words("a \n b", l3), ["a", " \n", " b"]);
     }
+
+    /// Qwen2's split (`tokenizer.ggml.pre = "qwen2"`) on tricky text: case-insensitive contractions, every digit on its
+    /// own (ASCII and not), CJK runs glued to a leading punctuation mark, newline runs, trailing spaces. The expected
+    /// words are what Python's `regex` module gives for the regex of Qwen2's tokenizer.json:
+    /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
+    #[test]
+    fn qwen2_split_follows_its_regex() {
+        let pre = pre_config("qwen2").expect("qwen2 is supported").pre;
+        assert_eq!(pre, PreTokenizer::Llama3 { max_digits: 1 });
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "I'm sure it's fine; they'LL say we'VE done what we'd like. DON'T",
+                &[
+                    "I", "'m", " sure", " it", "'s", " fine", ";", " they", "'LL", " say", " we",
+                    "'VE", " done", " what", " we", "'d", " like", ".", " DON", "'T",
+                ],
+            ),
+            (
+                "x = 12345 + 3.14 - ٣٤٥ ½",
+                &[
+                    "x", " =", " ", "1", "2", "3", "4", "5", " +", " ", "3", ".", "1", "4", " -",
+                    " ", "٣", "٤", "٥", " ", "½",
+                ],
+            ),
+            (
+                "日本語のテキスト，中文字符。한국어",
+                &["日本語のテキスト", "，中文字符", "。한국어"],
+            ),
+            (
+                "def f():\n\treturn 1\n\n\n  x",
+                &[
+                    "def", " f", "():\n", "\treturn", " ", "1", "\n\n\n", " ", " x",
+                ],
+            ),
+            (
+                "a \n b\r\n\r\n  c   ",
+                &["a", " \n", " b", "\r\n\r\n", " ", " c", "   "],
+            ),
+            (
+                "$$hello!!\n\n(world)",
+                &["$$", "hello", "!!\n\n", "(world", ")"],
+            ),
+            ("   leading", &["  ", " leading"]),
+            (
+                "__init__ --flag=\"x\" 🦙🦙",
+                &["__", "init", "__", " --", "flag", "=\"", "x", "\"", " 🦙🦙"],
+            ),
+            (
+                "don't 're' ' x",
+                &["don", "'t", " '", "re", "'", " '", " x"],
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(words(text, pre), *want, "{text:?}");
+        }
+    }
 }

@@ -378,7 +378,7 @@ impl Tokenizer {
     /// Builds the tokenizer from `tokenizer.ggml.*` metadata.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let path = g.path.display();
-        let model_name = g.opt_str("tokenizer.ggml.model").ok_or_else(|| {
+        let model_name = g.get_str("tokenizer.ggml.model")?.ok_or_else(|| {
             anyhow!(
                 "{path}: no tokenizer in this file (metadata key tokenizer.ggml.model is missing)"
             )
@@ -391,7 +391,7 @@ impl Tokenizer {
                  'llama' SentencePiece vocabularies)"
             ),
         };
-        let pre_name = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
+        let pre_name = g.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let pre_cfg = if is_spm {
             None
         } else {
@@ -481,6 +481,7 @@ impl Tokenizer {
         // Special ids: llama.cpp's per-model defaults, overridden by the metadata when in range.
         let id_key = |key: &str, default: Option<u32>| -> Option<u32> {
             let mut id = default.filter(|&d| (d as usize) < n);
+            // An id out of range keeps the default, as in llama.cpp; the key's type was checked at open.
             if let Some(v) = g.opt_u64(&format!("tokenizer.ggml.{key}")) {
                 if (v as usize) < n {
                     id = Some(v as u32);
@@ -513,11 +514,11 @@ impl Tokenizer {
             pre_cfg.as_ref().unwrap().add_bos
         };
         let add_bos = g
-            .opt_bool("tokenizer.ggml.add_bos_token")
+            .get_bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(default_add_bos);
-        let add_eos = g.opt_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        let add_eos = g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
         let add_space_prefix = is_spm
-            && g.opt_bool("tokenizer.ggml.add_space_prefix")
+            && g.get_bool("tokenizer.ggml.add_space_prefix")?
                 .unwrap_or(true);
 
         // Auto-detection by text, as llama.cpp does it: FIM tokens not named in the metadata (the first one
@@ -613,7 +614,7 @@ impl Tokenizer {
         }
 
         // Special tokens, longest first; Phi-3 strips whitespace to the right of them, as llama.cpp does.
-        let general_name = g.opt_str("general.name").unwrap_or("").to_lowercase();
+        let general_name = g.get_str("general.name")?.unwrap_or("").to_lowercase();
         let is_phi3 = general_name.contains("phi-3") || general_name.contains("phi3");
         let mut ids: Vec<u32> = (0..n as u32)
             .filter(|&i| attrs[i as usize] & ATTR_SPECIAL != 0)

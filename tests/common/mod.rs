@@ -5,7 +5,8 @@
 
 use std::path::PathBuf;
 
-/// Path of a known model (smollm2-135m, gemma3-270m), fetched and verified on first use. Panics when it cannot be had.
+/// Path of a known model (smollm2-135m, gemma3-270m, qwen2.5-0.5b), fetched and verified on first use. Panics when it
+/// cannot be had.
 #[allow(dead_code)]
 pub fn model(name: &str) -> PathBuf {
     hayloft::fetch::ensure_model(name).unwrap_or_else(|e| {

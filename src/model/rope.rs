@@ -1,0 +1,233 @@
+//! RoPE frequency scaling a GGUF declares (`<arch>.rope.scaling.*`), applied as llama.cpp applies it: linear
+//! (position interpolation: every angle × 1/factor) and YaRN (interpolate the low frequencies, keep the high ones,
+//! ramp in between, and scale cos/sin by an attention factor).
+//!
+//! YaRN, per rotated pair i of `rope_dim` dimensions (θ_i = pos · base^(−2i/rope_dim)):
+//! `low/high = floor/ceil(rope_dim · ln(orig_ctx / (β · 2π)) / (2 ln base))` for β = β_fast, β_slow (clamped to
+//! [0, rope_dim − 1]); `ramp_i = 1 − clamp((i − low) / max(0.001, high − low), 0, 1)`;
+//! angle = θ_i/factor · (1 − ramp_i) + θ_i · ramp_i; cos and sin are multiplied by
+//! `mscale = attn_factor · m(factor, 1) / m(factor, log_mul)` with `m(s, k) = 1 + 0.1 · k · ln s` (1 for s ≤ 1), or
+//! `attn_factor · m(factor, 1)` when the file gives no `yarn_log_multiplier`.
+
+use anyhow::{bail, Result};
+
+use super::blocks::rope_tables;
+use crate::gguf::GgufFile;
+
+/// How the RoPE angles are scaled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Angles × 1/factor.
+    Linear {
+        factor: f32,
+    },
+    Yarn(Yarn),
+}
+
+/// YaRN parameters (llama.cpp's defaults where the GGUF is silent: β_fast 32, β_slow 1, attention factor 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f32,
+    /// Context the model was trained for before scaling.
+    pub orig_ctx: u32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    /// `rope.scaling.attn_factor`: multiplies cos and sin.
+    pub attn_factor: f32,
+    /// `rope.scaling.yarn_log_multiplier` (0 = absent).
+    pub log_mul: f32,
+}
+
+impl RopeScaling {
+    /// Reads `<arch>.rope.scaling.{type,factor,original_context_length,attn_factor,yarn_*}`. No type, "none", or a
+    /// factor of 0 or 1 mean no scaling (llama.cpp's reading); a type hayloft does not implement is an error.
+    pub fn from_gguf(g: &GgufFile, arch: &str, ctx_len: usize) -> Result<Self> {
+        let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+        let factor = match g.get_f64(&key("factor"))? {
+            Some(f) => f,
+            None => g
+                .get_f64(&format!("{arch}.rope.scale_linear"))?
+                .unwrap_or(0.0),
+        } as f32;
+        let ty = g.get_str(&key("type"))?.unwrap_or("linear");
+        if !(factor.is_finite() && factor >= 0.0) {
+            bail!(
+                "{}: {} is {factor}, expected a positive number",
+                g.path.display(),
+                key("factor")
+            );
+        }
+        let factor = if factor == 0.0 { 1.0 } else { factor };
+        Ok(match ty {
+            "none" => RopeScaling::None,
+            "linear" if factor == 1.0 => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor },
+            "yarn" => {
+                let orig = g
+                    .get_u64(&key("original_context_length"))?
+                    .unwrap_or(ctx_len as u64);
+                if orig == 0 || orig > u32::MAX as u64 {
+                    bail!(
+                        "{}: {} is {orig}",
+                        g.path.display(),
+                        key("original_context_length")
+                    );
+                }
+                let f = |k: &str, default: f32| -> Result<f32> {
+                    Ok(g.get_f64(&key(k))?.map_or(default, |v| v as f32))
+                };
+                RopeScaling::Yarn(Yarn {
+                    factor,
+                    orig_ctx: orig as u32,
+                    beta_fast: f("yarn_beta_fast", 32.0)?,
+                    beta_slow: f("yarn_beta_slow", 1.0)?,
+                    attn_factor: f("attn_factor", 1.0)?,
+                    log_mul: f("yarn_log_multiplier", 0.0)?,
+                })
+            }
+            other => bail!(
+                "{}: {} is '{other}'; hayloft implements none, linear and yarn",
+                g.path.display(),
+                key("type")
+            ),
+        })
+    }
+
+    /// Fills cos/sin tables (n_tok × rope_dim/2) for positions `pos`, scaled as declared.
+    pub fn tables(
+        &self,
+        pos: &[u32],
+        rope_dim: usize,
+        base: f32,
+        cos: &mut [f32],
+        sin: &mut [f32],
+    ) {
+        match self {
+            RopeScaling::None => rope_tables(pos, rope_dim, base, 1.0, cos, sin),
+            RopeScaling::Linear { factor } => {
+                rope_tables(pos, rope_dim, base, 1.0 / factor, cos, sin)
+            }
+            RopeScaling::Yarn(y) => y.tables(pos, rope_dim, base, cos, sin),
+        }
+    }
+}
+
+impl Yarn {
+    /// The (low, high) pair indices between which the ramp runs.
+    fn corr_dims(&self, rope_dim: usize, base: f32) -> (f32, f32) {
+        let n = rope_dim as f32;
+        let dim = |beta: f32| {
+            n * (self.orig_ctx as f32 / (beta * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let low = dim(self.beta_fast).floor().max(0.0);
+        let high = dim(self.beta_slow).ceil().min(n - 1.0);
+        (low, high)
+    }
+
+    /// The factor cos and sin are multiplied by.
+    fn mscale(&self) -> f32 {
+        let m = |s: f32, k: f32| {
+            if s <= 1.0 {
+                1.0
+            } else {
+                1.0 + 0.1 * k * s.ln()
+            }
+        };
+        let ratio = if self.log_mul != 0.0 {
+            m(self.factor, 1.0) / m(self.factor, self.log_mul)
+        } else {
+            m(self.factor, 1.0)
+        };
+        self.attn_factor * ratio
+    }
+
+    fn tables(&self, pos: &[u32], rope_dim: usize, base: f32, cos: &mut [f32], sin: &mut [f32]) {
+        let half = rope_dim / 2;
+        let (low, high) = self.corr_dims(rope_dim, base);
+        let mscale = self.mscale() as f64;
+        let inv_factor = 1.0 / self.factor as f64;
+        for (t, &p) in pos.iter().enumerate() {
+            for i in 0..half {
+                let extrap = p as f64 * (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+                let y = (i as f32 - low) / (high - low).max(0.001);
+                let ramp = (1.0 - y.clamp(0.0, 1.0)) as f64;
+                let a = extrap * inv_factor * (1.0 - ramp) + extrap * ramp;
+                cos[t * half + i] = (a.cos() * mscale) as f32;
+                sin[t * half + i] = (a.sin() * mscale) as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yarn(factor: f32) -> Yarn {
+        Yarn {
+            factor,
+            orig_ctx: 32768,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attn_factor: 1.0,
+            log_mul: 0.0,
+        }
+    }
+
+    #[test]
+    fn yarn_correction_dims_match_llama_cpps_formula() {
+        // 128 rotated dims, base 1e6, 32K original context: rope_dim·ln(32768/(β·2π))/(2·ln 1e6).
+        let (lo, hi) = yarn(4.0).corr_dims(128, 1e6);
+        let want = |b: f64| {
+            128.0 * (32768.0 / (b * 2.0 * std::f64::consts::PI)).ln() / (2.0 * 1e6f64.ln())
+        };
+        assert_eq!(lo, want(32.0).floor() as f32);
+        assert_eq!(hi, want(1.0).ceil() as f32);
+        assert!(lo < hi && hi < 64.0, "{lo} {hi}");
+    }
+
+    #[test]
+    fn yarn_keeps_high_frequencies_and_interpolates_low_ones() {
+        let y = yarn(4.0);
+        let (d, base) = (64, 1e6f32);
+        let half = d / 2;
+        let (mut c, mut s) = (vec![0.0; half], vec![0.0; half]);
+        let p = 1000u32;
+        y.tables(&[p], d, base, &mut c, &mut s);
+        let m = y.mscale();
+        assert!((m - (1.0 + 0.1 * 4f32.ln())).abs() < 1e-6);
+        let (lo, hi) = y.corr_dims(d, base);
+        for i in 0..half {
+            let theta = p as f64 * (base as f64).powf(-2.0 * i as f64 / d as f64);
+            // Recover the angle from the table (magnitude is mscale).
+            let got = (s[i] as f64).atan2(c[i] as f64);
+            let r = (c[i] as f64).hypot(s[i] as f64);
+            assert!((r - m as f64).abs() < 1e-5, "magnitude {r} at {i}");
+            let wrap = |a: f64| {
+                (a + std::f64::consts::PI).rem_euclid(2.0 * std::f64::consts::PI)
+                    - std::f64::consts::PI
+            };
+            if (i as f32) < lo {
+                assert!(wrap(got - theta).abs() < 1e-4, "pair {i} must extrapolate");
+            } else if (i as f32) > hi {
+                assert!(
+                    wrap(got - theta / 4.0).abs() < 1e-4,
+                    "pair {i} must interpolate"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn linear_scaling_divides_angles() {
+        let (mut c1, mut s1, mut c2, mut s2) =
+            (vec![0.0; 8], vec![0.0; 8], vec![0.0; 8], vec![0.0; 8]);
+        RopeScaling::Linear { factor: 2.0 }.tables(&[10], 16, 1e4, &mut c1, &mut s1);
+        RopeScaling::None.tables(&[5], 16, 1e4, &mut c2, &mut s2);
+        for i in 0..8 {
+            assert!((c1[i] - c2[i]).abs() < 1e-6 && (s1[i] - s2[i]).abs() < 1e-6);
+        }
+    }
+}
