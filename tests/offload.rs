@@ -279,6 +279,7 @@ fn attention_over_blocks_on_disk_is_attention_over_them_in_ram() {
         head_dim_v: 16,
         block_tokens: 8,
         dtype: KvDtype::F16,
+        windows: Vec::new(),
     };
     let mut plain = KvCache::new(cfg.clone());
     let mut off = KvCache::new(cfg);

@@ -129,6 +129,22 @@ pub fn attend_selected(
     attend_impl(cache, layer, q, q_pos, out, p, Some(sel), scratch)
 }
 
+/// Leading blocks of (layer, `kv_head`) whose entries all lie before position `lo`: positions ascend within a
+/// stream, so a binary search over the blocks' last positions.
+fn blocks_before(cache: &KvCache, layer: usize, kv_head: usize, n: usize, lo: u32) -> usize {
+    let (mut a, mut b) = (0, n);
+    while a < b {
+        let m = (a + b) / 2;
+        let v = cache.block(layer, kv_head, m);
+        if v.n > 0 && v.pos[v.n - 1] < lo {
+            a = m + 1;
+        } else {
+            b = m;
+        }
+    }
+    a
+}
+
 /// Cuts head `kv_head`'s selected ranges at block boundaries into `pieces`.
 fn cut_pieces(
     cache: &KvCache,
@@ -179,15 +195,30 @@ fn attend_impl(
     assert_eq!(out.len(), n_tok * n_q_heads * sh.hv);
     assert_eq!(n_q_heads % cfg.n_kv_heads, 0);
 
-    // Plan tasks: split key blocks when there are too few (head, tile) pairs to keep every thread busy.
+    // Plan tasks: split key blocks when there are too few (head, tile) pairs to keep every thread busy. With a window,
+    // the leading blocks no query of the call sees are left out of the plan, so a cache that keeps them and one that
+    // slid them out split their work alike (and add up the same partial sums).
     let n_tiles = n_tok.div_ceil(Q_TILE);
+    let visible_from = p.window.map(|w| {
+        q_pos
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(0)
+            .saturating_sub(w.saturating_sub(1))
+    });
     let want = 4 * rayon::current_num_threads();
     scratch.tasks.clear();
     scratch.pieces.clear();
     for kv_head in 0..cfg.n_kv_heads {
         // Units a task walks: blocks, or the pieces of the selection.
         let (base, nb) = match sel {
-            None => (0, cache.n_blocks(layer, kv_head)),
+            None => {
+                let n = cache.n_blocks(layer, kv_head);
+                let first =
+                    visible_from.map_or(0, |lo| blocks_before(cache, layer, kv_head, n, lo));
+                (first, n - first)
+            }
             Some(sel) => {
                 let base = scratch.pieces.len();
                 cut_pieces(cache, layer, kv_head, sel, &mut scratch.pieces);
@@ -909,6 +940,7 @@ mod tests {
             head_dim_v: hv,
             block_tokens: if len.is_multiple_of(2) { 32 } else { 8 },
             dtype,
+            windows: Vec::new(),
         };
         let mut cache = KvCache::new(cfg);
         let pos: Vec<u32> = (0..len as u32).collect();
@@ -1001,6 +1033,7 @@ mod tests {
             head_dim_v: 8,
             block_tokens: 4,
             dtype: KvDtype::F32,
+            windows: Vec::new(),
         };
         let mut rng = Rng(7);
         let mut cache = KvCache::new(cfg);
@@ -1084,6 +1117,7 @@ mod tests {
             head_dim_v: hd,
             block_tokens: 32,
             dtype,
+            windows: Vec::new(),
         });
         let pos: Vec<u32> = (0..len as u32).collect();
         cache.append(

@@ -76,8 +76,13 @@ pub fn run(a: ChatArgs) -> Result<()> {
             .zip(&tokens)
             .take_while(|(a, b)| a == b)
             .count();
-        let common = common.min(tokens.len() - 1);
-        session.truncate(common);
+        let mut common = common.min(tokens.len() - 1);
+        if session.truncate(common).is_err() {
+            // Sliding-window layers no longer hold what this point reads (the template rewrote an earlier turn):
+            // read the whole conversation again.
+            session.reset();
+            common = 0;
+        }
         let new = &tokens[common..];
         if tokens.len() >= session.cfg.max_context {
             eprintln!(
@@ -88,6 +93,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
             messages.pop();
             continue;
         }
+        // The next turn usually comes back to the end of this prompt: sliding-window layers keep its window.
+        session.hold(tokens.len());
         let room = session.cfg.max_context - tokens.len();
         let len = Lengths {
             prompt: tokens.len(),

@@ -97,13 +97,40 @@ pub fn run(a: InfoArgs) -> Result<()> {
         );
     }
     println!("max context:   {}", c.ctx_len);
-    let kv16 = c.kv_config(KvDtype::F16, 1).bytes_per_token();
-    let kv32 = c.kv_config(KvDtype::F32, 1).bytes_per_token();
+    let bt = crate::engine::DEFAULT_BLOCK_TOKENS;
+    let chunk = crate::engine::SessionConfig::for_model(&model).chunk_size;
+    let (f16, f32) = (c.kv_config(KvDtype::F16, bt), c.kv_config(KvDtype::F32, bt));
+    let windowed = c.n_layers - f16.global_layers();
     println!(
-        "KV per token:  {} (f16), {} (f32); full context at f16: {}",
-        human_bytes(kv16),
-        human_bytes(kv32),
-        human_bytes(kv16 * c.ctx_len)
+        "KV per token:  {} (f16), {} (f32){}",
+        human_bytes(f16.entry_bytes() * f16.global_layers() * c.n_kv_heads),
+        human_bytes(f32.entry_bytes() * f32.global_layers() * c.n_kv_heads),
+        if windowed > 0 {
+            format!(" on the {} global layers", f16.global_layers())
+        } else {
+            String::new()
+        }
+    );
+    if let Some(w) = (0..c.n_layers).find_map(|l| f16.window(l)) {
+        // The most a sliding-window layer holds: its window, one prefill step and the part of a block before them.
+        let one = f16.layer_bytes(
+            (0..c.n_layers)
+                .find(|&l| f16.window(l).is_some())
+                .unwrap_or(0),
+            c.ctx_len,
+            chunk,
+        );
+        println!(
+            "KV windowed:   {windowed} sliding-window layers keep only their {w}-token window: at most {} each, {} in all (f16)",
+            human_bytes(one),
+            human_bytes(one * windowed)
+        );
+    }
+    println!(
+        "KV full ctx:   {} at f16 ({} tokens, {}-token prefill chunks)",
+        human_bytes(f16.bytes_at(c.ctx_len, chunk)),
+        c.ctx_len,
+        chunk
     );
     let kivi = |bits| {
         let dtype = KvDtype::Kivi { bits, residual: 0 };

@@ -213,6 +213,10 @@ pub struct ModelArgs {
     /// refused when the plan exceeds what the process can get (cgroup limit, ulimit -v, available memory).
     #[arg(long, value_name = "SIZE")]
     pub max_memory: Option<crate::util::ByteSize>,
+    /// Keep every KV entry on sliding-window layers too (llama.cpp's --swa-full): the same answers for more memory;
+    /// by default those layers (Gemma 3's local ones) keep only their window.
+    #[arg(long)]
+    pub swa_full: bool,
     /// Write the stats line as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -301,6 +305,7 @@ impl ModelArgs {
         }
         session_cfg.chunk_size = self.chunk_size;
         session_cfg.max_memory = self.max_memory.map(|b| b.0);
+        session_cfg.swa_full = self.swa_full;
         if let (Some(dir), Some(resident)) = (&self.kv_offload, self.resident) {
             session_cfg.offload = Some(crate::kv::OffloadConfig {
                 dir: dir.clone(),

@@ -43,6 +43,7 @@ pub fn measure_attention(
         head_dim_v: HD,
         block_tokens,
         dtype: KvDtype::F16,
+        windows: Vec::new(),
     };
     let params = AttnParams {
         n_q_heads: Q_HEADS,
@@ -222,8 +223,12 @@ fn kv_read_bytes(mc: &ModelConfig, cfg: &SessionConfig, fp: &Footprint, context:
         .as_ref()
         .map(|s| s.options.dense.unwrap_or(s.row.defaults.dense));
     for l in 0..kv.n_layers {
-        let held = kv.stream_len(l, context + 1);
-        let held = fp.budget.map_or(held, |b| held.min(b.keep(context + 1)));
+        // A decode step appends one entry; sliding-window layers are not compressed.
+        let held = kv.stream_len(l, context + 1, 1);
+        let held = match fp.budget {
+            Some(b) if kv.window(l).is_none() => held.min(b.keep(context + 1)),
+            _ => held,
+        };
         let local = mc.layer_is_local.get(l).copied().unwrap_or(false);
         let read = match (&cfg.kv.select, dense) {
             (Some(s), Some(d)) if l >= d && !local => {

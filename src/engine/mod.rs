@@ -45,12 +45,25 @@ pub struct SessionConfig {
     /// `--kv-offload DIR --resident N`: keep at most N bytes of KV blocks in RAM, the rest in a file under DIR
     /// (see [`crate::kv::offload`]). None = everything in RAM.
     pub offload: Option<OffloadConfig>,
+    /// Keep every entry on sliding-window layers too (llama.cpp's `--swa-full`), as caches did before they slid:
+    /// for comparisons. Default false: those layers keep only their window.
+    pub swa_full: bool,
     /// `--max-memory`: runs whose memory plan exceeds this many bytes are refused before they start (see
     /// [`Session::check_memory`]). None = only the process's own limits.
     pub max_memory: Option<usize>,
 }
 
 impl SessionConfig {
+    /// The cache layout sessions made with this configuration use on a model shaped like `mc`, storing `dtype`:
+    /// sliding-window layers keep only their window unless [`Self::swa_full`].
+    pub fn kv_layout(&self, mc: &crate::model::ModelConfig, dtype: KvDtype) -> crate::kv::KvConfig {
+        let mut kv = mc.kv_config(dtype, self.block_tokens);
+        if self.swa_full {
+            kv.windows.clear();
+        }
+        kv
+    }
+
     pub fn for_model(model: &Model) -> Self {
         Self {
             max_context: model.config().ctx_len,
@@ -61,6 +74,7 @@ impl SessionConfig {
             observe: Needs::default(),
             head_mask: Vec::new(),
             offload: None,
+            swa_full: false,
             max_memory: None,
         }
     }
@@ -102,7 +116,7 @@ impl<'m> Session<'m> {
         let mc = model.config();
         // The storage format comes from the spec (a `kivi*` option) or else from `kv_dtype`.
         let dtype = crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?;
-        let mut cache = KvCache::new(mc.kv_config(dtype, cfg.block_tokens));
+        let mut cache = KvCache::new(cfg.kv_layout(mc, dtype));
         if let Some(oc) = &cfg.offload {
             check_offload(oc, &cfg, &cache)?;
             cache.enable_offload(oc)?;
@@ -175,7 +189,10 @@ impl<'m> Session<'m> {
     /// The memory plan of a run of `len` in a session configured like this one (`len.prompt`: every token the cache
     /// holds once the prompt is in, those already cached included).
     pub fn plan_memory(&self, len: Lengths) -> Result<MemPlan> {
-        plan_memory(self.model, &self.cfg, len)
+        let mc = self.model.config();
+        let mut fp = memplan::Footprint::of(mc, &self.cfg)?;
+        fp.hold = self.cache.held().map(|h| h as usize);
+        Ok(memplan::plan(mc, self.model.weight_bytes(), &fp, len))
     }
 
     /// Refuses a run of `len` that does not fit, before any of it runs: its plan over `--max-memory`, or more than the
@@ -457,16 +474,29 @@ impl<'m> Session<'m> {
     }
 
     /// Forgets everything after the first `n` tokens (e.g. to retry a turn, or to answer another query against a
-    /// shared context): drops every cached entry whose position is ≥ n, so it also works after eviction.
-    pub fn truncate(&mut self, n: usize) {
+    /// shared context): drops every cached entry whose position is ≥ n, so it also works after eviction. Fails,
+    /// changing nothing, if a sliding-window layer has already dropped entries the token at `n` reads: call
+    /// [`Self::hold`] before feeding past a point the session may come back to.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        self.cache.truncate_pos(n as u32)?;
         self.tokens.truncate(n);
-        self.cache.truncate_pos(n as u32);
         self.scratch.obs.truncate_pos(n as u32);
         self.acc.sync_len(&self.cache);
+        Ok(())
     }
 
+    /// Keeps, from now on, what [`Self::truncate`] back to `n` (or later) needs: sliding-window layers keep the
+    /// window before token `n` as more tokens come (they hold n − window + 1 … the newest token until the next hold).
+    pub fn hold(&mut self, n: usize) {
+        self.cache.hold(Some(n as u32));
+    }
+
+    /// Forgets everything: an empty cache (sliding windows and holds included).
     pub fn reset(&mut self) {
-        self.truncate(0);
+        self.tokens.clear();
+        self.cache.clear();
+        self.scratch.obs.truncate_pos(0);
+        self.acc.sync_len(&self.cache);
     }
 }
 
@@ -510,13 +540,5 @@ fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Re
 
 /// The sliding window of every layer (None on global layers).
 fn layer_windows(mc: &crate::model::ModelConfig) -> Vec<Option<u32>> {
-    (0..mc.n_layers)
-        .map(|l| {
-            if mc.layer_is_local.get(l).copied().unwrap_or(false) {
-                mc.sliding_window
-            } else {
-                None
-            }
-        })
-        .collect()
+    (0..mc.n_layers).map(|l| mc.layer_window(l)).collect()
 }

@@ -575,11 +575,13 @@ impl<'a> Runner<'a> {
                     })?;
                     let toks = p.encode(delta, fed.is_empty())?;
                     let before = s.n_past();
+                    // Sliding-window layers keep what the truncation below comes back to.
+                    s.hold(before + toks.len());
                     let a = self.answer(&mut s, &toks, turn.max_new)?;
                     let text = p.tok.decode(&a.tokens);
                     // Drop the generated tokens: the answer the next turn sees is fed again from the rendered
                     // conversation (the gold answer by default, the model's own with --own-answers).
-                    s.truncate(before + toks.len());
+                    s.truncate(before + toks.len())?;
                     if i == 0 {
                         first_len = toks.len();
                         first_ttft = a.ttft_s;
@@ -611,6 +613,8 @@ impl<'a> Runner<'a> {
                 let ctx = p.encode(&shared, true)?;
                 s.check_memory(Lengths::generate(ctx.len(), 0))?;
                 let t0 = Instant::now();
+                // Every query goes back to the end of the shared context: sliding-window layers keep its window.
+                s.hold(ctx.len());
                 s.feed(&ctx, 0..0, |_, _| {})?;
                 let ctx_s = t0.elapsed().as_secs_f64();
                 let ctx_len = s.n_past();
@@ -622,7 +626,7 @@ impl<'a> Runner<'a> {
                     let toks = p.encode(delta, false)?;
                     let a = self.answer(&mut s, &toks, turn.max_new)?;
                     let text = p.tok.decode(&a.tokens);
-                    s.truncate(ctx_len);
+                    s.truncate(ctx_len)?;
                     let fed = if i == 0 {
                         ctx_len + toks.len()
                     } else {

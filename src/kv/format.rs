@@ -467,6 +467,7 @@ mod tests {
             head_dim_v: hv,
             block_tokens: 4,
             dtype,
+            windows: Vec::new(),
         }
     }
 

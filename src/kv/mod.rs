@@ -20,6 +20,15 @@
 //!   blocks then store only those (the memory is freed), new entries store only those, and attention computes q·k over
 //!   them. Values keep every channel.
 //!
+//! **Sliding windows** ([`KvConfig::windows`]): the streams of a layer whose attention reads only the last `w`
+//! positions (Gemma 3's local layers) keep only what their queries can still read. Before an append whose first
+//! position is p, a windowed stream drops its leading blocks whose entries all lie before p − w + 1, back to the pool
+//! (the next block it needs reuses one). It then holds at most w − 1 + n + `block_tokens` − 1 entries for an append of
+//! n, so the model appends a long prefill chunk to such a layer [`WINDOW_STEP`] tokens at a time; decoding holds the
+//! window plus at most one block. [`KvConfig::layer_bytes`] states what a layer costs for a context length. Going back
+//! ([`KvCache::truncate_pos`]) behind entries already dropped is refused; [`KvCache::hold`] keeps what a later
+//! truncation needs. Compression methods leave windowed layers alone: the window is already their budget.
+//!
 //! The code is split the way a block engine separates its allocator from its block tables:
 //! - `pool`: the blocks themselves, their free lists and the byte counter;
 //! - `format`: what a block holds (f16, f32, KIVI-quantized, compact key channels), how it is read, and how entries
@@ -42,6 +51,8 @@ pub mod offload;
 mod pool;
 pub mod quant;
 mod streams;
+#[cfg(test)]
+mod window_tests;
 
 pub use format::{Block, BlockData, BlockView};
 pub use meta::{MetaConfig, PageStat};
@@ -111,24 +122,70 @@ pub struct KvConfig {
     pub head_dim_v: usize,
     pub block_tokens: usize,
     pub dtype: KvDtype,
+    /// Sliding window of each layer (`windows[layer]`; missing or None = the layer keeps every entry). The streams of
+    /// a layer with a window keep only the entries its queries can still see (see [`KvCache`]'s sliding windows).
+    pub windows: Vec<Option<u32>>,
 }
 
 impl KvConfig {
+    /// The sliding window of `layer`, if its streams keep only their window.
+    pub fn window(&self, layer: usize) -> Option<u32> {
+        self.windows
+            .get(layer)
+            .copied()
+            .flatten()
+            .filter(|&w| w > 0)
+    }
+
+    /// Most entries one stream of `layer` holds while `seen` tokens go through it, fed in appends of at most `chunk`
+    /// tokens, when no method evicts any: every token on a global layer; on a sliding-window layer of window w, what
+    /// the widest append needs (w − 1 older entries before its first query, at most min(`chunk`, [`WINDOW_STEP`]) new
+    /// ones) plus the part of the oldest block before them (at most `block_tokens` − 1), never more than `seen`.
+    /// Decoding (`chunk` 1) holds at most w + `block_tokens` − 1: the window plus one block. (A [`KvCache::hold`]
+    /// keeps more, from the held position's window on.)
+    pub fn stream_len(&self, layer: usize, seen: usize, chunk: usize) -> usize {
+        match self.window(layer) {
+            None => seen,
+            Some(w) => {
+                let step = chunk.clamp(1, WINDOW_STEP);
+                seen.min(w as usize + step - 1 + self.block_tokens - 1)
+            }
+        }
+    }
+
+    /// Bytes `layer` holds at most over `seen` tokens fed `chunk` at a time (all its KV heads; no method, every key
+    /// channel, no page summaries): what a memory plan adds up per layer.
+    pub fn layer_bytes(&self, layer: usize, seen: usize, chunk: usize) -> usize {
+        self.n_kv_heads * self.stream_bytes(self.stream_len(layer, seen, chunk), self.head_dim_k)
+    }
+
+    /// Bytes the whole cache holds at most over `seen` tokens fed `chunk` at a time (no compression method).
+    pub fn bytes_at(&self, seen: usize, chunk: usize) -> usize {
+        (0..self.n_layers)
+            .map(|l| self.layer_bytes(l, seen, chunk))
+            .sum()
+    }
+
+    /// Layers whose streams keep every entry (no sliding window): those that grow with the context.
+    pub fn global_layers(&self) -> usize {
+        (0..self.n_layers)
+            .filter(|&l| self.window(l).is_none())
+            .count()
+    }
+
     /// Bytes of one full-precision cached token in one stream (key + value + position).
     pub fn entry_bytes(&self) -> usize {
         (self.head_dim_k + self.head_dim_v) * self.dtype.bytes() + 4
     }
-    /// Bytes one token costs across all layers and heads: for KIVI, a token in a quantized block (the long-context
-    /// cost; the residual window's entries cost [`Self::entry_bytes`]).
+    /// Bytes one more token of context costs across the layers that keep every entry (a sliding-window layer's
+    /// cost stops growing at its window: see [`Self::layer_bytes`]): for KIVI, a token in a quantized block (the
+    /// long-context cost; the residual window's entries cost [`Self::entry_bytes`]).
     pub fn bytes_per_token(&self) -> usize {
-        let per_stream = match self.dtype.quant_bits() {
-            Some(_) => {
-                return self.quant_block_bytes(self.head_dim_k) * self.n_layers * self.n_kv_heads
-                    / self.block_tokens
-            }
-            None => self.entry_bytes(),
-        };
-        per_stream * self.n_layers * self.n_kv_heads
+        let streams = self.global_layers() * self.n_kv_heads;
+        match self.dtype.quant_bits() {
+            Some(_) => self.quant_block_bytes(self.head_dim_k) * streams / self.block_tokens,
+            None => self.entry_bytes() * streams,
+        }
     }
     /// Bytes of a full-precision block.
     pub fn block_bytes(&self) -> usize {
@@ -163,13 +220,11 @@ impl KvConfig {
         let back = self.quant_blocks(len) - self.quant_blocks(kept.min(len));
         back * format::Shape { quant: false, hk }.bytes(self)
     }
-    /// Entries a stream of `layer` holds after `seen` tokens when no method evicts any: every token today. A layer
-    /// that keeps only a sliding window would hold at most the window; plans ask here so such a change reaches them.
-    pub fn stream_len(&self, layer: usize, seen: usize) -> usize {
-        debug_assert!(layer < self.n_layers);
-        seen
-    }
 }
+
+/// Tokens a sliding-window layer appends and attends at a time within a prefill chunk, so that its streams hold at
+/// most window + `WINDOW_STEP` − 1 entries (plus part of a block) whatever the chunk size.
+pub const WINDOW_STEP: usize = 128;
 
 /// Block sizes the attention kernel is compiled for.
 pub const BLOCK_TOKEN_CHOICES: [usize; 5] = [4, 8, 16, 32, 64];
@@ -186,6 +241,7 @@ mod tests {
             head_dim_v: hd,
             block_tokens: 32,
             dtype: KvDtype::Kivi { bits, residual: 0 },
+            windows: Vec::new(),
         }
     }
 
@@ -208,6 +264,54 @@ mod tests {
             let q2 = kivi(2, hd).bytes_per_token();
             assert!(q2 < q4.bytes_per_token() && q4.bytes_per_token() < q8);
         }
+    }
+
+    #[test]
+    fn windowed_layers_cost_their_window_and_the_rest_grows_with_the_context() {
+        // Gemma 3 270M's shape: 18 layers, one KV head of 256, window 512 on 5 of every 6 layers.
+        let cfg = KvConfig {
+            n_layers: 18,
+            n_kv_heads: 1,
+            head_dim_k: 256,
+            head_dim_v: 256,
+            block_tokens: 32,
+            dtype: KvDtype::F16,
+            windows: (0..18).map(|l| (l % 6 != 5).then_some(512)).collect(),
+        };
+        assert_eq!(cfg.global_layers(), 3);
+        assert_eq!(
+            (cfg.window(0), cfg.window(5), cfg.window(40)),
+            (Some(512), None, None)
+        );
+        // Prefill chunks of 512 go through a windowed layer 128 at a time: 511 older + 128 new + 31 of a block.
+        assert_eq!(cfg.stream_len(0, 32768, 512), 670);
+        assert_eq!(cfg.stream_len(0, 32768, 7), 512 + 6 + 31);
+        assert_eq!(cfg.stream_len(0, 32768, 1), 543); // decoding: the window and one block
+        assert_eq!(cfg.stream_len(0, 300, 512), 300);
+        assert_eq!(cfg.stream_len(5, 32768, 512), 32768);
+        let entry = 1028; // f16 key and value of 256 channels, position
+        assert_eq!(cfg.layer_bytes(0, 32768, 512), 21 * 32 * entry);
+        assert_eq!(cfg.layer_bytes(5, 32768, 512), 32768 * entry);
+        assert_eq!(cfg.bytes_at(32768, 512), (3 * 32768 + 15 * 21 * 32) * entry);
+        // A token more costs the global layers only.
+        assert_eq!(cfg.bytes_per_token(), 3 * entry);
+        // KIVI: quantized blocks past the residual, on windowed layers too.
+        let q = KvConfig {
+            dtype: KvDtype::Kivi {
+                bits: 4,
+                residual: 128,
+            },
+            ..cfg.clone()
+        };
+        let (qb, fb) = (q.quant_block_bytes(256), q.block_bytes());
+        assert_eq!(q.layer_bytes(0, 32768, 512), 16 * qb + 5 * fb); // (670 − 128) / 32 quantized
+        assert_eq!(q.layer_bytes(5, 32768, 512), 1020 * qb + 4 * fb);
+        // Without windows every layer grows.
+        let full = KvConfig {
+            windows: Vec::new(),
+            ..cfg
+        };
+        assert_eq!(full.bytes_at(32768, 512), 18 * 32768 * entry);
     }
 
     #[test]

@@ -599,6 +599,7 @@ impl Offload {
             head_dim_v: g.head_dim_v as usize,
             block_tokens: g.block_tokens as usize,
             dtype: KvDtype::F16,
+            windows: Vec::new(),
         }
     }
 
@@ -818,6 +819,7 @@ mod tests {
             head_dim_v: 6,
             block_tokens: 4,
             dtype: KvDtype::F16,
+            windows: Vec::new(),
         }
     }
 
@@ -940,7 +942,7 @@ mod tests {
         for c in [&mut plain, &mut off] {
             c.retain(0, 1, |i, _| i % 3 != 1);
             c.write(0, 0, 5, &[1.0; 8], &[2.0; 6]);
-            c.truncate_pos(22);
+            c.truncate_pos(22).unwrap();
         }
         off.rebalance().unwrap();
         assert_eq!(dump(&off), dump(&plain));

@@ -242,6 +242,7 @@ mod tests {
                 bits: 4,
                 residual: 4,
             },
+            windows: Vec::new(),
         }
     }
 

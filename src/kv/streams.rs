@@ -29,6 +29,8 @@ struct Stream {
     channels: Option<Box<[u16]>>,
     /// Page summaries (see [`meta`]): page p at `[p · 2 · hk, (p + 1) · 2 · hk)`; empty when off.
     meta: Vec<f16>,
+    /// Sliding-window streams: one past the position of the newest entry dropped by sliding (0 = none dropped).
+    slid_to: u32,
 }
 
 /// Bytes read by attention and selectors since the cache was made (or [`KvCache::take_read`] last ran).
@@ -58,6 +60,9 @@ pub struct KvCache {
     edits: u64,
     /// Offload: the blocks the last rebalance weighed (reused).
     cands: Vec<Cand>,
+    /// Sliding-window streams keep what a query at this position reads (see [`KvCache::hold`]); None = only what the
+    /// next appended entries read.
+    hold: Option<u32>,
 }
 
 impl Clone for KvCache {
@@ -90,6 +95,7 @@ impl KvCache {
             read: ReadCounter::default(),
             edits: 0,
             cands: Vec::new(),
+            hold: None,
             cfg,
         }
     }
@@ -107,6 +113,7 @@ impl KvCache {
             read: self.read.clone(),
             edits: self.edits,
             cands: Vec::new(),
+            hold: self.hold,
         })
     }
 
@@ -152,19 +159,33 @@ impl KvCache {
     }
 
     /// The resident limit now, in bytes: the configured size, or the share of what the cache would hold with every
-    /// block in RAM. None without offload.
+    /// block in RAM, but never below the floor that cannot move (positions, page summaries, the open block of each
+    /// stream, blocks in other formats): what [`Self::rebalance`] keeps RAM to. A small cache (sliding-window layers
+    /// hold a few blocks each) can sit at its floor. None without offload.
     pub fn resident_limit(&self) -> Option<usize> {
         let off = self.pool.off.as_ref()?;
-        let n_disk: usize = self
-            .streams
-            .iter()
-            .flat_map(|s| &s.blocks)
-            .filter(|&&id| matches!(self.pool.get(id).data, BlockData::Disk(_)))
-            .count();
+        let (bt, hk) = (self.cfg.block_tokens, self.cfg.head_dim_k);
+        let (mut n_disk, mut movable) = (0, 0);
+        for s in &self.streams {
+            let nb = s.blocks.len();
+            for (b, &id) in s.blocks.iter().enumerate() {
+                match &self.pool.get(id).data {
+                    BlockData::Disk(_) => n_disk += 1,
+                    BlockData::F16 { k, .. } if k.len() == hk * bt => {
+                        let open = b + 1 == nb && !s.len.is_multiple_of(bt);
+                        movable += !open as usize;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let data = self.block_data_bytes();
+        let floor = self.pool.bytes() - movable * data;
         Some(
             off.cfg
                 .resident
-                .limit(self.pool.bytes() + n_disk * self.block_data_bytes()),
+                .limit(self.pool.bytes() + n_disk * data)
+                .max(floor),
         )
     }
 
@@ -384,7 +405,7 @@ impl KvCache {
         self.streams[self.stream_index(layer, head)].len
     }
 
-    /// Largest stream length (= tokens seen, while nothing has been evicted).
+    /// Largest stream length (= tokens seen, while nothing has been evicted from some layer without a sliding window).
     pub fn max_len(&self) -> usize {
         self.streams.iter().map(|s| s.len).max().unwrap_or(0)
     }
@@ -453,8 +474,16 @@ impl KvCache {
         let n = pos.len();
         debug_assert_eq!(k.len(), n * nh * hk);
         debug_assert_eq!(v.len(), n * nh * hv);
+        // A sliding-window layer first drops the blocks no query from here on reads.
+        let visible_from = match (self.cfg.window(layer), pos.first()) {
+            (Some(w), Some(&p0)) => Some(self.hold.map_or(p0, |h| h.min(p0)).saturating_sub(w - 1)),
+            _ => None,
+        };
         for h in 0..nh {
             let si = self.stream_index(layer, h);
+            if let Some(lo) = visible_from {
+                self.slide(si, lo);
+            }
             let shape = Shape {
                 quant: false,
                 hk: self.stream_hk(si),
@@ -531,12 +560,18 @@ impl KvCache {
         }
     }
 
+    /// Empties every stream and forgets the [`Self::hold`].
     pub fn clear(&mut self) {
         self.truncate(0);
+        self.streams.iter_mut().for_each(|s| s.slid_to = 0);
+        self.hold = None;
     }
 
     /// Drops every entry whose position is ≥ `pos` (entries of a stream are in position order), in every stream.
-    pub fn truncate_pos(&mut self, pos: u32) {
+    /// Fails, changing nothing, if a sliding-window layer already dropped an entry that a query at `pos` reads (see
+    /// [`Self::hold`]).
+    pub fn truncate_pos(&mut self, pos: u32) -> Result<()> {
+        self.check_truncate_pos(pos)?;
         let bt = self.cfg.block_tokens;
         for si in 0..self.streams.len() {
             let s = &self.streams[si];
@@ -551,7 +586,52 @@ impl KvCache {
                 }
             }
             self.shrink(si, lo);
+            let s = &mut self.streams[si];
+            s.slid_to = s.slid_to.min(pos);
         }
+        Ok(())
+    }
+
+    /// Whether [`Self::truncate_pos`] to `pos` would leave every sliding-window stream the entries a query at `pos`
+    /// reads (positions `pos − window + 1 .. pos`): an error naming what was dropped if not.
+    pub fn check_truncate_pos(&self, pos: u32) -> Result<()> {
+        for layer in 0..self.cfg.n_layers {
+            let Some(w) = self.cfg.window(layer) else {
+                continue;
+            };
+            let need = pos.saturating_sub(w - 1);
+            let slid = (0..self.cfg.n_kv_heads)
+                .map(|h| self.streams[self.stream_index(layer, h)].slid_to)
+                .max()
+                .unwrap_or(0);
+            if need < slid.min(pos) {
+                bail!(
+                    "cannot go back to position {pos}: sliding-window layer {layer} (window {w}) keeps only what its \
+                     queries still read, and has dropped positions up to {} that a query at {pos} reads (hold the \
+                     position before feeding past it, or fork the session instead)",
+                    slid - 1
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sliding-window layers keep, from now on, every entry a query at position `pos` or later reads, so that
+    /// [`Self::truncate_pos`] to any position ≥ `pos` keeps working (a shared context answered several times, a chat
+    /// turn retried); None lets them keep only what the next appended entries read. Entries already dropped stay
+    /// dropped.
+    pub fn hold(&mut self, pos: Option<u32>) {
+        self.hold = pos;
+    }
+
+    /// The position [`Self::hold`] keeps the window of, if any.
+    pub fn held(&self) -> Option<u32> {
+        self.hold
+    }
+
+    /// The sliding window of `layer` if its streams keep only that window (see [`KvConfig::windows`]).
+    pub fn window(&self, layer: usize) -> Option<u32> {
+        self.cfg.window(layer)
     }
 
     /// Keeps only the entries of (layer, KV head) for which `keep(index, position)` is true, in order, and returns
@@ -758,6 +838,47 @@ impl KvCache {
         self.store_block(si, b, n, to_quant);
     }
 
+    /// Sliding window: drops the leading blocks of stream `si` whose entries all lie before position `lo` (the oldest
+    /// position a query still reads), and their page summaries. Entries that remain keep their order; their indices
+    /// shift down by the dropped count. This is not counted in [`Self::edits`]: selectors never select on
+    /// sliding-window layers.
+    fn slide(&mut self, si: usize, lo: u32) {
+        let bt = self.cfg.block_tokens;
+        let s = &self.streams[si];
+        let mut nb = 0;
+        while nb < s.blocks.len() {
+            let last = ((nb + 1) * bt).min(s.len) - 1;
+            if self.pool.get(s.blocks[nb]).pos[last % bt] >= lo {
+                break;
+            }
+            nb += 1;
+        }
+        if nb == 0 {
+            return;
+        }
+        let dropped = (nb * bt).min(s.len);
+        let newest = self.pool.get(s.blocks[nb - 1]).pos[(dropped - 1) % bt];
+        for i in 0..nb {
+            self.pool.release(self.streams[si].blocks[i]);
+        }
+        let s = &mut self.streams[si];
+        s.blocks.drain(..nb);
+        s.len -= dropped;
+        s.n_quant = s.n_quant.saturating_sub(nb);
+        s.slid_to = s.slid_to.max(newest + 1);
+        if s.len == 0 {
+            s.channels = None;
+        }
+        if let Some(m) = self.meta_cfg {
+            let hk = self.stream_hk(si);
+            let s = &mut self.streams[si];
+            let n = (dropped.div_ceil(m.page_tokens) * 2 * hk).min(s.meta.len());
+            s.meta.drain(..n);
+            self.meta_bytes -= 2 * n;
+            self.pool.account(0, 2 * n);
+        }
+    }
+
     /// Releases blocks `[from, ..)` of stream `si` to the pool, in order, and drops them from the stream.
     fn release_blocks_from(&mut self, si: usize, from: usize) {
         for i in from..self.streams[si].blocks.len() {
@@ -785,6 +906,7 @@ impl KvCache {
         s.n_quant = s.n_quant.min(target);
         if len == 0 {
             s.channels = None;
+            s.slid_to = 0;
         }
         // Summaries change from the first block stored in full precision again, else only in the last page.
         let from = if nq > target {
@@ -823,6 +945,7 @@ mod tests {
             head_dim_v: 3,
             block_tokens: 4,
             dtype,
+            windows: Vec::new(),
         }
     }
 
@@ -907,12 +1030,12 @@ mod tests {
         let pos: Vec<u32> = (0..11).collect();
         c.append(0, &pos, &[1.0; 11 * 2 * 4], &[2.0; 11 * 2 * 3]);
         c.retain(0, 1, |_, p| p % 2 == 0); // head 1 holds 0, 2, 4, 6, 8, 10
-        c.truncate_pos(7);
+        c.truncate_pos(7).unwrap();
         assert_eq!(c.len(0, 0), 7);
         assert_eq!(c.len(0, 1), 4);
         let kept: Vec<u32> = c.blocks(0, 1).flat_map(|b| b.pos.to_vec()).collect();
         assert_eq!(kept, vec![0, 2, 4, 6]);
-        c.truncate_pos(0);
+        c.truncate_pos(0).unwrap();
         assert!(c.is_empty());
     }
 
@@ -939,6 +1062,7 @@ mod tests {
             head_dim_v: hv,
             block_tokens: bt,
             dtype: KvDtype::Kivi { bits, residual },
+            windows: Vec::new(),
         }
     }
 
@@ -1103,7 +1227,7 @@ mod tests {
         }
         assert_eq!(dump(&c, 1).len(), other.len(), "head 1 untouched");
         // truncate_pos into a quantized block: it goes back to f16 (keeping its values), and appends keep working.
-        c.truncate_pos(30);
+        c.truncate_pos(30).unwrap();
         let t = dump(&c, 1);
         assert_eq!(t.len(), 30);
         assert_eq!(c.quantized_blocks(0, 1), (30 - r) / bt);
@@ -1130,7 +1254,7 @@ mod tests {
         assert_eq!(c.quantized_blocks(0, 1), (50 - r) / bt);
         let ps: Vec<u32> = dump(&c, 1).iter().map(|e| e.0).collect();
         assert_eq!(ps, (0..50).collect::<Vec<_>>());
-        c.truncate_pos(0);
+        c.truncate_pos(0).unwrap();
         assert!(c.is_empty());
         assert_eq!(c.used_bytes(), 0);
     }
@@ -1153,6 +1277,7 @@ mod tests {
                 head_dim_v: hv,
                 block_tokens: bt,
                 dtype,
+                windows: Vec::new(),
             });
             let mut rng = Rng(21);
             let pos: Vec<u32> = (0..18).collect();
@@ -1239,7 +1364,7 @@ mod tests {
                 .iter()
                 .all(|(_, k, _)| k[0] == 0.0 && k[1] == 0.0));
             // A stream cut to nothing forgets its mask.
-            c.truncate_pos(0);
+            c.truncate_pos(0).unwrap();
             assert_eq!(c.key_channels(0, 0), None);
             c.append(0, &[0], &rng.vec(2 * hk, 1.0), &rng.vec(2 * hv, 1.0));
             assert_eq!(c.key_dims(0, 0), hk);
@@ -1326,7 +1451,7 @@ mod tests {
                     assert_meta_exact(&c, m, "overwritten");
                     c.prune_key_channels(0, 0, &[true, false, true, false]);
                     assert_meta_exact(&c, m, "pruned");
-                    c.truncate_pos(13);
+                    c.truncate_pos(13).unwrap();
                     assert_meta_exact(&c, m, "truncated");
                     c.clear();
                     assert_eq!(c.meta_bytes(), 0);

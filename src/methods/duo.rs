@@ -85,17 +85,23 @@ impl Roles {
         }
     }
 
-    /// Per-stream entry targets (`out`, one per stream) when the average budget is `keep` of `seen` tokens.
-    pub fn targets(&self, keep: usize, seen: usize, out: &mut Vec<usize>) {
-        let n = self.n_streams;
+    /// Per-stream entry targets (`out`, one per stream) when the average budget is `keep` of `seen` tokens. Streams
+    /// marked in `skip` (sliding-window layers, which the press leaves alone) take no part: the average is over the
+    /// others, and their target is `seen`.
+    pub fn targets(&self, keep: usize, seen: usize, skip: &[bool], out: &mut Vec<usize>) {
+        let skipped = |si: usize| skip.get(si).copied().unwrap_or(false);
+        let n = (0..self.n_streams).filter(|&si| !skipped(si)).count();
         let allowance = keep * n;
         let floor = keep.div_ceil(4);
+        let candidates: Vec<usize> = self
+            .candidates
+            .iter()
+            .copied()
+            .filter(|&si| !skipped(si))
+            .collect();
         // Most retrieval heads such that every streaming head still gets at least `floor`.
         let mut r = 0;
-        while r < self.candidates.len()
-            && r < n
-            && (r + 1) * seen + (n - r - 1) * floor <= allowance
-        {
+        while r < candidates.len() && r < n && (r + 1) * seen + (n - r - 1) * floor <= allowance {
             r += 1;
         }
         let streaming = if r < n {
@@ -104,8 +110,11 @@ impl Roles {
             0
         };
         out.clear();
-        out.resize(n, streaming.min(seen));
-        for &si in &self.candidates[..r] {
+        out.resize(self.n_streams, streaming.min(seen));
+        for si in (0..self.n_streams).filter(|&si| skipped(si)) {
+            out[si] = seen;
+        }
+        for &si in &candidates[..r] {
             out[si] = seen;
         }
     }
@@ -134,13 +143,20 @@ mod tests {
         let roles = Roles::from_scores(&[vec![0.0, 0.5], vec![0.3, 0.05]], THRESHOLD);
         assert_eq!(roles.candidates, vec![1, 2]);
         let mut t = Vec::new();
-        roles.targets(500, 1000, &mut t);
+        roles.targets(500, 1000, &[], &mut t);
         // Allowance 2000: both candidates (2000) would leave nothing, so one retrieval head and 333 for the rest.
         assert_eq!(t, vec![333, 1000, 333, 333]);
         assert!(t.iter().sum::<usize>() <= 2000);
-        roles.targets(1000, 1000, &mut t);
+        roles.targets(1000, 1000, &[], &mut t);
         assert_eq!(t, vec![1000; 4]);
-        roles.targets(100, 1000, &mut t);
+        roles.targets(100, 1000, &[], &mut t);
         assert_eq!(t, vec![100; 4]);
+        // Layer 0 slides (its streams are skipped): the allowance is over layer 1's two heads only, 1000; the
+        // remaining candidate (1, 0) would take it all and leave nothing, so no retrieval head and 500 each.
+        roles.targets(500, 1000, &[true, true], &mut t);
+        assert_eq!(t, vec![1000, 1000, 500, 500]);
+        roles.targets(700, 1000, &[true, true], &mut t);
+        // Allowance 1400: (1, 0) keeps all (1000), (1, 1) gets the 400 left (≥ the floor of 175).
+        assert_eq!(t, vec![1000, 1000, 1000, 400]);
     }
 }

@@ -206,6 +206,7 @@ mod tests {
             head_dim_v: 1,
             block_tokens: 4,
             dtype: KvDtype::F32,
+            windows: Vec::new(),
         };
         let mut c = KvCache::new(cfg);
         let n = 10;

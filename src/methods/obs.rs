@@ -71,7 +71,8 @@ impl AttnAcc {
     }
 
     /// Adds the attention of the newest `n_new` query rows of every layer over the current cache (new entries start
-    /// at 0). `group` query heads share a KV head; `windows[layer]` is that layer's sliding window.
+    /// at 0). `group` query heads share a KV head; `windows[layer]` is that layer's sliding window. Layers whose cache
+    /// keeps only its sliding window hold nothing here: no method evicts from them, and their entries slide.
     pub fn accumulate(
         &mut self,
         cache: &KvCache,
@@ -89,6 +90,10 @@ impl AttnAcc {
         self.scratch.resize_with(nkv, GatherBuf::default);
         for (layer, &window) in windows.iter().enumerate() {
             let accs = &mut self.acc[layer * nkv..(layer + 1) * nkv];
+            if cache.window(layer).is_some() {
+                accs.iter_mut().for_each(Vec::clear);
+                continue;
+            }
             accs.par_iter_mut()
                 .zip(self.scratch.par_iter_mut())
                 .enumerate()

@@ -121,17 +121,26 @@ impl Press {
         let (nl, nkv, hk, hv) = (mc.n_layers, mc.n_kv_heads, mc.head_dim_k, mc.head_dim_v);
         let group = mc.n_heads / nkv;
         let k = self.budget.keep(seen);
+        // Layers whose cache keeps only a sliding window are left alone: the window is their budget. Allocation
+        // across layers (pyramid, duo) shares the budget among the other, global, layers.
+        let windowed: Vec<bool> = (0..nl).map(|l| cache.window(l).is_some()).collect();
+        let n_global = windowed.iter().filter(|&&w| !w).count();
         self.targets.clear();
         match &self.duo {
-            Some(roles) => roles.targets(k, seen, &mut self.targets),
+            Some(roles) => {
+                let skip: Vec<bool> = (0..nl * nkv).map(|si| windowed[si / nkv]).collect();
+                roles.targets(k, seen, &skip, &mut self.targets)
+            }
             None => {
-                for layer in 0..nl {
+                let mut g = 0;
+                for &w in &windowed {
                     let t = match self.pyramid {
-                        Some(beta) => {
-                            pyramidkv::layer_keep(beta, layer, nl, k, seen, snapkv::WINDOW)
+                        Some(beta) if !w => {
+                            pyramidkv::layer_keep(beta, g, n_global, k, seen, snapkv::WINDOW)
                         }
-                        None => k,
+                        _ => k,
                     };
+                    g += !w as usize;
                     self.targets.extend(std::iter::repeat_n(t, nkv));
                 }
             }
@@ -149,7 +158,7 @@ impl Press {
         let Some(scorer) = scorer.as_deref() else {
             return;
         };
-        for layer in 0..nl {
+        for layer in (0..nl).filter(|&l| !windowed[l]) {
             let t = &mut targets[layer * nkv..(layer + 1) * nkv];
             let lens: Vec<usize> = (0..nkv).map(|h| cache.len(layer, h)).collect();
             let over = |h: usize, t: &[usize]| lens[h] > t[h];
@@ -235,7 +244,8 @@ impl Press {
         }
     }
 
-    /// ThinK: prunes the key channels of every head not pruned yet, scored against its recent queries.
+    /// ThinK: prunes the key channels of every head not pruned yet, scored against its recent queries. Layers whose
+    /// cache keeps only a sliding window are left alone (like evictions).
     fn prune_channels(
         &mut self,
         cache: &mut KvCache,
@@ -247,6 +257,9 @@ impl Press {
         let group = mc.n_heads / nkv;
         let b = &mut self.bufs[0];
         for layer in 0..mc.n_layers {
+            if cache.window(layer).is_some() {
+                continue;
+            }
             for h in 0..nkv {
                 if cache.key_channels(layer, h).is_some() || cache.len(layer, h) == 0 {
                     continue;

@@ -135,6 +135,7 @@ mod tests {
             head_dim_v: 4,
             block_tokens: 8,
             dtype: KvDtype::F32,
+            windows: Vec::new(),
         });
         let pos: Vec<u32> = (0..20).collect();
         cache.append(0, &pos, &keys, &vec![1.0; 20 * 4]);

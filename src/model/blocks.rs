@@ -16,7 +16,7 @@ use super::{load_matrix, load_vector, ModelConfig, RopeStyle, Scratch, SelectCx}
 use crate::attention::{attend, attend_selected, AttnParams};
 use crate::gguf::GgufFile;
 use crate::kernels::{matmul, QMatrix};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, WINDOW_STEP};
 
 /// Name of layer `i`'s weight `what` in a llama.cpp GGUF.
 fn layer_tensor(i: usize, what: &str) -> String {
@@ -166,34 +166,54 @@ impl Attention {
         apply_rope(q, nh, hd, c.rope_style, cos, sin, c.rope_dim);
         apply_rope(k, nkv, hd, c.rope_style, cos, sin, c.rope_dim);
         s.obs.record(layer, q, pos);
-        cache.append(layer, pos, k, v);
         let params = AttnParams {
             n_q_heads: nh,
             scale: c.attn_scale,
             window: if local { c.sliding_window } else { None },
             softcap: None,
         };
-        let att = &mut s.att[..n * nh * hd]; // n × nh·hd
-        let t0 = std::time::Instant::now();
-        let cx = SelectCx {
-            cache,
-            layer,
-            q,
-            pos,
-            n_q_heads: nh,
-            local,
-        };
-        // A selector may restrict what each KV head reads (decode); otherwise the whole cache is read.
-        let selected = s
-            .selector
-            .as_mut()
-            .is_some_and(|sel| sel.select(&cx, &mut s.sel));
-        if selected {
-            attend_selected(cache, layer, q, pos, att, &params, &s.sel, &mut s.attn);
+        // A sliding-window layer takes the chunk WINDOW_STEP tokens at a time (append, attend), so a cache that keeps
+        // only the window never holds more than the window and one step, whatever the chunk. (A cache that keeps
+        // every entry takes the same steps: both then add up the same partial sums, bit for bit.)
+        let step = if params.window.is_some() {
+            WINDOW_STEP
         } else {
-            attend(cache, layer, q, pos, att, &params, &mut s.attn);
+            n
+        };
+        let mut a = 0;
+        while a < n {
+            let b = (a + step).min(n);
+            let (q, pos) = (&q[a * nh * hd..b * nh * hd], &pos[a..b]); // (b − a) × nh·hd
+            cache.append(
+                layer,
+                pos,
+                &k[a * nkv * hd..b * nkv * hd],
+                &v[a * nkv * hd..b * nkv * hd],
+            );
+            let att = &mut s.att[a * nh * hd..b * nh * hd]; // (b − a) × nh·hd
+            let t0 = std::time::Instant::now();
+            let cx = SelectCx {
+                cache,
+                layer,
+                q,
+                pos,
+                n_q_heads: nh,
+                local,
+            };
+            // A selector may restrict what each KV head reads (decode); otherwise the whole cache is read.
+            let selected = s
+                .selector
+                .as_mut()
+                .is_some_and(|sel| sel.select(&cx, &mut s.sel));
+            if selected {
+                attend_selected(cache, layer, q, pos, att, &params, &s.sel, &mut s.attn);
+            } else {
+                attend(cache, layer, q, pos, att, &params, &mut s.attn);
+            }
+            s.attn_ns += t0.elapsed().as_nanos() as u64;
+            a = b;
         }
-        s.attn_ns += t0.elapsed().as_nanos() as u64;
+        let att = &mut s.att[..n * nh * hd]; // n × nh·hd
         mask_heads(att, nh, hd, &s.head_mask, layer);
         matmul(&self.wo, att, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
     }

@@ -74,6 +74,16 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The sliding window of `layer`, None on global layers.
+    pub fn layer_window(&self, layer: usize) -> Option<u32> {
+        if self.layer_is_local.get(layer).copied().unwrap_or(false) {
+            self.sliding_window
+        } else {
+            None
+        }
+    }
+
+    /// The cache layout for this model: each sliding-window layer keeps only its window (see [`KvCache`]).
     pub fn kv_config(&self, dtype: KvDtype, block_tokens: usize) -> KvConfig {
         KvConfig {
             n_layers: self.n_layers,
@@ -82,6 +92,7 @@ impl ModelConfig {
             head_dim_v: self.head_dim_v,
             block_tokens,
             dtype,
+            windows: (0..self.n_layers).map(|l| self.layer_window(l)).collect(),
         }
     }
 }

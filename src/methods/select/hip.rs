@@ -255,6 +255,7 @@ mod tests {
             head_dim_v: HK,
             block_tokens: 32,
             dtype: KvDtype::F16,
+            windows: Vec::new(),
         });
         let mut rng = Rng::seeded(7);
         let mut k = rng.vec(len * nh * HK, 0.5);

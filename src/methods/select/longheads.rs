@@ -343,6 +343,7 @@ mod tests {
             head_dim_v: HK,
             block_tokens: 32,
             dtype: KvDtype::F16,
+            windows: Vec::new(),
         });
         append(&mut c, 0, len, rng);
         let mut k = vec![0.0; HK];

@@ -1003,6 +1003,7 @@ mod tests {
             head_dim_v: HK,
             block_tokens: 32,
             dtype: KvDtype::F16,
+            windows: Vec::new(),
         });
         let pos: Vec<u32> = (0..n as u32).collect();
         let zeros = vec![0.0; n * HK];

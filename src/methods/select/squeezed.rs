@@ -1188,6 +1188,7 @@ mod tests {
             head_dim_v: d,
             block_tokens: 32,
             dtype: KvDtype::F16,
+            windows: Vec::new(),
         });
         let n = keys.len() / d;
         let pos: Vec<u32> = (0..n as u32).collect();

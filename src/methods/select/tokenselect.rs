@@ -550,6 +550,7 @@ mod tests {
             head_dim_v: 4,
             block_tokens: 8,
             dtype,
+            windows: Vec::new(),
         });
         let mut rng = Rng::seeded(7);
         let mut k = rng.vec(LEN * NH * HK, 0.3);
