@@ -18,6 +18,8 @@
 //! `naive_attention` is the plain reference the tests compare against.
 
 pub mod select;
+#[cfg(target_arch = "x86_64")]
+mod wide;
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -250,7 +252,7 @@ fn attend_impl(
             b.l.resize(rows_max, 0.0);
             b.k.resize(sh.bt * sh.hk, 0.0);
             b.v.resize(sh.bt * sh.hv, 0.0);
-            b.s.resize(sh.bt, 0.0);
+            b.s.resize(8 * sh.bt, 0.0); // up to 8 rows' scores (the wide fold's chunk)
             b.qg.resize(rows_max * sh.hk, 0.0);
         }
         if sel.is_some() && b.gk.len() < sh.bt * sh.hk {
@@ -262,7 +264,7 @@ fn attend_impl(
 
     let tasks = &scratch.tasks;
     let pieces = sel.map(|_| &scratch.pieces[..]);
-    let simd = simd_available();
+    let simd = simd_level();
     let bt = sh.bt;
     scratch.bufs[..tasks.len()]
         .par_iter_mut()
@@ -327,6 +329,24 @@ fn attend_impl(
     }
 }
 
+/// Which compiled variant of the task code runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+/// The variant for the kernel `crate::kernels::kernel()` chose (HAYLOFT_KERNEL overrides it).
+fn simd_level() -> Simd {
+    use crate::kernels::Kernel;
+    match crate::kernels::kernel() {
+        Kernel::Avx512 => Simd::Avx512,
+        Kernel::Avx2 => Simd::Avx2,
+        Kernel::Scalar => Simd::Scalar,
+    }
+}
+
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -358,14 +378,24 @@ struct TaskArgs<'a> {
     pieces: Option<&'a [Piece]>,
 }
 
-fn run_dispatch<const BT: usize>(simd: bool, a: &TaskArgs, buf: &mut TaskBuf) {
+fn run_dispatch<const BT: usize>(simd: Simd, a: &TaskArgs, buf: &mut TaskBuf) {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: the CPU supports AVX2, FMA and F16C (checked by simd_available).
-        unsafe { run_task_avx2::<BT>(a, buf) };
-        return;
+    match simd {
+        // SAFETY: the kernel selection checked AVX-512F/BW/VL (and AVX2, FMA, F16C) on this CPU.
+        Simd::Avx512 => return unsafe { run_task_avx512::<BT>(a, buf) },
+        // SAFETY: the kernel selection checked AVX2, FMA and F16C on this CPU.
+        Simd::Avx2 => return unsafe { run_task_avx2::<BT>(a, buf) },
+        Simd::Scalar => {}
     }
     let _ = simd;
+    run_task::<BT>(a, buf)
+}
+
+/// The same code as `run_task`, compiled with AVX-512 enabled: conversions and the softmax run 16 lanes wide and
+/// `fold` takes the register-blocked [`wide`] kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn run_task_avx512<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     run_task::<BT>(a, buf)
 }
 
@@ -647,8 +677,8 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
     // kt: hs × BT (keys transposed), vb: n × hv, as f32.
     let (kt, vb): (&[f32], &[f32]) = match blk.data {
         BlockData::F16 { k: kh, v: vh } => {
-            kh[..hs * BT].convert_to_f32_slice(&mut k[..hs * BT]);
-            vh[..n * hv].convert_to_f32_slice(&mut v[..n * hv]);
+            to_f32(&kh[..hs * BT], &mut k[..hs * BT]);
+            to_f32(&vh[..n * hv], &mut v[..n * hv]);
             (&k[..hs * BT], &v[..n * hv])
         }
         BlockData::F32 { k: kf, v: vf } => (&kf[..hs * BT], &vf[..n * hv]),
@@ -661,13 +691,25 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
         BlockData::Disk(_) => {
             // Offloaded block: read from the cache's file into this task's scratch, then as an f16 block.
             let (kh, vh) = blk.read_offloaded(disk).expect("a disk block");
-            kh[..hs * BT].convert_to_f32_slice(&mut k[..hs * BT]);
-            vh[..n * hv].convert_to_f32_slice(&mut v[..n * hv]);
+            to_f32(&kh[..hs * BT], &mut k[..hs * BT]);
+            to_f32(&vh[..n * hv], &mut v[..n * hv]);
             (&k[..hs * BT], &v[..n * hv])
         }
     };
     let qrows = if pruned { Some(&qg[..]) } else { None };
     fold::<BT>(a, kt, vb, blk.pos, hs, qrows, s, m, l, acc);
+}
+
+/// f16 → f32 for a whole block: 16 lanes at a time with AVX-512, else `half`'s conversion.
+#[inline(always)]
+fn to_f32(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == Simd::Avx512 {
+        // SAFETY: the kernel selection found AVX-512F on this CPU.
+        unsafe { wide::f16_to_f32(src, dst) };
+        return;
+    }
+    src.convert_to_f32_slice(dst);
 }
 
 /// Folds the `n` gathered entries (every key channel) into the task's rows.
@@ -715,6 +757,17 @@ fn fold<const BT: usize>(
     l: &mut [f32],
     acc: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if BT.is_multiple_of(16)
+        && BT <= 64
+        && a.sh.hv.is_multiple_of(16)
+        && simd_level() == Simd::Avx512
+    {
+        // SAFETY: the kernel selection found AVX-512 (with AVX2, FMA, F16C) on this CPU; the buffers have the sizes
+        // `wide::fold` asserts (s_buf holds 8 × BT).
+        unsafe { wide::fold::<BT>(a, kt, vb, pos, hs, qrows, s_buf, m, l, acc) };
+        return;
+    }
     let (q, sh, p, task) = (a.q, a.sh, a.p, a.task);
     let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
     let n = pos.len();
