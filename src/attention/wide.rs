@@ -149,32 +149,40 @@ unsafe fn softmax_full<const BT: usize>(s: &mut [f32], m_old: f32) -> Option<(f3
     let m_new = if blk_max > m_old { blk_max } else { m_old };
     let alpha = exp_neg(m_old - m_new); // 0 when m_old = −∞
     let mv = _mm512_set1_ps(m_new);
-    let mut sum = _mm512_setzero_ps();
+    // The sum in block_softmax's order: 8 lanes that add the block's runs of 8 one after another, then those lanes
+    // left to right, so a full block sums exactly as a partial one would (chunked prefill ≡ one-shot bit for bit).
+    let mut sum = _mm256_setzero_ps();
     for (v, xv) in x.iter().enumerate().take(BT / 16) {
         let e = exp_neg16(_mm512_sub_ps(*xv, mv));
         _mm512_storeu_ps(sp.add(16 * v), e);
-        sum = _mm512_add_ps(sum, e);
+        sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+        sum = _mm256_add_ps(sum, hi);
     }
-    Some((m_new, alpha, _mm512_reduce_add_ps(sum)))
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    Some((m_new, alpha, lanes.iter().sum::<f32>()))
 }
 
-/// [`exp_neg`] on 16 lanes: the same range reduction and polynomial; lanes below −87 (and −∞) give 0.
+/// [`exp_neg`] on 16 lanes, bit for bit: the same range reduction and polynomial with the same roundings (separate
+/// multiplies and adds, no fused ones), so a block's probabilities do not depend on which softmax step ran; lanes below
+/// −87 (and −∞) give 0.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 unsafe fn exp_neg16(x: __m512) -> __m512 {
     let lo = _mm512_set1_ps(-87.0);
     let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, lo);
     let xc = _mm512_max_ps(x, lo);
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
-        xc,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    let t = _mm512_add_ps(
+        _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         _mm512_set1_ps(0.5),
-    ));
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), xc);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(t);
+    let r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693_145_75)));
+    let r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(1.428_606_8e-6)));
     let mut p = _mm512_set1_ps(0.001_394_2);
     for c in [0.008_333_45, 0.041_666_43, 0.166_666_67, 0.5, 1.0, 1.0] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        p = _mm512_add_ps(_mm512_set1_ps(c), _mm512_mul_ps(r, p));
     }
     let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
         _mm512_cvttps_epi32(n),
