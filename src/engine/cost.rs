@@ -51,13 +51,19 @@ pub fn measure_attention(
         window: None,
         softcap: None,
     };
-    let fill = |n: usize| {
-        let mut c = KvCache::new(cfg.clone());
+    // A cache of `layers` layers, each holding the same `n` entries.
+    let fill = |n: usize, layers: usize| {
+        let mut c = KvCache::new(KvConfig {
+            n_layers: layers,
+            ..cfg.clone()
+        });
         let pos: Vec<u32> = (0..n as u32).collect();
         let kv: Vec<f32> = (0..n * KV_HEADS * HD)
             .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
             .collect(); // n × KV_HEADS·HD
-        c.append(0, &pos, &kv, &kv);
+        for l in 0..layers {
+            c.append(l, &pos, &kv, &kv);
+        }
         c
     };
     let query = |rows: usize| -> Vec<f32> {
@@ -68,7 +74,7 @@ pub fn measure_attention(
     let mut scratch = AttnScratch::default();
     // Prefill: the last 512-token chunk of a 2048-token prompt, as the engine runs it.
     let (n, chunk) = (2048usize, 512usize);
-    let cache = fill(n);
+    let cache = fill(n, 1);
     let q = query(chunk);
     let q_pos: Vec<u32> = ((n - chunk) as u32..n as u32).collect();
     let mut out = vec![0.0f32; chunk * Q_HEADS * HD]; // chunk × Q_HEADS·HD
@@ -86,17 +92,7 @@ pub fn measure_attention(
         .div_ceil(per_layer)
         .clamp(1, 64);
     let mut decode = |n: usize, layers: usize| {
-        let mut c = KvCache::new(KvConfig {
-            n_layers: layers,
-            ..cfg.clone()
-        });
-        let pos: Vec<u32> = (0..n as u32).collect();
-        let kv: Vec<f32> = (0..n * KV_HEADS * HD)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect(); // n × KV_HEADS·HD
-        for l in 0..layers {
-            c.append(l, &pos, &kv, &kv);
-        }
+        let c = fill(n, layers);
         let qpos = [n as u32 - 1];
         c.take_read();
         for l in 0..layers {

@@ -378,23 +378,15 @@ fn throughput(k: Kernel, ty: GgmlType, budget: Duration) -> Result<f64> {
         .collect(); // n_tok × cols
     let mut y = vec![0.0f32; n_tok * rows]; // n_tok × rows
     let mut s = MatmulScratch::default();
-    matmul_with(k, &w, &x, n_tok, &mut y, &mut s); // warm-up: scratch, caches, pool
     let ops = 2.0 * (rows * cols * n_tok) as f64;
-    let t_start = Instant::now();
-    let mut best = 0.0f64;
-    let mut reps = 0;
-    while reps < 3 || t_start.elapsed() < budget {
-        let t0 = Instant::now();
-        // Several products per timing so one pool wake-up does not dominate the scalar-free fast paths.
+    // Several products per timing so one pool wake-up does not dominate the fast paths.
+    let t = best_of(budget, || {
         for _ in 0..4 {
             matmul_with(k, &w, &x, n_tok, &mut y, &mut s);
         }
-        let dt = t0.elapsed().as_secs_f64();
-        best = best.max(4.0 * ops / dt);
-        reps += 1;
-    }
+    });
     std::hint::black_box(&y);
-    Ok(best)
+    Ok(4.0 * ops / t)
 }
 
 /// A Q8_0 matrix's bytes (per 32 values: f16 scale, 32 int8): varied values, scale 1/64.
