@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 
-use super::{MaxTokens, ModelArgs, SamplingArgs};
+use super::{CompressArgs, MaxTokens, ModelArgs, SamplingArgs};
 use crate::engine::{Lengths, Sampler, Session};
 use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
@@ -18,6 +18,10 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// `context`: the first message is compressed once and later turns are not (unless the spec has `turns`);
+    /// `prompt` (default): every turn's prompt is compressed.
+    #[command(flatten)]
+    pub compress: CompressArgs,
     /// System message.
     #[arg(long)]
     pub system: Option<String>,
@@ -32,7 +36,9 @@ pub struct ChatArgs {
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let sampler_cfg = a.sampling.config()?;
-    let l = a.model.load()?;
+    let mut l = a.model.load()?;
+    a.compress
+        .apply(&mut l.session_cfg.kv, crate::methods::CompressAt::Prompt);
     let tpl = l.chat_template()?;
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
     let mut sampler = Sampler::new(sampler_cfg);

@@ -37,6 +37,8 @@ pub enum EvalCmd {
 pub struct EvalCommon {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compress: super::CompressArgs,
     /// Output folder (default: `./runs/<time>-<command>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -346,6 +348,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         resume: common.resume,
         quiet: common.quiet,
         share_prefill: !common.no_share_prefill,
+        compress_at: common.compress.compress_at,
         haystack_file: common.haystack_file.clone(),
         seed: common.seed,
     };

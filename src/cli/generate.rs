@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::{MaxTokens, ModelArgs, SamplingArgs};
+use super::{CompressArgs, MaxTokens, ModelArgs, SamplingArgs};
 use crate::engine::{Lengths, Sampler, Session};
 use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
@@ -19,6 +19,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
     /// The prompt text.
     #[arg(long, short = 'p', conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -55,7 +57,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if text.is_empty() {
         bail!("the prompt is empty");
     }
-    let l = a.model.load()?;
+    let mut l = a.model.load()?;
+    // One prompt: it is the context, compressed once at its end under either protocol; decoding does not compress
+    // unless the spec has every@N.
+    a.compress
+        .apply(&mut l.session_cfg.kv, crate::methods::CompressAt::Prompt);
     let tokens = if a.chat {
         let tpl = l.chat_template()?;
         let mut msgs = Vec::new();

@@ -222,6 +222,24 @@ pub struct ModelArgs {
     pub stats_json: Option<PathBuf>,
 }
 
+/// `--compress-at`: when the KV method compresses prompts (every command that compresses one).
+#[derive(Args, Clone, Debug, Default)]
+pub struct CompressArgs {
+    /// When the --kv method compresses: `context` = once, at the end of the context, the question left out and fed
+    /// after it uncompressed (kvpress's protocol; the default of every eval command); `prompt` = at the end of every
+    /// prompt feed, question included (the default of generate and chat). Sets the spec option `at@...` of every
+    /// spec. Decoding never compresses unless a spec has every@N.
+    #[arg(long, value_name = "context|prompt")]
+    pub compress_at: Option<crate::methods::CompressAt>,
+}
+
+impl CompressArgs {
+    /// Writes the flag (else the spec's own `at`, else `default`) into a spec that compresses.
+    pub fn apply(&self, spec: &mut crate::methods::KvSpec, default: crate::methods::CompressAt) {
+        spec.resolve_compress_at(self.compress_at, default);
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
     /// 0 = greedy.

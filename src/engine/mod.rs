@@ -17,7 +17,7 @@ use anyhow::{bail, Result};
 use crate::kv::{KvCache, KvDtype, OffloadConfig, Resident};
 use crate::methods::obs::{AttnAcc, QueryWindow};
 use crate::methods::press::Press;
-use crate::methods::{KvSpec, Needs};
+use crate::methods::{CompressAt, KvSpec, Needs};
 use crate::model::{Model, Scratch};
 
 pub use memplan::{Lengths, MemPlan};
@@ -96,12 +96,18 @@ pub struct Session<'m> {
     pub acc: AttnAcc,
     /// Decode steps since the last compression.
     since_compress: usize,
+    /// Under [`CompressAt::Context`]: tokens held when the context was compressed (None until then). Later prompt
+    /// feeds are not compressed unless the spec has `turns`.
+    context_end: Option<usize>,
+    /// Times the KV method ran on this session's cache (forks count their own).
+    pub compressions: usize,
 }
 
-/// Where a feed stands in the prompt/answer cycle: prefill ends with a compression, decode steps compress every N.
+/// Where a feed stands in the prompt/answer cycle: a prefill may end with a compression (the protocol decides, see
+/// [`Session::prompt_compresses`]), decode steps compress every N.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Prefill,
+    Prefill { compress: bool },
     Decode,
 }
 
@@ -183,6 +189,8 @@ impl<'m> Session<'m> {
             press,
             acc,
             since_compress: 0,
+            context_end: None,
+            compressions: 0,
         })
     }
 
@@ -243,8 +251,8 @@ impl<'m> Session<'m> {
 
     /// Feeds `tokens` through the model in chunks. Calls `on_logits(index_in_tokens, logits)` for every index in
     /// `want` (a range of indices into `tokens`), chunk by chunk, without ever holding more than one chunk of logits.
-    /// More than one token is a prefill (the KV method compresses at its end, or after every chunk with `chunked`);
-    /// one token is a decode step.
+    /// More than one token is a prefill (the KV method compresses at its end, or after every chunk with `chunked`, when
+    /// the protocol says this feed compresses: [`Self::prompt_compresses`]); one token is a decode step.
     pub fn feed<F: FnMut(usize, &[f32])>(
         &mut self,
         tokens: &[u32],
@@ -252,7 +260,9 @@ impl<'m> Session<'m> {
         on_logits: F,
     ) -> Result<()> {
         let phase = if tokens.len() > 1 {
-            Phase::Prefill
+            Phase::Prefill {
+                compress: self.prompt_compresses(),
+            }
         } else {
             Phase::Decode
         };
@@ -314,14 +324,19 @@ impl<'m> Session<'m> {
                 r = r_end;
             }
             let chunked = self.press.as_ref().is_some_and(|p| p.chunked);
-            if phase == Phase::Prefill && chunked && end < tokens.len() {
+            if phase == (Phase::Prefill { compress: true }) && chunked && end < tokens.len() {
                 self.compress();
             }
             start = end;
         }
         match phase {
-            Phase::Prefill => {
-                self.compress();
+            Phase::Prefill { compress } => {
+                if compress {
+                    self.compress();
+                    if self.context_end.is_none() {
+                        self.context_end = Some(self.n_past());
+                    }
+                }
                 self.end_prefill();
             }
             Phase::Decode => {
@@ -359,6 +374,21 @@ impl<'m> Session<'m> {
         }
     }
 
+    /// Whether the next prompt feed ([`Self::prefill`], a multi-token [`Self::feed`]) ends with a compression: every
+    /// one under [`CompressAt::Prompt`]; under [`CompressAt::Context`] the first (the context) only, or every one with
+    /// the spec's `turns`.
+    pub fn prompt_compresses(&self) -> bool {
+        match self.cfg.kv.compress_at() {
+            CompressAt::Prompt => true,
+            CompressAt::Context => self.context_end.is_none() || self.cfg.kv.options.turns,
+        }
+    }
+
+    /// Tokens held when the context was compressed, if it was (see [`CompressAt::Context`]).
+    pub fn context_end(&self) -> Option<usize> {
+        self.context_end
+    }
+
     /// Applies the KV method now (nothing for `full`): every head drops to its budget for the tokens seen so far, and
     /// freed blocks go back to the allocator.
     pub fn compress(&mut self) {
@@ -366,6 +396,7 @@ impl<'m> Session<'m> {
         let Some(press) = self.press.as_mut() else {
             return;
         };
+        self.compressions += 1;
         let seen = self.tokens.len();
         let (mc, cache, obs, acc) = (
             self.model.config(),
@@ -381,11 +412,34 @@ impl<'m> Session<'m> {
     /// spec, whose end-of-prefill compression is applied at once. Prefill once, then compare methods on identical
     /// caches. Fails if this session did not record what the new method reads (create it with `cfg.observe`).
     pub fn fork(&self, spec: &KvSpec) -> Result<Session<'m>> {
-        let mut cfg = self.cfg.clone();
-        cfg.kv = spec.clone();
         // The fork records only what its own method reads: the source's extra observations (kept so that any method
         // could be forked) would slow every decode step of the fork.
-        cfg.observe = Needs::default();
+        let mut s = self.copy_as(spec, Needs::default())?;
+        s.compress();
+        s.context_end = Some(s.n_past());
+        s.end_prefill();
+        s.cache.rebalance()?;
+        s.note_bytes();
+        Ok(s)
+    }
+
+    /// An independent copy of this session — same spec, cache, token history, recorded queries, accumulated attention
+    /// and protocol state — with nothing applied: what one request of several against a shared context runs on, so the
+    /// shared session itself never changes.
+    pub fn duplicate(&self) -> Result<Session<'m>> {
+        let mut s = self.copy_as(&self.cfg.kv, self.cfg.observe)?;
+        s.context_end = self.context_end;
+        s.compressions = self.compressions;
+        s.since_compress = self.since_compress;
+        s.note_bytes();
+        Ok(s)
+    }
+
+    /// A copy of this session under `spec`, recording `observe` besides what the spec's method reads.
+    fn copy_as(&self, spec: &KvSpec, observe: Needs) -> Result<Session<'m>> {
+        let mut cfg = self.cfg.clone();
+        cfg.kv = spec.clone();
+        cfg.observe = observe;
         let mut s = Session::new(self.model, cfg)?;
         if s.cache.cfg.dtype != self.cache.cfg.dtype {
             bail!(
@@ -441,19 +495,30 @@ impl<'m> Session<'m> {
         if s.acc.is_on() {
             s.acc = self.acc.clone();
         }
-        s.compress();
-        s.end_prefill();
-        s.cache.rebalance()?;
-        s.note_bytes();
         Ok(s)
     }
 
-    /// Prefills `tokens` and returns the logits after the last one.
+    /// Prefills `tokens` and returns the logits after the last one. Compresses at the end as the protocol says (see
+    /// [`Self::prompt_compresses`]).
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32]> {
+        let compress = self.prompt_compresses();
+        self.prefill_as(tokens, compress)
+    }
+
+    /// [`Self::prefill`] without the compression at its end, whatever the protocol: the question after a compressed
+    /// context under [`CompressAt::Context`] (it continues at the context's positions, and nothing it adds is
+    /// evicted), or a shared context that each request compresses together with its own question under
+    /// [`CompressAt::Prompt`].
+    pub fn prefill_uncompressed(&mut self, tokens: &[u32]) -> Result<&mut [f32]> {
+        self.prefill_as(tokens, false)
+    }
+
+    fn prefill_as(&mut self, tokens: &[u32], compress: bool) -> Result<&mut [f32]> {
         let t0 = Instant::now();
         let n = tokens.len();
         let vocab = self.model.config().vocab;
-        self.feed_as(tokens, n.saturating_sub(1)..n, |_, _| {}, Phase::Prefill)?;
+        let phase = Phase::Prefill { compress };
+        self.feed_as(tokens, n.saturating_sub(1)..n, |_, _| {}, phase)?;
         self.stats.prompt_tokens += n;
         self.stats.prefill_s += t0.elapsed().as_secs_f64();
         Ok(&mut self.scratch.logits[..vocab])
@@ -480,6 +545,10 @@ impl<'m> Session<'m> {
     pub fn truncate(&mut self, n: usize) -> Result<()> {
         self.cache.truncate_pos(n as u32)?;
         self.tokens.truncate(n);
+        // Back before the end of the compressed context: what comes next is a new context.
+        if self.context_end.is_some_and(|e| e > n) {
+            self.context_end = None;
+        }
         self.scratch.obs.truncate_pos(n as u32);
         self.acc.sync_len(&self.cache);
         Ok(())
@@ -494,6 +563,7 @@ impl<'m> Session<'m> {
     /// Forgets everything: an empty cache (sliding windows and holds included).
     pub fn reset(&mut self) {
         self.tokens.clear();
+        self.context_end = None;
         self.cache.clear();
         self.scratch.obs.truncate_pos(0);
         self.acc.sync_len(&self.cache);

@@ -11,7 +11,7 @@ use super::haystack::{Haystacks, Source};
 use super::runner::{Plan, ResultsFile, Runner};
 use super::{longbench, niah, ruler, scbench, tsort, Case, CaseMeta, Mode, Prompter};
 use crate::engine::SessionConfig;
-use crate::methods::KvSpec;
+use crate::methods::{CompressAt, KvSpec};
 use crate::model::Model;
 
 /// What every case is generated with: the prompt renderer, the haystacks (loaded on first use) and the run's seed.
@@ -410,6 +410,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Prefill each single-turn case once and fork it per spec (see [`Runner::share_prefill`]).
     pub share_prefill: bool,
+    /// `--compress-at`: over every spec's own `at` option; None = each spec's own, else [`EVAL_COMPRESS_AT`].
+    pub compress_at: Option<CompressAt>,
     /// The essay haystack's text file instead of Paul Graham's essays.
     pub haystack_file: Option<PathBuf>,
     /// Seed of the generated cases.
@@ -424,6 +426,25 @@ pub struct Report {
     pub files: Vec<PathBuf>,
 }
 
+/// The protocol eval runs compress under unless told otherwise: `context`, as kvpress's pipeline and SCBench's
+/// shared-context modes do (compress the context once, leave the question out), so figures compare with theirs.
+pub const EVAL_COMPRESS_AT: CompressAt = CompressAt::Context;
+
+/// Every spec with the protocol it runs under written in (`--compress-at` over its own `at` over
+/// [`EVAL_COMPRESS_AT`]), so each result's label says it. Two specs that become one are an error.
+pub fn resolve_protocol(specs: &[KvSpec], flag: Option<CompressAt>) -> Result<Vec<KvSpec>> {
+    let mut out: Vec<KvSpec> = Vec::with_capacity(specs.len());
+    for s in specs {
+        let mut s = s.clone();
+        s.resolve_compress_at(flag, EVAL_COMPRESS_AT);
+        if out.contains(&s) {
+            bail!("--kv lists '{s}' twice (once the compression protocol is written in)");
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
 /// Runs the benchmark's plans under every spec (a fresh session per case and spec, from `session_cfg`), then writes
 /// the report of the whole output folder.
 pub fn run(
@@ -435,6 +456,8 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<Report> {
     let what = bench.name();
+    let specs = resolve_protocol(specs, opts.compress_at)?;
+    let specs = specs.as_slice();
     let max_ctx = session_cfg.max_context;
     check_lengths(bench.lengths(), max_ctx)?;
     let hays = RefCell::new(Haystacks::new(opts.haystack_file.clone()));
@@ -468,6 +491,7 @@ pub fn run(
     runner.own_answers = bench.own_answers();
     runner.quiet = opts.quiet;
     runner.share_prefill = opts.share_prefill;
+    runner.compress_at = opts.compress_at.unwrap_or(EVAL_COMPRESS_AT);
     runner.run_all(&mut plans, specs)?;
     let files = super::report::write(&out, what)?;
     let report_md = out.join("report.md");

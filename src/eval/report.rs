@@ -18,7 +18,7 @@ use super::length_label;
 use super::plot;
 use super::runner::{CaseResult, ResultsFile};
 use crate::engine::stats::human_bytes;
-use crate::methods::KvSpec;
+use crate::methods::{CompressAt, KvSpec};
 
 /// Means over a group of cases.
 #[derive(Clone, Debug, Serialize)]
@@ -71,6 +71,8 @@ pub struct Summary {
     pub per_turn: Vec<PerTurn>,
     /// Prompt generation time over model time, in percent.
     pub harness_overhead_pct: f64,
+    /// The compression protocols the results ran under (`context`, `prompt`), in first-seen order.
+    pub compress_at: Vec<String>,
 }
 
 fn mean(it: impl Iterator<Item = f64>) -> f64 {
@@ -240,6 +242,8 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
     let mut md = String::new();
     let _ = writeln!(md, "# hayloft eval: {title}\n");
     let _ = writeln!(md, "{} cases. Scores are in [0, 100].\n", results.len());
+    let protocols = protocols(&results);
+    let _ = writeln!(md, "{}\n", protocol_line(&protocols));
     accuracy_table(&mut md, &groups, &lengths);
     pct_of_full_table(&mut md, &groups, &lengths);
     memory_and_speed_table(&mut md, &groups);
@@ -260,11 +264,42 @@ pub fn write(dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
         niah: grids,
         per_turn: turns,
         harness_overhead_pct: time.overhead_pct,
+        compress_at: protocols,
     };
     let sp = dir.join("summary.json");
     crate::util::write_atomic(&sp, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     written.push(sp);
     Ok(written)
+}
+
+/// The distinct protocols of the results, in first-seen order.
+fn protocols(results: &[CaseResult]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in results {
+        if !out.contains(&r.compress_at) {
+            out.push(r.compress_at.clone());
+        }
+    }
+    out
+}
+
+/// The report's sentence on when the cache was compressed (each compressing spec's label also carries it, `at@...`).
+fn protocol_line(protocols: &[String]) -> String {
+    let explain = |p: &str| match p.parse::<CompressAt>() {
+        Ok(CompressAt::Context) => format!(
+            "`{p}` (compressed once at the end of the context, the question left out and prefilled after it; \
+             kvpress's protocol)"
+        ),
+        Ok(CompressAt::Prompt) => format!(
+            "`{p}` (compressed at the end of every prompt, question included)"
+        ),
+        Err(_) => format!("`{p}`"),
+    };
+    let all: Vec<String> = protocols.iter().map(|p| explain(p)).collect();
+    format!(
+        "Compression protocol (`--compress-at`): {}. Decoding compresses only where a spec says every@N.",
+        all.join("; ")
+    )
 }
 
 /// The harness's own time (prompt generation) against model time.
@@ -647,6 +682,7 @@ mod tests {
             kv: kv.into(),
             method: series_name(kv),
             budget: None,
+            compress_at: "context".into(),
             mode: "multi-turn".into(),
             metric: "string_match_all".into(),
             score,
@@ -698,6 +734,11 @@ mod tests {
         let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
         assert!(
             md.contains("% of the full cache") && md.contains("| t | snapkv@0.5 | 50% | 100% |"),
+            "{md}"
+        );
+        // The report says which protocol the results ran under.
+        assert!(
+            md.contains("Compression protocol (`--compress-at`): `context` (compressed once"),
             "{md}"
         );
         for f in [

@@ -1,6 +1,14 @@
 //! The case loop: one fresh session per case and KV spec, greedy decoding, timing, scoring, and one JSON line per
 //! finished case appended and flushed to `results.jsonl`, so a killed run loses at most the case in flight and
-//! `--resume` skips every case already there (matched on task, length, depth, sample, seed and KV spec).
+//! `--resume` skips every case already there (matched on task, length, depth, sample, seed, KV spec and protocol).
+//!
+//! The compression protocol ([`CompressAt`]) decides how a prompt goes in. Under `prompt` the whole first prompt is
+//! one prefill, compressed at its end with the question in it. Under `context` (kvpress's pipeline) the first prompt is
+//! split where the question starts: the context is prefilled and compressed, then the question is prefilled without
+//! compression at the positions that follow the context's. The split applies to every spec of such a run, `full`
+//! included, so all specs see the same tokens. Multi-request conversations prefill the shared context once (compressed
+//! under `context`, left whole under `prompt`) and answer each query on a copy of that session, so no query sees or
+//! changes what another did.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -15,7 +23,7 @@ use super::{Case, CaseMeta, Mode, Prompter};
 use crate::engine::memcheck::OutOfMemory;
 use crate::engine::sampler::argmax;
 use crate::engine::{Lengths, Session, SessionConfig};
-use crate::methods::KvSpec;
+use crate::methods::{CompressAt, KvSpec};
 use crate::model::Model;
 
 /// The outcome of one turn of a conversation.
@@ -46,6 +54,10 @@ pub struct CaseResult {
     pub kv: String,
     pub method: String,
     pub budget: Option<String>,
+    /// When the cache was compressed: `context` (once, question left out) or `prompt` (every prompt feed, question
+    /// included); rows written before this field ran `prompt`.
+    #[serde(default = "prompt_protocol")]
+    pub compress_at: String,
     pub mode: String,
     pub metric: String,
     /// Mean over turns, in [0, 100].
@@ -75,6 +87,10 @@ pub struct CaseResult {
     pub turns: Vec<TurnResult>,
 }
 
+fn prompt_protocol() -> String {
+    CompressAt::Prompt.name().to_string()
+}
+
 impl CaseResult {
     pub fn key(&self) -> String {
         CaseMeta {
@@ -84,7 +100,7 @@ impl CaseResult {
             sample: self.sample,
             seed: self.seed,
         }
-        .key(&self.kv)
+        .key(&format!("{}|{}", self.kv, self.compress_at))
     }
 }
 
@@ -287,6 +303,9 @@ pub struct Runner<'a> {
     /// caches and the prompt is prefilled once. Specs that compress during prefill (`chunked`) or store the cache in
     /// another format run on their own.
     pub share_prefill: bool,
+    /// The run's protocol: what specs that compress nothing (`full`) use to split their prompts like the others.
+    /// Specs that compress carry their own (`KvSpec::resolve_compress_at`). Default: `prompt`.
+    pub compress_at: CompressAt,
     /// Test hook (`HAYLOFT_EVAL_ABORT_AFTER=N`): after N cases written by this process, the next one exits
     /// mid-case, as a kill would.
     abort_after: Option<usize>,
@@ -314,10 +333,25 @@ impl<'a> Runner<'a> {
             own_answers: false,
             quiet: false,
             share_prefill: true,
+            compress_at: CompressAt::Prompt,
             abort_after,
             written: 0,
             skipped: Vec::new(),
         }
+    }
+
+    /// The protocol `spec` runs under: its own when it compresses, else the run's.
+    pub fn protocol(&self, spec: &KvSpec) -> CompressAt {
+        if spec.compresses() {
+            spec.compress_at()
+        } else {
+            self.compress_at
+        }
+    }
+
+    /// The resume key of a case under a spec.
+    fn key(&self, meta: &CaseMeta, spec: &KvSpec) -> String {
+        meta.key(&format!("{spec}|{}", self.protocol(spec)))
     }
 
     /// Runs every plan under every spec, all specs of one case back to back. Returns the number of cases run.
@@ -327,7 +361,7 @@ impl<'a> Runner<'a> {
             .map(|p| {
                 specs
                     .iter()
-                    .filter(|s| !self.results.is_done(&p.meta.key(&s.to_string())))
+                    .filter(|s| !self.results.is_done(&self.key(&p.meta, s)))
                     .count()
             })
             .sum();
@@ -343,7 +377,7 @@ impl<'a> Runner<'a> {
         for plan in plans.iter_mut() {
             let pending: Vec<&KvSpec> = specs
                 .iter()
-                .filter(|s| !self.results.is_done(&plan.meta.key(&s.to_string())))
+                .filter(|s| !self.results.is_done(&self.key(&plan.meta, s)))
                 .collect();
             if pending.is_empty() {
                 continue;
@@ -375,25 +409,38 @@ impl<'a> Runner<'a> {
         let (shared, own): (Vec<&KvSpec>, Vec<&KvSpec>) = specs.iter().partition(|s| {
             self.share_prefill && single_turn(case) && forkable(s, self.base_cfg.kv_dtype)
         });
-        let mut forked = false;
-        if shared.len() > 1 {
-            // A shared prefill holds the full cache and a fork's copy at once; when that does not fit, each spec runs
-            // on its own, where it may.
-            match self.run_forked(case, &shared, gen_ms) {
-                Ok(results) => {
-                    forked = true;
-                    for r in results {
-                        self.results.append(&r)?;
-                        self.written += 1;
-                        n += 1;
-                        progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+        let mut own = own;
+        // One shared prefill per protocol: `context` prefills the context alone, `prompt` the whole prompt.
+        for at in CompressAt::ALL {
+            let group: Vec<&KvSpec> = shared
+                .iter()
+                .copied()
+                .filter(|s| self.protocol(s) == at)
+                .collect();
+            let mut forked = false;
+            if group.len() > 1 {
+                // A shared prefill holds the full cache and a fork's copy at once; when that does not fit, each spec
+                // runs on its own, where it may.
+                match self.run_forked(case, &group, at, gen_ms) {
+                    Ok(results) => {
+                        forked = true;
+                        for r in results {
+                            self.results.append(&r)?;
+                            self.written += 1;
+                            n += 1;
+                            progress.tick(&format!("{} {}", r.task, r.kv), r.score);
+                        }
                     }
+                    Err(e) if e.is::<OutOfMemory>() => {}
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.is::<OutOfMemory>() => {}
-                Err(e) => return Err(e),
+            }
+            if !forked {
+                own.extend(group);
             }
         }
-        let own: Vec<&KvSpec> = if forked { own } else { specs.to_vec() };
+        // Back in the order the specs were given.
+        own.sort_by_key(|s| specs.iter().position(|x| std::ptr::eq(*x, *s)));
         for spec in own {
             match self.run_one(case, spec, gen_ms) {
                 Ok(r) => {
@@ -404,7 +451,7 @@ impl<'a> Runner<'a> {
                 }
                 // A case that does not fit is that case's error, not the run's.
                 Err(e) if e.is::<OutOfMemory>() => {
-                    let key = case.meta.key(&spec.to_string());
+                    let key = self.key(&case.meta, spec);
                     progress.skip(&key, &format!("{e:#}"));
                     self.skipped.push((key, format!("{e:#}")));
                 }
@@ -421,17 +468,27 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Feeds `toks`, then decodes greedily.
-    fn answer(&self, s: &mut Session, toks: &[u32], max_new: usize) -> Result<Answer> {
-        check_room(s, toks.len(), max_new)?;
-        let room = s.cfg.max_context - s.n_past() - toks.len();
-        s.check_memory(Lengths {
-            prompt: s.n_past() + toks.len(),
+    /// Feeds a turn's tokens, then decodes greedily. `also`: KV bytes held beside this session (a shared context
+    /// whose copy it is).
+    fn answer(&self, s: &mut Session, feed: Feed, max_new: usize, also: usize) -> Result<Answer> {
+        let n = feed.len();
+        check_room(s, n, max_new)?;
+        let room = s.cfg.max_context - s.n_past() - n;
+        let plan = s.plan_memory(Lengths {
+            prompt: s.n_past() + n,
             new: max_new.min(room),
-            feed: toks.len(),
+            feed: n,
         })?;
+        s.check_plan(&plan, also)?;
         let t0 = Instant::now();
-        let logits = s.prefill(toks)?;
+        let logits = match feed {
+            Feed::Prompt(t) => s.prefill(t)?,
+            Feed::Split { context, question } => {
+                s.prefill(context)?;
+                s.prefill_uncompressed(question)?
+            }
+            Feed::Question(t) => s.prefill_uncompressed(t)?,
+        };
         let next = argmax(logits);
         let prefill_s = t0.elapsed().as_secs_f64();
         self.check_abort();
@@ -478,10 +535,12 @@ impl<'a> Runner<'a> {
     /// reads, then per spec a fork (copy + that method's end-of-prefill compression) and greedy decoding. Time to first
     /// token = the shared prefill + the fork's compression (the first token itself comes from the full-cache prefill,
     /// as it does when the method runs on its own: compression follows the prompt's last logits).
+    /// Under `context` the shared prefill holds the context only; each fork compresses it and prefills the question.
     fn run_forked(
         &mut self,
         case: &Case,
         specs: &[&KvSpec],
+        at: CompressAt,
         gen_ms: f64,
     ) -> Result<Vec<CaseResult>> {
         let mc = self.model.config();
@@ -501,12 +560,12 @@ impl<'a> Runner<'a> {
         let mut base = Session::new(self.model, cfg)?;
         let conv = &case.conv;
         let turn = &conv.turns[0];
-        let text = self.prompter.render(conv, 0, &[], Mode::MultiTurn)?;
-        let toks = self.prompter.encode(&text, true)?;
-        check_room(&base, toks.len(), turn.max_new)?;
+        let (ctx, question) = self.first_prompt(conv, at)?;
+        let n_prompt = ctx.len() + question.len();
+        check_room(&base, n_prompt, turn.max_new)?;
         // The full-cache prefill, and one fork at a time: a copy of its cache, compressed, then decoding.
-        let len = Lengths::generate(toks.len(), turn.max_new);
-        let plan = base.plan_memory(Lengths::generate(toks.len(), 0))?;
+        let len = Lengths::generate(n_prompt, turn.max_new);
+        let plan = base.plan_memory(Lengths::generate(n_prompt, 0))?;
         let mut fork_kv = 0;
         for spec in specs {
             let mut c = self.base_cfg.clone();
@@ -519,26 +578,32 @@ impl<'a> Runner<'a> {
         }
         base.check_plan(&plan, fork_kv)?;
         let t0 = Instant::now();
-        let next = argmax(base.prefill(&toks)?);
+        let full_next = argmax(base.prefill(&ctx)?);
         let prefill_s = t0.elapsed().as_secs_f64();
         self.check_abort();
         let mut results = Vec::with_capacity(specs.len());
         for spec in specs {
             let t_case = Instant::now();
             let mut s = base.fork(spec)?;
+            // Under `context` the question follows the compressed context; its last logits give the first token.
+            let next = if question.is_empty() {
+                full_next
+            } else {
+                argmax(s.prefill_uncompressed(&question)?)
+            };
             let ttft = prefill_s + t_case.elapsed().as_secs_f64();
             let (out, steps, dec_s) = self.decode_greedy(&mut s, next, turn.max_new)?;
             let text = self.prompter.tok.decode(&out);
-            let tr = self.turn_result(0, turn, &text, toks.len(), ttft, out.len());
+            let tr = self.turn_result(0, turn, &text, n_prompt, ttft, out.len());
             let model_s = prefill_s + t_case.elapsed().as_secs_f64();
             results.push(self.case_result(
                 case,
                 spec,
                 vec![tr],
                 Timing {
-                    first_len: toks.len(),
+                    first_len: n_prompt,
                     first_ttft: ttft,
-                    pre_tok: toks.len(),
+                    pre_tok: n_prompt,
                     pre_s: prefill_s,
                     dec_steps: steps,
                     dec_s,
@@ -551,10 +616,29 @@ impl<'a> Runner<'a> {
         Ok(results)
     }
 
+    /// The first prompt of a conversation, as `protocol` feeds it: under `prompt` the whole prompt and no question;
+    /// under `context` the text up to the end of the context (with BOS) and the question after it (the part that is
+    /// not compressed).
+    fn first_prompt(&self, conv: &super::Conversation, at: CompressAt) -> Result<(Vec<u32>, Vec<u32>)> {
+        let p = self.prompter;
+        let full = p.render(conv, 0, &[], Mode::MultiTurn)?;
+        match at {
+            CompressAt::Prompt => Ok((p.encode(&full, true)?, Vec::new())),
+            CompressAt::Context => {
+                let shared = p.shared_prefix(conv)?;
+                let question = full
+                    .strip_prefix(shared.as_str())
+                    .context("the first prompt does not start with its context; cannot split it for --compress-at context")?;
+                Ok((p.encode(&shared, true)?, p.encode(question, false)?))
+            }
+        }
+    }
+
     /// One case under one KV spec, in a fresh session.
     pub fn run_one(&mut self, case: &Case, spec: &KvSpec, gen_ms: f64) -> Result<CaseResult> {
         let mut cfg = self.base_cfg.clone();
         cfg.kv = spec.clone();
+        let at = self.protocol(spec);
         let mut s = Session::new(self.model, cfg)?;
         let conv = &case.conv;
         let p = self.prompter;
@@ -562,6 +646,8 @@ impl<'a> Runner<'a> {
         let (mut dec_steps, mut dec_s, mut pre_tok, mut pre_s) = (0usize, 0.0f64, 0usize, 0.0f64);
         let mut first_len = 0;
         let mut first_ttft = 0.0;
+        // (peak KV bytes, KV bytes at the end, KV bytes read per decoded token) of the case.
+        let kv_figures;
         let t_case = Instant::now();
         match conv.mode {
             Mode::MultiTurn => {
@@ -569,37 +655,45 @@ impl<'a> Runner<'a> {
                 let mut answers: Vec<String> = Vec::new();
                 for (i, turn) in conv.turns.iter().enumerate() {
                     let full = p.render(conv, i, &answers, Mode::MultiTurn)?;
-                    let delta = full.strip_prefix(fed.as_str()).with_context(|| {
-                        "the chat template does not render turns append-only; cannot run this conversation \
-                         multi-turn (try --no-chat)"
-                    })?;
-                    let toks = p.encode(delta, fed.is_empty())?;
+                    let (head, question);
+                    let feed = if i == 0 {
+                        (head, question) = self.first_prompt(conv, at)?;
+                        if question.is_empty() {
+                            Feed::Prompt(&head)
+                        } else {
+                            Feed::Split {
+                                context: &head,
+                                question: &question,
+                            }
+                        }
+                    } else {
+                        let delta = full.strip_prefix(fed.as_str()).with_context(|| {
+                            "the chat template does not render turns append-only; cannot run this conversation \
+                             multi-turn (try --no-chat)"
+                        })?;
+                        head = p.encode(delta, false)?;
+                        Feed::Prompt(&head)
+                    };
+                    let n = feed.len();
                     let before = s.n_past();
                     // Sliding-window layers keep what the truncation below comes back to.
-                    s.hold(before + toks.len());
-                    let a = self.answer(&mut s, &toks, turn.max_new)?;
+                    s.hold(before + n);
+                    let a = self.answer(&mut s, feed, turn.max_new, 0)?;
                     let text = p.tok.decode(&a.tokens);
                     // Drop the generated tokens: the answer the next turn sees is fed again from the rendered
                     // conversation (the gold answer by default, the model's own with --own-answers).
-                    s.truncate(before + toks.len())?;
+                    s.truncate(before + n)?;
                     if i == 0 {
-                        first_len = toks.len();
+                        first_len = n;
                         first_ttft = a.ttft_s;
                     }
                     (dec_steps, dec_s, pre_tok, pre_s) = (
                         dec_steps + a.decode_steps,
                         dec_s + a.decode_s,
-                        pre_tok + toks.len(),
+                        pre_tok + n,
                         pre_s + a.prefill_s,
                     );
-                    turns.push(self.turn_result(
-                        i,
-                        turn,
-                        &text,
-                        toks.len(),
-                        a.ttft_s,
-                        a.tokens.len(),
-                    ));
+                    turns.push(self.turn_result(i, turn, &text, n, a.ttft_s, a.tokens.len()));
                     answers.push(if self.own_answers {
                         text.trim().to_string()
                     } else {
@@ -607,26 +701,27 @@ impl<'a> Runner<'a> {
                     });
                     fed = full;
                 }
+                kv_figures = (s.cache.peak_bytes(), s.cache.bytes(), read_per_token(&s));
             }
             Mode::MultiRequest => {
                 let shared = p.shared_prefix(conv)?;
                 let ctx = p.encode(&shared, true)?;
-                s.check_memory(Lengths::generate(ctx.len(), 0))?;
                 let t0 = Instant::now();
-                // Every query goes back to the end of the shared context: sliding-window layers keep its window.
-                s.hold(ctx.len());
-                s.feed(&ctx, 0..0, |_, _| {})?;
+                self.shared_context(&mut s, &ctx)?;
                 let ctx_s = t0.elapsed().as_secs_f64();
                 let ctx_len = s.n_past();
+                let (mut peak, mut reads) = (s.cache.peak_bytes(), 0u64);
                 for (i, turn) in conv.turns.iter().enumerate() {
                     let full = p.render(conv, i, &[], Mode::MultiRequest)?;
                     let delta = full
                         .strip_prefix(shared.as_str())
                         .context("a query's prompt does not start with the shared context")?;
                     let toks = p.encode(delta, false)?;
-                    let a = self.answer(&mut s, &toks, turn.max_new)?;
+                    let r = self.request(&s, &toks, turn.max_new)?;
+                    let a = r.answer;
+                    peak = peak.max(r.peak_kv_bytes);
+                    reads += r.kv_read;
                     let text = p.tok.decode(&a.tokens);
-                    s.truncate(ctx_len)?;
                     let fed = if i == 0 {
                         ctx_len + toks.len()
                     } else {
@@ -653,6 +748,13 @@ impl<'a> Runner<'a> {
                         a.tokens.len(),
                     ));
                 }
+                // What the case holds between requests is the shared context; a request's copy is counted as a paged
+                // cache would share it: its own peak, the shared blocks once.
+                kv_figures = (
+                    peak,
+                    s.cache.bytes(),
+                    reads as f64 / dec_steps.max(1) as f64,
+                );
             }
         }
         let model_s = t_case.elapsed().as_secs_f64();
@@ -669,9 +771,41 @@ impl<'a> Runner<'a> {
                 dec_s,
                 model_s,
             },
-            (s.cache.peak_bytes(), s.cache.bytes(), read_per_token(&s)),
+            kv_figures,
             gen_ms,
         )
+    }
+
+    /// Prefills the shared context of a multi-request conversation into `s`, once: compressed under `context`; whole
+    /// under `prompt`, where each request compresses its own copy together with its question.
+    pub fn shared_context(&self, s: &mut Session, ctx: &[u32]) -> Result<()> {
+        s.check_memory(Lengths::generate(ctx.len(), 0))?;
+        match self.protocol(&s.cfg.kv) {
+            CompressAt::Context => s.prefill(ctx)?,
+            CompressAt::Prompt => s.prefill_uncompressed(ctx)?,
+        };
+        Ok(())
+    }
+
+    /// Answers one request against `shared` on a copy of it ([`Session::duplicate`]), so `shared` is the same after
+    /// every request: the question is prefilled (compressed with the context under `prompt`, uncompressed after the
+    /// already compressed context under `context`), then decoded greedily.
+    fn request(&self, shared: &Session, toks: &[u32], max_new: usize) -> Result<Request> {
+        let t0 = Instant::now();
+        let mut q = shared.duplicate()?;
+        let copy_s = t0.elapsed().as_secs_f64();
+        let feed = match self.protocol(&shared.cfg.kv) {
+            CompressAt::Context => Feed::Question(toks),
+            CompressAt::Prompt => Feed::Prompt(toks),
+        };
+        let mut answer = self.answer(&mut q, feed, max_new, shared.cache.bytes())?;
+        answer.ttft_s += copy_s;
+        answer.prefill_s += copy_s;
+        Ok(Request {
+            answer,
+            peak_kv_bytes: q.cache.peak_bytes(),
+            kv_read: q.stats.kv_read_total - shared.stats.kv_read_total,
+        })
     }
 
     fn case_result(
@@ -700,6 +834,7 @@ impl<'a> Runner<'a> {
             kv: spec.to_string(),
             method: spec.method.name.to_string(),
             budget: spec.budget.map(|b| b.to_string()),
+            compress_at: self.protocol(spec).name().to_string(),
             mode: conv.mode.name().to_string(),
             metric: conv.turns[0].metric.name(),
             score,
@@ -745,6 +880,38 @@ impl<'a> Runner<'a> {
             generated_tokens: gen,
         }
     }
+}
+
+/// How a turn's tokens go in.
+#[derive(Clone, Copy)]
+enum Feed<'t> {
+    /// One prefill, compressed as the protocol says ([`Session::prefill`]).
+    Prompt(&'t [u32]),
+    /// The context (compressed as the protocol says), then the question after it, uncompressed.
+    Split {
+        context: &'t [u32],
+        question: &'t [u32],
+    },
+    /// The question after an already compressed context, uncompressed.
+    Question(&'t [u32]),
+}
+
+impl Feed<'_> {
+    fn len(&self) -> usize {
+        match *self {
+            Feed::Prompt(t) | Feed::Question(t) => t.len(),
+            Feed::Split { context, question } => context.len() + question.len(),
+        }
+    }
+}
+
+/// One request of a multi-request conversation, answered on a copy of the shared session.
+struct Request {
+    answer: Answer,
+    /// The copy's peak KV bytes (the shared context's blocks it started from included).
+    peak_kv_bytes: usize,
+    /// KV bytes the copy read while decoding.
+    kv_read: u64,
 }
 
 /// One turn's prefill and greedy decoding.

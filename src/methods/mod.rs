@@ -52,7 +52,7 @@ pub mod registry;
 pub mod select;
 pub mod spec;
 
-pub use spec::{storage_for, Budget, Kivi, KvSpec, Options, DEFAULT_EVERY};
+pub use spec::{storage_for, Budget, CompressAt, Kivi, KvSpec, Options};
 
 /// What a method reads besides the cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -300,7 +300,7 @@ pub static OPTIONS: &[OptionRow] = &[
         arg: "",
         arg_required: false,
         help: "compress after every prefill chunk, so peak memory is budget + one chunk (default: once at the end of \
-               the prefill, question-aware)",
+               the prefill, see `at`)",
         evicting_only: true,
         alone: None,
         set: |o, a| {
@@ -314,7 +314,7 @@ pub static OPTIONS: &[OptionRow] = &[
         name: "every",
         arg: "N",
         arg_required: true,
-        help: "compress every N decode steps (default 64; 0 = never during decoding)",
+        help: "compress every N decode steps (default: never, under both protocols; 0 = never)",
         evicting_only: true,
         alone: None,
         set: |o, a| {
@@ -327,6 +327,39 @@ pub static OPTIONS: &[OptionRow] = &[
             Ok(())
         },
         show: |o| o.every.map(|n| format!("every@{n}")),
+    },
+    OptionRow {
+        name: "at",
+        arg: "context|prompt",
+        arg_required: true,
+        help: "when prompts are compressed (`--compress-at` sets it for every spec): `context` = once, at the end of \
+               the context, the question left out and fed after it uncompressed (kvpress's protocol; eval's default); \
+               `prompt` = at the end of every prompt feed, question included (question-aware; default elsewhere)",
+        evicting_only: false,
+        alone: None,
+        set: |o, a| {
+            let Some(a) = a else {
+                bail!("'at' needs a protocol: at@context or at@prompt")
+            };
+            o.compress_at = Some(a.parse()?);
+            Ok(())
+        },
+        show: |o| o.compress_at.map(|a| format!("at@{a}")),
+    },
+    OptionRow {
+        name: "turns",
+        arg: "",
+        arg_required: false,
+        help: "with `at@context`: compress again at the end of every later turn's prompt (chat, multi-turn eval); \
+               default: only the context is compressed",
+        evicting_only: false,
+        alone: None,
+        set: |o, a| {
+            no_arg("turns", a)?;
+            o.turns = true;
+            Ok(())
+        },
+        show: |o| o.turns.then(|| "turns".to_string()),
     },
     OptionRow {
         name: "pyramid",

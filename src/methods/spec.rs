@@ -20,8 +20,49 @@ use super::registry::{self, MethodRow, SelectorRow};
 use super::select::SelectOptions;
 use crate::kv::{KvDtype, DEFAULT_RESIDUAL};
 
-/// Decode steps between compressions unless `every@N` says otherwise.
-pub const DEFAULT_EVERY: usize = 64;
+/// When the KV method compresses a prompt (`--compress-at`, or the spec option `at@context|prompt`), parsed once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CompressAt {
+    /// Once, at the end of the context; the question after it is fed uncompressed at the positions that follow the
+    /// context's (kvpress's pipeline, question-agnostic), and later turns are not compressed unless `turns` says so.
+    Context,
+    /// At the end of every prompt feed, the question included (question-aware, as the SnapKV paper evaluates).
+    #[default]
+    Prompt,
+}
+
+impl CompressAt {
+    /// Every value, as the flag and the option spell them.
+    pub const ALL: [CompressAt; 2] = [CompressAt::Context, CompressAt::Prompt];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressAt::Context => "context",
+            CompressAt::Prompt => "prompt",
+        }
+    }
+}
+
+impl FromStr for CompressAt {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        match Self::ALL.into_iter().find(|a| a.name() == s) {
+            Some(a) => Ok(a),
+            None => bail!(
+                "compress at '{s}': expected one of {}",
+                Self::ALL.map(|a| a.name()).join(", ")
+            ),
+        }
+    }
+}
+
+impl fmt::Display for CompressAt {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// How many entries a head may keep.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -91,8 +132,12 @@ pub struct Kivi {
 pub struct Options {
     /// Compress after every prefill chunk.
     pub chunked: bool,
-    /// Compress every this many decode steps (0 = never); None = [`DEFAULT_EVERY`].
+    /// Compress every this many decode steps (0 = never); None = never.
     pub every: Option<usize>,
+    /// When prompts are compressed; None = the command's default ([`CompressAt::Prompt`] in a session).
+    pub compress_at: Option<CompressAt>,
+    /// Under [`CompressAt::Context`]: compress again at the end of every later turn's prompt.
+    pub turns: bool,
     /// PyramidKV's per-layer budgets, with its beta.
     pub pyramid: Option<f64>,
     /// AdaKV's head-adaptive budgets, with its floor share.
@@ -111,9 +156,9 @@ impl Options {
         registry::option(name).is_some_and(|o| (o.show)(self).is_some())
     }
 
-    /// Decode steps between compressions.
+    /// Decode steps between compressions (0 = never, the default under both protocols).
     pub fn every(&self) -> usize {
-        self.every.unwrap_or(DEFAULT_EVERY)
+        self.every.unwrap_or(0)
     }
 }
 
@@ -188,6 +233,26 @@ impl KvSpec {
         s.parse()
     }
 
+    /// Whether a press runs for this spec (it evicts entries or prunes key channels): what the protocol applies to.
+    pub fn compresses(&self) -> bool {
+        self.method.build.is_some() || self.options.think.is_some()
+    }
+
+    /// The protocol this spec compresses under in a session (its `at` option, else [`CompressAt::Prompt`]).
+    pub fn compress_at(&self) -> CompressAt {
+        self.options.compress_at.unwrap_or_default()
+    }
+
+    /// The protocol a run uses for this spec: `flag` (`--compress-at`) over the spec's own `at` option over the
+    /// command's `default`. Written into the spec when it compresses, so its label says which protocol ran.
+    pub fn resolve_compress_at(&mut self, flag: Option<CompressAt>, default: CompressAt) -> CompressAt {
+        let at = flag.or(self.options.compress_at).unwrap_or(default);
+        if self.compresses() {
+            self.options.compress_at = Some(at);
+        }
+        at
+    }
+
     /// Checks the combination of method, budget and options.
     fn check(&self) -> Result<()> {
         if let Some(sel) = &self.select {
@@ -209,6 +274,12 @@ impl KvSpec {
         }
         let m = self.method;
         let o = &self.options;
+        if !self.compresses() && (o.compress_at.is_some() || o.turns) {
+            bail!(
+                "'{self}' compresses nothing, so when compression runs (at@context|prompt, turns) does not apply; \
+                 give a compression method (or think)"
+            );
+        }
         if m.build.is_none() {
             if self.budget.is_some() {
                 bail!("'{}' keeps every entry and takes no budget", m.name);
