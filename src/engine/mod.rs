@@ -560,6 +560,30 @@ impl<'m> Session<'m> {
         self.cache.hold(Some(n as u32));
     }
 
+    /// A hash of what the session holds: every cached entry of every (layer, KV head) — position, key and value
+    /// bits — and the token history. Equal fingerprints = the same cache, as far as a 64-bit hash tells; for tests
+    /// that something was left unchanged.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let c = &self.cache.cfg;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.tokens.hash(&mut h);
+        let (mut k, mut v) = (vec![0f32; c.head_dim_k], vec![0f32; c.head_dim_v]);
+        for layer in 0..c.n_layers {
+            for head in 0..c.n_kv_heads {
+                let n = self.cache.len(layer, head);
+                n.hash(&mut h);
+                for i in 0..n {
+                    self.cache.read(layer, head, i, &mut k, &mut v).hash(&mut h);
+                    for x in k.iter().chain(&v) {
+                        x.to_bits().hash(&mut h);
+                    }
+                }
+            }
+        }
+        h.finish()
+    }
+
     /// Forgets everything: an empty cache (sliding windows and holds included).
     pub fn reset(&mut self) {
         self.tokens.clear();

@@ -964,3 +964,77 @@ fn single_turn(case: &Case) -> bool {
 fn forkable(spec: &KvSpec, base: crate::kv::KvDtype) -> bool {
     !spec.options.chunked && crate::methods::storage_for(spec, base).is_ok_and(|d| d == base)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::haystack::Haystacks;
+    use crate::eval::scbench;
+    use crate::gguf::GgufFile;
+    use crate::model::testutil::{write_tiny_llama, TinySpec};
+    use crate::tokenizer::chat::ChatTemplate;
+    use crate::tokenizer::Tokenizer;
+
+    /// SCBench's multi-request protocol: the shared context's cache is computed once (compressed once under
+    /// `context`) and is bit for bit the same after every query; under `context` each query's answer is the one a
+    /// single-query run of it gives.
+    #[test]
+    fn multi_request_leaves_the_shared_context_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let spec = TinySpec {
+            ctx_len: 2048,
+            ..Default::default()
+        };
+        write_tiny_llama(&path, &spec).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let model = Model::from_gguf(&g).unwrap();
+        let tok = Tokenizer::from_gguf(&g).unwrap();
+        let tpl = ChatTemplate::from_gguf(&g).map_err(|e| format!("{e:#}"));
+        let p = Prompter::new(&tok, tpl.as_ref().map_err(|e| e.clone()), false);
+        let mut hays = Haystacks::new(None);
+        let case = scbench::case(&p, &mut hays, "kv", Mode::MultiRequest, 3, 1200, 0, 1).unwrap();
+        let rf = ResultsFile::open(&dir.path().join("r"), false).unwrap();
+        let mut runner = Runner::new(&model, p, SessionConfig::for_model(&model), rf);
+        runner.compress_at = CompressAt::Context;
+        let shared_text = p.shared_prefix(&case.conv).unwrap();
+        let ctx = p.encode(&shared_text, true).unwrap();
+        for (kv, compressions) in [
+            ("snapkv@0.3,at@context", 1),
+            ("snapkv@0.3,at@prompt", 0),
+            ("full", 0),
+        ] {
+            let spec = KvSpec::parse(kv).unwrap();
+            let mut cfg = runner.base_cfg.clone();
+            cfg.kv = spec.clone();
+            let mut s = Session::new(&model, cfg).unwrap();
+            runner.shared_context(&mut s, &ctx).unwrap();
+            assert_eq!(s.compressions, compressions, "{kv}");
+            let before = s.fingerprint();
+            for (i, turn) in case.conv.turns.iter().enumerate() {
+                let full = p.render(&case.conv, i, &[], Mode::MultiRequest).unwrap();
+                let toks = p
+                    .encode(full.strip_prefix(shared_text.as_str()).unwrap(), false)
+                    .unwrap();
+                let r = runner.request(&s, &toks, turn.max_new).unwrap();
+                assert!(r.peak_kv_bytes > 0);
+                assert_eq!(s.fingerprint(), before, "{kv}: query {i} changed the context");
+                assert_eq!(s.compressions, compressions, "{kv}");
+                assert_eq!(s.n_past(), ctx.len());
+            }
+            // The whole case, then each query alone as a single-turn case (under `context` split the same way).
+            let r = runner.run_one(&case, &spec, 0.0).unwrap();
+            assert_eq!(r.compress_at, runner.protocol(&spec).name());
+            if kv.contains("at@prompt") {
+                continue;
+            }
+            for i in 0..case.conv.turns.len() {
+                let mut single = case.clone();
+                single.conv.mode = Mode::MultiTurn;
+                single.conv.turns = vec![case.conv.turns[i].clone()];
+                let one = runner.run_one(&single, &spec, 0.0).unwrap();
+                assert_eq!(one.output, r.turns[i].output, "{kv}: query {i}");
+            }
+        }
+    }
+}

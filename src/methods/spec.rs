@@ -594,6 +594,11 @@ mod tests {
             ("think@0.25,kivi8", "full,kivi8,think@0.25"),
             ("duo@0.5,heads@a/b.json", "duo@0.5,heads@a/b.json"),
             (" tova@0.1 , every@0 ", "tova@0.1,every@0"),
+            (
+                "snapkv@0.5,turns,at@context",
+                "snapkv@0.5,at@context,turns",
+            ),
+            ("h2o@0.2,at@prompt,every@8", "h2o@0.2,every@8,at@prompt"),
         ] {
             let s = KvSpec::parse(given).unwrap();
             assert_eq!(s.to_string(), canonical, "{given}");
