@@ -243,6 +243,34 @@ fn kv_spec_errors_name_the_problem() {
 }
 
 #[test]
+fn a_bad_compression_protocol_names_the_allowed_ones() {
+    let f = Fixture::new();
+    let model = f.path("tiny.gguf");
+    for cmd in [
+        vec!["generate", "-p", "hi"],
+        vec!["chat"],
+        vec!["eval", "niah"],
+    ] {
+        let mut args = cmd.clone();
+        args.extend(["--model", &model, "--compress-at", "question"]);
+        expect_error(&args, f.home(), &["question", "context, prompt"]);
+    }
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "-p",
+            "hi",
+            "--kv",
+            "snapkv@0.5,at@later",
+        ],
+        f.home(),
+        &["later", "context, prompt"],
+    );
+}
+
+#[test]
 fn bad_kv_storage_flags_name_the_problem() {
     let f = Fixture::new();
     let model = f.path("tiny.gguf");

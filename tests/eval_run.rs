@@ -93,6 +93,8 @@ fn niah_writes_results_report_and_heatmap() {
         assert!(r.length > 0 && r.length + 6 <= r.target_len);
         assert!(r.peak_kv_bytes > 0 && r.ttft_ms.is_finite());
         assert_eq!(r.kv, "full");
+        // Eval's default protocol: the context is compressed once, the question left out.
+        assert_eq!(r.compress_at, "context");
         assert_eq!(r.references.len(), 1);
         assert_eq!(r.references[0].len(), 7);
     }
@@ -543,7 +545,9 @@ fn shared_prefill_sweep_equals_separate_runs() {
             );
         }
         assert_eq!(a.final_kv_bytes, b.final_kv_bytes, "{}", a.kv);
-        if a.kv != "full" {
+        // (With `chunked` the peak is already bounded by budget + one chunk; the question and the answer, never
+        // compressed under `context`, may bring the cache back up to it.)
+        if a.kv != "full" && !a.kv.contains("chunked") {
             assert!(
                 a.final_kv_bytes < a.peak_kv_bytes,
                 "{}: compression must free memory",

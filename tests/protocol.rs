@@ -105,7 +105,11 @@ fn prompt_compresses_every_prompt_feed_as_before() {
         b.prefill(feed).unwrap();
         assert_eq!(a.compressions, i + 1);
         assert_eq!(a.fingerprint(), b.fingerprint(), "feed {i}");
-        assert_eq!(a.cache.max_len(), 40, "feed {i}: question-aware, compressed with the prompt");
+        assert_eq!(
+            a.cache.max_len(),
+            40,
+            "feed {i}: question-aware, compressed with the prompt"
+        );
     }
     // Under `prompt` the question is compressed with the context: the cache differs from `context`'s, where it is
     // fed after the compression and kept whole.

@@ -285,7 +285,8 @@ fn protocols(results: &[CaseResult]) -> Vec<String> {
 
 /// The report's sentence on when the cache was compressed (each compressing spec's label also carries it, `at@...`).
 fn protocol_line(protocols: &[String]) -> String {
-    let explain = |p: &str| match p.parse::<CompressAt>() {
+    let explain = |p: &str| {
+        match p.parse::<CompressAt>() {
         Ok(CompressAt::Context) => format!(
             "`{p}` (compressed once at the end of the context, the question left out and prefilled after it; \
              kvpress's protocol)"
@@ -294,6 +295,7 @@ fn protocol_line(protocols: &[String]) -> String {
             "`{p}` (compressed at the end of every prompt, question included)"
         ),
         Err(_) => format!("`{p}`"),
+    }
     };
     let all: Vec<String> = protocols.iter().map(|p| explain(p)).collect();
     format!(

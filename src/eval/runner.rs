@@ -619,7 +619,11 @@ impl<'a> Runner<'a> {
     /// The first prompt of a conversation, as `protocol` feeds it: under `prompt` the whole prompt and no question;
     /// under `context` the text up to the end of the context (with BOS) and the question after it (the part that is
     /// not compressed).
-    fn first_prompt(&self, conv: &super::Conversation, at: CompressAt) -> Result<(Vec<u32>, Vec<u32>)> {
+    fn first_prompt(
+        &self,
+        conv: &super::Conversation,
+        at: CompressAt,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
         let p = self.prompter;
         let full = p.render(conv, 0, &[], Mode::MultiTurn)?;
         match at {
@@ -1018,7 +1022,11 @@ mod tests {
                     .unwrap();
                 let r = runner.request(&s, &toks, turn.max_new).unwrap();
                 assert!(r.peak_kv_bytes > 0);
-                assert_eq!(s.fingerprint(), before, "{kv}: query {i} changed the context");
+                assert_eq!(
+                    s.fingerprint(),
+                    before,
+                    "{kv}: query {i} changed the context"
+                );
                 assert_eq!(s.compressions, compressions, "{kv}");
                 assert_eq!(s.n_past(), ctx.len());
             }

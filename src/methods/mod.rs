@@ -23,11 +23,14 @@
 //!
 //! # When compression runs
 //!
-//! - End of prefill (default): once the whole prompt is in the cache, so the observation window holds the prompt's last
-//!   queries — the question, when the prompt ends with one (question-aware, as the SnapKV paper evaluates). Peak memory
-//!   still holds the whole prompt.
-//! - `chunked`: after every prefill chunk (Locret-style), so peak memory is bounded by budget + one chunk.
-//! - During decoding, every N steps (`every@N`, default 64; `every@0` = never): the cache stays within budget + N.
+//! - At the end of a prompt feed, as the protocol ([`CompressAt`], `at@context|prompt`, `--compress-at`) says:
+//!   `prompt` compresses at the end of every prompt feed, so the observation window holds the prompt's last queries —
+//!   the question, when the prompt ends with one (question-aware, as the SnapKV paper evaluates); `context` compresses
+//!   once, at the end of the context, and the question is fed after it uncompressed (kvpress's protocol), later feeds
+//!   too unless `turns`. Peak memory still holds the whole context.
+//! - `chunked`: also after every chunk of a feed that compresses (Locret-style), so peak memory is bounded by budget +
+//!   one chunk.
+//! - During decoding, only with `every@N` (every N steps; the default is never): the cache stays within budget + N.
 //!
 //! Prefill is `Session::prefill`, or `Session::feed` of more than one token; a single-token feed is a decode step.
 

@@ -245,7 +245,11 @@ impl KvSpec {
 
     /// The protocol a run uses for this spec: `flag` (`--compress-at`) over the spec's own `at` option over the
     /// command's `default`. Written into the spec when it compresses, so its label says which protocol ran.
-    pub fn resolve_compress_at(&mut self, flag: Option<CompressAt>, default: CompressAt) -> CompressAt {
+    pub fn resolve_compress_at(
+        &mut self,
+        flag: Option<CompressAt>,
+        default: CompressAt,
+    ) -> CompressAt {
         let at = flag.or(self.options.compress_at).unwrap_or(default);
         if self.compresses() {
             self.options.compress_at = Some(at);
@@ -594,10 +598,7 @@ mod tests {
             ("think@0.25,kivi8", "full,kivi8,think@0.25"),
             ("duo@0.5,heads@a/b.json", "duo@0.5,heads@a/b.json"),
             (" tova@0.1 , every@0 ", "tova@0.1,every@0"),
-            (
-                "snapkv@0.5,turns,at@context",
-                "snapkv@0.5,at@context,turns",
-            ),
+            ("snapkv@0.5,turns,at@context", "snapkv@0.5,at@context,turns"),
             ("h2o@0.2,at@prompt,every@8", "h2o@0.2,every@8,at@prompt"),
         ] {
             let s = KvSpec::parse(given).unwrap();
