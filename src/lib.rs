@@ -17,6 +17,7 @@ pub mod kv;
 pub mod methods;
 pub mod model;
 pub mod progress;
+pub mod serve;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 pub mod tokenizer;
