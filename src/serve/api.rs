@@ -104,6 +104,9 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
     /// The KV-cache method for this request (`"snapkv@0.25"`), parsed like `--kv`.
     pub kv: Option<String>,
+    /// Keep generating past end-of-generation tokens (llama-server's and vLLM's field; for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -194,6 +197,8 @@ pub struct GenParams {
     pub logprobs: Option<usize>,
     /// The KV method, None = the server's `--kv`.
     pub kv: Option<KvSpec>,
+    /// End-of-generation tokens do not end the sequence.
+    pub ignore_eos: bool,
 }
 
 /// The parts of [`Sampling`] the engine reads, checked: a sampler config (seeded), the stop strings, the KV spec,
@@ -205,6 +210,7 @@ pub struct Checked {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 impl Sampling {
@@ -269,6 +275,7 @@ impl Sampling {
             kv,
             n,
             stream: self.stream,
+            ignore_eos: self.ignore_eos,
             include_usage: self
                 .stream_options
                 .as_ref()

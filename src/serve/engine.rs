@@ -138,6 +138,11 @@ impl<'m> Scheduler<'m> {
             }
             self.admit();
             self.round();
+            let gone = self.running.iter().filter(|s| s.cancelled()).count();
+            self.shared
+                .metrics
+                .cancelled
+                .fetch_add(gone as u64, Relaxed);
             self.running.retain(|s| !s.finished());
             self.publish_gauges();
         }
@@ -196,10 +201,7 @@ impl<'m> Scheduler<'m> {
     /// One scheduling round: a decode step for every decoding sequence, then one prefill chunk.
     fn round(&mut self) {
         for s in &mut self.running {
-            if s.client_gone() {
-                s.cancel();
-                self.shared.metrics.cancelled.fetch_add(1, Relaxed);
-            }
+            s.check_client();
         }
         self.decode_round();
         if let Some(s) = self

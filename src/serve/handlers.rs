@@ -347,6 +347,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
         prompt_logprobs: if req.echo { top } else { None },
         logprobs: top,
         kv: c.kv,
+        ignore_eos: c.ignore_eos,
     };
     let run = submit(&sh, &ids, c.n, &params).await?;
     let meta = Meta {
@@ -399,6 +400,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         prompt_logprobs: None,
         logprobs: top,
         kv: c.kv,
+        ignore_eos: c.ignore_eos,
     };
     let firsts = vec![prompt[0]];
     let run = submit(&sh, std::slice::from_ref(&prompt), c.n, &params).await?;

@@ -37,6 +37,7 @@ pub struct Seq<'m> {
     generated: usize,
     last_token_at: Option<Instant>,
     finished: bool,
+    cancelled: bool,
 }
 
 impl<'m> Seq<'m> {
@@ -59,6 +60,7 @@ impl<'m> Seq<'m> {
             generated: 0,
             last_token_at: None,
             finished: false,
+            cancelled: false,
             session,
             job,
         }
@@ -72,12 +74,21 @@ impl<'m> Seq<'m> {
         self.fed < self.job.prompt.len()
     }
 
-    pub fn client_gone(&self) -> bool {
-        !self.finished && self.job.events.is_closed()
+    /// Checks whether the client is still there; a sequence whose client left is finished, as cancelled.
+    pub fn check_client(&mut self) {
+        if !self.finished && self.job.events.is_closed() {
+            self.cancel();
+        }
     }
 
-    pub fn cancel(&mut self) {
+    fn cancel(&mut self) {
         self.finished = true;
+        self.cancelled = true;
+    }
+
+    /// Ended because its client disconnected.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled
     }
 
     pub fn kv_bytes(&self) -> usize {
@@ -86,7 +97,7 @@ impl<'m> Seq<'m> {
 
     fn send(&mut self, e: Event) {
         if self.job.events.send(e).is_err() {
-            self.finished = true;
+            self.cancel();
         }
     }
 
@@ -189,7 +200,7 @@ impl<'m> Seq<'m> {
         self.generated += 1;
         metrics.generated_tokens.fetch_add(1, Relaxed);
         let index = self.job.index;
-        if self.ready.tokenizer.is_eog(next) {
+        if !self.job.params.ignore_eos && self.ready.tokenizer.is_eog(next) {
             // The end-of-generation token counts as generated and shows in log-probabilities (lm-eval reads the
             // one generated token after an echoed prompt), but adds no text.
             self.send(Event::Token {
