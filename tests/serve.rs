@@ -790,6 +790,13 @@ fn a_full_queue_answers_429_and_a_disconnect_frees_the_slot() {
         assert!(n > 0, "stream ended early");
         seen.extend_from_slice(&buf[..n]);
     }
+    // More choices than the server could ever hold: a 400, not a 429 to retry forever.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": ["a", "b"], "max_tokens": 1}),
+    );
+    assert_error(&r, 400, "at most 1");
     let r = post(a, "/v1/completions", &greedy(json!("x"), 1));
     assert_error(&r, 429, "full");
     assert_eq!(r.header("retry-after"), Some("1"));

@@ -250,6 +250,14 @@ async fn submit(
         ))
         .code("invalid_field"));
     }
+    if jobs > sh.capacity() {
+        return Err(ApiError::bad_request(format!(
+            "{jobs} choices in one request, and the server holds at most {} sequences (--parallel + --queue); \
+             send fewer prompts or a smaller n",
+            sh.capacity()
+        ))
+        .code("too_many_choices"));
+    }
     // Reserve the places; each job's ticket gives its one back when the job ends (or is never sent).
     let before = sh.in_flight.fetch_add(jobs, Relaxed);
     if before + jobs > sh.capacity() {
