@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["methods"],
     &["engine"],
     &["eval"],
+    &["serve"],
     &["cli"],
 ];
 

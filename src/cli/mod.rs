@@ -8,6 +8,7 @@ mod heads;
 mod info;
 mod perplexity;
 mod plan;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -70,6 +71,9 @@ pub enum Cmd {
     /// The cost model: KV bytes, prefill time, time per decoded token, sequences that fit the memory, swap-in time,
     /// predicted from the model's shapes and a machine profile (`bench machine`); --validate runs it beside.
     Plan(plan::PlanArgs),
+    /// OpenAI-compatible HTTP server: /v1/completions (with echo + logprobs for lm-eval), /v1/chat/completions, SSE
+    /// streaming, /v1/models, /health, /tokenize, /detokenize, /tokenizer_info, /metrics.
+    Serve(serve::ServeArgs),
 }
 
 impl Cli {
@@ -445,5 +449,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Heads(a) => heads::run(a),
         Cmd::Bench { what } => bench::run(what),
         Cmd::Plan(a) => plan::run(a),
+        Cmd::Serve(a) => serve::run(a),
     }
 }

@@ -1,0 +1,325 @@
+//! The JSON requests the OpenAI-style endpoints take, parsed once into what the engine runs ([`GenParams`]).
+//!
+//! Unknown fields are ignored (clients send many we have no use for); fields we know but cannot honour with the
+//! value given (`frequency_penalty` ≠ 0, `n` over the limit) are a 400 naming them.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::engine::SamplerConfig;
+use crate::methods::KvSpec;
+
+/// Most choices one request may ask for (`n`, times the prompts of a batch).
+pub const MAX_CHOICES: usize = 64;
+/// Most alternatives per position in `logprobs` / `top_logprobs` (OpenAI's limit for completions is 5, chat 20).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Most stop strings.
+pub const MAX_STOPS: usize = 16;
+/// `max_tokens` of a completion request that names none (OpenAI's legacy default).
+pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
+
+/// Parses a JSON body; a syntax error and a wrong-typed field are 400s that say which (the field by its path).
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(format!("malformed JSON body: {inner}")).code("invalid_json")
+        } else if path == "." {
+            ApiError::bad_request(format!("request body: {inner}")).code("invalid_field")
+        } else if path == "prompt" || path.starts_with("prompt[") {
+            ApiError::bad_request(format!(
+                "field `{path}`: give a string, a list of token ids, a list of strings, or a list of token-id \
+                 lists ({inner})"
+            ))
+            .code("invalid_field")
+        } else {
+            ApiError::bad_request(format!("field `{path}`: {inner}")).code("invalid_field")
+        }
+    })
+}
+
+/// `prompt` of `/v1/completions`: text, token ids, or a batch of either.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// One prompt of a request, before tokenization.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl PromptInput {
+    pub fn into_prompts(self) -> Vec<Prompt> {
+        match self {
+            PromptInput::Text(s) => vec![Prompt::Text(s)],
+            PromptInput::Ids(v) => vec![Prompt::Ids(v)],
+            PromptInput::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptInput::IdLists(v) => v.into_iter().map(Prompt::Ids).collect(),
+        }
+    }
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Debug, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling and streaming fields both endpoints share, parsed from the same body on their own (not flattened into
+/// the request, so an error names the field).
+#[derive(Deserialize, Debug, Default)]
+pub struct Sampling {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// ≤ 0 = off.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<usize>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// The KV-cache method for this request (`"snapkv@0.25"`), parsed like `--kv`.
+    pub kv: Option<String>,
+    /// Keep generating past end-of-generation tokens (llama-server's and vLLM's field; for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: PromptInput,
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub echo: bool,
+    /// Alternatives per position (0 = only the chosen token's log-probability).
+    pub logprobs: Option<usize>,
+}
+
+/// A chat message's content: text, or a list of parts of which the text ones are joined.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct MessageIn {
+    pub role: String,
+    /// Null or absent = empty (an assistant turn that only called tools).
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+impl MessageIn {
+    /// The message's text; a non-text part is an error naming it.
+    pub fn text(&self, i: usize) -> Result<String, ApiError> {
+        match &self.content {
+            None => Ok(String::new()),
+            Some(Content::Text(s)) => Ok(s.clone()),
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => s.push_str(t),
+                        _ => {
+                            return Err(ApiError::bad_request(format!(
+                                "messages[{i}].content[{j}]: only text parts are supported (got type '{}')",
+                                p.kind
+                            ))
+                            .code("invalid_field"))
+                        }
+                    }
+                }
+                Ok(s)
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<MessageIn>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<usize>,
+}
+
+/// What the engine runs for one choice, besides the prompt.
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    /// Tokens to generate at most (0: only the prompt).
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Generation ends, with finish_reason "stop", at the first of these; the text stops before it.
+    pub stop: Vec<String>,
+    /// Log-probabilities of the prompt's tokens with this many alternatives each (echo with logprobs).
+    pub prompt_logprobs: Option<usize>,
+    /// Log-probabilities of the generated tokens with this many alternatives each.
+    pub logprobs: Option<usize>,
+    /// The KV method, None = the server's `--kv`.
+    pub kv: Option<KvSpec>,
+    /// End-of-generation tokens do not end the sequence.
+    pub ignore_eos: bool,
+}
+
+/// The parts of [`Sampling`] the engine reads, checked: a sampler config (seeded), the stop strings, the KV spec,
+/// the number of choices.
+pub struct Checked {
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    pub kv: Option<KvSpec>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub ignore_eos: bool,
+}
+
+impl Sampling {
+    pub fn check(&self) -> Result<Checked, ApiError> {
+        let bad = |field: &str, msg: String| {
+            ApiError::bad_request(format!("field `{field}`: {msg}")).code("invalid_field")
+        };
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if v.is_some_and(|x| x != 0.0) {
+                return Err(bad(
+                    name,
+                    "not supported; use repeat_penalty (llama.cpp's multiplicative penalty) instead".into(),
+                ));
+            }
+        }
+        let d = SamplerConfig::default();
+        let sampler = SamplerConfig {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.map_or(d.top_k, |k| k.max(0) as usize),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.unwrap_or(d.repeat_last_n),
+            seed: self.seed.unwrap_or_else(random_seed),
+        };
+        sampler.validate().map_err(|e| {
+            bad(
+                "sampling",
+                format!("{e:#}").replace("--", "").replace('-', "_"),
+            )
+        })?;
+        let stop: Vec<String> = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+        if stop.len() > MAX_STOPS {
+            return Err(bad(
+                "stop",
+                format!("{} strings, at most {MAX_STOPS}", stop.len()),
+            ));
+        }
+        let kv = match &self.kv {
+            None => None,
+            Some(s) => Some(s.parse::<KvSpec>().map_err(|e| {
+                ApiError::bad_request(format!("field `kv`: '{s}': {e:#}")).code("invalid_kv")
+            })?),
+        };
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > MAX_CHOICES {
+            return Err(bad("n", format!("{n}: give 1 to {MAX_CHOICES}")));
+        }
+        Ok(Checked {
+            sampler,
+            stop,
+            kv,
+            n,
+            stream: self.stream,
+            ignore_eos: self.ignore_eos,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+/// Checks a count of alternatives per position.
+pub fn check_top(field: &str, n: usize) -> Result<usize, ApiError> {
+    if n > MAX_TOP_LOGPROBS {
+        return Err(ApiError::bad_request(format!(
+            "field `{field}`: {n} alternatives, at most {MAX_TOP_LOGPROBS}"
+        ))
+        .code("invalid_field"));
+    }
+    Ok(n)
+}
+
+/// A seed for a request that names none: different per request.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// `POST /tokenize`: lm-eval's `{"prompt", "add_special_tokens"}`, llama-server's `{"content", "add_special"}`, or
+/// vLLM's `{"messages"}` (rendered with the chat template).
+#[derive(Deserialize, Debug)]
+pub struct TokenizeRequest {
+    pub prompt: Option<String>,
+    pub content: Option<String>,
+    pub messages: Option<Vec<MessageIn>>,
+    pub add_special_tokens: Option<bool>,
+    pub add_special: Option<bool>,
+    pub add_generation_prompt: Option<bool>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct DetokenizeRequest {
+    pub tokens: Vec<u32>,
+}

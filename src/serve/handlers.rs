@@ -1,0 +1,437 @@
+//! The routes: request parsing and checks on the HTTP side, then jobs to the engine.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::api::{
+    self, ChatRequest, CompletionRequest, GenParams, Prompt, Sampling, TokenizeRequest,
+};
+use super::engine::{Job, Ticket};
+use super::error::ApiError;
+use super::respond::{self, Kind, Meta, Run};
+use super::{Ready, Shared};
+use crate::tokenizer::chat::ChatMessage;
+
+/// Largest request body (a long prompt as a JSON list of token ids is ~8 bytes a token).
+const BODY_LIMIT: usize = 64 << 20;
+
+pub fn router(sh: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
+        .route("/metrics", get(metrics))
+        .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
+        .layer(middleware::from_fn_with_state(sh.clone(), gate))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(sh)
+}
+
+/// Every request: the API key (all but `/health`), then the request count by endpoint and status.
+async fn gate(State(sh): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let resp = if path != "/health" && !authorized(&sh, req.headers()) {
+        ApiError::unauthorized().into_response()
+    } else {
+        next.run(req).await
+    };
+    sh.metrics
+        .request(&path_label(&path), resp.status().as_u16());
+    resp
+}
+
+/// The endpoint label for metrics: known routes by name, the rest as one label (paths are client-chosen).
+fn path_label(path: &str) -> String {
+    const KNOWN: &[&str] = &[
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/metrics",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == path)
+        .map_or_else(|| "other".into(), |k| k.to_string())
+}
+
+fn authorized(sh: &Shared, headers: &HeaderMap) -> bool {
+    let Some(key) = &sh.cfg.api_key else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Compare every byte, so the time taken does not tell how much of a guess was right.
+    given.is_some_and(|g| {
+        g.len() == key.len()
+            && g.bytes()
+                .zip(key.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+/// The loaded model, or 503 while loading (500 if loading failed).
+fn ready(sh: &Shared) -> Result<Arc<Ready>, ApiError> {
+    match sh.state.get() {
+        Some(Ok(r)) => Ok(r.clone()),
+        Some(Err(e)) => Err(ApiError::internal(format!("the model failed to load: {e}"))),
+        None => Err(ApiError::unavailable("the model is still loading", 5).code("loading")),
+    }
+}
+
+async fn health(State(sh): State<Arc<Shared>>) -> Response {
+    match ready(&sh) {
+        Ok(_) => Json(json!({"status": "ok"})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn models(State(sh): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let r = ready(&sh)?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": r.name,
+            "object": "model",
+            "created": r.created,
+            "owned_by": "hayloft",
+            "max_model_len": r.max_context,
+        }],
+    }))
+    .into_response())
+}
+
+async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        sh.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn tokenizer_info(State(sh): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let r = ready(&sh)?;
+    let t = &r.tokenizer;
+    let text = |id: Option<u32>| id.and_then(|i| t.token_text(i)).map(str::to_string);
+    Ok(Json(json!({
+        "tokenizer_class": "hayloft-gguf",
+        "eos_token": text(t.eos_id()),
+        "eos_token_id": t.eos_id(),
+        "bos_token": text(t.bos_id()),
+        "bos_token_id": t.bos_id(),
+        "pad_token": null,
+        "add_bos_token": t.add_bos(),
+        "vocab_size": t.vocab_size(),
+        "model_max_length": r.max_context,
+        "chat_template": r.chat_template.as_ref().ok().map(|c| c.source()),
+    }))
+    .into_response())
+}
+
+async fn tokenize(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, ApiError> {
+    let r = ready(&sh)?;
+    let req: TokenizeRequest = api::parse(&body)?;
+    let add_special = req.add_special_tokens.or(req.add_special).unwrap_or(true);
+    let tokens = match (&req.prompt, &req.content, &req.messages) {
+        (Some(text), None, None) | (None, Some(text), None) => r
+            .tokenizer
+            .encode(text, add_special, true)
+            .map_err(|e| ApiError::bad_request(format!("cannot tokenize: {e:#}")))?,
+        (None, None, Some(msgs)) => {
+            chat_tokens(&r, msgs, req.add_generation_prompt.unwrap_or(true))?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `prompt` (or `content`) and `messages`",
+            )
+            .code("invalid_field"))
+        }
+    };
+    Ok(
+        Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.max_context}))
+            .into_response(),
+    )
+}
+
+async fn detokenize(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, ApiError> {
+    let r = ready(&sh)?;
+    let req: api::DetokenizeRequest = api::parse(&body)?;
+    check_ids(&r, &req.tokens, "tokens")?;
+    Ok(Json(json!({"prompt": r.tokenizer.decode(&req.tokens)})).into_response())
+}
+
+fn check_ids(r: &Ready, ids: &[u32], field: &str) -> Result<(), ApiError> {
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= r.vocab) {
+        return Err(ApiError::bad_request(format!(
+            "field `{field}`: token id {bad} is outside the model's vocabulary of {}",
+            r.vocab
+        ))
+        .code("invalid_token"));
+    }
+    Ok(())
+}
+
+/// A conversation rendered with the model's chat template and tokenized (template tokens special, message text
+/// plain).
+fn chat_tokens(r: &Ready, msgs: &[api::MessageIn], gen_prompt: bool) -> Result<Vec<u32>, ApiError> {
+    let tpl = r.chat_template.as_ref().map_err(|e| {
+        ApiError::bad_request(format!("this model has no chat template: {e}"))
+            .code("no_chat_template")
+    })?;
+    let mut list = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        list.push(ChatMessage::new(m.role.clone(), m.text(i)?));
+    }
+    let rendered = tpl
+        .render_marked(&list, gen_prompt)
+        .map_err(|e| ApiError::bad_request(format!("messages: {e:#}")).code("invalid_messages"))?;
+    r.tokenizer
+        .encode_chat(&rendered, false)
+        .map_err(|e| ApiError::bad_request(format!("messages: {e:#}")))
+}
+
+/// Refuses a prompt that, with `max_tokens` more, does not fit the context.
+fn check_length(r: &Ready, i: usize, prompt: usize, max_tokens: usize) -> Result<(), ApiError> {
+    if prompt == 0 {
+        return Err(ApiError::bad_request(format!("prompt {i} is empty")).code("empty_prompt"));
+    }
+    if prompt + max_tokens > r.max_context {
+        let what = if prompt > r.max_context {
+            format!("the prompt alone has {prompt} tokens")
+        } else {
+            format!(
+                "{prompt} prompt tokens + max_tokens {max_tokens} = {}",
+                prompt + max_tokens
+            )
+        };
+        return Err(ApiError::bad_request(format!(
+            "{what}, over the server's context of {} tokens (--max-context); shorten the prompt or lower max_tokens",
+            r.max_context
+        ))
+        .code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
+/// Queues one job per (prompt, choice) and waits until all are admitted; 429 when the queue cannot take them.
+async fn submit(
+    sh: &Arc<Shared>,
+    prompts: &[Vec<u32>],
+    n: usize,
+    params: &GenParams,
+) -> Result<Run, ApiError> {
+    let jobs = prompts.len() * n;
+    if jobs > api::MAX_CHOICES {
+        return Err(ApiError::bad_request(format!(
+            "{} prompts × n {n} = {jobs} choices, at most {}",
+            prompts.len(),
+            api::MAX_CHOICES
+        ))
+        .code("invalid_field"));
+    }
+    if jobs > sh.capacity() {
+        return Err(ApiError::bad_request(format!(
+            "{jobs} choices in one request, and the server holds at most {} sequences (--parallel + --queue); \
+             send fewer prompts or a smaller n",
+            sh.capacity()
+        ))
+        .code("too_many_choices"));
+    }
+    // Reserve the places; each job's ticket gives its one back when the job ends (or is never sent).
+    let before = sh.in_flight.fetch_add(jobs, Relaxed);
+    if before + jobs > sh.capacity() {
+        sh.in_flight.fetch_sub(jobs, Relaxed);
+        return Err(ApiError::overloaded(
+            format!(
+                "the server is full ({before} sequences running or queued, room for {}); retry later",
+                sh.capacity()
+            ),
+            1,
+        ));
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let arrived = Instant::now();
+    let mut sent = 0;
+    let r = (|| -> Result<(), ApiError> {
+        let queue = sh
+            .jobs
+            .lock()
+            .map_err(|_| ApiError::internal("the job queue is poisoned"))?;
+        for (p, prompt) in prompts.iter().enumerate() {
+            for j in 0..n {
+                let index = p * n + j;
+                let mut params = params.clone();
+                params.sampler.seed = params.sampler.seed.wrapping_add(index as u64);
+                sent += 1;
+                let job = Job {
+                    index,
+                    prompt: prompt.clone(),
+                    params,
+                    events: tx.clone(),
+                    arrived,
+                    ticket: Ticket(sh.clone()),
+                };
+                // A job that cannot be sent is dropped here, and its ticket with it.
+                queue
+                    .send(job)
+                    .map_err(|_| ApiError::internal("the engine has stopped"))?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        // Places reserved for jobs never made.
+        sh.in_flight.fetch_sub(jobs - sent, Relaxed);
+        return Err(e);
+    }
+    drop(tx);
+    Run::admitted(rx, jobs).await
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("{prefix}-{}", NEXT.fetch_add(1, Relaxed))
+}
+
+async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, ApiError> {
+    let r = ready(&sh)?;
+    let req: CompletionRequest = api::parse(&body)?;
+    let c = api::parse::<Sampling>(&body)?.check()?;
+    let top = req
+        .logprobs
+        .map(|n| api::check_top("logprobs", n))
+        .transpose()?;
+    let max_tokens = req.max_tokens.unwrap_or(api::DEFAULT_COMPLETION_TOKENS);
+    let prompts = req.prompt.into_prompts();
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request("field `prompt`: an empty list").code("empty_prompt"));
+    }
+    let (mut ids, mut texts) = (Vec::new(), Vec::new());
+    for (i, p) in prompts.into_iter().enumerate() {
+        let (t, text) = match p {
+            Prompt::Text(s) => {
+                let t = r
+                    .tokenizer
+                    .encode(&s, true, true)
+                    .map_err(|e| ApiError::bad_request(format!("prompt {i}: {e:#}")))?;
+                (t, s)
+            }
+            Prompt::Ids(v) => {
+                check_ids(&r, &v, "prompt")?;
+                let text = r.tokenizer.decode(&v);
+                (v, text)
+            }
+        };
+        check_length(&r, i, t.len(), max_tokens)?;
+        ids.push(t);
+        texts.push(text);
+    }
+    let params = GenParams {
+        max_tokens,
+        sampler: c.sampler,
+        stop: c.stop,
+        prompt_logprobs: if req.echo { top } else { None },
+        logprobs: top,
+        kv: c.kv,
+        ignore_eos: c.ignore_eos,
+    };
+    let run = submit(&sh, &ids, c.n, &params).await?;
+    let meta = Meta {
+        kind: Kind::Completion,
+        id: request_id("cmpl"),
+        created: now_secs(),
+        model: req.model.unwrap_or_else(|| r.name.clone()),
+        n: c.n,
+        echo: req.echo.then_some(texts),
+        logprobs: top,
+        include_usage: c.include_usage,
+        ready: r,
+    };
+    let firsts = ids.iter().map(|v| v[0]).collect();
+    let jobs = ids.len() * c.n;
+    if c.stream {
+        Ok(respond::stream(run, meta, jobs, firsts))
+    } else {
+        respond::collect(run, meta, jobs, firsts).await
+    }
+}
+
+async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, ApiError> {
+    let r = ready(&sh)?;
+    let req: ChatRequest = api::parse(&body)?;
+    let c = api::parse::<Sampling>(&body)?.check()?;
+    if req.messages.is_empty() {
+        return Err(
+            ApiError::bad_request("field `messages`: an empty list").code("invalid_messages")
+        );
+    }
+    let top = match (req.logprobs, req.top_logprobs) {
+        (true, k) => Some(api::check_top("top_logprobs", k.unwrap_or(0))?),
+        (false, Some(_)) => {
+            return Err(
+                ApiError::bad_request("field `top_logprobs` needs `logprobs: true`")
+                    .code("invalid_field"),
+            )
+        }
+        (false, None) => None,
+    };
+    let prompt = chat_tokens(&r, &req.messages, true)?;
+    let room = r.max_context.saturating_sub(prompt.len());
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(room);
+    check_length(&r, 0, prompt.len(), max_tokens)?;
+    let params = GenParams {
+        max_tokens,
+        sampler: c.sampler,
+        stop: c.stop,
+        prompt_logprobs: None,
+        logprobs: top,
+        kv: c.kv,
+        ignore_eos: c.ignore_eos,
+    };
+    let firsts = vec![prompt[0]];
+    let run = submit(&sh, std::slice::from_ref(&prompt), c.n, &params).await?;
+    let meta = Meta {
+        kind: Kind::Chat,
+        id: request_id("chatcmpl"),
+        created: now_secs(),
+        model: req.model.unwrap_or_else(|| r.name.clone()),
+        n: c.n,
+        echo: None,
+        logprobs: top,
+        include_usage: c.include_usage,
+        ready: r,
+    };
+    if c.stream {
+        Ok(respond::stream(run, meta, c.n, firsts))
+    } else {
+        respond::collect(run, meta, c.n, firsts).await
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

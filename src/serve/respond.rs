@@ -1,0 +1,441 @@
+//! Turning a run's events into OpenAI-shaped responses: one JSON body, or an SSE stream of chunks ending in
+//! `data: [DONE]`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::engine::{Event, Finish};
+use super::error::ApiError;
+use super::logprobs::TokenLogprob;
+use super::Ready;
+
+/// The events of one request's jobs, after every job was admitted.
+pub struct Run {
+    rx: UnboundedReceiver<Event>,
+    /// Events that came before the last admission.
+    early: VecDeque<Event>,
+}
+
+impl Run {
+    /// Waits until all `jobs` are admitted; the first failure is the request's error (dropping the receiver then
+    /// cancels the others).
+    pub async fn admitted(mut rx: UnboundedReceiver<Event>, jobs: usize) -> Result<Run, ApiError> {
+        let mut early = VecDeque::new();
+        let mut admitted = 0;
+        while admitted < jobs {
+            match rx.recv().await {
+                Some(Event::Admitted { .. }) => admitted += 1,
+                Some(Event::Failed { error, .. }) => return Err(error),
+                Some(e) => early.push_back(e),
+                None => return Err(engine_gone()),
+            }
+        }
+        Ok(Run { rx, early })
+    }
+
+    async fn next(&mut self) -> Option<Event> {
+        match self.early.pop_front() {
+            Some(e) => Some(e),
+            None => self.rx.recv().await,
+        }
+    }
+}
+
+fn engine_gone() -> ApiError {
+    ApiError::internal("the engine stopped before answering")
+}
+
+/// Which response shape.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Completion,
+    Chat,
+}
+
+/// What the response needs besides the events.
+pub struct Meta {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// Choices per prompt (`n`).
+    pub n: usize,
+    /// Per prompt: its text, when echoed (completions with `echo`).
+    pub echo: Option<Vec<String>>,
+    /// Alternatives per position when log-probabilities were asked for.
+    pub logprobs: Option<usize>,
+    pub include_usage: bool,
+    pub ready: Arc<Ready>,
+}
+
+/// One choice, as the events build it.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    prompt_lp: Option<Vec<Option<TokenLogprob>>>,
+    /// The prompt's first token (its log-probability entry has no id of its own).
+    first_id: u32,
+    /// Generated tokens' log-probabilities (when asked for).
+    lps: Vec<TokenLogprob>,
+    finish: Option<Finish>,
+    completion_tokens: usize,
+}
+
+/// usage over every choice: each prompt counted once (not once per `n`).
+fn usage(choices: &[Choice], n: usize) -> Value {
+    let prompt: usize = choices.iter().step_by(n).map(|c| c.prompt_tokens).sum();
+    let cached: usize = choices.iter().step_by(n).map(|c| c.cached_tokens).sum();
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+impl Meta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("object".into(), json!(self.object(chunk)));
+        m.insert("created".into(), json!(self.created));
+        m.insert("model".into(), json!(self.model));
+        m.insert("choices".into(), Value::Array(choices));
+        m
+    }
+
+    fn piece(&self, id: u32) -> String {
+        self.ready.tokenizer.token_to_piece(id)
+    }
+
+    /// Legacy completions `logprobs`: parallel lists, `text_offset` in characters from `offset`.
+    fn completion_logprobs(
+        &self,
+        entries: &[(u32, Option<&TokenLogprob>)],
+        mut offset: usize,
+    ) -> Value {
+        let (mut tokens, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+        for &(id, lp) in entries {
+            let piece = self.piece(id);
+            offs.push(json!(offset));
+            offset += piece.chars().count();
+            tokens.push(json!(piece));
+            lps.push(lp.map_or(Value::Null, |l| json!(l.logprob)));
+            tops.push(lp.map_or(Value::Null, |l| {
+                let mut m = Map::new();
+                for &(t, v) in &l.top {
+                    m.entry(self.piece(t)).or_insert(json!(v));
+                }
+                Value::Object(m)
+            }));
+        }
+        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+    }
+
+    /// Chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+    fn chat_logprobs(&self, lps: &[TokenLogprob]) -> Value {
+        let entry = |id: u32, lp: f32| {
+            let bytes = self.ready.tokenizer.token_bytes(id).to_vec();
+            json!({"token": self.piece(id), "logprob": lp, "bytes": bytes})
+        };
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|l| {
+                let mut e = entry(l.id, l.logprob);
+                let tops: Vec<Value> = l.top.iter().map(|&(t, v)| entry(t, v)).collect();
+                e["top_logprobs"] = Value::Array(tops);
+                e
+            })
+            .collect();
+        json!({ "content": content })
+    }
+
+    /// The prompt text a choice echoes ("" without echo).
+    fn echo_text(&self, index: usize) -> &str {
+        self.echo
+            .as_ref()
+            .and_then(|v| v.get(index / self.n))
+            .map_or("", |s| s.as_str())
+    }
+
+    fn choice_json(&self, index: usize, c: &Choice) -> Value {
+        let finish = c.finish.map(Finish::as_str);
+        match self.kind {
+            Kind::Completion => {
+                let echo = self.echo_text(index);
+                let logprobs = match self.logprobs {
+                    None => Value::Null,
+                    Some(_) => {
+                        let mut entries: Vec<(u32, Option<&TokenLogprob>)> = Vec::new();
+                        let mut offset = echo.chars().count();
+                        if let Some(p) = &c.prompt_lp {
+                            offset = 0;
+                            entries = prompt_entries(p, c.first_id);
+                        }
+                        entries.extend(c.lps.iter().map(|l| (l.id, Some(l))));
+                        self.completion_logprobs(&entries, offset)
+                    }
+                };
+                json!({"index": index, "text": format!("{echo}{}", c.text), "logprobs": logprobs,
+                       "finish_reason": finish})
+            }
+            Kind::Chat => {
+                let logprobs = match self.logprobs {
+                    None => Value::Null,
+                    Some(_) => self.chat_logprobs(&c.lps),
+                };
+                json!({"index": index, "message": {"role": "assistant", "content": c.text},
+                       "logprobs": logprobs, "finish_reason": finish})
+            }
+        }
+    }
+}
+
+/// Reads every event of `run` into choices, then the one JSON body.
+pub async fn collect(
+    mut run: Run,
+    meta: Meta,
+    jobs: usize,
+    first_ids: Vec<u32>,
+) -> Result<Response, ApiError> {
+    let mut choices: Vec<Choice> = (0..jobs).map(|_| Choice::default()).collect();
+    let mut done = 0;
+    while done < jobs {
+        let Some(e) = run.next().await else {
+            return Err(engine_gone());
+        };
+        match e {
+            Event::Admitted { .. } => {}
+            Event::Prompt {
+                index,
+                prompt_tokens,
+                cached_tokens,
+                logprobs,
+            } => {
+                let c = &mut choices[index];
+                c.prompt_tokens = prompt_tokens;
+                c.cached_tokens = cached_tokens;
+                c.prompt_lp = logprobs;
+                c.first_id = first_ids[index / meta.n];
+            }
+            Event::Token {
+                index,
+                text,
+                logprob,
+                ..
+            } => {
+                let c = &mut choices[index];
+                c.text.push_str(&text);
+                c.lps.extend(logprob);
+            }
+            Event::Done {
+                index,
+                text,
+                finish,
+                completion_tokens,
+            } => {
+                let c = &mut choices[index];
+                c.text.push_str(&text);
+                c.finish = Some(finish);
+                c.completion_tokens = completion_tokens;
+                done += 1;
+            }
+            Event::Failed { error, .. } => return Err(error),
+        }
+    }
+    let list = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| meta.choice_json(i, c))
+        .collect();
+    let mut body = meta.envelope(false, list);
+    body.insert("usage".into(), usage(&choices, meta.n));
+    Ok(axum::Json(Value::Object(body)).into_response())
+}
+
+/// Entries of a prompt's log-probabilities: the first position has none, and its id is the prompt's first.
+fn prompt_entries(v: &[Option<TokenLogprob>], first: u32) -> Vec<(u32, Option<&TokenLogprob>)> {
+    v.iter()
+        .map(|l| (l.as_ref().map_or(first, |l| l.id), l.as_ref()))
+        .collect()
+}
+
+/// The SSE response: a chunk per event, a usage chunk when asked for, `data: [DONE]`.
+pub fn stream(run: Run, meta: Meta, jobs: usize, first_ids: Vec<u32>) -> Response {
+    let state = StreamState {
+        run,
+        meta,
+        choices: (0..jobs).map(|_| Choice::default()).collect(),
+        done: 0,
+        out: VecDeque::new(),
+        ended: false,
+        first_ids,
+    };
+    let s = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.out.pop_front() {
+                return Some((Ok::<_, Infallible>(e), st));
+            }
+            if st.ended {
+                return None;
+            }
+            let e = st.run.next().await;
+            st.on(e);
+        }
+    });
+    Sse::new(s).keep_alive(KeepAlive::default()).into_response()
+}
+
+struct StreamState {
+    run: Run,
+    meta: Meta,
+    choices: Vec<Choice>,
+    done: usize,
+    out: VecDeque<SseEvent>,
+    ended: bool,
+    first_ids: Vec<u32>,
+}
+
+impl StreamState {
+    fn chunk(&mut self, choice: Value) {
+        let body = Value::Object(self.meta.envelope(true, vec![choice]));
+        self.out
+            .push_back(SseEvent::default().data(body.to_string()));
+    }
+
+    fn end(&mut self) {
+        if self.meta.include_usage {
+            let mut body = self.meta.envelope(true, vec![]);
+            body.insert("usage".into(), usage(&self.choices, self.meta.n));
+            self.out
+                .push_back(SseEvent::default().data(Value::Object(body).to_string()));
+        }
+        self.out.push_back(SseEvent::default().data("[DONE]"));
+        self.ended = true;
+    }
+
+    fn on(&mut self, e: Option<Event>) {
+        let meta = &self.meta;
+        match e {
+            None => {
+                let err = engine_gone();
+                self.out
+                    .push_back(SseEvent::default().data(err.body().to_string()));
+                self.ended = true;
+            }
+            Some(Event::Failed { error, .. }) => {
+                self.out
+                    .push_back(SseEvent::default().data(error.body().to_string()));
+                self.ended = true;
+            }
+            Some(Event::Admitted { .. }) => {}
+            Some(Event::Prompt {
+                index,
+                prompt_tokens,
+                cached_tokens,
+                logprobs,
+            }) => {
+                let c = &mut self.choices[index];
+                c.prompt_tokens = prompt_tokens;
+                c.cached_tokens = cached_tokens;
+                let first = match meta.kind {
+                    Kind::Chat => Some(
+                        json!({"index": index, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": null, "finish_reason": null}),
+                    ),
+                    Kind::Completion if meta.echo.is_some() => {
+                        let lp = logprobs.as_ref().map_or(Value::Null, |v| {
+                            let first = self.first_ids[index / meta.n];
+                            meta.completion_logprobs(&prompt_entries(v, first), 0)
+                        });
+                        Some(
+                            json!({"index": index, "text": meta.echo_text(index), "logprobs": lp,
+                                    "finish_reason": null}),
+                        )
+                    }
+                    Kind::Completion => None,
+                };
+                if let Some(ch) = first {
+                    self.chunk(ch);
+                }
+            }
+            Some(Event::Token {
+                index,
+                text,
+                logprob,
+                ..
+            }) => {
+                if text.is_empty() && logprob.is_none() {
+                    return;
+                }
+                let offset = {
+                    let c = &mut self.choices[index];
+                    let at = meta.echo_text(index).chars().count() + c.text.chars().count();
+                    c.text.push_str(&text);
+                    at
+                };
+                let ch = match meta.kind {
+                    Kind::Completion => {
+                        let lp = logprob.as_ref().map_or(Value::Null, |l| {
+                            meta.completion_logprobs(&[(l.id, Some(l))], offset)
+                        });
+                        json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                    }
+                    Kind::Chat => {
+                        let lp = logprob
+                            .as_ref()
+                            .map_or(Value::Null, |l| meta.chat_logprobs(std::slice::from_ref(l)));
+                        json!({"index": index, "delta": {"content": text}, "logprobs": lp,
+                               "finish_reason": null})
+                    }
+                };
+                self.chunk(ch);
+            }
+            Some(Event::Done {
+                index,
+                text,
+                finish,
+                completion_tokens,
+            }) => {
+                let c = &mut self.choices[index];
+                c.completion_tokens = completion_tokens;
+                c.finish = Some(finish);
+                let ch = match meta.kind {
+                    Kind::Completion => json!({"index": index, "text": text, "logprobs": null,
+                                               "finish_reason": finish.as_str()}),
+                    Kind::Chat => {
+                        let delta = if text.is_empty() {
+                            json!({})
+                        } else {
+                            json!({ "content": text })
+                        };
+                        json!({"index": index, "delta": delta, "logprobs": null,
+                               "finish_reason": finish.as_str()})
+                    }
+                };
+                self.chunk(ch);
+                self.done += 1;
+                if self.done == self.choices.len() {
+                    self.end();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! One running sequence: its session, sampler and the text it has released; fed a prompt chunk or a decode step at
+//! a time by the scheduler.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::engine::{Event, Finish, Job};
+use super::error::ApiError;
+use super::logprobs::{token_logprob, TokenLogprob};
+use super::metrics::Metrics;
+use super::stop::StopMatcher;
+use super::Ready;
+use crate::engine::{Sampler, Session};
+use crate::tokenizer::StreamDecoder;
+
+pub struct Seq<'m> {
+    job: Job,
+    session: Session<'m>,
+    sampler: Sampler,
+    ready: Arc<Ready>,
+    /// Prompt tokens in the cache so far (cached ones included).
+    fed: usize,
+    cached: usize,
+    /// The token sampled last, to be fed by the next decode step (None while prefilling or once finished).
+    pending: Option<u32>,
+    /// Prompt then generated tokens (the repetition penalty reads it).
+    history: Vec<u32>,
+    /// vocab: logits of the last prompt token.
+    row: Vec<f32>,
+    /// vocab: a copy of the logits a token is sampled from, when log-probabilities are asked for (the sampler's
+    /// penalty changes the logits it gets).
+    raw: Vec<f32>,
+    prompt_lp: Vec<Option<TokenLogprob>>,
+    dec: StreamDecoder,
+    stop: StopMatcher,
+    generated: usize,
+    last_token_at: Option<Instant>,
+    finished: bool,
+    cancelled: bool,
+}
+
+impl<'m> Seq<'m> {
+    pub fn new(job: Job, session: Session<'m>, cached: usize, ready: Arc<Ready>) -> Self {
+        let sampler = Sampler::new(job.params.sampler.clone());
+        let stop = StopMatcher::new(job.params.stop.clone());
+        let history = job.prompt[..cached].to_vec();
+        Seq {
+            sampler,
+            stop,
+            history,
+            ready,
+            fed: cached,
+            cached,
+            pending: None,
+            row: Vec::new(),
+            raw: Vec::new(),
+            prompt_lp: Vec::new(),
+            dec: StreamDecoder::new(),
+            generated: 0,
+            last_token_at: None,
+            finished: false,
+            cancelled: false,
+            session,
+            job,
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn prefilling(&self) -> bool {
+        self.fed < self.job.prompt.len()
+    }
+
+    /// Checks whether the client is still there; a sequence whose client left is finished, as cancelled.
+    pub fn check_client(&mut self) {
+        if !self.finished && self.job.events.is_closed() {
+            self.cancel();
+        }
+    }
+
+    fn cancel(&mut self) {
+        self.finished = true;
+        self.cancelled = true;
+    }
+
+    /// Ended because its client disconnected.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.session.cache.bytes()
+    }
+
+    fn send(&mut self, e: Event) {
+        if self.job.events.send(e).is_err() {
+            self.cancel();
+        }
+    }
+
+    fn fail(&mut self, e: anyhow::Error) {
+        let index = self.job.index;
+        self.send(Event::Failed {
+            index,
+            error: ApiError::internal(format!("{e:#}")),
+        });
+        self.finished = true;
+    }
+
+    /// Feeds the next piece of the prompt: one chunk when the session's KV method allows splitting the prefill
+    /// (no compression, no selector: the cache is then the same either way), else the whole prompt.
+    pub fn prefill_chunk(&mut self, metrics: &Metrics) {
+        let n = self.job.prompt.len();
+        let a = self.fed;
+        let splittable = self.session.press.is_none() && self.session.scratch.selector.is_none();
+        let b = if splittable {
+            (a + self.session.cfg.chunk_size).min(n)
+        } else {
+            n
+        };
+        let want_all = self.job.params.prompt_logprobs;
+        if want_all.is_some() && a == 0 {
+            // The first token has no log-probability.
+            self.prompt_lp.push(None);
+        }
+        let want = match want_all {
+            Some(_) => 0..b - a,
+            None if b == n => b - a - 1..b - a,
+            None => 0..0,
+        };
+        let prompt = &self.job.prompt;
+        let (row, lps) = (&mut self.row, &mut self.prompt_lp);
+        let r = self.session.feed(&prompt[a..b], want, |i, logits| {
+            let at = a + i;
+            if at + 1 < n {
+                if let Some(top) = want_all {
+                    lps.push(Some(token_logprob(logits, prompt[at + 1], top)));
+                }
+            } else {
+                row.clear();
+                row.extend_from_slice(logits);
+            }
+        });
+        if let Err(e) = r {
+            return self.fail(e);
+        }
+        self.history.extend_from_slice(&self.job.prompt[a..b]);
+        self.fed = b;
+        metrics.prompt_tokens.fetch_add((b - a) as u64, Relaxed);
+        if b < n {
+            return;
+        }
+        let (index, cached) = (self.job.index, self.cached);
+        let logprobs = want_all.map(|_| std::mem::take(&mut self.prompt_lp));
+        self.send(Event::Prompt {
+            index,
+            prompt_tokens: n,
+            cached_tokens: cached,
+            logprobs,
+        });
+        if self.job.params.max_tokens == 0 {
+            return self.finish(Finish::Length);
+        }
+        let top = self.job.params.logprobs;
+        let (next, lp) = pick(
+            &mut self.sampler,
+            &self.history,
+            &mut self.raw,
+            &mut self.row,
+            top,
+        );
+        self.take(next, lp, metrics);
+    }
+
+    /// Feeds the pending token and samples the next.
+    pub fn decode_step(&mut self, metrics: &Metrics) {
+        let Some(tok) = self.pending.take() else {
+            return;
+        };
+        let logits = match self.session.decode(tok) {
+            Ok(l) => l,
+            Err(e) => return self.fail(e),
+        };
+        let top = self.job.params.logprobs;
+        let (next, lp) = pick(&mut self.sampler, &self.history, &mut self.raw, logits, top);
+        self.take(next, lp, metrics);
+    }
+
+    /// Handles a sampled token: the end of generation, or a released piece of text and the next step.
+    fn take(&mut self, next: u32, lp: Option<TokenLogprob>, metrics: &Metrics) {
+        let now = Instant::now();
+        match self.last_token_at {
+            None => metrics.ttft(now.duration_since(self.job.arrived).as_secs_f64()),
+            Some(t) => metrics.inter_token(now.duration_since(t).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        self.generated += 1;
+        metrics.generated_tokens.fetch_add(1, Relaxed);
+        let index = self.job.index;
+        if !self.job.params.ignore_eos && self.ready.tokenizer.is_eog(next) {
+            // The end-of-generation token counts as generated and shows in log-probabilities (lm-eval reads the
+            // one generated token after an echoed prompt), but adds no text.
+            self.send(Event::Token {
+                index,
+                id: next,
+                text: String::new(),
+                logprob: lp,
+            });
+            return self.finish(Finish::Stop);
+        }
+        self.history.push(next);
+        let piece = self.dec.push(&self.ready.tokenizer, next);
+        let (text, hit) = self.stop.push(&piece);
+        self.send(Event::Token {
+            index,
+            id: next,
+            text,
+            logprob: lp,
+        });
+        if hit {
+            return self.finish_with(Finish::Stop, String::new());
+        }
+        if self.generated >= self.job.params.max_tokens
+            || self.session.n_past() + 1 > self.session.cfg.max_context
+        {
+            return self.finish(Finish::Length);
+        }
+        self.pending = Some(next);
+    }
+
+    /// Ends the sequence, releasing the text still held back.
+    fn finish(&mut self, why: Finish) {
+        let tail = self.dec.flush();
+        let (mut text, hit) = self.stop.push(&tail);
+        if hit {
+            return self.finish_with(Finish::Stop, text);
+        }
+        text.push_str(&self.stop.flush());
+        self.finish_with(why, text)
+    }
+
+    fn finish_with(&mut self, why: Finish, text: String) {
+        let (index, completion_tokens) = (self.job.index, self.generated);
+        self.send(Event::Done {
+            index,
+            text,
+            finish: why,
+            completion_tokens,
+        });
+        self.finished = true;
+    }
+}
+
+/// Samples the next token from `logits`; with `top`, also its log-probability and `top` alternatives, from the logits
+/// as the model gave them (copied into `raw` first: the penalty changes `logits`).
+fn pick(
+    sampler: &mut Sampler,
+    history: &[u32],
+    raw: &mut Vec<f32>,
+    logits: &mut [f32],
+    top: Option<usize>,
+) -> (u32, Option<TokenLogprob>) {
+    if top.is_some() {
+        raw.clear();
+        raw.extend_from_slice(logits);
+    }
+    let next = sampler.sample(logits, history);
+    (next, top.map(|k| token_logprob(raw, next, k)))
+}

@@ -1,0 +1,903 @@
+//! `hayloft serve` over HTTP: every endpoint's shape, SSE framing, echo log-probabilities against a session's own
+//! log-softmax, each error's status and JSON (and the server still serving after it), concurrency, the full queue's
+//! 429, client disconnects, /health while loading; the real `openai` Python client when a Python with it is given
+//! (HAYLOFT_TEST_PYTHON, set by .ci/run); one chat on the real SmolLM2.
+//!
+//! The client is a few lines over a TcpStream (HTTP/1.1, `Connection: close`), so the tests need no HTTP crate.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hayloft::engine::{Session, SessionConfig};
+use hayloft::model::testutil::{write_tiny_llama, TinySpec};
+use hayloft::model::Model;
+use hayloft::serve::{ServeConfig, ServeModel, Server};
+use serde_json::{json, Value};
+
+mod common;
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The SSE events' data, checking the framing: every event is `data: <payload>` and ends in a blank line.
+    fn sse(&self) -> Vec<String> {
+        assert!(
+            self.header("content-type")
+                .is_some_and(|c| c.starts_with("text/event-stream")),
+            "not SSE: {:?}",
+            self.headers
+        );
+        assert!(self.body.ends_with("\n\n"), "unterminated: {:?}", self.body);
+        self.body
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                e.strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not a data event: {e:?}"))
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).unwrap();
+    s
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut s = send(addr, method, path, body, headers);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse(&raw)
+}
+
+fn parse(raw: &[u8]) -> Resp {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("no header end");
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v == "chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").expect("chunk size line");
+        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if n == 0 {
+            return out;
+        }
+        out += &rest[..n];
+        s = &rest[n + 2..];
+    }
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    http(addr, "POST", path, Some(&body.to_string()), &[])
+}
+
+fn get(addr: SocketAddr, path: &str) -> Resp {
+    http(addr, "GET", path, None, &[])
+}
+
+/// A tiny random-weight Llama in a temp dir, served.
+struct Tiny {
+    server: Server,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn tiny(spec: &TinySpec, cfg: ServeConfig) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, spec).unwrap();
+    let p = path.clone();
+    let server = Server::start(
+        ServeConfig { port: 0, ..cfg },
+        Box::new(move || ServeModel::open(&p)),
+    )
+    .unwrap();
+    server.wait_loaded().unwrap();
+    Tiny {
+        server,
+        path,
+        _dir: dir,
+    }
+}
+
+fn small() -> Tiny {
+    tiny(&TinySpec::default(), ServeConfig::default())
+}
+
+/// A tiny model big enough that a few thousand tokens take seconds: for tests that need a sequence still running.
+fn slow_spec() -> TinySpec {
+    TinySpec {
+        n_layers: 4,
+        dim: 256,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        ffn_dim: 768,
+        ctx_len: 4096,
+        ..Default::default()
+    }
+}
+
+fn assert_error(r: &Resp, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    let j = r.json();
+    let msg = j["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message: {j}"));
+    assert!(j["error"]["type"].is_string(), "{j}");
+    assert!(j["error"].get("code").is_some(), "{j}");
+    assert!(msg.contains(needle), "'{msg}' does not mention '{needle}'");
+}
+
+fn greedy(prompt: Value, max_tokens: usize) -> Value {
+    json!({"model": "anything", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+}
+
+#[test]
+fn endpoints_answer_in_openai_shapes() {
+    let t = small();
+    let a = t.server.addr;
+    assert_eq!(get(a, "/health").json(), json!({"status": "ok"}));
+    let m = get(a, "/v1/models").json();
+    assert_eq!(m["object"], "list");
+    assert_eq!(m["data"][0]["id"], "tiny");
+    assert_eq!(m["data"][0]["object"], "model");
+
+    let info = get(a, "/tokenizer_info").json();
+    assert_eq!(info["eos_token"], "<|im_end|>");
+    assert!(info["chat_template"].as_str().unwrap().contains("im_start"));
+    // lm-eval's remote tokenizer: the EOS text encodes to the EOS id; tokenize and detokenize round-trip.
+    let eos = post(
+        a,
+        "/tokenize",
+        &json!({"prompt": "<|im_end|>", "add_special_tokens": false}),
+    )
+    .json();
+    assert_eq!(eos["tokens"], json!([info["eos_token_id"]]));
+    let toks = post(
+        a,
+        "/tokenize",
+        &json!({"prompt": "the thin hen", "add_special_tokens": false}),
+    )
+    .json();
+    let ids = toks["tokens"].clone();
+    assert_eq!(toks["count"], ids.as_array().unwrap().len());
+    let back = post(a, "/detokenize", &json!({"tokens": ids})).json();
+    assert_eq!(back["prompt"], "the thin hen");
+    let chat_ids = post(
+        a,
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .json();
+    assert!(chat_ids["count"].as_u64().unwrap() > 3);
+
+    let r = post(a, "/v1/completions", &greedy(json!("the hen"), 5));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = r.json();
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["model"], "anything");
+    assert!(c["id"].as_str().unwrap().starts_with("cmpl-"));
+    let ch = &c["choices"][0];
+    assert_eq!(ch["index"], 0);
+    assert!(ch["text"].is_string());
+    assert!(ch["logprobs"].is_null());
+    let u = &c["usage"];
+    let n_prompt = post(a, "/tokenize", &json!({"prompt": "the hen"})).json()["count"].clone();
+    assert_eq!(u["prompt_tokens"], n_prompt);
+    let gen = u["completion_tokens"].as_u64().unwrap();
+    assert!((1..=5).contains(&gen));
+    assert_eq!(
+        ch["finish_reason"],
+        if gen == 5 { "length" } else { "stop" }
+    );
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(n_prompt.as_u64().unwrap() + gen)
+    );
+    assert_eq!(u["prompt_tokens_details"]["cached_tokens"], 0);
+
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+                "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = r.json();
+    assert_eq!(c["object"], "chat.completion");
+    assert_eq!(c["choices"][0]["message"]["role"], "assistant");
+    assert!(c["choices"][0]["message"]["content"].is_string());
+    let lp = c["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        lp.len() as u64,
+        c["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert!(lp[0]["logprob"].as_f64().unwrap() <= 0.0);
+
+    // A batch of prompts (text and ids) × n: choices in order, each prompt counted once in usage.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2,
+                                               "temperature": 0, "ignore_eos": true}),
+    );
+    let c = r.json();
+    let ch = c["choices"].as_array().unwrap();
+    assert_eq!(ch.len(), 4, "{c}");
+    for (i, x) in ch.iter().enumerate() {
+        assert_eq!(x["index"], i);
+    }
+    assert_eq!(
+        ch[0]["text"], ch[1]["text"],
+        "greedy choices of one prompt agree"
+    );
+    assert_eq!(c["usage"]["prompt_tokens"], 5);
+    assert_eq!(c["usage"]["completion_tokens"], 8);
+
+    let metrics = get(a, "/metrics");
+    assert!(metrics
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    for name in [
+        "hayloft_requests_total{endpoint=\"/v1/completions\",status=\"200\"}",
+        "hayloft_prompt_tokens_total",
+        "hayloft_generated_tokens_total",
+        "hayloft_time_to_first_token_seconds_bucket",
+        "hayloft_inter_token_latency_seconds_count",
+        "hayloft_kv_cache_bytes",
+        "hayloft_requests_waiting",
+    ] {
+        assert!(
+            metrics.body.contains(name),
+            "no {name} in\n{}",
+            metrics.body
+        );
+    }
+}
+
+/// log-softmax of every prompt position, straight from a session: what echo's log-probabilities must equal.
+fn session_logprobs(model_path: &Path, ids: &[u32]) -> Vec<Vec<f64>> {
+    let model = Model::load(model_path).unwrap();
+    let mut s = Session::new(&model, SessionConfig::for_model(&model)).unwrap();
+    let mut rows = Vec::new();
+    s.feed(ids, 0..ids.len(), |_, l| {
+        let m = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let z: f64 = l.iter().map(|&x| (x as f64 - m).exp()).sum();
+        rows.push(l.iter().map(|&x| x as f64 - m - z.ln()).collect());
+    })
+    .unwrap();
+    rows
+}
+
+#[test]
+fn echo_logprobs_equal_the_sessions_log_softmax() {
+    let t = small();
+    let ids: Vec<u32> = vec![17, 200, 33, 90, 4, 150, 61];
+    let rows = session_logprobs(&t.path, &ids);
+    // lm-eval's log-likelihood request: the echoed prompt and exactly one generated token.
+    let r = post(
+        t.server.addr,
+        "/v1/completions",
+        &json!({"model": "x", "prompt": [ids.clone()], "max_tokens": 1,
+        "temperature": 0, "logprobs": 3, "seed": 1234, "echo": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lp = &r.json()["choices"][0]["logprobs"];
+    let tl = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(
+        tl.len(),
+        ids.len() + 1,
+        "prompt + one generated token: {lp}"
+    );
+    assert!(tl[0].is_null());
+    for i in 1..ids.len() {
+        let want = rows[i - 1][ids[i] as usize];
+        let got = tl[i].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-4, "position {i}: {got} vs {want}");
+        // The top alternatives: 3 of them, the argmax among them with its log-probability.
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 3);
+        let best = rows[i - 1]
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let top_best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert!(
+            (top_best - best).abs() < 1e-4,
+            "position {i}: top {top_best} vs argmax {best}"
+        );
+    }
+    // The generated token is the argmax after the prompt (greedy), with its log-probability.
+    let last = rows[ids.len() - 1].clone();
+    let best = last.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    assert!((tl[ids.len()].as_f64().unwrap() - best).abs() < 1e-4);
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), ids.len() + 1);
+    let offs = lp["text_offset"].as_array().unwrap();
+    assert!(offs.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
+
+    // The older request shape: max_tokens 0, only the prompt.
+    let r = post(
+        t.server.addr,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 0, "echo": true,
+        "logprobs": 0}),
+    );
+    let c = r.json();
+    assert_eq!(
+        c["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        ids.len()
+    );
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    assert_eq!(c["usage"]["completion_tokens"], 0);
+}
+
+#[test]
+fn streams_are_sse_frames_that_add_up_to_the_plain_answer() {
+    let t = small();
+    let a = t.server.addr;
+    let plain = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the hen", "max_tokens": 12, "temperature": 0,
+                                                   "ignore_eos": true}),
+    )
+    .json();
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the hen", "max_tokens": 12, "temperature": 0,
+        "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(r.status, 200);
+    let events = r.sse();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, plain["choices"][0]["text"].as_str().unwrap());
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], plain["usage"]);
+    let fin = &chunks[chunks.len() - 2];
+    assert_eq!(fin["choices"][0]["finish_reason"], "length");
+
+    // Chat: a role delta first, content deltas, a finish chunk; no usage chunk unless asked.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+                      "ignore_eos": true});
+    let plain = post(a, "/v1/chat/completions", &body).json();
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let events = post(a, "/v1/chat/completions", &sb).sse();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        plain["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_finish_with_stop() {
+    let t = small();
+    let a = t.server.addr;
+    let full = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the", "max_tokens": 40, "temperature": 0,
+                                                  "ignore_eos": true}),
+    )
+    .json();
+    let text = full["choices"][0]["text"].as_str().unwrap().to_string();
+    // A stop string from the middle of the greedy text (by characters: the text may not be ASCII).
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "greedy text too short: {text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let r = post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": "the", "max_tokens": 40, "temperature": 0,
+            "ignore_eos": true, "stop": [stop.clone(), "\u{1F600}never"], "stream": stream}),
+        );
+        let (got, finish) = if stream {
+            let ev = r.sse();
+            let chunks: Vec<Value> = ev[..ev.len() - 1]
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+            let t: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["text"].as_str())
+                .collect();
+            (
+                t,
+                chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
+            )
+        } else {
+            let c = r.json();
+            (
+                c["choices"][0]["text"].as_str().unwrap().to_string(),
+                c["choices"][0]["finish_reason"].clone(),
+            )
+        };
+        assert_eq!(got, cut, "stream {stream}");
+        assert_eq!(finish, "stop");
+    }
+}
+
+#[test]
+fn errors_get_status_and_openai_json_and_the_server_keeps_serving() {
+    let t = small();
+    let a = t.server.addr;
+    let ok = |a| {
+        let r = post(a, "/v1/completions", &greedy(json!("the"), 2));
+        assert_eq!(r.status, 200, "after an error: {}", r.body);
+    };
+    let r = http(
+        a,
+        "POST",
+        "/v1/completions",
+        Some("{\"prompt\": \"x\","),
+        &[],
+    );
+    assert_error(&r, 400, "malformed JSON");
+    ok(a);
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "x", "temperature": "hot"}),
+    );
+    assert_error(&r, 400, "temperature");
+    ok(a);
+    let r = post(a, "/v1/completions", &json!({"prompt": {"no": 1}}));
+    assert_error(&r, 400, "prompt");
+    let r = post(a, "/v1/completions", &json!({"max_tokens": 3}));
+    assert_error(&r, 400, "prompt");
+    let r = post(a, "/v1/completions", &json!({"prompt": [1, 2, 99999]}));
+    assert_error(&r, 400, "99999");
+    let long: Vec<u32> = vec![5; 600];
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": long, "max_tokens": 0}),
+    );
+    assert_error(&r, 400, "context");
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    ok(a);
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the", "max_tokens": 100000}),
+    );
+    assert_error(&r, 400, "max_tokens");
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the", "kv": "snapkvv@0.5"}),
+    );
+    assert_error(&r, 400, "snapkvv");
+    assert_eq!(r.json()["error"]["code"], "invalid_kv");
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the", "top_p": 3.0}),
+    );
+    assert_error(&r, 400, "top_p");
+    let r = post(a, "/v1/completions", &json!({"prompt": "the", "n": 0}));
+    assert_error(&r, 400, "n");
+    let r = post(a, "/v1/chat/completions", &json!({"messages": []}));
+    assert_error(&r, 400, "messages");
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user"}], "frequency_penalty": 1}),
+    );
+    assert_error(&r, 400, "frequency_penalty");
+    let r = get(a, "/v2/nothing");
+    assert_error(&r, 404, "/v2/nothing");
+    ok(a);
+    // A KV method that parses, run by the request.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the thin hen", "max_tokens": 3, "kv": "window@0.5",
+                                               "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = get(a, "/metrics").body;
+    assert!(m.contains("status=\"400\""), "{m}");
+}
+
+#[test]
+fn api_key_is_required_except_for_health() {
+    let t = tiny(
+        &TinySpec::default(),
+        ServeConfig {
+            api_key: Some("s3cret".into()),
+            ..Default::default()
+        },
+    );
+    let a = t.server.addr;
+    let body = greedy(json!("the"), 2).to_string();
+    let r = http(a, "POST", "/v1/completions", Some(&body), &[]);
+    assert_error(&r, 401, "API key");
+    let r = http(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        &[("Authorization", "Bearer wrong!")],
+    );
+    assert_error(&r, 401, "API key");
+    let r = http(
+        a,
+        "GET",
+        "/v1/models",
+        None,
+        &[("Authorization", "Bearer s3cret")],
+    );
+    assert_eq!(r.status, 200);
+    let r = http(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        &[("Authorization", "Bearer s3cret")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(get(a, "/health").status, 200);
+    // No CORS headers unless asked for.
+    assert!(r.header("access-control-allow-origin").is_none());
+}
+
+#[test]
+fn health_is_503_while_the_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, &TinySpec::default()).unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let server = Server::start(
+        ServeConfig {
+            port: 0,
+            ..Default::default()
+        },
+        Box::new(move || {
+            let _ = go_rx.recv();
+            ServeModel::open(&path)
+        }),
+    )
+    .unwrap();
+    let a = server.addr;
+    let r = get(a, "/health");
+    assert_error(&r, 503, "loading");
+    assert!(r.header("retry-after").is_some());
+    assert_error(
+        &post(a, "/v1/completions", &greedy(json!("x"), 1)),
+        503,
+        "loading",
+    );
+    go_tx.send(()).unwrap();
+    server.wait_loaded().unwrap();
+    assert_eq!(get(a, "/health").status, 200);
+}
+
+#[test]
+fn concurrent_requests_are_all_answered_as_if_alone() {
+    let t = tiny(
+        &TinySpec::default(),
+        ServeConfig {
+            parallel: 3,
+            queue: 32,
+            ..Default::default()
+        },
+    );
+    let a = t.server.addr;
+    let prompts: Vec<String> = (0..10)
+        .map(|i| format!("the hen {i} in the thin"))
+        .collect();
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            post(
+                a,
+                "/v1/completions",
+                &json!({"prompt": p, "max_tokens": 20, "temperature": 0,
+                                                    "ignore_eos": true}),
+            )
+            .json()
+        })
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let stream = i % 2 == 1;
+                let r = post(
+                    a,
+                    "/v1/completions",
+                    &json!({"prompt": p, "max_tokens": 20, "temperature": 0,
+                                                           "ignore_eos": true, "stream": stream}),
+                );
+                assert_eq!(r.status, 200, "{}", r.body);
+                if stream {
+                    let ev = r.sse();
+                    ev[..ev.len() - 1]
+                        .iter()
+                        .filter_map(|e| {
+                            let v: Value = serde_json::from_str(e).unwrap();
+                            v["choices"][0]["text"].as_str().map(str::to_string)
+                        })
+                        .collect::<String>()
+                } else {
+                    r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+                }
+            })
+        })
+        .collect();
+    for (h, want) in handles.into_iter().zip(&alone) {
+        assert_eq!(
+            h.join().unwrap(),
+            want["choices"][0]["text"].as_str().unwrap()
+        );
+    }
+}
+
+/// Polls /metrics until `pred` holds (5 s at most).
+fn wait_metrics(a: SocketAddr, pred: impl Fn(&str) -> bool, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let m = get(a, "/metrics").body;
+        if pred(&m) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "timed out waiting for {what}:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(m: &str, name: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_full_queue_answers_429_and_a_disconnect_frees_the_slot() {
+    let t = tiny(
+        &slow_spec(),
+        ServeConfig {
+            parallel: 1,
+            queue: 0,
+            ..Default::default()
+        },
+    );
+    let a = t.server.addr;
+    let long = json!({"prompt": "the hen", "max_tokens": 4000, "temperature": 0, "ignore_eos": true,
+                      "stream": true});
+    let mut s = send(a, "POST", "/v1/completions", Some(&long.to_string()), &[]);
+    // Read until the first data event: the sequence is running.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // More choices than the server could ever hold: a 400, not a 429 to retry forever.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": ["a", "b"], "max_tokens": 1}),
+    );
+    assert_error(&r, 400, "at most 1");
+    let r = post(a, "/v1/completions", &greedy(json!("x"), 1));
+    assert_error(&r, 429, "full");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    // The client goes away: its sequence is dropped long before its 4000 tokens.
+    drop(s);
+    wait_metrics(
+        a,
+        |m| metric(m, "hayloft_cancelled_total") == 1,
+        "the cancellation",
+    );
+    wait_metrics(
+        a,
+        |m| metric(m, "hayloft_requests_running") == 0,
+        "the slot to free",
+    );
+    let m = get(a, "/metrics").body;
+    assert!(metric(&m, "hayloft_generated_tokens_total") < 4000, "{m}");
+    let r = post(a, "/v1/completions", &greedy(json!("x"), 1));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn openai_python_client() {
+    let Ok(python) = std::env::var("HAYLOFT_TEST_PYTHON") else {
+        eprintln!(
+            "openai_python_client: skipped, HAYLOFT_TEST_PYTHON is not set (.ci/run sets it to a venv with the \
+             `openai` package)"
+        );
+        return;
+    };
+    let check = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .unwrap_or_else(|e| panic!("HAYLOFT_TEST_PYTHON={python} does not run: {e}"));
+    assert!(
+        check.status.success(),
+        "HAYLOFT_TEST_PYTHON={python} has no `openai` package ({}); install it with `{python} -m pip install \
+         openai`",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let t = tiny(
+        &TinySpec::default(),
+        ServeConfig {
+            api_key: Some("test-key".into()),
+            ..Default::default()
+        },
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("http://{}/v1", t.server.addr))
+        .arg("test-key")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));
+}
+
+#[test]
+fn smollm2_chat_over_http() {
+    let path = common::model("smollm2-135m");
+    let server = Server::start(
+        ServeConfig {
+            port: 0,
+            ..Default::default()
+        },
+        Box::new(move || ServeModel::open(&path)),
+    )
+    .unwrap();
+    server.wait_loaded().unwrap();
+    let r = post(
+        server.addr,
+        "/v1/completions",
+        &greedy(json!("The capital of France is"), 4),
+    );
+    let text = r.json()["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(text.contains("Paris"), "{text:?}");
+    let r = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user",
+        "content": "Say hi"}], "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = r.json();
+    assert!(
+        !c["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{c}"
+    );
+    assert!(
+        c["usage"]["prompt_tokens"].as_u64().unwrap() > 10,
+        "the template's system turn: {c}"
+    );
+}
