@@ -253,10 +253,10 @@ fn check_mixed(model: &Model) {
         let mut refs: Vec<&mut Session> = olds.iter_mut().collect();
         refs.push(&mut new);
         batch.step(&mut refs, &inputs).unwrap();
-        for i in 0..seqs.len() {
+        for (i, w) in want.iter().enumerate() {
             assert_same(
                 batch.logits(i).unwrap(),
-                &want[i][step + 1],
+                &w[step + 1],
                 &format!("decoding beside a prompt, step {step}"),
             );
         }
