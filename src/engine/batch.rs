@@ -205,3 +205,16 @@ fn recycle<'a, 'b>(mut v: Vec<SeqStep<'a>>) -> Vec<SeqStep<'b>> {
     v.clear();
     v.into_iter().map(|_| unreachable!()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recycling_the_step_list_keeps_its_allocation() {
+        let v: Vec<SeqStep<'static>> = Vec::with_capacity(8);
+        let ptr = v.as_ptr() as usize;
+        let w: Vec<SeqStep<'_>> = recycle(v);
+        assert_eq!((w.capacity(), w.as_ptr() as usize), (8, ptr));
+    }
+}
