@@ -260,7 +260,7 @@ fn check_head_mask(m: &Model) {
     // (last layer's attention output over the prompt, over one decoded token, logits after it)
     let run = |mask: Vec<bool>| {
         let mut s = Session::new(m, SessionConfig::for_model(m)).unwrap();
-        s.scratch.head_mask = mask;
+        s.scratch.seq.head_mask = mask;
         s.prefill(&toks[..n]).unwrap();
         let pre = s.scratch.att[..n * nh * hd].to_vec();
         let logits = s.decode(toks[n]).unwrap().to_vec();

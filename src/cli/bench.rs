@@ -3,7 +3,10 @@
 //! Tokens are random (as llama-bench's), so no tokenizer or text is involved. Reports the median of `--reps`.
 //! `hayloft bench machine`: the roofs (memory read bandwidth, f32 and int8 kernel throughput) that every `bench speed`
 //! row is then set against (its share of the roofline).
+//! `hayloft bench batch`: aggregate decode tok/s of several sequences decoded together (see `bench/batch.rs`).
 //! `hayloft bench tokenize`: the tokenizer's encode and decode speed on real text (the essay haystack, or a file).
+
+mod batch;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,6 +33,9 @@ pub enum BenchCmd {
     /// Decode over one long context under several KV specs (decode-time selectors): KV bytes read per token,
     /// attention time per token and decode tok/s, each against full attention, next to the bandwidth ceiling.
     Select(SelectArgs),
+    /// Aggregate decode tok/s of 1, 2, 4, 8 concurrent sequences decoded together in batched steps (continuous
+    /// batching), each holding its own prompt.
+    Batch(batch::BatchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +225,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Tokenize(a) => tokenize(a),
         BenchCmd::Select(a) => select(a),
         BenchCmd::Machine(a) => machine(a),
+        BenchCmd::Batch(a) => batch::run(a),
     }
 }
 

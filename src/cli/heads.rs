@@ -121,9 +121,14 @@ pub fn run(a: HeadsArgs) -> Result<()> {
             for _ in 0..a.max_new {
                 // The query that produced `next` is the last one recorded in every layer.
                 for layer in 0..mc.n_layers {
-                    s.scratch
-                        .obs
-                        .gather(layer, 0..mc.n_heads, mc.head_dim_k, 1, &mut q, &mut qpos);
+                    s.scratch.seq.obs.gather(
+                        layer,
+                        0..mc.n_heads,
+                        mc.head_dim_k,
+                        1,
+                        &mut q,
+                        &mut qpos,
+                    );
                     tally.observe(&s.cache, layer, &q, next);
                 }
                 if l.tokenizer.is_eog(next) {

@@ -3,6 +3,7 @@
 //! A session prefills prompts in chunks (peak activation memory is bounded by the chunk, not the prompt), decodes one
 //! token at a time, and keeps its cache across calls, so a chat turn only prefills the new tokens.
 
+pub mod batch;
 pub mod cost;
 pub mod memcheck;
 pub mod memplan;
@@ -20,6 +21,7 @@ use crate::methods::press::Press;
 use crate::methods::{CompressAt, KvSpec, Needs};
 use crate::model::{Model, Scratch};
 
+pub use batch::{Batch, Input};
 pub use memplan::{Lengths, MemPlan};
 pub use sampler::{Sampler, SamplerConfig};
 pub use stats::Stats;
@@ -140,7 +142,7 @@ impl<'m> Session<'m> {
             .window
             .max(if needs.accumulate { cfg.chunk_size } else { 0 });
         if window > 0 {
-            scratch.obs = QueryWindow::new(mc.n_layers, mc.n_heads * mc.head_dim_k, window);
+            scratch.seq.obs = QueryWindow::new(mc.n_layers, mc.n_heads * mc.head_dim_k, window);
         }
         if !cfg.head_mask.is_empty() {
             if cfg.head_mask.len() != mc.n_layers * mc.n_heads {
@@ -151,7 +153,7 @@ impl<'m> Session<'m> {
                     mc.n_heads
                 );
             }
-            scratch.head_mask = cfg.head_mask.clone();
+            scratch.seq.head_mask = cfg.head_mask.clone();
         }
         if let Some(sel) = &cfg.kv.select {
             let selector = (sel.row.build)(sel, mc)?;
@@ -168,10 +170,10 @@ impl<'m> Session<'m> {
                 cache.enable_meta(m);
             }
             let w = selector.query_window();
-            if w > scratch.obs.capacity() {
-                scratch.obs = QueryWindow::new(mc.n_layers, mc.n_heads * mc.head_dim_k, w);
+            if w > scratch.seq.obs.capacity() {
+                scratch.seq.obs = QueryWindow::new(mc.n_layers, mc.n_heads * mc.head_dim_k, w);
             }
-            scratch.selector = Some(selector);
+            scratch.seq.selector = Some(selector);
         }
         let acc = AttnAcc::new(needs.accumulate, mc.n_layers * mc.n_kv_heads);
         let stats = Stats {
@@ -223,7 +225,7 @@ impl<'m> Session<'m> {
 
     /// Bytes this session and its model hold now: weights, activations and logits, recorded queries, the KV cache.
     fn held_bytes(&self) -> usize {
-        let obs = &self.scratch.obs;
+        let obs = &self.scratch.seq.obs;
         self.model.weight_bytes()
             + self.scratch.bytes()
             + 4 * self.model.config().n_layers * obs.capacity() * (obs.row() + 1)
@@ -296,16 +298,7 @@ impl<'m> Session<'m> {
             let (model, pos, cache, scratch) =
                 (self.model, &self.pos, &mut self.cache, &mut self.scratch);
             rayon::scope(|_| model.forward(&tokens[start..end], pos, cache, scratch));
-            self.tokens.extend_from_slice(&tokens[start..end]);
-            if self.acc.is_on() {
-                let (mc, cache, obs) = (self.model.config(), &self.cache, &self.scratch.obs);
-                let windows = layer_windows(mc);
-                let acc = &mut self.acc;
-                rayon::scope(|_| acc.accumulate(cache, obs, end - start, mc.attn_scale, &windows));
-            }
-            // Offload: the blocks this step read come back into RAM, the least recently read go to disk.
-            self.cache.rebalance()?;
-            self.stats.note_kv(self.cache.peak_bytes());
+            self.after_chunk(&tokens[start..end])?;
             // Logits for wanted rows inside this chunk, a bounded number of rows at a time.
             let lo = want.start.max(start);
             let hi = want.end.min(end);
@@ -323,12 +316,43 @@ impl<'m> Session<'m> {
                 }
                 r = r_end;
             }
-            let chunked = self.press.as_ref().is_some_and(|p| p.chunked);
-            if phase == (Phase::Prefill { compress: true }) && chunked && end < tokens.len() {
-                self.compress();
+            if let Phase::Prefill { compress } = phase {
+                if end < tokens.len() {
+                    self.end_chunk(compress);
+                }
             }
             start = end;
         }
+        self.end_feed(phase);
+        Ok(())
+    }
+
+    /// Bookkeeping after a forward pass appended `chunk` to the cache: the token history, accumulated attention, the
+    /// offload's rebalance, the peak KV figure.
+    fn after_chunk(&mut self, chunk: &[u32]) -> Result<()> {
+        self.tokens.extend_from_slice(chunk);
+        if self.acc.is_on() {
+            let (mc, cache, obs) = (self.model.config(), &self.cache, &self.scratch.seq.obs);
+            let windows = layer_windows(mc);
+            let acc = &mut self.acc;
+            rayon::scope(|_| acc.accumulate(cache, obs, chunk.len(), mc.attn_scale, &windows));
+        }
+        // Offload: the blocks this step read come back into RAM, the least recently read go to disk.
+        self.cache.rebalance()?;
+        self.stats.note_kv(self.cache.peak_bytes());
+        Ok(())
+    }
+
+    /// After a prompt chunk that is not the prompt's last: a `chunked` method compresses now, when this prompt
+    /// compresses at all (`compress`, from the protocol).
+    fn end_chunk(&mut self, compress: bool) {
+        if compress && self.press.as_ref().is_some_and(|p| p.chunked) {
+            self.compress();
+        }
+    }
+
+    /// After a whole feed: a prefill compresses and lets the selector index; a decode step compresses every N steps.
+    fn end_feed(&mut self, phase: Phase) {
         match phase {
             Phase::Prefill { compress } => {
                 if compress {
@@ -348,13 +372,13 @@ impl<'m> Session<'m> {
             }
         }
         self.note_bytes();
-        Ok(())
     }
 
     /// Bytes the cache and the selector's index hold now, into the stats.
     fn note_bytes(&mut self) {
         let index = self
             .scratch
+            .seq
             .selector
             .as_ref()
             .map_or(0, |s| s.index_bytes());
@@ -368,8 +392,8 @@ impl<'m> Session<'m> {
     /// Lets the selector index what the prompt left in the cache.
     fn end_prefill(&mut self) {
         let (cache, scratch) = (&self.cache, &mut self.scratch);
-        if let Some(sel) = scratch.selector.as_mut() {
-            let obs = &scratch.obs;
+        if let Some(sel) = scratch.seq.selector.as_mut() {
+            let obs = &scratch.seq.obs;
             rayon::scope(|_| sel.end_prefill(cache, obs));
         }
     }
@@ -401,7 +425,7 @@ impl<'m> Session<'m> {
         let (mc, cache, obs, acc) = (
             self.model.config(),
             &mut self.cache,
-            &self.scratch.obs,
+            &self.scratch.seq.obs,
             &mut self.acc,
         );
         rayon::scope(|_| press.compress(cache, obs, acc, mc, seen));
@@ -451,16 +475,20 @@ impl<'m> Session<'m> {
         }
         let needs = s.press.as_ref().map_or(Needs::default(), Press::needs);
         // The selector's index reads recorded queries too (Squeezed Attention's thresholds).
-        let window = needs
-            .window
-            .max(s.scratch.selector.as_ref().map_or(0, |x| x.query_window()));
-        if window > self.scratch.obs.capacity() {
+        let window = needs.window.max(
+            s.scratch
+                .seq
+                .selector
+                .as_ref()
+                .map_or(0, |x| x.query_window()),
+        );
+        if window > self.scratch.seq.obs.capacity() {
             bail!(
                 "cannot fork to '{}': it reads the last {} queries, and this session recorded {} \
                  (set SessionConfig::observe.window to at least {})",
                 spec,
                 window,
-                self.scratch.obs.capacity(),
+                self.scratch.seq.obs.capacity(),
                 window
             );
         }
@@ -473,23 +501,28 @@ impl<'m> Session<'m> {
         }
         s.cache = self.cache.try_clone()?;
         // The copied cache keeps the page summaries the fork's selector scores (computed now for what it holds).
-        if let Some(m) = s.scratch.selector.as_ref().and_then(|x| x.meta()) {
+        if let Some(m) = s.scratch.seq.selector.as_ref().and_then(|x| x.meta()) {
             s.cache.enable_meta(m);
         }
         s.tokens = self.tokens.clone();
         s.stats = self.stats.clone();
-        if s.scratch.obs.capacity() == self.scratch.obs.capacity() {
-            s.scratch.obs = self.scratch.obs.clone();
+        if s.scratch.seq.obs.capacity() == self.scratch.seq.obs.capacity() {
+            s.scratch.seq.obs = self.scratch.seq.obs.clone();
         } else {
             // Copy the newest rows into the fork's own (smaller or equal-needs) window.
             let mc = self.model.config();
             let (mut q, mut p) = (Vec::new(), Vec::new());
             for layer in 0..mc.n_layers {
-                let last = s.scratch.obs.capacity();
-                self.scratch
-                    .obs
-                    .gather(layer, 0..mc.n_heads, mc.head_dim_k, last, &mut q, &mut p);
-                s.scratch.obs.record(layer, &q, &p);
+                let last = s.scratch.seq.obs.capacity();
+                self.scratch.seq.obs.gather(
+                    layer,
+                    0..mc.n_heads,
+                    mc.head_dim_k,
+                    last,
+                    &mut q,
+                    &mut p,
+                );
+                s.scratch.seq.obs.record(layer, &q, &p);
             }
         }
         if s.acc.is_on() {
@@ -529,12 +562,12 @@ impl<'m> Session<'m> {
         let t0 = Instant::now();
         let vocab = self.model.config().vocab;
         self.cache.take_read();
-        self.scratch.attn_ns = 0;
+        self.scratch.seq.attn_ns = 0;
         self.feed_as(&[token], 0..1, |_, _| {}, Phase::Decode)?;
         self.stats.decode_steps += 1;
         self.stats.decode_s += t0.elapsed().as_secs_f64();
         self.stats.kv_read_total += self.cache.take_read();
-        self.stats.attention_ns_total += self.scratch.attn_ns;
+        self.stats.attention_ns_total += self.scratch.seq.attn_ns;
         Ok(&mut self.scratch.logits[..vocab])
     }
 
@@ -549,7 +582,7 @@ impl<'m> Session<'m> {
         if self.context_end.is_some_and(|e| e > n) {
             self.context_end = None;
         }
-        self.scratch.obs.truncate_pos(n as u32);
+        self.scratch.seq.obs.truncate_pos(n as u32);
         self.acc.sync_len(&self.cache);
         Ok(())
     }
@@ -589,7 +622,7 @@ impl<'m> Session<'m> {
         self.tokens.clear();
         self.context_end = None;
         self.cache.clear();
-        self.scratch.obs.truncate_pos(0);
+        self.scratch.seq.obs.truncate_pos(0);
         self.acc.sync_len(&self.cache);
     }
 }

@@ -26,16 +26,11 @@ pub(crate) unsafe fn run(c: &Ctx, rg0: usize, rg1: usize, t0: usize, t1: usize) 
             }
             let mut t = t0;
             while t < t1 {
-                let n = t1 - t;
-                let nt = if n >= 4 {
-                    4
-                } else if n >= 2 {
-                    2
-                } else {
-                    1
-                };
+                // Tiles of up to 4 tokens (a remainder of 3 in one tile: each weight block unpacked once).
+                let nt = (t1 - t).min(4);
                 match nt {
                     4 => tile::<4>(c, rg, h, t),
+                    3 => tile::<3>(c, rg, h, t),
                     2 => tile::<2>(c, rg, h, t),
                     _ => tile::<1>(c, rg, h, t),
                 }

@@ -1,6 +1,6 @@
 //! AVX-512 kernels (avx512f/bw/vl + avx512vnni `vpdpbusd`).
 //!
-//! One call computes a tile of 16 rows (one row group) × T tokens (T = 8, 4, 2 or 1). Per weight block
+//! One call computes a tile of 16 rows (one row group) × T tokens (T = 1 to 8). Per weight block
 //! the 16 rows' unsigned values are unpacked once into registers (one 64-byte register per 4 columns),
 //! then for each token `vpdpbusd` against the token's 4 activation bytes broadcast to all lanes gives
 //! the 16 rows' partial sums in the 16 lanes: after 8 of them each lane holds its row's whole integer
@@ -24,21 +24,18 @@ pub(crate) unsafe fn run(c: &Ctx, rg0: usize, rg1: usize, t0: usize, t1: usize) 
         return;
     }
     for rg in rg0..rg1 {
+        // Tiles of up to 8 tokens; a remainder of 3..7 gets a tile of its own size, so a batch of a few sequences
+        // unpacks each weight block once (not once per power-of-two piece).
         let mut t = t0;
         while t < t1 {
-            let n = t1 - t;
-            let nt = if n >= 8 {
-                8
-            } else if n >= 4 {
-                4
-            } else if n >= 2 {
-                2
-            } else {
-                1
-            };
+            let nt = (t1 - t).min(8);
             match nt {
                 8 => tile::<8>(c, rg, t),
+                7 => tile::<7>(c, rg, t),
+                6 => tile::<6>(c, rg, t),
+                5 => tile::<5>(c, rg, t),
                 4 => tile::<4>(c, rg, t),
+                3 => tile::<3>(c, rg, t),
                 2 => tile::<2>(c, rg, t),
                 _ => tile::<1>(c, rg, t),
             }

@@ -569,6 +569,32 @@ fn reference_check_detects_wrong_results() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// (c2) a token's result does not depend on the tile it falls in: batched decoding (several sequences' rows in one
+// product) gives each sequence exactly what its own one-row product gives.
+
+#[test]
+fn each_row_of_a_small_batch_equals_that_row_alone_bit_for_bit() {
+    for (i, &ty) in ALL.iter().enumerate() {
+        let cols = if block_cols(ty) == 256 { 256 } else { 96 };
+        let c = case(ty, 33, cols, 9, 7000 + i as u64);
+        for k in available() {
+            let alone: Vec<Vec<f32>> = (0..9)
+                .map(|t| run_k(k, &c.w, &c.x[t * cols..(t + 1) * cols], 1))
+                .collect();
+            for n in 2..=9 {
+                let y = run_k(k, &c.w, &c.x[..n * cols], n);
+                for (t, want) in alone[..n].iter().enumerate() {
+                    assert!(
+                        &y[t * 33..(t + 1) * 33] == want.as_slice(),
+                        "{ty} kernel {k:?}: row {t} of a batch of {n} differs from the row alone"
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // (d) odd shapes: matmul == per-row reference dots, SIMD == scalar.
 
 #[test]

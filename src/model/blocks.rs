@@ -5,18 +5,20 @@
 //! projection), the gated feed-forward block with its activation as a parameter, and the output head. Each
 //! architecture file composes them in its own order, with its own norms around them.
 //!
-//! Blocks work in the chunk's [`Scratch`] (n = tokens in the chunk): `x` (n × dim) is the residual stream; a block
-//! reads its normed input from `xb` (n × dim) and leaves its output in `xo` (n × dim) for the caller to add to `x`.
-
-use std::ops::Range;
+//! Blocks work in the pass's [`Scratch`] (n = rows of the pass: one sequence's chunk, or the rows of several
+//! sequences one after another, see [`SeqStep`]): `x` (n × dim) is the residual stream; a block reads its normed input
+//! from `xb` (n × dim) and leaves its output in `xo` (n × dim) for the caller to add to `x`. Only attention tells the
+//! sequences apart.
 
 use anyhow::Result;
 
-use super::{load_matrix, load_vector, ModelConfig, RopeStyle, Scratch, SelectCx};
-use crate::attention::{attend, attend_selected, AttnParams};
+use super::{
+    batch_rows, load_matrix, load_vector, ModelConfig, RopeStyle, Scratch, SelectCx, SeqStep,
+};
+use crate::attention::{attend, attend_selected, AttnParams, AttnScratch};
 use crate::gguf::GgufFile;
 use crate::kernels::{matmul, QMatrix};
-use crate::kv::{KvCache, WINDOW_STEP};
+use crate::kv::WINDOW_STEP;
 
 /// Name of layer `i`'s weight `what` in a llama.cpp GGUF.
 fn layer_tensor(i: usize, what: &str) -> String {
@@ -26,28 +28,51 @@ fn layer_tensor(i: usize, what: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------------------
 // Blocks
 
-/// Starts a chunk: checks that it fits the scratch, warns once past the trained context, and fills
-/// x (n × dim) with the tokens' embedding rows times `c.embed_scale`.
+/// Starts a pass: checks that its rows fit the scratch, warns once past the trained context, and fills
+/// x (n × dim, sequence after sequence) with the tokens' embedding rows times `c.embed_scale`. Returns n.
 pub(crate) fn embed(
     tok_embd: &QMatrix,
     c: &ModelConfig,
-    tokens: &[u32],
-    pos: &[u32],
+    seqs: &[SeqStep<'_>],
     s: &mut Scratch,
-) {
-    let (n, dim) = (tokens.len(), c.dim);
+) -> usize {
+    let (n, dim) = (batch_rows(seqs), c.dim);
     assert!(
         n <= s.cap,
         "chunk of {n} tokens exceeds scratch capacity {}",
         s.cap
     );
-    warn_past_context(pos, c.ctx_len);
-    for (t, &tok) in tokens.iter().enumerate() {
-        let row = &mut s.x[t * dim..(t + 1) * dim];
+    let tokens = seqs.iter().flat_map(|q| q.tokens);
+    for (row, &tok) in s.x[..n * dim].chunks_exact_mut(dim).zip(tokens) {
         tok_embd.dequantize_row(tok as usize, row);
         if c.embed_scale != 1.0 {
             row.iter_mut().for_each(|v| *v *= c.embed_scale);
         }
+    }
+    for q in seqs {
+        warn_past_context(q.pos, c.ctx_len);
+    }
+    n
+}
+
+/// Fills rows of a RoPE table pair (n × rope_dim/2 each) sequence by sequence: `fill(pos, cos, sin)` writes the rows
+/// of one sequence's positions.
+pub(crate) fn rope_rows(
+    seqs: &[SeqStep<'_>],
+    half: usize,
+    cos: &mut [f32],
+    sin: &mut [f32],
+    mut fill: impl FnMut(&[u32], &mut [f32], &mut [f32]),
+) {
+    let mut r0 = 0;
+    for q in seqs {
+        let r1 = r0 + q.pos.len();
+        fill(
+            q.pos,
+            &mut cos[r0 * half..r1 * half],
+            &mut sin[r0 * half..r1 * half],
+        );
+        r0 = r1;
     }
 }
 
@@ -124,20 +149,21 @@ impl Attention {
             + biases
     }
 
-    /// xo ← Wo · attention(RoPE(Wq·xb), RoPE(Wk·xb), Wv·xb) for the chunk at positions `pos`, after appending its
-    /// keys and values to `cache` (layer `layer`). A `local` layer rotates with the local RoPE table and sees only
-    /// `c.sliding_window` positions back; the query rows are recorded for KV-compression methods; query heads marked in
-    /// `s.head_mask` contribute nothing.
+    /// xo ← Wo · attention(RoPE(Wq·xb), RoPE(Wk·xb), Wv·xb) for the pass's rows (sequence after sequence, as
+    /// `seqs` lists them): the projections run over every row at once; each sequence's rows append their keys and
+    /// values to its own cache (layer `layer`) and attend over it alone. A `local` layer rotates with the local RoPE
+    /// table and sees only `c.sliding_window` positions back; each sequence's query rows are recorded in its state for
+    /// KV-compression methods; query heads its `head_mask` marks contribute nothing.
     pub(crate) fn forward(
         &self,
         c: &ModelConfig,
         layer: usize,
-        pos: &[u32],
         local: bool,
-        cache: &mut KvCache,
+        seqs: &mut [SeqStep<'_>],
         s: &mut Scratch,
     ) {
-        let (n, dim, hd, nh, nkv) = (pos.len(), c.dim, c.head_dim_k, c.n_heads, c.n_kv_heads);
+        let n = batch_rows(seqs);
+        let (dim, hd, nh, nkv) = (c.dim, c.head_dim_k, c.n_heads, c.n_kv_heads);
         let half = c.rope_dim / 2;
         let (q, k, v) = (
             &mut s.q[..n * nh * hd],  // n × nh·hd
@@ -165,57 +191,99 @@ impl Attention {
         };
         apply_rope(q, nh, hd, c.rope_style, cos, sin, c.rope_dim);
         apply_rope(k, nkv, hd, c.rope_style, cos, sin, c.rope_dim);
-        s.obs.record(layer, q, pos);
         let params = AttnParams {
             n_q_heads: nh,
             scale: c.attn_scale,
             window: if local { c.sliding_window } else { None },
             softcap: None,
         };
-        // A sliding-window layer takes the chunk WINDOW_STEP tokens at a time (append, attend), so a cache that keeps
-        // only the window never holds more than the window and one step, whatever the chunk. (A cache that keeps
-        // every entry takes the same steps: both then add up the same partial sums, bit for bit.)
-        let step = if params.window.is_some() {
-            WINDOW_STEP
-        } else {
-            n
-        };
-        let mut a = 0;
-        while a < n {
-            let b = (a + step).min(n);
-            let (q, pos) = (&q[a * nh * hd..b * nh * hd], &pos[a..b]); // (b − a) × nh·hd
-            cache.append(
+        let (qr, kr) = (nh * hd, nkv * hd); // floats per row of q, and of k and v
+        let mut r0 = 0;
+        for seq in seqs.iter_mut() {
+            let r1 = r0 + seq.pos.len();
+            attend_seq(
                 layer,
-                pos,
-                &k[a * nkv * hd..b * nkv * hd],
-                &v[a * nkv * hd..b * nkv * hd],
-            );
-            let att = &mut s.att[a * nh * hd..b * nh * hd]; // (b − a) × nh·hd
-            let t0 = std::time::Instant::now();
-            let cx = SelectCx {
-                cache,
-                layer,
-                q,
-                pos,
-                n_q_heads: nh,
                 local,
-            };
-            // A selector may restrict what each KV head reads (decode); otherwise the whole cache is read.
-            let selected = s
-                .selector
-                .as_mut()
-                .is_some_and(|sel| sel.select(&cx, &mut s.sel));
-            if selected {
-                attend_selected(cache, layer, q, pos, att, &params, &s.sel, &mut s.attn);
-            } else {
-                attend(cache, layer, q, pos, att, &params, &mut s.attn);
-            }
-            s.attn_ns += t0.elapsed().as_nanos() as u64;
-            a = b;
+                &params,
+                seq,
+                &q[r0 * qr..r1 * qr],
+                &k[r0 * kr..r1 * kr],
+                &v[r0 * kr..r1 * kr],
+                &mut s.att[r0 * qr..r1 * qr],
+                &mut s.attn,
+            );
+            mask_heads(
+                &mut s.att[r0 * qr..r1 * qr],
+                nh,
+                hd,
+                &seq.state.head_mask,
+                layer,
+            );
+            r0 = r1;
         }
-        let att = &mut s.att[..n * nh * hd]; // n × nh·hd
-        mask_heads(att, nh, hd, &s.head_mask, layer);
-        matmul(&self.wo, att, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
+        matmul(
+            &self.wo,
+            &s.att[..n * qr],
+            n,
+            &mut s.xo[..n * dim],
+            &mut s.mm,
+        ); // xo: n × dim
+    }
+}
+
+/// One sequence's attention in a layer: records its queries `q` (its rows × nh·hd, after RoPE), appends its keys and
+/// values `k`, `v` (rows × nkv·hd) to its cache and writes the attention output of its rows into `att`.
+#[allow(clippy::too_many_arguments)] // the sequence, its three projections, the output and the shared buffers
+fn attend_seq(
+    layer: usize,
+    local: bool,
+    params: &AttnParams,
+    seq: &mut SeqStep<'_>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    att: &mut [f32],
+    scratch: &mut AttnScratch,
+) {
+    let (n, pos) = (seq.pos.len(), seq.pos);
+    let (qr, kr) = (q.len() / n, k.len() / n);
+    let (cache, st) = (&mut *seq.cache, &mut *seq.state);
+    st.obs.record(layer, q, pos);
+    // A sliding-window layer takes the chunk WINDOW_STEP tokens at a time (append, attend), so a cache that keeps
+    // only the window never holds more than the window and one step, whatever the chunk. (A cache that keeps
+    // every entry takes the same steps: both then add up the same partial sums, bit for bit.)
+    let step = if params.window.is_some() {
+        WINDOW_STEP
+    } else {
+        n
+    };
+    let mut a = 0;
+    while a < n {
+        let b = (a + step).min(n);
+        let (q, pos) = (&q[a * qr..b * qr], &pos[a..b]); // (b − a) × nh·hd
+        cache.append(layer, pos, &k[a * kr..b * kr], &v[a * kr..b * kr]);
+        let att = &mut att[a * qr..b * qr]; // (b − a) × nh·hd
+        let t0 = std::time::Instant::now();
+        let cx = SelectCx {
+            cache,
+            layer,
+            q,
+            pos,
+            n_q_heads: params.n_q_heads,
+            local,
+        };
+        // A selector may restrict what each KV head reads (decode); otherwise the whole cache is read.
+        let selected = st
+            .selector
+            .as_mut()
+            .is_some_and(|sel| sel.select(&cx, &mut st.sel));
+        if selected {
+            attend_selected(cache, layer, q, pos, att, params, &st.sel, scratch);
+        } else {
+            attend(cache, layer, q, pos, att, params, scratch);
+        }
+        st.attn_ns += t0.elapsed().as_nanos() as u64;
+        a = b;
     }
 }
 
@@ -276,30 +344,28 @@ impl GatedFfn {
     }
 }
 
-/// Final norm and output projection for rows `rows` of the chunk in `s.x`.
+/// Final norm and output projection of the rows `rows` lists (indices into the pass's rows in `s.x`) into
+/// `s.logits` (rows.len() × vocab, in the list's order).
 pub(crate) fn output_logits(
     norm: &[f32],
     out: &QMatrix,
-    eps: f32,
-    dim: usize,
-    vocab: usize,
+    c: &ModelConfig,
     s: &mut Scratch,
-    rows: Range<usize>,
+    rows: impl ExactSizeIterator<Item = usize>,
 ) {
-    let nr = rows.len();
+    let (dim, vocab, nr) = (c.dim, c.vocab, rows.len());
     assert!(
-        rows.end <= s.cap && nr * vocab <= s.logits.len(),
-        "logit rows {rows:?} out of range"
+        nr * vocab <= s.logits.len() && nr <= s.cap,
+        "{nr} logit rows do not fit the scratch"
     );
     if nr == 0 {
         return;
     }
-    rmsnorm(
-        &mut s.xb[..nr * dim],
-        &s.x[rows.start * dim..rows.end * dim],
-        norm,
-        eps,
-    );
+    for (i, r) in rows.enumerate() {
+        assert!(r < s.cap, "logit row {r} out of range");
+        let x = &s.x[r * dim..(r + 1) * dim];
+        rmsnorm(&mut s.xb[i * dim..(i + 1) * dim], x, norm, c.rms_eps);
+    }
     matmul(
         out,
         &s.xb[..nr * dim],

@@ -5,17 +5,14 @@
 //! layers; every 6th is global); norms after the attention and feed-forward blocks as well as before; GeGLU (tanh GELU)
 //! feed-forward. The converter already folded Gemma's (1 + w) into the norm weights.
 
-use std::ops::Range;
-
 use anyhow::{bail, Result};
 
 use super::blocks::{
     self, add_residual, gelu_tanh, norm_input, rmsnorm_inplace, rope_tables, Attention, GatedFfn,
 };
-use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch};
+use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
-use crate::kv::KvCache;
 
 pub struct Gemma3Layer {
     pub attn_norm: Vec<f32>, // dim
@@ -134,30 +131,34 @@ impl Gemma3 {
         l + self.tok_embd.n_bytes()
     }
 
-    /// Runs the chunk `tokens` (at positions `pos`) through every layer, appending its keys and values to `cache`;
-    /// the final residual stream stays in `s.x`.
-    pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
+    /// Runs the steps' tokens (rows sequence after sequence) through every layer, appending each sequence's keys
+    /// and values to its cache; the final residual stream stays in `s.x`.
+    pub fn forward(&self, seqs: &mut [SeqStep<'_>], s: &mut Scratch) {
         let c = &self.cfg;
-        let (n, dim, half) = (tokens.len(), c.dim, c.rope_dim / 2);
+        let (dim, half) = (c.dim, c.rope_dim / 2);
         // x: n × dim ← token embeddings · sqrt(dim)
-        blocks::embed(&self.tok_embd, c, tokens, pos, s);
+        let n = blocks::embed(&self.tok_embd, c, seqs, s);
         // Two RoPE tables (n × rope_dim/2 each): global layers (base 1e6, optionally linearly scaled) and local layers
         // (base 1e4).
         let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]);
         let scale = 1.0 / self.rope_scale_global;
-        rope_tables(pos, c.rope_dim, c.rope_base, scale, cos, sin);
+        blocks::rope_rows(seqs, half, cos, sin, |pos, cos, sin| {
+            rope_tables(pos, c.rope_dim, c.rope_base, scale, cos, sin)
+        });
         let (cos, sin) = (
             &mut s.rope_cos_local[..n * half],
             &mut s.rope_sin_local[..n * half],
         );
-        rope_tables(pos, c.rope_dim, c.rope_base_local, 1.0, cos, sin);
+        blocks::rope_rows(seqs, half, cos, sin, |pos, cos, sin| {
+            rope_tables(pos, c.rope_dim, c.rope_base_local, 1.0, cos, sin)
+        });
 
         for (li, l) in self.layers.iter().enumerate() {
             let local = c.layer_is_local[li];
             // Attention block: x += RMSNorm(Wo · attention(RoPE(QKnorm(Wq·xb)), RoPE(QKnorm(Wk·xb)), Wv·xb)),
             // xb = RMSNorm(x); local layers see the sliding window only.
             norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
-            l.attn.forward(c, li, pos, local, cache, s); // xo: n × dim
+            l.attn.forward(c, li, local, seqs, s); // xo: n × dim
             rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_attn_norm, c.rms_eps); // xo ← RMSNorm(xo)
             add_residual(s, n, dim); // x: n × dim += xo
 
@@ -167,19 +168,5 @@ impl Gemma3 {
             rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_ffn_norm, c.rms_eps); // xo ← RMSNorm(xo)
             add_residual(s, n, dim); // x: n × dim += xo
         }
-    }
-
-    /// Logits of rows `rows` of the last chunk (its residual stream is still in `s.x`) into `s.logits`.
-    pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
-        let c = &self.cfg;
-        blocks::output_logits(
-            &self.out_norm,
-            &self.tok_embd,
-            c.rms_eps,
-            c.dim,
-            c.vocab,
-            s,
-            rows,
-        );
     }
 }

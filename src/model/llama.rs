@@ -6,16 +6,13 @@
 //! reads them. The biases are there when the file has them (Qwen2 always does). Llama rotates pairs (2i, 2i+1);
 //! Qwen2 rotates (i, i + d/2) (NeoX), as llama.cpp does for each. Both honour the RoPE scaling the file declares.
 
-use std::ops::Range;
-
 use anyhow::{bail, Result};
 
 use super::blocks::{self, add_residual, norm_input, silu, Attention, GatedFfn};
 use super::rope::RopeScaling;
-use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch};
+use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
-use crate::kv::KvCache;
 
 pub struct LlamaLayer {
     pub attn_norm: Vec<f32>, // dim
@@ -132,21 +129,23 @@ impl Llama {
             + 4 * self.out_norm.len()
     }
 
-    /// Runs the chunk `tokens` (at positions `pos`) through every layer, appending its keys and values to `cache`;
-    /// the final residual stream stays in `s.x`.
-    pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
+    /// Runs the steps' tokens (rows sequence after sequence) through every layer, appending each sequence's keys
+    /// and values to its cache; the final residual stream stays in `s.x`.
+    pub fn forward(&self, seqs: &mut [SeqStep<'_>], s: &mut Scratch) {
         let c = &self.cfg;
-        let (n, dim, half) = (tokens.len(), c.dim, c.rope_dim / 2);
+        let (dim, half) = (c.dim, c.rope_dim / 2);
         // x: n × dim ← token embeddings
-        blocks::embed(&self.tok_embd, c, tokens, pos, s);
+        let n = blocks::embed(&self.tok_embd, c, seqs, s);
         let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]); // n × rope_dim/2 each
-        self.rope_scaling
-            .tables(pos, c.rope_dim, c.rope_base, cos, sin);
+        blocks::rope_rows(seqs, half, cos, sin, |pos, cos, sin| {
+            self.rope_scaling
+                .tables(pos, c.rope_dim, c.rope_base, cos, sin)
+        });
 
         for (li, l) in self.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(RoPE(Wq·xb + bq), RoPE(Wk·xb + bk), Wv·xb + bv), xb = RMSNorm(x).
             norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
-            l.attn.forward(c, li, pos, false, cache, s); // xo: n × dim
+            l.attn.forward(c, li, false, seqs, s); // xo: n × dim
             add_residual(s, n, dim); // x: n × dim += xo
 
             // Feed-forward block (SwiGLU): x += Wdown · (silu(Wgate·xb) ⊙ Wup·xb), xb = RMSNorm(x).
@@ -154,19 +153,5 @@ impl Llama {
             l.ffn.forward(c, n, silu, s); // xo: n × dim
             add_residual(s, n, dim); // x: n × dim += xo
         }
-    }
-
-    /// Logits of rows `rows` of the last chunk (its residual stream is still in `s.x`) into `s.logits`.
-    pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
-        let c = &self.cfg;
-        blocks::output_logits(
-            &self.out_norm,
-            self.output.as_ref().unwrap_or(&self.tok_embd),
-            c.rms_eps,
-            c.dim,
-            c.vocab,
-            s,
-            rows,
-        );
     }
 }

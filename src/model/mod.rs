@@ -130,21 +130,54 @@ impl Model {
         }
     }
 
-    /// Runs `tokens` (at absolute positions `pos`) through the model, appending their keys/values to `cache`.
-    /// The final residual stream stays in `s.x` for [`Model::logits`].
+    /// Runs `tokens` (at absolute positions `pos`) through the model, appending their keys/values to `cache`;
+    /// attention uses (and records into) `s.seq`. The final residual stream stays in `s.x` for [`Model::logits`].
     pub fn forward(&self, tokens: &[u32], pos: &[u32], cache: &mut KvCache, s: &mut Scratch) {
+        // The sequence's own state leaves the scratch for the pass (moving a few vectors, no allocation), so that the
+        // one-sequence pass is exactly the batched one with a batch of one.
+        let mut state = std::mem::take(&mut s.seq);
+        let mut one = [SeqStep {
+            tokens,
+            pos,
+            cache,
+            state: &mut state,
+        }];
+        self.forward_batch(&mut one, s);
+        s.seq = state;
+    }
+
+    /// Runs several independent sequences through the model in one pass: every weight matrix multiplies the rows of
+    /// all of them at once (each weight is read once for the whole batch), while each sequence's rows attend over
+    /// its own cache with its own [`SeqState`]. Rows are laid out sequence after sequence in `s` (sequence i's rows
+    /// start at the sum of the earlier ones' token counts); the final residual stream stays in `s.x` for
+    /// [`Model::logits`] / [`Model::logits_at`]. Each sequence's results are those of [`Model::forward`] on it alone.
+    /// `s.seq` is not used. Panics if the rows exceed `s.cap` or a step has no tokens or mismatched positions.
+    pub fn forward_batch(&self, seqs: &mut [SeqStep<'_>], s: &mut Scratch) {
+        for q in seqs.iter() {
+            assert!(
+                !q.tokens.is_empty() && q.tokens.len() == q.pos.len(),
+                "a batch step needs at least one token and one position per token"
+            );
+        }
         match self {
-            Model::Llama(m) => m.forward(tokens, pos, cache, s),
-            Model::Gemma3(m) => m.forward(tokens, pos, cache, s),
+            Model::Llama(m) => m.forward(seqs, s),
+            Model::Gemma3(m) => m.forward(seqs, s),
         }
     }
 
     /// Logits of rows `rows` (indices into the last forward's tokens) into `s.logits` (rows.len() × vocab).
     pub fn logits(&self, s: &mut Scratch, rows: Range<usize>) {
-        match self {
-            Model::Llama(m) => m.logits(s, rows),
-            Model::Gemma3(m) => m.logits(s, rows),
-        }
+        self.logits_at(s, rows)
+    }
+
+    /// Logits of the rows `rows` lists (indices into the last forward's rows, in any order) into `s.logits`, row i of
+    /// the list at `s.logits[i·vocab..]`: after [`Model::forward_batch`], the last row of each sequence.
+    pub fn logits_at(&self, s: &mut Scratch, rows: impl ExactSizeIterator<Item = usize>) {
+        let (norm, out) = match self {
+            Model::Llama(m) => (&m.out_norm, m.output.as_ref().unwrap_or(&m.tok_embd)),
+            Model::Gemma3(m) => (&m.out_norm, &m.tok_embd),
+        };
+        blocks::output_logits(norm, out, self.config(), s, rows);
     }
 
     pub fn weight_bytes(&self) -> usize {
@@ -221,6 +254,14 @@ pub struct Scratch {
     pub logits: Vec<f32>,
     pub mm: MatmulScratch,
     pub attn: AttnScratch,
+    /// The attention state of the sequence [`Model::forward`] runs (a batched pass takes each sequence's own).
+    pub seq: SeqState,
+}
+
+/// What one sequence's attention keeps besides its KV cache: the per-sequence half of the model's state, which a
+/// batched pass ([`Model::forward_batch`]) takes from each sequence while the sequences share one [`Scratch`].
+#[derive(Default)]
+pub struct SeqState {
     /// Head ablation: `head_mask[layer · n_heads + head]` true = that query head's attention output is zeroed
     /// (the Retrieval Head paper's masking experiment). Empty = no mask.
     pub head_mask: Vec<bool>,
@@ -232,6 +273,21 @@ pub struct Scratch {
     pub sel: Selection,
     /// Nanoseconds spent in attention (selection included) since the caller last reset it.
     pub attn_ns: u64,
+}
+
+/// One sequence's part of a batched forward pass: its new tokens (a decode step's one, or a prompt chunk) at their
+/// absolute positions, the cache they append to and attend over, and its attention state.
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    /// Absolute positions, one per token.
+    pub pos: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub state: &'a mut SeqState,
+}
+
+/// Rows of a batch: the sum of its steps' token counts.
+pub fn batch_rows(seqs: &[SeqStep<'_>]) -> usize {
+    seqs.iter().map(|q| q.tokens.len()).sum()
 }
 
 impl Scratch {
@@ -256,11 +312,7 @@ impl Scratch {
             logits: vec![0.0; logit_rows.max(1) * cfg.vocab],
             mm: MatmulScratch::default(),
             attn: AttnScratch::default(),
-            head_mask: Vec::new(),
-            obs: Default::default(),
-            selector: None,
-            sel: Selection::default(),
-            attn_ns: 0,
+            seq: SeqState::default(),
         }
     }
 
