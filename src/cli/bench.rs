@@ -30,6 +30,9 @@ pub enum BenchCmd {
     /// Decode over one long context under several KV specs (decode-time selectors): KV bytes read per token,
     /// attention time per token and decode tok/s, each against full attention, next to the bandwidth ceiling.
     Select(SelectArgs),
+    /// The KV codec (CacheGen-style) on a real cache: size against f16, KIVI-8 and KIVI-4, and the perplexity of a
+    /// continuation over the decoded cache.
+    Codec(super::kvcodec::CodecArgs),
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +222,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Tokenize(a) => tokenize(a),
         BenchCmd::Select(a) => select(a),
         BenchCmd::Machine(a) => machine(a),
+        BenchCmd::Codec(a) => super::kvcodec::run(a),
     }
 }
 
