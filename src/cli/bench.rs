@@ -36,6 +36,9 @@ pub enum BenchCmd {
     /// Aggregate decode tok/s of 1, 2, 4, 8 concurrent sequences decoded together in batched steps (continuous
     /// batching), each holding its own prompt.
     Batch(batch::BatchArgs),
+    /// The KV codec (CacheGen-style) on a real cache: size against f16, KIVI-8 and KIVI-4, and the perplexity of a
+    /// continuation over the decoded cache.
+    Codec(super::kvcodec::CodecArgs),
 }
 
 #[derive(Args, Debug)]
@@ -226,6 +229,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Select(a) => select(a),
         BenchCmd::Machine(a) => machine(a),
         BenchCmd::Batch(a) => batch::run(a),
+        BenchCmd::Codec(a) => super::kvcodec::run(a),
     }
 }
 

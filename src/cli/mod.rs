@@ -6,6 +6,7 @@ pub mod eval;
 mod generate;
 mod heads;
 mod info;
+mod kvcodec;
 mod perplexity;
 mod plan;
 mod serve;

@@ -45,6 +45,7 @@
 //!
 //! This file holds the configuration types.
 
+pub mod codec;
 mod format;
 pub mod meta;
 pub mod offload;

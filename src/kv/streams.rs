@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{bail, Result};
 use half::f16;
 
-use super::format::{BlockData, BlockView, Shape, Stage};
+use super::format::{Block, BlockData, BlockView, Shape, Stage};
 use super::meta::{self, MetaConfig};
 use super::offload::{self, Cand, Offload, OffloadConfig};
 use super::pool::BlockPool;
@@ -520,6 +520,56 @@ impl KvCache {
             }
             self.refresh_meta(si, changed);
         }
+    }
+
+    /// Appends a whole KIVI-quantized block (a copy of one this cache's configuration made, with its positions) to
+    /// (layer, KV head): how a prefix store puts back blocks it kept, bit for bit. The stream must hold only whole
+    /// quantized blocks so far (quantized blocks are always a prefix of a stream), every key channel, and no window.
+    pub fn push_quant_block(&mut self, layer: usize, head: usize, block: &Block) -> Result<()> {
+        let bt = self.cfg.block_tokens;
+        let si = self.stream_index(layer, head);
+        let s = &self.streams[si];
+        let hk = self.cfg.head_dim_k;
+        let BlockData::Quant(q) = &block.data else {
+            bail!("push_quant_block: the block is not quantized");
+        };
+        let want = quant::QBlock::new(q.bits, hk, self.cfg.head_dim_v, bt);
+        let same = self.cfg.dtype.quant_bits() == Some(q.bits)
+            && (
+                q.k.len(),
+                q.k_ms.len(),
+                q.v.len(),
+                q.v_ms.len(),
+                block.pos.len(),
+            ) == (
+                want.k.len(),
+                want.k_ms.len(),
+                want.v.len(),
+                want.v_ms.len(),
+                bt,
+            );
+        if !same {
+            bail!(
+                "push_quant_block: the block's shape does not match this cache's quantized blocks"
+            );
+        }
+        if s.len != s.n_quant * bt || s.channels.is_some() || self.cfg.window(layer).is_some() {
+            bail!(
+                "push_quant_block: stream ({layer}, {head}) holds {} entries of which {} blocks are quantized; \
+                 quantized blocks go only after quantized blocks",
+                s.len,
+                s.n_quant
+            );
+        }
+        let id = self.pool.take(Shape { quant: true, hk });
+        *self.pool.get_mut(id) = block.clone();
+        let s = &mut self.streams[si];
+        let from = s.len;
+        s.blocks.push(id);
+        s.len += bt;
+        s.n_quant += 1;
+        self.refresh_meta(si, from);
+        Ok(())
     }
 
     /// Overwrites the key (all head_dim_k channels given; a pruned stream stores its kept ones) and value of entry

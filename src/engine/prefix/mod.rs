@@ -1,0 +1,473 @@
+//! Prefix caching: keep the KV cache of token prefixes and start later sessions from it instead of recomputing.
+//!
+//! Keys ([`key`]) are chained SHA-256 hashes over 32-token blocks under a [`Namespace`] (model file, model
+//! configuration with RoPE, storage type, KV method with budget and options). What can be reused depends on the
+//! session ([`entry::mode`]):
+//! - a cache that keeps every entry (f16, f32, KIVI) is reused **block by block**: a request's longest cached prefix
+//!   is found one 32-token block at a time, and restoring it gives the cache a recomputation would, bit for bit;
+//! - a cache a method compressed (or whose sliding-window layers dropped entries) is reused only as a **whole
+//!   snapshot of an exact prefix** under its method's key: a compressed prefix is not a prefix of a longer prompt's
+//!   compressed cache.
+//!
+//! [`PrefixStore`] is synchronous and thread-safe (a mutex inside): `lookup` before a prefill, `Hit::restore` into an
+//! empty session, feed the rest, `insert` after. The RAM tier evicts least recently used entries no hit holds, under a
+//! byte budget; a request's blocks are stamped last block first, so a prefix's tail goes before its head.
+//!
+//! Below RAM, optional tiers ([`tier`]: a directory, Redis) keep block-reusable prefixes in units of
+//! `codec.chunk_tokens` tokens as KV codec blobs ([`crate::kv::codec`], lossy, about 4× smaller than f16), keyed by
+//! the chain key of the unit's last block and the unit size. A lookup continues in the tiers where RAM stops; a blob
+//! that fails its checks is deleted and its prefix recomputed. Entries restored from a tier are the codec's
+//! approximation of the cache, not the cache bit for bit.
+
+pub mod entry;
+pub mod key;
+mod store;
+pub mod tier;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{bail, Result};
+
+use crate::engine::Session;
+use crate::kv::codec::{self, CodecConfig, KvRows};
+pub use entry::Mode;
+use entry::{BlockEntry, Snapshot};
+pub use key::{Key, ModelId, Namespace, BLOCK};
+pub use store::Counters;
+use store::{Entry, Ram};
+use tier::{DiskTier, RedisTier, Tier};
+
+/// How a store is set up.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Bytes the RAM tier may hold.
+    pub ram_bytes: usize,
+    /// A directory of codec blobs (`--kv-disk DIR`).
+    pub disk: Option<PathBuf>,
+    /// A Redis server, `redis://host:port[/db]`.
+    pub redis: Option<String>,
+    /// How blobs below RAM are encoded; `chunk_tokens` (a multiple of [`BLOCK`]) is also the tiers' unit.
+    pub codec: CodecConfig,
+}
+
+impl StoreConfig {
+    /// RAM only, at most `bytes`.
+    pub fn ram(bytes: usize) -> Self {
+        Self {
+            ram_bytes: bytes,
+            disk: None,
+            redis: None,
+            codec: CodecConfig::default(),
+        }
+    }
+}
+
+/// What a lookup found: `tokens` leading tokens of the request, ready to restore into an empty session.
+pub struct Hit {
+    /// Cached tokens (0: nothing found; feed everything).
+    pub tokens: usize,
+    what: Found,
+}
+
+enum Found {
+    Nothing,
+    /// One source per block, in order.
+    Blocks(Vec<Source>),
+    Snapshot(Arc<Snapshot>),
+}
+
+/// Where one block of a hit comes from.
+#[derive(Clone)]
+enum Source {
+    /// The RAM tier: the blocks themselves.
+    Exact(Arc<BlockEntry>),
+    /// A decoded tier unit, and the block's index in it.
+    Rows(Arc<KvRows>, usize),
+}
+
+impl Hit {
+    /// Puts the cached prefix into `s`, which must be empty and made with the configuration the lookup's namespace
+    /// came from; `s.tokens` then holds the prefix. Feed the request's remaining tokens next.
+    pub fn restore(&self, s: &mut Session, request: &[u32]) -> Result<()> {
+        if s.n_past() != 0 {
+            bail!(
+                "a cached prefix goes into an empty session (this one holds {} tokens)",
+                s.n_past()
+            );
+        }
+        if request.len() < self.tokens {
+            bail!("the request has fewer tokens than the hit it was looked up with");
+        }
+        match &self.what {
+            Found::Nothing => return Ok(()),
+            Found::Blocks(b) => {
+                if let Err(e) = restore_sources(s, b) {
+                    s.reset();
+                    return Err(e);
+                }
+                s.tokens = request[..self.tokens].to_vec();
+            }
+            Found::Snapshot(snap) => {
+                if snap.tokens[..] != request[..self.tokens] {
+                    bail!("the snapshot's tokens are not the request's prefix");
+                }
+                snap.restore(s)?;
+            }
+        }
+        s.acc.sync_len(&s.cache);
+        s.note_bytes();
+        Ok(())
+    }
+}
+
+/// Appends the blocks of `sources` to `s`'s empty cache: runs of RAM blocks exactly, tier rows through the cache's
+/// append.
+fn restore_sources(s: &mut Session, sources: &[Source]) -> Result<()> {
+    let mut i = 0;
+    while i < sources.len() {
+        match &sources[i] {
+            Source::Exact(_) => {
+                let run: Vec<&BlockEntry> = sources[i..]
+                    .iter()
+                    .map_while(|x| match x {
+                        Source::Exact(e) => Some(e.as_ref()),
+                        Source::Rows(..) => None,
+                    })
+                    .collect();
+                entry::restore_blocks(s, &run)?;
+                i += run.len();
+            }
+            Source::Rows(rows, b) => {
+                let n = sources[i..]
+                    .iter()
+                    .take_while(|x| matches!(x, Source::Rows(r, _) if Arc::ptr_eq(r, rows)))
+                    .count();
+                rows.slice(b * BLOCK, (b + n) * BLOCK)
+                    .append_to(&mut s.cache)?;
+                i += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A store of cached prefixes (see the module documentation).
+pub struct PrefixStore {
+    ram: Mutex<Ram>,
+    tiers: Vec<Box<dyn Tier>>,
+    codec: CodecConfig,
+    /// Tier counters (apart from the RAM tier's lock).
+    tier_counters: Mutex<TierCounters>,
+}
+
+/// What the tiers below RAM did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierCounters {
+    /// Units found and decoded.
+    pub hits: u64,
+    /// Units written.
+    pub writes: u64,
+    /// Blobs refused (failed checks: deleted) or calls that failed.
+    pub errors: u64,
+}
+
+impl PrefixStore {
+    /// A RAM-only store.
+    pub fn new(cfg: &StoreConfig) -> Self {
+        Self {
+            ram: Mutex::new(Ram::new(cfg.ram_bytes)),
+            tiers: Vec::new(),
+            codec: cfg.codec.clone(),
+            tier_counters: Mutex::default(),
+        }
+    }
+
+    /// A store with the tiers `cfg` names (directory created, Redis pinged).
+    pub fn open(cfg: &StoreConfig) -> Result<Self> {
+        let unit = cfg.codec.chunk_tokens;
+        if unit == 0 || !unit.is_multiple_of(BLOCK) {
+            bail!("the KV store's unit of {unit} tokens is not a multiple of its {BLOCK}-token blocks");
+        }
+        let mut s = Self::new(cfg);
+        if let Some(d) = &cfg.disk {
+            s.tiers.push(Box::new(DiskTier::open(d)?));
+        }
+        if let Some(u) = &cfg.redis {
+            s.tiers.push(Box::new(RedisTier::open(u)?));
+        }
+        Ok(s)
+    }
+
+    pub fn tier_counters(&self) -> TierCounters {
+        *self.tier_counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note_tier(&self, f: impl FnOnce(&mut TierCounters)) {
+        f(&mut self.tier_counters.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Key of the tier unit whose last block has chain key `last`.
+    fn unit_key(&self, last: &Key) -> Key {
+        last.derive(b"unit", self.codec.chunk_tokens as u64)
+    }
+
+    /// Extends `sources` (blocks 0.. of a prefix whose block keys are `keys`) from the tiers, one whole unit at a time.
+    fn tier_lookup(&self, keys: &[Key], sources: &mut Vec<Source>) {
+        let unit = self.codec.chunk_tokens;
+        let ub = unit / BLOCK;
+        loop {
+            let m = sources.len();
+            let u = m / ub;
+            let end = (u + 1) * ub;
+            if end > keys.len() {
+                return;
+            }
+            let key = self.unit_key(&keys[end - 1]);
+            let Some(rows) = self.tier_get(&key, u * unit, unit) else {
+                return;
+            };
+            let rows = Arc::new(rows);
+            for b in m..end {
+                sources.push(Source::Rows(rows.clone(), b - u * ub));
+            }
+        }
+    }
+
+    /// The unit `key` from the first tier that has a good blob of it (tokens at positions `start..start + n`).
+    /// A blob that fails its checks is deleted.
+    fn tier_get(&self, key: &Key, start: usize, n: usize) -> Option<KvRows> {
+        for t in &self.tiers {
+            let blob = match t.get(key) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    eprintln!("warning: KV store {}: {e:#}", t.name());
+                    self.note_tier(|c| c.errors += 1);
+                    continue;
+                }
+            };
+            let rows = codec::decode(&blob).and_then(|r| {
+                let want: Vec<u32> = (start as u32..(start + n) as u32).collect();
+                if r.tokens != n || r.pos != want {
+                    bail!(
+                        "holds {} tokens at other positions than the unit's",
+                        r.tokens
+                    );
+                }
+                Ok(r)
+            });
+            match rows {
+                Ok(r) => {
+                    self.note_tier(|c| c.hits += 1);
+                    return Some(r);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "warning: KV store {}: entry {key:?} refused ({e:#}); deleted, its prefix is recomputed",
+                        t.name()
+                    );
+                    self.note_tier(|c| c.errors += 1);
+                    let _ = t.remove(key);
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes the whole units of `s`'s tokens that some tier lacks.
+    fn tier_insert(&self, keys: &[Key], s: &Session) {
+        let unit = self.codec.chunk_tokens;
+        let ub = unit / BLOCK;
+        for u in 0..keys.len() / ub {
+            let key = self.unit_key(&keys[(u + 1) * ub - 1]);
+            let lacking: Vec<&dyn Tier> = self
+                .tiers
+                .iter()
+                .filter(|t| !t.contains(&key).unwrap_or(false))
+                .map(|t| t.as_ref())
+                .collect();
+            if lacking.is_empty() {
+                continue;
+            }
+            let blob = KvRows::from_cache(&s.cache, u * unit, (u + 1) * unit)
+                .and_then(|r| codec::encode(&r, &self.codec));
+            let blob = match blob {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("warning: KV store: encoding a prefix unit: {e:#}");
+                    self.note_tier(|c| c.errors += 1);
+                    return;
+                }
+            };
+            for t in lacking {
+                match t.put(&key, &blob) {
+                    Ok(()) => self.note_tier(|c| c.writes += 1),
+                    Err(e) => {
+                        eprintln!("warning: KV store {}: {e:#}", t.name());
+                        self.note_tier(|c| c.errors += 1);
+                    }
+                }
+            }
+        }
+    }
+
+    fn ram(&self) -> MutexGuard<'_, Ram> {
+        // A panic while holding the lock leaves entries whole (each change is one insert or remove): keep going.
+        self.ram.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The longest cached prefix of `tokens` under `ns`, leaving at least one token to feed (its logits are the
+    /// next token's). Counts a hit or a miss.
+    pub fn lookup(&self, ns: &Namespace, tokens: &[u32]) -> Hit {
+        let usable = &tokens[..tokens.len().saturating_sub(1)];
+        let mut ram = self.ram();
+        // Block by block.
+        let keys = ns.block_keys(usable);
+        let mut found: Vec<Source> = Vec::new();
+        for k in &keys {
+            match ram.block(k) {
+                Some(b) => found.push(Source::Exact(b.clone())),
+                None => break,
+            }
+        }
+        let in_ram = found.len();
+        if !self.tiers.is_empty() {
+            // No tier I/O under the lock.
+            drop(ram);
+            self.tier_lookup(&keys, &mut found);
+            ram = self.ram();
+        }
+        let quant: Vec<bool> = found
+            .iter()
+            .map(|e| matches!(e, Source::Exact(e) if e.quant))
+            .collect();
+        let residual = found
+            .iter()
+            .find_map(|e| match e {
+                Source::Exact(e) => Some(e.residual),
+                Source::Rows(..) => None,
+            })
+            .unwrap_or(0);
+        found.truncate(entry::restorable(&quant, residual));
+        let mut hit = Hit {
+            tokens: found.len() * BLOCK,
+            what: Found::Blocks(found),
+        };
+        // Exact snapshots, longest first, when longer than the blocks found.
+        for len in ram.snap_lens(ns) {
+            if len > usable.len() || len <= hit.tokens {
+                continue;
+            }
+            let key = ns.exact_key(&usable[..len]);
+            if let Some(s) = ram.snapshot(&key) {
+                hit = Hit {
+                    tokens: len,
+                    what: Found::Snapshot(s.clone()),
+                };
+                ram.touch(&key);
+                break;
+            }
+        }
+        if let Found::Blocks(b) = &hit.what {
+            // Last block first: the head of a prefix is the most recently used, and goes last.
+            for k in keys[..b.len().min(in_ram)].iter().rev() {
+                ram.touch(k);
+            }
+        }
+        if hit.tokens == 0 {
+            ram.counters.misses += 1;
+            hit.what = Found::Nothing;
+        } else {
+            ram.counters.hits += 1;
+            ram.counters.hit_tokens += hit.tokens as u64;
+        }
+        hit
+    }
+
+    /// Stores what `s` holds under `ns`: each whole block of its tokens not stored yet (block-reusable caches), or a
+    /// snapshot of its exact token history (others). Returns the number of entries stored.
+    pub fn insert(&self, ns: &Namespace, s: &Session) -> Result<usize> {
+        if s.tokens.is_empty() {
+            return Ok(0);
+        }
+        match entry::mode(s) {
+            Mode::Blocks => {
+                let keys = ns.block_keys(&s.tokens);
+                if (0..s.cache.cfg.n_layers).any(|l| {
+                    (0..s.cache.cfg.n_kv_heads).any(|h| s.cache.len(l, h) != s.tokens.len())
+                }) {
+                    bail!("the session's cache does not hold one entry per token in every stream");
+                }
+                // Captured before taking the lock (copies of the blocks not stored yet, or stored quantized).
+                let missing: Vec<bool> = {
+                    let ram = self.ram();
+                    keys.iter()
+                        .map(|k| ram.block(k).is_none_or(|e| e.quant))
+                        .collect()
+                };
+                let captured: Vec<Option<BlockEntry>> = (0..keys.len())
+                    .map(|b| {
+                        missing[b]
+                            .then(|| BlockEntry::capture(&s.cache, b))
+                            .flatten()
+                    })
+                    .collect();
+                let mut stored = 0;
+                let mut ram = self.ram();
+                // Last block first, so that the head of the prefix is the most recently used and goes last.
+                for (key, e) in keys.iter().zip(captured).rev() {
+                    match e {
+                        // A full-precision block replaces a quantized one (it can be restored in more places).
+                        Some(e) if ram.block(key).is_none() || !e.quant => {
+                            ram.put(*key, Entry::Block(Arc::new(e)), None);
+                            stored += 1;
+                        }
+                        _ => ram.touch(key),
+                    }
+                }
+                drop(ram);
+                if !self.tiers.is_empty() {
+                    self.tier_insert(&keys, s);
+                }
+                Ok(stored)
+            }
+            Mode::Snapshot => {
+                let key = ns.exact_key(&s.tokens);
+                if self.ram().snapshot(&key).is_some() {
+                    self.ram().touch(&key);
+                    return Ok(0);
+                }
+                let snap = Snapshot::capture(s)?;
+                self.ram().put(
+                    key,
+                    Entry::Snap(Arc::new(snap)),
+                    Some((*ns, s.tokens.len())),
+                );
+                Ok(1)
+            }
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.ram().counters
+    }
+
+    /// Bytes and entries the RAM tier holds.
+    pub fn ram_usage(&self) -> (usize, usize) {
+        let ram = self.ram();
+        (ram.bytes(), ram.len())
+    }
+}
+
+impl Namespace {
+    /// The namespace of `s`'s configuration on the model file `id`.
+    pub fn of_session(id: ModelId, s: &Session) -> Self {
+        Self::new(id, s.model.config(), &s.cfg, s.cache.cfg.dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tier_tests;

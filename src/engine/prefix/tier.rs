@@ -1,0 +1,136 @@
+//! Tiers below RAM: codec blobs ([`crate::kv::codec`]) by key, in a directory or in Redis. Blobs are
+//! self-checking (magic, version, CRC-32 per header, table and chunk), so a tier only moves bytes; a blob that fails to
+//! decode is deleted by the store and its prefix recomputed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::key::Key;
+
+/// A place blobs are kept by key. Implementations are thread-safe; every call is synchronous.
+pub trait Tier: Send + Sync {
+    /// Short name for messages (`disk DIR`, `redis URL`).
+    fn name(&self) -> String;
+    fn get(&self, key: &Key) -> Result<Option<Vec<u8>>>;
+    fn put(&self, key: &Key, blob: &[u8]) -> Result<()>;
+    fn contains(&self, key: &Key) -> Result<bool>;
+    fn remove(&self, key: &Key) -> Result<()>;
+}
+
+/// `--kv-disk DIR`: one file per key, `<hex key>.hlkv`. Writes go to a temporary file renamed into place
+/// ([`crate::util::write_atomic`]), so a crash never leaves a half-written blob under a key.
+pub struct DiskTier {
+    dir: PathBuf,
+}
+
+impl DiskTier {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the KV store directory {}", dir.display()))?;
+        Ok(Self { dir: dir.into() })
+    }
+
+    pub fn path(&self, key: &Key) -> PathBuf {
+        self.dir.join(format!("{}.hlkv", key.hex()))
+    }
+}
+
+impl Tier for DiskTier {
+    fn name(&self) -> String {
+        format!("disk {}", self.dir.display())
+    }
+    fn get(&self, key: &Key) -> Result<Option<Vec<u8>>> {
+        let p = self.path(key);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+    fn put(&self, key: &Key, blob: &[u8]) -> Result<()> {
+        crate::util::write_atomic(&self.path(key), blob)
+    }
+    fn contains(&self, key: &Key) -> Result<bool> {
+        Ok(self.path(key).exists())
+    }
+    fn remove(&self, key: &Key) -> Result<()> {
+        let p = self.path(key);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", p.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A Redis server (`redis://host:port/db`): one string value per key, `hayloft:kv:<hex key>`; a SET replaces a value
+/// whole, so readers never see half a blob. One connection, reopened after an error.
+pub struct RedisTier {
+    url: String,
+    client: redis::Client,
+    conn: Mutex<Option<redis::Connection>>,
+}
+
+/// How long a Redis call may take before it fails (the store then recomputes).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl RedisTier {
+    /// Opens `url` and checks the server answers.
+    pub fn open(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url).with_context(|| format!("bad Redis URL '{url}'"))?;
+        let t = Self {
+            url: url.into(),
+            client,
+            conn: Mutex::new(None),
+        };
+        t.call(|c| redis::cmd("PING").query::<String>(c))
+            .with_context(|| format!("Redis at {url} does not answer"))?;
+        Ok(t)
+    }
+
+    fn call<T>(&self, f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> Result<T> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let c = self
+                .client
+                .get_connection_with_timeout(REDIS_TIMEOUT)
+                .with_context(|| format!("connecting to Redis at {}", self.url))?;
+            c.set_read_timeout(Some(REDIS_TIMEOUT))?;
+            c.set_write_timeout(Some(REDIS_TIMEOUT))?;
+            *slot = Some(c);
+        }
+        let r = f(slot.as_mut().expect("connected"));
+        if r.is_err() {
+            *slot = None;
+        }
+        r.with_context(|| format!("Redis at {}", self.url))
+    }
+
+    fn key(key: &Key) -> String {
+        format!("hayloft:kv:{}", key.hex())
+    }
+}
+
+impl Tier for RedisTier {
+    fn name(&self) -> String {
+        format!("redis {}", self.url)
+    }
+    fn get(&self, key: &Key) -> Result<Option<Vec<u8>>> {
+        self.call(|c| redis::cmd("GET").arg(Self::key(key)).query(c))
+    }
+    fn put(&self, key: &Key, blob: &[u8]) -> Result<()> {
+        self.call(|c| redis::cmd("SET").arg(Self::key(key)).arg(blob).query(c))
+    }
+    fn contains(&self, key: &Key) -> Result<bool> {
+        self.call(|c| redis::cmd("EXISTS").arg(Self::key(key)).query::<i64>(c))
+            .map(|n| n > 0)
+    }
+    fn remove(&self, key: &Key) -> Result<()> {
+        self.call(|c| redis::cmd("DEL").arg(Self::key(key)).query::<i64>(c))
+            .map(|_| ())
+    }
+}
