@@ -166,6 +166,7 @@ pub fn case(
         }],
         mode: Mode::MultiTurn,
         no_chat: false,
+        seps: super::Seps::BLANK,
     };
     let (conv, _) = fit_conversation(prompter, target, hay.words(), build)?;
     Ok(Case {

@@ -129,6 +129,7 @@ impl Gen<'_, '_> {
             turns,
             mode: self.mode,
             no_chat: false,
+            seps: super::Seps::BLANK,
         }
     }
 }
