@@ -9,6 +9,9 @@
 //!   line that is not a comment or fence, edit similarity = Indel-normalised similarity as `fuzz.ratio`, rounded to a
 //!   whole percent). The Chinese variants tokenise by characters where LongBench uses jieba (an approximation).
 //!   A sample's score is the best over its references.
+//! - SCBench (its `compute_scores.py`): `kv_retrieval` (`label in pred`, case-sensitive: kv, prefix_suffix),
+//!   `math_find` (the first number in the output, `\d+\.\d+|\d+`, truncated to an integer, equals the label: mf),
+//!   `longdialogue_qa_eng` (any label in the stripped, upper-cased output: many_shot); vt uses `string_match_all`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -30,6 +33,12 @@ pub enum Metric {
     CodeSim,
     /// Scores only the first line of the output (LongBench's few-shot datasets).
     FirstLine(Box<Metric>),
+    /// SCBench `kv_retrieval`: a reference contained in the output, case-sensitive.
+    Contains,
+    /// SCBench `math_find`: the output's first number, as an integer, equals the (integer) reference.
+    FirstNumber,
+    /// SCBench `longdialogue_qa_eng`: a reference contained in the stripped output, both upper-cased.
+    ContainsUpper,
 }
 
 impl Metric {
@@ -48,6 +57,9 @@ impl Metric {
             Metric::Count => "count".into(),
             Metric::CodeSim => "code_sim".into(),
             Metric::FirstLine(m) => m.name(),
+            Metric::Contains => "kv_retrieval".into(),
+            Metric::FirstNumber => "math_find".into(),
+            Metric::ContainsUpper => "longdialogue_qa_eng".into(),
         }
     }
 
@@ -72,6 +84,12 @@ impl Metric {
             Metric::RetrievalZh => best(&|p, r| retrieval(p, r, "段落")),
             Metric::Count => best(&count),
             Metric::CodeSim => best(&code_sim),
+            Metric::Contains => best(&|p, r| p.contains(r) as u8 as f64),
+            Metric::FirstNumber => best(&|p, r| first_number_is(p, r) as u8 as f64),
+            Metric::ContainsUpper => {
+                let p = pred.trim().to_uppercase();
+                best(&|_, r| p.contains(&r.to_uppercase()) as u8 as f64)
+            }
             Metric::FirstLine(m) => {
                 let first = pred
                     .trim_start_matches('\n')
@@ -102,6 +120,26 @@ pub fn string_match_part(pred: &str, refs: &[String]) -> f64 {
     } else {
         0.0
     }
+}
+
+/// SCBench `math_find` with an integer label: the first match of `\d+\.\d+|\d+` in `pred`, `int(float(·))`,
+/// equals `label`. False when `pred` has no number or `label` is not an integer.
+pub fn first_number_is(pred: &str, label: &str) -> bool {
+    let Ok(want) = label.trim().parse::<i128>() else {
+        return false;
+    };
+    let b = pred.as_bytes();
+    let Some(start) = b.iter().position(u8::is_ascii_digit) else {
+        return false;
+    };
+    let end = start + b[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+    // A fraction only truncates; the integer part decides. Past f64's exact range Python's float rounds; such
+    // numbers never match a label here.
+    let digits = pred[start..end].trim_start_matches('0');
+    if digits.len() > 15 {
+        return false;
+    }
+    digits.parse::<i128>().unwrap_or(0) == want
 }
 
 /// All runs of ASCII digits in `s`.

@@ -93,8 +93,8 @@ pub struct Options {
     pub chunked: bool,
     /// Compress every this many decode steps (0 = never); None = [`DEFAULT_EVERY`].
     pub every: Option<usize>,
-    /// PyramidKV's per-layer budgets, with its beta.
-    pub pyramid: Option<f64>,
+    /// PyramidKV's per-layer budgets: formula and beta.
+    pub pyramid: Option<super::pyramidkv::Pyramid>,
     /// AdaKV's head-adaptive budgets, with its floor share.
     pub adakv: Option<f32>,
     /// DuoAttention's head-score file.
