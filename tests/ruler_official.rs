@@ -32,7 +32,10 @@ fn needle_spans(s: &str) -> Vec<(usize, usize)> {
 fn mask_essay(ctx: &str) -> String {
     let spans = needle_spans(ctx);
     let mut out = String::new();
-    if !ctx[..spans.first().map_or(ctx.len(), |s| s.0)].trim().is_empty() {
+    if !ctx[..spans.first().map_or(ctx.len(), |s| s.0)]
+        .trim()
+        .is_empty()
+    {
         out.push_str("[essay]");
     }
     for (i, &(st, end)) in spans.iter().enumerate() {
@@ -49,7 +52,9 @@ fn mask_essay(ctx: &str) -> String {
 /// Numbered list items `N. word` as `N. w` (words may hold spaces), as the fixture's generator writes them.
 fn mask_numbered(line: &str) -> String {
     let toks: Vec<&str> = line.split(' ').collect();
-    let is_num = |t: &str| t.len() > 1 && t.ends_with('.') && t[..t.len() - 1].bytes().all(|b| b.is_ascii_digit());
+    let is_num = |t: &str| {
+        t.len() > 1 && t.ends_with('.') && t[..t.len() - 1].bytes().all(|b| b.is_ascii_digit())
+    };
     let first = toks.iter().position(|t| *t == "1.");
     let Some(first) = first else {
         return line.to_string();
@@ -57,14 +62,21 @@ fn mask_numbered(line: &str) -> String {
     let mut out: Vec<String> = toks[..first].iter().map(|t| t.to_string()).collect();
     let items = toks[first..].iter().filter(|t| is_num(t)).count();
     // The example's lists have fixed lengths; the main list's is fitted.
-    out.push(if items <= 40 { format!("<{items} numbered words>") } else { "<numbered words>".into() });
+    out.push(if items <= 40 {
+        format!("<{items} numbered words>")
+    } else {
+        "<numbered words>".into()
+    });
     out.join(" ")
 }
 
 /// Digits, UUIDs and capitalised variable names masked; the key between "for " and " mentioned"/" is:" masked.
 fn mask_draws(line: &str) -> String {
     let mut s = line.to_string();
-    for (open, close) in [("magic numbers for ", " is: "), ("magic uuids for ", " is: ")] {
+    for (open, close) in [
+        ("magic numbers for ", " is: "),
+        ("magic uuids for ", " is: "),
+    ] {
         let mut from = 0;
         while let Some(i) = s[from..].find(open) {
             let a = from + i + open.len();
@@ -73,11 +85,18 @@ fn mask_draws(line: &str) -> String {
             from = a + 5;
         }
     }
-    for open in ["magic number for ", "magic numbers for ", "magic uuid for ", "magic uuids for "] {
+    for open in [
+        "magic number for ",
+        "magic numbers for ",
+        "magic uuid for ",
+        "magic uuids for ",
+    ] {
         let mut from = 0;
         while let Some(i) = s[from..].find(open) {
             let a = from + i + open.len();
-            let Some(j) = s[a..].find(" mentioned") else { break };
+            let Some(j) = s[a..].find(" mentioned") else {
+                break;
+            };
             s.replace_range(a..a + j, "<key>");
             from = a + 5;
         }
@@ -138,17 +157,27 @@ fn skeleton(prompt: &str) -> (Vec<String>, Vec<String>) {
 
 #[test]
 fn ruler_prompts_have_the_official_structure() {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ruler_official.json");
-    let official: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ruler_official.json");
+    let official: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
     let model = common::model("smollm2-135m");
     common::essays();
     common::wonderwords();
     let g = GgufFile::open(&model).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
-    let p = Prompter::new(&tok, Err("plain prompt: RULER's base template".into()), true);
+    let p = Prompter::new(
+        &tok,
+        Err("plain prompt: RULER's base template".into()),
+        true,
+    );
     let mut hays = Haystacks::new(None);
     let cases = official.as_object().unwrap();
-    assert_eq!(cases.len(), ruler::TASKS.len() + 1, "a fixture for every task");
+    assert_eq!(
+        cases.len(),
+        ruler::TASKS.len() + 1,
+        "a fixture for every task"
+    );
     for (key, rec) in cases {
         let (task, len) = key.split_once('@').unwrap();
         let len: usize = len.parse().unwrap();
@@ -156,7 +185,11 @@ fn ruler_prompts_have_the_official_structure() {
         let c = ruler::case(&p, &mut hays, task, len, 0, 11).unwrap();
         let ours = p.render(&c.conv, 0, &[], c.conv.mode).unwrap();
         let (a, b) = (skeleton(&ours), skeleton(theirs));
-        assert_eq!(a.0, b.0, "{key}: prompt structure differs\nours:   {:?}\nRULER:  {:?}", a.0, b.0);
+        assert_eq!(
+            a.0, b.0,
+            "{key}: prompt structure differs\nours:   {:?}\nRULER:  {:?}",
+            a.0, b.0
+        );
         assert_eq!(a.1, b.1, "{key}: chain lines differ");
         assert_eq!(
             c.conv.turns[0].refs.len() as u64,
@@ -175,7 +208,10 @@ fn skeleton_masks_draws_but_not_structure() {
     assert_eq!(skeleton(a), skeleton(&b));
     // A separator changed is a different structure.
     assert_ne!(skeleton(a), skeleton(&a.replacen('\n', "\n\n", 1)));
-    assert_eq!(mask_numbered("x: 1. ice cream 2. b"), "x: <2 numbered words>");
+    assert_eq!(
+        mask_numbered("x: 1. ice cream 2. b"),
+        "x: <2 numbered words>"
+    );
     assert_eq!(
         mask_essay("Text. One of the special magic numbers for k is: 1234567. More."),
         "[essay] One of the special magic numbers for k is: 1234567. [essay]"

@@ -101,7 +101,6 @@ fn niah_cfg(task: &str) -> Option<NiahCfg> {
     })
 }
 
-
 /// One RULER case of `task` at `target` tokens.
 pub fn case(
     prompter: &Prompter,
@@ -189,10 +188,7 @@ fn insert_at_sentences(text: &str, depths: &[u32], needles: &[String]) -> String
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     let bounds = sentence_boundaries(&text);
     let n_sents = bounds.len().saturating_sub(1);
-    let mut pos: Vec<usize> = depths
-        .iter()
-        .map(|&d| n_sents * d as usize / 100)
-        .collect();
+    let mut pos: Vec<usize> = depths.iter().map(|&d| n_sents * d as usize / 100).collect();
     pos.sort();
     let mut pieces: Vec<&str> = Vec::with_capacity(2 * needles.len() + 1);
     let mut last = 0;
@@ -214,9 +210,11 @@ fn join_queries(q: &[String]) -> String {
     }
 }
 
-const NIAH_PRE: &str = "Some special magic {v} are hidden within the following text. Make sure to memorize it. \
+const NIAH_PRE: &str =
+    "Some special magic {v} are hidden within the following text. Make sure to memorize it. \
                         I will quiz you about the {v} afterwards.";
-const NIAH_Q: &str = "What are all the special magic {v} for {query} mentioned in the provided text?";
+const NIAH_Q: &str =
+    "What are all the special magic {v} for {query} mentioned in the provided text?";
 const NIAH_PREFIX: &str = " The special magic {v} for {query} mentioned in the provided text are";
 
 /// RULER's niah template pieces; with a single value asked for, its plural-to-singular replacements ('Some' → 'A',
@@ -295,8 +293,7 @@ fn niah(
     asked.truncate(c.q);
     let queries: Vec<String> = asked.iter().map(|&i| keys[i].clone()).collect();
     let answers: Vec<String> = asked.iter().flat_map(|&i| values[i].clone()).collect();
-    let [preamble, question, prefix] =
-        niah_texts(vname, &join_queries(&queries), c.q * c.v == 1);
+    let [preamble, question, prefix] = niah_texts(vname, &join_queries(&queries), c.q * c.v == 1);
     let turns = one_turn(question, prefix, answers, 128);
     match c.hay {
         Hay::Essays => {
@@ -425,7 +422,8 @@ fn vt(p: &Prompter, target: usize, rng: &mut Rng) -> Result<Conversation> {
     Ok(fit_conversation(p, target, target, build)?.0)
 }
 
-const CWE_PRE: &str = "Below is a numbered list of words. In these words, some appear more often than others. \
+const CWE_PRE: &str =
+    "Below is a numbered list of words. In these words, some appear more often than others. \
                        Memorize the ones that appear most often.";
 const CWE_Q: &str = "Question: What are the 10 most common words in the above list?";
 const CWE_PREFIX: &str = " Answer: The top 10 words that appear most often in the list are:";
@@ -458,7 +456,13 @@ fn cwe_words(rng: &mut Rng, pool: &[String], n: usize) -> Vec<String> {
 
 /// The list of `common` words × `rc` and `rare` words × `ru` in an order fixed by `seed` per occurrence, so adding
 /// rare words keeps the others' order.
-fn cwe_list<'a>(common: &'a [String], rare: &'a [String], rc: usize, ru: usize, seed: u64) -> Vec<&'a str> {
+fn cwe_list<'a>(
+    common: &'a [String],
+    rare: &'a [String],
+    rc: usize,
+    ru: usize,
+    seed: u64,
+) -> Vec<&'a str> {
     let mut r = Rng::new(seed);
     let mut list: Vec<(u64, &str)> = Vec::new();
     for w in common {
@@ -500,7 +504,8 @@ fn cwe(p: &Prompter, target: usize, rng: &mut Rng) -> Result<Conversation> {
     Ok(fit_conversation(p, target, max_ucw, build)?.0)
 }
 
-const FWE_PRE: &str = "Read the following coded text and track the frequency of each coded word. Find the three \
+const FWE_PRE: &str =
+    "Read the following coded text and track the frequency of each coded word. Find the three \
                        most frequently appeared coded words.";
 const FWE_TOKENS: usize = 50;
 
@@ -593,9 +598,17 @@ mod tests {
 
     #[test]
     fn lines_and_sentences_take_their_needles() {
-        let s = insert_lines(vec!["x"; 4], &[0.0, 0.5, 0.99], &["A".into(), "B".into(), "C".into()]);
+        let s = insert_lines(
+            vec!["x"; 4],
+            &[0.0, 0.5, 0.99],
+            &["A".into(), "B".into(), "C".into()],
+        );
         assert_eq!(s, "A\nx\nx\nB\nx\nC\nx");
-        let t = insert_at_sentences("One. Two.\n Three. Four.", &[0, 50], &["N1.".into(), "N2.".into()]);
+        let t = insert_at_sentences(
+            "One. Two.\n Three. Four.",
+            &[0, 50],
+            &["N1.".into(), "N2.".into()],
+        );
         assert_eq!(t, " N1. One. Two. N2. Three. Four.");
     }
 }

@@ -62,6 +62,21 @@ fn turn(question: String, prefix: &str, answer: String, metric: Metric, max_new:
     }
 }
 
+/// The score a task's turns get (SCBench's `compute_scores.py` per task; `needles` is hayloft's).
+pub fn metric(task: &str) -> Option<Metric> {
+    Some(match task {
+        "kv" | "prefix_suffix" => Metric::Contains,
+        "mf" => Metric::FirstNumber,
+        "many_shot" => Metric::ContainsUpper,
+        "vt" | "needles" => Metric::StringMatchAll,
+        _ => return None,
+    })
+}
+
+fn metric_of(task: &str) -> Metric {
+    metric(task).unwrap_or(Metric::StringMatchAll)
+}
+
 /// SCBench's generation budgets (`eval_utils.py`'s `DATA_NAME_TO_MAX_NEW_TOKENS`).
 const KV_TOKENS: usize = 150;
 const PREFIX_SUFFIX_TOKENS: usize = 150;
@@ -183,7 +198,7 @@ fn needles(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
                 format!("What is the special magic number for {k} mentioned in the provided text?"),
                 &format!("The special magic number for {k} mentioned in the provided text is"),
                 v.clone(),
-                Metric::StringMatchAll,
+                metric_of("needles"),
                 16,
             )
         })
@@ -277,7 +292,7 @@ fn kv(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                     ),
                     "The value associated with the specified key is:",
                     pairs[i].1.clone(),
-                    Metric::Contains,
+                    metric_of("kv"),
                     KV_TOKENS,
                 )
             })
@@ -313,7 +328,7 @@ fn prefix_suffix(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                     ),
                     "The string is:",
                     s.clone(),
-                    Metric::Contains,
+                    metric_of("prefix_suffix"),
                     PREFIX_SUFFIX_TOKENS,
                 )
             })
@@ -358,7 +373,7 @@ fn vt(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
             ),
             gold: chain.join(", "),
             refs: chain.to_vec(),
-            metric: Metric::StringMatchAll,
+            metric: metric_of("vt"),
             max_new: VT_TOKENS,
         });
     }
@@ -407,7 +422,7 @@ fn mf(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                 format!("What is the {word} number in list {label}?"),
                 &format!("The {word} number in list {label} is"),
                 v.to_string(),
-                Metric::FirstNumber,
+                metric_of("mf"),
                 max_new,
             ));
         }
@@ -444,7 +459,7 @@ fn many_shot(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                 format!("Give the label of this input, using the labels of the examples above.\nInput: {q}"),
                 "Label:",
                 labels[*t].clone(),
-                Metric::ContainsUpper,
+                metric_of("many_shot"),
                 MANY_SHOT_TOKENS,
             )
         })
@@ -468,5 +483,6 @@ mod tests {
     fn every_task_has_a_generator() {
         let names: Vec<&str> = GENERATORS.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, TASKS);
+        assert!(TASKS.iter().all(|t| metric(t).is_some()));
     }
 }

@@ -43,14 +43,22 @@ impl Lists {
                 .filter(|w| seen.insert(w.clone()))
                 .collect();
             if v.len() < 100 || v.iter().any(String::is_empty) {
-                bail!("wonderwords' {what} list looks damaged ({} entries)", v.len());
+                bail!(
+                    "wonderwords' {what} list looks damaged ({} entries)",
+                    v.len()
+                );
             }
             Ok(v)
         };
         let adjectives = read(adjectives, "adjective")?;
         let nouns = read(nouns, "noun")?;
         let verbs = read(verbs, "verb")?;
-        let mut words: Vec<String> = nouns.iter().chain(&adjectives).chain(&verbs).cloned().collect();
+        let mut words: Vec<String> = nouns
+            .iter()
+            .chain(&adjectives)
+            .chain(&verbs)
+            .cloned()
+            .collect();
         words.sort();
         words.dedup();
         Ok(Lists {
@@ -62,7 +70,11 @@ impl Lists {
 
     /// A RULER key: `random.choice` over every adjective-noun pair.
     pub fn key(&self, rng: &mut Rng) -> String {
-        format!("{}-{}", rng.choose(&self.adjectives), rng.choose(&self.nouns))
+        format!(
+            "{}-{}",
+            rng.choose(&self.adjectives),
+            rng.choose(&self.nouns)
+        )
     }
 }
 

@@ -130,8 +130,13 @@ mod tests {
     use super::*;
 
     fn budgets(f: Formula, nl: usize, keep: usize, seen: usize) -> Vec<usize> {
-        let p = Pyramid { beta: BETA, formula: f };
-        (0..nl).map(|l| p.layer_keep(l, nl, keep, seen, 64)).collect()
+        let p = Pyramid {
+            beta: BETA,
+            formula: f,
+        };
+        (0..nl)
+            .map(|l| p.layer_keep(l, nl, keep, seen, 64))
+            .collect()
     }
 
     #[test]
@@ -154,12 +159,16 @@ mod tests {
     #[test]
     fn kvpress_falls_back_to_uniform_when_the_top_would_drop_below_the_window() {
         // 25 % of 4K: min = 1024 / 20 = 51.2 < 64, so every layer keeps SnapKV's 1024.
-        assert!(budgets(Formula::Kvpress, 30, 1024, 4096).iter().all(|&b| b == 1024));
+        assert!(budgets(Formula::Kvpress, 30, 1024, 4096)
+            .iter()
+            .all(|&b| b == 1024));
         // 1280 / 20 = 64 = the window: the pyramid holds.
         let b = budgets(Formula::Kvpress, 30, 1280, 5120);
         assert_eq!((b[0], b[29]), (2496, 64));
         // Everything kept stays everything kept.
-        assert!(budgets(Formula::Kvpress, 30, 4000, 4000).iter().all(|&b| b == 4000));
+        assert!(budgets(Formula::Kvpress, 30, 4000, 4000)
+            .iter()
+            .all(|&b| b == 4000));
     }
 
     #[test]
@@ -170,8 +179,12 @@ mod tests {
         assert_eq!(b[1], 1872 - 62 + 64);
         assert_eq!(b[29], 1872 - 29 * 62 + 64);
         // Shorter than 2b: uniform.
-        assert!(budgets(Formula::Factory, 30, 1024, 1900).iter().all(|&b| b == 1024));
+        assert!(budgets(Formula::Factory, 30, 1024, 1900)
+            .iter()
+            .all(|&b| b == 1024));
         // A budget within the window: uniform.
-        assert!(budgets(Formula::Factory, 30, 64, 4096).iter().all(|&b| b == 64));
+        assert!(budgets(Formula::Factory, 30, 64, 4096)
+            .iter()
+            .all(|&b| b == 64));
     }
 }
