@@ -372,7 +372,9 @@ pub fn run_longbench(data: &[u8]) {
             Prompter::new(tok, Err(String::new()), true),
         ] {
             for max_len in [64, 200, 600] {
-                let _ = longbench::case(&p, s, i, max_len, 0);
+                for chat in [false, true] {
+                    let _ = longbench::case(&p, s, i, max_len, 0, chat);
+                }
             }
         }
     }

@@ -189,6 +189,10 @@ pub struct LongbenchArgs {
     /// Run at most this many records per file.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Wrap the prompts (except the few-shot and code datasets') in the model's chat template. LongBench's pred.py
+    /// does so only for the model families it lists; by default the prompt is its plain template.
+    #[arg(long)]
+    pub chat_template: bool,
 }
 
 impl NiahArgs {
@@ -286,6 +290,7 @@ impl LongbenchArgs {
             &self.data,
             self.limit,
             self.max_length,
+            self.chat_template,
         )?))
     }
 }

@@ -24,6 +24,7 @@ pub mod runner;
 pub mod scbench;
 pub mod score;
 pub mod tsort;
+pub mod wonderwords;
 pub mod words;
 
 use anyhow::{bail, Result};
@@ -154,6 +155,33 @@ pub struct Conversation {
     pub mode: Mode,
     /// Render as a plain completion prompt even for chat models (LongBench's few-shot and code datasets).
     pub no_chat: bool,
+    /// The text between the parts, as the benchmark's own template has it.
+    pub seps: Seps,
+}
+
+/// What joins a conversation's parts: preamble and context, context and the first question, question and answer
+/// prefix (the last only in a plain completion prompt; a chat prompt puts the prefix right after the assistant's
+/// header). Benchmarks differ here (RULER: one newline, fwe: a space; LongBench: its whole template verbatim).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seps {
+    pub preamble: &'static str,
+    pub question: &'static str,
+    pub prefix: &'static str,
+}
+
+impl Seps {
+    /// Blank lines around the context, the answer prefix on the next line: hayloft's own tasks.
+    pub const BLANK: Seps = Seps {
+        preamble: "\n\n",
+        question: "\n\n",
+        prefix: "\n",
+    };
+    /// Nothing added: the parts carry their own separators (a template copied verbatim).
+    pub const NONE: Seps = Seps {
+        preamble: "",
+        question: "",
+        prefix: "",
+    };
 }
 
 /// Identifies a generated case: what `--resume` matches on, together with the KV spec.
@@ -217,10 +245,10 @@ impl<'a> Prompter<'a> {
         let mut s = String::new();
         if !conv.preamble.is_empty() {
             s.push_str(&conv.preamble);
-            s.push_str("\n\n");
+            s.push_str(conv.seps.preamble);
         }
         s.push_str(&conv.context);
-        s.push_str("\n\n");
+        s.push_str(conv.seps.question);
         s.push_str(&turn.question);
         s
     }
@@ -236,7 +264,7 @@ impl<'a> Prompter<'a> {
         let start = full.find(&user).ok_or_else(|| {
             anyhow::anyhow!("the chat template changed the user's text; cannot share the context")
         })?;
-        let ctx_end = start + user.len() - first.question.len() - 2;
+        let ctx_end = start + user.len() - first.question.len() - conv.seps.question.len();
         Ok(full[..ctx_end].to_string())
     }
 
@@ -285,7 +313,7 @@ impl<'a> Prompter<'a> {
                 let mut s = Self::first_user(conv, &conv.turns[0]);
                 if mode == Mode::MultiTurn {
                     for (j, tj) in conv.turns[..i].iter().enumerate() {
-                        s.push('\n');
+                        s.push_str(conv.seps.prefix);
                         s.push_str(&tj.answer_prefix);
                         s.push(' ');
                         s.push_str(&answers[j]);
@@ -295,7 +323,7 @@ impl<'a> Prompter<'a> {
                 } else if i > 0 {
                     s = Self::first_user(conv, turn);
                 }
-                s.push('\n');
+                s.push_str(conv.seps.prefix);
                 s.push_str(&turn.answer_prefix);
                 Ok(s)
             }

@@ -8,7 +8,11 @@
 //!   first needle sits at the depth and the others are spread evenly over the rest (Kamradt's multi-needle
 //!   placement); the question asks for all values and the score is the share found (`string_match_all`).
 //! - `kamradt`: the original "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a
-//!   sunny day."; scored by whether "sandwich" and "Dolores Park" both appear (`string_match_all`, partial credit).
+//!   sunny day."; prompted as Kamradt's OpenAI provider does (the context, then "What is the best thing to do in San
+//!   Francisco? Don't give information outside the document or repeat your findings", no answer prefix; its system
+//!   message and its split into two user messages are not reproduced: hayloft's prompt is one user turn); scored by
+//!   whether "sandwich" and "Dolores Park" both appear (`string_match_all`, partial credit) where Kamradt asks a
+//!   GPT-4 judge.
 
 use anyhow::{bail, Result};
 
@@ -110,9 +114,10 @@ pub fn case(
     let (needles, question, prefix, refs) = match params.needle {
         Needle::Kamradt => (
             vec![KAMRADT_NEEDLE.to_string()],
-            "What is the best thing to do in San Francisco? Answer from the document above."
+            "What is the best thing to do in San Francisco? Don't give information outside the document or repeat \
+             your findings"
                 .to_string(),
-            "The best thing to do in San Francisco is".to_string(),
+            String::new(),
             vec!["sandwich".to_string(), "Dolores Park".to_string()],
         ),
         Needle::Number => {
@@ -147,7 +152,7 @@ pub fn case(
     let hay = hays.get(params.haystack, target)?;
     let placed: Vec<(f64, String)> = depths.iter().copied().zip(needles).collect();
     let preamble = match params.needle {
-        Needle::Kamradt => "Read the document below; you will be asked a question about it.",
+        Needle::Kamradt => "",
         Needle::Number => {
             "Some special magic numbers are hidden within the following text. Make sure to memorize them. \
              I will quiz you about the numbers afterwards."
@@ -166,6 +171,7 @@ pub fn case(
         }],
         mode: Mode::MultiTurn,
         no_chat: false,
+        seps: super::Seps::BLANK,
     };
     let (conv, _) = fit_conversation(prompter, target, hay.words(), build)?;
     Ok(Case {

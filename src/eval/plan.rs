@@ -121,6 +121,8 @@ pub struct Longbench {
     pub files: Vec<(PathBuf, Vec<longbench::Sample>)>,
     /// Prompt limit in tokens (default: the session's context).
     pub max_length: Option<usize>,
+    /// Wrap the prompts in the model's chat template (LongBench's `pred.py` does so only for the families it lists).
+    pub chat_template: bool,
 }
 
 impl Longbench {
@@ -129,6 +131,7 @@ impl Longbench {
         files: &[PathBuf],
         limit: Option<usize>,
         max_length: Option<usize>,
+        chat_template: bool,
     ) -> Result<Self> {
         let mut out = Vec::new();
         for f in files {
@@ -145,6 +148,7 @@ impl Longbench {
         Ok(Longbench {
             files: out,
             max_length,
+            chat_template,
         })
     }
 }
@@ -392,7 +396,7 @@ pub fn longbench_plans<'g>(g: Gen<'g>, b: &'g Longbench, max_context: usize) -> 
                     sample: idx,
                     seed,
                 },
-                make: Box::new(move || longbench::case(&p, r, idx, max_len, seed)),
+                make: Box::new(move || longbench::case(&p, r, idx, max_len, seed, b.chat_template)),
             });
         }
         offset += recs.len();

@@ -15,9 +15,11 @@
 //!   ("One of the special magic numbers for {key} is: {7 digits}.") spread over an essay haystack; each turn asks for
 //!   a different needle, so a cache that kept only what the first question needed loses the later turns.
 //!
-//! The length target covers the context plus the first question and its answer budget. Score per turn:
-//! `string_match_all` (the reference contained in the output) × 100; the case's score is the mean over turns
-//! and the report shows each turn's accuracy.
+//! The length target covers the context plus the first question and its answer budget. Budgets and scores per turn
+//! are SCBench's (`eval_utils.py`, `compute_scores.py`): kv and prefix_suffix 150 tokens, `label in pred`
+//! (case-sensitive); mf 5 tokens (more where the tokenizer needs them for a 5-digit number), the first number equals
+//! the label; vt 30 tokens, `string_match_all`; many_shot 10 tokens, any label in the upper-cased output; needles
+//! (hayloft's) `string_match_all`. The case's score is the mean over turns and the report shows each turn's accuracy.
 
 use anyhow::{bail, Result};
 
@@ -49,16 +51,38 @@ pub fn task_name(task: &str, mode: Mode) -> String {
     )
 }
 
-fn turn(question: String, prefix: &str, answer: String, max_new: usize) -> Turn {
+fn turn(question: String, prefix: &str, answer: String, metric: Metric, max_new: usize) -> Turn {
     Turn {
         question,
         answer_prefix: prefix.to_string(),
         gold: answer.clone(),
         refs: vec![answer],
-        metric: Metric::StringMatchAll,
+        metric,
         max_new,
     }
 }
+
+/// The score a task's turns get (SCBench's `compute_scores.py` per task; `needles` is hayloft's).
+pub fn metric(task: &str) -> Option<Metric> {
+    Some(match task {
+        "kv" | "prefix_suffix" => Metric::Contains,
+        "mf" => Metric::FirstNumber,
+        "many_shot" => Metric::ContainsUpper,
+        "vt" | "needles" => Metric::StringMatchAll,
+        _ => return None,
+    })
+}
+
+fn metric_of(task: &str) -> Metric {
+    metric(task).unwrap_or(Metric::StringMatchAll)
+}
+
+/// SCBench's generation budgets (`eval_utils.py`'s `DATA_NAME_TO_MAX_NEW_TOKENS`).
+const KV_TOKENS: usize = 150;
+const PREFIX_SUFFIX_TOKENS: usize = 150;
+const MF_TOKENS: usize = 5;
+const VT_TOKENS: usize = 30;
+const MANY_SHOT_TOKENS: usize = 10;
 
 /// Indices of `k` distinct items among `n`, at fixed fractions of the list (so a case keeps its questions'
 /// relative positions while the list length is tuned).
@@ -129,6 +153,7 @@ impl Gen<'_, '_> {
             turns,
             mode: self.mode,
             no_chat: false,
+            seps: super::Seps::BLANK,
         }
     }
 }
@@ -173,6 +198,7 @@ fn needles(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
                 format!("What is the special magic number for {k} mentioned in the provided text?"),
                 &format!("The special magic number for {k} mentioned in the provided text is"),
                 v.clone(),
+                metric_of("needles"),
                 16,
             )
         })
@@ -266,7 +292,8 @@ fn kv(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                     ),
                     "The value associated with the specified key is:",
                     pairs[i].1.clone(),
-                    50,
+                    metric_of("kv"),
+                    KV_TOKENS,
                 )
             })
             .collect();
@@ -301,7 +328,8 @@ fn prefix_suffix(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                     ),
                     "The string is:",
                     s.clone(),
-                    24,
+                    metric_of("prefix_suffix"),
+                    PREFIX_SUFFIX_TOKENS,
                 )
             })
             .collect();
@@ -345,8 +373,8 @@ fn vt(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
             ),
             gold: chain.join(", "),
             refs: chain.to_vec(),
-            metric: Metric::StringMatchAll,
-            max_new: 30,
+            metric: metric_of("vt"),
+            max_new: VT_TOKENS,
         });
     }
     let hay = hays.get(Source::Noise, target)?;
@@ -368,6 +396,9 @@ fn mf(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
     let nums: Vec<u64> = (0..max).map(|_| g.rng.range(1, 99_999)).collect();
     let labels: Vec<String> = words::distinct_keys(&mut g.rng, turns);
     let wants: Vec<bool> = (0..turns).map(|_| g.rng.below(2) == 0).collect();
+    // SCBench's 5 tokens fit its models' answers (Llama 3 writes up to 3 digits a token); a tokenizer with one
+    // digit a token gets what the widest number here takes.
+    let max_new = MF_TOKENS.max(g.p.encode_plain(" 99999")?.len());
     let g = &*g;
     let (c, _) = fit_conversation(g.p, target, max, |n| {
         let per = (n / turns).max(2);
@@ -391,7 +422,8 @@ fn mf(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                 format!("What is the {word} number in list {label}?"),
                 &format!("The {word} number in list {label} is"),
                 v.to_string(),
-                16,
+                metric_of("mf"),
+                max_new,
             ));
         }
         g.conv("Here are some lists of numbers.", body, ts)
@@ -427,7 +459,8 @@ fn many_shot(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                 format!("Give the label of this input, using the labels of the examples above.\nInput: {q}"),
                 "Label:",
                 labels[*t].clone(),
-                8,
+                metric_of("many_shot"),
+                MANY_SHOT_TOKENS,
             )
         })
         .collect();
@@ -450,5 +483,6 @@ mod tests {
     fn every_task_has_a_generator() {
         let names: Vec<&str> = GENERATORS.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, TASKS);
+        assert!(TASKS.iter().all(|t| metric(t).is_some()));
     }
 }

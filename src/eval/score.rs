@@ -6,9 +6,12 @@
 //! - LongBench (its `metrics.py`, re-implemented): `qa_f1` (token F1 after SQuAD normalisation: lower case, no
 //!   punctuation, no articles), `rouge` (ROUGE-L F as the `rouge` 1.0.1 package computes it: sentences split at '.',
 //!   summary-level union LCS over distinct words), `classification`, `retrieval`, `count`, and `code_sim` (the first
-//!   line that is not a comment or fence, edit similarity = Indel-normalised similarity as `fuzz.ratio`, rounded to a
-//!   whole percent). The Chinese variants tokenise by characters where LongBench uses jieba (an approximation).
+//!   line that is not a comment or fence, `fuzz.ratio` as LongBench's requirements install it: difflib's
+//!   `SequenceMatcher` ratio, rounded to a whole percent). The Chinese variants tokenise by characters where LongBench uses jieba (an approximation).
 //!   A sample's score is the best over its references.
+//! - SCBench (its `compute_scores.py`): `kv_retrieval` (`label in pred`, case-sensitive: kv, prefix_suffix),
+//!   `math_find` (the first number in the output, `\d+\.\d+|\d+`, truncated to an integer, equals the label: mf),
+//!   `longdialogue_qa_eng` (any label in the stripped, upper-cased output: many_shot); vt uses `string_match_all`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -30,6 +33,12 @@ pub enum Metric {
     CodeSim,
     /// Scores only the first line of the output (LongBench's few-shot datasets).
     FirstLine(Box<Metric>),
+    /// SCBench `kv_retrieval`: a reference contained in the output, case-sensitive.
+    Contains,
+    /// SCBench `math_find`: the output's first number, as an integer, equals the (integer) reference.
+    FirstNumber,
+    /// SCBench `longdialogue_qa_eng`: a reference contained in the stripped output, both upper-cased.
+    ContainsUpper,
 }
 
 impl Metric {
@@ -48,6 +57,9 @@ impl Metric {
             Metric::Count => "count".into(),
             Metric::CodeSim => "code_sim".into(),
             Metric::FirstLine(m) => m.name(),
+            Metric::Contains => "kv_retrieval".into(),
+            Metric::FirstNumber => "math_find".into(),
+            Metric::ContainsUpper => "longdialogue_qa_eng".into(),
         }
     }
 
@@ -72,6 +84,12 @@ impl Metric {
             Metric::RetrievalZh => best(&|p, r| retrieval(p, r, "段落")),
             Metric::Count => best(&count),
             Metric::CodeSim => best(&code_sim),
+            Metric::Contains => best(&|p, r| p.contains(r) as u8 as f64),
+            Metric::FirstNumber => best(&|p, r| first_number_is(p, r) as u8 as f64),
+            Metric::ContainsUpper => {
+                let p = pred.trim().to_uppercase();
+                best(&|_, r| p.contains(&r.to_uppercase()) as u8 as f64)
+            }
             Metric::FirstLine(m) => {
                 let first = pred
                     .trim_start_matches('\n')
@@ -102,6 +120,26 @@ pub fn string_match_part(pred: &str, refs: &[String]) -> f64 {
     } else {
         0.0
     }
+}
+
+/// SCBench `math_find` with an integer label: the first match of `\d+\.\d+|\d+` in `pred`, `int(float(·))`,
+/// equals `label`. False when `pred` has no number or `label` is not an integer.
+pub fn first_number_is(pred: &str, label: &str) -> bool {
+    let Ok(want) = label.trim().parse::<i128>() else {
+        return false;
+    };
+    let b = pred.as_bytes();
+    let Some(start) = b.iter().position(u8::is_ascii_digit) else {
+        return false;
+    };
+    let end = start + b[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+    // A fraction only truncates; the integer part decides. Past f64's exact range Python's float rounds; such
+    // numbers never match a label here.
+    let digits = pred[start..end].trim_start_matches('0');
+    if digits.len() > 15 {
+        return false;
+    }
+    digits.parse::<i128>().unwrap_or(0) == want
 }
 
 /// All runs of ASCII digits in `s`.
@@ -320,26 +358,83 @@ pub fn count(pred: &str, gold: &str) -> f64 {
     nums.iter().filter(|n| **n == gold).count() as f64 / nums.len() as f64
 }
 
-/// Indel similarity of two strings by characters: 2·LCS / (|a| + |b|), 0 when either is empty (as `fuzz.ratio`).
-pub fn indel_similarity(a: &str, b: &str) -> f64 {
+/// Python's `difflib.SequenceMatcher(None, a, b).ratio()`: 2·M / (|a| + |b|) with M the characters of the matching
+/// blocks its longest-match recursion finds (earliest in `a`, then in `b`, on ties), characters of `b` more common than
+/// 1 % + 1 left out of the search when `b` has 200 or more (its `autojunk`), as Python does.
+pub fn sequence_matcher_ratio(a: &str, b: &str) -> f64 {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
+    if a.is_empty() && b.is_empty() {
+        return 1.0;
+    }
+    let mut b2j: HashMap<char, Vec<usize>> = HashMap::new();
+    for (j, &c) in b.iter().enumerate() {
+        b2j.entry(c).or_default().push(j);
+    }
+    if b.len() >= 200 {
+        let ntest = b.len() / 100 + 1;
+        b2j.retain(|_, js| js.len() <= ntest);
+    }
+    let longest = |alo: usize, ahi: usize, blo: usize, bhi: usize| -> (usize, usize, usize) {
+        let (mut bi, mut bj, mut bk) = (alo, blo, 0usize);
+        let mut j2len: HashMap<usize, usize> = HashMap::new();
+        for (i, c) in a.iter().enumerate().take(ahi).skip(alo) {
+            let mut next: HashMap<usize, usize> = HashMap::new();
+            for &j in b2j.get(c).map_or(&[][..], |v| &v[..]) {
+                if j < blo {
+                    continue;
+                }
+                if j >= bhi {
+                    break;
+                }
+                let k = j
+                    .checked_sub(1)
+                    .and_then(|p| j2len.get(&p))
+                    .copied()
+                    .unwrap_or(0)
+                    + 1;
+                next.insert(j, k);
+                if k > bk {
+                    (bi, bj, bk) = (i + 1 - k, j + 1 - k, k);
+                }
+            }
+            j2len = next;
+        }
+        while bi > alo && bj > blo && a[bi - 1] == b[bj - 1] {
+            (bi, bj, bk) = (bi - 1, bj - 1, bk + 1);
+        }
+        while bi + bk < ahi && bj + bk < bhi && a[bi + bk] == b[bj + bk] {
+            bk += 1;
+        }
+        (bi, bj, bk)
+    };
+    let mut matched = 0usize;
+    let mut queue = vec![(0, a.len(), 0, b.len())];
+    while let Some((alo, ahi, blo, bhi)) = queue.pop() {
+        let (i, j, k) = longest(alo, ahi, blo, bhi);
+        if k > 0 {
+            matched += k;
+            if alo < i && blo < j {
+                queue.push((alo, i, blo, j));
+            }
+            if i + k < ahi && j + k < bhi {
+                queue.push((i + k, ahi, j + k, bhi));
+            }
+        }
+    }
+    2.0 * matched as f64 / (a.len() + b.len()) as f64
+}
+
+/// fuzzywuzzy's `fuzz.ratio` as LongBench's requirements install it (without python-Levenshtein: difflib's
+/// ratio), a whole percent rounded half to even as Python's `round`.
+pub fn fuzz_ratio(a: &str, b: &str) -> f64 {
+    if a == b {
+        return 100.0;
+    }
     if a.is_empty() || b.is_empty() {
         return 0.0;
     }
-    let mut prev = vec![0u32; b.len() + 1];
-    let mut cur = vec![0u32; b.len() + 1];
-    for &ca in &a {
-        for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = if ca == cb {
-                prev[j] + 1
-            } else {
-                prev[j + 1].max(cur[j])
-            };
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    2.0 * prev[b.len()] as f64 / (a.len() + b.len()) as f64
+    (100.0 * sequence_matcher_ratio(a, b)).round_ties_even()
 }
 
 /// LongBench `code_sim_score`, in [0, 1].
@@ -349,7 +444,7 @@ pub fn code_sim(pred: &str, gold: &str) -> f64 {
         .split('\n')
         .find(|l| !l.contains('`') && !l.contains('#') && !l.contains("//"))
         .unwrap_or("");
-    (indel_similarity(line, gold) * 100.0).round() / 100.0
+    fuzz_ratio(line, gold) / 100.0
 }
 
 #[cfg(test)]
@@ -413,7 +508,7 @@ mod tests {
             0.77,
         );
         close(code_sim("abc", ""), 0.0);
-        close(indel_similarity("kitten", "sitting"), 8.0 / 13.0);
+        close(sequence_matcher_ratio("kitten", "sitting"), 8.0 / 13.0);
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub fn case(
             turns: vec![t.clone()],
             mode: Mode::MultiTurn,
             no_chat: false,
+            seps: super::Seps::BLANK,
         }
     };
     let (conv, _) = fit_conversation(p, target, target, build)?;

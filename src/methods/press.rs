@@ -19,7 +19,7 @@ pub struct Press {
     /// Ranks entries for eviction; None when the spec keeps every entry (a press only for ThinK's channel pruning).
     scorer: Option<Box<dyn Scorer>>,
     /// PyramidKV's beta when per-layer budgets are on.
-    pyramid: Option<f64>,
+    pyramid: Option<pyramidkv::Pyramid>,
     /// AdaKV's floor share when head-adaptive budgets are on.
     ada: Option<f32>,
     duo: Option<duo::Roles>,
@@ -59,7 +59,7 @@ impl Press {
                 Some(p.scorer),
                 p.roles,
                 p.merger,
-                p.pyramid.or(o.pyramid),
+                o.pyramid.or(p.pyramid),
                 p.adakv.or(o.adakv),
             ),
             None => (None, None, None, None, None),
@@ -135,9 +135,7 @@ impl Press {
                 let mut g = 0;
                 for &w in &windowed {
                     let t = match self.pyramid {
-                        Some(beta) if !w => {
-                            pyramidkv::layer_keep(beta, g, n_global, k, seen, snapkv::WINDOW)
-                        }
+                        Some(p) if !w => p.layer_keep(g, n_global, k, seen, snapkv::WINDOW),
                         _ => k,
                     };
                     g += !w as usize;

@@ -26,8 +26,8 @@ pub struct Parts {
     pub roles: Option<duo::Roles>,
     /// Folds each dropped entry into a kept one before the drop (KVMerger).
     pub merger: Option<kvmerger::KvMerger>,
-    /// Per-layer budgets the method implies (PyramidKV: its beta).
-    pub pyramid: Option<f64>,
+    /// Per-layer budgets the method implies (PyramidKV: kvpress's formula, beta 20).
+    pub pyramid: Option<pyramidkv::Pyramid>,
     /// Head-adaptive budgets the method implies (AdaKV: its floor share).
     pub adakv: Option<f32>,
 }
@@ -131,7 +131,7 @@ pub static METHODS: &[MethodRow] = &[
             "src/methods/pyramidkv.rs",
             |_, _| {
                 Ok(Parts {
-                    pyramid: Some(pyramidkv::BETA),
+                    pyramid: Some(pyramidkv::Pyramid::DEFAULT),
                     ..Parts::scorer(snapkv::SnapKv::default())
                 })
             },
@@ -171,7 +171,7 @@ pub static METHODS: &[MethodRow] = &[
     },
     MethodRow {
         requires: &["heads"],
-        excludes: &["pyramid", "adakv"],
+        excludes: &["pyramid", "pyramid_factory", "adakv"],
         ..MethodRow::new(
             "duo",
             "DuoAttention head roles: retrieval heads (from `hayloft heads`) keep everything, streaming heads sinks + recent",
@@ -241,6 +241,21 @@ fn with_arg<T: PartialEq + std::fmt::Display>(name: &str, v: T, default: T) -> S
     } else {
         format!("{name}@{v}")
     }
+}
+
+/// Sets the pyramid allocation once: `pyramid` and `pyramid_factory` are two formulas of one thing.
+fn set_pyramid(o: &mut Options, a: Option<&str>, f: pyramidkv::Formula) -> Result<()> {
+    if o.pyramid.is_some() {
+        bail!("give one of 'pyramid' and 'pyramid_factory', once");
+    }
+    o.pyramid = Some(pyramidkv::parse(a, f)?);
+    Ok(())
+}
+
+fn show_pyramid(o: &Options, f: pyramidkv::Formula, name: &str) -> Option<String> {
+    o.pyramid
+        .filter(|p| p.formula == f)
+        .map(|p| with_arg(name, p.beta, pyramidkv::BETA))
 }
 
 /// A KIVI residual window argument: a token count, `128` or `128t`.
@@ -365,14 +380,25 @@ pub static OPTIONS: &[OptionRow] = &[
         name: "pyramid",
         arg: "beta",
         arg_required: false,
-        help: "per-layer budgets decreasing with depth (PyramidKV, default beta 20) on top of any scoring method",
+        help: "per-layer budgets decreasing with depth (PyramidKV as kvpress allocates them: SnapKV's uniform \
+               budget when the top layer would keep fewer than the window; default beta 20) on top of any scoring \
+               method",
         evicting_only: true,
         alone: None,
-        set: |o, a| {
-            o.pyramid = Some(a.map_or(Ok(pyramidkv::BETA), pyramidkv::parse_beta)?);
-            Ok(())
-        },
-        show: |o| o.pyramid.map(|b| with_arg("pyramid", b, pyramidkv::BETA)),
+        set: |o, a| set_pyramid(o, a, pyramidkv::Formula::Kvpress),
+        show: |o| show_pyramid(o, pyramidkv::Formula::Kvpress, "pyramid"),
+    },
+    OptionRow {
+        name: "pyramid_factory",
+        arg: "beta",
+        arg_required: false,
+        help: "PyramidKV's budgets by the original KVCache-Factory formula (the window kept apart; SnapKV's \
+               uniform budget only for prompts shorter than twice the budget; default beta 20); also selects the \
+               formula of the method pyramidkv",
+        evicting_only: true,
+        alone: None,
+        set: |o, a| set_pyramid(o, a, pyramidkv::Formula::Factory),
+        show: |o| show_pyramid(o, pyramidkv::Formula::Factory, "pyramid_factory"),
     },
     OptionRow {
         name: "adakv",

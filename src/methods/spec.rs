@@ -138,8 +138,8 @@ pub struct Options {
     pub compress_at: Option<CompressAt>,
     /// Under [`CompressAt::Context`]: compress again at the end of every later turn's prompt.
     pub turns: bool,
-    /// PyramidKV's per-layer budgets, with its beta.
-    pub pyramid: Option<f64>,
+    /// PyramidKV's per-layer budgets: formula and beta.
+    pub pyramid: Option<super::pyramidkv::Pyramid>,
     /// AdaKV's head-adaptive budgets, with its floor share.
     pub adakv: Option<f32>,
     /// DuoAttention's head-score file.

