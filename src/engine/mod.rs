@@ -3,6 +3,7 @@
 //! A session prefills prompts in chunks (peak activation memory is bounded by the chunk, not the prompt), decodes one
 //! token at a time, and keeps its cache across calls, so a chat turn only prefills the new tokens.
 
+pub mod blend;
 pub mod cost;
 pub mod memcheck;
 pub mod memplan;
