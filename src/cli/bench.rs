@@ -30,6 +30,9 @@ pub enum BenchCmd {
     /// Decode over one long context under several KV specs (decode-time selectors): KV bytes read per token,
     /// attention time per token and decode tok/s, each against full attention, next to the bandwidth ceiling.
     Select(SelectArgs),
+    /// CacheBlend on multi-document QA: accuracy and time to first token of full recompute, naive reuse of the
+    /// separately cached passages, and blend with selective recompute.
+    Blend(super::blend::BlendArgs),
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +222,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Tokenize(a) => tokenize(a),
         BenchCmd::Select(a) => select(a),
         BenchCmd::Machine(a) => machine(a),
+        BenchCmd::Blend(a) => super::blend::run(a),
     }
 }
 
