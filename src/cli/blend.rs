@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::ModelArgs;
-use crate::engine::blend::{BlendOptions, Reuse, DEFAULT_CHECK_LAYER, DEFAULT_RATIO};
+use crate::engine::blend::{BlendOptions, Deviation, Reuse, DEFAULT_CHECK_LAYER, DEFAULT_RATIO};
 use crate::eval::blendqa::{self, BlendQaParams};
 
 #[derive(Args, Debug)]
@@ -29,11 +29,18 @@ pub struct BlendArgs {
     /// Layer at which tokens are ranked by value deviation (the layers before it are recomputed in full).
     #[arg(long, default_value_t = DEFAULT_CHECK_LAYER)]
     pub check_layer: usize,
+    /// Rank tokens by key deviation (LMCache's blender) instead of value deviation (CacheBlend's code).
+    #[arg(long)]
+    pub by_key: bool,
     /// Tokens decoded per answer.
     #[arg(long, default_value_t = 12)]
     pub max_new: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Cache each passage on its own from position 0 (the CacheBlend paper's setting) instead of after the shared
+    /// system prompt and instructions.
+    #[arg(long)]
+    pub from_zero: bool,
     /// Write the summaries as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -52,7 +59,10 @@ pub fn run(a: BlendArgs) -> Result<()> {
             .trim()
             .parse()
             .map_err(|_| anyhow::anyhow!("--ratios: '{r}' is not a number (e.g. 0.15)"))?;
-        let opt = BlendOptions::new(ratio, a.check_layer)?;
+        let mut opt = BlendOptions::new(ratio, a.check_layer)?;
+        if a.by_key {
+            opt.deviation = Deviation::Key;
+        }
         let pct = (ratio as f64 * 1000.0).round() / 10.0;
         modes.push((format!("blend@{pct}%"), Reuse::Blend(opt)));
     }
@@ -75,6 +85,7 @@ pub fn run(a: BlendArgs) -> Result<()> {
         samples: a.samples,
         max_new: a.max_new,
         seed: a.seed,
+        from_zero: a.from_zero,
     };
     let mut cfg = l.session_cfg.clone();
     cfg.kv = crate::methods::KvSpec::full();
@@ -95,9 +106,14 @@ pub fn run(a: BlendArgs) -> Result<()> {
     let full = sums[0].ttft_ms.max(1e-9);
     let full_acc = sums[0].accuracy;
     println!(
-        "{} passages × {} words, {} questions, {}, check layer {}",
+        "{} passages × {} words cached {}, {} questions, {}, check layer {}",
         a.docs,
         a.doc_words,
+        if a.from_zero {
+            "from position 0"
+        } else {
+            "after the shared head"
+        },
         a.samples,
         l.model.config().name,
         a.check_layer

@@ -103,6 +103,17 @@ pub struct BlendOptions {
     pub ratio: f32,
     /// The layer at which tokens are ranked by KV deviation; the layers before it are recomputed in full.
     pub check_layer: usize,
+    /// What the deviation compares.
+    pub deviation: Deviation,
+}
+
+/// Which cached vectors the check layer compares with the fresh ones: CacheBlend's original code ranks by values,
+/// LMCache's current blender by keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Deviation {
+    #[default]
+    Value,
+    Key,
 }
 
 impl Default for BlendOptions {
@@ -110,6 +121,7 @@ impl Default for BlendOptions {
         Self {
             ratio: DEFAULT_RATIO,
             check_layer: DEFAULT_CHECK_LAYER,
+            deviation: Deviation::Value,
         }
     }
 }
@@ -119,7 +131,11 @@ impl BlendOptions {
         if !(0.0..=1.0).contains(&ratio) {
             bail!("blend recompute ratio {ratio} is outside [0, 1] (0.15 recomputes 15 % of the reused tokens)");
         }
-        Ok(Self { ratio, check_layer })
+        Ok(Self {
+            ratio,
+            check_layer,
+            deviation: Deviation::Value,
+        })
     }
 
     /// Tokens recomputed out of `n` reused.
@@ -266,7 +282,7 @@ pub fn recompute(s: &mut Session, from: usize, opt: &BlendOptions) -> Result<Ble
         let mut rows = Rows::new(model, &toks, from as u32, scratch);
         for li in 0..c.n_layers {
             if li == opt.check_layer {
-                out.deviation = rows.deviation(model, li, cache, scratch)?;
+                out.deviation = rows.deviation(model, li, opt.deviation, cache, scratch)?;
                 let mut order: Vec<usize> = (0..n).collect();
                 order.sort_by(|&a, &b| {
                     out.deviation[b]
@@ -358,11 +374,13 @@ impl Rows {
         Ok(())
     }
 
-    /// Each row's Σ over KV heads of |fresh value − cached value|² at layer `li` (the cache is not changed).
+    /// Each row's Σ over KV heads of |fresh − cached|² of the values (or keys) at layer `li` (the cache is not
+    /// changed).
     fn deviation(
         &self,
         model: &Model,
         li: usize,
+        what: Deviation,
         cache: &KvCache,
         s: &mut Scratch,
     ) -> Result<Vec<f32>> {
@@ -379,9 +397,13 @@ impl Rows {
                 for (h, &f) in first.iter().enumerate() {
                     cache.read(li, h, (p - f) as usize, &mut kb, &mut vb);
                     let row = (t * nkv + h) * hd;
-                    dev[a + t] += s.v[row..row + hd]
+                    let (fresh, cached) = match what {
+                        Deviation::Value => (&s.v[row..row + hd], &vb),
+                        Deviation::Key => (&s.k[row..row + hd], &kb),
+                    };
+                    dev[a + t] += fresh
                         .iter()
-                        .zip(&vb)
+                        .zip(cached)
                         .map(|(x, y)| (x - y) * (x - y))
                         .sum::<f32>();
                 }

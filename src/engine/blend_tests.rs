@@ -212,11 +212,17 @@ fn blend_recomputing_nothing_is_naive_reuse() {
 }
 
 #[test]
-fn blend_recomputes_the_tokens_whose_values_deviate_most() {
+fn blend_recomputes_the_tokens_that_deviate_most() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, m) in models(dir.path()) {
-        let r = rag(&m);
-        let opt = BlendOptions::new(0.25, 1).unwrap();
+    let all = models(dir.path());
+    for ((name, m), what) in all
+        .iter()
+        .flat_map(|m| [(m, Deviation::Value), (m, Deviation::Key)])
+    {
+        let (name, m) = (*name, m);
+        let r = rag(m);
+        let mut opt = BlendOptions::new(0.25, 1).unwrap();
+        opt.deviation = what;
         let (naive, _) = prepare(&r.prefix, &r.refs(), Reuse::Naive).unwrap();
         let (full, _) = prepare(&r.prefix, &r.refs(), Reuse::Full).unwrap();
         let (blend, out) = prepare(&r.prefix, &r.refs(), Reuse::Blend(opt)).unwrap();
@@ -225,8 +231,8 @@ fn blend_recomputes_the_tokens_whose_values_deviate_most() {
         assert_eq!((out.from, out.deviation.len()), (from, n));
         assert_eq!(out.recomputed.len(), opt.picks(n));
         assert_eq!(opt.picks(n), 15);
-        // Layer 0 ran in full, so the fresh layer-1 values are full recompute's: the deviation, measured here from
-        // the two caches, must be what the blend ranked by.
+        // Layer 0 ran in full, so the fresh layer-1 values (keys) are full recompute's: the deviation, measured here
+        // from the two caches, must be what the blend ranked by.
         let nkv = m.config().n_kv_heads;
         let mut dev = vec![0f32; n];
         for h in 0..nkv {
@@ -235,19 +241,23 @@ fn blend_recomputes_the_tokens_whose_values_deviate_most() {
                 .zip(entries(&naive.cache, 1, h))
             {
                 assert_eq!(f.0, nv.0);
+                let (fresh, reused) = match what {
+                    Deviation::Value => (&f.2, &nv.2),
+                    Deviation::Key => (&f.1, &nv.1),
+                };
                 if f.0 as usize >= from {
-                    dev[f.0 as usize - from] +=
-                        f.2.iter()
-                            .zip(&nv.2)
-                            .map(|(a, b)| (a - b) * (a - b))
-                            .sum::<f32>();
+                    dev[f.0 as usize - from] += fresh
+                        .iter()
+                        .zip(reused)
+                        .map(|(a, b)| (a - b) * (a - b))
+                        .sum::<f32>();
                 }
             }
         }
         for (a, b) in out.deviation.iter().zip(&dev) {
             assert!(
                 (a - b).abs() <= 1e-2 * b.max(1e-3),
-                "{name}: deviation {a} vs {b}"
+                "{name} {what:?}: deviation {a} vs {b}"
             );
         }
         let chosen: Vec<usize> = out.recomputed.iter().map(|&p| p as usize - from).collect();

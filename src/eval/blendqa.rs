@@ -2,7 +2,7 @@
 //!
 //! Each case retrieves `docs` essay passages, each holding one needle ("The special magic number for KEY is N."), and
 //! asks for one of the numbers. The prompt is a shared head (chat template, system prompt, instructions), the
-//! passages, and the question. Every passage is tokenized and cached on its own, right after the head
+//! passages, and the question. Every passage is tokenized and cached on its own, right after the head or from position 0
 //! ([`ChunkKv::compute`], not timed: a RAG server has these ready); each mode then builds the request's cache from the
 //! head's and the passages' and prefills the question. Time to first token (TTFT) runs from the copy of the head's
 //! session to the question's logits; the answer is decoded greedily and scored by whether it holds the number.
@@ -32,6 +32,8 @@ pub struct BlendQaParams {
     /// Tokens decoded for the answer.
     pub max_new: usize,
     pub seed: u64,
+    /// Cache each passage from position 0 on its own (as the CacheBlend paper does), not after the shared head.
+    pub from_zero: bool,
 }
 
 /// One mode's figures over every case.
@@ -131,10 +133,12 @@ pub fn run(
         let c = case(tok, chat, &mut hays, p, sample)?;
         let mut head = Session::new(model, cfg.clone())?;
         head.prefill(&c.head)?;
+        let empty = Session::new(model, cfg.clone())?;
+        let base = if p.from_zero { &empty } else { &head };
         let chunks = c
             .docs
             .iter()
-            .map(|d| ChunkKv::compute(&head, d))
+            .map(|d| ChunkKv::compute(base, d))
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&ChunkKv> = chunks.iter().collect();
         let n_docs: usize = c.docs.iter().map(Vec::len).sum();
