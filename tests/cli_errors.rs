@@ -621,3 +621,24 @@ fn write_failures_name_the_path_and_leave_nothing_half_done() {
         .collect();
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
+
+#[test]
+fn bench_blend_refuses_a_bad_ratio_and_check_layer() {
+    let f = Fixture::new();
+    let m = f.path("tiny.gguf");
+    expect_error(
+        &["bench", "blend", "--model", &m, "--ratios", "0.15,1.5"],
+        f.home(),
+        &["ratio 1.5", "[0, 1]"],
+    );
+    expect_error(
+        &["bench", "blend", "--model", &m, "--ratios", "lots"],
+        f.home(),
+        &["--ratios", "'lots'"],
+    );
+    expect_error(
+        &["bench", "blend", "--model", &m, "--check-layer", "7"],
+        f.home(),
+        &["--check-layer 7", "2 layers"],
+    );
+}

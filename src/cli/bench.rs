@@ -39,6 +39,9 @@ pub enum BenchCmd {
     /// The KV codec (CacheGen-style) on a real cache: size against f16, KIVI-8 and KIVI-4, and the perplexity of a
     /// continuation over the decoded cache.
     Codec(super::kvcodec::CodecArgs),
+    /// CacheBlend on multi-document QA: accuracy and time to first token of full recompute, naive reuse of the
+    /// separately cached passages, and blend with selective recompute.
+    Blend(super::blend::BlendArgs),
 }
 
 #[derive(Args, Debug)]
@@ -230,6 +233,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Machine(a) => machine(a),
         BenchCmd::Batch(a) => batch::run(a),
         BenchCmd::Codec(a) => super::kvcodec::run(a),
+        BenchCmd::Blend(a) => super::blend::run(a),
     }
 }
 

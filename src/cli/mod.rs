@@ -1,6 +1,7 @@
 //! The `hayloft` command line.
 
 mod bench;
+mod blend;
 mod chat;
 pub mod eval;
 mod generate;

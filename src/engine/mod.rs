@@ -4,6 +4,7 @@
 //! token at a time, and keeps its cache across calls, so a chat turn only prefills the new tokens.
 
 pub mod batch;
+pub mod blend;
 pub mod cost;
 pub mod memcheck;
 pub mod memplan;

@@ -13,6 +13,7 @@
 //! JSONL files with its metrics).
 
 pub mod ablation;
+pub mod blendqa;
 pub mod haystack;
 pub mod longbench;
 pub mod niah;

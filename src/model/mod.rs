@@ -4,6 +4,7 @@
 //! [`blocks`] the layer blocks (attention, gated feed-forward, embedding, output head) and the element-wise ops
 //! (RMSNorm, RoPE, activations); [`rope`] the RoPE scaling a GGUF may declare (linear, YaRN).
 
+pub mod blend;
 pub mod blocks;
 pub mod cost;
 pub mod gemma3;

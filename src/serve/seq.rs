@@ -115,7 +115,8 @@ impl<'m> Seq<'m> {
     pub fn prefill_chunk(&mut self, metrics: &Metrics) {
         let n = self.job.prompt.len();
         let a = self.fed;
-        let splittable = self.session.press.is_none() && self.session.scratch.seq.selector.is_none();
+        let splittable =
+            self.session.press.is_none() && self.session.scratch.seq.selector.is_none();
         let b = if splittable {
             (a + self.session.cfg.chunk_size).min(n)
         } else {
