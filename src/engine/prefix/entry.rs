@@ -222,7 +222,8 @@ impl Snapshot {
 
     /// Puts this state into the empty session `s` (made with the same configuration: the namespace says so).
     pub fn restore(&self, s: &mut Session) -> Result<()> {
-        if s.scratch.seq.obs.capacity() != self.obs.capacity() || s.acc.is_on() != self.acc.is_on() {
+        if s.scratch.seq.obs.capacity() != self.obs.capacity() || s.acc.is_on() != self.acc.is_on()
+        {
             bail!("the snapshot was taken from a session that records different observations");
         }
         s.cache = self.cache.try_clone()?;
