@@ -7,6 +7,7 @@
 //! `hayloft bench tokenize`: the tokenizer's encode and decode speed on real text (the essay haystack, or a file).
 
 mod batch;
+mod serve;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,6 +40,9 @@ pub enum BenchCmd {
     /// The KV codec (CacheGen-style) on a real cache: size against f16, KIVI-8 and KIVI-4, and the perplexity of a
     /// continuation over the decoded cache.
     Codec(super::kvcodec::CodecArgs),
+    /// `hayloft serve` under load: concurrent clients with shared-prefix and unique prompts; throughput, time to
+    /// first token and latency percentiles, prefix-cache hit rate, peak KV bytes.
+    Serve(serve::ServeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -230,6 +234,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Machine(a) => machine(a),
         BenchCmd::Batch(a) => batch::run(a),
         BenchCmd::Codec(a) => super::kvcodec::run(a),
+        BenchCmd::Serve(a) => serve::run(a),
     }
 }
 

@@ -60,6 +60,13 @@ impl std::str::FromStr for CacheSize {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    let server = start(a)?;
+    eprintln!("hayloft serve: ready");
+    server.join()
+}
+
+/// Starts the server `a` describes and waits for its model.
+pub fn start(a: ServeArgs) -> Result<Server> {
     let ram = a.prefix_cache_ram.0;
     let prefix = (ram > 0 || a.kv_disk.is_some() || a.kv_redis.is_some()).then(|| StoreConfig {
         disk: a.kv_disk,
@@ -98,6 +105,5 @@ pub fn run(a: ServeArgs) -> Result<()> {
         server.addr
     );
     server.wait_loaded()?;
-    eprintln!("hayloft serve: ready");
-    server.join()
+    Ok(server)
 }
