@@ -233,7 +233,6 @@ impl<'m> Seq<'m> {
         if b < n {
             return;
         }
-        self.store_prefix();
         let (index, cached) = (self.job.index, self.cached);
         let logprobs = self
             .job
@@ -247,6 +246,7 @@ impl<'m> Seq<'m> {
             logprobs,
         });
         if self.job.params.max_tokens == 0 {
+            self.store_prefix();
             return self.finish(Finish::Length);
         }
         let top = self.job.params.logprobs;
@@ -258,6 +258,11 @@ impl<'m> Seq<'m> {
             top,
         );
         self.take(next, lp, metrics);
+        // After the first token is out: storing (a tier's encoding and writes) is not in its latency. The session
+        // still holds exactly the prompt (the sampled token is fed by the next step).
+        if !self.finished || self.generated == 0 {
+            self.store_prefix();
+        }
     }
 
     /// Puts what the session holds into the prefix store (when there is one). A failure costs only reuse.

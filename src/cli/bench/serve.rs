@@ -224,7 +224,7 @@ fn make_prompts(addr: &str, a: &LoadArgs) -> Result<Prompts> {
             rng ^= rng >> 7;
             rng ^= rng << 17;
             text.push_str(WORDS[(rng % WORDS.len() as u64) as usize]);
-            text.push(if rng % 11 == 0 { '.' } else { ' ' });
+            text.push(if rng.is_multiple_of(11) { '.' } else { ' ' });
         }
         let body = json!({"prompt": text, "add_special_tokens": false}).to_string();
         let (status, r) = http(addr, "POST", "/tokenize", Some(&body))?;
