@@ -10,7 +10,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hayloft::engine::{Session, SessionConfig};
+use hayloft::engine::prefix::StoreConfig;
+use hayloft::engine::{Lengths, Session, SessionConfig};
 use hayloft::model::testutil::{write_tiny_llama, TinySpec};
 use hayloft::model::Model;
 use hayloft::serve::{ServeConfig, ServeModel, Server};
@@ -900,4 +901,297 @@ fn smollm2_chat_over_http() {
         c["usage"]["prompt_tokens"].as_u64().unwrap() > 10,
         "the template's system turn: {c}"
     );
+}
+
+/// Serves the model file at `path` (several servers may share one file).
+fn serve_file(path: &Path, cfg: ServeConfig) -> Server {
+    let p = path.to_path_buf();
+    let server = Server::start(
+        ServeConfig { port: 0, ..cfg },
+        Box::new(move || ServeModel::open(&p)),
+    )
+    .unwrap();
+    server.wait_loaded().unwrap();
+    server
+}
+
+/// Greedy token ids, `ignore_eos`, as ids; the answer's text and its usage.
+fn ids_request(prompt: &[u32], max_tokens: usize) -> Value {
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+fn text_and_cached(r: &Resp) -> (String, u64) {
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    (
+        j["choices"][0]["text"].as_str().unwrap().to_string(),
+        j["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+    )
+}
+
+/// `n` token ids from a seed (byte tokens of the tiny vocabulary).
+fn id_prompt(seed: u32, n: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 32 + (i.wrapping_mul(7).wrapping_add(seed * 13)) % 90)
+        .collect()
+}
+
+#[test]
+fn concurrent_sequences_share_batched_steps_and_answer_as_if_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, &slow_spec()).unwrap();
+    let server = serve_file(
+        &path,
+        ServeConfig {
+            parallel: 8,
+            queue: 8,
+            ..Default::default()
+        },
+    );
+    let a = server.addr;
+    // Prompts of different lengths (one over a prefill chunk) so that prefill pieces and decode steps mix.
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| id_prompt(i, 5 + 40 * i as usize)).collect();
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| text_and_cached(&post(a, "/v1/completions", &ids_request(p, 24))).0)
+        .collect();
+    let m0 = get(a, "/metrics").body;
+    let go = std::sync::Arc::new(std::sync::Barrier::new(prompts.len()));
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (p, go) = (p.clone(), go.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                text_and_cached(&post(a, "/v1/completions", &ids_request(&p, 24))).0
+            })
+        })
+        .collect();
+    for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
+        assert_eq!(&h.join().unwrap(), want, "prompt {i}");
+    }
+    let m1 = get(a, "/metrics").body;
+    let d = |name: &str| metric(&m1, name) - metric(&m0, name);
+    let (steps, seqs) = (
+        d("hayloft_batch_steps_total"),
+        d("hayloft_batch_sequences_total"),
+    );
+    // Alone, a request takes one step per token (plus its prefill); together they must have shared steps.
+    assert!(
+        seqs as f64 / steps as f64 > 2.0,
+        "mean batch {seqs}/{steps}"
+    );
+}
+
+fn ram_prefix() -> ServeConfig {
+    ServeConfig {
+        prefix: Some(StoreConfig::ram(64 << 20)),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_repeated_or_shared_prefix_is_served_from_the_cache_with_the_same_answer() {
+    let t = tiny(&TinySpec::default(), ram_prefix());
+    let a = t.server.addr;
+    let p = id_prompt(1, 100);
+    let (cold, c0) = text_and_cached(&post(a, "/v1/completions", &ids_request(&p, 16)));
+    assert_eq!(c0, 0);
+    let (warm, c1) = text_and_cached(&post(a, "/v1/completions", &ids_request(&p, 16)));
+    // Whole 32-token blocks of the first 99 tokens (the last is always fed).
+    assert_eq!(c1, 96);
+    assert_eq!(warm, cold);
+    // Another prompt sharing the first 70 tokens: two blocks reused, the same answer as without the cache.
+    let mut q = p[..70].to_vec();
+    q.extend(id_prompt(9, 30));
+    let (shared, c2) = text_and_cached(&post(a, "/v1/completions", &ids_request(&q, 16)));
+    assert_eq!(c2, 64);
+    let plain = tiny(&TinySpec::default(), ServeConfig::default());
+    let (want, _) = text_and_cached(&post(
+        plain.server.addr,
+        "/v1/completions",
+        &ids_request(&q, 16),
+    ));
+    assert_eq!(shared, want);
+    let m = get(a, "/metrics").body;
+    assert_eq!(metric(&m, "hayloft_prefix_cache_hits_total"), 2, "{m}");
+    assert_eq!(metric(&m, "hayloft_prefix_cache_misses_total"), 1, "{m}");
+    assert_eq!(
+        metric(&m, "hayloft_prefix_cache_hit_tokens_total"),
+        160,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "hayloft_prefix_cache_bytes{tier=\"ram\"}") > 0,
+        "{m}"
+    );
+    // Echo needs every prompt token's log-probability: no cache there, and the same numbers.
+    let e = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": p, "max_tokens": 0, "echo": true, "logprobs": 1}),
+    );
+    assert_eq!(e.status, 200, "{}", e.body);
+    assert_eq!(
+        e.json()["usage"]["prompt_tokens_details"]["cached_tokens"],
+        0
+    );
+}
+
+/// Two servers on one tier reuse each other's prefixes; a corrupt blob is refused and its prefix recomputed.
+fn shared_tier(tier: impl Fn() -> StoreConfig, corrupt: Option<&Path>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    // A seed of its own: entries other runs left in a shared Redis do not match this model.
+    let spec = TinySpec {
+        seed: std::process::id() as u64 ^ 0x5eed,
+        ..Default::default()
+    };
+    write_tiny_llama(&path, &spec).unwrap();
+    let cfg = || ServeConfig {
+        prefix: Some(tier()),
+        ..Default::default()
+    };
+    // One 256-token unit of the tier and a few more.
+    let p = id_prompt(3, 300);
+    let first = serve_file(&path, cfg());
+    let (cold, c0) = text_and_cached(&post(first.addr, "/v1/completions", &ids_request(&p, 8)));
+    assert_eq!(c0, 0);
+    let m = get(first.addr, "/metrics").body;
+    assert!(metric(&m, "hayloft_prefix_tier_writes_total") >= 1, "{m}");
+    drop(first);
+    let second = serve_file(&path, cfg());
+    let (_, c1) = text_and_cached(&post(second.addr, "/v1/completions", &ids_request(&p, 8)));
+    assert_eq!(c1, 256, "the second server reuses the first one's unit");
+    let m = get(second.addr, "/metrics").body;
+    assert_eq!(metric(&m, "hayloft_prefix_tier_hits_total"), 1, "{m}");
+    drop(second);
+    let Some(d) = corrupt else { return };
+    for e in std::fs::read_dir(d).unwrap() {
+        let f = e.unwrap().path();
+        let mut b = std::fs::read(&f).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        std::fs::write(&f, b).unwrap();
+    }
+    let third = serve_file(&path, cfg());
+    let (text, c2) = text_and_cached(&post(third.addr, "/v1/completions", &ids_request(&p, 8)));
+    assert_eq!(c2, 0, "a corrupt unit is not reused");
+    assert_eq!(text, cold, "and its prefix is recomputed");
+    let m = get(third.addr, "/metrics").body;
+    assert!(metric(&m, "hayloft_prefix_tier_errors_total") >= 1, "{m}");
+}
+
+#[test]
+fn servers_sharing_a_disk_dir_reuse_prefixes_and_refuse_a_corrupt_one() {
+    let kv = tempfile::tempdir().unwrap();
+    let d = kv.path().to_path_buf();
+    shared_tier(
+        || StoreConfig {
+            disk: Some(d.clone()),
+            ..StoreConfig::ram(64 << 20)
+        },
+        Some(kv.path()),
+    );
+}
+
+#[test]
+fn servers_sharing_redis_reuse_prefixes() {
+    let Ok(url) = std::env::var("HAYLOFT_REDIS_URL") else {
+        assert!(
+            std::env::var("HAYLOFT_REDIS_REQUIRED").is_err(),
+            "HAYLOFT_REDIS_REQUIRED is set but HAYLOFT_REDIS_URL is not"
+        );
+        eprintln!("servers_sharing_redis_reuse_prefixes: skipped, HAYLOFT_REDIS_URL is not set (.ci/run sets it)");
+        return;
+    };
+    shared_tier(
+        || StoreConfig {
+            redis: Some(url.clone()),
+            ..StoreConfig::ram(64 << 20)
+        },
+        None,
+    );
+}
+
+#[test]
+fn a_kv_budget_holds_under_load_and_every_request_is_answered_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, &slow_spec()).unwrap();
+    let (n_prompt, n_new) = (60, 40);
+    let plan = {
+        let g = hayloft::gguf::GgufFile::open(&path).unwrap();
+        let model = Model::from_gguf(&g).unwrap();
+        let s = Session::new(&model, SessionConfig::for_model(&model)).unwrap();
+        s.plan_memory(Lengths::generate(n_prompt, n_new))
+            .unwrap()
+            .kv
+    };
+    // Room for two sequences at once, though --parallel allows eight.
+    let budget = plan * 5 / 2;
+    let server = serve_file(
+        &path,
+        ServeConfig {
+            parallel: 8,
+            queue: 4,
+            kv_budget: Some(budget),
+            ..Default::default()
+        },
+    );
+    let a = server.addr;
+    let n = 16;
+    let go = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let go = go.clone();
+            std::thread::spawn(move || {
+                go.wait();
+                post(
+                    a,
+                    "/v1/completions",
+                    &ids_request(&id_prompt(i as u32, n_prompt), n_new),
+                )
+            })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for h in handles {
+        let r = h.join().unwrap();
+        match r.status {
+            200 => {
+                assert_eq!(r.json()["usage"]["completion_tokens"], n_new);
+                ok += 1;
+            }
+            429 => {
+                assert!(r.header("retry-after").is_some());
+                busy += 1;
+            }
+            s => panic!("status {s}: {}", r.body),
+        }
+    }
+    assert_eq!(ok + busy, n);
+    // Two run, four wait: at least six are answered; ten arrivals at once find the queue full.
+    assert!(ok >= 6, "{ok} answered, {busy} refused");
+    assert!(busy >= 1, "{ok} answered, {busy} refused");
+    let m = get(a, "/metrics").body;
+    let peak = metric(&m, "hayloft_kv_cache_bytes_peak");
+    assert!(
+        peak > 0 && peak as usize <= budget,
+        "peak {peak} > budget {budget}"
+    );
+    assert!(
+        peak as usize > plan / 2,
+        "peak {peak}: were two sequences ever running together?"
+    );
+    // A request whose plan alone is over the budget can never run: 400, not a wait.
+    let r = post(
+        a,
+        "/v1/completions",
+        &ids_request(&id_prompt(0, 2000), 1000),
+    );
+    assert_error(&r, 400, "--kv-budget");
 }

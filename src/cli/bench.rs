@@ -7,6 +7,7 @@
 //! `hayloft bench tokenize`: the tokenizer's encode and decode speed on real text (the essay haystack, or a file).
 
 mod batch;
+mod serve;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,6 +43,9 @@ pub enum BenchCmd {
     /// CacheBlend on multi-document QA: accuracy and time to first token of full recompute, naive reuse of the
     /// separately cached passages, and blend with selective recompute.
     Blend(super::blend::BlendArgs),
+    /// `hayloft serve` under load: concurrent clients with shared-prefix and unique prompts; throughput, time to
+    /// first token and latency percentiles, prefix-cache hit rate, peak KV bytes.
+    Serve(serve::ServeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +238,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Batch(a) => batch::run(a),
         BenchCmd::Codec(a) => super::kvcodec::run(a),
         BenchCmd::Blend(a) => super::blend::run(a),
+        BenchCmd::Serve(a) => serve::run(a),
     }
 }
 

@@ -1,10 +1,14 @@
 //! `hayloft serve`: the OpenAI-compatible HTTP server (see [`crate::serve`]).
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use clap::Args;
 
 use super::ModelArgs;
+use crate::engine::prefix::{ModelId, StoreConfig};
 use crate::serve::{model_name, ServeConfig, ServeModel, Server};
+use crate::util::ByteSize;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -25,23 +29,69 @@ pub struct ServeArgs {
     /// Sequences that may wait beyond --parallel; past that a request gets 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// RAM for the prefix cache (KV of earlier prompts, reused by later ones that start the same): a size (512MiB,
+    /// 2GiB) or 0 to turn the cache off.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub prefix_cache_ram: CacheSize,
+    /// Also keep cached prefixes in this directory (codec-compressed; shared by servers that point at it).
+    #[arg(long, value_name = "DIR")]
+    pub kv_disk: Option<PathBuf>,
+    /// Also keep cached prefixes in this Redis server (redis://host:port[/db]).
+    #[arg(long, value_name = "URL")]
+    pub kv_redis: Option<String>,
+    /// Most bytes the running sequences' planned KV caches (prompt + max_tokens each) may add up to; a request
+    /// that does not fit waits in the queue. Unbounded (but for --parallel) if not given.
+    #[arg(long, value_name = "SIZE")]
+    pub kv_budget: Option<ByteSize>,
+}
+
+/// A size, or 0 for none.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheSize(pub usize);
+
+impl std::str::FromStr for CacheSize {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim() == "0" {
+            return Ok(CacheSize(0));
+        }
+        Ok(CacheSize(s.parse::<ByteSize>()?.0))
+    }
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    let server = start(a)?;
+    eprintln!("hayloft serve: ready");
+    server.join()
+}
+
+/// Starts the server `a` describes and waits for its model.
+pub fn start(a: ServeArgs) -> Result<Server> {
+    let ram = a.prefix_cache_ram.0;
+    let prefix = (ram > 0 || a.kv_disk.is_some() || a.kv_redis.is_some()).then(|| StoreConfig {
+        disk: a.kv_disk,
+        redis: a.kv_redis,
+        ..StoreConfig::ram(ram)
+    });
     let cfg = ServeConfig {
         host: a.host,
         port: a.port,
         api_key: a.api_key,
         parallel: a.parallel,
         queue: a.queue,
+        prefix,
+        kv_budget: a.kv_budget.map(|b| b.0),
     };
     let args = a.model;
     let server = Server::start(
         cfg,
         Box::new(move || {
             let l = args.load()?;
-            let name = model_name(&crate::fetch::resolve_model(args.model.as_deref())?);
+            let path = crate::fetch::resolve_model(args.model.as_deref())?;
+            let name = model_name(&path);
+            let id = Some(ModelId::of_file(&path)?);
             Ok(ServeModel {
+                id,
                 model: l.model,
                 tokenizer: l.tokenizer,
                 chat_template: l.chat_template,
@@ -55,6 +105,5 @@ pub fn run(a: ServeArgs) -> Result<()> {
         server.addr
     );
     server.wait_loaded()?;
-    eprintln!("hayloft serve: ready");
-    server.join()
+    Ok(server)
 }

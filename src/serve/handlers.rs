@@ -123,11 +123,17 @@ async fn models(State(sh): State<Arc<Shared>>) -> Result<Response, ApiError> {
 }
 
 async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        sh.metrics.render(),
-    )
-        .into_response()
+    // The tiers' sizes are file and Redis I/O: off the async workers.
+    let text = tokio::task::spawn_blocking(move || {
+        let mut t = sh.metrics.render();
+        if let Some(p) = &sh.prefix {
+            t += &super::metrics::render_prefix(p);
+        }
+        t
+    })
+    .await
+    .unwrap_or_else(|e| format!("# metrics failed: {e}\n"));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn tokenizer_info(State(sh): State<Arc<Shared>>) -> Result<Response, ApiError> {

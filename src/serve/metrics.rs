@@ -6,6 +6,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
+use crate::engine::prefix::PrefixStore;
+
 /// Upper bounds, in seconds, of the latency histograms' buckets.
 const TTFT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -59,6 +61,13 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     /// Gauges the engine sets after every scheduling round.
     pub kv_bytes: AtomicU64,
+    /// The most `kv_bytes` has been.
+    pub kv_bytes_peak: AtomicU64,
+    /// The running sequences' planned peak KV bytes, summed (what `--kv-budget` bounds).
+    pub kv_planned_bytes: AtomicU64,
+    /// Batched forward passes, and the sequences they carried.
+    pub batch_steps: AtomicU64,
+    pub batch_rows: AtomicU64,
     pub waiting: AtomicU64,
     pub running: AtomicU64,
     ttft: Mutex<Histogram>,
@@ -73,6 +82,10 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             kv_bytes: AtomicU64::new(0),
+            kv_bytes_peak: AtomicU64::new(0),
+            kv_planned_bytes: AtomicU64::new(0),
+            batch_steps: AtomicU64::new(0),
+            batch_rows: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             running: AtomicU64::new(0),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
@@ -128,6 +141,16 @@ impl Metrics {
                 "Sequences stopped because their client disconnected.",
                 &self.cancelled,
             ),
+            (
+                "hayloft_batch_steps_total",
+                "Batched forward passes of the scheduler.",
+                &self.batch_steps,
+            ),
+            (
+                "hayloft_batch_sequences_total",
+                "Sequences those passes carried (divide by the steps for the mean batch size).",
+                &self.batch_rows,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -141,6 +164,16 @@ impl Metrics {
                 "hayloft_kv_cache_bytes",
                 "Bytes the running sequences' KV caches hold.",
                 &self.kv_bytes,
+            ),
+            (
+                "hayloft_kv_cache_bytes_peak",
+                "The most bytes the running sequences' KV caches have held at once.",
+                &self.kv_bytes_peak,
+            ),
+            (
+                "hayloft_kv_cache_planned_bytes",
+                "The running sequences' planned peak KV bytes, summed (bounded by --kv-budget).",
+                &self.kv_planned_bytes,
             ),
             (
                 "hayloft_requests_waiting",
@@ -160,8 +193,6 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        // Prefix-cache counters (hayloft_prefix_cache_{lookups,hits}_total, hayloft_prefix_cache_tokens_total) are
-        // rendered here once the prefix store feeds the engine's lookup.
         if let Ok(h) = self.ttft.lock() {
             h.render(
                 &mut s,
@@ -178,6 +209,73 @@ impl Metrics {
         }
         s
     }
+}
+
+/// The prefix store's counters and the KV bytes each of its tiers holds, in the same format.
+pub fn render_prefix(store: &PrefixStore) -> String {
+    let mut s = String::new();
+    let c = store.counters();
+    let t = store.tier_counters();
+    for (name, help, v) in [
+        (
+            "hayloft_prefix_cache_hits_total",
+            "Prefix lookups that found cached tokens.",
+            c.hits,
+        ),
+        (
+            "hayloft_prefix_cache_misses_total",
+            "Prefix lookups that found none.",
+            c.misses,
+        ),
+        (
+            "hayloft_prefix_cache_evictions_total",
+            "RAM entries dropped to stay within --prefix-cache-ram.",
+            c.evictions,
+        ),
+        (
+            "hayloft_prefix_cache_hit_tokens_total",
+            "Prompt tokens restored from the cache instead of computed.",
+            c.hit_tokens,
+        ),
+        (
+            "hayloft_prefix_cache_inserts_total",
+            "Entries stored in RAM.",
+            c.inserts,
+        ),
+        (
+            "hayloft_prefix_tier_hits_total",
+            "Units read back from the disk and Redis tiers.",
+            t.hits,
+        ),
+        (
+            "hayloft_prefix_tier_writes_total",
+            "Units written to the disk and Redis tiers.",
+            t.writes,
+        ),
+        (
+            "hayloft_prefix_tier_errors_total",
+            "Tier blobs refused (failed checks: deleted, recomputed) or tier calls that failed.",
+            t.errors,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    }
+    let name = "hayloft_prefix_cache_bytes";
+    let _ = writeln!(
+        s,
+        "# HELP {name} KV bytes the prefix cache holds, by tier (ram: this process; disk, redis: every writer's).\n\
+         # TYPE {name} gauge\n{name}{{tier=\"ram\"}} {}",
+        store.ram_usage().0
+    );
+    for (tier, bytes) in store.tier_bytes() {
+        match bytes {
+            Ok(b) => {
+                let _ = writeln!(s, "{name}{{tier=\"{tier}\"}} {b}");
+            }
+            Err(e) => eprintln!("warning: /metrics: the {tier} tier's size: {e:#}"),
+        }
+    }
+    s
 }
 
 #[cfg(test)]

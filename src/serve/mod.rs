@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Context, Result};
 
+use crate::engine::prefix::{ModelId, PrefixStore, StoreConfig};
 use crate::engine::SessionConfig;
 use crate::gguf::GgufFile;
 use crate::model::Model;
@@ -46,6 +47,10 @@ pub struct ServeConfig {
     pub parallel: usize,
     /// Sequences that may wait; past parallel + queue a request gets 429 with Retry-After.
     pub queue: usize,
+    /// The prefix cache (None: off).
+    pub prefix: Option<StoreConfig>,
+    /// Most bytes the running sequences' planned KV caches may add up to (None: no bound but --parallel).
+    pub kv_budget: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -56,6 +61,8 @@ impl Default for ServeConfig {
             api_key: None,
             parallel: 4,
             queue: 64,
+            prefix: None,
+            kv_budget: None,
         }
     }
 }
@@ -70,6 +77,8 @@ pub struct ServeModel {
     pub session_cfg: SessionConfig,
     /// The id `/v1/models` shows (the file's stem).
     pub name: String,
+    /// The model file's identity, the root of prefix-cache keys (None: no prefix cache).
+    pub id: Option<ModelId>,
 }
 
 impl ServeModel {
@@ -81,7 +90,9 @@ impl ServeModel {
             Tokenizer::from_gguf(&g).with_context(|| format!("{}: tokenizer", path.display()))?;
         let chat_template = ChatTemplate::from_gguf(&g).map_err(|e| format!("{e:#}"));
         let session_cfg = SessionConfig::for_model(&model);
+        let id = Some(ModelId::of_file(path)?);
         Ok(ServeModel {
+            id,
             model,
             tokenizer,
             chat_template,
@@ -119,6 +130,8 @@ pub struct Shared {
     /// Jobs accepted and not yet finished (queued or running).
     pub in_flight: AtomicUsize,
     pub stopping: AtomicBool,
+    /// The prefix cache, shared by every sequence.
+    pub prefix: Option<Arc<PrefixStore>>,
     jobs: Mutex<mpsc::Sender<engine::Job>>,
 }
 
@@ -145,6 +158,15 @@ impl Server {
         if cfg.parallel == 0 {
             return Err(anyhow!("--parallel must be at least 1"));
         }
+        if cfg.kv_budget == Some(0) {
+            return Err(anyhow!("--kv-budget must be more than 0"));
+        }
+        let prefix = match &cfg.prefix {
+            Some(p) => Some(Arc::new(
+                PrefixStore::open(p).context("cannot open the prefix cache")?,
+            )),
+            None => None,
+        };
         let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
             .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
         listener.set_nonblocking(true)?;
@@ -156,6 +178,7 @@ impl Server {
             metrics: metrics::Metrics::default(),
             in_flight: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            prefix,
             jobs: Mutex::new(tx),
         });
         let sh = shared.clone();
@@ -247,5 +270,5 @@ fn engine_thread(load: Loader, jobs: mpsc::Receiver<engine::Job>, shared: Arc<Sh
             .map_or(0, |d| d.as_secs()),
     });
     let _ = shared.state.set(Ok(ready.clone()));
-    engine::Scheduler::new(&m.model, ready, m.session_cfg, shared).run(jobs);
+    engine::Scheduler::new(&m.model, ready, m.session_cfg, shared, m.id).run(jobs);
 }

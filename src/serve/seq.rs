@@ -11,11 +11,28 @@ use super::logprobs::{token_logprob, TokenLogprob};
 use super::metrics::Metrics;
 use super::stop::StopMatcher;
 use super::Ready;
+use crate::engine::prefix::{Mode, Namespace, PrefixStore};
 use crate::engine::{Sampler, Session};
 use crate::tokenizer::StreamDecoder;
 
+/// What one sequence feeds in a batched step.
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    /// The token sampled last.
+    Decode(u32),
+    /// Prompt tokens `a..b`.
+    Prompt { a: usize, b: usize },
+}
+
+/// Where a sequence stores its prefix: the server's store, under the namespace of the sequence's configuration.
+pub struct Prefix {
+    pub store: Arc<PrefixStore>,
+    pub ns: Namespace,
+}
+
 pub struct Seq<'m> {
     job: Job,
+    prefix: Option<Prefix>,
     session: Session<'m>,
     sampler: Sampler,
     ready: Arc<Ready>,
@@ -41,7 +58,13 @@ pub struct Seq<'m> {
 }
 
 impl<'m> Seq<'m> {
-    pub fn new(job: Job, session: Session<'m>, cached: usize, ready: Arc<Ready>) -> Self {
+    pub fn new(
+        job: Job,
+        session: Session<'m>,
+        cached: usize,
+        prefix: Option<Prefix>,
+        ready: Arc<Ready>,
+    ) -> Self {
         let sampler = Sampler::new(job.params.sampler.clone());
         let stop = StopMatcher::new(job.params.stop.clone());
         let history = job.prompt[..cached].to_vec();
@@ -62,6 +85,7 @@ impl<'m> Seq<'m> {
             finished: false,
             cancelled: false,
             session,
+            prefix,
             job,
         }
     }
@@ -110,14 +134,62 @@ impl<'m> Seq<'m> {
         self.finished = true;
     }
 
-    /// Feeds the next piece of the prompt: one chunk when the session's KV method allows splitting the prefill
-    /// (no compression, no selector: the cache is then the same either way), else the whole prompt.
+    /// Whether the prefill goes in pieces: no compression, no selector (the cache is then the same either way).
+    fn splittable(&self) -> bool {
+        self.session.press.is_none() && self.session.scratch.seq.selector.is_none()
+    }
+
+    /// What this sequence feeds in a batched step, or None when it has nothing to feed or its next piece runs alone
+    /// ([`Self::prefill_chunk`]: a prompt whose log-probabilities are asked for, or one that cannot be split).
+    pub fn batch_step(&self) -> Option<Step> {
+        if self.finished {
+            return None;
+        }
+        if !self.prefilling() {
+            return self.pending.map(Step::Decode);
+        }
+        if self.job.params.prompt_logprobs.is_some() || !self.splittable() {
+            return None;
+        }
+        let n = self.job.prompt.len();
+        let b = (self.fed + self.session.cfg.chunk_size).min(n);
+        Some(Step::Prompt { a: self.fed, b })
+    }
+
+    /// The session and the prompt, borrowed apart (a batch step feeds pieces of the one into the other).
+    pub fn parts(&mut self) -> (&mut Session<'m>, &[u32]) {
+        (&mut self.session, &self.job.prompt)
+    }
+
+    /// Takes the result of a batched step that fed `step`: `logits` after it (None for a prompt piece but the last).
+    pub fn after_batch(&mut self, step: Step, logits: Option<&[f32]>, metrics: &Metrics) {
+        if let Some(l) = logits {
+            // vocab: copied, as the sampler's penalty changes the logits it gets.
+            self.row.clear();
+            self.row.extend_from_slice(l);
+        }
+        match step {
+            Step::Decode(_) => {
+                self.pending = None;
+                let top = self.job.params.logprobs;
+                let (next, lp) = pick(
+                    &mut self.sampler,
+                    &self.history,
+                    &mut self.raw,
+                    &mut self.row,
+                    top,
+                );
+                self.take(next, lp, metrics);
+            }
+            Step::Prompt { a, b } => self.prompt_fed(a, b, metrics),
+        }
+    }
+
+    /// Feeds the next piece of the prompt alone: one chunk when the prefill can be split, else the whole prompt.
     pub fn prefill_chunk(&mut self, metrics: &Metrics) {
         let n = self.job.prompt.len();
         let a = self.fed;
-        let splittable =
-            self.session.press.is_none() && self.session.scratch.seq.selector.is_none();
-        let b = if splittable {
+        let b = if self.splittable() {
             (a + self.session.cfg.chunk_size).min(n)
         } else {
             n
@@ -148,6 +220,13 @@ impl<'m> Seq<'m> {
         if let Err(e) = r {
             return self.fail(e);
         }
+        self.prompt_fed(a, b, metrics);
+    }
+
+    /// Prompt tokens `a..b` are in the cache (and, when `b` ends the prompt, the last one's logits in `row`): at the
+    /// prompt's end, report it, store the prefix, and sample the first token.
+    fn prompt_fed(&mut self, a: usize, b: usize, metrics: &Metrics) {
+        let n = self.job.prompt.len();
         self.history.extend_from_slice(&self.job.prompt[a..b]);
         self.fed = b;
         metrics.prompt_tokens.fetch_add((b - a) as u64, Relaxed);
@@ -155,7 +234,11 @@ impl<'m> Seq<'m> {
             return;
         }
         let (index, cached) = (self.job.index, self.cached);
-        let logprobs = want_all.map(|_| std::mem::take(&mut self.prompt_lp));
+        let logprobs = self
+            .job
+            .params
+            .prompt_logprobs
+            .map(|_| std::mem::take(&mut self.prompt_lp));
         self.send(Event::Prompt {
             index,
             prompt_tokens: n,
@@ -163,6 +246,7 @@ impl<'m> Seq<'m> {
             logprobs,
         });
         if self.job.params.max_tokens == 0 {
+            self.store_prefix();
             return self.finish(Finish::Length);
         }
         let top = self.job.params.logprobs;
@@ -174,9 +258,23 @@ impl<'m> Seq<'m> {
             top,
         );
         self.take(next, lp, metrics);
+        // After the first token is out: storing (a tier's encoding and writes) is not in its latency. The session
+        // still holds exactly the prompt (the sampled token is fed by the next step).
+        if !self.finished || self.generated == 0 {
+            self.store_prefix();
+        }
     }
 
-    /// Feeds the pending token and samples the next.
+    /// Puts what the session holds into the prefix store (when there is one). A failure costs only reuse.
+    fn store_prefix(&self) {
+        if let Some(p) = &self.prefix {
+            if let Err(e) = p.store.insert(&p.ns, &self.session) {
+                eprintln!("warning: prefix cache: {e:#}");
+            }
+        }
+    }
+
+    /// Feeds the pending token alone and samples the next.
     pub fn decode_step(&mut self, metrics: &Metrics) {
         let Some(tok) = self.pending.take() else {
             return;
@@ -244,6 +342,11 @@ impl<'m> Seq<'m> {
     }
 
     fn finish_with(&mut self, why: Finish, text: String) {
+        // The prompt and the answer, for the next turn of a conversation (whole blocks only: an exact snapshot of
+        // this history would rarely be a later prompt's prefix).
+        if self.generated > 0 && crate::engine::prefix::entry::mode(&self.session) == Mode::Blocks {
+            self.store_prefix();
+        }
         let (index, completion_tokens) = (self.job.index, self.generated);
         self.send(Event::Done {
             index,

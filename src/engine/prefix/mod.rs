@@ -453,6 +453,14 @@ impl PrefixStore {
         self.ram().counters
     }
 
+    /// Per tier below RAM: its kind ("disk", "redis") and the bytes it holds (or why they could not be counted).
+    pub fn tier_bytes(&self) -> Vec<(&'static str, Result<u64>)> {
+        self.tiers
+            .iter()
+            .map(|t| (t.kind(), t.held_bytes()))
+            .collect()
+    }
+
     /// Bytes and entries the RAM tier holds.
     pub fn ram_usage(&self) -> (usize, usize) {
         let ram = self.ram();

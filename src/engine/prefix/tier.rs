@@ -18,6 +18,10 @@ pub trait Tier: Send + Sync {
     fn put(&self, key: &Key, blob: &[u8]) -> Result<()>;
     fn contains(&self, key: &Key) -> Result<bool>;
     fn remove(&self, key: &Key) -> Result<()>;
+    /// A short label for metrics ("disk", "redis").
+    fn kind(&self) -> &'static str;
+    /// Bytes of the blobs the tier holds (all of them, whoever wrote them).
+    fn held_bytes(&self) -> Result<u64>;
 }
 
 /// `--kv-disk DIR`: one file per key, `<hex key>.hlkv`. Writes go to a temporary file renamed into place
@@ -55,6 +59,21 @@ impl Tier for DiskTier {
     }
     fn contains(&self, key: &Key) -> Result<bool> {
         Ok(self.path(key).exists())
+    }
+    fn kind(&self) -> &'static str {
+        "disk"
+    }
+    fn held_bytes(&self) -> Result<u64> {
+        let ctx = || format!("listing {}", self.dir.display());
+        let mut total = 0;
+        for e in std::fs::read_dir(&self.dir).with_context(ctx)? {
+            let e = e.with_context(ctx)?;
+            if e.path().extension().is_some_and(|x| x == "hlkv") {
+                // A file removed meanwhile counts as nothing.
+                total += e.metadata().map_or(0, |m| m.len());
+            }
+        }
+        Ok(total)
     }
     fn remove(&self, key: &Key) -> Result<()> {
         let p = self.path(key);
@@ -128,6 +147,37 @@ impl Tier for RedisTier {
     fn contains(&self, key: &Key) -> Result<bool> {
         self.call(|c| redis::cmd("EXISTS").arg(Self::key(key)).query::<i64>(c))
             .map(|n| n > 0)
+    }
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+    fn held_bytes(&self) -> Result<u64> {
+        // SCAN over this store's keys, then their lengths in one pipeline per batch.
+        self.call(|c| {
+            let mut cursor: u64 = 0;
+            let mut total = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("hayloft:kv:*")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)?;
+                if !keys.is_empty() {
+                    let mut p = redis::pipe();
+                    for k in &keys {
+                        p.cmd("STRLEN").arg(k);
+                    }
+                    let lens: Vec<u64> = p.query(c)?;
+                    total += lens.iter().sum::<u64>();
+                }
+                if next == 0 {
+                    return Ok(total);
+                }
+                cursor = next;
+            }
+        })
     }
     fn remove(&self, key: &Key) -> Result<()> {
         self.call(|c| redis::cmd("DEL").arg(Self::key(key)).query::<i64>(c))
