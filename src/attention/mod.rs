@@ -15,6 +15,10 @@
 //! (counted by the cache as a disk read) and folded like an f16 block; every block the kernel folds is marked as read
 //! for the offload LRU.
 //!
+//! Blocks are folded as f32 tiles (f16 blocks converted whole into the task's buffer), except 4-bit KIVI blocks,
+//! which are scored and mixed straight from their codes ([`qtile`]). Three compiled variants run the same task code:
+//! portable, AVX2 (with the [`wide2`] step) and AVX-512 (with the [`wide`] step), picked with the matmul kernel.
+//!
 //! `naive_attention` is the plain reference the tests compare against.
 
 mod qtile;
