@@ -388,6 +388,43 @@ unsafe fn scores_q4<const R: usize, const BT: usize>(q4: &Q4, rows: &[usize; R],
     }
     let base = q4.k.as_ptr();
     let qs = q4.qs.as_ptr();
+    if BT >= 32 {
+        // Each 16 bytes (32 keys) widen to 16 lanes of one byte each; the low nibbles (even keys) and the high ones
+        // (odd keys) become floats through a 16-entry table lookup (the lookup reads only an index's low 4 bits), so
+        // the scores come out as [even keys, odd keys] per 32 and are interleaved back once per row at the end.
+        let table = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        for c in 0..hs {
+            let col = base.add(c * BT / 2);
+            let mut k = [_mm512_setzero_ps(); 4];
+            for h in 0..nv / 2 {
+                let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(col.add(16 * h) as *const __m128i));
+                k[2 * h] = _mm512_permutexvar_ps(x, table);
+                k[2 * h + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(x), table);
+            }
+            for r in 0..R {
+                let qb = _mm512_set1_ps(*qs.add(rows[r] * hs + c));
+                for v in 0..nv {
+                    acc[r][v] = _mm512_fmadd_ps(qb, k[v], acc[r][v]);
+                }
+            }
+        }
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let out = s.as_mut_ptr();
+        for (r, ar) in acc.iter().enumerate() {
+            for h in 0..nv / 2 {
+                let (e, o) = (ar[2 * h], ar[2 * h + 1]);
+                _mm512_storeu_ps(out.add(r * BT + 32 * h), _mm512_permutex2var_ps(e, lo, o));
+                _mm512_storeu_ps(
+                    out.add(r * BT + 32 * h + 16),
+                    _mm512_permutex2var_ps(e, hi, o),
+                );
+            }
+        }
+        return;
+    }
     for c in 0..hs {
         let k = codes(base.add(c * BT / 2), nv);
         for r in 0..R {
