@@ -15,11 +15,18 @@
 //! (counted by the cache as a disk read) and folded like an f16 block; every block the kernel folds is marked as read
 //! for the offload LRU.
 //!
+//! Blocks are folded as f32 tiles (f16 blocks converted whole into the task's buffer), except 4-bit KIVI blocks,
+//! which are scored and mixed straight from their codes ([`qtile`]). Three compiled variants run the same task code:
+//! portable, AVX2 (with the [`wide2`] step) and AVX-512 (with the [`wide`] step), picked with the matmul kernel.
+//!
 //! `naive_attention` is the plain reference the tests compare against.
 
+mod qtile;
 pub mod select;
 #[cfg(target_arch = "x86_64")]
 mod wide;
+#[cfg(target_arch = "x86_64")]
+mod wide2;
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -70,6 +77,10 @@ struct TaskBuf {
     gpos: Vec<u32>,
     /// The last offloaded block this task read from disk (sized on first use).
     disk: OffloadBuf,
+    /// A 4-bit block's scales folded into the rows' queries, and its value scales (see [`qtile`]).
+    qprep: qtile::QPrep,
+    /// Probabilities scaled by a 4-bit block's value scales: see [`qtile::scale_probs`].
+    pbuf: Vec<f32>,
     /// Bytes this task read.
     read: usize,
 }
@@ -110,7 +121,7 @@ pub fn attend(
     p: &AttnParams,
     scratch: &mut AttnScratch,
 ) {
-    attend_impl(cache, layer, q, q_pos, out, p, None, scratch)
+    attend_impl(cache, layer, q, q_pos, out, p, None, simd_level(), scratch)
 }
 
 /// Attention for `layer` over the entries `sel` chose for each KV head only (the causal and window masks still
@@ -126,7 +137,17 @@ pub fn attend_selected(
     sel: &Selection,
     scratch: &mut AttnScratch,
 ) {
-    attend_impl(cache, layer, q, q_pos, out, p, Some(sel), scratch)
+    attend_impl(
+        cache,
+        layer,
+        q,
+        q_pos,
+        out,
+        p,
+        Some(sel),
+        simd_level(),
+        scratch,
+    )
 }
 
 /// Leading blocks of (layer, `kv_head`) whose entries all lie before position `lo`: positions ascend within a
@@ -179,6 +200,7 @@ fn attend_impl(
     out: &mut [f32],
     p: &AttnParams,
     sel: Option<&Selection>,
+    simd: Simd,
     scratch: &mut AttnScratch,
 ) {
     let cfg = &cache.cfg;
@@ -255,6 +277,13 @@ fn attend_impl(
             b.s.resize(8 * sh.bt, 0.0); // up to 8 rows' scores (the wide fold's chunk)
             b.qg.resize(rows_max * sh.hk, 0.0);
         }
+        if matches!(cfg.dtype, crate::kv::KvDtype::Kivi { bits: 4, .. }) {
+            b.qprep.ensure(rows_max, sh.hk, sh.hv, sh.bt);
+            let want = qtile::pbuf_len(sh.hv, sh.bt);
+            if b.pbuf.len() < want {
+                b.pbuf.resize(want, 0.0);
+            }
+        }
         if sel.is_some() && b.gk.len() < sh.bt * sh.hk {
             b.gk.resize(sh.bt * sh.hk, 0.0);
             b.gv.resize(sh.bt * sh.hv, 0.0);
@@ -264,7 +293,6 @@ fn attend_impl(
 
     let tasks = &scratch.tasks;
     let pieces = sel.map(|_| &scratch.pieces[..]);
-    let simd = simd_level();
     let bt = sh.bt;
     scratch.bufs[..tasks.len()]
         .par_iter_mut()
@@ -279,6 +307,7 @@ fn attend_impl(
                 p,
                 task,
                 pieces,
+                simd,
             };
             match bt {
                 4 => run_dispatch::<4>(simd, &a, buf),
@@ -330,7 +359,7 @@ fn attend_impl(
 }
 
 /// Which compiled variant of the task code runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Simd {
     Scalar,
     Avx2,
@@ -347,24 +376,6 @@ fn simd_level() -> Simd {
     }
 }
 
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static OK: OnceLock<bool> = OnceLock::new();
-        *OK.get_or_init(|| {
-            std::env::var("HAYLOFT_KERNEL")
-                .map(|v| v != "scalar")
-                .unwrap_or(true)
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// Everything a task reads.
 struct TaskArgs<'a> {
     cache: &'a KvCache,
@@ -376,6 +387,49 @@ struct TaskArgs<'a> {
     task: &'a Task,
     /// The selection's pieces (the task's `blk0..blk1` index them); None = every block.
     pieces: Option<&'a [Piece]>,
+    /// The compiled variant running (the CPU supports it).
+    simd: Simd,
+}
+
+/// The CPU's variants, portable first (tests run each).
+#[cfg(test)]
+fn simd_levels() -> Vec<Simd> {
+    use crate::kernels::Kernel;
+    crate::kernels::available()
+        .into_iter()
+        .map(|k| match k {
+            Kernel::Avx512 => Simd::Avx512,
+            Kernel::Avx2 => Simd::Avx2,
+            Kernel::Scalar => Simd::Scalar,
+        })
+        .collect()
+}
+
+/// Query row `r` of the task: the rows of `q`, or (pruned streams) the rows gathered to the stored channels.
+#[inline(always)]
+fn row_q<'a>(a: &TaskArgs<'a>, qrows: Option<&'a [f32]>, hs: usize, r: usize) -> &'a [f32] {
+    let (sh, task) = (a.sh, a.task);
+    match qrows {
+        None => {
+            let t = task.t0 + r / sh.group;
+            &a.q[(t * sh.n_q_heads + task.kv_head * sh.group + r % sh.group) * sh.hk..][..sh.hk]
+        }
+        Some(qg) => &qg[r * hs..][..hs],
+    }
+}
+
+/// One tile of keys and values as the fold reads it.
+#[derive(Clone, Copy)]
+enum Tile<'a> {
+    /// Keys transposed (hs × BT; `pos.len()` valid columns), values (n × hv); `qrows` as [`row_q`] takes it.
+    F32 {
+        kt: &'a [f32],
+        vb: &'a [f32],
+        hs: usize,
+        qrows: Option<&'a [f32]>,
+    },
+    /// A 4-bit KIVI block read in place.
+    Q4(qtile::Q4<'a>),
 }
 
 fn run_dispatch<const BT: usize>(simd: Simd, a: &TaskArgs, buf: &mut TaskBuf) {
@@ -430,13 +484,15 @@ fn exp_neg(x: f32) -> f32 {
 
 /// s[j] = q · k_j for the BT keys of a block stored transposed (`kt[d · BT + j]`).
 #[inline(always)]
-fn score_block<const BT: usize>(kt: &[f32], q: &[f32], s: &mut [f32]) {
+fn score_block<const BT: usize>(kt: &[f32], q: &[f32], s: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
-    if BT == 32 && simd_available() {
-        // SAFETY: simd_available() checked AVX2 and FMA; kt has q.len() · 32 elements and s has 32.
+    if BT == 32 && simd != Simd::Scalar {
+        // SAFETY: every variant but Scalar runs only where AVX2 and FMA were found; kt has q.len() · 32 elements and
+        // s has 32.
         unsafe { score_block32_avx2(kt, q, s) };
         return;
     }
+    let _ = simd;
     let s: &mut [f32; BT] = (&mut s[..BT]).try_into().expect("BT scores");
     s.fill(0.0);
     for (col, &qd) in kt.chunks_exact(BT).zip(q) {
@@ -672,18 +728,29 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
         acc,
         qg,
         disk,
+        qprep,
+        pbuf,
         ..
     } = buf;
+    let simd = a.simd;
+    let qrows = if pruned { Some(&qg[..]) } else { None };
     // kt: hs × BT (keys transposed), vb: n × hv, as f32.
     let (kt, vb): (&[f32], &[f32]) = match blk.data {
         BlockData::F16 { k: kh, v: vh } => {
-            to_f32(&kh[..hs * BT], &mut k[..hs * BT]);
-            to_f32(&vh[..n * hv], &mut v[..n * hv]);
+            to_f32(&kh[..hs * BT], &mut k[..hs * BT], simd);
+            to_f32(&vh[..n * hv], &mut v[..n * hv], simd);
             (&k[..hs * BT], &v[..n * hv])
         }
         BlockData::F32 { k: kf, v: vf } => (&kf[..hs * BT], &vf[..n * hv]),
+        BlockData::Quant(qb) if qb.bits == 4 && n == BT => {
+            // 4-bit KIVI block: scored and mixed from its codes, nothing dequantized.
+            let rows = (a.task.t1 - a.task.t0) * a.sh.group;
+            let q4 = qprep.prepare::<BT>(qb, hv, rows, |r| row_q(a, qrows, hs, r));
+            fold::<BT>(a, Tile::Q4(q4), blk.pos, s, m, l, acc, pbuf);
+            return;
+        }
         BlockData::Quant(qb) => {
-            // KIVI block: dequantize this block only, into the task's scratch.
+            // Other KIVI widths: dequantize this block only, into the task's scratch.
             qb.keys_into::<BT>(&mut k[..hs * BT]);
             qb.values_into(n, hv, &mut v[..n * hv]);
             (&k[..hs * BT], &v[..n * hv])
@@ -691,24 +758,25 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
         BlockData::Disk(_) => {
             // Offloaded block: read from the cache's file into this task's scratch, then as an f16 block.
             let (kh, vh) = blk.read_offloaded(disk).expect("a disk block");
-            to_f32(&kh[..hs * BT], &mut k[..hs * BT]);
-            to_f32(&vh[..n * hv], &mut v[..n * hv]);
+            to_f32(&kh[..hs * BT], &mut k[..hs * BT], simd);
+            to_f32(&vh[..n * hv], &mut v[..n * hv], simd);
             (&k[..hs * BT], &v[..n * hv])
         }
     };
-    let qrows = if pruned { Some(&qg[..]) } else { None };
-    fold::<BT>(a, kt, vb, blk.pos, hs, qrows, s, m, l, acc);
+    let tile = Tile::F32 { kt, vb, hs, qrows };
+    fold::<BT>(a, tile, blk.pos, s, m, l, acc, pbuf);
 }
 
 /// f16 → f32 for a whole block: 16 lanes at a time with AVX-512, else `half`'s conversion.
 #[inline(always)]
-fn to_f32(src: &[half::f16], dst: &mut [f32]) {
+fn to_f32(src: &[half::f16], dst: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
-    if simd_level() == Simd::Avx512 {
-        // SAFETY: the kernel selection found AVX-512F on this CPU.
+    if simd == Simd::Avx512 {
+        // SAFETY: the Avx512 variant runs only where the kernel selection found AVX-512F on this CPU.
         unsafe { wide::f16_to_f32(src, dst) };
         return;
     }
+    let _ = simd;
     src.convert_to_f32_slice(dst);
 }
 
@@ -723,53 +791,51 @@ fn fold_gathered<const BT: usize>(a: &TaskArgs, n: usize, buf: &mut TaskBuf) {
         m,
         l,
         acc,
+        pbuf,
         ..
     } = buf;
     let hk = a.sh.hk;
-    fold::<BT>(
-        a,
-        &gk[..hk * BT],
-        &gv[..n * a.sh.hv],
-        &gpos[..n],
-        hk,
-        None,
-        s,
-        m,
-        l,
-        acc,
-    );
+    let tile = Tile::F32 {
+        kt: &gk[..hk * BT],
+        vb: &gv[..n * a.sh.hv],
+        hs: hk,
+        qrows: None,
+    };
+    fold::<BT>(a, tile, &gpos[..n], s, m, l, acc, pbuf);
 }
 
-/// The online-softmax step of every row of the task over one tile of keys: `kt` (hs × BT, transposed, `pos.len()`
-/// valid columns), `vb` (n × hv), `pos` (n). `qrows`: the rows' queries gathered to the stored channels (pruned
-/// streams), else the rows of `q`.
+/// The online-softmax step of every row of the task over one tile of keys (`pos`: the tile's n positions).
+/// `pbuf`: scratch for a 4-bit tile's scaled probabilities ([`qtile::pbuf_len`]).
 #[allow(clippy::too_many_arguments)] // the tile and the four running accumulators
 #[inline(always)]
 fn fold<const BT: usize>(
     a: &TaskArgs,
-    kt: &[f32],
-    vb: &[f32],
+    tile: Tile,
     pos: &[u32],
-    hs: usize,
-    qrows: Option<&[f32]>,
     s_buf: &mut [f32],
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
+    pbuf: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if BT.is_multiple_of(16)
-        && BT <= 64
-        && a.sh.hv.is_multiple_of(16)
-        && simd_level() == Simd::Avx512
     {
-        // SAFETY: the kernel selection found AVX-512 (with AVX2, FMA, F16C) on this CPU; the buffers have the sizes
-        // `wide::fold` asserts (s_buf holds 8 × BT).
-        unsafe { wide::fold::<BT>(a, kt, vb, pos, hs, qrows, s_buf, m, l, acc) };
-        return;
+        let hv = a.sh.hv;
+        if BT.is_multiple_of(16) && BT <= 64 && hv.is_multiple_of(16) && a.simd == Simd::Avx512 {
+            // SAFETY: the Avx512 variant runs only where the kernel selection found AVX-512 (with AVX2, FMA, F16C);
+            // the buffers have the sizes `wide::fold` asserts (s_buf holds 8 × BT).
+            unsafe { wide::fold::<BT>(a, &tile, pos, s_buf, m, l, acc, pbuf) };
+            return;
+        }
+        if BT.is_multiple_of(8) && BT <= 64 && hv.is_multiple_of(8) && a.simd == Simd::Avx2 {
+            // SAFETY: the Avx2 variant runs only where the kernel selection found AVX2, FMA and F16C; the buffers
+            // have the sizes `wide2::fold` asserts.
+            unsafe { wide2::fold::<BT>(a, &tile, pos, s_buf, m, l, acc, pbuf) };
+            return;
+        }
     }
-    let (q, sh, p, task) = (a.q, a.sh, a.p, a.task);
-    let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
+    let (sh, p, task) = (a.sh, a.p, a.task);
+    let (hv, g) = (sh.hv, sh.group);
     let n = pos.len();
     let rows = (task.t1 - task.t0) * g;
     let tile_pos = &a.q_pos[task.t0..task.t1];
@@ -781,15 +847,15 @@ fn fold<const BT: usize>(
     // Every key of the tile visible to every row? Then skip per-key masking.
     let all_visible = pmax <= min_qpos && p.window.is_none_or(|w| max_qpos - pmin < w);
     for r in 0..rows {
-        let t = task.t0 + r / g;
         let qpos = tile_pos[r / g];
-        let qr = match qrows {
-            None => &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk],
-            Some(qg) => &qg[r * hs..][..hs],
-        };
-        // s[j] = q·k_j for the tile's keys: one broadcast-FMA per key column, accumulators in registers.
+        // s[j] = q·k_j for the tile's keys.
         let s = &mut s_buf[..BT];
-        score_block::<BT>(kt, qr, s);
+        match tile {
+            Tile::F32 { kt, hs, qrows, .. } => {
+                score_block::<BT>(kt, row_q(a, qrows, hs, r), s, a.simd)
+            }
+            Tile::Q4(q4) => qtile::scores_row::<BT>(&q4, r, s),
+        }
         let s = &mut s[..n];
         // Scale, soft-cap, mask (elementwise), then the tile's softmax step.
         if all_visible && p.softcap.is_none() {
@@ -813,30 +879,43 @@ fn fold<const BT: usize>(
             continue;
         };
         let a = &mut acc[r * hv..][..hv];
-        if alpha != 1.0 {
-            a.iter_mut().for_each(|x| *x *= alpha);
-        }
-        // acc += Σ_j p_j · v_j, four keys per pass over the accumulator.
-        let mut quads = s.chunks_exact(4);
-        let mut j = 0;
-        for pq in quads.by_ref() {
-            let v0 = &vb[j * hv..][..hv];
-            let v1 = &vb[(j + 1) * hv..][..hv];
-            let v2 = &vb[(j + 2) * hv..][..hv];
-            let v3 = &vb[(j + 3) * hv..][..hv];
-            for d in 0..hv {
-                a[d] += pq[0] * v0[d] + pq[1] * v1[d] + pq[2] * v2[d] + pq[3] * v3[d];
+        match tile {
+            Tile::F32 { vb, .. } => pv_f32(s, vb, alpha, a),
+            Tile::Q4(q4) => {
+                qtile::scale_probs::<BT>(&q4, s, 1, n, pbuf);
+                let (pq, pc) = pbuf.split_at(qtile::pc_offset::<BT>(q4.ng));
+                qtile::pv_row::<BT>(&q4, pq, pc, n, alpha, a);
             }
-            j += 4;
-        }
-        for &pj in quads.remainder() {
-            for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
-                *ad += pj * vv;
-            }
-            j += 1;
         }
         m[r] = m_new;
         l[r] = l[r] * alpha + lsum;
+    }
+}
+
+/// a ← α·a + Σ_j p_j · v_j over the rows of `vb` (n × a.len()), four keys per pass over the accumulator.
+#[inline(always)]
+fn pv_f32(s: &[f32], vb: &[f32], alpha: f32, a: &mut [f32]) {
+    let hv = a.len();
+    if alpha != 1.0 {
+        a.iter_mut().for_each(|x| *x *= alpha);
+    }
+    let mut quads = s.chunks_exact(4);
+    let mut j = 0;
+    for pq in quads.by_ref() {
+        let v0 = &vb[j * hv..][..hv];
+        let v1 = &vb[(j + 1) * hv..][..hv];
+        let v2 = &vb[(j + 2) * hv..][..hv];
+        let v3 = &vb[(j + 3) * hv..][..hv];
+        for d in 0..hv {
+            a[d] += pq[0] * v0[d] + pq[1] * v1[d] + pq[2] * v2[d] + pq[3] * v3[d];
+        }
+        j += 4;
+    }
+    for &pj in quads.remainder() {
+        for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
+            *ad += pj * vv;
+        }
+        j += 1;
     }
 }
 
@@ -1079,6 +1158,7 @@ mod tests {
             p: &p,
             task: &task,
             pieces: None,
+            simd: Simd::Scalar,
         };
         run_task::<4>(&a, &mut buf);
         let want = naive_attention(&cache, 0, &q[..16], &q_pos[..1], &p);
@@ -1100,6 +1180,216 @@ mod tests {
             check(4, 1, 32, 32, 200, 40, Some(33), dtype);
             check(4, 2, 16, 96, 150, 1, None, dtype);
         }
+    }
+
+    /// One case of [`every_simd_path_matches_naive`]: a cache of `len` random entries (keys of `hk`, values of `hv`
+    /// channels, blocks of `bt`), the last `n_new` of them queried by `n_q` heads.
+    #[derive(Clone, Copy)]
+    struct Case {
+        n_q: usize,
+        n_kv: usize,
+        hk: usize,
+        hv: usize,
+        bt: usize,
+        len: usize,
+        n_new: usize,
+        window: Option<u32>,
+        softcap: Option<f32>,
+        /// Prune head 0's key channels (ThinK) to those with c % 3 != 1.
+        prune: bool,
+    }
+
+    /// attend() on `simd` vs the f64 reference over the cache's own (dequantized) entries: max |Δ| / max |want|.
+    fn rel_err_at(simd: Simd, c: Case, dtype: KvDtype) -> f32 {
+        let mut rng = Rng(0xA11CE ^ (c.len as u64 * 131 + c.hv as u64 * 7 + c.bt as u64));
+        let mut cache = KvCache::new(KvConfig {
+            n_layers: 1,
+            n_kv_heads: c.n_kv,
+            head_dim_k: c.hk,
+            head_dim_v: c.hv,
+            block_tokens: c.bt,
+            dtype,
+            windows: Vec::new(),
+        });
+        let pos: Vec<u32> = (0..c.len as u32).collect();
+        // Keys with a per-channel offset and spread (as real keys have), values around 0.
+        let mut k = rng.vec(c.len * c.n_kv * c.hk, 1.0);
+        for (i, x) in k.iter_mut().enumerate() {
+            let ch = i % c.hk;
+            *x = *x * (1.0 + (ch % 5) as f32) + (ch % 7) as f32 - 3.0;
+        }
+        cache.append(0, &pos, &k, &rng.vec(c.len * c.n_kv * c.hv, 1.0));
+        if c.prune {
+            let keep: Vec<bool> = (0..c.hk).map(|ch| ch % 3 != 1).collect();
+            cache.prune_key_channels(0, 0, &keep);
+        }
+        let q_pos: Vec<u32> = ((c.len - c.n_new) as u32..c.len as u32).collect();
+        let q = rng.vec(c.n_new * c.n_q * c.hk, 1.0);
+        let p = AttnParams {
+            n_q_heads: c.n_q,
+            scale: 1.0 / (c.hk as f32).sqrt(),
+            window: c.window,
+            softcap: c.softcap,
+        };
+        let mut out = vec![0.0; c.n_new * c.n_q * c.hv];
+        let mut scratch = AttnScratch::default();
+        attend_impl(
+            &cache,
+            0,
+            &q,
+            &q_pos,
+            &mut out,
+            &p,
+            None,
+            simd,
+            &mut scratch,
+        );
+        let want = naive_attention(&cache, 0, &q, &q_pos, &p);
+        let scale = want.iter().fold(0.0f32, |a, &b| a.max(b.abs()));
+        assert!(scale > 0.0);
+        out.iter()
+            .zip(&want)
+            .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()))
+            / scale
+    }
+
+    /// Every compiled variant this CPU runs (scalar, the AVX2 wide step, the AVX-512 one), on every storage: f32, f16,
+    /// KIVI 4-bit blocks read in place (with an f16 residual and a partial last block) and 8-bit ones dequantized,
+    /// against the reference over the same (dequantized) entries. Odd lengths, GQA 1/3/8, windows, soft-capping,
+    /// pruned key channels, block sizes 4..64 and value dims that take every strip width and two value groups.
+    #[test]
+    fn every_simd_path_matches_naive() {
+        let base = Case {
+            n_q: 9,
+            n_kv: 3,
+            hk: 64,
+            hv: 64,
+            bt: 32,
+            len: 301,
+            n_new: 1,
+            window: None,
+            softcap: None,
+            prune: false,
+        };
+        let cases = [
+            base,
+            Case { n_new: 37, ..base },
+            Case {
+                n_q: 8,
+                n_kv: 1,
+                len: 200,
+                n_new: 19,
+                ..base
+            },
+            Case {
+                n_q: 4,
+                n_kv: 4,
+                hk: 16,
+                hv: 16,
+                bt: 16,
+                len: 157,
+                n_new: 5,
+                ..base
+            },
+            Case {
+                n_q: 4,
+                n_kv: 2,
+                hk: 40,
+                hv: 96,
+                bt: 64,
+                len: 333,
+                n_new: 3,
+                ..base
+            },
+            Case {
+                hk: 48,
+                hv: 72,
+                bt: 8,
+                len: 123,
+                n_new: 2,
+                ..base
+            },
+            Case {
+                n_q: 2,
+                n_kv: 1,
+                hk: 8,
+                hv: 8,
+                bt: 4,
+                len: 61,
+                n_new: 7,
+                ..base
+            },
+            Case {
+                window: Some(70),
+                n_new: 21,
+                ..base
+            },
+            Case {
+                window: Some(40),
+                bt: 16,
+                n_new: 1,
+                ..base
+            },
+            Case {
+                softcap: Some(3.0),
+                n_new: 4,
+                ..base
+            },
+            Case {
+                prune: true,
+                n_new: 9,
+                ..base
+            },
+        ];
+        let dtypes = [
+            KvDtype::F32,
+            KvDtype::F16,
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 16,
+            },
+            KvDtype::Kivi {
+                bits: 4,
+                residual: 0,
+            },
+            KvDtype::Kivi {
+                bits: 8,
+                residual: 16,
+            },
+        ];
+        let levels = simd_levels();
+        eprintln!("variants: {levels:?}");
+        for simd in levels {
+            for c in cases {
+                for dtype in dtypes {
+                    let e = rel_err_at(simd, c, dtype);
+                    assert!(
+                        e < 1e-4,
+                        "{simd:?} {dtype:?} n_q {} n_kv {} hk {} hv {} bt {} len {} new {} window {:?} \
+                         softcap {:?} prune {}: relative error {e}",
+                        c.n_q, c.n_kv, c.hk, c.hv, c.bt, c.len, c.n_new, c.window, c.softcap, c.prune
+                    );
+                }
+            }
+        }
+    }
+
+    /// The in-place 4-bit fold reads the quantized blocks as they are: the bytes it counts are the codes and scales.
+    #[test]
+    fn four_bit_blocks_count_their_own_bytes() {
+        let (cache, q, q_pos, p) = fixed_case(KvDtype::Kivi {
+            bits: 4,
+            residual: 32,
+        });
+        let (mut out, mut scratch) = (vec![0.0; q.len()], AttnScratch::default());
+        cache.take_read();
+        attend(&cache, 0, &q, &q_pos, &mut out, &p, &mut scratch);
+        let read = cache.take_read();
+        let (f16, ..) = fixed_case(KvDtype::F16);
+        f16.take_read();
+        attend(&f16, 0, &q, &q_pos, &mut out, &p, &mut scratch);
+        let dense = f16.take_read();
+        assert!(read * 2 < dense, "4-bit read {read} vs f16 {dense}");
     }
 
     /// Shapes of the fixed test case: query heads, KV heads, head dim, cached entries, new queries.

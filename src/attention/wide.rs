@@ -7,38 +7,55 @@
 //! strip of each row's output in registers, so each value row is loaded once for 4 rows. Keys past the last one any
 //! row of the chunk can see (the masked half of a diagonal block) are left out of p·V.
 //!
+//! A 4-bit KIVI tile ([`super::qtile`]) goes the same way with its codes unpacked 16 or 32 at a time (two per byte,
+//! low nibble first) right where the f32 path loads keys or values: scores start from the row's `q·min` constant
+//! and multiply the scale-folded query; p·V multiplies probabilities scaled per token and starts from the row's
+//! `p·min` constant per value group (one group = one 64-channel strip).
+//!
 //! Chosen when `crate::kernels::kernel()` is the AVX-512 kernel, the block holds a multiple of 16 keys and the value
 //! head dim is a multiple of 16; otherwise `fold` takes the portable path.
 
 use std::arch::x86_64::*;
 
-use super::{block_softmax, exp_neg, TaskArgs};
+use super::qtile::{self, Q4};
+use super::{block_softmax, exp_neg, row_q, TaskArgs, Tile};
 
 /// The fold of [`super::fold`] (same arguments and results) for BT ∈ {16, 32, 64} and hv % 16 == 0.
 ///
 /// # Safety
-/// The CPU must support AVX-512F/VL, AVX2, FMA and F16C; `kt` holds hs × BT, `vb` pos.len() × hv, `s_buf` 8 × BT.
+/// The CPU must support AVX-512F/VL, AVX2, FMA and F16C; an f32 tile's `kt` holds hs × BT and `vb` pos.len() × hv;
+/// `s_buf` holds 8 × BT, `pbuf` (4-bit tiles) [`qtile::pbuf_len`].
 #[allow(clippy::too_many_arguments)] // fold's arguments
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 pub(super) unsafe fn fold<const BT: usize>(
     a: &TaskArgs,
-    kt: &[f32],
-    vb: &[f32],
+    tile: &Tile,
     pos: &[u32],
-    hs: usize,
-    qrows: Option<&[f32]>,
     s_buf: &mut [f32],
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
+    pbuf: &mut [f32],
 ) {
-    let (q, sh, p, task) = (a.q, a.sh, a.p, a.task);
-    let (hk, hv, g) = (sh.hk, sh.hv, sh.group);
+    let (sh, p, task) = (a.sh, a.p, a.task);
+    let (hv, g) = (sh.hv, sh.group);
     let n = pos.len();
     let rows = (task.t1 - task.t0) * g;
     assert!(BT.is_multiple_of(16) && BT <= 64 && hv.is_multiple_of(16));
-    assert!(kt.len() >= hs * BT && vb.len() >= n * hv && s_buf.len() >= 8 * BT);
+    assert!(s_buf.len() >= 8 * BT);
     assert!(acc.len() >= rows * hv && m.len() >= rows && l.len() >= rows);
+    match tile {
+        Tile::F32 { kt, vb, hs, .. } => assert!(kt.len() >= hs * BT && vb.len() >= n * hv),
+        Tile::Q4(q4) => assert!(
+            n == BT
+                && q4.k.len() >= q4.hs * BT / 2
+                && q4.v.len() >= n * q4.rb
+                && q4.rb * 2 >= hv
+                && q4.qs.len() >= rows * q4.hs
+                && q4.qc.len() >= rows
+                && pbuf.len() >= qtile::pbuf_len(hv, BT)
+        ),
+    }
     let tile_pos = &a.q_pos[task.t0..task.t1];
     let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
     let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
@@ -47,26 +64,28 @@ pub(super) unsafe fn fold<const BT: usize>(
         .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
     let all_visible = pmax <= min_qpos && p.window.is_none_or(|w| max_qpos - pmin < w);
     let window = p.window.unwrap_or(u32::MAX);
-    let row_q = |r: usize| -> &[f32] {
-        match qrows {
-            None => {
-                let t = task.t0 + r / g;
-                &q[(t * sh.n_q_heads + task.kv_head * g + r % g) * hk..][..hk]
-            }
-            Some(qg) => &qg[r * hs..][..hs],
-        }
-    };
     let chunk = if BT >= 64 { 4 } else { 8 };
     let mut r0 = 0;
     while r0 < rows {
         let rc = (rows - r0).min(chunk);
         // Scores of the chunk's rows (padded by repeating the last row): s_buf[i · BT + j].
-        if rc > 4 {
-            let qs: [&[f32]; 8] = std::array::from_fn(|i| row_q(r0 + i.min(rc - 1)));
-            scores::<8, BT>(kt, &qs, hs, s_buf);
-        } else {
-            let qs: [&[f32]; 4] = std::array::from_fn(|i| row_q(r0 + i.min(rc - 1)));
-            scores::<4, BT>(kt, &qs, hs, s_buf);
+        match *tile {
+            Tile::F32 { kt, hs, qrows, .. } => {
+                let row = |i: usize| row_q(a, qrows, hs, r0 + i.min(rc - 1));
+                if rc > 4 {
+                    scores::<8, BT>(kt, &std::array::from_fn(row), hs, s_buf);
+                } else {
+                    scores::<4, BT>(kt, &std::array::from_fn(row), hs, s_buf);
+                }
+            }
+            Tile::Q4(ref q4) => {
+                let row = |i: usize| r0 + i.min(rc - 1);
+                if rc > 4 {
+                    scores_q4::<8, BT>(q4, &std::array::from_fn(row), s_buf);
+                } else {
+                    scores_q4::<4, BT>(q4, &std::array::from_fn(row), s_buf);
+                }
+            }
         }
         // Scale, soft-cap, mask and the softmax step of each row; `alpha` rescales its accumulator in p·V.
         let mut alpha = [1.0f32; 8];
@@ -110,17 +129,34 @@ pub(super) unsafe fn fold<const BT: usize>(
         } else {
             pos.iter().rposition(|&k| k <= cmax).map_or(0, |j| j + 1)
         };
+        if let Tile::Q4(q4) = tile {
+            qtile::scale_probs::<BT>(q4, s_buf, rc, n_eff, pbuf);
+        }
         let mut i0 = 0;
         while i0 < rc {
             let k = (rc - i0).min(4);
-            let pr = s_buf[i0 * BT..].as_ptr();
             let ar = acc[(r0 + i0) * hv..].as_mut_ptr();
             let al = &alpha[i0..];
-            match k {
-                4 => pv::<4, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
-                3 => pv::<3, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
-                2 => pv::<2, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
-                _ => pv::<1, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+            match *tile {
+                Tile::F32 { vb, .. } => {
+                    let pr = s_buf[i0 * BT..].as_ptr();
+                    match k {
+                        4 => pv::<4, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                        3 => pv::<3, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                        2 => pv::<2, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                        _ => pv::<1, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                    }
+                }
+                Tile::Q4(ref q4) => {
+                    let pq = pbuf[i0 * q4.ng * BT..].as_ptr();
+                    let pc = pbuf[qtile::pc_offset::<BT>(q4.ng) + i0 * q4.ng..].as_ptr();
+                    match k {
+                        4 => pvq::<4, BT>(q4, pq, pc, n_eff, hv, al, ar),
+                        3 => pvq::<3, BT>(q4, pq, pc, n_eff, hv, al, ar),
+                        2 => pvq::<2, BT>(q4, pq, pc, n_eff, hv, al, ar),
+                        _ => pvq::<1, BT>(q4, pq, pc, n_eff, hv, al, ar),
+                    }
+                }
             }
             i0 += k;
         }
@@ -277,6 +313,193 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize>(
         }
         for (r, ar) in a.iter_mut().enumerate() {
             let pb = _mm512_set1_ps(*p.add(r * BT + j));
+            for (aw, vw) in ar.iter_mut().zip(&v) {
+                *aw = _mm512_fmadd_ps(pb, *vw, *aw);
+            }
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (w, aw) in ar.iter().enumerate() {
+            _mm512_storeu_ps(acc.add(r * hv + c0 + 16 * w), *aw);
+        }
+    }
+}
+
+/// 16 codes (8 bytes at `p`, two per byte, low nibble first) as f32 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn nib16(p: *const u8) -> __m512 {
+    let x = _mm_loadl_epi64(p as *const __m128i);
+    let mask = _mm_set1_epi8(15);
+    let lo = _mm_and_si128(x, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)))
+}
+
+/// 32 codes (16 bytes at `p`) as two vectors of 16 f32 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn nib32(p: *const u8) -> [__m512; 2] {
+    let x = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(15);
+    let lo = _mm_and_si128(x, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+    [
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))),
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))),
+    ]
+}
+
+/// `nv` ≤ 4 vectors of 16 codes from the `8 · nv` bytes at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn codes(p: *const u8, nv: usize) -> [__m512; 4] {
+    let mut out = [_mm512_setzero_ps(); 4];
+    let mut v = 0;
+    while v + 1 < nv {
+        let [x, y] = nib32(p.add(8 * v));
+        out[v] = x;
+        out[v + 1] = y;
+        v += 2;
+    }
+    if v < nv {
+        out[v] = nib16(p.add(8 * v));
+    }
+    out
+}
+
+/// [`scores`] for a 4-bit tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the rows `rows`, each
+/// channel's codes unpacked once for all R rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn scores_q4<const R: usize, const BT: usize>(q4: &Q4, rows: &[usize; R], s: &mut [f32]) {
+    let hs = q4.hs;
+    assert!(s.len() >= R * BT && q4.k.len() >= hs * BT / 2);
+    assert!(rows
+        .iter()
+        .all(|&r| r < q4.qc.len() && (r + 1) * hs <= q4.qs.len()));
+    let nv = BT / 16;
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    for (ar, &r) in acc.iter_mut().zip(rows) {
+        let c = _mm512_set1_ps(*q4.qc.get_unchecked(r));
+        for av in ar.iter_mut().take(nv) {
+            *av = c;
+        }
+    }
+    let base = q4.k.as_ptr();
+    let qs = q4.qs.as_ptr();
+    if BT >= 32 {
+        // Each 16 bytes (32 keys) widen to 16 lanes of one byte each; the low nibbles (even keys) and the high ones
+        // (odd keys) become floats through a 16-entry table lookup (the lookup reads only an index's low 4 bits), so
+        // the scores come out as [even keys, odd keys] per 32 and are interleaved back once per row at the end.
+        let table = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        for c in 0..hs {
+            let col = base.add(c * BT / 2);
+            let mut k = [_mm512_setzero_ps(); 4];
+            for h in 0..nv / 2 {
+                let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(col.add(16 * h) as *const __m128i));
+                k[2 * h] = _mm512_permutexvar_ps(x, table);
+                k[2 * h + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(x), table);
+            }
+            for r in 0..R {
+                let qb = _mm512_set1_ps(*qs.add(rows[r] * hs + c));
+                for v in 0..nv {
+                    acc[r][v] = _mm512_fmadd_ps(qb, k[v], acc[r][v]);
+                }
+            }
+        }
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let out = s.as_mut_ptr();
+        for (r, ar) in acc.iter().enumerate() {
+            for h in 0..nv / 2 {
+                let (e, o) = (ar[2 * h], ar[2 * h + 1]);
+                _mm512_storeu_ps(out.add(r * BT + 32 * h), _mm512_permutex2var_ps(e, lo, o));
+                _mm512_storeu_ps(
+                    out.add(r * BT + 32 * h + 16),
+                    _mm512_permutex2var_ps(e, hi, o),
+                );
+            }
+        }
+        return;
+    }
+    for c in 0..hs {
+        let k = codes(base.add(c * BT / 2), nv);
+        for r in 0..R {
+            let qb = _mm512_set1_ps(*qs.add(rows[r] * hs + c));
+            for v in 0..nv {
+                acc[r][v] = _mm512_fmadd_ps(qb, k[v], acc[r][v]);
+            }
+        }
+    }
+    let out = s.as_mut_ptr();
+    for (r, ar) in acc.iter().enumerate() {
+        for (v, av) in ar.iter().enumerate().take(nv) {
+            _mm512_storeu_ps(out.add(r * BT + 16 * v), *av);
+        }
+    }
+}
+
+/// [`pv`] for a 4-bit tile: acc_i ← alpha_i · acc_i + pc_i[g] + Σ_{j<n} pq_i[g · BT + j] · code_j, where `pq` rows
+/// are `ng · BT` apart and `pc` rows `ng` apart ([`qtile::scale_probs`]'s layout); a 64-channel strip is one value
+/// group.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn pvq<const R: usize, const BT: usize>(
+    q4: &Q4,
+    pq: *const f32,
+    pc: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+) {
+    let mut c0 = 0;
+    while c0 < hv {
+        let w = ((hv - c0) / 16).min(4);
+        let gi = c0 / 64; // = c0 / VALUE_GROUP
+        let (pq, pc) = (pq.add(gi * BT), pc.add(gi));
+        match w {
+            1 => pvq_strip::<R, 1, BT>(q4, pq, pc, n, hv, alpha, acc, c0),
+            2 => pvq_strip::<R, 2, BT>(q4, pq, pc, n, hv, alpha, acc, c0),
+            3 => pvq_strip::<R, 3, BT>(q4, pq, pc, n, hv, alpha, acc, c0),
+            _ => pvq_strip::<R, 4, BT>(q4, pq, pc, n, hv, alpha, acc, c0),
+        }
+        c0 += 16 * w;
+    }
+}
+
+/// One strip of [`pvq`]: channels [c0, c0 + 16·W) of value group c0 / 64.
+#[allow(clippy::too_many_arguments)] // pvq's arguments and the strip
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
+    q4: &Q4,
+    pq: *const f32,
+    pc: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+    c0: usize,
+) {
+    let ng = q4.ng;
+    assert!(n <= BT && q4.v.len() >= n * q4.rb && q4.rb * 2 >= c0 + 16 * W);
+    let mut a = [[_mm512_setzero_ps(); W]; R];
+    for (r, ar) in a.iter_mut().enumerate() {
+        let al = _mm512_set1_ps(alpha[r]);
+        let cst = _mm512_set1_ps(*pc.add(r * ng));
+        for (w, aw) in ar.iter_mut().enumerate() {
+            *aw = _mm512_fmadd_ps(_mm512_loadu_ps(acc.add(r * hv + c0 + 16 * w)), al, cst);
+        }
+    }
+    let vbase = q4.v.as_ptr().add(c0 / 2);
+    for j in 0..n {
+        let v = codes(vbase.add(j * q4.rb), W);
+        for (r, ar) in a.iter_mut().enumerate() {
+            let pb = _mm512_set1_ps(*pq.add(r * ng * BT + j));
             for (aw, vw) in ar.iter_mut().zip(&v) {
                 *aw = _mm512_fmadd_ps(pb, *vw, *aw);
             }

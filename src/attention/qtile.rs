@@ -1,0 +1,222 @@
+//! KIVI 4-bit blocks read in place: the fold scores and mixes the codes directly, no dequantized copy of the block.
+//!
+//! A key is `k[c] = kmin[c] + kscale[c] · code[c]` per channel, so for a query row
+//! `q · k = Σ_c q[c]·kmin[c] + Σ_c (q[c]·kscale[c]) · code[c]`: once per block and row, the scale is folded into the
+//! query (`qs`) and the minimum into one constant (`qc`), and the score of every key is `qc` plus a dot product with
+//! its codes. A value row is `v[d] = vmin[j] + vscale[j] · code[j][d]` per token (and value group), so
+//! `Σ_j p[j]·v[j][d] = Σ_j p[j]·vmin[j] + Σ_j (p[j]·vscale[j]) · code[j][d]`: the probabilities are scaled per token
+//! (`pq`) and the minimum becomes one constant per row and group (`pc`) added to every channel of the group.
+//!
+//! Codes sit two per byte, the low nibble first (see [`crate::kv::quant`]); the SIMD folds unpack 16 or 32 at a time
+//! into float lanes. This file holds the preparation and the portable (reference) row steps.
+
+use half::slice::HalfFloatSliceExt;
+
+use crate::kv::quant::{row_bytes, value_groups, QBlock, VALUE_GROUP};
+
+/// A 4-bit block prepared for one task's rows.
+#[derive(Clone, Copy)]
+pub(super) struct Q4<'a> {
+    /// Key codes, channel-major: channel c's BT codes are bytes `[c · BT/2, (c+1) · BT/2)`.
+    pub k: &'a [u8],
+    /// Value codes, token-major: token j's row is bytes `[j · rb, (j+1) · rb)`.
+    pub v: &'a [u8],
+    pub rb: usize,
+    /// Stored key channels.
+    pub hs: usize,
+    /// Value groups per row.
+    pub ng: usize,
+    /// Per row: q ∘ key scale (rows × hs) and q · key minimum (rows).
+    pub qs: &'a [f32],
+    pub qc: &'a [f32],
+    /// Per value group and token: minimum and scale (`[g · BT + j]`, ng × BT).
+    pub vmin: &'a [f32],
+    pub vscale: &'a [f32],
+}
+
+/// Per-block working memory of the preparation, sized once per task.
+#[derive(Default)]
+pub(super) struct QPrep {
+    /// rows × hk
+    qs: Vec<f32>,
+    /// rows
+    qc: Vec<f32>,
+    /// 2 · hk: the block's (min, scale) pairs as f32, then deinterleaved: min (hk), scale (hk).
+    kms: Vec<f32>,
+    kmin: Vec<f32>,
+    kscale: Vec<f32>,
+    /// 2 · BT · ng: the block's value (min, scale) pairs as f32.
+    vms: Vec<f32>,
+    /// ng × BT each.
+    vmin: Vec<f32>,
+    vscale: Vec<f32>,
+}
+
+/// f32s the fold's probability scratch (`pbuf`) needs for a chunk of up to 8 rows: `pq` (8 × ng × BT) then `pc`
+/// (8 × ng).
+pub(super) fn pbuf_len(hv: usize, bt: usize) -> usize {
+    8 * value_groups(hv) * (bt + 1)
+}
+
+impl QPrep {
+    pub fn ensure(&mut self, rows: usize, hk: usize, hv: usize, bt: usize) {
+        let ng = value_groups(hv);
+        if self.qs.len() < rows * hk || self.vmin.len() < ng * bt || self.kmin.len() < hk {
+            self.qs.resize(rows * hk, 0.0);
+            self.qc.resize(rows, 0.0);
+            self.kms.resize(2 * hk, 0.0);
+            self.kmin.resize(hk, 0.0);
+            self.kscale.resize(hk, 0.0);
+            self.vms.resize(2 * bt * ng, 0.0);
+            self.vmin.resize(ng * bt, 0.0);
+            self.vscale.resize(ng * bt, 0.0);
+        }
+    }
+
+    /// Folds the block's key scales and minima into `rows` query rows (`row_q(r)`: row r's query over the stored
+    /// channels) and unpacks its value minima and scales. `qb` must hold 4-bit codes.
+    #[inline(always)]
+    pub fn prepare<'a, const BT: usize>(
+        &'a mut self,
+        qb: &'a QBlock,
+        hv: usize,
+        rows: usize,
+        row_q: impl Fn(usize) -> &'a [f32],
+    ) -> Q4<'a> {
+        debug_assert_eq!(qb.bits, 4);
+        let hs = qb.k_ms.len() / 2;
+        let ng = value_groups(hv);
+        qb.k_ms.convert_to_f32_slice(&mut self.kms[..2 * hs]);
+        for (c, ms) in self.kms[..2 * hs].chunks_exact(2).enumerate() {
+            self.kmin[c] = ms[0];
+            self.kscale[c] = ms[1];
+        }
+        let (kmin, kscale) = (&self.kmin[..hs], &self.kscale[..hs]);
+        for r in 0..rows {
+            let q = &row_q(r)[..hs];
+            for ((o, &x), &s) in self.qs[r * hs..][..hs].iter_mut().zip(q).zip(kscale) {
+                *o = x * s;
+            }
+            self.qc[r] = dot8(q, kmin);
+        }
+        qb.v_ms[..2 * BT * ng].convert_to_f32_slice(&mut self.vms[..2 * BT * ng]);
+        for j in 0..BT {
+            for g in 0..ng {
+                self.vmin[g * BT + j] = self.vms[2 * (j * ng + g)];
+                self.vscale[g * BT + j] = self.vms[2 * (j * ng + g) + 1];
+            }
+        }
+        Q4 {
+            k: &qb.k,
+            v: &qb.v,
+            rb: row_bytes(hv, 4),
+            hs,
+            ng,
+            qs: &self.qs[..rows * hs],
+            qc: &self.qc[..rows],
+            vmin: &self.vmin[..ng * BT],
+            vscale: &self.vscale[..ng * BT],
+        }
+    }
+}
+
+/// Σ a[i]·b[i] over 8 independent lanes (so the loop vectorizes), the lanes then added left to right.
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    rest + lanes.iter().sum::<f32>()
+}
+
+/// Scales the probabilities of `rc` rows (`p[i · BT + j]`, the first `n` keys) by each token's value scale, per
+/// value group, into `pbuf`'s `pq[(i · ng + g) · BT + j]`, and their sums against the value minima into
+/// `pc[i · ng + g]` (after the 8 · ng · BT of `pq`).
+#[inline(always)]
+pub(super) fn scale_probs<const BT: usize>(
+    q4: &Q4,
+    p: &[f32],
+    rc: usize,
+    n: usize,
+    pbuf: &mut [f32],
+) {
+    let ng = q4.ng;
+    let (pq, pc) = pbuf.split_at_mut(8 * ng * BT);
+    for i in 0..rc {
+        let pr = &p[i * BT..][..n];
+        for g in 0..ng {
+            let out = &mut pq[(i * ng + g) * BT..][..n];
+            for ((o, &x), &s) in out.iter_mut().zip(pr).zip(&q4.vscale[g * BT..][..n]) {
+                *o = x * s;
+            }
+            pc[i * ng + g] = dot8(pr, &q4.vmin[g * BT..][..n]);
+        }
+    }
+}
+
+/// Offsets of `pq` and `pc` in a `pbuf` laid out by [`scale_probs`].
+#[inline(always)]
+pub(super) fn pc_offset<const BT: usize>(ng: usize) -> usize {
+    8 * ng * BT
+}
+
+/// Portable scores of row `r` against the block's BT keys: s[j] = qc + Σ_c qs[c] · code[c][j].
+#[inline(always)]
+pub(super) fn scores_row<const BT: usize>(q4: &Q4, r: usize, s: &mut [f32]) {
+    let s: &mut [f32; BT] = (&mut s[..BT]).try_into().expect("BT scores");
+    s.fill(q4.qc[r]);
+    let kb = BT / 2;
+    for (c, &w) in q4.qs[r * q4.hs..][..q4.hs].iter().enumerate() {
+        let codes = &q4.k[c * kb..][..kb];
+        for (i, &b) in codes.iter().enumerate() {
+            s[2 * i] += w * (b & 15) as f32;
+            s[2 * i + 1] += w * (b >> 4) as f32;
+        }
+    }
+}
+
+/// Portable p·V of one row over the first `n` tokens: a ← α·a + pc[g] (per group) + Σ_j pq[g · BT + j] · code[j].
+/// `pq`: this row's ng × BT scaled probabilities, `pc`: its ng constants.
+#[inline(always)]
+pub(super) fn pv_row<const BT: usize>(
+    q4: &Q4,
+    pq: &[f32],
+    pc: &[f32],
+    n: usize,
+    alpha: f32,
+    a: &mut [f32],
+) {
+    let hv = a.len();
+    for (g, &c) in pc[..q4.ng].iter().enumerate() {
+        for x in &mut a[g * VALUE_GROUP..((g + 1) * VALUE_GROUP).min(hv)] {
+            *x = *x * alpha + c;
+        }
+    }
+    for j in 0..n {
+        let row = &q4.v[j * q4.rb..][..q4.rb];
+        for g in 0..q4.ng {
+            let w = pq[g * BT + j];
+            let (d0, d1) = (g * VALUE_GROUP, ((g + 1) * VALUE_GROUP).min(hv));
+            let ag = &mut a[d0..d1];
+            let codes = &row[d0 / 2..];
+            let mut pairs = ag.chunks_exact_mut(2);
+            for (o, &b) in pairs.by_ref().zip(codes) {
+                o[0] += w * (b & 15) as f32;
+                o[1] += w * (b >> 4) as f32;
+            }
+            if let [last] = pairs.into_remainder() {
+                *last += w * (codes[(d1 - d0) / 2] & 15) as f32;
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! AVX2 fold: [`super::wide`]'s register-blocked step with 8-lane vectors, for CPUs without AVX-512 (AVX2-only EPYCs).
+//!
+//! Rows go in chunks of up to 4: the chunk's scores are one register-blocked product per strip of 16 keys (4 rows ×
+//! 2 ymm accumulators, one broadcast of q and two key loads per channel), the masks and the softmax step run per row
+//! through the portable [`block_softmax`] (so a full block sums exactly as a partial one: chunked ≡ one-shot), and
+//! p·V keeps a 16-channel strip of the chunk's 4 output rows in registers, so each value strip is loaded once for 4
+//! rows. Keys past the last one any row of the chunk can see are left out of p·V. A 4-bit KIVI tile
+//! ([`super::qtile`]) unpacks its codes 8 or 16 at a time where the f32 path loads keys or values.
+//!
+//! Chosen when `crate::kernels::kernel()` is the AVX2 kernel, the block holds a multiple of 8 keys and the value head
+//! dim is a multiple of 8; otherwise `fold` takes the portable path.
+
+use std::arch::x86_64::*;
+
+use super::qtile::{self, Q4};
+use super::{block_softmax, row_q, TaskArgs, Tile};
+
+/// Rows per chunk.
+const CHUNK: usize = 4;
+
+/// The fold of [`super::fold`] (same arguments and results) for BT ∈ {8, 16, 32, 64} and hv % 8 == 0.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; an f32 tile's `kt` holds hs × BT and `vb` pos.len() × hv; `s_buf` holds
+/// 4 × BT, `pbuf` (4-bit tiles) [`qtile::pbuf_len`].
+#[allow(clippy::too_many_arguments)] // fold's arguments
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn fold<const BT: usize>(
+    a: &TaskArgs,
+    tile: &Tile,
+    pos: &[u32],
+    s_buf: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+    pbuf: &mut [f32],
+) {
+    let (sh, p, task) = (a.sh, a.p, a.task);
+    let (hv, g) = (sh.hv, sh.group);
+    let n = pos.len();
+    let rows = (task.t1 - task.t0) * g;
+    assert!(BT.is_multiple_of(8) && BT <= 64 && hv.is_multiple_of(8));
+    assert!(s_buf.len() >= CHUNK * BT);
+    assert!(acc.len() >= rows * hv && m.len() >= rows && l.len() >= rows);
+    match tile {
+        Tile::F32 { kt, vb, hs, .. } => assert!(kt.len() >= hs * BT && vb.len() >= n * hv),
+        Tile::Q4(q4) => assert!(
+            n == BT
+                && q4.k.len() >= q4.hs * BT / 2
+                && q4.v.len() >= n * q4.rb
+                && q4.rb * 2 >= hv
+                && q4.qs.len() >= rows * q4.hs
+                && q4.qc.len() >= rows
+                && pbuf.len() >= qtile::pbuf_len(hv, BT)
+        ),
+    }
+    let tile_pos = &a.q_pos[task.t0..task.t1];
+    let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
+    let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
+    let (pmin, pmax) = pos
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let all_visible = pmax <= min_qpos && p.window.is_none_or(|w| max_qpos - pmin < w);
+    let window = p.window.unwrap_or(u32::MAX);
+    let mut r0 = 0;
+    while r0 < rows {
+        let rc = (rows - r0).min(CHUNK);
+        // Scores of the chunk's rows (padded by repeating the last row): s_buf[i · BT + j].
+        match *tile {
+            Tile::F32 { kt, hs, qrows, .. } => {
+                let qs: [&[f32]; CHUNK] =
+                    std::array::from_fn(|i| row_q(a, qrows, hs, r0 + i.min(rc - 1)));
+                if BT >= 16 {
+                    scores::<2, BT>(kt, &qs, hs, s_buf);
+                } else {
+                    scores::<1, BT>(kt, &qs, hs, s_buf);
+                }
+            }
+            Tile::Q4(ref q4) => {
+                let rs: [usize; CHUNK] = std::array::from_fn(|i| r0 + i.min(rc - 1));
+                if BT >= 16 {
+                    scores_q4::<2, BT>(q4, &rs, s_buf);
+                } else {
+                    scores_q4::<1, BT>(q4, &rs, s_buf);
+                }
+            }
+        }
+        // Scale, soft-cap, mask and the softmax step of each row; `alpha` rescales its accumulator in p·V.
+        let mut alpha = [1.0f32; CHUNK];
+        let mut cmax = 0u32;
+        for i in 0..rc {
+            let r = r0 + i;
+            let qpos = tile_pos[r / g];
+            cmax = cmax.max(qpos);
+            let s = &mut s_buf[i * BT..][..n];
+            for x in s.iter_mut() {
+                *x *= p.scale;
+            }
+            if let Some(c) = p.softcap {
+                for x in s.iter_mut() {
+                    *x = c * (*x / c).tanh();
+                }
+            }
+            if !all_visible {
+                for (x, &kpos) in s.iter_mut().zip(pos) {
+                    let visible = (kpos <= qpos) & (qpos.wrapping_sub(kpos) < window);
+                    *x = if visible { *x } else { f32::NEG_INFINITY };
+                }
+            }
+            match block_softmax(s, m[r]) {
+                Some((m_new, al, lsum)) => {
+                    alpha[i] = al;
+                    m[r] = m_new;
+                    l[r] = l[r] * al + lsum;
+                }
+                None => s.fill(0.0),
+            }
+        }
+        // Keys after the last one any row of the chunk sees carry probability 0 for every row: leave them out.
+        let n_eff = if all_visible {
+            n
+        } else {
+            pos.iter().rposition(|&k| k <= cmax).map_or(0, |j| j + 1)
+        };
+        let ar = acc[r0 * hv..].as_mut_ptr();
+        match *tile {
+            Tile::F32 { vb, .. } => {
+                let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr());
+                match rc {
+                    4 => pv::<4, BT>(pr, vp, n_eff, hv, &alpha, ar),
+                    3 => pv::<3, BT>(pr, vp, n_eff, hv, &alpha, ar),
+                    2 => pv::<2, BT>(pr, vp, n_eff, hv, &alpha, ar),
+                    _ => pv::<1, BT>(pr, vp, n_eff, hv, &alpha, ar),
+                }
+            }
+            Tile::Q4(ref q4) => {
+                qtile::scale_probs::<BT>(q4, s_buf, rc, n_eff, pbuf);
+                let pq = pbuf.as_ptr();
+                let pc = pbuf[qtile::pc_offset::<BT>(q4.ng)..].as_ptr();
+                match rc {
+                    4 => pvq::<4, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
+                    3 => pvq::<3, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
+                    2 => pvq::<2, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
+                    _ => pvq::<1, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
+                }
+            }
+        }
+        r0 += rc;
+    }
+}
+
+/// s[i · BT + j] = q_i · k_j for 4 rows and the BT keys of `kt` (hs × BT, transposed), in strips of 8 · KW keys:
+/// 4 · KW accumulators in registers, each key channel's strip loaded once for the 4 rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores<const KW: usize, const BT: usize>(
+    kt: &[f32],
+    q: &[&[f32]; CHUNK],
+    hs: usize,
+    s: &mut [f32],
+) {
+    assert!(kt.len() >= hs * BT && s.len() >= CHUNK * BT && q.iter().all(|r| r.len() >= hs));
+    let base = kt.as_ptr();
+    let out = s.as_mut_ptr();
+    for k0 in (0..BT).step_by(8 * KW) {
+        let mut acc = [[_mm256_setzero_ps(); KW]; CHUNK];
+        for d in 0..hs {
+            let col = base.add(d * BT + k0);
+            let mut k = [_mm256_setzero_ps(); KW];
+            for (w, kw) in k.iter_mut().enumerate() {
+                *kw = _mm256_loadu_ps(col.add(8 * w));
+            }
+            for r in 0..CHUNK {
+                let qb = _mm256_set1_ps(*q[r].get_unchecked(d));
+                for w in 0..KW {
+                    acc[r][w] = _mm256_fmadd_ps(qb, k[w], acc[r][w]);
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (w, aw) in ar.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * BT + k0 + 8 * w), *aw);
+            }
+        }
+    }
+}
+
+/// 8 codes (4 bytes at `p`, two per byte, low nibble first) as f32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nib8(p: *const u8) -> __m256 {
+    let x = _mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32));
+    let mask = _mm_set1_epi8(15);
+    let lo = _mm_and_si128(x, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)))
+}
+
+/// 16 codes (8 bytes at `p`) as two vectors of 8 f32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nib16(p: *const u8) -> [__m256; 2] {
+    let x = _mm_loadl_epi64(p as *const __m128i);
+    let mask = _mm_set1_epi8(15);
+    let lo = _mm_and_si128(x, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+    let b = _mm_unpacklo_epi8(lo, hi);
+    [
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b))),
+    ]
+}
+
+/// KW ∈ {1, 2} vectors of 8 codes from the `4 · KW` bytes at `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn codes<const KW: usize>(p: *const u8) -> [__m256; 2] {
+    if KW == 2 {
+        nib16(p)
+    } else {
+        [nib8(p), _mm256_setzero_ps()]
+    }
+}
+
+/// [`scores`] for a 4-bit tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the rows `rows`, each
+/// channel's strip of codes unpacked once for the 4 rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_q4<const KW: usize, const BT: usize>(
+    q4: &Q4,
+    rows: &[usize; CHUNK],
+    s: &mut [f32],
+) {
+    let hs = q4.hs;
+    assert!(s.len() >= CHUNK * BT && q4.k.len() >= hs * BT / 2);
+    assert!(rows
+        .iter()
+        .all(|&r| r < q4.qc.len() && (r + 1) * hs <= q4.qs.len()));
+    let base = q4.k.as_ptr();
+    let qs = q4.qs.as_ptr();
+    let out = s.as_mut_ptr();
+    for k0 in (0..BT).step_by(8 * KW) {
+        let mut acc = [[_mm256_setzero_ps(); KW]; CHUNK];
+        for (ar, &r) in acc.iter_mut().zip(rows) {
+            let c = _mm256_set1_ps(*q4.qc.get_unchecked(r));
+            for aw in ar.iter_mut() {
+                *aw = c;
+            }
+        }
+        for c in 0..hs {
+            let k = codes::<KW>(base.add(c * BT / 2 + k0 / 2));
+            for r in 0..CHUNK {
+                let qb = _mm256_set1_ps(*qs.add(rows[r] * hs + c));
+                for w in 0..KW {
+                    acc[r][w] = _mm256_fmadd_ps(qb, k[w], acc[r][w]);
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (w, aw) in ar.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * BT + k0 + 8 * w), *aw);
+            }
+        }
+    }
+}
+
+/// acc_i ← alpha_i · acc_i + Σ_{j<n} p[i · BT + j] · v_j for R rows (`acc` row stride hv), in strips of 16 channels
+/// (8 for a last odd one) whose R rows stay in registers while the strip of each value row is loaded once.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv<const R: usize, const BT: usize>(
+    p: *const f32,
+    vb: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+) {
+    let mut c0 = 0;
+    while c0 < hv {
+        if hv - c0 >= 16 {
+            pv_strip::<R, 2, BT>(p, vb, n, hv, alpha, acc, c0);
+            c0 += 16;
+        } else {
+            pv_strip::<R, 1, BT>(p, vb, n, hv, alpha, acc, c0);
+            c0 += 8;
+        }
+    }
+}
+
+/// One strip of [`pv`]: channels [c0, c0 + 8·W).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize>(
+    p: *const f32,
+    vb: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+    c0: usize,
+) {
+    let mut a = [[_mm256_setzero_ps(); W]; R];
+    for (r, ar) in a.iter_mut().enumerate() {
+        let al = _mm256_set1_ps(alpha[r]);
+        for (w, aw) in ar.iter_mut().enumerate() {
+            *aw = _mm256_mul_ps(_mm256_loadu_ps(acc.add(r * hv + c0 + 8 * w)), al);
+        }
+    }
+    for j in 0..n {
+        let vrow = vb.add(j * hv + c0);
+        let mut v = [_mm256_setzero_ps(); W];
+        for (w, vw) in v.iter_mut().enumerate() {
+            *vw = _mm256_loadu_ps(vrow.add(8 * w));
+        }
+        for (r, ar) in a.iter_mut().enumerate() {
+            let pb = _mm256_set1_ps(*p.add(r * BT + j));
+            for (aw, vw) in ar.iter_mut().zip(&v) {
+                *aw = _mm256_fmadd_ps(pb, *vw, *aw);
+            }
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (w, aw) in ar.iter().enumerate() {
+            _mm256_storeu_ps(acc.add(r * hv + c0 + 8 * w), *aw);
+        }
+    }
+}
+
+/// [`pv`] for a 4-bit tile: acc_i ← alpha_i · acc_i + pc_i[g] + Σ_{j<n} pq_i[g · BT + j] · code_j, where `pq` rows
+/// are `ng · BT` apart and `pc` rows `ng` apart ([`qtile::scale_probs`]'s layout); strips stay inside a value group.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pvq<const R: usize, const BT: usize>(
+    q4: &Q4,
+    pq: *const f32,
+    pc: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+) {
+    let mut c0 = 0;
+    while c0 < hv {
+        let gi = c0 / 64; // = c0 / VALUE_GROUP (a multiple of 16, so no strip crosses a group)
+        let (pq, pc) = (pq.add(gi * BT), pc.add(gi));
+        if hv - c0 >= 16 {
+            pvq_strip::<R, 2, BT>(q4, pq, pc, n, hv, alpha, acc, c0);
+            c0 += 16;
+        } else {
+            pvq_strip::<R, 1, BT>(q4, pq, pc, n, hv, alpha, acc, c0);
+            c0 += 8;
+        }
+    }
+}
+
+/// One strip of [`pvq`]: channels [c0, c0 + 8·W).
+#[allow(clippy::too_many_arguments)] // pvq's arguments and the strip
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
+    q4: &Q4,
+    pq: *const f32,
+    pc: *const f32,
+    n: usize,
+    hv: usize,
+    alpha: &[f32],
+    acc: *mut f32,
+    c0: usize,
+) {
+    let ng = q4.ng;
+    assert!(n <= BT && q4.v.len() >= n * q4.rb && q4.rb * 2 >= c0 + 8 * W);
+    let mut a = [[_mm256_setzero_ps(); W]; R];
+    for (r, ar) in a.iter_mut().enumerate() {
+        let al = _mm256_set1_ps(alpha[r]);
+        let cst = _mm256_set1_ps(*pc.add(r * ng));
+        for (w, aw) in ar.iter_mut().enumerate() {
+            *aw = _mm256_fmadd_ps(_mm256_loadu_ps(acc.add(r * hv + c0 + 8 * w)), al, cst);
+        }
+    }
+    let vbase = q4.v.as_ptr().add(c0 / 2);
+    for j in 0..n {
+        let v = codes::<W>(vbase.add(j * q4.rb));
+        for (r, ar) in a.iter_mut().enumerate() {
+            let pb = _mm256_set1_ps(*pq.add(r * ng * BT + j));
+            for (aw, vw) in ar.iter_mut().zip(&v) {
+                *aw = _mm256_fmadd_ps(pb, *vw, *aw);
+            }
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (w, aw) in ar.iter().enumerate() {
+            _mm256_storeu_ps(acc.add(r * hv + c0 + 8 * w), *aw);
+        }
+    }
+}
