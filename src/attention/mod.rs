@@ -839,13 +839,7 @@ fn fold<const BT: usize>(
     let n = pos.len();
     let rows = (task.t1 - task.t0) * g;
     let tile_pos = &a.q_pos[task.t0..task.t1];
-    let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
-    let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
-    let (pmin, pmax) = pos
-        .iter()
-        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-    // Every key of the tile visible to every row? Then skip per-key masking.
-    let all_visible = pmax <= min_qpos && p.window.is_none_or(|w| max_qpos - pmin < w);
+    let all_visible = all_visible(tile_pos, pos, p.window);
     for r in 0..rows {
         let qpos = tile_pos[r / g];
         // s[j] = q·k_j for the tile's keys.
@@ -1726,4 +1720,15 @@ mod chunking_tests {
             }
         }
     }
+}
+
+/// Whether every key of a tile (positions `pos`) is visible to every query of `tile_pos` (causal, and inside the
+/// sliding window if any): then the fold skips per-key masking.
+fn all_visible(tile_pos: &[u32], pos: &[u32], window: Option<u32>) -> bool {
+    let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
+    let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
+    let (pmin, pmax) = pos
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    pmax <= min_qpos && window.is_none_or(|w| max_qpos - pmin < w)
 }

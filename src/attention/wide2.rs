@@ -55,12 +55,7 @@ pub(super) unsafe fn fold<const BT: usize>(
         ),
     }
     let tile_pos = &a.q_pos[task.t0..task.t1];
-    let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
-    let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
-    let (pmin, pmax) = pos
-        .iter()
-        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-    let all_visible = pmax <= min_qpos && p.window.is_none_or(|w| max_qpos - pmin < w);
+    let all_visible = super::all_visible(tile_pos, pos, p.window);
     let window = p.window.unwrap_or(u32::MAX);
     let mut r0 = 0;
     while r0 < rows {
