@@ -19,6 +19,7 @@
 //! that fails its checks is deleted and its prefix recomputed. Entries restored from a tier are the codec's
 //! approximation of the cache, not the cache bit for bit.
 
+pub mod disk;
 pub mod entry;
 pub mod key;
 mod store;
@@ -31,12 +32,13 @@ use anyhow::{bail, Result};
 
 use crate::engine::Session;
 use crate::kv::codec::{self, CodecConfig, KvRows};
+use disk::DiskTier;
 pub use entry::Mode;
 use entry::{BlockEntry, Snapshot};
 pub use key::{Key, ModelId, Namespace, BLOCK};
 pub use store::Counters;
 use store::{Entry, Ram};
-use tier::{DiskTier, RedisTier, Tier};
+use tier::{RedisTier, Tier};
 
 /// How a store is set up.
 #[derive(Clone, Debug)]
@@ -45,6 +47,8 @@ pub struct StoreConfig {
     pub ram_bytes: usize,
     /// A directory of codec blobs (`--kv-disk DIR`).
     pub disk: Option<PathBuf>,
+    /// Most bytes the directory may hold (`--kv-disk-max`); least recently used files go first. None: no limit.
+    pub disk_max: Option<u64>,
     /// A Redis server, `redis://host:port[/db]`.
     pub redis: Option<String>,
     /// How blobs below RAM are encoded; `chunk_tokens` (a multiple of [`BLOCK`]) is also the tiers' unit.
@@ -57,6 +61,7 @@ impl StoreConfig {
         Self {
             ram_bytes: bytes,
             disk: None,
+            disk_max: None,
             redis: None,
             codec: CodecConfig::default(),
         }
@@ -170,6 +175,8 @@ pub struct TierCounters {
     pub writes: u64,
     /// Blobs refused (failed checks: deleted) or calls that failed.
     pub errors: u64,
+    /// Blobs removed to stay under a tier's size limit.
+    pub evictions: u64,
 }
 
 impl PrefixStore {
@@ -191,7 +198,7 @@ impl PrefixStore {
         }
         let mut s = Self::new(cfg);
         if let Some(d) = &cfg.disk {
-            s.tiers.push(Box::new(DiskTier::open(d)?));
+            s.tiers.push(Box::new(DiskTier::open(d, cfg.disk_max)?));
         }
         if let Some(u) = &cfg.redis {
             s.tiers.push(Box::new(RedisTier::open(u)?));
@@ -200,7 +207,9 @@ impl PrefixStore {
     }
 
     pub fn tier_counters(&self) -> TierCounters {
-        *self.tier_counters.lock().unwrap_or_else(|p| p.into_inner())
+        let mut c = *self.tier_counters.lock().unwrap_or_else(|p| p.into_inner());
+        c.evictions = self.tiers.iter().map(|t| t.evictions()).sum();
+        c
     }
 
     fn note_tier(&self, f: impl FnOnce(&mut TierCounters)) {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::tests::{tiny, tokens};
 use super::*;
+use crate::engine::prefix::disk::DiskTier;
 use crate::engine::SessionConfig;
 
 const UNIT: usize = 64;
@@ -14,6 +15,7 @@ fn cfg(disk: Option<PathBuf>, redis: Option<String>) -> StoreConfig {
     StoreConfig {
         ram_bytes: 1 << 30,
         disk,
+        disk_max: None,
         redis,
         codec: CodecConfig {
             chunk_tokens: UNIT,
@@ -78,7 +80,7 @@ fn disk_tier_is_shared_and_refuses_damaged_files() {
     let c = cfg(Some(kv.clone()), None);
     let ns = fresh_ns();
     let (_, units) = share(&c, &ns);
-    let disk = DiskTier::open(&kv).unwrap();
+    let disk = DiskTier::open(&kv, None).unwrap();
     let toks = tokens(230, 6);
     // A flipped byte in unit 1: only unit 0 serves; the file is deleted.
     let p1 = disk.path(&units[1]);
