@@ -62,6 +62,11 @@ impl DiskTier {
         self.dir.join(format!("{}.{EXT}", key.hex()))
     }
 
+    /// Where the snapshot lengths of namespace `ns` are noted.
+    fn lens_dir(&self, ns: &Key) -> PathBuf {
+        self.dir.join("snaplens").join(ns.hex())
+    }
+
     fn estimate(&self) -> std::sync::MutexGuard<'_, u64> {
         self.estimate.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -223,6 +228,24 @@ impl Tier for DiskTier {
     }
     fn held_bytes(&self) -> Result<u64> {
         Ok(self.list()?.iter().map(|f| f.bytes).sum())
+    }
+    fn add_snap_len(&self, ns: &Key, len: usize) -> Result<()> {
+        // One empty file per length: creating it is atomic and idempotent, whoever else writes the directory.
+        let d = self.lens_dir(ns);
+        std::fs::create_dir_all(&d)
+            .and_then(|()| std::fs::write(d.join(len.to_string()), b""))
+            .with_context(|| format!("noting a snapshot length in {}", d.display()))
+    }
+    fn snap_lens(&self, ns: &Key) -> Result<Vec<usize>> {
+        let d = self.lens_dir(ns);
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", d.display())),
+        };
+        Ok(entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect())
     }
     fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)

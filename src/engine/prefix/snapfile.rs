@@ -62,12 +62,9 @@ pub fn encode(snap: &Snapshot) -> Option<Vec<u8>> {
             }
             let n = snap.cache.len(layer, head);
             let blocks = snap.cache.n_blocks(layer, head);
-            if (0..blocks).any(|i| {
-                matches!(
-                    snap.cache.block(layer, head, i).data,
-                    BlockData::Disk(_)
-                )
-            }) {
+            if (0..blocks)
+                .any(|i| matches!(snap.cache.block(layer, head, i).data, BlockData::Disk(_)))
+            {
                 return None;
             }
             put32(&mut b, n);
@@ -196,10 +193,7 @@ pub fn decode(blob: &[u8]) -> Result<SnapBlob> {
     }
     let [nl, nh, hk, hv] = shape;
     let prec = r.u8("the precision")? as usize;
-    ensure!(
-        prec == 2 || prec == 4,
-        "snapshot blob precision {prec}"
-    );
+    ensure!(prec == 2 || prec == 4, "snapshot blob precision {prec}");
     let since = r.take(8, "the header")?;
     let since_compress = u64::from_le_bytes(since.try_into().expect("8 bytes")) as usize;
     let n = r.u32("the token count")?;
@@ -237,14 +231,21 @@ pub fn decode(blob: &[u8]) -> Result<SnapBlob> {
     let mut rows = Vec::new();
     for _ in 0..layers {
         let m = r.u32("the queries")?;
-        ensure!(m <= cap, "snapshot blob: {m} query rows in a window of {cap}");
+        ensure!(
+            m <= cap,
+            "snapshot blob: {m} query rows in a window of {cap}"
+        );
         rows.push(
             (0..m)
                 .map(|_| Ok((r.u32("queries")? as u32, r.f32s(row, 4, "queries")?)))
                 .collect::<Result<Vec<_>>>()?,
         );
     }
-    ensure!(r.0.is_empty(), "snapshot blob: {} bytes past its end", r.0.len());
+    ensure!(
+        r.0.is_empty(),
+        "snapshot blob: {} bytes past its end",
+        r.0.len()
+    );
     Ok(SnapBlob {
         shape,
         since_compress,

@@ -21,6 +21,10 @@ pub trait Tier: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Bytes of the blobs the tier holds (all of them, whoever wrote them).
     fn held_bytes(&self) -> Result<u64>;
+    /// Notes that a snapshot of `len` tokens is stored under namespace `ns` (snapshots are found by length).
+    fn add_snap_len(&self, ns: &Key, len: usize) -> Result<()>;
+    /// Lengths noted under `ns` (their blobs may be gone since).
+    fn snap_lens(&self, ns: &Key) -> Result<Vec<usize>>;
     /// Blobs this tier removed to stay under its size limit.
     fn evictions(&self) -> u64 {
         0
@@ -91,6 +95,15 @@ impl Tier for RedisTier {
     }
     fn kind(&self) -> &'static str {
         "redis"
+    }
+    fn add_snap_len(&self, ns: &Key, len: usize) -> Result<()> {
+        let set = format!("hayloft:snaplens:{}", ns.hex());
+        self.call(|c| redis::cmd("SADD").arg(&set).arg(len).query::<i64>(c))
+            .map(|_| ())
+    }
+    fn snap_lens(&self, ns: &Key) -> Result<Vec<usize>> {
+        let set = format!("hayloft:snaplens:{}", ns.hex());
+        self.call(|c| redis::cmd("SMEMBERS").arg(&set).query(c))
     }
     fn held_bytes(&self) -> Result<u64> {
         // SCAN over this store's keys, then their lengths in one pipeline per batch.
