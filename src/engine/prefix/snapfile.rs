@@ -37,8 +37,11 @@ pub struct SnapBlob {
     streams: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)>,
     acc: Option<Vec<Vec<f32>>>,
     /// Capacity, row, and per layer the rows (position, query row) oldest first.
-    queries: (usize, usize, Vec<Vec<(u32, Vec<f32>)>>),
+    queries: (usize, usize, Vec<QueryRows>),
 }
+
+/// One layer's recorded queries: (position, row of n_q_heads · head_dim_k floats), oldest first.
+type QueryRows = Vec<(u32, Vec<f32>)>;
 
 /// Encodes `snap`; None when the tiers cannot hold this kind of cache (see the module documentation).
 pub fn encode(snap: &Snapshot) -> Option<Vec<u8>> {
@@ -105,7 +108,7 @@ pub fn encode(snap: &Snapshot) -> Option<Vec<u8>> {
     let (mut q, mut pos) = (Vec::new(), Vec::new());
     let layers = if cap == 0 { 0 } else { nl };
     for layer in 0..layers {
-        let heads = if hk == 0 { 0 } else { row / hk };
+        let heads = row.checked_div(hk).unwrap_or(0);
         obs.gather(layer, 0..heads, hk, cap, &mut q, &mut pos);
         put32(&mut b, pos.len());
         for (t, &p) in pos.iter().enumerate() {
