@@ -226,11 +226,11 @@ fn a_server_killed_mid_write_leaves_nothing_a_restarted_one_trusts_wrongly() {
     // Server B on the same directory.
     let mut b = Proc::start(&model, &kv, &[]);
     assert!(!temp.exists(), "a dead writer's temporary file is removed");
-    for i in 0..2 {
+    for (i, want) in cold.iter().enumerate().take(2) {
         let (text, cached) = b.complete(&prompt(i as u32));
         assert_eq!(cached, 0, "damaged unit {i} is not reused");
         assert_eq!(
-            text, cold[i],
+            &text, want,
             "and its prefix is recomputed to the same answer"
         );
     }
