@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Also keep cached prefixes in this directory (codec-compressed; shared by servers that point at it).
     #[arg(long, value_name = "DIR")]
     pub kv_disk: Option<PathBuf>,
+    /// Most bytes --kv-disk may hold (512MiB, 2GiB); past it the least recently used files go. No limit if not
+    /// given.
+    #[arg(long, value_name = "SIZE", requires = "kv_disk")]
+    pub kv_disk_max: Option<ByteSize>,
     /// Also keep cached prefixes in this Redis server (redis://host:port[/db]).
     #[arg(long, value_name = "URL")]
     pub kv_redis: Option<String>,
@@ -70,6 +74,7 @@ pub fn start(a: ServeArgs) -> Result<Server> {
     let ram = a.prefix_cache_ram.0;
     let prefix = (ram > 0 || a.kv_disk.is_some() || a.kv_redis.is_some()).then(|| StoreConfig {
         disk: a.kv_disk,
+        disk_max: a.kv_disk_max.map(|b| b.0 as u64),
         redis: a.kv_redis,
         ..StoreConfig::ram(ram)
     });

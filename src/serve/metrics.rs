@@ -257,6 +257,11 @@ pub fn render_prefix(store: &PrefixStore) -> String {
             "Tier blobs refused (failed checks: deleted, recomputed) or tier calls that failed.",
             t.errors,
         ),
+        (
+            "hayloft_prefix_tier_evictions_total",
+            "Tier blobs this server removed to stay under a tier's size limit (--kv-disk-max).",
+            t.evictions,
+        ),
     ] {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }

@@ -84,7 +84,10 @@ struct Pct {
 struct Report {
     clients: usize,
     requests: usize,
+    /// Requests that failed otherwise than a 429 with Retry-After (under a --kv-budget, this must be 0).
     failed: usize,
+    /// Requests refused with 429 and a Retry-After header (the server's overload answer).
+    refused_429: usize,
     prompt_tokens: usize,
     max_tokens: usize,
     shared_prefix: usize,
@@ -105,9 +108,23 @@ struct Report {
     cache_hit_rate: f64,
     /// `hayloft_kv_cache_bytes_peak` from the server's /metrics (None if it does not say).
     peak_kv_bytes: Option<u64>,
+    /// Peak resident set of this process (server and clients) when the server runs in it; None with --url.
+    peak_rss_bytes: Option<u64>,
     warm_request: Option<Sample>,
     samples: Vec<Sample>,
 }
+
+/// A 429 with Retry-After: the server refused the request on purpose.
+#[derive(Debug)]
+struct Refused;
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("refused: 429 with Retry-After")
+    }
+}
+
+impl std::error::Error for Refused {}
 
 pub fn run(args: ServeBenchArgs) -> Result<()> {
     let ServeBenchArgs { load: a, serve } = args;
@@ -168,10 +185,11 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     });
     let wall = t0.elapsed().as_secs_f64();
     let mut samples = Vec::new();
-    let mut failed = 0;
+    let (mut failed, mut refused) = (0, 0);
     for r in results {
         match r {
             Ok(s) => samples.push(s),
+            Err(e) if e.is::<Refused>() => refused += 1,
             Err(e) => {
                 failed += 1;
                 eprintln!("request failed: {e:#}");
@@ -185,7 +203,13 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         l.strip_prefix("hayloft_kv_cache_bytes_peak ")
             .and_then(|v| v.trim().parse().ok())
     });
-    let r = report(&a, samples, failed, wall, peak, warm);
+    let rss = _server
+        .as_ref()
+        .and_then(|_| crate::engine::stats::peak_rss_bytes())
+        .map(|b| b as u64);
+    let mut r = report(&a, samples, failed, wall, peak, warm);
+    r.refused_429 = refused;
+    r.peak_rss_bytes = rss;
     print_table(&r);
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&r)?)
@@ -292,6 +316,13 @@ fn request(addr: &str, prompt: &[u32], max_tokens: usize, shared: bool) -> Resul
     }
     let latency = t0.elapsed().as_secs_f64();
     let (status, body) = split_response(&raw)?;
+    let retry_after = String::from_utf8_lossy(&raw)
+        .split("\r\n\r\n")
+        .next()
+        .is_some_and(|h| h.to_ascii_lowercase().contains("\r\nretry-after:"));
+    if status == 429 && retry_after {
+        return Err(Refused.into());
+    }
     if status != 200 {
         bail!("status {status}: {body}");
     }
@@ -412,6 +443,7 @@ fn report(
         clients: a.clients,
         requests: a.requests,
         failed,
+        refused_429: 0,
         prompt_tokens: a.prompt_tokens,
         max_tokens: a.max_tokens,
         shared_prefix: a.shared_prefix,
@@ -426,6 +458,7 @@ fn report(
         cached_token_share: cached as f64 / prompt.max(1) as f64,
         cache_hit_rate: samples.iter().filter(|s| s.cached_tokens > 0).count() as f64 / n,
         peak_kv_bytes,
+        peak_rss_bytes: None,
         warm_request,
         samples,
     }
@@ -433,8 +466,8 @@ fn report(
 
 fn print_table(r: &Report) {
     println!(
-        "{} clients, {} requests ({} failed), {} prompt tokens ({} shared prefix), {} new tokens each; {:.2} s",
-        r.clients, r.requests, r.failed, r.prompt_tokens, r.shared_prefix, r.max_tokens, r.wall_s
+        "{} clients, {} requests ({} failed, {} refused with 429), {} prompt tokens ({} shared prefix), {} new tokens each; {:.2} s",
+        r.clients, r.requests, r.failed, r.refused_429, r.prompt_tokens, r.shared_prefix, r.max_tokens, r.wall_s
     );
     println!(
         "throughput: {:.2} req/s, {:.1} generated tok/s; aggregate decode {:.1} tok/s",
@@ -462,10 +495,14 @@ fn print_table(r: &Report) {
         );
     }
     println!(
-        "prefix cache: {:.0} % of requests hit, {:.1} % of prompt tokens cached; peak KV {}",
+        "prefix cache: {:.0} % of requests hit, {:.1} % of prompt tokens cached; peak KV {}; peak RSS {}",
         100.0 * r.cache_hit_rate,
         100.0 * r.cached_token_share,
         r.peak_kv_bytes
+            .map_or("?".into(), |b| crate::engine::stats::human_bytes(
+                b as usize
+            )),
+        r.peak_rss_bytes
             .map_or("?".into(), |b| crate::engine::stats::human_bytes(
                 b as usize
             ))

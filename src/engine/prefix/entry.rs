@@ -199,9 +199,9 @@ fn read_entry(b: &Block, bt: usize, j: usize, k: &mut [f32], v: &mut [f32]) {
 pub struct Snapshot {
     pub(super) cache: KvCache,
     pub(super) tokens: Vec<u32>,
-    obs: QueryWindow,
-    acc: AttnAcc,
-    since_compress: usize,
+    pub(super) obs: QueryWindow,
+    pub(super) acc: AttnAcc,
+    pub(super) since_compress: usize,
     pub(super) bytes: usize,
 }
 

@@ -19,8 +19,10 @@
 //! that fails its checks is deleted and its prefix recomputed. Entries restored from a tier are the codec's
 //! approximation of the cache, not the cache bit for bit.
 
+pub mod disk;
 pub mod entry;
 pub mod key;
+pub mod snapfile;
 mod store;
 pub mod tier;
 
@@ -31,12 +33,13 @@ use anyhow::{bail, Result};
 
 use crate::engine::Session;
 use crate::kv::codec::{self, CodecConfig, KvRows};
+use disk::DiskTier;
 pub use entry::Mode;
 use entry::{BlockEntry, Snapshot};
 pub use key::{Key, ModelId, Namespace, BLOCK};
 pub use store::Counters;
 use store::{Entry, Ram};
-use tier::{DiskTier, RedisTier, Tier};
+use tier::{RedisTier, Tier};
 
 /// How a store is set up.
 #[derive(Clone, Debug)]
@@ -45,6 +48,8 @@ pub struct StoreConfig {
     pub ram_bytes: usize,
     /// A directory of codec blobs (`--kv-disk DIR`).
     pub disk: Option<PathBuf>,
+    /// Most bytes the directory may hold (`--kv-disk-max`); least recently used files go first. None: no limit.
+    pub disk_max: Option<u64>,
     /// A Redis server, `redis://host:port[/db]`.
     pub redis: Option<String>,
     /// How blobs below RAM are encoded; `chunk_tokens` (a multiple of [`BLOCK`]) is also the tiers' unit.
@@ -57,6 +62,7 @@ impl StoreConfig {
         Self {
             ram_bytes: bytes,
             disk: None,
+            disk_max: None,
             redis: None,
             codec: CodecConfig::default(),
         }
@@ -75,6 +81,8 @@ enum Found {
     /// One source per block, in order.
     Blocks(Vec<Source>),
     Snapshot(Arc<Snapshot>),
+    /// A snapshot read from a tier.
+    SnapBlob(Arc<snapfile::SnapBlob>),
 }
 
 /// Where one block of a hit comes from.
@@ -113,6 +121,15 @@ impl Hit {
                     bail!("the snapshot's tokens are not the request's prefix");
                 }
                 snap.restore(s)?;
+            }
+            Found::SnapBlob(snap) => {
+                if snap.tokens[..] != request[..self.tokens] {
+                    bail!("the snapshot's tokens are not the request's prefix");
+                }
+                if let Err(e) = snap.restore(s) {
+                    s.reset();
+                    return Err(e);
+                }
             }
         }
         s.acc.sync_len(&s.cache);
@@ -170,6 +187,8 @@ pub struct TierCounters {
     pub writes: u64,
     /// Blobs refused (failed checks: deleted) or calls that failed.
     pub errors: u64,
+    /// Blobs removed to stay under a tier's size limit.
+    pub evictions: u64,
 }
 
 impl PrefixStore {
@@ -191,7 +210,7 @@ impl PrefixStore {
         }
         let mut s = Self::new(cfg);
         if let Some(d) = &cfg.disk {
-            s.tiers.push(Box::new(DiskTier::open(d)?));
+            s.tiers.push(Box::new(DiskTier::open(d, cfg.disk_max)?));
         }
         if let Some(u) = &cfg.redis {
             s.tiers.push(Box::new(RedisTier::open(u)?));
@@ -200,7 +219,9 @@ impl PrefixStore {
     }
 
     pub fn tier_counters(&self) -> TierCounters {
-        *self.tier_counters.lock().unwrap_or_else(|p| p.into_inner())
+        let mut c = *self.tier_counters.lock().unwrap_or_else(|p| p.into_inner());
+        c.evictions = self.tiers.iter().map(|t| t.evictions()).sum();
+        c
     }
 
     fn note_tier(&self, f: impl FnOnce(&mut TierCounters)) {
@@ -312,6 +333,99 @@ impl PrefixStore {
         }
     }
 
+    /// Tier key of the snapshot whose exact key is `exact`.
+    fn snap_key(exact: &Key) -> Key {
+        exact.derive(b"snapshot", 1)
+    }
+
+    /// The longest snapshot in a tier of an exact prefix of `usable` longer than `than` tokens. A blob that fails its
+    /// checks (or holds other tokens) is deleted.
+    fn tier_snapshot(&self, ns: &Namespace, usable: &[u32], than: usize) -> Option<Hit> {
+        let mut lens: Vec<usize> = Vec::new();
+        for t in &self.tiers {
+            match t.snap_lens(&ns.0) {
+                Ok(l) => lens.extend(l),
+                Err(e) => {
+                    eprintln!("warning: KV store {}: {e:#}", t.name());
+                    self.note_tier(|c| c.errors += 1);
+                }
+            }
+        }
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        lens.dedup();
+        for len in lens {
+            if len > usable.len() || len <= than {
+                continue;
+            }
+            let key = Self::snap_key(&ns.exact_key(&usable[..len]));
+            for t in &self.tiers {
+                let blob = match t.get(&key) {
+                    Ok(Some(b)) => b,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        eprintln!("warning: KV store {}: {e:#}", t.name());
+                        self.note_tier(|c| c.errors += 1);
+                        continue;
+                    }
+                };
+                let snap = snapfile::decode(&blob).and_then(|b| {
+                    if b.tokens[..] != usable[..len] {
+                        bail!("holds another prefix than its key's");
+                    }
+                    Ok(b)
+                });
+                match snap {
+                    Ok(b) => {
+                        self.note_tier(|c| c.hits += 1);
+                        return Some(Hit {
+                            tokens: len,
+                            what: Found::SnapBlob(Arc::new(b)),
+                        });
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "warning: KV store {}: snapshot {key:?} refused ({e:#}); deleted, its prefix is recomputed",
+                            t.name()
+                        );
+                        self.note_tier(|c| c.errors += 1);
+                        let _ = t.remove(&key);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes `snap` (of the exact prefix keyed `exact`) to the tiers that lack it, and notes its length under `ns`.
+    fn tier_insert_snapshot(&self, ns: &Namespace, exact: &Key, snap: &Snapshot) {
+        let key = Self::snap_key(exact);
+        let lacking: Vec<&dyn Tier> = self
+            .tiers
+            .iter()
+            .filter(|t| !t.contains(&key).unwrap_or(false))
+            .map(|t| t.as_ref())
+            .collect();
+        if lacking.is_empty() {
+            return;
+        }
+        // A kind of cache the tiers do not hold: RAM only.
+        let Some(blob) = snapfile::encode(snap) else {
+            return;
+        };
+        for t in lacking {
+            match t
+                .put(&key, &blob)
+                .and_then(|()| t.add_snap_len(&ns.0, snap.tokens.len()))
+            {
+                Ok(()) => self.note_tier(|c| c.writes += 1),
+                Err(e) => {
+                    eprintln!("warning: KV store {}: {e:#}", t.name());
+                    self.note_tier(|c| c.errors += 1);
+                }
+            }
+        }
+    }
+
     fn ram(&self) -> MutexGuard<'_, Ram> {
         // A panic while holding the lock leaves entries whole (each change is one insert or remove): keep going.
         self.ram.lock().unwrap_or_else(|p| p.into_inner())
@@ -368,6 +482,13 @@ impl PrefixStore {
                 ram.touch(&key);
                 break;
             }
+        }
+        if !self.tiers.is_empty() && !matches!(hit.what, Found::Snapshot(_)) {
+            drop(ram);
+            if let Some(h) = self.tier_snapshot(ns, usable, hit.tokens) {
+                hit = h;
+            }
+            ram = self.ram();
         }
         if let Found::Blocks(b) = &hit.what {
             // Last block first: the head of a prefix is the most recently used, and goes last.
@@ -438,12 +559,12 @@ impl PrefixStore {
                     self.ram().touch(&key);
                     return Ok(0);
                 }
-                let snap = Snapshot::capture(s)?;
-                self.ram().put(
-                    key,
-                    Entry::Snap(Arc::new(snap)),
-                    Some((*ns, s.tokens.len())),
-                );
+                let snap = Arc::new(Snapshot::capture(s)?);
+                self.ram()
+                    .put(key, Entry::Snap(snap.clone()), Some((*ns, s.tokens.len())));
+                if !self.tiers.is_empty() {
+                    self.tier_insert_snapshot(ns, &key, &snap);
+                }
                 Ok(1)
             }
         }

@@ -145,7 +145,7 @@ fn restorable_prefixes() {
 }
 
 /// The first compression method of the registry with a budget, as a spec.
-fn some_method() -> KvSpec {
+pub(super) fn some_method() -> KvSpec {
     crate::methods::registry::METHODS
         .iter()
         .filter(|m| m.build.is_some())

@@ -1,8 +1,7 @@
-//! Tiers below RAM: codec blobs ([`crate::kv::codec`]) by key, in a directory or in Redis. Blobs are
+//! Tiers below RAM: codec blobs ([`crate::kv::codec`]) by key, in a directory ([`super::disk`]) or in Redis. Blobs are
 //! self-checking (magic, version, CRC-32 per header, table and chunk), so a tier only moves bytes; a blob that fails to
 //! decode is deleted by the store and its prefix recomputed.
 
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,67 +21,13 @@ pub trait Tier: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Bytes of the blobs the tier holds (all of them, whoever wrote them).
     fn held_bytes(&self) -> Result<u64>;
-}
-
-/// `--kv-disk DIR`: one file per key, `<hex key>.hlkv`. Writes go to a temporary file renamed into place
-/// ([`crate::util::write_atomic`]), so a crash never leaves a half-written blob under a key.
-pub struct DiskTier {
-    dir: PathBuf,
-}
-
-impl DiskTier {
-    pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the KV store directory {}", dir.display()))?;
-        Ok(Self { dir: dir.into() })
-    }
-
-    pub fn path(&self, key: &Key) -> PathBuf {
-        self.dir.join(format!("{}.hlkv", key.hex()))
-    }
-}
-
-impl Tier for DiskTier {
-    fn name(&self) -> String {
-        format!("disk {}", self.dir.display())
-    }
-    fn get(&self, key: &Key) -> Result<Option<Vec<u8>>> {
-        let p = self.path(key);
-        match std::fs::read(&p) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-        }
-    }
-    fn put(&self, key: &Key, blob: &[u8]) -> Result<()> {
-        crate::util::write_atomic(&self.path(key), blob)
-    }
-    fn contains(&self, key: &Key) -> Result<bool> {
-        Ok(self.path(key).exists())
-    }
-    fn kind(&self) -> &'static str {
-        "disk"
-    }
-    fn held_bytes(&self) -> Result<u64> {
-        let ctx = || format!("listing {}", self.dir.display());
-        let mut total = 0;
-        for e in std::fs::read_dir(&self.dir).with_context(ctx)? {
-            let e = e.with_context(ctx)?;
-            if e.path().extension().is_some_and(|x| x == "hlkv") {
-                // A file removed meanwhile counts as nothing.
-                total += e.metadata().map_or(0, |m| m.len());
-            }
-        }
-        Ok(total)
-    }
-    fn remove(&self, key: &Key) -> Result<()> {
-        let p = self.path(key);
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", p.display()))
-            }
-            _ => Ok(()),
-        }
+    /// Notes that a snapshot of `len` tokens is stored under namespace `ns` (snapshots are found by length).
+    fn add_snap_len(&self, ns: &Key, len: usize) -> Result<()>;
+    /// Lengths noted under `ns` (their blobs may be gone since).
+    fn snap_lens(&self, ns: &Key) -> Result<Vec<usize>>;
+    /// Blobs this tier removed to stay under its size limit.
+    fn evictions(&self) -> u64 {
+        0
     }
 }
 
@@ -150,6 +95,15 @@ impl Tier for RedisTier {
     }
     fn kind(&self) -> &'static str {
         "redis"
+    }
+    fn add_snap_len(&self, ns: &Key, len: usize) -> Result<()> {
+        let set = format!("hayloft:snaplens:{}", ns.hex());
+        self.call(|c| redis::cmd("SADD").arg(&set).arg(len).query::<i64>(c))
+            .map(|_| ())
+    }
+    fn snap_lens(&self, ns: &Key) -> Result<Vec<usize>> {
+        let set = format!("hayloft:snaplens:{}", ns.hex());
+        self.call(|c| redis::cmd("SMEMBERS").arg(&set).query(c))
     }
     fn held_bytes(&self) -> Result<u64> {
         // SCAN over this store's keys, then their lengths in one pipeline per batch.

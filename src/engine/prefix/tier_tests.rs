@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::tests::{tiny, tokens};
 use super::*;
+use crate::engine::prefix::disk::DiskTier;
 use crate::engine::SessionConfig;
 
 const UNIT: usize = 64;
@@ -14,6 +15,7 @@ fn cfg(disk: Option<PathBuf>, redis: Option<String>) -> StoreConfig {
     StoreConfig {
         ram_bytes: 1 << 30,
         disk,
+        disk_max: None,
         redis,
         codec: CodecConfig {
             chunk_tokens: UNIT,
@@ -78,7 +80,7 @@ fn disk_tier_is_shared_and_refuses_damaged_files() {
     let c = cfg(Some(kv.clone()), None);
     let ns = fresh_ns();
     let (_, units) = share(&c, &ns);
-    let disk = DiskTier::open(&kv).unwrap();
+    let disk = DiskTier::open(&kv, None).unwrap();
     let toks = tokens(230, 6);
     // A flipped byte in unit 1: only unit 0 serves; the file is deleted.
     let p1 = disk.path(&units[1]);
@@ -203,4 +205,87 @@ fn redis_tier_is_shared_and_refuses_damaged_values() {
             .unwrap()
     );
     assert!(err.contains("does not answer"), "{err}");
+}
+
+/// A compressed session's snapshot goes to the tier (RAM holds nothing here); another store finds it by length and a
+/// session restored from it continues bit for bit; a damaged snapshot blob is refused and deleted.
+fn snapshot_through(c: &StoreConfig, damage: impl Fn(&Key)) {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, id) = tiny(dir.path());
+    let sc = SessionConfig {
+        kv: super::tests::some_method(),
+        ..SessionConfig::for_model(&model)
+    };
+    let toks = tokens(150, 2);
+    let mut a = Session::new(&model, sc.clone()).unwrap();
+    assert_eq!(entry::mode(&a), Mode::Snapshot);
+    // A namespace of its own: a shared Redis outlives test runs.
+    let ns = Namespace(fresh_ns().0.derive(&Namespace::of_session(id, &a).0 .0, 0));
+    a.prefill(&toks[..70]).unwrap();
+    let st = PrefixStore::open(c).unwrap();
+    assert_eq!(st.insert(&ns, &a).unwrap(), 1);
+    assert_eq!(st.tier_counters().writes, st.tiers.len() as u64);
+    let want = a.prefill(&toks[70..]).unwrap().to_vec();
+
+    let other = PrefixStore::open(c).unwrap();
+    let hit = other.lookup(&ns, &toks);
+    assert_eq!(hit.tokens, 70);
+    assert_eq!(other.tier_counters().hits, 1);
+    let mut b = Session::new(&model, sc.clone()).unwrap();
+    hit.restore(&mut b, &toks).unwrap();
+    assert_eq!(b.n_past(), 70);
+    let got = b.prefill(&toks[70..]).unwrap().to_vec();
+    assert!(
+        want == got,
+        "a snapshot from the tier continues bit for bit"
+    );
+    // Sharing 64 of the 70 tokens finds nothing.
+    let mut near = toks.clone();
+    near[65] += 1;
+    assert_eq!(other.lookup(&ns, &near).tokens, 0);
+
+    let key = PrefixStore::snap_key(&ns.exact_key(&toks[..70]));
+    damage(&key);
+    let third = PrefixStore::open(c).unwrap();
+    assert_eq!(third.lookup(&ns, &toks).tokens, 0);
+    assert_eq!(third.tier_counters().errors, 1);
+    for t in &third.tiers {
+        assert!(
+            !t.contains(&key).unwrap(),
+            "the damaged snapshot is deleted"
+        );
+    }
+}
+
+#[test]
+fn disk_tier_holds_snapshots_of_compressed_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = dir.path().join("kv");
+    let c = StoreConfig {
+        ram_bytes: 0,
+        ..cfg(Some(kv.clone()), None)
+    };
+    snapshot_through(&c, |key| {
+        let p = DiskTier::open(&kv, None).unwrap().path(key);
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x08;
+        std::fs::write(&p, &b).unwrap();
+    });
+}
+
+#[test]
+fn redis_tier_holds_snapshots_of_compressed_caches() {
+    let Some((url, _server)) = redis() else {
+        return;
+    };
+    let c = StoreConfig {
+        ram_bytes: 0,
+        ..cfg(None, Some(url.clone()))
+    };
+    snapshot_through(&c, |key| {
+        let r = RedisTier::open(&url).unwrap();
+        let v = r.get(key).unwrap().unwrap();
+        r.put(key, &v[..v.len() - 3]).unwrap();
+    });
 }
