@@ -371,9 +371,9 @@ pub fn run_longbench(data: &[u8]) {
             Prompter::new(tok, Ok(ct), false),
             Prompter::new(tok, Err(String::new()), true),
         ] {
-            for max_len in [64, 200, 600] {
+            for (max_length, max_context) in [(None, 200), (Some(64), 600), (Some(600), 400)] {
                 for chat in [false, true] {
-                    let _ = longbench::case(&p, s, i, max_len, 0, chat);
+                    let _ = longbench::case(&p, s, i, max_length, max_context, 0, chat);
                 }
             }
         }

@@ -64,6 +64,11 @@ pub struct SelectArgs {
     /// Tokens decoded per spec.
     #[arg(long, default_value_t = 32)]
     pub n_gen: usize,
+    /// When the compared specs compress (default `context`, as in eval). There is no question here: every spec is
+    /// a fork of one prefill of the random context, compressed once at the fork and never while decoding (unless
+    /// `every@N`), so `context` and `prompt` give the same figures; the flag sets the specs' `at` and their labels.
+    #[arg(long, value_name = "context|prompt")]
+    pub compress_at: Option<crate::methods::CompressAt>,
     /// Repetitions (median reported).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -352,6 +357,9 @@ fn select(a: SelectArgs) -> Result<()> {
         bail!("--context, --reps and --n-gen must be at least 1");
     }
     let mut specs = crate::methods::KvSpec::parse_list(&a.compare)?;
+    for s in &mut specs {
+        s.resolve_compress_at(a.compress_at, crate::methods::CompressAt::Context);
+    }
     if !specs.iter().any(|s| s.is_full()) {
         specs.insert(0, crate::methods::KvSpec::full());
     }

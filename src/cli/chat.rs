@@ -106,6 +106,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             prompt: tokens.len(),
             new: a.max_tokens.within(room),
             feed: new.len(),
+            uncompressed: 0,
         };
         if let Err(e) = session.check_memory(len) {
             eprintln!("error: {e:#}; /reset to start over");

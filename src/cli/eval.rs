@@ -183,7 +183,9 @@ pub struct LongbenchArgs {
     /// LongBench JSONL file(s).
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
-    /// Prompt limit in tokens (context cut in the middle beyond it). Default: the session's context.
+    /// Prompt limit in tokens, LongBench's `pred.py` `max_length`: a longer prompt (the filled-in template,
+    /// tokenized whole) keeps its first and last halves. Default and at most: the session's context less the
+    /// answer budget.
     #[arg(long)]
     pub max_length: Option<usize>,
     /// Run at most this many records per file.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 
 use super::ModelArgs;
@@ -41,6 +41,11 @@ pub struct PerplexityArgs {
     /// Streaming: positions per reported perplexity bucket.
     #[arg(long, default_value_t = 512)]
     pub bucket: usize,
+    /// Streaming: when the --kv method compresses. Only `prompt` applies (the cache is compressed after every
+    /// step, as the StreamingLLM experiment grows it): a stream has no question to leave out, and `context` would
+    /// compress the first step alone and let the cache grow with the rest, so it is refused.
+    #[arg(long, value_name = "prompt", requires = "stream")]
+    pub compress_at: Option<crate::methods::CompressAt>,
 }
 
 fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) -> Result<()> {
@@ -50,12 +55,24 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
         tokens.insert(0, b);
         tokens.pop();
     }
+    let at = l
+        .session_cfg
+        .kv
+        .resolve_compress_at(a.compress_at, crate::methods::CompressAt::Prompt);
+    if at == crate::methods::CompressAt::Context {
+        bail!(
+            "perplexity --stream compresses the cache after every --step tokens (`--compress-at prompt`); a stream \
+             has no context/question split, and under `context` only the first step would be compressed. Drop \
+             `--compress-at context` (or the spec's `at@context`)"
+        );
+    }
     l.session_cfg.max_context = l.session_cfg.max_context.max(tokens.len());
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
     session.check_memory(Lengths {
         prompt: tokens.len(),
         new: 0,
         feed: a.step.clamp(1, tokens.len().max(1)),
+        uncompressed: 0,
     })?;
     let t0 = Instant::now();
     eprintln!(

@@ -110,6 +110,9 @@ pub struct Lengths {
     pub new: usize,
     /// Tokens per prefill call (a compression follows each): the prompt for one prefill, the step of a streaming run.
     pub feed: usize,
+    /// The last tokens of the prompt, fed after the compression and never compressed: the question under
+    /// `--compress-at context` (part of `prompt` and of `feed`).
+    pub uncompressed: usize,
 }
 
 impl Lengths {
@@ -119,6 +122,15 @@ impl Lengths {
             prompt,
             new,
             feed: prompt,
+            uncompressed: 0,
+        }
+    }
+
+    /// The same run with its last `n` prompt tokens fed after the compression, uncompressed (at most the feed).
+    pub fn uncompressed(self, n: usize) -> Self {
+        Lengths {
+            uncompressed: n.min(self.feed).min(self.prompt),
+            ..self
         }
     }
 }
@@ -175,6 +187,11 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
     let total = len.prompt + len.new;
     let hk = kv.head_dim_k;
     let keep = |seen: usize| fp.budget.map_or(seen, |b| b.keep(seen));
+    // The compression sees the prompt up to the uncompressed tail (the question under `--compress-at context`); the
+    // tail is added whole after it.
+    let tail = len.uncompressed.min(len.prompt).min(len.feed);
+    let compressed = len.prompt - tail;
+    let kept = keep(compressed) + tail;
     // Bytes of every stream when each stream of layer `l` holds `n(l)` entries with `hk` key channels (all of them on
     // sliding-window layers, which ThinK leaves alone).
     let cache_bytes = |n: &dyn Fn(usize) -> usize, hk: usize| -> usize {
@@ -191,11 +208,12 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
             })
             .sum()
     };
-    // End of the prefill, before its compression: the whole prompt, or the budget plus what one feed (or chunk) adds.
+    // End of the prefill, before its compression: the whole prompt, or the budget plus what one feed (or chunk) adds;
+    // with an uncompressed tail, the larger of that (up to the tail) and what the compression kept plus the tail.
     let since_press = if fp.chunked {
-        fp.chunk_size.min(len.feed)
+        fp.chunk_size.min(len.feed - tail)
     } else {
-        len.feed
+        len.feed - tail
     };
     // Sliding-window layers hold their window (and the widest append), or from a held position's window on, and no
     // method compresses them.
@@ -212,7 +230,11 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
     let prefill_len = |l: usize| {
         let all = stream_len(l, len.prompt, fp.chunk_size.min(len.feed));
         match fp.budget {
-            Some(_) if kv.window(l).is_none() => all.min(keep(len.prompt) + since_press),
+            Some(_) if kv.window(l).is_none() => {
+                let before = stream_len(l, compressed, fp.chunk_size.min(len.feed))
+                    .min(keep(compressed) + since_press);
+                all.min(before.max(kept))
+            }
             _ => all,
         }
     };
@@ -229,7 +251,7 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
         }
     };
     let at_prefill =
-        cache_bytes(&prefill_len, hk) + retain_extra(&prefill_len, keep(len.prompt), hk);
+        cache_bytes(&prefill_len, hk) + retain_extra(&prefill_len, keep(compressed), hk);
     // End of decoding: the budget plus the entries added since the last compression, keys pruned by ThinK.
     let decode_hk = fp.think.map_or(hk, |r| {
         hk - ((hk as f64 * r.clamp(0.0, 1.0)).floor() as usize).min(hk)
@@ -238,7 +260,7 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
         let all = stream_len(l, total, 1);
         match fp.budget {
             _ if kv.window(l).is_some() => all,
-            Some(_) if fp.every == 0 => all.min(keep(len.prompt) + len.new),
+            Some(_) if fp.every == 0 => all.min(kept + len.new),
             Some(_) => all.min(keep(total) + fp.every.min(len.new)),
             None => all,
         }
@@ -338,6 +360,47 @@ mod tests {
             assert_eq!(p.activations + p.logits, s.bytes(), "chunk {chunk}");
             assert_eq!(p.weights, m.weight_bytes());
         }
+    }
+
+    /// `--compress-at context`: the context is compressed, then the question is fed whole and kept. Planned with
+    /// the question as the uncompressed tail, the plan covers what the cache holds; planned as if the question were
+    /// compressed too, it falls short by about (1 − ratio) × the question (seen when the decode peak, not the
+    /// prefill's, is the larger: a long answer after a short context).
+    #[test]
+    fn a_question_fed_after_the_compression_is_planned_whole() {
+        let (_d, m) = tiny();
+        let mc = m.config();
+        let (ctx, question, new) = (100, 150, 200);
+        let mut cfg = SessionConfig::for_model(&m);
+        cfg.kv = "snapkv@0.25,at@context".parse().unwrap();
+        cfg.chunk_size = 64;
+        cfg.max_context = 512;
+        let mut s = Session::new(&m, cfg).unwrap();
+        let whole = Lengths::generate(ctx + question, new);
+        let p = s.plan_memory(whole.uncompressed(question)).unwrap();
+        let old = s.plan_memory(whole).unwrap();
+        let fp = Footprint::of(mc, &s.cfg).unwrap();
+        let toks = tokens(ctx + question + new, mc.vocab);
+        s.prefill(&toks[..ctx]).unwrap();
+        s.prefill_uncompressed(&toks[ctx..ctx + question]).unwrap();
+        for &t in &toks[ctx + question..] {
+            s.decode(t).unwrap();
+        }
+        let measured = s.cache.peak_bytes();
+        let slack = mc.n_layers * mc.n_kv_heads * fp.kv.block_bytes();
+        assert!(
+            measured <= p.kv + slack && p.kv <= measured + slack,
+            "planned {} measured {measured} (slack {slack})",
+            p.kv
+        );
+        // What the old plan missed: 3/4 of the question's entries in every stream.
+        let per_entry = fp.kv.stream_bytes(1024, fp.kv.head_dim_k) / 1024;
+        let missed = mc.n_layers * mc.n_kv_heads * per_entry * question * 3 / 4;
+        assert!(
+            old.kv + missed / 2 < measured,
+            "the plan without the tail was {} for {measured} measured",
+            old.kv
+        );
     }
 
     /// Fills a real session and compares its cache's byte counter with the plan: within one block per stream.

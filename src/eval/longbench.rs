@@ -2,7 +2,8 @@
 //! "length", "dataset", "_id"}`, one object a line) with LongBench's per-dataset prompt family, answer budget and
 //! metric (see [`super::score`]). LongBench-E names (`hotpotqa_e`) map to their base dataset.
 //!
-//! As LongBench does: prompts longer than the limit are cut in the middle of the context; prompts are plain
+//! As LongBench's `pred.py` does: a prompt longer than the limit keeps its first and last halves (tokens of the
+//! whole filled-in template, see [`truncate_middle`]); prompts are plain
 //! completion prompts (`--chat-template` wraps them in the model's template, see [`case`]); the few-shot datasets
 //! (trec, triviaqa, samsum, lsht) score only the first line of the output.
 
@@ -132,8 +133,9 @@ pub fn dataset(name: &str) -> Result<Dataset> {
     Ok(d)
 }
 
-/// One LongBench case; the context is cut in the middle (as LongBench does) so prompt + answer budget fits
-/// `max_len` tokens.
+/// One LongBench case; a prompt over `max_length` tokens (`pred.py`'s `max_length`; default and at most the
+/// session's `max_context` less the answer budget) is cut in the middle as `pred.py` cuts it (see
+/// [`truncate_middle`]).
 ///
 /// The prompt is LongBench's template filled in, as one plain completion prompt: `pred.py` wraps it in a chat
 /// format only for the model families it lists (ChatGLM, LongChat/Vicuna, Llama 2, XGen, InternLM), none of which
@@ -143,7 +145,8 @@ pub fn case(
     p: &Prompter,
     s: &Sample,
     index: usize,
-    max_len: usize,
+    max_length: Option<usize>,
+    max_context: usize,
     seed: u64,
     chat: bool,
 ) -> Result<Case> {
@@ -174,23 +177,26 @@ pub fn case(
         no_chat: !(chat && d.chat),
         seps: Seps::NONE,
     };
-    if max_len <= d.max_new + 16 {
-        bail!("--max-length {max_len} leaves no room for a prompt");
-    }
-    let budget = max_len - d.max_new;
-    for _ in 0..4 {
+    // The session holds the prompt and the answer: the limit is at most the context less the answer budget, and
+    // less again by what a chat template adds around the cut prompt.
+    let room = max_context.saturating_sub(d.max_new);
+    let mut limit = max_length.unwrap_or(room).min(room);
+    let original = conv.clone();
+    for _ in 0..3 {
+        if limit <= 16 {
+            bail!(
+                "a prompt limit of {limit} tokens (--max-length, or the session's {max_context} less the answer's \
+                 {}) leaves no room for a LongBench prompt",
+                d.max_new
+            );
+        }
+        conv = original.clone();
+        truncate_middle(p, &mut conv, limit)?;
         let n = p.first_prompt_tokens(&conv)?;
-        if n <= budget {
+        if n + d.max_new <= max_context {
             break;
         }
-        let toks = p.encode_plain(&conv.context)?;
-        let keep = toks.len().saturating_sub(n - budget + 2);
-        let head = keep / 2;
-        conv.context = format!(
-            "{}{}",
-            p.tok.decode(&toks[..head]),
-            p.tok.decode(&toks[toks.len() - (keep - head)..])
-        );
+        limit -= n + d.max_new - max_context;
     }
     Ok(Case {
         meta: CaseMeta {
@@ -202,4 +208,146 @@ pub fn case(
         },
         conv,
     })
+}
+
+/// `pred.py`'s cut: when the filled-in template (the plain prompt, BOS included as the tokenizer adds it) is over
+/// `max_len` tokens, keep its first `max_len / 2` and last `max_len / 2` tokens, decoded without special tokens
+/// and joined. The cut falls in the context whenever the instruction and the question each fit a half; the pieces
+/// around it go back into the conversation's preamble, context and question. When the cut reaches into the
+/// instruction or the question, the whole cut prompt becomes the context and the question is empty.
+pub fn truncate_middle(p: &Prompter, conv: &mut Conversation, max_len: usize) -> Result<()> {
+    let Some(turn) = conv.turns.first() else {
+        bail!("a LongBench case needs its question");
+    };
+    let (head, tail) = (conv.preamble.clone(), turn.question.clone());
+    let whole = format!("{head}{}{tail}", conv.context);
+    let toks = p.tok.encode(&whole, true, false)?;
+    if toks.len() <= max_len {
+        return Ok(());
+    }
+    let half = max_len / 2;
+    let text = |ids: &[u32]| {
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&t| !p.tok.is_control(t))
+            .collect();
+        p.tok.decode(&kept)
+    };
+    let (first, last) = (text(&toks[..half]), text(&toks[toks.len() - half..]));
+    match (
+        first.strip_prefix(head.as_str()),
+        last.strip_suffix(tail.as_str()),
+    ) {
+        (Some(a), Some(b)) => conv.context = format!("{a}{b}"),
+        _ => {
+            conv.preamble.clear();
+            conv.context = format!("{first}{last}");
+            conv.turns[0].question.clear();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+    use crate::model::testutil::{write_tiny_llama, TinySpec};
+    use crate::tokenizer::Tokenizer;
+
+    fn sample(context: String, input: &str) -> Sample {
+        Sample {
+            input: input.into(),
+            context,
+            answers: vec!["x".into()],
+            all_classes: None,
+            length: None,
+            dataset: "narrativeqa".into(),
+            id: None,
+        }
+    }
+
+    fn with_tokenizer(f: impl FnOnce(&Prompter)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_llama(&path, &TinySpec::default()).unwrap();
+        let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        f(&Prompter::new(&tok, Err("plain".into()), true));
+    }
+
+    /// What `pred.py` keeps of a prompt: the decoded first and last `max_len / 2` tokens of the whole prompt.
+    fn pred_py_cut(p: &Prompter, whole: &str, max_len: usize) -> String {
+        let toks = p.tok.encode(whole, true, false).unwrap();
+        let strip = |ids: &[u32]| {
+            let v: Vec<u32> = ids
+                .iter()
+                .copied()
+                .filter(|&t| !p.tok.is_control(t))
+                .collect();
+            p.tok.decode(&v)
+        };
+        let half = max_len / 2;
+        strip(&toks[..half]) + &strip(&toks[toks.len() - half..])
+    }
+
+    fn plain(c: &Case) -> String {
+        let t = &c.conv.turns[0];
+        format!("{}{}{}", c.conv.preamble, c.conv.context, t.question)
+    }
+
+    #[test]
+    fn a_long_prompt_keeps_the_first_and_last_halves_of_the_whole_prompt() {
+        with_tokenizer(|p| {
+            let ctx: String = (0..400)
+                .map(|i| format!("line {i} of the story. "))
+                .collect();
+            let s = sample(ctx, "Who wrote it?");
+            let full = case(p, &s, 0, None, 1 << 20, 1, false).unwrap();
+            let whole = plain(&full);
+            let n = p.tok.encode(&whole, true, false).unwrap().len();
+            let limit = 1000;
+            assert!(
+                n > 2 * limit,
+                "the prompt must be over the limit ({n} tokens)"
+            );
+            let c = case(p, &s, 0, Some(limit), 1 << 20, 1, false).unwrap();
+            assert_eq!(plain(&c), pred_py_cut(p, &whole, limit));
+            // The instruction and the question survive whole; the cut is in the context.
+            assert_eq!(c.conv.preamble, full.conv.preamble);
+            assert_eq!(c.conv.turns[0].question, full.conv.turns[0].question);
+            assert!(c.conv.context.starts_with("line 0 of the story."));
+            assert!(c.conv.context.ends_with("line 399 of the story. "));
+            assert!(p.first_prompt_tokens(&c.conv).unwrap() <= limit + 2);
+        });
+    }
+
+    #[test]
+    fn a_question_longer_than_half_is_cut_too_and_the_prompt_becomes_context() {
+        with_tokenizer(|p| {
+            let ctx: String = (0..200).map(|i| format!("line {i}. ")).collect();
+            let input: String = (0..100).map(|i| format!("clause {i}, ")).collect();
+            let s = sample(ctx, &input);
+            let whole = plain(&case(p, &s, 0, None, 1 << 20, 1, false).unwrap());
+            let c = case(p, &s, 0, Some(600), 1 << 20, 1, false).unwrap();
+            assert_eq!(c.conv.context, pred_py_cut(p, &whole, 600));
+            assert!(c.conv.preamble.is_empty() && c.conv.turns[0].question.is_empty());
+        });
+    }
+
+    #[test]
+    fn the_session_context_bounds_the_limit_and_a_short_prompt_is_left_alone() {
+        with_tokenizer(|p| {
+            let s = sample("A short story.".into(), "Who?");
+            let c = case(p, &s, 0, Some(4096), 4096, 1, false).unwrap();
+            assert_eq!(c.conv.context, "A short story.");
+            let long = sample((0..300).map(|i| format!("line {i}. ")).collect(), "Who?");
+            // 600 tokens of session: the prompt gets 600 - 128 (narrativeqa's answer budget).
+            let c = case(p, &long, 0, Some(100_000), 600, 1, false).unwrap();
+            assert!(p.first_prompt_tokens(&c.conv).unwrap() + 128 <= 600);
+            assert!(p.first_prompt_tokens(&c.conv).unwrap() + 128 >= 590);
+            let e = case(p, &long, 0, None, 140, 1, false).unwrap_err();
+            assert!(format!("{e:#}").contains("leaves no room"), "{e:#}");
+        });
+    }
 }

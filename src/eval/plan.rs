@@ -377,12 +377,11 @@ pub fn sweep_plans<'g>(g: Gen<'g>, b: &Sweep) -> Vec<Plan<'g>> {
 }
 
 /// One plan per record, numbered across the files; prompts longer than `max_length` (at most the session's
-/// context) are cut in the middle.
+/// context less the answer budget) are cut in the middle.
 pub fn longbench_plans<'g>(g: Gen<'g>, b: &'g Longbench, max_context: usize) -> Vec<Plan<'g>> {
     let Gen {
         prompter: p, seed, ..
     } = g;
-    let max_len = b.max_length.unwrap_or(max_context).min(max_context);
     let mut plans = Vec::new();
     let mut offset = 0;
     for (_, recs) in &b.files {
@@ -396,7 +395,9 @@ pub fn longbench_plans<'g>(g: Gen<'g>, b: &'g Longbench, max_context: usize) -> 
                     sample: idx,
                     seed,
                 },
-                make: Box::new(move || longbench::case(&p, r, idx, max_len, seed, b.chat_template)),
+                make: Box::new(move || {
+                    longbench::case(&p, r, idx, b.max_length, max_context, seed, b.chat_template)
+                }),
             });
         }
         offset += recs.len();

@@ -474,11 +474,21 @@ impl<'a> Runner<'a> {
         let n = feed.len();
         check_room(s, n, max_new)?;
         let room = s.cfg.max_context - s.n_past() - n;
-        let plan = s.plan_memory(Lengths {
-            prompt: s.n_past() + n,
-            new: max_new.min(room),
-            feed: n,
-        })?;
+        // What this feed leaves uncompressed: the question of a split prompt, a request's whole query.
+        let tail = match feed {
+            Feed::Prompt(_) => 0,
+            Feed::Split { question, .. } => question.len(),
+            Feed::Question(t) => t.len(),
+        };
+        let plan = s.plan_memory(
+            Lengths {
+                prompt: s.n_past() + n,
+                new: max_new.min(room),
+                feed: n,
+                uncompressed: 0,
+            }
+            .uncompressed(tail),
+        )?;
         s.check_plan(&plan, also)?;
         let t0 = Instant::now();
         let logits = match feed {
@@ -564,7 +574,7 @@ impl<'a> Runner<'a> {
         let n_prompt = ctx.len() + question.len();
         check_room(&base, n_prompt, turn.max_new)?;
         // The full-cache prefill, and one fork at a time: a copy of its cache, compressed, then decoding.
-        let len = Lengths::generate(n_prompt, turn.max_new);
+        let len = Lengths::generate(n_prompt, turn.max_new).uncompressed(question.len());
         let plan = base.plan_memory(Lengths::generate(n_prompt, 0))?;
         let mut fork_kv = 0;
         for spec in specs {

@@ -3,17 +3,24 @@
 //! by default, the model's own with `--own-answers`) and multi-request (the context encoded once, every query
 //! answered against that shared KV alone and then dropped with `Session::truncate`).
 //!
-//! Generated tasks (SCBench's own data is not needed):
-//! - `kv`: a JSON object of UUID keys → UUID values; each turn asks for one key's value.
+//! Generated tasks (SCBench's own data is not needed; ours stands in for its HF dataset, inside SCBench's own
+//! templates, see [`official`]):
+//! - `kv`: a JSON object of UUID keys → UUID values (`JSON data:\n{…}`); each turn asks for one key's value.
 //! - `prefix_suffix`: a list of random strings; each turn asks for the one with a given prefix and suffix.
 //! - `vt`: one variable chain per turn (`VAR A = 12345.`, `VAR B = VAR A.`, ... three hops) hidden in noise;
-//!   each turn asks for every variable holding one chain's value.
+//!   each turn asks, in RULER's words (SCBench's vt is RULER's), for every variable holding one chain's value.
 //! - `mf`: one named list of integers per turn; each turn asks for its largest or smallest number.
 //! - `many_shot`: in-context classification with made-up labels (each label stands for a topic: animals, fruits,
 //!   tools, vehicles, instruments); each turn classifies a new input.
 //! - `needles` (hayloft's, for models that SCBench's own tasks are beyond): one RULER-style needle per turn
 //!   ("One of the special magic numbers for {key} is: {7 digits}.") spread over an essay haystack; each turn asks for
-//!   a different needle, so a cache that kept only what the first question needed loses the later turns.
+//!   a different needle, so a cache that kept only what the first question needed loses the later turns. It keeps
+//!   hayloft's framing (instruction, blank lines, answer prefix after the question).
+//!
+//! Framing is SCBench's `eval_utils.py` (MInference fb56c91): the template tables, the multi-turn follow-ups and
+//! the multi-request split (`tests/scbench_official.rs` holds the text against the official builders). Each turn's
+//! input carries the words the answer follows ("…is:"), inside the user message as SCBench's data has them; a chat
+//! template is used for instruct models (SCBench's scripts pass `--use_chat_template`), plain text otherwise.
 //!
 //! The length target covers the context plus the first question and its answer budget. Budgets and scores per turn
 //! are SCBench's (`eval_utils.py`, `compute_scores.py`): kv and prefix_suffix 150 tokens, `label in pred`
@@ -146,7 +153,14 @@ struct Gen<'a, 'p> {
 }
 
 impl Gen<'_, '_> {
-    fn conv(&self, preamble: &str, context: String, turns: Vec<Turn>) -> Conversation {
+    /// Our data in SCBench's official template for `task` (see [`official`]).
+    fn conv(&self, task: &str, context: String, turns: Vec<Turn>) -> Conversation {
+        official(task, self.mode, context, turns)
+    }
+
+    /// hayloft's own framing (the `needles` task, which SCBench does not have): an instruction, blank lines around
+    /// the context, the answer prefix after the question.
+    fn own_conv(&self, preamble: &str, context: String, turns: Vec<Turn>) -> Conversation {
         Conversation {
             preamble: preamble.to_string(),
             context,
@@ -155,6 +169,88 @@ impl Gen<'_, '_> {
             no_chat: false,
             seps: super::Seps::BLANK,
         }
+    }
+}
+
+/// The instruction SCBench's template puts before the context (`multiturn_templates` / `multiturn_templates_scdq`
+/// in `eval_utils.py`); tasks whose template is `{context}\n\n{input}` carry their instruction in the data.
+fn instruction(task: &str) -> &'static str {
+    match task {
+        "kv" => "Extract the value corresponding to the specified key in the JSON object below.",
+        _ => "",
+    }
+}
+
+/// mf's question line: `What is {target}?`, where `target` is what the turn's input names, found as
+/// `re.findall(r"The .+ is", input)[0].lower()[:-3]` finds it (the first "The " on a line, greedy to the last " is"
+/// on that line, lower-cased, " is" dropped). `None` when the input has no such phrase.
+pub fn mf_prefix(input: &str) -> Option<String> {
+    for line in input.split('\n') {
+        let Some(st) = line.find("The ") else {
+            continue;
+        };
+        // `.+` takes at least one character after "The ", then backs off to the last " is".
+        let rest = &line[st + 4..];
+        let skip = rest.chars().next().map_or(0, char::len_utf8);
+        if skip == 0 {
+            continue;
+        }
+        if let Some(e) = rest[skip..].rfind(" is").map(|e| e + skip) {
+            let target = format!("The {}", &rest[..e]).to_lowercase();
+            return Some(format!("What is {target}?"));
+        }
+    }
+    None
+}
+
+/// A conversation exactly as SCBench's `create_multiturn_prompt` (multi-turn) or `create_scdq_prompt`
+/// (multi-request) frames it, around our data: `context` is the data's context and each turn's `question` the
+/// data's per-turn `input` (ending where the answer starts; SCBench puts it in the user message, so there is no
+/// separate answer prefix). What the runner renders from it:
+/// - multi-turn, first turn: `{instruction}\n\n{context}\n\n{input}` (mf: `{What is …?}\n\n{context}\n\n{input}`);
+///   later turns: the fed-back answer, then `\n\n{input}` (mf: `\n\n{What is …?}\n\n{input}`) as plain text, or an
+///   assistant message with the answer and a user message with `{input}` (mf: `{What is …?}\n\n{input}`) under a
+///   chat template;
+/// - multi-request: the shared part is `{instruction}\n\n{context}` (mf: the first turn's input, then the
+///   context), and each query continues it with nothing in between: `{input}` (mf: `{What is …?}\n\n{input}`),
+///   the user message closed and the assistant's header opened under a chat template.
+pub fn official(task: &str, mode: Mode, context: String, mut turns: Vec<Turn>) -> Conversation {
+    let mut preamble = instruction(task).to_string();
+    if task == "mf" {
+        let prefixes: Vec<String> = turns
+            .iter()
+            .map(|t| mf_prefix(&t.question).unwrap_or_default())
+            .collect();
+        // Multi-turn opens with the first turn's question line; multi-request with the first turn's whole input
+        // (`create_scdq_prompt` formats `prefix=eg["multi_turns"][0]["input"]`).
+        preamble = match mode {
+            Mode::MultiTurn => prefixes.first().cloned().unwrap_or_default(),
+            Mode::MultiRequest => turns
+                .first()
+                .map(|t| t.question.clone())
+                .unwrap_or_default(),
+        };
+        for (i, (t, pre)) in turns.iter_mut().zip(&prefixes).enumerate() {
+            if i > 0 || mode == Mode::MultiRequest {
+                t.question = format!("{pre}\n\n{}", t.question);
+            }
+        }
+    }
+    for t in &mut turns {
+        t.answer_prefix.clear();
+    }
+    let seps = super::Seps {
+        preamble: "\n\n",
+        question: if mode == Mode::MultiTurn { "\n\n" } else { "" },
+        prefix: "",
+    };
+    Conversation {
+        preamble,
+        context,
+        turns,
+        mode,
+        no_chat: false,
+        seps,
     }
 }
 
@@ -206,7 +302,7 @@ fn needles(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
     let hay = hays.get(Source::Essays, target)?;
     let g = &*g;
     let (c, _) = fit_conversation(g.p, target, hay.words(), |n| {
-        g.conv(
+        g.own_conv(
             "Some special magic numbers are hidden within the following text. Make sure to memorize them. I will \
              quiz you about the numbers afterwards.",
             insert_needles(hay.prefix(n), &placed),
@@ -286,18 +382,17 @@ fn kv(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
             .map(|i| {
                 turn(
                     format!(
-                        "Extract the value corresponding to the specified key in the JSON object above. \
-                         Key: \"{}\"",
+                        "Key: \"{}\"\nThe value associated with the specified key is:",
                         pairs[i].0
                     ),
-                    "The value associated with the specified key is:",
+                    "",
                     pairs[i].1.clone(),
                     metric_of("kv"),
                     KV_TOKENS,
                 )
             })
             .collect();
-        g.conv("JSON data:", format!("{{{}}}", body.join(", ")), ts)
+        g.conv("kv", format!("JSON data:\n{{{}}}", body.join(", ")), ts)
     })?;
     Ok(c)
 }
@@ -322,18 +417,23 @@ fn prefix_suffix(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
                 let s = &items[i];
                 turn(
                     format!(
-                        "Which string in the list above starts with \"{}\" and ends with \"{}\"?",
+                        "Which string in the list above starts with \"{}\" and ends with \"{}\"?\nThe string \
+                         is:",
                         &s[..4],
                         &s[12..]
                     ),
-                    "The string is:",
+                    "",
                     s.clone(),
                     metric_of("prefix_suffix"),
                     PREFIX_SUFFIX_TOKENS,
                 )
             })
             .collect();
-        g.conv("Here is a list of strings.", items[..n].join("\n"), ts)
+        g.conv(
+            "prefix_suffix",
+            format!("Here is a list of strings.\n\n{}", items[..n].join("\n")),
+            ts,
+        )
     })?;
     Ok(c)
 }
@@ -365,12 +465,15 @@ fn vt(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
                 format!("VAR {} = VAR {}.", chain[h], chain[h - 1]),
             ));
         }
+        // SCBench's vt comes from RULER: RULER's question and answer lead (its trailing space left out).
         ts.push(Turn {
-            question: format!("Find all variables that are assigned the value {value} in the text above."),
-            answer_prefix: format!(
-                "According to the chains of variable assignment in the text above, the variables assigned \
-                 the value {value} are:"
+            question: format!(
+                "Question: Find all variables that are assigned the value {value} in the text above. Answer: \
+                 According to the chain(s) of variable assignment in the text above, {} variables are assigned \
+                 the value {value}, they are:",
+                chain.len()
             ),
+            answer_prefix: String::new(),
             gold: chain.join(", "),
             refs: chain.to_vec(),
             metric: metric_of("vt"),
@@ -381,8 +484,11 @@ fn vt(g: &mut Gen, hays: &mut Haystacks) -> Result<Conversation> {
     let g = &*g;
     let (c, _) = fit_conversation(g.p, target, hay.words(), |n| {
         g.conv(
-            "Memorize and track the chains of variable assignment hidden in the following text.",
-            insert_needles(hay.prefix(n), &placed),
+            "vt",
+            format!(
+                "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{}",
+                insert_needles(hay.prefix(n), &placed)
+            ),
             ts.clone(),
         )
     })?;
@@ -418,15 +524,20 @@ fn mf(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
             } else {
                 ("smallest", xs.iter().min().copied().unwrap_or(0))
             };
+            // SCBench's mf input names its target as "The … is"; the template derives "What is …?" from it.
             ts.push(turn(
-                format!("What is the {word} number in list {label}?"),
-                &format!("The {word} number in list {label} is"),
+                format!("The {word} number in list {label} is:"),
+                "",
                 v.to_string(),
                 metric_of("mf"),
                 max_new,
             ));
         }
-        g.conv("Here are some lists of numbers.", body, ts)
+        g.conv(
+            "mf",
+            format!("Here are some lists of numbers.\n\n{body}"),
+            ts,
+        )
     })?;
     Ok(c)
 }
@@ -456,8 +567,10 @@ fn many_shot(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
         .iter()
         .map(|(q, t)| {
             turn(
-                format!("Give the label of this input, using the labels of the examples above.\nInput: {q}"),
-                "Label:",
+                format!(
+                    "Give the label of this input, using the labels of the examples above.\nInput: {q}\nLabel:"
+                ),
+                "",
                 labels[*t].clone(),
                 metric_of("many_shot"),
                 MANY_SHOT_TOKENS,
@@ -470,7 +583,11 @@ fn many_shot(g: &mut Gen, _: &mut Haystacks) -> Result<Conversation> {
             .iter()
             .map(|(s, t)| format!("Input: {s}\nLabel: {}", labels[*t]))
             .collect();
-        g.conv("Here are labelled examples.", body.join("\n\n"), ts.clone())
+        g.conv(
+            "many_shot",
+            format!("Here are labelled examples.\n\n{}", body.join("\n\n")),
+            ts.clone(),
+        )
     })?;
     Ok(c)
 }
