@@ -229,10 +229,10 @@ fn revival_rule_brings_back_only_selected_tokens_and_sends_others_back() {
     let mut lz = LazyState::new(plan(&[(1, 0.5), (3, 0.25)], 2));
     lz.prefill(&m, &t, 0, &mut kl, &mut sl);
     let before: usize = lz.aux_tokens().iter().sum();
-    for i in 0..4 {
+    for (i, &tok) in t.iter().enumerate().take(4) {
         let revived = lz.counts.revived;
         let held_before: Vec<usize> = (0..c.n_layers).map(|l| kl.len(l, 0)).collect();
-        lz.decode(&m, t[i], (n + i) as u32, &mut kl, &mut sl);
+        lz.decode(&m, tok, (n + i) as u32, &mut kl, &mut sl);
         let added: usize = (0..c.n_layers).map(|l| kl.len(l, 0) - held_before[l]).sum();
         // Every layer gains the new token; revived tokens add entries only at layers they had none.
         assert!(added >= c.n_layers);
