@@ -34,8 +34,10 @@ use rayon::prelude::*;
 use crate::kv::{BlockData, BlockView, KvCache, OffloadBuf};
 pub use select::Selection;
 
-/// Query tokens per task tile.
-const Q_TILE: usize = 16;
+/// Query tokens per task tile. Rows of one tile share a causal bound (the tile's largest position), so up to this many
+/// rows whose largest position is the newest entry may attend over a stream whose entries are not in position order
+/// (see `model::lazy`).
+pub const Q_TILE: usize = 16;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AttnParams {

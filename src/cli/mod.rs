@@ -201,6 +201,8 @@ pub struct ModelArgs {
     pub chunk_size: usize,
     #[arg(long, default_value_t = crate::methods::KvSpec::full().to_string(), help = crate::methods::registry::kv_help())]
     pub kv: String,
+    #[arg(long, default_value = "dense", help = crate::methods::registry::prefill_help())]
+    pub prefill: String,
     /// KV cache storage type: f16, f32, or KIVI quantization q8, q4, q2 (keys per channel, values per token).
     #[arg(long, default_value = "f16")]
     pub kv_dtype: String,
@@ -330,6 +332,10 @@ impl ModelArgs {
         session_cfg.chunk_size = self.chunk_size;
         session_cfg.max_memory = self.max_memory.map(|b| b.0);
         session_cfg.swa_full = self.swa_full;
+        session_cfg.prefill = crate::methods::prefill::parse(&self.prefill)?;
+        if let crate::methods::prefill::PrefillSpec::LazyLlm(c) = &session_cfg.prefill {
+            c.plan(model.config())?;
+        }
         if let (Some(dir), Some(resident)) = (&self.kv_offload, self.resident) {
             session_cfg.offload = Some(crate::kv::OffloadConfig {
                 dir: dir.clone(),
@@ -388,10 +394,11 @@ pub fn methods_text(markdown: bool) -> String {
     use crate::methods::registry::{self, METHODS, OPTIONS, SELECTORS, SELECT_OPTIONS};
     if markdown {
         return format!(
-            "{}\n{}\n{}",
+            "{}\n{}\n{}\n{}",
             registry::methods_markdown(),
             registry::options_markdown(),
-            registry::selectors_markdown()
+            registry::selectors_markdown(),
+            registry::prefill_markdown()
         );
     }
     let mut s = String::from("KV methods (--kv <method>[@<budget>][,<option>...]):\n");
@@ -428,6 +435,13 @@ pub fn methods_text(markdown: bool) -> String {
             format!("{}={}", o.name, o.arg),
             o.help
         );
+    }
+    s += "\nPrefill methods (--prefill <method>[,<option>=<value>...]):\n";
+    for r in registry::PREFILL {
+        s += &format!("  {:<14} {}\n", r.name, r.help);
+        for (o, h) in r.options {
+            s += &format!("    {o}={h}\n");
+        }
     }
     s
 }

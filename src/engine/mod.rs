@@ -19,8 +19,10 @@ use anyhow::{bail, Result};
 
 use crate::kv::{KvCache, KvDtype, OffloadConfig, Resident};
 use crate::methods::obs::{AttnAcc, QueryWindow};
+use crate::methods::prefill::PrefillSpec;
 use crate::methods::press::Press;
 use crate::methods::{CompressAt, KvSpec, Needs};
+use crate::model::lazy::LazyState;
 use crate::model::{Model, Scratch};
 
 pub use batch::{Batch, Input};
@@ -55,6 +57,8 @@ pub struct SessionConfig {
     /// `--max-memory`: runs whose memory plan exceeds this many bytes are refused before they start (see
     /// [`Session::check_memory`]). None = only the process's own limits.
     pub max_memory: Option<usize>,
+    /// `--prefill`: how a prompt goes through the layers (dense, or LazyLLM's pruning, see [`crate::model::lazy`]).
+    pub prefill: PrefillSpec,
 }
 
 impl SessionConfig {
@@ -80,6 +84,7 @@ impl SessionConfig {
             offload: None,
             swa_full: false,
             max_memory: None,
+            prefill: PrefillSpec::Dense,
         }
     }
 }
@@ -105,11 +110,13 @@ pub struct Session<'m> {
     context_end: Option<usize>,
     /// Times the KV method ran on this session's cache (forks count their own).
     pub compressions: usize,
+    /// `--prefill lazyllm`: the plan, the aux cache of pruned tokens and the pass's buffers.
+    pub lazy: Option<LazyState>,
 }
 
 /// Where a feed stands in the prompt/answer cycle: a prefill may end with a compression (the protocol decides, see
 /// [`Session::prompt_compresses`]), decode steps compress every N.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
     Prefill { compress: bool },
     Decode,
@@ -177,6 +184,7 @@ impl<'m> Session<'m> {
             }
             scratch.seq.selector = Some(selector);
         }
+        let lazy = lazy_state(&cfg, mc, &cache)?;
         let acc = AttnAcc::new(needs.accumulate, mc.n_layers * mc.n_kv_heads);
         let stats = Stats {
             threads: rayon::current_num_threads(),
@@ -195,6 +203,7 @@ impl<'m> Session<'m> {
             since_compress: 0,
             context_end: None,
             compressions: 0,
+            lazy,
         })
     }
 
@@ -288,6 +297,9 @@ impl<'m> Session<'m> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
+        if self.lazy.is_some() && phase != Phase::Decode {
+            return self.feed_lazy(tokens, want, on_logits, phase);
+        }
         let chunk = self.cfg.chunk_size;
         let mut start = 0;
         while start < tokens.len() {
@@ -299,7 +311,11 @@ impl<'m> Session<'m> {
             // cross-thread hand-off that each call from an outside thread pays.
             let (model, pos, cache, scratch) =
                 (self.model, &self.pos, &mut self.cache, &mut self.scratch);
-            rayon::scope(|_| model.forward(&tokens[start..end], pos, cache, scratch));
+            match self.lazy.as_mut() {
+                // A decode step: LazyLLM may revive pruned tokens in it.
+                Some(lz) => rayon::scope(|_| lz.decode(model, tokens[0], pos[0], cache, scratch)),
+                None => rayon::scope(|_| model.forward(&tokens[start..end], pos, cache, scratch)),
+            }
             self.after_chunk(&tokens[start..end])?;
             // Logits for wanted rows inside this chunk, a bounded number of rows at a time.
             let lo = want.start.max(start);
@@ -324,6 +340,41 @@ impl<'m> Session<'m> {
                 }
             }
             start = end;
+        }
+        self.end_feed(phase);
+        Ok(())
+    }
+
+    /// A LazyLLM prompt feed: one layer-major pass over the whole of `tokens` (see [`crate::model::lazy`]); only the
+    /// last token's logits exist.
+    fn feed_lazy<F: FnMut(usize, &[f32])>(
+        &mut self,
+        tokens: &[u32],
+        want: std::ops::Range<usize>,
+        mut on_logits: F,
+        phase: Phase,
+    ) -> Result<()> {
+        let n = tokens.len();
+        if want.start < want.end && (want.start + 1 != want.end || want.end != n) {
+            bail!(
+                "--prefill {}: only the prompt's last token has logits (pruned tokens never reach the output); \
+                 asked for tokens {}..{} of {n}",
+                self.cfg.prefill,
+                want.start,
+                want.end
+            );
+        }
+        let n0 = self.n_past() as u32;
+        let (model, cache, scratch) = (self.model, &mut self.cache, &mut self.scratch);
+        if let Some(lz) = self.lazy.as_mut() {
+            rayon::scope(|_| lz.prefill(model, tokens, n0, cache, scratch));
+        }
+        self.after_chunk(tokens)?;
+        if want.start < want.end {
+            let vocab = model.config().vocab;
+            let scratch = &mut self.scratch;
+            rayon::scope(|_| model.logits(scratch, 0..1));
+            on_logits(n - 1, &self.scratch.logits[..vocab]);
         }
         self.end_feed(phase);
         Ok(())
@@ -388,6 +439,7 @@ impl<'m> Session<'m> {
         self.stats.kv_meta_bytes = self.cache.meta_bytes() + index;
         self.stats.kv_disk_bytes = self.cache.disk_bytes();
         self.stats.kv_disk_read_bytes = self.cache.disk_read_bytes();
+        self.stats.aux_bytes = self.lazy.as_ref().map_or(0, LazyState::aux_bytes);
         self.stats.note_kv(self.cache.peak_bytes() + index);
     }
 
@@ -508,6 +560,7 @@ impl<'m> Session<'m> {
         }
         s.tokens = self.tokens.clone();
         s.stats = self.stats.clone();
+        s.lazy = self.lazy.clone();
         if s.scratch.seq.obs.capacity() == self.scratch.seq.obs.capacity() {
             s.scratch.seq.obs = self.scratch.seq.obs.clone();
         } else {
@@ -578,7 +631,13 @@ impl<'m> Session<'m> {
     /// changing nothing, if a sliding-window layer has already dropped entries the token at `n` reads: call
     /// [`Self::hold`] before feeding past a point the session may come back to.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
-        self.cache.truncate_pos(n as u32)?;
+        match self.lazy.as_mut() {
+            Some(lz) => {
+                crate::model::lazy::truncate(&mut self.cache, n as u32)?;
+                lz.truncate_pos(n as u32, self.model.config().dim);
+            }
+            None => self.cache.truncate_pos(n as u32)?,
+        }
         self.tokens.truncate(n);
         // Back before the end of the compressed context: what comes next is a new context.
         if self.context_end.is_some_and(|e| e > n) {
@@ -624,6 +683,9 @@ impl<'m> Session<'m> {
         self.tokens.clear();
         self.context_end = None;
         self.cache.clear();
+        if let Some(lz) = self.lazy.as_mut() {
+            lz.truncate_pos(0, self.model.config().dim);
+        }
         self.scratch.seq.obs.truncate_pos(0);
         self.acc.sync_len(&self.cache);
     }
@@ -665,6 +727,35 @@ fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Re
         }
     }
     Ok(())
+}
+
+/// The LazyLLM state a session under `cfg` runs with (None for dense prefill): its plan checked against the model;
+/// refused beside a KV method or selector (they read and edit streams that LazyLLM leaves unequal across layers), and
+/// revival on a cache that keeps only sliding windows (an old token's window is gone).
+fn lazy_state(
+    cfg: &SessionConfig,
+    mc: &crate::model::ModelConfig,
+    cache: &KvCache,
+) -> Result<Option<LazyState>> {
+    let PrefillSpec::LazyLlm(lc) = &cfg.prefill else {
+        return Ok(None);
+    };
+    let plan = lc.plan(mc)?;
+    if cfg.kv.method.build.is_some() || cfg.kv.select.is_some() {
+        bail!(
+            "--prefill '{}' with --kv '{}': LazyLLM runs with a full cache (no KV method or selector)",
+            cfg.prefill,
+            cfg.kv
+        );
+    }
+    if plan.revive_every > 0 && cache.cfg.windows.iter().any(Option::is_some) {
+        bail!(
+            "--prefill '{}': revival recomputes a pruned token's layers, and this model's sliding-window layers keep \
+             only their window; add revive=0 or --swa-full",
+            cfg.prefill
+        );
+    }
+    Ok(Some(LazyState::new(plan)))
 }
 
 /// The sliding window of every layer (None on global layers).

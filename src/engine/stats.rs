@@ -27,6 +27,8 @@ pub struct Stats {
     /// KV offload: bytes read from the offload file over the session (prefill, decode and promotions back into RAM);
     /// they are part of the KV bytes read.
     pub kv_disk_read_bytes: u64,
+    /// `--prefill lazyllm`: bytes the aux cache of pruned hidden states held at the end.
+    pub aux_bytes: usize,
     /// KV bytes read per decoded token (attention plus the selector's scoring; mean over decode steps).
     pub kv_read_bytes_per_token: f64,
     /// Time in attention (selection included) per decoded token.
@@ -87,6 +89,8 @@ impl Stats {
             },
             if self.kv_meta_bytes > 0 {
                 format!(", selection metadata {}", human_bytes(self.kv_meta_bytes))
+            } else if self.aux_bytes > 0 {
+                format!(", LazyLLM aux cache {}", human_bytes(self.aux_bytes))
             } else {
                 String::new()
             },

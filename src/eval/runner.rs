@@ -493,6 +493,10 @@ impl<'a> Runner<'a> {
         let t0 = Instant::now();
         let logits = match feed {
             Feed::Prompt(t) => s.prefill(t)?,
+            // LazyLLM ranks the prompt by its last token's attention: context and question go in as one prompt.
+            Feed::Split { context, question } if s.lazy.is_some() => {
+                s.prefill(&[context, question].concat())?
+            }
             Feed::Split { context, question } => {
                 s.prefill(context)?;
                 s.prefill_uncompressed(question)?

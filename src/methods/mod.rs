@@ -40,6 +40,7 @@ pub mod h2o;
 pub mod knorm;
 pub mod kvmerger;
 pub mod obs;
+pub mod prefill;
 pub mod press;
 pub mod pyramidkv;
 pub mod random;

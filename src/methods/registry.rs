@@ -8,6 +8,7 @@
 
 use anyhow::{bail, Result};
 
+use super::prefill::{lazyllm, PrefillSpec};
 use super::select::{
     self, hip, longheads, lserve, quest, retrieval, squeezed, tokenselect, FrameDefaults,
     SelectOptions,
@@ -709,6 +710,82 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
         show: |o| o.queue.map(|n| format!("queue={n}")),
     },
 ];
+
+/// A `--prefill` method: its name, what it does, its options (name, usage and meaning) and the parser of its options.
+pub struct PrefillRow {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub options: &'static [(&'static str, &'static str)],
+    pub parse: fn(&[&str]) -> Result<PrefillSpec>,
+}
+
+pub static DENSE: PrefillRow = PrefillRow {
+    name: "dense",
+    help: "every prompt token through every layer (default)",
+    options: &[],
+    parse: |opts| match opts {
+        [] => Ok(PrefillSpec::Dense),
+        _ => bail!("dense takes no options"),
+    },
+};
+
+pub static LAZYLLM: PrefillRow = PrefillRow {
+    name: "lazyllm",
+    help: "LazyLLM: from each stage's layer on, only the top share of prompt tokens by the last token's attention \
+           (averaged over heads, at the layer before) is computed; pruned hidden states wait in an aux cache and \
+           decode revives selected ones",
+    options: &[
+        (
+            "layers",
+            "L:keep/L:keep/...: stages, layers ascending, keep shares of the prompt not growing (default: \
+             0.7/0.4/0.2 from 1/4, 1/2, 3/4 of the depth)",
+        ),
+        (
+            "revive",
+            "N: revival every N decode steps (default 1; 0 = never, one-shot eviction)",
+        ),
+    ],
+    parse: lazyllm::parse_row,
+};
+
+/// Every `--prefill` method; the first is the default.
+pub static PREFILL: &[&PrefillRow] = &[&DENSE, &LAZYLLM];
+
+pub fn prefill(name: &str) -> Option<&'static PrefillRow> {
+    PREFILL.iter().copied().find(|r| r.name == name)
+}
+
+/// Prefill method names, comma-separated.
+pub fn prefill_names() -> String {
+    names(PREFILL.iter().map(|r| r.name))
+}
+
+/// The `--prefill` help of every command, from the table.
+pub fn prefill_help() -> String {
+    let mut s = String::from("Prefill method: `<method>[,<option>=<value>...]`.");
+    for r in PREFILL {
+        s += &format!(" `{}`: {}", r.name, r.help);
+        for (o, h) in r.options {
+            s += &format!("; `{o}={h}`");
+        }
+        s += ".";
+    }
+    s + " E.g. `lazyllm,layers=8:0.7/16:0.4/24:0.2`."
+}
+
+/// The README's table of prefill methods, as markdown.
+pub fn prefill_markdown() -> String {
+    let mut s = String::from("| prefill | what it does | options |\n|---|---|---|\n");
+    for r in PREFILL {
+        let opts: Vec<String> = r
+            .options
+            .iter()
+            .map(|(o, h)| format!("`{o}={h}`"))
+            .collect();
+        s += &format!("| `{}` | {} | {} |\n", r.name, r.help, opts.join("<br>"));
+    }
+    s
+}
 
 pub fn selector(name: &str) -> Option<&'static SelectorRow> {
     SELECTORS.iter().find(|m| m.name == name)

@@ -190,13 +190,22 @@ impl Model {
     /// residual, feed-forward block; x (n × dim) holds the rows' residual stream after the layer.
     pub fn layer_finish(&self, li: usize, pos: &[u32], cache: &KvCache, s: &mut Scratch) {
         let c = self.config();
-        let l = self.layer_ref(li);
-        let (n, dim, hd, nh) = (pos.len(), c.dim, c.head_dim_k, c.n_heads);
+        let (n, hd, nh) = (pos.len(), c.head_dim_k, c.n_heads);
         let params = attn_params(c, li);
         let (q, att) = (&s.q[..n * nh * hd], &mut s.att[..n * nh * hd]); // n × nh·hd each
         let t0 = std::time::Instant::now();
         attend(cache, li, q, pos, att, &params, &mut s.attn);
         s.seq.attn_ns += t0.elapsed().as_nanos() as u64;
+        self.layer_out(li, n, s);
+    }
+
+    /// Layer `li`, after attention, for n rows whose attention output is in `s.att` (n × n_heads·hd): head mask,
+    /// output projection, residual, feed-forward block; x (n × dim) holds the rows' residual stream after the layer.
+    pub fn layer_out(&self, li: usize, n: usize, s: &mut Scratch) {
+        let c = self.config();
+        let l = self.layer_ref(li);
+        let (dim, hd, nh) = (c.dim, c.head_dim_k, c.n_heads);
+        let att = &mut s.att[..n * nh * hd]; // n × nh·hd
         mask_heads(att, nh, hd, &s.seq.head_mask, li);
         matmul(&l.attn.wo, att, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
         if let Some((post_attn, _)) = l.post {
@@ -216,7 +225,7 @@ impl Model {
     }
 }
 
-fn attn_params(c: &ModelConfig, li: usize) -> AttnParams {
+pub(crate) fn attn_params(c: &ModelConfig, li: usize) -> AttnParams {
     AttnParams {
         n_q_heads: c.n_heads,
         scale: c.attn_scale,

@@ -8,6 +8,7 @@ pub mod blend;
 pub mod blocks;
 pub mod cost;
 pub mod gemma3;
+pub mod lazy;
 pub mod llama;
 pub mod query_window;
 pub mod rope;
