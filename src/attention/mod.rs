@@ -123,7 +123,17 @@ pub fn attend(
     p: &AttnParams,
     scratch: &mut AttnScratch,
 ) {
-    attend_impl(cache, layer, q, q_pos, out, p, Sel::All, simd_level(), scratch)
+    attend_impl(
+        cache,
+        layer,
+        q,
+        q_pos,
+        out,
+        p,
+        Sel::All,
+        simd_level(),
+        scratch,
+    )
 }
 
 /// What a call reads: every visible entry, a per-KV-head selection (decode), or per (KV head, query tile) key
@@ -254,7 +264,13 @@ fn attend_impl(
             }
             Sel::Heads(sel) => {
                 let base = scratch.pieces.len();
-                cut_pieces(cache, layer, kv_head, sel.ranges(kv_head), &mut scratch.pieces);
+                cut_pieces(
+                    cache,
+                    layer,
+                    kv_head,
+                    sel.ranges(kv_head),
+                    &mut scratch.pieces,
+                );
                 (base, scratch.pieces.len() - base)
             }
         };
@@ -278,7 +294,8 @@ fn attend_impl(
                 for s in 0..splits {
                     let blk_end = base + nb * (s + 1) / splits;
                     let start = at;
-                    while at < scratch.pieces.len() && (scratch.pieces[at].block as usize) < blk_end {
+                    while at < scratch.pieces.len() && (scratch.pieces[at].block as usize) < blk_end
+                    {
                         at += 1;
                     }
                     scratch.tasks.push(Task {
@@ -286,7 +303,11 @@ fn attend_impl(
                         t0,
                         t1,
                         blk0: start,
-                        blk1: if s + 1 == splits { scratch.pieces.len() } else { at },
+                        blk1: if s + 1 == splits {
+                            scratch.pieces.len()
+                        } else {
+                            at
+                        },
                     });
                 }
                 continue;

@@ -204,7 +204,12 @@ mod tests {
                 }
                 ts.add(h, tile, 64, 128.min(p1 + 1));
                 for off in [40 + shift, 97] {
-                    ts.add(h, tile, p0.saturating_sub(off), (p1 + 1).saturating_sub(off));
+                    ts.add(
+                        h,
+                        tile,
+                        p0.saturating_sub(off),
+                        (p1 + 1).saturating_sub(off),
+                    );
                 }
                 ts.add(h, tile, p0.saturating_sub(8), p1 + 1);
             }
@@ -214,7 +219,9 @@ mod tests {
     }
 
     fn max_err(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
     }
 
     #[test]
@@ -250,7 +257,10 @@ mod tests {
                         );
                     }
                     let (got, dense) = ts.pairs(0, &q_pos);
-                    assert!(got < dense, "a sparse pattern computes fewer pairs: {got} / {dense}");
+                    assert!(
+                        got < dense,
+                        "a sparse pattern computes fewer pairs: {got} / {dense}"
+                    );
                 }
             }
         }

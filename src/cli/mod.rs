@@ -8,6 +8,7 @@ mod generate;
 mod heads;
 mod info;
 mod kvcodec;
+mod patterns;
 mod perplexity;
 mod plan;
 mod serve;
@@ -65,6 +66,9 @@ pub enum Cmd {
     /// Retrieval-head detection (copy-paste criterion on NIAH instances): scores per (layer, head) as JSON, the
     /// file `--kv duo@<budget>,heads@FILE` reads.
     Heads(heads::HeadsArgs),
+    /// MInference's offline per-head sparse prefill pattern search on one long kv-retrieval example: writes the JSON
+    /// `--prefill minference@FILE` reads.
+    Patterns(patterns::PatternsArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -223,6 +227,8 @@ pub struct ModelArgs {
     /// by default those layers (Gemma 3's local ones) keep only their window.
     #[arg(long)]
     pub swa_full: bool,
+    #[arg(long, default_value_t = crate::methods::prefill::PrefillSpec::Dense.to_string(), help = crate::methods::registry::prefill_help())]
+    pub prefill: String,
     /// Write the stats line as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -297,6 +303,7 @@ impl ModelArgs {
     /// Sets up threads, resolves/fetches the model, loads weights and tokenizer, checks the flags.
     pub fn load(&self) -> Result<Loaded> {
         let mut kv_spec: crate::methods::KvSpec = self.kv.parse()?;
+        let prefill: crate::methods::prefill::PrefillSpec = self.prefill.parse()?;
         let mut kv_dtype = KvDtype::parse(&self.kv_dtype)?;
         if let Some(r) = self.kv_residual {
             match (&mut kv_dtype, &mut kv_spec.options.kivi) {
@@ -324,6 +331,7 @@ impl ModelArgs {
         let mut session_cfg = SessionConfig::for_model(&model);
         session_cfg.kv_dtype = kv_dtype;
         session_cfg.kv = kv_spec;
+        session_cfg.prefill = prefill;
         if self.chunk_size == 0 {
             bail!("--chunk-size must be at least 1");
         }
@@ -388,10 +396,11 @@ pub fn methods_text(markdown: bool) -> String {
     use crate::methods::registry::{self, METHODS, OPTIONS, SELECTORS, SELECT_OPTIONS};
     if markdown {
         return format!(
-            "{}\n{}\n{}",
+            "{}\n{}\n{}\n{}",
             registry::methods_markdown(),
             registry::options_markdown(),
-            registry::selectors_markdown()
+            registry::selectors_markdown(),
+            registry::prefill_markdown()
         );
     }
     let mut s = String::from("KV methods (--kv <method>[@<budget>][,<option>...]):\n");
@@ -449,6 +458,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Eval { what } => eval::run(what),
         Cmd::Heads(a) => heads::run(a),
+        Cmd::Patterns(a) => patterns::run(a),
         Cmd::Bench { what } => bench::run(what),
         Cmd::Plan(a) => plan::run(a),
         Cmd::Serve(a) => serve::run(a),

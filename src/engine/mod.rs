@@ -55,6 +55,8 @@ pub struct SessionConfig {
     /// `--max-memory`: runs whose memory plan exceeds this many bytes are refused before they start (see
     /// [`Session::check_memory`]). None = only the process's own limits.
     pub max_memory: Option<usize>,
+    /// `--prefill`: dense, or a sparse prefill method (prompt chunks only; decode is never affected).
+    pub prefill: crate::methods::prefill::PrefillSpec,
 }
 
 impl SessionConfig {
@@ -80,6 +82,7 @@ impl SessionConfig {
             offload: None,
             swa_full: false,
             max_memory: None,
+            prefill: Default::default(),
         }
     }
 }
@@ -177,9 +180,12 @@ impl<'m> Session<'m> {
             }
             scratch.seq.selector = Some(selector);
         }
+        scratch.seq.prefill = cfg.prefill.build(mc)?;
         let acc = AttnAcc::new(needs.accumulate, mc.n_layers * mc.n_kv_heads);
         let stats = Stats {
             threads: rayon::current_num_threads(),
+            prefill: cfg.prefill.to_string(),
+            prefill_density: 1.0,
             ..Default::default()
         };
         Ok(Self {
@@ -364,6 +370,12 @@ impl<'m> Session<'m> {
                     }
                 }
                 self.end_prefill();
+                let [got, dense] = self.scratch.seq.prefill_pairs;
+                self.stats.prefill_density = if dense > 0 {
+                    got as f64 / dense as f64
+                } else {
+                    1.0
+                };
             }
             Phase::Decode => {
                 self.since_compress += 1;

@@ -51,6 +51,7 @@ pub mod window;
 
 pub mod heads;
 
+pub mod prefill;
 pub mod registry;
 pub mod select;
 pub mod spec;
