@@ -529,7 +529,7 @@ unsafe fn run_task_avx2<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
 /// e^x for x ≤ 0 (scores minus their running max), written so LLVM vectorizes it: range reduction to
 /// x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial (relative error < 2e-7). Inputs below −87 give 0.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

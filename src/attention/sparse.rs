@@ -56,11 +56,18 @@ impl TileSelection {
     pub fn pairs(&self, head: usize, q_pos: &[u32]) -> (u64, u64) {
         let (mut got, mut dense) = (0u64, 0u64);
         for (tile, rows) in q_pos.chunks(Q_TILE).enumerate() {
-            for &p in rows {
-                let end = p as u64 + 1;
-                dense += end;
-                for &(lo, hi) in self.ranges(head, tile) {
-                    got += (hi as u64).min(end).saturating_sub(lo as u64);
+            let first = rows.iter().copied().min().unwrap_or(0) as u64 + 1;
+            dense += rows.iter().map(|&p| p as u64 + 1).sum::<u64>();
+            for &(lo, hi) in self.ranges(head, tile) {
+                let (lo, hi) = (lo as u64, hi as u64);
+                if hi <= first {
+                    // Visible to every row of the tile.
+                    got += (hi - lo) * rows.len() as u64;
+                } else {
+                    got += rows
+                        .iter()
+                        .map(|&p| hi.min(p as u64 + 1).saturating_sub(lo))
+                        .sum::<u64>();
                 }
             }
         }

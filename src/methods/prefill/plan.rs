@@ -10,8 +10,8 @@
 //! The prefill case only: the chunk's positions are consecutive and every KV head's entry `e` is position `e`
 //! ([`prefill_shape`] checks; anything else stays dense).
 
-use crate::attention::{TileSelection, Q_TILE};
-use crate::kv::KvCache;
+use crate::attention::{exp_neg, TileSelection, Q_TILE};
+use crate::kv::{BlockData, KvCache};
 use crate::model::SelectCx;
 
 use super::HeadPattern;
@@ -34,6 +34,10 @@ pub fn prefill_shape(cx: &SelectCx) -> bool {
     (last - first) as usize + 1 == cx.pos.len()
         && (0..cx.cache.cfg.n_kv_heads).all(|h| cx.cache.len(cx.layer, h) == last as usize + 1)
 }
+
+/// Key groups (a default cache block) and how many selected keys make a group read whole.
+pub const GROUP: usize = 32;
+pub const GROUP_FILL: usize = GROUP / 4;
 
 /// Bits over key positions.
 #[derive(Clone, Default, Debug)]
@@ -71,6 +75,19 @@ impl Bits {
         }
     }
 
+    /// Sets every aligned group of [`GROUP`] bits that has at least [`GROUP_FILL`] set: the kernel folds a whole
+    /// cache block at about the cost of gathering a quarter of it, so a quarter-selected block is read whole.
+    pub fn fill_dense_groups(&mut self) {
+        for w in &mut self.w {
+            for half in [0u32, 32] {
+                let mask = (u32::MAX as u64) << half;
+                if (*w & mask).count_ones() as usize >= GROUP_FILL {
+                    *w |= mask;
+                }
+            }
+        }
+    }
+
     /// self |= other over self's room.
     pub fn or(&mut self, other: &Bits) {
         for (a, b) in self.w.iter_mut().zip(&other.w) {
@@ -80,35 +97,69 @@ impl Bits {
 
     /// Calls `f(lo, hi)` for every run of set bits below `limit`, ascending.
     pub fn runs(&self, limit: usize, mut f: impl FnMut(usize, usize)) {
-        let mut start = None;
         let n = limit.min(self.w.len() * 64);
         let mut i = 0;
+        let mut start: Option<usize> = None;
         while i < n {
-            let w = self.w[i / 64];
-            if i.is_multiple_of(64) && i + 64 <= n && (w == 0 || w == u64::MAX) {
-                match (w == u64::MAX, start) {
-                    (true, None) => start = Some(i),
-                    (false, Some(s)) => {
-                        f(s, i);
-                        start = None;
-                    }
-                    _ => {}
+            let (wi, off) = (i / 64, i % 64);
+            let w = self.w[wi] >> off;
+            // Bits of the word from `off` on that continue the current state (set in a run, clear outside one).
+            let same = if start.is_some() {
+                (!w).trailing_zeros()
+            } else {
+                w.trailing_zeros()
+            };
+            let step = (same as usize).min(64 - off);
+            let next = (i + step).min(n);
+            if next < n && step < 64 - off {
+                // The state flips at `next`.
+                match start.take() {
+                    Some(a) => f(a, next),
+                    None => start = Some(next),
                 }
-                i += 64;
-                continue;
             }
-            match (w >> (i % 64) & 1 == 1, start) {
-                (true, None) => start = Some(i),
-                (false, Some(s)) => {
-                    f(s, i);
-                    start = None;
-                }
-                _ => {}
-            }
-            i += 1;
+            i = if step == 0 { i + 1 } else { next };
         }
-        if let Some(s) = start {
-            f(s, n);
+        if let Some(a) = start {
+            f(a, n);
+        }
+    }
+
+    /// Dilates by `w` toward higher positions: bit x is set if any of bits x − w ..= x was.
+    pub fn dilate(&mut self, w: usize) {
+        let mut done = 0; // bits x−done ..= x are covered
+        while done < w {
+            let s = (done + 1).min(w - done);
+            self.or_shl(s);
+            done += s;
+        }
+    }
+
+    /// self |= self shifted up by `s` bits (0 < s < 64).
+    fn or_shl(&mut self, s: usize) {
+        for i in (0..self.w.len()).rev() {
+            let lo = if i > 0 { self.w[i - 1] >> (64 - s) } else { 0 };
+            self.w[i] |= (self.w[i] << s) | lo;
+        }
+    }
+
+    /// `out` ← these bits in reverse order over the whole room (bit x ↦ room − 1 − x).
+    pub fn reverse_into(&self, out: &mut Bits) {
+        out.w.clear();
+        out.w.extend(self.w.iter().rev().map(|w| w.reverse_bits()));
+    }
+
+    /// self |= `src` shifted down by `s` bits (bit k takes src's bit k + s).
+    pub fn or_shr(&mut self, src: &Bits, s: usize) {
+        let (q, r) = (s / 64, s % 64);
+        for i in 0..self.w.len() {
+            let a = src.w.get(i + q).copied().unwrap_or(0);
+            let b = src.w.get(i + q + 1).copied().unwrap_or(0);
+            self.w[i] |= if r == 0 {
+                a
+            } else {
+                (a >> r) | (b << (64 - r))
+            };
         }
     }
 }
@@ -131,6 +182,9 @@ pub struct HeadPlan {
     pub blocks: Vec<Bits>,
     /// The tile being emitted (scratch).
     tile: Bits,
+    /// Diagonals dilated by a tile's rows, then reversed (see [`Self::emit_with`]).
+    dil: Bits,
+    rev: Bits,
 }
 
 impl HeadPlan {
@@ -170,10 +224,20 @@ impl HeadPlan {
     }
 
     /// The tiles' ranges as `f(tile, lo, hi)`, ascending within a tile.
+    ///
+    /// Diagonals: tile rows p0 ..= p1 reach key k through offset o when p0 ≤ k + o ≤ p1. With the offsets dilated by
+    /// the tile's span (bit x set if an offset lies in x − 15 ..= x), k is reached iff bit p1 − k is set: the keys
+    /// are the dilated offsets reversed and shifted, a few word operations per tile however many diagonals there are.
     pub fn emit_with(&mut self, pos: &[u32], mut f: impl FnMut(usize, usize, usize)) {
         let len = pos.last().map_or(0, |&p| p as usize + 1);
+        self.dil.w.clear();
+        self.dil.w.extend_from_slice(&self.offs.w);
+        self.dil.dilate(Q_TILE - 1);
+        self.dil.reverse_into(&mut self.rev);
+        let room = self.dil.w.len() * 64;
         for (tile, rows) in pos.chunks(Q_TILE).enumerate() {
-            let (p0, p1) = (rows[0] as usize, rows[rows.len() - 1] as usize);
+            let p1 = rows[rows.len() - 1] as usize;
+            let p0 = rows[0] as usize;
             let end = p1 + 1;
             if self.dense {
                 f(tile, 0, end);
@@ -182,10 +246,8 @@ impl HeadPlan {
             let m = &mut self.tile;
             m.reset(len);
             m.or(&self.cols);
-            // Diagonal o reaches keys p0 − o ..= p1 − o from this tile's rows.
-            self.offs.runs(end, |olo, ohi| {
-                m.set_range((p0 + 1).saturating_sub(ohi), end - olo);
-            });
+            // Key k ↔ dilated bit p1 − k ↔ reversed bit room − 1 − p1 + k.
+            m.or_shr(&self.rev, room - 1 - p1);
             if self.init + self.local > 0 {
                 m.set_range(0, self.init.min(end));
                 m.set_range((p0 + 1).saturating_sub(self.local), end);
@@ -195,16 +257,21 @@ impl HeadPlan {
                 let kept = &self.blocks[tile * Q_TILE / bs];
                 kept.runs(len.div_ceil(bs), |a, b| m.set_range(a * bs, b * bs));
             }
+            m.fill_dense_groups();
             m.runs(end, |lo, hi| f(tile, lo, hi));
         }
     }
 }
 
-/// One KV head's keys as f32 rows (len × hk) and the work buffers of its estimates, reused.
+/// One KV head's keys as f32 and the work buffers of its estimates, reused.
 #[derive(Default)]
 pub struct Estimator {
-    /// len × hk
+    /// Keys in the cache's block layout, as f32: block b's channel c, entry j at `(b·hk + c)·bt + j`.
     keys: Vec<f32>,
+    hk: usize,
+    bt: usize,
+    /// One key (hk), for blocks read entry by entry.
+    one: Vec<f32>,
     /// Scores of one query row (len).
     row: Vec<f32>,
     /// Column and diagonal sums of the last queries' attention (len each).
@@ -229,44 +296,103 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// Softmax of `s` in place (every entry finite).
+/// Softmax of `s` in place (every entry finite), with the attention kernel's vectorizable exp.
 pub fn softmax(s: &mut [f32]) {
     let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut z = 0.0;
     for x in s.iter_mut() {
-        *x = (*x - m).exp();
+        *x = exp_neg(*x - m);
         z += *x;
     }
     let inv = 1.0 / z;
     s.iter_mut().for_each(|x| *x *= inv);
 }
 
+/// s[e] = scale · q·k_e for the `s.len()` first entries of keys in block layout (`kt`, blocks of `bt`).
+#[inline(always)]
+fn scores_blocked(q: &[f32], kt: &[f32], bt: usize, scale: f32, s: &mut [f32]) {
+    let hk = q.len();
+    for (b, sb) in s.chunks_mut(bt).enumerate() {
+        let kb = &kt[b * hk * bt..][..hk * bt];
+        let n = sb.len();
+        if bt == 32 && n == 32 {
+            // The default block: the 32 scores stay in registers over the channels.
+            let mut acc = [0.0f32; 32];
+            for (c, &qc) in q.iter().enumerate() {
+                let k: &[f32; 32] = kb[c * 32..][..32].try_into().expect("32 keys");
+                for j in 0..32 {
+                    acc[j] += qc * k[j];
+                }
+            }
+            for (x, a) in sb.iter_mut().zip(acc) {
+                *x = a * scale;
+            }
+            continue;
+        }
+        sb.fill(0.0);
+        for (c, &qc) in q.iter().enumerate() {
+            for (x, k) in sb.iter_mut().zip(&kb[c * bt..][..n]) {
+                *x += qc * k;
+            }
+        }
+        sb.iter_mut().for_each(|x| *x *= scale);
+    }
+    softmax(s);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(q: &[f32], kt: &[f32], bt: usize, scale: f32, s: &mut [f32]) {
+    scores_blocked(q, kt, bt, scale, s)
+}
+
 impl Estimator {
     /// Reads KV head `h`'s keys of `layer` (`len` entries).
     pub fn load_keys(&mut self, cache: &KvCache, layer: usize, h: usize, len: usize) {
-        let hk = cache.cfg.head_dim_k;
+        use half::slice::HalfFloatSliceExt;
+        let (hk, bt) = (cache.cfg.head_dim_k, cache.cfg.block_tokens);
         self.forget_means();
-        self.keys.resize(len * hk, 0.0);
-        let bt = cache.cfg.block_tokens;
-        for (b, blk) in cache.blocks(layer, h).enumerate() {
-            for j in 0..blk.n {
-                let e = b * bt + j;
-                if e < len {
-                    blk.read_key(j, &mut self.keys[e * hk..][..hk]);
+        (self.hk, self.bt) = (hk, bt);
+        let nb = len.div_ceil(bt);
+        self.keys.resize(nb * hk * bt, 0.0);
+        self.one.resize(hk, 0.0);
+        for b in 0..nb {
+            let blk = cache.block(layer, h, b);
+            let dst = &mut self.keys[b * hk * bt..][..hk * bt];
+            match (blk.data, blk.channels) {
+                (BlockData::F16 { k, .. }, None) => k[..hk * bt].convert_to_f32_slice(dst),
+                (BlockData::F32 { k, .. }, None) => dst.copy_from_slice(&k[..hk * bt]),
+                _ => {
+                    for j in 0..blk.n {
+                        blk.read_key(j, &mut self.one);
+                        for (c, &x) in self.one.iter().enumerate() {
+                            dst[c * bt + j] = x;
+                        }
+                    }
                 }
             }
         }
         cache.note_read(len * hk * 2);
     }
 
+    /// Key `e` (hk) into `out`.
+    fn key(&self, e: usize, out: &mut [f32]) {
+        let (b, j) = (e / self.bt, e % self.bt);
+        for (c, x) in out.iter_mut().enumerate() {
+            *x = self.keys[(b * self.hk + c) * self.bt + j];
+        }
+    }
+
     /// Probabilities of query row `q` at position `p` over keys `0..=p` into the row buffer, returned.
     pub fn probs(&mut self, q: &[f32], p: usize, scale: f32) -> &[f32] {
-        let hk = q.len();
         self.row.resize(p + 1, 0.0);
-        for (j, s) in self.row.iter_mut().enumerate() {
-            *s = dot(q, &self.keys[j * hk..][..hk]) * scale;
+        #[cfg(target_arch = "x86_64")]
+        if !matches!(crate::kernels::kernel(), crate::kernels::Kernel::Scalar) {
+            // SAFETY: the kernel selection found AVX2 and FMA on this CPU for every non-scalar kernel.
+            unsafe { scores_avx2(q, &self.keys, self.bt, scale, &mut self.row) };
+            return &self.row;
         }
-        softmax(&mut self.row);
+        scores_blocked(q, &self.keys, self.bt, scale, &mut self.row);
         &self.row
     }
 
@@ -359,14 +485,19 @@ impl Estimator {
             self.kmean.resize(nkb * hk, 0.0);
             for kb in 0..nkb {
                 let (a, b) = (kb * block, ((kb + 1) * block).min(len));
-                let m = &mut self.kmean[kb * hk..][..hk];
+                self.one.resize(hk, 0.0);
                 for e in a..b {
-                    for (x, y) in m.iter_mut().zip(&self.keys[e * hk..][..hk]) {
+                    let mut one = std::mem::take(&mut self.one);
+                    self.key(e, &mut one);
+                    for (x, y) in self.kmean[kb * hk..][..hk].iter_mut().zip(&one) {
                         *x += y;
                     }
+                    self.one = one;
                 }
                 let inv = 1.0 / (b - a) as f32;
-                m.iter_mut().for_each(|x| *x *= inv);
+                self.kmean[kb * hk..][..hk]
+                    .iter_mut()
+                    .for_each(|x| *x *= inv);
             }
         }
         self.qmean.resize(hk, 0.0);
@@ -456,6 +587,17 @@ mod tests {
         b.runs(100, |lo, hi| got.push((lo, hi)));
         assert_eq!(got, vec![(3, 7), (64, 100)]);
         assert!(b.get(250) && !b.get(251));
+        let mut d = Bits::default();
+        d.reset(200);
+        d.set(10);
+        d.set(100);
+        d.dilate(15);
+        let mut got = Vec::new();
+        d.runs(200, |lo, hi| got.push((lo, hi)));
+        assert_eq!(got, vec![(10, 26), (100, 116)]);
+        let mut r = Bits::default();
+        d.reverse_into(&mut r);
+        assert!(r.get(255 - 10) && r.get(255 - 25) && !r.get(255 - 26));
     }
 
     #[test]
@@ -468,9 +610,11 @@ mod tests {
         plan.cols.set(7);
         let mut got: Vec<Vec<(usize, usize)>> = vec![Vec::new(); 2];
         plan.emit_with(&pos, |t, lo, hi| got[t].push((lo, hi)));
-        // Tile 0: rows 100..=115; offset 50 → keys 50..=65; offsets 0,1 → keys 99..=115.
-        assert_eq!(got[0], vec![(7, 8), (50, 66), (99, 116)]);
-        assert_eq!(got[1], vec![(7, 8), (66, 82), (115, 132)]);
+        // Tile 0: rows 100..=115; offset 50 → keys 50..=65; offsets 0,1 → keys 99..=115; then groups of 32 keys with
+        // at least 8 selected are read whole (32..64 holds 14, 96..128 holds 17; 0..32 and 64..96 stay as they are).
+        assert_eq!(got[0], vec![(7, 8), (32, 66), (96, 116)]);
+        // Tile 1: rows 116..=131; keys 66..=81 and 115..=131: 64..128 filled, 128..132 (4 keys) as is.
+        assert_eq!(got[1], vec![(7, 8), (64, 132)]);
         plan.reset(132);
         plan.add_a_shape(4, 10);
         got = vec![Vec::new(); 2];

@@ -126,7 +126,10 @@ impl PatternSearch {
                         }
                         HeadEntry {
                             pattern: CANDIDATES[best].written(),
-                            recall: self.sums[i][best] / self.rows[i] as f64,
+                            // Four decimals: a figure to read (f32 probabilities may sum a hair past 1).
+                            recall: ((self.sums[i][best] / self.rows[i] as f64).min(1.0) * 1e4)
+                                .round()
+                                / 1e4,
                         }
                     })
                     .collect()
