@@ -246,8 +246,8 @@ impl PrefillPattern for PatternSearch {
             .collect();
         for (qh, sums, rows) in results.into_iter().flatten() {
             let i = cx.layer * self.n_heads + qh;
-            for c in 0..NC {
-                self.sums[i][c] += sums[c];
+            for (d, s) in self.sums[i].iter_mut().zip(sums) {
+                *d += s;
             }
             self.rows[i] += rows;
         }
