@@ -2,7 +2,7 @@
 //!
 //! The file (`hayloft patterns` writes it, `--prefill minference@FILE` reads it) is our own JSON:
 //! `{"model": name, "layers": L, "q_heads": H, "example": what the search read, "tokens": its length,
-//!   "heads": [[{"type": "vertical_slash", "vertical": V, "slash": S, "recall": r}, ...H], ...L]}`
+//!   heads: [[{"type": "vertical_slash", "vertical": V, "slash": S, "recall": r}, ...H], ...L]}`
 //! with types `vertical_slash` (V columns, S diagonals), `block_sparse` (`top_k` 64-token key blocks per 64-query
 //! block) and `a_shape` (`init` first keys, `local` last keys). MInference's own files are per query head too (one
 //! dict per layer, `[type, v, s, recall]`); a head the search could not score keeps [`DEFAULT`].
@@ -92,8 +92,8 @@ impl PatternFile {
     /// Parses and checks the file's own consistency.
     pub fn parse(text: &str) -> Result<Self> {
         let f: Self = serde_json::from_str(text).context(
-            "expected {\"model\",\"layers\",\"q_heads\",\"example\",\"tokens\",\"heads\": [[{\"type\": \
-             \"vertical_slash\"|\"block_sparse\"|\"a_shape\", sizes, \"recall\"}, ...], ...]}",
+            "expected an object with model, layers, q_heads, example, tokens and heads: per layer a list of \
+             {type: vertical_slash | block_sparse | a_shape, its sizes, recall} per query head",
         )?;
         if f.heads.len() != f.layers || f.heads.iter().any(|r| r.len() != f.q_heads) {
             bail!("'heads' must be {} rows of {} entries", f.layers, f.q_heads);
