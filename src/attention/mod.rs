@@ -23,6 +23,7 @@
 
 mod qtile;
 pub mod select;
+pub mod sparse;
 #[cfg(target_arch = "x86_64")]
 mod wide;
 #[cfg(target_arch = "x86_64")]
@@ -33,6 +34,7 @@ use rayon::prelude::*;
 
 use crate::kv::{BlockData, BlockView, KvCache, OffloadBuf};
 pub use select::Selection;
+pub use sparse::{attend_tiles, TileSelection};
 
 /// Query tokens per task tile. Rows of one tile share a causal bound (the tile's largest position), so up to this many
 /// rows whose largest position is the newest entry may attend over a stream whose entries are not in position order
@@ -123,7 +125,26 @@ pub fn attend(
     p: &AttnParams,
     scratch: &mut AttnScratch,
 ) {
-    attend_impl(cache, layer, q, q_pos, out, p, None, simd_level(), scratch)
+    attend_impl(
+        cache,
+        layer,
+        q,
+        q_pos,
+        out,
+        p,
+        Sel::All,
+        simd_level(),
+        scratch,
+    )
+}
+
+/// What a call reads: every visible entry, a per-KV-head selection (decode), or per (KV head, query tile) key
+/// ranges (sparse prefill, [`sparse`]).
+#[derive(Clone, Copy)]
+enum Sel<'a> {
+    All,
+    Heads(&'a Selection),
+    Tiles(&'a TileSelection),
 }
 
 /// Attention for `layer` over the entries `sel` chose for each KV head only (the causal and window masks still
@@ -146,7 +167,7 @@ pub fn attend_selected(
         q_pos,
         out,
         p,
-        Some(sel),
+        Sel::Heads(sel),
         simd_level(),
         scratch,
     )
@@ -168,17 +189,17 @@ fn blocks_before(cache: &KvCache, layer: usize, kv_head: usize, n: usize, lo: u3
     a
 }
 
-/// Cuts head `kv_head`'s selected ranges at block boundaries into `pieces`.
+/// Cuts the entry ranges `ranges` of (layer, `kv_head`) at block boundaries into `pieces`.
 fn cut_pieces(
     cache: &KvCache,
     layer: usize,
     kv_head: usize,
-    sel: &Selection,
+    ranges: &[(u32, u32)],
     pieces: &mut Vec<Piece>,
 ) {
     let bt = cache.cfg.block_tokens as u32;
     let len = cache.len(layer, kv_head) as u32;
-    for &(lo, hi) in sel.ranges(kv_head) {
+    for &(lo, hi) in ranges {
         let (mut e, hi) = (lo.min(len), hi.min(len));
         while e < hi {
             let b = e / bt;
@@ -201,7 +222,7 @@ fn attend_impl(
     q_pos: &[u32],
     out: &mut [f32],
     p: &AttnParams,
-    sel: Option<&Selection>,
+    sel: Sel,
     simd: Simd,
     scratch: &mut AttnScratch,
 ) {
@@ -237,25 +258,67 @@ fn attend_impl(
     for kv_head in 0..cfg.n_kv_heads {
         // Units a task walks: blocks, or the pieces of the selection.
         let (base, nb) = match sel {
-            None => {
+            Sel::All | Sel::Tiles(_) => {
                 let n = cache.n_blocks(layer, kv_head);
                 let first =
                     visible_from.map_or(0, |lo| blocks_before(cache, layer, kv_head, n, lo));
                 (first, n - first)
             }
-            Some(sel) => {
+            Sel::Heads(sel) => {
                 let base = scratch.pieces.len();
-                cut_pieces(cache, layer, kv_head, sel, &mut scratch.pieces);
+                cut_pieces(
+                    cache,
+                    layer,
+                    kv_head,
+                    sel.ranges(kv_head),
+                    &mut scratch.pieces,
+                );
                 (base, scratch.pieces.len() - base)
             }
         };
         let splits = (want.div_ceil(cfg.n_kv_heads * n_tiles)).clamp(1, nb.div_ceil(4).max(1));
         for tile in 0..n_tiles {
+            let (t0, t1) = (tile * Q_TILE, ((tile + 1) * Q_TILE).min(n_tok));
+            if let Sel::Tiles(ts) = sel {
+                // The tile's pieces, split at the same block boundaries as the dense plan (so a selection of every
+                // visible entry folds the same blocks in the same tasks: dense bit for bit).
+                let first = scratch.pieces.len();
+                let max_qpos = q_pos[t0..t1].iter().copied().max().unwrap_or(0);
+                sparse::tile_pieces(
+                    cache,
+                    layer,
+                    kv_head,
+                    ts.ranges(kv_head, tile),
+                    max_qpos,
+                    &mut scratch.pieces,
+                );
+                let mut at = first;
+                for s in 0..splits {
+                    let blk_end = base + nb * (s + 1) / splits;
+                    let start = at;
+                    while at < scratch.pieces.len() && (scratch.pieces[at].block as usize) < blk_end
+                    {
+                        at += 1;
+                    }
+                    scratch.tasks.push(Task {
+                        kv_head,
+                        t0,
+                        t1,
+                        blk0: start,
+                        blk1: if s + 1 == splits {
+                            scratch.pieces.len()
+                        } else {
+                            at
+                        },
+                    });
+                }
+                continue;
+            }
             for s in 0..splits {
                 scratch.tasks.push(Task {
                     kv_head,
-                    t0: tile * Q_TILE,
-                    t1: ((tile + 1) * Q_TILE).min(n_tok),
+                    t0,
+                    t1,
                     blk0: base + nb * s / splits,
                     blk1: base + nb * (s + 1) / splits,
                 });
@@ -286,7 +349,7 @@ fn attend_impl(
                 b.pbuf.resize(want, 0.0);
             }
         }
-        if sel.is_some() && b.gk.len() < sh.bt * sh.hk {
+        if !matches!(sel, Sel::All) && b.gk.len() < sh.bt * sh.hk {
             b.gk.resize(sh.bt * sh.hk, 0.0);
             b.gv.resize(sh.bt * sh.hv, 0.0);
             b.gpos.resize(sh.bt, 0);
@@ -294,7 +357,10 @@ fn attend_impl(
     }
 
     let tasks = &scratch.tasks;
-    let pieces = sel.map(|_| &scratch.pieces[..]);
+    let pieces = match sel {
+        Sel::All => None,
+        Sel::Heads(_) | Sel::Tiles(_) => Some(&scratch.pieces[..]),
+    };
     let bt = sh.bt;
     scratch.bufs[..tasks.len()]
         .par_iter_mut()
@@ -465,7 +531,7 @@ unsafe fn run_task_avx2<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
 /// e^x for x ≤ 0 (scores minus their running max), written so LLVM vectorizes it: range reduction to
 /// x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial (relative error < 2e-7). Inputs below −87 give 0.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -619,6 +685,10 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     for pc in &pieces[task.blk0..task.blk1] {
         let blk = cache.block(layer, task.kv_head, pc.block as usize);
         let (j0, j1) = (pc.j0 as usize, pc.j1 as usize);
+        if blk.pos[j0] > max_qpos {
+            // Pieces ascend: nothing here or later is visible to this tile.
+            break;
+        }
         if j0 == 0 && j1 == blk.n {
             fold_view::<BT>(a, &blk, channels.is_some(), buf);
             converted = usize::MAX;
@@ -1236,7 +1306,7 @@ mod tests {
             &q_pos,
             &mut out,
             &p,
-            None,
+            Sel::All,
             simd,
             &mut scratch,
         );

@@ -8,6 +8,7 @@ mod generate;
 mod heads;
 mod info;
 mod kvcodec;
+mod patterns;
 mod perplexity;
 mod plan;
 mod serve;
@@ -65,6 +66,9 @@ pub enum Cmd {
     /// Retrieval-head detection (copy-paste criterion on NIAH instances): scores per (layer, head) as JSON, the
     /// file `--kv duo@<budget>,heads@FILE` reads.
     Heads(heads::HeadsArgs),
+    /// MInference's offline per-head sparse prefill pattern search on one long kv-retrieval example: writes the JSON
+    /// `--prefill minference@FILE` reads.
+    Patterns(patterns::PatternsArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -201,8 +205,6 @@ pub struct ModelArgs {
     pub chunk_size: usize,
     #[arg(long, default_value_t = crate::methods::KvSpec::full().to_string(), help = crate::methods::registry::kv_help())]
     pub kv: String,
-    #[arg(long, default_value = "dense", help = crate::methods::registry::prefill_help())]
-    pub prefill: String,
     /// KV cache storage type: f16, f32, or KIVI quantization q8, q4, q2 (keys per channel, values per token).
     #[arg(long, default_value = "f16")]
     pub kv_dtype: String,
@@ -225,6 +227,8 @@ pub struct ModelArgs {
     /// by default those layers (Gemma 3's local ones) keep only their window.
     #[arg(long)]
     pub swa_full: bool,
+    #[arg(long, default_value_t = crate::methods::prefill::PrefillSpec::Dense.to_string(), help = crate::methods::registry::prefill_help())]
+    pub prefill: String,
     /// Write the stats line as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -299,6 +303,7 @@ impl ModelArgs {
     /// Sets up threads, resolves/fetches the model, loads weights and tokenizer, checks the flags.
     pub fn load(&self) -> Result<Loaded> {
         let mut kv_spec: crate::methods::KvSpec = self.kv.parse()?;
+        let prefill: crate::methods::prefill::PrefillSpec = self.prefill.parse()?;
         let mut kv_dtype = KvDtype::parse(&self.kv_dtype)?;
         if let Some(r) = self.kv_residual {
             match (&mut kv_dtype, &mut kv_spec.options.kivi) {
@@ -326,13 +331,13 @@ impl ModelArgs {
         let mut session_cfg = SessionConfig::for_model(&model);
         session_cfg.kv_dtype = kv_dtype;
         session_cfg.kv = kv_spec;
+        session_cfg.prefill = prefill;
         if self.chunk_size == 0 {
             bail!("--chunk-size must be at least 1");
         }
         session_cfg.chunk_size = self.chunk_size;
         session_cfg.max_memory = self.max_memory.map(|b| b.0);
         session_cfg.swa_full = self.swa_full;
-        session_cfg.prefill = crate::methods::prefill::parse(&self.prefill)?;
         if let crate::methods::prefill::PrefillSpec::LazyLlm(c) = &session_cfg.prefill {
             c.plan(model.config())?;
         }
@@ -436,11 +441,12 @@ pub fn methods_text(markdown: bool) -> String {
             o.help
         );
     }
-    s += "\nPrefill methods (--prefill <method>[,<option>=<value>...]):\n";
+    s += "\nPrefill methods (--prefill <method>[@<file>][,<option>=<value>...]):\n";
     for r in registry::PREFILL {
         s += &format!("  {:<14} {}\n", r.name, r.help);
-        for (o, h) in r.options {
-            s += &format!("    {o}={h}\n");
+        for &o in r.options {
+            let o = registry::prefill_option_of(o);
+            s += &format!("    {}={}  {}\n", o.name, o.arg, o.help);
         }
     }
     s
@@ -463,6 +469,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Eval { what } => eval::run(what),
         Cmd::Heads(a) => heads::run(a),
+        Cmd::Patterns(a) => patterns::run(a),
         Cmd::Bench { what } => bench::run(what),
         Cmd::Plan(a) => plan::run(a),
         Cmd::Serve(a) => serve::run(a),

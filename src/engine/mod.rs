@@ -57,7 +57,8 @@ pub struct SessionConfig {
     /// `--max-memory`: runs whose memory plan exceeds this many bytes are refused before they start (see
     /// [`Session::check_memory`]). None = only the process's own limits.
     pub max_memory: Option<usize>,
-    /// `--prefill`: how a prompt goes through the layers (dense, or LazyLLM's pruning, see [`crate::model::lazy`]).
+    /// `--prefill`: how a prompt goes through the layers: dense, a sparse prefill method (which keys each prompt query
+    /// reads), or LazyLLM's token pruning (see [`crate::model::lazy`]). Decode is never sparse.
     pub prefill: PrefillSpec,
 }
 
@@ -185,9 +186,12 @@ impl<'m> Session<'m> {
             scratch.seq.selector = Some(selector);
         }
         let lazy = lazy_state(&cfg, mc, &cache)?;
+        scratch.seq.prefill = cfg.prefill.build(mc)?;
         let acc = AttnAcc::new(needs.accumulate, mc.n_layers * mc.n_kv_heads);
         let stats = Stats {
             threads: rayon::current_num_threads(),
+            prefill: cfg.prefill.to_string(),
+            prefill_density: 1.0,
             ..Default::default()
         };
         Ok(Self {
@@ -415,6 +419,12 @@ impl<'m> Session<'m> {
                     }
                 }
                 self.end_prefill();
+                let [got, dense] = self.scratch.seq.prefill_pairs;
+                self.stats.prefill_density = if dense > 0 {
+                    got as f64 / dense as f64
+                } else {
+                    1.0
+                };
             }
             Phase::Decode => {
                 self.since_compress += 1;

@@ -38,6 +38,10 @@ pub struct Stats {
     pub threads: usize,
     /// Which matmul kernel ran.
     pub kernel: String,
+    /// The `--prefill` method, and the share of query·key pairs its prefill chunks computed of what dense causal
+    /// attention computes (global layers; 1 for dense).
+    pub prefill: String,
+    pub prefill_density: f64,
     #[serde(skip)]
     pub prefill_s: f64,
     #[serde(skip)]
@@ -74,7 +78,7 @@ impl Stats {
 
     pub fn line(&self) -> String {
         format!(
-            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({})",
+            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({}) | prefill {} (density {:.1}%)",
             self.prompt_tokens,
             self.generated_tokens,
             self.ttft_ms,
@@ -108,6 +112,8 @@ impl Stats {
             human_bytes(self.peak_rss_bytes),
             self.threads,
             self.kernel,
+            self.prefill,
+            100.0 * self.prefill_density,
         )
     }
 

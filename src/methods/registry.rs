@@ -8,7 +8,6 @@
 
 use anyhow::{bail, Result};
 
-use super::prefill::{lazyllm, PrefillSpec};
 use super::select::{
     self, hip, longheads, lserve, quest, retrieval, squeezed, tokenselect, FrameDefaults,
     SelectOptions,
@@ -711,82 +710,6 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
     },
 ];
 
-/// A `--prefill` method: its name, what it does, its options (name, usage and meaning) and the parser of its options.
-pub struct PrefillRow {
-    pub name: &'static str,
-    pub help: &'static str,
-    pub options: &'static [(&'static str, &'static str)],
-    pub parse: fn(&[&str]) -> Result<PrefillSpec>,
-}
-
-pub static DENSE: PrefillRow = PrefillRow {
-    name: "dense",
-    help: "every prompt token through every layer (default)",
-    options: &[],
-    parse: |opts| match opts {
-        [] => Ok(PrefillSpec::Dense),
-        _ => bail!("dense takes no options"),
-    },
-};
-
-pub static LAZYLLM: PrefillRow = PrefillRow {
-    name: "lazyllm",
-    help: "LazyLLM: from each stage's layer on, only the top share of prompt tokens by the last token's attention \
-           (averaged over heads, at the layer before) is computed; pruned hidden states wait in an aux cache and \
-           decode revives selected ones",
-    options: &[
-        (
-            "layers",
-            "L:keep/L:keep/...: stages, layers ascending, keep shares of the prompt not growing (default: \
-             0.7/0.4/0.2 from 1/4, 1/2, 3/4 of the depth)",
-        ),
-        (
-            "revive",
-            "N: revival every N decode steps (default 1; 0 = never, one-shot eviction)",
-        ),
-    ],
-    parse: lazyllm::parse_row,
-};
-
-/// Every `--prefill` method; the first is the default.
-pub static PREFILL: &[&PrefillRow] = &[&DENSE, &LAZYLLM];
-
-pub fn prefill(name: &str) -> Option<&'static PrefillRow> {
-    PREFILL.iter().copied().find(|r| r.name == name)
-}
-
-/// Prefill method names, comma-separated.
-pub fn prefill_names() -> String {
-    names(PREFILL.iter().map(|r| r.name))
-}
-
-/// The `--prefill` help of every command, from the table.
-pub fn prefill_help() -> String {
-    let mut s = String::from("Prefill method: `<method>[,<option>=<value>...]`.");
-    for r in PREFILL {
-        s += &format!(" `{}`: {}", r.name, r.help);
-        for (o, h) in r.options {
-            s += &format!("; `{o}={h}`");
-        }
-        s += ".";
-    }
-    s + " E.g. `lazyllm,layers=8:0.7/16:0.4/24:0.2`."
-}
-
-/// The README's table of prefill methods, as markdown.
-pub fn prefill_markdown() -> String {
-    let mut s = String::from("| prefill | what it does | options |\n|---|---|---|\n");
-    for r in PREFILL {
-        let opts: Vec<String> = r
-            .options
-            .iter()
-            .map(|(o, h)| format!("`{o}={h}`"))
-            .collect();
-        s += &format!("| `{}` | {} | {} |\n", r.name, r.help, opts.join("<br>"));
-    }
-    s
-}
-
 pub fn selector(name: &str) -> Option<&'static SelectorRow> {
     SELECTORS.iter().find(|m| m.name == name)
 }
@@ -987,4 +910,231 @@ mod tests {
             assert!(h.contains(n), "--kv help misses {n}");
         }
     }
+}
+
+/// Which sparse prefill a `--prefill` name selects ([`super::prefill`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKind {
+    Dense,
+    MInference,
+    Streaming,
+    LazyLlm,
+}
+
+/// One `--prefill` method: `<name>[@<arg>][,<option>=<value>...]`.
+pub struct PrefillRow {
+    pub name: &'static str,
+    pub kind: PrefillKind,
+    /// What `@` takes ("" = nothing) and whether it must be given.
+    pub arg: &'static str,
+    pub arg_required: bool,
+    pub help: &'static str,
+    pub file: &'static str,
+    /// Options it accepts.
+    pub options: &'static [PrefillOpt],
+}
+
+pub static PREFILL: &[PrefillRow] = &[
+    PrefillRow {
+        name: "dense",
+        kind: PrefillKind::Dense,
+        arg: "",
+        arg_required: false,
+        help: "every query reads every earlier key (the default)",
+        file: "src/attention/mod.rs",
+        options: &[],
+    },
+    PrefillRow {
+        name: "minference",
+        kind: PrefillKind::MInference,
+        arg: "PATTERNS.json",
+        arg_required: false,
+        help: "MInference: per-head vertical-slash / block-sparse / A-shape patterns (file from `hayloft patterns`; \
+               without one every head is vertical-slash 1000/6096)",
+        file: "src/methods/prefill/minference.rs",
+        options: &[
+            PrefillOpt::VerticalSlash,
+            PrefillOpt::BlockSparse,
+            PrefillOpt::AShape,
+            PrefillOpt::From,
+            PrefillOpt::Min,
+        ],
+    },
+    PrefillRow {
+        name: "streaming",
+        kind: PrefillKind::Streaming,
+        arg: "HEADS.json",
+        arg_required: true,
+        help: "DuoAttention-style: streaming heads (from `hayloft heads`) read sinks + a local window, retrieval heads \
+               stay dense",
+        file: "src/methods/prefill/streaming.rs",
+        options: &[
+            PrefillOpt::Sink,
+            PrefillOpt::Local,
+            PrefillOpt::From,
+            PrefillOpt::Min,
+        ],
+    },
+    PrefillRow {
+        name: "lazyllm",
+        kind: PrefillKind::LazyLlm,
+        arg: "",
+        arg_required: false,
+        help: "LazyLLM: from each stage's layer on, only the top share of prompt tokens by the last token's attention \
+               (averaged over heads, at the layer before) is computed; pruned hidden states wait in an aux cache and \
+               decode revives selected ones",
+        file: "src/methods/prefill/lazyllm.rs",
+        options: &[PrefillOpt::Layers, PrefillOpt::Revive],
+    },
+];
+
+/// A `--prefill` option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillOpt {
+    VerticalSlash,
+    BlockSparse,
+    AShape,
+    From,
+    Min,
+    Sink,
+    Local,
+    Layers,
+    Revive,
+}
+
+pub struct PrefillOptionRow {
+    pub name: &'static str,
+    pub opt: PrefillOpt,
+    pub arg: &'static str,
+    pub help: &'static str,
+}
+
+pub static PREFILL_OPTIONS: &[PrefillOptionRow] = &[
+    PrefillOptionRow {
+        name: "vs",
+        opt: PrefillOpt::VerticalSlash,
+        arg: "V:S",
+        help: "every head vertical-slash: V columns, S diagonals (first 30 columns, last 100 diagonals forced)",
+    },
+    PrefillOptionRow {
+        name: "block",
+        opt: PrefillOpt::BlockSparse,
+        arg: "K",
+        help: "every head block-sparse: top K 64-token key blocks per 64-query block (MInference: 100)",
+    },
+    PrefillOptionRow {
+        name: "ashape",
+        opt: PrefillOpt::AShape,
+        arg: "I:L",
+        help: "every head A-shape: the first I keys and the last L (SCBench: 128:3968)",
+    },
+    PrefillOptionRow {
+        name: "from",
+        opt: PrefillOpt::From,
+        arg: "N",
+        help: "layers before N stay dense (MInference's starting_layer; default 0)",
+    },
+    PrefillOptionRow {
+        name: "min",
+        opt: PrefillOpt::Min,
+        arg: "N",
+        help: "chunks whose context is under N tokens stay dense (default 1024)",
+    },
+    PrefillOptionRow {
+        name: "sink",
+        opt: PrefillOpt::Sink,
+        arg: "N",
+        help: "streaming heads: first N keys (default 128)",
+    },
+    PrefillOptionRow {
+        name: "local",
+        opt: PrefillOpt::Local,
+        arg: "N",
+        help: "streaming heads: last N keys (default 256)",
+    },
+    PrefillOptionRow {
+        name: "layers",
+        opt: PrefillOpt::Layers,
+        arg: "L:keep/L:keep/...",
+        help: "LazyLLM stages: layers ascending, keep shares of the prompt not growing (default: 0.7/0.4/0.2 from 1/4, \
+               1/2 and 3/4 of the depth)",
+    },
+    PrefillOptionRow {
+        name: "revive",
+        opt: PrefillOpt::Revive,
+        arg: "N",
+        help: "LazyLLM: revival every N decode steps (default 1; 0 = never, one-shot eviction)",
+    },
+];
+
+pub fn prefill_row(name: &str) -> Option<&'static PrefillRow> {
+    PREFILL.iter().find(|r| r.name == name)
+}
+
+pub fn prefill_row_of(kind: PrefillKind) -> &'static PrefillRow {
+    PREFILL
+        .iter()
+        .find(|r| r.kind == kind)
+        .expect("every prefill kind has a row")
+}
+
+pub fn prefill_option(name: &str) -> Option<&'static PrefillOptionRow> {
+    PREFILL_OPTIONS.iter().find(|o| o.name == name)
+}
+
+pub fn prefill_option_of(opt: PrefillOpt) -> &'static PrefillOptionRow {
+    PREFILL_OPTIONS
+        .iter()
+        .find(|o| o.opt == opt)
+        .expect("every prefill option has a row")
+}
+
+/// Prefill method names, comma-separated.
+pub fn prefill_names() -> String {
+    names(PREFILL.iter().map(|r| r.name))
+}
+
+/// The `--prefill` help, from the table.
+pub fn prefill_help() -> String {
+    let opts: Vec<String> = PREFILL_OPTIONS
+        .iter()
+        .map(|o| format!("{}={}", o.name, o.arg))
+        .collect();
+    format!(
+        "Prefill attention: `<method>[@<file>][,<option>=<value>...]`, method one of {}; options {}. Decode is never \
+         affected.",
+        prefill_names(),
+        opts.join(", ")
+    )
+}
+
+/// The README's table of prefill methods and options, as markdown.
+pub fn prefill_markdown() -> String {
+    let mut s =
+        String::from("| prefill | what each query reads | options | file |\n|---|---|---|---|\n");
+    for r in PREFILL {
+        let name = if r.arg.is_empty() {
+            r.name.to_string()
+        } else if r.arg_required {
+            format!("{}@{}", r.name, r.arg)
+        } else {
+            format!("{}[@{}]", r.name, r.arg)
+        };
+        let opts: Vec<&str> = r
+            .options
+            .iter()
+            .map(|&o| prefill_option_of(o).name)
+            .collect();
+        s += &format!(
+            "| `{name}` | {} | {} | `{}` |\n",
+            r.help,
+            opts.join(", "),
+            r.file
+        );
+    }
+    s += "\n| prefill option | what it does |\n|---|---|\n";
+    for o in PREFILL_OPTIONS {
+        s += &format!("| `{}={}` | {} |\n", o.name, o.arg, o.help);
+    }
+    s
 }

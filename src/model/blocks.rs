@@ -15,7 +15,7 @@ use anyhow::Result;
 use super::{
     batch_rows, load_matrix, load_vector, ModelConfig, RopeStyle, Scratch, SelectCx, SeqStep,
 };
-use crate::attention::{attend, attend_selected, AttnParams, AttnScratch};
+use crate::attention::{attend, attend_selected, attend_tiles, AttnParams, AttnScratch};
 use crate::gguf::GgufFile;
 use crate::kernels::{matmul, QMatrix};
 use crate::kv::WINDOW_STEP;
@@ -272,12 +272,34 @@ fn attend_seq(
             n_q_heads: params.n_q_heads,
             local,
         };
+        // A sparse prefill method may give each query tile its own key ranges (prefill chunks of global layers).
+        let prefill = b - a > 1 && !local && st.prefill.is_some();
+        let sparse = prefill
+            && st
+                .prefill
+                .as_mut()
+                .is_some_and(|pf| pf.pattern(&cx, &mut st.tsel));
+        if prefill {
+            for h in 0..cache.cfg.n_kv_heads {
+                let (got, dense) = if sparse {
+                    st.tsel.pairs(h, pos)
+                } else {
+                    let d = pos.iter().map(|&p| p as u64 + 1).sum();
+                    (d, d)
+                };
+                st.prefill_pairs[0] += got;
+                st.prefill_pairs[1] += dense;
+            }
+        }
         // A selector may restrict what each KV head reads (decode); otherwise the whole cache is read.
-        let selected = st
-            .selector
-            .as_mut()
-            .is_some_and(|sel| sel.select(&cx, &mut st.sel));
-        if selected {
+        let selected = !sparse
+            && st
+                .selector
+                .as_mut()
+                .is_some_and(|sel| sel.select(&cx, &mut st.sel));
+        if sparse {
+            attend_tiles(cache, layer, q, pos, att, params, &st.tsel, scratch);
+        } else if selected {
             attend_selected(cache, layer, q, pos, att, params, &st.sel, scratch);
         } else {
             attend(cache, layer, q, pos, att, params, scratch);

@@ -29,7 +29,7 @@ use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::kernels::{MatmulScratch, QMatrix};
 use crate::kv::{KvCache, KvConfig, KvDtype};
 pub use query_window::QueryWindow;
-pub use select::{SelectCx, Selector};
+pub use select::{PrefillPattern, SelectCx, Selector};
 pub use validate::MAX_CONTEXT;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,6 +275,13 @@ pub struct SeqState {
     pub sel: Selection,
     /// Nanoseconds spent in attention (selection included) since the caller last reset it.
     pub attn_ns: u64,
+    /// The sparse prefill method (None = dense prefill).
+    pub prefill: Option<Box<dyn PrefillPattern>>,
+    /// Its answer for the current layer and chunk.
+    pub tsel: crate::attention::TileSelection,
+    /// Query·key pairs of the global layers' prefill chunks: [computed, dense causal] (per KV head), while a
+    /// prefill method is set.
+    pub prefill_pairs: [u64; 2],
 }
 
 /// One sequence's part of a batched forward pass: its new tokens (a decode step's one, or a prompt chunk) at their

@@ -65,3 +65,11 @@ pub trait Selector: Send {
         0
     }
 }
+
+/// A sparse prefill method ([`crate::attention::attend_tiles`]): for each prefill chunk of a global (not
+/// sliding-window) layer, the key ranges each (KV head, query tile) reads. Decode steps (one query row) never ask.
+pub trait PrefillPattern: Send {
+    /// Writes the ranges for this chunk into `out` (reset by the callee to the cache's KV heads and the chunk's rows)
+    /// and returns true, or returns false for dense attention. Called after the chunk's keys are in the cache.
+    fn pattern(&mut self, cx: &SelectCx, out: &mut crate::attention::TileSelection) -> bool;
+}

@@ -99,6 +99,10 @@ impl Namespace {
         field(&mut h, &[cfg.swa_full as u8]);
         let mask: Vec<u8> = cfg.head_mask.iter().map(|&m| m as u8).collect();
         field(&mut h, &mask);
+        // A sparse prefill leaves other keys and values than a dense one (dense namespaces are unchanged).
+        if cfg.prefill != crate::methods::prefill::PrefillSpec::Dense {
+            field(&mut h, cfg.prefill.to_string().as_bytes());
+        }
         Self(Key(h.finalize().into()))
     }
 

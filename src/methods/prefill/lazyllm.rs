@@ -76,7 +76,7 @@ impl LazyConfig {
 }
 
 /// `L:keep/L:keep/...`: layers ascending, shares in (0, 1] not growing (the model's range is checked by the plan).
-fn parse_stages(v: &str) -> Result<Vec<Stage>> {
+pub fn parse_stages(v: &str) -> Result<Vec<Stage>> {
     let mut out: Vec<Stage> = Vec::new();
     for part in v.split('/') {
         let Some((l, k)) = part.split_once(':') else {
@@ -112,29 +112,11 @@ fn parse_stages(v: &str) -> Result<Vec<Stage>> {
 
 impl fmt::Display for LazyConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let row = &super::super::registry::LAZYLLM;
-        self.write(f, row.name, option_names(row))
+        use super::super::registry::{prefill_option_of, prefill_row_of, PrefillKind, PrefillOpt};
+        let names = [
+            prefill_option_of(PrefillOpt::Layers).name,
+            prefill_option_of(PrefillOpt::Revive).name,
+        ];
+        self.write(f, prefill_row_of(PrefillKind::LazyLlm).name, names)
     }
-}
-
-/// The row's two option names: stages, revival.
-pub fn option_names(row: &super::super::registry::PrefillRow) -> [&'static str; 2] {
-    [row.options[0].0, row.options[1].0]
-}
-
-/// The registry row's parser: `lazyllm` with its options.
-pub fn parse_row(opts: &[&str]) -> Result<super::PrefillSpec> {
-    let names = option_names(&super::super::registry::LAZYLLM);
-    let mut c = LazyConfig::default();
-    for o in opts {
-        let Some((k, v)) = o.split_once('=') else {
-            bail!(
-                "option '{o}' is not name=value (known: {}, {})",
-                names[0],
-                names[1]
-            );
-        };
-        c.set(k.trim(), v.trim(), names)?;
-    }
-    Ok(super::PrefillSpec::LazyLlm(c))
 }

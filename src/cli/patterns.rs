@@ -1,0 +1,95 @@
+//! `hayloft patterns`: MInference's offline per-head pattern search ([`crate::methods::prefill::search`]) on one long
+//! kv-retrieval example (RULER's `niah_multikey_3`: UUID keys and values hidden among UUID pairs), written as the
+//! JSON `--prefill minference@FILE` reads.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use super::ModelArgs;
+use crate::engine::Session;
+use crate::eval::haystack::Haystacks;
+use crate::eval::{ruler, Mode, Prompter};
+use crate::methods::prefill::search::{PatternSearch, Shared, FROM_POS};
+use crate::methods::prefill::PrefillSpec;
+
+/// The RULER task the example comes from.
+const TASK: &str = "niah_multikey_3";
+
+#[derive(Args, Debug)]
+pub struct PatternsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Length of the example in tokens (MInference searches on one long example; here 8K keeps it to minutes).
+    #[arg(long, default_value_t = 8192)]
+    pub tokens: usize,
+    /// Score query rows from this position on (MInference: 2500).
+    #[arg(long, default_value_t = FROM_POS)]
+    pub from: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the patterns.
+    #[arg(long, default_value = "patterns.json")]
+    pub out: PathBuf,
+}
+
+pub fn run(a: PatternsArgs) -> Result<()> {
+    let l = a.model.load()?;
+    if l.session_cfg.prefill != PrefillSpec::Dense {
+        bail!("the pattern search reads dense attention: run it without --prefill");
+    }
+    if a.from >= a.tokens {
+        bail!("--from {} must be below --tokens {}", a.from, a.tokens);
+    }
+    let mc = l.model.config();
+    let prompter = Prompter::new(
+        &l.tokenizer,
+        l.chat_template.as_ref().map_err(|e| e.clone()),
+        false,
+    );
+    let hays = RefCell::new(Haystacks::new(None));
+    let case = ruler::case(&prompter, &mut hays.borrow_mut(), TASK, a.tokens, 0, a.seed)?;
+    let text = prompter.render(&case.conv, 0, &[], Mode::MultiTurn)?;
+    let toks = prompter.encode(&text, true)?;
+    if toks.len() > l.session_cfg.max_context {
+        bail!(
+            "the example has {} tokens, over the session's context of {}",
+            toks.len(),
+            l.session_cfg.max_context
+        );
+    }
+    let t0 = Instant::now();
+    let search = Arc::new(Mutex::new(PatternSearch::new(mc, a.from)));
+    let mut s = Session::new(&l.model, l.session_cfg.clone())?;
+    s.scratch.seq.prefill = Some(Box::new(Shared(search.clone())));
+    s.prefill(&toks)?;
+    drop(s);
+    let search = search
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the pattern search failed while the prefill ran"))?;
+    let example = format!(
+        "RULER {TASK}, seed {}, rows from position {} scored",
+        a.seed, a.from
+    );
+    let file = search.finish(&mc.name, &example, toks.len());
+    crate::util::write_atomic(&a.out, (file.to_json() + "\n").as_bytes())?;
+    eprintln!(
+        "searched {} tokens in {:.1} s; wrote {}",
+        toks.len(),
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    println!("mean recall per candidate over all heads:");
+    for (c, r) in search.mean_recalls() {
+        println!("  {c:?}: {r:.3}");
+    }
+    println!("per-head pattern mix ({} heads):", mc.n_layers * mc.n_heads);
+    for (p, n) in file.mix() {
+        println!("  {n:>4} × {p}");
+    }
+    Ok(())
+}
