@@ -2,7 +2,7 @@
 //! patterns compute fewer pairs; the search writes a file the run time reads.
 
 use super::pattern::PatternFile;
-use super::search::PatternSearch;
+use super::search::{PatternSearch, CANDIDATES};
 use super::*;
 use crate::kv::{KvCache, KvDtype};
 use crate::model::testutil::{write_tiny_llama, TinySpec};
@@ -179,7 +179,32 @@ fn the_search_writes_a_file_the_run_time_reads() {
     );
     let (plain, _) = run(&model, &toks, None);
     assert!(dense == plain, "the search only watches");
-    let file = search.lock().unwrap().finish(&mc.name, "test", toks.len());
+    let file = search
+        .lock()
+        .unwrap()
+        .finish(&mc.name, "test", toks.len(), None);
+    // A recall floor of 0 takes each head's cheapest candidate; a floor above 1 falls back to the highest recall.
+    let cheap = search
+        .lock()
+        .unwrap()
+        .finish(&mc.name, "test", toks.len(), Some(0.0));
+    let cheapest = CANDIDATES
+        .iter()
+        .min_by_key(|c| c.cost(toks.len()))
+        .unwrap()
+        .written();
+    // (Heads no row was scored on keep the default with recall 0.)
+    assert!(cheap
+        .heads
+        .iter()
+        .flatten()
+        .all(|e| e.pattern == cheapest || (e.recall == 0.0 && e.pattern == pattern::DEFAULT)));
+    assert!(cheap.heads.iter().flatten().any(|e| e.pattern == cheapest));
+    let unreachable = search
+        .lock()
+        .unwrap()
+        .finish(&mc.name, "test", toks.len(), Some(2.0));
+    assert_eq!(unreachable.heads, file.heads);
     assert_eq!(file.heads.len(), mc.n_layers);
     for e in file.heads.iter().flatten() {
         assert!(e.recall > 0.0 && e.recall <= 1.0, "{e:?}");
