@@ -258,6 +258,28 @@ impl PrefixStore {
     /// The unit `key` from the first tier that has a good blob of it (tokens at positions `start..start + n`).
     /// A blob that fails its checks is deleted.
     fn tier_get(&self, key: &Key, start: usize, n: usize) -> Option<KvRows> {
+        self.tier_find(key, "entry", |blob| {
+            let r = codec::decode(blob)?;
+            let want: Vec<u32> = (start as u32..(start + n) as u32).collect();
+            if r.tokens != n || r.pos != want {
+                bail!(
+                    "holds {} tokens at other positions than the unit's",
+                    r.tokens
+                );
+            }
+            Ok(r)
+        })
+    }
+
+    /// `key`'s blob from the first tier that has one that `decode` accepts, counted as a hit. A tier that fails to
+    /// answer is counted as an error; a blob `decode` refuses (a `what` of the tier) is counted and deleted, so its
+    /// prefix is recomputed.
+    fn tier_find<T>(
+        &self,
+        key: &Key,
+        what: &str,
+        decode: impl Fn(&[u8]) -> Result<T>,
+    ) -> Option<T> {
         for t in &self.tiers {
             let blob = match t.get(key) {
                 Ok(Some(b)) => b,
@@ -268,24 +290,14 @@ impl PrefixStore {
                     continue;
                 }
             };
-            let rows = codec::decode(&blob).and_then(|r| {
-                let want: Vec<u32> = (start as u32..(start + n) as u32).collect();
-                if r.tokens != n || r.pos != want {
-                    bail!(
-                        "holds {} tokens at other positions than the unit's",
-                        r.tokens
-                    );
-                }
-                Ok(r)
-            });
-            match rows {
-                Ok(r) => {
+            match decode(&blob) {
+                Ok(v) => {
                     self.note_tier(|c| c.hits += 1);
-                    return Some(r);
+                    return Some(v);
                 }
                 Err(e) => {
                     eprintln!(
-                        "warning: KV store {}: entry {key:?} refused ({e:#}); deleted, its prefix is recomputed",
+                        "warning: KV store {}: {what} {key:?} refused ({e:#}); deleted, its prefix is recomputed",
                         t.name()
                     );
                     self.note_tier(|c| c.errors += 1);
@@ -358,39 +370,18 @@ impl PrefixStore {
                 continue;
             }
             let key = Self::snap_key(&ns.exact_key(&usable[..len]));
-            for t in &self.tiers {
-                let blob = match t.get(&key) {
-                    Ok(Some(b)) => b,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        eprintln!("warning: KV store {}: {e:#}", t.name());
-                        self.note_tier(|c| c.errors += 1);
-                        continue;
-                    }
-                };
-                let snap = snapfile::decode(&blob).and_then(|b| {
-                    if b.tokens[..] != usable[..len] {
-                        bail!("holds another prefix than its key's");
-                    }
-                    Ok(b)
-                });
-                match snap {
-                    Ok(b) => {
-                        self.note_tier(|c| c.hits += 1);
-                        return Some(Hit {
-                            tokens: len,
-                            what: Found::SnapBlob(Arc::new(b)),
-                        });
-                    }
-                    Err(e) => {
-                        eprintln!(
-                            "warning: KV store {}: snapshot {key:?} refused ({e:#}); deleted, its prefix is recomputed",
-                            t.name()
-                        );
-                        self.note_tier(|c| c.errors += 1);
-                        let _ = t.remove(&key);
-                    }
+            let snap = self.tier_find(&key, "snapshot", |blob| {
+                let b = snapfile::decode(blob)?;
+                if b.tokens[..] != usable[..len] {
+                    bail!("holds another prefix than its key's");
                 }
+                Ok(b)
+            });
+            if let Some(b) = snap {
+                return Some(Hit {
+                    tokens: len,
+                    what: Found::SnapBlob(Arc::new(b)),
+                });
             }
         }
         None
