@@ -5,7 +5,9 @@
 //! No T × L score matrix exists: work is cut into tasks of (KV head, tile of query tokens, range of key blocks); a task
 //! walks its key blocks, scores the tile's rows (tile tokens × the query heads sharing the KV head) against one block at a
 //! time and folds them into running max / sum / output accumulators. When there are few query tiles (decode), the key
-//! blocks of each head are split over several tasks and the partial results are merged (flash-decoding), so both cores work.
+//! blocks of each head are split over several tasks and the partial results are merged (flash-decoding), so every core
+//! works. The split is planned for a pool of [`PLAN_THREADS`] threads whatever the pool's size, so the merge order, and
+//! with it every bit of the result, is the same on 1 to 16 threads.
 //!
 //! With a [`Selection`] ([`attend_selected`], decode-time selectors), each KV head reads only the entries chosen for
 //! it: whole selected blocks go through the same block path, partly selected blocks are gathered entry by entry into a
@@ -40,6 +42,17 @@ pub use sparse::{attend_tiles, TileSelection};
 /// rows whose largest position is the newest entry may attend over a stream whose entries are not in position order
 /// (see `model::lazy`).
 pub const Q_TILE: usize = 16;
+
+/// Tasks the plan aims for (so that every thread gets about four) on pools of up to this many threads, whatever the
+/// pool's size: up to 16 threads the split of key blocks, and with it the order in which partial softmaxes are merged,
+/// does not depend on the thread count, so attention (and the whole model) gives bit-identical results on 1 to 16
+/// threads. Larger pools get 4 tasks per thread.
+pub const PLAN_THREADS: usize = 16;
+
+/// Tasks the attention plan aims for on a pool of `threads` threads (see [`PLAN_THREADS`]).
+fn plan_tasks(threads: usize) -> usize {
+    4 * threads.max(PLAN_THREADS)
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct AttnParams {
@@ -252,7 +265,7 @@ fn attend_impl(
             .unwrap_or(0)
             .saturating_sub(w.saturating_sub(1))
     });
-    let want = 4 * rayon::current_num_threads();
+    let want = plan_tasks(rayon::current_num_threads());
     scratch.tasks.clear();
     scratch.pieces.clear();
     for kv_head in 0..cfg.n_kv_heads {
