@@ -9,6 +9,7 @@ mod heads;
 mod info;
 mod kvcodec;
 mod patterns;
+mod pairs;
 mod perplexity;
 mod plan;
 mod serve;

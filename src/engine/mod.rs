@@ -8,6 +8,7 @@ pub mod blend;
 pub mod cost;
 pub mod memcheck;
 pub mod memplan;
+pub mod loglik;
 pub mod perplexity;
 pub mod prefix;
 pub mod sampler;
