@@ -39,12 +39,16 @@ pub fn continuation_logprob(
     session.reset();
     let (mut logprob, mut greedy) = (0.0f64, true);
     let targets = &tokens;
-    session.feed(targets, context.len() - 1..targets.len() - 1, |j, logits| {
-        let target = targets[j + 1];
-        logprob -= nll_of(logits, target);
-        let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        greedy &= logits[target as usize] >= best;
-    })?;
+    session.feed(
+        targets,
+        context.len() - 1..targets.len() - 1,
+        |j, logits| {
+            let target = targets[j + 1];
+            logprob -= nll_of(logits, target);
+            let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            greedy &= logits[target as usize] >= best;
+        },
+    )?;
     Ok(PairScore {
         logprob,
         greedy,
@@ -96,7 +100,11 @@ mod tests {
         let got = continuation_logprob(&mut s, &ctx, &cont).unwrap();
         assert_eq!(got.n, 3);
         assert!(got.logprob < 0.0);
-        assert!((got.logprob - want).abs() < 1e-4, "{} vs {want}", got.logprob);
+        assert!(
+            (got.logprob - want).abs() < 1e-4,
+            "{} vs {want}",
+            got.logprob
+        );
         // A second pair on the same session is scored from an empty cache: the same answer again.
         assert_eq!(continuation_logprob(&mut s, &ctx, &cont).unwrap(), got);
 
@@ -106,11 +114,17 @@ mod tests {
         for _ in 0..3 {
             let l = all_logits(&mut s, &seq, vocab);
             let row = &l[(seq.len() - 1) * vocab..];
-            let best = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
+            let best = (0..vocab)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap() as u32;
             greedy_cont.push(best);
             seq.push(best);
         }
-        assert!(continuation_logprob(&mut s, &ctx, &greedy_cont).unwrap().greedy);
+        assert!(
+            continuation_logprob(&mut s, &ctx, &greedy_cont)
+                .unwrap()
+                .greedy
+        );
         let mut other = greedy_cont.clone();
         other[2] = (other[2] + 1) % vocab as u32;
         assert!(!continuation_logprob(&mut s, &ctx, &other).unwrap().greedy);
@@ -126,7 +140,10 @@ mod tests {
         let e = continuation_logprob(&mut s, &[1], &[]).unwrap_err();
         assert!(e.to_string().contains("continuation is empty"), "{e}");
         let e = continuation_logprob(&mut s, &[1], &[vocab]).unwrap_err();
-        assert!(format!("{e:#}").contains("outside the model's vocabulary"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("outside the model's vocabulary"),
+            "{e:#}"
+        );
         // The session still scores afterwards.
         assert!(continuation_logprob(&mut s, &[1, 2], &[3]).is_ok());
     }

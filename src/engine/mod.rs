@@ -6,9 +6,9 @@
 pub mod batch;
 pub mod blend;
 pub mod cost;
+pub mod loglik;
 pub mod memcheck;
 pub mod memplan;
-pub mod loglik;
 pub mod perplexity;
 pub mod prefix;
 pub mod sampler;
