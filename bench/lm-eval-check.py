@@ -49,6 +49,9 @@ def main():
     ap.add_argument("--hayloft", required=True, help="the hayloft binary")
     ap.add_argument("--model", required=True, help="the GGUF file the server runs")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest |lm-eval - hayloft| allowed per request")
+    ap.add_argument("--text-prompts", action="store_true",
+                    help="lm-eval ran with tokenized_requests=False: the server tokenized the text itself and put BOS "
+                         "in front when the model asks for one, so score with that BOS too")
     ap.add_argument("--pairs-out", help="keep the token-id pairs and hayloft's scores here (JSONL)")
     a = ap.parse_args()
 
@@ -58,6 +61,9 @@ def main():
     samples = loglik_samples(a.samples)
     if not samples:
         sys.exit(f"no log-likelihood samples in {a.samples}")
+    # With text prompts the server adds BOS where the GGUF asks for it (and leaves it out of the echo).
+    info = lm.tokenizer.tokenizer_info
+    lead = [info["bos_token_id"]] if a.text_prompts and info.get("add_bos_token") else []
     pairs = []
     for _, _, reqs, _, _ in samples:
         for ctx, cont, _, _ in reqs:
@@ -66,7 +72,7 @@ def main():
                 c, k = [lm.prefix_token_id], lm.tok_encode(cont)
             else:
                 c, k = lm._encode_pair(ctx, cont)
-            pairs.append({"context": c, "continuation": k})
+            pairs.append({"context": lead + c, "continuation": k})
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pairs.jsonl")

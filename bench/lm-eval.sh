@@ -28,7 +28,7 @@ TOKENIZED=true
 TASKS=hayloft_mc,hayloft_gen
 THREADS=""
 TOL=1e-3
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -m|--model) MODEL=$2; shift 2 ;;
@@ -106,9 +106,11 @@ T1=$(date +%s)
 SAMPLES=$(dirname "$(find "$OUT/lm-eval" -name 'samples_*.jsonl' | head -1)")
 
 # 4. The equality check, then the report.
+CHECK_ARGS=(--samples "$SAMPLES" --base-url "$BASE/v1/completions" --hayloft "$HAYLOFT" --model "$MODEL" --tol "$TOL"
+  --pairs-out "$OUT/pairs.jsonl")
+[ "$TOKENIZED" = true ] || CHECK_ARGS+=(--text-prompts)
 set +e
-CHECK=$("$VENV/bin/python" "$ROOT/bench/lm-eval-check.py" --samples "$SAMPLES" --base-url "$BASE/v1/completions" \
-  --hayloft "$HAYLOFT" --model "$MODEL" --tol "$TOL" --pairs-out "$OUT/pairs.jsonl" 2>&1)
+CHECK=$("$VENV/bin/python" "$ROOT/bench/lm-eval-check.py" "${CHECK_ARGS[@]}" 2>&1)
 RC=$?
 set -e
 {
