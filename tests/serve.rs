@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use hayloft::engine::prefix::StoreConfig;
 use hayloft::engine::{Lengths, Session, SessionConfig};
-use hayloft::model::testutil::{write_tiny_llama, TinySpec};
+use hayloft::gguf::Value as GgufValue;
+use hayloft::model::testutil::{tiny_llama, write_tiny_llama, TinySpec};
 use hayloft::model::Model;
 use hayloft::serve::{ServeConfig, ServeModel, Server};
 use serde_json::{json, Value};
@@ -410,6 +411,111 @@ fn echo_logprobs_equal_the_sessions_log_softmax() {
     );
     assert_eq!(c["choices"][0]["finish_reason"], "length");
     assert_eq!(c["usage"]["completion_tokens"], 0);
+}
+
+/// A text prompt on a model that asks for BOS: the server puts BOS in front, and the echo leaves it out, so the echoed
+/// tokens spell the text sent and line up with `/tokenize` without special tokens (lm-eval's `tokenized_requests=False`
+/// slices `token_logprobs[ctxlen:-1]` with that count). The first echoed token has a log-probability (given BOS).
+#[test]
+fn echo_of_a_text_prompt_leaves_out_the_bos_the_server_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bos.gguf");
+    tiny_llama(&TinySpec::default())
+        .set_meta("tokenizer.ggml.add_bos_token", GgufValue::Bool(true))
+        .write(&path)
+        .unwrap();
+    let p = path.clone();
+    let server = Server::start(
+        ServeConfig {
+            port: 0,
+            ..ServeConfig::default()
+        },
+        Box::new(move || ServeModel::open(&p)),
+    )
+    .unwrap();
+    server.wait_loaded().unwrap();
+    let a = server.addr;
+    let text = "the thin cat";
+    let tok = post(
+        a,
+        "/tokenize",
+        &json!({"prompt": text, "add_special_tokens": false}),
+    )
+    .json();
+    let plain: Vec<u32> = tok["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let bos = get(a, "/tokenizer_info").json()["bos_token_id"]
+        .as_u64()
+        .unwrap() as u32;
+    let mut with_bos = vec![bos];
+    with_bos.extend(&plain);
+    let rows = session_logprobs(&path, &with_bos);
+    for stream in [false, true] {
+        let body = json!({"prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": true,
+                          "stream": stream});
+        let r = post(a, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        // The streamed echo comes in the first frame; the plain answer holds it with the generated token.
+        let lp = if stream {
+            let first: Value = serde_json::from_str(&r.sse()[0]).unwrap();
+            first["choices"][0]["logprobs"].clone()
+        } else {
+            let j = r.json();
+            assert_eq!(
+                j["usage"]["prompt_tokens"],
+                plain.len() + 1,
+                "BOS is still counted: {j}"
+            );
+            j["choices"][0]["logprobs"].clone()
+        };
+        let tokens: Vec<&str> = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert!(
+            tokens.concat().starts_with(text) && tokens.len() >= plain.len(),
+            "stream {stream}: {tokens:?}"
+        );
+        assert_eq!(tokens[..plain.len()].concat(), text, "stream {stream}");
+        let tl = lp["token_logprobs"].as_array().unwrap();
+        for (i, &id) in plain.iter().enumerate() {
+            // Echo position i is the text's token i, at position i + 1 after BOS.
+            let want = rows[i][id as usize];
+            let got = tl[i].as_f64().unwrap_or_else(|| {
+                panic!("stream {stream}: position {i} has no log-probability: {lp}")
+            });
+            assert!(
+                (got - want).abs() < 1e-4,
+                "stream {stream} position {i}: {got} vs {want}"
+            );
+        }
+        let offs: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(offs[0], 0);
+        assert_eq!(
+            offs[plain.len() - 1] as usize + tokens[plain.len() - 1].len(),
+            text.len()
+        );
+    }
+    // Token-id prompts are echoed as sent: no BOS added, none left out.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [plain.clone()], "max_tokens": 1, "logprobs": 1, "echo": true}),
+    );
+    let tl = r.json()["choices"][0]["logprobs"]["token_logprobs"].clone();
+    assert_eq!(tl.as_array().unwrap().len(), plain.len() + 1);
+    assert!(tl[0].is_null());
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod generate;
 mod heads;
 mod info;
 mod kvcodec;
+mod pairs;
 mod patterns;
 mod perplexity;
 mod plan;

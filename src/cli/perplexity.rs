@@ -17,8 +17,13 @@ pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Text file to score (UTF-8).
-    #[arg(long, short = 'f')]
-    pub file: PathBuf,
+    #[arg(long, short = 'f', required_unless_present = "pairs")]
+    pub file: Option<PathBuf>,
+    /// Score (context, continuation) pairs instead of a text: a JSONL file of `{"context": [ids], "continuation":
+    /// [ids]}`, each scored from an empty cache; prints one `{"logprob", "greedy", "n"}` line per pair
+    /// (lm-evaluation-harness's loglikelihood, computed without the server).
+    #[arg(long, conflicts_with_all = ["file", "stream"])]
+    pub pairs: Option<PathBuf>,
     /// Chunk length in tokens.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
@@ -123,7 +128,13 @@ fn run_stream(a: &PerplexityArgs, l: &mut crate::cli::Loaded, tokens: &[u32]) ->
 }
 
 pub fn run(a: PerplexityArgs) -> Result<()> {
-    let text = read_text_file(&a.file)?;
+    if let Some(p) = &a.pairs {
+        return super::pairs::run(&a.model, p);
+    }
+    let Some(file) = &a.file else {
+        bail!("give --file (a text to score) or --pairs (context/continuation pairs)");
+    };
+    let text = read_text_file(file)?;
     let mut l = a.model.load()?;
     l.session_cfg.max_context = l.session_cfg.max_context.max(a.ctx);
     let tokens = l.tokenizer.encode(&text, false, false)?;

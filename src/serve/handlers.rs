@@ -334,25 +334,27 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
     if prompts.is_empty() {
         return Err(ApiError::bad_request("field `prompt`: an empty list").code("empty_prompt"));
     }
-    let (mut ids, mut texts) = (Vec::new(), Vec::new());
+    let (mut ids, mut texts, mut skips) = (Vec::new(), Vec::new(), Vec::new());
     for (i, p) in prompts.into_iter().enumerate() {
-        let (t, text) = match p {
+        let (t, text, skip) = match p {
             Prompt::Text(s) => {
                 let t = r
                     .tokenizer
                     .encode(&s, true, true)
                     .map_err(|e| ApiError::bad_request(format!("prompt {i}: {e:#}")))?;
-                (t, s)
+                // encode put a BOS in front when the model asks for one (it fails when there is no BOS id).
+                (t, s, usize::from(r.tokenizer.add_bos()))
             }
             Prompt::Ids(v) => {
                 check_ids(&r, &v, "prompt")?;
                 let text = r.tokenizer.decode(&v);
-                (v, text)
+                (v, text, 0)
             }
         };
         check_length(&r, i, t.len(), max_tokens)?;
         ids.push(t);
         texts.push(text);
+        skips.push(skip);
     }
     let params = GenParams {
         max_tokens,
@@ -371,6 +373,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
         model: req.model.unwrap_or_else(|| r.name.clone()),
         n: c.n,
         echo: req.echo.then_some(texts),
+        echo_skip: skips,
         logprobs: top,
         include_usage: c.include_usage,
         ready: r,
@@ -425,6 +428,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         model: req.model.unwrap_or_else(|| r.name.clone()),
         n: c.n,
         echo: None,
+        echo_skip: Vec::new(),
         logprobs: top,
         include_usage: c.include_usage,
         ready: r,

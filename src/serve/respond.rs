@@ -68,6 +68,10 @@ pub struct Meta {
     pub n: usize,
     /// Per prompt: its text, when echoed (completions with `echo`).
     pub echo: Option<Vec<String>>,
+    /// Per prompt: leading tokens the server added (a BOS before a text prompt) that the echo leaves out, so the
+    /// echoed tokens and log-probabilities line up with the text the client sent (and with its own tokenization,
+    /// which lm-eval's `[ctxlen:-1]` slice relies on). Empty = none anywhere.
+    pub echo_skip: Vec<usize>,
     /// Alternatives per position when log-probabilities were asked for.
     pub logprobs: Option<usize>,
     pub include_usage: bool,
@@ -167,6 +171,16 @@ impl Meta {
         json!({ "content": content })
     }
 
+    /// A choice's prompt log-probabilities as echoed: without the tokens the server added in front.
+    fn echoed<'a>(
+        &self,
+        index: usize,
+        v: &'a [Option<TokenLogprob>],
+    ) -> &'a [Option<TokenLogprob>] {
+        let skip = self.echo_skip.get(index / self.n).copied().unwrap_or(0);
+        &v[skip.min(v.len())..]
+    }
+
     /// The prompt text a choice echoes ("" without echo).
     fn echo_text(&self, index: usize) -> &str {
         self.echo
@@ -187,7 +201,7 @@ impl Meta {
                         let mut offset = echo.chars().count();
                         if let Some(p) = &c.prompt_lp {
                             offset = 0;
-                            entries = prompt_entries(p, c.first_id);
+                            entries = prompt_entries(self.echoed(index, p), c.first_id);
                         }
                         entries.extend(c.lps.iter().map(|l| (l.id, Some(l))));
                         self.completion_logprobs(&entries, offset)
@@ -363,7 +377,10 @@ impl StreamState {
                     Kind::Completion if meta.echo.is_some() => {
                         let lp = logprobs.as_ref().map_or(Value::Null, |v| {
                             let first = self.first_ids[index / meta.n];
-                            meta.completion_logprobs(&prompt_entries(v, first), 0)
+                            meta.completion_logprobs(
+                                &prompt_entries(meta.echoed(index, v), first),
+                                0,
+                            )
                         });
                         Some(
                             json!({"index": index, "text": meta.echo_text(index), "logprobs": lp,
