@@ -660,3 +660,36 @@ fn bench_speed_takes_a_thread_list() {
         );
     }
 }
+
+/// `bench serve` against its own in-process server with prompts shorter than the default shared prefix and no shared
+/// share: it used to build the warm-up prompt from a prefix longer than the prompt and panic. Asking for a warm-up
+/// with no prefix to warm is a clear error.
+#[test]
+fn bench_serve_runs_short_unshared_prompts() {
+    let (dir, model) = tiny();
+    let json = dir.path().join("serve.json");
+    let out = hayloft()
+        .args(["bench", "serve", "--model", &model, "--threads", "2"])
+        .args(["--clients", "2", "--requests", "3", "--prompt-tokens", "24"])
+        .args(["--shared", "0", "--max-tokens", "3", "--json"])
+        .arg(&json)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["failed"], 0, "{j}");
+    assert_eq!(j["samples"].as_array().unwrap().len(), 3, "{j}");
+    let out = hayloft()
+        .args(["bench", "serve", "--model", &model, "--threads", "2"])
+        .args(["--prompt-tokens", "24", "--shared", "0", "--warm"])
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--shared-prefix"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -137,7 +137,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             a.shared
         );
     }
-    if a.shared_prefix >= a.prompt_tokens && a.shared > 0.0 {
+    if a.shared_prefix >= a.prompt_tokens && (a.shared > 0.0 || a.warm) {
         bail!(
             "--shared-prefix ({}) must be shorter than --prompt-tokens ({})",
             a.shared_prefix,
@@ -250,7 +250,9 @@ fn make_prompts(addr: &str, a: &LoadArgs) -> Result<Prompts> {
             text.push_str(WORDS[(rng % WORDS.len() as u64) as usize]);
             text.push(if rng.is_multiple_of(11) { '.' } else { ' ' });
         }
-        let body = json!({"prompt": text, "add_special_tokens": false}).to_string();
+        // llama-server's field names (`content`, `add_special`), which hayloft serve also reads, so --url may point
+        // at either server.
+        let body = json!({"content": text, "add_special": false}).to_string();
         let (status, r) = http(addr, "POST", "/tokenize", Some(&body))?;
         if status != 200 {
             bail!("/tokenize answered {status}: {r}");
@@ -286,7 +288,8 @@ fn make_prompts(addr: &str, a: &LoadArgs) -> Result<Prompts> {
             (prompt(i + 1, shared), shared)
         })
         .collect();
-    Ok((prompts, prompt(0, true)))
+    // The warm-up request starts with the common prefix when there is one to warm (else it is one more own prompt).
+    Ok((prompts, prompt(0, a.shared_prefix < a.prompt_tokens)))
 }
 
 /// One streamed completion, timed.
