@@ -99,7 +99,15 @@ impl PrefillPattern for MInference {
         self.work.par_iter_mut().enumerate().for_each(|(qh, w)| {
             w.plan.reset(len);
             w.est.forget_means();
-            add_pattern(&mut w.est, &keys[qh / g], cx, qh, scale, pats[qh], &mut w.plan);
+            add_pattern(
+                &mut w.est,
+                &keys[qh / g],
+                cx,
+                qh,
+                scale,
+                pats[qh],
+                &mut w.plan,
+            );
         });
         out.reset(cx.cache.cfg.n_kv_heads, cx.pos.len());
         for (h, plan) in self.plans.iter_mut().enumerate() {
