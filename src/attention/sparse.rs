@@ -223,6 +223,7 @@ pub(super) fn gather_shared(
                         skip = 0;
                         while e < hi as usize && i < bt {
                             let blk = cache.block(layer, h, e / bt);
+                            blk.mark_read();
                             let j = e % bt;
                             blk.read_key(j, key);
                             for (c, &x) in key.iter().enumerate() {
