@@ -73,6 +73,8 @@ struct Task {
     t1: usize,
     blk0: usize,
     blk1: usize,
+    /// Whether this task folds its head's shared tiles (the first split of a (head, tile) of a sparse call).
+    shared: bool,
 }
 
 /// One task's working memory: sized once, reused every call.
@@ -116,6 +118,8 @@ pub struct AttnScratch {
     bufs: Vec<TaskBuf>,
     /// A selection cut at block boundaries, every head's pieces one after another; tasks index into it.
     pieces: Vec<Piece>,
+    /// A sparse call's shared entries, gathered once ([`sparse::gather_shared`]).
+    shared: sparse::SharedTiles,
 }
 
 /// Shapes of one call, shared by all tasks.
@@ -268,6 +272,14 @@ fn attend_impl(
     let want = plan_tasks(rayon::current_num_threads());
     scratch.tasks.clear();
     scratch.pieces.clear();
+    let with_shared = match sel {
+        Sel::Tiles(ts) => {
+            sparse::gather_shared(cache, layer, ts, &mut scratch.shared);
+            cache.note_read(scratch.shared.read);
+            scratch.shared.heads.iter().any(|&(a, b)| a < b)
+        }
+        _ => false,
+    };
     for kv_head in 0..cfg.n_kv_heads {
         // Units a task walks: blocks, or the pieces of the selection.
         let (base, nb) = match sel {
@@ -323,6 +335,7 @@ fn attend_impl(
                         } else {
                             at
                         },
+                        shared: s == 0 && with_shared,
                     });
                 }
                 continue;
@@ -334,6 +347,7 @@ fn attend_impl(
                     t1,
                     blk0: base + nb * s / splits,
                     blk1: base + nb * (s + 1) / splits,
+                    shared: false,
                 });
             }
         }
@@ -375,6 +389,7 @@ fn attend_impl(
         Sel::Heads(_) | Sel::Tiles(_) => Some(&scratch.pieces[..]),
     };
     let bt = sh.bt;
+    let shared = with_shared.then_some(&scratch.shared);
     scratch.bufs[..tasks.len()]
         .par_iter_mut()
         .zip(tasks.par_iter())
@@ -388,6 +403,7 @@ fn attend_impl(
                 p,
                 task,
                 pieces,
+                shared,
                 simd,
             };
             match bt {
@@ -468,6 +484,8 @@ struct TaskArgs<'a> {
     task: &'a Task,
     /// The selection's pieces (the task's `blk0..blk1` index them); None = every block.
     pieces: Option<&'a [Piece]>,
+    /// A sparse call's shared tiles (folded by the tasks whose `shared` is set).
+    shared: Option<&'a sparse::SharedTiles>,
     /// The compiled variant running (the CPU supports it).
     simd: Simd,
 }
@@ -691,6 +709,25 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
         }
         return;
     };
+    // The head's shared entries, gathered once for the call: every tile folds the same tiles.
+    if let (true, Some(st)) = (task.shared, a.shared) {
+        let (t0, t1) = st.heads[task.kv_head];
+        let stride = sparse::SharedTiles::stride(hk, hv, BT);
+        for t in t0..t1 {
+            let (kt, vb) = st.kv[t * stride..][..stride].split_at(hk * BT);
+            let n = st.n[t];
+            let tile = Tile::F32 {
+                kt,
+                vb: &vb[..n * hv],
+                hs: hk,
+                qrows: None,
+            };
+            let TaskBuf {
+                s, m, l, acc, pbuf, ..
+            } = &mut *buf;
+            fold::<BT>(a, tile, &st.pos[t * BT..][..n], s, m, l, acc, pbuf);
+        }
+    }
     // Selected pieces: whole blocks take the block path; parts of blocks are gathered into a tile of BT entries.
     let mut ng = 0;
     // The block whose keys `buf.k` holds converted (pieces of one block follow each other).
@@ -1218,6 +1255,7 @@ mod tests {
             t1: 1,
             blk0: 0,
             blk1: 3,
+            shared: false,
         };
         let mut buf = TaskBuf {
             acc: vec![0.0; 16],
@@ -1237,6 +1275,7 @@ mod tests {
             p: &p,
             task: &task,
             pieces: None,
+            shared: None,
             simd: Simd::Scalar,
         };
         run_task::<4>(&a, &mut buf);

@@ -56,6 +56,11 @@ impl Selection {
         self.ranges.get(head).map_or(&[], |r| r.as_slice())
     }
 
+    /// `head`'s list, to edit in place (kept sorted and disjoint by the caller).
+    pub(crate) fn list_mut(&mut self, head: usize) -> &mut Vec<(u32, u32)> {
+        &mut self.ranges[head]
+    }
+
     /// Whether entry `e` of `head` is selected.
     pub fn contains(&self, head: usize, e: usize) -> bool {
         self.ranges(head)

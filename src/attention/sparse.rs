@@ -7,9 +7,16 @@
 //! into a block-sized tile, the causal and window masks still apply, online softmax as everywhere. The plan splits a
 //! tile's pieces at the dense plan's block boundaries, so a selection of every visible entry computes exactly what
 //! [`super::attend`] computes, bit for bit.
+//!
+//! Entries that every tile of a KV head reads (MInference's vertical lines: scattered single columns) can be given
+//! once per head as *shared* entries instead ([`TileSelection::add_shared`]): the kernel gathers them once per call
+//! into contiguous block-sized tiles ([`gather_shared`]) that every query tile of the head folds, rather than
+//! gathering the same scattered columns again for each 16-query tile. A tile's own ranges never repeat a shared entry
+//! ([`TileSelection::finish`] takes them out).
 
 use super::{attend_impl, cut_pieces, simd_level, AttnParams, AttnScratch, Piece, Sel, Q_TILE};
 use crate::kv::KvCache;
+use rayon::prelude::*;
 
 /// Key ranges per (KV head, query tile) of one attention call. Tiles are [`Q_TILE`] consecutive query rows.
 #[derive(Clone, Debug, Default)]
@@ -17,6 +24,10 @@ pub struct TileSelection {
     n_tiles: usize,
     /// [kv_head · n_tiles + tile] → ranges.
     sel: super::Selection,
+    /// [kv_head] → entries every tile of the head reads.
+    shared: super::Selection,
+    /// Scratch of [`Self::finish`].
+    tmp: Vec<(u32, u32)>,
 }
 
 impl TileSelection {
@@ -24,6 +35,7 @@ impl TileSelection {
     pub fn reset(&mut self, n_heads: usize, n_tok: usize) {
         self.n_tiles = n_tok.div_ceil(Q_TILE);
         self.sel.reset(n_heads * self.n_tiles);
+        self.shared.reset(n_heads);
     }
 
     /// Query tiles per head.
@@ -36,19 +48,42 @@ impl TileSelection {
         self.sel.add(head * self.n_tiles + tile, lo, hi);
     }
 
-    /// Sorts and merges every list.
-    pub fn finish(&mut self) {
-        self.sel.finish();
+    /// Adds entries `[lo, hi)` that every tile of `head` reads (gathered once per call; meant for scattered
+    /// columns). Any order, overlaps allowed until [`Self::finish`].
+    pub fn add_shared(&mut self, head: usize, lo: usize, hi: usize) {
+        self.shared.add(head, lo, hi);
     }
 
-    /// The ranges of (head, tile).
+    /// Sorts and merges every list, and takes each head's shared entries out of its tiles' ranges.
+    pub fn finish(&mut self) {
+        self.sel.finish();
+        self.shared.finish();
+        for h in 0..self.shared.n_heads() {
+            let minus = self.shared.ranges(h);
+            if minus.is_empty() {
+                continue;
+            }
+            for t in 0..self.n_tiles {
+                let list = self.sel.list_mut(h * self.n_tiles + t);
+                subtract(list, minus, &mut self.tmp);
+                std::mem::swap(list, &mut self.tmp);
+            }
+        }
+    }
+
+    /// The ranges of (head, tile), shared entries not included.
     pub fn ranges(&self, head: usize, tile: usize) -> &[(u32, u32)] {
         self.sel.ranges(head * self.n_tiles + tile)
     }
 
+    /// The entries every tile of `head` reads besides its own ranges (disjoint from them after [`Self::finish`]).
+    pub fn shared(&self, head: usize) -> &[(u32, u32)] {
+        self.shared.ranges(head)
+    }
+
     /// Whether entry `e` is read by (head, tile).
     pub fn contains(&self, head: usize, tile: usize, e: usize) -> bool {
-        self.sel.contains(head * self.n_tiles + tile, e)
+        self.sel.contains(head * self.n_tiles + tile, e) || self.shared.contains(head, e)
     }
 
     /// (query·key pairs this selection computes, pairs dense causal attention computes) for `head`, queries at
@@ -58,7 +93,7 @@ impl TileSelection {
         for (tile, rows) in q_pos.chunks(Q_TILE).enumerate() {
             let first = rows.iter().copied().min().unwrap_or(0) as u64 + 1;
             dense += rows.iter().map(|&p| p as u64 + 1).sum::<u64>();
-            for &(lo, hi) in self.ranges(head, tile) {
+            for &(lo, hi) in self.ranges(head, tile).iter().chain(self.shared(head)) {
                 let (lo, hi) = (lo as u64, hi as u64);
                 if hi <= first {
                     // Visible to every row of the tile.
@@ -72,6 +107,146 @@ impl TileSelection {
             }
         }
         (got, dense)
+    }
+}
+
+/// `out` ← `a` minus `b` (both sorted, disjoint ranges).
+fn subtract(a: &[(u32, u32)], b: &[(u32, u32)], out: &mut Vec<(u32, u32)>) {
+    out.clear();
+    let mut j = 0;
+    for &(lo, hi) in a {
+        let mut lo = lo;
+        while j < b.len() && b[j].1 <= lo {
+            j += 1;
+        }
+        let mut k = j;
+        while lo < hi {
+            match b.get(k) {
+                Some(&(blo, bhi)) if blo < hi => {
+                    if blo > lo {
+                        out.push((lo, blo));
+                    }
+                    lo = lo.max(bhi);
+                    k += 1;
+                }
+                _ => {
+                    out.push((lo, hi));
+                    lo = hi;
+                }
+            }
+        }
+    }
+}
+
+/// Every KV head's shared entries, gathered once per call into tiles of `bt` entries.
+#[derive(Default)]
+pub(super) struct SharedTiles {
+    /// Per tile: keys transposed (hk × bt, every channel, pruned ones 0) then values (bt × hv).
+    pub kv: Vec<f32>,
+    /// Per tile: positions (bt).
+    pub pos: Vec<u32>,
+    /// Per tile: entries held.
+    pub n: Vec<usize>,
+    /// Per KV head: its tiles `[first, end)`.
+    pub heads: Vec<(usize, usize)>,
+    /// Bytes the gather read from the cache.
+    pub read: usize,
+}
+
+impl SharedTiles {
+    /// Floats of one tile's keys and values.
+    pub fn stride(hk: usize, hv: usize, bt: usize) -> usize {
+        bt * (hk + hv)
+    }
+}
+
+/// Gathers the shared entries of every KV head of `sel` for `layer` into `st` (a head without any gets no tiles).
+pub(super) fn gather_shared(
+    cache: &KvCache,
+    layer: usize,
+    sel: &TileSelection,
+    st: &mut SharedTiles,
+) {
+    let (hk, hv, bt) = (
+        cache.cfg.head_dim_k,
+        cache.cfg.head_dim_v,
+        cache.cfg.block_tokens,
+    );
+    let stride = SharedTiles::stride(hk, hv, bt);
+    let n_kv = cache.cfg.n_kv_heads;
+    st.heads.clear();
+    st.n.clear();
+    st.read = 0;
+    for h in 0..n_kv {
+        let len = cache.len(layer, h) as u32;
+        let count: usize = sel
+            .shared(h)
+            .iter()
+            .map(|&(lo, hi)| hi.min(len).saturating_sub(lo) as usize)
+            .sum();
+        let first = st.n.len();
+        let nt = count.div_ceil(bt);
+        st.n.extend((0..nt).map(|t| bt.min(count - t * bt)));
+        st.heads.push((first, first + nt));
+    }
+    let total = st.n.len();
+    if st.kv.len() < total * stride {
+        st.kv.resize(total * stride, 0.0);
+        st.pos.resize(total * bt, 0);
+    }
+    // One head's tiles at a time, its entries in order; the tiles of a head are filled in parallel.
+    for h in 0..n_kv {
+        let (t0, t1) = st.heads[h];
+        if t0 == t1 {
+            continue;
+        }
+        let ranges = sel.shared(h);
+        let kv = &mut st.kv[t0 * stride..t1 * stride];
+        let pos = &mut st.pos[t0 * bt..t1 * bt];
+        kv.par_chunks_mut(stride)
+            .zip(pos.par_chunks_mut(bt))
+            .enumerate()
+            .for_each_init(
+                || (vec![0.0f32; hk], vec![0.0f32; hv]),
+                |(key, val), (t, (tkv, tpos))| {
+                    let (kt, vb) = tkv.split_at_mut(hk * bt);
+                    // Entries t·bt .. of the head's shared list.
+                    let mut skip = t * bt;
+                    let mut i = 0;
+                    for &(lo, hi) in ranges {
+                        let n = (hi - lo) as usize;
+                        if skip >= n {
+                            skip -= n;
+                            continue;
+                        }
+                        let mut e = lo as usize + skip;
+                        skip = 0;
+                        while e < hi as usize && i < bt {
+                            let blk = cache.block(layer, h, e / bt);
+                            blk.mark_read();
+                            let j = e % bt;
+                            blk.read_key(j, key);
+                            for (c, &x) in key.iter().enumerate() {
+                                kt[c * bt + i] = x;
+                            }
+                            blk.read_value(j, val);
+                            vb[i * hv..][..hv].copy_from_slice(val);
+                            tpos[i] = blk.pos[j];
+                            i += 1;
+                            e += 1;
+                        }
+                        if i == bt {
+                            break;
+                        }
+                    }
+                    // Unused columns of the last tile: zero keys (scores are cut to the held entries anyway).
+                    for c in 0..hk {
+                        kt[c * bt + i..(c + 1) * bt].fill(0.0);
+                    }
+                },
+            );
+        let entries: usize = st.n[t0..t1].iter().sum();
+        st.read += entries * cache.cfg.entry_bytes();
     }
 }
 
@@ -186,7 +361,7 @@ mod tests {
             let mut sel = Selection::default();
             sel.reset(n_kv);
             for h in 0..n_kv {
-                for &(lo, hi) in ts.ranges(h, t / Q_TILE) {
+                for &(lo, hi) in ts.ranges(h, t / Q_TILE).iter().chain(ts.shared(h)) {
                     sel.add(h, lo as usize, hi as usize);
                 }
             }
@@ -198,11 +373,18 @@ mod tests {
         out
     }
 
-    /// A mixed pattern: sink columns, scattered single columns, a block, slash bands, the local diagonal.
+    /// A mixed pattern: sink columns, scattered single columns, a block, slash bands, the local diagonal; with
+    /// `shift` 1 also shared columns (some inside the tiles' own ranges, some past the first query).
     fn mixed(n_kv: usize, q_pos: &[u32], shift: usize) -> TileSelection {
         let mut ts = TileSelection::default();
         ts.reset(n_kv, q_pos.len());
         for h in 0..n_kv {
+            if shift == 1 {
+                for c in (3 + h..q_pos[0] as usize + 20).step_by(19) {
+                    ts.add_shared(h, c, c + 1);
+                }
+                ts.add_shared(h, 60, 70);
+            }
             for (tile, rows) in q_pos.chunks(Q_TILE).enumerate() {
                 let (p0, p1) = (rows[0] as usize, *rows.last().unwrap() as usize);
                 ts.add(h, tile, 0, 4);
@@ -271,6 +453,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn shared_entries_leave_the_tiles_ranges() {
+        let mut out = Vec::new();
+        subtract(
+            &[(0, 10), (20, 30), (40, 41)],
+            &[(2, 3), (5, 22), (29, 45)],
+            &mut out,
+        );
+        assert_eq!(out, vec![(0, 2), (3, 5), (22, 29)]);
+        subtract(&[(0, 10)], &[], &mut out);
+        assert_eq!(out, vec![(0, 10)]);
+        let mut ts = TileSelection::default();
+        ts.reset(1, 32);
+        ts.add(0, 0, 0, 64);
+        ts.add(0, 1, 10, 20);
+        ts.add_shared(0, 5, 6);
+        ts.add_shared(0, 15, 17);
+        ts.finish();
+        assert_eq!(ts.ranges(0, 0), &[(0, 5), (6, 15), (17, 64)]);
+        assert_eq!(ts.ranges(0, 1), &[(10, 15), (17, 20)]);
+        assert!(ts.contains(0, 1, 5) && ts.contains(0, 0, 16) && !ts.contains(0, 1, 30));
+        let pos: Vec<u32> = (100..132).collect();
+        // Every key lies below the first row (100): tile 0 reads 61 + 3 shared keys, tile 1 8 + 3, 16 rows each.
+        assert_eq!(ts.pairs(0, &pos).0, 16 * 64 + 16 * 11);
     }
 
     #[test]

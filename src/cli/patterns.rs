@@ -100,8 +100,13 @@ pub fn run(a: PatternsArgs) -> Result<()> {
     for (c, r) in search.mean_recalls() {
         println!("  {c:?}: {r:.3}");
     }
-    println!("per-head pattern mix ({} heads):", mc.n_layers * mc.n_heads);
-    for (p, n) in file.mix() {
+    let mix = file.mix();
+    let scored: usize = mix.iter().map(|m| m.1).sum();
+    println!(
+        "per-head pattern mix ({scored} scored heads of {}; the others are on sliding-window layers, which keep their window attention):",
+        mc.n_layers * mc.n_heads
+    );
+    for (p, n) in mix {
         println!("  {n:>4} × {p}");
     }
     Ok(())

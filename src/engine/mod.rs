@@ -426,6 +426,12 @@ impl<'m> Session<'m> {
                 } else {
                     1.0
                 };
+                if let Some(lz) = &self.lazy {
+                    // Rows of every layer for every token held, less those pruning skipped.
+                    let rows = (self.n_past() * self.model.config().n_layers).max(1);
+                    self.stats.prefill_rows_computed =
+                        Some(1.0 - lz.counts.skipped.min(rows) as f64 / rows as f64);
+                }
             }
             Phase::Decode => {
                 self.since_compress += 1;

@@ -42,6 +42,9 @@ pub struct Stats {
     /// attention computes (global layers; 1 for dense).
     pub prefill: String,
     pub prefill_density: f64,
+    /// `--prefill lazyllm`: the share of (prompt token, layer) rows prefill computed (pruning skips the rest); its
+    /// attention is dense over what is kept, so the stats line shows this instead of the density.
+    pub prefill_rows_computed: Option<f64>,
     #[serde(skip)]
     pub prefill_s: f64,
     #[serde(skip)]
@@ -78,7 +81,7 @@ impl Stats {
 
     pub fn line(&self) -> String {
         format!(
-            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({}) | prefill {} (density {:.1}%)",
+            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({}) | prefill {} ({})",
             self.prompt_tokens,
             self.generated_tokens,
             self.ttft_ms,
@@ -113,7 +116,10 @@ impl Stats {
             self.threads,
             self.kernel,
             self.prefill,
-            100.0 * self.prefill_density,
+            match self.prefill_rows_computed {
+                Some(r) => format!("computed {:.1}% of token-layer rows", 100.0 * r),
+                None => format!("density {:.1}%", 100.0 * self.prefill_density),
+            },
         )
     }
 

@@ -13,17 +13,21 @@
 //! 16-query tile), so a KV head reads the union of its query heads' patterns (GQA: SmolLM2 groups 3, Gemma 3 4,
 //! Qwen2.5 7): no key is missed that any head of the group wanted, at the cost of some density. Layers before
 //! `from=` and chunks with less than `min=` tokens of context stay dense; sliding-window layers are never asked.
+//!
+//! Per chunk: each KV head's keys are converted once (in parallel over KV heads), each query head's estimate runs on
+//! its own (in parallel over query heads: Gemma 3 has one KV head and four query heads), then a KV head's plan is the
+//! union of its query heads' plans; its columns before the chunk go to the kernel as shared entries, gathered once.
 
 use anyhow::Result;
 use rayon::prelude::*;
 
 use super::pattern::{PatternFile, DEFAULT};
-use super::plan::{add_pattern, prefill_shape, Estimator, HeadPlan};
+use super::plan::{add_pattern, prefill_shape, Estimator, HeadPlan, Keys};
 use super::{HeadPattern, MInferenceSpec, Scope};
 use crate::attention::TileSelection;
 use crate::model::{ModelConfig, PrefillPattern, SelectCx};
 
-/// One KV head's work for a chunk.
+/// One query head's work for a chunk.
 #[derive(Default)]
 pub(super) struct HeadWork {
     pub est: Estimator,
@@ -35,6 +39,10 @@ pub struct MInference {
     pats: Vec<Vec<HeadPattern>>,
     scope: Scope,
     scale: f32,
+    /// Per KV head: its keys (this layer, this chunk) and the union plan.
+    keys: Vec<Keys>,
+    plans: Vec<HeadPlan>,
+    /// Per query head.
     work: Vec<HeadWork>,
 }
 
@@ -61,7 +69,9 @@ impl MInference {
             pats,
             scope,
             scale: mc.attn_scale,
-            work: (0..mc.n_kv_heads).map(|_| HeadWork::default()).collect(),
+            keys: (0..mc.n_kv_heads).map(|_| Keys::default()).collect(),
+            plans: (0..mc.n_kv_heads).map(|_| HeadPlan::default()).collect(),
+            work: (0..mc.n_heads).map(|_| HeadWork::default()).collect(),
         }
     }
 }
@@ -77,22 +87,35 @@ impl PrefillPattern for MInference {
         }
         let g = cx.group();
         let (pats, scale) = (&self.pats[cx.layer], self.scale);
-        self.work.par_iter_mut().enumerate().for_each(|(h, w)| {
-            w.plan.reset(len);
-            let heads = &pats[h * g..(h + 1) * g];
-            if heads
+        self.keys.par_iter_mut().enumerate().for_each(|(h, k)| {
+            if pats[h * g..(h + 1) * g]
                 .iter()
                 .any(|p| !matches!(p, HeadPattern::AShape { .. }))
             {
-                w.est.load_keys(cx.cache, cx.layer, h, len);
-            }
-            for (i, &p) in heads.iter().enumerate() {
-                add_pattern(&mut w.est, cx, h * g + i, scale, p, &mut w.plan);
+                k.load(cx.cache, cx.layer, h, len);
             }
         });
+        let keys = &self.keys;
+        self.work.par_iter_mut().enumerate().for_each(|(qh, w)| {
+            w.plan.reset(len);
+            w.est.forget_means();
+            add_pattern(
+                &mut w.est,
+                &keys[qh / g],
+                cx,
+                qh,
+                scale,
+                pats[qh],
+                &mut w.plan,
+            );
+        });
         out.reset(cx.cache.cfg.n_kv_heads, cx.pos.len());
-        for (h, w) in self.work.iter_mut().enumerate() {
-            w.plan.emit(h, cx.pos, out);
+        for (h, plan) in self.plans.iter_mut().enumerate() {
+            plan.reset(len);
+            for w in &self.work[h * g..(h + 1) * g] {
+                plan.merge(&w.plan);
+            }
+            plan.emit(h, cx.pos, out);
         }
         out.finish();
         true

@@ -115,7 +115,9 @@ impl PatternFile {
     /// Heads per pattern (its Debug text), most common first.
     pub fn mix(&self) -> Vec<(String, usize)> {
         let mut m: Vec<(String, usize)> = Vec::new();
-        for e in self.heads.iter().flatten() {
+        // Heads the search never scored (recall 0: sliding-window layers, which the run time leaves dense) are not
+        // part of the mix.
+        for e in self.heads.iter().flatten().filter(|e| e.recall > 0.0) {
             let k = format!("{:?}", e.pattern);
             match m.iter_mut().find(|(n, _)| *n == k) {
                 Some((_, c)) => *c += 1,
@@ -168,6 +170,9 @@ mod tests {
         let back = PatternFile::parse(&f.to_json()).unwrap();
         assert_eq!(back, f);
         assert_eq!(f.mix().iter().map(|m| m.1).sum::<usize>(), 6);
+        let mut g = sample();
+        g.heads[1].iter_mut().for_each(|e| e.recall = 0.0);
+        assert_eq!(g.mix().iter().map(|m| m.1).sum::<usize>(), 3);
     }
 
     #[test]

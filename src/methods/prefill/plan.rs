@@ -88,6 +88,15 @@ impl Bits {
         }
     }
 
+    /// Clears every bit below `n`.
+    pub fn clear_below(&mut self, n: usize) {
+        let n = n.min(self.w.len() * 64);
+        self.w[..n / 64].fill(0);
+        if !n.is_multiple_of(64) {
+            self.w[n / 64] &= u64::MAX << (n % 64);
+        }
+    }
+
     /// self |= other over self's room.
     pub fn or(&mut self, other: &Bits) {
         for (a, b) in self.w.iter_mut().zip(&other.w) {
@@ -217,10 +226,42 @@ impl HeadPlan {
         &mut self.blocks[qb]
     }
 
-    /// Writes the tile ranges of KV head `h` for the chunk at consecutive positions `pos` into `out`; calls
-    /// `each(tile, ranges)` too (the search scores them).
+    /// Writes the tile ranges of KV head `h` for the chunk at consecutive positions `pos` into `out`. Columns before
+    /// the chunk (every row sees them) go in as the head's shared entries, gathered once for all tiles; the plan's
+    /// columns are cleared below the chunk's first position on the way.
     pub fn emit(&mut self, h: usize, pos: &[u32], out: &mut TileSelection) {
+        if !self.dense {
+            let first = pos.first().map_or(0, |&p| p as usize);
+            self.cols.runs(first, |lo, hi| out.add_shared(h, lo, hi));
+            self.cols.clear_below(first);
+        }
         self.emit_with(pos, |tile, lo, hi| out.add(h, tile, lo, hi));
+    }
+
+    /// Adds what `o` reads (a query head of the same KV head, same chunk).
+    pub fn merge(&mut self, o: &HeadPlan) {
+        self.dense |= o.dense;
+        self.cols.or(&o.cols);
+        self.offs.or(&o.offs);
+        self.add_a_shape(o.init, o.local);
+        if o.blocks.is_empty() {
+            return;
+        }
+        if self.blocks.is_empty() {
+            self.block = o.block;
+            self.blocks.resize_with(o.blocks.len(), Bits::default);
+            for (a, b) in self.blocks.iter_mut().zip(&o.blocks) {
+                a.w.clear();
+                a.w.extend_from_slice(&b.w);
+            }
+        } else if self.block == o.block && self.blocks.len() == o.blocks.len() {
+            for (a, b) in self.blocks.iter_mut().zip(&o.blocks) {
+                a.or(b);
+            }
+        } else {
+            // Block patterns of two sizes: read everything rather than miss one.
+            self.dense = true;
+        }
     }
 
     /// The tiles' ranges as `f(tile, lo, hi)`, ascending within a tile.
@@ -263,14 +304,21 @@ impl HeadPlan {
     }
 }
 
-/// One KV head's keys as f32 and the work buffers of its estimates, reused.
+/// One KV head's keys of one layer as f32, shared by the estimates of its query heads.
 #[derive(Default)]
-pub struct Estimator {
+pub struct Keys {
     /// Keys in the cache's block layout, as f32: block b's channel c, entry j at `(b·hk + c)·bt + j`.
     keys: Vec<f32>,
     hk: usize,
     bt: usize,
     /// One key (hk), for blocks read entry by entry.
+    one: Vec<f32>,
+}
+
+/// The work buffers of one query head's estimates, reused.
+#[derive(Default)]
+pub struct Estimator {
+    /// One key (hk).
     one: Vec<f32>,
     /// Scores of one query row (len).
     row: Vec<f32>,
@@ -346,12 +394,41 @@ unsafe fn scores_avx2(q: &[f32], kt: &[f32], bt: usize, scale: f32, s: &mut [f32
     scores_blocked(q, kt, bt, scale, s)
 }
 
-impl Estimator {
+/// The same, 16 lanes wide: the estimate's scores are half of a sparse chunk's attention work at 10-20 % density.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn scores_avx512(q: &[f32], kt: &[f32], bt: usize, scale: f32, s: &mut [f32]) {
+    scores_blocked(q, kt, bt, scale, s)
+}
+
+/// Softmax of `scale · q·k` over the first `s.len()` keys of `kt` (block layout, blocks of `bt`), with the code
+/// compiled for `k` (a kernel this CPU runs).
+fn scores_with(
+    k: crate::kernels::Kernel,
+    q: &[f32],
+    kt: &[f32],
+    bt: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    use crate::kernels::Kernel;
+    #[cfg(target_arch = "x86_64")]
+    match k {
+        // SAFETY: `k` is a kernel the selection found this CPU able to run (AVX-512F/BW/VL with AVX2 and FMA).
+        Kernel::Avx512 => return unsafe { scores_avx512(q, kt, bt, scale, s) },
+        // SAFETY: as above, AVX2 and FMA.
+        Kernel::Avx2 => return unsafe { scores_avx2(q, kt, bt, scale, s) },
+        Kernel::Scalar => {}
+    }
+    let _ = k;
+    scores_blocked(q, kt, bt, scale, s)
+}
+
+impl Keys {
     /// Reads KV head `h`'s keys of `layer` (`len` entries).
-    pub fn load_keys(&mut self, cache: &KvCache, layer: usize, h: usize, len: usize) {
+    pub fn load(&mut self, cache: &KvCache, layer: usize, h: usize, len: usize) {
         use half::slice::HalfFloatSliceExt;
         let (hk, bt) = (cache.cfg.head_dim_k, cache.cfg.block_tokens);
-        self.forget_means();
         (self.hk, self.bt) = (hk, bt);
         let nb = len.div_ceil(bt);
         self.keys.resize(nb * hk * bt, 0.0);
@@ -383,21 +460,22 @@ impl Estimator {
         }
     }
 
+    /// Probabilities of query row `q` at position `p` over keys `0..=p` into `row`.
+    fn probs_into(&self, q: &[f32], p: usize, scale: f32, row: &mut Vec<f32>) {
+        row.resize(p + 1, 0.0);
+        scores_with(crate::kernels::kernel(), q, &self.keys, self.bt, scale, row);
+    }
+}
+
+impl Estimator {
     /// Probabilities of query row `q` at position `p` over keys `0..=p` into the row buffer, returned.
-    pub fn probs(&mut self, q: &[f32], p: usize, scale: f32) -> &[f32] {
-        self.row.resize(p + 1, 0.0);
-        #[cfg(target_arch = "x86_64")]
-        if !matches!(crate::kernels::kernel(), crate::kernels::Kernel::Scalar) {
-            // SAFETY: the kernel selection found AVX2 and FMA on this CPU for every non-scalar kernel.
-            unsafe { scores_avx2(q, &self.keys, self.bt, scale, &mut self.row) };
-            return &self.row;
-        }
-        scores_blocked(q, &self.keys, self.bt, scale, &mut self.row);
+    pub fn probs(&mut self, keys: &Keys, q: &[f32], p: usize, scale: f32) -> &[f32] {
+        keys.probs_into(q, p, scale, &mut self.row);
         &self.row
     }
 
     /// Column and diagonal sums of the attention of query head `qh`'s last [`LAST_Q`] rows of the chunk.
-    pub fn vertical_slash_scores(&mut self, cx: &SelectCx, qh: usize, scale: f32) {
+    pub fn vertical_slash_scores(&mut self, keys: &Keys, cx: &SelectCx, qh: usize, scale: f32) {
         let hk = cx.cache.cfg.head_dim_k;
         let n = cx.pos.len();
         let len = cx.pos[n - 1] as usize + 1;
@@ -408,7 +486,7 @@ impl Estimator {
         for t in n - n.min(LAST_Q)..n {
             let p = cx.pos[t] as usize;
             let q = &cx.q[(t * cx.n_q_heads + qh) * hk..][..hk];
-            self.probs(q, p, scale);
+            keys.probs_into(q, p, scale, &mut self.row);
             for (j, &w) in self.row.iter().enumerate() {
                 self.vert[j] += w;
                 self.slash[p - j] += w;
@@ -445,13 +523,14 @@ impl Estimator {
     /// Adds query head `qh`'s vertical-slash pattern (estimated now) to `plan`.
     pub fn add_vertical_slash(
         &mut self,
+        keys: &Keys,
         cx: &SelectCx,
         qh: usize,
         scale: f32,
         (vertical, slash): (usize, usize),
         plan: &mut HeadPlan,
     ) {
-        self.vertical_slash_scores(cx, qh, scale);
+        self.vertical_slash_scores(keys, cx, qh, scale);
         self.add_vs_from_scores(vertical, slash, plan);
     }
 
@@ -468,6 +547,7 @@ impl Estimator {
     /// and the blocks holding the query block's own positions always.
     pub fn add_block_sparse(
         &mut self,
+        keys: &Keys,
         cx: &SelectCx,
         qh: usize,
         block: usize,
@@ -480,7 +560,7 @@ impl Estimator {
         let nkb = len.div_ceil(block);
         if self.kmean.len() != nkb * hk {
             // Key block means are the same for every query head of this KV head: computed once per chunk (the
-            // caller resets `kmean` with [`Self::load_keys`]' length change or [`Self::forget_means`]).
+            // caller resets `kmean` with [`Self::forget_means`] when the keys change; a length change resets too).
             self.kmean.clear();
             self.kmean.resize(nkb * hk, 0.0);
             for kb in 0..nkb {
@@ -488,7 +568,7 @@ impl Estimator {
                 self.one.resize(hk, 0.0);
                 for e in a..b {
                     let mut one = std::mem::take(&mut self.one);
-                    self.key(e, &mut one);
+                    keys.key(e, &mut one);
                     for (x, y) in self.kmean[kb * hk..][..hk].iter_mut().zip(&one) {
                         *x += y;
                     }
@@ -548,6 +628,7 @@ enum Which {
 /// Adds one query head's pattern to its KV head's plan (estimating it from the chunk where it needs to).
 pub fn add_pattern(
     est: &mut Estimator,
+    keys: &Keys,
     cx: &SelectCx,
     qh: usize,
     scale: f32,
@@ -556,13 +637,13 @@ pub fn add_pattern(
 ) {
     match pat {
         HeadPattern::VerticalSlash { vertical, slash } => {
-            est.add_vertical_slash(cx, qh, scale, (vertical, slash), plan)
+            est.add_vertical_slash(keys, cx, qh, scale, (vertical, slash), plan)
         }
         HeadPattern::BlockSparse { top_k } => {
             if !plan.blocks.is_empty() && plan.block != BLOCK {
                 plan.blocks.clear();
             }
-            est.add_block_sparse(cx, qh, BLOCK, |_| top_k, plan)
+            est.add_block_sparse(keys, cx, qh, BLOCK, |_| top_k, plan)
         }
         HeadPattern::AShape { init, local } => plan.add_a_shape(init, local),
     }
@@ -571,6 +652,38 @@ pub fn add_pattern(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn estimate_scores_equal_the_plain_softmax_on_every_simd_path() {
+        let mut rng = crate::testutil::Rng(77);
+        for (bt, n) in [(32usize, 100usize), (32, 64), (16, 37), (8, 5)] {
+            let hk = 24;
+            let kt = rng.vec(n.div_ceil(bt) * hk * bt, 1.0);
+            let q = rng.vec(hk, 1.0);
+            // Plain reference: key e's channel c at (e / bt · hk + c) · bt + e % bt.
+            let mut want: Vec<f32> = (0..n)
+                .map(|e| {
+                    (0..hk)
+                        .map(|c| q[c] * kt[((e / bt) * hk + c) * bt + e % bt])
+                        .sum::<f32>()
+                        * 0.3
+                })
+                .collect();
+            let m = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            want.iter_mut().for_each(|x| *x = (*x - m).exp());
+            let z: f32 = want.iter().sum();
+            want.iter_mut().for_each(|x| *x /= z);
+            for k in crate::kernels::available() {
+                let mut got = vec![0.0; n];
+                scores_with(k, &q, &kt, bt, 0.3, &mut got);
+                let e = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(e < 1e-5, "{k:?} bt {bt} n {n}: err {e}");
+            }
+        }
+    }
 
     #[test]
     fn bit_runs_cover_exactly_the_set_bits() {

@@ -12,12 +12,17 @@
 //! Highest recall is what the shipped search does; the paper instead picks patterns under a compute budget. With a
 //! recall floor ([`PatternSearch::finish`]'s `min_recall`, `hayloft patterns --min-recall R`) a head gets the cheapest
 //! candidate whose recall reaches the floor (cost: keys a query row reads under the pattern the file records, at the
-//! example's length), and the highest-recall one only if none does: a budget-aware choice of ours, not MInference's.
+//! example's length, as our kernel reads them: see [`Candidate::cost`]), and the highest-recall one only if none does:
+//! a budget-aware choice of ours, not MInference's. For that choice two candidates of ours join MInference's:
+//! vertical-slash with many columns and only the forced diagonals, (1000, 100) and (2000, 100), which our kernel reads
+//! cheaply (columns are gathered once per chunk, a scattered diagonal costs a 16-key range per query tile).
 
 use rayon::prelude::*;
 
 use super::pattern::{HeadEntry, PatternFile, DEFAULT};
-use super::plan::{prefill_shape, Estimator, HeadPlan};
+use super::plan::{
+    prefill_shape, Estimator, HeadPlan, Keys, FORCED_COLUMNS, FORCED_DIAGONALS, MIN_SLASH,
+};
 use super::HeadPattern;
 use crate::attention::{TileSelection, Q_TILE};
 use crate::model::{ModelConfig, PrefillPattern, SelectCx};
@@ -34,7 +39,7 @@ pub enum Candidate {
     Block { block: usize, share: usize },
 }
 
-pub const CANDIDATES: [Candidate; 6] = [
+pub const CANDIDATES: [Candidate; 8] = [
     Candidate::Pattern(HeadPattern::AShape {
         init: 100,
         local: 800,
@@ -59,6 +64,15 @@ pub const CANDIDATES: [Candidate; 6] = [
         block: 32,
         share: 8,
     },
+    // Ours (see the module text): few diagonals, many columns.
+    Candidate::Pattern(HeadPattern::VerticalSlash {
+        vertical: 1000,
+        slash: 100,
+    }),
+    Candidate::Pattern(HeadPattern::VerticalSlash {
+        vertical: 2000,
+        slash: 100,
+    }),
 ];
 const NC: usize = CANDIDATES.len();
 
@@ -75,10 +89,15 @@ impl Candidate {
         }
     }
 
-    /// Keys a query row reads under the recorded pattern at context `n` (forced columns and diagonals included).
+    /// Keys a query row reads under the recorded pattern at context `n` (forced columns and diagonals included), as
+    /// the kernel reads them: the forced last 100 diagonals are one band, but each further diagonal usually lies
+    /// apart from the others and is read as a 16-key range by every 16-query tile (16 keys per row, not 1).
     pub fn cost(self, n: usize) -> usize {
         let keys = match self.written() {
-            HeadPattern::VerticalSlash { vertical, slash } => vertical.max(30) + slash.max(100),
+            HeadPattern::VerticalSlash { vertical, slash } => {
+                let far = slash.max(MIN_SLASH).saturating_sub(FORCED_DIAGONALS);
+                vertical.max(FORCED_COLUMNS) + FORCED_DIAGONALS + Q_TILE * far
+            }
             HeadPattern::AShape { init, local } => init + local,
             HeadPattern::BlockSparse { top_k } => 64 * top_k,
         };
@@ -88,6 +107,7 @@ impl Candidate {
 
 #[derive(Default)]
 struct Work {
+    keys: Keys,
     est: Estimator,
     plan: HeadPlan,
     /// One candidate's tile ranges (one head).
@@ -212,11 +232,12 @@ impl PrefillPattern for PatternSearch {
             .par_iter_mut()
             .enumerate()
             .map(|(h, w)| {
-                w.est.load_keys(cx.cache, cx.layer, h, len);
+                w.keys.load(cx.cache, cx.layer, h, len);
+                w.est.forget_means();
                 w.tiles.resize_with(NC, TileSelection::default);
                 let mut res = Vec::new();
                 for qh in h * g..(h + 1) * g {
-                    w.est.vertical_slash_scores(cx, qh, scale);
+                    w.est.vertical_slash_scores(&w.keys, cx, qh, scale);
                     for (c, cand) in CANDIDATES.iter().enumerate() {
                         w.plan.reset(len);
                         match *cand {
@@ -229,6 +250,7 @@ impl PrefillPattern for PatternSearch {
                             Candidate::Pattern(HeadPattern::BlockSparse { top_k }) => {
                                 w.est.forget_means();
                                 w.est.add_block_sparse(
+                                    &w.keys,
                                     cx,
                                     qh,
                                     super::plan::BLOCK,
@@ -238,6 +260,7 @@ impl PrefillPattern for PatternSearch {
                                 w.est.forget_means();
                             }
                             Candidate::Block { block, share } => w.est.add_block_sparse(
+                                &w.keys,
                                 cx,
                                 qh,
                                 block,
@@ -255,9 +278,10 @@ impl PrefillPattern for PatternSearch {
                         let r = ((t + 1) * Q_TILE).min(n) - 1;
                         let p = cx.pos[r] as usize;
                         let q = &cx.q[(r * cx.n_q_heads + qh) * hk..][..hk];
-                        let probs = w.est.probs(q, p, scale);
+                        let probs = w.est.probs(&w.keys, q, p, scale);
                         for (c, s) in sums.iter_mut().enumerate() {
-                            for &(lo, hi) in w.tiles[c].ranges(0, t) {
+                            let ts = &w.tiles[c];
+                            for &(lo, hi) in ts.ranges(0, t).iter().chain(ts.shared(0)) {
                                 let hi = (hi as usize).min(p + 1);
                                 if (lo as usize) < hi {
                                     *s += probs[lo as usize..hi]
