@@ -559,27 +559,7 @@ unsafe fn run_task_avx2<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     run_task::<BT>(a, buf)
 }
 
-/// e^x for x ≤ 0 (scores minus their running max), written so LLVM vectorizes it: range reduction to
-/// x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial (relative error < 2e-7). Inputs below −87 give 0.
-#[inline(always)]
-pub fn exp_neg(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = x.max(-87.0);
-    let n = (xc * LOG2E + 0.5).floor();
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67 + r * (0.041_666_43 + r * (0.008_333_45 + r * 0.001_394_2)))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        p * scale
-    }
-}
+pub use crate::kernels::exp_neg;
 
 /// s[j] = q · k_j for the BT keys of a block stored transposed (`kt[d · BT + j]`).
 #[inline(always)]

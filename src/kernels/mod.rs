@@ -34,12 +34,14 @@ mod avx2;
 mod avx512;
 mod layout;
 pub mod machine;
+pub mod mathfn;
 pub mod membw;
 mod scalar;
 #[cfg(test)]
 mod tests;
 
 pub use crate::gguf::GgmlType;
+pub use mathfn::{exp_neg, gate_mul, gelu_tanh, silu, GateAct};
 
 use anyhow::{anyhow, bail};
 use layout::{AlignedBuf, Kind, RG};

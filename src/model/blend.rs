@@ -14,8 +14,8 @@
 use std::ops::Range;
 
 use super::blocks::{
-    add_residual, apply_rope, gelu_tanh, mask_heads, norm_input, rmsnorm_inplace, rope_tables,
-    silu, Attention, GatedFfn,
+    add_residual, apply_rope, mask_heads, norm_input, rmsnorm_inplace, rope_tables, Attention,
+    GateAct, GatedFfn,
 };
 use super::{Model, ModelConfig, Scratch};
 use crate::attention::{attend, AttnParams};
@@ -214,9 +214,9 @@ impl Model {
         add_residual(s, n, dim);
         norm_input(s, n, l.ffn_norm, c.rms_eps);
         if l.gelu {
-            l.ffn.forward(c, n, gelu_tanh, s);
+            l.ffn.forward(c, n, GateAct::GeluTanh, s);
         } else {
-            l.ffn.forward(c, n, silu, s);
+            l.ffn.forward(c, n, GateAct::Silu, s);
         }
         if let Some((_, post_ffn)) = l.post {
             rmsnorm_inplace(&mut s.xo[..n * dim], post_ffn, c.rms_eps);

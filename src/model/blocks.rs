@@ -17,7 +17,8 @@ use super::{
 };
 use crate::attention::{attend, attend_selected, attend_tiles, AttnParams, AttnScratch};
 use crate::gguf::GgufFile;
-use crate::kernels::{matmul, QMatrix};
+use crate::kernels::{gate_mul, matmul, QMatrix};
+pub use crate::kernels::{gelu_tanh, silu, GateAct};
 use crate::kv::WINDOW_STEP;
 
 /// Name of layer `i`'s weight `what` in a llama.cpp GGUF.
@@ -318,8 +319,8 @@ fn add_bias(x: &mut [f32], b: &[f32]) {
     }
 }
 
-/// Gated feed-forward block: Wdown · (act(Wgate·x) ⊙ Wup·x). SwiGLU with `act` = [`silu`] (Llama), GeGLU with
-/// [`gelu_tanh`] (Gemma).
+/// Gated feed-forward block: Wdown · (act(Wgate·x) ⊙ Wup·x). SwiGLU with `act` = [`GateAct::Silu`] (Llama), GeGLU
+/// with [`GateAct::GeluTanh`] (Gemma).
 pub struct GatedFfn {
     pub w_gate: QMatrix, // ffn × dim
     pub w_up: QMatrix,   // ffn × dim
@@ -347,21 +348,13 @@ impl GatedFfn {
     }
 
     /// xo ← Wdown · (act(Wgate·xb) ⊙ Wup·xb) for the chunk's n tokens.
-    pub(crate) fn forward(
-        &self,
-        c: &ModelConfig,
-        n: usize,
-        act: impl Fn(f32) -> f32,
-        s: &mut Scratch,
-    ) {
+    pub(crate) fn forward(&self, c: &ModelConfig, n: usize, act: GateAct, s: &mut Scratch) {
         let (dim, f) = (c.dim, c.ffn_dim);
         let xb = &s.xb[..n * dim]; // n × dim
         let (gate, up) = (&mut s.hb[..n * f], &mut s.hb2[..n * f]); // n × ffn each
         matmul(&self.w_gate, xb, n, gate, &mut s.mm);
         matmul(&self.w_up, xb, n, up, &mut s.mm);
-        for (g, u) in gate.iter_mut().zip(up.iter()) {
-            *g = act(*g) * u;
-        }
+        gate_mul(act, gate, up); // gate ← act(gate) ⊙ up
         matmul(&self.w_down, gate, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
     }
 }
@@ -478,16 +471,6 @@ pub fn apply_rope(
             }
         }
     }
-}
-
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// GELU, tanh approximation (what Gemma's `gelu_pytorch_tanh` and ggml's gelu compute).
-pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
 }
 
 /// Warns once when a position goes past the context the model was trained for.

@@ -8,7 +8,7 @@
 use anyhow::{bail, Result};
 
 use super::blocks::{
-    self, add_residual, gelu_tanh, norm_input, rmsnorm_inplace, rope_tables, Attention, GatedFfn,
+    self, add_residual, norm_input, rmsnorm_inplace, rope_tables, Attention, GateAct, GatedFfn,
 };
 use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
@@ -164,7 +164,7 @@ impl Gemma3 {
 
             // Feed-forward block (GeGLU): x += RMSNorm(Wdown · (gelu(Wgate·xb) ⊙ Wup·xb)), xb = RMSNorm(x).
             norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
-            l.ffn.forward(c, n, gelu_tanh, s); // xo: n × dim
+            l.ffn.forward(c, n, GateAct::GeluTanh, s); // xo: n × dim
             rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_ffn_norm, c.rms_eps); // xo ← RMSNorm(xo)
             add_residual(s, n, dim); // x: n × dim += xo
         }

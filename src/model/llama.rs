@@ -8,7 +8,7 @@
 
 use anyhow::{bail, Result};
 
-use super::blocks::{self, add_residual, norm_input, silu, Attention, GatedFfn};
+use super::blocks::{self, add_residual, norm_input, Attention, GateAct, GatedFfn};
 use super::rope::RopeScaling;
 use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
@@ -150,7 +150,7 @@ impl Llama {
 
             // Feed-forward block (SwiGLU): x += Wdown · (silu(Wgate·xb) ⊙ Wup·xb), xb = RMSNorm(x).
             norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
-            l.ffn.forward(c, n, silu, s); // xo: n × dim
+            l.ffn.forward(c, n, GateAct::Silu, s); // xo: n × dim
             add_residual(s, n, dim); // x: n × dim += xo
         }
     }
