@@ -27,6 +27,8 @@ mod qtile;
 pub mod select;
 pub mod sparse;
 #[cfg(target_arch = "x86_64")]
+mod vnni;
+#[cfg(target_arch = "x86_64")]
 mod wide;
 #[cfg(target_arch = "x86_64")]
 mod wide2;
@@ -847,7 +849,9 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
         BlockData::Quant(qb) if qb.bits == 4 && n == BT => {
             // 4-bit KIVI block: scored and mixed from its codes, nothing dequantized.
             let rows = (a.task.t1 - a.task.t0) * a.sh.group;
-            let q4 = qprep.prepare::<BT>(qb, hv, rows, |r| row_q(a, qrows, hs, r));
+            let q4 = qprep.prepare::<BT>(qb, hv, rows, int8_fold::<BT>(simd), |r| {
+                row_q(a, qrows, hs, r)
+            });
             fold::<BT>(a, Tile::Q4(q4), blk.pos, s, m, l, acc, pbuf);
             return;
         }
@@ -867,6 +871,17 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
     };
     let tile = Tile::F32 { kt, vb, hs, qrows };
     fold::<BT>(a, tile, blk.pos, s, m, l, acc, pbuf);
+}
+
+/// Whether the AVX-512 fold reads a 4-bit block of BT keys with integer dot products ([`vnni`]).
+#[inline(always)]
+fn int8_fold<const BT: usize>(simd: Simd) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if BT == 32 && simd == Simd::Avx512 {
+        return vnni::available();
+    }
+    let _ = simd;
+    false
 }
 
 /// f16 → f32 for a whole block: 16 lanes at a time with AVX-512, else `half`'s conversion.

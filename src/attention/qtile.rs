@@ -32,6 +32,13 @@ pub(super) struct Q4<'a> {
     /// Per value group and token: minimum and scale (`[g · BT + j]`, ng × BT).
     pub vmin: &'a [f32],
     pub vscale: &'a [f32],
+    /// The integer (VNNI) fold of [`super::vnni`] reads this block: `qi` holds each row's `qs` as two int8 passes
+    /// (rows × 2 · hs: pass 1, then the residual), `qsc` their steps (rows × 2); both empty otherwise.
+    pub qi: &'a [i8],
+    pub qsc: &'a [f32],
+    /// The integer fold may read this block (the CPU has it and the block holds 32 keys): p·V takes it whenever
+    /// the value head dim allows, scores whenever `qi` is filled.
+    pub int8: bool,
 }
 
 /// Per-block working memory of the preparation, sized once per task.
@@ -50,6 +57,9 @@ pub(super) struct QPrep {
     /// ng × BT each.
     vmin: Vec<f32>,
     vscale: Vec<f32>,
+    /// rows × 2 · hs and rows × 2: see [`Q4::qi`].
+    qi: Vec<i8>,
+    qsc: Vec<f32>,
 }
 
 /// f32s the fold's probability scratch (`pbuf`) needs for a chunk of up to 8 rows: `pq` (8 × ng × BT) then `pc`
@@ -70,40 +80,91 @@ impl QPrep {
             self.vms.resize(2 * bt * ng, 0.0);
             self.vmin.resize(ng * bt, 0.0);
             self.vscale.resize(ng * bt, 0.0);
+            self.qi.resize(2 * rows * hk, 0);
+            self.qsc.resize(2 * rows, 0.0);
         }
     }
 
     /// Folds the block's key scales and minima into `rows` query rows (`row_q(r)`: row r's query over the stored
-    /// channels) and unpacks its value minima and scales. `qb` must hold 4-bit codes.
+    /// channels) and unpacks its value minima and scales. `qb` must hold 4-bit codes. With `int8` (the caller runs
+    /// the integer fold) the scaled rows are also quantized to two int8 passes (`vnni::quantize_row`).
     #[inline(always)]
     pub fn prepare<'a, const BT: usize>(
         &'a mut self,
         qb: &'a QBlock,
         hv: usize,
         rows: usize,
+        int8: bool,
         row_q: impl Fn(usize) -> &'a [f32],
     ) -> Q4<'a> {
         debug_assert_eq!(qb.bits, 4);
         let hs = qb.k_ms.len() / 2;
         let ng = value_groups(hv);
-        qb.k_ms.convert_to_f32_slice(&mut self.kms[..2 * hs]);
-        for (c, ms) in self.kms[..2 * hs].chunks_exact(2).enumerate() {
-            self.kmin[c] = ms[0];
-            self.kscale[c] = ms[1];
-        }
-        let (kmin, kscale) = (&self.kmin[..hs], &self.kscale[..hs]);
-        for r in 0..rows {
-            let q = &row_q(r)[..hs];
-            for ((o, &x), &s) in self.qs[r * hs..][..hs].iter_mut().zip(q).zip(kscale) {
-                *o = x * s;
+        let int8q = int8 && hs.is_multiple_of(4);
+        // The integer fold's vector preparation (x86 only; `int8` is never set elsewhere).
+        let vector_q = int8q && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
+        if vector_q {
+            #[cfg(target_arch = "x86_64")]
+            for r in 0..rows {
+                let (qs, qi) = (
+                    &mut self.qs[r * hs..][..hs],
+                    &mut self.qi[2 * r * hs..][..2 * hs],
+                );
+                // SAFETY: `int8` is set only where `vnni::available()` found the CPU features.
+                let (qc, s1, s2) =
+                    unsafe { super::vnni::fold_query(&qb.k_ms[..2 * hs], &row_q(r)[..hs], qs, qi) };
+                self.qc[r] = qc;
+                self.qsc[2 * r] = s1;
+                self.qsc[2 * r + 1] = s2;
             }
-            self.qc[r] = dot8(q, kmin);
+        } else {
+            qb.k_ms.convert_to_f32_slice(&mut self.kms[..2 * hs]);
+            for (c, ms) in self.kms[..2 * hs].chunks_exact(2).enumerate() {
+                self.kmin[c] = ms[0];
+                self.kscale[c] = ms[1];
+            }
+            let (kmin, kscale) = (&self.kmin[..hs], &self.kscale[..hs]);
+            for r in 0..rows {
+                let q = &row_q(r)[..hs];
+                for ((o, &x), &s) in self.qs[r * hs..][..hs].iter_mut().zip(q).zip(kscale) {
+                    *o = x * s;
+                }
+                self.qc[r] = dot8(q, kmin);
+                #[cfg(target_arch = "x86_64")]
+                if int8q {
+                    let (x, out) = (
+                        &self.qs[r * hs..][..hs],
+                        &mut self.qi[2 * r * hs..][..2 * hs],
+                    );
+                    // SAFETY: `int8` is set only where `vnni::available()` found the CPU features.
+                    let (s1, s2) = unsafe { super::vnni::quantize_row(x, out) };
+                    self.qsc[2 * r] = s1;
+                    self.qsc[2 * r + 1] = s2;
+                }
+            }
         }
-        qb.v_ms[..2 * BT * ng].convert_to_f32_slice(&mut self.vms[..2 * BT * ng]);
-        for j in 0..BT {
-            for g in 0..ng {
-                self.vmin[g * BT + j] = self.vms[2 * (j * ng + g)];
-                self.vscale[g * BT + j] = self.vms[2 * (j * ng + g) + 1];
+        let nq = if int8q && cfg!(target_arch = "x86_64") {
+            rows
+        } else {
+            0
+        };
+        if int8 && ng == 1 && BT.is_multiple_of(16) && cfg!(target_arch = "x86_64") {
+            // SAFETY: as above; one value group: v_ms is BT (min, scale) pairs.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                super::vnni::split_pairs(
+                    &qb.v_ms[..2 * BT],
+                    &mut self.vmin[..BT],
+                    &mut self.vscale[..BT],
+                )
+            };
+        } else {
+            qb.v_ms[..2 * BT * ng].convert_to_f32_slice(&mut self.vms[..2 * BT * ng]);
+            for j in 0..BT {
+                for g in 0..ng {
+                    self.vmin[g * BT + j] = self.vms[2 * (j * ng + g)];
+                    self.vscale[g * BT + j] = self.vms[2 * (j * ng + g) + 1];
+                }
             }
         }
         Q4 {
@@ -116,6 +177,9 @@ impl QPrep {
             qc: &self.qc[..rows],
             vmin: &self.vmin[..ng * BT],
             vscale: &self.vscale[..ng * BT],
+            qi: &self.qi[..2 * nq * hs],
+            qsc: &self.qsc[..2 * nq],
+            int8,
         }
     }
 }

@@ -18,6 +18,7 @@
 use std::arch::x86_64::*;
 
 use super::qtile::{self, Q4};
+use super::vnni;
 use super::{block_softmax, exp_neg, row_q, TaskArgs, Tile};
 
 /// The fold of [`super::fold`] (same arguments and results) for BT ∈ {16, 32, 64} and hv % 16 == 0.
@@ -71,6 +72,22 @@ pub(super) unsafe fn fold<const BT: usize>(
                     scores::<8, BT>(kt, &std::array::from_fn(row), hs, s_buf);
                 } else {
                     scores::<4, BT>(kt, &std::array::from_fn(row), hs, s_buf);
+                }
+            }
+            Tile::Q4(ref q4) if BT == 32 && !q4.qi.is_empty() => {
+                // Integer scores, up to 4 rows per pass over the codes.
+                let mut i0 = 0;
+                while i0 < rc {
+                    let k = (rc - i0).min(4);
+                    let row = |i: usize| r0 + i0 + i.min(k - 1);
+                    let s = &mut s_buf[i0 * BT..];
+                    match k {
+                        4 => vnni::scores::<4>(q4, &std::array::from_fn(row), s),
+                        3 => vnni::scores::<3>(q4, &std::array::from_fn(row), s),
+                        2 => vnni::scores::<2>(q4, &std::array::from_fn(row), s),
+                        _ => vnni::scores::<1>(q4, &std::array::from_fn(row), s),
+                    }
+                    i0 += k;
                 }
             }
             Tile::Q4(ref q4) => {
@@ -127,6 +144,7 @@ pub(super) unsafe fn fold<const BT: usize>(
         if let Tile::Q4(q4) = tile {
             qtile::scale_probs::<BT>(q4, s_buf, rc, n_eff, pbuf);
         }
+        let int8_pv = matches!(tile, Tile::Q4(q4) if BT == 32 && q4.int8 && q4.rb * 2 == hv && hv.is_multiple_of(64));
         let mut i0 = 0;
         while i0 < rc {
             let k = (rc - i0).min(4);
@@ -140,6 +158,18 @@ pub(super) unsafe fn fold<const BT: usize>(
                         3 => pv::<3, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
                         2 => pv::<2, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
                         _ => pv::<1, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                    }
+                }
+                Tile::Q4(ref q4) if int8_pv => {
+                    let pq = pbuf[i0 * q4.ng * BT..].as_ptr();
+                    let pc = pbuf[qtile::pc_offset::<BT>(q4.ng) + i0 * q4.ng..].as_ptr();
+                    // SAFETY: `q4.int8` is set only where `vnni::available()` found the CPU features; p·V rows
+                    // as `pvq` takes them.
+                    match k {
+                        4 => vnni::pv::<4>(q4, pq, pc, n_eff, hv, al, ar),
+                        3 => vnni::pv::<3>(q4, pq, pc, n_eff, hv, al, ar),
+                        2 => vnni::pv::<2>(q4, pq, pc, n_eff, hv, al, ar),
+                        _ => vnni::pv::<1>(q4, pq, pc, n_eff, hv, al, ar),
                     }
                 }
                 Tile::Q4(ref q4) => {
@@ -178,7 +208,12 @@ unsafe fn softmax_full<const BT: usize>(s: &mut [f32], m_old: f32) -> Option<(f3
         return None;
     }
     let m_new = if blk_max > m_old { blk_max } else { m_old };
-    let alpha = exp_neg(m_old - m_new); // 0 when m_old = −∞
+    // 0 when m_old = −∞; exactly 1 (what exp_neg(0) gives) when the max holds, which is most blocks of a long row.
+    let alpha = if m_new == m_old {
+        1.0
+    } else {
+        exp_neg(m_old - m_new)
+    };
     let mv = _mm512_set1_ps(m_new);
     // The sum in block_softmax's order: 8 lanes that add the block's runs of 8 one after another, then those lanes
     // left to right, so a full block sums exactly as a partial one would (chunked prefill ≡ one-shot bit for bit).
