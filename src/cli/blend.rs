@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::blend::{BlendOptions, Deviation, Reuse, DEFAULT_CHECK_LAYER, DEFAULT_RATIO};
-use crate::eval::blendqa::{self, BlendQaParams};
+use crate::eval::blendqa::{self, BlendQaParams, ChunkBase};
 
 #[derive(Args, Debug)]
 pub struct BlendArgs {
@@ -32,15 +32,25 @@ pub struct BlendArgs {
     /// Rank tokens by key deviation (LMCache's blender) instead of value deviation (CacheBlend's code).
     #[arg(long)]
     pub by_key: bool,
+    /// Gradual filtering (the paper's §4.3): the check layer keeps this many times each ratio (capped at 1), and the
+    /// next --taper layers rank again among those, narrowing to the ratio. 1 = one check (the public codes).
+    #[arg(long, default_value_t = 1.0)]
+    pub widen: f32,
+    /// Layers after the check layer over which gradual filtering narrows to the ratio.
+    #[arg(long, default_value_t = 0)]
+    pub taper: usize,
     /// Tokens decoded per answer.
     #[arg(long, default_value_t = 12)]
     pub max_new: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Cache each passage on its own from position 0 (the CacheBlend paper's setting) instead of after the shared
-    /// system prompt and instructions.
-    #[arg(long)]
+    /// Cache each passage on its own from position 0, with nothing before it, instead of after the shared system
+    /// prompt and instructions.
+    #[arg(long, conflicts_with = "after_bos")]
     pub from_zero: bool,
+    /// Cache each passage on its own after one BOS token (CacheBlend's code) instead of after the shared head.
+    #[arg(long)]
+    pub after_bos: bool,
     /// Write the summaries as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -62,6 +72,16 @@ pub fn run(a: BlendArgs) -> Result<()> {
         let mut opt = BlendOptions::new(ratio, a.check_layer)?;
         if a.by_key {
             opt.deviation = Deviation::Key;
+        }
+        if a.widen.is_nan() || a.widen < 1.0 {
+            bail!(
+                "--widen {} must be at least 1 (the first check keeps that many times the ratio)",
+                a.widen
+            );
+        }
+        let first = (ratio * a.widen).min(1.0);
+        if first > ratio || a.taper > 0 {
+            opt = opt.gradual(first.max(ratio), a.taper)?;
         }
         let pct = (ratio as f64 * 1000.0).round() / 10.0;
         modes.push((format!("blend@{pct}%"), Reuse::Blend(opt)));
@@ -85,7 +105,13 @@ pub fn run(a: BlendArgs) -> Result<()> {
         samples: a.samples,
         max_new: a.max_new,
         seed: a.seed,
-        from_zero: a.from_zero,
+        chunk_base: if a.from_zero {
+            ChunkBase::Zero
+        } else if a.after_bos {
+            ChunkBase::Bos
+        } else {
+            ChunkBase::Head
+        },
     };
     let mut cfg = l.session_cfg.clone();
     cfg.kv = crate::methods::KvSpec::full();
@@ -106,21 +132,26 @@ pub fn run(a: BlendArgs) -> Result<()> {
     let full = sums[0].ttft_ms.max(1e-9);
     let full_acc = sums[0].accuracy;
     println!(
-        "{} passages × {} words cached {}, {} questions, {}, check layer {}",
+        "{} passages × {} words cached {}, {} questions, {}, check layer {}{}",
         a.docs,
         a.doc_words,
-        if a.from_zero {
-            "from position 0"
-        } else {
-            "after the shared head"
+        match p.chunk_base {
+            ChunkBase::Zero => "from position 0",
+            ChunkBase::Bos => "after one BOS",
+            ChunkBase::Head => "after the shared head",
         },
         a.samples,
         l.model.config().name,
-        a.check_layer
+        a.check_layer,
+        if a.taper > 0 {
+            format!(", gradual ×{} over {} more layers", a.widen, a.taper)
+        } else {
+            String::new()
+        }
     );
     println!(
         "{:<16} {:>9} {:>12} {:>11} {:>11} {:>11}",
-        "mode", "accuracy", "of full acc", "TTFT ms", "of full", "recomputed"
+        "mode", "accuracy", "of full acc", "TTFT ms", "of full", "rows/layer"
     );
     for s in &sums {
         let rel_acc = if full_acc > 0.0 {

@@ -1,22 +1,39 @@
 //! CacheBlend (Yao et al., 2024): reusing the KV caches of text chunks that are not a prefix.
 //!
-//! RAG retrieves several documents; each one's KV cache was computed on its own ([`ChunkKv::compute`]: after a shared
-//! system prefix, or from position 0) and the request puts them, in its own order, after the system prompt.
-//! [`assemble`] builds a session whose cache holds the chunks at their new positions, keys re-rotated by the position
-//! shift (see [`crate::model::blend`]). On its own that is *naive reuse*: each chunk's KV ignores the chunks before it
-//! (no cross-attention), and answers suffer. [`recompute`] is CacheBlend's fix, as the paper and LMCache do it:
+//! RAG retrieves several documents; each one's KV cache was computed on its own ([`ChunkKv::compute`]: after what a
+//! base session holds: a shared system prefix, one BOS token as in the paper's code, or nothing) and the request puts
+//! them, in its own order, after the system prompt. [`assemble`] builds a session whose cache holds the chunks at their
+//! new positions, keys re-rotated by the position shift (see [`crate::model::blend`]). On its own that is *naive
+//! reuse*: each chunk's KV ignores the chunks before it (no cross-attention), and answers suffer. [`recompute`] is
+//! CacheBlend's fix:
 //!
 //! 1. the layers before the check layer run in full over every reused token (their fresh K/V replace the reused);
-//! 2. at the check layer every token's fresh value vectors are computed and compared with the reused ones; the tokens
-//!    of largest squared deviation (summed over KV heads), [`BlendOptions::ratio`] of them (default 15 %), are chosen;
-//! 3. from the check layer on, only the chosen tokens run: their fresh K/V overwrite the reused entries and their
-//!    queries attend to the whole blended cache; every other token keeps its reused K/V.
+//! 2. at the check layer every token's fresh K/V are computed, compared with the reused ones, and written over them
+//!    (CacheBlend's code attends at that layer over fresh K/V for all tokens; LMCache's blender writes only the
+//!    chosen ones, but they cost nothing more here); the tokens of largest squared deviation (summed over KV heads),
+//!    [`BlendOptions::ratio`] of them (default 15 %), are chosen;
+//! 3. from then on only the chosen tokens run: their fresh K/V overwrite the reused entries and their queries attend
+//!    to the whole blended cache; every other token keeps its reused K/V.
 //!
-//! The check layer defaults to layer 1 (LMCache's `check_layers = [1]`): layer 0's keys and values depend only on the
-//! token and its position, so after re-rotation they already equal the fresh ones and show no deviation to rank by.
-//! The question after the chunks was never cached: the caller prefills it as usual, through every layer.
-//! Ratio 1 recomputes everything (= a full prefill of the chunks); ratio 0 keeps the reused K/V from the check layer on
-//! (= naive reuse, but for the layers before the check layer).
+//! Checked against the paper (§4.3) and public code (CacheBlend's vllm_blend, LMCache's v1 blender):
+//! - check layer 1 with one ratio is what both codes do (`check_layers = [1]`; layer 0's K/V depend only on the token
+//!   and its position, so after re-rotation they equal the fresh ones and show no deviation to rank by). The paper's
+//!   *gradual filtering* (keep r₁ > r at the first check, then rank again among those on the next layers, narrowing to
+//!   r) is in neither code; [`BlendOptions::gradual`] adds it as an option.
+//! - deviation: CacheBlend's code ranks by values, LMCache's by keys; values stay the default, keys are
+//!   [`Deviation::Key`].
+//! - the question after the chunks: CacheBlend's code treats it as one more cached chunk and forces only its last
+//!   token into the recompute (its suffix length is computed as 1); the paper and this module recompute all of it: the
+//!   caller prefills it as usual, through every layer.
+//! - the system prefix (with BOS) is a true prefix: it is reused exactly, as in both codes, and never ranked.
+//! - chunk prefill: CacheBlend's code prefills each chunk alone after a BOS token and keeps only the chunk's tokens,
+//!   so no chunk token was ever an attention sink at position 0. Computing a chunk from position 0 with nothing
+//!   before it makes its first token a sink whose reused K/V then sit mid-prompt; give [`ChunkKv::compute`] a base
+//!   holding one BOS (or the shared prefix) instead.
+//! - positions: chunks move to their place in the request by re-rotating cached keys, as both codes do.
+//!
+//! Ratio 1 recomputes everything (= a full prefill of the chunks); ratio 0 keeps the reused K/V after the check layer
+//! (= naive reuse, but for the layers up to the check layer).
 
 use anyhow::{bail, Result};
 
@@ -99,12 +116,18 @@ impl ChunkKv {
 /// CacheBlend's settings, checked once.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlendOptions {
-    /// Share of the reused tokens recomputed from the check layer on, in [0, 1].
+    /// Share of the reused tokens recomputed through the last layers, in [0, 1].
     pub ratio: f32,
-    /// The layer at which tokens are ranked by KV deviation; the layers before it are recomputed in full.
+    /// The (first) layer at which tokens are ranked by KV deviation; the layers before it are recomputed in full.
     pub check_layer: usize,
     /// What the deviation compares.
     pub deviation: Deviation,
+    /// The paper's gradual filtering: share kept at the check layer (≥ `ratio`; = `ratio`: one check, as LMCache and
+    /// CacheBlend's code do).
+    pub first_ratio: f32,
+    /// Layers after the check layer that rank again, among the tokens still carried, narrowing the kept share
+    /// linearly from `first_ratio` to `ratio` (0 with `first_ratio` = `ratio`).
+    pub taper: usize,
 }
 
 /// Which cached vectors the check layer compares with the fresh ones: CacheBlend's original code ranks by values,
@@ -122,6 +145,8 @@ impl Default for BlendOptions {
             ratio: DEFAULT_RATIO,
             check_layer: DEFAULT_CHECK_LAYER,
             deviation: Deviation::Value,
+            first_ratio: DEFAULT_RATIO,
+            taper: 0,
         }
     }
 }
@@ -135,13 +160,50 @@ impl BlendOptions {
             ratio,
             check_layer,
             deviation: Deviation::Value,
+            first_ratio: ratio,
+            taper: 0,
         })
     }
 
-    /// Tokens recomputed out of `n` reused.
-    pub fn picks(&self, n: usize) -> usize {
-        ((self.ratio as f64 * n as f64 + 1e-9).floor() as usize).min(n)
+    /// Gradual filtering: the check layer keeps `first_ratio` of the reused tokens, and each of the next `taper`
+    /// layers ranks the carried tokens again and keeps a share linearly closer to `ratio`.
+    pub fn gradual(mut self, first_ratio: f32, taper: usize) -> Result<Self> {
+        if !(self.ratio..=1.0).contains(&first_ratio) {
+            bail!(
+                "blend first-check share {first_ratio} must lie in [{}, 1]: gradual filtering keeps more tokens at the \
+                 first check than at the last",
+                self.ratio
+            );
+        }
+        if (first_ratio > self.ratio) != (taper > 0) {
+            bail!(
+                "gradual filtering needs both a first-check share above the ratio ({first_ratio} vs {}) and at least \
+                 one tapering layer (got {taper})",
+                self.ratio
+            );
+        }
+        self.first_ratio = first_ratio;
+        self.taper = taper;
+        Ok(self)
     }
+
+    /// Tokens recomputed through the last layers out of `n` reused.
+    pub fn picks(&self, n: usize) -> usize {
+        share(self.ratio, n)
+    }
+
+    /// Tokens kept at the `step`-th check (0 = the check layer, `taper` = the last), out of `n` reused.
+    pub fn kept_at(&self, step: usize, n: usize) -> usize {
+        if self.taper == 0 || step >= self.taper {
+            return self.picks(n);
+        }
+        let t = step as f32 / self.taper as f32;
+        share(self.first_ratio + (self.ratio - self.first_ratio) * t, n).max(self.picks(n))
+    }
+}
+
+fn share(ratio: f32, n: usize) -> usize {
+    ((ratio as f64 * n as f64 + 1e-9).floor() as usize).min(n)
 }
 
 /// How a request's reused chunks get into its cache.
@@ -162,8 +224,11 @@ pub struct BlendOutcome {
     pub from: usize,
     /// Each reused token's squared value deviation at the check layer (index = position − `from`).
     pub deviation: Vec<f32>,
-    /// Positions of the tokens recomputed from the check layer on, ascending.
+    /// Positions of the tokens recomputed through the last layer, ascending.
     pub recomputed: Vec<u32>,
+    /// Tokens whose queries ran through each layer from the check layer on (index = layer − check layer): the
+    /// recompute's cost.
+    pub layer_rows: Vec<usize>,
 }
 
 /// A copy of `base` followed by `chunks` in this order, by `how`: the session to prefill the question into. Also the
@@ -268,6 +333,14 @@ pub fn recompute(s: &mut Session, from: usize, opt: &BlendOptions) -> Result<Ble
             c.n_layers
         );
     }
+    if opt.check_layer + opt.taper >= c.n_layers {
+        bail!(
+            "blend gradual filtering runs past the model's {} layers (check layer {} + {} tapering layers)",
+            c.n_layers,
+            opt.check_layer,
+            opt.taper
+        );
+    }
     let n = s.n_past().saturating_sub(from);
     let mut out = BlendOutcome {
         from,
@@ -281,18 +354,22 @@ pub fn recompute(s: &mut Session, from: usize, opt: &BlendOptions) -> Result<Ble
     rayon::scope(|_| -> Result<()> {
         let mut rows = Rows::new(model, &toks, from as u32, scratch);
         for li in 0..c.n_layers {
-            if li == opt.check_layer {
-                out.deviation = rows.deviation(model, li, opt.deviation, cache, scratch)?;
-                let mut order: Vec<usize> = (0..n).collect();
-                order.sort_by(|&a, &b| {
-                    out.deviation[b]
-                        .total_cmp(&out.deviation[a])
-                        .then(a.cmp(&b))
-                });
-                order.truncate(opt.picks(n));
+            if li >= opt.check_layer && li <= opt.check_layer + opt.taper {
+                let step = li - opt.check_layer;
+                // Every carried token's fresh K/V replace the reused ones here (they are computed to rank anyway).
+                let dev = rows.check(model, li, opt.deviation, cache, scratch)?;
+                let mut order: Vec<usize> = (0..dev.len()).collect();
+                order.sort_by(|&a, &b| dev[b].total_cmp(&dev[a]).then(a.cmp(&b)));
+                order.truncate(opt.kept_at(step, n));
                 order.sort_unstable();
+                if step == 0 {
+                    out.deviation = dev;
+                }
                 rows.keep(model, &order);
                 out.recomputed = rows.pos.clone();
+            }
+            if li >= opt.check_layer {
+                out.layer_rows.push(rows.pos.len());
             }
             if rows.pos.is_empty() {
                 break;
@@ -374,14 +451,14 @@ impl Rows {
         Ok(())
     }
 
-    /// Each row's Σ over KV heads of |fresh − cached|² of the values (or keys) at layer `li` (the cache is not
-    /// changed).
-    fn deviation(
+    /// Each row's Σ over KV heads of |fresh − cached|² of the values (or keys) at layer `li`; then the rows' fresh
+    /// K/V replace the cached ones on that layer.
+    fn check(
         &self,
         model: &Model,
         li: usize,
         what: Deviation,
-        cache: &KvCache,
+        cache: &mut KvCache,
         s: &mut Scratch,
     ) -> Result<Vec<f32>> {
         let c = model.config();
@@ -395,17 +472,20 @@ impl Rows {
             model.layer_qkv(li, &self.rope, a..b, s);
             for (t, &p) in self.pos[a..b].iter().enumerate() {
                 for (h, &f) in first.iter().enumerate() {
-                    cache.read(li, h, (p - f) as usize, &mut kb, &mut vb);
+                    let at = (p - f) as usize;
+                    cache.read(li, h, at, &mut kb, &mut vb);
                     let row = (t * nkv + h) * hd;
+                    let (k, v) = (&s.k[row..row + hd], &s.v[row..row + hd]);
                     let (fresh, cached) = match what {
-                        Deviation::Value => (&s.v[row..row + hd], &vb),
-                        Deviation::Key => (&s.k[row..row + hd], &kb),
+                        Deviation::Value => (v, &vb),
+                        Deviation::Key => (k, &kb),
                     };
                     dev[a + t] += fresh
                         .iter()
                         .zip(cached)
                         .map(|(x, y)| (x - y) * (x - y))
                         .sum::<f32>();
+                    cache.write(li, h, at, k, v);
                 }
             }
         }

@@ -9,8 +9,14 @@ use crate::model::testutil::{tiny_gemma3, tiny_llama, write_tiny_qwen2, TinySpec
 /// The architectures and RoPE variants blending must handle: Llama with interleaved pairs and rope_dim < head_dim,
 /// Qwen2 with NeoX pairs, biases and YaRN scaling, Gemma 3 with QK-norm, two RoPE bases and a 16-token window.
 fn models(dir: &std::path::Path) -> Vec<(&'static str, Model)> {
+    models_n(dir, 2)
+}
+
+/// [`models`] with `layers` layers (Gemma 3: one more).
+fn models_n(dir: &std::path::Path, layers: usize) -> Vec<(&'static str, Model)> {
     let spec = TinySpec {
         weight_type: crate::gguf::GgmlType::F32,
+        n_layers: layers,
         ..TinySpec::default()
     };
     let llama = dir.join("llama.gguf");
@@ -22,7 +28,7 @@ fn models(dir: &std::path::Path) -> Vec<(&'static str, Model)> {
     let gemma = dir.join("gemma3.gguf");
     let mut g = tiny_gemma3(
         &TinySpec {
-            n_layers: 3,
+            n_layers: layers + 1,
             ..spec.clone()
         },
         16,
@@ -184,30 +190,53 @@ fn blend_recomputing_everything_equals_full_recompute_and_naive_reuse_differs() 
 }
 
 #[test]
-fn blend_recomputing_nothing_is_naive_reuse() {
+fn blend_recomputing_nothing_is_naive_reuse_past_the_check_layer() {
     let dir = tempfile::tempdir().unwrap();
     for (name, m) in models(dir.path()) {
         let r = rag(&m);
-        // Checking at layer 0: no layer runs in full before it, so nothing at all changes.
-        let (naive, _) = prepare(&r.prefix, &r.refs(), Reuse::Naive).unwrap();
+        // Checking at layer 0: only layer 0's K/V are rewritten, with fresh ones equal to the re-rotated ones up to f16
+        // rounding; every later layer is naive reuse's, bit for bit, and so is the answer, far from full recompute's.
+        let (naive_s, _) = prepare(&r.prefix, &r.refs(), Reuse::Naive).unwrap();
         let (none, out) = prepare(
             &r.prefix,
             &r.refs(),
             Reuse::Blend(BlendOptions::new(0.0, 0).unwrap()),
         )
         .unwrap();
-        assert!(out.unwrap().recomputed.is_empty());
-        assert_eq!(none.fingerprint(), naive.fingerprint(), "{name}");
-        // At the default check layer 1, layer 0 runs in full, and its fresh K/V equal the re-rotated ones up to f16
-        // rounding: the answer is naive reuse's, far from full recompute's.
+        let out = out.unwrap();
+        assert!(out.recomputed.is_empty());
+        assert_eq!(
+            out.layer_rows,
+            vec![0],
+            "{name}: no query runs from the check layer on"
+        );
+        for layer in 1..m.config().n_layers {
+            for h in 0..m.config().n_kv_heads {
+                assert_eq!(
+                    entries(&none.cache, layer, h),
+                    entries(&naive_s.cache, layer, h),
+                    "{name} layer {layer}"
+                );
+            }
+        }
         let (full, _) = r.answer(Reuse::Full);
         let (naive, _) = r.answer(Reuse::Naive);
-        let (zero, _) = r.answer(Reuse::Blend(BlendOptions::new(0.0, 1).unwrap()));
-        let (d0, dn) = (max_diff(&zero, &naive), max_diff(&naive, &full));
+        let (zero0, _) = r.answer(Reuse::Blend(BlendOptions::new(0.0, 0).unwrap()));
+        let (d0, dn) = (max_diff(&zero0, &naive), max_diff(&naive, &full));
         assert!(
             d0 * 50.0 < dn,
             "{name}: blend@0 is {d0} from naive reuse, which is {dn} from full"
         );
+        // At check layer 1 the layers up to it get every token's fresh K/V: on a two-layer model that is all of them,
+        // and the answer is full recompute's.
+        if m.config().n_layers == 2 {
+            let (zero1, _) = r.answer(Reuse::Blend(BlendOptions::new(0.0, 1).unwrap()));
+            let d1 = max_diff(&zero1, &full);
+            assert!(
+                d1 * 50.0 < dn,
+                "{name}: blend@0 checking the last layer is {d1} from full, naive {dn}"
+            );
+        }
     }
 }
 
@@ -270,8 +299,25 @@ fn blend_recomputes_the_tokens_that_deviate_most() {
             lowest_chosen >= highest_other * 0.99,
             "{name}: picked {lowest_chosen} below {highest_other}"
         );
-        // From the check layer on, exactly the chosen tokens changed.
-        for layer in 1..m.config().n_layers {
+        // At the check layer every reused token's K/V are the fresh ones, full recompute's (the layers before ran in
+        // full); after it exactly the chosen tokens changed.
+        for h in 0..nkv {
+            for (b, f) in entries(&blend.cache, 1, h)
+                .iter()
+                .zip(entries(&full.cache, 1, h))
+            {
+                assert_eq!(b.0, f.0);
+                for (x, y) in [(&b.1, &f.1), (&b.2, &f.2)] {
+                    let scale = y.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+                    assert!(
+                        max_diff(x, y) <= 2e-3 * scale,
+                        "{name} check layer pos {}: not the fresh K/V",
+                        b.0
+                    );
+                }
+            }
+        }
+        for layer in 2..m.config().n_layers {
             for h in 0..nkv {
                 for (b, nv) in
                     entries(&blend.cache, layer, h)
@@ -289,6 +335,61 @@ fn blend_recomputes_the_tokens_that_deviate_most() {
             }
         }
     }
+}
+
+#[test]
+fn gradual_filtering_narrows_the_carried_tokens_to_those_that_keep_deviating() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m) in models_n(dir.path(), 5) {
+        let r = rag(&m);
+        let n = 61;
+        let opt = BlendOptions::new(0.1, 1).unwrap().gradual(0.4, 2).unwrap();
+        assert_eq!(
+            (opt.kept_at(0, n), opt.kept_at(1, n), opt.kept_at(2, n)),
+            (24, 15, 6)
+        );
+        let (naive, _) = prepare(&r.prefix, &r.refs(), Reuse::Naive).unwrap();
+        let (blend, out) = prepare(&r.prefix, &r.refs(), Reuse::Blend(opt)).unwrap();
+        let out = out.unwrap();
+        let layers = m.config().n_layers;
+        let mut want = vec![24, 15];
+        want.resize(layers - 1, 6);
+        assert_eq!(out.layer_rows, want, "{name}");
+        assert_eq!(out.recomputed.len(), 6);
+        // The tokens each layer carried: the K/V that differ from naive reuse's on the next layer (check layers write
+        // every carried token's fresh K/V, so layer 2 shows the 24 carried out of layer 1, layer 3 the 15 out of 2).
+        let changed = |layer: usize| -> Vec<u32> {
+            let mut v: Vec<u32> = (0..m.config().n_kv_heads)
+                .flat_map(|h| {
+                    entries(&blend.cache, layer, h)
+                        .into_iter()
+                        .zip(entries(&naive.cache, layer, h))
+                        .filter(|(b, nv)| b.1 != nv.1 || b.2 != nv.2)
+                        .map(|(b, _)| b.0)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let (l2, l3, last) = (changed(2), changed(3), changed(layers - 1));
+        assert_eq!(changed(4), out.recomputed, "{name}");
+        assert_eq!((l2.len(), l3.len()), (24, 15), "{name}");
+        assert!(l3.iter().all(|p| l2.contains(p)), "{name}: not nested");
+        assert_eq!(last, out.recomputed, "{name}");
+        assert!(out.recomputed.iter().all(|p| l3.contains(p)), "{name}");
+    }
+    // Gradual filtering needs a wider first check and a layer to taper over, inside the model.
+    let o = BlendOptions::new(0.1, 1).unwrap();
+    assert!(o.gradual(0.05, 2).is_err());
+    assert!(o.gradual(0.3, 0).is_err());
+    assert!(o.gradual(0.1, 2).is_err());
+    let (_, m) = models(dir.path()).remove(0);
+    let r = rag(&m);
+    let mut s = assemble(&r.prefix, &r.refs()).unwrap();
+    let e = recompute(&mut s, 6, &o.gradual(0.3, 1).unwrap()).unwrap_err();
+    assert!(format!("{e}").contains("past the model"), "{e}");
 }
 
 #[test]

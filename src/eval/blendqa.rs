@@ -2,7 +2,7 @@
 //!
 //! Each case retrieves `docs` essay passages, each holding one needle ("The special magic number for KEY is N."), and
 //! asks for one of the numbers. The prompt is a shared head (chat template, system prompt, instructions), the
-//! passages, and the question. Every passage is tokenized and cached on its own, right after the head or from position 0
+//! passages, and the question. Every passage is tokenized and cached on its own, right after the head, after one BOS or from position 0
 //! ([`ChunkKv::compute`], not timed: a RAG server has these ready); each mode then builds the request's cache from the
 //! head's and the passages' and prefills the question. Time to first token (TTFT) runs from the copy of the head's
 //! session to the question's logits; the answer is decoded greedily and scored by whether it holds the number.
@@ -32,8 +32,19 @@ pub struct BlendQaParams {
     /// Tokens decoded for the answer.
     pub max_new: usize,
     pub seed: u64,
-    /// Cache each passage from position 0 on its own (as the CacheBlend paper does), not after the shared head.
-    pub from_zero: bool,
+    /// What each passage is cached after.
+    pub chunk_base: ChunkBase,
+}
+
+/// What a passage's cache was computed after, alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkBase {
+    /// The request's shared head (chat template, system prompt, instructions).
+    Head,
+    /// Nothing: the passage starts at position 0, its first token an attention sink.
+    Zero,
+    /// One BOS token (CacheBlend's code: each chunk prefilled alone with the tokenizer's BOS, BOS dropped).
+    Bos,
 }
 
 /// One mode's figures over every case.
@@ -43,7 +54,8 @@ pub struct ModeSummary {
     pub accuracy: f64,
     /// Mean time to first token, ms.
     pub ttft_ms: f64,
-    /// Share of the passages' tokens recomputed past the check layer (blend only).
+    /// Share of the passages' tokens whose queries ran per layer from the check layer on, averaged over those layers
+    /// (blend only; with one check it is the share recomputed).
     pub recomputed: Option<f64>,
     /// Answers, one per case.
     pub answers: Vec<String>,
@@ -133,8 +145,18 @@ pub fn run(
         let c = case(tok, chat, &mut hays, p, sample)?;
         let mut head = Session::new(model, cfg.clone())?;
         head.prefill(&c.head)?;
-        let empty = Session::new(model, cfg.clone())?;
-        let base = if p.from_zero { &empty } else { &head };
+        let mut alone = Session::new(model, cfg.clone())?;
+        let base = match p.chunk_base {
+            ChunkBase::Head => &head,
+            ChunkBase::Zero => &alone,
+            ChunkBase::Bos => {
+                let Some(bos) = tok.bos_id() else {
+                    bail!("the model's tokenizer has no BOS token to cache the passages after");
+                };
+                alone.prefill(&[bos])?;
+                &alone
+            }
+        };
         let chunks = c
             .docs
             .iter()
@@ -163,7 +185,9 @@ pub fn run(
             sum.accuracy += ok as u8 as f64 / p.samples as f64;
             sum.ttft_ms += ttft / p.samples as f64;
             if let (Some(r), Some(b)) = (sum.recomputed.as_mut(), blend) {
-                *r += b.recomputed.len() as f64 / n_docs.max(1) as f64 / p.samples as f64;
+                let per_layer =
+                    b.layer_rows.iter().sum::<usize>() as f64 / b.layer_rows.len().max(1) as f64;
+                *r += per_layer / n_docs.max(1) as f64 / p.samples as f64;
             }
             on_case(sample, &sum.mode, ok, ttft);
             sum.answers.push(text.trim().to_string());

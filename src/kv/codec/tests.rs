@@ -130,6 +130,14 @@ fn damaged_blobs_are_refused_with_what_is_wrong() {
         err(&bad)
     );
     assert!(decode_prefix(&bad, 3).is_ok());
+    // Two damaged chunks (they decode in parallel): the first is the one named.
+    let at1 = header(&blob).unwrap().chunks[1].0 + 5;
+    bad[at1] ^= 0x40;
+    assert!(
+        err(&bad).contains("chunk 1 checksum mismatch"),
+        "{}",
+        err(&bad)
+    );
     // Truncated anywhere.
     for cut in [3, 14, 20, 60, blob.len() / 2, blob.len() - 1] {
         assert!(
