@@ -4,7 +4,7 @@
 #   bench/vs-llama-server.sh [--model M.gguf] [--threads 2] [--parallel 8] [--clients 1,8] [--requests 16]
 #                            [--prompt-tokens 1024] [--max-tokens 64] [--out DIR]
 #
-# For each server and each client count C, `hayloft bench serve --url` sends --requests unique prompts of
+# For each server and each client count C, a fresh server is started and `hayloft bench serve --url` sends --requests unique prompts of
 # --prompt-tokens token ids (no shared prefix, so no prefix cache helps either server), C at a time, each generating
 # --max-tokens tokens with end-of-generation ignored, greedy, streamed. It prints generated tok/s, aggregate decode
 # tok/s (sum over the clients decoding at once), TTFT p50 and the ratio hayloft / llama-server, and each server's
@@ -60,27 +60,29 @@ wait_health() {
   done
   echo "server on port $1 not healthy after 120 s; log: $2" >&2; exit 1
 }
-load() { # engine port
-  for c in ${CLIENTS//,/ }; do
-    "$HAYLOFT" bench serve --url "http://127.0.0.1:$2" --clients "$c" --requests "$REQUESTS" \
-      --prompt-tokens "$PROMPT" --shared 0 --max-tokens "$MAXTOK" --json "$OUT/$1-c$c.json" >"$OUT/$1-c$c.txt" 2>&1 \
-      || { echo "$1 with $c clients failed:" >&2; cat "$OUT/$1-c$c.txt" >&2; exit 1; }
-  done
+# One fresh server per client count: the prompts are the same in every run, and a server that has seen them would
+# answer from its prompt cache (llama-server keeps each slot's last prompt, and its prompt cache, across requests).
+run_one() { # engine clients
+  local port log
+  port=$(free_port)
+  log="$OUT/$1-c$2.log"
+  if [ "$1" = llama ]; then
+    "$LLAMA_SERVER" -m "$MODEL" -np "$PARALLEL" -c "$CTX" -t "$THREADS" --port "$port" --no-webui >"$log" 2>&1 &
+  else
+    "$HAYLOFT" serve --model "$MODEL" --threads "$THREADS" --parallel "$PARALLEL" --prefix-cache-ram 0 \
+      --port "$port" >"$log" 2>&1 &
+  fi
+  PID=$!
+  wait_health "$port" "$log"
+  "$HAYLOFT" bench serve --url "http://127.0.0.1:$port" --clients "$2" --requests "$REQUESTS" \
+    --prompt-tokens "$PROMPT" --shared 0 --max-tokens "$MAXTOK" --json "$OUT/$1-c$2.json" >"$OUT/$1-c$2.txt" 2>&1 \
+    || { echo "$1 with $2 clients failed:" >&2; cat "$OUT/$1-c$2.txt" >&2; exit 1; }
+  kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
 }
 CTX=$(( PARALLEL * (PROMPT + MAXTOK + 64) ))
-P=$(free_port)
-"$LLAMA_SERVER" -m "$MODEL" -np "$PARALLEL" -c "$CTX" -t "$THREADS" --port "$P" --no-webui >"$OUT/llama-server.log" 2>&1 &
-PID=$!
-wait_health "$P" "$OUT/llama-server.log"
-load llama "$P"
-kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
-P=$(free_port)
-"$HAYLOFT" serve --model "$MODEL" --threads "$THREADS" --parallel "$PARALLEL" --prefix-cache-ram 0 --port "$P" \
-  >"$OUT/hayloft-serve.log" 2>&1 &
-PID=$!
-wait_health "$P" "$OUT/hayloft-serve.log"
-load hayloft "$P"
-kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+for e in llama hayloft; do
+  for c in ${CLIENTS//,/ }; do run_one "$e" "$c"; done
+done
 python3 - "$OUT" "$CLIENTS" <<'PY' | tee "$OUT/table.txt"
 import json, sys
 out, clients = sys.argv[1], [int(c) for c in sys.argv[2].split(",")]
