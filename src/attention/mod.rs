@@ -342,15 +342,32 @@ fn attend_impl(
                 }
                 continue;
             }
+            // Split points; with a selection, moved past the pieces of the block they fall in, so that no block is
+            // read (and counted) by two tasks.
+            let cut = |s: usize| {
+                let mut at = base + nb * s / splits;
+                if matches!(sel, Sel::Heads(_)) {
+                    while at > base
+                        && at < base + nb
+                        && scratch.pieces[at].block == scratch.pieces[at - 1].block
+                    {
+                        at += 1;
+                    }
+                }
+                at
+            };
             for s in 0..splits {
-                scratch.tasks.push(Task {
-                    kv_head,
-                    t0,
-                    t1,
-                    blk0: base + nb * s / splits,
-                    blk1: base + nb * (s + 1) / splits,
-                    shared: false,
-                });
+                let (blk0, blk1) = (cut(s), cut(s + 1));
+                if blk0 < blk1 || s == 0 {
+                    scratch.tasks.push(Task {
+                        kv_head,
+                        t0,
+                        t1,
+                        blk0,
+                        blk1,
+                        shared: false,
+                    });
+                }
             }
         }
     }
