@@ -47,6 +47,9 @@ pub(super) unsafe fn fold<const BT: usize>(
     assert!(acc.len() >= rows * hv && m.len() >= rows && l.len() >= rows);
     match tile {
         Tile::F32 { kt, vb, hs, .. } => assert!(kt.len() >= hs * BT && vb.len() >= n * hv),
+        Tile::F16 { kt, vb, hs, .. } => {
+            assert!(kt.len() >= hs * BT && vb.len() >= n * hv && rows <= chunk_rows::<BT>())
+        }
         Tile::Q4(q4) => assert!(
             n == BT
                 && q4.k.len() >= q4.hs * BT / 2
@@ -60,7 +63,7 @@ pub(super) unsafe fn fold<const BT: usize>(
     let tile_pos = &a.q_pos[task.t0..task.t1];
     let all_visible = super::all_visible(tile_pos, pos, p.window);
     let window = p.window.unwrap_or(u32::MAX);
-    let chunk = if BT >= 64 { 4 } else { 8 };
+    let chunk = chunk_rows::<BT>();
     let mut r0 = 0;
     while r0 < rows {
         let rc = (rows - r0).min(chunk);
@@ -68,10 +71,20 @@ pub(super) unsafe fn fold<const BT: usize>(
         match *tile {
             Tile::F32 { kt, hs, qrows, .. } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i.min(rc - 1));
+                let kt = kt.as_ptr() as *const u8;
                 if rc > 4 {
-                    scores::<8, BT>(kt, &std::array::from_fn(row), hs, s_buf);
+                    scores::<8, BT, false>(kt, &std::array::from_fn(row), hs, s_buf);
                 } else {
-                    scores::<4, BT>(kt, &std::array::from_fn(row), hs, s_buf);
+                    scores::<4, BT, false>(kt, &std::array::from_fn(row), hs, s_buf);
+                }
+            }
+            Tile::F16 { kt, hs, qrows, .. } => {
+                let row = |i: usize| row_q(a, qrows, hs, r0 + i.min(rc - 1));
+                let kt = kt.as_ptr() as *const u8;
+                if rc > 4 {
+                    scores::<8, BT, true>(kt, &std::array::from_fn(row), hs, s_buf);
+                } else {
+                    scores::<4, BT, true>(kt, &std::array::from_fn(row), hs, s_buf);
                 }
             }
             Tile::Q4(ref q4) if BT == 32 && !q4.qi.is_empty() => {
@@ -152,12 +165,21 @@ pub(super) unsafe fn fold<const BT: usize>(
             let al = &alpha[i0..];
             match *tile {
                 Tile::F32 { vb, .. } => {
-                    let pr = s_buf[i0 * BT..].as_ptr();
+                    let (pr, vp) = (s_buf[i0 * BT..].as_ptr(), vb.as_ptr() as *const u8);
                     match k {
-                        4 => pv::<4, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
-                        3 => pv::<3, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
-                        2 => pv::<2, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
-                        _ => pv::<1, BT>(pr, vb.as_ptr(), n_eff, hv, al, ar),
+                        4 => pv::<4, BT, false>(pr, vp, n_eff, hv, al, ar),
+                        3 => pv::<3, BT, false>(pr, vp, n_eff, hv, al, ar),
+                        2 => pv::<2, BT, false>(pr, vp, n_eff, hv, al, ar),
+                        _ => pv::<1, BT, false>(pr, vp, n_eff, hv, al, ar),
+                    }
+                }
+                Tile::F16 { vb, .. } => {
+                    let (pr, vp) = (s_buf[i0 * BT..].as_ptr(), vb.as_ptr() as *const u8);
+                    match k {
+                        4 => pv::<4, BT, true>(pr, vp, n_eff, hv, al, ar),
+                        3 => pv::<3, BT, true>(pr, vp, n_eff, hv, al, ar),
+                        2 => pv::<2, BT, true>(pr, vp, n_eff, hv, al, ar),
+                        _ => pv::<1, BT, true>(pr, vp, n_eff, hv, al, ar),
                     }
                 }
                 Tile::Q4(ref q4) if int8_pv => {
@@ -257,25 +279,43 @@ unsafe fn exp_neg16(x: __m512) -> __m512 {
     _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, scale))
 }
 
-/// s[i · BT + j] = q_i · k_j for R rows and the BT keys of `kt` (hs × BT, transposed): R · BT/16 accumulators in
-/// registers, each key channel loaded once for all R rows.
+/// Rows of one pass of [`fold`]: 8, or 4 for blocks of 64 keys (the register budget of the score product).
+pub(super) const fn chunk_rows<const BT: usize>() -> usize {
+    if BT >= 64 {
+        4
+    } else {
+        8
+    }
+}
+
+/// 16 lanes at element `i` of `base`: f32 elements, or (H) f16 elements converted as they are loaded, with the
+/// value the f32 copy of them would hold.
+#[inline(always)]
+unsafe fn ld16<const H: bool>(base: *const u8, i: usize) -> __m512 {
+    if H {
+        _mm512_cvtph_ps(_mm256_loadu_si256(base.add(2 * i) as *const __m256i))
+    } else {
+        _mm512_loadu_ps((base as *const f32).add(i))
+    }
+}
+
+/// s[i · BT + j] = q_i · k_j for R rows and the BT keys of `kt` (hs × BT, transposed; f32, or f16 when H): R · BT/16
+/// accumulators in registers, each key channel loaded once for all R rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-unsafe fn scores<const R: usize, const BT: usize>(
-    kt: &[f32],
+unsafe fn scores<const R: usize, const BT: usize, const H: bool>(
+    kt: *const u8,
     q: &[&[f32]; R],
     hs: usize,
     s: &mut [f32],
 ) {
-    assert!(kt.len() >= hs * BT && s.len() >= R * BT && q.iter().all(|r| r.len() >= hs));
+    assert!(s.len() >= R * BT && q.iter().all(|r| r.len() >= hs));
     let nv = BT / 16;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
-    let base = kt.as_ptr();
     for d in 0..hs {
-        let col = base.add(d * BT);
         let mut k = [_mm512_setzero_ps(); 4];
         for (v, kv) in k.iter_mut().enumerate().take(nv) {
-            *kv = _mm512_loadu_ps(col.add(16 * v));
+            *kv = ld16::<H>(kt, d * BT + 16 * v);
         }
         for r in 0..R {
             let qb = _mm512_set1_ps(*q[r].get_unchecked(d));
@@ -292,13 +332,14 @@ unsafe fn scores<const R: usize, const BT: usize>(
     }
 }
 
-/// acc_i ← alpha_i · acc_i + Σ_{j<n} p[i · BT + j] · v_j for R rows (`acc` row stride hv), in strips of up to 64
-/// channels whose R rows stay in registers while the strip of each value row is loaded once.
+/// acc_i ← alpha_i · acc_i + Σ_{j<n} p[i · BT + j] · v_j for R rows (`acc` row stride hv; `vb` n × hv, f32 or, when
+/// H, f16), in strips of up to 64 channels whose R rows stay in registers while the strip of each value row is
+/// loaded once.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-unsafe fn pv<const R: usize, const BT: usize>(
+unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
     p: *const f32,
-    vb: *const f32,
+    vb: *const u8,
     n: usize,
     hv: usize,
     alpha: &[f32],
@@ -307,10 +348,10 @@ unsafe fn pv<const R: usize, const BT: usize>(
     let mut c0 = 0;
     while c0 < hv {
         match (hv - c0) / 16 {
-            1 => pv_strip::<R, 1, BT>(p, vb, n, hv, alpha, acc, c0),
-            2 => pv_strip::<R, 2, BT>(p, vb, n, hv, alpha, acc, c0),
-            3 => pv_strip::<R, 3, BT>(p, vb, n, hv, alpha, acc, c0),
-            _ => pv_strip::<R, 4, BT>(p, vb, n, hv, alpha, acc, c0),
+            1 => pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0),
+            2 => pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0),
+            3 => pv_strip::<R, 3, BT, H>(p, vb, n, hv, alpha, acc, c0),
+            _ => pv_strip::<R, 4, BT, H>(p, vb, n, hv, alpha, acc, c0),
         }
         c0 += 64.min(hv - c0);
     }
@@ -319,9 +360,9 @@ unsafe fn pv<const R: usize, const BT: usize>(
 /// One strip of [`pv`]: channels [c0, c0 + 16·W).
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize>(
+unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: bool>(
     p: *const f32,
-    vb: *const f32,
+    vb: *const u8,
     n: usize,
     hv: usize,
     alpha: &[f32],
@@ -336,10 +377,9 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize>(
         }
     }
     for j in 0..n {
-        let vrow = vb.add(j * hv + c0);
         let mut v = [_mm512_setzero_ps(); W];
         for (w, vw) in v.iter_mut().enumerate() {
-            *vw = _mm512_loadu_ps(vrow.add(16 * w));
+            *vw = ld16::<H>(vb, j * hv + c0 + 16 * w);
         }
         for (r, ar) in a.iter_mut().enumerate() {
             let pb = _mm512_set1_ps(*p.add(r * BT + j));

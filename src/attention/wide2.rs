@@ -16,7 +16,7 @@ use super::qtile::{self, Q4};
 use super::{block_softmax, row_q, TaskArgs, Tile};
 
 /// Rows per chunk.
-const CHUNK: usize = 4;
+pub(super) const CHUNK: usize = 4;
 
 /// The fold of [`super::fold`] (same arguments and results) for BT ∈ {8, 16, 32, 64} and hv % 8 == 0.
 ///
@@ -44,6 +44,9 @@ pub(super) unsafe fn fold<const BT: usize>(
     assert!(acc.len() >= rows * hv && m.len() >= rows && l.len() >= rows);
     match tile {
         Tile::F32 { kt, vb, hs, .. } => assert!(kt.len() >= hs * BT && vb.len() >= n * hv),
+        Tile::F16 { kt, vb, hs, .. } => {
+            assert!(kt.len() >= hs * BT && vb.len() >= n * hv && rows <= CHUNK)
+        }
         Tile::Q4(q4) => assert!(
             n == BT
                 && q4.k.len() >= q4.hs * BT / 2
@@ -65,10 +68,21 @@ pub(super) unsafe fn fold<const BT: usize>(
             Tile::F32 { kt, hs, qrows, .. } => {
                 let qs: [&[f32]; CHUNK] =
                     std::array::from_fn(|i| row_q(a, qrows, hs, r0 + i.min(rc - 1)));
+                let kt = kt.as_ptr() as *const u8;
                 if BT >= 16 {
-                    scores::<2, BT>(kt, &qs, hs, s_buf);
+                    scores::<2, BT, false>(kt, &qs, hs, s_buf);
                 } else {
-                    scores::<1, BT>(kt, &qs, hs, s_buf);
+                    scores::<1, BT, false>(kt, &qs, hs, s_buf);
+                }
+            }
+            Tile::F16 { kt, hs, qrows, .. } => {
+                let qs: [&[f32]; CHUNK] =
+                    std::array::from_fn(|i| row_q(a, qrows, hs, r0 + i.min(rc - 1)));
+                let kt = kt.as_ptr() as *const u8;
+                if BT >= 16 {
+                    scores::<2, BT, true>(kt, &qs, hs, s_buf);
+                } else {
+                    scores::<1, BT, true>(kt, &qs, hs, s_buf);
                 }
             }
             Tile::Q4(ref q4) => {
@@ -120,12 +134,21 @@ pub(super) unsafe fn fold<const BT: usize>(
         let ar = acc[r0 * hv..].as_mut_ptr();
         match *tile {
             Tile::F32 { vb, .. } => {
-                let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr());
+                let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr() as *const u8);
                 match rc {
-                    4 => pv::<4, BT>(pr, vp, n_eff, hv, &alpha, ar),
-                    3 => pv::<3, BT>(pr, vp, n_eff, hv, &alpha, ar),
-                    2 => pv::<2, BT>(pr, vp, n_eff, hv, &alpha, ar),
-                    _ => pv::<1, BT>(pr, vp, n_eff, hv, &alpha, ar),
+                    4 => pv::<4, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
+                    3 => pv::<3, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
+                    2 => pv::<2, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
+                    _ => pv::<1, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
+                }
+            }
+            Tile::F16 { vb, .. } => {
+                let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr() as *const u8);
+                match rc {
+                    4 => pv::<4, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
+                    3 => pv::<3, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
+                    2 => pv::<2, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
+                    _ => pv::<1, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
                 }
             }
             Tile::Q4(ref q4) => {
@@ -144,26 +167,35 @@ pub(super) unsafe fn fold<const BT: usize>(
     }
 }
 
-/// s[i · BT + j] = q_i · k_j for 4 rows and the BT keys of `kt` (hs × BT, transposed), in strips of 8 · KW keys:
-/// 4 · KW accumulators in registers, each key channel's strip loaded once for the 4 rows.
+/// 8 lanes at element `i` of `base`: f32 elements, or (H) f16 elements converted as they are loaded, with the
+/// value the f32 copy of them would hold.
+#[inline(always)]
+unsafe fn ld8<const H: bool>(base: *const u8, i: usize) -> __m256 {
+    if H {
+        _mm256_cvtph_ps(_mm_loadu_si128(base.add(2 * i) as *const __m128i))
+    } else {
+        _mm256_loadu_ps((base as *const f32).add(i))
+    }
+}
+
+/// s[i · BT + j] = q_i · k_j for 4 rows and the BT keys of `kt` (hs × BT, transposed; f32, or f16 when H), in strips
+/// of 8 · KW keys: 4 · KW accumulators in registers, each key channel's strip loaded once for the 4 rows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores<const KW: usize, const BT: usize>(
-    kt: &[f32],
+unsafe fn scores<const KW: usize, const BT: usize, const H: bool>(
+    kt: *const u8,
     q: &[&[f32]; CHUNK],
     hs: usize,
     s: &mut [f32],
 ) {
-    assert!(kt.len() >= hs * BT && s.len() >= CHUNK * BT && q.iter().all(|r| r.len() >= hs));
-    let base = kt.as_ptr();
+    assert!(s.len() >= CHUNK * BT && q.iter().all(|r| r.len() >= hs));
     let out = s.as_mut_ptr();
     for k0 in (0..BT).step_by(8 * KW) {
         let mut acc = [[_mm256_setzero_ps(); KW]; CHUNK];
         for d in 0..hs {
-            let col = base.add(d * BT + k0);
             let mut k = [_mm256_setzero_ps(); KW];
             for (w, kw) in k.iter_mut().enumerate() {
-                *kw = _mm256_loadu_ps(col.add(8 * w));
+                *kw = ld8::<H>(kt, d * BT + k0 + 8 * w);
             }
             for r in 0..CHUNK {
                 let qb = _mm256_set1_ps(*q[r].get_unchecked(d));
@@ -263,9 +295,9 @@ unsafe fn scores_q4<const KW: usize, const BT: usize>(
 /// (8 for a last odd one) whose R rows stay in registers while the strip of each value row is loaded once.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pv<const R: usize, const BT: usize>(
+unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
     p: *const f32,
-    vb: *const f32,
+    vb: *const u8,
     n: usize,
     hv: usize,
     alpha: &[f32],
@@ -274,10 +306,10 @@ unsafe fn pv<const R: usize, const BT: usize>(
     let mut c0 = 0;
     while c0 < hv {
         if hv - c0 >= 16 {
-            pv_strip::<R, 2, BT>(p, vb, n, hv, alpha, acc, c0);
+            pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0);
             c0 += 16;
         } else {
-            pv_strip::<R, 1, BT>(p, vb, n, hv, alpha, acc, c0);
+            pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0);
             c0 += 8;
         }
     }
@@ -286,9 +318,9 @@ unsafe fn pv<const R: usize, const BT: usize>(
 /// One strip of [`pv`]: channels [c0, c0 + 8·W).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize>(
+unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: bool>(
     p: *const f32,
-    vb: *const f32,
+    vb: *const u8,
     n: usize,
     hv: usize,
     alpha: &[f32],
@@ -303,10 +335,9 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize>(
         }
     }
     for j in 0..n {
-        let vrow = vb.add(j * hv + c0);
         let mut v = [_mm256_setzero_ps(); W];
         for (w, vw) in v.iter_mut().enumerate() {
-            *vw = _mm256_loadu_ps(vrow.add(8 * w));
+            *vw = ld8::<H>(vb, j * hv + c0 + 8 * w);
         }
         for (r, ar) in a.iter_mut().enumerate() {
             let pb = _mm256_set1_ps(*p.add(r * BT + j));

@@ -15,7 +15,11 @@ use anyhow::Result;
 use super::{
     batch_rows, load_matrix, load_vector, ModelConfig, RopeStyle, Scratch, SelectCx, SeqStep,
 };
-use crate::attention::{attend, attend_selected, attend_tiles, AttnParams, AttnScratch};
+use smallvec::SmallVec;
+
+use crate::attention::{
+    attend, attend_batch, attend_selected, attend_tiles, AttnJob, AttnParams, AttnScratch, Sel,
+};
 use crate::gguf::GgufFile;
 use crate::kernels::{gate_mul, matmul, QMatrix};
 pub use crate::kernels::{gelu_tanh, silu, GateAct};
@@ -199,20 +203,72 @@ impl Attention {
             softcap: None,
         };
         let (qr, kr) = (nh * hd, nkv * hd); // floats per row of q, and of k and v
+        let q = &*q;
+        // A sequence whose step is one attention call (a decode step, or a chunk no window splits and no sparse
+        // prefill reads) appends and selects here, and attends in one call with the others (one pass over the pool
+        // for the batch); any other runs its own calls now.
+        let mut batched: SmallVec<[(usize, bool); 16]> = SmallVec::new(); // (sequence, with a selection)
         let mut r0 = 0;
-        for seq in seqs.iter_mut() {
+        for (i, seq) in seqs.iter_mut().enumerate() {
             let r1 = r0 + seq.pos.len();
-            attend_seq(
-                layer,
-                local,
-                &params,
-                seq,
+            let (qs, ks, vs) = (
                 &q[r0 * qr..r1 * qr],
                 &k[r0 * kr..r1 * kr],
                 &v[r0 * kr..r1 * kr],
-                &mut s.att[r0 * qr..r1 * qr],
-                &mut s.attn,
             );
+            match prepare_call(layer, local, &params, seq, qs, ks, vs) {
+                Some(selected) => batched.push((i, selected)),
+                None => attend_seq(
+                    layer,
+                    local,
+                    &params,
+                    seq,
+                    qs,
+                    ks,
+                    vs,
+                    &mut s.att[r0 * qr..r1 * qr],
+                    &mut s.attn,
+                ),
+            }
+            r0 = r1;
+        }
+        if !batched.is_empty() {
+            let t0 = std::time::Instant::now();
+            {
+                let mut jobs: SmallVec<[AttnJob; 16]> = SmallVec::new();
+                let (mut rest, mut at) = (&mut s.att[..n * qr], 0); // `rest` starts at row `at`
+                let (mut r0, mut next) = (0, batched.iter().peekable());
+                for (i, seq) in seqs.iter().enumerate() {
+                    let r1 = r0 + seq.pos.len();
+                    if let Some(&(_, selected)) = next.next_if(|&&(j, _)| j == i) {
+                        let tail = std::mem::take(&mut rest).split_at_mut((r0 - at) * qr).1;
+                        let (out, tail) = tail.split_at_mut((r1 - r0) * qr);
+                        (rest, at) = (tail, r1);
+                        jobs.push(AttnJob {
+                            cache: &*seq.cache,
+                            q: &q[r0 * qr..r1 * qr],
+                            q_pos: seq.pos,
+                            out,
+                            sel: if selected {
+                                Sel::Heads(&seq.state.sel)
+                            } else {
+                                Sel::All
+                            },
+                        });
+                    }
+                    r0 = r1;
+                }
+                attend_batch(&mut jobs, layer, &params, &mut s.attn);
+            }
+            // The call's time, shared evenly among its sequences.
+            let ns = t0.elapsed().as_nanos() as u64 / batched.len() as u64;
+            for &(i, _) in &batched {
+                seqs[i].state.attn_ns += ns;
+            }
+        }
+        let mut r0 = 0;
+        for seq in seqs.iter() {
+            let r1 = r0 + seq.pos.len();
             mask_heads(
                 &mut s.att[r0 * qr..r1 * qr],
                 nh,
@@ -230,6 +286,44 @@ impl Attention {
             &mut s.mm,
         ); // xo: n × dim
     }
+}
+
+/// A sequence's step that is one attention call over whole or selected blocks: records its queries `q`, appends its
+/// keys and values `k`, `v` to its cache, runs its selector (timed into its attention time) and returns whether it
+/// selected, for the caller to attend with [`attend_batch`]. None (nothing done): the step is not one such call (a
+/// window splits the chunk, or a sparse prefill method may read it) and goes through [`attend_seq`].
+#[allow(clippy::too_many_arguments)] // as attend_seq, less the output
+fn prepare_call(
+    layer: usize,
+    local: bool,
+    params: &AttnParams,
+    seq: &mut SeqStep<'_>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Option<bool> {
+    let (n, pos) = (seq.pos.len(), seq.pos);
+    let (cache, st) = (&mut *seq.cache, &mut *seq.state);
+    if (params.window.is_some() && n > WINDOW_STEP) || (n > 1 && !local && st.prefill.is_some()) {
+        return None;
+    }
+    st.obs.record(layer, q, pos);
+    cache.append(layer, pos, k, v);
+    let t0 = std::time::Instant::now();
+    let cx = SelectCx {
+        cache,
+        layer,
+        q,
+        pos,
+        n_q_heads: params.n_q_heads,
+        local,
+    };
+    let selected = st
+        .selector
+        .as_mut()
+        .is_some_and(|sel| sel.select(&cx, &mut st.sel));
+    st.attn_ns += t0.elapsed().as_nanos() as u64;
+    Some(selected)
 }
 
 /// One sequence's attention in a layer: records its queries `q` (its rows × nh·hd, after RoPE), appends its keys and
