@@ -625,12 +625,14 @@ enum Tile<'a> {
     },
     /// An f16 block read in place (the AVX-512 and AVX2 folds, for tasks of at most one chunk of rows: each key and
     /// value is converted where it is loaded, once, instead of through a converted copy of the block). Layout as
-    /// `F32`.
+    /// `F32`. Only the entries whose bit is set in `cols` take part (a selection's part of a block: the others score
+    /// −∞ and their value rows are not read); `u64::MAX` = every entry.
     F16 {
         kt: &'a [half::f16],
         vb: &'a [half::f16],
         hs: usize,
         qrows: Option<&'a [f32]>,
+        cols: u64,
     },
     /// A 4-bit KIVI block read in place.
     Q4(qtile::Q4<'a>),
@@ -819,16 +821,57 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     let mut ng = 0;
     // The block whose keys `buf.k` holds converted (pieces of one block follow each other).
     let mut converted = usize::MAX;
-    for pc in &pieces[task.blk0..task.blk1] {
+    let task_pieces = &pieces[task.blk0..task.blk1];
+    // The next piece in another block: its block is prefetched while this one is folded (as the dense path does).
+    let mut ahead = 0;
+    for (i, pc) in task_pieces.iter().enumerate() {
         let blk = cache.block(layer, task.kv_head, pc.block as usize);
         let (j0, j1) = (pc.j0 as usize, pc.j1 as usize);
         if blk.pos[j0] > max_qpos {
             // Pieces ascend: nothing here or later is visible to this tile.
             break;
         }
+        ahead = ahead.max(i + 1);
+        while ahead < task_pieces.len() && task_pieces[ahead].block == pc.block {
+            ahead += 1;
+        }
+        if ahead < task_pieces.len() && (i == 0 || task_pieces[i - 1].block != pc.block) {
+            cache
+                .block(layer, task.kv_head, task_pieces[ahead].block as usize)
+                .prefetch();
+        }
         if j0 == 0 && j1 == blk.n {
             fold_view::<BT>(a, &blk, channels.is_some(), buf);
             converted = usize::MAX;
+            continue;
+        }
+        if let (BlockData::F16 { k: kh, v: vh }, None, true) =
+            (blk.data, blk.channels, wide_f16::<BT>(a))
+        {
+            // Part of an f16 block, read in place: the block's pieces (they follow each other) as a mask of its
+            // entries. Keys are read whole (each channel's row of the block is one or two cache lines, touched
+            // anyway) and counted whole; values and positions only for the selected entries.
+            if i > 0 && task_pieces[i - 1].block == pc.block {
+                continue; // folded with the block's first piece
+            }
+            let (mut cols, mut picked) = (0u64, 0);
+            for q in task_pieces[i..].iter().take_while(|q| q.block == pc.block) {
+                cols |= (u64::MAX >> (64 - (q.j1 - q.j0))) << q.j0;
+                picked += (q.j1 - q.j0) as usize;
+            }
+            blk.mark_read();
+            buf.read += 2 * hk * BT + picked * (2 * hv + 4);
+            let tile = Tile::F16 {
+                kt: &kh[..hk * BT],
+                vb: &vh[..blk.n * hv],
+                hs: hk,
+                qrows: None,
+                cols,
+            };
+            let TaskBuf {
+                s, m, l, acc, pbuf, ..
+            } = &mut *buf;
+            fold::<BT>(a, tile, blk.pos, s, m, l, acc, pbuf);
             continue;
         }
         // Part of an f16 block: its keys are converted whole (each channel's row of the block is one or two cache
@@ -951,6 +994,7 @@ fn fold_view<const BT: usize>(a: &TaskArgs, blk: &BlockView, pruned: bool, buf: 
                 vb: &vh[..n * hv],
                 hs,
                 qrows,
+                cols: u64::MAX,
             };
             fold::<BT>(a, tile, blk.pos, s, m, l, acc, pbuf);
             return;
@@ -1877,6 +1921,75 @@ mod tests {
                 assert!(
                     read > 0 && read < dense / 2,
                     "{dtype:?}: read {read} of {dense}"
+                );
+            }
+        }
+    }
+
+    /// A decode row reads the selected part of an f16 block in place (unselected entries masked); more rows gather
+    /// the selected entries into a tile first. Both equal naive attention over the same entries and count the same
+    /// bytes, on every SIMD path.
+    #[test]
+    fn partly_selected_f16_blocks_read_in_place_match_naive_and_the_gathered_path() {
+        let (cache, q, _, p) = fixed_case(KvDtype::F16);
+        let (n_q, hd) = (CASE.0, CASE.2);
+        let len = cache.len(0, 0);
+        let q1 = &q[..n_q * hd]; // 1 × n_q·hd
+        let q3: Vec<f32> = q1.iter().cycle().take(3 * q1.len()).copied().collect(); // 3 × n_q·hd
+        let at = [len as u32 - 1; 3];
+        let mut scratch = AttnScratch::default();
+        for shift in 0..3 {
+            let sel = scattered(2, len, shift);
+            let want = naive_attention_over(&cache, 0, q1, &at[..1], &p, Some(&sel));
+            for simd in simd_levels() {
+                let mut one = vec![0.0; n_q * hd];
+                let mut three = vec![0.0; 3 * n_q * hd];
+                cache.take_read();
+                attend_impl(
+                    &cache,
+                    0,
+                    q1,
+                    &at[..1],
+                    &mut one,
+                    &p,
+                    Sel::Heads(&sel),
+                    simd,
+                    &mut scratch,
+                );
+                let read_one = cache.take_read();
+                attend_impl(
+                    &cache,
+                    0,
+                    &q3,
+                    &at,
+                    &mut three,
+                    &p,
+                    Sel::Heads(&sel),
+                    simd,
+                    &mut scratch,
+                );
+                let read_three = cache.take_read();
+                let err = |got: &[f32]| {
+                    got.iter()
+                        .zip(&want)
+                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+                };
+                assert!(
+                    err(&one) < 1e-4,
+                    "{simd:?}: in place vs naive max err {}",
+                    err(&one)
+                );
+                for t in 0..3 {
+                    let got = &three[t * n_q * hd..][..n_q * hd];
+                    assert!(
+                        err(got) < 1e-4,
+                        "{simd:?}: gathered vs naive max err {}",
+                        err(got)
+                    );
+                }
+                assert_eq!(
+                    read_one, read_three,
+                    "{simd:?}: bytes counted in place and gathered"
                 );
             }
         }

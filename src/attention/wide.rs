@@ -62,6 +62,11 @@ pub(super) unsafe fn fold<const BT: usize>(
     }
     let tile_pos = &a.q_pos[task.t0..task.t1];
     let all_visible = super::all_visible(tile_pos, pos, p.window);
+    // The entries that take part (a partly selected f16 block reads only its selected ones).
+    let cols = match *tile {
+        Tile::F16 { cols, .. } => cols,
+        _ => u64::MAX,
+    };
     let window = p.window.unwrap_or(u32::MAX);
     let chunk = chunk_rows::<BT>();
     let mut r0 = 0;
@@ -134,6 +139,13 @@ pub(super) unsafe fn fold<const BT: usize>(
                     *x = if visible { *x } else { f32::NEG_INFINITY };
                 }
             }
+            if cols != u64::MAX {
+                for (j, x) in s.iter_mut().enumerate() {
+                    if cols >> j & 1 == 0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let step = if n == BT {
                 softmax_full::<BT>(s, m[r])
             } else {
@@ -167,19 +179,19 @@ pub(super) unsafe fn fold<const BT: usize>(
                 Tile::F32 { vb, .. } => {
                     let (pr, vp) = (s_buf[i0 * BT..].as_ptr(), vb.as_ptr() as *const u8);
                     match k {
-                        4 => pv::<4, BT, false>(pr, vp, n_eff, hv, al, ar),
-                        3 => pv::<3, BT, false>(pr, vp, n_eff, hv, al, ar),
-                        2 => pv::<2, BT, false>(pr, vp, n_eff, hv, al, ar),
-                        _ => pv::<1, BT, false>(pr, vp, n_eff, hv, al, ar),
+                        4 => pv::<4, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
+                        3 => pv::<3, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
+                        2 => pv::<2, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
+                        _ => pv::<1, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
                     }
                 }
                 Tile::F16 { vb, .. } => {
                     let (pr, vp) = (s_buf[i0 * BT..].as_ptr(), vb.as_ptr() as *const u8);
                     match k {
-                        4 => pv::<4, BT, true>(pr, vp, n_eff, hv, al, ar),
-                        3 => pv::<3, BT, true>(pr, vp, n_eff, hv, al, ar),
-                        2 => pv::<2, BT, true>(pr, vp, n_eff, hv, al, ar),
-                        _ => pv::<1, BT, true>(pr, vp, n_eff, hv, al, ar),
+                        4 => pv::<4, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
+                        3 => pv::<3, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
+                        2 => pv::<2, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
+                        _ => pv::<1, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
                     }
                 }
                 Tile::Q4(ref q4) if int8_pv => {
@@ -344,14 +356,15 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
     hv: usize,
     alpha: &[f32],
     acc: *mut f32,
+    cols: u64,
 ) {
     let mut c0 = 0;
     while c0 < hv {
         match (hv - c0) / 16 {
-            1 => pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0),
-            2 => pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0),
-            3 => pv_strip::<R, 3, BT, H>(p, vb, n, hv, alpha, acc, c0),
-            _ => pv_strip::<R, 4, BT, H>(p, vb, n, hv, alpha, acc, c0),
+            1 => pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
+            2 => pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
+            3 => pv_strip::<R, 3, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
+            _ => pv_strip::<R, 4, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
         }
         c0 += 64.min(hv - c0);
     }
@@ -360,6 +373,7 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
 /// One strip of [`pv`]: channels [c0, c0 + 16·W).
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)] // pv's arguments and the strip
 unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: bool>(
     p: *const f32,
     vb: *const u8,
@@ -368,6 +382,7 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
     alpha: &[f32],
     acc: *mut f32,
     c0: usize,
+    cols: u64,
 ) {
     let mut a = [[_mm512_setzero_ps(); W]; R];
     for (r, ar) in a.iter_mut().enumerate() {
@@ -377,6 +392,9 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
         }
     }
     for j in 0..n {
+        if cols >> j & 1 == 0 {
+            continue; // not selected: probability 0, value row not read
+        }
         let mut v = [_mm512_setzero_ps(); W];
         for (w, vw) in v.iter_mut().enumerate() {
             *vw = ld16::<H>(vb, j * hv + c0 + 16 * w);

@@ -59,6 +59,11 @@ pub(super) unsafe fn fold<const BT: usize>(
     }
     let tile_pos = &a.q_pos[task.t0..task.t1];
     let all_visible = super::all_visible(tile_pos, pos, p.window);
+    // The entries that take part (a partly selected f16 block reads only its selected ones).
+    let cols = match *tile {
+        Tile::F16 { cols, .. } => cols,
+        _ => u64::MAX,
+    };
     let window = p.window.unwrap_or(u32::MAX);
     let mut r0 = 0;
     while r0 < rows {
@@ -116,6 +121,13 @@ pub(super) unsafe fn fold<const BT: usize>(
                     *x = if visible { *x } else { f32::NEG_INFINITY };
                 }
             }
+            if cols != u64::MAX {
+                for (j, x) in s.iter_mut().enumerate() {
+                    if cols >> j & 1 == 0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             match block_softmax(s, m[r]) {
                 Some((m_new, al, lsum)) => {
                     alpha[i] = al;
@@ -136,19 +148,19 @@ pub(super) unsafe fn fold<const BT: usize>(
             Tile::F32 { vb, .. } => {
                 let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr() as *const u8);
                 match rc {
-                    4 => pv::<4, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
-                    3 => pv::<3, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
-                    2 => pv::<2, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
-                    _ => pv::<1, BT, false>(pr, vp, n_eff, hv, &alpha, ar),
+                    4 => pv::<4, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
+                    3 => pv::<3, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
+                    2 => pv::<2, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
+                    _ => pv::<1, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
                 }
             }
             Tile::F16 { vb, .. } => {
                 let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr() as *const u8);
                 match rc {
-                    4 => pv::<4, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
-                    3 => pv::<3, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
-                    2 => pv::<2, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
-                    _ => pv::<1, BT, true>(pr, vp, n_eff, hv, &alpha, ar),
+                    4 => pv::<4, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
+                    3 => pv::<3, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
+                    2 => pv::<2, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
+                    _ => pv::<1, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
                 }
             }
             Tile::Q4(ref q4) => {
@@ -302,14 +314,15 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
     hv: usize,
     alpha: &[f32],
     acc: *mut f32,
+    cols: u64,
 ) {
     let mut c0 = 0;
     while c0 < hv {
         if hv - c0 >= 16 {
-            pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0);
+            pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0, cols);
             c0 += 16;
         } else {
-            pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0);
+            pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0, cols);
             c0 += 8;
         }
     }
@@ -318,6 +331,7 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
 /// One strip of [`pv`]: channels [c0, c0 + 8·W).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)] // pv's arguments and the strip
 unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: bool>(
     p: *const f32,
     vb: *const u8,
@@ -326,6 +340,7 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
     alpha: &[f32],
     acc: *mut f32,
     c0: usize,
+    cols: u64,
 ) {
     let mut a = [[_mm256_setzero_ps(); W]; R];
     for (r, ar) in a.iter_mut().enumerate() {
@@ -335,6 +350,9 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
         }
     }
     for j in 0..n {
+        if cols >> j & 1 == 0 {
+            continue; // not selected: probability 0, value row not read
+        }
         let mut v = [_mm256_setzero_ps(); W];
         for (w, vw) in v.iter_mut().enumerate() {
             *vw = ld8::<H>(vb, j * hv + c0 + 8 * w);
