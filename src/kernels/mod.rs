@@ -36,12 +36,14 @@ mod layout;
 pub mod machine;
 pub mod mathfn;
 pub mod membw;
+pub mod rowdot;
 mod scalar;
 #[cfg(test)]
 mod tests;
 
 pub use crate::gguf::GgmlType;
 pub use mathfn::{exp_neg, gate_mul, gelu_tanh, silu, GateAct};
+pub use rowdot::rows_dot_max_f16;
 
 use anyhow::{anyhow, bail};
 use layout::{AlignedBuf, Kind, RG};

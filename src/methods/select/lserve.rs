@@ -17,8 +17,7 @@
 use anyhow::Result;
 
 use super::{
-    keep_top_units, meta_read_bytes, page_bound, summaries_f32, Frame, FrameDefaults,
-    SelectOptions, Step,
+    keep_top_units, meta_read_bytes, page_scores, Frame, FrameDefaults, SelectOptions, Step,
 };
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
@@ -48,8 +47,9 @@ pub struct LServe {
     streaming: Vec<bool>,
     scores: Vec<f32>,
     idx: Vec<u32>,
-    /// The head's page summaries as f32.
-    mf: Vec<f32>,
+    /// The scoring vectors of the group's query heads, and every logical page's score (see [`page_scores`]).
+    w: Vec<f32>,
+    page_s: Vec<f32>,
 }
 
 impl LServe {
@@ -74,12 +74,13 @@ impl LServe {
             streaming,
             scores: Vec::new(),
             idx: Vec::new(),
-            mf: Vec::new(),
+            w: Vec::new(),
+            page_s: Vec::new(),
         })
     }
 
     fn choose(&mut self, cx: &SelectCx) {
-        let (g, hk, lp) = (cx.group(), cx.cache.cfg.head_dim_k, self.logical);
+        let lp = self.logical;
         let (nh, bt) = (cx.cache.cfg.n_kv_heads, cx.cache.cfg.block_tokens);
         let per_block = bt / lp;
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
@@ -95,16 +96,14 @@ impl LServe {
             let (b0, b1) = (m.lo / bt, m.hi.div_ceil(bt));
             let n_pages = cx.cache.len(cx.layer, h).div_ceil(lp);
             let (p0, p1) = (b0 * per_block, (b1 * per_block).min(n_pages));
-            summaries_f32(cx.cache.page_meta(cx.layer, h), hk, p0, p1, &mut self.mf);
+            page_scores(self.stat, cx, h, (p0, p1), &mut self.w, &mut self.page_s);
+            // A physical block scores as its best logical page.
             self.scores.clear();
             for b in b0..b1 {
-                let mut best = f32::NEG_INFINITY;
-                for p in b * per_block..((b + 1) * per_block).min(n_pages) {
-                    let pm = &self.mf[(p - p0) * 2 * hk..][..2 * hk];
-                    for i in 0..g {
-                        best = best.max(page_bound(self.stat, cx.last_query(h * g + i), pm));
-                    }
-                }
+                let pages = (b * per_block).min(p1) - p0..((b + 1) * per_block).min(p1) - p0;
+                let best = self.page_s[pages]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 self.scores.push(best);
             }
             cx.cache.note_read(meta_read_bytes(

@@ -27,6 +27,7 @@ use half::f16;
 
 use super::spec::Budget;
 use crate::attention::Selection;
+use crate::kernels::rowdot as rows_dot;
 use crate::kv::{BlockData, BlockView, KvCache, PageStat};
 use crate::model::SelectCx;
 
@@ -239,6 +240,52 @@ pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
+/// Pages `[p0, p1)` of KV head `h` scored for the query heads of its group: `out[p − p0]` is the best over the group
+/// of [`page_bound`] (up to f32 summation order), computed from the f16 summaries in place. Both scores are linear in
+/// the summary once the query is known: the min/max bound is `q⁺·max + q⁻·min` (a channel's larger product is the
+/// max's when q_c ≥ 0, the min's otherwise), the mean+std estimate `q·mean + |q|·std`; so every page is one dot
+/// product per query head with a vector `w` (reused scratch) built once per step.
+pub fn page_scores(
+    stat: PageStat,
+    cx: &SelectCx,
+    h: usize,
+    (p0, p1): (usize, usize),
+    w: &mut Vec<f32>,
+    out: &mut Vec<f32>,
+) {
+    let (g, hk) = (cx.group(), cx.cache.cfg.head_dim_k);
+    let meta = &cx.cache.page_meta(cx.layer, h)[p0 * 2 * hk..p1 * 2 * hk]; // (p1 − p0) × 2·hk
+    out.clear();
+    out.resize(p1 - p0, f32::NEG_INFINITY);
+    let mut part = Vec::new(); // allocated only for groups of more than MAX_VECTORS heads
+    for i0 in (0..g).step_by(rows_dot::MAX_VECTORS) {
+        let i1 = (i0 + rows_dot::MAX_VECTORS).min(g);
+        w.clear();
+        for i in i0..i1 {
+            let q = cx.last_query(h * g + i);
+            match stat {
+                PageStat::MinMax => {
+                    w.extend(q.iter().map(|&x| x.max(0.0)));
+                    w.extend(q.iter().map(|&x| x.min(0.0)));
+                }
+                PageStat::MeanStd => {
+                    w.extend_from_slice(q);
+                    w.extend(q.iter().map(|x| x.abs()));
+                }
+            }
+        }
+        if i0 == 0 {
+            rows_dot::rows_dot_max_f16(meta, 2 * hk, w, out);
+        } else {
+            part.resize(out.len(), 0.0);
+            rows_dot::rows_dot_max_f16(meta, 2 * hk, w, &mut part);
+            for (o, x) in out.iter_mut().zip(&part) {
+                *o = o.max(*x);
+            }
+        }
+    }
+}
+
 /// Page summaries `[p0, p1)` of a stream (`meta`: pages × 2 × hk f16) as f32, into `out` (reused).
 pub fn summaries_f32(meta: &[f16], hk: usize, p0: usize, p1: usize, out: &mut Vec<f32>) {
     use half::slice::HalfFloatSliceExt;
@@ -300,6 +347,65 @@ pub fn key_read_bytes(block: &BlockView, block_tokens: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The linear page scores equal the best of [`page_bound`] over the group, for both statistics, on every
+    /// kernel path.
+    #[test]
+    fn page_scores_equal_the_group_best_page_bound() {
+        use crate::kv::{KvConfig, KvDtype, MetaConfig};
+        use crate::testutil::Rng;
+        for stat in [PageStat::MinMax, PageStat::MeanStd] {
+            let (nkv, g, hk, len) = (2, 3, 64, 200);
+            let mut cache = KvCache::new(KvConfig {
+                n_layers: 1,
+                n_kv_heads: nkv,
+                head_dim_k: hk,
+                head_dim_v: hk,
+                block_tokens: 32,
+                dtype: KvDtype::F16,
+                windows: Vec::new(),
+            });
+            cache.enable_meta(MetaConfig {
+                page_tokens: 16,
+                stat,
+            });
+            let mut rng = Rng(11);
+            let pos: Vec<u32> = (0..len as u32).collect();
+            cache.append(
+                0,
+                &pos,
+                &rng.vec(len * nkv * hk, 2.0),
+                &rng.vec(len * nkv * hk, 1.0),
+            );
+            let q = rng.vec(nkv * g * hk, 1.5); // 1 × n_q_heads·hk
+            let cx = SelectCx {
+                cache: &cache,
+                layer: 0,
+                q: &q,
+                pos: &pos[len - 1..],
+                n_q_heads: nkv * g,
+                local: false,
+            };
+            let n_pages = len.div_ceil(16);
+            let (mut w, mut got, mut mf) = (Vec::new(), Vec::new(), Vec::new());
+            for h in 0..nkv {
+                page_scores(stat, &cx, h, (1, n_pages), &mut w, &mut got);
+                summaries_f32(cache.page_meta(0, h), hk, 1, n_pages, &mut mf);
+                assert_eq!(got.len(), n_pages - 1);
+                for (p, &s) in got.iter().enumerate() {
+                    let want = (0..g)
+                        .map(|i| {
+                            page_bound(stat, cx.last_query(h * g + i), &mf[p * 2 * hk..][..2 * hk])
+                        })
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    assert!(
+                        (s - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{stat:?} head {h} page {p}: {s} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn top_k_keeps_the_largest_and_prefers_later_ties() {

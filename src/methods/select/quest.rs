@@ -11,8 +11,7 @@
 //! `Σ_c q_c·mean_c + |q_c|·std_c` instead (reported to keep needles on GQA models where the min/max bound loses them).
 
 use super::{
-    keep_top_units, meta_read_bytes, page_bound, summaries_f32, Frame, FrameDefaults,
-    SelectOptions, Step,
+    keep_top_units, meta_read_bytes, page_scores, Frame, FrameDefaults, SelectOptions, Step,
 };
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
@@ -37,8 +36,8 @@ pub struct Quest {
     /// Per candidate page: its score; the chosen page indices.
     scores: Vec<f32>,
     idx: Vec<u32>,
-    /// The head's page summaries as f32.
-    mf: Vec<f32>,
+    /// The scoring vectors of the group's query heads (see [`page_scores`]).
+    w: Vec<f32>,
 }
 
 impl Quest {
@@ -54,12 +53,12 @@ impl Quest {
             page,
             scores: Vec::new(),
             idx: Vec::new(),
-            mf: Vec::new(),
+            w: Vec::new(),
         }
     }
 
     fn choose(&mut self, cx: &SelectCx) {
-        let (g, hk, pt) = (cx.group(), cx.cache.cfg.head_dim_k, self.page);
+        let pt = self.page;
         let nh = cx.cache.cfg.n_kv_heads;
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
         kept.reset(nh);
@@ -69,15 +68,7 @@ impl Quest {
                 continue;
             }
             let (p0, p1) = (m.lo / pt, m.hi.div_ceil(pt));
-            summaries_f32(cx.cache.page_meta(cx.layer, h), hk, p0, p1, &mut self.mf);
-            self.scores.clear();
-            for p in p0..p1 {
-                let pm = &self.mf[(p - p0) * 2 * hk..][..2 * hk];
-                let s = (0..g)
-                    .map(|i| page_bound(self.stat, cx.last_query(h * g + i), pm))
-                    .fold(f32::NEG_INFINITY, f32::max);
-                self.scores.push(s);
-            }
+            page_scores(self.stat, cx, h, (p0, p1), &mut self.w, &mut self.scores);
             cx.cache.note_read(meta_read_bytes(cx.cache, p1 - p0));
             keep_top_units(&mut kept, h, m, &self.scores, (p0, pt), &mut self.idx);
         }

@@ -1,0 +1,136 @@
+//! Scores of many f16 rows against a few f32 vectors: `out[i] = max_j rows_i · w_j`.
+//!
+//! What page-based selectors compute every decode step: each page summary (a row of 2·head_dim f16 values) scored
+//! against the query heads of a KV head's group, keeping the best. The rows are read once for all vectors, converted
+//! where they are loaded; AVX-512 and AVX2 builds beside the portable one, picked by [`super::kernel`].
+
+use half::f16;
+
+use super::Kernel;
+
+/// Most vectors one call takes (a GQA group's query heads).
+pub const MAX_VECTORS: usize = 16;
+
+/// `out[i] = max_j Σ_c rows[i·d + c] · w[j·d + c]` for the `out.len()` rows of `rows` (n × d) and the
+/// `w.len() / d` vectors of `w` (1 to [`MAX_VECTORS`]).
+pub fn rows_dot_max_f16(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
+    rows_dot_max_with(super::kernel(), rows, d, w, out)
+}
+
+pub(crate) fn rows_dot_max_with(k: Kernel, rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
+    let nw = w.len() / d.max(1);
+    assert!(
+        d > 0
+            && (1..=MAX_VECTORS).contains(&nw)
+            && w.len() == nw * d
+            && rows.len() >= out.len() * d,
+        "rows_dot_max_f16: {} vectors of {d} over {} rows",
+        nw,
+        out.len()
+    );
+    match k {
+        // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if d.is_multiple_of(16) => unsafe { avx512(rows, d, w, nw, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if d.is_multiple_of(8) => unsafe { avx2(rows, d, w, nw, out) },
+        _ => portable(rows, d, w, nw, out),
+    }
+}
+
+fn portable(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = &rows[i * d..][..d];
+        let mut best = f32::NEG_INFINITY;
+        for wj in w.chunks_exact(d).take(nw) {
+            // Eight partial sums, as the vector builds keep lanes.
+            let mut acc = [0.0f32; 8];
+            for (c, (x, y)) in r.iter().zip(wj).enumerate() {
+                acc[c % 8] += x.to_f32() * y;
+            }
+            best = best.max(acc.iter().sum());
+        }
+        *o = best;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn avx512(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (rp, wp) = (rows.as_ptr() as *const u16, w.as_ptr());
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
+        for c in (0..d).step_by(16) {
+            let x = _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(i * d + c) as *const __m256i));
+            for (j, a) in acc.iter_mut().enumerate().take(nw) {
+                *a = _mm512_fmadd_ps(x, _mm512_loadu_ps(wp.add(j * d + c)), *a);
+            }
+        }
+        *o = acc
+            .iter()
+            .take(nw)
+            .map(|&a| _mm512_reduce_add_ps(a))
+            .fold(f32::NEG_INFINITY, f32::max);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (rp, wp) = (rows.as_ptr() as *const u16, w.as_ptr());
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); MAX_VECTORS];
+        for c in (0..d).step_by(8) {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(i * d + c) as *const __m128i));
+            for (j, a) in acc.iter_mut().enumerate().take(nw) {
+                *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(wp.add(j * d + c)), *a);
+            }
+        }
+        let mut best = f32::NEG_INFINITY;
+        for a in acc.iter().take(nw) {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            best = best.max(lanes.iter().sum());
+        }
+        *o = best;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::Rng;
+
+    #[test]
+    fn every_path_matches_the_f64_sum() {
+        for (d, nw, n) in [(64, 3, 37), (128, 7, 5), (16, 1, 9), (24, 2, 4), (8, 16, 3)] {
+            let mut rng = Rng(d as u64 * 131 + nw as u64);
+            let rows: Vec<f16> = rng.vec(n * d, 2.0).into_iter().map(f16::from_f32).collect();
+            let w = rng.vec(nw * d, 1.0);
+            let want: Vec<f64> = (0..n)
+                .map(|i| {
+                    (0..nw)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| rows[i * d + c].to_f64() * w[j * d + c] as f64)
+                                .sum::<f64>()
+                        })
+                        .fold(f64::NEG_INFINITY, f64::max)
+                })
+                .collect();
+            for k in super::super::available() {
+                let mut out = vec![0.0; n];
+                rows_dot_max_with(k, &rows, d, &w, &mut out);
+                for (g, e) in out.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{k:?} d {d} vectors {nw}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+}
