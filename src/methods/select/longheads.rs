@@ -34,6 +34,7 @@ use half::f16;
 
 use super::{key_read_bytes, Frame, FrameDefaults, Middle, SelectOptions, Step};
 use crate::attention::Selection;
+use crate::kernels::rowdot::{rows_dot_max_f16, MAX_VECTORS};
 use crate::kv::KvCache;
 use crate::methods::spec::Budget;
 use crate::model::{ModelConfig, QueryWindow, SelectCx, Selector};
@@ -77,6 +78,9 @@ pub struct LongHeads {
     keys: Vec<f32>,
     w: Vec<f32>,
     acc: Vec<f32>,
+    /// The group's query rows, and one pass's chunk scores (see `pick`).
+    qw: Vec<f32>,
+    part: Vec<f32>,
     scores: Vec<f32>,
     order: Vec<u32>,
 }
@@ -99,6 +103,8 @@ impl LongHeads {
             keys: Vec::new(),
             w: Vec::new(),
             acc: Vec::new(),
+            qw: Vec::new(),
+            part: Vec::new(),
             scores: Vec::new(),
             order: Vec::new(),
         };
@@ -231,21 +237,26 @@ impl LongHeads {
         }
         // Complete chunks overlapping the middle; the last complete chunk is always kept (scored +∞).
         let (c0, c1) = (m.lo / c, n.min(m.hi.div_ceil(c)));
+        // A chunk's score: the best q·representative over the group's query heads, read from the f16
+        // representatives in place (groups of more than MAX_VECTORS heads in several passes).
         self.scores.clear();
-        self.acc.resize(hk, 0.0);
-        for i in c0..c1 {
-            self.acc
-                .iter_mut()
-                .zip(&reps[i * hk..][..hk])
-                .for_each(|(a, r)| *a = r.to_f32());
-            let s = if i + 1 == n {
-                f32::INFINITY
-            } else {
-                (0..g)
-                    .map(|j| dot(cx.last_query(h * g + j), &self.acc))
-                    .fold(f32::NEG_INFINITY, f32::max)
-            };
-            self.scores.push(s);
+        self.scores.resize(c1.saturating_sub(c0), f32::NEG_INFINITY);
+        if c0 < c1 {
+            for j0 in (0..g).step_by(MAX_VECTORS) {
+                let j1 = (j0 + MAX_VECTORS).min(g);
+                self.qw.clear();
+                for j in j0..j1 {
+                    self.qw.extend_from_slice(cx.last_query(h * g + j));
+                }
+                self.part.resize(c1 - c0, 0.0);
+                rows_dot_max_f16(&reps[c0 * hk..c1 * hk], hk, &self.qw, &mut self.part);
+                for (s, &x) in self.scores.iter_mut().zip(&self.part) {
+                    *s = s.max(x);
+                }
+            }
+            if c1 == n {
+                self.scores[c1 - c0 - 1] = f32::INFINITY;
+            }
         }
         cx.cache.note_read((c1 - c0) * hk * 2);
         self.order.clear();
