@@ -10,7 +10,9 @@
 //! - **always-kept parts**: the first `sink` entries and the newest `recent` entries of every head;
 //! - **reuse**: a layer's chosen entries are reused for `interval` decode steps (1 = reselect every step) unless the
 //!   cache was edited (eviction) in between;
-//! - page scoring over the cache's page summaries ([`page_bound`]), shared by the page-based methods.
+//! - page scoring over the cache's page summaries, shared by the page-based methods: [`page_scores`] scores every
+//!   page of a head for its group's queries in one kernel pass ([`crate::kernels::rowdot`]); [`page_bound`] is the
+//!   per-page definition it equals (and what its test checks it against).
 //!
 //! A selector's own scoring reads go into the cache's read counter, next to attention's.
 
