@@ -10,15 +10,22 @@
 //! with it every bit of the result, is the same on 1 to 16 threads.
 //!
 //! With a [`Selection`] ([`attend_selected`], decode-time selectors), each KV head reads only the entries chosen for
-//! it: whole selected blocks go through the same block path, partly selected blocks are gathered entry by entry into a
-//! block-sized tile first. Every path counts the bytes it reads in the cache's read counter.
+//! it: whole selected blocks go through the same block path; a partly selected f16 block is read in place with a mask
+//! of its selected entries when the task's rows fit one pass of the SIMD fold (decode), and otherwise its entries are
+//! gathered into a block-sized tile first. Every path counts the bytes it reads in the cache's read counter.
+//!
+//! Several sequences of a batched step attend in one call ([`attend_batch`]): each one's tasks are planned as its own
+//! call would plan them (the same bits), and all of them go to the pool together.
 //!
 //! A block offloaded to disk ([`crate::kv::offload`]) is read whole into the task's buffer with one explicit read
 //! (counted by the cache as a disk read) and folded like an f16 block; every block the kernel folds is marked as read
 //! for the offload LRU.
 //!
 //! Blocks are folded as f32 tiles (f16 blocks converted whole into the task's buffer), except 4-bit KIVI blocks,
-//! which are scored and mixed straight from their codes ([`qtile`]). Three compiled variants run the same task code:
+//! which are scored and mixed straight from their codes ([`qtile`]), and f16 blocks of tasks whose rows fit one pass
+//! of the AVX-512 or AVX2 fold, which are read in place (each key and value converted where it is loaded). While a
+//! block is folded the next one is prefetched: blocks are separate allocations, which hardware prefetchers do not
+//! follow. Three compiled variants run the same task code:
 //! portable, AVX2 (with the [`wide2`] step) and AVX-512 (with the [`wide`] step), picked with the matmul kernel.
 //!
 //! `naive_attention` is the plain reference the tests compare against.
