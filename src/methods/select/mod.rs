@@ -25,7 +25,6 @@ pub mod squeezed;
 pub mod tokenselect;
 
 use anyhow::{bail, Result};
-use half::f16;
 
 use super::spec::Budget;
 use crate::attention::Selection;
@@ -218,7 +217,7 @@ impl Frame {
 }
 
 /// Upper bound (min/max summaries) or mean+std estimate of q·k over one page: `meta` is the page's 2 × hk summary,
-/// converted to f32 (see [`summaries_f32`]).
+/// as f32. The definition [`page_scores`] computes for every page at once.
 #[inline]
 pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f32]) -> f32 {
     let hk = q.len();
@@ -288,14 +287,6 @@ pub fn page_scores(
     }
 }
 
-/// Page summaries `[p0, p1)` of a stream (`meta`: pages × 2 × hk f16) as f32, into `out` (reused).
-pub fn summaries_f32(meta: &[f16], hk: usize, p0: usize, p1: usize, out: &mut Vec<f32>) {
-    use half::slice::HalfFloatSliceExt;
-    let src = &meta[p0 * 2 * hk..p1 * 2 * hk];
-    out.resize(src.len(), 0.0);
-    src.convert_to_f32_slice(out);
-}
-
 /// Adds head `h`'s best units to `kept`: as many as the middle region's `k` entries fill (at least one), unit `i` of
 /// `scores` covering entries `[(u0 + i)·unit, (u0 + i + 1)·unit)` clipped to the middle region. `idx` is scratch.
 pub fn keep_top_units(
@@ -349,6 +340,14 @@ pub fn key_read_bytes(block: &BlockView, block_tokens: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Page summaries `[p0, p1)` of a stream (`meta`: pages × 2 × hk f16) as f32, for [`page_bound`].
+    fn summaries_f32(meta: &[half::f16], hk: usize, p0: usize, p1: usize, out: &mut Vec<f32>) {
+        use half::slice::HalfFloatSliceExt;
+        let src = &meta[p0 * 2 * hk..p1 * 2 * hk];
+        out.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(out);
+    }
 
     /// The linear page scores equal the best of [`page_bound`] over the group, for both statistics, on every
     /// kernel path.
