@@ -1433,6 +1433,48 @@ mod tests {
         }
     }
 
+    /// A block every row sees whole takes the interleaved softmax step (AVX-512); the same block folded for a tile
+    /// whose other query cannot see all of it takes the masked step. The last query's output must not depend on
+    /// which ran: that is what keeps chunked prefill equal to one-shot bit for bit.
+    #[test]
+    fn the_unmasked_softmax_step_equals_the_masked_one_bit_for_bit() {
+        let (n_q, hk) = (4, 64);
+        for bt in [16, 32, 64] {
+            let len = 4 * bt;
+            let mut rng = Rng(0x50F7 + bt as u64);
+            let mut cache = KvCache::new(KvConfig {
+                n_layers: 1,
+                n_kv_heads: 1,
+                head_dim_k: hk,
+                head_dim_v: hk,
+                block_tokens: bt,
+                dtype: KvDtype::F16,
+                windows: Vec::new(),
+            });
+            let pos: Vec<u32> = (0..len as u32).collect();
+            cache.append(0, &pos, &rng.vec(len * hk, 1.0), &rng.vec(len * hk, 1.0));
+            let p = AttnParams {
+                n_q_heads: n_q,
+                scale: 0.125,
+                window: None,
+                softcap: None,
+            };
+            let q2 = rng.vec(2 * n_q * hk, 2.0); // 2 × n_q·hk: tokens at len − 2 and len − 1
+            let last = &q2[n_q * hk..];
+            let mut scratch = AttnScratch::default();
+            for simd in simd_levels() {
+                let (mut one, mut two) = (vec![0.0; n_q * hk], vec![0.0; 2 * n_q * hk]);
+                let at = [len as u32 - 2, len as u32 - 1];
+                let mut run = |q: &[f32], at: &[u32], out: &mut [f32]| {
+                    attend_impl(&cache, 0, q, at, out, &p, Sel::All, simd, &mut scratch)
+                };
+                run(last, &at[1..], &mut one);
+                run(&q2, &at, &mut two);
+                assert_eq!(one, two[n_q * hk..], "{simd:?}, block {bt}");
+            }
+        }
+    }
+
     #[test]
     fn tiled_matches_naive_sliding_window() {
         for &(len, n_new, w) in &[

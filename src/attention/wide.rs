@@ -72,25 +72,15 @@ pub(super) unsafe fn fold<const BT: usize>(
     let mut r0 = 0;
     while r0 < rows {
         let rc = (rows - r0).min(chunk);
-        // Scores of the chunk's rows (padded by repeating the last row): s_buf[i · BT + j].
+        // Scores of the chunk's rows: s_buf[i · BT + j] (4-bit tiles pad the chunk by repeating its last row).
         match *tile {
             Tile::F32 { kt, hs, qrows, .. } => {
-                let row = |i: usize| row_q(a, qrows, hs, r0 + i.min(rc - 1));
-                let kt = kt.as_ptr() as *const u8;
-                if rc > 4 {
-                    scores::<8, BT, false>(kt, &std::array::from_fn(row), hs, s_buf);
-                } else {
-                    scores::<4, BT, false>(kt, &std::array::from_fn(row), hs, s_buf);
-                }
+                let row = |i: usize| row_q(a, qrows, hs, r0 + i);
+                scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
             }
             Tile::F16 { kt, hs, qrows, .. } => {
-                let row = |i: usize| row_q(a, qrows, hs, r0 + i.min(rc - 1));
-                let kt = kt.as_ptr() as *const u8;
-                if rc > 4 {
-                    scores::<8, BT, true>(kt, &std::array::from_fn(row), hs, s_buf);
-                } else {
-                    scores::<4, BT, true>(kt, &std::array::from_fn(row), hs, s_buf);
-                }
+                let row = |i: usize| row_q(a, qrows, hs, r0 + i);
+                scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
             }
             Tile::Q4(ref q4) if BT == 32 && !q4.qi.is_empty() => {
                 // Integer scores, up to 4 rows per pass over the codes.
@@ -120,7 +110,24 @@ pub(super) unsafe fn fold<const BT: usize>(
         // Scale, soft-cap, mask and the softmax step of each row; `alpha` rescales its accumulator in p·V.
         let mut alpha = [1.0f32; 8];
         let mut cmax = 0u32;
-        for i in 0..rc {
+        let plain = n == BT && all_visible && p.softcap.is_none() && cols == u64::MAX;
+        if plain {
+            // A full block every row sees whole (decode, and prefill away from the diagonal): the rows' softmax
+            // steps run interleaved, each one's arithmetic exactly the general loop's below.
+            cmax = tile_pos[(r0 + rc - 1) / g];
+            let (m, l) = (&mut m[r0..r0 + rc], &mut l[r0..r0 + rc]);
+            match rc {
+                1 => softmax_rows::<BT, 1>(s_buf, p.scale, m, l, &mut alpha),
+                2 => softmax_rows::<BT, 2>(s_buf, p.scale, m, l, &mut alpha),
+                3 => softmax_rows::<BT, 3>(s_buf, p.scale, m, l, &mut alpha),
+                4 => softmax_rows::<BT, 4>(s_buf, p.scale, m, l, &mut alpha),
+                5 => softmax_rows::<BT, 5>(s_buf, p.scale, m, l, &mut alpha),
+                6 => softmax_rows::<BT, 6>(s_buf, p.scale, m, l, &mut alpha),
+                7 => softmax_rows::<BT, 7>(s_buf, p.scale, m, l, &mut alpha),
+                _ => softmax_rows::<BT, 8>(s_buf, p.scale, m, l, &mut alpha),
+            }
+        }
+        for i in 0..if plain { 0 } else { rc } {
             let r = r0 + i;
             let qpos = tile_pos[r / g];
             cmax = cmax.max(qpos);
@@ -264,6 +271,75 @@ unsafe fn softmax_full<const BT: usize>(s: &mut [f32], m_old: f32) -> Option<(f3
     Some((m_new, alpha, lanes.iter().sum::<f32>()))
 }
 
+/// The softmax step of R rows (`s[i · BT..][..BT]`, raw scores) over a full block that every row sees whole, with
+/// no soft-cap: scale, block max, e^(s − m_new) and the sum, as [`softmax_full`] computes them row by row, but in
+/// lockstep over the rows, so their dependency chains (the max's and the sum's reductions, the exp polynomial)
+/// overlap instead of following one another. Updates m, l and alpha of rows 0..R.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn softmax_rows<const BT: usize, const R: usize>(
+    s: &mut [f32],
+    scale: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32; 8],
+) {
+    assert!(s.len() >= R * BT && m.len() >= R && l.len() >= R && R <= 8);
+    let nv = BT / 16;
+    let sp = s.as_mut_ptr();
+    let sc = _mm512_set1_ps(scale);
+    // Scale and each row's block max.
+    let mut bmax = [0.0f32; R];
+    for (i, bm) in bmax.iter_mut().enumerate() {
+        let mut mx = _mm512_setzero_ps();
+        for v in 0..nv {
+            let x = _mm512_mul_ps(_mm512_loadu_ps(sp.add(i * BT + 16 * v)), sc);
+            _mm512_storeu_ps(sp.add(i * BT + 16 * v), x);
+            mx = if v == 0 { x } else { _mm512_max_ps(mx, x) };
+        }
+        *bm = _mm512_reduce_max_ps(mx);
+    }
+    let mut mnew = [0.0f32; R];
+    for i in 0..R {
+        if bmax[i] == f32::NEG_INFINITY {
+            mnew[i] = f32::NEG_INFINITY; // every score −∞: the row's probabilities are 0, its state unchanged
+            continue;
+        }
+        let m_old = m[i];
+        mnew[i] = if bmax[i] > m_old { bmax[i] } else { m_old };
+        alpha[i] = if mnew[i] == m_old {
+            1.0
+        } else {
+            exp_neg(m_old - mnew[i])
+        };
+    }
+    // e^(s − m_new) and the sums in softmax_full's order.
+    let mut sums = [_mm256_setzero_ps(); R];
+    for (i, sum) in sums.iter_mut().enumerate() {
+        let (mv, dead) = (_mm512_set1_ps(mnew[i]), mnew[i] == f32::NEG_INFINITY);
+        for v in 0..nv {
+            let e = if dead {
+                _mm512_setzero_ps()
+            } else {
+                exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(sp.add(i * BT + 16 * v)), mv))
+            };
+            _mm512_storeu_ps(sp.add(i * BT + 16 * v), e);
+            *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+            *sum = _mm256_add_ps(*sum, hi);
+        }
+    }
+    for i in 0..R {
+        if mnew[i] == f32::NEG_INFINITY {
+            continue;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sums[i]);
+        m[i] = mnew[i];
+        l[i] = l[i] * alpha[i] + lanes.iter().sum::<f32>();
+    }
+}
+
 /// [`exp_neg`] on 16 lanes, bit for bit: the same range reduction and polynomial with the same roundings (separate
 /// multiplies and adds, no fused ones), so a block's probabilities do not depend on which softmax step ran; lanes below
 /// −87 (and −∞) give 0.
@@ -308,6 +384,29 @@ unsafe fn ld16<const H: bool>(base: *const u8, i: usize) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(base.add(2 * i) as *const __m256i))
     } else {
         _mm512_loadu_ps((base as *const f32).add(i))
+    }
+}
+
+/// [`scores`] for the `rc` ≤ 8 rows `row(0..rc)`, with exactly that many rows of products: every accumulator
+/// costs an FMA per key channel, and on cores that split 512-bit FMAs in two that, not the load, bounds the fold.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn scores_n<'q, const BT: usize, const H: bool>(
+    kt: *const u8,
+    rc: usize,
+    row: impl Fn(usize) -> &'q [f32],
+    hs: usize,
+    s: &mut [f32],
+) {
+    match rc {
+        1 => scores::<1, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        2 => scores::<2, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        3 => scores::<3, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        4 => scores::<4, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        5 => scores::<5, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        6 => scores::<6, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        7 => scores::<7, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        _ => scores::<8, BT, H>(kt, &std::array::from_fn(row), hs, s),
     }
 }
 

@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::qtile::{self, Q4};
-use super::{block_softmax, row_q, TaskArgs, Tile};
+use super::{block_softmax, exp_neg, row_q, TaskArgs, Tile};
 
 /// Rows per chunk.
 pub(super) const CHUNK: usize = 4;
@@ -71,24 +71,12 @@ pub(super) unsafe fn fold<const BT: usize>(
         // Scores of the chunk's rows (padded by repeating the last row): s_buf[i · BT + j].
         match *tile {
             Tile::F32 { kt, hs, qrows, .. } => {
-                let qs: [&[f32]; CHUNK] =
-                    std::array::from_fn(|i| row_q(a, qrows, hs, r0 + i.min(rc - 1)));
-                let kt = kt.as_ptr() as *const u8;
-                if BT >= 16 {
-                    scores::<2, BT, false>(kt, &qs, hs, s_buf);
-                } else {
-                    scores::<1, BT, false>(kt, &qs, hs, s_buf);
-                }
+                let row = |i: usize| row_q(a, qrows, hs, r0 + i);
+                scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
             }
             Tile::F16 { kt, hs, qrows, .. } => {
-                let qs: [&[f32]; CHUNK] =
-                    std::array::from_fn(|i| row_q(a, qrows, hs, r0 + i.min(rc - 1)));
-                let kt = kt.as_ptr() as *const u8;
-                if BT >= 16 {
-                    scores::<2, BT, true>(kt, &qs, hs, s_buf);
-                } else {
-                    scores::<1, BT, true>(kt, &qs, hs, s_buf);
-                }
+                let row = |i: usize| row_q(a, qrows, hs, r0 + i);
+                scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
             }
             Tile::Q4(ref q4) => {
                 let rs: [usize; CHUNK] = std::array::from_fn(|i| r0 + i.min(rc - 1));
@@ -102,7 +90,19 @@ pub(super) unsafe fn fold<const BT: usize>(
         // Scale, soft-cap, mask and the softmax step of each row; `alpha` rescales its accumulator in p·V.
         let mut alpha = [1.0f32; CHUNK];
         let mut cmax = 0u32;
-        for i in 0..rc {
+        let plain = n == BT && all_visible && p.softcap.is_none() && cols == u64::MAX;
+        if plain {
+            // A full block every row sees whole: the rows' softmax steps interleaved, each exactly the loop's below.
+            cmax = tile_pos[(r0 + rc - 1) / g];
+            let (m, l) = (&mut m[r0..r0 + rc], &mut l[r0..r0 + rc]);
+            match rc {
+                1 => softmax_rows::<BT, 1>(s_buf, p.scale, m, l, &mut alpha),
+                2 => softmax_rows::<BT, 2>(s_buf, p.scale, m, l, &mut alpha),
+                3 => softmax_rows::<BT, 3>(s_buf, p.scale, m, l, &mut alpha),
+                _ => softmax_rows::<BT, 4>(s_buf, p.scale, m, l, &mut alpha),
+            }
+        }
+        for i in 0..if plain { 0 } else { rc } {
             let r = r0 + i;
             let qpos = tile_pos[r / g];
             cmax = cmax.max(qpos);
@@ -179,6 +179,93 @@ pub(super) unsafe fn fold<const BT: usize>(
     }
 }
 
+/// The softmax step of R rows (`s[i · BT..][..BT]`, raw scores) over a full block every row sees whole, with no
+/// soft-cap: scale, block max, e^(s − m_new) and the sum exactly as [`block_softmax`] computes them (its 8 max and sum
+/// lanes are one register here), in lockstep over the rows so their dependency chains overlap.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_rows<const BT: usize, const R: usize>(
+    s: &mut [f32],
+    scale: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32; CHUNK],
+) {
+    assert!(s.len() >= R * BT && m.len() >= R && l.len() >= R && R <= CHUNK);
+    let nv = BT / 8;
+    let sp = s.as_mut_ptr();
+    let sc = _mm256_set1_ps(scale);
+    let mut lanes = [[0.0f32; 8]; R];
+    for (i, ln) in lanes.iter_mut().enumerate() {
+        let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+        for v in 0..nv {
+            let x = _mm256_mul_ps(_mm256_loadu_ps(sp.add(i * BT + 8 * v)), sc);
+            _mm256_storeu_ps(sp.add(i * BT + 8 * v), x);
+            // block_softmax's lane step: the new value where it is greater (ordered), else the old one.
+            mx = _mm256_blendv_ps(mx, x, _mm256_cmp_ps::<_CMP_GT_OQ>(x, mx));
+        }
+        _mm256_storeu_ps(ln.as_mut_ptr(), mx);
+    }
+    let mut mnew = [f32::NEG_INFINITY; R];
+    for i in 0..R {
+        let bm = lanes[i]
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        if bm == f32::NEG_INFINITY {
+            continue; // every score −∞: probabilities 0, the row's state unchanged
+        }
+        mnew[i] = if bm > m[i] { bm } else { m[i] };
+        alpha[i] = exp_neg(m[i] - mnew[i]);
+    }
+    for (i, ln) in lanes.iter_mut().enumerate() {
+        let (mv, dead) = (_mm256_set1_ps(mnew[i]), mnew[i] == f32::NEG_INFINITY);
+        let mut sum = _mm256_setzero_ps();
+        for v in 0..nv {
+            let e = if dead {
+                _mm256_setzero_ps()
+            } else {
+                exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i * BT + 8 * v)), mv))
+            };
+            _mm256_storeu_ps(sp.add(i * BT + 8 * v), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_storeu_ps(ln.as_mut_ptr(), sum);
+    }
+    for i in 0..R {
+        if mnew[i] == f32::NEG_INFINITY {
+            continue;
+        }
+        m[i] = mnew[i];
+        l[i] = l[i] * alpha[i] + (0.0f32 + lanes[i].iter().sum::<f32>());
+    }
+}
+
+/// [`exp_neg`] on 8 lanes, bit for bit: the same range reduction and polynomial with the same roundings (separate
+/// multiplies and adds); lanes below −87 (and −∞) give 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_neg8(x: __m256) -> __m256 {
+    let lo = _mm256_set1_ps(-87.0);
+    let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo);
+    let xc = _mm256_max_ps(x, lo);
+    let t = _mm256_add_ps(
+        _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _mm256_set1_ps(0.5),
+    );
+    let n = _mm256_floor_ps(t);
+    let r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693_145_75)));
+    let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(1.428_606_8e-6)));
+    let mut p = _mm256_set1_ps(0.001_394_2);
+    for c in [0.008_333_45, 0.041_666_43, 0.166_666_67, 0.5, 1.0, 1.0] {
+        p = _mm256_add_ps(_mm256_set1_ps(c), _mm256_mul_ps(r, p));
+    }
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvttps_epi32(n),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_and_ps(_mm256_mul_ps(p, scale), keep)
+}
+
 /// 8 lanes at element `i` of `base`: f32 elements, or (H) f16 elements converted as they are loaded, with the
 /// value the f32 copy of them would hold.
 #[inline(always)]
@@ -190,26 +277,54 @@ unsafe fn ld8<const H: bool>(base: *const u8, i: usize) -> __m256 {
     }
 }
 
-/// s[i · BT + j] = q_i · k_j for 4 rows and the BT keys of `kt` (hs × BT, transposed; f32, or f16 when H), in strips
-/// of 8 · KW keys: 4 · KW accumulators in registers, each key channel's strip loaded once for the 4 rows.
+/// [`scores`] for the `rc` ≤ 4 rows `row(0..rc)` with exactly that many rows of products (a padded row costs as
+/// much as a real one).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores<const KW: usize, const BT: usize, const H: bool>(
+unsafe fn scores_n<'q, const BT: usize, const H: bool>(
     kt: *const u8,
-    q: &[&[f32]; CHUNK],
+    rc: usize,
+    row: impl Fn(usize) -> &'q [f32],
     hs: usize,
     s: &mut [f32],
 ) {
-    assert!(s.len() >= CHUNK * BT && q.iter().all(|r| r.len() >= hs));
+    macro_rules! go {
+        ($r:literal) => {
+            if BT >= 16 {
+                scores::<$r, 2, BT, H>(kt, &std::array::from_fn(&row), hs, s)
+            } else {
+                scores::<$r, 1, BT, H>(kt, &std::array::from_fn(&row), hs, s)
+            }
+        };
+    }
+    match rc {
+        1 => go!(1),
+        2 => go!(2),
+        3 => go!(3),
+        _ => go!(4),
+    }
+}
+
+/// s[i · BT + j] = q_i · k_j for R rows and the BT keys of `kt` (hs × BT, transposed; f32, or f16 when H), in strips
+/// of 8 · KW keys: R · KW accumulators in registers, each key channel's strip loaded once for the R rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores<const R: usize, const KW: usize, const BT: usize, const H: bool>(
+    kt: *const u8,
+    q: &[&[f32]; R],
+    hs: usize,
+    s: &mut [f32],
+) {
+    assert!(s.len() >= R * BT && q.iter().all(|r| r.len() >= hs));
     let out = s.as_mut_ptr();
     for k0 in (0..BT).step_by(8 * KW) {
-        let mut acc = [[_mm256_setzero_ps(); KW]; CHUNK];
+        let mut acc = [[_mm256_setzero_ps(); KW]; R];
         for d in 0..hs {
             let mut k = [_mm256_setzero_ps(); KW];
             for (w, kw) in k.iter_mut().enumerate() {
                 *kw = ld8::<H>(kt, d * BT + k0 + 8 * w);
             }
-            for r in 0..CHUNK {
+            for r in 0..R {
                 let qb = _mm256_set1_ps(*q[r].get_unchecked(d));
                 for w in 0..KW {
                     acc[r][w] = _mm256_fmadd_ps(qb, k[w], acc[r][w]);
