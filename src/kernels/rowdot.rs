@@ -1,7 +1,9 @@
-//! Scores of many f16 rows against a few f32 vectors: `out[i] = max_j rows_i · w_j`.
+//! Scores of many f16 rows against a few f32 vectors: `out[i] = max_j rows_i · w_j`, and the same products for a
+//! KV block's keys stored transposed (`cols_dot_f16`, every vector's score kept).
 //!
-//! What page-based selectors compute every decode step: each page summary (a row of 2·head_dim f16 values) scored
-//! against the query heads of a KV head's group, keeping the best. The rows are read once for all vectors, converted
+//! What selectors compute every decode step: each page summary (a row of 2·head_dim f16 values) scored
+//! against the query heads of a KV head's group, keeping the best; or (token-level selection) every key of a block
+//! against each query head. The rows are read once for all vectors, converted
 //! where they are loaded; AVX-512 and AVX2 builds beside the portable one, picked by [`super::kernel`].
 
 use half::f16;
@@ -99,10 +101,140 @@ unsafe fn avx2(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
     }
 }
 
+/// `out[j · bt + t] = Σ_c kt[c·bt + t] · w[j·d + c]` for the `bt` columns of `kt` (d × bt, a KV block's keys stored
+/// channel-major) and the `w.len() / d` vectors of `w` (1 to [`MAX_VECTORS`]): every key of a block scored against
+/// every query head of its group, each key channel loaded once for all of them.
+pub fn cols_dot_f16(kt: &[f16], bt: usize, w: &[f32], out: &mut [f32]) {
+    cols_dot_with(super::kernel(), kt, bt, w, out)
+}
+
+pub(crate) fn cols_dot_with(k: Kernel, kt: &[f16], bt: usize, w: &[f32], out: &mut [f32]) {
+    let d = kt.len() / bt.max(1);
+    let nw = w.len() / d.max(1);
+    assert!(
+        bt > 0
+            && d > 0
+            && kt.len() == d * bt
+            && (1..=MAX_VECTORS).contains(&nw)
+            && w.len() == nw * d
+            && out.len() >= nw * bt,
+        "cols_dot_f16: {nw} vectors of {d} over {bt} columns"
+    );
+    match k {
+        // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if bt.is_multiple_of(16) && bt <= 64 => unsafe {
+            cols_avx512(kt, bt, d, w, nw, out)
+        },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if bt.is_multiple_of(8) && bt <= 64 => unsafe {
+            cols_avx2(kt, bt, d, w, nw, out)
+        },
+        _ => {
+            out[..nw * bt].fill(0.0);
+            for c in 0..d {
+                let col = &kt[c * bt..][..bt];
+                for j in 0..nw {
+                    let wc = w[j * d + c];
+                    for (o, x) in out[j * bt..][..bt].iter_mut().zip(col) {
+                        *o += x.to_f32() * wc;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One vector at a time, its bt/16 accumulators in registers over the d channels (the block's keys stay in L1
+/// between vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn cols_avx512(kt: &[f16], bt: usize, d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (kp, wp, op) = (kt.as_ptr() as *const u16, w.as_ptr(), out.as_mut_ptr());
+    let nv = bt / 16;
+    for j in 0..nw {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for c in 0..d {
+            let wc = _mm512_set1_ps(*wp.add(j * d + c));
+            for (v, a) in acc.iter_mut().enumerate().take(nv) {
+                let x =
+                    _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c * bt + 16 * v) as *const __m256i));
+                *a = _mm512_fmadd_ps(x, wc, *a);
+            }
+        }
+        for (v, a) in acc.iter().enumerate().take(nv) {
+            _mm512_storeu_ps(op.add(j * bt + 16 * v), *a);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn cols_avx2(kt: &[f16], bt: usize, d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (kp, wp, op) = (kt.as_ptr() as *const u16, w.as_ptr(), out.as_mut_ptr());
+    for j in 0..nw {
+        // Strips of 32 columns (4 accumulators) so the registers hold them.
+        for t0 in (0..bt).step_by(32) {
+            let nv = (bt - t0).min(32) / 8;
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in 0..d {
+                let wc = _mm256_set1_ps(*wp.add(j * d + c));
+                for (v, a) in acc.iter_mut().enumerate().take(nv) {
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(
+                        kp.add(c * bt + t0 + 8 * v) as *const __m128i
+                    ));
+                    *a = _mm256_fmadd_ps(x, wc, *a);
+                }
+            }
+            for (v, a) in acc.iter().enumerate().take(nv) {
+                _mm256_storeu_ps(op.add(j * bt + t0 + 8 * v), *a);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testutil::Rng;
+
+    #[test]
+    fn column_scores_match_the_f64_sum_on_every_path() {
+        for (d, nw, bt) in [
+            (64, 3, 32),
+            (128, 7, 16),
+            (64, 1, 64),
+            (24, 4, 8),
+            (32, 16, 48),
+        ] {
+            let mut rng = Rng(d as u64 * 17 + bt as u64);
+            let kt: Vec<f16> = rng
+                .vec(d * bt, 2.0)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let w = rng.vec(nw * d, 1.0);
+            for k in super::super::available() {
+                let mut out = vec![f32::NAN; nw * bt];
+                cols_dot_with(k, &kt, bt, &w, &mut out);
+                for j in 0..nw {
+                    for t in 0..bt {
+                        let e: f64 = (0..d)
+                            .map(|c| kt[c * bt + t].to_f64() * w[j * d + c] as f64)
+                            .sum();
+                        let g = out[j * bt + t] as f64;
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{k:?} d {d} bt {bt}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_path_matches_the_f64_sum() {

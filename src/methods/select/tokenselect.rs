@@ -46,6 +46,10 @@ use rayon::prelude::*;
 
 use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
+use crate::kernels::{
+    exp_neg,
+    rowdot::{cols_dot_f16, MAX_VECTORS},
+};
 use crate::kv::{BlockData, BlockView, KvCache};
 use crate::methods::spec::Budget;
 use crate::model::{ModelConfig, QueryWindow, RopeStyle, SelectCx, Selector};
@@ -383,7 +387,7 @@ impl HeadWork {
         );
         let (lo, hi, _) = self.m;
         let n = hi - lo;
-        self.row.resize(hk * bt, 0.0);
+        self.row.resize(hk.max(g) * bt, 0.0);
         self.key.resize(hk, 0.0);
         self.qg.clear();
         for i in 0..g {
@@ -418,7 +422,7 @@ impl HeadWork {
             let mx = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
             let mut sum = 0.0f32;
             for x in z.iter_mut() {
-                *x = (*x - mx).exp();
+                *x = exp_neg(*x - mx);
                 sum += *x;
             }
             let inv = 1.0 / sum;
@@ -453,6 +457,15 @@ fn score_block(
     let w = s1 - s0;
     let channel = |ci: usize| view.channels.map_or(ci, |ch| ch[ci] as usize);
     match view.data {
+        BlockData::F16 { k, .. } if view.channels.is_none() && g <= MAX_VECTORS => {
+            // Every key of the block against the g queries in one pass over its channels (SIMD kernel), then the
+            // wanted slots.
+            let all = &mut row[..g * bt];
+            cols_dot_f16(&k[..hk * bt], bt, qg, all);
+            for i in 0..g {
+                out[i * n + off..][..w].copy_from_slice(&all[i * bt + s0..i * bt + s1]);
+            }
+        }
         BlockData::F16 { k, .. } => {
             // The block's keys at once (one conversion call, vectorized), then as the f32 case.
             let rows = &mut row[..view.hk * bt];
