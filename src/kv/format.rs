@@ -287,6 +287,20 @@ impl<'a> BlockView<'a> {
                     .for_each(|(c, x)| *x = k[c * bt + j].to_f32())
             });
         }
+        if let (BlockData::F16 { k, .. }, None) = (self.data, self.channels) {
+            // The strided halves gathered first, then converted in one vector call: selectors read keys one by one
+            // from the middle of the cache, and a per-element conversion (a feature check and a call each) was most
+            // of their cost.
+            let mut bits = [0u16; 64];
+            for (c0, chunk) in (0..out.len()).step_by(64).zip(out.chunks_mut(64)) {
+                let b = &mut bits[..chunk.len()];
+                for (i, x) in b.iter_mut().enumerate() {
+                    *x = k[(c0 + i) * bt + j].to_bits();
+                }
+                crate::kernels::f16_to_f32_slice(b, chunk);
+            }
+            return;
+        }
         let stored = |c: usize| match self.data {
             BlockData::F16 { k, .. } => k[c * bt + j].to_f32(),
             BlockData::F32 { k, .. } => k[c * bt + j],
