@@ -1376,23 +1376,7 @@ mod tests {
         let (n_q, hk, len) = (4, 64, 333);
         for bt in [16, 32, 64] {
             let mut rng = Rng(0xF16 + bt as u64);
-            let mut cache = KvCache::new(KvConfig {
-                n_layers: 1,
-                n_kv_heads: 1,
-                head_dim_k: hk,
-                head_dim_v: hk,
-                block_tokens: bt,
-                dtype: KvDtype::F16,
-                windows: Vec::new(),
-            });
-            let pos: Vec<u32> = (0..len as u32).collect();
-            cache.append(0, &pos, &rng.vec(len * hk, 1.0), &rng.vec(len * hk, 1.0));
-            let p = AttnParams {
-                n_q_heads: n_q,
-                scale: 0.125,
-                window: None,
-                softcap: None,
-            };
+            let (cache, p) = f16_head(&mut rng, n_q, hk, bt, len);
             let q1 = rng.vec(n_q * hk, 2.0); // 1 × n_q·hk
             let q3: Vec<f32> = q1.iter().cycle().take(3 * q1.len()).copied().collect(); // 3 × n_q·hk
             let mut scratch = AttnScratch::default();
@@ -1433,6 +1417,34 @@ mod tests {
         }
     }
 
+    /// One f16 KV head of `len` random entries at positions 0.., in blocks of `bt`, and `n_q` query heads over it.
+    fn f16_head(
+        rng: &mut Rng,
+        n_q: usize,
+        hk: usize,
+        bt: usize,
+        len: usize,
+    ) -> (KvCache, AttnParams) {
+        let mut cache = KvCache::new(KvConfig {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim_k: hk,
+            head_dim_v: hk,
+            block_tokens: bt,
+            dtype: KvDtype::F16,
+            windows: Vec::new(),
+        });
+        let pos: Vec<u32> = (0..len as u32).collect();
+        cache.append(0, &pos, &rng.vec(len * hk, 1.0), &rng.vec(len * hk, 1.0));
+        let p = AttnParams {
+            n_q_heads: n_q,
+            scale: 0.125,
+            window: None,
+            softcap: None,
+        };
+        (cache, p)
+    }
+
     /// A block every row sees whole takes the interleaved softmax step (AVX-512); the same block folded for a tile
     /// whose other query cannot see all of it takes the masked step. The last query's output must not depend on
     /// which ran: that is what keeps chunked prefill equal to one-shot bit for bit.
@@ -1442,23 +1454,7 @@ mod tests {
         for bt in [16, 32, 64] {
             let len = 4 * bt;
             let mut rng = Rng(0x50F7 + bt as u64);
-            let mut cache = KvCache::new(KvConfig {
-                n_layers: 1,
-                n_kv_heads: 1,
-                head_dim_k: hk,
-                head_dim_v: hk,
-                block_tokens: bt,
-                dtype: KvDtype::F16,
-                windows: Vec::new(),
-            });
-            let pos: Vec<u32> = (0..len as u32).collect();
-            cache.append(0, &pos, &rng.vec(len * hk, 1.0), &rng.vec(len * hk, 1.0));
-            let p = AttnParams {
-                n_q_heads: n_q,
-                scale: 0.125,
-                window: None,
-                softcap: None,
-            };
+            let (cache, p) = f16_head(&mut rng, n_q, hk, bt, len);
             let q2 = rng.vec(2 * n_q * hk, 2.0); // 2 × n_q·hk: tokens at len − 2 and len − 1
             let last = &q2[n_q * hk..];
             let mut scratch = AttnScratch::default();
