@@ -153,12 +153,13 @@ pub(super) unsafe fn fold<const BT: usize>(
                     }
                 }
             }
-            let step = if n == BT {
-                softmax_full::<BT>(s, m[r])
-            } else {
-                block_softmax(s, m[r])
-            };
-            match step {
+            if n == BT {
+                // Scaled and masked already: the one-row step with scale 1 (x · 1 = x exactly).
+                let (m, l) = (&mut m[r..=r], &mut l[r..=r]);
+                softmax_rows::<BT, 1>(s, 1.0, m, l, &mut alpha[i..=i]);
+                continue;
+            }
+            match block_softmax(s, m[r]) {
                 Some((m_new, al, lsum)) => {
                     alpha[i] = al;
                     m[r] = m_new;
@@ -230,51 +231,11 @@ pub(super) unsafe fn fold<const BT: usize>(
     }
 }
 
-/// [`block_softmax`] for a full block of BT scores: the max and the sum reduce in registers, e^x 16 lanes at a time.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-unsafe fn softmax_full<const BT: usize>(s: &mut [f32], m_old: f32) -> Option<(f32, f32, f32)> {
-    assert!(s.len() >= BT);
-    let sp = s.as_mut_ptr();
-    let mut x = [_mm512_setzero_ps(); 4];
-    for (v, xv) in x.iter_mut().enumerate().take(BT / 16) {
-        *xv = _mm512_loadu_ps(sp.add(16 * v));
-    }
-    let mut mx = x[0];
-    for xv in x.iter().take(BT / 16).skip(1) {
-        mx = _mm512_max_ps(mx, *xv);
-    }
-    let blk_max = _mm512_reduce_max_ps(mx);
-    if blk_max == f32::NEG_INFINITY {
-        return None;
-    }
-    let m_new = if blk_max > m_old { blk_max } else { m_old };
-    // 0 when m_old = −∞; exactly 1 (what exp_neg(0) gives) when the max holds, which is most blocks of a long row.
-    let alpha = if m_new == m_old {
-        1.0
-    } else {
-        exp_neg(m_old - m_new)
-    };
-    let mv = _mm512_set1_ps(m_new);
-    // The sum in block_softmax's order: 8 lanes that add the block's runs of 8 one after another, then those lanes
-    // left to right, so a full block sums exactly as a partial one would (chunked prefill ≡ one-shot bit for bit).
-    let mut sum = _mm256_setzero_ps();
-    for (v, xv) in x.iter().enumerate().take(BT / 16) {
-        let e = exp_neg16(_mm512_sub_ps(*xv, mv));
-        _mm512_storeu_ps(sp.add(16 * v), e);
-        sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
-        sum = _mm256_add_ps(sum, hi);
-    }
-    let mut lanes = [0.0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    Some((m_new, alpha, lanes.iter().sum::<f32>()))
-}
-
 /// The softmax step of R rows (`s[i · BT..][..BT]`, raw scores) over a full block that every row sees whole, with
-/// no soft-cap: scale, block max, e^(s − m_new) and the sum, as [`softmax_full`] computes them row by row, but in
-/// lockstep over the rows, so their dependency chains (the max's and the sum's reductions, the exp polynomial)
-/// overlap instead of following one another. Updates m, l and alpha of rows 0..R.
+/// no soft-cap (or one row scaled and masked already, with `scale` 1): scale, block max, e^(s − m_new) and the sum
+/// as [`block_softmax`] computes them, in lockstep over the rows, so their dependency chains (the max's and the sum's
+/// reductions, the exp polynomial) overlap instead of following one another. Updates m, l and alpha of rows 0..R;
+/// a row whose scores are all −∞ gets probabilities 0 and keeps its state.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 unsafe fn softmax_rows<const BT: usize, const R: usize>(
@@ -282,9 +243,9 @@ unsafe fn softmax_rows<const BT: usize, const R: usize>(
     scale: f32,
     m: &mut [f32],
     l: &mut [f32],
-    alpha: &mut [f32; 8],
+    alpha: &mut [f32],
 ) {
-    assert!(s.len() >= R * BT && m.len() >= R && l.len() >= R && R <= 8);
+    assert!(s.len() >= R * BT && m.len() >= R && l.len() >= R && alpha.len() >= R);
     let nv = BT / 16;
     let sp = s.as_mut_ptr();
     let sc = _mm512_set1_ps(scale);
@@ -313,7 +274,9 @@ unsafe fn softmax_rows<const BT: usize, const R: usize>(
             exp_neg(m_old - mnew[i])
         };
     }
-    // e^(s − m_new) and the sums in softmax_full's order.
+    // e^(s − m_new) and the sums in block_softmax's order: 8 lanes that add the block's runs of 8 one after another,
+    // then those lanes left to right, so a full block sums exactly as a partial one would (chunked prefill ≡ one-shot
+    // bit for bit).
     let mut sums = [_mm256_setzero_ps(); R];
     for (i, sum) in sums.iter_mut().enumerate() {
         let (mv, dead) = (_mm512_set1_ps(mnew[i]), mnew[i] == f32::NEG_INFINITY);
