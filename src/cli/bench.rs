@@ -262,6 +262,11 @@ fn machine(a: MachineArgs) -> Result<()> {
         effort.per_figure,
         crate::engine::DEFAULT_BLOCK_TOKENS,
     )?;
+    crate::engine::cost::measure_glue(
+        &mut p,
+        effort.per_figure,
+        crate::engine::DEFAULT_BLOCK_TOKENS,
+    )?;
     let dir = a.disk.clone().unwrap_or_else(crate::fetch::home_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     p.disk_read_bw = Some(machine::disk_read_bandwidth(&dir, effort.disk_bytes)?);
@@ -286,19 +291,31 @@ fn machine(a: MachineArgs) -> Result<()> {
     }
     for w in &p.weights {
         eprintln!(
-            "[bench]   {:<6} single-token {:>6.1} GB/s, 512-token batch {:>6.1} GOP/s",
+            "[bench]   {:<6} single-token {:>6.1} GB/s, 512-token batch {:>6.1} GOP/s + {:.2} ns per activation",
             w.ty,
             w.gemv_bw / 1e9,
-            w.batch_ops / 1e9
+            w.batch_ops / 1e9,
+            w.act_s * 1e9
         );
     }
     if let Some(at) = &p.attention {
         eprintln!(
-            "[bench]   attention: prefill {:.1} GFLOP/s, decode {:.1} GB/s + {:.1} us per call; matmul call {:.1} us",
+            "[bench]   attention: prefill {:.1} GFLOP/s, decode {:.1} GB/s (4 query heads per KV head; {:.1} with 8) + {:.1} us per call; matmul call {:.1} us ({:.1} us split over the pool)",
             at.prefill_ops / 1e9,
             at.decode_bw / 1e9,
+            at.decode_bw_g8 / 1e9,
             at.decode_call_s * 1e6,
-            p.matmul_call_s * 1e6
+            p.matmul_call_s * 1e6,
+            p.matmul_split_s * 1e6
+        );
+    }
+    if let Some(g) = &p.glue {
+        eprintln!(
+            "[bench]   glue per element: norm {:.2} ns, gated activation {:.2} ns, RoPE {:.2} ns, cache write {:.2} ns",
+            g.norm_s * 1e9,
+            g.gate_s * 1e9,
+            g.rope_s * 1e9,
+            g.append_s * 1e9
         );
     }
     if let Some(d) = p.disk_read_bw {

@@ -48,6 +48,9 @@ struct Measured {
     decode_tok_s: f64,
     kv_bytes: usize,
     kv_read_bytes_per_token: f64,
+    /// Memory read bandwidth probed just before the decode (bytes/s): on a shared machine the bus a run gets can
+    /// differ from the one the profile measured, and a prediction cannot know it.
+    read_bw_now: f64,
 }
 
 #[derive(Serialize)]
@@ -117,6 +120,18 @@ pub fn run(a: PlanArgs) -> Result<()> {
         });
     }
     print_table(&rows, a.concurrency, budget);
+    if a.validate {
+        let now: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.measured.as_ref())
+            .map(|m| format!("{:.1}", m.read_bw_now / 1e9))
+            .collect();
+        println!(
+            "\nMemory read bandwidth: {:.1} GB/s in the profile; probed before each measured decode: {} GB/s.",
+            machine.read_bw / 1e9,
+            now.join(", ")
+        );
+    }
     let report = Report {
         model: mc.name.clone(),
         kv: cfg.kv.to_string(),
@@ -154,6 +169,7 @@ fn measure(
     s.feed(&toks[..n], n - 1..n, |_, _| {})?;
     let prefill_s = t0.elapsed().as_secs_f64();
     s.stats = Default::default();
+    let read_bw_now = crate::kernels::membw::read_bandwidth(256 << 20, 3);
     let t1 = Instant::now();
     for i in 0..gen {
         s.decode(toks[n + i])?;
@@ -165,6 +181,7 @@ fn measure(
         decode_tok_s,
         kv_bytes: s.cache.bytes(),
         kv_read_bytes_per_token: s.stats.kv_read_bytes_per_token,
+        read_bw_now,
     })
 }
 

@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::memplan::{self, Footprint, Lengths, MemPlan};
 use super::SessionConfig;
 use crate::attention::{attend, AttnParams, AttnScratch};
-use crate::kernels::machine::{best_of, AttnRates, MachineProfile};
+use crate::kernels::machine::{best_of, median_of, AttnRates, GlueRates, MachineProfile};
 use crate::kv::{KvCache, KvConfig, KvDtype};
 use crate::model::{cost as ops, Model, ModelConfig};
 
@@ -30,8 +30,88 @@ const HD: usize = 64;
 const KV_HEADS: usize = 2;
 const Q_HEADS: usize = 8;
 
-/// Measures the attention kernel's attained rates into `p.attention`, on the current pool.
+/// Measures the attention kernel's attained rates into `p.attention`, on a worker of the current pool (as the engine
+/// runs it).
 pub fn measure_attention(
+    p: &mut MachineProfile,
+    per_figure: Duration,
+    block_tokens: usize,
+) -> Result<()> {
+    rayon::scope(|_| measure_attention_in_pool(p, per_figure, block_tokens))
+}
+
+/// Measures the per-element costs of a layer's work outside matmuls and attention into `p.glue`, with the engine's
+/// own functions on a 512-token chunk of Llama-like shapes, on a worker of the current pool.
+pub fn measure_glue(
+    p: &mut MachineProfile,
+    per_figure: Duration,
+    block_tokens: usize,
+) -> Result<()> {
+    rayon::scope(|_| measure_glue_in_pool(p, per_figure, block_tokens))
+}
+
+fn measure_glue_in_pool(
+    p: &mut MachineProfile,
+    per_figure: Duration,
+    block_tokens: usize,
+) -> Result<()> {
+    use crate::kernels::{gate_mul, GateAct};
+    use crate::model::blocks::{apply_rope, rmsnorm};
+    use crate::model::RopeStyle;
+    let (n, dim, ffn, nh, nkv) = (512usize, 1024usize, 4096usize, 16usize, 4usize);
+    let val = |i: usize| ((i * 7919) % 997) as f32 / 997.0 - 0.5;
+    let x: Vec<f32> = (0..n * dim).map(val).collect(); // n × dim
+    let w: Vec<f32> = (0..dim).map(|i| 1.0 + val(i) * 0.1).collect(); // dim
+    let mut xb = vec![0.0f32; n * dim]; // n × dim
+    let mut resid = x.clone(); // n × dim
+    let norm = best_of(per_figure, || {
+        rmsnorm(&mut xb, &x, &w, 1e-6);
+        for (a, b) in resid.iter_mut().zip(&xb) {
+            *a += b * 1e-3;
+        }
+    }) / (n * dim) as f64;
+    let up: Vec<f32> = (0..n * ffn).map(val).collect(); // n × ffn
+    let mut gate = up.clone(); // n × ffn
+    let gate_s = best_of(per_figure, || {
+        gate.copy_from_slice(&up);
+        gate_mul(GateAct::Silu, &mut gate, &up);
+    }) / (n * ffn) as f64;
+    // The copy is part of the timed loop: take its own cost out (a plain memcpy of the same bytes).
+    let copy = best_of(per_figure, || gate.copy_from_slice(&up)) / (n * ffn) as f64;
+    let gate_s = (gate_s - copy).max(gate_s * 0.1);
+    let half = HD / 2;
+    let cos: Vec<f32> = (0..n * half).map(|i| val(i).cos()).collect(); // n × HD/2
+    let sin: Vec<f32> = (0..n * half).map(|i| val(i).sin()).collect(); // n × HD/2
+    let mut q: Vec<f32> = (0..n * (nh + nkv) * HD).map(val).collect(); // n × (nh + nkv)·HD
+    let rope = best_of(per_figure, || {
+        apply_rope(&mut q, nh + nkv, HD, RopeStyle::Neox, &cos, &sin, HD);
+    }) / q.len() as f64;
+    let kv_cfg = KvConfig {
+        n_layers: 1,
+        n_kv_heads: nkv,
+        head_dim_k: HD,
+        head_dim_v: HD,
+        block_tokens,
+        dtype: KvDtype::F16,
+        windows: Vec::new(),
+    };
+    let kv: Vec<f32> = (0..n * nkv * HD).map(val).collect(); // n × nkv·HD
+    let pos: Vec<u32> = (0..n as u32).collect();
+    let mut cache = KvCache::new(kv_cfg);
+    let append = best_of(per_figure, || {
+        cache.clear();
+        cache.append(0, &pos, &kv, &kv);
+    }) / (2 * kv.len()) as f64;
+    p.glue = Some(GlueRates {
+        norm_s: norm,
+        gate_s,
+        rope_s: rope,
+        append_s: append,
+    });
+    Ok(())
+}
+
+fn measure_attention_in_pool(
     p: &mut MachineProfile,
     per_figure: Duration,
     block_tokens: usize,
@@ -85,36 +165,53 @@ pub fn measure_attention(
     let prefill_ops = 2.0 * (Q_HEADS * 2 * HD) as f64 * keys / t;
     // Decode: one query over 8192 entries in every layer of a cache several times the last-level cache (as a model's
     // layers stream from memory), and over one block (the call's fixed cost).
-    let q1 = query(1);
-    let mut out1 = vec![0.0f32; Q_HEADS * HD]; // 1 × Q_HEADS·HD
+    // Decode is bound by the work per entry as much as by the bus, and that work grows with the query heads sharing
+    // each KV head: measure groups of 4 and 8 (the prediction interpolates to the model's group).
     let per_layer = 8192 * KV_HEADS * cfg.entry_bytes();
     let layers = (4 * p.llc_bytes.max(1 << 20))
         .div_ceil(per_layer)
         .clamp(1, 64);
-    let mut decode = |n: usize, layers: usize| {
-        let c = fill(n, layers);
-        let qpos = [n as u32 - 1];
-        c.take_read();
-        for l in 0..layers {
-            attend(&c, l, &q1, &qpos, &mut out1, &params, &mut scratch);
-        }
-        let bytes = c.take_read() as f64 / layers as f64;
-        let t = best_of(per_figure, || {
+    let mut rate_for = |group: usize| -> Result<(f64, f64)> {
+        let params = AttnParams {
+            n_q_heads: KV_HEADS * group,
+            ..params
+        };
+        let q1 = query(2);
+        let q1 = &q1[..KV_HEADS * group * HD]; // 1 × n_q_heads·HD (2·Q_HEADS·HD holds the widest group)
+        let mut out1 = vec![0.0f32; KV_HEADS * group * HD]; // 1 × n_q_heads·HD
+        let mut decode = |n: usize, layers: usize| {
+            let c = fill(n, layers);
+            let qpos = [n as u32 - 1];
+            c.take_read();
             for l in 0..layers {
-                attend(&c, l, &q1, &qpos, &mut out1, &params, &mut scratch);
+                attend(&c, l, q1, &qpos, &mut out1, &params, &mut scratch);
             }
-        }) / layers as f64;
-        (bytes, t)
+            let bytes = c.take_read() as f64 / layers as f64;
+            // The median pass, as for the weights: a decode step reads its KV once, amid other work.
+            let t = median_of(per_figure, || {
+                for l in 0..layers {
+                    attend(&c, l, q1, &qpos, &mut out1, &params, &mut scratch);
+                }
+            }) / layers as f64;
+            (bytes, t)
+        };
+        let (b_small, t_small) = decode(block_tokens, 1);
+        let (b_big, t_big) = decode(8192, layers);
+        if b_big <= b_small {
+            bail!("attention read no more bytes over 8192 entries than over one block");
+        }
+        Ok((
+            (b_big - b_small) / (t_big - t_small).max(t_big * 0.05),
+            t_small,
+        ))
     };
-    let (b_small, t_small) = decode(block_tokens, 1);
-    let (b_big, t_big) = decode(8192, layers);
-    if b_big <= b_small {
-        bail!("attention read no more bytes over 8192 entries than over one block");
-    }
+    let (decode_bw, decode_call_s) = rate_for(Q_HEADS / KV_HEADS)?;
+    let (decode_bw_g8, _) = rate_for(2 * Q_HEADS / KV_HEADS)?;
     p.attention = Some(AttnRates {
         prefill_ops,
-        decode_bw: (b_big - b_small) / (t_big - t_small).max(t_big * 0.05),
-        decode_call_s: t_small,
+        decode_bw,
+        decode_bw_g8,
+        decode_call_s,
     });
     Ok(())
 }
@@ -167,25 +264,61 @@ pub fn predict(
         &fp,
         Lengths::generate(context, new),
     );
+    let Some(glue) = &machine.glue else {
+        bail!("the machine profile has no glue rates (it predates them): write it again with `hayloft bench machine --json FILE`");
+    };
     let mats = model.decode_matrices();
     let head = mats.len() - 1;
-    // Prefill: chunked matmuls over every prompt token, the head for the last row only.
+    let rate = |ty| {
+        machine.weight_rate(ty).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the machine profile has no rates for {ty} weights, which {} uses: write it again with `hayloft bench machine --json FILE`",
+                mc.name
+            )
+        })
+    };
+    // One single-token product: its fixed cost (split over the pool or not), its bytes streamed, its activation.
+    let gemv = |m: &crate::kernels::QMatrix| -> Result<f64> {
+        let r = rate(m.ty)?;
+        let fixed = if crate::kernels::gemv_splits(m, machine.threads) {
+            machine.matmul_split_s
+        } else {
+            machine.matmul_call_s
+        };
+        Ok(fixed + m.n_bytes() as f64 / r.gemv_bw + m.cols as f64 * r.act_s)
+    };
+    // Glue per token: every layer's norms, activation, RoPE and cache writes.
+    let e = ops::glue_elements(mc);
+    let glue_tok = mc.n_layers as f64
+        * (e.norm * glue.norm_s
+            + e.gate * glue.gate_s
+            + e.rope * glue.rope_s
+            + e.append * glue.append_s);
+    // Prefill: chunked matmuls over every prompt token (activation preparation, multiply-adds, output finishing), the
+    // head for the last row only.
     let mut prefill_mm = 0.0;
     for (i, m) in mats.iter().enumerate() {
-        let rate = machine.weight_rate(m.ty).map_or(f64::NAN, |r| r.batch_ops);
-        let rows = if i == head { 1 } else { context };
-        prefill_mm += 2.0 * (m.rows * m.cols * rows) as f64 / rate;
+        if i == head {
+            prefill_mm += gemv(m)?;
+            continue;
+        }
+        let r = rate(m.ty)?;
+        let n = context as f64;
+        prefill_mm += n * (m.cols as f64 * r.act_s + m.rows as f64 * r.out_s)
+            + 2.0 * (m.rows * m.cols) as f64 * n / r.batch_ops;
     }
     let pre = ops::prefill_ops(mc, context);
-    let prefill_s = prefill_mm + pre.attention / att.prefill_ops;
-    // Decode: every matrix streamed once, the KV bytes attention reads.
+    let prefill_s = prefill_mm + context as f64 * glue_tok + pre.attention / att.prefill_ops;
+    // Decode: every matrix streamed once, the glue of one token, the KV bytes attention reads.
     let mut decode_mm = 0.0;
     for m in &mats {
-        let rate = machine.weight_rate(m.ty).map_or(f64::NAN, |r| r.gemv_bw);
-        decode_mm += machine.matmul_call_s + m.n_bytes() as f64 / rate;
+        decode_mm += gemv(m)?;
     }
     let kv_read = kv_read_bytes(mc, cfg, &fp, context);
-    let decode_s = decode_mm + mc.n_layers as f64 * att.decode_call_s + kv_read / att.decode_bw;
+    let decode_s = decode_mm
+        + glue_tok
+        + mc.n_layers as f64 * att.decode_call_s
+        + kv_read * att.decode_s_per_byte(mc.n_heads / mc.n_kv_heads.max(1));
     let per_seq = memory.kv + memory.activations + memory.logits + memory.method;
     let max_concurrency = memory_budget.saturating_sub(memory.weights) / per_seq.max(1);
     Ok(Prediction {
@@ -258,11 +391,21 @@ mod tests {
                 ty: "Q8_0".into(),
                 gemv_bw: bw,
                 batch_ops: 1e11,
+                act_s: 1e-10,
+                out_s: 1e-10,
             }],
             matmul_call_s: 1e-6,
+            matmul_split_s: 2e-6,
+            glue: Some(GlueRates {
+                norm_s: 5e-10,
+                gate_s: 4e-10,
+                rope_s: 1e-10,
+                append_s: 1e-9,
+            }),
             attention: Some(AttnRates {
                 prefill_ops: 2e10,
                 decode_bw: bw / 2.0,
+                decode_bw_g8: bw / 3.0,
                 decode_call_s: 2e-6,
             }),
             disk_read_bw: Some(1e9),
@@ -327,5 +470,42 @@ mod tests {
         none.attention = None;
         let e = predict(&m, &cfg, &none, 100, 8, 1 << 30).unwrap_err();
         assert!(e.to_string().contains("bench machine"), "{e}");
+    }
+
+    /// A profile that lacks the rates of a weight type the model uses, or the glue rates, is refused with an error
+    /// that names what is missing; it is not priced at some other type's rate.
+    #[test]
+    fn missing_rates_are_named_not_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tiny.gguf");
+        write_tiny_llama(&p, &TinySpec::default()).unwrap();
+        let m = Model::load(&p).unwrap();
+        let cfg = SessionConfig::for_model(&m);
+        let mut other = profile(1e9);
+        other.weights[0].ty = "Q4_0".into();
+        let e = predict(&m, &cfg, &other, 100, 8, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("Q8_0"), "{e}");
+        let mut old = profile(1e9);
+        old.glue = None;
+        let e = predict(&m, &cfg, &old, 100, 8, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("glue"), "{e}");
+    }
+
+    /// Each glue rate adds its elements' time to every token of the prefill and to each decode step.
+    #[test]
+    fn glue_adds_its_elements_per_token_and_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tiny.gguf");
+        write_tiny_llama(&p, &TinySpec::default()).unwrap();
+        let m = Model::load(&p).unwrap();
+        let cfg = SessionConfig::for_model(&m);
+        let base = predict(&m, &cfg, &profile(1e9), 200, 8, 1 << 30).unwrap();
+        let mut slow = profile(1e9);
+        slow.glue.as_mut().unwrap().gate_s += 1e-6;
+        let more = predict(&m, &cfg, &slow, 200, 8, 1 << 30).unwrap();
+        let mc = m.config();
+        let per_tok = 1e-6 * mc.ffn_dim as f64 * mc.n_layers as f64;
+        assert!((more.decode_s - base.decode_s - per_tok).abs() < 1e-9 * per_tok.max(1.0) + 1e-12);
+        assert!((more.prefill_s - base.prefill_s - 200.0 * per_tok).abs() < 1e-6 * per_tok);
     }
 }

@@ -54,6 +54,13 @@ pub struct MachineProfile {
     /// hand-off to the thread pool), paid by every matrix of every decode step.
     #[serde(default)]
     pub matmul_call_s: f64,
+    /// Seconds of fixed cost of a single-token matmul large enough to be split over the pool (hand-off and join);
+    /// fitted from two sizes of matrices streamed from memory.
+    #[serde(default)]
+    pub matmul_split_s: f64,
+    /// Per-element costs of a layer's work outside matmuls and attention (None unless measured).
+    #[serde(default)]
+    pub glue: Option<GlueRates>,
     /// What attention attains (measured by the engine; None unless measured).
     #[serde(default)]
     pub attention: Option<AttnRates>,
@@ -70,8 +77,15 @@ pub struct WeightRate {
     pub ty: String,
     /// Weight bytes per second a single-token matmul streams, the call's fixed cost excluded.
     pub gemv_bw: f64,
-    /// Operations per second of a 512-token matmul.
+    /// Operations per second of a 512-token matmul, the activations' preparation excluded.
     pub batch_ops: f64,
+    /// Seconds per input element (token × column) of a batched matmul's activation preparation (quantizing the
+    /// activations), paid once per call whatever the rows.
+    #[serde(default)]
+    pub act_s: f64,
+    /// Seconds per output element (token × row) of a batched matmul beyond its multiply-adds.
+    #[serde(default)]
+    pub out_s: f64,
 }
 
 /// What the attention kernel attains, f16 cache, head dim 64, 4 query heads per KV head.
@@ -79,21 +93,48 @@ pub struct WeightRate {
 pub struct AttnRates {
     /// Useful operations per second of causal prefill attention (masked half not counted).
     pub prefill_ops: f64,
-    /// KV bytes per second one decode step's attention reads, its fixed cost excluded.
+    /// KV bytes per second one decode step's attention reads, its fixed cost excluded (4 query heads per KV head).
     pub decode_bw: f64,
+    /// The same with 8 query heads per KV head (0 in profiles that predate it).
+    #[serde(default)]
+    pub decode_bw_g8: f64,
     /// Seconds of one layer's decode attention over a near-empty cache (the fixed cost).
     pub decode_call_s: f64,
 }
 
+/// Seconds per element of the work a layer does besides its matmuls and attention, measured on the engine's own
+/// functions (`hayloft bench machine`): what a forward pass pays per token on top of the operation counts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GlueRates {
+    /// RMSNorm of a row plus the residual add, per element of the row.
+    pub norm_s: f64,
+    /// The gated activation `act(gate) ⊙ up`, per feed-forward element.
+    pub gate_s: f64,
+    /// RoPE, per rotated element (query and key heads).
+    pub rope_s: f64,
+    /// Writing new keys and values into the cache, per element.
+    pub append_s: f64,
+}
+
+impl AttnRates {
+    /// Seconds per KV byte of decode attention with `group` query heads per KV head: linear in the group between the
+    /// two measured (4 and 8), extended above them; smaller groups cost what 4 does.
+    pub fn decode_s_per_byte(&self, group: usize) -> f64 {
+        let t4 = 1.0 / self.decode_bw;
+        if self.decode_bw_g8 <= 0.0 {
+            return t4;
+        }
+        let t8 = 1.0 / self.decode_bw_g8;
+        // Fewer than 4 rows save no per-entry work (each entry is loaded and converted once whatever the rows).
+        (t4 + (group.max(4) as f64 - 4.0) * (t8 - t4) / 4.0).max(0.1 * t4)
+    }
+}
+
 impl MachineProfile {
-    /// The attained rates of weight type `ty`: its own, or the slowest measured when `ty` was not measured.
+    /// The attained rates of weight type `ty` (None when the profile did not measure it).
     pub fn weight_rate(&self, ty: GgmlType) -> Option<&WeightRate> {
         let name = ty.to_string();
-        self.weights.iter().find(|w| w.ty == name).or_else(|| {
-            self.weights
-                .iter()
-                .min_by(|a, b| a.batch_ops.total_cmp(&b.batch_ops))
-        })
+        self.weights.iter().find(|w| w.ty == name)
     }
 
     /// The roofs of the kernel the model runs (the first path when that one was not measured).
@@ -181,86 +222,161 @@ pub fn measure(effort: Effort, all_paths: bool) -> Result<MachineProfile> {
         llc_bytes: llc_bytes(),
         weights: Vec::new(),
         matmul_call_s: 0.0,
+        matmul_split_s: 0.0,
+        glue: None,
         attention: None,
         disk_read_bw: None,
     })
 }
 
-/// The weight types whose attained rates [`measure_weights`] takes: those of the GGUF models we run.
-pub const MEASURED_TYPES: [GgmlType; 7] = [
+/// The weight types whose attained rates [`measure_weights`] takes: every type the matmul kernels run but F32 (a
+/// model whose matrix has a type missing from the profile is refused by the cost model, not guessed).
+pub const MEASURED_TYPES: [GgmlType; 10] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
     GgmlType::Q4K,
     GgmlType::Q5K,
     GgmlType::Q6K,
-    GgmlType::Q8_0,
     GgmlType::F16,
+    GgmlType::BF16,
 ];
 
-/// Fills `p.weights` and `p.matmul_call_s` for the running kernel on the current pool.
+/// A rotation of `n` random matrices of type `ty`, `rows × cols` each.
+fn rotation(ty: GgmlType, rows: usize, cols: usize, n: usize) -> Result<(Vec<QMatrix>, usize)> {
+    let bytes = ty
+        .bytes_for((rows * cols) as u64)
+        .ok_or_else(|| anyhow::anyhow!("{ty}: {cols} columns is not a whole number of blocks"))?
+        as usize;
+    let mats = (0..n)
+        .map(|i| QMatrix::from_gguf(ty, rows, cols, &sane_bytes(bytes, i)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((mats, bytes))
+}
+
+/// Fills `p.weights`, `p.matmul_call_s` and `p.matmul_split_s` for the running kernel, on a worker of the current
+/// pool (as the engine calls matmuls: from inside its pool, where splitting a call costs work stealing, not a wake-up
+/// from outside).
 pub fn measure_weights(p: &mut MachineProfile, effort: Effort) -> Result<()> {
+    rayon::scope(|_| measure_weights_in_pool(p, effort))
+}
+
+fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()> {
     let k = super::kernel();
     let (rows, cols) = (1024, 2048);
     // Enough matrices that the rotation streams several times the last-level cache, like a model's layers.
-    let target = (4 * p.llc_bytes).clamp(64 << 20, 512 << 20);
+    // (Half the bandwidth probe's buffer at most: 512 MiB for the full profile, 128 MiB for --quick.)
+    let target = (16 * p.llc_bytes).clamp(64 << 20, (effort.bw_bytes / 2).max(64 << 20));
     let mut s = MatmulScratch::default();
-    // (type, its matrix's bytes, seconds per single-token product, batch ops/s)
+    let x1: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect(); // 1 × cols
+    let mut y1 = vec![0.0f32; rows]; // 1 × rows
+                                     // Seconds per single-token product over a rotation streamed from memory: the median pass, not the best, since
+                                     // a decode step streams its weights once amid other work and gets a typical pass, not a lucky one.
+    let mut gemv = |mats: &[QMatrix], s: &mut MatmulScratch| {
+        median_of(effort.per_figure, || {
+            for w in mats {
+                matmul_with(k, w, &x1[..w.cols], 1, &mut y1[..w.rows], s);
+            }
+        }) / mats.len() as f64
+    };
+    // The fixed cost of a call that runs on the calling thread: a 16 × 256 Q8_0 product is a few hundred bytes.
+    let (tiny, _) = rotation(GgmlType::Q8_0, 16, 256, 200)?;
+    let call = gemv(&tiny, &mut s);
+    // The fixed cost of a call split over the pool: from a small and a large Q8_0 rotation, both streamed from
+    // memory, t = split + bytes / rate.
+    let (small, b_small) = rotation(GgmlType::Q8_0, 256, 1024, (target / (256 * 1088)).max(2))?;
+    let t_small = gemv(&small, &mut s);
+    drop(small);
+    let (big, b_big) = rotation(
+        GgmlType::Q8_0,
+        rows,
+        cols,
+        (target / (rows * cols * 17 / 16)).max(2),
+    )?;
+    let t_big = gemv(&big, &mut s);
+    drop(big);
+    let (bs, bb) = (b_small as f64, b_big as f64);
+    let split = ((t_small * bb - t_big * bs) / (bb - bs)).clamp(call, 0.9 * t_small);
+    // (type, its matrix's bytes, seconds per single-token product, batch ops/s, activation seconds per element)
     let mut per_type = Vec::new();
+    let nb = 512;
+    let xb: Vec<f32> = (0..nb * cols)
+        .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+        .collect(); // nb × cols
+    let mut yb = vec![0.0f32; nb * rows]; // nb × rows
     for ty in MEASURED_TYPES {
         let Some(bytes) = ty.bytes_for((rows * cols) as u64) else {
             continue;
         };
-        let bytes = bytes as usize;
-        let n_mat = (target / bytes).max(2);
-        let mats = (0..n_mat)
-            .map(|i| QMatrix::from_gguf(ty, rows, cols, &sane_bytes(bytes, i)))
-            .collect::<Result<Vec<_>>>()?;
-        let x1: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect(); // 1 × cols
-        let mut y1 = vec![0.0f32; rows]; // 1 × rows
-        let gemv = best_of(effort.per_figure, || {
-            for w in &mats {
-                matmul_with(k, w, &x1, 1, &mut y1, &mut s);
-            }
-        }) / n_mat as f64;
-        let nb = 512;
-        let xb: Vec<f32> = (0..nb * cols)
-            .map(|i| (i % 13) as f32 * 0.1 - 0.6)
-            .collect(); // nb × cols
-        let mut yb = vec![0.0f32; nb * rows]; // nb × rows
+        let (mats, _) = rotation(ty, rows, cols, (target / bytes as usize).max(2))?;
+        let t1 = gemv(&mats, &mut s);
+        // A 512-token product costs t = tokens·cols·act + tokens·rows·out + 2·rows·cols·tokens / rate: preparing
+        // the activations (quantizing them) does not grow with the rows, finishing the outputs (scales, horizontal
+        // sums, stores) not with the columns. Fit the three from three shapes.
         let few = &mats[..mats.len().min(8)];
-        let batch = best_of(effort.per_figure, || {
-            for w in few {
-                matmul_with(k, w, &xb, nb, &mut yb, &mut s);
-            }
-        });
-        per_type.push((
-            ty,
-            bytes,
-            gemv,
-            2.0 * (rows * cols * nb * few.len()) as f64 / batch,
-        ));
-    }
-    // The fixed cost of a call: a 16 × 256 Q8_0 product is a few hundred bytes of weights.
-    let tiny = QMatrix::from_gguf(GgmlType::Q8_0, 16, 256, &sane_bytes(16 * 256 / 32 * 34, 7))?;
-    let x: Vec<f32> = (0..256).map(|i| i as f32 * 0.01).collect(); // 1 × 256
-    let mut y = vec![0.0f32; 16]; // 1 × 16
-    let reps = 200;
-    let call = best_of(effort.per_figure, || {
-        for _ in 0..reps {
-            matmul_with(k, &tiny, &x, 1, &mut y, &mut s);
+        let batch = |w: &[QMatrix], s: &mut MatmulScratch, yb: &mut [f32]| {
+            best_of(effort.per_figure, || {
+                for m in w {
+                    matmul_with(k, m, &xb[..nb * m.cols], nb, &mut yb[..nb * m.rows], s);
+                }
+            }) / w.len() as f64
+        };
+        let mut eqs = Vec::new();
+        for (r, c) in [(rows, cols), (128, cols), (rows, 512)] {
+            let t = if (r, c) == (rows, cols) {
+                batch(few, &mut s, &mut yb)
+            } else {
+                let (m, _) = rotation(ty, r, c, few.len())?;
+                batch(&m, &mut s, &mut yb)
+            };
+            let n = nb as f64;
+            eqs.push(([n * c as f64, n * r as f64, 2.0 * (r * c) as f64 * n], t));
         }
-    }) / reps as f64;
+        let [act, out, inv_rate] = solve3(&eqs);
+        let full = eqs[0].1;
+        let rate = 1.0 / inv_rate.max(0.05 * full / eqs[0].0[2]);
+        let (act, out) = (act.max(0.0), out.max(0.0));
+        per_type.push((ty, bytes as usize, t1, rate, act, out));
+    }
     p.matmul_call_s = call;
+    p.matmul_split_s = split;
     p.weights = per_type
         .into_iter()
-        .map(|(ty, bytes, gemv, batch_ops)| WeightRate {
+        .map(|(ty, bytes, gemv, batch_ops, act_s, out_s)| WeightRate {
             ty: ty.to_string(),
             // What is left once the fixed cost is taken out (never less than a twentieth of the product).
-            gemv_bw: bytes as f64 / (gemv - call).max(gemv * 0.05),
+            gemv_bw: bytes as f64 / (gemv - split).max(gemv * 0.05),
             batch_ops,
+            act_s,
+            out_s,
         })
         .collect();
     Ok(())
+}
+
+/// Solves three linear equations `a · x = t` (Cramer's rule); x is zero where the system is singular.
+fn solve3(eqs: &[([f64; 3], f64)]) -> [f64; 3] {
+    let det = |m: [[f64; 3]; 3]| {
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    };
+    let a = [eqs[0].0, eqs[1].0, eqs[2].0];
+    let d = det(a);
+    if d.abs() < f64::MIN_POSITIVE {
+        return [0.0; 3];
+    }
+    let mut x = [0.0; 3];
+    for (j, xj) in x.iter_mut().enumerate() {
+        let mut m = a;
+        for (i, row) in m.iter_mut().enumerate() {
+            row[j] = eqs[i].1;
+        }
+        *xj = det(m) / d;
+    }
+    x
 }
 
 /// Sequential read rate of a `bytes`-long file written under `dir`, flushed and dropped from the page cache before
@@ -313,6 +429,20 @@ pub fn best_of(budget: Duration, mut f: impl FnMut()) -> f64 {
         reps += 1;
     }
     best
+}
+
+/// The median time of `f` over at least 5 runs and `budget` (after a warm-up run).
+pub fn median_of(budget: Duration, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    let mut t = Vec::new();
+    f(); // warm-up
+    while t.len() < 5 || start.elapsed() < budget {
+        let t0 = Instant::now();
+        f();
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
 }
 
 /// `n` bytes whose every byte lies in 0x10..0x3C, so any f16/bf16/f32 field read from them (scales, minimums, the
@@ -416,6 +546,49 @@ pub fn cpu_model() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The three-shape fit recovers known per-element costs and rate exactly.
+    #[test]
+    fn the_matmul_fit_recovers_its_coefficients() {
+        let (act, out, inv) = (1.3e-10, 4.0e-10, 1.0 / 1.2e12);
+        let eqs: Vec<([f64; 3], f64)> = [(1024usize, 2048usize), (128, 2048), (1024, 512)]
+            .iter()
+            .map(|&(r, c)| {
+                let a = [
+                    512.0 * c as f64,
+                    512.0 * r as f64,
+                    2.0 * (r * c) as f64 * 512.0,
+                ];
+                (a, a[0] * act + a[1] * out + a[2] * inv)
+            })
+            .collect();
+        let x = solve3(&eqs);
+        for (got, want) in x.iter().zip([act, out, inv]) {
+            assert!((got - want).abs() <= 1e-9 * want, "{x:?}");
+        }
+        // A singular system gives zeros, not infinities.
+        assert_eq!(solve3(&[eqs[0], eqs[0], eqs[1]]), [0.0; 3]);
+    }
+
+    #[test]
+    fn decode_attention_time_grows_with_the_group_from_four() {
+        let r = AttnRates {
+            prefill_ops: 1e11,
+            decode_bw: 20e9,
+            decode_bw_g8: 10e9,
+            decode_call_s: 1e-6,
+        };
+        let t = |g| r.decode_s_per_byte(g);
+        assert_eq!(t(4), 1.0 / 20e9);
+        assert!((t(8) - 1.0 / 10e9).abs() < 1e-22);
+        assert!((t(6) - 0.75e-10).abs() < 1e-22);
+        assert_eq!(t(1), t(4));
+        let old = AttnRates {
+            decode_bw_g8: 0.0,
+            ..r
+        };
+        assert_eq!(old.decode_s_per_byte(8), 1.0 / 20e9);
+    }
 
     #[test]
     fn every_path_is_measured_with_finite_positive_roofs() {

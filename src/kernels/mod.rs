@@ -295,6 +295,24 @@ fn prepare(k: Kernel, kind: Kind, cols: usize, x: &[f32], n_tok: usize, s: &mut 
     }
 }
 
+/// Whether a product of `work` padded multiply-adds is split over a pool of `threads` (or runs on the calling thread).
+/// Handing work to the pool from outside it (a cross-thread wake-up, ~5-10 us) only pays for bigger products than
+/// from a pool worker (work stealing, ~1 us).
+fn splits_work(threads: usize, work: usize) -> bool {
+    let min_work = if rayon::current_thread_index().is_some() {
+        1 << 18
+    } else {
+        1 << 20
+    };
+    threads > 1 && work >= min_work
+}
+
+/// Whether a single-token product with `w` is split over the current pool when called from one of its workers (as
+/// the engine calls it): the cost model charges such a call the pool's hand-off.
+pub fn gemv_splits(w: &QMatrix, threads: usize) -> bool {
+    threads > 1 && w.rows.div_ceil(RG) * RG * w.cols >= 1 << 18
+}
+
 /// `matmul` with an explicit kernel (tests compare them).
 pub(crate) fn matmul_with(
     k: Kernel,
@@ -345,14 +363,7 @@ pub(crate) fn matmul_with(
         // tasks get disjoint (row group, token) ranges.
         unsafe { run_kernel(k, &c, rg0, rg1, t0, t1) }
     };
-    // Handing work to the pool from outside it (a cross-thread wake-up, ~5-10 us) only pays for
-    // bigger products than from a pool worker (work stealing, ~1 us).
-    let min_work = if rayon::current_thread_index().is_some() {
-        1 << 18
-    } else {
-        1 << 20
-    };
-    if threads <= 1 || work < min_work {
+    if !splits_work(threads, work) {
         run(0, n_rg, 0, n_tok);
         return;
     }

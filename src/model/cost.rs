@@ -4,8 +4,9 @@
 //!
 //! Attention counts the work a query must do over the keys it can see: all earlier positions on global layers, at most
 //! `window` on sliding-window layers; the masked half of a causal prefill is not counted (it is not useful work).
-//! Norms, RoPE, activations and the softmax's exponentials are left out: a few operations per element, well under 1 %
-//! of the matmuls at these shapes.
+//! Norms, RoPE, activations and the softmax's exponentials are left out of the operation counts: a few operations per
+//! element, well under 1 % of the matmuls at these shapes. Their time is not negligible (they stream activations and
+//! do not vectorize as well), so [`glue_elements`] counts the elements they pass for the cost model to price.
 
 use super::ModelConfig;
 
@@ -63,6 +64,38 @@ fn visible_sum(c: &ModelConfig, layer: usize, from: u64, to: u64) -> f64 {
 /// for every query head.
 fn attn_per_key(c: &ModelConfig) -> f64 {
     2.0 * c.n_heads as f64 * (c.head_dim_k + c.head_dim_v) as f64
+}
+
+/// Elements one token passes through in one layer's work besides matmuls and attention (what the machine profile's
+/// per-element glue rates price).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GlueElements {
+    /// RMSNorm + residual add: the block norms over `dim` (Gemma 3 adds post-norms and per-head Q/K norms).
+    pub norm: f64,
+    /// The gated activation over the feed-forward width.
+    pub gate: f64,
+    /// RoPE over the query and key heads.
+    pub rope: f64,
+    /// New keys and values written to the cache.
+    pub append: f64,
+}
+
+/// [`GlueElements`] of one layer of `c`, per token.
+pub fn glue_elements(c: &ModelConfig) -> GlueElements {
+    let (d, hq, hkv) = (c.dim as f64, c.n_heads as f64, c.n_kv_heads as f64);
+    let (hk, hv) = (c.head_dim_k as f64, c.head_dim_v as f64);
+    let norm = match c.arch {
+        super::Arch::Gemma3 => 4.0 * d + (hq + hkv) * hk,
+        // Qwen2's Q/K/V biases cost about what a norm pass over those rows does.
+        super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
+        super::Arch::Llama => 2.0 * d,
+    };
+    GlueElements {
+        norm,
+        gate: c.ffn_dim as f64,
+        rope: (hq + hkv) * hk,
+        append: hkv * (hk + hv),
+    }
 }
 
 /// Operations of reading a prompt of `n` tokens into an empty cache, logits for the last token only (as prefill does).
