@@ -35,7 +35,7 @@ pub struct PlanArgs {
     #[arg(long)]
     pub validate: bool,
     /// Decode steps timed per length by --validate.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     pub validate_gen: usize,
     /// Write the predictions (and measurements) as JSON.
     #[arg(long)]

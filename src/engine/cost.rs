@@ -216,6 +216,20 @@ fn measure_attention_in_pool(
     Ok(())
 }
 
+/// Seconds of a predicted phase, by the kind of work.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Parts {
+    pub matmul: f64,
+    pub glue: f64,
+    pub attention: f64,
+}
+
+impl Parts {
+    pub fn total(&self) -> f64 {
+        self.matmul + self.glue + self.attention
+    }
+}
+
 /// What `hayloft plan` predicts for one context length.
 #[derive(Clone, Debug, Serialize)]
 pub struct Prediction {
@@ -229,10 +243,13 @@ pub struct Prediction {
     /// Operations of the prefill (matmuls, attention).
     pub prefill_ops: f64,
     pub prefill_s: f64,
+    /// Its parts: weight matmuls, per-token glue (norms, activation, RoPE, cache writes), attention.
+    pub prefill_parts_s: Parts,
     /// One decode step with `context` tokens cached: the bytes it streams and its time.
     pub decode_weight_bytes: usize,
     pub decode_kv_read_bytes: f64,
     pub decode_s: f64,
+    pub decode_parts_s: Parts,
     pub decode_tok_s: f64,
     /// Sequences of this shape that fit `memory_budget` beside one copy of the weights.
     pub memory_budget: usize,
@@ -308,17 +325,25 @@ pub fn predict(
             + 2.0 * (m.rows * m.cols) as f64 * n / r.batch_ops;
     }
     let pre = ops::prefill_ops(mc, context);
-    let prefill_s = prefill_mm + context as f64 * glue_tok + pre.attention / att.prefill_ops;
+    let prefill_parts_s = Parts {
+        matmul: prefill_mm,
+        glue: context as f64 * glue_tok,
+        attention: pre.attention / att.prefill_ops,
+    };
+    let prefill_s = prefill_parts_s.total();
     // Decode: every matrix streamed once, the glue of one token, the KV bytes attention reads.
     let mut decode_mm = 0.0;
     for m in &mats {
         decode_mm += gemv(m)?;
     }
     let kv_read = kv_read_bytes(mc, cfg, &fp, context);
-    let decode_s = decode_mm
-        + glue_tok
-        + mc.n_layers as f64 * att.decode_call_s
-        + kv_read * att.decode_s_per_byte(mc.n_heads / mc.n_kv_heads.max(1));
+    let decode_parts_s = Parts {
+        matmul: decode_mm,
+        glue: glue_tok,
+        attention: mc.n_layers as f64 * att.decode_call_s
+            + kv_read * att.decode_s_per_byte(mc.n_heads / mc.n_kv_heads.max(1)),
+    };
+    let decode_s = decode_parts_s.total();
     let per_seq = memory.kv + memory.activations + memory.logits + memory.method;
     let max_concurrency = memory_budget.saturating_sub(memory.weights) / per_seq.max(1);
     Ok(Prediction {
@@ -328,9 +353,11 @@ pub fn predict(
         memory,
         prefill_ops: pre.total(),
         prefill_s,
+        prefill_parts_s,
         decode_weight_bytes: model.streamed_weight_bytes(),
         decode_kv_read_bytes: kv_read,
         decode_s,
+        decode_parts_s,
         decode_tok_s: 1.0 / decode_s,
         memory_budget,
         max_concurrency,
