@@ -55,6 +55,8 @@ pub struct KvCache {
     meta_bytes: usize,
     /// Keys of one page as f32 (page × hk), for recomputing its summary.
     meta_keys: Vec<f32>,
+    /// One page's summary (2 × hk), for folding new keys into a partly filled page.
+    meta_fresh: Vec<f16>,
     read: ReadCounter,
     /// Changes other than appends (evictions, overwrites, truncations, pruned channels): entry indices may have moved.
     edits: u64,
@@ -92,6 +94,7 @@ impl KvCache {
             meta_cfg: None,
             meta_bytes: 0,
             meta_keys: Vec::new(),
+            meta_fresh: Vec::new(),
             read: ReadCounter::default(),
             edits: 0,
             cands: Vec::new(),
@@ -110,6 +113,7 @@ impl KvCache {
             meta_cfg: self.meta_cfg,
             meta_bytes: self.meta_bytes,
             meta_keys: self.meta_keys.clone(),
+            meta_fresh: self.meta_fresh.clone(),
             read: self.read.clone(),
             edits: self.edits,
             cands: Vec::new(),
@@ -303,6 +307,7 @@ impl KvCache {
         }
         self.meta_cfg = Some(m);
         self.meta_keys = vec![0.0; m.page_tokens * self.cfg.head_dim_k];
+        self.meta_fresh = vec![f16::ZERO; 2 * self.cfg.head_dim_k];
         for si in 0..self.streams.len() {
             self.refresh_meta(si, 0);
         }
@@ -377,6 +382,42 @@ impl KvCache {
         self.meta_keys = keys;
         self.meta_bytes = self.meta_bytes + added - removed;
         self.pool.account(added, removed);
+    }
+
+    /// Brings the summaries of stream `si` up to date after entries were appended at `from` (the old length) and
+    /// nothing before changed. A min/max summary of a partly filled page folds in only the new keys: rounding outward
+    /// to f16 is monotone, so max(up(old max), up(x)) = up(max(old keys, x)), the same bits a recomputation gives.
+    fn extend_meta(&mut self, si: usize, from: usize) {
+        let Some(m) = self.meta_cfg else { return };
+        let (pt, hk, bt) = (m.page_tokens, self.cfg.head_dim_k, self.cfg.block_tokens);
+        let len = self.streams[si].len;
+        if m.stat != meta::PageStat::MinMax || from.is_multiple_of(pt) || from >= len {
+            return self.refresh_meta(si, from);
+        }
+        let p = from / pt;
+        let e1 = ((p + 1) * pt).min(len);
+        let mut keys = std::mem::take(&mut self.meta_keys);
+        let view = self.block_view(si, from / bt);
+        for (t, e) in (from..e1).enumerate() {
+            // A page never straddles blocks (block_tokens is a multiple of page_tokens).
+            view.read_key(e % bt, &mut keys[t * hk..][..hk]);
+        }
+        let mut fresh = std::mem::take(&mut self.meta_fresh);
+        meta::summarize(m.stat, &keys, e1 - from, hk, &mut fresh[..2 * hk]);
+        let page = &mut self.streams[si].meta[p * 2 * hk..][..2 * hk];
+        for c in 0..hk {
+            if fresh[c].to_f32() > page[c].to_f32() {
+                page[c] = fresh[c];
+            }
+            if fresh[hk + c].to_f32() < page[hk + c].to_f32() {
+                page[hk + c] = fresh[hk + c];
+            }
+        }
+        self.meta_keys = keys;
+        self.meta_fresh = fresh;
+        if e1 < len {
+            self.refresh_meta(si, e1);
+        }
     }
 
     /// Allocates blocks up front for `tokens` entries in every stream, so that filling them later allocates nothing.
@@ -489,7 +530,8 @@ impl KvCache {
                 hk: self.stream_hk(si),
             };
             // Summaries change from the first new entry, or from the first block quantized below.
-            let mut changed = self.streams[si].len;
+            let old_len = self.streams[si].len;
+            let mut changed = old_len;
             for t in 0..n {
                 let len = self.streams[si].len;
                 if len.is_multiple_of(bt) && len / bt == self.streams[si].blocks.len() {
@@ -518,7 +560,11 @@ impl KvCache {
                     changed = changed.min(b * bt);
                 }
             }
-            self.refresh_meta(si, changed);
+            if changed == old_len {
+                self.extend_meta(si, old_len);
+            } else {
+                self.refresh_meta(si, changed);
+            }
         }
     }
 
@@ -1487,8 +1533,10 @@ mod tests {
                     c.enable_meta(m);
                     assert!(c.bytes() > bytes);
                     assert_meta_exact(&c, m, "enabled");
+                    // One entry at a time: a partly filled page folds in each new key (min/max), bit for bit.
                     for t in 5..9u32 {
                         c.append(0, &[t], &rng.vec(8, 1.0), &rng.vec(6, 1.0));
+                        assert_meta_exact(&c, m, "appended one");
                     }
                     let pos: Vec<u32> = (9..23).collect();
                     c.append(0, &pos, &rng.vec(14 * 8, 2.0), &rng.vec(14 * 6, 1.0));
@@ -1503,6 +1551,12 @@ mod tests {
                     assert_meta_exact(&c, m, "pruned");
                     c.truncate_pos(13).unwrap();
                     assert_meta_exact(&c, m, "truncated");
+                    // Appending after a truncation that cut a page: the summary covers only what is left.
+                    for t in 13..17u32 {
+                        c.append(0, &[t], &rng.vec(8, 0.5), &rng.vec(6, 1.0));
+                        c.append(1, &[t], &rng.vec(8, 0.5), &rng.vec(6, 1.0));
+                        assert_meta_exact(&c, m, "appended after truncation");
+                    }
                     c.clear();
                     assert_eq!(c.meta_bytes(), 0);
                 }

@@ -276,10 +276,10 @@ pub fn page_scores(
             }
         }
         if i0 == 0 {
-            rows_dot::rows_dot_max_f16(meta, 2 * hk, w, out);
+            rows_dot::rows_dot_max_f16_par(meta, 2 * hk, w, out);
         } else {
             part.resize(out.len(), 0.0);
-            rows_dot::rows_dot_max_f16(meta, 2 * hk, w, &mut part);
+            rows_dot::rows_dot_max_f16_par(meta, 2 * hk, w, &mut part);
             for (o, x) in out.iter_mut().zip(&part) {
                 *o = o.max(*x);
             }
