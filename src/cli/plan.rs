@@ -162,8 +162,8 @@ fn measure(
         .collect();
     let mut s = Session::new(&l.model, cfg.clone())?;
     s.check_memory(Lengths::generate(n, gen))?;
-    // Warm-up: fault the weights in, grow the scratch buffers.
-    s.feed(&toks[..cfg.chunk_size.min(64).min(n)], 0..1, |_, _| {})?;
+    // Warm-up: fault the weights in, grow the scratch buffers to the timed run's chunk.
+    s.feed(&toks[..cfg.chunk_size.min(n)], 0..1, |_, _| {})?;
     s.reset();
     let t0 = Instant::now();
     s.feed(&toks[..n], n - 1..n, |_, _| {})?;
