@@ -161,8 +161,18 @@ fn measure_attention_in_pool(
     let t = best_of(per_figure, || {
         attend(&cache, 0, &q, &q_pos, &mut out, &params, &mut scratch)
     });
-    let keys: f64 = (n - chunk..n).map(|p| (p + 1) as f64).sum();
-    let prefill_ops = 2.0 * (Q_HEADS * 2 * HD) as f64 * keys / t;
+    // A chunk's keys inside it (the causal triangle, diagonal blocks half masked) cost more per useful operation than
+    // the keys before it: time a first chunk alone (all triangle), then take its share out of the last chunk's time.
+    let per_key = 2.0 * (Q_HEADS * 2 * HD) as f64;
+    let tri = (chunk * (chunk + 1) / 2) as f64;
+    let first = fill(chunk, 1);
+    let q_pos0: Vec<u32> = (0..chunk as u32).collect();
+    let t_tri = best_of(per_figure, || {
+        attend(&first, 0, &q, &q_pos0, &mut out, &params, &mut scratch)
+    });
+    let prefill_diag_ops = per_key * tri / t_tri;
+    let off = (chunk * (n - chunk)) as f64;
+    let prefill_ops = per_key * off / (t - t_tri).max(0.05 * t);
     // Decode: one query over 8192 entries in every layer of a cache several times the last-level cache (as a model's
     // layers stream from memory), and over one block (the call's fixed cost).
     // Decode is bound by the work per entry as much as by the bus, and that work grows with the query heads sharing
@@ -209,6 +219,7 @@ fn measure_attention_in_pool(
     let (decode_bw_g8, _) = rate_for(2 * Q_HEADS / KV_HEADS)?;
     p.attention = Some(AttnRates {
         prefill_ops,
+        prefill_diag_ops,
         decode_bw,
         decode_bw_g8,
         decode_call_s,
@@ -325,10 +336,11 @@ pub fn predict(
             + 2.0 * (m.rows * m.cols) as f64 * n / r.batch_ops;
     }
     let pre = ops::prefill_ops(mc, context);
+    let (diag, off) = ops::prefill_attention_split(mc, context, cfg.chunk_size);
     let prefill_parts_s = Parts {
         matmul: prefill_mm,
         glue: context as f64 * glue_tok,
-        attention: pre.attention / att.prefill_ops,
+        attention: off / att.prefill_ops + diag / att.diag_ops(),
     };
     let prefill_s = prefill_parts_s.total();
     // Decode: every matrix streamed once, the glue of one token, the KV bytes attention reads.
@@ -431,6 +443,7 @@ mod tests {
             }),
             attention: Some(AttnRates {
                 prefill_ops: 2e10,
+                prefill_diag_ops: 1e10,
                 decode_bw: bw / 2.0,
                 decode_bw_g8: bw / 3.0,
                 decode_call_s: 2e-6,

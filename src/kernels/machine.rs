@@ -91,8 +91,11 @@ pub struct WeightRate {
 /// What the attention kernel attains, f16 cache, head dim 64, 4 query heads per KV head.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AttnRates {
-    /// Useful operations per second of causal prefill attention (masked half not counted).
+    /// Useful operations per second of prefill attention over the keys before a chunk.
     pub prefill_ops: f64,
+    /// The same over a chunk's own keys (the causal triangle; masked half not counted). 0 in profiles that predate it.
+    #[serde(default)]
+    pub prefill_diag_ops: f64,
     /// KV bytes per second one decode step's attention reads, its fixed cost excluded (4 query heads per KV head).
     pub decode_bw: f64,
     /// The same with 8 query heads per KV head (0 in profiles that predate it).
@@ -117,6 +120,15 @@ pub struct GlueRates {
 }
 
 impl AttnRates {
+    /// The triangle's rate (the off-diagonal one for profiles that predate it).
+    pub fn diag_ops(&self) -> f64 {
+        if self.prefill_diag_ops > 0.0 {
+            self.prefill_diag_ops
+        } else {
+            self.prefill_ops
+        }
+    }
+
     /// Seconds per KV byte of decode attention with `group` query heads per KV head: linear in the group between the
     /// two measured (4 and 8), extended above them; smaller groups cost what 4 does.
     pub fn decode_s_per_byte(&self, group: usize) -> f64 {
@@ -574,6 +586,7 @@ mod tests {
     fn decode_attention_time_grows_with_the_group_from_four() {
         let r = AttnRates {
             prefill_ops: 1e11,
+            prefill_diag_ops: 5e10,
             decode_bw: 20e9,
             decode_bw_g8: 10e9,
             decode_call_s: 1e-6,

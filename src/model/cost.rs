@@ -109,6 +109,27 @@ pub fn prefill_ops(c: &ModelConfig, n: usize) -> Ops {
     }
 }
 
+/// Attention operations of a prefill of `n` tokens in chunks of `chunk`, split into (keys inside each query's own
+/// chunk, keys before it): the kernel runs the two at different rates (the first half-masked on the diagonal).
+pub fn prefill_attention_split(c: &ModelConfig, n: usize, chunk: usize) -> (f64, f64) {
+    let chunk = chunk.max(1) as u64;
+    let (mut diag, mut total) = (0.0, 0.0);
+    for l in 0..c.n_layers {
+        total += visible_sum(c, l, 0, n as u64);
+        // Inside a chunk, query p sees min(p − start + 1, visible(p)) of its chunk's keys.
+        let mut a = 0u64;
+        while a < n as u64 {
+            let b = (a + chunk).min(n as u64);
+            diag += (a..b)
+                .map(|p| (p - a + 1).min(visible(c, l, p)) as f64)
+                .sum::<f64>();
+            a = b;
+        }
+    }
+    let k = attn_per_key(c);
+    (k * diag, k * (total - diag))
+}
+
 /// Operations of one decode step with `ctx` tokens already cached (full attention).
 pub fn decode_ops(c: &ModelConfig, ctx: usize) -> Ops {
     let keys: u64 = (0..c.n_layers).map(|l| visible(c, l, ctx as u64)).sum();
@@ -156,6 +177,29 @@ mod tests {
                 let step: f64 = (0..n).map(|p| decode_ops(&c, p).attention).sum();
                 let pre = prefill_ops(&c, n).attention;
                 assert!((pre - step).abs() < 1e-6, "w {w:?} n {n}: {pre} vs {step}");
+            }
+        }
+    }
+
+    /// The chunk split adds up to the whole, puts everything in the triangle when one chunk holds the prompt, and
+    /// counts one own key per query with one-token chunks.
+    #[test]
+    fn the_chunk_split_of_prefill_attention_adds_up() {
+        for w in [None, Some(3), Some(100)] {
+            let c = cfg(w);
+            for (n, chunk) in [(20usize, 4usize), (20, 7), (20, 20), (20, 64), (9, 1)] {
+                let (diag, off) = prefill_attention_split(&c, n, chunk);
+                let all = prefill_ops(&c, n).attention;
+                assert!(
+                    (diag + off - all).abs() < 1e-6,
+                    "w {w:?} n {n} chunk {chunk}"
+                );
+                if chunk >= n && w.is_none() {
+                    assert_eq!(off, 0.0);
+                }
+                if chunk == 1 {
+                    assert_eq!(diag, attn_per_key(&c) * (n * c.n_layers) as f64);
+                }
             }
         }
     }
