@@ -456,10 +456,7 @@ mod tests {
     /// attention, an evicting method and a decode-time selector.
     #[test]
     fn predicted_kv_reads_match_the_read_counter() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("tiny.gguf");
-        write_tiny_llama(&p, &TinySpec::default()).unwrap();
-        let m = Model::load(&p).unwrap();
+        let m = tiny_model();
         let vocab = m.config().vocab;
         for spec in ["full", "snapkv@0.5", "quest@64t"] {
             for ctx in [100usize, 300] {
@@ -488,16 +485,21 @@ mod tests {
         }
     }
 
+    /// The default tiny Llama, loaded (its file is gone once loaded).
+    fn tiny_model() -> Model {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tiny.gguf");
+        write_tiny_llama(&p, &TinySpec::default()).unwrap();
+        Model::load(&p).unwrap()
+    }
+
     fn cfg_block() -> usize {
         super::super::DEFAULT_BLOCK_TOKENS
     }
 
     #[test]
     fn times_follow_the_rates() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("tiny.gguf");
-        write_tiny_llama(&p, &TinySpec::default()).unwrap();
-        let m = Model::load(&p).unwrap();
+        let m = tiny_model();
         let cfg = SessionConfig::for_model(&m);
         let slow = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap();
         let fast = predict(&m, &cfg, &profile(2e9), 400, 8, 1 << 30).unwrap();
@@ -516,10 +518,7 @@ mod tests {
     /// that names what is missing; it is not priced at some other type's rate.
     #[test]
     fn missing_rates_are_named_not_guessed() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("tiny.gguf");
-        write_tiny_llama(&p, &TinySpec::default()).unwrap();
-        let m = Model::load(&p).unwrap();
+        let m = tiny_model();
         let cfg = SessionConfig::for_model(&m);
         let mut other = profile(1e9);
         other.weights[0].ty = "Q4_0".into();
@@ -534,10 +533,7 @@ mod tests {
     /// Each glue rate adds its elements' time to every token of the prefill and to each decode step.
     #[test]
     fn glue_adds_its_elements_per_token_and_layer() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("tiny.gguf");
-        write_tiny_llama(&p, &TinySpec::default()).unwrap();
-        let m = Model::load(&p).unwrap();
+        let m = tiny_model();
         let cfg = SessionConfig::for_model(&m);
         let base = predict(&m, &cfg, &profile(1e9), 200, 8, 1 << 30).unwrap();
         let mut slow = profile(1e9);

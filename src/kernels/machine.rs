@@ -256,13 +256,18 @@ pub const MEASURED_TYPES: [GgmlType; 10] = [
     GgmlType::BF16,
 ];
 
-/// A rotation of `n` random matrices of type `ty`, `rows × cols` each.
-fn rotation(ty: GgmlType, rows: usize, cols: usize, n: usize) -> Result<(Vec<QMatrix>, usize)> {
+/// A rotation of random matrices of type `ty`, `rows × cols` each: enough to fill `total` bytes, at least `min_n`.
+fn rotation(
+    ty: GgmlType,
+    (rows, cols): (usize, usize),
+    total: usize,
+    min_n: usize,
+) -> Result<(Vec<QMatrix>, usize)> {
     let bytes = ty
         .bytes_for((rows * cols) as u64)
         .ok_or_else(|| anyhow::anyhow!("{ty}: {cols} columns is not a whole number of blocks"))?
         as usize;
-    let mats = (0..n)
+    let mats = (0..(total / bytes).max(min_n))
         .map(|i| QMatrix::from_gguf(ty, rows, cols, &sane_bytes(bytes, i)))
         .collect::<Result<Vec<_>>>()?;
     Ok((mats, bytes))
@@ -284,8 +289,9 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
     let mut s = MatmulScratch::default();
     let x1: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect(); // 1 × cols
     let mut y1 = vec![0.0f32; rows]; // 1 × rows
-                                     // Seconds per single-token product over a rotation streamed from memory: the median pass, not the best, since
-                                     // a decode step streams its weights once amid other work and gets a typical pass, not a lucky one.
+
+    // Seconds per single-token product over a rotation streamed from memory: the median pass, not the best, since
+    // a decode step streams its weights once amid other work and gets a typical pass, not a lucky one.
     let mut gemv = |mats: &[QMatrix], s: &mut MatmulScratch| {
         median_of(effort.per_figure, || {
             for w in mats {
@@ -294,24 +300,19 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
         }) / mats.len() as f64
     };
     // The fixed cost of a call that runs on the calling thread: a 16 × 256 Q8_0 product is a few hundred bytes.
-    let (tiny, _) = rotation(GgmlType::Q8_0, 16, 256, 200)?;
+    let (tiny, _) = rotation(GgmlType::Q8_0, (16, 256), 0, 200)?;
     let call = gemv(&tiny, &mut s);
     // The fixed cost of a call split over the pool: from a small and a large Q8_0 rotation, both streamed from
     // memory, t = split + bytes / rate.
-    let (small, b_small) = rotation(GgmlType::Q8_0, 256, 1024, (target / (256 * 1088)).max(2))?;
+    let (small, b_small) = rotation(GgmlType::Q8_0, (256, 1024), target, 2)?;
     let t_small = gemv(&small, &mut s);
     drop(small);
-    let (big, b_big) = rotation(
-        GgmlType::Q8_0,
-        rows,
-        cols,
-        (target / (rows * cols * 17 / 16)).max(2),
-    )?;
+    let (big, b_big) = rotation(GgmlType::Q8_0, (rows, cols), target, 2)?;
     let t_big = gemv(&big, &mut s);
     drop(big);
     let (bs, bb) = (b_small as f64, b_big as f64);
     let split = ((t_small * bb - t_big * bs) / (bb - bs)).clamp(call, 0.9 * t_small);
-    // (type, its matrix's bytes, seconds per single-token product, batch ops/s, activation seconds per element)
+    // (type, its matrix's bytes, seconds per single-token product, batch ops/s, seconds per activation, per output)
     let mut per_type = Vec::new();
     let nb = 512;
     let xb: Vec<f32> = (0..nb * cols)
@@ -319,10 +320,7 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
         .collect(); // nb × cols
     let mut yb = vec![0.0f32; nb * rows]; // nb × rows
     for ty in MEASURED_TYPES {
-        let Some(bytes) = ty.bytes_for((rows * cols) as u64) else {
-            continue;
-        };
-        let (mats, _) = rotation(ty, rows, cols, (target / bytes as usize).max(2))?;
+        let (mats, bytes) = rotation(ty, (rows, cols), target, 2)?;
         let t1 = gemv(&mats, &mut s);
         // A 512-token product costs t = tokens·cols·act + tokens·rows·out + 2·rows·cols·tokens / rate: preparing
         // the activations (quantizing them) does not grow with the rows, finishing the outputs (scales, horizontal
@@ -340,7 +338,7 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
             let t = if (r, c) == (rows, cols) {
                 batch(few, &mut s, &mut yb)
             } else {
-                let (m, _) = rotation(ty, r, c, few.len())?;
+                let (m, _) = rotation(ty, (r, c), 0, few.len())?;
                 batch(&m, &mut s, &mut yb)
             };
             let n = nb as f64;
@@ -350,7 +348,7 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
         let full = eqs[0].1;
         let rate = 1.0 / inv_rate.max(0.05 * full / eqs[0].0[2]);
         let (act, out) = (act.max(0.0), out.max(0.0));
-        per_type.push((ty, bytes as usize, t1, rate, act, out));
+        per_type.push((ty, bytes, t1, rate, act, out));
     }
     p.matmul_call_s = call;
     p.matmul_split_s = split;
