@@ -201,9 +201,11 @@ pub struct ModelArgs {
     /// Most tokens a session may hold (default: the model's context length).
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// Prefill chunk size in tokens: peak activation memory is bounded by it.
-    #[arg(long, default_value_t = 512)]
-    pub chunk_size: usize,
+    /// Prefill chunk size in tokens: peak activation memory is bounded by it. Default 512, and 4096 with
+    /// `--prefill minference` (its pattern is estimated from each chunk's last 64 queries: a longer chunk pays for
+    /// that estimate fewer times).
+    #[arg(long)]
+    pub chunk_size: Option<usize>,
     #[arg(long, default_value_t = crate::methods::KvSpec::full().to_string(), help = crate::methods::registry::kv_help())]
     pub kv: String,
     /// KV cache storage type: f16, f32, or KIVI quantization q8, q4, q2 (keys per channel, values per token).
@@ -332,11 +334,12 @@ impl ModelArgs {
         let mut session_cfg = SessionConfig::for_model(&model);
         session_cfg.kv_dtype = kv_dtype;
         session_cfg.kv = kv_spec;
+        session_cfg.chunk_size = match self.chunk_size {
+            Some(0) => bail!("--chunk-size must be at least 1"),
+            Some(n) => n,
+            None => prefill.default_chunk().unwrap_or(session_cfg.chunk_size),
+        };
         session_cfg.prefill = prefill;
-        if self.chunk_size == 0 {
-            bail!("--chunk-size must be at least 1");
-        }
-        session_cfg.chunk_size = self.chunk_size;
         session_cfg.max_memory = self.max_memory.map(|b| b.0);
         session_cfg.swa_full = self.swa_full;
         if let crate::methods::prefill::PrefillSpec::LazyLlm(c) = &session_cfg.prefill {

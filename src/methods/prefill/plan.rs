@@ -320,8 +320,10 @@ pub struct Keys {
 pub struct Estimator {
     /// One key (hk).
     one: Vec<f32>,
-    /// Scores of one query row (len).
+    /// Scores of one query row (len), or of [`ROWS`] rows (ROWS × len).
     row: Vec<f32>,
+    /// [`ROWS`] query rows (ROWS × hk).
+    qrows: Vec<f32>,
     /// Column and diagonal sums of the last queries' attention (len each).
     pub vert: Vec<f32>,
     pub slash: Vec<f32>,
@@ -465,6 +467,179 @@ impl Keys {
         row.resize(p + 1, 0.0);
         scores_with(crate::kernels::kernel(), q, &self.keys, self.bt, scale, row);
     }
+
+    /// Raw scores `scale · q_r·k_e` of [`ROWS`] query rows (`q`, ROWS × hk; rows past the real ones may hold
+    /// anything) over the first `n` keys into `s` (ROWS × n, row r at `r · n`).
+    fn scores_rows(&self, q: &[f32], n: usize, scale: f32, s: &mut [f32]) {
+        scores_rows_with(
+            crate::kernels::kernel(),
+            q,
+            &self.keys,
+            self.bt,
+            scale,
+            n,
+            s,
+        );
+    }
+}
+
+/// One estimate row's share of the column and diagonal sums: the softmax `w` of `row` (its raw scores, over keys
+/// 0..=p, p = row.len() − 1; left holding w), then vert[j] += w[j] and slash[p − j] += w[j]. Written so LLVM
+/// vectorizes it (the exp is [`exp_neg`], the diagonal sums run over a reversed slice).
+#[inline(always)]
+fn accumulate_row(row: &mut [f32], vert: &mut [f32], slash: &mut [f32]) {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut z = [0.0f32; 16];
+    for c in row.chunks_mut(16) {
+        for (x, zi) in c.iter_mut().zip(z.iter_mut()) {
+            *x = exp_neg(*x - m);
+            *zi += *x;
+        }
+    }
+    let inv = 1.0 / z.iter().sum::<f32>();
+    for ((x, v), d) in row
+        .iter_mut()
+        .zip(vert.iter_mut())
+        .zip(slash.iter_mut().rev())
+    {
+        *x *= inv;
+        *v += *x;
+        *d += *x;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_avx2(row: &mut [f32], vert: &mut [f32], slash: &mut [f32]) {
+    accumulate_row(row, vert, slash)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn accumulate_avx512(row: &mut [f32], vert: &mut [f32], slash: &mut [f32]) {
+    accumulate_row(row, vert, slash)
+}
+
+/// [`accumulate_row`] compiled for `k` (a kernel this CPU runs); `vert` and `slash` hold row.len() entries.
+fn accumulate_with(
+    k: crate::kernels::Kernel,
+    row: &mut [f32],
+    vert: &mut [f32],
+    slash: &mut [f32],
+) {
+    use crate::kernels::Kernel;
+    debug_assert!(vert.len() == row.len() && slash.len() == row.len());
+    #[cfg(target_arch = "x86_64")]
+    match k {
+        // SAFETY: `k` is a kernel the selection found this CPU able to run.
+        Kernel::Avx512 => return unsafe { accumulate_avx512(row, vert, slash) },
+        // SAFETY: as above.
+        Kernel::Avx2 => return unsafe { accumulate_avx2(row, vert, slash) },
+        Kernel::Scalar => {}
+    }
+    let _ = k;
+    accumulate_row(row, vert, slash)
+}
+
+/// Query rows the estimate scores together: each block's keys are read once for all of them instead of once per
+/// row (the keys of a long context do not stay in cache between rows).
+pub const ROWS: usize = 8;
+
+/// s[r · n + e] = scale · q_r·k_e for the [`ROWS`] rows of `q` (ROWS × hk) and the first `n` keys of `kt` (block
+/// layout, blocks of `bt`): full 32-key blocks in passes of KB keys with R rows' accumulators in registers (each
+/// key channel loaded once per pass for R rows), the rest row by row. `F`: fused multiply-adds (a CPU with FMA).
+#[inline(always)]
+fn scores_rows_blocked<const R: usize, const KB: usize, const F: bool>(
+    q: &[f32],
+    kt: &[f32],
+    bt: usize,
+    scale: f32,
+    n: usize,
+    s: &mut [f32],
+) {
+    let hk = q.len() / ROWS;
+    let mad = |a: f32, b: f32, c: f32| if F { a.mul_add(b, c) } else { c + a * b };
+    for b in 0..n.div_ceil(bt) {
+        let kb = &kt[b * hk * bt..][..hk * bt];
+        let (e0, m) = (b * bt, bt.min(n - b * bt));
+        if bt == 32 && m == 32 {
+            for r0 in (0..ROWS).step_by(R) {
+                for j0 in (0..32).step_by(KB) {
+                    let mut acc = [[0.0f32; KB]; R];
+                    for c in 0..hk {
+                        let k: &[f32; KB] = kb[c * 32 + j0..][..KB].try_into().expect("KB keys");
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let qc = q[(r0 + r) * hk + c];
+                            for j in 0..KB {
+                                a[j] = mad(qc, k[j], a[j]);
+                            }
+                        }
+                    }
+                    for (r, a) in acc.iter().enumerate() {
+                        for (x, &y) in s[(r0 + r) * n + e0 + j0..][..KB].iter_mut().zip(a) {
+                            *x = y * scale;
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        for r in 0..ROWS {
+            let qr = &q[r * hk..][..hk];
+            for j in 0..m {
+                let mut a = 0.0f32;
+                for (c, &qc) in qr.iter().enumerate() {
+                    a = mad(qc, kb[c * bt + j], a);
+                }
+                s[r * n + e0 + j] = a * scale;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_rows_avx2(q: &[f32], kt: &[f32], bt: usize, scale: f32, n: usize, s: &mut [f32]) {
+    // 4 rows × 16 keys = 8 ymm accumulators.
+    scores_rows_blocked::<4, 16, true>(q, kt, bt, scale, n, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn scores_rows_avx512(
+    q: &[f32],
+    kt: &[f32],
+    bt: usize,
+    scale: f32,
+    n: usize,
+    s: &mut [f32],
+) {
+    // 8 rows × 32 keys = 16 zmm accumulators.
+    scores_rows_blocked::<8, 32, true>(q, kt, bt, scale, n, s)
+}
+
+/// [`scores_rows_blocked`] with the code compiled for `k` (a kernel this CPU runs).
+fn scores_rows_with(
+    k: crate::kernels::Kernel,
+    q: &[f32],
+    kt: &[f32],
+    bt: usize,
+    scale: f32,
+    n: usize,
+    s: &mut [f32],
+) {
+    use crate::kernels::Kernel;
+    debug_assert!(q.len().is_multiple_of(ROWS) && s.len() >= ROWS * n);
+    #[cfg(target_arch = "x86_64")]
+    match k {
+        // SAFETY: `k` is a kernel the selection found this CPU able to run (AVX-512F/BW/VL with AVX2 and FMA).
+        Kernel::Avx512 => return unsafe { scores_rows_avx512(q, kt, bt, scale, n, s) },
+        // SAFETY: as above, AVX2 and FMA.
+        Kernel::Avx2 => return unsafe { scores_rows_avx2(q, kt, bt, scale, n, s) },
+        Kernel::Scalar => {}
+    }
+    let _ = k;
+    scores_rows_blocked::<2, 8, false>(q, kt, bt, scale, n, s)
 }
 
 impl Estimator {
@@ -483,13 +658,27 @@ impl Estimator {
         self.vert.resize(len, 0.0);
         self.slash.clear();
         self.slash.resize(len, 0.0);
-        for t in n - n.min(LAST_Q)..n {
-            let p = cx.pos[t] as usize;
-            let q = &cx.q[(t * cx.n_q_heads + qh) * hk..][..hk];
-            keys.probs_into(q, p, scale, &mut self.row);
-            for (j, &w) in self.row.iter().enumerate() {
-                self.vert[j] += w;
-                self.slash[p - j] += w;
+        // The rows go ROWS at a time: one pass over the keys scores them all, then each row's softmax over the
+        // keys it sees (positions ascend, so a group's last row sees the most).
+        for g0 in (n - n.min(LAST_Q)..n).step_by(ROWS) {
+            let group = g0..(g0 + ROWS).min(n);
+            self.qrows.clear();
+            self.qrows.resize(ROWS * hk, 0.0);
+            for (r, t) in group.clone().enumerate() {
+                self.qrows[r * hk..][..hk]
+                    .copy_from_slice(&cx.q[(t * cx.n_q_heads + qh) * hk..][..hk]);
+            }
+            let m = cx.pos[group.end - 1] as usize + 1;
+            self.row.resize(ROWS * m, 0.0);
+            keys.scores_rows(&self.qrows, m, scale, &mut self.row);
+            for (r, t) in group.enumerate() {
+                let p = cx.pos[t] as usize;
+                accumulate_with(
+                    crate::kernels::kernel(),
+                    &mut self.row[r * m..][..p + 1],
+                    &mut self.vert[..p + 1],
+                    &mut self.slash[..p + 1],
+                );
             }
         }
     }
@@ -681,6 +870,70 @@ mod tests {
                     .zip(&want)
                     .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
                 assert!(e < 1e-5, "{k:?} bt {bt} n {n}: err {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn row_group_scores_equal_one_row_at_a_time_on_every_simd_path() {
+        let mut rng = crate::testutil::Rng(78);
+        for (bt, n, hk) in [
+            (32usize, 100usize, 24usize),
+            (32, 64, 64),
+            (32, 33, 16),
+            (16, 37, 24),
+            (8, 5, 8),
+        ] {
+            let kt = rng.vec(n.div_ceil(bt) * hk * bt, 1.0);
+            let q = rng.vec(ROWS * hk, 1.0);
+            for k in crate::kernels::available() {
+                let mut got = vec![f32::NAN; ROWS * n];
+                scores_rows_with(k, &q, &kt, bt, 0.3, n, &mut got);
+                for r in 0..ROWS {
+                    for e in 0..n {
+                        let want = (0..hk)
+                            .map(|c| {
+                                q[r * hk + c] as f64 * kt[((e / bt) * hk + c) * bt + e % bt] as f64
+                            })
+                            .sum::<f64>()
+                            * 0.3;
+                        let d = (got[r * n + e] as f64 - want).abs();
+                        assert!(
+                            d < 1e-4,
+                            "{k:?} bt {bt} n {n} row {r} key {e}: {} vs {want}",
+                            got[r * n + e]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_sums_equal_the_plain_softmax_on_every_simd_path() {
+        let mut rng = crate::testutil::Rng(79);
+        for n in [1usize, 15, 16, 17, 100] {
+            let raw = rng.vec(n, 8.0);
+            let (v0, s0) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+            let m = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = raw.iter().map(|&x| ((x - m) as f64).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for k in crate::kernels::available() {
+                let (mut row, mut v, mut s) = (raw.clone(), v0.clone(), s0.clone());
+                accumulate_with(k, &mut row, &mut v, &mut s);
+                for j in 0..n {
+                    let w = e[j] / z;
+                    assert!((row[j] as f64 - w).abs() < 1e-6, "{k:?} n {n}: w[{j}]");
+                    assert!(
+                        (v[j] as f64 - v0[j] as f64 - w).abs() < 1e-6,
+                        "{k:?} n {n}: vert[{j}]"
+                    );
+                    let d = n - 1 - j;
+                    assert!(
+                        (s[d] as f64 - s0[d] as f64 - w).abs() < 1e-6,
+                        "{k:?} n {n}: slash[{d}]"
+                    );
+                }
             }
         }
     }
