@@ -41,7 +41,6 @@ mod wide;
 mod wide2;
 
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 use crate::kv::{BlockData, BlockView, KvCache, OffloadBuf};
 pub use select::Selection;
@@ -477,35 +476,33 @@ fn attend_jobs(
     let bt = sh.bt;
     let shared = with_shared.then_some(&scratch.shared);
     let jobs_ro: &[AttnJob] = jobs;
-    scratch.bufs[..tasks.len()]
-        .par_iter_mut()
-        .zip(tasks.par_iter())
-        .for_each(|(buf, task)| {
-            let job = &jobs_ro[task.job];
-            let a = TaskArgs {
-                cache: job.cache,
-                layer,
-                q: job.q,
-                q_pos: job.q_pos,
-                sh: &sh,
-                p,
-                task,
-                pieces: match job.sel {
-                    Sel::All => None,
-                    Sel::Heads(_) | Sel::Tiles(_) => Some(pieces),
-                },
-                shared,
-                simd,
-            };
-            match bt {
-                4 => run_dispatch::<4>(simd, &a, buf),
-                8 => run_dispatch::<8>(simd, &a, buf),
-                16 => run_dispatch::<16>(simd, &a, buf),
-                32 => run_dispatch::<32>(simd, &a, buf),
-                64 => run_dispatch::<64>(simd, &a, buf),
-                _ => unreachable!("KvCache::new accepts only block sizes in BLOCK_TOKEN_CHOICES"),
-            }
-        });
+    crate::kernels::team::for_each_chunk_mut(&mut scratch.bufs[..tasks.len()], 1, |i, buf| {
+        let (buf, task) = (&mut buf[0], &tasks[i]);
+        let job = &jobs_ro[task.job];
+        let a = TaskArgs {
+            cache: job.cache,
+            layer,
+            q: job.q,
+            q_pos: job.q_pos,
+            sh: &sh,
+            p,
+            task,
+            pieces: match job.sel {
+                Sel::All => None,
+                Sel::Heads(_) | Sel::Tiles(_) => Some(pieces),
+            },
+            shared,
+            simd,
+        };
+        match bt {
+            4 => run_dispatch::<4>(simd, &a, buf),
+            8 => run_dispatch::<8>(simd, &a, buf),
+            16 => run_dispatch::<16>(simd, &a, buf),
+            32 => run_dispatch::<32>(simd, &a, buf),
+            64 => run_dispatch::<64>(simd, &a, buf),
+            _ => unreachable!("KvCache::new accepts only block sizes in BLOCK_TOKEN_CHOICES"),
+        }
+    });
 
     for (job_i, job) in jobs.iter().enumerate() {
         let read = tasks

@@ -621,6 +621,7 @@ fn speed(mut a: SpeedArgs) -> Result<()> {
             if !a.no_prefill {
                 for &n in &contexts {
                     let mut samples = Vec::new();
+                    crate::kernels::prof::take();
                     for _ in 0..a.reps {
                         session.reset();
                         let t0 = Instant::now();
@@ -641,6 +642,13 @@ fn speed(mut a: SpeedArgs) -> Result<()> {
                         r,
                         100.0 * m / r
                     ));
+                    if crate::kernels::prof::enabled() {
+                        let per = (n * a.reps) as f64;
+                        progress.line(&format!(
+                            "  [profile per token] {}",
+                            crate::kernels::prof::summary(per)
+                        ));
+                    }
                     results.push(Row {
                         threads: nt,
                         test: "prefill",
@@ -661,17 +669,20 @@ fn speed(mut a: SpeedArgs) -> Result<()> {
             if !a.no_decode {
                 for &depth in std::iter::once(&0).chain(contexts.iter()) {
                     let (mut samples, mut kv_read) = (Vec::new(), Vec::new());
+                    let mut prof_decode = Vec::new();
                     for _ in 0..a.reps {
                         session.reset();
                         if depth > 0 {
                             session.feed(&toks[..depth], depth - 1..depth, |_, _| {})?;
                         }
                         session.stats = Default::default();
+                        crate::kernels::prof::take();
                         let t0 = Instant::now();
                         for i in 0..a.n_gen {
                             session.decode(toks[depth + i])?;
                         }
                         samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
+                        prof_decode.push(crate::kernels::prof::take());
                         session.stats.finish();
                         kv_read.push(session.stats.kv_read_bytes_per_token);
                         step += 1;
@@ -688,6 +699,15 @@ fn speed(mut a: SpeedArgs) -> Result<()> {
                         r,
                         100.0 * m / r
                     ));
+                    if crate::kernels::prof::enabled() {
+                        progress.line(&format!(
+                            "  [profile per token] {}",
+                            crate::kernels::prof::summary_of(
+                                &prof_decode,
+                                (a.n_gen * a.reps) as f64
+                            )
+                        ));
+                    }
                     results.push(Row {
                         threads: nt,
                         test: "decode",

@@ -7,8 +7,6 @@
 //! roundings run in every build (Rust does not contract a·b + c into an FMA on its own), so every path gives the
 //! same bits as the scalar functions.
 
-use rayon::prelude::*;
-
 use super::{kernel, Kernel};
 
 /// e^x for x ≤ 0 (scores minus their running max), written so LLVM vectorizes it: range reduction to
@@ -95,9 +93,9 @@ pub(crate) fn gate_mul_with(k: Kernel, act: GateAct, gate: &mut [f32], up: &[f32
         _ => gate_mul_portable(act, g, u),
     };
     if gate.len() >= 2 * PAR_CHUNK && rayon::current_num_threads() > 1 {
-        gate.par_chunks_mut(PAR_CHUNK)
-            .zip(up.par_chunks(PAR_CHUNK))
-            .for_each(|(g, u)| one(g, u));
+        super::team::for_each_chunk_mut(gate, PAR_CHUNK, |i, g| {
+            one(g, &up[i * PAR_CHUNK..][..g.len()])
+        });
     } else {
         one(gate, up);
     }

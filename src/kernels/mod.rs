@@ -36,8 +36,10 @@ mod layout;
 pub mod machine;
 pub mod mathfn;
 pub mod membw;
+pub mod prof;
 pub mod rowdot;
 mod scalar;
+pub mod team;
 #[cfg(test)]
 mod tests;
 
@@ -47,7 +49,7 @@ pub use rowdot::rows_dot_max_f16;
 
 use anyhow::{anyhow, bail};
 use layout::{AlignedBuf, Kind, RG};
-use rayon::prelude::*;
+use smallvec::SmallVec;
 use std::sync::OnceLock;
 
 /// A weight matrix W of `rows` output features × `cols` input features.
@@ -124,9 +126,16 @@ impl QMatrix {
     }
 }
 
-/// Reusable buffers (quantized activations). Grows on first use; after warm-up `matmul` allocates nothing.
+/// Reusable buffers (quantized activations): one set per weight kind of a [`matmul_many`] call. Grows on first
+/// use; after warm-up `matmul` allocates nothing.
 #[derive(Default)]
 pub struct MatmulScratch {
+    sets: Vec<ActBufs>,
+}
+
+/// One input quantized for one weight kind.
+#[derive(Default)]
+struct ActBufs {
     qa: Vec<i8>,
     f1: Vec<f32>,
     f2: Vec<f32>,
@@ -257,7 +266,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], n_tok: usize, y: &mut [f32], scratch: &mut
 }
 
 /// Quantize the activations for `w`'s kind into the scratch buffers.
-fn prepare(k: Kernel, kind: Kind, cols: usize, x: &[f32], n_tok: usize, s: &mut MatmulScratch) {
+fn prepare(k: Kernel, kind: Kind, cols: usize, x: &[f32], n_tok: usize, s: &mut ActBufs) {
     let (nq, n1, n2, ni, nx) = act::act_sizes(kind, cols);
     grow(&mut s.qa, nq * n_tok);
     grow(&mut s.f1, n1 * n_tok);
@@ -289,10 +298,33 @@ fn prepare(k: Kernel, kind: Kind, cols: usize, x: &[f32], n_tok: usize, s: &mut 
         act::quantize_row(kind, &x[t * cols..(t + 1) * cols], a, k != Kernel::Scalar);
     };
     if n_tok >= 8 && rayon::current_num_threads() > 1 {
-        (0..n_tok).into_par_iter().with_min_len(4).for_each(one);
+        const ROWS: usize = 8;
+        team::for_each(n_tok.div_ceil(ROWS), |c| {
+            (c * ROWS..(c * ROWS + ROWS).min(n_tok)).for_each(one)
+        });
     } else {
         (0..n_tok).for_each(one);
     }
+}
+
+/// Elements below which [`par_rows`] runs on the calling thread: a hand-off to the pool costs a few microseconds,
+/// about what one thread needs for this many element-wise operations.
+const PAR_ROWS_MIN: usize = 1 << 14;
+
+/// Runs `f(first_row, rows)` over `data` (rows of `row` elements), split into about two runs of whole rows per
+/// thread of the current pool when there is enough work, else once over all of it. For the element-wise ops of a
+/// prefill chunk (norms, RoPE, residual additions): left serial, they grow to a third of the pass at 16 threads.
+pub fn par_rows(data: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let threads = rayon::current_num_threads();
+    let n_rows = data.len() / row.max(1);
+    if threads <= 1 || data.len() < PAR_ROWS_MIN || n_rows < 2 {
+        f(0, data);
+        return;
+    }
+    let per = n_rows
+        .div_ceil(2 * threads)
+        .max(PAR_ROWS_MIN.div_ceil(4 * row.max(1)));
+    team::for_each_chunk_mut(data, per * row, |i, c| f(i * per, c));
 }
 
 /// Whether a product of `work` padded multiply-adds is split over a pool of `threads` (or runs on the calling thread).
@@ -322,54 +354,48 @@ pub(crate) fn matmul_with(
     y: &mut [f32],
     s: &mut MatmulScratch,
 ) {
-    let (rows, cols) = (w.rows, w.cols);
-    assert_eq!(
-        x.len(),
-        n_tok * cols,
-        "matmul: x must hold n_tok*cols values"
-    );
-    assert_eq!(
-        y.len(),
-        n_tok * rows,
-        "matmul: y must hold n_tok*rows values"
-    );
-    if n_tok == 0 {
-        return;
-    }
-    prepare(k, w.kind, cols, x, n_tok, s);
-    let c = Ctx {
-        kind: w.kind,
-        data: w.data.as_slice().as_ptr(),
-        rows,
-        cols,
-        n_blk: cols / w.kind.block(),
-        rec: w.kind.rec_bytes(),
-        qa: s.qa.as_ptr(),
-        f1: s.f1.as_ptr(),
-        f2: s.f2.as_ptr(),
-        i1: s.i1.as_ptr(),
-        fx: if w.kind == Kind::F32 {
-            x.as_ptr()
-        } else {
-            s.fx.as_ptr()
-        },
-        y: y.as_mut_ptr(),
-    };
+    matmul_many_with(k, &[w], x, n_tok, &mut [y], s)
+}
+
+/// `ys[m] = ws[m] · x` for several matrices of one input (Q, K and V; gate and up): the input is quantized once per
+/// weight kind among them, and all the products share one parallel region. The same results, bit for bit, as
+/// separate [`matmul`] calls. At most [`MANY`] matrices.
+pub fn matmul_many(
+    ws: &[&QMatrix],
+    x: &[f32],
+    n_tok: usize,
+    ys: &mut [&mut [f32]],
+    scratch: &mut MatmulScratch,
+) {
+    matmul_many_with(kernel(), ws, x, n_tok, ys, scratch)
+}
+
+/// Most matrices one [`matmul_many`] call takes.
+pub const MANY: usize = 4;
+
+/// Multiply-adds below which a product's task is not cut smaller: about a microsecond of work, the price of handing
+/// out a task.
+const MIN_TASK_WORK: usize = 1 << 16;
+
+/// How one product is cut into tasks: row-group chunks × token chunks.
+#[derive(Clone, Copy)]
+struct Cut {
+    n_rg: usize,
+    rg_chunk: usize,
+    tok_chunk: usize,
+    n_tc: usize,
+    tasks: usize,
+}
+
+fn cut(rows: usize, cols: usize, n_tok: usize, threads: usize) -> Cut {
     let n_rg = rows.div_ceil(RG);
-    let threads = rayon::current_num_threads();
-    let work = n_rg * RG * cols * n_tok;
-    let run = |rg0: usize, rg1: usize, t0: usize, t1: usize| {
-        // SAFETY: kernels are only chosen when the CPU has their features; buffers are sized above;
-        // tasks get disjoint (row group, token) ranges.
-        unsafe { run_kernel(k, &c, rg0, rg1, t0, t1) }
-    };
-    if !splits_work(threads, work) {
-        run(0, n_rg, 0, n_tok);
-        return;
-    }
     let want = threads * 4;
-    let min_rg = if n_tok == 1 { 4 } else { 1 };
-    let rg_chunk = n_rg.div_ceil(want).max(min_rg);
+    let min_rg = if n_tok == 1 {
+        MIN_TASK_WORK.div_ceil(RG * cols).max(1)
+    } else {
+        1
+    };
+    let rg_chunk = n_rg.div_ceil(want).max(min_rg).min(n_rg.max(1));
     let n_rc = n_rg.div_ceil(rg_chunk);
     let mut tok_chunk = n_tok;
     if n_rc < want && n_tok > 8 {
@@ -377,18 +403,129 @@ pub(crate) fn matmul_with(
         tok_chunk = n_tok.div_ceil(split).next_multiple_of(8);
     }
     let n_tc = n_tok.div_ceil(tok_chunk);
-    let tasks = n_rc * n_tc;
-    if tasks == 1 {
-        run(0, n_rg, 0, n_tok);
+    Cut {
+        n_rg,
+        rg_chunk,
+        tok_chunk,
+        n_tc,
+        tasks: n_rc * n_tc,
+    }
+}
+
+pub(crate) fn matmul_many_with(
+    k: Kernel,
+    ws: &[&QMatrix],
+    x: &[f32],
+    n_tok: usize,
+    ys: &mut [&mut [f32]],
+    s: &mut MatmulScratch,
+) {
+    assert!(
+        !ws.is_empty() && ws.len() <= MANY && ws.len() == ys.len(),
+        "matmul_many: 1 to {MANY} matrices, one output each"
+    );
+    let cols = ws[0].cols;
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(
+            w.cols, cols,
+            "matmul_many: the matrices must share one input width"
+        );
+        assert_eq!(
+            x.len(),
+            n_tok * cols,
+            "matmul: x must hold n_tok*cols values"
+        );
+        assert_eq!(
+            y.len(),
+            n_tok * w.rows,
+            "matmul: y must hold n_tok*rows values"
+        );
+    }
+    if n_tok == 0 {
         return;
     }
-    (0..tasks).into_par_iter().for_each(|i| {
-        let (rc, tc) = (i / n_tc, i % n_tc);
+    // Quantize the input once per distinct kind: set[m] is the buffer set of matrix m.
+    let mut kinds: SmallVec<[Kind; MANY]> = SmallVec::new();
+    let mut set = [0usize; MANY];
+    for (m, w) in ws.iter().enumerate() {
+        set[m] = match kinds.iter().position(|&kd| kd == w.kind) {
+            Some(j) => j,
+            None => {
+                kinds.push(w.kind);
+                kinds.len() - 1
+            }
+        };
+    }
+    if s.sets.len() < kinds.len() {
+        s.sets.resize_with(kinds.len(), ActBufs::default);
+    }
+    {
+        let _q = prof::scope(prof::Phase::Quantize);
+        for (j, &kind) in kinds.iter().enumerate() {
+            prepare(k, kind, cols, x, n_tok, &mut s.sets[j]);
+        }
+    }
+    let ctxs: SmallVec<[Ctx; MANY]> = ws
+        .iter()
+        .zip(ys.iter_mut())
+        .enumerate()
+        .map(|(m, (w, y))| {
+            let a = &s.sets[set[m]];
+            Ctx {
+                kind: w.kind,
+                data: w.data.as_slice().as_ptr(),
+                rows: w.rows,
+                cols,
+                n_blk: cols / w.kind.block(),
+                rec: w.kind.rec_bytes(),
+                qa: a.qa.as_ptr(),
+                f1: a.f1.as_ptr(),
+                f2: a.f2.as_ptr(),
+                i1: a.i1.as_ptr(),
+                fx: if w.kind == Kind::F32 {
+                    x.as_ptr()
+                } else {
+                    a.fx.as_ptr()
+                },
+                y: y.as_mut_ptr(),
+            }
+        })
+        .collect();
+    let run = |m: usize, rg0: usize, rg1: usize, t0: usize, t1: usize| {
+        // SAFETY: kernels are only chosen when the CPU has their features; buffers are sized above;
+        // tasks get disjoint (matrix, row group, token) ranges.
+        unsafe { run_kernel(k, &ctxs[m], rg0, rg1, t0, t1) }
+    };
+    let threads = rayon::current_num_threads();
+    let work: usize = ws
+        .iter()
+        .map(|w| w.rows.div_ceil(RG) * RG * cols * n_tok)
+        .sum();
+    if !splits_work(threads, work) {
+        for (m, w) in ws.iter().enumerate() {
+            run(m, 0, w.rows.div_ceil(RG), 0, n_tok);
+        }
+        return;
+    }
+    let cuts: SmallVec<[Cut; MANY]> = ws
+        .iter()
+        .map(|w| cut(w.rows, cols, n_tok, threads))
+        .collect();
+    let tasks: usize = cuts.iter().map(|c| c.tasks).sum();
+    team::for_each(tasks, |mut i| {
+        let mut m = 0;
+        while i >= cuts[m].tasks {
+            i -= cuts[m].tasks;
+            m += 1;
+        }
+        let c = cuts[m];
+        let (rc, tc) = (i / c.n_tc, i % c.n_tc);
         run(
-            rc * rg_chunk,
-            ((rc + 1) * rg_chunk).min(n_rg),
-            tc * tok_chunk,
-            ((tc + 1) * tok_chunk).min(n_tok),
+            m,
+            rc * c.rg_chunk,
+            ((rc + 1) * c.rg_chunk).min(c.n_rg),
+            tc * c.tok_chunk,
+            ((tc + 1) * c.tok_chunk).min(n_tok),
         );
     });
 }

@@ -655,25 +655,83 @@ fn matmul_parallel_split_and_scratch_reuse() {
     let c = case(GgmlType::Q4_1, 64, 576, 40, 9);
     let mut y = vec![0f32; 40 * 64];
     matmul(&c.w, &c.x, 40, &mut y, &mut s);
-    let before = (
-        s.qa.as_ptr(),
-        s.f1.as_ptr(),
-        s.f2.as_ptr(),
-        s.i1.as_ptr(),
-        s.qa.capacity(),
-    );
+    let ptrs = |s: &MatmulScratch| {
+        let a = &s.sets[0];
+        (
+            a.qa.as_ptr(),
+            a.f1.as_ptr(),
+            a.f2.as_ptr(),
+            a.i1.as_ptr(),
+            a.qa.capacity(),
+        )
+    };
+    let before = ptrs(&s);
     matmul(&c.w, &c.x, 40, &mut y, &mut s);
     matmul(&c.w, &c.x[..576], 1, &mut y[..64], &mut s);
-    assert_eq!(
-        before,
-        (
-            s.qa.as_ptr(),
-            s.f1.as_ptr(),
-            s.f2.as_ptr(),
-            s.i1.as_ptr(),
-            s.qa.capacity()
-        )
-    );
+    assert_eq!(before, ptrs(&s));
+}
+
+/// Several matrices of one input in one call (Q, K, V; gate, up) give the separate products bit for bit, whether
+/// their kinds are equal or mixed, on every kernel, serial and split over a pool.
+#[test]
+fn matmul_many_equals_separate_products_bit_for_bit() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .expect("pool");
+    for (i, kinds) in [
+        [GgmlType::Q4_1, GgmlType::Q4_1, GgmlType::Q4_1],
+        [GgmlType::Q4K, GgmlType::Q4K, GgmlType::Q6K],
+        [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q8_0],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let cols = 512;
+        for n_tok in [1usize, 2, 40] {
+            let cases: Vec<_> = kinds
+                .iter()
+                .zip([384usize, 128, 200])
+                .enumerate()
+                .map(|(m, (&ty, rows))| case(ty, rows, cols, n_tok, 700 + (i * 10 + m) as u64))
+                .collect();
+            let x = &cases[0].x; // one input for all
+            for k in available() {
+                for threads in [1usize, 3] {
+                    let go = || {
+                        let mut s = MatmulScratch::default();
+                        let sep: Vec<Vec<f32>> = cases
+                            .iter()
+                            .map(|c| {
+                                let mut y = vec![f32::NAN; n_tok * c.w.rows];
+                                matmul_with(k, &c.w, x, n_tok, &mut y, &mut s);
+                                y
+                            })
+                            .collect();
+                        let mut outs: Vec<Vec<f32>> = cases
+                            .iter()
+                            .map(|c| vec![f32::NAN; n_tok * c.w.rows])
+                            .collect();
+                        let ws: Vec<&QMatrix> = cases.iter().map(|c| &c.w).collect();
+                        let mut ys: Vec<&mut [f32]> =
+                            outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+                        matmul_many_with(k, &ws, x, n_tok, &mut ys, &mut s);
+                        for (m, (a, b)) in sep.iter().zip(&outs).enumerate() {
+                            assert!(
+                                a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                                "{kinds:?} matrix {m}, {n_tok} tokens, {k:?}, {threads} threads"
+                            );
+                        }
+                    };
+                    if threads == 1 {
+                        go();
+                    } else {
+                        pool.install(go);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -118,7 +118,18 @@ impl Block {
         let hv = v.len();
         match &mut self.data {
             BlockData::F16 { k: bk, v: bv } => {
+                use half::slice::HalfFloatSliceExt;
+                // Whole rows convert with the vector instructions (the same rounding as f16::from_f32); a prefill
+                // chunk appends thousands of entries per layer.
+                const ROW: usize = 512;
                 match channels {
+                    None if k.len() <= ROW => {
+                        let mut kh = [0u16; ROW];
+                        crate::kernels::f32_to_f16_slice(k, &mut kh[..k.len()]);
+                        for (d, &h) in kh[..k.len()].iter().enumerate() {
+                            bk[d * bt + slot] = f16::from_bits(h);
+                        }
+                    }
                     None => k
                         .iter()
                         .enumerate()
@@ -128,9 +139,7 @@ impl Block {
                         .enumerate()
                         .for_each(|(d, &c)| bk[d * bt + slot] = f16::from_f32(k[c as usize])),
                 }
-                for (y, x) in bv[slot * hv..][..hv].iter_mut().zip(v) {
-                    *y = f16::from_f32(*x);
-                }
+                crate::kernels::f32_to_f16_slice(v, bv[slot * hv..][..hv].reinterpret_cast_mut());
             }
             BlockData::F32 { k: bk, v: bv } => {
                 match channels {

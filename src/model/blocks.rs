@@ -21,7 +21,8 @@ use crate::attention::{
     attend, attend_batch, attend_selected, attend_tiles, AttnJob, AttnParams, AttnScratch, Sel,
 };
 use crate::gguf::GgufFile;
-use crate::kernels::{gate_mul, matmul, QMatrix};
+use crate::kernels::prof::{scope, Phase};
+use crate::kernels::{gate_mul, matmul, matmul_many, par_rows, QMatrix};
 pub use crate::kernels::{gelu_tanh, silu, GateAct};
 use crate::kv::WINDOW_STEP;
 
@@ -41,6 +42,7 @@ pub(crate) fn embed(
     seqs: &[SeqStep<'_>],
     s: &mut Scratch,
 ) -> usize {
+    let _p = scope(Phase::Embed);
     let (n, dim) = (batch_rows(seqs), c.dim);
     assert!(
         n <= s.cap,
@@ -83,15 +85,23 @@ pub(crate) fn rope_rows(
 
 /// xb (n × dim) ← RMSNorm(x) ⊙ w: the input of a block.
 pub(crate) fn norm_input(s: &mut Scratch, n: usize, w: &[f32], eps: f32) {
+    let _p = scope(Phase::Norm);
     let dim = w.len();
-    rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], w, eps);
+    let x = &s.x[..n * dim];
+    par_rows(&mut s.xb[..n * dim], dim, |r0, out| {
+        rmsnorm(out, &x[r0 * dim..][..out.len()], w, eps)
+    });
 }
 
 /// x (n × dim) += xo: a block's output joins the residual stream.
 pub(crate) fn add_residual(s: &mut Scratch, n: usize, dim: usize) {
-    for (a, b) in s.x[..n * dim].iter_mut().zip(&s.xo[..n * dim]) {
-        *a += b;
-    }
+    let _p = scope(Phase::Residual);
+    let xo = &s.xo[..n * dim];
+    par_rows(&mut s.x[..n * dim], dim, |r0, x| {
+        for (a, b) in x.iter_mut().zip(&xo[r0 * dim..]) {
+            *a += b;
+        }
+    });
 }
 
 /// Self-attention of one layer: grouped-query attention over the KV cache, with optional Q/K/V biases and per-head
@@ -176,26 +186,52 @@ impl Attention {
             &mut s.v[..n * nkv * hd], // n × nkv·hd
         );
         let xb = &s.xb[..n * dim]; // n × dim
-        matmul(&self.wq, xb, n, q, &mut s.mm);
-        matmul(&self.wk, xb, n, k, &mut s.mm);
-        matmul(&self.wv, xb, n, v, &mut s.mm);
-        for (out, bias) in [&mut *q, &mut *k, &mut *v].into_iter().zip(&self.qkv_bias) {
-            if let Some(b) = bias {
-                add_bias(out, b);
-            }
-        }
-        if let Some((q_norm, k_norm)) = &self.qk_norm {
-            rmsnorm_inplace(q, q_norm, c.rms_eps);
-            rmsnorm_inplace(k, k_norm, c.rms_eps);
-        }
+        let p = scope(Phase::Qkv);
+        matmul_many(
+            &[&self.wq, &self.wk, &self.wv],
+            xb,
+            n,
+            &mut [&mut *q, &mut *k, &mut *v],
+            &mut s.mm,
+        );
+        drop(p);
+        let p = scope(Phase::Rope);
         // cos, sin: n × rope_dim/2 each.
         let (cos, sin) = if local {
             (&s.rope_cos_local[..n * half], &s.rope_sin_local[..n * half])
         } else {
             (&s.rope_cos[..n * half], &s.rope_sin[..n * half])
         };
-        apply_rope(q, nh, hd, c.rope_style, cos, sin, c.rope_dim);
-        apply_rope(k, nkv, hd, c.rope_style, cos, sin, c.rope_dim);
+        // Each token row on its own: + bias, QK-norm, RoPE (split over the pool for a prefill chunk).
+        let qk_norm = self.qk_norm.as_ref();
+        for (i, (out, heads)) in [(&mut *q, nh), (&mut *k, nkv), (&mut *v, nkv)]
+            .into_iter()
+            .enumerate()
+        {
+            let bias = self.qkv_bias[i].as_deref();
+            let norm = qk_norm.map(|(qn, kn)| if i == 0 { qn } else { kn });
+            if i == 2 && bias.is_none() {
+                break;
+            }
+            par_rows(out, heads * hd, |t0, rows| {
+                if let Some(b) = bias {
+                    add_bias(rows, b);
+                }
+                if i == 2 {
+                    return;
+                }
+                if let Some(w) = norm {
+                    rmsnorm_inplace(rows, w, c.rms_eps);
+                }
+                let nt = rows.len() / (heads * hd);
+                let (cos, sin) = (
+                    &cos[t0 * half..][..nt * half],
+                    &sin[t0 * half..][..nt * half],
+                );
+                apply_rope(rows, heads, hd, c.rope_style, cos, sin, c.rope_dim);
+            });
+        }
+        drop(p);
         let params = AttnParams {
             n_q_heads: nh,
             scale: c.attn_scale,
@@ -233,6 +269,7 @@ impl Attention {
             r0 = r1;
         }
         if !batched.is_empty() {
+            let _p = scope(Phase::Attention);
             let t0 = std::time::Instant::now();
             {
                 let mut jobs: SmallVec<[AttnJob; 16]> = SmallVec::new();
@@ -278,6 +315,7 @@ impl Attention {
             );
             r0 = r1;
         }
+        let _p = scope(Phase::Wo);
         matmul(
             &self.wo,
             &s.att[..n * qr],
@@ -308,7 +346,11 @@ fn prepare_call(
         return None;
     }
     st.obs.record(layer, q, pos);
-    cache.append(layer, pos, k, v);
+    {
+        let _p = scope(Phase::KvAppend);
+        cache.append(layer, pos, k, v);
+    }
+    let _p = scope(Phase::Attention);
     let t0 = std::time::Instant::now();
     let cx = SelectCx {
         cache,
@@ -356,7 +398,11 @@ fn attend_seq(
     while a < n {
         let b = (a + step).min(n);
         let (q, pos) = (&q[a * qr..b * qr], &pos[a..b]); // (b − a) × nh·hd
-        cache.append(layer, pos, &k[a * kr..b * kr], &v[a * kr..b * kr]);
+        {
+            let _p = scope(Phase::KvAppend);
+            cache.append(layer, pos, &k[a * kr..b * kr], &v[a * kr..b * kr]);
+        }
+        let _p = scope(Phase::Attention);
         let att = &mut att[a * qr..b * qr]; // (b − a) × nh·hd
         let t0 = std::time::Instant::now();
         let cx = SelectCx {
@@ -446,9 +492,19 @@ impl GatedFfn {
         let (dim, f) = (c.dim, c.ffn_dim);
         let xb = &s.xb[..n * dim]; // n × dim
         let (gate, up) = (&mut s.hb[..n * f], &mut s.hb2[..n * f]); // n × ffn each
-        matmul(&self.w_gate, xb, n, gate, &mut s.mm);
-        matmul(&self.w_up, xb, n, up, &mut s.mm);
+        let p = scope(Phase::FfnUp);
+        matmul_many(
+            &[&self.w_gate, &self.w_up],
+            xb,
+            n,
+            &mut [&mut *gate, &mut *up],
+            &mut s.mm,
+        );
+        drop(p);
+        let p = scope(Phase::Act);
         gate_mul(act, gate, up); // gate ← act(gate) ⊙ up
+        drop(p);
+        let _p = scope(Phase::FfnDown);
         matmul(&self.w_down, gate, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
     }
 }
@@ -470,6 +526,7 @@ pub(crate) fn output_logits(
     if nr == 0 {
         return;
     }
+    let _p = scope(Phase::Logits);
     for (i, r) in rows.enumerate() {
         assert!(r < s.cap, "logit row {r} out of range");
         let x = &s.x[r * dim..(r + 1) * dim];

@@ -12,6 +12,8 @@ use super::blocks::{
 };
 use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
+use crate::kernels::par_rows;
+use crate::kernels::prof::{scope, Phase};
 use crate::kernels::QMatrix;
 
 pub struct Gemma3Layer {
@@ -159,13 +161,25 @@ impl Gemma3 {
             // xb = RMSNorm(x); local layers see the sliding window only.
             norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.attn.forward(c, li, local, seqs, s); // xo: n × dim
-            rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_attn_norm, c.rms_eps); // xo ← RMSNorm(xo)
+            {
+                let _p = scope(Phase::Norm);
+                let w = &l.post_attn_norm;
+                par_rows(&mut s.xo[..n * dim], dim, |_, xo| {
+                    rmsnorm_inplace(xo, w, c.rms_eps)
+                }); // xo ← RMSNorm(xo)
+            }
             add_residual(s, n, dim); // x: n × dim += xo
 
             // Feed-forward block (GeGLU): x += RMSNorm(Wdown · (gelu(Wgate·xb) ⊙ Wup·xb)), xb = RMSNorm(x).
             norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.ffn.forward(c, n, GateAct::GeluTanh, s); // xo: n × dim
-            rmsnorm_inplace(&mut s.xo[..n * dim], &l.post_ffn_norm, c.rms_eps); // xo ← RMSNorm(xo)
+            {
+                let _p = scope(Phase::Norm);
+                let w = &l.post_ffn_norm;
+                par_rows(&mut s.xo[..n * dim], dim, |_, xo| {
+                    rmsnorm_inplace(xo, w, c.rms_eps)
+                }); // xo ← RMSNorm(xo)
+            }
             add_residual(s, n, dim); // x: n × dim += xo
         }
     }
