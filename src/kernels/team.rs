@@ -6,9 +6,11 @@
 //! 4 to 16 threads and the first region after each serial op absorbed the wake-ups. A team instead:
 //! - has `n − 1` workers plus the calling thread, for a pool of `n` threads (the size of the current rayon pool, so
 //!   `--threads` and `ThreadPool::install` decide it as before);
-//! - hands out the indices `0..tasks` of a region one by one through an atomic counter (the caller takes part);
-//! - keeps its workers spinning on that counter for [`SPIN`] after a region ends, then parks them on a condition
-//!   variable, so an idle process uses no CPU;
+//! - gives each member (the caller too) a contiguous run of a region's indices `0..tasks`, as rayon's halving does
+//!   (neighbouring tasks read neighbouring memory: consecutive blocks of one KV stream, say), and a member that
+//!   finishes its run takes indices one by one from the others' runs, through one atomic counter per member;
+//! - keeps its workers spinning for [`SPIN`] after a region ends, then parks them on a condition variable, so an
+//!   idle process uses no CPU;
 //! - is used by one caller at a time: a second caller meanwhile (another sequence's thread, a test) gets rayon instead,
 //!   and so does a region started from inside a team task, and a pool with more threads than the machine has cores.
 //!
@@ -28,9 +30,16 @@ const SPIN: Duration = Duration::from_micros(300);
 
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
 
+/// One member's counter, alone on its cache line.
+#[repr(align(64))]
+struct Slot(AtomicU64);
+
 struct Shared {
-    /// (generation << 32) | next index to hand out. A claim succeeds only within its generation.
-    ctr: AtomicU64,
+    /// The generation of the region running (or last run); workers wait for it to change.
+    gen: AtomicU64,
+    /// Per member m: (generation << 32) | next index of m's run, which ends at `(m + 1)·n / size`. A claim succeeds
+    /// only within its generation.
+    ctr: Box<[Slot]>,
     /// Tasks of the current generation.
     n: AtomicUsize,
     /// Tasks of the current generation finished.
@@ -52,45 +61,48 @@ thread_local! {
 }
 
 impl Shared {
-    /// Claims and runs indices of generation `gen` until none are left. A panicking task is caught (the region's
-    /// caller reports it once every task has finished, so no task outlives the closure it borrows).
-    fn work(&self, gen: u64) {
-        loop {
-            let v = self.ctr.load(Acquire);
-            if v >> 32 != gen {
-                return;
+    /// Claims and runs indices of generation `gen`, its own run (member `me`) first, then what is left of the
+    /// others'. A panicking task is caught (the region's caller reports it once every task has finished, so no task
+    /// outlives the closure it borrows).
+    fn work(&self, gen: u64, me: usize) {
+        let size = self.ctr.len();
+        let n = self.n.load(Acquire);
+        for k in (0..size).map(|j| (me + j) % size) {
+            let end = (k + 1) * n / size;
+            let c = &self.ctr[k].0;
+            loop {
+                let v = c.load(Acquire);
+                if v >> 32 != gen {
+                    return; // a later region has started: this one is over
+                }
+                let i = (v & 0xffff_ffff) as usize;
+                if i >= end {
+                    break;
+                }
+                if c.compare_exchange_weak(v, v + 1, AcqRel, Relaxed).is_err() {
+                    continue;
+                }
+                // SAFETY: index i of generation `gen` was claimed while that generation ran, and its caller does
+                // not return (nor replace `job`) before every claimed index has finished, so the pointer read here
+                // (written before the generation was published) is that generation's job and is alive.
+                let job = unsafe { *(self.job.load(Acquire) as *const Job<'static>) };
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(i))).is_err() {
+                    self.panicked.store(true, Relaxed);
+                }
+                self.done.fetch_add(1, Release);
             }
-            let i = (v & 0xffff_ffff) as usize;
-            if i >= self.n.load(Acquire) {
-                return;
-            }
-            if self
-                .ctr
-                .compare_exchange_weak(v, v + 1, AcqRel, Relaxed)
-                .is_err()
-            {
-                continue;
-            }
-            // SAFETY: index i of generation `gen` was claimed while that generation ran, and its caller does not
-            // return (nor replace `job`) before every claimed index has finished, so the pointer read here (written
-            // before the generation was published) is that generation's job and is alive.
-            let job = unsafe { *(self.job.load(Acquire) as *const Job<'static>) };
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(i))).is_err() {
-                self.panicked.store(true, Relaxed);
-            }
-            self.done.fetch_add(1, Release);
         }
     }
 
-    fn worker(self: Arc<Self>) {
+    fn worker(self: Arc<Self>, me: usize) {
         INSIDE.with(|c| c.set(true));
-        let mut seen = self.ctr.load(Acquire) >> 32;
+        let mut seen = self.gen.load(Acquire);
         loop {
             // Spin for a new generation, then park.
             let t0 = Instant::now();
             let mut spins = 0u32;
             let gen = loop {
-                let g = self.ctr.load(Acquire) >> 32;
+                let g = self.gen.load(Acquire);
                 if g != seen {
                     break g;
                 }
@@ -98,7 +110,7 @@ impl Shared {
                 if spins.is_multiple_of(256) && t0.elapsed() >= SPIN {
                     let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                     self.sleepers.fetch_add(1, SeqCst);
-                    while self.ctr.load(SeqCst) >> 32 == seen {
+                    while self.gen.load(SeqCst) == seen {
                         guard = self.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
                     }
                     self.sleepers.fetch_sub(1, SeqCst);
@@ -108,7 +120,7 @@ impl Shared {
                 std::hint::spin_loop();
             };
             seen = gen;
-            self.work(gen);
+            self.work(gen, me);
         }
     }
 }
@@ -121,7 +133,8 @@ struct Team {
 impl Team {
     fn new(size: usize) -> Option<Self> {
         let shared = Arc::new(Shared {
-            ctr: AtomicU64::new(0),
+            gen: AtomicU64::new(0),
+            ctr: (0..size.max(1)).map(|_| Slot(AtomicU64::new(0))).collect(),
             n: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
@@ -135,7 +148,7 @@ impl Team {
             let s = shared.clone();
             std::thread::Builder::new()
                 .name(format!("hayloft-team-{size}-{i}"))
-                .spawn(move || s.worker())
+                .spawn(move || s.worker(i))
                 .ok()?;
         }
         Some(Self { shared })
@@ -144,18 +157,22 @@ impl Team {
     /// Runs `f(0..n)` on the team; the caller holds `busy`.
     fn run(&self, n: usize, f: Job<'_>) {
         let s = &*self.shared;
-        let gen = (s.ctr.load(Relaxed) >> 32) + 1;
+        let gen = s.gen.load(Relaxed) + 1;
         s.n.store(n, Relaxed);
         s.done.store(0, Relaxed);
         s.panicked.store(false, Relaxed);
         s.job.store(&f as *const Job<'_> as *mut (), Relaxed);
         // Publish: workers that see this generation see the job, n and done above.
-        s.ctr.store(gen << 32, SeqCst);
+        let size = s.ctr.len();
+        for (m, c) in s.ctr.iter().enumerate() {
+            c.0.store(gen << 32 | (m * n / size) as u64, Relaxed);
+        }
+        s.gen.store(gen, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        s.work(gen);
+        s.work(gen, 0);
         let mut spins = 0u32;
         while s.done.load(Acquire) < n {
             spins += 1;
