@@ -202,23 +202,14 @@ impl Attention {
         } else {
             (&s.rope_cos[..n * half], &s.rope_sin[..n * half])
         };
-        // Each token row on its own: + bias, QK-norm, RoPE (split over the pool for a prefill chunk).
-        let qk_norm = self.qk_norm.as_ref();
-        for (i, (out, heads)) in [(&mut *q, nh), (&mut *k, nkv), (&mut *v, nkv)]
-            .into_iter()
-            .enumerate()
-        {
-            let bias = self.qkv_bias[i].as_deref();
-            let norm = qk_norm.map(|(qn, kn)| if i == 0 { qn } else { kn });
-            if i == 2 && bias.is_none() {
-                break;
-            }
+        // Each token row on its own: + bias, QK-norm, RoPE for Q and K, + bias for V (split over the pool for a
+        // prefill chunk).
+        let norms = self.qk_norm.as_ref().map(|(qn, kn)| [qn, kn]);
+        for (i, (out, heads)) in [(&mut *q, nh), (&mut *k, nkv)].into_iter().enumerate() {
+            let (bias, norm) = (self.qkv_bias[i].as_deref(), norms.map(|n| n[i]));
             par_rows(out, heads * hd, |t0, rows| {
                 if let Some(b) = bias {
                     add_bias(rows, b);
-                }
-                if i == 2 {
-                    return;
                 }
                 if let Some(w) = norm {
                     rmsnorm_inplace(rows, w, c.rms_eps);
@@ -230,6 +221,9 @@ impl Attention {
                 );
                 apply_rope(rows, heads, hd, c.rope_style, cos, sin, c.rope_dim);
             });
+        }
+        if let Some(b) = self.qkv_bias[2].as_deref() {
+            par_rows(v, nkv * hd, |_, rows| add_bias(rows, b));
         }
         drop(p);
         let params = AttnParams {
