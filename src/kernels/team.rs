@@ -37,11 +37,13 @@ struct Slot(AtomicU64);
 struct Shared {
     /// The generation of the region running (or last run); workers wait for it to change.
     gen: AtomicU64,
-    /// Per member m: (generation << 32) | next index of m's run, which ends at `(m + 1)·n / size`. A claim succeeds
-    /// only within its generation.
+    /// Per member m: (tag << 32) | next index of m's run, which ends at `(m + 1)·n / size`, with the tag of the
+    /// generation (its low 32 bits). A claim succeeds only within its generation.
     ctr: Box<[Slot]>,
-    /// Tasks of the current generation.
-    n: AtomicUsize,
+    /// (tag << 32) | tasks of the generation. Tagged, because a worker that arrives after its region ended may read
+    /// it while the next region is being published: sized by the next region's count, the finished region's
+    /// counters would look unfinished, and the late worker would run an index of a job that no longer exists.
+    n: AtomicU64,
     /// Tasks of the current generation finished.
     done: AtomicUsize,
     /// Points at the caller's `Job` (a fat reference on its stack) while a generation runs.
@@ -66,7 +68,12 @@ impl Shared {
     /// outlives the closure it borrows).
     fn work(&self, gen: u64, me: usize) {
         let size = self.ctr.len();
-        let n = self.n.load(Acquire);
+        let gen = tag(gen);
+        let nv = self.n.load(Acquire);
+        if nv >> 32 != gen {
+            return; // a later region is being published: this one is over
+        }
+        let n = (nv & 0xffff_ffff) as usize;
         for k in (0..size).map(|j| (me + j) % size) {
             let end = (k + 1) * n / size;
             let c = &self.ctr[k].0;
@@ -135,7 +142,7 @@ impl Team {
         let shared = Arc::new(Shared {
             gen: AtomicU64::new(0),
             ctr: (0..size.max(1)).map(|_| Slot(AtomicU64::new(0))).collect(),
-            n: AtomicUsize::new(0),
+            n: AtomicU64::new(0),
             done: AtomicUsize::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
             busy: AtomicBool::new(false),
@@ -158,14 +165,16 @@ impl Team {
     fn run(&self, n: usize, f: Job<'_>) {
         let s = &*self.shared;
         let gen = s.gen.load(Relaxed) + 1;
-        s.n.store(n, Relaxed);
+        let t = tag(gen);
+        // Publish, in this order: the count first (a late worker of the previous region that reads it gives up),
+        // then the job, then the counters (a claim, which acquires its counter, sees the job).
+        s.n.store(t << 32 | n as u64, Release);
         s.done.store(0, Relaxed);
         s.panicked.store(false, Relaxed);
-        s.job.store(&f as *const Job<'_> as *mut (), Relaxed);
-        // Publish: workers that see this generation see the job, n and done above.
+        s.job.store(&f as *const Job<'_> as *mut (), Release);
         let size = s.ctr.len();
         for (m, c) in s.ctr.iter().enumerate() {
-            c.0.store(gen << 32 | (m * n / size) as u64, Relaxed);
+            c.0.store(t << 32 | (m * n / size) as u64, Release);
         }
         s.gen.store(gen, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
@@ -187,6 +196,11 @@ impl Team {
             panic!("a task of a parallel region panicked");
         }
     }
+}
+
+/// A generation's tag in the counters: its low 32 bits (4·10⁹ regions, hours of decoding, before one repeats).
+fn tag(gen: u64) -> u64 {
+    gen & 0xffff_ffff
 }
 
 /// The team for pools of `size` threads (made on first use; None if its threads cannot be started).
@@ -228,7 +242,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync + Send) {
 /// Runs `f(0..n)` on the team of `size` threads if this is not a nested region and the team is free; false (nothing
 /// run) otherwise.
 fn on_team(size: usize, n: usize, f: Job<'_>) -> bool {
-    if INSIDE.with(|c| c.get()) {
+    if INSIDE.with(|c| c.get()) || u32::try_from(n).is_err() {
         return false;
     }
     let Some(t) = team(size) else {
@@ -323,6 +337,17 @@ mod tests {
                     assert!(h.iter().all(|&c| c == 1), "{threads} threads, {n} tasks");
                 }
             });
+        }
+    }
+
+    #[test]
+    fn back_to_back_regions_of_different_sizes_never_run_a_stale_index() {
+        // A worker late for a small region must not claim indices of it against the next region's size (it would
+        // run a finished job, or an index twice): short regions and long ones alternate, each with its own closure.
+        for round in 0..20000 {
+            let n = if round % 2 == 0 { 3 } else { 200 + round % 7 };
+            let h = hits(n, |n, f| assert!(on_team(15, n, f)));
+            assert!(h.iter().all(|&c| c == 1), "round {round}, {n} tasks: {h:?}");
         }
     }
 
