@@ -42,7 +42,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
@@ -134,8 +133,12 @@ pub struct TokenSelect {
     cos: Vec<f32>,
     sin: Vec<f32>,
     trig_pos: Option<u32>,
-    /// Per KV head: its scoring work.
+    /// Per KV head: its scoring work, and per query head of its group the softmax over its candidates (g × n).
     work: Vec<HeadWork>,
+    probs: Vec<Vec<f32>>,
+    /// Scoring tasks of a step: (KV head, first block, end block), and one scratch per task.
+    plan: Vec<(usize, usize, usize)>,
+    bufs: Vec<ScoreBuf>,
     /// Votes by entry index (aligned heads) or position, ABSENT where not a candidate; the keys touched this step.
     vote: Vec<f32>,
     touched: Vec<u32>,
@@ -182,6 +185,9 @@ impl TokenSelect {
             sin: vec![0.0; half],
             trig_pos: None,
             work: Vec::new(),
+            probs: Vec::new(),
+            plan: Vec::new(),
+            bufs: Vec::new(),
             vote: Vec::new(),
             touched: Vec::new(),
             scores: Vec::new(),
@@ -292,14 +298,10 @@ impl TokenSelect {
         kept.reset(nh);
         self.touched.clear();
         if k != usize::MAX {
-            self.work
-                .par_iter_mut()
-                .enumerate()
-                .filter(|(_, w)| w.votes)
-                .for_each(|(h, w)| w.score(cx, h, aligned));
+            self.score(cx, aligned);
             // Soft voting: every query head's softmax over its candidates, summed per token.
             let mut read = 0;
-            for w in self.work.iter().filter(|w| w.votes) {
+            for (w, probs) in self.work.iter().zip(&self.probs).filter(|(w, _)| w.votes) {
                 read += w.read;
                 let need = w.cand.iter().max().map_or(0, |&x| x as usize + 1);
                 if self.vote.len() < need {
@@ -307,7 +309,7 @@ impl TokenSelect {
                 }
                 let n = w.cand.len();
                 for i in 0..g {
-                    for (&p, &c) in w.probs[i * n..][..n].iter().zip(&w.cand) {
+                    for (&p, &c) in probs[i * n..][..n].iter().zip(&w.cand) {
                         let v = &mut self.vote[c as usize];
                         if *v == ABSENT {
                             *v = 0.0;
@@ -360,17 +362,111 @@ impl TokenSelect {
     }
 }
 
-/// One KV head's scoring: its middle (lo, hi, k), whether it votes, and its scratch.
+impl TokenSelect {
+    /// Scores every candidate of every voting head into `self.probs` and turns each query head's scores into its
+    /// softmax. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV
+    /// head (Gemma 3 270M) has a single head to score, and one task per head left every other thread idle. A
+    /// candidate's score does not depend on the piece it is in, so neither does the result.
+    fn score(&mut self, cx: &SelectCx, aligned: bool) {
+        let (bt, g) = (cx.cache.cfg.block_tokens, cx.group());
+        self.probs.resize_with(self.work.len(), Vec::new);
+        self.plan.clear();
+        for (h, (w, probs)) in self.work.iter_mut().zip(&mut self.probs).enumerate() {
+            if !w.votes {
+                continue;
+            }
+            w.prepare(cx, h, aligned);
+            let (lo, hi, _) = w.m;
+            probs.clear();
+            probs.resize(g * (hi - lo), 0.0);
+            let (mut b, b1) = (lo / bt, hi.div_ceil(bt));
+            while b < b1 {
+                let e = (b + SCORE_BLOCKS).min(b1);
+                self.plan.push((h, b, e));
+                b = e;
+            }
+        }
+        if self.bufs.len() < self.plan.len() {
+            self.bufs.resize_with(self.plan.len(), ScoreBuf::default);
+        }
+        struct Out(*mut f32);
+        // SAFETY: each task writes only its own columns (its blocks' candidates) of its head's rows.
+        unsafe impl Sync for Out {}
+        unsafe impl Send for Out {}
+        let outs: smallvec::SmallVec<[Out; 8]> =
+            self.probs.iter_mut().map(|p| Out(p.as_mut_ptr())).collect();
+        let (work, plan) = (&self.work, &self.plan);
+        crate::kernels::team::for_each_chunk_mut(&mut self.bufs[..plan.len()], 1, |i, buf| {
+            let (h, b0, b1) = plan[i];
+            let (w, buf) = (&work[h], &mut buf[0]);
+            let (lo, hi, _) = w.m;
+            let (t0, t1) = ((b0 * bt).max(lo), (b1 * bt).min(hi));
+            let nt = t1 - t0;
+            buf.scores.clear();
+            buf.scores.resize(g * nt, 0.0);
+            buf.row.resize(cx.cache.cfg.head_dim_k.max(g) * bt, 0.0);
+            buf.key.resize(cx.cache.cfg.head_dim_k, 0.0);
+            for b in b0..b1 {
+                let view = cx.cache.block(cx.layer, h, b);
+                let (s0, s1) = (lo.max(b * bt) - b * bt, hi.min((b + 1) * bt) - b * bt);
+                let out = (&mut buf.scores[..], nt, b * bt + s0 - t0);
+                score_block(
+                    &view,
+                    bt,
+                    (s0, s1),
+                    &w.qg,
+                    g,
+                    out,
+                    (&mut buf.row, &mut buf.key),
+                );
+            }
+            let n = hi - lo;
+            for r in 0..g {
+                // SAFETY: row r of head h spans probs[r·n .. (r + 1)·n]; this task's columns t0 − lo .. t1 − lo
+                // lie inside it, and no other task's do.
+                unsafe {
+                    let dst = outs[h].0.add(r * n + t0 - lo);
+                    std::ptr::copy_nonoverlapping(buf.scores[r * nt..].as_ptr(), dst, nt);
+                }
+            }
+        });
+        for (w, probs) in self.work.iter().zip(&mut self.probs) {
+            let n = w.m.1 - w.m.0;
+            if !w.votes || n == 0 {
+                continue;
+            }
+            for z in probs.chunks_exact_mut(n) {
+                let mx = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let mut sum = 0.0f32;
+                for x in z.iter_mut() {
+                    *x = exp_neg(*x - mx);
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                z.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    }
+}
+
+/// Blocks per scoring task (512 keys at 32-token blocks).
+const SCORE_BLOCKS: usize = 16;
+
+/// One scoring task's scratch: its candidates' raw scores (g × its keys), a block's keys as f32, a key.
+#[derive(Default)]
+struct ScoreBuf {
+    scores: Vec<f32>,
+    row: Vec<f32>,
+    key: Vec<f32>,
+}
+
+/// One KV head's scoring: its middle (lo, hi, k), whether it votes, its queries and candidates.
 #[derive(Default)]
 struct HeadWork {
     m: (usize, usize, usize),
     votes: bool,
-    /// The group's queries (g × hk); per query head its softmax over the candidates (g × n); a block's keys as f32;
-    /// a key.
+    /// The group's queries (g × hk).
     qg: Vec<f32>,
-    probs: Vec<f32>,
-    row: Vec<f32>,
-    key: Vec<f32>,
     /// The candidates' vote keys (entry indices when the heads are aligned, else positions), in entry order.
     cand: Vec<u32>,
     /// Bytes read for it (keys, and positions when not aligned).
@@ -378,38 +474,20 @@ struct HeadWork {
 }
 
 impl HeadWork {
-    fn score(&mut self, cx: &SelectCx, h: usize, aligned: bool) {
-        let (hk, bt, g, l) = (
-            cx.cache.cfg.head_dim_k,
-            cx.cache.cfg.block_tokens,
-            cx.group(),
-            cx.layer,
-        );
+    /// The group's queries, the candidates and the bytes their scoring reads.
+    fn prepare(&mut self, cx: &SelectCx, h: usize, aligned: bool) {
+        let (bt, g, l) = (cx.cache.cfg.block_tokens, cx.group(), cx.layer);
         let (lo, hi, _) = self.m;
-        let n = hi - lo;
-        self.row.resize(hk.max(g) * bt, 0.0);
-        self.key.resize(hk, 0.0);
         self.qg.clear();
         for i in 0..g {
             self.qg.extend_from_slice(cx.last_query(h * g + i));
         }
-        self.probs.clear();
-        self.probs.resize(g * n, 0.0);
         self.cand.clear();
         let (mut key_bytes, mut pos_bytes) = (0, 0); // key bytes × bt
         for b in lo / bt..hi.div_ceil(bt) {
             let view = cx.cache.block(l, h, b);
             let (s0, s1) = (lo.max(b * bt) - b * bt, hi.min((b + 1) * bt) - b * bt);
             key_bytes += (s1 - s0) * block_key_bytes(&view);
-            score_block(
-                &view,
-                bt,
-                (s0, s1),
-                &self.qg,
-                g,
-                (&mut self.probs, n, b * bt + s0 - lo),
-                (&mut self.row, &mut self.key),
-            );
             if aligned {
                 self.cand.extend((b * bt + s0) as u32..(b * bt + s1) as u32);
             } else {
@@ -418,16 +496,6 @@ impl HeadWork {
             }
         }
         self.read = key_bytes / bt + pos_bytes;
-        for z in self.probs.chunks_exact_mut(n) {
-            let mx = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let mut sum = 0.0f32;
-            for x in z.iter_mut() {
-                *x = exp_neg(*x - mx);
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            z.iter_mut().for_each(|x| *x *= inv);
-        }
     }
 }
 
@@ -626,13 +694,14 @@ mod tests {
     #[test]
     fn one_heads_planted_tokens_are_chosen_for_every_kv_head() {
         let u = unit();
-        let planted = [50, 51, 120];
+        // 25 blocks of 8: entries 50 and 51 are scored by the first task (16 blocks), 170 by the second.
+        let planted = [50, 51, 170];
         for dtype in [KvDtype::F32, KvDtype::F16] {
             let c = cache(dtype, &planted, &u);
             let mut t = selector(None);
             // Query head 2 belongs to KV head 1 (2 / group); the official modulo map would send it to KV head 0.
             let (out, read) = select(&mut t, &c, &query(1, 2, &u, LEN as u32), LEN as u32);
-            let want = [(0, 4), (50, 52), (120, 121), (192, 200)];
+            let want = [(0, 4), (50, 52), (170, 171), (192, 200)];
             assert_eq!(out.ranges(1), &want[..], "{dtype:?}");
             assert_eq!(
                 out.ranges(0),
