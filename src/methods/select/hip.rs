@@ -29,6 +29,10 @@
 //! Selection is per KV head (HiP's kernels select per query head): a key's score is the maximum over the query heads
 //! of the group of q·k, so the bytes attention reads are exactly the budget.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use smallvec::SmallVec;
+
 use super::{key_read_bytes, top_k, Frame, FrameDefaults, Middle, SelectOptions, Step};
 use crate::attention::Selection;
 use crate::methods::spec::Budget;
@@ -38,6 +42,8 @@ use crate::model::{SelectCx, Selector};
 pub const FINAL_CHUNK: usize = 8;
 /// Most steps of a representative's binary descent (2 keys read per step).
 pub const DESCENT_STEPS: usize = 3;
+/// Pieces a task of a round scores (about 6 key reads each).
+const PIECES_PER_TASK: usize = 8;
 
 /// HiP's frame: 16 sinks, 64 recent (scaled down, see above), 2 dense layers, the mask refreshed every 8 steps.
 pub const DEFAULTS: FrameDefaults = FrameDefaults {
@@ -59,7 +65,7 @@ struct Piece {
 struct KeyReader<'a> {
     cx: &'a SelectCx<'a>,
     head: usize,
-    key: &'a mut Vec<f32>,
+    key: &'a mut [f32],
     bytes: usize,
     keys: u64,
 }
@@ -113,7 +119,6 @@ pub struct Hip {
     next: Vec<Piece>,
     scores: Vec<f32>,
     idx: Vec<u32>,
-    key: Vec<f32>,
     /// Keys the descents read, all steps together.
     keys_read: u64,
 }
@@ -127,14 +132,12 @@ impl Hip {
             next: Vec::new(),
             scores: Vec::new(),
             idx: Vec::new(),
-            key: Vec::new(),
             keys_read: 0,
         }
     }
 
     fn choose(&mut self, cx: &SelectCx) {
         let nh = cx.cache.cfg.n_kv_heads;
-        self.key.resize(cx.cache.cfg.head_dim_k, 0.0);
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
         kept.reset(nh);
         for h in 0..nh {
@@ -156,13 +159,8 @@ impl Hip {
             kept.add(h, m.lo, m.hi);
             return;
         }
-        let mut rd = KeyReader {
-            cx,
-            head: h,
-            key: &mut self.key,
-            bytes: 0,
-            keys: 0,
-        };
+        let hk = cx.cache.cfg.head_dim_k;
+        let (bytes, keys) = (AtomicUsize::new(0), AtomicU64::new(0));
         let span = |p: &Piece| {
             (
                 m.lo + p.u0 as usize * unit,
@@ -177,18 +175,30 @@ impl Hip {
             score: None,
         }));
         loop {
-            self.scores.clear();
-            for p in &mut self.pieces {
-                let s = match p.score {
-                    Some(s) => s,
-                    None => {
-                        let (a, b) = span(p);
-                        rd.represent(a, b)
-                    }
+            // The round's new pieces, PIECES_PER_TASK to a task over the pool: each descent is a chain of dependent
+            // key reads (each read a gather from head_dim_k cache lines of a block), but the pieces are independent.
+            crate::kernels::team::for_each_chunk_mut(&mut self.pieces, PIECES_PER_TASK, |_, ps| {
+                let mut key: SmallVec<[f32; 256]> = SmallVec::from_elem(0.0, hk);
+                let mut rd = KeyReader {
+                    cx,
+                    head: h,
+                    key: &mut key,
+                    bytes: 0,
+                    keys: 0,
                 };
-                p.score = Some(s);
-                self.scores.push(s);
-            }
+                for p in ps.iter_mut().filter(|p| p.score.is_none()) {
+                    let (a, b) = span(p);
+                    p.score = Some(rd.represent(a, b));
+                }
+                bytes.fetch_add(rd.bytes, Ordering::Relaxed);
+                keys.fetch_add(rd.keys, Ordering::Relaxed);
+            });
+            self.scores.clear();
+            self.scores.extend(
+                self.pieces
+                    .iter()
+                    .map(|p| p.score.unwrap_or(f32::NEG_INFINITY)),
+            );
             top_k(&self.scores, kc, &mut self.idx);
             self.next.clear();
             let mut split = false;
@@ -220,8 +230,8 @@ impl Hip {
             let (a, b) = span(p);
             kept.add(h, a, b);
         }
-        cx.cache.note_read(rd.bytes);
-        self.keys_read += rd.keys;
+        cx.cache.note_read(bytes.into_inner());
+        self.keys_read += keys.into_inner();
     }
 }
 
