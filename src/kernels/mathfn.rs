@@ -124,6 +124,69 @@ unsafe fn gate_mul_avx2(act: GateAct, gate: &mut [f32], up: &[f32]) {
     gate_mul_portable(act, gate, up)
 }
 
+/// z ← softmax(z) over one row: e^(x − max) by [`exp_neg`], divided by their sum. The max and the sum run in 16
+/// lanes, added up at the end, so every path vectorizes them and gives the same bits. An empty row is left alone.
+pub fn softmax_inplace(z: &mut [f32]) {
+    softmax_with(kernel(), z)
+}
+
+pub(crate) fn softmax_with(k: Kernel, z: &mut [f32]) {
+    match k {
+        // SAFETY: a kernel is only chosen when the CPU has its features.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { softmax_avx512(z) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { softmax_avx2(z) },
+        _ => softmax_portable(z),
+    }
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_portable(z: &mut [f32]) {
+    if z.is_empty() {
+        return;
+    }
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = z.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (mi, &x) in m.iter_mut().zip(c) {
+            *mi = mi.max(x);
+        }
+    }
+    for (mi, &x) in m.iter_mut().zip(chunks.remainder()) {
+        *mi = mi.max(x);
+    }
+    let mx = m.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = z.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = exp_neg(*x - mx);
+            *a += *x;
+        }
+    }
+    for (a, x) in acc.iter_mut().zip(chunks.into_remainder()) {
+        *x = exp_neg(*x - mx);
+        *a += *x;
+    }
+    let inv = 1.0 / acc.iter().sum::<f32>();
+    z.iter_mut().for_each(|x| *x *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn softmax_avx512(z: &mut [f32]) {
+    softmax_portable(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(z: &mut [f32]) {
+    softmax_portable(z)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +220,35 @@ mod tests {
     }
 
     /// Every compiled path (portable, AVX2, AVX-512, split over the pool or not) gives the scalar functions' bits.
+    #[test]
+    fn softmax_matches_f64_and_every_path_gives_the_same_bits() {
+        for len in [0, 1, 15, 16, 17, 1000, 8191] {
+            let z0: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.03 - 15.0)
+                .collect();
+            let mx = z0.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+            let e: Vec<f64> = z0.iter().map(|&x| (x as f64 - mx).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            let mut first: Option<Vec<u32>> = None;
+            for k in crate::kernels::available() {
+                let mut z = z0.clone();
+                softmax_with(k, &mut z);
+                for (i, (&got, &want)) in z.iter().zip(&e).enumerate() {
+                    let want = want / sum;
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-6 * want + 1e-12,
+                        "{k:?}, len {len}, [{i}]: {got} vs {want}"
+                    );
+                }
+                let bits: Vec<u32> = z.iter().map(|v| v.to_bits()).collect();
+                match &first {
+                    None => first = Some(bits),
+                    Some(f) => assert!(*f == bits, "{k:?}, len {len}: bits differ"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn gate_mul_equals_the_scalar_functions_bit_for_bit_on_every_path() {
         let x = inputs();

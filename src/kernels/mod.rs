@@ -44,7 +44,7 @@ pub mod team;
 mod tests;
 
 pub use crate::gguf::GgmlType;
-pub use mathfn::{exp_neg, gate_mul, gelu_tanh, silu, GateAct};
+pub use mathfn::{exp_neg, gate_mul, gelu_tanh, silu, softmax_inplace, GateAct};
 pub use rowdot::rows_dot_max_f16;
 
 use anyhow::{anyhow, bail};

@@ -221,6 +221,17 @@ impl<'a> BlockView<'a> {
     /// the block after the one it folds, so the next block's bytes arrive while it computes.
     #[inline]
     pub fn prefetch(&self) {
+        self.prefetch_parts(true)
+    }
+
+    /// [`BlockView::prefetch`] of the keys (and their scales) only: for a selector that scores keys.
+    #[inline]
+    pub fn prefetch_keys(&self) {
+        self.prefetch_parts(false)
+    }
+
+    #[inline]
+    fn prefetch_parts(&self, values: bool) {
         fn lines<T>(s: &[T]) {
             #[cfg(target_arch = "x86_64")]
             {
@@ -239,21 +250,29 @@ impl<'a> BlockView<'a> {
         match self.data {
             BlockData::F16 { k, v } => {
                 lines(&k[..]);
-                lines(&v[..]);
+                if values {
+                    lines(&v[..]);
+                }
             }
             BlockData::F32 { k, v } => {
                 lines(&k[..]);
-                lines(&v[..]);
+                if values {
+                    lines(&v[..]);
+                }
             }
             BlockData::Quant(q) => {
                 lines(&q.k[..]);
                 lines(&q.k_ms[..]);
-                lines(&q.v[..]);
-                lines(&q.v_ms[..]);
+                if values {
+                    lines(&q.v[..]);
+                    lines(&q.v_ms[..]);
+                }
             }
             BlockData::Disk(_) => {}
         }
-        lines(self.pos);
+        if values {
+            lines(self.pos);
+        }
     }
 
     /// Marks the block as read by attention in this step, for offload's LRU (nothing without offload): the attention

@@ -46,8 +46,8 @@ use half::slice::HalfFloatSliceExt;
 use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
 use crate::kernels::{
-    exp_neg,
     rowdot::{cols_dot_f16, MAX_VECTORS},
+    softmax_inplace,
 };
 use crate::kv::{BlockData, BlockView, KvCache};
 use crate::methods::spec::Budget;
@@ -301,7 +301,40 @@ impl TokenSelect {
             self.score(cx, aligned);
             // Soft voting: every query head's softmax over its candidates, summed per token.
             let mut read = 0;
-            for (w, probs) in self.work.iter().zip(&self.probs).filter(|(w, _)| w.votes) {
+            let mut middles = self.work.iter().filter(|w| w.votes).map(|w| (w.m.0, w.m.1));
+            let first = middles.next();
+            let same = aligned && first.is_some() && middles.all(|m| Some(m) == first);
+            if let (true, Some((lo, hi))) = (same, first) {
+                // Every voting head has the same candidates, entries lo..hi in order: the votes are plain sums of
+                // the rows (the same additions, in the same order, as the general path below), and the chosen
+                // entries are marked for the reading loop.
+                let n = hi - lo;
+                self.scores.clear();
+                self.scores.resize(n, 0.0);
+                for (w, probs) in self.work.iter().zip(&self.probs).filter(|(w, _)| w.votes) {
+                    read += w.read;
+                    for row in probs.chunks_exact(n) {
+                        for (v, &p) in self.scores.iter_mut().zip(row) {
+                            *v += p;
+                        }
+                    }
+                }
+                top_k(&self.scores, k, &mut self.idx);
+                if self.vote.len() < hi {
+                    self.vote.resize(hi, ABSENT);
+                }
+                for &i in &self.idx {
+                    let c = lo as u32 + i;
+                    self.vote[c as usize] = CHOSEN;
+                    self.touched.push(c);
+                }
+            }
+            for (w, probs) in self
+                .work
+                .iter()
+                .zip(&self.probs)
+                .filter(|(w, _)| w.votes && !same)
+            {
                 read += w.read;
                 let need = w.cand.iter().max().map_or(0, |&x| x as usize + 1);
                 if self.vote.len() < need {
@@ -320,12 +353,14 @@ impl TokenSelect {
                 }
             }
             cx.cache.note_read(read);
-            self.scores.clear();
-            self.scores
-                .extend(self.touched.iter().map(|&c| self.vote[c as usize]));
-            top_k(&self.scores, k, &mut self.idx);
-            for &i in &self.idx {
-                self.vote[self.touched[i as usize] as usize] = CHOSEN;
+            if !same {
+                self.scores.clear();
+                self.scores
+                    .extend(self.touched.iter().map(|&c| self.vote[c as usize]));
+                top_k(&self.scores, k, &mut self.idx);
+                for &i in &self.idx {
+                    self.vote[self.touched[i as usize] as usize] = CHOSEN;
+                }
             }
         }
         // Every head reads the chosen tokens it holds (a head whose whole middle fits reads it all).
@@ -408,6 +443,10 @@ impl TokenSelect {
             buf.key.resize(cx.cache.cfg.head_dim_k, 0.0);
             for b in b0..b1 {
                 let view = cx.cache.block(cx.layer, h, b);
+                // Blocks are separate allocations: ask for the next one's keys while this one is scored.
+                if b + 1 < b1 {
+                    cx.cache.block(cx.layer, h, b + 1).prefetch_keys();
+                }
                 let (s0, s1) = (lo.max(b * bt) - b * bt, hi.min((b + 1) * bt) - b * bt);
                 let out = (&mut buf.scores[..], nt, b * bt + s0 - t0);
                 score_block(
@@ -432,18 +471,8 @@ impl TokenSelect {
         });
         for (w, probs) in self.work.iter().zip(&mut self.probs) {
             let n = w.m.1 - w.m.0;
-            if !w.votes || n == 0 {
-                continue;
-            }
-            for z in probs.chunks_exact_mut(n) {
-                let mx = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let mut sum = 0.0f32;
-                for x in z.iter_mut() {
-                    *x = exp_neg(*x - mx);
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                z.iter_mut().for_each(|x| *x *= inv);
+            if w.votes && n > 0 {
+                crate::kernels::team::for_each_chunk_mut(probs, n, |_, z| softmax_inplace(z));
             }
         }
     }
