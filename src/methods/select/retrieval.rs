@@ -579,6 +579,16 @@ fn key_bytes(v: &BlockView, bt: usize) -> usize {
     }
 }
 
+/// One KV head's search of a step: its middle (None: nothing to choose), its queries (g × hk), the search and the
+/// bytes it read.
+#[derive(Default)]
+struct HeadSearch {
+    m: Option<Middle>,
+    qs: Vec<f32>,
+    retrieve: Retrieve,
+    read: usize,
+}
+
 pub struct Retrieval {
     frame: Frame,
     /// Sinks / recent window given as options (None: [`static_set`] of the budget).
@@ -594,8 +604,8 @@ pub struct Retrieval {
     /// graphs[layer · n_kv + head], and the cache's edit count when built.
     graphs: Vec<Option<Graph>>,
     built_edits: u64,
-    retrieve: Retrieve,
-    qs: Vec<f32>,
+    /// Per KV head: its search of the step.
+    heads: Vec<HeadSearch>,
     /// Keys touched and middle-region keys searched over, since the last build (the touched share).
     pub touched: u64,
     pub searched: u64,
@@ -631,8 +641,7 @@ impl Retrieval {
             indexed,
             graphs: Vec::new(),
             built_edits: 0,
-            retrieve: Retrieve::default(),
-            qs: Vec::new(),
+            heads: Vec::new(),
             touched: 0,
             searched: 0,
             build_secs: 0.0,
@@ -657,32 +666,45 @@ impl Retrieval {
         let fresh = self.built_edits == cx.cache.edits();
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
         kept.reset(nh);
-        for h in 0..nh {
+        self.heads.resize_with(nh, HeadSearch::default);
+        for (h, s) in self.heads.iter_mut().enumerate() {
             let m = self.frame.middle(cx, h);
-            if m.k == 0 {
-                continue;
-            }
-            self.qs.clear();
+            s.m = (m.k > 0).then_some(m);
+            s.qs.clear();
             for i in 0..g {
-                self.qs.extend_from_slice(cx.last_query(h * g + i));
+                s.qs.extend_from_slice(cx.last_query(h * g + i));
             }
+        }
+        // The KV heads' searches over the pool: each is a chain of dependent key reads, but the heads are independent.
+        let (graphs, queue) = (&self.graphs, self.queue);
+        crate::kernels::team::for_each_chunk_mut(&mut self.heads[..nh], 1, |h, s| {
+            let s = &mut s[0];
+            let Some(m) = s.m else {
+                return;
+            };
             let len = cx.cache.len(cx.layer, h);
-            let graph = match self.graphs.get(cx.layer * nh + h) {
+            let graph = match graphs.get(cx.layer * nh + h) {
                 Some(Some(gr)) if fresh && gr.n <= len => Some(gr),
                 _ => None,
             };
-            let queue = self.queue.unwrap_or_else(|| default_queue(m.hi - m.lo));
+            let queue = queue.unwrap_or_else(|| default_queue(m.hi - m.lo));
             let (cache, layer) = (cx.cache, cx.layer);
             let mut read = |k: u32, out: &mut [f32]| {
                 let v = cache.block(layer, h, k as usize / bt);
                 v.read_key(k as usize % bt, out);
                 key_bytes(&v, bt)
             };
-            let (keys, adj) = self.retrieve.run(graph, queue, &self.qs, hk, m, &mut read);
-            cache.note_read(keys + adj);
-            self.touched += self.retrieve.touch.touched.len() as u64;
+            let (keys, adj) = s.retrieve.run(graph, queue, &s.qs, hk, m, &mut read);
+            s.read = keys + adj;
+        });
+        for (h, s) in self.heads.iter().enumerate() {
+            let Some(m) = s.m else {
+                continue;
+            };
+            cx.cache.note_read(s.read);
+            self.touched += s.retrieve.touch.touched.len() as u64;
             self.searched += (m.hi - m.lo) as u64;
-            for &k in &self.retrieve.chosen {
+            for &k in &s.retrieve.chosen {
                 kept.add(h, k as usize, k as usize + 1);
             }
         }
