@@ -15,8 +15,10 @@
 # Model: --model, else $HAYLOFT_MODEL, else SmolLM2-135M-Instruct.Q4_1.gguf where `hayloft fetch` or /tmp/models
 # put it. llama.cpp: $LLAMA_BENCH, else $PEER_DIR/bin/llama-bench (PEER_DIR default ~/.cache/llamacpp-peer), built
 # by ../shared/tools/llamacpp-peer.sh. hayloft: $HAYLOFT, else target/release/hayloft (built if missing).
-# llama.cpp runs with --repack 0 (its AMX repacking SIGILLs on these machines) and OMP_WAIT_POLICY=passive; the
-# flash-attention setting is llama-bench's default (auto) unless passed after `--`, and is printed.
+# llama.cpp runs with --repack 0 (its AMX repacking SIGILLs on these machines) and its default OpenMP wait policy
+# (OMP_WAIT_POLICY is removed from the environment: with `passive`, which this script set until 2026-11-30, its
+# threads sleep between ops and its decode ran about 3x slower on the 2-core machine); the flash-attention setting is
+# llama-bench's default (auto) unless passed after `--`, and is printed.
 # Raw results stay in --out (default: a fresh temp dir): llama.json, hayloft.json, table.txt.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -64,7 +66,7 @@ fi
 
 OUT=${OUT:-$(mktemp -d /tmp/vs-llamacpp.XXXXXX)}
 mkdir -p "$OUT"
-export OMP_WAIT_POLICY=passive
+unset OMP_WAIT_POLICY
 echo "model:    $MODEL"
 echo "threads:  $THREADS   contexts: $CONTEXTS   reps: $REPS   decode tokens: $GEN   results: $OUT"
 
