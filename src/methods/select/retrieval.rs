@@ -671,8 +671,10 @@ impl Retrieval {
             let m = self.frame.middle(cx, h);
             s.m = (m.k > 0).then_some(m);
             s.qs.clear();
-            for i in 0..g {
-                s.qs.extend_from_slice(cx.last_query(h * g + i));
+            if s.m.is_some() {
+                for i in 0..g {
+                    s.qs.extend_from_slice(cx.last_query(h * g + i));
+                }
             }
         }
         // The KV heads' searches over the pool: each is a chain of dependent key reads, but the heads are independent.

@@ -395,9 +395,7 @@ impl TokenSelect {
         kept.finish();
         *self.frame.kept_mut(l) = kept;
     }
-}
 
-impl TokenSelect {
     /// Scores every candidate of every voting head into `self.probs` and turns each query head's scores into its
     /// softmax. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV
     /// head (Gemma 3 270M) has a single head to score, and one task per head left every other thread idle. A
