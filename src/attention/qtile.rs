@@ -32,8 +32,8 @@ pub(super) struct Q4<'a> {
     /// Per value group and token: minimum and scale (`[g · BT + j]`, ng × BT).
     pub vmin: &'a [f32],
     pub vscale: &'a [f32],
-    /// The integer (VNNI) fold of [`super::vnni`] reads this block: `qi` holds each row's `qs` as two int8 passes
-    /// (rows × 2 · hs: pass 1, then the residual), `qsc` their steps (rows × 2); both empty otherwise.
+    /// The integer (VNNI) fold of [`super::vnni`] reads this block: `qi` holds each row's `qs` quantized to int8
+    /// (rows × hs), `qsc` their steps (rows); both empty otherwise.
     pub qi: &'a [i8],
     pub qsc: &'a [f32],
     /// The integer fold may read this block (the CPU has it and the block holds 32 keys): p·V takes it whenever
@@ -57,7 +57,7 @@ pub(super) struct QPrep {
     /// ng × BT each.
     vmin: Vec<f32>,
     vscale: Vec<f32>,
-    /// rows × 2 · hs and rows × 2: see [`Q4::qi`].
+    /// rows × hs and rows: see [`Q4::qi`].
     qi: Vec<i8>,
     qsc: Vec<f32>,
 }
@@ -80,14 +80,14 @@ impl QPrep {
             self.vms.resize(2 * bt * ng, 0.0);
             self.vmin.resize(ng * bt, 0.0);
             self.vscale.resize(ng * bt, 0.0);
-            self.qi.resize(2 * rows * hk, 0);
-            self.qsc.resize(2 * rows, 0.0);
+            self.qi.resize(rows * hk, 0);
+            self.qsc.resize(rows, 0.0);
         }
     }
 
     /// Folds the block's key scales and minima into `rows` query rows (`row_q(r)`: row r's query over the stored
     /// channels) and unpacks its value minima and scales. `qb` must hold 4-bit codes. With `int8` (the caller runs
-    /// the integer fold) the scaled rows are also quantized to two int8 passes (`vnni::quantize_row`).
+    /// the integer fold) the scaled rows are also quantized to int8 (`vnni::quantize_row`).
     #[inline(always)]
     pub fn prepare<'a, const BT: usize>(
         &'a mut self,
@@ -104,18 +104,21 @@ impl QPrep {
         // The integer fold's vector preparation (x86 only; `int8` is never set elsewhere).
         let vector_q = int8q && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
         if vector_q {
+            // The block's key minima and scales once, then each row folded against them.
             #[cfg(target_arch = "x86_64")]
-            for r in 0..rows {
-                let (qs, qi) = (
-                    &mut self.qs[r * hs..][..hs],
-                    &mut self.qi[2 * r * hs..][..2 * hs],
+            unsafe {
+                // SAFETY: `int8` is set only where `vnni::available()` found the CPU features; hs % 16 == 0.
+                super::vnni::split_pairs(&qb.k_ms[..2 * hs], &mut self.kmin, &mut self.kscale);
+                super::vnni::fold_queries(
+                    &self.kmin[..hs],
+                    &self.kscale[..hs],
+                    rows,
+                    |r| &row_q(r)[..hs],
+                    &mut self.qs,
+                    &mut self.qi,
+                    &mut self.qc,
+                    &mut self.qsc,
                 );
-                // SAFETY: `int8` is set only where `vnni::available()` found the CPU features.
-                let (qc, s1, s2) =
-                    unsafe { super::vnni::fold_query(&qb.k_ms[..2 * hs], &row_q(r)[..hs], qs, qi) };
-                self.qc[r] = qc;
-                self.qsc[2 * r] = s1;
-                self.qsc[2 * r + 1] = s2;
             }
         } else {
             qb.k_ms.convert_to_f32_slice(&mut self.kms[..2 * hs]);
@@ -132,14 +135,9 @@ impl QPrep {
                 self.qc[r] = dot8(q, kmin);
                 #[cfg(target_arch = "x86_64")]
                 if int8q {
-                    let (x, out) = (
-                        &self.qs[r * hs..][..hs],
-                        &mut self.qi[2 * r * hs..][..2 * hs],
-                    );
+                    let (x, out) = (&self.qs[r * hs..][..hs], &mut self.qi[r * hs..][..hs]);
                     // SAFETY: `int8` is set only where `vnni::available()` found the CPU features.
-                    let (s1, s2) = unsafe { super::vnni::quantize_row(x, out) };
-                    self.qsc[2 * r] = s1;
-                    self.qsc[2 * r + 1] = s2;
+                    self.qsc[r] = unsafe { super::vnni::quantize_row(x, out) };
                 }
             }
         }
@@ -177,8 +175,8 @@ impl QPrep {
             qc: &self.qc[..rows],
             vmin: &self.vmin[..ng * BT],
             vscale: &self.vscale[..ng * BT],
-            qi: &self.qi[..2 * nq * hs],
-            qsc: &self.qsc[..2 * nq],
+            qi: &self.qi[..nq * hs],
+            qsc: &self.qsc[..nq],
             int8,
         }
     }

@@ -440,8 +440,17 @@ mod tests {
                             &mut scratch,
                         );
                         let e = max_err(&out, &want);
+                        // The integer fold's query rounding: at most a fifth of what 4-bit storage does.
+                        let tol = if super::super::integer_fold(simd, dtype, bt) {
+                            let (exact, ..) = case(n_q, n_kv, len, n_new, bt, KvDtype::F32);
+                            2e-3f32.max(
+                                0.2 * max_err(&want, &naive_tiles(&exact, &q, &q_pos, &p, &ts)),
+                            )
+                        } else {
+                            2e-3
+                        };
                         assert!(
-                            e < 2e-3,
+                            e < tol,
                             "{dtype:?} {simd:?} n_q {n_q} len {len} new {n_new}: err {e}"
                         );
                     }

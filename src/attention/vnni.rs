@@ -2,17 +2,22 @@
 //! spread to the lanes they multiply with byte permutes (AVX-512 VBMI) instead of being widened to floats.
 //!
 //! Scores: a score is `qc + Σ_c qs[c] · code[c][j]` ([`super::qtile`]). Each row's `qs` is quantized once per block
-//! to two int8 passes (`qs ≈ s1·q1 + s2·q2`, [`quantize_row`]); `vpdpbusd` sums 4 channels of
-//! unsigned codes times 4 signed int8 weights per 32-bit lane, lane = key. Four channels of codes (4 × 16 bytes) are
-//! one 64-byte load; their low and high nibbles (even and odd keys) are permuted into key-major order, so each load
-//! feeds 2 × 2 dot products per row. Integer sums are exact; the only error is the query's rounding, at most
-//! `max|qs| / 64 516` per channel, i.e. |Δscore| ≤ hs · 15 · max|qs| / 64 516 (hs = 64: 1.5 % of max|qs|, against
-//! scores of up to 960 · max|qs|).
+//! to int8 (`qs ≈ s · qi`, [`quantize_row`]), as llama.cpp quantizes activations against quantized weights;
+//! `vpdpbusd` sums 4 channels of unsigned codes times 4 signed int8 weights per 32-bit lane, lane = key. Four channels
+//! of codes (4 × 16 bytes) are one 64-byte load; their low and high nibbles (even and odd keys) are permuted into
+//! key-major order, so each load feeds 2 dot products per row. Integer sums are exact; the only error is the query's
+//! rounding, at most `max|qs| / 254` per channel: |Δscore| ≤ hs · 15 · max|qs| / 254 at worst, and in rms about
+//! √hs · 8.7 · max|qs| / 440 (hs = 64: 0.16 · max|qs|). KIVI-4's own key rounding, half a step per channel, moves a
+//! score by √(Σ_c qs[c]²) / √12 in rms: 0.29 · max|qs| when one channel holds all of qs, 2.3 · max|qs| when every
+//! channel is as large. Added in quadrature, the query's rounding raises the cache's own score noise by 0.2–14 %.
+//! (An earlier version spent a second int8 pass on the residual, 254 times finer; it doubled the dot products and the
+//! query's preparation, and attention over a 4-bit cache then ran slower than over f16 on a 2-core Xeon.)
 //!
-//! p·V: per row and value group, the value-scaled probabilities `pq` (≥ 0) are quantized to two 16-bit passes
-//! (`pq ≈ s1 · p1 + s2 · p2`, s1 = max pq / 32 767, s2 = s1 / 65 534); `vpdpwssd` sums 2 tokens of 16-bit codes times
-//! 16-bit weights per lane, lane = channel. Two value rows (2 × 32 bytes of a group) are one load; their nibbles are
-//! permuted into channel-major words. Error at most s2 / 2 per token, i.e. |Δ| ≤ n · 15 · s2 / 2 per channel.
+//! p·V: per row and value group, the value-scaled probabilities `pq` (≥ 0) are quantized to 16 bits
+//! (`pq ≈ s · p`, s = max pq / 32 767); `vpdpwssd` sums 2 tokens of 16-bit codes times 16-bit weights per lane, lane =
+//! channel. Two value rows (2 × 32 bytes of a group) are one load; their nibbles are permuted into channel-major
+//! words, once for both 32-channel halves of the group. Error at most s / 2 per token, i.e. |Δ| ≤ n · 15 · s / 2 per
+//! channel: 15 · n / 65 534 of the block's largest scaled probability.
 //!
 //! Used by [`super::wide::fold`] when [`available`] and the block holds 32 keys, the stored key channels are a
 //! multiple of 4 (scores) and the value head dim a multiple of 64 (p·V); otherwise the float steps run.
@@ -72,15 +77,14 @@ unsafe fn interleave(e: __m512, o: __m512) -> [__m512; 2] {
     ]
 }
 
-/// c + s1 · a + s2 · b, the integer sums as floats.
+/// c + s · a, the integer sums as floats.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn two_pass(a: __m512i, b: __m512i, s1: __m512, s2: __m512, c: __m512) -> __m512 {
-    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), s2, c);
-    _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s1, t)
+unsafe fn scaled(a: __m512i, s: __m512, c: __m512) -> __m512 {
+    _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, c)
 }
 
-/// s[i · 32 + j] = qc[r_i] + s1 · Σ_c q1[c] · code[c][j] + s2 · Σ_c q2[c] · code[c][j] for the rows `rows` (R ≤ 4).
+/// s[i · 32 + j] = qc[r_i] + qsc[r_i] · Σ_c qi[r_i][c] · code[c][j] for the rows `rows` (R ≤ 8).
 ///
 /// # Safety
 /// The CPU must support what [`available`] checks (and AVX2, FMA, F16C).
@@ -88,14 +92,14 @@ unsafe fn two_pass(a: __m512i, b: __m512i, s1: __m512, s2: __m512, c: __m512) ->
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 pub(super) unsafe fn scores<const R: usize>(q4: &Q4, rows: &[usize; R], s: &mut [f32]) {
     let hs = q4.hs;
-    assert!(R <= 4 && hs.is_multiple_of(4) && s.len() >= R * BT && q4.k.len() >= hs * BT / 2);
-    assert!(rows.iter().all(|&r| r < q4.qc.len()
-        && 2 * (r + 1) <= q4.qsc.len()
-        && 2 * (r + 1) * hs <= q4.qi.len()));
+    assert!(R <= 8 && hs.is_multiple_of(4) && s.len() >= R * BT && q4.k.len() >= hs * BT / 2);
+    assert!(rows
+        .iter()
+        .all(|&r| r < q4.qc.len() && r < q4.qsc.len() && (r + 1) * hs <= q4.qi.len()));
     let idx = _mm512_loadu_si512(KEY_IDX.as_ptr() as *const _);
     let mask = _mm512_set1_epi8(15);
-    // Per row: [pass 1 even keys, pass 1 odd keys, pass 2 even, pass 2 odd].
-    let mut acc = [[_mm512_setzero_si512(); 4]; R];
+    // Per row: [even keys, odd keys].
+    let mut acc = [[_mm512_setzero_si512(); 2]; R];
     let (base, qi) = (q4.k.as_ptr(), q4.qi.as_ptr());
     for c4 in 0..hs / 4 {
         let x = _mm512_loadu_si512(base.add(64 * c4) as *const _);
@@ -104,38 +108,31 @@ pub(super) unsafe fn scores<const R: usize>(q4: &Q4, rows: &[usize; R], s: &mut 
         let e = _mm512_permutexvar_epi8(idx, lo);
         let o = _mm512_permutexvar_epi8(idx, hi);
         for (ar, &r) in acc.iter_mut().zip(rows) {
-            let q = qi.add(2 * r * hs + 4 * c4);
-            let b1 = _mm512_set1_epi32((q as *const i32).read_unaligned());
-            let b2 = _mm512_set1_epi32((q.add(hs) as *const i32).read_unaligned());
-            ar[0] = _mm512_dpbusd_epi32(ar[0], e, b1);
-            ar[1] = _mm512_dpbusd_epi32(ar[1], o, b1);
-            ar[2] = _mm512_dpbusd_epi32(ar[2], e, b2);
-            ar[3] = _mm512_dpbusd_epi32(ar[3], o, b2);
+            let q = qi.add(r * hs + 4 * c4);
+            let b = _mm512_set1_epi32((q as *const i32).read_unaligned());
+            ar[0] = _mm512_dpbusd_epi32(ar[0], e, b);
+            ar[1] = _mm512_dpbusd_epi32(ar[1], o, b);
         }
     }
     let out = s.as_mut_ptr();
     for (i, (ar, &r)) in acc.iter().zip(rows).enumerate() {
         let qc = _mm512_set1_ps(*q4.qc.get_unchecked(r));
-        let s1 = _mm512_set1_ps(*q4.qsc.get_unchecked(2 * r));
-        let s2 = _mm512_set1_ps(*q4.qsc.get_unchecked(2 * r + 1));
-        let e = two_pass(ar[0], ar[2], s1, s2, qc);
-        let o = two_pass(ar[1], ar[3], s1, s2, qc);
-        let [a, b] = interleave(e, o);
+        let st = _mm512_set1_ps(*q4.qsc.get_unchecked(r));
+        let [a, b] = interleave(scaled(ar[0], st, qc), scaled(ar[1], st, qc));
         _mm512_storeu_ps(out.add(i * BT), a);
         _mm512_storeu_ps(out.add(i * BT + 16), b);
     }
 }
 
-/// Quantizes `x` to two signed int8 passes, `x ≈ s1 · q1 + s2 · q2` (`out` = q1 (x.len()), then q2), and returns
-/// (s1, s2): s1 = max|x| / 127, q1 = round(x / s1), and the residual (at most s1 / 2) in steps s2 = s1 / 254. Error per
-/// element at most s2 / 2 = max|x| / 64 516 (plus f32 rounding); all zero when x is (or holds a non-finite value).
+/// Quantizes `x` to signed int8, `x ≈ s · out` with s = max|x| / 127 and out = round(x / s), and returns s; all zero
+/// when x is (or holds a non-finite value). Error per element at most s / 2 = max|x| / 254.
 ///
 /// # Safety
-/// The CPU must support what [`available`] checks; `out` holds 2 · x.len().
+/// The CPU must support what [`available`] checks; `out` holds x.len().
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-pub(super) unsafe fn quantize_row(x: &[f32], out: &mut [i8]) -> (f32, f32) {
+pub(super) unsafe fn quantize_row(x: &[f32], out: &mut [i8]) -> f32 {
     let n = x.len();
-    assert!(out.len() >= 2 * n);
+    assert!(out.len() >= n);
     let mut mx = _mm512_setzero_ps();
     let mut i = 0;
     while i < n {
@@ -149,67 +146,102 @@ pub(super) unsafe fn quantize_row(x: &[f32], out: &mut [i8]) -> (f32, f32) {
 /// [`quantize_row`] given amax = max|x|.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn quantize_scaled(x: &[f32], amax: f32, out: &mut [i8]) -> (f32, f32) {
+unsafe fn quantize_scaled(x: &[f32], amax: f32, out: &mut [i8]) -> f32 {
     let n = x.len();
-    assert!(out.len() >= 2 * n);
+    assert!(out.len() >= n);
     if !(amax > 0.0 && amax.is_finite()) {
-        out[..2 * n].fill(0);
-        return (0.0, 0.0);
+        out[..n].fill(0);
+        return 0.0;
     }
-    let (s1, s2) = (amax / 127.0, amax / (127.0 * 254.0));
-    let (vs1, i1, i2) = (
-        _mm512_set1_ps(s1),
-        _mm512_set1_ps(1.0 / s1),
-        _mm512_set1_ps(1.0 / s2),
-    );
-    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let (s, inv) = (amax / 127.0, _mm512_set1_ps(127.0 / amax));
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let o = out.as_mut_ptr();
     let mut i = 0;
     while i < n {
         let k = tail_mask(n - i);
         let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(i));
-        let q1 = _mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(v, i1));
-        let q1 = _mm512_min_ps(_mm512_max_ps(q1, lo), hi);
-        let r = _mm512_mul_ps(_mm512_fnmadd_ps(q1, vs1, v), i2);
-        let q2 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps::<NEAREST>(r), lo), hi);
-        _mm_mask_storeu_epi8(o.add(i), k, _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(q1)));
-        _mm_mask_storeu_epi8(
-            o.add(n + i),
-            k,
-            _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(q2)),
-        );
+        // |x / s| ≤ 127 up to rounding; the narrowing saturates.
+        let q = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v, inv));
+        _mm_mask_storeu_epi8(o.add(i), k, _mm512_cvtsepi32_epi8(q));
         i += 16;
     }
-    (s1, s2)
+    s
 }
 
-/// One query row's constants for a block's integer scores: `qs` = q ∘ key scale (the block's `kms`, (min, scale) per
-/// channel interleaved), quantized into `qi` as [`quantize_row`] does; returns (q · key min, s1, s2). hs = q.len() is a
-/// multiple of 16.
+/// Each query row's constants for a block's integer scores: row r's `qs` (`qs[r · hs..][..hs]`) = q_r ∘ key scale,
+/// quantized into `qi[r · hs..][..hs]` as [`quantize_row`] does, `qc[r]` = q_r · key min and `qsc[r]` the step of its
+/// `qi`. `kmin` and `kscale` are the block's per-channel minima and scales ([`split_pairs`]); `row_q(r)` is row r's
+/// query over hs channels, hs a multiple of 16. Rows go four at a time, so their reductions and divisions overlap
+/// instead of waiting on one another.
 ///
 /// # Safety
-/// The CPU must support what [`available`] checks; `kms` holds 2 · hs, `qs` hs and `qi` 2 · hs.
+/// The CPU must support what [`available`] checks; `kmin` and `kscale` hold hs, `qs` and `qi` rows · hs, `qc` and
+/// `qsc` rows.
+#[allow(clippy::too_many_arguments)] // one block's inputs and the four outputs
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-pub(super) unsafe fn fold_query(
-    kms: &[half::f16],
-    q: &[f32],
+pub(super) unsafe fn fold_queries<'q>(
+    kmin: &[f32],
+    kscale: &[f32],
+    rows: usize,
+    row_q: impl Fn(usize) -> &'q [f32],
     qs: &mut [f32],
     qi: &mut [i8],
-) -> (f32, f32, f32) {
-    let hs = q.len();
-    assert!(hs.is_multiple_of(16) && kms.len() >= 2 * hs && qs.len() >= hs && qi.len() >= 2 * hs);
-    let (mut qc, mut mx) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    for c in (0..hs).step_by(16) {
-        let [mins, scales] = pairs16(kms.as_ptr().add(2 * c));
-        let qv = _mm512_loadu_ps(q.as_ptr().add(c));
-        let x = _mm512_mul_ps(qv, scales);
-        _mm512_storeu_ps(qs.as_mut_ptr().add(c), x);
-        qc = _mm512_fmadd_ps(qv, mins, qc);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
+    qc: &mut [f32],
+    qsc: &mut [f32],
+) {
+    let hs = kmin.len();
+    assert!(hs.is_multiple_of(16) && kscale.len() >= hs);
+    assert!(
+        qs.len() >= rows * hs && qi.len() >= rows * hs && qc.len() >= rows && qsc.len() >= rows
+    );
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let mut r0 = 0;
+    while r0 < rows {
+        let k = (rows - r0).min(4);
+        let (mut mx, mut c) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+        for i in 0..k {
+            let q = row_q(r0 + i);
+            assert!(q.len() >= hs);
+            let out = qs.as_mut_ptr().add((r0 + i) * hs);
+            for ch in (0..hs).step_by(16) {
+                let qv = _mm512_loadu_ps(q.as_ptr().add(ch));
+                let x = _mm512_mul_ps(qv, _mm512_loadu_ps(kscale.as_ptr().add(ch)));
+                _mm512_storeu_ps(out.add(ch), x);
+                c[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kmin.as_ptr().add(ch)), c[i]);
+                mx[i] = _mm512_max_ps(mx[i], _mm512_abs_ps(x));
+            }
+        }
+        let mut inv = [0.0f32; 4];
+        for i in 0..k {
+            let amax = _mm512_reduce_max_ps(mx[i]);
+            qc[r0 + i] = _mm512_reduce_add_ps(c[i]);
+            // All zero when the row is (or holds a non-finite value).
+            let ok = amax > 0.0 && amax.is_finite();
+            qsc[r0 + i] = if ok { amax / 127.0 } else { 0.0 };
+            inv[i] = if ok { 127.0 / amax } else { 0.0 };
+        }
+        for (i, &inv) in inv.iter().enumerate().take(k) {
+            let (src, dst) = (
+                qs.as_ptr().add((r0 + i) * hs),
+                qi.as_mut_ptr().add((r0 + i) * hs),
+            );
+            if inv == 0.0 {
+                std::ptr::write_bytes(dst, 0, hs);
+                continue;
+            }
+            let iv = _mm512_set1_ps(inv);
+            for ch in (0..hs).step_by(16) {
+                // |x / s| ≤ 127 up to rounding; the narrowing saturates.
+                let q = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(
+                    _mm512_loadu_ps(src.add(ch)),
+                    iv,
+                ));
+                _mm_storeu_si128(dst.add(ch) as *mut __m128i, _mm512_cvtsepi32_epi8(q));
+            }
+        }
+        r0 += k;
     }
-    let (s1, s2) = quantize_scaled(&qs[..hs], _mm512_reduce_max_ps(mx), qi);
-    (_mm512_reduce_add_ps(qc), s1, s2)
 }
 
 /// 16 interleaved (a, b) f16 pairs at `p` as [a's, b's] in f32.
@@ -252,39 +284,28 @@ fn tail_mask(left: usize) -> __mmask16 {
     }
 }
 
-/// `x` (n ≤ 32 values ≥ 0, the rest read as 0) as two passes of 16-bit integers, `x ≈ s1 · p[j] + s2 · p[32 + j]`:
-/// s1 = max x / 32 767, p[j] = round(x / s1), and the residual (at most s1 / 2) in steps s2 = s1 / 65 534. Returns
-/// (s1, s2), both 0 when every value is 0.
+/// `x` (n ≤ 32 values ≥ 0, the rest read as 0) as 16-bit integers, `x ≈ s · p[j]`: s = max x / 32 767,
+/// p[j] = round(x / s). Returns s, 0 when every value is 0.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn quantize_probs(x: *const f32, n: usize, p: &mut [i16; 2 * BT]) -> (f32, f32) {
+unsafe fn quantize_probs(x: *const f32, n: usize, p: &mut [i16; BT]) -> f32 {
     let xs = [
         _mm512_maskz_loadu_ps(tail_mask(n), x),
         _mm512_maskz_loadu_ps(tail_mask(n.saturating_sub(16)), x.add(16)),
     ];
     let mx = _mm512_reduce_max_ps(_mm512_max_ps(xs[0], xs[1]));
     if !(mx > 0.0 && mx.is_finite()) {
-        *p = [0; 2 * BT];
-        return (0.0, 0.0);
+        *p = [0; BT];
+        return 0.0;
     }
-    let (s1, s2) = (mx / 32767.0, mx / (32767.0 * 65534.0));
-    let (vs1, i1, i2) = (
-        _mm512_set1_ps(s1),
-        _mm512_set1_ps(1.0 / s1),
-        _mm512_set1_ps(1.0 / s2),
-    );
+    let (s, inv) = (mx / 32767.0, _mm512_set1_ps(32767.0 / mx));
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let out = p.as_mut_ptr() as *mut __m256i;
     for (h, &v) in xs.iter().enumerate() {
-        let q1 = _mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(v, i1));
-        let q2 = _mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(_mm512_fnmadd_ps(q1, vs1, v), i2));
-        _mm256_storeu_si256(out.add(h), _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(q1)));
-        _mm256_storeu_si256(
-            out.add(2 + h),
-            _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(q2)),
-        );
+        let q = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v, inv));
+        _mm256_storeu_si256(out.add(h), _mm512_cvtsepi32_epi16(q));
     }
-    (s1, s2)
+    s
 }
 
 /// acc_i ← alpha_i · acc_i + pc_i[g] + Σ_{j<n} pq_i[g · 32 + j] · code_j for R ≤ 4 rows (`acc` row stride hv; `pq`
@@ -309,49 +330,51 @@ pub(super) unsafe fn pv<const R: usize>(
     let (ng, rb) = (q4.ng, q4.rb);
     assert!(R <= 4 && n <= BT && hv.is_multiple_of(64) && ng * 64 == hv && rb * 2 == hv);
     assert!(q4.v.len() >= BT * rb && alpha.len() >= R);
-    let idx0 = _mm512_loadu_si512(VAL_IDX0.as_ptr() as *const _);
-    let idx1 = _mm512_loadu_si512(VAL_IDX1.as_ptr() as *const _);
+    let idx = [
+        _mm512_loadu_si512(VAL_IDX0.as_ptr() as *const _),
+        _mm512_loadu_si512(VAL_IDX1.as_ptr() as *const _),
+    ];
     let mask = _mm512_set1_epi8(15);
     const EVEN_BYTES: u64 = 0x5555_5555_5555_5555;
     for g in 0..ng {
-        // Per row: the weights in two 16-bit passes (pass 1, then the residual), and their steps.
-        let mut p16 = [[0i16; 2 * BT]; R];
-        let mut step = [(0.0f32, 0.0f32); R];
+        // Per row: the weights as 16-bit integers, and their step.
+        let mut p16 = [[0i16; BT]; R];
+        let mut step = [0.0f32; R];
         for (r, (pr, st)) in p16.iter_mut().zip(&mut step).enumerate() {
             *st = quantize_probs(pq.add(r * ng * BT + g * BT), n, pr);
         }
         let vb = q4.v.as_ptr().add(32 * g);
-        // Half h: channels 32h..32h + 32 of the group; per row [pass 1 even, pass 1 odd, pass 2 even, pass 2 odd].
-        for (h, idx) in [idx0, idx1].into_iter().enumerate() {
-            let mut ia = [[_mm512_setzero_si512(); 4]; R];
-            let mut j = 0;
-            while j < n {
-                // Tokens j and j + 1 (j + 1 < 32 always: n ≤ 32 and j is even; a token at n carries weight 0).
-                let a = _mm256_loadu_si256(vb.add(j * rb) as *const __m256i);
-                let b = _mm256_loadu_si256(vb.add((j + 1) * rb) as *const __m256i);
-                let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
-                let lo = _mm512_and_si512(x, mask);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
-                let e = _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx, lo);
-                let o = _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx, hi);
-                for (ar, pr) in ia.iter_mut().zip(&p16) {
-                    let p1 = _mm512_set1_epi32((pr.as_ptr().add(j) as *const i32).read_unaligned());
-                    let p2 =
-                        _mm512_set1_epi32((pr.as_ptr().add(BT + j) as *const i32).read_unaligned());
-                    ar[0] = _mm512_dpwssd_epi32(ar[0], p1, e);
-                    ar[1] = _mm512_dpwssd_epi32(ar[1], p1, o);
-                    ar[2] = _mm512_dpwssd_epi32(ar[2], p2, e);
-                    ar[3] = _mm512_dpwssd_epi32(ar[3], p2, o);
+        // Per row: [half 0 even channels, half 0 odd, half 1 even, half 1 odd] (half h: channels 32h..32h + 32).
+        let mut ia = [[_mm512_setzero_si512(); 4]; R];
+        let mut j = 0;
+        while j < n {
+            // Tokens j and j + 1 (j + 1 < 32 always: n ≤ 32 and j is even; a token at n carries weight 0).
+            let a = _mm256_loadu_si256(vb.add(j * rb) as *const __m256i);
+            let b = _mm256_loadu_si256(vb.add((j + 1) * rb) as *const __m256i);
+            let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+            let lo = _mm512_and_si512(x, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
+            let w = [
+                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[0], lo),
+                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[0], hi),
+                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[1], lo),
+                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[1], hi),
+            ];
+            for (ar, pr) in ia.iter_mut().zip(&p16) {
+                let p = _mm512_set1_epi32((pr.as_ptr().add(j) as *const i32).read_unaligned());
+                for (a, &w) in ar.iter_mut().zip(&w) {
+                    *a = _mm512_dpwssd_epi32(*a, p, w);
                 }
-                j += 2;
             }
-            for (r, ar) in ia.iter().enumerate() {
-                let al = _mm512_set1_ps(alpha[r]);
-                let cst = _mm512_set1_ps(*pc.add(r * ng + g));
-                let (s1, s2) = (_mm512_set1_ps(step[r].0), _mm512_set1_ps(step[r].1));
-                let zero = _mm512_setzero_ps();
-                let ev = two_pass(ar[0], ar[2], s1, s2, zero);
-                let od = two_pass(ar[1], ar[3], s1, s2, zero);
+            j += 2;
+        }
+        for (r, ar) in ia.iter().enumerate() {
+            let al = _mm512_set1_ps(alpha[r]);
+            let cst = _mm512_set1_ps(*pc.add(r * ng + g));
+            let (st, zero) = (_mm512_set1_ps(step[r]), _mm512_setzero_ps());
+            for h in 0..2 {
+                let ev = scaled(ar[2 * h], st, zero);
+                let od = scaled(ar[2 * h + 1], st, zero);
                 let row = acc.add(r * hv + 64 * g + 32 * h);
                 for (k, c) in interleave(ev, od).into_iter().enumerate() {
                     let old = _mm512_loadu_ps(row.add(16 * k));
@@ -415,7 +438,7 @@ mod tests {
             let mut prep = QPrep::default();
             prep.ensure(rows, hk, hv, BT);
             let q4 = prep.prepare::<BT>(&qb, hv, rows, true, |r| &q[r * hk..][..hk]);
-            assert_eq!(q4.qi.len(), 2 * rows * hk);
+            assert_eq!(q4.qi.len(), rows * hk);
             let mut s = vec![0.0f32; 4 * BT];
             // SAFETY: available() checked the CPU.
             unsafe { scores::<3>(&q4, &[0, 1, 2], &mut s) };
@@ -438,7 +461,7 @@ mod tests {
                         .zip(&key)
                         .map(|(&a, &b)| (a as f64 * b as f64).abs())
                         .sum();
-                    let bound = hk as f32 * 15.0 * amax / 64_516.0 + 1e-5 * mag as f32;
+                    let bound = hk as f32 * 15.0 * amax / 254.0 + 1e-5 * mag as f32;
                     let err = (s[r * BT + j] - want as f32).abs();
                     assert!(
                         err <= bound,
@@ -505,7 +528,7 @@ mod tests {
                     // f32 slack: the float step's own rounding over terms up to 15 · pmax each, the constant and acc.
                     let pc = pbuf[pc_at + r * q4.ng + g].abs();
                     let slack = 1e-5 * (b.abs() + 15.0 * n as f32 * pmax + pc + 5.0);
-                    let bound = n as f32 * 7.5 * pmax / (32_767.0 * 65_534.0) + slack;
+                    let bound = n as f32 * 7.5 * pmax / 32_767.0 + slack;
                     assert!(
                         (a - b).abs() <= bound,
                         "n {n} row {r} ch {d}: |{a} - {b}| > {bound}"

@@ -83,19 +83,17 @@ pub(super) unsafe fn fold<const BT: usize>(
                 scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
             }
             Tile::Q4(ref q4) if BT == 32 && !q4.qi.is_empty() => {
-                // Integer scores, up to 4 rows per pass over the codes.
-                let mut i0 = 0;
-                while i0 < rc {
-                    let k = (rc - i0).min(4);
-                    let row = |i: usize| r0 + i0 + i.min(k - 1);
-                    let s = &mut s_buf[i0 * BT..];
-                    match k {
-                        4 => vnni::scores::<4>(q4, &std::array::from_fn(row), s),
-                        3 => vnni::scores::<3>(q4, &std::array::from_fn(row), s),
-                        2 => vnni::scores::<2>(q4, &std::array::from_fn(row), s),
-                        _ => vnni::scores::<1>(q4, &std::array::from_fn(row), s),
-                    }
-                    i0 += k;
+                // Integer scores, the chunk's rows in one pass over the codes.
+                let row = |i: usize| r0 + i;
+                match rc {
+                    1 => vnni::scores::<1>(q4, &std::array::from_fn(row), s_buf),
+                    2 => vnni::scores::<2>(q4, &std::array::from_fn(row), s_buf),
+                    3 => vnni::scores::<3>(q4, &std::array::from_fn(row), s_buf),
+                    4 => vnni::scores::<4>(q4, &std::array::from_fn(row), s_buf),
+                    5 => vnni::scores::<5>(q4, &std::array::from_fn(row), s_buf),
+                    6 => vnni::scores::<6>(q4, &std::array::from_fn(row), s_buf),
+                    7 => vnni::scores::<7>(q4, &std::array::from_fn(row), s_buf),
+                    _ => vnni::scores::<8>(q4, &std::array::from_fn(row), s_buf),
                 }
             }
             Tile::Q4(ref q4) => {
