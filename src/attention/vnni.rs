@@ -153,19 +153,28 @@ unsafe fn quantize_scaled(x: &[f32], amax: f32, out: &mut [i8]) -> f32 {
         out[..n].fill(0);
         return 0.0;
     }
-    let (s, inv) = (amax / 127.0, _mm512_set1_ps(127.0 / amax));
+    quantize_with(x.as_ptr(), n, 127.0 / amax, out.as_mut_ptr());
+    amax / 127.0
+}
+
+/// out[i] = round(x[i] · inv) as int8 for the n values at `x`, inv = 127 / max|x| (|x · inv| ≤ 127 up to rounding;
+/// the narrowing saturates): the one quantizing loop of [`quantize_scaled`] and [`fold_queries`].
+///
+/// # Safety
+/// The CPU must support what [`available`] checks; `x` and `out` hold n values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn quantize_with(x: *const f32, n: usize, inv: f32, out: *mut i8) {
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    let o = out.as_mut_ptr();
+    let iv = _mm512_set1_ps(inv);
     let mut i = 0;
     while i < n {
         let k = tail_mask(n - i);
-        let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(i));
-        // |x / s| ≤ 127 up to rounding; the narrowing saturates.
-        let q = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v, inv));
-        _mm_mask_storeu_epi8(o.add(i), k, _mm512_cvtsepi32_epi8(q));
+        let v = _mm512_maskz_loadu_ps(k, x.add(i));
+        let q = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v, iv));
+        _mm_mask_storeu_epi8(out.add(i), k, _mm512_cvtsepi32_epi8(q));
         i += 16;
     }
-    s
 }
 
 /// Each query row's constants for a block's integer scores: row r's `qs` (`qs[r · hs..][..hs]`) = q_r ∘ key scale,
@@ -195,7 +204,6 @@ pub(super) unsafe fn fold_queries<'q>(
     assert!(
         qs.len() >= rows * hs && qi.len() >= rows * hs && qc.len() >= rows && qsc.len() >= rows
     );
-    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let mut r0 = 0;
     while r0 < rows {
         let k = (rows - r0).min(4);
@@ -230,15 +238,7 @@ pub(super) unsafe fn fold_queries<'q>(
                 std::ptr::write_bytes(dst, 0, hs);
                 continue;
             }
-            let iv = _mm512_set1_ps(inv);
-            for ch in (0..hs).step_by(16) {
-                // |x / s| ≤ 127 up to rounding; the narrowing saturates.
-                let q = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(
-                    _mm512_loadu_ps(src.add(ch)),
-                    iv,
-                ));
-                _mm_storeu_si128(dst.add(ch) as *mut __m128i, _mm512_cvtsepi32_epi8(q));
-            }
+            quantize_with(src, hs, inv, dst);
         }
         r0 += k;
     }
