@@ -86,14 +86,14 @@ pub(super) unsafe fn fold<const BT: usize>(
                 // Integer scores, the chunk's rows in one pass over the codes.
                 let row = |i: usize| r0 + i;
                 match rc {
-                    1 => vnni::scores::<1>(q4, &std::array::from_fn(row), s_buf),
-                    2 => vnni::scores::<2>(q4, &std::array::from_fn(row), s_buf),
-                    3 => vnni::scores::<3>(q4, &std::array::from_fn(row), s_buf),
-                    4 => vnni::scores::<4>(q4, &std::array::from_fn(row), s_buf),
-                    5 => vnni::scores::<5>(q4, &std::array::from_fn(row), s_buf),
-                    6 => vnni::scores::<6>(q4, &std::array::from_fn(row), s_buf),
-                    7 => vnni::scores::<7>(q4, &std::array::from_fn(row), s_buf),
-                    _ => vnni::scores::<8>(q4, &std::array::from_fn(row), s_buf),
+                    1 => vnni::scores::<1>(q4, &std::array::from_fn(row), s_buf, BT),
+                    2 => vnni::scores::<2>(q4, &std::array::from_fn(row), s_buf, BT),
+                    3 => vnni::scores::<3>(q4, &std::array::from_fn(row), s_buf, BT),
+                    4 => vnni::scores::<4>(q4, &std::array::from_fn(row), s_buf, BT),
+                    5 => vnni::scores::<5>(q4, &std::array::from_fn(row), s_buf, BT),
+                    6 => vnni::scores::<6>(q4, &std::array::from_fn(row), s_buf, BT),
+                    7 => vnni::scores::<7>(q4, &std::array::from_fn(row), s_buf, BT),
+                    _ => vnni::scores::<8>(q4, &std::array::from_fn(row), s_buf, BT),
                 }
             }
             Tile::Q4(ref q4) => {
@@ -226,6 +226,81 @@ pub(super) unsafe fn fold<const BT: usize>(
             i0 += k;
         }
         r0 += rc;
+    }
+}
+
+/// Most blocks [`fold_q4_run`] folds together.
+pub(super) const Q4_RUN: usize = 4;
+
+/// f32s of [`fold_q4_run`]'s score scratch: 8 rows × the keys of [`Q4_RUN`] blocks.
+pub(super) const RUN_SCRATCH: usize = 8 * 32 * Q4_RUN;
+
+/// The fold of [`fold`] over NB ≤ [`Q4_RUN`] consecutive full 4-bit blocks (32 keys each, KEYS = 32 · NB, prepared
+/// with the integer fold) for `rows` ≤ 8 rows that see every key of them, with no soft-cap (decode): the blocks'
+/// integer scores side by side, one softmax step over all of their keys, and one p·V pass whose integer sums run
+/// across the blocks ([`vnni::pv_run`]). Per key it does what [`fold`] does block by block; per run it pays the
+/// softmax's reductions, the accumulators' rescaling and p·V's epilogue once instead of once per block, and the
+/// blocks' independent score chains can overlap. `s` holds [`RUN_SCRATCH`]; m, l and acc (row stride hv) as [`fold`]
+/// takes them.
+///
+/// # Safety
+/// The CPU must support what [`vnni::available`] checks; hv is a multiple of 64 and every block's `rb · 2 == hv`.
+#[allow(clippy::too_many_arguments)] // fold's state plus the run
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+pub(super) unsafe fn fold_q4_run<const NB: usize, const KEYS: usize>(
+    q4s: &[Q4; NB],
+    rows: usize,
+    scale: f32,
+    hv: usize,
+    s: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    assert!(KEYS == 32 * NB && NB <= Q4_RUN && s.len() >= RUN_SCRATCH);
+    match rows {
+        1 => run_rows::<1, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        2 => run_rows::<2, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        3 => run_rows::<3, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        4 => run_rows::<4, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        5 => run_rows::<5, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        6 => run_rows::<6, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        7 => run_rows::<7, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        8 => run_rows::<8, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        _ => panic!("fold_q4_run takes 1 to 8 rows, not {rows}"),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn run_rows<const R: usize, const NB: usize, const KEYS: usize>(
+    q4s: &[Q4; NB],
+    scale: f32,
+    hv: usize,
+    s: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    assert!(s.len() >= R * KEYS && m.len() >= R && l.len() >= R && acc.len() >= R * hv);
+    let rows: [usize; R] = std::array::from_fn(|i| i);
+    // Scores: row i's run at s[i · KEYS..], block b's keys at b · 32.
+    for (b, q4) in q4s.iter().enumerate() {
+        vnni::scores::<R>(q4, &rows, &mut s[32 * b..], KEYS);
+    }
+    let mut alpha = [1.0f32; 8];
+    softmax_rows::<KEYS, R>(s, scale, &mut m[..R], &mut l[..R], &mut alpha);
+    let (sp, ap) = (s.as_ptr(), acc.as_mut_ptr());
+    let mut i0 = 0;
+    while i0 < R {
+        let (p, a, al) = (sp.add(i0 * KEYS), ap.add(i0 * hv), &alpha[i0..]);
+        match R - i0 {
+            1 => vnni::pv_run::<1, NB>(q4s, p, KEYS, hv, al, a),
+            2 => vnni::pv_run::<2, NB>(q4s, p, KEYS, hv, al, a),
+            3 => vnni::pv_run::<3, NB>(q4s, p, KEYS, hv, al, a),
+            _ => vnni::pv_run::<4, NB>(q4s, p, KEYS, hv, al, a),
+        }
+        i0 += 4;
     }
 }
 
