@@ -174,9 +174,11 @@ fn a_selector_reads_from_disk_only_what_it_selects() {
         full.decode_read,
         full.disk_max
     );
-    // RetrievalAttention's graph search reads single keys in graph order, each through a whole-block disk read: it
-    // reads more from disk than full attention does (a known cost of combining it with offload, not a wrong result:
-    // `offload_changes_no_logit_for_full_attention_and_every_selector` holds its logits). The others must read less.
+    // RetrievalAttention's search reads its index's own 8-bit copy of the keys (in RAM), but the keys it picks are
+    // single tokens scattered over the stream, and attention reads each picked token's block from disk whole: here
+    // about as many bytes as full attention (a known cost of combining token-level retrieval with block offload, not
+    // a wrong result: `offload_changes_no_logit_for_full_attention_and_every_selector` holds its logits). The others
+    // must read less.
     for row in SELECTORS.iter().filter(|r| r.name != "retrieval") {
         let spec = format!("{}@64t,dense=0", row.name);
         let sel = run(&model, &spec, &toks, 8, off);

@@ -425,17 +425,26 @@ fn select(a: SelectArgs) -> Result<()> {
     for spec in &specs {
         let mut samples = Vec::new();
         let (mut read, mut attn) = (Vec::new(), Vec::new());
+        let mut prof = Vec::new();
         for _ in 0..a.reps {
             let mut s = base.fork(spec)?;
             s.stats = Default::default();
+            crate::kernels::prof::take();
             let t0 = Instant::now();
             for i in 0..a.n_gen {
                 s.decode(toks[a.context + i])?;
             }
             samples.push(a.n_gen as f64 / t0.elapsed().as_secs_f64());
+            prof.push(crate::kernels::prof::take());
             s.stats.finish();
             read.push(s.stats.kv_read_bytes_per_token);
             attn.push(s.stats.attention_ms_per_token);
+        }
+        if crate::kernels::prof::enabled() {
+            eprintln!(
+                "[profile] {spec}, per decoded token: {}",
+                crate::kernels::prof::summary_of(&prof, (a.n_gen * a.reps) as f64)
+            );
         }
         let row = SelectRow {
             kv: spec.to_string(),

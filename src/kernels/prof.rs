@@ -40,9 +40,11 @@ pub enum Phase {
     Logits,
     /// Quantizing a product's activations (counted inside the product's phase too).
     Quantize,
+    /// A decode-time selector choosing what attention reads (counted inside attention too).
+    Select,
 }
 
-const PHASES: [Phase; 13] = [
+const PHASES: [Phase; 14] = [
     Phase::Embed,
     Phase::Norm,
     Phase::Qkv,
@@ -56,6 +58,7 @@ const PHASES: [Phase; 13] = [
     Phase::Residual,
     Phase::Logits,
     Phase::Quantize,
+    Phase::Select,
 ];
 
 impl Phase {
@@ -74,6 +77,7 @@ impl Phase {
             Phase::Residual => "residual",
             Phase::Logits => "logits",
             Phase::Quantize => "(quantize)",
+            Phase::Select => "(select)",
         }
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! What selectors compute every decode step: each page summary (a row of 2·head_dim f16 values) scored
 //! against the query heads of a KV head's group, keeping the best; or (token-level selection) every key of a block
-//! against each query head. The rows are read once for all vectors, converted
-//! where they are loaded; AVX-512 and AVX2 builds beside the portable one, picked by [`super::kernel`].
+//! against each query head; or (`rows_dot_max_i8`) every key of an index's 8-bit copy. The rows are read once for all
+//! vectors, converted where they are loaded; AVX-512 and AVX2 builds beside the portable one, picked by
+//! [`super::kernel`].
 
 use half::f16;
 
@@ -115,6 +116,105 @@ unsafe fn avx2(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
             best = best.max(lanes.iter().sum());
         }
         *o = best;
+    }
+}
+
+/// `out[i] = scales[i] · max_j Σ_c codes[i·d + c] · w[j·d + c]` for the `out.len()` rows of `codes` (n × d, 8-bit,
+/// each row with its scale ≥ 0, so the scale applies after the maximum) and the `w.len() / d` vectors of `w` (1 to
+/// [`MAX_VECTORS`]).
+pub fn rows_dot_max_i8(codes: &[i8], scales: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
+    rows_dot_max_i8_with(super::kernel(), codes, scales, d, w, out)
+}
+
+pub(crate) fn rows_dot_max_i8_with(
+    k: Kernel,
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    let nw = w.len() / d.max(1);
+    assert!(
+        d > 0
+            && (1..=MAX_VECTORS).contains(&nw)
+            && w.len() == nw * d
+            && codes.len() >= out.len() * d
+            && scales.len() >= out.len(),
+        "rows_dot_max_i8: {} vectors of {d} over {} rows",
+        nw,
+        out.len()
+    );
+    match k {
+        // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if d.is_multiple_of(16) => unsafe {
+            i8_avx512(codes, scales, d, w, nw, out)
+        },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if d.is_multiple_of(8) => unsafe { i8_avx2(codes, scales, d, w, nw, out) },
+        _ => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let r = &codes[i * d..][..d];
+                let mut best = f32::NEG_INFINITY;
+                for wj in w.chunks_exact(d).take(nw) {
+                    let mut acc = [0.0f32; 8];
+                    for (c, (&x, y)) in r.iter().zip(wj).enumerate() {
+                        acc[c % 8] += x as f32 * y;
+                    }
+                    best = best.max(acc.iter().sum());
+                }
+                *o = scales[i] * best;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn i8_avx512(codes: &[i8], scales: &[f32], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (rp, wp) = (codes.as_ptr(), w.as_ptr());
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
+        for c in (0..d).step_by(16) {
+            let b = _mm_loadu_si128(rp.add(i * d + c) as *const __m128i);
+            let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+            for (j, a) in acc.iter_mut().enumerate().take(nw) {
+                *a = _mm512_fmadd_ps(x, _mm512_loadu_ps(wp.add(j * d + c)), *a);
+            }
+        }
+        let best = acc
+            .iter()
+            .take(nw)
+            .map(|&a| _mm512_reduce_add_ps(a))
+            .fold(f32::NEG_INFINITY, f32::max);
+        *o = scales[i] * best;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn i8_avx2(codes: &[i8], scales: &[f32], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (rp, wp) = (codes.as_ptr(), w.as_ptr());
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); MAX_VECTORS];
+        for c in (0..d).step_by(8) {
+            let b = _mm_loadl_epi64(rp.add(i * d + c) as *const __m128i);
+            let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            for (j, a) in acc.iter_mut().enumerate().take(nw) {
+                *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(wp.add(j * d + c)), *a);
+            }
+        }
+        let mut best = f32::NEG_INFINITY;
+        for a in acc.iter().take(nw) {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            best = best.max(lanes.iter().sum());
+        }
+        *o = scales[i] * best;
     }
 }
 
@@ -323,6 +423,49 @@ mod tests {
                             "{k:?} d {d} bt {bt}: {g} vs {e}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eight_bit_rows_match_the_f64_sum_on_every_path() {
+        for (d, nw, n) in [
+            (64, 3, 37),
+            (128, 7, 5),
+            (16, 1, 9),
+            (24, 2, 4),
+            (8, 16, 3),
+            (10, 2, 6),
+        ] {
+            let mut rng = Rng(d as u64 * 7 + nw as u64);
+            let codes: Vec<i8> = rng
+                .vec(n * d, 127.0)
+                .into_iter()
+                .map(|x| x.round() as i8)
+                .collect();
+            let scales: Vec<f32> = (0..n).map(|i| 0.01 * (i % 5) as f32).collect();
+            let w = rng.vec(nw * d, 1.0);
+            let want: Vec<f64> = (0..n)
+                .map(|i| {
+                    scales[i] as f64
+                        * (0..nw)
+                            .map(|j| {
+                                (0..d)
+                                    .map(|c| codes[i * d + c] as f64 * w[j * d + c] as f64)
+                                    .sum::<f64>()
+                            })
+                            .fold(f64::NEG_INFINITY, f64::max)
+                })
+                .collect();
+            for k in super::super::available() {
+                let mut out = vec![f32::NAN; n];
+                rows_dot_max_i8_with(k, &codes, &scales, d, &w, &mut out);
+                for (g, e) in out.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{k:?} d {d} vectors {nw}: {g} vs {e}"
+                    );
                 }
             }
         }

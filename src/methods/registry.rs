@@ -546,11 +546,12 @@ pub static SELECTORS: &[SelectorRow] = &[
     SelectorRow {
         name: "retrieval",
         reads: "keys found by a greedy search (one per query head, top keys by the maximum over the group) of an \
-                attention-aware graph built from the prompt's last queries (RoarGraph projection); keys past the graph \
-                or after a cache edit are scanned exactly; static set 128 + 512, shrunk in proportion below 2640",
+                attention-aware graph built from the prompt's last queries (RoarGraph projection), keys scored from the \
+                index's 8-bit copy (`index=flat`: every key scored from it); keys past the index or after a cache edit \
+                are scanned exactly; static set 128 + 512, shrunk in proportion below 2640",
         file: "src/methods/select/retrieval.rs",
         defaults: retrieval::DEFAULTS,
-        options: &["queue"],
+        options: &["queue", "index"],
         build: |s, mc| Ok(Box::new(retrieval::Retrieval::new(s.budget, &s.options, mc))),
     },
 ];
@@ -707,6 +708,18 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
             Ok(())
         },
         show: |o| o.queue.map(|n| format!("queue={n}")),
+    },
+    SelectOptionRow {
+        name: "index",
+        arg: "graph|flat",
+        help: "graph: the paper's attention-aware graph, searched per query head (default); flat: every key scored \
+               from the index's 8-bit key copy (the official integration's default index is an exact flat scan)",
+        common: false,
+        set: |o, v| {
+            o.index = Some(retrieval::parse_index("index", v)?);
+            Ok(())
+        },
+        show: |o| o.index.map(|k| format!("index={}", retrieval::index_name(k))),
     },
 ];
 

@@ -354,10 +354,12 @@ fn prepare_call(
         n_q_heads: params.n_q_heads,
         local,
     };
-    let selected = st
-        .selector
-        .as_mut()
-        .is_some_and(|sel| sel.select(&cx, &mut st.sel));
+    let selected = {
+        let _s = scope(Phase::Select);
+        st.selector
+            .as_mut()
+            .is_some_and(|sel| sel.select(&cx, &mut st.sel))
+    };
     st.attn_ns += t0.elapsed().as_nanos() as u64;
     Some(selected)
 }
@@ -427,11 +429,12 @@ fn attend_seq(
             }
         }
         // A selector may restrict what each KV head reads (decode); otherwise the whole cache is read.
-        let selected = !sparse
-            && st
-                .selector
+        let selected = !sparse && {
+            let _s = scope(Phase::Select);
+            st.selector
                 .as_mut()
-                .is_some_and(|sel| sel.select(&cx, &mut st.sel));
+                .is_some_and(|sel| sel.select(&cx, &mut st.sel))
+        };
         if sparse {
             attend_tiles(cache, layer, q, pos, att, params, &st.tsel, scratch);
         } else if selected {

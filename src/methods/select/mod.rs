@@ -68,6 +68,8 @@ pub struct SelectOptions {
     pub levels: Option<usize>,
     /// Candidate queue length of a graph search (RetrievalAttention).
     pub queue: Option<usize>,
+    /// RetrievalAttention's index: the graph or a flat scan of its key copy.
+    pub index: Option<retrieval::IndexKind>,
 }
 
 /// Parses a whole number option value.

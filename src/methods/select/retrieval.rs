@@ -27,8 +27,15 @@
 //! - after an edit of the cache (eviction, merging) the graph's entry indices are stale: the layer scans its middle
 //!   region exactly (every key read and counted) until the next prefill builds a new graph.
 //!
-//! Reads counted: every touched key (its stored key bytes) and every adjacency list expanded (4 bytes an edge plus
-//! the offsets). The graphs' bytes are [`Selector::index_bytes`].
+//! - the index keeps its own copy of the keys it covers, row-major, 8-bit with one scale per key (as a vector index
+//!   holds its vectors): a search reads a key as one 68-byte row (hk 64) instead of gathering its channels from the
+//!   cache's channel-major blocks, which spreads one key over 64 cache lines. The copy only steers the search and
+//!   ranks the touched keys; attention then reads the chosen keys exactly from the cache. An offloaded cache's blocks
+//!   stay on disk during the search.
+//!
+//! Reads counted: every touched key (its bytes in the copy, or its stored bytes for a key past the graph) and every
+//! adjacency list expanded (4 bytes an edge plus the offsets). The graphs' bytes (copy included) are
+//! [`Selector::index_bytes`].
 //!
 //! Defaults. Official integration (MInference `minference/modules/retr_attn.py`): static set `start_size` 128 +
 //! `recent_size` 512, `top_k` 2000 per query head, all layers (`from_layer` 0), retrieval every step; its default index
@@ -148,6 +155,151 @@ pub struct Graph {
     offsets: Vec<u32>,
     edges: Vec<u32>,
     entries: Vec<u32>,
+}
+
+/// The index's own copy of the keys `[0, n)` of one stream, row-major, 8-bit with one scale per key: a search reads a
+/// key as one contiguous row instead of gathering it from the cache's channel-major blocks, where one key's channels
+/// lie in as many cache lines as it has channels (a block's whole key half); a flat scan reads the rows in order.
+#[derive(Clone, Debug, Default)]
+pub struct KeyCopy {
+    n: usize,
+    hk: usize,
+    /// n × hk codes, and n scales (a key's largest magnitude / 127).
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl KeyCopy {
+    /// The copy of `keys` (n × hk, row-major).
+    pub fn new(keys: &[f32], hk: usize) -> Self {
+        let n = keys.len() / hk.max(1);
+        let mut c = KeyCopy {
+            n,
+            hk,
+            codes: vec![0; n * hk],
+            scales: vec![0.0; n],
+        };
+        for ((row, code), s) in keys
+            .chunks_exact(hk)
+            .zip(c.codes.chunks_exact_mut(hk))
+            .zip(&mut c.scales)
+        {
+            let amax = row.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+            *s = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (o, &x) in code.iter_mut().zip(row) {
+                *o = (x * inv).round() as i8;
+            }
+        }
+        c
+    }
+
+    /// Keys the copy holds.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * self.scales.len()
+    }
+
+    /// Bytes one key takes (what reading it costs).
+    pub fn key_bytes(&self) -> usize {
+        self.hk + 4
+    }
+
+    /// Asks for key `k`'s row ahead of its read (a hint; nothing for a key past the copy).
+    #[inline]
+    pub fn prefetch_key(&self, k: u32) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(row), Some(s)) = (
+            self.codes.get(k as usize * self.hk..),
+            self.scales.get(k as usize),
+        ) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let p = row.as_ptr();
+            // SAFETY: prefetches are hints; the addresses lie inside live slices.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(self.hk.saturating_sub(1)));
+                _mm_prefetch::<_MM_HINT_T0>(s as *const f32 as *const i8);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = k;
+    }
+
+    /// Key `k` (< [`Self::len`]) as f32 into `out` (hk); returns the bytes read.
+    #[inline]
+    pub fn read_key(&self, k: u32, out: &mut [f32]) -> usize {
+        let k = k as usize;
+        let s = self.scales[k];
+        for (o, &c) in out.iter_mut().zip(&self.codes[k * self.hk..][..self.hk]) {
+            *o = c as f32 * s;
+        }
+        self.key_bytes()
+    }
+
+    /// `out[i]` = the best score of key `lo + i` over the query heads `qs` (g × hk), for keys `lo..lo + out.len()`
+    /// (all inside the copy); returns the bytes read.
+    pub fn scan(&self, lo: usize, qs: &[f32], out: &mut [f32]) -> usize {
+        let (n, hk) = (out.len(), self.hk);
+        crate::kernels::rows_dot_max_i8(
+            &self.codes[lo * hk..(lo + n) * hk],
+            &self.scales[lo..lo + n],
+            hk,
+            qs,
+            out,
+        );
+        n * self.key_bytes()
+    }
+}
+
+/// How a stream's index finds keys (`index=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IndexKind {
+    /// RetrievalAttention's attention-aware graph, searched greedily (the paper's index).
+    #[default]
+    Graph,
+    /// An exact scan of the 8-bit copy (the official integration's default index is an exact flat scan).
+    Flat,
+}
+
+/// Parses the value of option `name` (`graph` or `flat`).
+pub fn parse_index(name: &str, v: &str) -> anyhow::Result<IndexKind> {
+    match v {
+        "graph" => Ok(IndexKind::Graph),
+        "flat" => Ok(IndexKind::Flat),
+        _ => anyhow::bail!(
+            "{name}={v}: expected graph (the paper's attention-aware graph) or flat (an exact scan of the index's 8-bit \
+             key copy)"
+        ),
+    }
+}
+
+pub fn index_name(k: IndexKind) -> &'static str {
+    match k {
+        IndexKind::Graph => "graph",
+        IndexKind::Flat => "flat",
+    }
+}
+
+/// One stream's index: the key copy, and the graph over it (None: a flat scan of the copy).
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    pub keys: KeyCopy,
+    pub graph: Option<Graph>,
+}
+
+impl Index {
+    pub fn bytes(&self) -> usize {
+        self.keys.bytes() + self.graph.as_ref().map_or(0, Graph::bytes)
+    }
 }
 
 #[inline]
@@ -388,12 +540,21 @@ pub struct Search {
     epoch: u32,
     /// Candidate queue, best first: (score, key, expanded).
     pool: Vec<(f32, u32, bool)>,
+    /// The unvisited neighbours of the node being expanded.
+    fresh: Vec<u32>,
 }
 
 impl Search {
     /// Greedy best-first search for the keys of `g` with the highest `score`, with a candidate queue of `l`: expands
-    /// the best unexpanded candidate until every queued one is expanded. Returns the adjacency bytes read.
-    pub fn run(&mut self, g: &Graph, l: usize, mut score: impl FnMut(u32) -> f32) -> usize {
+    /// the best unexpanded candidate until every queued one is expanded. `prefetch(k)` is called on each new key a
+    /// step meets before any of them is scored. Returns the adjacency bytes read.
+    pub fn run(
+        &mut self,
+        g: &Graph,
+        l: usize,
+        prefetch: impl Fn(u32),
+        mut score: impl FnMut(u32) -> f32,
+    ) -> usize {
         let l = l.max(1);
         if self.visit.len() < g.n {
             self.visit.resize(g.n, 0);
@@ -403,10 +564,15 @@ impl Search {
             self.visit.fill(0);
             self.epoch = 1;
         }
-        let (visit, epoch, pool) = (&mut self.visit, self.epoch, &mut self.pool);
+        let (visit, epoch, pool, fresh) =
+            (&mut self.visit, self.epoch, &mut self.pool, &mut self.fresh);
         pool.clear();
         pool.reserve(l + 1);
         let insert = |pool: &mut Vec<(f32, u32, bool)>, k: u32, s: f32| -> usize {
+            // Most keys met late in a search rank below a full queue: one comparison instead of a binary search.
+            if pool.len() >= l && pool.last().is_some_and(|c| c.0 >= s) {
+                return l;
+            }
             let at = pool.partition_point(|c| c.0 >= s);
             if at < l {
                 pool.insert(at, (s, k, false));
@@ -431,13 +597,20 @@ impl Search {
             pool[cur].2 = true;
             let node = pool[cur].1;
             let mut lowest = usize::MAX;
+            // The unvisited neighbours first, their keys asked for at once: scoring them one after the other would
+            // wait for each key's row in turn (rows are scattered over the copy).
+            fresh.clear();
             read += g.for_each_neighbour(node, |c| {
                 if visit[c as usize] != epoch {
                     visit[c as usize] = epoch;
-                    let s = score(c);
-                    lowest = lowest.min(insert(pool, c, s));
+                    prefetch(c);
+                    fresh.push(c);
                 }
             });
+            for &c in fresh.iter() {
+                let s = score(c);
+                lowest = lowest.min(insert(pool, c, s));
+            }
             cur = cur.min(lowest);
         }
         read
@@ -522,13 +695,14 @@ pub struct Retrieve {
 }
 
 impl Retrieve {
-    /// Chooses up to `mid.k` keys of `mid.lo..mid.hi` for the queries `qs` (g × hk) into [`Self::chosen`]: a graph
-    /// search per query head when `graph` is given (keys past the graph scanned exactly), an exact scan of the middle
-    /// otherwise; the keys are the touched ones with the best scores (maximum over the heads). Returns (key bytes read,
-    /// adjacency bytes read).
+    /// Chooses up to `mid.k` keys of `mid.lo..mid.hi` for the queries `qs` (g × hk) into [`Self::chosen`], scored by
+    /// the maximum over the heads: with an index holding a graph, a graph search per query head (the keys touched
+    /// compete); with a flat index, a scan of its copy; without an index, an exact scan through `read`. Keys past the
+    /// index are scanned exactly through `read` (which returns the bytes it read). Returns (key bytes read, adjacency
+    /// bytes read).
     pub fn run(
         &mut self,
-        graph: Option<&Graph>,
+        index: Option<&Index>,
         queue: usize,
         qs: &[f32],
         hk: usize,
@@ -536,14 +710,27 @@ impl Retrieve {
         read: &mut impl FnMut(u32, &mut [f32]) -> usize,
     ) -> (usize, usize) {
         let g = qs.len() / hk;
+        if let Some(Index {
+            keys: copy,
+            graph: None,
+        }) = index
+        {
+            return (self.scan(copy, qs, hk, mid, read), 0);
+        }
+        let graph = index.and_then(|ix| ix.graph.as_ref().map(|gr| (gr, &ix.keys)));
         self.touch
-            .begin(mid.hi.max(graph.map_or(0, |gr| gr.n)), g, hk);
+            .begin(mid.hi.max(graph.map_or(0, |(gr, _)| gr.n)), g, hk);
         let mut adj = 0;
         let scan_from = match graph {
-            Some(gr) => {
+            Some((gr, copy)) => {
                 for i in 0..g {
                     let touch = &mut self.touch;
-                    adj += self.search.run(gr, queue, |k| touch.score(k, i, qs, read));
+                    adj += self.search.run(
+                        gr,
+                        queue,
+                        |k| copy.prefetch_key(k),
+                        |k| touch.score(k, i, qs, read),
+                    );
                 }
                 gr.n.max(mid.lo)
             }
@@ -560,11 +747,47 @@ impl Retrieve {
                 self.scores.push(self.touch.best(k, g));
             }
         }
-        top_k(&self.scores, mid.k, &mut self.idx);
+        self.keep_best(mid.k);
+        (self.touch.bytes, adj)
+    }
+
+    /// The flat index: every key of the middle scored from the copy (keys past it through `read`); returns the key
+    /// bytes read.
+    fn scan(
+        &mut self,
+        copy: &KeyCopy,
+        qs: &[f32],
+        hk: usize,
+        mid: Middle,
+        read: &mut impl FnMut(u32, &mut [f32]) -> usize,
+    ) -> usize {
+        let in_copy = mid.lo..mid.hi.min(copy.len()).max(mid.lo);
+        self.ids.clear();
+        self.ids.extend(mid.lo as u32..mid.hi as u32);
+        self.scores.clear();
+        self.scores.resize(mid.hi.saturating_sub(mid.lo), 0.0);
+        let mut bytes = copy.scan(in_copy.start, qs, &mut self.scores[..in_copy.len()]);
+        let key = &mut self.touch.key;
+        key.resize(hk, 0.0);
+        for k in in_copy.end..mid.hi {
+            bytes += read(k as u32, key);
+            self.scores[k - mid.lo] = qs
+                .chunks_exact(hk)
+                .map(|q| dot(q, key))
+                .fold(f32::NEG_INFINITY, f32::max);
+        }
+        self.touch.touched.clear();
+        self.touch.touched.extend_from_slice(&self.ids);
+        self.keep_best(mid.k);
+        bytes
+    }
+
+    /// [`Self::chosen`] ← the `k` of `ids` with the best `scores`.
+    fn keep_best(&mut self, k: usize) {
+        top_k(&self.scores, k, &mut self.idx);
         self.chosen.clear();
         self.chosen
             .extend(self.idx.iter().map(|&i| self.ids[i as usize]));
-        (self.touch.bytes, adj)
     }
 }
 
@@ -599,10 +822,12 @@ pub struct Retrieval {
     params: Params,
     n_layers: usize,
     n_kv: usize,
-    /// Layers that get a graph (not dense, not sliding-window).
+    /// Layers that get an index (not dense, not sliding-window).
     indexed: Vec<bool>,
-    /// graphs[layer · n_kv + head], and the cache's edit count when built.
-    graphs: Vec<Option<Graph>>,
+    /// `index=`: a graph (the paper's) or a flat scan of the key copy.
+    kind: IndexKind,
+    /// indexes[layer · n_kv + head], and the cache's edit count when built.
+    indexes: Vec<Option<Index>>,
     built_edits: u64,
     /// Per KV head: its search of the step.
     heads: Vec<HeadSearch>,
@@ -639,7 +864,8 @@ impl Retrieval {
             n_layers,
             n_kv,
             indexed,
-            graphs: Vec::new(),
+            kind: o.index.unwrap_or_default(),
+            indexes: Vec::new(),
             built_edits: 0,
             heads: Vec::new(),
             touched: 0,
@@ -678,25 +904,30 @@ impl Retrieval {
             }
         }
         // The KV heads' searches over the pool: each is a chain of dependent key reads, but the heads are independent.
-        let (graphs, queue) = (&self.graphs, self.queue);
+        // (One task per query head instead, without the shared key reads, measured 2-6 % slower on SmolLM2 at 8K.)
+        let (indexes, queue) = (&self.indexes, self.queue);
         crate::kernels::team::for_each_chunk_mut(&mut self.heads[..nh], 1, |h, s| {
             let s = &mut s[0];
             let Some(m) = s.m else {
                 return;
             };
             let len = cx.cache.len(cx.layer, h);
-            let graph = match graphs.get(cx.layer * nh + h) {
-                Some(Some(gr)) if fresh && gr.n <= len => Some(gr),
+            let index = match indexes.get(cx.layer * nh + h) {
+                Some(Some(ix)) if fresh && ix.keys.len() <= len => Some(ix),
                 _ => None,
             };
             let queue = queue.unwrap_or_else(|| default_queue(m.hi - m.lo));
             let (cache, layer) = (cx.cache, cx.layer);
-            let mut read = |k: u32, out: &mut [f32]| {
-                let v = cache.block(layer, h, k as usize / bt);
-                v.read_key(k as usize % bt, out);
-                key_bytes(&v, bt)
+            // Keys the index covers come from its 8-bit copy; keys appended since come from the cache.
+            let mut read = |k: u32, out: &mut [f32]| match index {
+                Some(ix) if (k as usize) < ix.keys.len() => ix.keys.read_key(k, out),
+                _ => {
+                    let v = cache.block(layer, h, k as usize / bt);
+                    v.read_key(k as usize % bt, out);
+                    key_bytes(&v, bt)
+                }
             };
-            let (keys, adj) = s.retrieve.run(graph, queue, &s.qs, hk, m, &mut read);
+            let (keys, adj) = s.retrieve.run(index, queue, &s.qs, hk, m, &mut read);
             s.read = keys + adj;
         });
         for (h, s) in self.heads.iter().enumerate() {
@@ -752,7 +983,8 @@ impl Selector for Retrieval {
             seed_queries: g,
             ..self.params
         };
-        let built: Vec<(usize, Option<Graph>)> = jobs
+        let kind = self.kind;
+        let built: Vec<(usize, Index)> = jobs
             .par_iter()
             .zip(ranges)
             .map(|(&i, range)| {
@@ -763,6 +995,16 @@ impl Selector for Retrieval {
                     for j in 0..v.n {
                         v.read_key(j, &mut keys[(b * bt + j) * hk..][..hk]);
                     }
+                }
+                let copy = KeyCopy::new(&keys, hk);
+                if kind == IndexKind::Flat {
+                    return (
+                        i,
+                        Index {
+                            keys: copy,
+                            graph: None,
+                        },
+                    );
                 }
                 let (mut q, mut pos) = (Vec::new(), Vec::new());
                 obs.gather(
@@ -779,15 +1021,15 @@ impl Selector for Retrieval {
                     .step_by(BUILD_STRIDE)
                     .flat_map(|r| q[r * g * hk..(r + 1) * g * hk].iter().copied())
                     .collect();
-                // Without recorded queries there is nothing to index: the layer scans exactly.
-                let gr =
+                // Without recorded queries there is no graph to build: the layer scans its copy.
+                let graph =
                     (!picked.is_empty()).then(|| Graph::build(&keys, hk, &picked, range, params));
-                (i, gr)
+                (i, Index { keys: copy, graph })
             })
             .collect();
-        self.graphs = vec![None; self.n_layers * nh];
-        for (i, gr) in built {
-            self.graphs[i] = gr;
+        self.indexes = vec![None; self.n_layers * nh];
+        for (i, ix) in built {
+            self.indexes[i] = Some(ix);
         }
         self.built_edits = cache.edits();
         self.touched = 0;
@@ -796,7 +1038,7 @@ impl Selector for Retrieval {
     }
 
     fn index_bytes(&self) -> usize {
-        self.graphs.iter().flatten().map(Graph::bytes).sum()
+        self.indexes.iter().flatten().map(Index::bytes).sum()
     }
 }
 
@@ -861,9 +1103,18 @@ mod tests {
         let (n, m) = (4096, 384);
         let (keys, queries) = data(n, m, 7);
         let g = Graph::build(&keys, HK, &queries, 0..n, Params::default());
+        let ix = Index {
+            keys: KeyCopy::new(&keys, HK),
+            graph: Some(g.clone()),
+        };
         // Measured (200 queries): queue 128 finds the top key for 195 touching 22.9 % of the keys, queue 32 for
-        // 164 at 9.2 %.
-        for (queue, min_hits, max_share) in [(QUEUE, 185, 0.30), (32, 155, 0.12)] {
+        // 164 at 9.2 %; with the 8-bit copy, queue 128: 195 at 22.9 %.
+        let cases = [
+            (QUEUE, 185, 0.30, false),
+            (32, 155, 0.12, false),
+            (QUEUE, 185, 0.30, true),
+        ];
+        for (queue, min_hits, max_share, copy) in cases {
             let mut rt = Retrieve::default();
             let mut r = Rng(99);
             let (mut hits, mut touched, trials) = (0, 0, 200);
@@ -876,7 +1127,14 @@ mod tests {
                     hi: n,
                     k: 32,
                 };
-                rt.run(Some(&g), queue, &q, HK, mid, &mut read_from(&keys));
+                // `copy`: the search reads the index's 8-bit keys, as the selector does.
+                if copy {
+                    rt.run(Some(&ix), queue, &q, HK, mid, &mut |k, out| {
+                        ix.keys.read_key(k, out)
+                    });
+                } else {
+                    rt.run(Some(&ix), queue, &q, HK, mid, &mut read_from(&keys));
+                }
                 touched += rt.touch.touched.len();
                 if rt.chosen.contains(&exact_top(&keys, &q, 0..n)) {
                     hits += 1;
@@ -884,7 +1142,7 @@ mod tests {
             }
             let share = touched as f64 / (trials * n) as f64;
             eprintln!(
-                "queue {queue}: top-1 recall {hits}/{trials}, touched share {share:.3}, graph {} B",
+                "queue {queue} (8-bit copy: {copy}): top-1 recall {hits}/{trials}, touched share {share:.3}, graph {} B",
                 g.bytes()
             );
             assert!(
@@ -943,6 +1201,39 @@ mod tests {
     }
 
     #[test]
+    fn the_key_copy_holds_each_key_within_half_a_step_and_scans_like_its_reads() {
+        let (n, m) = (3000, 8);
+        let (keys, queries) = data(n, m, 5);
+        let copy = KeyCopy::new(&keys, HK);
+        assert_eq!((copy.len(), copy.bytes()), (n, n * (HK + 4)));
+        let mut out = vec![0.0; HK];
+        for i in [0, 1234, n - 1] {
+            assert_eq!(copy.read_key(i as u32, &mut out), HK + 4);
+            let key = &keys[i * HK..][..HK];
+            let step = key.iter().fold(0.0f32, |a, &x| a.max(x.abs())) / 127.0;
+            for (a, b) in out.iter().zip(key) {
+                assert!((a - b).abs() <= 0.5 * step * 1.0001, "key {i}: {a} vs {b}");
+            }
+        }
+        // A scan of keys 100..2100 for three query heads: each key's best score over the heads, as its read gives.
+        let qs = &queries[..3 * HK];
+        let mut scores = vec![0.0; 2000];
+        assert_eq!(copy.scan(100, qs, &mut scores), 2000 * (HK + 4));
+        for (i, &got) in scores.iter().enumerate() {
+            copy.read_key((100 + i) as u32, &mut out);
+            let want = qs
+                .chunks_exact(HK)
+                .map(|q| dot(q, &out))
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "key {}: {got} vs {want}",
+                100 + i
+            );
+        }
+    }
+
+    #[test]
     fn retrieval_touches_a_small_share_and_scans_keys_past_the_graph() {
         let (n, m) = (4000, 256);
         let (keys, queries) = data(n, m, 11);
@@ -953,6 +1244,10 @@ mod tests {
             0..3500,
             Params::default(),
         );
+        let ix = Index {
+            keys: KeyCopy::new(&keys[..3500 * HK], HK),
+            graph: Some(g),
+        };
         let mut rt = Retrieve::default();
         // Three query heads in the group; keys 3500.. were appended after the build and lie in the middle.
         let qs = queries[200 * HK..203 * HK].to_vec();
@@ -961,7 +1256,7 @@ mod tests {
             hi: 3800,
             k: 64,
         };
-        let (kb, adj) = rt.run(Some(&g), 64, &qs, HK, mid, &mut read_from(&keys));
+        let (kb, adj) = rt.run(Some(&ix), 64, &qs, HK, mid, &mut read_from(&keys));
         let touched = rt.touch.touched.len();
         eprintln!("three heads, queue 64: touched {touched}");
         assert_eq!(kb, touched * 2 * HK);
@@ -990,6 +1285,22 @@ mod tests {
         let mut got: Vec<usize> = rt.chosen.iter().map(|&k| k as usize).collect();
         got.sort_by(|&a, &b| best(b).total_cmp(&best(a)));
         assert_eq!(got, all[..64]);
+        // A flat index scores every key of the middle: the copy's for keys it holds, `read`'s past it. Its choice
+        // is the exact top up to the copy's rounding: at least 60 of the exact 64.
+        let flat = Index {
+            keys: ix.keys.clone(),
+            graph: None,
+        };
+        let (kb, adj) = rt.run(Some(&flat), QUEUE, &qs, HK, mid, &mut read_from(&keys));
+        assert_eq!((kb, adj), ((3500 - 16) * (HK + 4) + 300 * 2 * HK, 0));
+        assert_eq!(rt.chosen.len(), 64);
+        let exact: std::collections::HashSet<usize> = all[..64].iter().copied().collect();
+        let same = rt
+            .chosen
+            .iter()
+            .filter(|&&k| exact.contains(&(k as usize)))
+            .count();
+        assert!(same >= 60, "flat index: {same} of the exact top 64");
     }
 
     #[test]
@@ -1045,8 +1356,16 @@ mod tests {
             2,
         );
         sel.end_prefill(&cache, &obs);
-        assert!(sel.graphs[0].is_some() && sel.graphs[1].is_none());
-        assert_eq!(sel.index_bytes(), sel.graphs[0].as_ref().unwrap().bytes());
+        assert!(
+            sel.indexes[0].as_ref().is_some_and(|ix| ix.graph.is_some())
+                && sel.indexes[1].is_none()
+        );
+        let ix0 = sel.indexes[0].as_ref().unwrap();
+        assert_eq!(sel.index_bytes(), ix0.bytes());
+        assert_eq!(
+            ix0.bytes(),
+            ix0.graph.as_ref().unwrap().bytes() + n * (HK + 4)
+        );
         let step = |cache: &mut KvCache, sel: &mut Retrieval, p: u32| {
             cache.append(0, &[p], &q[..HK], &zeros[..HK]);
             let cx = SelectCx {
@@ -1076,9 +1395,28 @@ mod tests {
             read < scan / 2,
             "the search read {read} bytes, an exact scan {scan}"
         );
+        // index=flat: no graph, every middle key scored from the copy (built over the n + 1 keys the cache now holds).
+        let mut flat = Retrieval::with_layers(
+            Budget::Tokens(400),
+            &SelectOptions {
+                index: Some(IndexKind::Flat),
+                ..Default::default()
+            },
+            1,
+            &[false, true],
+            2,
+        );
+        flat.end_prefill(&cache, &obs);
+        let ix0 = flat.indexes[0].as_ref().unwrap();
+        assert!(ix0.graph.is_none() && ix0.keys.len() == n + 1);
+        assert_eq!(flat.index_bytes(), (n + 1) * (HK + 4));
+        let (out, read, m) = step(&mut cache, &mut flat, n as u32 + 1);
+        assert_eq!(read, (m.hi - m.lo) * (HK + 4));
+        assert!(out.ranges(0).iter().any(|&(a, b)| (a..b).contains(&1500)));
+        assert_eq!(out.count(0), 400);
         // An eviction moves entry indices: the stale graph is not used, the middle is scanned exactly (every key read).
         cache.retain(0, 0, |i, _| i != 10);
-        let (out, read, m) = step(&mut cache, &mut sel, n as u32 + 1);
+        let (out, read, m) = step(&mut cache, &mut sel, n as u32 + 2);
         assert_eq!(read, (m.hi - m.lo) * 2 * HK);
         assert!(out.ranges(0).iter().any(|&(a, b)| (a..b).contains(&1499)));
         assert_eq!(out.count(0), 400);
