@@ -556,3 +556,51 @@ fn shared_prefill_sweep_equals_separate_runs() {
         }
     }
 }
+
+/// A selector keeps the whole cache and adds its index: the sweep's KV figures (peak and at the end) count both, so
+/// its memory is above the full cache's, not equal to it.
+#[test]
+fn a_selectors_index_counts_in_the_kv_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let out = dir.path().join("sel");
+    let o = eval(
+        dir.path(),
+        &[
+            "sweep",
+            "--model",
+            &model,
+            "--tasks",
+            "niah",
+            "--lengths",
+            "900",
+            "--depths",
+            "0:100:100",
+            "--samples",
+            "1",
+            "--kv",
+            "full;retrieval@0.25,dense=0",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rs = ResultsFile::load(&out.join("results.jsonl")).unwrap();
+    assert_eq!(rs.len(), 4);
+    for f in rs.iter().filter(|r| r.kv == "full") {
+        let r = rs
+            .iter()
+            .find(|r| r.kv != "full" && r.depth == f.depth)
+            .expect("the retrieval case of the same depth");
+        assert!(
+            r.peak_kv_bytes > f.peak_kv_bytes && r.final_kv_bytes > f.final_kv_bytes,
+            "{}: peak {} / end {} against full's {} / {}",
+            r.kv,
+            r.peak_kv_bytes,
+            r.final_kv_bytes,
+            f.peak_kv_bytes,
+            f.final_kv_bytes
+        );
+    }
+}

@@ -444,14 +444,28 @@ impl<'m> Session<'m> {
         self.note_bytes();
     }
 
-    /// Bytes the cache and the selector's index hold now, into the stats.
-    fn note_bytes(&mut self) {
-        let index = self
-            .scratch
+    /// Bytes the selector's index holds (0 without a selector).
+    pub fn index_bytes(&self) -> usize {
+        self.scratch
             .seq
             .selector
             .as_ref()
-            .map_or(0, |s| s.index_bytes());
+            .map_or(0, |s| s.index_bytes())
+    }
+
+    /// KV bytes held now: the cache and the selector's index (what a memory figure of a KV spec counts).
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes() + self.index_bytes()
+    }
+
+    /// The most KV bytes held so far: the cache's peak and the selector's index.
+    pub fn kv_peak_bytes(&self) -> usize {
+        self.cache.peak_bytes() + self.index_bytes()
+    }
+
+    /// Bytes the cache and the selector's index hold now, into the stats.
+    fn note_bytes(&mut self) {
+        let index = self.index_bytes();
         self.stats.kv_bytes = self.cache.bytes() + index;
         self.stats.kv_meta_bytes = self.cache.meta_bytes() + index;
         self.stats.kv_disk_bytes = self.cache.disk_bytes();

@@ -623,7 +623,7 @@ impl<'a> Runner<'a> {
                     dec_s,
                     model_s,
                 },
-                (s.cache.peak_bytes(), s.cache.bytes(), read_per_token(&s)),
+                (s.kv_peak_bytes(), s.kv_bytes(), read_per_token(&s)),
                 gen_ms,
             )?);
         }
@@ -719,7 +719,7 @@ impl<'a> Runner<'a> {
                     });
                     fed = full;
                 }
-                kv_figures = (s.cache.peak_bytes(), s.cache.bytes(), read_per_token(&s));
+                kv_figures = (s.kv_peak_bytes(), s.kv_bytes(), read_per_token(&s));
             }
             Mode::MultiRequest => {
                 let shared = p.shared_prefix(conv)?;
@@ -728,7 +728,7 @@ impl<'a> Runner<'a> {
                 self.shared_context(&mut s, &ctx)?;
                 let ctx_s = t0.elapsed().as_secs_f64();
                 let ctx_len = s.n_past();
-                let (mut peak, mut reads) = (s.cache.peak_bytes(), 0u64);
+                let (mut peak, mut reads) = (s.kv_peak_bytes(), 0u64);
                 for (i, turn) in conv.turns.iter().enumerate() {
                     let full = p.render(conv, i, &[], Mode::MultiRequest)?;
                     let delta = full
@@ -768,11 +768,7 @@ impl<'a> Runner<'a> {
                 }
                 // What the case holds between requests is the shared context; a request's copy is counted as a paged
                 // cache would share it: its own peak, the shared blocks once.
-                kv_figures = (
-                    peak,
-                    s.cache.bytes(),
-                    reads as f64 / dec_steps.max(1) as f64,
-                );
+                kv_figures = (peak, s.kv_bytes(), reads as f64 / dec_steps.max(1) as f64);
             }
         }
         let model_s = t_case.elapsed().as_secs_f64();
@@ -816,12 +812,12 @@ impl<'a> Runner<'a> {
             CompressAt::Context => Feed::Question(toks),
             CompressAt::Prompt => Feed::Prompt(toks),
         };
-        let mut answer = self.answer(&mut q, feed, max_new, shared.cache.bytes())?;
+        let mut answer = self.answer(&mut q, feed, max_new, shared.kv_bytes())?;
         answer.ttft_s += copy_s;
         answer.prefill_s += copy_s;
         Ok(Request {
             answer,
-            peak_kv_bytes: q.cache.peak_bytes(),
+            peak_kv_bytes: q.kv_peak_bytes(),
             kv_read: q.stats.kv_read_total - shared.stats.kv_read_total,
         })
     }
