@@ -22,7 +22,9 @@
 //! - search: one greedy search per query head of the group (queue [`QUEUE`], less below 4096 keys: [`default_queue`];
 //!   `queue=N`), all of them sharing the key
 //!   reads of the step (a key is read once and scored for every head); the step keeps the top keys of the middle
-//!   region among every key touched, by the maximum over the group's heads;
+//!   region among every key touched, by the maximum over the group's heads. With fewer KV heads than threads the
+//!   group is split into parts searched side by side (each part's heads share their reads), and the KV head keeps the
+//!   best of the parts' choices by the same maximum;
 //! - keys appended after the build (decode tokens) are in the recent window, or scanned exactly once they leave it;
 //! - after an edit of the cache (eviction, merging) the graph's entry indices are stale: the layer scans its middle
 //!   region exactly (every key read and counted) until the next prefill builds a new graph.
@@ -687,8 +689,9 @@ impl Touch {
 pub struct Retrieve {
     pub search: Search,
     pub touch: Touch,
-    /// The keys chosen by the last [`Self::run`].
+    /// The keys chosen by the last [`Self::run`], and their scores (the maximum over the heads).
     pub chosen: Vec<u32>,
+    pub chosen_scores: Vec<f32>,
     scores: Vec<f32>,
     ids: Vec<u32>,
     idx: Vec<u32>,
@@ -788,6 +791,9 @@ impl Retrieve {
         self.chosen.clear();
         self.chosen
             .extend(self.idx.iter().map(|&i| self.ids[i as usize]));
+        self.chosen_scores.clear();
+        self.chosen_scores
+            .extend(self.idx.iter().map(|&i| self.scores[i as usize]));
     }
 }
 
@@ -802,14 +808,74 @@ fn key_bytes(v: &BlockView, bt: usize) -> usize {
     }
 }
 
-/// One KV head's search of a step: its middle (None: nothing to choose), its queries (g × hk), the search and the
-/// bytes it read.
+/// One task of a step's search: a KV head's middle (None: nothing to choose), the queries of some of its query heads
+/// (a part of the group × hk), the search and the bytes it read.
 #[derive(Default)]
 struct HeadSearch {
     m: Option<Middle>,
     qs: Vec<f32>,
     retrieve: Retrieve,
     read: usize,
+}
+
+/// The union of a KV head's tasks' choices, each key at its best score (reused across steps).
+#[derive(Default)]
+struct Merge {
+    stamp: Vec<u32>,
+    epoch: u32,
+    best: Vec<f32>,
+    ids: Vec<u32>,
+    scores: Vec<f32>,
+    idx: Vec<u32>,
+}
+
+impl Merge {
+    /// Starts a union over keys `[0, n)`.
+    fn begin(&mut self, n: usize) {
+        if self.stamp.len() < n {
+            self.stamp.resize(n, 0);
+            self.best.resize(n, 0.0);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.stamp.fill(0);
+            self.epoch = 1;
+        }
+        self.ids.clear();
+    }
+
+    fn add(&mut self, keys: &[u32], scores: &[f32]) {
+        for (&k, &sc) in keys.iter().zip(scores) {
+            let i = k as usize;
+            if self.stamp[i] != self.epoch {
+                self.stamp[i] = self.epoch;
+                self.best[i] = sc;
+                self.ids.push(k);
+            } else if sc > self.best[i] {
+                self.best[i] = sc;
+            }
+        }
+    }
+
+    /// The `k` keys of the union with the best scores (any order).
+    fn top(&mut self, k: usize) -> impl Iterator<Item = u32> + '_ {
+        self.scores.clear();
+        self.scores
+            .extend(self.ids.iter().map(|&i| self.best[i as usize]));
+        top_k(&self.scores, k, &mut self.idx);
+        self.idx.iter().map(|&i| self.ids[i as usize])
+    }
+}
+
+/// Tasks per KV head for `nh` KV heads of `g` query heads each on `threads` threads: one per KV head when there are
+/// at least as many KV heads as threads (a task's query heads share their key reads), else the group split so every
+/// thread has a search (Gemma 3 270M has one KV head).
+fn tasks_per_head(nh: usize, g: usize, threads: usize) -> usize {
+    if nh >= threads {
+        1
+    } else {
+        threads.div_ceil(nh.max(1)).min(g.max(1))
+    }
 }
 
 pub struct Retrieval {
@@ -829,8 +895,9 @@ pub struct Retrieval {
     /// indexes[layer · n_kv + head], and the cache's edit count when built.
     indexes: Vec<Option<Index>>,
     built_edits: u64,
-    /// Per KV head: its search of the step.
+    /// The step's search tasks, [`tasks_per_head`] per KV head (KV head after KV head).
     heads: Vec<HeadSearch>,
+    merge: Merge,
     /// Keys touched and middle-region keys searched over, since the last build (the touched share).
     pub touched: u64,
     pub searched: u64,
@@ -868,6 +935,7 @@ impl Retrieval {
             indexes: Vec::new(),
             built_edits: 0,
             heads: Vec::new(),
+            merge: Merge::default(),
             touched: 0,
             searched: 0,
             build_secs: 0.0,
@@ -892,22 +960,37 @@ impl Retrieval {
         let fresh = self.built_edits == cx.cache.edits();
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
         kept.reset(nh);
-        self.heads.resize_with(nh, HeadSearch::default);
-        for (h, s) in self.heads.iter_mut().enumerate() {
+        // Task j searches for query heads [part j % per] of KV head j / per: the group's heads in `per` parts. Only
+        // graph searches are split: a scan (flat index, or exact after an edit) reads every key for all the heads at
+        // once, and split it would read them once per part.
+        let searched = fresh
+            && (0..nh).all(|h| {
+                matches!(self.indexes.get(cx.layer * nh + h), Some(Some(ix)) if ix.graph.is_some())
+            });
+        let per = if searched {
+            tasks_per_head(nh, g, rayon::current_num_threads())
+        } else {
+            1
+        };
+        let part = |i: usize| (i * g / per)..((i + 1) * g / per);
+        self.heads.resize_with(nh * per, HeadSearch::default);
+        for (j, s) in self.heads.iter_mut().enumerate() {
+            let h = j / per;
             let m = self.frame.middle(cx, h);
             s.m = (m.k > 0).then_some(m);
             s.qs.clear();
             if s.m.is_some() {
-                for i in 0..g {
+                for i in part(j % per) {
                     s.qs.extend_from_slice(cx.last_query(h * g + i));
                 }
             }
         }
-        // The KV heads' searches over the pool: each is a chain of dependent key reads, but the heads are independent.
-        // (One task per query head instead, without the shared key reads, measured 2-6 % slower on SmolLM2 at 8K.)
+        // The searches over the pool: each is a chain of dependent key reads, but the tasks are independent. (One task
+        // per query head also where there are enough KV heads, without the shared key reads, measured 2-6 % slower
+        // on SmolLM2 at 8K.)
         let (indexes, queue) = (&self.indexes, self.queue);
-        crate::kernels::team::for_each_chunk_mut(&mut self.heads[..nh], 1, |h, s| {
-            let s = &mut s[0];
+        crate::kernels::team::for_each_chunk_mut(&mut self.heads[..nh * per], 1, |j, s| {
+            let (s, h) = (&mut s[0], j / per);
             let Some(m) = s.m else {
                 return;
             };
@@ -930,14 +1013,29 @@ impl Retrieval {
             let (keys, adj) = s.retrieve.run(index, queue, &s.qs, hk, m, &mut read);
             s.read = keys + adj;
         });
-        for (h, s) in self.heads.iter().enumerate() {
-            let Some(m) = s.m else {
+        for h in 0..nh {
+            let tasks = &self.heads[h * per..(h + 1) * per];
+            let Some(m) = tasks[0].m else {
                 continue;
             };
-            cx.cache.note_read(s.read);
-            self.touched += s.retrieve.touch.touched.len() as u64;
-            self.searched += (m.hi - m.lo) as u64;
-            for &k in &s.retrieve.chosen {
+            for s in tasks {
+                cx.cache.note_read(s.read);
+                self.touched += s.retrieve.touch.touched.len() as u64;
+                self.searched += (m.hi - m.lo) as u64;
+            }
+            if per == 1 {
+                for &k in &tasks[0].retrieve.chosen {
+                    kept.add(h, k as usize, k as usize + 1);
+                }
+                continue;
+            }
+            // The best of the parts' choices, a key at its best score over the group's heads.
+            self.merge.begin(m.hi);
+            for s in tasks {
+                self.merge
+                    .add(&s.retrieve.chosen, &s.retrieve.chosen_scores);
+            }
+            for k in self.merge.top(m.k) {
                 kept.add(h, k as usize, k as usize + 1);
             }
         }
@@ -1382,7 +1480,14 @@ mod tests {
             let m = sel.frame.middle(&cx, 0);
             (out, cache.take_read() as usize, m)
         };
-        let (out, read, m) = step(&mut cache, &mut sel, n as u32);
+        // On two threads the one KV head's group (2 query heads) is searched in two parts, merged.
+        assert_eq!(tasks_per_head(1, g, 2), 2);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (out, read, m) = pool.install(|| step(&mut cache, &mut sel, n as u32));
+        assert_eq!(sel.heads.len(), 2);
         let (sink, recent) = static_set(400);
         assert_eq!(
             (m.lo, m.hi, m.k),
@@ -1420,6 +1525,16 @@ mod tests {
         assert_eq!(read, (m.hi - m.lo) * 2 * HK);
         assert!(out.ranges(0).iter().any(|&(a, b)| (a..b).contains(&1499)));
         assert_eq!(out.count(0), 400);
+    }
+
+    #[test]
+    fn few_kv_heads_split_their_group_over_the_threads() {
+        assert_eq!(tasks_per_head(3, 3, 2), 1);
+        assert_eq!(tasks_per_head(2, 7, 2), 1);
+        assert_eq!(tasks_per_head(1, 4, 2), 2);
+        assert_eq!(tasks_per_head(1, 4, 16), 4);
+        assert_eq!(tasks_per_head(2, 7, 16), 7);
+        assert_eq!(tasks_per_head(3, 3, 4), 2);
     }
 
     #[test]
