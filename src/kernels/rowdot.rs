@@ -14,6 +14,24 @@ use super::Kernel;
 /// Most vectors one call takes (a GQA group's query heads).
 pub const MAX_VECTORS: usize = 16;
 
+/// Calls `$f::<N>(args)` for `nw` = N vectors (1 to 8), whose accumulators then stay in registers (a loop over a
+/// run-time count kept them in memory, each FMA a store and a load), or `$f::<0>` for more (counted at run time).
+macro_rules! by_vectors {
+    ($nw:expr, $f:ident, $($a:expr),*) => {
+        match $nw {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            5 => $f::<5>($($a),*),
+            6 => $f::<6>($($a),*),
+            7 => $f::<7>($($a),*),
+            8 => $f::<8>($($a),*),
+            _ => $f::<0>($($a),*),
+        }
+    };
+}
+
 /// `out[i] = max_j Σ_c rows[i·d + c] · w[j·d + c]` for the `out.len()` rows of `rows` (n × d) and the
 /// `w.len() / d` vectors of `w` (1 to [`MAX_VECTORS`]).
 pub fn rows_dot_max_f16(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
@@ -51,10 +69,14 @@ pub(crate) fn rows_dot_max_with(k: Kernel, rows: &[f16], d: usize, w: &[f32], ou
     match k {
         // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 if d.is_multiple_of(16) => unsafe { avx512(rows, d, w, nw, out) },
+        Kernel::Avx512 if d.is_multiple_of(16) => unsafe {
+            by_vectors!(nw, avx512, rows, d, w, nw, out)
+        },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 if d.is_multiple_of(8) => unsafe { avx2(rows, d, w, nw, out) },
+        Kernel::Avx2 if d.is_multiple_of(8) => unsafe {
+            by_vectors!(nw, avx2, rows, d, w, nw, out)
+        },
         _ => portable(rows, d, w, nw, out),
     }
 }
@@ -77,7 +99,8 @@ fn portable(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn avx512(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn avx512<const NW: usize>(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    let nw = if NW > 0 { NW } else { nw };
     use std::arch::x86_64::*;
     let (rp, wp) = (rows.as_ptr() as *const u16, w.as_ptr());
     for (i, o) in out.iter_mut().enumerate() {
@@ -98,7 +121,8 @@ unsafe fn avx512(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn avx2<const NW: usize>(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+    let nw = if NW > 0 { NW } else { nw };
     use std::arch::x86_64::*;
     let (rp, wp) = (rows.as_ptr() as *const u16, w.as_ptr());
     for (i, o) in out.iter_mut().enumerate() {
@@ -149,11 +173,13 @@ pub(crate) fn rows_dot_max_i8_with(
         // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 if d.is_multiple_of(16) => unsafe {
-            i8_avx512(codes, scales, d, w, nw, out)
+            by_vectors!(nw, i8_avx512, codes, scales, d, w, nw, out)
         },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 if d.is_multiple_of(8) => unsafe { i8_avx2(codes, scales, d, w, nw, out) },
+        Kernel::Avx2 if d.is_multiple_of(8) => unsafe {
+            by_vectors!(nw, i8_avx2, codes, scales, d, w, nw, out)
+        },
         _ => {
             for (i, o) in out.iter_mut().enumerate() {
                 let r = &codes[i * d..][..d];
@@ -173,7 +199,15 @@ pub(crate) fn rows_dot_max_i8_with(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn i8_avx512(codes: &[i8], scales: &[f32], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn i8_avx512<const NW: usize>(
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    w: &[f32],
+    nw: usize,
+    out: &mut [f32],
+) {
+    let nw = if NW > 0 { NW } else { nw };
     use std::arch::x86_64::*;
     let (rp, wp) = (codes.as_ptr(), w.as_ptr());
     for (i, o) in out.iter_mut().enumerate() {
@@ -196,7 +230,15 @@ unsafe fn i8_avx512(codes: &[i8], scales: &[f32], d: usize, w: &[f32], nw: usize
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn i8_avx2(codes: &[i8], scales: &[f32], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn i8_avx2<const NW: usize>(
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    w: &[f32],
+    nw: usize,
+    out: &mut [f32],
+) {
+    let nw = if NW > 0 { NW } else { nw };
     use std::arch::x86_64::*;
     let (rp, wp) = (codes.as_ptr(), w.as_ptr());
     for (i, o) in out.iter_mut().enumerate() {

@@ -812,6 +812,8 @@ fn key_bytes(v: &BlockView, bt: usize) -> usize {
 /// (a part of the group × hk), the search and the bytes it read.
 #[derive(Default)]
 struct HeadSearch {
+    /// The KV head's middle, and the part of it this task chooses from (all of it but for a split scan).
+    whole: Option<Middle>,
     m: Option<Middle>,
     qs: Vec<f32>,
     retrieve: Retrieve,
@@ -864,6 +866,16 @@ impl Merge {
             .extend(self.ids.iter().map(|&i| self.best[i as usize]));
         top_k(&self.scores, k, &mut self.idx);
         self.idx.iter().map(|&i| self.ids[i as usize])
+    }
+}
+
+/// Parts per KV head of a scan over `threads` threads: at least two tasks per thread in all, so three KV heads do not
+/// leave one of two threads idle for a third of the step.
+fn scan_parts(nh: usize, threads: usize) -> usize {
+    if threads <= 1 {
+        1
+    } else {
+        (2 * threads).div_ceil(nh.max(1))
     }
 }
 
@@ -960,28 +972,43 @@ impl Retrieval {
         let fresh = self.built_edits == cx.cache.edits();
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
         kept.reset(nh);
-        // Task j searches for query heads [part j % per] of KV head j / per: the group's heads in `per` parts. Only
-        // graph searches are split: a scan (flat index, or exact after an edit) reads every key for all the heads at
-        // once, and split it would read them once per part.
+        // `per` tasks per KV head (task j: KV head j / per). A graph search is split by query heads: task j searches for
+        // the group's part j % per (each part's heads share their key reads). A scan (flat index, or exact after an
+        // edit) reads every key for all the heads at once, so it is split by keys instead: task j scans part j % per
+        // of the middle; the parts' choices are merged either way.
         let searched = fresh
             && (0..nh).all(|h| {
                 matches!(self.indexes.get(cx.layer * nh + h), Some(Some(ix)) if ix.graph.is_some())
             });
+        let threads = rayon::current_num_threads();
         let per = if searched {
-            tasks_per_head(nh, g, rayon::current_num_threads())
+            tasks_per_head(nh, g, threads)
         } else {
-            1
+            scan_parts(nh, threads)
         };
-        let part = |i: usize| (i * g / per)..((i + 1) * g / per);
+        let part = |i: usize, n: usize| (i * n / per)..((i + 1) * n / per);
         self.heads.resize_with(nh * per, HeadSearch::default);
         for (j, s) in self.heads.iter_mut().enumerate() {
-            let h = j / per;
+            let (h, i) = (j / per, j % per);
             let m = self.frame.middle(cx, h);
-            s.m = (m.k > 0).then_some(m);
+            s.whole = (m.k > 0).then_some(m);
+            s.m = s.whole.map(|m| {
+                if searched {
+                    m
+                } else {
+                    let r = part(i, m.hi - m.lo);
+                    Middle {
+                        lo: m.lo + r.start,
+                        hi: m.lo + r.end,
+                        k: m.k,
+                    }
+                }
+            });
             s.qs.clear();
             if s.m.is_some() {
-                for i in part(j % per) {
-                    s.qs.extend_from_slice(cx.last_query(h * g + i));
+                let heads = if searched { part(i, g) } else { 0..g };
+                for q in heads {
+                    s.qs.extend_from_slice(cx.last_query(h * g + q));
                 }
             }
         }
@@ -1015,13 +1042,14 @@ impl Retrieval {
         });
         for h in 0..nh {
             let tasks = &self.heads[h * per..(h + 1) * per];
-            let Some(m) = tasks[0].m else {
+            let Some(m) = tasks[0].whole else {
                 continue;
             };
             for s in tasks {
+                let part = s.m.unwrap_or(m);
                 cx.cache.note_read(s.read);
                 self.touched += s.retrieve.touch.touched.len() as u64;
-                self.searched += (m.hi - m.lo) as u64;
+                self.searched += (part.hi - part.lo) as u64;
             }
             if per == 1 {
                 for &k in &tasks[0].retrieve.chosen {
@@ -1535,6 +1563,10 @@ mod tests {
         assert_eq!(tasks_per_head(1, 4, 16), 4);
         assert_eq!(tasks_per_head(2, 7, 16), 7);
         assert_eq!(tasks_per_head(3, 3, 4), 2);
+        assert_eq!(scan_parts(3, 2), 2);
+        assert_eq!(scan_parts(1, 2), 4);
+        assert_eq!(scan_parts(8, 2), 1);
+        assert_eq!(scan_parts(1, 1), 1);
     }
 
     #[test]
