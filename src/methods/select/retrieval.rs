@@ -535,11 +535,39 @@ impl Graph {
     }
 }
 
+/// A set of key indices emptied in O(1) at each step: a key is in it while its stamp equals the current epoch.
+#[derive(Default)]
+struct Marks {
+    stamp: Vec<u32>,
+    epoch: u32,
+}
+
+impl Marks {
+    /// Empties the set, for keys `[0, n)`.
+    fn clear(&mut self, n: usize) {
+        if self.stamp.len() < n {
+            self.stamp.resize(n, 0);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.stamp.fill(0);
+            self.epoch = 1;
+        }
+    }
+
+    /// Adds key `i`; whether it was not in the set yet.
+    #[inline]
+    fn insert(&mut self, i: usize) -> bool {
+        let new = self.stamp[i] != self.epoch;
+        self.stamp[i] = self.epoch;
+        new
+    }
+}
+
 /// Scratch of the greedy search (reused; allocates only when a stream grows).
 #[derive(Default)]
 pub struct Search {
-    visit: Vec<u32>,
-    epoch: u32,
+    visit: Marks,
     /// Candidate queue, best first: (score, key, expanded).
     pool: Vec<(f32, u32, bool)>,
     /// The unvisited neighbours of the node being expanded.
@@ -558,16 +586,8 @@ impl Search {
         mut score: impl FnMut(u32) -> f32,
     ) -> usize {
         let l = l.max(1);
-        if self.visit.len() < g.n {
-            self.visit.resize(g.n, 0);
-        }
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            self.visit.fill(0);
-            self.epoch = 1;
-        }
-        let (visit, epoch, pool, fresh) =
-            (&mut self.visit, self.epoch, &mut self.pool, &mut self.fresh);
+        self.visit.clear(g.n);
+        let (visit, pool, fresh) = (&mut self.visit, &mut self.pool, &mut self.fresh);
         pool.clear();
         pool.reserve(l + 1);
         let insert = |pool: &mut Vec<(f32, u32, bool)>, k: u32, s: f32| -> usize {
@@ -583,8 +603,7 @@ impl Search {
             at
         };
         for &e in &g.entries {
-            if visit[e as usize] != epoch {
-                visit[e as usize] = epoch;
+            if visit.insert(e as usize) {
                 let s = score(e);
                 insert(pool, e, s);
             }
@@ -603,8 +622,7 @@ impl Search {
             // wait for each key's row in turn (rows are scattered over the copy).
             fresh.clear();
             read += g.for_each_neighbour(node, |c| {
-                if visit[c as usize] != epoch {
-                    visit[c as usize] = epoch;
+                if visit.insert(c as usize) {
                     prefetch(c);
                     fresh.push(c);
                 }
@@ -622,8 +640,7 @@ impl Search {
 /// The keys one step has read, each scored against every query head of the group (reused across steps).
 #[derive(Default)]
 pub struct Touch {
-    seen: Vec<u32>,
-    epoch: u32,
+    seen: Marks,
     /// n × g scores of the touched keys.
     sc: Vec<f32>,
     /// Keys read this step, in reading order.
@@ -636,18 +653,11 @@ pub struct Touch {
 impl Touch {
     /// Starts a step over a stream of `n` keys scored for `g` query heads of `hk` channels.
     pub fn begin(&mut self, n: usize, g: usize, hk: usize) {
-        if self.seen.len() < n {
-            self.seen.resize(n, 0);
-        }
+        self.seen.clear(n);
         if self.sc.len() < n * g {
             self.sc.resize(n * g, 0.0);
         }
         self.key.resize(hk, 0.0);
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            self.seen.fill(0);
-            self.epoch = 1;
-        }
         self.touched.clear();
         self.bytes = 0;
     }
@@ -665,8 +675,7 @@ impl Touch {
         let hk = self.key.len();
         let g = qs.len() / hk;
         let ki = k as usize;
-        if self.seen[ki] != self.epoch {
-            self.seen[ki] = self.epoch;
+        if self.seen.insert(ki) {
             self.bytes += read(k, &mut self.key);
             for (j, q) in qs.chunks_exact(hk).enumerate() {
                 self.sc[ki * g + j] = dot(q, &self.key);
@@ -823,8 +832,7 @@ struct HeadSearch {
 /// The union of a KV head's tasks' choices, each key at its best score (reused across steps).
 #[derive(Default)]
 struct Merge {
-    stamp: Vec<u32>,
-    epoch: u32,
+    added: Marks,
     best: Vec<f32>,
     ids: Vec<u32>,
     scores: Vec<f32>,
@@ -834,14 +842,9 @@ struct Merge {
 impl Merge {
     /// Starts a union over keys `[0, n)`.
     fn begin(&mut self, n: usize) {
-        if self.stamp.len() < n {
-            self.stamp.resize(n, 0);
+        self.added.clear(n);
+        if self.best.len() < n {
             self.best.resize(n, 0.0);
-        }
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            self.stamp.fill(0);
-            self.epoch = 1;
         }
         self.ids.clear();
     }
@@ -849,8 +852,7 @@ impl Merge {
     fn add(&mut self, keys: &[u32], scores: &[f32]) {
         for (&k, &sc) in keys.iter().zip(scores) {
             let i = k as usize;
-            if self.stamp[i] != self.epoch {
-                self.stamp[i] = self.epoch;
+            if self.added.insert(i) {
                 self.best[i] = sc;
                 self.ids.push(k);
             } else if sc > self.best[i] {
