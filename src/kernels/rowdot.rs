@@ -14,20 +14,20 @@ use super::Kernel;
 /// Most vectors one call takes (a GQA group's query heads).
 pub const MAX_VECTORS: usize = 16;
 
-/// Calls `$f::<N>(args)` for `nw` = N vectors (1 to 8), whose accumulators then stay in registers (a loop over a
-/// run-time count kept them in memory, each FMA a store and a load), or `$f::<0>` for more (counted at run time).
+/// Calls `$f::<N, _>(args)` for `nw` = N vectors (1 to 8), whose accumulators then stay in registers (a loop over a
+/// run-time count kept them in memory, each FMA a store and a load), or `$f::<0, _>` for more (counted at run time).
 macro_rules! by_vectors {
     ($nw:expr, $f:ident, $($a:expr),*) => {
         match $nw {
-            1 => $f::<1>($($a),*),
-            2 => $f::<2>($($a),*),
-            3 => $f::<3>($($a),*),
-            4 => $f::<4>($($a),*),
-            5 => $f::<5>($($a),*),
-            6 => $f::<6>($($a),*),
-            7 => $f::<7>($($a),*),
-            8 => $f::<8>($($a),*),
-            _ => $f::<0>($($a),*),
+            1 => $f::<1, _>($($a),*),
+            2 => $f::<2, _>($($a),*),
+            3 => $f::<3, _>($($a),*),
+            4 => $f::<4, _>($($a),*),
+            5 => $f::<5, _>($($a),*),
+            6 => $f::<6, _>($($a),*),
+            7 => $f::<7, _>($($a),*),
+            8 => $f::<8, _>($($a),*),
+            _ => $f::<0, _>($($a),*),
         }
     };
 }
@@ -56,13 +56,95 @@ pub fn rows_dot_max_f16_par(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) 
 }
 
 pub(crate) fn rows_dot_max_with(k: Kernel, rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
+    dot_max(k, rows, d, w, out)
+}
+
+/// `out[i] = scales[i] · max_j Σ_c codes[i·d + c] · w[j·d + c]` for the `out.len()` rows of `codes` (n × d, 8-bit,
+/// each row with its scale ≥ 0, so the scale applies after the maximum) and the `w.len() / d` vectors of `w` (1 to
+/// [`MAX_VECTORS`]).
+pub fn rows_dot_max_i8(codes: &[i8], scales: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
+    rows_dot_max_i8_with(super::kernel(), codes, scales, d, w, out)
+}
+
+pub(crate) fn rows_dot_max_i8_with(
+    k: Kernel,
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    assert!(
+        scales.len() >= out.len(),
+        "rows_dot_max_i8: {} scales for {} rows",
+        scales.len(),
+        out.len()
+    );
+    dot_max(k, codes, d, w, out);
+    for (o, &s) in out.iter_mut().zip(scales) {
+        *o *= s;
+    }
+}
+
+/// A row element the kernels below read: f16 (page summaries) or i8 (an index's key codes), converted to f32 where
+/// it is loaded.
+trait Elem: Copy {
+    fn f32(self) -> f32;
+    /// 16 elements from `p` as f32.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// 8 elements from `p` as f32.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl Elem for i8 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self as f32
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+}
+
+/// `out[i] = max_j Σ_c rows[i·d + c] · w[j·d + c]` on kernel `k`, for f16 or 8-bit rows.
+fn dot_max<E: Elem>(k: Kernel, rows: &[E], d: usize, w: &[f32], out: &mut [f32]) {
     let nw = w.len() / d.max(1);
     assert!(
         d > 0
             && (1..=MAX_VECTORS).contains(&nw)
             && w.len() == nw * d
             && rows.len() >= out.len() * d,
-        "rows_dot_max_f16: {} vectors of {d} over {} rows",
+        "rows · vectors: {} vectors of {d} over {} rows",
         nw,
         out.len()
     );
@@ -81,7 +163,7 @@ pub(crate) fn rows_dot_max_with(k: Kernel, rows: &[f16], d: usize, w: &[f32], ou
     }
 }
 
-fn portable(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+fn portable<E: Elem>(rows: &[E], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
     for (i, o) in out.iter_mut().enumerate() {
         let r = &rows[i * d..][..d];
         let mut best = f32::NEG_INFINITY;
@@ -89,7 +171,7 @@ fn portable(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
             // Eight partial sums, as the vector builds keep lanes.
             let mut acc = [0.0f32; 8];
             for (c, (x, y)) in r.iter().zip(wj).enumerate() {
-                acc[c % 8] += x.to_f32() * y;
+                acc[c % 8] += x.f32() * y;
             }
             best = best.max(acc.iter().sum());
         }
@@ -99,14 +181,20 @@ fn portable(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn avx512<const NW: usize>(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn avx512<const NW: usize, E: Elem>(
+    rows: &[E],
+    d: usize,
+    w: &[f32],
+    nw: usize,
+    out: &mut [f32],
+) {
     let nw = if NW > 0 { NW } else { nw };
     use std::arch::x86_64::*;
-    let (rp, wp) = (rows.as_ptr() as *const u16, w.as_ptr());
+    let (rp, wp) = (rows.as_ptr(), w.as_ptr());
     for (i, o) in out.iter_mut().enumerate() {
         let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
         for c in (0..d).step_by(16) {
-            let x = _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(i * d + c) as *const __m256i));
+            let x = E::load16(rp.add(i * d + c));
             for (j, a) in acc.iter_mut().enumerate().take(nw) {
                 *a = _mm512_fmadd_ps(x, _mm512_loadu_ps(wp.add(j * d + c)), *a);
             }
@@ -121,14 +209,20 @@ unsafe fn avx512<const NW: usize>(rows: &[f16], d: usize, w: &[f32], nw: usize, 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2<const NW: usize>(rows: &[f16], d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn avx2<const NW: usize, E: Elem>(
+    rows: &[E],
+    d: usize,
+    w: &[f32],
+    nw: usize,
+    out: &mut [f32],
+) {
     let nw = if NW > 0 { NW } else { nw };
     use std::arch::x86_64::*;
-    let (rp, wp) = (rows.as_ptr() as *const u16, w.as_ptr());
+    let (rp, wp) = (rows.as_ptr(), w.as_ptr());
     for (i, o) in out.iter_mut().enumerate() {
         let mut acc = [_mm256_setzero_ps(); MAX_VECTORS];
         for c in (0..d).step_by(8) {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(i * d + c) as *const __m128i));
+            let x = E::load8(rp.add(i * d + c));
             for (j, a) in acc.iter_mut().enumerate().take(nw) {
                 *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(wp.add(j * d + c)), *a);
             }
@@ -140,123 +234,6 @@ unsafe fn avx2<const NW: usize>(rows: &[f16], d: usize, w: &[f32], nw: usize, ou
             best = best.max(lanes.iter().sum());
         }
         *o = best;
-    }
-}
-
-/// `out[i] = scales[i] · max_j Σ_c codes[i·d + c] · w[j·d + c]` for the `out.len()` rows of `codes` (n × d, 8-bit,
-/// each row with its scale ≥ 0, so the scale applies after the maximum) and the `w.len() / d` vectors of `w` (1 to
-/// [`MAX_VECTORS`]).
-pub fn rows_dot_max_i8(codes: &[i8], scales: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
-    rows_dot_max_i8_with(super::kernel(), codes, scales, d, w, out)
-}
-
-pub(crate) fn rows_dot_max_i8_with(
-    k: Kernel,
-    codes: &[i8],
-    scales: &[f32],
-    d: usize,
-    w: &[f32],
-    out: &mut [f32],
-) {
-    let nw = w.len() / d.max(1);
-    assert!(
-        d > 0
-            && (1..=MAX_VECTORS).contains(&nw)
-            && w.len() == nw * d
-            && codes.len() >= out.len() * d
-            && scales.len() >= out.len(),
-        "rows_dot_max_i8: {} vectors of {d} over {} rows",
-        nw,
-        out.len()
-    );
-    match k {
-        // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 if d.is_multiple_of(16) => unsafe {
-            by_vectors!(nw, i8_avx512, codes, scales, d, w, nw, out)
-        },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 if d.is_multiple_of(8) => unsafe {
-            by_vectors!(nw, i8_avx2, codes, scales, d, w, nw, out)
-        },
-        _ => {
-            for (i, o) in out.iter_mut().enumerate() {
-                let r = &codes[i * d..][..d];
-                let mut best = f32::NEG_INFINITY;
-                for wj in w.chunks_exact(d).take(nw) {
-                    let mut acc = [0.0f32; 8];
-                    for (c, (&x, y)) in r.iter().zip(wj).enumerate() {
-                        acc[c % 8] += x as f32 * y;
-                    }
-                    best = best.max(acc.iter().sum());
-                }
-                *o = scales[i] * best;
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn i8_avx512<const NW: usize>(
-    codes: &[i8],
-    scales: &[f32],
-    d: usize,
-    w: &[f32],
-    nw: usize,
-    out: &mut [f32],
-) {
-    let nw = if NW > 0 { NW } else { nw };
-    use std::arch::x86_64::*;
-    let (rp, wp) = (codes.as_ptr(), w.as_ptr());
-    for (i, o) in out.iter_mut().enumerate() {
-        let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
-        for c in (0..d).step_by(16) {
-            let b = _mm_loadu_si128(rp.add(i * d + c) as *const __m128i);
-            let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-            for (j, a) in acc.iter_mut().enumerate().take(nw) {
-                *a = _mm512_fmadd_ps(x, _mm512_loadu_ps(wp.add(j * d + c)), *a);
-            }
-        }
-        let best = acc
-            .iter()
-            .take(nw)
-            .map(|&a| _mm512_reduce_add_ps(a))
-            .fold(f32::NEG_INFINITY, f32::max);
-        *o = scales[i] * best;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn i8_avx2<const NW: usize>(
-    codes: &[i8],
-    scales: &[f32],
-    d: usize,
-    w: &[f32],
-    nw: usize,
-    out: &mut [f32],
-) {
-    let nw = if NW > 0 { NW } else { nw };
-    use std::arch::x86_64::*;
-    let (rp, wp) = (codes.as_ptr(), w.as_ptr());
-    for (i, o) in out.iter_mut().enumerate() {
-        let mut acc = [_mm256_setzero_ps(); MAX_VECTORS];
-        for c in (0..d).step_by(8) {
-            let b = _mm_loadl_epi64(rp.add(i * d + c) as *const __m128i);
-            let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-            for (j, a) in acc.iter_mut().enumerate().take(nw) {
-                *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(wp.add(j * d + c)), *a);
-            }
-        }
-        let mut best = f32::NEG_INFINITY;
-        for a in acc.iter().take(nw) {
-            let mut lanes = [0.0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-            best = best.max(lanes.iter().sum());
-        }
-        *o = scales[i] * best;
     }
 }
 
