@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 
 use super::qtile::{self, Q4};
 use super::vnni;
-use super::{block_softmax, exp_neg, row_q, TaskArgs, Tile};
+use super::{block_softmax, exp_neg, row_q, Ahead, TaskArgs, Tile};
 
 /// The fold of [`super::fold`] (same arguments and results) for BT ∈ {16, 32, 64} and hv % 16 == 0.
 ///
@@ -76,11 +76,23 @@ pub(super) unsafe fn fold<const BT: usize>(
         match *tile {
             Tile::F32 { kt, hs, qrows, .. } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
-                scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
+                scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf, Ahead::NONE);
             }
-            Tile::F16 { kt, hs, qrows, .. } => {
+            Tile::F16 {
+                kt,
+                hs,
+                qrows,
+                ahead,
+                ..
+            } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
-                scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
+                // The next block's keys, a channel's lines with each channel (first chunk only).
+                let pf = if r0 == 0 {
+                    Ahead::of(ahead.0)
+                } else {
+                    Ahead::NONE
+                };
+                scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf, pf);
             }
             Tile::Q4(ref q4) if BT == 32 && !q4.qi.is_empty() => {
                 // Integer scores, the chunk's rows in one pass over the codes.
@@ -184,20 +196,27 @@ pub(super) unsafe fn fold<const BT: usize>(
             match *tile {
                 Tile::F32 { vb, .. } => {
                     let (pr, vp) = (s_buf[i0 * BT..].as_ptr(), vb.as_ptr() as *const u8);
+                    let pf = Ahead::NONE;
                     match k {
-                        4 => pv::<4, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
-                        3 => pv::<3, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
-                        2 => pv::<2, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
-                        _ => pv::<1, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX),
+                        4 => pv::<4, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX, pf),
+                        3 => pv::<3, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX, pf),
+                        2 => pv::<2, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX, pf),
+                        _ => pv::<1, BT, false>(pr, vp, n_eff, hv, al, ar, u64::MAX, pf),
                     }
                 }
-                Tile::F16 { vb, .. } => {
+                Tile::F16 { vb, ahead, .. } => {
                     let (pr, vp) = (s_buf[i0 * BT..].as_ptr(), vb.as_ptr() as *const u8);
+                    // The next block's values, a row's lines with each row (first pass only).
+                    let pf = if r0 + i0 == 0 {
+                        Ahead::of(ahead.1)
+                    } else {
+                        Ahead::NONE
+                    };
                     match k {
-                        4 => pv::<4, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
-                        3 => pv::<3, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
-                        2 => pv::<2, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
-                        _ => pv::<1, BT, true>(pr, vp, n_eff, hv, al, ar, cols),
+                        4 => pv::<4, BT, true>(pr, vp, n_eff, hv, al, ar, cols, pf),
+                        3 => pv::<3, BT, true>(pr, vp, n_eff, hv, al, ar, cols, pf),
+                        2 => pv::<2, BT, true>(pr, vp, n_eff, hv, al, ar, cols, pf),
+                        _ => pv::<1, BT, true>(pr, vp, n_eff, hv, al, ar, cols, pf),
                     }
                 }
                 Tile::Q4(ref q4) if int8_pv => {
@@ -433,16 +452,17 @@ unsafe fn scores_n<'q, const BT: usize, const H: bool>(
     row: impl Fn(usize) -> &'q [f32],
     hs: usize,
     s: &mut [f32],
+    pf: Ahead,
 ) {
     match rc {
-        1 => scores::<1, BT, H>(kt, &std::array::from_fn(row), hs, s),
-        2 => scores::<2, BT, H>(kt, &std::array::from_fn(row), hs, s),
-        3 => scores::<3, BT, H>(kt, &std::array::from_fn(row), hs, s),
-        4 => scores::<4, BT, H>(kt, &std::array::from_fn(row), hs, s),
-        5 => scores::<5, BT, H>(kt, &std::array::from_fn(row), hs, s),
-        6 => scores::<6, BT, H>(kt, &std::array::from_fn(row), hs, s),
-        7 => scores::<7, BT, H>(kt, &std::array::from_fn(row), hs, s),
-        _ => scores::<8, BT, H>(kt, &std::array::from_fn(row), hs, s),
+        1 => scores::<1, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
+        2 => scores::<2, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
+        3 => scores::<3, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
+        4 => scores::<4, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
+        5 => scores::<5, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
+        6 => scores::<6, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
+        7 => scores::<7, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
+        _ => scores::<8, BT, H>(kt, &std::array::from_fn(row), hs, s, pf),
     }
 }
 
@@ -455,11 +475,15 @@ unsafe fn scores<const R: usize, const BT: usize, const H: bool>(
     q: &[&[f32]; R],
     hs: usize,
     s: &mut [f32],
+    pf: Ahead,
 ) {
     assert!(s.len() >= R * BT && q.iter().all(|r| r.len() >= hs));
     let nv = BT / 16;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    // Channel d of the next block's keys: the same bytes of its layout as this block's.
+    let kstep = BT * if H { 2 } else { 4 };
     for d in 0..hs {
+        pf.span(d * kstep, kstep);
         let mut k = [_mm512_setzero_ps(); 4];
         for (v, kv) in k.iter_mut().enumerate().take(nv) {
             *kv = ld16::<H>(kt, d * BT + 16 * v);
@@ -482,6 +506,7 @@ unsafe fn scores<const R: usize, const BT: usize, const H: bool>(
 /// acc_i ← alpha_i · acc_i + Σ_{j<n} p[i · BT + j] · v_j for R rows (`acc` row stride hv; `vb` n × hv, f32 or, when
 /// H, f16), in strips of up to 64 channels whose R rows stay in registers while the strip of each value row is
 /// loaded once.
+#[allow(clippy::too_many_arguments)] // the fold's state, the selection mask and what to prefetch
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
@@ -492,14 +517,17 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
     alpha: &[f32],
     acc: *mut f32,
     cols: u64,
+    pf: Ahead,
 ) {
     let mut c0 = 0;
     while c0 < hv {
+        // The next block's values go with the first strip.
+        let pf = if c0 == 0 { pf } else { Ahead::NONE };
         match (hv - c0) / 16 {
-            1 => pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
-            2 => pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
-            3 => pv_strip::<R, 3, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
-            _ => pv_strip::<R, 4, BT, H>(p, vb, n, hv, alpha, acc, c0, cols),
+            1 => pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf),
+            2 => pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf),
+            3 => pv_strip::<R, 3, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf),
+            _ => pv_strip::<R, 4, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf),
         }
         c0 += 64.min(hv - c0);
     }
@@ -518,8 +546,10 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
     acc: *mut f32,
     c0: usize,
     cols: u64,
+    pf: Ahead,
 ) {
     let mut a = [[_mm512_setzero_ps(); W]; R];
+    let vrow = hv * if H { 2 } else { 4 };
     for (r, ar) in a.iter_mut().enumerate() {
         let al = _mm512_set1_ps(alpha[r]);
         for (w, aw) in ar.iter_mut().enumerate() {
@@ -527,6 +557,12 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
         }
     }
     for j in 0..n {
+        // Row j of the next block's values (a full next block: rows past n too, on the last row).
+        if j + 1 == n {
+            pf.span(j * vrow, usize::MAX);
+        } else {
+            pf.span(j * vrow, vrow);
+        }
         if cols >> j & 1 == 0 {
             continue; // not selected: probability 0, value row not read
         }

@@ -185,6 +185,24 @@ fn gather_rows<T: Copy>(src: &[T], rows: &[usize], width: usize) -> Box<[T]> {
     out.into_boxed_slice()
 }
 
+/// Asks for every cache line of `s` (a hint: nothing is loaded into registers, nothing faults).
+#[inline]
+fn prefetch_lines<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (p, n) = (s.as_ptr() as *const i8, std::mem::size_of_val(s));
+        let mut o = 0;
+        while o < n {
+            // SAFETY: a prefetch is a hint; the address lies inside the slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(o)) };
+            o += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
 /// A view of one block of a stream: `n` valid entries.
 pub struct BlockView<'a> {
     pub data: &'a BlockData,
@@ -230,48 +248,49 @@ impl<'a> BlockView<'a> {
         self.prefetch_parts(false)
     }
 
+    /// [`BlockView::prefetch`] of the positions only: for a fold that prefetches the keys and values itself, a
+    /// line at a time as it works ([`BlockView::f16_parts`]).
+    #[inline]
+    pub fn prefetch_pos(&self) {
+        prefetch_lines(self.pos)
+    }
+
+    /// Keys and values of an f16 block in RAM (None otherwise).
+    #[inline]
+    pub fn f16_parts(&self) -> Option<(&'a [f16], &'a [f16])> {
+        match self.data {
+            BlockData::F16 { k, v } => Some((&k[..], &v[..])),
+            _ => None,
+        }
+    }
+
     #[inline]
     fn prefetch_parts(&self, values: bool) {
-        fn lines<T>(s: &[T]) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                let (p, n) = (s.as_ptr() as *const i8, std::mem::size_of_val(s));
-                let mut o = 0;
-                while o < n {
-                    // SAFETY: a prefetch is a hint; the address lies inside the slice.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(o)) };
-                    o += 64;
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = s;
-        }
         match self.data {
             BlockData::F16 { k, v } => {
-                lines(&k[..]);
+                prefetch_lines(&k[..]);
                 if values {
-                    lines(&v[..]);
+                    prefetch_lines(&v[..]);
                 }
             }
             BlockData::F32 { k, v } => {
-                lines(&k[..]);
+                prefetch_lines(&k[..]);
                 if values {
-                    lines(&v[..]);
+                    prefetch_lines(&v[..]);
                 }
             }
             BlockData::Quant(q) => {
-                lines(&q.k[..]);
-                lines(&q.k_ms[..]);
+                prefetch_lines(&q.k[..]);
+                prefetch_lines(&q.k_ms[..]);
                 if values {
-                    lines(&q.v[..]);
-                    lines(&q.v_ms[..]);
+                    prefetch_lines(&q.v[..]);
+                    prefetch_lines(&q.v_ms[..]);
                 }
             }
             BlockData::Disk(_) => {}
         }
         if values {
-            lines(self.pos);
+            prefetch_lines(self.pos);
         }
     }
 

@@ -99,7 +99,10 @@ pub fn run(a: BatchArgs) -> Result<()> {
     let weights = l.model.streamed_weight_bytes() as f64;
     let mut batch = Batch::new(&l.model, most, most);
     let mut rows: Vec<Row> = Vec::new();
+    // With HAYLOFT_PROFILE=1: each row's phase split per step (printed after the table).
+    let mut splits: Vec<(usize, String)> = Vec::new();
     for &n in &streams {
+        crate::kernels::prof::take();
         let mut samples = Vec::with_capacity(a.reps);
         let before: (u64, u64) = read_and_attention(&sessions[..n]);
         for _ in 0..a.reps {
@@ -118,6 +121,9 @@ pub fn run(a: BatchArgs) -> Result<()> {
         }
         let after = read_and_attention(&sessions[..n]);
         let steps = (a.reps * a.n_gen) as f64;
+        if crate::kernels::prof::enabled() {
+            splits.push((n, crate::kernels::prof::summary(steps)));
+        }
         let kv = (after.0 - before.0) as f64 / steps;
         let agg = median(&mut samples.clone());
         let (base, base_bytes) = rows.first().map_or((agg, weights + kv / n as f64), |r| {
@@ -166,6 +172,9 @@ pub fn run(a: BatchArgs) -> Result<()> {
             r.kv_read_bytes_per_step / 1e6,
             r.attention_ms_per_step
         );
+    }
+    for (n, split) in &splits {
+        println!("{n} stream(s), per step: {split}");
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&rows)?)
