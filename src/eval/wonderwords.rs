@@ -98,6 +98,12 @@ pub fn ensure() -> Result<PathBuf> {
     if FILES.iter().all(|f| dir.join(f).exists()) {
         return Ok(dir);
     }
+    // Parallel tests are threads of one process: one fetches, the others wait and find the lists.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if FILES.iter().all(|f| dir.join(f).exists()) {
+        return Ok(dir);
+    }
     fetch_into(&data, &dir).with_context(|| {
         format!(
             "RULER needs wonderwords' word lists; check that `python3 -m pip download --no-deps {PACKAGE}` works \
@@ -109,7 +115,7 @@ pub fn ensure() -> Result<PathBuf> {
 }
 
 fn fetch_into(data: &std::path::Path, dir: &std::path::Path) -> Result<()> {
-    let nonce = std::process::id().to_string();
+    let nonce = crate::fetch::scratch_nonce();
     let dl = data.join(format!(".download-wonderwords-{nonce}"));
     fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
     eprintln!("fetching {PACKAGE} (RULER's word lists) with pip ...");
