@@ -28,7 +28,7 @@
 //! follow. The AVX-512 fold of an f16 block asks for the next f16 block's lines as it works (a key channel's line with
 //! each channel, a value row's with each row) rather than in one burst before it: a burst of a whole block's lines
 //! fills the core's miss buffers, and the fold then waits on memory instead of working while it arrives (SmolLM2 8K
-//! decode on a 2-core Xeon: 40 → 48 tok/s). Three compiled variants run the same task code:
+//! decode on a 2-core Xeon: 39.9 → 44.1 tok/s, 9 alternated runs). Three compiled variants run the same task code:
 //! portable, AVX2 (with the [`wide2`] step) and AVX-512 (with the [`wide`] step), picked with the matmul kernel.
 //!
 //! `naive_attention` is the plain reference the tests compare against.
@@ -723,6 +723,29 @@ impl Ahead {
     }
 }
 
+/// No block to prefetch from inside the fold.
+const NO_AHEAD: (&[half::f16], &[half::f16]) = (&[], &[]);
+
+/// Asks for `next` while `blk` is folded: when `spread` (the AVX-512 fold of an f16 block takes it) and both are f16
+/// blocks in RAM, only its positions now and its keys and values returned for the fold to ask for as it works;
+/// otherwise the whole block now, and nothing returned.
+fn ask_ahead<'a>(
+    blk: &BlockView,
+    next: &BlockView<'a>,
+    spread: bool,
+) -> (&'a [half::f16], &'a [half::f16]) {
+    match (blk.f16_parts(), next.f16_parts()) {
+        (Some(_), Some(kv)) if spread => {
+            next.prefetch_pos();
+            kv
+        }
+        _ => {
+            next.prefetch();
+            NO_AHEAD
+        }
+    }
+}
+
 fn run_dispatch<const BT: usize>(simd: Simd, a: &TaskArgs, buf: &mut TaskBuf) {
     #[cfg(target_arch = "x86_64")]
     match simd {
@@ -896,16 +919,9 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             // Blocks are separate allocations the hardware prefetchers do not follow: ask for the next one now, so
             // its bytes arrive while this one is folded (one block ahead measured best: 27 GB/s against 18 without).
             // The AVX-512 fold of an f16 block asks for the next f16 block itself, spread over its work.
-            let mut ahead: (&[half::f16], &[half::f16]) = (&[], &[]);
+            let mut ahead = NO_AHEAD;
             if b + 1 < task.blk1 {
-                let next = cache.block(layer, task.kv_head, b + 1);
-                match (blk.f16_parts(), next.f16_parts()) {
-                    (Some(_), Some(kv)) if interleave => {
-                        next.prefetch_pos();
-                        ahead = kv;
-                    }
-                    _ => next.prefetch(),
-                }
+                ahead = ask_ahead(&blk, &cache.block(layer, task.kv_head, b + 1), interleave);
             }
             fold_view::<BT>(a, &blk, channels.is_some(), buf, ahead);
             b += 1;
@@ -951,16 +967,10 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
         }
         let whole = j0 == 0 && j1 == blk.n;
         // A whole f16 block folded by the AVX-512 fold asks for the next piece's f16 block itself, as it works.
-        let mut next_kv: (&[half::f16], &[half::f16]) = (&[], &[]);
+        let mut next_kv = NO_AHEAD;
         if ahead < task_pieces.len() && (i == 0 || task_pieces[i - 1].block != pc.block) {
             let next = cache.block(layer, task.kv_head, task_pieces[ahead].block as usize);
-            match (blk.f16_parts(), next.f16_parts()) {
-                (Some(_), Some(kv)) if whole && interleave => {
-                    next.prefetch_pos();
-                    next_kv = kv;
-                }
-                _ => next.prefetch(),
-            }
+            next_kv = ask_ahead(&blk, &next, whole && interleave);
         }
         if whole {
             fold_view::<BT>(a, &blk, channels.is_some(), buf, next_kv);
@@ -989,7 +999,7 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 hs: hk,
                 qrows: None,
                 cols,
-                ahead: (&[], &[]),
+                ahead: NO_AHEAD,
             };
             let TaskBuf {
                 s, m, l, acc, pbuf, ..
@@ -1171,10 +1181,9 @@ fn fold_q4_run<'a>(
 #[cfg(all(test, target_arch = "x86_64"))]
 static Q4_RUNS_FOLDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Folds a whole block (any format) into the task's rows.
+/// Folds a whole block (any format) into the task's rows. `ahead`: the next block's f16 keys and values, for the
+/// AVX-512 fold of an f16 block to prefetch as it works ([`Tile::F16`]); empty when the caller prefetched it already.
 #[inline(always)]
-/// `ahead`: the next block's f16 keys and values, for the AVX-512 fold of an f16 block to prefetch as it works
-/// ([`Tile::F16`]); empty when the caller prefetched it already.
 fn fold_view<const BT: usize>(
     a: &TaskArgs,
     blk: &BlockView,
