@@ -203,6 +203,38 @@ fn info_and_bench_speed_run() {
     assert!(rows.iter().all(|r| r["tok_s"].as_f64().is_some()), "{j}");
 }
 
+/// `bench speed --contexts 0 --no-prefill` (decode speed with an empty cache only) warms up on fewer tokens than one
+/// prefill chunk: it once sliced past its random tokens and panicked.
+#[test]
+fn bench_speed_decodes_from_an_empty_cache_alone() {
+    let (dir, model) = tiny();
+    let json = dir.path().join("b0.json");
+    let out = hayloft()
+        .args([
+            "bench",
+            "speed",
+            "--model",
+            &model,
+            "--contexts",
+            "0",
+            "--no-prefill",
+        ])
+        .args(["--reps", "1", "--n-gen", "4", "--json"])
+        .arg(&json)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = j["results"].as_array().unwrap();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["test"] == "decode" && r["ctx"] == 0),
+        "{j}"
+    );
+}
+
 #[test]
 fn bench_tokenize_reports_encode_and_decode_speed() {
     let (dir, model) = tiny();

@@ -608,7 +608,11 @@ fn speed(mut a: SpeedArgs) -> Result<()> {
             let weights = l.model.streamed_weight_bytes();
             let toks = random_tokens(max_ctx, c.vocab);
             // Warm-up: fault in the weights and grow the scratch buffers.
-            session.feed(&toks[..cfg.chunk_size.min(64)], 0..1, |_, _| {})?;
+            session.feed(
+                &toks[..cfg.chunk_size.min(64).min(toks.len())],
+                0..1,
+                |_, _| {},
+            )?;
             session.reset();
 
             let steps = a.reps
