@@ -156,6 +156,10 @@ unsafe fn a_kernel<const T: usize, const BITS: u32, const MIN: bool>(
     let mut acc = [_mm256_setzero_ps(); T];
     for kb in 0..nb {
         let p = base.add(kb * c.rec);
+        if h == 0 {
+            // The second half (h = 1) reads the row group again, from the caches.
+            super::ask_weights_ahead(p, c.rec);
+        }
         let q = p.add(a_hdr(MIN));
         let mut s = [_mm256_setzero_si256(); T];
         if !MIN {
@@ -196,6 +200,10 @@ unsafe fn k45_kernel<const T: usize, const Q5: bool>(c: &Ctx, rg: usize, h: usiz
     let mut acc = [_mm256_setzero_ps(); T];
     for sb in 0..nb {
         let p = base.add(sb * c.rec);
+        if h == 0 {
+            // The second half (h = 1) reads the row group again, from the caches.
+            super::ask_weights_ahead(p, c.rec);
+        }
         let dv = cvt_f16x8(p.add(16 * h));
         let dminv = cvt_f16x8(p.add(32 + 16 * h));
         for j in 0..8 {
@@ -241,6 +249,10 @@ unsafe fn q6k_kernel<const T: usize>(c: &Ctx, rg: usize, h: usize, t0: usize) {
     let mut acc = [_mm256_setzero_ps(); T];
     for sb in 0..nb {
         let p = base.add(sb * c.rec);
+        if h == 0 {
+            // The second half (h = 1) reads the row group again, from the caches.
+            super::ask_weights_ahead(p, c.rec);
+        }
         let dv = cvt_f16x8(p.add(16 * h));
         for j in 0..8 {
             let q = p.add(Q6_HDR + j * 384);

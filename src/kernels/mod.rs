@@ -249,6 +249,28 @@ pub(crate) struct Ctx {
     pub y: *mut f32,
 }
 
+/// How far past the record it is reading a quantized kernel asks for weights, in bytes (a few records of the K-quants,
+/// a dozen of Q4_1). A row group is one sequential stream, yet the hardware prefetchers alone fed decode's products
+/// at 10-12 GB/s where the machine reads 18 (2-core Xeon, weights from memory): Qwen2.5-0.5B decode spent 28 ms per
+/// token, 22 with these requests (distances 2 to 16 KiB measured, 4 KiB among the best on every model).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const WEIGHT_AHEAD: usize = 4096;
+
+/// Asks for the cache lines of the `rec` bytes [`WEIGHT_AHEAD`] past `p` (the record being read). Past the end of
+/// the matrix this asks for lines nobody reads, which is harmless: a prefetch never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn ask_weights_ahead(p: *const u8, rec: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let ahead = p.wrapping_add(WEIGHT_AHEAD);
+    let mut o = 0;
+    while o < rec {
+        // SAFETY: a prefetch is a hint and never faults; the address is only computed (wrapping), never read.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o) as *const i8) };
+        o += 64;
+    }
+}
+
 // SAFETY: the pointers are only read, except `y`, which tasks write in disjoint (row, token) ranges.
 unsafe impl Sync for Ctx {}
 unsafe impl Send for Ctx {}
