@@ -894,6 +894,15 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     let Some(pieces) = a.pieces else {
         #[cfg(target_arch = "x86_64")]
         let runs = q4_runs::<BT>(a, channels.map(<[u16]>::len));
+        // A run asks for the next run's blocks before it folds, so only the task's first run would start cold, and
+        // at short contexts a task is one run: ask for its blocks all at once, so their misses overlap instead of
+        // each part's miss stalling the preparation in turn.
+        #[cfg(target_arch = "x86_64")]
+        if runs {
+            for i in task.blk0..(task.blk0 + wide::Q4_RUN).min(task.blk1) {
+                cache.block(layer, task.kv_head, i).prefetch();
+            }
+        }
         let mut b = task.blk0;
         while b < task.blk1 {
             let blk = cache.block(layer, task.kv_head, b);
