@@ -280,11 +280,15 @@ impl<'a> BlockView<'a> {
                 }
             }
             BlockData::Quant(q) => {
-                prefetch_lines(&q.k[..]);
+                // The scales first: a 4-bit fold's preparation reads them before any code (measured on 1 and 8
+                // streams of kivi4 decode: attention 14.8 -> 13.6 ms per 8-stream step, 3 alternations).
                 prefetch_lines(&q.k_ms[..]);
                 if values {
-                    prefetch_lines(&q.v[..]);
                     prefetch_lines(&q.v_ms[..]);
+                }
+                prefetch_lines(&q.k[..]);
+                if values {
+                    prefetch_lines(&q.v[..]);
                 }
             }
             BlockData::Disk(_) => {}
