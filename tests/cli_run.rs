@@ -17,6 +17,24 @@ fn hayloft() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hayloft"))
 }
 
+/// Runs `hayloft bench speed --model MODEL ARGS --json FILE` in `dir`, asserts it succeeded and returns its stderr and
+/// the JSON it wrote.
+fn bench_speed(dir: &tempfile::TempDir, model: &str, args: &[&str]) -> (String, serde_json::Value) {
+    let json = dir.path().join("speed.json");
+    let out = hayloft()
+        .args(["bench", "speed", "--model", model])
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let j = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (stderr, j)
+}
+
 #[test]
 fn generate_streams_and_writes_stats_json() {
     let (dir, model) = tiny();
@@ -170,32 +188,11 @@ fn info_and_bench_speed_run() {
         s.contains("architecture:  llama") && s.contains("KV per token"),
         "{s}"
     );
-    let json = dir.path().join("b.json");
-    let out = hayloft()
-        .args([
-            "bench",
-            "speed",
-            "--model",
-            &model,
-            "--contexts",
-            "64,128",
-            "--reps",
-            "1",
-            "--n-gen",
-            "4",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .env("HAYLOFT_HOME", dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_, j) = bench_speed(
+        &dir,
+        &model,
+        &["--contexts", "64,128", "--reps", "1", "--n-gen", "4"],
     );
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = j["results"].as_array().unwrap();
     // prefill 64, 128; decode 0, 64, 128
     assert_eq!(rows.len(), 5);
@@ -208,26 +205,16 @@ fn info_and_bench_speed_run() {
 #[test]
 fn bench_speed_decodes_from_an_empty_cache_alone() {
     let (dir, model) = tiny();
-    let json = dir.path().join("b0.json");
-    let out = hayloft()
-        .args([
-            "bench",
-            "speed",
-            "--model",
-            &model,
-            "--contexts",
-            "0",
-            "--no-prefill",
-        ])
-        .args(["--reps", "1", "--n-gen", "4", "--json"])
-        .arg(&json)
-        .env("HAYLOFT_HOME", dir.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let args = [
+        "--contexts",
+        "0",
+        "--no-prefill",
+        "--reps",
+        "1",
+        "--n-gen",
+        "4",
+    ];
+    let (_, j) = bench_speed(&dir, &model, &args);
     let rows = j["results"].as_array().unwrap();
     assert!(
         !rows.is_empty() && rows.iter().all(|r| r["test"] == "decode" && r["ctx"] == 0),
@@ -621,31 +608,21 @@ fn bench_machine_then_plan_predicts_and_validates() {
 #[test]
 fn bench_speed_takes_a_thread_list() {
     let (dir, model) = tiny();
-    let json = dir.path().join("speed.json");
-    let out = hayloft()
-        .args([
-            "bench",
-            "speed",
-            "--model",
-            &model,
-            "--threads",
-            "1,2,3",
-            "--contexts",
-            "32,64",
-        ])
-        .args(["--reps", "1", "--n-gen", "2", "--json"])
-        .arg(&json)
-        .env("HAYLOFT_HOME", dir.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let args = [
+        "--threads",
+        "1,2,3",
+        "--contexts",
+        "32,64",
+        "--reps",
+        "1",
+        "--n-gen",
+        "2",
+    ];
+    let (stderr, j) = bench_speed(&dir, &model, &args);
     assert!(
         stderr.contains("| test | ctx | 1 threads | 2 threads | 3 threads |"),
         "{stderr}"
     );
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(j["threads"], serde_json::json!([1, 2, 3]));
     // 2 prefill + 3 decode rows per thread count, each naming its count.
     let rows = j["results"].as_array().unwrap();
