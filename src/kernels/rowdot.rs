@@ -42,14 +42,15 @@ pub fn rows_dot_max_f16(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
 /// as the serial call's: rows are independent). A selector scoring thousands of page summaries on one thread would
 /// leave the other threads idle during its layer's decode step.
 pub fn rows_dot_max_f16_par(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
-    use rayon::prelude::*;
-    const PAR_ROWS: usize = 256;
+    const PAR_ROWS: usize = 64;
     let threads = rayon::current_num_threads();
     if threads <= 1 || out.len() < 2 * PAR_ROWS {
         return rows_dot_max_f16(rows, d, w, out);
     }
     let chunk = out.len().div_ceil(threads).max(PAR_ROWS);
-    out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+    // On the team, as the forward pass's own regions: its workers are awake (spinning) between regions, where a rayon
+    // region would wait for a sleeping rayon worker that then competes with them for the cores.
+    super::team::for_each_chunk_mut(out, chunk, |i, o| {
         let r0 = i * chunk * d;
         rows_dot_max_f16(&rows[r0..r0 + o.len() * d], d, w, o);
     });
@@ -396,7 +397,7 @@ mod tests {
             .unwrap();
         let mut rng = Rng(5);
         let d = 40;
-        for n in [1usize, 511, 512, 513, 1500] {
+        for n in [1usize, 127, 128, 129, 500, 1500] {
             let rows: Vec<f16> = rng.vec(n * d, 1.0).into_iter().map(f16::from_f32).collect();
             let w = rng.vec(3 * d, 1.0);
             let mut want = vec![0.0f32; n];
