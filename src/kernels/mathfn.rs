@@ -16,14 +16,19 @@ pub fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = x.max(-87.0);
+    // Clamped above too (no input this serves exceeds 0), so n always fits an i32 and the conversion below can be
+    // the plain one; NaN becomes −87 either way (max/min return the other operand).
+    let xc = x.max(-87.0).min(88.0);
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (0.166_666_67 + r * (0.041_666_43 + r * (0.008_333_45 + r * 0.001_394_2)))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // SAFETY: n is an integer in [−126, 127] (xc is finite and within [−87, 88]). Rust's saturating `as` would be a
+    // scalar conversion per lane with NaN and range checks: it kept this loop from vectorizing (softmax at 2.8 ns per
+    // value on AVX-512).
+    let scale = f32::from_bits(((unsafe { n.to_int_unchecked::<i32>() } + 127) << 23) as u32);
     if x < -87.0 {
         0.0
     } else {
