@@ -18,6 +18,8 @@ pub fn exp_neg(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Clamped above too (no input this serves exceeds 0), so n always fits an i32 and the conversion below can be
     // the plain one; NaN becomes −87 either way (max/min return the other operand).
+    #[allow(clippy::manual_clamp)]
+    // clamp would keep a NaN, and the unchecked conversion below must never see one
     let xc = x.max(-87.0).min(88.0);
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
@@ -202,6 +204,17 @@ mod tests {
             0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, 50.0, -50.0, 90.0, -90.0, 1e4, -1e4,
         ]);
         v
+    }
+
+    /// Inputs outside the contract (x ≤ 0) stay defined: the exponent's unchecked conversion never sees NaN or a value
+    /// out of range.
+    #[test]
+    fn exp_neg_takes_nan_infinities_and_large_inputs() {
+        assert_eq!(exp_neg(f32::NAN).to_bits(), exp_neg(-87.0).to_bits());
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(f32::INFINITY).to_bits(), exp_neg(88.0).to_bits());
+        assert!(exp_neg(88.0).is_finite() && exp_neg(88.0) > 1e38);
+        assert_eq!(exp_neg(0.0), 1.0);
     }
 
     #[test]
