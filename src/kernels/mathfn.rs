@@ -17,9 +17,8 @@ pub fn exp_neg(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Clamped above too (no input this serves exceeds 0), so n always fits an i32 and the conversion below can be
-    // the plain one; NaN becomes −87 either way (max/min return the other operand).
-    #[allow(clippy::manual_clamp)]
-    // clamp would keep a NaN, and the unchecked conversion below must never see one
+    // the plain one; NaN becomes −87 (max/min return the other operand, where `clamp` would keep the NaN).
+    #[allow(clippy::manual_clamp)] // see above: NaN must not reach the unchecked conversion
     let xc = x.max(-87.0).min(88.0);
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
