@@ -30,6 +30,13 @@ impl SelectCx<'_> {
         self.n_q_heads / self.cache.cfg.n_kv_heads
     }
 
+    /// The last token's query rows of the query heads KV head `kv` serves (group × head_dim_k, one after another).
+    pub fn group_queries(&self, kv: usize) -> &[f32] {
+        let (hk, g) = (self.cache.cfg.head_dim_k, self.group());
+        let t = self.pos.len() - 1;
+        &self.q[(t * self.n_q_heads + kv * g) * hk..][..g * hk]
+    }
+
     /// The last token's query row of query head `h` (head_dim_k).
     pub fn last_query(&self, h: usize) -> &[f32] {
         let hk = self.cache.cfg.head_dim_k;

@@ -9,8 +9,10 @@
 //! (8 tokens). About log2(T/K) rounds of 2K scores: no pass over every key. A piece's representative is found by a
 //! binary descent (InfiniteHiP): compare q·k at the middle of the piece's left half and of its right half, descend
 //! into the winner, a few steps; the piece scores its last winner. It relies on attention locality (scores vary
-//! smoothly with position), HiP's premise. Every key the descents read is counted as read. The mask is reused for
-//! `interval` decode steps.
+//! smoothly with position), HiP's premise. Every key the descents read is counted as read; on an f16 block (keys
+//! stored channel-major, so one key touches all of the block's key lines) the first read scores the whole block and
+//! the selection keeps those scores ([`BlockScores`]): each block's keys are read and counted at most once per
+//! selection. The mask is reused for `interval` decode steps.
 //!
 //! Defaults, and where they come from (DeepAuto-AI/hip-attention at fea42c7792):
 //! - final chunk 8 tokens: InfiniteHiP's last stage (`v1_2/hip_config.py`, chunk 8); HiP v1.0 goes down to
@@ -29,12 +31,14 @@
 //! Selection is per KV head (HiP's kernels select per query head): a key's score is the maximum over the query heads
 //! of the group of q·k, so the bytes attention reads are exactly the budget.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use smallvec::SmallVec;
 
 use super::{key_read_bytes, top_k, Frame, FrameDefaults, Middle, SelectOptions, Step};
 use crate::attention::Selection;
+use crate::kernels::rowdot::{cols_dot_f16, MAX_VECTORS};
+use crate::kv::BlockData;
 use crate::methods::spec::Budget;
 use crate::model::{SelectCx, Selector};
 
@@ -61,24 +65,100 @@ struct Piece {
     score: Option<f32>,
 }
 
+/// Scores of one KV head's f16 blocks, filled as the descents of one selection first reach each block.
+///
+/// An f16 block stores its keys channel-major, so reading one key gathers from every channel's row of the block: the
+/// same cache lines as all of its keys. A descent's first read in a block therefore scores every key of it
+/// ([`cols_dot_f16`], against the group's queries) and keeps them here for the rest of the selection's rounds, so a
+/// block's keys are read (and counted) once per selection however many pieces and rounds come back to it. Tasks of a
+/// round fill it side by side: a block two of them reach at once may be scored twice (and counted twice); the
+/// scores are the same.
+#[derive(Default)]
+struct BlockScores {
+    /// Per block: 0 not scored, 1 scored.
+    done: Vec<AtomicU8>,
+    /// Per entry: its score's bits (max over the group's query heads of q·k).
+    bits: Vec<AtomicU32>,
+}
+
+impl BlockScores {
+    fn reset(&mut self, blocks: usize, bt: usize) {
+        self.done.resize_with(blocks, Default::default);
+        self.bits.resize_with(blocks * bt, Default::default);
+        self.done[..blocks]
+            .iter()
+            .for_each(|d| d.store(0, Ordering::Relaxed));
+    }
+}
+
 /// Reads keys of one KV head for the descents and counts what it read.
 struct KeyReader<'a> {
     cx: &'a SelectCx<'a>,
     head: usize,
     key: &'a mut [f32],
+    /// Where f16 blocks are scored whole (None: every key read alone).
+    table: Option<&'a BlockScores>,
+    /// Per-query scores of a block (g × bt).
+    rows: SmallVec<[f32; 256]>,
     bytes: usize,
+    /// Keys whose bytes were read.
     keys: u64,
 }
 
-impl KeyReader<'_> {
+impl<'a> KeyReader<'a> {
+    fn new(
+        cx: &'a SelectCx<'a>,
+        head: usize,
+        key: &'a mut [f32],
+        table: Option<&'a BlockScores>,
+    ) -> Self {
+        Self {
+            cx,
+            head,
+            key,
+            table,
+            rows: SmallVec::new(),
+            bytes: 0,
+            keys: 0,
+        }
+    }
+
     /// max over the group's query heads of q·k for entry `e`.
     fn score(&mut self, e: usize) -> f32 {
         let cx = self.cx;
         let (g, bt) = (cx.group(), cx.cache.cfg.block_tokens);
-        let block = cx.cache.block(cx.layer, self.head, e / bt);
+        let b = e / bt;
+        if let Some(t) = self.table {
+            if t.done[b].load(Ordering::Acquire) == 1 {
+                return f32::from_bits(t.bits[e].load(Ordering::Relaxed));
+            }
+        }
+        let block = cx.cache.block(cx.layer, self.head, b);
+        if let (Some(t), BlockData::F16 { k, .. }, None, true) =
+            (self.table, block.data, block.channels, g <= MAX_VECTORS)
+        {
+            let hk = cx.cache.cfg.head_dim_k;
+            self.rows.resize(g * bt, 0.0);
+            cols_dot_f16(
+                &k[..hk * bt],
+                bt,
+                cx.group_queries(self.head),
+                &mut self.rows,
+            );
+            for (j, out) in t.bits[b * bt..][..bt].iter().enumerate() {
+                let s = (0..g)
+                    .map(|i| self.rows[i * bt + j])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                out.store(s.to_bits(), Ordering::Relaxed);
+            }
+            t.done[b].store(1, Ordering::Release);
+            self.bytes += bt * key_read_bytes(&block, bt);
+            self.keys += bt as u64;
+            return f32::from_bits(t.bits[e].load(Ordering::Relaxed));
+        }
+        self.keys += 1;
         block.read_key(e % bt, self.key);
         self.bytes += key_read_bytes(&block, bt);
-        self.keys += 1;
         let mut best = f32::NEG_INFINITY;
         for i in 0..g {
             let q = cx.last_query(self.head * g + i);
@@ -121,6 +201,8 @@ pub struct Hip {
     idx: Vec<u32>,
     /// Keys the descents read, all steps together.
     keys_read: u64,
+    /// The head being pruned: its blocks' scores as the descents reach them.
+    table: BlockScores,
 }
 
 impl Hip {
@@ -133,6 +215,7 @@ impl Hip {
             scores: Vec::new(),
             idx: Vec::new(),
             keys_read: 0,
+            table: BlockScores::default(),
         }
     }
 
@@ -167,6 +250,10 @@ impl Hip {
                 (m.lo + p.u1 as usize * unit).min(m.hi),
             )
         };
+        let bt = cx.cache.cfg.block_tokens;
+        self.table
+            .reset(cx.cache.n_blocks(cx.layer, h).max(m.hi.div_ceil(bt)), bt);
+        let table = &self.table;
         let p0 = (2 * kc).min(n_units);
         self.pieces.clear();
         self.pieces.extend((0..p0).map(|j| Piece {
@@ -179,13 +266,7 @@ impl Hip {
             // key reads (each read a gather from head_dim_k cache lines of a block), but the pieces are independent.
             crate::kernels::team::for_each_chunk_mut(&mut self.pieces, PIECES_PER_TASK, |_, ps| {
                 let mut key: SmallVec<[f32; 256]> = SmallVec::from_elem(0.0, hk);
-                let mut rd = KeyReader {
-                    cx,
-                    head: h,
-                    key: &mut key,
-                    bytes: 0,
-                    keys: 0,
-                };
+                let mut rd = KeyReader::new(cx, h, &mut key, Some(table));
                 for p in ps.iter_mut().filter(|p| p.score.is_none()) {
                     let (a, b) = span(p);
                     p.score = Some(rd.represent(a, b));
@@ -371,13 +452,7 @@ mod tests {
         let cx = cx(&c, &q, &pos, 1);
         let mut key = Vec::new();
         key.resize(HK, 0.0);
-        let mut rd = KeyReader {
-            cx: &cx,
-            head: 0,
-            key: &mut key,
-            bytes: 0,
-            keys: 0,
-        };
+        let mut rd = KeyReader::new(&cx, 0, &mut key, None);
         let near = rd.represent(64, 96);
         let far = rd.represent(192, 224);
         assert!(near > far, "{near} vs {far}");
