@@ -251,8 +251,7 @@ impl Hip {
             )
         };
         let bt = cx.cache.cfg.block_tokens;
-        self.table
-            .reset(cx.cache.n_blocks(cx.layer, h).max(m.hi.div_ceil(bt)), bt);
+        self.table.reset(cx.cache.n_blocks(cx.layer, h), bt);
         let table = &self.table;
         let p0 = (2 * kc).min(n_units);
         self.pieces.clear();

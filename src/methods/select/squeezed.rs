@@ -52,6 +52,7 @@ use crate::attention::Selection;
 use crate::kernels::f16_to_f32_slice;
 use crate::kv::KvCache;
 use crate::methods::obs::dot;
+use crate::methods::prefill::plan::Bits;
 use crate::methods::spec::Budget;
 use crate::model::{ModelConfig, QueryWindow, SelectCx, Selector};
 
@@ -295,39 +296,6 @@ fn obs_scores(level: &Level, q: &[f32], g: usize, hk: usize, scale: f32) -> Vec<
         .zip(&level.keys)
         .map(|(&m, &n)| ((m / t as f64) as f32, n))
         .collect()
-}
-
-/// Calls `f(a, b)` for each run of set bits of `words` (bit i = entry `base + i`), in order, as entries `[a, b)`; a
-/// run that reaches the last word's end ends at `end`. Skips clear stretches a word at a time.
-fn bit_runs(words: &[u64], base: usize, end: usize, mut f: impl FnMut(usize, usize)) {
-    let mut run = None;
-    for (w, &word) in words.iter().enumerate() {
-        let at = base + 64 * w;
-        let mut j = 0;
-        while j < 64 {
-            let rest = word >> j;
-            match run {
-                None if rest == 0 => break,
-                None => {
-                    j += rest.trailing_zeros();
-                    run = Some(at + j as usize);
-                }
-                Some(a) => {
-                    // Past the word's end the shifted-in bits read as clear: a run that reaches it goes on into
-                    // the next word.
-                    j += (!rest).trailing_zeros();
-                    if j >= 64 {
-                        break;
-                    }
-                    f(a, at + j as usize);
-                    run = None;
-                }
-            }
-        }
-    }
-    if let Some(a) = run {
-        f(a, end);
-    }
 }
 
 /// The `q` quantile of values each repeated `weight` times, interpolated linearly between neighbours (numpy's
@@ -716,7 +684,7 @@ pub struct Squeezed {
     cand: Vec<u32>,
     order: Vec<u32>,
     /// The entries `take` chose, one bit each from the middle's first entry on (runs of set bits become ranges).
-    chosen: Vec<u64>,
+    chosen: Bits,
 }
 
 impl Squeezed {
@@ -748,7 +716,7 @@ impl Squeezed {
             est: Vec::new(),
             cand: Vec::new(),
             order: Vec::new(),
-            chosen: Vec::new(),
+            chosen: Bits::default(),
         }
     }
 
@@ -838,7 +806,8 @@ impl Squeezed {
                 self.rank_one_level(cx.cache, si);
             }
             self.take(cx.cache, si, m.lo, end, left);
-            bit_runs(&self.chosen, m.lo, end, |a, b| kept.add(h, a, b));
+            self.chosen
+                .runs(end - m.lo, |a, b| kept.add(h, m.lo + a, m.lo + b));
         }
         kept.finish();
         *self.frame.kept_mut(cx.layer) = kept;
@@ -937,8 +906,7 @@ impl Squeezed {
         let est = &self.est;
         self.order
             .sort_unstable_by(|&a, &b| est[b as usize].total_cmp(&est[a as usize]).then(a.cmp(&b)));
-        self.chosen.clear();
-        self.chosen.resize((end - lo).div_ceil(64), 0);
+        self.chosen.reset(end - lo);
         for &j in &self.order {
             if left == 0 {
                 break;
@@ -948,8 +916,7 @@ impl Squeezed {
             let b = e.partition_point(|&x| (x as usize) < end);
             let take = (b - a).min(left);
             for &x in &e[b - take..b] {
-                let i = x as usize - lo;
-                self.chosen[i / 64] |= 1 << (i % 64);
+                self.chosen.set(x as usize - lo);
             }
             cache.note_read(4 * take);
             left -= take;
@@ -1166,37 +1133,6 @@ mod tests {
         // A tie keeps the current center.
         let (b, v1, v2) = two_nearest(&[1.0, 1.0, 0.0], &[1.0, 1.0, 1.0], 1);
         assert_eq!((b, v1, v2), (1, -1.0, -1.0));
-    }
-
-    #[test]
-    fn bit_runs_are_the_runs_of_set_bits() {
-        let mut rng = Rng::seeded(11);
-        for n in [1usize, 63, 64, 65, 128, 200] {
-            for density in [0.0f32, 0.1, 0.5, 0.9, 1.0] {
-                let bits: Vec<bool> = (0..n)
-                    .map(|_| (rng.uniform() + 1.0) / 2.0 < density)
-                    .collect();
-                let mut words = vec![0u64; n.div_ceil(64)];
-                for (i, _) in bits.iter().enumerate().filter(|(_, &b)| b) {
-                    words[i / 64] |= 1 << (i % 64);
-                }
-                let (base, mut got, mut want) = (1000, Vec::new(), Vec::new());
-                bit_runs(&words, base, base + n, |a, b| got.push((a, b)));
-                let mut i = 0;
-                while i < n {
-                    if bits[i] {
-                        let a = i;
-                        while i < n && bits[i] {
-                            i += 1;
-                        }
-                        want.push((base + a, base + i));
-                    } else {
-                        i += 1;
-                    }
-                }
-                assert_eq!(got, want, "n {n}, density {density}");
-            }
-        }
     }
 
     #[test]
