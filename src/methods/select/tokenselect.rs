@@ -828,4 +828,64 @@ mod tests {
         assert_eq!(reuse_text(0.9), "0.9");
         assert_eq!(reuse_text(f32::INFINITY), "off");
     }
+    /// Timing harness, not a check (ignored; run by hand): one decode step's TokenSelect selection at an 8K context of
+    /// SmolLM2's shapes (3 KV heads of 64, 9 query heads, 32-token f16 blocks, 1024 tokens per head, Selection Cache
+    /// off), over `HAYLOFT_HARNESS_LAYERS` layers (default 30, so the keys come from memory), best of many steps.
+    /// `cargo test --release --lib tokenselect_decode_8k -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn tokenselect_decode_8k() {
+        let (n_q, n_kv, hd, len) = (9usize, 3usize, 64usize, 8192usize);
+        let layers: usize = std::env::var("HAYLOFT_HARNESS_LAYERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        let mut rng = Rng::seeded(8);
+        let k = rng.vec(len * n_kv * hd, 1.0);
+        let v = rng.vec(len * n_kv * hd, 1.0);
+        let q = rng.vec(n_q * hd, 2.0);
+        let pos: Vec<u32> = (0..len as u32).collect();
+        let mut c = KvCache::new(KvConfig {
+            n_layers: layers,
+            n_kv_heads: n_kv,
+            head_dim_k: hd,
+            head_dim_v: hd,
+            block_tokens: 32,
+            dtype: KvDtype::F16,
+            windows: Vec::new(),
+        });
+        for layer in 0..layers {
+            c.append(layer, &pos, &k, &v);
+        }
+        let o = SelectOptions {
+            reuse: Some(f32::INFINITY),
+            ..Default::default()
+        };
+        let rope = (RopeStyle::Norm, hd, 10000.0);
+        let mut t = TokenSelect::build(Budget::Tokens(1024), &o, layers, n_q * hd, rope);
+        let mut out = Selection::default();
+        let mut best = f64::INFINITY;
+        for _ in 0..(3000 / layers).max(40) {
+            let t0 = std::time::Instant::now();
+            for layer in 0..layers {
+                let cx = SelectCx {
+                    cache: &c,
+                    layer,
+                    q: &q,
+                    pos: &[len as u32 - 1],
+                    n_q_heads: n_q,
+                    local: false,
+                };
+                assert!(t.select(&cx, &mut out));
+            }
+            best = best.min(t0.elapsed().as_secs_f64() / layers as f64);
+        }
+        eprintln!(
+            "tokenselect: {:.1} µs per layer call (30 layers: {:.2} ms per token); {} ranges in head 0",
+            best * 1e6,
+            best * 30e3,
+            out.ranges(0).len()
+        );
+        assert!(best.is_finite() && !out.ranges(0).is_empty());
+    }
 }
