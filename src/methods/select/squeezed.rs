@@ -675,7 +675,16 @@ pub struct Squeezed {
     /// Global thresholds on the estimate: L2 (threshold mode) and L1 (`levels=2`); 0 keeps everything.
     t2: f32,
     t1: f32,
-    // Scratch.
+    /// Per KV head: its choice's scratch (the heads choose in parallel).
+    heads: Vec<HeadScratch>,
+}
+
+/// What one KV head's choice needs: where it chooses, and the scratch it ranks and takes clusters in.
+#[derive(Default)]
+struct HeadScratch {
+    /// The middle's first entry, the end of its clustered part and how many of those entries to take; None: the
+    /// head has nothing to rank this step.
+    job: Option<(usize, usize, usize)>,
     q: Vec<f32>,
     cent: Vec<f32>,
     s: Vec<f32>,
@@ -685,6 +694,17 @@ pub struct Squeezed {
     order: Vec<u32>,
     /// The entries `take` chose, one bit each from the middle's first entry on (runs of set bits become ranges).
     chosen: Bits,
+}
+
+/// What ranking reads besides a head's index: head width, score scale and the global thresholds (L2 when a
+/// quantile is set, L1).
+#[derive(Clone, Copy)]
+struct RankArgs {
+    hk: usize,
+    group: usize,
+    scale: f32,
+    t2: Option<f32>,
+    t1: f32,
 }
 
 impl Squeezed {
@@ -709,14 +729,7 @@ impl Squeezed {
             built: false,
             t2: 0.0,
             t1: 0.0,
-            q: Vec::new(),
-            cent: Vec::new(),
-            s: Vec::new(),
-            s1: Vec::new(),
-            est: Vec::new(),
-            cand: Vec::new(),
-            order: Vec::new(),
-            chosen: Bits::default(),
+            heads: Vec::new(),
         }
     }
 
@@ -779,7 +792,10 @@ impl Squeezed {
         let (g, nkv) = (self.group, self.n_kv);
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
         kept.reset(nkv);
-        for h in 0..nkv {
+        self.heads.resize_with(nkv, HeadScratch::default);
+        let mut any = false;
+        for (h, hs) in self.heads.iter_mut().enumerate() {
+            hs.job = None;
             let m = self.frame.middle(cx, h);
             if m.k == 0 {
                 continue;
@@ -796,31 +812,56 @@ impl Squeezed {
                 kept.add(h, m.lo, end);
                 continue;
             }
-            self.q.clear();
+            hs.q.clear();
             for i in 0..g {
-                self.q.extend_from_slice(cx.last_query(h * g + i));
+                hs.q.extend_from_slice(cx.last_query(h * g + i));
             }
-            if self.index[si].l1.is_some() {
-                self.rank_two_levels(cx.cache, si);
-            } else {
-                self.rank_one_level(cx.cache, si);
+            hs.job = Some((m.lo, end, left));
+            any = true;
+        }
+        if any {
+            // The heads rank and take their clusters in parallel (each reads only its own index).
+            let args = RankArgs {
+                hk: self.hk,
+                group: g,
+                scale: self.scale,
+                t2: self.quantile.map(|_| self.t2),
+                t1: self.t1,
+            };
+            let (index, cache, layer) = (&self.index, cx.cache, cx.layer);
+            crate::kernels::team::for_each_chunk_mut(&mut self.heads, 1, |h, hs| {
+                let hs = &mut hs[0];
+                let Some((lo, end, left)) = hs.job else {
+                    return;
+                };
+                let ix = &index[layer * nkv + h];
+                if ix.l1.is_some() {
+                    hs.rank_two_levels(cache, ix, args);
+                } else {
+                    hs.rank_one_level(cache, ix, args);
+                }
+                hs.take(cache, ix, args, lo, end, left);
+            });
+            for (h, hs) in self.heads.iter().enumerate() {
+                if let Some((lo, end, _)) = hs.job {
+                    hs.chosen.runs(end - lo, |a, b| kept.add(h, lo + a, lo + b));
+                }
             }
-            self.take(cx.cache, si, m.lo, end, left);
-            self.chosen
-                .runs(end - m.lo, |a, b| kept.add(h, m.lo + a, m.lo + b));
         }
         kept.finish();
         *self.frame.kept_mut(cx.layer) = kept;
     }
+}
 
-    /// One level: every centroid scored; candidates (`cand`) are all clusters, with their estimates in `est`.
-    fn rank_one_level(&mut self, cache: &KvCache, si: usize) {
-        let (hk, l2) = (self.hk, &self.index[si].l2);
+impl HeadScratch {
+    /// One level: every L2 centroid scored and estimated.
+    fn rank_one_level(&mut self, cache: &KvCache, ix: &HeadIndex, a: RankArgs) {
+        let (hk, l2) = (a.hk, &ix.l2);
         let k = l2.k();
         self.cent.resize(k * hk, 0.0);
         f16_to_f32_slice(&l2.cent, &mut self.cent);
         cache.note_read(2 * l2.cent.len() + 4 * k);
-        scores(&self.cent, &self.q, hk, self.scale, &mut self.s);
+        scores(&self.cent, &self.q, hk, a.scale, &mut self.s);
         estimate(&self.s, &l2.keys, &mut self.est);
         self.cand.clear();
         self.cand.extend(0..k as u32);
@@ -828,9 +869,8 @@ impl Squeezed {
 
     /// Two levels: every L1 centroid scored; the L2 centroids under the L1 clusters that pass the L1 threshold are
     /// the candidates, their estimate normalised over the expanded L2 clusters and the other L1 clusters.
-    fn rank_two_levels(&mut self, cache: &KvCache, si: usize) {
-        let (hk, g) = (self.hk, self.group);
-        let ix = &self.index[si];
+    fn rank_two_levels(&mut self, cache: &KvCache, ix: &HeadIndex, a: RankArgs) {
+        let (hk, g) = (a.hk, a.group);
         let (l2, Some(l1)) = (&ix.l2, &ix.l1) else {
             return;
         };
@@ -838,14 +878,14 @@ impl Squeezed {
         self.cent.resize(k1 * hk, 0.0);
         f16_to_f32_slice(&l1.cent, &mut self.cent);
         cache.note_read(2 * l1.cent.len() + 4 * k1);
-        scores(&self.cent, &self.q, hk, self.scale, &mut self.s1);
+        scores(&self.cent, &self.q, hk, a.scale, &mut self.s1);
         estimate(&self.s1, &l1.keys, &mut self.est);
         // Expand the passing L1 clusters (marked 1 in `order`, used as scratch here).
         self.cand.clear();
         self.order.clear();
         self.order.resize(k1, 0);
         for c in 0..k1 {
-            if self.est[c] >= self.t1 {
+            if self.est[c] >= a.t1 {
                 self.order[c] = 1;
                 self.cand.extend_from_slice(l1.members(c));
             }
@@ -861,7 +901,7 @@ impl Squeezed {
             );
         }
         cache.note_read(n * (2 * hk + 4));
-        scores(&self.cent, &self.q, hk, self.scale, &mut self.s);
+        scores(&self.cent, &self.q, hk, a.scale, &mut self.s);
         // Per query head: the softmax over the expanded L2 clusters and the unexpanded L1 ones.
         self.est.clear();
         self.est.resize(n, 0.0);
@@ -894,12 +934,19 @@ impl Squeezed {
     /// Takes the candidate clusters best-first (in threshold mode only those reaching the L2 threshold) into
     /// `chosen`: their entries inside `[lo, end)`, at most `left` in all (the last cluster gives its newest ones),
     /// as bits from `lo` on.
-    fn take(&mut self, cache: &KvCache, si: usize, lo: usize, end: usize, mut left: usize) {
-        let l2 = &self.index[si].l2;
+    fn take(
+        &mut self,
+        cache: &KvCache,
+        ix: &HeadIndex,
+        a: RankArgs,
+        lo: usize,
+        end: usize,
+        mut left: usize,
+    ) {
+        let l2 = &ix.l2;
         self.order.clear();
-        let floor = self.quantile.map(|_| self.t2);
         for (j, &e) in self.est.iter().enumerate() {
-            if floor.is_none_or(|t| e >= t) {
+            if a.t2.is_none_or(|t| e >= t) {
                 self.order.push(j as u32);
             }
         }
