@@ -828,6 +828,7 @@ mod tests {
         assert_eq!(reuse_text(0.9), "0.9");
         assert_eq!(reuse_text(f32::INFINITY), "off");
     }
+
     /// Timing harness, not a check (ignored; run by hand): one decode step's TokenSelect selection at an 8K context of
     /// SmolLM2's shapes (3 KV heads of 64, 9 query heads, 32-token f16 blocks, 1024 tokens per head, Selection Cache
     /// off), over `HAYLOFT_HARNESS_LAYERS` layers (default 30, so the keys come from memory), best of many steps.
