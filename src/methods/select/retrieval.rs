@@ -25,7 +25,9 @@
 //!   region among every key touched, by the maximum over the group's heads. With fewer KV heads than threads the
 //!   group is split into parts searched side by side (each part's heads share their reads), and the KV head keeps the
 //!   best of the parts' choices by the same maximum;
-//! - keys appended after the build (decode tokens) are in the recent window, or scanned exactly once they leave it;
+//! - keys appended after the build (decode tokens), and the keys the build left to the recent window, are read there,
+//!   or scanned exactly once they leave it (the graph has no projected edges for them: a needle just before the
+//!   question at 2K was found by the exact scan and missed by the search when only keys appended later were scanned);
 //! - after an edit of the cache (eviction, merging) the graph's entry indices are stale: the layer scans its middle
 //!   region exactly (every key read and counted) until the next prefill builds a new graph.
 //!
@@ -154,6 +156,10 @@ impl Default for Params {
 #[derive(Clone, Debug, Default)]
 pub struct Graph {
     n: usize,
+    /// End of the range the graph was built over: keys from here on (the recent window at the build) have no
+    /// projected edges, so a search reaches them only along the stream links; they are scanned exactly once they
+    /// leave the recent window.
+    end: usize,
     offsets: Vec<u32>,
     edges: Vec<u32>,
     entries: Vec<u32>,
@@ -382,6 +388,7 @@ impl Graph {
         let width = range.len();
         let mut g = Graph {
             n,
+            end: range.end,
             offsets: vec![0; n + 1],
             edges: Vec::new(),
             entries: Vec::new(),
@@ -744,7 +751,7 @@ impl Retrieve {
                         |k| touch.score(k, i, qs, read),
                     );
                 }
-                gr.n.max(mid.lo)
+                gr.end.max(mid.lo)
             }
             None => mid.lo,
         };
@@ -1429,6 +1436,42 @@ mod tests {
             .filter(|&&k| exact.contains(&(k as usize)))
             .count();
         assert!(same >= 60, "flat index: {same} of the exact top 64");
+    }
+
+    #[test]
+    fn keys_the_build_left_to_the_recent_window_are_scanned_once_they_leave_it() {
+        let (n, m) = (4000, 256);
+        let (mut keys, queries) = data(n, m, 12);
+        let qs = queries[200 * HK..203 * HK].to_vec();
+        // A key just past the build's range (in its recent window then) that the second query head wants most.
+        let planted = 3600;
+        for (c, x) in keys[planted * HK..][..HK].iter_mut().enumerate() {
+            *x = 4.0 * qs[HK + c];
+        }
+        // The graph holds every key, but its projected edges cover 0..3500 only.
+        let g = Graph::build(&keys, HK, &queries[..200 * HK], 0..3500, Params::default());
+        assert!((3500..n).all(|i| g.edges(i).is_empty()));
+        let ix = Index {
+            keys: KeyCopy::new(&keys, HK),
+            graph: Some(g),
+        };
+        let mut rt = Retrieve::default();
+        // Decoding moved the middle's end from 3500 to 3800.
+        let mid = Middle {
+            lo: 16,
+            hi: 3800,
+            k: 64,
+        };
+        rt.run(Some(&ix), 64, &qs, HK, mid, &mut read_from(&keys));
+        assert!(
+            (3500..3800).all(|k| rt.touch.touched.contains(&k)),
+            "keys the build left to the recent window must be scanned"
+        );
+        assert!(rt.chosen.contains(&(planted as u32)));
+        assert!(rt
+            .chosen
+            .iter()
+            .all(|&k| (16..3800).contains(&(k as usize))));
     }
 
     #[test]
