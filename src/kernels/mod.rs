@@ -45,7 +45,7 @@ mod tests;
 
 pub use crate::gguf::GgmlType;
 pub use mathfn::{exp_neg, gate_mul, gelu_tanh, silu, softmax_inplace, GateAct};
-pub use rowdot::{rows_dot_max_f16, rows_dot_max_i8};
+pub use rowdot::{quantize_i8, rows_dot_max_f16, rows_dot_max_i8};
 
 use anyhow::{anyhow, bail};
 use layout::{AlignedBuf, Kind, RG};

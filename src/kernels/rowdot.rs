@@ -104,13 +104,8 @@ pub(crate) fn rows_dot_max_i8_with(
     // The vectors' codes (and, for VNNI, the same + 128 as unsigned bytes) and steps.
     let mut qi = [0i8; MAX_VECTORS * MAX_QD];
     let mut step = [0.0f32; MAX_VECTORS];
-    for (j, wj) in w.chunks_exact(d).enumerate() {
-        let amax = wj.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
-        step[j] = amax / 127.0;
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        for (q, &x) in qi[j * d..(j + 1) * d].iter_mut().zip(wj) {
-            *q = (x * inv).round().clamp(-127.0, 127.0) as i8;
-        }
+    for ((wj, q), s) in w.chunks_exact(d).zip(qi.chunks_exact_mut(d)).zip(&mut step) {
+        *s = quantize_i8(wj, q);
     }
     let (qi, step) = (&qi[..nw * d], &step[..nw]);
     let done = match k {
@@ -136,6 +131,17 @@ pub(crate) fn rows_dot_max_i8_with(
         step,
         &mut out[done..],
     );
+}
+
+/// Quantizes `x` to 8 bits, `x ≈ s · out` with s = max|x| / 127 and out = round(x / s) (all zero when x is), and
+/// returns s: an index's key copy and [`rows_dot_max_i8`]'s query vectors.
+pub fn quantize_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * inv).round() as i8;
+    }
+    amax / 127.0
 }
 
 /// One row's score from its integer dot products with the vectors (the float steps every path takes).

@@ -192,12 +192,7 @@ impl KeyCopy {
             .zip(c.codes.chunks_exact_mut(hk))
             .zip(&mut c.scales)
         {
-            let amax = row.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
-            *s = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            for (o, &x) in code.iter_mut().zip(row) {
-                *o = (x * inv).round() as i8;
-            }
+            *s = crate::kernels::quantize_i8(row, code);
         }
         c
     }
