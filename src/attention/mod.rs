@@ -474,7 +474,7 @@ fn attend_jobs(
         }
         if jobs
             .iter()
-            .any(|j| matches!(j.cache.cfg.dtype, crate::kv::KvDtype::Kivi { bits: 4, .. }))
+            .any(|j| matches!(j.cache.cfg.dtype, crate::kv::KvDtype::Kivi { bits, .. } if qtile::reads(bits, sh.hv)))
         {
             b.qprep.ensure(rows_max, sh.hk, sh.hv, sh.bt);
             let want = qtile::pbuf_len(sh.hv, sh.bt);
@@ -623,7 +623,7 @@ fn integer_fold(simd: Simd, dtype: crate::kv::KvDtype, bt: usize) -> bool {
     let vnni = vnni::available();
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
-    matches!(dtype, crate::kv::KvDtype::Kivi { bits: 4, .. })
+    matches!(dtype, crate::kv::KvDtype::Kivi { bits: 2 | 4, .. })
         && simd == Simd::Avx512
         && bt == 32
         && vnni
@@ -1106,7 +1106,7 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     }
 }
 
-/// Whether the task's whole 4-bit blocks may go to [`wide::fold_q4_run`] in runs: the integer fold runs here, with
+/// Whether the task's whole 4-bit (or 2-bit, [`qtile::reads`]) blocks may go to [`wide::fold_q4_run`] in runs: the integer fold runs here, with
 /// blocks of 32, at most 8 rows (one decode token's group), no soft-cap, a value head dim of whole 64-channel groups
 /// and stored key channels (`hs`: the kept ones of a pruned stream) in multiples of 16.
 #[cfg(target_arch = "x86_64")]
@@ -1119,17 +1119,17 @@ fn q4_runs<const BT: usize>(a: &TaskArgs, hs: Option<usize>) -> bool {
         && a.p.softcap.is_none()
         && a.sh.hv.is_multiple_of(64)
         && hs.unwrap_or(a.sh.hk).is_multiple_of(16)
-        && matches!(a.cache.cfg.dtype, crate::kv::KvDtype::Kivi { bits: 4, .. })
+        && matches!(a.cache.cfg.dtype, crate::kv::KvDtype::Kivi { bits, .. } if qtile::reads(bits, a.sh.hv))
 }
 
-/// Whether `blk` is a full 4-bit block every row of the task sees whole (a run's block).
+/// Whether `blk` is a full 4-bit (or widened 2-bit) block every row of the task sees whole (a run's block).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn q4_whole(a: &TaskArgs, blk: &BlockView) -> bool {
     let BlockData::Quant(qb) = blk.data else {
         return false;
     };
-    if qb.bits != 4 || blk.n != a.sh.bt {
+    if !qtile::reads(qb.bits, a.sh.hv) || blk.n != a.sh.bt {
         return false;
     }
     // Positions ascend within a block: its first and last entries bound the rest.
@@ -1167,7 +1167,7 @@ fn fold_q4_run<'a>(
     let qrows = if pruned { Some(&qg[..]) } else { None };
     let prep = |qp: &'a mut qtile::QPrep, v: &BlockView<'a>| {
         let BlockData::Quant(qb) = v.data else {
-            unreachable!("a run holds 4-bit blocks")
+            unreachable!("a run holds 4-bit or 2-bit blocks")
         };
         let hs = v.hk;
         qp.prepare::<32>(qb, hv, rows, true, move |r| row_q(a, qrows, hs, r))
@@ -1257,8 +1257,8 @@ fn fold_view<const BT: usize>(
             (&k[..hs * BT], &v[..n * hv])
         }
         BlockData::F32 { k: kf, v: vf } => (&kf[..hs * BT], &vf[..n * hv]),
-        BlockData::Quant(qb) if qb.bits == 4 && n == BT => {
-            // 4-bit KIVI block: scored and mixed from its codes, nothing dequantized.
+        BlockData::Quant(qb) if qtile::reads(qb.bits, hv) && n == BT => {
+            // 4-bit (or widened 2-bit) KIVI block: scored and mixed from its codes, nothing dequantized.
             let rows = (a.task.t1 - a.task.t0) * a.sh.group;
             let q4 = qprep.prepare::<BT>(qb, hv, rows, int8_fold::<BT>(simd), |r| {
                 row_q(a, qrows, hs, r)
@@ -2063,6 +2063,10 @@ mod tests {
                 bits: 8,
                 residual: 16,
             },
+            KvDtype::Kivi {
+                bits: 2,
+                residual: 16,
+            },
         ];
         let levels = simd_levels();
         eprintln!("variants: {levels:?}");
@@ -2145,32 +2149,31 @@ mod tests {
                 ..base
             },
         ];
-        let dtype = KvDtype::Kivi {
-            bits: 4,
-            residual: 32,
-        };
-        #[cfg(target_arch = "x86_64")]
-        let before = Q4_RUNS_FOLDED.load(std::sync::atomic::Ordering::Relaxed);
-        for simd in simd_levels() {
-            for c in cases {
-                let e = rel_err_at(simd, c, dtype);
-                let tol = if integer_fold(simd, dtype, c.bt) {
-                    1e-4f32.max(0.2 * storage_err(c, dtype))
-                } else {
-                    1e-4
-                };
-                assert!(
+        for bits in [4, 2] {
+            let dtype = KvDtype::Kivi { bits, residual: 32 };
+            #[cfg(target_arch = "x86_64")]
+            let before = Q4_RUNS_FOLDED.load(std::sync::atomic::Ordering::Relaxed);
+            for simd in simd_levels() {
+                for c in cases {
+                    let e = rel_err_at(simd, c, dtype);
+                    let tol = if integer_fold(simd, dtype, c.bt) {
+                        1e-4f32.max(0.2 * storage_err(c, dtype))
+                    } else {
+                        1e-4
+                    };
+                    assert!(
                     e < tol,
-                    "{simd:?} n_q {} n_kv {} hk {} hv {} len {} new {} window {:?} prune {}: relative error {e} \
-                     (tolerance {tol})",
+                    "{simd:?} {bits}-bit n_q {} n_kv {} hk {} hv {} len {} new {} window {:?} prune {}: relative \
+                     error {e} (tolerance {tol})",
                     c.n_q, c.n_kv, c.hk, c.hv, c.len, c.n_new, c.window, c.prune
                 );
+                }
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if integer_fold(Simd::Avx512, dtype, 32) && simd_levels().contains(&Simd::Avx512) {
-            let runs = Q4_RUNS_FOLDED.load(std::sync::atomic::Ordering::Relaxed) - before;
-            assert!(runs > 0, "no run of 4-bit blocks was folded together");
+            #[cfg(target_arch = "x86_64")]
+            if integer_fold(Simd::Avx512, dtype, 32) && simd_levels().contains(&Simd::Avx512) {
+                let runs = Q4_RUNS_FOLDED.load(std::sync::atomic::Ordering::Relaxed) - before;
+                assert!(runs > 0, "no run of {bits}-bit blocks was folded together");
+            }
         }
     }
 

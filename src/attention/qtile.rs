@@ -12,7 +12,14 @@
 
 use half::slice::HalfFloatSliceExt;
 
-use crate::kv::quant::{row_bytes, value_groups, QBlock, VALUE_GROUP};
+use crate::kv::quant::{row_bytes, value_groups, widen_2bit_codes, QBlock, VALUE_GROUP};
+
+/// Whether a whole block of `bits`-bit codes with value head dim `hv` can be read as a 4-bit block ([`Q4`]): 4-bit
+/// codes, or 2-bit codes whose value rows are whole bytes (hv a multiple of 4), widened by [`QPrep::prepare`].
+#[inline(always)]
+pub(super) fn reads(bits: u8, hv: usize) -> bool {
+    bits == 4 || (bits == 2 && hv.is_multiple_of(4))
+}
 
 /// A 4-bit block prepared for one task's rows.
 #[derive(Clone, Copy)]
@@ -60,6 +67,10 @@ pub(super) struct QPrep {
     /// rows × hs and rows: see [`Q4::qi`].
     qi: Vec<i8>,
     qsc: Vec<f32>,
+    /// A 2-bit block's key and value codes rewritten as 4-bit codes ([`widen_2bit_codes`]): hk · BT/2 and BT · hv/2
+    /// bytes.
+    k4: Vec<u8>,
+    v4: Vec<u8>,
 }
 
 /// f32s the fold's probability scratch (`pbuf`) needs for a chunk of up to 8 rows: `pq` (8 × ng × BT) then `pc`
@@ -83,11 +94,17 @@ impl QPrep {
             self.qi.resize(rows * hk, 0);
             self.qsc.resize(rows, 0.0);
         }
+        if self.k4.len() < hk * bt / 2 || self.v4.len() < bt * row_bytes(hv, 4) {
+            self.k4.resize(hk * bt / 2, 0);
+            self.v4.resize(bt * row_bytes(hv, 4), 0);
+        }
     }
 
     /// Folds the block's key scales and minima into `rows` query rows (`row_q(r)`: row r's query over the stored
-    /// channels) and unpacks its value minima and scales. `qb` must hold 4-bit codes. With `int8` (the caller runs
-    /// the integer fold) the scaled rows are also quantized to int8 (`vnni::quantize_row`).
+    /// channels) and unpacks its value minima and scales. `qb` must hold 4-bit codes, or 2-bit codes ([`reads`]),
+    /// which are rewritten as 4-bit ones (codes 0..3) into this preparation's buffers: the fold's arithmetic,
+    /// `min + scale · code`, is the same for both widths. With `int8` (the caller runs the integer fold) the scaled
+    /// rows are also quantized to int8 (`vnni::quantize_row`).
     #[inline(always)]
     pub fn prepare<'a, const BT: usize>(
         &'a mut self,
@@ -97,9 +114,17 @@ impl QPrep {
         int8: bool,
         row_q: impl Fn(usize) -> &'a [f32],
     ) -> Q4<'a> {
-        debug_assert_eq!(qb.bits, 4);
+        debug_assert!(reads(qb.bits, hv));
         let hs = qb.k_ms.len() / 2;
         let ng = value_groups(hv);
+        let (k, v): (&[u8], &[u8]) = if qb.bits == 2 {
+            let (k4, v4) = (&mut self.k4[..hs * BT / 2], &mut self.v4[..BT * hv / 2]);
+            widen_2bit_codes(&qb.k[..hs * BT / 4], k4);
+            widen_2bit_codes(&qb.v[..BT * hv / 4], v4);
+            (k4, v4)
+        } else {
+            (&qb.k, &qb.v)
+        };
         let int8q = int8 && hs.is_multiple_of(4);
         // The integer fold's vector preparation (x86 only; `int8` is never set elsewhere).
         let vector_q = int8q && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
@@ -166,8 +191,8 @@ impl QPrep {
             }
         }
         Q4 {
-            k: &qb.k,
-            v: &qb.v,
+            k,
+            v,
             rb: row_bytes(hv, 4),
             hs,
             ng,

@@ -701,6 +701,10 @@ mod tests {
                 bits: 2,
                 residual: 128,
             },
+            KvDtype::Kivi {
+                bits: 8,
+                residual: 128,
+            },
         ] {
             let mut cache = KvCache::new(KvConfig {
                 n_layers: layers,

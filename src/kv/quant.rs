@@ -132,9 +132,38 @@ impl QBlock {
         }
     }
 
-    /// All keys of the block, transposed (`kt[c · BT + j]`, `hk` channels), for the attention kernel.
+    /// All keys of the block, transposed (`kt[c · BT + j]`, `hk` channels), for the attention kernel. The same
+    /// bits on every SIMD path (`min + scale · code`, a product and a sum, never fused).
     #[inline(always)]
     pub fn keys_into<const BT: usize>(&self, kt: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernels::{kernel, Kernel};
+            // SAFETY: the kernel choice checked the CPU's features.
+            match kernel() {
+                Kernel::Avx512 => return unsafe { self.keys_into_avx512::<BT>(kt) },
+                Kernel::Avx2 => return unsafe { self.keys_into_avx2::<BT>(kt) },
+                Kernel::Scalar => {}
+            }
+        }
+        self.keys_body::<BT>(kt)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn keys_into_avx512<const BT: usize>(&self, kt: &mut [f32]) {
+        self.keys_body::<BT>(kt)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn keys_into_avx2<const BT: usize>(&self, kt: &mut [f32]) {
+        self.keys_body::<BT>(kt)
+    }
+
+    /// [`Self::keys_into`]'s loop, compiled once per SIMD path.
+    #[inline(always)]
+    fn keys_body<const BT: usize>(&self, kt: &mut [f32]) {
         let kb = BT * self.bits as usize / 8;
         let hk = self.k_ms.len() / 2;
         for c in 0..hk {
@@ -149,9 +178,37 @@ impl QBlock {
         }
     }
 
-    /// The first `n` value rows (`v[j · hv + d]`), for the attention kernel.
+    /// The first `n` value rows (`v[j · hv + d]`), for the attention kernel; the same bits on every SIMD path.
     #[inline(always)]
     pub fn values_into(&self, n: usize, hv: usize, v: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernels::{kernel, Kernel};
+            // SAFETY: the kernel choice checked the CPU's features.
+            match kernel() {
+                Kernel::Avx512 => return unsafe { self.values_into_avx512(n, hv, v) },
+                Kernel::Avx2 => return unsafe { self.values_into_avx2(n, hv, v) },
+                Kernel::Scalar => {}
+            }
+        }
+        self.values_body(n, hv, v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn values_into_avx512(&self, n: usize, hv: usize, v: &mut [f32]) {
+        self.values_body(n, hv, v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values_into_avx2(&self, n: usize, hv: usize, v: &mut [f32]) {
+        self.values_body(n, hv, v)
+    }
+
+    /// [`Self::values_into`]'s loop, compiled once per SIMD path.
+    #[inline(always)]
+    fn values_body(&self, n: usize, hv: usize, v: &mut [f32]) {
         let rb = row_bytes(hv, self.bits);
         let ng = value_groups(hv);
         for j in 0..n {
@@ -176,6 +233,55 @@ impl QBlock {
     }
 }
 
+/// Rewrites packed 2-bit codes as 4-bit codes in the same order: code `j` of `src` (bits `2 (j mod 4)` of byte `j / 4`)
+/// becomes the nibble `j` of `dst` (low nibble of byte `j / 2` for even j), so a 2-bit block's key channels and value
+/// rows (whose rows are whole bytes: hv a multiple of 4) read as a 4-bit block's with codes 0..3. `dst` holds
+/// `2 · src.len()` bytes. Integer only: every SIMD path writes the same bytes.
+pub fn widen_2bit_codes(src: &[u8], dst: &mut [u8]) {
+    assert_eq!(dst.len(), 2 * src.len(), "4-bit codes take twice the bytes");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::{kernel, Kernel};
+        match kernel() {
+            // SAFETY: the kernel choice checked the CPU's features.
+            Kernel::Avx512 | Kernel::Avx2 => return unsafe { widen_2bit_avx2(src, dst) },
+            Kernel::Scalar => {}
+        }
+    }
+    widen_2bit(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_2bit_avx2(src: &[u8], dst: &mut [u8]) {
+    widen_2bit(src, dst)
+}
+
+/// [`widen_2bit_codes`]' loop: four bytes of 2-bit codes spread into eight bytes of nibbles (each 2-bit field moved
+/// from bit 2j to bit 4j), written so the compiler runs it on whole vectors.
+#[inline(always)]
+fn widen_2bit(src: &[u8], dst: &mut [u8]) {
+    #[inline(always)]
+    fn spread(x: u32) -> u64 {
+        let mut x = x as u64;
+        x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+        x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+        x = (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+        (x | (x << 2)) & 0x3333_3333_3333_3333
+    }
+    let whole = src.len() / 4 * 4;
+    let (src, s_rest) = src.split_at(whole);
+    let (dst, d_rest) = dst.split_at_mut(2 * whole);
+    for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(8)) {
+        let x = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        d.copy_from_slice(&spread(x).to_le_bytes());
+    }
+    let mut tail = [0u8; 4];
+    tail[..s_rest.len()].copy_from_slice(s_rest);
+    let wide = spread(u32::from_le_bytes(tail)).to_le_bytes();
+    d_rest.copy_from_slice(&wide[..d_rest.len()]);
+}
+
 /// Code `j` of a packed group.
 #[inline(always)]
 fn code_at(codes: &[u8], bits: u8, j: usize) -> u8 {
@@ -187,6 +293,13 @@ fn code_at(codes: &[u8], bits: u8, j: usize) -> u8 {
 /// out[j] = m + s · code_j, `out.len()` codes (a multiple of 8/B, or the group's tail).
 #[inline(always)]
 fn unpack<const B: usize>(codes: &[u8], m: f32, s: f32, out: &mut [f32]) {
+    if B == 8 {
+        // One code per byte: a plain loop the compiler runs on whole vectors.
+        for (o, &c) in out.iter_mut().zip(codes) {
+            *o = m + s * c as f32;
+        }
+        return;
+    }
     let per = 8 / B;
     let mask = ((1u16 << B) - 1) as u8;
     let last = out.len() / per;
@@ -321,6 +434,27 @@ mod tests {
         }
         // int8: at most ~0.5 % of the range.
         assert!(max_rel_err(8, 32) < 0.005);
+    }
+
+    /// 2-bit codes widened to 4-bit ones keep every code in its place, on the running SIMD path and the portable
+    /// loop alike, for lengths that end inside a 4-byte step.
+    #[test]
+    fn widened_two_bit_codes_read_as_the_same_codes() {
+        let mut rng = Rng(7);
+        for n in [0usize, 1, 3, 4, 7, 8, 31, 32, 64, 67, 512] {
+            let src: Vec<u8> = (0..n).map(|_| (rng.next_u64() >> 56) as u8).collect();
+            let (mut got, mut portable) = (vec![0u8; 2 * n], vec![0xaau8; 2 * n]);
+            widen_2bit_codes(&src, &mut got);
+            widen_2bit(&src, &mut portable);
+            assert_eq!(got, portable, "{n} bytes");
+            for j in 0..4 * n {
+                assert_eq!(
+                    code_at(&got, 4, j),
+                    code_at(&src, 2, j),
+                    "{n} bytes, code {j}"
+                );
+            }
+        }
     }
 
     #[test]
