@@ -1119,7 +1119,7 @@ fn q4_runs<const BT: usize>(a: &TaskArgs, hs: Option<usize>) -> bool {
         && a.p.softcap.is_none()
         && a.sh.hv.is_multiple_of(64)
         && hs.unwrap_or(a.sh.hk).is_multiple_of(16)
-        && matches!(a.cache.cfg.dtype, crate::kv::KvDtype::Kivi { bits, .. } if qtile::reads(bits, a.sh.hv))
+        && matches!(a.cache.cfg.dtype, crate::kv::KvDtype::Kivi { bits, .. } if qtile::reads_nibbles(bits, a.sh.hv))
 }
 
 /// Whether `blk` is a full 4-bit (or widened 2-bit) block every row of the task sees whole (a run's block).
@@ -1129,7 +1129,7 @@ fn q4_whole(a: &TaskArgs, blk: &BlockView) -> bool {
     let BlockData::Quant(qb) = blk.data else {
         return false;
     };
-    if !qtile::reads(qb.bits, a.sh.hv) || blk.n != a.sh.bt {
+    if !qtile::reads_nibbles(qb.bits, a.sh.hv) || blk.n != a.sh.bt {
         return false;
     }
     // Positions ascend within a block: its first and last entries bound the rest.
@@ -1258,7 +1258,7 @@ fn fold_view<const BT: usize>(
         }
         BlockData::F32 { k: kf, v: vf } => (&kf[..hs * BT], &vf[..n * hv]),
         BlockData::Quant(qb) if qtile::reads(qb.bits, hv) && n == BT => {
-            // 4-bit (or widened 2-bit) KIVI block: scored and mixed from its codes, nothing dequantized.
+            // 8-bit, 4-bit (or widened 2-bit) KIVI block: scored and mixed from its codes, nothing dequantized.
             let rows = (a.task.t1 - a.task.t0) * a.sh.group;
             let q4 = qprep.prepare::<BT>(qb, hv, rows, int8_fold::<BT>(simd), |r| {
                 row_q(a, qrows, hs, r)
@@ -1267,7 +1267,7 @@ fn fold_view<const BT: usize>(
             return;
         }
         BlockData::Quant(qb) => {
-            // Other KIVI widths: dequantize this block only, into the task's scratch.
+            // A partial block (or 2-bit rows of odd bytes): dequantize this block only, into the task's scratch.
             qb.keys_into::<BT>(&mut k[..hs * BT]);
             qb.values_into(n, hv, &mut v[..n * hv]);
             (&k[..hs * BT], &v[..n * hv])

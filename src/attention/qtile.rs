@@ -14,17 +14,26 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::kv::quant::{row_bytes, value_groups, widen_2bit_codes, QBlock, VALUE_GROUP};
 
-/// Whether a whole block of `bits`-bit codes with value head dim `hv` can be read as a 4-bit block ([`Q4`]): 4-bit
-/// codes, or 2-bit codes whose value rows are whole bytes (hv a multiple of 4), widened by [`QPrep::prepare`].
+/// Whether a whole block of `bits`-bit codes with value head dim `hv` can be read in place ([`Q4`]): 8-bit or 4-bit
+/// codes, or 2-bit codes whose value rows are whole bytes (hv a multiple of 4), widened to 4-bit ones by
+/// [`QPrep::prepare`].
 #[inline(always)]
 pub(super) fn reads(bits: u8, hv: usize) -> bool {
+    bits == 8 || reads_nibbles(bits, hv)
+}
+
+/// Whether such a block is read as 4-bit codes (4-bit, or widened 2-bit): what the integer fold takes.
+#[inline(always)]
+pub(super) fn reads_nibbles(bits: u8, hv: usize) -> bool {
     bits == 4 || (bits == 2 && hv.is_multiple_of(4))
 }
 
-/// A 4-bit block prepared for one task's rows.
+/// A 4-bit (or 8-bit: `bits`) block prepared for one task's rows.
 #[derive(Clone, Copy)]
 pub(super) struct Q4<'a> {
-    /// Key codes, channel-major: channel c's BT codes are bytes `[c · BT/2, (c+1) · BT/2)`.
+    /// 4 (two codes per byte, the low nibble first) or 8 (one code per byte).
+    pub bits: u8,
+    /// Key codes, channel-major: channel c's BT codes are bytes `[c · BT · bits/8, (c+1) · BT · bits/8)`.
     pub k: &'a [u8],
     /// Value codes, token-major: token j's row is bytes `[j · rb, (j+1) · rb)`.
     pub v: &'a [u8],
@@ -125,6 +134,9 @@ impl QPrep {
         } else {
             (&qb.k, &qb.v)
         };
+        // 8-bit codes are scored and mixed in floats: rounding the scaled query to int8 would cost more than the
+        // cache's own 8-bit rounding.
+        let int8 = int8 && qb.bits != 8;
         let int8q = int8 && hs.is_multiple_of(4);
         // The integer fold's vector preparation (x86 only; `int8` is never set elsewhere).
         let vector_q = int8q && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
@@ -190,10 +202,12 @@ impl QPrep {
                 }
             }
         }
+        let bits = if qb.bits == 8 { 8 } else { 4 };
         Q4 {
+            bits,
             k,
             v,
-            rb: row_bytes(hv, 4),
+            rb: row_bytes(hv, bits),
             hs,
             ng,
             qs: &self.qs[..rows * hs],
@@ -262,6 +276,14 @@ pub(super) fn pc_offset<const BT: usize>(ng: usize) -> usize {
 pub(super) fn scores_row<const BT: usize>(q4: &Q4, r: usize, s: &mut [f32]) {
     let s: &mut [f32; BT] = (&mut s[..BT]).try_into().expect("BT scores");
     s.fill(q4.qc[r]);
+    if q4.bits == 8 {
+        for (c, &w) in q4.qs[r * q4.hs..][..q4.hs].iter().enumerate() {
+            for (x, &b) in s.iter_mut().zip(&q4.k[c * BT..][..BT]) {
+                *x += w * b as f32;
+            }
+        }
+        return;
+    }
     let kb = BT / 2;
     for (c, &w) in q4.qs[r * q4.hs..][..q4.hs].iter().enumerate() {
         let codes = &q4.k[c * kb..][..kb];
@@ -295,6 +317,12 @@ pub(super) fn pv_row<const BT: usize>(
             let w = pq[g * BT + j];
             let (d0, d1) = (g * VALUE_GROUP, ((g + 1) * VALUE_GROUP).min(hv));
             let ag = &mut a[d0..d1];
+            if q4.bits == 8 {
+                for (o, &b) in ag.iter_mut().zip(&row[d0..d1]) {
+                    *o += w * b as f32;
+                }
+                continue;
+            }
             let codes = &row[d0 / 2..];
             let mut pairs = ag.chunks_exact_mut(2);
             for (o, &b) in pairs.by_ref().zip(codes) {

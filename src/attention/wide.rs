@@ -52,9 +52,9 @@ pub(super) unsafe fn fold<const BT: usize>(
         }
         Tile::Q4(q4) => assert!(
             n == BT
-                && q4.k.len() >= q4.hs * BT / 2
+                && q4.k.len() >= q4.hs * BT * q4.bits as usize / 8
                 && q4.v.len() >= n * q4.rb
-                && q4.rb * 2 >= hv
+                && q4.rb * 8 >= hv * q4.bits as usize
                 && q4.qs.len() >= rows * q4.hs
                 && q4.qc.len() >= rows
                 && pbuf.len() >= qtile::pbuf_len(hv, BT)
@@ -627,7 +627,19 @@ unsafe fn codes(p: *const u8, nv: usize) -> [__m512; 4] {
     out
 }
 
-/// [`scores`] for a 4-bit tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the rows `rows`, each
+/// nv ≤ 4 vectors of 16 one-byte codes from the 16 · nv bytes at `p`, as floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn bytes(p: *const u8, nv: usize) -> [__m512; 4] {
+    let mut out = [_mm512_setzero_ps(); 4];
+    for (v, o) in out.iter_mut().enumerate().take(nv) {
+        let x = _mm_loadu_si128(p.add(16 * v) as *const __m128i);
+        *o = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x));
+    }
+    out
+}
+
+/// [`scores`] for a 4-bit (or 8-bit) tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the rows `rows`, each
 /// channel's codes unpacked once for all R rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
@@ -647,6 +659,26 @@ unsafe fn scores_q4<const R: usize, const BT: usize>(q4: &Q4, rows: &[usize; R],
     }
     let base = q4.k.as_ptr();
     let qs = q4.qs.as_ptr();
+    if q4.bits == 8 {
+        // One code per byte: 16 keys widen straight to 16 float lanes, in key order.
+        assert!(q4.k.len() >= hs * BT);
+        for c in 0..hs {
+            let k = bytes(base.add(c * BT), nv);
+            for r in 0..R {
+                let qb = _mm512_set1_ps(*qs.add(rows[r] * hs + c));
+                for v in 0..nv {
+                    acc[r][v] = _mm512_fmadd_ps(qb, k[v], acc[r][v]);
+                }
+            }
+        }
+        let out = s.as_mut_ptr();
+        for (r, ar) in acc.iter().enumerate() {
+            for (v, av) in ar.iter().enumerate().take(nv) {
+                _mm512_storeu_ps(out.add(r * BT + 16 * v), *av);
+            }
+        }
+        return;
+    }
     if BT >= 32 {
         // Each 16 bytes (32 keys) widen to 16 lanes of one byte each; the low nibbles (even keys) and the high ones
         // (odd keys) become floats through a 16-entry table lookup (the lookup reads only an index's low 4 bits), so
@@ -745,7 +777,8 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
     c0: usize,
 ) {
     let ng = q4.ng;
-    assert!(n <= BT && q4.v.len() >= n * q4.rb && q4.rb * 2 >= c0 + 16 * W);
+    let bits = q4.bits as usize;
+    assert!(n <= BT && q4.v.len() >= n * q4.rb && q4.rb * 8 >= (c0 + 16 * W) * bits);
     let mut a = [[_mm512_setzero_ps(); W]; R];
     for (r, ar) in a.iter_mut().enumerate() {
         let al = _mm512_set1_ps(alpha[r]);
@@ -754,9 +787,13 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
             *aw = _mm512_fmadd_ps(_mm512_loadu_ps(acc.add(r * hv + c0 + 16 * w)), al, cst);
         }
     }
-    let vbase = q4.v.as_ptr().add(c0 / 2);
+    let vbase = q4.v.as_ptr().add(c0 * bits / 8);
     for j in 0..n {
-        let v = codes(vbase.add(j * q4.rb), W);
+        let v = if bits == 8 {
+            bytes(vbase.add(j * q4.rb), W)
+        } else {
+            codes(vbase.add(j * q4.rb), W)
+        };
         for (r, ar) in a.iter_mut().enumerate() {
             let pb = _mm512_set1_ps(*pq.add(r * ng * BT + j));
             for (aw, vw) in ar.iter_mut().zip(&v) {

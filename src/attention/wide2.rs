@@ -49,9 +49,9 @@ pub(super) unsafe fn fold<const BT: usize>(
         }
         Tile::Q4(q4) => assert!(
             n == BT
-                && q4.k.len() >= q4.hs * BT / 2
+                && q4.k.len() >= q4.hs * BT * q4.bits as usize / 8
                 && q4.v.len() >= n * q4.rb
-                && q4.rb * 2 >= hv
+                && q4.rb * 8 >= hv * q4.bits as usize
                 && q4.qs.len() >= rows * q4.hs
                 && q4.qc.len() >= rows
                 && pbuf.len() >= qtile::pbuf_len(hv, BT)
@@ -376,7 +376,19 @@ unsafe fn codes<const KW: usize>(p: *const u8) -> [__m256; 2] {
     }
 }
 
-/// [`scores`] for a 4-bit tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the rows `rows`, each
+/// KW ∈ {1, 2} vectors of 8 one-byte codes from the `8 · KW` bytes at `p`, as floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bytes<const KW: usize>(p: *const u8) -> [__m256; 2] {
+    let mut out = [_mm256_setzero_ps(); 2];
+    for (w, o) in out.iter_mut().enumerate().take(KW) {
+        let x = _mm_loadl_epi64(p.add(8 * w) as *const __m128i);
+        *o = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    }
+    out
+}
+
+/// [`scores`] for a 4-bit (or 8-bit) tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the rows `rows`, each
 /// channel's strip of codes unpacked once for the 4 rows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -402,7 +414,11 @@ unsafe fn scores_q4<const KW: usize, const BT: usize>(
             }
         }
         for c in 0..hs {
-            let k = codes::<KW>(base.add(c * BT / 2 + k0 / 2));
+            let k = if q4.bits == 8 {
+                bytes::<KW>(base.add(c * BT + k0))
+            } else {
+                codes::<KW>(base.add(c * BT / 2 + k0 / 2))
+            };
             for r in 0..CHUNK {
                 let qb = _mm256_set1_ps(*qs.add(rows[r] * hs + c));
                 for w in 0..KW {
@@ -528,7 +544,8 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
     c0: usize,
 ) {
     let ng = q4.ng;
-    assert!(n <= BT && q4.v.len() >= n * q4.rb && q4.rb * 2 >= c0 + 8 * W);
+    let bits = q4.bits as usize;
+    assert!(n <= BT && q4.v.len() >= n * q4.rb && q4.rb * 8 >= (c0 + 8 * W) * bits);
     let mut a = [[_mm256_setzero_ps(); W]; R];
     for (r, ar) in a.iter_mut().enumerate() {
         let al = _mm256_set1_ps(alpha[r]);
@@ -537,9 +554,13 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
             *aw = _mm256_fmadd_ps(_mm256_loadu_ps(acc.add(r * hv + c0 + 8 * w)), al, cst);
         }
     }
-    let vbase = q4.v.as_ptr().add(c0 / 2);
+    let vbase = q4.v.as_ptr().add(c0 * bits / 8);
     for j in 0..n {
-        let v = codes::<W>(vbase.add(j * q4.rb));
+        let v = if bits == 8 {
+            bytes::<W>(vbase.add(j * q4.rb))
+        } else {
+            codes::<W>(vbase.add(j * q4.rb))
+        };
         for (r, ar) in a.iter_mut().enumerate() {
             let pb = _mm256_set1_ps(*pq.add(r * ng * BT + j));
             for (aw, vw) in ar.iter_mut().zip(&v) {
