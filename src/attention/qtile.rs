@@ -134,12 +134,13 @@ impl QPrep {
         } else {
             (&qb.k, &qb.v)
         };
-        // 8-bit codes are scored and mixed in floats: rounding the scaled query to int8 would cost more than the
-        // cache's own 8-bit rounding.
+        // `int8`: the CPU runs the integer fold, so the vector preparation below may run too. 8-bit codes are scored
+        // and mixed in floats: rounding the scaled query to int8 would cost more than the cache's own 8-bit rounding.
+        let vnni = int8;
         let int8 = int8 && qb.bits != 8;
         let int8q = int8 && hs.is_multiple_of(4);
-        // The integer fold's vector preparation (x86 only; `int8` is never set elsewhere).
-        let vector_q = int8q && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
+        // The vector preparation (x86 only; `int8` is never set elsewhere); for 8-bit codes its int8 rows go unused.
+        let vector_q = vnni && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
         if vector_q {
             // The block's key minima and scales once, then each row folded against them.
             #[cfg(target_arch = "x86_64")]
@@ -183,7 +184,7 @@ impl QPrep {
         } else {
             0
         };
-        if int8 && ng == 1 && BT.is_multiple_of(16) && cfg!(target_arch = "x86_64") {
+        if vnni && ng == 1 && BT.is_multiple_of(16) && cfg!(target_arch = "x86_64") {
             // SAFETY: as above; one value group: v_ms is BT (min, scale) pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
