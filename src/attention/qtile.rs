@@ -1,4 +1,4 @@
-//! KIVI 4-bit blocks read in place: the fold scores and mixes the codes directly, no dequantized copy of the block.
+//! KIVI blocks (4-bit; 8-bit and widened 2-bit too) read in place: the fold scores and mixes the codes directly, no dequantized copy of the block.
 //!
 //! A key is `k[c] = kmin[c] + kscale[c] · code[c]` per channel, so for a query row
 //! `q · k = Σ_c q[c]·kmin[c] + Σ_c (q[c]·kscale[c]) · code[c]`: once per block and row, the scale is folded into the
@@ -8,7 +8,7 @@
 //! (`pq`) and the minimum becomes one constant per row and group (`pc`) added to every channel of the group.
 //!
 //! Codes sit two per byte, the low nibble first (see [`crate::kv::quant`]); the SIMD folds unpack 16 or 32 at a time
-//! into float lanes. This file holds the preparation and the portable (reference) row steps.
+//! into float lanes. 8-bit blocks are read the same way, one code per byte; 2-bit blocks are widened to 4-bit codes. This file holds the preparation and the portable (reference) row steps.
 
 use half::slice::HalfFloatSliceExt;
 
@@ -110,9 +110,9 @@ impl QPrep {
     }
 
     /// Folds the block's key scales and minima into `rows` query rows (`row_q(r)`: row r's query over the stored
-    /// channels) and unpacks its value minima and scales. `qb` must hold 4-bit codes, or 2-bit codes ([`reads`]),
-    /// which are rewritten as 4-bit ones (codes 0..3) into this preparation's buffers: the fold's arithmetic,
-    /// `min + scale · code`, is the same for both widths. With `int8` (the caller runs the integer fold) the scaled
+    /// channels) and unpacks its value minima and scales. `qb` must hold 8-bit or 4-bit codes, or 2-bit codes
+    /// ([`reads`]), which are rewritten as 4-bit ones (codes 0..3) into this preparation's buffers: the fold's
+    /// arithmetic, `min + scale · code`, is the same for every width. With `int8` (the caller runs the integer fold) the scaled
     /// rows are also quantized to int8 (`vnni::quantize_row`).
     #[inline(always)]
     pub fn prepare<'a, const BT: usize>(

@@ -97,7 +97,9 @@ pub(super) unsafe fn scores<const R: usize>(
     stride: usize,
 ) {
     let hs = q4.hs;
-    assert!(q4.bits == 4 && R <= 8 && hs.is_multiple_of(4) && stride >= BT && q4.k.len() >= hs * BT / 2);
+    assert!(
+        q4.bits == 4 && R <= 8 && hs.is_multiple_of(4) && stride >= BT && q4.k.len() >= hs * BT / 2
+    );
     assert!(s.len() >= (R - 1) * stride + BT);
     assert!(rows
         .iter()

@@ -659,27 +659,7 @@ unsafe fn scores_q4<const R: usize, const BT: usize>(q4: &Q4, rows: &[usize; R],
     }
     let base = q4.k.as_ptr();
     let qs = q4.qs.as_ptr();
-    if q4.bits == 8 {
-        // One code per byte: 16 keys widen straight to 16 float lanes, in key order.
-        assert!(q4.k.len() >= hs * BT);
-        for c in 0..hs {
-            let k = bytes(base.add(c * BT), nv);
-            for r in 0..R {
-                let qb = _mm512_set1_ps(*qs.add(rows[r] * hs + c));
-                for v in 0..nv {
-                    acc[r][v] = _mm512_fmadd_ps(qb, k[v], acc[r][v]);
-                }
-            }
-        }
-        let out = s.as_mut_ptr();
-        for (r, ar) in acc.iter().enumerate() {
-            for (v, av) in ar.iter().enumerate().take(nv) {
-                _mm512_storeu_ps(out.add(r * BT + 16 * v), *av);
-            }
-        }
-        return;
-    }
-    if BT >= 32 {
+    if BT >= 32 && q4.bits == 4 {
         // Each 16 bytes (32 keys) widen to 16 lanes of one byte each; the low nibbles (even keys) and the high ones
         // (odd keys) become floats through a 16-entry table lookup (the lookup reads only an index's low 4 bits), so
         // the scores come out as [even keys, odd keys] per 32 and are interleaved back once per row at the end.
@@ -716,8 +696,15 @@ unsafe fn scores_q4<const R: usize, const BT: usize>(q4: &Q4, rows: &[usize; R],
         }
         return;
     }
+    // 8-bit codes (one per byte: 16 keys widen straight to 16 float lanes, in key order), or 4-bit ones of a short
+    // block.
+    assert!(q4.k.len() >= hs * BT * q4.bits as usize / 8);
     for c in 0..hs {
-        let k = codes(base.add(c * BT / 2), nv);
+        let k = if q4.bits == 8 {
+            bytes(base.add(c * BT), nv)
+        } else {
+            codes(base.add(c * BT / 2), nv)
+        };
         for r in 0..R {
             let qb = _mm512_set1_ps(*qs.add(rows[r] * hs + c));
             for v in 0..nv {
