@@ -21,7 +21,9 @@ use serde::Serialize;
 use super::memplan::{self, Footprint, Lengths, MemPlan};
 use super::SessionConfig;
 use crate::attention::{attend, AttnParams, AttnScratch};
-use crate::kernels::machine::{best_of, median_of, AttnRates, GlueRates, MachineProfile};
+use crate::kernels::machine::{
+    best_of, median_of, AttnRates, GlueRates, KiviAttnRate, MachineProfile,
+};
 use crate::kv::{KvCache, KvConfig, KvDtype};
 use crate::model::{cost as ops, Model, ModelConfig};
 
@@ -131,10 +133,11 @@ fn measure_attention_in_pool(
         window: None,
         softcap: None,
     };
-    // A cache of `layers` layers, each holding the same `n` entries.
-    let fill = |n: usize, layers: usize| {
+    // A cache of `layers` layers stored as `dtype`, each holding the same `n` entries.
+    let fill_as = |n: usize, layers: usize, dtype: KvDtype| {
         let mut c = KvCache::new(KvConfig {
             n_layers: layers,
+            dtype,
             ..cfg.clone()
         });
         let pos: Vec<u32> = (0..n as u32).collect();
@@ -146,6 +149,7 @@ fn measure_attention_in_pool(
         }
         c
     };
+    let fill = |n: usize, layers: usize| fill_as(n, layers, KvDtype::F16);
     let query = |rows: usize| -> Vec<f32> {
         (0..rows * Q_HEADS * HD)
             .map(|i| ((i * 104_729) % 991) as f32 / 991.0 - 0.5)
@@ -177,11 +181,17 @@ fn measure_attention_in_pool(
     // layers stream from memory), and over one block (the call's fixed cost).
     // Decode is bound by the work per entry as much as by the bus, and that work grows with the query heads sharing
     // each KV head: measure groups of 4 and 8 (the prediction interpolates to the model's group).
-    let per_layer = 8192 * KV_HEADS * cfg.entry_bytes();
-    let layers = (4 * p.llc_bytes.max(1 << 20))
-        .div_ceil(per_layer)
-        .clamp(1, 64);
-    let mut rate_for = |group: usize| -> Result<(f64, f64)> {
+    let mut rate_for = |group: usize, dtype: KvDtype| -> Result<(f64, f64)> {
+        let per_layer = 8192
+            * KV_HEADS
+            * KvConfig {
+                dtype,
+                ..cfg.clone()
+            }
+            .entry_bytes();
+        let layers = (4 * p.llc_bytes.max(1 << 20))
+            .div_ceil(per_layer)
+            .clamp(1, 64);
         let params = AttnParams {
             n_q_heads: KV_HEADS * group,
             ..params
@@ -190,7 +200,7 @@ fn measure_attention_in_pool(
         let q1 = &q1[..KV_HEADS * group * HD]; // 1 × n_q_heads·HD (2·Q_HEADS·HD holds the widest group)
         let mut out1 = vec![0.0f32; KV_HEADS * group * HD]; // 1 × n_q_heads·HD
         let mut decode = |n: usize, layers: usize| {
-            let c = fill(n, layers);
+            let c = fill_as(n, layers, dtype);
             let qpos = [n as u32 - 1];
             c.take_read();
             for l in 0..layers {
@@ -215,14 +225,27 @@ fn measure_attention_in_pool(
             t_small,
         ))
     };
-    let (decode_bw, decode_call_s) = rate_for(Q_HEADS / KV_HEADS)?;
-    let (decode_bw_g8, _) = rate_for(2 * Q_HEADS / KV_HEADS)?;
+    let (decode_bw, decode_call_s) = rate_for(Q_HEADS / KV_HEADS, KvDtype::F16)?;
+    let (decode_bw_g8, _) = rate_for(2 * Q_HEADS / KV_HEADS, KvDtype::F16)?;
+    let mut kivi = Vec::new();
+    for bits in crate::kv::quant::BITS_CHOICES {
+        let dtype = KvDtype::Kivi {
+            bits,
+            residual: 128,
+        };
+        kivi.push(KiviAttnRate {
+            bits,
+            decode_bw: rate_for(Q_HEADS / KV_HEADS, dtype)?.0,
+            decode_bw_g8: rate_for(2 * Q_HEADS / KV_HEADS, dtype)?.0,
+        });
+    }
     p.attention = Some(AttnRates {
         prefill_ops,
         prefill_diag_ops,
         decode_bw,
         decode_bw_g8,
         decode_call_s,
+        kivi,
     });
     Ok(())
 }
@@ -353,7 +376,7 @@ pub fn predict(
         matmul: decode_mm,
         glue: glue_tok,
         attention: mc.n_layers as f64 * att.decode_call_s
-            + kv_read * att.decode_s_per_byte(mc.n_heads / mc.n_kv_heads.max(1)),
+            + kv_read * att.decode_s_per_byte_of(fp.kv.dtype, mc.n_heads / mc.n_kv_heads.max(1))?,
     };
     let decode_s = decode_parts_s.total();
     let per_seq = memory.kv + memory.activations + memory.logits + memory.method;
@@ -447,6 +470,11 @@ mod tests {
                 decode_bw: bw / 2.0,
                 decode_bw_g8: bw / 3.0,
                 decode_call_s: 2e-6,
+                kivi: vec![KiviAttnRate {
+                    bits: 4,
+                    decode_bw: bw / 8.0,
+                    decode_bw_g8: bw / 12.0,
+                }],
             }),
             disk_read_bw: Some(1e9),
         }
@@ -512,6 +540,38 @@ mod tests {
         none.attention = None;
         let e = predict(&m, &cfg, &none, 100, 8, 1 << 30).unwrap_err();
         assert!(e.to_string().contains("bench machine"), "{e}");
+    }
+
+    /// A KIVI cache's decode attention is priced at its width's measured rate, not at the f16 rate per byte; a
+    /// width the profile did not measure is an error naming it.
+    #[test]
+    fn kivi_caches_take_their_own_decode_rate() {
+        let m = tiny_model();
+        let mut cfg = SessionConfig::for_model(&m);
+        cfg.kv = "kivi4".parse().unwrap();
+        let pred = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap();
+        let (mc, att) = (m.config(), profile(1e9).attention.unwrap());
+        let group = mc.n_heads / mc.n_kv_heads;
+        let want = mc.n_layers as f64 * att.decode_call_s
+            + pred.decode_kv_read_bytes * per_byte_kivi4(&att, group);
+        let got = pred.decode_parts_s.attention;
+        assert!(
+            (got - want).abs() <= 1e-9 * want,
+            "attention {got} s, want {want} s"
+        );
+        assert!(
+            got > mc.n_layers as f64 * att.decode_call_s
+                + pred.decode_kv_read_bytes * att.decode_s_per_byte(group)
+        );
+        cfg.kv = "kivi2".parse().unwrap();
+        let e = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("2-bit"), "{e}");
+    }
+
+    fn per_byte_kivi4(att: &AttnRates, group: usize) -> f64 {
+        let r = att.kivi.iter().find(|r| r.bits == 4).unwrap();
+        let (t4, t8) = (1.0 / r.decode_bw, 1.0 / r.decode_bw_g8);
+        (t4 + (group.max(4) as f64 - 4.0) * (t8 - t4) / 4.0).max(0.1 * t4)
     }
 
     /// A profile that lacks the rates of a weight type the model uses, or the glue rates, is refused with an error

@@ -103,6 +103,19 @@ pub struct AttnRates {
     pub decode_bw_g8: f64,
     /// Seconds of one layer's decode attention over a near-empty cache (the fixed cost).
     pub decode_call_s: f64,
+    /// The decode rates over KIVI caches, one per width (empty in profiles that predate them): their folds are
+    /// bound by arithmetic more than by the bytes they read, so the f16 rate does not carry over.
+    #[serde(default)]
+    pub kivi: Vec<KiviAttnRate>,
+}
+
+/// Decode attention over a KIVI cache of one width: KV bytes of that format per second (its newest 128 entries f16),
+/// fixed cost excluded, with 4 and 8 query heads per KV head.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KiviAttnRate {
+    pub bits: u8,
+    pub decode_bw: f64,
+    pub decode_bw_g8: f64,
 }
 
 /// Seconds per element of the work a layer does besides its matmuls and attention, measured on the engine's own
@@ -132,14 +145,39 @@ impl AttnRates {
     /// Seconds per KV byte of decode attention with `group` query heads per KV head: linear in the group between the
     /// two measured (4 and 8), extended above them; smaller groups cost what 4 does.
     pub fn decode_s_per_byte(&self, group: usize) -> f64 {
-        let t4 = 1.0 / self.decode_bw;
-        if self.decode_bw_g8 <= 0.0 {
-            return t4;
-        }
-        let t8 = 1.0 / self.decode_bw_g8;
-        // Fewer than 4 rows save no per-entry work (each entry is loaded and converted once whatever the rows).
-        (t4 + (group.max(4) as f64 - 4.0) * (t8 - t4) / 4.0).max(0.1 * t4)
+        per_byte(self.decode_bw, self.decode_bw_g8, group)
     }
+
+    /// [`Self::decode_s_per_byte`] for a cache stored as `dtype`: KIVI widths take their own measured rates, and a
+    /// profile without the width's rate is an error naming it (not the f16 rate in its place).
+    pub fn decode_s_per_byte_of(
+        &self,
+        dtype: crate::kv::KvDtype,
+        group: usize,
+    ) -> anyhow::Result<f64> {
+        let crate::kv::KvDtype::Kivi { bits, .. } = dtype else {
+            return Ok(self.decode_s_per_byte(group));
+        };
+        match self.kivi.iter().find(|r| r.bits == bits) {
+            Some(r) => Ok(per_byte(r.decode_bw, r.decode_bw_g8, group)),
+            None => anyhow::bail!(
+                "the machine profile has no decode attention rate for {bits}-bit KIVI caches (it predates them): \
+                 write it again with `hayloft bench machine --json FILE`"
+            ),
+        }
+    }
+}
+
+/// Seconds per byte with `group` query heads per KV head from the rates measured with 4 and 8 (`bw8` 0: not
+/// measured): linear in the group between them, extended above; smaller groups cost what 4 does.
+fn per_byte(bw4: f64, bw8: f64, group: usize) -> f64 {
+    let t4 = 1.0 / bw4;
+    if bw8 <= 0.0 {
+        return t4;
+    }
+    let t8 = 1.0 / bw8;
+    // Fewer than 4 rows save no per-entry work (each entry is loaded and converted once whatever the rows).
+    (t4 + (group.max(4) as f64 - 4.0) * (t8 - t4) / 4.0).max(0.1 * t4)
 }
 
 impl MachineProfile {
@@ -588,6 +626,7 @@ mod tests {
             decode_bw: 20e9,
             decode_bw_g8: 10e9,
             decode_call_s: 1e-6,
+            kivi: Vec::new(),
         };
         let t = |g| r.decode_s_per_byte(g);
         assert_eq!(t(4), 1.0 / 20e9);
