@@ -376,7 +376,11 @@ pub fn predict(
         matmul: decode_mm,
         glue: glue_tok,
         attention: mc.n_layers as f64 * att.decode_call_s
-            + kv_read * att.decode_s_per_byte_of(fp.kv.dtype, mc.n_heads / mc.n_kv_heads.max(1))?,
+            + kv_read
+                * att.decode_s_per_byte_of(
+                    fp.kv.dtype.quant_bits(),
+                    mc.n_heads / mc.n_kv_heads.max(1),
+                )?,
     };
     let decode_s = decode_parts_s.total();
     let per_seq = memory.kv + memory.activations + memory.logits + memory.method;

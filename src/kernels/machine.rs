@@ -148,14 +148,11 @@ impl AttnRates {
         per_byte(self.decode_bw, self.decode_bw_g8, group)
     }
 
-    /// [`Self::decode_s_per_byte`] for a cache stored as `dtype`: KIVI widths take their own measured rates, and a
-    /// profile without the width's rate is an error naming it (not the f16 rate in its place).
-    pub fn decode_s_per_byte_of(
-        &self,
-        dtype: crate::kv::KvDtype,
-        group: usize,
-    ) -> anyhow::Result<f64> {
-        let crate::kv::KvDtype::Kivi { bits, .. } = dtype else {
+    /// [`Self::decode_s_per_byte`] for a cache stored as KIVI codes of `kivi_bits` (None: f16): KIVI widths take
+    /// their own measured rates, and a profile without the width's rate is an error naming it (not the f16 rate in
+    /// its place).
+    pub fn decode_s_per_byte_of(&self, kivi_bits: Option<u8>, group: usize) -> anyhow::Result<f64> {
+        let Some(bits) = kivi_bits else {
             return Ok(self.decode_s_per_byte(group));
         };
         match self.kivi.iter().find(|r| r.bits == bits) {
