@@ -557,7 +557,7 @@ mod tests {
         let (mc, att) = (m.config(), profile(1e9).attention.unwrap());
         let group = mc.n_heads / mc.n_kv_heads;
         let want = mc.n_layers as f64 * att.decode_call_s
-            + pred.decode_kv_read_bytes * per_byte_kivi4(&att, group);
+            + pred.decode_kv_read_bytes * att.decode_s_per_byte_of(Some(4), group).unwrap();
         let got = pred.decode_parts_s.attention;
         assert!(
             (got - want).abs() <= 1e-9 * want,
@@ -570,12 +570,6 @@ mod tests {
         cfg.kv = "kivi2".parse().unwrap();
         let e = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap_err();
         assert!(e.to_string().contains("2-bit"), "{e}");
-    }
-
-    fn per_byte_kivi4(att: &AttnRates, group: usize) -> f64 {
-        let r = att.kivi.iter().find(|r| r.bits == 4).unwrap();
-        let (t4, t8) = (1.0 / r.decode_bw, 1.0 / r.decode_bw_g8);
-        (t4 + (group.max(4) as f64 - 4.0) * (t8 - t4) / 4.0).max(0.1 * t4)
     }
 
     /// A profile that lacks the rates of a weight type the model uses, or the glue rates, is refused with an error
