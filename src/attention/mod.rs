@@ -903,7 +903,7 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     let Some(pieces) = a.pieces else {
         #[cfg(target_arch = "x86_64")]
         let runs = q4_runs::<BT>(a, channels.map(<[u16]>::len));
-        // A run asks for the next run's blocks before it folds, so only the task's first run would start cold, and
+        // A run asks for the next run's blocks as it folds, so only the task's first run would start cold, and
         // at short contexts a task is one run: ask for its blocks all at once, so their misses overlap instead of
         // each part's miss stalling the preparation in turn.
         #[cfg(target_arch = "x86_64")]
@@ -926,10 +926,18 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 let view = |i: usize| cache.block(layer, task.kv_head, b + i.min(n - 1));
                 let views = [view(0), view(1), view(2), view(3)];
                 if views.iter().all(|v| q4_whole(a, v)) {
-                    for i in b + n..(b + n + wide::Q4_RUN).min(task.blk1) {
-                        cache.block(layer, task.kv_head, i).prefetch();
+                    // The next run's quantized blocks are asked for as this run works ([`wide::RunAhead`]); any
+                    // other block (the f16 residual) now.
+                    let mut next: [Option<BlockView>; wide::Q4_RUN] = [None, None, None, None];
+                    for (i, nb) in (b + n..(b + n + wide::Q4_RUN).min(task.blk1)).enumerate() {
+                        let v = cache.block(layer, task.kv_head, nb);
+                        if v.quant_codes().is_some() {
+                            next[i] = Some(v);
+                        } else {
+                            v.prefetch();
+                        }
                     }
-                    fold_q4_run(a, &views, n, channels.is_some(), buf);
+                    fold_q4_run(a, &views, n, channels.is_some(), buf, &next);
                     b += n;
                     continue;
                 }
@@ -1149,7 +1157,15 @@ fn fold_q4_run<'a>(
     n: usize,
     pruned: bool,
     buf: &'a mut TaskBuf,
+    next: &[Option<BlockView<'a>>; wide::Q4_RUN],
 ) {
+    let mut ahead = wide::RunAhead::NONE;
+    for (i, v) in next.iter().enumerate() {
+        if let Some((k, val)) = v.as_ref().and_then(BlockView::quant_codes) {
+            ahead.k[i] = Ahead::of(k);
+            ahead.v[i] = Ahead::of(val);
+        }
+    }
     let (hv, rows, scale) = (a.sh.hv, (a.task.t1 - a.task.t0) * a.sh.group, a.p.scale);
     for v in &views[..n] {
         v.mark_read();
@@ -1172,22 +1188,36 @@ fn fold_q4_run<'a>(
         let hs = v.hk;
         qp.prepare::<32>(qb, hv, rows, true, move |r| row_q(a, qrows, hs, r))
     };
+    // The next run's block i's scales and positions are asked for as this run's block i is prepared.
+    let scales = |i: usize| {
+        if let Some(v) = &next[i] {
+            v.prefetch_scales();
+        }
+    };
     let [p0, p1, p2, p3] = qrun;
     let [v0, v1, v2, v3] = views;
     // SAFETY: `q4_runs` checked the CPU (the integer fold), hv and the rows; `q4_whole` every block.
     unsafe {
         match n {
             4 => {
-                let q4s = [prep(p0, v0), prep(p1, v1), prep(p2, v2), prep(p3, v3)];
-                wide::fold_q4_run::<4, 128>(&q4s, rows, scale, hv, srun, m, l, acc)
+                scales(0);
+                let q0 = prep(p0, v0);
+                scales(1);
+                let q1 = prep(p1, v1);
+                scales(2);
+                let q2 = prep(p2, v2);
+                scales(3);
+                let q4s = [q0, q1, q2, prep(p3, v3)];
+                wide::fold_q4_run::<4, 128>(&q4s, rows, scale, hv, srun, m, l, acc, &ahead)
             }
+            // A run of fewer than 4 blocks is its task's last: nothing follows it to ask for.
             3 => {
                 let q4s = [prep(p0, v0), prep(p1, v1), prep(p2, v2)];
-                wide::fold_q4_run::<3, 96>(&q4s, rows, scale, hv, srun, m, l, acc)
+                wide::fold_q4_run::<3, 96>(&q4s, rows, scale, hv, srun, m, l, acc, &ahead)
             }
             _ => {
                 let q4s = [prep(p0, v0), prep(p1, v1)];
-                wide::fold_q4_run::<2, 64>(&q4s, rows, scale, hv, srun, m, l, acc)
+                wide::fold_q4_run::<2, 64>(&q4s, rows, scale, hv, srun, m, l, acc, &ahead)
             }
         }
     };

@@ -98,14 +98,14 @@ pub(super) unsafe fn fold<const BT: usize>(
                 // Integer scores, the chunk's rows in one pass over the codes.
                 let row = |i: usize| r0 + i;
                 match rc {
-                    1 => vnni::scores::<1>(q4, &std::array::from_fn(row), s_buf, BT),
-                    2 => vnni::scores::<2>(q4, &std::array::from_fn(row), s_buf, BT),
-                    3 => vnni::scores::<3>(q4, &std::array::from_fn(row), s_buf, BT),
-                    4 => vnni::scores::<4>(q4, &std::array::from_fn(row), s_buf, BT),
-                    5 => vnni::scores::<5>(q4, &std::array::from_fn(row), s_buf, BT),
-                    6 => vnni::scores::<6>(q4, &std::array::from_fn(row), s_buf, BT),
-                    7 => vnni::scores::<7>(q4, &std::array::from_fn(row), s_buf, BT),
-                    _ => vnni::scores::<8>(q4, &std::array::from_fn(row), s_buf, BT),
+                    1 => vnni::scores::<1>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
+                    2 => vnni::scores::<2>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
+                    3 => vnni::scores::<3>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
+                    4 => vnni::scores::<4>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
+                    5 => vnni::scores::<5>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
+                    6 => vnni::scores::<6>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
+                    7 => vnni::scores::<7>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
+                    _ => vnni::scores::<8>(q4, &std::array::from_fn(row), s_buf, BT, Ahead::NONE),
                 }
             }
             Tile::Q4(ref q4) => {
@@ -251,6 +251,22 @@ pub(super) unsafe fn fold<const BT: usize>(
 /// Most blocks [`fold_q4_run`] folds together.
 pub(super) const Q4_RUN: usize = 4;
 
+/// The next run's key and value codes, block by block: [`fold_q4_run`] asks for them a cache line at a time as it
+/// scores and mixes the same block of its own run, so their misses overlap its work instead of a burst of
+/// prefetches filling the core's miss buffers before it starts.
+#[derive(Clone, Copy)]
+pub(super) struct RunAhead {
+    pub k: [Ahead; Q4_RUN],
+    pub v: [Ahead; Q4_RUN],
+}
+
+impl RunAhead {
+    pub const NONE: RunAhead = RunAhead {
+        k: [Ahead::NONE; Q4_RUN],
+        v: [Ahead::NONE; Q4_RUN],
+    };
+}
+
 /// f32s of [`fold_q4_run`]'s score scratch: 8 rows × the keys of [`Q4_RUN`] blocks.
 pub(super) const RUN_SCRATCH: usize = 8 * 32 * Q4_RUN;
 
@@ -275,23 +291,25 @@ pub(super) unsafe fn fold_q4_run<const NB: usize, const KEYS: usize>(
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
+    ahead: &RunAhead,
 ) {
     assert!(KEYS == 32 * NB && NB <= Q4_RUN && s.len() >= RUN_SCRATCH);
     match rows {
-        1 => run_rows::<1, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
-        2 => run_rows::<2, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
-        3 => run_rows::<3, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
-        4 => run_rows::<4, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
-        5 => run_rows::<5, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
-        6 => run_rows::<6, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
-        7 => run_rows::<7, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
-        8 => run_rows::<8, NB, KEYS>(q4s, scale, hv, s, m, l, acc),
+        1 => run_rows::<1, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
+        2 => run_rows::<2, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
+        3 => run_rows::<3, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
+        4 => run_rows::<4, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
+        5 => run_rows::<5, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
+        6 => run_rows::<6, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
+        7 => run_rows::<7, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
+        8 => run_rows::<8, NB, KEYS>(q4s, scale, hv, s, m, l, acc, ahead),
         _ => panic!("fold_q4_run takes 1 to 8 rows, not {rows}"),
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)] // fold's state plus the run and what to prefetch
 unsafe fn run_rows<const R: usize, const NB: usize, const KEYS: usize>(
     q4s: &[Q4; NB],
     scale: f32,
@@ -300,12 +318,13 @@ unsafe fn run_rows<const R: usize, const NB: usize, const KEYS: usize>(
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
+    ahead: &RunAhead,
 ) {
     assert!(s.len() >= R * KEYS && m.len() >= R && l.len() >= R && acc.len() >= R * hv);
     let rows: [usize; R] = std::array::from_fn(|i| i);
     // Scores: row i's run at s[i · KEYS..], block b's keys at b · 32.
     for (b, q4) in q4s.iter().enumerate() {
-        vnni::scores::<R>(q4, &rows, &mut s[32 * b..], KEYS);
+        vnni::scores::<R>(q4, &rows, &mut s[32 * b..], KEYS, ahead.k[b]);
     }
     let mut alpha = [1.0f32; 8];
     softmax_rows::<KEYS, R>(s, scale, &mut m[..R], &mut l[..R], &mut alpha);
@@ -314,10 +333,10 @@ unsafe fn run_rows<const R: usize, const NB: usize, const KEYS: usize>(
     while i0 < R {
         let (p, a, al) = (sp.add(i0 * KEYS), ap.add(i0 * hv), &alpha[i0..]);
         match R - i0 {
-            1 => vnni::pv_run::<1, NB>(q4s, p, KEYS, hv, al, a),
-            2 => vnni::pv_run::<2, NB>(q4s, p, KEYS, hv, al, a),
-            3 => vnni::pv_run::<3, NB>(q4s, p, KEYS, hv, al, a),
-            _ => vnni::pv_run::<4, NB>(q4s, p, KEYS, hv, al, a),
+            1 => vnni::pv_run::<1, NB>(q4s, p, KEYS, hv, al, a, &ahead.v),
+            2 => vnni::pv_run::<2, NB>(q4s, p, KEYS, hv, al, a, &ahead.v),
+            3 => vnni::pv_run::<3, NB>(q4s, p, KEYS, hv, al, a, &ahead.v),
+            _ => vnni::pv_run::<4, NB>(q4s, p, KEYS, hv, al, a, &ahead.v),
         }
         i0 += 4;
     }

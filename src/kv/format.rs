@@ -242,6 +242,26 @@ impl<'a> BlockView<'a> {
         self.prefetch_parts(true)
     }
 
+    /// The scales and minima of a quantized block and the block's positions (what a 4-bit fold's preparation reads
+    /// first); nothing for other blocks.
+    #[inline]
+    pub fn prefetch_scales(&self) {
+        if let BlockData::Quant(q) = self.data {
+            prefetch_lines(&q.k_ms[..]);
+            prefetch_lines(&q.v_ms[..]);
+            prefetch_lines(self.pos);
+        }
+    }
+
+    /// Key and value codes of a quantized block (None otherwise).
+    #[inline]
+    pub fn quant_codes(&self) -> Option<(&'a [u8], &'a [u8])> {
+        match self.data {
+            BlockData::Quant(q) => Some((&q.k[..], &q.v[..])),
+            _ => None,
+        }
+    }
+
     /// [`BlockView::prefetch`] of the keys (and their scales) only: for a selector that scores keys.
     #[inline]
     pub fn prefetch_keys(&self) {
