@@ -22,7 +22,7 @@ use super::memplan::{self, Footprint, Lengths, MemPlan};
 use super::SessionConfig;
 use crate::attention::{attend, AttnParams, AttnScratch};
 use crate::kernels::machine::{
-    best_of, median_of, AttnRates, GlueRates, KiviAttnRate, MachineProfile,
+    best_of, median_of, AttnRates, GlueRates, KiviAttnRate, KiviPrefillRate, MachineProfile,
 };
 use crate::kv::{KvCache, KvConfig, KvDtype};
 use crate::model::{cost as ops, Model, ModelConfig};
@@ -149,34 +149,73 @@ fn measure_attention_in_pool(
         }
         c
     };
-    let fill = |n: usize, layers: usize| fill_as(n, layers, KvDtype::F16);
     let query = |rows: usize| -> Vec<f32> {
         (0..rows * Q_HEADS * HD)
             .map(|i| ((i * 104_729) % 991) as f32 / 991.0 - 0.5)
             .collect() // rows × Q_HEADS·HD
     };
     let mut scratch = AttnScratch::default();
-    // Prefill: the last 512-token chunk of a 2048-token prompt, as the engine runs it.
+    // Prefill: the last 512-token chunk of a 2048-token prompt, as the engine runs it. A chunk's keys inside it (the
+    // causal triangle, diagonal blocks half masked) cost more per useful operation than the keys before it: time a
+    // first chunk alone (all triangle), then take its share out of the last chunk's time. Returns (off-diagonal,
+    // triangle) useful operations per second over a cache stored as `dtype`.
     let (n, chunk) = (2048usize, 512usize);
-    let cache = fill(n, 1);
     let q = query(chunk);
-    let q_pos: Vec<u32> = ((n - chunk) as u32..n as u32).collect();
     let mut out = vec![0.0f32; chunk * Q_HEADS * HD]; // chunk × Q_HEADS·HD
-    let t = best_of(per_figure, || {
-        attend(&cache, 0, &q, &q_pos, &mut out, &params, &mut scratch)
-    });
-    // A chunk's keys inside it (the causal triangle, diagonal blocks half masked) cost more per useful operation than
-    // the keys before it: time a first chunk alone (all triangle), then take its share out of the last chunk's time.
-    let per_key = 2.0 * (Q_HEADS * 2 * HD) as f64;
-    let tri = (chunk * (chunk + 1) / 2) as f64;
-    let first = fill(chunk, 1);
-    let q_pos0: Vec<u32> = (0..chunk as u32).collect();
-    let t_tri = best_of(per_figure, || {
-        attend(&first, 0, &q, &q_pos0, &mut out, &params, &mut scratch)
-    });
-    let prefill_diag_ops = per_key * tri / t_tri;
-    let off = (chunk * (n - chunk)) as f64;
-    let prefill_ops = per_key * off / (t - t_tri).max(0.05 * t);
+    let mut prefill_rates = |dtype: KvDtype| -> (f64, f64) {
+        let cache = fill_as(n, 1, dtype);
+        let q_pos: Vec<u32> = ((n - chunk) as u32..n as u32).collect();
+        let t = best_of(per_figure, || {
+            attend(&cache, 0, &q, &q_pos, &mut out, &params, &mut scratch)
+        });
+        let per_key = 2.0 * (Q_HEADS * 2 * HD) as f64;
+        let tri = (chunk * (chunk + 1) / 2) as f64;
+        let first = fill_as(chunk, 1, dtype);
+        let q_pos0: Vec<u32> = (0..chunk as u32).collect();
+        let t_tri = best_of(per_figure, || {
+            attend(&first, 0, &q, &q_pos0, &mut out, &params, &mut scratch)
+        });
+        let off = (chunk * (n - chunk)) as f64;
+        (
+            per_key * off / (t - t_tri).max(0.05 * t),
+            per_key * tri / t_tri,
+        )
+    };
+    let (prefill_ops, prefill_diag_ops) = prefill_rates(KvDtype::F16);
+    // Writing a prompt's entries into a KIVI cache quantizes all but its newest `residual`: time appending n of them
+    // to an empty cache, per element.
+    let kivi_prefill = |bits: u8, (ops, diag_ops): (f64, f64)| {
+        let mut c = KvCache::new(KvConfig {
+            dtype: KvDtype::Kivi {
+                bits,
+                residual: 128,
+            },
+            ..cfg.clone()
+        });
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let kv: Vec<f32> = (0..n * KV_HEADS * HD)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+            .collect(); // n × KV_HEADS·HD
+        let append_s = best_of(per_figure, || {
+            c.clear();
+            c.append(0, &pos, &kv, &kv);
+        }) / (2 * kv.len()) as f64;
+        KiviPrefillRate {
+            ops,
+            diag_ops,
+            append_s,
+        }
+    };
+    let kivi_prefill: Vec<KiviPrefillRate> = crate::kv::quant::BITS_CHOICES
+        .iter()
+        .map(|&bits| {
+            let rates = prefill_rates(KvDtype::Kivi {
+                bits,
+                residual: 128,
+            });
+            kivi_prefill(bits, rates)
+        })
+        .collect();
     // Decode: one query over 8192 entries in every layer of a cache several times the last-level cache (as a model's
     // layers stream from memory), and over one block (the call's fixed cost).
     // Decode is bound by the work per entry as much as by the bus, and that work grows with the query heads sharing
@@ -228,7 +267,7 @@ fn measure_attention_in_pool(
     let (decode_bw, decode_call_s) = rate_for(Q_HEADS / KV_HEADS, KvDtype::F16)?;
     let (decode_bw_g8, _) = rate_for(2 * Q_HEADS / KV_HEADS, KvDtype::F16)?;
     let mut kivi = Vec::new();
-    for bits in crate::kv::quant::BITS_CHOICES {
+    for (bits, prefill) in crate::kv::quant::BITS_CHOICES.into_iter().zip(kivi_prefill) {
         let dtype = KvDtype::Kivi {
             bits,
             residual: 128,
@@ -237,6 +276,7 @@ fn measure_attention_in_pool(
             bits,
             decode_bw: rate_for(Q_HEADS / KV_HEADS, dtype)?.0,
             decode_bw_g8: rate_for(2 * Q_HEADS / KV_HEADS, dtype)?.0,
+            prefill: Some(prefill),
         });
     }
     p.attention = Some(AttnRates {
@@ -338,13 +378,19 @@ pub fn predict(
         };
         Ok(fixed + m.n_bytes() as f64 / r.gemv_bw + m.cols as f64 * r.act_s)
     };
+    // A KIVI cache has its own prefill rates: attention over quantized blocks, and quantizing what it writes.
+    let kivi_prefill = match fp.kv.dtype.quant_bits() {
+        Some(bits) => Some(att.kivi_prefill(bits)?),
+        None => None,
+    };
     // Glue per token: every layer's norms, activation, RoPE and cache writes.
     let e = ops::glue_elements(mc);
+    let append_s = kivi_prefill.map_or(glue.append_s, |r| r.append_s);
     let glue_tok = mc.n_layers as f64
         * (e.norm * glue.norm_s
             + e.gate * glue.gate_s
             + e.rope * glue.rope_s
-            + e.append * glue.append_s);
+            + e.append * append_s);
     // Prefill: chunked matmuls over every prompt token (activation preparation, multiply-adds, output finishing), the
     // head for the last row only.
     let mut prefill_mm = 0.0;
@@ -363,7 +409,10 @@ pub fn predict(
     let prefill_parts_s = Parts {
         matmul: prefill_mm,
         glue: context as f64 * glue_tok,
-        attention: off / att.prefill_ops + diag / att.diag_ops(),
+        attention: match kivi_prefill {
+            Some(r) => off / r.ops + diag / r.diag_ops,
+            None => off / att.prefill_ops + diag / att.diag_ops(),
+        },
     };
     let prefill_s = prefill_parts_s.total();
     // Decode: every matrix streamed once, the glue of one token, the KV bytes attention reads.
@@ -474,11 +523,25 @@ mod tests {
                 decode_bw: bw / 2.0,
                 decode_bw_g8: bw / 3.0,
                 decode_call_s: 2e-6,
-                kivi: vec![KiviAttnRate {
-                    bits: 4,
-                    decode_bw: bw / 8.0,
-                    decode_bw_g8: bw / 12.0,
-                }],
+                kivi: vec![
+                    KiviAttnRate {
+                        bits: 4,
+                        decode_bw: bw / 8.0,
+                        decode_bw_g8: bw / 12.0,
+                        prefill: Some(KiviPrefillRate {
+                            ops: 5e9,
+                            diag_ops: 4e9,
+                            append_s: 3e-9,
+                        }),
+                    },
+                    // Decode rates only, as in a profile written before the prefill ones were measured.
+                    KiviAttnRate {
+                        bits: 8,
+                        decode_bw: bw / 4.0,
+                        decode_bw_g8: bw / 6.0,
+                        prefill: None,
+                    },
+                ],
             }),
             disk_read_bw: Some(1e9),
         }
@@ -570,6 +633,38 @@ mod tests {
         cfg.kv = "kivi2".parse().unwrap();
         let e = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap_err();
         assert!(e.to_string().contains("2-bit"), "{e}");
+    }
+
+    /// A KIVI cache's prefill is priced at its width's own rates: attention at the measured operations per second over
+    /// quantized blocks, and the cache writes (quantizing) at its append cost; a profile without them names the width.
+    #[test]
+    fn kivi_caches_take_their_own_prefill_rates() {
+        let m = tiny_model();
+        let mut cfg = SessionConfig::for_model(&m);
+        let full = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap();
+        cfg.kv = "kivi4".parse().unwrap();
+        let pred = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap();
+        let (mc, att) = (m.config(), profile(1e9).attention.unwrap());
+        let r = att.kivi_prefill(4).unwrap();
+        let (diag, off) = ops::prefill_attention_split(mc, 400, cfg.chunk_size);
+        let want = off / r.ops + diag / r.diag_ops;
+        let got = pred.prefill_parts_s.attention;
+        assert!(
+            (got - want).abs() <= 1e-9 * want,
+            "attention {got} s, want {want} s"
+        );
+        assert!(got > full.prefill_parts_s.attention);
+        // The cache writes: the same elements per token and layer, at the KIVI append cost instead of f16's.
+        let e = ops::glue_elements(mc);
+        let extra = 400.0 * mc.n_layers as f64 * e.append * (r.append_s - 1e-9);
+        let dg = pred.prefill_parts_s.glue - full.prefill_parts_s.glue;
+        assert!(
+            (dg - extra).abs() <= 1e-6 * extra,
+            "glue grew by {dg} s, want {extra} s"
+        );
+        cfg.kv = "kivi8".parse().unwrap();
+        let e = predict(&m, &cfg, &profile(1e9), 400, 8, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("prefill rates for 8-bit"), "{e}");
     }
 
     /// A profile that lacks the rates of a weight type the model uses, or the glue rates, is refused with an error

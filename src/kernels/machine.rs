@@ -116,6 +116,21 @@ pub struct KiviAttnRate {
     pub bits: u8,
     pub decode_bw: f64,
     pub decode_bw_g8: f64,
+    /// Prefill over a cache of this width (None in profiles written before it was measured).
+    #[serde(default)]
+    pub prefill: Option<KiviPrefillRate>,
+}
+
+/// Prefill over a KIVI cache of one width: attention reads quantized blocks (the keys before the chunk, and the
+/// chunk's own once they leave the residual), and every entry written is quantized when it leaves the residual.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct KiviPrefillRate {
+    /// Useful attention operations per second over the keys before a chunk.
+    pub ops: f64,
+    /// Useful attention operations per second inside a chunk (its causal triangle).
+    pub diag_ops: f64,
+    /// Writing an entry's keys and values into the cache, quantization included, per element.
+    pub append_s: f64,
 }
 
 /// Seconds per element of the work a layer does besides its matmuls and attention, measured on the engine's own
@@ -159,6 +174,20 @@ impl AttnRates {
             Some(r) => Ok(per_byte(r.decode_bw, r.decode_bw_g8, group)),
             None => anyhow::bail!(
                 "the machine profile has no decode attention rate for {bits}-bit KIVI caches (it predates them): \
+                 write it again with `hayloft bench machine --json FILE`"
+            ),
+        }
+    }
+}
+
+impl AttnRates {
+    /// The prefill rates of a cache stored as KIVI codes of `bits`: a profile without them is an error naming the
+    /// width (not the f16 rates in their place).
+    pub fn kivi_prefill(&self, bits: u8) -> anyhow::Result<KiviPrefillRate> {
+        match self.kivi.iter().find(|r| r.bits == bits).and_then(|r| r.prefill) {
+            Some(r) => Ok(r),
+            None => anyhow::bail!(
+                "the machine profile has no prefill rates for {bits}-bit KIVI caches (it predates them): \
                  write it again with `hayloft bench machine --json FILE`"
             ),
         }
