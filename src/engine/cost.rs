@@ -133,6 +133,13 @@ fn measure_attention_in_pool(
         window: None,
         softcap: None,
     };
+    // `n` entries' positions and keys (= values).
+    let entries = |n: usize| -> (Vec<u32>, Vec<f32>) {
+        let kv = (0..n * KV_HEADS * HD)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+            .collect(); // n × KV_HEADS·HD
+        ((0..n as u32).collect(), kv)
+    };
     // A cache of `layers` layers stored as `dtype`, each holding the same `n` entries.
     let fill_as = |n: usize, layers: usize, dtype: KvDtype| {
         let mut c = KvCache::new(KvConfig {
@@ -140,10 +147,7 @@ fn measure_attention_in_pool(
             dtype,
             ..cfg.clone()
         });
-        let pos: Vec<u32> = (0..n as u32).collect();
-        let kv: Vec<f32> = (0..n * KV_HEADS * HD)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect(); // n × KV_HEADS·HD
+        let (pos, kv) = entries(n);
         for l in 0..layers {
             c.append(l, &pos, &kv, &kv);
         }
@@ -192,10 +196,7 @@ fn measure_attention_in_pool(
             },
             ..cfg.clone()
         });
-        let pos: Vec<u32> = (0..n as u32).collect();
-        let kv: Vec<f32> = (0..n * KV_HEADS * HD)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect(); // n × KV_HEADS·HD
+        let (pos, kv) = entries(n);
         let append_s = best_of(per_figure, || {
             c.clear();
             c.append(0, &pos, &kv, &kv);
