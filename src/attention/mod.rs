@@ -46,7 +46,7 @@ mod wide2;
 use half::slice::HalfFloatSliceExt;
 
 use crate::kv::{BlockData, BlockView, KvCache, OffloadBuf};
-pub use select::Selection;
+pub use select::{GivenScores, Selection};
 pub use sparse::{attend_tiles, TileSelection};
 
 /// Query tokens per task tile. Rows of one tile share a causal bound (the tile's largest position), so up to this many
@@ -115,6 +115,11 @@ struct TaskBuf {
     gk: Vec<f32>,
     gv: Vec<f32>,
     gpos: Vec<u32>,
+    /// Entries gathered with a selector's scores ([`GivenScores`]): their scores (rows × BT, [`Tile::F32`]'s
+    /// `given`), values (BT × hv) and positions (BT); their keys are not read.
+    gs: Vec<f32>,
+    sv: Vec<f32>,
+    spos: Vec<u32>,
     /// The last offloaded block this task read from disk (sized on first use).
     disk: OffloadBuf,
     /// A 4-bit block's scales folded into the rows' queries, and its value scales (see [`qtile`]).
@@ -493,6 +498,9 @@ fn attend_jobs(
             b.gk.resize(sh.bt * sh.hk, 0.0);
             b.gv.resize(sh.bt * sh.hv, 0.0);
             b.gpos.resize(sh.bt, 0);
+            b.gs.resize(rows_max * sh.bt, 0.0);
+            b.sv.resize(sh.bt * sh.hv, 0.0);
+            b.spos.resize(sh.bt, 0);
         }
     }
 
@@ -515,6 +523,11 @@ fn attend_jobs(
             pieces: match job.sel {
                 Sel::All => None,
                 Sel::Heads(_) | Sel::Tiles(_) => Some(pieces),
+            },
+            // A selector's scores are of the step's one query row.
+            scores: match job.sel {
+                Sel::Heads(sel) if job.q_pos.len() == 1 => sel.scores(task.kv_head),
+                _ => None,
             },
             shared,
             simd,
@@ -609,6 +622,8 @@ struct TaskArgs<'a> {
     task: &'a Task,
     /// The selection's pieces (the task's `blk0..blk1` index them); None = every block.
     pieces: Option<&'a [Piece]>,
+    /// The selector's scores of the task's KV head for this (one-row) query, if it gave them.
+    scores: Option<&'a GivenScores>,
     /// A sparse call's shared tiles (folded by the tasks whose `shared` is set).
     shared: Option<&'a sparse::SharedTiles>,
     /// The compiled variant running (the CPU supports it).
@@ -665,6 +680,9 @@ enum Tile<'a> {
         vb: &'a [f32],
         hs: usize,
         qrows: Option<&'a [f32]>,
+        /// The rows' raw scores over the tile's entries, computed by a selector for this query ([`GivenScores`]):
+        /// row r's at `given[r · BT..][..BT]`, used in place of `kt` (then empty, nothing read).
+        given: Option<&'a [f32]>,
     },
     /// An f16 block read in place (the AVX-512 and AVX2 folds, for tasks of at most one chunk of rows: each key and
     /// value is converted where it is loaded, once, instead of through a converted copy of the block). Layout as
@@ -966,6 +984,7 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 vb: &vb[..n * hv],
                 hs: hk,
                 qrows: None,
+                given: None,
             };
             let TaskBuf {
                 s, m, l, acc, pbuf, ..
@@ -975,6 +994,8 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     }
     // Selected pieces: whole blocks take the block path; parts of blocks are gathered into a tile of BT entries.
     let mut ng = 0;
+    // Entries gathered with the selector's scores (a decode step's rows only), in a tile of their own.
+    let (mut ns, given_rows) = (0, a.scores.is_some() && rows == g);
     // The block whose keys `buf.k` holds converted (pieces of one block follow each other).
     let mut converted = usize::MAX;
     let task_pieces = &pieces[task.blk0..task.blk1];
@@ -992,6 +1013,40 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             ahead += 1;
         }
         let whole = j0 == 0 && j1 == blk.n;
+        if let (Some(gs), BlockData::F16 { v: vh, .. }, None) = (a.scores, blk.data, blk.channels) {
+            let (base, lo, hi) = (pc.block as usize * BT, gs.lo as usize, gs.hi as usize);
+            let n = hi - lo;
+            if given_rows && base + j0 >= lo && base + j1 <= hi && gs.rows.len() >= rows * n {
+                // Entries the selector scored for this query: their scores and values gathered into a tile, their
+                // keys not read. The value rows a few pieces on are asked for now (scattered pieces in separate
+                // blocks, which the hardware prefetchers do not follow).
+                if let Some(np) = task_pieces.get(i + GIVEN_AHEAD) {
+                    let next = cache.block(layer, task.kv_head, np.block as usize);
+                    if let BlockData::F16 { v, .. } = next.data {
+                        Ahead::of(&v[np.j0 as usize * hv..np.j1 as usize * hv]).span(0, usize::MAX);
+                    }
+                }
+                blk.mark_read();
+                buf.read += (j1 - j0) * (2 * hv + 4);
+                let mut j = j0;
+                while j < j1 {
+                    if ns == BT {
+                        fold_given::<BT>(a, ns, buf);
+                        ns = 0;
+                    }
+                    let m = (j1 - j).min(BT - ns);
+                    for r in 0..rows {
+                        buf.gs[r * BT + ns..][..m]
+                            .copy_from_slice(&gs.rows[r * n + base + j - lo..][..m]);
+                    }
+                    vh[j * hv..][..m * hv].convert_to_f32_slice(&mut buf.sv[ns * hv..][..m * hv]);
+                    buf.spos[ns..ns + m].copy_from_slice(&blk.pos[j..j + m]);
+                    ns += m;
+                    j += m;
+                }
+                continue;
+            }
+        }
         // A whole f16 block folded by the AVX-512 fold asks for the next piece's f16 block itself, as it works.
         let mut next_kv = NO_AHEAD;
         if ahead < task_pieces.len() && (i == 0 || task_pieces[i - 1].block != pc.block) {
@@ -1112,7 +1167,13 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     if ng > 0 {
         fold_gathered::<BT>(a, ng, buf);
     }
+    if ns > 0 {
+        fold_given::<BT>(a, ns, buf);
+    }
 }
+
+/// Pieces ahead whose value rows a fold with given scores asks for.
+const GIVEN_AHEAD: usize = 4;
 
 /// Whether the task's whole 4-bit (or 2-bit, [`qtile::reads`]) blocks may go to [`wide::fold_q4_run`] in runs: the integer fold runs here, with
 /// blocks of 32, at most 8 rows (one decode token's group), no soft-cap, a value head dim of whole 64-channel groups
@@ -1310,7 +1371,13 @@ fn fold_view<const BT: usize>(
             (&k[..hs * BT], &v[..n * hv])
         }
     };
-    let tile = Tile::F32 { kt, vb, hs, qrows };
+    let tile = Tile::F32 {
+        kt,
+        vb,
+        hs,
+        qrows,
+        given: None,
+    };
     fold::<BT>(a, tile, blk.pos, s, m, l, acc, pbuf);
 }
 
@@ -1388,8 +1455,33 @@ fn fold_gathered<const BT: usize>(a: &TaskArgs, n: usize, buf: &mut TaskBuf) {
         vb: &gv[..n * a.sh.hv],
         hs: hk,
         qrows: None,
+        given: None,
     };
     fold::<BT>(a, tile, &gpos[..n], s, m, l, acc, pbuf);
+}
+
+/// Folds the `n` entries gathered with a selector's scores ([`TaskBuf::gs`], `sv`, `spos`): no key is read.
+fn fold_given<const BT: usize>(a: &TaskArgs, n: usize, buf: &mut TaskBuf) {
+    let TaskBuf {
+        gs,
+        sv,
+        spos,
+        s,
+        m,
+        l,
+        acc,
+        pbuf,
+        ..
+    } = buf;
+    let rows = (a.task.t1 - a.task.t0) * a.sh.group;
+    let tile = Tile::F32 {
+        kt: &[],
+        vb: &sv[..n * a.sh.hv],
+        hs: a.sh.hk,
+        qrows: None,
+        given: Some(&gs[..rows * BT]),
+    };
+    fold::<BT>(a, tile, &spos[..n], s, m, l, acc, pbuf);
 }
 
 /// The online-softmax step of every row of the task over one tile of keys (`pos`: the tile's n positions).
@@ -1433,6 +1525,9 @@ fn fold<const BT: usize>(
         // s[j] = q·k_j for the tile's keys.
         let s = &mut s_buf[..BT];
         match tile {
+            Tile::F32 {
+                given: Some(gs), ..
+            } => s.copy_from_slice(&gs[r * BT..][..BT]),
             Tile::F32 { kt, hs, qrows, .. } => {
                 score_block::<BT>(kt, row_q(a, qrows, hs, r), s, a.simd)
             }
@@ -1850,6 +1945,7 @@ mod tests {
             p: &p,
             task: &task,
             pieces: None,
+            scores: None,
             shared: None,
             simd: Simd::Scalar,
         };
@@ -2469,6 +2565,98 @@ mod tests {
                 assert_eq!(
                     read_one, read_three,
                     "{simd:?}: bytes counted in place and gathered"
+                );
+            }
+        }
+    }
+
+    /// Raw scores q·k of the decode row `q1` over entries `[lo, hi)` of every KV head, as a selector hands them over.
+    fn given_scores(cache: &KvCache, q1: &[f32], sel: &mut Selection, (lo, hi): (usize, usize)) {
+        let (n_q, n_kv, hd) = (CASE.0, CASE.1, CASE.2);
+        let g = n_q / n_kv;
+        let bt = cache.cfg.block_tokens;
+        let mut key = vec![0.0f32; hd];
+        for h in 0..n_kv {
+            let given = sel.scores_mut(h);
+            (given.lo, given.hi) = (lo as u32, hi as u32);
+            given.rows.clear();
+            for i in 0..g {
+                let qr = &q1[(h * g + i) * hd..][..hd];
+                for e in lo..hi {
+                    cache.block(0, h, e / bt).read_key(e % bt, &mut key);
+                    let dot: f64 = qr
+                        .iter()
+                        .zip(&key)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    given.rows.push(dot as f32);
+                }
+            }
+        }
+    }
+
+    /// Entries a selector scored for the decode row are folded from its scores, their keys not read: the same output
+    /// as naive attention over the same entries, fewer bytes read, on every SIMD path; a piece the scores cover only
+    /// in part (entries 34..64 with scores from 40) reads its keys. Scores that are wrong change the output (they are what the kernel uses).
+    #[test]
+    fn given_scores_replace_the_keys_they_score() {
+        let (cache, q, _, p) = fixed_case(KvDtype::F16);
+        let (n_q, hd) = (CASE.0, CASE.2);
+        let len = cache.len(0, 0);
+        let q1 = &q[..n_q * hd]; // 1 × n_q·hd
+        let at = [len as u32 - 1];
+        let mut scratch = AttnScratch::default();
+        for (shift, middle) in [(0, (16, 290)), (1, (16, 290)), (2, (40, 290))] {
+            let mut sel = scattered(2, len, shift);
+            let want = naive_attention_over(&cache, 0, q1, &at, &p, Some(&sel));
+            for simd in simd_levels() {
+                let run = |sel: &Selection, scratch: &mut AttnScratch| {
+                    let mut out = vec![0.0; n_q * hd];
+                    cache.take_read();
+                    attend_impl(
+                        &cache,
+                        0,
+                        q1,
+                        &at,
+                        &mut out,
+                        &p,
+                        Sel::Heads(sel),
+                        simd,
+                        scratch,
+                    );
+                    (out, cache.take_read())
+                };
+                let err = |got: &[f32]| {
+                    got.iter()
+                        .zip(&want)
+                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+                };
+                sel.forget_scores();
+                let (plain, read_plain) = run(&sel, &mut scratch);
+                given_scores(&cache, q1, &mut sel, middle);
+                assert!(sel.scores(0).is_some() && sel.scores(1).is_some());
+                let (given, read_given) = run(&sel, &mut scratch);
+                assert!(
+                    err(&plain) < 1e-4,
+                    "{simd:?}: keys read: max err {}",
+                    err(&plain)
+                );
+                assert!(
+                    err(&given) < 1e-4,
+                    "{simd:?}: given scores: max err {}",
+                    err(&given)
+                );
+                assert!(
+                    read_given < read_plain,
+                    "{simd:?}: {read_given} bytes read with given scores, {read_plain} without"
+                );
+                // One entry's score raised: the output moves.
+                let e = 135 - middle.0;
+                sel.scores_mut(0).rows[e] += 8.0;
+                let (wrong, _) = run(&sel, &mut scratch);
+                assert!(
+                    err(&wrong) > 1e-3,
+                    "{simd:?}: a changed score left the output as it was"
                 );
             }
         }

@@ -5,6 +5,26 @@
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
     ranges: Vec<Vec<(u32, u32)>>,
+    /// Per KV head: the scores a selector computed for this step's query over some of the head's entries, which the
+    /// kernel takes instead of reading those entries' keys ([`Selection::scores`]).
+    scores: Vec<GivenScores>,
+}
+
+/// Raw scores q·k (before the 1/√d scale, soft-cap and mask) of the one query row of every query head of a KV
+/// head's group over its entries `[lo, hi)`: query head i's (in group order) at `rows[i · (hi − lo)..][..hi − lo]`.
+#[derive(Clone, Debug, Default)]
+pub struct GivenScores {
+    pub lo: u32,
+    pub hi: u32,
+    /// Group rows × (hi − lo).
+    pub rows: Vec<f32>,
+}
+
+impl GivenScores {
+    /// Whether it holds scores (a head without them has lo = hi).
+    pub fn is_empty(&self) -> bool {
+        self.lo >= self.hi
+    }
 }
 
 impl Selection {
@@ -15,6 +35,29 @@ impl Selection {
         for r in &mut self.ranges {
             r.clear();
         }
+        self.forget_scores();
+    }
+
+    /// Drops every head's given scores (keeping their memory).
+    pub fn forget_scores(&mut self) {
+        for g in &mut self.scores {
+            g.hi = g.lo;
+        }
+    }
+
+    /// `head`'s given-scores slot, to fill: a selector that scored the step's query against entries `[lo, hi)` of
+    /// the head sets `lo`, `hi` and `rows` ([`GivenScores`]), e.g. by swapping its own buffer in. Only for a decode
+    /// step (one query row) and only the scores of this very query: the kernel trusts them in place of the keys.
+    pub fn scores_mut(&mut self, head: usize) -> &mut GivenScores {
+        if self.scores.len() <= head {
+            self.scores.resize_with(head + 1, GivenScores::default);
+        }
+        &mut self.scores[head]
+    }
+
+    /// `head`'s given scores, if a selector set them for this step.
+    pub fn scores(&self, head: usize) -> Option<&GivenScores> {
+        self.scores.get(head).filter(|g| !g.is_empty())
     }
 
     /// KV heads this selection covers.
@@ -85,7 +128,8 @@ impl Selection {
         }
     }
 
-    /// Copies `other` (reusing this selection's memory).
+    /// Copies `other`'s ranges (reusing this selection's memory); given scores are not copied: they belong to the step
+    /// that computed them.
     pub fn copy_from(&mut self, other: &Selection) {
         self.reset(other.n_heads());
         for (d, s) in self.ranges.iter_mut().zip(&other.ranges) {

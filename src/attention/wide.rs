@@ -46,7 +46,11 @@ pub(super) unsafe fn fold<const BT: usize>(
     assert!(s_buf.len() >= 8 * BT);
     assert!(acc.len() >= rows * hv && m.len() >= rows && l.len() >= rows);
     match tile {
-        Tile::F32 { kt, vb, hs, .. } => assert!(kt.len() >= hs * BT && vb.len() >= n * hv),
+        Tile::F32 {
+            kt, vb, hs, given, ..
+        } => assert!(
+            vb.len() >= n * hv && given.map_or(kt.len() >= hs * BT, |gs| gs.len() >= rows * BT)
+        ),
         Tile::F16 { kt, vb, hs, .. } => {
             assert!(kt.len() >= hs * BT && vb.len() >= n * hv && rows <= chunk_rows::<BT>())
         }
@@ -74,6 +78,12 @@ pub(super) unsafe fn fold<const BT: usize>(
         let rc = (rows - r0).min(chunk);
         // Scores of the chunk's rows: s_buf[i · BT + j] (4-bit tiles pad the chunk by repeating its last row).
         match *tile {
+            Tile::F32 {
+                given: Some(gs), ..
+            } => {
+                // Scores a selector computed for this query: the keys are not read.
+                s_buf[..rc * BT].copy_from_slice(&gs[r0 * BT..][..rc * BT]);
+            }
             Tile::F32 { kt, hs, qrows, .. } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
                 scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf, Ahead::NONE);

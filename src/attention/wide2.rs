@@ -43,7 +43,11 @@ pub(super) unsafe fn fold<const BT: usize>(
     assert!(s_buf.len() >= CHUNK * BT);
     assert!(acc.len() >= rows * hv && m.len() >= rows && l.len() >= rows);
     match tile {
-        Tile::F32 { kt, vb, hs, .. } => assert!(kt.len() >= hs * BT && vb.len() >= n * hv),
+        Tile::F32 {
+            kt, vb, hs, given, ..
+        } => assert!(
+            vb.len() >= n * hv && given.map_or(kt.len() >= hs * BT, |gs| gs.len() >= rows * BT)
+        ),
         Tile::F16 { kt, vb, hs, .. } => {
             assert!(kt.len() >= hs * BT && vb.len() >= n * hv && rows <= CHUNK)
         }
@@ -70,6 +74,12 @@ pub(super) unsafe fn fold<const BT: usize>(
         let rc = (rows - r0).min(CHUNK);
         // Scores of the chunk's rows (padded by repeating the last row): s_buf[i · BT + j].
         match *tile {
+            Tile::F32 {
+                given: Some(gs), ..
+            } => {
+                // Scores a selector computed for this query: the keys are not read.
+                s_buf[..rc * BT].copy_from_slice(&gs[r0 * BT..][..rc * BT]);
+            }
             Tile::F32 { kt, hs, qrows, .. } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
                 scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);

@@ -409,10 +409,25 @@ unsafe fn avx2<const NW: usize, E: Elem>(
 /// channel-major) and the `w.len() / d` vectors of `w` (1 to [`MAX_VECTORS`]): every key of a block scored against
 /// every query head of its group, each key channel loaded once for all of them.
 pub fn cols_dot_f16(kt: &[f16], bt: usize, w: &[f32], out: &mut [f32]) {
-    cols_dot_with(super::kernel(), kt, bt, w, out)
+    cols_dot_with(super::kernel(), kt, bt, w, out, &[])
 }
 
-pub(crate) fn cols_dot_with(k: Kernel, kt: &[f16], bt: usize, w: &[f32], out: &mut [f32]) {
+/// [`cols_dot_f16`] that also asks for `next` (the keys of the block to be scored after this one, laid out alike, or
+/// empty) a channel's line with each channel it reads: blocks are separate allocations the hardware prefetchers do
+/// not follow, and asking for the whole next block at once fills the core's miss buffers while this one waits.
+/// The same results as [`cols_dot_f16`].
+pub fn cols_dot_f16_next(kt: &[f16], bt: usize, w: &[f32], out: &mut [f32], next: &[f16]) {
+    cols_dot_with(super::kernel(), kt, bt, w, out, next)
+}
+
+pub(crate) fn cols_dot_with(
+    k: Kernel,
+    kt: &[f16],
+    bt: usize,
+    w: &[f32],
+    out: &mut [f32],
+    next: &[f16],
+) {
     let d = kt.len() / bt.max(1);
     let nw = w.len() / d.max(1);
     assert!(
@@ -428,12 +443,12 @@ pub(crate) fn cols_dot_with(k: Kernel, kt: &[f16], bt: usize, w: &[f32], out: &m
         // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 if bt.is_multiple_of(16) && bt <= 64 => unsafe {
-            cols_avx512(kt, bt, d, w, nw, out)
+            cols_avx512(kt, bt, d, w, nw, out, next)
         },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 if bt.is_multiple_of(8) && bt <= 64 => unsafe {
-            cols_avx2(kt, bt, d, w, nw, out)
+            cols_avx2(kt, bt, d, w, nw, out, next)
         },
         _ => {
             out[..nw * bt].fill(0.0);
@@ -457,13 +472,60 @@ pub(crate) fn cols_dot_with(k: Kernel, kt: &[f16], bt: usize, w: &[f32], out: &m
 /// adds its channels in order 0..d, so the bits do not depend on the grouping.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn cols_avx512(kt: &[f16], bt: usize, d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn cols_avx512(
+    kt: &[f16],
+    bt: usize,
+    d: usize,
+    w: &[f32],
+    nw: usize,
+    out: &mut [f32],
+    next: &[f16],
+) {
     let (kp, wp, op) = (kt.as_ptr() as *const u16, w.as_ptr(), out.as_mut_ptr());
+    let ahead = NextLines::of(next, bt);
     match bt / 16 {
-        1 => cols_avx512_nv::<1>(kp, bt, d, wp, nw, op),
-        2 => cols_avx512_nv::<2>(kp, bt, d, wp, nw, op),
-        3 => cols_avx512_nv::<3>(kp, bt, d, wp, nw, op),
-        _ => cols_avx512_nv::<4>(kp, bt, d, wp, nw, op),
+        1 => cols_avx512_nv::<1>(kp, bt, d, wp, nw, op, ahead),
+        2 => cols_avx512_nv::<2>(kp, bt, d, wp, nw, op, ahead),
+        3 => cols_avx512_nv::<3>(kp, bt, d, wp, nw, op, ahead),
+        _ => cols_avx512_nv::<4>(kp, bt, d, wp, nw, op, ahead),
+    }
+}
+
+/// The next block's keys, asked for a channel at a time ([`cols_dot_f16_next`]).
+#[derive(Clone, Copy)]
+struct NextLines {
+    base: *const u16,
+    /// Channels it holds (0: none).
+    channels: usize,
+    bt: usize,
+}
+
+impl NextLines {
+    fn of(next: &[f16], bt: usize) -> Self {
+        Self {
+            base: next.as_ptr() as *const u16,
+            channels: next.len() / bt.max(1),
+            bt,
+        }
+    }
+
+    /// Prefetches channel c's elements (bt of them: the lines they begin in).
+    #[inline(always)]
+    fn channel(self, c: usize) {
+        if c >= self.channels {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint and never faults; the addresses lie inside `next`.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let p = self.base.add(c * self.bt) as usize;
+            let mut line = p & !63;
+            while line < p + 2 * self.bt {
+                _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                line += 64;
+            }
+        }
     }
 }
 
@@ -478,15 +540,22 @@ unsafe fn cols_avx512_nv<const NV: usize>(
     wp: *const f32,
     nw: usize,
     op: *mut f32,
+    ahead: NextLines,
 ) {
     let mut j0 = 0;
     while j0 < nw {
         let (wj, oj) = (wp.add(j0 * d), op.add(j0 * bt));
+        // The next block's lines with the first group of vectors only.
+        let ahead = if j0 == 0 {
+            ahead
+        } else {
+            NextLines::of(&[], bt)
+        };
         match nw - j0 {
-            1 => cols_avx512_tile::<NV, 1>(kp, bt, d, wj, oj),
-            2 => cols_avx512_tile::<NV, 2>(kp, bt, d, wj, oj),
-            3 => cols_avx512_tile::<NV, 3>(kp, bt, d, wj, oj),
-            _ => cols_avx512_tile::<NV, 4>(kp, bt, d, wj, oj),
+            1 => cols_avx512_tile::<NV, 1>(kp, bt, d, wj, oj, ahead),
+            2 => cols_avx512_tile::<NV, 2>(kp, bt, d, wj, oj, ahead),
+            3 => cols_avx512_tile::<NV, 3>(kp, bt, d, wj, oj, ahead),
+            _ => cols_avx512_tile::<NV, 4>(kp, bt, d, wj, oj, ahead),
         }
         j0 += (nw - j0).min(4);
     }
@@ -502,10 +571,12 @@ unsafe fn cols_avx512_tile<const NV: usize, const NJ: usize>(
     d: usize,
     w: *const f32,
     o: *mut f32,
+    ahead: NextLines,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); NV]; NJ];
     for c in 0..d {
+        ahead.channel(c);
         let mut x = [_mm512_setzero_ps(); NV];
         for (v, xv) in x.iter_mut().enumerate() {
             *xv = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c * bt + 16 * v) as *const __m256i));
@@ -526,15 +597,27 @@ unsafe fn cols_avx512_tile<const NV: usize, const NJ: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn cols_avx2(kt: &[f16], bt: usize, d: usize, w: &[f32], nw: usize, out: &mut [f32]) {
+unsafe fn cols_avx2(
+    kt: &[f16],
+    bt: usize,
+    d: usize,
+    w: &[f32],
+    nw: usize,
+    out: &mut [f32],
+    next: &[f16],
+) {
     use std::arch::x86_64::*;
     let (kp, wp, op) = (kt.as_ptr() as *const u16, w.as_ptr(), out.as_mut_ptr());
+    let ahead = NextLines::of(next, bt);
     for j in 0..nw {
         // Strips of 32 columns (4 accumulators) so the registers hold them.
         for t0 in (0..bt).step_by(32) {
             let nv = (bt - t0).min(32) / 8;
             let mut acc = [_mm256_setzero_ps(); 4];
             for c in 0..d {
+                if j == 0 && t0 == 0 {
+                    ahead.channel(c);
+                }
                 let wc = _mm256_set1_ps(*wp.add(j * d + c));
                 for (v, a) in acc.iter_mut().enumerate().take(nv) {
                     let x = _mm256_cvtph_ps(_mm_loadu_si128(
@@ -598,7 +681,7 @@ mod tests {
             let w = rng.vec(nw * d, 1.0);
             for k in super::super::available() {
                 let mut out = vec![f32::NAN; nw * bt];
-                cols_dot_with(k, &kt, bt, &w, &mut out);
+                cols_dot_with(k, &kt, bt, &w, &mut out, &kt);
                 for j in 0..nw {
                     for t in 0..bt {
                         let e: f64 = (0..d)

@@ -46,7 +46,7 @@ use half::slice::HalfFloatSliceExt;
 use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
 use crate::kernels::{
-    rowdot::{cols_dot_f16, MAX_VECTORS},
+    rowdot::{cols_dot_f16_next, MAX_VECTORS},
     softmax_inplace,
 };
 use crate::kv::{BlockData, BlockView, KvCache};
@@ -136,6 +136,11 @@ pub struct TokenSelect {
     /// Per KV head: its scoring work, and per query head of its group the softmax over its candidates (g × n).
     work: Vec<HeadWork>,
     probs: Vec<Vec<f32>>,
+    /// Per KV head: the raw scores q·k behind `probs` (g × n), handed to the attention kernel with the selection made
+    /// from them ([`crate::attention::GivenScores`]: it then reads no key of the chosen entries); `scored` = which
+    /// heads scored at this step.
+    raw: Vec<Vec<f32>>,
+    scored: Vec<bool>,
     /// Scoring tasks of a step: (KV head, first block, end block), and one scratch per task.
     plan: Vec<(usize, usize, usize)>,
     bufs: Vec<ScoreBuf>,
@@ -186,6 +191,8 @@ impl TokenSelect {
             trig_pos: None,
             work: Vec::new(),
             probs: Vec::new(),
+            raw: Vec::new(),
+            scored: Vec::new(),
             plan: Vec::new(),
             bufs: Vec::new(),
             vote: Vec::new(),
@@ -396,22 +403,33 @@ impl TokenSelect {
         *self.frame.kept_mut(l) = kept;
     }
 
-    /// Scores every candidate of every voting head into `self.probs` and turns each query head's scores into its
-    /// softmax. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV
+    /// Scores every candidate of every voting head into `self.raw` and each query head's softmax of them into
+    /// `self.probs`. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV
     /// head (Gemma 3 270M) has a single head to score, and one task per head left every other thread idle. A
     /// candidate's score does not depend on the piece it is in, so neither does the result.
     fn score(&mut self, cx: &SelectCx, aligned: bool) {
         let (bt, g) = (cx.cache.cfg.block_tokens, cx.group());
         self.probs.resize_with(self.work.len(), Vec::new);
+        self.raw.resize_with(self.work.len(), Vec::new);
+        self.scored.clear();
+        self.scored.resize(self.work.len(), false);
         self.plan.clear();
-        for (h, (w, probs)) in self.work.iter_mut().zip(&mut self.probs).enumerate() {
+        for (h, (w, (probs, raw))) in self
+            .work
+            .iter_mut()
+            .zip(self.probs.iter_mut().zip(&mut self.raw))
+            .enumerate()
+        {
             if !w.votes {
                 continue;
             }
             w.prepare(cx, h, aligned);
+            self.scored[h] = true;
             let (lo, hi, _) = w.m;
             probs.clear();
             probs.resize(g * (hi - lo), 0.0);
+            raw.clear();
+            raw.resize(g * (hi - lo), 0.0);
             let (mut b, b1) = (lo / bt, hi.div_ceil(bt));
             while b < b1 {
                 let e = (b + SCORE_BLOCKS).min(b1);
@@ -427,7 +445,7 @@ impl TokenSelect {
         unsafe impl Sync for Out {}
         unsafe impl Send for Out {}
         let outs: smallvec::SmallVec<[Out; 8]> =
-            self.probs.iter_mut().map(|p| Out(p.as_mut_ptr())).collect();
+            self.raw.iter_mut().map(|p| Out(p.as_mut_ptr())).collect();
         let (work, plan) = (&self.work, &self.plan);
         crate::kernels::team::for_each_chunk_mut(&mut self.bufs[..plan.len()], 1, |i, buf| {
             let (h, b0, b1) = plan[i];
@@ -441,9 +459,15 @@ impl TokenSelect {
             buf.key.resize(cx.cache.cfg.head_dim_k, 0.0);
             for b in b0..b1 {
                 let view = cx.cache.block(cx.layer, h, b);
-                // Blocks are separate allocations: ask for the next one's keys while this one is scored.
+                // Blocks are separate allocations: ask for the next one's keys while this one is scored (an f16
+                // block's a line per channel as the kernel goes, any other kind at once).
+                let mut next: &[half::f16] = &[];
                 if b + 1 < b1 {
-                    cx.cache.block(cx.layer, h, b + 1).prefetch_keys();
+                    let nv = cx.cache.block(cx.layer, h, b + 1);
+                    match nv.data {
+                        BlockData::F16 { k, .. } if nv.channels.is_none() => next = k,
+                        _ => nv.prefetch_keys(),
+                    }
                 }
                 let (s0, s1) = (lo.max(b * bt) - b * bt, hi.min((b + 1) * bt) - b * bt);
                 let out = (&mut buf.scores[..], nt, b * bt + s0 - t0);
@@ -451,15 +475,15 @@ impl TokenSelect {
                     &view,
                     bt,
                     (s0, s1),
-                    &w.qg,
-                    g,
+                    (&w.qg, g),
                     out,
                     (&mut buf.row, &mut buf.key),
+                    next,
                 );
             }
             let n = hi - lo;
             for r in 0..g {
-                // SAFETY: row r of head h spans probs[r·n .. (r + 1)·n]; this task's columns t0 − lo .. t1 − lo
+                // SAFETY: row r of head h spans raw[r·n .. (r + 1)·n]; this task's columns t0 − lo .. t1 − lo
                 // lie inside it, and no other task's do.
                 unsafe {
                     let dst = outs[h].0.add(r * n + t0 - lo);
@@ -467,10 +491,13 @@ impl TokenSelect {
                 }
             }
         });
-        for (w, probs) in self.work.iter().zip(&mut self.probs) {
+        for ((w, probs), raw) in self.work.iter().zip(&mut self.probs).zip(&self.raw) {
             let n = w.m.1 - w.m.0;
             if w.votes && n > 0 {
-                crate::kernels::team::for_each_chunk_mut(probs, n, |_, z| softmax_inplace(z));
+                crate::kernels::team::for_each_chunk_mut(probs, n, |i, z| {
+                    z.copy_from_slice(&raw[i * n..][..n]);
+                    softmax_inplace(z)
+                });
             }
         }
     }
@@ -542,10 +569,10 @@ fn score_block(
     view: &BlockView,
     bt: usize,
     (s0, s1): (usize, usize),
-    qg: &[f32],
-    g: usize,
+    (qg, g): (&[f32], usize),
     out: (&mut [f32], usize, usize),
     (row, key): (&mut [f32], &mut [f32]),
+    next: &[half::f16],
 ) {
     let (out, n, off) = out;
     let hk = qg.len() / g;
@@ -556,7 +583,12 @@ fn score_block(
             // Every key of the block against the g queries in one pass over its channels (SIMD kernel), then the
             // wanted slots.
             let all = &mut row[..g * bt];
-            cols_dot_f16(&k[..hk * bt], bt, qg, all);
+            let next = if next.len() >= hk * bt {
+                &next[..hk * bt]
+            } else {
+                &[]
+            };
+            cols_dot_f16_next(&k[..hk * bt], bt, qg, all, next);
             for i in 0..g {
                 out[i * n + off..][..w].copy_from_slice(&all[i * bt + s0..i * bt + s1]);
             }
@@ -603,6 +635,7 @@ fn score_block(
 
 impl Selector for TokenSelect {
     fn select(&mut self, cx: &SelectCx, out: &mut Selection) -> bool {
+        self.scored.clear();
         match self.frame.step(cx) {
             Step::Dense => return false,
             Step::Reuse => {}
@@ -619,6 +652,16 @@ impl Selector for TokenSelect {
             }
         }
         self.frame.finish(cx, out);
+        // The scores just computed for this query go with the selection: the kernel takes them instead of reading
+        // the chosen keys again (a key scattered in a block stored channel-major touches the whole block's keys).
+        for (h, &on) in self.scored.iter().enumerate() {
+            let (lo, hi, _) = self.work[h].m;
+            if on && lo < hi {
+                let given = out.scores_mut(h);
+                std::mem::swap(&mut given.rows, &mut self.raw[h]);
+                (given.lo, given.hi) = (lo as u32, hi as u32);
+            }
+        }
         true
     }
 
@@ -739,6 +782,54 @@ mod tests {
             let b = if dtype == KvDtype::F32 { 4 } else { 2 };
             assert_eq!(read as usize, NH * (LEN - 12) * HK * b);
         }
+    }
+
+    /// A scoring step hands its raw scores q·k over each head's middle to the kernel with the selection; a step that
+    /// reuses the selection (Selection Cache hit) hands none, since they would be the previous query's.
+    #[test]
+    fn a_scoring_step_hands_its_scores_to_the_kernel() {
+        let u = unit();
+        let c = cache(KvDtype::F16, &[50, 51, 170], &u);
+        let mut t = selector(Some(0.9));
+        let p = LEN as u32;
+        let q = query(1, 2, &u, p);
+        let (out, _) = select(&mut t, &c, &q, p);
+        let mut key = vec![0.0f32; HK];
+        for h in 0..NH {
+            let given = out.scores(h).expect("a scoring step gives its scores");
+            let (lo, hi) = (given.lo as usize, given.hi as usize);
+            assert_eq!(
+                (lo, hi),
+                (4, LEN - 8),
+                "the middle, sinks and recent entries left out"
+            );
+            let n = hi - lo;
+            for i in 0..NQ / NH {
+                let qr = &q[(h * NQ / NH + i) * HK..][..HK];
+                for e in lo..hi {
+                    c.block(0, h, e / 8).read_key(e % 8, &mut key);
+                    let want: f32 = qr.iter().zip(&key).map(|(a, b)| a * b).sum();
+                    let got = given.rows[i * n + e - lo];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "head {h} row {i} entry {e}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // The hit answers into the same selection (as a model's scratch keeps one): the old scores are dropped.
+        let mut again = out;
+        let cx = SelectCx {
+            cache: &c,
+            layer: 0,
+            q: &q,
+            pos: &[p],
+            n_q_heads: NQ,
+            local: false,
+        };
+        assert!(t.select(&cx, &mut again));
+        assert_eq!(t.counts().get(), (1, 1), "a hit");
+        assert!(again.scores(0).is_none() && again.scores(1).is_none());
     }
 
     #[test]
