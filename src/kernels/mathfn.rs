@@ -149,6 +149,93 @@ pub(crate) fn softmax_with(k: Kernel, z: &mut [f32]) {
 
 const LANES: usize = 16;
 
+/// The max and the inverse sum of e^(x − max) of a row, as [`softmax_inplace`] computes them (the same bits): its
+/// softmax is then `exp_neg(x − max) · inv`, which [`add_softmax`] adds up without writing the row. An empty row
+/// gives (−∞, 0).
+pub fn softmax_stats(z: &[f32]) -> (f32, f32) {
+    match kernel() {
+        // SAFETY: a kernel is only chosen when the CPU has its features.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { stats_avx512(z) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { stats_avx2(z) },
+        _ => stats_portable(z),
+    }
+}
+
+/// out[j] += exp_neg(z[j] − max) · inv: a row's softmax from [`softmax_stats`], added into `out` (z.len()).
+pub fn add_softmax(out: &mut [f32], z: &[f32], (max, inv): (f32, f32)) {
+    assert_eq!(out.len(), z.len(), "add_softmax: one output per score");
+    match kernel() {
+        // SAFETY: a kernel is only chosen when the CPU has its features.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { add_softmax_avx512(out, z, max, inv) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { add_softmax_avx2(out, z, max, inv) },
+        _ => add_softmax_portable(out, z, max, inv),
+    }
+}
+
+#[inline(always)]
+fn stats_portable(z: &[f32]) -> (f32, f32) {
+    if z.is_empty() {
+        return (f32::NEG_INFINITY, 0.0);
+    }
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = z.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (mi, &x) in m.iter_mut().zip(c) {
+            *mi = mi.max(x);
+        }
+    }
+    for (mi, &x) in m.iter_mut().zip(chunks.remainder()) {
+        *mi = mi.max(x);
+    }
+    let mx = m.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = z.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += exp_neg(x - mx);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += exp_neg(x - mx);
+    }
+    (mx, 1.0 / acc.iter().sum::<f32>())
+}
+
+#[inline(always)]
+fn add_softmax_portable(out: &mut [f32], z: &[f32], mx: f32, inv: f32) {
+    for (o, &x) in out.iter_mut().zip(z) {
+        *o += exp_neg(x - mx) * inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn stats_avx512(z: &[f32]) -> (f32, f32) {
+    stats_portable(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn stats_avx2(z: &[f32]) -> (f32, f32) {
+    stats_portable(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn add_softmax_avx512(out: &mut [f32], z: &[f32], mx: f32, inv: f32) {
+    add_softmax_portable(out, z, mx, inv)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_softmax_avx2(out: &mut [f32], z: &[f32], mx: f32, inv: f32) {
+    add_softmax_portable(out, z, mx, inv)
+}
+
 #[inline(always)]
 fn softmax_portable(z: &mut [f32]) {
     if z.is_empty() {
@@ -214,6 +301,31 @@ mod tests {
         assert_eq!(exp_neg(f32::INFINITY).to_bits(), exp_neg(88.0).to_bits());
         assert!(exp_neg(88.0).is_finite() && exp_neg(88.0) > 1e38);
         assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    /// A row's softmax added through its stats has the bits of the softmax written in place, on every path.
+    #[test]
+    fn softmax_stats_give_the_inplace_softmax_bits() {
+        let z: Vec<f32> = inputs().into_iter().filter(|x| x.abs() < 100.0).collect();
+        let mut want = z.clone();
+        softmax_with(Kernel::Scalar, &mut want);
+        for k in crate::kernels::available() {
+            let stats = match k {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `available` lists only what this CPU runs.
+                Kernel::Avx512 => unsafe { stats_avx512(&z) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Kernel::Avx2 => unsafe { stats_avx2(&z) },
+                _ => stats_portable(&z),
+            };
+            let mut got = vec![0.0f32; z.len()];
+            add_softmax_portable(&mut got, &z, stats.0, stats.1);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.to_bits(), w.to_bits(), "{k:?}");
+            }
+        }
+        assert_eq!(softmax_stats(&[]), (f32::NEG_INFINITY, 0.0));
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub mod team;
 mod tests;
 
 pub use crate::gguf::GgmlType;
-pub use mathfn::{exp_neg, gate_mul, gelu_tanh, silu, softmax_inplace, GateAct};
+pub use mathfn::{
+    add_softmax, exp_neg, gate_mul, gelu_tanh, silu, softmax_inplace, softmax_stats, GateAct,
+};
 pub use rowdot::{quantize_i8, rows_dot_max_f16, rows_dot_max_i8};
 
 use anyhow::{anyhow, bail};

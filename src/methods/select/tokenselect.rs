@@ -46,8 +46,9 @@ use half::slice::HalfFloatSliceExt;
 use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
 use crate::kernels::{
+    add_softmax,
     rowdot::{cols_dot_f16_next, MAX_VECTORS},
-    softmax_inplace,
+    softmax_stats,
 };
 use crate::kv::{BlockData, BlockView, KvCache};
 use crate::methods::spec::Budget;
@@ -133,7 +134,8 @@ pub struct TokenSelect {
     cos: Vec<f32>,
     sin: Vec<f32>,
     trig_pos: Option<u32>,
-    /// Per KV head: its scoring work, and per query head of its group the softmax over its candidates (g × n).
+    /// Per KV head: its scoring work, and (votes by position only) per query head of its group the softmax over its
+    /// candidates (g × n).
     work: Vec<HeadWork>,
     probs: Vec<Vec<f32>>,
     /// Per KV head: the raw scores q·k behind `probs` (g × n), handed to the attention kernel with the selection made
@@ -141,6 +143,8 @@ pub struct TokenSelect {
     /// heads scored at this step.
     raw: Vec<Vec<f32>>,
     scored: Vec<bool>,
+    /// Per (KV head, query head of its group): the softmax's max and inverse sum over the raw scores.
+    stats: Vec<(f32, f32)>,
     /// Scoring tasks of a step: (KV head, first block, end block), and one scratch per task.
     plan: Vec<(usize, usize, usize)>,
     bufs: Vec<ScoreBuf>,
@@ -193,6 +197,7 @@ impl TokenSelect {
             probs: Vec::new(),
             raw: Vec::new(),
             scored: Vec::new(),
+            stats: Vec::new(),
             plan: Vec::new(),
             bufs: Vec::new(),
             vote: Vec::new(),
@@ -318,14 +323,23 @@ impl TokenSelect {
                 let n = hi - lo;
                 self.scores.clear();
                 self.scores.resize(n, 0.0);
-                for (w, probs) in self.work.iter().zip(&self.probs).filter(|(w, _)| w.votes) {
-                    read += w.read;
-                    for row in probs.chunks_exact(n) {
-                        for (v, &p) in self.scores.iter_mut().zip(row) {
-                            *v += p;
+                // Summed straight from the raw scores and each row's softmax stats, split over the team by tokens
+                // (no row's softmax is written out).
+                let (work, raw, stats) = (&self.work, &self.raw, &self.stats);
+                crate::kernels::team::for_each_chunk_mut(&mut self.scores, VOTE_CHUNK, |c, out| {
+                    let j0 = c * VOTE_CHUNK;
+                    for (h, _) in work.iter().enumerate().filter(|(_, w)| w.votes) {
+                        for i in 0..g {
+                            let row = &raw[h][i * n + j0..][..out.len()];
+                            add_softmax(out, row, stats[h * g + i]);
                         }
                     }
-                }
+                });
+                read += work
+                    .iter()
+                    .filter(|w| w.votes)
+                    .map(|w| w.read)
+                    .sum::<usize>();
                 top_k(&self.scores, k, &mut self.idx);
                 if self.vote.len() < hi {
                     self.vote.resize(hi, ABSENT);
@@ -335,6 +349,9 @@ impl TokenSelect {
                     self.vote[c as usize] = CHOSEN;
                     self.touched.push(c);
                 }
+            }
+            if !same {
+                self.fill_probs(g);
             }
             for (w, probs) in self
                 .work
@@ -403,31 +420,23 @@ impl TokenSelect {
         *self.frame.kept_mut(l) = kept;
     }
 
-    /// Scores every candidate of every voting head into `self.raw` and each query head's softmax of them into
-    /// `self.probs`. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV
+    /// Scores every candidate of every voting head into `self.raw`, and each query head's softmax stats over them
+    /// into `self.stats`. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV
     /// head (Gemma 3 270M) has a single head to score, and one task per head left every other thread idle. A
     /// candidate's score does not depend on the piece it is in, so neither does the result.
     fn score(&mut self, cx: &SelectCx, aligned: bool) {
         let (bt, g) = (cx.cache.cfg.block_tokens, cx.group());
-        self.probs.resize_with(self.work.len(), Vec::new);
         self.raw.resize_with(self.work.len(), Vec::new);
         self.scored.clear();
         self.scored.resize(self.work.len(), false);
         self.plan.clear();
-        for (h, (w, (probs, raw))) in self
-            .work
-            .iter_mut()
-            .zip(self.probs.iter_mut().zip(&mut self.raw))
-            .enumerate()
-        {
+        for (h, (w, raw)) in self.work.iter_mut().zip(&mut self.raw).enumerate() {
             if !w.votes {
                 continue;
             }
             w.prepare(cx, h, aligned);
             self.scored[h] = true;
             let (lo, hi, _) = w.m;
-            probs.clear();
-            probs.resize(g * (hi - lo), 0.0);
             raw.clear();
             raw.resize(g * (hi - lo), 0.0);
             let (mut b, b1) = (lo / bt, hi.div_ceil(bt));
@@ -491,17 +500,39 @@ impl TokenSelect {
                 }
             }
         });
-        for ((w, probs), raw) in self.work.iter().zip(&mut self.probs).zip(&self.raw) {
-            let n = w.m.1 - w.m.0;
+        // Each query head's softmax stats over its candidates (the rows over the team).
+        self.stats.clear();
+        self.stats
+            .resize(self.work.len() * g, (f32::NEG_INFINITY, 0.0));
+        let (work, raw) = (&self.work, &self.raw);
+        crate::kernels::team::for_each_chunk_mut(&mut self.stats, 1, |r, st| {
+            let (w, n) = (&work[r / g], work[r / g].m.1 - work[r / g].m.0);
             if w.votes && n > 0 {
-                crate::kernels::team::for_each_chunk_mut(probs, n, |i, z| {
-                    z.copy_from_slice(&raw[i * n..][..n]);
-                    softmax_inplace(z)
-                });
+                st[0] = softmax_stats(&raw[r / g][r % g * n..][..n]);
+            }
+        });
+    }
+
+    /// Each voting head's query heads' softmaxes over its candidates into `self.probs` (g × n), from the raw scores
+    /// and their stats: for the votes by position, when the heads' candidates differ.
+    fn fill_probs(&mut self, g: usize) {
+        self.probs.resize_with(self.work.len(), Vec::new);
+        for (h, (w, probs)) in self.work.iter().zip(&mut self.probs).enumerate() {
+            let n = w.m.1 - w.m.0;
+            probs.clear();
+            probs.resize(g * n, 0.0);
+            if !w.votes || n == 0 {
+                continue;
+            }
+            for (i, row) in probs.chunks_exact_mut(n).enumerate() {
+                add_softmax(row, &self.raw[h][i * n..][..n], self.stats[h * g + i]);
             }
         }
     }
 }
+
+/// Tokens per task of the soft vote's sum.
+const VOTE_CHUNK: usize = 2048;
 
 /// Blocks per scoring task (512 keys at 32-token blocks).
 const SCORE_BLOCKS: usize = 16;
