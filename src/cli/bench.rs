@@ -300,15 +300,25 @@ fn machine(a: MachineArgs) -> Result<()> {
     }
     if let Some(at) = &p.attention {
         eprintln!(
-            "[bench]   attention: prefill {:.1} GFLOP/s ({:.1} inside a chunk), decode {:.1} GB/s (4 query heads per KV head; {:.1} with 8) + {:.1} us per call; matmul call {:.1} us ({:.1} us split over the pool)",
+            "[bench]   attention: prefill {:.1} GFLOP/s ({:.1} inside a chunk), decode {:.1} GB/s (4 query heads per KV head; {:.1} with 8, {:.1} with 2) + {:.1} us per call; matmul call {:.1} us ({:.1} us split over the pool)",
             at.prefill_ops / 1e9,
             at.diag_ops() / 1e9,
             at.decode_bw / 1e9,
             at.decode_bw_g8 / 1e9,
+            at.decode_bw_g2 / 1e9,
             at.decode_call_s * 1e6,
             p.matmul_call_s * 1e6,
             p.matmul_split_s * 1e6
         );
+        for r in &at.kivi {
+            eprintln!(
+                "[bench]   attention over {}-bit KIVI: decode {:.1} GB/s of its bytes (4 query heads per KV head; {:.1} with 8, {:.1} with 2)",
+                r.bits,
+                r.decode_bw / 1e9,
+                r.decode_bw_g8 / 1e9,
+                r.decode_bw_g2 / 1e9
+            );
+        }
     }
     if let Some(g) = &p.glue {
         eprintln!(

@@ -220,7 +220,7 @@ fn measure_attention_in_pool(
     // Decode: one query over 8192 entries in every layer of a cache several times the last-level cache (as a model's
     // layers stream from memory), and over one block (the call's fixed cost).
     // Decode is bound by the work per entry as much as by the bus, and that work grows with the query heads sharing
-    // each KV head: measure groups of 4 and 8 (the prediction interpolates to the model's group).
+    // each KV head: measure groups of 2, 4 and 8 (the prediction interpolates to the model's group).
     let mut rate_for = |group: usize, dtype: KvDtype| -> Result<(f64, f64)> {
         let per_layer = 8192
             * KV_HEADS
@@ -267,6 +267,7 @@ fn measure_attention_in_pool(
     };
     let (decode_bw, decode_call_s) = rate_for(Q_HEADS / KV_HEADS, KvDtype::F16)?;
     let (decode_bw_g8, _) = rate_for(2 * Q_HEADS / KV_HEADS, KvDtype::F16)?;
+    let (decode_bw_g2, _) = rate_for(Q_HEADS / KV_HEADS / 2, KvDtype::F16)?;
     let mut kivi = Vec::new();
     for (bits, prefill) in crate::kv::quant::BITS_CHOICES.into_iter().zip(kivi_prefill) {
         let dtype = KvDtype::Kivi {
@@ -277,6 +278,7 @@ fn measure_attention_in_pool(
             bits,
             decode_bw: rate_for(Q_HEADS / KV_HEADS, dtype)?.0,
             decode_bw_g8: rate_for(2 * Q_HEADS / KV_HEADS, dtype)?.0,
+            decode_bw_g2: rate_for(Q_HEADS / KV_HEADS / 2, dtype)?.0,
             prefill: Some(prefill),
         });
     }
@@ -285,6 +287,7 @@ fn measure_attention_in_pool(
         prefill_diag_ops,
         decode_bw,
         decode_bw_g8,
+        decode_bw_g2,
         decode_call_s,
         kivi,
     });
@@ -523,12 +526,14 @@ mod tests {
                 prefill_diag_ops: 1e10,
                 decode_bw: bw / 2.0,
                 decode_bw_g8: bw / 3.0,
+                decode_bw_g2: bw,
                 decode_call_s: 2e-6,
                 kivi: vec![
                     KiviAttnRate {
                         bits: 4,
                         decode_bw: bw / 8.0,
                         decode_bw_g8: bw / 12.0,
+                        decode_bw_g2: bw / 4.0,
                         prefill: Some(KiviPrefillRate {
                             ops: 5e9,
                             diag_ops: 4e9,
@@ -540,6 +545,7 @@ mod tests {
                         bits: 8,
                         decode_bw: bw / 4.0,
                         decode_bw_g8: bw / 6.0,
+                        decode_bw_g2: bw / 2.0,
                         prefill: None,
                     },
                 ],

@@ -101,6 +101,9 @@ pub struct AttnRates {
     /// The same with 8 query heads per KV head (0 in profiles that predate it).
     #[serde(default)]
     pub decode_bw_g8: f64,
+    /// The same with 2 query heads per KV head (0 in profiles that predate it).
+    #[serde(default)]
+    pub decode_bw_g2: f64,
     /// Seconds of one layer's decode attention over a near-empty cache (the fixed cost).
     pub decode_call_s: f64,
     /// The decode rates over KIVI caches, one per width (empty in profiles that predate them): their folds are
@@ -110,12 +113,15 @@ pub struct AttnRates {
 }
 
 /// Decode attention over a KIVI cache of one width: KV bytes of that format per second (its newest 128 entries f16),
-/// fixed cost excluded, with 4 and 8 query heads per KV head.
+/// fixed cost excluded, with 4, 8 and 2 query heads per KV head.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KiviAttnRate {
     pub bits: u8,
     pub decode_bw: f64,
     pub decode_bw_g8: f64,
+    /// 0 in profiles that predate it.
+    #[serde(default)]
+    pub decode_bw_g2: f64,
     /// Prefill over a cache of this width (None in profiles written before it was measured).
     #[serde(default)]
     pub prefill: Option<KiviPrefillRate>,
@@ -160,7 +166,10 @@ impl AttnRates {
     /// Seconds per KV byte of decode attention with `group` query heads per KV head: linear in the group between the
     /// two measured (4 and 8), extended above them; smaller groups cost what 4 does.
     pub fn decode_s_per_byte(&self, group: usize) -> f64 {
-        per_byte(self.decode_bw, self.decode_bw_g8, group)
+        per_byte(
+            [self.decode_bw_g2, self.decode_bw, self.decode_bw_g8],
+            group,
+        )
     }
 
     /// [`Self::decode_s_per_byte`] for a cache stored as KIVI codes of `kivi_bits` (None: f16): KIVI widths take
@@ -171,7 +180,7 @@ impl AttnRates {
             return Ok(self.decode_s_per_byte(group));
         };
         match self.kivi.iter().find(|r| r.bits == bits) {
-            Some(r) => Ok(per_byte(r.decode_bw, r.decode_bw_g8, group)),
+            Some(r) => Ok(per_byte([r.decode_bw_g2, r.decode_bw, r.decode_bw_g8], group)),
             None => anyhow::bail!(
                 "the machine profile has no decode attention rate for {bits}-bit KIVI caches (it predates them): \
                  write it again with `hayloft bench machine --json FILE`"
@@ -194,16 +203,25 @@ impl AttnRates {
     }
 }
 
-/// Seconds per byte with `group` query heads per KV head from the rates measured with 4 and 8 (`bw8` 0: not
-/// measured): linear in the group between them, extended above; smaller groups cost what 4 does.
-fn per_byte(bw4: f64, bw8: f64, group: usize) -> f64 {
+/// Seconds per byte with `group` query heads per KV head from the rates measured with 2, 4 and 8 (0: not measured,
+/// in an older profile): linear in the group between the measured groups, extended beyond them. Without the rate of
+/// 2, smaller groups cost what 4 does; without the rate of 8, larger ones too. A fold bound by its arithmetic (the
+/// KIVI widths) does less per entry for fewer rows; one bound by the bus (f16) about the same.
+fn per_byte([bw2, bw4, bw8]: [f64; 3], group: usize) -> f64 {
     let t4 = 1.0 / bw4;
+    let g = group as f64;
+    if group < 4 {
+        if bw2 <= 0.0 {
+            return t4;
+        }
+        let t2 = 1.0 / bw2;
+        return (t2 + (g - 2.0) * (t4 - t2) / 2.0).max(0.1 * t2.min(t4));
+    }
     if bw8 <= 0.0 {
         return t4;
     }
     let t8 = 1.0 / bw8;
-    // Fewer than 4 rows save no per-entry work (each entry is loaded and converted once whatever the rows).
-    (t4 + (group.max(4) as f64 - 4.0) * (t8 - t4) / 4.0).max(0.1 * t4)
+    (t4 + (g - 4.0) * (t8 - t4) / 4.0).max(0.1 * t4)
 }
 
 impl MachineProfile {
@@ -645,12 +663,13 @@ mod tests {
     }
 
     #[test]
-    fn decode_attention_time_grows_with_the_group_from_four() {
+    fn decode_attention_time_follows_the_group_between_the_measured_ones() {
         let r = AttnRates {
             prefill_ops: 1e11,
             prefill_diag_ops: 5e10,
             decode_bw: 20e9,
             decode_bw_g8: 10e9,
+            decode_bw_g2: 40e9,
             decode_call_s: 1e-6,
             kivi: Vec::new(),
         };
@@ -658,12 +677,18 @@ mod tests {
         assert_eq!(t(4), 1.0 / 20e9);
         assert!((t(8) - 1.0 / 10e9).abs() < 1e-22);
         assert!((t(6) - 0.75e-10).abs() < 1e-22);
-        assert_eq!(t(1), t(4));
+        // Below 4, between the rates of 2 and 4 (0.25e-10 and 0.5e-10 s per byte).
+        assert!((t(2) - 0.25e-10).abs() < 1e-22);
+        assert!((t(3) - 0.375e-10).abs() < 1e-22);
+        assert!((t(1) - 0.125e-10).abs() < 1e-22);
+        // Profiles that predate the rates of 8 and 2: every group costs what 4 does.
         let old = AttnRates {
             decode_bw_g8: 0.0,
+            decode_bw_g2: 0.0,
             ..r
         };
         assert_eq!(old.decode_s_per_byte(8), 1.0 / 20e9);
+        assert_eq!(old.decode_s_per_byte(1), 1.0 / 20e9);
     }
 
     #[test]
