@@ -176,11 +176,9 @@ pub fn add_softmax(out: &mut [f32], z: &[f32], (max, inv): (f32, f32)) {
     }
 }
 
+/// The largest value of a row, in [`LANES`] lanes reduced at the end (so every path vectorizes it alike).
 #[inline(always)]
-fn stats_portable(z: &[f32]) -> (f32, f32) {
-    if z.is_empty() {
-        return (f32::NEG_INFINITY, 0.0);
-    }
+fn lane_max(z: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut chunks = z.chunks_exact(LANES);
     for c in &mut chunks {
@@ -191,7 +189,15 @@ fn stats_portable(z: &[f32]) -> (f32, f32) {
     for (mi, &x) in m.iter_mut().zip(chunks.remainder()) {
         *mi = mi.max(x);
     }
-    let mx = m.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    m.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x))
+}
+
+#[inline(always)]
+fn stats_portable(z: &[f32]) -> (f32, f32) {
+    if z.is_empty() {
+        return (f32::NEG_INFINITY, 0.0);
+    }
+    let mx = lane_max(z);
     let mut acc = [0.0f32; LANES];
     let mut chunks = z.chunks_exact(LANES);
     for c in &mut chunks {
@@ -241,17 +247,7 @@ fn softmax_portable(z: &mut [f32]) {
     if z.is_empty() {
         return;
     }
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut chunks = z.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (mi, &x) in m.iter_mut().zip(c) {
-            *mi = mi.max(x);
-        }
-    }
-    for (mi, &x) in m.iter_mut().zip(chunks.remainder()) {
-        *mi = mi.max(x);
-    }
-    let mx = m.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let mx = lane_max(z);
     let mut acc = [0.0f32; LANES];
     let mut chunks = z.chunks_exact_mut(LANES);
     for c in &mut chunks {
