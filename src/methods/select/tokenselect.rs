@@ -421,9 +421,9 @@ impl TokenSelect {
     }
 
     /// Scores every candidate of every voting head into `self.raw`, and each query head's softmax stats over them
-    /// into `self.stats`. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV
-    /// head (Gemma 3 270M) has a single head to score, and one task per head left every other thread idle. A
-    /// candidate's score does not depend on the piece it is in, so neither does the result.
+    /// into `self.stats`. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model
+    /// with one KV head (Gemma 3 270M) has a single head to score, and one task per head left every other thread
+    /// idle. A candidate's score does not depend on the piece it is in, so neither does the result.
     fn score(&mut self, cx: &SelectCx, aligned: bool) {
         let (bt, g) = (cx.cache.cfg.block_tokens, cx.group());
         self.raw.resize_with(self.work.len(), Vec::new);
