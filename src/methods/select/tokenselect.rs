@@ -139,10 +139,10 @@ pub struct TokenSelect {
     work: Vec<HeadWork>,
     probs: Vec<Vec<f32>>,
     /// Per KV head: the raw scores q·k behind `probs` (g × n), handed to the attention kernel with the selection made
-    /// from them ([`crate::attention::GivenScores`]: it then reads no key of the chosen entries); `scored` = which
-    /// heads scored at this step.
+    /// from them ([`crate::attention::GivenScores`]: it then reads no key of the chosen entries); `scored`: whether
+    /// this step scored (the voting heads did).
     raw: Vec<Vec<f32>>,
-    scored: Vec<bool>,
+    scored: bool,
     /// Per (KV head, query head of its group): the softmax's max and inverse sum over the raw scores.
     stats: Vec<(f32, f32)>,
     /// Scoring tasks of a step: (KV head, first block, end block), and one scratch per task.
@@ -196,7 +196,7 @@ impl TokenSelect {
             work: Vec::new(),
             probs: Vec::new(),
             raw: Vec::new(),
-            scored: Vec::new(),
+            scored: false,
             stats: Vec::new(),
             plan: Vec::new(),
             bufs: Vec::new(),
@@ -427,15 +427,13 @@ impl TokenSelect {
     fn score(&mut self, cx: &SelectCx, aligned: bool) {
         let (bt, g) = (cx.cache.cfg.block_tokens, cx.group());
         self.raw.resize_with(self.work.len(), Vec::new);
-        self.scored.clear();
-        self.scored.resize(self.work.len(), false);
+        self.scored = true;
         self.plan.clear();
         for (h, (w, raw)) in self.work.iter_mut().zip(&mut self.raw).enumerate() {
             if !w.votes {
                 continue;
             }
             w.prepare(cx, h, aligned);
-            self.scored[h] = true;
             let (lo, hi, _) = w.m;
             raw.clear();
             raw.resize(g * (hi - lo), 0.0);
@@ -666,7 +664,7 @@ fn score_block(
 
 impl Selector for TokenSelect {
     fn select(&mut self, cx: &SelectCx, out: &mut Selection) -> bool {
-        self.scored.clear();
+        self.scored = false;
         match self.frame.step(cx) {
             Step::Dense => return false,
             Step::Reuse => {}
@@ -685,12 +683,14 @@ impl Selector for TokenSelect {
         self.frame.finish(cx, out);
         // The scores just computed for this query go with the selection: the kernel takes them instead of reading
         // the chosen keys again (a key scattered in a block stored channel-major touches the whole block's keys).
-        for (h, &on) in self.scored.iter().enumerate() {
-            let (lo, hi, _) = self.work[h].m;
-            if on && lo < hi {
-                let given = out.scores_mut(h);
-                std::mem::swap(&mut given.rows, &mut self.raw[h]);
-                (given.lo, given.hi) = (lo as u32, hi as u32);
+        if self.scored {
+            for (h, (w, raw)) in self.work.iter().zip(&mut self.raw).enumerate() {
+                let (lo, hi, _) = w.m;
+                if w.votes && lo < hi {
+                    let given = out.scores_mut(h);
+                    std::mem::swap(&mut given.rows, raw);
+                    (given.lo, given.hi) = (lo as u32, hi as u32);
+                }
             }
         }
         true
