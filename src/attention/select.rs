@@ -80,7 +80,9 @@ impl Selection {
     /// Sorts and merges every head's ranges.
     pub fn finish(&mut self) {
         for r in &mut self.ranges {
-            r.sort_unstable();
+            if !r.is_sorted() {
+                r.sort_unstable();
+            }
             let mut w = 0;
             for i in 0..r.len() {
                 if w > 0 && r[i].0 <= r[w - 1].1 {

@@ -17,7 +17,7 @@
 use anyhow::Result;
 
 use super::{
-    keep_top_units, meta_read_bytes, page_scores, Frame, FrameDefaults, SelectOptions, Step,
+    keep_units, meta_read_bytes, units_for, Frame, FrameDefaults, LayerPages, SelectOptions, Step,
 };
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
@@ -45,11 +45,8 @@ pub struct LServe {
     logical: usize,
     /// streaming[layer · n_kv_heads + head]: reads sinks + recent only.
     streaming: Vec<bool>,
-    scores: Vec<f32>,
-    idx: Vec<u32>,
-    /// The scoring vectors of the group's query heads, and every logical page's score (see [`page_scores`]).
-    w: Vec<f32>,
-    page_s: Vec<f32>,
+    /// The layer's logical-page scores, block scores and choices (see [`LayerPages`]).
+    pages: LayerPages,
 }
 
 impl LServe {
@@ -72,10 +69,7 @@ impl LServe {
             stat: o.score.unwrap_or(PageStat::MinMax),
             logical: o.page.unwrap_or(LOGICAL_PAGE),
             streaming,
-            scores: Vec::new(),
-            idx: Vec::new(),
-            w: Vec::new(),
-            page_s: Vec::new(),
+            pages: LayerPages::default(),
         })
     }
 
@@ -83,8 +77,7 @@ impl LServe {
         let lp = self.logical;
         let (nh, bt) = (cx.cache.cfg.n_kv_heads, cx.cache.cfg.block_tokens);
         let per_block = bt / lp;
-        let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
-        kept.reset(nh);
+        self.pages.reset(nh);
         for h in 0..nh {
             if self.streaming[cx.layer * nh + h] {
                 continue;
@@ -96,21 +89,23 @@ impl LServe {
             let (b0, b1) = (m.lo / bt, m.hi.div_ceil(bt));
             let n_pages = cx.cache.len(cx.layer, h).div_ceil(lp);
             let (p0, p1) = (b0 * per_block, (b1 * per_block).min(n_pages));
-            page_scores(self.stat, cx, h, (p0, p1), &mut self.w, &mut self.page_s);
-            // A physical block scores as its best logical page.
-            self.scores.clear();
-            for b in b0..b1 {
-                let pages = (b * per_block).min(p1) - p0..((b + 1) * per_block).min(p1) - p0;
-                let best = self.page_s[pages]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                self.scores.push(best);
+            self.pages.add(self.stat, cx, h, (p0, p1));
+            cx.cache.note_read(meta_read_bytes(cx.cache, p1 - p0));
+        }
+        self.pages.score(cx);
+        // A physical block scores as its best logical page.
+        for h in 0..nh {
+            self.pages.units_max(h, per_block);
+        }
+        let frame = &self.frame;
+        self.pages.choose(|h| units_for(frame.middle(cx, h), bt));
+        let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
+        kept.reset(nh);
+        for h in 0..nh {
+            let m = self.frame.middle(cx, h);
+            if !self.streaming[cx.layer * nh + h] && m.k > 0 {
+                keep_units(&mut kept, h, m, self.pages.chosen(h), (m.lo / bt, bt));
             }
-            cx.cache.note_read(meta_read_bytes(
-                cx.cache,
-                ((b1 - b0) * per_block).min(n_pages),
-            ));
-            keep_top_units(&mut kept, h, m, &self.scores, (b0, bt), &mut self.idx);
         }
         kept.finish();
         *self.frame.kept_mut(cx.layer) = kept;

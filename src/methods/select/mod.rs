@@ -31,6 +31,7 @@ use crate::attention::Selection;
 use crate::kernels::rowdot as rows_dot;
 use crate::kv::{BlockData, BlockView, KvCache, PageStat};
 use crate::model::SelectCx;
+use half::f16;
 
 /// Defaults of the options every selector has (each method's row states its own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,14 +206,15 @@ impl Frame {
         for h in 0..nh {
             let len = cx.cache.len(cx.layer, h);
             let m = self.middle(cx, h);
+            // In ascending order as a rule (the kept ranges are sorted), so `finish` only merges.
             out.add(h, 0, m.lo);
+            for &(a, b) in kept.ranges(h) {
+                out.add(h, a as usize, (b as usize).min(len));
+            }
             out.add(h, m.hi, len);
             // Entries appended since the layer chose (the current token among them) are always read.
             let since = self.chosen_len[cx.layer].get(h).copied().unwrap_or(len);
             out.add(h, since.min(len), len);
-            for &(a, b) in kept.ranges(h) {
-                out.add(h, a as usize, (b as usize).min(len));
-            }
         }
         out.finish();
     }
@@ -247,7 +249,8 @@ pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f32]) -> f32 {
 /// of [`page_bound`] (up to f32 summation order), computed from the f16 summaries in place. Both scores are linear in
 /// the summary once the query is known: the min/max bound is `q⁺·max + q⁻·min` (a channel's larger product is the
 /// max's when q_c ≥ 0, the min's otherwise), the mean+std estimate `q·mean + |q|·std`; so every page is one dot
-/// product per query head with a vector `w` (reused scratch) built once per step.
+/// product per query head with a vector `w` (reused scratch) built once per step. One head on the calling thread;
+/// [`LayerPages`] scores every head of a layer at once over the team.
 pub fn page_scores(
     stat: PageStat,
     cx: &SelectCx,
@@ -256,70 +259,233 @@ pub fn page_scores(
     w: &mut Vec<f32>,
     out: &mut Vec<f32>,
 ) {
-    let (g, hk) = (cx.group(), cx.cache.cfg.head_dim_k);
-    let meta = &cx.cache.page_meta(cx.layer, h)[p0 * 2 * hk..p1 * 2 * hk]; // (p1 − p0) × 2·hk
+    let d = 2 * cx.cache.cfg.head_dim_k;
+    w.clear();
+    scoring_vectors(stat, cx, h, w);
     out.clear();
     out.resize(p1 - p0, f32::NEG_INFINITY);
-    let mut part = Vec::new(); // allocated only for groups of more than MAX_VECTORS heads
-    for i0 in (0..g).step_by(rows_dot::MAX_VECTORS) {
-        let i1 = (i0 + rows_dot::MAX_VECTORS).min(g);
-        w.clear();
-        for i in i0..i1 {
-            let q = cx.last_query(h * g + i);
-            match stat {
-                PageStat::MinMax => {
-                    w.extend(q.iter().map(|&x| x.max(0.0)));
-                    w.extend(q.iter().map(|&x| x.min(0.0)));
-                }
-                PageStat::MeanStd => {
-                    w.extend_from_slice(q);
-                    w.extend(q.iter().map(|x| x.abs()));
-                }
+    score_rows(&cx.cache.page_meta(cx.layer, h)[p0 * d..p1 * d], d, w, out);
+}
+
+/// Appends the scoring vectors of KV head `h`'s group (group × 2·hk, see [`page_scores`]) to `w`.
+fn scoring_vectors(stat: PageStat, cx: &SelectCx, h: usize, w: &mut Vec<f32>) {
+    for i in 0..cx.group() {
+        let q = cx.last_query(h * cx.group() + i);
+        match stat {
+            PageStat::MinMax => {
+                w.extend(q.iter().map(|&x| x.max(0.0)));
+                w.extend(q.iter().map(|&x| x.min(0.0)));
             }
-        }
-        if i0 == 0 {
-            rows_dot::rows_dot_max_f16_par(meta, 2 * hk, w, out);
-        } else {
-            part.resize(out.len(), 0.0);
-            rows_dot::rows_dot_max_f16_par(meta, 2 * hk, w, &mut part);
-            for (o, x) in out.iter_mut().zip(&part) {
-                *o = o.max(*x);
+            PageStat::MeanStd => {
+                w.extend_from_slice(q);
+                w.extend(q.iter().map(|x| x.abs()));
             }
         }
     }
 }
 
-/// Adds head `h`'s best units to `kept`: as many as the middle region's `k` entries fill (at least one), unit `i` of
-/// `scores` covering entries `[(u0 + i)·unit, (u0 + i + 1)·unit)` clipped to the middle region. `idx` is scratch.
-pub fn keep_top_units(
+/// `out[i]` = the largest dot product of summary row `i` (`rows`: out.len() × d f16) with the vectors of `w` (any
+/// number of them, d each), on the calling thread; groups of more than [`rows_dot::MAX_VECTORS`] vectors go in
+/// passes through a stack buffer.
+fn score_rows(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
+    let per = rows_dot::MAX_VECTORS * d;
+    if w.len() <= per {
+        return rows_dot::rows_dot_max_f16(rows, d, w, out);
+    }
+    rows_dot::rows_dot_max_f16(rows, d, &w[..per], out);
+    const RUN: usize = 256;
+    let mut part = [0.0f32; RUN];
+    for (r, o) in out.chunks_mut(RUN).enumerate() {
+        let rows = &rows[r * RUN * d..][..o.len() * d];
+        for wj in w[per..].chunks(per) {
+            let part = &mut part[..o.len()];
+            rows_dot::rows_dot_max_f16(rows, d, wj, part);
+            for (o, &x) in o.iter_mut().zip(part.iter()) {
+                *o = o.max(x);
+            }
+        }
+    }
+}
+
+/// One layer's page scoring for the page-based selectors: every selecting head's pages scored in one region of the
+/// forward pass's team (the pages of all heads cut into one run per thread), then each head's best units chosen in a
+/// second region, a head per task. Scoring head by head, in a region each, left a thread waiting at the end of every
+/// head's region and ran every head's top-k on one thread. The scores are those of [`page_scores`], row for row.
+#[derive(Default)]
+pub struct LayerPages {
+    /// Per KV head: which pages it scores and where their scores and its scoring vectors are.
+    spans: Vec<Span>,
+    /// The scoring vectors of every scored head's group, one head after another (group × 2·hk each).
+    w: Vec<f32>,
+    /// Every scored head's scores (one per page, or per unit after [`LayerPages::units_max`]), head after head.
+    scores: Vec<f32>,
+    /// Per KV head: the chosen units (indices into its scores), and how many to choose.
+    idx: Vec<Vec<u32>>,
+    want: Vec<usize>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Span {
+    /// First page scored; pages (then units) scored, 0 = the head is not scored.
+    p0: usize,
+    n: usize,
+    /// Offset of its scores in `scores`, of its vectors in `w`.
+    at: usize,
+    w_at: usize,
+}
+
+impl LayerPages {
+    /// Starts a layer of `nh` KV heads, none scored yet.
+    pub fn reset(&mut self, nh: usize) {
+        self.spans.clear();
+        self.spans.resize(nh, Span::default());
+        self.idx.resize_with(nh.max(self.idx.len()), Vec::new);
+        self.want.clear();
+        self.want.resize(nh, 0);
+        self.w.clear();
+        self.scores.clear();
+    }
+
+    /// Head `h` will score its pages `[p0, p1)` with statistic `stat`.
+    pub fn add(&mut self, stat: PageStat, cx: &SelectCx, h: usize, (p0, p1): (usize, usize)) {
+        let (at, w_at) = (self.scores.len(), self.w.len());
+        scoring_vectors(stat, cx, h, &mut self.w);
+        self.scores.resize(at + (p1 - p0), f32::NEG_INFINITY);
+        self.spans[h] = Span {
+            p0,
+            n: p1 - p0,
+            at,
+            w_at,
+        };
+    }
+
+    /// Scores every added head's pages, over the current pool's threads.
+    pub fn score(&mut self, cx: &SelectCx) {
+        const PAR_ROWS: usize = 64;
+        let total = self.scores.len();
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = total.div_ceil(threads).max(PAR_ROWS);
+        let d = 2 * cx.cache.cfg.head_dim_k;
+        let wn = cx.group() * d;
+        let (spans, w) = (&self.spans, &self.w);
+        crate::kernels::team::for_each_chunk_mut(&mut self.scores, chunk, |i, out| {
+            let (a, b) = (i * chunk, i * chunk + out.len());
+            for (h, s) in spans.iter().enumerate() {
+                let (lo, hi) = (s.at.max(a), (s.at + s.n).min(b));
+                if lo >= hi {
+                    continue;
+                }
+                let rows = &cx.cache.page_meta(cx.layer, h)
+                    [(s.p0 + lo - s.at) * d..(s.p0 + hi - s.at) * d];
+                score_rows(rows, d, &w[s.w_at..][..wn], &mut out[lo - a..hi - a]);
+            }
+        });
+    }
+
+    /// Head `h`'s scores (pages, or units after [`LayerPages::units_max`]).
+    pub fn scores(&self, h: usize) -> &[f32] {
+        let s = self.spans[h];
+        &self.scores[s.at..s.at + s.n]
+    }
+
+    /// Replaces head `h`'s page scores by their maxima over runs of `per` pages (a unit of `per` pages scores as its
+    /// best page; the last run may be shorter).
+    pub fn units_max(&mut self, h: usize, per: usize) {
+        let s = &mut self.spans[h];
+        let v = &mut self.scores[s.at..s.at + s.n];
+        let units = s.n.div_ceil(per.max(1));
+        for u in 0..units {
+            // Unit u reads pages [u·per, …) and writes slot u ≤ u·per: no later unit reads a slot written earlier.
+            let best = v[u * per..((u + 1) * per).min(v.len())]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            v[u] = best;
+        }
+        s.n = units;
+    }
+
+    /// Chooses each scored head's `k(h)` best units (see [`top_k`]), the heads split over the current pool.
+    pub fn choose(&mut self, k: impl Fn(usize) -> usize) {
+        for (h, s) in self.spans.iter().enumerate() {
+            self.want[h] = if s.n > 0 { k(h) } else { 0 };
+        }
+        let nh = self.spans.len();
+        let (spans, want, scores) = (&self.spans, &self.want, &self.scores);
+        let pick = |h: usize, idx: &mut Vec<u32>| {
+            let s = spans[h];
+            top_k(&scores[s.at..s.at + s.n], want[h], idx);
+        };
+        // A region costs a few microseconds: not worth it for a few hundred scores.
+        if self.scores.len() < 512 {
+            for (h, idx) in self.idx[..nh].iter_mut().enumerate() {
+                pick(h, idx);
+            }
+        } else {
+            crate::kernels::team::for_each_chunk_mut(&mut self.idx[..nh], 1, |h, idx| {
+                pick(h, &mut idx[0])
+            });
+        }
+    }
+
+    /// Head `h`'s chosen units, unordered (empty when it was not scored).
+    pub fn chosen(&self, h: usize) -> &[u32] {
+        &self.idx[h]
+    }
+}
+
+/// Adds head `h`'s chosen units to `kept`: unit `i` of `idx` covers entries `[(u0 + i)·unit, (u0 + i + 1)·unit)`,
+/// clipped to the middle region `m`.
+pub fn keep_units(
     kept: &mut Selection,
     h: usize,
     m: Middle,
-    scores: &[f32],
+    idx: &[u32],
     (u0, unit): (usize, usize),
-    idx: &mut Vec<u32>,
 ) {
-    top_k(scores, (m.k / unit).max(1), idx);
-    for &i in idx.iter() {
+    for &i in idx {
         let u = u0 + i as usize;
         kept.add(h, (u * unit).max(m.lo), ((u + 1) * unit).min(m.hi));
     }
 }
 
-/// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), unordered.
+/// How many units of `unit` entries the middle region `m`'s `k` entries fill (at least one).
+pub fn units_for(m: Middle, unit: usize) -> usize {
+    (m.k / unit).max(1)
+}
+
+/// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), in ascending order: the `k`-th
+/// largest is found in linear time and one pass over the scores collects it and every better one, so ranges built
+/// from them come out sorted and nothing sorts them again.
 pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
+    use std::cmp::Ordering::{Equal, Greater};
     idx.clear();
-    idx.extend(0..scores.len() as u32);
-    if k >= idx.len() {
+    let n = scores.len();
+    if k >= n {
+        idx.extend(0..n as u32);
         return;
     }
+    if k == 0 {
+        return;
+    }
+    // Best first: larger score, then later index.
     let cmp = |a: &u32, b: &u32| {
         scores[*b as usize]
             .total_cmp(&scores[*a as usize])
             .then(b.cmp(a))
     };
-    idx.select_nth_unstable_by(k, cmp);
-    idx.truncate(k);
+    idx.extend(0..n as u32);
+    idx.select_nth_unstable_by(k - 1, cmp);
+    let pivot = idx[k - 1] as usize;
+    let t = scores[pivot];
+    idx.clear();
+    idx.extend(
+        (0..n as u32).filter(|&i| match scores[i as usize].total_cmp(&t) {
+            Greater => true,
+            Equal => i as usize >= pivot,
+            _ => false,
+        }),
+    );
+    debug_assert_eq!(idx.len(), k);
 }
 
 /// Bytes of `pages` page summaries of a cache (what scoring them reads).
@@ -410,12 +576,113 @@ mod tests {
         }
     }
 
+    /// [`LayerPages`] gives every head the scores [`page_scores`] gives it alone, bit for bit, on one thread and on
+    /// a pool of three (runs that cut heads in the middle), for groups within and beyond one kernel pass of vectors;
+    /// `units_max` and `choose` agree with the per-head definitions.
+    #[test]
+    fn layer_pages_equal_per_head_scoring() {
+        use crate::kv::{KvConfig, KvDtype, MetaConfig};
+        use crate::testutil::Rng;
+        for (stat, g) in [
+            (PageStat::MinMax, 3),
+            (PageStat::MeanStd, 3),
+            (PageStat::MeanStd, 17),
+        ] {
+            let (nkv, hk, len) = (3, 16, 1500);
+            let mut cache = KvCache::new(KvConfig {
+                n_layers: 1,
+                n_kv_heads: nkv,
+                head_dim_k: hk,
+                head_dim_v: hk,
+                block_tokens: 32,
+                dtype: KvDtype::F16,
+                windows: Vec::new(),
+            });
+            cache.enable_meta(MetaConfig {
+                page_tokens: 8,
+                stat,
+            });
+            let mut rng = Rng(5);
+            let pos: Vec<u32> = (0..len as u32).collect();
+            cache.append(
+                0,
+                &pos,
+                &rng.vec(len * nkv * hk, 2.0),
+                &rng.vec(len * nkv * hk, 1.0),
+            );
+            let q = rng.vec(nkv * g * hk, 1.5);
+            let cx = SelectCx {
+                cache: &cache,
+                layer: 0,
+                q: &q,
+                pos: &pos[len - 1..],
+                n_q_heads: nkv * g,
+                local: false,
+            };
+            let n_pages = len.div_ceil(8);
+            // Head 1 is not scored; heads 0 and 2 score different ranges.
+            let spans = [Some((3, n_pages)), None, Some((0, n_pages - 5))];
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut lp = LayerPages::default();
+                pool.install(|| {
+                    lp.reset(nkv);
+                    for (h, sp) in spans.iter().enumerate() {
+                        if let Some(r) = sp {
+                            lp.add(stat, &cx, h, *r);
+                        }
+                    }
+                    lp.score(&cx);
+                });
+                let (mut w, mut want) = (Vec::new(), Vec::new());
+                for (h, sp) in spans.iter().enumerate() {
+                    let Some(r) = sp else {
+                        assert!(lp.scores(h).is_empty());
+                        continue;
+                    };
+                    page_scores(stat, &cx, h, *r, &mut w, &mut want);
+                    let got = lp.scores(h);
+                    assert_eq!(got.len(), want.len());
+                    for (p, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{stat:?} g {g} head {h} page {p}");
+                    }
+                }
+                // Units of 4 pages score as their best page; the chosen units are the per-head top-k.
+                let before: Vec<Vec<f32>> = (0..nkv).map(|h| lp.scores(h).to_vec()).collect();
+                for h in 0..nkv {
+                    lp.units_max(h, 4);
+                }
+                pool.install(|| lp.choose(|h| 5 + h));
+                for h in [0, 2] {
+                    let units: Vec<f32> = before[h]
+                        .chunks(4)
+                        .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)))
+                        .collect();
+                    assert_eq!(lp.scores(h), &units[..]);
+                    let mut idx = Vec::new();
+                    top_k(&units, 5 + h, &mut idx);
+                    let (mut a, mut b) = (idx, lp.chosen(h).to_vec());
+                    a.sort();
+                    b.sort();
+                    assert_eq!(a, b, "head {h}");
+                }
+                assert!(lp.chosen(1).is_empty());
+            }
+        }
+    }
+
     #[test]
     fn top_k_keeps_the_largest_and_prefers_later_ties() {
         let mut idx = Vec::new();
         top_k(&[1.0, 5.0, 3.0, 5.0, 0.0], 2, &mut idx);
-        idx.sort();
         assert_eq!(idx, [1, 3]);
+        top_k(&[4.0, 1.0, 4.0, 9.0, 4.0, 0.0], 3, &mut idx);
+        assert_eq!(idx, [2, 3, 4]);
+        top_k(&[4.0, 1.0], 0, &mut idx);
+        assert!(idx.is_empty());
         top_k(&[2.0, 2.0, 2.0], 1, &mut idx);
         assert_eq!(idx, [2]);
         top_k(&[1.0], 4, &mut idx);

@@ -11,7 +11,7 @@
 //! `Σ_c q_c·mean_c + |q_c|·std_c` instead (reported to keep needles on GQA models where the min/max bound loses them).
 
 use super::{
-    keep_top_units, meta_read_bytes, page_scores, Frame, FrameDefaults, SelectOptions, Step,
+    keep_units, meta_read_bytes, units_for, Frame, FrameDefaults, LayerPages, SelectOptions, Step,
 };
 use crate::attention::Selection;
 use crate::kv::{MetaConfig, PageStat};
@@ -33,11 +33,8 @@ pub struct Quest {
     frame: Frame,
     stat: PageStat,
     page: usize,
-    /// Per candidate page: its score; the chosen page indices.
-    scores: Vec<f32>,
-    idx: Vec<u32>,
-    /// The scoring vectors of the group's query heads (see [`page_scores`]).
-    w: Vec<f32>,
+    /// The layer's page scores and choices (see [`LayerPages`]).
+    pages: LayerPages,
 }
 
 impl Quest {
@@ -51,26 +48,33 @@ impl Quest {
             frame: Frame::new(budget, o, d, n_layers),
             stat: o.score.unwrap_or(PageStat::MinMax),
             page,
-            scores: Vec::new(),
-            idx: Vec::new(),
-            w: Vec::new(),
+            pages: LayerPages::default(),
         }
     }
 
     fn choose(&mut self, cx: &SelectCx) {
         let pt = self.page;
         let nh = cx.cache.cfg.n_kv_heads;
+        self.pages.reset(nh);
+        for h in 0..nh {
+            let m = self.frame.middle(cx, h);
+            if m.k > 0 {
+                let pages = (m.lo / pt, m.hi.div_ceil(pt));
+                self.pages.add(self.stat, cx, h, pages);
+                cx.cache
+                    .note_read(meta_read_bytes(cx.cache, pages.1 - pages.0));
+            }
+        }
+        self.pages.score(cx);
+        let frame = &self.frame;
+        self.pages.choose(|h| units_for(frame.middle(cx, h), pt));
         let mut kept = std::mem::take(self.frame.kept_mut(cx.layer));
         kept.reset(nh);
         for h in 0..nh {
             let m = self.frame.middle(cx, h);
-            if m.k == 0 {
-                continue;
+            if m.k > 0 {
+                keep_units(&mut kept, h, m, self.pages.chosen(h), (m.lo / pt, pt));
             }
-            let (p0, p1) = (m.lo / pt, m.hi.div_ceil(pt));
-            page_scores(self.stat, cx, h, (p0, p1), &mut self.w, &mut self.scores);
-            cx.cache.note_read(meta_read_bytes(cx.cache, p1 - p0));
-            keep_top_units(&mut kept, h, m, &self.scores, (p0, pt), &mut self.idx);
         }
         kept.finish();
         *self.frame.kept_mut(cx.layer) = kept;
