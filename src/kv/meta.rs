@@ -37,7 +37,7 @@ impl MetaConfig {
 }
 
 /// `x` rounded to an f16 that is ≥ x.
-fn f16_up(x: f32) -> f16 {
+pub(super) fn f16_up(x: f32) -> f16 {
     let h = f16::from_f32(x);
     if h.to_f32() >= x || h.is_nan() {
         h
@@ -47,7 +47,7 @@ fn f16_up(x: f32) -> f16 {
 }
 
 /// `x` rounded to an f16 that is ≤ x.
-fn f16_down(x: f32) -> f16 {
+pub(super) fn f16_down(x: f32) -> f16 {
     let h = f16::from_f32(x);
     if h.to_f32() <= x || h.is_nan() {
         h
