@@ -517,36 +517,47 @@ mod tests {
         src.convert_to_f32_slice(out);
     }
 
+    /// A one-layer f16 cache of `nkv` KV heads × `hk` channels holding `len` random entries with page summaries
+    /// (`page` tokens, `stat`), the positions, and one decode step's random queries for groups of `g`.
+    fn summarized_cache(
+        (nkv, g, hk, len): (usize, usize, usize, usize),
+        (page, stat): (usize, PageStat),
+        seed: u64,
+    ) -> (KvCache, Vec<u32>, Vec<f32>) {
+        use crate::kv::{KvConfig, KvDtype, MetaConfig};
+        use crate::testutil::Rng;
+        let mut cache = KvCache::new(KvConfig {
+            n_layers: 1,
+            n_kv_heads: nkv,
+            head_dim_k: hk,
+            head_dim_v: hk,
+            block_tokens: 32,
+            dtype: KvDtype::F16,
+            windows: Vec::new(),
+        });
+        cache.enable_meta(MetaConfig {
+            page_tokens: page,
+            stat,
+        });
+        let mut rng = Rng(seed);
+        let pos: Vec<u32> = (0..len as u32).collect();
+        cache.append(
+            0,
+            &pos,
+            &rng.vec(len * nkv * hk, 2.0),
+            &rng.vec(len * nkv * hk, 1.0),
+        );
+        let q = rng.vec(nkv * g * hk, 1.5); // 1 × n_q_heads·hk
+        (cache, pos, q)
+    }
+
     /// The linear page scores equal the best of [`page_bound`] over the group, for both statistics, on every
     /// kernel path.
     #[test]
     fn page_scores_equal_the_group_best_page_bound() {
-        use crate::kv::{KvConfig, KvDtype, MetaConfig};
-        use crate::testutil::Rng;
         for stat in [PageStat::MinMax, PageStat::MeanStd] {
             let (nkv, g, hk, len) = (2, 3, 64, 200);
-            let mut cache = KvCache::new(KvConfig {
-                n_layers: 1,
-                n_kv_heads: nkv,
-                head_dim_k: hk,
-                head_dim_v: hk,
-                block_tokens: 32,
-                dtype: KvDtype::F16,
-                windows: Vec::new(),
-            });
-            cache.enable_meta(MetaConfig {
-                page_tokens: 16,
-                stat,
-            });
-            let mut rng = Rng(11);
-            let pos: Vec<u32> = (0..len as u32).collect();
-            cache.append(
-                0,
-                &pos,
-                &rng.vec(len * nkv * hk, 2.0),
-                &rng.vec(len * nkv * hk, 1.0),
-            );
-            let q = rng.vec(nkv * g * hk, 1.5); // 1 × n_q_heads·hk
+            let (cache, pos, q) = summarized_cache((nkv, g, hk, len), (16, stat), 11);
             let cx = SelectCx {
                 cache: &cache,
                 layer: 0,
@@ -581,36 +592,13 @@ mod tests {
     /// `units_max` and `choose` agree with the per-head definitions.
     #[test]
     fn layer_pages_equal_per_head_scoring() {
-        use crate::kv::{KvConfig, KvDtype, MetaConfig};
-        use crate::testutil::Rng;
         for (stat, g) in [
             (PageStat::MinMax, 3),
             (PageStat::MeanStd, 3),
             (PageStat::MeanStd, 17),
         ] {
             let (nkv, hk, len) = (3, 16, 1500);
-            let mut cache = KvCache::new(KvConfig {
-                n_layers: 1,
-                n_kv_heads: nkv,
-                head_dim_k: hk,
-                head_dim_v: hk,
-                block_tokens: 32,
-                dtype: KvDtype::F16,
-                windows: Vec::new(),
-            });
-            cache.enable_meta(MetaConfig {
-                page_tokens: 8,
-                stat,
-            });
-            let mut rng = Rng(5);
-            let pos: Vec<u32> = (0..len as u32).collect();
-            cache.append(
-                0,
-                &pos,
-                &rng.vec(len * nkv * hk, 2.0),
-                &rng.vec(len * nkv * hk, 1.0),
-            );
-            let q = rng.vec(nkv * g * hk, 1.5);
+            let (cache, pos, q) = summarized_cache((nkv, g, hk, len), (8, stat), 5);
             let cx = SelectCx {
                 cache: &cache,
                 layer: 0,
