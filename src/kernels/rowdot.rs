@@ -38,24 +38,6 @@ pub fn rows_dot_max_f16(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
     rows_dot_max_with(super::kernel(), rows, d, w, out)
 }
 
-/// [`rows_dot_max_f16`] split over the current pool in runs of at least `PAR_ROWS` rows (each row's result is the same
-/// as the serial call's: rows are independent). A selector scoring thousands of page summaries on one thread would
-/// leave the other threads idle during its layer's decode step.
-pub fn rows_dot_max_f16_par(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
-    const PAR_ROWS: usize = 64;
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || out.len() < 2 * PAR_ROWS {
-        return rows_dot_max_f16(rows, d, w, out);
-    }
-    let chunk = out.len().div_ceil(threads).max(PAR_ROWS);
-    // On the team, as the forward pass's own regions: its workers are awake (spinning) between regions, where a rayon
-    // region would wait for a sleeping rayon worker that then competes with them for the cores.
-    super::team::for_each_chunk_mut(out, chunk, |i, o| {
-        let r0 = i * chunk * d;
-        rows_dot_max_f16(&rows[r0..r0 + o.len() * d], d, w, o);
-    });
-}
-
 pub(crate) fn rows_dot_max_with(k: Kernel, rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
     dot_max(k, rows, d, w, out)
 }
@@ -709,31 +691,6 @@ unsafe fn cols_avx2(
 mod tests {
     use super::*;
     use crate::testutil::Rng;
-
-    /// The pool-split scoring gives every row the serial call's bits, at sizes around its split points.
-    #[test]
-    fn split_row_scores_equal_the_serial_ones() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        let mut rng = Rng(5);
-        let d = 40;
-        for n in [1usize, 127, 128, 129, 500, 1500] {
-            let rows: Vec<f16> = rng.vec(n * d, 1.0).into_iter().map(f16::from_f32).collect();
-            let w = rng.vec(3 * d, 1.0);
-            let mut want = vec![0.0f32; n];
-            rows_dot_max_f16(&rows, d, &w, &mut want);
-            let mut got = vec![f32::NAN; n];
-            pool.install(|| rows_dot_max_f16_par(&rows, d, &w, &mut got));
-            assert!(
-                got.iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{n} rows"
-            );
-        }
-    }
 
     #[test]
     fn column_scores_match_the_f64_sum_on_every_path() {
