@@ -10,9 +10,9 @@
 //! - **always-kept parts**: the first `sink` entries and the newest `recent` entries of every head;
 //! - **reuse**: a layer's chosen entries are reused for `interval` decode steps (1 = reselect every step) unless the
 //!   cache was edited (eviction) in between;
-//! - page scoring over the cache's page summaries, shared by the page-based methods: [`page_scores`] scores every
-//!   page of a head for its group's queries in one kernel pass ([`crate::kernels::rowdot`]); [`page_bound`] is the
-//!   per-page definition it equals (and what its test checks it against).
+//! - page scoring over the cache's page summaries, shared by the page-based methods: [`LayerPages`] scores every
+//!   page of a layer's heads for their groups' queries in one kernel pass over the team ([`crate::kernels::rowdot`]);
+//!   [`page_bound`] is the per-page definition it equals (and what its tests check it against).
 //!
 //! A selector's own scoring reads go into the cache's read counter, next to attention's.
 
@@ -221,7 +221,7 @@ impl Frame {
 }
 
 /// Upper bound (min/max summaries) or mean+std estimate of q·k over one page: `meta` is the page's 2 × hk summary,
-/// as f32. The definition [`page_scores`] computes for every page at once.
+/// as f32. The definition [`LayerPages`] computes for every page at once.
 #[inline]
 pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f32]) -> f32 {
     let hk = q.len();
@@ -245,13 +245,11 @@ pub fn page_bound(stat: PageStat, q: &[f32], meta: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-/// Pages `[p0, p1)` of KV head `h` scored for the query heads of its group: `out[p − p0]` is the best over the group
-/// of [`page_bound`] (up to f32 summation order), computed from the f16 summaries in place. Both scores are linear in
-/// the summary once the query is known: the min/max bound is `q⁺·max + q⁻·min` (a channel's larger product is the
-/// max's when q_c ≥ 0, the min's otherwise), the mean+std estimate `q·mean + |q|·std`; so every page is one dot
-/// product per query head with a vector `w` (reused scratch) built once per step. One head on the calling thread;
-/// [`LayerPages`] scores every head of a layer at once over the team.
-pub fn page_scores(
+/// Pages `[p0, p1)` of KV head `h` scored for the query heads of its group, one head on the calling thread: the
+/// reference [`LayerPages`] is tested against (`out[p − p0]` is the best over the group of [`page_bound`], up to f32
+/// summation order).
+#[cfg(test)]
+fn page_scores(
     stat: PageStat,
     cx: &SelectCx,
     h: usize,
@@ -267,7 +265,10 @@ pub fn page_scores(
     score_rows(&cx.cache.page_meta(cx.layer, h)[p0 * d..p1 * d], d, w, out);
 }
 
-/// Appends the scoring vectors of KV head `h`'s group (group × 2·hk, see [`page_scores`]) to `w`.
+/// Appends the scoring vectors of KV head `h`'s group (group × 2·hk) to `w`. Both page scores are linear in the
+/// summary once the query is known: the min/max bound is `q⁺·max + q⁻·min` (a channel's larger product is the max's
+/// when q_c ≥ 0, the min's otherwise), the mean+std estimate `q·mean + |q|·std`; so every page is one dot product per
+/// query head with these vectors, computed from the f16 summaries in place.
 fn scoring_vectors(stat: PageStat, cx: &SelectCx, h: usize, w: &mut Vec<f32>) {
     for i in 0..cx.group() {
         let q = cx.last_query(h * cx.group() + i);
@@ -310,7 +311,8 @@ fn score_rows(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
 /// One layer's page scoring for the page-based selectors: every selecting head's pages scored in one region of the
 /// forward pass's team (the pages of all heads cut into one run per thread), then each head's best units chosen in a
 /// second region, a head per task. Scoring head by head, in a region each, left a thread waiting at the end of every
-/// head's region and ran every head's top-k on one thread. The scores are those of [`page_scores`], row for row.
+/// head's region and ran every head's top-k on one thread. Each page's score is the best over the group of
+/// [`page_bound`] (up to f32 summation order).
 #[derive(Default)]
 pub struct LayerPages {
     /// Per KV head: which pages it scores and where their scores and its scoring vectors are.
@@ -551,6 +553,23 @@ mod tests {
         (cache, pos, q)
     }
 
+    /// The decode step of [`summarized_cache`]'s last position, for `n_q_heads` query heads.
+    fn decode_cx<'a>(
+        cache: &'a KvCache,
+        pos: &'a [u32],
+        q: &'a [f32],
+        n_q_heads: usize,
+    ) -> SelectCx<'a> {
+        SelectCx {
+            cache,
+            layer: 0,
+            q,
+            pos: &pos[pos.len() - 1..],
+            n_q_heads,
+            local: false,
+        }
+    }
+
     /// The linear page scores equal the best of [`page_bound`] over the group, for both statistics, on every
     /// kernel path.
     #[test]
@@ -558,14 +577,7 @@ mod tests {
         for stat in [PageStat::MinMax, PageStat::MeanStd] {
             let (nkv, g, hk, len) = (2, 3, 64, 200);
             let (cache, pos, q) = summarized_cache((nkv, g, hk, len), (16, stat), 11);
-            let cx = SelectCx {
-                cache: &cache,
-                layer: 0,
-                q: &q,
-                pos: &pos[len - 1..],
-                n_q_heads: nkv * g,
-                local: false,
-            };
+            let cx = decode_cx(&cache, &pos, &q, nkv * g);
             let n_pages = len.div_ceil(16);
             let (mut w, mut got, mut mf) = (Vec::new(), Vec::new(), Vec::new());
             for h in 0..nkv {
@@ -599,14 +611,7 @@ mod tests {
         ] {
             let (nkv, hk, len) = (3, 16, 1500);
             let (cache, pos, q) = summarized_cache((nkv, g, hk, len), (8, stat), 5);
-            let cx = SelectCx {
-                cache: &cache,
-                layer: 0,
-                q: &q,
-                pos: &pos[len - 1..],
-                n_q_heads: nkv * g,
-                local: false,
-            };
+            let cx = decode_cx(&cache, &pos, &q, nkv * g);
             let n_pages = len.div_ceil(8);
             // Head 1 is not scored; heads 0 and 2 score different ranges.
             let spans = [Some((3, n_pages)), None, Some((0, n_pages - 5))];
