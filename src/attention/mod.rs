@@ -773,6 +773,37 @@ fn ask_ahead<'a>(
     }
 }
 
+/// [`ask_ahead`] for a selection's next block, of which only `parts` are read: a block read whole is asked for as
+/// [`ask_ahead`] does; of one read in part, its keys (read whole), positions and the parts' value rows only, now.
+fn ask_ahead_pieces<'a, 'p>(
+    blk: &BlockView,
+    next: &BlockView<'a>,
+    spread: bool,
+    parts: impl Iterator<Item = &'p Piece> + Clone,
+    hv: usize,
+) -> (&'a [half::f16], &'a [half::f16]) {
+    let whole = parts
+        .clone()
+        .next()
+        .is_some_and(|q| q.j0 == 0 && q.j1 as usize == next.n);
+    if whole {
+        return ask_ahead(blk, next, spread);
+    }
+    match (blk.f16_parts(), next.f16_parts()) {
+        (Some(_), Some((k, v))) if spread => {
+            // The fold asks for these as it works: the keys, and the value rows from the first part to the last.
+            next.prefetch_pos();
+            let j0 = parts.clone().next().map_or(0, |q| q.j0 as usize);
+            let j1 = parts.last().map_or(0, |q| q.j1 as usize);
+            (k, &v[j0 * hv..j1 * hv])
+        }
+        _ => {
+            next.prefetch_entries(parts.map(|q| (q.j0 as usize, q.j1 as usize)));
+            NO_AHEAD
+        }
+    }
+}
+
 fn run_dispatch<const BT: usize>(simd: Simd, a: &TaskArgs, buf: &mut TaskBuf) {
     #[cfg(target_arch = "x86_64")]
     match simd {
@@ -1050,8 +1081,10 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
         // A whole f16 block folded by the AVX-512 fold asks for the next piece's f16 block itself, as it works.
         let mut next_kv = NO_AHEAD;
         if ahead < task_pieces.len() && (i == 0 || task_pieces[i - 1].block != pc.block) {
-            let next = cache.block(layer, task.kv_head, task_pieces[ahead].block as usize);
-            next_kv = ask_ahead(&blk, &next, whole && interleave);
+            let nb = task_pieces[ahead].block;
+            let next = cache.block(layer, task.kv_head, nb as usize);
+            let parts = task_pieces[ahead..].iter().take_while(|q| q.block == nb);
+            next_kv = ask_ahead_pieces(&blk, &next, whole && interleave, parts, hv);
         }
         if whole {
             fold_view::<BT>(a, &blk, channels.is_some(), buf, next_kv);

@@ -242,6 +242,24 @@ impl<'a> BlockView<'a> {
         self.prefetch_parts(true)
     }
 
+    /// [`BlockView::prefetch`] for a read of part of the block: an f16 block's keys whole (stored channel-major, a
+    /// key touches every channel's line) and positions, but only the value rows of entries `[j0, j1)` of each of
+    /// `parts`; any other block whole. A selection's 8-token page in a 32-entry block reads a quarter of its values,
+    /// and asking for all of them spent bandwidth on rows no one reads.
+    #[inline]
+    pub fn prefetch_entries(&self, parts: impl Iterator<Item = (usize, usize)>) {
+        match self.data {
+            BlockData::F16 { k, v } => {
+                prefetch_lines(&k[..]);
+                prefetch_lines(self.pos);
+                for (j0, j1) in parts {
+                    prefetch_lines(&v[j0 * self.hv..j1 * self.hv]);
+                }
+            }
+            _ => self.prefetch(),
+        }
+    }
+
     /// The scales and minima of a quantized block and the block's positions (what a 4-bit fold's preparation reads
     /// first); nothing for other blocks.
     #[inline]
