@@ -455,11 +455,12 @@ pub fn units_for(m: Middle, unit: usize) -> usize {
     (m.k / unit).max(1)
 }
 
-/// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), in ascending order: the `k`-th
-/// largest is found in linear time and one pass over the scores collects it and every better one, so ranges built
-/// from them come out sorted and nothing sorts them again.
+/// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), in ascending order. The scores
+/// are mapped to integers of the same order (`f32::total_cmp`'s) and the `k`-th largest of those is found in linear
+/// time; one pass then collects every index above it and, of those equal to it, the latest ones. Ranges built from
+/// the indices come out sorted and nothing sorts them again. (Selecting over the integers themselves, not over indices
+/// compared through the scores, takes about half the time.)
 pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
-    use std::cmp::Ordering::{Equal, Greater};
     idx.clear();
     let n = scores.len();
     if k >= n {
@@ -469,25 +470,34 @@ pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
     if k == 0 {
         return;
     }
-    // Best first: larger score, then later index.
-    let cmp = |a: &u32, b: &u32| {
-        scores[*b as usize]
-            .total_cmp(&scores[*a as usize])
-            .then(b.cmp(a))
-    };
-    idx.extend(0..n as u32);
-    idx.select_nth_unstable_by(k - 1, cmp);
-    let pivot = idx[k - 1] as usize;
-    let t = scores[pivot];
+    idx.extend(scores.iter().map(|&x| order_key(x)));
+    let t = *idx.select_nth_unstable(n - k).1;
+    let above = scores.iter().filter(|&&x| order_key(x) > t).count();
+    // Of the scores equal to the k-th largest, the `k − above` latest are kept: those from index `from` on.
+    let (mut ties, mut from) = (k - above, n);
+    while ties > 0 {
+        from -= 1;
+        if order_key(scores[from]) == t {
+            ties -= 1;
+        }
+    }
     idx.clear();
-    idx.extend(
-        (0..n as u32).filter(|&i| match scores[i as usize].total_cmp(&t) {
-            Greater => true,
-            Equal => i as usize >= pivot,
-            _ => false,
-        }),
-    );
+    idx.extend((0..n as u32).filter(|&i| {
+        let key = order_key(scores[i as usize]);
+        key > t || (key == t && i as usize >= from)
+    }));
     debug_assert_eq!(idx.len(), k);
+}
+
+/// An integer whose order is `f32::total_cmp`'s order of `x`.
+#[inline]
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
 }
 
 /// Bytes of `pages` page summaries of a cache (what scoring them reads).
@@ -680,6 +690,39 @@ mod tests {
         assert_eq!(idx, [2]);
         top_k(&[1.0], 4, &mut idx);
         assert_eq!(idx, [0]);
+        top_k(&[-0.0, 0.0, -1.0, f32::NEG_INFINITY, -0.0], 2, &mut idx);
+        assert_eq!(idx, [1, 4]);
+    }
+
+    /// The same indices as sorting every index by (score, index), best first, and keeping the first `k`: scores
+    /// with many ties, negatives and both zeros.
+    #[test]
+    fn top_k_equals_a_full_sort() {
+        let mut rng = crate::testutil::Rng::seeded(7);
+        let mut idx = Vec::new();
+        for case in 0..300 {
+            let n = 1 + case % 97;
+            let levels = 1 + case % 9;
+            let scores: Vec<f32> = (0..n)
+                .map(|_| match rng.below(12) {
+                    0 => -0.0,
+                    1 => 0.0,
+                    _ => (rng.below(levels) as f32 - levels as f32 / 2.0) * 0.75,
+                })
+                .collect();
+            for k in [0, 1, n / 3, n / 2, n.saturating_sub(1), n, n + 2] {
+                let mut all: Vec<u32> = (0..n as u32).collect();
+                all.sort_by(|&a, &b| {
+                    scores[b as usize]
+                        .total_cmp(&scores[a as usize])
+                        .then(b.cmp(&a))
+                });
+                let mut want = all[..k.min(n)].to_vec();
+                want.sort_unstable();
+                top_k(&scores, k, &mut idx);
+                assert_eq!(idx, want, "case {case}, k {k}, {scores:?}");
+            }
+        }
     }
 
     #[test]
