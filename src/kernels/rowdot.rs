@@ -333,7 +333,11 @@ fn portable<E: Elem>(rows: &[E], d: usize, w: &[f32], nw: usize, out: &mut [f32]
 /// dependent FMAs (d / 16 of them, 4 cycles each), and a row at a time left the core waiting on that chain (about 56
 /// cycles a 128-channel summary row with 3 vectors, in cache). `R` rows interleave their chains and share each vector
 /// load. Every (row, vector) sum takes the same FMAs in the same order and the same reduction as a row alone, so the
-/// result does not depend on the grouping (a test holds it).
+/// result does not depend on the grouping (a test holds it). A decode step scores a layer's page summaries cold from
+/// memory, and the hardware prefetchers stop at each 4 KiB page: each row group asks for the rows 4 KiB on
+/// ([`super::ask_weights_ahead`], as the products do), which took a Quest step with 8-token pages at SmolLM2 8K from
+/// 28.2 / 17.9 / 19.9 to 26.5 / 16.7 / 17.4 ms per token (with and without, alternated step by step in one process on
+/// a 2-core Xeon, an eval sweep on the other core). The AVX2 path does the same.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn avx512<const NW: usize, E: Elem>(
@@ -350,13 +354,13 @@ unsafe fn avx512<const NW: usize, E: Elem>(
     // 32 registers: 4 rows × up to 4 vectors, or 2 rows × up to 8.
     if (1..=4).contains(&NW) {
         while i + 4 <= n {
-            ask_rows_ahead(base, row_bytes, i, 4, n);
+            super::ask_weights_ahead(base.wrapping_add(i * row_bytes), 4 * row_bytes);
             avx512_rows::<NW, 4, E>(rp.add(i * d), d, wp, nw, &mut out[i..i + 4]);
             i += 4;
         }
     } else if (5..=8).contains(&NW) {
         while i + 2 <= n {
-            ask_rows_ahead(base, row_bytes, i, 2, n);
+            super::ask_weights_ahead(base.wrapping_add(i * row_bytes), 2 * row_bytes);
             avx512_rows::<NW, 2, E>(rp.add(i * d), d, wp, nw, &mut out[i..i + 2]);
             i += 2;
         }
@@ -364,36 +368,6 @@ unsafe fn avx512<const NW: usize, E: Elem>(
     while i < n {
         avx512_rows::<NW, 1, E>(rp.add(i * d), d, wp, nw, &mut out[i..i + 1]);
         i += 1;
-    }
-}
-
-/// How far ahead of the rows being scored their lines are asked for. The summaries of a stream are one allocation,
-/// but the hardware prefetchers stop at every 4 KiB page and a decode step scores them cold from memory: asking
-/// 4 KiB ahead took a Quest step with 8-token pages at SmolLM2 8K from 28.2 / 17.9 / 19.9 to 26.5 / 16.7 / 17.4 ms
-/// per token (with and without, alternated step by step in one process on a 2-core Xeon, an eval sweep on the other
-/// core).
-const ROWS_AHEAD_BYTES: usize = 4096;
-
-/// Asks for the lines of `bytes` bytes at `p` (a hint: never faults).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn prefetch_bytes(p: *const u8, bytes: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let mut o = 0;
-    while o < bytes {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8);
-        o += 64;
-    }
-}
-
-/// Before scoring rows `[i, i + r)` of `n` rows of `row_bytes` at `base`: asks for the rows [`ROWS_AHEAD_BYTES`]
-/// further on, when they exist.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn ask_rows_ahead(base: *const u8, row_bytes: usize, i: usize, r: usize, n: usize) {
-    let ahead = ROWS_AHEAD_BYTES.div_ceil(row_bytes).next_multiple_of(r);
-    if i + ahead + r <= n {
-        prefetch_bytes(base.wrapping_add((i + ahead) * row_bytes), r * row_bytes);
     }
 }
 
@@ -447,7 +421,7 @@ unsafe fn avx2<const NW: usize, E: Elem>(
     let mut i = 0;
     if (1..=4).contains(&NW) {
         while i + 2 <= n {
-            ask_rows_ahead(base, row_bytes, i, 2, n);
+            super::ask_weights_ahead(base.wrapping_add(i * row_bytes), 2 * row_bytes);
             avx2_rows::<NW, 2, E>(rp.add(i * d), d, wp, nw, &mut out[i..i + 2]);
             i += 2;
         }
