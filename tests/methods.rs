@@ -697,3 +697,91 @@ fn think_prunes_key_channels_once_and_frees_their_bytes() {
     }
     assert!(KvSpec::parse("think@1.5").is_err());
 }
+
+#[test]
+fn codec_option_restores_the_cache_through_the_kv_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_llama(dir.path());
+    let c = m.config();
+    let toks = tokens(200, c.vocab, 7);
+    // Spelling: alone it means the full cache with the option, and it prints back as it parses.
+    let spec = KvSpec::parse("codec").unwrap();
+    assert_eq!(KvSpec::parse(&spec.to_string()).unwrap(), spec);
+    assert!(spec.compresses());
+    let mut s = session(&m, "codec", 64);
+    let mut f = session(&m, "full", 64);
+    // The prompt's logits come before the round trip (at the end of the prefill): identical.
+    assert_eq!(
+        s.prefill(&toks).unwrap().to_vec(),
+        f.prefill(&toks).unwrap().to_vec()
+    );
+    let blob = s
+        .stats
+        .codec_bytes
+        .expect("the round trip records its blob");
+    assert!(
+        blob * 2 < f.cache.bytes(),
+        "codec blob {blob} B vs f16 cache {} B",
+        f.cache.bytes()
+    );
+    for (l, h) in all_heads(&m) {
+        assert_eq!(s.cache.len(l, h), 200, "the codec keeps every entry");
+        assert_eq!(
+            kept_positions(&s.cache, l, h),
+            kept_positions(&f.cache, l, h)
+        );
+    }
+    // The restored cache is the codec's copy of the original: the same round trip by hand gives it (up to f16
+    // storage), and it is lossy (not the original).
+    use hayloft::kv::codec;
+    let orig = codec::KvRows::from_cache(&f.cache, 0, 200).unwrap();
+    let blob2 = codec::encode(&orig, &codec::CodecConfig::default()).unwrap();
+    assert_eq!(blob2.len(), blob, "the same cache encodes to the same blob");
+    let want = codec::decode(&blob2).unwrap();
+    let got = codec::KvRows::from_cache(&s.cache, 0, 200).unwrap();
+    assert_eq!(got.pos, want.pos);
+    let close = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .all(|(p, q)| (p - q).abs() <= 1e-3 * q.abs() + 1e-6)
+    };
+    assert!(close(&got.k, &want.k) && close(&got.v, &want.v));
+    assert!(got.k != orig.k);
+    let (a, b) = (s.decode(5).unwrap().to_vec(), f.decode(5).unwrap().to_vec());
+    assert!(a != b, "a lossy codec left the logits bit-identical");
+    let scale = b.iter().fold(0f32, |x, y| x.max(y.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |x, (p, q)| x.max((p - q).abs()));
+    assert!(
+        diff < 0.2 * scale,
+        "max |Δlogit| {diff} against max |logit| {scale}"
+    );
+    // A fork to `codec` restores the same copy as a session that ran it directly.
+    let mut base = session(&m, "full", 64);
+    base.prefill(&toks).unwrap();
+    let mut forked = base.fork(&spec).unwrap();
+    let mut direct = session(&m, "codec", 64);
+    direct.prefill(&toks).unwrap();
+    assert!(forked.decode(5).unwrap() == direct.decode(5).unwrap());
+    // What it refuses: a cache it cannot round-trip whole, and specs that would change it first.
+    let err = |s: &str| format!("{:#}", KvSpec::parse(s).unwrap_err());
+    for (bad, names) in [
+        ("snapkv@0.5,codec", "snapkv"),
+        ("kivi4,codec", "KIVI"),
+        ("think,codec", "ThinK"),
+    ] {
+        let e = err(bad);
+        assert!(e.contains("'codec'") && e.contains(names), "{bad}: {e}");
+    }
+    let g = tiny_gemma(dir.path());
+    let mut cfg = SessionConfig::for_model(&g);
+    cfg.kv = spec.clone();
+    let e = format!("{:#}", Session::new(&g, cfg.clone()).err().unwrap());
+    assert!(e.contains("--swa-full"), "{e}");
+    cfg.swa_full = true;
+    let mut sg = Session::new(&g, cfg).unwrap();
+    sg.prefill(&tokens(80, g.config().vocab, 2)).unwrap();
+    assert!(sg.stats.codec_bytes.is_some());
+}

@@ -168,7 +168,7 @@ impl Batch {
             s.after_chunk(toks)?;
             match *inp {
                 Input::Decode(_) => {
-                    s.end_feed(Phase::Decode);
+                    s.end_feed(Phase::Decode)?;
                     s.stats.decode_steps += 1;
                     s.stats.decode_s += elapsed;
                     s.stats.kv_read_total += s.cache.take_read();
@@ -178,9 +178,9 @@ impl Batch {
                     // The protocol's decision for this prompt: it changes only at the prompt's end (end_feed).
                     let compress = s.prompt_compresses();
                     if last {
-                        s.end_feed(Phase::Prefill { compress });
+                        s.end_feed(Phase::Prefill { compress })?;
                     } else {
-                        s.end_chunk(compress);
+                        s.end_chunk(compress)?;
                         s.note_bytes();
                     }
                     s.stats.prompt_tokens += toks.len();

@@ -16,9 +16,9 @@ pub mod stats;
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::kv::{KvCache, KvDtype, OffloadConfig, Resident};
+use crate::kv::{codec, KvCache, KvDtype, OffloadConfig, Resident};
 use crate::methods::obs::{AttnAcc, QueryWindow};
 use crate::methods::prefill::PrefillSpec;
 use crate::methods::press::Press;
@@ -143,6 +143,10 @@ impl<'m> Session<'m> {
         // Logit rows kept at once: enough for a chunk of a small vocabulary, bounded for big ones (Gemma's 262K).
         let logit_rows = memplan::logit_rows(mc.vocab, cfg.chunk_size);
         let mut scratch = Scratch::new(mc, cfg.chunk_size, logit_rows);
+        if cfg.kv.options.codec {
+            check_codec(&cache.cfg, cfg.offload.is_some())
+                .with_context(|| format!("--kv '{}'", cfg.kv))?;
+        }
         let press = Press::new(&cfg.kv, mc)?;
         let needs = press
             .as_ref()
@@ -341,12 +345,12 @@ impl<'m> Session<'m> {
             }
             if let Phase::Prefill { compress } = phase {
                 if end < tokens.len() {
-                    self.end_chunk(compress);
+                    self.end_chunk(compress)?;
                 }
             }
             start = end;
         }
-        self.end_feed(phase);
+        self.end_feed(phase)?;
         Ok(())
     }
 
@@ -381,7 +385,7 @@ impl<'m> Session<'m> {
             rayon::scope(|_| model.logits(scratch, 0..1));
             on_logits(n - 1, &self.scratch.logits[..vocab]);
         }
-        self.end_feed(phase);
+        self.end_feed(phase)?;
         Ok(())
     }
 
@@ -403,18 +407,19 @@ impl<'m> Session<'m> {
 
     /// After a prompt chunk that is not the prompt's last: a `chunked` method compresses now, when this prompt
     /// compresses at all (`compress`, from the protocol).
-    fn end_chunk(&mut self, compress: bool) {
+    fn end_chunk(&mut self, compress: bool) -> Result<()> {
         if compress && self.press.as_ref().is_some_and(|p| p.chunked) {
-            self.compress();
+            self.compress()?;
         }
+        Ok(())
     }
 
     /// After a whole feed: a prefill compresses and lets the selector index; a decode step compresses every N steps.
-    fn end_feed(&mut self, phase: Phase) {
+    fn end_feed(&mut self, phase: Phase) -> Result<()> {
         match phase {
             Phase::Prefill { compress } => {
                 if compress {
-                    self.compress();
+                    self.compress()?;
                     if self.context_end.is_none() {
                         self.context_end = Some(self.n_past());
                     }
@@ -437,11 +442,12 @@ impl<'m> Session<'m> {
                 self.since_compress += 1;
                 let every = self.press.as_ref().map_or(0, |p| p.every);
                 if every > 0 && self.since_compress >= every {
-                    self.compress();
+                    self.compress()?;
                 }
             }
         }
         self.note_bytes();
+        Ok(())
     }
 
     /// Bytes the selector's index holds (0 without a selector).
@@ -500,10 +506,13 @@ impl<'m> Session<'m> {
 
     /// Applies the KV method now (nothing for `full`): every head drops to its budget for the tokens seen so far, and
     /// freed blocks go back to the allocator.
-    pub fn compress(&mut self) {
+    pub fn compress(&mut self) -> Result<()> {
         self.since_compress = 0;
+        if self.cfg.kv.options.codec {
+            self.codec_roundtrip()?;
+        }
         let Some(press) = self.press.as_mut() else {
-            return;
+            return Ok(());
         };
         self.compressions += 1;
         let seen = self.tokens.len();
@@ -515,6 +524,24 @@ impl<'m> Session<'m> {
         );
         rayon::scope(|_| press.compress(cache, obs, acc, mc, seen));
         self.note_bytes();
+        Ok(())
+    }
+
+    /// The spec's `codec` option: every entry encoded with the KV codec ([`codec`], the format of the prefix store's
+    /// disk and Redis tiers, default settings) and decoded back in place of the cache, as a restore from those tiers
+    /// gives it. The cache must hold every entry in f16 or f32 (the spec's checks), on every layer.
+    fn codec_roundtrip(&mut self) -> Result<()> {
+        check_codec(&self.cache.cfg, self.cfg.offload.is_some())?;
+        let n = self.cache.len(0, 0);
+        let rows = codec::KvRows::from_cache(&self.cache, 0, n)?;
+        let blob = codec::encode(&rows, &codec::CodecConfig::default())?;
+        let back = codec::decode(&blob)?;
+        drop(rows);
+        self.cache.truncate(0);
+        back.append_to(&mut self.cache)?;
+        self.acc.sync_len(&self.cache);
+        self.stats.codec_bytes = Some(blob.len());
+        Ok(())
     }
 
     /// A copy of this session — cache, token history, recorded queries and accumulated attention — under another KV
@@ -524,7 +551,7 @@ impl<'m> Session<'m> {
         // The fork records only what its own method reads: the source's extra observations (kept so that any method
         // could be forked) would slow every decode step of the fork.
         let mut s = self.copy_as(spec, Needs::default())?;
-        s.compress();
+        s.compress()?;
         s.context_end = Some(s.n_past());
         s.end_prefill();
         s.cache.rebalance()?;
@@ -756,6 +783,27 @@ fn check_offload(oc: &OffloadConfig, cfg: &SessionConfig, cache: &KvCache) -> Re
                 c.n_layers * c.n_kv_heads
             );
         }
+    }
+    Ok(())
+}
+
+/// What the spec's `codec` option needs of a cache (checked when the session is made, so a round-trip cannot fail on
+/// it mid-step): every entry of every layer in f16 or f32, in RAM.
+fn check_codec(c: &crate::kv::KvConfig, offloaded: bool) -> Result<()> {
+    if !matches!(c.dtype, KvDtype::F16 | KvDtype::F32) {
+        bail!(
+            "'codec' round-trips an f16 or f32 cache; this one stores {}",
+            c.dtype.label()
+        );
+    }
+    if (0..c.n_layers).any(|l| c.window(l).is_some()) {
+        bail!(
+            "'codec' needs every entry of every layer: this model's sliding-window layers keep only their window \
+             (run with --swa-full)"
+        );
+    }
+    if offloaded {
+        bail!("'codec' does not combine with --kv-offload");
     }
     Ok(())
 }

@@ -45,6 +45,9 @@ pub struct Stats {
     /// `--prefill lazyllm`: the share of (prompt token, layer) rows prefill computed (pruning skips the rest); its
     /// attention is dense over what is kept, so the stats line shows this instead of the density.
     pub prefill_rows_computed: Option<f64>,
+    /// The spec's `codec` option: bytes of the last codec blob the cache went through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec_bytes: Option<usize>,
     #[serde(skip)]
     pub prefill_s: f64,
     #[serde(skip)]
@@ -80,7 +83,10 @@ impl Stats {
     }
 
     pub fn line(&self) -> String {
-        format!(
+        let codec = self.codec_bytes.map_or(String::new(), |b| {
+            format!(" | KV codec blob {}", human_bytes(b))
+        });
+        let line = format!(
             "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({}) | prefill {} ({})",
             self.prompt_tokens,
             self.generated_tokens,
@@ -120,7 +126,8 @@ impl Stats {
                 Some(r) => format!("computed {:.1}% of token-layer rows", 100.0 * r),
                 None => format!("density {:.1}%", 100.0 * self.prefill_density),
             },
-        )
+        );
+        line + &codec
     }
 
     pub fn write_json(&self, path: &Path) -> Result<()> {

@@ -459,6 +459,21 @@ pub static OPTIONS: &[OptionRow] = &[
         },
         show: |o| o.think.map(|r| with_arg("think", r, think::DEFAULT_PRUNE_RATIO)),
     },
+    OptionRow {
+        name: "codec",
+        arg: "",
+        arg_required: false,
+        help: "at each compression point (`at`), the cache goes through the KV codec (CacheGen-style, the prefix \
+               store's disk and Redis format) and back: the answers of a cache restored from those tiers",
+        evicting_only: false,
+        alone: Some("every entry, encoded with the KV codec and decoded back at the compression point (`at`)"),
+        set: |o, a| {
+            no_arg("codec", a)?;
+            o.codec = true;
+            Ok(())
+        },
+        show: |o| o.codec.then(|| "codec".to_string()),
+    },
 ];
 
 /// Builds a selector for a spec on a model.

@@ -148,6 +148,9 @@ pub struct Options {
     pub kivi: Option<Kivi>,
     /// ThinK: share of key channels each head prunes.
     pub think: Option<f64>,
+    /// At each compression point the cache goes through the KV codec and back (a restore from the disk or Redis
+    /// tier).
+    pub codec: bool,
 }
 
 impl Options {
@@ -235,7 +238,7 @@ impl KvSpec {
 
     /// Whether a press runs for this spec (it evicts entries or prunes key channels): what the protocol applies to.
     pub fn compresses(&self) -> bool {
-        self.method.build.is_some() || self.options.think.is_some()
+        self.method.build.is_some() || self.options.think.is_some() || self.options.codec
     }
 
     /// The protocol this spec compresses under in a session (its `at` option, else [`CompressAt::Prompt`]).
@@ -282,6 +285,19 @@ impl KvSpec {
             bail!(
                 "'{self}' compresses nothing, so when compression runs (at@context|prompt, turns) does not apply; \
                  give a compression method (or think)"
+            );
+        }
+        if o.codec && (m.build.is_some() || o.kivi.is_some() || o.think.is_some()) {
+            bail!(
+                "'codec' round-trips an f16 cache that keeps every entry and every channel; it does not combine with \
+                 '{}'",
+                if m.build.is_some() {
+                    m.name
+                } else if o.kivi.is_some() {
+                    "KIVI storage"
+                } else {
+                    "ThinK's pruned key channels"
+                }
             );
         }
         if m.build.is_none() {
