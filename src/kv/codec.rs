@@ -28,7 +28,7 @@
 //! ```
 
 use anyhow::{bail, ensure, Context, Result};
-use constriction::stream::model::DefaultContiguousCategoricalEntropyModel;
+use constriction::stream::model::{DecoderModel, EncoderModel, EntropyModel};
 use constriction::stream::queue::{DefaultRangeDecoder, DefaultRangeEncoder};
 use constriction::stream::{Decode, Encode};
 use half::f16;
@@ -306,13 +306,83 @@ fn probabilities(classes: &[u8], out: &mut Vec<u32>) {
     out[arg] += ((1u64 << PRECISION) - sum) as u32;
 }
 
-fn model(classes: &[u8], buf: &mut Vec<u32>) -> Result<DefaultContiguousCategoricalEntropyModel> {
-    probabilities(classes, buf);
-    DefaultContiguousCategoricalEntropyModel::from_nonzero_fixed_point_probabilities(
-        buf.iter().copied(),
-        false,
-    )
-    .map_err(|()| anyhow::anyhow!("invalid entropy model"))
+/// Most levels a matrix has (`bins` ≤ 64 gives `2·(bins/2 − 1) + 1` ≤ 63 levels).
+const MAX_LEVELS: usize = 64;
+/// Bits of a quantile the decoding table is indexed by.
+const LUT_BITS: u32 = 8;
+
+/// A channel's entropy model: the cumulative distribution of its levels at [`PRECISION`] bits, and for decoding a
+/// table from a quantile's top [`LUT_BITS`] bits to the first level that may hold it. Codes exactly as
+/// constriction's contiguous categorical model over the same probabilities (the same intervals, so the same words),
+/// but finds a decoded symbol by one table look-up and a short forward scan instead of a binary search.
+struct Model {
+    /// `cdf[i]` = left cumulative of level `i`; `cdf[levels]` = 2^PRECISION.
+    cdf: [u32; MAX_LEVELS + 1],
+    lut: [u8; 1 << LUT_BITS],
+}
+
+impl Model {
+    /// The model for encoding: the cumulative distribution only.
+    fn new(classes: &[u8], buf: &mut Vec<u32>) -> Self {
+        probabilities(classes, buf);
+        let mut cdf = [0u32; MAX_LEVELS + 1];
+        for (i, &p) in buf.iter().enumerate() {
+            cdf[i + 1] = cdf[i] + p;
+        }
+        // Levels past the last one never hold a quantile.
+        cdf[buf.len() + 1..].fill(1 << PRECISION);
+        Self {
+            cdf,
+            lut: [0; 1 << LUT_BITS],
+        }
+    }
+
+    /// The model for decoding: with its table (entry `j` = the level holding quantile `j · 2^(PRECISION − LUT_BITS)`).
+    fn for_decoding(classes: &[u8], buf: &mut Vec<u32>) -> Self {
+        let mut m = Self::new(classes, buf);
+        let shift = PRECISION - LUT_BITS;
+        for i in 0..buf.len() {
+            // Entries whose quantile lies in [cdf[i], cdf[i + 1]).
+            let a = m.cdf[i].div_ceil(1 << shift) as usize;
+            let b = m.cdf[i + 1].div_ceil(1 << shift) as usize;
+            m.lut[a..b].fill(i as u8);
+        }
+        m
+    }
+}
+
+impl EntropyModel<{ PRECISION as usize }> for Model {
+    type Symbol = usize;
+    type Probability = u32;
+}
+
+impl EncoderModel<{ PRECISION as usize }> for Model {
+    fn left_cumulative_and_probability(
+        &self,
+        symbol: impl std::borrow::Borrow<usize>,
+    ) -> Option<(u32, std::num::NonZeroU32)> {
+        let s = *symbol.borrow();
+        let (l, r) = (*self.cdf.get(s)?, *self.cdf.get(s + 1)?);
+        Some((l, std::num::NonZeroU32::new(r - l)?))
+    }
+}
+
+impl DecoderModel<{ PRECISION as usize }> for Model {
+    #[inline]
+    fn quantile_function(&self, quantile: u32) -> (usize, u32, std::num::NonZeroU32) {
+        let mut i = self.lut[(quantile >> (PRECISION - LUT_BITS)) as usize] as usize;
+        // A quantile below 2^PRECISION lies below cdf[levels], so the scan stops at a real level.
+        while self.cdf[i + 1] <= quantile {
+            i += 1;
+        }
+        let (l, r) = (self.cdf[i], self.cdf[i + 1]);
+        // Every level has a probability of at least 1 (see `probabilities`).
+        (
+            i,
+            l,
+            std::num::NonZeroU32::new(r - l).unwrap_or(std::num::NonZeroU32::MIN),
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -401,7 +471,10 @@ pub fn encode(rows: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
     o.0[len_at..h0].copy_from_slice(&len.to_le_bytes());
     let crc = crc32fast::hash(&o.0[h0..]);
     o.u32(crc);
+    // Chunks encode alone, so they encode in parallel (as they decode).
+    use rayon::prelude::*;
     let chunks: Vec<Vec<u8>> = (0..rows.tokens.div_ceil(cfg.chunk_tokens))
+        .into_par_iter()
         .map(|c| {
             let a = c * cfg.chunk_tokens;
             encode_chunk(&rows.slice(a, (a + cfg.chunk_tokens).min(rows.tokens)), cfg)
@@ -467,7 +540,7 @@ fn encode_chunk(r: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
                 }
                 let mut enc = DefaultRangeEncoder::new();
                 for c in 0..d {
-                    let m = model(&classes[c * levels..][..levels], &mut probs)?;
+                    let m = Model::new(&classes[c * levels..][..levels], &mut probs);
                     enc.encode_iid_symbols(sym[c * n..][..n].iter().map(|&y| y as usize), &m)
                         .map_err(|e| anyhow::anyhow!("range coder: {e:?}"))?;
                 }
@@ -665,10 +738,11 @@ fn decode_chunk(bytes: &[u8], h: &Header, a: usize, n: usize, out: &mut KvRows) 
                 let hh = half(bins);
                 let levels = (2 * hh + 1) as usize;
                 let n_scales = if per_token { n } else { d };
-                let scales: Vec<f32> = i
+                // A level's step: the scale over `hh`.
+                let steps: Vec<f32> = i
                     .take(2 * n_scales, "scales")?
                     .chunks_exact(2)
-                    .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                    .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() / hh as f32)
                     .collect();
                 let packed = i.take((d * levels).div_ceil(2), "entropy models")?;
                 let classes: Vec<u8> = (0..d * levels)
@@ -690,11 +764,11 @@ fn decode_chunk(bytes: &[u8], h: &Header, a: usize, n: usize, out: &mut KvRows) 
                     .map_err(|e| anyhow::anyhow!("range decoder: {e:?}"))?;
                 let x = if is_key { &mut out.k } else { &mut out.v };
                 for c in 0..d {
-                    let m = model(&classes[c * levels..][..levels], &mut probs)?;
+                    let m = Model::for_decoding(&classes[c * levels..][..levels], &mut probs);
                     for (t, y) in dec.decode_iid_symbols(n, &m).enumerate() {
                         let y = y.map_err(|e| anyhow::anyhow!("range decoder: {e:?}"))? as i32;
-                        let sc = scales[if per_token { t } else { c }];
-                        x[(s * total + a + t) * d + c] = (y - hh) as f32 * sc / hh as f32;
+                        let step = steps[if per_token { t } else { c }];
+                        x[(s * total + a + t) * d + c] = (y - hh) as f32 * step;
                     }
                 }
             }

@@ -234,22 +234,39 @@ impl PrefixStore {
     }
 
     /// Extends `sources` (blocks 0.. of a prefix whose block keys are `keys`) from the tiers, one whole unit at a time.
+    /// Units are fetched and decoded in parallel (a unit is one codec chunk, which decodes on one thread); the run of
+    /// units found from the first one on is used, and no unit past a missing one is fetched once the gap is known.
     fn tier_lookup(&self, keys: &[Key], sources: &mut Vec<Source>) {
+        use rayon::prelude::*;
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let unit = self.codec.chunk_tokens;
         let ub = unit / BLOCK;
-        loop {
-            let m = sources.len();
-            let u = m / ub;
-            let end = (u + 1) * ub;
-            if end > keys.len() {
-                return;
-            }
-            let key = self.unit_key(&keys[end - 1]);
-            let Some(rows) = self.tier_get(&key, u * unit, unit) else {
+        let first = sources.len() / ub;
+        let units = keys.len() / ub;
+        if first >= units {
+            return;
+        }
+        let gap = AtomicUsize::new(usize::MAX);
+        let found: Vec<Option<KvRows>> = (first..units)
+            .into_par_iter()
+            .map(|u| {
+                if u > gap.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let key = self.unit_key(&keys[(u + 1) * ub - 1]);
+                let rows = self.tier_get(&key, u * unit, unit);
+                if rows.is_none() {
+                    gap.fetch_min(u, Ordering::Relaxed);
+                }
+                rows
+            })
+            .collect();
+        for (u, rows) in (first..).zip(found) {
+            let Some(rows) = rows else {
                 return;
             };
             let rows = Arc::new(rows);
-            for b in m..end {
+            for b in sources.len()..(u + 1) * ub {
                 sources.push(Source::Rows(rows.clone(), b - u * ub));
             }
         }
