@@ -234,8 +234,9 @@ impl PrefixStore {
     }
 
     /// Extends `sources` (blocks 0.. of a prefix whose block keys are `keys`) from the tiers, one whole unit at a time.
-    /// Units are fetched and decoded in parallel (a unit is one codec chunk, which decodes on one thread); the run of
-    /// units found from the first one on is used, and no unit past a missing one is fetched once the gap is known.
+    /// Units are fetched and decoded in parallel (a unit is one codec chunk, which decodes on one thread); what each
+    /// found (hits, refused blobs to delete) is then applied in order up to the first unit no tier serves, so the
+    /// store counts and deletes what a walk unit by unit would have, and units past a gap are left as they are.
     fn tier_lookup(&self, keys: &[Key], sources: &mut Vec<Source>) {
         use rayon::prelude::*;
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -247,22 +248,25 @@ impl PrefixStore {
             return;
         }
         let gap = AtomicUsize::new(usize::MAX);
-        let found: Vec<Option<KvRows>> = (first..units)
+        let found: Vec<Option<(Key, Probe<KvRows>)>> = (first..units)
             .into_par_iter()
             .map(|u| {
                 if u > gap.load(Ordering::Relaxed) {
                     return None;
                 }
                 let key = self.unit_key(&keys[(u + 1) * ub - 1]);
-                let rows = self.tier_get(&key, u * unit, unit);
-                if rows.is_none() {
+                let probe = self.tier_probe(&key, |blob| Self::unit_rows(blob, u * unit, unit));
+                if probe.found.is_none() {
                     gap.fetch_min(u, Ordering::Relaxed);
                 }
-                rows
+                Some((key, probe))
             })
             .collect();
-        for (u, rows) in (first..).zip(found) {
-            let Some(rows) = rows else {
+        for (u, f) in (first..).zip(found) {
+            let Some((key, probe)) = f else {
+                return;
+            };
+            let Some(rows) = self.tier_apply(&key, "entry", probe) else {
                 return;
             };
             let rows = Arc::new(rows);
@@ -272,20 +276,17 @@ impl PrefixStore {
         }
     }
 
-    /// The unit `key` from the first tier that has a good blob of it (tokens at positions `start..start + n`).
-    /// A blob that fails its checks is deleted.
-    fn tier_get(&self, key: &Key, start: usize, n: usize) -> Option<KvRows> {
-        self.tier_find(key, "entry", |blob| {
-            let r = codec::decode(blob)?;
-            let want: Vec<u32> = (start as u32..(start + n) as u32).collect();
-            if r.tokens != n || r.pos != want {
-                bail!(
-                    "holds {} tokens at other positions than the unit's",
-                    r.tokens
-                );
-            }
-            Ok(r)
-        })
+    /// A unit's rows from its blob (tokens at positions `start..start + n`).
+    fn unit_rows(blob: &[u8], start: usize, n: usize) -> Result<KvRows> {
+        let r = codec::decode(blob)?;
+        let want: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        if r.tokens != n || r.pos != want {
+            bail!(
+                "holds {} tokens at other positions than the unit's",
+                r.tokens
+            );
+        }
+        Ok(r)
     }
 
     /// `key`'s blob from the first tier that has one that `decode` accepts, counted as a hit. A tier that fails to
@@ -297,32 +298,56 @@ impl PrefixStore {
         what: &str,
         decode: impl Fn(&[u8]) -> Result<T>,
     ) -> Option<T> {
-        for t in &self.tiers {
+        let probe = self.tier_probe(key, decode);
+        self.tier_apply(key, what, probe)
+    }
+
+    /// The tiers asked for `key` in order until one has a blob `decode` accepts, with nothing counted or deleted
+    /// yet: what was seen is kept for [`Self::tier_apply`].
+    fn tier_probe<T>(&self, key: &Key, decode: impl Fn(&[u8]) -> Result<T>) -> Probe<T> {
+        let mut seen = Vec::new();
+        for (i, t) in self.tiers.iter().enumerate() {
             let blob = match t.get(key) {
                 Ok(Some(b)) => b,
                 Ok(None) => continue,
                 Err(e) => {
-                    eprintln!("warning: KV store {}: {e:#}", t.name());
-                    self.note_tier(|c| c.errors += 1);
+                    seen.push((i, Seen::Unanswered(e)));
                     continue;
                 }
             };
             match decode(&blob) {
                 Ok(v) => {
-                    self.note_tier(|c| c.hits += 1);
-                    return Some(v);
+                    return Probe {
+                        seen,
+                        found: Some(v),
+                    }
                 }
-                Err(e) => {
+                Err(e) => seen.push((i, Seen::Refused(e))),
+            }
+        }
+        Probe { seen, found: None }
+    }
+
+    /// Counts (and for refused blobs, deletes) what a probe of `key` saw; its value if a tier served one.
+    fn tier_apply<T>(&self, key: &Key, what: &str, probe: Probe<T>) -> Option<T> {
+        for (i, s) in probe.seen {
+            let t = &self.tiers[i];
+            self.note_tier(|c| c.errors += 1);
+            match s {
+                Seen::Unanswered(e) => eprintln!("warning: KV store {}: {e:#}", t.name()),
+                Seen::Refused(e) => {
                     eprintln!(
                         "warning: KV store {}: {what} {key:?} refused ({e:#}); deleted, its prefix is recomputed",
                         t.name()
                     );
-                    self.note_tier(|c| c.errors += 1);
                     let _ = t.remove(key);
                 }
             }
         }
-        None
+        if probe.found.is_some() {
+            self.note_tier(|c| c.hits += 1);
+        }
+        probe.found
     }
 
     /// Writes the whole units of `s`'s tokens that some tier lacks.
@@ -602,6 +627,20 @@ impl Namespace {
     pub fn of_session(id: ModelId, s: &Session) -> Self {
         Self::new(id, s.model.config(), &s.cfg, s.cache.cfg.dtype)
     }
+}
+
+/// What asking the tiers for one key saw (see `PrefixStore::tier_probe`).
+struct Probe<T> {
+    /// (tier index, what went wrong there), in tier order.
+    seen: Vec<(usize, Seen)>,
+    found: Option<T>,
+}
+
+enum Seen {
+    /// The tier failed to answer.
+    Unanswered(anyhow::Error),
+    /// Its blob failed to decode.
+    Refused(anyhow::Error),
 }
 
 #[cfg(test)]
