@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::{Lengths, Session};
-use crate::kv::codec::{self, CodecConfig, KeyScale, KvRows};
+use crate::kv::codec::{self, CodecConfig, KeyScale, KvRows, LayerBins};
 use crate::kv::{KvConfig, KvDtype};
 
 #[derive(Args, Debug)]
@@ -31,28 +31,16 @@ pub struct CodecArgs {
     /// Key scaling: channel (default) or token (CacheGen's).
     #[arg(long, default_value = "channel")]
     pub key_scale: String,
-    /// Key bins as SPLIT:EARLY:LATE (layers below SPLIT get EARLY bins).
-    #[arg(long, default_value = "0:32:32")]
-    pub key_bins: String,
-    /// Value bins as SPLIT:EARLY:LATE.
-    #[arg(long, default_value = "2:32:16")]
-    pub value_bins: String,
+    /// Key bins as SPLIT:EARLY:LATE: layers below SPLIT get EARLY bins; SPLIT a layer or a share of the layers
+    /// (`2/3:32:64`). Default: the codec's own.
+    #[arg(long)]
+    pub key_bins: Option<LayerBins>,
+    /// Value bins as SPLIT:EARLY:LATE. Default: the codec's own.
+    #[arg(long)]
+    pub value_bins: Option<LayerBins>,
     /// Write the figures as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-fn parse_bins(s: &str) -> Result<(usize, u8, u8)> {
-    let p: Vec<&str> = s.split(':').collect();
-    let bad = || format!("bins '{s}': expected SPLIT:EARLY:LATE, e.g. 10:32:16");
-    if p.len() != 3 {
-        bail!(bad());
-    }
-    Ok((
-        p[0].parse().with_context(bad)?,
-        p[1].parse().with_context(bad)?,
-        p[2].parse().with_context(bad)?,
-    ))
 }
 
 /// Mean negative log-likelihood of `toks[1..]` fed after the session's cache, starting with `toks[0]`.
@@ -98,8 +86,8 @@ pub fn run(a: CodecArgs) -> Result<()> {
             "channel" => KeyScale::Channel,
             s => bail!("--key-scale '{s}': token or channel"),
         },
-        key_bins: parse_bins(&a.key_bins)?,
-        value_bins: parse_bins(&a.value_bins)?,
+        key_bins: a.key_bins.unwrap_or(CodecConfig::default().key_bins),
+        value_bins: a.value_bins.unwrap_or(CodecConfig::default().value_bins),
     };
     let path = match &a.file {
         Some(p) => p.clone(),
@@ -155,8 +143,8 @@ pub fn run(a: CodecArgs) -> Result<()> {
         orig.cache.cfg.dtype.label(),
         cfg.chunk_tokens,
         cfg.key_scale,
-        a.key_bins,
-        a.value_bins
+        cfg.key_bins,
+        cfg.value_bins
     );
     println!(
         "{:<8} {:>12} {:>10} {:>8}",
@@ -185,7 +173,7 @@ pub fn run(a: CodecArgs) -> Result<()> {
     if let Some(p) = &a.json {
         let j = serde_json::json!({
             "tokens": ctx, "chunk_tokens": cfg.chunk_tokens, "key_scale": a.key_scale,
-            "key_bins": a.key_bins, "value_bins": a.value_bins,
+            "key_bins": cfg.key_bins.to_string(), "value_bins": cfg.value_bins.to_string(),
             "bytes": sizes.iter().map(|(n, b)| (n.to_string(), *b)).collect::<std::collections::BTreeMap<_, _>>(),
             "ratio_vs_f16": f16 as f64 / blob.len() as f64,
             "ppl_f16": ppl_orig, "ppl_decoded": ppl_dec, "ppl_delta_pct": delta,

@@ -175,9 +175,100 @@ pub enum KeyScale {
 pub struct CodecConfig {
     pub chunk_tokens: usize,
     pub key_scale: KeyScale,
-    /// (layers before the split, their bins, bins after) for keys, and for values.
-    pub key_bins: (usize, u8, u8),
-    pub value_bins: (usize, u8, u8),
+    /// Bins per layer for keys, and for values.
+    pub key_bins: LayerBins,
+    pub value_bins: LayerBins,
+}
+
+/// Where a codec's layer groups split: before a layer, or at a share of the model's layers (rounded down), so one
+/// setting carries across models of different depths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Layer(usize),
+    /// `num / den` of the layers come before the split.
+    Share {
+        num: u16,
+        den: u16,
+    },
+}
+
+/// Bins of two layer groups: the layers before the split get `early`, the rest `late` (`SPLIT:EARLY:LATE`, SPLIT a
+/// layer index or a share `a/b`: `2/3:32:64`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerBins {
+    pub split: Split,
+    pub early: u8,
+    pub late: u8,
+}
+
+impl LayerBins {
+    pub const fn at_layer(split: usize, early: u8, late: u8) -> Self {
+        Self {
+            split: Split::Layer(split),
+            early,
+            late,
+        }
+    }
+
+    /// The first layer of the late group in a model of `n_layers` layers.
+    pub fn split_layer(&self, n_layers: usize) -> usize {
+        match self.split {
+            Split::Layer(l) => l,
+            Split::Share { num, den } => n_layers * num as usize / den as usize,
+        }
+    }
+
+    /// Bins of `layer` in a model of `n_layers` layers.
+    pub fn bins(&self, layer: usize, n_layers: usize) -> u8 {
+        if layer < self.split_layer(n_layers) {
+            self.early
+        } else {
+            self.late
+        }
+    }
+}
+
+impl std::str::FromStr for LayerBins {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            format!("codec bins '{s}': expected SPLIT:EARLY:LATE, SPLIT a layer or a share (10:32:16, 2/3:32:64)")
+        };
+        let p: Vec<&str> = s.split(':').collect();
+        ensure!(p.len() == 3, bad());
+        let split = match p[0].split_once('/') {
+            Some((a, b)) => {
+                let (num, den): (u16, u16) =
+                    (a.parse().with_context(bad)?, b.parse().with_context(bad)?);
+                ensure!(
+                    den > 0 && num <= den,
+                    "{}: a share a/b needs 0 < b and a <= b",
+                    bad()
+                );
+                Split::Share { num, den }
+            }
+            None => Split::Layer(p[0].parse().with_context(bad)?),
+        };
+        let (early, late): (u8, u8) = (
+            p[1].parse().with_context(bad)?,
+            p[2].parse().with_context(bad)?,
+        );
+        for b in [early, late] {
+            ensure!((4..=64).contains(&b), "{}: bins must lie in 4..=64", bad());
+        }
+        Ok(Self { split, early, late })
+    }
+}
+
+impl std::fmt::Display for LayerBins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.split {
+            Split::Layer(l) => write!(f, "{l}")?,
+            Split::Share { num, den } => write!(f, "{num}/{den}")?,
+        }
+        write!(f, ":{}:{}", self.early, self.late)
+    }
 }
 
 impl Default for CodecConfig {
@@ -190,17 +281,9 @@ impl Default for CodecConfig {
         Self {
             chunk_tokens: 256,
             key_scale: KeyScale::Channel,
-            key_bins: (0, 32, 32),
-            value_bins: (2, 32, 16),
+            key_bins: LayerBins::at_layer(0, 32, 32),
+            value_bins: LayerBins::at_layer(2, 32, 16),
         }
-    }
-}
-
-fn bins_of((split, early, late): (usize, u8, u8), layer: usize) -> u8 {
-    if layer < split {
-        early
-    } else {
-        late
     }
 }
 
@@ -435,9 +518,9 @@ pub fn encode(rows: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
         cfg.chunk_tokens > 0,
         "codec chunks must hold at least one token"
     );
-    for (what, (_, a, b)) in [("key", cfg.key_bins), ("value", cfg.value_bins)] {
+    for (what, b) in [("key", cfg.key_bins), ("value", cfg.value_bins)] {
         ensure!(
-            (4..=64).contains(&a) && (4..=64).contains(&b),
+            (4..=64).contains(&b.early) && (4..=64).contains(&b.late),
             "codec {what} bins must lie in 4..=64"
         );
     }
@@ -464,7 +547,7 @@ pub fn encode(rows: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
     });
     for bins in [cfg.key_bins, cfg.value_bins] {
         for l in 0..rows.n_layers {
-            o.u8(bins_of(bins, l));
+            o.u8(bins.bins(l, rows.n_layers));
         }
     }
     let len = (o.0.len() - h0) as u32;
@@ -507,10 +590,10 @@ fn encode_chunk(r: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
                 (
                     &r.k,
                     r.hk,
-                    bins_of(cfg.key_bins, layer),
+                    cfg.key_bins.bins(layer, r.n_layers),
                     cfg.key_scale == KeyScale::Token,
                 ),
-                (&r.v, r.hv, bins_of(cfg.value_bins, layer), true),
+                (&r.v, r.hv, cfg.value_bins.bins(layer, r.n_layers), true),
             ] {
                 let h = half(bins);
                 let levels = (2 * h + 1) as usize;

@@ -23,8 +23,8 @@ fn cfg(chunk: usize, key_scale: KeyScale) -> CodecConfig {
     CodecConfig {
         chunk_tokens: chunk,
         key_scale,
-        key_bins: (1, 32, 16),
-        value_bins: (1, 32, 16),
+        key_bins: LayerBins::at_layer(1, 32, 16),
+        value_bins: LayerBins::at_layer(1, 32, 16),
     }
 }
 
@@ -40,8 +40,8 @@ fn dequantized(r: &KvRows, c: &CodecConfig) -> KvRows {
             for head in 0..r.n_heads {
                 let s = layer * r.n_heads + head;
                 for (is_key, d, bins) in [
-                    (true, r.hk, bins_of(c.key_bins, layer)),
-                    (false, r.hv, bins_of(c.value_bins, layer)),
+                    (true, r.hk, c.key_bins.bins(layer, r.n_layers)),
+                    (false, r.hv, c.value_bins.bins(layer, r.n_layers)),
                 ] {
                     let per_token = !is_key || c.key_scale == KeyScale::Token;
                     let h = half(bins);
@@ -248,5 +248,30 @@ fn the_table_model_codes_exactly_as_the_categorical_model() {
                 .collect();
             assert_eq!(back, sym);
         }
+    }
+}
+
+#[test]
+fn layer_bins_parse_split_at_a_layer_or_a_share() {
+    let b: LayerBins = "2/3:32:64".parse().unwrap();
+    assert_eq!(b.split, Split::Share { num: 2, den: 3 });
+    assert_eq!(b.to_string(), "2/3:32:64");
+    // 30 layers (SmolLM2): the last third, layers 20..30, get 64; 18 layers (Gemma 3 270M): layers 12..18.
+    assert_eq!((b.bins(19, 30), b.bins(20, 30)), (32, 64));
+    assert_eq!((b.bins(11, 18), b.bins(12, 18)), (32, 64));
+    let l: LayerBins = "2:32:16".parse().unwrap();
+    assert_eq!(l, LayerBins::at_layer(2, 32, 16));
+    assert_eq!(l.to_string(), "2:32:16");
+    for bad in [
+        "2:32",
+        "x:32:16",
+        "2/0:32:16",
+        "4/3:32:16",
+        "2:3:16",
+        "2:32:65",
+        "1/2/3:32:16",
+    ] {
+        let e = bad.parse::<LayerBins>().unwrap_err().to_string();
+        assert!(e.contains(bad), "{bad}: {e}");
     }
 }
