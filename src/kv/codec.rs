@@ -201,7 +201,15 @@ pub struct LayerBins {
     pub late: u8,
 }
 
+/// Bins a layer group may have: at most 64, so a matrix has at most [`MAX_LEVELS`] levels.
+pub const BINS: std::ops::RangeInclusive<u8> = 4..=64;
+
 impl LayerBins {
+    /// Whether both groups' bins lie in [`BINS`].
+    fn in_range(&self) -> bool {
+        BINS.contains(&self.early) && BINS.contains(&self.late)
+    }
+
     pub const fn at_layer(split: usize, early: u8, late: u8) -> Self {
         Self {
             split: Split::Layer(split),
@@ -254,10 +262,9 @@ impl std::str::FromStr for LayerBins {
             p[1].parse().with_context(bad)?,
             p[2].parse().with_context(bad)?,
         );
-        for b in [early, late] {
-            ensure!((4..=64).contains(&b), "{}: bins must lie in 4..=64", bad());
-        }
-        Ok(Self { split, early, late })
+        let b = Self { split, early, late };
+        ensure!(b.in_range(), "{}: bins must lie in {BINS:?}", bad());
+        Ok(b)
     }
 }
 
@@ -519,10 +526,7 @@ pub fn encode(rows: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
         "codec chunks must hold at least one token"
     );
     for (what, b) in [("key", cfg.key_bins), ("value", cfg.value_bins)] {
-        ensure!(
-            (4..=64).contains(&b.early) && (4..=64).contains(&b.late),
-            "codec {what} bins must lie in 4..=64"
-        );
+        ensure!(b.in_range(), "codec {what} bins must lie in {BINS:?}");
     }
     let mut o = Out::default();
     o.0.extend_from_slice(MAGIC);
