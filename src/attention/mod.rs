@@ -1026,7 +1026,12 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     // Selected pieces: whole blocks take the block path; parts of blocks are gathered into a tile of BT entries.
     let mut ng = 0;
     // Entries gathered with the selector's scores (a decode step's rows only), in a tile of their own.
-    let (mut ns, given_rows) = (0, a.scores.is_some() && rows == g);
+    let mut ns = 0;
+    // The given scores (a decode step's rows only, every part holding them) and the entries they cover.
+    let given = a
+        .scores
+        .filter(|gs| rows == g && gs.holds_rows(rows))
+        .map(|gs| (gs, gs.lo(), gs.hi()));
     // The block whose keys `buf.k` holds converted (pieces of one block follow each other).
     let mut converted = usize::MAX;
     let task_pieces = &pieces[task.blk0..task.blk1];
@@ -1044,10 +1049,11 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             ahead += 1;
         }
         let whole = j0 == 0 && j1 == blk.n;
-        if let (Some(gs), BlockData::F16 { v: vh, .. }, None) = (a.scores, blk.data, blk.channels) {
-            let (base, lo, hi) = (pc.block as usize * BT, gs.lo as usize, gs.hi as usize);
-            let n = hi - lo;
-            if given_rows && base + j0 >= lo && base + j1 <= hi && gs.rows.len() >= rows * n {
+        if let (Some((gs, lo, hi)), BlockData::F16 { v: vh, .. }, None) =
+            (given, blk.data, blk.channels)
+        {
+            let base = pc.block as usize * BT;
+            if base + j0 >= lo && base + j1 <= hi {
                 // Entries the selector scored for this query: their scores and values gathered into a tile, their
                 // keys not read. The value rows a few pieces on are asked for now (scattered pieces in separate
                 // blocks, which the hardware prefetchers do not follow).
@@ -1065,12 +1071,20 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                         fold_given::<BT>(a, ns, buf);
                         ns = 0;
                     }
-                    let m = (j1 - j).min(BT - ns);
+                    // Up to the end of the part holding the entry (a split scan's parts meet anywhere; they are
+                    // adjacent, so every entry of [lo, hi) has one).
+                    let m = (j1 - j).min(BT - ns).min(gs.run_len(base + j));
                     for r in 0..rows {
-                        buf.gs[r * BT + ns..][..m]
-                            .copy_from_slice(&gs.rows[r * n + base + j - lo..][..m]);
+                        let run = gs
+                            .run(r, rows, base + j)
+                            .expect("given scores cover [lo, hi)");
+                        buf.gs[r * BT + ns..][..m].copy_from_slice(&run[..m]);
                     }
-                    vh[j * hv..][..m * hv].convert_to_f32_slice(&mut buf.sv[ns * hv..][..m * hv]);
+                    to_f32(
+                        &vh[j * hv..][..m * hv],
+                        &mut buf.sv[ns * hv..][..m * hv],
+                        a.simd,
+                    );
                     buf.spos[ns..ns + m].copy_from_slice(&blk.pos[j..j + m]);
                     ns += m;
                     j += m;
@@ -2603,27 +2617,41 @@ mod tests {
         }
     }
 
-    /// Raw scores q·k of the decode row `q1` over entries `[lo, hi)` of every KV head, as a selector hands them over.
-    fn given_scores(cache: &KvCache, q1: &[f32], sel: &mut Selection, (lo, hi): (usize, usize)) {
+    /// Raw scores q·k of the decode row `q1` over entries `[lo, hi)` of every KV head, as a selector hands them over:
+    /// in `parts` adjacent parts of about equal length (cut inside blocks, as a split scan cuts).
+    fn given_scores(
+        cache: &KvCache,
+        q1: &[f32],
+        sel: &mut Selection,
+        (lo, hi): (usize, usize),
+        parts: usize,
+    ) {
         let (n_q, n_kv, hd) = (CASE.0, CASE.1, CASE.2);
         let g = n_q / n_kv;
         let bt = cache.cfg.block_tokens;
         let mut key = vec![0.0f32; hd];
         for h in 0..n_kv {
             let given = sel.scores_mut(h);
-            (given.lo, given.hi) = (lo as u32, hi as u32);
-            given.rows.clear();
-            for i in 0..g {
-                let qr = &q1[(h * g + i) * hd..][..hd];
-                for e in lo..hi {
-                    cache.block(0, h, e / bt).read_key(e % bt, &mut key);
-                    let dot: f64 = qr
-                        .iter()
-                        .zip(&key)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum();
-                    given.rows.push(dot as f32);
+            given.clear();
+            for part in 0..parts {
+                let (a, b) = (
+                    lo + (hi - lo) * part / parts,
+                    lo + (hi - lo) * (part + 1) / parts,
+                );
+                let mut rows = Vec::new();
+                for i in 0..g {
+                    let qr = &q1[(h * g + i) * hd..][..hd];
+                    for e in a..b {
+                        cache.block(0, h, e / bt).read_key(e % bt, &mut key);
+                        let dot: f64 = qr
+                            .iter()
+                            .zip(&key)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        rows.push(dot as f32);
+                    }
                 }
+                given.push_swap(a, b, &mut rows);
             }
         }
     }
@@ -2639,7 +2667,13 @@ mod tests {
         let q1 = &q[..n_q * hd]; // 1 × n_q·hd
         let at = [len as u32 - 1];
         let mut scratch = AttnScratch::default();
-        for (shift, middle) in [(0, (16, 290)), (1, (16, 290)), (2, (40, 290))] {
+        for (shift, middle, parts) in [
+            (0, (16, 290), 1),
+            (1, (16, 290), 1),
+            (2, (40, 290), 1),
+            (0, (16, 290), 3),
+            (1, (40, 290), 2),
+        ] {
             let mut sel = scattered(2, len, shift);
             let want = naive_attention_over(&cache, 0, q1, &at, &p, Some(&sel));
             for simd in simd_levels() {
@@ -2666,7 +2700,7 @@ mod tests {
                 };
                 sel.forget_scores();
                 let (plain, read_plain) = run(&sel, &mut scratch);
-                given_scores(&cache, q1, &mut sel, middle);
+                given_scores(&cache, q1, &mut sel, middle, parts);
                 assert!(sel.scores(0).is_some() && sel.scores(1).is_some());
                 let (given, read_given) = run(&sel, &mut scratch);
                 assert!(
@@ -2684,8 +2718,14 @@ mod tests {
                     "{simd:?}: {read_given} bytes read with given scores, {read_plain} without"
                 );
                 // One entry's score raised: the output moves.
-                let e = 135 - middle.0;
-                sel.scores_mut(0).rows[e] += 8.0;
+                let part = sel
+                    .scores_mut(0)
+                    .parts_mut()
+                    .iter_mut()
+                    .find(|p| (p.lo..p.hi).contains(&135));
+                let part = part.expect("a part holds entry 135");
+                let e = 135 - part.lo as usize;
+                part.rows[e] += 8.0;
                 let (wrong, _) = run(&sel, &mut scratch);
                 assert!(
                     err(&wrong) > 1e-3,

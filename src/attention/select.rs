@@ -11,19 +11,101 @@ pub struct Selection {
 }
 
 /// Raw scores q·k (before the 1/√d scale, soft-cap and mask) of the one query row of every query head of a KV
-/// head's group over its entries `[lo, hi)`: query head i's (in group order) at `rows[i · (hi − lo)..][..hi − lo]`.
+/// head's group over its entries `[lo, hi)`, in contiguous parts (one, or one per task of a split scan, so each task
+/// fills its own buffer): part `[a, b)` holds query head i's (in group order) at `rows[i · (b − a)..][..b − a]`.
 #[derive(Clone, Debug, Default)]
 pub struct GivenScores {
+    /// The first `n` of these are in use, ascending and adjacent; the rest keep their memory for later steps.
+    parts: Vec<ScorePart>,
+    n: usize,
+}
+
+/// One part of [`GivenScores`]: entries `[lo, hi)`, group rows × (hi − lo) scores.
+#[derive(Clone, Debug, Default)]
+pub struct ScorePart {
     pub lo: u32,
     pub hi: u32,
-    /// Group rows × (hi − lo).
     pub rows: Vec<f32>,
 }
 
 impl GivenScores {
-    /// Whether it holds scores (a head without them has lo = hi).
+    /// Whether it holds scores (a head without them has no part).
     pub fn is_empty(&self) -> bool {
-        self.lo >= self.hi
+        self.lo() >= self.hi()
+    }
+
+    /// First entry scored.
+    pub fn lo(&self) -> usize {
+        self.parts[..self.n].first().map_or(0, |p| p.lo as usize)
+    }
+
+    /// One past the last entry scored.
+    pub fn hi(&self) -> usize {
+        self.parts[..self.n].last().map_or(0, |p| p.hi as usize)
+    }
+
+    /// Drops every part (keeping their memory).
+    pub fn clear(&mut self) {
+        self.n = 0;
+    }
+
+    /// Appends a part over `[lo, hi)` (which must follow the last one), swapping `rows` in: the caller gets back the
+    /// buffer a previous step left in that slot, to reuse.
+    pub fn push_swap(&mut self, lo: usize, hi: usize, rows: &mut Vec<f32>) {
+        assert!(
+            lo < hi && (self.n == 0 || self.hi() == lo),
+            "given scores: part [{lo}, {hi}) does not extend [{}, {})",
+            self.lo(),
+            self.hi()
+        );
+        if self.parts.len() == self.n {
+            self.parts.push(ScorePart::default());
+        }
+        let p = &mut self.parts[self.n];
+        (p.lo, p.hi) = (lo as u32, hi as u32);
+        std::mem::swap(&mut p.rows, rows);
+        self.n += 1;
+    }
+
+    /// The parts in use.
+    pub fn parts(&self) -> &[ScorePart] {
+        &self.parts[..self.n]
+    }
+
+    /// Mutable parts in use (tests edit scores to see the kernel take them).
+    pub fn parts_mut(&mut self) -> &mut [ScorePart] {
+        &mut self.parts[..self.n]
+    }
+
+    /// Scores of query head `row` for entries `e, e + 1, …` up to the end of the part holding `e` (None when `e` is
+    /// outside `[lo, hi)` or a part holds fewer than `rows` rows).
+    #[inline]
+    pub fn run(&self, row: usize, rows: usize, e: usize) -> Option<&[f32]> {
+        let p = self
+            .parts()
+            .iter()
+            .find(|p| (p.lo as usize..p.hi as usize).contains(&e))?;
+        let n = (p.hi - p.lo) as usize;
+        if row >= rows || p.rows.len() < rows * n {
+            return None;
+        }
+        Some(&p.rows[row * n + e - p.lo as usize..(row + 1) * n])
+    }
+
+    /// Entries from `e` to the end of the part holding it (0 outside `[lo, hi)`).
+    #[inline]
+    pub fn run_len(&self, e: usize) -> usize {
+        self.parts()
+            .iter()
+            .find(|p| (p.lo as usize..p.hi as usize).contains(&e))
+            .map_or(0, |p| p.hi as usize - e)
+    }
+
+    /// Whether every part holds `rows` rows of scores.
+    pub fn holds_rows(&self, rows: usize) -> bool {
+        self.parts()
+            .iter()
+            .all(|p| p.rows.len() >= rows * (p.hi - p.lo) as usize)
     }
 }
 
@@ -41,13 +123,13 @@ impl Selection {
     /// Drops every head's given scores (keeping their memory).
     pub fn forget_scores(&mut self) {
         for g in &mut self.scores {
-            g.hi = g.lo;
+            g.clear();
         }
     }
 
     /// `head`'s given-scores slot, to fill: a selector that scored the step's query against entries `[lo, hi)` of
-    /// the head sets `lo`, `hi` and `rows` ([`GivenScores`]), e.g. by swapping its own buffer in. Only for a decode
-    /// step (one query row) and only the scores of this very query: the kernel trusts them in place of the keys.
+    /// the head adds them as parts ([`GivenScores::push_swap`], swapping its own buffers in). Only for a decode step
+    /// (one query row) and only the scores of this very query: the kernel trusts them in place of the keys.
     pub fn scores_mut(&mut self, head: usize) -> &mut GivenScores {
         if self.scores.len() <= head {
             self.scores.resize_with(head + 1, GivenScores::default);

@@ -51,12 +51,26 @@ pub(crate) fn rows_dot_max_with(k: Kernel, rows: &[f16], d: usize, w: &[f32], ou
 /// product the error is the query's rounding, at most `s_j / 2` per channel: |Δ| ≤ scales[i] · s_j / 2 · Σ_c |codes|.
 /// Rows wider than [`MAX_QD`] channels take the float product (`w` unquantized).
 pub fn rows_dot_max_i8(codes: &[i8], scales: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
-    rows_dot_max_i8_with(super::kernel(), codes, scales, d, w, out)
+    rows_dot_i8_with(super::kernel(), codes, scales, d, w, out, None)
+}
+
+/// [`rows_dot_max_i8`], and each vector's own scores: `each[j · n + i]` = the score of row i against vector j
+/// (n = `out.len()`), of which `out[i]` is the largest (the same number).
+pub fn rows_dot_i8_each(
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+    each: &mut [f32],
+) {
+    rows_dot_i8_with(super::kernel(), codes, scales, d, w, out, Some(each))
 }
 
 /// Widest row [`rows_dot_max_i8`] quantizes the vectors for (their codes live on the stack).
 pub const MAX_QD: usize = 512;
 
+#[cfg(test)]
 pub(crate) fn rows_dot_max_i8_with(
     k: Kernel,
     codes: &[i8],
@@ -65,21 +79,48 @@ pub(crate) fn rows_dot_max_i8_with(
     w: &[f32],
     out: &mut [f32],
 ) {
+    rows_dot_i8_with(k, codes, scales, d, w, out, None)
+}
+
+/// [`rows_dot_max_i8`] on kernel `k`, with each vector's scores into `each` when given ([`rows_dot_i8_each`]).
+pub(crate) fn rows_dot_i8_with(
+    k: Kernel,
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+    mut each: Option<&mut [f32]>,
+) {
     let nw = w.len() / d.max(1);
+    let n = out.len();
     assert!(
-        scales.len() >= out.len()
+        scales.len() >= n
             && d > 0
             && (1..=MAX_VECTORS).contains(&nw)
             && w.len() == nw * d
-            && codes.len() >= out.len() * d,
-        "rows_dot_max_i8: {} scales, {nw} vectors of {d} for {} rows",
+            && codes.len() >= n * d
+            && each.as_ref().is_none_or(|e| e.len() >= nw * n),
+        "rows_dot_max_i8: {} scales, {nw} vectors of {d} for {n} rows",
         scales.len(),
-        out.len()
     );
     if d > MAX_QD {
-        dot_max(k, codes, d, w, out);
-        for (o, &s) in out.iter_mut().zip(scales) {
-            *o *= s;
+        let Some(e) = each else {
+            dot_max(k, codes, d, w, out);
+            for (o, &s) in out.iter_mut().zip(scales) {
+                *o *= s;
+            }
+            return;
+        };
+        // Each vector's float products alone, and their maximum.
+        out.fill(f32::NEG_INFINITY);
+        for (j, wj) in w.chunks_exact(d).enumerate() {
+            let ej = &mut e[j * n..(j + 1) * n];
+            dot_max(k, codes, d, wj, ej);
+            for ((v, &s), o) in ej.iter_mut().zip(scales).zip(out.iter_mut()) {
+                *v *= s;
+                *o = o.max(*v);
+            }
         }
         return;
     }
@@ -94,25 +135,19 @@ pub(crate) fn rows_dot_max_i8_with(
         // SAFETY: the AVX-512 kernel is only chosen when the CPU has F/BW/VL/VNNI; shapes checked above.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 if d.is_multiple_of(64) => unsafe {
+            let e = each.as_deref_mut();
             // The vector count a constant where it is small, so the accumulators stay in registers.
             match nw {
-                1 => i8q_vnni::<1>(codes, scales, d, qi, step, out),
-                2 => i8q_vnni::<2>(codes, scales, d, qi, step, out),
-                3 => i8q_vnni::<3>(codes, scales, d, qi, step, out),
-                4 => i8q_vnni::<4>(codes, scales, d, qi, step, out),
-                _ => i8q_vnni::<0>(codes, scales, d, qi, step, out),
+                1 => i8q_vnni::<1>(codes, scales, d, qi, step, out, e),
+                2 => i8q_vnni::<2>(codes, scales, d, qi, step, out, e),
+                3 => i8q_vnni::<3>(codes, scales, d, qi, step, out, e),
+                4 => i8q_vnni::<4>(codes, scales, d, qi, step, out, e),
+                _ => i8q_vnni::<0>(codes, scales, d, qi, step, out, e),
             }
         },
         _ => 0,
     };
-    i8q_portable(
-        &codes[done * d..],
-        &scales[done..],
-        d,
-        qi,
-        step,
-        &mut out[done..],
-    );
+    i8q_portable(codes, scales, d, qi, step, out, done, each);
 }
 
 /// Quantizes `x` to 8 bits, `x ≈ s · out` with s = max|x| / 127 and out = round(x / s) (all zero when x is), and
@@ -126,17 +161,41 @@ pub fn quantize_i8(x: &[f32], out: &mut [i8]) -> f32 {
     amax / 127.0
 }
 
-/// One row's score from its integer dot products with the vectors (the float steps every path takes).
+/// Row i's scores from its integer dot products with the vectors (the float steps every path takes): each vector's
+/// `(t · s_j) · scale` into `each[j · n + i]` when given, and `max_j (t · s_j) · scale` returned (scale ≥ 0 and
+/// rounding is monotonic, so that is the largest of them as a number).
 #[inline(always)]
-fn i8q_score(dots: impl Iterator<Item = i32>, step: &[f32], scale: f32) -> f32 {
-    dots.zip(step)
-        .map(|(t, &s)| t as f32 * s)
-        .fold(f32::NEG_INFINITY, f32::max)
-        * scale
+fn i8q_score(
+    dots: impl Iterator<Item = i32>,
+    step: &[f32],
+    scale: f32,
+    mut each: Option<(&mut [f32], usize, usize)>,
+) -> f32 {
+    let mut best = f32::NEG_INFINITY;
+    for (j, (t, &s)) in dots.zip(step).enumerate() {
+        let v = t as f32 * s;
+        if let Some((e, n, i)) = each.as_mut() {
+            e[j * *n + *i] = v * scale;
+        }
+        best = best.max(v);
+    }
+    best * scale
 }
 
-fn i8q_portable(codes: &[i8], scales: &[f32], d: usize, qi: &[i8], step: &[f32], out: &mut [f32]) {
-    for (i, o) in out.iter_mut().enumerate() {
+/// Rows `from..out.len()` on the portable path.
+#[allow(clippy::too_many_arguments)] // the rows, the quantized vectors and the two outputs
+fn i8q_portable(
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    qi: &[i8],
+    step: &[f32],
+    out: &mut [f32],
+    from: usize,
+    mut each: Option<&mut [f32]>,
+) {
+    let n = out.len();
+    for (i, o) in out.iter_mut().enumerate().skip(from) {
         let r = &codes[i * d..][..d];
         let dots = qi.chunks_exact(d).map(|q| {
             r.iter()
@@ -144,7 +203,12 @@ fn i8q_portable(codes: &[i8], scales: &[f32], d: usize, qi: &[i8], step: &[f32],
                 .map(|(&a, &b)| a as i32 * b as i32)
                 .sum::<i32>()
         });
-        *o = i8q_score(dots, step, scales[i]);
+        *o = i8q_score(
+            dots,
+            step,
+            scales[i],
+            each.as_deref_mut().map(|e| (e, n, i)),
+        );
     }
 }
 
@@ -190,6 +254,7 @@ unsafe fn sum16(v: &[std::arch::x86_64::__m512i; 16]) -> std::arch::x86_64::__m5
 /// row's codes, less 128 · Σ codes (a second `vpdpbusd` with 128s), is the signed dot product.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)] // the rows, the quantized vectors and the two outputs
 unsafe fn i8q_vnni<const NW: usize>(
     codes: &[i8],
     scales: &[f32],
@@ -197,10 +262,12 @@ unsafe fn i8q_vnni<const NW: usize>(
     qi: &[i8],
     step: &[f32],
     out: &mut [f32],
+    mut each: Option<&mut [f32]>,
 ) -> usize {
     use std::arch::x86_64::*;
     let nw = if NW > 0 { NW } else { step.len() };
-    let groups = out.len() / 16;
+    let n = out.len();
+    let groups = n / 16;
     let mut qu = [0u8; MAX_VECTORS * MAX_QD];
     for (u, &q) in qu.iter_mut().zip(qi) {
         *u = (q as i16 + 128) as u8;
@@ -225,12 +292,16 @@ unsafe fn i8q_vnni<const NW: usize>(
                 acc[j][r] = _mm512_sub_epi32(a[j], corr);
             }
         }
+        let sc = _mm512_loadu_ps(scales.as_ptr().add(gi * 16));
         let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
         for j in 0..nw {
             let t = _mm512_cvtepi32_ps(sum16(&acc[j]));
-            best = _mm512_max_ps(best, _mm512_mul_ps(t, _mm512_set1_ps(step[j])));
+            let v = _mm512_mul_ps(t, _mm512_set1_ps(step[j]));
+            if let Some(e) = each.as_deref_mut() {
+                _mm512_storeu_ps(e.as_mut_ptr().add(j * n + gi * 16), _mm512_mul_ps(v, sc));
+            }
+            best = _mm512_max_ps(best, v);
         }
-        let sc = _mm512_loadu_ps(scales.as_ptr().add(gi * 16));
         _mm512_storeu_ps(out.as_mut_ptr().add(gi * 16), _mm512_mul_ps(best, sc));
     }
     groups * 16
@@ -791,6 +862,34 @@ mod tests {
                         (*g as f64 - e).abs() <= bound,
                         "{k:?} d {d} vectors {nw} row {i}: {g} vs {e} (bound {bound})"
                     );
+                }
+                // Each vector's own scores: within the query's rounding of that vector's exact product, their
+                // maximum `out` (and `out` the same with or without them, on the integer path).
+                let mut out2 = vec![f32::NAN; n];
+                let mut each = vec![f32::NAN; nw * n];
+                rows_dot_i8_with(k, &codes, &scales, d, &w, &mut out2, Some(&mut each));
+                for i in 0..n {
+                    let best = (0..nw)
+                        .map(|j| each[j * n + i])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    // (Equal as numbers: a zero scale may give either sign of zero.)
+                    assert_eq!(best, out2[i], "{k:?} d {d} row {i}: max of each");
+                    if d <= MAX_QD {
+                        assert_eq!(out2[i], out[i], "{k:?} d {d} row {i}");
+                    }
+                    for j in 0..nw {
+                        let e: f64 = scales[i] as f64
+                            * (0..d)
+                                .map(|c| codes[i * d + c] as f64 * w[j * d + c] as f64)
+                                .sum::<f64>();
+                        let l1: f64 = codes[i * d..][..d].iter().map(|&c| (c as f64).abs()).sum();
+                        let bound = scales[i] as f64 * l1 * step[j] / 2.0 + 1e-5 * (1.0 + e.abs());
+                        let g = each[j * n + i] as f64;
+                        assert!(
+                            (g - e).abs() <= bound,
+                            "{k:?} d {d} row {i} vector {j}: {g} vs {e} (bound {bound})"
+                        );
+                    }
                 }
                 match &first {
                     None => first = Some(out),

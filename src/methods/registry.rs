@@ -566,8 +566,13 @@ pub static SELECTORS: &[SelectorRow] = &[
                 are scanned exactly; static set 128 + 512, shrunk in proportion below 2640",
         file: "src/methods/select/retrieval.rs",
         defaults: retrieval::DEFAULTS,
-        options: &["queue", "index"],
-        build: |s, mc| Ok(Box::new(retrieval::Retrieval::new(s.budget, &s.options, mc))),
+        options: &["queue", "index", "rescore"],
+        build: |s, mc| {
+            if s.options.rescore.is_some() && s.options.index != Some(retrieval::IndexKind::Flat) {
+                bail!("rescore= applies to index=flat (a graph search scores only the keys it touches)");
+            }
+            Ok(Box::new(retrieval::Retrieval::new(s.budget, &s.options, mc)))
+        },
     },
 ];
 
@@ -736,7 +741,28 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
         },
         show: |o| o.index.map(|k| format!("index={}", retrieval::index_name(k))),
     },
+    SelectOptionRow {
+        name: "rescore",
+        arg: "on|off",
+        help: "with index=flat: off (default) hands the scan's scores (8-bit keys and query) to attention, which then \
+               reads only the chosen entries' values; on reads the chosen keys again and scores them exactly",
+        common: false,
+        set: |o, v| {
+            o.rescore = Some(parse_on_off("rescore", v)?);
+            Ok(())
+        },
+        show: |o| o.rescore.map(|b| format!("rescore={}", if b { "on" } else { "off" })),
+    },
 ];
+
+/// Parses `on` or `off`.
+fn parse_on_off(name: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => bail!("{name}={v}: expected on or off"),
+    }
+}
 
 pub fn selector(name: &str) -> Option<&'static SelectorRow> {
     SELECTORS.iter().find(|m| m.name == name)

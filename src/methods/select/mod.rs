@@ -71,6 +71,9 @@ pub struct SelectOptions {
     pub queue: Option<usize>,
     /// RetrievalAttention's index: the graph or a flat scan of its key copy.
     pub index: Option<retrieval::IndexKind>,
+    /// With a flat index: whether attention scores the chosen keys again from the cache (true) or takes the scan's
+    /// scores (false, the default).
+    pub rescore: Option<bool>,
 }
 
 /// Parses a whole number option value.
@@ -721,6 +724,28 @@ mod tests {
                 want.sort_unstable();
                 top_k(&scores, k, &mut idx);
                 assert_eq!(idx, want, "case {case}, k {k}, {scores:?}");
+            }
+        }
+        // Long rows of spread scores (many histogram buckets, the k-th largest inside a crowded one).
+        for case in 0..20 {
+            let n = 3000 + 500 * case;
+            let scores: Vec<f32> = (0..n)
+                .map(|_| {
+                    (rng.below(1_000_000) as f32 / 1000.0 - 300.0)
+                        * if case % 2 == 0 { 1.0 } else { 0.01 }
+                })
+                .collect();
+            for k in [1, n / 10, n / 2, n - 1] {
+                let mut all: Vec<u32> = (0..n as u32).collect();
+                all.sort_by(|&a, &b| {
+                    scores[b as usize]
+                        .total_cmp(&scores[a as usize])
+                        .then(b.cmp(&a))
+                });
+                let mut want = all[..k].to_vec();
+                want.sort_unstable();
+                top_k(&scores, k, &mut idx);
+                assert_eq!(idx, want, "long case {case}, k {k}");
             }
         }
     }

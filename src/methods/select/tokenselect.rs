@@ -688,8 +688,8 @@ impl Selector for TokenSelect {
                 let (lo, hi, _) = w.m;
                 if w.votes && lo < hi {
                     let given = out.scores_mut(h);
-                    std::mem::swap(&mut given.rows, raw);
-                    (given.lo, given.hi) = (lo as u32, hi as u32);
+                    given.clear();
+                    given.push_swap(lo, hi, raw);
                 }
             }
         }
@@ -828,7 +828,8 @@ mod tests {
         let mut key = vec![0.0f32; HK];
         for h in 0..NH {
             let given = out.scores(h).expect("a scoring step gives its scores");
-            let (lo, hi) = (given.lo as usize, given.hi as usize);
+            let (lo, hi) = (given.lo(), given.hi());
+            assert_eq!(given.parts().len(), 1, "one part");
             assert_eq!(
                 (lo, hi),
                 (4, LEN - 8),
@@ -840,7 +841,7 @@ mod tests {
                 for e in lo..hi {
                     c.block(0, h, e / 8).read_key(e % 8, &mut key);
                     let want: f32 = qr.iter().zip(&key).map(|(a, b)| a * b).sum();
-                    let got = given.rows[i * n + e - lo];
+                    let got = given.parts()[0].rows[i * n + e - lo];
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                         "head {h} row {i} entry {e}: {got} vs {want}"
