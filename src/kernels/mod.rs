@@ -47,7 +47,7 @@ pub use crate::gguf::GgmlType;
 pub use mathfn::{
     add_softmax, exp_neg, gate_mul, gelu_tanh, silu, softmax_inplace, softmax_stats, GateAct,
 };
-pub use rowdot::{quantize_i8, rows_dot_i8_each, rows_dot_max_f16, rows_dot_max_i8};
+pub use rowdot::{quantize_i8, rows_dot_max_f16, rows_dot_max_i8};
 
 use anyhow::{anyhow, bail};
 use layout::{AlignedBuf, Kind, RG};

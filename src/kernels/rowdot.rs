@@ -50,40 +50,25 @@ pub(crate) fn rows_dot_max_with(k: Kernel, rows: &[f16], d: usize, w: &[f32], ou
 /// exact and the float steps are the same on every path, so every path gives the same bits. Against the float
 /// product the error is the query's rounding, at most `s_j / 2` per channel: |Δ| ≤ scales[i] · s_j / 2 · Σ_c |codes|.
 /// Rows wider than [`MAX_QD`] channels take the float product (`w` unquantized).
-pub fn rows_dot_max_i8(codes: &[i8], scales: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
-    rows_dot_i8_with(super::kernel(), codes, scales, d, w, out, None)
-}
-
-/// [`rows_dot_max_i8`], and each vector's own scores: `each[j · n + i]` = the score of row i against vector j
-/// (n = `out.len()`), of which `out[i]` is the largest (the same number).
-pub fn rows_dot_i8_each(
+///
+/// With `each`, every vector's own score too: `each[j · n + i]` = the score of row i against vector j (n =
+/// `out.len()`; `each` holds `w.len() / d · n`), of which `out[i]` is the largest (the same number).
+pub fn rows_dot_max_i8(
     codes: &[i8],
     scales: &[f32],
     d: usize,
     w: &[f32],
     out: &mut [f32],
-    each: &mut [f32],
+    each: Option<&mut [f32]>,
 ) {
-    rows_dot_i8_with(super::kernel(), codes, scales, d, w, out, Some(each))
+    rows_dot_max_i8_with(super::kernel(), codes, scales, d, w, out, each)
 }
 
 /// Widest row [`rows_dot_max_i8`] quantizes the vectors for (their codes live on the stack).
 pub const MAX_QD: usize = 512;
 
-#[cfg(test)]
+/// [`rows_dot_max_i8`] on kernel `k`.
 pub(crate) fn rows_dot_max_i8_with(
-    k: Kernel,
-    codes: &[i8],
-    scales: &[f32],
-    d: usize,
-    w: &[f32],
-    out: &mut [f32],
-) {
-    rows_dot_i8_with(k, codes, scales, d, w, out, None)
-}
-
-/// [`rows_dot_max_i8`] on kernel `k`, with each vector's scores into `each` when given ([`rows_dot_i8_each`]).
-pub(crate) fn rows_dot_i8_with(
     k: Kernel,
     codes: &[i8],
     scales: &[f32],
@@ -849,7 +834,7 @@ mod tests {
             let mut first: Option<Vec<f32>> = None;
             for k in super::super::available() {
                 let mut out = vec![f32::NAN; n];
-                rows_dot_max_i8_with(k, &codes, &scales, d, &w, &mut out);
+                rows_dot_max_i8_with(k, &codes, &scales, d, &w, &mut out, None);
                 for (i, (g, e)) in out.iter().zip(&exact).enumerate() {
                     let l1: f64 = codes[i * d..][..d].iter().map(|&c| (c as f64).abs()).sum();
                     let bound = if d > MAX_QD {
@@ -867,7 +852,7 @@ mod tests {
                 // maximum `out` (and `out` the same with or without them, on the integer path).
                 let mut out2 = vec![f32::NAN; n];
                 let mut each = vec![f32::NAN; nw * n];
-                rows_dot_i8_with(k, &codes, &scales, d, &w, &mut out2, Some(&mut each));
+                rows_dot_max_i8_with(k, &codes, &scales, d, &w, &mut out2, Some(&mut each));
                 for i in 0..n {
                     let best = (0..nw)
                         .map(|j| each[j * n + i])
@@ -933,7 +918,7 @@ mod tests {
                     if name == "float" {
                         dot_max(k, c, d, &w, &mut out);
                     } else {
-                        rows_dot_max_i8_with(k, c, &scales[st * n..], d, &w, &mut out);
+                        rows_dot_max_i8_with(k, c, &scales[st * n..], d, &w, &mut out, None);
                     }
                 }
                 best = best.min(t.elapsed().as_secs_f64());

@@ -253,24 +253,11 @@ impl KeyCopy {
     }
 
     /// `out[i]` = the best score of key `lo + i` over the query heads `qs` (g × hk), for keys `lo..lo + out.len()`
-    /// (all inside the copy); returns the bytes read.
-    pub fn scan(&self, lo: usize, qs: &[f32], out: &mut [f32]) -> usize {
+    /// (all inside the copy), and with `each` every head's own: `each[j · n + i]` for head j (n = `out.len()`;
+    /// `each` holds g · n); returns the bytes read.
+    pub fn scan(&self, lo: usize, qs: &[f32], out: &mut [f32], each: Option<&mut [f32]>) -> usize {
         let (n, hk) = (out.len(), self.hk);
         crate::kernels::rows_dot_max_i8(
-            &self.codes[lo * hk..(lo + n) * hk],
-            &self.scales[lo..lo + n],
-            hk,
-            qs,
-            out,
-        );
-        n * self.key_bytes()
-    }
-
-    /// [`Self::scan`], and each query head's own score of every key: `each[j · n + i]` for head j of `qs` and key
-    /// `lo + i` (n = `out.len()`; `each` holds g · n).
-    pub fn scan_each(&self, lo: usize, qs: &[f32], out: &mut [f32], each: &mut [f32]) -> usize {
-        let (n, hk) = (out.len(), self.hk);
-        crate::kernels::rows_dot_i8_each(
             &self.codes[lo * hk..(lo + n) * hk],
             &self.scales[lo..lo + n],
             hk,
@@ -807,14 +794,14 @@ impl Retrieve {
         self.ids.extend(mid.lo as u32..mid.hi as u32);
         self.scores.clear();
         self.scores.resize(n, 0.0);
-        let mut bytes = if self.want_scores {
+        let each = if self.want_scores {
             self.given.resize(g * n, 0.0);
-            let b = copy.scan_each(
-                in_copy.start,
-                qs,
-                &mut self.scores[..nc],
-                &mut self.given[..g * nc],
-            );
+            Some(&mut self.given[..g * nc])
+        } else {
+            None
+        };
+        let mut bytes = copy.scan(in_copy.start, qs, &mut self.scores[..nc], each);
+        if self.want_scores {
             // Rows from stride nc to stride n (the last row first, so no row overwrites one still to move).
             if nc < n {
                 for j in (1..g).rev() {
@@ -822,10 +809,7 @@ impl Retrieve {
                 }
             }
             self.gave = true;
-            b
-        } else {
-            copy.scan(in_copy.start, qs, &mut self.scores[..nc])
-        };
+        }
         let key = &mut self.touch.key;
         key.resize(hk, 0.0);
         for k in in_copy.end..mid.hi {
@@ -1437,7 +1421,7 @@ mod tests {
         let qs = &queries[..3 * HK];
         let qstep = qs.iter().fold(0.0f32, |a, &x| a.max(x.abs())) / 127.0;
         let mut scores = vec![0.0; 2000];
-        assert_eq!(copy.scan(100, qs, &mut scores), 2000 * (HK + 4));
+        assert_eq!(copy.scan(100, qs, &mut scores, None), 2000 * (HK + 4));
         for (i, &got) in scores.iter().enumerate() {
             copy.read_key((100 + i) as u32, &mut out);
             let want = qs
