@@ -1073,12 +1073,11 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                     }
                     // Up to the end of the part holding the entry (a split scan's parts meet anywhere; they are
                     // adjacent, so every entry of [lo, hi) has one).
-                    let m = (j1 - j).min(BT - ns).min(gs.run_len(base + j));
+                    let part = gs.part_at(base + j).expect("given scores cover [lo, hi)");
+                    let off = base + j - part.lo as usize;
+                    let m = (j1 - j).min(BT - ns).min(part.len() - off);
                     for r in 0..rows {
-                        let run = gs
-                            .run(r, rows, base + j)
-                            .expect("given scores cover [lo, hi)");
-                        buf.gs[r * BT + ns..][..m].copy_from_slice(&run[..m]);
+                        buf.gs[r * BT + ns..][..m].copy_from_slice(&part.row(r)[off..][..m]);
                     }
                     to_f32(
                         &vh[j * hv..][..m * hv],

@@ -28,6 +28,23 @@ pub struct ScorePart {
     pub rows: Vec<f32>,
 }
 
+impl ScorePart {
+    /// Entries the part covers.
+    pub fn len(&self) -> usize {
+        (self.hi - self.lo) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hi <= self.lo
+    }
+
+    /// Query head `r`'s scores of the part's entries (the part must hold that row: [`GivenScores::holds_rows`]).
+    #[inline]
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.rows[r * self.len()..][..self.len()]
+    }
+}
+
 impl GivenScores {
     /// Whether it holds scores (a head without them has no part).
     pub fn is_empty(&self) -> bool {
@@ -77,28 +94,12 @@ impl GivenScores {
         &mut self.parts[..self.n]
     }
 
-    /// Scores of query head `row` for entries `e, e + 1, …` up to the end of the part holding `e` (None when `e` is
-    /// outside `[lo, hi)` or a part holds fewer than `rows` rows).
+    /// The part holding entry `e` (None outside `[lo, hi)`).
     #[inline]
-    pub fn run(&self, row: usize, rows: usize, e: usize) -> Option<&[f32]> {
-        let p = self
-            .parts()
-            .iter()
-            .find(|p| (p.lo as usize..p.hi as usize).contains(&e))?;
-        let n = (p.hi - p.lo) as usize;
-        if row >= rows || p.rows.len() < rows * n {
-            return None;
-        }
-        Some(&p.rows[row * n + e - p.lo as usize..(row + 1) * n])
-    }
-
-    /// Entries from `e` to the end of the part holding it (0 outside `[lo, hi)`).
-    #[inline]
-    pub fn run_len(&self, e: usize) -> usize {
+    pub fn part_at(&self, e: usize) -> Option<&ScorePart> {
         self.parts()
             .iter()
             .find(|p| (p.lo as usize..p.hi as usize).contains(&e))
-            .map_or(0, |p| p.hi as usize - e)
     }
 
     /// Whether every part holds `rows` rows of scores.

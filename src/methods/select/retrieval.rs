@@ -39,7 +39,8 @@
 //!   the 8-bit query) to attention, which reads only the chosen entries' values (`rescore=on`: their keys are read
 //!   and scored again exactly). SmolLM2 8K, 1024 tokens per head, 2 threads: KV read per token 105.6 → 71.0 MB,
 //!   attention outside the selection 9.6 → 6.5 ms; RULER 4K at 12.5 % with `dense=2` gave the same score in each of
-//!   its 35 cases (the text after the answers differs in 11; see the README). An offloaded cache's blocks stay on disk during the search.
+//!   its 35 cases (the text after the answers differs in 11; see the README). An offloaded cache's blocks stay on
+//!   disk during the search.
 //!
 //! Reads counted: every touched key (its bytes in the copy, or its stored bytes for a key past the graph) and every
 //! adjacency list expanded (4 bytes an edge plus the offsets). The graphs' bytes (copy included) are
