@@ -36,6 +36,7 @@ mod layout;
 pub mod machine;
 pub mod mathfn;
 pub mod membw;
+pub mod pick;
 pub mod prof;
 pub mod rowdot;
 mod scalar;

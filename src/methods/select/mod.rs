@@ -28,6 +28,7 @@ use anyhow::{bail, Result};
 
 use super::spec::Budget;
 use crate::attention::Selection;
+use crate::kernels::pick;
 use crate::kernels::rowdot as rows_dot;
 use crate::kv::{BlockData, BlockView, KvCache, PageStat};
 use crate::model::SelectCx;
@@ -459,10 +460,9 @@ pub fn units_for(m: Middle, unit: usize) -> usize {
 }
 
 /// Indices of the `k` largest scores (ties to the later index), in `idx` (reused), in ascending order. The scores
-/// are mapped to integers of the same order (`f32::total_cmp`'s) and the `k`-th largest of those is found in linear
-/// time; one pass then collects every index above it and, of those equal to it, the latest ones. Ranges built from
-/// the indices come out sorted and nothing sorts them again. (Selecting over the integers themselves, not over indices
-/// compared through the scores, takes about half the time.)
+/// are mapped to integers of the same order (`f32::total_cmp`'s) and the `k`-th largest of those, `t`, is found in
+/// linear time ([`kth_largest`]); one branch-free pass then collects every index above `t` and, of those equal to it,
+/// the latest ones. Ranges built from the indices come out sorted and nothing sorts them again.
 pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
     idx.clear();
     let n = scores.len();
@@ -473,34 +473,90 @@ pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
     if k == 0 {
         return;
     }
-    idx.extend(scores.iter().map(|&x| order_key(x)));
-    let t = *idx.select_nth_unstable(n - k).1;
-    let above = scores.iter().filter(|&&x| order_key(x) > t).count();
-    // Of the scores equal to the k-th largest, the `k − above` latest are kept: those from index `from` on.
-    let (mut ties, mut from) = (k - above, n);
-    while ties > 0 {
-        from -= 1;
-        if order_key(scores[from]) == t {
-            ties -= 1;
-        }
-    }
+    let Kth { t, above, ties } = kth_largest(scores, k, idx);
+    // Of the `ties` scores equal to `t`, the last `k − above` are kept: the first `ties − (k − above)` are not.
     idx.clear();
-    idx.extend((0..n as u32).filter(|&i| {
-        let key = order_key(scores[i as usize]);
-        key > t || (key == t && i as usize >= from)
-    }));
-    debug_assert_eq!(idx.len(), k);
+    idx.resize(n + pick::PAD, 0);
+    let w = pick::keep_indices(scores, t, ties - (k - above), idx);
+    debug_assert_eq!(w, k);
+    idx.truncate(k);
 }
 
-/// An integer whose order is `f32::total_cmp`'s order of `x`.
-#[inline]
-fn order_key(x: f32) -> u32 {
-    let b = x.to_bits();
-    if b >> 31 == 1 {
-        !b
-    } else {
-        b | 0x8000_0000
+/// The `k`-th largest order key of a row (`t`), how many keys lie above it and how many equal it.
+struct Kth {
+    t: u32,
+    above: usize,
+    ties: usize,
+}
+
+/// Rows at least this long find their `k`-th largest from a sample first ([`kth_largest`]).
+const SAMPLED_FROM: usize = 2048;
+/// Keys in that sample.
+const SAMPLE: usize = 256;
+
+/// [`Kth`] of `scores` for 0 < k < n, with `scratch` as working memory. A long row first takes an evenly spaced
+/// sample of its keys and from it a band of keys that holds the `k`-th largest unless the sample misled (3.5
+/// standard deviations of the sample's rank on either side); one pass counts the keys above the band and copies
+/// those inside it ([`pick::band_keys`]), and the selection runs over the band alone (about a fifth of the row).
+/// When the count shows the `k`-th largest outside the band, the whole row is selected over instead: the result is
+/// the same either way.
+fn kth_largest(scores: &[f32], k: usize, scratch: &mut Vec<u32>) -> Kth {
+    let n = scores.len();
+    if n >= SAMPLED_FROM {
+        if let Some(kth) = kth_in_band(scores, k, scratch) {
+            return kth;
+        }
     }
+    scratch.clear();
+    scratch.extend(scores.iter().map(|&x| pick::order_key(x)));
+    let t = *scratch.select_nth_unstable(n - k).1;
+    count_around(t, scratch, 0)
+}
+
+/// [`Kth`] for the key `t` of `keys`, with `over` more keys above it than `keys` holds.
+fn count_around(t: u32, keys: &[u32], over: usize) -> Kth {
+    let (mut above, mut ties) = (over, 0);
+    for &key in keys {
+        above += (key > t) as usize;
+        ties += (key == t) as usize;
+    }
+    Kth { t, above, ties }
+}
+
+/// [`kth_largest`] through a sampled band; None when the `k`-th largest lies outside it.
+fn kth_in_band(scores: &[f32], k: usize, scratch: &mut Vec<u32>) -> Option<Kth> {
+    let n = scores.len();
+    let mut sample = [0u32; SAMPLE];
+    let stride = n / SAMPLE;
+    for (j, s) in sample.iter_mut().enumerate() {
+        *s = pick::order_key(scores[j * stride + stride / 2]);
+    }
+    // The k-th largest is the key of ascending rank n − k; about that share of the sample lies below it, give or take
+    // a binomial spread. Only the band's two ends are needed from the sample.
+    let q = (n - k) as f64 / n as f64;
+    let margin = (3.5 * (SAMPLE as f64 * q * (1.0 - q)).sqrt()).ceil() as usize + 2;
+    let at = (n - k) * SAMPLE / n;
+    let hi = if at + margin < SAMPLE {
+        *sample.select_nth_unstable(at + margin).1
+    } else {
+        u32::MAX
+    };
+    let lo = if at >= margin {
+        *sample[..(at + margin).min(SAMPLE)]
+            .select_nth_unstable(at - margin)
+            .1
+    } else {
+        0
+    };
+    scratch.clear();
+    scratch.resize(n + pick::PAD, 0);
+    let (over, b) = pick::band_keys(scores, lo, hi, scratch);
+    if over >= k || over + b < k {
+        return None;
+    }
+    let band = &mut scratch[..b];
+    let t = *band.select_nth_unstable(b - (k - over)).1;
+    Some(count_around(t, band, over))
 }
 
 /// Bytes of `pages` page summaries of a cache (what scoring them reads).
@@ -746,6 +802,44 @@ mod tests {
                 want.sort_unstable();
                 top_k(&scores, k, &mut idx);
                 assert_eq!(idx, want, "long case {case}, k {k}");
+            }
+        }
+        // Long rows through the sampled band: few distinct values (the k-th largest tied many times over, the band
+        // bounds on ties), sorted rows, and a row whose evenly spaced sample sees only its rare large scores, so
+        // the band misses and the whole row is selected over.
+        for case in 0..12 {
+            let n = SAMPLED_FROM + 777 * case;
+            let stride = n / SAMPLE;
+            let scores: Vec<f32> = (0..n)
+                .map(|i| match case % 4 {
+                    0 => rng.below(5) as f32,
+                    1 => i as f32 * 0.5 - 100.0,
+                    2 => -(i as f32),
+                    _ if i % stride == stride / 2 => 50.0,
+                    _ => rng.below(1000) as f32 / 7.0,
+                })
+                .collect();
+            for k in [1, 7, n / 5, n / 2, n - 300, n - 1] {
+                let mut all: Vec<u32> = (0..n as u32).collect();
+                all.sort_by(|&a, &b| {
+                    scores[b as usize]
+                        .total_cmp(&scores[a as usize])
+                        .then(b.cmp(&a))
+                });
+                let mut want = all[..k].to_vec();
+                want.sort_unstable();
+                top_k(&scores, k, &mut idx);
+                assert_eq!(idx, want, "banded case {case}, k {k}");
+                let band = kth_in_band(&scores, k, &mut idx);
+                if case % 4 == 3 && k == n / 2 {
+                    assert!(band.is_none(), "the misleading sample is caught");
+                }
+                if case % 4 == 1 {
+                    assert!(
+                        band.is_some(),
+                        "an even row keeps its k-th largest in the band"
+                    );
+                }
             }
         }
     }

@@ -869,6 +869,9 @@ struct HeadSearch {
 /// The union of a KV head's tasks' choices, each key at its best score (reused across steps).
 #[derive(Default)]
 struct Merge {
+    /// Whether the tasks chose from disjoint parts of the middle (a split scan): then no key comes twice and the
+    /// union is the concatenation.
+    disjoint: bool,
     added: Marks,
     best: Vec<f32>,
     ids: Vec<u32>,
@@ -878,15 +881,24 @@ struct Merge {
 
 impl Merge {
     /// Starts a union over keys `[0, n)`.
-    fn begin(&mut self, n: usize) {
-        self.added.clear(n);
-        if self.best.len() < n {
-            self.best.resize(n, 0.0);
+    fn begin(&mut self, n: usize, disjoint: bool) {
+        self.disjoint = disjoint;
+        if !disjoint {
+            self.added.clear(n);
+            if self.best.len() < n {
+                self.best.resize(n, 0.0);
+            }
         }
         self.ids.clear();
+        self.scores.clear();
     }
 
     fn add(&mut self, keys: &[u32], scores: &[f32]) {
+        if self.disjoint {
+            self.ids.extend_from_slice(keys);
+            self.scores.extend_from_slice(scores);
+            return;
+        }
         for (&k, &sc) in keys.iter().zip(scores) {
             let i = k as usize;
             if self.added.insert(i) {
@@ -900,9 +912,11 @@ impl Merge {
 
     /// The `k` keys of the union with the best scores (any order).
     fn top(&mut self, k: usize) -> impl Iterator<Item = u32> + '_ {
-        self.scores.clear();
-        self.scores
-            .extend(self.ids.iter().map(|&i| self.best[i as usize]));
+        if !self.disjoint {
+            self.scores.clear();
+            self.scores
+                .extend(self.ids.iter().map(|&i| self.best[i as usize]));
+        }
         top_k(&self.scores, k, &mut self.idx);
         self.idx.iter().map(|&i| self.ids[i as usize])
     }
@@ -1101,7 +1115,7 @@ impl Retrieval {
                 continue;
             }
             // The best of the parts' choices, a key at its best score over the group's heads.
-            self.merge.begin(m.hi);
+            self.merge.begin(m.hi, !searched);
             for s in tasks {
                 self.merge
                     .add(&s.retrieve.chosen, &s.retrieve.chosen_scores);
