@@ -64,6 +64,11 @@ pub fn rows_dot_max_i8(
     rows_dot_max_i8_with(super::kernel(), codes, scales, d, w, out, each)
 }
 
+/// How far ahead of its current row the VNNI scan asks for rows (bytes). An in-process A/B of the scan of SmolLM2's
+/// 8K middle (168 parts of 3450 rows of 64 codes, 3 vectors, 2 threads, six rounds): 3.6–4.3 ms per token without,
+/// 2.8–3.2 at 1 KiB ahead, 2.5–2.9 at 2 KiB, 2.7–2.8 at 4 KiB.
+const PF_AHEAD: usize = 2048;
+
 /// Widest row [`rows_dot_max_i8`] quantizes the vectors for (their codes live on the stack).
 pub const MAX_QD: usize = 512;
 
@@ -130,6 +135,18 @@ pub(crate) fn rows_dot_max_i8_with(
                 _ => i8q_vnni::<0>(codes, scales, d, qi, step, out, e),
             }
         },
+        // SAFETY: the AVX2 kernel is only chosen when the CPU has AVX2 and FMA; shapes checked above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if d.is_multiple_of(32) => unsafe {
+            let e = each.as_deref_mut();
+            match nw {
+                1 => i8q_avx2::<1>(codes, scales, d, qi, step, out, e),
+                2 => i8q_avx2::<2>(codes, scales, d, qi, step, out, e),
+                3 => i8q_avx2::<3>(codes, scales, d, qi, step, out, e),
+                4 => i8q_avx2::<4>(codes, scales, d, qi, step, out, e),
+                _ => i8q_avx2::<0>(codes, scales, d, qi, step, out, e),
+            }
+        },
         _ => 0,
     };
     i8q_portable(codes, scales, d, qi, step, out, done, each);
@@ -182,6 +199,7 @@ fn i8q_portable(
     let n = out.len();
     for (i, o) in out.iter_mut().enumerate().skip(from) {
         let r = &codes[i * d..][..d];
+        ask_ahead(r);
         let dots = qi.chunks_exact(d).map(|q| {
             r.iter()
                 .zip(q)
@@ -195,6 +213,83 @@ fn i8q_portable(
             each.as_deref_mut().map(|e| (e, n, i)),
         );
     }
+}
+
+/// Whole groups of 8 rows on AVX2 (d a multiple of 32); returns the rows done. Signed bytes times signed bytes
+/// through `vpmaddubsw` (unsigned × signed): |row code| times the vector's code carrying the row code's sign, pairs
+/// summed to 16 bits (at most 2 · 127 · 127, no saturation), then to 32 bits; each row's 8 lanes summed by a
+/// transposing tree of `vphaddd` for 8 rows at once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)] // as above
+unsafe fn i8q_avx2<const NW: usize>(
+    codes: &[i8],
+    scales: &[f32],
+    d: usize,
+    qi: &[i8],
+    step: &[f32],
+    out: &mut [f32],
+    mut each: Option<&mut [f32]>,
+) -> usize {
+    use std::arch::x86_64::*;
+    let nw = if NW > 0 { NW } else { step.len() };
+    let n = out.len();
+    let groups = n / 8;
+    let ones = _mm256_set1_epi16(1);
+    let (cp, qp) = (codes.as_ptr(), qi.as_ptr());
+    let mut acc = [[_mm256_setzero_si256(); 8]; MAX_VECTORS];
+    for gi in 0..groups {
+        for r in 0..8 {
+            let row = cp.add((gi * 8 + r) * d);
+            ask_ahead(std::slice::from_raw_parts(row, d));
+            let mut a = [_mm256_setzero_si256(); MAX_VECTORS];
+            for c in (0..d).step_by(32) {
+                let x = _mm256_loadu_si256(row.add(c) as *const _);
+                let ax = _mm256_abs_epi8(x);
+                for (j, aj) in a.iter_mut().enumerate().take(nw) {
+                    let q = _mm256_loadu_si256(qp.add(j * d + c) as *const _);
+                    let p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(q, x));
+                    *aj = _mm256_add_epi32(*aj, _mm256_madd_epi16(p16, ones));
+                }
+            }
+            for j in 0..nw {
+                acc[j][r] = a[j];
+            }
+        }
+        let sc = _mm256_loadu_ps(scales.as_ptr().add(gi * 8));
+        let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
+        for j in 0..nw {
+            let v = &acc[j];
+            let lo =
+                _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+            let hi =
+                _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+            let t = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(lo, hi),
+                _mm256_permute2x128_si256::<0x31>(lo, hi),
+            );
+            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(step[j]));
+            if let Some(e) = each.as_deref_mut() {
+                _mm256_storeu_ps(e.as_mut_ptr().add(j * n + gi * 8), _mm256_mul_ps(v, sc));
+            }
+            best = _mm256_max_ps(best, v);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr().add(gi * 8), _mm256_mul_ps(best, sc));
+    }
+    groups * 8
+}
+
+/// Asks for the row [`PF_AHEAD`] bytes past `row` (a hint: the address may lie past the rows).
+#[inline(always)]
+fn ask_ahead(row: &[i8]) {
+    #[cfg(target_arch = "x86_64")]
+    for c in (0..row.len()).step_by(64) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch is a hint and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(PF_AHEAD + c)) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
 }
 
 /// Sums of each vector's 16 lanes: lane i of the result = Σ lanes of `v[i]` (a transposing tree, 15 additions and
@@ -263,6 +358,8 @@ unsafe fn i8q_vnni<const NW: usize>(
     for gi in 0..groups {
         for r in 0..16 {
             let row = cp.add((gi * 16 + r) * d);
+            // The scan reads its rows once, in order, and waits on memory more than on arithmetic: ask ahead.
+            ask_ahead(std::slice::from_raw_parts(row, d));
             let mut a = [_mm512_setzero_si512(); MAX_VECTORS];
             let mut corr = _mm512_setzero_si512();
             for c in (0..d).step_by(64) {
