@@ -490,7 +490,7 @@ struct Kth {
 }
 
 /// Rows at least this long find their `k`-th largest from a sample first ([`kth_largest`]).
-const SAMPLED_FROM: usize = 2048;
+const SAMPLED_FROM: usize = 1024;
 /// Keys in that sample.
 const SAMPLE: usize = 256;
 
@@ -840,6 +840,45 @@ mod tests {
                         "an even row keeps its k-th largest in the band"
                     );
                 }
+            }
+        }
+    }
+
+    /// Timing of `top_k` at retrieval's shapes (SmolLM2 8K, 1024 tokens per head: a split scan's part and the merge
+    /// of two parts) against selecting over the whole row:
+    /// `cargo test --release --lib top_k_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn top_k_timing() {
+        let mut rng = crate::testutil::Rng::seeded(5);
+        for (n, k) in [(3450, 900), (1800, 900), (30000, 900)] {
+            let rows: Vec<Vec<f32>> = (0..64)
+                .map(|_| {
+                    (0..n)
+                        .map(|_| rng.below(1 << 20) as f32 / 4096.0 - 100.0)
+                        .collect()
+                })
+                .collect();
+            let (mut idx, mut keys) = (Vec::new(), Vec::new());
+            for name in ["top_k", "whole-row select"] {
+                let mut best = f64::INFINITY;
+                for _ in 0..20 {
+                    let t = std::time::Instant::now();
+                    for r in &rows {
+                        if name == "top_k" {
+                            top_k(r, k, &mut idx);
+                        } else {
+                            keys.clear();
+                            keys.extend(r.iter().map(|&x| pick::order_key(x)));
+                            keys.select_nth_unstable(n - k);
+                        }
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "n {n} k {k} {name}: {:.2} us per row",
+                    best * 1e6 / rows.len() as f64
+                );
             }
         }
     }
