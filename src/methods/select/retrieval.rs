@@ -716,6 +716,8 @@ pub struct Retrieve {
     /// `given[j · (hi − lo)..]` (the copy's for keys it holds, exact for keys past it), and `gave` set.
     pub given: Vec<f32>,
     pub gave: bool,
+    /// Keys the last flat scan scored (0 after a search or an exact scan, which list theirs in [`Touch::touched`]).
+    scanned: usize,
     scores: Vec<f32>,
     ids: Vec<u32>,
     idx: Vec<u32>,
@@ -738,6 +740,7 @@ impl Retrieve {
     ) -> (usize, usize) {
         let g = qs.len() / hk;
         self.gave = false;
+        self.scanned = 0;
         if let Some(Index {
             keys: copy,
             graph: None,
@@ -791,12 +794,10 @@ impl Retrieve {
     ) -> usize {
         let in_copy = mid.lo..mid.hi.min(copy.len()).max(mid.lo);
         let (n, nc, g) = (mid.hi.saturating_sub(mid.lo), in_copy.len(), qs.len() / hk);
-        self.ids.clear();
-        self.ids.extend(mid.lo as u32..mid.hi as u32);
-        self.scores.clear();
-        self.scores.resize(n, 0.0);
+        // Every buffer is written whole below: grown, never cleared.
+        grow(&mut self.scores, n);
         let each = if self.want_scores {
-            self.given.resize(g * n, 0.0);
+            grow(&mut self.given, g * n);
             Some(&mut self.given[..g * nc])
         } else {
             None
@@ -826,9 +827,21 @@ impl Retrieve {
             self.scores[k - mid.lo] = best;
         }
         self.touch.touched.clear();
-        self.touch.touched.extend_from_slice(&self.ids);
-        self.keep_best(mid.k);
+        self.scanned = n;
+        // The keys are lo.. in order: the chosen indices shift by lo.
+        top_k(&self.scores[..n], mid.k, &mut self.idx);
+        self.chosen.clear();
+        self.chosen
+            .extend(self.idx.iter().map(|&i| i + mid.lo as u32));
+        self.chosen_scores.clear();
+        self.chosen_scores
+            .extend(self.idx.iter().map(|&i| self.scores[i as usize]));
         bytes
+    }
+
+    /// Keys the last [`Self::run`] scored (searched, scanned exactly or from the copy).
+    pub fn keys_touched(&self) -> usize {
+        self.scanned + self.touch.touched.len()
     }
 
     /// [`Self::chosen`] ← the `k` of `ids` with the best `scores`.
@@ -840,6 +853,13 @@ impl Retrieve {
         self.chosen_scores.clear();
         self.chosen_scores
             .extend(self.idx.iter().map(|&i| self.scores[i as usize]));
+    }
+}
+
+/// Makes `v` at least `n` long, keeping what it holds (a buffer about to be overwritten needs no clearing).
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
     }
 }
 
@@ -1105,7 +1125,7 @@ impl Retrieval {
             for s in tasks {
                 let part = s.m.unwrap_or(m);
                 cx.cache.note_read(s.read);
-                self.touched += s.retrieve.touch.touched.len() as u64;
+                self.touched += s.retrieve.keys_touched() as u64;
                 self.searched += (part.hi - part.lo) as u64;
             }
             if per == 1 {
