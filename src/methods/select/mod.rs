@@ -753,6 +753,19 @@ mod tests {
         assert_eq!(idx, [1, 4]);
     }
 
+    /// The first `k` indices sorted by (score, index), best first, in ascending order: what `top_k` must give.
+    fn sorted_top(scores: &[f32], k: usize) -> Vec<u32> {
+        let mut all: Vec<u32> = (0..scores.len() as u32).collect();
+        all.sort_by(|&a, &b| {
+            scores[b as usize]
+                .total_cmp(&scores[a as usize])
+                .then(b.cmp(&a))
+        });
+        all.truncate(k);
+        all.sort_unstable();
+        all
+    }
+
     /// The same indices as sorting every index by (score, index), best first, and keeping the first `k`: scores
     /// with many ties, negatives and both zeros.
     #[test]
@@ -770,14 +783,7 @@ mod tests {
                 })
                 .collect();
             for k in [0, 1, n / 3, n / 2, n.saturating_sub(1), n, n + 2] {
-                let mut all: Vec<u32> = (0..n as u32).collect();
-                all.sort_by(|&a, &b| {
-                    scores[b as usize]
-                        .total_cmp(&scores[a as usize])
-                        .then(b.cmp(&a))
-                });
-                let mut want = all[..k.min(n)].to_vec();
-                want.sort_unstable();
+                let want = sorted_top(&scores, k.min(n));
                 top_k(&scores, k, &mut idx);
                 assert_eq!(idx, want, "case {case}, k {k}, {scores:?}");
             }
@@ -792,14 +798,7 @@ mod tests {
                 })
                 .collect();
             for k in [1, n / 10, n / 2, n - 1] {
-                let mut all: Vec<u32> = (0..n as u32).collect();
-                all.sort_by(|&a, &b| {
-                    scores[b as usize]
-                        .total_cmp(&scores[a as usize])
-                        .then(b.cmp(&a))
-                });
-                let mut want = all[..k].to_vec();
-                want.sort_unstable();
+                let want = sorted_top(&scores, k);
                 top_k(&scores, k, &mut idx);
                 assert_eq!(idx, want, "long case {case}, k {k}");
             }
@@ -820,14 +819,7 @@ mod tests {
                 })
                 .collect();
             for k in [1, 7, n / 5, n / 2, n - 300, n - 1] {
-                let mut all: Vec<u32> = (0..n as u32).collect();
-                all.sort_by(|&a, &b| {
-                    scores[b as usize]
-                        .total_cmp(&scores[a as usize])
-                        .then(b.cmp(&a))
-                });
-                let mut want = all[..k].to_vec();
-                want.sort_unstable();
+                let want = sorted_top(&scores, k);
                 top_k(&scores, k, &mut idx);
                 assert_eq!(idx, want, "banded case {case}, k {k}");
                 let band = kth_in_band(&scores, k, &mut idx);
