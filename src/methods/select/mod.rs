@@ -474,8 +474,8 @@ pub fn top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>) {
         return;
     }
     let Kth { t, above, ties } = kth_largest(scores, k, idx);
-    // Of the `ties` scores equal to `t`, the last `k − above` are kept: the first `ties − (k − above)` are not.
-    idx.clear();
+    // Of the `ties` scores equal to `t`, the last `k − above` are kept: the first `ties − (k − above)` are not. (Every
+    // slot read back is written first: the buffer is sized, not cleared.)
     idx.resize(n + pick::PAD, 0);
     let w = pick::keep_indices(scores, t, ties - (k - above), idx);
     debug_assert_eq!(w, k);
@@ -548,7 +548,6 @@ fn kth_in_band(scores: &[f32], k: usize, scratch: &mut Vec<u32>) -> Option<Kth> 
     } else {
         0
     };
-    scratch.clear();
     scratch.resize(n + pick::PAD, 0);
     let (over, b) = pick::band_keys(scores, lo, hi, scratch);
     if over >= k || over + b < k {

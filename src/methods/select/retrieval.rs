@@ -778,7 +778,8 @@ impl Retrieve {
                 self.scores.push(self.touch.best(k, g));
             }
         }
-        self.keep_best(mid.k);
+        let n = self.ids.len();
+        self.keep_best(mid.k, n, None);
         (self.touch.bytes, adj)
     }
 
@@ -828,14 +829,7 @@ impl Retrieve {
         }
         self.touch.touched.clear();
         self.scanned = n;
-        // The keys are lo.. in order: the chosen indices shift by lo.
-        top_k(&self.scores[..n], mid.k, &mut self.idx);
-        self.chosen.clear();
-        self.chosen
-            .extend(self.idx.iter().map(|&i| i + mid.lo as u32));
-        self.chosen_scores.clear();
-        self.chosen_scores
-            .extend(self.idx.iter().map(|&i| self.scores[i as usize]));
+        self.keep_best(mid.k, n, Some(mid.lo as u32));
         bytes
     }
 
@@ -844,12 +838,17 @@ impl Retrieve {
         self.scanned + self.touch.touched.len()
     }
 
-    /// [`Self::chosen`] ← the `k` of `ids` with the best `scores`.
-    fn keep_best(&mut self, k: usize) {
-        top_k(&self.scores, k, &mut self.idx);
+    /// [`Self::chosen`] ← the `k` of the first `n` keys with the best `scores`: key i is `ids[i]`, or `lo + i` after
+    /// a scan of the keys from `lo` in order (which keeps no id list).
+    fn keep_best(&mut self, k: usize, n: usize, lo: Option<u32>) {
+        top_k(&self.scores[..n], k, &mut self.idx);
         self.chosen.clear();
-        self.chosen
-            .extend(self.idx.iter().map(|&i| self.ids[i as usize]));
+        let ids = &self.ids;
+        self.chosen.extend(
+            self.idx
+                .iter()
+                .map(|&i| lo.map_or_else(|| ids[i as usize], |lo| lo + i)),
+        );
         self.chosen_scores.clear();
         self.chosen_scores
             .extend(self.idx.iter().map(|&i| self.scores[i as usize]));
