@@ -64,9 +64,9 @@ pub fn rows_dot_max_i8(
     rows_dot_max_i8_with(super::kernel(), codes, scales, d, w, out, each)
 }
 
-/// How far ahead of its current row the VNNI scan asks for rows (bytes). An in-process A/B of the scan of SmolLM2's
-/// 8K middle (168 parts of 3450 rows of 64 codes, 3 vectors, 2 threads, six rounds): 3.6–4.3 ms per token without,
-/// 2.8–3.2 at 1 KiB ahead, 2.5–2.9 at 2 KiB, 2.7–2.8 at 4 KiB.
+/// How far ahead of its current row the 8-bit scan asks for rows, on every path (bytes). An in-process A/B of the
+/// VNNI scan of SmolLM2's 8K middle (168 parts of 3450 rows of 64 codes, 3 vectors, 2 threads, six rounds): 3.6–4.3
+/// ms per token without, 2.8–3.2 at 1 KiB ahead, 2.5–2.9 at 2 KiB, 2.7–2.8 at 4 KiB.
 const PF_AHEAD: usize = 2048;
 
 /// Widest row [`rows_dot_max_i8`] quantizes the vectors for (their codes live on the stack).
