@@ -54,10 +54,16 @@ pub use sparse::{attend_tiles, TileSelection};
 /// (see `model::lazy`).
 pub const Q_TILE: usize = 16;
 
-/// Tasks the plan aims for (so that every thread gets about four) on pools of up to this many threads, whatever the
+/// Tasks the plan aims for (so that every thread gets about two) on pools of up to this many threads, whatever the
 /// pool's size: up to 16 threads the split of key blocks, and with it the order in which partial softmaxes are merged,
 /// does not depend on the thread count, so attention (and the whole model) gives bit-identical results on 1 to 16
-/// threads. Larger pools get 4 tasks per thread.
+/// threads. Larger pools get 2 tasks per thread.
+///
+/// Every task pays a fixed cost (its first blocks, a partial softmax to merge, runs of 4-bit blocks cut short at its
+/// ends). Aiming at 4 per thread (64 tasks, about 12 blocks each at SmolLM2 8K), that cost was a sixth of a 4-bit
+/// cache's decode attention: 30 layers of SmolLM2's shapes at 8K, 2 threads on a 2-core Xeon, plans alternated 40
+/// times in one process, median per token `kivi4` 7.49 ms at 64 tasks, 6.79 at 32, 6.20 at 16; f16 12.89 / 12.62 /
+/// 12.32 (a temporary test, not committed).
 pub const PLAN_THREADS: usize = 16;
 
 /// Fewest key blocks a split of a head's blocks gets (when the head has that many). Each task starts cold (its first
@@ -70,7 +76,7 @@ const MIN_TASK_BLOCKS: usize = 8;
 
 /// Tasks the attention plan aims for on a pool of `threads` threads (see [`PLAN_THREADS`]).
 fn plan_tasks(threads: usize) -> usize {
-    4 * threads.max(PLAN_THREADS)
+    2 * threads.max(PLAN_THREADS)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -509,6 +515,20 @@ fn attend_jobs(
     let bt = sh.bt;
     let shared = with_shared.then_some(&scratch.shared);
     let jobs_ro: &[AttnJob] = jobs;
+    // Threads take tasks in order, so the one finishing task i most likely takes task i + threads next (the others
+    // took those between): its first blocks are asked for as task i ends. A wrong guess still leaves them in the
+    // shared cache for whichever thread takes it.
+    let stride = rayon::current_num_threads().max(1);
+    let follow = |i: usize| {
+        let t = tasks.get(i + stride)?;
+        let job = &jobs_ro[t.job];
+        matches!(job.sel, Sel::All).then_some(Follow {
+            cache: job.cache,
+            kv_head: t.kv_head,
+            blk0: t.blk0,
+            blk1: t.blk1,
+        })
+    };
     crate::kernels::team::for_each_chunk_mut(&mut scratch.bufs[..tasks.len()], 1, |i, buf| {
         let (buf, task) = (&mut buf[0], &tasks[i]);
         let job = &jobs_ro[task.job];
@@ -531,6 +551,7 @@ fn attend_jobs(
             },
             shared,
             simd,
+            follow: follow(i),
         };
         match bt {
             4 => run_dispatch::<4>(simd, &a, buf),
@@ -628,6 +649,26 @@ struct TaskArgs<'a> {
     shared: Option<&'a sparse::SharedTiles>,
     /// The compiled variant running (the CPU supports it).
     simd: Simd,
+    /// The blocks of the task this thread most likely takes next ([`Follow`]), asked for as this task's last blocks
+    /// are folded; None when no dense task follows.
+    follow: Option<Follow<'a>>,
+}
+
+/// A dense task's first blocks, to ask for before the task starts: a task whose first blocks come cold waits on
+/// them (a thread takes a task every 1–3 µs at 8K).
+#[derive(Clone, Copy)]
+struct Follow<'a> {
+    cache: &'a KvCache,
+    kv_head: usize,
+    blk0: usize,
+    blk1: usize,
+}
+
+impl<'a> Follow<'a> {
+    /// Block `i` of the task's first ones (None past its end).
+    fn block(&self, layer: usize, i: usize) -> Option<BlockView<'a>> {
+        (self.blk0 + i < self.blk1).then(|| self.cache.block(layer, self.kv_head, self.blk0 + i))
+    }
 }
 
 /// Whether attention on `simd` over `dtype` blocks of `bt` entries runs the integer fold ([`vnni`]), which rounds
@@ -978,12 +1019,19 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                     // The next run's quantized blocks are asked for as this run works ([`wide::RunAhead`]); any
                     // other block (the f16 residual) now.
                     let mut next: [Option<BlockView>; wide::Q4_RUN] = [None, None, None, None];
-                    for (i, nb) in (b + n..(b + n + wide::Q4_RUN).min(task.blk1)).enumerate() {
-                        let v = cache.block(layer, task.kv_head, nb);
-                        if v.quant_codes().is_some() {
-                            next[i] = Some(v);
+                    // This task's next run, or at its end the first run of the task that likely follows.
+                    let last = b + n >= task.blk1;
+                    for (i, slot) in next.iter_mut().enumerate() {
+                        let v = if last {
+                            a.follow.and_then(|f| f.block(layer, i))
                         } else {
-                            v.prefetch();
+                            (b + n + i < task.blk1)
+                                .then(|| cache.block(layer, task.kv_head, b + n + i))
+                        };
+                        match v {
+                            Some(v) if v.quant_codes().is_some() => *slot = Some(v),
+                            Some(v) => v.prefetch(),
+                            None => {}
                         }
                     }
                     fold_q4_run(a, &views, n, channels.is_some(), buf, &next);
@@ -997,6 +1045,9 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             let mut ahead = NO_AHEAD;
             if b + 1 < task.blk1 {
                 ahead = ask_ahead(&blk, &cache.block(layer, task.kv_head, b + 1), interleave);
+            } else if let Some(f) = a.follow.and_then(|f| f.block(layer, 0)) {
+                // The task's last block: the first of the task that likely follows.
+                ahead = ask_ahead(&blk, &f, interleave);
             }
             fold_view::<BT>(a, &blk, channels.is_some(), buf, ahead);
             b += 1;
@@ -1317,12 +1368,15 @@ fn fold_q4_run<'a>(
                 let q4s = [q0, q1, q2, prep(p3, v3)];
                 wide::fold_q4_run::<4, 128>(&q4s, rows, scale, hv, srun, m, l, acc, &ahead)
             }
-            // A run of fewer than 4 blocks is its task's last: nothing follows it to ask for.
+            // A run of fewer than 4 blocks is its task's last: what follows it is the next task's first blocks, of
+            // which the fold asks for as many as the run has blocks.
             3 => {
+                (0..3).for_each(scales);
                 let q4s = [prep(p0, v0), prep(p1, v1), prep(p2, v2)];
                 wide::fold_q4_run::<3, 96>(&q4s, rows, scale, hv, srun, m, l, acc, &ahead)
             }
             _ => {
+                (0..2).for_each(scales);
                 let q4s = [prep(p0, v0), prep(p1, v1)];
                 wide::fold_q4_run::<2, 64>(&q4s, rows, scale, hv, srun, m, l, acc, &ahead)
             }
@@ -1994,6 +2048,7 @@ mod tests {
             scores: None,
             shared: None,
             simd: Simd::Scalar,
+            follow: None,
         };
         run_task::<4>(&a, &mut buf);
         let want = naive_attention(&cache, 0, &q[..16], &q_pos[..1], &p);
