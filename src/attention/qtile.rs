@@ -142,14 +142,13 @@ impl QPrep {
         // The vector preparation (x86 only; `int8` is never set elsewhere); for 8-bit codes its int8 rows go unused.
         let vector_q = vnni && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
         if vector_q {
-            // The block's key minima and scales once, then each row folded against them.
+            // Each row folded against the block's key minima and scales.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 // SAFETY: `int8` is set only where `vnni::available()` found the CPU features; hs % 16 == 0.
-                super::vnni::split_pairs(&qb.k_ms[..2 * hs], &mut self.kmin, &mut self.kscale);
                 super::vnni::fold_queries(
-                    &self.kmin[..hs],
-                    &self.kscale[..hs],
+                    &qb.k_ms[..2 * hs],
+                    hs,
                     rows,
                     |r| &row_q(r)[..hs],
                     &mut self.qs,

@@ -191,19 +191,20 @@ unsafe fn quantize_with(x: *const f32, n: usize, inv: f32, out: *mut i8) {
 
 /// Each query row's constants for a block's integer scores: row r's `qs` (`qs[r · hs..][..hs]`) = q_r ∘ key scale,
 /// quantized into `qi[r · hs..][..hs]` as [`quantize_row`] does, `qc[r]` = q_r · key min and `qsc[r]` the step of its
-/// `qi`. `kmin` and `kscale` are the block's per-channel minima and scales ([`split_pairs`]); `row_q(r)` is row r's
-/// query over hs channels, hs a multiple of 16. Rows go four at a time, so their reductions and divisions overlap
-/// instead of waiting on one another.
+/// `qi`. `k_ms` is the block's per-channel (min, scale) pairs in f16, hs of them; `row_q(r)` is row r's query over hs
+/// channels, hs a multiple of 16. Rows go four at a time, so their reductions and divisions overlap instead of
+/// waiting on one another, and each 16 channels' pairs are widened once for the four (straight from the block: no
+/// f32 copy of the minima and scales is written and read back).
 ///
 /// # Safety
-/// The CPU must support what [`available`] checks; `kmin` and `kscale` hold hs, `qs` and `qi` rows · hs, `qc` and
-/// `qsc` rows.
+/// The CPU must support what [`available`] checks; `k_ms` holds 2 · hs, `qs` and `qi` rows · hs, `qc` and `qsc`
+/// rows.
 #[allow(clippy::too_many_arguments)] // one block's inputs and the four outputs
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 pub(super) unsafe fn fold_queries<'q>(
-    kmin: &[f32],
-    kscale: &[f32],
+    k_ms: &[half::f16],
+    hs: usize,
     rows: usize,
     row_q: impl Fn(usize) -> &'q [f32],
     qs: &mut [f32],
@@ -211,8 +212,7 @@ pub(super) unsafe fn fold_queries<'q>(
     qc: &mut [f32],
     qsc: &mut [f32],
 ) {
-    let hs = kmin.len();
-    assert!(hs.is_multiple_of(16) && kscale.len() >= hs);
+    assert!(hs.is_multiple_of(16) && k_ms.len() >= 2 * hs);
     assert!(
         qs.len() >= rows * hs && qi.len() >= rows * hs && qc.len() >= rows && qsc.len() >= rows
     );
@@ -220,15 +220,18 @@ pub(super) unsafe fn fold_queries<'q>(
     while r0 < rows {
         let k = (rows - r0).min(4);
         let (mut mx, mut c) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
-        for i in 0..k {
-            let q = row_q(r0 + i);
+        let mut q = [[].as_slice(); 4];
+        for (i, q) in q.iter_mut().enumerate().take(k) {
+            *q = row_q(r0 + i);
             assert!(q.len() >= hs);
-            let out = qs.as_mut_ptr().add((r0 + i) * hs);
-            for ch in (0..hs).step_by(16) {
-                let qv = _mm512_loadu_ps(q.as_ptr().add(ch));
-                let x = _mm512_mul_ps(qv, _mm512_loadu_ps(kscale.as_ptr().add(ch)));
-                _mm512_storeu_ps(out.add(ch), x);
-                c[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kmin.as_ptr().add(ch)), c[i]);
+        }
+        for ch in (0..hs).step_by(16) {
+            let [kmin, kscale] = pairs16(k_ms.as_ptr().add(2 * ch));
+            for i in 0..k {
+                let qv = _mm512_loadu_ps(q[i].as_ptr().add(ch));
+                let x = _mm512_mul_ps(qv, kscale);
+                _mm512_storeu_ps(qs.as_mut_ptr().add((r0 + i) * hs + ch), x);
+                c[i] = _mm512_fmadd_ps(qv, kmin, c[i]);
                 mx[i] = _mm512_max_ps(mx[i], _mm512_abs_ps(x));
             }
         }
