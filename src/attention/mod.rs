@@ -68,11 +68,16 @@ pub const PLAN_THREADS: usize = 16;
 
 /// Fewest key blocks a split of a head's blocks gets (when the head has that many). Each task starts cold (its first
 /// blocks are asked for at once and waited on), folds its own partial softmax and adds one more to merge; with 4
-/// blocks a task was mostly that fixed cost. 8 blocks: SmolLM2 decode over 1K-token prompts, `bench batch --streams
-/// 1,8 -t 2` on a 2-core Xeon, 2 alternations each, attention per 8-stream step 17.0 / 17.9 → 15.3 / 13.4 ms
-/// (kivi4) and 21.9 / 21.1 → 17.9 / 19.7 ms (f16). Long contexts are split as before (their heads have more than
-/// 8 blocks per planned task).
-const MIN_TASK_BLOCKS: usize = 8;
+/// blocks a task was mostly that fixed cost. 4 → 8 blocks: SmolLM2 decode over 1K-token prompts, `bench batch
+/// --streams 1,8 -t 2` on a 2-core Xeon, 2 alternations each, attention per 8-stream step 17.0 / 17.9 → 15.3 / 13.4
+/// ms (kivi4) and 21.9 / 21.1 → 17.9 / 19.7 ms (f16). 8 → 32 (a 1K-token head is then one task; 8K heads get 8
+/// splits, 24 tasks for SmolLM2's 3 KV heads instead of 33), same command, one build with the value from the
+/// environment, 4 alternations: attention per 8-stream step f16 15.7 / 14.4 / 13.6 / 18.4 → 12.5 / 11.6 / 19.4 /
+/// 12.6 ms, kivi4 14.5 / 11.8 / 14.7 / 12.3 → 9.1 / 10.6 / 16.1 / 11.5, one stream's 1.9–2.5 → 1.4–2.2 ms; 32
+/// against 16, 3 alternations, 32 faster in 5 of 6 pairs. The plan still depends only on the job (a batched
+/// sequence splits as it would alone: the same bits), so a one-KV-head model at a short context gets one task per
+/// layer: attention there is a small part of a step.
+const MIN_TASK_BLOCKS: usize = 32;
 
 /// Tasks the attention plan aims for on a pool of `threads` threads (see [`PLAN_THREADS`]).
 fn plan_tasks(threads: usize) -> usize {
