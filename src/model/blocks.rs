@@ -22,6 +22,7 @@ use crate::attention::{
 };
 use crate::gguf::GgufFile;
 use crate::kernels::prof::{scope, Phase};
+use crate::kernels::team::for_each_chunk_mut;
 use crate::kernels::{gate_mul, matmul, matmul_many, par_rows, QMatrix};
 pub use crate::kernels::{gelu_tanh, silu, GateAct};
 use crate::kv::WINDOW_STEP;
@@ -237,30 +238,62 @@ impl Attention {
         // A sequence whose step is one attention call (a decode step, or a chunk no window splits and no sparse
         // prefill reads) appends and selects here, and attends in one call with the others (one pass over the pool
         // for the batch); any other runs its own calls now.
+        let rows: SmallVec<[(usize, usize); 16]> = seqs
+            .iter()
+            .scan(0, |r0, seq| {
+                let r = (*r0, *r0 + seq.pos.len());
+                *r0 = r.1;
+                Some(r)
+            })
+            .collect(); // each sequence's rows [r0, r1) of the pass
+        let one: SmallVec<[bool; 16]> = seqs
+            .iter()
+            .map(|seq| one_call(&params, local, seq))
+            .collect();
+        // Their queries recorded and keys and values appended, sequences split over the pool: each writes only its
+        // own cache, and a decode step's append is a few scattered stores whose misses (and, a block in 32, a
+        // quantization) would otherwise keep one thread busy while the others wait (`bench batch --streams 8 --kv
+        // kivi4`, 2 threads: 2.2-2.7 -> 1.4-1.8 ms of appends per step). The profile's kv-append is this region's
+        // wall time; a quantization inside it is counted on each thread that runs one.
+        if one.iter().filter(|&&o| o).count() > 1 {
+            let _p = scope(Phase::KvAppend);
+            for_each_chunk_mut(seqs, 1, |i, seq| {
+                let (r0, r1) = rows[i];
+                if one[i] {
+                    let seq = &mut seq[0];
+                    let (ks, vs) = (&k[r0 * kr..r1 * kr], &v[r0 * kr..r1 * kr]);
+                    seq.state.obs.record(layer, &q[r0 * qr..r1 * qr], seq.pos);
+                    seq.cache.append(layer, seq.pos, ks, vs);
+                }
+            });
+        } else {
+            for (i, seq) in seqs.iter_mut().enumerate().filter(|&(i, _)| one[i]) {
+                let (r0, r1) = rows[i];
+                seq.state.obs.record(layer, &q[r0 * qr..r1 * qr], seq.pos);
+                let _p = scope(Phase::KvAppend);
+                seq.cache
+                    .append(layer, seq.pos, &k[r0 * kr..r1 * kr], &v[r0 * kr..r1 * kr]);
+            }
+        }
         let mut batched: SmallVec<[(usize, bool); 16]> = SmallVec::new(); // (sequence, with a selection)
-        let mut r0 = 0;
         for (i, seq) in seqs.iter_mut().enumerate() {
-            let r1 = r0 + seq.pos.len();
-            let (qs, ks, vs) = (
-                &q[r0 * qr..r1 * qr],
-                &k[r0 * kr..r1 * kr],
-                &v[r0 * kr..r1 * kr],
-            );
-            match prepare_call(layer, local, &params, seq, qs, ks, vs) {
-                Some(selected) => batched.push((i, selected)),
-                None => attend_seq(
+            let (r0, r1) = rows[i];
+            let qs = &q[r0 * qr..r1 * qr];
+            if one[i] {
+                batched.push((i, select_call(layer, local, &params, seq, qs)));
+            } else {
+                attend_seq(
                     layer,
                     local,
                     &params,
                     seq,
                     qs,
-                    ks,
-                    vs,
+                    &k[r0 * kr..r1 * kr],
+                    &v[r0 * kr..r1 * kr],
                     &mut s.att[r0 * qr..r1 * qr],
                     &mut s.attn,
-                ),
+                );
             }
-            r0 = r1;
         }
         if !batched.is_empty() {
             let _p = scope(Phase::Attention);
@@ -320,37 +353,33 @@ impl Attention {
     }
 }
 
-/// A sequence's step that is one attention call over whole or selected blocks: records its queries `q`, appends its
-/// keys and values `k`, `v` to its cache, runs its selector (timed into its attention time) and returns whether it
-/// selected, for the caller to attend with [`attend_batch`]. None (nothing done): the step is not one such call (a
-/// window splits the chunk, or a sparse prefill method may read it) and goes through [`attend_seq`].
-#[allow(clippy::too_many_arguments)] // as attend_seq, less the output
-fn prepare_call(
+/// Whether a sequence's step is one attention call over whole or selected blocks, attended with the others through
+/// [`attend_batch`] after its queries are recorded, its keys and values appended and its selector run
+/// ([`select_call`]); false: a window splits the chunk, or a sparse prefill method may read it, and the step goes
+/// through [`attend_seq`].
+fn one_call(params: &AttnParams, local: bool, seq: &SeqStep<'_>) -> bool {
+    let n = seq.pos.len();
+    !((params.window.is_some() && n > WINDOW_STEP)
+        || (n > 1 && !local && seq.state.prefill.is_some()))
+}
+
+/// Runs the selector of a [`one_call`] sequence whose keys and values for this step are in its cache (`q`: its
+/// queries), timed into its attention time, and returns whether it selected.
+fn select_call(
     layer: usize,
     local: bool,
     params: &AttnParams,
     seq: &mut SeqStep<'_>,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-) -> Option<bool> {
-    let (n, pos) = (seq.pos.len(), seq.pos);
-    let (cache, st) = (&mut *seq.cache, &mut *seq.state);
-    if (params.window.is_some() && n > WINDOW_STEP) || (n > 1 && !local && st.prefill.is_some()) {
-        return None;
-    }
-    st.obs.record(layer, q, pos);
-    {
-        let _p = scope(Phase::KvAppend);
-        cache.append(layer, pos, k, v);
-    }
+) -> bool {
+    let (cache, st) = (&*seq.cache, &mut *seq.state);
     let _p = scope(Phase::Attention);
     let t0 = std::time::Instant::now();
     let cx = SelectCx {
         cache,
         layer,
         q,
-        pos,
+        pos: seq.pos,
         n_q_heads: params.n_q_heads,
         local,
     };
@@ -361,7 +390,7 @@ fn prepare_call(
             .is_some_and(|sel| sel.select(&cx, &mut st.sel))
     };
     st.attn_ns += t0.elapsed().as_nanos() as u64;
-    Some(selected)
+    selected
 }
 
 /// One sequence's attention in a layer: records its queries `q` (its rows × nh·hd, after RoPE), appends its keys and
