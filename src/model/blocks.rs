@@ -255,24 +255,22 @@ impl Attention {
         // quantization) would otherwise keep one thread busy while the others wait (`bench batch --streams 8 --kv
         // kivi4`, 2 threads: 2.2-2.7 -> 1.4-1.8 ms of appends per step). The profile's kv-append is this region's
         // wall time; a quantization inside it is counted on each thread that runs one.
-        if one.iter().filter(|&&o| o).count() > 1 {
-            let _p = scope(Phase::KvAppend);
-            for_each_chunk_mut(seqs, 1, |i, seq| {
-                let (r0, r1) = rows[i];
-                if one[i] {
-                    let seq = &mut seq[0];
-                    let (ks, vs) = (&k[r0 * kr..r1 * kr], &v[r0 * kr..r1 * kr]);
-                    seq.state.obs.record(layer, &q[r0 * qr..r1 * qr], seq.pos);
-                    seq.cache.append(layer, seq.pos, ks, vs);
-                }
-            });
-        } else {
-            for (i, seq) in seqs.iter_mut().enumerate().filter(|&(i, _)| one[i]) {
-                let (r0, r1) = rows[i];
+        let append = |i: usize, seq: &mut SeqStep<'_>| {
+            let (r0, r1) = rows[i];
+            if one[i] {
                 seq.state.obs.record(layer, &q[r0 * qr..r1 * qr], seq.pos);
-                let _p = scope(Phase::KvAppend);
                 seq.cache
                     .append(layer, seq.pos, &k[r0 * kr..r1 * kr], &v[r0 * kr..r1 * kr]);
+            }
+        };
+        {
+            let _p = scope(Phase::KvAppend);
+            if one.iter().filter(|&&o| o).count() > 1 {
+                for_each_chunk_mut(seqs, 1, |i, seq| append(i, &mut seq[0]));
+            } else {
+                seqs.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, seq)| append(i, seq));
             }
         }
         let mut batched: SmallVec<[(usize, bool); 16]> = SmallVec::new(); // (sequence, with a selection)
