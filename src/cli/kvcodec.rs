@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::{Lengths, Session};
-use crate::kv::codec::{self, CodecConfig, KeyScale, KvRows, LayerBins};
+use crate::kv::codec::{self, CodecConfig, KvRows, LayerBins, Scale};
 use crate::kv::{KvConfig, KvDtype};
 
 #[derive(Args, Debug)]
@@ -28,9 +28,12 @@ pub struct CodecArgs {
     /// Tokens per codec chunk.
     #[arg(long, default_value_t = 256)]
     pub chunk_tokens: usize,
-    /// Key scaling: channel (default) or token (CacheGen's).
-    #[arg(long, default_value = "channel")]
-    pub key_scale: String,
+    /// What one key scale covers: token (CacheGen's), channel or matrix. Default: the codec's own.
+    #[arg(long)]
+    pub key_scale: Option<Scale>,
+    /// What one value scale covers: token, channel or matrix. Default: the codec's own.
+    #[arg(long)]
+    pub value_scale: Option<Scale>,
     /// Key bins as SPLIT:EARLY:LATE: layers below SPLIT get EARLY bins; SPLIT a layer or a share of the layers
     /// (`2/3:32:64`). Default: the codec's own.
     #[arg(long)]
@@ -81,11 +84,8 @@ pub fn run(a: CodecArgs) -> Result<()> {
     }
     let cfg = CodecConfig {
         chunk_tokens: a.chunk_tokens,
-        key_scale: match a.key_scale.as_str() {
-            "token" => KeyScale::Token,
-            "channel" => KeyScale::Channel,
-            s => bail!("--key-scale '{s}': token or channel"),
-        },
+        key_scale: a.key_scale.unwrap_or(CodecConfig::default().key_scale),
+        value_scale: a.value_scale.unwrap_or(CodecConfig::default().value_scale),
         key_bins: a.key_bins.unwrap_or(CodecConfig::default().key_bins),
         value_bins: a.value_bins.unwrap_or(CodecConfig::default().value_bins),
     };
@@ -136,7 +136,7 @@ pub fn run(a: CodecArgs) -> Result<()> {
         ("codec", blob.len()),
     ];
     println!(
-        "KV codec on {} tokens × {} layers × {} KV heads ({}), chunks of {}, keys {:?}-scaled, bins K {} V {}",
+        "KV codec on {} tokens × {} layers × {} KV heads ({}), chunks of {}, keys {} {}, values {} {} (scale, bins)",
         ctx,
         rows.n_layers,
         rows.n_heads,
@@ -144,6 +144,7 @@ pub fn run(a: CodecArgs) -> Result<()> {
         cfg.chunk_tokens,
         cfg.key_scale,
         cfg.key_bins,
+        cfg.value_scale,
         cfg.value_bins
     );
     println!(
@@ -172,7 +173,7 @@ pub fn run(a: CodecArgs) -> Result<()> {
     );
     if let Some(p) = &a.json {
         let j = serde_json::json!({
-            "tokens": ctx, "chunk_tokens": cfg.chunk_tokens, "key_scale": a.key_scale,
+            "tokens": ctx, "chunk_tokens": cfg.chunk_tokens, "key_scale": cfg.key_scale.to_string(), "value_scale": cfg.value_scale.to_string(),
             "key_bins": cfg.key_bins.to_string(), "value_bins": cfg.value_bins.to_string(),
             "bytes": sizes.iter().map(|(n, b)| (n.to_string(), *b)).collect::<std::collections::BTreeMap<_, _>>(),
             "ratio_vs_f16": f16 as f64 / blob.len() as f64,

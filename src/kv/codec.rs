@@ -3,28 +3,32 @@
 //!
 //! **Quantization.** Each (layer, KV head) matrix of the run (tokens × channels, keys and values apart) is quantized
 //! symmetrically to `2·h + 1` levels (`h = bins/2 − 1`): `q = round(x / s · h)`, `x̂ = q · s / h`, so
-//! `|x − x̂| ≤ s / (2h)`. The scale `s` is the max-abs of each token's row (per-token scaling, as CacheGen; values
-//! always), or for keys by default of each channel's column over the chunk ([`KeyScale::Channel`], KIVI's finding
-//! that keys have outlier channels: see [`CodecConfig::default`] for what that is worth). Bins are set per layer
-//! group: early layers may get more (CacheGen: keys 32 in layers 0–9, 16 after; values 32 in layers 0–1, 16 after).
+//! `|x − x̂| ≤ s / (2h)`. The scale `s` is a max-abs ([`Scale`]): of each token's row (CacheGen's), of each channel's
+//! column over the chunk (keys by default: KIVI's finding that keys have outlier channels), or of the whole matrix
+//! (values by default: one uniform step, which under entropy coding costs fewer bits than per-token steps for a lower
+//! error; see [`CodecConfig::default`]). Bins are set per layer group (CacheGen: keys 32 in layers 0–9, 16 after;
+//! values 32 in layers 0–1, 16 after).
 //!
-//! **Entropy coding.** Symbols are range-coded (`constriction`) per channel with that channel's own distribution in
-//! the chunk: its histogram, stored as one 4-bit log-scale class per level (a level's weight is 2^class), so the
-//! model costs half a byte per level and channel; probabilities are derived from the classes with integer arithmetic
-//! only, so every machine builds the same model.
+//! **Entropy coding.** Symbols are range-coded (`constriction`) channel by channel, each channel with one of up to 16
+//! models its matrix stores for the chunk: histograms as one 4-bit log-scale class per level (a level's weight is
+//! 2^class), and a 4-bit model index per channel. The encoder picks how many models and which channels share each by
+//! the bits it costs (see [`group_channels`]); probabilities come from the classes with integer arithmetic only, so
+//! every machine builds the same model.
 //!
 //! **Chunks.** The run is cut into chunks of `chunk_tokens` tokens, each with its own scales, models, coded stream and
 //! CRC-32: the first n chunks decode alone (a prefix), and a damaged chunk is named.
 //!
-//! **Format** (little-endian; no serializer of a host language):
+//! **Format** (version 2; little-endian; no serializer of a host language; version 1 blobs, one model per channel and
+//! no value scaling choice, are refused by version, and the tiers recompute them):
 //! ```text
 //! magic "HLKVCODE"  u16 version  u16 flags(0)  u32 header length
-//! header: u32 n_layers, n_heads, head_dim_k, head_dim_v, tokens, chunk_tokens; u8 key_scale;
-//!         u8 key_bins[n_layers]; u8 value_bins[n_layers]
+//! header: u32 n_layers, n_heads, head_dim_k, head_dim_v, tokens, chunk_tokens; u8 key_scale, value_scale
+//!         (0 token, 1 channel, 2 matrix); u8 key_bins[n_layers]; u8 value_bins[n_layers]
 //! u32 crc32 of the header
 //! u32 n_chunks; per chunk: u64 byte length, u32 crc32 (the table's own crc32 follows it)
-//! chunks, in order: u32 positions[tokens]; per layer, per head, keys then values: f16 scales, u8 classes
-//!         (two levels a byte, per channel), u32 coded word count, u32 words
+//! chunks, in order: u32 positions[tokens]; per layer, per head, keys then values: f16 scales, u8 model count m,
+//!         (m > 1) a 4-bit model index per channel, two a byte; m × levels 4-bit classes, two a byte;
+//!         u32 coded word count, u32 words
 //! ```
 
 use anyhow::{bail, ensure, Context, Result};
@@ -36,7 +40,7 @@ use half::f16;
 use super::KvCache;
 
 const MAGIC: &[u8; 8] = b"HLKVCODE";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 /// Probability precision of the entropy models (constriction's default categorical model).
 const PRECISION: u32 = 24;
 
@@ -161,20 +165,82 @@ impl KvRows {
     }
 }
 
-/// How key matrices are scaled.
+/// What one quantization scale covers in a (layer, KV head) matrix of a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyScale {
-    /// One scale per token row (CacheGen).
+pub enum Scale {
+    /// Each token's row (CacheGen's scaling).
     Token,
-    /// One scale per channel over the chunk.
+    /// Each channel's column (KIVI's finding for keys: a few channels are outliers).
     Channel,
+    /// The whole matrix: one step for every entry. Under entropy coding a level's cost follows how often it occurs,
+    /// not how many levels there are, so one uniform step spends bits where the entries are, and the step is the
+    /// same for every token: an entry's error is bounded in absolute terms, which is what an attention-weighted sum
+    /// of values sees.
+    Matrix,
+}
+
+impl Scale {
+    const ALL: [Scale; 3] = [Scale::Token, Scale::Channel, Scale::Matrix];
+
+    fn code(self) -> u8 {
+        match self {
+            Scale::Token => 0,
+            Scale::Channel => 1,
+            Scale::Matrix => 2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Scale::Token => "token",
+            Scale::Channel => "channel",
+            Scale::Matrix => "matrix",
+        }
+    }
+
+    /// Scales a matrix of `n` tokens × `d` channels carries.
+    fn count(self, n: usize, d: usize) -> usize {
+        match self {
+            Scale::Token => n,
+            Scale::Channel => d,
+            Scale::Matrix => 1,
+        }
+    }
+
+    /// Which scale covers entry (`t`, `c`).
+    #[inline]
+    fn at(self, t: usize, c: usize) -> usize {
+        match self {
+            Scale::Token => t,
+            Scale::Channel => c,
+            Scale::Matrix => 0,
+        }
+    }
+}
+
+impl std::str::FromStr for Scale {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Scale::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .with_context(|| format!("codec scale '{s}': expected token, channel or matrix"))
+    }
+}
+
+impl std::fmt::Display for Scale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Codec settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodecConfig {
     pub chunk_tokens: usize,
-    pub key_scale: KeyScale,
+    pub key_scale: Scale,
+    pub value_scale: Scale,
     /// Bins per layer for keys, and for values.
     pub key_bins: LayerBins,
     pub value_bins: LayerBins,
@@ -279,17 +345,20 @@ impl std::fmt::Display for LayerBins {
 }
 
 impl Default for CodecConfig {
-    /// Keys scaled per channel with 32 bins in every layer, values per token with CacheGen's bins (32 in layers 0–1,
-    /// 16 after), chunks of 256 tokens. On SmolLM2-135M's 4K-token cache (`hayloft bench codec`): 3.81× smaller than
-    /// f16 and +0.83 % perplexity over the next 255 tokens; CacheGen's own setting (keys per token, 32 bins in layers
-    /// 0–9 then 16) was 4.92× smaller but +3.0 %, and per-token keys with 32 bins everywhere were no better (+3.0 %):
-    /// per-token scales of keys are set by their outlier channels.
+    /// Keys scaled per channel with 64 bins in every layer, values with one scale per matrix and 32 bins, chunks of
+    /// 256 tokens. On 4095-token caches of the essays (`hayloft bench codec --score 1024`): SmolLM2-135M 3.62× smaller
+    /// than f16, perplexity over the next 1023 tokens −0.90 %; Gemma 3 270M 4.03×, −0.41 %; and no needle of NIAH
+    /// lost on either (README). The version-1 default (keys per channel with 32 bins, values per token with 32 bins in
+    /// layers 0–1 and 16 after) is 4.00× with the shared models but lost needles at 4K on SmolLM2; CacheGen's own
+    /// setting (keys per token) is smaller still but +3 % perplexity: per-token scales of keys are set by their
+    /// outlier channels.
     fn default() -> Self {
         Self {
             chunk_tokens: 256,
-            key_scale: KeyScale::Channel,
-            key_bins: LayerBins::at_layer(0, 32, 32),
-            value_bins: LayerBins::at_layer(2, 32, 16),
+            key_scale: Scale::Channel,
+            key_bins: LayerBins::at_layer(0, 64, 64),
+            value_scale: Scale::Matrix,
+            value_bins: LayerBins::at_layer(0, 32, 32),
         }
     }
 }
@@ -493,30 +562,168 @@ fn quantize(
     x: &[f32],
     n: usize,
     d: usize,
-    per_token: bool,
+    scale: Scale,
     h: i32,
     scales: &mut Vec<f16>,
     sym: &mut Vec<u32>,
 ) {
     scales.clear();
-    if per_token {
-        scales.extend(
-            (0..n).map(|t| f16_up(x[t * d..][..d].iter().fold(0f32, |m, v| m.max(v.abs())))),
-        );
-    } else {
-        scales.extend((0..d).map(|c| f16_up((0..n).fold(0f32, |m, t| m.max(x[t * d + c].abs())))));
+    scales.resize(scale.count(n, d), f16::ZERO);
+    let mut max = vec![0f32; scales.len()];
+    for t in 0..n {
+        for c in 0..d {
+            let m = &mut max[scale.at(t, c)];
+            *m = m.max(x[t * d + c].abs());
+        }
     }
+    scales
+        .iter_mut()
+        .zip(&max)
+        .for_each(|(s, &m)| *s = f16_up(m));
     sym.clear();
     sym.resize(n * d, h as u32);
     for t in 0..n {
         for c in 0..d {
-            let s = scales[if per_token { t } else { c }].to_f32();
+            let s = scales[scale.at(t, c)].to_f32();
             if s > 0.0 {
                 let q = (x[t * d + c] / s * h as f32).round() as i32;
                 sym[c * n + t] = (q.clamp(-h, h) + h) as u32;
             }
         }
     }
+}
+
+/// Most entropy models the channels of one matrix share (a channel's model index is 4 bits).
+const MAX_GROUPS: usize = 16;
+
+/// The entropy models of one matrix: `n` histograms (as classes, `levels` each, model-major) and the model of each
+/// channel.
+#[derive(Default)]
+struct Groups {
+    n: usize,
+    of: Vec<u8>,
+    classes: Vec<u8>,
+}
+
+impl Groups {
+    /// Classes of each model from the channels' histograms (`counts`, channel-major) under the current assignment.
+    fn fit(&mut self, counts: &[u32], levels: usize, sum: &mut Vec<u32>) {
+        sum.clear();
+        sum.resize(self.n * levels, 0);
+        for (c, &g) in self.of.iter().enumerate() {
+            let dst = &mut sum[g as usize * levels..][..levels];
+            dst.iter_mut()
+                .zip(&counts[c * levels..][..levels])
+                .for_each(|(a, &b)| *a += b);
+        }
+        self.classes.clear();
+        for g in sum.chunks(levels) {
+            let max = g.iter().copied().max().unwrap_or(0).max(1);
+            self.classes.extend(g.iter().map(|&k| class_of(k, max)));
+        }
+    }
+}
+
+/// Chooses how many models the `d` channels of a matrix share (1, 2, 4, … [`MAX_GROUPS`]) and which channel codes
+/// with which, by the bits each choice costs: the symbols under their channel's model, plus the models (4 bits a
+/// level) and the channel → model map (4 bits a channel). Per-channel histograms (as version 1 stored) cost half a
+/// byte per level and channel, up to a bit per entry of a 256-token chunk at 63 levels; on real caches most channels'
+/// histograms are alike up to a few shapes (RoPE's slow and fast channels, outliers), which a few shared models
+/// capture. For each count the assignment is a k-means under cross-entropy, started from the channels ordered by their
+/// own entropy.
+fn group_channels(counts: &[u32], d: usize, levels: usize, out: &mut Groups) {
+    let (mut sum, mut probs) = (Vec::new(), Vec::new());
+    let mut cost = vec![0f32; MAX_GROUPS * levels];
+    // Channels ordered by the entropy of their own histogram.
+    let mut order: Vec<(f32, usize)> = (0..d)
+        .map(|c| {
+            let h = &counts[c * levels..][..levels];
+            let n: u32 = h.iter().sum();
+            let e = h
+                .iter()
+                .filter(|&&k| k > 0)
+                .map(|&k| {
+                    let p = k as f32 / n as f32;
+                    -p * p.log2()
+                })
+                .sum::<f32>();
+            (e, c)
+        })
+        .collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    // Each channel's occurring levels and their counts: what the assignment sums over.
+    let (mut nonzero, mut starts) = (Vec::<(u8, f32)>::new(), vec![0]);
+    for c in 0..d {
+        let h = &counts[c * levels..][..levels];
+        nonzero.extend(
+            (0..levels)
+                .filter(|&l| h[l] > 0)
+                .map(|l| (l as u8, h[l] as f32)),
+        );
+        starts.push(nonzero.len());
+    }
+    let mut best = f32::INFINITY;
+    let mut g = Groups::default();
+    let mut n_groups = 1;
+    while n_groups <= MAX_GROUPS.min(d) {
+        g.n = n_groups;
+        g.of.clear();
+        g.of.resize(d, 0);
+        for (rank, &(_, c)) in order.iter().enumerate() {
+            g.of[c] = (rank * n_groups / d) as u8;
+        }
+        let mut bits = 0f32;
+        for _ in 0..8 {
+            g.fit(counts, levels, &mut sum);
+            for (m, cl) in g.classes.chunks(levels).enumerate() {
+                probabilities(cl, &mut probs);
+                for (x, &p) in cost[m * levels..][..levels].iter_mut().zip(&probs) {
+                    *x = PRECISION as f32 - (p as f32).log2();
+                }
+            }
+            bits = 0.0;
+            let mut moved = false;
+            for c in 0..d {
+                let h = &nonzero[starts[c]..starts[c + 1]];
+                let (mut arg, mut low) = (0, f32::INFINITY);
+                for m in 0..n_groups {
+                    let cm = &cost[m * levels..][..levels];
+                    let b: f32 = h.iter().map(|&(l, k)| k * cm[l as usize]).sum();
+                    if b < low {
+                        (arg, low) = (m, b);
+                    }
+                }
+                moved |= g.of[c] as usize != arg;
+                g.of[c] = arg as u8;
+                bits += low;
+            }
+            if !moved {
+                break;
+            }
+        }
+        bits += (4 * n_groups * levels + if n_groups > 1 { 4 * d } else { 0 }) as f32;
+        if bits >= best {
+            break;
+        }
+        best = bits;
+        g.fit(counts, levels, &mut sum);
+        std::mem::swap(out, &mut g);
+        n_groups *= 2;
+    }
+}
+
+/// 4-bit entries, two a byte (the first in the low half).
+fn put_nibbles(o: &mut Out, x: &[u8]) {
+    for pair in x.chunks(2) {
+        o.u8(pair[0] | pair.get(1).map_or(0, |x| x << 4));
+    }
+}
+
+fn take_nibbles(i: &mut In, n: usize, what: &'static str) -> Result<Vec<u8>, CodecError> {
+    let packed = i.take(n.div_ceil(2), what)?;
+    Ok((0..n)
+        .map(|j| (packed[j / 2] >> (4 * (j % 2))) & 15)
+        .collect())
 }
 
 /// Encodes `rows` (see the module documentation for the format).
@@ -545,10 +752,8 @@ pub fn encode(rows: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
     ] {
         o.u32(u32::try_from(x).context("codec: a dimension past u32")?);
     }
-    o.u8(match cfg.key_scale {
-        KeyScale::Token => 0,
-        KeyScale::Channel => 1,
-    });
+    o.u8(cfg.key_scale.code());
+    o.u8(cfg.value_scale.code());
     for bins in [cfg.key_bins, cfg.value_bins] {
         for l in 0..rows.n_layers {
             o.u8(bins.bins(l, rows.n_layers));
@@ -585,19 +790,25 @@ fn encode_chunk(r: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
     let mut o = Out::default();
     r.pos.iter().for_each(|&p| o.u32(p));
     let n = r.tokens;
-    let (mut scales, mut sym, mut classes, mut probs) =
+    let (mut scales, mut sym, mut probs, mut counts) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut groups = Groups::default();
     for layer in 0..r.n_layers {
         for head in 0..r.n_heads {
             let s = layer * r.n_heads + head;
-            for (x, d, bins, per_token) in [
+            for (x, d, bins, scale) in [
                 (
                     &r.k,
                     r.hk,
                     cfg.key_bins.bins(layer, r.n_layers),
-                    cfg.key_scale == KeyScale::Token,
+                    cfg.key_scale,
                 ),
-                (&r.v, r.hv, cfg.value_bins.bins(layer, r.n_layers), true),
+                (
+                    &r.v,
+                    r.hv,
+                    cfg.value_bins.bins(layer, r.n_layers),
+                    cfg.value_scale,
+                ),
             ] {
                 let h = half(bins);
                 let levels = (2 * h + 1) as usize;
@@ -605,30 +816,36 @@ fn encode_chunk(r: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
                     &x[s * n * d..][..n * d],
                     n,
                     d,
-                    per_token,
+                    scale,
                     h,
                     &mut scales,
                     &mut sym,
                 );
                 scales.iter().for_each(|s| o.u16(s.to_bits()));
-                // Per channel: the histogram's classes, two a byte.
-                classes.clear();
-                let mut counts = vec![0u32; levels];
+                // Each channel's histogram, then the models its channels share.
+                counts.clear();
+                counts.resize(d * levels, 0u32);
                 for c in 0..d {
-                    counts.iter_mut().for_each(|x| *x = 0);
+                    let hist = &mut counts[c * levels..][..levels];
                     sym[c * n..][..n]
                         .iter()
-                        .for_each(|&y| counts[y as usize] += 1);
-                    let max = *counts.iter().max().expect("levels");
-                    classes.extend(counts.iter().map(|&k| class_of(k, max)));
+                        .for_each(|&y| hist[y as usize] += 1);
                 }
-                for pair in classes.chunks(2) {
-                    o.u8(pair[0] | pair.get(1).map_or(0, |x| x << 4));
+                group_channels(&counts, d, levels, &mut groups);
+                o.u8(groups.n as u8);
+                if groups.n > 1 {
+                    put_nibbles(&mut o, &groups.of);
                 }
+                put_nibbles(&mut o, &groups.classes);
+                let models: Vec<Model> = groups
+                    .classes
+                    .chunks(levels)
+                    .map(|cl| Model::new(cl, &mut probs))
+                    .collect();
                 let mut enc = DefaultRangeEncoder::new();
                 for c in 0..d {
-                    let m = Model::new(&classes[c * levels..][..levels], &mut probs);
-                    enc.encode_iid_symbols(sym[c * n..][..n].iter().map(|&y| y as usize), &m)
+                    let m = &models[groups.of[c] as usize];
+                    enc.encode_iid_symbols(sym[c * n..][..n].iter().map(|&y| y as usize), m)
                         .map_err(|e| anyhow::anyhow!("range coder: {e:?}"))?;
                 }
                 let words = enc
@@ -654,7 +871,8 @@ pub struct Header {
     pub hv: usize,
     pub tokens: usize,
     pub chunk_tokens: usize,
-    pub key_scale: KeyScale,
+    pub key_scale: Scale,
+    pub value_scale: Scale,
     pub key_bins: Vec<u8>,
     pub value_bins: Vec<u8>,
     /// (byte offset, length, crc32) of each chunk.
@@ -683,11 +901,14 @@ pub fn header(blob: &[u8]) -> Result<Header, CodecError> {
         *d = hi.u32("header")? as usize;
     }
     let [n_layers, n_heads, hk, hv, tokens, chunk_tokens] = dims;
-    let key_scale = match hi.u8("header")? {
-        0 => KeyScale::Token,
-        1 => KeyScale::Channel,
-        x => return Err(CodecError::Corrupt(format!("unknown key scaling {x}"))),
+    let mut scale = || -> Result<Scale, CodecError> {
+        let x = hi.u8("header")?;
+        Scale::ALL
+            .into_iter()
+            .find(|s| s.code() == x)
+            .ok_or_else(|| CodecError::Corrupt(format!("unknown scaling {x}")))
     };
+    let (key_scale, value_scale) = (scale()?, scale()?);
     let key_bins = hi.take(n_layers, "key bins")?.to_vec();
     let value_bins = hi.take(n_layers, "value bins")?.to_vec();
     if hi.at != hb.len() {
@@ -734,15 +955,16 @@ pub fn header(blob: &[u8]) -> Result<Header, CodecError> {
             blob.len() - at
         )));
     }
-    // Every (layer, head, token) carries at least a 2-byte value scale: dimensions past what the blob can hold are
-    // damage, refused before anything is allocated for them.
-    let scales = n_layers
+    // Every token carries its 4-byte position, and no real cache codes below an eighth of a bit an entry (the
+    // codec's own settings give 3 to 6): dimensions past that are damage, refused before anything is allocated.
+    let entries = n_layers
         .checked_mul(n_heads)
         .and_then(|x| x.checked_mul(tokens))
-        .and_then(|x| x.checked_mul(2));
+        .and_then(|x| x.checked_mul(hk + hv));
     if !(1..=4096).contains(&hk)
         || !(1..=4096).contains(&hv)
-        || scales.is_none_or(|x| x > blob.len())
+        || tokens.saturating_mul(4) > blob.len()
+        || entries.is_none_or(|x| x / 64 > blob.len())
     {
         return Err(CodecError::Corrupt(format!(
             "dimensions {n_layers} × {n_heads} × {tokens} × {hk}/{hv} do not fit a blob of {} bytes",
@@ -757,6 +979,7 @@ pub fn header(blob: &[u8]) -> Result<Header, CodecError> {
         tokens,
         chunk_tokens,
         key_scale,
+        value_scale,
         key_bins,
         value_bins,
         chunks,
@@ -817,23 +1040,38 @@ fn decode_chunk(bytes: &[u8], h: &Header, a: usize, n: usize, out: &mut KvRows) 
     for layer in 0..h.n_layers {
         for head in 0..h.n_heads {
             let s = layer * h.n_heads + head;
-            for (is_key, d, bins) in [
-                (true, h.hk, h.key_bins[layer]),
-                (false, h.hv, h.value_bins[layer]),
+            for (is_key, d, bins, scale) in [
+                (true, h.hk, h.key_bins[layer], h.key_scale),
+                (false, h.hv, h.value_bins[layer], h.value_scale),
             ] {
-                let per_token = !is_key || h.key_scale == KeyScale::Token;
                 let hh = half(bins);
                 let levels = (2 * hh + 1) as usize;
-                let n_scales = if per_token { n } else { d };
                 // A level's step: the scale over `hh`.
                 let steps: Vec<f32> = i
-                    .take(2 * n_scales, "scales")?
+                    .take(2 * scale.count(n, d), "scales")?
                     .chunks_exact(2)
                     .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() / hh as f32)
                     .collect();
-                let packed = i.take((d * levels).div_ceil(2), "entropy models")?;
-                let classes: Vec<u8> = (0..d * levels)
-                    .map(|j| (packed[j / 2] >> (4 * (j % 2))) & 15)
+                let n_models = i.u8("entropy models")? as usize;
+                if !(1..=MAX_GROUPS).contains(&n_models) {
+                    bail!(CodecError::Corrupt(format!(
+                        "{n_models} entropy models in a matrix"
+                    )));
+                }
+                let of = if n_models > 1 {
+                    take_nibbles(&mut i, d, "entropy models")?
+                } else {
+                    vec![0; d]
+                };
+                if of.iter().any(|&m| m as usize >= n_models) {
+                    bail!(CodecError::Corrupt(
+                        "a channel names a missing entropy model".into()
+                    ));
+                }
+                let classes = take_nibbles(&mut i, n_models * levels, "entropy models")?;
+                let models: Vec<Model> = classes
+                    .chunks(levels)
+                    .map(|cl| Model::for_decoding(cl, &mut probs))
                     .collect();
                 let n_words = i.u32("coded symbols")? as usize;
                 words.clear();
@@ -851,11 +1089,10 @@ fn decode_chunk(bytes: &[u8], h: &Header, a: usize, n: usize, out: &mut KvRows) 
                     .map_err(|e| anyhow::anyhow!("range decoder: {e:?}"))?;
                 let x = if is_key { &mut out.k } else { &mut out.v };
                 for c in 0..d {
-                    let m = Model::for_decoding(&classes[c * levels..][..levels], &mut probs);
-                    for (t, y) in dec.decode_iid_symbols(n, &m).enumerate() {
+                    let m = &models[of[c] as usize];
+                    for (t, y) in dec.decode_iid_symbols(n, m).enumerate() {
                         let y = y.map_err(|e| anyhow::anyhow!("range decoder: {e:?}"))? as i32;
-                        let step = steps[if per_token { t } else { c }];
-                        x[(s * total + a + t) * d + c] = (y - hh) as f32 * step;
+                        x[(s * total + a + t) * d + c] = (y - hh) as f32 * steps[scale.at(t, c)];
                     }
                 }
             }

@@ -19,10 +19,11 @@ fn rows(n_layers: usize, tokens: usize, seed: u64) -> KvRows {
     r
 }
 
-fn cfg(chunk: usize, key_scale: KeyScale) -> CodecConfig {
+fn cfg(chunk: usize, key_scale: Scale, value_scale: Scale) -> CodecConfig {
     CodecConfig {
         chunk_tokens: chunk,
         key_scale,
+        value_scale,
         key_bins: LayerBins::at_layer(1, 32, 16),
         value_bins: LayerBins::at_layer(1, 32, 16),
     }
@@ -39,11 +40,15 @@ fn dequantized(r: &KvRows, c: &CodecConfig) -> KvRows {
         for layer in 0..r.n_layers {
             for head in 0..r.n_heads {
                 let s = layer * r.n_heads + head;
-                for (is_key, d, bins) in [
-                    (true, r.hk, c.key_bins.bins(layer, r.n_layers)),
-                    (false, r.hv, c.value_bins.bins(layer, r.n_layers)),
+                for (is_key, d, bins, scale) in [
+                    (true, r.hk, c.key_bins.bins(layer, r.n_layers), c.key_scale),
+                    (
+                        false,
+                        r.hv,
+                        c.value_bins.bins(layer, r.n_layers),
+                        c.value_scale,
+                    ),
                 ] {
-                    let per_token = !is_key || c.key_scale == KeyScale::Token;
                     let h = half(bins);
                     let (x, y) = if is_key {
                         (&part.k, &mut out.k)
@@ -54,14 +59,14 @@ fn dequantized(r: &KvRows, c: &CodecConfig) -> KvRows {
                         &x[s * n * d..][..n * d],
                         n,
                         d,
-                        per_token,
+                        scale,
                         h,
                         &mut scales,
                         &mut sym,
                     );
                     for t in 0..n {
                         for ch in 0..d {
-                            let sc = scales[if per_token { t } else { ch }].to_f32();
+                            let sc = scales[scale.at(t, ch)].to_f32();
                             y[(s * r.tokens + a + t) * d + ch] =
                                 (sym[ch * n + t] as i32 - h) as f32 * (sc / h as f32);
                         }
@@ -75,40 +80,81 @@ fn dequantized(r: &KvRows, c: &CodecConfig) -> KvRows {
 
 #[test]
 fn round_trip_is_within_the_quantization_bound_and_symbols_are_exact() {
-    for key_scale in [KeyScale::Token, KeyScale::Channel] {
-        let r = rows(3, 70, 1);
-        let c = cfg(32, key_scale);
-        let blob = encode(&r, &c).unwrap();
-        let got = decode(&blob).unwrap();
-        assert_eq!(got.pos, r.pos);
-        // The symbols survive entropy coding exactly.
-        assert!(got == dequantized(&r, &c), "{key_scale:?}");
-        // Every value within half a level of its scale (per-token values: the row's max-abs).
-        let (n, hv) = (r.tokens, r.hv);
-        for s in 0..r.n_layers * r.n_heads {
-            let h = half(if s / r.n_heads < 1 { 32 } else { 16 }) as f32;
-            for t in 0..n {
-                let row = &r.v[(s * n + t) * hv..][..hv];
-                let m = f16_up(row.iter().fold(0f32, |m, x| m.max(x.abs()))).to_f32();
-                for (x, y) in row.iter().zip(&got.v[(s * n + t) * hv..][..hv]) {
-                    assert!((x - y).abs() <= m / (2.0 * h) * 1.0001 + 1e-7, "{x} vs {y}");
+    for key_scale in Scale::ALL {
+        for value_scale in Scale::ALL {
+            let r = rows(3, 70, 1);
+            let c = cfg(32, key_scale, value_scale);
+            let blob = encode(&r, &c).unwrap();
+            let got = decode(&blob).unwrap();
+            assert_eq!(got.pos, r.pos);
+            // The symbols survive entropy coding exactly.
+            assert!(got == dequantized(&r, &c), "{key_scale:?} {value_scale:?}");
+            // Every value within half a level of the max-abs of what its scale covers (per chunk of 32 tokens).
+            let hv = r.hv;
+            for s in 0..r.n_layers * r.n_heads {
+                let h = half(if s / r.n_heads < 1 { 32 } else { 16 }) as f32;
+                for a in (0..r.tokens).step_by(32) {
+                    let n = 32.min(r.tokens - a);
+                    let x = &r.v[(s * r.tokens + a) * hv..][..n * hv];
+                    let y = &got.v[(s * r.tokens + a) * hv..][..n * hv];
+                    let mut max = vec![0f32; value_scale.count(n, hv)];
+                    for (j, v) in x.iter().enumerate() {
+                        let m = &mut max[value_scale.at(j / hv, j % hv)];
+                        *m = m.max(v.abs());
+                    }
+                    for (j, (v, w)) in x.iter().zip(y).enumerate() {
+                        let m = f16_up(max[value_scale.at(j / hv, j % hv)]).to_f32();
+                        assert!((v - w).abs() <= m / (2.0 * h) * 1.0001 + 1e-7, "{v} vs {w}");
+                    }
                 }
             }
+            // Smaller than f16 even on random data in small chunks (their models cost more than on long runs).
+            assert!(
+                blob.len() * 10 < r.f16_bytes() * 6,
+                "{} vs {}",
+                blob.len(),
+                r.f16_bytes()
+            );
         }
-        // Smaller than f16 even on random data in small chunks (their models cost more than on long runs).
-        assert!(
-            blob.len() * 10 < r.f16_bytes() * 6,
-            "{} vs {}",
-            blob.len(),
-            r.f16_bytes()
-        );
     }
+}
+
+#[test]
+fn channels_alike_share_one_model_and_unlike_ones_get_their_own() {
+    // 64 channels, 256 tokens, 31 levels: even channels peaked at the middle level, odd ones spread flat.
+    let (d, n, levels) = (64, 256, 31);
+    let mut rng = Rng::seeded(11);
+    let mut counts = vec![0u32; d * levels];
+    for c in 0..d {
+        for _ in 0..n {
+            let y = if c % 2 == 0 {
+                (14 + rng.below(3)).min(30)
+            } else {
+                rng.below(levels)
+            };
+            counts[c * levels + y] += 1;
+        }
+    }
+    let mut g = Groups::default();
+    group_channels(&counts, d, levels, &mut g);
+    assert!(g.n >= 2 && g.n < d / 4, "{} models", g.n);
+    // No peaked channel shares a model with a flat one.
+    for c in (0..d).step_by(2) {
+        for e in (1..d).step_by(2) {
+            assert_ne!(g.of[c], g.of[e], "channels {c} and {e}");
+        }
+    }
+    assert_eq!(g.classes.len(), g.n * levels);
+    // One kind of channel: one model.
+    let same: Vec<u32> = (0..d).flat_map(|_| counts[..levels].to_vec()).collect();
+    group_channels(&same, d, levels, &mut g);
+    assert_eq!(g.n, 1);
 }
 
 #[test]
 fn a_prefix_of_chunks_decodes_alone() {
     let r = rows(2, 100, 2);
-    let blob = encode(&r, &cfg(32, KeyScale::Token)).unwrap();
+    let blob = encode(&r, &cfg(32, Scale::Token, Scale::Token)).unwrap();
     let all = decode(&blob).unwrap();
     let two = decode_prefix(&blob, 2).unwrap();
     assert_eq!(two, all.slice(0, 64));
@@ -118,7 +164,7 @@ fn a_prefix_of_chunks_decodes_alone() {
 #[test]
 fn damaged_blobs_are_refused_with_what_is_wrong() {
     let r = rows(2, 100, 3);
-    let blob = encode(&r, &cfg(32, KeyScale::Token)).unwrap();
+    let blob = encode(&r, &cfg(32, Scale::Token, Scale::Token)).unwrap();
     let err = |b: &[u8]| format!("{:#}", decode(b).unwrap_err());
     // A flipped byte in the last chunk: named by its checksum; the chunks before it still decode.
     let mut bad = blob.clone();
@@ -156,10 +202,58 @@ fn damaged_blobs_are_refused_with_what_is_wrong() {
     let mut bad = blob.clone();
     bad[8] = 9;
     assert!(err(&bad).contains("version 9"));
+    // A chunk whose model count or channel → model map is impossible (checksums made to match): refused by name.
+    let h = header(&blob).unwrap();
+    let (at, len, _) = h.chunks[0];
+    // Chunk 0 starts with 32 positions, then the first key matrix's 32 per-token scales, then its model count.
+    let models_at = at + 4 * 32 + 2 * 32;
+    for (n_models, what) in [(0u8, "0 entropy models"), (17, "17 entropy models")] {
+        let mut bad = blob.clone();
+        bad[models_at] = n_models;
+        fix_chunk_crc(&mut bad, 0, at, len);
+        assert!(err(&bad).contains(what), "{}", err(&bad));
+    }
+    // Keys whose even channels are near zero and odd ones spread, under one matrix scale: two models and a map.
+    let mut r2 = rows(1, 256, 5);
+    r2.k.iter_mut()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .for_each(|(_, x)| *x *= 1e-3);
+    let two = encode(&r2, &cfg(256, Scale::Matrix, Scale::Token)).unwrap();
+    let (at, len, _) = header(&two).unwrap().chunks[0];
+    let models_at = at + 4 * 256 + 2;
+    assert!(two[models_at] > 1, "{} models", two[models_at]);
+    let mut bad = two.clone();
+    bad[models_at + 1] = 0xff;
+    fix_chunk_crc(&mut bad, 0, at, len);
+    assert!(err(&bad).contains("missing entropy model"), "{}", err(&bad));
     // Trailing garbage.
     let mut bad = blob.clone();
     bad.push(0);
     assert!(err(&bad).contains("after the last chunk"));
+}
+
+/// Rewrites chunk `ci`'s checksum in the chunk table (and the table's own) after a deliberate change.
+fn fix_chunk_crc(blob: &mut [u8], ci: usize, at: usize, len: usize) {
+    let crc = crc32fast::hash(&blob[at..at + len]);
+    let len_at = 12;
+    let hlen = u32::from_le_bytes(blob[len_at..len_at + 4].try_into().unwrap()) as usize;
+    let t0 = 16 + hlen + 4;
+    let n = u32::from_le_bytes(blob[t0..t0 + 4].try_into().unwrap()) as usize;
+    let e = t0 + 4 + ci * 12 + 8;
+    blob[e..e + 4].copy_from_slice(&crc.to_le_bytes());
+    let table_end = t0 + 4 + n * 12;
+    let tcrc = crc32fast::hash(&blob[t0..table_end]);
+    blob[table_end..table_end + 4].copy_from_slice(&tcrc.to_le_bytes());
+}
+
+#[test]
+fn scales_parse_and_print_by_name() {
+    for s in Scale::ALL {
+        assert_eq!(s.to_string().parse::<Scale>().unwrap(), s);
+    }
+    let e = "rows".parse::<Scale>().unwrap_err().to_string();
+    assert!(e.contains("'rows'") && e.contains("matrix"), "{e}");
 }
 
 #[test]
