@@ -593,6 +593,9 @@ fn quantize(
     }
 }
 
+/// Most assignment rounds of the channel grouping at each model count (it usually settles in fewer).
+const KMEANS_ROUNDS: usize = 8;
+
 /// Most entropy models the channels of one matrix share (a channel's model index is 4 bits).
 const MAX_GROUPS: usize = 16;
 
@@ -673,7 +676,7 @@ fn group_channels(counts: &[u32], d: usize, levels: usize, out: &mut Groups) {
             g.of[c] = (rank * n_groups / d) as u8;
         }
         let mut bits = 0f32;
-        for _ in 0..8 {
+        for _ in 0..KMEANS_ROUNDS {
             g.fit(counts, levels, &mut sum);
             for (m, cl) in g.classes.chunks(levels).enumerate() {
                 probabilities(cl, &mut probs);

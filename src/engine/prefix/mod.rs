@@ -350,23 +350,33 @@ impl PrefixStore {
         probe.found
     }
 
-    /// Writes the whole units of `s`'s tokens that some tier lacks.
+    /// Writes the whole units of `s`'s tokens that some tier lacks. Units encode alone, so the lacking ones are
+    /// encoded in parallel (an engine step waits for this), then written in order.
     fn tier_insert(&self, keys: &[Key], s: &Session) {
+        use rayon::prelude::*;
         let unit = self.codec.chunk_tokens;
         let ub = unit / BLOCK;
-        for u in 0..keys.len() / ub {
-            let key = self.unit_key(&keys[(u + 1) * ub - 1]);
-            let lacking: Vec<&dyn Tier> = self
-                .tiers
-                .iter()
-                .filter(|t| !t.contains(&key).unwrap_or(false))
-                .map(|t| t.as_ref())
-                .collect();
-            if lacking.is_empty() {
-                continue;
-            }
-            let blob = KvRows::from_cache(&s.cache, u * unit, (u + 1) * unit)
-                .and_then(|r| codec::encode(&r, &self.codec));
+        let todo: Vec<(usize, Key, Vec<&dyn Tier>)> = (0..keys.len() / ub)
+            .filter_map(|u| {
+                let key = self.unit_key(&keys[(u + 1) * ub - 1]);
+                let lacking: Vec<&dyn Tier> = self
+                    .tiers
+                    .iter()
+                    .filter(|t| !t.contains(&key).unwrap_or(false))
+                    .map(|t| t.as_ref())
+                    .collect();
+                (!lacking.is_empty()).then_some((u, key, lacking))
+            })
+            .collect();
+        let (cache, cfg) = (&s.cache, &self.codec);
+        let blobs: Vec<Result<Vec<u8>>> = todo
+            .par_iter()
+            .map(|&(u, _, _)| {
+                KvRows::from_cache(cache, u * unit, (u + 1) * unit)
+                    .and_then(|r| codec::encode(&r, cfg))
+            })
+            .collect();
+        for ((_, key, lacking), blob) in todo.iter().zip(blobs) {
             let blob = match blob {
                 Ok(b) => b,
                 Err(e) => {
@@ -376,7 +386,7 @@ impl PrefixStore {
                 }
             };
             for t in lacking {
-                match t.put(&key, &blob) {
+                match t.put(key, &blob) {
                     Ok(()) => self.note_tier(|c| c.writes += 1),
                     Err(e) => {
                         eprintln!("warning: KV store {}: {e:#}", t.name());
