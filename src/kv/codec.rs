@@ -580,15 +580,17 @@ fn quantize(
         .iter_mut()
         .zip(&max)
         .for_each(|(s, &m)| *s = f16_up(m));
+    // Levels per unit of each scale (0 for an all-zero scale: every entry at level 0).
+    max.iter_mut().zip(scales.iter()).for_each(|(m, s)| {
+        let s = s.to_f32();
+        *m = if s > 0.0 { h as f32 / s } else { 0.0 };
+    });
     sym.clear();
     sym.resize(n * d, h as u32);
     for t in 0..n {
         for c in 0..d {
-            let s = scales[scale.at(t, c)].to_f32();
-            if s > 0.0 {
-                let q = (x[t * d + c] / s * h as f32).round() as i32;
-                sym[c * n + t] = (q.clamp(-h, h) + h) as u32;
-            }
+            let q = (x[t * d + c] * max[scale.at(t, c)]).round() as i32;
+            sym[c * n + t] = (q.clamp(-h, h) + h) as u32;
         }
     }
 }
@@ -635,8 +637,8 @@ impl Groups {
 /// capture. For each count the assignment is a k-means under cross-entropy, started from the channels ordered by their
 /// own entropy.
 fn group_channels(counts: &[u32], d: usize, levels: usize, out: &mut Groups) {
-    let (mut sum, mut probs) = (Vec::new(), Vec::new());
-    let mut cost = vec![0f32; MAX_GROUPS * levels];
+    let mut sum = Vec::new();
+    let mut cost = vec![0f32; MAX_GROUPS * levels.next_multiple_of(16)];
     // Channels ordered by the entropy of their own histogram.
     let mut order: Vec<(f32, usize)> = (0..d)
         .map(|c| {
@@ -654,16 +656,17 @@ fn group_channels(counts: &[u32], d: usize, levels: usize, out: &mut Groups) {
         })
         .collect();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    // Each channel's occurring levels and their counts: what the assignment sums over.
-    let (mut nonzero, mut starts) = (Vec::<(u8, f32)>::new(), vec![0]);
+    // Each channel's counts as f32 rows padded to a multiple of 16 levels (the padding costs 0): the assignment's
+    // sums are dense dot products.
+    let lp = levels.next_multiple_of(16);
+    let mut dense = vec![0f32; d * lp];
     for c in 0..d {
-        let h = &counts[c * levels..][..levels];
-        nonzero.extend(
-            (0..levels)
-                .filter(|&l| h[l] > 0)
-                .map(|l| (l as u8, h[l] as f32)),
-        );
-        starts.push(nonzero.len());
+        for (x, &k) in dense[c * lp..][..levels]
+            .iter_mut()
+            .zip(&counts[c * levels..][..levels])
+        {
+            *x = k as f32;
+        }
     }
     let mut best = f32::INFINITY;
     let mut g = Groups::default();
@@ -678,20 +681,22 @@ fn group_channels(counts: &[u32], d: usize, levels: usize, out: &mut Groups) {
         let mut bits = 0f32;
         for _ in 0..KMEANS_ROUNDS {
             g.fit(counts, levels, &mut sum);
+            // A level's cost in bits under its model: −log2 of weight 2^class over the model's total weight (what
+            // `probabilities` gives up to its floor of 1 and rounding; only the choice uses it).
             for (m, cl) in g.classes.chunks(levels).enumerate() {
-                probabilities(cl, &mut probs);
-                for (x, &p) in cost[m * levels..][..levels].iter_mut().zip(&probs) {
-                    *x = PRECISION as f32 - (p as f32).log2();
+                let total = cl.iter().map(|&c| 1u64 << c).sum::<u64>() as f32;
+                let lt = total.log2();
+                for (x, &c) in cost[m * lp..][..levels].iter_mut().zip(cl) {
+                    *x = lt - c as f32;
                 }
             }
             bits = 0.0;
             let mut moved = false;
             for c in 0..d {
-                let h = &nonzero[starts[c]..starts[c + 1]];
+                let h = &dense[c * lp..][..lp];
                 let (mut arg, mut low) = (0, f32::INFINITY);
                 for m in 0..n_groups {
-                    let cm = &cost[m * levels..][..levels];
-                    let b: f32 = h.iter().map(|&(l, k)| k * cm[l as usize]).sum();
+                    let b = dot16(h, &cost[m * lp..][..lp]);
                     if b < low {
                         (arg, low) = (m, b);
                     }
@@ -713,6 +718,17 @@ fn group_channels(counts: &[u32], d: usize, levels: usize, out: &mut Groups) {
         std::mem::swap(out, &mut g);
         n_groups *= 2;
     }
+}
+
+/// Dot product of two equal slices whose length is a multiple of 16, in 16 lanes (so it vectorizes).
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum()
 }
 
 /// 4-bit entries, two a byte (the first in the low half).
