@@ -350,6 +350,15 @@ impl PrefixStore {
         probe.found
     }
 
+    /// The tiers that do not hold `key` (a tier that cannot say counts as lacking it).
+    fn lacking(&self, key: &Key) -> Vec<&dyn Tier> {
+        self.tiers
+            .iter()
+            .filter(|t| !t.contains(key).unwrap_or(false))
+            .map(|t| t.as_ref())
+            .collect()
+    }
+
     /// Writes the whole units of `s`'s tokens that some tier lacks. Units encode alone, so the lacking ones are
     /// encoded in parallel (an engine step waits for this), then written in order.
     fn tier_insert(&self, keys: &[Key], s: &Session) {
@@ -359,12 +368,7 @@ impl PrefixStore {
         let todo: Vec<(usize, Key, Vec<&dyn Tier>)> = (0..keys.len() / ub)
             .filter_map(|u| {
                 let key = self.unit_key(&keys[(u + 1) * ub - 1]);
-                let lacking: Vec<&dyn Tier> = self
-                    .tiers
-                    .iter()
-                    .filter(|t| !t.contains(&key).unwrap_or(false))
-                    .map(|t| t.as_ref())
-                    .collect();
+                let lacking = self.lacking(&key);
                 (!lacking.is_empty()).then_some((u, key, lacking))
             })
             .collect();
@@ -442,12 +446,7 @@ impl PrefixStore {
     /// Writes `snap` (of the exact prefix keyed `exact`) to the tiers that lack it, and notes its length under `ns`.
     fn tier_insert_snapshot(&self, ns: &Namespace, exact: &Key, snap: &Snapshot) {
         let key = Self::snap_key(exact);
-        let lacking: Vec<&dyn Tier> = self
-            .tiers
-            .iter()
-            .filter(|t| !t.contains(&key).unwrap_or(false))
-            .map(|t| t.as_ref())
-            .collect();
+        let lacking = self.lacking(&key);
         if lacking.is_empty() {
             return;
         }
