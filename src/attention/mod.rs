@@ -79,6 +79,12 @@ pub const PLAN_THREADS: usize = 16;
 /// layer: attention there is a small part of a step.
 const MIN_TASK_BLOCKS: usize = 32;
 
+/// A job with a single (KV head, query tile) pair, a one-KV-head model decoding one sequence (Gemma 3 270M), would be
+/// one task whenever its head holds fewer than 2 × [`MIN_TASK_BLOCKS`] units (a 512-token sliding window, a 1K-token
+/// selection): one thread reading while the others wait. Such a job splits in two when each half gets at least this
+/// many units. The floor depends on the job alone, as the rest of the plan.
+const MIN_PAIR_BLOCKS: usize = 8;
+
 /// Tasks the attention plan aims for on a pool of `threads` threads (see [`PLAN_THREADS`]).
 fn plan_tasks(threads: usize) -> usize {
     2 * threads.max(PLAN_THREADS)
@@ -398,8 +404,15 @@ fn attend_jobs(
                     (base, scratch.pieces.len() - base)
                 }
             };
-            let splits = (want.div_ceil(cfg.n_kv_heads * n_tiles))
-                .clamp(1, nb.div_ceil(MIN_TASK_BLOCKS).max(1));
+            let pairs = cfg.n_kv_heads * n_tiles;
+            let floor = if pairs == 1 {
+                (nb / MIN_PAIR_BLOCKS).min(2)
+            } else {
+                1
+            };
+            let splits = want
+                .div_ceil(pairs)
+                .clamp(1, nb.div_ceil(MIN_TASK_BLOCKS).max(floor).max(1));
             for tile in 0..n_tiles {
                 let (t0, t1) = (tile * Q_TILE, ((tile + 1) * Q_TILE).min(n_tok));
                 if let Sel::Tiles(ts) = sel {
