@@ -75,8 +75,8 @@ pub const PLAN_THREADS: usize = 16;
 /// environment, 4 alternations: attention per 8-stream step f16 15.7 / 14.4 / 13.6 / 18.4 → 12.5 / 11.6 / 19.4 /
 /// 12.6 ms, kivi4 14.5 / 11.8 / 14.7 / 12.3 → 9.1 / 10.6 / 16.1 / 11.5, one stream's 1.9–2.5 → 1.4–2.2 ms; 32
 /// against 16, 3 alternations, 32 faster in 5 of 6 pairs. The plan still depends only on the job (a batched
-/// sequence splits as it would alone: the same bits), so a one-KV-head model at a short context gets one task per
-/// layer: attention there is a small part of a step.
+/// sequence splits as it would alone: the same bits); a job of one (KV head, tile) pair gets the floor of
+/// [`MIN_PAIR_BLOCKS`].
 const MIN_TASK_BLOCKS: usize = 32;
 
 /// A job with a single (KV head, query tile) pair, a one-KV-head model decoding one sequence (Gemma 3 270M), would be
