@@ -9,6 +9,10 @@
 //! - gives each member (the caller too) a contiguous run of a region's indices `0..tasks`, as rayon's halving does
 //!   (neighbouring tasks read neighbouring memory: consecutive blocks of one KV stream, say), and a member that
 //!   finishes its run takes indices one by one from the others' runs, through one atomic counter per member;
+//! - publishes a region by writing one cache line (its tag, task count and job): the counters are reset lazily by
+//!   whoever claims from them first, and finished tasks are counted once per run, not once per task. Measured on a
+//!   16-core Xeon against a team whose caller reset every member's counter and whose members counted each task on one
+//!   shared line (3 rounds, median tok/s of SmolLM2 decode at 16 threads): at 0 tokens 612 -> 669, at 512 416 -> 481;
 //! - keeps its workers spinning for [`SPIN`] after a region ends, then parks them on a condition variable, so an
 //!   idle process uses no CPU;
 //! - is used by one caller at a time: a second caller meanwhile (another sequence's thread, a test) gets rayon instead,
@@ -34,23 +38,29 @@ type Job<'a> = &'a (dyn Fn(usize) + Sync);
 #[repr(align(64))]
 struct Slot(AtomicU64);
 
-struct Shared {
-    /// The generation of the region running (or last run); workers wait for it to change.
-    gen: AtomicU64,
-    /// Per member m: (tag << 32) | next index of m's run, which ends at `(m + 1)·n / size`, with the tag of the
-    /// generation (its low 32 bits). A claim succeeds only within its generation.
-    ctr: Box<[Slot]>,
-    /// (tag << 32) | tasks of the generation. Tagged, because a worker that arrives after its region ended may read
-    /// it while the next region is being published: sized by the next region's count, the finished region's
-    /// counters would look unfinished, and the late worker would run an index of a job that no longer exists.
-    n: AtomicU64,
-    /// Tasks of the current generation finished.
-    done: AtomicUsize,
-    /// Points at the caller's `Job` (a fat reference on its stack) while a generation runs.
+/// What a region's caller publishes, on one cache line: workers spin on `nv` and read `job` beside it.
+#[repr(align(64))]
+struct Region {
+    /// (tag << IDX) | tasks of the region running (or last run). A new tag is a new region.
+    nv: AtomicU64,
+    /// Points at the caller's `Job` (a fat reference on its stack) while the region of `nv` runs.
     job: AtomicPtr<()>,
+}
+
+struct Shared {
+    region: Region,
+    /// Per member m: (tag << IDX) | next index of m's run `m·n/size .. (m+1)·n/size`. A counter still tagged with an
+    /// earlier region belongs to a run nobody has started: the first member to claim from it (its owner, or a thief
+    /// whose own run is done) resets it with one compare-exchange, so publishing a region writes one cache line,
+    /// not one per member.
+    ctr: Box<[Slot]>,
+    /// Tasks finished, over all regions (the caller waits for its region's share).
+    done: Slot,
+    /// Tasks handed out, over all regions; written by the caller only.
+    issued: AtomicU64,
     /// Held by the caller of a region.
     busy: AtomicBool,
-    /// A task of the current generation panicked (the caller panics once all have finished).
+    /// A task of the current region panicked (the caller panics once all have finished).
     panicked: AtomicBool,
     sleepers: AtomicUsize,
     lock: Mutex<()>,
@@ -62,62 +72,80 @@ thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Bits of a task index in a counter (and of the task count in `Region::nv`); the tag has the other 40.
+const IDX: u32 = 24;
+const LOW: u64 = (1 << IDX) - 1;
+
 impl Shared {
-    /// Claims and runs indices of generation `gen`, its own run (member `me`) first, then what is left of the
-    /// others'. A panicking task is caught (the region's caller reports it once every task has finished, so no task
-    /// outlives the closure it borrows).
-    fn work(&self, gen: u64, me: usize) {
+    /// Claims and runs indices of the region published as `nv`, member `me`'s own run first, then what is left of
+    /// the others'. Finished tasks are added to `done` once per run, not once per task (16 threads adding to one
+    /// counter after every task queue on its cache line). A panicking task is caught (the region's caller reports
+    /// it once every task has finished, so no task outlives the closure it borrows).
+    fn work(&self, nv: u64, me: usize) {
         let size = self.ctr.len();
-        let gen = tag(gen);
-        let nv = self.n.load(Acquire);
-        if nv >> 32 != gen {
-            return; // a later region is being published: this one is over
-        }
-        let n = (nv & 0xffff_ffff) as usize;
+        let (tag, n) = (nv >> IDX, (nv & LOW) as usize);
         for k in (0..size).map(|j| (me + j) % size) {
-            let end = (k + 1) * n / size;
+            let (start, end) = (k * n / size, (k + 1) * n / size);
+            if start >= end {
+                continue;
+            }
             let c = &self.ctr[k].0;
+            let mut finished = 0u64;
+            let mut v = c.load(Acquire);
             loop {
-                let v = c.load(Acquire);
-                if v >> 32 != gen {
-                    return; // a later region has started: this one is over
-                }
-                let i = (v & 0xffff_ffff) as usize;
-                if i >= end {
-                    break;
-                }
-                if c.compare_exchange_weak(v, v + 1, AcqRel, Relaxed).is_err() {
+                let (i, next) = if v >> IDX == tag {
+                    let i = (v & LOW) as usize;
+                    if i >= end {
+                        break;
+                    }
+                    (i, v + 1)
+                } else if self.region.nv.load(Acquire) == nv {
+                    // Not yet started in this region (its tag is an earlier one): claim its first index. The
+                    // exchange fails if anyone touched the counter since `v` was read, this region's reset included.
+                    (start, tag << IDX | (start + 1) as u64)
+                } else {
+                    break; // a later region has started: this one is over
+                };
+                if let Err(now) = c.compare_exchange_weak(v, next, AcqRel, Acquire) {
+                    v = now;
                     continue;
                 }
-                // SAFETY: index i of generation `gen` was claimed while that generation ran, and its caller does
-                // not return (nor replace `job`) before every claimed index has finished, so the pointer read here
-                // (written before the generation was published) is that generation's job and is alive.
-                let job = unsafe { *(self.job.load(Acquire) as *const Job<'static>) };
+                // SAFETY: index i of this region was claimed while the region ran, and its caller does not return
+                // (nor publish another job) before every claimed index has finished, so the pointer read here
+                // (written before the region was published) is this region's job and is alive.
+                let job = unsafe { *(self.region.job.load(Acquire) as *const Job<'static>) };
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(i))).is_err() {
                     self.panicked.store(true, Relaxed);
                 }
-                self.done.fetch_add(1, Release);
+                finished += 1;
+                v = c.load(Acquire);
+            }
+            if finished > 0 {
+                self.done.0.fetch_add(finished, Release);
+            }
+            if v >> IDX != tag && self.region.nv.load(Acquire) != nv {
+                return;
             }
         }
     }
 
     fn worker(self: Arc<Self>, me: usize) {
         INSIDE.with(|c| c.set(true));
-        let mut seen = self.gen.load(Acquire);
+        let mut seen = self.region.nv.load(Acquire) >> IDX;
         loop {
-            // Spin for a new generation, then park.
+            // Spin for a new region, then park.
             let t0 = Instant::now();
             let mut spins = 0u32;
-            let gen = loop {
-                let g = self.gen.load(Acquire);
-                if g != seen {
-                    break g;
+            let nv = loop {
+                let nv = self.region.nv.load(Acquire);
+                if nv >> IDX != seen {
+                    break nv;
                 }
                 spins += 1;
                 if spins.is_multiple_of(256) && t0.elapsed() >= SPIN {
                     let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                     self.sleepers.fetch_add(1, SeqCst);
-                    while self.gen.load(SeqCst) == seen {
+                    while self.region.nv.load(SeqCst) >> IDX == seen {
                         guard = self.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
                     }
                     self.sleepers.fetch_sub(1, SeqCst);
@@ -126,8 +154,8 @@ impl Shared {
                 }
                 std::hint::spin_loop();
             };
-            seen = gen;
-            self.work(gen, me);
+            seen = nv >> IDX;
+            self.work(nv, me);
         }
     }
 }
@@ -140,11 +168,13 @@ struct Team {
 impl Team {
     fn new(size: usize) -> Option<Self> {
         let shared = Arc::new(Shared {
-            gen: AtomicU64::new(0),
+            region: Region {
+                nv: AtomicU64::new(0),
+                job: AtomicPtr::new(std::ptr::null_mut()),
+            },
             ctr: (0..size.max(1)).map(|_| Slot(AtomicU64::new(0))).collect(),
-            n: AtomicU64::new(0),
-            done: AtomicUsize::new(0),
-            job: AtomicPtr::new(std::ptr::null_mut()),
+            done: Slot(AtomicU64::new(0)),
+            issued: AtomicU64::new(0),
             busy: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -164,26 +194,20 @@ impl Team {
     /// Runs `f(0..n)` on the team; the caller holds `busy`.
     fn run(&self, n: usize, f: Job<'_>) {
         let s = &*self.shared;
-        let gen = s.gen.load(Relaxed) + 1;
-        let t = tag(gen);
-        // Publish, in this order: the count first (a late worker of the previous region that reads it gives up),
-        // then the job, then the counters (a claim, which acquires its counter, sees the job).
-        s.n.store(t << 32 | n as u64, Release);
-        s.done.store(0, Relaxed);
-        s.panicked.store(false, Relaxed);
-        s.job.store(&f as *const Job<'_> as *mut (), Release);
-        let size = s.ctr.len();
-        for (m, c) in s.ctr.iter().enumerate() {
-            c.0.store(t << 32 | (m * n / size) as u64, Release);
-        }
-        s.gen.store(gen, SeqCst);
+        let tag = tag((s.region.nv.load(Relaxed) >> IDX) + 1);
+        let target = s.issued.load(Relaxed) + n as u64;
+        s.issued.store(target, Relaxed);
+        // Publish the job, then the region (whose store releases the job to every worker that sees the new tag).
+        s.region.job.store(&f as *const Job<'_> as *mut (), Release);
+        let nv = tag << IDX | n as u64;
+        s.region.nv.store(nv, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        s.work(gen, 0);
+        s.work(nv, 0);
         let mut spins = 0u32;
-        while s.done.load(Acquire) < n {
+        while s.done.0.load(Acquire) < target {
             spins += 1;
             if spins.is_multiple_of(4096) {
                 std::thread::yield_now();
@@ -191,16 +215,19 @@ impl Team {
                 std::hint::spin_loop();
             }
         }
-        s.job.store(std::ptr::null_mut(), Relaxed);
-        if s.panicked.load(Acquire) {
+        if s.panicked.swap(false, AcqRel) {
             panic!("a task of a parallel region panicked");
         }
     }
 }
 
-/// A generation's tag in the counters: its low 32 bits (4·10⁹ regions, hours of decoding, before one repeats).
-fn tag(gen: u64) -> u64 {
-    gen & 0xffff_ffff
+/// A region's tag: the low 40 bits of its number, never 0 (the counters' initial tag): 10¹² regions, years of
+/// decoding, before one repeats.
+fn tag(g: u64) -> u64 {
+    match g & ((1 << (64 - IDX)) - 1) {
+        0 => 1,
+        t => t,
+    }
 }
 
 /// The team for pools of `size` threads (made on first use; None if its threads cannot be started).
@@ -242,7 +269,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync + Send) {
 /// Runs `f(0..n)` on the team of `size` threads if this is not a nested region and the team is free; false (nothing
 /// run) otherwise.
 fn on_team(size: usize, n: usize, f: Job<'_>) -> bool {
-    if INSIDE.with(|c| c.get()) || u32::try_from(n).is_err() {
+    if INSIDE.with(|c| c.get()) || n as u64 > LOW {
         return false;
     }
     let Some(t) = team(size) else {
