@@ -105,6 +105,19 @@ impl Block {
         }
     }
 
+    /// Writes entry `slot`: its position and its (key, value) rows, as [`Block::write_entry`] does.
+    pub(super) fn write_at(
+        &mut self,
+        slot: usize,
+        bt: usize,
+        pos: u32,
+        (k, v): (&[f32], &[f32]),
+        channels: Option<&[u16]>,
+    ) {
+        self.pos[slot] = pos;
+        self.write_entry(slot, bt, k, v, channels);
+    }
+
     /// Writes one full-precision entry at `slot` (its position is the caller's); f16 → f32 → f16 round trips exactly,
     /// so moving entries loses nothing. `k` holds every channel; a stream with pruned channels stores only `channels`.
     pub(super) fn write_entry(

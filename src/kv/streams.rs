@@ -541,14 +541,7 @@ impl KvCache {
             return self.append_split(layer, pos, k, v, visible_from);
         }
         for h in 0..nh {
-            let si = self.stream_index(layer, h);
-            if let Some(lo) = visible_from {
-                self.slide(si, lo);
-            }
-            let shape = Shape {
-                quant: false,
-                hk: self.stream_hk(si),
-            };
+            let (si, shape) = self.open_for_append(layer, h, visible_from);
             // Summaries change from the first new entry, or from the first block quantized below.
             let old_len = self.streams[si].len;
             let mut changed = old_len;
@@ -565,10 +558,8 @@ impl KvCache {
                 }
                 let s = &self.streams[si];
                 let block = self.pool.get_mut(s.blocks[len / bt]);
-                block.pos[slot] = pos[t];
-                let krow = &k[(t * nh + h) * hk..][..hk];
-                let vrow = &v[(t * nh + h) * hv..][..hv];
-                block.write_entry(slot, bt, krow, vrow, s.channels.as_deref());
+                let rows = (&k[(t * nh + h) * hk..][..hk], &v[(t * nh + h) * hv..][..hv]);
+                block.write_at(slot, bt, pos[t], rows, s.channels.as_deref());
                 self.streams[si].len += 1;
                 // Quantize a block as soon as it leaves the residual window: its f16 block goes back to the pool and
                 // is reused by the next block, so a stream holds only about residual + 2 blocks' worth of f16.
@@ -586,6 +577,25 @@ impl KvCache {
                 self.refresh_meta(si, changed);
             }
         }
+    }
+
+    /// Stream of (layer, KV head `h`) ready for appending: slid past `visible_from` on a window layer. Returns its
+    /// index and the shape of its full-precision blocks.
+    fn open_for_append(
+        &mut self,
+        layer: usize,
+        h: usize,
+        visible_from: Option<u32>,
+    ) -> (usize, Shape) {
+        let si = self.stream_index(layer, h);
+        if let Some(lo) = visible_from {
+            self.slide(si, lo);
+        }
+        let shape = Shape {
+            quant: false,
+            hk: self.stream_hk(si),
+        };
+        (si, shape)
     }
 
     /// [`KvCache::append`] of a prefill chunk to a full-precision, all-resident cache, split over the pool by (KV head,
@@ -611,14 +621,7 @@ impl KvCache {
         // (block address, head, first and end entry of the stream written there)
         let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(nh * (n / bt + 2));
         for h in 0..nh {
-            let si = self.stream_index(layer, h);
-            if let Some(lo) = visible_from {
-                self.slide(si, lo);
-            }
-            let shape = Shape {
-                quant: false,
-                hk: self.stream_hk(si),
-            };
+            let (si, shape) = self.open_for_append(layer, h, visible_from);
             let old_len = self.streams[si].len;
             while self.streams[si].blocks.len() * bt < old_len + n {
                 let id = self.pool.take(shape);
@@ -647,11 +650,8 @@ impl KvCache {
             let old_len = s.len;
             for e in e0..e1 {
                 let t = e - old_len;
-                let slot = e % bt;
-                block.pos[slot] = pos[t];
-                let krow = &k[(t * nh + h) * hk..][..hk];
-                let vrow = &v[(t * nh + h) * hv..][..hv];
-                block.write_entry(slot, bt, krow, vrow, s.channels.as_deref());
+                let rows = (&k[(t * nh + h) * hk..][..hk], &v[(t * nh + h) * hv..][..hv]);
+                block.write_at(e % bt, bt, pos[t], rows, s.channels.as_deref());
             }
         });
         for h in 0..nh {
