@@ -2997,8 +2997,9 @@ mod batch_timing {
     use crate::testutil::Rng;
 
     /// Batched decode attention of 8 sequences with SmolLM2's shapes (30 layers, 9 query / 3 KV heads of 64, 1K
-    /// entries each), f16 and kivi4, on the default pool: ms per step. A 64 MiB buffer is read between steps so the
-    /// caches come from memory as they do between a step's weights.
+    /// entries each), f16 and kivi4, on the default pool: the median ms per step. A 64 MiB buffer is written between
+    /// steps so the caches come from memory, as they do after a step's weights. The environment changes it: HL_STREAMS,
+    /// HL_LEN (entries), HL_DTYPE (f16 or q4 alone), HL_FLUSH (0: no buffer), HL_STEPS.
     #[test]
     #[ignore]
     fn batched_decode_timing() {
