@@ -3009,8 +3009,14 @@ mod batch_timing {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(d)
         };
-        let (layers, nkv, nq, hd, len, streams) =
-            (30, 3, 9, 64, env("HL_LEN", 1024), env("HL_STREAMS", 8));
+        let (layers, nkv, nq, hd, len, streams) = (
+            env("HL_LAYERS", 30),
+            3,
+            9,
+            64,
+            env("HL_LEN", 1024),
+            env("HL_STREAMS", 8),
+        );
         let do_flush = env("HL_FLUSH", 1) == 1;
         let bt = 32;
         let mut flush = vec![1u8; 64 << 20];
@@ -3090,7 +3096,7 @@ mod batch_timing {
             let bytes: usize = caches.iter().map(|c| c.bytes()).sum();
             times.sort_by(f64::total_cmp);
             eprintln!(
-                "{dtype:?}: {:.2} ms per step (min {:.2}), {:.1} MB held",
+                "{dtype:?}: {:.3} ms per step (min {:.3}), {:.1} MB held",
                 times[times.len() / 2],
                 times[0],
                 bytes as f64 / 1e6

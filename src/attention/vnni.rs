@@ -66,6 +66,43 @@ const fn val_idx(h: usize) -> [u8; 64] {
 const VAL_IDX0: [u8; 64] = val_idx(0);
 const VAL_IDX1: [u8; 64] = val_idx(1);
 
+/// `acc + Σ` of each lane's two 16-bit products (`vpdpwssd`), kept one instruction. Through the intrinsic, LLVM's
+/// generic x86 tuning rewrote about half of them into `vpmaddwd` + `vpaddd` (one more micro-op each, on the ports
+/// the p·V loop is short of), as `perf annotate` of [`pv_run`] showed.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    std::arch::asm!(
+        "vpdpwssd {acc}, {a}, {b}",
+        acc = inout(zmm_reg) acc,
+        a = in(zmm_reg) a,
+        b = in(zmm_reg) b,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    acc
+}
+
+/// Bytes of `t` picked by `idx` into the even bytes, odd bytes zero (`vpermb` under a zeroing mask), kept one
+/// instruction: through the intrinsic LLVM emitted a `vpermb` and a `vpandq` with a constant.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn permute_even(idx: __m512i, t: __m512i) -> __m512i {
+    let out: __m512i;
+    std::arch::asm!(
+        "vpermb {out} {{{k}}}{{z}}, {idx}, {t}",
+        out = out(zmm_reg) out,
+        k = in(kreg) EVEN_BYTES,
+        idx = in(zmm_reg) idx,
+        t = in(zmm_reg) t,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    out
+}
+
+/// The even bytes of a 64-byte vector (the low byte of each 16-bit word).
+const EVEN_BYTES: u64 = 0x5555_5555_5555_5555;
+
 /// Interleaves [even 0..16 | odd 0..16] lane results back to order: first 16 (LO) and second 16 (HI).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
@@ -350,7 +387,6 @@ pub(super) unsafe fn pv<const R: usize>(
         _mm512_loadu_si512(VAL_IDX1.as_ptr() as *const _),
     ];
     let mask = _mm512_set1_epi8(15);
-    const EVEN_BYTES: u64 = 0x5555_5555_5555_5555;
     for g in 0..ng {
         // Per row: the weights as 16-bit integers, and their step.
         let mut p16 = [[0i16; BT]; R];
@@ -370,15 +406,15 @@ pub(super) unsafe fn pv<const R: usize>(
             let lo = _mm512_and_si512(x, mask);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
             let w = [
-                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[0], lo),
-                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[0], hi),
-                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[1], lo),
-                _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[1], hi),
+                permute_even(idx[0], lo),
+                permute_even(idx[0], hi),
+                permute_even(idx[1], lo),
+                permute_even(idx[1], hi),
             ];
             for (ar, pr) in ia.iter_mut().zip(&p16) {
                 let p = _mm512_set1_epi32((pr.as_ptr().add(j) as *const i32).read_unaligned());
                 for (a, &w) in ar.iter_mut().zip(&w) {
-                    *a = _mm512_dpwssd_epi32(*a, p, w);
+                    *a = dpwssd(*a, p, w);
                 }
             }
             j += 2;
@@ -446,7 +482,6 @@ pub(super) unsafe fn pv_run<const R: usize, const NB: usize>(
         _mm512_loadu_si512(VAL_IDX1.as_ptr() as *const _),
     ];
     let mask = _mm512_set1_epi8(15);
-    const EVEN_BYTES: u64 = 0x5555_5555_5555_5555;
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for g in 0..ng {
         // Per row: the run's scaled probabilities as 16-bit integers, their step, and Σ p · vmin.
@@ -495,17 +530,17 @@ pub(super) unsafe fn pv_run<const R: usize, const NB: usize>(
                 let lo = _mm512_and_si512(x, mask);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
                 let w = [
-                    _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[0], lo),
-                    _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[0], hi),
-                    _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[1], lo),
-                    _mm512_maskz_permutexvar_epi8(EVEN_BYTES, idx[1], hi),
+                    permute_even(idx[0], lo),
+                    permute_even(idx[0], hi),
+                    permute_even(idx[1], lo),
+                    permute_even(idx[1], hi),
                 ];
                 for (ar, pr) in ia.iter_mut().zip(&p16) {
                     let p = _mm512_set1_epi32(
                         (pr.as_ptr().add(b * BT + j) as *const i32).read_unaligned(),
                     );
                     for (a, &w) in ar.iter_mut().zip(&w) {
-                        *a = _mm512_dpwssd_epi32(*a, p, w);
+                        *a = dpwssd(*a, p, w);
                     }
                 }
             }
