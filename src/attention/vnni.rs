@@ -256,43 +256,62 @@ pub(super) unsafe fn fold_queries<'q>(
     let mut r0 = 0;
     while r0 < rows {
         let k = (rows - r0).min(4);
-        let (mut mx, mut c) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
-        let mut q = [[].as_slice(); 4];
-        for (i, q) in q.iter_mut().enumerate().take(k) {
-            *q = row_q(r0 + i);
-            assert!(q.len() >= hs);
-        }
-        for ch in (0..hs).step_by(16) {
-            let [kmin, kscale] = pairs16(k_ms.as_ptr().add(2 * ch));
-            for i in 0..k {
-                let qv = _mm512_loadu_ps(q[i].as_ptr().add(ch));
-                let x = _mm512_mul_ps(qv, kscale);
-                _mm512_storeu_ps(qs.as_mut_ptr().add((r0 + i) * hs + ch), x);
-                c[i] = _mm512_fmadd_ps(qv, kmin, c[i]);
-                mx[i] = _mm512_max_ps(mx[i], _mm512_abs_ps(x));
-            }
-        }
-        let mut inv = [0.0f32; 4];
-        for i in 0..k {
-            let amax = _mm512_reduce_max_ps(mx[i]);
-            qc[r0 + i] = _mm512_reduce_add_ps(c[i]);
-            // All zero when the row is (or holds a non-finite value).
-            let ok = amax > 0.0 && amax.is_finite();
-            qsc[r0 + i] = if ok { amax / 127.0 } else { 0.0 };
-            inv[i] = if ok { 127.0 / amax } else { 0.0 };
-        }
-        for (i, &inv) in inv.iter().enumerate().take(k) {
-            let (src, dst) = (
-                qs.as_ptr().add((r0 + i) * hs),
-                qi.as_mut_ptr().add((r0 + i) * hs),
-            );
-            if inv == 0.0 {
-                std::ptr::write_bytes(dst, 0, hs);
-                continue;
-            }
-            quantize_with(src, hs, inv, dst);
+        let (qs, qi) = (&mut qs[r0 * hs..], &mut qi[r0 * hs..]);
+        let (qc, qsc) = (&mut qc[r0..], &mut qsc[r0..]);
+        let row = |i: usize| row_q(r0 + i);
+        match k {
+            1 => fold_rows::<1>(k_ms, hs, row, qs, qi, qc, qsc),
+            2 => fold_rows::<2>(k_ms, hs, row, qs, qi, qc, qsc),
+            3 => fold_rows::<3>(k_ms, hs, row, qs, qi, qc, qsc),
+            _ => fold_rows::<4>(k_ms, hs, row, qs, qi, qc, qsc),
         }
         r0 += k;
+    }
+}
+
+/// [`fold_queries`] for K ≤ 4 rows at once, their accumulators in registers (with the row count known at compile
+/// time, none of them is indexed at run time, so none goes to the stack).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn fold_rows<'q, const K: usize>(
+    k_ms: &[half::f16],
+    hs: usize,
+    row_q: impl Fn(usize) -> &'q [f32],
+    qs: &mut [f32],
+    qi: &mut [i8],
+    qc: &mut [f32],
+    qsc: &mut [f32],
+) {
+    assert!(qs.len() >= K * hs && qi.len() >= K * hs && qc.len() >= K && qsc.len() >= K);
+    let (mut mx, mut c) = ([_mm512_setzero_ps(); K], [_mm512_setzero_ps(); K]);
+    let q: [&[f32]; K] = std::array::from_fn(&row_q);
+    assert!(q.iter().all(|q| q.len() >= hs));
+    for ch in (0..hs).step_by(16) {
+        let [kmin, kscale] = pairs16(k_ms.as_ptr().add(2 * ch));
+        for i in 0..K {
+            let qv = _mm512_loadu_ps(q[i].as_ptr().add(ch));
+            let x = _mm512_mul_ps(qv, kscale);
+            _mm512_storeu_ps(qs.as_mut_ptr().add(i * hs + ch), x);
+            c[i] = _mm512_fmadd_ps(qv, kmin, c[i]);
+            mx[i] = _mm512_max_ps(mx[i], _mm512_abs_ps(x));
+        }
+    }
+    let mut inv = [0.0f32; K];
+    for i in 0..K {
+        let amax = _mm512_reduce_max_ps(mx[i]);
+        qc[i] = _mm512_reduce_add_ps(c[i]);
+        // All zero when the row is (or holds a non-finite value).
+        let ok = amax > 0.0 && amax.is_finite();
+        qsc[i] = if ok { amax / 127.0 } else { 0.0 };
+        inv[i] = if ok { 127.0 / amax } else { 0.0 };
+    }
+    for (i, &inv) in inv.iter().enumerate() {
+        let (src, dst) = (qs.as_ptr().add(i * hs), qi.as_mut_ptr().add(i * hs));
+        if inv == 0.0 {
+            std::ptr::write_bytes(dst, 0, hs);
+            continue;
+        }
+        quantize_with(src, hs, inv, dst);
     }
 }
 
