@@ -1034,8 +1034,8 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 let view = |i: usize| cache.block(layer, task.kv_head, b + i.min(n - 1));
                 let views = [view(0), view(1), view(2), view(3)];
                 if views.iter().all(|v| q4_whole(a, v)) {
-                    // The next run's quantized blocks are asked for as this run works ([`wide::RunAhead`]); any
-                    // other block (the f16 residual) now.
+                    // The next run's quantized blocks are asked for as this run works ([`wide::RunAhead`]); the
+                    // first other block (the f16 residual's first) now.
                     let mut next: [Option<BlockView>; wide::Q4_RUN] = [None, None, None, None];
                     // This task's next run, or at its end the first run of the task that likely follows.
                     let last = b + n >= task.blk1;
