@@ -25,10 +25,11 @@
 //! which are scored and mixed straight from their codes ([`qtile`]), and f16 blocks of tasks whose rows fit one pass
 //! of the AVX-512 or AVX2 fold, which are read in place (each key and value converted where it is loaded). While a
 //! block is folded the next one is prefetched: blocks are separate allocations, which hardware prefetchers do not
-//! follow. The AVX-512 fold of an f16 block asks for the next f16 block's lines as it works (a key channel's line with
-//! each channel, a value row's with each row) rather than in one burst before it: a burst of a whole block's lines
-//! fills the core's miss buffers, and the fold then waits on memory instead of working while it arrives (SmolLM2 8K
-//! decode on a 2-core Xeon: 39.9 → 44.1 tok/s, 9 alternated runs). Three compiled variants run the same task code:
+//! follow. The AVX-512 and AVX2 folds of an f16 block ask for the next f16 block's lines as they work (a key
+//! channel's line with each channel, a value row's with each row) rather than in one burst before it: a burst of a
+//! whole block's lines fills the core's miss buffers, and the fold then waits on memory instead of working while it
+//! arrives (SmolLM2 8K decode on a 2-core Xeon: 39.9 → 44.1 tok/s, 9 alternated runs; 30 layers of SmolLM2's shapes
+//! at 8K from memory on a 2-core AVX2-only EPYC, `batched_decode_timing`: 34–43 → 28–31 ms per step). Three compiled variants run the same task code:
 //! portable, AVX2 (with the [`wide2`] step) and AVX-512 (with the [`wide`] step), picked with the matmul kernel.
 //!
 //! `naive_attention` is the plain reference the tests compare against.
@@ -753,8 +754,8 @@ enum Tile<'a> {
         hs: usize,
         qrows: Option<&'a [f32]>,
         cols: u64,
-        /// The next block's keys and values, asked for a line at a time while this one is folded (the AVX-512
-        /// fold; a burst of prefetches for a whole block stalls once the core's miss buffers are full, and the fold
+        /// The next block's keys and values, asked for a line at a time while this one is folded (the AVX-512 and AVX2
+        /// folds; a burst of prefetches for a whole block stalls once the core's miss buffers are full, and the fold
         /// waits on memory instead of working under it). Empty: nothing to ask for.
         ahead: (&'a [half::f16], &'a [half::f16]),
     },
@@ -812,8 +813,8 @@ impl Ahead {
 /// No block to prefetch from inside the fold.
 const NO_AHEAD: (&[half::f16], &[half::f16]) = (&[], &[]);
 
-/// Asks for `next` while `blk` is folded: when `spread` (the AVX-512 fold of an f16 block takes it) and both are f16
-/// blocks in RAM, only its positions now and its keys and values returned for the fold to ask for as it works;
+/// Asks for `next` while `blk` is folded: when `spread` (the AVX-512 or AVX2 fold of an f16 block takes it) and both
+/// are f16 blocks in RAM, only its positions now and its keys and values returned for the fold to ask for as it works;
 /// otherwise the whole block now, and nothing returned.
 fn ask_ahead<'a>(
     blk: &BlockView,
@@ -1069,7 +1070,7 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             }
             // Blocks are separate allocations the hardware prefetchers do not follow: ask for the next one now, so
             // its bytes arrive while this one is folded (one block ahead measured best: 27 GB/s against 18 without).
-            // The AVX-512 fold of an f16 block asks for the next f16 block itself, spread over its work.
+            // The AVX-512 and AVX2 folds of an f16 block ask for the next f16 block themselves, spread over their work.
             let mut ahead = NO_AHEAD;
             if b + 1 < task.blk1 {
                 ahead = ask_ahead(&blk, &cache.block(layer, task.kv_head, b + 1), interleave);
@@ -1170,7 +1171,7 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 continue;
             }
         }
-        // A whole f16 block folded by the AVX-512 fold asks for the next piece's f16 block itself, as it works.
+        // A whole f16 block folded by the AVX-512 or AVX2 fold asks for the next piece's f16 block itself, as it works.
         let mut next_kv = NO_AHEAD;
         if ahead < task_pieces.len() && (i == 0 || task_pieces[i - 1].block != pc.block) {
             let nb = task_pieces[ahead].block;
@@ -1419,7 +1420,8 @@ fn fold_q4_run<'a>(
 static Q4_RUNS_FOLDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Folds a whole block (any format) into the task's rows. `ahead`: the next block's f16 keys and values, for the
-/// AVX-512 fold of an f16 block to prefetch as it works ([`Tile::F16`]); empty when the caller prefetched it already.
+/// AVX-512 or AVX2 fold of an f16 block to prefetch as it works ([`Tile::F16`]); empty when the caller prefetched it
+/// already.
 #[inline(always)]
 fn fold_view<const BT: usize>(
     a: &TaskArgs,
@@ -1528,12 +1530,12 @@ fn wide_f16<const BT: usize>(a: &TaskArgs) -> bool {
     false
 }
 
-/// Whether the task's f16 blocks go to the AVX-512 fold as they are, which prefetches the next block itself
+/// Whether the task's f16 blocks go to the AVX-512 or AVX2 fold as they are, which prefetches the next block itself
 /// ([`Tile::F16`]'s `ahead`).
 #[inline(always)]
 fn ahead_f16<const BT: usize>(a: &TaskArgs) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if matches!(a.simd, Simd::Avx512) {
+    if matches!(a.simd, Simd::Avx512 | Simd::Avx2) {
         return wide_f16::<BT>(a);
     }
     false

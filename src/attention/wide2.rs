@@ -1,11 +1,15 @@
 //! AVX2 fold: [`super::wide`]'s register-blocked step with 8-lane vectors, for CPUs without AVX-512 (AVX2-only EPYCs).
 //!
-//! Rows go in chunks of up to 4: the chunk's scores are one register-blocked product per strip of 16 keys (4 rows ×
-//! 2 ymm accumulators, one broadcast of q and two key loads per channel), the masks and the softmax step run per row
-//! through the portable [`block_softmax`] (so a full block sums exactly as a partial one: chunked ≡ one-shot), and
-//! p·V keeps a 16-channel strip of the chunk's 4 output rows in registers, so each value strip is loaded once for 4
-//! rows. Keys past the last one any row of the chunk can see are left out of p·V. A 4-bit KIVI tile
-//! ([`super::qtile`]) unpacks its codes 8 or 16 at a time where the f32 path loads keys or values.
+//! Rows go in chunks of up to 4: the chunk's scores are one register-blocked product per strip of keys (32 keys for
+//! up to 3 rows, 16 for 4: each channel's query values broadcast once, then each key vector loaded once for all
+//! rows), the masks and the softmax step run per row through the portable [`block_softmax`] (so a full block sums
+//! exactly as a partial one: chunked ≡ one-shot), and p·V keeps a strip of 32 (up to 3 rows) or 16 channels of the
+//! chunk's output rows in registers, so each value strip is loaded once for all rows. With at most 16 ymm registers
+//! that is R · W accumulators + R broadcasts + 1 key or value: a decode step of a 3-query group broadcasts once per
+//! 4 FMAs instead of once per 2. Keys past the last one any row of the chunk can see are left out of p·V. A 4-bit
+//! KIVI tile ([`super::qtile`]) unpacks its codes 8, 16 or 32 at a time where the f32 path loads keys or values, for
+//! exactly the chunk's rows. An f16 block asks for the next block's lines as it works (a key channel's line with
+//! each channel, a value row's with each row), as the AVX-512 fold does.
 //!
 //! Chosen when `crate::kernels::kernel()` is the AVX2 kernel, the block holds a multiple of 8 keys and the value head
 //! dim is a multiple of 8; otherwise `fold` takes the portable path.
@@ -13,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::qtile::{self, Q4};
-use super::{block_softmax, exp_neg, row_q, TaskArgs, Tile};
+use super::{block_softmax, exp_neg, row_q, Ahead, TaskArgs, Tile};
 
 /// Rows per chunk.
 pub(super) const CHUNK: usize = 4;
@@ -82,18 +86,41 @@ pub(super) unsafe fn fold<const BT: usize>(
             }
             Tile::F32 { kt, hs, qrows, .. } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
-                scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
+                scores_n::<BT, false>(kt.as_ptr() as *const u8, rc, row, hs, s_buf, Ahead::NONE);
             }
-            Tile::F16 { kt, hs, qrows, .. } => {
+            Tile::F16 {
+                kt,
+                hs,
+                qrows,
+                ahead,
+                ..
+            } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
-                scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf);
+                // The next block's keys, a channel's lines with each channel (first chunk only).
+                let pf = if r0 == 0 {
+                    Ahead::of(ahead.0)
+                } else {
+                    Ahead::NONE
+                };
+                scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf, pf);
             }
             Tile::Q4(ref q4) => {
-                let rs: [usize; CHUNK] = std::array::from_fn(|i| r0 + i.min(rc - 1));
-                if BT >= 16 {
-                    scores_q4::<2, BT>(q4, &rs, s_buf);
-                } else {
-                    scores_q4::<1, BT>(q4, &rs, s_buf);
+                // Exactly the chunk's rows (a decode step of a 3-query group takes 3, not a padded 4).
+                macro_rules! go {
+                    ($r:literal) => {{
+                        let rs: [usize; $r] = std::array::from_fn(|i| r0 + i);
+                        if BT >= 16 {
+                            scores_q4::<$r, 2, BT>(q4, &rs, s_buf);
+                        } else {
+                            scores_q4::<$r, 1, BT>(q4, &rs, s_buf);
+                        }
+                    }};
+                }
+                match rc {
+                    1 => go!(1),
+                    2 => go!(2),
+                    3 => go!(3),
+                    _ => go!(4),
                 }
             }
         }
@@ -157,20 +184,27 @@ pub(super) unsafe fn fold<const BT: usize>(
         match *tile {
             Tile::F32 { vb, .. } => {
                 let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr() as *const u8);
+                let pf = Ahead::NONE;
                 match rc {
-                    4 => pv::<4, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
-                    3 => pv::<3, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
-                    2 => pv::<2, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
-                    _ => pv::<1, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX),
+                    4 => pv::<4, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX, pf),
+                    3 => pv::<3, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX, pf),
+                    2 => pv::<2, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX, pf),
+                    _ => pv::<1, BT, false>(pr, vp, n_eff, hv, &alpha, ar, u64::MAX, pf),
                 }
             }
-            Tile::F16 { vb, .. } => {
+            Tile::F16 { vb, ahead, .. } => {
                 let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr() as *const u8);
+                // The next block's values, a row's lines with each row (first chunk only).
+                let pf = if r0 == 0 {
+                    Ahead::of(ahead.1)
+                } else {
+                    Ahead::NONE
+                };
                 match rc {
-                    4 => pv::<4, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
-                    3 => pv::<3, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
-                    2 => pv::<2, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
-                    _ => pv::<1, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols),
+                    4 => pv::<4, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols, pf),
+                    3 => pv::<3, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols, pf),
+                    2 => pv::<2, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols, pf),
+                    _ => pv::<1, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols, pf),
                 }
             }
             Tile::Q4(ref q4) => {
@@ -297,13 +331,17 @@ unsafe fn scores_n<'q, const BT: usize, const H: bool>(
     row: impl Fn(usize) -> &'q [f32],
     hs: usize,
     s: &mut [f32],
+    pf: Ahead,
 ) {
     macro_rules! go {
         ($r:literal) => {
-            if BT >= 16 {
-                scores::<$r, 2, BT, H>(kt, &std::array::from_fn(&row), hs, s)
+            if BT >= 32 && $r <= 3 {
+                // 32 keys per strip where the registers allow: each broadcast of a query value serves 4 vectors.
+                scores::<$r, 4, BT, H>(kt, &std::array::from_fn(&row), hs, s, pf)
+            } else if BT >= 16 {
+                scores::<$r, 2, BT, H>(kt, &std::array::from_fn(&row), hs, s, pf)
             } else {
-                scores::<$r, 1, BT, H>(kt, &std::array::from_fn(&row), hs, s)
+                scores::<$r, 1, BT, H>(kt, &std::array::from_fn(&row), hs, s, pf)
             }
         };
     }
@@ -324,20 +362,26 @@ unsafe fn scores<const R: usize, const KW: usize, const BT: usize, const H: bool
     q: &[&[f32]; R],
     hs: usize,
     s: &mut [f32],
+    pf: Ahead,
 ) {
     assert!(s.len() >= R * BT && q.iter().all(|r| r.len() >= hs));
     let out = s.as_mut_ptr();
+    // Channel d of the next block's keys: the same bytes of its layout as this block's.
+    let kstep = BT * if H { 2 } else { 4 };
     for k0 in (0..BT).step_by(8 * KW) {
         let mut acc = [[_mm256_setzero_ps(); KW]; R];
         for d in 0..hs {
-            let mut k = [_mm256_setzero_ps(); KW];
-            for (w, kw) in k.iter_mut().enumerate() {
-                *kw = ld8::<H>(kt, d * BT + k0 + 8 * w);
+            if k0 == 0 {
+                pf.span(d * kstep, kstep);
             }
-            for r in 0..R {
-                let qb = _mm256_set1_ps(*q[r].get_unchecked(d));
-                for w in 0..KW {
-                    acc[r][w] = _mm256_fmadd_ps(qb, k[w], acc[r][w]);
+            // The rows' query values first, then one key vector at a time: R · KW + R + 1 registers (16 at most).
+            let qb: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*q[r].get_unchecked(d)));
+            #[allow(clippy::needless_range_loop)]
+            // acc[r][w]: the row loop runs inside the key-vector loop
+            for w in 0..KW {
+                let k = ld8::<H>(kt, d * BT + k0 + 8 * w);
+                for r in 0..R {
+                    acc[r][w] = _mm256_fmadd_ps(qb[r], k, acc[r][w]);
                 }
             }
         }
@@ -375,40 +419,44 @@ unsafe fn nib16(p: *const u8) -> [__m256; 2] {
     ]
 }
 
-/// KW ∈ {1, 2} vectors of 8 codes from the `4 · KW` bytes at `p`.
+/// KW ∈ {1, 2, 4} vectors of 8 codes from the `4 · KW` bytes at `p`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn codes<const KW: usize>(p: *const u8) -> [__m256; 2] {
-    if KW == 2 {
-        nib16(p)
+unsafe fn codes<const KW: usize>(p: *const u8) -> [__m256; KW] {
+    let mut out = [_mm256_setzero_ps(); KW];
+    if KW == 1 {
+        out[0] = nib8(p);
     } else {
-        [nib8(p), _mm256_setzero_ps()]
-    }
-}
-
-/// KW ∈ {1, 2} vectors of 8 one-byte codes from the `8 · KW` bytes at `p`, as floats.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bytes<const KW: usize>(p: *const u8) -> [__m256; 2] {
-    let mut out = [_mm256_setzero_ps(); 2];
-    for (w, o) in out.iter_mut().enumerate().take(KW) {
-        let x = _mm_loadl_epi64(p.add(8 * w) as *const __m128i);
-        *o = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+        for h in 0..KW / 2 {
+            let [a, b] = nib16(p.add(8 * h));
+            out[2 * h] = a;
+            out[2 * h + 1] = b;
+        }
     }
     out
 }
 
-/// [`scores`] for a 4-bit (or 8-bit) tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the rows `rows`, each
-/// channel's strip of codes unpacked once for the 4 rows.
+/// KW vectors of 8 one-byte codes from the `8 · KW` bytes at `p`, as floats.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores_q4<const KW: usize, const BT: usize>(
+unsafe fn bytes<const KW: usize>(p: *const u8) -> [__m256; KW] {
+    std::array::from_fn(|w| {
+        let x = _mm_loadl_epi64(p.add(8 * w) as *const __m128i);
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x))
+    })
+}
+
+/// [`scores`] for a 4-bit (or 8-bit) tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the R rows
+/// `rows`, each channel's strip of codes unpacked once for the R rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_q4<const R: usize, const KW: usize, const BT: usize>(
     q4: &Q4,
-    rows: &[usize; CHUNK],
+    rows: &[usize; R],
     s: &mut [f32],
 ) {
     let hs = q4.hs;
-    assert!(s.len() >= CHUNK * BT && q4.k.len() >= hs * BT / 2);
+    assert!(R <= CHUNK && s.len() >= R * BT && q4.k.len() >= hs * BT / 2);
     assert!(rows
         .iter()
         .all(|&r| r < q4.qc.len() && (r + 1) * hs <= q4.qs.len()));
@@ -416,7 +464,7 @@ unsafe fn scores_q4<const KW: usize, const BT: usize>(
     let qs = q4.qs.as_ptr();
     let out = s.as_mut_ptr();
     for k0 in (0..BT).step_by(8 * KW) {
-        let mut acc = [[_mm256_setzero_ps(); KW]; CHUNK];
+        let mut acc = [[_mm256_setzero_ps(); KW]; R];
         for (ar, &r) in acc.iter_mut().zip(rows) {
             let c = _mm256_set1_ps(*q4.qc.get_unchecked(r));
             for aw in ar.iter_mut() {
@@ -429,10 +477,11 @@ unsafe fn scores_q4<const KW: usize, const BT: usize>(
             } else {
                 codes::<KW>(base.add(c * BT / 2 + k0 / 2))
             };
-            for r in 0..CHUNK {
-                let qb = _mm256_set1_ps(*qs.add(rows[r] * hs + c));
-                for w in 0..KW {
-                    acc[r][w] = _mm256_fmadd_ps(qb, k[w], acc[r][w]);
+            let qb: [__m256; R] =
+                std::array::from_fn(|r| _mm256_set1_ps(*qs.add(rows[r] * hs + c)));
+            for w in 0..KW {
+                for r in 0..R {
+                    acc[r][w] = _mm256_fmadd_ps(qb[r], k[w], acc[r][w]);
                 }
             }
         }
@@ -444,9 +493,10 @@ unsafe fn scores_q4<const KW: usize, const BT: usize>(
     }
 }
 
-/// acc_i ← alpha_i · acc_i + Σ_{j<n} p[i · BT + j] · v_j for R rows (`acc` row stride hv), in strips of 16 channels
-/// (8 for a last odd one) whose R rows stay in registers while the strip of each value row is loaded once.
+/// acc_i ← alpha_i · acc_i + Σ_{j<n} p[i · BT + j] · v_j for R rows (`acc` row stride hv), in strips of 32 channels
+/// (up to 3 rows), 16 or 8 whose R rows stay in registers while the strip of each value row is loaded once.
 #[inline]
+#[allow(clippy::too_many_arguments)] // the strip's arguments and the prefetch span
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
     p: *const f32,
@@ -456,14 +506,21 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
     alpha: &[f32],
     acc: *mut f32,
     cols: u64,
+    pf: Ahead,
 ) {
     let mut c0 = 0;
     while c0 < hv {
-        if hv - c0 >= 16 {
-            pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0, cols);
+        // The next block's values are asked for during the first strip only.
+        let pf = if c0 == 0 { pf } else { Ahead::NONE };
+        if R <= 3 && hv - c0 >= 32 {
+            // 32 channels per strip where the registers allow: each broadcast probability serves 4 vectors.
+            pv_strip::<R, 4, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf);
+            c0 += 32;
+        } else if hv - c0 >= 16 {
+            pv_strip::<R, 2, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf);
             c0 += 16;
         } else {
-            pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0, cols);
+            pv_strip::<R, 1, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf);
             c0 += 8;
         }
     }
@@ -482,8 +539,10 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
     acc: *mut f32,
     c0: usize,
     cols: u64,
+    pf: Ahead,
 ) {
     let mut a = [[_mm256_setzero_ps(); W]; R];
+    let vrow = hv * if H { 2 } else { 4 };
     for (r, ar) in a.iter_mut().enumerate() {
         let al = _mm256_set1_ps(alpha[r]);
         for (w, aw) in ar.iter_mut().enumerate() {
@@ -491,17 +550,22 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
         }
     }
     for j in 0..n {
+        // Row j of the next block's values (a full next block: rows past n too, on the last row).
+        if j + 1 == n {
+            pf.span(j * vrow, usize::MAX);
+        } else {
+            pf.span(j * vrow, vrow);
+        }
         if cols >> j & 1 == 0 {
             continue; // not selected: probability 0, value row not read
         }
-        let mut v = [_mm256_setzero_ps(); W];
-        for (w, vw) in v.iter_mut().enumerate() {
-            *vw = ld8::<H>(vb, j * hv + c0 + 8 * w);
-        }
-        for (r, ar) in a.iter_mut().enumerate() {
-            let pb = _mm256_set1_ps(*p.add(r * BT + j));
-            for (aw, vw) in ar.iter_mut().zip(&v) {
-                *aw = _mm256_fmadd_ps(pb, *vw, *aw);
+        // The rows' probabilities first, then one value vector at a time: R · W + R + 1 registers (16 at most).
+        let pb: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*p.add(r * BT + j)));
+        #[allow(clippy::needless_range_loop)] // a[r][w]: the row loop runs inside the strip loop
+        for w in 0..W {
+            let v = ld8::<H>(vb, j * hv + c0 + 8 * w);
+            for r in 0..R {
+                a[r][w] = _mm256_fmadd_ps(pb[r], v, a[r][w]);
             }
         }
     }
@@ -527,9 +591,14 @@ unsafe fn pvq<const R: usize, const BT: usize>(
 ) {
     let mut c0 = 0;
     while c0 < hv {
-        let gi = c0 / 64; // = c0 / VALUE_GROUP (a multiple of 16, so no strip crosses a group)
+        // = c0 / VALUE_GROUP: 32-channel strips start at multiples of 32 and the rest at multiples of 16, so no
+        // strip crosses a group.
+        let gi = c0 / 64;
         let (pq, pc) = (pq.add(gi * BT), pc.add(gi));
-        if hv - c0 >= 16 {
+        if R <= 3 && hv - c0 >= 32 {
+            pvq_strip::<R, 4, BT>(q4, pq, pc, n, hv, alpha, acc, c0);
+            c0 += 32;
+        } else if hv - c0 >= 16 {
             pvq_strip::<R, 2, BT>(q4, pq, pc, n, hv, alpha, acc, c0);
             c0 += 16;
         } else {
@@ -571,10 +640,10 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
         } else {
             codes::<W>(vbase.add(j * q4.rb))
         };
-        for (r, ar) in a.iter_mut().enumerate() {
-            let pb = _mm256_set1_ps(*pq.add(r * ng * BT + j));
-            for (aw, vw) in ar.iter_mut().zip(&v) {
-                *aw = _mm256_fmadd_ps(pb, *vw, *aw);
+        let pb: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*pq.add(r * ng * BT + j)));
+        for w in 0..W {
+            for r in 0..R {
+                a[r][w] = _mm256_fmadd_ps(pb[r], v[w], a[r][w]);
             }
         }
     }
