@@ -34,6 +34,8 @@
 //!
 //! `naive_attention` is the plain reference the tests compare against.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2q;
 mod qtile;
 pub mod select;
 pub mod sparse;
@@ -690,8 +692,9 @@ impl<'a> Follow<'a> {
     }
 }
 
-/// Whether attention on `simd` over `dtype` blocks of `bt` entries runs the integer fold ([`vnni`]), which rounds
-/// each block's scaled query to int8: an error a reference over the dequantized entries does not make (tests).
+/// Whether attention on `simd` over `dtype` blocks of `bt` entries runs an integer fold ([`vnni`] on AVX-512,
+/// [`avx2q`]'s scores on AVX2), which rounds each block's scaled query to int8: an error a reference over the
+/// dequantized entries does not make (tests).
 #[cfg(test)]
 fn integer_fold(simd: Simd, dtype: crate::kv::KvDtype, bt: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -699,9 +702,8 @@ fn integer_fold(simd: Simd, dtype: crate::kv::KvDtype, bt: usize) -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
     matches!(dtype, crate::kv::KvDtype::Kivi { bits: 2 | 4, .. })
-        && simd == Simd::Avx512
         && bt == 32
-        && vnni
+        && ((simd == Simd::Avx512 && vnni) || simd == Simd::Avx2)
 }
 
 /// The CPU's variants, portable first (tests run each).
@@ -757,7 +759,7 @@ enum Tile<'a> {
         /// The next block's keys and values, asked for a line at a time while this one is folded (the AVX-512 and AVX2
         /// folds; a burst of prefetches for a whole block stalls once the core's miss buffers are full, and the fold
         /// waits on memory instead of working under it). Empty: nothing to ask for.
-        ahead: (&'a [half::f16], &'a [half::f16]),
+        ahead: (Ahead, Ahead),
     },
     /// A 4-bit KIVI block read in place.
     Q4(qtile::Q4<'a>),
@@ -811,20 +813,24 @@ impl Ahead {
 }
 
 /// No block to prefetch from inside the fold.
-const NO_AHEAD: (&[half::f16], &[half::f16]) = (&[], &[]);
+const NO_AHEAD: (Ahead, Ahead) = (Ahead::NONE, Ahead::NONE);
 
 /// Asks for `next` while `blk` is folded: when `spread` (the AVX-512 or AVX2 fold of an f16 block takes it) and both
 /// are f16 blocks in RAM, only its positions now and its keys and values returned for the fold to ask for as it works;
-/// otherwise the whole block now, and nothing returned.
-fn ask_ahead<'a>(
-    blk: &BlockView,
-    next: &BlockView<'a>,
-    spread: bool,
-) -> (&'a [half::f16], &'a [half::f16]) {
+/// likewise, when `spread_q4` (the AVX2 fold reads 4-bit blocks in place) and both are quantized blocks, its scales
+/// and positions now and its key and value codes returned; otherwise the whole block now, and nothing returned.
+fn ask_ahead(blk: &BlockView, next: &BlockView, spread: bool, spread_q4: bool) -> (Ahead, Ahead) {
     match (blk.f16_parts(), next.f16_parts()) {
-        (Some(_), Some(kv)) if spread => {
+        (Some(_), Some((k, v))) if spread => {
             next.prefetch_pos();
-            kv
+            return (Ahead::of(k), Ahead::of(v));
+        }
+        _ => {}
+    }
+    match (blk.quant_codes(), next.quant_codes()) {
+        (Some(_), Some((k, v))) if spread_q4 => {
+            next.prefetch_scales();
+            (Ahead::of(k), Ahead::of(v))
         }
         _ => {
             next.prefetch();
@@ -835,19 +841,19 @@ fn ask_ahead<'a>(
 
 /// [`ask_ahead`] for a selection's next block, of which only `parts` are read: a block read whole is asked for as
 /// [`ask_ahead`] does; of one read in part, its keys (read whole), positions and the parts' value rows only, now.
-fn ask_ahead_pieces<'a, 'p>(
+fn ask_ahead_pieces<'p>(
     blk: &BlockView,
-    next: &BlockView<'a>,
+    next: &BlockView,
     spread: bool,
     parts: impl Iterator<Item = &'p Piece> + Clone,
     hv: usize,
-) -> (&'a [half::f16], &'a [half::f16]) {
+) -> (Ahead, Ahead) {
     let whole = parts
         .clone()
         .next()
         .is_some_and(|q| q.j0 == 0 && q.j1 as usize == next.n);
     if whole {
-        return ask_ahead(blk, next, spread);
+        return ask_ahead(blk, next, spread, false);
     }
     match (blk.f16_parts(), next.f16_parts()) {
         (Some(_), Some((k, v))) if spread => {
@@ -855,7 +861,7 @@ fn ask_ahead_pieces<'a, 'p>(
             next.prefetch_pos();
             let j0 = parts.clone().next().map_or(0, |q| q.j0 as usize);
             let j1 = parts.last().map_or(0, |q| q.j1 as usize);
-            (k, &v[j0 * hv..j1 * hv])
+            (Ahead::of(k), Ahead::of(&v[j0 * hv..j1 * hv]))
         }
         _ => {
             next.prefetch_entries(parts.map(|q| (q.j0 as usize, q.j1 as usize)));
@@ -1009,6 +1015,8 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
         }
     }
     let interleave = ahead_f16::<BT>(a);
+    // The AVX2 fold reads this task's whole 4-bit blocks in place and asks for the next one's codes as it works.
+    let spread_q4 = a.simd == Simd::Avx2 && BT == 32 && sh.hv.is_multiple_of(8);
     let Some(pieces) = a.pieces else {
         #[cfg(target_arch = "x86_64")]
         let runs = q4_runs::<BT>(a, channels.map(<[u16]>::len));
@@ -1073,10 +1081,15 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             // The AVX-512 and AVX2 folds of an f16 block ask for the next f16 block themselves, spread over their work.
             let mut ahead = NO_AHEAD;
             if b + 1 < task.blk1 {
-                ahead = ask_ahead(&blk, &cache.block(layer, task.kv_head, b + 1), interleave);
+                ahead = ask_ahead(
+                    &blk,
+                    &cache.block(layer, task.kv_head, b + 1),
+                    interleave,
+                    spread_q4,
+                );
             } else if let Some(f) = a.follow.and_then(|f| f.block(layer, 0)) {
                 // The task's last block: the first of the task that likely follows.
-                ahead = ask_ahead(&blk, &f, interleave);
+                ahead = ask_ahead(&blk, &f, interleave, spread_q4);
             }
             fold_view::<BT>(a, &blk, channels.is_some(), buf, ahead);
             b += 1;
@@ -1309,7 +1322,7 @@ const GIVEN_AHEAD: usize = 4;
 fn q4_runs<const BT: usize>(a: &TaskArgs, hs: Option<usize>) -> bool {
     let rows = (a.task.t1 - a.task.t0) * a.sh.group;
     BT == 32
-        && int8_fold::<BT>(a.simd)
+        && int8_fold::<BT>(a.simd) == qtile::Int8::Vnni
         && rows <= 8
         && a.p.softcap.is_none()
         && a.sh.hv.is_multiple_of(64)
@@ -1373,7 +1386,9 @@ fn fold_q4_run<'a>(
             unreachable!("a run holds 4-bit or 2-bit blocks")
         };
         let hs = v.hk;
-        qp.prepare::<32>(qb, hv, rows, true, move |r| row_q(a, qrows, hs, r))
+        qp.prepare::<32>(qb, hv, rows, qtile::Int8::Vnni, move |r| {
+            row_q(a, qrows, hs, r)
+        })
     };
     // The next run's block i's scales and positions are asked for as this run's block i is prepared.
     let scales = |i: usize| {
@@ -1428,7 +1443,7 @@ fn fold_view<const BT: usize>(
     blk: &BlockView,
     pruned: bool,
     buf: &mut TaskBuf,
-    ahead: (&[half::f16], &[half::f16]),
+    ahead: (Ahead, Ahead),
 ) {
     let (n, hs, hv) = (blk.n, blk.hk, a.sh.hv);
     if let Some(w) = a.p.window {
@@ -1438,6 +1453,8 @@ fn fold_view<const BT: usize>(
             .min()
             .unwrap_or(0);
         if (blk.pos[n - 1] as u64) + (w as u64) <= min_qpos as u64 {
+            ahead.0.span(0, usize::MAX);
+            ahead.1.span(0, usize::MAX);
             return; // the whole block is outside every row's window
         }
     }
@@ -1481,9 +1498,10 @@ fn fold_view<const BT: usize>(
         BlockData::Quant(qb) if qtile::reads(qb.bits, hv) && n == BT => {
             // 8-bit, 4-bit (or widened 2-bit) KIVI block: scored and mixed from its codes, nothing dequantized.
             let rows = (a.task.t1 - a.task.t0) * a.sh.group;
-            let q4 = qprep.prepare::<BT>(qb, hv, rows, int8_fold::<BT>(simd), |r| {
+            let mut q4 = qprep.prepare::<BT>(qb, hv, rows, int8_fold::<BT>(simd), |r| {
                 row_q(a, qrows, hs, r)
             });
+            q4.ahead = ahead;
             fold::<BT>(a, Tile::Q4(q4), blk.pos, s, m, l, acc, pbuf);
             return;
         }
@@ -1501,6 +1519,9 @@ fn fold_view<const BT: usize>(
             (&k[..hs * BT], &v[..n * hv])
         }
     };
+    // A block the fold does not read in place does not ask for the next one as it works: ask for it now.
+    ahead.0.span(0, usize::MAX);
+    ahead.1.span(0, usize::MAX);
     let tile = Tile::F32 {
         kt,
         vb,
@@ -1541,15 +1562,20 @@ fn ahead_f16<const BT: usize>(a: &TaskArgs) -> bool {
     false
 }
 
-/// Whether the AVX-512 fold reads a 4-bit block of BT keys with integer dot products ([`vnni`]).
+/// Which integer fold reads a 4-bit block of BT keys on `simd`: the AVX-512 one ([`vnni`]) where the CPU has VNNI,
+/// the AVX2 one's scores ([`avx2q`]); both take blocks of 32.
 #[inline(always)]
-fn int8_fold<const BT: usize>(simd: Simd) -> bool {
+fn int8_fold<const BT: usize>(simd: Simd) -> qtile::Int8 {
     #[cfg(target_arch = "x86_64")]
-    if BT == 32 && simd == Simd::Avx512 {
-        return vnni::available();
+    if BT == 32 {
+        match simd {
+            Simd::Avx512 if vnni::available() => return qtile::Int8::Vnni,
+            Simd::Avx2 => return qtile::Int8::Avx2,
+            _ => {}
+        }
     }
     let _ = simd;
-    false
+    qtile::Int8::Off
 }
 
 /// f16 → f32 for a whole block: 16 lanes at a time with AVX-512, else `half`'s conversion.

@@ -7,12 +7,18 @@
 //! `Σ_j p[j]·v[j][d] = Σ_j p[j]·vmin[j] + Σ_j (p[j]·vscale[j]) · code[j][d]`: the probabilities are scaled per token
 //! (`pq`) and the minimum becomes one constant per row and group (`pc`) added to every channel of the group.
 //!
-//! Codes sit two per byte, the low nibble first (see [`crate::kv::quant`]); the SIMD folds unpack 16 or 32 at a time
-//! into float lanes. 8-bit blocks are read the same way, one code per byte; 2-bit blocks are widened to 4-bit codes. This file holds the preparation and the portable (reference) row steps.
+//! Codes sit two per byte, the low nibble first (see [`crate::kv::quant`]); the SIMD folds unpack them into
+//! float lanes, or score them with integer dot products ([`super::vnni`], [`super::avx2q`]). 8-bit blocks are read the same way, one code per byte; 2-bit blocks are widened to 4-bit codes. This file holds the preparation and the portable (reference) row steps.
 
 use half::slice::HalfFloatSliceExt;
 
 use crate::kv::quant::{row_bytes, value_groups, widen_2bit_codes, QBlock, VALUE_GROUP};
+
+/// The most stored key channels the AVX2 integer scores take ([`super::avx2q`]'s `MAX_HS`; 256 off x86).
+#[cfg(target_arch = "x86_64")]
+const AVX2_MAX_HS: usize = super::avx2q::MAX_HS;
+#[cfg(not(target_arch = "x86_64"))]
+const AVX2_MAX_HS: usize = 256;
 
 /// Whether a whole block of `bits`-bit codes with value head dim `hv` can be read in place ([`Q4`]): 8-bit or 4-bit
 /// codes, or 2-bit codes whose value rows are whole bytes (hv a multiple of 4), widened to 4-bit ones by
@@ -48,13 +54,28 @@ pub(super) struct Q4<'a> {
     /// Per value group and token: minimum and scale (`[g · BT + j]`, ng × BT).
     pub vmin: &'a [f32],
     pub vscale: &'a [f32],
-    /// The integer (VNNI) fold of [`super::vnni`] reads this block: `qi` holds each row's `qs` quantized to int8
-    /// (rows × hs), `qsc` their steps (rows); both empty otherwise.
+    /// Integer scores read this block ([`super::vnni`] or [`super::avx2q`]): `qi` holds each row's `qs` quantized
+    /// to int8 (rows × hs), `qsc` their steps (rows); both empty otherwise.
     pub qi: &'a [i8],
     pub qsc: &'a [f32],
-    /// The integer fold may read this block (the CPU has it and the block holds 32 keys): p·V takes it whenever
+    /// The next block's key and value codes, for the AVX2 fold to ask for a line at a time as it works (set by the
+    /// caller; none from [`QPrep::prepare`]).
+    pub ahead: (super::Ahead, super::Ahead),
+    /// The VNNI fold may read this block (the CPU has it and the block holds 32 keys): p·V takes it whenever
     /// the value head dim allows, scores whenever `qi` is filled.
     pub int8: bool,
+}
+
+/// Which integer fold, if any, reads the prepared block: it decides whether the scaled query rows are quantized to
+/// int8 and which vector code prepares them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Int8 {
+    /// Float scores and p·V only.
+    Off,
+    /// The AVX-512 VNNI fold ([`super::vnni`]): integer scores and p·V, the AVX-512 preparation.
+    Vnni,
+    /// The AVX2 fold's integer scores ([`super::avx2q`]), the AVX2 preparation; p·V stays in floats.
+    Avx2,
 }
 
 /// Per-block working memory of the preparation, sized once per task.
@@ -112,15 +133,15 @@ impl QPrep {
     /// Folds the block's key scales and minima into `rows` query rows (`row_q(r)`: row r's query over the stored
     /// channels) and unpacks its value minima and scales. `qb` must hold 8-bit or 4-bit codes, or 2-bit codes
     /// ([`reads`]), which are rewritten as 4-bit ones (codes 0..3) into this preparation's buffers: the fold's
-    /// arithmetic, `min + scale · code`, is the same for every width. With `int8` (the caller runs the integer fold) the scaled
-    /// rows are also quantized to int8 (`vnni::quantize_row`).
+    /// arithmetic, `min + scale · code`, is the same for every width. With an integer fold (`int8`, which the caller
+    /// runs) the scaled rows of a 4-bit (or 2-bit) block are also quantized to int8 where that fold reads them.
     #[inline(always)]
     pub fn prepare<'a, const BT: usize>(
         &'a mut self,
         qb: &'a QBlock,
         hv: usize,
         rows: usize,
-        int8: bool,
+        int8: Int8,
         row_q: impl Fn(usize) -> &'a [f32],
     ) -> Q4<'a> {
         debug_assert!(reads(qb.bits, hv));
@@ -134,23 +155,45 @@ impl QPrep {
         } else {
             (&qb.k, &qb.v)
         };
-        // `int8`: the CPU runs the integer fold, so the vector preparation below may run too. 8-bit codes are scored
-        // and mixed in floats: rounding the scaled query to int8 would cost more than the cache's own 8-bit rounding.
-        let vnni = int8;
-        let int8 = int8 && qb.bits != 8;
-        let int8q = int8 && hs.is_multiple_of(4);
-        // The vector preparation (x86 only; `int8` is never set elsewhere); for 8-bit codes its int8 rows go unused.
-        let vector_q = vnni && hs.is_multiple_of(16) && cfg!(target_arch = "x86_64");
-        if vector_q {
-            // Each row folded against the block's key minima and scales.
+        // The CPU runs an integer fold (x86 only: `int8` is never set elsewhere), so its vector preparation may run
+        // too. 8-bit codes are scored and mixed in floats: rounding the scaled query to int8 would cost more than
+        // the cache's own 8-bit rounding.
+        let (vnni, avx2) = (int8 == Int8::Vnni, int8 == Int8::Avx2);
+        let x86 = cfg!(target_arch = "x86_64");
+        let nibbles = qb.bits != 8;
+        // The VNNI fold's scores take hs % 4 == 0; the AVX2 fold's hs % 8 == 0 (its preparation's) up to its stack's
+        // limit.
+        let int8q = nibbles
+            && x86
+            && ((vnni && hs.is_multiple_of(4))
+                || (avx2 && hs.is_multiple_of(8) && hs <= AVX2_MAX_HS));
+        if vnni && hs.is_multiple_of(16) && x86 {
+            // Each row folded against the block's key minima and scales (for 8-bit codes its int8 rows go unused).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                // SAFETY: `int8` is set only where `vnni::available()` found the CPU features; hs % 16 == 0.
+                // SAFETY: `Vnni` is asked for only where `vnni::available()` found the CPU features; hs % 16 == 0.
                 super::vnni::fold_queries(
                     &qb.k_ms[..2 * hs],
                     hs,
                     rows,
                     |r| &row_q(r)[..hs],
+                    &mut self.qs,
+                    &mut self.qi,
+                    &mut self.qc,
+                    &mut self.qsc,
+                );
+            }
+        } else if avx2 && hs.is_multiple_of(8) && x86 {
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                // SAFETY: `Avx2` is asked for only on the AVX2 kernel path, which runs where the CPU has AVX2, FMA
+                // and F16C; hs % 8 == 0.
+                super::avx2q::fold_queries(
+                    &qb.k_ms[..2 * hs],
+                    hs,
+                    rows,
+                    |r| &row_q(r)[..hs],
+                    int8q,
                     &mut self.qs,
                     &mut self.qi,
                     &mut self.qc,
@@ -173,21 +216,29 @@ impl QPrep {
                 #[cfg(target_arch = "x86_64")]
                 if int8q {
                     let (x, out) = (&self.qs[r * hs..][..hs], &mut self.qi[r * hs..][..hs]);
-                    // SAFETY: `int8` is set only where `vnni::available()` found the CPU features.
+                    // SAFETY: `int8q` without the vector preparation above is the VNNI fold's (the AVX2 one's
+                    // needs hs % 8 == 0, which that preparation takes), asked for only where `vnni::available()`
+                    // found the CPU features.
                     self.qsc[r] = unsafe { super::vnni::quantize_row(x, out) };
                 }
             }
         }
-        let nq = if int8q && cfg!(target_arch = "x86_64") {
-            rows
-        } else {
-            0
-        };
-        if vnni && ng == 1 && BT.is_multiple_of(16) && cfg!(target_arch = "x86_64") {
+        let nq = if int8q { rows } else { 0 };
+        if vnni && ng == 1 && BT.is_multiple_of(16) && x86 {
             // SAFETY: as above; one value group: v_ms is BT (min, scale) pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 super::vnni::split_pairs(
+                    &qb.v_ms[..2 * BT],
+                    &mut self.vmin[..BT],
+                    &mut self.vscale[..BT],
+                )
+            };
+        } else if avx2 && ng == 1 && BT.is_multiple_of(8) && x86 {
+            // SAFETY: as above; one value group: v_ms is BT (min, scale) pairs.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                super::avx2q::split_pairs(
                     &qb.v_ms[..2 * BT],
                     &mut self.vmin[..BT],
                     &mut self.vscale[..BT],
@@ -216,7 +267,8 @@ impl QPrep {
             vscale: &self.vscale[..ng * BT],
             qi: &self.qi[..nq * hs],
             qsc: &self.qsc[..nq],
-            int8,
+            ahead: (super::Ahead::NONE, super::Ahead::NONE),
+            int8: vnni && nibbles,
         }
     }
 }

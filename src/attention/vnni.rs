@@ -585,7 +585,7 @@ pub(super) unsafe fn pv_run<const R: usize, const NB: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::qtile::{self, QPrep};
     use super::*;
     use crate::kv::quant::QBlock;
@@ -593,7 +593,12 @@ mod tests {
 
     /// A 4-bit block with outlier key channels (large offsets and ranges) and value rows of very different scales,
     /// and queries with large magnitudes and a few dominant channels.
-    fn adversarial(hk: usize, hv: usize, rows: usize, seed: u64) -> (QBlock, Vec<f32>) {
+    pub(in crate::attention) fn adversarial(
+        hk: usize,
+        hv: usize,
+        rows: usize,
+        seed: u64,
+    ) -> (QBlock, Vec<f32>) {
         let mut rng = Rng::seeded(seed);
         let mut kt = rng.vec(hk * BT, 1.0);
         for c in 0..hk {
@@ -633,7 +638,7 @@ mod tests {
             let (qb, q) = adversarial(hk, hv, rows, seed);
             let mut prep = QPrep::default();
             prep.ensure(rows, hk, hv, BT);
-            let q4 = prep.prepare::<BT>(&qb, hv, rows, true, |r| &q[r * hk..][..hk]);
+            let q4 = prep.prepare::<BT>(&qb, hv, rows, qtile::Int8::Vnni, |r| &q[r * hk..][..hk]);
             assert_eq!(q4.qi.len(), rows * hk);
             let mut s = vec![0.0f32; 4 * BT];
             // SAFETY: available() checked the CPU.
@@ -682,7 +687,7 @@ mod tests {
         let (qb, q) = adversarial(hk, hv, rows, 9);
         let mut prep = QPrep::default();
         prep.ensure(rows, hk, hv, BT);
-        let q4 = prep.prepare::<BT>(&qb, hv, rows, true, |r| &q[r * hk..][..hk]);
+        let q4 = prep.prepare::<BT>(&qb, hv, rows, qtile::Int8::Vnni, |r| &q[r * hk..][..hk]);
         let mut rng = Rng::seeded(4);
         for n in [32usize, 29, 1] {
             // Probabilities: one dominant key, a few mid, many tiny (e^-20), per row.

@@ -97,11 +97,7 @@ pub(super) unsafe fn fold<const BT: usize>(
             } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
                 // The next block's keys, a channel's lines with each channel (first chunk only).
-                let pf = if r0 == 0 {
-                    Ahead::of(ahead.0)
-                } else {
-                    Ahead::NONE
-                };
+                let pf = if r0 == 0 { ahead.0 } else { Ahead::NONE };
                 scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf, pf);
             }
             Tile::Q4(ref q4) if BT == 32 && !q4.qi.is_empty() => {
@@ -217,11 +213,7 @@ pub(super) unsafe fn fold<const BT: usize>(
                 Tile::F16 { vb, ahead, .. } => {
                     let (pr, vp) = (s_buf[i0 * BT..].as_ptr(), vb.as_ptr() as *const u8);
                     // The next block's values, a row's lines with each row (first pass only).
-                    let pf = if r0 + i0 == 0 {
-                        Ahead::of(ahead.1)
-                    } else {
-                        Ahead::NONE
-                    };
+                    let pf = if r0 + i0 == 0 { ahead.1 } else { Ahead::NONE };
                     match k {
                         4 => pv::<4, BT, true>(pr, vp, n_eff, hv, al, ar, cols, pf),
                         3 => pv::<3, BT, true>(pr, vp, n_eff, hv, al, ar, cols, pf),

@@ -7,15 +7,19 @@
 //! chunk's output rows in registers, so each value strip is loaded once for all rows. With at most 16 ymm registers
 //! that is R · W accumulators + R broadcasts + 1 key or value: a decode step of a 3-query group broadcasts once per
 //! 4 FMAs instead of once per 2. Keys past the last one any row of the chunk can see are left out of p·V. A 4-bit
-//! KIVI tile ([`super::qtile`]) unpacks its codes 8, 16 or 32 at a time where the f32 path loads keys or values, for
-//! exactly the chunk's rows. An f16 block asks for the next block's lines as it works (a key channel's line with
-//! each channel, a value row's with each row), as the AVX-512 fold does.
+//! KIVI tile ([`super::qtile`]) of 32 keys is scored with integer dot products ([`super::avx2q`]) and its value codes
+//! unpacked 8 or 16 at a time where the f32 path loads values, for exactly the chunk's rows (other quantized tiles
+//! unpack their key codes too). An f16 block asks for the next block's lines as it works (a key channel's line with
+//! each channel, a value row's with each row), as the AVX-512 fold does, and so does a 4-bit block for the next
+//! block's codes (a line per 4 key channels, a value row's with each row): a burst of prefetches for a whole block
+//! stalls once the core's miss buffers are full.
 //!
 //! Chosen when `crate::kernels::kernel()` is the AVX2 kernel, the block holds a multiple of 8 keys and the value head
 //! dim is a multiple of 8; otherwise `fold` takes the portable path.
 
 use std::arch::x86_64::*;
 
+use super::avx2q;
 use super::qtile::{self, Q4};
 use super::{block_softmax, exp_neg, row_q, Ahead, TaskArgs, Tile};
 
@@ -97,22 +101,24 @@ pub(super) unsafe fn fold<const BT: usize>(
             } => {
                 let row = |i: usize| row_q(a, qrows, hs, r0 + i);
                 // The next block's keys, a channel's lines with each channel (first chunk only).
-                let pf = if r0 == 0 {
-                    Ahead::of(ahead.0)
-                } else {
-                    Ahead::NONE
-                };
+                let pf = if r0 == 0 { ahead.0 } else { Ahead::NONE };
                 scores_n::<BT, true>(kt.as_ptr() as *const u8, rc, row, hs, s_buf, pf);
             }
             Tile::Q4(ref q4) => {
                 // Exactly the chunk's rows (a decode step of a 3-query group takes 3, not a padded 4).
+                // Integer scores where the preparation quantized the rows ([`avx2q`]: 4-bit codes, blocks of 32).
+                let int = BT == 32 && q4.bits == 4 && q4.qi.len() >= rows * q4.hs;
+                // The next block's key codes, a line at a time (first chunk only).
+                let pf = if r0 == 0 { q4.ahead.0 } else { Ahead::NONE };
                 macro_rules! go {
                     ($r:literal) => {{
                         let rs: [usize; $r] = std::array::from_fn(|i| r0 + i);
-                        if BT >= 16 {
-                            scores_q4::<$r, 2, BT>(q4, &rs, s_buf);
+                        if int {
+                            avx2q::scores::<$r>(q4, &rs, s_buf, pf);
+                        } else if BT >= 16 {
+                            scores_q4::<$r, 2, BT>(q4, &rs, s_buf, pf);
                         } else {
-                            scores_q4::<$r, 1, BT>(q4, &rs, s_buf);
+                            scores_q4::<$r, 1, BT>(q4, &rs, s_buf, pf);
                         }
                     }};
                 }
@@ -195,11 +201,7 @@ pub(super) unsafe fn fold<const BT: usize>(
             Tile::F16 { vb, ahead, .. } => {
                 let (pr, vp) = (s_buf.as_ptr(), vb.as_ptr() as *const u8);
                 // The next block's values, a row's lines with each row (first chunk only).
-                let pf = if r0 == 0 {
-                    Ahead::of(ahead.1)
-                } else {
-                    Ahead::NONE
-                };
+                let pf = if r0 == 0 { ahead.1 } else { Ahead::NONE };
                 match rc {
                     4 => pv::<4, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols, pf),
                     3 => pv::<3, BT, true>(pr, vp, n_eff, hv, &alpha, ar, cols, pf),
@@ -211,11 +213,13 @@ pub(super) unsafe fn fold<const BT: usize>(
                 qtile::scale_probs::<BT>(q4, s_buf, rc, n_eff, pbuf);
                 let pq = pbuf.as_ptr();
                 let pc = pbuf[qtile::pc_offset::<BT>(q4.ng)..].as_ptr();
+                // The next block's value codes, a row's line with each row (first chunk only).
+                let pf = if r0 == 0 { q4.ahead.1 } else { Ahead::NONE };
                 match rc {
-                    4 => pvq::<4, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
-                    3 => pvq::<3, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
-                    2 => pvq::<2, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
-                    _ => pvq::<1, BT>(q4, pq, pc, n_eff, hv, &alpha, ar),
+                    4 => pvq::<4, BT>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
+                    3 => pvq::<3, BT>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
+                    2 => pvq::<2, BT>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
+                    _ => pvq::<1, BT>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
                 }
             }
         }
@@ -447,13 +451,15 @@ unsafe fn bytes<const KW: usize>(p: *const u8) -> [__m256; KW] {
 }
 
 /// [`scores`] for a 4-bit (or 8-bit) tile: s[i · BT + j] = qc[r_i] + Σ_c qs[r_i][c] · code[c][j] for the R rows
-/// `rows`, each channel's strip of codes unpacked once for the R rows.
+/// `rows`, each channel's strip of codes unpacked once for the R rows; `pf`: the next block's key codes, asked for a
+/// channel's line with each channel.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_q4<const R: usize, const KW: usize, const BT: usize>(
     q4: &Q4,
     rows: &[usize; R],
     s: &mut [f32],
+    pf: Ahead,
 ) {
     let hs = q4.hs;
     assert!(R <= CHUNK && s.len() >= R * BT && q4.k.len() >= hs * BT / 2);
@@ -471,7 +477,12 @@ unsafe fn scores_q4<const R: usize, const KW: usize, const BT: usize>(
                 *aw = c;
             }
         }
+        // Channel c's codes of the next block: the same bytes of its layout as this block's.
+        let kstep = BT * q4.bits as usize / 8;
         for c in 0..hs {
+            if k0 == 0 {
+                pf.span(c * kstep, kstep);
+            }
             let k = if q4.bits == 8 {
                 bytes::<KW>(base.add(c * BT + k0))
             } else {
@@ -580,6 +591,7 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
 /// are `ng · BT` apart and `pc` rows `ng` apart ([`qtile::scale_probs`]'s layout); strips stay inside a value group.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)] // the strip's arguments and the prefetch span
 unsafe fn pvq<const R: usize, const BT: usize>(
     q4: &Q4,
     pq: *const f32,
@@ -588,21 +600,24 @@ unsafe fn pvq<const R: usize, const BT: usize>(
     hv: usize,
     alpha: &[f32],
     acc: *mut f32,
+    pf: Ahead,
 ) {
     let mut c0 = 0;
     while c0 < hv {
+        // The next block's value codes are asked for during the first strip only.
+        let pf = if c0 == 0 { pf } else { Ahead::NONE };
         // = c0 / VALUE_GROUP: 32-channel strips start at multiples of 32 and the rest at multiples of 16, so no
         // strip crosses a group.
         let gi = c0 / 64;
         let (pq, pc) = (pq.add(gi * BT), pc.add(gi));
-        if R <= 3 && hv - c0 >= 32 {
-            pvq_strip::<R, 4, BT>(q4, pq, pc, n, hv, alpha, acc, c0);
+        if R <= 2 && hv - c0 >= 32 {
+            pvq_strip::<R, 4, BT>(q4, pq, pc, n, hv, alpha, acc, c0, pf);
             c0 += 32;
         } else if hv - c0 >= 16 {
-            pvq_strip::<R, 2, BT>(q4, pq, pc, n, hv, alpha, acc, c0);
+            pvq_strip::<R, 2, BT>(q4, pq, pc, n, hv, alpha, acc, c0, pf);
             c0 += 16;
         } else {
-            pvq_strip::<R, 1, BT>(q4, pq, pc, n, hv, alpha, acc, c0);
+            pvq_strip::<R, 1, BT>(q4, pq, pc, n, hv, alpha, acc, c0, pf);
             c0 += 8;
         }
     }
@@ -621,6 +636,7 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
     alpha: &[f32],
     acc: *mut f32,
     c0: usize,
+    pf: Ahead,
 ) {
     let ng = q4.ng;
     let bits = q4.bits as usize;
@@ -635,6 +651,12 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
     }
     let vbase = q4.v.as_ptr().add(c0 * bits / 8);
     for j in 0..n {
+        // Row j of the next block's value codes (a full next block: rows past n too, on the last row).
+        if j + 1 == n {
+            pf.span(j * q4.rb, usize::MAX);
+        } else {
+            pf.span(j * q4.rb, q4.rb);
+        }
         let v = if bits == 8 {
             bytes::<W>(vbase.add(j * q4.rb))
         } else {

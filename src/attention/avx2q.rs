@@ -1,0 +1,409 @@
+//! Integer scores of a 4-bit KIVI block (32 keys) on AVX2, and the block's preparation in 8-lane vectors: the
+//! AVX2 counterpart of [`super::vnni`]'s scores, for CPUs without AVX-512 (AVX2-only EPYCs).
+//!
+//! A score is `qc + Σ_c qs[c] · code[c][j]` ([`super::qtile`]); each row's `qs` is quantized once per block to int8
+//! (`qs ≈ s · qi`), exactly as the VNNI fold does, so the error bound there holds here: the integer sums are exact
+//! and only the query's rounding, at most `max|qs| / 254` per channel, moves a score.
+//!
+//! AVX2 has no `vpdpbusd`: `vpmaddubsw` multiplies unsigned codes by signed int8 query values and adds adjacent
+//! pairs into 16-bit lanes. Four channels of codes (4 × 16 bytes, channel-major) are two 32-byte loads, [c | c+1]
+//! and [c+2 | c+3]; interleaving their bytes within each 128-bit lane pairs channel c with c+2 in the low lane and
+//! c+1 with c+3 in the high lane, for the same 8 keys, so no byte crosses a lane. Each row's query is laid out once
+//! per block to match (lane 0: (q[c], q[c+2]) eight times, lane 1: (q[c+1], q[c+3])). The 16-bit sums are widened
+//! and the two lanes added every 8 steps of 4 channels: a lane gains at most 2 · 15 · 127 = 3 810 per step, so 8
+//! steps stay below 2¹⁵. Low nibbles (even keys) and high nibbles (odd keys) go in two passes over the block's
+//! codes, so each pass keeps only 2 accumulators per row in registers.
+//!
+//! On Zen 1 a 256-bit `vpmaddubsw` does 32 products in two micro-ops where a 256-bit FMA does 8, and no code is
+//! widened to a float.
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::qtile::Q4;
+use super::Ahead;
+
+const BT: usize = 32;
+
+/// The most stored key channels the integer scores take (each row's laid-out query lives on the stack).
+pub(super) const MAX_HS: usize = 256;
+
+/// Query byte pattern of a step: lane 0 repeats bytes (0, 2), lane 1 bytes (1, 3) of the step's 4 channels.
+const QPAT: [i8; 32] = {
+    let mut a = [0i8; 32];
+    let mut i = 0;
+    while i < 16 {
+        a[i] = if i % 2 == 0 { 0 } else { 2 };
+        a[16 + i] = if i % 2 == 0 { 1 } else { 3 };
+        i += 1;
+    }
+    a
+};
+
+/// Steps of 4 channels whose 16-bit sums cannot overflow.
+const WIDEN_EVERY: usize = 8;
+
+/// s[i · BT + j] = qc[r_i] + qsc[r_i] · Σ_c qi[r_i][c] · code[c][j] for the rows `rows` (R ≤ 4), j < 32.
+/// `ahead`: the next block's key codes, asked for a line per step (4 channels) of the first pass.
+///
+/// # Safety
+/// The CPU must support AVX2 (and FMA, F16C); `q4` holds 4-bit codes with `qi` filled for every row of `rows`, hs a
+/// multiple of 4 and at most [`MAX_HS`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scores<const R: usize>(
+    q4: &Q4,
+    rows: &[usize; R],
+    s: &mut [f32],
+    ahead: Ahead,
+) {
+    let hs = q4.hs;
+    assert!(q4.bits == 4 && R <= 4 && hs.is_multiple_of(4) && hs <= MAX_HS);
+    assert!(q4.k.len() >= hs * BT / 2 && s.len() >= R * BT);
+    assert!(rows
+        .iter()
+        .all(|&r| r < q4.qc.len() && r < q4.qsc.len() && (r + 1) * hs <= q4.qi.len()));
+    let steps = hs / 4;
+    // Per row and step: the 32 query bytes its codes multiply with.
+    let mut qv: [[MaybeUninit<__m256i>; MAX_HS / 4]; R] = [[MaybeUninit::uninit(); MAX_HS / 4]; R];
+    let pat = _mm256_loadu_si256(QPAT.as_ptr() as *const __m256i);
+    for (qr, &r) in qv.iter_mut().zip(rows) {
+        let q = q4.qi.as_ptr().add(r * hs);
+        for (t, x) in qr.iter_mut().enumerate().take(steps) {
+            let d = _mm256_set1_epi32((q.add(4 * t) as *const i32).read_unaligned());
+            x.write(_mm256_shuffle_epi8(d, pat));
+        }
+    }
+    // Per row: the 32-bit sums of even keys (idx 0..16 → key 2·idx) then odd keys (→ 2·idx + 1).
+    let mut sums = [[0i32; BT]; R];
+    let mask = _mm256_set1_epi8(15);
+    let base = q4.k.as_ptr();
+    for odd in [false, true] {
+        let mut t0 = 0;
+        while t0 < steps {
+            let t1 = (t0 + WIDEN_EVERY).min(steps);
+            // Per row: 16-bit sums of idx 0..8 and 8..16, lane 0 over channels c ≡ 0, 2 (mod 4), lane 1 over 1, 3.
+            let mut a16 = [[_mm256_setzero_si256(); 2]; R];
+            for t in t0..t1 {
+                if !odd {
+                    ahead.span(64 * t, 64);
+                }
+                let x = _mm256_loadu_si256(base.add(64 * t) as *const __m256i);
+                let y = _mm256_loadu_si256(base.add(64 * t + 32) as *const __m256i);
+                let (x, y) = if odd {
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(y), mask),
+                    )
+                } else {
+                    (_mm256_and_si256(x, mask), _mm256_and_si256(y, mask))
+                };
+                let lo = _mm256_unpacklo_epi8(x, y);
+                let hi = _mm256_unpackhi_epi8(x, y);
+                for (ar, qr) in a16.iter_mut().zip(&qv) {
+                    let q = qr.get_unchecked(t).assume_init();
+                    ar[0] = _mm256_add_epi16(ar[0], _mm256_maddubs_epi16(lo, q));
+                    ar[1] = _mm256_add_epi16(ar[1], _mm256_maddubs_epi16(hi, q));
+                }
+            }
+            // Widened, the two lanes (channel sets) added, into the row's 32-bit sums.
+            for (ar, sr) in a16.iter().zip(sums.iter_mut()) {
+                for (h, &a) in ar.iter().enumerate() {
+                    let w = _mm256_add_epi32(
+                        _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)),
+                        _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(a)),
+                    );
+                    let at = sr.as_mut_ptr().add(16 * odd as usize + 8 * h) as *mut __m256i;
+                    _mm256_storeu_si256(at, _mm256_add_epi32(_mm256_loadu_si256(at), w));
+                }
+            }
+            t0 = t1;
+        }
+    }
+    // qc + qsc · sum, even and odd keys interleaved back into key order.
+    let out = s.as_mut_ptr();
+    for (i, (sr, &r)) in sums.iter().zip(rows).enumerate() {
+        let qc = _mm256_set1_ps(*q4.qc.get_unchecked(r));
+        let st = _mm256_set1_ps(*q4.qsc.get_unchecked(r));
+        let f = |k: usize| {
+            let v = _mm256_loadu_si256(sr.as_ptr().add(8 * k) as *const __m256i);
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), st, qc)
+        };
+        for h in 0..2 {
+            // Even keys 16h + 0, 2, .., 14 and odd keys 16h + 1, .., 15.
+            let (e, o) = (f(h), f(2 + h));
+            let (a, b) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+            let dst = out.add(i * BT + 16 * h);
+            _mm_storeu_ps(dst, _mm256_castps256_ps128(a));
+            _mm_storeu_ps(dst.add(4), _mm256_castps256_ps128(b));
+            _mm_storeu_ps(dst.add(8), _mm256_extractf128_ps::<1>(a));
+            _mm_storeu_ps(dst.add(12), _mm256_extractf128_ps::<1>(b));
+        }
+    }
+}
+
+/// 8 interleaved (a, b) f16 pairs at `p` (16 f16) as [a's, b's] in f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pairs8(p: *const half::f16) -> [__m256; 2] {
+    let x = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    let y = _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i));
+    // Per 128-bit lane: [x0 x2 y0 y2 | x4 x6 y4 y6], i.e. pairs (0, 1, 4, 5 | 2, 3, 6, 7): 64-bit chunks reordered.
+    let a = _mm256_shuffle_ps::<0b10_00_10_00>(x, y);
+    let b = _mm256_shuffle_ps::<0b11_01_11_01>(x, y);
+    let order =
+        |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+    [order(a), order(b)]
+}
+
+/// Splits interleaved (a, b) f16 pairs (`src`, 2 · n, n a multiple of 8) into `a` and `b` as f32.
+///
+/// # Safety
+/// The CPU must support AVX2 (and FMA, F16C); `a` and `b` hold n each.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn split_pairs(src: &[half::f16], a: &mut [f32], b: &mut [f32]) {
+    let n = src.len() / 2;
+    assert!(n.is_multiple_of(8) && a.len() >= n && b.len() >= n);
+    for i in (0..n).step_by(8) {
+        let [x, y] = pairs8(src.as_ptr().add(2 * i));
+        _mm256_storeu_ps(a.as_mut_ptr().add(i), x);
+        _mm256_storeu_ps(b.as_mut_ptr().add(i), y);
+    }
+}
+
+/// Sum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
+}
+
+/// Maximum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hmax(v: __m256) -> f32 {
+    let x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)))
+}
+
+/// Each query row's constants for a block, as [`super::vnni::fold_queries`] computes them, in 8-lane vectors: row
+/// r's `qs` (`qs[r · hs..][..hs]`) = q_r ∘ key scale, `qc[r]` = q_r · key min and, with `quantize`, `qi` = `qs`
+/// quantized to int8 (`qs ≈ qsc[r] · qi`, qsc = max|qs| / 127, all zero when the row is or holds a non-finite
+/// value). `k_ms` is the block's per-channel (min, scale) pairs in f16; `row_q(r)` is row r's query over hs
+/// channels, hs a multiple of 8. Rows go up to four at a time, each 8 channels' pairs widened once for them.
+///
+/// # Safety
+/// The CPU must support AVX2 (and FMA, F16C); `k_ms` holds 2 · hs, `qs` and `qi` rows · hs, `qc` and `qsc` rows.
+#[allow(clippy::too_many_arguments)] // one block's inputs and the four outputs
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn fold_queries<'q>(
+    k_ms: &[half::f16],
+    hs: usize,
+    rows: usize,
+    row_q: impl Fn(usize) -> &'q [f32],
+    quantize: bool,
+    qs: &mut [f32],
+    qi: &mut [i8],
+    qc: &mut [f32],
+    qsc: &mut [f32],
+) {
+    assert!(hs.is_multiple_of(8) && k_ms.len() >= 2 * hs);
+    assert!(qs.len() >= rows * hs && qc.len() >= rows);
+    assert!(!quantize || (qi.len() >= rows * hs && qsc.len() >= rows));
+    let mut r0 = 0;
+    while r0 < rows {
+        let k = (rows - r0).min(4);
+        let (qs, qc) = (&mut qs[r0 * hs..], &mut qc[r0..]);
+        let row = |i: usize| row_q(r0 + i);
+        let q8 = if quantize {
+            Some((&mut qi[r0 * hs..], &mut qsc[r0..]))
+        } else {
+            None
+        };
+        match k {
+            1 => fold_rows::<1>(k_ms, hs, row, qs, qc, q8),
+            2 => fold_rows::<2>(k_ms, hs, row, qs, qc, q8),
+            3 => fold_rows::<3>(k_ms, hs, row, qs, qc, q8),
+            _ => fold_rows::<4>(k_ms, hs, row, qs, qc, q8),
+        }
+        r0 += k;
+    }
+}
+
+/// [`fold_queries`] for K ≤ 4 rows at once, their accumulators in registers.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fold_rows<'q, const K: usize>(
+    k_ms: &[half::f16],
+    hs: usize,
+    row_q: impl Fn(usize) -> &'q [f32],
+    qs: &mut [f32],
+    qc: &mut [f32],
+    q8: Option<(&mut [i8], &mut [f32])>,
+) {
+    assert!(qs.len() >= K * hs && qc.len() >= K);
+    let (mut mx, mut c) = ([_mm256_setzero_ps(); K], [_mm256_setzero_ps(); K]);
+    let q: [&[f32]; K] = std::array::from_fn(&row_q);
+    assert!(q.iter().all(|q| q.len() >= hs));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    for ch in (0..hs).step_by(8) {
+        let [kmin, kscale] = pairs8(k_ms.as_ptr().add(2 * ch));
+        for i in 0..K {
+            let qv = _mm256_loadu_ps(q[i].as_ptr().add(ch));
+            let x = _mm256_mul_ps(qv, kscale);
+            _mm256_storeu_ps(qs.as_mut_ptr().add(i * hs + ch), x);
+            c[i] = _mm256_fmadd_ps(qv, kmin, c[i]);
+            mx[i] = _mm256_max_ps(mx[i], _mm256_and_ps(x, abs));
+        }
+    }
+    for i in 0..K {
+        qc[i] = hsum(c[i]);
+    }
+    let Some((qi, qsc)) = q8 else {
+        return;
+    };
+    assert!(qi.len() >= K * hs && qsc.len() >= K);
+    for i in 0..K {
+        let amax = hmax(mx[i]);
+        let dst = qi.as_mut_ptr().add(i * hs);
+        // All zero when the row is (or holds a non-finite value).
+        if !(amax > 0.0 && amax.is_finite()) {
+            qsc[i] = 0.0;
+            std::ptr::write_bytes(dst, 0, hs);
+            continue;
+        }
+        qsc[i] = amax / 127.0;
+        let inv = _mm256_set1_ps(127.0 / amax);
+        let src = qs.as_ptr().add(i * hs);
+        for ch in (0..hs).step_by(8) {
+            // Rounded to nearest (even), then narrowed with saturation: |qs · inv| ≤ 127 up to rounding.
+            let v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src.add(ch)), inv));
+            let w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            _mm_storel_epi64(dst.add(ch) as *mut __m128i, _mm_packs_epi16(w, w));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::qtile::QPrep;
+    use super::super::vnni::tests::adversarial;
+    use super::*;
+
+    fn avx2() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// Integer scores stay within the stated bound of f32 scores over the dequantized keys, for 1 to 4 rows.
+    #[test]
+    fn avx2_integer_scores_bound_their_error_against_f32() {
+        if !avx2() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        for (hk, seed) in [(64usize, 1u64), (40, 2), (128, 3), (256, 5), (8, 6)] {
+            let (hv, rows) = (64, 4);
+            let (qb, q) = adversarial(hk, hv, rows, seed);
+            let mut prep = QPrep::default();
+            prep.ensure(rows, hk, hv, BT);
+            let q4 = prep.prepare::<BT>(&qb, hv, rows, super::super::qtile::Int8::Avx2, |r| {
+                &q[r * hk..][..hk]
+            });
+            assert_eq!(q4.qi.len(), rows * hk);
+            let mut key = vec![0.0f32; hk];
+            for n in 1..=4 {
+                let mut s = vec![0.0f32; 4 * BT];
+                // SAFETY: avx2() checked the CPU; qi is filled for every row.
+                unsafe {
+                    match n {
+                        1 => scores::<1>(&q4, &[3], &mut s, Ahead::NONE),
+                        2 => scores::<2>(&q4, &[0, 2], &mut s, Ahead::NONE),
+                        3 => scores::<3>(&q4, &[0, 1, 2], &mut s, Ahead::NONE),
+                        _ => scores::<4>(&q4, &[0, 1, 2, 3], &mut s, Ahead::NONE),
+                    }
+                };
+                let which: &[usize] = match n {
+                    1 => &[3],
+                    2 => &[0, 2],
+                    3 => &[0, 1, 2],
+                    _ => &[0, 1, 2, 3],
+                };
+                let mut worst = 0.0f32;
+                for (i, &r) in which.iter().enumerate() {
+                    let qr = &q[r * hk..][..hk];
+                    let amax = q4.qs[r * hk..][..hk]
+                        .iter()
+                        .fold(0.0f32, |m, x| m.max(x.abs()));
+                    for j in 0..BT {
+                        qb.key(j, BT, &mut key);
+                        let want: f64 = qr
+                            .iter()
+                            .zip(&key)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum();
+                        let mag: f64 = qr
+                            .iter()
+                            .zip(&key)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let bound = hk as f32 * 15.0 * amax / 254.0 + 1e-5 * mag as f32;
+                        let err = (s[i * BT + j] - want as f32).abs();
+                        assert!(
+                            err <= bound,
+                            "hk {hk} rows {n} row {r} key {j}: |{} - {want}| = {err} > {bound}",
+                            s[i * BT + j]
+                        );
+                        worst = worst.max(err / bound);
+                    }
+                }
+                eprintln!("hk {hk} rows {n}: worst error {worst:.3} of the bound");
+            }
+        }
+    }
+
+    /// The vector preparation gives what the portable one does: the same scaled query and constants (up to the
+    /// order of a sum), and each int8 value within one step of round(qs / qsc).
+    #[test]
+    fn avx2_preparation_matches_portable() {
+        if !avx2() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let (hk, hv, rows) = (64usize, 64usize, 7usize);
+        let (qb, q) = adversarial(hk, hv, rows, 11);
+        let (mut pv, mut pp) = (QPrep::default(), QPrep::default());
+        pv.ensure(rows, hk, hv, BT);
+        pp.ensure(rows, hk, hv, BT);
+        let row = |r: usize| &q[r * hk..][..hk];
+        let a = pv.prepare::<BT>(&qb, hv, rows, super::super::qtile::Int8::Avx2, row);
+        let b = pp.prepare::<BT>(&qb, hv, rows, super::super::qtile::Int8::Off, row);
+        for (x, y) in a.qs.iter().zip(b.qs) {
+            assert_eq!(x, y, "scaled query");
+        }
+        for (x, y) in a.qc.iter().zip(b.qc) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "qc {x} vs {y}");
+        }
+        assert_eq!(a.vmin, b.vmin);
+        assert_eq!(a.vscale, b.vscale);
+        for r in 0..rows {
+            let st = a.qsc[r];
+            let amax = b.qs[r * hk..][..hk]
+                .iter()
+                .fold(0.0f32, |m, x| m.max(x.abs()));
+            assert_eq!(st, amax / 127.0);
+            for (c, &v) in a.qi[r * hk..][..hk].iter().enumerate() {
+                let want = b.qs[r * hk + c] / st;
+                assert!(
+                    (v as f32 - want).abs() <= 0.5 + 1e-3,
+                    "row {r} ch {c}: {v} vs {want}"
+                );
+            }
+        }
+    }
+}
