@@ -693,8 +693,8 @@ impl<'a> Follow<'a> {
 }
 
 /// Whether attention on `simd` over `dtype` blocks of `bt` entries runs an integer fold ([`vnni`] on AVX-512,
-/// [`avx2q`]'s scores on AVX2), which rounds each block's scaled query to int8: an error a reference over the
-/// dequantized entries does not make (tests).
+/// [`avx2q`] on AVX2), which rounds each block's scaled query to int8 and its probabilities to 16 bits: errors a
+/// reference over the dequantized entries does not make (tests).
 #[cfg(test)]
 fn integer_fold(simd: Simd, dtype: crate::kv::KvDtype, bt: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1563,7 +1563,7 @@ fn ahead_f16<const BT: usize>(a: &TaskArgs) -> bool {
 }
 
 /// Which integer fold reads a 4-bit block of BT keys on `simd`: the AVX-512 one ([`vnni`]) where the CPU has VNNI,
-/// the AVX2 one's scores ([`avx2q`]); both take blocks of 32.
+/// the AVX2 one ([`avx2q`]); both take blocks of 32.
 #[inline(always)]
 fn int8_fold<const BT: usize>(simd: Simd) -> qtile::Int8 {
     #[cfg(target_arch = "x86_64")]

@@ -74,7 +74,8 @@ pub(super) enum Int8 {
     Off,
     /// The AVX-512 VNNI fold ([`super::vnni`]): integer scores and p·V, the AVX-512 preparation.
     Vnni,
-    /// The AVX2 fold's integer scores ([`super::avx2q`]), the AVX2 preparation; p·V stays in floats.
+    /// The AVX2 fold's integer scores and p·V ([`super::avx2q`]), the AVX2 preparation (p·V reads 4-bit codes
+    /// whatever the preparation: the AVX2 fold decides it from the block's shape).
     Avx2,
 }
 
