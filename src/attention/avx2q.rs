@@ -438,7 +438,7 @@ unsafe fn fold_rows<'q, const K: usize>(
 #[cfg(test)]
 mod tests {
     use super::super::qtile::QPrep;
-    use super::super::vnni::tests::adversarial;
+    use super::super::vnni::tests::{adversarial, check_pv, check_scores};
     use super::*;
 
     fn avx2() -> bool {
@@ -463,7 +463,6 @@ mod tests {
                 &q[r * hk..][..hk]
             });
             assert_eq!(q4.qi.len(), rows * hk);
-            let mut key = vec![0.0f32; hk];
             for n in 1..=4 {
                 let mut s = vec![0.0f32; 4 * BT];
                 // SAFETY: avx2() checked the CPU; qi is filled for every row.
@@ -481,34 +480,11 @@ mod tests {
                     3 => &[0, 1, 2],
                     _ => &[0, 1, 2, 3],
                 };
-                let mut worst = 0.0f32;
-                for (i, &r) in which.iter().enumerate() {
-                    let qr = &q[r * hk..][..hk];
-                    let amax = q4.qs[r * hk..][..hk]
-                        .iter()
-                        .fold(0.0f32, |m, x| m.max(x.abs()));
-                    for j in 0..BT {
-                        qb.key(j, BT, &mut key);
-                        let want: f64 = qr
-                            .iter()
-                            .zip(&key)
-                            .map(|(&a, &b)| a as f64 * b as f64)
-                            .sum();
-                        let mag: f64 = qr
-                            .iter()
-                            .zip(&key)
-                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                            .sum();
-                        let bound = hk as f32 * 15.0 * amax / 254.0 + 1e-5 * mag as f32;
-                        let err = (s[i * BT + j] - want as f32).abs();
-                        assert!(
-                            err <= bound,
-                            "hk {hk} rows {n} row {r} key {j}: |{} - {want}| = {err} > {bound}",
-                            s[i * BT + j]
-                        );
-                        worst = worst.max(err / bound);
-                    }
-                }
+                let worst = which
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| check_scores(&qb, &q, q4.qs, hk, r, &s[i * BT..][..BT]))
+                    .fold(0.0f32, f32::max);
                 eprintln!("hk {hk} rows {n}: worst error {worst:.3} of the bound");
             }
         }
@@ -561,30 +537,11 @@ mod tests {
                         }
                     };
                     for r in 0..rows {
-                        let mut want = acc0[r * hv..][..hv].to_vec();
+                        let (a0, g) = (&acc0[r * hv..][..hv], &got[r * hv..][..hv]);
                         if r < nr {
-                            let pq = &pbuf[r * q4.ng * BT..][..q4.ng * BT];
-                            qtile::pv_row::<BT>(
-                                &q4,
-                                pq,
-                                &pbuf[pc_at + r * q4.ng..],
-                                n,
-                                alpha[r],
-                                &mut want,
-                            );
-                        }
-                        for (d, (&a, &b)) in got[r * hv..][..hv].iter().zip(&want).enumerate() {
-                            let g = d / 64;
-                            let pq = &pbuf[r * q4.ng * BT..][..q4.ng * BT];
-                            let pmax = pq[g * BT..][..n].iter().fold(0.0f32, |m, &x| m.max(x));
-                            // f32 slack: the float step's own rounding over terms up to 15 · pmax, the constant, acc.
-                            let pc = pbuf[pc_at + r * q4.ng + g].abs();
-                            let slack = 1e-5 * (b.abs() + 15.0 * n as f32 * pmax + pc + 5.0);
-                            let bound = n as f32 * 7.5 * pmax / 32_767.0 + slack;
-                            assert!(
-                                (a - b).abs() <= bound,
-                                "hv {hv} n {n} rows {nr} row {r} ch {d}: |{a} - {b}| > {bound}"
-                            );
+                            check_pv(&q4, &pbuf, n, alpha[r], a0, g, r);
+                        } else {
+                            assert_eq!(a0, g, "row {r} is past the {nr} rows folded");
                         }
                     }
                 }

@@ -626,6 +626,46 @@ pub(super) mod tests {
         (qb, q)
     }
 
+    /// Asserts that `s`, the integer scores of row `r` (query `q[r · hk..]`, scaled query `qs[r · hk..]`) against the
+    /// block's 32 keys, lie within the stated bound of f64 scores over the dequantized keys: hk · 15 · max|qs| / 254,
+    /// plus f32 slack. Returns the worst error as a share of the bound.
+    pub(in crate::attention) fn check_scores(
+        qb: &QBlock,
+        q: &[f32],
+        qs: &[f32],
+        hk: usize,
+        r: usize,
+        s: &[f32],
+    ) -> f32 {
+        let qr = &q[r * hk..][..hk];
+        let amax = qs[r * hk..][..hk]
+            .iter()
+            .fold(0.0f32, |m, x| m.max(x.abs()));
+        let mut key = vec![0.0f32; hk];
+        let mut worst = 0.0f32;
+        for (j, &got) in s[..BT].iter().enumerate() {
+            qb.key(j, BT, &mut key);
+            let want: f64 = qr
+                .iter()
+                .zip(&key)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            let mag: f64 = qr
+                .iter()
+                .zip(&key)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            let bound = hk as f32 * 15.0 * amax / 254.0 + 1e-5 * mag as f32;
+            let err = (got - want as f32).abs();
+            assert!(
+                err <= bound,
+                "hk {hk} row {r} key {j}: |{got} - {want}| = {err} > {bound}"
+            );
+            worst = worst.max(err / bound);
+        }
+        worst
+    }
+
     /// Integer scores stay within the stated bound of f32 scores over the dequantized keys.
     #[test]
     fn integer_scores_bound_their_error_against_f32() {
@@ -643,36 +683,41 @@ pub(super) mod tests {
             let mut s = vec![0.0f32; 4 * BT];
             // SAFETY: available() checked the CPU.
             unsafe { scores::<3>(&q4, &[0, 1, 2], &mut s, BT, Ahead::NONE) };
-            let mut key = vec![0.0f32; hk];
-            let mut worst = 0.0f32;
-            for r in 0..rows {
-                let qr = &q[r * hk..][..hk];
-                let amax = q4.qs[r * hk..][..hk]
-                    .iter()
-                    .fold(0.0f32, |m, x| m.max(x.abs()));
-                for j in 0..BT {
-                    qb.key(j, BT, &mut key);
-                    let want: f64 = qr
-                        .iter()
-                        .zip(&key)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum();
-                    let mag: f64 = qr
-                        .iter()
-                        .zip(&key)
-                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                        .sum();
-                    let bound = hk as f32 * 15.0 * amax / 254.0 + 1e-5 * mag as f32;
-                    let err = (s[r * BT + j] - want as f32).abs();
-                    assert!(
-                        err <= bound,
-                        "hk {hk} row {r} key {j}: |{} - {want}| = {err} > {bound}",
-                        s[r * BT + j]
-                    );
-                    worst = worst.max(err / bound);
-                }
-            }
+            let worst = (0..rows)
+                .map(|r| check_scores(&qb, &q, q4.qs, hk, r, &s[r * BT..][..BT]))
+                .fold(0.0f32, f32::max);
             eprintln!("hk {hk}: worst error {worst:.3} of the bound");
+        }
+    }
+
+    /// Asserts that `got`, row r's integer p·V over the first n tokens (from `acc0` with `alpha`; `pbuf` laid out by
+    /// [`qtile::scale_probs`]), lies within the stated bound of the float step: n · 15 · s / 2 per channel, s = the
+    /// group's largest scaled probability / 32 767, plus f32 slack.
+    pub(in crate::attention) fn check_pv(
+        q4: &Q4,
+        pbuf: &[f32],
+        n: usize,
+        alpha: f32,
+        acc0: &[f32],
+        got: &[f32],
+        r: usize,
+    ) {
+        let (hv, ng) = (acc0.len(), q4.ng);
+        let pc_at = qtile::pc_offset::<BT>(ng);
+        let mut want = acc0.to_vec();
+        let pq = &pbuf[r * ng * BT..][..ng * BT];
+        qtile::pv_row::<BT>(q4, pq, &pbuf[pc_at + r * ng..], n, alpha, &mut want);
+        for (d, (&a, &b)) in got[..hv].iter().zip(&want).enumerate() {
+            let g = d / 64;
+            let pmax = pq[g * BT..][..n].iter().fold(0.0f32, |m, &x| m.max(x));
+            // f32 slack: the float step's own rounding over terms up to 15 · pmax each, the constant and acc.
+            let pc = pbuf[pc_at + r * ng + g].abs();
+            let slack = 1e-5 * (b.abs() + 15.0 * n as f32 * pmax + pc + 5.0);
+            let bound = n as f32 * 7.5 * pmax / 32_767.0 + slack;
+            assert!(
+                (a - b).abs() <= bound,
+                "hv {hv} n {n} row {r} ch {d}: |{a} - {b}| > {bound}"
+            );
         }
     }
 
@@ -720,21 +765,15 @@ pub(super) mod tests {
                 )
             };
             for r in 0..rows {
-                let mut want = acc0[r * hv..][..hv].to_vec();
-                let pq = &pbuf[r * q4.ng * BT..][..q4.ng * BT];
-                qtile::pv_row::<BT>(&q4, pq, &pbuf[pc_at + r * q4.ng..], n, alpha[r], &mut want);
-                for (d, (&a, &b)) in got[r * hv..][..hv].iter().zip(&want).enumerate() {
-                    let g = d / 64;
-                    let pmax = pq[g * BT..][..n].iter().fold(0.0f32, |m, &x| m.max(x));
-                    // f32 slack: the float step's own rounding over terms up to 15 · pmax each, the constant and acc.
-                    let pc = pbuf[pc_at + r * q4.ng + g].abs();
-                    let slack = 1e-5 * (b.abs() + 15.0 * n as f32 * pmax + pc + 5.0);
-                    let bound = n as f32 * 7.5 * pmax / 32_767.0 + slack;
-                    assert!(
-                        (a - b).abs() <= bound,
-                        "n {n} row {r} ch {d}: |{a} - {b}| > {bound}"
-                    );
-                }
+                check_pv(
+                    &q4,
+                    &pbuf,
+                    n,
+                    alpha[r],
+                    &acc0[r * hv..][..hv],
+                    &got[r * hv..][..hv],
+                    r,
+                );
             }
         }
     }
