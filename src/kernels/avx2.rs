@@ -1,7 +1,9 @@
 //! AVX2 + FMA + F16C kernels: the same scheme as the AVX-512 ones on 8-row halves of a row group
 //! (the layout's 32-byte halves), with `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd`.
 //! `vpmaddubsw` saturates at ±32767: 4-6 bit weights (≤ 63 × 127 × 2) never reach it; the 8-bit
-//! (Q8_0 + 128) weights are split into their low 7 bits and their top bit, each safe.
+//! (Q8_0 + 128) weights go back to signed, and their magnitude (≤ 128) multiplies the activation with the
+//! weight's sign (≤ 2 · 128 · 127): one multiply per 32 bytes, not two (on Zen 1 every integer multiply
+//! shares one pipe, and the split's second one made the Q8_0 logits compute-bound).
 
 use super::layout::{a_hdr, Kind, K_HDR, Q6_HDR, RG};
 use super::Ctx;
@@ -105,11 +107,12 @@ unsafe fn bits_to_bytes(x: u32) -> __m256i {
 unsafe fn dot<const BITS: u32>(w: __m256i, a: __m256i) -> __m256i {
     let ones = _mm256_set1_epi16(1);
     if BITS == 8 {
-        let lo = _mm256_and_si256(w, _mm256_set1_epi8(0x7F));
-        let hi = _mm256_and_si256(w, _mm256_set1_epi8(-128));
-        _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a), ones),
-            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a), ones),
+        // w = q + 128: the signed q is w ^ 0x80, and q · a = |q| · (a with q's sign), so one `vpmaddubsw` takes
+        // |q| ≤ 128 unsigned (pairs ≤ 2 · 128 · 127 < 2¹⁵). The block's sum starts at 0, not at −128 · Σa.
+        let q = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(a, q)),
+            ones,
         )
     } else {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones)
@@ -162,7 +165,7 @@ unsafe fn a_kernel<const T: usize, const BITS: u32, const MIN: bool>(
         }
         let q = p.add(a_hdr(MIN));
         let mut s = [_mm256_setzero_si256(); T];
-        if !MIN {
+        if !MIN && BITS != 8 {
             for (t, s) in s.iter_mut().enumerate() {
                 *s = _mm256_set1_epi32(*c.i1.add((t0 + t) * nb + kb));
             }
