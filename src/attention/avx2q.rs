@@ -15,7 +15,14 @@
 //! codes, so each pass keeps only 2 accumulators per row in registers.
 //!
 //! p·V ([`pv`]) runs as the VNNI fold's does, on `vpmaddwd`: 16-bit probabilities times 16-bit codes, two tokens per
-//! 32-bit lane.
+//! 32-bit lane. It scales the probabilities by the tokens' value scales itself, as each value group starts.
+//!
+//! What bounds this on Zen 1: every vector integer multiply issues on one pipe (FP0), a 256-bit one in two halves,
+//! where an FMA's halves share FP0 and FP1. A decode block of a 3-query group (hk = hv = 64) needs 384 FP0 cycles
+//! for its scores and 768 for p·V at the least, against 1 536 for the f16 fold's FMAs: on arithmetic alone the
+//! 4-bit fold can be at most about 1.33× the f16 one there, and both folds, not the bus, bound decode at 8K
+//! (SmolLM2's 30 layers of 8K from the L3: f16 0.645 ms per layer, 4-bit 0.598). Only 8-bit probabilities
+//! (`vpmaddubsw`, 32 products per instruction) would halve p·V's share, at 256 times the rounding error.
 //!
 //! On Zen 1 a 256-bit `vpmaddubsw` does 32 products in two micro-ops where a 256-bit FMA does 8, and no code is
 //! widened to a float. 30 layers of SmolLM2's shapes at 8K from memory (`batched_decode_timing`, `HL_STREAMS=1
@@ -147,37 +154,58 @@ pub(super) unsafe fn scores<const R: usize>(
     }
 }
 
-/// `x` (n ≤ 32 values ≥ 0, the rest read as 0) as 16-bit integers, `x ≈ s · p[j]`: s = max x / 32 767,
-/// p[j] = round(x / s). Returns s, 0 when every value is 0 (or one is not finite).
+/// Row `p`'s probabilities (n ≤ 32 values ≥ 0, the rest read as 0) times the block's value scales of one group
+/// (`vscale`), as 16-bit integers: `p[j] · vscale[j] ≈ s · out[j]`, s = max / 32 767, out[j] = round(x / s).
+/// Returns (s, Σ_j p[j] · vmin[j]); s is 0 when every scaled value is 0 (or one is not finite).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_probs(x: *const f32, n: usize, p: &mut [i16; BT]) -> f32 {
+unsafe fn quantize_probs(
+    p: *const f32,
+    n: usize,
+    vmin: *const f32,
+    vscale: *const f32,
+    out: &mut [i16; BT],
+) -> (f32, f32) {
     let mut buf = [0.0f32; BT];
-    std::ptr::copy_nonoverlapping(x, buf.as_mut_ptr(), n.min(BT));
-    let xs: [__m256; 4] = std::array::from_fn(|h| _mm256_loadu_ps(buf.as_ptr().add(8 * h)));
+    let src = if n >= BT {
+        p
+    } else {
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        buf.as_ptr()
+    };
+    let ps: [__m256; 4] = std::array::from_fn(|h| _mm256_loadu_ps(src.add(8 * h)));
+    let xs: [__m256; 4] =
+        std::array::from_fn(|h| _mm256_mul_ps(ps[h], _mm256_loadu_ps(vscale.add(8 * h))));
+    let mut c = _mm256_mul_ps(ps[0], _mm256_loadu_ps(vmin));
+    for (h, &v) in ps.iter().enumerate().skip(1) {
+        c = _mm256_fmadd_ps(v, _mm256_loadu_ps(vmin.add(8 * h)), c);
+    }
+    let pc = hsum(c);
     let mx = hmax(_mm256_max_ps(
         _mm256_max_ps(xs[0], xs[1]),
         _mm256_max_ps(xs[2], xs[3]),
     ));
     if !(mx > 0.0 && mx.is_finite()) {
-        *p = [0; BT];
-        return 0.0;
+        *out = [0; BT];
+        return (0.0, pc);
     }
     let inv = _mm256_set1_ps(32767.0 / mx);
     for (h, &v) in xs.iter().enumerate() {
         // Rounded to nearest (even), narrowed with saturation.
         let q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
         let w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-        _mm_storeu_si128(p.as_mut_ptr().add(8 * h) as *mut __m128i, w);
+        _mm_storeu_si128(out.as_mut_ptr().add(8 * h) as *mut __m128i, w);
     }
-    mx / 32767.0
+    (mx / 32767.0, pc)
 }
 
-/// acc_i ← alpha_i · acc_i + pc_i[g] + Σ_{j<n} pq_i[g · 32 + j] · code_j for R ≤ 4 rows (`acc` row stride hv; `pq`
-/// rows `ng · 32` apart and `pc` rows `ng` apart, [`super::qtile::scale_probs`]'s layout), one value group (64
-/// channels) at a time, as integer dot products: per row and group the scaled probabilities are quantized to 16 bits
-/// against the largest (as [`super::vnni::pv`] does: |Δ| ≤ n · 15 · s / 2 per channel, s = max pq / 32 767), and
-/// `vpmaddwd` sums 2 tokens of 16-bit codes times 16-bit weights per 32-bit lane, lane = channel.
+/// acc_i ← alpha_i · acc_i + pc_i[g] + Σ_{j<n} pq_i[g · 32 + j] · code_j for R ≤ 4 rows (`acc` row stride hv), one
+/// value group (64 channels) at a time, as integer dot products, where pq_i[g · 32 + j] = p_i[j] · vscale[g][j] and
+/// pc_i[g] = Σ_j p_i[j] · vmin[g][j] come from the rows' probabilities `p` (rows 32 apart) as each group starts
+/// ([`super::qtile`]'s split of a value row, here without a pass of its own). Per row and group the scaled
+/// probabilities are quantized to 16 bits against the largest (as [`super::vnni::pv`] does: |Δ| ≤ n · 15 · s / 2 per
+/// channel, s = max pq / 32 767), and `vpmaddwd` sums 2 tokens of 16-bit codes times 16-bit weights per 32-bit
+/// lane, lane = channel.
 ///
 /// Two value rows are two 32-byte loads; their nibbles (even channels, then odd) are interleaved token by token and
 /// widened to 16-bit words within each 128-bit lane, so no byte crosses a lane. The group's 64 channels go in four
@@ -187,14 +215,13 @@ unsafe fn quantize_probs(x: *const f32, n: usize, p: &mut [i16; BT]) -> f32 {
 ///
 /// # Safety
 /// The CPU must support AVX2 (and FMA, F16C); `q4` holds 4-bit codes of 32 tokens with `rb · 2 == hv`, hv a
-/// multiple of 64; `pq`, `pc` and `acc` hold R rows as laid out above.
+/// multiple of 64; `p` holds R rows of n values 32 apart, `acc` R rows as laid out above.
 #[allow(clippy::too_many_arguments)] // the float step's arguments and the prefetch span
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn pv<const R: usize>(
     q4: &Q4,
-    pq: *const f32,
-    pc: *const f32,
+    p: *const f32,
     n: usize,
     hv: usize,
     alpha: &[f32],
@@ -206,13 +233,15 @@ pub(super) unsafe fn pv<const R: usize>(
         q4.bits == 4 && R <= 4 && n <= BT && hv.is_multiple_of(64) && ng * 64 == hv && rb * 2 == hv
     );
     assert!(q4.v.len() >= BT * rb && alpha.len() >= R);
+    assert!(q4.vmin.len() >= ng * BT && q4.vscale.len() >= ng * BT);
     let mask = _mm256_set1_epi8(15);
     let zero = _mm256_setzero_si256();
     for g in 0..ng {
         let mut p16 = [[0i16; BT]; R];
-        let mut step = [0.0f32; R];
-        for (r, (pr, st)) in p16.iter_mut().zip(&mut step).enumerate() {
-            *st = quantize_probs(pq.add(r * ng * BT + g * BT), n, pr);
+        let (mut step, mut pcs) = ([0.0f32; R], [0.0f32; R]);
+        let (vmin, vscale) = (q4.vmin.as_ptr().add(g * BT), q4.vscale.as_ptr().add(g * BT));
+        for (r, pr) in p16.iter_mut().enumerate() {
+            (step[r], pcs[r]) = quantize_probs(p.add(r * BT), n, vmin, vscale, pr);
         }
         let vb = q4.v.as_ptr().add(32 * g);
         // Per row and channel parity: the group's 32 channel sums (channel 2i + parity at [parity][i]), as floats.
@@ -270,7 +299,7 @@ pub(super) unsafe fn pv<const R: usize>(
         // Channel order restored, then acc ← alpha · acc + pc + the sums.
         for (r, pr) in part.iter().enumerate() {
             let al = _mm256_set1_ps(alpha[r]);
-            let cst = _mm256_set1_ps(*pc.add(r * ng + g));
+            let cst = _mm256_set1_ps(pcs[r]);
             let row = acc.add(r * hv + 64 * g);
             for i in (0..BT).step_by(8) {
                 let e = _mm256_loadu_ps(pr[0].as_ptr().add(i));
@@ -523,17 +552,16 @@ mod tests {
                 qtile::scale_probs::<BT>(&q4, &p, rows, n, &mut pbuf);
                 let acc0 = rng.vec(rows * hv, 5.0);
                 let alpha = [0.25f32, 1.0, 0.0, 0.5];
-                let pc_at = qtile::pc_offset::<BT>(q4.ng);
                 for nr in 1..=rows {
                     let mut got = acc0.clone();
-                    let (pq, pc) = (pbuf.as_ptr(), pbuf[pc_at..].as_ptr());
+                    let pr = p.as_ptr();
                     // SAFETY: avx2() checked the CPU; the buffers hold 4 rows.
                     unsafe {
                         match nr {
-                            1 => pv::<1>(&q4, pq, pc, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
-                            2 => pv::<2>(&q4, pq, pc, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
-                            3 => pv::<3>(&q4, pq, pc, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
-                            _ => pv::<4>(&q4, pq, pc, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
+                            1 => pv::<1>(&q4, pr, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
+                            2 => pv::<2>(&q4, pr, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
+                            3 => pv::<3>(&q4, pr, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
+                            _ => pv::<4>(&q4, pr, n, hv, &alpha, got.as_mut_ptr(), Ahead::NONE),
                         }
                     };
                     for r in 0..rows {

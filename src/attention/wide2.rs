@@ -210,22 +210,24 @@ pub(super) unsafe fn fold<const BT: usize>(
                 }
             }
             Tile::Q4(ref q4) => {
-                qtile::scale_probs::<BT>(q4, s_buf, rc, n_eff, pbuf);
-                let pq = pbuf.as_ptr();
-                let pc = pbuf[qtile::pc_offset::<BT>(q4.ng)..].as_ptr();
                 // The next block's value codes, a row's line with each row (first chunk only).
                 let pf = if r0 == 0 { q4.ahead.1 } else { Ahead::NONE };
                 if BT == 32 && q4.bits == 4 && hv.is_multiple_of(64) && q4.rb * 2 == hv {
-                    // Integer p·V ([`avx2q::pv`]): whole 64-channel value groups of 4-bit codes.
+                    // Integer p·V ([`avx2q::pv`]): whole 64-channel value groups of 4-bit codes, the
+                    // probabilities scaled per token as each group starts.
+                    let pr = s_buf.as_ptr();
                     match rc {
-                        4 => avx2q::pv::<4>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
-                        3 => avx2q::pv::<3>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
-                        2 => avx2q::pv::<2>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
-                        _ => avx2q::pv::<1>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
+                        4 => avx2q::pv::<4>(q4, pr, n_eff, hv, &alpha, ar, pf),
+                        3 => avx2q::pv::<3>(q4, pr, n_eff, hv, &alpha, ar, pf),
+                        2 => avx2q::pv::<2>(q4, pr, n_eff, hv, &alpha, ar, pf),
+                        _ => avx2q::pv::<1>(q4, pr, n_eff, hv, &alpha, ar, pf),
                     }
                     r0 += rc;
                     continue;
                 }
+                qtile::scale_probs::<BT>(q4, s_buf, rc, n_eff, pbuf);
+                let pq = pbuf.as_ptr();
+                let pc = pbuf[qtile::pc_offset::<BT>(q4.ng)..].as_ptr();
                 match rc {
                     4 => pvq::<4, BT>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
                     3 => pvq::<3, BT>(q4, pq, pc, n_eff, hv, &alpha, ar, pf),
