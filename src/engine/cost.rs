@@ -481,7 +481,8 @@ fn kv_read_bytes(mc: &ModelConfig, cfg: &SessionConfig, fp: &Footprint, context:
         let read = match (&cfg.kv.select, dense) {
             (Some(s), Some(d)) if l >= d && !local => {
                 held.min(s.budget.keep(context + 1)) * kv.entry_bytes()
-                    + fp.meta.map_or(0, |m| m.stream_bytes(held, kv.head_dim_k))
+                    + fp.meta
+                        .map_or(0, |m| m.stream_read_bytes(held, kv.head_dim_k))
             }
             _ => kv.stream_bytes(held, kv.head_dim_k),
         };

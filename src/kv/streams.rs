@@ -29,6 +29,10 @@ struct Stream {
     channels: Option<Box<[u16]>>,
     /// Page summaries (see [`meta`]): page p at `[p · 2 · hk, (p + 1) · 2 · hk)`; empty when off.
     meta: Vec<f16>,
+    /// Their 8-bit copy, what selectors score ([`meta::quantize_page`]): page p's codes at `[p · 2 · hk, …)`, its scale
+    /// at `meta_scales[p]`.
+    meta_codes: Vec<i8>,
+    meta_scales: Vec<f32>,
     /// Sliding-window streams: one past the position of the newest entry dropped by sliding (0 = none dropped).
     slid_to: u32,
 }
@@ -328,6 +332,33 @@ impl KvCache {
         &self.streams[self.stream_index(layer, head)].meta
     }
 
+    /// The 8-bit copy of [`Self::page_meta`]: codes (pages × 2 × head_dim_k) and one scale per page.
+    pub fn page_codes(&self, layer: usize, head: usize) -> (&[i8], &[f32]) {
+        let s = &self.streams[self.stream_index(layer, head)];
+        (&s.meta_codes, &s.meta_scales)
+    }
+
+    /// Makes stream `si`'s 8-bit copy match its summaries: as many pages, pages from `p0` on quantized again.
+    fn sync_codes(&mut self, si: usize, p0: usize) {
+        let Some(m) = self.meta_cfg else { return };
+        let d = 2 * self.cfg.head_dim_k;
+        let s = &mut self.streams[si];
+        let n_pages = s.meta.len() / d;
+        let old = s.meta_codes.len() + 4 * s.meta_scales.len();
+        s.meta_codes.resize(n_pages * d, 0);
+        s.meta_scales.resize(n_pages, 0.0);
+        for p in p0.min(n_pages)..n_pages {
+            s.meta_scales[p] = meta::quantize_page(
+                m.stat,
+                &s.meta[p * d..][..d],
+                &mut s.meta_codes[p * d..][..d],
+            );
+        }
+        let new = s.meta_codes.len() + 4 * s.meta_scales.len();
+        self.meta_bytes = self.meta_bytes + new - old;
+        self.pool.account(new, old);
+    }
+
     /// Bytes held by page summaries (part of [`Self::bytes`]).
     pub fn meta_bytes(&self) -> usize {
         self.meta_bytes
@@ -382,6 +413,7 @@ impl KvCache {
         self.meta_keys = keys;
         self.meta_bytes = self.meta_bytes + added - removed;
         self.pool.account(added, removed);
+        self.sync_codes(si, from / pt);
     }
 
     /// Brings the summaries of stream `si` up to date after entries were appended at `from` (the old length) and
@@ -428,6 +460,7 @@ impl KvCache {
             }
         }
         self.meta_keys = keys;
+        self.sync_codes(si, p);
         if e1 < len {
             self.refresh_meta(si, e1);
         }
@@ -1064,8 +1097,15 @@ impl KvCache {
             let s = &mut self.streams[si];
             let n = (dropped.div_ceil(m.page_tokens) * 2 * hk).min(s.meta.len());
             s.meta.drain(..n);
-            self.meta_bytes -= 2 * n;
-            self.pool.account(0, 2 * n);
+            let pages = (n / (2 * hk).max(1)).min(s.meta_scales.len());
+            let nc = (pages * 2 * self.cfg.head_dim_k).min(s.meta_codes.len());
+            s.meta_codes.drain(..nc);
+            s.meta_scales.drain(..pages);
+            let gone = 2 * n + nc + 4 * pages;
+            self.meta_bytes -= gone;
+            self.pool.account(0, gone);
+            // (Only if the copy and the summaries disagreed in length: they are kept alike.)
+            self.sync_codes(si, usize::MAX);
         }
     }
 
@@ -1724,11 +1764,26 @@ mod tests {
     fn assert_meta_exact(c: &KvCache, m: MetaConfig, when: &str) {
         for layer in 0..c.cfg.n_layers {
             for head in 0..c.cfg.n_kv_heads {
+                let want = expected_meta(c, layer, head, m);
                 assert_eq!(
                     c.page_meta(layer, head),
-                    &expected_meta(c, layer, head, m)[..],
+                    &want[..],
                     "{when}: layer {layer} head {head}"
                 );
+                // The 8-bit copy is the summaries' quantization, page by page.
+                let d = 2 * c.cfg.head_dim_k;
+                let (codes, scales) = c.page_codes(layer, head);
+                assert_eq!(scales.len() * d, want.len(), "{when}: pages of the copy");
+                let mut q = vec![0i8; d];
+                for (p, row) in want.chunks_exact(d).enumerate() {
+                    let s = meta::quantize_page(m.stat, row, &mut q);
+                    assert_eq!(
+                        s.to_bits(),
+                        scales[p].to_bits(),
+                        "{when}: scale of page {p}"
+                    );
+                    assert_eq!(&codes[p * d..][..d], &q[..], "{when}: codes of page {p}");
+                }
             }
         }
         let n: usize = (0..c.cfg.n_layers * c.cfg.n_kv_heads)
@@ -1736,7 +1791,7 @@ mod tests {
             .sum();
         assert_eq!(
             c.meta_bytes(),
-            n * 2 * c.cfg.head_dim_k * 2,
+            n * meta::page_bytes(c.cfg.head_dim_k),
             "{when}: bytes"
         );
     }

@@ -232,13 +232,19 @@ fn page_summaries_slide_with_their_blocks() {
                 let hk = win.cfg.head_dim_k;
                 let skip = first / m.page_tokens * 2 * hk;
                 assert_eq!(win.page_meta(0, h), &full.page_meta(0, h)[skip..]);
+                let ((wc, ws), (fc, fs)) = (win.page_codes(0, h), full.page_codes(0, h));
+                assert_eq!(wc, &fc[skip..]);
+                assert_eq!(ws, &fs[skip / (2 * hk)..]);
             }
         }
         let pages: usize = (0..2)
             .flat_map(|l| (0..2).map(move |h| (l, h)))
             .map(|(l, h)| win.len(l, h).div_ceil(m.page_tokens))
             .sum();
-        assert_eq!(win.meta_bytes(), pages * 2 * win.cfg.head_dim_k * 2);
+        assert_eq!(
+            win.meta_bytes(),
+            pages * crate::kv::meta::page_bytes(win.cfg.head_dim_k)
+        );
     }
 }
 

@@ -32,7 +32,6 @@ use crate::kernels::pick;
 use crate::kernels::rowdot as rows_dot;
 use crate::kv::{BlockData, BlockView, KvCache, PageStat};
 use crate::model::SelectCx;
-use half::f16;
 
 /// Defaults of the options every selector has (each method's row states its own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,13 +265,14 @@ fn page_scores(
     scoring_vectors(stat, cx, h, w);
     out.clear();
     out.resize(p1 - p0, f32::NEG_INFINITY);
-    score_rows(&cx.cache.page_meta(cx.layer, h)[p0 * d..p1 * d], d, w, out);
+    let (codes, scales) = cx.cache.page_codes(cx.layer, h);
+    score_rows(&codes[p0 * d..p1 * d], &scales[p0..p1], d, w, out);
 }
 
 /// Appends the scoring vectors of KV head `h`'s group (group × 2·hk) to `w`. Both page scores are linear in the
 /// summary once the query is known: the min/max bound is `q⁺·max + q⁻·min` (a channel's larger product is the max's
 /// when q_c ≥ 0, the min's otherwise), the mean+std estimate `q·mean + |q|·std`; so every page is one dot product per
-/// query head with these vectors, computed from the f16 summaries in place.
+/// query head with these vectors, computed from the summaries' 8-bit copy in place.
 fn scoring_vectors(stat: PageStat, cx: &SelectCx, h: usize, w: &mut Vec<f32>) {
     for i in 0..cx.group() {
         let q = cx.last_query(h * cx.group() + i);
@@ -289,22 +289,26 @@ fn scoring_vectors(stat: PageStat, cx: &SelectCx, h: usize, w: &mut Vec<f32>) {
     }
 }
 
-/// `out[i]` = the largest dot product of summary row `i` (`rows`: out.len() × d f16) with the vectors of `w` (any
-/// number of them, d each), on the calling thread; groups of more than [`rows_dot::MAX_VECTORS`] vectors go in
-/// passes through a stack buffer.
-fn score_rows(rows: &[f16], d: usize, w: &[f32], out: &mut [f32]) {
+/// `out[i]` = the largest dot product of summary row `i` (its 8-bit copy: `codes` out.len() × d, one scale each)
+/// with the vectors of `w` (any number of them, d each), on the calling thread (the vectors quantized to 8 bits, see
+/// [`rows_dot::rows_dot_max_i8`]); groups of more than [`rows_dot::MAX_VECTORS`] vectors go in passes through a stack
+/// buffer.
+fn score_rows(codes: &[i8], scales: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
     let per = rows_dot::MAX_VECTORS * d;
     if w.len() <= per {
-        return rows_dot::rows_dot_max_f16(rows, d, w, out);
+        return rows_dot::rows_dot_max_i8(codes, scales, d, w, out, None);
     }
-    rows_dot::rows_dot_max_f16(rows, d, &w[..per], out);
+    rows_dot::rows_dot_max_i8(codes, scales, d, &w[..per], out, None);
     const RUN: usize = 256;
     let mut part = [0.0f32; RUN];
     for (r, o) in out.chunks_mut(RUN).enumerate() {
-        let rows = &rows[r * RUN * d..][..o.len() * d];
+        let (codes, scales) = (
+            &codes[r * RUN * d..][..o.len() * d],
+            &scales[r * RUN..][..o.len()],
+        );
         for wj in w[per..].chunks(per) {
             let part = &mut part[..o.len()];
-            rows_dot::rows_dot_max_f16(rows, d, wj, part);
+            rows_dot::rows_dot_max_i8(codes, scales, d, wj, part, None);
             for (o, &x) in o.iter_mut().zip(part.iter()) {
                 *o = o.max(x);
             }
@@ -381,9 +385,15 @@ impl LayerPages {
                 if lo >= hi {
                     continue;
                 }
-                let rows = &cx.cache.page_meta(cx.layer, h)
-                    [(s.p0 + lo - s.at) * d..(s.p0 + hi - s.at) * d];
-                score_rows(rows, d, &w[s.w_at..][..wn], &mut out[lo - a..hi - a]);
+                let (codes, scales) = cx.cache.page_codes(cx.layer, h);
+                let (p0, p1) = (s.p0 + lo - s.at, s.p0 + hi - s.at);
+                score_rows(
+                    &codes[p0 * d..p1 * d],
+                    &scales[p0..p1],
+                    d,
+                    &w[s.w_at..][..wn],
+                    &mut out[lo - a..hi - a],
+                );
             }
         });
     }
@@ -560,7 +570,7 @@ fn kth_in_band(scores: &[f32], k: usize, scratch: &mut Vec<u32>) -> Option<Kth> 
 
 /// Bytes of `pages` page summaries of a cache (what scoring them reads).
 pub fn meta_read_bytes(cache: &KvCache, pages: usize) -> usize {
-    pages * 2 * cache.cfg.head_dim_k * 2
+    pages * crate::kv::meta::code_bytes(cache.cfg.head_dim_k)
 }
 
 /// Bytes reading one key of `block` costs (its share of the block's key data and key scales, not values): what a
@@ -639,7 +649,8 @@ mod tests {
     }
 
     /// The linear page scores equal the best of [`page_bound`] over the group, for both statistics, on every
-    /// kernel path.
+    /// kernel path: of the 8-bit copy's bound within the query's rounding, of the f16 summary's within one step of
+    /// the copy more (and never below it for min/max).
     #[test]
     fn page_scores_equal_the_group_best_page_bound() {
         for stat in [PageStat::MinMax, PageStat::MeanStd] {
@@ -651,17 +662,54 @@ mod tests {
             for h in 0..nkv {
                 page_scores(stat, &cx, h, (1, n_pages), &mut w, &mut got);
                 summaries_f32(cache.page_meta(0, h), hk, 1, n_pages, &mut mf);
+                let (codes, scales) = cache.page_codes(0, h);
+                // The query heads' rounding to 8 bits: a step of max|q| / 127 each.
+                let qstep = (0..g)
+                    .map(|i| {
+                        cx.last_query(h * g + i)
+                            .iter()
+                            .fold(0.0f32, |m, x| m.max(x.abs()))
+                    })
+                    .fold(0.0f32, f32::max)
+                    / 127.0;
                 assert_eq!(got.len(), n_pages - 1);
                 for (p, &s) in got.iter().enumerate() {
-                    let want = (0..g)
-                        .map(|i| {
-                            page_bound(stat, cx.last_query(h * g + i), &mf[p * 2 * hk..][..2 * hk])
-                        })
-                        .fold(f32::NEG_INFINITY, f32::max);
+                    let row = &codes[(p + 1) * 2 * hk..][..2 * hk];
+                    let copy: Vec<f32> = row.iter().map(|&c| scales[p + 1] * c as f32).collect();
+                    let best = |m: &[f32]| {
+                        (0..g)
+                            .map(|i| page_bound(stat, cx.last_query(h * g + i), m))
+                            .fold(f32::NEG_INFINITY, f32::max)
+                    };
+                    // Against the copy's own bound: only the query's rounding (rows_dot_max_i8's error bound).
+                    let want = best(&copy);
+                    let l1: f32 = row.iter().map(|&c| (c as f32).abs()).sum();
+                    let tol = scales[p + 1] * qstep / 2.0 * l1 + 1e-4 * (1.0 + want.abs());
                     assert!(
-                        (s - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{stat:?} head {h} page {p}: {s} vs {want}"
+                        (s - want).abs() <= tol,
+                        "{stat:?} head {h} page {p}: {s} vs {want} (±{tol})"
                     );
+                    // Against the f16 summary: the copy's own step too; min/max stays an upper bound.
+                    let exact = best(&mf[p * 2 * hk..][..2 * hk]);
+                    let qsum = (0..g)
+                        .map(|i| {
+                            cx.last_query(h * g + i)
+                                .iter()
+                                .map(|x| x.abs())
+                                .sum::<f32>()
+                        })
+                        .fold(0.0f32, f32::max);
+                    let tol2 = tol + scales[p + 1] * qsum;
+                    assert!(
+                        (s - exact).abs() <= tol2,
+                        "{stat:?} head {h} page {p}: {s} vs {exact}"
+                    );
+                    if stat == PageStat::MinMax {
+                        assert!(
+                            s >= exact - tol,
+                            "head {h} page {p}: {s} below the bound {exact}"
+                        );
+                    }
                 }
             }
         }
