@@ -504,7 +504,7 @@ unsafe fn scores<const R: usize, const BT: usize, const H: bool>(
     // Channel d of the next block's keys: the same bytes of its layout as this block's.
     let kstep = BT * if H { 2 } else { 4 };
     for d in 0..hs {
-        pf.span(d * kstep, kstep);
+        pf.span_l2(d * kstep, kstep);
         let mut k = [_mm512_setzero_ps(); 4];
         for (v, kv) in k.iter_mut().enumerate().take(nv) {
             *kv = ld16::<H>(kt, d * BT + 16 * v);
@@ -580,9 +580,9 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
     for j in 0..n {
         // Row j of the next block's values (a full next block: rows past n too, on the last row).
         if j + 1 == n {
-            pf.span(j * vrow, usize::MAX);
+            pf.span_l2(j * vrow, usize::MAX);
         } else {
-            pf.span(j * vrow, vrow);
+            pf.span_l2(j * vrow, vrow);
         }
         if cols >> j & 1 == 0 {
             continue; // not selected: probability 0, value row not read
