@@ -585,6 +585,42 @@ pub fn key_read_bytes(block: &BlockView, block_tokens: usize) -> usize {
     }
 }
 
+/// The timing harnesses' cache (tests only): `HAYLOFT_HARNESS_LAYERS` layers (else `default_layers`) of `n_kv` KV
+/// heads × `hd`, f16 in 32-token blocks, each layer holding the same `len` random entries drawn from `rng` (keys,
+/// then values), with page summaries when `meta` is given.
+#[cfg(test)]
+pub(crate) fn harness_cache(
+    default_layers: usize,
+    (n_kv, hd, len): (usize, usize, usize),
+    meta: Option<crate::kv::MetaConfig>,
+    rng: &mut crate::testutil::Rng,
+) -> KvCache {
+    use crate::kv::{KvConfig, KvDtype};
+    let layers: usize = std::env::var("HAYLOFT_HARNESS_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_layers);
+    let k = rng.vec(len * n_kv * hd, 1.0);
+    let v = rng.vec(len * n_kv * hd, 1.0);
+    let pos: Vec<u32> = (0..len as u32).collect();
+    let mut c = KvCache::new(KvConfig {
+        n_layers: layers,
+        n_kv_heads: n_kv,
+        head_dim_k: hd,
+        head_dim_v: hd,
+        block_tokens: 32,
+        dtype: KvDtype::F16,
+        windows: Vec::new(),
+    });
+    if let Some(m) = meta {
+        c.enable_meta(m);
+    }
+    for layer in 0..layers {
+        c.append(layer, &pos, &k, &v);
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

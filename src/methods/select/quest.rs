@@ -104,8 +104,8 @@ impl Selector for Quest {
 
 #[cfg(test)]
 mod tests {
+    use super::super::harness_cache;
     use super::*;
-    use crate::kv::{KvCache, KvConfig, KvDtype};
     use crate::testutil::Rng;
 
     /// Timing harness, not a check (ignored; run by hand): one decode step's Quest selection (1024 tokens, min/max)
@@ -117,33 +117,19 @@ mod tests {
     #[ignore]
     fn quest_decode_32k() {
         let (n_q, n_kv, hd, len) = (4usize, 1usize, 256usize, 32000usize);
-        let layers: usize = std::env::var("HAYLOFT_HARNESS_LAYERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3);
-        let mut rng = Rng::seeded(9);
-        let k = rng.vec(len * n_kv * hd, 1.0);
-        let v = rng.vec(len * n_kv * hd, 1.0);
-        let q = rng.vec(n_q * hd, 2.0);
-        let pos: Vec<u32> = (0..len as u32).collect();
-        let mut c = KvCache::new(KvConfig {
-            n_layers: layers,
-            n_kv_heads: n_kv,
-            head_dim_k: hd,
-            head_dim_v: hd,
-            block_tokens: 32,
-            dtype: KvDtype::F16,
-            windows: Vec::new(),
-        });
         let o = SelectOptions {
             dense: Some(0),
             ..Default::default()
         };
+        let meta = MetaConfig {
+            page_tokens: PAGE,
+            stat: PageStat::MinMax,
+        };
+        let mut rng = Rng::seeded(9);
+        let c = harness_cache(3, (n_kv, hd, len), Some(meta), &mut rng);
+        let layers = c.cfg.n_layers;
         let mut t = Quest::new(Budget::Tokens(1024), &o, layers);
-        c.enable_meta(t.meta().expect("quest keeps page summaries"));
-        for layer in 0..layers {
-            c.append(layer, &pos, &k, &v);
-        }
+        let q = rng.vec(n_q * hd, 2.0);
         let mut out = Selection::default();
         let mut times = Vec::new();
         let flush_mb: usize = std::env::var("HL_FLUSH_MB")

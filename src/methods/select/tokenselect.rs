@@ -960,27 +960,10 @@ mod tests {
     #[ignore]
     fn tokenselect_decode_8k() {
         let (n_q, n_kv, hd, len) = (9usize, 3usize, 64usize, 8192usize);
-        let layers: usize = std::env::var("HAYLOFT_HARNESS_LAYERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(30);
         let mut rng = Rng::seeded(8);
-        let k = rng.vec(len * n_kv * hd, 1.0);
-        let v = rng.vec(len * n_kv * hd, 1.0);
+        let c = super::super::harness_cache(30, (n_kv, hd, len), None, &mut rng);
+        let layers = c.cfg.n_layers;
         let q = rng.vec(n_q * hd, 2.0);
-        let pos: Vec<u32> = (0..len as u32).collect();
-        let mut c = KvCache::new(KvConfig {
-            n_layers: layers,
-            n_kv_heads: n_kv,
-            head_dim_k: hd,
-            head_dim_v: hd,
-            block_tokens: 32,
-            dtype: KvDtype::F16,
-            windows: Vec::new(),
-        });
-        for layer in 0..layers {
-            c.append(layer, &pos, &k, &v);
-        }
         let o = SelectOptions {
             reuse: Some(f32::INFINITY),
             ..Default::default()
