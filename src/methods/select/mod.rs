@@ -621,6 +621,31 @@ pub(crate) fn harness_cache(
     c
 }
 
+/// One timed decode step of the timing harnesses (tests only): `sel` selects for the query `q` (`n_q` heads) at the
+/// position after `c`'s entries in every layer of `c`; returns the seconds per layer.
+#[cfg(test)]
+pub(crate) fn harness_step(
+    sel: &mut dyn crate::model::Selector,
+    c: &KvCache,
+    (q, n_q): (&[f32], usize),
+    out: &mut Selection,
+) -> f64 {
+    let pos = [c.len(0, 0) as u32 - 1];
+    let t0 = std::time::Instant::now();
+    for layer in 0..c.cfg.n_layers {
+        let cx = SelectCx {
+            cache: c,
+            layer,
+            q,
+            pos: &pos,
+            n_q_heads: n_q,
+            local: false,
+        };
+        assert!(sel.select(&cx, out));
+    }
+    t0.elapsed().as_secs_f64() / c.cfg.n_layers as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,7 +104,7 @@ impl Selector for Quest {
 
 #[cfg(test)]
 mod tests {
-    use super::super::harness_cache;
+    use super::super::{harness_cache, harness_step};
     use super::*;
     use crate::testutil::Rng;
 
@@ -144,19 +144,7 @@ mod tests {
                     sum = sum.wrapping_add(*x);
                 }
             }
-            let t0 = std::time::Instant::now();
-            for layer in 0..layers {
-                let cx = SelectCx {
-                    cache: &c,
-                    layer,
-                    q: &q,
-                    pos: &[len as u32 - 1],
-                    n_q_heads: n_q,
-                    local: false,
-                };
-                assert!(t.select(&cx, &mut out));
-            }
-            times.push(t0.elapsed().as_secs_f64() / layers as f64);
+            times.push(harness_step(&mut t, &c, (&q, n_q), &mut out));
         }
         std::hint::black_box(sum);
         times.sort_by(f64::total_cmp);

@@ -973,19 +973,7 @@ mod tests {
         let mut out = Selection::default();
         let mut best = f64::INFINITY;
         for _ in 0..(3000 / layers).max(40) {
-            let t0 = std::time::Instant::now();
-            for layer in 0..layers {
-                let cx = SelectCx {
-                    cache: &c,
-                    layer,
-                    q: &q,
-                    pos: &[len as u32 - 1],
-                    n_q_heads: n_q,
-                    local: false,
-                };
-                assert!(t.select(&cx, &mut out));
-            }
-            best = best.min(t0.elapsed().as_secs_f64() / layers as f64);
+            best = best.min(super::super::harness_step(&mut t, &c, (&q, n_q), &mut out));
         }
         eprintln!(
             "tokenselect: {:.1} µs per layer call (30 layers: {:.2} ms per token); {} ranges in head 0",
