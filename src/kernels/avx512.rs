@@ -115,7 +115,7 @@ unsafe fn a_kernel<const T: usize, const BITS: u32, const MIN: bool>(
     let mut acc = [_mm512_setzero_ps(); T];
     for kb in 0..nb {
         let p = base.add(kb * c.rec);
-        super::ask_weights_ahead(p, c.rec);
+        super::ask_weights_ahead_l2(p, c.rec);
         let q = p.add(a_hdr(MIN));
         let mut s = [_mm512_setzero_si512(); T];
         if !MIN {
@@ -162,7 +162,7 @@ unsafe fn k45_kernel<const T: usize, const Q5: bool>(c: &Ctx, rg: usize, t0: usi
     let mut acc = [_mm512_setzero_ps(); T];
     for sb in 0..nb {
         let p = base.add(sb * c.rec);
-        super::ask_weights_ahead(p, c.rec);
+        super::ask_weights_ahead_l2(p, c.rec);
         let dv = cvt_f16x16(p);
         let dminv = cvt_f16x16(p.add(32));
         for j in 0..8 {
@@ -209,7 +209,7 @@ unsafe fn q6k_kernel<const T: usize>(c: &Ctx, rg: usize, t0: usize) {
     let mut acc = [_mm512_setzero_ps(); T];
     for sb in 0..nb {
         let p = base.add(sb * c.rec);
-        super::ask_weights_ahead(p, c.rec);
+        super::ask_weights_ahead_l2(p, c.rec);
         let dv = cvt_f16x16(p);
         for j in 0..8 {
             let q = p.add(Q6_HDR + j * 384);
