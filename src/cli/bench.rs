@@ -329,6 +329,28 @@ fn machine(a: MachineArgs) -> Result<()> {
             g.append_s * 1e9
         );
     }
+    if !p.reuse.is_empty() {
+        let pts: Vec<String> = p
+            .reuse
+            .iter()
+            .map(|r| format!("{} MiB {:.2}×", r.bytes >> 20, r.speedup))
+            .collect();
+        eprintln!(
+            "[bench]   re-read working set against streamed (Q8_0 products): {}",
+            pts.join(", ")
+        );
+    }
+    if let Some(a) = p.attention.as_ref().filter(|a| !a.decode_reuse.is_empty()) {
+        let pts: Vec<String> = a
+            .decode_reuse
+            .iter()
+            .map(|r| format!("{} MiB {:.2}×", r.bytes >> 20, r.speedup))
+            .collect();
+        eprintln!(
+            "[bench]   the same for f16 decode attention: {}",
+            pts.join(", ")
+        );
+    }
     if let Some(d) = p.disk_read_bw {
         eprintln!(
             "[bench]   disk read {:.2} GB/s (under {})",

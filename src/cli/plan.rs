@@ -120,6 +120,30 @@ pub fn run(a: PlanArgs) -> Result<()> {
         });
     }
     print_table(&rows, a.concurrency, budget);
+    if machine.reuse.is_empty() {
+        println!(
+            "\nThe profile has no reuse curve (it predates it): every decode byte is taken to come from memory."
+        );
+    } else {
+        let ws: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let p = &r.predicted;
+                let bytes = p.decode_weight_bytes as f64 + p.decode_kv_read_bytes;
+                format!(
+                    "{}: {:.0} MiB, {:.2}×",
+                    p.context,
+                    bytes / (1u64 << 20) as f64,
+                    p.decode_reuse
+                )
+            })
+            .collect();
+        println!(
+            "\nDecode working set (weights + KV read, re-read every step) and its speed-up over memory from the \
+             profile's reuse curve: {}.",
+            ws.join("; ")
+        );
+    }
     if a.validate {
         let now: Vec<String> = rows
             .iter()

@@ -67,6 +67,19 @@ pub struct MachineProfile {
     /// Sequential read rate of a file not in the page cache (bytes per second; None unless measured).
     #[serde(default)]
     pub disk_read_bw: Option<f64>,
+    /// How much faster bytes re-read every step come when they fit in the caches: single-token products over
+    /// rotations of growing size against the streamed rotation, ascending in bytes, the last at the streamed size
+    /// (speed-up 1). Empty unless measured (then nothing is taken to be cached).
+    #[serde(default)]
+    pub reuse: Vec<ReusePoint>,
+}
+
+/// One point of a reuse curve ([`MachineProfile::reuse`], [`AttnRates::decode_reuse`]): a step that re-reads
+/// `bytes` every time reads them `speedup` times as fast as from memory.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ReusePoint {
+    pub bytes: usize,
+    pub speedup: f64,
 }
 
 /// The running kernel on one weight type, over a rotation of matrices several times the last-level cache (as a
@@ -110,6 +123,10 @@ pub struct AttnRates {
     /// bound by arithmetic more than by the bytes they read, so the f16 rate does not carry over.
     #[serde(default)]
     pub kivi: Vec<KiviAttnRate>,
+    /// f16 decode attention re-reading a working set that fits the caches, against `decode_bw` (streamed):
+    /// [`MachineProfile::reuse`]'s curve for attention's fold (empty in profiles that predate it).
+    #[serde(default)]
+    pub decode_reuse: Vec<ReusePoint>,
 }
 
 /// Decode attention over a KIVI cache of one width: KV bytes of that format per second (its newest 128 entries f16),
@@ -231,6 +248,12 @@ impl MachineProfile {
         self.weights.iter().find(|w| w.ty == name)
     }
 
+    /// How many times faster than from memory a decode step reads its weights when it re-reads `bytes` every step
+    /// (its working set): see [`reuse_speedup`].
+    pub fn reuse_speedup(&self, bytes: f64) -> f64 {
+        reuse_speedup(&self.reuse, bytes)
+    }
+
     /// The roofs of the kernel the model runs (the first path when that one was not measured).
     pub fn active(&self) -> Option<&PathPeak> {
         self.paths
@@ -250,6 +273,30 @@ impl MachineProfile {
             )
         })
     }
+}
+
+/// The speed-up a reuse curve gives a working set of `bytes`: interpolated in log-bytes between the measured points,
+/// the first point's speed-up below it, 1 past the last (and 1 for an empty curve: a profile that did not measure it).
+pub fn reuse_speedup(pts: &[ReusePoint], bytes: f64) -> f64 {
+    let Some(first) = pts.first() else {
+        return 1.0;
+    };
+    if bytes <= first.bytes as f64 {
+        return first.speedup.max(1.0);
+    }
+    for w in pts.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if bytes <= b.bytes as f64 {
+            let (la, lb) = ((a.bytes as f64).ln(), (b.bytes as f64).ln());
+            let f = if lb > la {
+                (bytes.ln() - la) / (lb - la)
+            } else {
+                1.0
+            };
+            return (a.speedup + f * (b.speedup - a.speedup)).max(1.0);
+        }
+    }
+    1.0
 }
 
 /// How long each throughput figure is measured (the best of the repetitions in that time counts).
@@ -320,6 +367,7 @@ pub fn measure(effort: Effort, all_paths: bool) -> Result<MachineProfile> {
         glue: None,
         attention: None,
         disk_read_bw: None,
+        reuse: Vec::new(),
     })
 }
 
@@ -431,6 +479,32 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
         let rate = 1.0 / inv_rate.max(0.05 * full / eqs[0].0[2]);
         let (act, out) = (act.max(0.0), out.max(0.0));
         per_type.push((ty, bytes, t1, rate, act, out));
+    }
+    // Weights re-read every step come faster while they fit in the caches (and a small model's may, where the
+    // last-level cache is large): Q8_0 rotations growing from 8 MiB to half the streamed one, each one's rate over
+    // the streamed rotation's. A larger working set is never taken to be faster than a smaller one.
+    let streamed = per_type
+        .iter()
+        .find(|t| t.0 == GgmlType::Q8_0)
+        .map(|t| t.1 as f64 / t.2);
+    p.reuse.clear();
+    if let Some(streamed) = streamed {
+        let mut mib = 8usize;
+        let mut best = f64::INFINITY;
+        while (mib << 20) * 2 <= target {
+            let (mats, bytes) = rotation(GgmlType::Q8_0, (rows, cols), mib << 20, 2)?;
+            let rate = bytes as f64 / gemv(&mats, &mut s);
+            best = best.min((rate / streamed).max(1.0));
+            p.reuse.push(ReusePoint {
+                bytes: bytes * mats.len(),
+                speedup: best,
+            });
+            mib = mib * 3 / 2;
+        }
+        p.reuse.push(ReusePoint {
+            bytes: target,
+            speedup: 1.0,
+        });
     }
     p.matmul_call_s = call;
     p.matmul_split_s = split;
@@ -639,6 +713,30 @@ pub fn cpu_model() -> String {
 mod tests {
     use super::*;
 
+    /// The reuse curve: 1 without points, the first point's speed-up below it, log-linear between points, 1 past
+    /// the last; never below 1, never rising with the bytes.
+    #[test]
+    fn reuse_speedup_interpolates_the_measured_points() {
+        assert_eq!(reuse_speedup(&[], 1e6), 1.0);
+        let pt = |mib: usize, speedup| ReusePoint {
+            bytes: mib << 20,
+            speedup,
+        };
+        let pts = [pt(8, 3.0), pt(32, 2.0), pt(128, 1.0)];
+        assert_eq!(reuse_speedup(&pts, 1024.0), 3.0);
+        assert_eq!(reuse_speedup(&pts, (8 << 20) as f64), 3.0);
+        let mid = reuse_speedup(&pts, (16 << 20) as f64);
+        assert!((mid - 2.5).abs() < 1e-9, "{mid}");
+        assert!((reuse_speedup(&pts, (64 << 20) as f64) - 1.5).abs() < 1e-9);
+        assert_eq!(reuse_speedup(&pts, (1u64 << 33) as f64), 1.0);
+        let mut last = f64::INFINITY;
+        for mib in 1..300usize {
+            let x = reuse_speedup(&pts, (mib << 20) as f64);
+            assert!(x <= last && x >= 1.0, "{mib} MiB: {x}");
+            last = x;
+        }
+    }
+
     /// The three-shape fit recovers known per-element costs and rate exactly.
     #[test]
     fn the_matmul_fit_recovers_its_coefficients() {
@@ -672,6 +770,7 @@ mod tests {
             decode_bw_g2: 40e9,
             decode_call_s: 1e-6,
             kivi: Vec::new(),
+            decode_reuse: Vec::new(),
         };
         let t = |g| r.decode_s_per_byte(g);
         assert_eq!(t(4), 1.0 / 20e9);
