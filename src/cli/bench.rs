@@ -329,26 +329,23 @@ fn machine(a: MachineArgs) -> Result<()> {
             g.append_s * 1e9
         );
     }
-    if !p.reuse.is_empty() {
-        let pts: Vec<String> = p
-            .reuse
-            .iter()
+    // A reuse curve as "6 MiB 2.00×, 10 MiB 1.94×, …".
+    let curve = |pts: &[crate::kernels::machine::ReusePoint]| {
+        pts.iter()
             .map(|r| format!("{} MiB {:.2}×", r.bytes >> 20, r.speedup))
-            .collect();
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !p.reuse.is_empty() {
         eprintln!(
             "[bench]   re-read working set against streamed (Q8_0 products): {}",
-            pts.join(", ")
+            curve(&p.reuse)
         );
     }
     if let Some(a) = p.attention.as_ref().filter(|a| !a.decode_reuse.is_empty()) {
-        let pts: Vec<String> = a
-            .decode_reuse
-            .iter()
-            .map(|r| format!("{} MiB {:.2}×", r.bytes >> 20, r.speedup))
-            .collect();
         eprintln!(
             "[bench]   the same for f16 decode attention: {}",
-            pts.join(", ")
+            curve(&a.decode_reuse)
         );
     }
     if let Some(d) = p.disk_read_bw {
