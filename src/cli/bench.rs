@@ -329,23 +329,15 @@ fn machine(a: MachineArgs) -> Result<()> {
             g.append_s * 1e9
         );
     }
-    // A reuse curve as "6 MiB 2.00×, 10 MiB 1.94×, …".
-    let curve = |pts: &[crate::kernels::machine::ReusePoint]| {
-        pts.iter()
-            .map(|r| format!("{} MiB {:.2}×", r.bytes >> 20, r.speedup))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     if !p.reuse.is_empty() {
+        let pts: Vec<String> = p
+            .reuse
+            .iter()
+            .map(|r| format!("{} MiB {:.2}×", r.bytes >> 20, r.speedup))
+            .collect();
         eprintln!(
             "[bench]   re-read working set against streamed (Q8_0 products): {}",
-            curve(&p.reuse)
-        );
-    }
-    if let Some(a) = p.attention.as_ref().filter(|a| !a.decode_reuse.is_empty()) {
-        eprintln!(
-            "[bench]   the same for f16 decode attention: {}",
-            curve(&a.decode_reuse)
+            pts.join(", ")
         );
     }
     if let Some(d) = p.disk_read_bw {

@@ -74,7 +74,7 @@ pub struct MachineProfile {
     pub reuse: Vec<ReusePoint>,
 }
 
-/// One point of a reuse curve ([`MachineProfile::reuse`], [`AttnRates::decode_reuse`]): a step that re-reads
+/// One point of [`MachineProfile::reuse`]: a step that re-reads
 /// `bytes` every time reads them `speedup` times as fast as from memory.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct ReusePoint {
@@ -123,10 +123,6 @@ pub struct AttnRates {
     /// bound by arithmetic more than by the bytes they read, so the f16 rate does not carry over.
     #[serde(default)]
     pub kivi: Vec<KiviAttnRate>,
-    /// f16 decode attention re-reading a working set that fits the caches, against `decode_bw` (streamed):
-    /// [`MachineProfile::reuse`]'s curve for attention's fold (empty in profiles that predate it).
-    #[serde(default)]
-    pub decode_reuse: Vec<ReusePoint>,
 }
 
 /// Decode attention over a KIVI cache of one width: KV bytes of that format per second (its newest 128 entries f16),
@@ -277,7 +273,7 @@ impl MachineProfile {
 
 /// The speed-up a reuse curve gives a working set of `bytes`: interpolated in log-bytes between the measured points,
 /// the first point's speed-up below it, 1 past the last (and 1 for an empty curve: a profile that did not measure it).
-pub fn reuse_speedup(pts: &[ReusePoint], bytes: f64) -> f64 {
+fn reuse_speedup(pts: &[ReusePoint], bytes: f64) -> f64 {
     let Some(first) = pts.first() else {
         return 1.0;
     };
@@ -770,7 +766,6 @@ mod tests {
             decode_bw_g2: 40e9,
             decode_call_s: 1e-6,
             kivi: Vec::new(),
-            decode_reuse: Vec::new(),
         };
         let t = |g| r.decode_s_per_byte(g);
         assert_eq!(t(4), 1.0 / 20e9);
