@@ -122,7 +122,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     print_table(&rows, a.concurrency, budget);
     if machine.reuse.is_empty() {
         println!(
-            "\nThe profile has no reuse curve (it predates it): every decode byte is taken to come from memory."
+            "\nThe profile has no reuse curve (it predates it): every weight byte of a decode step is taken to come from memory."
         );
     } else {
         let ws: Vec<String> = rows
@@ -139,8 +139,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
             })
             .collect();
         println!(
-            "\nDecode working set (weights + KV read, re-read every step) and its speed-up over memory from the \
-             profile's reuse curve: {}.",
+            "\nDecode working set (weights + KV read, re-read every step) and the weights' speed-up over memory \
+             from the profile's reuse curve: {}.",
             ws.join("; ")
         );
     }

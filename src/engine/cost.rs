@@ -328,8 +328,9 @@ pub struct Prediction {
     pub decode_kv_read_bytes: f64,
     pub decode_s: f64,
     pub decode_parts_s: Parts,
-    /// How many times faster than from memory the step reads its bytes, its working set (weights + KV read)
-    /// fitting in the caches or not (the profile's reuse curve; 1 without one).
+    /// How many times faster than from memory the step reads its weights, its working set (weights + KV read)
+    /// fitting in the caches or not (the profile's reuse curve at that size; 1 without one). Attention keeps its
+    /// streamed rate.
     pub decode_reuse: f64,
     pub decode_tok_s: f64,
     /// Sequences of this shape that fit `memory_budget` beside one copy of the weights.

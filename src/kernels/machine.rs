@@ -74,8 +74,8 @@ pub struct MachineProfile {
     pub reuse: Vec<ReusePoint>,
 }
 
-/// One point of [`MachineProfile::reuse`]: a step that re-reads
-/// `bytes` every time reads them `speedup` times as fast as from memory.
+/// One point of [`MachineProfile::reuse`]: a step that re-reads `bytes` every time reads them `speedup` times as
+/// fast as from memory.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct ReusePoint {
     pub bytes: usize,
