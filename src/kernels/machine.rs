@@ -444,23 +444,28 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
     let xb: Vec<f32> = (0..nb * cols)
         .map(|i| (i % 13) as f32 * 0.1 - 0.6)
         .collect(); // nb × cols
-    let mut yb = vec![0.0f32; nb * rows]; // nb × rows
+    let mut yb = vec![0.0f32; nb * 4 * rows]; // nb × 4·rows (the largest shape below)
     for ty in MEASURED_TYPES {
         let (mats, bytes) = rotation(ty, (rows, cols), target, 2)?;
         let t1 = gemv(&mats, &mut s);
         // A 512-token product costs t = tokens·cols·act + tokens·rows·out + 2·rows·cols·tokens / rate: preparing
         // the activations (quantizing them) does not grow with the rows, finishing the outputs (scales, horizontal
-        // sums, stores) not with the columns. Fit the three from three shapes.
+        // sums, stores) not with the columns. Fit the three to four shapes.
         let few = &mats[..mats.len().min(8)];
+        // The median pass, as for the single-token products: a prefill runs its products chunk after chunk amid
+        // other work and gets typical passes, not the best one.
         let batch = |w: &[QMatrix], s: &mut MatmulScratch, yb: &mut [f32]| {
-            best_of(effort.per_figure, || {
+            median_of(effort.per_figure, || {
                 for m in w {
                     matmul_with(k, m, &xb[..nb * m.cols], nb, &mut yb[..nb * m.rows], s);
                 }
             }) / w.len() as f64
         };
         let mut eqs = Vec::new();
-        for (r, c) in [(rows, cols), (128, cols), (rows, 512)] {
+        // The fourth shape writes 8 MiB of outputs per call, more than a core's L2, as a feed-forward product of a
+        // prefill chunk does (Qwen2.5's gate: 512 × 4864 floats): the per-output cost then counts the stores that
+        // leave the caches, which the three smaller shapes alone fitted as nothing.
+        for (r, c) in [(rows, cols), (128, cols), (rows, 512), (4 * rows, 512)] {
             let t = if (r, c) == (rows, cols) {
                 batch(few, &mut s, &mut yb)
             } else {
@@ -470,7 +475,7 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
             let n = nb as f64;
             eqs.push(([n * c as f64, n * r as f64, 2.0 * (r * c) as f64 * n], t));
         }
-        let [act, out, inv_rate] = solve3(&eqs);
+        let [act, out, inv_rate] = least_squares3(&eqs);
         let full = eqs[0].1;
         let rate = 1.0 / inv_rate.max(0.05 * full / eqs[0].0[2]);
         let (act, out) = (act.max(0.0), out.max(0.0));
@@ -519,6 +524,34 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
 }
 
 /// Solves three linear equations `a · x = t` (Cramer's rule); x is zero where the system is singular.
+/// Least-squares fit of three coefficients to three or more equations `a · x = t`, each weighed by 1 / t (so every
+/// shape's time counts by its relative error, not its size): the normal equations of the columns scaled to a largest
+/// element of 1, solved by [`solve3`]. Zeros when they are singular.
+fn least_squares3(eqs: &[([f64; 3], f64)]) -> [f64; 3] {
+    let mut scale = [0.0f64; 3];
+    for (a, t) in eqs {
+        for j in 0..3 {
+            scale[j] = scale[j].max((a[j] / t).abs());
+        }
+    }
+    if scale.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
+        return [0.0; 3];
+    }
+    // Rows of the normal equations: (Aᵀ A) y = Aᵀ 1, A's rows a / t with columns scaled by 1 / scale.
+    let mut n = [([0.0f64; 3], 0.0f64); 3];
+    for (a, t) in eqs {
+        let r = [0, 1, 2].map(|j| a[j] / t / scale[j]);
+        for i in 0..3 {
+            for j in 0..3 {
+                n[i].0[j] += r[i] * r[j];
+            }
+            n[i].1 += r[i];
+        }
+    }
+    let y = solve3(&n);
+    [0, 1, 2].map(|j| y[j] / scale[j])
+}
+
 fn solve3(eqs: &[([f64; 3], f64)]) -> [f64; 3] {
     let det = |m: [[f64; 3]; 3]| {
         m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
@@ -754,6 +787,18 @@ mod tests {
         }
         // A singular system gives zeros, not infinities.
         assert_eq!(solve3(&[eqs[0], eqs[0], eqs[1]]), [0.0; 3]);
+        // Four consistent shapes: least squares recovers them too; a fourth time off by 10 % moves the fit.
+        let mut four = eqs.clone();
+        let a = [512.0 * 512.0, 512.0 * 4096.0, 2.0 * 4096.0 * 512.0 * 512.0];
+        four.push((a, a[0] * act + a[1] * out + a[2] * inv));
+        let x = least_squares3(&four);
+        for (got, want) in x.iter().zip([act, out, inv]) {
+            assert!((got - want).abs() <= 1e-6 * want, "{x:?}");
+        }
+        four[3].1 *= 1.1;
+        let y = least_squares3(&four);
+        assert!(y[1] > out * 1.01, "{y:?}");
+        assert_eq!(least_squares3(&[eqs[0], eqs[0], eqs[0]]), [0.0; 3]);
     }
 
     #[test]
