@@ -310,6 +310,16 @@ fn bad_kv_storage_flags_name_the_problem() {
         &["--kv-offload", &off, "--resident", "0.5", "--kv", "kivi4"],
         &["keeps f16 blocks", "q4"],
     );
+    run(&["--block-tokens", "24"], &["'24'", "16, 32 or 64"]);
+    run(&["--block-tokens", "-1"], &["16, 32 or 64"]);
+    run(
+        &["--block-tokens", "16", "--kv-dtype", "q4"],
+        &["--block-tokens 16", "KIVI", "32"],
+    );
+    run(
+        &["--block-tokens", "16", "--kv", "quest@0.5,page=32"],
+        &["pages of 32 tokens", "blocks of 16", "--block-tokens"],
+    );
 }
 
 /// Runs hayloft and returns (exit code, stdout, stderr).

@@ -151,6 +151,20 @@ pub fn capped_threads(n: usize) -> usize {
     }
 }
 
+/// `--block-tokens`: entries per KV cache block, one of the tile sizes the attention kernels take whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockTokens(pub usize);
+
+impl std::str::FromStr for BlockTokens {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().parse::<usize>() {
+            Ok(n @ (16 | 32 | 64)) => Ok(BlockTokens(n)),
+            _ => bail!("give 16, 32 or 64 (entries per KV cache block)"),
+        }
+    }
+}
+
 /// `--max-tokens`: how many tokens to generate at most; -1 = until an end-of-generation token or a full context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaxTokens(pub Option<usize>);
@@ -230,6 +244,12 @@ pub struct ModelArgs {
     /// by default those layers (Gemma 3's local ones) keep only their window.
     #[arg(long)]
     pub swa_full: bool,
+    /// Entries per KV cache block: 16, 32 (default) or 64. A block is what attention reads as one tile and what a
+    /// selector's page must divide; a page-selecting method (`quest`, `lserve`) whose pages are 16 tokens reads only
+    /// its chosen pages' keys with 16-entry blocks (a block's keys are stored channel by channel, so a page of a
+    /// 32-entry block reads the whole block's keys). KIVI caches keep 32: a block is one KIVI key group.
+    #[arg(long, value_name = "N")]
+    pub block_tokens: Option<BlockTokens>,
     #[arg(long, default_value_t = crate::methods::prefill::PrefillSpec::Dense.to_string(), help = crate::methods::registry::prefill_help())]
     pub prefill: String,
     /// Write the stats line as JSON to this file.
@@ -342,6 +362,16 @@ impl ModelArgs {
         session_cfg.prefill = prefill;
         session_cfg.max_memory = self.max_memory.map(|b| b.0);
         session_cfg.swa_full = self.swa_full;
+        if let Some(BlockTokens(bt)) = self.block_tokens {
+            if bt != crate::engine::DEFAULT_BLOCK_TOKENS && kv_dtype.quant_bits().is_some() {
+                bail!(
+                    "--block-tokens {bt}: a KIVI cache quantizes each block as one key group of {} tokens (KIVI's \
+                     group size); leave --block-tokens out, or use an f16/f32 cache",
+                    crate::engine::DEFAULT_BLOCK_TOKENS
+                );
+            }
+            session_cfg.block_tokens = bt;
+        }
         if let crate::methods::prefill::PrefillSpec::LazyLlm(c) = &session_cfg.prefill {
             c.plan(model.config())?;
         }
