@@ -462,9 +462,9 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
             }) / w.len() as f64
         };
         let mut eqs = Vec::new();
-        // The fourth shape writes 8 MiB of outputs per call, more than a core's L2, as a feed-forward product of a
-        // prefill chunk does (Qwen2.5's gate: 512 × 4864 floats): the per-output cost then counts the stores that
-        // leave the caches, which the three smaller shapes alone fitted as nothing.
+        // The fourth shape writes 8 MiB of outputs per call, past a core's L2, as a feed-forward product of a
+        // prefill chunk does (Qwen2.5's gate: 512 × 4864 floats), so the per-output cost is fitted over the output
+        // sizes real products have, not only over outputs that stay in L2.
         for (r, c) in [(rows, cols), (128, cols), (rows, 512), (4 * rows, 512)] {
             let t = if (r, c) == (rows, cols) {
                 batch(few, &mut s, &mut yb)
@@ -523,7 +523,6 @@ fn measure_weights_in_pool(p: &mut MachineProfile, effort: Effort) -> Result<()>
     Ok(())
 }
 
-/// Solves three linear equations `a · x = t` (Cramer's rule); x is zero where the system is singular.
 /// Least-squares fit of three coefficients to three or more equations `a · x = t`, each weighed by 1 / t (so every
 /// shape's time counts by its relative error, not its size): the normal equations of the columns scaled to a largest
 /// element of 1, solved by [`solve3`]. Zeros when they are singular.
@@ -552,6 +551,7 @@ fn least_squares3(eqs: &[([f64; 3], f64)]) -> [f64; 3] {
     [0, 1, 2].map(|j| y[j] / scale[j])
 }
 
+/// Solves three linear equations `a · x = t` (Cramer's rule); x is zero where the system is singular.
 fn solve3(eqs: &[([f64; 3], f64)]) -> [f64; 3] {
     let det = |m: [[f64; 3]; 3]| {
         m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
