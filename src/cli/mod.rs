@@ -247,7 +247,9 @@ pub struct ModelArgs {
     /// Entries per KV cache block: 16, 32 (default) or 64. A block is what attention reads as one tile and what a
     /// selector's page must divide; a page-selecting method (`quest`, `lserve`) whose pages are 16 tokens reads only
     /// its chosen pages' keys with 16-entry blocks (a block's keys are stored channel by channel, so a page of a
-    /// 32-entry block reads the whole block's keys). KIVI caches keep 32: a block is one KIVI key group.
+    /// 32-entry block reads the whole block's keys). KIVI caches keep 32: a block is one KIVI key group. `serve`'s
+    /// prefix cache shares 32-token blocks across requests; at another size it reuses only whole snapshots of an
+    /// earlier prompt that a new one extends.
     #[arg(long, value_name = "N")]
     pub block_tokens: Option<BlockTokens>,
     #[arg(long, default_value_t = crate::methods::prefill::PrefillSpec::Dense.to_string(), help = crate::methods::registry::prefill_help())]
