@@ -313,10 +313,6 @@ fn bad_kv_storage_flags_name_the_problem() {
     run(&["--block-tokens", "24"], &["'24'", "16, 32 or 64"]);
     run(&["--block-tokens", "-1"], &["16, 32 or 64"]);
     run(
-        &["--block-tokens", "16", "--kv-dtype", "q4"],
-        &["--block-tokens 16", "KIVI", "32"],
-    );
-    run(
         &["--block-tokens", "16", "--kv", "quest@0.5,page=32"],
         &["pages of 32 tokens", "blocks of 16", "--block-tokens"],
     );

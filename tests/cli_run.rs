@@ -113,6 +113,10 @@ fn greedy_generation_is_deterministic() {
     // Other block sizes change how attention tiles the cache, not what it computes.
     assert_eq!(first, run(&["--block-tokens", "16"]));
     assert_eq!(first, run(&["--block-tokens", "64"]));
+    // A KIVI cache takes the block as its key group at any size (as `serve` does per request).
+    for bt in ["16", "64"] {
+        assert!(!run(&["--block-tokens", bt, "--kv", "kivi4"]).is_empty());
+    }
 }
 
 #[test]

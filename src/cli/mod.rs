@@ -247,8 +247,9 @@ pub struct ModelArgs {
     /// Entries per KV cache block: 16, 32 (default) or 64. A block is what attention reads as one tile and what a
     /// selector's page must divide; a page-selecting method (`quest`, `lserve`) whose pages are 16 tokens reads only
     /// its chosen pages' keys with 16-entry blocks (a block's keys are stored channel by channel, so a page of a
-    /// 32-entry block reads the whole block's keys). KIVI caches keep 32: a block is one KIVI key group. `serve`'s
-    /// prefix cache shares 32-token blocks across requests; at another size it reuses only whole snapshots of an
+    /// 32-entry block reads the whole block's keys). A KIVI cache quantizes each block as one key group, so the group
+    /// follows: KIVI's 32 by default; at 16 or 64 attention dequantizes each block instead of running the integer
+    /// folds, which take 32. `serve`'s prefix cache shares 32-token blocks across requests; at another size it reuses only whole snapshots of an
     /// earlier prompt that a new one extends.
     #[arg(long, value_name = "N")]
     pub block_tokens: Option<BlockTokens>,
@@ -365,13 +366,6 @@ impl ModelArgs {
         session_cfg.max_memory = self.max_memory.map(|b| b.0);
         session_cfg.swa_full = self.swa_full;
         if let Some(BlockTokens(bt)) = self.block_tokens {
-            if bt != crate::engine::DEFAULT_BLOCK_TOKENS && kv_dtype.quant_bits().is_some() {
-                bail!(
-                    "--block-tokens {bt}: a KIVI cache quantizes each block as one key group of {} tokens (KIVI's \
-                     group size); leave --block-tokens out, or use an f16/f32 cache",
-                    crate::engine::DEFAULT_BLOCK_TOKENS
-                );
-            }
             session_cfg.block_tokens = bt;
         }
         if let crate::methods::prefill::PrefillSpec::LazyLlm(c) = &session_cfg.prefill {
