@@ -60,6 +60,32 @@ impl Shape {
 }
 
 impl Block {
+    /// Asks for the cache lines a write of entry `slot` touches in a full-precision block: its key (stored
+    /// channel-major, one line per channel at 32 entries), its value row and its position. Nothing for other blocks.
+    pub(super) fn prefetch_slot(&self, slot: usize, bt: usize) {
+        fn column<T>(k: &[T], slot: usize, bt: usize) {
+            for i in (slot..k.len()).step_by(bt) {
+                prefetch_lines(&k[i..i + 1]);
+            }
+        }
+        match &self.data {
+            BlockData::F16 { k, v } => {
+                column(k, slot, bt);
+                let hv = v.len() / bt;
+                prefetch_lines(&v[slot * hv..(slot + 1) * hv]);
+            }
+            BlockData::F32 { k, v } => {
+                column(k, slot, bt);
+                let hv = v.len() / bt;
+                prefetch_lines(&v[slot * hv..(slot + 1) * hv]);
+            }
+            _ => return,
+        }
+        if let Some(p) = self.pos.get(slot..slot + 1) {
+            prefetch_lines(p);
+        }
+    }
+
     /// A zeroed block of `shape`, full precision in `cfg.dtype` or quantized with its bits.
     pub(super) fn new(cfg: &KvConfig, shape: Shape) -> Self {
         let (bt, hv) = (cfg.block_tokens, cfg.head_dim_v);
@@ -200,7 +226,7 @@ fn gather_rows<T: Copy>(src: &[T], rows: &[usize], width: usize) -> Box<[T]> {
 
 /// Asks for every cache line of `s` (a hint: nothing is loaded into registers, nothing faults).
 #[inline]
-fn prefetch_lines<T>(s: &[T]) {
+pub(super) fn prefetch_lines<T>(s: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

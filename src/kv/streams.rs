@@ -614,6 +614,29 @@ impl KvCache {
 
     /// Stream of (layer, KV head `h`) ready for appending: slid past `visible_from` on a window layer. Returns its
     /// index and the shape of its full-precision blocks.
+    /// Asks for the memory the next one-entry append to `layer` writes: each stream's open block at the next slot
+    /// and the page summary it updates. A decode step's append writes into lines last touched a whole step (every
+    /// other layer's cache) ago, a key line per channel; asked for before the step's projections, they arrive while
+    /// those run instead of stalling the append miss by miss.
+    pub fn prefetch_append(&self, layer: usize) {
+        let (bt, d) = (self.cfg.block_tokens, 2 * self.cfg.head_dim_k);
+        for h in 0..self.cfg.n_kv_heads {
+            let s = &self.streams[self.stream_index(layer, h)];
+            if let Some(&id) = s.blocks.get(s.len / bt) {
+                self.pool.get(id).prefetch_slot(s.len % bt, bt);
+            }
+            if let Some(m) = self.meta_cfg {
+                let p = s.len / m.page_tokens;
+                if let Some(x) = s.meta.get(p * d..(p + 1) * d) {
+                    super::format::prefetch_lines(x);
+                }
+                if let Some(x) = s.meta_codes.get(p * d..(p + 1) * d) {
+                    super::format::prefetch_lines(x);
+                }
+            }
+        }
+    }
+
     fn open_for_append(
         &mut self,
         layer: usize,

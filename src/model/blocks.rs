@@ -187,6 +187,9 @@ impl Attention {
             &mut s.v[..n * nkv * hd], // n × nkv·hd
         );
         let xb = &s.xb[..n * dim]; // n × dim
+        for seq in seqs.iter().filter(|q| q.tokens.len() == 1) {
+            seq.cache.prefetch_append(layer);
+        }
         let p = scope(Phase::Qkv);
         matmul_many(
             &[&self.wq, &self.wk, &self.wv],
