@@ -249,8 +249,8 @@ pub struct ModelArgs {
     /// its chosen pages' keys with 16-entry blocks (a block's keys are stored channel by channel, so a page of a
     /// 32-entry block reads the whole block's keys). A KIVI cache quantizes each block as one key group, so the group
     /// follows: KIVI's 32 by default; at 16 or 64 attention dequantizes each block instead of running the integer
-    /// folds, which take 32. `serve`'s prefix cache shares 32-token blocks across requests; at another size it reuses only whole snapshots of an
-    /// earlier prompt that a new one extends.
+    /// folds, which take 32. `serve`'s prefix cache shares 32-token blocks across requests; at another size it
+    /// reuses only whole snapshots of an earlier prompt that a new one extends.
     #[arg(long, value_name = "N")]
     pub block_tokens: Option<BlockTokens>,
     #[arg(long, default_value_t = crate::methods::prefill::PrefillSpec::Dense.to_string(), help = crate::methods::registry::prefill_help())]

@@ -612,8 +612,6 @@ impl KvCache {
         }
     }
 
-    /// Stream of (layer, KV head `h`) ready for appending: slid past `visible_from` on a window layer. Returns its
-    /// index and the shape of its full-precision blocks.
     /// Asks for the memory the next one-entry append to `layer` writes: each stream's open block at the next slot
     /// and the page summary it updates. A decode step's append writes into lines last touched a whole step (every
     /// other layer's cache) ago, a key line per channel; asked for before the step's projections, they arrive while
@@ -637,6 +635,8 @@ impl KvCache {
         }
     }
 
+    /// Stream of (layer, KV head `h`) ready for appending: slid past `visible_from` on a window layer. Returns its
+    /// index and the shape of its full-precision blocks.
     fn open_for_append(
         &mut self,
         layer: usize,
