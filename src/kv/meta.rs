@@ -65,8 +65,8 @@ pub fn code_bytes(hk: usize) -> usize {
 /// scored from the copy stays a bound; mean/std: to nearest.
 pub fn quantize_page(stat: PageStat, row: &[f16], codes: &mut [i8]) -> f32 {
     use half::slice::HalfFloatSliceExt;
-    // Converted 64 values at a time with the vector instructions: a decode step requantizes one page per stream
-    // (90 streams of 128 values on SmolLM2), and one scalar conversion per value showed in the step's appends.
+    // A decode step requantizes one page per stream (90 of 128 values on SmolLM2, 18 of 512 on Gemma 3): the values
+    // are converted 64 at a time with the vector instructions, and rounded by truncation and a comparison.
     const CH: usize = 64;
     let mut buf = [0.0f32; CH];
     let mut amax = 0.0f32;
@@ -87,14 +87,36 @@ pub fn quantize_page(stat: PageStat, row: &[f16], codes: &mut [i8]) -> f32 {
         for (j, (x, q)) in b.iter().zip(q.iter_mut()).enumerate() {
             let y = x * inv;
             let r = match stat {
-                PageStat::MinMax if i * CH + j < hk => y.ceil(),
-                PageStat::MinMax => y.floor(),
-                PageStat::MeanStd => y.round(),
+                PageStat::MinMax if i * CH + j < hk => ceil_i(y),
+                PageStat::MinMax => floor_i(y),
+                PageStat::MeanStd => round_i(y),
             };
-            *q = r.clamp(-127.0, 127.0) as i8;
+            *q = r.clamp(-127, 127) as i8;
         }
     }
     s
+}
+
+// ⌈y⌉, ⌊y⌋ and y rounded half away from zero as integers, exact for |y| < 2³¹ (NaN gives 0), by truncation and a
+// comparison: `f32::ceil` and its kin are a library call each on the baseline x86-64 target (no SSE4.1), and
+// showed as a third of a Quest decode step's summary upkeep (Gemma 3 8K, 0.04 of 0.10 ms per token).
+#[inline]
+fn ceil_i(y: f32) -> i32 {
+    let t = y as i32;
+    t + ((t as f32) < y) as i32
+}
+
+#[inline]
+fn floor_i(y: f32) -> i32 {
+    let t = y as i32;
+    t - ((t as f32) > y) as i32
+}
+
+#[inline]
+fn round_i(y: f32) -> i32 {
+    let t = y as i32;
+    let f = y - t as f32; // exact: the fraction of y
+    t + (f >= 0.5) as i32 - (f <= -0.5) as i32
 }
 
 /// `x` rounded to an f16 that is ≥ x.
@@ -173,6 +195,34 @@ pub(super) fn summarize(stat: PageStat, keys: &[f32], n: usize, hk: usize, out: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_rounding_equals_the_float_functions() {
+        let mut xs: Vec<f32> = vec![
+            0.0, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.99999, -126.99999, 127.0, -127.0,
+        ];
+        xs.extend((0..200_000).map(|i| (i as f32 - 100_000.0) * 0.00127 + 0.000_3));
+        xs.extend([
+            0.49999997f32,
+            -0.49999997,
+            1.0 - f32::EPSILON,
+            1e-40,
+            -1e-40,
+        ]);
+        for &y in &xs {
+            assert_eq!(super::ceil_i(y), y.ceil() as i32, "ceil {y}");
+            assert_eq!(super::floor_i(y), y.floor() as i32, "floor {y}");
+            assert_eq!(super::round_i(y), y.round() as i32, "round {y}");
+        }
+        assert_eq!(
+            (
+                super::ceil_i(f32::NAN),
+                super::floor_i(f32::NAN),
+                super::round_i(f32::NAN)
+            ),
+            (0, 0, 0)
+        );
+    }
 
     #[test]
     fn outward_rounding_brackets_the_value() {
