@@ -63,22 +63,16 @@ impl Block {
     /// Asks for the cache lines a write of entry `slot` touches in a full-precision block: its key (stored
     /// channel-major, one line per channel at 32 entries), its value row and its position. Nothing for other blocks.
     pub(super) fn prefetch_slot(&self, slot: usize, bt: usize) {
-        fn column<T>(k: &[T], slot: usize, bt: usize) {
+        fn entry<T>(k: &[T], v: &[T], slot: usize, bt: usize) {
             for i in (slot..k.len()).step_by(bt) {
                 prefetch_lines(&k[i..i + 1]);
             }
+            let hv = v.len() / bt;
+            prefetch_lines(&v[slot * hv..(slot + 1) * hv]);
         }
         match &self.data {
-            BlockData::F16 { k, v } => {
-                column(k, slot, bt);
-                let hv = v.len() / bt;
-                prefetch_lines(&v[slot * hv..(slot + 1) * hv]);
-            }
-            BlockData::F32 { k, v } => {
-                column(k, slot, bt);
-                let hv = v.len() / bt;
-                prefetch_lines(&v[slot * hv..(slot + 1) * hv]);
-            }
+            BlockData::F16 { k, v } => entry(k, v, slot, bt),
+            BlockData::F32 { k, v } => entry(k, v, slot, bt),
             _ => return,
         }
         if let Some(p) = self.pos.get(slot..slot + 1) {
