@@ -198,7 +198,10 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
         (0..kv.n_layers)
             .map(|l| {
                 let e = n(l);
-                let meta = fp.meta.map_or(0, |m| m.stream_bytes(e, kv.head_dim_k));
+                let meta = fp
+                    .meta
+                    .filter(|m| m.keeps(l, kv.window(l)))
+                    .map_or(0, |m| m.stream_bytes(e, kv.head_dim_k));
                 let hk = if kv.window(l).is_some() {
                     kv.head_dim_k
                 } else {

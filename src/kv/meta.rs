@@ -1,7 +1,8 @@
 //! Page summaries of the keys: what decode-time selectors (Quest, LServe) score instead of the keys themselves.
 //!
-//! When a selector asks for them ([`KvCache::enable_meta`](super::KvCache::enable_meta)), every stream keeps, for each
-//! page of `page_tokens` consecutive entries, two f16 vectors over all `head_dim_k` key channels:
+//! When a selector asks for them ([`KvCache::enable_meta`](super::KvCache::enable_meta)), every stream of the layers
+//! it reads ([`MetaConfig::keeps`]) keeps, for each page of `page_tokens` consecutive entries, two f16 vectors over
+//! all `head_dim_k` key channels:
 //! - [`PageStat::MinMax`]: the channel-wise maximum and minimum (Quest's and LServe's metadata). They are rounded
 //!   outward to f16 (max up, min down), so `Σ_c max(q_c·max_c, q_c·min_c)` stays an upper bound of every q·k in the
 //!   page.
@@ -29,14 +30,22 @@ pub enum PageStat {
     MeanStd,
 }
 
-/// Page summaries of every stream: page size and statistic.
+/// Page summaries: page size, statistic, and the layers that keep them. A layer below `first_layer` (a selector's
+/// dense first layers) or with a sliding window (every selector reads a window layer whole) keeps none: no selector
+/// reads them, and on Gemma 3 they were 15 of the 18 layers whose summaries every decode step updated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MetaConfig {
     pub page_tokens: usize,
     pub stat: PageStat,
+    pub first_layer: usize,
 }
 
 impl MetaConfig {
+    /// Whether `layer` (with sliding window `window`) keeps summaries.
+    pub fn keeps(&self, layer: usize, window: Option<u32>) -> bool {
+        layer >= self.first_layer && window.is_none()
+    }
+
     /// Bytes of the summaries of a stream of `len` entries over `hk` key channels: two f16 vectors and their 8-bit
     /// copy per page (what the cache's byte counter adds for them).
     pub fn stream_bytes(&self, len: usize, hk: usize) -> usize {

@@ -313,8 +313,31 @@ impl KvCache {
         self.meta_cfg = Some(m);
         self.meta_keys = vec![0.0; (m.page_tokens + 2) * self.cfg.head_dim_k];
         for si in 0..self.streams.len() {
-            self.refresh_meta(si, 0);
+            if self.meta_of(si).is_some() {
+                self.refresh_meta(si, 0);
+            } else {
+                self.drop_meta(si);
+            }
         }
+    }
+
+    /// The page summaries stream `si` keeps: the cache's configuration where its layer keeps any
+    /// ([`MetaConfig::keeps`]: not a selector's dense first layers, not a sliding-window layer).
+    fn meta_of(&self, si: usize) -> Option<MetaConfig> {
+        let layer = si / self.cfg.n_kv_heads.max(1);
+        self.meta_cfg
+            .filter(|m| m.keeps(layer, self.cfg.window(layer)))
+    }
+
+    /// Frees the summaries of stream `si` (a layer that no longer keeps any).
+    fn drop_meta(&mut self, si: usize) {
+        let s = &mut self.streams[si];
+        let gone = 2 * s.meta.len() + s.meta_codes.len() + 4 * s.meta_scales.len();
+        s.meta = Vec::new();
+        s.meta_codes = Vec::new();
+        s.meta_scales = Vec::new();
+        self.meta_bytes -= gone;
+        self.pool.account(0, gone);
     }
 
     /// Counts the changes that may move entries (everything but appends): a selection remembered from before is stale
@@ -327,7 +350,8 @@ impl KvCache {
         self.meta_cfg
     }
 
-    /// Page summaries of (layer, KV head): pages × 2 × head_dim_k f16 (see [`meta`]); empty when off.
+    /// Page summaries of (layer, KV head): pages × 2 × head_dim_k f16 (see [`meta`]); empty when off or when the layer
+    /// keeps none.
     pub fn page_meta(&self, layer: usize, head: usize) -> &[f16] {
         &self.streams[self.stream_index(layer, head)].meta
     }
@@ -340,7 +364,7 @@ impl KvCache {
 
     /// Makes stream `si`'s 8-bit copy match its summaries: as many pages, pages from `p0` on quantized again.
     fn sync_codes(&mut self, si: usize, p0: usize) {
-        let Some(m) = self.meta_cfg else { return };
+        let Some(m) = self.meta_of(si) else { return };
         let d = 2 * self.cfg.head_dim_k;
         let s = &mut self.streams[si];
         let n_pages = s.meta.len() / d;
@@ -386,7 +410,7 @@ impl KvCache {
 
     /// Recomputes the summaries of stream `si` from the page holding entry `from` to its end, and drops pages past it.
     fn refresh_meta(&mut self, si: usize, from: usize) {
-        let Some(m) = self.meta_cfg else { return };
+        let Some(m) = self.meta_of(si) else { return };
         let (pt, hk, bt) = (m.page_tokens, self.cfg.head_dim_k, self.cfg.block_tokens);
         let len = self.streams[si].len;
         let n_pages = len.div_ceil(pt);
@@ -420,7 +444,7 @@ impl KvCache {
     /// nothing before changed. A min/max summary of a partly filled page folds in only the new keys: rounding outward
     /// to f16 is monotone, so max(up(old max), up(x)) = up(max(old keys, x)), the same bits a recomputation gives.
     fn extend_meta(&mut self, si: usize, from: usize) {
-        let Some(m) = self.meta_cfg else { return };
+        let Some(m) = self.meta_of(si) else { return };
         let (pt, hk, bt) = (m.page_tokens, self.cfg.head_dim_k, self.cfg.block_tokens);
         let len = self.streams[si].len;
         if m.stat != meta::PageStat::MinMax || from.is_multiple_of(pt) || from >= len {
@@ -618,12 +642,13 @@ impl KvCache {
     /// those run instead of stalling the append miss by miss.
     pub fn prefetch_append(&self, layer: usize) {
         let (bt, d) = (self.cfg.block_tokens, 2 * self.cfg.head_dim_k);
+        let meta = self.meta_of(self.stream_index(layer, 0));
         for h in 0..self.cfg.n_kv_heads {
             let s = &self.streams[self.stream_index(layer, h)];
             if let Some(&id) = s.blocks.get(s.len / bt) {
                 self.pool.get(id).prefetch_slot(s.len % bt, bt);
             }
-            if let Some(m) = self.meta_cfg {
+            if let Some(m) = meta {
                 let p = s.len / m.page_tokens;
                 if let Some(x) = s.meta.get(p * d..(p + 1) * d) {
                     super::format::prefetch_lines(x);
@@ -1085,7 +1110,7 @@ impl KvCache {
     }
 
     /// Sliding window: drops the leading blocks of stream `si` whose entries all lie before position `lo` (the oldest
-    /// position a query still reads), and their page summaries. Entries that remain keep their order; their indices
+    /// position a query still reads); such a layer keeps no page summaries ([`MetaConfig::keeps`]). Entries that remain keep their order; their indices
     /// shift down by the dropped count. This is not counted in [`Self::edits`]: selectors never select on
     /// sliding-window layers.
     fn slide(&mut self, si: usize, lo: u32) {
@@ -1115,21 +1140,10 @@ impl KvCache {
         if s.len == 0 {
             s.channels = None;
         }
-        if let Some(m) = self.meta_cfg {
-            let hk = self.stream_hk(si);
-            let s = &mut self.streams[si];
-            let n = (dropped.div_ceil(m.page_tokens) * 2 * hk).min(s.meta.len());
-            s.meta.drain(..n);
-            let pages = (n / (2 * hk).max(1)).min(s.meta_scales.len());
-            let nc = (pages * 2 * self.cfg.head_dim_k).min(s.meta_codes.len());
-            s.meta_codes.drain(..nc);
-            s.meta_scales.drain(..pages);
-            let gone = 2 * n + nc + 4 * pages;
-            self.meta_bytes -= gone;
-            self.pool.account(0, gone);
-            // (Only if the copy and the summaries disagreed in length: they are kept alike.)
-            self.sync_codes(si, usize::MAX);
-        }
+        debug_assert!(
+            self.streams[si].meta.is_empty(),
+            "sliding-window layers keep no page summaries"
+        );
     }
 
     /// Releases blocks `[from, ..)` of stream `si` to the pool, in order, and drops them from the stream.
@@ -1229,6 +1243,7 @@ mod tests {
                     c.enable_meta(MetaConfig {
                         page_tokens: 4,
                         stat,
+                        first_layer: 0,
                     });
                 }
                 let mut rng = Rng(5);
@@ -1317,6 +1332,7 @@ mod tests {
                 c.enable_meta(MetaConfig {
                     page_tokens: 8,
                     stat,
+                    first_layer: 0,
                 });
             }
             let pos: Vec<u32> = (0..len as u32).collect();
@@ -1831,7 +1847,11 @@ mod tests {
                 },
             ] {
                 for page_tokens in [2, 4] {
-                    let m = MetaConfig { page_tokens, stat };
+                    let m = MetaConfig {
+                        page_tokens,
+                        stat,
+                        first_layer: 0,
+                    };
                     let mut rng = Rng(11);
                     let mut c = KvCache::new(cfg(dtype));
                     let pos: Vec<u32> = (0..5).collect();
@@ -1878,6 +1898,7 @@ mod tests {
         let m = MetaConfig {
             page_tokens: 4,
             stat: meta::PageStat::MinMax,
+            first_layer: 0,
         };
         let mut c = KvCache::new(cfg(KvDtype::Kivi {
             bits: 2,

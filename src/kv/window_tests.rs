@@ -208,11 +208,19 @@ fn going_back_behind_the_window_is_refused_unless_held() {
 }
 
 #[test]
-fn page_summaries_slide_with_their_blocks() {
+fn only_layers_a_selector_reads_keep_page_summaries() {
+    // The sliding-window layer (0) keeps none, the other layer the same summaries as in a cache without windows;
+    // with `first_layer` 1 (one dense layer) the cache without windows keeps none on layer 0 either. The byte
+    // counter counts only the pages kept.
     for stat in [PageStat::MinMax, PageStat::MeanStd] {
         let m = MetaConfig {
             page_tokens: 2,
             stat,
+            first_layer: 0,
+        };
+        let dense1 = MetaConfig {
+            first_layer: 1,
+            ..m
         };
         let dtype = KvDtype::Kivi {
             bits: 2,
@@ -220,31 +228,38 @@ fn page_summaries_slide_with_their_blocks() {
         };
         let mut win = KvCache::new(cfg(dtype, true));
         let mut full = KvCache::new(cfg(dtype, false));
+        let mut skip = KvCache::new(cfg(dtype, false));
         win.enable_meta(m);
         full.enable_meta(m);
+        skip.enable_meta(dense1);
         let mut rng = Rng(5);
         let mut p = 0;
+        let page_bytes = crate::kv::meta::page_bytes(win.cfg.head_dim_k);
         for n in [9usize, 1, 1, 5, 1, 13, 1, 1, 1, 7] {
-            feed(&mut [&mut win, &mut full], &mut rng, p, n);
+            feed(&mut [&mut win, &mut full, &mut skip], &mut rng, p, n);
             p += n as u32;
+            let mut pages = 0;
             for h in 0..2 {
-                let first = entries(&win, 0, h)[0].0 as usize;
-                let hk = win.cfg.head_dim_k;
-                let skip = first / m.page_tokens * 2 * hk;
-                assert_eq!(win.page_meta(0, h), &full.page_meta(0, h)[skip..]);
-                let ((wc, ws), (fc, fs)) = (win.page_codes(0, h), full.page_codes(0, h));
-                assert_eq!(wc, &fc[skip..]);
-                assert_eq!(ws, &fs[skip / (2 * hk)..]);
+                assert!(win.page_meta(0, h).is_empty() && win.page_codes(0, h).0.is_empty());
+                assert!(skip.page_meta(0, h).is_empty() && skip.page_codes(0, h).1.is_empty());
+                assert!(!full.page_meta(0, h).is_empty());
+                for c in [&win, &skip] {
+                    assert_eq!(c.page_meta(1, h), full.page_meta(1, h));
+                    assert_eq!(c.page_codes(1, h), full.page_codes(1, h));
+                }
+                pages += win.len(1, h).div_ceil(m.page_tokens);
             }
+            assert_eq!(win.meta_bytes(), pages * page_bytes);
+            assert_eq!(skip.meta_bytes(), pages * page_bytes);
         }
-        let pages: usize = (0..2)
-            .flat_map(|l| (0..2).map(move |h| (l, h)))
-            .map(|(l, h)| win.len(l, h).div_ceil(m.page_tokens))
-            .sum();
-        assert_eq!(
-            win.meta_bytes(),
-            pages * crate::kv::meta::page_bytes(win.cfg.head_dim_k)
-        );
+        // Asking for summaries from layer 0 on computes them there; asking again for layer 1 on frees them.
+        skip.enable_meta(m);
+        assert_eq!(skip.page_meta(0, 1), full.page_meta(0, 1));
+        assert_eq!(skip.meta_bytes(), full.meta_bytes());
+        let before = skip.bytes();
+        skip.enable_meta(dense1);
+        assert!(skip.page_meta(0, 0).is_empty());
+        assert_eq!(before - skip.bytes(), full.meta_bytes() - skip.meta_bytes());
     }
 }
 

@@ -142,6 +142,7 @@ impl Selector for LServe {
         Some(MetaConfig {
             page_tokens: self.logical,
             stat: self.stat,
+            first_layer: self.frame.dense,
         })
     }
 }

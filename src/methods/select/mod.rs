@@ -679,6 +679,7 @@ mod tests {
         cache.enable_meta(MetaConfig {
             page_tokens: page,
             stat,
+            first_layer: 0,
         });
         let mut rng = Rng(seed);
         let pos: Vec<u32> = (0..len as u32).collect();

@@ -98,6 +98,7 @@ impl Selector for Quest {
         Some(MetaConfig {
             page_tokens: self.page,
             stat: self.stat,
+            first_layer: self.frame.dense,
         })
     }
 }
@@ -124,6 +125,7 @@ mod tests {
         let meta = MetaConfig {
             page_tokens: PAGE,
             stat: PageStat::MinMax,
+            first_layer: 0,
         };
         let mut rng = Rng::seeded(9);
         let c = harness_cache(3, (n_kv, hd, len), Some(meta), &mut rng);
