@@ -1110,9 +1110,9 @@ impl KvCache {
     }
 
     /// Sliding window: drops the leading blocks of stream `si` whose entries all lie before position `lo` (the oldest
-    /// position a query still reads); such a layer keeps no page summaries ([`MetaConfig::keeps`]). Entries that remain keep their order; their indices
-    /// shift down by the dropped count. This is not counted in [`Self::edits`]: selectors never select on
-    /// sliding-window layers.
+    /// position a query still reads); such a layer keeps no page summaries ([`MetaConfig::keeps`]). Entries that
+    /// remain keep their order; their indices shift down by the dropped count. This is not counted in
+    /// [`Self::edits`]: selectors never select on sliding-window layers.
     fn slide(&mut self, si: usize, lo: u32) {
         let bt = self.cfg.block_tokens;
         let s = &self.streams[si];
