@@ -3053,7 +3053,8 @@ mod batch_timing {
     /// Batched decode attention of 8 sequences with SmolLM2's shapes (30 layers, 9 query / 3 KV heads of 64, 1K
     /// entries each), f16 and kivi4, on the default pool: the median ms per step. A 64 MiB buffer is written between
     /// steps so the caches come from memory, as they do after a step's weights. The environment changes it: HL_STREAMS,
-    /// HL_LEN (entries), HL_DTYPE (f16 or q4 alone), HL_FLUSH (0: no buffer), HL_STEPS.
+    /// HL_LEN (entries), HL_DTYPE (f16 or q4 alone), HL_FLUSH (0: no buffer), HL_STEPS, HL_NKV / HL_NQ / HL_HD (KV
+    /// heads, query heads, head dim; Gemma 3 270M: 1 / 4 / 256).
     #[test]
     #[ignore]
     fn batched_decode_timing() {
@@ -3065,9 +3066,9 @@ mod batch_timing {
         };
         let (layers, nkv, nq, hd, len, streams) = (
             env("HL_LAYERS", 30),
-            3,
-            9,
-            64,
+            env("HL_NKV", 3),
+            env("HL_NQ", 9),
+            env("HL_HD", 64),
             env("HL_LEN", 1024),
             env("HL_STREAMS", 8),
         );
