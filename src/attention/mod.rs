@@ -750,6 +750,7 @@ enum Tile<'a> {
     /// value is converted where it is loaded, once, instead of through a converted copy of the block). Layout as
     /// `F32`. Only the entries whose bit is set in `cols` take part (a selection's part of a block: the others score
     /// −∞ and their value rows are not read); `u64::MAX` = every entry.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     F16 {
         kt: &'a [half::f16],
         vb: &'a [half::f16],
@@ -801,6 +802,7 @@ impl Ahead {
     /// five pairs at 8K: 10.28 / 9.73 / 10.82 / 10.47 / 10.94 → 9.46 / 9.69 / 10.01 / 10.20 / 10.33, three at 8 × 1K:
     /// 10.38 / 10.69 / 10.34 → 9.53 / 9.97 / 10.68. The 4-bit fold gained nothing measurable and keeps L1.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn span_l2(self, o: usize, n: usize) {
         self.span_to::<{ PF_L2 }>(o, n)
     }
@@ -836,6 +838,7 @@ const PF_L2: i32 = std::arch::x86_64::_MM_HINT_T2;
 #[cfg(not(target_arch = "x86_64"))]
 const PF_L1: i32 = 0;
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(dead_code)]
 const PF_L2: i32 = 0;
 
 /// No block to prefetch from inside the fold.
@@ -1580,6 +1583,7 @@ fn wide_f16<const BT: usize>(a: &TaskArgs) -> bool {
 /// Whether the task's f16 blocks go to the AVX-512 or AVX2 fold as they are, which prefetches the next block itself
 /// ([`Tile::F16`]'s `ahead`).
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn ahead_f16<const BT: usize>(a: &TaskArgs) -> bool {
     #[cfg(target_arch = "x86_64")]
     if matches!(a.simd, Simd::Avx512 | Simd::Avx2) {

@@ -56,13 +56,16 @@ pub(super) struct Q4<'a> {
     pub vscale: &'a [f32],
     /// Integer scores read this block ([`super::vnni`] or [`super::avx2q`]): `qi` holds each row's `qs` quantized
     /// to int8 (rows × hs), `qsc` their steps (rows); both empty otherwise.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub qi: &'a [i8],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub qsc: &'a [f32],
     /// The next block's key and value codes, for the AVX2 fold to ask for a line at a time as it works (set by the
     /// caller; none from [`QPrep::prepare`]).
     pub ahead: (super::Ahead, super::Ahead),
     /// The VNNI fold may read this block (the CPU has it and the block holds 32 keys): p·V takes it whenever
     /// the value head dim allows, scores whenever `qi` is filled.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub int8: bool,
 }
 

@@ -47,6 +47,7 @@ pub(crate) fn band_keys_with(
         "band_keys: {} slots for {n} scores",
         out.len()
     );
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let (mut i, mut over, mut b) = (0, 0, 0);
     match k {
         // SAFETY: the kernel is chosen only when the CPU has its features; `out` holds n + PAD slots.
@@ -79,6 +80,7 @@ pub(crate) fn keep_indices_with(
         "keep_indices: {} slots for {n} scores",
         out.len()
     );
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let (mut i, mut skip, mut w) = (0, skip, 0);
     match k {
         // SAFETY: as in `band_keys_with`.
@@ -101,6 +103,7 @@ pub(crate) fn keep_indices_with(
 
 /// Clears the lowest `skip` set bits of `eq` (as many as it has); returns the mask and the skip left.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn drop_first_ties(mut eq: u32, mut skip: usize) -> (u32, usize) {
     while skip > 0 && eq != 0 {
         eq &= eq - 1;

@@ -16,6 +16,7 @@ pub const MAX_VECTORS: usize = 16;
 
 /// Calls `$f::<N, _>(args)` for `nw` = N vectors (1 to 8), whose accumulators then stay in registers (a loop over a
 /// run-time count kept them in memory, each FMA a store and a load), or `$f::<0, _>` for more (counted at run time).
+#[cfg(target_arch = "x86_64")]
 macro_rules! by_vectors {
     ($nw:expr, $f:ident, $($a:expr),*) => {
         match $nw {
@@ -67,6 +68,7 @@ pub fn rows_dot_max_i8(
 /// How far ahead of its current row the 8-bit scan asks for rows, on every path (bytes). An in-process A/B of the
 /// VNNI scan of SmolLM2's 8K middle (168 parts of 3450 rows of 64 codes, 3 vectors, 2 threads, six rounds): 3.6–4.3
 /// ms per token without, 2.8–3.2 at 1 KiB ahead, 2.5–2.9 at 2 KiB, 2.7–2.8 at 4 KiB.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PF_AHEAD: usize = 2048;
 
 /// Widest row [`rows_dot_max_i8`] quantizes the vectors for (their codes live on the stack).
@@ -80,7 +82,7 @@ pub(crate) fn rows_dot_max_i8_with(
     d: usize,
     w: &[f32],
     out: &mut [f32],
-    mut each: Option<&mut [f32]>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] mut each: Option<&mut [f32]>,
 ) {
     let nw = w.len() / d.max(1);
     let n = out.len();
@@ -642,7 +644,7 @@ pub(crate) fn cols_dot_with(
     bt: usize,
     w: &[f32],
     out: &mut [f32],
-    next: &[f16],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] next: &[f16],
 ) {
     let d = kt.len() / bt.max(1);
     let nw = w.len() / d.max(1);
@@ -708,6 +710,7 @@ unsafe fn cols_avx512(
 }
 
 /// The next block's keys, asked for a channel at a time ([`cols_dot_f16_next`]).
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct NextLines {
     base: *const u16,
@@ -716,6 +719,7 @@ struct NextLines {
     bt: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl NextLines {
     fn of(next: &[f16], bt: usize) -> Self {
         Self {
@@ -731,7 +735,6 @@ impl NextLines {
         if c >= self.channels {
             return;
         }
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is a hint and never faults; the addresses lie inside `next`.
         unsafe {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

@@ -413,6 +413,7 @@ fn scores_with(
     scale: f32,
     s: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
     use crate::kernels::Kernel;
     #[cfg(target_arch = "x86_64")]
     match k {
@@ -527,6 +528,7 @@ fn accumulate_with(
     vert: &mut [f32],
     slash: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
     use crate::kernels::Kernel;
     debug_assert!(vert.len() == row.len() && slash.len() == row.len());
     #[cfg(target_arch = "x86_64")]
@@ -628,6 +630,7 @@ fn scores_rows_with(
     n: usize,
     s: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
     use crate::kernels::Kernel;
     debug_assert!(q.len().is_multiple_of(ROWS) && s.len() >= ROWS * n);
     #[cfg(target_arch = "x86_64")]
