@@ -1002,6 +1002,9 @@ fn block_softmax(s: &mut [f32], m_old: f32) -> Option<(f32, f32, f32)> {
     for x in s.iter_mut() {
         *x = exp_neg(*x - m_new);
     }
+    // A partial block's last entries go to lanes j mod 8 like the rest: the sum then has the same bits as over the
+    // whole block with its missing entries at 0 (x + 0 = x), which is how a prefill row sees a block its causal mask
+    // cuts, so decoding a token and reading it in a prefill give the same sum.
     let mut acc = [0.0f32; 8];
     let chunks = s.chunks_exact(8);
     let rest = chunks.remainder();
@@ -1010,11 +1013,10 @@ fn block_softmax(s: &mut [f32], m_old: f32) -> Option<(f32, f32, f32)> {
             acc[i] += c[i];
         }
     }
-    Some((
-        m_new,
-        alpha,
-        rest.iter().sum::<f32>() + acc.iter().sum::<f32>(),
-    ))
+    for (a, &x) in acc.iter_mut().zip(rest) {
+        *a += x;
+    }
+    Some((m_new, alpha, acc.iter().sum::<f32>()))
 }
 
 /// One task: rows = (query token in tile) × (query head in the KV head's group). Leaves unnormalized output in
@@ -1776,11 +1778,17 @@ fn pv_f32(s: &[f32], vb: &[f32], alpha: f32, a: &mut [f32]) {
         }
         j += 4;
     }
-    for &pj in quads.remainder() {
-        for (ad, vv) in a.iter_mut().zip(&vb[j * hv..][..hv]) {
-            *ad += pj * vv;
+    // The last 1–3 keys as one more pass with the missing keys' terms 0 (their value rows may not exist): the same
+    // bits as a pass over four keys whose last ones are masked (0 · v), which is how a prefill row sees a block its
+    // causal mask cuts.
+    let rest = quads.remainder();
+    if !rest.is_empty() {
+        let row = |i: usize| rest.get(i).map(|&p| (p, &vb[(j + i) * hv..][..hv]));
+        let (r0, r1, r2) = (row(0), row(1), row(2));
+        for d in 0..hv {
+            let term = |r: Option<(f32, &[f32])>| r.map_or(0.0, |(p, v)| p * v[d]);
+            a[d] += term(r0) + term(r1) + term(r2) + 0.0;
         }
-        j += 1;
     }
 }
 
