@@ -1944,6 +1944,88 @@ mod tests {
         }
     }
 
+    /// A decode step over a cache holding entries 0..=r gives row r's output of a prefill over the whole cache bit
+    /// for bit, on every path: the prefill row sees the decode step's partial newest block as a full block cut by
+    /// its causal mask, and every fold sums the missing entries' exact zeros in the lanes the partial block's last
+    /// entries take (model_tiny's chunked ≡ one-shot ≡ token-by-token rests on it).
+    #[test]
+    fn decoding_an_entry_equals_its_prefill_row_bit_for_bit() {
+        let len = 75;
+        for &(n_q, n_kv, hd, dtype) in &[
+            (4, 2, 16, KvDtype::F32),
+            (9, 3, 64, KvDtype::F32),
+            (9, 3, 64, KvDtype::F16),
+            (4, 1, 32, KvDtype::F16),
+        ] {
+            for seed in 0..4u64 {
+                let mut rng = Rng(0xDEC0DE ^ seed ^ ((hd as u64) << 8));
+                let cfg = KvConfig {
+                    n_layers: 1,
+                    n_kv_heads: n_kv,
+                    head_dim_k: hd,
+                    head_dim_v: hd,
+                    block_tokens: 32,
+                    dtype,
+                    windows: Vec::new(),
+                };
+                let pos: Vec<u32> = (0..len as u32).collect();
+                let (k, v) = (rng.vec(len * n_kv * hd, 1.0), rng.vec(len * n_kv * hd, 1.0));
+                let q = rng.vec(len * n_q * hd, 3.0);
+                let p = AttnParams {
+                    n_q_heads: n_q,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    window: None,
+                    softcap: None,
+                };
+                let mut whole = KvCache::new(cfg.clone());
+                whole.append(0, &pos, &k, &v);
+                let row = n_q * hd;
+                let mut scratch = AttnScratch::default();
+                for simd in simd_levels() {
+                    let mut prefill = vec![0.0; len * row];
+                    attend_impl(
+                        &whole,
+                        0,
+                        &q,
+                        &pos,
+                        &mut prefill,
+                        &p,
+                        Sel::All,
+                        simd,
+                        &mut scratch,
+                    );
+                    let mut growing = KvCache::new(cfg.clone());
+                    let mut one = vec![0.0; row];
+                    for r in 0..len {
+                        let kv = n_kv * hd;
+                        growing.append(0, &pos[r..=r], &k[r * kv..][..kv], &v[r * kv..][..kv]);
+                        let qr = &q[r * row..][..row];
+                        attend_impl(
+                            &growing,
+                            0,
+                            qr,
+                            &pos[r..=r],
+                            &mut one,
+                            &p,
+                            Sel::All,
+                            simd,
+                            &mut scratch,
+                        );
+                        let differ = one
+                            .iter()
+                            .zip(&prefill[r * row..][..row])
+                            .filter(|(a, b)| a.to_bits() != b.to_bits())
+                            .count();
+                        assert_eq!(
+                            differ, 0,
+                            "{simd:?} {dtype:?} {n_q}/{n_kv}×{hd} seed {seed}: row {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// A decode row reads f16 blocks in place on the AVX-512 path (each key and value converted where it is
     /// loaded); a call with more rows than one pass of that fold converts each block into a copy first. The same
     /// query row gives the same bits both ways: three copies of it at the same position (12 rows of a 4-query-head
