@@ -15,6 +15,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use hayloft::attention::Selection;
+use hayloft::engine::sampler::argmax;
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::eval::haystack::Haystacks;
 use hayloft::eval::niah::{self, NiahParams};
@@ -321,12 +322,4 @@ fn report(name: &str, s: &Sums, what: &str) {
         s.touched / n,
         s.build_ms
     );
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    x.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .unwrap()
 }
