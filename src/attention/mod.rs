@@ -1766,29 +1766,27 @@ fn pv_f32(s: &[f32], vb: &[f32], alpha: f32, a: &mut [f32]) {
     if alpha != 1.0 {
         a.iter_mut().for_each(|x| *x *= alpha);
     }
-    let mut quads = s.chunks_exact(4);
-    let mut j = 0;
-    for pq in quads.by_ref() {
-        let v0 = &vb[j * hv..][..hv];
-        let v1 = &vb[(j + 1) * hv..][..hv];
-        let v2 = &vb[(j + 2) * hv..][..hv];
-        let v3 = &vb[(j + 3) * hv..][..hv];
+    // One pass: a += p0·v0 + p1·v1 + p2·v2 + p3·v3 over the four rows from `j` on.
+    let pass = |a: &mut [f32], pq: [f32; 4], j: usize, last: usize| {
+        let v = |i: usize| &vb[(j + i.min(last)) * hv..][..hv];
+        let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
         for d in 0..hv {
             a[d] += pq[0] * v0[d] + pq[1] * v1[d] + pq[2] * v2[d] + pq[3] * v3[d];
         }
+    };
+    let mut quads = s.chunks_exact(4);
+    let mut j = 0;
+    for pq in quads.by_ref() {
+        pass(a, [pq[0], pq[1], pq[2], pq[3]], j, 3);
         j += 4;
     }
-    // The last 1–3 keys as one more pass with the missing keys' terms 0 (their value rows may not exist): the same
-    // bits as a pass over four keys whose last ones are masked (0 · v), which is how a prefill row sees a block its
-    // causal mask cuts.
+    // The last 1–3 keys as one more pass, the missing keys at p = 0 over the last row that exists (0 · v): the same
+    // bits as a pass whose last keys a causal mask cuts, which is how a prefill row sees the block.
     let rest = quads.remainder();
     if !rest.is_empty() {
-        let row = |i: usize| rest.get(i).map(|&p| (p, &vb[(j + i) * hv..][..hv]));
-        let (r0, r1, r2) = (row(0), row(1), row(2));
-        for d in 0..hv {
-            let term = |r: Option<(f32, &[f32])>| r.map_or(0.0, |(p, v)| p * v[d]);
-            a[d] += term(r0) + term(r1) + term(r2) + 0.0;
-        }
+        let mut pq = [0.0f32; 4];
+        pq[..rest.len()].copy_from_slice(rest);
+        pass(a, pq, j, rest.len() - 1);
     }
 }
 
