@@ -1228,12 +1228,16 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
             converted = usize::MAX;
             continue;
         }
-        if let (BlockData::F16 { k: kh, v: vh }, None, true) =
-            (blk.data, blk.channels, wide_f16::<BT>(a))
+        let on_disk = matches!(blk.data, BlockData::Disk(_));
+        if blk.channels.is_none()
+            && (on_disk || matches!(blk.data, BlockData::F16 { .. }))
+            && wide_f16::<BT>(a)
         {
             // Part of an f16 block, read in place: the block's pieces (they follow each other) as a mask of its
             // entries. Keys are read whole (each channel's row of the block is one or two cache lines, touched
-            // anyway) and counted whole; values and positions only for the selected entries.
+            // anyway) and counted whole; values and positions only for the selected entries. A block offloaded to
+            // disk is read whole into the task's buffer (its read counted there) and folded the same way, so that
+            // offload changes no bit of the result.
             if i > 0 && task_pieces[i - 1].block == pc.block {
                 continue; // folded with the block's first piece
             }
@@ -1243,7 +1247,22 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 picked += (q.j1 - q.j0) as usize;
             }
             blk.mark_read();
-            buf.read += 2 * hk * BT + picked * (2 * hv + 4);
+            if !on_disk {
+                buf.read += 2 * hk * BT + picked * (2 * hv + 4);
+            }
+            let TaskBuf {
+                s,
+                m,
+                l,
+                acc,
+                pbuf,
+                disk,
+                ..
+            } = &mut *buf;
+            let (kh, vh) = match blk.data {
+                BlockData::F16 { k: kh, v: vh } => (&kh[..], &vh[..]),
+                _ => blk.read_offloaded(disk).expect("a disk block"),
+            };
             let tile = Tile::F16 {
                 kt: &kh[..hk * BT],
                 vb: &vh[..blk.n * hv],
@@ -1252,16 +1271,12 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 cols,
                 ahead: NO_AHEAD,
             };
-            let TaskBuf {
-                s, m, l, acc, pbuf, ..
-            } = &mut *buf;
             fold::<BT>(a, tile, blk.pos, s, m, l, acc, pbuf);
             continue;
         }
         // Part of an f16 block: its keys are converted whole (each channel's row of the block is one or two cache
         // lines, touched anyway) and counted whole; values and positions only for the selected entries. A block
         // offloaded to disk is read whole into the task's buffer (its read counted there), then taken the same way.
-        let on_disk = matches!(blk.data, BlockData::Disk(_));
         let f16_part =
             blk.channels.is_none() && (on_disk || matches!(blk.data, BlockData::F16 { .. }));
         if f16_part {
