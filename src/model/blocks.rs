@@ -571,11 +571,37 @@ pub(crate) fn output_logits(
 // ---------------------------------------------------------------------------------------------------------------------
 // Element-wise ops
 
+/// Σ x² in 16 interleaved partial sums (lane i takes the elements ≡ i mod 16, the tail included), added pairwise at
+/// the end: one fixed order on every CPU and path, so the same bits everywhere, and one the compiler can keep in
+/// vector registers. A single running f32 sum is a chain of dependent adds: `bench machine` priced the norm at 0.83
+/// ns per element with it.
+#[inline]
+pub fn sum_squares(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += v * v;
+    }
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            acc[i] += acc[i + n];
+        }
+    }
+    acc[0]
+}
+
 /// `out[t] = x[t] / rms(x[t]) ⊙ w`, for each row of length `w.len()`.
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let d = w.len();
     for (o, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let ss = sum_squares(xr) / d as f32;
         let inv = 1.0 / (ss + eps).sqrt();
         for ((oi, xi), wi) in o.iter_mut().zip(xr).zip(w) {
             *oi = xi * inv * wi;
@@ -587,7 +613,7 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
 pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
     for xr in x.chunks_exact_mut(d) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let ss = sum_squares(xr) / d as f32;
         let inv = 1.0 / (ss + eps).sqrt();
         for (xi, wi) in xr.iter_mut().zip(w) {
             *xi = *xi * inv * wi;
