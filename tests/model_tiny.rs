@@ -4,7 +4,9 @@
 
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
-use hayloft::model::testutil::{write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2, TinySpec};
+use hayloft::model::testutil::{
+    tiny_llama3, tiny_qwen3, write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2, TinySpec,
+};
 use hayloft::model::{Arch, Model, RopeStyle};
 
 fn all_logits(model: &Model, tokens: &[u32], chunk: usize) -> Vec<f32> {
@@ -121,6 +123,38 @@ fn qwen2_chunked_equals_one_shot_equals_token_by_token() {
             let c = m.config();
             assert_eq!((c.arch, c.rope_style), (Arch::Qwen2, RopeStyle::Neox));
             check_model(&m, 75);
+        }
+    }
+}
+
+/// Qwen3 (QK-norm, heads wider than dim / heads) and Llama with RoPE frequency factors, like the others.
+#[test]
+fn qwen3_and_llama3_chunked_equal_one_shot_equal_token_by_token() {
+    let dir = tempfile::tempdir().unwrap();
+    for ty in [GgmlType::F32, GgmlType::Q8_0] {
+        for seed in 0..3 {
+            let spec = TinySpec {
+                weight_type: ty,
+                head_dim: 32,
+                seed,
+                ..Default::default()
+            };
+            let p = dir.path().join(format!("tiny-qwen3-{ty}-{seed}.gguf"));
+            tiny_qwen3(&spec).write(&p).unwrap();
+            let m = Model::load(&p).unwrap();
+            let c = m.config();
+            assert_eq!(
+                (c.arch, c.rope_style, c.head_dim_k),
+                (Arch::Qwen3, RopeStyle::Neox, 32)
+            );
+            check_model(&m, 75);
+            let p = dir.path().join(format!("tiny-llama3-{ty}-{seed}.gguf"));
+            let llama = TinySpec {
+                head_dim: 16, // dim / heads: the tiny Llama writes no key_length
+                ..spec.clone()
+            };
+            tiny_llama3(&llama).write(&p).unwrap();
+            check_model(&Model::load(&p).unwrap(), 75);
         }
     }
 }
@@ -348,6 +382,18 @@ fn head_mask_zeroes_exactly_the_marked_head_llama() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     write_tiny_llama(&p, &TinySpec::default()).unwrap();
+    check_head_mask(&Model::load(&p).unwrap());
+}
+
+#[test]
+fn head_mask_zeroes_exactly_the_marked_head_qwen3() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny-qwen3.gguf");
+    let spec = TinySpec {
+        head_dim: 24,
+        ..Default::default()
+    };
+    tiny_qwen3(&spec).write(&p).unwrap();
     check_head_mask(&Model::load(&p).unwrap());
 }
 

@@ -54,14 +54,25 @@ pub fn run(a: InfoArgs) -> Result<()> {
     );
     println!("vocab:         {}", c.vocab);
     let scaling = match &model {
-        Model::Llama(l) => match l.rope_scaling {
-            RopeScaling::None => String::new(),
-            RopeScaling::Linear { factor } => format!(", linear scaling ×{factor}"),
-            RopeScaling::Yarn(y) => format!(
-                ", YaRN scaling ×{} (trained at {}, β {}/{})",
-                y.factor, y.orig_ctx, y.beta_fast, y.beta_slow
-            ),
-        },
+        Model::Llama(l) => {
+            let s = match l.rope_scaling {
+                RopeScaling::None => String::new(),
+                RopeScaling::Linear { factor } => format!(", linear scaling ×{factor}"),
+                RopeScaling::Yarn(y) => format!(
+                    ", YaRN scaling ×{} (trained at {}, β {}/{})",
+                    y.factor, y.orig_ctx, y.beta_fast, y.beta_slow
+                ),
+            };
+            match &l.rope_freq_factors {
+                Some(ff) => {
+                    let (lo, hi) = ff
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                    format!("{s}, frequency factors {lo}…{hi} (rope_freqs)")
+                }
+                None => s,
+            }
+        }
         Model::Gemma3(_) => String::new(),
     };
     println!(

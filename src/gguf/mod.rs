@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::Mmap;
 
@@ -291,6 +292,8 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
     index: BTreeMap<String, usize>,
+    /// Per tensor: whether a loader has looked it up ([`GgufFile::unused_tensors`]).
+    looked_up: Vec<AtomicBool>,
     data: Data,
     data_offset: u64,
 }
@@ -625,9 +628,11 @@ impl GgufFile {
             path: path.clone(),
             what,
         })?;
+        let looked_up = tensors.iter().map(|_| AtomicBool::new(false)).collect();
         Ok(Self {
             path,
             version,
+            looked_up,
             metadata,
             tensors,
             index,
@@ -636,8 +641,24 @@ impl GgufFile {
         })
     }
 
+    /// The tensor called `name`; the lookup marks it as read by a loader ([`GgufFile::unused_tensors`]).
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
-        self.index.get(name).map(|&i| &self.tensors[i])
+        self.index.get(name).map(|&i| {
+            self.looked_up[i].store(true, Ordering::Relaxed);
+            &self.tensors[i]
+        })
+    }
+
+    /// Names of the tensors no [`GgufFile::tensor_info`] call has asked for, in file order. After a model's loader
+    /// has run, these are tensors the architecture would ignore (llama.cpp refuses such a file: its loader counts
+    /// the tensors it created against the file's).
+    pub fn unused_tensors(&self) -> Vec<&str> {
+        self.tensors
+            .iter()
+            .zip(&self.looked_up)
+            .filter(|(_, u)| !u.load(Ordering::Relaxed))
+            .map(|(t, _)| t.name.as_str())
+            .collect()
     }
 
     /// Raw bytes of a tensor (bounds were checked at open).

@@ -79,8 +79,9 @@ impl Model {
         }
         match self {
             Model::Llama(l) => {
+                let ff = l.rope_freq_factors.as_deref();
                 l.rope_scaling
-                    .tables(pos, c.rope_dim, c.rope_base, &mut r.cos, &mut r.sin)
+                    .tables(pos, c.rope_dim, c.rope_base, ff, &mut r.cos, &mut r.sin)
             }
             Model::Gemma3(g) => {
                 let scale = 1.0 / g.rope_scale_global;

@@ -1,15 +1,16 @@
-//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, and Qwen2/2.5) as llama.cpp's GGUF lays
-//! it out.
+//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5 and Qwen3) as llama.cpp's GGUF
+//! lays it out.
 //!
-//! Per layer: x += Wo · attention(RoPE(Wq·n(x) + bq), RoPE(Wk·n(x) + bk), Wv·n(x) + bv);
+//! Per layer: x += Wo · attention(RoPE(qn(Wq·n(x) + bq)), RoPE(kn(Wk·n(x) + bk)), Wv·n(x) + bv);
 //! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
-//! reads them. The biases are there when the file has them (Qwen2 always does). Llama rotates pairs (2i, 2i+1);
-//! Qwen2 rotates (i, i + d/2) (NeoX), as llama.cpp does for each. Both honour the RoPE scaling the file declares.
+//! reads them. The biases are there when the file has them (Qwen2 always does); qn and kn, RMSNorm over each query
+//! and key head, only in Qwen3. Llama rotates pairs (2i, 2i+1); Qwen2 and Qwen3 rotate (i, i + d/2) (NeoX), as
+//! llama.cpp does for each. All honour the RoPE scaling the file declares, and Llama its frequency factors.
 
 use anyhow::{bail, Result};
 
 use super::blocks::{self, add_residual, norm_input, Attention, GateAct, GatedFfn};
-use super::rope::RopeScaling;
+use super::rope::{freq_factors, RopeScaling};
 use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
@@ -30,15 +31,18 @@ pub struct Llama {
     pub output: Option<QMatrix>,
     /// RoPE scaling from `<arch>.rope.scaling.*`.
     pub rope_scaling: RopeScaling,
+    /// rope_dim/2 frequency factors (`rope_freqs.weight`, Llama 3.1 and later; Qwen2 has none).
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama` or `Qwen2`; their metadata keys start with "llama." and
-    /// "qwen2.").
+    /// Loads a model of architecture `arch` (`Llama`, `Qwen2` or `Qwen3`; their metadata keys start with "llama.",
+    /// "qwen2." and "qwen3.").
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
             Arch::Qwen2 => ("qwen2", RopeStyle::Neox),
+            Arch::Qwen3 => ("qwen3", RopeStyle::Neox),
             Arch::Gemma3 => bail!("{}: gemma3 is not a Llama-family model", g.path.display()),
         };
         let key = |k: &str| format!("{a}.{k}");
@@ -48,13 +52,32 @@ impl Llama {
         let n_kv_heads = g
             .get_u64(&key("attention.head_count_kv"))?
             .map_or(n_heads, |v| v as usize);
-        if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             bail!(
-                "{}: inconsistent head counts: dim {dim}, {n_heads} heads, {n_kv_heads} KV heads",
+                "{}: inconsistent head counts: {n_heads} heads, {n_kv_heads} KV heads",
                 g.path.display()
             );
         }
-        let hd = dim / n_heads;
+        // Head width: `attention.key_length` where the file gives it (Qwen3's heads are wider than dim / heads),
+        // else dim / heads; values as wide as keys (llama.cpp's Llama-family graphs assume it too).
+        let hd = match g.get_u64(&key("attention.key_length"))? {
+            Some(k) => k as usize,
+            None if dim % n_heads == 0 => dim / n_heads,
+            None => bail!(
+                "{}: {dim} dims do not split into {n_heads} heads and {} is absent",
+                g.path.display(),
+                key("attention.key_length")
+            ),
+        };
+        let hv = g
+            .get_u64(&key("attention.value_length"))?
+            .map_or(hd, |v| v as usize);
+        if hd == 0 || hv != hd {
+            bail!(
+                "{}: head widths {hd} (keys) and {hv} (values); hayloft runs Llama-family heads of one nonzero width",
+                g.path.display()
+            );
+        }
         let ffn_dim = meta_usize(g, a, "feed_forward_length")?;
         let emb = super::tensor(g, "token_embd.weight")?;
         let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
@@ -97,7 +120,7 @@ impl Llama {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(LlamaLayer {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
-                attn: Attention::load(g, i, &cfg, false)?,
+                attn: Attention::load(g, i, &cfg, arch == Arch::Qwen3)?,
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
                 ffn: GatedFfn::load(g, i, &cfg)?,
             });
@@ -112,6 +135,10 @@ impl Llama {
             output,
             layers,
             rope_scaling: RopeScaling::from_gguf(g, a, cfg.ctx_len)?,
+            rope_freq_factors: match arch {
+                Arch::Llama => freq_factors(g, cfg.rope_dim)?,
+                _ => None,
+            },
             cfg,
         })
     }
@@ -138,8 +165,9 @@ impl Llama {
         let n = blocks::embed(&self.tok_embd, c, seqs, s);
         let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]); // n × rope_dim/2 each
         blocks::rope_rows(seqs, half, cos, sin, |pos, cos, sin| {
+            let ff = self.rope_freq_factors.as_deref();
             self.rope_scaling
-                .tables(pos, c.rope_dim, c.rope_base, cos, sin)
+                .tables(pos, c.rope_dim, c.rope_base, ff, cos, sin)
         });
 
         for (li, l) in self.layers.iter().enumerate() {

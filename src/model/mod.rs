@@ -1,6 +1,6 @@
 //! Models: one file per architecture family, each a plain struct of weights and a forward pass that reads top to
-//! bottom: `llama` (Llama, and Qwen2/2.5, which adds biases to the Q/K/V projections and rotates NeoX-style) and
-//! `gemma3`. What they share: this module holds the hyper-parameters, weight loading and the per-chunk scratch buffers;
+//! bottom: `llama` (Llama; Qwen2/2.5, which adds biases to the Q/K/V projections and rotates NeoX-style; Qwen3, which
+//! norms each query and key head instead) and `gemma3`. What they share: this module holds the hyper-parameters, weight loading and the per-chunk scratch buffers;
 //! [`blocks`] the layer blocks (attention, gated feed-forward, embedding, output head) and the element-wise ops
 //! (RMSNorm, RoPE, activations); [`rope`] the RoPE scaling a GGUF may declare (linear, YaRN).
 
@@ -37,6 +37,9 @@ pub enum Arch {
     Llama,
     /// Qwen2 / Qwen2.5: Llama blocks with biased Q/K/V projections and NeoX RoPE (run by [`llama::Llama`]).
     Qwen2,
+    /// Qwen3: Llama blocks with per-head RMSNorm of queries and keys before RoPE (QK-norm), NeoX RoPE, no biases, and
+    /// heads wider than dim / heads (run by [`llama::Llama`]).
+    Qwen3,
     Gemma3,
 }
 
@@ -114,15 +117,33 @@ impl Model {
 
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.architecture()?;
-        match arch {
-            "llama" => Ok(Model::Llama(llama::Llama::load(g, Arch::Llama)?)),
-            "qwen2" => Ok(Model::Llama(llama::Llama::load(g, Arch::Qwen2)?)),
-            "gemma3" => Ok(Model::Gemma3(gemma3::Gemma3::load(g)?)),
+        let model = match arch {
+            "llama" => Model::Llama(llama::Llama::load(g, Arch::Llama)?),
+            "qwen2" => Model::Llama(llama::Llama::load(g, Arch::Qwen2)?),
+            "qwen3" => Model::Llama(llama::Llama::load(g, Arch::Qwen3)?),
+            "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, gemma3)",
                 g.path.display()
             ),
+        };
+        // A tensor the loader never asked for would change nothing, silently: a file made for a variant of the
+        // architecture this loader does not know (llama.cpp refuses it too: "wrong number of tensors").
+        let unused = g.unused_tensors();
+        if let Some(first) = unused.first() {
+            bail!(
+                "{}: {} tensor(s) that the {arch} architecture does not use, first '{first}'{}; hayloft refuses a \
+                 file whose weights it would ignore",
+                g.path.display(),
+                unused.len(),
+                if unused.len() > 1 {
+                    format!(" (all: {})", unused.iter().take(8).copied().collect::<Vec<_>>().join(", "))
+                } else {
+                    String::new()
+                }
+            );
         }
+        Ok(model)
     }
 
     pub fn config(&self) -> &ModelConfig {

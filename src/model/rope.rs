@@ -8,6 +8,10 @@
 //! angle = θ_i/factor · (1 − ramp_i) + θ_i · ramp_i; cos and sin are multiplied by
 //! `mscale = attn_factor · m(factor, 1) / m(factor, log_mul)` with `m(s, k) = 1 + 0.1 · k · ln s` (1 for s ≤ 1), or
 //! `attn_factor · m(factor, 1)` when the file gives no `yarn_log_multiplier`.
+//!
+//! Frequency factors (`rope_freqs.weight`, written for Llama 3.1 and later, whose "llama3" scaling the converter bakes
+//! into one factor per rotated pair): θ_i is divided by factor i before any scaling above, as llama.cpp's
+//! `freq_factors` are applied.
 
 use anyhow::{bail, Result};
 
@@ -94,21 +98,69 @@ impl RopeScaling {
         })
     }
 
-    /// Fills cos/sin tables (n_tok × rope_dim/2) for positions `pos`, scaled as declared.
+    /// Fills cos/sin tables (n_tok × rope_dim/2) for positions `pos`, scaled as declared, with pair i's frequency
+    /// divided by `factors[i]` where the model has frequency factors (rope_dim/2 of them).
     pub fn tables(
         &self,
         pos: &[u32],
         rope_dim: usize,
         base: f32,
+        factors: Option<&[f32]>,
         cos: &mut [f32],
         sin: &mut [f32],
     ) {
-        match self {
-            RopeScaling::None => rope_tables(pos, rope_dim, base, 1.0, cos, sin),
-            RopeScaling::Linear { factor } => {
+        match (self, factors) {
+            (RopeScaling::None, None) => rope_tables(pos, rope_dim, base, 1.0, cos, sin),
+            (RopeScaling::Linear { factor }, None) => {
                 rope_tables(pos, rope_dim, base, 1.0 / factor, cos, sin)
             }
-            RopeScaling::Yarn(y) => y.tables(pos, rope_dim, base, cos, sin),
+            (RopeScaling::None, Some(ff)) => factor_tables(pos, rope_dim, base, 1.0, ff, cos, sin),
+            (RopeScaling::Linear { factor }, Some(ff)) => {
+                factor_tables(pos, rope_dim, base, 1.0 / factor, ff, cos, sin)
+            }
+            (RopeScaling::Yarn(y), ff) => y.tables(pos, rope_dim, base, ff, cos, sin),
+        }
+    }
+}
+
+/// Reads a Llama model's `rope_freqs.weight` (F32 or F16, rope_dim/2 values, each finite and positive), if the file
+/// has one.
+pub fn freq_factors(g: &GgufFile, rope_dim: usize) -> Result<Option<Vec<f32>>> {
+    const NAME: &str = "rope_freqs.weight";
+    if g.tensor_info(NAME).is_none() {
+        return Ok(None);
+    }
+    let ff = super::load_vector(g, NAME, rope_dim / 2)?;
+    if let Some((i, v)) = ff
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v > 0.0))
+    {
+        bail!(
+            "{}: tensor {NAME} holds {v} at pair {i}; a frequency factor must be finite and positive",
+            g.path.display()
+        );
+    }
+    Ok(Some(ff))
+}
+
+/// [`rope_tables`] with pair i's frequency divided by `ff[i]`.
+fn factor_tables(
+    pos: &[u32],
+    rope_dim: usize,
+    base: f32,
+    freq_scale: f32,
+    ff: &[f32],
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
+    let half = rope_dim / 2;
+    for (t, &p) in pos.iter().enumerate() {
+        for (i, &f) in ff[..half].iter().enumerate() {
+            let freq = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64) / f as f64;
+            let a = p as f64 * freq * freq_scale as f64;
+            cos[t * half + i] = a.cos() as f32;
+            sin[t * half + i] = a.sin() as f32;
         }
     }
 }
@@ -143,14 +195,25 @@ impl Yarn {
         self.attn_factor * ratio
     }
 
-    fn tables(&self, pos: &[u32], rope_dim: usize, base: f32, cos: &mut [f32], sin: &mut [f32]) {
+    fn tables(
+        &self,
+        pos: &[u32],
+        rope_dim: usize,
+        base: f32,
+        ff: Option<&[f32]>,
+        cos: &mut [f32],
+        sin: &mut [f32],
+    ) {
         let half = rope_dim / 2;
         let (low, high) = self.corr_dims(rope_dim, base);
         let mscale = self.mscale() as f64;
         let inv_factor = 1.0 / self.factor as f64;
         for (t, &p) in pos.iter().enumerate() {
             for i in 0..half {
-                let extrap = p as f64 * (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+                let mut extrap = p as f64 * (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+                if let Some(ff) = ff {
+                    extrap /= ff[i] as f64;
+                }
                 let y = (i as f32 - low) / (high - low).max(0.001);
                 let ramp = (1.0 - y.clamp(0.0, 1.0)) as f64;
                 let a = extrap * inv_factor * (1.0 - ramp) + extrap * ramp;
@@ -195,7 +258,7 @@ mod tests {
         let half = d / 2;
         let (mut c, mut s) = (vec![0.0; half], vec![0.0; half]);
         let p = 1000u32;
-        y.tables(&[p], d, base, &mut c, &mut s);
+        y.tables(&[p], d, base, None, &mut c, &mut s);
         let m = y.mscale();
         assert!((m - (1.0 + 0.1 * 4f32.ln())).abs() < 1e-6);
         let (lo, hi) = y.corr_dims(d, base);
@@ -224,10 +287,36 @@ mod tests {
     fn linear_scaling_divides_angles() {
         let (mut c1, mut s1, mut c2, mut s2) =
             (vec![0.0; 8], vec![0.0; 8], vec![0.0; 8], vec![0.0; 8]);
-        RopeScaling::Linear { factor: 2.0 }.tables(&[10], 16, 1e4, &mut c1, &mut s1);
-        RopeScaling::None.tables(&[5], 16, 1e4, &mut c2, &mut s2);
+        RopeScaling::Linear { factor: 2.0 }.tables(&[10], 16, 1e4, None, &mut c1, &mut s1);
+        RopeScaling::None.tables(&[5], 16, 1e4, None, &mut c2, &mut s2);
         for i in 0..8 {
             assert!((c1[i] - c2[i]).abs() < 1e-6 && (s1[i] - s2[i]).abs() < 1e-6);
+        }
+    }
+
+    /// Pair i's angle at position p with factor f_i is its angle at p / f_i; factors of 1 change no bit, with or
+    /// without scaling.
+    #[test]
+    fn frequency_factors_divide_each_pairs_angle() {
+        let ff = [1.0f32, 2.0, 4.0, 8.0, 1.0, 2.0, 4.0, 8.0];
+        let (mut c, mut s) = (vec![0.0f32; 8], vec![0.0f32; 8]);
+        let (mut c1, mut s1) = (vec![0.0f32; 8], vec![0.0f32; 8]);
+        for scaling in [
+            RopeScaling::None,
+            RopeScaling::Linear { factor: 2.0 },
+            RopeScaling::Yarn(yarn(4.0)),
+        ] {
+            scaling.tables(&[64], 16, 1e4, Some(&ff), &mut c, &mut s);
+            for (i, &f) in ff.iter().enumerate() {
+                scaling.tables(&[64 / f as u32], 16, 1e4, None, &mut c1, &mut s1);
+                assert!(
+                    (c[i] - c1[i]).abs() < 1e-6 && (s[i] - s1[i]).abs() < 1e-6,
+                    "{scaling:?} pair {i}"
+                );
+            }
+            scaling.tables(&[77], 16, 1e4, Some(&[1.0; 8]), &mut c, &mut s);
+            scaling.tables(&[77], 16, 1e4, None, &mut c1, &mut s1);
+            assert_eq!((&c, &s), (&c1, &s1), "{scaling:?}");
         }
     }
 }

@@ -138,6 +138,45 @@ pub fn tiny_llama(s: &TinySpec) -> GgufWriter {
     llama_family(s, "llama", None)
 }
 
+/// A tiny Llama model in the shape of Llama 3.1+ files: `rope_freqs.weight` holds rope_dim/2 frequency factors made
+/// as Meta's "llama3" RoPE scaling makes them (factor 8, low/high frequency factors 1 and 4, trained context 64, base
+/// 10000), so at a tiny model's positions some pairs turn 8× slower, some not at all, and some in between.
+pub fn tiny_llama3(s: &TinySpec) -> GgufWriter {
+    let mut w = tiny_llama(s);
+    w.tensor_f32(
+        "rope_freqs.weight",
+        &[(s.head_dim / 2) as u64],
+        &llama3_freq_factors(s.head_dim, 10000.0, 8.0, 1.0, 4.0, 64.0),
+    );
+    w
+}
+
+/// Meta's "llama3" RoPE frequency factors (what llama.cpp's converter writes as `rope_freqs.weight`): 1 for
+/// wavelengths under `orig / high`, `factor` for those over `orig / low`, a smooth blend between.
+pub fn llama3_freq_factors(
+    rope_dim: usize,
+    base: f32,
+    factor: f32,
+    low: f32,
+    high: f32,
+    orig: f32,
+) -> Vec<f32> {
+    (0..rope_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / base.powf(2.0 * i as f32 / rope_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < orig / high {
+                1.0
+            } else if wavelen > orig / low {
+                factor
+            } else {
+                let smooth = (orig / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
 /// RoPE scaling metadata for a tiny Qwen2 model: (type, factor, original context length).
 pub type TinyRopeScaling = (&'static str, f32, u32);
 
@@ -151,9 +190,18 @@ pub fn write_tiny_qwen2(
     llama_family(s, "qwen2", rope_scaling).write(path)
 }
 
-/// `arch` "llama" or "qwen2" (which adds biases and the qwen2 pre-tokenizer).
+/// A tiny Qwen3-architecture GGUF with random weights: Llama blocks with per-head RMSNorm weights for queries and
+/// keys (`blk.i.attn_{q,k}_norm`, head_dim each), no biases, `attention.key_length` given (choose a `head_dim` other
+/// than dim / heads to exercise it, as the real Qwen3 files have), the `qwen2` pre-tokenizer.
+pub fn tiny_qwen3(s: &TinySpec) -> GgufWriter {
+    llama_family(s, "qwen3", None)
+}
+
+/// `arch` "llama", "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
+/// in the metadata, the qwen2 pre-tokenizer).
 fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>) -> GgufWriter {
     let qwen2 = arch == "qwen2";
+    let qwen3 = arch == "qwen3";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut bias_rng = Rng(s.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
@@ -172,12 +220,16 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
     w.meta(&a("rope.freq_base"), Value::F32(10000.0));
     w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
     w.meta(&a("rope.dimension_count"), Value::U32(s.head_dim as u32));
+    if qwen3 {
+        w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
+        w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
+    }
     if let Some((ty, factor, orig)) = rope_scaling {
         w.meta(&a("rope.scaling.type"), Value::String(ty.into()));
         w.meta(&a("rope.scaling.factor"), Value::F32(factor));
         w.meta(&a("rope.scaling.original_context_length"), Value::U32(orig));
     }
-    let vocab = gpt2_vocab(&mut w, if qwen2 { "qwen2" } else { "smollm" });
+    let vocab = gpt2_vocab(&mut w, if qwen2 || qwen3 { "qwen2" } else { "smollm" });
     let (d, hd, f) = (s.dim, s.head_dim, s.ffn_dim);
     let wt = s.weight_type;
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
@@ -199,6 +251,15 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
             ] {
                 let b = bias_rng.vec(len, 1.0);
                 w.tensor_f32(&format!("blk.{i}.{what}.bias"), &[len as u64], &b);
+            }
+        }
+        if qwen3 {
+            // Per-channel weights far from 1, different for queries and keys, so a norm applied wrongly shows.
+            for (what, k) in [("attn_q_norm", 3), ("attn_k_norm", 5)] {
+                let g: Vec<f32> = (0..hd)
+                    .map(|j| 0.5 + ((j * k + i) % 11) as f32 / 10.0)
+                    .collect();
+                w.tensor_f32(&n(what), &[hd as u64], &g);
             }
         }
         mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);

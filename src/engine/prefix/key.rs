@@ -23,7 +23,9 @@ use crate::model::ModelConfig;
 pub const BLOCK: usize = 32;
 
 /// Version of the key derivation: bump it when what goes into a key changes, so old entries are never misread.
-const KEY_VERSION: &[u8] = b"hayloft-prefix-v1";
+/// v2: Llama files with RoPE frequency factors (`rope_freqs.weight`) are read with them; a v1 entry of such a file
+/// holds keys rotated without them.
+const KEY_VERSION: &[u8] = b"hayloft-prefix-v2";
 
 /// A 256-bit key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -172,11 +174,11 @@ mod tests {
         // hashlib over the same bytes).
         assert_eq!(
             keys[0].hex(),
-            "2957f0c6895103108e024a54f42900354dbbc7aa4f41e58b9be168c63c17acae"
+            "50c54263a9fcdfb352ae5655f9600b5127c1763a16c5c2f0a5d491eb762cdc70"
         );
         assert_eq!(
             keys[2].hex(),
-            "ab62a9474b1792c32bdf52d5a1bc96773ff37b602ce90496cbda37eb428e1e80"
+            "f284d77619dfee54eb5aba0ee62197b83d054a0c531f8cc4cc8cb2c99ccea6e8"
         );
         // A block's key names its whole prefix: change token 0 and every key changes.
         let mut other = tokens.clone();
