@@ -35,6 +35,8 @@ fn config(nl: usize, nh: usize, nkv: usize, hd: usize, window: Option<u32>) -> M
         layer_is_local: (0..nl).map(|l| window.is_some() && l == 0).collect(),
         attn_scale: 1.0 / (hd as f32).sqrt(),
         embed_scale: 1.0,
+        attn_softcap: None,
+        final_softcap: None,
     }
 }
 

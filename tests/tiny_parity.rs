@@ -4,6 +4,8 @@
 //! - `llama3`: a Llama model with RoPE frequency factors (`rope_freqs.weight`, Meta's "llama3" scaling baked in by
 //!   llama.cpp's converter for Llama 3.1 and later).
 //! - `qwen3`: a Qwen3 model (per-head RMSNorm of queries and keys, heads wider than dim / heads).
+//! - `gemma2`: a Gemma 2 model (attention and final logit soft-capping, every other layer local with a 16-token
+//!   window, one RoPE base).
 //!
 //! Each case also drops its feature from the loaded model and checks that the logits then move far from llama.cpp's,
 //! so the comparison can fail. Also: a file holding a tensor its architecture does not use is refused by name, as
@@ -16,7 +18,7 @@ use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::GgmlType;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_llama, tiny_llama3, tiny_qwen3, TinySpec,
+    llama3_freq_factors, tiny_gemma2, tiny_llama, tiny_llama3, tiny_qwen3, TinySpec,
 };
 use hayloft::model::Model;
 use serde::Deserialize;
@@ -50,6 +52,8 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
     vec![
         ("llama3", tiny_llama3(&spec(32, 31))),
         ("qwen3", tiny_qwen3(&spec(48, 37))),
+        // Soft-caps of 2 and 1.5 (Gemma 2's are 50 and 30) so that they bite on a tiny model's small scores.
+        ("gemma2", tiny_gemma2(&spec(32, 41), 16, (2.0, 1.5))),
     ]
 }
 
@@ -160,6 +164,24 @@ fn qwen3_gives_llama_cpps_logits() {
             );
             layer.attn.qk_norm = None;
         }
+    });
+}
+
+#[test]
+fn gemma2_gives_llama_cpps_logits() {
+    check("gemma2", |m| {
+        let Model::Gemma3(g) = m else {
+            panic!("a Gemma model")
+        };
+        let c = &mut g.cfg;
+        assert_eq!((c.attn_softcap, c.final_softcap), (Some(2.0), Some(1.5)));
+        assert_eq!(c.layer_is_local[..4], [true, false, true, false]);
+        assert_eq!(
+            (c.rope_base, c.rope_base_local, c.sliding_window),
+            (1e4, 1e4, Some(16))
+        );
+        c.attn_softcap = None;
+        c.final_softcap = None;
     });
 }
 

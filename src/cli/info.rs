@@ -86,6 +86,14 @@ pub fn run(a: InfoArgs) -> Result<()> {
             String::new()
         }
     );
+    if c.attn_softcap.is_some() || c.final_softcap.is_some() {
+        let cap = |v: Option<f32>| v.map_or("none".to_string(), |c| c.to_string());
+        println!(
+            "soft-caps:     attention {}, final logits {}",
+            cap(c.attn_softcap),
+            cap(c.final_softcap)
+        );
+    }
     if let Some(first) = match &model {
         Model::Llama(l) => l.layers.first(),
         Model::Gemma3(_) => None,

@@ -231,7 +231,7 @@ pub(crate) fn attn_params(c: &ModelConfig, li: usize) -> AttnParams {
         n_q_heads: c.n_heads,
         scale: c.attn_scale,
         window: c.layer_window(li),
-        softcap: None,
+        softcap: c.attn_softcap,
     }
 }
 

@@ -234,7 +234,7 @@ impl Attention {
             n_q_heads: nh,
             scale: c.attn_scale,
             window: if local { c.sliding_window } else { None },
-            softcap: None,
+            softcap: c.attn_softcap,
         };
         let (qr, kr) = (nh * hd, nkv * hd); // floats per row of q, and of k and v
         let q = &*q;
@@ -566,6 +566,12 @@ pub(crate) fn output_logits(
         &mut s.logits[..nr * vocab],
         &mut s.mm,
     );
+    if let Some(cap) = c.final_softcap {
+        // Gemma 2: l ← cap · tanh(l / cap), as llama.cpp computes it.
+        par_rows(&mut s.logits[..nr * vocab], vocab, |_, rows| {
+            rows.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh())
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
     let (hk, hv) = (c.head_dim_k as f64, c.head_dim_v as f64);
     let norm = match c.arch {
         super::Arch::Gemma3 => 4.0 * d + (hq + hkv) * hk,
+        super::Arch::Gemma2 => 4.0 * d,
         // Qwen2's Q/K/V biases cost about what a norm pass over those rows does.
         super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
         super::Arch::Qwen3 => 2.0 * d + (hq + hkv) * hk,
@@ -167,6 +168,8 @@ mod tests {
             layer_is_local: vec![true, false],
             attn_scale: 0.5,
             embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
         }
     }
 

@@ -1,9 +1,15 @@
-//! Gemma 3 forward pass (text part), as llama.cpp's GGUF lays it out.
+//! Gemma 3 forward pass (text part), as llama.cpp's GGUF lays it out; Gemma 2 runs the same blocks.
 //!
 //! Differences from Llama: embeddings scaled by sqrt(dim); RMSNorm on each query and key head (QK-norm) before RoPE;
 //! NeoX-style RoPE with base 1e6 on global layers and 1e4 on local ones; local layers see a sliding window (5 of every 6
 //! layers; every 6th is global); norms after the attention and feed-forward blocks as well as before; GeGLU (tanh GELU)
 //! feed-forward. The converter already folded Gemma's (1 + w) into the norm weights.
+//!
+//! Gemma 2 (`general.architecture = "gemma2"`): no QK-norm; one RoPE base (`rope.freq_base_swa` may set the local
+//! one); every other layer local (even layers, window 4096 unless the file says); attention scores soft-capped,
+//! s ← 50 · tanh(s / 50), and the final logits too, l ← 30 · tanh(l / 30) (`attn_logit_softcapping`,
+//! `final_logit_softcapping`); scores scaled by 1/√head_dim, or 1/√(dim / heads) for the 46-layer 27B model, as
+//! llama.cpp does. A Gemma 3 file may declare a final soft-cap too, and it is applied.
 
 use anyhow::{bail, Result};
 
@@ -40,20 +46,33 @@ const SWA_PATTERN: usize = 6;
 /// RoPE base of the local layers (not stored in the GGUF; fixed by the architecture).
 const ROPE_BASE_LOCAL: f32 = 10_000.0;
 
+/// Gemma 2's every-other-layer pattern, window and soft-caps where the file is silent (llama.cpp's defaults).
+const GEMMA2_SWA_PATTERN: usize = 2;
+const GEMMA2_WINDOW: u32 = 4096;
+const GEMMA2_ATTN_SOFTCAP: f32 = 50.0;
+const GEMMA2_FINAL_SOFTCAP: f32 = 30.0;
+
 impl Gemma3 {
-    pub fn load(g: &GgufFile) -> Result<Self> {
-        let a = "gemma3";
+    /// Loads a model of architecture `arch` (`Gemma3` or `Gemma2`; their metadata keys start with "gemma3." and
+    /// "gemma2.").
+    pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
+        let (a, gemma2) = match arch {
+            Arch::Gemma3 => ("gemma3", false),
+            Arch::Gemma2 => ("gemma2", true),
+            _ => bail!("{}: not a Gemma model", g.path.display()),
+        };
+        let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g
-            .get_u64("gemma3.attention.head_count_kv")?
+            .get_u64(&key("attention.head_count_kv"))?
             .map_or(n_heads, |v| v as usize);
         let hd = g
-            .get_u64("gemma3.attention.key_length")?
+            .get_u64(&key("attention.key_length"))?
             .map_or(dim / n_heads.max(1), |v| v as usize);
         let hd_v = g
-            .get_u64("gemma3.attention.value_length")?
+            .get_u64(&key("attention.value_length"))?
             .map_or(hd, |v| v as usize);
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || hd != hd_v {
             bail!("{}: unsupported head layout: {n_heads} heads, {n_kv_heads} KV heads, key {hd}, value {hd_v}", g.path.display());
@@ -65,18 +84,64 @@ impl Gemma3 {
             .copied()
             .unwrap_or(0) as usize;
         let pattern = g
-            .get_u64("gemma3.attention.sliding_window_pattern")?
-            .map_or(SWA_PATTERN, |v| v as usize)
+            .get_u64(&key("attention.sliding_window_pattern"))?
+            .map_or(
+                if gemma2 {
+                    GEMMA2_SWA_PATTERN
+                } else {
+                    SWA_PATTERN
+                },
+                |v| v as usize,
+            )
             .max(1);
         let window = g
-            .get_u64("gemma3.attention.sliding_window")?
-            .map(|w| u32::try_from(w).unwrap_or(u32::MAX));
+            .get_u64(&key("attention.sliding_window"))?
+            .map(|w| u32::try_from(w).unwrap_or(u32::MAX))
+            .or(gemma2.then_some(GEMMA2_WINDOW));
         let layer_is_local = (0..n_layers)
             .map(|i| window.is_some() && i % pattern < pattern - 1)
             .collect();
+        let rope_base = g.get_f64(&key("rope.freq_base"))?.unwrap_or(if gemma2 {
+            10_000.0
+        } else {
+            1_000_000.0
+        }) as f32;
+        let rope_base_local = match g.get_f64(&key("rope.freq_base_swa"))? {
+            Some(b) => b as f32,
+            None if gemma2 => rope_base,
+            None => ROPE_BASE_LOCAL,
+        };
+        // A soft-cap of 0 means none (llama.cpp's reading).
+        let cap = |k: &str, default: Option<f32>| -> Result<Option<f32>> {
+            Ok(match g.get_f64(&key(k))? {
+                Some(0.0) => None,
+                Some(c) if c.is_finite() && c > 0.0 => Some(c as f32),
+                Some(c) => bail!(
+                    "{}: {} is {c}, expected a positive number",
+                    g.path.display(),
+                    key(k)
+                ),
+                None => default,
+            })
+        };
+        let attn_softcap = if gemma2 {
+            cap("attn_logit_softcapping", Some(GEMMA2_ATTN_SOFTCAP))?
+        } else {
+            None
+        };
+        let final_softcap = cap(
+            "final_logit_softcapping",
+            gemma2.then_some(GEMMA2_FINAL_SOFTCAP),
+        )?;
+        // Gemma 2 27B scales by the model's dim per head, not its head width (llama.cpp picks it by layer count).
+        let attn_scale = if gemma2 && n_layers == 46 {
+            1.0 / ((dim / n_heads) as f32).sqrt()
+        } else {
+            1.0 / (hd as f32).sqrt()
+        };
         let cfg = ModelConfig {
-            arch: Arch::Gemma3,
-            name: g.get_str("general.name")?.unwrap_or("gemma3").to_string(),
+            arch,
+            name: g.get_str("general.name")?.unwrap_or(a).to_string(),
             n_layers,
             dim,
             n_heads,
@@ -86,21 +151,23 @@ impl Gemma3 {
             ffn_dim,
             vocab,
             ctx_len: meta_usize(g, a, "context_length")?,
-            rms_eps: g.req_f64("gemma3.attention.layer_norm_rms_epsilon")? as f32,
+            rms_eps: g.req_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
             rope_style: RopeStyle::Neox,
             rope_dim: g
-                .get_u64("gemma3.rope.dimension_count")?
+                .get_u64(&key("rope.dimension_count"))?
                 .map_or(hd, |v| v as usize),
-            rope_base: g.get_f64("gemma3.rope.freq_base")?.unwrap_or(1_000_000.0) as f32,
-            rope_base_local: ROPE_BASE_LOCAL,
+            rope_base,
+            rope_base_local,
             sliding_window: window,
             layer_is_local,
-            attn_scale: 1.0 / (hd as f32).sqrt(),
+            attn_scale,
             embed_scale: (dim as f32).sqrt(),
+            attn_softcap,
+            final_softcap,
         };
         cfg.validate(g)?;
-        let rope_scale_global = match g.get_str("gemma3.rope.scaling.type")? {
-            Some("linear") => g.get_f64("gemma3.rope.scaling.factor")?.unwrap_or(1.0) as f32,
+        let rope_scale_global = match g.get_str(&key("rope.scaling.type"))? {
+            Some("linear") => g.get_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0) as f32,
             _ => 1.0,
         };
         let mut layers = Vec::with_capacity(n_layers);
@@ -108,7 +175,7 @@ impl Gemma3 {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Gemma3Layer {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
-                attn: Attention::load(g, i, &cfg, true)?,
+                attn: Attention::load(g, i, &cfg, !gemma2)?,
                 post_attn_norm: load_vector(g, &n("post_attention_norm"), dim)?,
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
                 ffn: GatedFfn::load(g, i, &cfg)?,

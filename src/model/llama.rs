@@ -43,7 +43,9 @@ impl Llama {
             Arch::Llama => ("llama", RopeStyle::Norm),
             Arch::Qwen2 => ("qwen2", RopeStyle::Neox),
             Arch::Qwen3 => ("qwen3", RopeStyle::Neox),
-            Arch::Gemma3 => bail!("{}: gemma3 is not a Llama-family model", g.path.display()),
+            Arch::Gemma3 | Arch::Gemma2 => {
+                bail!("{}: Gemma is not a Llama-family model", g.path.display())
+            }
         };
         let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
@@ -113,6 +115,8 @@ impl Llama {
             layer_is_local: vec![false; n_layers],
             attn_scale: 1.0 / (hd as f32).sqrt(),
             embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
         };
         cfg.validate(g)?;
         let mut layers = Vec::with_capacity(n_layers);

@@ -41,6 +41,9 @@ pub enum Arch {
     /// heads wider than dim / heads (run by [`llama::Llama`]).
     Qwen3,
     Gemma3,
+    /// Gemma 2: Gemma 3's blocks without QK-norm, with attention and final logit soft-capping and every other layer
+    /// local (run by [`gemma3::Gemma3`]).
+    Gemma2,
 }
 
 /// How RoPE pairs dimensions: `Norm` rotates (2i, 2i+1) (llama.cpp's GGUF Llama layout), `Neox` rotates (i, i + d/2).
@@ -76,6 +79,10 @@ pub struct ModelConfig {
     pub attn_scale: f32,
     /// Multiplies token embeddings (Gemma: sqrt(dim)).
     pub embed_scale: f32,
+    /// Attention logit soft-capping (Gemma 2): each scaled score s becomes c · tanh(s / c) before the softmax.
+    pub attn_softcap: Option<f32>,
+    /// Final logit soft-capping (Gemma 2): each output logit l becomes c · tanh(l / c).
+    pub final_softcap: Option<f32>,
 }
 
 impl ModelConfig {
@@ -121,9 +128,10 @@ impl Model {
             "llama" => Model::Llama(llama::Llama::load(g, Arch::Llama)?),
             "qwen2" => Model::Llama(llama::Llama::load(g, Arch::Qwen2)?),
             "qwen3" => Model::Llama(llama::Llama::load(g, Arch::Qwen3)?),
-            "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g)?),
+            "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
+            "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, gemma2, gemma3)",
                 g.path.display()
             ),
         };

@@ -283,11 +283,23 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
 
 /// A tiny Gemma-3-architecture GGUF with random weights, still open for changes.
 pub fn tiny_gemma3(s: &TinySpec, window: u32) -> GgufWriter {
+    gemma_family(s, window, None)
+}
+
+/// A tiny Gemma-2-architecture GGUF with random weights: no QK-norm, one RoPE base, every other layer local with
+/// window `window`, and the attention and final logit soft-caps `softcaps` (small ones make them matter here).
+pub fn tiny_gemma2(s: &TinySpec, window: u32, softcaps: (f32, f32)) -> GgufWriter {
+    gemma_family(s, window, Some(softcaps))
+}
+
+/// Gemma 3, or Gemma 2 with its soft-caps.
+fn gemma_family(s: &TinySpec, window: u32, gemma2: Option<(f32, f32)>) -> GgufWriter {
+    let arch = if gemma2.is_some() { "gemma2" } else { "gemma3" };
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
-    let a = |k: &str| format!("gemma3.{k}");
-    w.meta("general.architecture", Value::String("gemma3".into()));
-    w.meta("general.name", Value::String("tiny-gemma3".into()));
+    let a = |k: &str| format!("{arch}.{k}");
+    w.meta("general.architecture", Value::String(arch.into()));
+    w.meta("general.name", Value::String(format!("tiny-{arch}")));
     w.meta(&a("block_count"), Value::U32(s.n_layers as u32));
     w.meta(&a("context_length"), Value::U32(s.ctx_len as u32));
     w.meta(&a("embedding_length"), Value::U32(s.dim as u32));
@@ -300,7 +312,16 @@ pub fn tiny_gemma3(s: &TinySpec, window: u32) -> GgufWriter {
     w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
     w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
     w.meta(&a("attention.sliding_window"), Value::U32(window));
-    w.meta(&a("rope.freq_base"), Value::F32(1_000_000.0));
+    match gemma2 {
+        Some((attn, fin)) => {
+            w.meta(&a("rope.freq_base"), Value::F32(10_000.0));
+            w.meta(&a("attn_logit_softcapping"), Value::F32(attn));
+            w.meta(&a("final_logit_softcapping"), Value::F32(fin));
+        }
+        None => {
+            w.meta(&a("rope.freq_base"), Value::F32(1_000_000.0));
+        }
+    }
     w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-6));
     let vocab = gpt2_vocab(&mut w, "smollm");
     let (d, hd, f) = (s.dim, s.head_dim, s.ffn_dim);
@@ -332,8 +353,10 @@ pub fn tiny_gemma3(s: &TinySpec, window: u32) -> GgufWriter {
         ] {
             w.tensor_f32(&n(norm), &[d as u64], &ones(d));
         }
-        w.tensor_f32(&n("attn_q_norm"), &[hd as u64], &ones(hd));
-        w.tensor_f32(&n("attn_k_norm"), &[hd as u64], &ones(hd));
+        if gemma2.is_none() {
+            w.tensor_f32(&n("attn_q_norm"), &[hd as u64], &ones(hd));
+            w.tensor_f32(&n("attn_k_norm"), &[hd as u64], &ones(hd));
+        }
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
     w

@@ -342,6 +342,8 @@ mod tests {
             layer_is_local: vec![false],
             attn_scale: 0.25,
             embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
         }
     }
 

@@ -1259,6 +1259,8 @@ mod tests {
             layer_is_local: vec![false],
             attn_scale: 1.0 / (d as f32).sqrt(),
             embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
         }
     }
 
