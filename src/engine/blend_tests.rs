@@ -4,10 +4,11 @@
 use super::*;
 use crate::engine::SessionConfig;
 use crate::gguf::Value;
-use crate::model::testutil::{tiny_gemma3, tiny_llama, write_tiny_qwen2, TinySpec};
+use crate::model::testutil::{tiny_gemma3, tiny_llama, tiny_smollm3, write_tiny_qwen2, TinySpec};
 
 /// The architectures and RoPE variants blending must handle: Llama with interleaved pairs and rope_dim < head_dim,
-/// Qwen2 with NeoX pairs, biases and YaRN scaling, Gemma 3 with QK-norm, two RoPE bases and a 16-token window.
+/// Qwen2 with NeoX pairs, biases and YaRN scaling, Gemma 3 with QK-norm, two RoPE bases and a 16-token window, SmolLM3
+/// with an unrotated (NoPE) 4th layer.
 fn models(dir: &std::path::Path) -> Vec<(&'static str, Model)> {
     models_n(dir, 2)
 }
@@ -35,12 +36,20 @@ fn models_n(dir: &std::path::Path, layers: usize) -> Vec<(&'static str, Model)> 
     );
     g.set_meta("gemma3.attention.sliding_window_pattern", Value::U32(2));
     g.write(&gemma).unwrap();
+    let smollm3 = dir.join("smollm3.gguf");
+    tiny_smollm3(&TinySpec {
+        n_layers: layers.max(4),
+        ..spec.clone()
+    })
+    .write(&smollm3)
+    .unwrap();
     let m = Model::load(&llama).unwrap();
     assert_eq!(m.config().rope_dim, 8);
     vec![
         ("llama", m),
         ("qwen2", Model::load(&qwen).unwrap()),
         ("gemma3", Model::load(&gemma).unwrap()),
+        ("smollm3", Model::load(&smollm3).unwrap()),
     ]
 }
 

@@ -103,6 +103,12 @@ impl Model {
     pub fn rope_shift(&self, layer: usize, delta: i64, cos: &mut [f32], sin: &mut [f32]) {
         let c = self.config();
         let half = c.rope_dim / 2;
+        if !self.layer_ref(layer).attn.rope {
+            // A NoPE layer's keys carry no position: the identity.
+            cos[..half].fill(1.0);
+            sin[..half].fill(0.0);
+            return;
+        }
         let d = [delta.unsigned_abs().min(u32::MAX as u64) as u32];
         let mut r = RowRope::default();
         self.rope_rows(&d, &mut r);
@@ -182,8 +188,10 @@ impl Model {
         } else {
             (&rope.cos[t.clone()], &rope.sin[t])
         };
-        apply_rope(q, nh, hd, c.rope_style, cos, sin, c.rope_dim);
-        apply_rope(k, nkv, hd, c.rope_style, cos, sin, c.rope_dim);
+        if a.rope {
+            apply_rope(q, nh, hd, c.rope_style, cos, sin, c.rope_dim);
+            apply_rope(k, nkv, hd, c.rope_style, cos, sin, c.rope_dim);
+        }
     }
 
     /// Layer `li`, second half, for the n rows at positions `pos` whose queries [`Self::layer_qkv`] left in `s.q`:

@@ -118,6 +118,8 @@ pub struct Attention {
     /// Biases added to the Q, K and V projections (n_heads·hd, n_kv·hd, n_kv·hd; Qwen2 has all three), each
     /// present only when the GGUF holds `blk.i.attn_{q,k,v}.bias`.
     pub qkv_bias: [Option<Vec<f32>>; 3],
+    /// Whether queries and keys are rotated: false on SmolLM3's NoPE layers (every 4th).
+    pub rope: bool,
 }
 
 impl Attention {
@@ -152,6 +154,7 @@ impl Attention {
                 None
             },
             wo: load_matrix(g, &n("attn_output"), dim, qd)?,
+            rope: true,
         })
     }
 
@@ -223,7 +226,9 @@ impl Attention {
                     &cos[t0 * half..][..nt * half],
                     &sin[t0 * half..][..nt * half],
                 );
-                apply_rope(rows, heads, hd, c.rope_style, cos, sin, c.rope_dim);
+                if self.rope {
+                    apply_rope(rows, heads, hd, c.rope_style, cos, sin, c.rope_dim);
+                }
             });
         }
         if let Some(b) = self.qkv_bias[2].as_deref() {

@@ -1,5 +1,5 @@
-//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5 and Qwen3) as llama.cpp's GGUF
-//! lays it out.
+//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3 and SmolLM3, whose every
+//! 4th layer has no RoPE) as llama.cpp's GGUF lays it out.
 //!
 //! Per layer: x += Wo · attention(RoPE(qn(Wq·n(x) + bq)), RoPE(kn(Wk·n(x) + bk)), Wv·n(x) + bv);
 //! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
@@ -35,14 +35,18 @@ pub struct Llama {
     pub rope_freq_factors: Option<Vec<f32>>,
 }
 
+/// SmolLM3: layers i with (i + 1) divisible by this have no RoPE (fixed by the architecture in llama.cpp).
+const SMOLLM3_NOPE_EVERY: usize = 4;
+
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama`, `Qwen2` or `Qwen3`; their metadata keys start with "llama.",
-    /// "qwen2." and "qwen3.").
+    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3` or `SmolLM3`; their metadata keys start with
+    /// the architecture's name).
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
             Arch::Qwen2 => ("qwen2", RopeStyle::Neox),
             Arch::Qwen3 => ("qwen3", RopeStyle::Neox),
+            Arch::SmolLM3 => ("smollm3", RopeStyle::Norm),
             Arch::Gemma3 | Arch::Gemma2 => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
             }
@@ -124,7 +128,11 @@ impl Llama {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(LlamaLayer {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
-                attn: Attention::load(g, i, &cfg, arch == Arch::Qwen3)?,
+                attn: Attention {
+                    // SmolLM3 leaves every 4th layer unrotated (NoPE), as llama.cpp's graph does.
+                    rope: !(arch == Arch::SmolLM3 && (i + 1) % SMOLLM3_NOPE_EVERY == 0),
+                    ..Attention::load(g, i, &cfg, arch == Arch::Qwen3)?
+                },
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
                 ffn: GatedFfn::load(g, i, &cfg)?,
             });

@@ -40,6 +40,8 @@ pub enum Arch {
     /// Qwen3: Llama blocks with per-head RMSNorm of queries and keys before RoPE (QK-norm), NeoX RoPE, no biases, and
     /// heads wider than dim / heads (run by [`llama::Llama`]).
     Qwen3,
+    /// SmolLM3: Llama blocks with no RoPE on every 4th layer (run by [`llama::Llama`]).
+    SmolLM3,
     Gemma3,
     /// Gemma 2: Gemma 3's blocks without QK-norm, with attention and final logit soft-capping and every other layer
     /// local (run by [`gemma3::Gemma3`]).
@@ -128,10 +130,11 @@ impl Model {
             "llama" => Model::Llama(llama::Llama::load(g, Arch::Llama)?),
             "qwen2" => Model::Llama(llama::Llama::load(g, Arch::Qwen2)?),
             "qwen3" => Model::Llama(llama::Llama::load(g, Arch::Qwen3)?),
+            "smollm3" => Model::Llama(llama::Llama::load(g, Arch::SmolLM3)?),
             "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
             "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, gemma2, gemma3)",
                 g.path.display()
             ),
         };

@@ -197,7 +197,12 @@ pub fn tiny_qwen3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "qwen3", None)
 }
 
-/// `arch` "llama", "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
+/// A tiny SmolLM3-architecture GGUF with random weights: Llama blocks (llama.cpp leaves every 4th layer unrotated).
+pub fn tiny_smollm3(s: &TinySpec) -> GgufWriter {
+    llama_family(s, "smollm3", None)
+}
+
+/// `arch` "llama", "smollm3", "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
 /// in the metadata, the qwen2 pre-tokenizer).
 fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>) -> GgufWriter {
     let qwen2 = arch == "qwen2";
