@@ -3,7 +3,8 @@
 //! The Jinja template comes from `tokenizer.chat_template` (the Hugging Face template the converter copied)
 //! and is rendered with minijinja set up like transformers' `apply_chat_template`: `trim_blocks` and
 //! `lstrip_blocks` on, Python string methods (`.strip()`, `.startswith()`, `.split()`, ...) through
-//! minijinja-contrib's pycompat, `raise_exception(msg)` failing the render, and the variables `messages`,
+//! minijinja-contrib's pycompat, `raise_exception(msg)` failing the render, `strftime_now(format)` (today's date, UTC:
+//! [`super::strftime`]), and the variables `messages`,
 //! `add_generation_prompt`, `bos_token` and `eos_token`. Models without a template get a built-in one when their
 //! vocabulary shows the format: ChatML (`<|im_start|>`) or Gemma (`<start_of_turn>`).
 //!
@@ -187,6 +188,7 @@ impl ChatTemplate {
         // over large ranges) is an error, not a hang. Real templates over long conversations use far less.
         env.set_fuel(Some(RENDER_FUEL));
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", super::strftime::strftime_now);
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| anyhow!("cannot compile the chat template: {e}"))?;
         Ok(ChatTemplate {

@@ -30,6 +30,7 @@
 mod bpe;
 pub mod chat;
 mod spm;
+mod strftime;
 mod unicode;
 mod unicode_tables;
 mod vocab;

@@ -367,6 +367,23 @@ fn chat_template_fallbacks_and_errors() {
         .to_string();
     assert!(err.contains("bad role tool"), "{err}");
     assert!(ChatTemplate::from_source("{% for %}", "", "", false, false).is_err());
+    // strftime_now, which templates use for today's date (transformers defines it): today's UTC year, and an
+    // unsupported specifier is an error naming it.
+    let year = ChatTemplate::from_source("{{ strftime_now('%Y') }}", "", "", false, false)
+        .unwrap()
+        .render(&[ChatMessage::new("user", "x")], false)
+        .unwrap();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let want = 1970 + (secs as f64 / (365.2425 * 86_400.0)) as i64;
+    assert!((year.parse::<i64>().unwrap() - want).abs() <= 1, "{year}");
+    let err = ChatTemplate::from_source("{{ strftime_now('%Q') }}", "", "", false, false)
+        .unwrap()
+        .render(&[ChatMessage::new("user", "x")], false)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("%Q"), "{err:#}");
     // tojson, namespace and loop controls, which tool-calling templates use.
     let src = "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}\
                {% set ns.n = ns.n + 1 %}{{ m | tojson }}{% endfor %}{{ ns.n }}";
