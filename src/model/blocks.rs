@@ -643,10 +643,26 @@ pub fn rope_tables(
     cos: &mut [f32],
     sin: &mut [f32],
 ) {
+    rope_tables_factored(pos, rope_dim, base, freq_scale, None, cos, sin)
+}
+
+/// [`rope_tables`] with pair i's frequency divided by `factors[i]` where given (Llama 3.1+'s `rope_freqs`).
+pub fn rope_tables_factored(
+    pos: &[u32],
+    rope_dim: usize,
+    base: f32,
+    freq_scale: f32,
+    factors: Option<&[f32]>,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
     let half = rope_dim / 2;
     for (t, &p) in pos.iter().enumerate() {
         for i in 0..half {
-            let freq = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+            let mut freq = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+            if let Some(ff) = factors {
+                freq /= ff[i] as f64;
+            }
             let a = p as f64 * freq * freq_scale as f64;
             cos[t * half + i] = a.cos() as f32;
             sin[t * half + i] = a.sin() as f32;

@@ -15,7 +15,7 @@
 
 use anyhow::{bail, Result};
 
-use super::blocks::rope_tables;
+use super::blocks::rope_tables_factored;
 use crate::gguf::GgufFile;
 
 /// How the RoPE angles are scaled.
@@ -109,16 +109,12 @@ impl RopeScaling {
         cos: &mut [f32],
         sin: &mut [f32],
     ) {
-        match (self, factors) {
-            (RopeScaling::None, None) => rope_tables(pos, rope_dim, base, 1.0, cos, sin),
-            (RopeScaling::Linear { factor }, None) => {
-                rope_tables(pos, rope_dim, base, 1.0 / factor, cos, sin)
+        match self {
+            RopeScaling::None => rope_tables_factored(pos, rope_dim, base, 1.0, factors, cos, sin),
+            RopeScaling::Linear { factor } => {
+                rope_tables_factored(pos, rope_dim, base, 1.0 / factor, factors, cos, sin)
             }
-            (RopeScaling::None, Some(ff)) => factor_tables(pos, rope_dim, base, 1.0, ff, cos, sin),
-            (RopeScaling::Linear { factor }, Some(ff)) => {
-                factor_tables(pos, rope_dim, base, 1.0 / factor, ff, cos, sin)
-            }
-            (RopeScaling::Yarn(y), ff) => y.tables(pos, rope_dim, base, ff, cos, sin),
+            RopeScaling::Yarn(y) => y.tables(pos, rope_dim, base, factors, cos, sin),
         }
     }
 }
@@ -142,27 +138,6 @@ pub fn freq_factors(g: &GgufFile, rope_dim: usize) -> Result<Option<Vec<f32>>> {
         );
     }
     Ok(Some(ff))
-}
-
-/// [`rope_tables`] with pair i's frequency divided by `ff[i]`.
-fn factor_tables(
-    pos: &[u32],
-    rope_dim: usize,
-    base: f32,
-    freq_scale: f32,
-    ff: &[f32],
-    cos: &mut [f32],
-    sin: &mut [f32],
-) {
-    let half = rope_dim / 2;
-    for (t, &p) in pos.iter().enumerate() {
-        for (i, &f) in ff[..half].iter().enumerate() {
-            let freq = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64) / f as f64;
-            let a = p as f64 * freq * freq_scale as f64;
-            cos[t * half + i] = a.cos() as f32;
-            sin[t * half + i] = a.sin() as f32;
-        }
-    }
 }
 
 impl Yarn {
