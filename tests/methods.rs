@@ -37,6 +37,8 @@ fn config(nl: usize, nh: usize, nkv: usize, hd: usize, window: Option<u32>) -> M
         embed_scale: 1.0,
         attn_softcap: None,
         final_softcap: None,
+        residual_scale: 1.0,
+        logit_scale: 1.0,
     }
 }
 

@@ -5,8 +5,8 @@
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
 use hayloft::model::testutil::{
-    tiny_gemma2, tiny_llama3, tiny_qwen3, tiny_smollm3, write_tiny_gemma3, write_tiny_llama,
-    write_tiny_qwen2, TinySpec,
+    tiny_gemma2, tiny_granite, tiny_llama3, tiny_qwen3, tiny_smollm3, write_tiny_gemma3,
+    write_tiny_llama, write_tiny_qwen2, TinySpec,
 };
 use hayloft::model::{Arch, Model, RopeStyle};
 
@@ -128,8 +128,8 @@ fn qwen2_chunked_equals_one_shot_equals_token_by_token() {
     }
 }
 
-/// Qwen3 (QK-norm, heads wider than dim / heads), Llama with RoPE frequency factors, SmolLM3 (a NoPE layer) and
-/// Gemma 2 (soft-capped scores and logits, every other layer windowed), like the others.
+/// Qwen3 (QK-norm, heads wider than dim / heads), Llama with RoPE frequency factors, SmolLM3 (a NoPE layer), Granite
+/// (multipliers) and Gemma 2 (soft-capped scores and logits, every other layer windowed), like the others.
 #[test]
 fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,6 +164,11 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
             })
             .write(&p)
             .unwrap();
+            check_model(&Model::load(&p).unwrap(), 75);
+            let p = dir.path().join(format!("tiny-granite-{ty}-{seed}.gguf"));
+            tiny_granite(&llama, (3.0, 0.25, 0.4, 2.5))
+                .write(&p)
+                .unwrap();
             check_model(&Model::load(&p).unwrap(), 75);
             let p = dir.path().join(format!("tiny-gemma2-{ty}-{seed}.gguf"));
             tiny_gemma2(&spec, 16, (2.0, 1.5)).write(&p).unwrap();

@@ -5,6 +5,7 @@
 //!   llama.cpp's converter for Llama 3.1 and later).
 //! - `qwen3`: a Qwen3 model (per-head RMSNorm of queries and keys, heads wider than dim / heads).
 //! - `smollm3`: a SmolLM3 model (no RoPE on every 4th layer).
+//! - `granite`: a Granite model (embedding, attention, residual and logit multipliers).
 //! - `gemma2`: a Gemma 2 model (attention and final logit soft-capping, every other layer local with a 16-token
 //!   window, one RoPE base).
 //!
@@ -17,9 +18,10 @@ use std::path::Path;
 
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::writer::GgufWriter;
-use hayloft::gguf::GgmlType;
+use hayloft::gguf::{GgmlType, Value};
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_gemma2, tiny_llama, tiny_llama3, tiny_qwen3, tiny_smollm3, TinySpec,
+    llama3_freq_factors, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3, tiny_qwen3,
+    tiny_smollm3, TinySpec,
 };
 use hayloft::model::Model;
 use serde::Deserialize;
@@ -54,6 +56,10 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ("llama3", tiny_llama3(&spec(32, 31))),
         ("qwen3", tiny_qwen3(&spec(48, 37))),
         ("smollm3", tiny_smollm3(&spec(32, 43))),
+        (
+            "granite",
+            tiny_granite(&spec(32, 47), (3.0, 0.25, 0.4, 2.5)),
+        ),
         // Soft-caps of 2 and 1.5 (Gemma 2's are 50 and 30) so that they bite on a tiny model's small scores.
         ("gemma2", tiny_gemma2(&spec(32, 41), 16, (2.0, 1.5))),
     ]
@@ -197,6 +203,50 @@ fn smollm3_gives_llama_cpps_logits() {
         assert_eq!(rope, [true, true, true, false], "layer 3 has no RoPE");
         l.layers[3].attn.rope = true;
     });
+}
+
+#[test]
+fn granite_gives_llama_cpps_logits() {
+    // Each multiplier on its own: (embedding, attention, residual, logit) set back to Llama's.
+    for which in 0..4 {
+        check("granite", |m| {
+            let Model::Llama(l) = m else {
+                panic!("a Llama-family model")
+            };
+            let c = &mut l.cfg;
+            assert_eq!(
+                (c.embed_scale, c.attn_scale, c.residual_scale, c.logit_scale),
+                (3.0, 0.25, 0.4, 2.5)
+            );
+            match which {
+                0 => c.embed_scale = 1.0,
+                1 => c.attn_scale = 1.0 / (c.head_dim_k as f32).sqrt(),
+                2 => c.residual_scale = 1.0,
+                _ => c.logit_scale = 1.0,
+            }
+        });
+    }
+}
+
+/// Granite turns RoPE off on every layer when `rope.scaling.finetuned` is false, as llama.cpp reads it.
+#[test]
+fn granite_without_finetuned_rope_rotates_no_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    for (finetuned, want) in [(None, true), (Some(true), true), (Some(false), false)] {
+        let mut w = tiny_granite(&spec(32, 47), (3.0, 0.25, 0.4, 2.5));
+        if let Some(f) = finetuned {
+            w.set_meta("granite.rope.scaling.finetuned", Value::Bool(f));
+        }
+        let p = dir.path().join("granite.gguf");
+        w.write(&p).unwrap();
+        let Model::Llama(l) = Model::load(&p).unwrap() else {
+            panic!("a Llama-family model")
+        };
+        assert!(
+            l.layers.iter().all(|l| l.attn.rope == want),
+            "{finetuned:?}"
+        );
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::engine::stats::human_bytes;
 use crate::gguf::GgufFile;
 use crate::kv::KvDtype;
 use crate::model::rope::RopeScaling;
-use crate::model::Model;
+use crate::model::{Arch, Model};
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
@@ -86,6 +86,12 @@ pub fn run(a: InfoArgs) -> Result<()> {
             String::new()
         }
     );
+    if c.arch == Arch::Granite {
+        println!(
+            "multipliers:   embeddings ×{}, scores ×{}, residual branches ×{}, logits ÷{}",
+            c.embed_scale, c.attn_scale, c.residual_scale, c.logit_scale
+        );
+    }
     if c.attn_softcap.is_some() || c.final_softcap.is_some() {
         let cap = |v: Option<f32>| v.map_or("none".to_string(), |c| c.to_string());
         println!(

@@ -220,7 +220,7 @@ impl Model {
         if let Some((post_attn, _)) = l.post {
             rmsnorm_inplace(&mut s.xo[..n * dim], post_attn, c.rms_eps);
         }
-        add_residual(s, n, dim);
+        add_residual(c, s, n);
         norm_input(s, n, l.ffn_norm, c.rms_eps);
         if l.gelu {
             l.ffn.forward(c, n, GateAct::GeluTanh, s);
@@ -230,7 +230,7 @@ impl Model {
         if let Some((_, post_ffn)) = l.post {
             rmsnorm_inplace(&mut s.xo[..n * dim], post_ffn, c.rms_eps);
         }
-        add_residual(s, n, dim);
+        add_residual(c, s, n);
     }
 }
 

@@ -94,13 +94,21 @@ pub(crate) fn norm_input(s: &mut Scratch, n: usize, w: &[f32], eps: f32) {
     });
 }
 
-/// x (n × dim) += xo: a block's output joins the residual stream.
-pub(crate) fn add_residual(s: &mut Scratch, n: usize, dim: usize) {
+/// x (n × dim) += residual_scale · xo: a block's output joins the residual stream.
+pub(crate) fn add_residual(c: &ModelConfig, s: &mut Scratch, n: usize) {
     let _p = scope(Phase::Residual);
+    let dim = c.dim;
     let xo = &s.xo[..n * dim];
+    let scale = c.residual_scale;
     par_rows(&mut s.x[..n * dim], dim, |r0, x| {
-        for (a, b) in x.iter_mut().zip(&xo[r0 * dim..]) {
-            *a += b;
+        if scale == 1.0 {
+            for (a, b) in x.iter_mut().zip(&xo[r0 * dim..]) {
+                *a += b;
+            }
+        } else {
+            for (a, b) in x.iter_mut().zip(&xo[r0 * dim..]) {
+                *a += scale * b;
+            }
         }
     });
 }
@@ -571,6 +579,13 @@ pub(crate) fn output_logits(
         &mut s.logits[..nr * vocab],
         &mut s.mm,
     );
+    if c.logit_scale != 1.0 {
+        // Granite: l ← l / logit_scale.
+        let inv = 1.0 / c.logit_scale;
+        par_rows(&mut s.logits[..nr * vocab], vocab, |_, rows| {
+            rows.iter_mut().for_each(|l| *l *= inv)
+        });
+    }
     if let Some(cap) = c.final_softcap {
         // Gemma 2: l ← cap · tanh(l / cap), as llama.cpp computes it.
         par_rows(&mut s.logits[..nr * vocab], vocab, |_, rows| {

@@ -164,6 +164,8 @@ impl Gemma3 {
             embed_scale: (dim as f32).sqrt(),
             attn_softcap,
             final_softcap,
+            residual_scale: 1.0,
+            logit_scale: 1.0,
         };
         cfg.validate(g)?;
         let rope_scale_global = match g.get_str(&key("rope.scaling.type"))? {
@@ -235,7 +237,7 @@ impl Gemma3 {
                     rmsnorm_inplace(xo, w, c.rms_eps)
                 }); // xo ← RMSNorm(xo)
             }
-            add_residual(s, n, dim); // x: n × dim += xo
+            add_residual(c, s, n); // x: n × dim += xo
 
             // Feed-forward block (GeGLU): x += RMSNorm(Wdown · (gelu(Wgate·xb) ⊙ Wup·xb)), xb = RMSNorm(x).
             norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
@@ -247,7 +249,7 @@ impl Gemma3 {
                     rmsnorm_inplace(xo, w, c.rms_eps)
                 }); // xo ← RMSNorm(xo)
             }
-            add_residual(s, n, dim); // x: n × dim += xo
+            add_residual(c, s, n); // x: n × dim += xo
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3 and SmolLM3, whose every
-//! 4th layer has no RoPE) as llama.cpp's GGUF lays it out.
+//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3, SmolLM3, whose every
+//! 4th layer has no RoPE, and Granite, which scales the embeddings, scores, residual branches and logits by constants
+//! from the file) as llama.cpp's GGUF lays it out.
 //!
 //! Per layer: x += Wo · attention(RoPE(qn(Wq·n(x) + bq)), RoPE(kn(Wk·n(x) + bk)), Wv·n(x) + bv);
 //! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
@@ -39,14 +40,15 @@ pub struct Llama {
 const SMOLLM3_NOPE_EVERY: usize = 4;
 
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3` or `SmolLM3`; their metadata keys start with
-    /// the architecture's name).
+    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3` or `Granite`; their metadata keys
+    /// start with the architecture's name).
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
             Arch::Qwen2 => ("qwen2", RopeStyle::Neox),
             Arch::Qwen3 => ("qwen3", RopeStyle::Neox),
             Arch::SmolLM3 => ("smollm3", RopeStyle::Norm),
+            Arch::Granite => ("granite", RopeStyle::Norm),
             Arch::Gemma3 | Arch::Gemma2 => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
             }
@@ -98,6 +100,20 @@ impl Llama {
             );
         }
         let ctx_len = meta_usize(g, a, "context_length")?;
+        // Granite's four multipliers (llama.cpp reads each, and a 0 or absent one as "none"; the logit scale is
+        // required there).
+        let granite = arch == Arch::Granite;
+        let scale = |k: &str| -> Result<Option<f32>> {
+            Ok(match g.get_f64(&key(k))? {
+                Some(v) if granite && v != 0.0 => Some(v as f32),
+                _ => None,
+            })
+        };
+        let logit_scale = match scale("logit_scale")? {
+            Some(v) => v,
+            None if granite => bail!("{}: {} is missing", g.path.display(), key("logit_scale")),
+            None => 1.0,
+        };
         let cfg = ModelConfig {
             arch,
             name: g.get_str("general.name")?.unwrap_or(a).to_string(),
@@ -117,12 +133,16 @@ impl Llama {
             rope_base_local: 0.0,
             sliding_window: None,
             layer_is_local: vec![false; n_layers],
-            attn_scale: 1.0 / (hd as f32).sqrt(),
-            embed_scale: 1.0,
+            attn_scale: scale("attention.scale")?.unwrap_or(1.0 / (hd as f32).sqrt()),
+            embed_scale: scale("embedding_scale")?.unwrap_or(1.0),
             attn_softcap: None,
             final_softcap: None,
+            residual_scale: scale("residual_scale")?.unwrap_or(1.0),
+            logit_scale,
         };
         cfg.validate(g)?;
+        // Granite turns RoPE off altogether when `rope.scaling.finetuned` is false (llama.cpp's reading).
+        let granite_rope = !granite || g.get_bool(&key("rope.scaling.finetuned"))?.unwrap_or(true);
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
@@ -130,7 +150,8 @@ impl Llama {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
                 attn: Attention {
                     // SmolLM3 leaves every 4th layer unrotated (NoPE), as llama.cpp's graph does.
-                    rope: !(arch == Arch::SmolLM3 && (i + 1) % SMOLLM3_NOPE_EVERY == 0),
+                    rope: granite_rope
+                        && !(arch == Arch::SmolLM3 && (i + 1) % SMOLLM3_NOPE_EVERY == 0),
                     ..Attention::load(g, i, &cfg, arch == Arch::Qwen3)?
                 },
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
@@ -148,7 +169,7 @@ impl Llama {
             layers,
             rope_scaling: RopeScaling::from_gguf(g, a, cfg.ctx_len)?,
             rope_freq_factors: match arch {
-                Arch::Llama => freq_factors(g, cfg.rope_dim)?,
+                Arch::Llama | Arch::Granite => freq_factors(g, cfg.rope_dim)?,
                 _ => None,
             },
             cfg,
@@ -172,7 +193,7 @@ impl Llama {
     /// and values to its cache; the final residual stream stays in `s.x`.
     pub fn forward(&self, seqs: &mut [SeqStep<'_>], s: &mut Scratch) {
         let c = &self.cfg;
-        let (dim, half) = (c.dim, c.rope_dim / 2);
+        let half = c.rope_dim / 2;
         // x: n × dim ← token embeddings
         let n = blocks::embed(&self.tok_embd, c, seqs, s);
         let (cos, sin) = (&mut s.rope_cos[..n * half], &mut s.rope_sin[..n * half]); // n × rope_dim/2 each
@@ -186,12 +207,12 @@ impl Llama {
             // Attention block: x += Wo · attention(RoPE(Wq·xb + bq), RoPE(Wk·xb + bk), Wv·xb + bv), xb = RMSNorm(x).
             norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.attn.forward(c, li, false, seqs, s); // xo: n × dim
-            add_residual(s, n, dim); // x: n × dim += xo
+            add_residual(c, s, n); // x: n × dim += residual_scale · xo
 
             // Feed-forward block (SwiGLU): x += Wdown · (silu(Wgate·xb) ⊙ Wup·xb), xb = RMSNorm(x).
             norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.ffn.forward(c, n, GateAct::Silu, s); // xo: n × dim
-            add_residual(s, n, dim); // x: n × dim += xo
+            add_residual(c, s, n); // x: n × dim += residual_scale · xo
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum Arch {
     Qwen3,
     /// SmolLM3: Llama blocks with no RoPE on every 4th layer (run by [`llama::Llama`]).
     SmolLM3,
+    /// Granite (dense): Llama blocks with embedding, attention, residual and logit multipliers from the file (run by
+    /// [`llama::Llama`]).
+    Granite,
     Gemma3,
     /// Gemma 2: Gemma 3's blocks without QK-norm, with attention and final logit soft-capping and every other layer
     /// local (run by [`gemma3::Gemma3`]).
@@ -85,6 +88,10 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f32>,
     /// Final logit soft-capping (Gemma 2): each output logit l becomes c · tanh(l / c).
     pub final_softcap: Option<f32>,
+    /// Multiplies each block's output before it joins the residual stream (Granite's `residual_scale`; else 1).
+    pub residual_scale: f32,
+    /// Divides the output logits (Granite's `logit_scale`; else 1).
+    pub logit_scale: f32,
 }
 
 impl ModelConfig {
@@ -131,10 +138,11 @@ impl Model {
             "qwen2" => Model::Llama(llama::Llama::load(g, Arch::Qwen2)?),
             "qwen3" => Model::Llama(llama::Llama::load(g, Arch::Qwen3)?),
             "smollm3" => Model::Llama(llama::Llama::load(g, Arch::SmolLM3)?),
+            "granite" => Model::Llama(llama::Llama::load(g, Arch::Granite)?),
             "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
             "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, gemma2, gemma3)",
                 g.path.display()
             ),
         };

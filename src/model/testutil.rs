@@ -202,7 +202,23 @@ pub fn tiny_smollm3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "smollm3", None)
 }
 
-/// `arch` "llama", "smollm3", "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
+/// A tiny Granite-architecture GGUF with random weights: Llama blocks, and the multipliers `(embedding, attention,
+/// residual, logit)` in its metadata.
+pub fn tiny_granite(s: &TinySpec, scales: (f32, f32, f32, f32)) -> GgufWriter {
+    let mut w = llama_family(s, "granite", None);
+    let (e, a, r, l) = scales;
+    for (k, v) in [
+        ("embedding_scale", e),
+        ("attention.scale", a),
+        ("residual_scale", r),
+        ("logit_scale", l),
+    ] {
+        w.meta(&format!("granite.{k}"), Value::F32(v));
+    }
+    w
+}
+
+/// `arch` "llama", "smollm3", "granite", "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
 /// in the metadata, the qwen2 pre-tokenizer).
 fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>) -> GgufWriter {
     let qwen2 = arch == "qwen2";

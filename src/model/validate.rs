@@ -104,6 +104,8 @@ impl ModelConfig {
         )?;
         positive_finite(g, "the attention scale", c.attn_scale as f64)?;
         positive_finite(g, "the embedding scale", c.embed_scale as f64)?;
+        positive_finite(g, "the residual scale", c.residual_scale as f64)?;
+        positive_finite(g, "the logit scale", c.logit_scale as f64)?;
 
         if c.ctx_len == 0 || c.ctx_len > MAX_CONTEXT {
             bail!(

@@ -344,6 +344,8 @@ mod tests {
             embed_scale: 1.0,
             attn_softcap: None,
             final_softcap: None,
+            residual_scale: 1.0,
+            logit_scale: 1.0,
         }
     }
 

@@ -1261,6 +1261,8 @@ mod tests {
             embed_scale: 1.0,
             attn_softcap: None,
             final_softcap: None,
+            residual_scale: 1.0,
+            logit_scale: 1.0,
         }
     }
 
