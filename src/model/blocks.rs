@@ -100,15 +100,10 @@ pub(crate) fn add_residual(c: &ModelConfig, s: &mut Scratch, n: usize) {
     let dim = c.dim;
     let xo = &s.xo[..n * dim];
     let scale = c.residual_scale;
+    // 1 · b is b exactly: a scale of 1 (every model but Granite) changes no bit.
     par_rows(&mut s.x[..n * dim], dim, |r0, x| {
-        if scale == 1.0 {
-            for (a, b) in x.iter_mut().zip(&xo[r0 * dim..]) {
-                *a += b;
-            }
-        } else {
-            for (a, b) in x.iter_mut().zip(&xo[r0 * dim..]) {
-                *a += scale * b;
-            }
+        for (a, b) in x.iter_mut().zip(&xo[r0 * dim..]) {
+            *a += scale * b;
         }
     });
 }
