@@ -39,6 +39,7 @@ fn config(nl: usize, nh: usize, nkv: usize, hd: usize, window: Option<u32>) -> M
         final_softcap: None,
         residual_scale: 1.0,
         logit_scale: 1.0,
+        long_rope: None,
     }
 }
 

@@ -5,7 +5,7 @@
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
 use hayloft::model::testutil::{
-    tiny_gemma2, tiny_granite, tiny_llama3, tiny_qwen3, tiny_smollm3, write_tiny_gemma3,
+    tiny_gemma2, tiny_granite, tiny_llama3, tiny_phi3, tiny_qwen3, tiny_smollm3, write_tiny_gemma3,
     write_tiny_llama, write_tiny_qwen2, TinySpec,
 };
 use hayloft::model::{Arch, Model, RopeStyle};
@@ -129,7 +129,7 @@ fn qwen2_chunked_equals_one_shot_equals_token_by_token() {
 }
 
 /// Qwen3 (QK-norm, heads wider than dim / heads), Llama with RoPE frequency factors, SmolLM3 (a NoPE layer), Granite
-/// (multipliers) and Gemma 2 (soft-capped scores and logits, every other layer windowed), like the others.
+/// (multipliers), Phi-3 (fused projections, LongRoPE) and Gemma 2 (soft-capped scores and logits, every other layer windowed), like the others.
 #[test]
 fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,6 +170,21 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
                 .write(&p)
                 .unwrap();
             check_model(&Model::load(&p).unwrap(), 75);
+            // Phi-3: fused projections cut by rows (of Q8_0 blocks too), partial NeoX RoPE, the long LongRoPE set.
+            let p = dir.path().join(format!("tiny-phi3-{ty}-{seed}.gguf"));
+            tiny_phi3(&llama, Some((32, 1.19))).write(&p).unwrap();
+            let m = Model::load(&p).unwrap();
+            let c = m.config();
+            assert_eq!(
+                (
+                    c.arch,
+                    c.rope_style,
+                    c.rope_dim,
+                    c.long_rope.map(|l| l.long)
+                ),
+                (Arch::Phi3, RopeStyle::Neox, 12, Some(true))
+            );
+            check_model(&m, 75);
             let p = dir.path().join(format!("tiny-gemma2-{ty}-{seed}.gguf"));
             tiny_gemma2(&spec, 16, (2.0, 1.5)).write(&p).unwrap();
             let m = Model::load(&p).unwrap();

@@ -8,6 +8,8 @@
 //! - `granite`: a Granite model (embedding, attention, residual and logit multipliers).
 //! - `gemma2`: a Gemma 2 model (attention and final logit soft-capping, every other layer local with a 16-token
 //!   window, one RoPE base).
+//! - `phi3`, `phi3short`: Phi-3 models (fused Q/K/V and gate/up matrices, RoPE over 3/4 of each head, LongRoPE's
+//!   long and short factor sets and attention factor), one past its original context and one within it.
 //!
 //! Each case also drops its feature from the loaded model and checks that the logits then move far from llama.cpp's,
 //! so the comparison can fail. Also: a file holding a tensor its architecture does not use is refused by name, as
@@ -19,8 +21,9 @@ use std::path::Path;
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::{GgmlType, Value};
+use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3, tiny_qwen3,
+    llama3_freq_factors, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3, tiny_phi3, tiny_qwen3,
     tiny_smollm3, TinySpec,
 };
 use hayloft::model::Model;
@@ -62,6 +65,20 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ),
         // Soft-caps of 2 and 1.5 (Gemma 2's are 50 and 30) so that they bite on a tiny model's small scores.
         ("gemma2", tiny_gemma2(&spec(32, 41), 16, (2.0, 1.5))),
+        // llama.cpp runs the fixture with a context of 256 (128 padded up): past the original 64, so the long
+        // factors rotate; hayloft's default context is the trained 512, also past it.
+        ("phi3", tiny_phi3(&spec(32, 53), Some((64, 1.19)))),
+        // Trained and original context 256: llama.cpp's 256 is not past it, nor is hayloft's default: the short set.
+        (
+            "phi3short",
+            tiny_phi3(
+                &TinySpec {
+                    ctx_len: 256,
+                    ..spec(32, 59)
+                },
+                Some((256, 1.19)),
+            ),
+        ),
     ]
 }
 
@@ -226,6 +243,97 @@ fn granite_gives_llama_cpps_logits() {
             }
         });
     }
+}
+
+/// Phi-3 with LongRoPE past its original context: fused Q/K/V and gate/up cut at load, partial NeoX RoPE, the long
+/// factor set, and cos/sin × the attention factor. Dropping either the set (the short one instead) or the attention
+/// factor moves the logits.
+#[test]
+fn phi3_long_rope_gives_llama_cpps_logits() {
+    for which in 0..2 {
+        check("phi3", |m| {
+            let Model::Llama(l) = m else {
+                panic!("a Llama-family model")
+            };
+            let lr = l.cfg.long_rope.expect("LongRoPE was read");
+            assert_eq!((lr.orig_ctx, lr.long), (64, true));
+            assert_eq!((l.cfg.rope_dim, l.cfg.head_dim_k), (24, 32));
+            let sets = l.long_rope_sets.clone().expect("factor sets");
+            assert_eq!(l.rope_freq_factors, sets[1], "the long set rotates");
+            match which {
+                0 => l.rope_freq_factors = sets[0].clone(),
+                _ => {
+                    assert!(matches!(
+                        l.rope_scaling,
+                        RopeScaling::Linear {
+                            factor: 1.0,
+                            attn_factor: 1.19
+                        }
+                    ));
+                    l.rope_scaling = RopeScaling::None;
+                }
+            }
+        });
+    }
+}
+
+/// Phi-3 within its original context rotates with the short set, as llama.cpp does; the long one moves the logits.
+#[test]
+fn phi3_short_rope_gives_llama_cpps_logits() {
+    check("phi3short", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        let lr = l.cfg.long_rope.expect("LongRoPE was read");
+        assert_eq!((lr.orig_ctx, lr.long), (256, false));
+        let sets = l.long_rope_sets.clone().expect("factor sets");
+        assert_eq!(l.rope_freq_factors, sets[0], "the short set rotates");
+        l.rope_freq_factors = sets[1].clone();
+    });
+}
+
+/// The factor set follows the context a model is set up for, and a session whose context needs the other set is
+/// refused with an error that says so (its keys would be rotated for another context).
+#[test]
+fn phi3_factor_set_follows_the_context_and_sessions_must_match_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("phi3.gguf");
+    tiny_phi3(&spec(32, 53), Some((64, 1.19)))
+        .write(&p)
+        .unwrap();
+    let mut model = Model::load(&p).unwrap();
+    model.set_max_context(64);
+    let Model::Llama(l) = &model else {
+        panic!("a Llama-family model")
+    };
+    let sets = l.long_rope_sets.clone().unwrap();
+    assert_eq!(l.cfg.long_rope.map(|lr| lr.long), Some(false));
+    assert_eq!(l.rope_freq_factors, sets[0]);
+    let mut cfg = SessionConfig::for_model(&model);
+    assert_eq!(cfg.max_context, 512);
+    let e = format!(
+        "{:#}",
+        Session::new(&model, cfg.clone()).err().expect("refused")
+    );
+    assert!(
+        e.contains("LongRoPE") && e.contains("--max-context 512"),
+        "{e}"
+    );
+    cfg.max_context = 64;
+    Session::new(&model, cfg).unwrap();
+    model.set_max_context(65);
+    let Model::Llama(l) = &model else {
+        panic!("a Llama-family model")
+    };
+    assert_eq!(l.rope_freq_factors, sets[1]);
+    // Without the factor tensors, a Phi-3 file has no LongRoPE and any context goes.
+    let p = dir.path().join("phi3plain.gguf");
+    tiny_phi3(&spec(32, 53), None).write(&p).unwrap();
+    let model = Model::load(&p).unwrap();
+    assert!(model.config().long_rope.is_none());
+    let mut cfg = SessionConfig::for_model(&model);
+    cfg.max_context = 64;
+    Session::new(&model, cfg).unwrap();
 }
 
 /// Granite turns RoPE off on every layer when `rope.scaling.finetuned` is false, as llama.cpp reads it.

@@ -57,7 +57,21 @@ pub fn run(a: InfoArgs) -> Result<()> {
         Model::Llama(l) => {
             let s = match l.rope_scaling {
                 RopeScaling::None => String::new(),
-                RopeScaling::Linear { factor } => format!(", linear scaling ×{factor}"),
+                RopeScaling::Linear {
+                    factor,
+                    attn_factor,
+                } => {
+                    let f = if factor != 1.0 {
+                        format!(", linear scaling ×{factor}")
+                    } else {
+                        String::new()
+                    };
+                    if attn_factor != 1.0 {
+                        format!("{f}, cos/sin ×{attn_factor}")
+                    } else {
+                        f
+                    }
+                }
                 RopeScaling::Yarn(y) => format!(
                     ", YaRN scaling ×{} (trained at {}, β {}/{})",
                     y.factor, y.orig_ctx, y.beta_fast, y.beta_slow
@@ -68,7 +82,16 @@ pub fn run(a: InfoArgs) -> Result<()> {
                     let (lo, hi) = ff
                         .iter()
                         .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-                    format!("{s}, frequency factors {lo}…{hi} (rope_freqs)")
+                    let what = match c.long_rope {
+                        Some(lr) => format!(
+                            "LongRoPE {} set: contexts {} {} tokens",
+                            if lr.long { "long" } else { "short" },
+                            if lr.long { "over" } else { "up to" },
+                            lr.orig_ctx
+                        ),
+                        None => "rope_freqs".to_string(),
+                    };
+                    format!("{s}, frequency factors {lo}…{hi} ({what})")
                 }
                 None => s,
             }

@@ -350,7 +350,7 @@ impl ModelArgs {
         init_threads(self.threads.as_ref().map(Threads::one).transpose()?)?;
         let path = crate::fetch::resolve_model(self.model.as_deref())?;
         let gguf = GgufFile::open(&path)?;
-        let model = Model::from_gguf(&gguf)?;
+        let mut model = Model::from_gguf(&gguf)?;
         let chat_template = ChatTemplate::from_gguf(&gguf).map_err(|e| format!("{e:#}"));
         let tokenizer = Tokenizer::from_gguf(&gguf)
             .with_context(|| format!("{}: tokenizer", path.display()))?;
@@ -388,6 +388,8 @@ impl ModelArgs {
                 );
             }
             session_cfg.max_context = mc;
+            // LongRoPE models (Phi-3) rotate with the factor set of this context, as llama.cpp's -c picks it.
+            model.set_max_context(mc);
         }
         drop(gguf);
         Ok(Loaded {

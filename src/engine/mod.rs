@@ -133,6 +133,19 @@ impl<'m> Session<'m> {
             bail!("--max-context must be at least 1");
         }
         let mc = model.config();
+        if let Some(lr) = mc.long_rope {
+            if lr.long_for(cfg.max_context) != lr.long {
+                bail!(
+                    "the model rotates with its {} LongRoPE factors (set up for {} {} tokens), but this session may                      hold {} tokens, which needs the {} ones: load it for that context (--max-context {})",
+                    if lr.long { "long" } else { "short" },
+                    if lr.long { "more than" } else { "at most" },
+                    lr.orig_ctx,
+                    cfg.max_context,
+                    if lr.long { "short" } else { "long" },
+                    cfg.max_context
+                );
+            }
+        }
         // The storage format comes from the spec (a `kivi*` option) or else from `kv_dtype`.
         let dtype = crate::methods::storage_for(&cfg.kv, cfg.kv_dtype)?;
         let mut cache = KvCache::new(cfg.kv_layout(mc, dtype));

@@ -13,7 +13,8 @@
 use anyhow::Result;
 
 use super::{
-    batch_rows, load_matrix, load_vector, ModelConfig, RopeStyle, Scratch, SelectCx, SeqStep,
+    batch_rows, load_matrix, load_matrix_parts, load_vector, ModelConfig, RopeStyle, Scratch,
+    SelectCx, SeqStep,
 };
 use smallvec::SmallVec;
 
@@ -157,6 +158,40 @@ impl Attention {
                 None
             },
             wo: load_matrix(g, &n("attn_output"), dim, qd)?,
+            rope: true,
+        })
+    }
+
+    /// Layer `i`'s attention weights with Q, K and V fused in one matrix (`blk.i.attn_qkv`, Q rows first, then K,
+    /// then V: Phi-3), cut into the three, and its fused bias (`attn_qkv.bias`) likewise where the file has one.
+    /// A file with separate `attn_q`/`attn_k`/`attn_v` loads as [`Attention::load`] does (llama.cpp takes either).
+    pub(crate) fn load_fused(g: &GgufFile, i: usize, c: &ModelConfig) -> Result<Self> {
+        let fused = layer_tensor(i, "attn_qkv");
+        if g.tensor_info(&fused).is_none() {
+            return Self::load(g, i, c, false);
+        }
+        let (dim, hd) = (c.dim, c.head_dim_k);
+        let parts = [c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd];
+        let [wq, wk, wv]: [QMatrix; 3] = load_matrix_parts(g, &fused, dim, &parts)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three parts"))?;
+        let bias_name = format!("blk.{i}.attn_qkv.bias");
+        let qkv_bias = match g.tensor_info(&bias_name) {
+            Some(_) => {
+                let b = load_vector(g, &bias_name, parts.iter().sum())?;
+                let (bq, rest) = b.split_at(parts[0]);
+                let (bk, bv) = rest.split_at(parts[1]);
+                [Some(bq.to_vec()), Some(bk.to_vec()), Some(bv.to_vec())]
+            }
+            None => [None, None, None],
+        };
+        Ok(Self {
+            wq,
+            wk,
+            wv,
+            wo: load_matrix(g, &layer_tensor(i, "attn_output"), dim, parts[0])?,
+            qk_norm: None,
+            qkv_bias,
             rope: true,
         })
     }
@@ -511,6 +546,21 @@ impl GatedFfn {
             w_gate: load_matrix(g, &n("ffn_gate"), f, dim)?,
             w_up: load_matrix(g, &n("ffn_up"), f, dim)?,
             w_down: load_matrix(g, &n("ffn_down"), dim, f)?,
+        })
+    }
+
+    /// Layer `i`'s feed-forward weights with gate and up fused in `blk.i.ffn_up` (2·ffn rows, the gate's first: the
+    /// half llama.cpp's SwiGLU passes through the activation), cut into the two (Phi-3).
+    pub(crate) fn load_fused(g: &GgufFile, i: usize, c: &ModelConfig) -> Result<Self> {
+        let (dim, f) = (c.dim, c.ffn_dim);
+        let [w_gate, w_up]: [QMatrix; 2] =
+            load_matrix_parts(g, &layer_tensor(i, "ffn_up"), dim, &[f, f])?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("two parts"))?;
+        Ok(Self {
+            w_gate,
+            w_up,
+            w_down: load_matrix(g, &layer_tensor(i, "ffn_down"), dim, f)?,
         })
     }
 

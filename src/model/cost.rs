@@ -90,7 +90,9 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         // Qwen2's Q/K/V biases cost about what a norm pass over those rows does.
         super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
         super::Arch::Qwen3 => 2.0 * d + (hq + hkv) * hk,
-        super::Arch::Llama | super::Arch::SmolLM3 | super::Arch::Granite => 2.0 * d,
+        super::Arch::Llama | super::Arch::SmolLM3 | super::Arch::Granite | super::Arch::Phi3 => {
+            2.0 * d
+        }
     };
     GlueElements {
         norm,
@@ -172,6 +174,7 @@ mod tests {
             final_softcap: None,
             residual_scale: 1.0,
             logit_scale: 1.0,
+            long_rope: None,
         }
     }
 

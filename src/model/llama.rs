@@ -1,6 +1,7 @@
 //! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3, SmolLM3, whose every
-//! 4th layer has no RoPE, and Granite, which scales the embeddings, scores, residual branches and logits by constants
-//! from the file) as llama.cpp's GGUF lays it out.
+//! 4th layer has no RoPE, Granite, which scales the embeddings, scores, residual branches and logits by constants
+//! from the file, and Phi-3, whose Q/K/V and gate/up projections are fused matrices cut at load and whose RoPE takes
+//! one of two LongRoPE factor sets by context) as llama.cpp's GGUF lays it out.
 //!
 //! Per layer: x += Wo · attention(RoPE(qn(Wq·n(x) + bq)), RoPE(kn(Wk·n(x) + bk)), Wv·n(x) + bv);
 //! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
@@ -11,8 +12,10 @@
 use anyhow::{bail, Result};
 
 use super::blocks::{self, add_residual, norm_input, Attention, GateAct, GatedFfn};
-use super::rope::{freq_factors, RopeScaling};
-use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
+use super::rope::{freq_factors, long_rope_factors, RopeScaling};
+use super::{
+    load_matrix, load_vector, meta_usize, Arch, LongRope, ModelConfig, RopeStyle, Scratch, SeqStep,
+};
 use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
 
@@ -32,16 +35,19 @@ pub struct Llama {
     pub output: Option<QMatrix>,
     /// RoPE scaling from `<arch>.rope.scaling.*`.
     pub rope_scaling: RopeScaling,
-    /// rope_dim/2 frequency factors (`rope_freqs.weight`, Llama 3.1 and later; Qwen2 has none).
+    /// rope_dim/2 frequency factors (`rope_freqs.weight`, Llama 3.1 and later; Qwen2 has none; on Phi-3, the
+    /// LongRoPE set `cfg.long_rope` names).
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Phi-3's LongRoPE factor sets, `[short, long]`, each where the file has it (None on other architectures).
+    pub long_rope_sets: Option<[Option<Vec<f32>>; 2]>,
 }
 
 /// SmolLM3: layers i with (i + 1) divisible by this have no RoPE (fixed by the architecture in llama.cpp).
 const SMOLLM3_NOPE_EVERY: usize = 4;
 
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3` or `Granite`; their metadata keys
-    /// start with the architecture's name).
+    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3`, `Granite` or `Phi3`; their
+    /// metadata keys start with the architecture's name).
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
@@ -49,6 +55,7 @@ impl Llama {
             Arch::Qwen3 => ("qwen3", RopeStyle::Neox),
             Arch::SmolLM3 => ("smollm3", RopeStyle::Norm),
             Arch::Granite => ("granite", RopeStyle::Norm),
+            Arch::Phi3 => ("phi3", RopeStyle::Neox),
             Arch::Gemma3 | Arch::Gemma2 => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
             }
@@ -100,6 +107,28 @@ impl Llama {
             );
         }
         let ctx_len = meta_usize(g, a, "context_length")?;
+        // Phi-3's LongRoPE factor sets; the long one rotates when the context exceeds the original one (llama.cpp's
+        // choice for a context of the trained length, until `set_max_context` says otherwise).
+        let long_rope_sets = match arch {
+            Arch::Phi3 => Some(long_rope_factors(g, rope_dim)?),
+            _ => None,
+        };
+        let long_rope = match &long_rope_sets {
+            Some([short, long]) if short.is_some() || long.is_some() => {
+                let orig = g
+                    .get_u64(&key("rope.scaling.original_context_length"))?
+                    .map_or(ctx_len, |v| v as usize);
+                let lr = LongRope {
+                    orig_ctx: orig,
+                    long: false,
+                };
+                Some(LongRope {
+                    long: lr.long_for(ctx_len),
+                    ..lr
+                })
+            }
+            _ => None,
+        };
         // Granite's four multipliers (llama.cpp reads each, and a 0 or absent one as "none"; the logit scale is
         // required there).
         let granite = arch == Arch::Granite;
@@ -139,6 +168,7 @@ impl Llama {
             final_softcap: None,
             residual_scale: scale("residual_scale")?.unwrap_or(1.0),
             logit_scale,
+            long_rope,
         };
         cfg.validate(g)?;
         // Granite turns RoPE off altogether when `rope.scaling.finetuned` is false (llama.cpp's reading).
@@ -148,21 +178,27 @@ impl Llama {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(LlamaLayer {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
-                attn: Attention {
-                    // SmolLM3 leaves every 4th layer unrotated (NoPE), as llama.cpp's graph does.
-                    rope: granite_rope
-                        && !(arch == Arch::SmolLM3 && (i + 1) % SMOLLM3_NOPE_EVERY == 0),
-                    ..Attention::load(g, i, &cfg, arch == Arch::Qwen3)?
+                attn: match arch {
+                    Arch::Phi3 => Attention::load_fused(g, i, &cfg)?,
+                    _ => Attention {
+                        // SmolLM3 leaves every 4th layer unrotated (NoPE), as llama.cpp's graph does.
+                        rope: granite_rope
+                            && !(arch == Arch::SmolLM3 && (i + 1) % SMOLLM3_NOPE_EVERY == 0),
+                        ..Attention::load(g, i, &cfg, arch == Arch::Qwen3)?
+                    },
                 },
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
-                ffn: GatedFfn::load(g, i, &cfg)?,
+                ffn: match arch {
+                    Arch::Phi3 => GatedFfn::load_fused(g, i, &cfg)?,
+                    _ => GatedFfn::load(g, i, &cfg)?,
+                },
             });
         }
         let output = match g.tensor_info("output.weight") {
             Some(_) => Some(load_matrix(g, "output.weight", vocab, dim)?),
             None => None,
         };
-        Ok(Self {
+        let mut m = Self {
             tok_embd: load_matrix(g, "token_embd.weight", vocab, dim)?,
             out_norm: load_vector(g, "output_norm.weight", dim)?,
             output,
@@ -172,8 +208,20 @@ impl Llama {
                 Arch::Llama | Arch::Granite => freq_factors(g, cfg.rope_dim)?,
                 _ => None,
             },
+            long_rope_sets,
             cfg,
-        })
+        };
+        m.set_max_context(ctx_len);
+        Ok(m)
+    }
+
+    /// Rotates with the LongRoPE factor set llama.cpp picks for a context of `n` tokens (see [`LongRope`]); no-op
+    /// for a model without the sets.
+    pub fn set_max_context(&mut self, n: usize) {
+        if let (Some(lr), Some(sets)) = (&mut self.cfg.long_rope, &self.long_rope_sets) {
+            lr.long = lr.long_for(n);
+            self.rope_freq_factors = sets[lr.long as usize].clone();
+        }
     }
 
     pub fn weight_bytes(&self) -> usize {

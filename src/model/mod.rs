@@ -49,6 +49,30 @@ pub enum Arch {
     /// Gemma 2: Gemma 3's blocks without QK-norm, with attention and final logit soft-capping and every other layer
     /// local (run by [`gemma3::Gemma3`]).
     Gemma2,
+    /// Phi-3 / Phi-3.5 / Phi-4-mini: Llama blocks whose Q, K, V projections are one fused matrix (`attn_qkv`) and whose
+    /// gate and up projections are one (`ffn_up`, gate rows first), NeoX RoPE, and LongRoPE's two sets of frequency
+    /// factors (run by [`llama::Llama`]).
+    Phi3,
+}
+
+/// LongRoPE (Phi-3 128K, Phi-3.5, Phi-4-mini): the file holds a short and a long set of RoPE frequency factors
+/// (`rope_factors_short`, `rope_factors_long`); llama.cpp rotates with the long set when the context it runs with
+/// exceeds `orig_ctx` (`rope.scaling.original_context_length`), else with the short one, for every position. hayloft
+/// picks by the context a session may hold ([`Model::set_max_context`], the model's trained context by default).
+/// Keys rotated under one set are not those of the other, so the choice is part of the configuration (and of every
+/// prefix-cache namespace).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongRope {
+    pub orig_ctx: usize,
+    /// Whether the long set rotates.
+    pub long: bool,
+}
+
+impl LongRope {
+    /// The set llama.cpp picks for a context of `n` tokens.
+    pub fn long_for(&self, n: usize) -> bool {
+        n > self.orig_ctx
+    }
 }
 
 /// How RoPE pairs dimensions: `Norm` rotates (2i, 2i+1) (llama.cpp's GGUF Llama layout), `Neox` rotates (i, i + d/2).
@@ -92,6 +116,8 @@ pub struct ModelConfig {
     pub residual_scale: f32,
     /// Divides the output logits (Granite's `logit_scale`; else 1).
     pub logit_scale: f32,
+    /// Which of LongRoPE's factor sets rotates (Phi-3 files that hold them; None elsewhere).
+    pub long_rope: Option<LongRope>,
 }
 
 impl ModelConfig {
@@ -141,8 +167,9 @@ impl Model {
             "granite" => Model::Llama(llama::Llama::load(g, Arch::Granite)?),
             "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
             "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
+            "phi3" => Model::Llama(llama::Llama::load(g, Arch::Phi3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, gemma2, gemma3)",
                 g.path.display()
             ),
         };
@@ -163,6 +190,15 @@ impl Model {
             );
         }
         Ok(model)
+    }
+
+    /// Sets the model up for sessions of at most `n` tokens: a LongRoPE model (Phi-3) then rotates with the factor set
+    /// llama.cpp picks for a context of `n` (the long one past `rope.scaling.original_context_length`). Other models
+    /// do not depend on it. The engine refuses a session whose `max_context` needs the other set.
+    pub fn set_max_context(&mut self, n: usize) {
+        if let Model::Llama(m) = self {
+            m.set_max_context(n);
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -406,6 +442,43 @@ pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) ->
     }
     QMatrix::from_gguf(t.ty, rows, cols, g.tensor_bytes(t))
         .with_context(|| format!("{}: tensor {name}", g.path.display()))
+}
+
+/// A fused weight matrix (`cols` input features × the sum of `parts` output rows, as Phi-3's `attn_qkv` and `ffn_up`)
+/// cut by rows into one matrix per part, in order: each part's rows are a contiguous run of the tensor's bytes.
+pub(crate) fn load_matrix_parts(
+    g: &GgufFile,
+    name: &str,
+    cols: usize,
+    parts: &[usize],
+) -> Result<Vec<QMatrix>> {
+    let t = tensor(g, name)?;
+    let rows: usize = parts.iter().sum();
+    if t.dims.len() != 2 || t.dims[0] as usize != cols || t.dims[1] as usize != rows {
+        bail!(
+            "{}: tensor {name} has shape {:?}, expected [{cols}, {rows}] ({} fused)",
+            g.path.display(),
+            t.dims,
+            parts
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(" + ")
+        );
+    }
+    let bytes = g.tensor_bytes(t);
+    let row_bytes = bytes.len() / rows.max(1);
+    let mut out = Vec::with_capacity(parts.len());
+    let mut r0 = 0;
+    for &n in parts {
+        let b = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
+        out.push(
+            QMatrix::from_gguf(t.ty, n, cols, b)
+                .with_context(|| format!("{}: tensor {name}", g.path.display()))?,
+        );
+        r0 += n;
+    }
+    Ok(out)
 }
 
 /// A 1-D F32 (or F16) weight vector (shape [len], trailing dimensions of 1 allowed as in llama.cpp).

@@ -22,9 +22,11 @@ use crate::gguf::GgufFile;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
-    /// Angles × 1/factor.
+    /// Angles × 1/factor; cos and sin × `attn_factor` (`rope.scaling.attn_factor`, which llama.cpp applies whatever
+    /// the scaling type: Phi-3's LongRoPE files give one with no type and no factor).
     Linear {
         factor: f32,
+        attn_factor: f32,
     },
     Yarn(Yarn),
 }
@@ -63,10 +65,24 @@ impl RopeScaling {
             );
         }
         let factor = if factor == 0.0 { 1.0 } else { factor };
+        let attn_factor = g.get_f64(&key("attn_factor"))?.map_or(1.0, |v| v as f32);
+        if !(attn_factor.is_finite() && attn_factor > 0.0) {
+            bail!(
+                "{}: {} is {attn_factor}, expected a positive number",
+                g.path.display(),
+                key("attn_factor")
+            );
+        }
         Ok(match ty {
-            "none" => RopeScaling::None,
-            "linear" if factor == 1.0 => RopeScaling::None,
-            "linear" => RopeScaling::Linear { factor },
+            "none" | "linear" if factor == 1.0 && attn_factor == 1.0 => RopeScaling::None,
+            "none" => RopeScaling::Linear {
+                factor: 1.0,
+                attn_factor,
+            },
+            "linear" => RopeScaling::Linear {
+                factor,
+                attn_factor,
+            },
             "yarn" => {
                 let orig = g
                     .get_u64(&key("original_context_length"))?
@@ -86,7 +102,7 @@ impl RopeScaling {
                     orig_ctx: orig as u32,
                     beta_fast: f("yarn_beta_fast", 32.0)?,
                     beta_slow: f("yarn_beta_slow", 1.0)?,
-                    attn_factor: f("attn_factor", 1.0)?,
+                    attn_factor,
                     log_mul: f("yarn_log_multiplier", 0.0)?,
                 })
             }
@@ -111,8 +127,17 @@ impl RopeScaling {
     ) {
         match self {
             RopeScaling::None => rope_tables_factored(pos, rope_dim, base, 1.0, factors, cos, sin),
-            RopeScaling::Linear { factor } => {
-                rope_tables_factored(pos, rope_dim, base, 1.0 / factor, factors, cos, sin)
+            RopeScaling::Linear {
+                factor,
+                attn_factor,
+            } => {
+                rope_tables_factored(pos, rope_dim, base, 1.0 / factor, factors, cos, sin);
+                if *attn_factor != 1.0 {
+                    let n = pos.len() * (rope_dim / 2);
+                    for x in cos[..n].iter_mut().chain(sin[..n].iter_mut()) {
+                        *x *= attn_factor;
+                    }
+                }
             }
             RopeScaling::Yarn(y) => y.tables(pos, rope_dim, base, factors, cos, sin),
         }
@@ -122,18 +147,30 @@ impl RopeScaling {
 /// Reads a Llama model's `rope_freqs.weight` (F32 or F16, rope_dim/2 values, each finite and positive), if the file
 /// has one.
 pub fn freq_factors(g: &GgufFile, rope_dim: usize) -> Result<Option<Vec<f32>>> {
-    const NAME: &str = "rope_freqs.weight";
-    if g.tensor_info(NAME).is_none() {
+    factors_named(g, "rope_freqs.weight", rope_dim)
+}
+
+/// Phi-3's LongRoPE factor sets, `[short, long]` (`rope_factors_short.weight`, `rope_factors_long.weight`; F32 or
+/// F16, rope_dim/2 values, each finite and positive), each where the file has it.
+pub fn long_rope_factors(g: &GgufFile, rope_dim: usize) -> Result<[Option<Vec<f32>>; 2]> {
+    Ok([
+        factors_named(g, "rope_factors_short.weight", rope_dim)?,
+        factors_named(g, "rope_factors_long.weight", rope_dim)?,
+    ])
+}
+
+fn factors_named(g: &GgufFile, name: &str, rope_dim: usize) -> Result<Option<Vec<f32>>> {
+    if g.tensor_info(name).is_none() {
         return Ok(None);
     }
-    let ff = super::load_vector(g, NAME, rope_dim / 2)?;
+    let ff = super::load_vector(g, name, rope_dim / 2)?;
     if let Some((i, v)) = ff
         .iter()
         .enumerate()
         .find(|(_, v)| !(v.is_finite() && **v > 0.0))
     {
         bail!(
-            "{}: tensor {NAME} holds {v} at pair {i}; a frequency factor must be finite and positive",
+            "{}: tensor {name} holds {v} at pair {i}; a frequency factor must be finite and positive",
             g.path.display()
         );
     }
@@ -262,10 +299,19 @@ mod tests {
     fn linear_scaling_divides_angles() {
         let (mut c1, mut s1, mut c2, mut s2) =
             (vec![0.0; 8], vec![0.0; 8], vec![0.0; 8], vec![0.0; 8]);
-        RopeScaling::Linear { factor: 2.0 }.tables(&[10], 16, 1e4, None, &mut c1, &mut s1);
+        let linear = |factor, attn_factor| RopeScaling::Linear {
+            factor,
+            attn_factor,
+        };
+        linear(2.0, 1.0).tables(&[10], 16, 1e4, None, &mut c1, &mut s1);
         RopeScaling::None.tables(&[5], 16, 1e4, None, &mut c2, &mut s2);
         for i in 0..8 {
             assert!((c1[i] - c2[i]).abs() < 1e-6 && (s1[i] - s2[i]).abs() < 1e-6);
+        }
+        // An attention factor multiplies cos and sin, the angle unchanged (Phi-3's LongRoPE files).
+        linear(1.0, 1.25).tables(&[5], 16, 1e4, None, &mut c1, &mut s1);
+        for i in 0..8 {
+            assert!((c1[i] - 1.25 * c2[i]).abs() < 1e-6 && (s1[i] - 1.25 * s2[i]).abs() < 1e-6);
         }
     }
 
@@ -278,7 +324,10 @@ mod tests {
         let (mut c1, mut s1) = (vec![0.0f32; 8], vec![0.0f32; 8]);
         for scaling in [
             RopeScaling::None,
-            RopeScaling::Linear { factor: 2.0 },
+            RopeScaling::Linear {
+                factor: 2.0,
+                attn_factor: 1.0,
+            },
             RopeScaling::Yarn(yarn(4.0)),
         ] {
             scaling.tables(&[64], 16, 1e4, Some(&ff), &mut c, &mut s);

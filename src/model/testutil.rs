@@ -218,11 +218,43 @@ pub fn tiny_granite(s: &TinySpec, scales: (f32, f32, f32, f32)) -> GgufWriter {
     w
 }
 
-/// `arch` "llama", "smollm3", "granite", "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
+/// A tiny Phi-3-architecture GGUF with random weights: Q/K/V fused in `blk.i.attn_qkv`, gate and up fused in
+/// `blk.i.ffn_up`, an untied output head, RoPE over 3/4 of each head (as Phi-4-mini), and with `long_rope` = (original
+/// context, attention factor) LongRoPE's two factor sets (`rope_factors_short`: gently rising from 1, `rope_factors_long`:
+/// up to 16), `rope.scaling.original_context_length` and `rope.scaling.attn_factor`, as llama.cpp's converter writes
+/// them for Phi-3 128K (and no scaling type or factor).
+pub fn tiny_phi3(s: &TinySpec, long_rope: Option<(u32, f32)>) -> GgufWriter {
+    let mut w = llama_family(s, "phi3", None);
+    // Not "phi3" in the name: llama.cpp then looks up Phi-3's `<s>`/`</s>`/`<unk>` tokens, which this vocabulary lacks.
+    w.set_meta("general.name", Value::String("tiny-p3".into()));
+    let half = phi3_rope_dim(s.head_dim) / 2;
+    if let Some((orig, attn_factor)) = long_rope {
+        w.meta(
+            "phi3.rope.scaling.original_context_length",
+            Value::U32(orig),
+        );
+        w.meta("phi3.rope.scaling.attn_factor", Value::F32(attn_factor));
+        let short: Vec<f32> = (0..half).map(|i| 1.0 + 0.15 * i as f32).collect();
+        let long: Vec<f32> = (0..half)
+            .map(|i| 16f32.powf(i as f32 / (half - 1).max(1) as f32))
+            .collect();
+        w.tensor_f32("rope_factors_short.weight", &[half as u64], &short);
+        w.tensor_f32("rope_factors_long.weight", &[half as u64], &long);
+    }
+    w
+}
+
+/// Rotated dimensions of a tiny Phi-3 head: 3/4 of it (Phi-4-mini's partial rotary factor), even.
+fn phi3_rope_dim(head_dim: usize) -> usize {
+    (head_dim * 3 / 4) & !1
+}
+
+/// `arch` "llama", "smollm3", "granite", "phi3" (fused projections, see [`tiny_phi3`]), "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
 /// in the metadata, the qwen2 pre-tokenizer).
 fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>) -> GgufWriter {
     let qwen2 = arch == "qwen2";
     let qwen3 = arch == "qwen3";
+    let phi3 = arch == "phi3";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut bias_rng = Rng(s.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
@@ -240,7 +272,12 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
     );
     w.meta(&a("rope.freq_base"), Value::F32(10000.0));
     w.meta(&a("attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
-    w.meta(&a("rope.dimension_count"), Value::U32(s.head_dim as u32));
+    let rope_dim = if phi3 {
+        phi3_rope_dim(s.head_dim)
+    } else {
+        s.head_dim
+    };
+    w.meta(&a("rope.dimension_count"), Value::U32(rope_dim as u32));
     if qwen3 {
         w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
         w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
@@ -260,9 +297,19 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
     mat(&mut w, "token_embd.weight", vocab, d, GgmlType::Q8_0);
     for i in 0..s.n_layers {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
-        mat(&mut w, &n("attn_q"), s.n_heads * hd, d, wt);
-        mat(&mut w, &n("attn_k"), s.n_kv_heads * hd, d, wt);
-        mat(&mut w, &n("attn_v"), s.n_kv_heads * hd, d, wt);
+        if phi3 {
+            mat(
+                &mut w,
+                &n("attn_qkv"),
+                (s.n_heads + 2 * s.n_kv_heads) * hd,
+                d,
+                wt,
+            );
+        } else {
+            mat(&mut w, &n("attn_q"), s.n_heads * hd, d, wt);
+            mat(&mut w, &n("attn_k"), s.n_kv_heads * hd, d, wt);
+            mat(&mut w, &n("attn_v"), s.n_kv_heads * hd, d, wt);
+        }
         if qwen2 {
             // Biases as large as the projections' outputs, so that they matter.
             for (what, len) in [
@@ -284,8 +331,12 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
             }
         }
         mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
-        mat(&mut w, &n("ffn_gate"), f, d, wt);
-        mat(&mut w, &n("ffn_up"), f, d, wt);
+        if phi3 {
+            mat(&mut w, &n("ffn_up"), 2 * f, d, wt);
+        } else {
+            mat(&mut w, &n("ffn_gate"), f, d, wt);
+            mat(&mut w, &n("ffn_up"), f, d, wt);
+        }
         mat(&mut w, &n("ffn_down"), d, f, wt);
         let ones: Vec<f32> = (0..d)
             .map(|j| 1.0 + 0.1 * ((j % 7) as f32 - 3.0) / 3.0)
@@ -294,6 +345,9 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
         w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
+    if phi3 {
+        mat(&mut w, "output.weight", vocab, d, GgmlType::Q8_0);
+    }
     w
 }
 

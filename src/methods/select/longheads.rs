@@ -346,6 +346,7 @@ mod tests {
             final_softcap: None,
             residual_scale: 1.0,
             logit_scale: 1.0,
+            long_rope: None,
         }
     }
 
