@@ -23,6 +23,12 @@ pub(crate) enum PreTokenizer {
     /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,max_digits}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
     /// (max_digits 3: llama3; 1: qwen2).
     Llama3 { max_digits: usize },
+    /// GPT-4o's (o200k) split as llama.cpp runs it (`gpt-4o`, `llama4`, ...: Phi-4-mini, Llama 4): words are
+    /// `[^\r\n\p{L}\p{N}]?U*L+'c?` or `[^\r\n\p{L}\p{N}]?U+L*'c?`, with U a letter other than a-z, L a letter other
+    /// than A-Z and 'c an English contraction of either case, then
+    /// `\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+`. (llama.cpp reads the tokenizer's Lu/Lt/Lm/Lo
+    /// and Ll classes as "not a-z" and "not A-Z" letters, so every letter outside ASCII is both.)
+    Gpt4o,
 }
 
 /// Settings llama.cpp derives from `tokenizer.ggml.pre` for the vocabularies we support.
@@ -58,6 +64,7 @@ pub(crate) fn pre_config(pre: &str) -> Option<PreConfig> {
         "glm4" | "glm5" => cfg(Llama3 { max_digits: 3 }, true, false, true),
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
         | "solar-open" | "grok-2" => cfg(Llama3 { max_digits: 1 }, false, false, false),
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" => cfg(Gpt4o, false, false, false),
         _ => return None,
     })
 }
@@ -112,6 +119,7 @@ pub(crate) fn split_words(text: &str, pre: PreTokenizer) -> Vec<(usize, usize)> 
         PreTokenizer::Llama3 { max_digits } => {
             split_llama3(&cpts, &fl, 0, cpts.len(), max_digits, &mut ends)
         }
+        PreTokenizer::Gpt4o => split_gpt4o(&cpts, &fl, &mut ends),
     }
     let mut out = Vec::with_capacity(ends.len());
     let mut prev = 0;
@@ -312,6 +320,108 @@ fn split_llama3(
         }
         pos += 1;
         add(pos);
+    }
+}
+
+/// Appends the end (exclusive, in code points) of each word of `cpts` to `out`: [`PreTokenizer::Gpt4o`]'s regex, each
+/// alternative tried in order at each position as an ECMAScript engine tries it (leftmost alternative first, greedy
+/// repeats giving back one code point at a time), which is how llama.cpp runs it (`std::regex` over the text with
+/// every code point outside ASCII collapsed to its class).
+fn split_gpt4o(cpts: &[char], fl: &[u8], out: &mut Vec<usize>) {
+    let end = cpts.len();
+    let f = |p: usize| if p < end { fl[p] } else { 0 };
+    let letter = |p: usize| f(p) & LETTER_F != 0;
+    // U: a letter other than a-z; L: a letter other than A-Z.
+    let upper = |p: usize| letter(p) && !cpts[p].is_ascii_lowercase();
+    let lower = |p: usize| letter(p) && !cpts[p].is_ascii_uppercase();
+    let run = |mut p: usize, class: &dyn Fn(usize) -> bool| {
+        while p < end && class(p) {
+            p += 1;
+        }
+        p
+    };
+    // (?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?
+    let contraction = |p: usize| -> usize {
+        if p + 1 >= end || cpts[p] != '\'' {
+            return p;
+        }
+        let n = cpts[p + 1].to_ascii_lowercase();
+        if matches!(n, 's' | 't' | 'm' | 'd') {
+            return p + 2;
+        }
+        if p + 2 < end {
+            let nn = cpts[p + 2].to_ascii_lowercase();
+            if matches!((n, nn), ('r', 'e') | ('v', 'e') | ('l', 'l')) {
+                return p + 3;
+            }
+        }
+        p
+    };
+    // U*L+ from j: U* as long as it goes, then given back one at a time until L+ takes at least one.
+    let upper_then_lower = |j: usize| -> Option<usize> {
+        let a0 = run(j, &upper) - j;
+        (0..=a0).rev().find_map(|a| {
+            let e = run(j + a, &lower);
+            (e > j + a).then_some(e)
+        })
+    };
+    // U+L* from j.
+    let upper_run_then_lower = |j: usize| -> Option<usize> {
+        let e = run(j, &upper);
+        (e > j).then(|| run(e, &lower))
+    };
+    let mut pos = 0;
+    while pos < end {
+        let c = cpts[pos];
+        let fc = fl[pos];
+        // The two word alternatives; the optional lead-in [^\r\n\p{L}\p{N}] is taken when a letter follows it.
+        let j = if fc & (LETTER_F | NUMBER_F) == 0 && c != '\r' && c != '\n' && letter(pos + 1) {
+            pos + 1
+        } else {
+            pos
+        };
+        if let Some(e) = upper_then_lower(j).or_else(|| upper_run_then_lower(j)) {
+            pos = contraction(e);
+            out.push(pos);
+            continue;
+        }
+        // \p{N}{1,3}
+        if fc & NUMBER_F != 0 {
+            let mut e = pos;
+            while e < end && e - pos < 3 && fl[e] & NUMBER_F != 0 {
+                e += 1;
+            }
+            pos = e;
+            out.push(pos);
+            continue;
+        }
+        // ` ?[^\s\p{L}\p{N}]+[\r\n/]*`
+        let punct = |p: usize| p < end && fl[p] & (SPACE_F | LETTER_F | NUMBER_F) == 0;
+        let k = if c == ' ' && punct(pos + 1) {
+            pos + 1
+        } else {
+            pos
+        };
+        if punct(k) {
+            let mut e = run(k, &punct);
+            while e < end && matches!(cpts[e], '\r' | '\n' | '/') {
+                e += 1;
+            }
+            pos = e;
+            out.push(pos);
+            continue;
+        }
+        // Whitespace from here on: `\s*[\r\n]+` (to the last line break of the run), `\s+(?!\S)` (all but the run's
+        // last space when a non-space follows), `\s+`.
+        let e = run(pos, &|p| f(p) & SPACE_F != 0);
+        if let Some(q) = (pos..e).rev().find(|&q| matches!(cpts[q], '\r' | '\n')) {
+            pos = q + 1;
+        } else if e < end && e - pos > 1 {
+            pos = e - 1;
+        } else {
+            pos = e.max(pos + 1);
+        }
+        out.push(pos);
     }
 }
 
