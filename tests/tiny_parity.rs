@@ -8,6 +8,8 @@
 //! - `granite`: a Granite model (embedding, attention, residual and logit multipliers).
 //! - `gemma2`: a Gemma 2 model (attention and final logit soft-capping, every other layer local with a 16-token
 //!   window, one RoPE base).
+//! - `olmo2`, `olmo3`: OLMo models (no input norms, output norms, QK-norm over whole rows; OLMo 3's sliding window
+//!   on the layers a bool-array pattern marks).
 //! - `phi3`, `phi3short`: Phi-3 models (fused Q/K/V and gate/up matrices, RoPE over 3/4 of each head, LongRoPE's
 //!   long and short factor sets and attention factor), one past its original context and one within it.
 //!
@@ -23,8 +25,8 @@ use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::{GgmlType, Value};
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3, tiny_phi3, tiny_qwen3,
-    tiny_smollm3, TinySpec,
+    llama3_freq_factors, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3, tiny_olmo2, tiny_phi3,
+    tiny_qwen3, tiny_smollm3, TinySpec,
 };
 use hayloft::model::Model;
 use serde::Deserialize;
@@ -68,6 +70,17 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         // llama.cpp runs the fixture with a context of 256 (128 padded up): past the original 64, so the long
         // factors rotate; hayloft's default context is the trained 512, also past it.
         ("phi3", tiny_phi3(&spec(32, 53), Some((64, 1.19)))),
+        ("olmo2", tiny_olmo2(&spec(32, 61), None, None)),
+        // OLMo 3: a 16-token window on layers 0, 1 and 3 (a bool per layer), layer 2 global, and YaRN ×4 from a
+        // trained 32 tokens, which only the global layer takes.
+        (
+            "olmo3",
+            tiny_olmo2(
+                &spec(32, 67),
+                Some((16, vec![true, true, false, true])),
+                Some(("yarn", 4.0, 32)),
+            ),
+        ),
         // Trained and original context 256: llama.cpp's 256 is not past it, nor is hayloft's default: the short set.
         (
             "phi3short",
@@ -243,6 +256,59 @@ fn granite_gives_llama_cpps_logits() {
             }
         });
     }
+}
+
+/// OLMo 2: no input norms, norms on the blocks' outputs, QK-norm over whole rows; dropping either norm moves the
+/// logits.
+#[test]
+fn olmo2_gives_llama_cpps_logits() {
+    for which in 0..2 {
+        check("olmo2", |m| {
+            let Model::Llama(l) = m else {
+                panic!("a Llama-family model")
+            };
+            for layer in &mut l.layers {
+                assert!(layer.attn_norm.is_none() && layer.ffn_norm.is_none());
+                let (qn, kn) = layer.attn.qk_norm.as_ref().expect("QK-norm");
+                assert_eq!((qn.len(), kn.len()), (128, 64), "over whole rows");
+                match which {
+                    0 => layer.post_norms = None,
+                    _ => layer.attn.qk_norm = None,
+                }
+            }
+        });
+    }
+}
+
+/// OLMo 3: a sliding window on the layers a bool-array pattern marks, plain RoPE there and YaRN on the global layer;
+/// without the window the logits move.
+#[test]
+fn olmo3_sliding_window_gives_llama_cpps_logits() {
+    check("olmo3", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        assert!(matches!(l.rope_scaling, RopeScaling::Yarn(_)));
+        let c = &mut l.cfg;
+        assert_eq!(c.sliding_window, Some(16));
+        assert_eq!(c.layer_is_local, [true, true, false, true]);
+        c.layer_is_local = vec![false; 4];
+    });
+}
+
+/// A per-layer window pattern must name every layer; one of another length is refused by name.
+#[test]
+fn a_window_pattern_of_the_wrong_length_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("olmo3.gguf");
+    tiny_olmo2(&spec(32, 67), Some((16, vec![true, false])), None)
+        .write(&p)
+        .unwrap();
+    let e = format!("{:#}", Model::load(&p).err().expect("refused"));
+    assert!(
+        e.contains("olmo2.attention.sliding_window_pattern") && e.contains("2 values for 4 layers"),
+        "{e}"
+    );
 }
 
 /// Phi-3 with LongRoPE past its original context: fused Q/K/V and gate/up cut at load, partial NeoX RoPE, the long

@@ -21,6 +21,8 @@ pub enum Kind {
     Str,
     /// An array whose elements are all of this (scalar) kind.
     Array(&'static Kind),
+    /// Either of two kinds (`sliding_window_pattern`: a period, or one bool per layer).
+    Either(&'static Kind, &'static Kind),
 }
 
 impl Kind {
@@ -33,6 +35,7 @@ impl Kind {
             Kind::Bool => matches!(v, Bool(_)),
             Kind::Str => matches!(v, String(_)),
             Kind::Array(e) => matches!(v, Array(a) if a.iter().all(|x| e.matches(x))),
+            Kind::Either(a, b) => a.matches(v) || b.matches(v),
         }
     }
 
@@ -40,7 +43,7 @@ impl Kind {
     /// where a non-negative one is expected.
     pub fn shortfall(self, v: &Value) -> String {
         match (self, v.as_i64()) {
-            (Kind::Int, Some(i)) if is_integer(v) && i < 0 => {
+            (Kind::Int | Kind::Either(Kind::Int, _), Some(i)) if is_integer(v) && i < 0 => {
                 format!("the value {i} ({})", v.type_desc())
             }
             _ => format!("type {}", v.type_desc()),
@@ -57,7 +60,12 @@ impl Kind {
             Kind::Array(Kind::Str) => "an array of strings",
             Kind::Array(Kind::Int) => "an array of non-negative integers",
             Kind::Array(Kind::Float) => "an array of numbers",
+            Kind::Array(Kind::Bool) => "an array of bools",
             Kind::Array(_) => "an array",
+            Kind::Either(Kind::Int, Kind::Array(Kind::Bool)) => {
+                "a non-negative integer or an array of bools"
+            }
+            Kind::Either(..) => "one of two kinds",
         }
     }
 }
@@ -111,7 +119,10 @@ const ARCH: &[(&str, Kind)] = &[
     ("attention.key_length", Kind::Int),
     ("attention.value_length", Kind::Int),
     ("attention.sliding_window", Kind::Int),
-    ("attention.sliding_window_pattern", Kind::Int),
+    (
+        "attention.sliding_window_pattern",
+        Kind::Either(&Kind::Int, &Kind::Array(&Kind::Bool)),
+    ),
     ("attention.layer_norm_rms_epsilon", Kind::Float),
     ("rope.dimension_count", Kind::Int),
     ("rope.freq_base", Kind::Float),

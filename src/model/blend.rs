@@ -14,7 +14,7 @@
 use std::ops::Range;
 
 use super::blocks::{
-    add_residual, apply_rope, mask_heads, norm_input, rmsnorm_inplace, rope_tables, Attention,
+    add_residual, apply_rope, block_input, mask_heads, rmsnorm_inplace, rope_tables, Attention,
     GateAct, GatedFfn,
 };
 use super::{Model, ModelConfig, Scratch};
@@ -33,11 +33,12 @@ pub struct RowRope {
 
 /// One layer's pieces, whatever the architecture.
 struct LayerRef<'a> {
-    attn_norm: &'a [f32],
+    /// None: the block reads x itself (OLMo 2).
+    attn_norm: Option<&'a [f32]>,
     attn: &'a Attention,
-    /// Gemma 3's norms after the attention and feed-forward blocks.
+    /// Gemma's and OLMo 2's norms after the attention and feed-forward blocks.
     post: Option<(&'a [f32], &'a [f32])>,
-    ffn_norm: &'a [f32],
+    ffn_norm: Option<&'a [f32]>,
     ffn: &'a GatedFfn,
     gelu: bool,
 }
@@ -48,10 +49,13 @@ impl Model {
             Model::Llama(m) => {
                 let l = &m.layers[li];
                 LayerRef {
-                    attn_norm: &l.attn_norm,
+                    attn_norm: l.attn_norm.as_deref(),
                     attn: &l.attn,
-                    post: None,
-                    ffn_norm: &l.ffn_norm,
+                    post: l
+                        .post_norms
+                        .as_ref()
+                        .map(|(a, f)| (a.as_slice(), f.as_slice())),
+                    ffn_norm: l.ffn_norm.as_deref(),
                     ffn: &l.ffn,
                     gelu: false,
                 }
@@ -59,10 +63,10 @@ impl Model {
             Model::Gemma3(m) => {
                 let l = &m.layers[li];
                 LayerRef {
-                    attn_norm: &l.attn_norm,
+                    attn_norm: Some(&l.attn_norm),
                     attn: &l.attn,
                     post: Some((&l.post_attn_norm, &l.post_ffn_norm)),
-                    ffn_norm: &l.ffn_norm,
+                    ffn_norm: Some(&l.ffn_norm),
                     ffn: &l.ffn,
                     gelu: true,
                 }
@@ -81,7 +85,18 @@ impl Model {
             Model::Llama(l) => {
                 let ff = l.rope_freq_factors.as_deref();
                 l.rope_scaling
-                    .tables(pos, c.rope_dim, c.rope_base, ff, &mut r.cos, &mut r.sin)
+                    .tables(pos, c.rope_dim, c.rope_base, ff, &mut r.cos, &mut r.sin);
+                if c.layer_is_local.iter().any(|&l| l) {
+                    // OLMo 3's sliding-window layers: plain RoPE.
+                    rope_tables(
+                        pos,
+                        c.rope_dim,
+                        c.rope_base_local,
+                        1.0,
+                        &mut r.cos_local,
+                        &mut r.sin_local,
+                    );
+                }
             }
             Model::Gemma3(g) => {
                 let scale = 1.0 / g.rope_scale_global;
@@ -159,7 +174,7 @@ impl Model {
             c.n_kv_heads,
             c.rope_dim / 2,
         );
-        norm_input(s, n, l.attn_norm, c.rms_eps); // xb: n × dim
+        block_input(s, n, c.dim, l.attn_norm, c.rms_eps); // xb: n × dim
         let a = l.attn;
         let (q, k, v) = (
             &mut s.q[..n * nh * hd],  // n × nh·hd
@@ -221,7 +236,7 @@ impl Model {
             rmsnorm_inplace(&mut s.xo[..n * dim], post_attn, c.rms_eps);
         }
         add_residual(c, s, n);
-        norm_input(s, n, l.ffn_norm, c.rms_eps);
+        block_input(s, n, c.dim, l.ffn_norm, c.rms_eps);
         if l.gelu {
             l.ffn.forward(c, n, GateAct::GeluTanh, s);
         } else {

@@ -95,6 +95,25 @@ pub(crate) fn norm_input(s: &mut Scratch, n: usize, w: &[f32], eps: f32) {
     });
 }
 
+/// xb (n × dim) ← RMSNorm(x) ⊙ w with a norm weight, else x itself (OLMo 2's blocks read the residual stream
+/// unnormalized).
+pub(crate) fn block_input(s: &mut Scratch, n: usize, dim: usize, w: Option<&[f32]>, eps: f32) {
+    match w {
+        Some(w) => norm_input(s, n, w, eps),
+        None => s.xb[..n * dim].copy_from_slice(&s.x[..n * dim]),
+    }
+}
+
+/// xo (n × dim) ← RMSNorm(xo) ⊙ w: a norm of a block's output before it joins the residual stream (Gemma's and
+/// OLMo 2's post-norms).
+pub(crate) fn post_norm(s: &mut Scratch, n: usize, w: &[f32], eps: f32) {
+    let _p = scope(Phase::Norm);
+    let dim = w.len();
+    par_rows(&mut s.xo[..n * dim], dim, |_, xo| {
+        rmsnorm_inplace(xo, w, eps)
+    });
+}
+
 /// x (n × dim) += residual_scale · xo: a block's output joins the residual stream.
 pub(crate) fn add_residual(c: &ModelConfig, s: &mut Scratch, n: usize) {
     let _p = scope(Phase::Residual);

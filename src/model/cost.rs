@@ -90,6 +90,8 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         // Qwen2's Q/K/V biases cost about what a norm pass over those rows does.
         super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
         super::Arch::Qwen3 => 2.0 * d + (hq + hkv) * hk,
+        // OLMo 2: the two output norms, and QK-norm over the whole query and key rows.
+        super::Arch::Olmo2 => 2.0 * d + (hq + hkv) * hk,
         super::Arch::Llama | super::Arch::SmolLM3 | super::Arch::Granite | super::Arch::Phi3 => {
             2.0 * d
         }

@@ -14,12 +14,10 @@
 use anyhow::{bail, Result};
 
 use super::blocks::{
-    self, add_residual, norm_input, rmsnorm_inplace, rope_tables, Attention, GateAct, GatedFfn,
+    self, add_residual, norm_input, post_norm, rope_tables, Attention, GateAct, GatedFfn,
 };
 use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
-use crate::kernels::par_rows;
-use crate::kernels::prof::{scope, Phase};
 use crate::kernels::QMatrix;
 
 pub struct Gemma3Layer {
@@ -83,24 +81,16 @@ impl Gemma3 {
             .get(1)
             .copied()
             .unwrap_or(0) as usize;
-        let pattern = g
-            .get_u64(&key("attention.sliding_window_pattern"))?
-            .map_or(
-                if gemma2 {
-                    GEMMA2_SWA_PATTERN
-                } else {
-                    SWA_PATTERN
-                },
-                |v| v as usize,
-            )
-            .max(1);
         let window = g
             .get_u64(&key("attention.sliding_window"))?
             .map(|w| u32::try_from(w).unwrap_or(u32::MAX))
             .or(gemma2.then_some(GEMMA2_WINDOW));
-        let layer_is_local = (0..n_layers)
-            .map(|i| window.is_some() && i % pattern < pattern - 1)
-            .collect();
+        let default_period = if gemma2 {
+            GEMMA2_SWA_PATTERN
+        } else {
+            SWA_PATTERN
+        };
+        let layer_is_local = super::swa_layers(g, a, n_layers, window, default_period)?;
         let rope_base = g.get_f64(&key("rope.freq_base"))?.unwrap_or(if gemma2 {
             10_000.0
         } else {
@@ -207,7 +197,7 @@ impl Gemma3 {
     /// and values to its cache; the final residual stream stays in `s.x`.
     pub fn forward(&self, seqs: &mut [SeqStep<'_>], s: &mut Scratch) {
         let c = &self.cfg;
-        let (dim, half) = (c.dim, c.rope_dim / 2);
+        let half = c.rope_dim / 2;
         // x: n × dim ← token embeddings · sqrt(dim)
         let n = blocks::embed(&self.tok_embd, c, seqs, s);
         // Two RoPE tables (n × rope_dim/2 each): global layers (base 1e6, optionally linearly scaled) and local layers
@@ -231,25 +221,13 @@ impl Gemma3 {
             // xb = RMSNorm(x); local layers see the sliding window only.
             norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.attn.forward(c, li, local, seqs, s); // xo: n × dim
-            {
-                let _p = scope(Phase::Norm);
-                let w = &l.post_attn_norm;
-                par_rows(&mut s.xo[..n * dim], dim, |_, xo| {
-                    rmsnorm_inplace(xo, w, c.rms_eps)
-                }); // xo ← RMSNorm(xo)
-            }
+            post_norm(s, n, &l.post_attn_norm, c.rms_eps); // xo ← RMSNorm(xo)
             add_residual(c, s, n); // x: n × dim += xo
 
             // Feed-forward block (GeGLU): x += RMSNorm(Wdown · (gelu(Wgate·xb) ⊙ Wup·xb)), xb = RMSNorm(x).
             norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.ffn.forward(c, n, GateAct::GeluTanh, s); // xo: n × dim
-            {
-                let _p = scope(Phase::Norm);
-                let w = &l.post_ffn_norm;
-                par_rows(&mut s.xo[..n * dim], dim, |_, xo| {
-                    rmsnorm_inplace(xo, w, c.rms_eps)
-                }); // xo ← RMSNorm(xo)
-            }
+            post_norm(s, n, &l.post_ffn_norm, c.rms_eps); // xo ← RMSNorm(xo)
             add_residual(c, s, n); // x: n × dim += xo
         }
     }

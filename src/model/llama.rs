@@ -11,7 +11,9 @@
 
 use anyhow::{bail, Result};
 
-use super::blocks::{self, add_residual, norm_input, Attention, GateAct, GatedFfn};
+use super::blocks::{
+    self, add_residual, block_input, post_norm, rope_tables, Attention, GateAct, GatedFfn,
+};
 use super::rope::{freq_factors, long_rope_factors, RopeScaling};
 use super::{
     load_matrix, load_vector, meta_usize, Arch, LongRope, ModelConfig, RopeStyle, Scratch, SeqStep,
@@ -20,10 +22,15 @@ use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
 
 pub struct LlamaLayer {
-    pub attn_norm: Vec<f32>, // dim
+    /// RMSNorm weights of the attention block's input (dim); None on OLMo 2, whose blocks read x itself.
+    pub attn_norm: Option<Vec<f32>>,
     pub attn: Attention,
-    pub ffn_norm: Vec<f32>, // dim
+    /// RMSNorm weights of the feed-forward block's input (dim); None on OLMo 2.
+    pub ffn_norm: Option<Vec<f32>>,
     pub ffn: GatedFfn,
+    /// OLMo 2's RMSNorm weights of the attention and feed-forward outputs (dim each), applied before each joins the
+    /// residual stream.
+    pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 pub struct Llama {
@@ -42,6 +49,9 @@ pub struct Llama {
     pub long_rope_sets: Option<[Option<Vec<f32>>; 2]>,
 }
 
+/// OLMo 3: without a `sliding_window_pattern`, every layer but each 4th has the window (llama.cpp's default).
+const OLMO3_SWA_PERIOD: usize = 4;
+
 /// SmolLM3: layers i with (i + 1) divisible by this have no RoPE (fixed by the architecture in llama.cpp).
 const SMOLLM3_NOPE_EVERY: usize = 4;
 
@@ -56,6 +66,7 @@ impl Llama {
             Arch::SmolLM3 => ("smollm3", RopeStyle::Norm),
             Arch::Granite => ("granite", RopeStyle::Norm),
             Arch::Phi3 => ("phi3", RopeStyle::Neox),
+            Arch::Olmo2 => ("olmo2", RopeStyle::Neox),
             Arch::Gemma3 | Arch::Gemma2 => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
             }
@@ -107,6 +118,17 @@ impl Llama {
             );
         }
         let ctx_len = meta_usize(g, a, "context_length")?;
+        // OLMo 3 (architecture "olmo2" too): a sliding window on the layers its pattern marks, rotated with plain
+        // RoPE (llama.cpp's graph: the global base, no scaling) while the others take the file's scaling.
+        let olmo2 = arch == Arch::Olmo2;
+        let sliding_window = match olmo2 {
+            true => g
+                .get_u64(&key("attention.sliding_window"))?
+                .filter(|&w| w > 0)
+                .map(|w| u32::try_from(w).unwrap_or(u32::MAX)),
+            false => None,
+        };
+        let layer_is_local = super::swa_layers(g, a, n_layers, sliding_window, OLMO3_SWA_PERIOD)?;
         // Phi-3's LongRoPE factor sets; the long one rotates when the context exceeds the original one (llama.cpp's
         // choice for a context of the trained length, until `set_max_context` says otherwise).
         let long_rope_sets = match arch {
@@ -160,8 +182,8 @@ impl Llama {
             rope_dim,
             rope_base: g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
             rope_base_local: 0.0,
-            sliding_window: None,
-            layer_is_local: vec![false; n_layers],
+            sliding_window,
+            layer_is_local,
             attn_scale: scale("attention.scale")?.unwrap_or(1.0 / (hd as f32).sqrt()),
             embed_scale: scale("embedding_scale")?.unwrap_or(1.0),
             attn_softcap: None,
@@ -170,16 +192,34 @@ impl Llama {
             logit_scale,
             long_rope,
         };
+        let mut cfg = cfg;
+        if cfg.layer_is_local.iter().any(|&l| l) {
+            cfg.rope_base_local = cfg.rope_base;
+        }
         cfg.validate(g)?;
         // Granite turns RoPE off altogether when `rope.scaling.finetuned` is false (llama.cpp's reading).
         let granite_rope = !granite || g.get_bool(&key("rope.scaling.finetuned"))?.unwrap_or(true);
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            // OLMo 2: no input norms; norms of the blocks' outputs; QK-norm over all heads of a row at once.
+            let norm = |what: &str| -> Result<Option<Vec<f32>>> {
+                match olmo2 {
+                    true => Ok(None),
+                    false => load_vector(g, &n(what), dim).map(Some),
+                }
+            };
             layers.push(LlamaLayer {
-                attn_norm: load_vector(g, &n("attn_norm"), dim)?,
+                attn_norm: norm("attn_norm")?,
                 attn: match arch {
                     Arch::Phi3 => Attention::load_fused(g, i, &cfg)?,
+                    Arch::Olmo2 => Attention {
+                        qk_norm: Some((
+                            load_vector(g, &n("attn_q_norm"), n_heads * hd)?,
+                            load_vector(g, &n("attn_k_norm"), n_kv_heads * hd)?,
+                        )),
+                        ..Attention::load(g, i, &cfg, false)?
+                    },
                     _ => Attention {
                         // SmolLM3 leaves every 4th layer unrotated (NoPE), as llama.cpp's graph does.
                         rope: granite_rope
@@ -187,10 +227,17 @@ impl Llama {
                         ..Attention::load(g, i, &cfg, arch == Arch::Qwen3)?
                     },
                 },
-                ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
+                ffn_norm: norm("ffn_norm")?,
                 ffn: match arch {
                     Arch::Phi3 => GatedFfn::load_fused(g, i, &cfg)?,
                     _ => GatedFfn::load(g, i, &cfg)?,
+                },
+                post_norms: match olmo2 {
+                    true => Some((
+                        load_vector(g, &n("post_attention_norm"), dim)?,
+                        load_vector(g, &n("post_ffw_norm"), dim)?,
+                    )),
+                    false => None,
                 },
             });
         }
@@ -229,7 +276,13 @@ impl Llama {
             .layers
             .iter()
             .map(|l| {
-                l.attn.n_bytes() + l.ffn.n_bytes() + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+                let norms = [&l.attn_norm, &l.ffn_norm]
+                    .into_iter()
+                    .flatten()
+                    .chain(l.post_norms.iter().flat_map(|(a, f)| [a, f]))
+                    .map(|w| 4 * w.len())
+                    .sum::<usize>();
+                l.attn.n_bytes() + l.ffn.n_bytes() + norms
             })
             .sum();
         l + self.tok_embd.n_bytes()
@@ -250,16 +303,34 @@ impl Llama {
             self.rope_scaling
                 .tables(pos, c.rope_dim, c.rope_base, ff, cos, sin)
         });
+        if c.layer_is_local.iter().any(|&l| l) {
+            // Sliding-window layers (OLMo 3): plain RoPE, n × rope_dim/2 each.
+            let (cos, sin) = (
+                &mut s.rope_cos_local[..n * half],
+                &mut s.rope_sin_local[..n * half],
+            );
+            blocks::rope_rows(seqs, half, cos, sin, |pos, cos, sin| {
+                rope_tables(pos, c.rope_dim, c.rope_base_local, 1.0, cos, sin)
+            });
+        }
 
         for (li, l) in self.layers.iter().enumerate() {
-            // Attention block: x += Wo · attention(RoPE(Wq·xb + bq), RoPE(Wk·xb + bk), Wv·xb + bv), xb = RMSNorm(x).
-            norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
-            l.attn.forward(c, li, false, seqs, s); // xo: n × dim
+            let local = c.layer_is_local[li];
+            // Attention block: x += Wo · attention(RoPE(Wq·xb + bq), RoPE(Wk·xb + bk), Wv·xb + bv), xb = RMSNorm(x)
+            // (OLMo 2: xb = x, and the block's output normed before it joins x).
+            block_input(s, n, c.dim, l.attn_norm.as_deref(), c.rms_eps); // xb: n × dim
+            l.attn.forward(c, li, local, seqs, s); // xo: n × dim
+            if let Some((w, _)) = &l.post_norms {
+                post_norm(s, n, w, c.rms_eps); // xo ← RMSNorm(xo)
+            }
             add_residual(c, s, n); // x: n × dim += residual_scale · xo
 
-            // Feed-forward block (SwiGLU): x += Wdown · (silu(Wgate·xb) ⊙ Wup·xb), xb = RMSNorm(x).
-            norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
+            // Feed-forward block (SwiGLU): x += Wdown · (silu(Wgate·xb) ⊙ Wup·xb), xb = RMSNorm(x) (OLMo 2 as above).
+            block_input(s, n, c.dim, l.ffn_norm.as_deref(), c.rms_eps); // xb: n × dim
             l.ffn.forward(c, n, GateAct::Silu, s); // xo: n × dim
+            if let Some((_, w)) = &l.post_norms {
+                post_norm(s, n, w, c.rms_eps); // xo ← RMSNorm(xo)
+            }
             add_residual(c, s, n); // x: n × dim += residual_scale · xo
         }
     }

@@ -53,6 +53,10 @@ pub enum Arch {
     /// gate and up projections are one (`ffn_up`, gate rows first), NeoX RoPE, and LongRoPE's two sets of frequency
     /// factors (run by [`llama::Llama`]).
     Phi3,
+    /// OLMo 2 / OLMo 3: Llama blocks without input norms, with RMSNorm on each block's output before it joins the
+    /// residual stream and on whole query and key rows (all heads at once) before RoPE, NeoX RoPE; OLMo 3 adds a
+    /// sliding window on the layers its pattern marks (run by [`llama::Llama`]).
+    Olmo2,
 }
 
 /// LongRoPE (Phi-3 128K, Phi-3.5, Phi-4-mini): the file holds a short and a long set of RoPE frequency factors
@@ -168,8 +172,9 @@ impl Model {
             "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
             "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
             "phi3" => Model::Llama(llama::Llama::load(g, Arch::Phi3)?),
+            "olmo2" => Model::Llama(llama::Llama::load(g, Arch::Olmo2)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, gemma2, gemma3)",
                 g.path.display()
             ),
         };
@@ -442,6 +447,44 @@ pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) ->
     }
     QMatrix::from_gguf(t.ty, rows, cols, g.tensor_bytes(t))
         .with_context(|| format!("{}: tensor {name}", g.path.display()))
+}
+
+/// Which of `n_layers` layers have a sliding window, as llama.cpp reads `<arch>.attention.sliding_window_pattern`:
+/// one bool per layer (true = windowed), or a period n (every layer but each n-th is windowed: layer i when
+/// i mod n < n − 1), `default_period` when the key is absent. No layer has one without a `window`.
+pub(crate) fn swa_layers(
+    g: &GgufFile,
+    arch: &str,
+    n_layers: usize,
+    window: Option<u32>,
+    default_period: usize,
+) -> Result<Vec<bool>> {
+    let key = format!("{arch}.attention.sliding_window_pattern");
+    if window.is_none() {
+        return Ok(vec![false; n_layers]);
+    }
+    match g.get(&key) {
+        Some(crate::gguf::Value::Array(a)) => {
+            if a.len() != n_layers {
+                bail!(
+                    "{}: {key} holds {} values for {n_layers} layers",
+                    g.path.display(),
+                    a.len()
+                );
+            }
+            Ok(a.iter()
+                .map(|v| matches!(v, crate::gguf::Value::Bool(true)))
+                .collect())
+        }
+        Some(v) => {
+            let n = v.as_u64().unwrap_or(0).max(1) as usize;
+            Ok((0..n_layers).map(|i| i % n < n - 1).collect())
+        }
+        None => {
+            let n = default_period.max(1);
+            Ok((0..n_layers).map(|i| i % n < n - 1).collect())
+        }
+    }
 }
 
 /// A fused weight matrix (`cols` input features × the sum of `parts` output rows, as Phi-3's `attn_qkv` and `ffn_up`)

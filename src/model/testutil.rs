@@ -244,6 +244,27 @@ pub fn tiny_phi3(s: &TinySpec, long_rope: Option<(u32, f32)>) -> GgufWriter {
     w
 }
 
+/// A tiny OLMo-2-architecture GGUF with random weights: no input norms, RMSNorm weights on each block's output
+/// (`post_attention_norm`, `post_ffw_norm`) and on whole query and key rows (`attn_q_norm`: heads·head_dim,
+/// `attn_k_norm`: KV heads·head_dim), an untied output head. With `swa` = (window, per-layer flags) it is OLMo 3's
+/// shape: `attention.sliding_window` and a bool-array `attention.sliding_window_pattern`, as llama.cpp's converter
+/// writes them; `rope_scaling` as for Qwen2 (OLMo 3 declares YaRN, which its windowed layers do not take).
+pub fn tiny_olmo2(
+    s: &TinySpec,
+    swa: Option<(u32, Vec<bool>)>,
+    rope_scaling: Option<TinyRopeScaling>,
+) -> GgufWriter {
+    let mut w = llama_family(s, "olmo2", rope_scaling);
+    if let Some((window, pattern)) = swa {
+        w.meta("olmo2.attention.sliding_window", Value::U32(window));
+        w.meta(
+            "olmo2.attention.sliding_window_pattern",
+            Value::Array(pattern.into_iter().map(Value::Bool).collect()),
+        );
+    }
+    w
+}
+
 /// Rotated dimensions of a tiny Phi-3 head: 3/4 of it (Phi-4-mini's partial rotary factor), even.
 fn phi3_rope_dim(head_dim: usize) -> usize {
     (head_dim * 3 / 4) & !1
@@ -255,6 +276,7 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
     let qwen2 = arch == "qwen2";
     let qwen3 = arch == "qwen3";
     let phi3 = arch == "phi3";
+    let olmo2 = arch == "olmo2";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut bias_rng = Rng(s.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
@@ -321,13 +343,18 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
                 w.tensor_f32(&format!("blk.{i}.{what}.bias"), &[len as u64], &b);
             }
         }
-        if qwen3 {
-            // Per-channel weights far from 1, different for queries and keys, so a norm applied wrongly shows.
-            for (what, k) in [("attn_q_norm", 3), ("attn_k_norm", 5)] {
-                let g: Vec<f32> = (0..hd)
+        if qwen3 || olmo2 {
+            // Per-channel weights far from 1, different for queries and keys, so a norm applied wrongly shows
+            // (OLMo 2's span all heads of a row).
+            for (what, k, heads) in [
+                ("attn_q_norm", 3, s.n_heads),
+                ("attn_k_norm", 5, s.n_kv_heads),
+            ] {
+                let len = if olmo2 { heads * hd } else { hd };
+                let g: Vec<f32> = (0..len)
                     .map(|j| 0.5 + ((j * k + i) % 11) as f32 / 10.0)
                     .collect();
-                w.tensor_f32(&n(what), &[hd as u64], &g);
+                w.tensor_f32(&n(what), &[len as u64], &g);
             }
         }
         mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
@@ -341,11 +368,19 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
         let ones: Vec<f32> = (0..d)
             .map(|j| 1.0 + 0.1 * ((j % 7) as f32 - 3.0) / 3.0)
             .collect();
-        w.tensor_f32(&n("attn_norm"), &[d as u64], &ones);
-        w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
+        if olmo2 {
+            let post: Vec<f32> = (0..d)
+                .map(|j| 0.6 + ((j * 7 + i) % 9) as f32 / 10.0)
+                .collect();
+            w.tensor_f32(&n("post_attention_norm"), &[d as u64], &ones);
+            w.tensor_f32(&n("post_ffw_norm"), &[d as u64], &post);
+        } else {
+            w.tensor_f32(&n("attn_norm"), &[d as u64], &ones);
+            w.tensor_f32(&n("ffn_norm"), &[d as u64], &ones);
+        }
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    if phi3 {
+    if phi3 || olmo2 {
         mat(&mut w, "output.weight", vocab, d, GgmlType::Q8_0);
     }
     w

@@ -123,7 +123,10 @@ impl ModelConfig {
                 );
             }
         }
-        if g.get_u64(&key("attention.sliding_window_pattern"))? == Some(0) {
+        if g.get(&key("attention.sliding_window_pattern"))
+            .and_then(|v| v.as_u64())
+            == Some(0)
+        {
             bail!(
                 "{file}: {} is 0, must be at least 1",
                 key("attention.sliding_window_pattern")
