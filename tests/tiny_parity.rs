@@ -8,6 +8,7 @@
 //! - `granite`: a Granite model (embedding, attention, residual and logit multipliers).
 //! - `gemma2`: a Gemma 2 model (attention and final logit soft-capping, every other layer local with a 16-token
 //!   window, one RoPE base).
+//! - `gemma1`: a Gemma 1 model (Gemma's blocks without post-norms, QK-norm or windows).
 //! - `olmo2`, `olmo3`: OLMo models (no input norms, output norms, QK-norm over whole rows; OLMo 3's sliding window
 //!   on the layers a bool-array pattern marks).
 //! - `phi3`, `phi3short`: Phi-3 models (fused Q/K/V and gate/up matrices, RoPE over 3/4 of each head, LongRoPE's
@@ -25,8 +26,8 @@ use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::{GgmlType, Value};
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3, tiny_olmo2, tiny_phi3,
-    tiny_qwen3, tiny_smollm3, TinySpec,
+    llama3_freq_factors, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3,
+    tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_smollm3, TinySpec,
 };
 use hayloft::model::Model;
 use serde::Deserialize;
@@ -67,6 +68,7 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ),
         // Soft-caps of 2 and 1.5 (Gemma 2's are 50 and 30) so that they bite on a tiny model's small scores.
         ("gemma2", tiny_gemma2(&spec(32, 41), 16, (2.0, 1.5))),
+        ("gemma1", tiny_gemma1(&spec(32, 71))),
         // llama.cpp runs the fixture with a context of 256 (128 padded up): past the original 64, so the long
         // factors rotate; hayloft's default context is the trained 512, also past it.
         ("phi3", tiny_phi3(&spec(32, 53), Some((64, 1.19)))),
@@ -400,6 +402,24 @@ fn phi3_factor_set_follows_the_context_and_sessions_must_match_it() {
     let mut cfg = SessionConfig::for_model(&model);
     cfg.max_context = 64;
     Session::new(&model, cfg).unwrap();
+}
+
+/// Gemma 1: Gemma's scaled embeddings and GeGLU, no post-norms, QK-norm or window; the embedding scale matters.
+#[test]
+fn gemma1_gives_llama_cpps_logits() {
+    check("gemma1", |m| {
+        let Model::Gemma3(g) = m else {
+            panic!("a Gemma model")
+        };
+        assert!(g
+            .layers
+            .iter()
+            .all(|l| l.post_norms.is_none() && l.attn.qk_norm.is_none()));
+        let c = &mut g.cfg;
+        assert!(c.layer_is_local.iter().all(|&l| !l) && c.sliding_window.is_none());
+        assert_eq!((c.rope_base, c.embed_scale), (1e4, (128f32).sqrt()));
+        c.embed_scale = 1.0;
+    });
 }
 
 /// Granite turns RoPE off on every layer when `rope.scaling.finetuned` is false, as llama.cpp reads it.

@@ -65,7 +65,10 @@ impl Model {
                 LayerRef {
                     attn_norm: Some(&l.attn_norm),
                     attn: &l.attn,
-                    post: Some((&l.post_attn_norm, &l.post_ffn_norm)),
+                    post: l
+                        .post_norms
+                        .as_ref()
+                        .map(|(a, f)| (a.as_slice(), f.as_slice())),
                     ffn_norm: Some(&l.ffn_norm),
                     ffn: &l.ffn,
                     gelu: true,

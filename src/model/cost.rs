@@ -87,6 +87,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
     let norm = match c.arch {
         super::Arch::Gemma3 => 4.0 * d + (hq + hkv) * hk,
         super::Arch::Gemma2 => 4.0 * d,
+        super::Arch::Gemma => 2.0 * d,
         // Qwen2's Q/K/V biases cost about what a norm pass over those rows does.
         super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
         super::Arch::Qwen3 => 2.0 * d + (hq + hkv) * hk,

@@ -22,12 +22,13 @@ use crate::kernels::QMatrix;
 
 pub struct Gemma3Layer {
     pub attn_norm: Vec<f32>, // dim
-    /// With QK-norm.
+    /// With QK-norm (Gemma 3).
     pub attn: Attention,
-    pub post_attn_norm: Vec<f32>, // dim
-    pub ffn_norm: Vec<f32>,       // dim
+    pub ffn_norm: Vec<f32>, // dim
     pub ffn: GatedFfn,
-    pub post_ffn_norm: Vec<f32>, // dim
+    /// Norms of the attention and feed-forward outputs before they join the residual stream (dim each; Gemma 2 and
+    /// 3, not Gemma 1).
+    pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 pub struct Gemma3 {
@@ -57,8 +58,11 @@ impl Gemma3 {
         let (a, gemma2) = match arch {
             Arch::Gemma3 => ("gemma3", false),
             Arch::Gemma2 => ("gemma2", true),
+            Arch::Gemma => ("gemma", false),
             _ => bail!("{}: not a Gemma model", g.path.display()),
         };
+        // Gemma 1: every layer global, no post-norms, no QK-norm, one RoPE base (10000 unless the file says).
+        let gemma1 = arch == Arch::Gemma;
         let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
         let dim = meta_usize(g, a, "embedding_length")?;
@@ -81,24 +85,29 @@ impl Gemma3 {
             .get(1)
             .copied()
             .unwrap_or(0) as usize;
-        let window = g
-            .get_u64(&key("attention.sliding_window"))?
-            .map(|w| u32::try_from(w).unwrap_or(u32::MAX))
-            .or(gemma2.then_some(GEMMA2_WINDOW));
+        let window = match gemma1 {
+            true => None,
+            false => g
+                .get_u64(&key("attention.sliding_window"))?
+                .map(|w| u32::try_from(w).unwrap_or(u32::MAX))
+                .or(gemma2.then_some(GEMMA2_WINDOW)),
+        };
         let default_period = if gemma2 {
             GEMMA2_SWA_PATTERN
         } else {
             SWA_PATTERN
         };
         let layer_is_local = super::swa_layers(g, a, n_layers, window, default_period)?;
-        let rope_base = g.get_f64(&key("rope.freq_base"))?.unwrap_or(if gemma2 {
-            10_000.0
-        } else {
-            1_000_000.0
-        }) as f32;
+        let rope_base = g
+            .get_f64(&key("rope.freq_base"))?
+            .unwrap_or(if gemma2 || gemma1 {
+                10_000.0
+            } else {
+                1_000_000.0
+            }) as f32;
         let rope_base_local = match g.get_f64(&key("rope.freq_base_swa"))? {
             Some(b) => b as f32,
-            None if gemma2 => rope_base,
+            None if gemma2 || gemma1 => rope_base,
             None => ROPE_BASE_LOCAL,
         };
         // A soft-cap of 0 means none (llama.cpp's reading).
@@ -168,11 +177,16 @@ impl Gemma3 {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Gemma3Layer {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
-                attn: Attention::load(g, i, &cfg, !gemma2)?,
-                post_attn_norm: load_vector(g, &n("post_attention_norm"), dim)?,
+                attn: Attention::load(g, i, &cfg, arch == Arch::Gemma3)?,
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
                 ffn: GatedFfn::load(g, i, &cfg)?,
-                post_ffn_norm: load_vector(g, &n("post_ffw_norm"), dim)?,
+                post_norms: match gemma1 {
+                    true => None,
+                    false => Some((
+                        load_vector(g, &n("post_attention_norm"), dim)?,
+                        load_vector(g, &n("post_ffw_norm"), dim)?,
+                    )),
+                },
             });
         }
         Ok(Self {
@@ -221,13 +235,17 @@ impl Gemma3 {
             // xb = RMSNorm(x); local layers see the sliding window only.
             norm_input(s, n, &l.attn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.attn.forward(c, li, local, seqs, s); // xo: n × dim
-            post_norm(s, n, &l.post_attn_norm, c.rms_eps); // xo ← RMSNorm(xo)
+            if let Some((w, _)) = &l.post_norms {
+                post_norm(s, n, w, c.rms_eps); // xo ← RMSNorm(xo)
+            }
             add_residual(c, s, n); // x: n × dim += xo
 
             // Feed-forward block (GeGLU): x += RMSNorm(Wdown · (gelu(Wgate·xb) ⊙ Wup·xb)), xb = RMSNorm(x).
             norm_input(s, n, &l.ffn_norm, c.rms_eps); // xb: n × dim ← RMSNorm(x)
             l.ffn.forward(c, n, GateAct::GeluTanh, s); // xo: n × dim
-            post_norm(s, n, &l.post_ffn_norm, c.rms_eps); // xo ← RMSNorm(xo)
+            if let Some((_, w)) = &l.post_norms {
+                post_norm(s, n, w, c.rms_eps); // xo ← RMSNorm(xo)
+            }
             add_residual(c, s, n); // x: n × dim += xo
         }
     }

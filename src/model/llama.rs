@@ -67,7 +67,7 @@ impl Llama {
             Arch::Granite => ("granite", RopeStyle::Norm),
             Arch::Phi3 => ("phi3", RopeStyle::Neox),
             Arch::Olmo2 => ("olmo2", RopeStyle::Neox),
-            Arch::Gemma3 | Arch::Gemma2 => {
+            Arch::Gemma3 | Arch::Gemma2 | Arch::Gemma => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
             }
         };

@@ -46,6 +46,9 @@ pub enum Arch {
     /// [`llama::Llama`]).
     Granite,
     Gemma3,
+    /// Gemma 1 (and CodeGemma): Gemma 3's blocks without QK-norm, post-norms or windows, one RoPE base (run by
+    /// [`gemma3::Gemma3`]).
+    Gemma,
     /// Gemma 2: Gemma 3's blocks without QK-norm, with attention and final logit soft-capping and every other layer
     /// local (run by [`gemma3::Gemma3`]).
     Gemma2,
@@ -171,10 +174,11 @@ impl Model {
             "granite" => Model::Llama(llama::Llama::load(g, Arch::Granite)?),
             "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
             "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
+            "gemma" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma)?),
             "phi3" => Model::Llama(llama::Llama::load(g, Arch::Phi3)?),
             "olmo2" => Model::Llama(llama::Llama::load(g, Arch::Olmo2)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };

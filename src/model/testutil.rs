@@ -393,18 +393,24 @@ pub fn write_tiny_gemma3(path: &Path, s: &TinySpec, window: u32) -> std::io::Res
 
 /// A tiny Gemma-3-architecture GGUF with random weights, still open for changes.
 pub fn tiny_gemma3(s: &TinySpec, window: u32) -> GgufWriter {
-    gemma_family(s, window, None)
+    gemma_family(s, "gemma3", window, None)
+}
+
+/// A tiny Gemma-1-architecture GGUF with random weights: Gemma 3's blocks without QK-norm, post-norms or windows, RoPE
+/// base 10000 (written, as llama.cpp's converter writes it).
+pub fn tiny_gemma1(s: &TinySpec) -> GgufWriter {
+    gemma_family(s, "gemma", 0, None)
 }
 
 /// A tiny Gemma-2-architecture GGUF with random weights: no QK-norm, one RoPE base, every other layer local with
 /// window `window`, and the attention and final logit soft-caps `softcaps` (small ones make them matter here).
 pub fn tiny_gemma2(s: &TinySpec, window: u32, softcaps: (f32, f32)) -> GgufWriter {
-    gemma_family(s, window, Some(softcaps))
+    gemma_family(s, "gemma2", window, Some(softcaps))
 }
 
-/// Gemma 3, or Gemma 2 with its soft-caps.
-fn gemma_family(s: &TinySpec, window: u32, gemma2: Option<(f32, f32)>) -> GgufWriter {
-    let arch = if gemma2.is_some() { "gemma2" } else { "gemma3" };
+/// Gemma 3, Gemma 2 with its soft-caps, or Gemma 1 (`arch` "gemma": `window` unused).
+fn gemma_family(s: &TinySpec, arch: &str, window: u32, gemma2: Option<(f32, f32)>) -> GgufWriter {
+    let gemma1 = arch == "gemma";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
     let a = |k: &str| format!("{arch}.{k}");
@@ -421,12 +427,17 @@ fn gemma_family(s: &TinySpec, window: u32, gemma2: Option<(f32, f32)>) -> GgufWr
     );
     w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
     w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
-    w.meta(&a("attention.sliding_window"), Value::U32(window));
+    if !gemma1 {
+        w.meta(&a("attention.sliding_window"), Value::U32(window));
+    }
     match gemma2 {
         Some((attn, fin)) => {
             w.meta(&a("rope.freq_base"), Value::F32(10_000.0));
             w.meta(&a("attn_logit_softcapping"), Value::F32(attn));
             w.meta(&a("final_logit_softcapping"), Value::F32(fin));
+        }
+        None if gemma1 => {
+            w.meta(&a("rope.freq_base"), Value::F32(10_000.0));
         }
         None => {
             w.meta(&a("rope.freq_base"), Value::F32(1_000_000.0));
@@ -455,15 +466,20 @@ fn gemma_family(s: &TinySpec, window: u32, gemma2: Option<(f32, f32)>) -> GgufWr
                 .map(|j| 1.0 + 0.1 * ((j % 5) as f32 - 2.0) / 2.0)
                 .collect()
         };
-        for norm in [
-            "attn_norm",
-            "post_attention_norm",
-            "ffn_norm",
-            "post_ffw_norm",
-        ] {
+        let norms: &[&str] = if gemma1 {
+            &["attn_norm", "ffn_norm"]
+        } else {
+            &[
+                "attn_norm",
+                "post_attention_norm",
+                "ffn_norm",
+                "post_ffw_norm",
+            ]
+        };
+        for norm in norms {
             w.tensor_f32(&n(norm), &[d as u64], &ones(d));
         }
-        if gemma2.is_none() {
+        if gemma2.is_none() && !gemma1 {
             w.tensor_f32(&n("attn_q_norm"), &[hd as u64], &ones(hd));
             w.tensor_f32(&n("attn_k_norm"), &[hd as u64], &ones(hd));
         }
