@@ -5,8 +5,8 @@
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
 use hayloft::model::testutil::{
-    tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama3, tiny_olmo2, tiny_phi3, tiny_qwen3,
-    tiny_smollm3, write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2, TinySpec,
+    tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama3, tiny_olmo2, tiny_phi3,
+    tiny_qwen3, tiny_smollm3, write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2, TinySpec,
 };
 use hayloft::model::{Arch, Model, RopeStyle};
 
@@ -129,7 +129,7 @@ fn qwen2_chunked_equals_one_shot_equals_token_by_token() {
 }
 
 /// Qwen3 (QK-norm, heads wider than dim / heads), Llama with RoPE frequency factors, SmolLM3 (a NoPE layer), Granite
-/// (multipliers), Phi-3 (fused projections, LongRoPE), OLMo 2 and 3 (output norms; a window), Gemma 1 and Gemma 2 (soft-capped scores and logits, every other layer windowed), like the others.
+/// (multipliers), Phi-3 (fused projections, LongRoPE), OLMo 2 and 3 (output norms; a window), EXAONE, Gemma 1 and Gemma 2 (soft-capped scores and logits, every other layer windowed), like the others.
 #[test]
 fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -205,6 +205,11 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
                 assert_eq!(m.config().arch, Arch::Olmo2);
                 check_model(&m, 75);
             }
+            let p = dir.path().join(format!("tiny-exaone-{ty}-{seed}.gguf"));
+            tiny_exaone(&llama).write(&p).unwrap();
+            let m = Model::load(&p).unwrap();
+            assert_eq!(m.config().arch, Arch::Exaone);
+            check_model(&m, 75);
             let p = dir.path().join(format!("tiny-gemma1-{ty}-{seed}.gguf"));
             tiny_gemma1(&spec).write(&p).unwrap();
             let m = Model::load(&p).unwrap();

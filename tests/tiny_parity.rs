@@ -8,6 +8,7 @@
 //! - `granite`: a Granite model (embedding, attention, residual and logit multipliers).
 //! - `gemma2`: a Gemma 2 model (attention and final logit soft-capping, every other layer local with a 16-token
 //!   window, one RoPE base).
+//! - `exaone`: an EXAONE model (Llama blocks, NeoX RoPE, RoPE frequency factors).
 //! - `gemma1`: a Gemma 1 model (Gemma's blocks without post-norms, QK-norm or windows).
 //! - `olmo2`, `olmo3`: OLMo models (no input norms, output norms, QK-norm over whole rows; OLMo 3's sliding window
 //!   on the layers a bool-array pattern marks).
@@ -26,10 +27,10 @@ use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::{GgmlType, Value};
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama, tiny_llama3,
-    tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_smollm3, TinySpec,
+    llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama,
+    tiny_llama3, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_smollm3, TinySpec,
 };
-use hayloft::model::Model;
+use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -69,6 +70,7 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         // Soft-caps of 2 and 1.5 (Gemma 2's are 50 and 30) so that they bite on a tiny model's small scores.
         ("gemma2", tiny_gemma2(&spec(32, 41), 16, (2.0, 1.5))),
         ("gemma1", tiny_gemma1(&spec(32, 71))),
+        ("exaone", tiny_exaone(&spec(32, 73))),
         // llama.cpp runs the fixture with a context of 256 (128 padded up): past the original 64, so the long
         // factors rotate; hayloft's default context is the trained 512, also past it.
         ("phi3", tiny_phi3(&spec(32, 53), Some((64, 1.19)))),
@@ -419,6 +421,19 @@ fn gemma1_gives_llama_cpps_logits() {
         assert!(c.layer_is_local.iter().all(|&l| !l) && c.sliding_window.is_none());
         assert_eq!((c.rope_base, c.embed_scale), (1e4, (128f32).sqrt()));
         c.embed_scale = 1.0;
+    });
+}
+
+/// EXAONE: Llama blocks rotated NeoX-style, with RoPE frequency factors; Llama's pairing instead moves the logits.
+#[test]
+fn exaone_gives_llama_cpps_logits() {
+    check("exaone", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        assert!(l.rope_freq_factors.is_some(), "rope_freqs.weight was read");
+        assert_eq!(l.cfg.rope_style, RopeStyle::Neox);
+        l.cfg.rope_style = RopeStyle::Norm;
     });
 }
 

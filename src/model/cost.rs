@@ -93,9 +93,11 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         super::Arch::Qwen3 => 2.0 * d + (hq + hkv) * hk,
         // OLMo 2: the two output norms, and QK-norm over the whole query and key rows.
         super::Arch::Olmo2 => 2.0 * d + (hq + hkv) * hk,
-        super::Arch::Llama | super::Arch::SmolLM3 | super::Arch::Granite | super::Arch::Phi3 => {
-            2.0 * d
-        }
+        super::Arch::Llama
+        | super::Arch::SmolLM3
+        | super::Arch::Granite
+        | super::Arch::Phi3
+        | super::Arch::Exaone => 2.0 * d,
     };
     GlueElements {
         norm,

@@ -1,7 +1,7 @@
 //! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3, SmolLM3, whose every
 //! 4th layer has no RoPE, Granite, which scales the embeddings, scores, residual branches and logits by constants
 //! from the file, and Phi-3, whose Q/K/V and gate/up projections are fused matrices cut at load and whose RoPE takes
-//! one of two LongRoPE factor sets by context) as llama.cpp's GGUF lays it out.
+//! one of two LongRoPE factor sets by context, OLMo 2/3, and EXAONE) as llama.cpp's GGUF lays it out.
 //!
 //! Per layer: x += Wo · attention(RoPE(qn(Wq·n(x) + bq)), RoPE(kn(Wk·n(x) + bk)), Wv·n(x) + bv);
 //! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
@@ -67,6 +67,7 @@ impl Llama {
             Arch::Granite => ("granite", RopeStyle::Norm),
             Arch::Phi3 => ("phi3", RopeStyle::Neox),
             Arch::Olmo2 => ("olmo2", RopeStyle::Neox),
+            Arch::Exaone => ("exaone", RopeStyle::Neox),
             Arch::Gemma3 | Arch::Gemma2 | Arch::Gemma => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
             }
@@ -252,7 +253,7 @@ impl Llama {
             layers,
             rope_scaling: RopeScaling::from_gguf(g, a, cfg.ctx_len)?,
             rope_freq_factors: match arch {
-                Arch::Llama | Arch::Granite => freq_factors(g, cfg.rope_dim)?,
+                Arch::Llama | Arch::Granite | Arch::Exaone => freq_factors(g, cfg.rope_dim)?,
                 _ => None,
             },
             long_rope_sets,

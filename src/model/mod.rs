@@ -56,6 +56,9 @@ pub enum Arch {
     /// gate and up projections are one (`ffn_up`, gate rows first), NeoX RoPE, and LongRoPE's two sets of frequency
     /// factors (run by [`llama::Llama`]).
     Phi3,
+    /// EXAONE 3 / 3.5: Llama blocks with NeoX RoPE (and Llama 3.1's frequency factors where the file has them; run
+    /// by [`llama::Llama`]).
+    Exaone,
     /// OLMo 2 / OLMo 3: Llama blocks without input norms, with RMSNorm on each block's output before it joins the
     /// residual stream and on whole query and key rows (all heads at once) before RoPE, NeoX RoPE; OLMo 3 adds a
     /// sliding window on the layers its pattern marks (run by [`llama::Llama`]).
@@ -177,8 +180,9 @@ impl Model {
             "gemma" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma)?),
             "phi3" => Model::Llama(llama::Llama::load(g, Arch::Phi3)?),
             "olmo2" => Model::Llama(llama::Llama::load(g, Arch::Olmo2)?),
+            "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, exaone, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };

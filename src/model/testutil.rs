@@ -197,6 +197,18 @@ pub fn tiny_qwen3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "qwen3", None)
 }
 
+/// A tiny EXAONE-architecture GGUF with random weights: Llama blocks (NeoX RoPE in llama.cpp) and Llama 3.1-style
+/// RoPE frequency factors (`rope_freqs.weight`, as [`tiny_llama3`]).
+pub fn tiny_exaone(s: &TinySpec) -> GgufWriter {
+    let mut w = llama_family(s, "exaone", None);
+    w.tensor_f32(
+        "rope_freqs.weight",
+        &[(s.head_dim / 2) as u64],
+        &llama3_freq_factors(s.head_dim, 10000.0, 8.0, 1.0, 4.0, 64.0),
+    );
+    w
+}
+
 /// A tiny SmolLM3-architecture GGUF with random weights: Llama blocks (llama.cpp leaves every 4th layer unrotated).
 pub fn tiny_smollm3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "smollm3", None)
