@@ -27,8 +27,12 @@ pub(crate) enum PreTokenizer {
     /// `[^\r\n\p{L}\p{N}]?U*L+'c?` or `[^\r\n\p{L}\p{N}]?U+L*'c?`, with U a letter other than a-z, L a letter other
     /// than A-Z and 'c an English contraction of either case, then
     /// `\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+`. (llama.cpp reads the tokenizer's Lu/Lt/Lm/Lo
-    /// and Ll classes as "not a-z" and "not A-Z" letters, so every letter outside ASCII is both.)
-    Gpt4o,
+    /// and Ll classes as "not a-z" and "not A-Z" letters, so every letter outside ASCII is both.) Tekken (Mistral
+    /// Nemo, Mistral Small 3, Ministral) is the same without the contractions and with one digit a word.
+    Gpt4o {
+        contractions: bool,
+        max_digits: usize,
+    },
 }
 
 /// Settings llama.cpp derives from `tokenizer.ggml.pre` for the vocabularies we support.
@@ -64,7 +68,24 @@ pub(crate) fn pre_config(pre: &str) -> Option<PreConfig> {
         "glm4" | "glm5" => cfg(Llama3 { max_digits: 3 }, true, false, true),
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
         | "solar-open" | "grok-2" => cfg(Llama3 { max_digits: 1 }, false, false, false),
-        "gpt-4o" | "llama4" | "kanana2" | "talkie" => cfg(Gpt4o, false, false, false),
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" => cfg(
+            Gpt4o {
+                contractions: true,
+                max_digits: 3,
+            },
+            false,
+            false,
+            false,
+        ),
+        "tekken" => cfg(
+            Gpt4o {
+                contractions: false,
+                max_digits: 1,
+            },
+            true,
+            true,
+            false,
+        ),
         _ => return None,
     })
 }
@@ -119,7 +140,10 @@ pub(crate) fn split_words(text: &str, pre: PreTokenizer) -> Vec<(usize, usize)> 
         PreTokenizer::Llama3 { max_digits } => {
             split_llama3(&cpts, &fl, 0, cpts.len(), max_digits, &mut ends)
         }
-        PreTokenizer::Gpt4o => split_gpt4o(&cpts, &fl, &mut ends),
+        PreTokenizer::Gpt4o {
+            contractions,
+            max_digits,
+        } => split_gpt4o(&cpts, &fl, contractions, max_digits, &mut ends),
     }
     let mut out = Vec::with_capacity(ends.len());
     let mut prev = 0;
@@ -327,7 +351,13 @@ fn split_llama3(
 /// alternative tried in order at each position as an ECMAScript engine tries it (leftmost alternative first, greedy
 /// repeats giving back one code point at a time), which is how llama.cpp runs it (`std::regex` over the text with
 /// every code point outside ASCII collapsed to its class).
-fn split_gpt4o(cpts: &[char], fl: &[u8], out: &mut Vec<usize>) {
+fn split_gpt4o(
+    cpts: &[char],
+    fl: &[u8],
+    contractions: bool,
+    max_digits: usize,
+    out: &mut Vec<usize>,
+) {
     let end = cpts.len();
     let f = |p: usize| if p < end { fl[p] } else { 0 };
     let letter = |p: usize| f(p) & LETTER_F != 0;
@@ -342,7 +372,7 @@ fn split_gpt4o(cpts: &[char], fl: &[u8], out: &mut Vec<usize>) {
     };
     // (?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?
     let contraction = |p: usize| -> usize {
-        if p + 1 >= end || cpts[p] != '\'' {
+        if !contractions || p + 1 >= end || cpts[p] != '\'' {
             return p;
         }
         let n = cpts[p + 1].to_ascii_lowercase();
@@ -385,10 +415,10 @@ fn split_gpt4o(cpts: &[char], fl: &[u8], out: &mut Vec<usize>) {
             out.push(pos);
             continue;
         }
-        // \p{N}{1,3}
+        // \p{N}{1,max_digits}
         if fc & NUMBER_F != 0 {
             let mut e = pos;
-            while e < end && e - pos < 3 && fl[e] & NUMBER_F != 0 {
+            while e < end && e - pos < max_digits && fl[e] & NUMBER_F != 0 {
                 e += 1;
             }
             pos = e;

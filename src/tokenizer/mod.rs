@@ -399,7 +399,7 @@ impl Tokenizer {
             Some(bpe::pre_config(pre_name).ok_or_else(|| {
                 anyhow!(
                     "{path}: unsupported BPE pre-tokenizer '{pre_name}' (tokenizer.ggml.pre); hayloft supports the \
-                     GPT-2, digit-split GPT-2 (smollm, starcoder, ...), llama3, qwen2 and gpt-4o (llama4, ...) families"
+                     GPT-2, digit-split GPT-2 (smollm, starcoder, ...), llama3, qwen2, gpt-4o (llama4, ...) and tekken families"
                 )
             })?)
         };
