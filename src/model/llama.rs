@@ -1,7 +1,8 @@
 //! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3, SmolLM3, whose every
 //! 4th layer has no RoPE, Granite, which scales the embeddings, scores, residual branches and logits by constants
-//! from the file, and Phi-3, whose Q/K/V and gate/up projections are fused matrices cut at load and whose RoPE takes
-//! one of two LongRoPE factor sets by context, OLMo 2/3, and EXAONE) as llama.cpp's GGUF lays it out.
+//! from the file, Phi-3, whose Q/K/V and gate/up projections are fused matrices cut at load and whose RoPE takes one
+//! of two LongRoPE factor sets by context, OLMo 2/3, whose blocks norm their outputs instead of their inputs, and
+//! EXAONE) as llama.cpp's GGUF lays it out.
 //!
 //! Per layer: x += Wo · attention(RoPE(qn(Wq·n(x) + bq)), RoPE(kn(Wk·n(x) + bk)), Wv·n(x) + bv);
 //! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
@@ -56,8 +57,8 @@ const OLMO3_SWA_PERIOD: usize = 4;
 const SMOLLM3_NOPE_EVERY: usize = 4;
 
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3`, `Granite` or `Phi3`; their
-    /// metadata keys start with the architecture's name).
+    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3`, `Granite`, `Phi3`, `Olmo2` or
+    /// `Exaone`; their metadata keys start with the architecture's name).
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
@@ -141,14 +142,12 @@ impl Llama {
                 let orig = g
                     .get_u64(&key("rope.scaling.original_context_length"))?
                     .map_or(ctx_len, |v| v as usize);
-                let lr = LongRope {
+                let mut lr = LongRope {
                     orig_ctx: orig,
                     long: false,
                 };
-                Some(LongRope {
-                    long: lr.long_for(ctx_len),
-                    ..lr
-                })
+                lr.long = lr.long_for(ctx_len);
+                Some(lr)
             }
             _ => None,
         };
@@ -166,7 +165,7 @@ impl Llama {
             None if granite => bail!("{}: {} is missing", g.path.display(), key("logit_scale")),
             None => 1.0,
         };
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             arch,
             name: g.get_str("general.name")?.unwrap_or(a).to_string(),
             n_layers,
@@ -193,7 +192,6 @@ impl Llama {
             logit_scale,
             long_rope,
         };
-        let mut cfg = cfg;
         if cfg.layer_is_local.iter().any(|&l| l) {
             cfg.rope_base_local = cfg.rope_base;
         }
