@@ -89,30 +89,22 @@ impl Model {
                 let ff = l.rope_freq_factors.as_deref();
                 l.rope_scaling
                     .tables(pos, c.rope_dim, c.rope_base, ff, &mut r.cos, &mut r.sin);
-                if c.layer_is_local.iter().any(|&l| l) {
-                    // OLMo 3's sliding-window layers: plain RoPE.
-                    rope_tables(
-                        pos,
-                        c.rope_dim,
-                        c.rope_base_local,
-                        1.0,
-                        &mut r.cos_local,
-                        &mut r.sin_local,
-                    );
-                }
             }
             Model::Gemma3(g) => {
                 let scale = 1.0 / g.rope_scale_global;
                 rope_tables(pos, c.rope_dim, c.rope_base, scale, &mut r.cos, &mut r.sin);
-                rope_tables(
-                    pos,
-                    c.rope_dim,
-                    c.rope_base_local,
-                    1.0,
-                    &mut r.cos_local,
-                    &mut r.sin_local,
-                );
             }
+        }
+        // Sliding-window layers (Gemma 2/3, OLMo 3): plain RoPE at their own base.
+        if c.layer_is_local.iter().any(|&l| l) {
+            rope_tables(
+                pos,
+                c.rope_dim,
+                c.rope_base_local,
+                1.0,
+                &mut r.cos_local,
+                &mut r.sin_local,
+            );
         }
     }
 
