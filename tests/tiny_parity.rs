@@ -386,7 +386,9 @@ fn phi3_factor_set_follows_the_context_and_sessions_must_match_it() {
         Session::new(&model, cfg.clone()).err().expect("refused")
     );
     assert!(
-        e.contains("LongRoPE") && e.contains("--max-context 512"),
+        e.contains(
+            "short LongRoPE factors (set up for at most 64 tokens), but this session may hold 512 tokens"
+        ) && e.contains("--max-context 512"),
         "{e}"
     );
     cfg.max_context = 64;

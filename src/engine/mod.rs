@@ -136,7 +136,8 @@ impl<'m> Session<'m> {
         if let Some(lr) = mc.long_rope {
             if lr.long_for(cfg.max_context) != lr.long {
                 bail!(
-                    "the model rotates with its {} LongRoPE factors (set up for {} {} tokens), but this session may                      hold {} tokens, which needs the {} ones: load it for that context (--max-context {})",
+                    "the model rotates with its {} LongRoPE factors (set up for {} {} tokens), but this session \
+                     may hold {} tokens, which needs the {} ones: load it for that context (--max-context {})",
                     if lr.long { "long" } else { "short" },
                     if lr.long { "more than" } else { "at most" },
                     lr.orig_ctx,
