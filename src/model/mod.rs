@@ -471,7 +471,7 @@ pub(crate) fn swa_layers(
     if window.is_none() {
         return Ok(vec![false; n_layers]);
     }
-    match g.get(&key) {
+    let period = match g.get(&key) {
         Some(crate::gguf::Value::Array(a)) => {
             if a.len() != n_layers {
                 bail!(
@@ -480,19 +480,16 @@ pub(crate) fn swa_layers(
                     a.len()
                 );
             }
-            Ok(a.iter()
+            return Ok(a
+                .iter()
                 .map(|v| matches!(v, crate::gguf::Value::Bool(true)))
-                .collect())
+                .collect());
         }
-        Some(v) => {
-            let n = v.as_u64().unwrap_or(0).max(1) as usize;
-            Ok((0..n_layers).map(|i| i % n < n - 1).collect())
-        }
-        None => {
-            let n = default_period.max(1);
-            Ok((0..n_layers).map(|i| i % n < n - 1).collect())
-        }
+        Some(v) => v.as_u64().unwrap_or(0) as usize,
+        None => default_period,
     }
+    .max(1);
+    Ok((0..n_layers).map(|i| i % period < period - 1).collect())
 }
 
 /// A fused weight matrix (`cols` input features × the sum of `parts` output rows, as Phi-3's `attn_qkv` and `ffn_up`)
