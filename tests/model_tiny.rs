@@ -5,8 +5,9 @@
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
 use hayloft::model::testutil::{
-    tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama3, tiny_olmo2, tiny_phi3,
-    tiny_qwen3, tiny_smollm3, write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2, TinySpec,
+    tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama3, tiny_mistral3, tiny_olmo2,
+    tiny_phi3, tiny_qwen3, tiny_smollm3, write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2,
+    TinySpec,
 };
 use hayloft::model::{Arch, Model, RopeStyle};
 
@@ -129,7 +130,9 @@ fn qwen2_chunked_equals_one_shot_equals_token_by_token() {
 }
 
 /// Qwen3 (QK-norm, heads wider than dim / heads), Llama with RoPE frequency factors, SmolLM3 (a NoPE layer), Granite
-/// (multipliers), Phi-3 (fused projections, LongRoPE), OLMo 2 and 3 (output norms; a window), EXAONE, Gemma 1 and Gemma 2 (soft-capped scores and logits, every other layer windowed), like the others.
+/// (multipliers), Phi-3 (fused projections, LongRoPE), OLMo 2 and 3 (output norms; a window), EXAONE, Mistral 3
+/// (queries scaled by position), Gemma 1 and Gemma 2 (soft-capped scores and logits, every other layer windowed),
+/// like the others.
 #[test]
 fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,6 +212,13 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
             tiny_exaone(&llama).write(&p).unwrap();
             let m = Model::load(&p).unwrap();
             assert_eq!(m.config().arch, Arch::Exaone);
+            check_model(&m, 75);
+            // Mistral 3: the query factor steps every 16 positions, inside chunks and between decode steps.
+            let p = dir.path().join(format!("tiny-mistral3-{ty}-{seed}.gguf"));
+            tiny_mistral3(&llama, 4.0, 16, Some(0.4)).write(&p).unwrap();
+            let m = Model::load(&p).unwrap();
+            assert_eq!(m.config().arch, Arch::Mistral3);
+            assert!(m.config().attn_temp.is_some());
             check_model(&m, 75);
             let p = dir.path().join(format!("tiny-gemma1-{ty}-{seed}.gguf"));
             tiny_gemma1(&spec).write(&p).unwrap();

@@ -14,6 +14,8 @@
 //!   on the layers a bool-array pattern marks).
 //! - `phi3`, `phi3short`: Phi-3 models (fused Q/K/V and gate/up matrices, RoPE over 3/4 of each head, LongRoPE's
 //!   long and short factor sets and attention factor), one past its original context and one within it.
+//! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
+//!   temperature).
 //!
 //! Each case also drops its feature from the loaded model and checks that the logits then move far from llama.cpp's,
 //! so the comparison can fail. Also: a file holding a tensor its architecture does not use is refused by name, as
@@ -28,7 +30,7 @@ use hayloft::gguf::{GgmlType, Value};
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
     llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama,
-    tiny_llama3, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_smollm3, TinySpec,
+    tiny_llama3, tiny_mistral3, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_smollm3, TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -85,6 +87,9 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
                 Some(("yarn", 4.0, 32)),
             ),
         ),
+        // YaRN ×4 from 16 tokens, and a temperature of 0.4 per step of 16 positions: the fixture's 96 tokens take
+        // factors from 1 to 1 + 0.4 · ln 6 ≈ 1.72.
+        ("mistral3", tiny_mistral3(&spec(32, 79), 4.0, 16, Some(0.4))),
         // Trained and original context 256: llama.cpp's 256 is not past it, nor is hayloft's default: the short set.
         (
             "phi3short",
@@ -437,6 +442,57 @@ fn exaone_gives_llama_cpps_logits() {
         assert_eq!(l.cfg.rope_style, RopeStyle::Neox);
         l.cfg.rope_style = RopeStyle::Norm;
     });
+}
+
+/// Mistral 3: queries scaled by position after RoPE (the attention temperature); without it the logits move.
+#[test]
+fn mistral3_attention_temperature_gives_llama_cpps_logits() {
+    check("mistral3", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        let t = l
+            .cfg
+            .attn_temp
+            .expect("attention.temperature_scale was read");
+        assert_eq!((t.scale, t.floor, t.offset), (0.4, 16, 0.0));
+        assert_eq!(t.factor(15), 1.0);
+        assert!((t.factor(16) - (1.0 + 0.4 * 2f32.ln())).abs() < 1e-6);
+        l.cfg.attn_temp = None;
+    });
+}
+
+/// A temperature scale needs the step it counts positions in (llama.cpp refuses such a file too), and a
+/// mixture-of-experts file is refused by name rather than failing on a missing tensor.
+#[test]
+fn mistral3_without_its_step_and_experts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m3.gguf");
+    let mut w = tiny_mistral3(&spec(32, 79), 4.0, 16, Some(0.4));
+    w.set_meta(
+        "mistral3.rope.scaling.original_context_length",
+        Value::U32(0),
+    );
+    w.write(&p).unwrap();
+    let e = format!("{:#}", Model::load(&p).err().expect("refused"));
+    assert!(
+        e.contains("mistral3.attention.temperature_scale is set")
+            && e.contains("mistral3.rope.scaling.original_context_length"),
+        "{e}"
+    );
+    let mut w = tiny_mistral3(&spec(32, 79), 4.0, 16, None);
+    w.meta("mistral3.expert_count", Value::U32(8));
+    w.write(&p).unwrap();
+    let e = format!("{:#}", Model::load(&p).err().expect("refused"));
+    assert!(
+        e.contains("mistral3.expert_count is 8: mixture-of-experts"),
+        "{e}"
+    );
+    // No temperature scale: plain YaRN Llama blocks.
+    tiny_mistral3(&spec(32, 79), 4.0, 16, None)
+        .write(&p)
+        .unwrap();
+    assert!(Model::load(&p).unwrap().config().attn_temp.is_none());
 }
 
 /// Granite turns RoPE off on every layer when `rope.scaling.finetuned` is false, as llama.cpp reads it.

@@ -4,7 +4,9 @@
 use super::*;
 use crate::engine::SessionConfig;
 use crate::gguf::Value;
-use crate::model::testutil::{tiny_gemma3, tiny_llama, tiny_smollm3, write_tiny_qwen2, TinySpec};
+use crate::model::testutil::{
+    tiny_gemma3, tiny_llama, tiny_mistral3, tiny_smollm3, write_tiny_qwen2, TinySpec,
+};
 
 /// The architectures and RoPE variants blending must handle: Llama with interleaved pairs and rope_dim < head_dim,
 /// Qwen2 with NeoX pairs, biases and YaRN scaling, Gemma 3 with QK-norm, two RoPE bases and a 16-token window, SmolLM3
@@ -43,6 +45,11 @@ fn models_n(dir: &std::path::Path, layers: usize) -> Vec<(&'static str, Model)> 
     })
     .write(&smollm3)
     .unwrap();
+    // Mistral 3: queries scaled by position in steps of 16 (recomputed rows must take their own factors).
+    let mistral3 = dir.join("mistral3.gguf");
+    tiny_mistral3(&spec, 4.0, 16, Some(0.4))
+        .write(&mistral3)
+        .unwrap();
     let m = Model::load(&llama).unwrap();
     assert_eq!(m.config().rope_dim, 8);
     vec![
@@ -50,6 +57,7 @@ fn models_n(dir: &std::path::Path, layers: usize) -> Vec<(&'static str, Model)> 
         ("qwen2", Model::load(&qwen).unwrap()),
         ("gemma3", Model::load(&gemma).unwrap()),
         ("smollm3", Model::load(&smollm3).unwrap()),
+        ("mistral3", Model::load(&mistral3).unwrap()),
     ]
 }
 

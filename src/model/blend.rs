@@ -14,8 +14,8 @@
 use std::ops::Range;
 
 use super::blocks::{
-    add_residual, apply_rope, block_input, mask_heads, rmsnorm_inplace, rope_tables, Attention,
-    GateAct, GatedFfn,
+    add_residual, apply_rope, block_input, mask_heads, rmsnorm_inplace, rope_tables, scale_rows,
+    Attention, GateAct, GatedFfn,
 };
 use super::{Model, ModelConfig, Scratch};
 use crate::attention::{attend, AttnParams};
@@ -29,6 +29,8 @@ pub struct RowRope {
     pub sin: Vec<f32>,
     pub cos_local: Vec<f32>,
     pub sin_local: Vec<f32>,
+    /// Each row's query factor ([`super::AttnTemp`]); empty for models without one.
+    pub q_temp: Vec<f32>,
 }
 
 /// One layer's pieces, whatever the architecture.
@@ -94,6 +96,10 @@ impl Model {
                 let scale = 1.0 / g.rope_scale_global;
                 rope_tables(pos, c.rope_dim, c.rope_base, scale, &mut r.cos, &mut r.sin);
             }
+        }
+        r.q_temp.clear();
+        if let Some(t) = c.attn_temp {
+            r.q_temp.extend(pos.iter().map(|&p| t.factor(p)));
         }
         // Sliding-window layers (Gemma 2/3, OLMo 3): plain RoPE at their own base.
         if c.layer_is_local.iter().any(|&l| l) {
@@ -201,6 +207,9 @@ impl Model {
         if a.rope {
             apply_rope(q, nh, hd, c.rope_style, cos, sin, c.rope_dim);
             apply_rope(k, nkv, hd, c.rope_style, cos, sin, c.rope_dim);
+        }
+        if c.attn_temp.is_some() {
+            scale_rows(q, nh * hd, &rope.q_temp[rows]);
         }
     }
 

@@ -269,8 +269,11 @@ impl Attention {
         // Each token row on its own: + bias, QK-norm, RoPE for Q and K, + bias for V (split over the pool for a
         // prefill chunk).
         let norms = self.qk_norm.as_ref().map(|(qn, kn)| [qn, kn]);
+        // Each query row's temperature factor (Mistral 3), after RoPE.
+        let temp = c.attn_temp.map(|_| &s.q_temp[..n]);
         for (i, (out, heads)) in [(&mut *q, nh), (&mut *k, nkv)].into_iter().enumerate() {
             let (bias, norm) = (self.qkv_bias[i].as_deref(), norms.map(|n| n[i]));
+            let temp = temp.filter(|_| i == 0);
             par_rows(out, heads * hd, |t0, rows| {
                 if let Some(b) = bias {
                     add_bias(rows, b);
@@ -285,6 +288,9 @@ impl Attention {
                 );
                 if self.rope {
                     apply_rope(rows, heads, hd, c.rope_style, cos, sin, c.rope_dim);
+                }
+                if let Some(f) = temp {
+                    scale_rows(rows, heads * hd, &f[t0..t0 + nt]);
                 }
             });
         }
@@ -708,6 +714,13 @@ pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
         for (xi, wi) in xr.iter_mut().zip(w) {
             *xi = *xi * inv * wi;
         }
+    }
+}
+
+/// Multiplies each row (`width` floats) of `rows` by its factor (one per row).
+pub(crate) fn scale_rows(rows: &mut [f32], width: usize, factors: &[f32]) {
+    for (row, &f) in rows.chunks_exact_mut(width).zip(factors) {
+        row.iter_mut().for_each(|v| *v *= f);
     }
 }
 

@@ -97,7 +97,8 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         | super::Arch::SmolLM3
         | super::Arch::Granite
         | super::Arch::Phi3
-        | super::Arch::Exaone => 2.0 * d,
+        | super::Arch::Exaone
+        | super::Arch::Mistral3 => 2.0 * d,
     };
     GlueElements {
         norm,
@@ -180,6 +181,7 @@ mod tests {
             residual_scale: 1.0,
             logit_scale: 1.0,
             long_rope: None,
+            attn_temp: None,
         }
     }
 

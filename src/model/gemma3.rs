@@ -166,6 +166,7 @@ impl Gemma3 {
             residual_scale: 1.0,
             logit_scale: 1.0,
             long_rope: None,
+            attn_temp: None,
         };
         cfg.validate(g)?;
         let rope_scale_global = match g.get_str(&key("rope.scaling.type"))? {

@@ -1,8 +1,8 @@
 //! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3, SmolLM3, whose every
 //! 4th layer has no RoPE, Granite, which scales the embeddings, scores, residual branches and logits by constants
 //! from the file, Phi-3, whose Q/K/V and gate/up projections are fused matrices cut at load and whose RoPE takes one
-//! of two LongRoPE factor sets by context, OLMo 2/3, whose blocks norm their outputs instead of their inputs, and
-//! EXAONE) as llama.cpp's GGUF lays it out.
+//! of two LongRoPE factor sets by context, OLMo 2/3, whose blocks norm their outputs instead of their inputs, EXAONE,
+//! and Mistral 3, whose queries may be scaled by position) as llama.cpp's GGUF lays it out.
 //!
 //! Per layer: x += Wo · attention(RoPE(qn(Wq·n(x) + bq)), RoPE(kn(Wk·n(x) + bk)), Wv·n(x) + bv);
 //! x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x)), with n = RMSNorm. Keys and values go to the KV cache before attention
@@ -17,7 +17,8 @@ use super::blocks::{
 };
 use super::rope::{freq_factors, long_rope_factors, RopeScaling};
 use super::{
-    load_matrix, load_vector, meta_usize, Arch, LongRope, ModelConfig, RopeStyle, Scratch, SeqStep,
+    load_matrix, load_vector, meta_usize, Arch, AttnTemp, LongRope, ModelConfig, RopeStyle,
+    Scratch, SeqStep,
 };
 use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
@@ -56,9 +57,30 @@ const OLMO3_SWA_PERIOD: usize = 4;
 /// SmolLM3: layers i with (i + 1) divisible by this have no RoPE (fixed by the architecture in llama.cpp).
 const SMOLLM3_NOPE_EVERY: usize = 4;
 
+/// Mistral 3's attention temperature: `attention.temperature_scale` (absent or 0: none), counted in steps of the
+/// YaRN original context, which must then be given (llama.cpp refuses such a file too).
+fn attn_temp(g: &GgufFile, a: &str) -> Result<Option<AttnTemp>> {
+    let scale = g.get_f64(&format!("{a}.attention.temperature_scale"))?;
+    let Some(scale) = scale.filter(|&s| s != 0.0) else {
+        return Ok(None);
+    };
+    let orig = format!("{a}.rope.scaling.original_context_length");
+    match g.get_u64(&orig)? {
+        Some(n) if n > 0 => Ok(Some(AttnTemp {
+            scale: scale as f32,
+            floor: u32::try_from(n).unwrap_or(u32::MAX),
+            offset: 0.0,
+        })),
+        _ => bail!(
+            "{}: {a}.attention.temperature_scale is set, but {orig} (the step of its position scaling) is missing or 0",
+            g.path.display()
+        ),
+    }
+}
+
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3`, `Granite`, `Phi3`, `Olmo2` or
-    /// `Exaone`; their metadata keys start with the architecture's name).
+    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3`, `Granite`, `Phi3`, `Olmo2`,
+    /// `Exaone` or `Mistral3`; their metadata keys start with the architecture's name).
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
@@ -69,12 +91,20 @@ impl Llama {
             Arch::Phi3 => ("phi3", RopeStyle::Neox),
             Arch::Olmo2 => ("olmo2", RopeStyle::Neox),
             Arch::Exaone => ("exaone", RopeStyle::Neox),
+            Arch::Mistral3 => ("mistral3", RopeStyle::Norm),
             Arch::Gemma3 | Arch::Gemma2 | Arch::Gemma => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
             }
         };
         let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
+        if let Some(n) = g.get_u64(&key("expert_count"))?.filter(|&n| n > 0) {
+            bail!(
+                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported",
+                g.path.display(),
+                key("expert_count")
+            );
+        }
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g
@@ -191,6 +221,10 @@ impl Llama {
             residual_scale: scale("residual_scale")?.unwrap_or(1.0),
             logit_scale,
             long_rope,
+            attn_temp: match arch {
+                Arch::Mistral3 => attn_temp(g, a)?,
+                _ => None,
+            },
         };
         if cfg.layer_is_local.iter().any(|&l| l) {
             cfg.rope_base_local = cfg.rope_base;
@@ -311,6 +345,14 @@ impl Llama {
             blocks::rope_rows(seqs, half, cos, sin, |pos, cos, sin| {
                 rope_tables(pos, c.rope_dim, c.rope_base_local, 1.0, cos, sin)
             });
+        }
+
+        if let Some(t) = c.attn_temp {
+            // q_temp: n, each row's query factor.
+            let rows = seqs.iter().flat_map(|q| q.pos.iter());
+            for (f, &p) in s.q_temp[..n].iter_mut().zip(rows) {
+                *f = t.factor(p);
+            }
         }
 
         for (li, l) in self.layers.iter().enumerate() {

@@ -56,6 +56,9 @@ pub enum Arch {
     /// gate and up projections are one (`ffn_up`, gate rows first), NeoX RoPE, and LongRoPE's two sets of frequency
     /// factors (run by [`llama::Llama`]).
     Phi3,
+    /// Mistral 3 (Ministral 3): Llama blocks with YaRN and, where the file sets `attention.temperature_scale`, queries
+    /// scaled by position (Llama 4's attention temperature, [`AttnTemp`]; run by [`llama::Llama`]).
+    Mistral3,
     /// EXAONE 3 / 3.5: Llama blocks with NeoX RoPE (and Llama 3.1's frequency factors where the file has them; run
     /// by [`llama::Llama`]).
     Exaone,
@@ -82,6 +85,26 @@ impl LongRope {
     /// The set llama.cpp picks for a context of `n` tokens.
     pub fn long_for(&self, n: usize) -> bool {
         n > self.orig_ctx
+    }
+}
+
+/// Attention temperature by position (Llama 4's, which Mistral 3 files set): each query row at position p is multiplied,
+/// after RoPE, by `1 + scale · ln(⌊(p + offset) / floor⌋ + 1)`, so queries far into a long context score sharper.
+/// llama.cpp's reading for `mistral3`: `scale` from `attention.temperature_scale`, `floor` the YaRN original context
+/// (`rope.scaling.original_context_length`), offset 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnTemp {
+    pub scale: f32,
+    pub floor: u32,
+    pub offset: f32,
+}
+
+impl AttnTemp {
+    /// The factor of a query at position `pos`, computed as llama.cpp computes it (the quotient in f32, the logarithm
+    /// in f64, rounded once to f32).
+    pub fn factor(&self, pos: u32) -> f32 {
+        let steps = ((pos as f32 + self.offset) / self.floor as f32).floor();
+        ((steps as f64 + 1.0).ln() * self.scale as f64 + 1.0) as f32
     }
 }
 
@@ -128,6 +151,8 @@ pub struct ModelConfig {
     pub logit_scale: f32,
     /// Which of LongRoPE's factor sets rotates (Phi-3 files that hold them; None elsewhere).
     pub long_rope: Option<LongRope>,
+    /// Queries scaled by position (Mistral 3 files that set a temperature scale; None elsewhere).
+    pub attn_temp: Option<AttnTemp>,
 }
 
 impl ModelConfig {
@@ -181,8 +206,9 @@ impl Model {
             "phi3" => Model::Llama(llama::Llama::load(g, Arch::Phi3)?),
             "olmo2" => Model::Llama(llama::Llama::load(g, Arch::Olmo2)?),
             "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
+            "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, exaone, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, exaone, mistral3, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };
@@ -341,6 +367,8 @@ pub struct Scratch {
     pub rope_sin: Vec<f32>,
     pub rope_cos_local: Vec<f32>,
     pub rope_sin_local: Vec<f32>,
+    /// cap: each row's query factor ([`AttnTemp`]), filled only for models that have one.
+    pub q_temp: Vec<f32>,
     /// rows × vocab: logits of the requested rows.
     pub logits: Vec<f32>,
     pub mm: MatmulScratch,
@@ -407,6 +435,7 @@ impl Scratch {
             rope_sin: vec![0.0; cap * half],
             rope_cos_local: vec![0.0; cap * half],
             rope_sin_local: vec![0.0; cap * half],
+            q_temp: vec![0.0; if cfg.attn_temp.is_some() { cap } else { 0 }],
             logits: vec![0.0; logit_rows.max(1) * cfg.vocab],
             mm: MatmulScratch::default(),
             attn: AttnScratch::default(),
@@ -426,6 +455,7 @@ impl Scratch {
             + self.hb.len()
             + self.hb2.len()
             + self.rope_cos.len() * 4
+            + self.q_temp.len()
             + self.logits.len())
     }
 

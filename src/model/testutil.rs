@@ -209,6 +209,24 @@ pub fn tiny_exaone(s: &TinySpec) -> GgufWriter {
     w
 }
 
+/// A tiny Mistral-3-architecture GGUF with random weights: Llama blocks, YaRN ×`factor` from a trained `orig` tokens
+/// with the YaRN keys Ministral 3's converter writes (β fast 32 and slow 1, log multiplier 1), and, with `temp`, the
+/// attention temperature scale (queries scaled by position in steps of `orig`).
+pub fn tiny_mistral3(s: &TinySpec, factor: f32, orig: u32, temp: Option<f32>) -> GgufWriter {
+    let mut w = llama_family(s, "mistral3", Some(("yarn", factor, orig)));
+    for (k, v) in [
+        ("rope.scaling.yarn_beta_fast", 32.0),
+        ("rope.scaling.yarn_beta_slow", 1.0),
+        ("rope.scaling.yarn_log_multiplier", 1.0),
+    ] {
+        w.meta(&format!("mistral3.{k}"), Value::F32(v));
+    }
+    if let Some(t) = temp {
+        w.meta("mistral3.attention.temperature_scale", Value::F32(t));
+    }
+    w
+}
+
 /// A tiny SmolLM3-architecture GGUF with random weights: Llama blocks (llama.cpp leaves every 4th layer unrotated).
 pub fn tiny_smollm3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "smollm3", None)

@@ -347,6 +347,7 @@ mod tests {
             residual_scale: 1.0,
             logit_scale: 1.0,
             long_rope: None,
+            attn_temp: None,
         }
     }
 
