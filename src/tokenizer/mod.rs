@@ -47,6 +47,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::gguf::{GgufFile, Value};
 
+/// Python's `strftime` for a UTC moment (what a chat template's `strftime_now` formats).
+pub use self::strftime::strftime;
 use vocab::Vocab;
 
 pub use chat::{ChatMessage, ChatTemplate, Rendered};
