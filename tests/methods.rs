@@ -41,6 +41,7 @@ fn config(nl: usize, nh: usize, nkv: usize, hd: usize, window: Option<u32>) -> M
         logit_scale: 1.0,
         long_rope: None,
         attn_temp: None,
+        moe: None,
     }
 }
 

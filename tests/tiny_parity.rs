@@ -14,6 +14,7 @@
 //!   on the layers a bool-array pattern marks).
 //! - `phi3`, `phi3short`: Phi-3 models (fused Q/K/V and gate/up matrices, RoPE over 3/4 of each head, LongRoPE's
 //!   long and short factor sets and attention factor), one past its original context and one within it.
+//! - `qwen3moe`: a Qwen3-MoE model (8 experts behind a softmax router, 2 per token, their weights renormalized).
 //! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
 //!   temperature).
 //!
@@ -27,10 +28,13 @@ use std::path::Path;
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::{GgmlType, Value};
+use hayloft::kernels::QMatrix;
+use hayloft::model::moe::Ffn;
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
     llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama,
-    tiny_llama3, tiny_mistral3, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_smollm3, TinySpec,
+    tiny_llama3, tiny_mistral3, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_qwen3moe, tiny_smollm3,
+    TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -90,6 +94,7 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         // YaRN ×4 from 16 tokens, and a temperature of 0.4 per step of 16 positions: the fixture's 96 tokens take
         // factors from 1 to 1 + 0.4 · ln 6 ≈ 1.72.
         ("mistral3", tiny_mistral3(&spec(32, 79), 4.0, 16, Some(0.4))),
+        ("qwen3moe", tiny_qwen3moe(&spec(32, 83), 8, 2)),
         // Trained and original context 256: llama.cpp's 256 is not past it, nor is hayloft's default: the short set.
         (
             "phi3short",
@@ -493,6 +498,68 @@ fn mistral3_without_its_step_and_experts_are_refused() {
         .write(&p)
         .unwrap();
     assert!(Model::load(&p).unwrap().config().attn_temp.is_none());
+}
+
+/// Qwen3-MoE: each token through its 2 most probable of 8 experts, weighted by the renormalized router
+/// probabilities; taking the 2 least probable instead moves the logits.
+#[test]
+fn qwen3moe_gives_llama_cpps_logits() {
+    check("qwen3moe", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        let moe = l.cfg.moe.expect("expert_count was read");
+        assert_eq!((moe.n_expert, moe.n_used, moe.norm_w), (8, 2, true));
+        for layer in &mut l.layers {
+            let Ffn::Moe(f) = &mut layer.ffn else {
+                panic!("a MoE layer")
+            };
+            // The router negated: every token's least probable experts instead.
+            let (rows, cols) = (8, 128);
+            let mut row = vec![0.0f32; cols];
+            let mut bytes = Vec::new();
+            for r in 0..rows {
+                f.router.dequantize_row(r, &mut row);
+                bytes.extend(row.iter().flat_map(|v| (-v).to_le_bytes()));
+            }
+            f.router = QMatrix::from_gguf(GgmlType::F32, rows, cols, &bytes).unwrap();
+        }
+    });
+}
+
+/// A Qwen3-MoE file whose routing cannot work is refused with the key or tensor named.
+#[test]
+fn qwen3moe_with_bad_routing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("moe.gguf");
+    for (key, v, want) in [
+        (
+            "qwen3moe.expert_used_count",
+            0,
+            "qwen3moe.expert_used_count is 0",
+        ),
+        (
+            "qwen3moe.expert_used_count",
+            9,
+            "qwen3moe.expert_used_count is 9",
+        ),
+        (
+            "qwen3moe.expert_count",
+            0,
+            "qwen3moe.expert_count is missing or 0",
+        ),
+        (
+            "qwen3moe.expert_count",
+            4,
+            "blk.0.ffn_gate_exps.weight has shape [128, 192, 8]",
+        ),
+    ] {
+        let mut w = tiny_qwen3moe(&spec(32, 83), 8, 2);
+        w.set_meta(key, Value::U32(v));
+        w.write(&p).unwrap();
+        let e = format!("{:#}", Model::load(&p).err().expect("refused"));
+        assert!(e.contains(want), "{key} = {v}: {e}");
+    }
 }
 
 /// Granite turns RoPE off on every layer when `rope.scaling.finetuned` is false, as llama.cpp reads it.

@@ -44,7 +44,24 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("tensors:       {} — {}", g.tensors.len(), types.join(", "));
     let c = model.config();
     println!("layers:        {}", c.n_layers);
-    println!("dim / ffn:     {} / {}", c.dim, c.ffn_dim);
+    match c.moe {
+        Some(m) => {
+            println!("dim / expert:  {} / {}", c.dim, c.ffn_dim);
+            println!(
+                "experts:       {} per layer, {} per token (weights {}; {} of {} read per token)",
+                m.n_expert,
+                m.n_used,
+                if m.norm_w {
+                    "renormalized over the chosen"
+                } else {
+                    "as routed"
+                },
+                human_bytes(model.streamed_weight_bytes()),
+                human_bytes(model.weight_bytes())
+            );
+        }
+        None => println!("dim / ffn:     {} / {}", c.dim, c.ffn_dim),
+    }
     println!(
         "heads:         {} query, {} KV (GQA group {}), head dim {}",
         c.n_heads,

@@ -15,8 +15,9 @@ use std::ops::Range;
 
 use super::blocks::{
     add_residual, apply_rope, block_input, mask_heads, rmsnorm_inplace, rope_tables, scale_rows,
-    Attention, GateAct, GatedFfn,
+    Attention, GateAct,
 };
+use super::moe::Ffn;
 use super::{Model, ModelConfig, Scratch};
 use crate::attention::{attend, AttnParams};
 use crate::kernels::matmul;
@@ -41,7 +42,7 @@ struct LayerRef<'a> {
     /// Gemma's and OLMo 2's norms after the attention and feed-forward blocks.
     post: Option<(&'a [f32], &'a [f32])>,
     ffn_norm: Option<&'a [f32]>,
-    ffn: &'a GatedFfn,
+    ffn: &'a Ffn,
     gelu: bool,
 }
 

@@ -29,7 +29,11 @@ pub fn layer_params(c: &ModelConfig) -> f64 {
     let (d, hq, hkv) = (c.dim as f64, c.n_heads as f64, c.n_kv_heads as f64);
     let (hk, hv) = (c.head_dim_k as f64, c.head_dim_v as f64);
     let attn = d * hq * hk + d * hkv * (hk + hv) + hq * hv * d;
-    let ffn = 3.0 * d * c.ffn_dim as f64;
+    // A MoE layer multiplies its router and k experts per token.
+    let ffn = match c.moe {
+        Some(m) => 3.0 * d * c.ffn_dim as f64 * m.n_used as f64 + d * m.n_expert as f64,
+        None => 3.0 * d * c.ffn_dim as f64,
+    };
     c.n_layers as f64 * (attn + ffn)
 }
 
@@ -90,7 +94,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         super::Arch::Gemma => 2.0 * d,
         // Qwen2's Q/K/V biases cost about what a norm pass over those rows does.
         super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
-        super::Arch::Qwen3 => 2.0 * d + (hq + hkv) * hk,
+        super::Arch::Qwen3 | super::Arch::Qwen3Moe => 2.0 * d + (hq + hkv) * hk,
         // OLMo 2: the two output norms, and QK-norm over the whole query and key rows.
         super::Arch::Olmo2 => 2.0 * d + (hq + hkv) * hk,
         super::Arch::Llama
@@ -102,7 +106,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
     };
     GlueElements {
         norm,
-        gate: c.ffn_dim as f64,
+        gate: (c.ffn_dim * c.moe.map_or(1, |m| m.n_used)) as f64,
         rope: (hq + hkv) * hk,
         append: hkv * (hk + hv),
     }
@@ -182,6 +186,7 @@ mod tests {
             logit_scale: 1.0,
             long_rope: None,
             attn_temp: None,
+            moe: None,
         }
     }
 

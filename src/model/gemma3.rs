@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 use super::blocks::{
     self, add_residual, norm_input, post_norm, rope_tables, Attention, GateAct, GatedFfn,
 };
+use super::moe::Ffn;
 use super::{load_matrix, load_vector, meta_usize, Arch, ModelConfig, RopeStyle, Scratch, SeqStep};
 use crate::gguf::GgufFile;
 use crate::kernels::QMatrix;
@@ -25,7 +26,7 @@ pub struct Gemma3Layer {
     /// With QK-norm (Gemma 3).
     pub attn: Attention,
     pub ffn_norm: Vec<f32>, // dim
-    pub ffn: GatedFfn,
+    pub ffn: Ffn,
     /// Norms of the attention and feed-forward outputs before they join the residual stream (dim each; Gemma 2 and
     /// 3, not Gemma 1).
     pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
@@ -167,6 +168,7 @@ impl Gemma3 {
             logit_scale: 1.0,
             long_rope: None,
             attn_temp: None,
+            moe: None,
         };
         cfg.validate(g)?;
         let rope_scale_global = match g.get_str(&key("rope.scaling.type"))? {
@@ -180,7 +182,7 @@ impl Gemma3 {
                 attn_norm: load_vector(g, &n("attn_norm"), dim)?,
                 attn: Attention::load(g, i, &cfg, arch == Arch::Gemma3)?,
                 ffn_norm: load_vector(g, &n("ffn_norm"), dim)?,
-                ffn: GatedFfn::load(g, i, &cfg)?,
+                ffn: Ffn::Dense(GatedFfn::load(g, i, &cfg)?),
                 post_norms: match gemma1 {
                     true => None,
                     false => Some((

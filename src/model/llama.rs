@@ -1,4 +1,5 @@
-//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3, SmolLM3, whose every
+//! Llama-family forward pass (SmolLM2, Llama 2/3, Mistral-style GQA models, Qwen2/2.5, Qwen3 and Qwen3-MoE, whose
+//! feed-forward layers are experts behind a router ([`super::moe`]), SmolLM3, whose every
 //! 4th layer has no RoPE, Granite, which scales the embeddings, scores, residual branches and logits by constants
 //! from the file, Phi-3, whose Q/K/V and gate/up projections are fused matrices cut at load and whose RoPE takes one
 //! of two LongRoPE factor sets by context, OLMo 2/3, whose blocks norm their outputs instead of their inputs, EXAONE,
@@ -15,6 +16,7 @@ use anyhow::{bail, Result};
 use super::blocks::{
     self, add_residual, block_input, post_norm, rope_tables, Attention, GateAct, GatedFfn,
 };
+use super::moe::{Ffn, MoeConfig, MoeFfn};
 use super::rope::{freq_factors, long_rope_factors, RopeScaling};
 use super::{
     load_matrix, load_vector, meta_usize, Arch, AttnTemp, LongRope, ModelConfig, RopeStyle,
@@ -29,7 +31,7 @@ pub struct LlamaLayer {
     pub attn: Attention,
     /// RMSNorm weights of the feed-forward block's input (dim); None on OLMo 2.
     pub ffn_norm: Option<Vec<f32>>,
-    pub ffn: GatedFfn,
+    pub ffn: Ffn,
     /// OLMo 2's RMSNorm weights of the attention and feed-forward outputs (dim each), applied before each joins the
     /// residual stream.
     pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
@@ -79,13 +81,14 @@ fn attn_temp(g: &GgufFile, a: &str) -> Result<Option<AttnTemp>> {
 }
 
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `SmolLM3`, `Granite`, `Phi3`, `Olmo2`,
+    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `Qwen3Moe`, `SmolLM3`, `Granite`, `Phi3`, `Olmo2`,
     /// `Exaone` or `Mistral3`; their metadata keys start with the architecture's name).
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
             Arch::Qwen2 => ("qwen2", RopeStyle::Neox),
             Arch::Qwen3 => ("qwen3", RopeStyle::Neox),
+            Arch::Qwen3Moe => ("qwen3moe", RopeStyle::Neox),
             Arch::SmolLM3 => ("smollm3", RopeStyle::Norm),
             Arch::Granite => ("granite", RopeStyle::Norm),
             Arch::Phi3 => ("phi3", RopeStyle::Neox),
@@ -98,7 +101,22 @@ impl Llama {
         };
         let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
-        if let Some(n) = g.get_u64(&key("expert_count"))?.filter(|&n| n > 0) {
+        // Experts: Qwen3-MoE's softmax routing with the k weights renormalized (llama.cpp's graph fixes both).
+        let moe = match arch {
+            Arch::Qwen3Moe => match MoeConfig::from_gguf(g, a, true)? {
+                Some(m) => Some(m),
+                None => bail!(
+                    "{}: {} is missing or 0",
+                    g.path.display(),
+                    key("expert_count")
+                ),
+            },
+            _ => None,
+        };
+        if let Some(n) = g
+            .get_u64(&key("expert_count"))?
+            .filter(|&n| n > 0 && moe.is_none())
+        {
             bail!(
                 "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported",
                 g.path.display(),
@@ -136,7 +154,14 @@ impl Llama {
                 g.path.display()
             );
         }
-        let ffn_dim = meta_usize(g, a, "feed_forward_length")?;
+        // A MoE layer's experts are `expert_feed_forward_length` wide (else feed_forward_length / k, as llama.cpp).
+        let ffn_dim = match moe {
+            Some(m) => match g.get_u64(&key("expert_feed_forward_length"))? {
+                Some(f) => f as usize,
+                None => meta_usize(g, a, "feed_forward_length")? / m.n_used,
+            },
+            None => meta_usize(g, a, "feed_forward_length")?,
+        };
         let emb = super::tensor(g, "token_embd.weight")?;
         let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
         let rope_dim = g
@@ -225,6 +250,7 @@ impl Llama {
                 Arch::Mistral3 => attn_temp(g, a)?,
                 _ => None,
             },
+            moe,
         };
         if cfg.layer_is_local.iter().any(|&l| l) {
             cfg.rope_base_local = cfg.rope_base;
@@ -257,13 +283,14 @@ impl Llama {
                         // SmolLM3 leaves every 4th layer unrotated (NoPE), as llama.cpp's graph does.
                         rope: granite_rope
                             && !(arch == Arch::SmolLM3 && (i + 1) % SMOLLM3_NOPE_EVERY == 0),
-                        ..Attention::load(g, i, &cfg, arch == Arch::Qwen3)?
+                        ..Attention::load(g, i, &cfg, matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe))?
                     },
                 },
                 ffn_norm: norm("ffn_norm")?,
-                ffn: match arch {
-                    Arch::Phi3 => GatedFfn::load_fused(g, i, &cfg)?,
-                    _ => GatedFfn::load(g, i, &cfg)?,
+                ffn: match (arch, cfg.moe) {
+                    (_, Some(m)) => Ffn::Moe(Box::new(MoeFfn::load(g, i, &cfg, m)?)),
+                    (Arch::Phi3, None) => Ffn::Dense(GatedFfn::load_fused(g, i, &cfg)?),
+                    _ => Ffn::Dense(GatedFfn::load(g, i, &cfg)?),
                 },
                 post_norms: match olmo2 {
                     true => Some((
@@ -302,6 +329,16 @@ impl Llama {
             lr.long = lr.long_for(n);
             self.rope_freq_factors = sets[lr.long as usize].clone();
         }
+    }
+
+    /// [`Self::weight_bytes`] less the experts a token does not go through (all of them for a dense model).
+    pub fn active_weight_bytes(&self) -> usize {
+        let unread: usize = self
+            .layers
+            .iter()
+            .map(|l| l.ffn.n_bytes() - l.ffn.active_bytes())
+            .sum();
+        self.weight_bytes() - unread
     }
 
     pub fn weight_bytes(&self) -> usize {

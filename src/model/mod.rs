@@ -10,6 +10,7 @@ pub mod cost;
 pub mod gemma3;
 pub mod lazy;
 pub mod llama;
+pub mod moe;
 pub mod query_window;
 pub mod rope;
 pub mod select;
@@ -40,6 +41,9 @@ pub enum Arch {
     /// Qwen3: Llama blocks with per-head RMSNorm of queries and keys before RoPE (QK-norm), NeoX RoPE, no biases, and
     /// heads wider than dim / heads (run by [`llama::Llama`]).
     Qwen3,
+    /// Qwen3-MoE: Qwen3's attention with mixture-of-experts feed-forward layers (softmax router, top-k experts,
+    /// weights renormalized over the k; run by [`llama::Llama`] with [`moe::MoeFfn`]).
+    Qwen3Moe,
     /// SmolLM3: Llama blocks with no RoPE on every 4th layer (run by [`llama::Llama`]).
     SmolLM3,
     /// Granite (dense): Llama blocks with embedding, attention, residual and logit multipliers from the file (run by
@@ -153,6 +157,8 @@ pub struct ModelConfig {
     pub long_rope: Option<LongRope>,
     /// Queries scaled by position (Mistral 3 files that set a temperature scale; None elsewhere).
     pub attn_temp: Option<AttnTemp>,
+    /// Mixture-of-experts feed-forward layers (Qwen3-MoE): `ffn_dim` is then each expert's width.
+    pub moe: Option<moe::MoeConfig>,
 }
 
 impl ModelConfig {
@@ -198,6 +204,7 @@ impl Model {
             "llama" => Model::Llama(llama::Llama::load(g, Arch::Llama)?),
             "qwen2" => Model::Llama(llama::Llama::load(g, Arch::Qwen2)?),
             "qwen3" => Model::Llama(llama::Llama::load(g, Arch::Qwen3)?),
+            "qwen3moe" => Model::Llama(llama::Llama::load(g, Arch::Qwen3Moe)?),
             "smollm3" => Model::Llama(llama::Llama::load(g, Arch::SmolLM3)?),
             "granite" => Model::Llama(llama::Llama::load(g, Arch::Granite)?),
             "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
@@ -208,7 +215,7 @@ impl Model {
             "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
             "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, smollm3, granite, phi3, olmo2, exaone, mistral3, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, qwen3moe, smollm3, granite, phi3, olmo2, exaone, mistral3, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };
@@ -304,11 +311,13 @@ impl Model {
         }
     }
 
-    /// Every matrix one decode step multiplies, in order: each layer's Q, K, V, O, gate, up, down, then the output
-    /// head (the token embedding when the head shares it).
+    /// Every matrix one decode step multiplies, in order: each layer's Q, K, V, O, gate, up, down (a MoE layer: its
+    /// router and k experts' three), then the output head (the token embedding when the head shares it).
     pub fn decode_matrices(&self) -> Vec<&QMatrix> {
-        fn layer<'a>(a: &'a blocks::Attention, f: &'a blocks::GatedFfn) -> [&'a QMatrix; 7] {
-            [&a.wq, &a.wk, &a.wv, &a.wo, &f.w_gate, &f.w_up, &f.w_down]
+        fn layer<'a>(a: &'a blocks::Attention, f: &'a moe::Ffn) -> Vec<&'a QMatrix> {
+            let mut v = vec![&a.wq, &a.wk, &a.wv, &a.wo];
+            v.extend(f.token_matrices());
+            v
         }
         let (mut v, head): (Vec<&QMatrix>, &QMatrix) = match self {
             Model::Llama(m) => (
@@ -334,7 +343,13 @@ impl Model {
     /// (unless the output head shares it, when the head reads it whole).
     pub fn streamed_weight_bytes(&self) -> usize {
         match self {
-            Model::Llama(m) if m.output.is_some() => m.weight_bytes() - m.tok_embd.n_bytes(),
+            Model::Llama(m) => {
+                let unread = m.weight_bytes() - m.active_weight_bytes();
+                match m.output {
+                    Some(_) => m.weight_bytes() - m.tok_embd.n_bytes() - unread,
+                    None => m.weight_bytes() - unread,
+                }
+            }
             _ => self.weight_bytes(),
         }
     }
@@ -369,6 +384,8 @@ pub struct Scratch {
     pub rope_sin_local: Vec<f32>,
     /// cap: each row's query factor ([`AttnTemp`]), filled only for models that have one.
     pub q_temp: Vec<f32>,
+    /// The MoE block's buffers (empty for dense models).
+    pub moe: moe::MoeScratch,
     /// rows × vocab: logits of the requested rows.
     pub logits: Vec<f32>,
     pub mm: MatmulScratch,
@@ -436,6 +453,7 @@ impl Scratch {
             rope_cos_local: vec![0.0; cap * half],
             rope_sin_local: vec![0.0; cap * half],
             q_temp: vec![0.0; if cfg.attn_temp.is_some() { cap } else { 0 }],
+            moe: moe::MoeScratch::new(cfg, cap),
             logits: vec![0.0; logit_rows.max(1) * cfg.vocab],
             mm: MatmulScratch::default(),
             attn: AttnScratch::default(),
@@ -457,6 +475,7 @@ impl Scratch {
             + self.rope_cos.len() * 4
             + self.q_temp.len()
             + self.logits.len())
+            + self.moe.bytes()
     }
 
     /// How many rows of logits fit at once.
@@ -485,6 +504,34 @@ pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) ->
     }
     QMatrix::from_gguf(t.ty, rows, cols, g.tensor_bytes(t))
         .with_context(|| format!("{}: tensor {name}", g.path.display()))
+}
+
+/// A 3-D tensor of `n_expert` matrices of `rows` × `cols` (shape [cols, rows, n_expert], expert e's rows the e-th
+/// slab), one [`QMatrix`] per expert.
+pub(crate) fn load_experts(
+    g: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    n_expert: usize,
+) -> Result<Vec<QMatrix>> {
+    let t = tensor(g, name)?;
+    if t.dims != [cols as u64, rows as u64, n_expert as u64] {
+        bail!(
+            "{}: tensor {name} has shape {:?}, expected [{cols}, {rows}, {n_expert}] ({n_expert} experts)",
+            g.path.display(),
+            t.dims
+        );
+    }
+    let bytes = g.tensor_bytes(t);
+    let per = bytes.len() / n_expert.max(1);
+    bytes
+        .chunks_exact(per)
+        .map(|b| {
+            QMatrix::from_gguf(t.ty, rows, cols, b)
+                .with_context(|| format!("{}: tensor {name}", g.path.display()))
+        })
+        .collect()
 }
 
 /// Which of `n_layers` layers have a sliding window, as llama.cpp reads `<arch>.attention.sliding_window_pattern`:

@@ -197,6 +197,12 @@ pub fn tiny_qwen3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "qwen3", None)
 }
 
+/// A tiny Qwen3-MoE GGUF with random weights: Qwen3's attention, and `n_expert` experts (`ffn_dim` wide) behind a
+/// router on every layer, `n_used` per token.
+pub fn tiny_qwen3moe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
+    llama_family_moe(s, "qwen3moe", None, Some((n_expert, n_used)))
+}
+
 /// A tiny EXAONE-architecture GGUF with random weights: Llama blocks (NeoX RoPE in llama.cpp) and Llama 3.1-style
 /// RoPE frequency factors (`rope_freqs.weight`, as [`tiny_llama3`]).
 pub fn tiny_exaone(s: &TinySpec) -> GgufWriter {
@@ -303,13 +309,25 @@ fn phi3_rope_dim(head_dim: usize) -> usize {
 /// `arch` "llama", "smollm3", "granite", "phi3" (fused projections, see [`tiny_phi3`]), "qwen2" (which adds biases and the qwen2 pre-tokenizer) or "qwen3" (QK-norm weights, head width
 /// in the metadata, the qwen2 pre-tokenizer).
 fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>) -> GgufWriter {
+    llama_family_moe(s, arch, rope_scaling, None)
+}
+
+/// [`llama_family`] with `moe` = (experts, experts per token): a router (`ffn_gate_inp`, F32) and 3-D expert tensors
+/// (`ffn_{gate,up,down}_exps`, `ffn_dim` wide each) in place of the dense feed-forward, and the expert metadata.
+fn llama_family_moe(
+    s: &TinySpec,
+    arch: &str,
+    rope_scaling: Option<TinyRopeScaling>,
+    moe: Option<(usize, usize)>,
+) -> GgufWriter {
     let qwen2 = arch == "qwen2";
-    let qwen3 = arch == "qwen3";
+    let qwen3 = arch == "qwen3" || arch == "qwen3moe";
     let phi3 = arch == "phi3";
     let olmo2 = arch == "olmo2";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut bias_rng = Rng(s.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
+    let mut moe_rng = Rng(s.seed.wrapping_mul(0xD6E8_FEB8_6659_FD93) | 1);
     let a = |k: &str| format!("{arch}.{k}");
     w.meta("general.architecture", Value::String(arch.into()));
     w.meta("general.name", Value::String(format!("tiny-{arch}")));
@@ -333,6 +351,14 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
     if qwen3 {
         w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
         w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
+    }
+    if let Some((ne, k)) = moe {
+        w.meta(&a("expert_count"), Value::U32(ne as u32));
+        w.meta(&a("expert_used_count"), Value::U32(k as u32));
+        w.meta(
+            &a("expert_feed_forward_length"),
+            Value::U32(s.ffn_dim as u32),
+        );
     }
     if let Some((ty, factor, orig)) = rope_scaling {
         w.meta(&a("rope.scaling.type"), Value::String(ty.into()));
@@ -388,13 +414,32 @@ fn llama_family(s: &TinySpec, arch: &str, rope_scaling: Option<TinyRopeScaling>)
             }
         }
         mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
-        if phi3 {
+        if let Some((ne, _)) = moe {
+            // The router's scores far apart enough that rounding does not reorder a token's experts.
+            let r = moe_rng.vec(ne * d, 4.0 / (d as f32).sqrt());
+            w.tensor_f32(&n("ffn_gate_inp"), &[d as u64, ne as u64], &r);
+            for (what, rows, cols) in [
+                ("ffn_gate_exps", f, d),
+                ("ffn_up_exps", f, d),
+                ("ffn_down_exps", d, f),
+            ] {
+                let x = moe_rng.vec(ne * rows * cols, 1.0 / (cols as f32).sqrt() * 1.7);
+                w.tensor(
+                    &n(what),
+                    &[cols as u64, rows as u64, ne as u64],
+                    wt,
+                    encode(wt, &x),
+                );
+            }
+        } else if phi3 {
             mat(&mut w, &n("ffn_up"), 2 * f, d, wt);
         } else {
             mat(&mut w, &n("ffn_gate"), f, d, wt);
             mat(&mut w, &n("ffn_up"), f, d, wt);
         }
-        mat(&mut w, &n("ffn_down"), d, f, wt);
+        if moe.is_none() {
+            mat(&mut w, &n("ffn_down"), d, f, wt);
+        }
         let ones: Vec<f32> = (0..d)
             .map(|j| 1.0 + 0.1 * ((j % 7) as f32 - 3.0) / 3.0)
             .collect();

@@ -1265,6 +1265,7 @@ mod tests {
             logit_scale: 1.0,
             long_rope: None,
             attn_temp: None,
+            moe: None,
         }
     }
 

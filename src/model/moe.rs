@@ -1,0 +1,337 @@
+//! Mixture-of-experts feed-forward block (Qwen3-MoE; Mistral 3's MoE variant reads the same way), as llama.cpp's
+//! `build_moe_ffn` runs it with softmax gating: a router scores every expert for each token, the token goes through
+//! its top-k experts (each a gated feed-forward block of its own, `ff_exp` wide), and their outputs are summed with
+//! the router's probabilities as weights, renormalized over the chosen k where the architecture says so and scaled by
+//! `expert_weights_scale` where the file gives one.
+//!
+//! A pass's rows are grouped by expert: each expert multiplies only the rows routed to it, gathered into one block
+//! (so a decode step reads k experts' weights, not all of them), and adds its weighted output to those rows. Every row
+//! sums its experts in ascending expert order whatever the other rows of the pass are, so a token's output does not
+//! depend on how its prompt was chunked.
+
+use anyhow::{bail, Result};
+
+use super::blocks::GatedFfn;
+use super::{ModelConfig, Scratch};
+use crate::gguf::GgufFile;
+use crate::kernels::prof::{scope, Phase};
+use crate::kernels::{gate_mul, matmul, matmul_many, GateAct, QMatrix};
+
+/// The routing a file declares (`<arch>.expert_count`, `expert_used_count`, `expert_feed_forward_length`,
+/// `expert_weights_scale`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub n_expert: usize,
+    /// Experts each token goes through (k).
+    pub n_used: usize,
+    /// Whether the k chosen probabilities are divided by their sum (Qwen3-MoE and Mistral 3: yes).
+    pub norm_w: bool,
+    /// Multiplies the weights when not 0 or 1.
+    pub w_scale: f32,
+}
+
+impl MoeConfig {
+    /// The file's routing, with `norm_w` as the architecture's graph fixes it; None when `expert_count` is absent or
+    /// 0. The expert width is `ffn_dim` (set from `expert_feed_forward_length` by the caller).
+    pub(crate) fn from_gguf(g: &GgufFile, arch: &str, norm_w: bool) -> Result<Option<Self>> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let Some(n_expert) = g
+            .get_u64(&key("expert_count"))?
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+        else {
+            return Ok(None);
+        };
+        let n_used = g.get_u64(&key("expert_used_count"))?.unwrap_or(0) as usize;
+        if n_used == 0 || n_used > n_expert {
+            bail!(
+                "{}: {} is {n_used}; it must be between 1 and {} = {n_expert}",
+                g.path.display(),
+                key("expert_used_count"),
+                key("expert_count")
+            );
+        }
+        Ok(Some(Self {
+            n_expert,
+            n_used,
+            norm_w,
+            w_scale: g.get_f64(&key("expert_weights_scale"))?.unwrap_or(0.0) as f32,
+        }))
+    }
+}
+
+/// A layer's feed-forward block: one gated block, or experts behind a router.
+pub enum Ffn {
+    Dense(GatedFfn),
+    Moe(Box<MoeFfn>),
+}
+
+impl Ffn {
+    /// xo ← the block's output for the pass's n rows (input in xb).
+    pub(crate) fn forward(&self, c: &ModelConfig, n: usize, act: GateAct, s: &mut Scratch) {
+        match self {
+            Ffn::Dense(f) => f.forward(c, n, act, s),
+            Ffn::Moe(m) => m.forward(c, n, act, s),
+        }
+    }
+
+    /// Bytes of every matrix.
+    pub(crate) fn n_bytes(&self) -> usize {
+        match self {
+            Ffn::Dense(f) => f.n_bytes(),
+            Ffn::Moe(m) => m.n_bytes(),
+        }
+    }
+
+    /// Bytes one token's pass reads: all of a dense block, the router and k experts of a MoE block.
+    pub(crate) fn active_bytes(&self) -> usize {
+        match self {
+            Ffn::Dense(f) => f.n_bytes(),
+            Ffn::Moe(m) => m.active_bytes(),
+        }
+    }
+
+    /// The matrices one token multiplies: gate, up, down (a MoE block: the router, then k experts' three; which k
+    /// varies by token, their shapes do not).
+    pub(crate) fn token_matrices(&self) -> Vec<&QMatrix> {
+        match self {
+            Ffn::Dense(f) => vec![&f.w_gate, &f.w_up, &f.w_down],
+            Ffn::Moe(m) => std::iter::once(&m.router)
+                .chain(
+                    m.experts
+                        .iter()
+                        .take(m.cfg.n_used)
+                        .flat_map(|f| [&f.w_gate, &f.w_up, &f.w_down]),
+                )
+                .collect(),
+        }
+    }
+}
+
+/// One layer's experts and router.
+pub struct MoeFfn {
+    pub router: QMatrix, // n_expert × dim
+    /// Each expert's gate, up (ff_exp × dim) and down (dim × ff_exp) matrices.
+    pub experts: Vec<GatedFfn>,
+    pub cfg: MoeConfig,
+}
+
+/// Work buffers of the MoE block, sized once for passes of up to `cap` rows.
+#[derive(Default)]
+pub struct MoeScratch {
+    /// cap × n_expert: router logits, then probabilities.
+    probs: Vec<f32>,
+    /// cap × k: each row's chosen experts and weights, in the router's order.
+    chosen: Vec<(u32, f32)>,
+    /// n_expert + 1: where each expert's rows start in `routed`.
+    starts: Vec<usize>,
+    /// cap × k: (row, weight) pairs grouped by expert, rows ascending within an expert.
+    routed: Vec<(u32, f32)>,
+    /// cap × dim: the rows routed to one expert, gathered.
+    x: Vec<f32>,
+    /// cap × dim: that expert's output rows.
+    y: Vec<f32>,
+}
+
+impl MoeScratch {
+    pub(crate) fn new(c: &ModelConfig, cap: usize) -> Self {
+        let Some(m) = c.moe else {
+            return Self::default();
+        };
+        Self {
+            probs: vec![0.0; cap * m.n_expert],
+            chosen: vec![(0, 0.0); cap * m.n_used],
+            starts: vec![0; m.n_expert + 1],
+            routed: vec![(0, 0.0); cap * m.n_used],
+            x: vec![0.0; cap * c.dim],
+            y: vec![0.0; cap * c.dim],
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        4 * (self.probs.len() + self.x.len() + self.y.len())
+            + 8 * (self.chosen.len() + self.routed.len() + self.starts.len())
+    }
+}
+
+impl MoeFfn {
+    /// Layer `i`'s router (`blk.i.ffn_gate_inp`) and experts (`blk.i.ffn_{gate,up,down}_exps`, one 3-D tensor each:
+    /// expert e's rows are the e-th slab).
+    pub(crate) fn load(g: &GgufFile, i: usize, c: &ModelConfig, cfg: MoeConfig) -> Result<Self> {
+        let (dim, f, e) = (c.dim, c.ffn_dim, cfg.n_expert);
+        let n = |what: &str| format!("blk.{i}.{what}.weight");
+        let gate = super::load_experts(g, &n("ffn_gate_exps"), f, dim, e)?;
+        let up = super::load_experts(g, &n("ffn_up_exps"), f, dim, e)?;
+        let down = super::load_experts(g, &n("ffn_down_exps"), dim, f, e)?;
+        let experts = gate
+            .into_iter()
+            .zip(up)
+            .zip(down)
+            .map(|((w_gate, w_up), w_down)| GatedFfn {
+                w_gate,
+                w_up,
+                w_down,
+            })
+            .collect();
+        Ok(Self {
+            router: super::load_matrix(g, &n("ffn_gate_inp"), e, dim)?,
+            experts,
+            cfg,
+        })
+    }
+
+    /// Bytes of the router and every expert.
+    pub(crate) fn n_bytes(&self) -> usize {
+        self.router.n_bytes() + self.experts.iter().map(|x| x.n_bytes()).sum::<usize>()
+    }
+
+    /// Bytes one token reads: the router and k experts (all experts are the same size).
+    pub(crate) fn active_bytes(&self) -> usize {
+        let one = self.experts.first().map_or(0, |x| x.n_bytes());
+        self.router.n_bytes() + self.cfg.n_used * one
+    }
+
+    /// xo ← Σ over each row's k experts of w · Wdown_e · (act(Wgate_e·xb) ⊙ Wup_e·xb), for the pass's n rows.
+    pub(crate) fn forward(&self, c: &ModelConfig, n: usize, act: GateAct, s: &mut Scratch) {
+        let (dim, f) = (c.dim, c.ffn_dim);
+        let (ne, k) = (self.cfg.n_expert, self.cfg.n_used);
+        let m = &mut s.moe;
+        let xb = &s.xb[..n * dim]; // n × dim
+        let p = scope(Phase::FfnUp);
+        let probs = &mut m.probs[..n * ne]; // n × n_expert
+        matmul(&self.router, xb, n, probs, &mut s.mm);
+        drop(p);
+        let _p = scope(Phase::Act);
+        // Each row: softmax over the experts, the k most probable (ties to the lower index), their weights.
+        let chosen = &mut m.chosen[..n * k]; // n × k
+        for (row, pick) in probs.chunks_exact_mut(ne).zip(chosen.chunks_exact_mut(k)) {
+            softmax(row);
+            top_k(row, pick);
+            let sum: f32 = pick.iter().map(|&(_, w)| w).sum();
+            for (_, w) in pick.iter_mut() {
+                if self.cfg.norm_w {
+                    *w /= sum.max(6.103_515_6e-5);
+                }
+                if self.cfg.w_scale != 0.0 && self.cfg.w_scale != 1.0 {
+                    *w *= self.cfg.w_scale;
+                }
+            }
+        }
+        // Group (row, weight) by expert: a counting sort keeps rows ascending within each expert.
+        let starts = &mut m.starts;
+        starts.iter_mut().for_each(|v| *v = 0);
+        for &(e, _) in chosen.iter() {
+            starts[e as usize + 1] += 1;
+        }
+        for e in 0..ne {
+            starts[e + 1] += starts[e];
+        }
+        let routed = &mut m.routed[..n * k];
+        for (r, pick) in chosen.chunks_exact(k).enumerate() {
+            for &(e, w) in pick {
+                routed[starts[e as usize]] = (r as u32, w);
+                starts[e as usize] += 1;
+            }
+        }
+        // Each cursor now sits where the next expert starts: shift them back.
+        for e in (1..ne).rev() {
+            starts[e] = starts[e - 1];
+        }
+        starts[0] = 0;
+        drop(_p);
+        let xo = &mut s.xo[..n * dim]; // n × dim
+        xo.iter_mut().for_each(|v| *v = 0.0);
+        for (e, expert) in self.experts.iter().enumerate() {
+            let rows = &routed[starts[e]..starts[e + 1]];
+            let mr = rows.len();
+            if mr == 0 {
+                continue;
+            }
+            // x: mr × dim ← the routed rows of xb
+            let x = &mut m.x[..mr * dim];
+            for (dst, &(r, _)) in x.chunks_exact_mut(dim).zip(rows) {
+                dst.copy_from_slice(&xb[r as usize * dim..][..dim]);
+            }
+            let (gate, up) = (&mut s.hb[..mr * f], &mut s.hb2[..mr * f]); // mr × ff_exp each
+            let p = scope(Phase::FfnUp);
+            matmul_many(
+                &[&expert.w_gate, &expert.w_up],
+                x,
+                mr,
+                &mut [&mut *gate, &mut *up],
+                &mut s.mm,
+            );
+            drop(p);
+            let p = scope(Phase::Act);
+            gate_mul(act, gate, up); // gate ← act(gate) ⊙ up
+            drop(p);
+            let _p = scope(Phase::FfnDown);
+            let y = &mut m.y[..mr * dim]; // mr × dim
+            matmul(&expert.w_down, gate, mr, y, &mut s.mm);
+            for (src, &(r, w)) in y.chunks_exact(dim).zip(rows) {
+                let dst = &mut xo[r as usize * dim..][..dim];
+                dst.iter_mut().zip(src).for_each(|(o, v)| *o += w * v);
+            }
+        }
+    }
+}
+
+/// In-place softmax of one row.
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f64;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// The `pick.len()` largest entries of `row` as (index, value), largest first, ties to the lower index.
+fn top_k(row: &[f32], pick: &mut [(u32, f32)]) {
+    let k = pick.len();
+    let mut len = 0;
+    for (i, &v) in row.iter().enumerate() {
+        // Insert into the sorted prefix if it beats the smallest kept (or there is room).
+        if len == k && v <= pick[k - 1].1 {
+            continue;
+        }
+        let mut j = len.min(k - 1);
+        if len < k {
+            len += 1;
+        }
+        while j > 0 && pick[j - 1].1 < v {
+            pick[j] = pick[j - 1];
+            j -= 1;
+        }
+        pick[j] = (i as u32, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_keeps_the_largest_in_order_with_ties_to_the_lower_index() {
+        let row = [0.1, 0.5, 0.2, 0.5, 0.05, 0.9];
+        let mut pick = [(0u32, 0.0f32); 3];
+        top_k(&row, &mut pick);
+        assert_eq!(pick, [(5, 0.9), (1, 0.5), (3, 0.5)]);
+        let mut one = [(0u32, 0.0f32); 1];
+        top_k(&row, &mut one);
+        assert_eq!(one, [(5, 0.9)]);
+        let mut all = [(0u32, 0.0f32); 6];
+        top_k(&row, &mut all);
+        assert_eq!(all.map(|p| p.0), [5, 1, 3, 2, 0, 4]);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut row = [1.0f32, 2.0, 3.0, -50.0];
+        softmax(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(row[2] > row[1] && row[1] > row[0] && row[3] < 1e-20);
+    }
+}
