@@ -14,7 +14,8 @@
 //!   on the layers a bool-array pattern marks).
 //! - `phi3`, `phi3short`: Phi-3 models (fused Q/K/V and gate/up matrices, RoPE over 3/4 of each head, LongRoPE's
 //!   long and short factor sets and attention factor), one past its original context and one within it.
-//! - `qwen3moe`: a Qwen3-MoE model (8 experts behind a softmax router, 2 per token, their weights renormalized).
+//! - `qwen3moe`: a Qwen3-MoE model (8 experts behind a softmax router, 2 per token, their weights renormalized);
+//!   `mixtral`: the same routing in a Llama-architecture file (Mixtral's layout), 4 experts, 2 per token.
 //! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
 //!   temperature).
 //!
@@ -33,8 +34,8 @@ use hayloft::model::moe::Ffn;
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
     llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama,
-    tiny_llama3, tiny_mistral3, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_qwen3moe, tiny_smollm3,
-    TinySpec,
+    tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_qwen3moe,
+    tiny_smollm3, TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -95,6 +96,7 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         // factors from 1 to 1 + 0.4 · ln 6 ≈ 1.72.
         ("mistral3", tiny_mistral3(&spec(32, 79), 4.0, 16, Some(0.4))),
         ("qwen3moe", tiny_qwen3moe(&spec(32, 83), 8, 2)),
+        ("mixtral", tiny_mixtral(&spec(32, 89), 4, 2)),
         // Trained and original context 256: llama.cpp's 256 is not past it, nor is hayloft's default: the short set.
         (
             "phi3short",
@@ -468,9 +470,10 @@ fn mistral3_attention_temperature_gives_llama_cpps_logits() {
 }
 
 /// A temperature scale needs the step it counts positions in (llama.cpp refuses such a file too), and a
-/// mixture-of-experts file is refused by name rather than failing on a missing tensor.
+/// mixture-of-experts file of an architecture whose experts hayloft does not run (Qwen3 dense) is refused by name
+/// rather than failing on a missing tensor.
 #[test]
-fn mistral3_without_its_step_and_experts_are_refused() {
+fn mistral3_without_its_step_and_unsupported_experts_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m3.gguf");
     let mut w = tiny_mistral3(&spec(32, 79), 4.0, 16, Some(0.4));
@@ -485,12 +488,12 @@ fn mistral3_without_its_step_and_experts_are_refused() {
             && e.contains("mistral3.rope.scaling.original_context_length"),
         "{e}"
     );
-    let mut w = tiny_mistral3(&spec(32, 79), 4.0, 16, None);
-    w.meta("mistral3.expert_count", Value::U32(8));
+    let mut w = tiny_qwen3(&spec(48, 37));
+    w.meta("qwen3.expert_count", Value::U32(8));
     w.write(&p).unwrap();
     let e = format!("{:#}", Model::load(&p).err().expect("refused"));
     assert!(
-        e.contains("mistral3.expert_count is 8: mixture-of-experts"),
+        e.contains("qwen3.expert_count is 8: mixture-of-experts"),
         "{e}"
     );
     // No temperature scale: plain YaRN Llama blocks.
@@ -504,18 +507,28 @@ fn mistral3_without_its_step_and_experts_are_refused() {
 /// probabilities; taking the 2 least probable instead moves the logits.
 #[test]
 fn qwen3moe_gives_llama_cpps_logits() {
-    check("qwen3moe", |m| {
+    moe_case("qwen3moe", 8);
+}
+
+/// Mixtral's layout (architecture "llama" with experts): the same routing.
+#[test]
+fn mixtral_gives_llama_cpps_logits() {
+    moe_case("mixtral", 4);
+}
+
+fn moe_case(name: &str, n_expert: usize) {
+    check(name, |m| {
         let Model::Llama(l) = m else {
             panic!("a Llama-family model")
         };
         let moe = l.cfg.moe.expect("expert_count was read");
-        assert_eq!((moe.n_expert, moe.n_used, moe.norm_w), (8, 2, true));
+        assert_eq!((moe.n_expert, moe.n_used, moe.norm_w), (n_expert, 2, true));
         for layer in &mut l.layers {
             let Ffn::Moe(f) = &mut layer.ffn else {
                 panic!("a MoE layer")
             };
             // The router negated: every token's least probable experts instead.
-            let (rows, cols) = (8, 128);
+            let (rows, cols) = (n_expert, 128);
             let mut row = vec![0.0f32; cols];
             let mut bytes = Vec::new();
             for r in 0..rows {

@@ -101,7 +101,8 @@ impl Llama {
         };
         let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
-        // Experts: Qwen3-MoE's softmax routing with the k weights renormalized (llama.cpp's graph fixes both).
+        // Experts: softmax routing with the k weights renormalized (llama.cpp's graphs fix both): Qwen3-MoE always,
+        // Llama (Mixtral) and Mistral 3 files where `expert_count` says so.
         let moe = match arch {
             Arch::Qwen3Moe => match MoeConfig::from_gguf(g, a, true)? {
                 Some(m) => Some(m),
@@ -111,6 +112,7 @@ impl Llama {
                     key("expert_count")
                 ),
             },
+            Arch::Llama | Arch::Mistral3 => MoeConfig::from_gguf(g, a, true)?,
             _ => None,
         };
         if let Some(n) = g
@@ -118,7 +120,7 @@ impl Llama {
             .filter(|&n| n > 0 && moe.is_none())
         {
             bail!(
-                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported",
+                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen3moe, llama and mistral3 files)",
                 g.path.display(),
                 key("expert_count")
             );
@@ -154,13 +156,14 @@ impl Llama {
                 g.path.display()
             );
         }
-        // A MoE layer's experts are `expert_feed_forward_length` wide (else feed_forward_length / k, as llama.cpp).
-        let ffn_dim = match moe {
-            Some(m) => match g.get_u64(&key("expert_feed_forward_length"))? {
+        // Qwen3-MoE's experts are `expert_feed_forward_length` wide (else feed_forward_length / k, as llama.cpp
+        // reads it); Llama's and Mistral 3's are feed_forward_length wide.
+        let ffn_dim = match (arch, moe) {
+            (Arch::Qwen3Moe, Some(m)) => match g.get_u64(&key("expert_feed_forward_length"))? {
                 Some(f) => f as usize,
                 None => meta_usize(g, a, "feed_forward_length")? / m.n_used,
             },
-            None => meta_usize(g, a, "feed_forward_length")?,
+            _ => meta_usize(g, a, "feed_forward_length")?,
         };
         let emb = super::tensor(g, "token_embd.weight")?;
         let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;

@@ -197,6 +197,12 @@ pub fn tiny_qwen3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "qwen3", None)
 }
 
+/// A tiny Mixtral-style GGUF with random weights: architecture "llama" with `n_expert` experts (feed_forward_length
+/// wide) behind a router on every layer, `n_used` per token, as llama.cpp's converter writes Mixtral.
+pub fn tiny_mixtral(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
+    llama_family_moe(s, "llama", None, Some((n_expert, n_used)))
+}
+
 /// A tiny Qwen3-MoE GGUF with random weights: Qwen3's attention, and `n_expert` experts (`ffn_dim` wide) behind a
 /// router on every layer, `n_used` per token.
 pub fn tiny_qwen3moe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
@@ -355,10 +361,12 @@ fn llama_family_moe(
     if let Some((ne, k)) = moe {
         w.meta(&a("expert_count"), Value::U32(ne as u32));
         w.meta(&a("expert_used_count"), Value::U32(k as u32));
-        w.meta(
-            &a("expert_feed_forward_length"),
-            Value::U32(s.ffn_dim as u32),
-        );
+        if arch == "qwen3moe" {
+            w.meta(
+                &a("expert_feed_forward_length"),
+                Value::U32(s.ffn_dim as u32),
+            );
+        }
     }
     if let Some((ty, factor, orig)) = rope_scaling {
         w.meta(&a("rope.scaling.type"), Value::String(ty.into()));
