@@ -15,7 +15,8 @@
 //! - `phi3`, `phi3short`: Phi-3 models (fused Q/K/V and gate/up matrices, RoPE over 3/4 of each head, LongRoPE's
 //!   long and short factor sets and attention factor), one past its original context and one within it.
 //! - `qwen3moe`: a Qwen3-MoE model (8 experts behind a softmax router, 2 per token, their weights renormalized);
-//!   `mixtral`: the same routing in a Llama-architecture file (Mixtral's layout), 4 experts, 2 per token.
+//!   `mixtral`: the same routing in a Llama-architecture file (Mixtral's layout), 4 experts, 2 per token; `olmoe`:
+//!   an OLMoE model (full-width QK-norm, 8 experts, 2 per token, the routed weights not renormalized).
 //! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
 //!   temperature).
 //!
@@ -34,8 +35,8 @@ use hayloft::model::moe::Ffn;
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
     llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama,
-    tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_phi3, tiny_qwen3, tiny_qwen3moe,
-    tiny_smollm3, TinySpec,
+    tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen3,
+    tiny_qwen3moe, tiny_smollm3, TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -97,6 +98,18 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ("mistral3", tiny_mistral3(&spec(32, 79), 4.0, 16, Some(0.4))),
         ("qwen3moe", tiny_qwen3moe(&spec(32, 83), 8, 2)),
         ("mixtral", tiny_mixtral(&spec(32, 89), 4, 2)),
+        // OLMoE has no GQA: as many KV heads as query heads.
+        (
+            "olmoe",
+            tiny_olmoe(
+                &TinySpec {
+                    n_kv_heads: 4,
+                    ..spec(32, 97)
+                },
+                8,
+                2,
+            ),
+        ),
         // Trained and original context 256: llama.cpp's 256 is not past it, nor is hayloft's default: the short set.
         (
             "phi3short",
@@ -516,13 +529,33 @@ fn mixtral_gives_llama_cpps_logits() {
     moe_case("mixtral", 4);
 }
 
+/// OLMoE: the routed probabilities are not renormalized over the chosen experts.
+#[test]
+fn olmoe_gives_llama_cpps_logits() {
+    moe_case("olmoe", 8);
+    check("olmoe", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        for layer in &mut l.layers {
+            let Ffn::Moe(f) = &mut layer.ffn else {
+                panic!("a MoE layer")
+            };
+            f.cfg.norm_w = true;
+        }
+    });
+}
+
 fn moe_case(name: &str, n_expert: usize) {
     check(name, |m| {
         let Model::Llama(l) = m else {
             panic!("a Llama-family model")
         };
         let moe = l.cfg.moe.expect("expert_count was read");
-        assert_eq!((moe.n_expert, moe.n_used, moe.norm_w), (n_expert, 2, true));
+        assert_eq!(
+            (moe.n_expert, moe.n_used, moe.norm_w),
+            (n_expert, 2, name != "olmoe")
+        );
         for layer in &mut l.layers {
             let Ffn::Moe(f) = &mut layer.ffn else {
                 panic!("a MoE layer")

@@ -96,7 +96,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
         super::Arch::Qwen3 | super::Arch::Qwen3Moe => 2.0 * d + (hq + hkv) * hk,
         // OLMo 2: the two output norms, and QK-norm over the whole query and key rows.
-        super::Arch::Olmo2 => 2.0 * d + (hq + hkv) * hk,
+        super::Arch::Olmo2 | super::Arch::Olmoe => 2.0 * d + (hq + hkv) * hk,
         super::Arch::Llama
         | super::Arch::SmolLM3
         | super::Arch::Granite

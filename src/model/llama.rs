@@ -93,6 +93,7 @@ impl Llama {
             Arch::Granite => ("granite", RopeStyle::Norm),
             Arch::Phi3 => ("phi3", RopeStyle::Neox),
             Arch::Olmo2 => ("olmo2", RopeStyle::Neox),
+            Arch::Olmoe => ("olmoe", RopeStyle::Neox),
             Arch::Exaone => ("exaone", RopeStyle::Neox),
             Arch::Mistral3 => ("mistral3", RopeStyle::Norm),
             Arch::Gemma3 | Arch::Gemma2 | Arch::Gemma => {
@@ -112,6 +113,15 @@ impl Llama {
                     key("expert_count")
                 ),
             },
+            // OLMoE: the routed probabilities as they are (llama.cpp's graph does not renormalize them).
+            Arch::Olmoe => match MoeConfig::from_gguf(g, a, false)? {
+                Some(m) => Some(m),
+                None => bail!(
+                    "{}: {} is missing or 0",
+                    g.path.display(),
+                    key("expert_count")
+                ),
+            },
             Arch::Llama | Arch::Mistral3 => MoeConfig::from_gguf(g, a, true)?,
             _ => None,
         };
@@ -120,7 +130,7 @@ impl Llama {
             .filter(|&n| n > 0 && moe.is_none())
         {
             bail!(
-                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen3moe, llama and mistral3 files)",
+                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen3moe, olmoe, llama and mistral3 files)",
                 g.path.display(),
                 key("expert_count")
             );
@@ -275,7 +285,7 @@ impl Llama {
                 attn_norm: norm("attn_norm")?,
                 attn: match arch {
                     Arch::Phi3 => Attention::load_fused(g, i, &cfg)?,
-                    Arch::Olmo2 => Attention {
+                    Arch::Olmo2 | Arch::Olmoe => Attention {
                         qk_norm: Some((
                             load_vector(g, &n("attn_q_norm"), n_heads * hd)?,
                             load_vector(g, &n("attn_k_norm"), n_kv_heads * hd)?,

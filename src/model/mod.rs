@@ -63,6 +63,9 @@ pub enum Arch {
     /// Mistral 3 (Ministral 3): Llama blocks with YaRN and, where the file sets `attention.temperature_scale`, queries
     /// scaled by position (Llama 4's attention temperature, [`AttnTemp`]; run by [`llama::Llama`]).
     Mistral3,
+    /// OLMoE: OLMo's full-width QK-norm with input norms (no output norms), and mixture-of-experts feed-forward
+    /// layers whose routed weights are not renormalized (run by [`llama::Llama`] with [`moe::MoeFfn`]).
+    Olmoe,
     /// EXAONE 3 / 3.5: Llama blocks with NeoX RoPE (and Llama 3.1's frequency factors where the file has them; run
     /// by [`llama::Llama`]).
     Exaone,
@@ -212,10 +215,11 @@ impl Model {
             "gemma" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma)?),
             "phi3" => Model::Llama(llama::Llama::load(g, Arch::Phi3)?),
             "olmo2" => Model::Llama(llama::Llama::load(g, Arch::Olmo2)?),
+            "olmoe" => Model::Llama(llama::Llama::load(g, Arch::Olmoe)?),
             "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
             "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, qwen3moe, smollm3, granite, phi3, olmo2, exaone, mistral3, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, qwen3moe, smollm3, granite, phi3, olmo2, olmoe, exaone, mistral3, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };

@@ -203,6 +203,12 @@ pub fn tiny_mixtral(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter 
     llama_family_moe(s, "llama", None, Some((n_expert, n_used)))
 }
 
+/// A tiny OLMoE GGUF with random weights: input norms, RMSNorm over whole query and key rows, an untied output head,
+/// and `n_expert` experts (feed_forward_length wide) behind a router, `n_used` per token.
+pub fn tiny_olmoe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
+    llama_family_moe(s, "olmoe", None, Some((n_expert, n_used)))
+}
+
 /// A tiny Qwen3-MoE GGUF with random weights: Qwen3's attention, and `n_expert` experts (`ffn_dim` wide) behind a
 /// router on every layer, `n_used` per token.
 pub fn tiny_qwen3moe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
@@ -330,6 +336,7 @@ fn llama_family_moe(
     let qwen3 = arch == "qwen3" || arch == "qwen3moe";
     let phi3 = arch == "phi3";
     let olmo2 = arch == "olmo2";
+    let olmoe = arch == "olmoe";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut bias_rng = Rng(s.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
@@ -407,14 +414,14 @@ fn llama_family_moe(
                 w.tensor_f32(&format!("blk.{i}.{what}.bias"), &[len as u64], &b);
             }
         }
-        if qwen3 || olmo2 {
+        if qwen3 || olmo2 || olmoe {
             // Per-channel weights far from 1, different for queries and keys, so a norm applied wrongly shows
             // (OLMo 2's span all heads of a row).
             for (what, k, heads) in [
                 ("attn_q_norm", 3, s.n_heads),
                 ("attn_k_norm", 5, s.n_kv_heads),
             ] {
-                let len = if olmo2 { heads * hd } else { hd };
+                let len = if olmo2 || olmoe { heads * hd } else { hd };
                 let g: Vec<f32> = (0..len)
                     .map(|j| 0.5 + ((j * k + i) % 11) as f32 / 10.0)
                     .collect();
@@ -463,7 +470,7 @@ fn llama_family_moe(
         }
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    if phi3 || olmo2 {
+    if phi3 || olmo2 || olmoe {
         mat(&mut w, "output.weight", vocab, d, GgmlType::Q8_0);
     }
     w
