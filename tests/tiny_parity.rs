@@ -16,7 +16,8 @@
 //!   long and short factor sets and attention factor), one past its original context and one within it.
 //! - `qwen3moe`: a Qwen3-MoE model (8 experts behind a softmax router, 2 per token, their weights renormalized);
 //!   `mixtral`: the same routing in a Llama-architecture file (Mixtral's layout), 4 experts, 2 per token; `olmoe`:
-//!   an OLMoE model (full-width QK-norm, 8 experts, 2 per token, the routed weights not renormalized).
+//!   an OLMoE model (full-width QK-norm, 8 experts, 2 per token, the routed weights not renormalized); `qwen2moe`: a
+//!   Qwen2-MoE model (biases, 8 experts, 2 per token, not renormalized, and a shared expert behind a sigmoid gate).
 //! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
 //!   temperature).
 //!
@@ -35,8 +36,8 @@ use hayloft::model::moe::Ffn;
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
     llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama,
-    tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen3,
-    tiny_qwen3moe, tiny_smollm3, TinySpec,
+    tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen2moe,
+    tiny_qwen3, tiny_qwen3moe, tiny_smollm3, TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -98,6 +99,7 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ("mistral3", tiny_mistral3(&spec(32, 79), 4.0, 16, Some(0.4))),
         ("qwen3moe", tiny_qwen3moe(&spec(32, 83), 8, 2)),
         ("mixtral", tiny_mixtral(&spec(32, 89), 4, 2)),
+        ("qwen2moe", tiny_qwen2moe(&spec(32, 101), 8, 2)),
         // OLMoE has no GQA: as many KV heads as query heads.
         (
             "olmoe",
@@ -529,6 +531,24 @@ fn mixtral_gives_llama_cpps_logits() {
     moe_case("mixtral", 4);
 }
 
+/// Qwen2-MoE: routed experts (not renormalized) plus the gated shared expert, which matters.
+#[test]
+fn qwen2moe_gives_llama_cpps_logits() {
+    moe_case("qwen2moe", 8);
+    check("qwen2moe", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        for layer in &mut l.layers {
+            let Ffn::Moe(f) = &mut layer.ffn else {
+                panic!("a MoE layer")
+            };
+            assert_eq!(f.cfg.shared_ff, 384);
+            f.shared = None;
+        }
+    });
+}
+
 /// OLMoE: the routed probabilities are not renormalized over the chosen experts.
 #[test]
 fn olmoe_gives_llama_cpps_logits() {
@@ -554,7 +574,7 @@ fn moe_case(name: &str, n_expert: usize) {
         let moe = l.cfg.moe.expect("expert_count was read");
         assert_eq!(
             (moe.n_expert, moe.n_used, moe.norm_w),
-            (n_expert, 2, name != "olmoe")
+            (n_expert, 2, !matches!(name, "olmoe" | "qwen2moe"))
         );
         for layer in &mut l.layers {
             let Ffn::Moe(f) = &mut layer.ffn else {

@@ -31,7 +31,10 @@ pub fn layer_params(c: &ModelConfig) -> f64 {
     let attn = d * hq * hk + d * hkv * (hk + hv) + hq * hv * d;
     // A MoE layer multiplies its router and k experts per token.
     let ffn = match c.moe {
-        Some(m) => 3.0 * d * c.ffn_dim as f64 * m.n_used as f64 + d * m.n_expert as f64,
+        Some(m) => {
+            3.0 * d * (c.ffn_dim * m.n_used + m.shared_ff) as f64
+                + d * (m.n_expert + (m.shared_ff > 0) as usize) as f64
+        }
         None => 3.0 * d * c.ffn_dim as f64,
     };
     c.n_layers as f64 * (attn + ffn)
@@ -93,7 +96,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         super::Arch::Gemma2 => 4.0 * d,
         super::Arch::Gemma => 2.0 * d,
         // Qwen2's Q/K/V biases cost about what a norm pass over those rows does.
-        super::Arch::Qwen2 => 2.0 * d + hq * hk + hkv * (hk + hv),
+        super::Arch::Qwen2 | super::Arch::Qwen2Moe => 2.0 * d + hq * hk + hkv * (hk + hv),
         super::Arch::Qwen3 | super::Arch::Qwen3Moe => 2.0 * d + (hq + hkv) * hk,
         // OLMo 2: the two output norms, and QK-norm over the whole query and key rows.
         super::Arch::Olmo2 | super::Arch::Olmoe => 2.0 * d + (hq + hkv) * hk,
@@ -106,7 +109,9 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
     };
     GlueElements {
         norm,
-        gate: (c.ffn_dim * c.moe.map_or(1, |m| m.n_used)) as f64,
+        gate: c
+            .moe
+            .map_or(c.ffn_dim, |m| c.ffn_dim * m.n_used + m.shared_ff) as f64,
         rope: (hq + hkv) * hk,
         append: hkv * (hk + hv),
     }

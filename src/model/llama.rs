@@ -87,6 +87,7 @@ impl Llama {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
             Arch::Qwen2 => ("qwen2", RopeStyle::Neox),
+            Arch::Qwen2Moe => ("qwen2moe", RopeStyle::Neox),
             Arch::Qwen3 => ("qwen3", RopeStyle::Neox),
             Arch::Qwen3Moe => ("qwen3moe", RopeStyle::Neox),
             Arch::SmolLM3 => ("smollm3", RopeStyle::Norm),
@@ -113,8 +114,16 @@ impl Llama {
                     key("expert_count")
                 ),
             },
-            // OLMoE: the routed probabilities as they are (llama.cpp's graph does not renormalize them).
-            Arch::Olmoe => match MoeConfig::from_gguf(g, a, false)? {
+            // OLMoE and Qwen2-MoE: the routed probabilities as they are (llama.cpp's graphs do not renormalize
+            // them); Qwen2-MoE's shared expert is `expert_shared_feed_forward_length` wide (else feed_forward_length).
+            Arch::Olmoe | Arch::Qwen2Moe => match MoeConfig::from_gguf(g, a, false)? {
+                Some(m) if arch == Arch::Qwen2Moe => Some(MoeConfig {
+                    shared_ff: match g.get_u64(&key("expert_shared_feed_forward_length"))? {
+                        Some(f) => f as usize,
+                        None => meta_usize(g, a, "feed_forward_length")?,
+                    },
+                    ..m
+                }),
                 Some(m) => Some(m),
                 None => bail!(
                     "{}: {} is missing or 0",
@@ -130,7 +139,7 @@ impl Llama {
             .filter(|&n| n > 0 && moe.is_none())
         {
             bail!(
-                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen3moe, olmoe, llama and mistral3 files)",
+                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen2moe, qwen3moe, olmoe, llama and mistral3 files)",
                 g.path.display(),
                 key("expert_count")
             );
@@ -169,10 +178,12 @@ impl Llama {
         // Qwen3-MoE's experts are `expert_feed_forward_length` wide (else feed_forward_length / k, as llama.cpp
         // reads it); Llama's and Mistral 3's are feed_forward_length wide.
         let ffn_dim = match (arch, moe) {
-            (Arch::Qwen3Moe, Some(m)) => match g.get_u64(&key("expert_feed_forward_length"))? {
-                Some(f) => f as usize,
-                None => meta_usize(g, a, "feed_forward_length")? / m.n_used,
-            },
+            (Arch::Qwen3Moe | Arch::Qwen2Moe, Some(m)) => {
+                match g.get_u64(&key("expert_feed_forward_length"))? {
+                    Some(f) => f as usize,
+                    None => meta_usize(g, a, "feed_forward_length")? / m.n_used,
+                }
+            }
             _ => meta_usize(g, a, "feed_forward_length")?,
         };
         let emb = super::tensor(g, "token_embd.weight")?;

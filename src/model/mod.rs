@@ -41,6 +41,10 @@ pub enum Arch {
     /// Qwen3: Llama blocks with per-head RMSNorm of queries and keys before RoPE (QK-norm), NeoX RoPE, no biases, and
     /// heads wider than dim / heads (run by [`llama::Llama`]).
     Qwen3,
+    /// Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention, mixture-of-experts feed-forward layers whose routed
+    /// weights are not renormalized, plus a shared expert every token goes through, scaled by a sigmoid gate (run by
+    /// [`llama::Llama`] with [`moe::MoeFfn`]).
+    Qwen2Moe,
     /// Qwen3-MoE: Qwen3's attention with mixture-of-experts feed-forward layers (softmax router, top-k experts,
     /// weights renormalized over the k; run by [`llama::Llama`] with [`moe::MoeFfn`]).
     Qwen3Moe,
@@ -206,6 +210,7 @@ impl Model {
         let model = match arch {
             "llama" => Model::Llama(llama::Llama::load(g, Arch::Llama)?),
             "qwen2" => Model::Llama(llama::Llama::load(g, Arch::Qwen2)?),
+            "qwen2moe" => Model::Llama(llama::Llama::load(g, Arch::Qwen2Moe)?),
             "qwen3" => Model::Llama(llama::Llama::load(g, Arch::Qwen3)?),
             "qwen3moe" => Model::Llama(llama::Llama::load(g, Arch::Qwen3Moe)?),
             "smollm3" => Model::Llama(llama::Llama::load(g, Arch::SmolLM3)?),
@@ -219,7 +224,7 @@ impl Model {
             "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
             "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen3, qwen3moe, smollm3, granite, phi3, olmo2, olmoe, exaone, mistral3, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, phi3, olmo2, olmoe, exaone, mistral3, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };
@@ -441,6 +446,8 @@ impl Scratch {
     /// Buffers for chunks of up to `cap` tokens, with logits for up to `logit_rows` of them.
     pub fn new(cfg: &ModelConfig, cap: usize, logit_rows: usize) -> Self {
         let half = cfg.rope_dim / 2;
+        // Feed-forward width: the widest of a MoE layer's experts and its shared expert.
+        let ffn = cfg.ffn_dim.max(cfg.moe.map_or(0, |m| m.shared_ff));
         Self {
             cap,
             x: vec![0.0; cap * cfg.dim],
@@ -450,8 +457,8 @@ impl Scratch {
             k: vec![0.0; cap * cfg.n_kv_heads * cfg.head_dim_k],
             v: vec![0.0; cap * cfg.n_kv_heads * cfg.head_dim_v],
             att: vec![0.0; cap * cfg.n_heads * cfg.head_dim_v],
-            hb: vec![0.0; cap * cfg.ffn_dim],
-            hb2: vec![0.0; cap * cfg.ffn_dim],
+            hb: vec![0.0; cap * ffn],
+            hb2: vec![0.0; cap * ffn],
             rope_cos: vec![0.0; cap * half],
             rope_sin: vec![0.0; cap * half],
             rope_cos_local: vec![0.0; cap * half],

@@ -1,8 +1,9 @@
-//! Mixture-of-experts feed-forward block (Qwen3-MoE; Mistral 3's MoE variant reads the same way), as llama.cpp's
+//! Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE), as llama.cpp's
 //! `build_moe_ffn` runs it with softmax gating: a router scores every expert for each token, the token goes through
 //! its top-k experts (each a gated feed-forward block of its own, `ff_exp` wide), and their outputs are summed with
 //! the router's probabilities as weights, renormalized over the chosen k where the architecture says so and scaled by
-//! `expert_weights_scale` where the file gives one.
+//! `expert_weights_scale` where the file gives one. Qwen2-MoE adds a shared expert every token goes through, its
+//! output scaled by sigmoid(x · w) with a gate vector w of its own.
 //!
 //! A pass's rows are grouped by expert: each expert multiplies only the rows routed to it, gathered into one block
 //! (so a decode step reads k experts' weights, not all of them), and adds its weighted output to those rows. Every row
@@ -28,6 +29,8 @@ pub struct MoeConfig {
     pub norm_w: bool,
     /// Multiplies the weights when not 0 or 1.
     pub w_scale: f32,
+    /// Width of the shared expert (0: none).
+    pub shared_ff: usize,
 }
 
 impl MoeConfig {
@@ -56,6 +59,7 @@ impl MoeConfig {
             n_used,
             norm_w,
             w_scale: g.get_f64(&key("expert_weights_scale"))?.unwrap_or(0.0) as f32,
+            shared_ff: 0,
         }))
     }
 }
@@ -92,7 +96,7 @@ impl Ffn {
     }
 
     /// The matrices one token multiplies: gate, up, down (a MoE block: the router, then k experts' three; which k
-    /// varies by token, their shapes do not).
+    /// varies by token, their shapes do not; then the shared expert's three).
     pub(crate) fn token_matrices(&self) -> Vec<&QMatrix> {
         match self {
             Ffn::Dense(f) => vec![&f.w_gate, &f.w_up, &f.w_down],
@@ -101,6 +105,7 @@ impl Ffn {
                     m.experts
                         .iter()
                         .take(m.cfg.n_used)
+                        .chain(m.shared.iter().map(|(f, _)| f))
                         .flat_map(|f| [&f.w_gate, &f.w_up, &f.w_down]),
                 )
                 .collect(),
@@ -113,6 +118,8 @@ pub struct MoeFfn {
     pub router: QMatrix, // n_expert × dim
     /// Each expert's gate, up (ff_exp × dim) and down (dim × ff_exp) matrices.
     pub experts: Vec<GatedFfn>,
+    /// The shared expert (`cfg.shared_ff` wide) and its gate vector (dim).
+    pub shared: Option<(GatedFfn, Vec<f32>)>,
     pub cfg: MoeConfig,
 }
 
@@ -173,22 +180,42 @@ impl MoeFfn {
                 w_down,
             })
             .collect();
+        let shared = match cfg.shared_ff {
+            0 => None,
+            sf => Some((
+                GatedFfn {
+                    w_gate: super::load_matrix(g, &n("ffn_gate_shexp"), sf, dim)?,
+                    w_up: super::load_matrix(g, &n("ffn_up_shexp"), sf, dim)?,
+                    w_down: super::load_matrix(g, &n("ffn_down_shexp"), dim, sf)?,
+                },
+                super::load_vector(g, &n("ffn_gate_inp_shexp"), dim)?,
+            )),
+        };
         Ok(Self {
             router: super::load_matrix(g, &n("ffn_gate_inp"), e, dim)?,
             experts,
+            shared,
             cfg,
         })
     }
 
     /// Bytes of the router and every expert.
     pub(crate) fn n_bytes(&self) -> usize {
-        self.router.n_bytes() + self.experts.iter().map(|x| x.n_bytes()).sum::<usize>()
+        self.router.n_bytes()
+            + self.experts.iter().map(|x| x.n_bytes()).sum::<usize>()
+            + self.shared_bytes()
+    }
+
+    fn shared_bytes(&self) -> usize {
+        self.shared
+            .as_ref()
+            .map_or(0, |(f, w)| f.n_bytes() + 4 * w.len())
     }
 
     /// Bytes one token reads: the router and k experts (all experts are the same size).
     pub(crate) fn active_bytes(&self) -> usize {
         let one = self.experts.first().map_or(0, |x| x.n_bytes());
-        self.router.n_bytes() + self.cfg.n_used * one
+        self.router.n_bytes() + self.cfg.n_used * one + self.shared_bytes()
     }
 
     /// xo ← Σ over each row's k experts of w · Wdown_e · (act(Wgate_e·xb) ⊙ Wup_e·xb), for the pass's n rows.
@@ -271,6 +298,35 @@ impl MoeFfn {
             for (src, &(r, w)) in y.chunks_exact(dim).zip(rows) {
                 let dst = &mut xo[r as usize * dim..][..dim];
                 dst.iter_mut().zip(src).for_each(|(o, v)| *o += w * v);
+            }
+        }
+        if let Some((shared, gate_w)) = &self.shared {
+            // xo += sigmoid(xb · w) ⊙ Wdown_s · (act(Wgate_s·xb) ⊙ Wup_s·xb), every row.
+            let sf = self.cfg.shared_ff;
+            let (gate, up) = (&mut s.hb[..n * sf], &mut s.hb2[..n * sf]); // n × shared_ff each
+            let p = scope(Phase::FfnUp);
+            matmul_many(
+                &[&shared.w_gate, &shared.w_up],
+                xb,
+                n,
+                &mut [&mut *gate, &mut *up],
+                &mut s.mm,
+            );
+            drop(p);
+            let p = scope(Phase::Act);
+            gate_mul(act, gate, up);
+            drop(p);
+            let _p = scope(Phase::FfnDown);
+            let y = &mut m.y[..n * dim]; // n × dim
+            matmul(&shared.w_down, gate, n, y, &mut s.mm);
+            for ((dst, src), x) in xo
+                .chunks_exact_mut(dim)
+                .zip(y.chunks_exact(dim))
+                .zip(xb.chunks_exact(dim))
+            {
+                let g: f32 = x.iter().zip(gate_w).map(|(a, b)| a * b).sum();
+                let scale = 1.0 / (1.0 + (-g).exp());
+                dst.iter_mut().zip(src).for_each(|(o, v)| *o += scale * v);
             }
         }
     }

@@ -203,6 +203,12 @@ pub fn tiny_mixtral(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter 
     llama_family_moe(s, "llama", None, Some((n_expert, n_used)))
 }
 
+/// A tiny Qwen2-MoE GGUF with random weights: Qwen2's biased projections, `n_expert` experts (`ffn_dim` wide) behind a
+/// router, `n_used` per token, and a shared expert twice as wide with its sigmoid gate, an untied output head.
+pub fn tiny_qwen2moe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
+    llama_family_moe(s, "qwen2moe", None, Some((n_expert, n_used)))
+}
+
 /// A tiny OLMoE GGUF with random weights: input norms, RMSNorm over whole query and key rows, an untied output head,
 /// and `n_expert` experts (feed_forward_length wide) behind a router, `n_used` per token.
 pub fn tiny_olmoe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
@@ -332,8 +338,10 @@ fn llama_family_moe(
     rope_scaling: Option<TinyRopeScaling>,
     moe: Option<(usize, usize)>,
 ) -> GgufWriter {
-    let qwen2 = arch == "qwen2";
+    let qwen2 = arch == "qwen2" || arch == "qwen2moe";
     let qwen3 = arch == "qwen3" || arch == "qwen3moe";
+    // Qwen2-MoE's shared expert, twice as wide as the routed ones.
+    let shared_ff = if arch == "qwen2moe" { 2 * s.ffn_dim } else { 0 };
     let phi3 = arch == "phi3";
     let olmo2 = arch == "olmo2";
     let olmoe = arch == "olmoe";
@@ -368,10 +376,16 @@ fn llama_family_moe(
     if let Some((ne, k)) = moe {
         w.meta(&a("expert_count"), Value::U32(ne as u32));
         w.meta(&a("expert_used_count"), Value::U32(k as u32));
-        if arch == "qwen3moe" {
+        if arch == "qwen3moe" || arch == "qwen2moe" {
             w.meta(
                 &a("expert_feed_forward_length"),
                 Value::U32(s.ffn_dim as u32),
+            );
+        }
+        if shared_ff > 0 {
+            w.meta(
+                &a("expert_shared_feed_forward_length"),
+                Value::U32(shared_ff as u32),
             );
         }
     }
@@ -446,6 +460,19 @@ fn llama_family_moe(
                     encode(wt, &x),
                 );
             }
+            if shared_ff > 0 {
+                let sf = shared_ff;
+                let g = moe_rng.vec(d, 2.0 / (d as f32).sqrt());
+                w.tensor_f32(&n("ffn_gate_inp_shexp"), &[d as u64], &g);
+                for (what, rows, cols) in [
+                    ("ffn_gate_shexp", sf, d),
+                    ("ffn_up_shexp", sf, d),
+                    ("ffn_down_shexp", d, sf),
+                ] {
+                    let x = moe_rng.vec(rows * cols, 1.0 / (cols as f32).sqrt() * 1.7);
+                    w.tensor(&n(what), &[cols as u64, rows as u64], wt, encode(wt, &x));
+                }
+            }
         } else if phi3 {
             mat(&mut w, &n("ffn_up"), 2 * f, d, wt);
         } else {
@@ -470,7 +497,7 @@ fn llama_family_moe(
         }
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    if phi3 || olmo2 || olmoe {
+    if phi3 || olmo2 || olmoe || shared_ff > 0 {
         mat(&mut w, "output.weight", vocab, d, GgmlType::Q8_0);
     }
     w
