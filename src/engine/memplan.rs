@@ -289,8 +289,10 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
             + cap * mc.n_heads * mc.head_dim_k
             + cap * mc.n_kv_heads * (mc.head_dim_k + mc.head_dim_v)
             + cap * mc.n_heads * mc.head_dim_v
-            + 2 * cap * mc.ffn_dim
-            + 4 * cap * half);
+            + 2 * cap * mc.ffn_dim.max(mc.moe.map_or(0, |m| m.shared_ff))
+            + 4 * cap * half
+            + if mc.attn_temp.is_some() { cap } else { 0 })
+        + crate::model::moe::MoeScratch::planned_bytes(mc, cap);
     let logits = 4 * logit_rows(mc.vocab, fp.chunk_size) * mc.vocab;
     // Recorded queries (rows and positions), attention per entry, and the press's per-head gather buffers.
     let most = (0..kv.n_layers).map(prefill_len).max().unwrap_or(0);
@@ -353,9 +355,29 @@ mod tests {
     #[test]
     fn activations_and_logits_are_what_the_scratch_allocates() {
         let (_d, m) = tiny();
+        activations_match(&m);
+        // Queries scaled by position (Mistral 3) and experts with a shared one (Qwen2-MoE) have buffers of their own.
+        let dir = tempfile::tempdir().unwrap();
+        for (name, w) in [
+            (
+                "mistral3",
+                crate::model::testutil::tiny_mistral3(&TinySpec::default(), 4.0, 16, Some(0.4)),
+            ),
+            (
+                "qwen2moe",
+                crate::model::testutil::tiny_qwen2moe(&TinySpec::default(), 8, 2),
+            ),
+        ] {
+            let p = dir.path().join(format!("{name}.gguf"));
+            w.write(&p).unwrap();
+            activations_match(&Model::load(&p).unwrap());
+        }
+    }
+
+    fn activations_match(m: &Model) {
         let mc = m.config();
         for chunk in [1, 7, 64, 512] {
-            let mut cfg = SessionConfig::for_model(&m);
+            let mut cfg = SessionConfig::for_model(m);
             cfg.chunk_size = chunk;
             let fp = Footprint::of(mc, &cfg).unwrap();
             let p = plan(mc, m.weight_bytes(), &fp, Lengths::generate(10, 5));

@@ -159,6 +159,13 @@ impl MoeScratch {
         4 * (self.probs.len() + self.x.len() + self.y.len())
             + 8 * (self.chosen.len() + self.routed.len() + self.starts.len())
     }
+
+    /// What [`MoeScratch::new`] allocates for `c` and `cap`, without allocating it (the memory plan).
+    pub fn planned_bytes(c: &ModelConfig, cap: usize) -> usize {
+        c.moe.map_or(0, |m| {
+            4 * (cap * m.n_expert + 2 * cap * c.dim) + 8 * (2 * cap * m.n_used + m.n_expert + 1)
+        })
+    }
 }
 
 impl MoeFfn {
