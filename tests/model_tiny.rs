@@ -521,3 +521,28 @@ fn head_mask_zeroes_exactly_the_marked_head_gemma3() {
     write_tiny_gemma3(&p, &TinySpec::default(), 9).unwrap();
     check_head_mask(&Model::load(&p).unwrap());
 }
+
+/// Writes a random-weight Qwen3-MoE-shaped model big enough to time (8 layers, dim 1024, 16 experts of 768, 4 per
+/// token, Q8_0, 344 MB) to `$HAYLOFT_MOE_BENCH_OUT`, for `hayloft bench speed` and `llama-bench` on the same file:
+/// `HAYLOFT_MOE_BENCH_OUT=/tmp/moe_bench.gguf cargo test --release --test model_tiny write_moe_bench_model --
+/// --ignored`.
+#[test]
+#[ignore]
+fn write_moe_bench_model() {
+    let out =
+        std::env::var("HAYLOFT_MOE_BENCH_OUT").expect("set HAYLOFT_MOE_BENCH_OUT to a file path");
+    let s = TinySpec {
+        n_layers: 8,
+        dim: 1024,
+        n_heads: 16,
+        n_kv_heads: 4,
+        head_dim: 64,
+        ffn_dim: 768,
+        ctx_len: 4096,
+        weight_type: GgmlType::Q8_0,
+        seed: 5,
+    };
+    tiny_qwen3moe(&s, 16, 4)
+        .write(std::path::Path::new(&out))
+        .unwrap();
+}
