@@ -17,7 +17,9 @@
 //! - `qwen3moe`: a Qwen3-MoE model (8 experts behind a softmax router, 2 per token, their weights renormalized);
 //!   `mixtral`: the same routing in a Llama-architecture file (Mixtral's layout), 4 experts, 2 per token; `olmoe`:
 //!   an OLMoE model (full-width QK-norm, 8 experts, 2 per token, the routed weights not renormalized); `qwen2moe`: a
-//!   Qwen2-MoE model (biases, 8 experts, 2 per token, not renormalized, and a shared expert behind a sigmoid gate).
+//!   Qwen2-MoE model (biases, 8 experts, 2 per token, not renormalized, and a shared expert behind a sigmoid gate);
+//!   `granitemoe`, `granitemoeshared`: Granite MoE models (Granite's multipliers, 8 experts, 2 per token), the second
+//!   with an ungated shared expert.
 //! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
 //!   temperature).
 //!
@@ -35,9 +37,9 @@ use hayloft::kernels::QMatrix;
 use hayloft::model::moe::Ffn;
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_llama,
-    tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen2moe,
-    tiny_qwen3, tiny_qwen3moe, tiny_smollm3, TinySpec,
+    llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_granitemoe,
+    tiny_llama, tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3,
+    tiny_qwen2moe, tiny_qwen3, tiny_qwen3moe, tiny_smollm3, TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -100,6 +102,14 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ("qwen3moe", tiny_qwen3moe(&spec(32, 83), 8, 2)),
         ("mixtral", tiny_mixtral(&spec(32, 89), 4, 2)),
         ("qwen2moe", tiny_qwen2moe(&spec(32, 101), 8, 2)),
+        (
+            "granitemoe",
+            tiny_granitemoe(&spec(32, 103), 8, 2, (3.0, 0.25, 0.4, 2.5), false),
+        ),
+        (
+            "granitemoeshared",
+            tiny_granitemoe(&spec(32, 107), 8, 2, (3.0, 0.25, 0.4, 2.5), true),
+        ),
         // OLMoE has no GQA: as many KV heads as query heads.
         (
             "olmoe",
@@ -546,6 +556,32 @@ fn qwen2moe_gives_llama_cpps_logits() {
             assert_eq!(f.cfg.shared_ff, 384);
             f.shared = None;
         }
+    });
+}
+
+/// Granite MoE: Granite's multipliers around routed experts; the shared variant's ungated shared expert matters.
+#[test]
+fn granitemoe_gives_llama_cpps_logits() {
+    moe_case("granitemoe", 8);
+    moe_case("granitemoeshared", 8);
+    check("granitemoeshared", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        for layer in &mut l.layers {
+            let Ffn::Moe(f) = &mut layer.ffn else {
+                panic!("a MoE layer")
+            };
+            assert!(f.shared.as_ref().is_some_and(|(_, gate)| gate.is_none()));
+            f.shared = None;
+        }
+    });
+    check("granitemoe", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        assert_eq!(l.cfg.residual_scale, 0.4);
+        l.cfg.residual_scale = 1.0;
     });
 }
 

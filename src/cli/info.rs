@@ -126,7 +126,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             String::new()
         }
     );
-    if c.arch == Arch::Granite {
+    if matches!(c.arch, Arch::Granite | Arch::GraniteMoe) {
         println!(
             "multipliers:   embeddings ×{}, scores ×{}, residual branches ×{}, logits ÷{}",
             c.embed_scale, c.attn_scale, c.residual_scale, c.logit_scale

@@ -103,6 +103,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         super::Arch::Llama
         | super::Arch::SmolLM3
         | super::Arch::Granite
+        | super::Arch::GraniteMoe
         | super::Arch::Phi3
         | super::Arch::Exaone
         | super::Arch::Mistral3 => 2.0 * d,

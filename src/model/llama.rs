@@ -92,6 +92,7 @@ impl Llama {
             Arch::Qwen3Moe => ("qwen3moe", RopeStyle::Neox),
             Arch::SmolLM3 => ("smollm3", RopeStyle::Norm),
             Arch::Granite => ("granite", RopeStyle::Norm),
+            Arch::GraniteMoe => ("granitemoe", RopeStyle::Norm),
             Arch::Phi3 => ("phi3", RopeStyle::Neox),
             Arch::Olmo2 => ("olmo2", RopeStyle::Neox),
             Arch::Olmoe => ("olmoe", RopeStyle::Neox),
@@ -132,6 +133,20 @@ impl Llama {
                 ),
             },
             Arch::Llama | Arch::Mistral3 => MoeConfig::from_gguf(g, a, true)?,
+            // Granite MoE: renormalized weights, and an ungated shared expert where the file gives its width.
+            Arch::GraniteMoe => match MoeConfig::from_gguf(g, a, true)? {
+                Some(m) => Some(MoeConfig {
+                    shared_ff: g
+                        .get_u64(&key("expert_shared_feed_forward_length"))?
+                        .unwrap_or(0) as usize,
+                    ..m
+                }),
+                None => bail!(
+                    "{}: {} is missing or 0",
+                    g.path.display(),
+                    key("expert_count")
+                ),
+            },
             _ => None,
         };
         if let Some(n) = g
@@ -139,7 +154,7 @@ impl Llama {
             .filter(|&n| n > 0 && moe.is_none())
         {
             bail!(
-                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen2moe, qwen3moe, olmoe, llama and mistral3 files)",
+                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen2moe, qwen3moe, olmoe, granitemoe, llama and mistral3 files)",
                 g.path.display(),
                 key("expert_count")
             );
@@ -232,7 +247,7 @@ impl Llama {
         };
         // Granite's four multipliers (llama.cpp reads each, and a 0 or absent one as "none"; the logit scale is
         // required there).
-        let granite = arch == Arch::Granite;
+        let granite = matches!(arch, Arch::Granite | Arch::GraniteMoe);
         let scale = |k: &str| -> Result<Option<f32>> {
             Ok(match g.get_f64(&key(k))? {
                 Some(v) if granite && v != 0.0 => Some(v as f32),
@@ -312,7 +327,13 @@ impl Llama {
                 },
                 ffn_norm: norm("ffn_norm")?,
                 ffn: match (arch, cfg.moe) {
-                    (_, Some(m)) => Ffn::Moe(Box::new(MoeFfn::load(g, i, &cfg, m)?)),
+                    (_, Some(m)) => Ffn::Moe(Box::new(MoeFfn::load(
+                        g,
+                        i,
+                        &cfg,
+                        m,
+                        arch == Arch::Qwen2Moe,
+                    )?)),
                     (Arch::Phi3, None) => Ffn::Dense(GatedFfn::load_fused(g, i, &cfg)?),
                     _ => Ffn::Dense(GatedFfn::load(g, i, &cfg)?),
                 },
@@ -336,7 +357,9 @@ impl Llama {
             layers,
             rope_scaling: RopeScaling::from_gguf(g, a, cfg.ctx_len)?,
             rope_freq_factors: match arch {
-                Arch::Llama | Arch::Granite | Arch::Exaone => freq_factors(g, cfg.rope_dim)?,
+                Arch::Llama | Arch::Granite | Arch::GraniteMoe | Arch::Exaone => {
+                    freq_factors(g, cfg.rope_dim)?
+                }
                 _ => None,
             },
             long_rope_sets,

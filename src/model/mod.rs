@@ -53,6 +53,10 @@ pub enum Arch {
     /// Granite (dense): Llama blocks with embedding, attention, residual and logit multipliers from the file (run by
     /// [`llama::Llama`]).
     Granite,
+    /// Granite MoE (3.0/3.1 1B-A400M, 3B-A800M, and the shared-expert variant): Granite's multipliers around
+    /// mixture-of-experts feed-forward layers (weights renormalized), plus an ungated shared expert where the file
+    /// declares one (run by [`llama::Llama`] with [`moe::MoeFfn`]).
+    GraniteMoe,
     Gemma3,
     /// Gemma 1 (and CodeGemma): Gemma 3's blocks without QK-norm, post-norms or windows, one RoPE base (run by
     /// [`gemma3::Gemma3`]).
@@ -215,6 +219,7 @@ impl Model {
             "qwen3moe" => Model::Llama(llama::Llama::load(g, Arch::Qwen3Moe)?),
             "smollm3" => Model::Llama(llama::Llama::load(g, Arch::SmolLM3)?),
             "granite" => Model::Llama(llama::Llama::load(g, Arch::Granite)?),
+            "granitemoe" => Model::Llama(llama::Llama::load(g, Arch::GraniteMoe)?),
             "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
             "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
             "gemma" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma)?),
@@ -224,7 +229,7 @@ impl Model {
             "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
             "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, phi3, olmo2, olmoe, exaone, mistral3, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, granitemoe, phi3, olmo2, olmoe, exaone, mistral3, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };

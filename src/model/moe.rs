@@ -1,9 +1,9 @@
-//! Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE), as llama.cpp's
+//! Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, Granite MoE), as llama.cpp's
 //! `build_moe_ffn` runs it with softmax gating: a router scores every expert for each token, the token goes through
 //! its top-k experts (each a gated feed-forward block of its own, `ff_exp` wide), and their outputs are summed with
 //! the router's probabilities as weights, renormalized over the chosen k where the architecture says so and scaled by
 //! `expert_weights_scale` where the file gives one. Qwen2-MoE adds a shared expert every token goes through, its
-//! output scaled by sigmoid(x · w) with a gate vector w of its own.
+//! output scaled by sigmoid(x · w) with a gate vector w of its own; Granite MoE's shared expert has no gate.
 //!
 //! A pass's rows are grouped by expert: each expert multiplies only the rows routed to it, gathered into one block
 //! (so a decode step reads k experts' weights, not all of them), and adds its weighted output to those rows. Every row
@@ -118,8 +118,8 @@ pub struct MoeFfn {
     pub router: QMatrix, // n_expert × dim
     /// Each expert's gate, up (ff_exp × dim) and down (dim × ff_exp) matrices.
     pub experts: Vec<GatedFfn>,
-    /// The shared expert (`cfg.shared_ff` wide) and its gate vector (dim).
-    pub shared: Option<(GatedFfn, Vec<f32>)>,
+    /// The shared expert (`cfg.shared_ff` wide) and its gate vector (dim; None: added as it is).
+    pub shared: Option<(GatedFfn, Option<Vec<f32>>)>,
     pub cfg: MoeConfig,
 }
 
@@ -171,7 +171,14 @@ impl MoeScratch {
 impl MoeFfn {
     /// Layer `i`'s router (`blk.i.ffn_gate_inp`) and experts (`blk.i.ffn_{gate,up,down}_exps`, one 3-D tensor each:
     /// expert e's rows are the e-th slab).
-    pub(crate) fn load(g: &GgufFile, i: usize, c: &ModelConfig, cfg: MoeConfig) -> Result<Self> {
+    /// `gated_shared`: the shared expert (if `cfg.shared_ff` > 0) has a sigmoid gate (`ffn_gate_inp_shexp`).
+    pub(crate) fn load(
+        g: &GgufFile,
+        i: usize,
+        c: &ModelConfig,
+        cfg: MoeConfig,
+        gated_shared: bool,
+    ) -> Result<Self> {
         let (dim, f, e) = (c.dim, c.ffn_dim, cfg.n_expert);
         let n = |what: &str| format!("blk.{i}.{what}.weight");
         let gate = super::load_experts(g, &n("ffn_gate_exps"), f, dim, e)?;
@@ -195,7 +202,10 @@ impl MoeFfn {
                     w_up: super::load_matrix(g, &n("ffn_up_shexp"), sf, dim)?,
                     w_down: super::load_matrix(g, &n("ffn_down_shexp"), dim, sf)?,
                 },
-                super::load_vector(g, &n("ffn_gate_inp_shexp"), dim)?,
+                match gated_shared {
+                    true => Some(super::load_vector(g, &n("ffn_gate_inp_shexp"), dim)?),
+                    false => None,
+                },
             )),
         };
         Ok(Self {
@@ -214,9 +224,9 @@ impl MoeFfn {
     }
 
     fn shared_bytes(&self) -> usize {
-        self.shared
-            .as_ref()
-            .map_or(0, |(f, w)| f.n_bytes() + 4 * w.len())
+        self.shared.as_ref().map_or(0, |(f, w)| {
+            f.n_bytes() + w.as_ref().map_or(0, |w| 4 * w.len())
+        })
     }
 
     /// Bytes one token reads: the router and k experts (all experts are the same size).
@@ -308,7 +318,7 @@ impl MoeFfn {
             }
         }
         if let Some((shared, gate_w)) = &self.shared {
-            // xo += sigmoid(xb · w) ⊙ Wdown_s · (act(Wgate_s·xb) ⊙ Wup_s·xb), every row.
+            // xo += sigmoid(xb · w) ⊙ Wdown_s · (act(Wgate_s·xb) ⊙ Wup_s·xb), every row (no gate: × 1).
             let sf = self.cfg.shared_ff;
             let (gate, up) = (&mut s.hb[..n * sf], &mut s.hb2[..n * sf]); // n × shared_ff each
             let p = scope(Phase::FfnUp);
@@ -331,9 +341,14 @@ impl MoeFfn {
                 .zip(y.chunks_exact(dim))
                 .zip(xb.chunks_exact(dim))
             {
-                let g: f32 = x.iter().zip(gate_w).map(|(a, b)| a * b).sum();
-                let scale = 1.0 / (1.0 + (-g).exp());
-                dst.iter_mut().zip(src).for_each(|(o, v)| *o += scale * v);
+                match gate_w {
+                    Some(w) => {
+                        let g: f32 = x.iter().zip(w).map(|(a, b)| a * b).sum();
+                        let scale = 1.0 / (1.0 + (-g).exp());
+                        dst.iter_mut().zip(src).for_each(|(o, v)| *o += scale * v);
+                    }
+                    None => dst.iter_mut().zip(src).for_each(|(o, v)| *o += v),
+                }
             }
         }
     }

@@ -200,25 +200,48 @@ pub fn tiny_qwen3(s: &TinySpec) -> GgufWriter {
 /// A tiny Mixtral-style GGUF with random weights: architecture "llama" with `n_expert` experts (feed_forward_length
 /// wide) behind a router on every layer, `n_used` per token, as llama.cpp's converter writes Mixtral.
 pub fn tiny_mixtral(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
-    llama_family_moe(s, "llama", None, Some((n_expert, n_used)))
+    llama_family_moe(s, "llama", None, Some((n_expert, n_used, 0)))
 }
 
 /// A tiny Qwen2-MoE GGUF with random weights: Qwen2's biased projections, `n_expert` experts (`ffn_dim` wide) behind a
 /// router, `n_used` per token, and a shared expert twice as wide with its sigmoid gate, an untied output head.
 pub fn tiny_qwen2moe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
-    llama_family_moe(s, "qwen2moe", None, Some((n_expert, n_used)))
+    llama_family_moe(s, "qwen2moe", None, Some((n_expert, n_used, 2 * s.ffn_dim)))
 }
 
 /// A tiny OLMoE GGUF with random weights: input norms, RMSNorm over whole query and key rows, an untied output head,
 /// and `n_expert` experts (feed_forward_length wide) behind a router, `n_used` per token.
 pub fn tiny_olmoe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
-    llama_family_moe(s, "olmoe", None, Some((n_expert, n_used)))
+    llama_family_moe(s, "olmoe", None, Some((n_expert, n_used, 0)))
 }
 
 /// A tiny Qwen3-MoE GGUF with random weights: Qwen3's attention, and `n_expert` experts (`ffn_dim` wide) behind a
 /// router on every layer, `n_used` per token.
 pub fn tiny_qwen3moe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
-    llama_family_moe(s, "qwen3moe", None, Some((n_expert, n_used)))
+    llama_family_moe(s, "qwen3moe", None, Some((n_expert, n_used, 0)))
+}
+
+/// A tiny Granite-MoE GGUF with random weights: Granite's four multipliers `scales` (as [`tiny_granite`]), `n_expert`
+/// experts (`ffn_dim` wide) behind a router, `n_used` per token, and with `shared` an ungated shared expert as wide.
+pub fn tiny_granitemoe(
+    s: &TinySpec,
+    n_expert: usize,
+    n_used: usize,
+    scales: (f32, f32, f32, f32),
+    shared: bool,
+) -> GgufWriter {
+    let sf = if shared { s.ffn_dim } else { 0 };
+    let mut w = llama_family_moe(s, "granitemoe", None, Some((n_expert, n_used, sf)));
+    let (e, a, r, l) = scales;
+    for (k, v) in [
+        ("embedding_scale", e),
+        ("attention.scale", a),
+        ("residual_scale", r),
+        ("logit_scale", l),
+    ] {
+        w.meta(&format!("granitemoe.{k}"), Value::F32(v));
+    }
+    w
 }
 
 /// A tiny EXAONE-architecture GGUF with random weights: Llama blocks (NeoX RoPE in llama.cpp) and Llama 3.1-style
@@ -336,12 +359,12 @@ fn llama_family_moe(
     s: &TinySpec,
     arch: &str,
     rope_scaling: Option<TinyRopeScaling>,
-    moe: Option<(usize, usize)>,
+    moe: Option<(usize, usize, usize)>,
 ) -> GgufWriter {
     let qwen2 = arch == "qwen2" || arch == "qwen2moe";
     let qwen3 = arch == "qwen3" || arch == "qwen3moe";
     // Qwen2-MoE's shared expert, twice as wide as the routed ones.
-    let shared_ff = if arch == "qwen2moe" { 2 * s.ffn_dim } else { 0 };
+    let shared_ff = moe.map_or(0, |m| m.2);
     let phi3 = arch == "phi3";
     let olmo2 = arch == "olmo2";
     let olmoe = arch == "olmoe";
@@ -373,7 +396,7 @@ fn llama_family_moe(
         w.meta(&a("attention.key_length"), Value::U32(s.head_dim as u32));
         w.meta(&a("attention.value_length"), Value::U32(s.head_dim as u32));
     }
-    if let Some((ne, k)) = moe {
+    if let Some((ne, k, _)) = moe {
         w.meta(&a("expert_count"), Value::U32(ne as u32));
         w.meta(&a("expert_used_count"), Value::U32(k as u32));
         if arch == "qwen3moe" || arch == "qwen2moe" {
@@ -443,7 +466,7 @@ fn llama_family_moe(
             }
         }
         mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
-        if let Some((ne, _)) = moe {
+        if let Some((ne, _, _)) = moe {
             // The router's scores far apart enough that rounding does not reorder a token's experts.
             let r = moe_rng.vec(ne * d, 4.0 / (d as f32).sqrt());
             w.tensor_f32(&n("ffn_gate_inp"), &[d as u64, ne as u64], &r);
@@ -462,8 +485,10 @@ fn llama_family_moe(
             }
             if shared_ff > 0 {
                 let sf = shared_ff;
-                let g = moe_rng.vec(d, 2.0 / (d as f32).sqrt());
-                w.tensor_f32(&n("ffn_gate_inp_shexp"), &[d as u64], &g);
+                if arch == "qwen2moe" {
+                    let g = moe_rng.vec(d, 2.0 / (d as f32).sqrt());
+                    w.tensor_f32(&n("ffn_gate_inp_shexp"), &[d as u64], &g);
+                }
                 for (what, rows, cols) in [
                     ("ffn_gate_shexp", sf, d),
                     ("ffn_up_shexp", sf, d),
@@ -497,7 +522,7 @@ fn llama_family_moe(
         }
     }
     w.tensor_f32("output_norm.weight", &[d as u64], &vec![1.0; d]);
-    if phi3 || olmo2 || olmoe || shared_ff > 0 {
+    if phi3 || olmo2 || olmoe || arch == "qwen2moe" {
         mat(&mut w, "output.weight", vocab, d, GgmlType::Q8_0);
     }
     w
