@@ -126,6 +126,12 @@ pub fn run(a: InfoArgs) -> Result<()> {
             String::new()
         }
     );
+    if let Some(t) = c.attn_temp {
+        println!(
+            "temperature:   queries × (1 + {} · ln(⌊(pos + {}) / {}⌋ + 1)) after RoPE",
+            t.scale, t.offset, t.floor
+        );
+    }
     if matches!(c.arch, Arch::Granite | Arch::GraniteMoe) {
         println!(
             "multipliers:   embeddings ×{}, scores ×{}, residual branches ×{}, logits ÷{}",
