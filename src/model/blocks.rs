@@ -24,7 +24,7 @@ use crate::attention::{
 use crate::gguf::GgufFile;
 use crate::kernels::prof::{scope, Phase};
 use crate::kernels::team::for_each_chunk_mut;
-use crate::kernels::{gate_mul, matmul, matmul_many, par_rows, QMatrix};
+use crate::kernels::{gate_mul, matmul, matmul_many, par_rows, MatmulScratch, QMatrix};
 pub use crate::kernels::{gelu_tanh, silu, GateAct};
 use crate::kv::WINDOW_STEP;
 
@@ -600,22 +600,41 @@ impl GatedFfn {
     /// xo ← Wdown · (act(Wgate·xb) ⊙ Wup·xb) for the chunk's n tokens.
     pub(crate) fn forward(&self, c: &ModelConfig, n: usize, act: GateAct, s: &mut Scratch) {
         let (dim, f) = (c.dim, c.ffn_dim);
-        let xb = &s.xb[..n * dim]; // n × dim
-        let (gate, up) = (&mut s.hb[..n * f], &mut s.hb2[..n * f]); // n × ffn each
+        self.apply(
+            &s.xb[..n * dim], // n × dim
+            n,
+            act,
+            (&mut s.hb[..n * f], &mut s.hb2[..n * f]), // n × ffn each
+            &mut s.xo[..n * dim],                      // n × dim
+            &mut s.mm,
+        );
+    }
+
+    /// out ← Wdown · (act(Wgate·x) ⊙ Wup·x) for the n rows of x, through `gate` and `up` (n × this block's width
+    /// each; gate is left holding act(Wgate·x) ⊙ Wup·x).
+    pub(crate) fn apply(
+        &self,
+        x: &[f32],
+        n: usize,
+        act: GateAct,
+        (gate, up): (&mut [f32], &mut [f32]),
+        out: &mut [f32],
+        mm: &mut MatmulScratch,
+    ) {
         let p = scope(Phase::FfnUp);
         matmul_many(
             &[&self.w_gate, &self.w_up],
-            xb,
+            x,
             n,
             &mut [&mut *gate, &mut *up],
-            &mut s.mm,
+            mm,
         );
         drop(p);
         let p = scope(Phase::Act);
         gate_mul(act, gate, up); // gate ← act(gate) ⊙ up
         drop(p);
         let _p = scope(Phase::FfnDown);
-        matmul(&self.w_down, gate, n, &mut s.xo[..n * dim], &mut s.mm); // xo: n × dim
+        matmul(&self.w_down, gate, n, out, mm);
     }
 }
 

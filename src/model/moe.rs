@@ -16,7 +16,7 @@ use super::blocks::GatedFfn;
 use super::{ModelConfig, Scratch};
 use crate::gguf::GgufFile;
 use crate::kernels::prof::{scope, Phase};
-use crate::kernels::{gate_mul, matmul, matmul_many, GateAct, QMatrix};
+use crate::kernels::{matmul, GateAct, QMatrix};
 
 /// The routing a file declares (`<arch>.expert_count`, `expert_used_count`, `expert_feed_forward_length`,
 /// `expert_weights_scale`).
@@ -296,22 +296,15 @@ impl MoeFfn {
             for (dst, &(r, _)) in x.chunks_exact_mut(dim).zip(rows) {
                 dst.copy_from_slice(&xb[r as usize * dim..][..dim]);
             }
-            let (gate, up) = (&mut s.hb[..mr * f], &mut s.hb2[..mr * f]); // mr × ff_exp each
-            let p = scope(Phase::FfnUp);
-            matmul_many(
-                &[&expert.w_gate, &expert.w_up],
+            let y = &mut m.y[..mr * dim]; // mr × dim
+            expert.apply(
                 x,
                 mr,
-                &mut [&mut *gate, &mut *up],
+                act,
+                (&mut s.hb[..mr * f], &mut s.hb2[..mr * f]), // mr × ff_exp each
+                y,
                 &mut s.mm,
             );
-            drop(p);
-            let p = scope(Phase::Act);
-            gate_mul(act, gate, up); // gate ← act(gate) ⊙ up
-            drop(p);
-            let _p = scope(Phase::FfnDown);
-            let y = &mut m.y[..mr * dim]; // mr × dim
-            matmul(&expert.w_down, gate, mr, y, &mut s.mm);
             for (src, &(r, w)) in y.chunks_exact(dim).zip(rows) {
                 let dst = &mut xo[r as usize * dim..][..dim];
                 dst.iter_mut().zip(src).for_each(|(o, v)| *o += w * v);
@@ -320,22 +313,15 @@ impl MoeFfn {
         if let Some((shared, gate_w)) = &self.shared {
             // xo += sigmoid(xb · w) ⊙ Wdown_s · (act(Wgate_s·xb) ⊙ Wup_s·xb), every row (no gate: × 1).
             let sf = self.cfg.shared_ff;
-            let (gate, up) = (&mut s.hb[..n * sf], &mut s.hb2[..n * sf]); // n × shared_ff each
-            let p = scope(Phase::FfnUp);
-            matmul_many(
-                &[&shared.w_gate, &shared.w_up],
+            let y = &mut m.y[..n * dim]; // n × dim
+            shared.apply(
                 xb,
                 n,
-                &mut [&mut *gate, &mut *up],
+                act,
+                (&mut s.hb[..n * sf], &mut s.hb2[..n * sf]), // n × shared_ff each
+                y,
                 &mut s.mm,
             );
-            drop(p);
-            let p = scope(Phase::Act);
-            gate_mul(act, gate, up);
-            drop(p);
-            let _p = scope(Phase::FfnDown);
-            let y = &mut m.y[..n * dim]; // n × dim
-            matmul(&shared.w_down, gate, n, y, &mut s.mm);
             for ((dst, src), x) in xo
                 .chunks_exact_mut(dim)
                 .zip(y.chunks_exact(dim))

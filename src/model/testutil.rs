@@ -232,15 +232,7 @@ pub fn tiny_granitemoe(
 ) -> GgufWriter {
     let sf = if shared { s.ffn_dim } else { 0 };
     let mut w = llama_family_moe(s, "granitemoe", None, Some((n_expert, n_used, sf)));
-    let (e, a, r, l) = scales;
-    for (k, v) in [
-        ("embedding_scale", e),
-        ("attention.scale", a),
-        ("residual_scale", r),
-        ("logit_scale", l),
-    ] {
-        w.meta(&format!("granitemoe.{k}"), Value::F32(v));
-    }
+    granite_scales(&mut w, "granitemoe", scales);
     w
 }
 
@@ -283,16 +275,20 @@ pub fn tiny_smollm3(s: &TinySpec) -> GgufWriter {
 /// residual, logit)` in its metadata.
 pub fn tiny_granite(s: &TinySpec, scales: (f32, f32, f32, f32)) -> GgufWriter {
     let mut w = llama_family(s, "granite", None);
-    let (e, a, r, l) = scales;
+    granite_scales(&mut w, "granite", scales);
+    w
+}
+
+/// Granite's multipliers `(embedding, attention, residual, logit)` in `arch`'s metadata.
+fn granite_scales(w: &mut GgufWriter, arch: &str, (e, a, r, l): (f32, f32, f32, f32)) {
     for (k, v) in [
         ("embedding_scale", e),
         ("attention.scale", a),
         ("residual_scale", r),
         ("logit_scale", l),
     ] {
-        w.meta(&format!("granite.{k}"), Value::F32(v));
+        w.meta(&format!("{arch}.{k}"), Value::F32(v));
     }
-    w
 }
 
 /// A tiny Phi-3-architecture GGUF with random weights: Q/K/V fused in `blk.i.attn_qkv`, gate and up fused in
