@@ -81,8 +81,8 @@ fn attn_temp(g: &GgufFile, a: &str) -> Result<Option<AttnTemp>> {
 }
 
 impl Llama {
-    /// Loads a model of architecture `arch` (`Llama`, `Qwen2`, `Qwen3`, `Qwen3Moe`, `SmolLM3`, `Granite`, `Phi3`, `Olmo2`,
-    /// `Exaone` or `Mistral3`; their metadata keys start with the architecture's name).
+    /// Loads a model of a Llama-family architecture `arch` (every [`Arch`] but the Gemmas; their metadata keys start
+    /// with the architecture's name).
     pub fn load(g: &GgufFile, arch: Arch) -> Result<Self> {
         let (a, rope_style) = match arch {
             Arch::Llama => ("llama", RopeStyle::Norm),
@@ -104,61 +104,46 @@ impl Llama {
         };
         let key = |k: &str| format!("{a}.{k}");
         let n_layers = super::layer_count(g, a)?;
-        // Experts: softmax routing with the k weights renormalized (llama.cpp's graphs fix both): Qwen3-MoE always,
-        // Llama (Mixtral) and Mistral 3 files where `expert_count` says so.
-        let moe = match arch {
-            Arch::Qwen3Moe => match MoeConfig::from_gguf(g, a, true)? {
-                Some(m) => Some(m),
-                None => bail!(
-                    "{}: {} is missing or 0",
-                    g.path.display(),
-                    key("expert_count")
-                ),
-            },
-            // OLMoE and Qwen2-MoE: the routed probabilities as they are (llama.cpp's graphs do not renormalize
-            // them); Qwen2-MoE's shared expert is `expert_shared_feed_forward_length` wide (else feed_forward_length).
-            Arch::Olmoe | Arch::Qwen2Moe => match MoeConfig::from_gguf(g, a, false)? {
-                Some(m) if arch == Arch::Qwen2Moe => Some(MoeConfig {
-                    shared_ff: match g.get_u64(&key("expert_shared_feed_forward_length"))? {
-                        Some(f) => f as usize,
-                        None => meta_usize(g, a, "feed_forward_length")?,
+        // Experts, as each architecture's llama.cpp graph routes them: (whether the file must have them, whether
+        // the k chosen weights are renormalized); other architectures' MoE files are refused.
+        let routing = match arch {
+            Arch::Qwen3Moe | Arch::GraniteMoe => Some((true, true)),
+            Arch::Olmoe | Arch::Qwen2Moe => Some((true, false)),
+            Arch::Llama | Arch::Mistral3 => Some((false, true)),
+            _ => None,
+        };
+        let moe = match routing {
+            Some((required, norm_w)) => match MoeConfig::from_gguf(g, a, norm_w)? {
+                // Shared experts: Qwen2-MoE's (gated) always, feed_forward_length wide unless the file says;
+                // Granite MoE's (ungated) where the file gives a width.
+                Some(m) => Some(MoeConfig {
+                    shared_ff: match (arch, g.get_u64(&key("expert_shared_feed_forward_length"))?) {
+                        (Arch::Qwen2Moe | Arch::GraniteMoe, Some(f)) => f as usize,
+                        (Arch::Qwen2Moe, None) => meta_usize(g, a, "feed_forward_length")?,
+                        _ => 0,
                     },
                     ..m
                 }),
-                Some(m) => Some(m),
-                None => bail!(
+                None if required => bail!(
                     "{}: {} is missing or 0",
                     g.path.display(),
                     key("expert_count")
                 ),
+                None => None,
             },
-            Arch::Llama | Arch::Mistral3 => MoeConfig::from_gguf(g, a, true)?,
-            // Granite MoE: renormalized weights, and an ungated shared expert where the file gives its width.
-            Arch::GraniteMoe => match MoeConfig::from_gguf(g, a, true)? {
-                Some(m) => Some(MoeConfig {
-                    shared_ff: g
-                        .get_u64(&key("expert_shared_feed_forward_length"))?
-                        .unwrap_or(0) as usize,
-                    ..m
-                }),
-                None => bail!(
-                    "{}: {} is missing or 0",
-                    g.path.display(),
-                    key("expert_count")
-                ),
-            },
-            _ => None,
+            None => {
+                if let Some(n) = g.get_u64(&key("expert_count"))?.filter(|&n| n > 0) {
+                    bail!(
+                        "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this \
+                         architecture (hayloft runs the experts of qwen2moe, qwen3moe, olmoe, granitemoe, llama and \
+                         mistral3 files)",
+                        g.path.display(),
+                        key("expert_count")
+                    );
+                }
+                None
+            }
         };
-        if let Some(n) = g
-            .get_u64(&key("expert_count"))?
-            .filter(|&n| n > 0 && moe.is_none())
-        {
-            bail!(
-                "{}: {} is {n}: mixture-of-experts feed-forward layers are not supported for this architecture (hayloft runs the experts of qwen2moe, qwen3moe, olmoe, granitemoe, llama and mistral3 files)",
-                g.path.display(),
-                key("expert_count")
-            );
-        }
         let dim = meta_usize(g, a, "embedding_length")?;
         let n_heads = meta_usize(g, a, "attention.head_count")?;
         let n_kv_heads = g
