@@ -19,7 +19,7 @@
 //!   an OLMoE model (full-width QK-norm, 8 experts, 2 per token, the routed weights not renormalized); `qwen2moe`: a
 //!   Qwen2-MoE model (biases, 8 experts, 2 per token, not renormalized, and a shared expert behind a sigmoid gate);
 //!   `granitemoe`, `granitemoeshared`: Granite MoE models (Granite's multipliers, 8 experts, 2 per token), the second
-//!   with an ungated shared expert.
+//!   with an ungated shared expert; `mistral3moe`: Mistral 3 with 4 experts, 2 per token.
 //! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
 //!   temperature).
 //!
@@ -38,8 +38,8 @@ use hayloft::model::moe::Ffn;
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
     llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_granitemoe,
-    tiny_llama, tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3,
-    tiny_qwen2moe, tiny_qwen3, tiny_qwen3moe, tiny_smollm3, TinySpec,
+    tiny_llama, tiny_llama3, tiny_mistral3, tiny_mistral3_moe, tiny_mixtral, tiny_olmo2,
+    tiny_olmoe, tiny_phi3, tiny_qwen2moe, tiny_qwen3, tiny_qwen3moe, tiny_smollm3, TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -102,6 +102,10 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ("qwen3moe", tiny_qwen3moe(&spec(32, 83), 8, 2)),
         ("mixtral", tiny_mixtral(&spec(32, 89), 4, 2)),
         ("qwen2moe", tiny_qwen2moe(&spec(32, 101), 8, 2)),
+        (
+            "mistral3moe",
+            tiny_mistral3_moe(&spec(32, 109), 4.0, 16, Some(0.4), (4, 2)),
+        ),
         (
             "granitemoe",
             tiny_granitemoe(&spec(32, 103), 8, 2, (3.0, 0.25, 0.4, 2.5), false),
@@ -535,10 +539,11 @@ fn qwen3moe_gives_llama_cpps_logits() {
     moe_case("qwen3moe", 8);
 }
 
-/// Mixtral's layout (architecture "llama" with experts): the same routing.
+/// Mixtral's layout (architecture "llama" with experts), and Mistral 3 with experts: the same routing.
 #[test]
 fn mixtral_gives_llama_cpps_logits() {
     moe_case("mixtral", 4);
+    moe_case("mistral3moe", 4);
 }
 
 /// Qwen2-MoE: routed experts (not renormalized) plus the gated shared expert, which matters.

@@ -252,7 +252,28 @@ pub fn tiny_exaone(s: &TinySpec) -> GgufWriter {
 /// with the YaRN keys Ministral 3's converter writes (β fast 32 and slow 1, log multiplier 1), and, with `temp`, the
 /// attention temperature scale (queries scaled by position in steps of `orig`).
 pub fn tiny_mistral3(s: &TinySpec, factor: f32, orig: u32, temp: Option<f32>) -> GgufWriter {
-    let mut w = llama_family(s, "mistral3", Some(("yarn", factor, orig)));
+    mistral3(s, factor, orig, temp, None)
+}
+
+/// [`tiny_mistral3`] with `n_expert` experts (`ffn_dim` wide) behind a router on every layer, `n_used` per token.
+pub fn tiny_mistral3_moe(
+    s: &TinySpec,
+    factor: f32,
+    orig: u32,
+    temp: Option<f32>,
+    (n_expert, n_used): (usize, usize),
+) -> GgufWriter {
+    mistral3(s, factor, orig, temp, Some((n_expert, n_used, 0)))
+}
+
+fn mistral3(
+    s: &TinySpec,
+    factor: f32,
+    orig: u32,
+    temp: Option<f32>,
+    moe: Option<(usize, usize, usize)>,
+) -> GgufWriter {
+    let mut w = llama_family_moe(s, "mistral3", Some(("yarn", factor, orig)), moe);
     for (k, v) in [
         ("rope.scaling.yarn_beta_fast", 32.0),
         ("rope.scaling.yarn_beta_slow", 1.0),
