@@ -8,7 +8,8 @@
 //! - `granite`: a Granite model (embedding, attention, residual and logit multipliers).
 //! - `gemma2`: a Gemma 2 model (attention and final logit soft-capping, every other layer local with a 16-token
 //!   window, one RoPE base).
-//! - `exaone`: an EXAONE model (Llama blocks, NeoX RoPE, RoPE frequency factors).
+//! - `exaone`: an EXAONE model (Llama blocks, NeoX RoPE, RoPE frequency factors); `ernie45`: an ERNIE 4.5 model
+//!   (Llama blocks, Llama's RoPE pairing).
 //! - `gemma1`: a Gemma 1 model (Gemma's blocks without post-norms, QK-norm or windows).
 //! - `olmo2`, `olmo3`: OLMo models (no input norms, output norms, QK-norm over whole rows; OLMo 3's sliding window
 //!   on the layers a bool-array pattern marks).
@@ -37,9 +38,10 @@ use hayloft::kernels::QMatrix;
 use hayloft::model::moe::Ffn;
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_granitemoe,
-    tiny_llama, tiny_llama3, tiny_mistral3, tiny_mistral3_moe, tiny_mixtral, tiny_olmo2,
-    tiny_olmoe, tiny_phi3, tiny_qwen2moe, tiny_qwen3, tiny_qwen3moe, tiny_smollm3, TinySpec,
+    llama3_freq_factors, tiny_ernie45, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite,
+    tiny_granitemoe, tiny_llama, tiny_llama3, tiny_mistral3, tiny_mistral3_moe, tiny_mixtral,
+    tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen2moe, tiny_qwen3, tiny_qwen3moe, tiny_smollm3,
+    TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -82,6 +84,7 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ("gemma2", tiny_gemma2(&spec(32, 41), 16, (2.0, 1.5))),
         ("gemma1", tiny_gemma1(&spec(32, 71))),
         ("exaone", tiny_exaone(&spec(32, 73))),
+        ("ernie45", tiny_ernie45(&spec(32, 113))),
         // llama.cpp runs the fixture with a context of 256 (128 padded up): past the original 64, so the long
         // factors rotate; hayloft's default context is the trained 512, also past it.
         ("phi3", tiny_phi3(&spec(32, 53), Some((64, 1.19)))),
@@ -667,6 +670,18 @@ fn qwen3moe_with_bad_routing_is_refused() {
         let e = format!("{:#}", Model::load(&p).err().expect("refused"));
         assert!(e.contains(want), "{key} = {v}: {e}");
     }
+}
+
+/// ERNIE 4.5: Llama blocks with Llama's RoPE pairing; NeoX's instead moves the logits.
+#[test]
+fn ernie45_gives_llama_cpps_logits() {
+    check("ernie45", |m| {
+        let Model::Llama(l) = m else {
+            panic!("a Llama-family model")
+        };
+        assert_eq!(l.cfg.rope_style, RopeStyle::Norm);
+        l.cfg.rope_style = RopeStyle::Neox;
+    });
 }
 
 /// Granite turns RoPE off on every layer when `rope.scaling.finetuned` is false, as llama.cpp reads it.

@@ -106,6 +106,7 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         | super::Arch::GraniteMoe
         | super::Arch::Phi3
         | super::Arch::Exaone
+        | super::Arch::Ernie45
         | super::Arch::Mistral3 => 2.0 * d,
     };
     GlueElements {

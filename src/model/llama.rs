@@ -97,6 +97,7 @@ impl Llama {
             Arch::Olmo2 => ("olmo2", RopeStyle::Neox),
             Arch::Olmoe => ("olmoe", RopeStyle::Neox),
             Arch::Exaone => ("exaone", RopeStyle::Neox),
+            Arch::Ernie45 => ("ernie4_5", RopeStyle::Norm),
             Arch::Mistral3 => ("mistral3", RopeStyle::Norm),
             Arch::Gemma3 | Arch::Gemma2 | Arch::Gemma => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())

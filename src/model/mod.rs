@@ -74,6 +74,8 @@ pub enum Arch {
     /// OLMoE: OLMo's full-width QK-norm with input norms (no output norms), and mixture-of-experts feed-forward
     /// layers whose routed weights are not renormalized (run by [`llama::Llama`] with [`moe::MoeFfn`]).
     Olmoe,
+    /// ERNIE 4.5 (dense: 0.3B): Llama blocks (run by [`llama::Llama`]).
+    Ernie45,
     /// EXAONE 3 / 3.5: Llama blocks with NeoX RoPE (and Llama 3.1's frequency factors where the file has them; run
     /// by [`llama::Llama`]).
     Exaone,
@@ -227,9 +229,10 @@ impl Model {
             "olmo2" => Model::Llama(llama::Llama::load(g, Arch::Olmo2)?),
             "olmoe" => Model::Llama(llama::Llama::load(g, Arch::Olmoe)?),
             "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
+            "ernie4_5" => Model::Llama(llama::Llama::load(g, Arch::Ernie45)?),
             "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, granitemoe, phi3, olmo2, olmoe, exaone, mistral3, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, granitemoe, phi3, olmo2, olmoe, exaone, ernie4_5, mistral3, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };

@@ -287,6 +287,11 @@ fn mistral3(
     w
 }
 
+/// A tiny ERNIE-4.5-architecture GGUF with random weights: Llama blocks.
+pub fn tiny_ernie45(s: &TinySpec) -> GgufWriter {
+    llama_family(s, "ernie4_5", None)
+}
+
 /// A tiny SmolLM3-architecture GGUF with random weights: Llama blocks (llama.cpp leaves every 4th layer unrotated).
 pub fn tiny_smollm3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "smollm3", None)
