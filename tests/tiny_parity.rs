@@ -35,7 +35,7 @@ use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::{GgmlType, Value};
 use hayloft::kernels::QMatrix;
-use hayloft::model::moe::Ffn;
+use hayloft::model::moe::{Ffn, MoeFfn};
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
     llama3_freq_factors, tiny_ernie45, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite,
@@ -554,13 +554,7 @@ fn mixtral_gives_llama_cpps_logits() {
 fn qwen2moe_gives_llama_cpps_logits() {
     moe_case("qwen2moe", 8);
     check("qwen2moe", |m| {
-        let Model::Llama(l) = m else {
-            panic!("a Llama-family model")
-        };
-        for layer in &mut l.layers {
-            let Ffn::Moe(f) = &mut layer.ffn else {
-                panic!("a MoE layer")
-            };
+        for f in moe_layers(m) {
             assert_eq!(f.cfg.shared_ff, 384);
             f.shared = None;
         }
@@ -573,13 +567,7 @@ fn granitemoe_gives_llama_cpps_logits() {
     moe_case("granitemoe", 8);
     moe_case("granitemoeshared", 8);
     check("granitemoeshared", |m| {
-        let Model::Llama(l) = m else {
-            panic!("a Llama-family model")
-        };
-        for layer in &mut l.layers {
-            let Ffn::Moe(f) = &mut layer.ffn else {
-                panic!("a MoE layer")
-            };
+        for f in moe_layers(m) {
             assert!(f.shared.as_ref().is_some_and(|(_, gate)| gate.is_none()));
             f.shared = None;
         }
@@ -598,16 +586,21 @@ fn granitemoe_gives_llama_cpps_logits() {
 fn olmoe_gives_llama_cpps_logits() {
     moe_case("olmoe", 8);
     check("olmoe", |m| {
-        let Model::Llama(l) = m else {
-            panic!("a Llama-family model")
-        };
-        for layer in &mut l.layers {
-            let Ffn::Moe(f) = &mut layer.ffn else {
-                panic!("a MoE layer")
-            };
+        for f in moe_layers(m) {
             f.cfg.norm_w = true;
         }
     });
+}
+
+/// Every layer's expert block of a loaded MoE model.
+fn moe_layers(m: &mut Model) -> impl Iterator<Item = &mut MoeFfn> {
+    let Model::Llama(l) = m else {
+        panic!("a Llama-family model")
+    };
+    l.layers.iter_mut().map(|layer| match &mut layer.ffn {
+        Ffn::Moe(f) => &mut **f,
+        Ffn::Dense(_) => panic!("a MoE layer"),
+    })
 }
 
 fn moe_case(name: &str, n_expert: usize) {
@@ -620,10 +613,7 @@ fn moe_case(name: &str, n_expert: usize) {
             (moe.n_expert, moe.n_used, moe.norm_w),
             (n_expert, 2, !matches!(name, "olmoe" | "qwen2moe"))
         );
-        for layer in &mut l.layers {
-            let Ffn::Moe(f) = &mut layer.ffn else {
-                panic!("a MoE layer")
-            };
+        for f in moe_layers(m) {
             // The router negated: every token's least probable experts instead.
             let (rows, cols) = (n_expert, 128);
             let mut row = vec![0.0f32; cols];
