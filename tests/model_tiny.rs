@@ -5,9 +5,10 @@
 use hayloft::engine::{Session, SessionConfig};
 use hayloft::gguf::GgmlType;
 use hayloft::model::testutil::{
-    tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_granitemoe, tiny_llama3,
-    tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen2moe, tiny_qwen3,
-    tiny_qwen3moe, tiny_smollm3, write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2, TinySpec,
+    tiny_ernie45moe, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_granitemoe,
+    tiny_llama3, tiny_mistral3, tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen2moe,
+    tiny_qwen3, tiny_qwen3moe, tiny_smollm3, write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2,
+    TinySpec,
 };
 use hayloft::model::{Arch, Model, RopeStyle};
 
@@ -224,6 +225,12 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
             tiny_qwen2moe(&llama, 8, 2).write(&p).unwrap();
             let m = Model::load(&p).unwrap();
             assert_eq!(m.config().arch, Arch::Qwen2Moe);
+            check_model(&m, 75);
+            // ERNIE 4.5 MoE: a wider dense layer 0 before the experts, a choice bias, a shared expert.
+            let p = dir.path().join(format!("tiny-ernie45moe-{ty}-{seed}.gguf"));
+            tiny_ernie45moe(&llama, 8, 2).write(&p).unwrap();
+            let m = Model::load(&p).unwrap();
+            assert_eq!(m.config().arch, Arch::Ernie45Moe);
             check_model(&m, 75);
             let p = dir.path().join(format!("tiny-granitemoe-{ty}-{seed}.gguf"));
             tiny_granitemoe(&llama, 8, 2, (3.0, 0.25, 0.4, 2.5), true)

@@ -20,7 +20,8 @@
 //!   an OLMoE model (full-width QK-norm, 8 experts, 2 per token, the routed weights not renormalized); `qwen2moe`: a
 //!   Qwen2-MoE model (biases, 8 experts, 2 per token, not renormalized, and a shared expert behind a sigmoid gate);
 //!   `granitemoe`, `granitemoeshared`: Granite MoE models (Granite's multipliers, 8 experts, 2 per token), the second
-//!   with an ungated shared expert; `mistral3moe`: Mistral 3 with 4 experts, 2 per token.
+//!   with an ungated shared expert; `mistral3moe`: Mistral 3 with 4 experts, 2 per token; `ernie45moe`: ERNIE 4.5
+//!   MoE (layer 0 dense and wider, then 8 experts, 2 per token, chosen with a per-expert bias, and a shared expert).
 //! - `mistral3`: a Mistral 3 model (YaRN with Ministral 3's keys, queries scaled by position: the attention
 //!   temperature).
 //!
@@ -38,10 +39,10 @@ use hayloft::kernels::QMatrix;
 use hayloft::model::moe::{Ffn, MoeFfn};
 use hayloft::model::rope::RopeScaling;
 use hayloft::model::testutil::{
-    llama3_freq_factors, tiny_ernie45, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite,
-    tiny_granitemoe, tiny_llama, tiny_llama3, tiny_mistral3, tiny_mistral3_moe, tiny_mixtral,
-    tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen2moe, tiny_qwen3, tiny_qwen3moe, tiny_smollm3,
-    TinySpec,
+    llama3_freq_factors, tiny_ernie45, tiny_ernie45moe, tiny_exaone, tiny_gemma1, tiny_gemma2,
+    tiny_granite, tiny_granitemoe, tiny_llama, tiny_llama3, tiny_mistral3, tiny_mistral3_moe,
+    tiny_mixtral, tiny_olmo2, tiny_olmoe, tiny_phi3, tiny_qwen2moe, tiny_qwen3, tiny_qwen3moe,
+    tiny_smollm3, TinySpec,
 };
 use hayloft::model::{Model, RopeStyle};
 use serde::Deserialize;
@@ -105,6 +106,7 @@ fn cases() -> Vec<(&'static str, GgufWriter)> {
         ("qwen3moe", tiny_qwen3moe(&spec(32, 83), 8, 2)),
         ("mixtral", tiny_mixtral(&spec(32, 89), 4, 2)),
         ("qwen2moe", tiny_qwen2moe(&spec(32, 101), 8, 2)),
+        ("ernie45moe", tiny_ernie45moe(&spec(32, 127), 8, 2)),
         (
             "mistral3moe",
             tiny_mistral3_moe(&spec(32, 109), 4.0, 16, Some(0.4), (4, 2)),
@@ -592,15 +594,46 @@ fn olmoe_gives_llama_cpps_logits() {
     });
 }
 
-/// Every layer's expert block of a loaded MoE model.
+/// Every expert block of a loaded MoE model (the layers after its dense ones).
 fn moe_layers(m: &mut Model) -> impl Iterator<Item = &mut MoeFfn> {
     let Model::Llama(l) = m else {
         panic!("a Llama-family model")
     };
-    l.layers.iter_mut().map(|layer| match &mut layer.ffn {
-        Ffn::Moe(f) => &mut **f,
-        Ffn::Dense(_) => panic!("a MoE layer"),
-    })
+    let lead = l.cfg.moe.expect("a MoE model").dense_lead;
+    l.layers
+        .iter_mut()
+        .enumerate()
+        .filter_map(move |(i, layer)| match (&mut layer.ffn, i < lead) {
+            (Ffn::Moe(f), false) => Some(&mut **f),
+            (Ffn::Dense(_), true) => None,
+            _ => panic!("layer {i}: experts from layer {lead} on"),
+        })
+}
+
+/// ERNIE 4.5 MoE: a dense first layer twice as wide as an expert, and a bias on the experts' choice (not on their
+/// weights) that matters, as does the shared expert.
+#[test]
+fn ernie45moe_gives_llama_cpps_logits() {
+    moe_case("ernie45moe", 8);
+    check("ernie45moe", |m| {
+        let Model::Llama(l) = &*m else {
+            panic!("a Llama-family model")
+        };
+        let Ffn::Dense(f) = &l.layers[0].ffn else {
+            panic!("layer 0 dense")
+        };
+        assert_eq!(f.w_up.rows, 384);
+        for f in moe_layers(m) {
+            assert!(f.choice_bias.is_some(), "exp_probs_b.bias was read");
+            f.choice_bias = None;
+        }
+    });
+    check("ernie45moe", |m| {
+        for f in moe_layers(m) {
+            assert!(f.shared.as_ref().is_some_and(|(_, gate)| gate.is_none()));
+            f.shared = None;
+        }
+    });
 }
 
 fn moe_case(name: &str, n_expert: usize) {
@@ -625,6 +658,32 @@ fn moe_case(name: &str, n_expert: usize) {
             f.router = QMatrix::from_gguf(GgmlType::F32, rows, cols, &bytes).unwrap();
         }
     });
+}
+
+/// ERNIE 4.5 MoE files whose expert layers are interleaved with dense ones (llama.cpp has no dense tensors for those
+/// either), or that leave no expert layer, are refused with the key named.
+#[test]
+fn ernie45moe_with_interleaved_or_no_expert_layers_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ernie.gguf");
+    for (key, v, want) in [
+        (
+            "ernie4_5-moe.interleave_moe_layer_step",
+            2,
+            "ernie4_5-moe.interleave_moe_layer_step is 2",
+        ),
+        (
+            "ernie4_5-moe.leading_dense_block_count",
+            4,
+            "ernie4_5-moe.leading_dense_block_count is 4: no expert layer is left of 4",
+        ),
+    ] {
+        let mut w = tiny_ernie45moe(&spec(32, 127), 8, 2);
+        w.set_meta(key, Value::U32(v));
+        w.write(&p).unwrap();
+        let e = format!("{:#}", Model::load(&p).err().expect("refused"));
+        assert!(e.contains(want), "{e}");
+    }
 }
 
 /// A Qwen3-MoE file whose routing cannot work is refused with the key or tensor named.

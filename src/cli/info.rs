@@ -59,6 +59,15 @@ pub fn run(a: InfoArgs) -> Result<()> {
                 human_bytes(model.streamed_weight_bytes()),
                 human_bytes(model.weight_bytes())
             );
+            if m.shared_ff > 0 {
+                println!("shared expert: {} wide, every token", m.shared_ff);
+            }
+            if m.dense_lead > 0 {
+                println!(
+                    "dense layers:  the first {}, {} wide",
+                    m.dense_lead, m.dense_ff
+                );
+            }
         }
         None => println!("dim / ffn:     {} / {}", c.dim, c.ffn_dim),
     }

@@ -289,7 +289,7 @@ pub fn plan(mc: &ModelConfig, weight_bytes: usize, fp: &Footprint, len: Lengths)
             + cap * mc.n_heads * mc.head_dim_k
             + cap * mc.n_kv_heads * (mc.head_dim_k + mc.head_dim_v)
             + cap * mc.n_heads * mc.head_dim_v
-            + 2 * cap * mc.ffn_dim.max(mc.moe.map_or(0, |m| m.shared_ff))
+            + 2 * cap * mc.moe.map_or(mc.ffn_dim, |m| m.widest(mc.ffn_dim))
             + 4 * cap * half
             + if mc.attn_temp.is_some() { cap } else { 0 })
         + crate::model::moe::MoeScratch::planned_bytes(mc, cap);

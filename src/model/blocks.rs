@@ -563,9 +563,13 @@ pub struct GatedFfn {
 }
 
 impl GatedFfn {
-    /// Layer `i`'s feed-forward weights (`blk.i.ffn_{gate,up,down}`).
+    /// Layer `i`'s feed-forward weights (`blk.i.ffn_{gate,up,down}`), `c.ffn_dim` wide.
     pub(crate) fn load(g: &GgufFile, i: usize, c: &ModelConfig) -> Result<Self> {
-        let (dim, f) = (c.dim, c.ffn_dim);
+        Self::load_wide(g, i, c.dim, c.ffn_dim)
+    }
+
+    /// Layer `i`'s feed-forward weights, `f` wide (a MoE model's dense layers: ERNIE 4.5's first).
+    pub(crate) fn load_wide(g: &GgufFile, i: usize, dim: usize, f: usize) -> Result<Self> {
         let n = |what: &str| layer_tensor(i, what);
         Ok(Self {
             w_gate: load_matrix(g, &n("ffn_gate"), f, dim)?,
@@ -599,7 +603,7 @@ impl GatedFfn {
 
     /// xo ← Wdown · (act(Wgate·xb) ⊙ Wup·xb) for the chunk's n tokens.
     pub(crate) fn forward(&self, c: &ModelConfig, n: usize, act: GateAct, s: &mut Scratch) {
-        let (dim, f) = (c.dim, c.ffn_dim);
+        let (dim, f) = (c.dim, self.w_up.rows);
         self.apply(
             &s.xb[..n * dim], // n × dim
             n,

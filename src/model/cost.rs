@@ -29,15 +29,19 @@ pub fn layer_params(c: &ModelConfig) -> f64 {
     let (d, hq, hkv) = (c.dim as f64, c.n_heads as f64, c.n_kv_heads as f64);
     let (hk, hv) = (c.head_dim_k as f64, c.head_dim_v as f64);
     let attn = d * hq * hk + d * hkv * (hk + hv) + hq * hv * d;
-    // A MoE layer multiplies its router and k experts per token.
+    // A MoE layer multiplies its router and k experts per token; its model's dense layers (ERNIE 4.5's first) their
+    // own width.
     let ffn = match c.moe {
         Some(m) => {
-            3.0 * d * (c.ffn_dim * m.n_used + m.shared_ff) as f64
-                + d * (m.n_expert + (m.shared_ff > 0) as usize) as f64
+            let lead = m.dense_lead.min(c.n_layers) as f64;
+            (c.n_layers as f64 - lead)
+                * (3.0 * d * (c.ffn_dim * m.n_used + m.shared_ff) as f64
+                    + d * (m.n_expert + (m.shared_ff > 0) as usize) as f64)
+                + lead * 3.0 * d * m.dense_ff as f64
         }
-        None => 3.0 * d * c.ffn_dim as f64,
+        None => c.n_layers as f64 * 3.0 * d * c.ffn_dim as f64,
     };
-    c.n_layers as f64 * (attn + ffn)
+    c.n_layers as f64 * attn + ffn
 }
 
 /// Weight elements of the output head (vocab × dim), multiplied once per token whose logits are computed.
@@ -107,13 +111,17 @@ pub fn glue_elements(c: &ModelConfig) -> GlueElements {
         | super::Arch::Phi3
         | super::Arch::Exaone
         | super::Arch::Ernie45
+        | super::Arch::Ernie45Moe
         | super::Arch::Mistral3 => 2.0 * d,
     };
     GlueElements {
         norm,
-        gate: c
-            .moe
-            .map_or(c.ffn_dim, |m| c.ffn_dim * m.n_used + m.shared_ff) as f64,
+        // Per layer, on average over a MoE model's dense and expert layers.
+        gate: c.moe.map_or(c.ffn_dim as f64, |m| {
+            let (l, lead) = (c.n_layers.max(1), m.dense_lead.min(c.n_layers));
+            ((l - lead) * (c.ffn_dim * m.n_used + m.shared_ff) + lead * m.dense_ff) as f64
+                / l as f64
+        }),
         rope: (hq + hkv) * hk,
         append: hkv * (hk + hv),
     }

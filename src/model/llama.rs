@@ -80,6 +80,37 @@ fn attn_temp(g: &GgufFile, a: &str) -> Result<Option<AttnTemp>> {
     }
 }
 
+/// ERNIE 4.5 MoE's routing as llama.cpp's graph runs it: the first `leading_dense_block_count` layers (default 0)
+/// dense, `feed_forward_length` wide, every later one experts; `expert_weights_scale` is not read. llama.cpp loads
+/// dense tensors only for the leading layers, so an `interleave_moe_layer_step` other than 1 (expert layers
+/// interleaved with dense ones) cannot run there either and is refused.
+fn ernie_dense_lead(g: &GgufFile, a: &str, n_layers: usize, m: MoeConfig) -> Result<MoeConfig> {
+    let step = format!("{a}.interleave_moe_layer_step");
+    match g.get_u64(&step)? {
+        Some(1) => {}
+        Some(n) => bail!(
+            "{}: {step} is {n}: hayloft (like llama.cpp) runs ERNIE 4.5 MoE files whose layers after the dense ones \
+             are all experts (step 1)",
+            g.path.display()
+        ),
+        None => bail!("{}: {step} is missing", g.path.display()),
+    }
+    let lead = g
+        .get_u64(&format!("{a}.leading_dense_block_count"))?
+        .unwrap_or(0) as usize;
+    if lead >= n_layers {
+        bail!(
+            "{}: {a}.leading_dense_block_count is {lead}: no expert layer is left of {n_layers}",
+            g.path.display()
+        );
+    }
+    Ok(MoeConfig {
+        w_scale: 0.0,
+        dense_lead: lead,
+        dense_ff: meta_usize(g, a, "feed_forward_length")?,
+        ..m
+    })
+}
 impl Llama {
     /// Loads a model of a Llama-family architecture `arch` (every [`Arch`] but the Gemmas; their metadata keys start
     /// with the architecture's name).
@@ -98,6 +129,7 @@ impl Llama {
             Arch::Olmoe => ("olmoe", RopeStyle::Neox),
             Arch::Exaone => ("exaone", RopeStyle::Neox),
             Arch::Ernie45 => ("ernie4_5", RopeStyle::Norm),
+            Arch::Ernie45Moe => ("ernie4_5-moe", RopeStyle::Norm),
             Arch::Mistral3 => ("mistral3", RopeStyle::Norm),
             Arch::Gemma3 | Arch::Gemma2 | Arch::Gemma => {
                 bail!("{}: Gemma is not a Llama-family model", g.path.display())
@@ -108,7 +140,7 @@ impl Llama {
         // Experts, as each architecture's llama.cpp graph routes them: (whether the file must have them, whether
         // the k chosen weights are renormalized); other architectures' MoE files are refused.
         let routing = match arch {
-            Arch::Qwen3Moe | Arch::GraniteMoe => Some((true, true)),
+            Arch::Qwen3Moe | Arch::GraniteMoe | Arch::Ernie45Moe => Some((true, true)),
             Arch::Olmoe | Arch::Qwen2Moe => Some((true, false)),
             Arch::Llama | Arch::Mistral3 => Some((false, true)),
             _ => None,
@@ -116,14 +148,19 @@ impl Llama {
         let moe = match routing {
             Some((required, norm_w)) => match MoeConfig::from_gguf(g, a, norm_w)? {
                 // Shared experts: Qwen2-MoE's (gated) always, feed_forward_length wide unless the file says;
-                // Granite MoE's (ungated) where the file gives a width.
+                // Granite MoE's and ERNIE 4.5's (ungated) where the file gives a width.
                 Some(m) => Some(MoeConfig {
                     shared_ff: match (arch, g.get_u64(&key("expert_shared_feed_forward_length"))?) {
-                        (Arch::Qwen2Moe | Arch::GraniteMoe, Some(f)) => f as usize,
+                        (Arch::Qwen2Moe | Arch::GraniteMoe | Arch::Ernie45Moe, Some(f)) => {
+                            f as usize
+                        }
                         (Arch::Qwen2Moe, None) => meta_usize(g, a, "feed_forward_length")?,
                         _ => 0,
                     },
-                    ..m
+                    ..match arch {
+                        Arch::Ernie45Moe => ernie_dense_lead(g, a, n_layers, m)?,
+                        _ => m,
+                    }
                 }),
                 None if required => bail!(
                     "{}: {} is missing or 0",
@@ -179,6 +216,7 @@ impl Llama {
         // Qwen3-MoE's experts are `expert_feed_forward_length` wide (else feed_forward_length / k, as llama.cpp
         // reads it); Llama's and Mistral 3's are feed_forward_length wide.
         let ffn_dim = match (arch, moe) {
+            (Arch::Ernie45Moe, Some(_)) => meta_usize(g, a, "expert_feed_forward_length")?,
             (Arch::Qwen3Moe | Arch::Qwen2Moe, Some(m)) => {
                 match g.get_u64(&key("expert_feed_forward_length"))? {
                     Some(f) => f as usize,
@@ -313,13 +351,14 @@ impl Llama {
                 },
                 ffn_norm: norm("ffn_norm")?,
                 ffn: match (arch, cfg.moe) {
-                    (_, Some(m)) => Ffn::Moe(Box::new(MoeFfn::load(
+                    (_, Some(m)) if i >= m.dense_lead => Ffn::Moe(Box::new(MoeFfn::load(
                         g,
                         i,
                         &cfg,
                         m,
-                        arch == Arch::Qwen2Moe,
+                        (arch == Arch::Qwen2Moe, arch == Arch::Ernie45Moe),
                     )?)),
+                    (_, Some(m)) => Ffn::Dense(GatedFfn::load_wide(g, i, dim, m.dense_ff)?),
                     (Arch::Phi3, None) => Ffn::Dense(GatedFfn::load_fused(g, i, &cfg)?),
                     _ => Ffn::Dense(GatedFfn::load(g, i, &cfg)?),
                 },

@@ -76,6 +76,9 @@ pub enum Arch {
     Olmoe,
     /// ERNIE 4.5 (dense: 0.3B): Llama blocks (run by [`llama::Llama`]).
     Ernie45,
+    /// ERNIE 4.5 MoE (21B-A3B, 300B-A47B): Llama blocks, dense first layers, then experts behind a router whose
+    /// choice takes a per-expert bias, with a shared expert (run by [`llama::Llama`] with [`moe::MoeFfn`]).
+    Ernie45Moe,
     /// EXAONE 3 / 3.5: Llama blocks with NeoX RoPE (and Llama 3.1's frequency factors where the file has them; run
     /// by [`llama::Llama`]).
     Exaone,
@@ -230,9 +233,10 @@ impl Model {
             "olmoe" => Model::Llama(llama::Llama::load(g, Arch::Olmoe)?),
             "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
             "ernie4_5" => Model::Llama(llama::Llama::load(g, Arch::Ernie45)?),
+            "ernie4_5-moe" => Model::Llama(llama::Llama::load(g, Arch::Ernie45Moe)?),
             "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
             other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, granitemoe, phi3, olmo2, olmoe, exaone, ernie4_5, mistral3, gemma, gemma2, gemma3)",
+                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, granitemoe, phi3, olmo2, olmoe, exaone, ernie4_5, ernie4_5-moe, mistral3, gemma, gemma2, gemma3)",
                 g.path.display()
             ),
         };
@@ -454,8 +458,8 @@ impl Scratch {
     /// Buffers for chunks of up to `cap` tokens, with logits for up to `logit_rows` of them.
     pub fn new(cfg: &ModelConfig, cap: usize, logit_rows: usize) -> Self {
         let half = cfg.rope_dim / 2;
-        // Feed-forward width: the widest of a MoE layer's experts and its shared expert.
-        let ffn = cfg.ffn_dim.max(cfg.moe.map_or(0, |m| m.shared_ff));
+        // Feed-forward width: the widest of a MoE model's experts, its shared expert and its dense layers.
+        let ffn = cfg.moe.map_or(cfg.ffn_dim, |m| m.widest(cfg.ffn_dim));
         Self {
             cap,
             x: vec![0.0; cap * cfg.dim],

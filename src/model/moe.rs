@@ -1,9 +1,11 @@
-//! Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, Granite MoE), as llama.cpp's
+//! Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, Granite MoE, ERNIE 4.5 MoE), as llama.cpp's
 //! `build_moe_ffn` runs it with softmax gating: a router scores every expert for each token, the token goes through
 //! its top-k experts (each a gated feed-forward block of its own, `ff_exp` wide), and their outputs are summed with
 //! the router's probabilities as weights, renormalized over the chosen k where the architecture says so and scaled by
 //! `expert_weights_scale` where the file gives one. Qwen2-MoE adds a shared expert every token goes through, its
-//! output scaled by sigmoid(x · w) with a gate vector w of its own; Granite MoE's shared expert has no gate.
+//! output scaled by sigmoid(x · w) with a gate vector w of its own; Granite MoE's and ERNIE 4.5's shared experts have
+//! no gate. ERNIE 4.5 also adds a per-expert bias to the probabilities for choosing the k experts only (the weights
+//! stay the unbiased probabilities), and keeps its first layers dense (`leading_dense_block_count`).
 //!
 //! A pass's rows are grouped by expert: each expert multiplies only the rows routed to it, gathered into one block
 //! (so a decode step reads k experts' weights, not all of them), and adds its weighted output to those rows. Every row
@@ -31,6 +33,9 @@ pub struct MoeConfig {
     pub w_scale: f32,
     /// Width of the shared expert (0: none).
     pub shared_ff: usize,
+    /// Layers before this one are dense (ERNIE 4.5: `leading_dense_block_count`), `dense_ff` wide.
+    pub dense_lead: usize,
+    pub dense_ff: usize,
 }
 
 impl MoeConfig {
@@ -60,7 +65,14 @@ impl MoeConfig {
             norm_w,
             w_scale: g.get_f64(&key("expert_weights_scale"))?.unwrap_or(0.0) as f32,
             shared_ff: 0,
+            dense_lead: 0,
+            dense_ff: 0,
         }))
+    }
+
+    /// The widest feed-forward block of a model with this routing whose experts are `ffn_dim` wide.
+    pub fn widest(&self, ffn_dim: usize) -> usize {
+        ffn_dim.max(self.shared_ff).max(self.dense_ff)
     }
 }
 
@@ -120,6 +132,8 @@ pub struct MoeFfn {
     pub experts: Vec<GatedFfn>,
     /// The shared expert (`cfg.shared_ff` wide) and its gate vector (dim; None: added as it is).
     pub shared: Option<(GatedFfn, Option<Vec<f32>>)>,
+    /// n_expert: added to the probabilities to choose the k experts, not to their weights (ERNIE 4.5).
+    pub choice_bias: Option<Vec<f32>>,
     pub cfg: MoeConfig,
 }
 
@@ -128,6 +142,8 @@ pub struct MoeFfn {
 pub struct MoeScratch {
     /// cap × n_expert: router logits, then probabilities.
     probs: Vec<f32>,
+    /// n_expert: one row's probabilities plus the choice bias.
+    biased: Vec<f32>,
     /// cap × k: each row's chosen experts and weights, in the router's order.
     chosen: Vec<(u32, f32)>,
     /// n_expert + 1: where each expert's rows start in `routed`.
@@ -147,6 +163,7 @@ impl MoeScratch {
         };
         Self {
             probs: vec![0.0; cap * m.n_expert],
+            biased: vec![0.0; m.n_expert],
             chosen: vec![(0, 0.0); cap * m.n_used],
             starts: vec![0; m.n_expert + 1],
             routed: vec![(0, 0.0); cap * m.n_used],
@@ -156,14 +173,15 @@ impl MoeScratch {
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        4 * (self.probs.len() + self.x.len() + self.y.len())
+        4 * (self.probs.len() + self.biased.len() + self.x.len() + self.y.len())
             + 8 * (self.chosen.len() + self.routed.len() + self.starts.len())
     }
 
     /// What [`MoeScratch::new`] allocates for `c` and `cap`, without allocating it (the memory plan).
     pub fn planned_bytes(c: &ModelConfig, cap: usize) -> usize {
         c.moe.map_or(0, |m| {
-            4 * (cap * m.n_expert + 2 * cap * c.dim) + 8 * (2 * cap * m.n_used + m.n_expert + 1)
+            4 * ((cap + 1) * m.n_expert + 2 * cap * c.dim)
+                + 8 * (2 * cap * m.n_used + m.n_expert + 1)
         })
     }
 }
@@ -172,12 +190,13 @@ impl MoeFfn {
     /// Layer `i`'s router (`blk.i.ffn_gate_inp`) and experts (`blk.i.ffn_{gate,up,down}_exps`, one 3-D tensor each:
     /// expert e's rows are the e-th slab).
     /// `gated_shared`: the shared expert (if `cfg.shared_ff` > 0) has a sigmoid gate (`ffn_gate_inp_shexp`).
+    /// `choice_bias`: the layer may have a bias for choosing experts (`blk.i.exp_probs_b.bias`, n_expert).
     pub(crate) fn load(
         g: &GgufFile,
         i: usize,
         c: &ModelConfig,
         cfg: MoeConfig,
-        gated_shared: bool,
+        (gated_shared, choice_bias): (bool, bool),
     ) -> Result<Self> {
         let (dim, f, e) = (c.dim, c.ffn_dim, cfg.n_expert);
         let n = |what: &str| format!("blk.{i}.{what}.weight");
@@ -208,10 +227,16 @@ impl MoeFfn {
                 },
             )),
         };
+        let bias_name = format!("blk.{i}.exp_probs_b.bias");
+        let choice_bias = match choice_bias && g.tensor_info(&bias_name).is_some() {
+            true => Some(super::load_vector(g, &bias_name, e)?),
+            false => None,
+        };
         Ok(Self {
             router: super::load_matrix(g, &n("ffn_gate_inp"), e, dim)?,
             experts,
             shared,
+            choice_bias,
             cfg,
         })
     }
@@ -250,7 +275,20 @@ impl MoeFfn {
         let chosen = &mut m.chosen[..n * k]; // n × k
         for (row, pick) in probs.chunks_exact_mut(ne).zip(chosen.chunks_exact_mut(k)) {
             softmax(row);
-            top_k(row, pick);
+            match &self.choice_bias {
+                Some(b) => {
+                    // Chosen by probability + bias, weighted by the probability alone.
+                    let biased = &mut m.biased[..ne]; // n_expert
+                    for ((o, p), b) in biased.iter_mut().zip(row.iter()).zip(b) {
+                        *o = p + b;
+                    }
+                    top_k(biased, pick);
+                    for (e, w) in pick.iter_mut() {
+                        *w = row[*e as usize];
+                    }
+                }
+                None => top_k(row, pick),
+            }
             let sum: f32 = pick.iter().map(|&(_, w)| w).sum();
             for (_, w) in pick.iter_mut() {
                 if self.cfg.norm_w {

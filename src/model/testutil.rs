@@ -292,6 +292,13 @@ pub fn tiny_ernie45(s: &TinySpec) -> GgufWriter {
     llama_family(s, "ernie4_5", None)
 }
 
+/// A tiny ERNIE-4.5-MoE GGUF with random weights: Llama blocks, layer 0 dense (twice `ffn_dim` wide), every later
+/// layer `n_expert` experts (`ffn_dim` wide) behind a router whose choice takes a random per-expert bias
+/// (`exp_probs_b.bias`), `n_used` per token, and an ungated shared expert `ffn_dim` wide.
+pub fn tiny_ernie45moe(s: &TinySpec, n_expert: usize, n_used: usize) -> GgufWriter {
+    llama_family_moe(s, "ernie4_5-moe", None, Some((n_expert, n_used, s.ffn_dim)))
+}
+
 /// A tiny SmolLM3-architecture GGUF with random weights: Llama blocks (llama.cpp leaves every 4th layer unrotated).
 pub fn tiny_smollm3(s: &TinySpec) -> GgufWriter {
     llama_family(s, "smollm3", None)
@@ -390,6 +397,8 @@ fn llama_family_moe(
     let phi3 = arch == "phi3";
     let olmo2 = arch == "olmo2";
     let olmoe = arch == "olmoe";
+    // ERNIE 4.5 MoE: layer 0 dense and twice as wide as an expert.
+    let ernie_moe = arch == "ernie4_5-moe";
     let mut w = GgufWriter::new();
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut bias_rng = Rng(s.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
@@ -400,7 +409,8 @@ fn llama_family_moe(
     w.meta(&a("block_count"), Value::U32(s.n_layers as u32));
     w.meta(&a("context_length"), Value::U32(s.ctx_len as u32));
     w.meta(&a("embedding_length"), Value::U32(s.dim as u32));
-    w.meta(&a("feed_forward_length"), Value::U32(s.ffn_dim as u32));
+    let dense_ff = if ernie_moe { 2 * s.ffn_dim } else { s.ffn_dim };
+    w.meta(&a("feed_forward_length"), Value::U32(dense_ff as u32));
     w.meta(&a("attention.head_count"), Value::U32(s.n_heads as u32));
     w.meta(
         &a("attention.head_count_kv"),
@@ -421,7 +431,11 @@ fn llama_family_moe(
     if let Some((ne, k, _)) = moe {
         w.meta(&a("expert_count"), Value::U32(ne as u32));
         w.meta(&a("expert_used_count"), Value::U32(k as u32));
-        if arch == "qwen3moe" || arch == "qwen2moe" {
+        if ernie_moe {
+            w.meta(&a("leading_dense_block_count"), Value::U32(1));
+            w.meta(&a("interleave_moe_layer_step"), Value::U32(1));
+        }
+        if arch == "qwen3moe" || arch == "qwen2moe" || ernie_moe {
             w.meta(
                 &a("expert_feed_forward_length"),
                 Value::U32(s.ffn_dim as u32),
@@ -488,10 +502,16 @@ fn llama_family_moe(
             }
         }
         mat(&mut w, &n("attn_output"), d, s.n_heads * hd, wt);
-        if let Some((ne, _, _)) = moe {
+        let layer_moe = moe.filter(|_| !(ernie_moe && i == 0));
+        if let Some((ne, _, _)) = layer_moe {
             // The router's scores far apart enough that rounding does not reorder a token's experts.
             let r = moe_rng.vec(ne * d, 4.0 / (d as f32).sqrt());
             w.tensor_f32(&n("ffn_gate_inp"), &[d as u64, ne as u64], &r);
+            if ernie_moe {
+                // As large as the probabilities it is added to, so that it changes which experts are chosen.
+                let b = moe_rng.vec(ne, 0.3);
+                w.tensor_f32(&format!("blk.{i}.exp_probs_b.bias"), &[ne as u64], &b);
+            }
             for (what, rows, cols) in [
                 ("ffn_gate_exps", f, d),
                 ("ffn_up_exps", f, d),
@@ -523,11 +543,11 @@ fn llama_family_moe(
         } else if phi3 {
             mat(&mut w, &n("ffn_up"), 2 * f, d, wt);
         } else {
-            mat(&mut w, &n("ffn_gate"), f, d, wt);
-            mat(&mut w, &n("ffn_up"), f, d, wt);
+            mat(&mut w, &n("ffn_gate"), dense_ff, d, wt);
+            mat(&mut w, &n("ffn_up"), dense_ff, d, wt);
         }
-        if moe.is_none() {
-            mat(&mut w, &n("ffn_down"), d, f, wt);
+        if layer_moe.is_none() {
+            mat(&mut w, &n("ffn_down"), d, dense_ff, wt);
         }
         let ones: Vec<f32> = (0..d)
             .map(|j| 1.0 + 0.1 * ((j % 7) as f32 - 3.0) / 3.0)
