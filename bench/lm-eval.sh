@@ -103,7 +103,7 @@ T0=$(date +%s)
   --batch_size "$BATCH" --tasks "$TASKS" --include_path . --output_path "$OUT/lm-eval" --log_samples) \
   >"$OUT/lm-eval.log" 2>&1 || { echo "lm_eval failed; the end of its log:" >&2; tail -30 "$OUT/lm-eval.log" >&2; exit 1; }
 T1=$(date +%s)
-SAMPLES=$(dirname "$(find "$OUT/lm-eval" -name 'samples_*.jsonl' | head -1)")
+SAMPLES=$(dirname "$(find "$OUT/lm-eval" -name 'samples_*.jsonl' -print -quit)")
 
 # 4. The equality check, then the report.
 CHECK_ARGS=(--samples "$SAMPLES" --base-url "$BASE/v1/completions" --hayloft "$HAYLOFT" --model "$MODEL" --tol "$TOL"

@@ -77,7 +77,10 @@ elif [ "$RUN_LLAMA" = 1 ]; then
   PEER_DIR=${PEER_DIR:-$HOME/.cache/llamacpp-peer}
   LB=${LLAMA_BENCH:-$PEER_DIR/bin/llama-bench}
   [ -x "$LB" ] || { echo "no llama-bench at $LB: run ../shared/tools/llamacpp-peer.sh (or set LLAMA_BENCH)" >&2; exit 1; }
-  "$LB" --version 2>&1 | head -1 | sed 's/^/llama.cpp: /'
+  # Its first line only, without a pipe into head: llama-bench writes a second line, which can die of SIGPIPE once head
+  # has exited, and under pipefail that ended this script silently.
+  LB_VERSION=$("$LB" --version 2>&1 || true)
+  echo "llama.cpp: ${LB_VERSION%%$'\n'*}"
   common=(-m "$MODEL" -t "$THREADS" -r "$REPS" --repack 0 --progress -o json ${EXTRA[@]+"${EXTRA[@]}"})
   echo "+ $LB ${common[*]} -p $CONTEXTS -n 0" >&2
   "$LB" "${common[@]}" -p "$CONTEXTS" -n 0 > "$OUT/llama-prefill.json" 2> "$OUT/llama-prefill.log" \
