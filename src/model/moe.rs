@@ -1,8 +1,8 @@
-//! Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, Granite MoE, ERNIE 4.5 MoE), as llama.cpp's
-//! `build_moe_ffn` runs it with softmax gating: a router scores every expert for each token, the token goes through
-//! its top-k experts (each a gated feed-forward block of its own, `ff_exp` wide), and their outputs are summed with
-//! the router's probabilities as weights, renormalized over the chosen k where the architecture says so and scaled by
-//! `expert_weights_scale` where the file gives one. Qwen2-MoE adds a shared expert every token goes through, its
+//! Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, Granite MoE, ERNIE 4.5 MoE), as
+//! llama.cpp's `build_moe_ffn` runs it with softmax gating: a router scores every expert for each token, the token goes
+//! through its top-k experts (each a gated feed-forward block of its own, `ff_exp` wide), and their outputs are summed
+//! with the router's probabilities as weights, renormalized over the chosen k where the architecture says so and scaled
+//! by `expert_weights_scale` where the file gives one. Qwen2-MoE adds a shared expert every token goes through, its
 //! output scaled by sigmoid(x · w) with a gate vector w of its own; Granite MoE's and ERNIE 4.5's shared experts have
 //! no gate. ERNIE 4.5 also adds a per-expert bias to the probabilities for choosing the k experts only (the weights
 //! stay the unbiased probabilities), and keeps its first layers dense (`leading_dense_block_count`).
