@@ -3,6 +3,7 @@
 //! scaling); Qwen2's biases and RoPE scaling change the output; head ablation zeroes exactly its head.
 
 use hayloft::engine::{Session, SessionConfig};
+use hayloft::gguf::writer::GgufWriter;
 use hayloft::gguf::GgmlType;
 use hayloft::model::testutil::{
     tiny_ernie45moe, tiny_exaone, tiny_gemma1, tiny_gemma2, tiny_granite, tiny_granitemoe,
@@ -130,6 +131,12 @@ fn qwen2_chunked_equals_one_shot_equals_token_by_token() {
     }
 }
 
+/// A loaded model is of `arch`, and its chunked, one-shot and token-by-token passes agree ([`check_model`]).
+fn check_arch(m: &Model, arch: Arch) {
+    assert_eq!(m.config().arch, arch);
+    check_model(m, 75);
+}
+
 /// Qwen3 (QK-norm, heads wider than dim / heads), Llama with RoPE frequency factors, SmolLM3 (a NoPE layer), Granite
 /// (multipliers), Phi-3 (fused projections, LongRoPE), OLMo 2 and 3 (output norms; a window), EXAONE, Mistral 3
 /// (queries scaled by position), Gemma 1 and Gemma 2 (soft-capped scores and logits, every other layer windowed),
@@ -139,6 +146,12 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
     let dir = tempfile::tempdir().unwrap();
     for ty in [GgmlType::F32, GgmlType::Q8_0] {
         for seed in 0..3 {
+            // Writes a builder's file for this weight type and seed, and loads it.
+            let load = |name: &str, w: GgufWriter| {
+                let p = dir.path().join(format!("tiny-{name}-{ty}-{seed}.gguf"));
+                w.write(&p).unwrap();
+                Model::load(&p).unwrap()
+            };
             let spec = TinySpec {
                 weight_type: ty,
                 head_dim: 32,
@@ -209,50 +222,43 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
                 assert_eq!(m.config().arch, Arch::Olmo2);
                 check_model(&m, 75);
             }
-            let p = dir.path().join(format!("tiny-exaone-{ty}-{seed}.gguf"));
-            tiny_exaone(&llama).write(&p).unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::Exaone);
-            check_model(&m, 75);
+            check_arch(&load("exaone", tiny_exaone(&llama)), Arch::Exaone);
             // Qwen3-MoE: 8 experts, 2 per token; a chunk's rows grouped by expert must give each row what it gets
             // alone.
-            let p = dir.path().join(format!("tiny-qwen3moe-{ty}-{seed}.gguf"));
-            tiny_qwen3moe(&spec, 8, 2).write(&p).unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::Qwen3Moe);
-            check_model(&m, 75);
-            let p = dir.path().join(format!("tiny-qwen2moe-{ty}-{seed}.gguf"));
-            tiny_qwen2moe(&llama, 8, 2).write(&p).unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::Qwen2Moe);
-            check_model(&m, 75);
+            check_arch(
+                &load("qwen3moe", tiny_qwen3moe(&spec, 8, 2)),
+                Arch::Qwen3Moe,
+            );
+            check_arch(
+                &load("qwen2moe", tiny_qwen2moe(&llama, 8, 2)),
+                Arch::Qwen2Moe,
+            );
             // ERNIE 4.5 MoE: a wider dense layer 0 before the experts, a choice bias, a shared expert.
-            let p = dir.path().join(format!("tiny-ernie45moe-{ty}-{seed}.gguf"));
-            tiny_ernie45moe(&llama, 8, 2).write(&p).unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::Ernie45Moe);
-            check_model(&m, 75);
-            let p = dir.path().join(format!("tiny-granitemoe-{ty}-{seed}.gguf"));
-            tiny_granitemoe(&llama, 8, 2, (3.0, 0.25, 0.4, 2.5), true)
-                .write(&p)
-                .unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::GraniteMoe);
-            check_model(&m, 75);
-            let p = dir.path().join(format!("tiny-olmoe-{ty}-{seed}.gguf"));
-            tiny_olmoe(
-                &TinySpec {
-                    n_kv_heads: 4,
-                    ..llama.clone()
-                },
-                8,
-                2,
-            )
-            .write(&p)
-            .unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::Olmoe);
-            check_model(&m, 75);
+            check_arch(
+                &load("ernie45moe", tiny_ernie45moe(&llama, 8, 2)),
+                Arch::Ernie45Moe,
+            );
+            check_arch(
+                &load(
+                    "granitemoe",
+                    tiny_granitemoe(&llama, 8, 2, (3.0, 0.25, 0.4, 2.5), true),
+                ),
+                Arch::GraniteMoe,
+            );
+            check_arch(
+                &load(
+                    "olmoe",
+                    tiny_olmoe(
+                        &TinySpec {
+                            n_kv_heads: 4,
+                            ..llama.clone()
+                        },
+                        8,
+                        2,
+                    ),
+                ),
+                Arch::Olmoe,
+            );
             let p = dir.path().join(format!("tiny-mixtral-{ty}-{seed}.gguf"));
             tiny_mixtral(&llama, 4, 2).write(&p).unwrap();
             let m = Model::load(&p).unwrap();
@@ -268,16 +274,11 @@ fn qwen3_llama3_and_gemma2_chunked_equal_one_shot_equal_token_by_token() {
             assert_eq!(m.config().arch, Arch::Mistral3);
             assert!(m.config().attn_temp.is_some());
             check_model(&m, 75);
-            let p = dir.path().join(format!("tiny-gemma1-{ty}-{seed}.gguf"));
-            tiny_gemma1(&spec).write(&p).unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::Gemma);
-            check_model(&m, 75);
-            let p = dir.path().join(format!("tiny-gemma2-{ty}-{seed}.gguf"));
-            tiny_gemma2(&spec, 16, (2.0, 1.5)).write(&p).unwrap();
-            let m = Model::load(&p).unwrap();
-            assert_eq!(m.config().arch, Arch::Gemma2);
-            check_model(&m, 75);
+            check_arch(&load("gemma1", tiny_gemma1(&spec)), Arch::Gemma);
+            check_arch(
+                &load("gemma2", tiny_gemma2(&spec, 16, (2.0, 1.5))),
+                Arch::Gemma2,
+            );
         }
     }
 }

@@ -664,56 +664,60 @@ fn moe_case(name: &str, n_expert: usize) {
 /// either), or that leave no expert layer, are refused with the key named.
 #[test]
 fn ernie45moe_with_interleaved_or_no_expert_layers_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("ernie.gguf");
-    for (key, v, want) in [
-        (
-            "ernie4_5-moe.interleave_moe_layer_step",
-            2,
-            "ernie4_5-moe.interleave_moe_layer_step is 2",
-        ),
-        (
-            "ernie4_5-moe.leading_dense_block_count",
-            4,
-            "ernie4_5-moe.leading_dense_block_count is 4: no expert layer is left of 4",
-        ),
-    ] {
-        let mut w = tiny_ernie45moe(&spec(32, 127), 8, 2);
-        w.set_meta(key, Value::U32(v));
-        w.write(&p).unwrap();
-        let e = format!("{:#}", Model::load(&p).err().expect("refused"));
-        assert!(e.contains(want), "{e}");
-    }
+    refused_with_meta(
+        || tiny_ernie45moe(&spec(32, 127), 8, 2),
+        &[
+            (
+                "ernie4_5-moe.interleave_moe_layer_step",
+                2,
+                "ernie4_5-moe.interleave_moe_layer_step is 2",
+            ),
+            (
+                "ernie4_5-moe.leading_dense_block_count",
+                4,
+                "ernie4_5-moe.leading_dense_block_count is 4: no expert layer is left of 4",
+            ),
+        ],
+    );
 }
 
 /// A Qwen3-MoE file whose routing cannot work is refused with the key or tensor named.
 #[test]
 fn qwen3moe_with_bad_routing_is_refused() {
+    refused_with_meta(
+        || tiny_qwen3moe(&spec(32, 83), 8, 2),
+        &[
+            (
+                "qwen3moe.expert_used_count",
+                0,
+                "qwen3moe.expert_used_count is 0",
+            ),
+            (
+                "qwen3moe.expert_used_count",
+                9,
+                "qwen3moe.expert_used_count is 9",
+            ),
+            (
+                "qwen3moe.expert_count",
+                0,
+                "qwen3moe.expert_count is missing or 0",
+            ),
+            (
+                "qwen3moe.expert_count",
+                4,
+                "blk.0.ffn_gate_exps.weight has shape [128, 192, 8]",
+            ),
+        ],
+    );
+}
+
+/// For each (key, value, message): the file `make` writes, with that key set to that value, is refused with an error
+/// that contains the message.
+fn refused_with_meta(make: impl Fn() -> GgufWriter, cases: &[(&str, u32, &str)]) {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("moe.gguf");
-    for (key, v, want) in [
-        (
-            "qwen3moe.expert_used_count",
-            0,
-            "qwen3moe.expert_used_count is 0",
-        ),
-        (
-            "qwen3moe.expert_used_count",
-            9,
-            "qwen3moe.expert_used_count is 9",
-        ),
-        (
-            "qwen3moe.expert_count",
-            0,
-            "qwen3moe.expert_count is missing or 0",
-        ),
-        (
-            "qwen3moe.expert_count",
-            4,
-            "blk.0.ffn_gate_exps.weight has shape [128, 192, 8]",
-        ),
-    ] {
-        let mut w = tiny_qwen3moe(&spec(32, 83), 8, 2);
+    let p = dir.path().join("refused.gguf");
+    for &(key, v, want) in cases {
+        let mut w = make();
         w.set_meta(key, Value::U32(v));
         w.write(&p).unwrap();
         let e = format!("{:#}", Model::load(&p).err().expect("refused"));
