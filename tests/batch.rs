@@ -34,7 +34,7 @@ const SEQS: [Seq; 6] = [
         mask: false,
     },
     Seq {
-        spec: "quest@32t",
+        spec: "quest@32t,dense=1",
         prompt: 100,
         mask: false,
     },

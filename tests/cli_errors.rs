@@ -313,8 +313,13 @@ fn bad_kv_storage_flags_name_the_problem() {
     run(&["--block-tokens", "24"], &["'24'", "16, 32 or 64"]);
     run(&["--block-tokens", "-1"], &["16, 32 or 64"]);
     run(
-        &["--block-tokens", "16", "--kv", "quest@0.5,page=32"],
+        &["--block-tokens", "16", "--kv", "quest@0.5,page=32,dense=0"],
         &["pages of 32 tokens", "blocks of 16", "--block-tokens"],
+    );
+    // The tiny model has 2 layers: selectors' default 2 dense layers would leave nothing to select in.
+    run(
+        &["--kv", "quest@0.5"],
+        &["dense=2 leaves quest no layer to select in", "2 layers"],
     );
 }
 

@@ -412,7 +412,7 @@ fn select(a: SelectArgs) -> Result<()> {
     let mut window = 64;
     for s in &specs {
         if let Some(sel) = &s.select {
-            window = window.max((sel.row.build)(sel, c)?.query_window());
+            window = window.max(sel.build(c)?.query_window());
         }
     }
     cfg.observe = crate::methods::Needs {

@@ -573,7 +573,7 @@ mod tests {
     fn predicted_kv_reads_match_the_read_counter() {
         let m = tiny_model();
         let vocab = m.config().vocab;
-        for spec in ["full", "snapkv@0.5", "quest@64t"] {
+        for spec in ["full", "snapkv@0.5", "quest@64t,dense=1"] {
             for ctx in [100usize, 300] {
                 let mut cfg = SessionConfig::for_model(&m);
                 cfg.kv = spec.parse().unwrap();

@@ -74,7 +74,7 @@ impl Footprint {
             .max(if needs.accumulate { cfg.chunk_size } else { 0 });
         let mut meta = None;
         if let Some(sel) = &cfg.kv.select {
-            let s = (sel.row.build)(sel, mc)?;
+            let s = sel.build(mc)?;
             meta = s.meta();
             window = window.max(s.query_window());
         }
@@ -448,7 +448,7 @@ mod tests {
             ("full", KvDtype::F32),
             ("full", q4),
             ("kivi2", KvDtype::F16),
-            ("quest@0.5", KvDtype::F16),
+            ("quest@0.5,dense=1", KvDtype::F16),
             ("snapkv@0.25", KvDtype::F16),
             ("h2o@32t,chunked", KvDtype::F16),
             ("think@0.5", KvDtype::F16),

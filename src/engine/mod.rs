@@ -185,7 +185,7 @@ impl<'m> Session<'m> {
             scratch.seq.head_mask = cfg.head_mask.clone();
         }
         if let Some(sel) = &cfg.kv.select {
-            let selector = (sel.row.build)(sel, mc)?;
+            let selector = sel.build(mc)?;
             if let Some(m) = selector.meta() {
                 if !cfg.block_tokens.is_multiple_of(m.page_tokens) {
                     bail!(

@@ -567,7 +567,7 @@ impl<'a> Runner<'a> {
             // A selector that indexes the prompt's recorded queries (RetrievalAttention's graph, Squeezed Attention's
             // thresholds) reads them from the fork's copy.
             if let Some(sel) = &spec.select {
-                let w = (sel.row.build)(sel, mc)?.query_window();
+                let w = sel.build(mc)?.query_window();
                 cfg.observe.window = cfg.observe.window.max(w);
             }
         }

@@ -614,7 +614,7 @@ pub static SELECT_OPTIONS: &[SelectOptionRow] = &[
     SelectOptionRow {
         name: "dense",
         arg: "N",
-        help: "the first N layers read their whole cache (default 2)",
+        help: "the first N layers read their whole cache (default 2; one that leaves no layer to select in is refused)",
         common: true,
         set: |o, v| {
             o.dense = Some(select::parse_count("dense", v)?);

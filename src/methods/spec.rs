@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use super::registry::{self, MethodRow, SelectorRow};
 use super::select::SelectOptions;
 use crate::kv::{KvDtype, DEFAULT_RESIDUAL};
+use crate::model::{ModelConfig, Selector};
 
 /// When the KV method compresses a prompt (`--compress-at`, or the spec option `at@context|prompt`), parsed once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -176,6 +177,26 @@ pub struct SelectSpec {
 impl PartialEq for SelectSpec {
     fn eq(&self, o: &Self) -> bool {
         self.row.name == o.row.name && self.budget == o.budget && self.options == o.options
+    }
+}
+
+impl SelectSpec {
+    /// This spec's selector on a model. A spec whose dense layers (with the model's sliding-window layers, which
+    /// always read their whole window) leave no layer to select in is refused: it would read every entry while
+    /// claiming to select.
+    pub fn build(&self, mc: &ModelConfig) -> Result<Box<dyn Selector>> {
+        let dense = self.options.dense.unwrap_or(self.row.defaults.dense);
+        let local = |l: usize| mc.layer_is_local.get(l).copied().unwrap_or(false);
+        if !(dense..mc.n_layers).any(|l| !local(l)) {
+            let globals = (0..mc.n_layers).filter(|&l| !local(l)).count();
+            bail!(
+                "--kv '{self}': dense={dense} leaves {} no layer to select in (the model has {} layers, {globals} of \
+                 them global); use a smaller dense=",
+                self.row.name,
+                mc.n_layers
+            );
+        }
+        (self.row.build)(self, mc)
     }
 }
 

@@ -399,6 +399,36 @@ mod tests {
     }
 
     #[test]
+    fn a_spec_that_leaves_no_layer_to_select_in_is_refused() {
+        let mc = model(4096);
+        let spec = |s: &str| {
+            crate::methods::KvSpec::parse(s)
+                .unwrap()
+                .select
+                .expect("a selector spec")
+        };
+        // One layer: the default two dense layers (and dense=1) leave nothing to select in.
+        for s in [
+            "longheads@0.25",
+            "quest@0.25,dense=1",
+            "lserve@0.25,dense=5",
+        ] {
+            let e = format!("{:#}", spec(s).build(&mc).err().expect(s));
+            assert!(
+                e.contains("no layer to select in") && e.contains("1 layers"),
+                "{s}: {e}"
+            );
+        }
+        assert!(spec("longheads@0.25,dense=0").build(&mc).is_ok());
+        // A sliding-window layer does not count as one to select in either.
+        let local = ModelConfig {
+            layer_is_local: vec![true],
+            ..model(4096)
+        };
+        assert!(spec("quest@0.25,dense=0").build(&local).is_err());
+    }
+
+    #[test]
     fn chunk_follows_the_budget() {
         assert_eq!(chunk_for(4096), 256);
         assert_eq!(chunk_for(100_000), 256);
