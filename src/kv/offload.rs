@@ -10,9 +10,9 @@
 //!
 //! - **What stays in RAM**: every block's positions (attention masks and truncation search them), the page summaries
 //!   selectors score, the open (partly filled) last block of each stream, and as many whole f16 blocks as the limit
-//!   leaves room for. That floor cannot leave RAM: resident bytes are at most max(limit, floor) between steps. Blocks
-//!   spill only between steps, so the blocks a prefill chunk opens stay until it ends (up to ⌈chunk / block⌉ + 1 per
-//!   stream above that bound; `engine::memplan` plans them).
+//!   leaves room for. That floor cannot leave RAM: resident bytes are at most max(limit, floor) between steps, and
+//!   within a prompt chunk, which spills after each layer ([`super::KvCache::spill_to_limit`]), that plus the blocks
+//!   one layer's streams open (up to ⌈chunk / block⌉ + 1 each; `engine::memplan` plans them).
 //! - **LRU**: every block the attention kernel folds is stamped with the current step
 //!   ([`super::BlockView::mark_read`]); a block attention skips (outside a sliding window, not selected) keeps its old
 //!   stamp, and reads by other readers (a selector scoring keys, a compression method) do not count, so what stays

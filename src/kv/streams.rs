@@ -203,7 +203,7 @@ impl KvCache {
     /// read blocks stay or come back, the least recently read ones go to disk. Call it between steps. Reports the
     /// first I/O failure since the cache was made. Nothing to do without offload.
     pub fn rebalance(&mut self) -> Result<()> {
-        self.settle();
+        self.settle(true);
         match self.pool.off.as_ref().and_then(|o| o.error()) {
             Some(e) => bail!("{e}"),
             None => Ok(()),
@@ -215,8 +215,17 @@ impl KvCache {
         2 * (self.cfg.head_dim_k + self.cfg.head_dim_v) * self.cfg.block_tokens
     }
 
-    /// [`Self::rebalance`] without the report (failures are recorded in the store).
-    fn settle(&mut self) {
+    /// Spills the least recently read blocks until at most the resident limit stays in RAM, and brings nothing back:
+    /// the model calls it after each layer of a prompt chunk, so RAM holds the limit plus one layer's new blocks
+    /// rather than the whole chunk's until [`Self::rebalance`] at its end (which reports any failure recorded here).
+    /// Nothing to do without offload.
+    pub fn spill_to_limit(&mut self) {
+        self.settle(false);
+    }
+
+    /// [`Self::rebalance`] without the report (failures are recorded in the store); `promote`: also bring back the
+    /// blocks on disk that rank within the limit.
+    fn settle(&mut self, promote: bool) {
         let Some(off) = self.pool.off.as_ref() else {
             return;
         };
@@ -265,7 +274,7 @@ impl KvCache {
                 break;
             }
         }
-        if res.is_ok() {
+        if res.is_ok() && promote {
             for c in cands.iter().take(keep).filter(|c| c.on_disk) {
                 res = self.pool.promote(c.id);
                 if res.is_err() {
@@ -965,7 +974,7 @@ impl KvCache {
         self.refresh_meta(si, first.min(target * bt));
         self.edits += 1;
         // The blocks brought back for the edit go back to disk now, not at the end of the whole compression.
-        self.settle();
+        self.settle(true);
     }
 
     /// ThinK: keeps only the key channels `c` of (layer, KV head) with `keep[c]` (indexed by the model's channels,

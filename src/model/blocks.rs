@@ -399,6 +399,11 @@ impl Attention {
                 seqs[i].state.attn_ns += ns;
             }
         }
+        // Offload: a prompt chunk's blocks go to disk as each layer is done with them, so RAM holds the resident
+        // limit plus one layer's new blocks, not the whole chunk's (a decode step rebalances after the step).
+        for seq in seqs.iter_mut().filter(|q| q.pos.len() > 1) {
+            seq.cache.spill_to_limit();
+        }
         let mut r0 = 0;
         for seq in seqs.iter() {
             let r1 = r0 + seq.pos.len();
