@@ -488,7 +488,7 @@ fn kv_read_bytes(mc: &ModelConfig, cfg: &SessionConfig, fp: &Footprint, context:
             Some(b) if kv.window(l).is_none() => held.min(b.keep(context + 1)),
             _ => held,
         };
-        let local = mc.layer_is_local.get(l).copied().unwrap_or(false);
+        let local = mc.is_local(l);
         let read = match (&cfg.kv.select, dense) {
             (Some(s), Some(d)) if l >= d && !local => {
                 held.min(s.budget.keep(context + 1)) * kv.entry_bytes()

@@ -167,7 +167,7 @@ impl Press {
             if !work {
                 continue;
             }
-            let window = if mc.layer_is_local.get(layer).copied().unwrap_or(false) {
+            let window = if mc.is_local(layer) {
                 mc.sliding_window
             } else {
                 None

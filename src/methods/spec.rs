@@ -186,9 +186,8 @@ impl SelectSpec {
     /// claiming to select.
     pub fn build(&self, mc: &ModelConfig) -> Result<Box<dyn Selector>> {
         let dense = self.options.dense.unwrap_or(self.row.defaults.dense);
-        let local = |l: usize| mc.layer_is_local.get(l).copied().unwrap_or(false);
-        if !(dense..mc.n_layers).any(|l| !local(l)) {
-            let globals = (0..mc.n_layers).filter(|&l| !local(l)).count();
+        if (dense..mc.n_layers).all(|l| mc.is_local(l)) {
+            let globals = (0..mc.n_layers).filter(|&l| !mc.is_local(l)).count();
             bail!(
                 "--kv '{self}': dense={dense} leaves {} no layer to select in (the model has {} layers, {globals} of \
                  them global); use a smaller dense=",

@@ -129,7 +129,7 @@ impl Model {
         let d = [delta.unsigned_abs().min(u32::MAX as u64) as u32];
         let mut r = RowRope::default();
         self.rope_rows(&d, &mut r);
-        let local = c.layer_is_local.get(layer).copied().unwrap_or(false);
+        let local = c.is_local(layer);
         let (tc, ts) = if local {
             (&r.cos_local, &r.sin_local)
         } else {
@@ -198,7 +198,7 @@ impl Model {
             rmsnorm_inplace(q, qn, c.rms_eps);
             rmsnorm_inplace(k, kn, c.rms_eps);
         }
-        let local = c.layer_is_local.get(li).copied().unwrap_or(false);
+        let local = c.is_local(li);
         let t = rows.start * half..rows.end * half;
         let (cos, sin) = if local {
             (&rope.cos_local[t.clone()], &rope.sin_local[t])

@@ -178,9 +178,14 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Whether `layer` is a sliding-window (local) layer.
+    pub fn is_local(&self, layer: usize) -> bool {
+        self.layer_is_local.get(layer).copied().unwrap_or(false)
+    }
+
     /// The sliding window of `layer`, None on global layers.
     pub fn layer_window(&self, layer: usize) -> Option<u32> {
-        if self.layer_is_local.get(layer).copied().unwrap_or(false) {
+        if self.is_local(layer) {
             self.sliding_window
         } else {
             None

@@ -89,7 +89,7 @@ impl LongHeads {
     pub fn new(budget: Budget, o: &SelectOptions, mc: &ModelConfig) -> Self {
         let frame = Frame::new(budget, o, DEFAULTS, mc.n_layers);
         let skip = (0..mc.n_layers)
-            .map(|l| l < frame.dense || mc.layer_is_local.get(l).copied().unwrap_or(false))
+            .map(|l| l < frame.dense || mc.is_local(l))
             .collect();
         let mut s = Self {
             frame,

@@ -711,7 +711,7 @@ impl Squeezed {
     pub fn new(budget: Budget, o: &SelectOptions, mc: &ModelConfig) -> Self {
         let frame = Frame::new(budget, o, DEFAULTS, mc.n_layers);
         let on = (0..mc.n_layers)
-            .map(|l| l >= frame.dense && !mc.layer_is_local.get(l).copied().unwrap_or(false))
+            .map(|l| l >= frame.dense && !mc.is_local(l))
             .collect();
         let streams = mc.n_layers * mc.n_kv_heads;
         Self {
