@@ -667,6 +667,41 @@ impl GgufFile {
         &self.data[start..start + t.n_bytes as usize]
     }
 
+    /// Tells the OS that this process is done with a tensor's bytes: the pages of the mapped file wholly inside
+    /// them leave the resident set (the page cache keeps them; a later [`GgufFile::tensor_bytes`] reads them again,
+    /// the same bytes). Loaders call it as a tensor is repacked into memory of its own, so that loading holds about
+    /// one copy of the weights instead of the file's pages and the copy both. Nothing for a file read into memory;
+    /// an OS that refuses the advice changes nothing but the resident set.
+    pub fn release(&self, t: &TensorInfo) {
+        self.release_range(t, 0..t.n_bytes as usize);
+    }
+
+    /// [`GgufFile::release`] for the bytes `range` of tensor `t` (offsets into its [`GgufFile::tensor_bytes`]).
+    #[cfg(unix)]
+    pub fn release_range(&self, t: &TensorInfo, range: std::ops::Range<usize>) {
+        let Data::Mapped(m) = &self.data else {
+            return;
+        };
+        let end = range.end.min(t.n_bytes as usize);
+        let start = (self.data_offset + t.offset) as usize;
+        let page = page_size();
+        let (lo, hi) = (
+            (start + range.start).next_multiple_of(page),
+            (start + end) / page * page,
+        );
+        if hi > lo {
+            // SAFETY: the map is read-only and backed by the file, so dropping its pages loses nothing: a slice
+            // into them stays valid, its next read faulting the same bytes in from the file again.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+
+    /// [`GgufFile::release_range`] where the OS takes no such advice: nothing.
+    #[cfg(not(unix))]
+    pub fn release_range(&self, _t: &TensorInfo, _range: std::ops::Range<usize>) {}
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
@@ -748,5 +783,78 @@ impl GgufFile {
 
     pub fn file_len(&self) -> u64 {
         self.data.len() as u64
+    }
+}
+
+/// The size of a memory page (4096 where the OS does not say).
+#[cfg(unix)]
+fn page_size() -> usize {
+    // SAFETY: sysconf reads a constant of the system.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod release_tests {
+    use super::*;
+
+    /// Resident kB of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn mapping_rss_kb(addr: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, _)) = range.split_once('-') {
+                    if let Ok(lo) = usize::from_str_radix(lo, 16) {
+                        inside = lo == addr;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("Rss:") {
+                    return v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse()
+                        .expect("Rss value");
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x} in /proc/self/smaps");
+    }
+
+    /// Once a loader is done with a tensor, its pages leave the resident set, and its bytes read the same after.
+    #[test]
+    fn a_released_tensor_leaves_the_resident_set_and_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.gguf");
+        let data: Vec<f32> = (0..1usize << 20).map(|i| (i % 977) as f32).collect();
+        let mut w = writer::GgufWriter::new();
+        w.meta("general.architecture", Value::String("llama".into()));
+        w.tensor_f32("big", &[1 << 20], &data);
+        w.write(&path).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let t = g.tensor_info("big").unwrap().clone();
+        let addr = g.data.as_ptr() as usize;
+        let sum = |g: &GgufFile| g.tensor_bytes(&t).iter().map(|&b| b as u64).sum::<u64>();
+        let before = sum(&g);
+        let touched = mapping_rss_kb(addr);
+        assert!(touched >= 4000, "reading 4 MiB left {touched} kB resident");
+        g.release_range(&t, 0..t.n_bytes as usize / 2);
+        let half = mapping_rss_kb(addr);
+        assert!(
+            half <= touched - 1900 && half >= 1900,
+            "releasing half of 4 MiB: {touched} → {half} kB"
+        );
+        g.release(&t);
+        let after = mapping_rss_kb(addr);
+        assert!(after <= 100, "released 4 MiB, {after} kB still resident");
+        assert_eq!(sum(&g), before, "the bytes changed after release");
     }
 }

@@ -394,10 +394,32 @@ pub(crate) fn repack(
     cols: usize,
     ggml_bb: usize,
     bytes: &[u8],
+    done: &mut dyn FnMut(std::ops::Range<usize>),
+) -> AlignedBuf {
+    repack_slabs(kind, rows, cols, ggml_bb, bytes, SLAB_BYTES, done)
+}
+
+/// [`repack`] with `slab` source bytes between two calls of `done` (at least one row group).
+pub(super) fn repack_slabs(
+    kind: Kind,
+    rows: usize,
+    cols: usize,
+    ggml_bb: usize,
+    bytes: &[u8],
+    slab: usize,
+    done: &mut dyn FnMut(std::ops::Range<usize>),
 ) -> AlignedBuf {
     if kind.is_float() {
         let mut buf = AlignedBuf::zeroed(bytes.len());
-        buf.as_mut_slice().copy_from_slice(bytes);
+        for (i, (dst, src)) in buf
+            .as_mut_slice()
+            .chunks_mut(slab)
+            .zip(bytes.chunks(slab))
+            .enumerate()
+        {
+            dst.copy_from_slice(src);
+            done(i * slab..i * slab + src.len());
+        }
         return buf;
     }
     let n_blk = cols / kind.block();
@@ -408,26 +430,42 @@ pub(crate) fn repack(
     if n_blk == 0 {
         return buf;
     }
-    buf.as_mut_slice()
-        .par_chunks_mut(n_blk * rec)
+    // Row groups a slab at a time (at least one), each slab's groups over the pool, so that the source bytes of a
+    // finished slab can go before the next is read.
+    let slab_rg = (slab / (RG * row_bytes)).max(1);
+    for (s, slab) in buf
+        .as_mut_slice()
+        .chunks_mut(slab_rg * n_blk * rec)
         .enumerate()
-        .for_each(|(rg, out)| {
-            let mut rb = [RowBlock::default(); RG];
-            for blk in 0..n_blk {
-                for (r, b) in rb.iter_mut().enumerate() {
-                    let row = rg * RG + r;
-                    if row < rows {
-                        let o = row * row_bytes + blk * ggml_bb;
-                        decode_block(kind, &bytes[o..o + ggml_bb], b);
-                    } else {
-                        *b = RowBlock::default();
+    {
+        slab.par_chunks_mut(n_blk * rec)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let rg = s * slab_rg + i;
+                let mut rb = [RowBlock::default(); RG];
+                for blk in 0..n_blk {
+                    for (r, b) in rb.iter_mut().enumerate() {
+                        let row = rg * RG + r;
+                        if row < rows {
+                            let o = row * row_bytes + blk * ggml_bb;
+                            decode_block(kind, &bytes[o..o + ggml_bb], b);
+                        } else {
+                            *b = RowBlock::default();
+                        }
                     }
+                    write_record(kind, &rb, &mut out[blk * rec..(blk + 1) * rec]);
                 }
-                write_record(kind, &rb, &mut out[blk * rec..(blk + 1) * rec]);
-            }
-        });
+            });
+        let first = s * slab_rg * RG;
+        let end = ((s + 1) * slab_rg * RG).min(rows);
+        done(first * row_bytes..end * row_bytes);
+    }
     buf
 }
+
+/// Source bytes repacked between two calls of [`repack`]'s `done`: small enough that a loader which lets the file's
+/// pages go as they are done holds one large tensor about once, large enough to keep the pool busy.
+const SLAB_BYTES: usize = 8 << 20;
 
 /// The unsigned value of element `k` (0..32) of row `r` in a packed 32-element slice.
 /// `bits`: 4, 5 (masks at `hi`), 6 (high pairs at `hi`) or 8.

@@ -76,6 +76,18 @@ impl QMatrix {
     /// `bytes` = the tensor's raw GGUF bytes (`dims[0]` = cols, `dims[1]` = rows).
     /// Errors if the type is unsupported or the sizes do not match.
     pub fn from_gguf(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> anyhow::Result<Self> {
+        Self::from_gguf_with(ty, rows, cols, bytes, &mut |_| {})
+    }
+
+    /// [`QMatrix::from_gguf`], calling `done(range)` as each range of `bytes` has been read for the last time (in
+    /// order, slab by slab), so that a loader can let the file's pages go while it repacks the rest.
+    pub fn from_gguf_with(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+    ) -> anyhow::Result<Self> {
         let kind = Kind::from_type(ty).ok_or_else(|| {
             anyhow!(
                 "weight type {ty} is not supported by the matmul kernels (supported: {SUPPORTED})"
@@ -98,7 +110,7 @@ impl QMatrix {
                 bytes.len()
             );
         }
-        let data = layout::repack(kind, rows, cols, bb, bytes);
+        let data = layout::repack(kind, rows, cols, bb, bytes, done);
         Ok(QMatrix {
             ty,
             rows,

@@ -984,3 +984,35 @@ fn speed_run(shapes: &[(usize, usize, GgmlType, usize)]) {
         );
     }
 }
+
+/// A loader lets the file's pages go slab by slab as the repack reads them; the packed matrix must not depend on
+/// the slab size, and the slabs reported done must cover the source once, in order.
+#[test]
+fn repack_by_slabs_equals_one_pass_and_reports_every_byte_once() {
+    let mut rng = Rng::seeded(41);
+    for ty in ALL {
+        // 37 rows: two whole row groups and a partial one.
+        let (rows, cols) = (37, 512);
+        let raw = random_tensor(ty, rows, cols, &mut rng);
+        let kind = kind_of(ty);
+        let bb = ty.block_layout().unwrap().1;
+        let whole = layout::repack_slabs(kind, rows, cols, bb, &raw, usize::MAX, &mut |_| {});
+        for slab in [1, raw.len() / 3, raw.len() - 1] {
+            let mut seen = Vec::new();
+            let packed =
+                layout::repack_slabs(kind, rows, cols, bb, &raw, slab, &mut |r| seen.push(r));
+            assert!(
+                packed.as_slice() == whole.as_slice(),
+                "{ty}: slab {slab} packs differently"
+            );
+            assert!(seen.len() > 1, "{ty}: slab {slab} gave one range");
+            let mut at = 0;
+            for r in &seen {
+                assert_eq!(r.start, at, "{ty}: slab {slab}: ranges {seen:?}");
+                assert!(r.end > r.start, "{ty}: slab {slab}: ranges {seen:?}");
+                at = r.end;
+            }
+            assert_eq!(at, raw.len(), "{ty}: slab {slab}: ranges {seen:?}");
+        }
+    }
+}

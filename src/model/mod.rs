@@ -530,8 +530,10 @@ pub(crate) fn load_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) ->
             t.dims
         );
     }
-    QMatrix::from_gguf(t.ty, rows, cols, g.tensor_bytes(t))
-        .with_context(|| format!("{}: tensor {name}", g.path.display()))
+    QMatrix::from_gguf_with(t.ty, rows, cols, g.tensor_bytes(t), &mut |r| {
+        g.release_range(t, r)
+    })
+    .with_context(|| format!("{}: tensor {name}", g.path.display()))
 }
 
 /// A 3-D tensor of `n_expert` matrices of `rows` × `cols` (shape [cols, rows, n_expert], expert e's rows the e-th
@@ -555,9 +557,12 @@ pub(crate) fn load_experts(
     let per = bytes.len() / n_expert.max(1);
     bytes
         .chunks_exact(per)
-        .map(|b| {
-            QMatrix::from_gguf(t.ty, rows, cols, b)
-                .with_context(|| format!("{}: tensor {name}", g.path.display()))
+        .enumerate()
+        .map(|(e, b)| {
+            QMatrix::from_gguf_with(t.ty, rows, cols, b, &mut |r| {
+                g.release_range(t, e * per + r.start..e * per + r.end)
+            })
+            .with_context(|| format!("{}: tensor {name}", g.path.display()))
         })
         .collect()
 }
@@ -624,10 +629,12 @@ pub(crate) fn load_matrix_parts(
     let mut out = Vec::with_capacity(parts.len());
     let mut r0 = 0;
     for &n in parts {
-        let b = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
+        let (at, b) = (r0 * row_bytes, &bytes[r0 * row_bytes..(r0 + n) * row_bytes]);
         out.push(
-            QMatrix::from_gguf(t.ty, n, cols, b)
-                .with_context(|| format!("{}: tensor {name}", g.path.display()))?,
+            QMatrix::from_gguf_with(t.ty, n, cols, b, &mut |r| {
+                g.release_range(t, at + r.start..at + r.end)
+            })
+            .with_context(|| format!("{}: tensor {name}", g.path.display()))?,
         );
         r0 += n;
     }
@@ -645,7 +652,7 @@ pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f3
         );
     }
     let b = g.tensor_bytes(t);
-    match t.ty {
+    let v = match t.ty {
         GgmlType::F32 => Ok(b
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -658,7 +665,9 @@ pub(crate) fn load_vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f3
             "{}: tensor {name} has type {ty}, expected F32 or F16",
             g.path.display()
         ),
-    }
+    };
+    g.release(t);
+    v
 }
 
 pub(crate) fn meta_usize(g: &GgufFile, arch: &str, key: &str) -> Result<usize> {
