@@ -715,3 +715,65 @@ fn bench_serve_runs_short_unshared_prompts() {
     assert!(stderr.contains("--shared-prefix"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `generate --kv-disk DIR`: a later run restores the prompt's cached prefix (whole codec units) instead of prefilling
+/// it, and a damaged blob in DIR is refused, its prefix recomputed, the run still answering.
+#[test]
+fn generate_with_kv_disk_restores_the_prompt_in_a_later_run() {
+    let (dir, model) = tiny();
+    let cache = dir.path().join("prompts");
+    let prompt = "the cat sat on the mat and ".repeat(18);
+    let run = |name: &str| {
+        let stats = dir.path().join(name);
+        let out = hayloft()
+            .args(["generate", "--model", &model, "-p", &prompt, "-n", "4"])
+            .args(["--temperature", "0", "--kv-disk"])
+            .arg(&cache)
+            .arg("--stats-json")
+            .arg(&stats)
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        let n = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("no {k} in {j}")) as usize;
+        (n("prompt_tokens"), n("cached_tokens"), stderr)
+    };
+    let (fed, cached, _) = run("cold.json");
+    assert_eq!(cached, 0, "nothing was cached yet");
+    assert!(
+        fed > 300,
+        "the prompt is {fed} tokens, under one codec unit"
+    );
+    let blobs = || {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "hlkv"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        !blobs().is_empty(),
+        "the first run stored nothing in {cache:?}"
+    );
+    let (rest, cached, stderr) = run("warm.json");
+    assert!(
+        cached >= 256,
+        "the second run restored {cached} tokens: {stderr}"
+    );
+    assert_eq!(rest + cached, fed, "{stderr}");
+    assert!(stderr.contains("restored from --kv-disk"), "{stderr}");
+    // Damage every blob: the next run refuses them, recomputes, and still answers.
+    for b in blobs() {
+        let bytes = std::fs::read(&b).unwrap();
+        std::fs::write(&b, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let (again, cached, stderr) = run("damaged.json");
+    assert_eq!((again, cached), (fed, 0), "{stderr}");
+    assert!(
+        stderr.contains("warning"),
+        "a refused blob is not reported: {stderr}"
+    );
+}

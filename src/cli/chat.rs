@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 
+use super::prompt_cache::PromptCacheArgs;
 use super::{CompressArgs, MaxTokens, ModelArgs, SamplingArgs};
 use crate::engine::{Lengths, Sampler, Session};
 use crate::tokenizer::chat::ChatMessage;
@@ -22,6 +23,8 @@ pub struct ChatArgs {
     /// `prompt` (default): every turn's prompt is compressed.
     #[command(flatten)]
     pub compress: CompressArgs,
+    #[command(flatten)]
+    pub prompt_cache: PromptCacheArgs,
     /// System message.
     #[arg(long)]
     pub system: Option<String>,
@@ -41,6 +44,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         .apply(&mut l.session_cfg.kv, crate::methods::CompressAt::Prompt);
     let tpl = l.chat_template()?;
     let mut session = Session::new(&l.model, l.session_cfg.clone())?;
+    let cache = a.prompt_cache.open(&a.model, &session)?;
     let mut sampler = Sampler::new(sampler_cfg);
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
@@ -89,7 +93,6 @@ pub fn run(a: ChatArgs) -> Result<()> {
             session.reset();
             common = 0;
         }
-        let new = &tokens[common..];
         if tokens.len() >= session.cfg.max_context {
             eprintln!(
                 "error: the conversation is {} tokens, over the context budget of {}; /reset to start over",
@@ -105,7 +108,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         let len = Lengths {
             prompt: tokens.len(),
             new: a.max_tokens.within(room),
-            feed: new.len(),
+            feed: tokens.len() - common,
             uncompressed: 0,
         };
         if let Err(e) = session.check_memory(len) {
@@ -114,10 +117,21 @@ pub fn run(a: ChatArgs) -> Result<()> {
             continue;
         }
         let t0 = Instant::now();
+        // A conversation that starts afresh may find its head in the prompt cache of an earlier run.
+        let mut restored = 0;
+        if let (Some(c), 0) = (&cache, session.n_past()) {
+            restored = c.restore(&mut session, &tokens);
+            common = restored;
+            session.stats.cached_tokens += restored;
+        }
+        let new = &tokens[common..];
         let mut history = tokens.clone();
         let logits = session.prefill(new)?;
         let mut next = sampler.sample(logits, &history);
         let ttft = t0.elapsed().as_secs_f64() * 1e3;
+        if let Some(c) = &cache {
+            c.store(&session);
+        }
         let mut dec = StreamDecoder::new();
         let mut reply = String::new();
         let room = session.cfg.max_context - session.n_past();
@@ -142,7 +156,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
         writeln!(out, "{tail}")?;
         let dt = t1.elapsed().as_secs_f64();
         eprintln!(
-            "[turn] reused {common} cached tokens, prefilled {} | ttft {ttft:.0} ms | {n} tokens at {:.1} tok/s | KV {}",
+            "[turn] reused {common} cached tokens{}, prefilled {} | ttft {ttft:.0} ms | {n} tokens at {:.1} tok/s | KV {}",
+            if restored > 0 {
+                format!(" ({restored} from --kv-disk)")
+            } else {
+                String::new()
+            },
             new.len(),
             if dt > 0.0 { n as f64 / dt } else { 0.0 },
             crate::engine::stats::human_bytes(session.cache.bytes())

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use super::prompt_cache::PromptCacheArgs;
 use super::{CompressArgs, MaxTokens, ModelArgs, SamplingArgs};
 use crate::engine::{Lengths, Sampler, Session};
 use crate::tokenizer::chat::ChatMessage;
@@ -21,6 +22,8 @@ pub struct GenerateArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub compress: CompressArgs,
+    #[command(flatten)]
+    pub prompt_cache: PromptCacheArgs,
     /// The prompt text.
     #[arg(long, short = 'p', conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -100,11 +103,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut all_text = String::new();
 
     session.check_memory(Lengths::generate(tokens.len(), max_new))?;
+    let cache = a.prompt_cache.open(&a.model, &session)?;
     let t0 = Instant::now();
-    let logits = session.prefill(&tokens)?;
+    let cached = cache
+        .as_ref()
+        .map_or(0, |c| c.restore(&mut session, &tokens));
+    session.stats.cached_tokens = cached;
+    let logits = session.prefill(&tokens[cached..])?;
     let mut history = tokens.clone();
     let mut next = sampler.sample(logits, &history);
     session.stats.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // After the first token (storing is not in its latency); the session holds exactly the prompt.
+    if let Some(c) = &cache {
+        c.store(&session);
+    }
     let mut generated = 0;
     while generated < max_new {
         if l.tokenizer.is_eog(next) {

@@ -12,6 +12,7 @@ mod pairs;
 mod patterns;
 mod perplexity;
 mod plan;
+mod prompt_cache;
 mod serve;
 
 use std::path::PathBuf;

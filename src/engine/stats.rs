@@ -7,7 +7,10 @@ use serde::Serialize;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
+    /// Prompt tokens prefilled (those restored from a prompt cache not counted).
     pub prompt_tokens: usize,
+    /// Prompt tokens restored from a prompt cache (`--kv-disk`) instead of prefilled.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     /// Time from the start of prefill to the first generated token.
     pub ttft_ms: f64,
@@ -87,8 +90,13 @@ impl Stats {
             format!(" | KV codec blob {}", human_bytes(b))
         });
         let line = format!(
-            "[stats] prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({}) | prefill {} ({})",
+            "[stats] prompt {} tok{} | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | KV {} (peak {}{}{}){} | KV read {}/tok | attention {:.2} ms/tok | peak RSS {} | {} threads ({}) | prefill {} ({})",
             self.prompt_tokens,
+            if self.cached_tokens > 0 {
+                format!(" (+{} restored from --kv-disk)", self.cached_tokens)
+            } else {
+                String::new()
+            },
             self.generated_tokens,
             self.ttft_ms,
             self.prefill_tok_s,

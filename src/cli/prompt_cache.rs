@@ -1,0 +1,80 @@
+//! `--kv-disk DIR` for `generate` and `chat`: a prompt's KV cache kept in a directory across runs, in the format and
+//! under the keys of `hayloft serve --kv-disk` (the prefix store's disk tier), so that a later prompt that starts the
+//! same way restores that prefix instead of prefilling it. A directory is shared with servers that point at it.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::ModelArgs;
+use crate::engine::prefix::{ModelId, Namespace, PrefixStore, StoreConfig};
+use crate::engine::Session;
+use crate::util::ByteSize;
+
+#[derive(Args, Debug, Default)]
+pub struct PromptCacheArgs {
+    /// Keep prompt caches in DIR across runs (what `hayloft serve --kv-disk` writes, shared with it): a prompt that
+    /// starts with a cached prefix of whole 32-token blocks restores it instead of prefilling it. Blocks are stored
+    /// in units of the KV codec's chunk (256 tokens) as codec blobs, about 4× smaller than f16, and read back as the
+    /// codec's approximation of the cache, not bit for bit. A cache a method compressed is kept whole and reused by a
+    /// later prompt that extends this one exactly.
+    #[arg(long, value_name = "DIR")]
+    pub kv_disk: Option<PathBuf>,
+    /// Most bytes --kv-disk may hold (512MiB, 2GiB); past it the least recently used files go. No limit if not given.
+    #[arg(long, value_name = "SIZE", requires = "kv_disk")]
+    pub kv_disk_max: Option<ByteSize>,
+}
+
+/// An open prompt cache: the store (disk tier only; nothing is kept in RAM between runs) and the namespace of the
+/// session configuration it serves.
+pub struct PromptCache {
+    store: PrefixStore,
+    ns: Namespace,
+}
+
+impl PromptCacheArgs {
+    /// The prompt cache for sessions like `session` on the model `model` names, when --kv-disk is given.
+    pub fn open(&self, model: &ModelArgs, session: &Session) -> Result<Option<PromptCache>> {
+        let Some(dir) = &self.kv_disk else {
+            return Ok(None);
+        };
+        let cfg = StoreConfig {
+            disk: Some(dir.clone()),
+            disk_max: self.kv_disk_max.map(|b| b.0 as u64),
+            ..StoreConfig::ram(0)
+        };
+        let store = PrefixStore::open(&cfg)?;
+        let path = crate::fetch::resolve_model(model.model.as_deref())?;
+        let ns = Namespace::of_session(ModelId::of_file(&path)?, session);
+        Ok(Some(PromptCache { store, ns }))
+    }
+}
+
+impl PromptCache {
+    /// Restores the longest cached prefix of `tokens` into the empty `session` (at least one token is left to feed)
+    /// and returns its length; 0 when nothing is cached. A prefix that cannot be restored is recomputed, with a
+    /// warning: the cache only ever saves work.
+    pub fn restore(&self, session: &mut Session, tokens: &[u32]) -> usize {
+        let hit = self.store.lookup(&self.ns, tokens);
+        if hit.tokens == 0 {
+            return 0;
+        }
+        match hit.restore(session, tokens) {
+            Ok(()) => hit.tokens,
+            Err(e) => {
+                eprintln!("warning: --kv-disk: restoring a cached prefix: {e:#}; recomputing it");
+                session.reset();
+                0
+            }
+        }
+    }
+
+    /// Stores what `session` holds (its tokens so far). A failure costs only reuse: a warning.
+    pub fn store(&self, session: &Session) {
+        // The store warns of each blob it could not encode or write.
+        if let Err(e) = self.store.insert(&self.ns, session) {
+            eprintln!("warning: --kv-disk: storing the prompt's cache: {e:#}");
+        }
+    }
+}
