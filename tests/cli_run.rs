@@ -777,3 +777,42 @@ fn generate_with_kv_disk_restores_the_prompt_in_a_later_run() {
         "a refused blob is not reported: {stderr}"
     );
 }
+
+/// `chat --kv-disk DIR`: a conversation that starts the way an earlier run's did restores its head from DIR.
+#[test]
+fn chat_with_kv_disk_restores_the_first_turn_of_a_later_run() {
+    let (dir, model) = tiny();
+    let cache = dir.path().join("prompts");
+    let message = format!("{}\n/exit\n", "the cat sat on the mat and ".repeat(16));
+    let run = || {
+        let mut child = hayloft()
+            .args(["chat", "--model", &model, "-n", "2", "--temperature", "0"])
+            .arg("--kv-disk")
+            .arg(&cache)
+            .env("HAYLOFT_HOME", dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(message.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let turn = stderr
+            .lines()
+            .find(|l| l.starts_with("[turn]"))
+            .unwrap_or_else(|| panic!("no turn: {stderr}"))
+            .to_string();
+        turn
+    };
+    let cold = run();
+    assert!(cold.contains("reused 0 cached tokens,"), "{cold}");
+    let warm = run();
+    assert!(warm.contains("(256 from --kv-disk)"), "{warm}");
+}
