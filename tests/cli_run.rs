@@ -716,19 +716,20 @@ fn bench_serve_runs_short_unshared_prompts() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// `generate --kv-disk DIR`: a later run restores the prompt's cached prefix (whole codec units) instead of prefilling
-/// it, and a damaged blob in DIR is refused, its prefix recomputed, the run still answering.
+/// `generate --kv-disk DIR`: a later run restores the prompt's cached prefix (whole units) instead of prefilling it,
+/// by default bit for bit (the same greedy output as the cold run); `--kv-disk-format codec` writes smaller blobs; a
+/// damaged blob in DIR is refused, its prefix recomputed, the run still answering.
 #[test]
 fn generate_with_kv_disk_restores_the_prompt_in_a_later_run() {
     let (dir, model) = tiny();
-    let cache = dir.path().join("prompts");
     let prompt = "the cat sat on the mat and ".repeat(18);
-    let run = |name: &str| {
+    let run = |cache: &str, name: &str, format: &[&str]| {
         let stats = dir.path().join(name);
         let out = hayloft()
-            .args(["generate", "--model", &model, "-p", &prompt, "-n", "4"])
+            .args(["generate", "--model", &model, "-p", &prompt, "-n", "12"])
             .args(["--temperature", "0", "--kv-disk"])
-            .arg(&cache)
+            .arg(dir.path().join(cache))
+            .args(format)
             .arg("--stats-json")
             .arg(&stats)
             .env("HAYLOFT_HOME", dir.path())
@@ -739,38 +740,54 @@ fn generate_with_kv_disk_restores_the_prompt_in_a_later_run() {
         let j: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
         let n = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("no {k} in {j}")) as usize;
-        (n("prompt_tokens"), n("cached_tokens"), stderr)
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (n("prompt_tokens"), n("cached_tokens"), stderr, stdout)
     };
-    let (fed, cached, _) = run("cold.json");
-    assert_eq!(cached, 0, "nothing was cached yet");
-    assert!(
-        fed > 300,
-        "the prompt is {fed} tokens, under one codec unit"
-    );
-    let blobs = || {
-        std::fs::read_dir(&cache)
+    let blobs = |cache: &str| {
+        std::fs::read_dir(dir.path().join(cache))
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| p.extension().is_some_and(|x| x == "hlkv"))
             .collect::<Vec<_>>()
     };
-    assert!(
-        !blobs().is_empty(),
-        "the first run stored nothing in {cache:?}"
-    );
-    let (rest, cached, stderr) = run("warm.json");
+    let size = |cache: &str| -> u64 {
+        blobs(cache)
+            .iter()
+            .map(|b| std::fs::metadata(b).unwrap().len())
+            .sum()
+    };
+    let (fed, cached, _, cold) = run("exact", "cold.json", &[]);
+    assert_eq!(cached, 0, "nothing was cached yet");
+    assert!(fed > 300, "the prompt is {fed} tokens, under one unit");
+    assert!(!blobs("exact").is_empty(), "the first run stored nothing");
+    let (rest, cached, stderr, warm) = run("exact", "warm.json", &[]);
     assert!(
         cached >= 256,
         "the second run restored {cached} tokens: {stderr}"
     );
     assert_eq!(rest + cached, fed, "{stderr}");
     assert!(stderr.contains("restored from --kv-disk"), "{stderr}");
+    assert_eq!(warm, cold, "an exact restore changed the greedy output");
+    // The codec's blobs: restored too, and smaller.
+    let codec = ["--kv-disk-format", "codec"];
+    run("codec", "codec-cold.json", &codec);
+    let (_, cached, stderr, _) = run("codec", "codec-warm.json", &codec);
+    assert!(
+        cached >= 256,
+        "the codec's blobs restored {cached} tokens: {stderr}"
+    );
+    assert!(
+        size("codec") * 2 < size("exact"),
+        "codec {} bytes against exact {}",
+        size("codec"),
+        size("exact")
+    );
     // Damage every blob: the next run refuses them, recomputes, and still answers.
-    for b in blobs() {
+    for b in blobs("exact") {
         let bytes = std::fs::read(&b).unwrap();
         std::fs::write(&b, &bytes[..bytes.len() / 2]).unwrap();
     }
-    let (again, cached, stderr) = run("damaged.json");
+    let (again, cached, stderr, _) = run("exact", "damaged.json", &[]);
     assert_eq!((again, cached), (fed, 0), "{stderr}");
     assert!(
         stderr.contains("warning"),

@@ -5,22 +5,44 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::ModelArgs;
 use crate::engine::prefix::{ModelId, Namespace, PrefixStore, StoreConfig};
 use crate::engine::Session;
+use crate::kv::codec::CodecConfig;
 use crate::util::ByteSize;
 
-#[derive(Args, Debug, Default)]
+/// How blobs below RAM (`--kv-disk`, `--kv-redis`) hold a cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiskFormat {
+    /// Entries as the cache holds them (f16, 2 bytes each): restored bit for bit.
+    Exact,
+    /// The KV codec (CacheGen-style quantization and entropy coding, about 4× smaller than f16): restored as its
+    /// approximation.
+    Codec,
+}
+
+impl DiskFormat {
+    pub fn codec(self) -> CodecConfig {
+        match self {
+            DiskFormat::Exact => CodecConfig::exact(),
+            DiskFormat::Codec => CodecConfig::default(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct PromptCacheArgs {
-    /// Keep prompt caches in DIR across runs (what `hayloft serve --kv-disk` writes, shared with it): a prompt that
-    /// starts with a cached prefix of whole 32-token blocks restores it instead of prefilling it. Blocks are stored
-    /// in units of the KV codec's chunk (256 tokens) as codec blobs, about 4× smaller than f16, and read back as the
-    /// codec's approximation of the cache, not bit for bit. A cache a method compressed is kept whole and reused by a
-    /// later prompt that extends this one exactly.
+    /// Keep prompt caches in DIR across runs (the files `hayloft serve --kv-disk` keeps, shared with it): a prompt
+    /// that starts with a cached prefix of whole 256-token units restores it instead of prefilling it. A cache a
+    /// method compressed is kept whole and reused by a later prompt that extends this one exactly.
     #[arg(long, value_name = "DIR")]
     pub kv_disk: Option<PathBuf>,
+    /// How --kv-disk writes a cache: exact (restored bit for bit) or codec (about 4× smaller, restored as the codec's
+    /// approximation, so an answer can differ from a cold run's). Blobs of either format are read.
+    #[arg(long, value_enum, default_value_t = DiskFormat::Exact, requires = "kv_disk")]
+    pub kv_disk_format: DiskFormat,
     /// Most bytes --kv-disk may hold (512MiB, 2GiB); past it the least recently used files go. No limit if not given.
     #[arg(long, value_name = "SIZE", requires = "kv_disk")]
     pub kv_disk_max: Option<ByteSize>,
@@ -42,6 +64,7 @@ impl PromptCacheArgs {
         let cfg = StoreConfig {
             disk: Some(dir.clone()),
             disk_max: self.kv_disk_max.map(|b| b.0 as u64),
+            codec: self.kv_disk_format.codec(),
             ..StoreConfig::ram(0)
         };
         let store = PrefixStore::open(&cfg)?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::prompt_cache::DiskFormat;
 use super::ModelArgs;
 use crate::engine::prefix::{ModelId, StoreConfig};
 use crate::serve::{model_name, ServeConfig, ServeModel, Server};
@@ -43,6 +44,10 @@ pub struct ServeArgs {
     /// Also keep cached prefixes in this Redis server (redis://host:port[/db]).
     #[arg(long, value_name = "URL")]
     pub kv_redis: Option<String>,
+    /// How --kv-disk and --kv-redis write a cache: codec (CacheGen-style, about 4× smaller than f16, restored as its
+    /// approximation) or exact (2 bytes an entry, restored bit for bit). Blobs of either format are read.
+    #[arg(long, value_enum, default_value_t = DiskFormat::Codec)]
+    pub kv_disk_format: DiskFormat,
     /// Most bytes the running sequences' planned KV caches (prompt + max_tokens each) may add up to; a request
     /// that does not fit waits in the queue. Unbounded (but for --parallel) if not given.
     #[arg(long, value_name = "SIZE")]
@@ -76,6 +81,7 @@ pub fn start(a: ServeArgs) -> Result<Server> {
         disk: a.kv_disk,
         disk_max: a.kv_disk_max.map(|b| b.0 as u64),
         redis: a.kv_redis,
+        codec: a.kv_disk_format.codec(),
         ..StoreConfig::ram(ram)
     });
     let cfg = ServeConfig {

@@ -23,13 +23,16 @@
 //! ```text
 //! magic "HLKVCODE"  u16 version  u16 flags(0)  u32 header length
 //! header: u32 n_layers, n_heads, head_dim_k, head_dim_v, tokens, chunk_tokens; u8 key_scale, value_scale
-//!         (0 token, 1 channel, 2 matrix); u8 key_bins[n_layers]; u8 value_bins[n_layers]
+//!         (0 token, 1 channel, 2 matrix, 3 exact); u8 key_bins[n_layers]; u8 value_bins[n_layers]
 //! u32 crc32 of the header
 //! u32 n_chunks; per chunk: u64 byte length, u32 crc32 (the table's own crc32 follows it)
 //! chunks, in order: u32 positions[tokens]; per layer, per head, keys then values: f16 scales, u8 model count m,
 //!         (m > 1) a 4-bit model index per channel, two a byte; m × levels 4-bit classes, two a byte;
-//!         u32 coded word count, u32 words
+//!         u32 coded word count, u32 words; or, scaling 3 (exact), f16 values[tokens × channels] alone
 //! ```
+//!
+//! Scaling 3 (exact: no quantization, [`CodecConfig::exact`]) came after version 2's first blobs; a reader without
+//! it refuses such a blob as an unknown scaling, and the tiers recompute its prefix.
 
 use anyhow::{bail, ensure, Context, Result};
 use constriction::stream::model::{DecoderModel, EncoderModel, EntropyModel};
@@ -177,16 +180,20 @@ pub enum Scale {
     /// same for every token: an entry's error is bounded in absolute terms, which is what an attention-weighted sum
     /// of values sees.
     Matrix,
+    /// No quantization: the matrix is stored as f16 values, token by token, and read back exactly (an f16 cache's
+    /// entries bit for bit; an f32 cache's rounded to f16). Neither scales nor entropy models; 2 bytes an entry.
+    Exact,
 }
 
 impl Scale {
-    const ALL: [Scale; 3] = [Scale::Token, Scale::Channel, Scale::Matrix];
+    const ALL: [Scale; 4] = [Scale::Token, Scale::Channel, Scale::Matrix, Scale::Exact];
 
     fn code(self) -> u8 {
         match self {
             Scale::Token => 0,
             Scale::Channel => 1,
             Scale::Matrix => 2,
+            Scale::Exact => 3,
         }
     }
 
@@ -195,6 +202,7 @@ impl Scale {
             Scale::Token => "token",
             Scale::Channel => "channel",
             Scale::Matrix => "matrix",
+            Scale::Exact => "exact",
         }
     }
 
@@ -204,6 +212,7 @@ impl Scale {
             Scale::Token => n,
             Scale::Channel => d,
             Scale::Matrix => 1,
+            Scale::Exact => 0,
         }
     }
 
@@ -213,7 +222,7 @@ impl Scale {
         match self {
             Scale::Token => t,
             Scale::Channel => c,
-            Scale::Matrix => 0,
+            Scale::Matrix | Scale::Exact => 0,
         }
     }
 }
@@ -225,7 +234,7 @@ impl std::str::FromStr for Scale {
         Scale::ALL
             .into_iter()
             .find(|x| x.name() == s)
-            .with_context(|| format!("codec scale '{s}': expected token, channel or matrix"))
+            .with_context(|| format!("codec scale '{s}': expected token, channel, matrix or exact"))
     }
 }
 
@@ -359,6 +368,18 @@ impl Default for CodecConfig {
             key_bins: LayerBins::at_layer(0, 64, 64),
             value_scale: Scale::Matrix,
             value_bins: LayerBins::at_layer(0, 32, 32),
+        }
+    }
+}
+
+impl CodecConfig {
+    /// No quantization ([`Scale::Exact`] for keys and values): an f16 cache comes back bit for bit, at 2 bytes an
+    /// entry (the chunks, their positions and checksums as in the default).
+    pub fn exact() -> Self {
+        Self {
+            key_scale: Scale::Exact,
+            value_scale: Scale::Exact,
+            ..Self::default()
         }
     }
 }
@@ -829,6 +850,12 @@ fn encode_chunk(r: &KvRows, cfg: &CodecConfig) -> Result<Vec<u8>> {
                     cfg.value_scale,
                 ),
             ] {
+                if scale == Scale::Exact {
+                    x[s * n * d..][..n * d]
+                        .iter()
+                        .for_each(|&v| o.u16(f16::from_f32(v).to_bits()));
+                    continue;
+                }
                 let h = half(bins);
                 let levels = (2 * h + 1) as usize;
                 quantize(
@@ -1063,6 +1090,17 @@ fn decode_chunk(bytes: &[u8], h: &Header, a: usize, n: usize, out: &mut KvRows) 
                 (true, h.hk, h.key_bins[layer], h.key_scale),
                 (false, h.hv, h.value_bins[layer], h.value_scale),
             ] {
+                let x = if is_key { &mut out.k } else { &mut out.v };
+                if scale == Scale::Exact {
+                    let raw = i.take(2 * n * d, "exact values")?;
+                    for (t, row) in raw.chunks_exact(2 * d).enumerate() {
+                        let dst = &mut x[(s * total + a + t) * d..][..d];
+                        for (y, b) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                            *y = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                        }
+                    }
+                    continue;
+                }
                 let hh = half(bins);
                 let levels = (2 * hh + 1) as usize;
                 // A level's step: the scale over `hh`.
@@ -1106,7 +1144,6 @@ fn decode_chunk(bytes: &[u8], h: &Header, a: usize, n: usize, out: &mut KvRows) 
                 );
                 let mut dec = DefaultRangeDecoder::from_compressed(words.clone())
                     .map_err(|e| anyhow::anyhow!("range decoder: {e:?}"))?;
-                let x = if is_key { &mut out.k } else { &mut out.v };
                 for c in 0..d {
                     let m = &models[of[c] as usize];
                     for (t, y) in dec.decode_iid_symbols(n, m).enumerate() {

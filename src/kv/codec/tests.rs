@@ -80,8 +80,9 @@ fn dequantized(r: &KvRows, c: &CodecConfig) -> KvRows {
 
 #[test]
 fn round_trip_is_within_the_quantization_bound_and_symbols_are_exact() {
-    for key_scale in Scale::ALL {
-        for value_scale in Scale::ALL {
+    let quantizing = [Scale::Token, Scale::Channel, Scale::Matrix];
+    for key_scale in quantizing {
+        for value_scale in quantizing {
             let r = rows(3, 70, 1);
             let c = cfg(32, key_scale, value_scale);
             let blob = encode(&r, &c).unwrap();
@@ -245,6 +246,46 @@ fn fix_chunk_crc(blob: &mut [u8], ci: usize, at: usize, len: usize) {
     let table_end = t0 + 4 + n * 12;
     let tcrc = crc32fast::hash(&blob[t0..table_end]);
     blob[table_end..table_end + 4].copy_from_slice(&tcrc.to_le_bytes());
+}
+
+/// Scaling `exact` stores an f16 cache's entries as they are: decoding gives them back bit for bit, in every chunk,
+/// beside a quantized half of the same blob, at f16's size plus the positions and chunk table.
+#[test]
+fn exact_matrices_come_back_bit_for_bit() {
+    let mut r = rows(3, 70, 9);
+    // An f16 cache's entries: f16 values.
+    for x in r.k.iter_mut().chain(r.v.iter_mut()) {
+        *x = f16::from_f32(*x).to_f32();
+    }
+    let exact = CodecConfig {
+        chunk_tokens: 32,
+        ..CodecConfig::exact()
+    };
+    let blob = encode(&r, &exact).unwrap();
+    assert_eq!(decode(&blob).unwrap(), r);
+    assert_eq!(decode_prefix(&blob, 1).unwrap(), r.slice(0, 32));
+    let overhead = blob.len() - r.f16_bytes();
+    assert!(overhead < 4 * r.tokens + 200, "{overhead} bytes past f16's");
+    // Exact keys beside quantized values.
+    let mixed = cfg(32, Scale::Exact, Scale::Channel);
+    let got = decode(&encode(&r, &mixed).unwrap()).unwrap();
+    assert_eq!(got.k, r.k);
+    assert_eq!(got.v, dequantized_values(&r, &mixed));
+    // A damaged exact chunk is refused like any other.
+    let mut bad = blob.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 0x40;
+    let e = format!("{:#}", decode(&bad).unwrap_err());
+    assert!(e.contains("checksum"), "{e}");
+}
+
+/// The values of `r` as `c` quantizes them (its value scaling must quantize).
+fn dequantized_values(r: &KvRows, c: &CodecConfig) -> Vec<f32> {
+    let values_only = CodecConfig {
+        key_scale: c.value_scale,
+        ..c.clone()
+    };
+    dequantized(r, &values_only).v
 }
 
 #[test]
