@@ -119,11 +119,11 @@ fn greedy_generation_is_deterministic() {
     }
 }
 
-#[test]
-fn chat_reuses_the_cache_of_previous_turns() {
-    let (dir, model) = tiny();
+/// Runs `hayloft chat --model MODEL ARGS` in `dir` with `input` on stdin, asserts it succeeded and returns its stderr.
+fn chat(dir: &tempfile::TempDir, model: &str, args: &[&str], input: &str) -> String {
     let mut child = hayloft()
-        .args(["chat", "--model", &model, "-n", "4", "--temperature", "0"])
+        .args(["chat", "--model", model, "--temperature", "0"])
+        .args(args)
         .env("HAYLOFT_HOME", dir.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -134,11 +134,23 @@ fn chat_reuses_the_cache_of_previous_turns() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"hello there\nand again\n/exit\n")
+        .write_all(input.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+#[test]
+fn chat_reuses_the_cache_of_previous_turns() {
+    let (dir, model) = tiny();
+    let stderr = chat(
+        &dir,
+        &model,
+        &["-n", "4"],
+        "hello there\nand again\n/exit\n",
+    );
     let turns: Vec<&str> = stderr.lines().filter(|l| l.starts_with("[turn]")).collect();
     assert_eq!(turns.len(), 2, "{stderr}");
     assert!(turns[0].contains("reused 0 cached tokens"), "{}", turns[0]);
@@ -801,32 +813,14 @@ fn chat_with_kv_disk_restores_the_first_turn_of_a_later_run() {
     let (dir, model) = tiny();
     let cache = dir.path().join("prompts");
     let message = format!("{}\n/exit\n", "the cat sat on the mat and ".repeat(16));
+    let cache = cache.to_string_lossy().into_owned();
     let run = || {
-        let mut child = hayloft()
-            .args(["chat", "--model", &model, "-n", "2", "--temperature", "0"])
-            .arg("--kv-disk")
-            .arg(&cache)
-            .env("HAYLOFT_HOME", dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(message.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        let turn = stderr
+        let stderr = chat(&dir, &model, &["-n", "2", "--kv-disk", &cache], &message);
+        stderr
             .lines()
             .find(|l| l.starts_with("[turn]"))
             .unwrap_or_else(|| panic!("no turn: {stderr}"))
-            .to_string();
-        turn
+            .to_string()
     };
     let cold = run();
     assert!(cold.contains("reused 0 cached tokens,"), "{cold}");
