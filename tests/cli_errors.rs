@@ -302,6 +302,23 @@ fn bad_kv_storage_flags_name_the_problem() {
     );
     run(&["--resident", "0.5"], &["--kv-offload"]);
     run(&["--kv-offload", &off], &["--resident"]);
+    let disk = f.path("prompts");
+    run(
+        &[
+            "--kv-offload",
+            &off,
+            "--resident",
+            "0.5",
+            "--kv-disk",
+            &disk,
+        ],
+        &["--kv-disk cannot store an offloaded cache"],
+    );
+    run(&["--kv-disk-format", "exact"], &["--kv-disk"]);
+    run(
+        &["--kv-disk", &disk, "--kv-disk-format", "lossless"],
+        &["'lossless'", "exact", "codec"],
+    );
     run(
         &["--kv-offload", &off, "--resident", "1KiB"],
         &["below the", "must stay in RAM"],

@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
 use super::ModelArgs;
-use crate::engine::prefix::{ModelId, Namespace, PrefixStore, StoreConfig};
+use crate::engine::prefix::{Mode, ModelId, Namespace, PrefixStore, StoreConfig};
 use crate::engine::Session;
 use crate::kv::codec::CodecConfig;
 use crate::util::ByteSize;
@@ -61,6 +61,26 @@ impl PromptCacheArgs {
         let Some(dir) = &self.kv_disk else {
             return Ok(None);
         };
+        if session.cfg.offload.is_some() {
+            bail!(
+                "--kv-disk cannot store an offloaded cache (--kv-offload): the tiers keep a cache whose blocks are \
+                 all in RAM; drop one of the two"
+            );
+        }
+        if crate::engine::prefix::entry::mode(session) == Mode::Snapshot {
+            let windows =
+                (0..session.cache.cfg.n_layers).any(|l| session.cache.cfg.window(l).is_some());
+            eprintln!(
+                "note: --kv-disk keeps this cache whole ({}), and only a later prompt that extends this one token for \
+                 token reuses it; a full or KIVI cache{} is reused block by block by any prompt that starts the same",
+                if windows {
+                    "its sliding-window layers drop entries".to_string()
+                } else {
+                    format!("--kv '{}'", session.cfg.kv)
+                },
+                if windows { " (--swa-full)" } else { "" }
+            );
+        }
         let cfg = StoreConfig {
             disk: Some(dir.clone()),
             disk_max: self.kv_disk_max.map(|b| b.0 as u64),
