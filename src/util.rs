@@ -86,6 +86,16 @@ impl std::str::FromStr for ByteSize {
     }
 }
 
+/// Hands memory the program has freed back to the OS now, instead of when the allocator next decides to: after a
+/// model's load, the parsed GGUF metadata (Gemma 3's 262K-token vocabulary: about 35 MB) would otherwise stay
+/// resident for the life of a server or a chat (mimalloc, the binary's allocator, keeps freed pages for reuse).
+/// Steady resident memory after `hayloft generate`'s load, 2026-12-06: Gemma 3 315.8 → 271.7 MB, Qwen2.5 545.3 →
+/// 518.1 MB. Where another allocator serves the process (tests), mimalloc's own empty heap is all it touches.
+pub fn return_freed_memory() {
+    // SAFETY: mi_collect takes no pointers; it only frees what mimalloc holds unused.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,14 +129,4 @@ mod tests {
         assert!(e.contains("no/such/dir/report.md"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// Hands memory the program has freed back to the OS now, instead of when the allocator next decides to: after a
-/// model's load, the parsed GGUF metadata (Gemma 3's 262K-token vocabulary: about 35 MB) would otherwise stay
-/// resident for the life of a server or a chat (mimalloc, the binary's allocator, keeps freed pages for reuse).
-/// Steady resident memory after `hayloft generate`'s load, 2026-12-06: Gemma 3 315.8 → 271.7 MB, Qwen2.5 545.3 →
-/// 518.1 MB. Where another allocator serves the process (tests), mimalloc's own empty heap is all it touches.
-pub fn return_freed_memory() {
-    // SAFETY: mi_collect takes no pointers; it only frees what mimalloc holds unused.
-    unsafe { libmimalloc_sys::mi_collect(true) };
 }
