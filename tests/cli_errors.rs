@@ -315,6 +315,20 @@ fn bad_kv_storage_flags_name_the_problem() {
         &["--kv-disk cannot store an offloaded cache"],
     );
     run(&["--kv-disk-format", "exact"], &["--kv-disk"]);
+    let serve = [
+        "serve",
+        "--model",
+        &model,
+        "--port",
+        "0",
+        "--kv-offload",
+        &off,
+        "--resident",
+        "0.5",
+        "--kv-disk",
+        &disk,
+    ];
+    expect_error(&serve, f.home(), &["cannot store an offloaded cache"]);
     run(
         &["--kv-disk", &disk, "--kv-disk-format", "lossless"],
         &["'lossless'", "exact", "codec"],

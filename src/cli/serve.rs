@@ -76,6 +76,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
 
 /// Starts the server `a` describes and waits for its model.
 pub fn start(a: ServeArgs) -> Result<Server> {
+    if a.model.kv_offload.is_some() && (a.kv_disk.is_some() || a.kv_redis.is_some()) {
+        anyhow::bail!(
+            "--kv-disk and --kv-redis cannot store an offloaded cache (--kv-offload): the tiers keep caches whose \
+             blocks are all in RAM; drop one of them"
+        );
+    }
     let ram = a.prefix_cache_ram.0;
     let prefix = (ram > 0 || a.kv_disk.is_some() || a.kv_redis.is_some()).then(|| StoreConfig {
         disk: a.kv_disk,
