@@ -303,24 +303,7 @@ fn bad_kv_storage_flags_name_the_problem() {
     run(&["--resident", "0.5"], &["--kv-offload"]);
     run(&["--kv-offload", &off], &["--resident"]);
     let disk = f.path("prompts");
-    run(
-        &[
-            "--kv-offload",
-            &off,
-            "--resident",
-            "0.5",
-            "--kv-disk",
-            &disk,
-        ],
-        &["--kv-disk cannot store an offloaded cache"],
-    );
-    run(&["--kv-disk-format", "exact"], &["--kv-disk"]);
-    let serve = [
-        "serve",
-        "--model",
-        &model,
-        "--port",
-        "0",
+    let offloaded_to_disk = [
         "--kv-offload",
         &off,
         "--resident",
@@ -328,6 +311,13 @@ fn bad_kv_storage_flags_name_the_problem() {
         "--kv-disk",
         &disk,
     ];
+    run(
+        &offloaded_to_disk,
+        &["--kv-disk cannot store an offloaded cache"],
+    );
+    run(&["--kv-disk-format", "exact"], &["--kv-disk"]);
+    let mut serve = vec!["serve", "--model", &model, "--port", "0"];
+    serve.extend_from_slice(&offloaded_to_disk);
     expect_error(&serve, f.home(), &["cannot store an offloaded cache"]);
     run(
         &["--kv-disk", &disk, "--kv-disk-format", "lossless"],
