@@ -638,12 +638,52 @@ pub fn cols_dot_f16_next(kt: &[f16], bt: usize, w: &[f32], out: &mut [f32], next
     cols_dot_with(super::kernel(), kt, bt, w, out, next)
 }
 
+/// [`cols_dot_f16_next`] into rows `stride` apart: vector j's score of column t goes to `out[j · stride + t]`, so a
+/// caller's score rows (one per vector, longer than a block) are written in place, with no copy of a block's tile.
+///
+/// # Safety
+/// `out` must be valid for writes at `j · stride + t` for every vector j < `w.len() / d` and column t < `bt`, and no
+/// other thread may access those elements meanwhile (the elements between the rows are not touched).
+pub unsafe fn cols_dot_f16_next_strided(
+    kt: &[f16],
+    bt: usize,
+    w: &[f32],
+    out: *mut f32,
+    stride: usize,
+    next: &[f16],
+) {
+    cols_dot_raw(super::kernel(), kt, bt, w, out, stride, next)
+}
+
 pub(crate) fn cols_dot_with(
     k: Kernel,
     kt: &[f16],
     bt: usize,
     w: &[f32],
     out: &mut [f32],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] next: &[f16],
+) {
+    let nw = w.len() / (kt.len() / bt.max(1)).max(1);
+    assert!(
+        out.len() >= nw * bt,
+        "cols_dot_f16: {nw} vectors over {bt} columns into {} outputs",
+        out.len()
+    );
+    // SAFETY: out holds the nw rows of bt, bt apart (checked above).
+    unsafe { cols_dot_raw(k, kt, bt, w, out.as_mut_ptr(), bt, next) }
+}
+
+/// The kernels behind [`cols_dot_f16`]: vector j's scores into `out[j · stride ..][..bt]`.
+///
+/// # Safety
+/// As [`cols_dot_f16_next_strided`].
+unsafe fn cols_dot_raw(
+    k: Kernel,
+    kt: &[f16],
+    bt: usize,
+    w: &[f32],
+    out: *mut f32,
+    stride: usize,
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] next: &[f16],
 ) {
     let d = kt.len() / bt.max(1);
@@ -654,27 +694,28 @@ pub(crate) fn cols_dot_with(
             && kt.len() == d * bt
             && (1..=MAX_VECTORS).contains(&nw)
             && w.len() == nw * d
-            && out.len() >= nw * bt,
-        "cols_dot_f16: {nw} vectors of {d} over {bt} columns"
+            && stride >= bt,
+        "cols_dot_f16: {nw} vectors of {d} over {bt} columns, rows {stride} apart"
     );
     match k {
-        // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above.
+        // SAFETY: a kernel is only chosen when the CPU has its features; shapes checked above, `out` by the caller.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 if bt.is_multiple_of(16) && bt <= 64 => unsafe {
-            cols_avx512(kt, bt, d, w, nw, out, next)
+            cols_avx512(kt, bt, d, w, nw, (out, stride), next)
         },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 if bt.is_multiple_of(8) && bt <= 64 => unsafe {
-            cols_avx2(kt, bt, d, w, nw, out, next)
+            cols_avx2(kt, bt, d, w, nw, (out, stride), next)
         },
         _ => {
-            out[..nw * bt].fill(0.0);
-            for c in 0..d {
-                let col = &kt[c * bt..][..bt];
-                for j in 0..nw {
+            for j in 0..nw {
+                // SAFETY: row j's bt outputs are the caller's (see above), and nothing else refers to them here.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.add(j * stride), bt) };
+                row.fill(0.0);
+                for c in 0..d {
                     let wc = w[j * d + c];
-                    for (o, x) in out[j * bt..][..bt].iter_mut().zip(col) {
+                    for (o, x) in row.iter_mut().zip(&kt[c * bt..][..bt]) {
                         *o += x.to_f32() * wc;
                     }
                 }
@@ -696,16 +737,16 @@ unsafe fn cols_avx512(
     d: usize,
     w: &[f32],
     nw: usize,
-    out: &mut [f32],
+    (op, os): (*mut f32, usize),
     next: &[f16],
 ) {
-    let (kp, wp, op) = (kt.as_ptr() as *const u16, w.as_ptr(), out.as_mut_ptr());
+    let (kp, wp) = (kt.as_ptr() as *const u16, w.as_ptr());
     let ahead = NextLines::of(next, bt);
     match bt / 16 {
-        1 => cols_avx512_nv::<1>(kp, bt, d, wp, nw, op, ahead),
-        2 => cols_avx512_nv::<2>(kp, bt, d, wp, nw, op, ahead),
-        3 => cols_avx512_nv::<3>(kp, bt, d, wp, nw, op, ahead),
-        _ => cols_avx512_nv::<4>(kp, bt, d, wp, nw, op, ahead),
+        1 => cols_avx512_nv::<1>(kp, bt, d, wp, nw, (op, os), ahead),
+        2 => cols_avx512_nv::<2>(kp, bt, d, wp, nw, (op, os), ahead),
+        3 => cols_avx512_nv::<3>(kp, bt, d, wp, nw, (op, os), ahead),
+        _ => cols_avx512_nv::<4>(kp, bt, d, wp, nw, (op, os), ahead),
     }
 }
 
@@ -758,12 +799,12 @@ unsafe fn cols_avx512_nv<const NV: usize>(
     d: usize,
     wp: *const f32,
     nw: usize,
-    op: *mut f32,
+    (op, os): (*mut f32, usize),
     ahead: NextLines,
 ) {
     let mut j0 = 0;
     while j0 < nw {
-        let (wj, oj) = (wp.add(j0 * d), op.add(j0 * bt));
+        let (wj, oj) = (wp.add(j0 * d), (op.add(j0 * os), os));
         // The next block's lines with the first group of vectors only.
         let ahead = if j0 == 0 {
             ahead
@@ -780,7 +821,7 @@ unsafe fn cols_avx512_nv<const NV: usize>(
     }
 }
 
-/// NJ vectors (`w`: NJ × d) against the block's bt = 16·NV keys, into `o` (NJ × bt).
+/// NJ vectors (`w`: NJ × d) against the block's bt = 16·NV keys, into `o` (NJ rows of bt, `os` apart).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline]
@@ -789,7 +830,7 @@ unsafe fn cols_avx512_tile<const NV: usize, const NJ: usize>(
     bt: usize,
     d: usize,
     w: *const f32,
-    o: *mut f32,
+    (o, os): (*mut f32, usize),
     ahead: NextLines,
 ) {
     use std::arch::x86_64::*;
@@ -809,7 +850,7 @@ unsafe fn cols_avx512_tile<const NV: usize, const NJ: usize>(
     }
     for (j, aj) in acc.iter().enumerate() {
         for (v, a) in aj.iter().enumerate() {
-            _mm512_storeu_ps(o.add(j * bt + 16 * v), *a);
+            _mm512_storeu_ps(o.add(j * os + 16 * v), *a);
         }
     }
 }
@@ -822,11 +863,11 @@ unsafe fn cols_avx2(
     d: usize,
     w: &[f32],
     nw: usize,
-    out: &mut [f32],
+    (op, os): (*mut f32, usize),
     next: &[f16],
 ) {
     use std::arch::x86_64::*;
-    let (kp, wp, op) = (kt.as_ptr() as *const u16, w.as_ptr(), out.as_mut_ptr());
+    let (kp, wp) = (kt.as_ptr() as *const u16, w.as_ptr());
     let ahead = NextLines::of(next, bt);
     for j in 0..nw {
         // Strips of 32 columns (4 accumulators) so the registers hold them.
@@ -846,7 +887,7 @@ unsafe fn cols_avx2(
                 }
             }
             for (v, a) in acc.iter().enumerate().take(nv) {
-                _mm256_storeu_ps(op.add(j * bt + t0 + 8 * v), *a);
+                _mm256_storeu_ps(op.add(j * os + t0 + 8 * v), *a);
             }
         }
     }
@@ -886,6 +927,41 @@ mod tests {
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
                             "{k:?} d {d} bt {bt}: {g} vs {e}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_column_scores_are_the_same_bits_in_place_and_leave_the_gaps_alone() {
+        for (d, nw, bt) in [(64, 3, 32), (128, 7, 16), (24, 4, 8), (32, 16, 48)] {
+            let mut rng = Rng(d as u64 * 5 + nw as u64);
+            let kt: Vec<f16> = rng
+                .vec(d * bt, 2.0)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let w = rng.vec(nw * d, 1.0);
+            let stride = bt * 3 + 5;
+            for k in super::super::available() {
+                let mut dense = vec![f32::NAN; nw * bt];
+                cols_dot_with(k, &kt, bt, &w, &mut dense, &[]);
+                let mut rows = vec![7.0f32; nw * stride];
+                // SAFETY: nw rows of bt, stride apart, inside `rows`.
+                unsafe { cols_dot_raw(k, &kt, bt, &w, rows.as_mut_ptr().add(2), stride, &kt) };
+                for j in 0..nw {
+                    for t in 0..stride {
+                        let g = rows[j * stride + t];
+                        if (2..2 + bt).contains(&t) {
+                            assert_eq!(
+                                g.to_bits(),
+                                dense[j * bt + t - 2].to_bits(),
+                                "{k:?} {d}x{bt}"
+                            );
+                        } else {
+                            assert_eq!(g, 7.0, "{k:?}: wrote outside row {j}'s columns (at {t})");
+                        }
                     }
                 }
             }

@@ -47,7 +47,7 @@ use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
 use crate::kernels::{
     add_softmax,
-    rowdot::{cols_dot_f16_next, MAX_VECTORS},
+    rowdot::{cols_dot_f16_next, cols_dot_f16_next_strided, MAX_VECTORS},
     softmax_stats,
 };
 use crate::kv::{BlockData, BlockView, KvCache};
@@ -397,6 +397,11 @@ impl TokenSelect {
                 kept.add(h, lo, hi);
                 continue;
             }
+            if aligned {
+                // The candidates are entries lo..hi, their votes in place: the runs from 64-entry masks.
+                chosen_runs(&self.vote[lo..hi], |a, b| kept.add(h, lo + a, lo + b));
+                continue;
+            }
             let mut run: Option<usize> = None;
             for (j, &c) in w.cand.iter().enumerate() {
                 let on = self.vote[c as usize] == CHOSEN;
@@ -435,7 +440,7 @@ impl TokenSelect {
             }
             w.prepare(cx, h, aligned);
             let (lo, hi, _) = w.m;
-            raw.clear();
+            // Every entry is written by the scoring tasks below: only a longer row set needs new (zeroed) room.
             raw.resize(g * (hi - lo), 0.0);
             let (mut b, b1) = (lo / bt, hi.div_ceil(bt));
             while b < b1 {
@@ -453,17 +458,16 @@ impl TokenSelect {
         unsafe impl Send for Out {}
         let outs: smallvec::SmallVec<[Out; 8]> =
             self.raw.iter_mut().map(|p| Out(p.as_mut_ptr())).collect();
+        let outs = &outs;
         let (work, plan) = (&self.work, &self.plan);
         crate::kernels::team::for_each_chunk_mut(&mut self.bufs[..plan.len()], 1, |i, buf| {
             let (h, b0, b1) = plan[i];
             let (w, buf) = (&work[h], &mut buf[0]);
             let (lo, hi, _) = w.m;
-            let (t0, t1) = ((b0 * bt).max(lo), (b1 * bt).min(hi));
-            let nt = t1 - t0;
-            buf.scores.clear();
-            buf.scores.resize(g * nt, 0.0);
+            // A block's keys or scores (hk or g rows of bt); a key, then the scores of a block read key by key.
             buf.row.resize(cx.cache.cfg.head_dim_k.max(g) * bt, 0.0);
-            buf.key.resize(cx.cache.cfg.head_dim_k, 0.0);
+            buf.key
+                .resize(cx.cache.cfg.head_dim_k.max(g * bt) + g * bt, 0.0);
             for b in b0..b1 {
                 let view = cx.cache.block(cx.layer, h, b);
                 // Blocks are separate allocations: ask for the next one's keys while this one is scored (an f16
@@ -477,24 +481,19 @@ impl TokenSelect {
                     }
                 }
                 let (s0, s1) = (lo.max(b * bt) - b * bt, hi.min((b + 1) * bt) - b * bt);
-                let out = (&mut buf.scores[..], nt, b * bt + s0 - t0);
-                score_block(
-                    &view,
-                    bt,
-                    (s0, s1),
-                    (&w.qg, g),
-                    out,
-                    (&mut buf.row, &mut buf.key),
-                    next,
-                );
-            }
-            let n = hi - lo;
-            for r in 0..g {
-                // SAFETY: row r of head h spans raw[r·n .. (r + 1)·n]; this task's columns t0 − lo .. t1 − lo
-                // lie inside it, and no other task's do.
+                // SAFETY: head h's g rows of hi − lo scores; this block's columns b·bt + s0 − lo .. + (s1 − s0) lie
+                // inside every row, and only this task writes them.
                 unsafe {
-                    let dst = outs[h].0.add(r * n + t0 - lo);
-                    std::ptr::copy_nonoverlapping(buf.scores[r * nt..].as_ptr(), dst, nt);
+                    let dst = (outs[h].0.add(b * bt + s0 - lo), hi - lo);
+                    score_block(
+                        &view,
+                        bt,
+                        (s0, s1),
+                        (&w.qg, g),
+                        dst,
+                        (&mut buf.row, &mut buf.key),
+                        next,
+                    );
                 }
             }
         });
@@ -529,16 +528,56 @@ impl TokenSelect {
     }
 }
 
+/// Calls `add(a, b)` for each maximal run `[a, b)` of CHOSEN entries of `vote`, in order: 64 entries to a mask
+/// (the comparison vectorizes), then the runs' edges by counting zeros, so the work follows the runs, not the entries.
+fn chosen_runs(vote: &[f32], mut add: impl FnMut(usize, usize)) {
+    let mut start: Option<usize> = None;
+    for (ci, chunk) in vote.chunks(64).enumerate() {
+        let mut m = 0u64;
+        for (i, &x) in chunk.iter().enumerate() {
+            m |= ((x == CHOSEN) as u64) << i;
+        }
+        let (base, len) = (ci * 64, chunk.len() as u32);
+        let mut at = 0u32;
+        while at < len {
+            match start {
+                None => {
+                    let rest = m >> at;
+                    if rest == 0 {
+                        break;
+                    }
+                    at += rest.trailing_zeros();
+                    start = Some(base + at as usize);
+                }
+                Some(a) => {
+                    let rest = !m >> at;
+                    if rest == 0 {
+                        break;
+                    }
+                    at += rest.trailing_zeros();
+                    if at >= len {
+                        break;
+                    }
+                    add(a, base + at as usize);
+                    start = None;
+                }
+            }
+        }
+    }
+    if let Some(a) = start {
+        add(a, vote.len());
+    }
+}
+
 /// Tokens per task of the soft vote's sum.
 const VOTE_CHUNK: usize = 2048;
 
 /// Blocks per scoring task (512 keys at 32-token blocks).
 const SCORE_BLOCKS: usize = 16;
 
-/// One scoring task's scratch: its candidates' raw scores (g × its keys), a block's keys as f32, a key.
+/// One scoring task's scratch: a block's scores or keys as f32, a key.
 #[derive(Default)]
 struct ScoreBuf {
-    scores: Vec<f32>,
     row: Vec<f32>,
     key: Vec<f32>,
 }
@@ -593,71 +632,103 @@ fn block_key_bytes(view: &BlockView) -> usize {
     }
 }
 
-/// Raw q·k of slots `[s0, s1)` of a block for the `g` queries in `qg` (g × hk): into `out.0[i · out.1 + out.2 + s − s0]`.
-fn score_block(
+/// Raw q·k of slots `[s0, s1)` of a block for the `g` queries in `qg` (g × hk): query i's score of slot s goes to
+/// `dst.0[i · dst.1 + s − s0]`.
+///
+/// # Safety
+/// `dst.0` must be valid for writes at `i · dst.1 + j` for i < g, j < s1 − s0, and nothing else may access those
+/// elements meanwhile.
+unsafe fn score_block(
     view: &BlockView,
     bt: usize,
     (s0, s1): (usize, usize),
     (qg, g): (&[f32], usize),
-    out: (&mut [f32], usize, usize),
+    dst: (*mut f32, usize),
     (row, key): (&mut [f32], &mut [f32]),
     next: &[half::f16],
 ) {
-    let (out, n, off) = out;
     let hk = qg.len() / g;
     let w = s1 - s0;
     let channel = |ci: usize| view.channels.map_or(ci, |ch| ch[ci] as usize);
+    // The g rows of w scores computed into `out` (g × w) are copied to their place.
+    let place = |out: &[f32]| {
+        for (i, r) in out.chunks_exact(w).enumerate().take(g) {
+            // SAFETY: the caller's rows (above).
+            unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), dst.0.add(i * dst.1), w) };
+        }
+    };
     match view.data {
         BlockData::F16 { k, .. } if view.channels.is_none() && g <= MAX_VECTORS => {
-            // Every key of the block against the g queries in one pass over its channels (SIMD kernel), then the
-            // wanted slots.
-            let all = &mut row[..g * bt];
+            // Every key of the block against the g queries in one pass over its channels (SIMD kernel): a whole
+            // block straight into the rows, part of one through the scratch.
             let next = if next.len() >= hk * bt {
                 &next[..hk * bt]
             } else {
                 &[]
             };
-            cols_dot_f16_next(&k[..hk * bt], bt, qg, all, next);
-            for i in 0..g {
-                out[i * n + off..][..w].copy_from_slice(&all[i * bt + s0..i * bt + s1]);
+            if w == bt {
+                // SAFETY: the caller's rows, bt wide here.
+                unsafe { cols_dot_f16_next_strided(&k[..hk * bt], bt, qg, dst.0, dst.1, next) };
+            } else {
+                let all = &mut row[..g * bt];
+                cols_dot_f16_next(&k[..hk * bt], bt, qg, all, next);
+                for i in 0..g {
+                    // SAFETY: the caller's rows (above).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            all[i * bt + s0..].as_ptr(),
+                            dst.0.add(i * dst.1),
+                            w,
+                        )
+                    };
+                }
             }
         }
         BlockData::F16 { k, .. } => {
             // The block's keys at once (one conversion call, vectorized), then as the f32 case.
             let rows = &mut row[..view.hk * bt];
             k[..view.hk * bt].convert_to_f32_slice(rows);
+            let out = &mut key[..g * w];
+            out.fill(0.0);
             for ci in 0..view.hk {
                 let c = channel(ci);
                 let src = &rows[ci * bt + s0..ci * bt + s1];
                 for i in 0..g {
                     let qc = qg[i * hk + c];
-                    for (o, r) in out[i * n + off..][..w].iter_mut().zip(src) {
+                    for (o, r) in out[i * w..][..w].iter_mut().zip(src) {
                         *o += qc * r;
                     }
                 }
             }
+            place(out);
         }
         BlockData::F32 { k, .. } => {
+            let out = &mut row[..g * w];
+            out.fill(0.0);
             for ci in 0..view.hk {
                 let c = channel(ci);
                 let src = &k[ci * bt + s0..ci * bt + s1];
                 for i in 0..g {
                     let qc = qg[i * hk + c];
-                    for (o, r) in out[i * n + off..][..w].iter_mut().zip(src) {
+                    for (o, r) in out[i * w..][..w].iter_mut().zip(src) {
                         *o += qc * r;
                     }
                 }
             }
+            place(out);
         }
         // Quantized, or offloaded to disk (read whole once, through the per-entry reader's buffer).
         BlockData::Quant(_) | BlockData::Disk(_) => {
+            let (key, out) = key.split_at_mut(hk);
+            let out = &mut out[..g * w];
             for s in s0..s1 {
                 view.read_key(s, key);
                 for i in 0..g {
                     let q = &qg[i * hk..][..hk];
-                    out[i * n + off + s - s0] = q.iter().zip(key.iter()).map(|(a, b)| a * b).sum();
+                    out[i * w + s - s0] = q.iter().zip(key.iter()).map(|(a, b)| a * b).sum();
                 }
             }
+            place(out);
         }
     }
 }
@@ -722,6 +793,42 @@ mod tests {
     const NQ: usize = 4; // group 2
     const LEN: usize = 200;
     const ROPE: (RopeStyle, usize, f32) = (RopeStyle::Norm, HK, 10000.0);
+
+    #[test]
+    fn chosen_runs_are_the_maximal_runs_of_chosen_entries() {
+        let mut rng = Rng::seeded(3);
+        for n in [0, 1, 5, 63, 64, 65, 127, 128, 129, 300] {
+            for density in [0.0f32, 0.05, 0.5, 0.95, 1.0] {
+                let vote: Vec<f32> = (0..n)
+                    .map(|_| {
+                        if (rng.below(1000) as f32) < density * 1000.0 {
+                            CHOSEN
+                        } else {
+                            0.5
+                        }
+                    })
+                    .collect();
+                let mut want = Vec::new();
+                let mut run = None;
+                for (i, &x) in vote.iter().enumerate() {
+                    match (x == CHOSEN, run) {
+                        (true, None) => run = Some(i),
+                        (false, Some(a)) => {
+                            want.push((a, i));
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(a) = run {
+                    want.push((a, n));
+                }
+                let mut got = Vec::new();
+                chosen_runs(&vote, |a, b| got.push((a, b)));
+                assert_eq!(got, want, "{n} entries at density {density}");
+            }
+        }
+    }
 
     /// One layer, two KV heads of 200 small random keys; `planted` entries of KV head 1 get a large key along `u`.
     fn cache(dtype: KvDtype, planted: &[usize], u: &[f32]) -> KvCache {
