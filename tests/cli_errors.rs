@@ -537,6 +537,53 @@ fn max_tokens_minus_one_runs_to_the_context_and_other_negatives_are_named() {
 }
 
 #[test]
+fn sampling_flags_out_of_range_or_malformed_are_named() {
+    let f = Fixture::new();
+    let m = f.path("tiny.gguf");
+    let gen = |extra: &[&'static str]| {
+        let mut a = vec!["generate", "--model", &m, "-p", "the", "-n", "2"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    for (extra, needles) in [
+        (
+            &["--frequency-penalty", "2.5"][..],
+            &["--frequency-penalty must be between -2 and 2, got 2.5"][..],
+        ),
+        (
+            &["--presence-penalty", "-3"],
+            &["--presence-penalty", "got -3"],
+        ),
+        (&["--logit-bias", "15"], &["'15'", "TOKEN_ID(+/-)BIAS"]),
+        (&["--logit-bias", "x+1"], &["TOKEN_ID(+/-)BIAS"]),
+        (
+            &["--logit-bias", "99999+1"],
+            &["token 99999", "outside the model's vocabulary"],
+        ),
+    ] {
+        let args = gen(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_error(&args, f.home(), needles);
+    }
+    // In range, they run.
+    let args = gen(&[
+        "--frequency-penalty",
+        "-0.5",
+        "--presence-penalty",
+        "1",
+        "--logit-bias",
+        "3-inf",
+        "--logit-bias",
+        "4+2",
+        "--temperature",
+        "0",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = hayloft_out(&args, f.home());
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn too_many_threads_are_capped_with_a_warning() {
     let f = Fixture::new();
     let (code, _, err) = hayloft_out(

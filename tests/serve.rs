@@ -289,6 +289,44 @@ fn endpoints_answer_in_openai_shapes() {
     assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
     assert!(lp[0]["logprob"].as_f64().unwrap() <= 0.0);
 
+    // logit_bias: +100 forces a token at every step, -100 bans the one greedy picks; the penalties are taken.
+    let forced = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": true,
+                "logit_bias": {"42": 100}}),
+    );
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    let want = post(a, "/detokenize", &json!({"tokens": [42, 42, 42]})).json();
+    assert_eq!(forced.json()["choices"][0]["text"], want["prompt"]);
+    // Of 42 and 43 both raised by 100, greedy takes the one the model prefers; banning it (-100) leaves the other.
+    let first = |bias: Value| {
+        let r = post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0, "ignore_eos": true,
+                    "logit_bias": bias, "presence_penalty": 0.5, "frequency_penalty": -0.5}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["text"].clone()
+    };
+    let text =
+        |id: u32| post(a, "/detokenize", &json!({ "tokens": [id] })).json()["prompt"].clone();
+    let (t42, t43) = (text(42), text(43));
+    assert_ne!(t42, t43);
+    let both = first(json!({"42": 100, "43": 100}));
+    let (won, other, other_text) = if both == t42 {
+        (42, 43, &t43)
+    } else {
+        (43, 42, &t42)
+    };
+    assert!(
+        both == t42 || both == t43,
+        "{both} is neither token 42 nor 43"
+    );
+    let banned = first(json!({ won.to_string(): -100, other.to_string(): 100 }));
+    assert_eq!(&banned, other_text, "token {won} was banned");
+
     // A batch of prompts (text and ids) × n: choices in order, each prompt counted once in usage.
     let r = post(
         a,
@@ -699,9 +737,22 @@ fn errors_get_status_and_openai_json_and_the_server_keeps_serving() {
     let r = post(
         a,
         "/v1/chat/completions",
-        &json!({"messages": [{"role": "user"}], "frequency_penalty": 1}),
+        &json!({"messages": [{"role": "user"}], "frequency_penalty": 3}),
     );
     assert_error(&r, 400, "frequency_penalty");
+    for (bias, needle) in [
+        (json!({"abc": 1}), "logit_bias"),
+        (json!({"5": 101}), "-100 to 100"),
+        (json!({"99999999": 1}), "logit_bias"),
+        (json!([1, 2]), "logit_bias"),
+    ] {
+        let r = post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": "the", "logit_bias": bias}),
+        );
+        assert_error(&r, 400, needle);
+    }
     let r = get(a, "/v2/nothing");
     assert_error(&r, 404, "/v2/nothing");
     ok(a);

@@ -40,6 +40,7 @@ pub struct ChatArgs {
 pub fn run(a: ChatArgs) -> Result<()> {
     let sampler_cfg = a.sampling.config()?;
     let mut l = a.model.load()?;
+    sampler_cfg.check_vocab(l.model.config().vocab)?;
     a.compress
         .apply(&mut l.session_cfg.kv, crate::methods::CompressAt::Prompt);
     let tpl = l.chat_template()?;

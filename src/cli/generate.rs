@@ -61,6 +61,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty");
     }
     let mut l = a.model.load()?;
+    sampler_cfg.check_vocab(l.model.config().vocab)?;
     // One prompt: it is the context, compressed once at its end under either protocol; decoding does not compress
     // unless the spec has every@N.
     a.compress

@@ -291,13 +291,28 @@ pub struct SamplingArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0.05)]
     pub min_p: f32,
-    /// 1 = off.
+    /// Divides (multiplies, when negative) the logit of each token among the last --repeat-last-n once. 1 = off.
     #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
+    /// Tokens the penalties look back over (prompt included).
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
+    /// Lowers a recent token's logit by this much per occurrence (OpenAI's frequency penalty, -2 to 2). 0 = off.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Lowers the logit of every token among the recent ones by this much (OpenAI's presence penalty, -2 to 2). 0 = off.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Adds a bias to one token's logit, as llama.cpp writes it: TOKEN_ID(+/-)BIAS (`15043+1`, `15043-inf` bans the
+    /// token). Repeat the flag for more tokens.
+    #[arg(long, value_name = "TOKEN_ID(+/-)BIAS", value_parser = parse_logit_bias_arg)]
+    pub logit_bias: Vec<(u32, f32)>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+}
+
+fn parse_logit_bias_arg(s: &str) -> std::result::Result<(u32, f32), String> {
+    crate::engine::sampler::parse_logit_bias(s).map_err(|e| format!("{e:#}"))
 }
 
 impl SamplingArgs {
@@ -309,6 +324,9 @@ impl SamplingArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: self.logit_bias.clone(),
             seed: self.seed,
         };
         c.validate()?;

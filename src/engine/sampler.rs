@@ -1,5 +1,9 @@
-//! Token sampling, in llama.cpp's default order: repetition penalty → top-k → top-p → min-p → temperature → draw.
-//! Temperature 0 is greedy (argmax after the penalty).
+//! Token sampling, in llama.cpp's default order: logit bias → penalties → top-k → top-p → min-p → temperature →
+//! draw. Temperature 0 is greedy (argmax after the bias and the penalties).
+//!
+//! The penalties are llama.cpp's (`llama_sampler_penalties`): over the last `repeat_last_n` tokens of the history
+//! (prompt included), each distinct token that occurs `c` times has its logit divided by `repeat_penalty` (multiplied
+//! when negative) once, then lowered by `c · frequency_penalty + presence_penalty` (OpenAI's additive penalties).
 
 #[derive(Clone, Debug)]
 pub struct SamplerConfig {
@@ -9,8 +13,14 @@ pub struct SamplerConfig {
     pub top_p: f32,
     pub min_p: f32,
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
+    /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
+    /// Lowers a recent token's logit by this much per occurrence (OpenAI's `frequency_penalty`, −2 to 2; 0 = off).
+    pub frequency_penalty: f32,
+    /// Lowers every recent token's logit by this much once (OpenAI's `presence_penalty`, −2 to 2; 0 = off).
+    pub presence_penalty: f32,
+    /// Added to these tokens' logits before anything else (OpenAI's `logit_bias`; −∞ bans a token): (token, bias).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -23,6 +33,9 @@ impl Default for SamplerConfig {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 42,
         }
     }
@@ -46,12 +59,60 @@ impl SamplerConfig {
             self.min_p
         );
         anyhow::ensure!(
-            self.repeat_penalty > 0.0,
+            self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite(),
             "--repeat-penalty must be > 0, got {}",
             self.repeat_penalty
         );
+        for (name, v) in [
+            ("--frequency-penalty", self.frequency_penalty),
+            ("--presence-penalty", self.presence_penalty),
+        ] {
+            anyhow::ensure!(
+                (-2.0..=2.0).contains(&v),
+                "{name} must be between -2 and 2, got {v}"
+            );
+        }
+        for &(t, b) in &self.logit_bias {
+            anyhow::ensure!(
+                !b.is_nan() && b != f32::INFINITY,
+                "--logit-bias for token {t} must be a number or -inf, got {b}"
+            );
+        }
         Ok(())
     }
+
+    /// Checks the biased tokens against the model's vocabulary (`n_vocab` logits).
+    pub fn check_vocab(&self, n_vocab: usize) -> anyhow::Result<()> {
+        if let Some(&(t, _)) = self
+            .logit_bias
+            .iter()
+            .find(|&&(t, _)| t as usize >= n_vocab)
+        {
+            anyhow::bail!(
+                "--logit-bias names token {t}, outside the model's vocabulary of {n_vocab}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A `--logit-bias` value as llama.cpp writes it: `TOKEN_ID(+/-)BIAS`, e.g. `15043+1`, `15043-0.5`, `2-inf`.
+pub fn parse_logit_bias(s: &str) -> anyhow::Result<(u32, f32)> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--logit-bias '{s}': expected TOKEN_ID(+/-)BIAS, e.g. 15043+1, 15043-0.5 or 15043-inf (the token banned)"
+        )
+    };
+    let at = s.find(['+', '-']).ok_or_else(bad)?;
+    let token: u32 = s[..at].parse().map_err(|_| bad())?;
+    let bias: f32 = match &s[at..] {
+        "-inf" => f32::NEG_INFINITY,
+        b => b.parse().map_err(|_| bad())?,
+    };
+    if !bias.is_finite() && bias != f32::NEG_INFINITY {
+        return Err(bad());
+    }
+    Ok((token, bias))
 }
 
 pub struct Sampler {
@@ -59,6 +120,8 @@ pub struct Sampler {
     rng: u64,
     /// (logit or probability, token id) candidates; reused across steps.
     cand: Vec<(f32, u32)>,
+    /// The penalties' window of recent tokens, sorted; reused across steps.
+    recent: Vec<u32>,
 }
 
 impl Sampler {
@@ -68,6 +131,37 @@ impl Sampler {
             cfg,
             rng,
             cand: Vec::new(),
+            recent: Vec::new(),
+        }
+    }
+
+    /// The logit bias, then the penalties (module comment), in place.
+    pub fn adjust(&mut self, logits: &mut [f32], history: &[u32]) {
+        let c = &self.cfg;
+        for &(t, b) in &c.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if c.repeat_penalty == 1.0 && c.frequency_penalty == 0.0 && c.presence_penalty == 0.0 {
+            return;
+        }
+        let start = history.len().saturating_sub(c.repeat_last_n);
+        self.recent.clear();
+        self.recent.extend_from_slice(&history[start..]);
+        self.recent.sort_unstable();
+        for run in self.recent.chunk_by(|a, b| a == b) {
+            let Some(l) = logits.get_mut(run[0] as usize) else {
+                continue;
+            };
+            if c.repeat_penalty != 1.0 {
+                *l = if *l > 0.0 {
+                    *l / c.repeat_penalty
+                } else {
+                    *l * c.repeat_penalty
+                };
+            }
+            *l -= run.len() as f32 * c.frequency_penalty + c.presence_penalty;
         }
     }
 
@@ -81,21 +175,11 @@ impl Sampler {
         (z >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    /// Picks the next token from `logits` (modified in place by the penalty). `history` = tokens so far.
+    /// Picks the next token from `logits` (modified in place by the bias and the penalties). `history` = tokens so
+    /// far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.adjust(logits, history);
         let c = &self.cfg;
-        if c.repeat_penalty != 1.0 {
-            let start = history.len().saturating_sub(c.repeat_last_n);
-            for &t in &history[start..] {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / c.repeat_penalty
-                    } else {
-                        *l * c.repeat_penalty
-                    };
-                }
-            }
-        }
         if c.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -181,6 +265,76 @@ mod tests {
         assert_eq!(s.sample(&mut l.clone(), &[]), 1);
         s.cfg.repeat_penalty = 1.5;
         assert_eq!(s.sample(&mut l, &[1]), 2);
+    }
+
+    #[test]
+    fn penalties_count_each_recent_token_once_as_llama_cpp_does() {
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            repeat_penalty: 2.0,
+            repeat_last_n: 4,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..Default::default()
+        });
+        let mut l = vec![4.0, -1.0, 3.0, 1.0, 0.0];
+        // Token 0 is outside the window of 4; token 2 occurs three times, token 1 once.
+        s.adjust(&mut l, &[0, 2, 1, 2, 2]);
+        // 2: 3 / 2 once (not 3 / 2³), then − 3 · 0.5 − 0.25; 1: −1 · 2 − 0.5 − 0.25.
+        assert_eq!(l, vec![4.0, -2.75, -0.25, 1.0, 0.0]);
+        // Off: nothing changes.
+        let mut s = Sampler::new(SamplerConfig::default());
+        let mut l2 = vec![4.0, -1.0, 3.0];
+        s.adjust(&mut l2, &[0, 1, 2, 2]);
+        assert_eq!(l2, vec![4.0, -1.0, 3.0]);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let cfg = |bias: Vec<(u32, f32)>| SamplerConfig {
+            temperature: 0.0,
+            logit_bias: bias,
+            ..Default::default()
+        };
+        let l = vec![0.1, 3.0, 2.9, -1.0];
+        assert_eq!(Sampler::new(cfg(vec![])).sample(&mut l.clone(), &[]), 1);
+        let banned = cfg(vec![(1, f32::NEG_INFINITY)]);
+        assert_eq!(Sampler::new(banned).sample(&mut l.clone(), &[]), 2);
+        let forced = cfg(vec![(3, 100.0)]);
+        assert_eq!(Sampler::new(forced.clone()).sample(&mut l.clone(), &[]), 3);
+        assert!(forced.check_vocab(4).is_ok());
+        assert!(format!("{:#}", forced.check_vocab(3).unwrap_err()).contains("token 3"));
+        // Sampled (not greedy) too: a banned token is never drawn.
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            logit_bias: vec![(0, f32::NEG_INFINITY)],
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            assert_ne!(s.sample(&mut [5.0, 0.0, 0.0], &[]), 0);
+        }
+    }
+
+    #[test]
+    fn logit_bias_flags_parse_as_llama_cpp_writes_them() {
+        assert_eq!(parse_logit_bias("15043+1").unwrap(), (15043, 1.0));
+        assert_eq!(parse_logit_bias("7-0.5").unwrap(), (7, -0.5));
+        assert_eq!(parse_logit_bias("2-inf").unwrap(), (2, f32::NEG_INFINITY));
+        for bad in ["", "15043", "+1", "x+1", "3+", "3+inf", "3+nan", "-1+2"] {
+            let e = parse_logit_bias(bad).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("TOKEN_ID(+/-)BIAS"),
+                "{bad}: {e:#}"
+            );
+        }
+        let c = SamplerConfig {
+            frequency_penalty: 2.5,
+            ..Default::default()
+        };
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("--frequency-penalty"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The JSON requests the OpenAI-style endpoints take, parsed once into what the engine runs ([`GenParams`]).
 //!
 //! Unknown fields are ignored (clients send many we have no use for); fields we know but cannot honour with the
-//! value given (`frequency_penalty` ≠ 0, `n` over the limit) are a 400 naming them.
+//! value given (`frequency_penalty` outside −2..2, `n` over the limit) are a 400 naming them.
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -96,6 +96,8 @@ pub struct Sampling {
     pub repeat_last_n: Option<usize>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// OpenAI's `logit_bias`: token id (as a string key) → bias added to its logit, −100 to 100 (−100 bans it).
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
     pub n: Option<usize>,
@@ -218,16 +220,19 @@ impl Sampling {
         let bad = |field: &str, msg: String| {
             ApiError::bad_request(format!("field `{field}`: {msg}")).code("invalid_field")
         };
-        for (name, v) in [
-            ("frequency_penalty", self.frequency_penalty),
-            ("presence_penalty", self.presence_penalty),
-        ] {
-            if v.is_some_and(|x| x != 0.0) {
+        let mut logit_bias = Vec::new();
+        for (key, &b) in self.logit_bias.iter().flatten() {
+            let Ok(t) = key.parse::<u32>() else {
+                return Err(bad("logit_bias", format!("key '{key}' is not a token id")));
+            };
+            if !(-100.0..=100.0).contains(&b) {
                 return Err(bad(
-                    name,
-                    "not supported; use repeat_penalty (llama.cpp's multiplicative penalty) instead".into(),
+                    "logit_bias",
+                    format!("token {t}: bias {b}, give -100 to 100"),
                 ));
             }
+            // OpenAI's −100 bans the token outright.
+            logit_bias.push((t, if b == -100.0 { f32::NEG_INFINITY } else { b }));
         }
         let d = SamplerConfig::default();
         let sampler = SamplerConfig {
@@ -237,14 +242,14 @@ impl Sampling {
             min_p: self.min_p.unwrap_or(d.min_p),
             repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
             repeat_last_n: self.repeat_last_n.unwrap_or(d.repeat_last_n),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            logit_bias,
             seed: self.seed.unwrap_or_else(random_seed),
         };
-        sampler.validate().map_err(|e| {
-            bad(
-                "sampling",
-                format!("{e:#}").replace("--", "").replace('-', "_"),
-            )
-        })?;
+        sampler
+            .validate()
+            .map_err(|e| bad("sampling", flags_as_fields(&format!("{e:#}"))))?;
         let stop: Vec<String> = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -282,6 +287,24 @@ impl Sampling {
                 .is_some_and(|o| o.include_usage),
         })
     }
+}
+
+/// A command-line message as the API's: each `--flag-name` becomes `flag_name`; nothing else changes (a negative
+/// number keeps its sign).
+fn flags_as_fields(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(at) = rest.find("--") {
+        out.push_str(&rest[..at]);
+        let name = &rest[at + 2..];
+        let end = name
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+            .unwrap_or(name.len());
+        out.push_str(&name[..end].replace('-', "_"));
+        rest = &name[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Checks a count of alternatives per position.

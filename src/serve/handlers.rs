@@ -325,6 +325,8 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
     let r = ready(&sh)?;
     let req: CompletionRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
+    let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
+    check_ids(&r, &biased, "logit_bias")?;
     let top = req
         .logprobs
         .map(|n| api::check_top("logprobs", n))
@@ -391,6 +393,8 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     let r = ready(&sh)?;
     let req: ChatRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
+    let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
+    check_ids(&r, &biased, "logit_bias")?;
     if req.messages.is_empty() {
         return Err(
             ApiError::bad_request("field `messages`: an empty list").code("invalid_messages")
