@@ -740,6 +740,40 @@ fn errors_get_status_and_openai_json_and_the_server_keeps_serving() {
         &json!({"messages": [{"role": "user"}], "frequency_penalty": 3}),
     );
     assert_error(&r, 400, "frequency_penalty");
+    for (path, extra, field) in [
+        (
+            "/v1/chat/completions",
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        ("/v1/completions", json!({"suffix": "end"}), "suffix"),
+        ("/v1/completions", json!({"best_of": 3}), "best_of"),
+    ] {
+        let mut body = if path == "/v1/completions" {
+            json!({"prompt": "the", "max_tokens": 1})
+        } else {
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        };
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        assert_error(&post(a, path, &body), 400, field);
+        // The neutral value passes.
+        let neutral = match field {
+            "response_format" => json!({"type": "text"}),
+            "tools" => json!([]),
+            "suffix" => json!(""),
+            _ => json!(1),
+        };
+        body[field] = neutral;
+        let r = post(a, path, &body);
+        assert_eq!(r.status, 200, "{field}: {}", r.body);
+    }
     for (bias, needle) in [
         (json!({"abc": 1}), "logit_bias"),
         (json!({"5": 101}), "-100 to 100"),

@@ -185,6 +185,53 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
 }
 
+/// Fields that ask for behaviour hayloft does not have, parsed from the same body on their own: a request that
+/// uses one is refused with a 400 naming it rather than answered as if the field were absent (llama-server refuses
+/// `tools` without `--jinja` the same way). Their neutral values (`{"type": "text"}`, an empty tool list, `"none"`,
+/// `best_of` 1, an empty suffix) pass.
+#[derive(Deserialize, Debug, Default)]
+pub struct Unsupported {
+    pub response_format: Option<serde_json::Value>,
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub functions: Option<Vec<serde_json::Value>>,
+    pub suffix: Option<String>,
+    pub best_of: Option<usize>,
+}
+
+impl Unsupported {
+    pub fn check(&self) -> Result<(), ApiError> {
+        let refuse = |field: &str, msg: &str| {
+            Err(ApiError::bad_request(format!("field `{field}`: {msg}")).code("unsupported_field"))
+        };
+        if let Some(f) = &self.response_format {
+            if f.get("type").and_then(|t| t.as_str()) != Some("text") {
+                return refuse(
+                    "response_format",
+                    "only {\"type\": \"text\"} is supported (hayloft has no constrained decoding for JSON output)",
+                );
+            }
+        }
+        let tool_choice_none = self.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none");
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none {
+            return refuse(
+                "tools",
+                "tool calling is not supported (send no tools, or tool_choice \"none\")",
+            );
+        }
+        if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+            return refuse("functions", "function calling is not supported");
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return refuse("suffix", "fill-in-the-middle completion is not supported");
+        }
+        if self.best_of.is_some_and(|b| b > 1) {
+            return refuse("best_of", "only 1 is supported; use n for several choices");
+        }
+        Ok(())
+    }
+}
+
 /// What the engine runs for one choice, besides the prompt.
 #[derive(Clone, Debug)]
 pub struct GenParams {

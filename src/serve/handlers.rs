@@ -325,6 +325,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
     let r = ready(&sh)?;
     let req: CompletionRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
+    api::parse::<api::Unsupported>(&body)?.check()?;
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
     let top = req
@@ -393,6 +394,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     let r = ready(&sh)?;
     let req: ChatRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
+    api::parse::<api::Unsupported>(&body)?.check()?;
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
     if req.messages.is_empty() {
