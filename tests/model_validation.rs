@@ -24,9 +24,20 @@ fn gemma3() -> GgufWriter {
 /// Opens `bytes` as a model the way every command does (container, model, tokenizer), then runs two tokens.
 fn open_and_run(bytes: Vec<u8>) -> Result<(), String> {
     let e = |e: anyhow::Error| format!("{e:#}");
-    let g = GgufFile::from_bytes(bytes, FILE).map_err(|e| e.to_string())?;
-    let model = Model::from_gguf(&g).map_err(e)?;
+    // In the order `hayloft generate` and `serve` load: the architecture, the tokenizer, then the vocabulary's arrays
+    // shed (its size kept for the checks) before the model.
+    let mut g = GgufFile::from_bytes(bytes, FILE).map_err(|e| e.to_string())?;
+    Model::check_architecture(&g).map_err(e)?;
     let tok = Tokenizer::from_gguf(&g).map_err(e)?;
+    let n_tokens = g.token_count();
+    g.shed_vocabulary();
+    assert!(g.get("tokenizer.ggml.tokens").is_none() && g.get("tokenizer.ggml.merges").is_none());
+    assert_eq!(
+        g.token_count(),
+        n_tokens,
+        "the shed vocabulary keeps its size"
+    );
+    let model = Model::from_gguf(&g).map_err(e)?;
     let ids = tok.encode("the", false, false).map_err(e)?;
     let mut cfg = SessionConfig::for_model(&model);
     cfg.chunk_size = 2;
@@ -222,6 +233,14 @@ fn out_of_range_hyper_parameters_are_refused() {
     let mut tokens = vocab.unwrap().value.as_array().unwrap().to_vec();
     tokens.push(Value::String("extra".into()));
     w.set_meta("tokenizer.ggml.tokens", Value::Array(tokens));
+    // The tokenizer's own arrays agree (one type per token), so it is the model that refuses the file.
+    let types = lay
+        .metadata
+        .iter()
+        .find(|m| m.key == "tokenizer.ggml.token_type");
+    let mut types = types.unwrap().value.as_array().unwrap().to_vec();
+    types.push(Value::I32(1));
+    w.set_meta("tokenizer.ggml.token_type", Value::Array(types));
     refused(w.to_bytes(), &["tokenizer has 263 tokens", "262 rows"]);
 }
 

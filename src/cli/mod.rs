@@ -368,11 +368,15 @@ impl ModelArgs {
         let kv_dtype = crate::methods::storage_for(&kv_spec, kv_dtype)?;
         init_threads(self.threads.as_ref().map(Threads::one).transpose()?)?;
         let path = crate::fetch::resolve_model(self.model.as_deref())?;
-        let gguf = GgufFile::open(&path)?;
-        let mut model = Model::from_gguf(&gguf)?;
+        let mut gguf = GgufFile::open(&path)?;
+        Model::check_architecture(&gguf)?;
         let chat_template = ChatTemplate::from_gguf(&gguf).map_err(|e| format!("{e:#}"));
         let tokenizer = Tokenizer::from_gguf(&gguf)
             .with_context(|| format!("{}: tokenizer", path.display()))?;
+        // The vocabulary's parsed arrays go before the weights are read, so the load does not peak with both.
+        gguf.shed_vocabulary();
+        crate::util::return_freed_memory();
+        let mut model = Model::from_gguf(&gguf)?;
         let mut session_cfg = SessionConfig::for_model(&model);
         session_cfg.kv_dtype = kv_dtype;
         session_cfg.kv = kv_spec;

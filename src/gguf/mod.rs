@@ -294,6 +294,8 @@ pub struct GgufFile {
     index: BTreeMap<String, usize>,
     /// Per tensor: whether a loader has looked it up ([`GgufFile::unused_tensors`]).
     looked_up: Vec<AtomicBool>,
+    /// The vocabulary's size once its arrays were dropped ([`GgufFile::shed_vocabulary`]).
+    shed_tokens: Option<usize>,
     data: Data,
     data_offset: u64,
 }
@@ -504,6 +506,14 @@ fn min_value_size(ty: u32) -> Option<u64> {
 const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
+/// The metadata arrays a tokenizer is built from ([`GgufFile::shed_vocabulary`]).
+const VOCABULARY_ARRAYS: [&str; 4] = [
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+];
+
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref().to_path_buf();
@@ -633,12 +643,31 @@ impl GgufFile {
             path,
             version,
             looked_up,
+            shed_tokens: None,
             metadata,
             tensors,
             index,
             data,
             data_offset,
         })
+    }
+
+    /// The number of tokens of the vocabulary (`tokenizer.ggml.tokens`), also after [`GgufFile::shed_vocabulary`].
+    pub fn token_count(&self) -> Option<usize> {
+        self.get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .map(<[Value]>::len)
+            .or(self.shed_tokens)
+    }
+
+    /// Drops the vocabulary's arrays (tokens, scores, token types, merges) from the parsed metadata, keeping their
+    /// count ([`GgufFile::token_count`]): once the tokenizer is built they are only memory, tens of MB for a large
+    /// vocabulary, and a loader that sheds them before reading the weights does not peak with both.
+    pub fn shed_vocabulary(&mut self) {
+        self.shed_tokens = self.token_count();
+        for key in VOCABULARY_ARRAYS {
+            self.metadata.remove(key);
+        }
     }
 
     /// The tensor called `name`; the lookup marks it as read by a loader ([`GgufFile::unused_tensors`]).

@@ -213,37 +213,54 @@ pub enum Model {
     Gemma3(gemma3::Gemma3),
 }
 
+/// The architectures hayloft runs: `general.architecture` → the loader's variant (Gemma's go to the Gemma 3 loader,
+/// the others to the Llama one).
+const ARCHITECTURES: [(&str, Arch); 18] = [
+    ("llama", Arch::Llama),
+    ("qwen2", Arch::Qwen2),
+    ("qwen2moe", Arch::Qwen2Moe),
+    ("qwen3", Arch::Qwen3),
+    ("qwen3moe", Arch::Qwen3Moe),
+    ("smollm3", Arch::SmolLM3),
+    ("granite", Arch::Granite),
+    ("granitemoe", Arch::GraniteMoe),
+    ("phi3", Arch::Phi3),
+    ("olmo2", Arch::Olmo2),
+    ("olmoe", Arch::Olmoe),
+    ("exaone", Arch::Exaone),
+    ("ernie4_5", Arch::Ernie45),
+    ("ernie4_5-moe", Arch::Ernie45Moe),
+    ("mistral3", Arch::Mistral3),
+    ("gemma", Arch::Gemma),
+    ("gemma2", Arch::Gemma2),
+    ("gemma3", Arch::Gemma3),
+];
+
 impl Model {
     pub fn load(path: &Path) -> Result<Self> {
         let g = GgufFile::open(path)?;
         Self::from_gguf(&g)
     }
 
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g.architecture()?;
-        let model = match arch {
-            "llama" => Model::Llama(llama::Llama::load(g, Arch::Llama)?),
-            "qwen2" => Model::Llama(llama::Llama::load(g, Arch::Qwen2)?),
-            "qwen2moe" => Model::Llama(llama::Llama::load(g, Arch::Qwen2Moe)?),
-            "qwen3" => Model::Llama(llama::Llama::load(g, Arch::Qwen3)?),
-            "qwen3moe" => Model::Llama(llama::Llama::load(g, Arch::Qwen3Moe)?),
-            "smollm3" => Model::Llama(llama::Llama::load(g, Arch::SmolLM3)?),
-            "granite" => Model::Llama(llama::Llama::load(g, Arch::Granite)?),
-            "granitemoe" => Model::Llama(llama::Llama::load(g, Arch::GraniteMoe)?),
-            "gemma3" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma3)?),
-            "gemma2" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma2)?),
-            "gemma" => Model::Gemma3(gemma3::Gemma3::load(g, Arch::Gemma)?),
-            "phi3" => Model::Llama(llama::Llama::load(g, Arch::Phi3)?),
-            "olmo2" => Model::Llama(llama::Llama::load(g, Arch::Olmo2)?),
-            "olmoe" => Model::Llama(llama::Llama::load(g, Arch::Olmoe)?),
-            "exaone" => Model::Llama(llama::Llama::load(g, Arch::Exaone)?),
-            "ernie4_5" => Model::Llama(llama::Llama::load(g, Arch::Ernie45)?),
-            "ernie4_5-moe" => Model::Llama(llama::Llama::load(g, Arch::Ernie45Moe)?),
-            "mistral3" => Model::Llama(llama::Llama::load(g, Arch::Mistral3)?),
-            other => bail!(
-                "{}: unsupported architecture '{other}' (hayloft runs: llama, qwen2, qwen2moe, qwen3, qwen3moe, smollm3, granite, granitemoe, phi3, olmo2, olmoe, exaone, ernie4_5, ernie4_5-moe, mistral3, gemma, gemma2, gemma3)",
-                g.path.display()
+    /// The file's architecture, if hayloft runs it: a clear error otherwise, before anything else is read (a loader
+    /// may call it first so a file of another architecture is named as such, not by what else it lacks).
+    pub fn check_architecture(g: &GgufFile) -> Result<(&str, Arch)> {
+        let name = g.architecture()?;
+        match ARCHITECTURES.iter().find(|(n, _)| *n == name) {
+            Some(&(_, arch)) => Ok((name, arch)),
+            None => bail!(
+                "{}: unsupported architecture '{name}' (hayloft runs: {})",
+                g.path.display(),
+                ARCHITECTURES.map(|(n, _)| n).join(", ")
             ),
+        }
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let (arch, a) = Self::check_architecture(g)?;
+        let model = match a {
+            Arch::Gemma3 | Arch::Gemma2 | Arch::Gemma => Model::Gemma3(gemma3::Gemma3::load(g, a)?),
+            _ => Model::Llama(llama::Llama::load(g, a)?),
         };
         // A tensor the loader never asked for would change nothing, silently: a file made for a variant of the
         // architecture this loader does not know (llama.cpp refuses it too: "wrong number of tensors").

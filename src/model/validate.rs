@@ -134,11 +134,10 @@ impl ModelConfig {
         }
 
         // The tokenizer's ids index the embedding: it may not have more tokens than the embedding has rows.
-        if let Some(tokens) = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
-            if tokens.len() > c.vocab {
+        if let Some(tokens) = g.token_count() {
+            if tokens > c.vocab {
                 bail!(
-                    "{file}: the tokenizer has {} tokens but token_embd.weight has {} rows",
-                    tokens.len(),
+                    "{file}: the tokenizer has {tokens} tokens but token_embd.weight has {} rows",
                     c.vocab
                 );
             }

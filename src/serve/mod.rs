@@ -84,11 +84,17 @@ pub struct ServeModel {
 impl ServeModel {
     /// Loads a GGUF file with default session settings.
     pub fn open(path: &Path) -> Result<Self> {
-        let g = GgufFile::open(path)?;
-        let model = Model::from_gguf(&g)?;
+        let mut g = GgufFile::open(path)?;
+        Model::check_architecture(&g)?;
         let tokenizer =
             Tokenizer::from_gguf(&g).with_context(|| format!("{}: tokenizer", path.display()))?;
         let chat_template = ChatTemplate::from_gguf(&g).map_err(|e| format!("{e:#}"));
+        // As `hayloft generate` loads: the vocabulary's arrays go before the weights are read.
+        g.shed_vocabulary();
+        crate::util::return_freed_memory();
+        let model = Model::from_gguf(&g)?;
+        drop(g);
+        crate::util::return_freed_memory();
         let session_cfg = SessionConfig::for_model(&model);
         let id = Some(ModelId::of_file(path)?);
         Ok(ServeModel {
