@@ -898,6 +898,17 @@ mod tests {
     use super::*;
     use crate::testutil::Rng;
 
+    /// A random block of keys (d × bt, channel-major f16) and `nw` vectors of d.
+    fn block_and_vectors(seed: u64, d: usize, nw: usize, bt: usize) -> (Vec<f16>, Vec<f32>) {
+        let mut rng = Rng(seed);
+        let kt = rng
+            .vec(d * bt, 2.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        (kt, rng.vec(nw * d, 1.0))
+    }
+
     #[test]
     fn column_scores_match_the_f64_sum_on_every_path() {
         for (d, nw, bt) in [
@@ -907,13 +918,7 @@ mod tests {
             (24, 4, 8),
             (32, 16, 48),
         ] {
-            let mut rng = Rng(d as u64 * 17 + bt as u64);
-            let kt: Vec<f16> = rng
-                .vec(d * bt, 2.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
-            let w = rng.vec(nw * d, 1.0);
+            let (kt, w) = block_and_vectors(d as u64 * 17 + bt as u64, d, nw, bt);
             for k in super::super::available() {
                 let mut out = vec![f32::NAN; nw * bt];
                 cols_dot_with(k, &kt, bt, &w, &mut out, &kt);
@@ -936,13 +941,7 @@ mod tests {
     #[test]
     fn strided_column_scores_are_the_same_bits_in_place_and_leave_the_gaps_alone() {
         for (d, nw, bt) in [(64, 3, 32), (128, 7, 16), (24, 4, 8), (32, 16, 48)] {
-            let mut rng = Rng(d as u64 * 5 + nw as u64);
-            let kt: Vec<f16> = rng
-                .vec(d * bt, 2.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
-            let w = rng.vec(nw * d, 1.0);
+            let (kt, w) = block_and_vectors(d as u64 * 5 + nw as u64, d, nw, bt);
             let stride = bt * 3 + 5;
             for k in super::super::available() {
                 let mut dense = vec![f32::NAN; nw * bt];
