@@ -119,6 +119,53 @@ fn greedy_generation_is_deterministic() {
     }
 }
 
+#[test]
+fn stop_strings_end_the_generated_text_before_them() {
+    let (dir, model) = tiny();
+    let run = |extra: &[&str]| {
+        let out = hayloft()
+            .args([
+                "generate",
+                "--model",
+                &model,
+                "-p",
+                "in the",
+                "-n",
+                "16",
+                "--temperature",
+                "0",
+            ])
+            .args(extra)
+            .env("HAYLOFT_HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let whole = run(&[]);
+    let text = whole.trim_end_matches('\n');
+    // A stop string from the middle of the text (two characters), streamed and not.
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    assert!(chars.len() >= 6, "too short to cut: {text:?}");
+    let (a, _) = chars[chars.len() / 2];
+    let b = chars.get(chars.len() / 2 + 2).map_or(text.len(), |c| c.0);
+    let stop = &text[a..b];
+    let before = &text[..text.find(stop).unwrap()];
+    for extra in [&["--stop", stop][..], &["--stop", stop, "--no-stream"]] {
+        assert_eq!(run(extra), format!("{before}\n"), "{extra:?} in {text:?}");
+    }
+    // A stop string that never comes leaves the text whole; of two, the first reached wins.
+    assert_eq!(run(&["--stop", "\u{1}never"]), whole);
+    assert_eq!(
+        run(&["--stop", "\u{1}never", "--stop", stop]),
+        format!("{before}\n")
+    );
+}
+
 /// Runs `hayloft chat --model MODEL ARGS` in `dir` with `input` on stdin, asserts it succeeded and returns its stderr.
 fn chat(dir: &tempfile::TempDir, model: &str, args: &[&str], input: &str) -> String {
     let mut child = hayloft()

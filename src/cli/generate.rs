@@ -10,6 +10,7 @@ use clap::Args;
 use super::prompt_cache::PromptCacheArgs;
 use super::{CompressArgs, MaxTokens, ModelArgs, SamplingArgs};
 use crate::engine::{Lengths, Sampler, Session};
+use crate::serve::stop::StopMatcher;
 use crate::tokenizer::chat::ChatMessage;
 use crate::tokenizer::StreamDecoder;
 use crate::util::read_text_file;
@@ -47,6 +48,10 @@ pub struct GenerateArgs {
     /// Do not stream the text (print it at the end).
     #[arg(long)]
     pub no_stream: bool,
+    /// End the generation at this text (repeatable; the first one reached wins): the output stops just before it, as
+    /// the server's `stop` does. Text that could begin a stop string is held back until the next token tells.
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -102,6 +107,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut dec = StreamDecoder::new();
     let mut out = std::io::stdout().lock();
     let mut all_text = String::new();
+    let mut stopped = false;
+    let mut stop = StopMatcher::new(a.stop.clone());
+    let mut emit = |text: &str, all: &mut String| -> Result<()> {
+        if a.no_stream {
+            all.push_str(text);
+        } else {
+            write!(out, "{text}")?;
+            out.flush()?;
+        }
+        Ok(())
+    };
 
     session.check_memory(Lengths::generate(tokens.len(), max_new))?;
     let cache = a.prompt_cache.open(&a.model, &session)?;
@@ -125,12 +141,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         generated += 1;
         history.push(next);
-        let piece = dec.push(&l.tokenizer, next);
-        if a.no_stream {
-            all_text.push_str(&piece);
-        } else {
-            write!(out, "{piece}")?;
-            out.flush()?;
+        let (text, hit) = stop.push(&dec.push(&l.tokenizer, next));
+        emit(&text, &mut all_text)?;
+        if hit {
+            stopped = true;
+            break;
         }
         if generated == max_new {
             break;
@@ -138,12 +153,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let logits = session.decode(next)?;
         next = sampler.sample(logits, &history);
     }
-    let tail = dec.flush();
+    if !stopped {
+        let (text, hit) = stop.push(&dec.flush());
+        emit(&text, &mut all_text)?;
+        if !hit {
+            emit(&stop.flush(), &mut all_text)?;
+        }
+    }
     if a.no_stream {
-        all_text.push_str(&tail);
         writeln!(out, "{all_text}")?;
     } else {
-        writeln!(out, "{tail}")?;
+        writeln!(out)?;
     }
     session.stats.generated_tokens = generated;
     session.stats.finish();
