@@ -81,33 +81,37 @@ fn generate_streams_and_writes_stats_json() {
     assert!(j["peak_kv_bytes"].as_u64().unwrap() > 0);
 }
 
+/// Runs greedy `hayloft generate` of `n` tokens after "in the" with `extra` flags, asserts it succeeded and returns
+/// its stdout.
+fn greedy_in_the(dir: &tempfile::TempDir, model: &str, n: &str, extra: &[&str]) -> Vec<u8> {
+    let out = hayloft()
+        .args([
+            "generate",
+            "--model",
+            model,
+            "-p",
+            "in the",
+            "-n",
+            n,
+            "--temperature",
+            "0",
+        ])
+        .args(extra)
+        .env("HAYLOFT_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 #[test]
 fn greedy_generation_is_deterministic() {
     let (dir, model) = tiny();
-    let run = |extra: &[&str]| {
-        let out = hayloft()
-            .args([
-                "generate",
-                "--model",
-                &model,
-                "-p",
-                "in the",
-                "-n",
-                "12",
-                "--temperature",
-                "0",
-            ])
-            .args(extra)
-            .env("HAYLOFT_HOME", dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let run = |extra: &[&str]| greedy_in_the(&dir, &model, "12", extra);
     let first = run(&[]);
     assert_eq!(first, run(&[]));
     // Other block sizes change how attention tiles the cache, not what it computes.
@@ -122,30 +126,7 @@ fn greedy_generation_is_deterministic() {
 #[test]
 fn stop_strings_end_the_generated_text_before_them() {
     let (dir, model) = tiny();
-    let run = |extra: &[&str]| {
-        let out = hayloft()
-            .args([
-                "generate",
-                "--model",
-                &model,
-                "-p",
-                "in the",
-                "-n",
-                "16",
-                "--temperature",
-                "0",
-            ])
-            .args(extra)
-            .env("HAYLOFT_HOME", dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |extra: &[&str]| String::from_utf8(greedy_in_the(&dir, &model, "16", extra)).unwrap();
     let whole = run(&[]);
     let text = whole.trim_end_matches('\n');
     // A stop string from the middle of the text (two characters), streamed and not.
