@@ -147,6 +147,20 @@ fn stop_strings_end_the_generated_text_before_them() {
     );
 }
 
+#[test]
+fn json_mode_output_is_the_beginning_of_a_json_object_and_ends_with_it() {
+    let (dir, model) = tiny();
+    let run = |extra: &[&str]| String::from_utf8(greedy_in_the(&dir, &model, "40", extra)).unwrap();
+    // The random model's own text is not JSON; under --json it is the beginning of an object.
+    let text = run(&["--json"]);
+    let text = text.strip_suffix('\n').unwrap();
+    let mut s = hayloft::engine::json::JsonState::new();
+    assert!(text.bytes().all(|b| s.step(b)), "{text:?}");
+    // '}' (byte token 125) pushed up: the object closes at once and generation ends there.
+    let closed = run(&["--json", "--logit-bias", "125+100"]);
+    assert_eq!(closed.trim_start(), "{}\n");
+}
+
 /// Runs `hayloft chat --model MODEL ARGS` in `dir` with `input` on stdin, asserts it succeeded and returns its stderr.
 fn chat(dir: &tempfile::TempDir, model: &str, args: &[&str], input: &str) -> String {
     let mut child = hayloft()

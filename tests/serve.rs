@@ -672,6 +672,89 @@ fn stop_strings_cut_the_text_and_finish_with_stop() {
     }
 }
 
+/// The text of choice `i` and its finish reason, from a plain or a streamed answer of either endpoint.
+fn choice_text(r: &Resp, stream: bool, i: usize) -> (String, Value) {
+    let pick = |c: &Value| {
+        let ch = &c["choices"][0];
+        let t = ch["text"]
+            .as_str()
+            .or(ch["message"]["content"].as_str())
+            .or(ch["delta"]["content"].as_str());
+        (t.map(str::to_string), ch["finish_reason"].clone())
+    };
+    if !stream {
+        let c = r.json();
+        let ch = &c["choices"][i];
+        let t = ch["text"].as_str().or(ch["message"]["content"].as_str());
+        return (t.unwrap().to_string(), ch["finish_reason"].clone());
+    }
+    let ev = r.sse();
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|c| c["choices"][0]["index"] == i)
+        .collect();
+    let text = chunks.iter().filter_map(|c| pick(c).0).collect();
+    (text, pick(chunks.last().unwrap()).1)
+}
+
+#[test]
+fn json_mode_keeps_the_text_a_json_object_and_ends_with_it() {
+    let t = small();
+    let a = t.server.addr;
+    // Byte tokens: '}' is 125, 'x' 120. Pushed up by 100, 'x' still never comes (no JSON object holds a bare x),
+    // and '}' closes the object as soon as it may: the answer is "{}" after at most some whitespace.
+    let bias = json!({"125": 100, "120": 100});
+    for (path, stream) in [
+        ("/v1/completions", false),
+        ("/v1/completions", true),
+        ("/v1/chat/completions", false),
+        ("/v1/chat/completions", true),
+    ] {
+        let mut body = json!({"max_tokens": 40, "temperature": 0, "logit_bias": bias,
+            "response_format": {"type": "json_object"}, "stream": stream});
+        if path == "/v1/completions" {
+            body["prompt"] = json!("the");
+        } else {
+            body["messages"] = json!([{"role": "user", "content": "the"}]);
+        }
+        let r = post(a, path, &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let (text, finish) = choice_text(&r, stream, 0);
+        assert_eq!(text.trim_start(), "{}", "{path} stream {stream}");
+        assert_eq!(finish, "stop", "{path} stream {stream}: {text:?}");
+    }
+    // Sampled, several choices: every text is the beginning of a JSON object, and one that stopped is a whole one.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the", "max_tokens": 48, "temperature": 1.0, "top_k": 0, "n": 6,
+            "seed": 7, "ignore_eos": true, "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for i in 0..6 {
+        let (text, finish) = choice_text(&r, false, i);
+        let mut s = hayloft::engine::json::JsonState::new();
+        assert!(
+            text.bytes().all(|b| s.step(b)),
+            "choice {i} is not the beginning of a JSON object: {text:?}"
+        );
+        if finish == "stop" {
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(v.is_object(), "{text:?}");
+        } else {
+            assert_eq!(finish, "length", "{text:?}");
+            assert!(!s.done(), "{text:?}");
+        }
+    }
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the", "response_format": {"type": "xml"}}),
+    );
+    assert_error(&r, 400, "json_object");
+}
+
 #[test]
 fn errors_get_status_and_openai_json_and_the_server_keeps_serving() {
     let t = small();
@@ -743,7 +826,7 @@ fn errors_get_status_and_openai_json_and_the_server_keeps_serving() {
     for (path, extra, field) in [
         (
             "/v1/chat/completions",
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),
             "response_format",
         ),
         (
@@ -1092,6 +1175,18 @@ fn smollm2_chat_over_http() {
         c["usage"]["prompt_tokens"].as_u64().unwrap() > 10,
         "the template's system turn: {c}"
     );
+    // JSON mode: the greedy answer is a JSON object, ended where it closes.
+    let r = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user",
+        "content": "Give the name and age of Alice, who is 30, as a JSON object."}],
+        "max_tokens": 80, "temperature": 0, "response_format": {"type": "json_object"}}),
+    );
+    let (text, finish) = choice_text(&r, false, 0);
+    assert_eq!(finish, "stop", "{text:?}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    assert_eq!(v["name"], "Alice", "{text}");
 }
 
 /// Serves the model file at `path` (several servers may share one file).

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -9,6 +10,7 @@ use clap::Args;
 
 use super::prompt_cache::PromptCacheArgs;
 use super::{CompressArgs, MaxTokens, ModelArgs, SamplingArgs};
+use crate::engine::json::{JsonConstraint, JsonVocab};
 use crate::engine::{Lengths, Sampler, Session};
 use crate::serve::stop::StopMatcher;
 use crate::tokenizer::chat::ChatMessage;
@@ -52,6 +54,11 @@ pub struct GenerateArgs {
     /// the server's `stop` does. Text that could begin a stop string is held back until the next token tells.
     #[arg(long, value_name = "TEXT")]
     pub stop: Vec<String>,
+    /// JSON mode: only tokens that keep the output the beginning of one JSON object are drawn, and generation ends
+    /// when the object closes (the server's `response_format: {"type": "json_object"}`). Ask for JSON in the prompt
+    /// too: the constraint keeps the text valid, the prompt makes it useful.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -104,6 +111,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
     let mut sampler = Sampler::new(sampler_cfg);
+    if a.json {
+        let vocab = JsonVocab::new(&l.tokenizer, l.model.config().vocab);
+        sampler = sampler.with_json(JsonConstraint::new(Arc::new(vocab)));
+    }
     let mut dec = StreamDecoder::new();
     let mut out = std::io::stdout().lock();
     let mut all_text = String::new();
@@ -143,8 +154,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         history.push(next);
         let (text, hit) = stop.push(&dec.push(&l.tokenizer, next));
         emit(&text, &mut all_text)?;
-        if hit {
-            stopped = true;
+        if hit || sampler.json_done() {
+            stopped = hit;
             break;
         }
         if generated == max_new {

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod blend;
 pub mod cost;
+pub mod json;
 pub mod loglik;
 pub mod memcheck;
 pub mod memplan;

@@ -4,6 +4,10 @@
 //! The penalties are llama.cpp's (`llama_sampler_penalties`): over the last `repeat_last_n` tokens of the history
 //! (prompt included), each distinct token that occurs `c` times has its logit divided by `repeat_penalty` (multiplied
 //! when negative) once, then lowered by `c · frequency_penalty + presence_penalty` (OpenAI's additive penalties).
+//!
+//! In JSON mode ([`Sampler::with_json`]) the tokens that cannot continue a JSON object are banned after the penalties.
+
+use super::json::JsonConstraint;
 
 #[derive(Clone, Debug)]
 pub struct SamplerConfig {
@@ -122,6 +126,8 @@ pub struct Sampler {
     cand: Vec<(f32, u32)>,
     /// The penalties' window of recent tokens, sorted; reused across steps.
     recent: Vec<u32>,
+    /// JSON mode: only tokens that keep the text a prefix of a JSON object are drawn.
+    json: Option<JsonConstraint>,
 }
 
 impl Sampler {
@@ -132,7 +138,19 @@ impl Sampler {
             rng,
             cand: Vec::new(),
             recent: Vec::new(),
+            json: None,
         }
+    }
+
+    /// Draws only tokens that keep the generated text a prefix of one JSON object ([`JsonConstraint`]).
+    pub fn with_json(mut self, json: JsonConstraint) -> Self {
+        self.json = Some(json);
+        self
+    }
+
+    /// JSON mode, and the object is closed: the sequence should end here.
+    pub fn json_done(&self) -> bool {
+        self.json.as_ref().is_some_and(|j| j.done())
     }
 
     /// The logit bias, then the penalties (module comment), in place.
@@ -175,10 +193,22 @@ impl Sampler {
         (z >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    /// Picks the next token from `logits` (modified in place by the bias and the penalties). `history` = tokens so
-    /// far.
+    /// Picks the next token from `logits` (modified in place by the bias, the penalties and, in JSON mode, the
+    /// tokens that cannot come next). `history` = tokens so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.adjust(logits, history);
+        if let Some(j) = &self.json {
+            j.mask(logits);
+        }
+        let next = self.draw(logits);
+        if let Some(j) = &mut self.json {
+            j.accept(next);
+        }
+        next
+    }
+
+    /// The draw of [`Self::sample`] from adjusted logits.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let c = &self.cfg;
         if c.temperature <= 0.0 {
             return argmax(logits);

@@ -185,10 +185,10 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
 }
 
-/// Fields that ask for behaviour hayloft does not have, parsed from the same body on their own: a request that
-/// uses one is refused with a 400 naming it rather than answered as if the field were absent (llama-server refuses
-/// `tools` without `--jinja` the same way). Their neutral values (`{"type": "text"}`, an empty tool list, `"none"`,
-/// `best_of` 1, an empty suffix) pass.
+/// `response_format`, and the fields that ask for behaviour hayloft does not have, parsed from the same body on their
+/// own: a request that uses one is refused with a 400 naming it rather than answered as if the field were absent
+/// (llama-server refuses `tools` without `--jinja` the same way). Their neutral values (an empty tool list, `"none"`,
+/// `best_of` 1, an empty suffix) pass; `response_format` may be `{"type": "text"}` or `{"type": "json_object"}`.
 #[derive(Deserialize, Debug, Default)]
 pub struct Unsupported {
     pub response_format: Option<serde_json::Value>,
@@ -200,16 +200,28 @@ pub struct Unsupported {
 }
 
 impl Unsupported {
-    pub fn check(&self) -> Result<(), ApiError> {
+    /// Whether the request asks for JSON mode, or the 400 for what it asks that hayloft does not do.
+    pub fn check(&self) -> Result<bool, ApiError> {
         let refuse = |field: &str, msg: &str| {
             Err(ApiError::bad_request(format!("field `{field}`: {msg}")).code("unsupported_field"))
         };
+        let mut json = false;
         if let Some(f) = &self.response_format {
-            if f.get("type").and_then(|t| t.as_str()) != Some("text") {
-                return refuse(
-                    "response_format",
-                    "only {\"type\": \"text\"} is supported (hayloft has no constrained decoding for JSON output)",
-                );
+            match f.get("type").and_then(|t| t.as_str()) {
+                Some("text") => {}
+                Some("json_object") => json = true,
+                Some("json_schema") => {
+                    return refuse(
+                        "response_format",
+                        "json_schema is not supported; {\"type\": \"json_object\"} constrains the output to a JSON object",
+                    )
+                }
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "field `response_format`: expected {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+                    )
+                    .code("invalid_field"))
+                }
             }
         }
         let tool_choice_none = self.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none");
@@ -228,7 +240,7 @@ impl Unsupported {
         if self.best_of.is_some_and(|b| b > 1) {
             return refuse("best_of", "only 1 is supported; use n for several choices");
         }
-        Ok(())
+        Ok(json)
     }
 }
 
@@ -248,6 +260,8 @@ pub struct GenParams {
     pub kv: Option<KvSpec>,
     /// End-of-generation tokens do not end the sequence.
     pub ignore_eos: bool,
+    /// JSON mode (`response_format` `json_object`): the text is kept a prefix of one JSON object and ends with it.
+    pub json: bool,
 }
 
 /// The parts of [`Sampling`] the engine reads, checked: a sampler config (seeded), the stop strings, the KV spec,

@@ -325,7 +325,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
     let r = ready(&sh)?;
     let req: CompletionRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
-    api::parse::<api::Unsupported>(&body)?.check()?;
+    let json = api::parse::<api::Unsupported>(&body)?.check()?;
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
     let top = req
@@ -367,6 +367,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
         logprobs: top,
         kv: c.kv,
         ignore_eos: c.ignore_eos,
+        json,
     };
     let run = submit(&sh, &ids, c.n, &params).await?;
     let meta = Meta {
@@ -394,7 +395,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     let r = ready(&sh)?;
     let req: ChatRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
-    api::parse::<api::Unsupported>(&body)?.check()?;
+    let json = api::parse::<api::Unsupported>(&body)?.check()?;
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
     if req.messages.is_empty() {
@@ -424,6 +425,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         logprobs: top,
         kv: c.kv,
         ignore_eos: c.ignore_eos,
+        json,
     };
     let firsts = vec![prompt[0]];
     let run = submit(&sh, std::slice::from_ref(&prompt), c.n, &params).await?;

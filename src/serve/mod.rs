@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Context, Result};
 
+use crate::engine::json::JsonVocab;
 use crate::engine::prefix::{ModelId, PrefixStore, StoreConfig};
 use crate::engine::SessionConfig;
 use crate::gguf::GgufFile;
@@ -125,6 +126,17 @@ pub struct Ready {
     pub max_context: usize,
     pub vocab: usize,
     pub created: u64,
+    /// Every token's bytes for JSON mode, built by the first request that asks for it.
+    pub json_vocab: OnceLock<Arc<JsonVocab>>,
+}
+
+impl Ready {
+    /// The token table JSON mode reads (built once).
+    pub fn json_vocab(&self) -> Arc<JsonVocab> {
+        self.json_vocab
+            .get_or_init(|| Arc::new(JsonVocab::new(&self.tokenizer, self.vocab)))
+            .clone()
+    }
 }
 
 /// State shared by the handlers and the engine thread.
@@ -274,6 +286,7 @@ fn engine_thread(load: Loader, jobs: mpsc::Receiver<engine::Job>, shared: Arc<Sh
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        json_vocab: OnceLock::new(),
     });
     let _ = shared.state.set(Ok(ready.clone()));
     engine::Scheduler::new(&m.model, ready, m.session_cfg, shared, m.id).run(jobs);

@@ -11,6 +11,7 @@ use super::logprobs::{token_logprob, TokenLogprob};
 use super::metrics::Metrics;
 use super::stop::StopMatcher;
 use super::Ready;
+use crate::engine::json::JsonConstraint;
 use crate::engine::prefix::{Mode, Namespace, PrefixStore};
 use crate::engine::{Sampler, Session};
 use crate::tokenizer::StreamDecoder;
@@ -65,7 +66,10 @@ impl<'m> Seq<'m> {
         prefix: Option<Prefix>,
         ready: Arc<Ready>,
     ) -> Self {
-        let sampler = Sampler::new(job.params.sampler.clone());
+        let mut sampler = Sampler::new(job.params.sampler.clone());
+        if job.params.json {
+            sampler = sampler.with_json(JsonConstraint::new(ready.json_vocab()));
+        }
         let stop = StopMatcher::new(job.params.stop.clone());
         let history = job.prompt[..cached].to_vec();
         Seq {
@@ -321,6 +325,10 @@ impl<'m> Seq<'m> {
         });
         if hit {
             return self.finish_with(Finish::Stop, String::new());
+        }
+        if self.sampler.json_done() {
+            // JSON mode: the object is closed.
+            return self.finish(Finish::Stop);
         }
         if self.generated >= self.job.params.max_tokens
             || self.session.n_past() + 1 > self.session.cfg.max_context

@@ -1,0 +1,655 @@
+//! JSON mode: decoding constrained so that the generated text is always the beginning of one JSON object, and
+//! generation ends the moment the object closes (OpenAI's `response_format: {"type": "json_object"}`; llama.cpp
+//! gets the same from a JSON grammar).
+//!
+//! [`JsonState`] recognizes RFC 8259 byte by byte (`Copy`, no allocation), the top-level value an object, with two
+//! limits that keep a small model from wandering off where the grammar alone would let it: objects and arrays nest
+//! at most [`MAX_DEPTH`] deep, and a run of whitespace between tokens of the JSON text holds at most [`MAX_WS`] bytes
+//! with at most one line break (llama.cpp's JSON grammar allows a space, or a line break and up to 20 spaces or tabs;
+//! indented output fits either). Numbers have at most [`MAX_NUMBER`] bytes and two exponent digits (a larger exponent
+//! leaves the range of a double, and parsers such as serde_json refuse it). Inside strings any byte from 0x20 up
+//! goes (so a token may end in the middle of a UTF-8 character), control characters only escaped.
+//!
+//! Before each draw, [`JsonConstraint::mask`] bans (logit −∞) every token whose bytes would leave that language,
+//! end-of-generation tokens until the object is closed, and control tokens always; the draw then runs on what is
+//! left, so greedy decoding takes the most likely token that keeps the text valid, and sampling draws from the
+//! model's distribution renormalized over those tokens. Tokens without a quote, a backslash or a control byte
+//! continue any string unchecked, which makes the mask cheap for most steps; elsewhere every token is run through a
+//! copy of the state and most fail on their first byte.
+
+use std::sync::Arc;
+
+use crate::tokenizer::Tokenizer;
+
+/// Deepest nesting of objects and arrays.
+pub const MAX_DEPTH: u8 = 64;
+/// Longest run of whitespace between the JSON text's tokens.
+pub const MAX_WS: u8 = 32;
+/// Longest number, in bytes.
+pub const MAX_NUMBER: u8 = 32;
+
+/// The literals, by index in [`Mode::Lit`].
+const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
+
+/// Where the recognizer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Before the top-level object's `{`.
+    Start,
+    /// After `{`: a key or `}`.
+    ObjOpen,
+    /// After `,` in an object: a key.
+    Key,
+    /// After a key: `:`.
+    Colon,
+    /// After `:` or `,` in an array: a value.
+    Value,
+    /// After `[`: a value or `]`.
+    ArrOpen,
+    /// After a value: `,` or the closing bracket of the innermost object or array.
+    After,
+    /// Inside a string (a key when `key`).
+    Str {
+        key: bool,
+    },
+    /// After a backslash in a string.
+    Esc {
+        key: bool,
+    },
+    /// Inside `\uXXXX`, `left` hex digits to go.
+    Hex {
+        key: bool,
+        left: u8,
+    },
+    Num(Num),
+    /// Inside literal `LITERALS[lit]`, `at` bytes of it read.
+    Lit {
+        lit: u8,
+        at: u8,
+    },
+    /// The top-level object is closed.
+    Done,
+}
+
+/// Where a number is (RFC 8259 `number`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    E,
+    ESign,
+    Exp,
+    /// Two exponent digits: the most (a larger exponent is out of the range of a double, which parsers refuse).
+    Exp2,
+}
+
+impl Num {
+    fn next(self, b: u8) -> Option<Num> {
+        use Num::*;
+        let digit = b.is_ascii_digit();
+        match (self, b) {
+            (Minus, b'0') => Some(Zero),
+            (Minus, _) if digit => Some(Int),
+            (Int, _) if digit => Some(Int),
+            (Zero | Int, b'.') => Some(Dot),
+            (Dot | Frac, _) if digit => Some(Frac),
+            (Zero | Int | Frac, b'e' | b'E') => Some(E),
+            (E, b'+' | b'-') => Some(ESign),
+            (E | ESign, _) if digit => Some(Exp),
+            (Exp, _) if digit => Some(Exp2),
+            _ => None,
+        }
+    }
+
+    /// Whether the number may end here.
+    fn complete(self) -> bool {
+        matches!(
+            self,
+            Num::Zero | Num::Int | Num::Frac | Num::Exp | Num::Exp2
+        )
+    }
+}
+
+/// A prefix of one JSON object, read byte by byte.
+#[derive(Clone, Copy, Debug)]
+pub struct JsonState {
+    mode: Mode,
+    /// Bit i: the i-th open bracket (from the outside) is an array's.
+    arrays: u64,
+    depth: u8,
+    /// Bytes of the current whitespace run, and whether it held a line break.
+    ws: u8,
+    nl: bool,
+    /// Bytes of the current number.
+    num: u8,
+}
+
+impl Default for JsonState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JsonState {
+    pub fn new() -> Self {
+        Self {
+            mode: Mode::Start,
+            arrays: 0,
+            depth: 0,
+            ws: 0,
+            nl: false,
+            num: 0,
+        }
+    }
+
+    /// The object is closed: nothing but whitespace may follow.
+    pub fn done(&self) -> bool {
+        self.mode == Mode::Done
+    }
+
+    /// Whether these bytes can follow (the state is unchanged either way).
+    pub fn accepts(&self, bytes: &[u8]) -> bool {
+        let mut s = *self;
+        bytes.iter().all(|&b| s.step(b))
+    }
+
+    /// Reads one byte; false (and the state then meaningless) if the text stops being a prefix of a JSON object.
+    pub fn step(&mut self, b: u8) -> bool {
+        match self.mode {
+            Mode::Str { key } => {
+                return match b {
+                    b'"' if key => self.to(Mode::Colon),
+                    b'"' => self.value_end(),
+                    b'\\' => self.to(Mode::Esc { key }),
+                    _ => b >= 0x20,
+                };
+            }
+            Mode::Esc { key } => {
+                return match b {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                        self.to(Mode::Str { key })
+                    }
+                    b'u' => self.to(Mode::Hex { key, left: 4 }),
+                    _ => false,
+                };
+            }
+            Mode::Hex { key, left } => {
+                return b.is_ascii_hexdigit()
+                    && self.to(if left == 1 {
+                        Mode::Str { key }
+                    } else {
+                        Mode::Hex {
+                            key,
+                            left: left - 1,
+                        }
+                    });
+            }
+            Mode::Lit { lit, at } => {
+                let word = LITERALS[lit as usize];
+                if word[at as usize] != b {
+                    return false;
+                }
+                return if at as usize + 1 == word.len() {
+                    self.value_end()
+                } else {
+                    self.to(Mode::Lit { lit, at: at + 1 })
+                };
+            }
+            Mode::Num(n) => {
+                if let Some(n2) = n.next(b) {
+                    self.num += 1;
+                    return self.num <= MAX_NUMBER && self.to(Mode::Num(n2));
+                }
+                // The byte ends the number, if it may end here, and is then read after it.
+                return n.complete() && self.value_end() && self.step(b);
+            }
+            _ => {}
+        }
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            return self.space(b);
+        }
+        self.ws = 0;
+        self.nl = false;
+        match (self.mode, b) {
+            (Mode::Start, b'{') => self.open(false),
+            (Mode::ObjOpen | Mode::Key, b'"') => self.to(Mode::Str { key: true }),
+            (Mode::ObjOpen, b'}') => self.close(false),
+            (Mode::Colon, b':') => self.to(Mode::Value),
+            (Mode::ArrOpen, b']') => self.close(true),
+            (Mode::Value | Mode::ArrOpen, _) => self.value_start(b),
+            (Mode::After, b',') => self.to(if self.in_array() {
+                Mode::Value
+            } else {
+                Mode::Key
+            }),
+            (Mode::After, b'}') => !self.in_array() && self.close(false),
+            (Mode::After, b']') => self.in_array() && self.close(true),
+            _ => false,
+        }
+    }
+
+    fn to(&mut self, m: Mode) -> bool {
+        self.mode = m;
+        true
+    }
+
+    /// The first byte of a value.
+    fn value_start(&mut self, b: u8) -> bool {
+        match b {
+            b'{' => self.open(false),
+            b'[' => self.open(true),
+            b'"' => self.to(Mode::Str { key: false }),
+            b'-' | b'0'..=b'9' => {
+                self.num = 1;
+                self.to(Mode::Num(match b {
+                    b'-' => Num::Minus,
+                    b'0' => Num::Zero,
+                    _ => Num::Int,
+                }))
+            }
+            b't' => self.to(Mode::Lit { lit: 0, at: 1 }),
+            b'f' => self.to(Mode::Lit { lit: 1, at: 1 }),
+            b'n' => self.to(Mode::Lit { lit: 2, at: 1 }),
+            _ => false,
+        }
+    }
+
+    fn space(&mut self, b: u8) -> bool {
+        if self.ws >= MAX_WS || (b == b'\n' && self.nl) {
+            return false;
+        }
+        self.nl |= b == b'\n';
+        self.ws += 1;
+        true
+    }
+
+    fn in_array(&self) -> bool {
+        self.depth > 0 && self.arrays >> (self.depth - 1) & 1 == 1
+    }
+
+    fn open(&mut self, array: bool) -> bool {
+        if self.depth >= MAX_DEPTH {
+            return false;
+        }
+        let bit = 1u64 << self.depth;
+        self.arrays = if array {
+            self.arrays | bit
+        } else {
+            self.arrays & !bit
+        };
+        self.depth += 1;
+        self.to(if array { Mode::ArrOpen } else { Mode::ObjOpen })
+    }
+
+    fn close(&mut self, array: bool) -> bool {
+        debug_assert!(self.depth > 0 && self.in_array() == array);
+        self.depth -= 1;
+        self.value_end()
+    }
+
+    fn value_end(&mut self) -> bool {
+        self.to(if self.depth == 0 {
+            Mode::Done
+        } else {
+            Mode::After
+        })
+    }
+}
+
+/// What a token is to the constraint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Text with no quote, backslash or control byte: it continues any string.
+    Plain,
+    /// Other text.
+    Text,
+    /// End of generation: allowed once the object is closed.
+    Eog,
+    /// Never (control tokens, tokens with no bytes, ids past the tokenizer's vocabulary).
+    Banned,
+}
+
+/// Every token's bytes and kind, built once per tokenizer and shared by the sequences that ask for JSON.
+pub struct JsonVocab {
+    data: Vec<u8>,
+    off: Vec<u32>,
+    kind: Vec<Kind>,
+}
+
+impl JsonVocab {
+    /// The table for `n_logits` token ids (a model may have more logits than its tokenizer has tokens).
+    pub fn new(tok: &Tokenizer, n_logits: usize) -> Self {
+        let (mut data, mut off, mut kind) = (Vec::new(), vec![0u32], Vec::with_capacity(n_logits));
+        for id in 0..n_logits as u32 {
+            let bytes = if (id as usize) < tok.vocab_size() {
+                tok.token_bytes(id)
+            } else {
+                &[]
+            };
+            kind.push(if (id as usize) >= tok.vocab_size() {
+                Kind::Banned
+            } else if tok.is_eog(id) {
+                Kind::Eog
+            } else if tok.is_control(id) || bytes.is_empty() {
+                Kind::Banned
+            } else if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+                Kind::Plain
+            } else {
+                Kind::Text
+            });
+            if matches!(kind.last(), Some(Kind::Plain | Kind::Text)) {
+                data.extend_from_slice(bytes);
+            }
+            off.push(data.len() as u32);
+        }
+        Self { data, off, kind }
+    }
+
+    fn bytes(&self, id: usize) -> &[u8] {
+        &self.data[self.off[id] as usize..self.off[id + 1] as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.kind.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kind.is_empty()
+    }
+}
+
+/// One sequence's JSON constraint: the shared token table and the text's state so far.
+#[derive(Clone)]
+pub struct JsonConstraint {
+    vocab: Arc<JsonVocab>,
+    state: JsonState,
+    /// A token that does not fit was accepted (only when nothing fitted): the text is no longer checked.
+    broken: bool,
+}
+
+impl JsonConstraint {
+    pub fn new(vocab: Arc<JsonVocab>) -> Self {
+        Self {
+            vocab,
+            state: JsonState::new(),
+            broken: false,
+        }
+    }
+
+    /// The object is closed: the sequence should end.
+    pub fn done(&self) -> bool {
+        self.state.done()
+    }
+
+    /// Bans every token that cannot come next (its logit becomes −∞) and returns how many remain. If none would
+    /// (a vocabulary that cannot close what is open), the end-of-generation tokens are let through instead, so the
+    /// sequence ends rather than drawing from nothing.
+    pub fn mask(&self, logits: &mut [f32]) -> usize {
+        if self.broken {
+            return logits.len();
+        }
+        let in_string = matches!(self.state.mode, Mode::Str { .. });
+        let done = self.state.done();
+        let mut allowed = 0;
+        for (id, l) in logits.iter_mut().enumerate() {
+            let ok = match self.vocab.kind.get(id).copied().unwrap_or(Kind::Banned) {
+                Kind::Eog => done,
+                Kind::Banned => false,
+                Kind::Plain if in_string => true,
+                Kind::Plain | Kind::Text => self.state.accepts(self.vocab.bytes(id)),
+            };
+            if ok {
+                allowed += 1;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if allowed == 0 {
+            for (id, l) in logits.iter_mut().enumerate() {
+                if self.vocab.kind.get(id) == Some(&Kind::Eog) {
+                    *l = 0.0;
+                    allowed += 1;
+                }
+            }
+        }
+        allowed
+    }
+
+    /// Moves past a drawn token.
+    pub fn accept(&mut self, id: u32) {
+        let id = id as usize;
+        if self.broken || id >= self.vocab.len() || self.vocab.kind[id] == Kind::Eog {
+            return;
+        }
+        let mut s = self.state;
+        if self.vocab.bytes(id).iter().all(|&b| s.step(b)) {
+            self.state = s;
+        } else {
+            self.broken = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reads(text: &str) -> Option<JsonState> {
+        let mut s = JsonState::new();
+        text.bytes().all(|b| s.step(b)).then_some(s)
+    }
+
+    #[test]
+    fn objects_are_recognized_whole_and_as_prefixes() {
+        let docs = [
+            r#"{}"#,
+            r#"{"a": 1}"#,
+            r#"{"a":[1,2.5,-0.25e+3,true,false,null,"x"],"b":{"c":{}}}"#,
+            "{\n  \"name\": \"caf\u{e9} \\\"q\\\" \\u00e9\\n\",\n  \"list\": [ ]\n}",
+            r#"{"n": 0, "m": -12E-2, "o": 1e9}"#,
+            r#"{"nested": [[[]], [{}], {"x": [null]}]}"#,
+        ];
+        for d in docs {
+            assert!(serde_json::from_str::<serde_json::Value>(d).is_ok(), "{d}");
+            let s = reads(d).unwrap_or_else(|| panic!("refused {d:?}"));
+            assert!(s.done(), "not done after {d:?}");
+            for cut in 1..d.len() {
+                if let Some(p) = d.get(..cut) {
+                    let s = reads(p).unwrap_or_else(|| panic!("refused the prefix {p:?}"));
+                    assert!(!s.done(), "done early at {p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_json_object_prefix_is_refused() {
+        for bad in [
+            "[1]",
+            "\"s\"",
+            "1",
+            "x",
+            "{,",
+            "{\"a\" 1",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{\"a\":1]",
+            "{\"a\":[1}",
+            "{\"a\":01",
+            "{\"a\":1.}",
+            "{\"a\":-}",
+            "{\"a\":1e}",
+            "{\"a\":1e999",
+            "{\"a\":tru}",
+            "{\"a\":nul ",
+            "{\"a\":\"\\x\"",
+            "{\"a\":\"\\u12g",
+            "{\"a\":\"line\nbreak\"",
+            "{\"a\":1}}",
+            "{\"a\":1} x",
+            "{a:1}",
+            "{'a':1}",
+        ] {
+            assert!(reads(bad).is_none(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn whitespace_runs_nesting_and_numbers_are_bounded() {
+        assert!(reads(&format!("{{{}\"a\":1}}", " ".repeat(MAX_WS as usize))).is_some());
+        assert!(reads(&format!("{{{}\"a\":1}}", " ".repeat(MAX_WS as usize + 1))).is_none());
+        assert!(reads("{\n    \"a\":\n 1\n}").is_some());
+        assert!(reads("{\n\n\"a\":1}").is_none());
+        assert!(reads("{ \n \n\"a\":1}").is_none());
+        let deep = |d: usize| format!("{{\"a\":{}", "[".repeat(d));
+        assert!(reads(&deep(MAX_DEPTH as usize - 1)).is_some());
+        assert!(reads(&deep(MAX_DEPTH as usize)).is_none());
+        let num = |n: usize| format!("{{\"a\":{}", "9".repeat(n));
+        assert!(reads(&num(MAX_NUMBER as usize)).is_some());
+        assert!(reads(&num(MAX_NUMBER as usize + 1)).is_none());
+        // Whitespace after the object is still a valid document; anything else is not.
+        assert!(reads("{} \n").is_some_and(|s| s.done()));
+    }
+
+    #[test]
+    fn numbers_end_at_the_byte_after_them() {
+        for (text, done) in [
+            ("{\"a\":1}", true),
+            ("{\"a\":[1 ,2]}", true),
+            ("{\"a\":0.5e3 }", true),
+            ("{\"a\":12", false),
+        ] {
+            let s = reads(text).unwrap_or_else(|| panic!("refused {text:?}"));
+            assert_eq!(s.done(), done, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn every_text_the_recognizer_lets_through_to_the_end_is_a_json_object() {
+        // Random walks over the bytes each state accepts: whatever closes must parse as an object.
+        let alphabet = b"{}[]\":,-0123456789.eE+ tfrueals nul\\/bu\n\tx";
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut closed = 0;
+        for _ in 0..4000 {
+            let (mut s, mut text) = (JsonState::new(), Vec::new());
+            while text.len() < 200 && !s.done() {
+                let ok: Vec<u8> = alphabet
+                    .iter()
+                    .copied()
+                    .filter(|&b| s.accepts(&[b]))
+                    .collect();
+                assert!(
+                    !ok.is_empty(),
+                    "stuck after {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let b = ok[(rng % ok.len() as u64) as usize];
+                assert!(s.step(b));
+                text.push(b);
+            }
+            if s.done() {
+                closed += 1;
+                let v: serde_json::Value = serde_json::from_slice(&text)
+                    .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text)));
+                assert!(v.is_object());
+            }
+        }
+        assert!(closed > 100, "only {closed} walks closed their object");
+    }
+
+    /// A vocabulary of pieces with their ids, as the mask sees it.
+    fn vocab(pieces: &[&str], eog: usize) -> JsonVocab {
+        let mut data = Vec::new();
+        let mut off = vec![0u32];
+        let mut kind = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let b = p.as_bytes();
+            kind.push(if i == eog {
+                Kind::Eog
+            } else if b.is_empty() {
+                Kind::Banned
+            } else if b.iter().all(|&c| c >= 0x20 && c != b'"' && c != b'\\') {
+                Kind::Plain
+            } else {
+                Kind::Text
+            });
+            if i != eog {
+                data.extend_from_slice(b);
+            }
+            off.push(data.len() as u32);
+        }
+        JsonVocab { data, off, kind }
+    }
+
+    #[test]
+    fn the_mask_leaves_exactly_the_tokens_that_fit_and_the_end_only_after_the_object() {
+        let pieces = [
+            "</s>",
+            "{",
+            "}",
+            "\"",
+            "a",
+            "\":",
+            " 1",
+            "1}",
+            ",",
+            "hello world",
+            "\"}",
+            "[",
+            "",
+        ];
+        let v = Arc::new(vocab(&pieces, 0));
+        let mut c = JsonConstraint::new(v);
+        let allowed = |c: &JsonConstraint| {
+            let mut l = vec![0.0f32; pieces.len()];
+            c.mask(&mut l);
+            (0..pieces.len())
+                .filter(|&i| l[i] == 0.0)
+                .map(|i| pieces[i])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(allowed(&c), ["{"]);
+        c.accept(1);
+        // A quote opens a key, and what follows it in the same token is the key's text.
+        assert_eq!(allowed(&c), ["}", "\"", "\":", "\"}"]);
+        c.accept(3);
+        // In a string: every plain piece, and the quotes that close it.
+        assert_eq!(
+            allowed(&c),
+            [
+                "{",
+                "}",
+                "\"",
+                "a",
+                "\":",
+                " 1",
+                "1}",
+                ",",
+                "hello world",
+                "["
+            ]
+        );
+        c.accept(4);
+        c.accept(5);
+        assert_eq!(allowed(&c), ["{", "\"", "\":", " 1", "1}", "\"}", "["]);
+        c.accept(7);
+        assert!(c.done());
+        assert_eq!(allowed(&c), ["</s>"]);
+    }
+
+    #[test]
+    fn a_vocabulary_that_cannot_go_on_lets_the_end_through() {
+        let pieces = ["</s>", "{", "x"];
+        let mut c = JsonConstraint::new(Arc::new(vocab(&pieces, 0)));
+        c.accept(1);
+        let mut l = vec![1.0f32; 3];
+        assert_eq!(c.mask(&mut l), 1);
+        assert_eq!(l, [0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]);
+    }
+}
