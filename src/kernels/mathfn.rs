@@ -163,6 +163,33 @@ pub fn softmax_stats(z: &[f32]) -> (f32, f32) {
     }
 }
 
+/// A piece of a row's softmax stats: its max and Σ exp_neg(z − max) over the piece ((−∞, 0) when empty). Pieces
+/// of one row combine with [`merge_softmax_parts`].
+pub fn softmax_part(z: &[f32]) -> (f32, f32) {
+    match kernel() {
+        // SAFETY: a kernel is only chosen when the CPU has its features.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { part_avx512(z) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { part_avx2(z) },
+        _ => part_portable(z),
+    }
+}
+
+/// The (max, 1 / Σ) of [`softmax_stats`] for a row from its pieces' [`softmax_part`]s, in the order given. The
+/// result depends on how the row was cut (each piece's sum is rescaled to the row's max), not on who computed it.
+pub fn merge_softmax_parts(parts: impl Iterator<Item = (f32, f32)> + Clone) -> (f32, f32) {
+    let mx = parts.clone().fold(f32::NEG_INFINITY, |a, (m, _)| a.max(m));
+    if mx == f32::NEG_INFINITY {
+        return (mx, f32::INFINITY);
+    }
+    let sum: f32 = parts
+        .filter(|&(m, _)| m != f32::NEG_INFINITY)
+        .map(|(m, s)| s * exp_neg(m - mx))
+        .sum();
+    (mx, 1.0 / sum)
+}
+
 /// out[j] += exp_neg(z[j] − max) · inv: a row's softmax from [`softmax_stats`], added into `out` (z.len()).
 pub fn add_softmax(out: &mut [f32], z: &[f32], (max, inv): (f32, f32)) {
     assert_eq!(out.len(), z.len(), "add_softmax: one output per score");
@@ -197,6 +224,15 @@ fn stats_portable(z: &[f32]) -> (f32, f32) {
     if z.is_empty() {
         return (f32::NEG_INFINITY, 0.0);
     }
+    let (mx, sum) = part_portable(z);
+    (mx, 1.0 / sum)
+}
+
+#[inline(always)]
+fn part_portable(z: &[f32]) -> (f32, f32) {
+    if z.is_empty() {
+        return (f32::NEG_INFINITY, 0.0);
+    }
     let mx = lane_max(z);
     let mut acc = [0.0f32; LANES];
     let mut chunks = z.chunks_exact(LANES);
@@ -208,7 +244,19 @@ fn stats_portable(z: &[f32]) -> (f32, f32) {
     for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
         *a += exp_neg(x - mx);
     }
-    (mx, 1.0 / acc.iter().sum::<f32>())
+    (mx, acc.iter().sum::<f32>())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn part_avx512(z: &[f32]) -> (f32, f32) {
+    part_portable(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn part_avx2(z: &[f32]) -> (f32, f32) {
+    part_portable(z)
 }
 
 #[inline(always)]
@@ -322,6 +370,47 @@ mod tests {
             }
         }
         assert_eq!(softmax_stats(&[]), (f32::NEG_INFINITY, 0.0));
+    }
+
+    /// A row's stats merged from pieces match the whole row's (to rounding), on every path; one piece gives the
+    /// same bits, empty pieces change nothing.
+    #[test]
+    fn softmax_pieces_merge_into_the_rows_stats() {
+        let z: Vec<f32> = inputs().into_iter().filter(|x| x.abs() < 30.0).collect();
+        assert!(z.len() > 20);
+        let whole = stats_portable(&z);
+        for k in crate::kernels::available() {
+            let part = |p: &[f32]| match k {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `available` lists only what this CPU runs.
+                Kernel::Avx512 => unsafe { part_avx512(p) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Kernel::Avx2 => unsafe { part_avx2(p) },
+                _ => part_portable(p),
+            };
+            assert_eq!(merge_softmax_parts([part(&z)].into_iter()), whole, "{k:?}");
+            for cuts in [
+                vec![0, 1],
+                vec![7],
+                vec![3, 3, 11],
+                vec![z.len() / 2, z.len()],
+            ] {
+                let mut bounds = vec![0];
+                bounds.extend(cuts.iter().copied());
+                bounds.push(z.len());
+                let parts: Vec<(f32, f32)> =
+                    bounds.windows(2).map(|w| part(&z[w[0]..w[1]])).collect();
+                let (m, inv) = merge_softmax_parts(parts.iter().copied());
+                assert_eq!(m, whole.0, "{k:?} {cuts:?}");
+                assert!(
+                    (inv / whole.1 - 1.0).abs() < 1e-5,
+                    "{k:?} {cuts:?}: {inv} vs {}",
+                    whole.1
+                );
+            }
+        }
+        assert_eq!(part_portable(&[]), (f32::NEG_INFINITY, 0.0));
     }
 
     #[test]

@@ -46,7 +46,8 @@ mod tests;
 
 pub use crate::gguf::GgmlType;
 pub use mathfn::{
-    add_softmax, exp_neg, gate_mul, gelu_tanh, silu, softmax_inplace, softmax_stats, GateAct,
+    add_softmax, exp_neg, gate_mul, gelu_tanh, merge_softmax_parts, silu, softmax_inplace,
+    softmax_part, softmax_stats, GateAct,
 };
 pub use rowdot::{quantize_i8, rows_dot_max_f16, rows_dot_max_i8};
 

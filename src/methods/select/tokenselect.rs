@@ -46,9 +46,9 @@ use half::slice::HalfFloatSliceExt;
 use super::{top_k, Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
 use crate::kernels::{
-    add_softmax,
+    add_softmax, merge_softmax_parts,
     rowdot::{cols_dot_f16_next, cols_dot_f16_next_strided, MAX_VECTORS},
-    softmax_stats,
+    softmax_part,
 };
 use crate::kv::{BlockData, BlockView, KvCache};
 use crate::methods::spec::Budget;
@@ -309,13 +309,16 @@ impl TokenSelect {
         let mut kept = std::mem::take(self.frame.kept_mut(l));
         kept.reset(nh);
         self.touched.clear();
+        // Whether every voting head has the same candidates, entries lo..hi in order (the top-k is then added as
+        // runs to every one of them at once).
+        let mut same = false;
         if k != usize::MAX {
             self.score(cx, aligned);
             // Soft voting: every query head's softmax over its candidates, summed per token.
             let mut read = 0;
             let mut middles = self.work.iter().filter(|w| w.votes).map(|w| (w.m.0, w.m.1));
             let first = middles.next();
-            let same = aligned && first.is_some() && middles.all(|m| Some(m) == first);
+            same = aligned && first.is_some() && middles.all(|m| Some(m) == first);
             if let (true, Some((lo, hi))) = (same, first) {
                 // Every voting head has the same candidates, entries lo..hi in order: the votes are plain sums of
                 // the rows (the same additions, in the same order, as the general path below), and the chosen
@@ -341,16 +344,22 @@ impl TokenSelect {
                     .map(|w| w.read)
                     .sum::<usize>();
                 top_k(&self.scores, k, &mut self.idx);
-                if self.vote.len() < hi {
-                    self.vote.resize(hi, ABSENT);
-                }
-                for &i in &self.idx {
-                    let c = lo as u32 + i;
-                    self.vote[c as usize] = CHOSEN;
-                    self.touched.push(c);
-                }
+                // The chosen entries (ascending) as runs, once for every voting head.
+                for_each_run(&self.idx, |a, b| {
+                    for (h, w) in self.work.iter().enumerate().filter(|(_, w)| w.votes) {
+                        debug_assert_eq!((w.m.0, w.m.1), (lo, hi));
+                        kept.add(h, lo + a as usize, lo + b as usize);
+                    }
+                });
             }
             if !same {
+                if aligned {
+                    // The candidates of a head are its entries lo..hi (`prepare` leaves them out when aligned).
+                    for w in self.work.iter_mut().filter(|w| w.votes) {
+                        w.cand.clear();
+                        w.cand.extend(w.m.0 as u32..w.m.1 as u32);
+                    }
+                }
                 self.fill_probs(g);
             }
             for (w, probs) in self
@@ -397,6 +406,9 @@ impl TokenSelect {
                 kept.add(h, lo, hi);
                 continue;
             }
+            if same {
+                continue; // added with the top-k above
+            }
             if aligned {
                 // The candidates are entries lo..hi, their votes in place: the runs from 64-entry masks.
                 chosen_runs(&self.vote[lo..hi], |a, b| kept.add(h, lo + a, lo + b));
@@ -426,9 +438,10 @@ impl TokenSelect {
     }
 
     /// Scores every candidate of every voting head into `self.raw`, and each query head's softmax stats over them
-    /// into `self.stats`. The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model
-    /// with one KV head (Gemma 3 270M) has a single head to score, and one task per head left every other thread
-    /// idle. A candidate's score does not depend on the piece it is in, so neither does the result.
+    /// into `self.stats` (each task's piece of every row while its scores are in cache, merged in column order after).
+    /// The heads' blocks are cut into pieces of [`SCORE_BLOCKS`] that run over the pool: a model with one KV head
+    /// (Gemma 3 270M) has a single head to score, and one task per head left every other thread idle. The pieces are
+    /// fixed by the candidates alone, never by the threads, so neither the scores nor the stats depend on the pool.
     fn score(&mut self, cx: &SelectCx, aligned: bool) {
         let (bt, g) = (cx.cache.cfg.block_tokens, cx.group());
         self.raw.resize_with(self.work.len(), Vec::new);
@@ -468,6 +481,8 @@ impl TokenSelect {
             buf.row.resize(cx.cache.cfg.head_dim_k.max(g) * bt, 0.0);
             buf.key
                 .resize(cx.cache.cfg.head_dim_k.max(g * bt) + g * bt, 0.0);
+            buf.key_bytes = 0;
+            let (c0, c1) = (lo.max(b0 * bt) - lo, hi.min(b1 * bt) - lo);
             for b in b0..b1 {
                 let view = cx.cache.block(cx.layer, h, b);
                 // Blocks are separate allocations: ask for the next one's keys while this one is scored (an f16
@@ -481,6 +496,9 @@ impl TokenSelect {
                     }
                 }
                 let (s0, s1) = (lo.max(b * bt) - b * bt, hi.min((b + 1) * bt) - b * bt);
+                if aligned {
+                    buf.key_bytes += (s1 - s0) * block_key_bytes(&view);
+                }
                 // SAFETY: head h's g rows of hi − lo scores; this block's columns b·bt + s0 − lo .. + (s1 − s0) lie
                 // inside every row, and only this task writes them.
                 unsafe {
@@ -496,18 +514,43 @@ impl TokenSelect {
                     );
                 }
             }
+            // This task's piece of each row's softmax stats, while its scores are in cache.
+            buf.parts.clear();
+            for i in 0..g {
+                // SAFETY: this task's columns c0..c1 of head h's row i, written above by this task alone.
+                let z = unsafe {
+                    std::slice::from_raw_parts(outs[h].0.add(i * (hi - lo) + c0), c1 - c0)
+                };
+                buf.parts.push(softmax_part(z));
+            }
         });
-        // Each query head's softmax stats over its candidates (the rows over the team).
+        if aligned {
+            // The key bytes (× bt) the tasks counted, per head (`prepare` left `read` at 0).
+            for (&(h, _, _), buf) in self.plan.iter().zip(&self.bufs) {
+                self.work[h].read += buf.key_bytes;
+            }
+            for w in self.work.iter_mut().filter(|w| w.votes) {
+                w.read /= bt;
+            }
+        }
+        // Each query head's softmax stats over its candidates, from the tasks' pieces in column order.
         self.stats.clear();
         self.stats
             .resize(self.work.len() * g, (f32::NEG_INFINITY, 0.0));
-        let (work, raw) = (&self.work, &self.raw);
-        crate::kernels::team::for_each_chunk_mut(&mut self.stats, 1, |r, st| {
-            let (w, n) = (&work[r / g], work[r / g].m.1 - work[r / g].m.0);
-            if w.votes && n > 0 {
-                st[0] = softmax_stats(&raw[r / g][r % g * n..][..n]);
+        let (plan, bufs) = (&self.plan, &self.bufs);
+        for (h, w) in self.work.iter().enumerate() {
+            if !w.votes || w.m.0 == w.m.1 {
+                continue;
             }
-        });
+            for i in 0..g {
+                let parts = plan
+                    .iter()
+                    .zip(bufs)
+                    .filter(|(t, _)| t.0 == h)
+                    .map(|(_, b)| b.parts[i]);
+                self.stats[h * g + i] = merge_softmax_parts(parts);
+            }
+        }
     }
 
     /// Each voting head's query heads' softmaxes over its candidates into `self.probs` (g × n), from the raw scores
@@ -526,6 +569,23 @@ impl TokenSelect {
             }
         }
     }
+}
+
+/// Calls `add(a, b)` for each maximal run `[a, b)` of consecutive values in `idx` (ascending).
+fn for_each_run(idx: &[u32], mut add: impl FnMut(u32, u32)) {
+    debug_assert!(idx.is_sorted());
+    let Some(&first) = idx.first() else {
+        return;
+    };
+    let (mut a, mut b) = (first, first + 1);
+    for &i in &idx[1..] {
+        if i != b {
+            add(a, b);
+            a = i;
+        }
+        b = i + 1;
+    }
+    add(a, b);
 }
 
 /// Calls `add(a, b)` for each maximal run `[a, b)` of CHOSEN entries of `vote`, in order: 64 entries to a mask
@@ -575,11 +635,14 @@ const VOTE_CHUNK: usize = 2048;
 /// Blocks per scoring task (512 keys at 32-token blocks).
 const SCORE_BLOCKS: usize = 16;
 
-/// One scoring task's scratch: a block's scores or keys as f32, a key.
+/// One scoring task's scratch: a block's scores or keys as f32, a key; and the key bytes it read × block tokens.
 #[derive(Default)]
 struct ScoreBuf {
     row: Vec<f32>,
     key: Vec<f32>,
+    key_bytes: usize,
+    /// Per query row of the group: its softmax piece over this task's columns ([`softmax_part`]).
+    parts: Vec<(f32, f32)>,
 }
 
 /// One KV head's scoring: its middle (lo, hi, k), whether it votes, its queries and candidates.
@@ -605,6 +668,12 @@ impl HeadWork {
             self.qg.extend_from_slice(cx.last_query(h * g + i));
         }
         self.cand.clear();
+        self.read = 0;
+        if aligned {
+            // Candidates are entries lo..hi (filled in only if a vote by entry needs them); the scoring tasks count
+            // the key bytes as they visit the blocks.
+            return;
+        }
         let (mut key_bytes, mut pos_bytes) = (0, 0); // key bytes × bt
         for b in lo / bt..hi.div_ceil(bt) {
             let view = cx.cache.block(l, h, b);
@@ -826,6 +895,13 @@ mod tests {
                 let mut got = Vec::new();
                 chosen_runs(&vote, |a, b| got.push((a, b)));
                 assert_eq!(got, want, "{n} entries at density {density}");
+                // The same runs from the chosen indices, ascending (the top-k's order).
+                let idx: Vec<u32> = (0..n as u32)
+                    .filter(|&i| vote[i as usize] == CHOSEN)
+                    .collect();
+                let mut from_idx = Vec::new();
+                for_each_run(&idx, |a, b| from_idx.push((a as usize, b as usize)));
+                assert_eq!(from_idx, want, "{n} indices at density {density}");
             }
         }
     }
