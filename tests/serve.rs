@@ -756,6 +756,53 @@ fn json_mode_keeps_the_text_a_json_object_and_ends_with_it() {
 }
 
 #[test]
+fn json_schema_mode_answers_what_the_schema_accepts_keys_in_its_order() {
+    let t = small();
+    let a = t.server.addr;
+    // Written as text: the keys' order ("ok" before "n") is the schema's, and `json!` would sort them.
+    let body = r#"{"prompt": "the", "max_tokens": 400, "temperature": 1.0, "top_k": 0, "n": 4, "seed": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "strict": true, "schema":
+        {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+         "tag": {"enum": ["x", "y"]}}, "required": ["ok", "n"], "additionalProperties": false}}}}"#;
+    let r = http(a, "POST", "/v1/completions", Some(body), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    for i in 0..4 {
+        let (text, finish) = choice_text(&r, false, i);
+        assert_eq!(finish, "stop", "{text:?}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(v["ok"].is_boolean(), "{text}");
+        assert!(
+            v["n"].is_number() && !v["n"].to_string().contains('.'),
+            "{text}"
+        );
+        assert!(v.get("tag").is_none_or(|t| t == "x" || t == "y"), "{text}");
+        assert_eq!(
+            v.as_object().unwrap().len(),
+            2 + v.get("tag").is_some() as usize,
+            "{text}"
+        );
+        assert!(
+            text.find("\"ok\"") < text.find("\"n\""),
+            "keys out of order: {text}"
+        );
+    }
+    // What the schema support does not cover is refused by name.
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
+            "json_schema": {"schema": {"type": "string", "pattern": "^a"}}}}),
+    );
+    assert_error(&r, 400, "pattern");
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "the", "response_format": {"type": "json_schema"}}),
+    );
+    assert_error(&r, 400, "json_schema.schema");
+}
+
+#[test]
 fn errors_get_status_and_openai_json_and_the_server_keeps_serving() {
     let t = small();
     let a = t.server.addr;

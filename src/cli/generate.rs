@@ -10,7 +10,8 @@ use clap::Args;
 
 use super::prompt_cache::PromptCacheArgs;
 use super::{CompressArgs, MaxTokens, ModelArgs, SamplingArgs};
-use crate::engine::json::{JsonConstraint, JsonVocab};
+use crate::engine::json::{JsonConstraint, JsonFormat, JsonVocab};
+use crate::engine::json_schema::{JVal, Schema};
 use crate::engine::{Lengths, Sampler, Session};
 use crate::serve::stop::StopMatcher;
 use crate::tokenizer::chat::ChatMessage;
@@ -57,8 +58,16 @@ pub struct GenerateArgs {
     /// JSON mode: only tokens that keep the output the beginning of one JSON object are drawn, and generation ends
     /// when the object closes (the server's `response_format: {"type": "json_object"}`). Ask for JSON in the prompt
     /// too: the constraint keeps the text valid, the prompt makes it useful.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["json_schema", "json_schema_file"])]
     pub json: bool,
+    /// JSON mode with a schema (JSON Schema text, e.g. '{"type": "object", "properties": {"name": {"type":
+    /// "string"}}, "required": ["name"]}'): the output is a value the schema accepts, keys in the schema's order
+    /// (the server's `response_format` `json_schema`; README lists what is supported).
+    #[arg(long, value_name = "SCHEMA", conflicts_with = "json_schema_file")]
+    pub json_schema: Option<String>,
+    /// --json-schema read from a file.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema_file: Option<PathBuf>,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -72,6 +81,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if text.is_empty() {
         bail!("the prompt is empty");
     }
+    let schema_text = match (&a.json_schema, &a.json_schema_file) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(f)) => Some(read_text_file(f)?),
+        (None, None) => None,
+    };
+    let format = match schema_text {
+        Some(t) => {
+            let v: JVal = serde_json::from_str(&t)
+                .map_err(|e| anyhow::anyhow!("--json-schema: not JSON: {e}"))?;
+            let s = Schema::compile(&v).map_err(|e| anyhow::anyhow!("--json-schema: {e}"))?;
+            Some(JsonFormat::Schema(Arc::new(s)))
+        }
+        None => a.json.then_some(JsonFormat::Object),
+    };
     let mut l = a.model.load()?;
     sampler_cfg.check_vocab(l.model.config().vocab)?;
     // One prompt: it is the context, compressed once at its end under either protocol; decoding does not compress
@@ -111,9 +134,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
     let mut sampler = Sampler::new(sampler_cfg);
-    if a.json {
+    if let Some(f) = &format {
         let vocab = JsonVocab::new(&l.tokenizer, l.model.config().vocab);
-        sampler = sampler.with_json(JsonConstraint::new(Arc::new(vocab)));
+        sampler = sampler.with_json(JsonConstraint::new(Arc::new(vocab), f));
     }
     let mut dec = StreamDecoder::new();
     let mut out = std::io::stdout().lock();

@@ -14,11 +14,15 @@
 //! end-of-generation tokens until the object is closed, and control tokens always; the draw then runs on what is
 //! left, so greedy decoding takes the most likely token that keeps the text valid, and sampling draws from the
 //! model's distribution renormalized over those tokens. Tokens without a quote, a backslash or a control byte
-//! continue any string unchecked, which makes the mask cheap for most steps; elsewhere every token is run through a
-//! copy of the state and most fail on their first byte.
+//! continue any free string unchecked, which makes the mask cheap for most steps; elsewhere the bytes a token may start
+//! with are found once per step, and only tokens starting with one of them are run through a copy of the state.
+//!
+//! With a schema ([`JsonFormat::Schema`], `response_format` `json_schema`) the state is a
+//! [`super::json_schema::SchemaState`] instead, under the same limits and the same mask.
 
 use std::sync::Arc;
 
+use super::json_schema::{Schema, SchemaState};
 use crate::tokenizer::Tokenizer;
 
 /// Deepest nesting of objects and arrays.
@@ -56,10 +60,11 @@ enum Mode {
     Esc {
         key: bool,
     },
-    /// Inside `\uXXXX`, `left` hex digits to go.
+    /// Inside `\uXXXX`, `left` hex digits to go; `d`: the first was `d` (no surrogates: see [`JsonState::step`]).
     Hex {
         key: bool,
         left: u8,
+        d: bool,
     },
     Num(Num),
     /// Inside literal `LITERALS[lit]`, `at` bytes of it read.
@@ -73,7 +78,7 @@ enum Mode {
 
 /// Where a number is (RFC 8259 `number`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Num {
+pub(crate) enum Num {
     Minus,
     Zero,
     Int,
@@ -87,7 +92,7 @@ enum Num {
 }
 
 impl Num {
-    fn next(self, b: u8) -> Option<Num> {
+    pub(crate) fn next(self, b: u8) -> Option<Num> {
         use Num::*;
         let digit = b.is_ascii_digit();
         match (self, b) {
@@ -105,7 +110,7 @@ impl Num {
     }
 
     /// Whether the number may end here.
-    fn complete(self) -> bool {
+    pub(crate) fn complete(self) -> bool {
         matches!(
             self,
             Num::Zero | Num::Int | Num::Frac | Num::Exp | Num::Exp2
@@ -172,18 +177,27 @@ impl JsonState {
                     b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
                         self.to(Mode::Str { key })
                     }
-                    b'u' => self.to(Mode::Hex { key, left: 4 }),
+                    b'u' => self.to(Mode::Hex {
+                        key,
+                        left: 4,
+                        d: false,
+                    }),
                     _ => false,
                 };
             }
-            Mode::Hex { key, left } => {
+            Mode::Hex { key, left, d } => {
+                // No surrogates (\uD800–\uDFFF): parsers refuse a lone one, and a pair is not worth the states;
+                // such characters come as UTF-8.
+                let surrogate = left == 3 && d && !(b'0'..=b'7').contains(&b);
                 return b.is_ascii_hexdigit()
+                    && !surrogate
                     && self.to(if left == 1 {
                         Mode::Str { key }
                     } else {
                         Mode::Hex {
                             key,
                             left: left - 1,
+                            d: left == 4 && matches!(b, b'd' | b'D'),
                         }
                     });
             }
@@ -361,25 +375,88 @@ impl JsonVocab {
     }
 }
 
+/// What JSON mode asks for: any object, or a value a schema accepts.
+#[derive(Clone, Debug)]
+pub enum JsonFormat {
+    Object,
+    Schema(Arc<Schema>),
+}
+
+/// The text's state under a [`JsonFormat`].
+#[derive(Clone)]
+enum Grammar {
+    Object(JsonState),
+    Schema(Arc<Schema>, Box<SchemaState>),
+}
+
+impl Grammar {
+    fn done(&self) -> bool {
+        match self {
+            Grammar::Object(s) => s.done(),
+            Grammar::Schema(_, s) => s.done(),
+        }
+    }
+
+    fn in_free_string(&self) -> bool {
+        match self {
+            Grammar::Object(s) => matches!(s.mode, Mode::Str { .. }),
+            Grammar::Schema(_, s) => s.in_free_string(),
+        }
+    }
+
+    fn accepts(&self, bytes: &[u8]) -> bool {
+        match self {
+            Grammar::Object(s) => s.accepts(bytes),
+            Grammar::Schema(g, s) => s.accepts(g, bytes),
+        }
+    }
+
+    /// Reads the bytes; false (state unchanged) if they do not fit.
+    fn advance(&mut self, bytes: &[u8]) -> bool {
+        match self {
+            Grammar::Object(s) => {
+                let mut t = *s;
+                let ok = bytes.iter().all(|&b| t.step(b));
+                if ok {
+                    *s = t;
+                }
+                ok
+            }
+            Grammar::Schema(g, s) => {
+                let mut t = **s;
+                let ok = bytes.iter().all(|&b| t.step(g, b));
+                if ok {
+                    **s = t;
+                }
+                ok
+            }
+        }
+    }
+}
+
 /// One sequence's JSON constraint: the shared token table and the text's state so far.
 #[derive(Clone)]
 pub struct JsonConstraint {
     vocab: Arc<JsonVocab>,
-    state: JsonState,
+    state: Grammar,
     /// A token that does not fit was accepted (only when nothing fitted): the text is no longer checked.
     broken: bool,
 }
 
 impl JsonConstraint {
-    pub fn new(vocab: Arc<JsonVocab>) -> Self {
+    pub fn new(vocab: Arc<JsonVocab>, format: &JsonFormat) -> Self {
+        let state = match format {
+            JsonFormat::Object => Grammar::Object(JsonState::new()),
+            JsonFormat::Schema(s) => Grammar::Schema(s.clone(), Box::default()),
+        };
         Self {
             vocab,
-            state: JsonState::new(),
+            state,
             broken: false,
         }
     }
 
-    /// The object is closed: the sequence should end.
+    /// The value is complete: the sequence should end.
     pub fn done(&self) -> bool {
         self.state.done()
     }
@@ -391,15 +468,25 @@ impl JsonConstraint {
         if self.broken {
             return logits.len();
         }
-        let in_string = matches!(self.state.mode, Mode::Str { .. });
+        let in_string = self.state.in_free_string();
         let done = self.state.done();
+        // The bytes a token may start with: most tokens fail on their first byte, without a copy of the state.
+        let mut first = [false; 256];
+        if !in_string {
+            for (b, f) in first.iter_mut().enumerate() {
+                *f = self.state.accepts(&[b as u8]);
+            }
+        }
         let mut allowed = 0;
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = match self.vocab.kind.get(id).copied().unwrap_or(Kind::Banned) {
                 Kind::Eog => done,
                 Kind::Banned => false,
                 Kind::Plain if in_string => true,
-                Kind::Plain | Kind::Text => self.state.accepts(self.vocab.bytes(id)),
+                Kind::Plain | Kind::Text => {
+                    let bytes = self.vocab.bytes(id);
+                    (in_string || first[bytes[0] as usize]) && self.state.accepts(bytes)
+                }
             };
             if ok {
                 allowed += 1;
@@ -424,10 +511,7 @@ impl JsonConstraint {
         if self.broken || id >= self.vocab.len() || self.vocab.kind[id] == Kind::Eog {
             return;
         }
-        let mut s = self.state;
-        if self.vocab.bytes(id).iter().all(|&b| s.step(b)) {
-            self.state = s;
-        } else {
+        if !self.state.advance(self.vocab.bytes(id)) {
             self.broken = true;
         }
     }
@@ -487,6 +571,8 @@ mod tests {
             "{\"a\":nul ",
             "{\"a\":\"\\x\"",
             "{\"a\":\"\\u12g",
+            "{\"a\":\"\\ud800",
+            "{\"a\":\"\\uDC",
             "{\"a\":\"line\nbreak\"",
             "{\"a\":1}}",
             "{\"a\":1} x",
@@ -605,7 +691,7 @@ mod tests {
             "",
         ];
         let v = Arc::new(vocab(&pieces, 0));
-        let mut c = JsonConstraint::new(v);
+        let mut c = JsonConstraint::new(v, &JsonFormat::Object);
         let allowed = |c: &JsonConstraint| {
             let mut l = vec![0.0f32; pieces.len()];
             c.mask(&mut l);
@@ -646,7 +732,7 @@ mod tests {
     #[test]
     fn a_vocabulary_that_cannot_go_on_lets_the_end_through() {
         let pieces = ["</s>", "{", "x"];
-        let mut c = JsonConstraint::new(Arc::new(vocab(&pieces, 0)));
+        let mut c = JsonConstraint::new(Arc::new(vocab(&pieces, 0)), &JsonFormat::Object);
         c.accept(1);
         let mut l = vec![1.0f32; 3];
         assert_eq!(c.mask(&mut l), 1);

@@ -3,10 +3,14 @@
 //! Unknown fields are ignored (clients send many we have no use for); fields we know but cannot honour with the
 //! value given (`frequency_penalty` outside −2..2, `n` over the limit) are a 400 naming them.
 
+use std::sync::Arc;
+
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use crate::engine::json::JsonFormat;
+use crate::engine::json_schema::{JVal, Schema};
 use crate::engine::SamplerConfig;
 use crate::methods::KvSpec;
 
@@ -191,7 +195,8 @@ pub struct ChatRequest {
 /// `best_of` 1, an empty suffix) pass; `response_format` may be `{"type": "text"}` or `{"type": "json_object"}`.
 #[derive(Deserialize, Debug, Default)]
 pub struct Unsupported {
-    pub response_format: Option<serde_json::Value>,
+    /// Parsed with its keys in order: a schema's property order is the order they are generated in.
+    pub response_format: Option<JVal>,
     pub tools: Option<Vec<serde_json::Value>>,
     pub tool_choice: Option<serde_json::Value>,
     pub functions: Option<Vec<serde_json::Value>>,
@@ -200,25 +205,37 @@ pub struct Unsupported {
 }
 
 impl Unsupported {
-    /// Whether the request asks for JSON mode, or the 400 for what it asks that hayloft does not do.
-    pub fn check(&self) -> Result<bool, ApiError> {
+    /// The JSON mode the request asks for (if any), or the 400 for what it asks that hayloft does not do.
+    pub fn check(&self) -> Result<Option<JsonFormat>, ApiError> {
         let refuse = |field: &str, msg: &str| {
             Err(ApiError::bad_request(format!("field `{field}`: {msg}")).code("unsupported_field"))
         };
-        let mut json = false;
+        let mut json = None;
         if let Some(f) = &self.response_format {
             match f.get("type").and_then(|t| t.as_str()) {
                 Some("text") => {}
-                Some("json_object") => json = true,
+                Some("json_object") => json = Some(JsonFormat::Object),
                 Some("json_schema") => {
-                    return refuse(
-                        "response_format",
-                        "json_schema is not supported; {\"type\": \"json_object\"} constrains the output to a JSON object",
-                    )
+                    let schema = f
+                        .get("json_schema")
+                        .and_then(|j| j.get("schema"))
+                        .ok_or_else(|| {
+                            ApiError::bad_request(
+                                "field `response_format.json_schema.schema`: missing",
+                            )
+                            .code("invalid_field")
+                        })?;
+                    let s = Schema::compile(schema).map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "field `response_format.json_schema.schema`: {e}"
+                        ))
+                        .code("unsupported_schema")
+                    })?;
+                    json = Some(JsonFormat::Schema(Arc::new(s)));
                 }
                 _ => {
                     return Err(ApiError::bad_request(
-                        "field `response_format`: expected {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+                        "field `response_format`: expected {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {\"schema\": ...}}",
                     )
                     .code("invalid_field"))
                 }
@@ -260,8 +277,9 @@ pub struct GenParams {
     pub kv: Option<KvSpec>,
     /// End-of-generation tokens do not end the sequence.
     pub ignore_eos: bool,
-    /// JSON mode (`response_format` `json_object`): the text is kept a prefix of one JSON object and ends with it.
-    pub json: bool,
+    /// JSON mode (`response_format` `json_object` or `json_schema`): the text is kept the beginning of a JSON object
+    /// (or of a value the schema accepts) and ends with it.
+    pub json: Option<JsonFormat>,
 }
 
 /// The parts of [`Sampling`] the engine reads, checked: a sampler config (seeded), the stop strings, the KV spec,

@@ -67,8 +67,8 @@ impl<'m> Seq<'m> {
         ready: Arc<Ready>,
     ) -> Self {
         let mut sampler = Sampler::new(job.params.sampler.clone());
-        if job.params.json {
-            sampler = sampler.with_json(JsonConstraint::new(ready.json_vocab()));
+        if let Some(f) = &job.params.json {
+            sampler = sampler.with_json(JsonConstraint::new(ready.json_vocab(), f));
         }
         let stop = StopMatcher::new(job.params.stop.clone());
         let history = job.prompt[..cached].to_vec();

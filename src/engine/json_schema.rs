@@ -1,0 +1,1072 @@
+//! JSON mode with a schema: decoding constrained so that the text is always the beginning of a JSON value the schema
+//! accepts (OpenAI's `response_format: {"type": "json_schema", ...}`, llama.cpp's `--json-schema`).
+//!
+//! A schema is compiled once into a small graph of [`Node`]s; [`SchemaState`] then reads the text byte by byte with a
+//! fixed stack of frames (`Copy`, no allocation), the way [`super::json::JsonState`] reads a plain object, with the
+//! same whitespace and number limits. What it supports, and how it narrows a schema (every text it lets through is
+//! valid against the schema; not every valid text can be produced):
+//! - `type` (one or a list), `properties` with `required`: keys come in the order the schema lists them, each at most
+//!   once, a required one never skipped; no other keys are produced (`additionalProperties` may be `false` or absent;
+//!   a schema that allows extra keys is refused rather than narrowed silently — `true` or a schema there). An object
+//!   without `properties` is any JSON object.
+//! - `items`, `minItems`, `maxItems`; `enum` and `const` (any JSON values, written compactly); `boolean`, `null`,
+//!   `string` (any string), `number`, `integer` (no fraction or exponent).
+//! - `anyOf` / `oneOf` and type lists whose alternatives start with different bytes (a string or null, an object or
+//!   an array, ...): the first byte picks the alternative. Alternatives that could start alike are refused.
+//! - `$ref` to `#/$defs/NAME` or `#/definitions/NAME` (recursion allowed), nesting at most [`MAX_FRAMES`] deep.
+//! - `title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment` are ignored; any other keyword
+//!   (`format`, `pattern`, `minLength`, `minimum`, ...) is refused with its name, as a constraint that would not be
+//!   kept.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::json::{JsonState, Num, MAX_NUMBER, MAX_WS};
+
+/// A JSON value with its objects' keys in the order written (serde_json's map sorts them, and a schema's property
+/// order is the order the keys are generated in: a "reasoning" field listed before "answer" comes first).
+#[derive(Clone, Debug, PartialEq)]
+pub enum JVal {
+    Null,
+    Bool(bool),
+    Num(serde_json::Number),
+    Str(String),
+    Arr(Vec<JVal>),
+    Obj(Vec<(String, JVal)>),
+}
+
+impl JVal {
+    /// The value of `key` in an object (None otherwise).
+    pub fn get(&self, key: &str) -> Option<&JVal> {
+        match self {
+            JVal::Obj(kv) => kv.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            JVal::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            JVal::Num(n) => n.as_u64(),
+            _ => None,
+        }
+    }
+
+    /// The value as serde_json's (objects' key order lost).
+    pub fn to_value(&self) -> Value {
+        match self {
+            JVal::Null => Value::Null,
+            JVal::Bool(b) => Value::Bool(*b),
+            JVal::Num(n) => Value::Number(n.clone()),
+            JVal::Str(s) => Value::String(s.clone()),
+            JVal::Arr(a) => Value::Array(a.iter().map(JVal::to_value).collect()),
+            JVal::Obj(kv) => {
+                Value::Object(kv.iter().map(|(k, v)| (k.clone(), v.to_value())).collect())
+            }
+        }
+    }
+
+    /// Compact JSON text, keys in their order.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            JVal::Arr(a) => {
+                out.push(b'[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    v.write(out);
+                }
+                out.push(b']');
+            }
+            JVal::Obj(kv) => {
+                out.push(b'{');
+                for (i, (k, v)) in kv.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend(serde_json::to_vec(k).unwrap_or_default());
+                    out.push(b':');
+                    v.write(out);
+                }
+                out.push(b'}');
+            }
+            v => out.extend(serde_json::to_vec(&v.to_value()).unwrap_or_default()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JVal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JVal;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<JVal, E> {
+                Ok(JVal::Null)
+            }
+            fn visit_none<E>(self) -> Result<JVal, E> {
+                Ok(JVal::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<JVal, E> {
+                Ok(JVal::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<JVal, E> {
+                Ok(JVal::Num(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<JVal, E> {
+                Ok(JVal::Num(n.into()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<JVal, E> {
+                serde_json::Number::from_f64(n)
+                    .map(JVal::Num)
+                    .ok_or_else(|| E::custom("a number that is not finite"))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<JVal, E> {
+                Ok(JVal::Str(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<JVal, E> {
+                Ok(JVal::Str(s))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<JVal, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    v.push(x);
+                }
+                Ok(JVal::Arr(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<JVal, A::Error> {
+                let mut kv: Vec<(String, JVal)> = Vec::new();
+                while let Some((k, v)) = a.next_entry::<String, JVal>()? {
+                    // A repeated key: the last one wins, as serde_json's map does.
+                    kv.retain(|(k2, _)| *k2 != k);
+                    kv.push((k, v));
+                }
+                Ok(JVal::Obj(kv))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Deepest stack of open values (objects, arrays and the value being read).
+pub const MAX_FRAMES: usize = 12;
+/// Most properties of one object.
+pub const MAX_PROPERTIES: usize = 64;
+/// Most alternatives of one `enum`.
+pub const MAX_ENUM: usize = 64;
+
+type NodeId = u16;
+
+/// A compiled schema node.
+#[derive(Clone, Debug)]
+enum Node {
+    /// Keys in this order, none other.
+    Object(Vec<Prop>),
+    /// Any JSON object.
+    FreeObject,
+    Array {
+        items: NodeId,
+        min: u32,
+        max: u32,
+    },
+    Str,
+    Number {
+        int: bool,
+    },
+    /// One of these JSON texts (prefix-free).
+    Lit(Vec<Vec<u8>>),
+    /// Alternatives with disjoint first bytes.
+    Union(Vec<NodeId>),
+    /// A `$ref` not yet resolved (only while compiling).
+    Ref(String),
+}
+
+#[derive(Clone, Debug)]
+struct Prop {
+    /// The key as it appears between the quotes (JSON-escaped).
+    key: Vec<u8>,
+    node: NodeId,
+    required: bool,
+}
+
+/// A compiled schema.
+#[derive(Clone, Debug)]
+pub struct Schema {
+    nodes: Vec<Node>,
+    root: NodeId,
+}
+
+const IGNORED: [&str; 8] = [
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+    "strict",
+];
+
+impl Schema {
+    /// Compiles a JSON Schema; an error names the keyword or construct that is not supported.
+    pub fn compile(v: &JVal) -> Result<Schema, String> {
+        let mut c = Compiler {
+            nodes: Vec::new(),
+            defs: HashMap::new(),
+            root: v,
+        };
+        let root = c.node(v, "#")?;
+        // Resolve references (a chain of them to its end; a cycle of bare references is refused).
+        for i in 0..c.nodes.len() {
+            if let Node::Ref(name) = &c.nodes[i] {
+                let mut seen = 0;
+                let mut target = *c
+                    .defs
+                    .get(name)
+                    .ok_or_else(|| format!("$ref {name}: not found"))?;
+                while let Node::Ref(n) = &c.nodes[target as usize] {
+                    seen += 1;
+                    if seen > c.nodes.len() {
+                        return Err(format!("$ref {name}: a cycle of references"));
+                    }
+                    target = c.defs[n];
+                }
+                c.nodes[i] = c.nodes[target as usize].clone();
+            }
+        }
+        let s = Schema {
+            nodes: c.nodes,
+            root,
+        };
+        for (i, n) in s.nodes.iter().enumerate() {
+            if let Node::Union(alts) = n {
+                let mut seen = [false; 256];
+                for &a in alts {
+                    for b in 0..=255u8 {
+                        if s.starts(a, b) {
+                            if seen[b as usize] {
+                                return Err(format!(
+                                    "anyOf/oneOf/type list (node {i}): two alternatives can start with '{}'; only alternatives that start differently (e.g. a string or null) are supported",
+                                    b.escape_ascii()
+                                ));
+                            }
+                            seen[b as usize] = true;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Whether a value of node `n` can start with byte `b`.
+    fn starts(&self, n: NodeId, b: u8) -> bool {
+        match &self.nodes[n as usize] {
+            Node::Object(_) | Node::FreeObject => b == b'{',
+            Node::Array { .. } => b == b'[',
+            Node::Str => b == b'"',
+            Node::Number { .. } => b == b'-' || b.is_ascii_digit(),
+            Node::Lit(texts) => texts.iter().any(|t| t[0] == b),
+            Node::Union(alts) => alts.iter().any(|&a| self.starts(a, b)),
+            Node::Ref(_) => false,
+        }
+    }
+}
+
+struct Compiler<'v> {
+    nodes: Vec<Node>,
+    defs: HashMap<String, NodeId>,
+    root: &'v JVal,
+}
+
+impl Compiler<'_> {
+    fn push(&mut self, n: Node) -> Result<NodeId, String> {
+        if self.nodes.len() >= NodeId::MAX as usize {
+            return Err("the schema is too large".into());
+        }
+        self.nodes.push(n);
+        Ok((self.nodes.len() - 1) as NodeId)
+    }
+
+    fn node(&mut self, v: &JVal, at: &str) -> Result<NodeId, String> {
+        let o = match v {
+            JVal::Obj(_) => v,
+            JVal::Bool(true) => return Err(format!("{at}: `true` (any value) is not supported")),
+            _ => return Err(format!("{at}: a schema must be an object")),
+        };
+        let JVal::Obj(kv) = v else {
+            return Err(format!("{at}: a schema must be an object"));
+        };
+        for (k, _) in kv {
+            let known = [
+                "type",
+                "properties",
+                "required",
+                "additionalProperties",
+                "items",
+                "minItems",
+                "maxItems",
+                "enum",
+                "const",
+                "anyOf",
+                "oneOf",
+                "$ref",
+                "$defs",
+                "definitions",
+            ];
+            if !known.contains(&k.as_str()) && !IGNORED.contains(&k.as_str()) {
+                return Err(format!("{at}: keyword `{k}` is not supported"));
+            }
+        }
+        if let Some(r) = o.get("$ref") {
+            let r = r.as_str().ok_or(format!("{at}: $ref must be a string"))?;
+            return self.reference(r, at);
+        }
+        if let Some(JVal::Arr(vals)) = o.get("enum") {
+            return self.literals(vals, at);
+        }
+        if o.get("enum").is_some() {
+            return Err(format!("{at}: enum must be a list"));
+        }
+        if let Some(c) = o.get("const") {
+            return self.literals(std::slice::from_ref(c), at);
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(alts) = o.get(key) {
+                let alts = match alts {
+                    JVal::Arr(a) if !a.is_empty() => a,
+                    _ => return Err(format!("{at}: {key} must be a non-empty list")),
+                };
+                let mut ids = Vec::new();
+                for (i, a) in alts.iter().enumerate() {
+                    ids.push(self.node(a, &format!("{at}/{key}/{i}"))?);
+                }
+                return self.push(Node::Union(ids));
+            }
+        }
+        match o.get("type") {
+            Some(JVal::Str(t)) => self.typed(t, o, at),
+            Some(JVal::Arr(ts)) if !ts.is_empty() => {
+                let mut ids = Vec::new();
+                for t in ts {
+                    let t = t
+                        .as_str()
+                        .ok_or(format!("{at}: type list entries must be strings"))?;
+                    ids.push(self.typed(t, o, at)?);
+                }
+                if ids.len() == 1 {
+                    return Ok(ids[0]);
+                }
+                self.push(Node::Union(ids))
+            }
+            Some(_) => Err(format!("{at}: type must be a string or a list of strings")),
+            None if o.get("properties").is_some() => self.typed("object", o, at),
+            None => Err(format!(
+                "{at}: a schema without `type`, `enum`, `const`, `anyOf` or `$ref` (any value) is not supported"
+            )),
+        }
+    }
+
+    fn reference(&mut self, r: &str, at: &str) -> Result<NodeId, String> {
+        let name = r
+            .strip_prefix("#/$defs/")
+            .map(|n| ("$defs", n))
+            .or_else(|| r.strip_prefix("#/definitions/").map(|n| ("definitions", n)));
+        let Some((table, name)) = name else {
+            return Err(format!(
+                "{at}: $ref {r}: only #/$defs/NAME and #/definitions/NAME are supported"
+            ));
+        };
+        if let Some(&id) = self.defs.get(r) {
+            return Ok(id);
+        }
+        let target = self
+            .root
+            .get(table)
+            .and_then(|t| t.get(name))
+            .ok_or(format!("{at}: $ref {r}: not found"))?;
+        // A placeholder first, so a recursive schema refers to itself.
+        let id = self.push(Node::Ref(r.to_string()))?;
+        self.defs.insert(r.to_string(), id);
+        let body = self.node(target, r)?;
+        self.defs.insert(r.to_string(), body);
+        self.nodes[id as usize] = Node::Ref(r.to_string());
+        Ok(body)
+    }
+
+    fn literals(&mut self, vals: &[JVal], at: &str) -> Result<NodeId, String> {
+        if vals.is_empty() || vals.len() > MAX_ENUM {
+            return Err(format!("{at}: enum needs 1 to {MAX_ENUM} values"));
+        }
+        let texts: Vec<Vec<u8>> = vals
+            .iter()
+            .map(|v| {
+                let mut t = Vec::new();
+                v.write(&mut t);
+                t
+            })
+            .collect();
+        for a in &texts {
+            for b in &texts {
+                if a != b && b.starts_with(a) {
+                    return Err(format!(
+                        "{at}: enum values {} and {} (one begins the other) are not supported",
+                        String::from_utf8_lossy(a),
+                        String::from_utf8_lossy(b)
+                    ));
+                }
+            }
+        }
+        self.push(Node::Lit(texts))
+    }
+
+    fn typed(&mut self, t: &str, o: &JVal, at: &str) -> Result<NodeId, String> {
+        let count = |k: &str| -> Result<Option<u32>, String> {
+            o.get(k)
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or(format!("{at}: {k} must be a count"))
+                })
+                .transpose()
+        };
+        match t {
+            "string" => self.push(Node::Str),
+            "number" => self.push(Node::Number { int: false }),
+            "integer" => self.push(Node::Number { int: true }),
+            "boolean" => self.push(Node::Lit(vec![b"true".to_vec(), b"false".to_vec()])),
+            "null" => self.push(Node::Lit(vec![b"null".to_vec()])),
+            "array" => {
+                let items = match o.get("items") {
+                    Some(i) => self.node(i, &format!("{at}/items"))?,
+                    None => return Err(format!("{at}: an array needs `items`")),
+                };
+                let (min, max) = (count("minItems")?.unwrap_or(0), count("maxItems")?);
+                let max = max.unwrap_or(u32::MAX);
+                if min > max {
+                    return Err(format!("{at}: minItems {min} > maxItems {max}"));
+                }
+                self.push(Node::Array { items, min, max })
+            }
+            "object" => {
+                match o.get("additionalProperties") {
+                    None | Some(JVal::Bool(false)) => {}
+                    Some(_) if o.get("properties").is_none() => return self.push(Node::FreeObject),
+                    Some(_) => {
+                        return Err(format!(
+                            "{at}: additionalProperties other than false next to properties is not supported"
+                        ))
+                    }
+                }
+                let Some(props) = o.get("properties") else {
+                    return self.push(Node::FreeObject);
+                };
+                let JVal::Obj(props) = props else {
+                    return Err(format!("{at}: properties must be an object"));
+                };
+                if props.len() > MAX_PROPERTIES {
+                    return Err(format!("{at}: more than {MAX_PROPERTIES} properties"));
+                }
+                let required: Vec<&str> = match o.get("required") {
+                    None => Vec::new(),
+                    Some(JVal::Arr(r)) => r.iter().filter_map(|x| x.as_str()).collect(),
+                    Some(_) => return Err(format!("{at}: required must be a list")),
+                };
+                if let Some(r) = required
+                    .iter()
+                    .find(|r| !props.iter().any(|(k, _)| k == **r))
+                {
+                    return Err(format!(
+                        "{at}: required property `{r}` is not in properties"
+                    ));
+                }
+                let mut list = Vec::new();
+                for (k, v) in props {
+                    let node = self.node(v, &format!("{at}/properties/{k}"))?;
+                    let quoted = serde_json::to_vec(&Value::String(k.clone())).unwrap_or_default();
+                    list.push(Prop {
+                        key: quoted[1..quoted.len() - 1].to_vec(),
+                        node,
+                        required: required.contains(&k.as_str()),
+                    });
+                }
+                self.push(Node::Object(list))
+            }
+            other => Err(format!("{at}: type `{other}` is not supported")),
+        }
+    }
+}
+
+/// Where an object is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ObjAt {
+    /// After `{`.
+    Open,
+    /// After `,`: a key.
+    NeedKey,
+    /// Inside a key: the properties it may still be (bits), `at` bytes read.
+    Key { cands: u64, at: u8 },
+    /// After property `p`'s key: `:`.
+    Colon { p: u8 },
+    /// After `:`: property `p`'s value.
+    NeedValue { p: u8 },
+    /// After a value.
+    After,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ArrAt {
+    Open,
+    NeedValue,
+    After,
+}
+
+/// One open value.
+#[derive(Clone, Copy, Debug)]
+enum Frame {
+    /// `next`: the first property not yet passed.
+    Obj {
+        node: NodeId,
+        next: u8,
+        at: ObjAt,
+    },
+    Arr {
+        node: NodeId,
+        count: u32,
+        at: ArrAt,
+    },
+    /// A string: `esc` 0 plain, 1 after a backslash, 2 + n with n hex digits of `\u` to go (7: 3 to go after a
+    /// first digit `d`).
+    Str {
+        esc: u8,
+    },
+    Num {
+        int: bool,
+        st: Num,
+        len: u8,
+    },
+    /// Literal texts of `node` still possible (bits), `at` bytes read.
+    Lit {
+        node: NodeId,
+        cands: u64,
+        at: u16,
+    },
+    Free(JsonState),
+}
+
+/// A prefix of a value the schema accepts, read byte by byte.
+#[derive(Clone, Copy, Debug)]
+pub struct SchemaState {
+    frames: [Frame; MAX_FRAMES],
+    depth: u8,
+    ws: u8,
+    nl: bool,
+    done: bool,
+}
+
+impl Default for SchemaState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SchemaState {
+    pub fn new() -> Self {
+        Self {
+            frames: [Frame::Str { esc: 0 }; MAX_FRAMES],
+            depth: 0,
+            ws: 0,
+            nl: false,
+            done: false,
+        }
+    }
+
+    /// The value is complete: nothing but whitespace may follow.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Inside a string with no constraint on its text (any token free of quotes, backslashes and control bytes goes).
+    pub fn in_free_string(&self) -> bool {
+        self.depth > 0 && matches!(self.frames[self.depth as usize - 1], Frame::Str { esc: 0 })
+    }
+
+    /// Whether these bytes can follow (the state is unchanged either way).
+    pub fn accepts(&self, s: &Schema, bytes: &[u8]) -> bool {
+        let mut t = *self;
+        bytes.iter().all(|&b| t.step(s, b))
+    }
+
+    fn top(&mut self) -> &mut Frame {
+        &mut self.frames[self.depth as usize - 1]
+    }
+
+    fn push(&mut self, f: Frame) -> bool {
+        if self.depth as usize >= MAX_FRAMES {
+            return false;
+        }
+        self.frames[self.depth as usize] = f;
+        self.depth += 1;
+        true
+    }
+
+    /// The top value is complete.
+    fn complete(&mut self) -> bool {
+        self.depth -= 1;
+        if self.depth == 0 {
+            self.done = true;
+        }
+        true
+    }
+
+    fn space(&mut self, b: u8) -> bool {
+        if self.ws >= MAX_WS || (b == b'\n' && self.nl) {
+            return false;
+        }
+        self.nl |= b == b'\n';
+        self.ws += 1;
+        true
+    }
+
+    /// The first byte of a value of node `n`.
+    fn start(&mut self, s: &Schema, n: NodeId, b: u8) -> bool {
+        match &s.nodes[n as usize] {
+            Node::Object(_) => {
+                b == b'{'
+                    && self.push(Frame::Obj {
+                        node: n,
+                        next: 0,
+                        at: ObjAt::Open,
+                    })
+            }
+            Node::FreeObject => {
+                let mut j = JsonState::new();
+                b == b'{' && j.step(b) && self.push(Frame::Free(j))
+            }
+            Node::Array { .. } => {
+                b == b'['
+                    && self.push(Frame::Arr {
+                        node: n,
+                        count: 0,
+                        at: ArrAt::Open,
+                    })
+            }
+            Node::Str => b == b'"' && self.push(Frame::Str { esc: 0 }),
+            &Node::Number { int } => {
+                let st = match b {
+                    b'-' => Num::Minus,
+                    b'0' => Num::Zero,
+                    b'1'..=b'9' => Num::Int,
+                    _ => return false,
+                };
+                self.push(Frame::Num { int, st, len: 1 })
+            }
+            Node::Lit(texts) => {
+                let cands = texts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t[0] == b)
+                    .fold(0u64, |m, (i, _)| m | 1 << i);
+                if cands == 0
+                    || !self.push(Frame::Lit {
+                        node: n,
+                        cands,
+                        at: 1,
+                    })
+                {
+                    return false;
+                }
+                // A one-byte literal (a digit) is whole at once.
+                if texts
+                    .iter()
+                    .enumerate()
+                    .any(|(i, t)| cands >> i & 1 == 1 && t.len() == 1)
+                {
+                    return self.complete();
+                }
+                true
+            }
+            Node::Union(alts) => match alts.iter().find(|&&a| s.starts(a, b)) {
+                Some(&a) => self.start(s, a, b),
+                None => false,
+            },
+            Node::Ref(_) => false,
+        }
+    }
+
+    /// Reads one byte; false (and the state then meaningless) if the text stops being a prefix of a valid value.
+    pub fn step(&mut self, s: &Schema, b: u8) -> bool {
+        let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+        if self.depth == 0 {
+            if ws {
+                return self.space(b);
+            }
+            if self.done {
+                return false;
+            }
+            self.ws = 0;
+            self.nl = false;
+            return self.start(s, s.root, b);
+        }
+        match *self.top() {
+            Frame::Str { esc } => {
+                let next = match (esc, b) {
+                    (0, b'"') => return self.complete(),
+                    (0, b'\\') => 1,
+                    (0, _) => return b >= 0x20,
+                    (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 0,
+                    (1, b'u') => 2 + 4,
+                    (1, _) => return false,
+                    // \uD800–\uDFFF (surrogates) are left out: parsers refuse a lone one, and a pair is not worth
+                    // the states; such characters come as UTF-8.
+                    (6, b'd' | b'D') => 7,
+                    (7, b'0'..=b'7') => 4,
+                    (7, _) => return false,
+                    (n, _) if b.is_ascii_hexdigit() => {
+                        if n == 3 {
+                            0
+                        } else {
+                            n - 1
+                        }
+                    }
+                    _ => return false,
+                };
+                *self.top() = Frame::Str { esc: next };
+                true
+            }
+            Frame::Num { int, st, len } => {
+                let grows = !(int && matches!(b, b'.' | b'e' | b'E'));
+                match st.next(b).filter(|_| grows) {
+                    Some(st2) if len < MAX_NUMBER => {
+                        *self.top() = Frame::Num {
+                            int,
+                            st: st2,
+                            len: len + 1,
+                        };
+                        true
+                    }
+                    Some(_) => false,
+                    // The byte ends the number and is read after it.
+                    None => st.complete() && self.complete() && self.step(s, b),
+                }
+            }
+            Frame::Lit { node, cands, at } => {
+                let Node::Lit(texts) = &s.nodes[node as usize] else {
+                    return false;
+                };
+                let mut left = 0u64;
+                let mut whole = false;
+                for (i, t) in texts.iter().enumerate() {
+                    if cands >> i & 1 == 1 && t.get(at as usize) == Some(&b) {
+                        left |= 1 << i;
+                        whole |= t.len() == at as usize + 1;
+                    }
+                }
+                if left == 0 {
+                    return false;
+                }
+                *self.top() = Frame::Lit {
+                    node,
+                    cands: left,
+                    at: at + 1,
+                };
+                // Prefix-free texts: a whole one is the only one left.
+                !whole || self.complete()
+            }
+            Frame::Free(mut j) => {
+                if !j.step(b) {
+                    return false;
+                }
+                *self.top() = Frame::Free(j);
+                !j.done() || self.complete()
+            }
+            Frame::Obj { node, next, at } => {
+                let Node::Object(props) = &s.nodes[node as usize] else {
+                    return false;
+                };
+                if let ObjAt::Key { cands, at: k } = at {
+                    let (mut left, mut closed) = (0u64, None);
+                    for (i, p) in props.iter().enumerate() {
+                        if cands >> i & 1 == 1 {
+                            match p.key.get(k as usize) {
+                                Some(&c) if c == b => left |= 1 << i,
+                                None if b == b'"' => closed = Some(i as u8),
+                                _ => {}
+                            }
+                        }
+                    }
+                    let at = match closed {
+                        Some(p) => ObjAt::Colon { p },
+                        None if left != 0 && (k as usize) < u8::MAX as usize => ObjAt::Key {
+                            cands: left,
+                            at: k + 1,
+                        },
+                        None => return false,
+                    };
+                    *self.top() = Frame::Obj { node, next, at };
+                    return true;
+                }
+                if ws {
+                    return self.space(b);
+                }
+                self.ws = 0;
+                self.nl = false;
+                // The keys that may come next: from `next` up to the first required one.
+                let (mut keys, mut required_left) = (0u64, false);
+                for (i, p) in props.iter().enumerate().skip(next as usize) {
+                    if !required_left {
+                        keys |= 1 << i;
+                    }
+                    required_left |= p.required;
+                }
+                let set = |st: &mut Self, at| {
+                    *st.top() = Frame::Obj { node, next, at };
+                    true
+                };
+                match (at, b) {
+                    (ObjAt::Open | ObjAt::NeedKey, b'"') if keys != 0 => {
+                        set(self, ObjAt::Key { cands: keys, at: 0 })
+                    }
+                    (ObjAt::Open | ObjAt::After, b'}') if !required_left => self.complete(),
+                    (ObjAt::After, b',') if keys != 0 => set(self, ObjAt::NeedKey),
+                    (ObjAt::Colon { p }, b':') => set(self, ObjAt::NeedValue { p }),
+                    (ObjAt::NeedValue { p }, _) => {
+                        *self.top() = Frame::Obj {
+                            node,
+                            next: p + 1,
+                            at: ObjAt::After,
+                        };
+                        self.start(s, props[p as usize].node, b)
+                    }
+                    _ => false,
+                }
+            }
+            Frame::Arr { node, count, at } => {
+                let &Node::Array { items, min, max } = &s.nodes[node as usize] else {
+                    return false;
+                };
+                if ws {
+                    return self.space(b);
+                }
+                self.ws = 0;
+                self.nl = false;
+                match (at, b) {
+                    (ArrAt::Open | ArrAt::After, b']') if count >= min => self.complete(),
+                    (ArrAt::After, b',') if count < max => {
+                        *self.top() = Frame::Arr {
+                            node,
+                            count,
+                            at: ArrAt::NeedValue,
+                        };
+                        true
+                    }
+                    (ArrAt::Open | ArrAt::NeedValue, _) if count < max => {
+                        *self.top() = Frame::Arr {
+                            node,
+                            count: count + 1,
+                            at: ArrAt::After,
+                        };
+                        self.start(s, items, b)
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reads(s: &Schema, text: &str) -> Option<SchemaState> {
+        let mut st = SchemaState::new();
+        text.bytes().all(|b| st.step(s, b)).then_some(st)
+    }
+
+    fn whole(s: &Schema, text: &str) -> bool {
+        reads(s, text).is_some_and(|st| st.done())
+    }
+
+    /// Compiles schema text (keys in the order written; `json!` would sort them).
+    fn compile_text(t: &str) -> Result<Schema, String> {
+        Schema::compile(&serde_json::from_str::<JVal>(t).unwrap())
+    }
+
+    fn compile(v: Value) -> Result<Schema, String> {
+        compile_text(&v.to_string())
+    }
+
+    fn person() -> Schema {
+        compile_text(
+            r##"{
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "age": {"type": "integer"},
+                "email": {"type": ["string", "null"]},
+                "tags": {"type": "array", "items": {"enum": ["a", "b", 3]}, "maxItems": 2},
+                "role": {"$ref": "#/$defs/Role"},
+                "extra": {"type": "object"}
+            },
+            "required": ["name", "age", "role"],
+            "$defs": {"Role": {"type": "string", "enum": ["admin", "user"]}}
+        }"##,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn values_the_schema_accepts_are_read_whole_and_as_prefixes() {
+        let s = person();
+        for text in [
+            r#"{"name": "Al", "age": 30, "role": "user"}"#,
+            r#"{"name":"B \"q\"","age":-4,"email":null,"tags":["a",3],"role":"admin","extra":{"x":[1,{}]}}"#,
+            "{\n  \"name\": \"C\",\n  \"age\": 0,\n  \"email\": \"c@d\",\n  \"role\": \"user\"\n}",
+        ] {
+            assert!(whole(&s, text), "refused {text:?}");
+            for cut in 1..text.len() {
+                let st =
+                    reads(&s, &text[..cut]).unwrap_or_else(|| panic!("refused {:?}", &text[..cut]));
+                assert!(!st.done(), "done early at {:?}", &text[..cut]);
+            }
+        }
+    }
+
+    #[test]
+    fn values_the_schema_refuses_are_refused() {
+        let s = person();
+        for bad in [
+            r#"{"age": 30"#,                                      // a required key skipped
+            r#"{"name": "A", "name""#,                            // a key twice
+            r#"{"name": "A", "role": "user", "age""#,             // keys out of order
+            r#"{"name": 1"#,                                      // wrong type
+            r#"{"name": "A", "age": 1.5"#,                        // not an integer
+            r#"{"name": "A", "age": 1e3"#,                        // not an integer
+            r#"{"name": "A", "age": 1, "role": "root""#,          // not in the enum
+            r#"{"name": "A", "age": 1, "tags": ["c""#,            // not in the enum
+            r#"{"name": "A", "age": 1, "tags": ["a", "b", "a""#,  // maxItems
+            r#"{"name": "A", "age": 1, "role": "user", "other""#, // no such key
+            r#"{"name": "A", "age": 1}"#,                         // closed before a required key
+            r#"{"name": "A", "age": 1, "email": true"#,           // neither string nor null
+            r#"{"name": "A", "age": 1, "role": "user"} x"#,
+            r#"["#,
+        ] {
+            assert!(reads(&s, bad).is_none(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn arrays_at_the_top_recursion_and_min_items() {
+        let s = compile_text(
+            r##"{
+            "type": "array", "minItems": 1,
+            "items": {"$ref": "#/definitions/Tree"},
+            "definitions": {"Tree": {"type": "object", "properties": {
+                "v": {"type": "number"}, "kids": {"type": "array", "items": {"$ref": "#/definitions/Tree"}}},
+                "required": ["v"]}}
+        }"##,
+        )
+        .unwrap();
+        assert!(whole(
+            &s,
+            r#"[{"v": 1.5e2, "kids": [{"v": 0, "kids": []}]}]"#
+        ));
+        assert!(reads(&s, "[]").is_none());
+        assert!(whole(&s, r#"[{"v":2}, {"v":-1}]"#));
+    }
+
+    #[test]
+    fn unsupported_schemas_are_refused_by_name() {
+        for (schema, needle) in [
+            (json!({"type": "string", "format": "date-time"}), "format"),
+            (json!({"type": "string", "minLength": 3}), "minLength"),
+            (json!({}), "without `type`"),
+            (
+                json!({"anyOf": [{"type": "string"}, {"enum": ["x"]}]}),
+                "start",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": true}),
+                "additionalProperties",
+            ),
+            (json!({"$ref": "#/$defs/Nope"}), "not found"),
+            (json!({"enum": [1, 12]}), "begins"),
+            (json!({"type": "array"}), "items"),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}),
+                "`b`",
+            ),
+        ] {
+            let e = compile(schema.clone()).unwrap_err();
+            assert!(e.contains(needle), "{schema}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_text_the_state_lets_through_to_the_end_is_valid() {
+        // Random walks over the bytes each state accepts; whatever completes must parse and match the schema's
+        // shape (checked here by hand for `person`).
+        let s = person();
+        let alphabet = b"{}[]\":,-0123456789.eE+ \nabcdeilmnorstuxgy\\";
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut closed = 0;
+        for _ in 0..3000 {
+            let (mut st, mut text) = (SchemaState::new(), Vec::new());
+            while text.len() < 300 && !st.done() {
+                let ok: Vec<u8> = alphabet
+                    .iter()
+                    .copied()
+                    .filter(|&b| st.accepts(&s, &[b]))
+                    .collect();
+                assert!(
+                    !ok.is_empty(),
+                    "stuck after {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let b = ok[(rng % ok.len() as u64) as usize];
+                assert!(st.step(&s, b));
+                text.push(b);
+            }
+            if !st.done() {
+                continue;
+            }
+            closed += 1;
+            let v: Value = serde_json::from_slice(&text)
+                .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text)));
+            let o = v.as_object().unwrap();
+            assert!(o["name"].is_string() && o["age"].is_number(), "{v}");
+            assert!(
+                ["admin", "user"].contains(&o["role"].as_str().unwrap()),
+                "{v}"
+            );
+            assert!(
+                o.get("email").is_none_or(|e| e.is_string() || e.is_null()),
+                "{v}"
+            );
+            if let Some(t) = o.get("tags") {
+                let t = t.as_array().unwrap();
+                assert!(
+                    t.len() <= 2 && t.iter().all(|x| *x == "a" || *x == "b" || *x == 3),
+                    "{v}"
+                );
+            }
+            assert!(o.get("extra").is_none_or(|e| e.is_object()), "{v}");
+        }
+        assert!(closed > 50, "only {closed} walks closed");
+    }
+}
