@@ -3,9 +3,20 @@
 Usage: python openai_client.py BASE_URL API_KEY
 """
 
+import json
 import sys
+from typing import Literal
 
 import openai
+import pydantic
+
+
+class Reading(pydantic.BaseModel):
+    """A structured-output type: the client sends its JSON Schema (strict) and parses the answer into it."""
+
+    ok: bool
+    count: int
+    unit: Literal["m", "s"] | None  # no free string: a random model's string need not end
 
 
 def main() -> None:
@@ -48,6 +59,29 @@ def main() -> None:
     streamed = "".join(ch.choices[0].text for ch in client.completions.create(
         model="any", prompt="the hen", max_tokens=5, temperature=0, stream=True) if ch.choices)
     assert streamed == c.choices[0].text, (streamed, c.choices[0].text)
+
+    # Structured outputs: a schema by hand, then the client's own from a pydantic model (keys in the model's order).
+    # The random model may fill every whitespace run the grammar allows (32 bytes): room for that in max_tokens.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    s = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=400, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "strict": True, "schema": schema}})
+    assert s.choices[0].finish_reason == "stop", s
+    v = json.loads(s.choices[0].message.content)
+    assert set(v) == {"ok", "n"} and isinstance(v["ok"], bool) and isinstance(v["n"], int), v
+    try:
+        parsed = client.chat.completions.parse(model="any", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=460, temperature=0, response_format=Reading)
+    except openai.LengthFinishReasonError as err:
+        raise AssertionError(f"no whole value in 460 tokens: {err.completion.choices[0].message.content!r}")
+    r = parsed.choices[0].message.parsed
+    assert isinstance(r, Reading), parsed
+    content = parsed.choices[0].message.content
+    assert content.index('"ok"') < content.index('"count"') < content.index('"unit"'), content
+    o = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=400,
+                                       temperature=0, response_format={"type": "json_object"})
+    assert isinstance(json.loads(o.choices[0].message.content), dict), o
 
     # Errors arrive as the client's exceptions.
     try:
