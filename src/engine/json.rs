@@ -517,6 +517,40 @@ impl JsonConstraint {
     }
 }
 
+/// Test helper: a random walk from state `s`, each step a byte of `alphabet` drawn among those `step` takes (tried on
+/// a copy), until `done` or `max` bytes. Returns the text and whether it ended done; panics if no byte fits.
+#[cfg(test)]
+pub(crate) fn random_walk<S: Copy>(
+    rng: &mut u64,
+    alphabet: &[u8],
+    max: usize,
+    mut s: S,
+    step: impl Fn(&mut S, u8) -> bool,
+    done: impl Fn(&S) -> bool,
+) -> (Vec<u8>, bool) {
+    let mut text = Vec::new();
+    while text.len() < max && !done(&s) {
+        let ok: Vec<u8> = alphabet
+            .iter()
+            .copied()
+            .filter(|&b| step(&mut { s }, b))
+            .collect();
+        assert!(
+            !ok.is_empty(),
+            "stuck after {:?}",
+            String::from_utf8_lossy(&text)
+        );
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let b = ok[(*rng % ok.len() as u64) as usize];
+        assert!(step(&mut s, b));
+        text.push(b);
+    }
+    let d = done(&s);
+    (text, d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -620,26 +654,15 @@ mod tests {
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut closed = 0;
         for _ in 0..4000 {
-            let (mut s, mut text) = (JsonState::new(), Vec::new());
-            while text.len() < 200 && !s.done() {
-                let ok: Vec<u8> = alphabet
-                    .iter()
-                    .copied()
-                    .filter(|&b| s.accepts(&[b]))
-                    .collect();
-                assert!(
-                    !ok.is_empty(),
-                    "stuck after {:?}",
-                    String::from_utf8_lossy(&text)
-                );
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let b = ok[(rng % ok.len() as u64) as usize];
-                assert!(s.step(b));
-                text.push(b);
-            }
-            if s.done() {
+            let (text, done) = random_walk(
+                &mut rng,
+                alphabet,
+                200,
+                JsonState::new(),
+                |s, b| s.step(b),
+                |s| s.done(),
+            );
+            if done {
                 closed += 1;
                 let v: serde_json::Value = serde_json::from_slice(&text)
                     .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text)));

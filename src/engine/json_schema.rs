@@ -1023,26 +1023,15 @@ mod tests {
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         let mut closed = 0;
         for _ in 0..3000 {
-            let (mut st, mut text) = (SchemaState::new(), Vec::new());
-            while text.len() < 300 && !st.done() {
-                let ok: Vec<u8> = alphabet
-                    .iter()
-                    .copied()
-                    .filter(|&b| st.accepts(&s, &[b]))
-                    .collect();
-                assert!(
-                    !ok.is_empty(),
-                    "stuck after {:?}",
-                    String::from_utf8_lossy(&text)
-                );
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let b = ok[(rng % ok.len() as u64) as usize];
-                assert!(st.step(&s, b));
-                text.push(b);
-            }
-            if !st.done() {
+            let (text, done) = crate::engine::json::random_walk(
+                &mut rng,
+                alphabet,
+                300,
+                SchemaState::new(),
+                |st, b| st.step(&s, b),
+                |st| st.done(),
+            );
+            if !done {
                 continue;
             }
             closed += 1;
