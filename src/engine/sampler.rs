@@ -5,7 +5,8 @@
 //! (prompt included), each distinct token that occurs `c` times has its logit divided by `repeat_penalty` (multiplied
 //! when negative) once, then lowered by `c · frequency_penalty + presence_penalty` (OpenAI's additive penalties).
 //!
-//! In JSON mode ([`Sampler::with_json`]) the tokens that cannot continue a JSON object are banned after the penalties.
+//! In JSON mode ([`Sampler::with_json`]) the tokens that cannot continue the JSON text (an object, or a value a schema
+//! accepts) are banned after the penalties.
 
 use super::json::JsonConstraint;
 
@@ -126,7 +127,7 @@ pub struct Sampler {
     cand: Vec<(f32, u32)>,
     /// The penalties' window of recent tokens, sorted; reused across steps.
     recent: Vec<u32>,
-    /// JSON mode: only tokens that keep the text a prefix of a JSON object are drawn.
+    /// JSON mode: only tokens that keep the text the beginning of a JSON object (or of a schema's value) are drawn.
     json: Option<JsonConstraint>,
 }
 
@@ -142,13 +143,13 @@ impl Sampler {
         }
     }
 
-    /// Draws only tokens that keep the generated text a prefix of one JSON object ([`JsonConstraint`]).
+    /// Draws only tokens that keep the generated text the beginning of what `json` asks for ([`JsonConstraint`]).
     pub fn with_json(mut self, json: JsonConstraint) -> Self {
         self.json = Some(json);
         self
     }
 
-    /// JSON mode, and the object is closed: the sequence should end here.
+    /// JSON mode, and the value is complete: the sequence should end here.
     pub fn json_done(&self) -> bool {
         self.json.as_ref().is_some_and(|j| j.done())
     }

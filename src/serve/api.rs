@@ -192,7 +192,8 @@ pub struct ChatRequest {
 /// `response_format`, and the fields that ask for behaviour hayloft does not have, parsed from the same body on their
 /// own: a request that uses one is refused with a 400 naming it rather than answered as if the field were absent
 /// (llama-server refuses `tools` without `--jinja` the same way). Their neutral values (an empty tool list, `"none"`,
-/// `best_of` 1, an empty suffix) pass; `response_format` may be `{"type": "text"}` or `{"type": "json_object"}`.
+/// `best_of` 1, an empty suffix) pass; `response_format` may be `{"type": "text"}`, `{"type": "json_object"}` or a
+/// `json_schema` that [`Schema::compile`] takes.
 #[derive(Deserialize, Debug, Default)]
 pub struct Unsupported {
     /// Parsed with its keys in order: a schema's property order is the order they are generated in.
