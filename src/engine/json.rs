@@ -118,6 +118,26 @@ impl Num {
     }
 }
 
+/// The whitespace run between two tokens of the JSON text: its bytes and whether it held a line break (at most
+/// [`MAX_WS`] bytes and one break). Reset by the next byte that is not whitespace.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct WsRun {
+    bytes: u8,
+    nl: bool,
+}
+
+impl WsRun {
+    /// One more whitespace byte; false if the run would grow past its limits.
+    pub(crate) fn take(&mut self, b: u8) -> bool {
+        if self.bytes >= MAX_WS || (b == b'\n' && self.nl) {
+            return false;
+        }
+        self.nl |= b == b'\n';
+        self.bytes += 1;
+        true
+    }
+}
+
 /// A prefix of one JSON object, read byte by byte.
 #[derive(Clone, Copy, Debug)]
 pub struct JsonState {
@@ -125,9 +145,7 @@ pub struct JsonState {
     /// Bit i: the i-th open bracket (from the outside) is an array's.
     arrays: u64,
     depth: u8,
-    /// Bytes of the current whitespace run, and whether it held a line break.
-    ws: u8,
-    nl: bool,
+    ws: WsRun,
     /// Bytes of the current number.
     num: u8,
 }
@@ -144,8 +162,7 @@ impl JsonState {
             mode: Mode::Start,
             arrays: 0,
             depth: 0,
-            ws: 0,
-            nl: false,
+            ws: WsRun::default(),
             num: 0,
         }
     }
@@ -223,10 +240,9 @@ impl JsonState {
             _ => {}
         }
         if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            return self.space(b);
+            return self.ws.take(b);
         }
-        self.ws = 0;
-        self.nl = false;
+        self.ws = WsRun::default();
         match (self.mode, b) {
             (Mode::Start, b'{') => self.open(false),
             (Mode::ObjOpen | Mode::Key, b'"') => self.to(Mode::Str { key: true }),
@@ -269,15 +285,6 @@ impl JsonState {
             b'n' => self.to(Mode::Lit { lit: 2, at: 1 }),
             _ => false,
         }
-    }
-
-    fn space(&mut self, b: u8) -> bool {
-        if self.ws >= MAX_WS || (b == b'\n' && self.nl) {
-            return false;
-        }
-        self.nl |= b == b'\n';
-        self.ws += 1;
-        true
     }
 
     fn in_array(&self) -> bool {

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::json::{JsonState, Num, MAX_NUMBER, MAX_WS};
+use super::json::{JsonState, Num, WsRun, MAX_NUMBER};
 
 /// A JSON value with its objects' keys in the order written (serde_json's map sorts them, and a schema's property
 /// order is the order the keys are generated in: a "reasoning" field listed before "answer" comes first).
@@ -569,8 +569,7 @@ enum Frame {
 pub struct SchemaState {
     frames: [Frame; MAX_FRAMES],
     depth: u8,
-    ws: u8,
-    nl: bool,
+    ws: WsRun,
     done: bool,
 }
 
@@ -585,8 +584,7 @@ impl SchemaState {
         Self {
             frames: [Frame::Str { esc: 0 }; MAX_FRAMES],
             depth: 0,
-            ws: 0,
-            nl: false,
+            ws: WsRun::default(),
             done: false,
         }
     }
@@ -626,15 +624,6 @@ impl SchemaState {
         if self.depth == 0 {
             self.done = true;
         }
-        true
-    }
-
-    fn space(&mut self, b: u8) -> bool {
-        if self.ws >= MAX_WS || (b == b'\n' && self.nl) {
-            return false;
-        }
-        self.nl |= b == b'\n';
-        self.ws += 1;
         true
     }
 
@@ -709,13 +698,12 @@ impl SchemaState {
         let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
         if self.depth == 0 {
             if ws {
-                return self.space(b);
+                return self.ws.take(b);
             }
             if self.done {
                 return false;
             }
-            self.ws = 0;
-            self.nl = false;
+            self.ws = WsRun::default();
             return self.start(s, s.root, b);
         }
         match *self.top() {
@@ -817,10 +805,9 @@ impl SchemaState {
                     return true;
                 }
                 if ws {
-                    return self.space(b);
+                    return self.ws.take(b);
                 }
-                self.ws = 0;
-                self.nl = false;
+                self.ws = WsRun::default();
                 // The keys that may come next: from `next` up to the first required one.
                 let (mut keys, mut required_left) = (0u64, false);
                 for (i, p) in props.iter().enumerate().skip(next as usize) {
@@ -856,10 +843,9 @@ impl SchemaState {
                     return false;
                 };
                 if ws {
-                    return self.space(b);
+                    return self.ws.take(b);
                 }
-                self.ws = 0;
-                self.nl = false;
+                self.ws = WsRun::default();
                 match (at, b) {
                     (ArrAt::Open | ArrAt::After, b']') if count >= min => self.complete(),
                     (ArrAt::After, b',') if count < max => {
