@@ -537,6 +537,28 @@ fn max_tokens_minus_one_runs_to_the_context_and_other_negatives_are_named() {
 }
 
 #[test]
+fn a_json_schema_that_is_not_json_or_not_supported_is_named() {
+    let f = Fixture::new();
+    let m = f.path("tiny.gguf");
+    let gen = ["generate", "--model", &m, "-p", "x", "--json-schema"];
+    for (schema, needles) in [
+        (
+            r#"{"type": "string", "maxLength": 3}"#,
+            &["--json-schema", "maxLength"][..],
+        ),
+        ("{\"type\": ", &["--json-schema: not JSON"]),
+        (
+            r#"{"type": "object", "properties": {"a": {}}}"#,
+            &["properties/a", "without `type`"],
+        ),
+    ] {
+        let mut args = gen.to_vec();
+        args.push(schema);
+        expect_error(&args, f.home(), needles);
+    }
+}
+
+#[test]
 fn sampling_flags_out_of_range_or_malformed_are_named() {
     let f = Fixture::new();
     let m = f.path("tiny.gguf");
