@@ -45,11 +45,13 @@
 //! observation window's first position) before it selects again; the thresholds stay those of the last build.
 
 use anyhow::{bail, Result};
+use half::f16;
 use rayon::prelude::*;
 
 use super::{Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
-use crate::kernels::f16_to_f32_slice;
+use crate::kernels::mathfn::exp_neg;
+use crate::kernels::rowdot::{cols_dot_f16_next_strided, MAX_VECTORS};
 use crate::kv::KvCache;
 use crate::methods::obs::dot;
 use crate::methods::prefill::plan::Bits;
@@ -73,6 +75,23 @@ pub const MAX_ITER: usize = 30;
 pub const CHANGE_TOL: f64 = 1e-3;
 /// Seed of the k-means++ draws (official `random_state 0`).
 pub const SEED: u64 = 0;
+/// Candidate clusters a head orders first when it takes them best-first (about twice what a 1K budget of an 8K
+/// SmolLM2 context takes); more are ordered only when those do not fill the budget.
+const FIRST_SLICE: usize = 96;
+/// Clusters ahead whose entry lists [`HeadScratch::take`] asks for.
+const TAKE_AHEAD: usize = 4;
+
+/// Asks for the line at `p` (a hint: never faults).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
 
 /// Squeezed Attention's frame: no sinks, no recent window (the unclustered tail is always read instead), hayloft's 2
 /// dense layers, a new lookup every step.
@@ -100,11 +119,18 @@ pub fn parse_levels(name: &str, v: &str) -> Result<usize> {
     }
 }
 
+/// Centroids per tile of a level's store: one tile is scored as a KV block's keys are ([`cols_dot_f16_next_strided`]).
+const CENT_TILE: usize = 64;
+
 /// One level of centroids and what each cluster holds.
 #[derive(Clone, Debug, Default)]
 struct Level {
-    /// k × hk centroids as f16 bits: the mean of the raw keys (L1: of the L2 centroids) of each cluster.
-    cent: Vec<u16>,
+    /// The centroids as f16, in tiles of [`CENT_TILE`] stored channel-major (tile t: hk × CENT_TILE, centroid 64t + i in
+    /// column i; the last tile's unused columns 0): the mean of the raw keys (L1: of the L2 centroids) of each
+    /// cluster. Channel-major, every centroid of a tile is scored against the query heads with one load and
+    /// conversion of each channel's values (row by row, the conversion and the per-row sums took as long as the rest
+    /// of the selection).
+    tiles: Vec<f16>,
     /// Cluster c holds `members[start[c]..start[c + 1]]`, ascending: entry indices (L2) or L2 clusters (L1).
     start: Vec<u32>,
     members: Vec<u32>,
@@ -122,7 +148,12 @@ impl Level {
     }
 
     fn bytes(&self) -> usize {
-        2 * self.cent.len() + 4 * (self.start.len() + self.members.len() + self.keys.len())
+        2 * self.tiles.len() + 4 * (self.start.len() + self.members.len() + self.keys.len())
+    }
+
+    /// Channel `ch` of centroid `c` (hk channels).
+    fn at(&self, c: usize, ch: usize, hk: usize) -> f16 {
+        self.tiles[(c / CENT_TILE) * hk * CENT_TILE + ch * CENT_TILE + c % CENT_TILE]
     }
 
     /// A level from k-means labels of `n` points (`raw`: n × hk, what the centroids average), dropping empty
@@ -169,11 +200,16 @@ impl Level {
                 *s /= n as f32;
             }
         }
-        let mut cent = vec![0u16; kk * hk];
-        crate::kernels::f32_to_f16_slice(&sum, &mut cent);
+        let mut tiles = vec![f16::ZERO; kk.div_ceil(CENT_TILE) * CENT_TILE * hk];
+        for c in 0..kk {
+            for ch in 0..hk {
+                tiles[(c / CENT_TILE) * hk * CENT_TILE + ch * CENT_TILE + c % CENT_TILE] =
+                    f16::from_f32(sum[c * hk + ch]);
+            }
+        }
         (
             Level {
-                cent,
+                tiles,
                 start,
                 members,
                 keys,
@@ -243,32 +279,45 @@ fn normalised(x: &[f32], d: usize) -> Vec<f32> {
     y
 }
 
-/// The score of every centroid of `cent` (k × hk, f32) against the query rows `q` (g × hk): `s · q_i·c` into `s`
-/// (g × k).
-fn scores(cent: &[f32], q: &[f32], hk: usize, scale: f32, s: &mut Vec<f32>) {
-    let k = cent.len() / hk;
+/// The score of every centroid of `tiles` (centroids in tiles of [`CENT_TILE`], channel-major, as [`Level::tiles`])
+/// against the query rows `q` (g × hk): `scale · q_i·c` into `s` (g rows of kp = the tiles' columns; the padding
+/// columns score 0).
+fn scores(tiles: &[f16], q: &[f32], hk: usize, scale: f32, s: &mut Vec<f32>) {
+    let (tile, g) = (hk * CENT_TILE, q.len() / hk);
+    let kp = tiles.len() / hk;
     s.clear();
-    for qi in q.chunks_exact(hk) {
-        s.extend(cent.chunks_exact(hk).map(|c| scale * dot(qi, c)));
+    s.resize(g * kp, 0.0);
+    for (t, kt) in tiles.chunks_exact(tile).enumerate() {
+        let next = tiles.get((t + 1) * tile..(t + 2) * tile).unwrap_or(&[]);
+        // At most MAX_VECTORS query rows a call (a GQA group is fewer).
+        for (j, w) in q.chunks(MAX_VECTORS * hk).enumerate() {
+            // SAFETY: rows j·MAX_VECTORS.. of `s` (kp apart) hold this tile's CENT_TILE columns at t·CENT_TILE; nothing else
+            // refers to `s` meanwhile.
+            unsafe {
+                let out = s.as_mut_ptr().add(j * MAX_VECTORS * kp + t * CENT_TILE);
+                cols_dot_f16_next_strided(kt, CENT_TILE, w, out, kp, next);
+            }
+        }
     }
-    debug_assert_eq!(s.len(), k * (q.len() / hk));
+    s.iter_mut().for_each(|x| *x *= scale);
 }
 
 /// The estimated attention of one key of each cluster, `exp(s_c) / Σ_c' n_c' exp(s_c')` per query head, and the
-/// maximum over the query heads into `out` (k). `s`: g × k scores; `keys`: the clusters' sizes.
-fn estimate(s: &[f32], keys: &[u32], out: &mut Vec<f32>) {
+/// maximum over the query heads into `out` (k). `s`: g rows of scores, `kp` ≥ k apart; `keys`: the clusters' sizes;
+/// `e`: scratch (each row's exponentials, computed once, with the vectorizing [`exp_neg`]).
+fn estimate(s: &[f32], kp: usize, keys: &[u32], e: &mut Vec<f32>, out: &mut Vec<f32>) {
     let k = keys.len();
     out.clear();
     out.resize(k, 0.0);
-    for si in s.chunks_exact(k) {
+    for si in s.chunks_exact(kp) {
+        let si = &si[..k];
         let m = si.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let z: f32 = si
-            .iter()
-            .zip(keys)
-            .map(|(&x, &n)| n as f32 * (x - m).exp())
-            .sum();
-        for (o, &x) in out.iter_mut().zip(si) {
-            *o = o.max((x - m).exp() / z);
+        e.clear();
+        e.extend(si.iter().map(|&x| exp_neg(x - m)));
+        let z: f32 = e.iter().zip(keys).map(|(&x, &n)| n as f32 * x).sum();
+        let inv = 1.0 / z;
+        for (o, &x) in out.iter_mut().zip(e.iter()) {
+            *o = o.max(x * inv);
         }
     }
 }
@@ -280,14 +329,13 @@ fn obs_scores(level: &Level, q: &[f32], g: usize, hk: usize, scale: f32) -> Vec<
     if k == 0 || q.is_empty() {
         return Vec::new();
     }
-    let mut cent = vec![0.0f32; level.cent.len()];
-    f16_to_f32_slice(&level.cent, &mut cent);
-    let (mut s, mut p) = (Vec::new(), Vec::new());
+    let (mut s, mut e, mut p) = (Vec::new(), Vec::new(), Vec::new());
     let mut mean = vec![0.0f64; k];
     let t = q.len() / (g * hk);
+    let kp = level.tiles.len() / hk;
     for qt in q.chunks_exact(g * hk) {
-        scores(&cent, qt, hk, scale, &mut s);
-        estimate(&s, &level.keys, &mut p);
+        scores(&level.tiles, qt, hk, scale, &mut s);
+        estimate(&s, kp, &level.keys, &mut e, &mut p);
         for (m, &x) in mean.iter_mut().zip(&p) {
             *m += x as f64;
         }
@@ -686,9 +734,11 @@ struct HeadScratch {
     /// head has nothing to rank this step.
     job: Option<(usize, usize, usize)>,
     q: Vec<f32>,
-    cent: Vec<f32>,
+    /// Two levels: the candidate L2 centroids gathered into tiles ([`Level::tiles`]' layout).
+    ct: Vec<f16>,
     s: Vec<f32>,
     s1: Vec<f32>,
+    e: Vec<f32>,
     est: Vec<f32>,
     cand: Vec<u32>,
     order: Vec<u32>,
@@ -858,11 +908,15 @@ impl HeadScratch {
     fn rank_one_level(&mut self, cache: &KvCache, ix: &HeadIndex, a: RankArgs) {
         let (hk, l2) = (a.hk, &ix.l2);
         let k = l2.k();
-        self.cent.resize(k * hk, 0.0);
-        f16_to_f32_slice(&l2.cent, &mut self.cent);
-        cache.note_read(2 * l2.cent.len() + 4 * k);
-        scores(&self.cent, &self.q, hk, a.scale, &mut self.s);
-        estimate(&self.s, &l2.keys, &mut self.est);
+        cache.note_read(2 * l2.tiles.len() + 4 * k);
+        scores(&l2.tiles, &self.q, hk, a.scale, &mut self.s);
+        estimate(
+            &self.s,
+            l2.tiles.len() / hk,
+            &l2.keys,
+            &mut self.e,
+            &mut self.est,
+        );
         self.cand.clear();
         self.cand.extend(0..k as u32);
     }
@@ -874,12 +928,10 @@ impl HeadScratch {
         let (l2, Some(l1)) = (&ix.l2, &ix.l1) else {
             return;
         };
-        let k1 = l1.k();
-        self.cent.resize(k1 * hk, 0.0);
-        f16_to_f32_slice(&l1.cent, &mut self.cent);
-        cache.note_read(2 * l1.cent.len() + 4 * k1);
-        scores(&self.cent, &self.q, hk, a.scale, &mut self.s1);
-        estimate(&self.s1, &l1.keys, &mut self.est);
+        let (k1, k1p) = (l1.k(), l1.tiles.len() / hk);
+        cache.note_read(2 * l1.tiles.len() + 4 * k1);
+        scores(&l1.tiles, &self.q, hk, a.scale, &mut self.s1);
+        estimate(&self.s1, k1p, &l1.keys, &mut self.e, &mut self.est);
         // Expand the passing L1 clusters (marked 1 in `order`, used as scratch here).
         self.cand.clear();
         self.order.clear();
@@ -892,24 +944,25 @@ impl HeadScratch {
         }
         cache.note_read(4 * self.cand.len());
         let n = self.cand.len();
-        self.cent.resize(n * hk, 0.0);
+        let np = n.div_ceil(CENT_TILE) * CENT_TILE;
+        self.ct.clear();
+        self.ct.resize(np * hk, f16::ZERO);
         for (j, &c) in self.cand.iter().enumerate() {
-            let c = c as usize;
-            f16_to_f32_slice(
-                &l2.cent[c * hk..(c + 1) * hk],
-                &mut self.cent[j * hk..(j + 1) * hk],
-            );
+            let tile = &mut self.ct[(j / CENT_TILE) * hk * CENT_TILE..][..hk * CENT_TILE];
+            for ch in 0..hk {
+                tile[ch * CENT_TILE + j % CENT_TILE] = l2.at(c as usize, ch, hk);
+            }
         }
         cache.note_read(n * (2 * hk + 4));
-        scores(&self.cent, &self.q, hk, a.scale, &mut self.s);
-        // Per query head: the softmax over the expanded L2 clusters and the unexpanded L1 ones.
         self.est.clear();
         self.est.resize(n, 0.0);
         if n == 0 {
             return;
         }
+        scores(&self.ct, &self.q, hk, a.scale, &mut self.s);
+        // Per query head: the softmax over the expanded L2 clusters and the unexpanded L1 ones.
         for i in 0..g {
-            let (s2, s1) = (&self.s[i * n..(i + 1) * n], &self.s1[i * k1..(i + 1) * k1]);
+            let (s2, s1) = (&self.s[i * np..][..n], &self.s1[i * k1p..][..k1]);
             // The largest term of the denominator (the candidates are not empty).
             let m = (0..k1)
                 .filter(|&c| self.order[c] == 0)
@@ -933,7 +986,8 @@ impl HeadScratch {
 
     /// Takes the candidate clusters best-first (in threshold mode only those reaching the L2 threshold) into
     /// `chosen`: their entries inside `[lo, end)`, at most `left` in all (the last cluster gives its newest ones),
-    /// as bits from `lo` on.
+    /// as bits from `lo` on. The candidates are ordered a slice at a time (the best [`FIRST_SLICE`], then twice as
+    /// many of the rest, ...): the budget is usually filled by a small share of them.
     fn take(
         &mut self,
         cache: &KvCache,
@@ -951,22 +1005,45 @@ impl HeadScratch {
             }
         }
         let est = &self.est;
-        self.order
-            .sort_unstable_by(|&a, &b| est[b as usize].total_cmp(&est[a as usize]).then(a.cmp(&b)));
+        let better =
+            |a: &u32, b: &u32| est[*b as usize].total_cmp(&est[*a as usize]).then(a.cmp(b));
         self.chosen.reset(end - lo);
-        for &j in &self.order {
-            if left == 0 {
-                break;
+        let (mut done, mut slice) = (0, FIRST_SLICE);
+        while left > 0 && done < self.order.len() {
+            let upto = (done + slice).min(self.order.len());
+            if upto < self.order.len() {
+                self.order[done..].select_nth_unstable_by(upto - done - 1, better);
             }
-            let e = l2.members(self.cand[j as usize] as usize);
-            let a = e.partition_point(|&x| (x as usize) < lo);
-            let b = e.partition_point(|&x| (x as usize) < end);
-            let take = (b - a).min(left);
-            for &x in &e[b - take..b] {
-                self.chosen.set(x as usize - lo);
+            let part = &mut self.order[done..upto];
+            part.sort_unstable_by(better);
+            for (i, &j) in part.iter().enumerate() {
+                if left == 0 {
+                    break;
+                }
+                // The entry lists lie anywhere in the index: ask for the ones a few clusters on now, so that their
+                // misses overlap (waiting on each list in turn was most of this loop's time).
+                if let Some(&ja) = part.get(i + TAKE_AHEAD) {
+                    let c = self.cand[ja as usize] as usize;
+                    prefetch(l2.members[l2.start[c] as usize..].as_ptr());
+                }
+                let e = l2.members(self.cand[j as usize] as usize);
+                // Most clusters lie wholly inside [lo, end) (the frame's middle starts at the first entry by default).
+                let (a, b) = match (e.first(), e.last()) {
+                    (Some(&f), Some(&l)) if f as usize >= lo && (l as usize) < end => (0, e.len()),
+                    _ => (
+                        e.partition_point(|&x| (x as usize) < lo),
+                        e.partition_point(|&x| (x as usize) < end),
+                    ),
+                };
+                let take = (b - a).min(left);
+                for &x in &e[b - take..b] {
+                    self.chosen.set(x as usize - lo);
+                }
+                cache.note_read(4 * take);
+                left -= take;
             }
-            cache.note_read(4 * take);
-            left -= take;
+            done = upto;
+            slice *= 2;
         }
     }
 }
@@ -1209,7 +1286,7 @@ mod tests {
                 let mean =
                     m.iter().map(|&i| raw[i as usize * d + ch]).sum::<f32>() / m.len() as f32;
                 assert!((cent[c * d + ch] - mean).abs() < 1e-4);
-                let f = half::f16::from_bits(lv.cent[c * d + ch]).to_f32();
+                let f = lv.at(c, ch, d).to_f32();
                 assert!((f - mean).abs() < 2e-3 * mean.abs().max(1.0));
             }
             for &i in m {
@@ -1387,7 +1464,9 @@ mod tests {
         assert_eq!(s.index[0].end, clustered);
         let bytes = s.index_bytes();
         let k = s.index[0].l2.k();
-        assert_eq!(bytes, k * (2 * st.d + 4) + 4 * (k + 1) + 4 * clustered);
+        // Centroids are stored in whole tiles (the last one padded).
+        let kp = k.div_ceil(CENT_TILE) * CENT_TILE;
+        assert_eq!(bytes, 2 * kp * st.d + 4 * k + 4 * (k + 1) + 4 * clustered);
         for gi in [0, 17, 49] {
             let want = st.entries_of(&[gi]);
             let budget = Budget::Tokens(OBS_WINDOW + extra + want.len());
@@ -1399,8 +1478,8 @@ mod tests {
                 "tail not read"
             );
             assert_eq!(in_clusters(&e, &st), want, "group {gi}");
-            // Scoring read every centroid (f16) and its size, and the kept entry lists.
-            assert_eq!(read as usize, k * (2 * st.d + 4) + 4 * want.len());
+            // Scoring read every centroid (f16, whole tiles) and its size, and the kept entry lists.
+            assert_eq!(read as usize, 2 * kp * st.d + 4 * k + 4 * want.len());
         }
     }
 
