@@ -672,6 +672,120 @@ fn stop_strings_cut_the_text_and_finish_with_stop() {
     }
 }
 
+#[test]
+fn stop_token_ids_end_the_answer_and_min_tokens_holds_off_every_end() {
+    let t = small();
+    let a = t.server.addr;
+    // Token 120 is the byte 'x': a bias of 100 makes the tiny model's greedy answer that token whenever it may.
+    let x = 120;
+    let text_x = post(a, "/detokenize", &json!({"tokens": [x]})).json()["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(text_x, "x");
+    let eos = get(a, "/tokenizer_info").json()["eos_token_id"]
+        .as_u64()
+        .unwrap();
+    let ask = |extra: Value, stream: bool| {
+        let mut body =
+            json!({"prompt": [5, 6, 7], "max_tokens": 10, "temperature": 0, "stream": stream});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = post(a, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r
+    };
+    let usage = |r: &Resp| r.json()["usage"]["completion_tokens"].as_u64().unwrap();
+    for stream in [false, true] {
+        // A stop token that is text ends the answer after its text.
+        let r = ask(
+            json!({"logit_bias": {"120": 100}, "stop_token_ids": [x], "ignore_eos": true}),
+            stream,
+        );
+        assert_eq!(choice_text(&r, stream, 0), ("x".to_string(), json!("stop")));
+        // min_tokens: the stop token is never drawn before it; its first draw after ends the answer.
+        let r = ask(
+            json!({"logit_bias": {"120": 100}, "stop_token_ids": [x], "min_tokens": 4, "ignore_eos": true}),
+            stream,
+        );
+        let (text, finish) = choice_text(&r, stream, 0);
+        assert_eq!(finish, "stop", "{text:?}");
+        assert!(
+            text.ends_with('x') && !text[..text.len() - 1].contains('x'),
+            "{text:?}"
+        );
+        if !stream {
+            assert_eq!(usage(&r), 5);
+        }
+        // Stop strings are matched only from the min_tokens-th token on.
+        let r = ask(
+            json!({"logit_bias": {"120": 100}, "stop": ["x"], "ignore_eos": true}),
+            stream,
+        );
+        assert_eq!(choice_text(&r, stream, 0), (String::new(), json!("stop")));
+        let r = ask(
+            json!({"logit_bias": {"120": 100}, "stop": ["x"], "min_tokens": 3, "ignore_eos": true}),
+            stream,
+        );
+        assert_eq!(
+            choice_text(&r, stream, 0),
+            ("xx".to_string(), json!("stop"))
+        );
+    }
+    // End of generation: with a bias it comes first; min_tokens holds it off for as many draws.
+    let bias = json!({ eos.to_string(): 100 });
+    let r = ask(json!({"logit_bias": bias}), false);
+    assert_eq!(
+        (usage(&r), r.json()["choices"][0]["finish_reason"].clone()),
+        (1, json!("stop"))
+    );
+    let r = ask(json!({"logit_bias": bias, "min_tokens": 6}), false);
+    assert_eq!(
+        (usage(&r), r.json()["choices"][0]["finish_reason"].clone()),
+        (7, json!("stop"))
+    );
+    // With ignore_eos it never ends early, and min_tokens changes nothing.
+    let r = ask(
+        json!({"logit_bias": bias, "min_tokens": 6, "ignore_eos": true}),
+        false,
+    );
+    assert_eq!(
+        (usage(&r), r.json()["choices"][0]["finish_reason"].clone()),
+        (10, json!("length"))
+    );
+    // Refused: a stop token outside the vocabulary, min_tokens over max_tokens, min_tokens in JSON mode.
+    let bad = |body: Value, needle: &str| {
+        assert_error(&post(a, "/v1/completions", &body), 400, needle);
+        assert_error(
+            &post(
+                a,
+                "/v1/chat/completions",
+                &json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": body["max_tokens"], "stop_token_ids": body["stop_token_ids"],
+            "min_tokens": body["min_tokens"], "response_format": body["response_format"]}),
+            ),
+            400,
+            needle,
+        );
+    };
+    bad(
+        json!({"prompt": "a", "max_tokens": 4, "stop_token_ids": [1 << 30]}),
+        "stop_token_ids",
+    );
+    bad(
+        json!({"prompt": "a", "max_tokens": 4, "min_tokens": 5}),
+        "min_tokens",
+    );
+    bad(
+        json!({"prompt": "a", "max_tokens": 4, "min_tokens": 2, "response_format": {"type": "json_object"}}),
+        "min_tokens",
+    );
+    // The server still answers.
+    assert_eq!(ask(json!({}), false).json()["choices"][0]["index"], 0);
+}
+
 /// The text of choice `i` and its finish reason, from a plain or a streamed answer of either endpoint.
 fn choice_text(r: &Resp, stream: bool, i: usize) -> (String, Value) {
     let pick = |c: &Value| {

@@ -6,7 +6,8 @@
 //! when negative) once, then lowered by `c · frequency_penalty + presence_penalty` (OpenAI's additive penalties).
 //!
 //! In JSON mode ([`Sampler::with_json`]) the tokens that cannot continue the JSON text (an object, or a value a schema
-//! accepts) are banned after the penalties.
+//! accepts) are banned after the penalties; with a minimum length ([`Sampler::with_ban`], vLLM's `min_tokens`) the
+//! tokens that would end the text are banned there for the first draws.
 
 use super::json::JsonConstraint;
 
@@ -129,6 +130,9 @@ pub struct Sampler {
     recent: Vec<u32>,
     /// JSON mode: only tokens that keep the text the beginning of a JSON object (or of a schema's value) are drawn.
     json: Option<JsonConstraint>,
+    /// Tokens never drawn while draws are left ([`Self::with_ban`]).
+    ban: Vec<u32>,
+    ban_draws: usize,
 }
 
 impl Sampler {
@@ -140,7 +144,16 @@ impl Sampler {
             cand: Vec::new(),
             recent: Vec::new(),
             json: None,
+            ban: Vec::new(),
+            ban_draws: 0,
         }
+    }
+
+    /// Never draws `tokens` in the next `draws` draws (vLLM's `min_tokens`: the end-of-generation and stop tokens).
+    pub fn with_ban(mut self, tokens: Vec<u32>, draws: usize) -> Self {
+        self.ban = tokens;
+        self.ban_draws = draws;
+        self
     }
 
     /// Draws only tokens that keep the generated text the beginning of what `json` asks for ([`JsonConstraint`]).
@@ -198,6 +211,14 @@ impl Sampler {
     /// tokens that cannot come next). `history` = tokens so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.adjust(logits, history);
+        if self.ban_draws > 0 {
+            self.ban_draws -= 1;
+            for &t in &self.ban {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         if let Some(j) = &self.json {
             j.mask(logits);
         }

@@ -113,6 +113,11 @@ pub struct Sampling {
     /// Keep generating past end-of-generation tokens (llama-server's and vLLM's field; for benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM's `stop_token_ids`: generation also ends, with finish_reason "stop", at any of these tokens.
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's `min_tokens`: until this many tokens are generated, end-of-generation tokens and `stop_token_ids` are
+    /// never drawn and stop strings are not matched.
+    pub min_tokens: Option<usize>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -278,6 +283,10 @@ pub struct GenParams {
     pub kv: Option<KvSpec>,
     /// End-of-generation tokens do not end the sequence.
     pub ignore_eos: bool,
+    /// Tokens that end the sequence besides end-of-generation ones (`stop_token_ids`).
+    pub stop_tokens: Vec<u32>,
+    /// Until this many tokens are generated, the sequence cannot end but by its length (`min_tokens`).
+    pub min_tokens: usize,
     /// JSON mode (`response_format` `json_object` or `json_schema`): the text is kept the beginning of a JSON object
     /// (or of a value the schema accepts) and ends with it.
     pub json: Option<JsonFormat>,
@@ -293,6 +302,8 @@ pub struct Checked {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    pub stop_tokens: Vec<u32>,
+    pub min_tokens: usize,
 }
 
 impl Sampling {
@@ -361,6 +372,8 @@ impl Sampling {
             n,
             stream: self.stream,
             ignore_eos: self.ignore_eos,
+            stop_tokens: self.stop_token_ids.clone().unwrap_or_default(),
+            min_tokens: self.min_tokens.unwrap_or(0),
             include_usage: self
                 .stream_options
                 .as_ref()

@@ -218,6 +218,24 @@ fn chat_tokens(r: &Ready, msgs: &[api::MessageIn], gen_prompt: bool) -> Result<V
 }
 
 /// Refuses a prompt that, with `max_tokens` more, does not fit the context.
+/// `min_tokens` (vLLM's): at most `max_tokens`, and not in JSON mode, whose text ends when its value closes.
+fn check_min_tokens(c: &api::Checked, max_tokens: usize, json: bool) -> Result<(), ApiError> {
+    let bad = |msg: String| ApiError::bad_request(msg).code("invalid_field");
+    if c.min_tokens > max_tokens {
+        return Err(bad(format!(
+            "field `min_tokens`: {} is more than max_tokens {max_tokens}",
+            c.min_tokens
+        )));
+    }
+    if c.min_tokens > 0 && json {
+        return Err(bad(
+            "field `min_tokens` cannot be combined with `response_format`: a JSON answer ends when its value closes"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 fn check_length(r: &Ready, i: usize, prompt: usize, max_tokens: usize) -> Result<(), ApiError> {
     if prompt == 0 {
         return Err(ApiError::bad_request(format!("prompt {i} is empty")).code("empty_prompt"));
@@ -328,11 +346,13 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
     let json = api::parse::<api::Unsupported>(&body)?.check()?;
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
+    check_ids(&r, &c.stop_tokens, "stop_token_ids")?;
     let top = req
         .logprobs
         .map(|n| api::check_top("logprobs", n))
         .transpose()?;
     let max_tokens = req.max_tokens.unwrap_or(api::DEFAULT_COMPLETION_TOKENS);
+    check_min_tokens(&c, max_tokens, json.is_some())?;
     let prompts = req.prompt.into_prompts();
     if prompts.is_empty() {
         return Err(ApiError::bad_request("field `prompt`: an empty list").code("empty_prompt"));
@@ -367,6 +387,8 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
         logprobs: top,
         kv: c.kv,
         ignore_eos: c.ignore_eos,
+        stop_tokens: c.stop_tokens,
+        min_tokens: c.min_tokens,
         json,
     };
     let run = submit(&sh, &ids, c.n, &params).await?;
@@ -398,6 +420,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     let json = api::parse::<api::Unsupported>(&body)?.check()?;
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
+    check_ids(&r, &c.stop_tokens, "stop_token_ids")?;
     if req.messages.is_empty() {
         return Err(
             ApiError::bad_request("field `messages`: an empty list").code("invalid_messages")
@@ -417,6 +440,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     let room = r.max_context.saturating_sub(prompt.len());
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(room);
     check_length(&r, 0, prompt.len(), max_tokens)?;
+    check_min_tokens(&c, max_tokens, json.is_some())?;
     let params = GenParams {
         max_tokens,
         sampler: c.sampler,
@@ -425,6 +449,8 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         logprobs: top,
         kv: c.kv,
         ignore_eos: c.ignore_eos,
+        stop_tokens: c.stop_tokens,
+        min_tokens: c.min_tokens,
         json,
     };
     let firsts = vec![prompt[0]];

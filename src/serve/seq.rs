@@ -70,7 +70,21 @@ impl<'m> Seq<'m> {
         if let Some(f) = &job.params.json {
             sampler = sampler.with_json(JsonConstraint::new(ready.json_vocab(), f));
         }
-        let stop = StopMatcher::new(job.params.stop.clone());
+        // `min_tokens`: the tokens that would end the answer are never drawn before it, and the stop strings are
+        // matched only from its last token on (as vLLM does).
+        let min = job.params.min_tokens;
+        if min > 0 {
+            let mut ban = job.params.stop_tokens.clone();
+            if !job.params.ignore_eos {
+                ban.extend(ready.tokenizer.eog_ids());
+            }
+            sampler = sampler.with_ban(ban, min);
+        }
+        let stop = StopMatcher::new(if min > 0 {
+            Vec::new()
+        } else {
+            job.params.stop.clone()
+        });
         let history = job.prompt[..cached].to_vec();
         Seq {
             sampler,
@@ -302,8 +316,14 @@ impl<'m> Seq<'m> {
         self.last_token_at = Some(now);
         self.generated += 1;
         metrics.generated_tokens.fetch_add(1, Relaxed);
+        if self.generated == self.job.params.min_tokens {
+            // Stop strings are matched from here on (the matcher held nothing back until now).
+            self.stop = StopMatcher::new(self.job.params.stop.clone());
+        }
         let index = self.job.index;
-        if !self.job.params.ignore_eos && self.ready.tokenizer.is_eog(next) {
+        let stop_token = self.job.params.stop_tokens.contains(&next);
+        let eog = !self.job.params.ignore_eos && self.ready.tokenizer.is_eog(next);
+        if eog || (stop_token && self.ready.tokenizer.is_control(next)) {
             // The end-of-generation token counts as generated and shows in log-probabilities (lm-eval reads the
             // one generated token after an echoed prompt), but adds no text.
             self.send(Event::Token {
@@ -325,6 +345,10 @@ impl<'m> Seq<'m> {
         });
         if hit {
             return self.finish_with(Finish::Stop, String::new());
+        }
+        if stop_token {
+            // A stop token that is text ends the answer after its text (vLLM keeps it unless it is special).
+            return self.finish(Finish::Stop);
         }
         if self.sampler.json_done() {
             // JSON mode: the object is closed.
