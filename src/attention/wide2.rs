@@ -133,9 +133,13 @@ pub(super) unsafe fn fold<const BT: usize>(
         // Scale, soft-cap, mask and the softmax step of each row; `alpha` rescales its accumulator in p·V.
         let mut alpha = [1.0f32; CHUNK];
         let mut cmax = 0u32;
-        let plain = n == BT && all_visible && p.softcap.is_none() && cols == u64::MAX;
+        let plain = n == BT && all_visible && p.softcap.is_none();
         if plain {
-            // A full block every row sees whole: the rows' softmax steps interleaved, each exactly the loop's below.
+            // A full block every row sees whole: the rows' softmax steps interleaved, each exactly the loop's below
+            // (a partly selected block's other entries masked first, as the AVX-512 fold does).
+            if cols != u64::MAX {
+                mask_cols::<BT>(&mut s_buf[..rc * BT], cols);
+            }
             cmax = tile_pos[(r0 + rc - 1) / g];
             let (m, l) = (&mut m[r0..r0 + rc], &mut l[r0..r0 + rc]);
             match rc {
@@ -685,6 +689,23 @@ unsafe fn pvq_strip<const R: usize, const W: usize, const BT: usize>(
     for (r, ar) in a.iter().enumerate() {
         for (w, aw) in ar.iter().enumerate() {
             _mm256_storeu_ps(acc.add(r * hv + c0 + 8 * w), *aw);
+        }
+    }
+}
+
+/// Sets the entries of each BT-wide row of `s` whose bit in `cols` is clear to −∞ (8 lanes at a time).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mask_cols<const BT: usize>(s: &mut [f32], cols: u64) {
+    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for row in s.chunks_exact_mut(BT) {
+        for (c, v) in row.chunks_exact_mut(8).enumerate() {
+            let keep = _mm256_set1_epi32(((cols >> (8 * c)) & 0xff) as i32);
+            // Lanes whose bit is set: all ones.
+            let on = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(keep, bit), bit));
+            let p = v.as_mut_ptr();
+            // SAFETY: `v` holds 8 f32.
+            unsafe { _mm256_storeu_ps(p, _mm256_blendv_ps(ninf, _mm256_loadu_ps(p), on)) };
         }
     }
 }
