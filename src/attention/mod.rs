@@ -1217,11 +1217,27 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
         }
         // A whole f16 block folded by the AVX-512 or AVX2 fold asks for the next piece's f16 block itself, as it works.
         let mut next_kv = NO_AHEAD;
-        if ahead < task_pieces.len() && (i == 0 || task_pieces[i - 1].block != pc.block) {
+        let first = i == 0 || task_pieces[i - 1].block != pc.block;
+        if ahead < task_pieces.len() && first && (whole || i == 0) {
             let nb = task_pieces[ahead].block;
             let next = cache.block(layer, task.kv_head, nb as usize);
             let parts = task_pieces[ahead..].iter().take_while(|q| q.block == nb);
             next_kv = ask_ahead_pieces(&blk, &next, whole && interleave, parts, hv);
+        }
+        if ahead < task_pieces.len() && first && !whole {
+            // A block read in part folds in a fraction of a whole one's time, too little to wait out a miss on the
+            // next block: its pieces ask for the block after the next one (the next one was asked for a block ago).
+            let nb = task_pieces[ahead].block;
+            let far = ahead
+                + task_pieces[ahead..]
+                    .iter()
+                    .take_while(|q| q.block == nb)
+                    .count();
+            if let Some(fb) = task_pieces.get(far).map(|q| q.block) {
+                let f = cache.block(layer, task.kv_head, fb as usize);
+                let parts = task_pieces[far..].iter().take_while(|q| q.block == fb);
+                f.prefetch_entries(parts.map(|q| (q.j0 as usize, q.j1 as usize)));
+            }
         }
         if whole {
             fold_view::<BT>(a, &blk, channels.is_some(), buf, next_kv);
