@@ -1161,6 +1161,8 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
     let task_pieces = &pieces[task.blk0..task.blk1];
     // The next piece in another block: its block is prefetched while this one is folded (as the dense path does).
     let mut ahead = 0;
+    // Whether the block after the current one was asked for (by a block read in part, two blocks ahead).
+    let mut asked_next = false;
     for (i, pc) in task_pieces.iter().enumerate() {
         let blk = cache.block(layer, task.kv_head, pc.block as usize);
         let (j0, j1) = (pc.j0 as usize, pc.j1 as usize);
@@ -1218,7 +1220,8 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
         // A whole f16 block folded by the AVX-512 or AVX2 fold asks for the next piece's f16 block itself, as it works.
         let mut next_kv = NO_AHEAD;
         let first = i == 0 || task_pieces[i - 1].block != pc.block;
-        if ahead < task_pieces.len() && first && (whole || i == 0) {
+        // The next block was asked for already when the block before this one was read in part (below).
+        if ahead < task_pieces.len() && first && (whole || !asked_next) {
             let nb = task_pieces[ahead].block;
             let next = cache.block(layer, task.kv_head, nb as usize);
             let parts = task_pieces[ahead..].iter().take_while(|q| q.block == nb);
@@ -1238,6 +1241,9 @@ fn run_task<const BT: usize>(a: &TaskArgs, buf: &mut TaskBuf) {
                 let parts = task_pieces[far..].iter().take_while(|q| q.block == fb);
                 f.prefetch_entries(parts.map(|q| (q.j0 as usize, q.j1 as usize)));
             }
+        }
+        if first {
+            asked_next = !whole;
         }
         if whole {
             fold_view::<BT>(a, &blk, channels.is_some(), buf, next_kv);

@@ -217,7 +217,6 @@ fn chat_tokens(r: &Ready, msgs: &[api::MessageIn], gen_prompt: bool) -> Result<V
         .map_err(|e| ApiError::bad_request(format!("messages: {e:#}")))
 }
 
-/// Refuses a prompt that, with `max_tokens` more, does not fit the context.
 /// `min_tokens` (vLLM's): at most `max_tokens`, and not in JSON mode, whose text ends when its value closes.
 fn check_min_tokens(c: &api::Checked, max_tokens: usize, json: bool) -> Result<(), ApiError> {
     let bad = |msg: String| ApiError::bad_request(msg).code("invalid_field");
@@ -236,6 +235,7 @@ fn check_min_tokens(c: &api::Checked, max_tokens: usize, json: bool) -> Result<(
     Ok(())
 }
 
+/// Refuses a prompt that, with `max_tokens` more, does not fit the context.
 fn check_length(r: &Ready, i: usize, prompt: usize, max_tokens: usize) -> Result<(), ApiError> {
     if prompt == 0 {
         return Err(ApiError::bad_request(format!("prompt {i} is empty")).code("empty_prompt"));
