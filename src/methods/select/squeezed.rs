@@ -122,11 +122,16 @@ pub fn parse_levels(name: &str, v: &str) -> Result<usize> {
 /// Centroids per tile of a level's store: one tile is scored as a KV block's keys are ([`cols_dot_f16_next_strided`]).
 const CENT_TILE: usize = 64;
 
+/// Where channel `ch` of centroid `c` lies in a store of centroid tiles of `hk` channels ([`Level::tiles`]).
+fn tile_index(c: usize, ch: usize, hk: usize) -> usize {
+    (c / CENT_TILE) * hk * CENT_TILE + ch * CENT_TILE + c % CENT_TILE
+}
+
 /// One level of centroids and what each cluster holds.
 #[derive(Clone, Debug, Default)]
 struct Level {
-    /// The centroids as f16, in tiles of [`CENT_TILE`] stored channel-major (tile t: hk × CENT_TILE, centroid 64t + i in
-    /// column i; the last tile's unused columns 0): the mean of the raw keys (L1: of the L2 centroids) of each
+    /// The centroids as f16, in tiles of [`CENT_TILE`] stored channel-major (tile t: hk × CENT_TILE, centroid
+    /// 64t + i in column i, at [`tile_index`]; the last tile's unused columns 0): the mean of the raw keys (L1: of the L2 centroids) of each
     /// cluster. Channel-major, every centroid of a tile is scored against the query heads with one load and
     /// conversion of each channel's values (row by row, the conversion and the per-row sums took as long as the rest
     /// of the selection).
@@ -153,7 +158,7 @@ impl Level {
 
     /// Channel `ch` of centroid `c` (hk channels).
     fn at(&self, c: usize, ch: usize, hk: usize) -> f16 {
-        self.tiles[(c / CENT_TILE) * hk * CENT_TILE + ch * CENT_TILE + c % CENT_TILE]
+        self.tiles[tile_index(c, ch, hk)]
     }
 
     /// A level from k-means labels of `n` points (`raw`: n × hk, what the centroids average), dropping empty
@@ -203,8 +208,7 @@ impl Level {
         let mut tiles = vec![f16::ZERO; kk.div_ceil(CENT_TILE) * CENT_TILE * hk];
         for c in 0..kk {
             for ch in 0..hk {
-                tiles[(c / CENT_TILE) * hk * CENT_TILE + ch * CENT_TILE + c % CENT_TILE] =
-                    f16::from_f32(sum[c * hk + ch]);
+                tiles[tile_index(c, ch, hk)] = f16::from_f32(sum[c * hk + ch]);
             }
         }
         (
@@ -291,8 +295,8 @@ fn scores(tiles: &[f16], q: &[f32], hk: usize, scale: f32, s: &mut Vec<f32>) {
         let next = tiles.get((t + 1) * tile..(t + 2) * tile).unwrap_or(&[]);
         // At most MAX_VECTORS query rows a call (a GQA group is fewer).
         for (j, w) in q.chunks(MAX_VECTORS * hk).enumerate() {
-            // SAFETY: rows j·MAX_VECTORS.. of `s` (kp apart) hold this tile's CENT_TILE columns at t·CENT_TILE; nothing else
-            // refers to `s` meanwhile.
+            // SAFETY: rows j·MAX_VECTORS.. of `s` (kp apart) hold this tile's CENT_TILE columns at t·CENT_TILE;
+            // nothing else refers to `s` meanwhile.
             unsafe {
                 let out = s.as_mut_ptr().add(j * MAX_VECTORS * kp + t * CENT_TILE);
                 cols_dot_f16_next_strided(kt, CENT_TILE, w, out, kp, next);
@@ -948,9 +952,8 @@ impl HeadScratch {
         self.ct.clear();
         self.ct.resize(np * hk, f16::ZERO);
         for (j, &c) in self.cand.iter().enumerate() {
-            let tile = &mut self.ct[(j / CENT_TILE) * hk * CENT_TILE..][..hk * CENT_TILE];
             for ch in 0..hk {
-                tile[ch * CENT_TILE + j % CENT_TILE] = l2.at(c as usize, ch, hk);
+                self.ct[tile_index(j, ch, hk)] = l2.at(c as usize, ch, hk);
             }
         }
         cache.note_read(n * (2 * hk + 4));
