@@ -83,6 +83,14 @@ def main() -> None:
                                        temperature=0, response_format={"type": "json_object"})
     assert isinstance(json.loads(o.choices[0].message.content), dict), o
 
+    # vLLM's sampling extras through extra_body: a bias forces token 120 ('x'), which is a stop token, held off by
+    # min_tokens for 3 draws.
+    m = client.completions.create(model="any", prompt=[[5, 6, 7]], max_tokens=10, temperature=0,
+                                  logit_bias={"120": 100},
+                                  extra_body={"stop_token_ids": [120], "min_tokens": 3, "ignore_eos": True})
+    assert m.choices[0].finish_reason == "stop" and m.usage.completion_tokens == 4, m
+    assert m.choices[0].text.endswith("x") and "x" not in m.choices[0].text[:-1], m
+
     # Errors arrive as the client's exceptions.
     try:
         client.completions.create(model="any", prompt="x", max_tokens=1, extra_body={"kv": "nosuch@1"})
