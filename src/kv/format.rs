@@ -220,7 +220,7 @@ fn gather_rows<T: Copy>(src: &[T], rows: &[usize], width: usize) -> Box<[T]> {
 
 /// Asks for every cache line of `s` (a hint: nothing is loaded into registers, nothing faults).
 #[inline]
-pub(super) fn prefetch_lines<T>(s: &[T]) {
+pub(crate) fn prefetch_lines<T>(s: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

@@ -55,6 +55,7 @@ mod streams;
 #[cfg(test)]
 mod window_tests;
 
+pub(crate) use format::prefetch_lines;
 pub use format::{Block, BlockData, BlockView};
 pub use meta::{MetaConfig, PageStat};
 pub use offload::{OffloadBuf, OffloadConfig, OffloadReader, Resident};

@@ -52,7 +52,7 @@ use super::{Frame, FrameDefaults, SelectOptions, Step};
 use crate::attention::Selection;
 use crate::kernels::mathfn::exp_neg;
 use crate::kernels::rowdot::{cols_dot_f16_next_strided, MAX_VECTORS};
-use crate::kv::KvCache;
+use crate::kv::{prefetch_lines, KvCache};
 use crate::methods::obs::dot;
 use crate::methods::prefill::plan::Bits;
 use crate::methods::spec::Budget;
@@ -80,18 +80,6 @@ pub const SEED: u64 = 0;
 const FIRST_SLICE: usize = 96;
 /// Clusters ahead whose entry lists [`HeadScratch::take`] asks for.
 const TAKE_AHEAD: usize = 4;
-
-/// Asks for the line at `p` (a hint: never faults).
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint and never faults.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
 
 /// Squeezed Attention's frame: no sinks, no recent window (the unclustered tail is always read instead), hayloft's 2
 /// dense layers, a new lookup every step.
@@ -1026,8 +1014,7 @@ impl HeadScratch {
                 // The entry lists lie anywhere in the index: ask for the ones a few clusters on now, so that their
                 // misses overlap (waiting on each list in turn was most of this loop's time).
                 if let Some(&ja) = part.get(i + TAKE_AHEAD) {
-                    let c = self.cand[ja as usize] as usize;
-                    prefetch(l2.members[l2.start[c] as usize..].as_ptr());
+                    prefetch_lines(l2.members(self.cand[ja as usize] as usize));
                 }
                 let e = l2.members(self.cand[j as usize] as usize);
                 // Most clusters lie wholly inside [lo, end) (the frame's middle starts at the first entry by default).
