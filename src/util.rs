@@ -96,6 +96,140 @@ pub fn return_freed_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
+/// A JSON value with its objects' keys in the order written (serde_json's map sorts them, and a schema's property
+/// order is the order the keys are generated in: a "reasoning" field listed before "answer" comes first).
+#[derive(Clone, Debug, PartialEq)]
+pub enum JVal {
+    Null,
+    Bool(bool),
+    Num(serde_json::Number),
+    Str(String),
+    Arr(Vec<JVal>),
+    Obj(Vec<(String, JVal)>),
+}
+
+impl JVal {
+    /// The value of `key` in an object (None otherwise).
+    pub fn get(&self, key: &str) -> Option<&JVal> {
+        match self {
+            JVal::Obj(kv) => kv.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            JVal::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            JVal::Num(n) => n.as_u64(),
+            _ => None,
+        }
+    }
+
+    /// The value as serde_json's (objects' key order lost).
+    pub fn to_value(&self) -> serde_json::Value {
+        match self {
+            JVal::Null => serde_json::Value::Null,
+            JVal::Bool(b) => serde_json::Value::Bool(*b),
+            JVal::Num(n) => serde_json::Value::Number(n.clone()),
+            JVal::Str(s) => serde_json::Value::String(s.clone()),
+            JVal::Arr(a) => serde_json::Value::Array(a.iter().map(JVal::to_value).collect()),
+            JVal::Obj(kv) => serde_json::Value::Object(
+                kv.iter().map(|(k, v)| (k.clone(), v.to_value())).collect(),
+            ),
+        }
+    }
+
+    /// Compact JSON text, keys in their order.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            JVal::Arr(a) => {
+                out.push(b'[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    v.write(out);
+                }
+                out.push(b']');
+            }
+            JVal::Obj(kv) => {
+                out.push(b'{');
+                for (i, (k, v)) in kv.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend(serde_json::to_vec(k).unwrap_or_default());
+                    out.push(b':');
+                    v.write(out);
+                }
+                out.push(b'}');
+            }
+            v => out.extend(serde_json::to_vec(&v.to_value()).unwrap_or_default()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JVal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JVal;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<JVal, E> {
+                Ok(JVal::Null)
+            }
+            fn visit_none<E>(self) -> Result<JVal, E> {
+                Ok(JVal::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<JVal, E> {
+                Ok(JVal::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<JVal, E> {
+                Ok(JVal::Num(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<JVal, E> {
+                Ok(JVal::Num(n.into()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<JVal, E> {
+                serde_json::Number::from_f64(n)
+                    .map(JVal::Num)
+                    .ok_or_else(|| E::custom("a number that is not finite"))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<JVal, E> {
+                Ok(JVal::Str(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<JVal, E> {
+                Ok(JVal::Str(s))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<JVal, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    v.push(x);
+                }
+                Ok(JVal::Arr(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<JVal, A::Error> {
+                let mut kv: Vec<(String, JVal)> = Vec::new();
+                while let Some((k, v)) = a.next_entry::<String, JVal>()? {
+                    // A repeated key: the last one wins, as serde_json's map does.
+                    kv.retain(|(k2, _)| *k2 != k);
+                    kv.push((k, v));
+                }
+                Ok(JVal::Obj(kv))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

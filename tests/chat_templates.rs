@@ -1,11 +1,13 @@
 //! Real chat templates render as transformers renders them. tests/fixtures/chat_templates.json holds templates of
 //! models whose architectures hayloft runs (Ministral 3, Mistral Nemo and Small 3.2, Devstral, Phi-3.5, SmolLM3,
-//! Granite 3.3, Llama 3.1 and 3.2, Qwen3, Qwen2.5, Gemma 2, a DeepSeek-R1 distill), as llama.cpp keeps them, and their
-//! renders of four conversations by Python's jinja2 set up as `apply_chat_template` sets it up (made by
+//! Granite 3.3, Llama 3.1 and 3.2, Qwen3, Qwen2.5, Gemma 2, a DeepSeek-R1 distill, Hermes 3), as llama.cpp keeps them, and their
+//! renders of four conversations, and of two with function definitions and calls, by Python's jinja2 set up as
+//! `apply_chat_template` sets it up (made by
 //! `tests/fixtures/gen_chat_templates.py`). hayloft's minijinja setup must give the same text, and must refuse where
 //! the template raises (Gemma 2 refuses a system turn).
 
-use hayloft::tokenizer::chat::{ChatMessage, ChatTemplate};
+use hayloft::engine::json_schema::JVal;
+use hayloft::tokenizer::chat::{ChatMessage, ChatTemplate, ToolCall};
 use hayloft::tokenizer::strftime;
 use serde::Deserialize;
 
@@ -21,6 +23,17 @@ struct Case {
     strftime: Vec<String>,
 }
 
+/// A conversation with function definitions and calls, its messages and tools as OpenAI's JSON (keys in order).
+#[derive(Deserialize)]
+struct ToolCase {
+    tools: Vec<JVal>,
+    messages: Vec<JVal>,
+    add_generation_prompt: bool,
+    text: Option<String>,
+    error: Option<String>,
+    strftime: Vec<String>,
+}
+
 #[derive(Deserialize)]
 struct Template {
     file: String,
@@ -28,6 +41,65 @@ struct Template {
     eos_token: String,
     source: String,
     cases: Vec<Case>,
+    tool_cases: Vec<ToolCase>,
+}
+
+/// A fixture message as the server builds it from a request.
+fn message(m: &JVal) -> ChatMessage {
+    let s = |k: &str| m.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let mut msg = ChatMessage::new(s("role").unwrap(), s("content").unwrap_or_default());
+    msg.tool_call_id = s("tool_call_id");
+    msg.name = s("name");
+    if let Some(JVal::Arr(calls)) = m.get("tool_calls") {
+        for c in calls {
+            let f = c.get("function").unwrap();
+            msg.tool_calls.push(ToolCall {
+                id: c.get("id").and_then(|v| v.as_str()).map(str::to_string),
+                name: f.get("name").and_then(|v| v.as_str()).unwrap().to_string(),
+                arguments: f.get("arguments").unwrap().clone(),
+            });
+        }
+    }
+    msg
+}
+
+/// Compares one render with the fixture's: the same text (today's date put back to the fixture's moment), or an
+/// error that says what jinja2 said. Returns (rendered, refused).
+fn check(
+    got: anyhow::Result<String>,
+    text: &Option<String>,
+    error: &Option<String>,
+    formats: &[String],
+    fixed_time: i64,
+    what: &str,
+) -> (usize, usize) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    match (text, error) {
+        (Some(want), None) => {
+            let mut got = got.unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            for fmt in formats {
+                let (today, fixed) = (
+                    strftime(fmt, now).unwrap(),
+                    strftime(fmt, fixed_time).unwrap(),
+                );
+                got = got.replace(&today, &fixed);
+            }
+            assert_eq!(&got, want, "{what}");
+            (1, 0)
+        }
+        (None, Some(why)) => {
+            let e = format!(
+                "{:#}",
+                got.err().unwrap_or_else(|| panic!("{what} renders"))
+            );
+            assert!(e.contains(why.as_str()), "{what}: {e} (jinja2: {why})");
+            (0, 1)
+        }
+        _ => panic!("{what}: a text or an error"),
+    }
 }
 
 #[derive(Deserialize)]
@@ -39,12 +111,8 @@ struct Fixture {
 #[test]
 fn real_chat_templates_render_as_transformers_renders_them() {
     let f: Fixture = serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
-    assert!(f.templates.len() >= 13);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (mut rendered, mut refused) = (0, 0);
+    assert!(f.templates.len() >= 14);
+    let (mut rendered, mut refused, mut with_tools) = (0, 0, 0);
     for t in &f.templates {
         let tmpl = ChatTemplate::from_source(&t.source, &t.bos_token, &t.eos_token, false, false)
             .unwrap_or_else(|e| panic!("{}: {e:#}", t.file));
@@ -55,37 +123,22 @@ fn real_chat_templates_render_as_transformers_renders_them() {
                 .map(|(r, m)| ChatMessage::new(r.as_str(), m.as_str()))
                 .collect();
             let got = tmpl.render(&msgs, c.add_generation_prompt);
-            match (&c.text, &c.error) {
-                (Some(want), None) => {
-                    let mut got = got.unwrap_or_else(|e| panic!("{} case {i}: {e:#}", t.file));
-                    // The fixture's moment in place of today's, for each format the template asked for.
-                    for fmt in &c.strftime {
-                        let (today, fixed) = (
-                            strftime(fmt, now).unwrap(),
-                            strftime(fmt, f.fixed_time).unwrap(),
-                        );
-                        got = got.replace(&today, &fixed);
-                    }
-                    assert_eq!(&got, want, "{} case {i}", t.file);
-                    rendered += 1;
-                }
-                (None, Some(why)) => {
-                    let e = format!(
-                        "{:#}",
-                        got.err()
-                            .unwrap_or_else(|| panic!("{} case {i} renders", t.file))
-                    );
-                    assert!(
-                        e.contains(why.as_str()),
-                        "{} case {i}: {e} (jinja2: {why})",
-                        t.file
-                    );
-                    refused += 1;
-                }
-                _ => panic!("{} case {i}: a text or an error", t.file),
-            }
+            let what = format!("{} case {i}", t.file);
+            let (r, e) = check(got, &c.text, &c.error, &c.strftime, f.fixed_time, &what);
+            rendered += r;
+            refused += e;
+        }
+        // Function definitions and calls: the definitions' JSON (tojson as transformers writes it: spaces, keys in
+        // the order given, no HTML escapes), the calls' arguments, the tool turns.
+        for (i, c) in t.tool_cases.iter().enumerate() {
+            let msgs: Vec<ChatMessage> = c.messages.iter().map(message).collect();
+            let got = tmpl.render_tools(&msgs, &c.tools, c.add_generation_prompt);
+            let what = format!("{} tool case {i}", t.file);
+            let (r, e) = check(got, &c.text, &c.error, &c.strftime, f.fixed_time, &what);
+            with_tools += r;
+            refused += e;
         }
     }
-    println!("{rendered} renders equal, {refused} refusals equal");
-    assert!(rendered >= 40 && refused >= 1);
+    println!("{rendered} renders equal, {with_tools} with tools, {refused} refusals equal");
+    assert!(rendered >= 40 && with_tools >= 26 && refused >= 3);
 }

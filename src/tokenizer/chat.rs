@@ -17,18 +17,26 @@ use std::ops::Range;
 
 use anyhow::{anyhow, bail, Result};
 use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Enumerator, Kwargs, Object, ObjectRepr, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 
 /// minijinja instructions one render may execute (a 2,000-message ChatML conversation renders within it, tested).
 const RENDER_FUEL: u64 = 5_000_000;
 
 use crate::gguf::GgufFile;
+use crate::util::JVal;
 
 /// One turn of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The calls an assistant turn made (OpenAI's `tool_calls`), in order; empty for every other turn.
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` turn answers (`tool_call_id`).
+    pub tool_call_id: Option<String>,
+    /// The tool's name on a `tool` turn (`name`), when the client gave it.
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -36,8 +44,20 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
         }
     }
+}
+
+/// A function call as a template sees it: `{"id", "type": "function", "function": {"name", "arguments"}}`, the
+/// arguments an object (as transformers and vLLM hand them to templates), not the JSON text the API carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    pub id: Option<String>,
+    pub name: String,
+    pub arguments: JVal,
 }
 
 /// ChatML, for vocabularies with `<|im_start|>` / `<|im_end|>` but no template.
@@ -188,6 +208,7 @@ impl ChatTemplate {
         // over large ranges) is an error, not a hang. Real templates over long conversations use far less.
         env.set_fuel(Some(RENDER_FUEL));
         env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
         env.add_function("strftime_now", super::strftime::strftime_now);
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| anyhow!("cannot compile the chat template: {e}"))?;
@@ -225,7 +246,18 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Rendered> {
-        let text = self.render(messages, add_generation_prompt)?;
+        self.render_marked_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`Self::render_marked`] with function definitions (`tools`, OpenAI's `{"type": "function", "function":
+    /// {...}}` objects) for templates that render them: their text is the template's own.
+    pub fn render_marked_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[JVal],
+        add_generation_prompt: bool,
+    ) -> Result<Rendered> {
+        let text = self.render_tools(messages, tools, add_generation_prompt)?;
         // A marker prefix that no message contains: "\u{E000}<nonce>#".
         let mut nonce = 0u32;
         let prefix = loop {
@@ -238,9 +270,12 @@ impl ChatTemplate {
         let masked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| ChatMessage::new(m.role.clone(), format!("{prefix}{i}\u{E001}")))
+            .map(|(i, m)| ChatMessage {
+                content: format!("{prefix}{i}\u{E001}"),
+                ..m.clone()
+            })
             .collect();
-        let marked = self.render(&masked, add_generation_prompt)?;
+        let marked = self.render_tools(&masked, tools, add_generation_prompt)?;
         // Template pieces and, between them, the index of the message whose content goes there.
         let mut pieces: Vec<&str> = Vec::new();
         let mut slots: Vec<usize> = Vec::new();
@@ -296,17 +331,35 @@ impl ChatTemplate {
 
     /// Renders the conversation; `add_generation_prompt` appends the header of the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let msgs: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                let mut map = BTreeMap::new();
-                map.insert("role", Value::from(m.role.as_str()));
-                map.insert("content", Value::from(m.content.as_str()));
-                Value::from(map)
-            })
-            .collect();
+        self.render_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Whether the template renders function definitions: it reads a `tools` variable. Templates that do not would
+    /// drop a request's tools without a word.
+    pub fn renders_tools(&self) -> bool {
+        self.env
+            .get_template(NAME)
+            .map(|t| t.undeclared_variables(false).contains("tools"))
+            .unwrap_or(false)
+    }
+
+    /// [`Self::render`] with function definitions: `tools` is set (a list, in the order given) when there are any,
+    /// and left undefined otherwise, as templates test it both ways.
+    pub fn render_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[JVal],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let msgs: Vec<Value> = messages.iter().map(message_value).collect();
         let mut ctx = BTreeMap::new();
         ctx.insert("messages", Value::from(msgs));
+        if !tools.is_empty() {
+            ctx.insert(
+                "tools",
+                Value::from(tools.iter().map(json_value).collect::<Vec<_>>()),
+            );
+        }
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         ctx.insert("bos_token", Value::from(self.bos_token.as_str()));
         ctx.insert("eos_token", Value::from(self.eos_token.as_str()));
@@ -333,5 +386,269 @@ impl ChatTemplate {
             out.truncate(out.len() - self.eos_token.len());
         }
         Ok(out)
+    }
+}
+
+/// A message as templates read it: `role` and `content`, and `tool_calls`, `tool_call_id` and `name` when it has
+/// them (absent otherwise, so `message.tool_calls is defined` tells an assistant turn that called tools).
+fn message_value(m: &ChatMessage) -> Value {
+    let mut kv = vec![
+        ("role".to_string(), Value::from(m.role.as_str())),
+        ("content".to_string(), Value::from(m.content.as_str())),
+    ];
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let mut call = Vec::new();
+                if let Some(id) = &c.id {
+                    call.push(("id".to_string(), Value::from(id.as_str())));
+                }
+                call.push(("type".to_string(), Value::from("function")));
+                let function = vec![
+                    ("name".to_string(), Value::from(c.name.as_str())),
+                    ("arguments".to_string(), json_value(&c.arguments)),
+                ];
+                call.push((
+                    "function".to_string(),
+                    Value::from_object(JsonMap(function)),
+                ));
+                Value::from_object(JsonMap(call))
+            })
+            .collect();
+        kv.push(("tool_calls".to_string(), Value::from(calls)));
+    }
+    if let Some(id) = &m.tool_call_id {
+        kv.push(("tool_call_id".to_string(), Value::from(id.as_str())));
+    }
+    if let Some(name) = &m.name {
+        kv.push(("name".to_string(), Value::from(name.as_str())));
+    }
+    Value::from_object(JsonMap(kv))
+}
+
+/// A JSON value for a template, objects with their keys in the order given (a tool's `type` before its
+/// `function`, its parameters' properties as the client listed them).
+fn json_value(v: &JVal) -> Value {
+    match v {
+        JVal::Null => Value::from(()),
+        JVal::Bool(b) => Value::from(*b),
+        JVal::Num(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(u)) => Value::from(u),
+            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        JVal::Str(s) => Value::from(s.as_str()),
+        JVal::Arr(a) => Value::from(a.iter().map(json_value).collect::<Vec<_>>()),
+        JVal::Obj(kv) => Value::from_object(JsonMap(
+            kv.iter().map(|(k, v)| (k.clone(), json_value(v))).collect(),
+        )),
+    }
+}
+
+/// A map that keeps its keys in insertion order (minijinja's own maps sort them).
+#[derive(Debug)]
+struct JsonMap(Vec<(String, Value)>);
+
+impl Object for JsonMap {
+    fn repr(self: &std::sync::Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &Value) -> Option<Value> {
+        let k = key.as_str()?;
+        self.0
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &std::sync::Arc<Self>) -> Enumerator {
+        Enumerator::Values(
+            self.0
+                .iter()
+                .map(|(k, _)| Value::from(k.as_str()))
+                .collect(),
+        )
+    }
+}
+
+/// `tojson` as transformers defines it for chat templates: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=indent, separators=separators, sort_keys=sort_keys)`, so `{"a": 1, "b": [2, 3]}` with its spaces and
+/// without HTML escapes (minijinja's own filter writes `'` and `<` as `\u0027` and `\u003c`).
+fn tojson(v: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::Result<Value, Error> {
+    let indent = match indent {
+        Some(i) => Some(i),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    let indent: Option<String> = match indent {
+        None => None,
+        Some(i) if i.is_none() => None,
+        Some(i) => match i.as_i64() {
+            Some(n) => Some(" ".repeat(n.clamp(0, 64) as usize)),
+            None => Some(i.as_str().unwrap_or("  ").to_string()),
+        },
+    };
+    let ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
+    let sort = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let seps: Option<Vec<String>> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let (item, key) = match seps.as_deref() {
+        Some([i, k]) => (i.clone(), k.clone()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be two strings",
+            ))
+        }
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let mut out = String::new();
+    let style = JsonStyle {
+        indent: indent.as_deref(),
+        item: &item,
+        key: &key,
+        ascii,
+        sort,
+    };
+    write_json(v, &style, 0, &mut out)?;
+    Ok(Value::from_safe_string(out))
+}
+
+struct JsonStyle<'a> {
+    indent: Option<&'a str>,
+    item: &'a str,
+    key: &'a str,
+    ascii: bool,
+    sort: bool,
+}
+
+/// Deepest nesting `tojson` writes (a template cannot build a cycle, but a deep value should stay an error).
+const JSON_DEPTH: usize = 128;
+
+fn write_json(
+    v: &Value,
+    st: &JsonStyle,
+    level: usize,
+    out: &mut String,
+) -> std::result::Result<(), Error> {
+    if level > JSON_DEPTH {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: value nested too deep",
+        ));
+    }
+    let newline = |out: &mut String, level: usize| {
+        if let Some(ind) = st.indent {
+            out.push('\n');
+            for _ in 0..level {
+                out.push_str(ind);
+            }
+        }
+    };
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number => match v.as_i64() {
+            Some(i) if v.is_integer() => out.push_str(&i.to_string()),
+            _ => match f64::try_from(v.clone()) {
+                Ok(f) => out.push_str(&python_float(f)),
+                Err(_) => out.push_str(&v.to_string()),
+            },
+        },
+        ValueKind::String | ValueKind::Plain => json_string(&v.to_string(), st.ascii, out),
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = v.try_iter()?.collect();
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            if st.sort {
+                keys.sort();
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(st.item);
+                }
+                newline(out, level + 1);
+                json_string(&k.to_string(), st.ascii, out);
+                out.push_str(st.key);
+                write_json(&v.get_item(k)?, st, level + 1, out)?;
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        _ => {
+            let items: Vec<Value> = v.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(st.item);
+                }
+                newline(out, level + 1);
+                write_json(x, st, level + 1, out)?;
+            }
+            newline(out, level);
+            out.push(']');
+        }
+    }
+    Ok(())
+}
+
+/// A string as Python's json module writes it.
+fn json_string(s: &str, ascii: bool, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ascii && !c.is_ascii()) => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A float as Python's `repr` writes it: `1.0`, `0.5`, `1e-05`, `1e+16`, `NaN`, `Infinity`.
+fn python_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    let a = f.abs();
+    if a != 0.0 && !(1e-4..1e16).contains(&a) {
+        // Rust writes the shortest digits as "1.5e-7"; Python as "1.5e-07".
+        let s = format!("{f:e}");
+        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let (sign, digits) = match e.strip_prefix('-') {
+            Some(d) => ('-', d),
+            None => ('+', e),
+        };
+        return format!("{m}e{sign}{digits:0>2}");
+    }
+    let s = format!("{f}");
+    if s.contains('.') {
+        s
+    } else {
+        format!("{s}.0")
     }
 }
