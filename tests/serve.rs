@@ -1642,3 +1642,224 @@ fn a_kv_budget_holds_under_load_and_every_request_is_answered_or_refused() {
     );
     assert_error(&r, 400, "--kv-budget");
 }
+
+/// Two function definitions: one whose parameters the JSON-schema subset takes (an enum, a required key), and one
+/// with plain numbers.
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "add", "description": "Adds two numbers",
+         "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                        "required": ["a", "b"]}}}
+    ])
+}
+
+#[test]
+fn tool_requests_a_model_cannot_take_are_refused_naming_the_field() {
+    let t = small();
+    let a = t.server.addr;
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                              "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(a, "/v1/chat/completions", &body)
+    };
+    // The tiny model's ChatML template never reads `tools`: the model would not see them.
+    assert_error(
+        &chat(json!({"tools": weather_tools()})),
+        400,
+        "does not render tool definitions",
+    );
+    // Malformed definitions and choices, before the template is asked.
+    let mut bad = weather_tools();
+    bad[1]["type"] = json!("retrieval");
+    assert_error(&chat(json!({"tools": bad})), 400, "tools[1].type");
+    let mut bad = weather_tools();
+    bad[0]["function"]["name"] = json!("get weather");
+    assert_error(&chat(json!({"tools": bad})), 400, "tools[0].function.name");
+    let mut bad = weather_tools();
+    bad[1]["function"]["name"] = json!("get_weather");
+    assert_error(&chat(json!({"tools": bad})), 400, "defined twice");
+    let mut bad = weather_tools();
+    bad[0]["function"]["parameters"] = json!([1]);
+    assert_error(
+        &chat(json!({"tools": bad})),
+        400,
+        "tools[0].function.parameters",
+    );
+    let named = json!({"type": "function", "function": {"name": "mul"}});
+    assert_error(
+        &chat(json!({"tools": weather_tools(), "tool_choice": named})),
+        400,
+        "'mul' is not among",
+    );
+    assert_error(
+        &chat(json!({"tools": weather_tools(), "tool_choice": "always"})),
+        400,
+        "tool_choice",
+    );
+    assert_error(
+        &chat(json!({"tool_choice": "required"})),
+        400,
+        "`tools` is empty",
+    );
+    // A past call's arguments must be a JSON object.
+    let msgs = json!([{"role": "user", "content": "hi"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "add", "arguments": "{not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}]);
+    assert_error(
+        &chat(json!({"messages": msgs})),
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+    );
+    // Completions take no tools.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 1, "tools": weather_tools()}),
+    );
+    assert_error(&r, 400, "/v1/chat/completions");
+    // tool_choice "none" leaves the definitions out: a plain answer.
+    let r = chat(json!({"tools": weather_tools(), "tool_choice": "none"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["choices"][0]["message"]["content"].is_string());
+    assert!(r.json()["choices"][0]["message"]
+        .get("tool_calls")
+        .is_none());
+}
+
+/// The answer's calls: (name, arguments parsed), and the finish reason; streamed answers put together from their
+/// deltas, with no text of a call leaking into the content.
+fn tool_calls_of(r: &Resp, stream: bool) -> (Vec<(String, Value)>, Option<String>, String) {
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (calls, content, finish) = if stream {
+        let (mut calls, mut content, mut finish) = (Vec::new(), String::new(), String::new());
+        for e in r.sse().iter().filter(|e| *e != "[DONE]") {
+            let c: Value = serde_json::from_str(e).unwrap();
+            let ch = &c["choices"][0];
+            content.push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+            calls.extend(
+                ch["delta"]["tool_calls"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+            if let Some(f) = ch["finish_reason"].as_str() {
+                finish = f.to_string();
+            }
+        }
+        (calls, Some(content).filter(|c| !c.is_empty()), finish)
+    } else {
+        let j = r.json();
+        let m = &j["choices"][0]["message"];
+        (
+            m["tool_calls"].as_array().cloned().unwrap_or_default(),
+            m["content"].as_str().map(str::to_string),
+            j["choices"][0]["finish_reason"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    let calls = calls
+        .iter()
+        .map(|c| {
+            assert_eq!(c["type"], "function", "{c}");
+            assert!(c["id"].as_str().unwrap().starts_with("call_"), "{c}");
+            let args = c["function"]["arguments"].as_str().unwrap();
+            let args: Value = serde_json::from_str(args).unwrap_or_else(|e| panic!("{args}: {e}"));
+            (c["function"]["name"].as_str().unwrap().to_string(), args)
+        })
+        .collect();
+    (calls, content, finish)
+}
+
+#[test]
+fn qwen25_calls_tools_over_http() {
+    let server = serve_file(&common::model("qwen2.5-0.5b"), ServeConfig::default());
+    let a = server.addr;
+    let ask = |question: &str, extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": question}], "tools": weather_tools(),
+                              "temperature": 0, "max_tokens": 60});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(a, "/v1/chat/completions", &body)
+    };
+    // "auto": the model calls get_weather for Paris (it answers a bare call object, without <tool_call> tags),
+    // plain and streamed alike.
+    for stream in [false, true] {
+        let r = ask(
+            "What's the weather like in Paris right now?",
+            json!({"stream": stream}),
+        );
+        let (calls, content, finish) = tool_calls_of(&r, stream);
+        assert_eq!(finish, "tool_calls", "stream {stream}: {}", r.body);
+        assert_eq!(content, None, "stream {stream}");
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].0, "get_weather");
+        assert_eq!(calls[0].1["city"], "Paris", "{calls:?}");
+    }
+    // A question no tool fits: text, finish "stop".
+    let (calls, content, finish) =
+        tool_calls_of(&ask("Write a haiku about autumn.", json!({})), false);
+    assert!(calls.is_empty() && finish == "stop", "{calls:?} {finish}");
+    assert!(!content.unwrap().contains("\"name\""));
+    // A named function: decoding is held to its call, with arguments its parameters schema accepts; OpenAI finishes
+    // such a call with "stop".
+    let named = json!({"tool_choice": {"type": "function", "function": {"name": "add"}}});
+    for stream in [false, true] {
+        let mut extra = named.clone();
+        extra["stream"] = json!(stream);
+        let (calls, _, finish) = tool_calls_of(&ask("What is 2 + 3.5?", extra), stream);
+        assert_eq!(finish, "stop");
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].0, "add");
+        assert!(
+            calls[0].1["a"].is_number() && calls[0].1["b"].is_number(),
+            "{calls:?}"
+        );
+    }
+    // "required" picks among the tools.
+    let (calls, _, finish) = tool_calls_of(
+        &ask("Weather in Oslo?", json!({"tool_choice": "required"})),
+        false,
+    );
+    assert_eq!(
+        (calls.len(), finish.as_str()),
+        (1, "tool_calls"),
+        "{calls:?}"
+    );
+    assert!(["get_weather", "add"].contains(&calls[0].0.as_str()));
+    // The call and its result go back into the prompt through the template.
+    let msgs = json!([{"role": "user", "content": "What's the weather like in Paris right now?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 18, \"sky\": \"light rain\"}"}]);
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": msgs, "tools": weather_tools(), "temperature": 0, "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let first = ask(
+        "What's the weather like in Paris right now?",
+        json!({"max_tokens": 1}),
+    );
+    let tokens = |r: &Resp| r.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        tokens(&r) > tokens(&first) + 20,
+        "{} vs {}",
+        tokens(&r),
+        tokens(&first)
+    );
+    // A response_format beside a forced call is refused: the answer is the call.
+    let mut extra = named.clone();
+    extra["response_format"] = json!({"type": "json_object"});
+    assert_error(&ask("What is 2 + 3.5?", extra), 400, "response_format");
+}

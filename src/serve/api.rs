@@ -154,6 +154,29 @@ pub struct MessageIn {
     /// Null or absent = empty (an assistant turn that only called tools).
     #[serde(default)]
     pub content: Option<Content>,
+    /// The calls an assistant turn made.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// The call a `tool` turn answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A call in an assistant turn: `{"id", "type": "function", "function": {"name", "arguments"}}`.
+#[derive(Deserialize, Debug)]
+pub struct ToolCallIn {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct FunctionCallIn {
+    pub name: String,
+    /// JSON text, as OpenAI sends it (an object is taken too).
+    pub arguments: JVal,
 }
 
 impl MessageIn {
@@ -211,8 +234,9 @@ pub struct Unsupported {
 }
 
 impl Unsupported {
-    /// The JSON mode the request asks for (if any), or the 400 for what it asks that hayloft does not do.
-    pub fn check(&self) -> Result<Option<JsonFormat>, ApiError> {
+    /// The JSON mode the request asks for (if any), or the 400 for what it asks that hayloft does not do. `chat`:
+    /// the chat endpoint, which reads `tools` itself ([`super::tools`]).
+    pub fn check(&self, chat: bool) -> Result<Option<JsonFormat>, ApiError> {
         let refuse = |field: &str, msg: &str| {
             Err(ApiError::bad_request(format!("field `{field}`: {msg}")).code("unsupported_field"))
         };
@@ -248,10 +272,10 @@ impl Unsupported {
             }
         }
         let tool_choice_none = self.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none");
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none {
+        if !chat && self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none {
             return refuse(
                 "tools",
-                "tool calling is not supported (send no tools, or tool_choice \"none\")",
+                "tools are read on /v1/chat/completions, where the chat template writes them into the prompt",
             );
         }
         if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {

@@ -19,8 +19,10 @@ use super::api::{
 use super::engine::{Job, Ticket};
 use super::error::ApiError;
 use super::respond::{self, Kind, Meta, Run};
+use super::tools::ToolRequest;
 use super::{Ready, Shared};
-use crate::tokenizer::chat::ChatMessage;
+use crate::engine::json_schema::JVal;
+use crate::tokenizer::chat::{ChatMessage, ToolCall};
 
 /// Largest request body (a long prompt as a JSON list of token ids is ~8 bytes a token).
 const BODY_LIMIT: usize = 64 << 20;
@@ -165,7 +167,7 @@ async fn tokenize(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response
             .encode(text, add_special, true)
             .map_err(|e| ApiError::bad_request(format!("cannot tokenize: {e:#}")))?,
         (None, None, Some(msgs)) => {
-            chat_tokens(&r, msgs, req.add_generation_prompt.unwrap_or(true))?
+            chat_tokens(&r, msgs, &[], req.add_generation_prompt.unwrap_or(true))?
         }
         _ => {
             return Err(ApiError::bad_request(
@@ -200,17 +202,44 @@ fn check_ids(r: &Ready, ids: &[u32], field: &str) -> Result<(), ApiError> {
 
 /// A conversation rendered with the model's chat template and tokenized (template tokens special, message text
 /// plain).
-fn chat_tokens(r: &Ready, msgs: &[api::MessageIn], gen_prompt: bool) -> Result<Vec<u32>, ApiError> {
+fn chat_tokens(
+    r: &Ready,
+    msgs: &[api::MessageIn],
+    tools: &[JVal],
+    gen_prompt: bool,
+) -> Result<Vec<u32>, ApiError> {
     let tpl = r.chat_template.as_ref().map_err(|e| {
         ApiError::bad_request(format!("this model has no chat template: {e}"))
             .code("no_chat_template")
     })?;
     let mut list = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
-        list.push(ChatMessage::new(m.role.clone(), m.text(i)?));
+        let mut msg = ChatMessage::new(m.role.clone(), m.text(i)?);
+        msg.tool_call_id = m.tool_call_id.clone();
+        msg.name = m.name.clone();
+        for (j, c) in m.tool_calls.iter().flatten().enumerate() {
+            // Templates take the arguments as an object (transformers and vLLM hand them over that way).
+            let arguments = match &c.function.arguments {
+                JVal::Str(s) => serde_json::from_str::<JVal>(s).ok(),
+                a => Some(a.clone()),
+            }
+            .filter(|a| matches!(a, JVal::Obj(_)))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "field `messages[{i}].tool_calls[{j}].function.arguments`: not a JSON object"
+                ))
+                .code("invalid_messages")
+            })?;
+            msg.tool_calls.push(ToolCall {
+                id: c.id.clone(),
+                name: c.function.name.clone(),
+                arguments,
+            });
+        }
+        list.push(msg);
     }
     let rendered = tpl
-        .render_marked(&list, gen_prompt)
+        .render_marked_tools(&list, tools, gen_prompt)
         .map_err(|e| ApiError::bad_request(format!("messages: {e:#}")).code("invalid_messages"))?;
     r.tokenizer
         .encode_chat(&rendered, false)
@@ -343,7 +372,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
     let r = ready(&sh)?;
     let req: CompletionRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
-    let json = api::parse::<api::Unsupported>(&body)?.check()?;
+    let json = api::parse::<api::Unsupported>(&body)?.check(false)?;
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
     check_ids(&r, &c.stop_tokens, "stop_token_ids")?;
@@ -403,6 +432,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
         logprobs: top,
         include_usage: c.include_usage,
         ready: r,
+        tools: None,
     };
     let firsts = ids.iter().map(|v| v[0]).collect();
     let jobs = ids.len() * c.n;
@@ -417,7 +447,21 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     let r = ready(&sh)?;
     let req: ChatRequest = api::parse(&body)?;
     let c = api::parse::<Sampling>(&body)?.check()?;
-    let json = api::parse::<api::Unsupported>(&body)?.check()?;
+    let mut json = api::parse::<api::Unsupported>(&body)?.check(true)?;
+    let tools = api::parse::<ToolRequest>(&body)?
+        .check(r.chat_template.as_ref().map_err(|e| e.as_str()))?;
+    if let Some(t) = &tools {
+        if t.json.is_some() {
+            if json.is_some() {
+                return Err(ApiError::bad_request(
+                    "field `response_format` cannot be combined with a `tool_choice` that forces a call: the \
+                     answer is the call",
+                )
+                .code("invalid_field"));
+            }
+            json = t.json.clone();
+        }
+    }
     let biased: Vec<u32> = c.sampler.logit_bias.iter().map(|&(t, _)| t).collect();
     check_ids(&r, &biased, "logit_bias")?;
     check_ids(&r, &c.stop_tokens, "stop_token_ids")?;
@@ -436,7 +480,8 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         }
         (false, None) => None,
     };
-    let prompt = chat_tokens(&r, &req.messages, true)?;
+    let defs = tools.as_ref().map_or(&[][..], |t| &t.tools[..]);
+    let prompt = chat_tokens(&r, &req.messages, defs, true)?;
     let room = r.max_context.saturating_sub(prompt.len());
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(room);
     check_length(&r, 0, prompt.len(), max_tokens)?;
@@ -466,6 +511,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         logprobs: top,
         include_usage: c.include_usage,
         ready: r,
+        tools: tools.map(|t| t.reader),
     };
     if c.stream {
         Ok(respond::stream(run, meta, c.n, firsts))

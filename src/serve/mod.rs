@@ -17,6 +17,7 @@ pub mod metrics;
 mod respond;
 mod seq;
 pub mod stop;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::path::Path;

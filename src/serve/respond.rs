@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::engine::{Event, Finish};
 use super::error::ApiError;
 use super::logprobs::TokenLogprob;
+use super::tools::{self, Mode, Reader};
 use super::Ready;
 
 /// The events of one request's jobs, after every job was admitted.
@@ -76,6 +77,8 @@ pub struct Meta {
     pub logprobs: Option<usize>,
     pub include_usage: bool,
     pub ready: Arc<Ready>,
+    /// Chat with tools: how the answer is read for calls.
+    pub tools: Option<Reader>,
 }
 
 /// One choice, as the events build it.
@@ -91,6 +94,25 @@ struct Choice {
     lps: Vec<TokenLogprob>,
     finish: Option<Finish>,
     completion_tokens: usize,
+    /// Streamed with tools: bytes of `text` sent as content so far, and whether a call has begun (nothing more goes
+    /// out as content until the end).
+    sent: usize,
+    held: bool,
+}
+
+/// A chat answer read for calls: its message, and the finish reason a call makes of a plain stop.
+fn tool_answer(reader: &Reader, text: &str) -> Option<(tools::Parsed, &'static str)> {
+    let p = reader.parse(text);
+    if p.calls.is_empty() {
+        return None;
+    }
+    // OpenAI finishes a call it was told to make with "stop".
+    let reason = if reader.mode == (Mode::Forced { named: true }) {
+        "stop"
+    } else {
+        "tool_calls"
+    };
+    Some((p, reason))
 }
 
 /// usage over every choice: each prompt counted once (not once per `n`).
@@ -215,8 +237,20 @@ impl Meta {
                     None => Value::Null,
                     Some(_) => self.chat_logprobs(&c.lps),
                 };
-                json!({"index": index, "message": {"role": "assistant", "content": c.text},
-                       "logprobs": logprobs, "finish_reason": finish})
+                let mut message = json!({"role": "assistant", "content": c.text});
+                let mut finish = finish;
+                if let Some((p, reason)) = self
+                    .tools
+                    .as_ref()
+                    .and_then(|reader| tool_answer(reader, &c.text))
+                {
+                    message = json!({"role": "assistant", "content": p.content,
+                                     "tool_calls": tools::calls_json(&p.calls, false)});
+                    if finish == Some("stop") {
+                        finish = Some(reason);
+                    }
+                }
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
         }
     }
@@ -408,6 +442,25 @@ impl StreamState {
                     c.text.push_str(&text);
                     at
                 };
+                // With tools, content goes out only up to where a call may begin.
+                let text = match &meta.tools {
+                    Some(reader) => {
+                        let c = &mut self.choices[index];
+                        let n = if c.held {
+                            0
+                        } else {
+                            reader.releasable(&c.text[c.sent..], c.sent == 0)
+                        };
+                        let out = c.text[c.sent..c.sent + n].to_string();
+                        c.sent += n;
+                        c.held |= c.text[c.sent..].starts_with("<tool_call>");
+                        if out.is_empty() && logprob.is_none() {
+                            return;
+                        }
+                        out
+                    }
+                    None => text,
+                };
                 let ch = match meta.kind {
                     Kind::Completion => {
                         let lp = logprob.as_ref().map_or(Value::Null, |l| {
@@ -434,6 +487,40 @@ impl StreamState {
                 let c = &mut self.choices[index];
                 c.completion_tokens = completion_tokens;
                 c.finish = Some(finish);
+                if let Some(reader) = &meta.tools {
+                    // The rest of the answer: content not sent yet, then its calls in one delta.
+                    c.text.push_str(&text);
+                    let (text, calls, reason) = match tool_answer(reader, &c.text) {
+                        Some((p, reason)) => {
+                            let head = c.text[c.sent.min(p.head)..p.head].to_string();
+                            (head, Some(tools::calls_json(&p.calls, true)), reason)
+                        }
+                        None => (c.text[c.sent..].to_string(), None, finish.as_str()),
+                    };
+                    c.sent = c.text.len();
+                    if !text.is_empty() {
+                        let ch = json!({"index": index, "delta": {"content": text}, "logprobs": null,
+                                        "finish_reason": null});
+                        self.chunk(ch);
+                    }
+                    if let Some(calls) = calls {
+                        let ch = json!({"index": index, "delta": {"tool_calls": calls}, "logprobs": null,
+                                        "finish_reason": null});
+                        self.chunk(ch);
+                    }
+                    let reason = if finish == Finish::Stop {
+                        reason
+                    } else {
+                        finish.as_str()
+                    };
+                    let ch = json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason});
+                    self.chunk(ch);
+                    self.done += 1;
+                    if self.done == self.choices.len() {
+                        self.end();
+                    }
+                    return;
+                }
                 let ch = match meta.kind {
                     Kind::Completion => json!({"index": index, "text": text, "logprobs": null,
                                                "finish_reason": finish.as_str()}),

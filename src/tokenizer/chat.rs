@@ -271,7 +271,13 @@ impl ChatTemplate {
             .iter()
             .enumerate()
             .map(|(i, m)| ChatMessage {
-                content: format!("{prefix}{i}\u{E001}"),
+                // An empty content has no text to find, and templates test it (`{% if message.content %}` before
+                // the calls of an assistant turn): it stays empty.
+                content: if m.content.is_empty() {
+                    String::new()
+                } else {
+                    format!("{prefix}{i}\u{E001}")
+                },
                 ..m.clone()
             })
             .collect();
