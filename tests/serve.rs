@@ -1862,4 +1862,23 @@ fn qwen25_calls_tools_over_http() {
     let mut extra = named.clone();
     extra["response_format"] = json!({"type": "json_object"});
     assert_error(&ask("What is 2 + 3.5?", extra), 400, "response_format");
+    // The real openai client reads the calls (plain and streamed) into its types and sends its message back.
+    let Ok(python) = std::env::var("HAYLOFT_TEST_PYTHON") else {
+        eprintln!("qwen25_calls_tools_over_http: the openai client part skipped, HAYLOFT_TEST_PYTHON is not set");
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_tools.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("http://{a}/v1"))
+        .output()
+        .unwrap_or_else(|e| panic!("HAYLOFT_TEST_PYTHON={python} does not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));
 }
