@@ -263,7 +263,10 @@ pub struct Call {
 
 /// One call object, `{"name": ..., "arguments": {...}}` (arguments also as JSON text, which some models write).
 fn read_call(text: &str) -> Option<Call> {
-    let v: JVal = serde_json::from_str(text.trim()).ok()?;
+    read_call_value(&serde_json::from_str(text.trim()).ok()?)
+}
+
+fn read_call_value(v: &JVal) -> Option<Call> {
     let name = v.get("name")?.as_str()?.to_string();
     let args = match v.get("arguments").or_else(|| v.get("parameters")) {
         None => JVal::Obj(Vec::new()),
@@ -297,8 +300,8 @@ const FENCE: &str = "```json";
 impl Reader {
     /// Reads an answer. Hermes: the text before the first `<tool_call>`, then every block (the last may lack its
     /// `</tool_call>` when generation stopped right after it); any block that is not a call leaves the answer as text.
-    /// An answer without blocks that is one bare call object (alone or in a ```json fence) to a defined function is
-    /// that call: Qwen2.5-Coder answers so, and llama.cpp's Hermes reader takes it too. Forced: the answer is the
+    /// An answer without blocks that is bare call objects (one or several in a row, or in a ```json fence), each to a
+    /// defined function, is those calls: Qwen2.5-Coder answers so, and llama.cpp's Hermes reader takes it too. Forced: the answer is the
     /// call. Only the first call is kept when `parallel_tool_calls` was false.
     pub fn parse(&self, text: &str) -> Parsed {
         let mut p = self.parse_all(text);
@@ -330,13 +333,22 @@ impl Reader {
                         .strip_prefix(FENCE)
                         .and_then(|f| f.strip_suffix("```"))
                         .unwrap_or(t);
-                    return match read_call(t) {
-                        Some(c) if self.names.contains(&c.name) => Parsed {
-                            content: None,
-                            head: 0,
-                            calls: vec![c],
-                        },
-                        _ => as_text(),
+                    // One object or several in a row (parallel calls), every one a call to a defined function.
+                    let mut calls = Vec::new();
+                    for v in serde_json::Deserializer::from_str(t).into_iter::<JVal>() {
+                        let c = v.ok().and_then(|v| read_call_value(&v));
+                        match c {
+                            Some(c) if self.names.contains(&c.name) => calls.push(c),
+                            _ => return as_text(),
+                        }
+                    }
+                    if calls.is_empty() {
+                        return as_text();
+                    }
+                    return Parsed {
+                        content: None,
+                        head: 0,
+                        calls,
                     };
                 };
                 let mut calls = Vec::new();
@@ -496,6 +508,19 @@ mod tests {
         }
         let t = "{\"name\": \"zed\", \"arguments\": {}}";
         assert_eq!(m.parse(t).calls, vec![], "not a defined function: text");
+        // Several bare objects in a row are parallel calls; one that is not a call leaves it all text.
+        let t =
+            "{\"name\": \"a\", \"arguments\": {}}\n{\"name\": \"b\", \"arguments\": {\"x\": 2}}";
+        assert_eq!(
+            m.parse(t).calls,
+            vec![call("a", "{}"), call("b", "{\"x\":2}")]
+        );
+        let t = "{\"name\": \"a\", \"arguments\": {}}\n{\"note\": 1}";
+        assert_eq!(m.parse(t).calls, vec![]);
+        assert_eq!(
+            m.parse("{\"name\": \"a\", \"arguments\": {}} and").calls,
+            vec![]
+        );
         // parallel_tool_calls false keeps the first call.
         let two = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
         assert_eq!(m.parse(two).calls.len(), 2);
