@@ -1255,14 +1255,14 @@ fn a_full_queue_answers_429_and_a_disconnect_frees_the_slot() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
-#[test]
-fn openai_python_client() {
+/// The Python that has the `openai` package (`HAYLOFT_TEST_PYTHON`, which `.ci/run` sets to a venv with it); None,
+/// with a line saying what `test` skips, when it is not set; a failure when it is set but cannot import `openai`.
+fn openai_python(test: &str) -> Option<String> {
     let Ok(python) = std::env::var("HAYLOFT_TEST_PYTHON") else {
         eprintln!(
-            "openai_python_client: skipped, HAYLOFT_TEST_PYTHON is not set (.ci/run sets it to a venv with the \
-             `openai` package)"
+            "{test}: skipped, HAYLOFT_TEST_PYTHON is not set (.ci/run sets it to a venv with the `openai` package)"
         );
-        return;
+        return None;
     };
     let check = std::process::Command::new(&python)
         .args(["-c", "import openai"])
@@ -1274,20 +1274,19 @@ fn openai_python_client() {
          openai`",
         String::from_utf8_lossy(&check.stderr)
     );
-    let t = tiny(
-        &TinySpec::default(),
-        ServeConfig {
-            api_key: Some("test-key".into()),
-            ..Default::default()
-        },
-    );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
-    let out = std::process::Command::new(&python)
+    Some(python)
+}
+
+/// Runs `tests/<script>` with `args`; it must exit 0 and print "all checks passed".
+fn run_python_checks(python: &str, script: &str, args: &[String]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = std::process::Command::new(python)
         .arg(&script)
-        .arg(format!("http://{}/v1", t.server.addr))
-        .arg("test-key")
+        .args(args)
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{python} does not run: {e}"));
     assert!(
         out.status.success(),
         "{} failed:\n{}\n{}",
@@ -1296,6 +1295,22 @@ fn openai_python_client() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));
+}
+
+#[test]
+fn openai_python_client() {
+    let Some(python) = openai_python("openai_python_client") else {
+        return;
+    };
+    let t = tiny(
+        &TinySpec::default(),
+        ServeConfig {
+            api_key: Some("test-key".into()),
+            ..Default::default()
+        },
+    );
+    let base = format!("http://{}/v1", t.server.addr);
+    run_python_checks(&python, "openai_client.py", &[base, "test-key".into()]);
 }
 
 #[test]
@@ -1863,22 +1878,7 @@ fn qwen25_calls_tools_over_http() {
     extra["response_format"] = json!({"type": "json_object"});
     assert_error(&ask("What is 2 + 3.5?", extra), 400, "response_format");
     // The real openai client reads the calls (plain and streamed) into its types and sends its message back.
-    let Ok(python) = std::env::var("HAYLOFT_TEST_PYTHON") else {
-        eprintln!("qwen25_calls_tools_over_http: the openai client part skipped, HAYLOFT_TEST_PYTHON is not set");
-        return;
-    };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_tools.py");
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(format!("http://{a}/v1"))
-        .output()
-        .unwrap_or_else(|e| panic!("HAYLOFT_TEST_PYTHON={python} does not run: {e}"));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));
+    if let Some(python) = openai_python("qwen25_calls_tools_over_http (its openai client part)") {
+        run_python_checks(&python, "openai_tools.py", &[format!("http://{a}/v1")]);
+    }
 }
