@@ -453,7 +453,7 @@ impl StreamState {
                         };
                         let out = c.text[c.sent..c.sent + n].to_string();
                         c.sent += n;
-                        c.held |= c.text[c.sent..].starts_with("<tool_call>");
+                        c.held |= reader.call_begins(&c.text[c.sent..]);
                         if out.is_empty() && logprob.is_none() {
                             return;
                         }

@@ -377,6 +377,11 @@ impl Reader {
         }
     }
 
+    /// Whether `pending` (answer text not yet sent) starts a call block: nothing more of the answer is content.
+    pub fn call_begins(&self, pending: &str) -> bool {
+        self.mode == Mode::Hermes && pending.starts_with(OPEN)
+    }
+
     /// How much of `pending` (answer text not yet sent; `at_start`: none was) may go out as content now: up to the
     /// first `<tool_call>`, short of a tail that could be its beginning, and nothing while the answer could still be a
     /// bare call object (it starts with `{` or a ```json fence). Forced answers send nothing before the end.
