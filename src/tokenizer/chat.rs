@@ -4,9 +4,11 @@
 //! and is rendered with minijinja set up like transformers' `apply_chat_template`: `trim_blocks` and
 //! `lstrip_blocks` on, Python string methods (`.strip()`, `.startswith()`, `.split()`, ...) through
 //! minijinja-contrib's pycompat, `raise_exception(msg)` failing the render, `strftime_now(format)` (today's date, UTC:
-//! [`super::strftime`]), and the variables `messages`,
-//! `add_generation_prompt`, `bos_token` and `eos_token`. Models without a template get a built-in one when their
-//! vocabulary shows the format: ChatML (`<|im_start|>`) or Gemma (`<start_of_turn>`).
+//! [`super::strftime`]), `tojson` as transformers defines it (Python's `json.dumps`: spaces after `,` and `:`, keys in
+//! order, no HTML escapes), and the variables `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, plus
+//! `tools` when a request defines functions (messages carry `tool_calls`, `tool_call_id` and `name` when they have
+//! them). Models without a template get a built-in one when their vocabulary shows the format: ChatML
+//! (`<|im_start|>`) or Gemma (`<start_of_turn>`).
 //!
 //! Like llama.cpp, `render` drops a BOS text the template put at the very start when the vocabulary adds BOS
 //! itself (`add_bos_token`), and an EOS text at the very end when it adds EOS, so that encoding the result with

@@ -544,3 +544,46 @@ fn marked_rendering_follows_trimming_and_refuses_what_it_cannot_follow() {
     let r = ct.render_marked(&tricky, true).unwrap();
     assert_eq!(&r.text[r.content[0].clone()], tricky[0].content);
 }
+
+/// `tojson` writes what Python's `json.dumps` writes (transformers' filter): the expected texts below are Python 3's
+/// output for the same value (`ensure_ascii` off and on, `indent=2, sort_keys=True`, compact separators).
+#[test]
+fn tojson_writes_what_python_json_dumps_writes() {
+    let value = r#"[{"b": 1.0, "a": [1e-05, 1e16, -0.0, 2.5e-7, 123.456], "s": "Zürich \"q\" \\ \n\t\u0001 <a> 'x' 😀"}, [], {}]"#;
+    let crate::util::JVal::Arr(items) = serde_json::from_str(value).unwrap() else {
+        panic!("a list")
+    };
+    let render = |filter: &str| {
+        let src = format!("{{{{ tools | {filter} }}}}");
+        ChatTemplate::from_source(&src, "", "", false, false)
+            .unwrap()
+            .render_tools(&[ChatMessage::new("user", "x")], &items, false)
+            .unwrap()
+    };
+    assert_eq!(
+        render("tojson"),
+        r#"[{"b": 1.0, "a": [1e-05, 1e+16, -0.0, 2.5e-07, 123.456], "s": "Zürich \"q\" \\ \n\t\u0001 <a> 'x' 😀"}, [], {}]"#
+    );
+    assert_eq!(
+        render("tojson(ensure_ascii=true)"),
+        r#"[{"b": 1.0, "a": [1e-05, 1e+16, -0.0, 2.5e-07, 123.456], "s": "Z\u00fcrich \"q\" \\ \n\t\u0001 <a> 'x' \ud83d\ude00"}, [], {}]"#
+    );
+    assert_eq!(
+        render("tojson(indent=2, sort_keys=true)"),
+        "[\n  {\n    \"a\": [\n      1e-05,\n      1e+16,\n      -0.0,\n      2.5e-07,\n      123.456\n    ],\n    \"b\": 1.0,\n    \
+         \"s\": \"Zürich \\\"q\\\" \\\\ \\n\\t\\u0001 <a> 'x' 😀\"\n  },\n  [],\n  {}\n]"
+    );
+    assert_eq!(
+        render("tojson(separators=[',', ':'])"),
+        r#"[{"b":1.0,"a":[1e-05,1e+16,-0.0,2.5e-07,123.456],"s":"Zürich \"q\" \\ \n\t\u0001 <a> 'x' 😀"},[],{}]"#
+    );
+    // Without tools the variable is undefined, as templates that test `tools is defined` expect.
+    let t = ChatTemplate::from_source("{{ tools is defined }}", "", "", false, false).unwrap();
+    assert_eq!(
+        t.render(&[ChatMessage::new("user", "x")], false).unwrap(),
+        "False"
+    );
+    let plain =
+        ChatTemplate::from_source("{{ messages[0].content }}", "", "", false, false).unwrap();
+    assert!(!plain.renders_tools() && t.renders_tools());
+}
