@@ -1820,6 +1820,26 @@ fn qwen25_calls_tools_over_http() {
         assert_eq!(calls[0].0, "get_weather");
         assert_eq!(calls[0].1["city"], "Paris", "{calls:?}");
     }
+    // /tokenize renders the same prompt, tools and all: its count is the request's prompt_tokens.
+    let question =
+        json!([{"role": "user", "content": "What's the weather like in Paris right now?"}]);
+    let used = ask(
+        "What's the weather like in Paris right now?",
+        json!({"max_tokens": 1}),
+    )
+    .json()["usage"]["prompt_tokens"]
+        .clone();
+    let t = post(
+        a,
+        "/tokenize",
+        &json!({"messages": question, "tools": weather_tools()}),
+    );
+    assert_eq!(t.json()["count"], used, "{}", t.body);
+    let bare = post(a, "/tokenize", &json!({"messages": question})).json()["count"].clone();
+    assert!(
+        bare.as_u64().unwrap() + 100 < used.as_u64().unwrap(),
+        "{bare} {used}"
+    );
     // A question no tool fits: text, finish "stop".
     let (calls, content, finish) =
         tool_calls_of(&ask("Write a haiku about autumn.", json!({})), false);

@@ -457,6 +457,9 @@ pub struct TokenizeRequest {
     pub add_special_tokens: Option<bool>,
     pub add_special: Option<bool>,
     pub add_generation_prompt: Option<bool>,
+    /// Function definitions rendered with `messages` (as vLLM's `/tokenize` takes them): the count a chat request
+    /// with the same tools has.
+    pub tools: Option<Vec<JVal>>,
 }
 
 #[derive(Deserialize, Debug)]

@@ -167,7 +167,13 @@ async fn tokenize(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response
             .encode(text, add_special, true)
             .map_err(|e| ApiError::bad_request(format!("cannot tokenize: {e:#}")))?,
         (None, None, Some(msgs)) => {
-            chat_tokens(&r, msgs, &[], req.add_generation_prompt.unwrap_or(true))?
+            let tools = ToolRequest {
+                tools: req.tools.clone(),
+                ..Default::default()
+            }
+            .check(r.chat_template.as_ref().map_err(|e| e.as_str()))?;
+            let defs = tools.as_ref().map_or(&[][..], |t| &t.tools[..]);
+            chat_tokens(&r, msgs, defs, req.add_generation_prompt.unwrap_or(true))?
         }
         _ => {
             return Err(ApiError::bad_request(

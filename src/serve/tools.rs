@@ -125,12 +125,18 @@ impl ToolRequest {
             None => None,
             Some(JVal::Str(s)) if s == "none" => return Ok(None),
             Some(JVal::Str(s)) if s == "auto" || s == "required" => None,
-            Some(c @ JVal::Obj(_)) => match c.get("function").and_then(|f| f.get("name")).and_then(JVal::as_str) {
-                Some(n) if c.get("type").and_then(JVal::as_str) == Some("function") => Some(n.to_string()),
-                _ => return Err(bad(
-                    "field `tool_choice`: expected {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
-                )),
-            },
+            Some(c @ JVal::Obj(_)) => {
+                let kind = c.get("type").and_then(JVal::as_str);
+                let name = c.get("function").and_then(|f| f.get("name"));
+                match (kind, name.and_then(JVal::as_str)) {
+                    (Some("function"), Some(n)) => Some(n.to_string()),
+                    _ => {
+                        return Err(bad("field `tool_choice`: expected {\"type\": \"function\", \"function\": \
+                                        {\"name\": ...}}"
+                            .into()))
+                    }
+                }
+            }
             Some(_) => {
                 return Err(bad(
                     "field `tool_choice`: expected \"none\", \"auto\", \"required\" or {\"type\": \"function\", \
