@@ -94,23 +94,24 @@ struct Choice {
     lps: Vec<TokenLogprob>,
     finish: Option<Finish>,
     completion_tokens: usize,
-    /// Streamed with tools: bytes of `text` sent as content so far, and whether a call has begun (nothing more goes
-    /// out as content until the end).
+    /// Streamed with tools: bytes of `text` sent as content so far.
     sent: usize,
-    held: bool,
 }
 
-/// A chat answer read for calls: its message, and the finish reason a call makes of a plain stop.
-fn tool_answer(reader: &Reader, text: &str) -> Option<(tools::Parsed, &'static str)> {
+/// A chat answer read for calls, and its finish reason: "tool_calls" for a plain stop with calls (OpenAI finishes a
+/// call it was told to make with "stop"), `finish`'s own otherwise. None when the answer made no call.
+fn tool_answer(
+    reader: &Reader,
+    text: &str,
+    finish: Finish,
+) -> Option<(tools::Parsed, &'static str)> {
     let p = reader.parse(text);
     if p.calls.is_empty() {
         return None;
     }
-    // OpenAI finishes a call it was told to make with "stop".
-    let reason = if reader.mode == (Mode::Forced { named: true }) {
-        "stop"
-    } else {
-        "tool_calls"
+    let reason = match finish {
+        Finish::Stop if reader.mode != (Mode::Forced { named: true }) => "tool_calls",
+        f => f.as_str(),
     };
     Some((p, reason))
 }
@@ -239,16 +240,11 @@ impl Meta {
                 };
                 let mut message = json!({"role": "assistant", "content": c.text});
                 let mut finish = finish;
-                if let Some((p, reason)) = self
-                    .tools
-                    .as_ref()
-                    .and_then(|reader| tool_answer(reader, &c.text))
-                {
+                let called = self.tools.as_ref().zip(c.finish);
+                if let Some((p, reason)) = called.and_then(|(r, f)| tool_answer(r, &c.text, f)) {
                     message = json!({"role": "assistant", "content": p.content,
                                      "tool_calls": tools::calls_json(&p.calls, false)});
-                    if finish == Some("stop") {
-                        finish = Some(reason);
-                    }
+                    finish = Some(reason);
                 }
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
@@ -445,15 +441,11 @@ impl StreamState {
                 // With tools, content goes out only up to where a call may begin.
                 let text = match &meta.tools {
                     Some(reader) => {
+                        // Once the unsent text starts a call, nothing more is releasable.
                         let c = &mut self.choices[index];
-                        let n = if c.held {
-                            0
-                        } else {
-                            reader.releasable(&c.text[c.sent..], c.sent == 0)
-                        };
+                        let n = reader.releasable(&c.text[c.sent..], c.sent == 0);
                         let out = c.text[c.sent..c.sent + n].to_string();
                         c.sent += n;
-                        c.held |= reader.call_begins(&c.text[c.sent..]);
                         if out.is_empty() && logprob.is_none() {
                             return;
                         }
@@ -487,41 +479,34 @@ impl StreamState {
                 let c = &mut self.choices[index];
                 c.completion_tokens = completion_tokens;
                 c.finish = Some(finish);
-                if let Some(reader) = &meta.tools {
-                    // The rest of the answer: content not sent yet, then its calls in one delta.
-                    c.text.push_str(&text);
-                    let (text, calls, reason) = match tool_answer(reader, &c.text) {
-                        Some((p, reason)) => {
-                            let head = c.text[c.sent.min(p.head)..p.head].to_string();
-                            (head, Some(tools::calls_json(&p.calls, true)), reason)
-                        }
-                        None => (c.text[c.sent..].to_string(), None, finish.as_str()),
-                    };
-                    c.sent = c.text.len();
-                    if !text.is_empty() {
-                        let ch = json!({"index": index, "delta": {"content": text}, "logprobs": null,
-                                        "finish_reason": null});
-                        self.chunk(ch);
-                    }
-                    if let Some(calls) = calls {
-                        let ch = json!({"index": index, "delta": {"tool_calls": calls}, "logprobs": null,
-                                        "finish_reason": null});
-                        self.chunk(ch);
-                    }
-                    let reason = if finish == Finish::Stop {
-                        reason
-                    } else {
-                        finish.as_str()
-                    };
-                    let ch = json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason});
-                    self.chunk(ch);
-                    self.done += 1;
-                    if self.done == self.choices.len() {
-                        self.end();
-                    }
-                    return;
-                }
                 let ch = match meta.kind {
+                    Kind::Chat if meta.tools.is_some() => {
+                        // The rest of the answer: content not sent yet, then its calls in one delta.
+                        c.text.push_str(&text);
+                        let (text, calls, reason) = match meta
+                            .tools
+                            .as_ref()
+                            .and_then(|r| tool_answer(r, &c.text, finish))
+                        {
+                            Some((p, reason)) => {
+                                let head = c.text[c.sent.min(p.head)..p.head].to_string();
+                                (head, Some(tools::calls_json(&p.calls, true)), reason)
+                            }
+                            None => (c.text[c.sent..].to_string(), None, finish.as_str()),
+                        };
+                        c.sent = c.text.len();
+                        if !text.is_empty() {
+                            self.chunk(
+                                json!({"index": index, "delta": {"content": text}, "logprobs": null,
+                                              "finish_reason": null}),
+                            );
+                        }
+                        if let Some(calls) = calls {
+                            self.chunk(json!({"index": index, "delta": {"tool_calls": calls},
+                                              "logprobs": null, "finish_reason": null}));
+                        }
+                        json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason})
+                    }
                     Kind::Completion => json!({"index": index, "text": text, "logprobs": null,
                                                "finish_reason": finish.as_str()}),
                     Kind::Chat => {

@@ -383,11 +383,6 @@ impl Reader {
         }
     }
 
-    /// Whether `pending` (answer text not yet sent) starts a call block: nothing more of the answer is content.
-    pub fn call_begins(&self, pending: &str) -> bool {
-        self.mode == Mode::Hermes && pending.starts_with(OPEN)
-    }
-
     /// How much of `pending` (answer text not yet sent; `at_start`: none was) may go out as content now: up to the
     /// first `<tool_call>`, short of a tail that could be its beginning, and nothing while the answer could still be a
     /// bare call object (it starts with `{` or a ```json fence). Forced answers send nothing before the end.
@@ -565,6 +560,11 @@ mod tests {
         }
         assert_eq!(m.releasable("```python\n", true), 10);
         assert_eq!(m.releasable("{x}", false), 3);
+        // Once the unsent text starts a call, nothing more goes out as content.
+        assert_eq!(
+            m.releasable("<tool_call>{\"name\": \"a\"} and text", false),
+            0
+        );
         assert_eq!(
             reader(Mode::Forced { named: false }).releasable("{\"name\"", true),
             0

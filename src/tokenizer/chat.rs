@@ -108,6 +108,8 @@ pub struct ChatTemplate {
     eos_token: String,
     strip_bos: bool,
     strip_eos: bool,
+    /// The template reads a `tools` variable (found once, when it is compiled).
+    reads_tools: bool,
 }
 
 /// The error for a template whose rendering of message texts cannot be told apart from its own text.
@@ -214,6 +216,9 @@ impl ChatTemplate {
         env.add_function("strftime_now", super::strftime::strftime_now);
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| anyhow!("cannot compile the chat template: {e}"))?;
+        let reads_tools = env
+            .get_template(NAME)
+            .is_ok_and(|t| t.undeclared_variables(false).contains("tools"));
         Ok(ChatTemplate {
             env,
             source,
@@ -222,6 +227,7 @@ impl ChatTemplate {
             eos_token,
             strip_bos,
             strip_eos,
+            reads_tools,
         })
     }
 
@@ -345,10 +351,7 @@ impl ChatTemplate {
     /// Whether the template renders function definitions: it reads a `tools` variable. Templates that do not would
     /// drop a request's tools without a word.
     pub fn renders_tools(&self) -> bool {
-        self.env
-            .get_template(NAME)
-            .map(|t| t.undeclared_variables(false).contains("tools"))
-            .unwrap_or(false)
+        self.reads_tools
     }
 
     /// [`Self::render`] with function definitions: `tools` is set (a list, in the order given) when there are any,
