@@ -4,7 +4,8 @@
 //! renders of four conversations, and of two with function definitions and calls, by Python's jinja2 set up as
 //! `apply_chat_template` sets it up (made by
 //! `tests/fixtures/gen_chat_templates.py`). hayloft's minijinja setup must give the same text, and must refuse where
-//! the template raises (Gemma 2 refuses a system turn).
+//! the template raises (Gemma 2 refuses a system turn); and each template that takes tools must name the format its
+//! model writes calls in, whose calls the server reads back.
 
 use hayloft::engine::json_schema::JVal;
 use hayloft::tokenizer::chat::{ChatMessage, ChatTemplate, ToolCall};
@@ -141,4 +142,85 @@ fn real_chat_templates_render_as_transformers_renders_them() {
     }
     println!("{rendered} renders equal, {with_tools} with tools, {refused} refusals equal");
     assert!(rendered >= 40 && with_tools >= 26 && refused >= 3);
+}
+
+/// Each template that takes tools names the format its model writes calls in, and the call the template itself
+/// writes into an assistant turn reads back as that call: the turn's text (after the generation prompt, up to the
+/// end-of-turn token) parsed by the server's reader gives the same name and arguments.
+#[test]
+fn each_template_reads_back_the_calls_it_writes() {
+    use hayloft::serve::tools::{Format, ToolRequest};
+    let f: Fixture = serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
+    let (mut read_back, mut refused) = (Vec::new(), Vec::new());
+    for t in &f.templates {
+        let tmpl = ChatTemplate::from_source(&t.source, &t.bos_token, &t.eos_token, false, false)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", t.file));
+        // The conversation in which the assistant called get_weather (user, assistant, tool).
+        let case = &t.tool_cases[1];
+        let msgs: Vec<ChatMessage> = case.messages[..2].iter().map(message).collect();
+        let plan = ToolRequest {
+            tools: Some(case.tools.clone()),
+            tool_choice: None,
+            parallel_tool_calls: None,
+        }
+        .check(Ok(&tmpl));
+        let reader = match plan {
+            Ok(Some(p)) => p.reader,
+            Ok(None) => panic!("{}: tools given, no plan", t.file),
+            Err(e) => {
+                let e = format!("{e:?}");
+                assert!(e.contains("tools_unsupported"), "{}: {e}", t.file);
+                refused.push(t.file.clone());
+                continue;
+            }
+        };
+        let (Ok(asked), Ok(answered)) = (
+            tmpl.render_tools(&msgs[..1], &case.tools, true),
+            tmpl.render_tools(&msgs, &case.tools, false),
+        ) else {
+            panic!("{}: renders", t.file);
+        };
+        let common = asked
+            .bytes()
+            .zip(answered.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let mut common = common;
+        while !answered.is_char_boundary(common) {
+            common -= 1;
+        }
+        let turn = &answered[common..];
+        let turn = turn.trim_end();
+        let turn = turn.strip_suffix(t.eos_token.as_str()).unwrap_or(turn);
+        if !turn.contains("get_weather") {
+            // Granite 3.3's template leaves past calls out of the conversation: nothing to read back.
+            println!(
+                "{}: {:?} (the template writes no past call)",
+                t.file, reader.format
+            );
+            continue;
+        }
+        let p = reader.parse(turn);
+        assert_eq!(p.calls.len(), 1, "{}: {turn:?} read as {p:?}", t.file);
+        assert_eq!(p.calls[0].name, "get_weather", "{}", t.file);
+        assert_eq!(
+            p.calls[0].arguments, "{\"city\":\"Zürich\",\"unit\":\"celsius\"}",
+            "{}",
+            t.file
+        );
+        println!("{}: {:?} reads back {turn:?}", t.file, reader.format);
+        read_back.push(reader.format);
+    }
+    println!("refused: {refused:?}");
+    for want in [
+        Format::Hermes,
+        Format::Llama3,
+        Format::MistralArgs,
+        Format::List {
+            marker: "[TOOL_CALLS]",
+        },
+    ] {
+        assert!(read_back.contains(&want), "no template read back {want:?}");
+    }
+    assert!(read_back.len() >= 9, "{read_back:?}");
 }

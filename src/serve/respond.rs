@@ -98,13 +98,15 @@ struct Choice {
     sent: usize,
 }
 
-/// A chat answer read for calls, and its finish reason: "tool_calls" for a plain stop with calls (OpenAI finishes a
-/// call it was told to make with "stop"), `finish`'s own otherwise. None when the answer made no call.
+/// A chat answer read for calls: its parts, its `tool_calls` list (with each call's `index` for a stream `delta`)
+/// and its finish reason: "tool_calls" for a plain stop with calls (OpenAI finishes a call it was told to make with
+/// "stop"), `finish`'s own otherwise. None when the answer made no call.
 fn tool_answer(
     reader: &Reader,
     text: &str,
     finish: Finish,
-) -> Option<(tools::Parsed, &'static str)> {
+    delta: bool,
+) -> Option<(tools::Parsed, Value, &'static str)> {
     let p = reader.parse(text);
     if p.calls.is_empty() {
         return None;
@@ -113,7 +115,8 @@ fn tool_answer(
         Finish::Stop if reader.mode != (Mode::Forced { named: true }) => "tool_calls",
         f => f.as_str(),
     };
-    Some((p, reason))
+    let calls = reader.calls_json(&p.calls, delta);
+    Some((p, calls, reason))
 }
 
 /// usage over every choice: each prompt counted once (not once per `n`).
@@ -241,9 +244,11 @@ impl Meta {
                 let mut message = json!({"role": "assistant", "content": c.text});
                 let mut finish = finish;
                 let called = self.tools.as_ref().zip(c.finish);
-                if let Some((p, reason)) = called.and_then(|(r, f)| tool_answer(r, &c.text, f)) {
-                    message = json!({"role": "assistant", "content": p.content,
-                                     "tool_calls": tools::calls_json(&p.calls, false)});
+                if let Some((p, calls, reason)) =
+                    called.and_then(|(r, f)| tool_answer(r, &c.text, f, false))
+                {
+                    message =
+                        json!({"role": "assistant", "content": p.content, "tool_calls": calls});
                     finish = Some(reason);
                 }
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
@@ -486,11 +491,11 @@ impl StreamState {
                         let (text, calls, reason) = match meta
                             .tools
                             .as_ref()
-                            .and_then(|r| tool_answer(r, &c.text, finish))
+                            .and_then(|r| tool_answer(r, &c.text, finish, true))
                         {
-                            Some((p, reason)) => {
+                            Some((p, calls, reason)) => {
                                 let head = c.text[c.sent.min(p.head)..p.head].to_string();
-                                (head, Some(tools::calls_json(&p.calls, true)), reason)
+                                (head, Some(calls), reason)
                             }
                             None => (c.text[c.sent..].to_string(), None, finish.as_str()),
                         };

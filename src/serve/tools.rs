@@ -1,21 +1,33 @@
 //! Function calling on `/v1/chat/completions` (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`).
 //!
 //! The definitions go to the model's chat template, which writes them into the prompt in the format the model was
-//! trained on; the answer is then read back for calls in that format. hayloft reads one format, Hermes-style
-//! `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3, Hermes 2 Pro and 3: vLLM's
-//! `hermes` parser), and refuses tools for a template that does not render them or writes calls another way, rather
-//! than answer as if there were none.
+//! trained on; the answer is then read back for calls in that format. Which format a template's model writes is
+//! found from the template's text ([`Format::of`], the markers llama.cpp's chat parsers key on):
+//! - Hermes `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3, Hermes 2 Pro and 3;
+//!   vLLM's `hermes` parser); bare call objects too, which Qwen2.5-Coder writes;
+//! - Llama 3.x: a bare `{"name": ..., "parameters": {...}}` object, maybe after `<|python_tag|>` (Llama 3.1, 3.2,
+//!   3.3; vLLM's `llama3_json`);
+//! - a JSON list after a marker: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral Nemo and the
+//!   v3 templates; vLLM's `mistral`) and `<|tool_call|>[...]` (Granite 3; vLLM's `granite`);
+//! - Mistral's later `[TOOL_CALLS]name[ARGS]{...}` (Mistral Small 3.2, Devstral, Ministral 3; a `[CALL_ID]id`
+//!   may stand before `[ARGS]`).
+//!
+//! A template that does not render tools, or whose calls are in none of these formats, is refused rather than
+//! answered as if there were no tools.
 //!
 //! `tool_choice`:
 //! - `"auto"` (the default with tools): the model answers text, calls, or both; the text before the first call is the
-//!   message's `content`, and `finish_reason` is `"tool_calls"` when it called. A block that is not a valid call
+//!   message's `content`, and `finish_reason` is `"tool_calls"` when it called. A call that does not read as one
 //!   leaves the whole answer as text (as vLLM does).
 //! - `"required"` and `{"type": "function", "function": {"name": ...}}`: decoding is constrained (the JSON-schema
-//!   mode of `response_format`) to one call object, `{"name": ..., "arguments": {...}}`, the name one of the tools
-//!   (or the named one) and the arguments what its `parameters` schema accepts when hayloft's schema subset takes
-//!   it, any JSON object otherwise. One call, where OpenAI's `required` may make several. A named call finishes with
-//!   `"stop"`, as OpenAI's does.
+//!   mode of `response_format`) to one call object, `{"name": ..., "arguments": {...}}` (`"parameters"` for Llama
+//!   3.x, the key it was trained on), the name one of the tools (or the named one) and the arguments what its
+//!   `parameters` schema accepts when hayloft's schema subset takes it, any JSON object otherwise. One call, where
+//!   OpenAI's `required` may make several. A named call finishes with `"stop"`, as OpenAI's does.
 //! - `"none"`: the definitions are left out of the prompt and the answer is text.
+//!
+//! Call ids are OpenAI's `call_` and 24 hex digits, except for Mistral's formats, whose templates accept only 9
+//! letters and digits in the ids a client sends back (vLLM makes them so too).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -39,10 +51,78 @@ pub struct ToolRequest {
 /// How the answer is read for calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Text with Hermes `<tool_call>` blocks.
-    Hermes,
+    /// Text, calls in the template's format, or both.
+    Auto,
     /// The whole answer is one call object (decoding constrained to it); `named`: the request named the function.
     Forced { named: bool },
+}
+
+/// The format a model writes its calls in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `<tool_call>{...}</tool_call>` blocks, or bare call objects.
+    Hermes,
+    /// Bare `{"name": ..., "parameters": {...}}` objects, maybe after `<|python_tag|>`.
+    Llama3,
+    /// A marker (`[TOOL_CALLS]`, `<|tool_call|>`), then a JSON list of call objects.
+    List { marker: &'static str },
+    /// `[TOOL_CALLS]name[ARGS]{...}` (a `[CALL_ID]id` may come before `[ARGS]`), once per call.
+    MistralArgs,
+}
+
+const PYTHON_TAG: &str = "<|python_tag|>";
+const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+const MISTRAL_ARGS: &str = "[ARGS]";
+const MISTRAL_ID: &str = "[CALL_ID]";
+const GRANITE_CALLS: &str = "<|tool_call|>";
+
+impl Format {
+    /// The format of the calls a chat template's model writes, from the markers in the template's text; None for
+    /// a format hayloft does not read.
+    pub fn of(template: &str) -> Option<Format> {
+        if template.contains(OPEN) {
+            Some(Format::Hermes)
+        } else if template.contains(MISTRAL_CALLS) {
+            Some(if template.contains(MISTRAL_ARGS) {
+                Format::MistralArgs
+            } else {
+                Format::List {
+                    marker: MISTRAL_CALLS,
+                }
+            })
+        } else if template.contains(GRANITE_CALLS) {
+            Some(Format::List {
+                marker: GRANITE_CALLS,
+            })
+        } else if template.contains("ipython<|end_header_id|>") {
+            Some(Format::Llama3)
+        } else {
+            None
+        }
+    }
+
+    /// The text that starts the calls of an answer (for Llama 3.x, only its optional tag).
+    fn marker(self) -> &'static str {
+        match self {
+            Format::Hermes => OPEN,
+            Format::Llama3 => PYTHON_TAG,
+            Format::List { marker } => marker,
+            Format::MistralArgs => MISTRAL_CALLS,
+        }
+    }
+
+    /// Whether an answer may be bare call objects with no marker.
+    fn bare(self) -> bool {
+        matches!(self, Format::Hermes | Format::Llama3)
+    }
+
+    /// The key of a call object's arguments the model was trained to write.
+    fn arguments_key(self) -> &'static str {
+        match self {
+            Format::Llama3 => "parameters",
+            _ => "arguments",
+        }
+    }
 }
 
 /// What a request's tools make of its prompt, its decoding and its answer.
@@ -58,6 +138,7 @@ pub struct ToolPlan {
 #[derive(Clone, Debug)]
 pub struct Reader {
     pub mode: Mode,
+    pub format: Format,
     /// Every call of the answer, or only the first (`parallel_tool_calls: false`).
     pub parallel: bool,
     /// The functions defined: an answer that is a bare call object counts as a call only to one of them.
@@ -175,13 +256,14 @@ impl ToolRequest {
                     .into(),
             ));
         }
-        if !tpl.source().contains(OPEN) {
+        let Some(format) = Format::of(tpl.source()) else {
             return Err(unsupported(
                 "field `tools`: this model's chat template writes tool calls in a format hayloft does not read \
-                 (it reads Hermes-style <tool_call> blocks: Qwen2.5, Qwen3, Hermes)"
+                 (it reads Hermes <tool_call> blocks: Qwen2.5, Qwen3, Hermes; Llama 3.x JSON calls; Mistral's \
+                 [TOOL_CALLS]; Granite's <|tool_call|>)"
                     .into(),
             ));
-        }
+        };
         let (mode, json) = if required || named.is_some() {
             let chosen: Vec<&JVal> = tools
                 .iter()
@@ -191,16 +273,17 @@ impl ToolRequest {
                 Mode::Forced {
                     named: named.is_some(),
                 },
-                Some(call_schema(&chosen)),
+                Some(call_schema(&chosen, format.arguments_key())),
             )
         } else {
-            (Mode::Hermes, None)
+            (Mode::Auto, None)
         };
         let names = names.iter().map(|n| n.to_string()).collect();
         Ok(Some(ToolPlan {
             tools,
             reader: Reader {
                 mode,
+                format,
                 parallel: self.parallel_tool_calls.unwrap_or(true),
                 names,
             },
@@ -213,10 +296,10 @@ fn fn_name(t: &JVal) -> Option<&str> {
     t.get("function")?.get("name")?.as_str()
 }
 
-/// The constraint of a forced call: `{"name": one of the chosen, "arguments": {...}}`, the arguments the one
+/// The constraint of a forced call: `{"name": one of the chosen, "<args_key>": {...}}`, the arguments the one
 /// function's `parameters` when the schema subset takes them, any object otherwise (several functions, or a
 /// schema with keywords the subset refuses).
-fn call_schema(chosen: &[&JVal]) -> JsonFormat {
+fn call_schema(chosen: &[&JVal], args_key: &str) -> JsonFormat {
     let obj = |kv: Vec<(&str, JVal)>| {
         JVal::Obj(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     };
@@ -241,15 +324,12 @@ fn call_schema(chosen: &[&JVal]) -> JsonFormat {
             "properties",
             obj(vec![
                 ("name", obj(vec![("enum", JVal::Arr(names))])),
-                ("arguments", args.clone()),
+                (args_key, args.clone()),
             ]),
         ),
         (
             "required",
-            JVal::Arr(vec![
-                JVal::Str("name".into()),
-                JVal::Str("arguments".into()),
-            ]),
+            JVal::Arr(vec![JVal::Str("name".into()), JVal::Str(args_key.into())]),
         ),
     ]);
     match Schema::compile(&schema) {
@@ -304,11 +384,13 @@ pub struct Parsed {
 const FENCE: &str = "```json";
 
 impl Reader {
-    /// Reads an answer. Hermes: the text before the first `<tool_call>`, then every block (the last may lack its
-    /// `</tool_call>` when generation stopped right after it); any block that is not a call leaves the answer as text.
-    /// An answer without blocks that is bare call objects (one or several in a row, or in a ```json fence), each to a
-    /// defined function, is those calls: Qwen2.5-Coder answers so, and llama.cpp's Hermes reader takes it too. Forced: the answer is the
-    /// call. Only the first call is kept when `parallel_tool_calls` was false.
+    /// Reads an answer: the text before the first call, then the calls in the format's way (see the module
+    /// docs); the last Hermes block may lack its `</tool_call>` when generation stopped right after it. Any call
+    /// that does not read as one, or text after the calls, leaves the whole answer as text. An answer that is bare
+    /// call objects (one or several in a row, or in a ```json fence), each to a defined function, is those calls
+    /// for the formats that write them so (Hermes: Qwen2.5-Coder answers so, and llama.cpp's Hermes reader takes
+    /// it too; Llama 3.x). Forced: the answer is the call. Only the first call is kept when
+    /// `parallel_tool_calls` was false.
     pub fn parse(&self, text: &str) -> Parsed {
         let mut p = self.parse_all(text);
         if !self.parallel {
@@ -323,99 +405,158 @@ impl Reader {
             head: text.len(),
             calls: Vec::new(),
         };
-        match self.mode {
-            Mode::Forced { .. } => match read_call(text) {
-                Some(c) => Parsed {
-                    content: None,
-                    head: 0,
-                    calls: vec![c],
-                },
-                None => as_text(),
+        let found = |head: usize, calls: Option<Vec<Call>>| match calls {
+            Some(calls) if !calls.is_empty() => Parsed {
+                content: Some(text[..head].to_string()).filter(|t| !t.trim().is_empty()),
+                head,
+                calls,
             },
-            Mode::Hermes => {
-                let Some(first) = text.find(OPEN) else {
-                    let t = text.trim();
-                    let t = t
-                        .strip_prefix(FENCE)
-                        .and_then(|f| f.strip_suffix("```"))
-                        .unwrap_or(t);
-                    // One object or several in a row (parallel calls), every one a call to a defined function.
-                    let mut calls = Vec::new();
-                    for v in serde_json::Deserializer::from_str(t).into_iter::<JVal>() {
-                        let c = v.ok().and_then(|v| read_call_value(&v));
-                        match c {
-                            Some(c) if self.names.contains(&c.name) => calls.push(c),
-                            _ => return as_text(),
-                        }
-                    }
-                    if calls.is_empty() {
-                        return as_text();
-                    }
-                    return Parsed {
-                        content: None,
-                        head: 0,
-                        calls,
-                    };
-                };
-                let mut calls = Vec::new();
-                let mut rest = &text[first..];
-                while let Some(body) = rest.strip_prefix(OPEN) {
-                    let (inner, after) = match body.find(CLOSE) {
-                        Some(e) => (&body[..e], &body[e + CLOSE.len()..]),
-                        None => (body, ""),
-                    };
-                    let Some(c) = read_call(inner) else {
-                        return as_text();
-                    };
-                    calls.push(c);
-                    rest = after.trim_start();
-                }
-                if !rest.is_empty() {
-                    return as_text(); // text after the calls: not a reading we can be sure of
-                }
-                let head = &text[..first];
-                Parsed {
-                    content: Some(head.to_string()).filter(|t| !t.trim().is_empty()),
-                    head: first,
-                    calls,
-                }
-            }
+            _ => as_text(),
+        };
+        if let Mode::Forced { .. } = self.mode {
+            return found(0, read_call(text).map(|c| vec![c]));
         }
+        let marker = self.format.marker();
+        let Some(first) = text.find(marker) else {
+            return match self.format.bare() {
+                true => found(0, self.bare_calls(text)),
+                false => as_text(),
+            };
+        };
+        let body = &text[first..];
+        let calls = match self.format {
+            Format::Hermes => hermes_blocks(body),
+            Format::Llama3 => self.bare_calls(&body[marker.len()..]),
+            Format::List { marker } => json_list(&body[marker.len()..]),
+            Format::MistralArgs => mistral_args(body),
+        };
+        found(first, calls)
+    }
+
+    /// Bare call objects, one or several in a row, maybe in a ```json fence, each to a defined function.
+    fn bare_calls(&self, text: &str) -> Option<Vec<Call>> {
+        let t = text.trim();
+        let t = t
+            .strip_prefix(FENCE)
+            .and_then(|f| f.strip_suffix("```"))
+            .unwrap_or(t);
+        let mut calls = Vec::new();
+        for v in serde_json::Deserializer::from_str(t).into_iter::<JVal>() {
+            let c = read_call_value(&v.ok()?)?;
+            if !self.names.contains(&c.name) {
+                return None;
+            }
+            calls.push(c);
+        }
+        Some(calls)
     }
 
     /// How much of `pending` (answer text not yet sent; `at_start`: none was) may go out as content now: up to the
-    /// first `<tool_call>`, short of a tail that could be its beginning, and nothing while the answer could still be a
-    /// bare call object (it starts with `{` or a ```json fence). Forced answers send nothing before the end.
+    /// format's first call marker, short of a tail that could be its beginning, and nothing while the answer could
+    /// still be bare call objects (it starts with `{` or a ```json fence, for the formats that write them).
+    /// Forced answers send nothing before the end.
     pub fn releasable(&self, pending: &str, at_start: bool) -> usize {
-        match self.mode {
-            Mode::Forced { .. } => 0,
-            Mode::Hermes => {
-                let t = pending.trim_start();
-                if at_start && (t.starts_with('{') || t.starts_with(FENCE) || FENCE.starts_with(t))
-                {
-                    return 0;
-                }
-                if let Some(at) = pending.find(OPEN) {
-                    return at;
-                }
-                let mut keep = pending.len();
-                for k in (1..OPEN.len()).rev() {
-                    if pending.len() >= k
-                        && pending.is_char_boundary(pending.len() - k)
-                        && OPEN.starts_with(&pending[pending.len() - k..])
-                    {
-                        keep = pending.len() - k;
-                        break;
-                    }
-                }
-                keep
+        if let Mode::Forced { .. } = self.mode {
+            return 0;
+        }
+        let t = pending.trim_start();
+        if at_start
+            && self.format.bare()
+            && (t.starts_with('{') || t.starts_with(FENCE) || FENCE.starts_with(t))
+        {
+            return 0;
+        }
+        let marker = self.format.marker();
+        if let Some(at) = pending.find(marker) {
+            return at;
+        }
+        for k in (1..marker.len()).rev() {
+            if pending.len() >= k
+                && pending.is_char_boundary(pending.len() - k)
+                && marker.starts_with(&pending[pending.len() - k..])
+            {
+                return pending.len() - k;
             }
         }
+        pending.len()
+    }
+
+    /// The `tool_calls` list of a message (or, with `delta`, of a stream delta: each call with its `index`), each
+    /// call with a new id in this format's way.
+    pub fn calls_json(&self, calls: &[Call], delta: bool) -> Value {
+        let mistral = matches!(
+            self.format,
+            Format::MistralArgs
+                | Format::List {
+                    marker: MISTRAL_CALLS
+                }
+        );
+        Value::Array(
+            calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let id = if mistral { short_call_id() } else { call_id() };
+                    let mut v = json!({"id": id, "type": "function",
+                                       "function": {"name": c.name, "arguments": c.arguments}});
+                    if delta {
+                        v["index"] = json!(i);
+                    }
+                    v
+                })
+                .collect(),
+        )
     }
 }
 
-/// A call's id, unique in this process: `call_` and 24 hex digits of a counter mixed with the start time.
-pub fn call_id() -> String {
+/// Hermes blocks from the first `<tool_call>` on, each a call object, nothing but whitespace between and after.
+fn hermes_blocks(mut rest: &str) -> Option<Vec<Call>> {
+    let mut calls = Vec::new();
+    while let Some(body) = rest.strip_prefix(OPEN) {
+        let (inner, after) = match body.find(CLOSE) {
+            Some(e) => (&body[..e], &body[e + CLOSE.len()..]),
+            None => (body, ""),
+        };
+        calls.push(read_call(inner)?);
+        rest = after.trim_start();
+    }
+    rest.is_empty().then_some(calls)
+}
+
+/// A JSON list of call objects and nothing after it.
+fn json_list(text: &str) -> Option<Vec<Call>> {
+    match serde_json::from_str::<JVal>(text.trim()).ok()? {
+        JVal::Arr(items) => items.iter().map(read_call_value).collect(),
+        one @ JVal::Obj(_) => Some(vec![read_call_value(&one)?]),
+        _ => None,
+    }
+}
+
+/// `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}` once per call (the `[CALL_ID]` part optional).
+fn mistral_args(text: &str) -> Option<Vec<Call>> {
+    let mut calls = Vec::new();
+    for part in text.split(MISTRAL_CALLS).skip(1) {
+        let (head, args) = part.split_once(MISTRAL_ARGS)?;
+        let name = head.split(MISTRAL_ID).next()?.trim();
+        if !valid_name(name) {
+            return None;
+        }
+        let args: JVal = serde_json::from_str(args.trim()).ok()?;
+        if !matches!(args, JVal::Obj(_)) {
+            return None;
+        }
+        let mut out = Vec::new();
+        args.write(&mut out);
+        calls.push(Call {
+            name: name.to_string(),
+            arguments: String::from_utf8(out).ok()?,
+        });
+    }
+    Some(calls)
+}
+
+/// A number unique in this process, mixed with the start time (splitmix64 of seed + n: distinct for distinct n).
+fn id_bits() -> (u64, u64) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let seed = *SEED.get_or_init(|| {
@@ -424,30 +565,37 @@ pub fn call_id() -> String {
             .map_or(0, |d| d.as_nanos() as u64)
     });
     let n = NEXT.fetch_add(1, Relaxed);
-    // splitmix64 of seed + n: distinct for distinct n.
     let mut z = seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
+    (z ^ (z >> 31), n)
+}
+
+/// A call's id, unique in this process: `call_` and 24 hex digits of a counter mixed with the start time.
+pub fn call_id() -> String {
+    let (z, n) = id_bits();
     format!("call_{z:016x}{:08x}", n as u32)
 }
 
-/// The `tool_calls` list of a message (or, with `index`, of a stream delta).
-pub fn calls_json(calls: &[Call], delta: bool) -> Value {
-    Value::Array(
-        calls
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mut v = json!({"id": call_id(), "type": "function",
-                                   "function": {"name": c.name, "arguments": c.arguments}});
-                if delta {
-                    v["index"] = json!(i);
-                }
-                v
-            })
-            .collect(),
-    )
+/// A Mistral call id: 9 letters and digits (its templates refuse any other id sent back), the counter's low
+/// digits last so ids made in a row differ.
+fn short_call_id() -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let (z, n) = id_bits();
+    let mut out = String::with_capacity(9);
+    let mut z = z;
+    for _ in 0..5 {
+        out.push(DIGITS[(z % 62) as usize] as char);
+        z /= 62;
+    }
+    let mut n = n;
+    let mut tail = [0u8; 4];
+    for t in tail.iter_mut().rev() {
+        *t = DIGITS[(n % 62) as usize];
+        n /= 62;
+    }
+    out.extend(tail.iter().map(|&b| b as char));
+    out
 }
 
 #[cfg(test)]
@@ -462,8 +610,13 @@ mod tests {
     }
 
     fn reader(mode: Mode) -> Reader {
+        reader_for(mode, Format::Hermes)
+    }
+
+    fn reader_for(mode: Mode, format: Format) -> Reader {
         Reader {
             mode,
+            format,
             parallel: true,
             names: vec!["a".into(), "b".into(), "get_weather".into()],
         }
@@ -471,7 +624,7 @@ mod tests {
 
     #[test]
     fn hermes_answers_split_into_text_and_calls() {
-        let m = reader(Mode::Hermes);
+        let m = reader(Mode::Auto);
         let p = m.parse("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\", \"unit\": \"celsius\"}}\n</tool_call>");
         assert_eq!(p.content, None);
         assert_eq!(
@@ -532,7 +685,7 @@ mod tests {
         assert_eq!(m.parse(two).calls.len(), 2);
         let one = Reader {
             parallel: false,
-            ..reader(Mode::Hermes)
+            ..reader(Mode::Auto)
         };
         assert_eq!(one.parse(two).calls, vec![call("a", "{}")]);
         // A forced answer is the call object itself.
@@ -547,7 +700,7 @@ mod tests {
 
     #[test]
     fn streamed_text_is_held_back_from_a_possible_call_on() {
-        let m = reader(Mode::Hermes);
+        let m = reader(Mode::Auto);
         assert_eq!(m.releasable("Hello", true), 5);
         assert_eq!(m.releasable("Hello <tool", true), 6);
         assert_eq!(m.releasable("Hello <", true), 6);
@@ -576,5 +729,130 @@ mod tests {
         let (a, b) = (call_id(), call_id());
         assert_ne!(a, b);
         assert!(a.starts_with("call_") && a.len() == 29, "{a}");
+        let ids: Vec<String> = (0..1000).map(|_| short_call_id()).collect();
+        for id in &ids {
+            assert!(
+                id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()),
+                "{id}"
+            );
+        }
+        let mut uniq = ids.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), ids.len());
+    }
+
+    #[test]
+    fn templates_name_their_call_format() {
+        let hermes = "{{- '<tool_call>\\n' }}{% for tool in tools %}";
+        assert_eq!(Format::of(hermes), Some(Format::Hermes));
+        let nemo =
+            "{%- if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}{% endif %}{{ '[TOOL_CALLS][' }}";
+        assert_eq!(
+            Format::of(nemo),
+            Some(Format::List {
+                marker: MISTRAL_CALLS
+            })
+        );
+        let small = "{{ '[TOOL_CALLS]' + call.name + '[CALL_ID]' + id + '[ARGS]' + args }}";
+        assert_eq!(Format::of(small), Some(Format::MistralArgs));
+        let granite = "please use <|tool_call|> followed by a list";
+        assert_eq!(
+            Format::of(granite),
+            Some(Format::List {
+                marker: GRANITE_CALLS
+            })
+        );
+        let llama = "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}";
+        assert_eq!(Format::of(llama), Some(Format::Llama3));
+        assert_eq!(Format::of("<｜tool▁calls▁begin｜>{{ tools }}"), None);
+    }
+
+    #[test]
+    fn llama3_and_mistral_answers_split_into_text_and_calls() {
+        let weather = call("get_weather", "{\"city\":\"Zürich\",\"unit\":\"celsius\"}");
+        // Llama 3.x: a bare object with "parameters", maybe after <|python_tag|>.
+        let m = reader_for(Mode::Auto, Format::Llama3);
+        for t in [
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Zürich\", \"unit\": \"celsius\"}}",
+            "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Zürich\", \"unit\": \"celsius\"}}",
+        ] {
+            let p = m.parse(t);
+            assert_eq!((p.content, p.calls), (None, vec![weather.clone()]), "{t}");
+        }
+        let p = m.parse("Checking.<|python_tag|>{\"name\": \"a\", \"parameters\": {}}");
+        assert_eq!(p.content.as_deref(), Some("Checking."));
+        assert_eq!(p.calls, vec![call("a", "{}")]);
+        for t in [
+            "It is sunny.",
+            "{\"name\": \"zed\", \"parameters\": {}}",
+            "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>",
+            "<|python_tag|>brave_search.call(query=\"x\")",
+        ] {
+            assert_eq!(m.parse(t).calls, vec![], "{t}");
+        }
+        // Mistral Nemo: [TOOL_CALLS] and a JSON list (the model may write an id: a new one is given anyway).
+        let m = reader_for(
+            Mode::Auto,
+            Format::List {
+                marker: MISTRAL_CALLS,
+            },
+        );
+        let p = m.parse("[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\", \"unit\": \"celsius\"}, \"id\": \"abc123XYZ\"}, {\"name\": \"b\", \"arguments\": {}}]");
+        assert_eq!(
+            (p.content, p.calls),
+            (None, vec![weather.clone(), call("b", "{}")])
+        );
+        let p = m.parse("Sure. [TOOL_CALLS][{\"name\": \"a\", \"arguments\": {}}]");
+        assert_eq!(p.content.as_deref(), Some("Sure. "));
+        assert_eq!(p.head, "Sure. ".len());
+        for t in [
+            "{\"name\": \"a\", \"arguments\": {}}",
+            "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {}}] and",
+            "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": [1]}]",
+            "[TOOL_CALLS][{\"name\": \"a\"",
+        ] {
+            let p = m.parse(t);
+            assert_eq!((p.calls, p.content.as_deref()), (vec![], Some(t)), "{t}");
+        }
+        let calls = m.calls_json(&[call("a", "{}")], false);
+        let id = calls[0]["id"].as_str().unwrap();
+        assert!(id.len() == 9, "{id}");
+        // Granite: <|tool_call|> and a list.
+        let g = reader_for(
+            Mode::Auto,
+            Format::List {
+                marker: GRANITE_CALLS,
+            },
+        );
+        assert_eq!(
+            g.parse("<|tool_call|>[{\"name\": \"a\", \"arguments\": {\"x\": 1}}]")
+                .calls,
+            vec![call("a", "{\"x\":1}")]
+        );
+        assert!(g.calls_json(&[call("a", "{}")], false)[0]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("call_"));
+        // Mistral v11: [TOOL_CALLS]name[ARGS]{...}, a [CALL_ID] maybe between, once per call.
+        let m = reader_for(Mode::Auto, Format::MistralArgs);
+        let p = m.parse("[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Zürich\", \"unit\": \"celsius\"}[TOOL_CALLS]b[CALL_ID]abc123XYZ[ARGS]{}");
+        assert_eq!((p.content, p.calls), (None, vec![weather, call("b", "{}")]));
+        for t in [
+            "[TOOL_CALLS]get weather[ARGS]{}",
+            "[TOOL_CALLS]a[ARGS]{} then",
+            "[TOOL_CALLS]a{}",
+            "[TOOL_CALLS]a[ARGS][1]",
+        ] {
+            assert_eq!(m.parse(t).calls, vec![], "{t}");
+        }
+        // Streaming holds text back from each format's marker; only the bare formats hold a leading '{'.
+        assert_eq!(m.releasable("Hi [TOOL_", true), 3);
+        assert_eq!(m.releasable("Hi [TOOL_CALLS]a", false), 3);
+        assert_eq!(m.releasable("{\"a\": 1}", true), 8);
+        assert_eq!(g.releasable("x <|tool", true), 2);
+        let l = reader_for(Mode::Auto, Format::Llama3);
+        assert_eq!(l.releasable("{\"name", true), 0);
+        assert_eq!(l.releasable("So <|python", false), 3);
     }
 }
