@@ -158,6 +158,23 @@ fn tiny(spec: &TinySpec, cfg: ServeConfig) -> Tiny {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_llama(&path, spec).unwrap();
+    serve_tiny(dir, path, cfg)
+}
+
+/// A tiny model whose GGUF carries `template` as its chat template.
+fn tiny_with_template(spec: &TinySpec, template: &str) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let mut w = tiny_llama(spec);
+    w.set_meta(
+        "tokenizer.chat_template",
+        GgufValue::String(template.into()),
+    );
+    w.write(&path).unwrap();
+    serve_tiny(dir, path, ServeConfig::default())
+}
+
+fn serve_tiny(dir: tempfile::TempDir, path: PathBuf, cfg: ServeConfig) -> Tiny {
     let p = path.clone();
     let server = Server::start(
         ServeConfig { port: 0, ..cfg },
@@ -1669,6 +1686,108 @@ fn weather_tools() -> Value {
          "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
                         "required": ["a", "b"]}}}
     ])
+}
+
+/// A real chat template's source from the chat-template fixture (tests/fixtures/chat_templates.json).
+fn fixture_template(file: &str) -> String {
+    let f: Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/chat_templates.json").unwrap(),
+    )
+    .unwrap();
+    let t = f["templates"].as_array().unwrap().iter();
+    let t = t.into_iter().find(|t| t["file"] == file);
+    t.unwrap_or_else(|| panic!("{file} not in the fixture"))["source"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Function calling through templates that write calls in other formats than Hermes: Llama 3.1's JSON and
+/// Mistral's two. A named call decodes under the call constraint on a random-weight model (so the call is made
+/// whatever the weights), comes back read in that format (Mistral's ids 9 letters and digits), and the call and its
+/// result go back through the template in a follow-up request (Mistral's templates refuse ids of another shape).
+#[test]
+fn llama3_and_mistral_templates_take_tools_and_give_calls_back() {
+    let spec = TinySpec {
+        ctx_len: 4096,
+        ..Default::default()
+    };
+    let ping = json!({"type": "function", "function": {"name": "ping", "description": "Checks the server",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": false}}});
+    let mut tools = weather_tools();
+    tools.as_array_mut().unwrap().push(ping);
+    for (file, id_len) in [
+        ("meta-llama-Llama-3.1-8B-Instruct.jinja", 29),
+        ("mistralai-Mistral-Nemo-Instruct-2407.jinja", 9),
+        ("Mistral-Small-3.2-24B-Instruct-2506.jinja", 9),
+    ] {
+        let t = tiny_with_template(&spec, &fixture_template(file));
+        let a = t.server.addr;
+        let user = json!({"role": "user", "content": "Is the server up?"});
+        let ask = |extra: Value| {
+            // Room for the call and the whitespace runs a random model puts between its JSON tokens.
+            let mut body = json!({"messages": [user], "max_tokens": 400, "temperature": 0});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            post(a, "/v1/chat/completions", &body)
+        };
+        let plain = ask(json!({"max_tokens": 1}));
+        assert_eq!(plain.status, 200, "{file}: {}", plain.body);
+        let named = json!({"type": "function", "function": {"name": "ping"}});
+        let r = ask(json!({"tools": tools, "tool_choice": named}));
+        assert_eq!(r.status, 200, "{file}: {}", r.body);
+        let j = r.json();
+        // The definitions are in the prompt.
+        let (with, without) = (
+            j["usage"]["prompt_tokens"].as_u64().unwrap(),
+            plain.json()["usage"]["prompt_tokens"].as_u64().unwrap(),
+        );
+        assert!(with > without + 100, "{file}: {with} vs {without}");
+        let c = &j["choices"][0];
+        assert_eq!(c["finish_reason"], "stop", "{file}: {j}");
+        let call = &c["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "ping", "{file}: {j}");
+        assert_eq!(call["function"]["arguments"], "{}", "{file}: {j}");
+        let id = call["id"].as_str().unwrap();
+        assert!(
+            id.len() == id_len && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "{file}: {id}"
+        );
+        let turns = json!([user, {"role": "assistant", "content": null, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": id, "name": "ping", "content": "up"}]);
+        let r = ask(json!({"messages": turns, "tools": tools, "max_tokens": 2}));
+        assert_eq!(r.status, 200, "{file}: {}", r.body);
+        // A streamed forced call: the call in one delta, finish "stop".
+        let r = post(
+            a,
+            "/v1/chat/completions",
+            &json!({"messages": [user], "tools": tools, "tool_choice": named, "max_tokens": 400,
+                    "temperature": 0, "stream": true}),
+        );
+        assert_eq!(r.status, 200, "{file}: {}", r.body);
+        let events = r.sse();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+            .collect();
+        assert_eq!(calls.len(), 1, "{file}: {}", r.body);
+        assert_eq!(calls[0][0]["function"]["name"], "ping");
+        let last = chunks
+            .iter()
+            .rev()
+            .find(|c| !c["choices"][0]["finish_reason"].is_null());
+        assert_eq!(
+            last.unwrap()["choices"][0]["finish_reason"],
+            "stop",
+            "{file}"
+        );
+    }
 }
 
 #[test]
