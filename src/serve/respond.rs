@@ -96,17 +96,46 @@ struct Choice {
     completion_tokens: usize,
     /// Streamed with tools: bytes of `text` sent as content so far.
     sent: usize,
+    /// Streamed with tools: the calls begun so far, each with its id and the bytes of its arguments sent.
+    calls: Vec<(String, usize)>,
 }
 
-/// A chat answer read for calls: its parts, its `tool_calls` list (with each call's `index` for a stream `delta`)
-/// and its finish reason: "tool_calls" for a plain stop with calls (OpenAI finishes a call it was told to make with
-/// "stop"), `finish`'s own otherwise. None when the answer made no call.
+impl Choice {
+    /// The `tool_calls` entries of a stream delta that bring the calls sent so far up to `calls` (names and
+    /// arguments so far, or final): a call not begun yet comes with its id, type and name, every call with the
+    /// arguments it has gained.
+    fn call_deltas<'a>(
+        &mut self,
+        reader: &Reader,
+        calls: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<Value> {
+        let mut out = Vec::new();
+        for (i, (name, args)) in calls.enumerate() {
+            match self.calls.get_mut(i) {
+                None => {
+                    let id = reader.new_id();
+                    out.push(json!({"index": i, "id": id, "type": "function",
+                                    "function": {"name": name, "arguments": args}}));
+                    self.calls.push((id, args.len()));
+                }
+                Some((_, sent)) if args.len() > *sent && args.is_char_boundary(*sent) => {
+                    out.push(json!({"index": i, "function": {"arguments": &args[*sent..]}}));
+                    *sent = args.len();
+                }
+                Some(_) => {}
+            }
+        }
+        out
+    }
+}
+
+/// A chat answer read for calls, and its finish reason: "tool_calls" for a plain stop with calls (OpenAI finishes a
+/// call it was told to make with "stop"), `finish`'s own otherwise. None when the answer made no call.
 fn tool_answer(
     reader: &Reader,
     text: &str,
     finish: Finish,
-    delta: bool,
-) -> Option<(tools::Parsed, Value, &'static str)> {
+) -> Option<(tools::Parsed, &'static str)> {
     let p = reader.parse(text);
     if p.calls.is_empty() {
         return None;
@@ -115,8 +144,7 @@ fn tool_answer(
         Finish::Stop if reader.mode != (Mode::Forced { named: true }) => "tool_calls",
         f => f.as_str(),
     };
-    let calls = reader.calls_json(&p.calls, delta);
-    Some((p, calls, reason))
+    Some((p, reason))
 }
 
 /// usage over every choice: each prompt counted once (not once per `n`).
@@ -244,11 +272,11 @@ impl Meta {
                 let mut message = json!({"role": "assistant", "content": c.text});
                 let mut finish = finish;
                 let called = self.tools.as_ref().zip(c.finish);
-                if let Some((p, calls, reason)) =
-                    called.and_then(|(r, f)| tool_answer(r, &c.text, f, false))
+                if let Some((r, (p, reason))) =
+                    called.and_then(|(r, f)| Some((r, tool_answer(r, &c.text, f)?)))
                 {
-                    message =
-                        json!({"role": "assistant", "content": p.content, "tool_calls": calls});
+                    message = json!({"role": "assistant", "content": p.content,
+                                     "tool_calls": r.calls_json(&p.calls)});
                     finish = Some(reason);
                 }
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
@@ -443,7 +471,8 @@ impl StreamState {
                     c.text.push_str(&text);
                     at
                 };
-                // With tools, content goes out only up to where a call may begin.
+                // With tools, content goes out only up to where a call may begin, and calls as they are written.
+                let mut calls = Vec::new();
                 let text = match &meta.tools {
                     Some(reader) => {
                         // Once the unsent text starts a call, nothing more is releasable.
@@ -451,7 +480,14 @@ impl StreamState {
                         let n = reader.releasable(&c.text[c.sent..], c.sent == 0);
                         let out = c.text[c.sent..c.sent + n].to_string();
                         c.sent += n;
-                        if out.is_empty() && logprob.is_none() {
+                        if c.sent < c.text.len() {
+                            let so_far = reader.partial(&c.text);
+                            let named = so_far
+                                .iter()
+                                .map(|p| (p.name.as_str(), p.arguments.as_str()));
+                            calls = c.call_deltas(reader, named);
+                        }
+                        if out.is_empty() && logprob.is_none() && calls.is_empty() {
                             return;
                         }
                         out
@@ -469,6 +505,18 @@ impl StreamState {
                         let lp = logprob
                             .as_ref()
                             .map_or(Value::Null, |l| meta.chat_logprobs(std::slice::from_ref(l)));
+                        if !calls.is_empty() {
+                            if !text.is_empty() {
+                                self.chunk(json!({"index": index, "delta": {"content": text},
+                                                  "logprobs": lp, "finish_reason": null}));
+                                self.chunk(json!({"index": index, "delta": {"tool_calls": calls},
+                                                  "logprobs": null, "finish_reason": null}));
+                            } else {
+                                self.chunk(json!({"index": index, "delta": {"tool_calls": calls},
+                                                  "logprobs": lp, "finish_reason": null}));
+                            }
+                            return;
+                        }
                         json!({"index": index, "delta": {"content": text}, "logprobs": lp,
                                "finish_reason": null})
                     }
@@ -486,18 +534,24 @@ impl StreamState {
                 c.finish = Some(finish);
                 let ch = match meta.kind {
                     Kind::Chat if meta.tools.is_some() => {
-                        // The rest of the answer: content not sent yet, then its calls in one delta.
+                        // The rest of the answer: content not sent yet, then what its calls have not sent yet. A
+                        // call begun in the stream that the whole answer does not read as one (cut off by
+                        // max_tokens) stays as far as it went; the rest of the text is not sent as content.
                         c.text.push_str(&text);
-                        let (text, calls, reason) = match meta
-                            .tools
-                            .as_ref()
-                            .and_then(|r| tool_answer(r, &c.text, finish, true))
-                        {
-                            Some((p, calls, reason)) => {
+                        let reader = meta.tools.as_ref().expect("tools");
+                        let (text, calls, reason) = match tool_answer(reader, &c.text, finish) {
+                            Some((p, reason)) => {
                                 let head = c.text[c.sent.min(p.head)..p.head].to_string();
-                                (head, Some(calls), reason)
+                                let named = p
+                                    .calls
+                                    .iter()
+                                    .map(|k| (k.name.as_str(), k.arguments.as_str()));
+                                (head, c.call_deltas(reader, named), reason)
                             }
-                            None => (c.text[c.sent..].to_string(), None, finish.as_str()),
+                            None if !c.calls.is_empty() => {
+                                (String::new(), Vec::new(), finish.as_str())
+                            }
+                            None => (c.text[c.sent..].to_string(), Vec::new(), finish.as_str()),
                         };
                         c.sent = c.text.len();
                         if !text.is_empty() {
@@ -506,7 +560,7 @@ impl StreamState {
                                               "finish_reason": null}),
                             );
                         }
-                        if let Some(calls) = calls {
+                        if !calls.is_empty() {
                             self.chunk(json!({"index": index, "delta": {"tool_calls": calls},
                                               "logprobs": null, "finish_reason": null}));
                         }

@@ -39,6 +39,9 @@ use super::error::ApiError;
 use crate::engine::json::JsonFormat;
 use crate::engine::json_schema::{JVal, Schema};
 use crate::tokenizer::chat::ChatTemplate;
+use scan::{compact, scan_call, CallScan};
+
+mod scan;
 
 /// The request's function-calling fields, parsed from its body on their own.
 #[derive(Deserialize, Debug, Default)]
@@ -347,27 +350,81 @@ pub struct Call {
     pub arguments: String,
 }
 
-/// One call object, `{"name": ..., "arguments": {...}}` (arguments also as JSON text, which some models write).
+/// One call object, `{"name": ..., "arguments": {...}}` and nothing else but whitespace (arguments may also be JSON
+/// text, which some models write).
 fn read_call(text: &str) -> Option<Call> {
-    read_call_value(&serde_json::from_str(text.trim()).ok()?)
+    let t = text.trim();
+    match serde_json::from_str::<JVal>(t).ok()? {
+        JVal::Obj(_) => {}
+        _ => return None,
+    }
+    let s = scan_call(t)?;
+    (s.end == Some(t.len())).then_some(())?;
+    let arguments = arguments_text(t, &s)?;
+    Some(Call {
+        name: s.name?,
+        arguments,
+    })
 }
 
-fn read_call_value(v: &JVal) -> Option<Call> {
-    let name = v.get("name")?.as_str()?.to_string();
-    let args = match v.get("arguments").or_else(|| v.get("parameters")) {
-        None => JVal::Obj(Vec::new()),
-        Some(JVal::Str(s)) => serde_json::from_str::<JVal>(s).ok()?,
-        Some(a) => a.clone(),
+/// A complete call's arguments as the answer has them, without the whitespace between tokens: `{}` when there are
+/// none, the inner text of arguments given as a JSON string; None when they are not an object.
+fn arguments_text(t: &str, s: &CallScan) -> Option<String> {
+    let Some((a, e)) = s.args else {
+        return Some("{}".into());
     };
-    if !matches!(args, JVal::Obj(_)) {
-        return None;
+    let raw = &t[a..e];
+    let raw = match raw.as_bytes()[0] {
+        b'{' => raw.to_string(),
+        b'"' => serde_json::from_str::<String>(raw).ok()?,
+        _ => return None,
+    };
+    match serde_json::from_str::<JVal>(&raw).ok()? {
+        JVal::Obj(_) => Some(compact(raw.trim())),
+        _ => None,
     }
-    let mut out = Vec::new();
-    args.write(&mut out);
-    Some(Call {
-        name,
-        arguments: String::from_utf8(out).ok()?,
+}
+
+/// The arguments of a call being streamed: what there is of them so far, compacted (a prefix of what
+/// [`arguments_text`] gives once the call is complete; nothing until then when they are a JSON string).
+fn arguments_so_far(t: &str, s: &CallScan) -> String {
+    match s.args {
+        None if s.end.is_some() => "{}".into(),
+        Some((a, e)) if t.as_bytes()[a] == b'{' => compact(&t[a..e]),
+        Some(_) if s.args_done => arguments_text(t, s).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Calls' JSON objects one after another (a call's own text is `t[at..]`), each complete.
+fn objects_in_a_row(t: &str, mut at: usize) -> impl Iterator<Item = Option<(usize, usize)>> + '_ {
+    std::iter::from_fn(move || {
+        at = t.len() - t[at..].trim_start().len();
+        if at == t.len() {
+            return None;
+        }
+        let end = scan_call(&t[at..]).and_then(|s| s.end);
+        let r = end.map(|e| (at, at + e));
+        at = r.map_or(t.len(), |(_, e)| e);
+        Some(r)
     })
+}
+
+/// A call being streamed: its name, and its arguments so far.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartialCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// Whether `gap` (text between calls) holds only what separates calls: markers, whitespace, list punctuation, fences.
+fn separators_only(gap: &str, marker: &str) -> bool {
+    let g = gap
+        .replace(marker, "")
+        .replace(CLOSE, "")
+        .replace(FENCE, "");
+    g.chars()
+        .all(|c| c.is_whitespace() || matches!(c, '[' | ',' | ']' | '`'))
 }
 
 /// An answer split into its text and its calls.
@@ -441,14 +498,76 @@ impl Reader {
             .and_then(|f| f.strip_suffix("```"))
             .unwrap_or(t);
         let mut calls = Vec::new();
-        for v in serde_json::Deserializer::from_str(t).into_iter::<JVal>() {
-            let c = read_call_value(&v.ok()?)?;
+        for span in objects_in_a_row(t, 0) {
+            let (a, e) = span?;
+            let c = read_call(&t[a..e])?;
             if !self.names.contains(&c.name) {
                 return None;
             }
             calls.push(c);
         }
         Some(calls)
+    }
+
+    /// The calls the answer so far is making, for a stream: each call whose name is complete and defined, with its
+    /// arguments so far, compacted (a prefix of the arguments [`Reader::parse`] gives once the answer is complete, so
+    /// a stream can send them piece by piece). Empty until the answer is seen to be calls: from the format's marker
+    /// on, or from its start for bare call objects (where the format writes them) and forced calls; only what
+    /// separates calls (markers, whitespace, list punctuation, a fence) may stand between them.
+    pub fn partial(&self, text: &str) -> Vec<PartialCall> {
+        let marker = self.format.marker();
+        let region = match (self.mode, text.find(marker)) {
+            (Mode::Forced { .. }, _) => text,
+            (Mode::Auto, Some(i)) => &text[i..],
+            (Mode::Auto, None) if self.format.bare() => text,
+            (Mode::Auto, None) => return Vec::new(),
+        };
+        let mut out = Vec::new();
+        if self.mode == Mode::Auto && self.format == Format::MistralArgs {
+            for part in region.split(MISTRAL_CALLS).skip(1) {
+                let Some((head, args)) = part.split_once(MISTRAL_ARGS) else {
+                    break;
+                };
+                let name = head.split(MISTRAL_ID).next().unwrap_or("").trim();
+                let args = args.trim_start();
+                if !self.names.iter().any(|n| n == name)
+                    || !(args.is_empty() || args.starts_with('{'))
+                {
+                    break;
+                }
+                // The next call's marker may have begun after complete arguments.
+                let args = &args[..scan::value_len(args).unwrap_or(args.len())];
+                out.push(PartialCall {
+                    name: name.to_string(),
+                    arguments: compact(args),
+                });
+            }
+        } else {
+            let mut at = 0;
+            while let Some(open) = region[at..].find('{').map(|i| at + i) {
+                if !separators_only(&region[at..open], marker) {
+                    break;
+                }
+                let Some(s) = scan_call(&region[open..]) else {
+                    break;
+                };
+                match &s.name {
+                    Some(n) if self.names.contains(n) => out.push(PartialCall {
+                        name: n.clone(),
+                        arguments: arguments_so_far(&region[open..], &s),
+                    }),
+                    _ => break,
+                }
+                match s.end {
+                    Some(e) => at = open + e,
+                    None => break,
+                }
+            }
+        }
+        if !self.parallel {
+            out.truncate(1);
+        }
+        out
     }
 
     /// How much of `pending` (answer text not yet sent; `at_start`: none was) may go out as content now: up to the
@@ -481,31 +600,25 @@ impl Reader {
         pending.len()
     }
 
-    /// The `tool_calls` list of a message (or, with `delta`, of a stream delta: each call with its `index`), each
-    /// call with a new id in this format's way.
-    pub fn calls_json(&self, calls: &[Call], delta: bool) -> Value {
-        let mistral = matches!(
-            self.format,
+    /// The `tool_calls` list of a message, each call with a new id.
+    pub fn calls_json(&self, calls: &[Call]) -> Value {
+        let one = |c: &Call| {
+            json!({"id": self.new_id(), "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments}})
+        };
+        Value::Array(calls.iter().map(one).collect())
+    }
+
+    /// A new call id in this format's way: 9 letters and digits for Mistral's formats (its templates refuse any
+    /// other id sent back), OpenAI's `call_...` otherwise.
+    pub fn new_id(&self) -> String {
+        match self.format {
             Format::MistralArgs
-                | Format::List {
-                    marker: MISTRAL_CALLS
-                }
-        );
-        Value::Array(
-            calls
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let id = if mistral { short_call_id() } else { call_id() };
-                    let mut v = json!({"id": id, "type": "function",
-                                       "function": {"name": c.name, "arguments": c.arguments}});
-                    if delta {
-                        v["index"] = json!(i);
-                    }
-                    v
-                })
-                .collect(),
-        )
+            | Format::List {
+                marker: MISTRAL_CALLS,
+            } => short_call_id(),
+            _ => call_id(),
+        }
     }
 }
 
@@ -523,13 +636,24 @@ fn hermes_blocks(mut rest: &str) -> Option<Vec<Call>> {
     rest.is_empty().then_some(calls)
 }
 
-/// A JSON list of call objects and nothing after it.
+/// A JSON list of call objects (or one object) and nothing after it.
 fn json_list(text: &str) -> Option<Vec<Call>> {
-    match serde_json::from_str::<JVal>(text.trim()).ok()? {
-        JVal::Arr(items) => items.iter().map(read_call_value).collect(),
-        one @ JVal::Obj(_) => Some(vec![read_call_value(&one)?]),
-        _ => None,
+    let t = text.trim();
+    let items = match serde_json::from_str::<JVal>(t).ok()? {
+        JVal::Arr(items) => items.len(),
+        JVal::Obj(_) => return Some(vec![read_call(t)?]),
+        _ => return None,
+    };
+    // A valid list: its items are where the scan finds them, a comma (or the closing bracket) after each.
+    let mut calls = Vec::with_capacity(items);
+    let mut at = 1;
+    for _ in 0..items {
+        at = t.len() - t[at..].trim_start().len();
+        let end = at + scan_call(&t[at..])?.end?;
+        calls.push(read_call(&t[at..end])?);
+        at = end + t[end..].find([',', ']'])? + 1;
     }
+    Some(calls)
 }
 
 /// `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}` once per call (the `[CALL_ID]` part optional).
@@ -541,15 +665,13 @@ fn mistral_args(text: &str) -> Option<Vec<Call>> {
         if !valid_name(name) {
             return None;
         }
-        let args: JVal = serde_json::from_str(args.trim()).ok()?;
-        if !matches!(args, JVal::Obj(_)) {
+        let args = args.trim();
+        if !matches!(serde_json::from_str(args).ok()?, JVal::Obj(_)) {
             return None;
         }
-        let mut out = Vec::new();
-        args.write(&mut out);
         calls.push(Call {
             name: name.to_string(),
-            arguments: String::from_utf8(out).ok()?,
+            arguments: compact(args),
         });
     }
     Some(calls)
@@ -724,6 +846,64 @@ mod tests {
         );
     }
 
+    /// Every prefix of an answer streams calls that the complete answer's calls extend: the same names in the same
+    /// order, arguments that are prefixes of the final ones; the complete answer streams exactly its calls.
+    #[test]
+    fn streamed_calls_grow_into_the_parsed_ones() {
+        let list = Format::List {
+            marker: MISTRAL_CALLS,
+        };
+        let cases = [
+            (Mode::Auto, Format::Hermes, "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Z\\\"ü rich\", \"n\": [1, 2.5]}}\n</tool_call>\n<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>", 2),
+            (Mode::Auto, Format::Hermes, "```json\n{\"name\": \"a\", \"arguments\": \"{\\\"x\\\": 1}\"}\n```", 1),
+            (Mode::Auto, Format::Llama3, "<|python_tag|>{\"name\": \"b\", \"parameters\": {\"q\": \"long text here\"}}", 1),
+            (Mode::Auto, list, "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"k\": [true, null]}, \"id\": \"abc123XYZ\"}, {\"name\": \"b\"}]", 2),
+            (Mode::Auto, Format::MistralArgs, "[TOOL_CALLS]a[ARGS]{\"x\": 1}[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{\"city\": \"Paris\"}", 2),
+            (Mode::Forced { named: false }, Format::Llama3, "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}", 1),
+        ];
+        for (mode, format, text, n) in cases {
+            let r = reader_for(mode, format);
+            let done = r.parse(text).calls;
+            assert_eq!(done.len(), n, "{text}");
+            let whole: Vec<Call> = r
+                .partial(text)
+                .into_iter()
+                .map(|p| call(&p.name, &p.arguments))
+                .collect();
+            assert_eq!(whole, done, "{text}");
+            let mut grew = 0;
+            for (cut, _) in text.char_indices() {
+                let part = r.partial(&text[..cut]);
+                assert!(part.len() <= n, "{text:?} at {cut}");
+                for (p, d) in part.iter().zip(&done) {
+                    assert_eq!(p.name, d.name, "{text:?} at {cut}");
+                    assert!(
+                        d.arguments.starts_with(&p.arguments),
+                        "{text:?} at {cut}: {} then {}",
+                        p.arguments,
+                        d.arguments
+                    );
+                }
+                grew = grew.max(part.len());
+            }
+            assert_eq!(grew, n, "{text}");
+        }
+        // Not calls: text first for a bare format, an undefined name, words between calls.
+        let h = reader_for(Mode::Auto, Format::Hermes);
+        for t in [
+            "Sure: {\"name\": \"a\", \"arguments\": {}}",
+            "{\"name\": \"zed\", \"arguments\": {\"x\"",
+            "<tool_call>I think {\"name\": \"a\", \"arguments\": {}}",
+        ] {
+            assert_eq!(h.partial(t), vec![], "{t}");
+        }
+        let one = Reader {
+            parallel: false,
+            ..reader_for(Mode::Auto, list)
+        };
+        assert_eq!(one.partial(cases[3].2).len(), 1);
+    }
+
     #[test]
     fn call_ids_differ() {
         let (a, b) = (call_id(), call_id());
@@ -815,7 +995,7 @@ mod tests {
             let p = m.parse(t);
             assert_eq!((p.calls, p.content.as_deref()), (vec![], Some(t)), "{t}");
         }
-        let calls = m.calls_json(&[call("a", "{}")], false);
+        let calls = m.calls_json(&[call("a", "{}")]);
         let id = calls[0]["id"].as_str().unwrap();
         assert!(id.len() == 9, "{id}");
         // Granite: <|tool_call|> and a list.
@@ -830,7 +1010,7 @@ mod tests {
                 .calls,
             vec![call("a", "{\"x\":1}")]
         );
-        assert!(g.calls_json(&[call("a", "{}")], false)[0]["id"]
+        assert!(g.calls_json(&[call("a", "{}")])[0]["id"]
             .as_str()
             .unwrap()
             .starts_with("call_"));
