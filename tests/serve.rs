@@ -2012,12 +2012,30 @@ fn qwen25_calls_tools_over_http() {
         &ask("Weather in Oslo?", json!({"tool_choice": "required"})),
         false,
     );
-    assert_eq!(
-        (calls.len(), finish.as_str()),
-        (1, "tool_calls"),
-        "{calls:?}"
-    );
-    assert!(["get_weather", "add"].contains(&calls[0].0.as_str()));
+    // A list of calls (below): this small model adds a call to `add` after the weather one.
+    assert_eq!(finish, "tool_calls", "{calls:?}");
+    assert_eq!(calls[0].0, "get_weather", "{calls:?}");
+    assert!(calls
+        .iter()
+        .all(|c| ["get_weather", "add"].contains(&c.0.as_str())));
+    // "required" with parallel calls (the default) decodes a list of calls, as vLLM does: two cities, two calls,
+    // plain and streamed; with parallel_tool_calls false, one.
+    for stream in [false, true] {
+        let extra = json!({"tool_choice": "required", "stream": stream});
+        let r = ask("What is the weather in Oslo and in Paris?", extra);
+        let (calls, content, finish) = tool_calls_of(&r, stream);
+        assert_eq!(finish, "tool_calls", "{calls:?}");
+        assert_eq!(content, None);
+        let cities: Vec<&str> = calls
+            .iter()
+            .map(|c| c.1["city"].as_str().unwrap())
+            .collect();
+        assert_eq!(cities, ["Oslo", "Paris"], "{calls:?}");
+        assert!(calls.iter().all(|c| c.0 == "get_weather"), "{calls:?}");
+    }
+    let extra = json!({"tool_choice": "required", "parallel_tool_calls": false});
+    let r = ask("What is the weather in Oslo and in Paris?", extra);
+    assert_eq!(tool_calls_of(&r, false).0.len(), 1);
     // The call and its result go back into the prompt through the template.
     let msgs = json!([{"role": "user", "content": "What's the weather like in Paris right now?"},
         {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",

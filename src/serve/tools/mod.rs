@@ -22,8 +22,9 @@
 //! - `"required"` and `{"type": "function", "function": {"name": ...}}`: decoding is constrained (the JSON-schema
 //!   mode of `response_format`) to one call object, `{"name": ..., "arguments": {...}}` (`"parameters"` for Llama
 //!   3.x, the key it was trained on), the name one of the tools (or the named one) and the arguments what its
-//!   `parameters` schema accepts when hayloft's schema subset takes it, any JSON object otherwise. One call, where
-//!   OpenAI's `required` may make several. A named call finishes with `"stop"`, as OpenAI's does.
+//!   `parameters` schema accepts when hayloft's schema subset takes it, any JSON object otherwise. `required` with
+//!   parallel calls (the default) decodes a JSON list of one such call or more, as vLLM constrains it; a named call
+//!   is one call and finishes with `"stop"`, as OpenAI's does.
 //! - `"none"`: the definitions are left out of the prompt and the answer is text.
 //!
 //! Call ids are OpenAI's `call_` and 24 hex digits, except for Mistral's formats, whose templates accept only 9
@@ -267,16 +268,19 @@ impl ToolRequest {
                     .into(),
             ));
         };
+        let parallel = self.parallel_tool_calls.unwrap_or(true);
         let (mode, json) = if required || named.is_some() {
             let chosen: Vec<&JVal> = tools
                 .iter()
                 .filter(|t| named.is_none() || fn_name(t) == named.as_deref())
                 .collect();
+            // `required` with parallel calls: a list of one call or more (vLLM's constraint); a named call is one.
+            let list = named.is_none() && parallel;
             (
                 Mode::Forced {
                     named: named.is_some(),
                 },
-                Some(call_schema(&chosen, format.arguments_key())),
+                Some(call_schema(&chosen, format.arguments_key(), list)),
             )
         } else {
             (Mode::Auto, None)
@@ -287,7 +291,7 @@ impl ToolRequest {
             reader: Reader {
                 mode,
                 format,
-                parallel: self.parallel_tool_calls.unwrap_or(true),
+                parallel,
                 names,
             },
             json,
@@ -301,8 +305,8 @@ fn fn_name(t: &JVal) -> Option<&str> {
 
 /// The constraint of a forced call: `{"name": one of the chosen, "<args_key>": {...}}`, the arguments the one
 /// function's `parameters` when the schema subset takes them, any object otherwise (several functions, or a
-/// schema with keywords the subset refuses).
-fn call_schema(chosen: &[&JVal], args_key: &str) -> JsonFormat {
+/// schema with keywords the subset refuses); with `list`, a JSON list of one such call or more.
+fn call_schema(chosen: &[&JVal], args_key: &str, list: bool) -> JsonFormat {
     let obj = |kv: Vec<(&str, JVal)>| {
         JVal::Obj(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     };
@@ -335,6 +339,14 @@ fn call_schema(chosen: &[&JVal], args_key: &str) -> JsonFormat {
             JVal::Arr(vec![JVal::Str("name".into()), JVal::Str(args_key.into())]),
         ),
     ]);
+    let schema = match list {
+        true => obj(vec![
+            ("type", JVal::Str("array".into())),
+            ("items", schema),
+            ("minItems", JVal::Num(1.into())),
+        ]),
+        false => schema,
+    };
     match Schema::compile(&schema) {
         Ok(s) => JsonFormat::Schema(Arc::new(s)),
         // Unreachable for the arguments chosen above (they compiled alone); any object keeps the call's shape.
@@ -471,7 +483,7 @@ impl Reader {
             _ => as_text(),
         };
         if let Mode::Forced { .. } = self.mode {
-            return found(0, read_call(text).map(|c| vec![c]));
+            return found(0, json_list(text));
         }
         let marker = self.format.marker();
         let Some(first) = text.find(marker) else {
@@ -810,7 +822,7 @@ mod tests {
             ..reader(Mode::Auto)
         };
         assert_eq!(one.parse(two).calls, vec![call("a", "{}")]);
-        // A forced answer is the call object itself.
+        // A forced answer is the call object itself, or a list of them (`required` with parallel calls).
         let f = reader(Mode::Forced { named: true });
         assert_eq!(
             f.parse("{\"name\": \"a\", \"arguments\": {\"q\": \"x\"}}")
@@ -818,6 +830,11 @@ mod tests {
             vec![call("a", "{\"q\":\"x\"}")]
         );
         assert_eq!(f.parse("{\"name\": \"a\", \"argu").calls, vec![]);
+        assert_eq!(
+            f.parse("[{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {\"q\": 2}}]")
+                .calls,
+            vec![call("a", "{}"), call("b", "{\"q\":2}")]
+        );
     }
 
     #[test]
@@ -860,6 +877,7 @@ mod tests {
             (Mode::Auto, list, "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"k\": [true, null]}, \"id\": \"abc123XYZ\"}, {\"name\": \"b\"}]", 2),
             (Mode::Auto, Format::MistralArgs, "[TOOL_CALLS]a[ARGS]{\"x\": 1}[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{\"city\": \"Paris\"}", 2),
             (Mode::Forced { named: false }, Format::Llama3, "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}", 1),
+            (Mode::Forced { named: false }, Format::Hermes, "[{\"name\": \"a\", \"arguments\": {\"x\": [1]}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]", 2),
         ];
         for (mode, format, text, n) in cases {
             let r = reader_for(mode, format);
