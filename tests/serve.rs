@@ -1796,6 +1796,58 @@ fn llama3_and_mistral_templates_take_tools_and_give_calls_back() {
     }
 }
 
+/// A reasoning model's thinking comes back apart from the answer (llama-server's `reasoning_format` "auto"): the
+/// DeepSeek-R1 distills' template opens `<think>` in the prompt, so a random-weight model's answer, which never
+/// closes it, is all reasoning and no content, plain and streamed alike; `"reasoning_format": "none"` leaves it as
+/// content; an unknown value is a 400.
+#[test]
+fn thinking_comes_back_as_reasoning_content() {
+    let t = tiny_with_template(
+        &TinySpec::default(),
+        &fixture_template("deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja"),
+    );
+    let a = t.server.addr;
+    let ask = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Why is the sky blue?"}],
+                              "max_tokens": 24, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(a, "/v1/chat/completions", &body)
+    };
+    let r = ask(json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    let m = &j["choices"][0]["message"];
+    let reasoning = m["reasoning_content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{j}"));
+    assert!(!reasoning.is_empty());
+    assert_eq!(m["content"], "", "{j}");
+    // As text: the same answer, untrimmed, and no reasoning field.
+    let r = ask(json!({"reasoning_format": "none"}));
+    let j = r.json();
+    let m = &j["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{j}");
+    assert_eq!(m["content"].as_str().unwrap().trim(), reasoning);
+    // Streamed: reasoning_content deltas add up to the plain answer's reasoning, and no content comes.
+    let r = ask(json!({"stream": true}));
+    let (mut streamed, mut content) = (String::new(), String::new());
+    for e in r.sse().iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let d = &c["choices"][0]["delta"];
+        streamed.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        content.push_str(d["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(streamed, reasoning);
+    assert_eq!(content, "");
+    assert_error(
+        &ask(json!({"reasoning_format": "hidden"})),
+        400,
+        "reasoning_format",
+    );
+}
+
 #[test]
 fn tool_requests_a_model_cannot_take_are_refused_naming_the_field() {
     let t = small();

@@ -18,6 +18,7 @@ use super::api::{
 };
 use super::engine::{Job, Ticket};
 use super::error::ApiError;
+use super::reasoning::ReasoningRequest;
 use super::respond::{self, Kind, Meta, Run};
 use super::tools::ToolRequest;
 use super::{Ready, Shared};
@@ -439,6 +440,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
         include_usage: c.include_usage,
         ready: r,
         tools: None,
+        thinking: None,
     };
     let firsts = ids.iter().map(|v| v[0]).collect();
     let jobs = ids.len() * c.n;
@@ -488,6 +490,12 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     };
     let defs = tools.as_ref().map_or(&[][..], |t| &t.tools[..]);
     let prompt = chat_tokens(&r, &req.messages, defs, true)?;
+    // A reasoning model's thinking, given back apart: does the prompt leave the answer inside `<think>`?
+    let tail = r
+        .tokenizer
+        .decode(&prompt[prompt.len().saturating_sub(16)..]);
+    let source = r.chat_template.as_ref().ok().map(|t| t.source());
+    let thinking = api::parse::<ReasoningRequest>(&body)?.check(source, &tail)?;
     let room = r.max_context.saturating_sub(prompt.len());
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(room);
     check_length(&r, 0, prompt.len(), max_tokens)?;
@@ -518,6 +526,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         include_usage: c.include_usage,
         ready: r,
         tools: tools.map(|t| t.reader),
+        thinking,
     };
     if c.stream {
         Ok(respond::stream(run, meta, c.n, firsts))

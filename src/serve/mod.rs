@@ -14,6 +14,7 @@ pub mod error;
 mod handlers;
 pub mod logprobs;
 pub mod metrics;
+pub mod reasoning;
 mod respond;
 mod seq;
 pub mod stop;

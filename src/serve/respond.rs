@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::engine::{Event, Finish};
 use super::error::ApiError;
 use super::logprobs::TokenLogprob;
+use super::reasoning::{self, Thinking};
 use super::tools::{self, Mode, Reader};
 use super::Ready;
 
@@ -79,6 +80,8 @@ pub struct Meta {
     pub ready: Arc<Ready>,
     /// Chat with tools: how the answer is read for calls.
     pub tools: Option<Reader>,
+    /// Chat with a reasoning model's template: how its thinking is found.
+    pub thinking: Option<Thinking>,
 }
 
 /// One choice, as the events build it.
@@ -98,6 +101,10 @@ struct Choice {
     sent: usize,
     /// Streamed with tools: the calls begun so far, each with its id and the bytes of its arguments sent.
     calls: Vec<(String, usize)>,
+    /// Streamed with thinking: where the content starts, once the thinking is closed.
+    body: Option<usize>,
+    /// Streamed with thinking: bytes of `text` sent as reasoning so far.
+    thought: usize,
 }
 
 impl Choice {
@@ -145,6 +152,118 @@ fn tool_answer(
         f => f.as_str(),
     };
     Some((p, reason))
+}
+
+/// Where a chat answer's content starts once its thinking is closed (its first byte that is not whitespace), while
+/// none of it has gone out.
+fn settle_body(thinking: bool, c: &mut Choice, body: usize) {
+    let b = match thinking {
+        true if c.sent <= body => reasoning::first_non_ws(&c.text, body),
+        _ => body,
+    };
+    c.body = Some(b);
+    c.sent = c.sent.max(b);
+}
+
+/// The deltas a streamed chat answer with tools or thinking sends after its latest token: reasoning, then content up
+/// to where a call may begin, then calls as they are written.
+fn chat_deltas(thinking: Option<Thinking>, tools: Option<&Reader>, c: &mut Choice) -> Vec<Value> {
+    let mut out = Vec::new();
+    if let (Some(th), None) = (thinking, c.body) {
+        let p = th.progress(&c.text);
+        if p.reasoning.1 > c.thought {
+            let from = c.thought.max(p.reasoning.0);
+            out.push(json!({"reasoning_content": &c.text[from..p.reasoning.1]}));
+            c.thought = p.reasoning.1;
+        }
+        match p.body {
+            Some(b) => settle_body(true, c, b),
+            None => return out,
+        }
+    } else if let Some(b) = c.body.filter(|&b| c.sent == b) {
+        settle_body(thinking.is_some(), c, b);
+    }
+    let body = c.body.unwrap_or(0);
+    match tools {
+        None => {
+            if c.sent < c.text.len() {
+                out.push(json!({"content": &c.text[c.sent..]}));
+                c.sent = c.text.len();
+            }
+        }
+        Some(reader) => {
+            // Once the unsent text starts a call, nothing more is releasable.
+            let n = reader.releasable(&c.text[c.sent..], c.sent == body);
+            if n > 0 {
+                out.push(json!({"content": &c.text[c.sent..c.sent + n]}));
+                c.sent += n;
+            }
+            if c.sent < c.text.len() {
+                let so_far = reader.partial(&c.text[body..]);
+                let named = so_far
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.arguments.as_str()));
+                let calls = c.call_deltas(reader, named);
+                if !calls.is_empty() {
+                    out.push(json!({ "tool_calls": calls }));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The last deltas of a streamed chat answer with tools or thinking (what the whole answer has that was not sent),
+/// and its finish reason.
+fn final_deltas(
+    thinking: Option<Thinking>,
+    tools: Option<&Reader>,
+    c: &mut Choice,
+    finish: Finish,
+) -> (Vec<Value>, &'static str) {
+    let mut out = Vec::new();
+    if let (Some(th), None) = (thinking, c.body) {
+        let (r, b) = th.split(&c.text);
+        if let Some((s, e)) = r.filter(|&(_, e)| e > c.thought) {
+            out.push(json!({"reasoning_content": &c.text[c.thought.max(s)..e]}));
+        }
+        settle_body(true, c, b);
+    } else if let Some(b) = c.body.filter(|&b| c.sent == b) {
+        settle_body(thinking.is_some(), c, b);
+    }
+    let body = c.body.unwrap_or(0);
+    let rest = |c: &Choice| Some(c.text[c.sent.max(body)..].to_string()).filter(|t| !t.is_empty());
+    let reason = match tools {
+        Some(reader) => match tool_answer(reader, &c.text[body..], finish) {
+            Some((p, reason)) => {
+                let head_end = body + p.head;
+                let head = &c.text[c.sent.min(head_end)..head_end];
+                if !head.is_empty() {
+                    out.push(json!({ "content": head }));
+                }
+                let named = p
+                    .calls
+                    .iter()
+                    .map(|k| (k.name.as_str(), k.arguments.as_str()));
+                let calls = c.call_deltas(reader, named);
+                if !calls.is_empty() {
+                    out.push(json!({ "tool_calls": calls }));
+                }
+                reason
+            }
+            None if !c.calls.is_empty() => finish.as_str(),
+            None => {
+                out.extend(rest(c).map(|t| json!({ "content": t })));
+                finish.as_str()
+            }
+        },
+        None => {
+            out.extend(rest(c).map(|t| json!({ "content": t })));
+            finish.as_str()
+        }
+    };
+    c.sent = c.text.len();
+    (out, reason)
 }
 
 /// usage over every choice: each prompt counted once (not once per `n`).
@@ -269,15 +388,23 @@ impl Meta {
                     None => Value::Null,
                     Some(_) => self.chat_logprobs(&c.lps),
                 };
-                let mut message = json!({"role": "assistant", "content": c.text});
+                let (reasoning, body) = match &self.thinking {
+                    Some(th) => th.split(&c.text),
+                    None => (None, 0),
+                };
+                let answer = &c.text[body..];
+                let mut message = json!({"role": "assistant", "content": answer});
                 let mut finish = finish;
                 let called = self.tools.as_ref().zip(c.finish);
                 if let Some((r, (p, reason))) =
-                    called.and_then(|(r, f)| Some((r, tool_answer(r, &c.text, f)?)))
+                    called.and_then(|(r, f)| Some((r, tool_answer(r, answer, f)?)))
                 {
                     message = json!({"role": "assistant", "content": p.content,
                                      "tool_calls": r.calls_json(&p.calls)});
                     finish = Some(reason);
+                }
+                if let Some((s, e)) = reasoning {
+                    message["reasoning_content"] = json!(&c.text[s..e]);
                 }
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
@@ -471,57 +598,40 @@ impl StreamState {
                     c.text.push_str(&text);
                     at
                 };
-                // With tools, content goes out only up to where a call may begin, and calls as they are written.
-                let mut calls = Vec::new();
-                let text = match &meta.tools {
-                    Some(reader) => {
-                        // Once the unsent text starts a call, nothing more is releasable.
-                        let c = &mut self.choices[index];
-                        let n = reader.releasable(&c.text[c.sent..], c.sent == 0);
-                        let out = c.text[c.sent..c.sent + n].to_string();
-                        c.sent += n;
-                        if c.sent < c.text.len() {
-                            let so_far = reader.partial(&c.text);
-                            let named = so_far
-                                .iter()
-                                .map(|p| (p.name.as_str(), p.arguments.as_str()));
-                            calls = c.call_deltas(reader, named);
-                        }
-                        if out.is_empty() && logprob.is_none() && calls.is_empty() {
-                            return;
-                        }
-                        out
+                if let Kind::Completion = meta.kind {
+                    let lp = logprob.as_ref().map_or(Value::Null, |l| {
+                        meta.completion_logprobs(&[(l.id, Some(l))], offset)
+                    });
+                    self.chunk(
+                        json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null}),
+                    );
+                    return;
+                }
+                let mut lp = logprob
+                    .as_ref()
+                    .map(|l| meta.chat_logprobs(std::slice::from_ref(l)));
+                let mut deltas = match meta.tools.is_some() || meta.thinking.is_some() {
+                    true => {
+                        chat_deltas(meta.thinking, meta.tools.as_ref(), &mut self.choices[index])
                     }
-                    None => text,
+                    false => vec![json!({ "content": text })],
                 };
-                let ch = match meta.kind {
-                    Kind::Completion => {
-                        let lp = logprob.as_ref().map_or(Value::Null, |l| {
-                            meta.completion_logprobs(&[(l.id, Some(l))], offset)
-                        });
-                        json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                if deltas.is_empty() {
+                    if lp.is_none() {
+                        return;
                     }
-                    Kind::Chat => {
-                        let lp = logprob
-                            .as_ref()
-                            .map_or(Value::Null, |l| meta.chat_logprobs(std::slice::from_ref(l)));
-                        if !calls.is_empty() {
-                            if !text.is_empty() {
-                                self.chunk(json!({"index": index, "delta": {"content": text},
-                                                  "logprobs": lp, "finish_reason": null}));
-                                self.chunk(json!({"index": index, "delta": {"tool_calls": calls},
-                                                  "logprobs": null, "finish_reason": null}));
-                            } else {
-                                self.chunk(json!({"index": index, "delta": {"tool_calls": calls},
-                                                  "logprobs": lp, "finish_reason": null}));
-                            }
-                            return;
-                        }
-                        json!({"index": index, "delta": {"content": text}, "logprobs": lp,
+                    deltas.push(json!({"content": ""}));
+                }
+                let chunks: Vec<Value> = deltas
+                    .into_iter()
+                    .map(|d| {
+                        json!({"index": index, "delta": d, "logprobs": lp.take().unwrap_or(Value::Null),
                                "finish_reason": null})
-                    }
-                };
-                self.chunk(ch);
+                    })
+                    .collect();
+                for ch in chunks {
+                    self.chunk(ch);
+                }
             }
             Some(Event::Done {
                 index,
@@ -533,36 +643,16 @@ impl StreamState {
                 c.completion_tokens = completion_tokens;
                 c.finish = Some(finish);
                 let ch = match meta.kind {
-                    Kind::Chat if meta.tools.is_some() => {
-                        // The rest of the answer: content not sent yet, then what its calls have not sent yet. A
-                        // call begun in the stream that the whole answer does not read as one (cut off by
-                        // max_tokens) stays as far as it went; the rest of the text is not sent as content.
+                    Kind::Chat if meta.tools.is_some() || meta.thinking.is_some() => {
+                        // The rest of the answer: reasoning and content not sent yet, then what its calls have not
+                        // sent yet. A call begun in the stream that the whole answer does not read as one (cut off
+                        // by max_tokens) stays as far as it went; the rest of the text is not sent as content.
                         c.text.push_str(&text);
-                        let reader = meta.tools.as_ref().expect("tools");
-                        let (text, calls, reason) = match tool_answer(reader, &c.text, finish) {
-                            Some((p, reason)) => {
-                                let head = c.text[c.sent.min(p.head)..p.head].to_string();
-                                let named = p
-                                    .calls
-                                    .iter()
-                                    .map(|k| (k.name.as_str(), k.arguments.as_str()));
-                                (head, c.call_deltas(reader, named), reason)
-                            }
-                            None if !c.calls.is_empty() => {
-                                (String::new(), Vec::new(), finish.as_str())
-                            }
-                            None => (c.text[c.sent..].to_string(), Vec::new(), finish.as_str()),
-                        };
-                        c.sent = c.text.len();
-                        if !text.is_empty() {
-                            self.chunk(
-                                json!({"index": index, "delta": {"content": text}, "logprobs": null,
-                                              "finish_reason": null}),
-                            );
-                        }
-                        if !calls.is_empty() {
-                            self.chunk(json!({"index": index, "delta": {"tool_calls": calls},
-                                              "logprobs": null, "finish_reason": null}));
+                        let (deltas, reason) =
+                            final_deltas(meta.thinking, meta.tools.as_ref(), c, finish);
+                        for d in deltas {
+                            self.chunk(json!({"index": index, "delta": d, "logprobs": null,
+                                              "finish_reason": null}));
                         }
                         json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason})
                     }
@@ -585,5 +675,137 @@ impl StreamState {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::tools::ToolRequest;
+    use crate::tokenizer::chat::ChatTemplate;
+
+    /// A stream's deltas put together as a client does: reasoning, content, calls (name, arguments), finish reason.
+    type Assembled = (String, String, Vec<(String, String)>, &'static str);
+
+    fn streamed(
+        th: Option<Thinking>,
+        tools: Option<&Reader>,
+        text: &str,
+        piece: usize,
+    ) -> Assembled {
+        let mut c = Choice::default();
+        let mut deltas = Vec::new();
+        let mut at = 0;
+        while at < text.len() {
+            let mut end = (at + piece).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            c.text.push_str(&text[at..end]);
+            deltas.extend(chat_deltas(th, tools, &mut c));
+            at = end;
+        }
+        let (last, reason) = final_deltas(th, tools, &mut c, Finish::Stop);
+        deltas.extend(last);
+        let (mut reasoning, mut content, mut calls) = (String::new(), String::new(), Vec::new());
+        for d in deltas {
+            reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+            content.push_str(d["content"].as_str().unwrap_or(""));
+            for k in d["tool_calls"].as_array().into_iter().flatten() {
+                let i = k["index"].as_u64().unwrap() as usize;
+                let args = k["function"]["arguments"].as_str().unwrap_or("");
+                if i == calls.len() {
+                    calls.push((
+                        k["function"]["name"].as_str().unwrap().to_string(),
+                        String::new(),
+                    ));
+                }
+                calls[i].1.push_str(args);
+            }
+        }
+        (reasoning, content, calls, reason)
+    }
+
+    /// The plain answer's parts, as `collect` builds its message.
+    fn plain(th: Option<Thinking>, tools: Option<&Reader>, text: &str) -> Assembled {
+        let (r, body) = th.map_or((None, 0), |t| t.split(text));
+        let reasoning = r.map_or(String::new(), |(s, e)| text[s..e].to_string());
+        let answer = &text[body..];
+        match tools.and_then(|t| tool_answer(t, answer, Finish::Stop)) {
+            Some((p, reason)) => {
+                let calls = p.calls.into_iter().map(|k| (k.name, k.arguments)).collect();
+                (reasoning, p.content.unwrap_or_default(), calls, reason)
+            }
+            None => (reasoning, answer.to_string(), Vec::new(), "stop"),
+        }
+    }
+
+    #[test]
+    fn streamed_reasoning_content_and_calls_add_up_to_the_plain_answer() {
+        let tpl = ChatTemplate::from_source(
+            "{{ '<tool_call>' }}{{ tools }}{% for m in messages %}{{ m.content }}{% endfor %}",
+            "",
+            "",
+            false,
+            false,
+        )
+        .unwrap();
+        let def = r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#;
+        let reader = ToolRequest {
+            tools: Some(vec![serde_json::from_str(def).unwrap()]),
+            tool_choice: None,
+            parallel_tool_calls: None,
+        }
+        .check(Ok(&tpl))
+        .unwrap()
+        .unwrap()
+        .reader;
+        let opened = Some(Thinking {
+            starts_inside: false,
+        });
+        let inside = Some(Thinking {
+            starts_inside: true,
+        });
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}\n</tool_call>";
+        let cases = [
+            (
+                opened,
+                Some(&reader),
+                format!("<think>\nThe user wants weather.\n</think>\n\n{call}"),
+            ),
+            (
+                opened,
+                Some(&reader),
+                "<think>\nHmm.</think>\n\n  It is sunny.".to_string(),
+            ),
+            (opened, Some(&reader), format!("Let me check.\n{call}")),
+            (
+                inside,
+                None,
+                "Okay, so.\n</think>\n\nSunny in Zürich.".to_string(),
+            ),
+            (opened, None, "<think>\nnever closes, cut off".to_string()),
+            (opened, Some(&reader), "<think>\n\n</think>\n\n".to_string()),
+            (None, None, "<think>kept as text</think> answer".to_string()),
+        ];
+        for (th, tools, text) in &cases {
+            let want = plain(*th, *tools, text);
+            for piece in [1, 2, 3, 7, 64] {
+                let got = streamed(*th, *tools, text, piece);
+                assert_eq!(got, want, "{text:?} in pieces of {piece}");
+            }
+        }
+        let (r, content, calls, reason) = plain(opened, Some(&reader), &cases[0].2);
+        assert_eq!(r, "The user wants weather.");
+        assert_eq!(content, "");
+        assert_eq!(
+            calls,
+            vec![(
+                "get_weather".to_string(),
+                "{\"city\":\"Zürich\"}".to_string()
+            )]
+        );
+        assert_eq!(reason, "tool_calls");
+        assert_eq!(plain(opened, None, &cases[1].2).1, "It is sunny.");
     }
 }
