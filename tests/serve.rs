@@ -1848,6 +1848,51 @@ fn thinking_comes_back_as_reasoning_content() {
     );
 }
 
+/// `chat_template_kwargs` (vLLM's and llama-server's field) reaches the template: Qwen3's `enable_thinking: false`
+/// closes an empty `<think>` block in the prompt (the prompt grows by that block's tokens), and
+/// `/tokenize` counts the same prompt; a variable the server sets, or a value that is not an object, is a 400.
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    let t = tiny_with_template(
+        &TinySpec::default(),
+        &fixture_template("Qwen-Qwen3-0.6B.jinja"),
+    );
+    let a = t.server.addr;
+    let msgs = json!([{"role": "user", "content": "Hi"}]);
+    let ask = |extra: Value| {
+        let mut body = json!({"messages": msgs, "max_tokens": 1, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(a, "/v1/chat/completions", &body)
+    };
+    let used = |r: &Resp| {
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = used(&ask(json!({})));
+    let off = json!({"chat_template_kwargs": {"enable_thinking": false}});
+    let no_think = used(&ask(off.clone()));
+    let block = json!({"prompt": "<think>\n\n</think>\n\n", "add_special_tokens": false});
+    let block = post(a, "/tokenize", &block).json()["count"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(no_think, plain + block);
+    let mut tok = json!({"messages": msgs});
+    tok["chat_template_kwargs"] = off["chat_template_kwargs"].clone();
+    assert_eq!(post(a, "/tokenize", &tok).json()["count"], no_think);
+    assert_error(
+        &ask(json!({"chat_template_kwargs": {"messages": []}})),
+        400,
+        "'messages' is set by the server",
+    );
+    assert_error(
+        &ask(json!({"chat_template_kwargs": [1]})),
+        400,
+        "chat_template_kwargs",
+    );
+}
+
 #[test]
 fn tool_requests_a_model_cannot_take_are_refused_naming_the_field() {
     let t = small();

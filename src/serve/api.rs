@@ -215,6 +215,8 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<usize>,
+    /// More variables for the chat template (vLLM's and llama-server's field).
+    pub chat_template_kwargs: Option<JVal>,
 }
 
 /// `response_format`, and the fields that ask for behaviour hayloft does not have, parsed from the same body on their
@@ -460,6 +462,8 @@ pub struct TokenizeRequest {
     /// Function definitions rendered with `messages` (as vLLM's `/tokenize` takes them): the count a chat request
     /// with the same tools has.
     pub tools: Option<Vec<JVal>>,
+    /// More variables for the chat template, as a chat request gives them.
+    pub chat_template_kwargs: Option<JVal>,
 }
 
 #[derive(Deserialize, Debug)]

@@ -174,7 +174,9 @@ async fn tokenize(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response
             }
             .check(r.chat_template.as_ref().map_err(|e| e.as_str()))?;
             let defs = tools.as_ref().map_or(&[][..], |t| &t.tools[..]);
-            chat_tokens(&r, msgs, defs, req.add_generation_prompt.unwrap_or(true))?
+            let kwargs = template_kwargs(req.chat_template_kwargs.as_ref())?;
+            let gen = req.add_generation_prompt.unwrap_or(true);
+            chat_tokens(&r, msgs, defs, &kwargs, gen)?
         }
         _ => {
             return Err(ApiError::bad_request(
@@ -207,12 +209,26 @@ fn check_ids(r: &Ready, ids: &[u32], field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A conversation rendered with the model's chat template and tokenized (template tokens special, message text
-/// plain).
+/// `chat_template_kwargs` (vLLM's and llama-server's field): more variables for the chat template, e.g. Qwen3's
+/// `enable_thinking`; a JSON object, each key a variable.
+fn template_kwargs(v: Option<&JVal>) -> Result<Vec<(String, JVal)>, ApiError> {
+    match v {
+        None | Some(JVal::Null) => Ok(Vec::new()),
+        Some(JVal::Obj(kv)) => Ok(kv.clone()),
+        Some(_) => Err(ApiError::bad_request(
+            "field `chat_template_kwargs`: expected a JSON object",
+        )
+        .code("invalid_field")),
+    }
+}
+
+/// A conversation rendered with the model's chat template (with `kwargs` as more variables) and tokenized
+/// (template tokens special, message text plain).
 fn chat_tokens(
     r: &Ready,
     msgs: &[api::MessageIn],
     tools: &[JVal],
+    kwargs: &[(String, JVal)],
     gen_prompt: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let tpl = r.chat_template.as_ref().map_err(|e| {
@@ -246,7 +262,7 @@ fn chat_tokens(
         list.push(msg);
     }
     let rendered = tpl
-        .render_marked_tools(&list, tools, gen_prompt)
+        .render_marked_with(&list, tools, kwargs, gen_prompt)
         .map_err(|e| ApiError::bad_request(format!("messages: {e:#}")).code("invalid_messages"))?;
     r.tokenizer
         .encode_chat(&rendered, false)
@@ -489,7 +505,8 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         (false, None) => None,
     };
     let defs = tools.as_ref().map_or(&[][..], |t| &t.tools[..]);
-    let prompt = chat_tokens(&r, &req.messages, defs, true)?;
+    let kwargs = template_kwargs(req.chat_template_kwargs.as_ref())?;
+    let prompt = chat_tokens(&r, &req.messages, defs, &kwargs, true)?;
     // A reasoning model's thinking, given back apart: does the prompt leave the answer inside `<think>`?
     let tail = r
         .tokenizer

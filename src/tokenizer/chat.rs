@@ -265,7 +265,19 @@ impl ChatTemplate {
         tools: &[JVal],
         add_generation_prompt: bool,
     ) -> Result<Rendered> {
-        let text = self.render_tools(messages, tools, add_generation_prompt)?;
+        self.render_marked_with(messages, tools, &[], add_generation_prompt)
+    }
+
+    /// [`Self::render_marked_tools`] with more variables for the template (`chat_template_kwargs`, e.g. Qwen3's
+    /// `enable_thinking`); see [`Self::render_with`].
+    pub fn render_marked_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[JVal],
+        kwargs: &[(String, JVal)],
+        add_generation_prompt: bool,
+    ) -> Result<Rendered> {
+        let text = self.render_with(messages, tools, kwargs, add_generation_prompt)?;
         // A marker prefix that no message contains: "\u{E000}<nonce>#".
         let mut nonce = 0u32;
         let prefix = loop {
@@ -289,7 +301,7 @@ impl ChatTemplate {
                 ..m.clone()
             })
             .collect();
-        let marked = self.render_tools(&masked, tools, add_generation_prompt)?;
+        let marked = self.render_with(&masked, tools, kwargs, add_generation_prompt)?;
         // Template pieces and, between them, the index of the message whose content goes there.
         let mut pieces: Vec<&str> = Vec::new();
         let mut slots: Vec<usize> = Vec::new();
@@ -362,8 +374,38 @@ impl ChatTemplate {
         tools: &[JVal],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.render_with(messages, tools, &[], add_generation_prompt)
+    }
+
+    /// The variables a template gets from hayloft itself: `kwargs` may not set them.
+    pub const RESERVED: [&'static str; 5] = [
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+    ];
+
+    /// [`Self::render_tools`] with more variables for the template (vLLM's and llama-server's
+    /// `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`); one named like a variable hayloft sets
+    /// ([`Self::RESERVED`]) is an error.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[JVal],
+        kwargs: &[(String, JVal)],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let msgs: Vec<Value> = messages.iter().map(message_value).collect();
         let mut ctx = BTreeMap::new();
+        for (k, v) in kwargs {
+            if Self::RESERVED.contains(&k.as_str()) {
+                return Err(anyhow!(
+                    "chat_template_kwargs: '{k}' is set by the server and cannot be passed"
+                ));
+            }
+            ctx.insert(k.as_str(), json_value(v));
+        }
         ctx.insert("messages", Value::from(msgs));
         if !tools.is_empty() {
             ctx.insert(
