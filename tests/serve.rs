@@ -1799,7 +1799,7 @@ fn llama3_and_mistral_templates_take_tools_and_give_calls_back() {
 /// A reasoning model's thinking comes back apart from the answer (llama-server's `reasoning_format` "auto"): the
 /// DeepSeek-R1 distills' template opens `<think>` in the prompt, so a random-weight model's answer, which never
 /// closes it, is all reasoning and no content, plain and streamed alike; `"reasoning_format": "none"` leaves it as
-/// content; an unknown value is a 400.
+/// content; an unknown value is a 400; a JSON answer is all content.
 #[test]
 fn thinking_comes_back_as_reasoning_content() {
     let t = tiny_with_template(
@@ -1845,6 +1845,15 @@ fn thinking_comes_back_as_reasoning_content() {
         &ask(json!({"reasoning_format": "hidden"})),
         400,
         "reasoning_format",
+    );
+    // Under a JSON constraint the whole answer is the value, not thinking.
+    let r = ask(json!({"response_format": {"type": "json_object"}, "max_tokens": 400}));
+    let j = r.json();
+    let m = &j["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{j}");
+    assert!(
+        m["content"].as_str().unwrap().trim_start().starts_with('{'),
+        "{j}"
     );
 }
 

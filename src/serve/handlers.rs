@@ -513,6 +513,8 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         .decode(&prompt[prompt.len().saturating_sub(16)..]);
     let source = r.chat_template.as_ref().ok().map(|t| t.source());
     let thinking = api::parse::<ReasoningRequest>(&body)?.check(source, &tail)?;
+    // Under a JSON constraint (response_format, a forced call) the whole answer is the value: no thinking to read.
+    let thinking = thinking.filter(|_| json.is_none());
     let room = r.max_context.saturating_sub(prompt.len());
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(room);
     check_length(&r, 0, prompt.len(), max_tokens)?;
