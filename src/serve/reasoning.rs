@@ -7,7 +7,8 @@
 //! then stays in `content`, tags and all). The thinking starts at a `<think>` that opens the answer, or at the
 //! answer's first byte when the prompt itself ends in an open `<think>` (the R1 distills' templates open it). A
 //! thinking that never closes (cut off by `max_tokens`) is all reasoning, with no content. The reasoning is given
-//! without the whitespace at its ends, and content from its first byte that is not whitespace.
+//! without the whitespace at its ends, and content from its first byte that is not whitespace. Under a JSON
+//! constraint (`response_format`, a forced call) the handler reads no thinking: the whole answer is the value.
 
 use serde::Deserialize;
 
