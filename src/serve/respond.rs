@@ -165,23 +165,48 @@ fn settle_body(thinking: bool, c: &mut Choice, body: usize) {
     c.sent = c.sent.max(b);
 }
 
+/// The reasoning a streamed answer has not sent yet (of the answer so far, or with `whole` of the complete answer),
+/// and whether its thinking is closed, so that content may follow (then `c.body` says where it starts).
+fn reasoning_delta(
+    thinking: Option<Thinking>,
+    c: &mut Choice,
+    whole: bool,
+) -> (Option<Value>, bool) {
+    let Some(th) = thinking.filter(|_| c.body.is_none()) else {
+        if let Some(b) = c.body.filter(|&b| c.sent == b) {
+            settle_body(thinking.is_some(), c, b);
+        }
+        return (None, true);
+    };
+    let ((from, to), body) = match whole {
+        true => {
+            let (r, b) = th.split(&c.text);
+            (r.unwrap_or((0, 0)), Some(b))
+        }
+        false => {
+            let p = th.progress(&c.text);
+            (p.reasoning, p.body)
+        }
+    };
+    let mut delta = None;
+    if to > c.thought {
+        delta = Some(json!({"reasoning_content": &c.text[c.thought.max(from)..to]}));
+        c.thought = to;
+    }
+    match body {
+        Some(b) => settle_body(true, c, b),
+        None => return (delta, false),
+    }
+    (delta, true)
+}
+
 /// The deltas a streamed chat answer with tools or thinking sends after its latest token: reasoning, then content up
 /// to where a call may begin, then calls as they are written.
 fn chat_deltas(thinking: Option<Thinking>, tools: Option<&Reader>, c: &mut Choice) -> Vec<Value> {
-    let mut out = Vec::new();
-    if let (Some(th), None) = (thinking, c.body) {
-        let p = th.progress(&c.text);
-        if p.reasoning.1 > c.thought {
-            let from = c.thought.max(p.reasoning.0);
-            out.push(json!({"reasoning_content": &c.text[from..p.reasoning.1]}));
-            c.thought = p.reasoning.1;
-        }
-        match p.body {
-            Some(b) => settle_body(true, c, b),
-            None => return out,
-        }
-    } else if let Some(b) = c.body.filter(|&b| c.sent == b) {
-        settle_body(thinking.is_some(), c, b);
+    let (reasoning, closed) = reasoning_delta(thinking, c, false);
+    let mut out: Vec<Value> = reasoning.into_iter().collect();
+    if !closed {
+        return out;
     }
     let body = c.body.unwrap_or(0);
     match tools {
@@ -221,16 +246,7 @@ fn final_deltas(
     c: &mut Choice,
     finish: Finish,
 ) -> (Vec<Value>, &'static str) {
-    let mut out = Vec::new();
-    if let (Some(th), None) = (thinking, c.body) {
-        let (r, b) = th.split(&c.text);
-        if let Some((s, e)) = r.filter(|&(_, e)| e > c.thought) {
-            out.push(json!({"reasoning_content": &c.text[c.thought.max(s)..e]}));
-        }
-        settle_body(true, c, b);
-    } else if let Some(b) = c.body.filter(|&b| c.sent == b) {
-        settle_body(thinking.is_some(), c, b);
-    }
+    let mut out: Vec<Value> = reasoning_delta(thinking, c, true).0.into_iter().collect();
     let body = c.body.unwrap_or(0);
     let rest = |c: &Choice| Some(c.text[c.sent.max(body)..].to_string()).filter(|t| !t.is_empty());
     let reason = match tools {
