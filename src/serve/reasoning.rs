@@ -94,10 +94,10 @@ impl Thinking {
     }
 
     /// A whole answer: where its reasoning is (bytes; None when it has none, or only whitespace) and where its
-    /// content starts.
+    /// content starts (its first byte that is not whitespace, thinking or not, as a stream starts it).
     pub fn split(&self, text: &str) -> (Option<(usize, usize)>, usize) {
         let Ok(Some(start)) = self.start(text) else {
-            return (None, 0);
+            return (None, first_non_ws(text, 0));
         };
         let (end, body) = match text[start..].find(CLOSE) {
             Some(e) => (start + e, first_non_ws(text, start + e + CLOSE.len())),
@@ -221,6 +221,44 @@ mod tests {
             assert_eq!(streamed, reasoning.unwrap_or(""), "{text:?}");
             if let Some(b) = body_at {
                 assert_eq!(&text[first_non_ws(text, b)..], content, "{text:?}");
+            }
+        }
+        // Random text of the pieces thinking is made of: the streamed reasoning always adds up to the split's.
+        const PIECES: [&str; 8] = ["<think>", "</think>", " ", "\n", "ü", "a", "</thi", "<th"];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..500 {
+            let mut text = String::new();
+            for _ in 0..12 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                text.push_str(PIECES[(x % PIECES.len() as u64) as usize]);
+            }
+            for th in [opened, inside] {
+                let (r, body) = th.split(&text);
+                let want = r.map_or("", |(s, e)| &text[s..e]);
+                let (mut sent, mut streamed, mut closed) = (0, String::new(), None);
+                for (cut, _) in text.char_indices().skip(1).chain([(text.len(), ' ')]) {
+                    let p = th.progress(&text[..cut]);
+                    if p.reasoning.1 > sent {
+                        streamed.push_str(&text[sent.max(p.reasoning.0)..p.reasoning.1]);
+                        sent = p.reasoning.1;
+                    }
+                    if p.body.is_some() {
+                        closed = p.body;
+                        break;
+                    }
+                }
+                if closed.is_none() {
+                    // Never closed: the end of the answer gives the rest, as the stream's last deltas do.
+                    streamed.push_str(
+                        &text[sent.max(r.map_or(0, |r| r.0))..r.map_or(0, |r| r.1).max(sent)],
+                    );
+                }
+                assert_eq!(streamed, want, "{text:?} {th:?}");
+                if let Some(b) = closed {
+                    assert_eq!(first_non_ws(&text, b), body, "{text:?}");
+                }
             }
         }
         let r = ReasoningRequest {

@@ -922,6 +922,75 @@ mod tests {
         assert_eq!(one.partial(cases[3].2).len(), 1);
     }
 
+    /// Text made of the pieces calls are made of, in random order, never panics a reader: every format, every
+    /// prefix, parse, partial and releasable; and what the stream would send stays consistent with the parse.
+    #[test]
+    fn random_text_never_panics_a_reader() {
+        const PIECES: [&str; 24] = [
+            "{",
+            "}",
+            "[",
+            "]",
+            "\"",
+            "\\",
+            ":",
+            ",",
+            " ",
+            "\n",
+            "name",
+            "arguments",
+            "parameters",
+            "a",
+            "get_weather",
+            "ü",
+            "€x",
+            "1.5",
+            "<tool_call>",
+            "</tool_call>",
+            "[TOOL_CALLS]",
+            "[ARGS]",
+            "<|python_tag|>",
+            "```json",
+        ];
+        let formats = [
+            Format::Hermes,
+            Format::Llama3,
+            Format::List {
+                marker: MISTRAL_CALLS,
+            },
+            Format::List {
+                marker: GRANITE_CALLS,
+            },
+            Format::MistralArgs,
+        ];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..400 {
+            let mut text = String::new();
+            for _ in 0..24 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                text.push_str(PIECES[(x % PIECES.len() as u64) as usize]);
+            }
+            for format in formats {
+                for mode in [Mode::Auto, Mode::Forced { named: false }] {
+                    let r = reader_for(mode, format);
+                    let done = r.parse(&text);
+                    assert!(done.head <= text.len());
+                    for (cut, _) in text.char_indices() {
+                        let part = &text[..cut];
+                        r.parse(part);
+                        r.partial(part);
+                        assert!(r.releasable(part, true) <= part.len());
+                    }
+                    for (p, d) in r.partial(&text).iter().zip(&done.calls) {
+                        assert!(d.arguments.starts_with(&p.arguments) || p.name != d.name);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn call_ids_differ() {
         let (a, b) = (call_id(), call_id());
