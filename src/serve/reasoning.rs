@@ -225,14 +225,11 @@ mod tests {
         }
         // Random text of the pieces thinking is made of: the streamed reasoning always adds up to the split's.
         const PIECES: [&str; 8] = ["<think>", "</think>", " ", "\n", "ü", "a", "</thi", "<th"];
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rng = crate::testutil::Rng::seeded(11);
         for _ in 0..500 {
             let mut text = String::new();
             for _ in 0..12 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                text.push_str(PIECES[(x % PIECES.len() as u64) as usize]);
+                text.push_str(PIECES[(rng.next_u64() % PIECES.len() as u64) as usize]);
             }
             for th in [opened, inside] {
                 let (r, body) = th.split(&text);

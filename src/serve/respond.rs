@@ -108,14 +108,14 @@ struct Choice {
 }
 
 impl Choice {
-    /// The `tool_calls` entries of a stream delta that bring the calls sent so far up to `calls` (names and
-    /// arguments so far, or final): a call not begun yet comes with its id, type and name, every call with the
-    /// arguments it has gained.
-    fn call_deltas<'a>(
+    /// The stream delta that brings the calls sent so far up to `calls` (names and arguments so far, or final): a
+    /// call not begun yet comes with its id, type and name, every call with the arguments it has gained. None when
+    /// nothing changed.
+    fn calls_delta<'a>(
         &mut self,
         reader: &Reader,
         calls: impl Iterator<Item = (&'a str, &'a str)>,
-    ) -> Vec<Value> {
+    ) -> Option<Value> {
         let mut out = Vec::new();
         for (i, (name, args)) in calls.enumerate() {
             match self.calls.get_mut(i) {
@@ -132,7 +132,7 @@ impl Choice {
                 Some(_) => {}
             }
         }
-        out
+        (!out.is_empty()).then(|| json!({ "tool_calls": out }))
     }
 }
 
@@ -228,10 +228,7 @@ fn chat_deltas(thinking: Option<Thinking>, tools: Option<&Reader>, c: &mut Choic
                 let named = so_far
                     .iter()
                     .map(|p| (p.name.as_str(), p.arguments.as_str()));
-                let calls = c.call_deltas(reader, named);
-                if !calls.is_empty() {
-                    out.push(json!({ "tool_calls": calls }));
-                }
+                out.extend(c.calls_delta(reader, named));
             }
         }
     }
@@ -261,10 +258,7 @@ fn final_deltas(
                     .calls
                     .iter()
                     .map(|k| (k.name.as_str(), k.arguments.as_str()));
-                let calls = c.call_deltas(reader, named);
-                if !calls.is_empty() {
-                    out.push(json!({ "tool_calls": calls }));
-                }
+                out.extend(c.calls_delta(reader, named));
                 reason
             }
             None if !c.calls.is_empty() => finish.as_str(),

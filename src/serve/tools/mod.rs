@@ -963,14 +963,11 @@ mod tests {
             },
             Format::MistralArgs,
         ];
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = crate::testutil::Rng::seeded(7);
         for _ in 0..400 {
             let mut text = String::new();
             for _ in 0..24 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                text.push_str(PIECES[(x % PIECES.len() as u64) as usize]);
+                text.push_str(PIECES[(rng.next_u64() % PIECES.len() as u64) as usize]);
             }
             for format in formats {
                 for mode in [Mode::Auto, Mode::Forced { named: false }] {
