@@ -1893,7 +1893,7 @@ fn chat_template_kwargs_reach_the_template() {
     assert_error(
         &ask(json!({"chat_template_kwargs": {"messages": []}})),
         400,
-        "'messages' is set by the server",
+        "field `chat_template_kwargs`: 'messages' is set by the server",
     );
     assert_error(
         &ask(json!({"chat_template_kwargs": [1]})),

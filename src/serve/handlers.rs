@@ -23,7 +23,7 @@ use super::respond::{self, Kind, Meta, Run};
 use super::tools::ToolRequest;
 use super::{Ready, Shared};
 use crate::engine::json_schema::JVal;
-use crate::tokenizer::chat::{ChatMessage, ToolCall};
+use crate::tokenizer::chat::{ChatMessage, ChatTemplate, ToolCall};
 
 /// Largest request body (a long prompt as a JSON list of token ids is ~8 bytes a token).
 const BODY_LIMIT: usize = 64 << 20;
@@ -214,7 +214,16 @@ fn check_ids(r: &Ready, ids: &[u32], field: &str) -> Result<(), ApiError> {
 fn template_kwargs(v: Option<&JVal>) -> Result<Vec<(String, JVal)>, ApiError> {
     match v {
         None | Some(JVal::Null) => Ok(Vec::new()),
-        Some(JVal::Obj(kv)) => Ok(kv.clone()),
+        Some(JVal::Obj(kv)) => match kv
+            .iter()
+            .find(|(k, _)| ChatTemplate::RESERVED.contains(&k.as_str()))
+        {
+            Some((k, _)) => Err(ApiError::bad_request(format!(
+                "field `chat_template_kwargs`: '{k}' is set by the server and cannot be passed"
+            ))
+            .code("invalid_field")),
+            None => Ok(kv.clone()),
+        },
         Some(_) => Err(ApiError::bad_request(
             "field `chat_template_kwargs`: expected a JSON object",
         )
