@@ -1859,7 +1859,8 @@ fn thinking_comes_back_as_reasoning_content() {
 
 /// `chat_template_kwargs` (vLLM's and llama-server's field) reaches the template: Qwen3's `enable_thinking: false`
 /// closes an empty `<think>` block in the prompt (the prompt grows by that block's tokens), and
-/// `/tokenize` counts the same prompt; a variable the server sets, or a value that is not an object, is a 400.
+/// `/tokenize` counts the same prompt; a variable the server sets, or a value that is not an object, is a 400. An
+/// assistant turn's `reasoning_content` reaches the template too.
 #[test]
 fn chat_template_kwargs_reach_the_template() {
     let t = tiny_with_template(
@@ -1890,6 +1891,25 @@ fn chat_template_kwargs_reach_the_template() {
     let mut tok = json!({"messages": msgs});
     tok["chat_template_kwargs"] = off["chat_template_kwargs"].clone();
     assert_eq!(post(a, "/tokenize", &tok).json()["count"], no_think);
+    // An assistant turn's reasoning_content (as the server gives it back) goes to the template: Qwen3's writes it
+    // inside <think> for the turns of a tool loop.
+    let call = json!({"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}});
+    let turns = |reasoning: Value| {
+        let mut assistant = json!({"role": "assistant", "content": "", "tool_calls": [call]});
+        assistant["reasoning_content"] = reasoning;
+        json!({"messages": [{"role": "user", "content": "Weather?"}, assistant,
+                            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+               "tools": weather_tools()})
+    };
+    let count = |body: Value| {
+        post(a, "/tokenize", &body).json()["count"]
+            .as_u64()
+            .unwrap()
+    };
+    let thought = json!("I should call get_weather.");
+    let (with, without) = (count(turns(thought)), count(turns(Value::Null)));
+    let extra = json!({"prompt": "<think>\nI should call get_weather.\n</think>\n\n", "add_special_tokens": false});
+    assert_eq!(with, without + count(extra));
     assert_error(
         &ask(json!({"chat_template_kwargs": {"messages": []}})),
         400,

@@ -162,6 +162,9 @@ pub struct MessageIn {
     pub tool_call_id: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
+    /// A reasoning model's thinking on an assistant turn, as the server gave it back.
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 /// A call in an assistant turn: `{"id", "type": "function", "function": {"name", "arguments"}}`.

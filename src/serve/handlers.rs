@@ -249,6 +249,7 @@ fn chat_tokens(
         let mut msg = ChatMessage::new(m.role.clone(), m.text(i)?);
         msg.tool_call_id = m.tool_call_id.clone();
         msg.name = m.name.clone();
+        msg.reasoning_content = m.reasoning_content.clone();
         for (j, c) in m.tool_calls.iter().flatten().enumerate() {
             // Templates take the arguments as an object (transformers and vLLM hand them over that way).
             let arguments = match &c.function.arguments {

@@ -39,6 +39,9 @@ pub struct ChatMessage {
     pub tool_call_id: Option<String>,
     /// The tool's name on a `tool` turn (`name`), when the client gave it.
     pub name: Option<String>,
+    /// A reasoning model's thinking on an assistant turn (`reasoning_content`, as the server gives it back and
+    /// vLLM hands it to templates): Qwen3's template writes it back inside `<think>` for the turns of a tool loop.
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatMessage {
@@ -49,6 +52,7 @@ impl ChatMessage {
             tool_calls: Vec::new(),
             tool_call_id: None,
             name: None,
+            reasoning_content: None,
         }
     }
 }
@@ -477,6 +481,9 @@ fn message_value(m: &ChatMessage) -> Value {
     }
     if let Some(name) = &m.name {
         kv.push(("name".to_string(), Value::from(name.as_str())));
+    }
+    if let Some(r) = &m.reasoning_content {
+        kv.push(("reasoning_content".to_string(), Value::from(r.as_str())));
     }
     Value::from_object(JsonMap(kv))
 }
