@@ -207,6 +207,13 @@ fn slow_spec() -> TinySpec {
     }
 }
 
+/// Sets each field of `extra` (a JSON object) in a request body.
+fn merge(body: &mut Value, extra: &Value) {
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+}
+
 fn assert_error(r: &Resp, status: u16, needle: &str) {
     assert_eq!(r.status, status, "{}", r.body);
     let j = r.json();
@@ -706,9 +713,7 @@ fn stop_token_ids_end_the_answer_and_min_tokens_holds_off_every_end() {
     let ask = |extra: Value, stream: bool| {
         let mut body =
             json!({"prompt": [5, 6, 7], "max_tokens": 10, "temperature": 0, "stream": stream});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        merge(&mut body, &extra);
         let r = post(a, "/v1/completions", &body);
         assert_eq!(r.status, 200, "{}", r.body);
         r
@@ -1020,9 +1025,7 @@ fn errors_get_status_and_openai_json_and_the_server_keeps_serving() {
         } else {
             json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
         };
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        merge(&mut body, &extra);
         assert_error(&post(a, path, &body), 400, field);
         // The neutral value passes.
         let neutral = match field {
@@ -1727,9 +1730,7 @@ fn llama3_and_mistral_templates_take_tools_and_give_calls_back() {
         let ask = |extra: Value| {
             // Room for the call and the whitespace runs a random model puts between its JSON tokens.
             let mut body = json!({"messages": [user], "max_tokens": 400, "temperature": 0});
-            for (k, v) in extra.as_object().unwrap() {
-                body[k] = v.clone();
-            }
+            merge(&mut body, &extra);
             post(a, "/v1/chat/completions", &body)
         };
         let plain = ask(json!({"max_tokens": 1}));
@@ -1810,9 +1811,7 @@ fn thinking_comes_back_as_reasoning_content() {
     let ask = |extra: Value| {
         let mut body = json!({"messages": [{"role": "user", "content": "Why is the sky blue?"}],
                               "max_tokens": 24, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        merge(&mut body, &extra);
         post(a, "/v1/chat/completions", &body)
     };
     let r = ask(json!({}));
@@ -1871,9 +1870,7 @@ fn chat_template_kwargs_reach_the_template() {
     let msgs = json!([{"role": "user", "content": "Hi"}]);
     let ask = |extra: Value| {
         let mut body = json!({"messages": msgs, "max_tokens": 1, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        merge(&mut body, &extra);
         post(a, "/v1/chat/completions", &body)
     };
     let used = |r: &Resp| {
@@ -1929,9 +1926,7 @@ fn tool_requests_a_model_cannot_take_are_refused_naming_the_field() {
     let chat = |extra: Value| {
         let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                               "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        merge(&mut body, &extra);
         post(a, "/v1/chat/completions", &body)
     };
     // The tiny model's ChatML template never reads `tools`: the model would not see them.
@@ -2074,9 +2069,7 @@ fn qwen25_calls_tools_over_http() {
     let ask = |question: &str, extra: Value| {
         let mut body = json!({"messages": [{"role": "user", "content": question}], "tools": weather_tools(),
                               "temperature": 0, "max_tokens": 60});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        merge(&mut body, &extra);
         post(a, "/v1/chat/completions", &body)
     };
     // "auto": the model calls get_weather for Paris (it answers a bare call object, without <tool_call> tags),
