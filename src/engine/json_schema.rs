@@ -12,7 +12,11 @@
 //! - `items`, `minItems`, `maxItems`; `enum` and `const` (any JSON values, written compactly); `boolean`, `null`,
 //!   `string` (any string), `number`, `integer` (no fraction or exponent).
 //! - `anyOf` / `oneOf` and type lists whose alternatives start with different bytes (a string or null, an object or
-//!   an array, ...): the first byte picks the alternative. Alternatives that could start alike are refused.
+//!   an array, ...): the first byte picks the alternative. Objects among the alternatives may also be told apart by
+//!   their first property (a discriminator: the same required key first in each, a `const` or `enum` value that no
+//!   other alternative shares), as OpenAI's structured outputs write tagged unions and as a tool call's
+//!   `{"name": ..., "arguments": ...}` is one object per function: the object's value is read as the alternative that
+//!   value names. Other alternatives that could start alike are refused.
 //! - `$ref` to `#/$defs/NAME` or `#/definitions/NAME` (recursion allowed), nesting at most [`MAX_FRAMES`] deep.
 //! - `title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment` are ignored; any other keyword
 //!   (`format`, `pattern`, `minLength`, `minimum`, ...) is refused with its name, as a constraint that would not be
@@ -54,6 +58,14 @@ enum Node {
     Lit(Vec<Vec<u8>>),
     /// Alternatives with disjoint first bytes.
     Union(Vec<NodeId>),
+    /// Objects told apart by their first property: read as an object of that one property (`tag`, whose value is a
+    /// literal node holding every alternative's values) until its value is whole, then as `alts[owner[text]]` from its
+    /// second property on.
+    Tagged {
+        tag: Prop,
+        alts: Vec<NodeId>,
+        owner: Vec<u8>,
+    },
     /// A `$ref` not yet resolved (only while compiling).
     Ref(String),
 }
@@ -139,7 +151,7 @@ impl Schema {
     /// Whether a value of node `n` can start with byte `b`.
     fn starts(&self, n: NodeId, b: u8) -> bool {
         match &self.nodes[n as usize] {
-            Node::Object(_) | Node::FreeObject => b == b'{',
+            Node::Object(_) | Node::FreeObject | Node::Tagged { .. } => b == b'{',
             Node::Array { .. } => b == b'[',
             Node::Str => b == b'"',
             Node::Number { .. } => b == b'-' || b.is_ascii_digit(),
@@ -218,6 +230,10 @@ impl Compiler<'_> {
                 for (i, a) in alts.iter().enumerate() {
                     ids.push(self.node(a, &format!("{at}/{key}/{i}"))?);
                 }
+                let ids = self.tag_objects(ids, &format!("{at}/{key}"))?;
+                if let [one] = ids[..] {
+                    return Ok(one);
+                }
                 return self.push(Node::Union(ids));
             }
         }
@@ -242,6 +258,70 @@ impl Compiler<'_> {
                 "{at}: a schema without `type`, `enum`, `const`, `anyOf` or `$ref` (any value) is not supported"
             )),
         }
+    }
+
+    /// A union's object alternatives (two or more) as one [`Node::Tagged`] when their first properties tell them
+    /// apart; the other alternatives as they are. Objects that no first property tells apart are left for the
+    /// union's check, which refuses them.
+    fn tag_objects(&mut self, ids: Vec<NodeId>, at: &str) -> Result<Vec<NodeId>, String> {
+        let objects: Vec<NodeId> = ids
+            .iter()
+            .copied()
+            .filter(|&i| matches!(self.nodes[i as usize], Node::Object(_)))
+            .collect();
+        if objects.len() < 2 {
+            return Ok(ids);
+        }
+        let first = |n: &Node| match n {
+            Node::Object(props) => props.first().filter(|p| p.required).cloned(),
+            _ => None,
+        };
+        let Some(tag) = first(&self.nodes[objects[0] as usize]) else {
+            return Ok(ids);
+        };
+        let (mut texts, mut owner) = (Vec::new(), Vec::new());
+        for (k, &o) in objects.iter().enumerate() {
+            let Some(p) = first(&self.nodes[o as usize]).filter(|p| p.key == tag.key) else {
+                return Ok(ids);
+            };
+            let Node::Lit(vals) = &self.nodes[p.node as usize] else {
+                return Ok(ids);
+            };
+            for v in vals {
+                if let Some(t) = texts
+                    .iter()
+                    .find(|t: &&Vec<u8>| t.starts_with(v) || v.starts_with(t))
+                {
+                    return Err(format!(
+                        "{at}: alternatives whose first property `{}` can be both {} and {} cannot be told apart",
+                        String::from_utf8_lossy(&tag.key),
+                        String::from_utf8_lossy(t),
+                        String::from_utf8_lossy(v)
+                    ));
+                }
+                texts.push(v.clone());
+                owner.push(k as u8);
+            }
+        }
+        if texts.len() > MAX_ENUM {
+            return Err(format!(
+                "{at}: more than {MAX_ENUM} values of the first property `{}` over the alternatives",
+                String::from_utf8_lossy(&tag.key)
+            ));
+        }
+        let lit = self.push(Node::Lit(texts))?;
+        let tagged = self.push(Node::Tagged {
+            tag: Prop {
+                key: tag.key,
+                node: lit,
+                required: true,
+            },
+            alts: objects.clone(),
+            owner,
+        })?;
+        let mut out = vec![tagged];
+        out.extend(ids.into_iter().filter(|i| !objects.contains(i)));
+        Ok(out)
     }
 
     fn reference(&mut self, r: &str, at: &str) -> Result<NodeId, String> {
@@ -494,10 +574,36 @@ impl SchemaState {
         true
     }
 
+    /// Text `text` of literal node `lit` is whole. The value of a tagged object's first property picks the
+    /// alternative the object is read as from there on.
+    fn literal_done(&mut self, s: &Schema, lit: NodeId, text: usize) -> bool {
+        self.complete();
+        if self.depth == 0 {
+            return true;
+        }
+        if let Frame::Obj { node, next: 1, at } = *self.top() {
+            if let Node::Tagged { tag, alts, owner } = &s.nodes[node as usize] {
+                if tag.node == lit {
+                    let node = alts[owner[text] as usize];
+                    *self.top() = Frame::Obj { node, next: 1, at };
+                }
+            }
+        }
+        true
+    }
+
     /// The first byte of a value of node `n`.
     fn start(&mut self, s: &Schema, n: NodeId, b: u8) -> bool {
         match &s.nodes[n as usize] {
             Node::Object(_) => {
+                b == b'{'
+                    && self.push(Frame::Obj {
+                        node: n,
+                        next: 0,
+                        at: ObjAt::Open,
+                    })
+            }
+            Node::Tagged { .. } => {
                 b == b'{'
                     && self.push(Frame::Obj {
                         node: n,
@@ -543,14 +649,10 @@ impl SchemaState {
                     return false;
                 }
                 // A one-byte literal (a digit) is whole at once.
-                if texts
-                    .iter()
-                    .enumerate()
-                    .any(|(i, t)| cands >> i & 1 == 1 && t.len() == 1)
-                {
-                    return self.complete();
+                match (0..texts.len()).find(|&i| cands >> i & 1 == 1 && texts[i].len() == 1) {
+                    Some(i) => self.literal_done(s, n, i),
+                    None => true,
                 }
-                true
             }
             Node::Union(alts) => match alts.iter().find(|&&a| s.starts(a, b)) {
                 Some(&a) => self.start(s, a, b),
@@ -620,11 +722,13 @@ impl SchemaState {
                     return false;
                 };
                 let mut left = 0u64;
-                let mut whole = false;
+                let mut whole = None;
                 for (i, t) in texts.iter().enumerate() {
                     if cands >> i & 1 == 1 && t.get(at as usize) == Some(&b) {
                         left |= 1 << i;
-                        whole |= t.len() == at as usize + 1;
+                        if t.len() == at as usize + 1 {
+                            whole = Some(i);
+                        }
                     }
                 }
                 if left == 0 {
@@ -636,7 +740,10 @@ impl SchemaState {
                     at: at + 1,
                 };
                 // Prefix-free texts: a whole one is the only one left.
-                !whole || self.complete()
+                match whole {
+                    Some(i) => self.literal_done(s, node, i),
+                    None => true,
+                }
             }
             Frame::Free(mut j) => {
                 if !j.step(b) {
@@ -646,8 +753,10 @@ impl SchemaState {
                 !j.done() || self.complete()
             }
             Frame::Obj { node, next, at } => {
-                let Node::Object(props) = &s.nodes[node as usize] else {
-                    return false;
+                let props = match &s.nodes[node as usize] {
+                    Node::Object(props) => &props[..],
+                    Node::Tagged { tag, .. } => std::slice::from_ref(tag),
+                    _ => return false,
                 };
                 if let ObjAt::Key { cands, at: k } = at {
                     let (mut left, mut closed) = (0u64, None);
@@ -838,6 +947,127 @@ mod tests {
         ));
         assert!(reads(&s, "[]").is_none());
         assert!(whole(&s, r#"[{"v":2}, {"v":-1}]"#));
+    }
+
+    /// Two tools' calls, `{"name": ..., "arguments": ...}` with each function's own arguments, and a null.
+    fn calls() -> Schema {
+        compile_text(
+            r#"{"anyOf": [
+            {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {"type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}, "required": ["city"]}},
+                "required": ["name", "arguments"]},
+            {"type": "object", "properties": {"name": {"enum": ["add", "plus"]}, "arguments": {"type": "object",
+                "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}},
+                "required": ["name", "arguments"]},
+            {"type": "null"}
+        ]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn objects_told_apart_by_their_first_property_take_their_own_properties() {
+        let s = calls();
+        for text in [
+            r#"{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}"#,
+            r#"{"name":"add","arguments":{"a":1,"b":2.5}}"#,
+            r#"{"name": "plus", "arguments": {"a": -1, "b": 0}}"#,
+            "null",
+        ] {
+            assert!(whole(&s, text), "refused {text:?}");
+            for cut in 1..text.len() {
+                let st =
+                    reads(&s, &text[..cut]).unwrap_or_else(|| panic!("refused {:?}", &text[..cut]));
+                assert!(!st.done(), "done early at {:?}", &text[..cut]);
+            }
+        }
+        for bad in [
+            r#"{"name": "get_weather", "arguments": {"a""#, // the other function's arguments
+            r#"{"name": "add", "arguments": {"city""#,
+            r#"{"name": "add", "arguments": {"a": 1}}"#, // b is required for add
+            r#"{"name": "sub""#,                         // no such alternative
+            r#"{"arguments""#,                           // the discriminator first
+            r#"{"name": "get_weather"}"#,                // arguments required
+        ] {
+            assert!(reads(&s, bad).is_none(), "accepted {bad:?}");
+        }
+        // One object alternative stays a plain object; an object and a string stay a first-byte union.
+        assert!(compile(
+            json!({"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}]})
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn objects_no_first_property_tells_apart_are_refused() {
+        let obj =
+            |k: &str, v: Value| json!({"type": "object", "properties": {k: v}, "required": [k]});
+        for (alts, needle) in [
+            (
+                vec![
+                    obj("t", json!({"const": "a"})),
+                    obj("t", json!({"enum": ["b", "a"]})),
+                ],
+                "both",
+            ),
+            (
+                vec![
+                    obj("t", json!({"const": "a"})),
+                    obj("u", json!({"const": "b"})),
+                ],
+                "start",
+            ),
+            (
+                vec![
+                    obj("t", json!({"type": "string"})),
+                    obj("t", json!({"const": "b"})),
+                ],
+                "start",
+            ),
+        ] {
+            let e = compile(json!({ "anyOf": alts })).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_tagged_text_the_state_lets_through_is_one_alternative() {
+        let s = calls();
+        let alphabet = b"{}\":,-0123456789. _abcdefghilmnoprstuwy";
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut closed = 0;
+        for _ in 0..4000 {
+            let (text, done) = crate::engine::json::random_walk(
+                &mut rng,
+                alphabet,
+                200,
+                SchemaState::new(),
+                |st, b| st.step(&s, b),
+                |st| st.done(),
+            );
+            if !done {
+                continue;
+            }
+            closed += 1;
+            let v: Value = serde_json::from_slice(&text)
+                .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text)));
+            if v.is_null() {
+                continue;
+            }
+            let args = v["arguments"].as_object().unwrap();
+            match v["name"].as_str().unwrap() {
+                "get_weather" => assert!(
+                    args["city"].is_string() && args.keys().all(|k| k == "city" || k == "unit"),
+                    "{v}"
+                ),
+                "add" | "plus" => assert!(
+                    args["a"].is_number() && args["b"].is_number() && args.len() == 2,
+                    "{v}"
+                ),
+                other => panic!("name {other}: {v}"),
+            }
+        }
+        assert!(closed > 50, "only {closed} walks closed");
     }
 
     #[test]

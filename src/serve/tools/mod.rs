@@ -21,8 +21,8 @@
 //!   leaves the whole answer as text (as vLLM does).
 //! - `"required"` and `{"type": "function", "function": {"name": ...}}`: decoding is constrained (the JSON-schema
 //!   mode of `response_format`) to one call object, `{"name": ..., "arguments": {...}}` (`"parameters"` for Llama
-//!   3.x, the key it was trained on), the name one of the tools (or the named one) and the arguments what its
-//!   `parameters` schema accepts when hayloft's schema subset takes it, any JSON object otherwise. `required` with
+//!   3.x, the key it was trained on), the name one of the tools (or the named one) and the arguments what the named
+//!   function's `parameters` schema accepts when hayloft's schema subset takes it, any JSON object otherwise. `required` with
 //!   parallel calls (the default) decodes a JSON list of one such call or more, as vLLM constrains it; a named call
 //!   is one call and finishes with `"stop"`, as OpenAI's does.
 //! - `"none"`: the definitions are left out of the prompt and the answer is text.
@@ -303,42 +303,36 @@ fn fn_name(t: &JVal) -> Option<&str> {
     t.get("function")?.get("name")?.as_str()
 }
 
-/// The constraint of a forced call: `{"name": one of the chosen, "<args_key>": {...}}`, the arguments the one
-/// function's `parameters` when the schema subset takes them, any object otherwise (several functions, or a
-/// schema with keywords the subset refuses); with `list`, a JSON list of one such call or more.
+/// The constraint of a forced call: `{"name": ..., "<args_key>": {...}}` with, for each chosen function, its name
+/// and the arguments its `parameters` schema accepts when hayloft's schema subset takes it (any JSON object
+/// otherwise): one object per function, told apart by the name, so a call's arguments are those of the function it
+/// names. With `list`, a JSON list of one such call or more.
 fn call_schema(chosen: &[&JVal], args_key: &str, list: bool) -> JsonFormat {
     let obj = |kv: Vec<(&str, JVal)>| {
         JVal::Obj(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     };
     let any_object = obj(vec![("type", JVal::Str("object".into()))]);
-    let names = chosen
+    let calls = chosen
         .iter()
-        .filter_map(|t| fn_name(t))
-        .map(|n| JVal::Str(n.into()))
+        .filter_map(|t| {
+            let args = t
+                .get("function")
+                .and_then(|f| f.get("parameters"))
+                .filter(|p| Schema::compile(p).is_ok())
+                .cloned()
+                .unwrap_or_else(|| any_object.clone());
+            let name = obj(vec![("const", JVal::Str(fn_name(t)?.into()))]);
+            Some(obj(vec![
+                ("type", JVal::Str("object".into())),
+                ("properties", obj(vec![("name", name), (args_key, args)])),
+                (
+                    "required",
+                    JVal::Arr(vec![JVal::Str("name".into()), JVal::Str(args_key.into())]),
+                ),
+            ]))
+        })
         .collect();
-    let args = match chosen {
-        [one] => one
-            .get("function")
-            .and_then(|f| f.get("parameters"))
-            .filter(|p| Schema::compile(p).is_ok())
-            .cloned()
-            .unwrap_or_else(|| any_object.clone()),
-        _ => any_object,
-    };
-    let schema = obj(vec![
-        ("type", JVal::Str("object".into())),
-        (
-            "properties",
-            obj(vec![
-                ("name", obj(vec![("enum", JVal::Arr(names))])),
-                (args_key, args.clone()),
-            ]),
-        ),
-        (
-            "required",
-            JVal::Arr(vec![JVal::Str("name".into()), JVal::Str(args_key.into())]),
-        ),
-    ]);
+    let schema = obj(vec![("anyOf", JVal::Arr(calls))]);
     let schema = match list {
         true => obj(vec![
             ("type", JVal::Str("array".into())),
@@ -349,7 +343,8 @@ fn call_schema(chosen: &[&JVal], args_key: &str, list: bool) -> JsonFormat {
     };
     match Schema::compile(&schema) {
         Ok(s) => JsonFormat::Schema(Arc::new(s)),
-        // Unreachable for the arguments chosen above (they compiled alone); any object keeps the call's shape.
+        // Unreachable for the arguments chosen above (each compiled alone, the names are distinct strings); any
+        // object keeps the call's shape.
         Err(_) => JsonFormat::Object,
     }
 }
@@ -735,6 +730,7 @@ fn short_call_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::json_schema::SchemaState;
 
     fn call(name: &str, args: &str) -> Call {
         Call {
@@ -986,6 +982,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn forced_calls_take_the_arguments_of_the_function_they_name() {
+        let tool = |name: &str, params: &str| {
+            let t = format!(
+                r#"{{"type": "function", "function": {{"name": "{name}", "parameters": {params}}}}}"#
+            );
+            serde_json::from_str::<JVal>(&t).unwrap()
+        };
+        let weather = tool(
+            "get_weather",
+            r#"{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}"#,
+        );
+        let add = tool(
+            "add",
+            r#"{"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}"#,
+        );
+        // Keywords outside the subset: that function's arguments are any object.
+        let free = tool(
+            "free",
+            r#"{"type": "object", "properties": {"s": {"type": "string", "pattern": "x"}}}"#,
+        );
+        let tools = [&weather, &add, &free];
+        let accepts = |f: &JsonFormat, text: &str| match f {
+            JsonFormat::Schema(s) => SchemaState::new().accepts(s, text.as_bytes()),
+            JsonFormat::Object => panic!("not compiled"),
+        };
+        let one = call_schema(&tools, "arguments", false);
+        for ok in [
+            r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#,
+            r#"{"name": "add", "arguments": {"a": 1, "b": 2}}"#,
+            r#"{"name": "free", "arguments": {"anything": [1]}}"#,
+        ] {
+            assert!(accepts(&one, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"name": "get_weather", "arguments": {"a""#,
+            r#"{"name": "add", "arguments": {"city""#,
+            r#"{"name": "add", "arguments": {"a": "1""#,
+            r#"{"name": "other""#,
+            r#"[{"name""#,
+        ] {
+            assert!(!accepts(&one, bad), "{bad}");
+        }
+        let list = call_schema(&tools, "parameters", true);
+        assert!(accepts(
+            &list,
+            r#"[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "get_weather", "parameters": {"city": "P"}}]"#
+        ));
+        assert!(!accepts(&list, r#"[{"name": "add", "parameters": {"city""#));
+        assert!(!accepts(&list, "[]"));
     }
 
     #[test]
