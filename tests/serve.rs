@@ -1797,6 +1797,92 @@ fn llama3_and_mistral_templates_take_tools_and_give_calls_back() {
     }
 }
 
+/// `tool_choice: "auto"` decodes each call the model begins under the tools' schema, and leaves the rest of the
+/// answer free (llama.cpp's lazy grammars). A random-weight model carrying the Qwen2.5, Llama 3.1 and Mistral Nemo
+/// templates, with the format's marker as one token of its vocabulary (a user-defined one, or a control token
+/// without text for Llama's `<|python_tag|>`), is pushed by `logit_bias` to write the marker first and to end the
+/// answer right after (the end is banned for the first token by `min_tokens`, and by the constraint inside the
+/// call): whatever its weights, what follows the marker is an `add` or `scale` call with that function's
+/// arguments. Without tools the same biases give the marker and the end.
+#[test]
+fn auto_calls_decode_under_the_schema_once_begun() {
+    for (file, marker, ty) in [
+        ("Qwen-Qwen2.5-7B-Instruct.jinja", "<tool_call>", 4),
+        (
+            "meta-llama-Llama-3.1-8B-Instruct.jinja",
+            "<|python_tag|>",
+            3,
+        ),
+        (
+            "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+            "[TOOL_CALLS]",
+            3,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let mut w = tiny_llama(&TinySpec {
+            ctx_len: 4096,
+            ..Default::default()
+        });
+        w.set_meta(
+            "tokenizer.chat_template",
+            GgufValue::String(fixture_template(file)),
+        );
+        // Byte 0x01's token (never in these prompts) becomes the marker.
+        let (tokens, types) = (
+            w.meta_value("tokenizer.ggml.tokens"),
+            w.meta_value("tokenizer.ggml.token_type"),
+        );
+        let (Some(GgufValue::Array(mut tokens)), Some(GgufValue::Array(mut types))) =
+            (tokens, types)
+        else {
+            panic!("no vocabulary");
+        };
+        tokens[1] = GgufValue::String(marker.into());
+        types[1] = GgufValue::I32(ty);
+        w.set_meta("tokenizer.ggml.tokens", GgufValue::Array(tokens));
+        w.set_meta("tokenizer.ggml.token_type", GgufValue::Array(types));
+        w.write(&path).unwrap();
+        let t = serve_tiny(dir, path, ServeConfig::default());
+        // Numbers only: a random model's free string could run to max_tokens.
+        let tools = json!([weather_tools()[1],
+            {"type": "function", "function": {"name": "scale", "description": "Scales a number",
+             "parameters": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}}}]);
+        let body = json!({"messages": [{"role": "user", "content": "Add 2 and 3."}], "tools": tools,
+                          "max_tokens": 1500, "temperature": 0, "min_tokens": 1,
+                          "logit_bias": {"1": 50, "257": 100}});
+        let r = post(t.server.addr, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{file}: {}", r.body);
+        let j = r.json();
+        let c = &j["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{file}: {j}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{file}: {j}");
+        let f = &calls[0]["function"];
+        let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+        match f["name"].as_str().unwrap() {
+            "add" => assert!(
+                args["a"].is_number()
+                    && args["b"].is_number()
+                    && args.as_object().unwrap().len() == 2,
+                "{file}: {j}"
+            ),
+            "scale" => assert!(
+                args["x"].is_number() && args.as_object().unwrap().len() == 1,
+                "{file}: {j}"
+            ),
+            other => panic!("{file}: {other}: {j}"),
+        }
+        // The same biases without tools: the marker, then the end; no call.
+        let mut plain = body.clone();
+        plain.as_object_mut().unwrap().remove("tools");
+        let j = post(t.server.addr, "/v1/chat/completions", &plain).json();
+        assert_eq!(j["choices"][0]["finish_reason"], "stop", "{file}: {j}");
+        assert_eq!(j["usage"]["completion_tokens"], 2, "{file}: {j}");
+    }
+}
+
 /// A reasoning model's thinking comes back apart from the answer (llama-server's `reasoning_format` "auto"): the
 /// DeepSeek-R1 distills' template opens `<think>` in the prompt, so a random-weight model's answer, which never
 /// closes it, is all reasoning and no content, plain and streamed alike; `"reasoning_format": "none"` leaves it as

@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use super::json_lazy::{LazyJson, Watch};
 use super::json_schema::{Schema, SchemaState};
 use crate::tokenizer::Tokenizer;
 
@@ -397,6 +398,13 @@ enum Grammar {
 }
 
 impl Grammar {
+    fn of(format: &JsonFormat) -> Self {
+        match format {
+            JsonFormat::Object => Grammar::Object(JsonState::new()),
+            JsonFormat::Schema(s) => Grammar::Schema(s.clone(), Box::default()),
+        }
+    }
+
     fn done(&self) -> bool {
         match self {
             Grammar::Object(s) => s.done(),
@@ -448,31 +456,56 @@ pub struct JsonConstraint {
     state: Grammar,
     /// A token that does not fit was accepted (only when nothing fitted): the text is no longer checked.
     broken: bool,
+    /// A constraint that waits for its trigger ([`JsonConstraint::lazy`]).
+    lazy: Option<Lazy>,
+}
+
+#[derive(Clone)]
+struct Lazy {
+    spec: Arc<LazyJson>,
+    /// Some while the text is free; None while a triggered value is read under `state`.
+    watch: Option<Watch>,
 }
 
 impl JsonConstraint {
     pub fn new(vocab: Arc<JsonVocab>, format: &JsonFormat) -> Self {
-        let state = match format {
-            JsonFormat::Object => Grammar::Object(JsonState::new()),
-            JsonFormat::Schema(s) => Grammar::Schema(s.clone(), Box::default()),
-        };
         Self {
             vocab,
-            state,
+            state: Grammar::of(format),
             broken: false,
+            lazy: None,
         }
     }
 
-    /// The value is complete: the sequence should end.
+    /// The text is free until `spec`'s trigger, then one value of its format is read under the constraint, then the
+    /// text is free again, as often as the model begins one ([`super::json_lazy`]). It never ends the sequence.
+    pub fn lazy(vocab: Arc<JsonVocab>, spec: Arc<LazyJson>) -> Self {
+        Self {
+            vocab,
+            state: Grammar::of(&spec.format),
+            broken: false,
+            lazy: Some(Lazy {
+                watch: Some(Watch::new(&spec)),
+                spec,
+            }),
+        }
+    }
+
+    /// The value is complete: the sequence should end (never for a lazy constraint).
     pub fn done(&self) -> bool {
-        self.state.done()
+        self.lazy.is_none() && self.state.done()
+    }
+
+    /// A lazy constraint is reading a triggered value.
+    pub fn triggered(&self) -> bool {
+        self.lazy.as_ref().is_some_and(|l| l.watch.is_none())
     }
 
     /// Bans every token that cannot come next (its logit becomes −∞) and returns how many remain. If none would
     /// (a vocabulary that cannot close what is open), the end-of-generation tokens are let through instead, so the
     /// sequence ends rather than drawing from nothing.
     pub fn mask(&self, logits: &mut [f32]) -> usize {
-        if self.broken {
+        if self.broken || self.lazy.as_ref().is_some_and(|l| l.watch.is_some()) {
             return logits.len();
         }
         let in_string = self.state.in_free_string();
@@ -501,6 +534,15 @@ impl JsonConstraint {
                 *l = f32::NEG_INFINITY;
             }
         }
+        // A call's marker never comes inside the call (not even in a free string).
+        for &id in self.lazy.iter().flat_map(|l| &l.spec.trigger_ids) {
+            if let Some(l) = logits.get_mut(id as usize) {
+                if *l != f32::NEG_INFINITY {
+                    *l = f32::NEG_INFINITY;
+                    allowed -= 1;
+                }
+            }
+        }
         if allowed == 0 {
             for (id, l) in logits.iter_mut().enumerate() {
                 if self.vocab.kind.get(id) == Some(&Kind::Eog) {
@@ -514,6 +556,34 @@ impl JsonConstraint {
 
     /// Moves past a drawn token.
     pub fn accept(&mut self, id: u32) {
+        if let Some(lazy) = &mut self.lazy {
+            let bytes = self
+                .vocab
+                .kind
+                .get(id as usize)
+                .map_or(&[][..], |_| self.vocab.bytes(id as usize));
+            match &mut lazy.watch {
+                Some(w) => {
+                    if let Some(feed) = w.token(&lazy.spec, id, bytes) {
+                        // The call from its start: read under the schema from here on, unless it does not read as
+                        // one (then the text stays free).
+                        let mut g = Grammar::of(&lazy.spec.format);
+                        if g.advance(&feed) && !g.done() {
+                            self.state = g;
+                            lazy.watch = None;
+                        }
+                    }
+                }
+                None => {
+                    let eog = self.vocab.kind.get(id as usize) == Some(&Kind::Eog);
+                    // The value is whole, or a token that does not fit was drawn (nothing fitted): free text again.
+                    if eog || !self.state.advance(bytes) || self.state.done() {
+                        lazy.watch = Some(Watch::after_call());
+                    }
+                }
+            }
+            return;
+        }
         let id = id as usize;
         if self.broken || id >= self.vocab.len() || self.vocab.kind[id] == Kind::Eog {
             return;
@@ -701,6 +771,83 @@ mod tests {
             off.push(data.len() as u32);
         }
         JsonVocab { data, off, kind }
+    }
+
+    #[test]
+    fn a_lazy_constraint_holds_only_between_a_trigger_and_the_end_of_its_value() {
+        let pieces = [
+            "</s>",
+            "<tool_call>",
+            "Hi",
+            "{\"",
+            "name",
+            "\": \"",
+            "f",
+            "g",
+            "\", \"arguments\": {\"",
+            "x",
+            "\": 1",
+            "}}",
+            "\n</tool_call>",
+            "",
+        ];
+        let schema = r#"{"type": "object", "properties": {"name": {"const": "f"}, "arguments": {"type": "object",
+            "properties": {"x": {"type": "number"}}, "required": ["x"]}}, "required": ["name", "arguments"]}"#;
+        let schema = Schema::compile(&serde_json::from_str(schema).unwrap()).unwrap();
+        let spec = Arc::new(LazyJson {
+            format: JsonFormat::Schema(Arc::new(schema)),
+            trigger_ids: vec![13],
+            trigger_texts: vec![b"<tool_call>".to_vec()],
+            bare_key: Some(b"\"name\"".to_vec()),
+            think: None,
+        });
+        let v = Arc::new(vocab(&pieces, 0));
+        let allowed = |c: &JsonConstraint| {
+            let mut l = vec![0.0f32; pieces.len()];
+            c.mask(&mut l);
+            (0..pieces.len())
+                .filter(|&i| l[i] == 0.0)
+                .collect::<Vec<_>>()
+        };
+        let all: Vec<usize> = (0..pieces.len()).collect();
+        let call = [3, 4, 5, 6, 8, 9, 10, 11];
+        // Text, a marker, the call under its schema, then free text again; the end of generation only outside.
+        let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
+        for id in [2, 1] {
+            assert_eq!(allowed(&c), all);
+            c.accept(id);
+        }
+        assert!(c.triggered());
+        assert_eq!(allowed(&c), [3]);
+        for (i, id) in call.into_iter().enumerate() {
+            if i == 3 {
+                assert_eq!(allowed(&c), [6], "the name is the schema's");
+            }
+            assert!(c.triggered() && !c.done());
+            c.accept(id);
+        }
+        assert!(!c.triggered() && !c.done());
+        assert_eq!(allowed(&c), all);
+        c.accept(12);
+        c.accept(1);
+        assert!(c.triggered(), "a second call");
+        // A bare call at the start: free until its first key is whole, then constrained.
+        let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
+        c.accept(3);
+        assert_eq!(allowed(&c), all);
+        c.accept(4);
+        c.accept(5);
+        assert!(c.triggered());
+        assert_eq!(allowed(&c), [6]);
+        // A control-token trigger, and text that never triggers.
+        let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
+        c.accept(13);
+        assert!(c.triggered());
+        let mut c = JsonConstraint::lazy(v, spec);
+        for id in [2, 3, 9, 11] {
+            c.accept(id);
+            assert!(!c.triggered() && !c.done());
+        }
     }
 
     #[test]

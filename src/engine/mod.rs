@@ -7,6 +7,7 @@ pub mod batch;
 pub mod blend;
 pub mod cost;
 pub mod json;
+pub mod json_lazy;
 pub mod json_schema;
 pub mod loglik;
 pub mod memcheck;

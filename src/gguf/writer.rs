@@ -76,6 +76,14 @@ impl GgufWriter {
         self
     }
 
+    /// The value of `key`, if set (a copy).
+    pub fn meta_value(&self, key: &str) -> Option<Value> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|e| e.1.clone())
+    }
+
     /// Removes every entry of `key`.
     pub fn remove_meta(&mut self, key: &str) -> &mut Self {
         self.metadata.retain(|(k, _)| k != key);

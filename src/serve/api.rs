@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::engine::json::JsonFormat;
+use crate::engine::json_lazy::LazyJson;
 use crate::engine::json_schema::{JVal, Schema};
 use crate::engine::SamplerConfig;
 use crate::methods::KvSpec;
@@ -319,6 +320,9 @@ pub struct GenParams {
     /// JSON mode (`response_format` `json_object` or `json_schema`): the text is kept the beginning of a JSON object
     /// (or of a value the schema accepts) and ends with it.
     pub json: Option<JsonFormat>,
+    /// Tool calls under `tool_choice: "auto"`: the text is free, each call the model begins is decoded under the
+    /// tools' schema.
+    pub lazy_json: Option<Arc<LazyJson>>,
 }
 
 /// The parts of [`Sampling`] the engine reads, checked: a sampler config (seeded), the stop strings, the KV spec,

@@ -452,6 +452,7 @@ async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Respo
         stop_tokens: c.stop_tokens,
         min_tokens: c.min_tokens,
         json,
+        lazy_json: None,
     };
     let run = submit(&sh, &ids, c.n, &params).await?;
     let meta = Meta {
@@ -529,6 +530,15 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(room);
     check_length(&r, 0, prompt.len(), max_tokens)?;
     check_min_tokens(&c, max_tokens, json.is_some())?;
+    // `auto` tool calls: each call the model begins is decoded under the tools' schema (not under response_format,
+    // whose constraint holds the whole answer).
+    let lazy_json = match (&tools, &json) {
+        (Some(t), None) => t
+            .lazy
+            .as_ref()
+            .map(|l| Arc::new(l.spec(&r.tokenizer, thinking.map(|t| t.span())))),
+        _ => None,
+    };
     let params = GenParams {
         max_tokens,
         sampler: c.sampler,
@@ -540,6 +550,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Bytes) -> Result<Response, Ap
         stop_tokens: c.stop_tokens,
         min_tokens: c.min_tokens,
         json,
+        lazy_json,
     };
     let firsts = vec![prompt[0]];
     let run = submit(&sh, std::slice::from_ref(&prompt), c.n, &params).await?;

@@ -12,6 +12,9 @@
 
 use serde::Deserialize;
 
+#[cfg(doc)]
+use crate::engine::json_lazy::LazyJson;
+
 use super::error::ApiError;
 
 const OPEN: &str = "<think>";
@@ -28,6 +31,13 @@ pub struct ReasoningRequest {
 pub struct Thinking {
     /// The prompt ends in an open `<think>`: the answer starts inside it.
     pub starts_inside: bool,
+}
+
+impl Thinking {
+    /// Its opening and closing texts, and whether the answer starts inside ([`LazyJson::think`]).
+    pub fn span(self) -> (Vec<u8>, Vec<u8>, bool) {
+        (OPEN.into(), CLOSE.into(), self.starts_inside)
+    }
 }
 
 /// What a stream may send of an answer so far.

@@ -69,6 +69,8 @@ impl<'m> Seq<'m> {
         let mut sampler = Sampler::new(job.params.sampler.clone());
         if let Some(f) = &job.params.json {
             sampler = sampler.with_json(JsonConstraint::new(ready.json_vocab(), f));
+        } else if let Some(l) = &job.params.lazy_json {
+            sampler = sampler.with_json(JsonConstraint::lazy(ready.json_vocab(), l.clone()));
         }
         // `min_tokens`: the tokens that would end the answer are never drawn before it, and the stop strings are
         // matched only from its last token on (as vLLM does).

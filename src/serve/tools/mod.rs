@@ -38,8 +38,10 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::engine::json::JsonFormat;
+use crate::engine::json_lazy::LazyJson;
 use crate::engine::json_schema::{JVal, Schema};
 use crate::tokenizer::chat::ChatTemplate;
+use crate::tokenizer::Tokenizer;
 use scan::{compact, scan_call, CallScan};
 
 mod scan;
@@ -136,6 +138,57 @@ pub struct ToolPlan {
     pub reader: Reader,
     /// The constraint for `Forced`.
     pub json: Option<JsonFormat>,
+    /// For `Auto`: the calls the model begins, decoded under the tools' schema.
+    pub lazy: Option<LazyCalls>,
+}
+
+/// Where calls begin in a format's answers, and the schema they are decoded under once begun (`tool_choice`
+/// `"auto"`, as llama.cpp's lazy grammars do it).
+#[derive(Clone, Debug)]
+pub struct LazyCalls {
+    /// One call, or for the list formats a list of calls.
+    pub format: JsonFormat,
+    /// Texts (maybe one token each) after which a call begins.
+    pub markers: Vec<&'static str>,
+    /// A call may also open the answer bare, `{"name": ...`.
+    pub bare: bool,
+}
+
+impl LazyCalls {
+    /// The constraint for a model's tokenizer (markers that are one token trigger as that token too), with the
+    /// thinking where nothing triggers.
+    pub fn spec(&self, tok: &Tokenizer, think: Option<(Vec<u8>, Vec<u8>, bool)>) -> LazyJson {
+        LazyJson {
+            format: self.format.clone(),
+            trigger_ids: self
+                .markers
+                .iter()
+                .filter_map(|m| tok.token_id(m))
+                .collect(),
+            trigger_texts: self.markers.iter().map(|m| m.as_bytes().to_vec()).collect(),
+            bare_key: self.bare.then(|| b"\"name\"".to_vec()),
+            think,
+        }
+    }
+}
+
+impl Format {
+    /// The lazy constraint of `auto` calls; None for Mistral's `name[ARGS]{...}`, whose arguments come after a
+    /// name that is not JSON.
+    fn lazy(self, tools: &[&JVal], parallel: bool) -> Option<LazyCalls> {
+        let (markers, bare, list) = match self {
+            Format::Hermes => (vec![OPEN], true, false),
+            Format::Llama3 => (vec![PYTHON_TAG], true, false),
+            Format::List { marker } => (vec![marker], false, true),
+            Format::MistralArgs => return None,
+        };
+        let format = call_schema(tools, self.arguments_key(), list.then_some(!parallel));
+        Some(LazyCalls {
+            format,
+            markers,
+            bare,
+        })
+    }
 }
 
 /// How an answer is read for calls.
@@ -280,10 +333,18 @@ impl ToolRequest {
                 Mode::Forced {
                     named: named.is_some(),
                 },
-                Some(call_schema(&chosen, format.arguments_key(), list)),
+                Some(call_schema(
+                    &chosen,
+                    format.arguments_key(),
+                    list.then_some(false),
+                )),
             )
         } else {
             (Mode::Auto, None)
+        };
+        let lazy = match mode {
+            Mode::Auto => format.lazy(&tools.iter().collect::<Vec<_>>(), parallel),
+            Mode::Forced { .. } => None,
         };
         let names = names.iter().map(|n| n.to_string()).collect();
         Ok(Some(ToolPlan {
@@ -295,6 +356,7 @@ impl ToolRequest {
                 names,
             },
             json,
+            lazy,
         }))
     }
 }
@@ -306,8 +368,8 @@ fn fn_name(t: &JVal) -> Option<&str> {
 /// The constraint of a forced call: `{"name": ..., "<args_key>": {...}}` with, for each chosen function, its name
 /// and the arguments its `parameters` schema accepts when hayloft's schema subset takes it (any JSON object
 /// otherwise): one object per function, told apart by the name, so a call's arguments are those of the function it
-/// names. With `list`, a JSON list of one such call or more.
-fn call_schema(chosen: &[&JVal], args_key: &str, list: bool) -> JsonFormat {
+/// names. With `list` Some(one), a JSON list of one such call or more (`one`: exactly one).
+fn call_schema(chosen: &[&JVal], args_key: &str, list: Option<bool>) -> JsonFormat {
     let obj = |kv: Vec<(&str, JVal)>| {
         JVal::Obj(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     };
@@ -334,12 +396,18 @@ fn call_schema(chosen: &[&JVal], args_key: &str, list: bool) -> JsonFormat {
         .collect();
     let schema = obj(vec![("anyOf", JVal::Arr(calls))]);
     let schema = match list {
-        true => obj(vec![
-            ("type", JVal::Str("array".into())),
-            ("items", schema),
-            ("minItems", JVal::Num(1.into())),
-        ]),
-        false => schema,
+        Some(one) => {
+            let mut a = vec![
+                ("type", JVal::Str("array".into())),
+                ("items", schema),
+                ("minItems", JVal::Num(1.into())),
+            ];
+            if one {
+                a.push(("maxItems", JVal::Num(1.into())));
+            }
+            obj(a)
+        }
+        None => schema,
     };
     match Schema::compile(&schema) {
         Ok(s) => JsonFormat::Schema(Arc::new(s)),
@@ -1010,7 +1078,7 @@ mod tests {
             JsonFormat::Schema(s) => SchemaState::new().accepts(s, text.as_bytes()),
             JsonFormat::Object => panic!("not compiled"),
         };
-        let one = call_schema(&tools, "arguments", false);
+        let one = call_schema(&tools, "arguments", None);
         for ok in [
             r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#,
             r#"{"name": "add", "arguments": {"a": 1, "b": 2}}"#,
@@ -1027,7 +1095,7 @@ mod tests {
         ] {
             assert!(!accepts(&one, bad), "{bad}");
         }
-        let list = call_schema(&tools, "parameters", true);
+        let list = call_schema(&tools, "parameters", Some(false));
         assert!(accepts(
             &list,
             r#"[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "get_weather", "parameters": {"city": "P"}}]"#
