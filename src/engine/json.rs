@@ -798,7 +798,7 @@ mod tests {
             format: JsonFormat::Schema(Arc::new(schema)),
             trigger_ids: vec![13],
             trigger_texts: vec![b"<tool_call>".to_vec()],
-            bare_key: Some(b"\"name\"".to_vec()),
+            bare: vec![b"{\"name\":\"f\"".to_vec()],
             think: None,
         });
         let v = Arc::new(vocab(&pieces, 0));
@@ -831,14 +831,15 @@ mod tests {
         c.accept(12);
         c.accept(1);
         assert!(c.triggered(), "a second call");
-        // A bare call at the start: free until its first key is whole, then constrained.
+        // A bare call at the start: free until the function's name is whole, then constrained.
         let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
-        c.accept(3);
-        assert_eq!(allowed(&c), all);
-        c.accept(4);
-        c.accept(5);
+        for id in [3, 4, 5, 6] {
+            c.accept(id);
+            assert_eq!(allowed(&c), all);
+        }
+        c.accept(8);
         assert!(c.triggered());
-        assert_eq!(allowed(&c), [6]);
+        assert_eq!(allowed(&c), [9]);
         // A control-token trigger, and text that never triggers.
         let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
         c.accept(13);

@@ -5,8 +5,9 @@
 //!
 //! A call begins where the model writes one of the format's markers (`<tool_call>`, `<|python_tag|>`,
 //! `[TOOL_CALLS]`, ...: a token of that id, or text ending in those bytes), or, for formats whose calls may come bare,
-//! where the answer opens with `{` and then the call's first key (`{"name"`, whitespace allowed): the bytes from the
-//! `{` on are then read by the schema as if constrained from the start. [`Watch`] finds those points; the schema state
+//! where the answer opens with a call object up to its function's name (`{"name": "get_weather"`, whitespace
+//! allowed; llama.cpp's trigger patterns name the functions too, so a JSON answer of another shape stays free): the
+//! bytes from the `{` on are then read by the schema as if constrained from the start. [`Watch`] finds those points; the schema state
 //! itself stays in [`super::json::JsonConstraint`].
 
 use super::json::JsonFormat;
@@ -23,8 +24,9 @@ pub struct LazyJson {
     pub trigger_ids: Vec<u32>,
     /// Text that begins a call, matched across tokens.
     pub trigger_texts: Vec<Vec<u8>>,
-    /// A call may open the answer bare: `{`, whitespace, then this key (`"name"`).
-    pub bare_key: Option<Vec<u8>>,
+    /// A call may open the answer bare: these openings (`{"name":"get_weather"`, one per function), with any
+    /// whitespace between their bytes.
+    pub bare: Vec<Vec<u8>>,
     /// A reasoning model's thinking, where nothing triggers: its opening and closing texts (`<think>`,
     /// `</think>`), and whether the answer starts inside it (the prompt opened it).
     pub think: Option<(Vec<u8>, Vec<u8>, bool)>,
@@ -69,27 +71,33 @@ impl Watch {
         // Bytes that are free text from this token on (at the start, with what seemed to open a bare call).
         let mut seen = Vec::new();
         if let Watch::Start { open } = self {
-            let key = spec.bare_key.as_deref().unwrap_or_default();
             let mut bare = true;
             while let Some((&b, tail)) = rest.split_first() {
                 if open.is_empty() && b.is_ascii_whitespace() {
                     rest = tail;
                     continue;
                 }
-                if open.is_empty() && (b != b'{' || key.is_empty()) {
+                if open.is_empty() && (b != b'{' || spec.bare.is_empty()) {
                     bare = false;
                     break;
                 }
                 open.push(b);
                 rest = tail;
-                let after = open[1..].trim_ascii_start();
-                if after.starts_with(key) {
+                let (mut whole, mut partial) = (false, false);
+                for o in &spec.bare {
+                    match opening(open, o) {
+                        Some(true) => whole = true,
+                        Some(false) => partial = true,
+                        None => {}
+                    }
+                }
+                if whole {
                     let mut feed = std::mem::take(open);
                     feed.extend_from_slice(rest);
                     *self = Watch::after_call();
                     return Some(feed);
                 }
-                if !key.starts_with(after) || open.len() > MAX_OPEN {
+                if !partial || open.len() > MAX_OPEN {
                     bare = false;
                     break;
                 }
@@ -163,6 +171,20 @@ impl Watch {
     }
 }
 
+/// How `text` (whitespace left out) stands to the opening `o`: Some(true) it holds all of it, Some(false) it is a
+/// beginning of it, None it is neither.
+fn opening(text: &[u8], o: &[u8]) -> Option<bool> {
+    let mut o = o.iter();
+    for &b in text.iter().filter(|b| !b.is_ascii_whitespace()) {
+        match o.next() {
+            None => return Some(true),
+            Some(&c) if c == b => {}
+            Some(_) => return None,
+        }
+    }
+    Some(o.next().is_none())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,7 +194,7 @@ mod tests {
             format: JsonFormat::Object,
             trigger_ids: vec![7],
             trigger_texts: vec![b"<tool_call>".to_vec()],
-            bare_key: Some(b"\"name\"".to_vec()),
+            bare: vec![b"{\"name\":\"f\"".to_vec(), b"{\"name\":\"get\"".to_vec()],
             think: None,
         }
     }
@@ -195,19 +217,21 @@ mod tests {
             run(&s, &["Sure. <tool", "_ca", "ll>\n{\""]),
             Some((2, "\n{\"".into()))
         );
-        // A bare call at the start, the key over several tokens, whitespace before and inside.
+        // A bare call at the start up to a function's name, over several tokens, whitespace before and inside.
         assert_eq!(
-            run(&s, &["\n ", "{\"", "name", "\": \"f"]),
-            Some((3, "{\"name\": \"f".into()))
+            run(&s, &["\n ", "{\"", "name", "\": \"f", "\", \"a"]),
+            Some((4, "{\"name\": \"f\", \"a".into()))
         );
         assert_eq!(
-            run(&s, &["{", "\n  ", "\"name\""]),
-            Some((2, "{\n  \"name\"".into()))
+            run(&s, &["{", "\n  ", "\"name\" :", "\"get\""]),
+            Some((3, "{\n  \"name\" :\"get\"".into()))
         );
-        // Not a call: another key, a `{` later in the text, text first.
+        // Not a call: another key, another name (one a function's name begins), a `{` later in the text, text first.
         assert_eq!(run(&s, &["{\"", "answer\": 1}"]), None);
-        assert_eq!(run(&s, &["The set {\"name\": 1}"]), None);
-        assert_eq!(run(&s, &["a", "{\"name\""]), None);
+        assert_eq!(run(&s, &["{\"name\": \"Alice\"}"]), None);
+        assert_eq!(run(&s, &["{\"name\": \"get", "ter\"}"]), None);
+        assert_eq!(run(&s, &["The set {\"name\": \"f\"}"]), None);
+        assert_eq!(run(&s, &["a", "{\"name\": \"f\""]), None);
         // ... but a marker after them still is.
         assert_eq!(
             run(&s, &["{\"x\": 1} ", "<tool_call>"]),
@@ -216,12 +240,12 @@ mod tests {
         // The trigger token, whatever its bytes.
         let mut w = Watch::new(&s);
         assert_eq!(w.token(&s, 7, b""), Some(Vec::new()));
-        // Without a bare key only markers count.
+        // Without bare openings only markers count.
         let markers = LazyJson {
-            bare_key: None,
+            bare: Vec::new(),
             ..spec()
         };
-        assert_eq!(run(&markers, &["{\"name\": 1"]), None);
+        assert_eq!(run(&markers, &["{\"name\": \"f\""]), None);
     }
 
     #[test]
@@ -239,7 +263,7 @@ mod tests {
             ),
             Some((2, String::new()))
         );
-        assert_eq!(run(&s, &["{\"name\": 1} <tool_call>"]), None);
+        assert_eq!(run(&s, &["{\"name\": \"f\"} <tool_call>"]), None);
         let mut w = Watch::new(&s);
         assert_eq!(
             w.token(&s, 7, b""),

@@ -150,8 +150,9 @@ pub struct LazyCalls {
     pub format: JsonFormat,
     /// Texts (maybe one token each) after which a call begins.
     pub markers: Vec<&'static str>,
-    /// A call may also open the answer bare, `{"name": ...`.
-    pub bare: bool,
+    /// A call may also open the answer bare: `{"name":"NAME"` for each function (no whitespace; any is allowed
+    /// between the bytes).
+    pub bare: Vec<String>,
 }
 
 impl LazyCalls {
@@ -166,7 +167,7 @@ impl LazyCalls {
                 .filter_map(|m| tok.token_id(m))
                 .collect(),
             trigger_texts: self.markers.iter().map(|m| m.as_bytes().to_vec()).collect(),
-            bare_key: self.bare.then(|| b"\"name\"".to_vec()),
+            bare: self.bare.iter().map(|o| o.as_bytes().to_vec()).collect(),
             think,
         }
     }
@@ -183,6 +184,14 @@ impl Format {
             Format::MistralArgs => return None,
         };
         let format = call_schema(tools, self.arguments_key(), list.then_some(!parallel));
+        let bare = match bare {
+            true => tools
+                .iter()
+                .filter_map(|t| fn_name(t))
+                .map(|n| format!("{{\"name\":\"{n}\""))
+                .collect(),
+            false => Vec::new(),
+        };
         Some(LazyCalls {
             format,
             markers,
