@@ -285,7 +285,6 @@ mod tests {
 
     #[test]
     fn random_pieces_never_panic_the_watch() {
-        let s = spec();
         let mut rng = crate::testutil::Rng::seeded(11);
         let alphabet = b"{}\" \n<>/_toolcalnamehik:";
         for _ in 0..2000 {
