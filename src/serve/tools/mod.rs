@@ -383,16 +383,19 @@ fn call_schema(chosen: &[&JVal], args_key: &str, list: Option<bool>) -> JsonForm
         JVal::Obj(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     };
     let any_object = obj(vec![("type", JVal::Str("object".into()))]);
+    // Each function's `$defs`, moved to the call schema's root.
+    let mut defs = Vec::new();
     let calls = chosen
         .iter()
         .filter_map(|t| {
+            let n = fn_name(t)?;
             let args = t
                 .get("function")
                 .and_then(|f| f.get("parameters"))
                 .filter(|p| Schema::compile(p).is_ok())
-                .cloned()
+                .map(|p| hoist_defs(p, &format!("{n}."), &mut defs))
                 .unwrap_or_else(|| any_object.clone());
-            let name = obj(vec![("const", JVal::Str(fn_name(t)?.into()))]);
+            let name = obj(vec![("const", JVal::Str(n.into()))]);
             Some(obj(vec![
                 ("type", JVal::Str("object".into())),
                 ("properties", obj(vec![("name", name), (args_key, args)])),
@@ -418,11 +421,64 @@ fn call_schema(chosen: &[&JVal], args_key: &str, list: Option<bool>) -> JsonForm
         }
         None => schema,
     };
+    let schema = match schema {
+        JVal::Obj(mut kv) if !defs.is_empty() => {
+            kv.push(("$defs".into(), JVal::Obj(defs)));
+            JVal::Obj(kv)
+        }
+        s => s,
+    };
     match Schema::compile(&schema) {
         Ok(s) => JsonFormat::Schema(Arc::new(s)),
         // Unreachable for the arguments chosen above (each compiled alone, the names are distinct strings); any
         // object keeps the call's shape.
         Err(_) => JsonFormat::Object,
+    }
+}
+
+/// A function's `parameters` as part of the call schema: its `$defs` (or `definitions`) go to `defs` under `prefix`
+/// and its references are renamed to match, so they resolve at the call schema's root as they did in the parameters
+/// alone (Pydantic writes nested models so).
+fn hoist_defs(params: &JVal, prefix: &str, defs: &mut Vec<(String, JVal)>) -> JVal {
+    let JVal::Obj(kv) = params else {
+        return params.clone();
+    };
+    let mut out = Vec::with_capacity(kv.len());
+    for (k, v) in kv {
+        match (k.as_str(), v) {
+            ("$defs" | "definitions", JVal::Obj(d)) => {
+                for (name, body) in d {
+                    defs.push((format!("{prefix}{name}"), rename_refs(body, prefix)));
+                }
+            }
+            _ => out.push((k.clone(), rename_refs(v, prefix))),
+        }
+    }
+    JVal::Obj(out)
+}
+
+/// `v` with every `$ref` to `#/$defs/NAME` or `#/definitions/NAME` pointing to `#/$defs/<prefix>NAME`.
+fn rename_refs(v: &JVal, prefix: &str) -> JVal {
+    match v {
+        JVal::Obj(kv) => JVal::Obj(
+            kv.iter()
+                .map(|(k, x)| {
+                    let name = match (k.as_str(), x) {
+                        ("$ref", JVal::Str(r)) => r
+                            .strip_prefix("#/$defs/")
+                            .or_else(|| r.strip_prefix("#/definitions/")),
+                        _ => None,
+                    };
+                    let x = match name {
+                        Some(n) => JVal::Str(format!("#/$defs/{prefix}{n}")),
+                        None => rename_refs(x, prefix),
+                    };
+                    (k.clone(), x)
+                })
+                .collect(),
+        ),
+        JVal::Arr(a) => JVal::Arr(a.iter().map(|x| rename_refs(x, prefix)).collect()),
+        other => other.clone(),
     }
 }
 
@@ -1082,7 +1138,19 @@ mod tests {
             "free",
             r#"{"type": "object", "properties": {"s": {"type": "string", "pattern": "x"}}}"#,
         );
-        let tools = [&weather, &add, &free];
+        // Pydantic's nested models: `$defs` and references to them, in two functions with a model of the same name.
+        let order = tool(
+            "order",
+            r##"{"type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"],
+                "$defs": {"Item": {"type": "object", "properties": {"size": {"$ref": "#/$defs/Size"}}, "required": ["size"]},
+                          "Size": {"enum": ["S", "L"]}}}"##,
+        );
+        let ship = tool(
+            "ship",
+            r##"{"type": "object", "properties": {"item": {"$ref": "#/definitions/Item"}}, "required": ["item"],
+                "definitions": {"Item": {"type": "object", "properties": {"kg": {"type": "number"}}, "required": ["kg"]}}}"##,
+        );
+        let tools = [&weather, &add, &free, &order, &ship];
         let accepts = |f: &JsonFormat, text: &str| match f {
             JsonFormat::Schema(s) => SchemaState::new().accepts(s, text.as_bytes()),
             JsonFormat::Object => panic!("not compiled"),
@@ -1092,6 +1160,8 @@ mod tests {
             r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#,
             r#"{"name": "add", "arguments": {"a": 1, "b": 2}}"#,
             r#"{"name": "free", "arguments": {"anything": [1]}}"#,
+            r#"{"name": "order", "arguments": {"item": {"size": "L"}}}"#,
+            r#"{"name": "ship", "arguments": {"item": {"kg": 2.5}}}"#,
         ] {
             assert!(accepts(&one, ok), "{ok}");
         }
@@ -1101,6 +1171,9 @@ mod tests {
             r#"{"name": "add", "arguments": {"a": "1""#,
             r#"{"name": "other""#,
             r#"[{"name""#,
+            r#"{"name": "order", "arguments": {"item": {"size": "M""#,
+            r#"{"name": "order", "arguments": {"item": {"kg""#,
+            r#"{"name": "ship", "arguments": {"item": {"size""#,
         ] {
             assert!(!accepts(&one, bad), "{bad}");
         }
