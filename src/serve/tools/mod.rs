@@ -74,6 +74,9 @@ pub enum Format {
     List { marker: &'static str },
     /// `[TOOL_CALLS]name[ARGS]{...}` (a `[CALL_ID]id` may come before `[ARGS]`), once per call.
     MistralArgs,
+    /// `<tool_call>` blocks of `<function=NAME>` with a `<parameter=KEY>` element per argument, its value as text
+    /// (Qwen3-Coder; vLLM's `qwen3_coder` parser).
+    Xml,
 }
 
 const PYTHON_TAG: &str = "<|python_tag|>";
@@ -81,12 +84,18 @@ const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
 const MISTRAL_ARGS: &str = "[ARGS]";
 const MISTRAL_ID: &str = "[CALL_ID]";
 const GRANITE_CALLS: &str = "<|tool_call|>";
+const XML_FUNCTION: &str = "<function=";
+const XML_PARAMETER: &str = "<parameter=";
+const XML_FUNCTION_END: &str = "</function>";
+const XML_PARAMETER_END: &str = "</parameter>";
 
 impl Format {
     /// The format of the calls a chat template's model writes, from the markers in the template's text; None for
     /// a format hayloft does not read.
     pub fn of(template: &str) -> Option<Format> {
-        if template.contains(OPEN) {
+        if template.contains(XML_FUNCTION) && template.contains(XML_PARAMETER) {
+            Some(Format::Xml)
+        } else if template.contains(OPEN) {
             Some(Format::Hermes)
         } else if template.contains(MISTRAL_CALLS) {
             Some(if template.contains(MISTRAL_ARGS) {
@@ -110,7 +119,7 @@ impl Format {
     /// The text that starts the calls of an answer (for Llama 3.x, only its optional tag).
     fn marker(self) -> &'static str {
         match self {
-            Format::Hermes => OPEN,
+            Format::Hermes | Format::Xml => OPEN,
             Format::Llama3 => PYTHON_TAG,
             Format::List { marker } => marker,
             Format::MistralArgs => MISTRAL_CALLS,
@@ -175,13 +184,13 @@ impl LazyCalls {
 
 impl Format {
     /// The lazy constraint of `auto` calls; None for Mistral's `name[ARGS]{...}`, whose arguments come after a
-    /// name that is not JSON.
+    /// name that is not JSON, and for Qwen3-Coder's XML calls.
     fn lazy(self, tools: &[&JVal], parallel: bool) -> Option<LazyCalls> {
         let (markers, bare, list) = match self {
             Format::Hermes => (vec![OPEN], true, false),
             Format::Llama3 => (vec![PYTHON_TAG], true, false),
             Format::List { marker } => (vec![marker], false, true),
-            Format::MistralArgs => return None,
+            Format::MistralArgs | Format::Xml => return None,
         };
         let format = call_schema(tools, self.arguments_key(), list.then_some(!parallel));
         let bare = match bare {
@@ -209,6 +218,9 @@ pub struct Reader {
     pub parallel: bool,
     /// The functions defined: an answer that is a bare call object counts as a call only to one of them.
     names: Vec<String>,
+    /// Each function's parameters and their JSON types (`"string"` where none is given): how an XML call's text
+    /// values become JSON.
+    types: Vec<(String, Vec<(String, String)>)>,
 }
 
 /// The block markers of the Hermes format.
@@ -356,6 +368,7 @@ impl ToolRequest {
             Mode::Forced { .. } => None,
         };
         let names = names.iter().map(|n| n.to_string()).collect();
+        let types = tools.iter().filter_map(param_types).collect();
         Ok(Some(ToolPlan {
             tools,
             reader: Reader {
@@ -363,11 +376,35 @@ impl ToolRequest {
                 format,
                 parallel,
                 names,
+                types,
             },
             json,
             lazy,
         }))
     }
+}
+
+/// A function's name with its parameters' types, from its `parameters` schema (the first type of a list).
+fn param_types(t: &JVal) -> Option<(String, Vec<(String, String)>)> {
+    let props = t
+        .get("function")?
+        .get("parameters")
+        .and_then(|p| p.get("properties"));
+    let types = match props {
+        Some(JVal::Obj(kv)) => kv
+            .iter()
+            .map(|(k, v)| {
+                let ty = match v.get("type") {
+                    Some(JVal::Str(s)) => s.as_str(),
+                    Some(JVal::Arr(a)) => a.iter().find_map(JVal::as_str).unwrap_or("string"),
+                    _ => "string",
+                };
+                (k.clone(), ty.to_string())
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some((fn_name(t)?.to_string(), types))
 }
 
 fn fn_name(t: &JVal) -> Option<&str> {
@@ -626,8 +663,91 @@ impl Reader {
             Format::Llama3 => self.bare_calls(&body[marker.len()..]),
             Format::List { marker } => json_list(&body[marker.len()..]),
             Format::MistralArgs => mistral_args(body),
+            Format::Xml => self.xml_blocks(body),
         };
         found(first, calls)
+    }
+
+    /// Qwen3-Coder's calls from the first `<tool_call>` on, nothing but whitespace between and after the blocks; the
+    /// last block may lack its `</tool_call>` when generation stopped right after it.
+    fn xml_blocks(&self, mut rest: &str) -> Option<Vec<Call>> {
+        let mut calls = Vec::new();
+        while let Some(body) = rest.strip_prefix(OPEN) {
+            let (inner, after) = match body.find(CLOSE) {
+                Some(e) => (&body[..e], &body[e + CLOSE.len()..]),
+                None => (body, ""),
+            };
+            calls.push(self.xml_call(inner)?);
+            rest = after.trim_start();
+        }
+        rest.is_empty().then_some(calls)
+    }
+
+    /// One `<function=NAME>` element (a defined function) holding `<parameter=KEY>` elements and nothing else; each
+    /// value loses one line break at each end (the model writes one around it) and becomes JSON by the parameter's
+    /// type, as vLLM's `qwen3_coder` parser converts it: numbers and booleans when the text is one, objects and
+    /// arrays when it parses as one, a string otherwise.
+    fn xml_call(&self, inner: &str) -> Option<Call> {
+        let t = inner.trim().strip_prefix(XML_FUNCTION)?;
+        let (name, t) = t.split_once('>')?;
+        let name = name.trim();
+        if !self.names.iter().any(|n| n == name) {
+            return None;
+        }
+        let mut rest = t.trim().strip_suffix(XML_FUNCTION_END)?.trim_start();
+        let mut args = String::from("{");
+        while let Some(p) = rest.strip_prefix(XML_PARAMETER) {
+            let (key, body) = p.split_once('>')?;
+            let end = body.find(XML_PARAMETER_END)?;
+            let raw = &body[..end];
+            let raw = raw.strip_prefix('\n').unwrap_or(raw);
+            let raw = raw.strip_suffix('\n').unwrap_or(raw);
+            if args.len() > 1 {
+                args.push(',');
+            }
+            args += &serde_json::to_string(key.trim()).ok()?;
+            args.push(':');
+            args += &self.xml_value(name, key.trim(), raw);
+            rest = body[end + XML_PARAMETER_END.len()..].trim_start();
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        args.push('}');
+        Some(Call {
+            name: name.to_string(),
+            arguments: args,
+        })
+    }
+
+    /// A parameter's text value as JSON text, by its type in the function's schema.
+    fn xml_value(&self, function: &str, key: &str, raw: &str) -> String {
+        let ty = self
+            .types
+            .iter()
+            .find(|(f, _)| f == function)
+            .and_then(|(_, ps)| ps.iter().find(|(k, _)| k == key))
+            .map_or("string", |(_, t)| t.as_str());
+        let t = raw.trim();
+        let parsed = serde_json::from_str::<JVal>(t).ok();
+        let fits = matches!(
+            (ty, &parsed),
+            ("integer" | "number", Some(JVal::Num(_)))
+                | ("boolean", Some(JVal::Bool(_)))
+                | ("object", Some(JVal::Obj(_)))
+                | ("array", Some(JVal::Arr(_)))
+                | ("null", Some(JVal::Null))
+        );
+        match fits {
+            true => compact(t),
+            false
+                if ty == "boolean"
+                    && matches!(t.to_ascii_lowercase().as_str(), "true" | "false") =>
+            {
+                t.to_ascii_lowercase()
+            }
+            false => serde_json::to_string(raw).unwrap_or_default(),
+        }
     }
 
     /// Bare call objects, one or several in a row, maybe in a ```json fence, each to a defined function.
@@ -663,7 +783,33 @@ impl Reader {
             (Mode::Auto, None) => return Vec::new(),
         };
         let mut out = Vec::new();
-        if self.mode == Mode::Auto && self.format == Format::MistralArgs {
+        if self.mode == Mode::Auto && self.format == Format::Xml {
+            // A call once its function's name is whole; its arguments all at once when its element is.
+            for block in region.split(OPEN).skip(1) {
+                let Some(t) = block.trim_start().strip_prefix(XML_FUNCTION) else {
+                    break;
+                };
+                let Some((name, _)) = t.split_once('>') else {
+                    break;
+                };
+                let name = name.trim();
+                if !self.names.iter().any(|n| n == name) {
+                    break;
+                }
+                let inner = block.find(CLOSE).map_or(block, |e| &block[..e]);
+                let arguments = match inner.trim_end().ends_with(XML_FUNCTION_END) {
+                    true => self
+                        .xml_call(inner)
+                        .map(|c| c.arguments)
+                        .unwrap_or_default(),
+                    false => String::new(),
+                };
+                out.push(PartialCall {
+                    name: name.to_string(),
+                    arguments,
+                });
+            }
+        } else if self.mode == Mode::Auto && self.format == Format::MistralArgs {
             for part in region.split(MISTRAL_CALLS).skip(1) {
                 let Some((head, args)) = part.split_once(MISTRAL_ARGS) else {
                     break;
@@ -882,6 +1028,17 @@ mod tests {
             format,
             parallel: true,
             names: vec!["a".into(), "b".into(), "get_weather".into()],
+            types: vec![(
+                "get_weather".into(),
+                [
+                    ("city", "string"),
+                    ("days", "integer"),
+                    ("hourly", "boolean"),
+                    ("at", "object"),
+                ]
+                .map(|(k, t)| (k.to_string(), t.to_string()))
+                .to_vec(),
+            )],
         }
     }
 
@@ -1005,6 +1162,7 @@ mod tests {
             (Mode::Auto, Format::Llama3, "<|python_tag|>{\"name\": \"b\", \"parameters\": {\"q\": \"long text here\"}}", 1),
             (Mode::Auto, list, "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"k\": [true, null]}, \"id\": \"abc123XYZ\"}, {\"name\": \"b\"}]", 2),
             (Mode::Auto, Format::MistralArgs, "[TOOL_CALLS]a[ARGS]{\"x\": 1}[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{\"city\": \"Paris\"}", 2),
+            (Mode::Auto, Format::Xml, "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=a>\n</function>\n</tool_call>", 2),
             (Mode::Forced { named: false }, Format::Llama3, "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}", 1),
             (Mode::Forced { named: false }, Format::Hermes, "[{\"name\": \"a\", \"arguments\": {\"x\": [1]}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]", 2),
         ];
@@ -1055,7 +1213,11 @@ mod tests {
     /// prefix, parse, partial and releasable; and what the stream would send stays consistent with the parse.
     #[test]
     fn random_text_never_panics_a_reader() {
-        const PIECES: [&str; 24] = [
+        const PIECES: [&str; 28] = [
+            "<function=get_weather>",
+            "</function>",
+            "<parameter=city>",
+            "</parameter>",
             "{",
             "}",
             "[",
@@ -1091,6 +1253,7 @@ mod tests {
                 marker: GRANITE_CALLS,
             },
             Format::MistralArgs,
+            Format::Xml,
         ];
         let mut rng = crate::testutil::Rng::seeded(7);
         for _ in 0..400 {
@@ -1187,6 +1350,74 @@ mod tests {
     }
 
     #[test]
+    fn xml_calls_take_their_values_by_the_parameter_types() {
+        let r = reader_for(Mode::Auto, Format::Xml);
+        let p = r.parse("Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n<parameter=days>\n 3 \n</parameter>\n<parameter=hourly>\nTrue\n</parameter>\n<parameter=at>\n{\"lat\": 1.5, \"lon\": -2}\n</parameter>\n<parameter=note>\n42\n</parameter>\n</function>\n</tool_call>");
+        assert_eq!(p.content.as_deref(), Some("Sure.\n"));
+        assert_eq!(
+            p.calls,
+            [call(
+                "get_weather",
+                r#"{"city":"New York","days":3,"hourly":true,"at":{"lat":1.5,"lon":-2},"note":"42"}"#
+            )]
+        );
+        // A value that is not its type stays text; multi-line text keeps its inner lines.
+        let p = r.parse("<tool_call>\n<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n<parameter=city>\na\n\nb\n</parameter>\n</function>");
+        assert_eq!(
+            p.calls,
+            [call("get_weather", r#"{"days":"three","city":"a\n\nb"}"#)]
+        );
+        // Not calls: an undefined function, text inside the function element, words after the calls.
+        for t in [
+            "<tool_call>\n<function=zed>\n</function>\n</tool_call>",
+            "<tool_call>\n<function=a>\nhello\n</function>\n</tool_call>",
+            "<tool_call>\n<function=a>\n</function>\n</tool_call> and more",
+            "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>",
+        ] {
+            assert!(r.parse(t).calls.is_empty(), "{t}");
+        }
+    }
+
+    /// The calls a Qwen3-Coder-style template writes into an assistant turn (its tool-call part, as the model's
+    /// template writes it: each argument an XML element, mappings and lists as JSON, other values as text) read back
+    /// as those calls.
+    #[test]
+    fn xml_calls_a_template_writes_read_back() {
+        let src = r#"{%- for message in messages %}{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}
+{%- set tool_call = tool_call.function %}
+{{- '\n<tool_call>\n<function=' + tool_call.name + '>\n' }}
+{%- for args_name, args_value in tool_call.arguments|items %}
+{{- '<parameter=' + args_name + '>\n' }}
+{%- if args_value is mapping or (args_value is sequence and args_value is not string) %}{{- args_value | tojson }}{%- else %}{{- args_value | string }}{%- endif %}
+{{- '\n</parameter>\n' }}
+{%- endfor %}
+{{- '</function>\n</tool_call>' }}
+{%- endfor %}{%- endif %}{%- endfor %}"#;
+        let t = ChatTemplate::from_source(src, "", "", false, false).unwrap();
+        let args = r#"{"city": "Paris", "days": 3, "hourly": false, "at": {"lat": 1.5, "tags": ["a", "b"]}}"#;
+        let mut m = crate::tokenizer::chat::ChatMessage::new("assistant", "");
+        m.tool_calls = vec![
+            crate::tokenizer::chat::ToolCall {
+                id: Some("c1".into()),
+                name: "get_weather".into(),
+                arguments: serde_json::from_str(args).unwrap(),
+            },
+            crate::tokenizer::chat::ToolCall {
+                id: Some("c2".into()),
+                name: "a".into(),
+                arguments: serde_json::from_str("{}").unwrap(),
+            },
+        ];
+        let text = t.render_with(&[m], &[], &[], false).unwrap();
+        let r = reader_for(Mode::Auto, Format::Xml);
+        assert_eq!(
+            r.parse(&text).calls,
+            [call("get_weather", &compact(args)), call("a", "{}")],
+            "{text}"
+        );
+    }
+
+    #[test]
     fn call_ids_differ() {
         let (a, b) = (call_id(), call_id());
         assert_ne!(a, b);
@@ -1218,6 +1449,9 @@ mod tests {
         );
         let small = "{{ '[TOOL_CALLS]' + call.name + '[CALL_ID]' + id + '[ARGS]' + args }}";
         assert_eq!(Format::of(small), Some(Format::MistralArgs));
+        // Qwen3-Coder writes `<tool_call>` too, with XML inside.
+        let coder = "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}{{- '<parameter=' + args_name + '>\\n' }}";
+        assert_eq!(Format::of(coder), Some(Format::Xml));
         let granite = "please use <|tool_call|> followed by a list";
         assert_eq!(
             Format::of(granite),
