@@ -949,6 +949,36 @@ mod tests {
         assert!(whole(&s, r#"[{"v":2}, {"v":-1}]"#));
     }
 
+    /// The values that random walks over the bytes each state accepts completed (`walks` walks of at most `max`
+    /// bytes from `alphabet`), each parsed: every one must parse.
+    fn closed_walks(
+        s: &Schema,
+        alphabet: &[u8],
+        max: usize,
+        walks: usize,
+        seed: u64,
+    ) -> Vec<Value> {
+        let mut rng = seed;
+        let mut out = Vec::new();
+        for _ in 0..walks {
+            let (text, done) = crate::engine::json::random_walk(
+                &mut rng,
+                alphabet,
+                max,
+                SchemaState::new(),
+                |st, b| st.step(s, b),
+                |st| st.done(),
+            );
+            if done {
+                out.push(
+                    serde_json::from_slice(&text)
+                        .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text))),
+                );
+            }
+        }
+        out
+    }
+
     /// Two tools' calls, `{"name": ..., "arguments": ...}` with each function's own arguments, and a null.
     fn calls() -> Schema {
         compile_text(
@@ -1032,25 +1062,10 @@ mod tests {
 
     #[test]
     fn every_tagged_text_the_state_lets_through_is_one_alternative() {
-        let s = calls();
         let alphabet = b"{}\":,-0123456789. _abcdefghilmnoprstuwy";
-        let mut rng = 0x1234_5678_9abc_def1u64;
-        let mut closed = 0;
-        for _ in 0..4000 {
-            let (text, done) = crate::engine::json::random_walk(
-                &mut rng,
-                alphabet,
-                200,
-                SchemaState::new(),
-                |st, b| st.step(&s, b),
-                |st| st.done(),
-            );
-            if !done {
-                continue;
-            }
-            closed += 1;
-            let v: Value = serde_json::from_slice(&text)
-                .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text)));
+        let values = closed_walks(&calls(), alphabet, 200, 4000, 0x1234_5678_9abc_def1);
+        assert!(values.len() > 50, "only {} walks closed", values.len());
+        for v in values {
             if v.is_null() {
                 continue;
             }
@@ -1067,7 +1082,6 @@ mod tests {
                 other => panic!("name {other}: {v}"),
             }
         }
-        assert!(closed > 50, "only {closed} walks closed");
     }
 
     #[test]
@@ -1101,25 +1115,10 @@ mod tests {
     fn every_text_the_state_lets_through_to_the_end_is_valid() {
         // Random walks over the bytes each state accepts; whatever completes must parse and match the schema's
         // shape (checked here by hand for `person`).
-        let s = person();
         let alphabet = b"{}[]\":,-0123456789.eE+ \nabcdeilmnorstuxgy\\";
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut closed = 0;
-        for _ in 0..3000 {
-            let (text, done) = crate::engine::json::random_walk(
-                &mut rng,
-                alphabet,
-                300,
-                SchemaState::new(),
-                |st, b| st.step(&s, b),
-                |st| st.done(),
-            );
-            if !done {
-                continue;
-            }
-            closed += 1;
-            let v: Value = serde_json::from_slice(&text)
-                .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text)));
+        let values = closed_walks(&person(), alphabet, 300, 3000, 0x9e37_79b9_7f4a_7c15);
+        assert!(values.len() > 50, "only {} walks closed", values.len());
+        for v in values {
             let o = v.as_object().unwrap();
             assert!(o["name"].is_string() && o["age"].is_number(), "{v}");
             assert!(
@@ -1139,6 +1138,5 @@ mod tests {
             }
             assert!(o.get("extra").is_none_or(|e| e.is_object()), "{v}");
         }
-        assert!(closed > 50, "only {closed} walks closed");
     }
 }
