@@ -7,12 +7,13 @@
 //! `[TOOL_CALLS]`, ...: a token of that id, or text ending in those bytes), or, for formats whose calls may come bare,
 //! where the answer opens with a call object up to its function's name (`{"name": "get_weather"`, whitespace
 //! allowed; llama.cpp's trigger patterns name the functions too, so a JSON answer of another shape stays free): the
-//! bytes from the `{` on are then read by the schema as if constrained from the start. [`Watch`] finds those points; the schema state
-//! itself stays in [`super::json::JsonConstraint`].
+//! bytes from the `{` on are then read by the schema as if constrained from the start. Inside a reasoning model's
+//! thinking nothing triggers. [`Watch`] finds those points; the schema state itself stays in
+//! [`super::json::JsonConstraint`].
 
 use super::json::JsonFormat;
 
-/// Most bytes from a `{` to a bare call's first key (the whitespace between them included).
+/// Most bytes from a `{` to the end of a bare call's function name (whitespace included).
 const MAX_OPEN: usize = 40;
 
 /// What a lazily constrained answer watches for, and the schema of what follows.
@@ -120,9 +121,15 @@ impl Watch {
             Some((o, c, _)) => (&o[..], &c[..]),
             None => (&[][..], &[][..]),
         };
+        #[derive(Clone, Copy, PartialEq)]
+        enum Seen {
+            Trigger,
+            Open,
+            Close,
+        }
         loop {
-            let mut hit: Option<(usize, u8)> = None;
-            let mut look = |t: &[u8], what: u8| {
+            let mut hit: Option<(usize, Seen)> = None;
+            let mut look = |t: &[u8], what: Seen| {
                 if t.is_empty() {
                     return;
                 }
@@ -135,22 +142,22 @@ impl Watch {
                 }
             };
             if *inside {
-                look(close, 2);
+                look(close, Seen::Close);
             } else {
                 for t in &spec.trigger_texts {
-                    look(t, 0);
+                    look(t, Seen::Trigger);
                 }
-                look(open, 1);
+                look(open, Seen::Open);
             }
             match hit {
                 None => break,
-                Some((end, 0)) => {
+                Some((end, Seen::Trigger)) => {
                     let feed = recent[end..].to_vec();
                     recent.clear();
                     return Some(feed);
                 }
                 Some((end, what)) => {
-                    *inside = what == 1;
+                    *inside = what == Seen::Open;
                     // Nothing before the match can match again.
                     recent.drain(..end);
                     floor = 0;
