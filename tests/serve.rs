@@ -1883,6 +1883,106 @@ fn auto_calls_decode_under_the_schema_once_begun() {
     }
 }
 
+/// Qwen3-Coder's XML calls through the server: a template in its style (definitions in the system turn, past calls
+/// as `<function=NAME>` with a `<parameter=KEY>` element per argument) on a random-weight model. A named call
+/// decodes under the JSON call constraint and comes back as the call; sent back with its result, the template
+/// writes it as XML into the next prompt.
+#[test]
+fn xml_call_templates_take_tools_and_write_calls_back() {
+    let template = r#"{%- if tools %}<|im_start|>system
+# Tools
+{%- for tool in tools %}
+<function><name>{{ tool.function.name }}</name></function>
+{%- endfor %}
+To call a function reply:
+<tool_call>
+<function=example_function_name>
+<parameter=example_parameter_1>
+value_1
+</parameter>
+</function>
+</tool_call><|im_end|>
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}
+<|im_start|>assistant
+{%- for tool_call in message.tool_calls %}{%- set tool_call = tool_call.function %}
+<tool_call>
+<function={{ tool_call.name }}>
+{%- for args_name, args_value in tool_call.arguments|items %}
+<parameter={{ args_name }}>
+{{ args_value }}
+</parameter>
+{%- endfor %}
+</function>
+</tool_call>
+{%- endfor %}<|im_end|>
+{%- elif message.role == "tool" %}
+<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{%- else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{%- endif %}"#;
+    let t = tiny_with_template(
+        &TinySpec {
+            ctx_len: 4096,
+            ..Default::default()
+        },
+        template,
+    );
+    let a = t.server.addr;
+    let user = json!({"role": "user", "content": "Add 2 and 3."});
+    let named = json!({"type": "function", "function": {"name": "add"}});
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": [user], "tools": weather_tools(), "tool_choice": named, "max_tokens": 600,
+                "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    let call = &j["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "add", "{j}");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["a"].is_number() && args["b"].is_number(), "{j}");
+    let turns = json!([user, {"role": "assistant", "content": null, "tool_calls": [call]},
+                       {"role": "tool", "tool_call_id": call["id"], "content": "5"}]);
+    let tokens = post(
+        a,
+        "/tokenize",
+        &json!({"messages": turns, "tools": weather_tools()}),
+    )
+    .json()["tokens"]
+        .clone();
+    let text = post(a, "/detokenize", &json!({"tokens": tokens})).json()["prompt"].clone();
+    let text = text.as_str().unwrap();
+    assert!(
+        [
+            "<function=add>",
+            "<parameter=a>",
+            "<parameter=b>",
+            "<tool_response>\n5\n"
+        ]
+        .iter()
+        .all(|p| text.contains(p)),
+        "{text}"
+    );
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": turns, "tools": weather_tools(), "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// A reasoning model's thinking comes back apart from the answer (llama-server's `reasoning_format` "auto"): the
 /// DeepSeek-R1 distills' template opens `<think>` in the prompt, so a random-weight model's answer, which never
 /// closes it, is all reasoning and no content, plain and streamed alike; `"reasoning_format": "none"` leaves it as
