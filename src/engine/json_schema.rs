@@ -13,10 +13,11 @@
 //!   `string` (any string), `number`, `integer` (no fraction or exponent).
 //! - `anyOf` / `oneOf` and type lists whose alternatives start with different bytes (a string or null, an object or
 //!   an array, ...): the first byte picks the alternative. Objects among the alternatives may also be told apart by
-//!   their first property (a discriminator: the same required key first in each, a `const` or `enum` value that no
-//!   other alternative shares), as OpenAI's structured outputs write tagged unions and as a tool call's
-//!   `{"name": ..., "arguments": ...}` is one object per function: the object's value is read as the alternative that
-//!   value names. Other alternatives that could start alike are refused.
+//!   their first property: by its value (a discriminator: the same required key first in each, a `const` or `enum`
+//!   value that no other alternative shares), as OpenAI's structured outputs write tagged unions and as a tool
+//!   call's `{"name": ..., "arguments": ...}` is one object per function, or by its key (each alternative's first
+//!   property required, no two with the same key: `{"url": ...}` or `{"file": ...}`); the object is read as the
+//!   alternative that value or key names. Other alternatives that could start alike are refused.
 //! - `$ref` to `#/$defs/NAME` or `#/definitions/NAME` (recursion allowed), nesting at most [`MAX_FRAMES`] deep.
 //! - `title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment` are ignored; any other keyword
 //!   (`format`, `pattern`, `minLength`, `minimum`, ...) is refused with its name, as a constraint that would not be
@@ -65,6 +66,12 @@ enum Node {
         tag: Prop,
         alts: Vec<NodeId>,
         owner: Vec<u8>,
+    },
+    /// Objects told apart by their first key: read as an object whose key is one of `heads` (alternative i's
+    /// first property) until that key is whole, then as `alts[i]`.
+    Keyed {
+        heads: Vec<Prop>,
+        alts: Vec<NodeId>,
     },
     /// A `$ref` not yet resolved (only while compiling).
     Ref(String),
@@ -151,7 +158,9 @@ impl Schema {
     /// Whether a value of node `n` can start with byte `b`.
     fn starts(&self, n: NodeId, b: u8) -> bool {
         match &self.nodes[n as usize] {
-            Node::Object(_) | Node::FreeObject | Node::Tagged { .. } => b == b'{',
+            Node::Object(_) | Node::FreeObject | Node::Tagged { .. } | Node::Keyed { .. } => {
+                b == b'{'
+            }
             Node::Array { .. } => b == b'[',
             Node::Str => b == b'"',
             Node::Number { .. } => b == b'-' || b.is_ascii_digit(),
@@ -276,9 +285,27 @@ impl Compiler<'_> {
             Node::Object(props) => props.first().filter(|p| p.required).cloned(),
             _ => None,
         };
-        let Some(tag) = first(&self.nodes[objects[0] as usize]) else {
+        let Some(heads) = objects
+            .iter()
+            .map(|&o| first(&self.nodes[o as usize]))
+            .collect::<Option<Vec<Prop>>>()
+        else {
             return Ok(ids);
         };
+        let tag = heads[0].clone();
+        let distinct = heads
+            .iter()
+            .enumerate()
+            .all(|(i, h)| heads[..i].iter().all(|g| g.key != h.key));
+        if distinct && heads.len() <= 64 {
+            let keyed = self.push(Node::Keyed {
+                heads,
+                alts: objects.clone(),
+            })?;
+            let mut out = vec![keyed];
+            out.extend(ids.into_iter().filter(|i| !objects.contains(i)));
+            return Ok(out);
+        }
         let (mut texts, mut owner) = (Vec::new(), Vec::new());
         for (k, &o) in objects.iter().enumerate() {
             let Some(p) = first(&self.nodes[o as usize]).filter(|p| p.key == tag.key) else {
@@ -603,7 +630,7 @@ impl SchemaState {
                         at: ObjAt::Open,
                     })
             }
-            Node::Tagged { .. } => {
+            Node::Tagged { .. } | Node::Keyed { .. } => {
                 b == b'{'
                     && self.push(Frame::Obj {
                         node: n,
@@ -756,6 +783,7 @@ impl SchemaState {
                 let props = match &s.nodes[node as usize] {
                     Node::Object(props) => &props[..],
                     Node::Tagged { tag, .. } => std::slice::from_ref(tag),
+                    Node::Keyed { heads, .. } => &heads[..],
                     _ => return false,
                 };
                 if let ObjAt::Key { cands, at: k } = at {
@@ -769,13 +797,20 @@ impl SchemaState {
                             }
                         }
                     }
-                    let at = match closed {
-                        Some(p) => ObjAt::Colon { p },
-                        None if left != 0 && (k as usize) < u8::MAX as usize => ObjAt::Key {
-                            cands: left,
-                            at: k + 1,
-                        },
-                        None => return false,
+                    let (node, at) = match (closed, &s.nodes[node as usize]) {
+                        // The key names the alternative: its first property.
+                        (Some(p), Node::Keyed { alts, .. }) => {
+                            (alts[p as usize], ObjAt::Colon { p: 0 })
+                        }
+                        (Some(p), _) => (node, ObjAt::Colon { p }),
+                        (None, _) if left != 0 && (k as usize) < u8::MAX as usize => (
+                            node,
+                            ObjAt::Key {
+                                cands: left,
+                                at: k + 1,
+                            },
+                        ),
+                        (None, _) => return false,
                     };
                     *self.top() = Frame::Obj { node, next, at };
                     return true;
@@ -791,6 +826,10 @@ impl SchemaState {
                         keys |= 1 << i;
                     }
                     required_left |= p.required;
+                }
+                if matches!(s.nodes[node as usize], Node::Keyed { .. }) {
+                    // Any alternative's first key; the object is not whole before one.
+                    keys = u64::MAX >> (64 - props.len());
                 }
                 let set = |st: &mut Self, at| {
                     *st.top() = Frame::Obj { node, next, at };
@@ -1043,7 +1082,8 @@ mod tests {
             (
                 vec![
                     obj("t", json!({"const": "a"})),
-                    obj("u", json!({"const": "b"})),
+                    obj("t", json!({"const": "b"})),
+                    obj("u", json!({"const": "c"})),
                 ],
                 "start",
             ),
@@ -1057,6 +1097,42 @@ mod tests {
         ] {
             let e = compile(json!({ "anyOf": alts })).unwrap_err();
             assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn objects_told_apart_by_their_first_key_take_that_alternative() {
+        let s = compile_text(
+            r#"{"oneOf": [
+            {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]},
+            {"type": "object", "properties": {"file": {"type": "string"}, "size": {"type": "integer"}},
+                "required": ["file"]},
+            {"type": "object", "properties": {"f": {"type": "number"}}, "required": ["f"]}
+        ]}"#,
+        )
+        .unwrap();
+        for text in [
+            r#"{"url": "http://x"}"#,
+            r#"{"file": "a.txt", "size": 3}"#,
+            r#"{"file":"a.txt"}"#,
+            r#"{ "f" : 1.5 }"#,
+        ] {
+            assert!(whole(&s, text), "refused {text:?}");
+            for cut in 1..text.len() {
+                let st =
+                    reads(&s, &text[..cut]).unwrap_or_else(|| panic!("refused {:?}", &text[..cut]));
+                assert!(!st.done(), "done early at {:?}", &text[..cut]);
+            }
+        }
+        for bad in [
+            r#"{}"#,
+            r#"{"url": "x", "size""#,
+            r#"{"size": 1"#,
+            r#"{"fi": 1"#,
+            r#"{"f": "x""#,
+            r#"{"other""#,
+        ] {
+            assert!(reads(&s, bad).is_none(), "accepted {bad:?}");
         }
     }
 
