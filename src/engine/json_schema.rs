@@ -900,6 +900,15 @@ mod tests {
         reads(s, text).is_some_and(|st| st.done())
     }
 
+    /// `text` reads whole, and each beginning of it reads as a value not yet done.
+    fn reads_whole_and_as_prefixes(s: &Schema, text: &str) {
+        assert!(whole(s, text), "refused {text:?}");
+        for cut in 1..text.len() {
+            let st = reads(s, &text[..cut]).unwrap_or_else(|| panic!("refused {:?}", &text[..cut]));
+            assert!(!st.done(), "done early at {:?}", &text[..cut]);
+        }
+    }
+
     /// Compiles schema text (keys in the order written; `json!` would sort them).
     fn compile_text(t: &str) -> Result<Schema, String> {
         Schema::compile(&serde_json::from_str::<JVal>(t).unwrap())
@@ -936,12 +945,7 @@ mod tests {
             r#"{"name":"B \"q\"","age":-4,"email":null,"tags":["a",3],"role":"admin","extra":{"x":[1,{}]}}"#,
             "{\n  \"name\": \"C\",\n  \"age\": 0,\n  \"email\": \"c@d\",\n  \"role\": \"user\"\n}",
         ] {
-            assert!(whole(&s, text), "refused {text:?}");
-            for cut in 1..text.len() {
-                let st =
-                    reads(&s, &text[..cut]).unwrap_or_else(|| panic!("refused {:?}", &text[..cut]));
-                assert!(!st.done(), "done early at {:?}", &text[..cut]);
-            }
+            reads_whole_and_as_prefixes(&s, text);
         }
     }
 
@@ -1043,12 +1047,7 @@ mod tests {
             r#"{"name": "plus", "arguments": {"a": -1, "b": 0}}"#,
             "null",
         ] {
-            assert!(whole(&s, text), "refused {text:?}");
-            for cut in 1..text.len() {
-                let st =
-                    reads(&s, &text[..cut]).unwrap_or_else(|| panic!("refused {:?}", &text[..cut]));
-                assert!(!st.done(), "done early at {:?}", &text[..cut]);
-            }
+            reads_whole_and_as_prefixes(&s, text);
         }
         for bad in [
             r#"{"name": "get_weather", "arguments": {"a""#, // the other function's arguments
@@ -1117,12 +1116,7 @@ mod tests {
             r#"{"file":"a.txt"}"#,
             r#"{ "f" : 1.5 }"#,
         ] {
-            assert!(whole(&s, text), "refused {text:?}");
-            for cut in 1..text.len() {
-                let st =
-                    reads(&s, &text[..cut]).unwrap_or_else(|| panic!("refused {:?}", &text[..cut]));
-                assert!(!st.done(), "done early at {:?}", &text[..cut]);
-            }
+            reads_whole_and_as_prefixes(&s, text);
         }
         for bad in [
             r#"{}"#,
