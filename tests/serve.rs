@@ -1798,31 +1798,41 @@ fn llama3_and_mistral_templates_take_tools_and_give_calls_back() {
 }
 
 /// `tool_choice: "auto"` decodes each call the model begins under the tools' schema, and leaves the rest of the
-/// answer free (llama.cpp's lazy grammars). A random-weight model carrying the Qwen2.5, Llama 3.1 and Mistral Nemo
-/// templates, with the format's marker as one token of its vocabulary (a user-defined one, or a control token
-/// without text for Llama's `<|python_tag|>`), is pushed by `logit_bias` to write the marker first and to end the
-/// answer right after (the end is banned for the first token by `min_tokens`, and by the constraint inside the
-/// call): whatever its weights, what follows the marker is an `add` or `scale` call with that function's
-/// arguments. Without tools the same biases give the marker and the end.
+/// answer free (llama.cpp's lazy grammars). A random-weight model carrying the Qwen2.5, Llama 3.1, Mistral Nemo and
+/// Mistral Small 3.2 templates, with the format's marker as one token of its vocabulary (a user-defined one, or a
+/// control token without text for Llama's `<|python_tag|>`), is pushed by `logit_bias` to write the marker first and
+/// to end the answer right after (the end is banned for the first token by `min_tokens`, and by the constraint
+/// inside the call): whatever its weights, what follows the marker is an `add` or `scale` call with that function's
+/// arguments (for Small 3.2, `NAME[ARGS]{...}`: a function's name first, `[ARGS]` a control token or text). Without
+/// tools the same biases give the marker and the end.
 #[test]
 fn auto_calls_decode_under_the_schema_once_begun() {
-    for (file, marker, ty) in [
-        ("Qwen-Qwen2.5-7B-Instruct.jinja", "<tool_call>", 4),
+    for (file, marker, ty, args) in [
+        ("Qwen-Qwen2.5-7B-Instruct.jinja", "<tool_call>", 4, None),
         (
             "meta-llama-Llama-3.1-8B-Instruct.jinja",
             "<|python_tag|>",
             3,
+            None,
         ),
         (
             "mistralai-Mistral-Nemo-Instruct-2407.jinja",
             "[TOOL_CALLS]",
             3,
+            None,
+        ),
+        (
+            "Mistral-Small-3.2-24B-Instruct-2506.jinja",
+            "[TOOL_CALLS]",
+            3,
+            Some("[ARGS]"),
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
+        // Room for Small 3.2's long system prompt and max_tokens.
         let mut w = tiny_llama(&TinySpec {
-            ctx_len: 4096,
+            ctx_len: 8192,
             ..Default::default()
         });
         w.set_meta(
@@ -1841,6 +1851,11 @@ fn auto_calls_decode_under_the_schema_once_begun() {
         };
         tokens[1] = GgufValue::String(marker.into());
         types[1] = GgufValue::I32(ty);
+        // Byte 0x02's token becomes `[ARGS]`, a control token as in Mistral's vocabularies.
+        if let Some(a) = args {
+            tokens[2] = GgufValue::String(a.into());
+            types[2] = GgufValue::I32(3);
+        }
         w.set_meta("tokenizer.ggml.tokens", GgufValue::Array(tokens));
         w.set_meta("tokenizer.ggml.token_type", GgufValue::Array(types));
         w.write(&path).unwrap();

@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use super::json_lazy::{LazyJson, Watch};
+use super::json_lazy::{Head, HeadStep, Heads, LazyJson, Watch};
 use super::json_schema::{Schema, SchemaState};
 use crate::tokenizer::Tokenizer;
 
@@ -463,8 +463,18 @@ pub struct JsonConstraint {
 #[derive(Clone)]
 struct Lazy {
     spec: Arc<LazyJson>,
-    /// Some while the text is free; None while a triggered value is read under `state`.
-    watch: Option<Watch>,
+    phase: Phase,
+}
+
+/// Where a lazy constraint is.
+#[derive(Clone)]
+enum Phase {
+    /// Free text, watched for a call's beginning.
+    Free(Watch),
+    /// A call's head (Mistral's `name[ARGS]`) before its arguments.
+    Head(Head),
+    /// A triggered value, read under `state`.
+    Value,
 }
 
 impl JsonConstraint {
@@ -485,7 +495,7 @@ impl JsonConstraint {
             state: Grammar::of(&spec.format),
             broken: false,
             lazy: Some(Lazy {
-                watch: Some(Watch::new(&spec)),
+                phase: Phase::Free(Watch::new(&spec)),
                 spec,
             }),
         }
@@ -498,15 +508,22 @@ impl JsonConstraint {
 
     /// A lazy constraint is reading a triggered value.
     pub fn triggered(&self) -> bool {
-        self.lazy.as_ref().is_some_and(|l| l.watch.is_none())
+        self.lazy
+            .as_ref()
+            .is_some_and(|l| !matches!(l.phase, Phase::Free(_)))
     }
 
     /// Bans every token that cannot come next (its logit becomes −∞) and returns how many remain. If none would
     /// (a vocabulary that cannot close what is open), the end-of-generation tokens are let through instead, so the
     /// sequence ends rather than drawing from nothing.
     pub fn mask(&self, logits: &mut [f32]) -> usize {
-        if self.broken || self.lazy.as_ref().is_some_and(|l| l.watch.is_some()) {
+        if self.broken {
             return logits.len();
+        }
+        match self.lazy.as_ref().map(|l| (&l.phase, &l.spec)) {
+            Some((Phase::Free(_), _)) => return logits.len(),
+            Some((Phase::Head(h), spec)) => return self.mask_head(h, spec, logits),
+            _ => {}
         }
         let in_string = self.state.in_free_string();
         let done = self.state.done();
@@ -554,6 +571,56 @@ impl JsonConstraint {
         allowed
     }
 
+    /// The mask of a call's head: the tokens that keep it a function's head (the end of generation never).
+    fn mask_head(&self, head: &Head, spec: &LazyJson, logits: &mut [f32]) -> usize {
+        let Some(heads) = &spec.heads else {
+            return logits.len();
+        };
+        let mut allowed = 0;
+        for (id, l) in logits.iter_mut().enumerate() {
+            let kind = self.vocab.kind.get(id).copied().unwrap_or(Kind::Banned);
+            let bytes = match kind {
+                Kind::Plain | Kind::Text => self.vocab.bytes(id),
+                _ => &[],
+            };
+            let ok = kind != Kind::Eog
+                && !spec.trigger_ids.contains(&(id as u32))
+                && match head.step(heads, id as u32, bytes) {
+                    HeadStep::More => true,
+                    HeadStep::Args(i, rest) => {
+                        let mut g = Grammar::of(&heads.fns[i].1);
+                        g.advance(&rest)
+                    }
+                    HeadStep::No => false,
+                };
+            if ok {
+                allowed += 1;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if allowed == 0 {
+            for (id, l) in logits.iter_mut().enumerate() {
+                if self.vocab.kind.get(id) == Some(&Kind::Eog) {
+                    *l = 0.0;
+                    allowed += 1;
+                }
+            }
+        }
+        allowed
+    }
+
+    /// Starts reading a value of `format` from `feed` (the bytes of it drawn so far): false if they do not read as
+    /// one, or already hold all of it.
+    fn begin_value(&mut self, format: &JsonFormat, feed: &[u8]) -> bool {
+        let mut g = Grammar::of(format);
+        if g.advance(feed) && !g.done() {
+            self.state = g;
+            return true;
+        }
+        false
+    }
+
     /// Moves past a drawn token.
     pub fn accept(&mut self, id: u32) {
         if let Some(lazy) = &mut self.lazy {
@@ -562,24 +629,45 @@ impl JsonConstraint {
                 .kind
                 .get(id as usize)
                 .map_or(&[][..], |_| self.vocab.bytes(id as usize));
-            match &mut lazy.watch {
-                Some(w) => {
-                    if let Some(feed) = w.token(&lazy.spec, id, bytes) {
-                        // The call from its start: read under the schema from here on, unless it does not read as
-                        // one (then the text stays free).
-                        let mut g = Grammar::of(&lazy.spec.format);
-                        if g.advance(&feed) && !g.done() {
-                            self.state = g;
-                            lazy.watch = None;
+            let spec = lazy.spec.clone();
+            // The bytes of a call's value drawn so far, and its format, when one begins with this token.
+            let mut begin: Option<(JsonFormat, Vec<u8>)> = None;
+            match &mut lazy.phase {
+                Phase::Free(w) => match (w.token(&spec, id, bytes), &spec.heads) {
+                    // The rest of the marker's token (as text) begins the head.
+                    (Some(feed), Some(heads)) => {
+                        match head_after(heads, Head::default(), None, &feed) {
+                            Ok(p) => lazy.phase = p,
+                            Err(b) => begin = Some(b),
                         }
                     }
-                }
-                None => {
+                    (Some(feed), None) => begin = Some((spec.format.clone(), feed)),
+                    (None, _) => {}
+                },
+                Phase::Head(head) => match &spec.heads {
+                    Some(heads) => match head_after(heads, head.clone(), Some(id), bytes) {
+                        Ok(p) => lazy.phase = p,
+                        Err(b) => begin = Some(b),
+                    },
+                    None => lazy.phase = Phase::Free(Watch::after_call()),
+                },
+                Phase::Value => {
                     let eog = self.vocab.kind.get(id as usize) == Some(&Kind::Eog);
                     // The value is whole, or a token that does not fit was drawn (nothing fitted): free text again.
                     if eog || !self.state.advance(bytes) || self.state.done() {
-                        lazy.watch = Some(Watch::after_call());
+                        lazy.phase = Phase::Free(Watch::after_call());
                     }
+                }
+            }
+            if let Some((format, feed)) = begin {
+                // The call from its start: read under the schema from here on, unless it does not read as one, or
+                // is already whole (then the text is free).
+                let value = self.begin_value(&format, &feed);
+                if let Some(lazy) = &mut self.lazy {
+                    lazy.phase = match value {
+                        true => Phase::Value,
+                        false => Phase::Free(Watch::after_call()),
+                    };
                 }
             }
             return;
@@ -591,6 +679,28 @@ impl JsonConstraint {
         if !self.state.advance(self.vocab.bytes(id)) {
             self.broken = true;
         }
+    }
+}
+
+/// A call's head after a token (`id` None: text only): Ok(the phase it leaves), or Err(the arguments' format and
+/// their first bytes) when the head is whole. A token that fits no head (drawn when nothing fitted) leaves free text.
+fn head_after(
+    heads: &Heads,
+    mut head: Head,
+    id: Option<u32>,
+    bytes: &[u8],
+) -> Result<Phase, (JsonFormat, Vec<u8>)> {
+    if id.is_none() && bytes.is_empty() {
+        return Ok(Phase::Head(head));
+    }
+    let id = id.unwrap_or(u32::MAX);
+    match head.step(heads, id, bytes) {
+        HeadStep::More => {
+            head.take(heads, id, bytes);
+            Ok(Phase::Head(head))
+        }
+        HeadStep::Args(i, rest) => Err((heads.fns[i].1.clone(), rest)),
+        HeadStep::No => Ok(Phase::Free(Watch::after_call())),
     }
 }
 
@@ -774,6 +884,92 @@ mod tests {
     }
 
     #[test]
+    fn a_mistral_call_takes_a_function_name_then_its_arguments() {
+        let pieces = [
+            "</s>",
+            "",
+            "",
+            "",
+            "add",
+            "ad",
+            "d",
+            "scale",
+            "x",
+            "{\"a\": 1",
+            "}",
+            "Hi",
+            "[ARGS]",
+            "abc12",
+            "{\"b\": 1",
+        ];
+        let args = |key: &str| {
+            let s = format!(
+                r#"{{"type": "object", "properties": {{"{key}": {{"type": "number"}}}}, "required": ["{key}"],
+                "additionalProperties": false}}"#
+            );
+            let s = Schema::compile(&serde_json::from_str(&s).unwrap()).unwrap();
+            JsonFormat::Schema(Arc::new(s))
+        };
+        let spec = Arc::new(LazyJson {
+            format: JsonFormat::Object,
+            trigger_ids: vec![1],
+            trigger_texts: vec![b"[TOOL_CALLS]".to_vec()],
+            bare: Vec::new(),
+            think: None,
+            member: None,
+            heads: Some(Heads {
+                fns: vec![(b"add".to_vec(), args("a")), (b"scale".to_vec(), args("b"))],
+                args: (b"[ARGS]".to_vec(), Some(2)),
+                id: (b"[CALL_ID]".to_vec(), Some(3)),
+            }),
+        });
+        let v = Arc::new(vocab(&pieces, 0));
+        let allowed = |c: &JsonConstraint| {
+            let mut l = vec![0.0f32; pieces.len()];
+            c.mask(&mut l);
+            (0..pieces.len())
+                .filter(|&i| l[i] == 0.0)
+                .collect::<Vec<_>>()
+        };
+        let all: Vec<usize> = (0..pieces.len()).collect();
+        let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
+        c.accept(11);
+        assert_eq!(allowed(&c), all);
+        c.accept(1);
+        assert!(c.triggered());
+        // Only a function's name (not the end, not a second marker), then `[ARGS]` or `[CALL_ID]`.
+        assert_eq!(allowed(&c), [4, 5, 7]);
+        c.accept(5);
+        assert_eq!(allowed(&c), [6]);
+        c.accept(6);
+        assert_eq!(allowed(&c), [2, 3, 12]);
+        // An id: letters and digits, at least one before `[ARGS]`.
+        c.accept(3);
+        assert_eq!(allowed(&c), [4, 5, 6, 7, 8, 11, 13]);
+        c.accept(13);
+        assert_eq!(allowed(&c), [2, 4, 5, 6, 7, 8, 11, 12, 13]);
+        // The arguments under `add`'s schema, then free text again, and a second call.
+        c.accept(2);
+        assert_eq!(allowed(&c), [9]);
+        c.accept(9);
+        assert_eq!(allowed(&c), [10]);
+        c.accept(10);
+        assert!(!c.triggered());
+        assert_eq!(allowed(&c), all);
+        c.accept(1);
+        assert!(c.triggered());
+        // `[ARGS]` as text; `scale`'s arguments.
+        c.accept(7);
+        c.accept(12);
+        assert_eq!(allowed(&c), [14]);
+        // A name that is not a function's, drawn when nothing else could be (a vocabulary without it): free text.
+        let mut c = JsonConstraint::lazy(v, spec);
+        c.accept(1);
+        c.accept(8);
+        assert!(!c.triggered());
+    }
+
+    #[test]
     fn a_lazy_constraint_holds_only_between_a_trigger_and_the_end_of_its_value() {
         let pieces = [
             "</s>",
@@ -800,6 +996,8 @@ mod tests {
             trigger_texts: vec![b"<tool_call>".to_vec()],
             bare: vec![b"{\"name\":\"f\"".to_vec()],
             think: None,
+            member: None,
+            heads: None,
         });
         let v = Arc::new(vocab(&pieces, 0));
         let allowed = |c: &JsonConstraint| {

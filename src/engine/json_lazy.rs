@@ -10,11 +10,18 @@
 //! bytes from the `{` on are then read by the schema as if constrained from the start. Inside a reasoning model's
 //! thinking nothing triggers. [`Watch`] finds those points; the schema state itself stays in
 //! [`super::json::JsonConstraint`].
+//!
+//! Mistral's calls (`[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}`, maybe `[CALL_ID]abc123XYZ` before `[ARGS]`)
+//! are not JSON up to their arguments: after the marker, [`Head`] lets only a function's name be written, then
+//! `[ARGS]`, and the arguments are read under that function's schema (llama.cpp's grammar for these templates has
+//! the same shape).
 
 use super::json::JsonFormat;
 
-/// Most bytes from a `{` to the end of a bare call's function name (whitespace included).
-const MAX_OPEN: usize = 40;
+/// Whitespace allowed in a bare call's opening beyond its bytes, before the text counts as no call.
+const OPEN_SLACK: usize = 32;
+/// Most bytes of a call id (Mistral writes 9).
+const MAX_ID: usize = 16;
 
 /// What a lazily constrained answer watches for, and the schema of what follows.
 #[derive(Clone, Debug)]
@@ -31,6 +38,126 @@ pub struct LazyJson {
     /// A reasoning model's thinking, where nothing triggers: its opening and closing texts (`<think>`,
     /// `</think>`), and whether the answer starts inside it (the prompt opened it).
     pub think: Option<(Vec<u8>, Vec<u8>, bool)>,
+    /// A member a bare call may open with before its name (Llama 3.x: `"type":"function",`, no whitespace), which
+    /// the schema does not take: it is left out of what the schema reads.
+    pub member: Option<Vec<u8>>,
+    /// Calls whose head before the arguments is not JSON (Mistral's `name[ARGS]`): after a trigger the head is read
+    /// by [`Head`], and `format` is not used.
+    pub heads: Option<Heads>,
+}
+
+impl LazyJson {
+    /// Most bytes (whitespace included) that may still open a bare call.
+    fn max_open(&self) -> usize {
+        let member = self.member.as_ref().map_or(0, Vec::len);
+        self.bare.iter().map(Vec::len).max().unwrap_or(0) + member + OPEN_SLACK
+    }
+}
+
+/// The heads of Mistral's calls: `NAME[ARGS]` or `NAME[CALL_ID]ID[ARGS]`, each name one function's.
+#[derive(Clone, Debug)]
+pub struct Heads {
+    /// Each function's name and the schema of its arguments.
+    pub fns: Vec<(Vec<u8>, JsonFormat)>,
+    /// The text that ends a head (`[ARGS]`) and its token, if it is one.
+    pub args: (Vec<u8>, Option<u32>),
+    /// The text that may stand between the name and `[ARGS]` before an id (`[CALL_ID]`), and its token.
+    pub id: (Vec<u8>, Option<u32>),
+}
+
+/// A call's head read so far (control tokens as their text).
+#[derive(Clone, Debug, Default)]
+pub struct Head {
+    text: Vec<u8>,
+}
+
+/// How a head stands after a token.
+#[derive(Debug, PartialEq)]
+pub enum HeadStep {
+    /// Not whole yet, and it may still be a function's head.
+    More,
+    /// Whole: the arguments of function `fns[i]` begin, with these bytes of the token after `[ARGS]`.
+    Args(usize, Vec<u8>),
+    /// It can no longer be any function's head.
+    No,
+}
+
+impl Head {
+    /// The head with the token `id` (its `bytes`; a control token has none) after it: not kept.
+    pub fn step(&self, heads: &Heads, id: u32, bytes: &[u8]) -> HeadStep {
+        let mut text = self.text.clone();
+        if Some(id) == heads.args.1 {
+            text.extend_from_slice(&heads.args.0);
+        } else if Some(id) == heads.id.1 {
+            text.extend_from_slice(&heads.id.0);
+        } else if bytes.is_empty() {
+            return HeadStep::No;
+        } else {
+            text.extend_from_slice(bytes);
+        }
+        read_head(heads, &text)
+    }
+
+    /// Takes the token (one [`Head::step`] said fits).
+    pub fn take(&mut self, heads: &Heads, id: u32, bytes: &[u8]) {
+        if Some(id) == heads.args.1 {
+            self.text.extend_from_slice(&heads.args.0);
+        } else if Some(id) == heads.id.1 {
+            self.text.extend_from_slice(&heads.id.0);
+        } else {
+            self.text.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// Reads `text` as a head: `NAME`, then `[ARGS]`, or `[CALL_ID]`, 1 to [`MAX_ID`] letters or digits, `[ARGS]`.
+fn read_head(heads: &Heads, text: &[u8]) -> HeadStep {
+    let (args, id) = (&heads.args.0[..], &heads.id.0[..]);
+    let mut more = false;
+    for (i, (name, _)) in heads.fns.iter().enumerate() {
+        if text.len() <= name.len() {
+            more |= name.starts_with(text);
+            continue;
+        }
+        let Some(r) = text.strip_prefix(&name[..]) else {
+            continue;
+        };
+        // After the name: `[ARGS]`, or `[CALL_ID]ID[ARGS]`.
+        let r = match r.strip_prefix(id) {
+            Some(after) => {
+                let n = after
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphanumeric())
+                    .count();
+                if n > MAX_ID || (n == MAX_ID && after.len() > n && after[n] != args[0]) {
+                    continue;
+                }
+                if n == after.len() {
+                    more = true;
+                    continue;
+                }
+                if n == 0 {
+                    continue;
+                }
+                &after[n..]
+            }
+            None if id.starts_with(r) => {
+                more = true;
+                continue;
+            }
+            None => r,
+        };
+        match r.strip_prefix(args) {
+            Some(rest) => return HeadStep::Args(i, rest.to_vec()),
+            None if args.starts_with(r) => more = true,
+            None => {}
+        }
+    }
+    if more {
+        HeadStep::More
+    } else {
+        HeadStep::No
+    }
 }
 
 /// Where the watch is.
@@ -85,20 +212,28 @@ impl Watch {
                 open.push(b);
                 rest = tail;
                 let (mut whole, mut partial) = (false, false);
+                // Whole with the member before the name: its bytes are left out of the feed.
+                let mut drop = 0;
                 for o in &spec.bare {
-                    match opening(open, o) {
-                        Some(true) => whole = true,
-                        Some(false) => partial = true,
-                        None => {}
+                    let with = spec.member.as_ref().map(|m| [&o[..1], m, &o[1..]].concat());
+                    for (o, n) in [
+                        (Some(o.clone()), 0),
+                        (with, spec.member.as_ref().map_or(0, Vec::len)),
+                    ] {
+                        match o.and_then(|o| opening(open, &o)) {
+                            Some(true) => (whole, drop) = (true, n),
+                            Some(false) => partial = true,
+                            None => {}
+                        }
                     }
                 }
                 if whole {
-                    let mut feed = std::mem::take(open);
+                    let mut feed = without_member(std::mem::take(open), drop);
                     feed.extend_from_slice(rest);
                     *self = Watch::after_call();
                     return Some(feed);
                 }
-                if !partial || open.len() > MAX_OPEN {
+                if !partial || open.len() > spec.max_open() {
                     bare = false;
                     break;
                 }
@@ -178,6 +313,25 @@ impl Watch {
     }
 }
 
+/// `open` (a bare call's opening, `{` first) without the `n` bytes after the `{` that are not whitespace, nor the
+/// whitespace among them.
+fn without_member(open: Vec<u8>, n: usize) -> Vec<u8> {
+    if n == 0 {
+        return open;
+    }
+    let mut seen = 0;
+    let mut out = Vec::with_capacity(open.len());
+    for (i, &b) in open.iter().enumerate() {
+        let ws = b.is_ascii_whitespace();
+        if i > 0 && seen < n {
+            seen += usize::from(!ws);
+            continue;
+        }
+        out.push(b);
+    }
+    out
+}
+
 /// How `text` (whitespace left out) stands to the opening `o`: Some(true) it holds all of it, Some(false) it is a
 /// beginning of it, None it is neither.
 fn opening(text: &[u8], o: &[u8]) -> Option<bool> {
@@ -203,6 +357,8 @@ mod tests {
             trigger_texts: vec![b"<tool_call>".to_vec()],
             bare: vec![b"{\"name\":\"f\"".to_vec(), b"{\"name\":\"get\"".to_vec()],
             think: None,
+            member: None,
+            heads: None,
         }
     }
 
@@ -256,6 +412,105 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_call_may_open_with_the_type_member_which_the_schema_does_not_read() {
+        let s = LazyJson {
+            member: Some(b"\"type\":\"function\",".to_vec()),
+            ..spec()
+        };
+        assert_eq!(
+            run(
+                &s,
+                &[
+                    "{\"type\": ",
+                    "\"function\",\n ",
+                    "\"name\": \"get\"",
+                    ", \"p"
+                ]
+            ),
+            Some((2, "{\n \"name\": \"get\"".into()))
+        );
+        assert_eq!(
+            run(&s, &["{\"name\": \"f\", "]),
+            Some((0, "{\"name\": \"f\", ".into()))
+        );
+        // Another type, or the member without a function's name after it, is no call.
+        assert_eq!(run(&s, &["{\"type\": \"object\", \"name\": \"f\""]), None);
+        assert_eq!(run(&s, &["{\"type\": \"function\", \"name\": \"g\""]), None);
+        // Without the member allowed it is no call.
+        assert_eq!(
+            run(&spec(), &["{\"type\": \"function\", \"name\": \"f\""]),
+            None
+        );
+        // A long function name still triggers (the opening may be as long as the longest one, plus whitespace).
+        let long = "f".repeat(64);
+        let s = LazyJson {
+            bare: vec![format!("{{\"name\":\"{long}\"").into_bytes()],
+            ..spec()
+        };
+        let text = format!("{{ \"name\" : \"{long}\"");
+        assert_eq!(run(&s, &[&text]), Some((0, text.clone())));
+    }
+
+    fn heads() -> Heads {
+        Heads {
+            fns: vec![
+                (b"get".to_vec(), JsonFormat::Object),
+                (b"get_weather".to_vec(), JsonFormat::Object),
+            ],
+            args: (b"[ARGS]".to_vec(), Some(5)),
+            id: (b"[CALL_ID]".to_vec(), Some(6)),
+        }
+    }
+
+    #[test]
+    fn a_mistral_head_is_a_function_name_maybe_an_id_then_args() {
+        let h = heads();
+        let read = |t: &str| read_head(&h, t.as_bytes());
+        for more in [
+            "",
+            "g",
+            "get",
+            "get_",
+            "get_weather",
+            "get[",
+            "get[ARGS",
+            "get[CALL_ID]",
+            "get[CALL_ID]a1",
+        ] {
+            assert_eq!(read(more), HeadStep::More, "{more}");
+        }
+        assert_eq!(read("get[ARGS]"), HeadStep::Args(0, Vec::new()));
+        assert_eq!(
+            read("get_weather[ARGS]{\""),
+            HeadStep::Args(1, b"{\"".to_vec())
+        );
+        assert_eq!(
+            read("get[CALL_ID]abc123XYZ[ARGS] {"),
+            HeadStep::Args(0, b" {".to_vec())
+        );
+        for no in [
+            "x",
+            "gets",
+            "get_weathers",
+            "get ",
+            "get[CALL_ID][ARGS]",
+            "get[CALL_ID]a-b",
+            "get[ARG]",
+        ] {
+            assert_eq!(read(no), HeadStep::No, "{no}");
+        }
+        let long_id = format!("get[CALL_ID]{}", "a".repeat(MAX_ID + 1));
+        assert_eq!(read(&long_id), HeadStep::No);
+        // Control tokens stand for their text; another token without bytes fits no head.
+        let head = Head {
+            text: b"get".to_vec(),
+        };
+        assert_eq!(head.step(&h, 5, b""), HeadStep::Args(0, Vec::new()));
+        assert_eq!(head.step(&h, 6, b""), HeadStep::More);
+        assert_eq!(head.step(&h, 7, b""), HeadStep::No);
+    }
+
+    #[test]
     fn nothing_triggers_inside_thinking() {
         let think = |inside| LazyJson {
             think: Some((b"<think>".to_vec(), b"</think>".to_vec(), inside)),
@@ -306,7 +561,7 @@ mod tests {
                     .map(|_| alphabet[rng.below(alphabet.len())])
                     .collect();
                 if let Some(feed) = w.token(&s, rng.below(9) as u32, &piece) {
-                    assert!(feed.len() <= MAX_OPEN + piece.len());
+                    assert!(feed.len() <= s.max_open() + piece.len());
                 }
             }
         }

@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::engine::json::JsonFormat;
-use crate::engine::json_lazy::LazyJson;
+use crate::engine::json_lazy::{Heads, LazyJson};
 use crate::engine::json_schema::{JVal, Schema};
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::Tokenizer;
@@ -162,6 +162,11 @@ pub struct LazyCalls {
     /// A call may also open the answer bare: `{"name":"NAME"` for each function (no whitespace; any is allowed
     /// between the bytes).
     pub bare: Vec<String>,
+    /// A member a bare call may write before its name, which the schema does not take (Llama 3.x).
+    pub member: Option<&'static str>,
+    /// For Mistral's `NAME[ARGS]{...}` calls: each function's name and the schema of its arguments (`format` is
+    /// then not used).
+    pub heads: Option<Vec<(String, JsonFormat)>>,
 }
 
 impl LazyCalls {
@@ -178,19 +183,43 @@ impl LazyCalls {
             trigger_texts: self.markers.iter().map(|m| m.as_bytes().to_vec()).collect(),
             bare: self.bare.iter().map(|o| o.as_bytes().to_vec()).collect(),
             think,
+            member: self.member.map(|m| m.as_bytes().to_vec()),
+            heads: self.heads.as_ref().map(|fns| {
+                let text = |t: &str| (t.as_bytes().to_vec(), tok.token_id(t));
+                Heads {
+                    fns: fns
+                        .iter()
+                        .map(|(n, f)| (n.as_bytes().to_vec(), f.clone()))
+                        .collect(),
+                    args: text(MISTRAL_ARGS),
+                    id: text(MISTRAL_ID),
+                }
+            }),
         }
     }
 }
 
 impl Format {
-    /// The lazy constraint of `auto` calls; None for Mistral's `name[ARGS]{...}`, whose arguments come after a
-    /// name that is not JSON, and for Qwen3-Coder's XML calls.
+    /// The lazy constraint of `auto` calls; None for Qwen3-Coder's XML calls (not JSON).
     fn lazy(self, tools: &[&JVal], parallel: bool) -> Option<LazyCalls> {
         let (markers, bare, list) = match self {
             Format::Hermes => (vec![OPEN], true, false),
             Format::Llama3 => (vec![PYTHON_TAG], true, false),
             Format::List { marker } => (vec![marker], false, true),
-            Format::MistralArgs | Format::Xml => return None,
+            Format::MistralArgs => {
+                let heads = tools
+                    .iter()
+                    .filter_map(|t| Some((fn_name(t)?.to_string(), args_schema(t))))
+                    .collect();
+                return Some(LazyCalls {
+                    format: JsonFormat::Object,
+                    markers: vec![MISTRAL_CALLS],
+                    bare: Vec::new(),
+                    member: None,
+                    heads: Some(heads),
+                });
+            }
+            Format::Xml => return None,
         };
         let format = call_schema(tools, self.arguments_key(), list.then_some(!parallel));
         let bare = match bare {
@@ -205,6 +234,10 @@ impl Format {
             format,
             markers,
             bare,
+            // Llama 3.x models also write `{"type": "function", "name": ...}` (llama.cpp's trigger and grammar
+            // allow it).
+            member: (self == Format::Llama3).then_some("\"type\":\"function\","),
+            heads: None,
         })
     }
 }
@@ -409,6 +442,16 @@ fn param_types(t: &JVal) -> Option<(String, Vec<(String, String)>)> {
 
 fn fn_name(t: &JVal) -> Option<&str> {
     t.get("function")?.get("name")?.as_str()
+}
+
+/// The schema of a function's arguments: its `parameters` when hayloft's schema subset takes them, any JSON object
+/// otherwise.
+fn args_schema(t: &JVal) -> JsonFormat {
+    let params = t.get("function").and_then(|f| f.get("parameters"));
+    match params.map(Schema::compile) {
+        Some(Ok(s)) => JsonFormat::Schema(Arc::new(s)),
+        _ => JsonFormat::Object,
+    }
 }
 
 /// The constraint of a forced call: `{"name": ..., "<args_key>": {...}}` with, for each chosen function, its name
