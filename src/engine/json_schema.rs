@@ -34,8 +34,9 @@ pub use crate::util::JVal;
 pub const MAX_FRAMES: usize = 12;
 /// Most properties of one object.
 pub const MAX_PROPERTIES: usize = 64;
-/// Most alternatives of one `enum`.
-pub const MAX_ENUM: usize = 64;
+/// Most alternatives of one `enum` (or values of a tagged union's first property over its alternatives: a forced
+/// call over that many functions).
+pub const MAX_ENUM: usize = 4096;
 
 type NodeId = u16;
 
@@ -55,7 +56,7 @@ enum Node {
     Number {
         int: bool,
     },
-    /// One of these JSON texts (prefix-free).
+    /// One of these JSON texts (prefix-free, sorted: the texts that begin with what has been read are a range).
     Lit(Vec<Vec<u8>>),
     /// Alternatives with disjoint first bytes.
     Union(Vec<NodeId>),
@@ -65,7 +66,7 @@ enum Node {
     Tagged {
         tag: Prop,
         alts: Vec<NodeId>,
-        owner: Vec<u8>,
+        owner: Vec<u16>,
     },
     /// Objects told apart by their first key: read as an object whose key is one of `heads` (alternative i's
     /// first property) until that key is whole, then as `alts[i]`.
@@ -179,6 +180,9 @@ struct Compiler<'v> {
 
 impl Compiler<'_> {
     fn push(&mut self, n: Node) -> Result<NodeId, String> {
+        if let Node::Lit(t) = &n {
+            assert!(t.windows(2).all(|w| w[0] < w[1]), "literal texts unsorted");
+        }
         if self.nodes.len() >= NodeId::MAX as usize {
             return Err("the schema is too large".into());
         }
@@ -327,7 +331,7 @@ impl Compiler<'_> {
                     ));
                 }
                 texts.push(v.clone());
-                owner.push(k as u8);
+                owner.push(k as u16);
             }
         }
         if texts.len() > MAX_ENUM {
@@ -336,6 +340,9 @@ impl Compiler<'_> {
                 String::from_utf8_lossy(&tag.key)
             ));
         }
+        let mut pairs: Vec<(Vec<u8>, u16)> = texts.into_iter().zip(owner).collect();
+        pairs.sort();
+        let (texts, owner) = pairs.into_iter().unzip();
         let lit = self.push(Node::Lit(texts))?;
         let tagged = self.push(Node::Tagged {
             tag: Prop {
@@ -382,7 +389,7 @@ impl Compiler<'_> {
         if vals.is_empty() || vals.len() > MAX_ENUM {
             return Err(format!("{at}: enum needs 1 to {MAX_ENUM} values"));
         }
-        let texts: Vec<Vec<u8>> = vals
+        let mut texts: Vec<Vec<u8>> = vals
             .iter()
             .map(|v| {
                 let mut t = Vec::new();
@@ -390,15 +397,16 @@ impl Compiler<'_> {
                 t
             })
             .collect();
-        for a in &texts {
-            for b in &texts {
-                if a != b && b.starts_with(a) {
-                    return Err(format!(
-                        "{at}: enum values {} and {} (one begins the other) are not supported",
-                        String::from_utf8_lossy(a),
-                        String::from_utf8_lossy(b)
-                    ));
-                }
+        texts.sort();
+        texts.dedup();
+        // Sorted, a text that begins another comes right before one that it begins.
+        for w in texts.windows(2) {
+            if w[1].starts_with(&w[0]) {
+                return Err(format!(
+                    "{at}: enum values {} and {} (one begins the other) are not supported",
+                    String::from_utf8_lossy(&w[0]),
+                    String::from_utf8_lossy(&w[1])
+                ));
             }
         }
         self.push(Node::Lit(texts))
@@ -418,7 +426,7 @@ impl Compiler<'_> {
             "string" => self.push(Node::Str),
             "number" => self.push(Node::Number { int: false }),
             "integer" => self.push(Node::Number { int: true }),
-            "boolean" => self.push(Node::Lit(vec![b"true".to_vec(), b"false".to_vec()])),
+            "boolean" => self.push(Node::Lit(vec![b"false".to_vec(), b"true".to_vec()])),
             "null" => self.push(Node::Lit(vec![b"null".to_vec()])),
             "array" => {
                 let items = match o.get("items") {
@@ -481,6 +489,15 @@ impl Compiler<'_> {
     }
 }
 
+/// The range of `texts[lo..hi]` (sorted, each longer than `at`, alike in their first `at` bytes) whose byte `at` is
+/// `b`: a range again.
+fn narrow(texts: &[Vec<u8>], lo: usize, hi: usize, at: usize, b: u8) -> (usize, usize) {
+    let r = &texts[lo..hi];
+    let from = r.partition_point(|t| t.get(at) < Some(&b));
+    let to = r.partition_point(|t| t.get(at) <= Some(&b));
+    (lo + from, lo + to)
+}
+
 /// Where an object is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ObjAt {
@@ -529,10 +546,11 @@ enum Frame {
         st: Num,
         len: u8,
     },
-    /// Literal texts of `node` still possible (bits), `at` bytes read.
+    /// Literal texts of `node` still possible (`lo..hi` of its sorted texts), `at` bytes read.
     Lit {
         node: NodeId,
-        cands: u64,
+        lo: u16,
+        hi: u16,
         at: u16,
     },
     Free(JsonState),
@@ -661,24 +679,21 @@ impl SchemaState {
                 self.push(Frame::Num { int, st, len: 1 })
             }
             Node::Lit(texts) => {
-                let cands = texts
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, t)| t[0] == b)
-                    .fold(0u64, |m, (i, _)| m | 1 << i);
-                if cands == 0
+                let (lo, hi) = narrow(texts, 0, texts.len(), 0, b);
+                if lo == hi
                     || !self.push(Frame::Lit {
                         node: n,
-                        cands,
+                        lo: lo as u16,
+                        hi: hi as u16,
                         at: 1,
                     })
                 {
                     return false;
                 }
-                // A one-byte literal (a digit) is whole at once.
-                match (0..texts.len()).find(|&i| cands >> i & 1 == 1 && texts[i].len() == 1) {
-                    Some(i) => self.literal_done(s, n, i),
-                    None => true,
+                // A one-byte literal (a digit) is whole at once (prefix-free: the only one left).
+                match texts[lo].len() == 1 {
+                    true => self.literal_done(s, n, lo),
+                    false => true,
                 }
             }
             Node::Union(alts) => match alts.iter().find(|&&a| s.starts(a, b)) {
@@ -744,32 +759,24 @@ impl SchemaState {
                     None => st.complete() && self.complete() && self.step(s, b),
                 }
             }
-            Frame::Lit { node, cands, at } => {
+            Frame::Lit { node, lo, hi, at } => {
                 let Node::Lit(texts) = &s.nodes[node as usize] else {
                     return false;
                 };
-                let mut left = 0u64;
-                let mut whole = None;
-                for (i, t) in texts.iter().enumerate() {
-                    if cands >> i & 1 == 1 && t.get(at as usize) == Some(&b) {
-                        left |= 1 << i;
-                        if t.len() == at as usize + 1 {
-                            whole = Some(i);
-                        }
-                    }
-                }
-                if left == 0 {
+                let (lo, hi) = narrow(texts, lo as usize, hi as usize, at as usize, b);
+                if lo == hi {
                     return false;
                 }
                 *self.top() = Frame::Lit {
                     node,
-                    cands: left,
+                    lo: lo as u16,
+                    hi: hi as u16,
                     at: at + 1,
                 };
                 // Prefix-free texts: a whole one is the only one left.
-                match whole {
-                    Some(i) => self.literal_done(s, node, i),
-                    None => true,
+                match texts[lo].len() == at as usize + 1 {
+                    true => self.literal_done(s, node, lo),
+                    false => true,
                 }
             }
             Frame::Free(mut j) => {
@@ -1064,6 +1071,42 @@ mod tests {
             json!({"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}]})
         )
         .is_ok());
+    }
+
+    #[test]
+    fn enums_and_tagged_unions_of_hundreds_of_values() {
+        // 300 values, some beginning like others up to their closing quote ("v1", "v10", "v100").
+        let vals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
+        let s = compile(json!({"enum": vals})).unwrap();
+        for v in &vals {
+            reads_whole_and_as_prefixes(&s, &format!("\"{v}\""));
+        }
+        for bad in ["\"v300\"", "\"v\"", "\"v01\"", "\"w1\""] {
+            assert!(!whole(&s, bad), "{bad}");
+        }
+        assert!(compile(json!({"enum": (0..=MAX_ENUM).collect::<Vec<_>>()})).is_err());
+        // A forced call over 100 functions: each name takes its own arguments only.
+        // (As text: `json!` would sort the keys, and the name must come first.)
+        let alts: Vec<String> = (0..100)
+            .map(|i| {
+                format!(
+                    r#"{{"type": "object", "properties": {{"name": {{"const": "f{i}"}}, "arguments": {{"type":
+                    "object", "properties": {{"x{i}": {{"type": "integer"}}}}, "required": ["x{i}"],
+                    "additionalProperties": false}}}}, "required": ["name", "arguments"]}}"#
+                )
+            })
+            .collect();
+        let s = compile_text(&format!(r#"{{"anyOf": [{}]}}"#, alts.join(","))).unwrap();
+        for i in [0, 1, 10, 57, 99] {
+            reads_whole_and_as_prefixes(
+                &s,
+                &format!(r#"{{"name": "f{i}", "arguments": {{"x{i}": 3}}}}"#),
+            );
+            let other = (i + 1) % 100;
+            let bad = format!(r#"{{"name": "f{i}", "arguments": {{"x{other}": 3}}}}"#);
+            assert!(reads(&s, &bad).is_none(), "{bad}");
+        }
+        assert!(reads(&s, r#"{"name": "f100""#).is_none());
     }
 
     #[test]

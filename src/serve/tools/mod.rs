@@ -1390,6 +1390,23 @@ mod tests {
         ));
         assert!(!accepts(&list, r#"[{"name": "add", "parameters": {"city""#));
         assert!(!accepts(&list, "[]"));
+        // Many functions (an agent's tool set): still each its own arguments.
+        let many: Vec<JVal> = (0..150)
+            .map(|i| {
+                let p = format!(r#"{{"type": "object", "properties": {{"n{i}": {{"type": "integer"}}}}, "required": ["n{i}"]}}"#);
+                tool(&format!("tool_{i}"), &p)
+            })
+            .collect();
+        let many = call_schema(&many.iter().collect::<Vec<_>>(), "arguments", None);
+        assert!(accepts(
+            &many,
+            r#"{"name": "tool_120", "arguments": {"n120": 7}}"#
+        ));
+        assert!(!accepts(
+            &many,
+            r#"{"name": "tool_120", "arguments": {"n12""#
+        ));
+        assert!(!accepts(&many, r#"{"name": "tool_150""#));
     }
 
     #[test]
