@@ -969,6 +969,134 @@ mod tests {
         assert!(!c.triggered());
     }
 
+    /// Random draws among the tokens the mask leaves, from Mistral's marker on: the call that comes out is always
+    /// one function's name, maybe an id, `[ARGS]`, and arguments its schema accepts whole, and the text is free
+    /// right after them.
+    #[test]
+    fn random_mistral_calls_under_the_mask_are_always_whole_calls() {
+        let mut pieces: Vec<String> = [
+            "</s>", "", "", "", "[ARGS]", "[", "ARG", "S]", "[CALL", "_ID]",
+        ]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+        for p in [
+            "a",
+            "d",
+            "dd",
+            "add",
+            "s",
+            "c",
+            "l",
+            "sc",
+            "ale",
+            "scale",
+            "x",
+            "X9",
+            "7",
+            "{",
+            "}",
+            "\"",
+            ":",
+            ",",
+            " ",
+            "\n",
+            "{\"",
+            "\":",
+            "1",
+            "2.5",
+            "-",
+            "e",
+            "true",
+            "null",
+            "[ARGS]{",
+            "}[",
+            "add[ARGS]",
+        ] {
+            pieces.push(p.to_string());
+        }
+        let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+        let schema = |t: &str| {
+            let s = Schema::compile(&serde_json::from_str(t).unwrap()).unwrap();
+            Arc::new(s)
+        };
+        let add = schema(
+            r#"{"type": "object", "properties": {"a": {"type": "number"}, "d": {"type": "integer"}},
+                "required": ["a"], "additionalProperties": false}"#,
+        );
+        let scale = schema(r#"{"type": "object", "properties": {"x": {"type": "boolean"}}}"#);
+        let spec = Arc::new(LazyJson {
+            format: JsonFormat::Object,
+            trigger_ids: vec![1],
+            trigger_texts: vec![b"[TOOL_CALLS]".to_vec()],
+            bare: Vec::new(),
+            think: None,
+            member: None,
+            heads: Some(Heads {
+                fns: vec![
+                    (b"add".to_vec(), JsonFormat::Schema(add.clone())),
+                    (b"scale".to_vec(), JsonFormat::Schema(scale.clone())),
+                ],
+                args: (b"[ARGS]".to_vec(), Some(2)),
+                id: (b"[CALL_ID]".to_vec(), Some(3)),
+            }),
+        });
+        let v = Arc::new(vocab(&refs, 0));
+        let text_of = |id: usize| match id {
+            2 => "[ARGS]",
+            3 => "[CALL_ID]",
+            _ => refs[id],
+        };
+        let mut rng = crate::testutil::Rng::seeded(5);
+        let mut calls = [0usize; 2];
+        for _ in 0..300 {
+            let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
+            c.accept(1);
+            let mut text = String::new();
+            let mut steps = 0;
+            while c.triggered() {
+                let mut l = vec![0.0f32; refs.len()];
+                assert!(c.mask(&mut l) > 0);
+                let ok: Vec<usize> = (0..refs.len()).filter(|&i| l[i] == 0.0).collect();
+                assert!(
+                    !ok.contains(&0) && !ok.contains(&1),
+                    "the end or a marker inside a call: {text:?}"
+                );
+                let id = ok[rng.below(ok.len())];
+                text.push_str(text_of(id));
+                c.accept(id as u32);
+                steps += 1;
+                assert!(steps < 400, "no end: {text:?}");
+            }
+            let (head, args) = text
+                .split_once("[ARGS]")
+                .unwrap_or_else(|| panic!("{text:?}"));
+            let name = head.split("[CALL_ID]").next().unwrap();
+            if let Some(id) = head
+                .strip_prefix(name)
+                .and_then(|h| h.strip_prefix("[CALL_ID]"))
+            {
+                assert!(
+                    (1..=16).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric()),
+                    "{text:?}"
+                );
+            }
+            let s = match name {
+                "add" => &add,
+                "scale" => &scale,
+                _ => panic!("not a function: {text:?}"),
+            };
+            calls[usize::from(name == "scale")] += 1;
+            let mut st = SchemaState::new();
+            assert!(args.bytes().all(|b| st.step(s, b)) && st.done(), "{text:?}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(args).is_ok(),
+                "{text:?}"
+            );
+        }
+        assert!(calls[0] > 20 && calls[1] > 20, "{calls:?}");
+    }
+
     #[test]
     fn a_lazy_constraint_holds_only_between_a_trigger_and_the_end_of_its_value() {
         let pieces = [
