@@ -577,6 +577,8 @@ impl JsonConstraint {
             return logits.len();
         };
         let mut allowed = 0;
+        // The head with each token after it, in one buffer.
+        let mut text = Vec::with_capacity(head.text().len() + 64);
         for (id, l) in logits.iter_mut().enumerate() {
             let kind = self.vocab.kind.get(id).copied().unwrap_or(Kind::Banned);
             let bytes = match kind {
@@ -585,12 +587,12 @@ impl JsonConstraint {
             };
             let ok = kind != Kind::Eog
                 && !spec.trigger_ids.contains(&(id as u32))
-                && match head.step(heads, id as u32, bytes) {
+                && match head.step(heads, id as u32, bytes, &mut text) {
                     HeadStep::More => true,
-                    HeadStep::Args(i, rest) => {
-                        let mut g = Grammar::of(&heads.fns[i].1);
-                        g.advance(&rest)
-                    }
+                    HeadStep::Args(i, at) => match &heads.fns[i].1 {
+                        JsonFormat::Object => JsonState::new().accepts(&text[at..]),
+                        JsonFormat::Schema(s) => SchemaState::new().accepts(s, &text[at..]),
+                    },
                     HeadStep::No => false,
                 };
             if ok {
@@ -693,13 +695,13 @@ fn head_after(
     if id.is_none() && bytes.is_empty() {
         return Ok(Phase::Head(head));
     }
-    let id = id.unwrap_or(u32::MAX);
-    match head.step(heads, id, bytes) {
+    let mut text = Vec::new();
+    match head.step(heads, id.unwrap_or(u32::MAX), bytes, &mut text) {
         HeadStep::More => {
-            head.take(heads, id, bytes);
+            head.set(text);
             Ok(Phase::Head(head))
         }
-        HeadStep::Args(i, rest) => Err((heads.fns[i].1.clone(), rest)),
+        HeadStep::Args(i, at) => Err((heads.fns[i].1.clone(), text[at..].to_vec())),
         HeadStep::No => Ok(Phase::Free(Watch::after_call())),
     }
 }

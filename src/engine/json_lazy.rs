@@ -76,16 +76,19 @@ pub struct Head {
 pub enum HeadStep {
     /// Not whole yet, and it may still be a function's head.
     More,
-    /// Whole: the arguments of function `fns[i]` begin, with these bytes of the token after `[ARGS]`.
-    Args(usize, Vec<u8>),
+    /// Whole: the arguments of function `fns[i]` begin at this offset of the text read (bytes of the token after
+    /// `[ARGS]`).
+    Args(usize, usize),
     /// It can no longer be any function's head.
     No,
 }
 
 impl Head {
-    /// The head with the token `id` (its `bytes`; a control token has none) after it: not kept.
-    pub fn step(&self, heads: &Heads, id: u32, bytes: &[u8]) -> HeadStep {
-        let mut text = self.text.clone();
+    /// The head with the token `id` (its `bytes`; a control token has none) after it, written to `text` (a scratch
+    /// buffer, so that the mask allocates nothing per token): not kept.
+    pub fn step(&self, heads: &Heads, id: u32, bytes: &[u8], text: &mut Vec<u8>) -> HeadStep {
+        text.clear();
+        text.extend_from_slice(&self.text);
         if Some(id) == heads.args.1 {
             text.extend_from_slice(&heads.args.0);
         } else if Some(id) == heads.id.1 {
@@ -95,18 +98,17 @@ impl Head {
         } else {
             text.extend_from_slice(bytes);
         }
-        read_head(heads, &text)
+        read_head(heads, text)
     }
 
-    /// Takes the token (one [`Head::step`] said fits).
-    pub fn take(&mut self, heads: &Heads, id: u32, bytes: &[u8]) {
-        if Some(id) == heads.args.1 {
-            self.text.extend_from_slice(&heads.args.0);
-        } else if Some(id) == heads.id.1 {
-            self.text.extend_from_slice(&heads.id.0);
-        } else {
-            self.text.extend_from_slice(bytes);
-        }
+    /// The text read so far.
+    pub fn text(&self) -> &[u8] {
+        &self.text
+    }
+
+    /// Takes the text a [`Head::step`] that gave `More` wrote.
+    pub fn set(&mut self, text: Vec<u8>) {
+        self.text = text;
     }
 }
 
@@ -148,7 +150,7 @@ fn read_head(heads: &Heads, text: &[u8]) -> HeadStep {
             None => r,
         };
         match r.strip_prefix(args) {
-            Some(rest) => return HeadStep::Args(i, rest.to_vec()),
+            Some(rest) => return HeadStep::Args(i, text.len() - rest.len()),
             None if args.starts_with(r) => more = true,
             None => {}
         }
@@ -479,15 +481,9 @@ mod tests {
         ] {
             assert_eq!(read(more), HeadStep::More, "{more}");
         }
-        assert_eq!(read("get[ARGS]"), HeadStep::Args(0, Vec::new()));
-        assert_eq!(
-            read("get_weather[ARGS]{\""),
-            HeadStep::Args(1, b"{\"".to_vec())
-        );
-        assert_eq!(
-            read("get[CALL_ID]abc123XYZ[ARGS] {"),
-            HeadStep::Args(0, b" {".to_vec())
-        );
+        assert_eq!(read("get[ARGS]"), HeadStep::Args(0, 9));
+        assert_eq!(read("get_weather[ARGS]{\""), HeadStep::Args(1, 17));
+        assert_eq!(read("get[CALL_ID]abc123XYZ[ARGS] {"), HeadStep::Args(0, 27));
         for no in [
             "x",
             "gets",
@@ -505,9 +501,12 @@ mod tests {
         let head = Head {
             text: b"get".to_vec(),
         };
-        assert_eq!(head.step(&h, 5, b""), HeadStep::Args(0, Vec::new()));
-        assert_eq!(head.step(&h, 6, b""), HeadStep::More);
-        assert_eq!(head.step(&h, 7, b""), HeadStep::No);
+        let mut buf = Vec::new();
+        assert_eq!(head.step(&h, 5, b"", &mut buf), HeadStep::Args(0, 9));
+        assert_eq!(buf, b"get[ARGS]");
+        assert_eq!(head.step(&h, 6, b"", &mut buf), HeadStep::More);
+        assert_eq!(buf, b"get[CALL_ID]");
+        assert_eq!(head.step(&h, 7, b"", &mut buf), HeadStep::No);
     }
 
     #[test]
