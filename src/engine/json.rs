@@ -862,6 +862,13 @@ mod tests {
     }
 
     /// A vocabulary of pieces with their ids, as the mask sees it.
+    /// The ids a constraint's mask leaves of a vocabulary of `n` tokens.
+    fn allowed_ids(c: &JsonConstraint, n: usize) -> Vec<usize> {
+        let mut l = vec![0.0f32; n];
+        c.mask(&mut l);
+        (0..n).filter(|&i| l[i] == 0.0).collect()
+    }
+
     fn vocab(pieces: &[&str], eog: usize) -> JsonVocab {
         let mut data = Vec::new();
         let mut off = vec![0u32];
@@ -926,13 +933,7 @@ mod tests {
             }),
         });
         let v = Arc::new(vocab(&pieces, 0));
-        let allowed = |c: &JsonConstraint| {
-            let mut l = vec![0.0f32; pieces.len()];
-            c.mask(&mut l);
-            (0..pieces.len())
-                .filter(|&i| l[i] == 0.0)
-                .collect::<Vec<_>>()
-        };
+        let allowed = |c: &JsonConstraint| allowed_ids(c, pieces.len());
         let all: Vec<usize> = (0..pieces.len()).collect();
         let mut c = JsonConstraint::lazy(v.clone(), spec.clone());
         c.accept(11);
@@ -1057,9 +1058,8 @@ mod tests {
             let mut text = String::new();
             let mut steps = 0;
             while c.triggered() {
-                let mut l = vec![0.0f32; refs.len()];
-                assert!(c.mask(&mut l) > 0);
-                let ok: Vec<usize> = (0..refs.len()).filter(|&i| l[i] == 0.0).collect();
+                let ok = allowed_ids(&c, refs.len());
+                assert!(!ok.is_empty());
                 assert!(
                     !ok.contains(&0) && !ok.contains(&1),
                     "the end or a marker inside a call: {text:?}"
@@ -1130,13 +1130,7 @@ mod tests {
             heads: None,
         });
         let v = Arc::new(vocab(&pieces, 0));
-        let allowed = |c: &JsonConstraint| {
-            let mut l = vec![0.0f32; pieces.len()];
-            c.mask(&mut l);
-            (0..pieces.len())
-                .filter(|&i| l[i] == 0.0)
-                .collect::<Vec<_>>()
-        };
+        let allowed = |c: &JsonConstraint| allowed_ids(c, pieces.len());
         let all: Vec<usize> = (0..pieces.len()).collect();
         let call = [3, 4, 5, 6, 8, 9, 10, 11];
         // Text, a marker, the call under its schema, then free text again; the end of generation only outside.

@@ -216,13 +216,14 @@ impl Watch {
                 let (mut whole, mut partial) = (false, false);
                 // Whole with the member before the name: its bytes are left out of the feed.
                 let mut drop = 0;
+                let member = spec.member.as_deref();
                 for o in &spec.bare {
-                    let with = spec.member.as_ref().map(|m| [&o[..1], m, &o[1..]].concat());
+                    let with = member.map(|m| [&o[..1], m, &o[1..]].concat());
                     for (o, n) in [
-                        (Some(o.clone()), 0),
-                        (with, spec.member.as_ref().map_or(0, Vec::len)),
+                        (Some(&o[..]), 0),
+                        (with.as_deref(), member.map_or(0, <[u8]>::len)),
                     ] {
-                        match o.and_then(|o| opening(open, &o)) {
+                        match o.and_then(|o| opening(open, o)) {
                             Some(true) => (whole, drop) = (true, n),
                             Some(false) => partial = true,
                             None => {}
