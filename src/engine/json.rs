@@ -862,6 +862,23 @@ mod tests {
     }
 
     /// A vocabulary of pieces with their ids, as the mask sees it.
+    /// Mistral's lazy calls over `fns`: the marker is token 1, `[ARGS]` token 2, `[CALL_ID]` token 3.
+    fn mistral_spec(fns: Vec<(Vec<u8>, JsonFormat)>) -> Arc<LazyJson> {
+        Arc::new(LazyJson {
+            format: JsonFormat::Object,
+            trigger_ids: vec![1],
+            trigger_texts: vec![b"[TOOL_CALLS]".to_vec()],
+            bare: Vec::new(),
+            think: None,
+            member: None,
+            heads: Some(Heads {
+                fns,
+                args: (b"[ARGS]".to_vec(), Some(2)),
+                id: (b"[CALL_ID]".to_vec(), Some(3)),
+            }),
+        })
+    }
+
     /// The ids a constraint's mask leaves of a vocabulary of `n` tokens.
     fn allowed_ids(c: &JsonConstraint, n: usize) -> Vec<usize> {
         let mut l = vec![0.0f32; n];
@@ -919,19 +936,10 @@ mod tests {
             let s = Schema::compile(&serde_json::from_str(&s).unwrap()).unwrap();
             JsonFormat::Schema(Arc::new(s))
         };
-        let spec = Arc::new(LazyJson {
-            format: JsonFormat::Object,
-            trigger_ids: vec![1],
-            trigger_texts: vec![b"[TOOL_CALLS]".to_vec()],
-            bare: Vec::new(),
-            think: None,
-            member: None,
-            heads: Some(Heads {
-                fns: vec![(b"add".to_vec(), args("a")), (b"scale".to_vec(), args("b"))],
-                args: (b"[ARGS]".to_vec(), Some(2)),
-                id: (b"[CALL_ID]".to_vec(), Some(3)),
-            }),
-        });
+        let spec = mistral_spec(vec![
+            (b"add".to_vec(), args("a")),
+            (b"scale".to_vec(), args("b")),
+        ]);
         let v = Arc::new(vocab(&pieces, 0));
         let allowed = |c: &JsonConstraint| allowed_ids(c, pieces.len());
         let all: Vec<usize> = (0..pieces.len()).collect();
@@ -1028,22 +1036,10 @@ mod tests {
                 "required": ["a"], "additionalProperties": false}"#,
         );
         let scale = schema(r#"{"type": "object", "properties": {"x": {"type": "boolean"}}}"#);
-        let spec = Arc::new(LazyJson {
-            format: JsonFormat::Object,
-            trigger_ids: vec![1],
-            trigger_texts: vec![b"[TOOL_CALLS]".to_vec()],
-            bare: Vec::new(),
-            think: None,
-            member: None,
-            heads: Some(Heads {
-                fns: vec![
-                    (b"add".to_vec(), JsonFormat::Schema(add.clone())),
-                    (b"scale".to_vec(), JsonFormat::Schema(scale.clone())),
-                ],
-                args: (b"[ARGS]".to_vec(), Some(2)),
-                id: (b"[CALL_ID]".to_vec(), Some(3)),
-            }),
-        });
+        let spec = mistral_spec(vec![
+            (b"add".to_vec(), JsonFormat::Schema(add.clone())),
+            (b"scale".to_vec(), JsonFormat::Schema(scale.clone())),
+        ]);
         let v = Arc::new(vocab(&refs, 0));
         let text_of = |id: usize| match id {
             2 => "[ARGS]",
