@@ -561,14 +561,22 @@ impl JsonConstraint {
             }
         }
         if allowed == 0 {
-            for (id, l) in logits.iter_mut().enumerate() {
-                if self.vocab.kind.get(id) == Some(&Kind::Eog) {
-                    *l = 0.0;
-                    allowed += 1;
-                }
-            }
+            allowed = self.let_the_end_through(logits);
         }
         allowed
+    }
+
+    /// Nothing fits (a vocabulary that cannot go on): the end-of-generation tokens are let through, so the sequence
+    /// ends rather than drawing from nothing. Returns how many.
+    fn let_the_end_through(&self, logits: &mut [f32]) -> usize {
+        let mut n = 0;
+        for (id, l) in logits.iter_mut().enumerate() {
+            if self.vocab.kind.get(id) == Some(&Kind::Eog) {
+                *l = 0.0;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The mask of a call's head: the tokens that keep it a function's head (the end of generation never).
@@ -602,12 +610,7 @@ impl JsonConstraint {
             }
         }
         if allowed == 0 {
-            for (id, l) in logits.iter_mut().enumerate() {
-                if self.vocab.kind.get(id) == Some(&Kind::Eog) {
-                    *l = 0.0;
-                    allowed += 1;
-                }
-            }
+            allowed = self.let_the_end_through(logits);
         }
         allowed
     }

@@ -131,7 +131,8 @@ fn read_head(heads: &Heads, text: &[u8]) -> HeadStep {
                     .iter()
                     .take_while(|b| b.is_ascii_alphanumeric())
                     .count();
-                if n > MAX_ID || (n == MAX_ID && after.len() > n && after[n] != args[0]) {
+                // (What follows the id is checked against `[ARGS]` below.)
+                if n > MAX_ID {
                     continue;
                 }
                 if n == after.len() {
@@ -218,12 +219,11 @@ impl Watch {
                 let mut drop = 0;
                 let member = spec.member.as_deref();
                 for o in &spec.bare {
-                    let with = member.map(|m| [&o[..1], m, &o[1..]].concat());
-                    for (o, n) in [
-                        (Some(&o[..]), 0),
-                        (with.as_deref(), member.map_or(0, <[u8]>::len)),
-                    ] {
-                        match o.and_then(|o| opening(open, o)) {
+                    let plain = opening(open, o.iter());
+                    let with =
+                        member.and_then(|m| opening(open, o[..1].iter().chain(m).chain(&o[1..])));
+                    for (r, n) in [(plain, 0), (with, member.map_or(0, <[u8]>::len))] {
+                        match r {
                             Some(true) => (whole, drop) = (true, n),
                             Some(false) => partial = true,
                             None => {}
@@ -337,8 +337,7 @@ fn without_member(open: Vec<u8>, n: usize) -> Vec<u8> {
 
 /// How `text` (whitespace left out) stands to the opening `o`: Some(true) it holds all of it, Some(false) it is a
 /// beginning of it, None it is neither.
-fn opening(text: &[u8], o: &[u8]) -> Option<bool> {
-    let mut o = o.iter();
+fn opening<'a>(text: &[u8], mut o: impl Iterator<Item = &'a u8>) -> Option<bool> {
     for &b in text.iter().filter(|b| !b.is_ascii_whitespace()) {
         match o.next() {
             None => return Some(true),
