@@ -1803,7 +1803,8 @@ fn llama3_and_mistral_templates_take_tools_and_give_calls_back() {
 /// control token without text for Llama's `<|python_tag|>`), is pushed by `logit_bias` to write the marker first and
 /// to end the answer right after (the end is banned for the first token by `min_tokens`, and by the constraint
 /// inside the call): whatever its weights, what follows the marker is an `add` or `scale` call with that function's
-/// arguments (for Small 3.2, `NAME[ARGS]{...}`: a function's name first, `[ARGS]` a control token or text). Without
+/// arguments (for Small 3.2, `NAME[ARGS]{...}`: a function's name first, `[ARGS]` a control token or text; for
+/// Qwen3-Coder's XML, `<function=NAME>` and a `<parameter=KEY>` element per argument, its value a number). Without
 /// tools the same biases give the marker and the end.
 #[test]
 fn auto_calls_decode_under_the_schema_once_begun() {
@@ -1827,6 +1828,8 @@ fn auto_calls_decode_under_the_schema_once_begun() {
             3,
             Some("[ARGS]"),
         ),
+        // Qwen3-Coder's XML calls (the template above).
+        ("XML_TEMPLATE", "<tool_call>", 4, None),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
@@ -1835,10 +1838,11 @@ fn auto_calls_decode_under_the_schema_once_begun() {
             ctx_len: 8192,
             ..Default::default()
         });
-        w.set_meta(
-            "tokenizer.chat_template",
-            GgufValue::String(fixture_template(file)),
-        );
+        let template = match file {
+            "XML_TEMPLATE" => XML_TEMPLATE.to_string(),
+            f => fixture_template(f),
+        };
+        w.set_meta("tokenizer.chat_template", GgufValue::String(template));
         // Byte 0x01's token (never in these prompts) becomes the marker.
         let (tokens, types) = (
             w.meta_value("tokenizer.ggml.tokens"),
@@ -1898,13 +1902,9 @@ fn auto_calls_decode_under_the_schema_once_begun() {
     }
 }
 
-/// Qwen3-Coder's XML calls through the server: a template in its style (definitions in the system turn, past calls
-/// as `<function=NAME>` with a `<parameter=KEY>` element per argument) on a random-weight model. A named call
-/// decodes under the JSON call constraint and comes back as the call; sent back with its result, the template
-/// writes it as XML into the next prompt.
-#[test]
-fn xml_call_templates_take_tools_and_write_calls_back() {
-    let template = r#"{%- if tools %}<|im_start|>system
+/// A chat template in Qwen3-Coder's style: tool definitions in the system turn, calls as `<function=NAME>` with a
+/// `<parameter=KEY>` element per argument.
+const XML_TEMPLATE: &str = r#"{%- if tools %}<|im_start|>system
 # Tools
 {%- for tool in tools %}
 <function><name>{{ tool.function.name }}</name></function>
@@ -1945,12 +1945,19 @@ value_1
 {%- if add_generation_prompt %}
 <|im_start|>assistant
 {%- endif %}"#;
+
+/// Qwen3-Coder's XML calls through the server: a template in its style (definitions in the system turn, past calls
+/// as `<function=NAME>` with a `<parameter=KEY>` element per argument) on a random-weight model. A named call
+/// decodes under the JSON call constraint and comes back as the call; sent back with its result, the template
+/// writes it as XML into the next prompt.
+#[test]
+fn xml_call_templates_take_tools_and_write_calls_back() {
     let t = tiny_with_template(
         &TinySpec {
             ctx_len: 4096,
             ..Default::default()
         },
-        template,
+        XML_TEMPLATE,
     );
     let a = t.server.addr;
     let user = json!({"role": "user", "content": "Add 2 and 3."});

@@ -18,12 +18,15 @@
 //! with are found once per step, and only tokens starting with one of them are run through a copy of the state.
 //!
 //! With a schema ([`JsonFormat::Schema`], `response_format` `json_schema`) the state is a
-//! [`super::json_schema::SchemaState`] instead, under the same limits and the same mask.
+//! [`super::json_schema::SchemaState`] instead, under the same limits and the same mask. A lazy constraint over
+//! Qwen3-Coder's XML calls reads each call with an [`XmlState`] under the same mask; inside a parameter's text value
+//! any token without `<` goes unchecked.
 
 use std::sync::Arc;
 
 use super::json_lazy::{Head, HeadStep, Heads, LazyJson, Watch};
 use super::json_schema::{Schema, SchemaState};
+use super::xml_call::{XmlCalls, XmlState};
 use crate::tokenizer::Tokenizer;
 
 /// Deepest nesting of objects and arrays.
@@ -395,6 +398,8 @@ pub enum JsonFormat {
 enum Grammar {
     Object(JsonState),
     Schema(Arc<Schema>, Box<SchemaState>),
+    /// One XML call (a lazy constraint's, [`LazyJson::xml`]).
+    Xml(Arc<XmlCalls>, Box<XmlState>),
 }
 
 impl Grammar {
@@ -405,10 +410,19 @@ impl Grammar {
         }
     }
 
+    /// The grammar a lazy constraint reads a call with once triggered.
+    fn of_call(spec: &LazyJson) -> Self {
+        match &spec.xml {
+            Some(x) => Grammar::Xml(x.clone(), Box::default()),
+            None => Grammar::of(&spec.format),
+        }
+    }
+
     fn done(&self) -> bool {
         match self {
             Grammar::Object(s) => s.done(),
             Grammar::Schema(_, s) => s.done(),
+            Grammar::Xml(_, s) => s.done(),
         }
     }
 
@@ -416,13 +430,20 @@ impl Grammar {
         match self {
             Grammar::Object(s) => matches!(s.mode, Mode::Str { .. }),
             Grammar::Schema(_, s) => s.in_free_string(),
+            Grammar::Xml(_, s) => s.in_free_string(),
         }
+    }
+
+    /// Inside an XML call's text value: any bytes without `<` go.
+    fn in_text(&self) -> bool {
+        matches!(self, Grammar::Xml(_, s) if s.in_text())
     }
 
     fn accepts(&self, bytes: &[u8]) -> bool {
         match self {
             Grammar::Object(s) => s.accepts(bytes),
             Grammar::Schema(g, s) => s.accepts(g, bytes),
+            Grammar::Xml(g, s) => s.accepts(g, bytes),
         }
     }
 
@@ -438,6 +459,14 @@ impl Grammar {
                 ok
             }
             Grammar::Schema(g, s) => {
+                let mut t = **s;
+                let ok = bytes.iter().all(|&b| t.step(g, b));
+                if ok {
+                    **s = t;
+                }
+                ok
+            }
+            Grammar::Xml(g, s) => {
                 let mut t = **s;
                 let ok = bytes.iter().all(|&b| t.step(g, b));
                 if ok {
@@ -492,7 +521,7 @@ impl JsonConstraint {
     pub fn lazy(vocab: Arc<JsonVocab>, spec: Arc<LazyJson>) -> Self {
         Self {
             vocab,
-            state: Grammar::of(&spec.format),
+            state: Grammar::of_call(&spec),
             broken: false,
             lazy: Some(Lazy {
                 phase: Phase::Free(Watch::new(&spec)),
@@ -526,6 +555,7 @@ impl JsonConstraint {
             _ => {}
         }
         let in_string = self.state.in_free_string();
+        let in_text = self.state.in_text();
         let done = self.state.done();
         // The bytes a token may start with: most tokens fail on their first byte, without a copy of the state.
         let mut first = [false; 256];
@@ -540,6 +570,9 @@ impl JsonConstraint {
                 Kind::Eog => done,
                 Kind::Banned => false,
                 Kind::Plain if in_string => true,
+                Kind::Plain | Kind::Text if in_text && !self.vocab.bytes(id).contains(&b'<') => {
+                    true
+                }
                 Kind::Plain | Kind::Text => {
                     let bytes = self.vocab.bytes(id);
                     (in_string || first[bytes[0] as usize]) && self.state.accepts(bytes)
@@ -615,10 +648,9 @@ impl JsonConstraint {
         allowed
     }
 
-    /// Starts reading a value of `format` from `feed` (the bytes of it drawn so far): false if they do not read as
-    /// one, or already hold all of it.
-    fn begin_value(&mut self, format: &JsonFormat, feed: &[u8]) -> bool {
-        let mut g = Grammar::of(format);
+    /// Starts reading a value of grammar `g` from `feed` (the bytes of it drawn so far): false if they do not read
+    /// as one, or already hold all of it.
+    fn begin_value(&mut self, mut g: Grammar, feed: &[u8]) -> bool {
         if g.advance(feed) && !g.done() {
             self.state = g;
             return true;
@@ -635,24 +667,24 @@ impl JsonConstraint {
                 .get(id as usize)
                 .map_or(&[][..], |_| self.vocab.bytes(id as usize));
             let spec = lazy.spec.clone();
-            // The bytes of a call's value drawn so far, and its format, when one begins with this token.
-            let mut begin: Option<(JsonFormat, Vec<u8>)> = None;
+            // The bytes of a call's value drawn so far, and its grammar, when one begins with this token.
+            let mut begin: Option<(Grammar, Vec<u8>)> = None;
             match &mut lazy.phase {
                 Phase::Free(w) => match (w.token(&spec, id, bytes), &spec.heads) {
                     // The rest of the marker's token (as text) begins the head.
                     (Some(feed), Some(heads)) => {
                         match head_after(heads, Head::default(), None, &feed) {
                             Ok(p) => lazy.phase = p,
-                            Err(b) => begin = Some(b),
+                            Err((f, feed)) => begin = Some((Grammar::of(&f), feed)),
                         }
                     }
-                    (Some(feed), None) => begin = Some((spec.format.clone(), feed)),
+                    (Some(feed), None) => begin = Some((Grammar::of_call(&spec), feed)),
                     (None, _) => {}
                 },
                 Phase::Head(head) => match &spec.heads {
                     Some(heads) => match head_after(heads, head.clone(), Some(id), bytes) {
                         Ok(p) => lazy.phase = p,
-                        Err(b) => begin = Some(b),
+                        Err((f, feed)) => begin = Some((Grammar::of(&f), feed)),
                     },
                     None => lazy.phase = Phase::Free(Watch::after_call()),
                 },
@@ -664,10 +696,10 @@ impl JsonConstraint {
                     }
                 }
             }
-            if let Some((format, feed)) = begin {
+            if let Some((g, feed)) = begin {
                 // The call from its start: read under the schema from here on, unless it does not read as one, or
                 // is already whole (then the text is free).
-                let value = self.begin_value(&format, &feed);
+                let value = self.begin_value(g, &feed);
                 if let Some(lazy) = &mut self.lazy {
                     lazy.phase = match value {
                         true => Phase::Value,
@@ -746,6 +778,7 @@ pub(crate) fn random_walk<S: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::xml_call::XmlCalls;
 
     fn reads(text: &str) -> Option<JsonState> {
         let mut s = JsonState::new();
@@ -879,6 +912,7 @@ mod tests {
                 args: (b"[ARGS]".to_vec(), Some(2)),
                 id: (b"[CALL_ID]".to_vec(), Some(3)),
             }),
+            xml: None,
         })
     }
 
@@ -981,6 +1015,87 @@ mod tests {
         c.accept(1);
         c.accept(8);
         assert!(!c.triggered());
+    }
+
+    /// Qwen3-Coder's XML calls under the mask: a defined function, its parameters each once, typed values, the
+    /// required ones before `</function>`; a text value takes any token but the marker and the end.
+    #[test]
+    fn an_xml_call_takes_a_function_then_parameters_it_defines_then_its_end() {
+        let pieces = [
+            "<|im_end|>",
+            "<tool_call>",
+            "<function=",
+            "add",
+            ">",
+            "\n",
+            "<parameter=",
+            "a",
+            "12",
+            "</parameter>",
+            "</function>",
+            "Hi <",
+            "x",
+            "</",
+            "parameter>",
+            "hello",
+            "b",
+        ];
+        let params: crate::engine::json_schema::JVal = serde_json::from_str(
+            r#"{"properties": {"a": {"type": "number"}, "b": {"type": "string"}}, "required": ["a"]}"#,
+        )
+        .unwrap();
+        let xml = XmlCalls::compile(&[("add", Some(&params))]).unwrap();
+        let spec = Arc::new(LazyJson {
+            format: JsonFormat::Object,
+            trigger_ids: vec![1],
+            trigger_texts: vec![b"<tool_call>".to_vec()],
+            bare: Vec::new(),
+            think: None,
+            member: None,
+            heads: None,
+            xml: Some(Arc::new(xml)),
+        });
+        let v = Arc::new(vocab(&pieces, 0));
+        let allowed = |c: &JsonConstraint| allowed_ids(c, pieces.len());
+        let all: Vec<usize> = (0..pieces.len()).collect();
+        let mut c = JsonConstraint::lazy(v, spec);
+        c.accept(11);
+        assert_eq!(allowed(&c), all);
+        c.accept(1);
+        assert!(c.triggered());
+        // The function element (never the end of generation, never a second marker).
+        assert_eq!(allowed(&c), [2, 5]);
+        c.accept(2);
+        assert_eq!(allowed(&c), [3, 7]);
+        c.accept(3);
+        assert_eq!(allowed(&c), [4]);
+        c.accept(4);
+        // `a` is required: no `</function>` yet.
+        assert_eq!(allowed(&c), [5, 6]);
+        c.accept(6);
+        assert_eq!(allowed(&c), [7, 16]);
+        c.accept(7);
+        c.accept(4);
+        // A number, whole before `</parameter>`.
+        assert_eq!(allowed(&c), [5, 8]);
+        c.accept(8);
+        assert_eq!(allowed(&c), [5, 8, 9, 13]);
+        c.accept(9);
+        assert_eq!(allowed(&c), [5, 6, 10, 13]);
+        // `b`'s text: anything but the marker and the end, until `</parameter>`.
+        c.accept(6);
+        c.accept(16);
+        c.accept(4);
+        let text: Vec<usize> = (2..pieces.len()).collect();
+        assert_eq!(allowed(&c), text);
+        c.accept(13);
+        assert_eq!(allowed(&c), text);
+        c.accept(14);
+        // Both given: only the close.
+        assert_eq!(allowed(&c), [5, 10, 13]);
+        c.accept(10);
+        assert!(!c.triggered());
+        assert_eq!(allowed(&c), all);
     }
 
     /// Random draws among the tokens the mask leaves, from Mistral's marker on: the call that comes out is always
@@ -1127,6 +1242,7 @@ mod tests {
             think: None,
             member: None,
             heads: None,
+            xml: None,
         });
         let v = Arc::new(vocab(&pieces, 0));
         let allowed = |c: &JsonConstraint| allowed_ids(c, pieces.len());

@@ -16,7 +16,10 @@
 //! `[ARGS]`, and the arguments are read under that function's schema (llama.cpp's grammar for these templates has
 //! the same shape).
 
+use std::sync::Arc;
+
 use super::json::JsonFormat;
+use super::xml_call::XmlCalls;
 
 /// Whitespace allowed in a bare call's opening beyond its bytes, before the text counts as no call.
 const OPEN_SLACK: usize = 32;
@@ -44,6 +47,9 @@ pub struct LazyJson {
     /// Calls whose head before the arguments is not JSON (Mistral's `name[ARGS]`): after a trigger the head is read
     /// by [`Head`], and `format` is not used.
     pub heads: Option<Heads>,
+    /// Calls in Qwen3-Coder's XML (`<function=NAME>` with `<parameter=KEY>` elements) after the trigger, read by
+    /// this grammar; `format` is then not used.
+    pub xml: Option<Arc<XmlCalls>>,
 }
 
 impl LazyJson {
@@ -361,6 +367,7 @@ mod tests {
             think: None,
             member: None,
             heads: None,
+            xml: None,
         }
     }
 

@@ -491,7 +491,7 @@ impl Compiler<'_> {
 
 /// The range of `texts[lo..hi]` (sorted, each longer than `at`, alike in their first `at` bytes) whose byte `at` is
 /// `b`: a range again.
-fn narrow(texts: &[Vec<u8>], lo: usize, hi: usize, at: usize, b: u8) -> (usize, usize) {
+pub(crate) fn narrow(texts: &[Vec<u8>], lo: usize, hi: usize, at: usize, b: u8) -> (usize, usize) {
     let r = &texts[lo..hi];
     let from = r.partition_point(|t| t.get(at) < Some(&b));
     let to = r.partition_point(|t| t.get(at) <= Some(&b));

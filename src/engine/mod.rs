@@ -16,6 +16,7 @@ pub mod perplexity;
 pub mod prefix;
 pub mod sampler;
 pub mod stats;
+pub mod xml_call;
 
 use std::time::Instant;
 

@@ -40,6 +40,7 @@ use super::error::ApiError;
 use crate::engine::json::JsonFormat;
 use crate::engine::json_lazy::{Heads, LazyJson};
 use crate::engine::json_schema::{JVal, Schema};
+use crate::engine::xml_call::XmlCalls;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::Tokenizer;
 use scan::{compact, scan_call, CallScan};
@@ -167,6 +168,8 @@ pub struct LazyCalls {
     /// For Mistral's `NAME[ARGS]{...}` calls: each function's name and the schema of its arguments (`format` is
     /// then not used).
     pub heads: Option<Vec<(String, JsonFormat)>>,
+    /// For Qwen3-Coder's XML calls: their grammar (`format` is then not used).
+    pub xml: Option<Arc<XmlCalls>>,
 }
 
 impl LazyCalls {
@@ -195,12 +198,14 @@ impl LazyCalls {
                     id: text(MISTRAL_ID),
                 }
             }),
+            xml: self.xml.clone(),
         }
     }
 }
 
 impl Format {
-    /// The lazy constraint of `auto` calls; None for Qwen3-Coder's XML calls (not JSON).
+    /// The lazy constraint of `auto` calls; None for XML calls whose tools the grammar cannot hold (more than 64
+    /// parameters to a function, a name with `<` or `>`): those calls are left free.
     fn lazy(self, tools: &[&JVal], parallel: bool) -> Option<LazyCalls> {
         let (markers, bare, list) = match self {
             Format::Hermes => (vec![OPEN], true, false),
@@ -217,9 +222,27 @@ impl Format {
                     bare: Vec::new(),
                     member: None,
                     heads: Some(heads),
+                    xml: None,
                 });
             }
-            Format::Xml => return None,
+            Format::Xml => {
+                let fns: Vec<_> = tools
+                    .iter()
+                    .filter_map(|t| {
+                        let f = t.get("function")?;
+                        Some((fn_name(t)?, f.get("parameters")))
+                    })
+                    .collect();
+                let xml = XmlCalls::compile(&fns).ok()?;
+                return Some(LazyCalls {
+                    format: JsonFormat::Object,
+                    markers: vec![OPEN],
+                    bare: Vec::new(),
+                    member: None,
+                    heads: None,
+                    xml: Some(Arc::new(xml)),
+                });
+            }
         };
         let format = call_schema(tools, self.arguments_key(), list.then_some(!parallel));
         let bare = match bare {
@@ -238,6 +261,7 @@ impl Format {
             // allow it).
             member: (self == Format::Llama3).then_some("\"type\":\"function\","),
             heads: None,
+            xml: None,
         })
     }
 }
@@ -253,7 +277,7 @@ pub struct Reader {
     names: Vec<String>,
     /// Each function's parameters and their JSON types (`"string"` where none is given): how an XML call's text
     /// values become JSON.
-    types: Vec<(String, Vec<(String, String)>)>,
+    types: Vec<(String, ParamTypes)>,
 }
 
 /// The block markers of the Hermes format.
@@ -417,8 +441,11 @@ impl ToolRequest {
     }
 }
 
-/// A function's name with its parameters' types, from its `parameters` schema (the first type of a list).
-fn param_types(t: &JVal) -> Option<(String, Vec<(String, String)>)> {
+/// Each parameter of a function and its declared JSON types (none where the schema gives no `type`).
+type ParamTypes = Vec<(String, Vec<String>)>;
+
+/// A function's name with its parameters' declared types, from its `parameters` schema.
+fn param_types(t: &JVal) -> Option<(String, ParamTypes)> {
     let props = t
         .get("function")?
         .get("parameters")
@@ -427,12 +454,16 @@ fn param_types(t: &JVal) -> Option<(String, Vec<(String, String)>)> {
         Some(JVal::Obj(kv)) => kv
             .iter()
             .map(|(k, v)| {
-                let ty = match v.get("type") {
-                    Some(JVal::Str(s)) => s.as_str(),
-                    Some(JVal::Arr(a)) => a.iter().find_map(JVal::as_str).unwrap_or("string"),
-                    _ => "string",
+                let tys = match v.get("type") {
+                    Some(JVal::Str(s)) => vec![s.clone()],
+                    Some(JVal::Arr(a)) => a
+                        .iter()
+                        .filter_map(JVal::as_str)
+                        .map(String::from)
+                        .collect(),
+                    _ => Vec::new(),
                 };
-                (k.clone(), ty.to_string())
+                (k.clone(), tys)
             })
             .collect(),
         _ => Vec::new(),
@@ -763,28 +794,31 @@ impl Reader {
         })
     }
 
-    /// A parameter's text value as JSON text, by its type in the function's schema.
+    /// A parameter's text value as JSON text, by its declared types in the function's schema (a value that reads as
+    /// one of them is that JSON value; text otherwise).
     fn xml_value(&self, function: &str, key: &str, raw: &str) -> String {
-        let ty = self
+        let tys = self
             .types
             .iter()
             .find(|(f, _)| f == function)
             .and_then(|(_, ps)| ps.iter().find(|(k, _)| k == key))
-            .map_or("string", |(_, t)| t.as_str());
+            .map_or(&[][..], |(_, t)| t.as_slice());
         let t = raw.trim();
         let parsed = serde_json::from_str::<JVal>(t).ok();
-        let fits = matches!(
-            (ty, &parsed),
-            ("integer" | "number", Some(JVal::Num(_)))
-                | ("boolean", Some(JVal::Bool(_)))
-                | ("object", Some(JVal::Obj(_)))
-                | ("array", Some(JVal::Arr(_)))
-                | ("null", Some(JVal::Null))
-        );
+        let fits = tys.iter().any(|ty| {
+            matches!(
+                (ty.as_str(), &parsed),
+                ("integer" | "number", Some(JVal::Num(_)))
+                    | ("boolean", Some(JVal::Bool(_)))
+                    | ("object", Some(JVal::Obj(_)))
+                    | ("array", Some(JVal::Arr(_)))
+                    | ("null", Some(JVal::Null))
+            )
+        });
         match fits {
             true => compact(t),
             false
-                if ty == "boolean"
+                if tys.iter().any(|ty| ty == "boolean")
                     && matches!(t.to_ascii_lowercase().as_str(), "true" | "false") =>
             {
                 t.to_ascii_lowercase()
@@ -1079,7 +1113,7 @@ mod tests {
                     ("hourly", "boolean"),
                     ("at", "object"),
                 ]
-                .map(|(k, t)| (k.to_string(), t.to_string()))
+                .map(|(k, t)| (k.to_string(), vec![t.to_string()]))
                 .to_vec(),
             )],
         }
@@ -1436,6 +1470,128 @@ mod tests {
         ] {
             assert!(r.parse(t).calls.is_empty(), "{t}");
         }
+    }
+
+    /// Random calls drawn under the XML grammar of `auto` calls (each step a byte or a longer piece the grammar takes,
+    /// as tokens come) never get stuck, and each whole one reads back as one call to a defined function with the
+    /// arguments its `parameters` schema accepts.
+    #[test]
+    fn random_xml_calls_under_the_grammar_read_back_as_valid_calls() {
+        use crate::engine::xml_call::XmlState;
+        let tools: Vec<JVal> = serde_json::from_str(
+            r##"[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                  "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                    "unit": {"type": "string", "enum": ["c", "celsius", "f"]},
+                    "hourly": {"type": "boolean"}, "at": {"type": ["number", "null"]},
+                    "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}}},
+                  "required": ["city", "unit"], "$defs": {"tag": {"enum": ["rain", "sun"]}}}}},
+                 {"type": "function", "function": {"name": "get", "parameters": {"type": "object",
+                  "properties": {"x": {"type": "object", "properties": {"y": {"type": "integer"}}}}}}},
+                 {"type": "function", "function": {"name": "ping"}}]"##,
+        )
+        .unwrap();
+        let refs: Vec<&JVal> = tools.iter().collect();
+        let lazy = Format::Xml.lazy(&refs, true).unwrap();
+        let (xml, markers) = (lazy.xml.unwrap(), lazy.markers);
+        assert_eq!(markers, [OPEN]);
+        let reader = Reader {
+            mode: Mode::Auto,
+            format: Format::Xml,
+            parallel: true,
+            names: refs
+                .iter()
+                .filter_map(|t| fn_name(t))
+                .map(String::from)
+                .collect(),
+            types: refs.iter().filter_map(|t| param_types(t)).collect(),
+        };
+        // Every byte of the names and values as a piece of its own, as byte-level vocabularies have them.
+        let bytes = "abcdefghijklmnopqrstuvwxyz_0123456789<>/=\n \"{}[]:,.-";
+        let pieces: Vec<&str> = (0..bytes.len())
+            .map(|i| &bytes[i..i + 1])
+            .chain([
+                "</",
+                "<function=",
+                "get",
+                "_weather",
+                "ping",
+                "<parameter=",
+                "city",
+                "days",
+                "unit",
+                "hourly",
+                "at",
+                "tags",
+                "celsius",
+                "true",
+                "false",
+                "null",
+                "\"y\"",
+                "\"rain\"",
+                "\"sun\"",
+                "</parameter>",
+                "</function>",
+                "</tool_call>",
+                "Oslo",
+                "\n</parameter>\n",
+            ])
+            .collect();
+        let (mut rng, mut whole) = (0x2545_f491_4f6c_dd1du64, 0);
+        for _ in 0..400 {
+            let (mut st, mut text) = (XmlState::new(), String::new());
+            while text.len() < 400 && !st.done() {
+                let ok: Vec<&str> = pieces
+                    .iter()
+                    .copied()
+                    .filter(|p| st.accepts(&xml, p.as_bytes()))
+                    .collect();
+                assert!(!ok.is_empty(), "stuck after {text:?}");
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let p = ok[(rng % ok.len() as u64) as usize];
+                assert!(p.bytes().all(|b| st.step(&xml, b)));
+                text += p;
+            }
+            if !st.done() {
+                continue;
+            }
+            whole += 1;
+            let answer = format!("{OPEN}\n{text}\n{CLOSE}");
+            let calls = reader.parse(&answer).calls;
+            assert_eq!(calls.len(), 1, "{answer:?}");
+            let f = refs
+                .iter()
+                .find(|t| fn_name(t) == Some(&calls[0].name))
+                .unwrap();
+            let params = f
+                .get("function")
+                .and_then(|f| f.get("parameters"))
+                .cloned()
+                .unwrap_or_else(|| {
+                    serde_json::from_str(r#"{"type": "object", "properties": {}}"#).unwrap()
+                });
+            let schema = Schema::compile(&params).unwrap();
+            // The arguments in the schema's key order (the XML grammar takes any order; the schema reader one).
+            let args: JVal = serde_json::from_str(&calls[0].arguments).unwrap();
+            let JVal::Obj(mut kv) = args else {
+                panic!("{answer:?}: not an object");
+            };
+            let order: Vec<&str> = match params.get("properties") {
+                Some(JVal::Obj(ps)) => ps.iter().map(|(k, _)| k.as_str()).collect(),
+                _ => Vec::new(),
+            };
+            kv.sort_by_key(|(k, _)| order.iter().position(|o| o == k));
+            let mut ordered = Vec::new();
+            JVal::Obj(kv).write(&mut ordered);
+            let mut st = SchemaState::new();
+            assert!(
+                ordered.iter().all(|&b| st.step(&schema, b)) && st.done(),
+                "{answer:?} → {}",
+                String::from_utf8_lossy(&ordered)
+            );
+        }
+        assert!(whole >= 100, "only {whole} whole calls");
     }
 
     /// The calls a Qwen3-Coder-style template writes into an assistant turn (its tool-call part, as the model's
