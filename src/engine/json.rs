@@ -556,6 +556,9 @@ impl JsonConstraint {
         }
         let in_string = self.state.in_free_string();
         let in_text = self.state.in_text();
+        // In an XML call `<` may end a value (or break it), even inside a JSON string.
+        let xml = matches!(self.state, Grammar::Xml(..));
+        let lt = |id: usize| xml && self.vocab.bytes(id).contains(&b'<');
         let done = self.state.done();
         // The bytes a token may start with: most tokens fail on their first byte, without a copy of the state.
         let mut first = [false; 256];
@@ -569,10 +572,8 @@ impl JsonConstraint {
             let ok = match self.vocab.kind.get(id).copied().unwrap_or(Kind::Banned) {
                 Kind::Eog => done,
                 Kind::Banned => false,
-                Kind::Plain if in_string => true,
-                Kind::Plain | Kind::Text if in_text && !self.vocab.bytes(id).contains(&b'<') => {
-                    true
-                }
+                Kind::Plain if in_string && !lt(id) => true,
+                Kind::Plain | Kind::Text if in_text && !lt(id) => true,
                 Kind::Plain | Kind::Text => {
                     let bytes = self.vocab.bytes(id);
                     (in_string || first[bytes[0] as usize]) && self.state.accepts(bytes)

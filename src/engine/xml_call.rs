@@ -247,8 +247,10 @@ enum At {
     },
     /// The line break after parameter p's whole text, then `</parameter>`.
     AfterValue { p: u8 },
-    /// Parameter p's JSON value (read by [`XmlState::json`]).
-    Json { p: u8 },
+    /// Parameter p's JSON value (read by [`XmlState::json`]); `n` bytes of `</parameter>` and `c` of
+    /// `</tool_call>` read at its end so far (neither may come whole inside one of its strings: the reader would end
+    /// the value there).
+    Json { p: u8, n: u8, c: u8 },
     /// The call is whole: whitespace only.
     Done,
 }
@@ -293,9 +295,11 @@ impl XmlState {
         matches!(self.at, At::Text { n: 0, c: 0, .. })
     }
 
-    /// Inside a JSON string with no constraint on its text (as [`SchemaState::in_free_string`]).
+    /// Inside a JSON string with no constraint on its text (as [`SchemaState::in_free_string`]) and nothing of
+    /// `</parameter>` or `</tool_call>` read at its end: any token without a quote, a backslash, a control byte or
+    /// `<` goes.
     pub fn in_free_string(&self) -> bool {
-        matches!(self.at, At::Json { .. }) && self.json.in_free_string()
+        matches!(self.at, At::Json { n: 0, c: 0, .. }) && self.json.in_free_string()
     }
 
     /// Whether these bytes can follow (the state is unchanged either way).
@@ -406,7 +410,7 @@ impl XmlState {
                             n: 0,
                             nl: false,
                         },
-                        Value::Json(_) => At::Json { p },
+                        Value::Json(_) => At::Json { p, n: 0, c: 0 },
                     };
                     self.json = SchemaState::new();
                     return self.to(at);
@@ -421,12 +425,7 @@ impl XmlState {
                     })
             }
             At::Text { p, n, c } => {
-                // Both texts begin with `<` and have no other: a byte that breaks a match starts one only if `<`.
-                let next = |text: &[u8], n: u8| match text[n as usize] == b {
-                    true => n + 1,
-                    false => (b == b'<') as u8,
-                };
-                let (n, c) = (next(PARAMETER_END, n), next(CALL_END, c));
+                let (n, c) = (matched(PARAMETER_END, n, b), matched(CALL_END, c, b));
                 if n as usize == PARAMETER_END.len() {
                     self.seen |= 1 << p;
                     return self.to(At::Body);
@@ -472,13 +471,15 @@ impl XmlState {
                 };
                 true
             }
-            At::Json { p } => {
+            At::Json { p, n, c: k } => {
                 let Value::Json(schema) = &c.fns[self.f as usize].params[p as usize].value else {
                     return false;
                 };
                 let s = self.json;
                 if self.json.step(schema, b) {
-                    return true;
+                    let (n, k) = (matched(PARAMETER_END, n, b), matched(CALL_END, k, b));
+                    self.at = At::Json { p, n, c: k };
+                    return (n as usize) < PARAMETER_END.len() && (k as usize) < CALL_END.len();
                 }
                 // `<` ends a whole value (a number is whole once a byte that cannot continue it comes).
                 let mut t = s;
@@ -490,6 +491,15 @@ impl XmlState {
                     })
             }
         }
+    }
+}
+
+/// Bytes of `text` (`</parameter>` or `</tool_call>`: `<` first and nowhere else) matched after byte `b`, `n`
+/// before it: a byte that breaks a match starts a new one only if it is `<`.
+fn matched(text: &[u8], n: u8, b: u8) -> u8 {
+    match text[n as usize] == b {
+        true => n + 1,
+        false => (b == b'<') as u8,
     }
 }
 
@@ -516,6 +526,7 @@ mod tests {
                 "days": {"type": "integer"},
                 "unit": {"type": "string", "enum": ["fahrenheit", "celsius", "c"]},
                 "detail": {"type": "object", "properties": {"hourly": {"type": "boolean"}}, "required": ["hourly"]},
+                "note": {"type": "object", "properties": {"s": {"type": "string"}}},
                 "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}}},
               "required": ["city"], "$defs": {"tag": {"type": "string", "enum": ["rain", "sun"]}}}"##,
         )
@@ -544,6 +555,7 @@ mod tests {
             "<function=get_weather>\n<parameter=detail>\n{\"hourly\": true}\n</parameter>\n<parameter=tags>\n[\"rain\"]\n</parameter>\n<parameter=city>\n\n</parameter>\n</function>",
             "<function=get>\n</function>",
             "<function=ping></function>",
+            "<function=get_weather><parameter=note>{\"s\": \"a</parameter </tool_call\"}</parameter><parameter=city>x</parameter></function>",
         ] {
             let s = reads(&c, call).unwrap_or_else(|| panic!("{call:?}"));
             assert!(s.done(), "{call:?}");
@@ -581,6 +593,8 @@ mod tests {
             "<function=ping>\n<p",
             "<function=get>\n</function>x",
             "<function=get_weather>\n<parameter=city>\nA</tool_call>",
+            "<function=get_weather>\n<parameter=note>\n{\"s\": \"a</parameter>",
+            "<function=get_weather>\n<parameter=note>\n{\"s\": \"a</tool_call>",
         ] {
             assert!(reads(&c, bad).is_none(), "{bad:?}");
         }
