@@ -156,7 +156,8 @@ fn function(name: &str, params: Option<&JVal>) -> Result<Function, String> {
 }
 
 /// How a parameter's value is written, from its declared types (as the reader converts it): text for a string
-/// parameter or one that declares no type, JSON otherwise.
+/// parameter or one that declares no type, JSON otherwise (under its schema, or where hayloft's subset does not take
+/// the schema, any value of its declared types).
 fn value_of(schema: &JVal, defs: Option<(&str, &JVal)>) -> Value {
     let types: Vec<&str> = match schema.get("type") {
         Some(JVal::Str(s)) => vec![s.as_str()],
@@ -190,7 +191,13 @@ fn value_of(schema: &JVal, defs: Option<(&str, &JVal)>) -> Value {
         }
         _ => schema.clone(),
     };
-    match Schema::compile(&with_defs) {
+    // A schema with keywords the subset does not read (`minimum`, `format`, ...): a value of its declared types,
+    // which the reader parses (wider than the schema, never narrower).
+    let types_only = || {
+        let tys = types.iter().map(|t| JVal::Str(t.to_string())).collect();
+        Schema::compile(&JVal::Obj(vec![("type".into(), JVal::Arr(tys))]))
+    };
+    match Schema::compile(&with_defs).or_else(|_| types_only()) {
         Ok(s) => Value::Json(s),
         Err(_) => Value::Text,
     }
@@ -523,7 +530,7 @@ mod tests {
         let weather: JVal = serde_json::from_str(
             r##"{"type": "object", "properties": {
                 "city": {"type": "string"},
-                "days": {"type": "integer"},
+                "days": {"type": "integer", "minimum": 1},
                 "unit": {"type": "string", "enum": ["fahrenheit", "celsius", "c"]},
                 "detail": {"type": "object", "properties": {"hourly": {"type": "boolean"}}, "required": ["hourly"]},
                 "note": {"type": "object", "properties": {"s": {"type": "string"}}},
@@ -598,6 +605,15 @@ mod tests {
         ] {
             assert!(reads(&c, bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_schema_the_subset_does_not_read_still_types_its_value() {
+        let days: JVal = serde_json::from_str(r#"{"type": "integer", "minimum": 1}"#).unwrap();
+        assert!(Schema::compile(&days).is_err());
+        assert!(matches!(value_of(&days, None), Value::Json(_)));
+        let free: JVal = serde_json::from_str(r#"{"type": "string", "format": "date"}"#).unwrap();
+        assert!(matches!(value_of(&free, None), Value::Text));
     }
 
     #[test]
