@@ -36,6 +36,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2q;
+#[cfg(target_arch = "x86_64")]
+mod group3;
 mod qtile;
 pub mod select;
 pub mod sparse;

@@ -577,6 +577,25 @@ fn every_simd_path_matches_naive() {
             n_new: 9,
             ..base
         },
+        // 3-query groups over 64-key blocks (two 32-key strips) and 96 value channels (three 32-channel strips),
+        // and Qwen2.5's 7-query groups (rows in chunks of 4 and 3), decoding and in a prefill tile.
+        Case {
+            n_q: 6,
+            n_kv: 2,
+            hk: 48,
+            hv: 96,
+            bt: 64,
+            len: 250,
+            n_new: 1,
+            ..base
+        },
+        Case {
+            n_q: 14,
+            n_kv: 2,
+            len: 190,
+            n_new: 2,
+            ..base
+        },
     ];
     let dtypes = [
         KvDtype::F32,

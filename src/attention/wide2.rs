@@ -19,8 +19,8 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2q;
 use super::qtile::{self, Q4};
+use super::{avx2q, group3};
 use super::{block_softmax, exp_neg, row_q, Ahead, TaskArgs, Tile};
 
 /// Rows per chunk.
@@ -389,6 +389,21 @@ unsafe fn scores<const R: usize, const KW: usize, const BT: usize, const H: bool
     let out = s.as_mut_ptr();
     // Channel d of the next block's keys: the same bytes of its layout as this block's.
     let kstep = BT * if H { 2 } else { 4 };
+    if R == 3 && KW == 4 && H {
+        // A 3-query group's f16 keys: the loop in assembly ([`group3`]), each strip asking for its own slice of
+        // the next block's channels (the strip's own keys again where there is no next block).
+        let rows: [*const f32; 3] = std::array::from_fn(|i| q[i.min(R - 1)].as_ptr());
+        for k0 in (0..BT).step_by(32) {
+            let kp = kt.add(2 * k0);
+            let pfp = if pf.len > 0 {
+                pf.base.wrapping_add(2 * k0)
+            } else {
+                kp
+            };
+            group3::scores(kp, kstep, rows, hs, pfp, kstep, out.add(k0), BT);
+        }
+        return;
+    }
     for k0 in (0..BT).step_by(8 * KW) {
         let mut acc = [[_mm256_setzero_ps(); KW]; R];
         for d in 0..hs {
@@ -538,8 +553,13 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
 ) {
     let mut c0 = 0;
     while c0 < hv {
-        // The next block's values are asked for during the first strip only.
-        let pf = if c0 == 0 { pf } else { Ahead::NONE };
+        // The next block's values are asked for during the first strip only (by each [`group3`] strip for its
+        // own channels).
+        let pf = if c0 == 0 || (R == 3 && H && cols == u64::MAX) {
+            pf
+        } else {
+            Ahead::NONE
+        };
         if R <= 3 && hv - c0 >= 32 {
             // 32 channels per strip where the registers allow: each broadcast probability serves 4 vectors.
             pv_strip::<R, 4, BT, H>(p, vb, n, hv, alpha, acc, c0, cols, pf);
@@ -569,8 +589,24 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
     cols: u64,
     pf: Ahead,
 ) {
-    let mut a = [[_mm256_setzero_ps(); W]; R];
     let vrow = hv * if H { 2 } else { 4 };
+    if R == 3 && W == 4 && H && cols == u64::MAX {
+        // A 3-query group's f16 values: the loop in assembly ([`group3`]), asking for this strip's channels of each
+        // row of the next block (the strip's own rows again where there is no next block), then for the rows past
+        // the last one read of a partial block.
+        let vp = vb.add(2 * c0);
+        let pfp = if pf.len > 0 {
+            pf.base.wrapping_add(2 * c0)
+        } else {
+            vp
+        };
+        group3::pv(p, BT, vp, vrow, n, pfp, vrow, alpha, acc.add(c0), hv);
+        if c0 == 0 {
+            pf.span(n * vrow, usize::MAX);
+        }
+        return;
+    }
+    let mut a = [[_mm256_setzero_ps(); W]; R];
     for (r, ar) in a.iter_mut().enumerate() {
         let al = _mm256_set1_ps(alpha[r]);
         for (w, aw) in ar.iter_mut().enumerate() {
