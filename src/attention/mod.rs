@@ -1621,7 +1621,7 @@ fn wide_f16<const BT: usize>(a: &TaskArgs) -> bool {
             return rows <= wide::chunk_rows::<BT>()
         }
         Simd::Avx2 if BT.is_multiple_of(8) && BT <= 64 && a.sh.hv.is_multiple_of(8) => {
-            return rows <= wide2::CHUNK
+            return rows <= 2 * wide2::CHUNK
         }
         _ => {}
     }
@@ -1657,13 +1657,19 @@ fn int8_fold<const BT: usize>(simd: Simd) -> qtile::Int8 {
     qtile::Int8::Off
 }
 
-/// f16 → f32 for a whole block: 16 lanes at a time with AVX-512, else `half`'s conversion.
+/// f16 → f32 for a whole block: 16 lanes at a time with AVX-512, 8 with AVX2, else `half`'s conversion.
 #[inline(always)]
 fn to_f32(src: &[half::f16], dst: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 {
         // SAFETY: the Avx512 variant runs only where the kernel selection found AVX-512F on this CPU.
         unsafe { wide::f16_to_f32(src, dst) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 {
+        // SAFETY: the Avx2 variant runs only where the kernel selection found AVX2, FMA and F16C on this CPU.
+        unsafe { wide2::f16_to_f32(src, dst) };
         return;
     }
     let _ = simd;

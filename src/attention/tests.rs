@@ -578,7 +578,8 @@ fn every_simd_path_matches_naive() {
             ..base
         },
         // 3-query groups over 64-key blocks (two 32-key strips) and 96 value channels (three 32-channel strips),
-        // and Qwen2.5's 7-query groups (rows in chunks of 4 and 3), decoding and in a prefill tile.
+        // Qwen2.5's 7-query groups (a decode step's rows in chunks of 4 and 3 over f16 blocks read in place) and
+        // 8-query groups, decoding and in a prefill tile.
         Case {
             n_q: 6,
             n_kv: 2,
@@ -593,7 +594,21 @@ fn every_simd_path_matches_naive() {
             n_q: 14,
             n_kv: 2,
             len: 190,
+            n_new: 1,
+            ..base
+        },
+        Case {
+            n_q: 14,
+            n_kv: 2,
+            len: 190,
             n_new: 2,
+            ..base
+        },
+        Case {
+            n_q: 8,
+            n_kv: 1,
+            len: 97,
+            n_new: 1,
             ..base
         },
     ];

@@ -57,7 +57,7 @@ pub(super) unsafe fn fold<const BT: usize>(
             vb.len() >= n * hv && given.map_or(kt.len() >= hs * BT, |gs| gs.len() >= rows * BT)
         ),
         Tile::F16 { kt, vb, hs, .. } => {
-            assert!(kt.len() >= hs * BT && vb.len() >= n * hv && rows <= CHUNK)
+            assert!(kt.len() >= hs * BT && vb.len() >= n * hv && rows <= 2 * CHUNK)
         }
         Tile::Q4(q4) => assert!(
             n == BT
@@ -241,6 +241,26 @@ pub(super) unsafe fn fold<const BT: usize>(
             }
         }
         r0 += rc;
+    }
+}
+
+/// dst[i] = src[i] as f32, 8 per instruction (`half`'s slice conversion goes 8 at a time through a call).
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C; `dst` is at least as long as `src`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    assert!(dst.len() >= src.len());
+    let n8 = src.len() / 8 * 8;
+    let (s, d) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+    let mut i = 0;
+    while i < n8 {
+        let h = _mm_loadu_si128(s.add(i) as *const __m128i);
+        _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for (x, h) in dst[n8..src.len()].iter_mut().zip(&src[n8..]) {
+        *x = h.to_f32();
     }
 }
 
