@@ -37,7 +37,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2q;
 #[cfg(target_arch = "x86_64")]
-mod group3;
+mod f16asm;
 mod qtile;
 pub mod select;
 pub mod sparse;

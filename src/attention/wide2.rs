@@ -20,7 +20,7 @@
 use std::arch::x86_64::*;
 
 use super::qtile::{self, Q4};
-use super::{avx2q, group3};
+use super::{avx2q, f16asm};
 use super::{block_softmax, exp_neg, row_q, Ahead, TaskArgs, Tile};
 
 /// Rows per chunk.
@@ -409,18 +409,23 @@ unsafe fn scores<const R: usize, const KW: usize, const BT: usize, const H: bool
     let out = s.as_mut_ptr();
     // Channel d of the next block's keys: the same bytes of its layout as this block's.
     let kstep = BT * if H { 2 } else { 4 };
-    if R == 3 && KW == 4 && H {
-        // A 3-query group's f16 keys: the loop in assembly ([`group3`]), each strip asking for its own slice of
-        // the next block's channels (the strip's own keys again where there is no next block).
-        let rows: [*const f32; 3] = std::array::from_fn(|i| q[i.min(R - 1)].as_ptr());
-        for k0 in (0..BT).step_by(32) {
+    if H && ((R == 3 && KW == 4) || (R == 4 && KW == 2)) {
+        // A chunk of 3 or 4 rows over f16 keys: the loop in assembly ([`f16asm`]), each strip asking for its own
+        // slice of the next block's channels (the strip's own keys again where there is no next block).
+        let rows: [*const f32; 4] = std::array::from_fn(|i| q[i.min(R - 1)].as_ptr());
+        for k0 in (0..BT).step_by(8 * KW) {
             let kp = kt.add(2 * k0);
             let pfp = if pf.len > 0 {
                 pf.base.wrapping_add(2 * k0)
             } else {
                 kp
             };
-            group3::scores(kp, kstep, rows, hs, pfp, kstep, out.add(k0), BT);
+            if R == 3 {
+                let r3 = [rows[0], rows[1], rows[2]];
+                f16asm::scores3(kp, kstep, r3, hs, pfp, kstep, out.add(k0), BT);
+            } else {
+                f16asm::scores4(kp, kstep, rows, hs, pfp, kstep, out.add(k0), BT);
+            }
         }
         return;
     }
@@ -573,9 +578,9 @@ unsafe fn pv<const R: usize, const BT: usize, const H: bool>(
 ) {
     let mut c0 = 0;
     while c0 < hv {
-        // The next block's values are asked for during the first strip only (by each [`group3`] strip for its
+        // The next block's values are asked for during the first strip only (by each [`f16asm`] strip for its
         // own channels).
-        let pf = if c0 == 0 || (R == 3 && H && cols == u64::MAX) {
+        let pf = if c0 == 0 || ((R == 3 || R == 4) && H && cols == u64::MAX) {
             pf
         } else {
             Ahead::NONE
@@ -610,17 +615,21 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
     pf: Ahead,
 ) {
     let vrow = hv * if H { 2 } else { 4 };
-    if R == 3 && W == 4 && H && cols == u64::MAX {
-        // A 3-query group's f16 values: the loop in assembly ([`group3`]), asking for this strip's channels of each
-        // row of the next block (the strip's own rows again where there is no next block), then for the rows past
-        // the last one read of a partial block.
+    if H && ((R == 3 && W == 4) || (R == 4 && W == 2)) && cols == u64::MAX {
+        // A chunk of 3 or 4 rows over f16 values: the loop in assembly ([`f16asm`]), asking for this strip's
+        // channels of each row of the next block (the strip's own rows again where there is no next block), then
+        // for the rows past the last one read of a partial block.
         let vp = vb.add(2 * c0);
         let pfp = if pf.len > 0 {
             pf.base.wrapping_add(2 * c0)
         } else {
             vp
         };
-        group3::pv(p, BT, vp, vrow, n, pfp, vrow, alpha, acc.add(c0), hv);
+        if R == 3 {
+            f16asm::pv3(p, BT, vp, vrow, n, pfp, vrow, alpha, acc.add(c0), hv);
+        } else {
+            f16asm::pv4(p, BT, vp, vrow, n, pfp, vrow, alpha, acc.add(c0), hv);
+        }
         if c0 == 0 {
             pf.span(n * vrow, usize::MAX);
         }
