@@ -420,12 +420,7 @@ unsafe fn scores<const R: usize, const KW: usize, const BT: usize, const H: bool
             } else {
                 kp
             };
-            if R == 3 {
-                let r3 = [rows[0], rows[1], rows[2]];
-                f16asm::scores3(kp, kstep, r3, hs, pfp, kstep, out.add(k0), BT);
-            } else {
-                f16asm::scores4(kp, kstep, rows, hs, pfp, kstep, out.add(k0), BT);
-            }
+            f16asm::scores::<R>(kp, kstep, rows, hs, pfp, kstep, out.add(k0), BT);
         }
         return;
     }
@@ -625,11 +620,7 @@ unsafe fn pv_strip<const R: usize, const W: usize, const BT: usize, const H: boo
         } else {
             vp
         };
-        if R == 3 {
-            f16asm::pv3(p, BT, vp, vrow, n, pfp, vrow, alpha, acc.add(c0), hv);
-        } else {
-            f16asm::pv4(p, BT, vp, vrow, n, pfp, vrow, alpha, acc.add(c0), hv);
-        }
+        f16asm::pv::<R>(p, BT, vp, vrow, n, pfp, vrow, alpha, acc.add(c0), hv);
         if c0 == 0 {
             pf.span(n * vrow, usize::MAX);
         }
