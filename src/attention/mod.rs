@@ -1611,7 +1611,9 @@ fn fold_view<const BT: usize>(
 }
 
 /// Whether the task's f16 blocks go to the AVX-512 or AVX2 fold as they are ([`Tile::F16`]): its rows fit one
-/// chunk of that fold, so converting each key and value where it is loaded converts it once, as the copy would.
+/// chunk of that fold, so converting each key and value where it is loaded converts it once, as the copy would; on
+/// AVX2 also two chunks (a decode step of a 7- or 8-query group converts each twice, still cheaper than a copy's
+/// store and reload: Qwen2.5's 8K attention about 40 % less on a Zen 3, docs/results.md).
 #[inline(always)]
 fn wide_f16<const BT: usize>(a: &TaskArgs) -> bool {
     let rows = (a.task.t1 - a.task.t0) * a.sh.group;
