@@ -350,16 +350,16 @@ pub(super) unsafe fn split_pairs(src: &[half::f16], a: &mut [f32], b: &mut [f32]
 /// Sum of 8 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
 }
 
-/// Maximum of 8 lanes.
+/// Maximum of 8 lanes (a NaN lane may or may not win).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hmax(v: __m256) -> f32 {
+pub(super) unsafe fn hmax(v: __m256) -> f32 {
     let x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let x = _mm_max_ps(x, _mm_movehl_ps(x, x));
     _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)))

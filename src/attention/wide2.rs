@@ -2,8 +2,8 @@
 //!
 //! Rows go in chunks of up to 4: the chunk's scores are one register-blocked product per strip of keys (32 keys for
 //! up to 3 rows, 16 for 4: each channel's query values broadcast once, then each key vector loaded once for all
-//! rows), the masks and the softmax step run per row through the portable [`block_softmax`] (so a full block sums
-//! exactly as a partial one: chunked ≡ one-shot), and p·V keeps a strip of 32 (up to 3 rows) or 16 channels of the
+//! rows), the masks, then the softmax step ([`softmax_rows`], on FMAs: a masked or partial block goes through the
+//! same step with its hidden entries −∞, so it sums exactly as a full one: chunked ≡ one-shot), and p·V keeps a strip of 32 (up to 3 rows) or 16 channels of the
 //! chunk's output rows in registers, so each value strip is loaded once for all rows. With at most 16 ymm registers
 //! that is R · W accumulators + R broadcasts + 1 key or value: a decode step of a 3-query group broadcasts once per
 //! 4 FMAs instead of once per 2. Keys past the last one any row of the chunk can see are left out of p·V. A 4-bit
@@ -21,7 +21,7 @@ use std::arch::x86_64::*;
 
 use super::qtile::{self, Q4};
 use super::{avx2q, f16asm};
-use super::{block_softmax, exp_neg, row_q, Ahead, TaskArgs, Tile};
+use super::{row_q, Ahead, TaskArgs, Tile};
 
 /// Rows per chunk.
 pub(super) const CHUNK: usize = 4;
@@ -135,7 +135,7 @@ pub(super) unsafe fn fold<const BT: usize>(
         let mut cmax = 0u32;
         let plain = n == BT && all_visible && p.softcap.is_none();
         if plain {
-            // A full block every row sees whole: the rows' softmax steps interleaved, each exactly the loop's below
+            // A full block every row sees whole: the rows' softmax steps interleaved, each the loop's below up to rounding
             // (a partly selected block's other entries masked first, as the AVX-512 fold does).
             if cols != u64::MAX {
                 mask_cols::<BT>(&mut s_buf[..rc * BT], cols);
@@ -175,14 +175,12 @@ pub(super) unsafe fn fold<const BT: usize>(
                     }
                 }
             }
-            match block_softmax(s, m[r]) {
-                Some((m_new, al, lsum)) => {
-                    alpha[i] = al;
-                    m[r] = m_new;
-                    l[r] = l[r] * al + lsum;
-                }
-                None => s.fill(0.0),
-            }
+            // Scaled and masked already: the plain step with scale 1 (x · 1 = x exactly), a partial block's missing
+            // entries −∞ (probability 0, and x + 0 = x in the sum), so a row gets the bits it would get where every
+            // entry is visible or where the causal mask cuts a whole block.
+            let row = &mut s_buf[i * BT..][..BT];
+            row[n..].fill(f32::NEG_INFINITY);
+            softmax_rows::<BT, 1>(row, 1.0, &mut m[r..=r], &mut l[r..=r], &mut alpha[i..=i]);
         }
         // Keys after the last one any row of the chunk sees carry probability 0 for every row: leave them out.
         let n_eff = if all_visible {
@@ -264,9 +262,11 @@ pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
     }
 }
 
-/// The softmax step of R rows (`s[i · BT..][..BT]`, raw scores) over a full block every row sees whole, with no
-/// soft-cap: scale, block max, e^(s − m_new) and the sum exactly as [`block_softmax`] computes them (its 8 max and sum
-/// lanes are one register here), in lockstep over the rows so their dependency chains overlap.
+/// The softmax step of R rows (`s[i · BT..][..BT]`, raw scores; −∞ where hidden): scale, block max, e^(s − m_new)
+/// and the sum as [`super::block_softmax`] computes them up to rounding (the exponential's polynomial runs on FMAs
+/// and the 8 lanes of a max or sum are reduced as a tree), in lockstep over the rows so their dependency chains
+/// overlap; the rows' rescale factors come from one vector exponential. Every row of this fold, masked or not,
+/// takes this step, which is what keeps its results independent of how a prompt was cut into tiles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn softmax_rows<const BT: usize, const R: usize>(
@@ -274,75 +274,79 @@ unsafe fn softmax_rows<const BT: usize, const R: usize>(
     scale: f32,
     m: &mut [f32],
     l: &mut [f32],
-    alpha: &mut [f32; CHUNK],
+    alpha: &mut [f32],
 ) {
-    assert!(s.len() >= R * BT && m.len() >= R && l.len() >= R && R <= CHUNK);
+    assert!(s.len() >= R * BT && m.len() >= R && l.len() >= R && alpha.len() >= R && R <= 8);
     let nv = BT / 8;
     let sp = s.as_mut_ptr();
     let sc = _mm256_set1_ps(scale);
-    let mut lanes = [[0.0f32; 8]; R];
-    for (i, ln) in lanes.iter_mut().enumerate() {
-        let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
-        for v in 0..nv {
-            let x = _mm256_mul_ps(_mm256_loadu_ps(sp.add(i * BT + 8 * v)), sc);
-            _mm256_storeu_ps(sp.add(i * BT + 8 * v), x);
-            // block_softmax's lane step: the new value where it is greater (ordered), else the old one.
-            mx = _mm256_blendv_ps(mx, x, _mm256_cmp_ps::<_CMP_GT_OQ>(x, mx));
+    let mut mx = [_mm256_set1_ps(f32::NEG_INFINITY); R];
+    for v in 0..nv {
+        for (i, mi) in mx.iter_mut().enumerate() {
+            let at = sp.add(i * BT + 8 * v);
+            let x = _mm256_mul_ps(_mm256_loadu_ps(at), sc);
+            _mm256_storeu_ps(at, x);
+            // The old lane where x is not greater (x NaN included), as block_softmax's ordered step.
+            *mi = _mm256_max_ps(x, *mi);
         }
-        _mm256_storeu_ps(ln.as_mut_ptr(), mx);
     }
+    // Per row: the new running max (−∞: every score −∞, the row's state unchanged) and m_old − m_new.
     let mut mnew = [f32::NEG_INFINITY; R];
+    let mut d = [0.0f32; 8];
     for i in 0..R {
-        let bm = lanes[i]
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        let bm = avx2q::hmax(mx[i]);
         if bm == f32::NEG_INFINITY {
-            continue; // every score −∞: probabilities 0, the row's state unchanged
+            continue;
         }
         mnew[i] = if bm > m[i] { bm } else { m[i] };
-        alpha[i] = exp_neg(m[i] - mnew[i]);
+        d[i] = m[i] - mnew[i];
     }
-    for (i, ln) in lanes.iter_mut().enumerate() {
-        let (mv, dead) = (_mm256_set1_ps(mnew[i]), mnew[i] == f32::NEG_INFINITY);
-        let mut sum = _mm256_setzero_ps();
-        for v in 0..nv {
-            let e = if dead {
-                _mm256_setzero_ps()
-            } else {
-                exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i * BT + 8 * v)), mv))
-            };
-            _mm256_storeu_ps(sp.add(i * BT + 8 * v), e);
-            sum = _mm256_add_ps(sum, e);
+    let mut a = [0.0f32; 8];
+    _mm256_storeu_ps(a.as_mut_ptr(), exp_neg8(_mm256_loadu_ps(d.as_ptr())));
+    let mut sum = [_mm256_setzero_ps(); R];
+    for v in 0..nv {
+        for (i, si) in sum.iter_mut().enumerate() {
+            if mnew[i] == f32::NEG_INFINITY {
+                continue;
+            }
+            let at = sp.add(i * BT + 8 * v);
+            let e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(at), _mm256_set1_ps(mnew[i])));
+            _mm256_storeu_ps(at, e);
+            *si = _mm256_add_ps(*si, e);
         }
-        _mm256_storeu_ps(ln.as_mut_ptr(), sum);
     }
     for i in 0..R {
         if mnew[i] == f32::NEG_INFINITY {
+            // Probabilities 0; alpha stays 1 and the row's state unchanged.
+            for v in 0..nv {
+                _mm256_storeu_ps(sp.add(i * BT + 8 * v), _mm256_setzero_ps());
+            }
             continue;
         }
+        alpha[i] = a[i];
         m[i] = mnew[i];
-        l[i] = l[i] * alpha[i] + (0.0f32 + lanes[i].iter().sum::<f32>());
+        l[i] = l[i] * a[i] + avx2q::hsum(sum[i]);
     }
 }
 
-/// [`exp_neg`] on 8 lanes, bit for bit: the same range reduction and polynomial with the same roundings (separate
-/// multiplies and adds); lanes below −87 (and −∞) give 0.
+/// [`exp_neg`] on 8 lanes: the same range reduction and polynomial, each multiply-add one FMA (so a result may
+/// differ from the scalar one in its last bits); lanes below −87 (and −∞, NaN) give 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn exp_neg8(x: __m256) -> __m256 {
     let lo = _mm256_set1_ps(-87.0);
     let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo);
     let xc = _mm256_max_ps(x, lo);
-    let t = _mm256_add_ps(
-        _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+    let n = _mm256_floor_ps(_mm256_fmadd_ps(
+        xc,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
         _mm256_set1_ps(0.5),
-    );
-    let n = _mm256_floor_ps(t);
-    let r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693_145_75)));
-    let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(1.428_606_8e-6)));
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), xc);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
     let mut p = _mm256_set1_ps(0.001_394_2);
     for c in [0.008_333_45, 0.041_666_43, 0.166_666_67, 0.5, 1.0, 1.0] {
-        p = _mm256_add_ps(_mm256_set1_ps(c), _mm256_mul_ps(r, p));
+        p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(c));
     }
     let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
         _mm256_cvttps_epi32(n),
