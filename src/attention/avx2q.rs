@@ -22,7 +22,11 @@
 //! for its scores and 768 for p·V at the least, against 1 536 for the f16 fold's FMAs: on arithmetic alone the
 //! 4-bit fold can be at most about 1.33× the f16 one there, and both folds, not the bus, bound decode at 8K
 //! (SmolLM2's 30 layers of 8K from the L3: f16 0.645 ms per layer, 4-bit 0.598). Only 8-bit probabilities
-//! (`vpmaddubsw`, 32 products per instruction) would halve p·V's share, at 256 times the rounding error.
+//! (`vpmaddubsw`, 32 products per instruction) would halve p·V's share, at 256 times the rounding error. Tried on
+//! a Zen 3 (four value rows interleaved byte by byte, split into nibbles after the interleave, 16-bit sums widened
+//! every 16 tokens by `vpmaddwd` with ones): one 8K layer from the L3 on one thread 0.512 → 0.456 ms, but
+//! SmolLM2's `kivi4` perplexity over 6 × 2048 tokens of the essays went 20.920 → 20.970 (full cache 20.664): a
+//! fifth more of what 4-bit storage costs, so it was not kept.
 //!
 //! On Zen 1 a 256-bit `vpmaddubsw` does 32 products in two micro-ops where a 256-bit FMA does 8, and no code is
 //! widened to a float. 30 layers of SmolLM2's shapes at 8K from memory (`batched_decode_timing`, `HL_STREAMS=1
