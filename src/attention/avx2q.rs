@@ -14,19 +14,27 @@
 //! steps stay below 2¹⁵. Low nibbles (even keys) and high nibbles (odd keys) go in two passes over the block's
 //! codes, so each pass keeps only 2 accumulators per row in registers.
 //!
-//! p·V ([`pv`]) runs as the VNNI fold's does, on `vpmaddwd`: 16-bit probabilities times 16-bit codes, two tokens per
-//! 32-bit lane. It scales the probabilities by the tokens' value scales itself, as each value group starts.
+//! p·V ([`pv`]) multiplies byte probabilities (each row's, times the tokens' value scales, quantized per value
+//! group against their largest: 255 levels) by the codes on `vpmaddubsw`, 32 products per instruction, and widens
+//! the 16-bit sums every 16 tokens. The VNNI fold keeps 16-bit probabilities (`vpdpwssd` makes them as cheap as
+//! bytes there); here 16-bit ones on `vpmaddwd` needed each code widened to 16 bits and did half the products per
+//! multiply.
+//!
+//! Byte probabilities round more: per channel at most n · 15 · s / 2 with s = the group's largest scaled probability
+//! / 255 instead of / 32 767. Against the 4-bit values themselves that stays small: in `every_simd_path_matches_naive`
+//! the fold's error (query and probability rounding together) is at most 0.20 of what 4-bit storage moves the same
+//! output (0.16 with 16-bit probabilities), about 2 % more error than storage alone where the two add in quadrature.
+//! SmolLM2's `kivi4` perplexity over 6 × 2048 tokens of the essays (`hayloft perplexity --kv kivi4 --ctx 2048
+//! --chunks 6`) moves as much from any rounding this small: 20.920 before the FMA softmax, 20.996 after it, 20.970
+//! with byte probabilities too (full cache 20.664 throughout). A KIVI cache's codes flip wherever a key lands near a
+//! rounding edge, so its perplexity does not resolve differences this fine. On a Zen 3 (one thread, one 8K layer
+//! from the L3, min of 2000 steps) byte probabilities took the step from 0.512 to 0.456 ms.
 //!
 //! What bounds this on Zen 1: every vector integer multiply issues on one pipe (FP0), a 256-bit one in two halves,
 //! where an FMA's halves share FP0 and FP1. A decode block of a 3-query group (hk = hv = 64) needs 384 FP0 cycles
-//! for its scores and 768 for p·V at the least, against 1 536 for the f16 fold's FMAs: on arithmetic alone the
-//! 4-bit fold can be at most about 1.33× the f16 one there, and both folds, not the bus, bound decode at 8K
-//! (SmolLM2's 30 layers of 8K from the L3: f16 0.645 ms per layer, 4-bit 0.598). Only 8-bit probabilities
-//! (`vpmaddubsw`, 32 products per instruction) would halve p·V's share, at 256 times the rounding error. Tried on
-//! a Zen 3 (four value rows interleaved byte by byte, split into nibbles after the interleave, 16-bit sums widened
-//! every 16 tokens by `vpmaddwd` with ones): one 8K layer from the L3 on one thread 0.512 → 0.456 ms, but
-//! SmolLM2's `kivi4` perplexity over 6 × 2048 tokens of the essays went 20.920 → 20.970 (full cache 20.664): a
-//! fifth more of what 4-bit storage costs, so it was not kept.
+//! for its scores and 768 for p·V at the least (16-bit probabilities, as it then ran), against 1 536 for the f16
+//! fold's FMAs: on arithmetic alone the 4-bit fold could be at most about 1.33× the f16 one there, and both folds,
+//! not the bus, bound decode at 8K (SmolLM2's 30 layers of 8K from the L3: f16 0.645 ms per layer, 4-bit 0.598).
 //!
 //! On Zen 1 a 256-bit `vpmaddubsw` does 32 products in two micro-ops where a 256-bit FMA does 8, and no code is
 //! widened to a float. 30 layers of SmolLM2's shapes at 8K from memory (`batched_decode_timing`, `HL_STREAMS=1
@@ -159,7 +167,7 @@ pub(super) unsafe fn scores<const R: usize>(
 }
 
 /// Row `p`'s probabilities (n ≤ 32 values ≥ 0, the rest read as 0) times the block's value scales of one group
-/// (`vscale`), as 16-bit integers: `p[j] · vscale[j] ≈ s · out[j]`, s = max / 32 767, out[j] = round(x / s).
+/// (`vscale`), as unsigned bytes: `p[j] · vscale[j] ≈ s · out[j]`, s = max / 255, out[j] = round(x / s).
 /// Returns (s, Σ_j p[j] · vmin[j]); s is 0 when every scaled value is 0 (or one is not finite).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -168,7 +176,7 @@ unsafe fn quantize_probs(
     n: usize,
     vmin: *const f32,
     vscale: *const f32,
-    out: &mut [i16; BT],
+    out: &mut [u8; BT],
 ) -> (f32, f32) {
     let mut buf = [0.0f32; BT];
     let src = if n >= BT {
@@ -193,29 +201,34 @@ unsafe fn quantize_probs(
         *out = [0; BT];
         return (0.0, pc);
     }
-    let inv = _mm256_set1_ps(32767.0 / mx);
-    for (h, &v) in xs.iter().enumerate() {
-        // Rounded to nearest (even), narrowed with saturation.
-        let q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
-        let w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-        _mm_storeu_si128(out.as_mut_ptr().add(8 * h) as *mut __m128i, w);
-    }
-    (mx / 32767.0, pc)
+    // Rounded to nearest (even); every value lies in 0..=255, so the narrowing saturates nothing.
+    let inv = _mm256_set1_ps(255.0 / mx);
+    let q: [__m256i; 4] = std::array::from_fn(|h| _mm256_cvtps_epi32(_mm256_mul_ps(xs[h], inv)));
+    // Packing works per 128-bit lane: 4-byte chunks come out as (0, 2, 4, 6, 1, 3, 5, 7) of the 8 wanted.
+    let b = _mm256_packus_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, b);
+    (mx / 255.0, pc)
 }
 
 /// acc_i ← alpha_i · acc_i + pc_i[g] + Σ_{j<n} pq_i[g · 32 + j] · code_j for R ≤ 4 rows (`acc` row stride hv), one
 /// value group (64 channels) at a time, as integer dot products, where pq_i[g · 32 + j] = p_i[j] · vscale[g][j] and
 /// pc_i[g] = Σ_j p_i[j] · vmin[g][j] come from the rows' probabilities `p` (rows 32 apart) as each group starts
 /// ([`super::qtile`]'s split of a value row, here without a pass of its own). Per row and group the scaled
-/// probabilities are quantized to 16 bits against the largest (as [`super::vnni::pv`] does: |Δ| ≤ n · 15 · s / 2 per
-/// channel, s = max pq / 32 767), and `vpmaddwd` sums 2 tokens of 16-bit codes times 16-bit weights per 32-bit
-/// lane, lane = channel.
+/// probabilities are quantized to unsigned bytes against the largest: |Δ| ≤ n · 15 · s / 2 per channel, s = max pq
+/// / 255 (the module's notes weigh that against 4-bit storage's own error).
 ///
-/// Two value rows are two 32-byte loads; their nibbles (even channels, then odd) are interleaved token by token and
-/// widened to 16-bit words within each 128-bit lane, so no byte crosses a lane. The group's 64 channels go in four
-/// passes over its tokens (even or odd channels, first or second half of each lane's bytes) with 2 accumulators per
-/// row each, and the channel order is restored once per group. `ahead`: the next block's value codes, a row's line
-/// with each row of the first group.
+/// `vpmaddubsw` multiplies 32 byte pairs (probability bytes, code bytes) and adds each pair into a 16-bit lane; the
+/// codes are laid out so a lane's pair is one channel of tokens (j, j + 1) and the next lane's the same channel of
+/// (j + 2, j + 3): four value rows (one 32-byte load each) are interleaved byte by byte, then in 16-bit units, within
+/// each 128-bit lane, and only then split into low nibbles (even channels) and high nibbles (odd). A 16-bit lane
+/// gains at most 2 · 255 · 15 = 7 650 per 4 tokens, so 16 tokens (30 600) fit; `vpmaddwd` by ones then adds a
+/// channel's two lanes into 32 bits. The group's 64 channels go in four passes (even or odd channels, first or second
+/// half of each lane's bytes) with 2 accumulators per row each, and the channel order is restored once per group.
+/// `ahead`: the next block's value codes, a row's line with each row of the first group.
 ///
 /// # Safety
 /// The CPU must support AVX2 (and FMA, F16C); `q4` holds 4-bit codes of 32 tokens with `rb · 2 == hv`, hv a
@@ -239,13 +252,15 @@ pub(super) unsafe fn pv<const R: usize>(
     assert!(q4.v.len() >= BT * rb && alpha.len() >= R);
     assert!(q4.vmin.len() >= ng * BT && q4.vscale.len() >= ng * BT);
     let mask = _mm256_set1_epi8(15);
-    let zero = _mm256_setzero_si256();
+    let ones = _mm256_set1_epi16(1);
+    // Tokens read: whole steps of 4 (a token at n or later carries weight 0; the block holds 32 rows).
+    let nt = n.next_multiple_of(4);
     for g in 0..ng {
-        let mut p16 = [[0i16; BT]; R];
+        let mut w8 = [[0u8; BT]; R];
         let (mut step, mut pcs) = ([0.0f32; R], [0.0f32; R]);
         let (vmin, vscale) = (q4.vmin.as_ptr().add(g * BT), q4.vscale.as_ptr().add(g * BT));
-        for (r, pr) in p16.iter_mut().enumerate() {
-            (step[r], pcs[r]) = quantize_probs(p.add(r * BT), n, vmin, vscale, pr);
+        for (r, wr) in w8.iter_mut().enumerate() {
+            (step[r], pcs[r]) = quantize_probs(p.add(r * BT), n, vmin, vscale, wr);
         }
         let vb = q4.v.as_ptr().add(32 * g);
         // Per row and channel parity: the group's 32 channel sums (channel 2i + parity at [parity][i]), as floats.
@@ -253,40 +268,49 @@ pub(super) unsafe fn pv<const R: usize>(
         for quarter in 0..4 {
             let (odd, second) = (quarter >= 2, quarter % 2 == 1);
             let mut ia = [[_mm256_setzero_si256(); 2]; R];
-            let mut j = 0;
-            while j < n {
-                if g == 0 && quarter == 0 {
-                    // Rows j and j + 1 of the next block's value codes (a full next block: the rest on the last pair).
-                    if j + 2 >= n {
-                        ahead.span(j * rb, usize::MAX);
+            let mut j0 = 0;
+            while j0 < nt {
+                let j1 = (j0 + 16).min(nt);
+                // Per row: 16-bit sums, two lanes per channel (tokens j, j + 1 and j + 2, j + 3 of every step).
+                let mut a16 = [[_mm256_setzero_si256(); 2]; R];
+                for j in (j0..j1).step_by(4) {
+                    if g == 0 && quarter == 0 {
+                        // Rows j..j + 4 of the next block's value codes (a full next block: the rest on the last).
+                        if j + 4 >= nt {
+                            ahead.span(j * rb, usize::MAX);
+                        } else {
+                            ahead.span(j * rb, 4 * rb);
+                        }
+                    }
+                    let row = |t: usize| _mm256_loadu_si256(vb.add((j + t) * rb) as *const __m256i);
+                    let (a, b, c, d) = (row(0), row(1), row(2), row(3));
+                    // Bytes i = 8·second + 0..8 (lane 0) and 16 + 8·second + 0..8 (lane 1) of tokens (j, j + 1) and
+                    // (j + 2, j + 3), then the four tokens of each byte side by side: x[h] holds bytes 4h + 0..4.
+                    let (ab, cd) = if second {
+                        (_mm256_unpackhi_epi8(a, b), _mm256_unpackhi_epi8(c, d))
                     } else {
-                        ahead.span(j * rb, 2 * rb);
+                        (_mm256_unpacklo_epi8(a, b), _mm256_unpacklo_epi8(c, d))
+                    };
+                    let x = [_mm256_unpacklo_epi16(ab, cd), _mm256_unpackhi_epi16(ab, cd)];
+                    let x = x.map(|v| {
+                        if odd {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask)
+                        } else {
+                            _mm256_and_si256(v, mask)
+                        }
+                    });
+                    for (ar, wr) in a16.iter_mut().zip(&w8) {
+                        let w =
+                            _mm256_set1_epi32((wr.as_ptr().add(j) as *const i32).read_unaligned());
+                        ar[0] = _mm256_add_epi16(ar[0], _mm256_maddubs_epi16(w, x[0]));
+                        ar[1] = _mm256_add_epi16(ar[1], _mm256_maddubs_epi16(w, x[1]));
                     }
                 }
-                // Tokens j and j + 1 (j + 1 < 32 always: n ≤ 32 and j is even; a token at n carries weight 0).
-                let a = _mm256_loadu_si256(vb.add(j * rb) as *const __m256i);
-                let b = _mm256_loadu_si256(vb.add((j + 1) * rb) as *const __m256i);
-                let (a, b) = if odd {
-                    (
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(a), mask),
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask),
-                    )
-                } else {
-                    (_mm256_and_si256(a, mask), _mm256_and_si256(b, mask))
-                };
-                // Byte pairs (token j, token j + 1) of codes i = 8·second + 0..8 (lane 0) and 16 + 8·second + 0..8.
-                let x = if second {
-                    _mm256_unpackhi_epi8(a, b)
-                } else {
-                    _mm256_unpacklo_epi8(a, b)
-                };
-                let w = [_mm256_unpacklo_epi8(x, zero), _mm256_unpackhi_epi8(x, zero)];
-                for (ar, pr) in ia.iter_mut().zip(&p16) {
-                    let p = _mm256_set1_epi32((pr.as_ptr().add(j) as *const i32).read_unaligned());
-                    ar[0] = _mm256_add_epi32(ar[0], _mm256_madd_epi16(w[0], p));
-                    ar[1] = _mm256_add_epi32(ar[1], _mm256_madd_epi16(w[1], p));
+                for (ar, sr) in ia.iter_mut().zip(&a16) {
+                    ar[0] = _mm256_add_epi32(ar[0], _mm256_madd_epi16(sr[0], ones));
+                    ar[1] = _mm256_add_epi32(ar[1], _mm256_madd_epi16(sr[1], ones));
                 }
-                j += 2;
+                j0 = j1;
             }
             // ia[r][h]: codes i = 8·second + 4h + 0..4 (lane 0) and 16 + 8·second + 4h + 0..4 (lane 1).
             for ((ar, pr), &st) in ia.iter().zip(part.iter_mut()).zip(&step) {
@@ -571,7 +595,7 @@ mod tests {
                     for r in 0..rows {
                         let (a0, g) = (&acc0[r * hv..][..hv], &got[r * hv..][..hv]);
                         if r < nr {
-                            check_pv(&q4, &pbuf, n, alpha[r], a0, g, r);
+                            check_pv(255.0, &q4, &pbuf, n, alpha[r], a0, g, r);
                         } else {
                             assert_eq!(a0, g, "row {r} is past the {nr} rows folded");
                         }

@@ -441,9 +441,14 @@ fn storage_err(c: Case, dtype: KvDtype) -> f32 {
         / scale
 }
 
+/// The share of what 4-bit storage moves an output that the integer fold's own rounding may add (query bytes,
+/// and on AVX2 byte probabilities too: up to 0.20 seen in these tests, against 0.16 with 16-bit probabilities).
+const FOLD_SHARE: f32 = 0.25;
+
 /// The largest |Δ| a tiled result over `cache` may show against the reference over the same entries, when it runs
-/// on the process's SIMD level: 1e-4, or where the integer fold reads 4-bit blocks ([`integer_fold`]), a fifth of
-/// what 4-bit storage itself moves the reference (`exact`: the same entries in f32), if that is more.
+/// on the process's SIMD level: 1e-4, or where the integer fold reads 4-bit blocks ([`integer_fold`]),
+/// [`FOLD_SHARE`] of what 4-bit storage itself moves the reference (`exact`: the same entries in f32), if that is
+/// more.
 fn tolerance(
     cache: &KvCache,
     exact: &KvCache,
@@ -462,7 +467,7 @@ fn tolerance(
         .iter()
         .zip(&want)
         .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
-    1e-4f32.max(0.2 * storage)
+    1e-4f32.max(FOLD_SHARE * storage)
 }
 
 /// attend() on `simd` vs the f64 reference over the cache's own (dequantized) entries: max |Δ| / max |want|.
@@ -638,11 +643,11 @@ fn every_simd_path_matches_naive() {
         for c in cases {
             for dtype in dtypes {
                 let e = rel_err_at(simd, c, dtype);
-                // The integer fold's query rounding: at most a fifth of what 4-bit storage itself does.
+                // The integer fold's rounding: a share of what 4-bit storage itself does.
                 let tol = if integer_fold(simd, dtype, c.bt) {
                     let q = storage_err(c, dtype);
                     eprintln!("integer fold {e:.2e} against 4-bit storage {q:.2e}");
-                    1e-4f32.max(0.2 * q)
+                    1e-4f32.max(FOLD_SHARE * q)
                 } else {
                     1e-4
                 };
@@ -723,7 +728,7 @@ fn runs_of_four_bit_blocks_match_naive() {
             for c in cases {
                 let e = rel_err_at(simd, c, dtype);
                 let tol = if integer_fold(simd, dtype, c.bt) {
-                    1e-4f32.max(0.2 * storage_err(c, dtype))
+                    1e-4f32.max(FOLD_SHARE * storage_err(c, dtype))
                 } else {
                     1e-4
                 };

@@ -692,8 +692,11 @@ pub(super) mod tests {
 
     /// Asserts that `got`, row r's integer p·V over the first n tokens (from `acc0` with `alpha`; `pbuf` laid out by
     /// [`qtile::scale_probs`]), lies within the stated bound of the float step: n · 15 · s / 2 per channel, s = the
-    /// group's largest scaled probability / 32 767, plus f32 slack.
+    /// group's largest scaled probability / `levels` (32 767 for 16-bit probabilities, 255 for bytes), plus f32
+    /// slack.
+    #[allow(clippy::too_many_arguments)] // the step's inputs, its result and the rounding's levels
     pub(in crate::attention) fn check_pv(
+        levels: f32,
         q4: &Q4,
         pbuf: &[f32],
         n: usize,
@@ -713,7 +716,7 @@ pub(super) mod tests {
             // f32 slack: the float step's own rounding over terms up to 15 · pmax each, the constant and acc.
             let pc = pbuf[pc_at + r * ng + g].abs();
             let slack = 1e-5 * (b.abs() + 15.0 * n as f32 * pmax + pc + 5.0);
-            let bound = n as f32 * 7.5 * pmax / 32_767.0 + slack;
+            let bound = n as f32 * 7.5 * pmax / levels + slack;
             assert!(
                 (a - b).abs() <= bound,
                 "hv {hv} n {n} row {r} ch {d}: |{a} - {b}| > {bound}"
@@ -766,6 +769,7 @@ pub(super) mod tests {
             };
             for r in 0..rows {
                 check_pv(
+                    32_767.0,
                     &q4,
                     &pbuf,
                     n,
