@@ -3,8 +3,8 @@
 //! Rows go in chunks of up to 4: the chunk's scores are one register-blocked product per strip of keys (32 keys for
 //! up to 3 rows, 16 for 4: each channel's query values broadcast once, then each key vector loaded once for all
 //! rows), the masks, then the softmax step ([`softmax_rows`], on FMAs: a masked or partial block goes through the
-//! same step with its hidden entries −∞, so it sums exactly as a full one: chunked ≡ one-shot), and p·V keeps a strip of 32 (up to 3 rows) or 16 channels of the
-//! chunk's output rows in registers, so each value strip is loaded once for all rows. With at most 16 ymm registers
+//! same step with its hidden entries −∞, so it sums exactly as a full one: chunked ≡ one-shot), and p·V keeps a
+//! strip of 32 (up to 3 rows) or 16 channels of the chunk's output rows in registers, so each value strip is loaded once for all rows. With at most 16 ymm registers
 //! that is R · W accumulators + R broadcasts + 1 key or value: a decode step of a 3-query group broadcasts once per
 //! 4 FMAs instead of once per 2. Keys past the last one any row of the chunk can see are left out of p·V. A 4-bit
 //! KIVI tile ([`super::qtile`]) of 32 keys is scored with integer dot products ([`super::avx2q`]) and its value codes
@@ -135,8 +135,8 @@ pub(super) unsafe fn fold<const BT: usize>(
         let mut cmax = 0u32;
         let plain = n == BT && all_visible && p.softcap.is_none();
         if plain {
-            // A full block every row sees whole: the rows' softmax steps interleaved, each the loop's below up to rounding
-            // (a partly selected block's other entries masked first, as the AVX-512 fold does).
+            // A full block every row sees whole: the rows' softmax steps interleaved, the step the loop below takes
+            // a row at a time (a partly selected block's other entries masked first, as the AVX-512 fold does).
             if cols != u64::MAX {
                 mask_cols::<BT>(&mut s_buf[..rc * BT], cols);
             }
