@@ -1,18 +1,18 @@
 //! AVX2 fold: [`super::wide`]'s register-blocked step with 8-lane vectors, for CPUs without AVX-512 (AVX2-only EPYCs).
 //!
-//! Rows go in chunks of up to 4: the chunk's scores are one register-blocked product per strip of keys (32 keys for
-//! up to 3 rows, 16 for 4: each channel's query values broadcast once, then each key vector loaded once for all
-//! rows), the masks, then the softmax step ([`softmax_rows`], on FMAs: a masked or partial block goes through the
-//! same step with its hidden entries −∞, so it sums exactly as a full one: chunked ≡ one-shot), and p·V keeps a
-//! strip of 32 (up to 3 rows) or 16 channels of the chunk's output rows in registers, so each value strip is loaded
-//! once for all rows. With at most 16 ymm registers that is R · W accumulators + R broadcasts + 1 key or value: a
-//! decode step of a 3-query group broadcasts once per 4 FMAs instead of once per 2. Keys past the last one any row of the chunk can see are left out of p·V. A 4-bit
-//! KIVI tile ([`super::qtile`]) of 32 keys is scored with integer dot products ([`super::avx2q`]) and its value codes
-//! unpacked 8 or 16 at a time where the f32 path loads values, for exactly the chunk's rows (other quantized tiles
-//! unpack their key codes too). An f16 block asks for the next block's lines as it works (a key channel's line with
-//! each channel, a value row's with each row), as the AVX-512 fold does, and so does a 4-bit block for the next
-//! block's codes (a line per 4 key channels, a value row's with each row): a burst of prefetches for a whole block
-//! stalls once the core's miss buffers are full.
+//! Rows go in chunks of up to 4: the chunk's scores are one register-blocked product per strip of keys (32 keys for up
+//! to 3 rows, 16 for 4: each channel's query values broadcast once, then each key vector loaded once for all rows), the
+//! masks, then the softmax step ([`softmax_rows`], on FMAs: a masked or partial block goes through the same step with
+//! its hidden entries −∞, so it sums exactly as a full one: chunked ≡ one-shot), and p·V keeps a strip of 32 (up to 3
+//! rows) or 16 channels of the chunk's output rows in registers, so each value strip is loaded once for all rows. With
+//! at most 16 ymm registers that is R · W accumulators + R broadcasts + 1 key or value: a decode step of a 3-query
+//! group broadcasts once per 4 FMAs instead of once per 2. Keys past the last one any row of the chunk can see are left
+//! out of p·V. A 4-bit KIVI tile ([`super::qtile`]) of 32 keys is scored with integer dot products ([`super::avx2q`])
+//! and its value codes unpacked 8 or 16 at a time where the f32 path loads values, for exactly the chunk's rows (other
+//! quantized tiles unpack their key codes too). An f16 block asks for the next block's lines as it works (a key
+//! channel's line with each channel, a value row's with each row), as the AVX-512 fold does, and so does a 4-bit block
+//! for the next block's codes (a line per 4 key channels, a value row's with each row): a burst of prefetches for a
+//! whole block stalls once the core's miss buffers are full.
 //!
 //! Chosen when `crate::kernels::kernel()` is the AVX2 kernel, the block holds a multiple of 8 keys and the value head
 //! dim is a multiple of 8; otherwise `fold` takes the portable path.
