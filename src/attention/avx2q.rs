@@ -110,7 +110,7 @@ pub(super) unsafe fn scores<const R: usize>(
             let mut a16 = [[_mm256_setzero_si256(); 2]; R];
             for t in t0..t1 {
                 if !odd {
-                    ahead.span(64 * t, 64);
+                    ahead.span_l2(64 * t, 64);
                 }
                 let x = _mm256_loadu_si256(base.add(64 * t) as *const __m256i);
                 let y = _mm256_loadu_si256(base.add(64 * t + 32) as *const __m256i);
@@ -277,9 +277,9 @@ pub(super) unsafe fn pv<const R: usize>(
                     if g == 0 && quarter == 0 {
                         // Rows j..j + 4 of the next block's value codes (a full next block: the rest on the last).
                         if j + 4 >= nt {
-                            ahead.span(j * rb, usize::MAX);
+                            ahead.span_l2(j * rb, usize::MAX);
                         } else {
-                            ahead.span(j * rb, 4 * rb);
+                            ahead.span_l2(j * rb, 4 * rb);
                         }
                     }
                     let row = |t: usize| _mm256_loadu_si256(vb.add((j + t) * rb) as *const __m256i);

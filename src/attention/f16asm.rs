@@ -17,7 +17,8 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 
 /// acc[r][w] += b_r[i] · x_i[w] for i < n and the 3 rows, where x_i is the strip of 4 × 8 f16 values at
-/// `x + i · stride`; `pf`: one byte address asked for (into every cache level) with each step, `pfs` bytes apart.
+/// `x + i · stride`; `pf`: one byte address asked for (into the second-level cache, as [`super::Ahead::span_l2`]
+/// does) with each step, `pfs` bytes apart.
 ///
 /// # Safety
 /// AVX2, FMA and F16C; each `b[r]` holds n f32 and each x_i 32 f16.
@@ -40,7 +41,7 @@ unsafe fn run3(
             "vbroadcastss {b0}, dword ptr [{r0} + 4*{i}]",
             "vbroadcastss {b1}, dword ptr [{r1} + 4*{i}]",
             "vbroadcastss {b2}, dword ptr [{r2} + 4*{i}]",
-            "prefetcht0 byte ptr [{pf}]",
+            "prefetcht1 byte ptr [{pf}]",
             "vcvtph2ps {x}, xmmword ptr [{xp}]",
             "vfmadd231ps {a0}, {b0}, {x}",
             "vfmadd231ps {a4}, {b1}, {x}",
@@ -116,7 +117,7 @@ unsafe fn run4(
             "vbroadcastss {b1}, dword ptr [{r1} + 4*{i}]",
             "vbroadcastss {b2}, dword ptr [{r2} + 4*{i}]",
             "vbroadcastss {b3}, dword ptr [{r3} + 4*{i}]",
-            "prefetcht0 byte ptr [{pf}]",
+            "prefetcht1 byte ptr [{pf}]",
             "vcvtph2ps {x}, xmmword ptr [{xp}]",
             "vfmadd231ps {a0}, {b0}, {x}",
             "vfmadd231ps {a2}, {b1}, {x}",
