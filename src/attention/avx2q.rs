@@ -498,7 +498,7 @@ mod tests {
     use super::super::vnni::tests::{adversarial, check_pv, check_scores};
     use super::*;
 
-    fn avx2() -> bool {
+    pub(super) fn avx2() -> bool {
         is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
@@ -658,10 +658,7 @@ mod piece_timing {
     #[test]
     #[ignore]
     fn avx2q_piece_timing() {
-        if !(is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c"))
-        {
+        if !super::tests::avx2() {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
