@@ -17,8 +17,8 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 
 /// acc[r][w] += b_r[i] · x_i[w] for i < n and the 3 rows, where x_i is the strip of 4 × 8 f16 values at
-/// `x + i · stride`; `pf`: one byte address asked for (into the second-level cache, as [`super::Ahead::span_l2`]
-/// does) with each step, `pfs` bytes apart.
+/// `x + i · stride`; `pf`: one byte address asked for (`prefetcht1`: into the second-level cache, where
+/// [`super::Ahead::span_l2`] asks too) with each step, `pfs` bytes apart.
 ///
 /// # Safety
 /// AVX2, FMA and F16C; each `b[r]` holds n f32 and each x_i 32 f16.
