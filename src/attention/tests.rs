@@ -162,11 +162,12 @@ fn decoding_an_entry_equals_its_prefill_row_bit_for_bit() {
 /// A decode row reads f16 blocks in place on the AVX-512 path (each key and value converted where it is
 /// loaded); a call with more rows than one pass of that fold converts each block into a copy first. The same
 /// query row gives the same bits both ways: three copies of it at the same position (12 rows of a 4-query-head
-/// group) take the copy path, one alone the in-place path.
+/// group) take the copy path, one alone the in-place path. Groups of 5 and 7 (Qwen2.5's) take the in-place path's
+/// p·V of up to 7 rows in one pass on AVX-512 against 4 rows per pass in the copy path.
 #[test]
 fn f16_blocks_read_in_place_equal_the_converted_copy_bit_for_bit() {
-    let (n_q, hk, len) = (4, 64, 333);
-    for bt in [16, 32, 64] {
+    let (hk, len) = (64, 333);
+    for (n_q, bt) in [(4, 16), (4, 32), (4, 64), (5, 32), (7, 32)] {
         let mut rng = Rng(0xF16 + bt as u64);
         let (cache, p) = f16_head(&mut rng, n_q, hk, bt, len);
         let q1 = rng.vec(n_q * hk, 2.0); // 1 × n_q·hk
@@ -202,7 +203,7 @@ fn f16_blocks_read_in_place_equal_the_converted_copy_bit_for_bit() {
                 assert_eq!(
                     one,
                     three[t * n_q * hk..][..n_q * hk],
-                    "{simd:?}, block {bt}, copy {t}"
+                    "{simd:?}, {n_q} rows, block {bt}, copy {t}"
                 );
             }
         }
@@ -583,8 +584,8 @@ fn every_simd_path_matches_naive() {
             ..base
         },
         // 3-query groups over 64-key blocks (two 32-key strips) and 96 value channels (three 32-channel strips),
-        // Qwen2.5's 7-query groups (a decode step's rows in chunks of 4 and 3 over f16 blocks read in place) and
-        // 8-query groups, decoding and in a prefill tile.
+        // Qwen2.5's 7-query groups (a decode step's rows over f16 blocks read in place: one p·V pass of 7 rows on
+        // AVX-512, chunks of 4 and 3 on AVX2), 5-query groups and 8-query groups, decoding and in a prefill tile.
         Case {
             n_q: 6,
             n_kv: 2,
@@ -607,6 +608,13 @@ fn every_simd_path_matches_naive() {
             n_kv: 2,
             len: 190,
             n_new: 2,
+            ..base
+        },
+        Case {
+            n_q: 10,
+            n_kv: 2,
+            len: 150,
+            n_new: 1,
             ..base
         },
         Case {
