@@ -795,18 +795,21 @@ impl Ahead {
         self.span_to::<{ PF_L1 }>(o, n)
     }
 
-    /// [`Ahead::span`] into the second-level cache only (the AVX-512 f16 fold; on AVX2 the f16 loops' own prefetches in
-    /// [`f16asm`] and the 4-bit fold's spans too). A request to L1 holds one of the core's few line-fill buffers until
-    /// its line arrives; one that stops at L2 frees it sooner, so more lines are on the way at once. On a 2-core
-    /// AVX-512 Xeon (`batched_decode_timing`, f16, `HL_STREAMS=1 HL_LEN=8192 HL_STEPS=30` or 8 streams of 1K with
-    /// `HL_STEPS=60`), every span's hint switched in one build, alternated twice: 8K 10.8–11.2 → 9.6–9.8 ms per step
-    /// (none at all: 15.3; `NTA`: 15.4; `T1`: 10.1–10.3; asking for the block after next as well, whole: 11.7–12.7), 8
-    /// × 1K 9.9–10.2 → 8.9–9.0; this build against the one before, five pairs at 8K: 10.28 / 9.73 / 10.82 / 10.47 /
-    /// 10.94 → 9.46 / 9.69 / 10.01 / 10.20 / 10.33, three at 8 × 1K: 10.38 / 10.69 / 10.34 → 9.53 / 9.97 / 10.68. The
-    /// AVX-512 4-bit fold gained nothing measurable and keeps L1. On a 2-core Zen 3 (AVX2), the same harness
-    /// (`HL_STEPS=100`, 4 pairs of builds): f16 mean 11.5 / 11.8 / 13.0 / 13.6 → 10.0 / 11.6 / 11.9 / 11.0 ms per step,
-    /// min 9.67 / 10.47 / 10.49 / 9.71 → 9.26 / 9.20 / 9.73 / 9.13; `kivi4` min 10.24 / 12.47 / 11.02 / 9.26 → 8.62 /
-    /// 10.69 / 10.21 / 9.12.
+    /// [`Ahead::span`] into the second-level cache only (the AVX-512 f16 and 4-bit folds; on AVX2 the f16 loops' own
+    /// prefetches in [`f16asm`] and the 4-bit fold's spans too). A request to L1 holds one of the core's few line-fill
+    /// buffers until its line arrives; one that stops at L2 frees it sooner, so more lines are on the way at once. On a
+    /// 2-core AVX-512 Xeon (`batched_decode_timing`, f16, `HL_STREAMS=1 HL_LEN=8192 HL_STEPS=30` or 8 streams of 1K
+    /// with `HL_STEPS=60`), every span's hint switched in one build, alternated twice: 8K 10.8–11.2 → 9.6–9.8 ms per
+    /// step (none at all: 15.3; `NTA`: 15.4; `T1`: 10.1–10.3; asking for the block after next as well, whole:
+    /// 11.7–12.7), 8 × 1K 9.9–10.2 → 8.9–9.0; this build against the one before, five pairs at 8K: 10.28 / 9.73 / 10.82
+    /// / 10.47 / 10.94 → 9.46 / 9.69 / 10.01 / 10.20 / 10.33, three at 8 × 1K: 10.38 / 10.69 / 10.34 → 9.53 / 9.97 /
+    /// 10.68. The AVX-512 4-bit fold gained nothing measurable there; on a 2-core Zen 4 (AVX-512 VNNI, 2026-12-07) it
+    /// did: `kivi4` over 30 SmolLM2-shaped 8K layers from memory (`HL_DTYPE=q4`), one thread (`taskset -c 1`) min 9.78
+    /// / 10.85 → 8.41 / 8.34 ms per step, two threads 5.25 / 5.18 / 5.51 → 4.60 / 5.23 / 4.61; `bench speed --kv kivi4`
+    /// at 8K 113.0 / 108.5 → 126.2 / 127.6 tok/s (its scales, asked for into L2 as well, came slower: 8.6 → 9.6–9.8
+    /// ms). On a 2-core Zen 3 (AVX2), the same harness (`HL_STEPS=100`, 4 pairs of builds): f16 mean 11.5 / 11.8 / 13.0
+    /// / 13.6 → 10.0 / 11.6 / 11.9 / 11.0 ms per step, min 9.67 / 10.47 / 10.49 / 9.71 → 9.26 / 9.20 / 9.73 / 9.13;
+    /// `kivi4` min 10.24 / 12.47 / 11.02 / 9.26 → 8.62 / 10.69 / 10.21 / 9.12.
     #[inline(always)]
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn span_l2(self, o: usize, n: usize) {

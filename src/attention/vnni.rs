@@ -150,7 +150,7 @@ pub(super) unsafe fn scores<const R: usize>(
     let (base, qi) = (q4.k.as_ptr(), q4.qi.as_ptr());
     for c4 in 0..hs / 4 {
         // One line of the next block's key codes per 64 bytes of this block's (a 2-bit block's are half as many).
-        ahead.span(64 * c4, 64);
+        ahead.span_l2(64 * c4, 64);
         let x = _mm512_loadu_si512(base.add(64 * c4) as *const _);
         let lo = _mm512_and_si512(x, mask);
         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
@@ -540,7 +540,7 @@ pub(super) unsafe fn pv_run<const R: usize, const NB: usize>(
             for j in (0..BT).step_by(2) {
                 // One line of the next run's block b's value codes per token pair: 16 lines per value group, the
                 // block's 16 · hv bytes over the ng groups.
-                ahead[b].span(64 * (16 * g + j / 2), 64);
+                ahead[b].span_l2(64 * (16 * g + j / 2), 64);
                 let a = _mm256_loadu_si256(vb.add(j * rb) as *const __m256i);
                 let x = _mm512_inserti64x4::<1>(
                     _mm512_castsi256_si512(a),

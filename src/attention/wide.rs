@@ -479,10 +479,10 @@ unsafe fn ld16<const H: bool>(base: *const u8, i: usize) -> __m512 {
     }
 }
 
-/// acc + x · b[i]: the multiply-add takes b[i] straight from memory, broadcast to its 16 lanes (`{1to16}`). A
-/// separate `vbroadcastss` to a zmm register runs on a vector pipe, and on Zen 4 it costs a cycle as the multiply-adds
-/// it feeds do: 7 rows' broadcasts shared by 2 multiply-adds each took the score loop to 1.19 cycles per multiply-add,
-/// embedded ones to 0.99 (a microbenchmark of that loop, one thread). Same rounding as `_mm512_fmadd_ps`: the same bits.
+/// acc + x · b[i]: the multiply-add takes b[i] straight from memory, broadcast to its 16 lanes (`{1to16}`). A separate
+/// `vbroadcastss` to a zmm register runs on a vector pipe, and on Zen 4 it costs a cycle as the multiply-adds it feeds
+/// do: 7 rows' broadcasts shared by 2 multiply-adds each took the score loop to 1.19 cycles per multiply-add, embedded
+/// ones to 0.99 (a microbenchmark of that loop, one thread). Same rounding as `_mm512_fmadd_ps`: the same bits.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn fma_b(acc: __m512, x: __m512, b: *const f32, i: usize) -> __m512 {
