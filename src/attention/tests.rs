@@ -291,6 +291,43 @@ fn fast_exp_is_accurate() {
     assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
 }
 
+/// The AVX-512 folds' 16-lane e^x ([`wide::exp_neg16`], fused multiply-adds) against f64 over [−90, 0], −∞ and 0.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn fused_exp_is_accurate() {
+    use std::arch::x86_64::*;
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        eprintln!("skipped: no AVX-512 on this CPU");
+        return;
+    }
+    let mut xs: Vec<f32> = (0..6600)
+        .map(|i| -90.0 + 0.0137 * i as f32)
+        .filter(|&x| x <= 0.0)
+        .collect();
+    xs.extend([0.0, -0.0, f32::NEG_INFINITY, -87.0, -86.999, -1e-30]);
+    for chunk in xs.chunks(16) {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        lanes[..chunk.len()].copy_from_slice(chunk);
+        let mut got = [0.0f32; 16];
+        // SAFETY: AVX-512F was found above (the function's other features come with it on every AVX-512 CPU).
+        unsafe {
+            let e = wide::exp_neg16(_mm512_loadu_ps(lanes.as_ptr()));
+            _mm512_storeu_ps(got.as_mut_ptr(), e);
+        }
+        for (&x, &g) in chunk.iter().zip(&got) {
+            let want = (x as f64).exp();
+            if x >= -87.0 {
+                assert!(
+                    (g as f64 - want).abs() <= 1e-6 * want,
+                    "exp({x}) = {g}, want {want}"
+                );
+            } else {
+                assert_eq!(g, 0.0, "exp({x})");
+            }
+        }
+    }
+}
+
 #[test]
 fn scalar_path_matches_naive() {
     // run_task is the same code with or without target features; exercise it directly without SIMD dispatch.
