@@ -354,10 +354,11 @@ unsafe fn run_rows<const R: usize, const NB: usize, const KEYS: usize>(
 }
 
 /// The softmax step of R rows (`s[i · BT..][..BT]`, raw scores) over a full block that every row sees whole, with
-/// no soft-cap (or one row scaled and masked already, with `scale` 1): scale, block max, e^(s − m_new) and the sum
-/// as [`block_softmax`] computes them, in lockstep over the rows, so their dependency chains (the max's and the sum's
-/// reductions, the exp polynomial) overlap instead of following one another. Updates m, l and alpha of rows 0..R;
-/// a row whose scores are all −∞ gets probabilities 0 and keeps its state.
+/// no soft-cap (or one row scaled and masked already, with `scale` 1, a partial block's missing entries −∞): scale,
+/// block max, e^(s − m_new) ([`exp_neg16`]) and the sum in [`super::block_softmax`]'s order, in lockstep over the
+/// rows, so their dependency chains (the max's and the sum's reductions, the exp polynomial) overlap instead of
+/// following one another. Updates m, l and alpha of rows 0..R; a row whose scores are all −∞ gets probabilities 0
+/// and keeps its state.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 unsafe fn softmax_rows<const BT: usize, const R: usize>(
