@@ -504,7 +504,10 @@ pub(super) unsafe fn pv_run<const R: usize, const NB: usize>(
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for g in 0..ng {
         // Per row: the run's scaled probabilities as 16-bit integers, their step, and Σ p · vmin.
-        let mut p16 = [[0i16; MAX_RUN * BT]; R];
+        // Written below for the run's NB · 32 tokens only (zeros for a row of zero weights): zeroing all of it for
+        // every value group was a `memset` of 512 bytes per row (one 8K `kivi4` layer from the L3, one thread,
+        // `batched_decode_timing`: 0.215 → 0.208 ms without it).
+        let mut p16 = [[std::mem::MaybeUninit::<i16>::uninit(); MAX_RUN * BT]; R];
         let (mut step, mut pc) = ([0.0f32; R], [0.0f32; R]);
         for r in 0..R {
             let pr = p.add(r * pstride);
@@ -523,7 +526,12 @@ pub(super) unsafe fn pv_run<const R: usize, const NB: usize>(
             pc[r] = _mm512_reduce_add_ps(c);
             let top = _mm512_reduce_max_ps(mx);
             if !(top > 0.0 && top.is_finite()) {
-                continue; // weights 0: the row's p16 stays 0
+                // Weights 0: the row's p16 is 0.
+                let out = p16[r].as_mut_ptr() as *mut __m256i;
+                for k in 0..2 * NB {
+                    _mm256_storeu_si256(out.add(k), _mm256_setzero_si256());
+                }
+                continue;
             }
             step[r] = top / 32767.0;
             let inv = _mm512_set1_ps(32767.0 / top);
