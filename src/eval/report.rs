@@ -38,6 +38,10 @@ pub struct Group {
     pub kv_read_bytes_per_token: f64,
     /// Peak KV bytes as a share of the full cache's on the same task and length.
     pub kv_fraction: Option<f64>,
+    /// The `--prefill` specs the group's cases ran under (one, unless results of several runs share a folder) and
+    /// their mean share of dense prefill work ([`CaseResult::prefill_share`]).
+    pub prefill: String,
+    pub prefill_share: f64,
     pub ttft_ms: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
@@ -125,6 +129,16 @@ pub fn groups(results: &[CaseResult]) -> Vec<Group> {
             final_kv_bytes: mean(rs.iter().map(|r| r.final_kv_bytes as f64)),
             kv_read_bytes_per_token: mean(rs.iter().map(|r| r.kv_read_bytes_per_token)),
             kv_fraction: None,
+            prefill: rs.iter().fold(String::new(), |mut acc, r| {
+                if !acc.split("; ").any(|p| p == r.prefill) {
+                    if !acc.is_empty() {
+                        acc.push_str("; ");
+                    }
+                    acc.push_str(&r.prefill);
+                }
+                acc
+            }),
+            prefill_share: mean(rs.iter().map(|r| r.prefill_share)),
             ttft_ms: mean(rs.iter().map(|r| r.ttft_ms)),
             prefill_tok_s: mean(rs.iter().map(|r| r.prefill_tok_s)),
             decode_tok_s: mean(rs.iter().map(|r| r.decode_tok_s)),
@@ -440,13 +454,13 @@ fn memory_and_speed_table(md: &mut String, groups: &[Group]) {
     let _ = writeln!(md, "\n## Memory and speed\n");
     let _ = writeln!(
         md,
-        "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | KV at end | KV read/token | TTFT ms | prefill tok/s | decode tok/s |"
+        "| task | kv | length | cases | prompt tokens | peak KV | KV vs full | KV at end | KV read/token | prefill (work done) | TTFT ms | prefill tok/s | decode tok/s |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for g in groups {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} ({:.0}%) | {:.0} | {:.0} | {:.1} |",
             g.task,
             g.kv,
             len_label(g.target_len),
@@ -457,6 +471,8 @@ fn memory_and_speed_table(md: &mut String, groups: &[Group]) {
                 .map_or("-".into(), |f| format!("{:.0}%", f * 100.0)),
             human_bytes(g.final_kv_bytes as usize),
             human_bytes(g.kv_read_bytes_per_token as usize),
+            g.prefill,
+            100.0 * g.prefill_share,
             g.ttft_ms,
             g.prefill_tok_s,
             g.decode_tok_s
@@ -693,6 +709,8 @@ mod tests {
             peak_kv_bytes: kv_bytes,
             final_kv_bytes: kv_bytes,
             kv_read_bytes_per_token: 0.0,
+            prefill: "dense".into(),
+            prefill_share: 1.0,
             ttft_ms: 10.0,
             prefill_tok_s: 100.0,
             decode_tok_s: 20.0,
@@ -751,5 +769,26 @@ mod tests {
         ] {
             assert!(dir.path().join(f).exists(), "{f}");
         }
+    }
+
+    /// A group names the prefill specs of its cases and their mean share of dense work; a results line written
+    /// before those fields reads back as dense.
+    #[test]
+    fn groups_name_their_prefill_and_old_results_read_as_dense() {
+        let mut a = rec("t", "full", 1024, 100.0, 1000);
+        (a.prefill, a.prefill_share) = ("lazyllm".into(), 0.5);
+        let mut b = rec("t", "full", 1024, 100.0, 1000);
+        (b.prefill, b.prefill_share) = ("lazyllm".into(), 0.7);
+        let g = groups(&[a.clone(), b]);
+        assert_eq!((g[0].prefill.as_str(), g.len()), ("lazyllm", 1));
+        assert!((g[0].prefill_share - 0.6).abs() < 1e-9);
+        let g = groups(&[a, rec("t", "full", 1024, 100.0, 1000)]);
+        assert_eq!(g[0].prefill, "lazyllm; dense");
+        let mut v = serde_json::to_value(rec("t", "full", 1024, 100.0, 1000)).unwrap();
+        let m = v.as_object_mut().unwrap();
+        m.remove("prefill");
+        m.remove("prefill_share");
+        let old: CaseResult = serde_json::from_value(v).unwrap();
+        assert_eq!((old.prefill.as_str(), old.prefill_share), ("dense", 1.0));
     }
 }

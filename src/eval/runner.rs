@@ -73,6 +73,13 @@ pub struct CaseResult {
     /// KV bytes read per decoded token (attention and selector scoring; 0 in results written before this field).
     #[serde(default)]
     pub kv_read_bytes_per_token: f64,
+    /// The `--prefill` spec the case ran under (`dense` in results written before this field) and the share of dense
+    /// prefill work it did: LazyLLM's share of (prompt token, layer) rows computed, else the share of query·key pairs
+    /// its global layers computed (1 for dense).
+    #[serde(default = "dense_prefill")]
+    pub prefill: String,
+    #[serde(default = "one")]
+    pub prefill_share: f64,
     /// Time to first token of the first turn: prefill + first token.
     pub ttft_ms: f64,
     pub prefill_tok_s: f64,
@@ -85,6 +92,37 @@ pub struct CaseResult {
     /// Per turn, for conversations of more than one turn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub turns: Vec<TurnResult>,
+}
+
+fn dense_prefill() -> String {
+    crate::methods::prefill::PrefillSpec::Dense.to_string()
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// What a case's session measured besides time: KV bytes (peak, held at the end, read per decoded token), its
+/// `--prefill` spec and the share of dense prefill work that did (see [`CaseResult::prefill_share`]).
+struct Figures {
+    peak_kv_bytes: usize,
+    final_kv_bytes: usize,
+    kv_read_bytes_per_token: f64,
+    prefill: String,
+    prefill_share: f64,
+}
+
+impl Figures {
+    fn of(s: &Session, peak_kv_bytes: usize, kv_read_bytes_per_token: f64) -> Self {
+        let st = &s.stats;
+        Self {
+            peak_kv_bytes,
+            final_kv_bytes: s.kv_bytes(),
+            kv_read_bytes_per_token,
+            prefill: s.cfg.prefill.to_string(),
+            prefill_share: st.prefill_rows_computed.unwrap_or(st.prefill_density),
+        }
+    }
 }
 
 fn prompt_protocol() -> String {
@@ -623,7 +661,7 @@ impl<'a> Runner<'a> {
                     dec_s,
                     model_s,
                 },
-                (s.kv_peak_bytes(), s.kv_bytes(), read_per_token(&s)),
+                Figures::of(&s, s.kv_peak_bytes(), read_per_token(&s)),
                 gen_ms,
             )?);
         }
@@ -664,7 +702,7 @@ impl<'a> Runner<'a> {
         let (mut dec_steps, mut dec_s, mut pre_tok, mut pre_s) = (0usize, 0.0f64, 0usize, 0.0f64);
         let mut first_len = 0;
         let mut first_ttft = 0.0;
-        // (peak KV bytes, KV bytes at the end, KV bytes read per decoded token) of the case.
+        // The case's KV bytes and prefill, taken when its last turn or request ends.
         let kv_figures;
         let t_case = Instant::now();
         match conv.mode {
@@ -719,7 +757,7 @@ impl<'a> Runner<'a> {
                     });
                     fed = full;
                 }
-                kv_figures = (s.kv_peak_bytes(), s.kv_bytes(), read_per_token(&s));
+                kv_figures = Figures::of(&s, s.kv_peak_bytes(), read_per_token(&s));
             }
             Mode::MultiRequest => {
                 let shared = p.shared_prefix(conv)?;
@@ -768,7 +806,7 @@ impl<'a> Runner<'a> {
                 }
                 // What the case holds between requests is the shared context; a request's copy is counted as a paged
                 // cache would share it: its own peak, the shared blocks once.
-                kv_figures = (peak, s.kv_bytes(), reads as f64 / dec_steps.max(1) as f64);
+                kv_figures = Figures::of(&s, peak, reads as f64 / dec_steps.max(1) as f64);
             }
         }
         let model_s = t_case.elapsed().as_secs_f64();
@@ -828,7 +866,7 @@ impl<'a> Runner<'a> {
         spec: &KvSpec,
         turns: Vec<TurnResult>,
         t: Timing,
-        (peak_kv_bytes, final_kv_bytes, kv_read_bytes_per_token): (usize, usize, f64),
+        f: Figures,
         gen_ms: f64,
     ) -> Result<CaseResult> {
         let conv = &case.conv;
@@ -854,9 +892,11 @@ impl<'a> Runner<'a> {
             score,
             output: first.output,
             references: first.references,
-            peak_kv_bytes,
-            final_kv_bytes,
-            kv_read_bytes_per_token,
+            peak_kv_bytes: f.peak_kv_bytes,
+            final_kv_bytes: f.final_kv_bytes,
+            kv_read_bytes_per_token: f.kv_read_bytes_per_token,
+            prefill: f.prefill,
+            prefill_share: f.prefill_share,
             ttft_ms: t.first_ttft * 1e3,
             prefill_tok_s: if t.pre_s > 0.0 {
                 t.pre_tok as f64 / t.pre_s
