@@ -129,15 +129,15 @@ pub fn groups(results: &[CaseResult]) -> Vec<Group> {
             final_kv_bytes: mean(rs.iter().map(|r| r.final_kv_bytes as f64)),
             kv_read_bytes_per_token: mean(rs.iter().map(|r| r.kv_read_bytes_per_token)),
             kv_fraction: None,
-            prefill: rs.iter().fold(String::new(), |mut acc, r| {
-                if !acc.split("; ").any(|p| p == r.prefill) {
-                    if !acc.is_empty() {
-                        acc.push_str("; ");
+            prefill: rs
+                .iter()
+                .fold(Vec::<&str>::new(), |mut specs, r| {
+                    if !specs.contains(&r.prefill.as_str()) {
+                        specs.push(&r.prefill);
                     }
-                    acc.push_str(&r.prefill);
-                }
-                acc
-            }),
+                    specs
+                })
+                .join("; "),
             prefill_share: mean(rs.iter().map(|r| r.prefill_share)),
             ttft_ms: mean(rs.iter().map(|r| r.ttft_ms)),
             prefill_tok_s: mean(rs.iter().map(|r| r.prefill_tok_s)),
