@@ -34,6 +34,7 @@
 //! token's window, so revival needs every layer global (or `--swa-full`).
 
 use anyhow::{bail, Result};
+use half::slice::HalfFloatSliceExt;
 
 use super::blend::{attn_params, RowRope};
 use super::{Model, ModelConfig, Scratch};
@@ -195,6 +196,8 @@ pub struct LazyState {
     by_pos: Vec<f32>,
     /// Scratch: row indices, key row, keep flags, sort buffers.
     idx: Vec<u32>,
+    /// hd_k × block_tokens: one block's keys, channel by channel (`kt[c · bt + j]`).
+    kt: Vec<f32>,
     kbuf: Vec<f32>,
     flags: Vec<bool>,
     tmp_h: Vec<f32>,
@@ -388,18 +391,42 @@ impl LazyState {
         self.probs.resize(group * len, 0.0);
         self.kbuf.resize(hd, 0.0);
         let bt = cache.cfg.block_tokens;
+        self.kt.resize(hd * bt, 0.0);
+        let scale = c.attn_scale;
         for g in 0..nkv {
             debug_assert_eq!(cache.len(l, g), len, "every KV head holds the same tokens");
             for (bi, blk) in cache.blocks(l, g).enumerate() {
-                for j in 0..blk.n {
-                    let e = bi * bt + j;
-                    blk.read_key(j, &mut self.kbuf);
-                    self.entry_pos[e] = blk.pos[j];
-                    for h in 0..group {
-                        let q = &self.qlast[(g * group + h) * hd..][..hd];
-                        let dot: f32 = q.iter().zip(&self.kbuf).map(|(a, b)| a * b).sum();
-                        self.probs[h * len + e] = if blk.pos[j] <= qpos {
-                            dot * c.attn_scale
+                let (n, e0) = (blk.n, bi * bt);
+                // The block's keys as f32, channel-major: an f16 block converts in one vector call, any other
+                // storage key by key.
+                match blk.f16_parts() {
+                    Some((k, _)) if k.len() == hd * bt => {
+                        crate::kernels::f16_to_f32_slice(k.reinterpret_cast(), &mut self.kt)
+                    }
+                    _ => {
+                        for j in 0..n {
+                            blk.read_key(j, &mut self.kbuf);
+                            for (ch, &x) in self.kbuf.iter().enumerate() {
+                                self.kt[ch * bt + j] = x;
+                            }
+                        }
+                    }
+                }
+                self.entry_pos[e0..e0 + n].copy_from_slice(&blk.pos[..n]);
+                // Each head's dot products for the block's entries at once, channel by channel (the same sums, in
+                // the same order, as one entry at a time).
+                for h in 0..group {
+                    let q = &self.qlast[(g * group + h) * hd..][..hd];
+                    let out = &mut self.probs[h * len + e0..][..n];
+                    out.fill(0.0);
+                    for (ch, &qc) in q.iter().enumerate() {
+                        for (o, &k) in out.iter_mut().zip(&self.kt[ch * bt..][..n]) {
+                            *o += qc * k;
+                        }
+                    }
+                    for (o, &p) in out.iter_mut().zip(&blk.pos[..n]) {
+                        *o = if p <= qpos {
+                            *o * scale
                         } else {
                             f32::NEG_INFINITY
                         };

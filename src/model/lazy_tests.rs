@@ -315,3 +315,67 @@ fn default_stages_follow_global_layers() {
     .check(g.config())
     .unwrap();
 }
+
+/// The importance scores (`score_last`, a block of keys at a time) equal the last query's attention computed entry by
+/// entry (its key read alone, a dot product, a softmax per query head, the mean over heads), on an f16 cache (whole
+/// blocks converted at once) and an f32 one (key by key), with a partial last block and entries past the query's
+/// position masked.
+#[test]
+fn importance_equals_the_last_querys_attention_entry_by_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = llama(dir.path(), 2);
+    let c = m.config();
+    let (n, l, qpos) = (37, 1, 30u32);
+    let t = toks(&m, n, 5);
+    let pos: Vec<u32> = (0..n as u32).collect();
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        let mut kv = KvCache::new(c.kv_config(dtype, 8));
+        let mut s = Scratch::new(c, 64, 1);
+        m.forward(&t, &pos, &mut kv, &mut s);
+        let mut p = pos.clone();
+        p[n - 1] = qpos;
+        let mut lz = LazyState {
+            p,
+            ..Default::default()
+        };
+        lz.score_last(&m, l, &kv, &s, n);
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim_k);
+        let q = &s.q[(n - 1) * nh * hd..n * nh * hd];
+        let len = kv.len(l, 0);
+        let mut want = vec![0f32; len];
+        let (mut k, mut v) = (vec![0f32; hd], vec![0f32; c.head_dim_v]);
+        for g in 0..nkv {
+            let keys: Vec<(u32, Vec<f32>)> = (0..len)
+                .map(|e| (kv.read(l, g, e, &mut k, &mut v), k.clone()))
+                .collect();
+            assert_eq!(lz.entry_pos, keys.iter().map(|e| e.0).collect::<Vec<_>>());
+            for h in 0..nh / nkv {
+                let qh = &q[(g * nh / nkv + h) * hd..][..hd];
+                let z: Vec<f32> = keys
+                    .iter()
+                    .map(|(p, key)| {
+                        let d: f32 = qh.iter().zip(key).map(|(a, b)| a * b).sum();
+                        if *p <= qpos {
+                            d * c.attn_scale
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let mx = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = z.iter().map(|x| (x - mx).exp()).sum();
+                for (w, x) in want.iter_mut().zip(&z) {
+                    *w += (x - mx).exp() / sum / nh as f32;
+                }
+            }
+        }
+        assert!(want[qpos as usize + 1..].iter().all(|&w| w == 0.0));
+        assert!(want.iter().any(|&w| w > 0.0));
+        for (e, (a, b)) in lz.entry_score.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.max(1e-3),
+                "{dtype:?} entry {e}: {a} vs {b}"
+            );
+        }
+    }
+}
