@@ -244,14 +244,15 @@ pub fn attend_selected(
     )
 }
 
-/// Leading blocks of (layer, `kv_head`) whose entries all lie before position `lo`: positions ascend within a
-/// stream, so a binary search over the blocks' last positions.
+/// Leading blocks of (layer, `kv_head`) whose entries all lie before position `lo`: a binary search over the blocks'
+/// largest positions, which never decrease along a stream. (Its entries' positions can: LazyLLM's revival appends old
+/// positions after newer ones, and a block may end with an old one.)
 fn blocks_before(cache: &KvCache, layer: usize, kv_head: usize, n: usize, lo: u32) -> usize {
     let (mut a, mut b) = (0, n);
     while a < b {
         let m = (a + b) / 2;
         let v = cache.block(layer, kv_head, m);
-        if v.n > 0 && v.pos[v.n - 1] < lo {
+        if v.n > 0 && v.pos[..v.n].iter().all(|&p| p < lo) {
             a = m + 1;
         } else {
             b = m;
@@ -1417,11 +1418,14 @@ fn q4_whole(a: &TaskArgs, blk: &BlockView) -> bool {
     if !qtile::reads_nibbles(qb.bits, a.sh.hv) || blk.n != a.sh.bt {
         return false;
     }
-    // Positions ascend within a block: its first and last entries bound the rest.
-    let (first, last) = (blk.pos[0], blk.pos[blk.n - 1]);
+    // The block's smallest and largest positions bound the rest. Not its first and last entries: LazyLLM's revival
+    // appends old positions after newer ones, so a block's positions need not ascend.
+    let (lo, hi) = blk.pos[..blk.n]
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
     a.q_pos[a.task.t0..a.task.t1]
         .iter()
-        .all(|&q| last <= q && a.p.window.is_none_or(|w| q - first < w))
+        .all(|&q| hi <= q && a.p.window.is_none_or(|w| q - lo < w))
 }
 
 /// Folds the first `n` (2 to 4) of `views`, whole 4-bit blocks ([`q4_whole`]), into the task's rows at once
@@ -1537,7 +1541,9 @@ fn fold_view<const BT: usize>(
             .copied()
             .min()
             .unwrap_or(0);
-        if (blk.pos[n - 1] as u64) + (w as u64) <= min_qpos as u64 {
+        // The block's largest position, not its last: LazyLLM's revival appends old positions after newer ones.
+        let newest = blk.pos[..n].iter().copied().max().unwrap_or(0);
+        if (newest as u64) + (w as u64) <= min_qpos as u64 {
             ahead.0.span(0, usize::MAX);
             ahead.1.span(0, usize::MAX);
             return; // the whole block is outside every row's window

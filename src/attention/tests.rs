@@ -1222,3 +1222,122 @@ fn selected_attention_on_pruned_channels_matches_naive() {
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err < 1e-4, "pruned selected vs naive max err {err}");
 }
+
+/// A 4-bit block whose positions do not ascend (LazyLLM's revival appends old positions after newer ones) is
+/// masked entry by entry for a row that sees only part of it, on every SIMD path: the run of whole blocks takes
+/// only blocks every row sees in full, judged by the block's largest and smallest positions.
+#[test]
+fn four_bit_blocks_with_positions_out_of_order_mask_each_entry() {
+    let (n_q, hk, bt, len) = (3usize, 64usize, 32usize, 320usize);
+    let mut rng = Rng(0x0DD_0DE2);
+    let dtype = KvDtype::Kivi {
+        bits: 4,
+        residual: 32,
+    };
+    let cfg = KvConfig {
+        n_layers: 1,
+        n_kv_heads: 1,
+        head_dim_k: hk,
+        head_dim_v: hk,
+        block_tokens: bt,
+        dtype,
+        windows: Vec::new(),
+    };
+    let mut cache = KvCache::new(cfg.clone());
+    let mut exact = KvCache::new(KvConfig {
+        dtype: KvDtype::F32,
+        ..cfg
+    });
+    // Each block holds its 32 positions in descending order: its last entry is its smallest position.
+    let pos: Vec<u32> = (0..len)
+        .map(|i| (i / bt * bt + bt - 1 - i % bt) as u32)
+        .collect();
+    let (k, v) = (rng.vec(len * hk, 1.0), rng.vec(len * hk, 1.0));
+    cache.append(0, &pos, &k, &v);
+    exact.append(0, &pos, &k, &v);
+    // One row sees everything, the other positions up to 240: block 7 (224..255) ends a run of four 4-bit blocks
+    // and is partly visible to it.
+    let q_pos = [240u32, len as u32 - 1];
+    let q = rng.vec(q_pos.len() * n_q * hk, 2.0);
+    let p = AttnParams {
+        n_q_heads: n_q,
+        scale: 1.0 / (hk as f32).sqrt(),
+        window: None,
+        softcap: None,
+    };
+    let want = naive_attention(&cache, 0, &q, &q_pos, &p);
+    let tol = tolerance(&cache, &exact, &q, &q_pos, &p, None);
+    for simd in simd_levels() {
+        let mut out = vec![0.0; want.len()];
+        let mut scratch = AttnScratch::default();
+        attend_impl(
+            &cache,
+            0,
+            &q,
+            &q_pos,
+            &mut out,
+            &p,
+            Sel::All,
+            simd,
+            &mut scratch,
+        );
+        let err = out
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+        assert!(err < tol, "{simd:?}: max |Δ| {err} > {tol}");
+    }
+}
+
+/// With a sliding window, the blocks wholly before it are left out of the plan by a search over the blocks; a block
+/// that ends with an old position (LazyLLM's revival appends them after newer ones) but holds positions inside the
+/// window is still read, on every SIMD path and storage.
+#[test]
+fn a_window_reads_blocks_that_end_with_an_old_position() {
+    let (n_q, hk, bt) = (2usize, 16usize, 8usize);
+    let mut pos: Vec<u32> = (0..64).collect();
+    pos.extend([64, 65, 66, 10, 67, 68, 69, 5, 70, 71, 3, 72, 73, 74, 75, 2]);
+    let mut rng = Rng(0x51D3);
+    let (k, v) = (rng.vec(pos.len() * hk, 1.0), rng.vec(pos.len() * hk, 1.0));
+    let q_pos = [76u32];
+    let q = rng.vec(n_q * hk, 2.0);
+    let p = AttnParams {
+        n_q_heads: n_q,
+        scale: 1.0 / (hk as f32).sqrt(),
+        window: Some(12),
+        softcap: None,
+    };
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let mut cache = KvCache::new(KvConfig {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim_k: hk,
+            head_dim_v: hk,
+            block_tokens: bt,
+            dtype,
+            windows: Vec::new(),
+        });
+        cache.append(0, &pos, &k, &v);
+        let want = naive_attention(&cache, 0, &q, &q_pos, &p);
+        for simd in simd_levels() {
+            let mut out = vec![0.0; want.len()];
+            let mut scratch = AttnScratch::default();
+            attend_impl(
+                &cache,
+                0,
+                &q,
+                &q_pos,
+                &mut out,
+                &p,
+                Sel::All,
+                simd,
+                &mut scratch,
+            );
+            let err = out
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(err < 1e-4, "{dtype:?} {simd:?}: max |Δ| {err}");
+        }
+    }
+}
