@@ -1265,28 +1265,43 @@ fn four_bit_blocks_with_positions_out_of_order_mask_each_entry() {
         window: None,
         softcap: None,
     };
-    let want = naive_attention(&cache, 0, &q, &q_pos, &p);
     let tol = tolerance(&cache, &exact, &q, &q_pos, &p, None);
-    for simd in simd_levels() {
-        let mut out = vec![0.0; want.len()];
-        let mut scratch = AttnScratch::default();
-        attend_impl(
-            &cache,
-            0,
-            &q,
-            &q_pos,
-            &mut out,
-            &p,
-            Sel::All,
-            simd,
-            &mut scratch,
-        );
-        let err = out
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+    for (simd, err) in errors_on_every_path(&cache, &q, &q_pos, &p) {
         assert!(err < tol, "{simd:?}: max |Δ| {err} > {tol}");
     }
+}
+
+/// attend() on every SIMD path this CPU runs against the reference over the cache's own entries: (path, max |Δ|).
+fn errors_on_every_path(
+    cache: &KvCache,
+    q: &[f32],
+    q_pos: &[u32],
+    p: &AttnParams,
+) -> Vec<(Simd, f32)> {
+    let want = naive_attention(cache, 0, q, q_pos, p);
+    simd_levels()
+        .into_iter()
+        .map(|simd| {
+            let mut out = vec![0.0; want.len()];
+            let mut scratch = AttnScratch::default();
+            attend_impl(
+                cache,
+                0,
+                q,
+                q_pos,
+                &mut out,
+                p,
+                Sel::All,
+                simd,
+                &mut scratch,
+            );
+            let err = out
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+            (simd, err)
+        })
+        .collect()
 }
 
 /// With a sliding window, the blocks wholly before it are left out of the plan by a search over the blocks; a block
@@ -1318,25 +1333,7 @@ fn a_window_reads_blocks_that_end_with_an_old_position() {
             windows: Vec::new(),
         });
         cache.append(0, &pos, &k, &v);
-        let want = naive_attention(&cache, 0, &q, &q_pos, &p);
-        for simd in simd_levels() {
-            let mut out = vec![0.0; want.len()];
-            let mut scratch = AttnScratch::default();
-            attend_impl(
-                &cache,
-                0,
-                &q,
-                &q_pos,
-                &mut out,
-                &p,
-                Sel::All,
-                simd,
-                &mut scratch,
-            );
-            let err = out
-                .iter()
-                .zip(&want)
-                .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+        for (simd, err) in errors_on_every_path(&cache, &q, &q_pos, &p) {
             assert!(err < 1e-4, "{dtype:?} {simd:?}: max |Δ| {err}");
         }
     }
