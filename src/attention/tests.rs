@@ -1265,8 +1265,21 @@ fn four_bit_blocks_with_positions_out_of_order_mask_each_entry() {
         window: None,
         softcap: None,
     };
-    let tol = tolerance(&cache, &exact, &q, &q_pos, &p, None);
+    // What 4-bit storage itself moves the reference; each path's tolerance as in `tolerance`, for that path.
+    let (got, want) = (
+        naive_attention(&cache, 0, &q, &q_pos, &p),
+        naive_attention(&exact, 0, &q, &q_pos, &p),
+    );
+    let storage = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
     for (simd, err) in errors_on_every_path(&cache, &q, &q_pos, &p) {
+        let tol = if integer_fold(simd, dtype, bt) {
+            1e-4f32.max(FOLD_SHARE * storage)
+        } else {
+            1e-4
+        };
         assert!(err < tol, "{simd:?}: max |Δ| {err} > {tol}");
     }
 }
