@@ -1420,9 +1420,7 @@ fn q4_whole(a: &TaskArgs, blk: &BlockView) -> bool {
     }
     // The block's smallest and largest positions bound the rest. Not its first and last entries: LazyLLM's revival
     // appends old positions after newer ones, so a block's positions need not ascend.
-    let (lo, hi) = blk.pos[..blk.n]
-        .iter()
-        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let (lo, hi) = pos_bounds(&blk.pos[..blk.n]);
     a.q_pos[a.task.t0..a.task.t1]
         .iter()
         .all(|&q| hi <= q && a.p.window.is_none_or(|w| q - lo < w))
@@ -1542,7 +1540,7 @@ fn fold_view<const BT: usize>(
             .min()
             .unwrap_or(0);
         // The block's largest position, not its last: LazyLLM's revival appends old positions after newer ones.
-        let newest = blk.pos[..n].iter().copied().max().unwrap_or(0);
+        let newest = pos_bounds(&blk.pos[..n]).1;
         if (newest as u64) + (w as u64) <= min_qpos as u64 {
             ahead.0.span(0, usize::MAX);
             ahead.1.span(0, usize::MAX);
@@ -1943,10 +1941,16 @@ mod chunking_tests;
 fn all_visible(tile_pos: &[u32], pos: &[u32], window: Option<u32>) -> bool {
     let max_qpos = tile_pos.iter().copied().max().unwrap_or(0);
     let min_qpos = tile_pos.iter().copied().min().unwrap_or(0);
-    let (pmin, pmax) = pos
-        .iter()
-        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let (pmin, pmax) = pos_bounds(pos);
     pmax <= min_qpos && window.is_none_or(|w| max_qpos - pmin < w)
+}
+
+/// The smallest and largest of a tile's key positions ((u32::MAX, 0) for none). A block's first and last entries do
+/// not bound it: LazyLLM's revival appends old positions after newer ones.
+#[inline]
+fn pos_bounds(pos: &[u32]) -> (u32, u32) {
+    pos.iter()
+        .fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)))
 }
 
 #[cfg(test)]
